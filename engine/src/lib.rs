@@ -1,0 +1,13 @@
+//! percore-engine: the foundation every shard is built from.
+//!
+//! This crate owns the limits, the lock-free rings, the preallocated pools, the record
+//! and log formats and (later) the sans-IO replication core. It must never perform I/O,
+//! read a clock or draw randomness of its own: time and randomness are injected so that
+//! one seed replays one run. `unsafe` is confined to `ring` and `pool`.
+
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+pub mod limits;
+pub mod pool;
+pub mod ring;
+pub(crate) mod sync;

@@ -1,0 +1,1 @@
+//! Fixed-capacity per-shard object pools. (in progress)

@@ -1,0 +1,11 @@
+//! Bounded lock-free rings: the shard's transaction queue and the inter-core mesh.
+//!
+//! `spsc` is the workhorse (one producer, one consumer: the inter-core mesh, ingest to
+//! batcher). `mpmc` serves many application threads submitting into one shard. Both are
+//! allocated once at construction and never allocate again; a full ring hands the item back.
+
+pub mod metrics;
+pub mod mpmc;
+pub mod spsc;
+
+pub use metrics::{Counting, NoMetrics, RingMetrics, RingStats};

@@ -1,0 +1,1 @@
+//! Bounded multi-producer multi-consumer ring. (in progress)

@@ -1,0 +1,3 @@
+//! The `percore` command line.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! percore-tests: integration, simulation and multi-process fault tests live here.
