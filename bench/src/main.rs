@@ -1,1 +1,156 @@
-fn main() {}
+//! `percore-bench`: run the ring or pool benchmarks and print a table or JSON lines.
+//!
+//! Each row runs OURS and a PEER alternately in the same process and reports medians and
+//! the ratio ours/peer. This binary owns only argument parsing and printing; the kernels
+//! and the harness live in the `percore_bench` library.
+
+use std::io::Write;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use percore_bench::harness::{self, Bench, RowResult};
+use percore_bench::machine::{Machine, Pins, Role};
+use percore_bench::{pools, rings};
+
+/// `--quick` divides item counts by this.
+const QUICK_ITEMS_DIVISOR: u64 = 8;
+/// `--quick` runs this many rounds (unless `--rounds` is given).
+const QUICK_ROUNDS: usize = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "percore-bench",
+    about = "percore rings and pools against peer crates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(Debug, Subcommand)]
+enum Suite {
+    /// SPSC and MPMC rings: throughput and ping-pong latency.
+    Rings(Options),
+    /// Pools: borrow+release cycles.
+    Pools(Options),
+}
+
+#[derive(Debug, Args)]
+struct Options {
+    /// Print one JSON object per row instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Timed rounds per side; the median is reported.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Items (rings) or cycles (pools) per timed round.
+    #[arg(long)]
+    items: Option<u64>,
+    /// Fewer items and rounds: a smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Run only rows whose name or peer contains this text.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Do not pin threads to cores.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+impl Options {
+    fn rounds(&self) -> usize {
+        self.rounds
+            .unwrap_or(if self.quick { QUICK_ROUNDS } else { 5 })
+            .max(1)
+    }
+
+    fn items(&self, default: u64) -> u64 {
+        let scaled = if self.quick {
+            default / QUICK_ITEMS_DIVISOR
+        } else {
+            default
+        };
+        self.items.unwrap_or(scaled).max(1)
+    }
+
+    fn selected(&self, bench: &Bench) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|text| bench.name.contains(text) || bench.peer.contains(text))
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // Queues are built on the driver thread; heapless ones are large and start on the stack.
+    harness::on_big_stack(move || run(&cli));
+}
+
+fn run(cli: &Cli) {
+    let machine = Machine::detect();
+    let (suite_name, options, benches) = match &cli.suite {
+        Suite::Rings(options) => (
+            "rings",
+            options,
+            rings::benches(options.items(rings::ITEMS_DEFAULT)),
+        ),
+        Suite::Pools(options) => (
+            "pools",
+            options,
+            pools::benches(options.items(pools::CYCLES_DEFAULT)),
+        ),
+    };
+    let pins = if options.no_pin {
+        Pins::none()
+    } else {
+        Pins::detect()
+    };
+    if suite_name == "pools" {
+        // Pool kernels are single-threaded and run on this (driver) thread.
+        pins.pin_current(Role::Producer, 0);
+    }
+    let rounds = options.rounds();
+    if !options.json {
+        println!(
+            "percore-bench {suite_name}: {} ({} cores)",
+            machine.cpu, machine.cores
+        );
+        if suite_name == "pools" {
+            let core = pins.core_for(Role::Producer, 0);
+            println!("pinning: single-threaded kernels on the driver thread, core {core:?}");
+        } else {
+            println!("pinning: {}", pins.describe());
+        }
+        println!(
+            "rounds: {rounds} per side, interleaved ours/peer; median reported; \
+             ratio_vs_peer = ours/peer throughput (>1 is ours faster)"
+        );
+        println!("{}", harness::TABLE_HEADER);
+    }
+    harness::spin_warmup();
+    let started = Instant::now();
+    let mut stdout = std::io::stdout().lock();
+    for bench in benches.iter().filter(|bench| options.selected(bench)) {
+        let row = harness::run_bench(bench, rounds, &pins, &machine);
+        print_row(&mut stdout, &row, options.json);
+    }
+    if !options.json {
+        let _ = writeln!(
+            stdout,
+            "done in {:.1} s; pin failures: {}",
+            started.elapsed().as_secs_f64(),
+            pins.failures()
+        );
+    }
+}
+
+fn print_row(out: &mut impl Write, row: &RowResult, json: bool) {
+    let line = if json {
+        serde_json::to_string(row).expect("a row always serialises")
+    } else {
+        harness::table_line(row)
+    };
+    // Rows stream as they finish; a closed pipe just ends the output.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}

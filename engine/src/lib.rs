@@ -7,7 +7,13 @@
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod batch;
+pub mod checksum;
+pub mod frame;
+pub mod ledger;
 pub mod limits;
 pub mod pool;
+pub mod record;
 pub mod ring;
+pub mod state_machine;
 pub(crate) mod sync;

@@ -2,3 +2,5 @@
 //! authentication. Owns sockets; owns no protocol decisions (those live in the engine).
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+pub mod client;

@@ -1,3 +1,15 @@
 //! percore-shards: the per-core runtime that wires engine and net together.
+//!
+//! A [`runtime::Node`] runs one shard per configured core, each on its own pinned glommio
+//! executor with its own io_uring. A shard is a [`core::ShardCore`] (sans-IO: pools, ring,
+//! batcher, state machine) driven by the runtime's socket and mesh tasks. Shards share
+//! nothing but SPSC rings.
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+pub mod core;
+pub mod loadgen;
+pub mod memlock;
+pub mod mesh;
+pub mod metrics;
+pub mod runtime;

@@ -9,3 +9,4 @@ pub mod mpmc;
 pub mod spsc;
 
 pub use metrics::{Counting, NoMetrics, RingMetrics, RingStats};
+pub use spsc::Full;

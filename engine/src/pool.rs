@@ -1,1 +1,0 @@
-//! Fixed-capacity per-shard object pools. (in progress)

@@ -1,0 +1,134 @@
+//! The `StateMachine` trait: what a shard replicates and applies, and nothing else.
+//!
+//! A shard runtime is generic over one `StateMachine`: the reference `Ledger`, or a
+//! validator's own machine. The contract is deterministic batch application: replicas that
+//! apply the same committed batches, in the same order, reach the same state and the same
+//! `digest`. A machine must never perform I/O, read a clock, draw randomness, iterate a
+//! randomly seeded hash map, or allocate while applying; time enters only as `prepare`'s
+//! `now_ns`, and cross-shard effects leave only through `poll_outbound`.
+//!
+//! # Batches and operations
+//! A batch is homogeneous: one `Operation` for all its records, taken from the client frame's
+//! `operation` field or, for internal traffic between shards, chosen by the runtime from the
+//! `Outbound` it forwards. All records of a machine have one fixed size (`Record`), so the
+//! runtime pools, batches and journals them without knowing their meaning.
+//!
+//! # Life of a batch
+//! 1. The group leader seals a batch and calls `prepare(operation, now_ns, records)` once,
+//!    before replication; `prepare` may rewrite records (timestamps) and nothing else may.
+//! 2. The batch is replicated and committed as `op`.
+//! 3. Every replica calls `apply(op, operation, records, results)`, which writes exactly one
+//!    result per record.
+//! 4. The runtime drains `poll_outbound` until `None` and forwards each message to its shard,
+//!    where it becomes a record of a batch with the message's `operation`. Every replica
+//!    produces the same messages; the runtime decides which replica sends them. Messages must
+//!    be idempotent at the receiver, because they are resent after failures.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use core::fmt::Debug;
+
+use bytemuck::Pod;
+
+use crate::checksum::Digest256;
+
+/// A message from one shard's state machine to another shard's: one record for a batch of
+/// `operation` on shard `shard`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outbound<Operation, Record> {
+    /// Destination shard index.
+    pub shard: u32,
+    /// Operation of the batch the record must join at the destination.
+    pub operation: Operation,
+    /// The record.
+    pub record: Record,
+}
+
+/// Why `StateMachine::restore` rejected a snapshot. The machine is left empty after an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot is shorter (or longer) than its header says.
+    #[error("snapshot length {bytes} does not match its header ({expected} bytes)")]
+    LengthMismatch {
+        /// Bytes given.
+        bytes: usize,
+        /// Bytes the header describes (0 if not even a header fits).
+        expected: usize,
+    },
+    /// The snapshot does not start with this machine's magic number.
+    #[error("snapshot magic {magic:#x} is not this machine's")]
+    BadMagic {
+        /// Magic found.
+        magic: u32,
+    },
+    /// The snapshot's format version is not supported.
+    #[error("snapshot version {version} is not supported")]
+    UnsupportedVersion {
+        /// Version found.
+        version: u32,
+    },
+    /// The snapshot was taken by a machine with another configuration (e.g. another shard).
+    #[error("snapshot was taken with another configuration")]
+    ConfigMismatch,
+    /// The snapshot holds more entries than this machine's tables can.
+    #[error("snapshot holds more entries than this machine's capacity")]
+    CapacityExceeded,
+    /// The snapshot is internally inconsistent (duplicate or misplaced entries, counters that
+    /// disagree with the entries).
+    #[error("snapshot is internally inconsistent")]
+    Corrupt,
+    /// The restored state's digest differs from the digest recorded in the snapshot.
+    #[error("restored state digest differs from the snapshot's")]
+    DigestMismatch,
+}
+
+/// A deterministic state machine a shard replicates. See the module documentation for the
+/// life of a batch.
+pub trait StateMachine {
+    /// What a batch does; one per batch. Travels on the wire and in the journal as a `u16`.
+    type Operation: Copy + Eq + Debug + Into<u16> + TryFrom<u16>;
+    /// One fixed-size input record, for every operation.
+    type Record: Pod;
+    /// One per-record result.
+    type Result: Pod;
+
+    /// The operation a client frame's `operation` code asks for, or `None` if clients may not
+    /// submit it (unknown, not a batch operation, or internal to the cluster). This is the
+    /// boundary that keeps clients from injecting internal messages.
+    fn client_operation(code: u16) -> Option<Self::Operation>;
+
+    /// The shard that owns `record` of `operation` among `shard_count` shards: where the
+    /// runtime must submit it. A pure function of its arguments, identical on every node and
+    /// every version (it decides where data lives).
+    fn route(operation: Self::Operation, record: &Self::Record, shard_count: u32) -> u32;
+
+    /// Called once by the batch leader before the batch is replicated. May rewrite records
+    /// (e.g. assign timestamps); deterministic in `(self, operation, now_ns, records)`.
+    fn prepare(&mut self, operation: Self::Operation, now_ns: u64, records: &mut [Self::Record]);
+
+    /// Applies the committed batch `op` in record order, writing `results[i]` for
+    /// `records[i]`. `results.len() == records.len()`; `op` increases from batch to batch.
+    /// Must not allocate. Pushes at most one `Outbound` per record; the runtime drains them
+    /// with `poll_outbound` (the machine's outbox is sized for a full batch).
+    fn apply(
+        &mut self,
+        op: u64,
+        operation: Self::Operation,
+        records: &[Self::Record],
+        results: &mut [Self::Result],
+    );
+
+    /// The next message for another shard produced by `apply`, oldest first.
+    fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>>;
+
+    /// Appends a self-describing snapshot of the replicated state to `out`.
+    fn snapshot(&self, out: &mut Vec<u8>);
+
+    /// Replaces the state with a snapshot taken by `snapshot`.
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), RestoreError>;
+
+    /// Digest of the canonical replicated state (independent of memory layout), for
+    /// comparing replicas.
+    fn digest(&self) -> Digest256;
+}

@@ -1,0 +1,364 @@
+//! Replication properties of the ledger: followers applying the leader's prepared batches
+//! reach the same digest; snapshots restore to the same digest and reject damage.
+
+use bytemuck::Zeroable;
+use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation, LedgerOutbound};
+use percore_engine::record::{
+    Account, RecordResult, RecordSlot, Transfer, account_flags, shard_of,
+};
+use percore_engine::state_machine::{RestoreError, StateMachine};
+
+const SHARDS: u32 = 2;
+
+fn config(shard_index: u32) -> LedgerConfig {
+    LedgerConfig {
+        shard_index,
+        shard_count: SHARDS,
+        accounts_max: 32,
+        transfers_max: 1_024,
+        credit_legs_max: 1_024,
+        batch_entries_max: 32,
+    }
+}
+
+/// Larger tables: with another hash seed, a different memory layout for the same state.
+fn config_roomy(shard_index: u32) -> LedgerConfig {
+    LedgerConfig {
+        accounts_max: 1_000,
+        transfers_max: 10_000,
+        credit_legs_max: 5_000,
+        ..config(shard_index)
+    }
+}
+
+/// One replication group: a leader that prepares, followers that only apply.
+struct Group {
+    leader: Ledger,
+    followers: Vec<Ledger>,
+    op: u64,
+    now_ns: u64,
+    /// Every prepared batch, for replaying later.
+    log: Vec<(u64, LedgerOperation, Vec<RecordSlot>)>,
+}
+
+impl Group {
+    fn new(shard_index: u32) -> Group {
+        Group {
+            leader: Ledger::new(config(shard_index)),
+            followers: vec![
+                Ledger::new(config(shard_index)),
+                Ledger::with_hash_seed(config_roomy(shard_index), 0xdead_beef),
+            ],
+            op: 0,
+            now_ns: 5_000,
+            log: Vec::new(),
+        }
+    }
+
+    fn execute(
+        &mut self,
+        operation: LedgerOperation,
+        records: &[RecordSlot],
+    ) -> Vec<LedgerOutbound> {
+        let mut batch = records.to_vec();
+        self.op += 1;
+        self.now_ns += 777;
+        self.leader.prepare(operation, self.now_ns, &mut batch);
+        let leader_results = apply(&mut self.leader, self.op, operation, &batch);
+        let leader_outbound: Vec<_> = std::iter::from_fn(|| self.leader.poll_outbound()).collect();
+        for follower in &mut self.followers {
+            let results = apply(follower, self.op, operation, &batch);
+            let outbound: Vec<_> = std::iter::from_fn(|| follower.poll_outbound()).collect();
+            assert_eq!(results, leader_results);
+            assert_eq!(outbound, leader_outbound);
+            assert_eq!(follower.digest(), self.leader.digest(), "op {}", self.op);
+        }
+        self.log.push((self.op, operation, batch));
+        leader_outbound
+    }
+}
+
+fn apply(
+    ledger: &mut Ledger,
+    op: u64,
+    operation: LedgerOperation,
+    batch: &[RecordSlot],
+) -> Vec<RecordResult> {
+    let mut results = vec![RecordResult::zeroed(); batch.len()];
+    ledger.apply(op, operation, batch, &mut results);
+    results
+}
+
+fn account(id: u128, flags: u16) -> RecordSlot {
+    RecordSlot::from_account(&Account {
+        id,
+        ledger: 1,
+        code: 1,
+        flags,
+        ..Account::zeroed()
+    })
+}
+
+fn transfer(id: u128, debit: u128, credit: u128, amount: u128) -> RecordSlot {
+    RecordSlot::from_transfer(&Transfer {
+        id,
+        debit_account_id: debit,
+        credit_account_id: credit,
+        amount,
+        ledger: 1,
+        code: 1,
+        ..Transfer::zeroed()
+    })
+}
+
+/// Builds two groups with accounts, local and cross-shard transfers, applied and parked legs,
+/// acknowledged legs, and legs still in flight (the last round is neither delivered nor
+/// acknowledged). Deterministic.
+fn workload() -> [Group; 2] {
+    let mut groups = [Group::new(0), Group::new(1)];
+    let ids: Vec<Vec<u128>> = (0..SHARDS)
+        .map(|shard| {
+            (1..)
+                .filter(|&id| shard_of(id, SHARDS) == shard)
+                .take(6)
+                .collect()
+        })
+        .collect();
+    for (shard, group) in groups.iter_mut().enumerate() {
+        let mut accounts = vec![account(ids[shard][0], account_flags::ALLOW_NEGATIVE)];
+        accounts.extend(ids[shard][1..5].iter().map(|&id| account(id, 0)));
+        group.execute(LedgerOperation::CreateAccounts, &accounts);
+    }
+    let mut transfer_id = 1;
+    for round in 0..6_u128 {
+        let mut in_transit: Vec<LedgerOutbound> = Vec::new();
+        for (shard, group) in groups.iter_mut().enumerate() {
+            let other = 1 - shard;
+            let mut batch = Vec::new();
+            for index in 0..20_u128 {
+                let debit = ids[shard][(index % 5) as usize];
+                // Credit: local, remote, or the remote id never created (parked).
+                let credit = match index % 3 {
+                    0 => ids[shard][((index + 1) % 5) as usize],
+                    1 => ids[other][(index % 5) as usize],
+                    _ => ids[other][5],
+                };
+                batch.push(transfer(
+                    transfer_id,
+                    debit,
+                    credit,
+                    1 + (round * 7 + index) % 50,
+                ));
+                transfer_id += 1;
+            }
+            in_transit.extend(group.execute(LedgerOperation::CreateTransfers, &batch));
+        }
+        if round == 5 {
+            break; // leave the last round in flight
+        }
+        let mut acks = Vec::new();
+        for (shard, group) in groups.iter_mut().enumerate() {
+            let legs: Vec<RecordSlot> = in_transit
+                .iter()
+                .filter(|message| message.shard == shard as u32)
+                .map(|message| message.record)
+                .collect();
+            acks.extend(group.execute(LedgerOperation::ApplyCreditLegs, &legs));
+        }
+        if round % 2 == 0 {
+            for (shard, group) in groups.iter_mut().enumerate() {
+                let records: Vec<RecordSlot> = acks
+                    .iter()
+                    .filter(|message| message.shard == shard as u32)
+                    .map(|message| message.record)
+                    .collect();
+                group.execute(LedgerOperation::AckCreditLegs, &records);
+            }
+        }
+    }
+    groups
+}
+
+#[test]
+fn followers_applying_prepared_batches_match_the_leader() {
+    // `Group::execute` compares results, messages and digests after every batch.
+    let groups = workload();
+    for group in &groups {
+        assert!(
+            group.leader.in_flight() > 0,
+            "the workload leaves legs in flight"
+        );
+        assert!(group.leader.credit_legs_count() > 0);
+        assert!(group.leader.suspense() > 0, "the workload parks legs");
+    }
+}
+
+#[test]
+fn the_same_log_gives_the_same_digest_and_a_different_log_does_not() {
+    let first = workload();
+    let second = workload();
+    for (a, b) in first.iter().zip(&second) {
+        assert_eq!(a.leader.digest(), b.leader.digest());
+    }
+    let mut altered = Group::new(0);
+    let mut other = Group::new(0);
+    for (index, (_, operation, batch)) in first[0].log.iter().enumerate() {
+        let mut batch = batch.clone();
+        if index == 3 {
+            // One transfer with one more unit of user data.
+            let mut changed = *batch[0].as_transfer();
+            changed.user_data += 1;
+            batch[0] = RecordSlot::from_transfer(&changed);
+        }
+        altered.execute(*operation, &batch);
+        other.execute(*operation, &first[0].log[index].2);
+    }
+    assert_eq!(other.leader.digest(), first[0].leader.digest());
+    assert_ne!(altered.leader.digest(), first[0].leader.digest());
+}
+
+#[test]
+fn snapshot_restore_round_trips_and_replay_continues_identically() {
+    let groups = workload();
+    for group in &groups {
+        let source = &group.leader;
+        let mut snapshot = Vec::new();
+        source.snapshot(&mut snapshot);
+
+        let shard_index = source.config().shard_index;
+        let targets = [
+            Ledger::new(config(shard_index)),
+            Ledger::with_hash_seed(config_roomy(shard_index), 0xdead_beef),
+        ];
+        for mut restored in targets {
+            restored.restore(&snapshot).expect("restores");
+            assert_eq!(restored.digest(), source.digest());
+            assert_eq!(restored.in_flight(), source.in_flight());
+            assert_eq!(restored.suspense(), source.suspense());
+            assert_eq!(restored.commit_op_last(), source.commit_op_last());
+            let mut unacked: Vec<_> = restored.credit_legs_unacked().collect();
+            let mut expected: Vec<_> = source.credit_legs_unacked().collect();
+            unacked.sort_by_key(|message| message.record.as_transfer().id);
+            expected.sort_by_key(|message| message.record.as_transfer().id);
+            assert!(!expected.is_empty());
+            assert_eq!(
+                unacked, expected,
+                "the restored shard resends the same legs"
+            );
+            for id in 1..200 {
+                assert_eq!(restored.lookup_account(id), source.lookup_account(id));
+                assert_eq!(restored.lookup_transfer(id), source.lookup_transfer(id));
+            }
+
+            // Both continue from the same op with the same batch: still identical.
+            let mut source_copy = Ledger::new(config(shard_index));
+            source_copy.restore(&snapshot).unwrap();
+            let (op, operation, batch) = group.log.last().unwrap().clone();
+            let next_op = op + 1;
+            let mut batch = batch;
+            for slot in &mut batch {
+                let mut transfer = *slot.as_transfer();
+                transfer.id += 1_000_000;
+                *slot = RecordSlot::from_transfer(&transfer);
+            }
+            let mut prepared = batch.clone();
+            source_copy.prepare(operation, u64::MAX / 2, &mut prepared);
+            let a = apply(&mut source_copy, next_op, operation, &prepared);
+            let b = apply(&mut restored, next_op, operation, &prepared);
+            assert_eq!(a, b);
+            assert_eq!(restored.digest(), source_copy.digest());
+        }
+    }
+}
+
+#[test]
+fn restore_replaces_existing_state_and_snapshots_of_empty_ledgers_round_trip() {
+    let groups = workload();
+    let empty = Ledger::new(config(0));
+    let mut snapshot = Vec::new();
+    empty.snapshot(&mut snapshot);
+    let mut full = Vec::new();
+    groups[0].leader.snapshot(&mut full);
+    let mut ledger = Ledger::new(config(0));
+    ledger.restore(&full).unwrap();
+    assert!(ledger.accounts_count() > 0);
+    ledger.restore(&snapshot).unwrap();
+    assert_eq!(ledger.digest(), empty.digest());
+    assert_eq!(ledger.accounts_count(), 0);
+}
+
+#[test]
+fn damaged_snapshots_are_rejected_and_leave_the_ledger_empty() {
+    let groups = workload();
+    let source = &groups[1].leader;
+    let mut snapshot = Vec::new();
+    source.snapshot(&mut snapshot);
+    let empty_digest = Ledger::new(config(1)).digest();
+
+    let header_bytes = 128;
+    let record_bytes = 128;
+    let mut cases: Vec<(&str, Vec<u8>, RestoreError)> = Vec::new();
+    cases.push((
+        "empty",
+        Vec::new(),
+        RestoreError::LengthMismatch {
+            bytes: 0,
+            expected: header_bytes,
+        },
+    ));
+    let truncated = snapshot[..snapshot.len() - 1].to_vec();
+    cases.push((
+        "truncated",
+        truncated,
+        RestoreError::LengthMismatch {
+            bytes: snapshot.len() - 1,
+            expected: snapshot.len(),
+        },
+    ));
+    let mut bad_magic = snapshot.clone();
+    bad_magic[0] ^= 1;
+    let magic = u32::from_le_bytes(bad_magic[0..4].try_into().unwrap());
+    cases.push(("magic", bad_magic, RestoreError::BadMagic { magic }));
+    let mut bad_version = snapshot.clone();
+    bad_version[4] = 9;
+    cases.push((
+        "version",
+        bad_version,
+        RestoreError::UnsupportedVersion { version: 9 },
+    ));
+    let mut other_shard = snapshot.clone();
+    other_shard[8] = 0;
+    cases.push(("shard", other_shard, RestoreError::ConfigMismatch));
+    let mut user_data = snapshot.clone();
+    user_data[header_bytes + 48] ^= 0x10; // first account's user_data
+    cases.push(("record bit", user_data, RestoreError::DigestMismatch));
+    let mut in_flight = snapshot.clone();
+    in_flight[16] = in_flight[16].wrapping_add(1); // header in_flight
+    cases.push(("counter", in_flight, RestoreError::Corrupt));
+    let mut duplicate = snapshot.clone();
+    let (first, second) = (header_bytes, header_bytes + record_bytes);
+    let copy = duplicate[first..second].to_vec();
+    duplicate[second..second + record_bytes].copy_from_slice(&copy);
+    cases.push(("duplicate id", duplicate, RestoreError::Corrupt));
+    let mut foreign = snapshot.clone();
+    let foreign_id = (1_u128..).find(|&id| shard_of(id, SHARDS) == 0).unwrap();
+    foreign[first..first + 16].copy_from_slice(&foreign_id.to_le_bytes());
+    cases.push(("account on another shard", foreign, RestoreError::Corrupt));
+
+    for (name, bytes, expected) in cases {
+        let mut ledger = Ledger::new(config(1));
+        ledger.restore(&snapshot).unwrap();
+        assert_eq!(ledger.restore(&bytes), Err(expected), "{name}");
+        assert_eq!(ledger.digest(), empty_digest, "{name}: left empty");
+        assert_eq!(ledger.accounts_count(), 0, "{name}");
+    }
+
+    let mut small = Ledger::new(LedgerConfig {
+        accounts_max: 2,
+        ..config(1)
+    });
+    assert_eq!(
+        small.restore(&snapshot),
+        Err(RestoreError::CapacityExceeded)
+    );
+}

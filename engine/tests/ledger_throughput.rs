@@ -1,0 +1,155 @@
+//! Ad-hoc apply throughput check, not a benchmark (the `bench` crate owns those) and not an
+//! assertion (timings vary by machine). Run in release:
+//! `cargo test --release -p percore-engine --test ledger_throughput -- --ignored --nocapture`
+
+use std::time::Instant;
+
+use bytemuck::Zeroable;
+use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation};
+use percore_engine::record::{
+    Account, RecordResult, RecordSlot, Transfer, account_flags, shard_of,
+};
+use percore_engine::state_machine::StateMachine;
+
+const BATCH_ENTRIES: usize = 1_000;
+const ACCOUNTS: usize = 10_000;
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Applies `transfers` simple transfers between funded accounts on shard 0 of `shard_count`
+/// and prints transfers per second for prepare + apply.
+fn measure(label: &str, shard_count: u32, transfers: usize, remote_credits: bool) {
+    assert!(
+        !remote_credits || shard_count > 1,
+        "remote credits need another shard"
+    );
+    let mut ledger = Ledger::new(LedgerConfig {
+        shard_index: 0,
+        shard_count,
+        accounts_max: ACCOUNTS + 1,
+        transfers_max: transfers + ACCOUNTS,
+        credit_legs_max: 1,
+        batch_entries_max: BATCH_ENTRIES,
+    });
+    let local: Vec<u128> = (1..)
+        .filter(|&id| shard_of(id, shard_count) == 0)
+        .take(ACCOUNTS + 1)
+        .collect();
+    let remote: Vec<u128> = if remote_credits {
+        (1..)
+            .filter(|&id| shard_of(id, shard_count) != 0)
+            .take(ACCOUNTS)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let (mint, accounts) = (local[0], &local[1..]);
+    let mut op = 0;
+    let mut now_ns = 1;
+    let mut run = |ledger: &mut Ledger, operation, batch: &mut [RecordSlot]| {
+        op += 1;
+        now_ns += 1_000;
+        ledger.prepare(operation, now_ns, batch);
+        let mut results = [RecordResult::zeroed(); BATCH_ENTRIES];
+        ledger.apply(op, operation, batch, &mut results[..batch.len()]);
+        while ledger.poll_outbound().is_some() {}
+        results[..batch.len()]
+            .iter()
+            .filter(|result| result.code == 0)
+            .count()
+    };
+
+    let mut setup: Vec<RecordSlot> = std::iter::once(mint)
+        .chain(accounts.iter().copied())
+        .map(|id| {
+            RecordSlot::from_account(&Account {
+                id,
+                ledger: 1,
+                code: 1,
+                flags: if id == mint {
+                    account_flags::ALLOW_NEGATIVE
+                } else {
+                    0
+                },
+                ..Account::zeroed()
+            })
+        })
+        .collect();
+    for chunk in setup.chunks_mut(BATCH_ENTRIES) {
+        run(&mut ledger, LedgerOperation::CreateAccounts, chunk);
+    }
+    let transfer = |id: u128, debit: u128, credit: u128, amount: u128| {
+        RecordSlot::from_transfer(&Transfer {
+            id,
+            debit_account_id: debit,
+            credit_account_id: credit,
+            amount,
+            ledger: 1,
+            code: 1,
+            ..Transfer::zeroed()
+        })
+    };
+    let mut funding: Vec<RecordSlot> = accounts
+        .iter()
+        .enumerate()
+        .map(|(index, &id)| transfer(index as u128 + 1, mint, id, 1 << 40))
+        .collect();
+    for chunk in funding.chunks_mut(BATCH_ENTRIES) {
+        run(&mut ledger, LedgerOperation::CreateTransfers, chunk);
+    }
+
+    let mut rng = 42;
+    let id_base = ACCOUNTS as u128 + 1;
+    let mut workload: Vec<RecordSlot> = (0..transfers)
+        .map(|index| {
+            let debit = accounts[splitmix(&mut rng) as usize % accounts.len()];
+            let targets = if remote_credits {
+                &remote[..]
+            } else {
+                accounts
+            };
+            let mut credit = targets[splitmix(&mut rng) as usize % targets.len()];
+            if credit == debit {
+                credit = accounts[(splitmix(&mut rng) as usize) % accounts.len()];
+            }
+            transfer(
+                id_base + index as u128,
+                debit,
+                credit,
+                1 + splitmix(&mut rng) as u128 % 100,
+            )
+        })
+        .collect();
+
+    let start = Instant::now();
+    let mut ok = 0;
+    for chunk in workload.chunks_mut(BATCH_ENTRIES) {
+        ok += run(&mut ledger, LedgerOperation::CreateTransfers, chunk);
+    }
+    let elapsed = start.elapsed();
+    let rate = transfers as f64 / elapsed.as_secs_f64();
+    println!(
+        "{label}: {transfers} transfers ({ok} ok) in {:.3} s = {:.2} M transfers/s",
+        elapsed.as_secs_f64(),
+        rate / 1e6
+    );
+    assert!(
+        ok > transfers * 9 / 10,
+        "the workload is mostly valid transfers"
+    );
+}
+
+#[test]
+#[ignore = "ad-hoc throughput check; run in release with --ignored --nocapture"]
+fn apply_throughput() {
+    for transfers in [20_000, 100_000, 1_000_000, 10_000_000] {
+        measure(&format!("local, {transfers} stored"), 1, transfers, false);
+    }
+    measure("cross-shard credits, 1000000 stored", 4, 1_000_000, true);
+}

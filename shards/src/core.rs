@@ -1,0 +1,482 @@
+//! The sans-IO heart of one shard: ingest, batching, sealing and applying.
+//!
+//! `ShardCore` owns the shard's pools, its transaction ring, its batch controller and its
+//! state machine. It performs no I/O, reads no clock (time is passed in) and never
+//! allocates after [`ShardCore::new`]: the allocation-counting test drives it in steady state.
+//! The glommio runtime (`runtime`) feeds it records from sockets and the ring mesh and
+//! delivers its completions.
+//!
+//! Path of one record:
+//! 1. [`ShardCore::submit`] copies the record into a pooled transaction slot and pushes an
+//!    8-byte slot handle plus its operation into the transaction ring. A full pool or ring is
+//!    a typed [`Backpressure`], never an allocation.
+//! 2. [`ShardCore::poll_seal`] pops handles in bulk, asks the adaptive [`BatchController`]
+//!    whether to seal, and on sealing gathers the records into one contiguous pooled batch
+//!    buffer (releasing the transaction slots), assigns the next op number and calls the state
+//!    machine's `prepare`. The sealed batch is now ready to be journaled and replicated.
+//! 3. [`ShardCore::apply_next`] applies the oldest sealed batch and hands each record's
+//!    result to the caller together with the record's origin.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+
+use percore_engine::batch::{BatchController, BatchLimits, BatchLimitsError, SealReason};
+use percore_engine::pool::{Handle, Pool, PoolError, PoolStats, TX_SLOT_BYTES, TxSlot};
+use percore_engine::ring::spsc;
+use percore_engine::state_machine::{Outbound, StateMachine};
+
+use crate::metrics::ShardMetrics;
+
+/// Where a record came from, so its result can find its way back. 16 bytes, `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A client connection on this shard: connection slot, its generation, and the
+    /// record's index in the request.
+    Local {
+        /// Connection slot.
+        connection: u16,
+        /// Generation of the slot (a reused slot does not receive old results).
+        generation: u16,
+        /// Record index within the request frame.
+        index: u32,
+    },
+    /// A record forwarded by another shard: the result goes back over the mesh.
+    Forwarded {
+        /// The shard that forwarded it.
+        shard: u16,
+        /// Opaque token of the forwarding shard (its own local origin, packed).
+        token: u64,
+    },
+    /// Internal traffic between state machines (e.g. credit legs): no one waits for it.
+    Internal,
+}
+
+impl Origin {
+    /// Packs a local origin into a token that travels to another shard and back.
+    pub fn pack_local(connection: u16, generation: u16, index: u32) -> u64 {
+        (u64::from(connection) << 48) | (u64::from(generation) << 32) | u64::from(index)
+    }
+
+    /// The inverse of [`Origin::pack_local`].
+    pub fn unpack_local(token: u64) -> Origin {
+        Origin::Local {
+            connection: (token >> 48) as u16,
+            generation: (token >> 32) as u16,
+            index: token as u32,
+        }
+    }
+}
+
+/// What the transaction ring carries: a pooled slot and the batch operation it belongs to.
+#[derive(Debug, Clone, Copy)]
+struct TxRef {
+    slot: Handle,
+    operation: u16,
+}
+
+/// A record could not be taken now; the caller keeps it and retries later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Backpressure {
+    /// Every transaction slot is in flight.
+    #[error("transaction pool exhausted ({capacity} slots in flight)")]
+    PoolExhausted {
+        /// Pool capacity.
+        capacity: usize,
+    },
+    /// The transaction ring is full.
+    #[error("transaction ring full ({capacity} entries)")]
+    RingFull {
+        /// Ring capacity.
+        capacity: usize,
+    },
+}
+
+/// Configuration errors of a shard core.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// Batch limits are inconsistent.
+    #[error(transparent)]
+    Batch(#[from] BatchLimitsError),
+    /// A pool could not be built.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The ring capacity is not a power of two, or is smaller than one batch.
+    #[error(
+        "tx_ring_capacity {capacity} must be a power of two >= batch_entries_max {entries_max}"
+    )]
+    RingCapacity {
+        /// Configured capacity.
+        capacity: usize,
+        /// Configured batch cap.
+        entries_max: usize,
+    },
+    /// The state machine's record does not fit a transaction slot.
+    #[error("state machine record is {bytes} bytes; a transaction slot holds {TX_SLOT_BYTES}")]
+    RecordSize {
+        /// Size of the record type.
+        bytes: usize,
+    },
+}
+
+/// Sizes of one shard core, all fixed at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreConfig {
+    /// Shard index and count.
+    pub shard: u32,
+    /// Shards in the node.
+    pub shard_count: u32,
+    /// Transaction slots (records accepted, not yet sealed).
+    pub transactions: usize,
+    /// Batch buffers (sealed, not yet applied; one is also the open batch).
+    pub batches: usize,
+    /// Transaction ring capacity (power of two).
+    pub tx_ring_capacity: usize,
+    /// Batch sealing limits.
+    pub batch: BatchLimits,
+}
+
+/// One sealed (or open) batch: records gathered contiguously plus each record's origin.
+/// Pages are allocated zeroed, so an unused buffer costs address space, not memory.
+struct BatchBuffer {
+    op: u64,
+    operation: u16,
+    len: usize,
+    records: Box<[TxSlot]>,
+    origins: Box<[Origin]>,
+}
+
+impl fmt::Debug for BatchBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchBuffer")
+            .field("op", &self.op)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A sealed batch, ready for the journal and replication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// Op number assigned at sealing.
+    pub op: u64,
+    /// Records in the batch.
+    pub entries: usize,
+    /// Why it was sealed.
+    pub reason: SealReason,
+}
+
+/// The sans-IO core of one shard. See the module docs.
+pub struct ShardCore<S: StateMachine> {
+    config: CoreConfig,
+    state_machine: S,
+    transactions: Pool<TxSlot>,
+    batches: Pool<BatchBuffer>,
+    ring_producer: spsc::Producer<TxRef>,
+    ring_consumer: spsc::Consumer<TxRef>,
+    controller: BatchController,
+    /// The batch being filled, if any, and when its oldest record arrived.
+    open: Option<(Handle, u64)>,
+    /// Origin of each record in the transaction pool, indexed by slot.
+    tx_origins: Box<[Origin]>,
+    /// Sealed batches waiting to be applied, oldest first (capacity = batch pool).
+    sealed: VecDeque<Handle>,
+    /// Results of the batch being applied (capacity = entries cap).
+    results: Box<[S::Result]>,
+    op_sealed: u64,
+    op_last: u64,
+    metrics: Arc<ShardMetrics>,
+}
+
+impl<S: StateMachine> fmt::Debug for ShardCore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardCore")
+            .field("config", &self.config)
+            .field("op_last", &self.op_last)
+            .field("sealed", &self.sealed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: StateMachine> ShardCore<S> {
+    /// Builds a core; every buffer it will ever use is allocated here.
+    pub fn new(
+        config: CoreConfig,
+        state_machine: S,
+        metrics: Arc<ShardMetrics>,
+    ) -> Result<Self, CoreError> {
+        let record_bytes = size_of::<S::Record>();
+        if record_bytes != TX_SLOT_BYTES || align_of::<S::Record>() > align_of::<TxSlot>() {
+            return Err(CoreError::RecordSize {
+                bytes: record_bytes,
+            });
+        }
+        let controller = BatchController::new(config.batch, record_bytes)?;
+        let entries_cap = controller.entries_cap();
+        if !config.tx_ring_capacity.is_power_of_two() || config.tx_ring_capacity < entries_cap {
+            return Err(CoreError::RingCapacity {
+                capacity: config.tx_ring_capacity,
+                entries_max: entries_cap,
+            });
+        }
+        let transactions = Pool::new("transactions", config.transactions, |_| TxSlot::ZEROED)?;
+        let batches = Pool::new("batches", config.batches, |_| BatchBuffer {
+            op: 0,
+            operation: 0,
+            len: 0,
+            records: bytemuck::allocation::zeroed_slice_box(entries_cap),
+            origins: vec![Origin::Internal; entries_cap].into_boxed_slice(),
+        })?;
+        let (ring_producer, ring_consumer) = spsc::channel(config.tx_ring_capacity);
+        Ok(Self {
+            config,
+            state_machine,
+            transactions,
+            batches,
+            ring_producer,
+            ring_consumer,
+            controller,
+            open: None,
+            tx_origins: vec![Origin::Internal; config.transactions].into_boxed_slice(),
+            sealed: VecDeque::with_capacity(config.batches),
+            results: bytemuck::allocation::zeroed_slice_box(entries_cap),
+            op_sealed: 0,
+            op_last: 0,
+            metrics,
+        })
+    }
+
+    /// The state machine (read-only; it changes only by applying batches).
+    pub fn state_machine(&self) -> &S {
+        &self.state_machine
+    }
+
+    /// Highest op applied.
+    pub fn op_last(&self) -> u64 {
+        self.op_last
+    }
+
+    /// The batch controller (for metrics and tests).
+    pub fn controller(&self) -> &BatchController {
+        &self.controller
+    }
+
+    /// Transaction and batch pool statistics.
+    pub fn pool_stats(&self) -> [PoolStats; 2] {
+        [self.transactions.stats(), self.batches.stats()]
+    }
+
+    /// Records accepted but not yet applied: in the ring, the open batch and sealed batches.
+    pub fn in_flight(&self) -> usize {
+        let sealed: usize = self.sealed.iter().map(|h| self.batches.get(*h).len).sum();
+        let open = self.open.map_or(0, |(h, _)| self.batches.get(h).len);
+        self.transactions.in_use() + open + sealed
+    }
+
+    /// True when nothing is waiting anywhere in the core.
+    pub fn is_idle(&self) -> bool {
+        self.transactions.in_use() == 0 && self.open.is_none() && self.sealed.is_empty()
+    }
+
+    /// Whether one more record can be submitted now (a pool slot and a ring slot are free).
+    pub fn has_room(&mut self) -> bool {
+        self.transactions.available() > 0 && self.ring_producer.free_slots() > 0
+    }
+
+    /// Ends the core, handing back the state machine.
+    pub fn into_state_machine(self) -> S {
+        self.state_machine
+    }
+
+    /// Accepts one record for a batch of `operation`.
+    #[inline]
+    pub fn submit(
+        &mut self,
+        operation: S::Operation,
+        record: &S::Record,
+        origin: Origin,
+    ) -> Result<(), Backpressure> {
+        let operation: u16 = operation.into();
+        let slot = self
+            .transactions
+            .borrow()
+            .map_err(|_| Backpressure::PoolExhausted {
+                capacity: self.config.transactions,
+            })?;
+        *self.transactions.get_mut(slot) = TxSlot::from_record(*record);
+        self.tx_origins[slot.index() as usize] = origin;
+        match self.ring_producer.push(TxRef { slot, operation }) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                let released = self.transactions.release(slot);
+                debug_assert!(released.is_ok());
+                Err(Backpressure::RingFull {
+                    capacity: self.config.tx_ring_capacity,
+                })
+            }
+        }
+    }
+
+    /// Takes what the ring holds into the open batch and seals it if the controller says so.
+    /// Returns the sealed batch, or `None` (nothing to seal yet, or no free batch buffer:
+    /// then the ring keeps filling and submitters meet back-pressure).
+    pub fn poll_seal(&mut self, now_us: u64) -> Option<Sealed> {
+        let depth = self.ring_consumer.available();
+        let open_len = self.open.map_or(0, |(h, _)| self.batches.get(h).len);
+        self.controller.observe_depth(depth + open_len);
+        ShardMetrics::set(&self.metrics.ring_depth, depth as u64);
+        if self.open.is_none() && depth > 0 {
+            let batch = self.batches.borrow().ok()?;
+            let buffer = self.batches.get_mut(batch);
+            buffer.len = 0;
+            buffer.operation = self
+                .ring_consumer
+                .read_chunk(1)
+                .as_slices()
+                .0
+                .first()
+                .map_or(0, |tx| tx.operation);
+            self.open = Some((batch, now_us));
+        }
+        let (batch, oldest_us) = self.open?;
+        let target = self.controller.entries_target();
+        let operation_changed = self.take_from_ring(batch, target);
+        let buffer = self.batches.get(batch);
+        let entries = buffer.len;
+        let next_bytes = (entries + 1) * TX_SLOT_BYTES;
+        let ring_empty = self.ring_consumer.available() == 0 || operation_changed;
+        let reason = self
+            .controller
+            .should_seal(now_us, entries, next_bytes, oldest_us, ring_empty)?;
+        Some(self.seal(batch, reason, now_us))
+    }
+
+    /// Moves up to `target - len` records from the ring into the open batch, stopping at a
+    /// record of another operation. Returns whether it stopped for that reason.
+    fn take_from_ring(&mut self, batch: Handle, target: usize) -> bool {
+        let buffer = self.batches.get_mut(batch);
+        let room = target
+            .saturating_sub(buffer.len)
+            .min(buffer.records.len() - buffer.len);
+        let operation = buffer.operation;
+        let mut operation_changed = false;
+        let mut taken = 0;
+        {
+            let chunk = self.ring_consumer.read_chunk(room);
+            let (first, second) = chunk.as_slices();
+            for tx in first.iter().chain(second.iter()) {
+                if tx.operation != operation {
+                    operation_changed = true;
+                    break;
+                }
+                let index = buffer.len;
+                buffer.records[index] = *self.transactions.get(tx.slot);
+                buffer.origins[index] = self.tx_origins[tx.slot.index() as usize];
+                buffer.len += 1;
+                let released = self.transactions.release(tx.slot);
+                debug_assert!(released.is_ok(), "ring held a stale slot");
+                taken += 1;
+            }
+            chunk.commit(taken);
+        }
+        operation_changed
+    }
+
+    fn seal(&mut self, batch: Handle, reason: SealReason, now_us: u64) -> Sealed {
+        self.open = None;
+        self.op_sealed += 1;
+        let op = self.op_sealed;
+        let buffer = self.batches.get_mut(batch);
+        buffer.op = op;
+        let entries = buffer.len;
+        debug_assert!(entries > 0);
+        let operation = S::Operation::try_from(buffer.operation)
+            .ok()
+            .expect("operations enter as S::Operation");
+        let records: &mut [S::Record] = bytemuck::cast_slice_mut(&mut buffer.records[..entries]);
+        self.state_machine
+            .prepare(operation, now_us.saturating_mul(1_000), records);
+        self.controller.on_sealed(entries, reason);
+        self.sealed.push_back(batch);
+        let state = self.controller.state();
+        ShardMetrics::add(&self.metrics.batches_sealed_total, 1);
+        ShardMetrics::set(
+            &self.metrics.batch_entries_target,
+            state.entries_target as u64,
+        );
+        ShardMetrics::set(&self.metrics.batch_linger_us, state.linger_us);
+        self.metrics.batch_size.record(entries as u64, 1);
+        Sealed {
+            op,
+            entries,
+            reason,
+        }
+    }
+
+    /// The records of sealed batch `op`, contiguous, as the journal and replication see them.
+    pub fn sealed_records(&self, op: u64) -> Option<(u16, &[S::Record])> {
+        let batch = self
+            .sealed
+            .iter()
+            .find(|h| self.batches.get(**h).op == op)?;
+        let buffer = self.batches.get(*batch);
+        Some((
+            buffer.operation,
+            bytemuck::cast_slice(&buffer.records[..buffer.len]),
+        ))
+    }
+
+    /// When the open batch must be sealed at the latest (µs), if one is open.
+    pub fn seal_deadline_us(&self) -> Option<u64> {
+        self.open
+            .map(|(_, oldest_us)| self.controller.deadline_us(oldest_us))
+    }
+
+    /// Applies the oldest sealed batch and passes every record's origin and result to
+    /// `complete`, in record order. Returns the op applied.
+    pub fn apply_next(&mut self, mut complete: impl FnMut(Origin, &S::Result)) -> Option<u64> {
+        let batch = self.sealed.pop_front()?;
+        let buffer = self.batches.get(batch);
+        let entries = buffer.len;
+        let op = buffer.op;
+        debug_assert_eq!(op, self.op_last + 1, "batches apply in op order");
+        let operation = S::Operation::try_from(buffer.operation)
+            .ok()
+            .expect("operations enter as S::Operation");
+        let records: &[S::Record] = bytemuck::cast_slice(&buffer.records[..entries]);
+        let results = &mut self.results[..entries];
+        self.state_machine.apply(op, operation, records, results);
+        for (origin, result) in buffer.origins[..entries].iter().zip(results.iter()) {
+            complete(*origin, result);
+        }
+        let released = self.batches.release(batch);
+        debug_assert!(released.is_ok());
+        self.op_last = op;
+        ShardMetrics::add(&self.metrics.tx_applied_total, entries as u64);
+        ShardMetrics::set(&self.metrics.commit_op, op);
+        Some(op)
+    }
+
+    /// The next message the state machine wants delivered to another shard.
+    pub fn poll_outbound(&mut self) -> Option<Outbound<S::Operation, S::Record>> {
+        self.state_machine.poll_outbound()
+    }
+
+    /// Publishes pool gauges (called once per runtime turn, not per record).
+    pub fn publish_pool_metrics(&self) {
+        let [transactions, batches] = self.pool_stats();
+        ShardMetrics::set(
+            &self.metrics.pool_transactions_in_use,
+            transactions.in_use as u64,
+        );
+        ShardMetrics::set(
+            &self.metrics.pool_transactions_high_water,
+            transactions.high_water as u64,
+        );
+        ShardMetrics::set(&self.metrics.pool_batches_in_use, batches.in_use as u64);
+        ShardMetrics::set(
+            &self.metrics.pool_batches_high_water,
+            batches.high_water as u64,
+        );
+    }
+}

@@ -1,0 +1,1028 @@
+//! The per-core runtime: one pinned glommio executor (one io_uring) per shard.
+//!
+//! [`Node::start`] spawns one executor per configured core, pinned with
+//! `Placement::Fixed`. Each runs one shard: a client listener, one task per client
+//! connection, one batcher task and one mesh task per peer shard. Shards share nothing but
+//! the N×N mesh of engine SPSC rings ([`crate::mesh`]); a glommio shared channel of
+//! capacity one serves only as the doorbell that wakes a parked executor. Within a core,
+//! tasks share the shard through `RefCell`s that are never held across an `.await`.
+//!
+//! Shutdown (SIGINT/SIGTERM or [`Node::shutdown`]): listeners stop accepting, connections
+//! finish the request they are serving, the batcher drains everything accepted, and each
+//! shard returns a [`ShardReport`] with its state machine.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use percore_engine::batch::BatchLimits;
+use percore_engine::frame::{self, FRAME_HEADER_BYTES, Kind};
+use percore_engine::limits::{
+    POOL_BATCHES_DEFAULT, POOL_TRANSACTIONS_DEFAULT, TX_RING_CAPACITY_DEFAULT,
+};
+use percore_engine::state_machine::StateMachine;
+
+use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
+use crate::mesh::{Mesh, MeshEndpoint, MeshLinks, MeshMessage};
+use crate::metrics::ShardMetrics;
+
+/// Default first client port; shard `i` listens on `client_port_base + i`.
+pub const CLIENT_PORT_BASE_DEFAULT: u16 = 7000;
+/// Default client connections one shard serves at once.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 64;
+/// Default io_uring registered memory per shard (bytes): 8 MiB of memlock covers 4 shards.
+pub const IO_MEMORY_BYTES_DEFAULT: usize = 1 << 20;
+/// Default capacity of each inter-shard mesh ring (messages).
+pub const MESH_RING_CAPACITY_DEFAULT: usize = 16_384;
+/// How often idle tasks look at the stop flag.
+pub(crate) const STOP_POLL_MS: u64 = 50;
+/// Runtime error codes sent in error replies (frame codes are below 1000).
+pub const ERROR_SERVER_BUSY: u32 = 1000;
+/// The operation is not one clients may submit to this state machine.
+pub const ERROR_OPERATION_NOT_ALLOWED: u32 = 1001;
+/// The request carries more records than one batch may hold.
+pub const ERROR_TOO_MANY_RECORDS: u32 = 1002;
+
+/// Everything a node needs to start; every limit is fixed here.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Cores to run shards on, one shard per entry, in shard order.
+    pub cores: Vec<usize>,
+    /// Address client listeners bind to.
+    pub listen: IpAddr,
+    /// Shard `i` listens on `client_port_base + i` (0: any free port, for tests).
+    pub client_port_base: u16,
+    /// Client connections served at once per shard; more are refused.
+    pub connections_max: usize,
+    /// Largest client frame accepted (bytes, header included).
+    pub frame_bytes_max: usize,
+    /// Transaction pool slots per shard.
+    pub transactions: usize,
+    /// Batch buffers per shard.
+    pub batches: usize,
+    /// Transaction ring capacity (power of two).
+    pub tx_ring_capacity: usize,
+    /// Mesh ring capacity (power of two).
+    pub mesh_ring_capacity: usize,
+    /// Batch sealing limits.
+    pub batch: BatchLimits,
+    /// io_uring registered memory per shard (bytes).
+    pub io_memory_bytes: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            cores: vec![0],
+            listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            client_port_base: CLIENT_PORT_BASE_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            frame_bytes_max: FRAME_HEADER_BYTES + BatchLimits::default().entries_max * 128,
+            transactions: POOL_TRANSACTIONS_DEFAULT,
+            batches: POOL_BATCHES_DEFAULT,
+            tx_ring_capacity: TX_RING_CAPACITY_DEFAULT,
+            mesh_ring_capacity: MESH_RING_CAPACITY_DEFAULT,
+            batch: BatchLimits::default(),
+            io_memory_bytes: IO_MEMORY_BYTES_DEFAULT,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// No cores configured.
+    #[error("no cores configured")]
+    NoCores,
+    /// A configured core does not exist on this machine.
+    #[error("core {core} does not exist (this machine has {online} online CPUs)")]
+    NoSuchCore {
+        /// The core asked for.
+        core: usize,
+        /// CPUs online.
+        online: usize,
+    },
+    /// Locked memory for io_uring is not available.
+    #[error(transparent)]
+    Memlock(#[from] crate::memlock::MemlockError),
+    /// A shard's core could not be built.
+    #[error("shard {shard}: {source}")]
+    Core {
+        /// Shard index.
+        shard: usize,
+        /// Cause.
+        source: crate::core::CoreError,
+    },
+    /// An executor could not be started (io_uring setup, pinning).
+    #[error("shard {shard}: cannot start executor on core {core}: {message}")]
+    Executor {
+        /// Shard index.
+        shard: usize,
+        /// Core.
+        core: usize,
+        /// glommio's explanation.
+        message: String,
+    },
+    /// A listener could not bind.
+    #[error("shard {shard}: cannot listen on {address}: {message}")]
+    Listen {
+        /// Shard index.
+        shard: usize,
+        /// Address tried.
+        address: SocketAddr,
+        /// Cause.
+        message: String,
+    },
+    /// A mesh ring capacity is unusable.
+    #[error("mesh_ring_capacity {0} must be a power of two >= 2")]
+    MeshCapacity(usize),
+}
+
+/// What a shard hands back when it stops.
+#[derive(Debug)]
+pub struct ShardReport<S> {
+    /// Shard index.
+    pub shard: usize,
+    /// Highest op applied.
+    pub op_last: u64,
+    /// The state machine as it stood at the end.
+    pub state_machine: S,
+}
+
+/// A running node: its shards' executors, addresses and metrics.
+#[derive(Debug)]
+pub struct Node<S: StateMachine + Send + 'static> {
+    handles: Vec<glommio::ExecutorJoinHandle<Result<ShardReport<S>, NodeError>>>,
+    client_addresses: Vec<SocketAddr>,
+    metrics: Vec<Arc<ShardMetrics>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Validates cores against the machine.
+fn check_cores(cores: &[usize]) -> Result<(), NodeError> {
+    if cores.is_empty() {
+        return Err(NodeError::NoCores);
+    }
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let online = online.max(num_cpus_configured());
+    for &core in cores {
+        if core >= online {
+            return Err(NodeError::NoSuchCore { core, online });
+        }
+    }
+    Ok(())
+}
+
+fn num_cpus_configured() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|text| {
+            text.trim()
+                .rsplit(['-', ','])
+                .next()
+                .and_then(|last| last.parse::<usize>().ok())
+        })
+        .map_or(1, |last| last + 1)
+}
+
+impl<S> Node<S>
+where
+    S: StateMachine + Send + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    /// Starts one shard per configured core. `make_state_machine(shard, shards)` builds each
+    /// shard's state machine on the shard's own thread (so its memory is local to that core).
+    pub fn start<F>(config: NodeConfig, make_state_machine: F) -> Result<Self, NodeError>
+    where
+        F: Fn(usize, usize) -> S + Send + Sync + 'static,
+    {
+        check_cores(&config.cores)?;
+        let shards = config.cores.len();
+        if !config.mesh_ring_capacity.is_power_of_two() || config.mesh_ring_capacity < 2 {
+            return Err(NodeError::MeshCapacity(config.mesh_ring_capacity));
+        }
+        let budget = crate::memlock::ensure(shards, config.io_memory_bytes)?;
+        tracing::info!(?budget, shards, "memlock budget");
+        let stop = Arc::new(AtomicBool::new(false));
+        let metrics: Vec<_> = (0..shards)
+            .map(|i| Arc::new(ShardMetrics::new(i as u32)))
+            .collect();
+        let mut endpoints = Mesh::<S>::build(shards, config.mesh_ring_capacity).into_endpoints();
+        let make_state_machine = Arc::new(make_state_machine);
+        let quiet: Arc<[AtomicBool]> = (0..shards).map(|_| AtomicBool::new(false)).collect();
+        let all_metrics: Arc<[Arc<ShardMetrics>]> = metrics.iter().cloned().collect();
+        let (ready_tx, ready_rx) =
+            std::sync::mpsc::channel::<(usize, Result<SocketAddr, NodeError>)>();
+        let mut handles = Vec::with_capacity(shards);
+        for (shard, endpoint) in endpoints.drain(..).enumerate() {
+            let core = config.cores[shard];
+            let context = ShardContext {
+                shard,
+                shards,
+                config: config.clone(),
+                metrics: metrics[shard].clone(),
+                stop: stop.clone(),
+                quiet: quiet.clone(),
+                all_metrics: all_metrics.clone(),
+            };
+            let make = make_state_machine.clone();
+            let ready = ready_tx.clone();
+            let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
+                .name(&format!("shard-{shard}"))
+                .io_memory(config.io_memory_bytes)
+                .spin_before_park(Duration::from_micros(50))
+                .spawn(move || async move {
+                    let state_machine = make(shard, shards);
+                    run_shard(context, state_machine, endpoint, ready).await
+                })
+                .map_err(|err| NodeError::Executor {
+                    shard,
+                    core,
+                    message: err.to_string(),
+                })?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        let mut client_addresses = vec![SocketAddr::from(([0, 0, 0, 0], 0)); shards];
+        for _ in 0..shards {
+            let Ok((shard, address)) = ready_rx.recv() else {
+                break;
+            };
+            match address {
+                Ok(address) => client_addresses[shard] = address,
+                Err(err) => {
+                    stop.store(true, Ordering::Relaxed);
+                    for handle in handles {
+                        let _ = handle.join();
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(Self {
+            handles,
+            client_addresses,
+            metrics,
+            stop,
+        })
+    }
+
+    /// Client address of each shard, in shard order.
+    pub fn client_addresses(&self) -> &[SocketAddr] {
+        &self.client_addresses
+    }
+
+    /// Each shard's metrics.
+    pub fn metrics(&self) -> &[Arc<ShardMetrics>] {
+        &self.metrics
+    }
+
+    /// The flag that stops the node; signal handlers set it.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Waits until the stop flag is set (by a signal or another thread), then drains.
+    pub fn wait(self) -> Result<Vec<ShardReport<S>>, NodeError> {
+        let mut reports = Vec::with_capacity(self.handles.len());
+        for (shard, handle) in self.handles.into_iter().enumerate() {
+            let report = handle.join().map_err(|err| NodeError::Executor {
+                shard,
+                core: usize::MAX,
+                message: format!("shard thread failed: {err}"),
+            })??;
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    /// Stops accepting, drains everything accepted, and returns each shard's report.
+    pub fn shutdown(self) -> Result<Vec<ShardReport<S>>, NodeError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wait()
+    }
+}
+
+/// What one shard's executor is handed.
+struct ShardContext {
+    shard: usize,
+    shards: usize,
+    config: NodeConfig,
+    metrics: Arc<ShardMetrics>,
+    stop: Arc<AtomicBool>,
+    quiet: Arc<[AtomicBool]>,
+    all_metrics: Arc<[Arc<ShardMetrics>]>,
+}
+
+/// A single-threaded notification: `notify` wakes the one waiter, or the next `wait`
+/// returns at once. Lives inside one executor; never crosses cores.
+#[derive(Debug, Default)]
+pub(crate) struct LocalNotify {
+    pending: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl LocalNotify {
+    pub(crate) fn notify(&self) {
+        self.pending.set(true);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    pub(crate) fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx: &mut Context<'_>| {
+            if self.pending.replace(false) {
+                return Poll::Ready(());
+            }
+            let mut slot = self.waker.borrow_mut();
+            match slot.as_ref() {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => *slot = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// One client connection slot: the request being served and its results.
+pub(crate) struct ConnectionSlot<R> {
+    generation: u16,
+    active: bool,
+    remaining: u32,
+    /// One result per record of the request being served, by record index.
+    results: Box<[R]>,
+}
+
+/// Shard state shared by the tasks of one executor.
+pub(crate) struct Shard<S: StateMachine> {
+    pub(crate) index: usize,
+    pub(crate) shards: usize,
+    pub(crate) config: NodeConfig,
+    pub(crate) core: RefCell<ShardCore<S>>,
+    pub(crate) connections: RefCell<Vec<ConnectionSlot<S::Result>>>,
+    /// Wakes a connection when its request's last result arrived (outside the RefCell so
+    /// a waiting task never holds a borrow across an await).
+    pub(crate) connection_done: Box<[LocalNotify]>,
+    pub(crate) mesh: RefCell<MeshEndpoint<S>>,
+    pub(crate) batcher: LocalNotify,
+    pub(crate) metrics: Arc<ShardMetrics>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) epoch: Instant,
+    /// Per shard: nothing to do and nothing queued (read by all shards at shutdown only).
+    pub(crate) quiet: Arc<[AtomicBool]>,
+    /// Every shard's metrics, for the shutdown quiescence check.
+    pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
+    /// Set once the node is quiescent: mesh receivers end.
+    pub(crate) finished: Cell<bool>,
+}
+
+impl<S: StateMachine> Shard<S> {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+async fn run_shard<S>(
+    context: ShardContext,
+    state_machine: S,
+    links: MeshLinks<S>,
+    ready: std::sync::mpsc::Sender<(usize, Result<SocketAddr, NodeError>)>,
+) -> Result<ShardReport<S>, NodeError>
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let ShardContext {
+        shard,
+        shards,
+        config,
+        metrics,
+        stop,
+        quiet,
+        all_metrics,
+    } = context;
+    let core_config = CoreConfig {
+        shard: shard as u32,
+        shard_count: shards as u32,
+        transactions: config.transactions,
+        batches: config.batches,
+        tx_ring_capacity: config.tx_ring_capacity,
+        batch: config.batch,
+    };
+    let core = match ShardCore::new(core_config, state_machine, metrics.clone()) {
+        Ok(core) => core,
+        Err(source) => {
+            let _ = ready.send((shard, Err(NodeError::Core { shard, source })));
+            return Err(NodeError::NoCores);
+        }
+    };
+    let port = if config.client_port_base == 0 {
+        0
+    } else {
+        config.client_port_base + shard as u16
+    };
+    let address = SocketAddr::new(config.listen, port);
+    let listener = match TcpListener::bind(address) {
+        Ok(listener) => listener,
+        Err(err) => {
+            let error = NodeError::Listen {
+                shard,
+                address,
+                message: err.to_string(),
+            };
+            let _ = ready.send((shard, Err(error)));
+            return Err(NodeError::Listen {
+                shard,
+                address,
+                message: err.to_string(),
+            });
+        }
+    };
+    let local = listener.local_addr().unwrap_or(address);
+    let records_max = config
+        .batch
+        .entries_max
+        .min(config.frame_bytes_max / size_of::<S::Record>());
+    let connections = (0..config.connections_max)
+        .map(|_| ConnectionSlot {
+            generation: 0,
+            active: false,
+            remaining: 0,
+            results: bytemuck::allocation::zeroed_slice_box(records_max),
+        })
+        .collect();
+    let connection_done = (0..config.connections_max)
+        .map(|_| LocalNotify::default())
+        .collect();
+    let config_transactions = config.transactions;
+    let shard_state = Rc::new(Shard {
+        index: shard,
+        shards,
+        config,
+        core: RefCell::new(core),
+        connections: RefCell::new(connections),
+        connection_done,
+        mesh: RefCell::new(MeshEndpoint::from_links(
+            links,
+            config_transactions,
+            metrics.clone(),
+        )),
+        batcher: LocalNotify::default(),
+        metrics,
+        stop,
+        epoch: Instant::now(),
+        quiet,
+        all_metrics,
+        finished: Cell::new(false),
+    });
+    tracing::info!(shard, %local, "shard listening");
+    let _ = ready.send((shard, Ok(local)));
+
+    let mesh_tasks = crate::mesh::spawn_receivers(shard_state.clone()).await;
+    let batcher = glommio::spawn_local(batcher_loop(shard_state.clone()));
+    accept_loop(shard_state.clone(), listener).await;
+    batcher.await;
+    shard_state.finished.set(true);
+    for task in mesh_tasks {
+        task.await;
+    }
+    let shard_state = Rc::try_unwrap(shard_state).map_err(|_| NodeError::NoCores);
+    let shard_state = match shard_state {
+        Ok(state) => state,
+        Err(_) => panic!("shard {shard}: tasks still hold the shard after shutdown"),
+    };
+    let core = shard_state.core.into_inner();
+    let op_last = core.op_last();
+    Ok(ShardReport {
+        shard,
+        op_last,
+        state_machine: core.into_state_machine(),
+    })
+}
+
+/// Accepts client connections until the stop flag is set, then waits for them to finish.
+async fn accept_loop<S>(shard: Rc<Shard<S>>, listener: TcpListener)
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let open = Rc::new(Cell::new(0usize));
+    let closed = Rc::new(LocalNotify::default());
+    while !shard.stopping() {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => continue,
+            Some(Ok(stream)) => stream,
+            Some(Err(err)) => {
+                tracing::warn!(shard = shard.index, %err, "accept failed");
+                continue;
+            }
+        };
+        let Some(slot) = claim_connection(&shard) else {
+            refuse_busy(stream, &shard).await;
+            continue;
+        };
+        open.set(open.get() + 1);
+        ShardMetrics::set(&shard.metrics.connections, open.get() as u64);
+        let (shard_task, open_task, closed_task) = (shard.clone(), open.clone(), closed.clone());
+        glommio::spawn_local(async move {
+            if let Err(err) = serve_connection(&shard_task, slot, stream).await {
+                tracing::debug!(shard = shard_task.index, %err, "connection closed");
+            }
+            shard_task.connections.borrow_mut()[slot].active = false;
+            open_task.set(open_task.get() - 1);
+            ShardMetrics::set(&shard_task.metrics.connections, open_task.get() as u64);
+            closed_task.notify();
+        })
+        .detach();
+    }
+    while open.get() > 0 {
+        closed.wait().await;
+    }
+    // Everything accepted is in the core now: let the batcher drain it.
+    shard.batcher.notify();
+}
+
+fn claim_connection<S: StateMachine>(shard: &Shard<S>) -> Option<usize> {
+    let mut connections = shard.connections.borrow_mut();
+    let slot = connections.iter().position(|c| !c.active)?;
+    let connection = &mut connections[slot];
+    connection.active = true;
+    connection.generation = connection.generation.wrapping_add(1);
+    connection.remaining = 0;
+    Some(slot)
+}
+
+async fn refuse_busy<S: StateMachine>(mut stream: TcpStream, shard: &Shard<S>) {
+    let envelope = frame::Envelope {
+        client_id: 0,
+        request_number: 0,
+        operation: frame::Operation::Ping,
+        shard: shard.index as u16,
+    };
+    let mut buffer = [0u8; FRAME_HEADER_BYTES];
+    let bytes = frame::encode_error_reply(&mut buffer, &envelope, ERROR_SERVER_BUSY);
+    let _ = stream.write_all(&buffer[..bytes]).await;
+    ShardMetrics::add(&shard.metrics.frames_rejected_total, 1);
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionEnd {
+    #[error("peer closed")]
+    Closed,
+    #[error("stopping")]
+    Stopping,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame: {0}")]
+    Frame(#[from] frame::FrameError),
+    #[error("refused: error code {0}")]
+    Refused(u32),
+}
+
+/// Reads into `buffer[..len]` completely. Returns `Stopping` only between frames
+/// (`at_boundary`), never after part of a frame was read.
+async fn read_full<S: StateMachine>(
+    shard: &Shard<S>,
+    stream: &mut TcpStream,
+    buffer: &mut [u8],
+    at_boundary: bool,
+) -> Result<(), ConnectionEnd> {
+    if at_boundary && shard.stopping() {
+        // Stop accepting: requests not yet read are not taken.
+        return Err(ConnectionEnd::Stopping);
+    }
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match stream.read(&mut buffer[filled..]).await {
+            Ok(0) => return Err(ConnectionEnd::Closed),
+            Ok(read) => filled += read,
+            Err(err)
+                if err.kind() == std::io::ErrorKind::TimedOut
+                    || err.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                if at_boundary && filled == 0 && shard.stopping() {
+                    return Err(ConnectionEnd::Stopping);
+                }
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn serve_connection<S>(
+    shard: &Rc<Shard<S>>,
+    slot: usize,
+    mut stream: TcpStream,
+) -> Result<(), ConnectionEnd>
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    stream.set_nodelay(true).map_err(std::io::Error::from)?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(STOP_POLL_MS)))
+        .map_err(std::io::Error::from)?;
+    let record_bytes = size_of::<S::Record>();
+    let records_max = shard
+        .config
+        .batch
+        .entries_max
+        .min(shard.config.frame_bytes_max / record_bytes);
+    let mut request = vec![0u8; FRAME_HEADER_BYTES + records_max * record_bytes];
+    let mut records: Vec<S::Record> = vec![bytemuck::Zeroable::zeroed(); records_max];
+    loop {
+        let started = Instant::now();
+        read_full(shard, &mut stream, &mut request[..FRAME_HEADER_BYTES], true).await?;
+        let header = match frame::decode_header(
+            &request[..FRAME_HEADER_BYTES],
+            shard.config.frame_bytes_max,
+        ) {
+            Ok(header) => header,
+            Err(err) => {
+                return reject(shard, &mut stream, None, err.code() as u32, err.into()).await;
+            }
+        };
+        let envelope = header.envelope;
+        let body_bytes = header.body_bytes as usize;
+        if header.kind != Kind::Request {
+            let code = frame::ErrorCode::UnknownKind as u32;
+            return reject(
+                shard,
+                &mut stream,
+                Some(&envelope),
+                code,
+                ConnectionEnd::Refused(code),
+            )
+            .await;
+        }
+        if body_bytes > records_max * record_bytes {
+            // Only reachable when frame_bytes_max admits more than one batch of records.
+            return reject(
+                shard,
+                &mut stream,
+                Some(&envelope),
+                ERROR_TOO_MANY_RECORDS,
+                ConnectionEnd::Refused(ERROR_TOO_MANY_RECORDS),
+            )
+            .await;
+        }
+        read_full(
+            shard,
+            &mut stream,
+            &mut request[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + body_bytes],
+            false,
+        )
+        .await?;
+        let body = match frame::verify_body(&header, &request[FRAME_HEADER_BYTES..]) {
+            Ok(body) => body,
+            Err(err) => {
+                return reject(
+                    shard,
+                    &mut stream,
+                    Some(&envelope),
+                    err.code() as u32,
+                    err.into(),
+                )
+                .await;
+            }
+        };
+        let operation_code: u16 = envelope.operation.into();
+        if envelope.operation == frame::Operation::Ping {
+            let mut reply = [0u8; FRAME_HEADER_BYTES];
+            let bytes = frame::encode_reply::<u8>(&mut reply, &envelope, &[]);
+            stream.write_all(&reply[..bytes]).await?;
+            continue;
+        }
+        let Some(operation) = S::client_operation(operation_code) else {
+            return reject(
+                shard,
+                &mut stream,
+                Some(&envelope),
+                ERROR_OPERATION_NOT_ALLOWED,
+                ConnectionEnd::Refused(ERROR_OPERATION_NOT_ALLOWED),
+            )
+            .await;
+        };
+        if body.len() % record_bytes != 0 {
+            let code = frame::ErrorCode::BodyNotMultipleOfRecord as u32;
+            return reject(
+                shard,
+                &mut stream,
+                Some(&envelope),
+                code,
+                ConnectionEnd::Refused(code),
+            )
+            .await;
+        }
+        let count = frame::read_records(body, &mut records);
+        let generation = {
+            let mut connections = shard.connections.borrow_mut();
+            connections[slot].remaining = count as u32;
+            connections[slot].generation
+        };
+        submit_all(shard, slot, generation, operation, &records[..count]).await;
+        // Wait for every record's result, then answer.
+        while shard.connections.borrow()[slot].remaining > 0 {
+            shard.connection_done[slot].wait().await;
+        }
+        // Encode into the request buffer, free until the next read; no borrow crosses the write.
+        let frame_bytes = {
+            let connections = shard.connections.borrow();
+            frame::encode_reply(&mut request, &envelope, &connections[slot].results[..count])
+        };
+        stream.write_all(&request[..frame_bytes]).await?;
+        shard
+            .metrics
+            .request_latency
+            .record(started.elapsed().as_micros() as u64, 1);
+        ShardMetrics::add(&shard.metrics.requests_total, 1);
+        ShardMetrics::add(&shard.metrics.tx_accepted_total, count as u64);
+    }
+}
+
+/// Sends an error reply (when the envelope could be read) and ends the connection.
+async fn reject<S: StateMachine>(
+    shard: &Shard<S>,
+    stream: &mut TcpStream,
+    envelope: Option<&frame::Envelope>,
+    code: u32,
+    end: ConnectionEnd,
+) -> Result<(), ConnectionEnd> {
+    let fallback = frame::Envelope {
+        client_id: 0,
+        request_number: 0,
+        operation: frame::Operation::Ping,
+        shard: shard.index as u16,
+    };
+    let mut buffer = [0u8; FRAME_HEADER_BYTES];
+    let bytes = frame::encode_error_reply(&mut buffer, envelope.unwrap_or(&fallback), code);
+    let _ = stream.write_all(&buffer[..bytes]).await;
+    // Read and drop what the client already sent (bounded), so closing sends FIN, not an
+    // RST that could destroy the error reply in flight.
+    let mut discarded = 0;
+    let mut sink = [0u8; 4096];
+    while discarded < shard.config.frame_bytes_max {
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => discarded += read,
+        }
+    }
+    let _ = stream.close().await;
+    ShardMetrics::add(&shard.metrics.frames_rejected_total, 1);
+    tracing::debug!(shard = shard.index, code, "frame rejected");
+    Err(end)
+}
+
+/// Routes each record to its owning shard: into the local core, or over the mesh. Waits
+/// (yielding to the batcher and mesh tasks) while the core or a mesh ring is full.
+async fn submit_all<S>(
+    shard: &Rc<Shard<S>>,
+    slot: usize,
+    generation: u16,
+    operation: S::Operation,
+    records: &[S::Record],
+) where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let operation_code: u16 = operation.into();
+    let mut forwarded = 0u64;
+    for (index, record) in records.iter().enumerate() {
+        let owner = S::route(operation, record, shard.shards as u32) as usize;
+        let origin = Origin::Local {
+            connection: slot as u16,
+            generation,
+            index: index as u32,
+        };
+        loop {
+            let accepted = if owner == shard.index {
+                match shard.core.borrow_mut().submit(operation, record, origin) {
+                    Ok(()) => true,
+                    Err(Backpressure::PoolExhausted { .. }) => {
+                        ShardMetrics::add(&shard.metrics.pool_exhausted_total, 1);
+                        false
+                    }
+                    Err(Backpressure::RingFull { .. }) => {
+                        ShardMetrics::add(&shard.metrics.ring_full_total, 1);
+                        false
+                    }
+                }
+            } else {
+                let token = Origin::pack_local(slot as u16, generation, index as u32);
+                let message = MeshMessage::Forward {
+                    operation: operation_code,
+                    record: *record,
+                    token,
+                };
+                let sent = shard.mesh.borrow_mut().send(owner, message).is_ok();
+                forwarded += u64::from(sent);
+                sent
+            };
+            if accepted {
+                break;
+            }
+            // Full: let the batcher and the other shards make room, then retry this record.
+            shard.batcher.notify();
+            shard.mesh.borrow_mut().ring_doorbells();
+            futures_lite::future::yield_now().await;
+        }
+    }
+    ShardMetrics::add(&shard.metrics.tx_forwarded_out_total, forwarded);
+    shard.mesh.borrow_mut().ring_doorbells();
+    shard.batcher.notify();
+}
+
+/// Delivers one result to whoever waits for it.
+fn complete<S>(shard: &Shard<S>, origin: Origin, result: &S::Result)
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    match origin {
+        Origin::Local {
+            connection,
+            generation,
+            index,
+        } => {
+            complete_local(
+                shard,
+                connection as usize,
+                generation,
+                index as usize,
+                result,
+            );
+        }
+        Origin::Forwarded {
+            shard: origin_shard,
+            token,
+        } => {
+            let message = MeshMessage::Result {
+                token,
+                result: *result,
+            };
+            shard
+                .mesh
+                .borrow_mut()
+                .send_or_queue(origin_shard as usize, message);
+        }
+        Origin::Internal => {}
+    }
+}
+
+/// Writes a result into a local connection's reply and wakes it when the request is done.
+pub(crate) fn complete_local<S: StateMachine>(
+    shard: &Shard<S>,
+    connection: usize,
+    generation: u16,
+    index: usize,
+    result: &S::Result,
+) {
+    let mut connections = shard.connections.borrow_mut();
+    let slot = &mut connections[connection];
+    if !slot.active || slot.generation != generation || slot.remaining == 0 {
+        // The connection went away; its results have no reader.
+        return;
+    }
+    slot.results[index] = *result;
+    slot.remaining -= 1;
+    if slot.remaining == 0 {
+        drop(connections);
+        shard.connection_done[connection].notify();
+    }
+}
+
+/// Seals and applies batches, forwards state-machine messages, and drains on shutdown.
+async fn batcher_loop<S>(shard: Rc<Shard<S>>)
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    loop {
+        let progressed = batcher_turn(&shard);
+        if progressed {
+            glommio::yield_if_needed().await;
+            continue;
+        }
+        let (idle, deadline) = {
+            let core = shard.core.borrow();
+            (
+                core.is_idle() && shard.mesh.borrow().is_idle(),
+                core.seal_deadline_us(),
+            )
+        };
+        if shard.stopping() {
+            let drained = idle && shard.connections.borrow().iter().all(|c| !c.active);
+            shard.quiet[shard.index].store(drained, Ordering::Release);
+            if drained && node_quiescent(&shard) {
+                break;
+            }
+            if drained {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+        }
+        let wait_us = match deadline {
+            Some(deadline_us) => deadline_us.saturating_sub(shard.now_us()).max(1),
+            None => STOP_POLL_MS * 1_000,
+        };
+        futures_lite::future::or(
+            shard.batcher.wait(),
+            glommio::timer::sleep(Duration::from_micros(wait_us)),
+        )
+        .await;
+    }
+}
+
+/// Whether every shard is drained and no mesh message is in flight: all quiet flags set and
+/// the node-wide sent and received counts equal, twice in a row with the same values.
+fn node_quiescent<S: StateMachine>(shard: &Shard<S>) -> bool {
+    let count = || {
+        let quiet = shard.quiet.iter().all(|q| q.load(Ordering::Acquire));
+        let received: u64 = shard
+            .all_metrics
+            .iter()
+            .map(|m| ShardMetrics::get(&m.mesh_messages_received_total))
+            .sum();
+        let sent: u64 = shard
+            .all_metrics
+            .iter()
+            .map(|m| ShardMetrics::get(&m.mesh_messages_sent_total))
+            .sum();
+        (quiet, sent, received)
+    };
+    let first = count();
+    let second = count();
+    first.0 && first.1 == first.2 && first == second
+}
+
+/// One turn: retry queued mesh messages, seal, apply, forward outbound messages.
+fn batcher_turn<S>(shard: &Shard<S>) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let mut progressed = shard.mesh.borrow_mut().flush_queued();
+    // Back-pressure: while messages for other shards are queued, seal nothing new.
+    if shard.mesh.borrow().queued() > shard.config.transactions {
+        shard.mesh.borrow_mut().ring_doorbells();
+        return progressed;
+    }
+    let now_us = shard.now_us();
+    let sealed = shard.core.borrow_mut().poll_seal(now_us);
+    if let Some(sealed) = sealed {
+        progressed = true;
+        let _span =
+            tracing::debug_span!("batch", shard = shard.index, op = sealed.op, entries = sealed.entries, reason = ?sealed.reason)
+                .entered();
+        // Replication hooks in here: the sealed batch is journaled and sent to peers
+        // before it is applied.
+        let mut core = shard.core.borrow_mut();
+        let mut completions = 0u64;
+        core.apply_next(|origin, result| {
+            completions += 1;
+            complete(shard, origin, result);
+        });
+        while let Some(outbound) = core.poll_outbound() {
+            let message = MeshMessage::Outbound {
+                operation: outbound.operation.into(),
+                record: outbound.record,
+            };
+            shard
+                .mesh
+                .borrow_mut()
+                .send_or_queue(outbound.shard as usize, message);
+            ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
+        }
+        core.publish_pool_metrics();
+    }
+    shard.mesh.borrow_mut().ring_doorbells();
+    progressed
+}

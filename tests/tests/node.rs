@@ -1,0 +1,369 @@
+//! A real node on loopback: two pinned shards on io_uring, driven through the client.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use percore_engine::frame::{self, Envelope, FRAME_HEADER_BYTES, Kind, Operation};
+use percore_engine::ledger::{Ledger, LedgerConfig};
+use percore_engine::record::{
+    Account, CreateTransferResult, RecordResult, Transfer, account_flags, shard_of,
+};
+use percore_net::client::{Client, ClientConfig, ClientError, Pipeline};
+use percore_shards::loadgen::{account, accounts_of_shard, route_transfer, transfer};
+use percore_shards::runtime::{Node, NodeConfig, ShardReport};
+
+const SHARDS: usize = 2;
+
+fn start_node() -> Node<Ledger> {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let config = NodeConfig {
+        cores: (0..SHARDS).map(|shard| shard % online).collect(),
+        client_port_base: 0,
+        transactions: 4_096,
+        batches: 64,
+        ..NodeConfig::default()
+    };
+    let ledger = LedgerConfig {
+        shard_index: 0,
+        shard_count: SHARDS as u32,
+        accounts_max: 1_024,
+        transfers_max: 65_536,
+        credit_legs_max: 65_536,
+        batch_entries_max: config.batch.entries_max,
+    };
+    Node::start(config, move |shard, _| {
+        Ledger::new(LedgerConfig {
+            shard_index: shard as u32,
+            ..ledger
+        })
+    })
+    .expect("node starts")
+}
+
+fn client(node: &Node<Ledger>, client_id: u128) -> Client {
+    let mut client = Client::new(ClientConfig::new(
+        node.client_addresses().to_vec(),
+        client_id,
+    ));
+    client
+        .ping_all(Instant::now() + Duration::from_secs(10))
+        .expect("node answers pings");
+    client
+}
+
+/// Creates a mint (may go negative) and `count` accounts per shard; funds each from its mint.
+fn setup(client: &mut Client, count: usize, funding: u128) -> Vec<Vec<u128>> {
+    let mut owned = Vec::new();
+    for shard in 0..SHARDS {
+        let ids = accounts_of_shard(shard, SHARDS, count + 1);
+        let accounts: Vec<Account> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                account(
+                    *id,
+                    if i == 0 {
+                        account_flags::ALLOW_NEGATIVE
+                    } else {
+                        0
+                    },
+                )
+            })
+            .collect();
+        let results: Vec<RecordResult> = client
+            .submit(Operation::CreateAccounts, &accounts, |a: &Account| {
+                shard_of(a.id, SHARDS as u32) as usize
+            })
+            .unwrap();
+        assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+        owned.push(ids);
+    }
+    for (shard, ids) in owned.iter().enumerate() {
+        let transfers: Vec<Transfer> = ids[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                transfer(
+                    (7 << 120) | ((shard as u128) << 64) | i as u128,
+                    ids[0],
+                    *id,
+                    funding,
+                )
+            })
+            .collect();
+        let results: Vec<RecordResult> = client
+            .submit(Operation::CreateTransfers, &transfers, |t: &Transfer| {
+                route_transfer(t, SHARDS)
+            })
+            .unwrap();
+        assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    }
+    owned
+}
+
+fn balance(reports: &[ShardReport<Ledger>], id: u128) -> i128 {
+    let shard = shard_of(id, SHARDS as u32) as usize;
+    let account = reports[shard]
+        .state_machine
+        .lookup_account(id)
+        .expect("account exists");
+    account.credits_posted as i128 - account.debits_posted as i128
+}
+
+fn assert_conserved(reports: &[ShardReport<Ledger>]) {
+    let in_flight: u128 = reports.iter().map(|r| r.state_machine.in_flight()).sum();
+    assert_eq!(in_flight, 0, "shutdown drains every credit leg");
+    let sum: i128 = reports
+        .iter()
+        .map(|r| r.state_machine.conservation_sum())
+        .sum();
+    assert_eq!(
+        sum, 0,
+        "double entry: money is neither created nor destroyed"
+    );
+}
+
+#[test]
+fn transfers_apply_across_shards_and_balances_conserve() {
+    let node = start_node();
+    let mut client = client(&node, 1);
+    let accounts = setup(&mut client, 16, 1_000);
+    let all: Vec<u128> = accounts
+        .iter()
+        .flat_map(|ids| ids[1..].iter().copied())
+        .collect();
+    // A deterministic mix of local and cross-shard transfers.
+    let mut expected = std::collections::HashMap::<u128, i128>::new();
+    for id in &all {
+        expected.insert(*id, 1_000);
+    }
+    let mut next_id = 1u128 << 100;
+    for round in 0..20 {
+        let transfers: Vec<Transfer> = (0..64)
+            .map(|k| {
+                let debit = all[(round * 7 + k * 3) % all.len()];
+                let mut credit = all[(round * 11 + k * 5 + 1) % all.len()];
+                if credit == debit {
+                    credit = all[(round * 11 + k * 5 + 2) % all.len()];
+                }
+                next_id += 1;
+                transfer(next_id, debit, credit, 1 + (k as u128 % 5))
+            })
+            .collect();
+        let results: Vec<RecordResult> = client
+            .submit(Operation::CreateTransfers, &transfers, |t: &Transfer| {
+                route_transfer(t, SHARDS)
+            })
+            .unwrap();
+        for (t, r) in transfers.iter().zip(&results) {
+            assert_eq!(r.code, CreateTransferResult::Ok as u32, "transfer {t:?}");
+            *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+            *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+        }
+    }
+    // Insufficient funds is refused and changes nothing.
+    let poor = all[0];
+    let greedy = transfer(next_id + 1, poor, all[1], 1_000_000);
+    let results: Vec<RecordResult> = client
+        .submit(Operation::CreateTransfers, &[greedy], |t: &Transfer| {
+            route_transfer(t, SHARDS)
+        })
+        .unwrap();
+    assert_eq!(results[0].code, CreateTransferResult::ExceedsCredits as u32);
+
+    let reports = node.shutdown().expect("clean shutdown");
+    assert_conserved(&reports);
+    for (id, want) in &expected {
+        assert_eq!(balance(&reports, *id), *want, "balance of {id:#x}");
+    }
+}
+
+#[test]
+fn a_retried_transfer_is_not_applied_twice() {
+    let node = start_node();
+    let mut client = client(&node, 2);
+    let accounts = setup(&mut client, 2, 100);
+    let (a, b) = (accounts[0][1], accounts[1][1]);
+    let t = transfer(42 << 64, a, b, 10);
+    let first: Vec<RecordResult> = client
+        .submit(Operation::CreateTransfers, &[t], |t: &Transfer| {
+            route_transfer(t, SHARDS)
+        })
+        .unwrap();
+    assert_eq!(first[0].code, CreateTransferResult::Ok as u32);
+    // The same transfer again, as a client retry after a lost reply would send it.
+    let mut other = client_with_fresh_connections(&node, 2);
+    let again: Vec<RecordResult> = other
+        .submit(Operation::CreateTransfers, &[t], |t: &Transfer| {
+            route_transfer(t, SHARDS)
+        })
+        .unwrap();
+    assert_eq!(again[0].code, CreateTransferResult::Exists as u32);
+    let reports = node.shutdown().unwrap();
+    assert_eq!(balance(&reports, a), 90);
+    assert_eq!(balance(&reports, b), 110);
+    assert_conserved(&reports);
+}
+
+fn client_with_fresh_connections(node: &Node<Ledger>, client_id: u128) -> Client {
+    client(node, client_id)
+}
+
+fn raw_exchange(address: SocketAddr, bytes: &[u8]) -> (Option<frame::DecodedHeader>, bool) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    let decoded = match stream.read_exact(&mut header) {
+        Ok(()) => Some(
+            frame::decode_header(&header, frame::FRAME_BYTES_MAX_DEFAULT)
+                .expect("server replies decode"),
+        ),
+        Err(_) => None,
+    };
+    // After an error reply the server closes the connection.
+    let mut rest = [0u8; 1];
+    let closed = matches!(stream.read(&mut rest), Ok(0));
+    (decoded, closed)
+}
+
+#[test]
+fn malformed_frames_get_typed_errors_and_lose_nothing() {
+    let node = start_node();
+    let mut good = client(&node, 3);
+    let accounts = setup(&mut good, 2, 100);
+    let address = node.client_addresses()[0];
+
+    // Garbage: bad magic.
+    let (reply, closed) = raw_exchange(address, &[0xAB; FRAME_HEADER_BYTES]);
+    let reply = reply.expect("an error reply");
+    assert_eq!(reply.kind, Kind::ErrorReply);
+    assert_eq!(reply.error_code, frame::ErrorCode::BadMagic as u32);
+    assert!(closed);
+
+    // A valid header whose body checksum is wrong.
+    let envelope = Envelope {
+        client_id: 9,
+        request_number: 1,
+        operation: Operation::CreateTransfers,
+        shard: 0,
+    };
+    let mut buffer = vec![0u8; FRAME_HEADER_BYTES + 128];
+    let t = transfer(77 << 64, accounts[0][1], accounts[0][2], 1);
+    let bytes = frame::encode_request(&mut buffer, &envelope, &[t]);
+    buffer[bytes - 1] ^= 0x01;
+    let (reply, closed) = raw_exchange(address, &buffer[..bytes]);
+    let reply = reply.expect("an error reply");
+    assert_eq!(reply.error_code, frame::ErrorCode::BodyChecksum as u32);
+    assert_eq!(
+        reply.envelope.request_number, 1,
+        "the reply names the refused request"
+    );
+    assert!(closed);
+
+    // Oversize: more records than one frame may carry here.
+    let many = vec![t; 4_000];
+    let mut big = vec![0u8; FRAME_HEADER_BYTES + many.len() * 128];
+    let bytes = frame::encode_request(&mut big, &envelope, &many);
+    let (reply, _) = raw_exchange(address, &big[..bytes]);
+    assert_eq!(
+        reply.expect("an error reply").error_code,
+        frame::ErrorCode::TooLarge as u32
+    );
+
+    // An operation clients may not submit (internal credit legs are code 256).
+    let mut header_only = [0u8; FRAME_HEADER_BYTES];
+    let ping = Envelope {
+        operation: Operation::LookupAccounts,
+        ..envelope
+    };
+    let bytes = frame::encode_request::<u128>(&mut header_only, &ping, &[]);
+    let (reply, _) = raw_exchange(address, &header_only[..bytes]);
+    assert_eq!(
+        reply.expect("an error reply").error_code,
+        percore_shards::runtime::ERROR_OPERATION_NOT_ALLOWED
+    );
+
+    // The node still serves, and the refused transfer was never applied.
+    let fine: Vec<RecordResult> = good
+        .submit(Operation::CreateTransfers, &[t], |t: &Transfer| {
+            route_transfer(t, SHARDS)
+        })
+        .unwrap();
+    assert_eq!(
+        fine[0].code,
+        CreateTransferResult::Ok as u32,
+        "id 77<<64 was free: the corrupt frame changed nothing"
+    );
+    let reports = node.shutdown().unwrap();
+    assert_eq!(balance(&reports, accounts[0][1]), 99);
+    assert_conserved(&reports);
+}
+
+#[test]
+fn shutdown_answers_or_refuses_every_request_and_drains() {
+    let node = start_node();
+    let mut setup_client = client(&node, 4);
+    let accounts = setup(&mut setup_client, 8, 1_000_000);
+    let address = node.client_addresses()[0];
+    let local = &accounts[0][1..];
+    let mut pipeline = Pipeline::connect(
+        0,
+        address,
+        5,
+        frame::FRAME_BYTES_MAX_DEFAULT,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let requests = 64u64;
+    let per_request = 100usize;
+    let mut sent = Vec::new();
+    for request in 1..=requests {
+        let transfers: Vec<Transfer> = (0..per_request)
+            .map(|k| {
+                let id = (9 << 120) | ((request as u128) << 32) | k as u128;
+                transfer(id, local[k % local.len()], local[(k + 1) % local.len()], 1)
+            })
+            .collect();
+        pipeline
+            .send(Operation::CreateTransfers, request, &transfers)
+            .unwrap();
+        sent.push(transfers);
+    }
+    // Wait for the first answer so the node is mid-stream, then stop it.
+    let first = pipeline.receive().expect("first reply");
+    assert_eq!(first.header.envelope.request_number, 1);
+    let stop = node.stop_flag();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 1u64;
+    loop {
+        match pipeline.receive() {
+            Ok(reply) => {
+                answered += 1;
+                assert_eq!(
+                    reply.header.envelope.request_number, answered,
+                    "answers arrive in order"
+                );
+            }
+            Err(ClientError::Io { .. }) => break,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    let reports = node.wait().unwrap();
+    // Every answered request is applied in full; no unanswered request is applied at all.
+    for (index, transfers) in sent.iter().enumerate() {
+        let applied = transfers
+            .iter()
+            .filter(|t| reports[0].state_machine.lookup_transfer(t.id).is_some())
+            .count();
+        if (index as u64) < answered {
+            assert_eq!(applied, per_request, "request {} was answered", index + 1);
+        } else {
+            assert_eq!(applied, 0, "request {} was never answered", index + 1);
+        }
+    }
+    assert_conserved(&reports);
+}
