@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use percore_engine::checksum::{Digest256, Digest256Hasher};
-use percore_engine::frame::Operation;
 use percore_engine::record::shard_of;
 use percore_engine::state_machine::{Outbound, RestoreError, StateMachine};
 use percore_net::client::{Client, ClientConfig};
@@ -44,20 +43,24 @@ const ALREADY_VOTED: u32 = 1;
 const TABLE_FULL: u32 = 2;
 const ZERO_STAKE: u32 = 3;
 
-/// The validator's one operation. It reuses the client protocol's transfer-batch code.
+/// The validator's own operation code on the wire (codes below 2 are reserved by the
+/// protocol: 1 is ping).
+const CAST_VOTES: u16 = 100;
+
+/// The validator's one operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct CastVotes;
 
 impl From<CastVotes> for u16 {
     fn from(_: CastVotes) -> u16 {
-        Operation::CreateTransfers.into()
+        CAST_VOTES
     }
 }
 
 impl TryFrom<u16> for CastVotes {
     type Error = u16;
     fn try_from(code: u16) -> Result<Self, u16> {
-        if code == u16::from(Operation::CreateTransfers) {
+        if code == CAST_VOTES {
             Ok(CastVotes)
         } else {
             Err(code)
@@ -208,10 +211,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stake: 1_000,
         reserved: [0; 88],
     });
-    let results: Vec<VoteResult> =
-        client.submit(Operation::CreateTransfers, &votes, |v: &Vote| {
-            shard_of(v.proposal, shards) as usize
-        })?;
+    let results: Vec<VoteResult> = client.submit(CAST_VOTES, &votes, |v: &Vote| {
+        shard_of(v.proposal, shards) as usize
+    })?;
     let refused = results.iter().filter(|r| r.code == ALREADY_VOTED).count();
     println!(
         "{} votes cast, {} refused as double votes",

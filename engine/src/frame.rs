@@ -137,6 +137,47 @@ impl Operation {
     }
 }
 
+/// The operation code every receiver answers without records: a liveness check.
+pub const OPERATION_PING: u16 = Operation::Ping as u16;
+
+/// What a frame's operation code means to the side that decodes it: the size of one record
+/// of a `kind` frame for `operation`, or `None` when the operation is unknown (the frame is
+/// refused with [`FrameError::UnknownOperation`]). The frame layout is shared by every state
+/// machine; the operation codes and record sizes belong to the machine.
+pub trait FrameSchema {
+    /// Record size of a request or reply of `operation` (bytes), or `None` if unknown.
+    fn record_bytes(&self, kind: Kind, operation: u16) -> Option<usize>;
+}
+
+/// The reference ledger's client protocol: the codes of [`Operation`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LedgerSchema;
+
+impl FrameSchema for LedgerSchema {
+    fn record_bytes(&self, kind: Kind, operation: u16) -> Option<usize> {
+        Operation::try_from(operation)
+            .ok()
+            .map(|operation| record_bytes(kind, operation))
+    }
+}
+
+/// A schema for a client that knows the one reply record size it expects and accepts any
+/// operation code (it only decodes replies to requests it made itself).
+#[derive(Clone, Copy, Debug)]
+pub struct ReplySchema {
+    /// Size of one reply record (bytes).
+    pub reply_record_bytes: usize,
+}
+
+impl FrameSchema for ReplySchema {
+    fn record_bytes(&self, kind: Kind, _operation: u16) -> Option<usize> {
+        match kind {
+            Kind::Reply => Some(self.reply_record_bytes),
+            Kind::Request | Kind::ErrorReply => None,
+        }
+    }
+}
+
 /// Size of one record of a frame of `kind` and `operation` (bytes).
 pub const fn record_bytes(kind: Kind, operation: Operation) -> usize {
     match kind {
@@ -280,8 +321,9 @@ pub struct Envelope {
     pub client_id: u128,
     /// The client's request counter.
     pub request_number: u64,
-    /// What is asked.
-    pub operation: Operation,
+    /// What is asked: an operation code of the receiving state machine (see
+    /// [`FrameSchema`]); [`OPERATION_PING`] is reserved for liveness checks.
+    pub operation: u16,
     /// Shard addressed.
     pub shard: u16,
 }
@@ -291,6 +333,8 @@ pub struct Envelope {
 pub struct DecodedHeader {
     /// What the frame is.
     pub kind: Kind,
+    /// Size of one record of this frame, from the receiver's [`FrameSchema`] (bytes).
+    pub record_bytes: usize,
     /// Who asked what.
     pub envelope: Envelope,
     /// Records in the body.
@@ -308,11 +352,6 @@ impl DecodedHeader {
     pub fn frame_bytes(&self) -> usize {
         FRAME_HEADER_BYTES + self.body_bytes as usize
     }
-
-    /// Size of one record of this frame (bytes).
-    pub fn record_bytes(&self) -> usize {
-        record_bytes(self.kind, self.envelope.operation)
-    }
 }
 
 /// The checksum of `header` with its `checksum_header` field taken as zero.
@@ -329,7 +368,11 @@ pub fn header_checksum(header: &FrameHeader) -> u32 {
 ///
 /// # Panics
 /// If `frame_bytes_max < FRAME_HEADER_BYTES` (a configuration bug, not bad input).
-pub fn decode_header(bytes: &[u8], frame_bytes_max: usize) -> Result<DecodedHeader, FrameError> {
+pub fn decode_header(
+    bytes: &[u8],
+    frame_bytes_max: usize,
+    schema: &impl FrameSchema,
+) -> Result<DecodedHeader, FrameError> {
     assert!(frame_bytes_max >= FRAME_HEADER_BYTES);
     let Some(header_bytes) = bytes.get(..FRAME_HEADER_BYTES) else {
         return Err(FrameError::Truncated {
@@ -357,8 +400,14 @@ pub fn decode_header(bytes: &[u8], frame_bytes_max: usize) -> Result<DecodedHead
         return Err(FrameError::ReservedNotZero);
     }
     let kind = Kind::try_from(header.kind).map_err(|kind| FrameError::UnknownKind { kind })?;
-    let operation = Operation::try_from(header.operation)
-        .map_err(|operation| FrameError::UnknownOperation { operation })?;
+    let operation = header.operation;
+    // An error reply carries no records, whatever operation it echoes.
+    let record_bytes = match kind {
+        Kind::ErrorReply => 0,
+        Kind::Request | Kind::Reply => schema
+            .record_bytes(kind, operation)
+            .ok_or(FrameError::UnknownOperation { operation })?,
+    };
     if (kind == Kind::ErrorReply) != (header.error_code != 0) {
         return Err(FrameError::ErrorCodeInvalid {
             error_code: header.error_code,
@@ -372,9 +421,10 @@ pub fn decode_header(bytes: &[u8], frame_bytes_max: usize) -> Result<DecodedHead
             max: frame_bytes_max,
         });
     }
-    check_record_count(&header, record_bytes(kind, operation))?;
+    check_record_count(&header, record_bytes)?;
     Ok(DecodedHeader {
         kind,
+        record_bytes,
         envelope: Envelope {
             client_id: header.client_id,
             request_number: header.request_number,
@@ -433,11 +483,12 @@ pub fn verify_body<'a>(header: &DecodedHeader, bytes: &'a [u8]) -> Result<&'a [u
 }
 
 /// Decodes a whole frame at the start of `bytes`: [`decode_header`] then [`verify_body`].
-pub fn decode_frame(
-    bytes: &[u8],
+pub fn decode_frame<'a>(
+    bytes: &'a [u8],
     frame_bytes_max: usize,
-) -> Result<(DecodedHeader, &[u8]), FrameError> {
-    let header = decode_header(bytes, frame_bytes_max)?;
+    schema: &impl FrameSchema,
+) -> Result<(DecodedHeader, &'a [u8]), FrameError> {
+    let header = decode_header(bytes, frame_bytes_max, schema)?;
     let body = verify_body(&header, &bytes[FRAME_HEADER_BYTES..])?;
     Ok((header, body))
 }
@@ -458,12 +509,12 @@ pub fn read_records<R: Pod>(body: &[u8], out: &mut [R]) -> usize {
 
 /// Writes a request frame with `records` into `buf`; returns the frame's size.
 ///
+/// The record type must be the one the receiver's [`FrameSchema`] names for the operation;
+/// otherwise the receiver refuses the frame.
+///
 /// # Panics
-/// If `R` is not the operation's request record size, or `buf` is too short. These are bugs
-/// in the caller, which sizes `buf` to its frame limit.
+/// If `buf` is too short: a bug in the caller, which sizes `buf` to its frame limit.
 pub fn encode_request<R: Pod>(buf: &mut [u8], envelope: &Envelope, records: &[R]) -> usize {
-    let record_bytes = envelope.operation.request_record_bytes();
-    assert!(records.is_empty() || size_of::<R>() == record_bytes);
     encode(buf, Kind::Request, envelope, records, 0)
 }
 
@@ -471,10 +522,8 @@ pub fn encode_request<R: Pod>(buf: &mut [u8], envelope: &Envelope, records: &[R]
 /// the frame's size.
 ///
 /// # Panics
-/// As [`encode_request`], for the operation's reply record size.
+/// As [`encode_request`].
 pub fn encode_reply<R: Pod>(buf: &mut [u8], envelope: &Envelope, records: &[R]) -> usize {
-    let record_bytes = envelope.operation.reply_record_bytes();
-    assert!(records.is_empty() || size_of::<R>() == record_bytes);
     encode(buf, Kind::Reply, envelope, records, 0)
 }
 
@@ -505,7 +554,7 @@ fn encode<R: Pod>(
         magic: FRAME_MAGIC,
         version: FRAME_VERSION,
         kind: kind.into(),
-        operation: envelope.operation.into(),
+        operation: envelope.operation,
         shard: envelope.shard,
         body_bytes,
         client_id: envelope.client_id,
@@ -579,7 +628,7 @@ mod tests {
     fn zeroed_header_is_rejected() {
         let zeroes = [0_u8; FRAME_HEADER_BYTES];
         assert_eq!(
-            decode_header(&zeroes, FRAME_BYTES_MAX_DEFAULT),
+            decode_header(&zeroes, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema),
             Err(FrameError::BadMagic { magic: 0 })
         );
     }

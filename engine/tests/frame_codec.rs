@@ -4,8 +4,9 @@
 use bytemuck::Zeroable;
 use percore_engine::frame::{
     DecodedHeader, Envelope, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, FRAME_MAGIC,
-    FRAME_VERSION, FrameError, FrameHeader, Kind, Operation, decode_frame, decode_header,
-    encode_error_reply, encode_reply, encode_request, header_checksum, read_records, verify_body,
+    FRAME_VERSION, FrameError, FrameHeader, Kind, LedgerSchema, Operation, decode_frame,
+    decode_header, encode_error_reply, encode_reply, encode_request, header_checksum, read_records,
+    verify_body,
 };
 use percore_engine::record::{Account, RecordResult, Transfer};
 
@@ -13,7 +14,7 @@ fn envelope(operation: Operation) -> Envelope {
     Envelope {
         client_id: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
         request_number: 77,
-        operation,
+        operation: operation.into(),
         shard: 3,
     }
 }
@@ -57,11 +58,12 @@ fn resealed(frame: &[u8], edit: impl FnOnce(&mut FrameHeader)) -> Vec<u8> {
 fn a_request_round_trips() {
     let frame = request_frame(3);
     assert_eq!(frame.len(), FRAME_HEADER_BYTES + 3 * 128);
-    let (header, body) = decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let (header, body) = decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     assert_eq!(
         header,
         DecodedHeader {
             kind: Kind::Request,
+            record_bytes: 128,
             envelope: envelope(Operation::CreateTransfers),
             record_count: 3,
             body_bytes: 384,
@@ -86,9 +88,10 @@ fn replies_lookups_pings_and_errors_round_trip() {
         })
         .collect();
     let size = encode_reply(&mut buf, &envelope(Operation::CreateTransfers), &results);
-    let (header, body) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let (header, body) =
+        decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     assert_eq!(
-        (header.kind, header.record_count, header.record_bytes()),
+        (header.kind, header.record_count, header.record_bytes),
         (Kind::Reply, 5, 8)
     );
     let mut decoded = [RecordResult::zeroed(); 5];
@@ -97,7 +100,8 @@ fn replies_lookups_pings_and_errors_round_trip() {
 
     let ids = [7_u128, 8, u128::MAX];
     let size = encode_request(&mut buf, &envelope(Operation::LookupAccounts), &ids);
-    let (header, body) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let (header, body) =
+        decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     assert_eq!((header.record_count, body.len()), (3, 48));
 
     let accounts = [Account {
@@ -107,21 +111,22 @@ fn replies_lookups_pings_and_errors_round_trip() {
         ..Account::zeroed()
     }];
     let size = encode_reply(&mut buf, &envelope(Operation::LookupAccounts), &accounts);
-    let (_, body) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let (_, body) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     let mut decoded = [Account::zeroed()];
     read_records(body, &mut decoded);
     assert_eq!(decoded, accounts);
 
     let size = encode_request::<u8>(&mut buf, &envelope(Operation::Ping), &[]);
     assert_eq!(size, FRAME_HEADER_BYTES);
-    let (header, body) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let (header, body) =
+        decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     assert_eq!(
         (header.envelope.operation, body.len()),
-        (Operation::Ping, 0)
+        (u16::from(Operation::Ping), 0)
     );
 
     let size = encode_error_reply(&mut buf, &envelope(Operation::CreateAccounts), 1_234);
-    let (header, _) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let (header, _) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     assert_eq!((header.kind, header.error_code), (Kind::ErrorReply, 1_234));
 }
 
@@ -129,9 +134,9 @@ fn replies_lookups_pings_and_errors_round_trip() {
 fn frames_back_to_back_decode_one_after_another() {
     let mut stream = request_frame(2);
     stream.extend(request_frame(1));
-    let (first, _) = decode_frame(&stream, FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let (first, _) = decode_frame(&stream, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     let rest = &stream[first.frame_bytes()..];
-    let (second, body) = decode_frame(rest, FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let (second, body) = decode_frame(rest, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     assert_eq!((first.record_count, second.record_count), (2, 1));
     assert_eq!(body.len(), rest.len() - FRAME_HEADER_BYTES);
 }
@@ -143,7 +148,7 @@ fn every_single_bit_flip_in_the_header_is_detected() {
             let mut damaged = frame.clone();
             damaged[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                decode_frame(&damaged, FRAME_BYTES_MAX_DEFAULT).is_err(),
+                decode_frame(&damaged, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).is_err(),
                 "header bit {bit} flipped undetected"
             );
         }
@@ -153,7 +158,7 @@ fn every_single_bit_flip_in_the_header_is_detected() {
 #[test]
 fn every_single_bit_flip_in_a_small_body_is_detected() {
     let frame = request_frame(2);
-    let header = decode_header(&frame, FRAME_BYTES_MAX_DEFAULT).unwrap();
+    let header = decode_header(&frame, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
     for bit in FRAME_HEADER_BYTES * 8..frame.len() * 8 {
         let mut damaged = frame.clone();
         damaged[bit / 8] ^= 1 << (bit % 8);
@@ -175,22 +180,26 @@ fn sampled_bit_flips_in_a_maximal_body_are_detected() {
         let bit = FRAME_HEADER_BYTES * 8 + bit;
         frame[bit / 8] ^= 1 << (bit % 8);
         assert_eq!(
-            decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT).map(|_| ()),
+            decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).map(|_| ()),
             Err(FrameError::BodyChecksum),
             "body bit {bit}"
         );
         frame[bit / 8] ^= 1 << (bit % 8);
     }
-    assert!(decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT).is_ok());
+    assert!(decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).is_ok());
 }
 
 #[test]
 fn oversize_frames_are_refused_before_their_body_is_read() {
     let frame = request_frame(4);
     // The same frame is fine under the default limit and too large under a smaller one.
-    assert!(decode_header(&frame, FRAME_BYTES_MAX_DEFAULT).is_ok());
+    assert!(decode_header(&frame, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).is_ok());
     assert_eq!(
-        decode_header(&frame[..FRAME_HEADER_BYTES], FRAME_HEADER_BYTES + 3 * 128),
+        decode_header(
+            &frame[..FRAME_HEADER_BYTES],
+            FRAME_HEADER_BYTES + 3 * 128,
+            &LedgerSchema
+        ),
         Err(FrameError::TooLarge {
             bytes: frame.len(),
             max: FRAME_HEADER_BYTES + 3 * 128
@@ -202,7 +211,11 @@ fn oversize_frames_are_refused_before_their_body_is_read() {
         header.record_count = (u32::MAX - 127) / 128;
     });
     assert_eq!(
-        decode_header(&huge[..FRAME_HEADER_BYTES], FRAME_BYTES_MAX_DEFAULT),
+        decode_header(
+            &huge[..FRAME_HEADER_BYTES],
+            FRAME_BYTES_MAX_DEFAULT,
+            &LedgerSchema
+        ),
         Err(FrameError::TooLarge {
             bytes: FRAME_HEADER_BYTES + (u32::MAX - 127) as usize,
             max: FRAME_BYTES_MAX_DEFAULT
@@ -214,14 +227,23 @@ fn oversize_frames_are_refused_before_their_body_is_read() {
 fn truncated_frames_are_refused() {
     let frame = request_frame(1);
     assert_eq!(
-        decode_header(&frame[..FRAME_HEADER_BYTES - 1], FRAME_BYTES_MAX_DEFAULT),
+        decode_header(
+            &frame[..FRAME_HEADER_BYTES - 1],
+            FRAME_BYTES_MAX_DEFAULT,
+            &LedgerSchema
+        ),
         Err(FrameError::Truncated {
             bytes: 63,
             needed: 64
         })
     );
     assert_eq!(
-        decode_frame(&frame[..frame.len() - 1], FRAME_BYTES_MAX_DEFAULT).map(|_| ()),
+        decode_frame(
+            &frame[..frame.len() - 1],
+            FRAME_BYTES_MAX_DEFAULT,
+            &LedgerSchema
+        )
+        .map(|_| ()),
         Err(FrameError::Truncated {
             bytes: 127,
             needed: 128
@@ -233,7 +255,7 @@ fn truncated_frames_are_refused() {
 fn each_invalid_field_is_refused_with_its_error() {
     let frame = request_frame(1);
     let max = FRAME_BYTES_MAX_DEFAULT;
-    let decode = |bytes: &[u8]| decode_frame(bytes, max).map(|_| ());
+    let decode = |bytes: &[u8]| decode_frame(bytes, max, &LedgerSchema).map(|_| ());
 
     let mut magic = frame.clone();
     magic[0] = b'X';
@@ -290,7 +312,7 @@ fn each_invalid_field_is_refused_with_its_error() {
 
     let ragged = resealed(&frame, |header| header.body_bytes = 127);
     assert_eq!(
-        decode_header(&ragged, max),
+        decode_header(&ragged, max, &LedgerSchema),
         Err(FrameError::BodyNotMultipleOfRecord {
             body_bytes: 127,
             record_bytes: 128
@@ -298,7 +320,7 @@ fn each_invalid_field_is_refused_with_its_error() {
     );
     let ping_with_body = resealed(&frame, |header| header.operation = Operation::Ping.into());
     assert_eq!(
-        decode_header(&ping_with_body, max),
+        decode_header(&ping_with_body, max, &LedgerSchema),
         Err(FrameError::BodyNotMultipleOfRecord {
             body_bytes: 128,
             record_bytes: 0
@@ -306,7 +328,7 @@ fn each_invalid_field_is_refused_with_its_error() {
     );
     let miscounted = resealed(&frame, |header| header.record_count = 2);
     assert_eq!(
-        decode_header(&miscounted, max),
+        decode_header(&miscounted, max, &LedgerSchema),
         Err(FrameError::RecordCountMismatch {
             record_count: 2,
             expected: 1

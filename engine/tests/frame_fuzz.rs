@@ -4,8 +4,8 @@
 use bytemuck::Zeroable;
 use percore_engine::frame::{
     Envelope, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, FRAME_MAGIC, FRAME_VERSION, FrameError,
-    FrameHeader, Kind, Operation, decode_frame, decode_header, encode_request, header_checksum,
-    read_records,
+    FrameHeader, Kind, LedgerSchema, Operation, decode_frame, decode_header, encode_request,
+    header_checksum, read_records,
 };
 use percore_engine::record::Transfer;
 use proptest::prelude::*;
@@ -19,7 +19,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         |(client_id, request_number, operation, shard)| Envelope {
             client_id,
             request_number,
-            operation,
+            operation: operation.into(),
             shard,
         },
     )
@@ -36,7 +36,7 @@ fn transfer() -> impl Strategy<Value = Transfer> {
 
 fn valid_frame() -> impl Strategy<Value = Vec<u8>> {
     (envelope(), prop::collection::vec(transfer(), 0..6)).prop_map(|(mut envelope, records)| {
-        envelope.operation = Operation::CreateTransfers;
+        envelope.operation = Operation::CreateTransfers.into();
         let mut buf = vec![0; FRAME_HEADER_BYTES + records.len() * 128];
         let size = encode_request(&mut buf, &envelope, &records);
         assert_eq!(size, buf.len());
@@ -52,7 +52,7 @@ proptest! {
         bytes in prop::collection::vec(any::<u8>(), 0..1_024),
         frame_bytes_max in FRAME_HEADER_BYTES..FRAME_BYTES_MAX_DEFAULT,
     ) {
-        let _ = decode_frame(&bytes, frame_bytes_max);
+        let _ = decode_frame(&bytes, frame_bytes_max, &LedgerSchema);
     }
 
     #[test]
@@ -61,7 +61,7 @@ proptest! {
     ) {
         bytes[..4].copy_from_slice(b"PCOR");
         bytes[4..6].copy_from_slice(&1_u16.to_le_bytes());
-        let _ = decode_frame(&bytes, FRAME_BYTES_MAX_DEFAULT);
+        let _ = decode_frame(&bytes, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema);
     }
 
     /// Headers with arbitrary fields and a valid checksum reach every check behind it; when
@@ -94,12 +94,12 @@ proptest! {
             header.reserved = [0; 8];
         }
         header.checksum_header = header_checksum(&header);
-        match decode_header(bytemuck::bytes_of(&header), frame_bytes_max) {
+        match decode_header(bytemuck::bytes_of(&header), frame_bytes_max, &LedgerSchema) {
             Err(_) => {}
             Ok(decoded) => {
                 prop_assert!(decoded.frame_bytes() <= frame_bytes_max);
                 prop_assert_eq!(
-                    decoded.record_count as usize * decoded.record_bytes(),
+                    decoded.record_count as usize * decoded.record_bytes,
                     decoded.body_bytes as usize
                 );
                 prop_assert_eq!(decoded.kind == Kind::ErrorReply, decoded.error_code != 0);
@@ -117,7 +117,7 @@ proptest! {
             let position = index.index(frame.len());
             frame[position] = value;
         }
-        let _ = decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT);
+        let _ = decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema);
     }
 
     /// CRC-32C detects every error burst of up to 32 bits, so any damage confined to four
@@ -140,7 +140,7 @@ proptest! {
             }
         }
         prop_assume!(changed);
-        prop_assert!(decode_frame(&damaged, FRAME_BYTES_MAX_DEFAULT).is_err());
+        prop_assert!(decode_frame(&damaged, FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).is_err());
     }
 
     #[test]
@@ -148,10 +148,10 @@ proptest! {
         envelope in envelope(),
         records in prop::collection::vec(transfer(), 0..16),
     ) {
-        let envelope = Envelope { operation: Operation::CreateTransfers, ..envelope };
+        let envelope = Envelope { operation: Operation::CreateTransfers.into(), ..envelope };
         let mut buf = vec![0; FRAME_BYTES_MAX_DEFAULT];
         let size = encode_request(&mut buf, &envelope, &records);
-        let (header, body) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT).unwrap();
+        let (header, body) = decode_frame(&buf[..size], FRAME_BYTES_MAX_DEFAULT, &LedgerSchema).unwrap();
         prop_assert_eq!(header.envelope, envelope);
         prop_assert_eq!(header.record_count as usize, records.len());
         let mut decoded = vec![Transfer::zeroed(); records.len()];
@@ -164,7 +164,7 @@ proptest! {
         let limit = frame.len().saturating_sub(slack).max(FRAME_HEADER_BYTES);
         prop_assume!(limit < frame.len());
         prop_assert_eq!(
-            decode_header(&frame, limit),
+            decode_header(&frame, limit, &LedgerSchema),
             Err(FrameError::TooLarge { bytes: frame.len(), max: limit })
         );
     }

@@ -19,7 +19,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
-use percore_engine::frame::{self, DecodedHeader, Envelope, FRAME_HEADER_BYTES, FrameError, Kind};
+use percore_engine::frame::{
+    self, DecodedHeader, Envelope, FRAME_HEADER_BYTES, FrameError, Kind, ReplySchema,
+};
 
 /// Default number of attempts for one request (the first plus retries).
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 5;
@@ -165,7 +167,7 @@ impl Pipeline {
     /// Sends one request frame of `operation` with `records` under `request_number`.
     pub fn send<R: Pod>(
         &mut self,
-        operation: frame::Operation,
+        operation: u16,
         request_number: u64,
         records: &[R],
     ) -> Result<(), ClientError> {
@@ -194,8 +196,10 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Reads the next reply; it must answer the oldest request in flight.
-    pub fn receive(&mut self) -> Result<Reply<'_>, ClientError> {
+    /// Reads the next reply, whose records are `reply_record_bytes` each; it must answer the
+    /// oldest request in flight.
+    pub fn receive(&mut self, reply_record_bytes: usize) -> Result<Reply<'_>, ClientError> {
+        let schema = ReplySchema { reply_record_bytes };
         let io = |source| ClientError::Io {
             shard: self.shard,
             address: self.address,
@@ -207,6 +211,7 @@ impl Pipeline {
         let header = frame::decode_header(
             &self.read_buffer[..FRAME_HEADER_BYTES],
             self.frame_bytes_max,
+            &schema,
         )
         .map_err(|source| ClientError::Frame {
             shard: self.shard,
@@ -292,7 +297,7 @@ impl Client {
     /// connection is reopened and its request resent with the same request number.
     pub fn submit<R: Pod, Res: Pod>(
         &mut self,
-        operation: frame::Operation,
+        operation: u16,
         records: &[R],
         route: impl Fn(&R) -> usize,
     ) -> Result<Vec<Res>, ClientError> {
@@ -332,7 +337,7 @@ impl Client {
                     continue;
                 }
                 let connection = self.connections[shard].as_mut().expect("sent on it");
-                match connection.receive() {
+                match connection.receive(size_of::<Res>()) {
                     Ok(reply) => {
                         let body: &[u8] = reply.body;
                         let expected = self.routed[shard].len() * size_of::<Res>();
@@ -382,8 +387,8 @@ impl Client {
                 self.request_number += 1;
                 let request_number = self.request_number;
                 let outcome = self.connection(shard).and_then(|c| {
-                    c.send::<u8>(frame::Operation::Ping, request_number, &[])?;
-                    c.receive().map(|_| ())
+                    c.send::<u8>(frame::OPERATION_PING, request_number, &[])?;
+                    c.receive(0).map(|_| ())
                 });
                 match outcome {
                     Ok(()) => break,

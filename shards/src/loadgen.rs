@@ -211,7 +211,7 @@ fn setup_accounts(
                 })
                 .collect();
             let results: Vec<RecordResult> = client.submit(
-                frame::Operation::CreateAccounts,
+                frame::Operation::CreateAccounts.into(),
                 &accounts,
                 |a: &Account| shard_of(a.id, shards as u32) as usize,
             )?;
@@ -233,7 +233,7 @@ fn setup_accounts(
                 })
                 .collect();
             let results: Vec<RecordResult> = client.submit(
-                frame::Operation::CreateTransfers,
+                frame::Operation::CreateTransfers.into(),
                 &transfers,
                 |t: &Transfer| route_transfer(t, shards),
             )?;
@@ -307,13 +307,17 @@ fn load_thread(
                 *record = transfer(transfer_id, debit, credit, 1);
             }
             request_number += 1;
-            pipeline.send(frame::Operation::CreateTransfers, request_number, &records)?;
+            pipeline.send(
+                frame::Operation::CreateTransfers.into(),
+                request_number,
+                &records,
+            )?;
             sent_at.push_back(Instant::now());
         }
         if pipeline.in_flight() == 0 {
             break;
         }
-        let reply = pipeline.receive()?;
+        let reply = pipeline.receive(size_of::<RecordResult>())?;
         let started = sent_at.pop_front().expect("one per request");
         let results: &[u8] = reply.body;
         let count = results.len() / size_of::<RecordResult>();
@@ -394,11 +398,15 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
         credit_legs_max: config.transfers_max_per_shard,
         batch_entries_max: config.node.batch.entries_max,
     };
+    let seed = crate::runtime::random_seed();
     let node = Node::start(config.node.clone(), move |shard, _| {
-        Ledger::new(LedgerConfig {
-            shard_index: shard as u32,
-            ..ledger
-        })
+        Ledger::with_hash_seed(
+            LedgerConfig {
+                shard_index: shard as u32,
+                ..ledger
+            },
+            seed,
+        )
     })?;
     let addresses = node.client_addresses().to_vec();
     let accounts = Arc::new(setup_accounts(&addresses, config.accounts_per_shard)?);

@@ -157,11 +157,15 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
         credit_legs_max: args.shards.transfers_max,
         batch_entries_max: config.batch.entries_max,
     };
+    let seed = runtime::random_seed();
     let node = Node::start(config.clone(), move |shard, _| {
-        Ledger::new(LedgerConfig {
-            shard_index: shard as u32,
-            ..ledger
-        })
+        Ledger::with_hash_seed(
+            LedgerConfig {
+                shard_index: shard as u32,
+                ..ledger
+            },
+            seed,
+        )
     })?;
     let stop = node.stop_flag();
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;

@@ -46,8 +46,6 @@ pub const MESH_RING_CAPACITY_DEFAULT: usize = 16_384;
 pub(crate) const STOP_POLL_MS: u64 = 50;
 /// Runtime error codes sent in error replies (frame codes are below 1000).
 pub const ERROR_SERVER_BUSY: u32 = 1000;
-/// The operation is not one clients may submit to this state machine.
-pub const ERROR_OPERATION_NOT_ALLOWED: u32 = 1001;
 /// The request carries more records than one batch may hold.
 pub const ERROR_TOO_MANY_RECORDS: u32 = 1002;
 
@@ -146,6 +144,30 @@ pub enum NodeError {
     MeshCapacity(usize),
 }
 
+/// The client protocol as a state machine `S` defines it: ping, plus the operations
+/// `S::client_operation` accepts, with `S::Record` requests and `S::Result` replies.
+struct MachineSchema<S>(std::marker::PhantomData<S>);
+
+impl<S> Default for MachineSchema<S> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<S: StateMachine> frame::FrameSchema for MachineSchema<S> {
+    fn record_bytes(&self, kind: Kind, operation: u16) -> Option<usize> {
+        if operation == frame::OPERATION_PING {
+            return Some(0);
+        }
+        S::client_operation(operation)?;
+        match kind {
+            Kind::Request => Some(size_of::<S::Record>()),
+            Kind::Reply => Some(size_of::<S::Result>()),
+            Kind::ErrorReply => Some(0),
+        }
+    }
+}
+
 /// What a shard hands back when it stops.
 #[derive(Debug)]
 pub struct ShardReport<S> {
@@ -164,6 +186,19 @@ pub struct Node<S: StateMachine + Send + 'static> {
     client_addresses: Vec<SocketAddr>,
     metrics: Vec<Arc<ShardMetrics>>,
     stop: Arc<AtomicBool>,
+}
+
+/// A seed the OS randomised for this process (for table hashes that clients must not be
+/// able to predict). Drawn once at start-up; the engine itself never draws randomness.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
 }
 
 /// Validates cores against the machine.
@@ -524,17 +559,20 @@ where
 {
     let open = Rc::new(Cell::new(0usize));
     let closed = Rc::new(LocalNotify::default());
-    while !shard.stopping() {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
-            None
-        })
-        .await;
+    // An accept is never raced against a timer: dropping an io_uring accept that has
+    // completed would lose the connection. A watcher connects to the listener to wake it.
+    let local = listener.local_addr().ok();
+    let watcher = glommio::spawn_local(wake_listener_on_stop(shard.clone(), local));
+    loop {
+        let accepted = listener.accept().await;
+        if shard.stopping() {
+            break;
+        }
         let stream = match accepted {
-            None => continue,
-            Some(Ok(stream)) => stream,
-            Some(Err(err)) => {
+            Ok(stream) => stream,
+            Err(err) => {
                 tracing::warn!(shard = shard.index, %err, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(1)).await;
                 continue;
             }
         };
@@ -556,11 +594,26 @@ where
         })
         .detach();
     }
+    watcher.await;
     while open.get() > 0 {
         closed.wait().await;
     }
     // Everything accepted is in the core now: let the batcher drain it.
     shard.batcher.notify();
+}
+
+/// Waits for the stop flag, then connects to the shard's own listener so that its pending
+/// accept returns and the accept loop sees the flag.
+async fn wake_listener_on_stop<S: StateMachine>(shard: Rc<Shard<S>>, local: Option<SocketAddr>) {
+    while !shard.stopping() {
+        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+    }
+    if let Some(mut address) = local {
+        if address.ip().is_unspecified() {
+            address.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        let _ = TcpStream::connect(address).await;
+    }
 }
 
 fn claim_connection<S: StateMachine>(shard: &Shard<S>) -> Option<usize> {
@@ -577,7 +630,7 @@ async fn refuse_busy<S: StateMachine>(mut stream: TcpStream, shard: &Shard<S>) {
     let envelope = frame::Envelope {
         client_id: 0,
         request_number: 0,
-        operation: frame::Operation::Ping,
+        operation: frame::OPERATION_PING,
         shard: shard.index as u16,
     };
     let mut buffer = [0u8; FRAME_HEADER_BYTES];
@@ -660,6 +713,7 @@ where
         let header = match frame::decode_header(
             &request[..FRAME_HEADER_BYTES],
             shard.config.frame_bytes_max,
+            &MachineSchema::<S>::default(),
         ) {
             Ok(header) => header,
             Err(err) => {
@@ -710,34 +764,19 @@ where
                 .await;
             }
         };
-        let operation_code: u16 = envelope.operation.into();
-        if envelope.operation == frame::Operation::Ping {
+        let operation_code = envelope.operation;
+        if operation_code == frame::OPERATION_PING {
             let mut reply = [0u8; FRAME_HEADER_BYTES];
             let bytes = frame::encode_reply::<u8>(&mut reply, &envelope, &[]);
             stream.write_all(&reply[..bytes]).await?;
             continue;
         }
+        // The schema admitted only client operations of `S`; this cannot fail.
         let Some(operation) = S::client_operation(operation_code) else {
-            return reject(
-                shard,
-                &mut stream,
-                Some(&envelope),
-                ERROR_OPERATION_NOT_ALLOWED,
-                ConnectionEnd::Refused(ERROR_OPERATION_NOT_ALLOWED),
-            )
-            .await;
+            let code = frame::ErrorCode::UnknownOperation as u32;
+            let end = ConnectionEnd::Refused(code);
+            return reject(shard, &mut stream, Some(&envelope), code, end).await;
         };
-        if body.len() % record_bytes != 0 {
-            let code = frame::ErrorCode::BodyNotMultipleOfRecord as u32;
-            return reject(
-                shard,
-                &mut stream,
-                Some(&envelope),
-                code,
-                ConnectionEnd::Refused(code),
-            )
-            .await;
-        }
         let count = frame::read_records(body, &mut records);
         let generation = {
             let mut connections = shard.connections.borrow_mut();
@@ -775,7 +814,7 @@ async fn reject<S: StateMachine>(
     let fallback = frame::Envelope {
         client_id: 0,
         request_number: 0,
-        operation: frame::Operation::Ping,
+        operation: frame::OPERATION_PING,
         shard: shard.index as u16,
     };
     let mut buffer = [0u8; FRAME_HEADER_BYTES];

@@ -72,9 +72,11 @@ fn setup(client: &mut Client, count: usize, funding: u128) -> Vec<Vec<u128>> {
             })
             .collect();
         let results: Vec<RecordResult> = client
-            .submit(Operation::CreateAccounts, &accounts, |a: &Account| {
-                shard_of(a.id, SHARDS as u32) as usize
-            })
+            .submit(
+                Operation::CreateAccounts.into(),
+                &accounts,
+                |a: &Account| shard_of(a.id, SHARDS as u32) as usize,
+            )
             .unwrap();
         assert!(results.iter().all(|r| r.code == 0), "{results:?}");
         owned.push(ids);
@@ -93,9 +95,11 @@ fn setup(client: &mut Client, count: usize, funding: u128) -> Vec<Vec<u128>> {
             })
             .collect();
         let results: Vec<RecordResult> = client
-            .submit(Operation::CreateTransfers, &transfers, |t: &Transfer| {
-                route_transfer(t, SHARDS)
-            })
+            .submit(
+                Operation::CreateTransfers.into(),
+                &transfers,
+                |t: &Transfer| route_transfer(t, SHARDS),
+            )
             .unwrap();
         assert!(results.iter().all(|r| r.code == 0), "{results:?}");
     }
@@ -152,9 +156,11 @@ fn transfers_apply_across_shards_and_balances_conserve() {
             })
             .collect();
         let results: Vec<RecordResult> = client
-            .submit(Operation::CreateTransfers, &transfers, |t: &Transfer| {
-                route_transfer(t, SHARDS)
-            })
+            .submit(
+                Operation::CreateTransfers.into(),
+                &transfers,
+                |t: &Transfer| route_transfer(t, SHARDS),
+            )
             .unwrap();
         for (t, r) in transfers.iter().zip(&results) {
             assert_eq!(r.code, CreateTransferResult::Ok as u32, "transfer {t:?}");
@@ -166,9 +172,11 @@ fn transfers_apply_across_shards_and_balances_conserve() {
     let poor = all[0];
     let greedy = transfer(next_id + 1, poor, all[1], 1_000_000);
     let results: Vec<RecordResult> = client
-        .submit(Operation::CreateTransfers, &[greedy], |t: &Transfer| {
-            route_transfer(t, SHARDS)
-        })
+        .submit(
+            Operation::CreateTransfers.into(),
+            &[greedy],
+            |t: &Transfer| route_transfer(t, SHARDS),
+        )
         .unwrap();
     assert_eq!(results[0].code, CreateTransferResult::ExceedsCredits as u32);
 
@@ -187,7 +195,7 @@ fn a_retried_transfer_is_not_applied_twice() {
     let (a, b) = (accounts[0][1], accounts[1][1]);
     let t = transfer(42 << 64, a, b, 10);
     let first: Vec<RecordResult> = client
-        .submit(Operation::CreateTransfers, &[t], |t: &Transfer| {
+        .submit(Operation::CreateTransfers.into(), &[t], |t: &Transfer| {
             route_transfer(t, SHARDS)
         })
         .unwrap();
@@ -195,7 +203,7 @@ fn a_retried_transfer_is_not_applied_twice() {
     // The same transfer again, as a client retry after a lost reply would send it.
     let mut other = client_with_fresh_connections(&node, 2);
     let again: Vec<RecordResult> = other
-        .submit(Operation::CreateTransfers, &[t], |t: &Transfer| {
+        .submit(Operation::CreateTransfers.into(), &[t], |t: &Transfer| {
             route_transfer(t, SHARDS)
         })
         .unwrap();
@@ -219,8 +227,14 @@ fn raw_exchange(address: SocketAddr, bytes: &[u8]) -> (Option<frame::DecodedHead
     let mut header = [0u8; FRAME_HEADER_BYTES];
     let decoded = match stream.read_exact(&mut header) {
         Ok(()) => Some(
-            frame::decode_header(&header, frame::FRAME_BYTES_MAX_DEFAULT)
-                .expect("server replies decode"),
+            frame::decode_header(
+                &header,
+                frame::FRAME_BYTES_MAX_DEFAULT,
+                &frame::ReplySchema {
+                    reply_record_bytes: 8,
+                },
+            )
+            .expect("server replies decode"),
         ),
         Err(_) => None,
     };
@@ -248,7 +262,7 @@ fn malformed_frames_get_typed_errors_and_lose_nothing() {
     let envelope = Envelope {
         client_id: 9,
         request_number: 1,
-        operation: Operation::CreateTransfers,
+        operation: Operation::CreateTransfers.into(),
         shard: 0,
     };
     let mut buffer = vec![0u8; FRAME_HEADER_BYTES + 128];
@@ -274,22 +288,27 @@ fn malformed_frames_get_typed_errors_and_lose_nothing() {
         frame::ErrorCode::TooLarge as u32
     );
 
-    // An operation clients may not submit (internal credit legs are code 256).
-    let mut header_only = [0u8; FRAME_HEADER_BYTES];
-    let ping = Envelope {
-        operation: Operation::LookupAccounts,
-        ..envelope
-    };
-    let bytes = frame::encode_request::<u128>(&mut header_only, &ping, &[]);
-    let (reply, _) = raw_exchange(address, &header_only[..bytes]);
-    assert_eq!(
-        reply.expect("an error reply").error_code,
-        percore_shards::runtime::ERROR_OPERATION_NOT_ALLOWED
-    );
+    // Operations clients may not submit: a lookup this machine does not serve, and the
+    // internal credit-leg operation (code 256) that only shards send each other.
+    for operation in [Operation::LookupAccounts.into(), 256u16] {
+        let mut header_only = [0u8; FRAME_HEADER_BYTES];
+        let refused = Envelope {
+            operation,
+            ..envelope
+        };
+        let bytes = frame::encode_request::<u128>(&mut header_only, &refused, &[]);
+        let (reply, closed) = raw_exchange(address, &header_only[..bytes]);
+        assert_eq!(
+            reply.expect("an error reply").error_code,
+            frame::ErrorCode::UnknownOperation as u32,
+            "operation {operation}"
+        );
+        assert!(closed);
+    }
 
     // The node still serves, and the refused transfer was never applied.
     let fine: Vec<RecordResult> = good
-        .submit(Operation::CreateTransfers, &[t], |t: &Transfer| {
+        .submit(Operation::CreateTransfers.into(), &[t], |t: &Transfer| {
             route_transfer(t, SHARDS)
         })
         .unwrap();
@@ -329,18 +348,18 @@ fn shutdown_answers_or_refuses_every_request_and_drains() {
             })
             .collect();
         pipeline
-            .send(Operation::CreateTransfers, request, &transfers)
+            .send(Operation::CreateTransfers.into(), request, &transfers)
             .unwrap();
         sent.push(transfers);
     }
     // Wait for the first answer so the node is mid-stream, then stop it.
-    let first = pipeline.receive().expect("first reply");
+    let first = pipeline.receive(8).expect("first reply");
     assert_eq!(first.header.envelope.request_number, 1);
     let stop = node.stop_flag();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut answered = 1u64;
     loop {
-        match pipeline.receive() {
+        match pipeline.receive(8) {
             Ok(reply) => {
                 answered += 1;
                 assert_eq!(
