@@ -182,6 +182,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = NodeConfig {
         cores: (0..2).map(|i| i % online).collect(),
         client_port_base: 0,
+        allow_shared_cores: true,
         ..NodeConfig::default()
     };
     let node = Node::start(config, |_shard, _shards| Tally::new(100_000, 1_000))?;

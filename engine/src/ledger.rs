@@ -1,35 +1,79 @@
-//! The reference double-entry ledger: one shard's accounts and transfers, as a
-//! [`StateMachine`].
+//! The reference double-entry ledger: one shard's accounts, a window of its recent transfers
+//! and its cross-shard credit legs, as a [`StateMachine`].
 //!
 //! A `Ledger` is one shard (`shard_index` of `shard_count`). It owns the accounts with
-//! `shard_of(id) == shard_index`, the transfers debited from them, and the credit legs it
-//! received from other shards. Every table is allocated (and its memory touched) once in
-//! [`Ledger::new`]; `apply` never allocates. It must never perform I/O, read a clock, or let
-//! anything but the committed batches decide its state.
+//! `shard_of(id) == shard_index`, a window of the transfers debited from them, the credit legs
+//! it sent and has not seen acknowledged, and, per other shard, a replay window of the credit
+//! legs it received. Every table is allocated (and its memory touched) once in
+//! [`Ledger::new`]; `apply` never allocates, and memory stays flat however long the shard
+//! runs. It must never perform I/O, read a clock, or let anything but the committed batches
+//! decide its state.
+//!
+//! # Idempotency window
+//! Transfer ids are deduplicated within a bounded window: the most recent
+//! [`LedgerConfig::transfers_max`] transfers applied on this shard. Once the window is full,
+//! each new transfer evicts the oldest one (first in, first out). A transfer whose id is in
+//! the window gets `Exists` or `ExistsWithDifferentFields`; an id older than the window is
+//! treated as new, and applied again. TigerBeetle keeps every transfer on disk and
+//! deduplicates forever; percore applies millions of transfers per second per shard, so it
+//! keeps a bounded window in memory. The full history is the journal's (coming later), and
+//! client retries are deduplicated by the runtime's session table (also later): a client
+//! must not count on `Exists` for a transfer older than the window (at 5M transfers/s, a
+//! window of 2^20 transfers spans about 0.2 s).
 //!
 //! # Storage
 //! Accounts live in an open-addressing table of the records themselves (linear probing,
 //! power-of-two capacity, at most two-thirds full): a transfer finds and updates an account
-//! with one memory access. Transfers and credit legs are written once and rarely read, so
-//! they are appended to a dense array and found through an index of 16-byte entries: checking
-//! a new id probes 16 bytes instead of 128. The table hash is seeded from the configuration so
-//! clients cannot choose ids that collide; layouts may differ between replicas, so digests and
-//! snapshots never depend on them.
+//! with one memory access. The transfer window is a ring of records found through an index of
+//! 8-byte entries, probed a cache line at a time: checking a new id reads one line of index
+//! instead of 128-byte records, and evicting the oldest transfer removes its index entry by
+//! backward-shift deletion (no tombstones, so probes stay short however many times the ring
+//! wraps). The table hash is seeded from the configuration
+//! so clients cannot choose ids that collide; layouts may differ between replicas, so digests
+//! and snapshots never depend on them (they depend on the window's order, which is the order
+//! transfers were applied in, and decides which transfer is evicted next).
 //!
 //! # Cross-shard transfers
 //! A transfer is submitted to its debit account's shard (the origin). If the credit account
-//! is local, both legs post at once. Otherwise the origin posts the debit, stores the transfer
-//! with `CREDIT_IN_FLIGHT`, adds the amount to [`Ledger::in_flight`] and emits the credit leg
-//! (the transfer with flags `CROSS_SHARD_CREDIT`) as an `ApplyCreditLegs` record for the
-//! credit shard. The credit shard applies each leg at most once (deduplicated by transfer id
-//! and origin shard) and acknowledges it with an `AckCreditLegs` record; the origin then clears
-//! `CREDIT_IN_FLIGHT`. Unacknowledged legs are listed by [`Ledger::credit_legs_unacked`] so
-//! the runtime can resend them; redelivered legs are acknowledged again and change nothing.
+//! is local, both legs post at once. Otherwise the origin posts the debit and emits the credit
+//! leg (the transfer with flags `CROSS_SHARD_CREDIT`) as an `ApplyCreditLegs` record for the
+//! credit shard, which applies it and answers with an `AckCreditLegs` record (the leg echoed
+//! back). Until the acknowledgement is applied the leg is *in flight*: its amount counts in
+//! [`Ledger::in_flight`], and the leg is kept in the origin's in-flight ring, outside the
+//! transfer window, so evicting its transfer loses nothing. [`Ledger::credit_legs_unacked`]
+//! lists the ring's legs so the runtime can resend them.
+//!
+//! Each origin numbers its legs 1, 2, 3, ... (one counter per origin, over all credit
+//! shards). The number travels in `reserved[0..8]` (little-endian) of the leg and of its
+//! acknowledgement (see [`credit_leg_sequence`]); the rest of `reserved` is zero. With
+//! `W = credit_legs_in_flight_max`:
+//! - Origin rule: the leg numbered `s` is emitted only once every leg numbered `s - W` or
+//!   below is acknowledged. Otherwise the transfer is refused with `CreditLegsInFlightFull`
+//!   and changes nothing (back-pressure: a leg left unacknowledged stops cross-shard
+//!   transfers once `W - 1` later legs were emitted, until a resend gets it acknowledged).
+//! - Credit shard rule: per origin it keeps the highest number it applied, `max`, and a
+//!   fingerprint of each leg it applied numbered in `(max - W, max]`. A leg numbered
+//!   `max - W` or below is a stale duplicate; one in the range is new unless its fingerprint
+//!   is there (a different fingerprint is a `LegConflict`). Duplicates are acknowledged again
+//!   and change nothing.
+//!
+//! Why no leg is ever applied twice, however late a duplicate arrives: the leg numbered `max`
+//! was emitted only after every leg numbered `max - W` or below was acknowledged, and a credit
+//! shard acknowledges only a leg it applied (or knows, by this very argument, it applied). So
+//! every leg from that origin numbered `max - W` or below was applied at its credit shard,
+//! and every leg above is remembered exactly. An
+//! acknowledgement frees its leg's ring slot, and a second one finds the slot empty
+//! (`Duplicate`), so `in_flight` drops by each leg's amount exactly once, even if the
+//! transfer left the window long ago. (A window of the last N legs received, found by id,
+//! would not do, whatever N: legs from other origins can push a leg out while a duplicate of
+//! it, resent before the acknowledgement arrived, is still on its way.) A client retry of a
+//! transfer older than the window is a new transfer with a new leg number: debited and
+//! credited again, so money is still conserved.
 //!
 //! The origin cannot check a remote credit account. Rule: the credit shard never refuses
 //! money. A leg whose credit account is missing, on another ledger or would overflow is parked
-//! in the shard's suspense balance ([`Ledger::suspense`]), marked `CREDIT_PARKED`, and
-//! acknowledged like any other; an operator settles suspense later.
+//! in the shard's suspense balance ([`Ledger::suspense`]) and acknowledged like any other; an
+//! operator settles suspense later (from the journal: legs are not kept here).
 //!
 //! # Conservation
 //! [`Ledger::conservation_sum`] is the sum over local accounts of `credits_posted -
@@ -37,9 +81,22 @@
 //! not yet applied at their credit shard, it is always 0 (modulo 2^128).
 //!
 //! # Transfer ids
-//! Ids are unique per debit shard: the ledger cannot see other shards' ids, so two transfers
-//! with one id but debit accounts on different shards are both accepted. Clients must draw ids
-//! from a space they own (e.g. time-ordered random 128-bit ids), as with TigerBeetle.
+//! Ids are unique per debit shard within the window: the ledger cannot see other shards' ids,
+//! so two transfers with one id but debit accounts on different shards are both accepted.
+//! Clients must draw ids from a space they own (e.g. time-ordered random 128-bit ids), as
+//! with TigerBeetle.
+//!
+//! # Memory
+//! Allocated and touched in [`Ledger::new`] ([`LedgerConfig::memory_bytes`] adds it up):
+//! - accounts: 128 B per slot of a power-of-two table of 1.5x to 3x `accounts_max` slots;
+//! - transfer window: 128 B per transfer, plus 8 B per index slot, a power of two between
+//!   1.5x and 3x `transfers_max`: 140 to 152 B per transfer (`2^20` transfers: 144 MiB);
+//! - in-flight ring: 128 B per leg, `credit_legs_in_flight_max` of them;
+//! - replay windows: 4 B per leg, `credit_legs_in_flight_max` per shard of the cluster.
+//!
+//! The defaults of [`LedgerConfig::new`] take about 168 MiB per shard. An index of `2^k`
+//! slots serves up to about `2^k * 2/3` transfers (e.g. 1,398,000 transfers use the same
+//! `2^21`-slot index as `2^20`), so such sizes give the most window per byte.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -51,6 +108,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::checksum::{Digest256, Digest256Hasher, digest256};
 use crate::frame::Operation as ClientOperation;
+use crate::limits::{BATCH_ENTRIES_MAX_DEFAULT, BATCH_ENTRIES_MAX_LIMIT};
 use crate::record::{
     Account, CreateAccountResult, CreateTransferResult, CreditAckResult, CreditLegResult,
     RECORD_BYTES, RecordResult, RecordSlot, Transfer, account_flags, hash_id, shard_of,
@@ -84,36 +142,187 @@ const _: () =
 /// A message the ledger sends to another shard.
 pub type LedgerOutbound = Outbound<LedgerOperation, RecordSlot>;
 
+/// Default [`LedgerConfig::accounts_max`]: 16 MiB of account table.
+pub const ACCOUNTS_MAX_DEFAULT: usize = 1 << 16;
+/// Default [`LedgerConfig::transfers_max`]: 144 MiB of transfer window.
+pub const TRANSFERS_MAX_DEFAULT: usize = 1 << 20;
+/// Default [`LedgerConfig::credit_legs_in_flight_max`]: 8 MiB of in-flight ring, plus
+/// 256 KiB of replay window per shard. At 1M cross-shard transfers/s, room for 65 ms of
+/// acknowledgement round trip.
+pub const CREDIT_LEGS_IN_FLIGHT_MAX_DEFAULT: usize = 1 << 16;
+/// Largest `accounts_max`.
+pub const ACCOUNTS_MAX_LIMIT: usize = u32::MAX as usize - 1;
+/// Largest `transfers_max` (the window's index must have at most 2^32 slots).
+pub const TRANSFERS_MAX_LIMIT: usize = 1 << 30;
+/// Largest `credit_legs_in_flight_max`.
+pub const CREDIT_LEGS_IN_FLIGHT_MAX_LIMIT: usize = 1 << 24;
+
 /// Sizes and identity of one ledger shard. Every bound is fixed here; nothing grows later.
+///
+/// `transfers_max` and `credit_legs_in_flight_max` decide results (which ids are still
+/// duplicates, when back-pressure starts), so they are part of the replicated state: every
+/// replica of a shard must use the same values (the digest covers them, and a snapshot
+/// restores only into a ledger with the same values). `accounts_max` may differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LedgerConfig {
     /// This shard's index, `< shard_count`.
     pub shard_index: u32,
     /// Number of shards accounts are spread over (see [`shard_of`]).
     pub shard_count: u32,
-    /// Most accounts this shard holds.
+    /// Most accounts this shard holds (accounts are never evicted).
     pub accounts_max: usize,
-    /// Most transfers debited on this shard (each kept forever for idempotency); below
-    /// `u32::MAX`.
+    /// Size of the idempotency window: duplicate transfer ids are detected among the most
+    /// recent `transfers_max` transfers debited on this shard, and an older id counts as new
+    /// (see the module documentation). 140 to 152 bytes per transfer.
     pub transfers_max: usize,
-    /// Most credit legs received from other shards (each kept forever for deduplication);
-    /// below `u32::MAX`.
-    pub credit_legs_max: usize,
+    /// Most credit legs in flight from this shard, counted from the oldest one not yet
+    /// acknowledged (beyond it, cross-shard transfers get `CreditLegsInFlightFull`); also the
+    /// width of the replay window this shard keeps per origin shard for the legs it receives,
+    /// so it must be the same on every shard of the cluster (a credit shard's value must be at
+    /// least every origin's). 128 bytes per leg, plus 4 bytes per leg per shard.
+    pub credit_legs_in_flight_max: usize,
     /// Most records in one batch; also the outbox capacity (one message per record at most).
     pub batch_entries_max: usize,
+}
+
+/// A ledger configuration that cannot work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerConfigError {
+    /// `shard_count` is 0 or `shard_index` is not below it.
+    #[error("shard_index {shard_index} must be below shard_count {shard_count}")]
+    ShardIndex {
+        /// The configured index.
+        shard_index: u32,
+        /// The configured count.
+        shard_count: u32,
+    },
+    /// A bound is zero or too large.
+    #[error("{name} = {value} must be in 1..={max}")]
+    OutOfRange {
+        /// The field's name.
+        name: &'static str,
+        /// The configured value.
+        value: usize,
+        /// The largest value allowed.
+        max: usize,
+    },
+}
+
+impl LedgerConfig {
+    /// Shard `shard_index` of `shard_count`, with the default bounds
+    /// ([`ACCOUNTS_MAX_DEFAULT`], [`TRANSFERS_MAX_DEFAULT`],
+    /// [`CREDIT_LEGS_IN_FLIGHT_MAX_DEFAULT`], [`BATCH_ENTRIES_MAX_DEFAULT`]).
+    pub fn new(shard_index: u32, shard_count: u32) -> LedgerConfig {
+        LedgerConfig {
+            shard_index,
+            shard_count,
+            accounts_max: ACCOUNTS_MAX_DEFAULT,
+            transfers_max: TRANSFERS_MAX_DEFAULT,
+            credit_legs_in_flight_max: CREDIT_LEGS_IN_FLIGHT_MAX_DEFAULT,
+            batch_entries_max: BATCH_ENTRIES_MAX_DEFAULT,
+        }
+    }
+
+    /// Checks every bound. The replay windows need no relation checked here: a credit shard
+    /// keeps one window of `credit_legs_in_flight_max` legs per origin, which is as wide as
+    /// that origin's in-flight span when the value is the same on every shard.
+    pub fn validate(&self) -> Result<(), LedgerConfigError> {
+        if self.shard_index >= self.shard_count {
+            return Err(LedgerConfigError::ShardIndex {
+                shard_index: self.shard_index,
+                shard_count: self.shard_count,
+            });
+        }
+        let bounds = [
+            ("accounts_max", self.accounts_max, ACCOUNTS_MAX_LIMIT),
+            ("transfers_max", self.transfers_max, TRANSFERS_MAX_LIMIT),
+            (
+                "credit_legs_in_flight_max",
+                self.credit_legs_in_flight_max,
+                CREDIT_LEGS_IN_FLIGHT_MAX_LIMIT,
+            ),
+            (
+                "batch_entries_max",
+                self.batch_entries_max,
+                BATCH_ENTRIES_MAX_LIMIT,
+            ),
+        ];
+        for (name, value, max) in bounds {
+            if value == 0 || value > max {
+                return Err(LedgerConfigError::OutOfRange { name, value, max });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes [`Ledger::new`] allocates and touches for this configuration (tables only; the
+    /// outbox adds `batch_entries_max` small messages). For a valid configuration.
+    pub fn memory_bytes(&self) -> usize {
+        let index_slots = table_capacity(self.transfers_max + 1).max(INDEX_BUCKET_ENTRIES);
+        let index_bytes = size_of::<IndexEntry>() * index_slots;
+        RECORD_BYTES * table_capacity(self.accounts_max)
+            + RECORD_BYTES * self.transfers_max
+            + index_bytes
+            + RECORD_BYTES * self.credit_legs_in_flight_max
+            + size_of::<u32>() * self.credit_legs_in_flight_max * self.shard_count as usize
+            + size_of::<u64>() * self.shard_count as usize
+    }
 }
 
 /// Table hash seed of [`Ledger::new`]. Public knowledge: a runtime that serves untrusted
 /// clients should use [`Ledger::with_hash_seed`] instead.
 pub const HASH_SEED_DEFAULT: u64 = u64::from_le_bytes(*b"PCTABLE1");
 
-/// Snapshot magic (`"PCLS"`, percore ledger snapshot) and format version.
+/// Seed of credit-leg fingerprints. Fixed, unlike the table seed: fingerprints are replicated
+/// state, covered by the digest.
+const LEG_FINGERPRINT_SEED: u64 = u64::from_le_bytes(*b"PCLEGFP1");
+
+/// Snapshot magic (`"PCLS"`, percore ledger snapshot) and format version (2: transfer
+/// window in ring order, in-flight legs, replay windows).
 const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"PCLS");
-const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// Records per group in `apply`: the table slots of a whole group are loaded together
 /// before the group is applied, so their memory misses overlap (see `touch_transfers`).
 const TOUCH_GROUP_RECORDS: usize = 16;
+
+/// The sequence number of a credit leg (or of its acknowledgement, or of the stored transfer
+/// that emitted it): `reserved[0..8]`, little-endian. 0 for anything else.
+pub fn credit_leg_sequence(leg: &Transfer) -> u64 {
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&leg.reserved[..8]);
+    u64::from_le_bytes(bytes)
+}
+
+fn with_credit_leg_sequence(transfer: Transfer, sequence: u64) -> Transfer {
+    let mut numbered = transfer;
+    numbered.reserved[..8].copy_from_slice(&sequence.to_le_bytes());
+    numbered
+}
+
+/// Whether `reserved` holds at most a leg sequence (bytes 8.. are zero).
+fn reserved_beyond_sequence_is_zero(transfer: &Transfer) -> bool {
+    transfer.reserved[8..] == [0; 24]
+}
+
+/// 32 bits that tell a leg from another leg with its origin and sequence; never 0 (the
+/// empty slot). Covers the fields a leg's acknowledgement must match, not the timestamp
+/// (each credit shard stamps its own) nor the flags.
+fn credit_leg_fingerprint(leg: &Transfer) -> u32 {
+    let mut hash = LEG_FINGERPRINT_SEED ^ credit_leg_sequence(leg);
+    let kind = u128::from(leg.ledger) << 16 | u128::from(leg.code);
+    for field in [
+        leg.id,
+        leg.debit_account_id,
+        leg.credit_account_id,
+        leg.amount,
+        leg.user_data,
+        kind,
+    ] {
+        hash = hash_id(field, hash);
+    }
+    (hash >> 32) as u32 | 1
+}
 
 /// A record kept in a table, found by a 128-bit id; id 0 never names a record.
 trait Keyed: Pod {
@@ -230,41 +439,73 @@ impl<T: Keyed> SlotTable<T> {
     }
 }
 
-/// An entry of an `IndexedLog`'s index: 16 bytes, four to a cache line.
+/// An entry of an `IndexedWindow`'s index: 8 bytes, eight to a cache line.
 #[derive(Clone, Copy, Pod, Zeroable)]
 #[repr(C)]
 struct IndexEntry {
-    /// Full hash of the record's id: most mismatches are settled without reading the record.
-    hash: u64,
+    /// The low 32 bits of the hash of the record's id: most mismatches are settled without
+    /// reading the record, and deletion finds an entry's home slot without reading it either
+    /// (the index has at most 2^32 slots, so the home is in these bits).
+    tag: u32,
     /// Position of the record plus one; 0 marks an empty entry.
     ordinal: u32,
-    reserved: u32,
 }
+
+/// Entries per cache line of an index.
+const INDEX_BUCKET_ENTRIES: usize = 8;
+
+/// One cache line of an index, aligned as one.
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C, align(64))]
+struct IndexBucket {
+    entries: [IndexEntry; INDEX_BUCKET_ENTRIES],
+}
+
+const _: () = assert!(size_of::<IndexBucket>() == 64);
 
 enum LogProbe {
     Found(usize),
     Vacant { index_slot: usize, hash: u64 },
 }
 
-/// Records appended to a dense array, found through an open-addressing index. For records
-/// written once and rarely read (transfers, credit legs): appends are sequential, and a
-/// probe for a new id reads 16-byte index entries only.
-struct IndexedLog<T> {
+/// The last `len_max` records appended, in a ring, found by id through an open-addressing
+/// index. For records written once and rarely read (transfers): appends are sequential, a
+/// probe for a new id reads 8-byte index entries only, and once the ring is full each
+/// append evicts the oldest record and deletes its index entry (backward shift).
+///
+/// The index is linear probing whose home slots are the first slots of cache lines (bucketed
+/// linear probing): a probe or a deletion that starts at a line usually ends in it, so the
+/// one line `Ledger::touch_transfers` loads ahead is all it reads. Once the window is full
+/// the index stays at its highest load, where plain linear probing would often run into the
+/// next line.
+///
+/// Invariants: the index holds exactly one entry per record in the ring, each reachable from
+/// its home slot without crossing an empty entry; ids in the ring are distinct.
+struct IndexedWindow<T> {
     records: Box<[T]>,
+    /// Position of the next append; once the ring is full, also that of the oldest record.
+    head: usize,
     len: usize,
-    index: Box<[IndexEntry]>,
+    index: Box<[IndexBucket]>,
+    /// Number of index slots minus one.
     mask: usize,
     seed: u64,
 }
 
-impl<T: Keyed> IndexedLog<T> {
-    fn new(len_max: usize, seed: u64) -> IndexedLog<T> {
-        assert!(len_max < u32::MAX as usize, "positions are u32");
-        let capacity = table_capacity(len_max);
-        IndexedLog {
+impl<T: Keyed> IndexedWindow<T> {
+    fn new(len_max: usize, seed: u64) -> IndexedWindow<T> {
+        assert!(
+            len_max <= TRANSFERS_MAX_LIMIT,
+            "positions and home slots are u32"
+        );
+        // One entry to spare: `push` files the new record before it deletes the evicted one.
+        let capacity = table_capacity(len_max + 1).max(INDEX_BUCKET_ENTRIES);
+        debug_assert!(capacity <= 1 << 32);
+        IndexedWindow {
             records: zeroed_committed(len_max),
+            head: 0,
             len: 0,
-            index: zeroed_committed(capacity),
+            index: zeroed_committed(capacity / INDEX_BUCKET_ENTRIES),
             mask: capacity - 1,
             seed,
         }
@@ -278,32 +519,63 @@ impl<T: Keyed> IndexedLog<T> {
         self.len == self.len_max()
     }
 
+    /// Index slots in all.
+    fn capacity(&self) -> usize {
+        self.mask + 1
+    }
+
+    fn entry(&self, index_slot: usize) -> IndexEntry {
+        self.index[index_slot / INDEX_BUCKET_ENTRIES].entries[index_slot % INDEX_BUCKET_ENTRIES]
+    }
+
+    fn set_entry(&mut self, index_slot: usize, entry: IndexEntry) {
+        let bucket = &mut self.index[index_slot / INDEX_BUCKET_ENTRIES];
+        bucket.entries[index_slot % INDEX_BUCKET_ENTRIES] = entry;
+    }
+
+    /// The first slot of the cache line a hash (or its low 32 bits) belongs to.
+    fn home_of(&self, hash: u64) -> usize {
+        hash as usize & self.mask & !(INDEX_BUCKET_ENTRIES - 1)
+    }
+
     fn home_slot(&self, id: u128) -> usize {
-        hash_id(id, self.seed) as usize & self.mask
+        self.home_of(hash_id(id, self.seed))
     }
 
-    /// Loads an index entry; see `Ledger::touch_transfers`.
+    /// Loads an index line; see `Ledger::touch_transfers`.
     fn touch(&self, index_slot: usize) -> u128 {
-        u128::from(self.index[index_slot].hash)
+        u128::from(self.entry(index_slot).tag)
     }
 
-    /// The position of the record with `id` for which `matches` holds, or the index entry
-    /// where such a record would be filed.
+    /// The home slot of the record the `ahead`-th next push evicts (the record is read in
+    /// ring order, so sequentially), or `None` while the ring is not full.
+    fn eviction_home_slot(&self, ahead: usize) -> Option<usize> {
+        if !self.is_full() {
+            return None;
+        }
+        let mut position = self.head + ahead;
+        if position >= self.len_max() {
+            position -= self.len_max();
+        }
+        Some(self.home_slot(self.records.get(position)?.id()))
+    }
+
+    /// The position of the record with `id`, or the index entry where it would be filed.
     #[inline]
-    fn probe(&self, id: u128, matches: impl Fn(&T) -> bool) -> LogProbe {
+    fn probe(&self, id: u128) -> LogProbe {
         debug_assert_ne!(id, 0);
         let hash = hash_id(id, self.seed);
-        let mut index_slot = hash as usize & self.mask;
+        let tag = hash as u32;
+        let mut index_slot = self.home_of(hash);
         // Bounded: the index is at most two-thirds full, so an empty entry ends every probe.
-        for _ in 0..self.index.len() {
-            let entry = self.index[index_slot];
+        for _ in 0..self.capacity() {
+            let entry = self.entry(index_slot);
             if entry.ordinal == 0 {
                 return LogProbe::Vacant { index_slot, hash };
             }
-            if entry.hash == hash {
+            if entry.tag == tag {
                 let position = entry.ordinal as usize - 1;
-                let record = &self.records[position];
-                if record.id() == id && matches(record) {
+                if self.records[position].id() == id {
                     return LogProbe::Found(position);
                 }
             }
@@ -312,41 +584,345 @@ impl<T: Keyed> IndexedLog<T> {
         unreachable!("an index always keeps an empty entry");
     }
 
-    fn append(&mut self, index_slot: usize, hash: u64, record: T) {
-        assert!(!self.is_full());
+    /// Appends `record` (whose id `probe` just found vacant at `index_slot`) and returns the
+    /// id of the record it evicted, if the ring was full.
+    fn push(&mut self, index_slot: usize, hash: u64, record: T) -> Option<u128> {
         debug_assert_eq!(hash, hash_id(record.id(), self.seed));
-        debug_assert_eq!(self.index[index_slot].ordinal, 0, "index entry is taken");
-        self.records[self.len] = record;
-        self.len += 1;
-        self.index[index_slot] = IndexEntry {
-            hash,
-            ordinal: self.len as u32,
-            reserved: 0,
+        debug_assert_eq!(self.entry(index_slot).ordinal, 0, "index entry is taken");
+        let position = self.head;
+        // Found before the new entry is filed: both carry this position's ordinal.
+        let evicted = self
+            .is_full()
+            .then(|| (self.records[position].id(), self.index_slot_of(position)));
+        if evicted.is_none() {
+            self.len += 1;
+        }
+        self.records[position] = record;
+        let entry = IndexEntry {
+            tag: hash as u32,
+            ordinal: position as u32 + 1,
         };
+        self.set_entry(index_slot, entry);
+        self.head = if position + 1 == self.len_max() {
+            0
+        } else {
+            position + 1
+        };
+        // Filing the new entry moved no other entry, so the evicted entry is still there.
+        evicted.map(|(evicted_id, evicted_slot)| {
+            self.remove_index_entry(evicted_slot);
+            evicted_id
+        })
     }
 
-    /// Appends a record that must not be present yet (snapshot restore).
-    fn append_new(&mut self, record: T, matches: impl Fn(&T) -> bool) -> Result<(), RestoreError> {
+    /// The index slot of the entry for the record at `position`.
+    fn index_slot_of(&self, position: usize) -> usize {
+        let ordinal = position as u32 + 1;
+        let mut index_slot = self.home_slot(self.records[position].id());
+        for _ in 0..self.capacity() {
+            let entry = self.entry(index_slot);
+            if entry.ordinal == ordinal {
+                return index_slot;
+            }
+            assert_ne!(
+                entry.ordinal, 0,
+                "a record in the window lost its index entry"
+            );
+            index_slot = (index_slot + 1) & self.mask;
+        }
+        unreachable!("an index always keeps an empty entry");
+    }
+
+    /// Deletes the entry at `hole` by backward shift (Knuth's Algorithm R): each later entry
+    /// of the cluster moves back into the hole unless that would put it before its home slot.
+    /// Leaves the index exactly as if the deleted id had never been inserted.
+    fn remove_index_entry(&mut self, mut hole: usize) {
+        debug_assert_ne!(self.entry(hole).ordinal, 0);
+        let mut next = (hole + 1) & self.mask;
+        // Bounded: an empty entry ends the cluster.
+        for _ in 0..self.capacity() {
+            let entry = self.entry(next);
+            if entry.ordinal == 0 {
+                break;
+            }
+            let home = self.home_of(u64::from(entry.tag));
+            // The entry may move back to `hole` iff its home is not in `(hole, next]`, i.e. it
+            // is at least as far from its home as the hole is from it.
+            let home_distance = next.wrapping_sub(home) & self.mask;
+            let hole_distance = next.wrapping_sub(hole) & self.mask;
+            if home_distance >= hole_distance {
+                self.set_entry(hole, entry);
+                hole = next;
+            }
+            next = (next + 1) & self.mask;
+        }
+        self.set_entry(hole, IndexEntry::zeroed());
+    }
+
+    /// Appends a record that must not be present yet, without evicting (snapshot restore).
+    fn append_new(&mut self, record: T) -> Result<(), RestoreError> {
         if record.id() == 0 || self.is_full() {
             return Err(RestoreError::Corrupt);
         }
-        match self.probe(record.id(), matches) {
+        match self.probe(record.id()) {
             LogProbe::Found(_) => Err(RestoreError::Corrupt),
             LogProbe::Vacant { index_slot, hash } => {
-                self.append(index_slot, hash, record);
+                let evicted = self.push(index_slot, hash, record);
+                debug_assert!(evicted.is_none());
                 Ok(())
             }
         }
     }
 
-    fn records(&self) -> &[T] {
-        &self.records[..self.len]
+    /// The records, oldest first, as the two contiguous parts of the ring.
+    fn as_slices(&self) -> (&[T], &[T]) {
+        if self.is_full() {
+            let (newer, older) = self.records.split_at(self.head);
+            (older, newer)
+        } else {
+            debug_assert_eq!(self.head, self.len);
+            (&self.records[..self.len], &[])
+        }
+    }
+
+    #[cfg(test)]
+    fn oldest_first(&self) -> impl Iterator<Item = &T> {
+        let (older, newer) = self.as_slices();
+        older.iter().chain(newer)
     }
 
     fn clear(&mut self) {
+        // Positions `len..` were never written: once full, the ring stays full.
         self.records[..self.len].fill(T::zeroed());
-        self.index.fill(IndexEntry::zeroed());
+        self.index.fill(IndexBucket::zeroed());
         self.len = 0;
+        self.head = 0;
+    }
+}
+
+/// The credit legs this shard emitted and has not seen acknowledged, by sequence number:
+/// slot `sequence % width` holds the leg numbered `sequence` while it is in flight (id 0
+/// marks an empty slot). Every leg in flight is numbered in `[sequence_oldest,
+/// sequence_next)`, a span of at most `width`, so no two share a slot.
+struct LegsInFlight {
+    slots: Box<[Transfer]>,
+    /// Number of the next leg; legs are numbered from 1.
+    sequence_next: u64,
+    /// Lowest number still in flight, or `sequence_next` when none is.
+    sequence_oldest: u64,
+    count: u64,
+    /// Sum of the amounts in flight (mod 2^128).
+    amount: u128,
+}
+
+impl LegsInFlight {
+    fn new(width: usize) -> LegsInFlight {
+        assert!(width > 0);
+        LegsInFlight {
+            slots: zeroed_committed(width),
+            sequence_next: 1,
+            sequence_oldest: 1,
+            count: 0,
+            amount: 0,
+        }
+    }
+
+    fn width(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    fn slot(&self, sequence: u64) -> usize {
+        (sequence % self.width()) as usize
+    }
+
+    /// Whether the origin rule allows the next leg: every leg `width` or more below it is
+    /// acknowledged.
+    fn has_room(&self) -> bool {
+        self.sequence_next - self.sequence_oldest < self.width()
+    }
+
+    /// Numbers `leg` with the next sequence and keeps it in flight; returns it as numbered.
+    fn push(&mut self, leg: Transfer) -> Transfer {
+        assert!(self.has_room(), "the caller checked room");
+        let leg = with_credit_leg_sequence(leg, self.sequence_next);
+        let slot = self.slot(self.sequence_next);
+        debug_assert_eq!(
+            self.slots[slot].id, 0,
+            "the leg `width` before was acknowledged"
+        );
+        self.slots[slot] = leg;
+        self.sequence_next += 1;
+        self.count += 1;
+        self.amount = self.amount.wrapping_add(leg.amount);
+        leg
+    }
+
+    /// The leg numbered `sequence`, if it is in flight.
+    fn get(&self, sequence: u64) -> Option<&Transfer> {
+        if sequence < self.sequence_oldest || sequence >= self.sequence_next {
+            return None;
+        }
+        let leg = &self.slots[self.slot(sequence)];
+        debug_assert!(leg.id == 0 || credit_leg_sequence(leg) == sequence);
+        (leg.id != 0).then_some(leg)
+    }
+
+    /// Settles the leg `ack` acknowledges, at most once.
+    fn acknowledge(&mut self, ack: &Transfer) -> CreditAckResult {
+        let sequence = credit_leg_sequence(ack);
+        if sequence == 0 || sequence >= self.sequence_next {
+            return CreditAckResult::TransferNotFound;
+        }
+        // Below the oldest in flight, or an emptied slot: acknowledged before.
+        let Some(leg) = self.get(sequence) else {
+            return CreditAckResult::Duplicate;
+        };
+        if leg.id != ack.id || !transfer_fields_equal(leg, ack) {
+            return CreditAckResult::Mismatch;
+        }
+        let amount = leg.amount;
+        let slot = self.slot(sequence);
+        self.slots[slot] = Transfer::zeroed();
+        assert!(self.count > 0);
+        self.count -= 1;
+        self.amount = self.amount.wrapping_sub(amount);
+        self.advance_oldest();
+        CreditAckResult::Ok
+    }
+
+    /// Moves `sequence_oldest` past acknowledged legs. Amortised O(1): each number is passed
+    /// once.
+    fn advance_oldest(&mut self) {
+        while self.sequence_oldest < self.sequence_next
+            && self.slots[self.slot(self.sequence_oldest)].id == 0
+        {
+            self.sequence_oldest += 1;
+        }
+        debug_assert!(self.count > 0 || self.sequence_oldest == self.sequence_next);
+    }
+
+    /// The legs in flight, oldest (lowest number) first.
+    fn oldest_first(&self) -> impl Iterator<Item = &Transfer> {
+        (self.sequence_oldest..self.sequence_next).filter_map(|sequence| self.get(sequence))
+    }
+
+    /// Puts back a leg from a snapshot, after `sequence_next` was set; call
+    /// `restore_finish` once all are back.
+    fn restore(&mut self, leg: Transfer) -> Result<(), RestoreError> {
+        let sequence = credit_leg_sequence(&leg);
+        let slot = self.slot(sequence);
+        if sequence < self.span_first()
+            || sequence >= self.sequence_next
+            || self.slots[slot].id != 0
+        {
+            return Err(RestoreError::Corrupt);
+        }
+        self.slots[slot] = leg;
+        self.count += 1;
+        self.amount = self.amount.wrapping_add(leg.amount);
+        Ok(())
+    }
+
+    fn restore_finish(&mut self) {
+        self.sequence_oldest = self.span_first();
+        self.advance_oldest();
+    }
+
+    /// The lowest number a leg in flight can have: `width` below the next, or 1.
+    fn span_first(&self) -> u64 {
+        self.sequence_next.saturating_sub(self.width()).max(1)
+    }
+
+    fn clear(&mut self) {
+        self.slots.fill(Transfer::zeroed());
+        self.sequence_next = 1;
+        self.sequence_oldest = 1;
+        self.count = 0;
+        self.amount = 0;
+    }
+}
+
+/// What a credit leg is to the replay window of its origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LegReplay {
+    /// Not applied yet.
+    New,
+    /// Applied before (its fingerprint is in the window).
+    Duplicate,
+    /// At least `width` below the highest number applied: applied before (module docs).
+    Stale,
+    /// A different leg with this number was applied.
+    Conflict,
+}
+
+/// What this shard remembers of the credit legs it received, per origin shard: the highest
+/// sequence applied, `sequence_max`, and the fingerprint of every leg applied numbered in
+/// `(sequence_max - width, sequence_max]`, at slot `sequence % width` (0: not applied).
+struct LegReplayWindows {
+    width: u64,
+    sequence_max: Box<[u64]>,
+    fingerprints: Box<[u32]>,
+}
+
+impl LegReplayWindows {
+    fn new(shard_count: u32, width: usize) -> LegReplayWindows {
+        assert!(width > 0);
+        let slots = width
+            .checked_mul(shard_count as usize)
+            .expect("replay windows overflow usize");
+        LegReplayWindows {
+            width: width as u64,
+            sequence_max: zeroed_committed(shard_count as usize),
+            fingerprints: zeroed_committed(slots),
+        }
+    }
+
+    fn slot(&self, origin: u32, sequence: u64) -> usize {
+        origin as usize * self.width as usize + (sequence % self.width) as usize
+    }
+
+    fn check(&self, origin: u32, sequence: u64, fingerprint: u32) -> LegReplay {
+        debug_assert!(sequence > 0 && fingerprint != 0);
+        let sequence_max = self.sequence_max[origin as usize];
+        if sequence > sequence_max {
+            return LegReplay::New;
+        }
+        if sequence_max - sequence >= self.width {
+            return LegReplay::Stale;
+        }
+        match self.fingerprints[self.slot(origin, sequence)] {
+            0 => LegReplay::New,
+            seen if seen == fingerprint => LegReplay::Duplicate,
+            _ => LegReplay::Conflict,
+        }
+    }
+
+    /// Remembers a leg `check` found `New`, sliding the origin's window forward if needed.
+    fn record(&mut self, origin: u32, sequence: u64, fingerprint: u32) {
+        debug_assert_eq!(self.check(origin, sequence, fingerprint), LegReplay::New);
+        let sequence_max = self.sequence_max[origin as usize];
+        if sequence > sequence_max {
+            // Numbers that slide out are stale from now on; clear their slots for the new
+            // numbers, `sequence_max + 1 ..= sequence`.
+            let row_first = self.slot(origin, 0);
+            let row = &mut self.fingerprints[row_first..row_first + self.width as usize];
+            if sequence - sequence_max >= self.width {
+                row.fill(0);
+            } else {
+                for skipped in sequence_max + 1..=sequence {
+                    row[(skipped % self.width) as usize] = 0;
+                }
+            }
+            self.sequence_max[origin as usize] = sequence;
+        }
+        let slot = self.slot(origin, sequence);
+        debug_assert_eq!(self.fingerprints[slot], 0);
+        self.fingerprints[slot] = fingerprint;
+    }
+
+    fn clear(&mut self) {
+        self.sequence_max.fill(0);
+        self.fingerprints.fill(0);
     }
 }
 
@@ -363,8 +939,10 @@ fn multiset_digest<'a, T: Pod>(records: impl Iterator<Item = &'a T>) -> [u64; 4]
     lanes
 }
 
-/// The on-disk header of a ledger snapshot, followed by the accounts, the transfers and the
-/// credit legs (128 bytes each; transfers and legs in the order they were applied).
+/// The on-disk header of a ledger snapshot. After it: the accounts, the transfer window
+/// oldest first and the legs in flight lowest number first (128 bytes each), then the replay
+/// windows: `shard_count` highest sequences (`u64`), then `shard_count *
+/// credit_legs_in_flight_max` fingerprints (`u32`), all little-endian.
 #[derive(Clone, Copy, Pod, Zeroable)]
 #[repr(C)]
 struct SnapshotHeader {
@@ -374,28 +952,34 @@ struct SnapshotHeader {
     shard_count: u32,
     in_flight: u128,
     suspense: u128,
+    transfers_max: u64,
+    credit_legs_in_flight_max: u64,
     accounts_count: u64,
     transfers_count: u64,
-    credit_legs_count: u64,
     credit_legs_unacked: u64,
+    credit_leg_sequence_next: u64,
+    credit_legs_applied: u64,
     commit_op_last: u64,
     commit_timestamp_last: u64,
+    reserved: u64,
     digest: [u8; 32],
 }
 
 const SNAPSHOT_HEADER_BYTES: usize = size_of::<SnapshotHeader>();
-const _: () = assert!(SNAPSHOT_HEADER_BYTES == 128);
+const _: () = assert!(SNAPSHOT_HEADER_BYTES == 160);
 
 /// One shard of the reference double-entry ledger. See the module documentation.
 pub struct Ledger {
     config: LedgerConfig,
     accounts: SlotTable<Account>,
-    transfers: IndexedLog<Transfer>,
-    credit_legs: IndexedLog<Transfer>,
+    /// The idempotency window. A cross-shard transfer carries its leg's sequence number in
+    /// `reserved[0..8]`; a local one, 0. Records are never changed once appended.
+    transfers: IndexedWindow<Transfer>,
+    legs_in_flight: LegsInFlight,
+    legs_received: LegReplayWindows,
+    /// Credit legs received and applied or parked, since the beginning.
+    credit_legs_applied: u64,
     outbox: VecDeque<LedgerOutbound>,
-    /// Sum of the amounts of legs emitted and not yet acknowledged (mod 2^128).
-    in_flight: u128,
-    credit_legs_unacked: u64,
     /// Sum of the amounts of parked credit legs.
     suspense: u128,
     commit_op_last: u64,
@@ -410,10 +994,14 @@ impl fmt::Debug for Ledger {
             .field("config", &self.config)
             .field("accounts", &self.accounts.len)
             .field("transfers", &self.transfers.len)
-            .field("credit_legs", &self.credit_legs.len)
+            .field("credit_legs_unacked", &self.legs_in_flight.count)
+            .field("in_flight", &self.legs_in_flight.amount)
+            .field(
+                "credit_leg_sequence_next",
+                &self.legs_in_flight.sequence_next,
+            )
+            .field("credit_legs_applied", &self.credit_legs_applied)
             .field("outbox", &self.outbox.len())
-            .field("in_flight", &self.in_flight)
-            .field("credit_legs_unacked", &self.credit_legs_unacked)
             .field("suspense", &self.suspense)
             .field("commit_op_last", &self.commit_op_last)
             .finish_non_exhaustive()
@@ -425,7 +1013,7 @@ impl Ledger {
     /// [`HASH_SEED_DEFAULT`].
     ///
     /// # Panics
-    /// If a bound in `config` is zero or too large, or `shard_index >= shard_count`.
+    /// If `config` is invalid (see [`LedgerConfig::validate`]).
     pub fn new(config: LedgerConfig) -> Ledger {
         Ledger::with_hash_seed(config, HASH_SEED_DEFAULT)
     }
@@ -440,29 +1028,22 @@ impl Ledger {
     /// # Panics
     /// As [`Ledger::new`].
     pub fn with_hash_seed(config: LedgerConfig, hash_seed: u64) -> Ledger {
-        assert!(config.shard_count > 0, "shard_count must be positive");
-        assert!(
-            config.shard_index < config.shard_count,
-            "shard_index out of range"
-        );
-        assert!(
-            config.batch_entries_max > 0,
-            "batch_entries_max must be positive"
-        );
-        assert!(
-            config.batch_entries_max <= u32::MAX as usize,
-            "results index with u32"
-        );
+        if let Err(error) = config.validate() {
+            panic!("invalid ledger configuration: {error}");
+        }
         // Distinct seeds per table: a collision in one says nothing about another.
         let seed = |table: u64| hash_seed ^ table.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         Ledger {
             config,
             accounts: SlotTable::new(config.accounts_max, seed(1)),
-            transfers: IndexedLog::new(config.transfers_max, seed(2)),
-            credit_legs: IndexedLog::new(config.credit_legs_max, seed(3)),
+            transfers: IndexedWindow::new(config.transfers_max, seed(2)),
+            legs_in_flight: LegsInFlight::new(config.credit_legs_in_flight_max),
+            legs_received: LegReplayWindows::new(
+                config.shard_count,
+                config.credit_legs_in_flight_max,
+            ),
+            credit_legs_applied: 0,
             outbox: VecDeque::with_capacity(config.batch_entries_max),
-            in_flight: 0,
-            credit_legs_unacked: 0,
             suspense: 0,
             commit_op_last: 0,
             commit_timestamp_last: 0,
@@ -486,31 +1067,42 @@ impl Ledger {
         }
     }
 
-    /// The transfer with `id` debited on this shard, as stored (flags show whether its
-    /// credit leg is still in flight).
+    /// The transfer with `id` debited on this shard, if it is in the idempotency window: as
+    /// submitted, with its timestamp, and with `CREDIT_IN_FLIGHT` set while its credit leg is
+    /// not acknowledged. (A leg in flight whose transfer left the window is still listed by
+    /// [`Ledger::credit_legs_unacked`].)
     pub fn lookup_transfer(&self, id: u128) -> Option<Transfer> {
         if id == 0 {
             return None;
         }
-        match self.transfers.probe(id, |_| true) {
-            LogProbe::Found(position) => Some(self.transfers.records[position]),
+        match self.transfers.probe(id) {
+            LogProbe::Found(position) => {
+                Some(self.transfer_as_seen(&self.transfers.records[position]))
+            }
             LogProbe::Vacant { .. } => None,
         }
     }
 
-    /// The credit leg of transfer `id` from shard `origin_shard`, if this shard applied (or
-    /// parked) it.
-    pub fn lookup_credit_leg(&self, id: u128, origin_shard: u32) -> Option<Transfer> {
-        if id == 0 {
-            return None;
+    /// Whether this shard applied (or parked) `leg`, a credit leg emitted by another shard
+    /// (as listed by that shard's [`Ledger::credit_legs_unacked`]). Exact for every leg
+    /// still in flight at its origin.
+    pub fn credit_leg_applied(&self, leg: &Transfer) -> bool {
+        let sequence = credit_leg_sequence(leg);
+        let origin = shard_of(leg.debit_account_id, self.config.shard_count);
+        if sequence == 0 || origin == self.config.shard_index {
+            return false;
         }
-        match self
-            .credit_legs
-            .probe(id, self.debited_on_shard(origin_shard))
-        {
-            LogProbe::Found(position) => Some(self.credit_legs.records[position]),
-            LogProbe::Vacant { .. } => None,
-        }
+        let replay = self
+            .legs_received
+            .check(origin, sequence, credit_leg_fingerprint(leg));
+        matches!(replay, LegReplay::Duplicate | LegReplay::Stale)
+    }
+
+    /// Every account held, in table order: the order depends on the hash seed, so sort
+    /// (e.g. by id) wherever it must be the same across replicas or runs. Scans the whole
+    /// table: for inspection tools, not for the hot path.
+    pub fn accounts(&self) -> impl Iterator<Item = &Account> + '_ {
+        self.accounts.entries()
     }
 
     /// Number of accounts held.
@@ -518,24 +1110,24 @@ impl Ledger {
         self.accounts.len
     }
 
-    /// Number of transfers debited on this shard.
+    /// Number of transfers in the idempotency window (at most `transfers_max`).
     pub fn transfers_count(&self) -> usize {
         self.transfers.len
     }
 
-    /// Number of credit legs received and applied or parked.
-    pub fn credit_legs_count(&self) -> usize {
-        self.credit_legs.len
+    /// Number of credit legs received and applied or parked, since the beginning.
+    pub fn credit_legs_count(&self) -> u64 {
+        self.credit_legs_applied
     }
 
     /// Sum of the amounts of credit legs emitted and not yet acknowledged (mod 2^128).
     pub fn in_flight(&self) -> u128 {
-        self.in_flight
+        self.legs_in_flight.amount
     }
 
     /// Number of credit legs emitted and not yet acknowledged.
     pub fn credit_legs_unacked_count(&self) -> u64 {
-        self.credit_legs_unacked
+        self.legs_in_flight.count
     }
 
     /// Sum of the amounts of credit legs parked on this shard.
@@ -561,15 +1153,14 @@ impl Ledger {
         sum as i128
     }
 
-    /// Every credit leg emitted and not yet acknowledged, oldest first, as the messages to
-    /// resend (after a view change, a restart, or a resend timeout). Scans every transfer:
-    /// call it rarely, and only while `credit_legs_unacked_count() > 0`.
+    /// Every credit leg emitted and not yet acknowledged, lowest sequence (oldest) first, as
+    /// the messages to resend (after a view change, a restart, or a resend timeout): each
+    /// exactly as first sent. Walks the in-flight span (at most `credit_legs_in_flight_max`
+    /// slots), whether or not the transfers are still in the window.
     pub fn credit_legs_unacked(&self) -> impl Iterator<Item = LedgerOutbound> + '_ {
-        self.transfers
-            .records()
-            .iter()
-            .filter(|transfer| transfer.flags & transfer_flags::CREDIT_IN_FLIGHT != 0)
-            .map(|transfer| self.credit_leg_outbound(transfer))
+        self.legs_in_flight
+            .oldest_first()
+            .map(|leg| self.credit_leg_outbound(leg))
     }
 
     /// Whether this shard owns `account_id`.
@@ -579,21 +1170,25 @@ impl Ledger {
             || shard_of(account_id, self.config.shard_count) == self.config.shard_index
     }
 
-    /// A predicate: the transfer was debited on `origin_shard`.
-    fn debited_on_shard(&self, origin_shard: u32) -> impl Fn(&Transfer) -> bool + use<> {
-        let shard_count = self.config.shard_count;
-        move |transfer| shard_of(transfer.debit_account_id, shard_count) == origin_shard
+    /// A stored transfer as `lookup_transfer` shows it.
+    fn transfer_as_seen(&self, stored: &Transfer) -> Transfer {
+        let sequence = credit_leg_sequence(stored);
+        let mut seen = Transfer {
+            reserved: [0; 32],
+            ..*stored
+        };
+        if sequence != 0 && self.legs_in_flight.get(sequence).is_some() {
+            seen.flags |= transfer_flags::CREDIT_IN_FLIGHT;
+        }
+        seen
     }
 
-    fn credit_leg_outbound(&self, transfer: &Transfer) -> LedgerOutbound {
-        let leg = Transfer {
-            flags: transfer_flags::CROSS_SHARD_CREDIT,
-            ..*transfer
-        };
+    fn credit_leg_outbound(&self, leg: &Transfer) -> LedgerOutbound {
+        debug_assert_eq!(leg.flags, transfer_flags::CROSS_SHARD_CREDIT);
         Outbound {
             shard: shard_of(leg.credit_account_id, self.config.shard_count),
             operation: LedgerOperation::ApplyCreditLegs,
-            record: RecordSlot::from_transfer(&leg),
+            record: RecordSlot::from_transfer(leg),
         }
     }
 
@@ -615,25 +1210,32 @@ impl Ledger {
     ///
     /// A probe of a large table is a cache and TLB miss (hundreds of ns on a busy machine).
     /// Applying records one by one pays those misses one after another. Here the home slots
-    /// are computed first (arithmetic only), then loaded in one tight loop of independent
-    /// loads that the CPU keeps in flight together; the probes that follow hit the cache.
-    /// A prefetch instruction would not even occupy the core, but needs `unsafe`, which this
-    /// module forbids. Returns a value only so the loads are not optimised away.
+    /// are computed first (arithmetic, and a sequential read of the records the group will
+    /// evict from a full window), then loaded in one tight loop of independent loads that the
+    /// CPU keeps in flight together; the probes that follow hit the cache. A prefetch
+    /// instruction would not even occupy the core, but needs `unsafe`, which this module
+    /// forbids. Returns a value only so the loads are not optimised away.
     fn touch_transfers(&self, transfers: &[Transfer]) -> u128 {
         debug_assert!(transfers.len() <= TOUCH_GROUP_RECORDS);
-        let mut homes = [(0_usize, 0_usize, 0_usize); TOUCH_GROUP_RECORDS];
-        for (home, transfer) in homes.iter_mut().zip(transfers) {
+        let mut homes = [(0_usize, 0_usize, 0_usize, 0_usize); TOUCH_GROUP_RECORDS];
+        for (ahead, (home, transfer)) in homes.iter_mut().zip(transfers).enumerate() {
+            let transfer_slot = self.transfers.home_slot(transfer.id);
             *home = (
-                self.transfers.home_slot(transfer.id),
+                transfer_slot,
                 self.accounts.home_slot(transfer.debit_account_id),
                 self.accounts.home_slot(transfer.credit_account_id),
+                // Assumes every transfer of the group succeeds; a wrong guess costs a load.
+                self.transfers
+                    .eviction_home_slot(ahead)
+                    .unwrap_or(transfer_slot),
             );
         }
         let mut touched = 0;
-        for &(transfer_slot, debit_slot, credit_slot) in &homes[..transfers.len()] {
+        for &(transfer_slot, debit_slot, credit_slot, evicted_slot) in &homes[..transfers.len()] {
             touched ^= self.transfers.touch(transfer_slot)
                 ^ self.accounts.touch(debit_slot)
-                ^ self.accounts.touch(credit_slot);
+                ^ self.accounts.touch(credit_slot)
+                ^ self.transfers.touch(evicted_slot);
         }
         touched
     }
@@ -673,8 +1275,8 @@ impl Ledger {
             return R::DebitAccountNotOnShard;
         }
         // Idempotency before balances: a retry of an applied transfer reports `Exists` even
-        // if the balance has since changed.
-        let (index_slot, hash) = match self.transfers.probe(transfer.id, |_| true) {
+        // if the balance has since changed (while it is in the window).
+        let (index_slot, hash) = match self.transfers.probe(transfer.id) {
             LogProbe::Found(position) => {
                 let existing = &self.transfers.records[position];
                 return if transfer_fields_equal(existing, transfer) {
@@ -718,8 +1320,8 @@ impl Ledger {
             },
             None => None,
         };
-        if self.transfers.is_full() {
-            return R::TransfersTableFull;
+        if credit_slot.is_none() && !self.legs_in_flight.has_room() {
+            return R::CreditLegsInFlightFull;
         }
 
         // Commit point: every check passed, nothing below can fail.
@@ -728,25 +1330,31 @@ impl Ledger {
         if let (Some(slot), Some(credits_posted)) = (credit_slot, credits_posted) {
             self.accounts.slots[slot].credits_posted = credits_posted;
         } else {
-            stored.flags |= transfer_flags::CREDIT_IN_FLIGHT;
-            self.in_flight = self.in_flight.wrapping_add(transfer.amount);
-            self.credit_legs_unacked += 1;
-            let outbound = self.credit_leg_outbound(&stored);
+            let leg = self.legs_in_flight.push(Transfer {
+                flags: transfer_flags::CROSS_SHARD_CREDIT,
+                ..*transfer
+            });
+            stored.reserved = leg.reserved;
+            let outbound = self.credit_leg_outbound(&leg);
             self.push_outbound(outbound);
         }
-        self.transfers.append(index_slot, hash, stored);
+        // The evicted transfer, if any, needs nothing more: its leg (if in flight) is in
+        // `legs_in_flight`.
+        self.transfers.push(index_slot, hash, stored);
         R::Ok
     }
 
     fn apply_credit_leg(&mut self, leg: &Transfer) -> CreditLegResult {
         use CreditLegResult as R;
         self.observe_timestamp(leg.timestamp);
+        let sequence = credit_leg_sequence(leg);
         if leg.flags != transfer_flags::CROSS_SHARD_CREDIT
             || leg.id == 0
             || leg.debit_account_id == 0
             || leg.credit_account_id == 0
             || leg.amount == 0
-            || leg.reserved != [0; 32]
+            || sequence == 0
+            || !reserved_beyond_sequence_is_zero(leg)
         {
             return R::LegInvalid;
         }
@@ -754,23 +1362,15 @@ impl Ledger {
         if origin == self.config.shard_index {
             return R::LegInvalid;
         }
-        let (index_slot, hash) = match self
-            .credit_legs
-            .probe(leg.id, self.debited_on_shard(origin))
-        {
-            LogProbe::Found(position) => {
-                let applied = self.credit_legs.records[position];
-                if !transfer_fields_equal(&applied, leg) {
-                    return R::LegConflict;
-                }
+        let fingerprint = credit_leg_fingerprint(leg);
+        match self.legs_received.check(origin, sequence, fingerprint) {
+            LegReplay::New => {}
+            LegReplay::Duplicate | LegReplay::Stale => {
                 // The first acknowledgement may have been lost: acknowledge again.
-                self.push_ack(origin, &applied);
+                self.push_ack(origin, leg);
                 return R::Duplicate;
             }
-            LogProbe::Vacant { index_slot, hash } => (index_slot, hash),
-        };
-        if self.credit_legs.is_full() {
-            return R::LegsTableFull;
+            LegReplay::Conflict => return R::LegConflict,
         }
 
         let mut stored = *leg;
@@ -788,7 +1388,8 @@ impl Ledger {
                 parked
             }
         };
-        self.credit_legs.append(index_slot, hash, stored);
+        self.legs_received.record(origin, sequence, fingerprint);
+        self.credit_legs_applied += 1;
         self.push_ack(origin, &stored);
         result
     }
@@ -821,26 +1422,10 @@ impl Ledger {
     }
 
     fn ack_credit_leg(&mut self, ack: &Transfer) -> CreditAckResult {
-        use CreditAckResult as R;
         if ack.id == 0 || !self.owns(ack.debit_account_id) {
-            return R::TransferNotFound;
+            return CreditAckResult::TransferNotFound;
         }
-        let LogProbe::Found(position) = self.transfers.probe(ack.id, |_| true) else {
-            return R::TransferNotFound;
-        };
-        let transfer = &mut self.transfers.records[position];
-        if !transfer_fields_equal(transfer, ack) {
-            return R::Mismatch;
-        }
-        if transfer.flags & transfer_flags::CREDIT_IN_FLIGHT == 0 {
-            return R::Duplicate;
-        }
-        transfer.flags &= !transfer_flags::CREDIT_IN_FLIGHT;
-        let amount = transfer.amount;
-        assert!(self.credit_legs_unacked > 0);
-        self.credit_legs_unacked -= 1;
-        self.in_flight = self.in_flight.wrapping_sub(amount);
-        R::Ok
+        self.legs_in_flight.acknowledge(ack)
     }
 
     fn apply_transfers(&mut self, transfers: &[Transfer], results: &mut [RecordResult]) {
@@ -863,17 +1448,29 @@ impl Ledger {
     fn reset(&mut self) {
         self.accounts.clear();
         self.transfers.clear();
-        self.credit_legs.clear();
+        self.legs_in_flight.clear();
+        self.legs_received.clear();
+        self.credit_legs_applied = 0;
         self.outbox.clear();
-        self.in_flight = 0;
-        self.credit_legs_unacked = 0;
         self.suspense = 0;
         self.commit_op_last = 0;
         self.commit_timestamp_last = 0;
         self.prepare_timestamp_last = 0;
     }
 
-    fn restore_into_empty(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+    /// Snapshot body length for a header's counts, if it fits in `usize`.
+    fn snapshot_bytes(&self, accounts: usize, transfers: usize, legs: usize) -> Option<usize> {
+        let shards = self.config.shard_count as usize;
+        let records = accounts.checked_add(transfers)?.checked_add(legs)?;
+        let replay_bytes =
+            shards * size_of::<u64>() + self.legs_received.fingerprints.len() * size_of::<u32>();
+        records
+            .checked_mul(RECORD_BYTES)?
+            .checked_add(SNAPSHOT_HEADER_BYTES + replay_bytes)
+    }
+
+    /// Checks a snapshot header against this ledger; returns the record counts.
+    fn restore_header(&self, bytes: &[u8]) -> Result<(SnapshotHeader, [usize; 3]), RestoreError> {
         let Some(header_bytes) = bytes.get(..SNAPSHOT_HEADER_BYTES) else {
             return Err(RestoreError::LengthMismatch {
                 bytes: bytes.len(),
@@ -893,6 +1490,8 @@ impl Ledger {
         }
         if header.shard_index != self.config.shard_index
             || header.shard_count != self.config.shard_count
+            || header.transfers_max != self.config.transfers_max as u64
+            || header.credit_legs_in_flight_max != self.config.credit_legs_in_flight_max as u64
         {
             return Err(RestoreError::ConfigMismatch);
         }
@@ -900,12 +1499,16 @@ impl Ledger {
             Ok(count) if count <= max => Ok(count),
             _ => Err(RestoreError::CapacityExceeded),
         };
-        let accounts_count = count(header.accounts_count, self.accounts.len_max)?;
-        let transfers_count = count(header.transfers_count, self.transfers.len_max())?;
-        let credit_legs_count = count(header.credit_legs_count, self.credit_legs.len_max())?;
-        let expected = (accounts_count + transfers_count + credit_legs_count)
-            .checked_mul(RECORD_BYTES)
-            .and_then(|body| body.checked_add(SNAPSHOT_HEADER_BYTES))
+        let counts = [
+            count(header.accounts_count, self.accounts.len_max)?,
+            count(header.transfers_count, self.config.transfers_max)?,
+            count(
+                header.credit_legs_unacked,
+                self.config.credit_legs_in_flight_max,
+            )?,
+        ];
+        let expected = self
+            .snapshot_bytes(counts[0], counts[1], counts[2])
             .ok_or(RestoreError::Corrupt)?;
         if bytes.len() != expected {
             return Err(RestoreError::LengthMismatch {
@@ -913,26 +1516,43 @@ impl Ledger {
                 expected,
             });
         }
+        if header.credit_leg_sequence_next == 0 {
+            return Err(RestoreError::Corrupt);
+        }
+        Ok((header, counts))
+    }
 
-        let mut records = bytes[SNAPSHOT_HEADER_BYTES..].chunks_exact(RECORD_BYTES);
+    fn restore_into_empty(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        let (header, [accounts_count, transfers_count, legs_count]) = self.restore_header(bytes)?;
+        self.legs_in_flight.sequence_next = header.credit_leg_sequence_next;
+        let (record_bytes, replay_bytes) = bytes[SNAPSHOT_HEADER_BYTES..]
+            .split_at((accounts_count + transfers_count + legs_count) * RECORD_BYTES);
+        let mut records = record_bytes.chunks_exact(RECORD_BYTES);
         for chunk in records.by_ref().take(accounts_count) {
             self.restore_account(bytemuck::pod_read_unaligned(chunk))?;
         }
+        let mut timestamp_previous = 0;
         for chunk in records.by_ref().take(transfers_count) {
-            self.restore_transfer(bytemuck::pod_read_unaligned(chunk))?;
+            let transfer: Transfer = bytemuck::pod_read_unaligned(chunk);
+            if transfer.timestamp <= timestamp_previous {
+                return Err(RestoreError::Corrupt); // the window is in apply order
+            }
+            timestamp_previous = transfer.timestamp;
+            self.restore_transfer(transfer)?;
         }
-        for chunk in records.by_ref().take(credit_legs_count) {
-            self.restore_credit_leg(bytemuck::pod_read_unaligned(chunk))?;
+        for chunk in records.by_ref().take(legs_count) {
+            self.restore_leg_in_flight(bytemuck::pod_read_unaligned(chunk))?;
         }
         debug_assert!(records.next().is_none());
+        self.legs_in_flight.restore_finish();
+        self.restore_replay_windows(replay_bytes)?;
 
-        // Counters are derived from the records; they must agree with the header.
-        if self.in_flight != header.in_flight
-            || self.credit_legs_unacked != header.credit_legs_unacked
-            || self.suspense != header.suspense
-        {
+        // Counters derived from the records must agree with the header.
+        if self.legs_in_flight.amount != header.in_flight {
             return Err(RestoreError::Corrupt);
         }
+        self.suspense = header.suspense;
+        self.credit_legs_applied = header.credit_legs_applied;
         self.commit_op_last = header.commit_op_last;
         self.commit_timestamp_last = header.commit_timestamp_last;
         self.prepare_timestamp_last = header.commit_timestamp_last;
@@ -956,30 +1576,61 @@ impl Ledger {
     }
 
     fn restore_transfer(&mut self, transfer: Transfer) -> Result<(), RestoreError> {
-        if transfer.debit_account_id == 0 || !self.owns(transfer.debit_account_id) {
-            return Err(RestoreError::Corrupt);
-        }
-        self.transfers.append_new(transfer, |_| true)?;
-        if transfer.flags & transfer_flags::CREDIT_IN_FLIGHT != 0 {
-            self.in_flight = self.in_flight.wrapping_add(transfer.amount);
-            self.credit_legs_unacked += 1;
-        }
-        Ok(())
-    }
-
-    fn restore_credit_leg(&mut self, leg: Transfer) -> Result<(), RestoreError> {
-        let origin = shard_of(leg.debit_account_id, self.config.shard_count);
-        if leg.flags & transfer_flags::CROSS_SHARD_CREDIT == 0 || origin == self.config.shard_index
+        let sequence = credit_leg_sequence(&transfer);
+        // A leg number exactly when the credit is remote, and one already handed out.
+        let numbered_rightly = if self.owns(transfer.credit_account_id) {
+            sequence == 0
+        } else {
+            sequence != 0 && sequence < self.legs_in_flight.sequence_next
+        };
+        if transfer.debit_account_id == 0
+            || !self.owns(transfer.debit_account_id)
+            || !numbered_rightly
+            || !reserved_beyond_sequence_is_zero(&transfer)
         {
             return Err(RestoreError::Corrupt);
         }
-        self.credit_legs
-            .append_new(leg, self.debited_on_shard(origin))?;
-        if leg.flags & transfer_flags::CREDIT_PARKED != 0 {
-            self.suspense = self
-                .suspense
-                .checked_add(leg.amount)
-                .ok_or(RestoreError::Corrupt)?;
+        self.transfers.append_new(transfer)
+    }
+
+    fn restore_leg_in_flight(&mut self, leg: Transfer) -> Result<(), RestoreError> {
+        if leg.flags != transfer_flags::CROSS_SHARD_CREDIT
+            || leg.id == 0
+            || leg.amount == 0
+            || leg.debit_account_id == 0
+            || !self.owns(leg.debit_account_id)
+            || self.owns(leg.credit_account_id)
+            || !reserved_beyond_sequence_is_zero(&leg)
+        {
+            return Err(RestoreError::Corrupt);
+        }
+        self.legs_in_flight.restore(leg)
+    }
+
+    fn restore_replay_windows(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        let windows = &mut self.legs_received;
+        let (maxima, fingerprints) = bytes.split_at(windows.sequence_max.len() * size_of::<u64>());
+        debug_assert_eq!(
+            fingerprints.len(),
+            windows.fingerprints.len() * size_of::<u32>()
+        );
+        for (sequence_max, chunk) in windows.sequence_max.iter_mut().zip(maxima.chunks_exact(8)) {
+            *sequence_max = bytemuck::pod_read_unaligned(chunk);
+        }
+        for (fingerprint, chunk) in windows
+            .fingerprints
+            .iter_mut()
+            .zip(fingerprints.chunks_exact(4))
+        {
+            *fingerprint = bytemuck::pod_read_unaligned(chunk);
+        }
+        // A shard receives no legs from itself.
+        let own = self.config.shard_index;
+        let own_row = windows.slot(own, 0)..windows.slot(own, 0) + windows.width as usize;
+        if windows.sequence_max[own as usize] != 0
+            || windows.fingerprints[own_row].iter().any(|&f| f != 0)
+        {
+            return Err(RestoreError::Corrupt);
         }
         Ok(())
     }
@@ -1179,29 +1830,51 @@ impl StateMachine for Ledger {
             version: SNAPSHOT_VERSION,
             shard_index: self.config.shard_index,
             shard_count: self.config.shard_count,
-            in_flight: self.in_flight,
+            in_flight: self.legs_in_flight.amount,
             suspense: self.suspense,
+            transfers_max: self.config.transfers_max as u64,
+            credit_legs_in_flight_max: self.config.credit_legs_in_flight_max as u64,
             accounts_count: self.accounts.len as u64,
             transfers_count: self.transfers.len as u64,
-            credit_legs_count: self.credit_legs.len as u64,
-            credit_legs_unacked: self.credit_legs_unacked,
+            credit_legs_unacked: self.legs_in_flight.count,
+            credit_leg_sequence_next: self.legs_in_flight.sequence_next,
+            credit_legs_applied: self.credit_legs_applied,
             commit_op_last: self.commit_op_last,
             commit_timestamp_last: self.commit_timestamp_last,
+            reserved: 0,
             digest: self.digest(),
         };
-        let records = self.accounts.len + self.transfers.len + self.credit_legs.len;
-        out.reserve(SNAPSHOT_HEADER_BYTES + records * RECORD_BYTES);
+        let bytes = self
+            .snapshot_bytes(
+                self.accounts.len,
+                self.transfers.len,
+                self.legs_in_flight.count as usize,
+            )
+            .expect("the tables fit in memory, so their snapshot length fits in usize");
+        out.reserve(bytes);
+        let start = out.len();
         out.extend_from_slice(bytemuck::bytes_of(&header));
         for account in self.accounts.entries() {
             out.extend_from_slice(bytemuck::bytes_of(account));
         }
-        out.extend_from_slice(bytemuck::cast_slice(self.transfers.records()));
-        out.extend_from_slice(bytemuck::cast_slice(self.credit_legs.records()));
+        let (older, newer) = self.transfers.as_slices();
+        out.extend_from_slice(bytemuck::cast_slice(older));
+        out.extend_from_slice(bytemuck::cast_slice(newer));
+        for leg in self.legs_in_flight.oldest_first() {
+            out.extend_from_slice(bytemuck::bytes_of(leg));
+        }
+        for sequence_max in self.legs_received.sequence_max.iter() {
+            out.extend_from_slice(&sequence_max.to_le_bytes());
+        }
+        out.extend_from_slice(bytemuck::cast_slice(&self.legs_received.fingerprints[..]));
+        debug_assert_eq!(out.len() - start, bytes);
     }
 
-    /// Restores a snapshot into this ledger's tables (which may be larger than the source's,
-    /// and hashed with another seed); checks every record, recomputes the counters and the
-    /// digest against the snapshot's. The outbox starts empty: resend
+    /// Restores a snapshot into this ledger's tables (the account table may be larger than
+    /// the source's, and any table may be hashed with another seed; `transfers_max` and
+    /// `credit_legs_in_flight_max` must be the source's). Checks every record, rebuilds the
+    /// transfer window in its order (so the same transfers are evicted next), recomputes the
+    /// counters and the digest against the snapshot's. The outbox starts empty: resend
     /// [`Ledger::credit_legs_unacked`].
     fn restore(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
         self.reset();
@@ -1212,38 +1885,52 @@ impl StateMachine for Ledger {
         restored
     }
 
+    /// Covers the configuration that decides results, the counters, the accounts (as a
+    /// set), the transfer window in order (it decides future evictions), the legs in flight
+    /// and the replay windows. Never the table layout.
     fn digest(&self) -> Digest256 {
         let mut hasher = Digest256Hasher::new();
         hasher
-            .update(b"percore.ledger.v1")
+            .update(b"percore.ledger.v2")
             .update(&self.config.shard_index.to_le_bytes())
             .update(&self.config.shard_count.to_le_bytes())
-            .update(&self.in_flight.to_le_bytes())
-            .update(&self.credit_legs_unacked.to_le_bytes())
+            .update(&(self.config.transfers_max as u64).to_le_bytes())
+            .update(&(self.config.credit_legs_in_flight_max as u64).to_le_bytes())
             .update(&self.suspense.to_le_bytes())
+            .update(&self.credit_legs_applied.to_le_bytes())
             .update(&self.commit_op_last.to_le_bytes())
             .update(&self.commit_timestamp_last.to_le_bytes());
-        for (len, lanes) in [
-            (self.accounts.len, multiset_digest(self.accounts.entries())),
-            (
-                self.transfers.len,
-                multiset_digest(self.transfers.records().iter()),
-            ),
-            (
-                self.credit_legs.len,
-                multiset_digest(self.credit_legs.records().iter()),
-            ),
-        ] {
-            hasher
-                .update(&(len as u64).to_le_bytes())
-                .update(bytemuck::bytes_of(&lanes));
+        hasher
+            .update(&(self.accounts.len as u64).to_le_bytes())
+            .update(bytemuck::bytes_of(&multiset_digest(
+                self.accounts.entries(),
+            )));
+        let (older, newer) = self.transfers.as_slices();
+        hasher
+            .update(&(self.transfers.len as u64).to_le_bytes())
+            .update(bytemuck::cast_slice(older))
+            .update(bytemuck::cast_slice(newer));
+        let legs = &self.legs_in_flight;
+        hasher
+            .update(&legs.sequence_next.to_le_bytes())
+            .update(&legs.count.to_le_bytes())
+            .update(&legs.amount.to_le_bytes());
+        for leg in legs.oldest_first() {
+            hasher.update(bytemuck::bytes_of(leg));
         }
+        hasher
+            .update(bytemuck::cast_slice(&self.legs_received.sequence_max[..]))
+            .update(bytemuck::cast_slice(&self.legs_received.fingerprints[..]));
         hasher.finalize()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
+    use proptest::prelude::*;
+
     use super::*;
 
     fn account(id: u128) -> Account {
@@ -1261,6 +1948,55 @@ mod tests {
             debit_account_id: debit,
             ..Transfer::zeroed()
         }
+    }
+
+    /// Pushes `id` into the window; panics if it is there already. Returns the evicted id.
+    fn push(window: &mut IndexedWindow<Transfer>, id: u128) -> Option<u128> {
+        let LogProbe::Vacant { index_slot, hash } = window.probe(id) else {
+            panic!("{id} present before push");
+        };
+        window.push(index_slot, hash, transfer(id, 1))
+    }
+
+    fn window_ids(window: &IndexedWindow<Transfer>) -> Vec<u128> {
+        window.oldest_first().map(|record| record.id).collect()
+    }
+
+    /// Checks the window's invariants: one index entry per record, each pointing at its
+    /// record, reachable from its home slot without crossing an empty entry.
+    fn check_window(window: &IndexedWindow<Transfer>) {
+        let entries = (0..window.capacity())
+            .filter(|&slot| window.entry(slot).ordinal != 0)
+            .count();
+        assert_eq!(entries, window.len, "one index entry per record");
+        for slot in 0..window.capacity() {
+            let entry = window.entry(slot);
+            if entry.ordinal == 0 {
+                continue;
+            }
+            let position = entry.ordinal as usize - 1;
+            assert!(position < window.len_max());
+            let record = &window.records[position];
+            let hash = hash_id(record.id, window.seed);
+            assert_eq!(entry.tag, hash as u32, "slot {slot}");
+            let mut probe = window.home_of(hash);
+            while probe != slot {
+                let cut_off = window.entry(probe).ordinal == 0;
+                assert!(!cut_off, "slot {slot} cut off its home");
+                probe = (probe + 1) & window.mask;
+            }
+        }
+        for (position, record) in window.records[..window.len].iter().enumerate() {
+            assert!(matches!(window.probe(record.id), LogProbe::Found(p) if p == position));
+        }
+    }
+
+    /// `count` ids whose home slot in `window` is `slot`.
+    fn ids_homed_at(window: &IndexedWindow<Transfer>, slot: usize, count: usize) -> Vec<u128> {
+        (1..1_000_000)
+            .filter(|&id| window.home_slot(id) == slot)
+            .take(count)
+            .collect()
     }
 
     #[test]
@@ -1315,54 +2051,257 @@ mod tests {
     }
 
     #[test]
-    fn indexed_log_appends_in_order_and_finds_by_id_and_predicate() {
-        let mut log: IndexedLog<Transfer> = IndexedLog::new(8, 3);
-        // One id from two debit accounts: told apart by the predicate.
-        for (id, debit) in [(5, 1), (6, 1), (5, 2)] {
-            let LogProbe::Vacant { index_slot, hash } =
-                log.probe(id, |t| t.debit_account_id == debit)
-            else {
-                panic!("({id}, {debit}) present before append");
-            };
-            log.append(index_slot, hash, transfer(id, debit));
-        }
-        let order: Vec<(u128, u128)> = log
-            .records()
-            .iter()
-            .map(|t| (t.id, t.debit_account_id))
-            .collect();
-        assert_eq!(order, [(5, 1), (6, 1), (5, 2)]);
-        assert!(matches!(
-            log.probe(5, |t| t.debit_account_id == 2),
-            LogProbe::Found(2)
-        ));
-        assert!(matches!(
-            log.probe(5, |t| t.debit_account_id == 1),
-            LogProbe::Found(0)
-        ));
-        assert!(matches!(
-            log.probe(5, |t| t.debit_account_id == 3),
-            LogProbe::Vacant { .. }
-        ));
+    fn indexed_window_appends_in_order_and_evicts_the_oldest() {
+        let mut window: IndexedWindow<Transfer> = IndexedWindow::new(3, 3);
+        assert_eq!(push(&mut window, 5), None);
+        assert_eq!(push(&mut window, 6), None);
+        assert_eq!(push(&mut window, 7), None);
+        assert!(window.is_full());
+        assert_eq!(window_ids(&window), [5, 6, 7]);
+        assert_eq!(push(&mut window, 8), Some(5), "first in, first out");
+        assert_eq!(push(&mut window, 5), Some(6), "an evicted id is new again");
+        assert_eq!(window_ids(&window), [7, 8, 5]);
+        let (older, newer) = window.as_slices();
+        assert_eq!((older.len(), newer.len()), (1, 2), "the ring wrapped");
+        assert!(matches!(window.probe(6), LogProbe::Vacant { .. }));
+        assert!(matches!(window.probe(7), LogProbe::Found(2)));
+        check_window(&window);
         assert_eq!(
-            log.append_new(transfer(6, 1), |_| true).unwrap_err(),
-            RestoreError::Corrupt
+            window.append_new(transfer(9, 1)),
+            Err(RestoreError::Corrupt)
         );
-        log.clear();
-        assert!(log.records().is_empty());
-        assert!(matches!(log.probe(6, |_| true), LogProbe::Vacant { .. }));
+        window.clear();
+        assert!(window_ids(&window).is_empty());
+        assert_eq!(window.append_new(transfer(7, 1)), Ok(()));
+        assert_eq!(
+            window.append_new(transfer(7, 1)),
+            Err(RestoreError::Corrupt)
+        );
+        check_window(&window);
     }
 
     #[test]
-    fn indexed_log_stops_at_len_max() {
-        let mut log: IndexedLog<Transfer> = IndexedLog::new(2, 3);
-        log.append_new(transfer(1, 1), |_| true).unwrap();
-        log.append_new(transfer(2, 1), |_| true).unwrap();
-        assert!(log.is_full());
+    fn an_index_of_one_line_holds_every_collision() {
+        // Four records (five while pushing) in one line of eight slots: every id collides.
+        let mut window: IndexedWindow<Transfer> = IndexedWindow::new(4, 5);
+        assert_eq!(window.capacity(), INDEX_BUCKET_ENTRIES);
+        for id in 1..=200 {
+            push(&mut window, id);
+            check_window(&window);
+        }
+        assert_eq!(window_ids(&window), [197, 198, 199, 200]);
+    }
+
+    #[test]
+    fn indexed_window_of_one_keeps_the_last_record() {
+        let mut window: IndexedWindow<Transfer> = IndexedWindow::new(1, 3);
+        for id in 1..=50 {
+            assert_eq!(push(&mut window, id), (id > 1).then(|| id - 1));
+            assert_eq!(window_ids(&window), [id]);
+            check_window(&window);
+        }
+    }
+
+    #[test]
+    fn backward_shift_keeps_colliding_clusters_reachable() {
+        // 32 slots in four lines; ids home at the last line, the first and the second, so
+        // the clusters overflow their lines, wrap around the end of the index, and every
+        // deletion shifts entries across lines and across the end.
+        let mut window: IndexedWindow<Transfer> = IndexedWindow::new(10, 11);
+        assert_eq!(window.capacity(), 32);
+        let last = window.capacity() - INDEX_BUCKET_ENTRIES;
+        let mut ids = ids_homed_at(&window, last, 40);
+        ids.extend(ids_homed_at(&window, 0, 40));
+        ids.extend(ids_homed_at(&window, INDEX_BUCKET_ENTRIES, 40));
+        // Interleave the three home slots.
+        let order: Vec<u128> = (0..40)
+            .flat_map(|i| [ids[i], ids[40 + i], ids[80 + i]])
+            .collect();
+        let mut model: VecDeque<u128> = VecDeque::new();
+        for &id in &order {
+            let evicted = push(&mut window, id);
+            model.push_back(id);
+            let expected = (model.len() > 10).then(|| model.pop_front().unwrap());
+            assert_eq!(evicted, expected);
+            assert_eq!(window_ids(&window), Vec::from(model.clone()));
+            check_window(&window);
+            for &other in &order {
+                let found = matches!(window.probe(other), LogProbe::Found(_));
+                assert_eq!(found, model.contains(&other), "id {other}");
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum WindowOp {
+        /// Append this id unless the window has it (then it must be found).
+        Push(u128),
+        /// Look this id up.
+        Probe(u128),
+    }
+
+    fn window_op() -> impl Strategy<Value = WindowOp> {
+        prop_oneof![
+            3 => (1_u128..=48).prop_map(WindowOp::Push),
+            1 => (1_u128..=48).prop_map(WindowOp::Probe),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Against a model (a `VecDeque` of the last `len_max` ids and a map of where each
+        /// is), through many wrap-arounds of tiny, collision-heavy tables.
+        #[test]
+        fn indexed_window_matches_a_model(
+            len_max in 1_usize..=12,
+            seed in any::<u64>(),
+            ops in proptest::collection::vec(window_op(), 1..400),
+        ) {
+            let mut window: IndexedWindow<Transfer> = IndexedWindow::new(len_max, seed);
+            let mut model: VecDeque<u128> = VecDeque::new();
+            for op in ops {
+                match op {
+                    WindowOp::Push(id) => match window.probe(id) {
+                        LogProbe::Found(position) => {
+                            prop_assert!(model.contains(&id));
+                            prop_assert_eq!(window.records[position].id, id);
+                        }
+                        LogProbe::Vacant { index_slot, hash } => {
+                            prop_assert!(!model.contains(&id));
+                            let evicted = window.push(index_slot, hash, transfer(id, 1));
+                            model.push_back(id);
+                            let expected = (model.len() > len_max).then(|| model.pop_front().unwrap());
+                            prop_assert_eq!(evicted, expected);
+                        }
+                    },
+                    WindowOp::Probe(id) => {
+                        let found = matches!(window.probe(id), LogProbe::Found(_));
+                        prop_assert_eq!(found, model.contains(&id));
+                    }
+                }
+                let map: std::collections::HashMap<u128, usize> =
+                    model.iter().enumerate().map(|(age, &id)| (id, age)).collect();
+                let ids = window_ids(&window);
+                prop_assert_eq!(ids.len(), map.len());
+                for (age, id) in ids.iter().enumerate() {
+                    prop_assert_eq!(map.get(id), Some(&age));
+                }
+                check_window(&window);
+            }
+        }
+    }
+
+    fn leg(id: u128, amount: u128) -> Transfer {
+        Transfer {
+            id,
+            debit_account_id: 1,
+            credit_account_id: 2,
+            amount,
+            ledger: 1,
+            code: 1,
+            flags: transfer_flags::CROSS_SHARD_CREDIT,
+            ..Transfer::zeroed()
+        }
+    }
+
+    #[test]
+    fn legs_in_flight_settle_once_and_hold_back_at_the_oldest() {
+        let mut legs = LegsInFlight::new(3);
+        let sent: Vec<Transfer> = (1..=3).map(|id| legs.push(leg(id, id * 10))).collect();
         assert_eq!(
-            log.append_new(transfer(3, 1), |_| true),
-            Err(RestoreError::Corrupt)
+            sent.iter().map(credit_leg_sequence).collect::<Vec<_>>(),
+            [1, 2, 3]
         );
+        assert!(!legs.has_room());
+        assert_eq!((legs.count, legs.amount), (3, 60));
+        // Out of order: the second first. The oldest still holds the span.
+        assert_eq!(legs.acknowledge(&sent[1]), CreditAckResult::Ok);
+        assert_eq!(legs.acknowledge(&sent[1]), CreditAckResult::Duplicate);
+        assert!(!legs.has_room(), "leg 1 is still in flight");
+        assert_eq!((legs.count, legs.amount), (2, 40));
+        let altered = Transfer {
+            amount: 11,
+            ..sent[0]
+        };
+        assert_eq!(legs.acknowledge(&altered), CreditAckResult::Mismatch);
+        let unknown = with_credit_leg_sequence(sent[0], 4);
+        assert_eq!(
+            legs.acknowledge(&unknown),
+            CreditAckResult::TransferNotFound
+        );
+        assert_eq!(legs.acknowledge(&sent[0]), CreditAckResult::Ok);
+        assert_eq!(legs.sequence_oldest, 3, "skips the acknowledged second");
+        assert!(legs.has_room());
+        let fourth = legs.push(leg(4, 1));
+        assert_eq!(credit_leg_sequence(&fourth), 4);
+        assert_eq!(
+            legs.oldest_first().map(|leg| leg.id).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        assert_eq!(legs.acknowledge(&sent[0]), CreditAckResult::Duplicate);
+        assert_eq!(legs.acknowledge(&sent[2]), CreditAckResult::Ok);
+        assert_eq!(legs.acknowledge(&fourth), CreditAckResult::Ok);
+        assert_eq!((legs.count, legs.amount), (0, 0));
+        assert_eq!(legs.sequence_oldest, legs.sequence_next);
+    }
+
+    #[test]
+    fn replay_windows_remember_exactly_the_last_width_numbers() {
+        let mut windows = LegReplayWindows::new(3, 4);
+        let (origin, other) = (1, 2);
+        assert_eq!(windows.check(origin, 5, 77), LegReplay::New);
+        windows.record(origin, 5, 77);
+        assert_eq!(windows.check(origin, 5, 77), LegReplay::Duplicate);
+        assert_eq!(windows.check(origin, 5, 78), LegReplay::Conflict);
+        assert_eq!(
+            windows.check(origin, 3, 9),
+            LegReplay::New,
+            "in range, not seen"
+        );
+        assert_eq!(windows.check(origin, 1, 9), LegReplay::Stale, "5 - 1 >= 4");
+        assert_eq!(windows.check(other, 5, 77), LegReplay::New, "per origin");
+        windows.record(origin, 3, 9);
+        windows.record(origin, 7, 11); // slides past 3 and 4 (3 becomes stale)
+        assert_eq!(windows.check(origin, 3, 9), LegReplay::Stale);
+        assert_eq!(windows.check(origin, 4, 1), LegReplay::New);
+        assert_eq!(windows.check(origin, 5, 77), LegReplay::Duplicate);
+        assert_eq!(windows.check(origin, 6, 1), LegReplay::New);
+        windows.record(origin, 100, 5); // a jump wider than the window clears it
+        assert_eq!(windows.check(origin, 97, 1), LegReplay::New);
+        assert_eq!(windows.check(origin, 96, 1), LegReplay::Stale);
+        assert_eq!(windows.check(origin, 100, 5), LegReplay::Duplicate);
+        let row = windows.slot(origin, 0);
+        let remembered = windows.fingerprints[row..row + 4]
+            .iter()
+            .filter(|&&fingerprint| fingerprint != 0)
+            .count();
+        assert_eq!(remembered, 1);
+    }
+
+    #[test]
+    fn leg_fingerprints_cover_the_fields_an_ack_must_match() {
+        let base = with_credit_leg_sequence(leg(9, 5), 3);
+        let fingerprint = credit_leg_fingerprint(&base);
+        assert_ne!(fingerprint, 0);
+        let restamped = Transfer {
+            timestamp: 1234,
+            flags: transfer_flags::CREDIT_PARKED,
+            ..base
+        };
+        assert_eq!(credit_leg_fingerprint(&restamped), fingerprint);
+        for changed in [
+            Transfer { amount: 6, ..base },
+            Transfer { id: 10, ..base },
+            Transfer {
+                user_data: 1,
+                ..base
+            },
+            Transfer { code: 2, ..base },
+            with_credit_leg_sequence(base, 4),
+        ] {
+            assert_ne!(credit_leg_fingerprint(&changed), fingerprint);
+        }
     }
 
     #[test]
@@ -1392,6 +2331,40 @@ mod tests {
             multiset_digest(one.entries()),
             multiset_digest(shifted.iter())
         );
+    }
+
+    #[test]
+    fn config_validation_names_the_bad_bound() {
+        assert_eq!(LedgerConfig::new(3, 4).validate(), Ok(()));
+        assert_eq!(
+            LedgerConfig::new(4, 4).validate(),
+            Err(LedgerConfigError::ShardIndex {
+                shard_index: 4,
+                shard_count: 4
+            })
+        );
+        let no_window = LedgerConfig {
+            transfers_max: 0,
+            ..LedgerConfig::new(0, 1)
+        };
+        assert!(matches!(
+            no_window.validate(),
+            Err(LedgerConfigError::OutOfRange {
+                name: "transfers_max",
+                ..
+            })
+        ));
+        let huge_batch = LedgerConfig {
+            batch_entries_max: BATCH_ENTRIES_MAX_LIMIT + 1,
+            ..LedgerConfig::new(0, 1)
+        };
+        assert!(huge_batch.validate().is_err());
+        // The documented default footprint: about 168 MiB per shard, plus 256 KiB per shard
+        // of the cluster.
+        let one = LedgerConfig::new(0, 1).memory_bytes();
+        let eight = LedgerConfig::new(0, 8).memory_bytes();
+        assert_eq!(eight - one, 7 * (256 << 10) + 7 * 8);
+        assert!((165 << 20..170 << 20).contains(&one), "{one}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod checksum;
 pub mod frame;
+pub mod journal;
 pub mod ledger;
 pub mod limits;
 pub mod pool;

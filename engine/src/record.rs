@@ -137,7 +137,9 @@ pub struct Transfer {
     pub code: u16,
     /// [`transfer_flags`].
     pub flags: u16,
-    /// Must be zero.
+    /// Must be zero in a client's transfer. Credit legs and their acknowledgements (internal
+    /// records) carry the origin's leg sequence number in bytes 0..8, little-endian (see
+    /// `ledger::credit_leg_sequence`).
     pub reserved: [u8; 32],
 }
 
@@ -293,16 +295,20 @@ wire_enum! {
         OverflowsDebits = 18,
         /// The credit account's `credits_posted` would overflow.
         OverflowsCredits = 19,
-        /// The shard holds `transfers_max` transfers already.
-        TransfersTableFull = 20,
+        // 20 was `TransfersTableFull`: retired when the transfer table became a window that
+        // evicts its oldest entry. Never reuse it.
+        /// The credit account is on another shard and this shard already has
+        /// `credit_legs_in_flight_max` credit legs in flight (counted from the oldest one not
+        /// yet acknowledged): back-pressure, nothing changed; retry later.
+        CreditLegsInFlightFull = 21,
     }
 }
 
 wire_enum! {
     /// Result of applying one incoming credit leg on the credit shard (internal operation).
     ///
-    /// Every result except `LegInvalid`, `LegConflict` and `LegsTableFull` is acknowledged to
-    /// the debit shard. Unacknowledged legs stay counted as in flight there and are resent.
+    /// Every result except `LegInvalid`, `LegConflict` and `SuspenseOverflow` is acknowledged
+    /// to the debit shard. Unacknowledged legs stay counted as in flight there and are resent.
     pub enum CreditLegResult: u32 {
         /// Posted to the credit account.
         Ok = 0,
@@ -316,12 +322,13 @@ wire_enum! {
         ParkedOverflowsCredits = 4,
         /// The credit account does not belong to this shard (a routing bug): parked.
         ParkedCreditAccountNotOnShard = 5,
-        /// Not a well-formed leg (flags, zero id or amount, reserved bytes, own shard): ignored.
+        /// Not a well-formed leg (flags, zero id, amount or sequence number, reserved bytes
+        /// beyond the sequence number, own shard): ignored.
         LegInvalid = 6,
-        /// A leg with this id from the same debit shard was applied with different fields.
+        /// A different leg with this sequence number from the same debit shard was applied.
         LegConflict = 7,
-        /// The shard's table of applied legs is full: not applied, not acknowledged.
-        LegsTableFull = 8,
+        // 8 was `LegsTableFull`: retired when received legs became replay windows, which
+        // never fill. Never reuse it.
         /// Suspense would overflow: not applied, not acknowledged.
         SuspenseOverflow = 9,
     }
@@ -334,9 +341,10 @@ wire_enum! {
         Ok = 0,
         /// The leg was acknowledged before.
         Duplicate = 1,
-        /// No transfer with this id originated here.
+        /// No leg with this sequence number originated here (or the debit account is not
+        /// on this shard).
         TransferNotFound = 2,
-        /// The acknowledged leg differs from the transfer that originated here.
+        /// The acknowledged leg differs from the leg in flight with its sequence number.
         Mismatch = 3,
     }
 }
@@ -448,7 +456,9 @@ mod tests {
         for &result in CreateAccountResult::ALL {
             assert_eq!(CreateAccountResult::try_from(u32::from(result)), Ok(result));
         }
-        assert_eq!(CreateTransferResult::try_from(21), Err(21));
+        assert_eq!(CreateTransferResult::try_from(20), Err(20), "retired");
+        assert_eq!(CreateTransferResult::try_from(22), Err(22));
+        assert_eq!(CreditLegResult::try_from(8), Err(8), "retired");
         assert_eq!(CreateAccountResult::try_from(u32::MAX), Err(u32::MAX));
     }
 

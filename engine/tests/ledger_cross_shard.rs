@@ -1,10 +1,14 @@
-//! Cross-shard transfers: credit legs, acknowledgements, parking in suspense, and the
-//! conservation invariant under random delivery order, duplication and loss.
+//! Cross-shard transfers: credit legs, acknowledgements, parking in suspense, the bounded
+//! windows (in-flight legs, replay windows, transfer window), and the conservation invariant
+//! under random delivery order, duplication and loss, with small windows that wrap many
+//! times.
 
 use std::collections::{HashMap, HashSet};
 
 use bytemuck::Zeroable;
-use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation, LedgerOutbound};
+use percore_engine::ledger::{
+    Ledger, LedgerConfig, LedgerOperation, LedgerOutbound, credit_leg_sequence,
+};
 use percore_engine::record::{
     Account, CreateTransferResult, CreditAckResult, CreditLegResult, RecordResult, RecordSlot,
     Transfer, account_flags, shard_of, transfer_flags,
@@ -14,27 +18,56 @@ use proptest::prelude::*;
 
 const BATCH_ENTRIES_MAX: usize = 64;
 
-/// One shard: a ledger plus the op counter and clock its runtime would hold.
+/// One shard: a ledger plus the op counter and clock its runtime would hold, and optionally
+/// a follower replica (hashing with another seed) that must agree after every batch.
 struct Shard {
     ledger: Ledger,
+    follower: Option<Ledger>,
     op: u64,
     now_ns: u64,
 }
 
+/// Sizes of a shard's windows: `(transfers_max, credit_legs_in_flight_max)`.
+type Windows = (usize, usize);
+
+const WINDOWS_ROOMY: Windows = (4_096, 4_096);
+
 impl Shard {
     fn new(shard_index: u32, shard_count: u32) -> Shard {
+        Shard::with_windows(shard_index, shard_count, WINDOWS_ROOMY)
+    }
+
+    fn with_windows(shard_index: u32, shard_count: u32, windows: Windows) -> Shard {
         Shard {
             ledger: Ledger::new(LedgerConfig {
                 shard_index,
                 shard_count,
                 accounts_max: 64,
-                transfers_max: 4_096,
-                credit_legs_max: 4_096,
+                transfers_max: windows.0,
+                credit_legs_in_flight_max: windows.1,
                 batch_entries_max: BATCH_ENTRIES_MAX,
             }),
+            follower: None,
             op: 0,
             now_ns: 1_000_000,
         }
+    }
+
+    fn with_follower(mut self) -> Shard {
+        let seed = 0x5eed ^ u64::from(self.ledger.config().shard_index);
+        self.follower = Some(Ledger::with_hash_seed(*self.ledger.config(), seed));
+        self
+    }
+
+    /// A restart: the leader is rebuilt from its own snapshot, into tables hashed with
+    /// another seed. Its follower must keep agreeing with it.
+    fn restart_from_snapshot(&mut self, seed: u64) {
+        let mut snapshot = Vec::new();
+        self.ledger.snapshot(&mut snapshot);
+        let mut restored = Ledger::with_hash_seed(*self.ledger.config(), seed);
+        restored.restore(&snapshot).expect("restores");
+        assert_eq!(restored.digest(), self.ledger.digest());
+        self.ledger = restored;
     }
 
     /// Prepares and applies one batch; returns the result codes and the messages emitted.
@@ -50,7 +83,17 @@ impl Shard {
         self.ledger.prepare(operation, self.now_ns, &mut batch);
         let mut results = vec![RecordResult::zeroed(); batch.len()];
         self.ledger.apply(self.op, operation, &batch, &mut results);
-        let outbound = std::iter::from_fn(|| self.ledger.poll_outbound()).collect();
+        let outbound: Vec<LedgerOutbound> =
+            std::iter::from_fn(|| self.ledger.poll_outbound()).collect();
+        if let Some(follower) = &mut self.follower {
+            let mut follower_results = vec![RecordResult::zeroed(); batch.len()];
+            follower.apply(self.op, operation, &batch, &mut follower_results);
+            let follower_outbound: Vec<LedgerOutbound> =
+                std::iter::from_fn(|| follower.poll_outbound()).collect();
+            assert_eq!(follower_results, results, "op {}", self.op);
+            assert_eq!(follower_outbound, outbound, "op {}", self.op);
+            assert_eq!(follower.digest(), self.ledger.digest(), "op {}", self.op);
+        }
         (results.iter().map(|result| result.code).collect(), outbound)
     }
 
@@ -174,7 +217,8 @@ fn a_cross_shard_transfer_debits_sends_credits_and_acknowledges() {
         (acks[0].shard, acks[0].operation),
         (0, LedgerOperation::AckCreditLegs)
     );
-    assert!(pair.shards[1].ledger.lookup_credit_leg(100, 0).is_some());
+    assert!(pair.shards[1].ledger.credit_leg_applied(&leg));
+    assert_eq!(credit_leg_sequence(&leg), 1, "legs are numbered from 1");
     let conserved =
         pair.shards[0].ledger.conservation_sum() + pair.shards[1].ledger.conservation_sum();
     assert_eq!(conserved, 0);
@@ -211,8 +255,9 @@ fn legs_that_cannot_be_credited_are_parked_in_suspense_and_acknowledged() {
     );
     assert_eq!(pair.shards[1].ledger.suspense(), 30);
     assert_eq!(balance(&pair.shards[1].ledger, pair.other_ledger_remote), 0);
-    let parked = pair.shards[1].ledger.lookup_credit_leg(100, 0).unwrap();
+    let parked = *acks[0].record.as_transfer();
     assert_ne!(parked.flags & transfer_flags::CREDIT_PARKED, 0);
+    assert!(pair.shards[1].ledger.credit_leg_applied(&parked));
     let conserved =
         pair.shards[0].ledger.conservation_sum() + pair.shards[1].ledger.conservation_sum();
     assert_eq!(conserved, 0);
@@ -233,16 +278,39 @@ fn redelivered_legs_and_acks_change_nothing_but_are_acknowledged_again() {
     let (codes, first_acks) = pair.shards[1].execute(LedgerOperation::ApplyCreditLegs, &[leg, leg]);
     assert_eq!(codes, [0, u32::from(CreditLegResult::Duplicate)]);
     assert_eq!(first_acks.len(), 2, "a duplicate is acknowledged again");
-    assert_eq!(first_acks[0], first_acks[1]);
+    // Acknowledgements name the same leg (each carries the timestamp its copy was given).
+    assert_eq!(ack_key(&first_acks[0]), ack_key(&first_acks[1]));
     let (codes, again) = pair.shards[1].execute(LedgerOperation::ApplyCreditLegs, &[leg]);
     assert_eq!(codes, [u32::from(CreditLegResult::Duplicate)]);
-    assert_eq!(again, first_acks[..1]);
+    assert_eq!(ack_key(&again[0]), ack_key(&first_acks[0]));
     assert_eq!(balance(&pair.shards[1].ledger, pair.payee_remote), 5);
 
-    let ack = first_acks[0].record;
-    let (codes, _) = pair.shards[0].execute(LedgerOperation::AckCreditLegs, &[ack, ack]);
-    assert_eq!(codes, [0, u32::from(CreditAckResult::Duplicate)]);
+    // Any of them settles the leg, once.
+    let acks = [first_acks[1], first_acks[0], again[0]].map(|message| message.record);
+    let (codes, _) = pair.shards[0].execute(LedgerOperation::AckCreditLegs, &acks);
+    let duplicate = u32::from(CreditAckResult::Duplicate);
+    assert_eq!(codes, [0, duplicate, duplicate]);
     assert_eq!(pair.shards[0].ledger.in_flight(), 0);
+    assert_eq!(pair.shards[0].ledger.credit_legs_unacked_count(), 0);
+}
+
+/// What identifies an acknowledgement: destination, operation, transfer id, leg number and
+/// amount.
+fn ack_key(message: &LedgerOutbound) -> (u32, LedgerOperation, u128, u64, u128) {
+    let leg = message.record.as_transfer();
+    (
+        message.shard,
+        message.operation,
+        leg.id,
+        credit_leg_sequence(leg),
+        leg.amount,
+    )
+}
+
+fn with_sequence(leg: Transfer, sequence: u64) -> Transfer {
+    let mut numbered = leg;
+    numbered.reserved[..8].copy_from_slice(&sequence.to_le_bytes());
+    numbered
 }
 
 #[test]
@@ -257,12 +325,16 @@ fn malformed_internal_records_are_refused_without_moving_money() {
 
     let unflagged = Transfer { flags: 0, ..leg };
     let zero_amount = Transfer { amount: 0, ..leg };
+    let unnumbered = with_sequence(leg, 0);
+    let mut reserved_set = leg;
+    reserved_set.reserved[31] = 1;
     let from_self = Transfer {
         debit_account_id: pair.payee_remote,
         credit_account_id: pair.other_ledger_remote,
         ..leg
     };
-    let records = [unflagged, zero_amount, from_self].map(|t| RecordSlot::from_transfer(&t));
+    let records = [unflagged, zero_amount, unnumbered, reserved_set, from_self]
+        .map(|t| RecordSlot::from_transfer(&t));
     let (codes, acks) = pair.shards[1].execute(LedgerOperation::ApplyCreditLegs, &records);
     assert!(
         codes
@@ -285,14 +357,18 @@ fn malformed_internal_records_are_refused_without_moving_money() {
     );
     assert_eq!(balance(&pair.shards[1].ledger, pair.payee_remote), 5);
 
-    let unknown = Transfer { id: 999, ..leg };
+    let unnumbered = with_sequence(leg, 0);
+    let never_sent = with_sequence(leg, 2);
+    let other_id = Transfer { id: 999, ..leg };
     let altered = Transfer { amount: 6, ..leg };
-    let acks = [unknown, altered].map(|t| RecordSlot::from_transfer(&t));
+    let acks = [unnumbered, never_sent, other_id, altered].map(|t| RecordSlot::from_transfer(&t));
     let (codes, _) = pair.shards[0].execute(LedgerOperation::AckCreditLegs, &acks);
     assert_eq!(
         codes,
         [
             u32::from(CreditAckResult::TransferNotFound),
+            u32::from(CreditAckResult::TransferNotFound),
+            u32::from(CreditAckResult::Mismatch),
             u32::from(CreditAckResult::Mismatch)
         ]
     );
@@ -300,39 +376,171 @@ fn malformed_internal_records_are_refused_without_moving_money() {
 }
 
 #[test]
-fn a_full_legs_table_leaves_the_leg_in_flight_for_a_later_resend() {
-    let mut origin = Shard::new(0, 2);
-    let mut target = Shard {
-        ledger: Ledger::new(LedgerConfig {
-            credit_legs_max: 1,
-            ..*Shard::new(1, 2).ledger.config()
-        }),
-        op: 0,
-        now_ns: 1,
+fn the_in_flight_span_pushes_back_until_its_oldest_leg_is_acknowledged() {
+    let mut origin = Shard::with_windows(0, 2, (64, 2));
+    let mut target = Shard::with_windows(1, 2, (64, 2));
+    let [mint, local] = ids_on_shard(0, 2, 1, 2)[..] else {
+        unreachable!()
     };
-    let mint = ids_on_shard(0, 2, 1, 1)[0];
     let payee = ids_on_shard(1, 2, 1, 1)[0];
-    origin.create_accounts(&[account(mint, 1, account_flags::ALLOW_NEGATIVE)]);
+    origin.create_accounts(&[
+        account(mint, 1, account_flags::ALLOW_NEGATIVE),
+        account(local, 1, 0),
+    ]);
     target.create_accounts(&[account(payee, 1, 0)]);
-    let pays = [transfer(1, mint, payee, 1), transfer(2, mint, payee, 2)];
-    let records = pays.map(|t| RecordSlot::from_transfer(&t));
-    let (_, outbound) = origin.execute(LedgerOperation::CreateTransfers, &records);
-    let legs = legs_of(&outbound, LedgerOperation::ApplyCreditLegs);
-    let (codes, acks) = target.execute(LedgerOperation::ApplyCreditLegs, &legs);
-    assert_eq!(codes, [0, u32::from(CreditLegResult::LegsTableFull)]);
-    assert_eq!(acks.len(), 1);
-    origin.execute(LedgerOperation::AckCreditLegs, &[acks[0].record]);
-    let unacked: Vec<LedgerOutbound> = origin.ledger.credit_legs_unacked().collect();
+    let pays = [1, 2, 3].map(|id| RecordSlot::from_transfer(&transfer(id, mint, payee, id)));
+    let (codes, outbound) = origin.execute(LedgerOperation::CreateTransfers, &pays);
+    let full = u32::from(CreateTransferResult::CreditLegsInFlightFull);
+    assert_eq!(codes, [0, 0, full]);
     assert_eq!(
-        unacked,
-        [outbound[1]],
-        "the refused leg is resent exactly as first sent"
+        origin.ledger.lookup_transfer(3),
+        None,
+        "a refused transfer is not stored"
     );
-    assert_eq!(origin.ledger.in_flight(), 2);
+    assert_eq!(origin.ledger.in_flight(), 3);
+    // Local transfers are not held back.
+    let local_pay = RecordSlot::from_transfer(&transfer(4, mint, local, 1));
+    let (codes, _) = origin.execute(LedgerOperation::CreateTransfers, &[local_pay]);
+    assert_eq!(codes, [0]);
+
+    // The second leg's acknowledgement frees nothing: the first still holds the span.
+    let legs = legs_of(&outbound, LedgerOperation::ApplyCreditLegs);
+    let (_, acks) = target.execute(LedgerOperation::ApplyCreditLegs, &legs);
+    let (codes, _) = origin.execute(LedgerOperation::AckCreditLegs, &[acks[1].record]);
+    assert_eq!(codes, [0]);
+    let (codes, _) = origin.execute(LedgerOperation::CreateTransfers, &pays[2..]);
+    assert_eq!(codes, [full]);
+    let unacked: Vec<LedgerOutbound> = origin.ledger.credit_legs_unacked().collect();
+    assert_eq!(unacked, outbound[..1], "resent exactly as first sent");
+
+    let (codes, outbound) = origin.execute(LedgerOperation::AckCreditLegs, &[acks[0].record]);
+    assert_eq!((codes, outbound), (vec![0], vec![]));
+    let (codes, outbound) = origin.execute(LedgerOperation::CreateTransfers, &pays[2..]);
+    assert_eq!(codes, [0]);
+    assert_eq!(credit_leg_sequence(outbound[0].record.as_transfer()), 3);
+    assert_eq!(origin.ledger.in_flight(), 3);
     assert_eq!(
-        origin.ledger.conservation_sum() + target.ledger.conservation_sum() + 2,
+        origin.ledger.conservation_sum() + target.ledger.conservation_sum() + 3,
         0
     );
+}
+
+#[test]
+fn an_evicted_transfer_still_settles_its_leg_exactly_once() {
+    // A window of two transfers: the cross-shard transfer is evicted before its ack.
+    let mut origin = Shard::with_windows(0, 2, (2, 8));
+    let mut target = Shard::with_windows(1, 2, (2, 8));
+    let [mint, local] = ids_on_shard(0, 2, 1, 2)[..] else {
+        unreachable!()
+    };
+    let payee = ids_on_shard(1, 2, 1, 1)[0];
+    origin.create_accounts(&[
+        account(mint, 1, account_flags::ALLOW_NEGATIVE),
+        account(local, 1, 0),
+    ]);
+    target.create_accounts(&[account(payee, 1, 0)]);
+    let pay = transfer(1, mint, payee, 40);
+    let (_, outbound) = origin.execute(
+        LedgerOperation::CreateTransfers,
+        &[RecordSlot::from_transfer(&pay)],
+    );
+    let stored = origin.ledger.lookup_transfer(1).unwrap();
+    assert_ne!(stored.flags & transfer_flags::CREDIT_IN_FLIGHT, 0);
+    assert_eq!(
+        stored.reserved, [0; 32],
+        "the leg number is not shown to clients"
+    );
+    let locals: Vec<RecordSlot> = (2..6)
+        .map(|id| RecordSlot::from_transfer(&transfer(id, mint, local, 1)))
+        .collect();
+    origin.execute(LedgerOperation::CreateTransfers, &locals);
+    assert_eq!(origin.ledger.lookup_transfer(1), None, "evicted");
+    assert_eq!(origin.ledger.in_flight(), 40);
+    let unacked: Vec<LedgerOutbound> = origin.ledger.credit_legs_unacked().collect();
+    assert_eq!(unacked, outbound, "the leg is still resent");
+
+    let (_, acks) = target.execute(LedgerOperation::ApplyCreditLegs, &[unacked[0].record]);
+    let ack = acks[0].record;
+    let (codes, _) = origin.execute(LedgerOperation::AckCreditLegs, &[ack, ack]);
+    assert_eq!(codes, [0, u32::from(CreditAckResult::Duplicate)]);
+    let (codes, _) = origin.execute(LedgerOperation::AckCreditLegs, &[ack]);
+    assert_eq!(codes, [u32::from(CreditAckResult::Duplicate)]);
+    assert_eq!(origin.ledger.in_flight(), 0, "settled once");
+    assert_eq!(origin.ledger.credit_legs_unacked_count(), 0);
+
+    // A client retry of the evicted transfer is a new transfer with a new leg: debited and
+    // credited again, never credited without its debit.
+    let (codes, outbound) = origin.execute(
+        LedgerOperation::CreateTransfers,
+        &[RecordSlot::from_transfer(&pay)],
+    );
+    assert_eq!(codes, [0]);
+    assert_eq!(credit_leg_sequence(outbound[0].record.as_transfer()), 2);
+    let (codes, _) = target.execute(LedgerOperation::ApplyCreditLegs, &[outbound[0].record]);
+    assert_eq!(codes, [0]);
+    assert_eq!(balance(&target.ledger, payee), 80);
+    assert_eq!(
+        origin.ledger.conservation_sum() + target.ledger.conservation_sum(),
+        0
+    );
+}
+
+#[test]
+fn a_late_duplicate_is_not_applied_again_however_many_legs_came_between() {
+    // Three shards, windows of four legs. Shard 0 sends leg L to shard 2; a copy of L is
+    // held back, as a resend sent before the first acknowledgement arrived would be.
+    const WIDTH: usize = 4;
+    let mut shards: Vec<Shard> = (0..3)
+        .map(|index| Shard::with_windows(index, 3, (16, WIDTH)))
+        .collect();
+    let mints: Vec<u128> = (0..3)
+        .map(|shard| ids_on_shard(shard, 3, 1, 1)[0])
+        .collect();
+    for (shard, &mint) in shards.iter_mut().zip(&mints) {
+        shard.create_accounts(&[account(mint, 1, account_flags::ALLOW_NEGATIVE)]);
+    }
+    let payee = ids_on_shard(2, 3, 1, 2)[1];
+    shards[2].create_accounts(&[account(payee, 1, 0)]);
+    let mut id = 1_000;
+    // One round trip from `origin` to shard 2: returns the leg.
+    let mut round_trip = |shards: &mut Vec<Shard>, origin: usize| {
+        id += 1;
+        let pay = RecordSlot::from_transfer(&transfer(id, mints[origin], payee, 1));
+        let (codes, legs) = shards[origin].execute(LedgerOperation::CreateTransfers, &[pay]);
+        assert_eq!(codes, [0]);
+        let (codes, acks) = shards[2].execute(LedgerOperation::ApplyCreditLegs, &[legs[0].record]);
+        assert_eq!(codes, [0]);
+        let (codes, _) = shards[origin].execute(LedgerOperation::AckCreditLegs, &[acks[0].record]);
+        assert_eq!(codes, [0]);
+        legs[0].record
+    };
+    let late = round_trip(&mut shards, 0);
+    // Shard 1 floods shard 2: a window of the last N legs by id would have forgotten L.
+    for _ in 0..10 * WIDTH {
+        round_trip(&mut shards, 1);
+    }
+    let (codes, _) = shards[2].execute(LedgerOperation::ApplyCreditLegs, &[late]);
+    assert_eq!(
+        codes,
+        [u32::from(CreditLegResult::Duplicate)],
+        "remembered exactly"
+    );
+    // Shard 0 moves on past L's window: L is now stale, which still means applied.
+    for _ in 0..WIDTH {
+        round_trip(&mut shards, 0);
+    }
+    assert!(shards[2].ledger.credit_leg_applied(late.as_transfer()));
+    let (codes, acks) = shards[2].execute(LedgerOperation::ApplyCreditLegs, &[late]);
+    assert_eq!(codes, [u32::from(CreditLegResult::Duplicate)], "stale");
+    let (codes, _) = shards[0].execute(LedgerOperation::AckCreditLegs, &[acks[0].record]);
+    assert_eq!(codes, [u32::from(CreditAckResult::Duplicate)]);
+    let rounds = 1 + 10 * WIDTH + WIDTH;
+    assert_eq!(balance(&shards[2].ledger, payee), rounds as i128);
+    let total: i128 = shards
+        .iter()
+        .map(|shard| shard.ledger.conservation_sum())
+        .sum();
+    assert_eq!(total, 0);
 }
 
 /// splitmix64: a tiny seeded generator, so one `u64` replays one run.
@@ -376,13 +584,22 @@ struct Cluster {
     model_suspense: Vec<u128>,
     submitted: Vec<Transfer>,
     transfer_id_next: u128,
+    /// Transfers applied (`Ok`), over all shards.
+    transfers_applied: usize,
 }
 
 impl Cluster {
-    fn new(seed: u64, shard_count: u32) -> Cluster {
+    fn new(seed: u64, shard_count: u32, windows: Windows, followers: bool) -> Cluster {
         let mut cluster = Cluster {
             shards: (0..shard_count)
-                .map(|index| Shard::new(index, shard_count))
+                .map(|index| {
+                    let shard = Shard::with_windows(index, shard_count, windows);
+                    if followers {
+                        shard.with_follower()
+                    } else {
+                        shard
+                    }
+                })
                 .collect(),
             network: Vec::new(),
             rng: Rng(seed),
@@ -393,6 +610,7 @@ impl Cluster {
             model_suspense: vec![0; shard_count as usize],
             submitted: Vec::new(),
             transfer_id_next: 1,
+            transfers_applied: 0,
         };
         for index in 0..shard_count {
             let ids = ids_on_shard(index, shard_count, 1, 8);
@@ -450,6 +668,7 @@ impl Cluster {
         for (transfer, code) in batch.iter().zip(codes) {
             let result = CreateTransferResult::try_from(code).unwrap();
             if result == CreateTransferResult::Ok {
+                self.transfers_applied += 1;
                 self.model_transfer(transfer);
                 self.submitted.push(*transfer);
             }
@@ -519,7 +738,7 @@ impl Cluster {
         for shard in &self.shards {
             total = total.wrapping_add(shard.ledger.conservation_sum());
         }
-        for (origin, shard) in self.shards.iter().enumerate() {
+        for shard in &self.shards {
             for Outbound {
                 shard: target,
                 record,
@@ -527,10 +746,7 @@ impl Cluster {
             } in shard.ledger.credit_legs_unacked()
             {
                 let leg = record.as_transfer();
-                let applied = self.shards[target as usize]
-                    .ledger
-                    .lookup_credit_leg(leg.id, origin as u32)
-                    .is_some();
+                let applied = self.shards[target as usize].ledger.credit_leg_applied(leg);
                 if !applied {
                     total = total.wrapping_add(leg.amount as i128);
                 }
@@ -590,18 +806,38 @@ impl Cluster {
 }
 
 fn run_cluster(seed: u64, shard_count: u32, steps: usize) {
-    let mut cluster = Cluster::new(seed, shard_count);
-    for _ in 0..steps {
+    let cluster = run_cluster_with(seed, shard_count, steps, WINDOWS_ROOMY, false);
+    assert!(cluster.transfers_applied > 0);
+}
+
+/// Runs `steps` random steps (submit, lossy delivery with duplicates and reordering, resend,
+/// and with `followers`, restarts from snapshots), checking conservation after each; then
+/// settles and checks the balances against the model.
+fn run_cluster_with(
+    seed: u64,
+    shard_count: u32,
+    steps: usize,
+    windows: Windows,
+    followers: bool,
+) -> Cluster {
+    let mut cluster = Cluster::new(seed, shard_count, windows, followers);
+    for step in 0..steps {
         match cluster.rng.below(10) {
             0..=3 => cluster.submit_transfers(),
             4..=8 => cluster.deliver(true),
             _ => cluster.resend_unacked(),
+        }
+        if followers && step % 50 == 49 {
+            let shard = cluster.rng.below(cluster.shards.len());
+            let seed = cluster.rng.next_u64();
+            cluster.shards[shard].restart_from_snapshot(seed);
         }
         cluster.check_conservation();
         cluster.check_no_overdraft();
     }
     cluster.settle();
     cluster.check_settled();
+    cluster
 }
 
 #[test]
@@ -613,11 +849,38 @@ fn conservation_holds_under_reordering_duplication_and_loss() {
     }
 }
 
+/// Windows far smaller than the traffic: the transfer window wraps many times, legs are
+/// held back by the in-flight span, and late duplicates fall below the replay windows.
+/// Followers with other hash seeds, and restarts from snapshots, must agree on every result
+/// and digest.
+#[test]
+fn conservation_holds_with_small_windows_that_wrap_many_times() {
+    for seed in 0..4 {
+        for shard_count in 2..=4 {
+            for windows in [(16, 8), (5, 1), (24, 3)] {
+                let cluster = run_cluster_with(seed, shard_count, 400, windows, true);
+                let wraps = cluster.transfers_applied / (windows.0 * shard_count as usize);
+                assert!(wraps >= 5, "{windows:?}: only {wraps} wraps");
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
     #[test]
     fn conservation_holds_for_any_seed(seed in any::<u64>(), shard_count in 2_u32..=4) {
         run_cluster(seed, shard_count, 200);
+    }
+
+    #[test]
+    fn conservation_holds_for_any_seed_and_small_windows(
+        seed in any::<u64>(),
+        shard_count in 2_u32..=4,
+        transfers_max in 1_usize..=32,
+        credit_legs_in_flight_max in 1_usize..=8,
+    ) {
+        run_cluster_with(seed, shard_count, 200, (transfers_max, credit_legs_in_flight_max), true);
     }
 }

@@ -1,5 +1,7 @@
 //! Replication properties of the ledger: followers applying the leader's prepared batches
-//! reach the same digest; snapshots restore to the same digest and reject damage.
+//! reach the same digest; snapshots restore to the same digest and reject damage; a wrapped
+//! transfer window restores in its order, so restored and original ledgers keep giving the
+//! same results.
 
 use bytemuck::Zeroable;
 use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation, LedgerOutbound};
@@ -16,17 +18,16 @@ fn config(shard_index: u32) -> LedgerConfig {
         shard_count: SHARDS,
         accounts_max: 32,
         transfers_max: 1_024,
-        credit_legs_max: 1_024,
+        credit_legs_in_flight_max: 1_024,
         batch_entries_max: 32,
     }
 }
 
-/// Larger tables: with another hash seed, a different memory layout for the same state.
+/// A larger account table: with another hash seed, a different memory layout for the same
+/// state. (The windows decide results, so replicas share their sizes.)
 fn config_roomy(shard_index: u32) -> LedgerConfig {
     LedgerConfig {
         accounts_max: 1_000,
-        transfers_max: 10_000,
-        credit_legs_max: 5_000,
         ..config(shard_index)
     }
 }
@@ -245,6 +246,12 @@ fn snapshot_restore_round_trips_and_replay_continues_identically() {
                 unacked, expected,
                 "the restored shard resends the same legs"
             );
+            let mut accounts: Vec<Account> = restored.accounts().copied().collect();
+            let mut expected: Vec<Account> = source.accounts().copied().collect();
+            accounts.sort_by_key(|account| account.id);
+            expected.sort_by_key(|account| account.id);
+            assert_eq!(accounts.len(), source.accounts_count());
+            assert_eq!(accounts, expected);
             for id in 1..200 {
                 assert_eq!(restored.lookup_account(id), source.lookup_account(id));
                 assert_eq!(restored.lookup_transfer(id), source.lookup_transfer(id));
@@ -295,7 +302,7 @@ fn damaged_snapshots_are_rejected_and_leave_the_ledger_empty() {
     source.snapshot(&mut snapshot);
     let empty_digest = Ledger::new(config(1)).digest();
 
-    let header_bytes = 128;
+    let header_bytes = 160;
     let record_bytes = 128;
     let mut cases: Vec<(&str, Vec<u8>, RestoreError)> = Vec::new();
     cases.push((
@@ -340,6 +347,14 @@ fn damaged_snapshots_are_rejected_and_leave_the_ledger_empty() {
     let copy = duplicate[first..second].to_vec();
     duplicate[second..second + record_bytes].copy_from_slice(&copy);
     cases.push(("duplicate id", duplicate, RestoreError::Corrupt));
+    // Two transfers of the window swapped: its order is part of the state.
+    let transfers_first = header_bytes + source.accounts_count() * record_bytes;
+    let mut reordered = snapshot.clone();
+    let (one, two) = (transfers_first, transfers_first + record_bytes);
+    let first_transfer = reordered[one..two].to_vec();
+    reordered.copy_within(two..two + record_bytes, one);
+    reordered[two..two + record_bytes].copy_from_slice(&first_transfer);
+    cases.push(("window order", reordered, RestoreError::Corrupt));
     let mut foreign = snapshot.clone();
     let foreign_id = (1_u128..).find(|&id| shard_of(id, SHARDS) == 0).unwrap();
     foreign[first..first + 16].copy_from_slice(&foreign_id.to_le_bytes());
@@ -361,4 +376,146 @@ fn damaged_snapshots_are_rejected_and_leave_the_ledger_empty() {
         small.restore(&snapshot),
         Err(RestoreError::CapacityExceeded)
     );
+    for other_windows in [
+        LedgerConfig {
+            transfers_max: 2_048,
+            ..config(1)
+        },
+        LedgerConfig {
+            credit_legs_in_flight_max: 512,
+            ..config(1)
+        },
+    ] {
+        assert_eq!(
+            Ledger::new(other_windows).restore(&snapshot),
+            Err(RestoreError::ConfigMismatch),
+            "windows decide results: a restored replica must have the same"
+        );
+    }
+}
+
+/// Prepares `records` on the first ledger, applies them to all as `op`, and checks they agree
+/// on results, messages and digest. Returns the results and messages.
+fn apply_in_lockstep(
+    ledgers: &mut [&mut Ledger],
+    op: u64,
+    operation: LedgerOperation,
+    records: &[RecordSlot],
+) -> (Vec<u32>, Vec<LedgerOutbound>) {
+    let mut batch = records.to_vec();
+    ledgers[0].prepare(operation, op * 1_000, &mut batch);
+    let mut first: Option<(Vec<RecordResult>, Vec<LedgerOutbound>)> = None;
+    for ledger in ledgers.iter_mut() {
+        let results = apply(ledger, op, operation, &batch);
+        let outbound: Vec<LedgerOutbound> = std::iter::from_fn(|| ledger.poll_outbound()).collect();
+        match &first {
+            None => first = Some((results, outbound)),
+            Some(expected) => {
+                assert_eq!((&results, &outbound), (&expected.0, &expected.1), "op {op}")
+            }
+        }
+    }
+    let digest = ledgers[0].digest();
+    assert!(
+        ledgers.iter().all(|ledger| ledger.digest() == digest),
+        "op {op}"
+    );
+    let (results, outbound) = first.unwrap();
+    (results.iter().map(|result| result.code).collect(), outbound)
+}
+
+#[test]
+fn a_wrapped_window_restores_in_order_and_the_future_stays_identical() {
+    const WINDOW: u128 = 8;
+    let small = LedgerConfig {
+        transfers_max: WINDOW as usize,
+        credit_legs_in_flight_max: 4,
+        ..config(0)
+    };
+    let mut source = Ledger::new(small);
+    let mut follower = Ledger::with_hash_seed(small, 0x1234_5678);
+    let local: Vec<u128> = (1..)
+        .filter(|&id| shard_of(id, SHARDS) == 0)
+        .take(3)
+        .collect();
+    let remote = (1..).find(|&id| shard_of(id, SHARDS) == 1).unwrap();
+    let (mint, payee) = (local[0], local[1]);
+    let mut op = 0;
+    let mut step = |ledgers: &mut [&mut Ledger], operation, records: &[RecordSlot]| {
+        op += 1;
+        apply_in_lockstep(ledgers, op, operation, records)
+    };
+    step(
+        &mut [&mut source, &mut follower],
+        LedgerOperation::CreateAccounts,
+        &[
+            account(mint, account_flags::ALLOW_NEGATIVE),
+            account(payee, 0),
+        ],
+    );
+    // 100 transfers, four of them cross-shard (as many as may be in flight): the window
+    // wraps a dozen times, and the ring's start is nowhere near position 0.
+    let credit_of = |id: u128| {
+        if id % 10 == 3 && id < 40 {
+            remote
+        } else {
+            payee
+        }
+    };
+    let mut in_flight = Vec::new();
+    for batch_first in (1..=100_u128).step_by(10) {
+        let batch: Vec<RecordSlot> = (batch_first..batch_first + 10)
+            .map(|id| transfer(id, mint, credit_of(id), id))
+            .collect();
+        let (_, outbound) = step(
+            &mut [&mut source, &mut follower],
+            LedgerOperation::CreateTransfers,
+            &batch,
+        );
+        in_flight.extend(outbound);
+    }
+    assert_eq!(source.transfers_count(), WINDOW as usize);
+    assert_eq!(source.credit_legs_unacked_count(), 4);
+
+    let mut snapshot = Vec::new();
+    source.snapshot(&mut snapshot);
+    let mut restored = Ledger::with_hash_seed(small, 0xdead_beef);
+    restored.restore(&snapshot).expect("restores");
+    assert_eq!(restored.digest(), source.digest());
+    let unacked: Vec<LedgerOutbound> = restored.credit_legs_unacked().collect();
+    assert_eq!(unacked, in_flight[..4], "the same legs, oldest first");
+    for id in 1..=100 {
+        assert_eq!(
+            restored.lookup_transfer(id),
+            source.lookup_transfer(id),
+            "{id}"
+        );
+    }
+
+    // The future: retries inside and just outside the window, new transfers that evict in
+    // ring order, acknowledgements, cross-shard transfers released by them.
+    let ledgers = &mut [&mut source, &mut follower, &mut restored];
+    let retries: Vec<RecordSlot> = (100 - WINDOW..=100)
+        .rev()
+        .map(|id| transfer(id, mint, credit_of(id), id))
+        .collect();
+    let (codes, _) = step(ledgers, LedgerOperation::CreateTransfers, &retries[..8]);
+    assert_eq!(codes, [1; 8], "the last eight are duplicates");
+    let (codes, _) = step(ledgers, LedgerOperation::CreateTransfers, &retries[8..]);
+    assert_eq!(codes, [0], "the ninth from last is new again");
+    for round in 0..6_u128 {
+        let batch: Vec<RecordSlot> = (0..5)
+            .map(|k| {
+                let id = 1_000 + round * 10 + k;
+                transfer(id, mint, if k == 2 { remote } else { payee }, 1)
+            })
+            .chain([transfer(1_000 + round * 10 - 6, mint, payee, 1)]) // near the edge
+            .collect();
+        step(ledgers, LedgerOperation::CreateTransfers, &batch);
+        let acks: Vec<RecordSlot> = in_flight
+            .drain(..in_flight.len().min(2))
+            .map(|m| m.record)
+            .collect();
+        step(ledgers, LedgerOperation::AckCreditLegs, &acks);
+    }
 }

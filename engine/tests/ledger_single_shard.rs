@@ -1,5 +1,6 @@
 //! The ledger on one shard: account and transfer results (every code), insufficient funds,
-//! idempotent retries, full tables, timestamps and conservation.
+//! idempotent retries and the bounds of the idempotency window, a full account table,
+//! timestamps and conservation.
 
 use std::collections::HashSet;
 
@@ -33,7 +34,7 @@ impl Shard {
             shard_count: 1,
             accounts_max,
             transfers_max,
-            credit_legs_max: 1,
+            credit_legs_in_flight_max: 1,
             batch_entries_max: 64,
         })
     }
@@ -217,7 +218,7 @@ fn every_account_result_code_is_reachable() {
         shard_count: 2,
         accounts_max: 4,
         transfers_max: 4,
-        credit_legs_max: 4,
+        credit_legs_in_flight_max: 4,
         batch_entries_max: 8,
     });
     let foreign = (1..).find(|&id| shard_of(id, 2) == 1).unwrap();
@@ -238,7 +239,7 @@ fn every_transfer_result_code_is_reachable() {
         shard_count: 2,
         accounts_max: 16,
         transfers_max: 4,
-        credit_legs_max: 4,
+        credit_legs_in_flight_max: 1,
         batch_entries_max: 8,
     };
     let mut shard = Shard::new(config);
@@ -336,7 +337,12 @@ fn every_transfer_result_code_is_reachable() {
     expect(&mut shard, transfer(2, a, b, 1), R::Ok);
     expect(&mut shard, transfer(3, a, b, 1), R::Ok);
     expect(&mut shard, transfer(4, a, remote, 1), R::Ok);
-    expect(&mut shard, transfer(5, a, b, 1), R::TransfersTableFull);
+    // One leg may be in flight, and the first is not acknowledged yet.
+    expect(
+        &mut shard,
+        transfer(5, a, remote, 1),
+        R::CreditLegsInFlightFull,
+    );
 
     let all: HashSet<_> = CreateTransferResult::ALL.iter().copied().collect();
     assert_eq!(seen, all, "missing: {:?}", all.difference(&seen));
@@ -416,18 +422,63 @@ fn retries_are_idempotent_within_and_across_batches() {
 }
 
 #[test]
-fn transfers_table_full_is_a_result_and_keeps_retries_working() {
+fn a_full_window_evicts_the_oldest_transfer_and_forgets_its_id() {
     let mut shard = Shard::single(4, 2);
     shard.create_accounts(&[mint(1), account(2)]);
+    use CreateTransferResult as R;
     let results = shard.create_transfers(&[
         transfer(10, 1, 2, 1),
         transfer(11, 1, 2, 1),
+        transfer(11, 1, 2, 1),
+        transfer(12, 1, 2, 1), // evicts 10
         transfer(12, 1, 2, 1),
-        transfer(10, 1, 2, 1),
+        transfer(11, 1, 2, 1), // still in the window
+        transfer(10, 1, 2, 1), // older than the window: new again (evicts 11)
     ]);
+    assert_eq!(
+        results,
+        [R::Ok, R::Ok, R::Exists, R::Ok, R::Exists, R::Exists, R::Ok]
+    );
+    assert_eq!(shard.balance(2), 4, "transfer 10 was applied twice");
+    assert_eq!(shard.ledger.transfers_count(), 2);
+    assert!(shard.ledger.lookup_transfer(11).is_none());
+    assert_eq!(shard.ledger.lookup_transfer(10).unwrap().amount, 1);
+    // Just inside and just outside the window, in separate batches.
+    assert_eq!(shard.create_transfer(transfer(12, 1, 2, 1)), R::Exists);
+    assert_eq!(
+        shard.create_transfer(transfer(12, 1, 2, 9)),
+        R::ExistsWithDifferentFields
+    );
+    assert_eq!(shard.create_transfer(transfer(13, 1, 2, 1)), R::Ok); // evicts 12
+    assert_eq!(shard.create_transfer(transfer(12, 1, 2, 9)), R::Ok);
+    assert_eq!(shard.ledger.conservation_sum(), 0);
+}
+
+#[test]
+fn duplicates_are_exact_for_the_last_transfers_max_transfers_through_many_wraps() {
+    const WINDOW: u128 = 7;
+    let mut shard = Shard::single(4, WINDOW as usize);
+    shard.create_accounts(&[mint(1), account(2)]);
     use CreateTransferResult as R;
-    assert_eq!(results, [R::Ok, R::Ok, R::TransfersTableFull, R::Exists]);
-    assert_eq!(shard.balance(2), 2);
+    let mut applied = 0_i128;
+    for id in 100..400_u128 {
+        assert_eq!(shard.create_transfer(transfer(id, 1, 2, 1)), R::Ok);
+        applied += 1;
+        // Every id of the last WINDOW is a duplicate; the one before is new.
+        let oldest_kept = (id + 1 - WINDOW).max(100);
+        let retry = oldest_kept + id % (id - oldest_kept + 1);
+        assert_eq!(shard.create_transfer(transfer(retry, 1, 2, 1)), R::Exists);
+        if id >= 100 + WINDOW {
+            let forgotten = id - WINDOW;
+            assert_eq!(shard.ledger.lookup_transfer(forgotten), None);
+            assert!(shard.ledger.lookup_transfer(forgotten + 1).is_some());
+        }
+        assert_eq!(
+            shard.ledger.transfers_count() as u128,
+            (id - 99).min(WINDOW)
+        );
+    }
+    assert_eq!(shard.balance(2), applied);
 }
 
 #[test]
@@ -471,7 +522,7 @@ fn applying_an_op_twice_is_a_bug() {
         shard_count: 1,
         accounts_max: 4,
         transfers_max: 4,
-        credit_legs_max: 1,
+        credit_legs_in_flight_max: 1,
         batch_entries_max: 4,
     });
     let mut batch = [RecordSlot::from_account(&account(1))];

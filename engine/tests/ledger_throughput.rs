@@ -1,11 +1,15 @@
 //! Ad-hoc apply throughput check, not a benchmark (the `bench` crate owns those) and not an
 //! assertion (timings vary by machine). Run in release:
 //! `cargo test --release -p percore-engine --test ledger_throughput -- --ignored --nocapture`
+//!
+//! "window not full" runs keep every transfer (`transfers_max` above the count); "window
+//! full" runs fill the window first, so every measured transfer evicts the oldest one (the
+//! steady state of a long run).
 
 use std::time::Instant;
 
 use bytemuck::Zeroable;
-use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation};
+use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation, LedgerOutbound};
 use percore_engine::record::{
     Account, RecordResult, RecordSlot, Transfer, account_flags, shard_of,
 };
@@ -22,19 +26,41 @@ fn splitmix(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Applies `transfers` simple transfers between funded accounts on shard 0 of `shard_count`
-/// and prints transfers per second for prepare + apply.
-fn measure(label: &str, shard_count: u32, transfers: usize, remote_credits: bool) {
+/// One run of `measure`.
+struct Run {
+    shard_count: u32,
+    /// Transfers measured.
+    transfers: usize,
+    /// Transfer window; `None`: room for every transfer.
+    transfers_max: Option<usize>,
+    /// Credit every transfer to an account on another shard.
+    remote_credits: bool,
+    /// Acknowledge each batch's credit legs right after it (an `AckCreditLegs` batch, timed
+    /// too), as the credit shards would; otherwise legs stay in flight.
+    acknowledge: bool,
+}
+
+/// Applies `run.transfers` simple transfers between funded accounts on shard 0 of
+/// `run.shard_count` and prints transfers per second for prepare + apply.
+fn measure(label: &str, run: Run) {
+    let Run {
+        shard_count,
+        transfers,
+        transfers_max,
+        remote_credits,
+        acknowledge,
+    } = run;
     assert!(
         !remote_credits || shard_count > 1,
         "remote credits need another shard"
     );
+    let transfers_max = transfers_max.unwrap_or(transfers + ACCOUNTS);
     let mut ledger = Ledger::new(LedgerConfig {
         shard_index: 0,
         shard_count,
         accounts_max: ACCOUNTS + 1,
-        transfers_max: transfers + ACCOUNTS,
-        credit_legs_max: 1,
+        transfers_max,
+        credit_legs_in_flight_max: if acknowledge { 1 << 16 } else { transfers + 1 },
         batch_entries_max: BATCH_ENTRIES,
     });
     let local: Vec<u128> = (1..)
@@ -52,13 +78,24 @@ fn measure(label: &str, shard_count: u32, transfers: usize, remote_credits: bool
     let (mint, accounts) = (local[0], &local[1..]);
     let mut op = 0;
     let mut now_ns = 1;
+    let mut acks: Vec<RecordSlot> = Vec::with_capacity(BATCH_ENTRIES);
     let mut run = |ledger: &mut Ledger, operation, batch: &mut [RecordSlot]| {
         op += 1;
         now_ns += 1_000;
         ledger.prepare(operation, now_ns, batch);
         let mut results = [RecordResult::zeroed(); BATCH_ENTRIES];
         ledger.apply(op, operation, batch, &mut results[..batch.len()]);
-        while ledger.poll_outbound().is_some() {}
+        acks.clear();
+        while let Some(LedgerOutbound { record, .. }) = ledger.poll_outbound() {
+            acks.push(record); // a leg, echoed back as its own acknowledgement
+        }
+        if acknowledge && !acks.is_empty() {
+            op += 1;
+            let mut ack_results = [RecordResult::zeroed(); BATCH_ENTRIES];
+            let ack_results = &mut ack_results[..acks.len()];
+            ledger.apply(op, LedgerOperation::AckCreditLegs, &acks, ack_results);
+            assert!(ack_results.iter().all(|result| result.code == 0));
+        }
         results[..batch.len()]
             .iter()
             .filter(|result| result.code == 0)
@@ -105,27 +142,40 @@ fn measure(label: &str, shard_count: u32, transfers: usize, remote_credits: bool
     }
 
     let mut rng = 42;
-    let id_base = ACCOUNTS as u128 + 1;
-    let mut workload: Vec<RecordSlot> = (0..transfers)
-        .map(|index| {
-            let debit = accounts[splitmix(&mut rng) as usize % accounts.len()];
-            let targets = if remote_credits {
-                &remote[..]
-            } else {
-                accounts
-            };
-            let mut credit = targets[splitmix(&mut rng) as usize % targets.len()];
-            if credit == debit {
-                credit = accounts[(splitmix(&mut rng) as usize) % accounts.len()];
-            }
-            transfer(
-                id_base + index as u128,
-                debit,
-                credit,
-                1 + splitmix(&mut rng) as u128 % 100,
-            )
-        })
-        .collect();
+    let mut id_base = ACCOUNTS as u128 + 1;
+    let mut make_workload = |id_base: u128, transfers: usize| -> Vec<RecordSlot> {
+        (0..transfers)
+            .map(|index| {
+                let debit = accounts[splitmix(&mut rng) as usize % accounts.len()];
+                let targets = if remote_credits {
+                    &remote[..]
+                } else {
+                    accounts
+                };
+                let mut credit = targets[splitmix(&mut rng) as usize % targets.len()];
+                if credit == debit {
+                    credit = accounts[(splitmix(&mut rng) as usize) % accounts.len()];
+                }
+                transfer(
+                    id_base + index as u128,
+                    debit,
+                    credit,
+                    1 + splitmix(&mut rng) as u128 % 100,
+                )
+            })
+            .collect()
+    };
+    // Fill the window (untimed) unless it has room for the whole run.
+    let fill = if transfers_max < transfers {
+        transfers_max
+    } else {
+        0
+    };
+    for chunk in make_workload(id_base, fill).chunks_mut(BATCH_ENTRIES) {
+        run(&mut ledger, LedgerOperation::CreateTransfers, chunk);
+    }
+    id_base += fill as u128;
+    let mut workload = make_workload(id_base, transfers);
 
     let start = Instant::now();
     let mut ok = 0;
@@ -148,8 +198,34 @@ fn measure(label: &str, shard_count: u32, transfers: usize, remote_credits: bool
 #[test]
 #[ignore = "ad-hoc throughput check; run in release with --ignored --nocapture"]
 fn apply_throughput() {
+    let local = |transfers, transfers_max| Run {
+        shard_count: 1,
+        transfers,
+        transfers_max,
+        remote_credits: false,
+        acknowledge: false,
+    };
     for transfers in [20_000, 100_000, 1_000_000, 10_000_000] {
-        measure(&format!("local, {transfers} stored"), 1, transfers, false);
+        let label = format!("local, {transfers} stored (window not full)");
+        measure(&label, local(transfers, None));
     }
-    measure("cross-shard credits, 1000000 stored", 4, 1_000_000, true);
+    for window in [1 << 16, 1 << 20, 1 << 23] {
+        let label = format!("local, window {window} full, 10000000 evicting");
+        measure(&label, local(10_000_000, Some(window)));
+    }
+    let remote = |transfers_max, acknowledge| Run {
+        shard_count: 4,
+        transfers: 1_000_000,
+        transfers_max,
+        remote_credits: true,
+        acknowledge,
+    };
+    measure(
+        "cross-shard credits, 1000000 stored, unacknowledged",
+        remote(None, false),
+    );
+    measure(
+        "cross-shard credits, window 1048576 full, acknowledged per batch",
+        remote(Some(1 << 20), true),
+    );
 }

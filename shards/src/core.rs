@@ -413,19 +413,6 @@ impl<S: StateMachine> ShardCore<S> {
         }
     }
 
-    /// The records of sealed batch `op`, contiguous, as the journal and replication see them.
-    pub fn sealed_records(&self, op: u64) -> Option<(u16, &[S::Record])> {
-        let batch = self
-            .sealed
-            .iter()
-            .find(|h| self.batches.get(**h).op == op)?;
-        let buffer = self.batches.get(*batch);
-        Some((
-            buffer.operation,
-            bytemuck::cast_slice(&buffer.records[..buffer.len]),
-        ))
-    }
-
     /// When the open batch must be sealed at the latest (µs), if one is open.
     pub fn seal_deadline_us(&self) -> Option<u64> {
         self.open
@@ -455,6 +442,62 @@ impl<S: StateMachine> ShardCore<S> {
         ShardMetrics::add(&self.metrics.tx_applied_total, entries as u64);
         ShardMetrics::set(&self.metrics.commit_op, op);
         Some(op)
+    }
+
+    /// Replays a durable batch found by journal recovery: applies it with no one to answer
+    /// and makes it the last op. Messages it produces for other shards are dropped: they
+    /// were sent before the crash or are re-queued by the state machine after recovery.
+    ///
+    /// # Panics
+    /// If `op` does not follow the last op, or the operation code or record bytes do not
+    /// belong to this state machine: the journal verified them, so that is a bug.
+    pub fn replay(&mut self, op: u64, operation: u16, body: &[u8]) {
+        assert!(self.is_idle(), "replay happens before any client traffic");
+        assert_eq!(op, self.op_last + 1, "journal ops are consecutive");
+        let operation = S::Operation::try_from(operation)
+            .ok()
+            .expect("the journal holds operations of this state machine");
+        let record_bytes = size_of::<S::Record>();
+        assert!(body.len().is_multiple_of(record_bytes));
+        let entries = body.len() / record_bytes;
+        assert!(
+            entries <= self.results.len(),
+            "journal batch larger than the batch cap"
+        );
+        // The body is copied into an aligned batch buffer: journal bytes need not be aligned.
+        let batch = self
+            .batches
+            .borrow()
+            .expect("an idle core has free batch buffers");
+        let buffer = self.batches.get_mut(batch);
+        bytemuck::cast_slice_mut::<TxSlot, u8>(&mut buffer.records[..entries])
+            .copy_from_slice(body);
+        let records: &[S::Record] = bytemuck::cast_slice(&buffer.records[..entries]);
+        self.state_machine
+            .apply(op, operation, records, &mut self.results[..entries]);
+        while self.state_machine.poll_outbound().is_some() {}
+        let released = self.batches.release(batch);
+        debug_assert!(released.is_ok());
+        self.op_sealed = op;
+        self.op_last = op;
+        ShardMetrics::set(&self.metrics.commit_op, op);
+    }
+
+    /// The operation code and records of the oldest sealed batch not yet applied, with its
+    /// op, as the journal writes them. `skip` selects a later sealed batch.
+    pub fn sealed_batch(&self, skip: usize) -> Option<(u64, u16, &[u8])> {
+        let batch = *self.sealed.get(skip)?;
+        let buffer = self.batches.get(batch);
+        Some((
+            buffer.op,
+            buffer.operation,
+            bytemuck::cast_slice(&buffer.records[..buffer.len]),
+        ))
+    }
+
+    /// Sealed batches waiting to be applied.
+    pub fn sealed_count(&self) -> usize {
+        self.sealed.len()
     }
 
     /// The next message the state machine wants delivered to another shard.

@@ -8,6 +8,8 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod core;
+pub mod inspect;
+pub mod journal;
 pub mod loadgen;
 pub mod memlock;
 pub mod mesh;

@@ -32,10 +32,10 @@ const ACCOUNT_ID_BASE: u128 = 1 << 64;
 pub struct BenchConfig {
     /// Node configuration (cores, batch limits, pools...).
     pub node: NodeConfig,
-    /// Ledger capacity per shard.
+    /// Ledger sizes of every shard (`shard_index` is set per shard).
+    pub ledger: LedgerConfig,
+    /// Accounts created per shard.
     pub accounts_per_shard: usize,
-    /// Transfers each shard can store (idempotency is kept for all of them).
-    pub transfers_max_per_shard: usize,
     /// Warm-up before measuring.
     pub warmup: Duration,
     /// Measurement window.
@@ -50,6 +50,8 @@ pub struct BenchConfig {
     pub cross_shard_percent: u32,
     /// Print a progress line every second.
     pub progress: bool,
+    /// The fsync policy in effect, as the report states it.
+    pub fsync: &'static str,
 }
 
 /// Per-shard results.
@@ -138,6 +140,25 @@ pub enum BenchError {
     /// Setup went wrong (accounts not created...).
     #[error("setup: {0}")]
     Setup(String),
+}
+
+/// Ledger sizes for every shard of a node of `shard_count` shards (`shard_index` 0; the
+/// node sets each shard's own).
+pub fn ledger_config(
+    shard_count: usize,
+    accounts_max: usize,
+    transfers_max: usize,
+    credit_legs_max: usize,
+    batch_entries_max: usize,
+) -> LedgerConfig {
+    LedgerConfig {
+        shard_index: 0,
+        shard_count: shard_count as u32,
+        accounts_max,
+        transfers_max,
+        credit_legs_in_flight_max: credit_legs_max,
+        batch_entries_max,
+    }
 }
 
 /// Ids of `count` accounts owned by `shard` of `shards`, deterministic.
@@ -390,14 +411,7 @@ fn batch_size_distribution(before: &Snapshot, after: &Snapshot) -> Vec<BatchSize
 /// Runs the benchmark end to end and returns what it measured.
 pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     let shards = config.node.cores.len();
-    let ledger = LedgerConfig {
-        shard_index: 0,
-        shard_count: shards as u32,
-        accounts_max: config.accounts_per_shard + 16,
-        transfers_max: config.transfers_max_per_shard,
-        credit_legs_max: config.transfers_max_per_shard,
-        batch_entries_max: config.node.batch.entries_max,
-    };
+    let ledger = config.ledger;
     let seed = crate::runtime::random_seed();
     let node = Node::start(config.node.clone(), move |shard, _| {
         Ledger::with_hash_seed(
@@ -485,7 +499,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         benchmark: "percore-bench",
         replicas: 1,
-        fsync: "none (no journal yet)",
+        fsync: config.fsync,
         shards,
         duration_s: elapsed,
         total_committed_tx_per_s: per_shard.iter().map(|row| row.committed_tx_per_s).sum(),

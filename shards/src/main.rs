@@ -9,7 +9,19 @@ use clap::{Args, Parser, Subcommand};
 use percore_engine::batch::BatchLimits;
 use percore_engine::ledger::{Ledger, LedgerConfig};
 use percore_shards::loadgen::{self, BenchConfig};
-use percore_shards::runtime::{self, Node, NodeConfig};
+use std::path::PathBuf;
+
+use percore_shards::journal::FsyncPolicy;
+use percore_shards::runtime::{self, JournalSettings, Node, NodeConfig};
+
+/// Writes one line to stderr, ignoring errors: an operator closing the terminal or a log
+/// pipe must not turn a clean shutdown into a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 /// percore: a thread-per-core, shared-nothing transaction engine.
 #[derive(Debug, Parser)]
@@ -26,6 +38,9 @@ enum Command {
     /// Start a node on this machine, drive transfers at it over loopback, and print
     /// per-core committed TPS and latency percentiles.
     Bench(BenchArgs),
+    /// Read a data directory offline: superblocks, segments, entries, checksums and the
+    /// first problem found (exit status 1 if there is one).
+    Inspect(InspectArgs),
 }
 
 /// Shard layout, limits and sizes shared by `node` and `bench`.
@@ -55,12 +70,89 @@ struct ShardArgs {
     /// io_uring registered memory per shard (KiB); counts against RLIMIT_MEMLOCK.
     #[arg(long, default_value_t = runtime::IO_MEMORY_BYTES_DEFAULT / 1024)]
     io_memory_kib: usize,
+    /// Run two or more shards on one core (the local benchmark on a small machine).
+    #[arg(long)]
+    allow_shared_cores: bool,
+    #[command(flatten)]
+    ledger: LedgerArgs,
+}
+
+/// Sizes of the reference ledger on each shard.
+#[derive(Debug, Args, Clone, Copy)]
+struct LedgerArgs {
     /// Accounts each shard can hold.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 100_000)]
     accounts_max: usize,
-    /// Transfers each shard can hold (kept for idempotency).
-    #[arg(long, default_value_t = 16_000_000)]
+    /// Transfers each shard remembers for duplicate-id detection (a sliding window of the
+    /// most recent ones; about 160 bytes each, allocated at start-up).
+    #[arg(long, default_value_t = 1_000_000)]
     transfers_max: usize,
+    /// Cross-shard credit legs each shard may have in flight (unacknowledged) at once.
+    #[arg(long, default_value_t = 65_536)]
+    credit_legs_max: usize,
+}
+
+impl LedgerArgs {
+    fn config(&self, shard_count: usize, batch_entries_max: usize) -> LedgerConfig {
+        loadgen::ledger_config(
+            shard_count,
+            self.accounts_max,
+            self.transfers_max,
+            self.credit_legs_max,
+            batch_entries_max,
+        )
+    }
+}
+
+/// Where and how shards journal their batches.
+#[derive(Debug, Args, Clone)]
+struct JournalArgs {
+    /// Data directory: shard i journals under DATA_DIR/shard-<i>/.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// When a batch counts as durable: `always` fdatasyncs every group commit; `never` is for
+    /// benchmarks only (a power loss loses acknowledged transactions).
+    #[arg(long, value_enum, default_value_t = FsyncPolicy::Always)]
+    fsync: FsyncPolicy,
+    /// Size of one journal segment file (MiB).
+    #[arg(long, default_value_t = 1024)]
+    segment_mib: u64,
+    /// Cluster identity recorded in each shard's superblock (hex); another cluster's data
+    /// directory is refused.
+    #[arg(long, default_value = "1", value_parser = parse_cluster_id)]
+    cluster_id: u128,
+}
+
+fn parse_cluster_id(text: &str) -> Result<u128, String> {
+    u128::from_str_radix(text.trim_start_matches("0x"), 16)
+        .map_err(|err| format!("not a hex cluster id: {err}"))
+}
+
+impl JournalArgs {
+    fn settings(&self, data_dir: PathBuf) -> JournalSettings {
+        JournalSettings {
+            data_dir,
+            fsync: self.fsync,
+            segment_bytes: self.segment_mib << 20,
+            cluster_id: self.cluster_id,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// The node's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Also replay each shard's journal into a reference ledger and print every account's
+    /// balance and the conservation sum.
+    #[arg(long)]
+    replay: bool,
+    /// Largest batch the journal may hold (entries).
+    #[arg(long, default_value_t = percore_engine::limits::BATCH_ENTRIES_MAX_LIMIT)]
+    batch_entries_max: usize,
+    #[command(flatten)]
+    ledger: LedgerArgs,
 }
 
 impl ShardArgs {
@@ -85,6 +177,7 @@ impl ShardArgs {
             batches: self.batches,
             connections_max: self.connections_max,
             io_memory_bytes: self.io_memory_kib * 1024,
+            allow_shared_cores: self.allow_shared_cores,
             ..NodeConfig::default()
         }
     }
@@ -103,6 +196,8 @@ struct NodeArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    journal: JournalArgs,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +228,11 @@ struct BenchArgs {
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run without a journal (measures the in-memory pipeline only).
+    #[arg(long, conflicts_with = "data_dir")]
+    in_memory: bool,
+    #[command(flatten)]
+    journal: JournalArgs,
 }
 
 fn init_tracing() {
@@ -149,14 +249,17 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.listen = args.listen;
     config.client_port_base = args.client_port_base;
     let shards = config.cores.len();
-    let ledger = LedgerConfig {
-        shard_index: 0,
-        shard_count: shards as u32,
-        accounts_max: args.shards.accounts_max,
-        transfers_max: args.shards.transfers_max,
-        credit_legs_max: args.shards.transfers_max,
-        batch_entries_max: config.batch.entries_max,
-    };
+    if let Some(data_dir) = &args.journal.data_dir {
+        config.journal = Some(args.journal.settings(data_dir.clone()));
+        if args.journal.fsync == FsyncPolicy::Never {
+            say!(
+                "WARNING: --fsync never: acknowledged transactions do not survive a power loss (benchmarks only)"
+            );
+        }
+    } else {
+        say!("WARNING: no --data-dir: nothing is journaled, a restart loses everything");
+    }
+    let ledger = args.shards.ledger.config(shards, config.batch.entries_max);
     let seed = runtime::random_seed();
     let node = Node::start(config.clone(), move |shard, _| {
         Ledger::with_hash_seed(
@@ -174,13 +277,13 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(address) => {
             let (bound, handle) =
                 percore_shards::metrics::serve(address, node.metrics().to_vec(), stop.clone())?;
-            eprintln!("metrics on http://{bound}/metrics");
+            say!("metrics on http://{bound}/metrics");
             Some(handle)
         }
         None => None,
     };
     for (shard, address) in node.client_addresses().iter().enumerate() {
-        eprintln!(
+        say!(
             "shard {shard} on core {} serving clients at {address}",
             config.cores[shard]
         );
@@ -188,10 +291,10 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("stopping: no new connections, draining accepted transactions");
+    say!("stopping: no new connections, draining accepted transactions");
     let reports = node.wait()?;
     for report in &reports {
-        eprintln!("shard {} stopped at op {}", report.shard, report.op_last);
+        say!("shard {} stopped at op {}", report.shard, report.op_last);
     }
     if let Some(handle) = metrics_thread {
         let _ = handle.join();
@@ -202,10 +305,34 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
 fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut node = args.shards.node_config();
     node.client_port_base = 0;
+    let temporary = if args.in_memory {
+        None
+    } else {
+        let data_dir = match &args.journal.data_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::temp_dir().join(format!("percore-bench-{}", std::process::id())),
+        };
+        node.journal = Some(args.journal.settings(data_dir.clone()));
+        args.journal.data_dir.is_none().then_some(data_dir)
+    };
+    let fsync = match (&node.journal, args.journal.fsync) {
+        (None, _) => "none: in memory, no journal",
+        (Some(_), FsyncPolicy::Always) => "always (fdatasync per group commit)",
+        (Some(_), FsyncPolicy::Never) => {
+            "never (journal written, not fdatasynced: benchmarks only)"
+        }
+    };
+    if !args.json {
+        say!("fsync policy: {fsync}");
+    }
+    let ledger = args
+        .shards
+        .ledger
+        .config(node.cores.len(), node.batch.entries_max);
     let config = BenchConfig {
         node,
+        ledger,
         accounts_per_shard: args.accounts_per_shard,
-        transfers_max_per_shard: args.shards.transfers_max,
         warmup: Duration::from_secs(args.warmup_s),
         duration: Duration::from_secs(args.duration_s),
         records_per_request: args.records_per_request,
@@ -213,8 +340,13 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         connections_per_shard: args.connections_per_shard,
         cross_shard_percent: args.cross_shard_percent,
         progress: !args.json,
+        fsync,
     };
-    let report = loadgen::run(config)?;
+    let report = loadgen::run(config);
+    if let Some(dir) = temporary {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let report = report?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -223,17 +355,41 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+fn run_inspect(args: InspectArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    let body_bytes_max = args.batch_entries_max * percore_engine::record::RECORD_BYTES;
+    let shards = std::fs::read_dir(&args.data_dir)?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("shard-"))
+        .count();
+    let replay = args
+        .replay
+        .then(|| args.ledger.config(shards.max(1), args.batch_entries_max));
+    let config = percore_shards::inspect::InspectConfig {
+        data_dir: args.data_dir,
+        body_bytes_max,
+        replay,
+    };
+    let (report, problem) = percore_shards::inspect::run(&config)?;
+    print!("{report}");
+    Ok(problem)
+}
+
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Node(args) => run_node(args),
         Command::Bench(args) => run_bench(args),
+        Command::Inspect(args) => match run_inspect(args) {
+            Ok(false) => Ok(()),
+            Ok(true) => return ExitCode::FAILURE,
+            Err(err) => Err(err),
+        },
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("percore: error: {err}");
+            say!("percore: error: {err}");
             ExitCode::FAILURE
         }
     }

@@ -78,6 +78,8 @@ macro_rules! shard_metrics {
             pub request_latency: LatencyHistogram,
             /// Records per sealed batch.
             pub batch_size: LatencyHistogram,
+            /// Time to stage, write and (per policy) fdatasync one group of batches (µs).
+            pub journal_commit_latency: LatencyHistogram,
         }
 
         impl ShardMetrics {
@@ -103,6 +105,7 @@ shard_metrics! {
     counter frames_rejected_total: "Client frames rejected with a typed error.",
     counter requests_total: "Client requests answered.",
     counter batches_sealed_total: "Batches sealed by the batcher.",
+    counter journal_commits_total: "Group commits (one write and one fdatasync each, per policy).",
     counter mesh_messages_sent_total: "Messages pushed into mesh rings to other shards.",
     counter mesh_messages_received_total: "Messages taken from mesh rings and handled.",
     counter pool_exhausted_total: "Borrows refused because a pool was exhausted (back-pressure).",
@@ -154,6 +157,8 @@ impl ShardMetrics {
             .render(out, "percore_request_latency_seconds", self.shard);
         self.batch_size
             .render(out, "percore_batch_entries", self.shard);
+        self.journal_commit_latency
+            .render(out, "percore_journal_commit_seconds", self.shard);
     }
 }
 

@@ -31,8 +31,10 @@ use percore_engine::limits::{
 use percore_engine::state_machine::StateMachine;
 
 use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
+use crate::journal::{Journal, JournalConfig, JournalError};
 use crate::mesh::{Mesh, MeshEndpoint, MeshLinks, MeshMessage};
 use crate::metrics::ShardMetrics;
+use percore_engine::journal::{EntryMeta, entry_bytes_padded};
 
 /// Default first client port; shard `i` listens on `client_port_base + i`.
 pub const CLIENT_PORT_BASE_DEFAULT: u16 = 7000;
@@ -74,6 +76,24 @@ pub struct NodeConfig {
     pub batch: BatchLimits,
     /// io_uring registered memory per shard (bytes).
     pub io_memory_bytes: usize,
+    /// Allow two shards on one core (the local benchmark on a small box); off, a repeated
+    /// core is refused.
+    pub allow_shared_cores: bool,
+    /// The journal; `None` runs without durability (tests and in-memory benchmarks).
+    pub journal: Option<JournalSettings>,
+}
+
+/// Where and how each shard journals its batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalSettings {
+    /// Shard `i` journals under `data_dir/shard-<i>/`.
+    pub data_dir: std::path::PathBuf,
+    /// When a batch counts as durable.
+    pub fsync: crate::journal::FsyncPolicy,
+    /// Size of one segment file (bytes, a multiple of 4 KiB).
+    pub segment_bytes: u64,
+    /// Identity of the cluster; a data directory of another cluster is refused.
+    pub cluster_id: u128,
 }
 
 impl Default for NodeConfig {
@@ -90,6 +110,8 @@ impl Default for NodeConfig {
             mesh_ring_capacity: MESH_RING_CAPACITY_DEFAULT,
             batch: BatchLimits::default(),
             io_memory_bytes: IO_MEMORY_BYTES_DEFAULT,
+            allow_shared_cores: false,
+            journal: None,
         }
     }
 }
@@ -107,6 +129,20 @@ pub enum NodeError {
         core: usize,
         /// CPUs online.
         online: usize,
+    },
+    /// The journal could not be opened or recovered (I/O, corruption, another cluster's data).
+    #[error("shard {shard}: journal: {message}")]
+    Journal {
+        /// Shard index.
+        shard: usize,
+        /// What went wrong (shard, op, segment and offset for corruption).
+        message: String,
+    },
+    /// Two shards were given one core without `allow_shared_cores`.
+    #[error("core {core} is listed twice: one shard per core (pass --allow-shared-cores to share)")]
+    SharedCore {
+        /// The repeated core.
+        core: usize,
     },
     /// Locked memory for io_uring is not available.
     #[error(transparent)]
@@ -202,9 +238,16 @@ pub fn random_seed() -> u64 {
 }
 
 /// Validates cores against the machine.
-fn check_cores(cores: &[usize]) -> Result<(), NodeError> {
+fn check_cores(cores: &[usize], allow_shared_cores: bool) -> Result<(), NodeError> {
     if cores.is_empty() {
         return Err(NodeError::NoCores);
+    }
+    if !allow_shared_cores {
+        for (index, core) in cores.iter().enumerate() {
+            if cores[..index].contains(core) {
+                return Err(NodeError::SharedCore { core: *core });
+            }
+        }
     }
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let online = online.max(num_cpus_configured());
@@ -240,7 +283,7 @@ where
     where
         F: Fn(usize, usize) -> S + Send + Sync + 'static,
     {
-        check_cores(&config.cores)?;
+        check_cores(&config.cores, config.allow_shared_cores)?;
         let shards = config.cores.len();
         if !config.mesh_ring_capacity.is_power_of_two() || config.mesh_ring_capacity < 2 {
             return Err(NodeError::MeshCapacity(config.mesh_ring_capacity));
@@ -431,6 +474,42 @@ impl<S: StateMachine> Shard<S> {
     }
 }
 
+/// Opens the shard's journal, if the node journals, replaying every durable batch into the
+/// core before the shard serves anyone.
+async fn open_journal<S: StateMachine>(
+    shard: usize,
+    config: &NodeConfig,
+    core: &mut ShardCore<S>,
+) -> Result<Option<Journal>, JournalError> {
+    let Some(settings) = &config.journal else {
+        return Ok(None);
+    };
+    let record_bytes = size_of::<S::Record>();
+    let journal_config = JournalConfig {
+        dir: settings.data_dir.join(format!("shard-{shard}")),
+        shard: shard as u32,
+        cluster_id: settings.cluster_id,
+        segment_bytes: settings.segment_bytes,
+        body_bytes_max: config.batch.entries_cap(record_bytes) * record_bytes,
+        fsync: settings.fsync,
+        write_buffer_bytes: JOURNAL_WRITE_BUFFER_BYTES,
+    };
+    let started = Instant::now();
+    let (journal, recovered) = Journal::open(journal_config, |entry| {
+        core.replay(entry.meta.op, entry.meta.operation, entry.body);
+    })
+    .await?;
+    tracing::info!(
+        shard,
+        op_last = recovered.op_last,
+        entries = recovered.entries,
+        tail = ?recovered.tail,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "journal recovered"
+    );
+    Ok(Some(journal))
+}
+
 async fn run_shard<S>(
     context: ShardContext,
     state_machine: S,
@@ -459,11 +538,25 @@ where
         tx_ring_capacity: config.tx_ring_capacity,
         batch: config.batch,
     };
-    let core = match ShardCore::new(core_config, state_machine, metrics.clone()) {
+    let mut core = match ShardCore::new(core_config, state_machine, metrics.clone()) {
         Ok(core) => core,
         Err(source) => {
             let _ = ready.send((shard, Err(NodeError::Core { shard, source })));
             return Err(NodeError::NoCores);
+        }
+    };
+    let journal = match open_journal(shard, &config, &mut core).await {
+        Ok(journal) => journal,
+        Err(error) => {
+            let message = error.to_string();
+            let _ = ready.send((
+                shard,
+                Err(NodeError::Journal {
+                    shard,
+                    message: message.clone(),
+                }),
+            ));
+            return Err(NodeError::Journal { shard, message });
         }
     };
     let port = if config.client_port_base == 0 {
@@ -529,9 +622,13 @@ where
     let _ = ready.send((shard, Ok(local)));
 
     let mesh_tasks = crate::mesh::spawn_receivers(shard_state.clone()).await;
-    let batcher = glommio::spawn_local(batcher_loop(shard_state.clone()));
+    let batcher = glommio::spawn_local(batcher_loop(shard_state.clone(), journal));
     accept_loop(shard_state.clone(), listener).await;
-    batcher.await;
+    if let Some(mut journal) = batcher.await
+        && let Err(err) = journal.write_superblock().await
+    {
+        tracing::warn!(shard, %err, "superblock not written at shutdown");
+    }
     shard_state.finished.set(true);
     for task in mesh_tasks {
         task.await;
@@ -957,14 +1054,14 @@ pub(crate) fn complete_local<S: StateMachine>(
 }
 
 /// Seals and applies batches, forwards state-machine messages, and drains on shutdown.
-async fn batcher_loop<S>(shard: Rc<Shard<S>>)
+async fn batcher_loop<S>(shard: Rc<Shard<S>>, mut journal: Option<Journal>) -> Option<Journal>
 where
     S: StateMachine + 'static,
     S::Record: Send,
     S::Result: Send,
 {
     loop {
-        let progressed = batcher_turn(&shard);
+        let progressed = batcher_turn(&shard, journal.as_mut()).await;
         if progressed {
             glommio::yield_if_needed().await;
             continue;
@@ -980,7 +1077,7 @@ where
             let drained = idle && shard.connections.borrow().iter().all(|c| !c.active);
             shard.quiet[shard.index].store(drained, Ordering::Release);
             if drained && node_quiescent(&shard) {
-                break;
+                return journal;
             }
             if drained {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
@@ -1021,8 +1118,16 @@ fn node_quiescent<S: StateMachine>(shard: &Shard<S>) -> bool {
     first.0 && first.1 == first.2 && first == second
 }
 
-/// One turn: retry queued mesh messages, seal, apply, forward outbound messages.
-fn batcher_turn<S>(shard: &Shard<S>) -> bool
+/// Staging buffer of each shard's journal: one group commit writes at most this much at once.
+const JOURNAL_WRITE_BUFFER_BYTES: usize = crate::journal::WRITE_BUFFER_BYTES_DEFAULT;
+
+/// Largest number of batches sealed, journaled together and applied in one turn.
+const GROUP_COMMIT_BATCHES_MAX: usize = 64;
+
+/// One turn: retry queued mesh messages; seal what the controller allows; make the sealed
+/// batches durable with one group commit (when journaling); apply them and answer; forward
+/// the state machine's messages to other shards.
+async fn batcher_turn<S>(shard: &Shard<S>, journal: Option<&mut Journal>) -> bool
 where
     S: StateMachine,
     S::Record: Send,
@@ -1035,20 +1140,27 @@ where
         return progressed;
     }
     let now_us = shard.now_us();
-    let sealed = shard.core.borrow_mut().poll_seal(now_us);
-    if let Some(sealed) = sealed {
-        progressed = true;
-        let _span =
-            tracing::debug_span!("batch", shard = shard.index, op = sealed.op, entries = sealed.entries, reason = ?sealed.reason)
-                .entered();
-        // Replication hooks in here: the sealed batch is journaled and sent to peers
-        // before it is applied.
-        let mut core = shard.core.borrow_mut();
-        let mut completions = 0u64;
-        core.apply_next(|origin, result| {
-            completions += 1;
-            complete(shard, origin, result);
-        });
+    let mut sealed = 0;
+    while sealed < GROUP_COMMIT_BATCHES_MAX {
+        let Some(batch) = shard.core.borrow_mut().poll_seal(now_us) else {
+            break;
+        };
+        tracing::debug!(shard = shard.index, op = batch.op, entries = batch.entries, reason = ?batch.reason, "sealed");
+        sealed += 1;
+    }
+    if sealed == 0 {
+        shard.mesh.borrow_mut().ring_doorbells();
+        return progressed;
+    }
+    progressed = true;
+    if let Some(journal) = journal {
+        journal_commit(shard, journal, sealed).await;
+    }
+    // Replication attaches here too: sealed batches go to peers before they are applied.
+    let mut core = shard.core.borrow_mut();
+    for _ in 0..sealed {
+        let op = core.apply_next(|origin, result| complete(shard, origin, result));
+        debug_assert!(op.is_some());
         while let Some(outbound) = core.poll_outbound() {
             let message = MeshMessage::Outbound {
                 operation: outbound.operation.into(),
@@ -1060,8 +1172,60 @@ where
                 .send_or_queue(outbound.shard as usize, message);
             ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
         }
-        core.publish_pool_metrics();
     }
+    core.publish_pool_metrics();
+    drop(core);
     shard.mesh.borrow_mut().ring_doorbells();
     progressed
+}
+
+/// Stages the `sealed` oldest sealed batches and commits them: one write and one
+/// `fdatasync` per group (more only when the staging buffer or a segment fills).
+/// A journal that cannot write stops the process: an engine that cannot make data durable
+/// must not answer clients as if it had.
+async fn journal_commit<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal, sealed: usize) {
+    let started = Instant::now();
+    let record_bytes = size_of::<S::Record>();
+    for index in 0..sealed {
+        let body_bytes = shard
+            .core
+            .borrow()
+            .sealed_batch(index)
+            .expect("sealed this turn")
+            .2
+            .len();
+        if journal.staged_bytes() + entry_bytes_padded(body_bytes) > JOURNAL_WRITE_BUFFER_BYTES {
+            // Staging buffer full: commit what is staged first.
+            if let Err(err) = journal.commit().await {
+                panic!(
+                    "shard {}: journal write failed, stopping: {err}",
+                    shard.index
+                );
+            }
+        }
+        let core = shard.core.borrow();
+        let (op, operation, body) = core.sealed_batch(index).expect("sealed this turn");
+        let meta = EntryMeta {
+            shard: shard.index as u32,
+            view: 0,
+            op,
+            operation,
+            entry_count: (body.len() / record_bytes) as u32,
+            record_bytes: record_bytes as u32,
+        };
+        if let Err(err) = journal.stage(meta, body) {
+            panic!("shard {}: journal refused a batch: {err}", shard.index);
+        }
+    }
+    if let Err(err) = journal.commit().await {
+        panic!(
+            "shard {}: journal write failed, stopping: {err}",
+            shard.index
+        );
+    }
+    shard
+        .metrics
+        .journal_commit_latency
+        .record(started.elapsed().as_micros() as u64, 1);
+    ShardMetrics::add(&shard.metrics.journal_commits_total, 1);
 }

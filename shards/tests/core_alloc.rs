@@ -101,7 +101,7 @@ fn steady_state_hot_path_allocates_nothing() {
         shard_count: SHARDS,
         accounts_max: 1_024,
         transfers_max: 200_000,
-        credit_legs_max: 1_024,
+        credit_legs_in_flight_max: 16_384,
         batch_entries_max: BATCH,
     });
     let config = CoreConfig {

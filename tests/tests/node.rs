@@ -22,6 +22,7 @@ fn start_node() -> Node<Ledger> {
         client_port_base: 0,
         transactions: 4_096,
         batches: 64,
+        allow_shared_cores: true,
         ..NodeConfig::default()
     };
     let ledger = LedgerConfig {
@@ -29,7 +30,7 @@ fn start_node() -> Node<Ledger> {
         shard_count: SHARDS as u32,
         accounts_max: 1_024,
         transfers_max: 65_536,
-        credit_legs_max: 65_536,
+        credit_legs_in_flight_max: 65_536,
         batch_entries_max: config.batch.entries_max,
     };
     Node::start(config, move |shard, _| {

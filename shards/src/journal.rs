@@ -1,0 +1,1211 @@
+//! The shard's journal driver: makes sealed batches durable in O_DIRECT segment files.
+//!
+//! This module owns the I/O of one shard's journal directory (`<data-dir>/shard-<i>`): a
+//! `superblock` file holding two alternating copies, and append-only segment files of
+//! sector-padded entries, each pre-allocated to `segment_bytes`. The on-disk format (entry
+//! encoding, checksums, the chain, the scan that tells a clean end from a torn or corrupt one,
+//! the superblock encoding) belongs to the sans-IO `percore_engine::journal`; this module only
+//! moves bytes with glommio's `DmaFile` and decides what to do with what the scan reports.
+//! It lives on one shard's executor and must never block that executor on anything but
+//! open-time directory listing, and never write an entry across two segments.
+//!
+//! Write path: [`Journal::stage`] encodes a batch into the staging `DmaBuffer` (no I/O, no
+//! allocation); [`Journal::commit`] writes everything staged in one O_DIRECT write per
+//! segment touched (one, unless it rolls over) and issues one `fdatasync` per segment
+//! written under [`FsyncPolicy::Always`].
+//!
+//! Buffer ownership (glommio 0.9): `DmaFile::write_at` takes the `DmaBuffer` by value and the
+//! write length is the buffer's length, which can only shrink (`trim_to_size`). A buffer can
+//! therefore not be reused for writes of varying length. `commit` hands the filled staging
+//! buffer, trimmed to the staged length, to the kernel without copying, and takes a fresh
+//! staging buffer from glommio's allocator: one `DmaBuffer` allocation per group commit (from
+//! the executor's registered io memory when it has room, else an aligned heap allocation).
+//! Fixed-size writes (the superblock) reuse one buffer through `write_rc_at` and
+//! `Rc::get_mut`, which succeeds once glommio has dropped its clone at completion.
+//!
+//! Reads (recovery only) are O_DIRECT too, with a buffered fallback: glommio decides once
+//! per process and device whether to use io_uring's poll ring by reading offset 0 of the
+//! first file it opens there; an empty file answers that probe with success, and every later
+//! O_DIRECT read on a device without poll queues then fails with EOPNOTSUPP. The superblock
+//! is therefore created with `std::fs` (so the first DMA open sees data), and a read refused
+//! with EOPNOTSUPP is redone as a buffered read.
+
+use std::cell::Cell;
+use std::fmt;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
+
+use percore_engine::journal::{
+    self as format, DecodedEntry, EntryMeta, JOURNAL_CHAIN_ROOT, JournalChecksum, SECTOR_BYTES,
+    SUPERBLOCK_BYTES, ScanOutcome, Superblock, SuperblockError, Tail,
+};
+
+/// Name of the superblock file in a shard's journal directory (two copies, one per sector).
+pub const SUPERBLOCK_FILE_NAME: &str = "superblock";
+/// Name the superblock file is written under before it is renamed into place at creation.
+pub const SUPERBLOCK_FILE_NAME_NEW: &str = "superblock.new";
+/// Default staging buffer for group commit (bytes).
+pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 4 << 20;
+/// Recovery reads segments in chunks of this many bytes (or one largest entry, if larger).
+pub const RECOVERY_READ_BYTES: usize = 4 << 20;
+/// Number of superblock copies; `write_superblock` alternates between them.
+pub const SUPERBLOCK_COPIES: u64 = 2;
+
+const _: () = assert!(WRITE_BUFFER_BYTES_DEFAULT.is_multiple_of(SECTOR_BYTES));
+const _: () = assert!(RECOVERY_READ_BYTES.is_multiple_of(SECTOR_BYTES));
+const _: () = assert!(SUPERBLOCK_BYTES.is_multiple_of(SECTOR_BYTES));
+
+/// When `commit` calls `fdatasync`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncPolicy {
+    /// One `fdatasync` per group commit (per segment written): a committed op survives power loss.
+    Always,
+    /// No `fdatasync`: a committed op survives a process crash, not power loss. Benchmarks only.
+    Never,
+}
+
+/// Everything one shard's journal needs; every limit is fixed here.
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// The shard's journal directory, `<data-dir>/shard-<i>`; created if absent.
+    pub dir: PathBuf,
+    /// The shard (replication group) this journal belongs to.
+    pub shard: u32,
+    /// The cluster this journal belongs to; a directory of another cluster is refused.
+    pub cluster_id: u128,
+    /// Size of each segment file (bytes, a multiple of `SECTOR_BYTES`).
+    pub segment_bytes: u64,
+    /// Largest batch body one entry may carry (bytes).
+    pub body_bytes_max: usize,
+    /// When to `fdatasync`.
+    pub fsync: FsyncPolicy,
+    /// Staging buffer for group commit (bytes, a multiple of `SECTOR_BYTES`); one largest
+    /// entry must fit.
+    pub write_buffer_bytes: usize,
+}
+
+/// What recovery found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recovered {
+    /// Highest op in the journal (0 when empty).
+    pub op_last: u64,
+    /// Entries replayed.
+    pub entries: u64,
+    /// `Clean`, or `Torn` at the offset the journal was truncated to.
+    pub tail: Tail,
+}
+
+/// Everything that can go wrong with a shard's journal.
+#[derive(thiserror::Error, Debug)]
+pub enum JournalError {
+    /// A file operation failed.
+    #[error("journal I/O on {path}: {source}")]
+    Io {
+        /// File or directory involved.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An entry before the tail fails verification; it must be repaired from a peer.
+    #[error(
+        "shard {shard} journal corrupt at op {op} (segment {segment}, offset {offset}): {error}"
+    )]
+    Corrupt {
+        /// The shard whose journal is corrupt.
+        shard: u32,
+        /// The op expected at `offset`.
+        op: u64,
+        /// Segment index.
+        segment: u64,
+        /// Byte offset within the segment.
+        offset: u64,
+        /// What verification found.
+        error: String,
+    },
+    /// The directory belongs to another cluster or shard.
+    #[error(
+        "journal {path} belongs to cluster {cluster_id_found:#x} shard {shard_found}, \
+         expected cluster {cluster_id_expected:#x} shard {shard_expected}"
+    )]
+    ClusterMismatch {
+        /// The superblock file.
+        path: PathBuf,
+        /// Cluster in the configuration.
+        cluster_id_expected: u128,
+        /// Cluster in the superblock.
+        cluster_id_found: u128,
+        /// Shard in the configuration.
+        shard_expected: u32,
+        /// Shard in the superblock.
+        shard_found: u32,
+    },
+    /// A batch body is larger than `body_bytes_max`, or one largest entry does not fit the
+    /// write buffer or a segment.
+    #[error("batch entry of {entry_bytes} bytes exceeds the limit of {entry_bytes_max} bytes")]
+    BatchTooLarge {
+        /// Bytes of the entry (or body) refused.
+        entry_bytes: usize,
+        /// The limit it exceeds.
+        entry_bytes_max: usize,
+    },
+    /// The staging buffer has no room for this entry: commit first.
+    #[error("write buffer full: {staged_bytes} bytes staged, entry needs {entry_bytes} more")]
+    BufferFull {
+        /// Bytes staged now.
+        staged_bytes: usize,
+        /// Padded bytes of the entry refused.
+        entry_bytes: usize,
+    },
+    /// `stage` was given an op that does not follow the last one, or another shard's entry.
+    #[error(
+        "entry op {op} shard {shard} is not next: expected op {op_expected} shard {shard_expected}"
+    )]
+    NotNext {
+        /// Op given.
+        op: u64,
+        /// Op expected (`op_last + 1`).
+        op_expected: u64,
+        /// Shard given.
+        shard: u32,
+        /// This journal's shard.
+        shard_expected: u32,
+    },
+    /// `stage` was given a body whose length is not `entry_count * record_bytes`.
+    #[error("body of {body_bytes} bytes is not {entry_count} records of {record_bytes} bytes")]
+    BodySizeMismatch {
+        /// Body length given.
+        body_bytes: usize,
+        /// Records announced.
+        entry_count: u32,
+        /// Record size announced.
+        record_bytes: u32,
+    },
+    /// A configuration value is out of range.
+    #[error("journal config: {reason}")]
+    Config {
+        /// Which rule was broken.
+        reason: &'static str,
+    },
+    /// The superblock file exists but neither copy is valid.
+    #[error("journal superblock {path} unreadable: {error}")]
+    Superblock {
+        /// The superblock file.
+        path: PathBuf,
+        /// What decoding found.
+        #[source]
+        error: SuperblockError,
+    },
+    /// Segments exist but the superblock does not: refuse to guess.
+    #[error("journal {path} has segments but no superblock")]
+    SuperblockMissing {
+        /// The journal directory.
+        path: PathBuf,
+    },
+    /// An earlier write or `fdatasync` failed; what reached the disk is unknown, so the
+    /// journal refuses further use until it is reopened (and recovered).
+    #[error("journal of shard {shard} failed earlier and must be reopened")]
+    Failed {
+        /// The shard.
+        shard: u32,
+    },
+}
+
+/// A contiguous run of staged bytes that lands in one segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StagedRun {
+    staging_start: usize,
+    staging_end: usize,
+    segment: u64,
+    offset: u64,
+}
+
+/// Where the next entry goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Position {
+    segment: u64,
+    offset: u64,
+}
+
+/// One shard's journal: lives on that shard's executor (not `Send`).
+pub struct Journal {
+    config: JournalConfig,
+    directory: Directory,
+    superblock_file: DmaFile,
+    /// Reused for every superblock write (fixed size, so `write_rc_at` + `Rc::get_mut` works).
+    superblock_buffer: Rc<DmaBuffer>,
+    superblock: Superblock,
+    /// The segment at `position_durable.segment`, open for reading and writing.
+    segment_file: DmaFile,
+    /// Its path, kept so the write path never formats one.
+    segment_path: PathBuf,
+    superblock_path: PathBuf,
+    /// End of what has been written (and synced under `Always`).
+    position_durable: Position,
+    /// End of what has been staged.
+    position_staged: Position,
+    /// Entries are encoded here; `write_buffer_bytes` long.
+    staging: DmaBuffer,
+    staged_bytes: usize,
+    /// Staged runs, one per segment touched; capacity fixed at open (never grows).
+    staged_runs: Vec<StagedRun>,
+    op_durable: u64,
+    view_durable: u64,
+    op_staged: u64,
+    view_staged: u64,
+    checksum_staged: JournalChecksum,
+    /// Set while a write is in flight and left set if it fails.
+    failed: bool,
+}
+
+impl fmt::Debug for Journal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Journal")
+            .field("dir", &self.config.dir)
+            .field("shard", &self.config.shard)
+            .field("position_durable", &self.position_durable)
+            .field("position_staged", &self.position_staged)
+            .field("staged_bytes", &self.staged_bytes)
+            .field("op_durable", &self.op_durable)
+            .field("op_staged", &self.op_staged)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_error(path: &Path, error: impl Into<std::io::Error>) -> JournalError {
+    JournalError::Io {
+        path: path.to_path_buf(),
+        source: error.into(),
+    }
+}
+
+fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format::segment_file_name(segment))
+}
+
+async fn open_read_write(path: &Path, create: bool) -> Result<DmaFile, JournalError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .dma_open(path)
+        .await
+        .map_err(|error| io_error(path, error))
+}
+
+/// Writes all of `buffer` at `offset`: a short write is an error (the disk is full).
+async fn write_all(
+    file: &DmaFile,
+    path: &Path,
+    buffer: DmaBuffer,
+    offset: u64,
+) -> Result<(), JournalError> {
+    let length = buffer.len();
+    debug_assert!(length > 0 && length.is_multiple_of(SECTOR_BYTES));
+    debug_assert!(offset.is_multiple_of(SECTOR_BYTES as u64));
+    let written = file
+        .write_at(buffer, offset)
+        .await
+        .map_err(|error| io_error(path, error))?;
+    if written != length {
+        return Err(io_error(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short write: {written} of {length} bytes at offset {offset}"),
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn fdatasync(file: &DmaFile, path: &Path) -> Result<(), JournalError> {
+    file.fdatasync()
+        .await
+        .map_err(|error| io_error(path, error))
+}
+
+/// Reads `length` bytes at `offset` (both sector aligned) with O_DIRECT; once glommio's
+/// poll ring has refused a read (see the module docs), `buffered` is set and this and all
+/// later reads go through the page cache instead.
+async fn read_aligned(
+    file: &DmaFile,
+    path: &Path,
+    offset: u64,
+    length: usize,
+    buffered: &Cell<bool>,
+) -> Result<ReadResult, JournalError> {
+    debug_assert!(
+        offset.is_multiple_of(SECTOR_BYTES as u64) && length.is_multiple_of(SECTOR_BYTES)
+    );
+    if !buffered.get() {
+        match file.read_at_aligned(offset, length).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(error) => {
+                let error = std::io::Error::from(error);
+                if error.kind() != std::io::ErrorKind::Unsupported {
+                    return Err(io_error(path, error));
+                }
+                tracing::warn!(
+                    path = %path.display(),
+                    "O_DIRECT read refused (glommio poll ring on a device without poll queues); \
+                     recovery reads go through the page cache"
+                );
+                buffered.set(true);
+            }
+        }
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .buffered_open(path)
+        .await
+        .map_err(|error| io_error(path, error))?;
+    let bytes = file
+        .read_at(offset, length)
+        .await
+        .map_err(|error| io_error(path, error))?;
+    file.close().await.map_err(|error| io_error(path, error))?;
+    Ok(bytes)
+}
+
+/// Creates (or re-sizes) a segment: pre-allocated to `segment_bytes` so appends do not
+/// change the file size, reads as zeros past the last entry.
+async fn segment_create(
+    dir: &Path,
+    segment: u64,
+    segment_bytes: u64,
+) -> Result<DmaFile, JournalError> {
+    let path = segment_path(dir, segment);
+    let file = open_read_write(&path, true).await?;
+    file.pre_allocate(segment_bytes, false)
+        .await
+        .map_err(|error| io_error(&path, error))?;
+    Ok(file)
+}
+
+impl Journal {
+    /// Opens the journal (creating the directory, the superblock pair and segment 0 if
+    /// absent) and recovers it: scans the segments in order from the checkpoint, verifying
+    /// every entry and the chain, calls `replay` for each valid entry in op order, truncates
+    /// a torn tail (zeroing it on disk) and fails with [`JournalError::Corrupt`] on
+    /// corruption before the tail.
+    pub async fn open(
+        config: JournalConfig,
+        mut replay: impl FnMut(&DecodedEntry<'_>),
+    ) -> Result<(Journal, Recovered), JournalError> {
+        config_validate(&config)?;
+        let dir = config.dir.clone();
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|error| io_error(&dir, error))?;
+            // Make the new directory's own entry durable.
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)
+                    .and_then(|parent| parent.sync_all())
+                    .map_err(|error| io_error(parent, error))?;
+            }
+        }
+        let directory = Directory::open(&dir)
+            .await
+            .map_err(|error| io_error(&dir, error))?;
+        let segments = segments_list(&dir)?;
+        let (superblock_file, superblock) =
+            superblock_open(&config, &directory, !segments.is_empty()).await?;
+        if superblock.segment_bytes != config.segment_bytes {
+            return Err(JournalError::Config {
+                reason: "segment_bytes differs from the one this journal was created with",
+            });
+        }
+
+        let mut recovery = Recovery::new(&config, &superblock, segments);
+        let (segment_file, end) = recovery.run(&mut replay).await?;
+        if end.directory_changed {
+            directory
+                .sync()
+                .await
+                .map_err(|error| io_error(&dir, error))?;
+        }
+
+        let staging = segment_file.alloc_dma_buffer(config.write_buffer_bytes);
+        let superblock_buffer = Rc::new(superblock_file.alloc_dma_buffer(SUPERBLOCK_BYTES));
+        let runs_max = config.write_buffer_bytes / SECTOR_BYTES;
+        let recovered = Recovered {
+            op_last: recovery.op_next - 1,
+            entries: recovery.entries,
+            tail: end.tail,
+        };
+        let journal = Journal {
+            segment_path: segment_path(&dir, end.position.segment),
+            superblock_path: dir.join(SUPERBLOCK_FILE_NAME),
+            directory,
+            superblock_file,
+            superblock_buffer,
+            segment_file,
+            position_durable: end.position,
+            position_staged: end.position,
+            staging,
+            staged_bytes: 0,
+            staged_runs: Vec::with_capacity(runs_max),
+            op_durable: recovered.op_last,
+            view_durable: recovery.view_last.max(superblock.view),
+            op_staged: recovered.op_last,
+            view_staged: recovery.view_last.max(superblock.view),
+            checksum_staged: recovery.checksum_previous,
+            superblock,
+            config,
+            failed: false,
+        };
+        Ok((journal, recovered))
+    }
+
+    /// Stages one batch: encodes header and body into the write buffer. The caller assigns
+    /// the op: `meta.op` must be `op_last + 1` (counting staged entries). No I/O, no
+    /// allocation.
+    pub fn stage(&mut self, meta: EntryMeta, body: &[u8]) -> Result<(), JournalError> {
+        self.check_usable()?;
+        if body.len() > self.config.body_bytes_max {
+            return Err(JournalError::BatchTooLarge {
+                entry_bytes: body.len(),
+                entry_bytes_max: self.config.body_bytes_max,
+            });
+        }
+        if meta.op != self.op_staged + 1 || meta.shard != self.config.shard {
+            return Err(JournalError::NotNext {
+                op: meta.op,
+                op_expected: self.op_staged + 1,
+                shard: meta.shard,
+                shard_expected: self.config.shard,
+            });
+        }
+        if body.len() as u64 != u64::from(meta.entry_count) * u64::from(meta.record_bytes) {
+            return Err(JournalError::BodySizeMismatch {
+                body_bytes: body.len(),
+                entry_count: meta.entry_count,
+                record_bytes: meta.record_bytes,
+            });
+        }
+        let entry_bytes = format::entry_bytes_padded(body.len());
+        if self.staged_bytes + entry_bytes > self.config.write_buffer_bytes {
+            return Err(JournalError::BufferFull {
+                staged_bytes: self.staged_bytes,
+                entry_bytes,
+            });
+        }
+
+        // An entry never spans two segments: roll when it would cross the end.
+        let mut position = self.position_staged;
+        if position.offset + entry_bytes as u64 > self.config.segment_bytes {
+            position = Position {
+                segment: position.segment + 1,
+                offset: 0,
+            };
+        }
+        let start = self.staged_bytes;
+        let end = start + entry_bytes;
+        let slot = &mut self.staging.as_bytes_mut()[start..end];
+        // Writes the padding as zeros too: stale buffer contents never reach the disk.
+        let (encoded_bytes, checksum) =
+            format::encode_entry(slot, &meta, body, self.checksum_staged);
+        assert_eq!(encoded_bytes, entry_bytes);
+
+        match self.staged_runs.last_mut() {
+            Some(run) if run.segment == position.segment => {
+                debug_assert_eq!(
+                    run.offset + (run.staging_end - run.staging_start) as u64,
+                    position.offset
+                );
+                run.staging_end = end;
+            }
+            _ => {
+                // Capacity is one run per sector of write buffer: pushing never reallocates.
+                assert!(self.staged_runs.len() < self.staged_runs.capacity());
+                self.staged_runs.push(StagedRun {
+                    staging_start: start,
+                    staging_end: end,
+                    segment: position.segment,
+                    offset: position.offset,
+                });
+            }
+        }
+        self.staged_bytes = end;
+        self.position_staged = Position {
+            segment: position.segment,
+            offset: position.offset + entry_bytes as u64,
+        };
+        self.op_staged = meta.op;
+        self.view_staged = self.view_staged.max(meta.view);
+        self.checksum_staged = checksum;
+        Ok(())
+    }
+
+    /// Bytes staged and not yet written.
+    pub fn staged_bytes(&self) -> usize {
+        self.staged_bytes
+    }
+
+    /// Capacity of the staging buffer: `staged_bytes() + entry_bytes_padded(body)` must not
+    /// exceed it for `stage` to succeed.
+    pub fn write_buffer_bytes(&self) -> usize {
+        self.config.write_buffer_bytes
+    }
+
+    /// The configuration the journal was opened with.
+    pub fn config(&self) -> &JournalConfig {
+        &self.config
+    }
+
+    /// Highest op written (and synced under [`FsyncPolicy::Always`]).
+    pub fn op_durable(&self) -> u64 {
+        self.op_durable
+    }
+
+    /// Group commit: writes everything staged, one O_DIRECT write per segment touched (one,
+    /// unless an entry rolls over to a new segment), then one `fdatasync` per segment
+    /// written under [`FsyncPolicy::Always`]. Returns the highest op now durable. After an
+    /// error, or if this future is dropped before it finishes, the journal refuses further
+    /// use ([`JournalError::Failed`]): what reached the disk is unknown until recovery.
+    pub async fn commit(&mut self) -> Result<u64, JournalError> {
+        self.check_usable()?;
+        if self.staged_bytes == 0 {
+            return Ok(self.op_durable);
+        }
+        self.failed = true;
+        if self.staged_runs.len() == 1 {
+            self.commit_one_run().await?;
+        } else {
+            self.commit_runs().await?;
+        }
+        if self.config.fsync == FsyncPolicy::Always {
+            fdatasync(&self.segment_file, &self.segment_path).await?;
+        }
+        self.failed = false;
+
+        assert_eq!(self.position_durable, self.position_staged);
+        self.staged_bytes = 0;
+        self.staged_runs.clear();
+        self.op_durable = self.op_staged;
+        self.view_durable = self.view_staged;
+        Ok(self.op_durable)
+    }
+
+    /// The common case: one contiguous write straight from the staging buffer (no copy);
+    /// the staging buffer is replaced by a fresh one (one allocation per group commit).
+    async fn commit_one_run(&mut self) -> Result<(), JournalError> {
+        let run = self.staged_runs[0];
+        debug_assert_eq!((run.staging_start, run.staging_end), (0, self.staged_bytes));
+        self.segment_switch(run.segment).await?;
+        let fresh = self
+            .segment_file
+            .alloc_dma_buffer(self.config.write_buffer_bytes);
+        let mut filled = std::mem::replace(&mut self.staging, fresh);
+        filled.trim_to_size(self.staged_bytes);
+        write_all(&self.segment_file, &self.segment_path, filled, run.offset).await?;
+        self.position_durable = Position {
+            segment: run.segment,
+            offset: run.offset + self.staged_bytes as u64,
+        };
+        Ok(())
+    }
+
+    /// The roll-over case (rare: once per segment): each run is copied into its own buffer
+    /// and written in order; a segment is synced before the next one is created.
+    async fn commit_runs(&mut self) -> Result<(), JournalError> {
+        for index in 0..self.staged_runs.len() {
+            let run = self.staged_runs[index];
+            self.segment_switch(run.segment).await?;
+            let length = run.staging_end - run.staging_start;
+            let mut buffer = self.segment_file.alloc_dma_buffer(length);
+            buffer
+                .as_bytes_mut()
+                .copy_from_slice(&self.staging.as_bytes()[run.staging_start..run.staging_end]);
+            write_all(&self.segment_file, &self.segment_path, buffer, run.offset).await?;
+            self.position_durable = Position {
+                segment: run.segment,
+                offset: run.offset + length as u64,
+            };
+        }
+        Ok(())
+    }
+
+    /// Makes `segment` the open segment, creating it (and syncing the one before and the
+    /// directory) if it is the next one.
+    async fn segment_switch(&mut self, segment: u64) -> Result<(), JournalError> {
+        let current = self.position_durable.segment;
+        if segment == current {
+            return Ok(());
+        }
+        assert_eq!(segment, current + 1, "segments are written in order");
+        let dir = self.config.dir.clone();
+        if self.config.fsync == FsyncPolicy::Always {
+            // Entries in the old segment must be durable before any in the new one, so that
+            // recovery never sees a later segment past a torn one.
+            fdatasync(&self.segment_file, &segment_path(&dir, current)).await?;
+        }
+        let file = segment_create(&dir, segment, self.config.segment_bytes).await?;
+        if self.config.fsync == FsyncPolicy::Always {
+            let path = segment_path(&dir, segment);
+            fdatasync(&file, &path).await?;
+            self.directory
+                .sync()
+                .await
+                .map_err(|error| io_error(&dir, error))?;
+        }
+        let old = std::mem::replace(&mut self.segment_file, file);
+        let old_path = std::mem::replace(&mut self.segment_path, segment_path(&dir, segment));
+        old.close()
+            .await
+            .map_err(|error| io_error(&old_path, error))?;
+        self.position_durable = Position { segment, offset: 0 };
+        Ok(())
+    }
+
+    /// Writes the superblock (alternating copy) with `op_durable` and the view of the last
+    /// durable entry, checkpoint fields unchanged, then `fdatasync`s it.
+    pub async fn write_superblock(&mut self) -> Result<(), JournalError> {
+        self.check_usable()?;
+        let mut superblock = self.superblock;
+        superblock.sequence += 1;
+        superblock.op_durable = self.op_durable;
+        superblock.view = self.view_durable;
+
+        // glommio drops its clone when the write completes, so this is unique again; if
+        // not (it never should be), take a fresh buffer rather than wait.
+        if Rc::get_mut(&mut self.superblock_buffer).is_none() {
+            self.superblock_buffer =
+                Rc::new(self.superblock_file.alloc_dma_buffer(SUPERBLOCK_BYTES));
+        }
+        let buffer = Rc::get_mut(&mut self.superblock_buffer).expect("unique");
+        let bytes: &mut [u8; SUPERBLOCK_BYTES] = buffer
+            .as_bytes_mut()
+            .try_into()
+            .expect("superblock buffer is SUPERBLOCK_BYTES long");
+        format::encode_superblock(&superblock, bytes);
+
+        let path = &self.superblock_path;
+        let offset = (superblock.sequence % SUPERBLOCK_COPIES) * SUPERBLOCK_BYTES as u64;
+        self.failed = true;
+        let written = self
+            .superblock_file
+            .write_rc_at(Rc::clone(&self.superblock_buffer), offset)
+            .await
+            .map_err(|error| io_error(path, error))?;
+        if written != SUPERBLOCK_BYTES {
+            return Err(io_error(path, std::io::ErrorKind::WriteZero));
+        }
+        fdatasync(&self.superblock_file, path).await?;
+        self.failed = false;
+        self.superblock = superblock;
+        Ok(())
+    }
+
+    /// Closes the files (dropping the journal also closes them, on the next I/O cycle).
+    /// Staged entries not committed are discarded.
+    pub async fn close(self) -> Result<(), JournalError> {
+        self.segment_file
+            .close()
+            .await
+            .map_err(|error| io_error(&self.segment_path, error))?;
+        self.superblock_file
+            .close()
+            .await
+            .map_err(|error| io_error(&self.superblock_path, error))?;
+        self.directory
+            .close()
+            .await
+            .map_err(|error| io_error(&self.config.dir, error))
+    }
+
+    fn check_usable(&self) -> Result<(), JournalError> {
+        if self.failed {
+            return Err(JournalError::Failed {
+                shard: self.config.shard,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn config_validate(config: &JournalConfig) -> Result<(), JournalError> {
+    let sector = SECTOR_BYTES as u64;
+    if config.segment_bytes == 0 || !config.segment_bytes.is_multiple_of(sector) {
+        return Err(JournalError::Config {
+            reason: "segment_bytes must be a positive multiple of SECTOR_BYTES",
+        });
+    }
+    if config.write_buffer_bytes == 0 || !config.write_buffer_bytes.is_multiple_of(SECTOR_BYTES) {
+        return Err(JournalError::Config {
+            reason: "write_buffer_bytes must be a positive multiple of SECTOR_BYTES",
+        });
+    }
+    if config.body_bytes_max == 0 {
+        return Err(JournalError::Config {
+            reason: "body_bytes_max must be positive",
+        });
+    }
+    let entry_bytes_max = format::entry_bytes_padded(config.body_bytes_max);
+    let limit = config
+        .write_buffer_bytes
+        .min(usize::try_from(config.segment_bytes).unwrap_or(usize::MAX));
+    if entry_bytes_max > limit {
+        return Err(JournalError::BatchTooLarge {
+            entry_bytes: entry_bytes_max,
+            entry_bytes_max: limit,
+        });
+    }
+    Ok(())
+}
+
+/// Segment indexes present in `dir`, ascending.
+fn segments_list(dir: &Path) -> Result<Vec<u64>, JournalError> {
+    let mut segments = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|error| io_error(dir, error))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| io_error(dir, error))?;
+        if let Some(index) = entry
+            .file_name()
+            .to_str()
+            .and_then(format::parse_segment_name)
+        {
+            segments.push(index);
+        }
+    }
+    segments.sort_unstable();
+    Ok(segments)
+}
+
+/// Opens the superblock file, creating it (written under a temporary name, then renamed,
+/// so a crash never leaves a half-written one) when the journal is new.
+async fn superblock_open(
+    config: &JournalConfig,
+    directory: &Directory,
+    segments_exist: bool,
+) -> Result<(DmaFile, Superblock), JournalError> {
+    let dir = &config.dir;
+    let path = dir.join(SUPERBLOCK_FILE_NAME);
+    let copies_bytes = SUPERBLOCK_BYTES * SUPERBLOCK_COPIES as usize;
+    if !path.exists() {
+        if segments_exist {
+            return Err(JournalError::SuperblockMissing { path: dir.clone() });
+        }
+        let superblock = Superblock {
+            cluster_id: config.cluster_id,
+            shard: config.shard,
+            sequence: 0,
+            view: 0,
+            op_durable: 0,
+            checkpoint_op: 0,
+            checkpoint_segment: 0,
+            checkpoint_offset: 0,
+            checkpoint_checksum: JOURNAL_CHAIN_ROOT,
+            segment_bytes: config.segment_bytes,
+        };
+        superblock_create(dir, &superblock)?;
+        directory
+            .sync()
+            .await
+            .map_err(|error| io_error(dir, error))?;
+        let file = open_read_write(&path, false).await?;
+        let superblock = Superblock {
+            sequence: SUPERBLOCK_COPIES - 1,
+            ..superblock
+        };
+        return Ok((file, superblock));
+    }
+
+    let file = open_read_write(&path, false).await?;
+    let copies = read_aligned(&file, &path, 0, copies_bytes, &Cell::new(false)).await?;
+    let (copy0, copy1) = if copies.len() >= copies_bytes {
+        copies.split_at(SUPERBLOCK_BYTES)
+    } else {
+        (&copies[..], &[][..])
+    };
+    let superblock =
+        format::superblock_latest(copy0, copy1).map_err(|error| JournalError::Superblock {
+            path: path.clone(),
+            error,
+        })?;
+    if superblock.cluster_id != config.cluster_id || superblock.shard != config.shard {
+        return Err(JournalError::ClusterMismatch {
+            path,
+            cluster_id_expected: config.cluster_id,
+            cluster_id_found: superblock.cluster_id,
+            shard_expected: config.shard,
+            shard_found: superblock.shard,
+        });
+    }
+    Ok((file, superblock))
+}
+
+/// Writes a new superblock pair under a temporary name and renames it into place, so a
+/// crash never leaves a half-written one. Plain `std::fs`: a one-time 8 KiB write, and it
+/// makes the first DMA open on the device see data (see the module docs).
+fn superblock_create(dir: &Path, superblock: &Superblock) -> Result<(), JournalError> {
+    let mut copies = [0u8; SUPERBLOCK_BYTES * SUPERBLOCK_COPIES as usize];
+    // Slot `s % 2` holds sequence `s`: slot 0 gets sequence 0, slot 1 sequence 1.
+    for (slot, copy) in copies.chunks_exact_mut(SUPERBLOCK_BYTES).enumerate() {
+        let copy: &mut [u8; SUPERBLOCK_BYTES] = copy.try_into().expect("chunk size");
+        let superblock = Superblock {
+            sequence: slot as u64,
+            ..*superblock
+        };
+        format::encode_superblock(&superblock, copy);
+    }
+    let path_new = dir.join(SUPERBLOCK_FILE_NAME_NEW);
+    let mut file = std::fs::File::create(&path_new).map_err(|error| io_error(&path_new, error))?;
+    file.write_all(&copies)
+        .and_then(|()| file.sync_all())
+        .map_err(|error| io_error(&path_new, error))?;
+    let path = dir.join(SUPERBLOCK_FILE_NAME);
+    std::fs::rename(&path_new, &path).map_err(|error| io_error(&path, error))
+}
+
+/// Where recovery left the journal.
+#[derive(Debug)]
+struct RecoveryEnd {
+    position: Position,
+    tail: Tail,
+    /// A segment file was created or removed: the directory needs a sync.
+    directory_changed: bool,
+}
+
+/// How one segment's scan ended.
+enum SegmentEnd {
+    Clean { offset: u64 },
+    Torn { offset: u64 },
+}
+
+/// Recovery state carried across chunks and segments.
+struct Recovery<'a> {
+    config: &'a JournalConfig,
+    /// Ops up to this one were made durable; a torn entry at or below it is corruption.
+    op_durable_floor: u64,
+    segments: Vec<u64>,
+    checkpoint_segment: u64,
+    checkpoint_offset: u64,
+    op_next: u64,
+    checksum_previous: JournalChecksum,
+    view_last: u64,
+    entries: u64,
+    read_bytes: usize,
+    entry_bytes_max: usize,
+    /// O_DIRECT reads were refused: read through the page cache.
+    reads_buffered: Cell<bool>,
+}
+
+impl<'a> Recovery<'a> {
+    fn new(config: &'a JournalConfig, superblock: &Superblock, segments: Vec<u64>) -> Self {
+        let entry_bytes_max = format::entry_bytes_padded(config.body_bytes_max);
+        // A chunk must hold one largest entry, or a straddling entry could never be read whole.
+        let read_bytes = RECOVERY_READ_BYTES.max(2 * entry_bytes_max);
+        let op_durable_floor = match config.fsync {
+            FsyncPolicy::Always => superblock.op_durable,
+            // Without fdatasync a power loss may lose ops the superblock already counts.
+            FsyncPolicy::Never => 0,
+        };
+        Recovery {
+            config,
+            op_durable_floor,
+            segments,
+            checkpoint_segment: superblock.checkpoint_segment,
+            checkpoint_offset: superblock.checkpoint_offset,
+            op_next: superblock.checkpoint_op + 1,
+            checksum_previous: superblock.checkpoint_checksum,
+            view_last: 0,
+            entries: 0,
+            read_bytes,
+            entry_bytes_max,
+            reads_buffered: Cell::new(false),
+        }
+    }
+
+    fn corrupt(&self, segment: u64, offset: u64, error: String) -> JournalError {
+        JournalError::Corrupt {
+            shard: self.config.shard,
+            op: self.op_next,
+            segment,
+            offset,
+            error,
+        }
+    }
+
+    /// Scans every segment from the checkpoint; returns the open last segment and the end.
+    async fn run(
+        &mut self,
+        replay: &mut impl FnMut(&DecodedEntry<'_>),
+    ) -> Result<(DmaFile, RecoveryEnd), JournalError> {
+        let dir = self.config.dir.clone();
+        let segment_bytes = self.config.segment_bytes;
+        let first = self.checkpoint_segment;
+        let segments: Vec<u64> = self
+            .segments
+            .iter()
+            .copied()
+            .filter(|&s| s >= first)
+            .collect();
+        if segments.is_empty() {
+            self.check_durable_floor(first, self.checkpoint_offset)?;
+            let file = segment_create(&dir, first, segment_bytes).await?;
+            fdatasync(&file, &segment_path(&dir, first)).await?;
+            let end = RecoveryEnd {
+                position: Position {
+                    segment: first,
+                    offset: self.checkpoint_offset,
+                },
+                tail: Tail::Clean,
+                directory_changed: true,
+            };
+            return Ok((file, end));
+        }
+        for (index, &segment) in segments.iter().enumerate() {
+            if segment != first + index as u64 {
+                return Err(self.corrupt(first + index as u64, 0, "segment file missing".into()));
+            }
+        }
+
+        let last = *segments.last().expect("not empty");
+        let mut segment = first;
+        loop {
+            let path = segment_path(&dir, segment);
+            let file = open_read_write(&path, false).await?;
+            let offset_start = if segment == first {
+                self.checkpoint_offset
+            } else {
+                0
+            };
+            let end = self
+                .scan_segment(&file, segment, offset_start, replay)
+                .await?;
+            match end {
+                SegmentEnd::Clean { offset } if segment == last => {
+                    self.check_durable_floor(segment, offset)?;
+                    // Idempotent: restores the full size if a crash cut pre-allocation short.
+                    file.pre_allocate(segment_bytes, false)
+                        .await
+                        .map_err(|error| io_error(&path, error))?;
+                    let position = Position { segment, offset };
+                    let end = RecoveryEnd {
+                        position,
+                        tail: Tail::Clean,
+                        directory_changed: false,
+                    };
+                    return Ok((file, end));
+                }
+                SegmentEnd::Clean { .. } => {
+                    file.close().await.map_err(|error| io_error(&path, error))?;
+                    segment += 1;
+                }
+                SegmentEnd::Torn { offset } => {
+                    self.check_durable_floor(segment, offset)?;
+                    self.segments_after_torn_remove(segment, offset, last)
+                        .await?;
+                    self.tail_truncate(&file, &path, offset).await?;
+                    let end = RecoveryEnd {
+                        position: Position { segment, offset },
+                        tail: Tail::Torn { offset },
+                        directory_changed: segment != last,
+                    };
+                    return Ok((file, end));
+                }
+            }
+        }
+    }
+
+    /// Entries up to the superblock's `op_durable` were acknowledged: the journal must not
+    /// end (cleanly or torn) before them.
+    fn check_durable_floor(&self, segment: u64, offset: u64) -> Result<(), JournalError> {
+        if self.op_next <= self.op_durable_floor {
+            let error = format!(
+                "journal ends before op_durable {} recorded in the superblock",
+                self.op_durable_floor
+            );
+            return Err(self.corrupt(segment, offset, error));
+        }
+        Ok(())
+    }
+
+    /// Reads up to `read_bytes` at `offset` (sector aligned), never past `file_bytes`.
+    async fn chunk_read(
+        &self,
+        file: &DmaFile,
+        path: &Path,
+        offset: u64,
+        file_bytes: u64,
+    ) -> Result<ReadResult, JournalError> {
+        let want = (file_bytes - offset).min(self.read_bytes as u64) as usize;
+        let length = want.next_multiple_of(SECTOR_BYTES);
+        read_aligned(file, path, offset, length, &self.reads_buffered).await
+    }
+
+    /// Scans one segment in chunks from `offset`, replaying valid entries, and finds where
+    /// it ends. `scan` judges a region; the segment is judged whole by carrying on past a
+    /// chunk that ends inside an entry and by checking what lies after the end.
+    async fn scan_segment(
+        &mut self,
+        file: &DmaFile,
+        segment: u64,
+        mut offset: u64,
+        replay: &mut impl FnMut(&DecodedEntry<'_>),
+    ) -> Result<SegmentEnd, JournalError> {
+        let path = segment_path(&self.config.dir, segment);
+        let mut file_bytes = file
+            .file_size()
+            .await
+            .map_err(|error| io_error(&path, error))?;
+        // Bounded: every turn advances `offset` (a chunk holds at least two largest entries).
+        loop {
+            if offset >= file_bytes {
+                return Ok(SegmentEnd::Clean { offset });
+            }
+            let chunk = self.chunk_read(file, &path, offset, file_bytes).await?;
+            if chunk.is_empty() {
+                return Ok(SegmentEnd::Clean { offset });
+            }
+            let chunk_end = offset + chunk.len() as u64;
+            if chunk_end < file_bytes && chunk.len() < self.read_bytes {
+                file_bytes = chunk_end; // A short read: the file ends here.
+            }
+            let view_last = &mut self.view_last;
+            let outcome: ScanOutcome = format::scan(
+                &chunk,
+                offset,
+                self.op_next,
+                self.checksum_previous,
+                self.config.body_bytes_max,
+                |entry, _offset| {
+                    *view_last = entry.meta.view;
+                    replay(entry);
+                },
+            );
+            if outcome.entries > 0 {
+                self.op_next = outcome.op_last + 1;
+                self.checksum_previous = outcome.checksum_last;
+                self.entries += outcome.entries;
+            }
+            let (stop, torn) = match outcome.tail {
+                Tail::Clean => (outcome.end_offset, false),
+                Tail::Torn { offset } => (offset, true),
+                Tail::Corrupt {
+                    offset,
+                    op_expected,
+                    error,
+                } => {
+                    return Err(JournalError::Corrupt {
+                        shard: self.config.shard,
+                        op: op_expected,
+                        segment,
+                        offset,
+                        error: error.to_string(),
+                    });
+                }
+            };
+            let cut_short =
+                chunk_end < file_bytes && ((chunk_end - stop) as usize) < self.entry_bytes_max;
+            if stop == chunk_end || cut_short {
+                debug_assert!(stop > offset);
+                offset = stop;
+                continue;
+            }
+            let garbage_later = self
+                .check_after_end(file, segment, stop, chunk_end, file_bytes)
+                .await?;
+            return Ok(if torn || garbage_later {
+                SegmentEnd::Torn { offset: stop }
+            } else {
+                SegmentEnd::Clean { offset: stop }
+            });
+        }
+    }
+
+    /// The journal ends at `end` in this segment; `scan` has judged the bytes up to
+    /// `checked_end`. Reads the rest of the segment: a valid later entry (op at or above
+    /// the next expected one) is corruption at `end`; returns whether non-zero bytes were
+    /// found (a torn tail). Chunks overlap by one largest entry less a sector, so an entry
+    /// that straddles a chunk boundary is seen whole in the next chunk.
+    async fn check_after_end(
+        &self,
+        file: &DmaFile,
+        segment: u64,
+        end: u64,
+        mut checked_end: u64,
+        file_bytes: u64,
+    ) -> Result<bool, JournalError> {
+        let path = segment_path(&self.config.dir, segment);
+        let overlap = (self.entry_bytes_max - SECTOR_BYTES) as u64;
+        let mut garbage = false;
+        // Bounded: each turn advances `checked_end` by at least one largest entry.
+        while checked_end < file_bytes {
+            let start = checked_end.saturating_sub(overlap).max(end);
+            let chunk = self.chunk_read(file, &path, start, file_bytes).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            let outcome = format::scan(
+                &chunk,
+                start,
+                self.op_next,
+                self.checksum_previous,
+                self.config.body_bytes_max,
+                |_, _| {},
+            );
+            match outcome.tail {
+                _ if outcome.entries > 0 => {
+                    let error = format!("valid entry at offset {start} after the end");
+                    return Err(self.corrupt(segment, end, error));
+                }
+                Tail::Corrupt { offset, .. } => {
+                    let error = format!("valid later entry near offset {offset} after the end");
+                    return Err(self.corrupt(segment, end, error));
+                }
+                Tail::Torn { .. } => garbage = true,
+                Tail::Clean => {}
+            }
+            checked_end = start + chunk.len() as u64;
+        }
+        Ok(garbage)
+    }
+
+    /// A torn segment must be the last one with entries: later segments may only be
+    /// empty leftovers of a roll-over (possible under `Never`); they are removed.
+    async fn segments_after_torn_remove(
+        &self,
+        segment: u64,
+        offset: u64,
+        last: u64,
+    ) -> Result<(), JournalError> {
+        for later in segment + 1..=last {
+            let path = segment_path(&self.config.dir, later);
+            let file = open_read_write(&path, false).await?;
+            let head = read_aligned(&file, &path, 0, SECTOR_BYTES, &self.reads_buffered).await?;
+            if head.iter().any(|&byte| byte != 0) {
+                let error = format!("torn entry followed by segment {later} that holds data");
+                return Err(self.corrupt(segment, offset, error));
+            }
+            file.remove()
+                .await
+                .map_err(|error| io_error(&path, error))?;
+            file.close().await.map_err(|error| io_error(&path, error))?;
+        }
+        Ok(())
+    }
+
+    /// Truncates the torn tail: cuts the file at `offset` and pre-allocates it back to
+    /// `segment_bytes`, so everything after `offset` reads as zero (no data written), then
+    /// `fdatasync`s the new size.
+    async fn tail_truncate(
+        &self,
+        file: &DmaFile,
+        path: &Path,
+        offset: u64,
+    ) -> Result<(), JournalError> {
+        file.truncate(offset)
+            .await
+            .map_err(|error| io_error(path, error))?;
+        file.pre_allocate(self.config.segment_bytes, false)
+            .await
+            .map_err(|error| io_error(path, error))?;
+        fdatasync(file, path).await
+    }
+}
