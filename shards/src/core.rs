@@ -433,13 +433,16 @@ impl<S: StateMachine> ShardCore<S> {
         let records: &[S::Record] = bytemuck::cast_slice(&buffer.records[..entries]);
         let results = &mut self.results[..entries];
         self.state_machine.apply(op, operation, records, results);
+        let mut internal = 0u64;
         for (origin, result) in buffer.origins[..entries].iter().zip(results.iter()) {
+            internal += u64::from(*origin == Origin::Internal);
             complete(*origin, result);
         }
         let released = self.batches.release(batch);
         debug_assert!(released.is_ok());
         self.op_last = op;
-        ShardMetrics::add(&self.metrics.tx_applied_total, entries as u64);
+        ShardMetrics::add(&self.metrics.tx_applied_total, entries as u64 - internal);
+        ShardMetrics::add(&self.metrics.internal_applied_total, internal);
         ShardMetrics::set(&self.metrics.commit_op, op);
         Some(op)
     }

@@ -61,7 +61,8 @@ pub struct ShardRow {
     pub shard: usize,
     /// CPU core the shard ran on.
     pub core: usize,
-    /// Transfers applied by this shard during the window, per second.
+    /// Client transfers applied by this shard during the window, per second (credit legs
+    /// and acknowledgements between shards are not counted).
     pub committed_tx_per_s: f64,
     /// Batches sealed during the window.
     pub batches: u64,
@@ -374,6 +375,7 @@ fn machine_description() -> String {
 
 struct Snapshot {
     applied: Vec<u64>,
+    internal: Vec<u64>,
     batches: Vec<u64>,
     batch_sizes: Vec<[u64; LATENCY_BUCKETS_US.len() + 1]>,
 }
@@ -383,6 +385,10 @@ fn snapshot(metrics: &[Arc<ShardMetrics>]) -> Snapshot {
         applied: metrics
             .iter()
             .map(|m| ShardMetrics::get(&m.tx_applied_total))
+            .collect(),
+        internal: metrics
+            .iter()
+            .map(|m| ShardMetrics::get(&m.internal_applied_total))
             .collect(),
         batches: metrics
             .iter()
@@ -482,6 +488,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     let per_shard: Vec<ShardRow> = (0..shards)
         .map(|shard| {
             let applied = after.applied[shard] - before.applied[shard];
+            let internal = after.internal[shard] - before.internal[shard];
             let batches = after.batches[shard] - before.batches[shard];
             ShardRow {
                 shard,
@@ -491,7 +498,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
                 mean_batch_entries: if batches == 0 {
                     0.0
                 } else {
-                    applied as f64 / batches as f64
+                    (applied + internal) as f64 / batches as f64
                 },
             }
         })

@@ -325,6 +325,9 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !args.json {
         say!("fsync policy: {fsync}");
     }
+    if node.journal.is_some() && args.journal.fsync == FsyncPolicy::Never {
+        say!("WARNING: --fsync never: these numbers do not include durability (benchmarks only)");
+    }
     let ledger = args
         .shards
         .ledger

@@ -97,7 +97,8 @@ macro_rules! shard_metrics {
 
 shard_metrics! {
     counter tx_accepted_total: "Records accepted from clients into this shard's ring.",
-    counter tx_applied_total: "Records applied by this shard's state machine.",
+    counter tx_applied_total: "Client records applied by this shard's state machine.",
+    counter internal_applied_total: "Records from other shards' state machines (e.g. credit legs) applied here.",
     counter tx_forwarded_out_total: "Records forwarded to their owning shard over the ring mesh.",
     counter tx_forwarded_in_total: "Records received from other shards over the ring mesh.",
     counter credit_legs_out_total: "Cross-shard credit legs sent to other shards.",

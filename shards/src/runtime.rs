@@ -1119,7 +1119,7 @@ fn node_quiescent<S: StateMachine>(shard: &Shard<S>) -> bool {
 }
 
 /// Staging buffer of each shard's journal: one group commit writes at most this much at once.
-const JOURNAL_WRITE_BUFFER_BYTES: usize = crate::journal::WRITE_BUFFER_BYTES_DEFAULT;
+const JOURNAL_WRITE_BUFFER_BYTES: usize = 512 * 1024;
 
 /// Largest number of batches sealed, journaled together and applied in one turn.
 const GROUP_COMMIT_BATCHES_MAX: usize = 64;
