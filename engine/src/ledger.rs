@@ -1820,6 +1820,13 @@ impl StateMachine for Ledger {
         }
     }
 
+    /// The credit legs not yet acknowledged ([`Ledger::credit_legs_unacked`]).
+    fn unconfirmed_outbound(&self, each: &mut dyn FnMut(LedgerOutbound)) {
+        for leg in self.credit_legs_unacked() {
+            each(leg);
+        }
+    }
+
     fn poll_outbound(&mut self) -> Option<LedgerOutbound> {
         self.outbox.pop_front()
     }

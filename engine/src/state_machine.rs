@@ -122,6 +122,14 @@ pub trait StateMachine {
     /// The next message for another shard produced by `apply`, oldest first.
     fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>>;
 
+    /// Every message already produced whose delivery is not yet confirmed, exactly as first
+    /// sent, oldest first. The runtime resends them after recovery (messages drained from
+    /// `poll_outbound` before a crash may never have arrived); receivers must deduplicate.
+    /// Machines that send nothing to other shards keep the default.
+    fn unconfirmed_outbound(&self, each: &mut dyn FnMut(Outbound<Self::Operation, Self::Record>)) {
+        let _ = each;
+    }
+
     /// Appends a self-describing snapshot of the replicated state to `out`.
     fn snapshot(&self, out: &mut Vec<u8>);
 

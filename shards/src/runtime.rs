@@ -559,6 +559,12 @@ where
             return Err(NodeError::Journal { shard, message });
         }
     };
+    // Messages to other shards that were produced before a restart but never confirmed are
+    // sent again (receivers deduplicate); they wait in the mesh queue until the doorbells
+    // are connected.
+    let mut unconfirmed = Vec::new();
+    core.state_machine()
+        .unconfirmed_outbound(&mut |outbound| unconfirmed.push(outbound));
     let port = if config.client_port_base == 0 {
         0
     } else {
@@ -618,6 +624,23 @@ where
         all_metrics,
         finished: Cell::new(false),
     });
+    if !unconfirmed.is_empty() {
+        tracing::info!(
+            shard,
+            messages = unconfirmed.len(),
+            "resending unconfirmed messages"
+        );
+    }
+    for outbound in unconfirmed {
+        let message = MeshMessage::Outbound {
+            operation: outbound.operation.into(),
+            record: outbound.record,
+        };
+        shard_state
+            .mesh
+            .borrow_mut()
+            .send_or_queue(outbound.shard as usize, message);
+    }
     tracing::info!(shard, %local, "shard listening");
     let _ = ready.send((shard, Ok(local)));
 
