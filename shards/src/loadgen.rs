@@ -205,26 +205,27 @@ pub fn route_transfer(transfer: &Transfer, shards: usize) -> usize {
 }
 
 /// Creates `accounts_per_shard` accounts on every shard plus one mint account (allowed to go
-/// negative) per shard, and funds every account from its shard's mint.
-fn setup_accounts(
-    addresses: &[SocketAddr],
+/// Creates `per_shard` accounts on every shard plus one mint per shard (first in each list,
+/// allowed to go negative), and funds every account with `funding` from its shard's mint.
+/// Returns each shard's ids, mint first. Used by the benchmark and by the tests.
+pub fn create_funded_accounts(
+    client: &mut Client,
     per_shard: usize,
+    funding: u128,
 ) -> Result<Vec<Vec<u128>>, BenchError> {
-    let shards = addresses.len();
-    let mut client = Client::new(ClientConfig::new(addresses.to_vec(), 1));
-    client.ping_all(Instant::now() + Duration::from_secs(10))?;
+    let shards = client.shards();
     let mut owned = Vec::with_capacity(shards);
     for shard in 0..shards {
-        // The first id of each shard is its mint.
         let ids = accounts_of_shard(shard, shards, per_shard + 1);
-        for chunk in ids.chunks(1000) {
+        for (k, chunk) in ids.chunks(1000).enumerate() {
             let accounts: Vec<Account> = chunk
                 .iter()
                 .enumerate()
                 .map(|(i, id)| {
+                    let mint = k == 0 && i == 0;
                     account(
                         *id,
-                        if i == 0 && chunk[0] == ids[0] {
+                        if mint {
                             account_flags::ALLOW_NEGATIVE
                         } else {
                             0
@@ -241,9 +242,6 @@ fn setup_accounts(
                 return Err(BenchError::Setup(format!("create account failed: {bad:?}")));
             }
         }
-        owned.push(ids);
-    }
-    for (shard, ids) in owned.iter().enumerate() {
         let mint = ids[0];
         for (k, chunk) in ids[1..].chunks(1000).enumerate() {
             let transfers: Vec<Transfer> = chunk
@@ -251,7 +249,7 @@ fn setup_accounts(
                 .enumerate()
                 .map(|(i, id)| {
                     let transfer_id = (1 << 120) | ((shard as u128) << 64) | (k * 1000 + i) as u128;
-                    transfer(transfer_id, mint, *id, 1 << 40)
+                    transfer(transfer_id, mint, *id, funding)
                 })
                 .collect();
             let results: Vec<RecordResult> = client.submit(
@@ -265,7 +263,18 @@ fn setup_accounts(
                 )));
             }
         }
+        owned.push(ids);
     }
+    Ok(owned)
+}
+
+fn setup_accounts(
+    addresses: &[SocketAddr],
+    per_shard: usize,
+) -> Result<Vec<Vec<u128>>, BenchError> {
+    let mut client = Client::new(ClientConfig::new(addresses.to_vec(), 1));
+    client.ping_all(Instant::now() + Duration::from_secs(10))?;
+    let owned = create_funded_accounts(&mut client, per_shard, 1 << 40)?;
     Ok(owned.into_iter().map(|ids| ids[1..].to_vec()).collect())
 }
 

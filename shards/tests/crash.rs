@@ -17,11 +17,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use percore_engine::frame::Operation;
-use percore_engine::record::{
-    Account, CreateTransferResult, RecordResult, Transfer, account_flags, shard_of,
-};
+use percore_engine::record::{CreateTransferResult, RecordResult, Transfer};
 use percore_net::client::{Client, ClientConfig, Pipeline};
-use percore_shards::loadgen::{account, accounts_of_shard, route_transfer, transfer};
+use percore_shards::loadgen::{create_funded_accounts, route_transfer, transfer};
 
 const PERCORE: &str = env!("CARGO_BIN_EXE_percore");
 const SHARDS: usize = 2;
@@ -118,54 +116,8 @@ fn setup(addresses: &[SocketAddr]) -> Vec<Vec<u128>> {
     client
         .ping_all(Instant::now() + Duration::from_secs(30))
         .unwrap();
-    let mut owned = Vec::new();
-    for shard in 0..SHARDS {
-        let ids = accounts_of_shard(shard, SHARDS, ACCOUNTS_PER_SHARD + 1);
-        let accounts: Vec<Account> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                account(
-                    *id,
-                    if i == 0 {
-                        account_flags::ALLOW_NEGATIVE
-                    } else {
-                        0
-                    },
-                )
-            })
-            .collect();
-        let results: Vec<RecordResult> = client
-            .submit(
-                Operation::CreateAccounts.into(),
-                &accounts,
-                |a: &Account| shard_of(a.id, SHARDS as u32) as usize,
-            )
-            .unwrap();
-        assert!(results.iter().all(|r| r.code == 0), "{results:?}");
-        let funding: Vec<Transfer> = ids[1..]
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                transfer(
-                    (3 << 120) | ((shard as u128) << 64) | i as u128,
-                    ids[0],
-                    *id,
-                    FUNDING,
-                )
-            })
-            .collect();
-        let results: Vec<RecordResult> = client
-            .submit(
-                Operation::CreateTransfers.into(),
-                &funding,
-                |t: &Transfer| route_transfer(t, SHARDS),
-            )
-            .unwrap();
-        assert!(results.iter().all(|r| r.code == 0), "{results:?}");
-        owned.push(ids);
-    }
-    owned
+    create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded")
 }
 
 /// Every transfer sent, and whether its request was acknowledged.

@@ -6,11 +6,9 @@ use std::time::{Duration, Instant};
 
 use percore_engine::frame::{self, Envelope, FRAME_HEADER_BYTES, Kind, Operation};
 use percore_engine::ledger::{Ledger, LedgerConfig};
-use percore_engine::record::{
-    Account, CreateTransferResult, RecordResult, Transfer, account_flags, shard_of,
-};
+use percore_engine::record::{CreateTransferResult, RecordResult, Transfer, shard_of};
 use percore_net::client::{Client, ClientConfig, ClientError, Pipeline};
-use percore_shards::loadgen::{account, accounts_of_shard, route_transfer, transfer};
+use percore_shards::loadgen::{create_funded_accounts, route_transfer, transfer};
 use percore_shards::runtime::{Node, NodeConfig, ShardReport};
 
 const SHARDS: usize = 2;
@@ -53,58 +51,9 @@ fn client(node: &Node<Ledger>, client_id: u128) -> Client {
     client
 }
 
-/// Creates a mint (may go negative) and `count` accounts per shard; funds each from its mint.
+/// A mint (may go negative) and `count` accounts per shard, each funded from its mint.
 fn setup(client: &mut Client, count: usize, funding: u128) -> Vec<Vec<u128>> {
-    let mut owned = Vec::new();
-    for shard in 0..SHARDS {
-        let ids = accounts_of_shard(shard, SHARDS, count + 1);
-        let accounts: Vec<Account> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                account(
-                    *id,
-                    if i == 0 {
-                        account_flags::ALLOW_NEGATIVE
-                    } else {
-                        0
-                    },
-                )
-            })
-            .collect();
-        let results: Vec<RecordResult> = client
-            .submit(
-                Operation::CreateAccounts.into(),
-                &accounts,
-                |a: &Account| shard_of(a.id, SHARDS as u32) as usize,
-            )
-            .unwrap();
-        assert!(results.iter().all(|r| r.code == 0), "{results:?}");
-        owned.push(ids);
-    }
-    for (shard, ids) in owned.iter().enumerate() {
-        let transfers: Vec<Transfer> = ids[1..]
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                transfer(
-                    (7 << 120) | ((shard as u128) << 64) | i as u128,
-                    ids[0],
-                    *id,
-                    funding,
-                )
-            })
-            .collect();
-        let results: Vec<RecordResult> = client
-            .submit(
-                Operation::CreateTransfers.into(),
-                &transfers,
-                |t: &Transfer| route_transfer(t, SHARDS),
-            )
-            .unwrap();
-        assert!(results.iter().all(|r| r.code == 0), "{results:?}");
-    }
-    owned
+    create_funded_accounts(client, count, funding).expect("accounts created and funded")
 }
 
 fn balance(reports: &[ShardReport<Ledger>], id: u128) -> i128 {
