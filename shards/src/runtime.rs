@@ -29,6 +29,7 @@ use percore_engine::limits::{
     POOL_BATCHES_DEFAULT, POOL_TRANSACTIONS_DEFAULT, TX_RING_CAPACITY_DEFAULT,
 };
 use percore_engine::state_machine::StateMachine;
+use tracing::Instrument as _;
 
 use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
 use crate::journal::{Journal, JournalConfig, JournalError};
@@ -1177,9 +1178,13 @@ where
     }
     progressed = true;
     if let Some(journal) = journal {
-        journal_commit(shard, journal, sealed).await;
+        let span = tracing::debug_span!("journal_commit", shard = shard.index, batches = sealed);
+        journal_commit(shard, journal, sealed)
+            .instrument(span)
+            .await;
     }
     // Replication attaches here too: sealed batches go to peers before they are applied.
+    let _apply = tracing::debug_span!("apply", shard = shard.index, batches = sealed).entered();
     let mut core = shard.core.borrow_mut();
     for _ in 0..sealed {
         let op = core.apply_next(|origin, result| complete(shard, origin, result));
