@@ -185,6 +185,8 @@ pub struct ShardCore<S: StateMachine> {
     results: Box<[S::Result]>,
     op_sealed: u64,
     op_last: u64,
+    /// Transaction slots kept for mesh traffic (see `submit`).
+    mesh_reserve: usize,
     metrics: Arc<ShardMetrics>,
 }
 
@@ -242,6 +244,7 @@ impl<S: StateMachine> ShardCore<S> {
             results: bytemuck::allocation::zeroed_slice_box(entries_cap),
             op_sealed: 0,
             op_last: 0,
+            mesh_reserve: config.transactions / 4,
             metrics,
         })
     }
@@ -289,6 +292,12 @@ impl<S: StateMachine> ShardCore<S> {
     }
 
     /// Accepts one record for a batch of `operation`.
+    ///
+    /// Records from this shard's own clients (`Origin::Local`) may not take the last
+    /// quarter of the transaction pool: that reserve is for work arriving over the mesh
+    /// (forwarded records, credit legs and their acknowledgements), which completes work
+    /// already accepted. Without it, a busy shard's clients starve the acknowledgements that
+    /// free cross-shard capacity, and throughput collapses.
     #[inline]
     pub fn submit(
         &mut self,
@@ -297,6 +306,13 @@ impl<S: StateMachine> ShardCore<S> {
         origin: Origin,
     ) -> Result<(), Backpressure> {
         let operation: u16 = operation.into();
+        if matches!(origin, Origin::Local { .. })
+            && self.transactions.available() <= self.mesh_reserve
+        {
+            return Err(Backpressure::PoolExhausted {
+                capacity: self.config.transactions,
+            });
+        }
         let slot = self
             .transactions
             .borrow()
@@ -317,14 +333,22 @@ impl<S: StateMachine> ShardCore<S> {
         }
     }
 
+    /// Feeds the batch controller one observation of the work waiting (ring plus open
+    /// batch). The runtime calls it once per batcher turn, before sealing: observing after
+    /// every seal would count the empty ring left by the last seal of a turn and drag the
+    /// entry target down.
+    pub fn observe_depth(&mut self) {
+        let depth = self.ring_consumer.available();
+        let open_len = self.open.map_or(0, |(h, _)| self.batches.get(h).len);
+        self.controller.observe_depth(depth + open_len);
+        ShardMetrics::set(&self.metrics.ring_depth, depth as u64);
+    }
+
     /// Takes what the ring holds into the open batch and seals it if the controller says so.
     /// Returns the sealed batch, or `None` (nothing to seal yet, or no free batch buffer:
     /// then the ring keeps filling and submitters meet back-pressure).
     pub fn poll_seal(&mut self, now_us: u64) -> Option<Sealed> {
         let depth = self.ring_consumer.available();
-        let open_len = self.open.map_or(0, |(h, _)| self.batches.get(h).len);
-        self.controller.observe_depth(depth + open_len);
-        ShardMetrics::set(&self.metrics.ring_depth, depth as u64);
         if self.open.is_none() && depth > 0 {
             let batch = self.batches.borrow().ok()?;
             let buffer = self.batches.get_mut(batch);
@@ -344,7 +368,12 @@ impl<S: StateMachine> ShardCore<S> {
         let buffer = self.batches.get(batch);
         let entries = buffer.len;
         let next_bytes = (entries + 1) * TX_SLOT_BYTES;
-        let ring_empty = self.ring_consumer.available() == 0 || operation_changed;
+        if operation_changed && entries > 0 {
+            // Batches are homogeneous: what waits behind this batch cannot join it, so
+            // lingering would only delay both.
+            return Some(self.seal(batch, SealReason::Drained, now_us));
+        }
+        let ring_empty = self.ring_consumer.available() == 0;
         let reason = self
             .controller
             .should_seal(now_us, entries, next_bytes, oldest_us, ring_empty)?;

@@ -9,9 +9,11 @@
 //! then rings the doorbell once per turn (a full doorbell means one is already pending). The
 //! receiver drains its ring completely after each doorbell, so no message is left unseen.
 //!
-//! A message that finds its ring full is queued locally (bounded by what the shard can have
-//! in flight) and retried every batcher turn; the batcher stops sealing while the queue is
-//! long, which pushes back on clients.
+//! A message that finds its ring full is queued locally and retried every batcher turn. The
+//! queue is bounded by what can be in flight (credit legs by the ledger's in-flight limit,
+//! acknowledgements by legs received, results by records forwarded); a receiver that has no
+//! room takes nothing from its ring, which pushes back on the sender. Mesh traffic has a
+//! reserved quarter of each shard's transaction pool, so it is never starved by clients.
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -45,6 +45,7 @@ fn run_batch(
     let mut applied = 0;
     while applied < records.len() {
         *now_us += 10;
+        core.observe_depth();
         if core.poll_seal(*now_us).is_some() {
             core.apply_next(|_, result| {
                 applied += 1;
