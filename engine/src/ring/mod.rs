@@ -7,6 +7,8 @@
 pub mod metrics;
 pub mod mpmc;
 pub mod spsc;
+#[cfg(all(test, not(loom)))]
+mod test_support;
 
 pub use metrics::{Counting, NoMetrics, RingMetrics, RingStats};
 pub use spsc::Full;

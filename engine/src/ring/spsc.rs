@@ -766,33 +766,7 @@ mod tests {
     use crate::ring::Counting;
     use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering as StdOrdering};
 
-    /// Scales sizes down under miri, which is ~1000x slower.
-    const fn scaled(n: usize) -> usize {
-        if cfg!(miri) { n / 50 } else { n }
-    }
-
-    /// Counts its drops in a shared counter, so a test can prove each item drops once.
-    #[derive(Debug)]
-    struct DropCounter {
-        value: usize,
-        drops: std::sync::Arc<StdAtomicUsize>,
-    }
-
-    impl Drop for DropCounter {
-        fn drop(&mut self) {
-            self.drops.fetch_add(1, StdOrdering::Relaxed);
-        }
-    }
-
-    fn counters(
-        n: usize,
-        drops: &std::sync::Arc<StdAtomicUsize>,
-    ) -> impl Iterator<Item = DropCounter> + '_ {
-        (0..n).map(|value| DropCounter {
-            value,
-            drops: std::sync::Arc::clone(drops),
-        })
-    }
+    use crate::ring::test_support::{DropCounter, counters, scaled};
 
     #[test]
     fn push_pop_basic() {
