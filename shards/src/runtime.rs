@@ -139,6 +139,12 @@ pub enum NodeError {
         /// What went wrong (shard, op, segment and offset for corruption).
         message: String,
     },
+    /// The shard failed to start; the cause was returned by [`Node::start`].
+    #[error("shard {shard} failed to start")]
+    StartFailed {
+        /// Shard index.
+        shard: usize,
+    },
     /// Two shards were given one core without `allow_shared_cores`.
     #[error("core {core} is listed twice: one shard per core (pass --allow-shared-cores to share)")]
     SharedCore {
@@ -511,6 +517,17 @@ async fn open_journal<S: StateMachine>(
     Ok(Some(journal))
 }
 
+/// Reports a start-up failure to `Node::start` (which returns it to the caller) and ends
+/// the shard with a marker error, since the error itself has been handed over.
+fn start_failed<S>(
+    ready: &std::sync::mpsc::Sender<(usize, Result<SocketAddr, NodeError>)>,
+    shard: usize,
+    error: NodeError,
+) -> Result<ShardReport<S>, NodeError> {
+    let _ = ready.send((shard, Err(error)));
+    Err(NodeError::StartFailed { shard })
+}
+
 async fn run_shard<S>(
     context: ShardContext,
     state_machine: S,
@@ -541,23 +558,13 @@ where
     };
     let mut core = match ShardCore::new(core_config, state_machine, metrics.clone()) {
         Ok(core) => core,
-        Err(source) => {
-            let _ = ready.send((shard, Err(NodeError::Core { shard, source })));
-            return Err(NodeError::NoCores);
-        }
+        Err(source) => return start_failed(&ready, shard, NodeError::Core { shard, source }),
     };
     let journal = match open_journal(shard, &config, &mut core).await {
         Ok(journal) => journal,
         Err(error) => {
             let message = error.to_string();
-            let _ = ready.send((
-                shard,
-                Err(NodeError::Journal {
-                    shard,
-                    message: message.clone(),
-                }),
-            ));
-            return Err(NodeError::Journal { shard, message });
+            return start_failed(&ready, shard, NodeError::Journal { shard, message });
         }
     };
     // Messages to other shards that were produced before a restart but never confirmed are
@@ -575,17 +582,16 @@ where
     let listener = match TcpListener::bind(address) {
         Ok(listener) => listener,
         Err(err) => {
-            let error = NodeError::Listen {
+            let message = err.to_string();
+            return start_failed(
+                &ready,
                 shard,
-                address,
-                message: err.to_string(),
-            };
-            let _ = ready.send((shard, Err(error)));
-            return Err(NodeError::Listen {
-                shard,
-                address,
-                message: err.to_string(),
-            });
+                NodeError::Listen {
+                    shard,
+                    address,
+                    message,
+                },
+            );
         }
     };
     let local = listener.local_addr().unwrap_or(address);
@@ -657,10 +663,8 @@ where
     for task in mesh_tasks {
         task.await;
     }
-    let shard_state = Rc::try_unwrap(shard_state).map_err(|_| NodeError::NoCores);
-    let shard_state = match shard_state {
-        Ok(state) => state,
-        Err(_) => panic!("shard {shard}: tasks still hold the shard after shutdown"),
+    let Ok(shard_state) = Rc::try_unwrap(shard_state) else {
+        panic!("shard {shard}: tasks still hold the shard after shutdown");
     };
     let core = shard_state.core.into_inner();
     let op_last = core.op_last();
@@ -826,13 +830,17 @@ where
         .batch
         .entries_max
         .min(shard.config.frame_bytes_max / record_bytes);
-    let mut request = vec![0u8; FRAME_HEADER_BYTES + records_max * record_bytes];
+    // The body is read straight into an aligned array of records (no copy before submit);
+    // the reply is encoded into its own buffer.
+    let mut header_bytes = [0u8; FRAME_HEADER_BYTES];
     let mut records: Vec<S::Record> = vec![bytemuck::Zeroable::zeroed(); records_max];
+    let reply_bytes_max = FRAME_HEADER_BYTES + records_max * size_of::<S::Result>();
+    let mut reply = vec![0u8; reply_bytes_max];
     loop {
         let started = Instant::now();
-        read_full(shard, &mut stream, &mut request[..FRAME_HEADER_BYTES], true).await?;
+        read_full(shard, &mut stream, &mut header_bytes, true).await?;
         let header = match frame::decode_header(
-            &request[..FRAME_HEADER_BYTES],
+            &header_bytes,
             shard.config.frame_bytes_max,
             &MachineSchema::<S>::default(),
         ) {
@@ -865,15 +873,10 @@ where
             )
             .await;
         }
-        read_full(
-            shard,
-            &mut stream,
-            &mut request[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + body_bytes],
-            false,
-        )
-        .await?;
-        let body = match frame::verify_body(&header, &request[FRAME_HEADER_BYTES..]) {
-            Ok(body) => body,
+        let body_buffer: &mut [u8] = bytemuck::cast_slice_mut(&mut records[..]);
+        read_full(shard, &mut stream, &mut body_buffer[..body_bytes], false).await?;
+        match frame::verify_body(&header, &body_buffer[..body_bytes]) {
+            Ok(_) => {}
             Err(err) => {
                 return reject(
                     shard,
@@ -887,7 +890,6 @@ where
         };
         let operation_code = envelope.operation;
         if operation_code == frame::OPERATION_PING {
-            let mut reply = [0u8; FRAME_HEADER_BYTES];
             let bytes = frame::encode_reply::<u8>(&mut reply, &envelope, &[]);
             stream.write_all(&reply[..bytes]).await?;
             continue;
@@ -898,7 +900,8 @@ where
             let end = ConnectionEnd::Refused(code);
             return reject(shard, &mut stream, Some(&envelope), code, end).await;
         };
-        let count = frame::read_records(body, &mut records);
+        // The schema checked that the body is a whole number of `S::Record`s.
+        let count = body_bytes / record_bytes;
         let generation = {
             let mut connections = shard.connections.borrow_mut();
             connections[slot].remaining = count as u32;
@@ -909,12 +912,12 @@ where
         while shard.connections.borrow()[slot].remaining > 0 {
             shard.connection_done[slot].wait().await;
         }
-        // Encode into the request buffer, free until the next read; no borrow crosses the write.
+        // Encode, then write: no borrow of the connection table crosses the write.
         let frame_bytes = {
             let connections = shard.connections.borrow();
-            frame::encode_reply(&mut request, &envelope, &connections[slot].results[..count])
+            frame::encode_reply(&mut reply, &envelope, &connections[slot].results[..count])
         };
-        stream.write_all(&request[..frame_bytes]).await?;
+        stream.write_all(&reply[..frame_bytes]).await?;
         shard
             .metrics
             .request_latency

@@ -336,3 +336,29 @@ fn shutdown_answers_or_refuses_every_request_and_drains() {
     }
     assert_conserved(&reports);
 }
+
+#[test]
+fn a_port_in_use_is_refused_with_a_typed_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = NodeConfig {
+        cores: vec![0],
+        client_port_base: port,
+        transactions: 1_024,
+        batches: 16,
+        ..NodeConfig::default()
+    };
+    let ledger = LedgerConfig {
+        shard_count: 1,
+        ..LedgerConfig::new(0, 1)
+    };
+    match Node::start(config, move |_, _| Ledger::new(ledger)) {
+        Err(percore_shards::runtime::NodeError::Listen {
+            shard: 0, address, ..
+        }) => {
+            assert_eq!(address.port(), port);
+        }
+        Err(other) => panic!("expected a Listen error, got {other}"),
+        Ok(_) => panic!("a second listener on a taken port must be refused"),
+    }
+}
