@@ -375,11 +375,13 @@ pub enum EntryError {
     BodyChecksum,
 }
 
-/// Decodes and verifies one entry at the start of `bytes` (which may hold more: padding,
-/// further entries): magic, version and the header checksum first (nothing else in the
-/// header is trusted before it), then reserved bytes, op and sizes against `body_bytes_max`,
-/// then the body checksum. Needs header + body, not the padding. Never panics.
-pub fn decode_entry(bytes: &[u8], body_bytes_max: usize) -> Result<DecodedEntry<'_>, EntryError> {
+/// Decodes and verifies the entry header at the start of `bytes` without its body: magic,
+/// version and the header checksum first (nothing else in the header is trusted before it),
+/// then reserved bytes, op and sizes against `body_bytes_max`. Needs only
+/// [`ENTRY_HEADER_BYTES`]; the body checksum is *not* checked, so use this only to find
+/// where entries lie (their size and op), and [`decode_entry`] before trusting a body.
+/// Never panics.
+pub fn decode_entry_header(bytes: &[u8], body_bytes_max: usize) -> Result<EntryHeader, EntryError> {
     let Some(header_bytes) = bytes.get(..ENTRY_HEADER_BYTES) else {
         return Err(EntryError::Truncated {
             bytes: bytes.len(),
@@ -414,13 +416,21 @@ pub fn decode_entry(bytes: &[u8], body_bytes_max: usize) -> Result<DecodedEntry<
             body_bytes: header.body_bytes,
         });
     }
-    let body_bytes = header.body_bytes as usize;
-    if body_bytes > body_bytes_max {
+    if header.body_bytes as usize > body_bytes_max {
         return Err(EntryError::TooLarge {
             body_bytes: header.body_bytes,
             max: body_bytes_max,
         });
     }
+    Ok(header)
+}
+
+/// Decodes and verifies one entry at the start of `bytes` (which may hold more: padding,
+/// further entries): every check of [`decode_entry_header`], then the body checksum.
+/// Needs header + body, not the padding. Never panics.
+pub fn decode_entry(bytes: &[u8], body_bytes_max: usize) -> Result<DecodedEntry<'_>, EntryError> {
+    let header = decode_entry_header(bytes, body_bytes_max)?;
+    let body_bytes = header.body_bytes as usize;
     let body_end = ENTRY_HEADER_BYTES + body_bytes;
     let Some(body) = bytes.get(ENTRY_HEADER_BYTES..body_end) else {
         return Err(EntryError::Truncated {

@@ -4,3 +4,4 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod client;
+pub mod peer;

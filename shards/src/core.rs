@@ -281,6 +281,11 @@ impl<S: StateMachine> ShardCore<S> {
         self.transactions.in_use() == 0 && self.open.is_none() && self.sealed.is_empty()
     }
 
+    /// Whether a batch buffer is free (a follower can queue one more replicated batch).
+    pub fn has_batch_room(&self) -> bool {
+        self.batches.available() > 0
+    }
+
     /// Whether one more record can be submitted now (a pool slot and a ring slot are free).
     pub fn has_room(&mut self) -> bool {
         self.transactions.available() > 0 && self.ring_producer.free_slots() > 0
@@ -513,6 +518,47 @@ impl<S: StateMachine> ShardCore<S> {
         self.op_sealed = op;
         self.op_last = op;
         ShardMetrics::set(&self.metrics.commit_op, op);
+    }
+
+    /// Follower: queues a batch the leader sealed (verified and staged in the journal) to be
+    /// applied once committed, as if this core had sealed it. Returns `false`, queuing
+    /// nothing, when no batch buffer is free (the entry is repaired later). No allocation.
+    ///
+    /// # Panics
+    /// If `op` does not follow the last op queued, or the operation or record bytes are not
+    /// this state machine's (the journal verified the entry, so that is a bug).
+    pub fn enqueue_replicated(&mut self, op: u64, operation: u16, body: &[u8]) -> bool {
+        assert_eq!(op, self.op_sealed + 1, "replicated ops are queued in order");
+        assert!(
+            self.open.is_none(),
+            "followers never seal their own batches"
+        );
+        let record_bytes = size_of::<S::Record>();
+        assert!(body.len().is_multiple_of(record_bytes));
+        let entries = body.len() / record_bytes;
+        assert!(
+            entries <= self.results.len(),
+            "entry larger than the batch cap"
+        );
+        assert!(S::Operation::try_from(operation).is_ok());
+        let Ok(batch) = self.batches.borrow() else {
+            return false;
+        };
+        let buffer = self.batches.get_mut(batch);
+        bytemuck::cast_slice_mut::<TxSlot, u8>(&mut buffer.records[..entries])
+            .copy_from_slice(body);
+        buffer.origins[..entries].fill(Origin::Internal);
+        buffer.len = entries;
+        buffer.op = op;
+        buffer.operation = operation;
+        self.op_sealed = op;
+        self.sealed.push_back(batch);
+        true
+    }
+
+    /// Highest op sealed (leader) or queued (follower).
+    pub fn op_sealed(&self) -> u64 {
+        self.op_sealed
     }
 
     /// The operation code and records of the oldest sealed batch not yet applied, with its

@@ -23,12 +23,19 @@
 //! Fixed-size writes (the superblock) reuse one buffer through `write_rc_at` and
 //! `Rc::get_mut`, which succeeds once glommio has dropped its clone at completion.
 //!
-//! Reads (recovery only) are O_DIRECT too, with a buffered fallback: glommio decides once
-//! per process and device whether to use io_uring's poll ring by reading offset 0 of the
-//! first file it opens there; an empty file answers that probe with success, and every later
+//! Reads (recovery and [`Journal::read_entry`]) are O_DIRECT too, with a buffered fallback:
+//! glommio decides once per process and device whether to use io_uring's poll ring by
+//! reading offset 0 of the first file it opens there; an empty file answers that probe with success, and every later
 //! O_DIRECT read on a device without poll queues then fails with EOPNOTSUPP. The superblock
 //! is therefore created with `std::fs` (so the first DMA open sees data), and a read refused
 //! with EOPNOTSUPP is redone as a buffered read.
+//!
+//! Replication: a leader copies each staged entry's bytes ([`Journal::staged_entry`]) into
+//! its Prepare messages; a follower stages those bytes unchanged ([`Journal::stage_encoded`]),
+//! so both journals hold byte-identical entries. A lagging replica is served committed
+//! entries by op ([`Journal::read_entry`]), located through a sparse position index of fixed
+//! capacity (every `stride`-th op; full, it drops every other entry and doubles the stride)
+//! plus a cursor that makes consecutive reads cost one read each.
 
 use std::cell::Cell;
 use std::fmt;
@@ -39,8 +46,9 @@ use std::rc::Rc;
 use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
 use percore_engine::journal::{
-    self as format, DecodedEntry, EntryMeta, JOURNAL_CHAIN_ROOT, JournalChecksum, SECTOR_BYTES,
-    SUPERBLOCK_BYTES, ScanOutcome, Superblock, SuperblockError, Tail,
+    self as format, DecodedEntry, ENTRY_HEADER_BYTES, EntryError, EntryHeader, EntryMeta,
+    JOURNAL_CHAIN_ROOT, JournalChecksum, SECTOR_BYTES, SUPERBLOCK_BYTES, ScanOutcome, Superblock,
+    SuperblockError, Tail,
 };
 
 /// Name of the superblock file in a shard's journal directory (two copies, one per sector).
@@ -54,7 +62,17 @@ pub const RECOVERY_READ_BYTES: usize = 4 << 20;
 /// Number of superblock copies; `write_superblock` alternates between them.
 pub const SUPERBLOCK_COPIES: u64 = 2;
 
+/// Default capacity of the position index [`Journal::read_entry`] locates ops with
+/// (entries; 16 bytes each: 1 MiB per shard).
+pub const POSITION_INDEX_ENTRIES_MAX: usize = 65_536;
+/// Smallest position index capacity: halving a full index must leave an entry (entries).
+pub const POSITION_INDEX_ENTRIES_MIN: usize = 2;
+/// `read_entry` walks entry headers forward from an indexed op in reads of this many bytes.
+pub const LOCATE_READ_BYTES: usize = 64 << 10;
+
 const _: () = assert!(WRITE_BUFFER_BYTES_DEFAULT.is_multiple_of(SECTOR_BYTES));
+const _: () = assert!(LOCATE_READ_BYTES.is_multiple_of(SECTOR_BYTES));
+const _: () = assert!(POSITION_INDEX_ENTRIES_MAX >= POSITION_INDEX_ENTRIES_MIN);
 const _: () = assert!(RECOVERY_READ_BYTES.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(SUPERBLOCK_BYTES.is_multiple_of(SECTOR_BYTES));
 
@@ -87,7 +105,39 @@ pub struct JournalConfig {
     pub write_buffer_bytes: usize,
 }
 
-/// What recovery found.
+/// Journal settings that have defaults. Kept apart from [`JournalConfig`] so that code
+/// building a `JournalConfig` literal keeps compiling when a setting is added here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalOptions {
+    /// Capacity of the position index (entries, at least [`POSITION_INDEX_ENTRIES_MIN`]),
+    /// allocated at open. A lookup walks at most `stride` entries from an indexed op, and the
+    /// stride is about `ops / (entries_max / 2)` once the index has filled.
+    pub position_index_entries_max: usize,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            position_index_entries_max: POSITION_INDEX_ENTRIES_MAX,
+        }
+    }
+}
+
+/// How full the position index is ([`Journal::position_index_usage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PositionIndexUsage {
+    /// Entries held now.
+    pub entries: usize,
+    /// The fixed capacity (entries).
+    pub entries_max: usize,
+    /// One op in this many is indexed (ops).
+    pub stride_ops: u64,
+    /// The op of the first entry (the first op recovery or staging saw).
+    pub op_first: u64,
+}
+
+/// What recovery found. The chain head after recovery (the checksum of entry `op_last`,
+/// [`JOURNAL_CHAIN_ROOT`] when empty) is [`Journal::checksum_staged`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Recovered {
     /// Highest op in the journal (0 when empty).
@@ -184,6 +234,50 @@ pub enum JournalError {
         /// Record size announced.
         record_bytes: u32,
     },
+    /// `stage_encoded` was given bytes that are not a valid entry (any checksum, magic,
+    /// version, reserved bytes, sizes or the body limit).
+    #[error("encoded entry (op {op_expected} expected) invalid: {error}")]
+    EntryInvalid {
+        /// The op this journal expected next.
+        op_expected: u64,
+        /// What verification found.
+        #[source]
+        error: EntryError,
+    },
+    /// `stage_encoded` was given a valid entry followed by further bytes: it takes exactly
+    /// header + body, unpadded.
+    #[error("encoded entry is {bytes} bytes, its header and body are {entry_bytes}")]
+    EntryLengthMismatch {
+        /// Bytes given.
+        bytes: usize,
+        /// Header + body of the entry found in them.
+        entry_bytes: usize,
+    },
+    /// `stage_encoded` was given the next op, but it chains to another history: its
+    /// `checksum_previous` is not this journal's last checksum.
+    #[error(
+        "entry op {op} chains to {checksum_previous_found:#x}, \
+         this journal's last checksum is {checksum_previous_expected:#x}"
+    )]
+    ChainMismatch {
+        /// Op of the entry refused.
+        op: u64,
+        /// Checksum of this journal's last staged entry.
+        checksum_previous_expected: JournalChecksum,
+        /// `checksum_previous` the entry records.
+        checksum_previous_found: JournalChecksum,
+    },
+    /// `read_entry` was asked for an op that is not durable, or is before the first op this
+    /// journal holds.
+    #[error("op {op} is not readable: ops {op_first}..={op_durable} are")]
+    OpNotReadable {
+        /// Op asked for.
+        op: u64,
+        /// First op the journal holds.
+        op_first: u64,
+        /// Highest durable op.
+        op_durable: u64,
+    },
     /// A configuration value is out of range.
     #[error("journal config: {reason}")]
     Config {
@@ -230,6 +324,177 @@ struct Position {
     offset: u64,
 }
 
+/// One staged entry: where it lies in the staging buffer, unpadded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StagedEntry {
+    staging_start: usize,
+    /// Header + body (bytes, no padding).
+    entry_bytes: usize,
+}
+
+/// Where ops start on disk, sparsely: the position of every `stride_ops`-th op from
+/// `op_first`, in a buffer of fixed capacity. When it is full, every other entry is dropped
+/// and the stride doubles, so memory stays constant and any op lies at most
+/// `stride_ops - 1` entries after an indexed one.
+#[derive(Debug)]
+struct PositionIndex {
+    op_first: u64,
+    stride_ops: u64,
+    entries_max: usize,
+    /// `positions[i]` is where op `op_first + i * stride_ops` starts.
+    positions: Vec<Position>,
+}
+
+impl PositionIndex {
+    fn new(op_first: u64, entries_max: usize) -> Self {
+        assert!(op_first >= 1, "op numbers start at 1");
+        assert!(entries_max >= POSITION_INDEX_ENTRIES_MIN);
+        PositionIndex {
+            op_first,
+            stride_ops: 1,
+            entries_max,
+            positions: Vec::with_capacity(entries_max),
+        }
+    }
+
+    /// Records where `op` starts. Every op from `op_first` on is offered once, in order
+    /// (by recovery, then by staging). No allocation.
+    fn record(&mut self, op: u64, position: Position) {
+        debug_assert!(op >= self.op_first);
+        let distance = op - self.op_first;
+        if !distance.is_multiple_of(self.stride_ops) {
+            return;
+        }
+        if self.positions.len() == self.entries_max {
+            self.halve();
+            if !distance.is_multiple_of(self.stride_ops) {
+                return;
+            }
+        }
+        debug_assert_eq!(
+            distance / self.stride_ops,
+            self.positions.len() as u64,
+            "ops are recorded in order, each once"
+        );
+        debug_assert!(self.positions.len() < self.entries_max);
+        self.positions.push(position);
+    }
+
+    /// Keeps entries 0, 2, 4, … and doubles the stride. No allocation.
+    fn halve(&mut self) {
+        let kept = self.positions.len().div_ceil(2);
+        for index in 0..kept {
+            self.positions[index] = self.positions[2 * index];
+        }
+        self.positions.truncate(kept);
+        self.stride_ops *= 2;
+    }
+
+    /// The last indexed op at or before `op`, and where it starts.
+    fn at_or_before(&self, op: u64) -> Option<(u64, Position)> {
+        let distance = op.checked_sub(self.op_first)?;
+        let last = self.positions.len().checked_sub(1)?;
+        let index = usize::try_from(distance / self.stride_ops)
+            .unwrap_or(usize::MAX)
+            .min(last);
+        let op_indexed = self.op_first + index as u64 * self.stride_ops;
+        Some((op_indexed, self.positions[index]))
+    }
+
+    fn usage(&self) -> PositionIndexUsage {
+        PositionIndexUsage {
+            entries: self.positions.len(),
+            entries_max: self.entries_max,
+            stride_ops: self.stride_ops,
+            op_first: self.op_first,
+        }
+    }
+}
+
+/// Where op `op` is expected to start, as `read_entry` walks the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OpLocation {
+    op: u64,
+    position: Position,
+    /// `position` is just past the previous entry, inside its segment: if op `op` does not
+    /// start there, the previous entry was its segment's last and `op` starts the next one.
+    may_roll: bool,
+    /// Checksum of op `op - 1`, when it was just read and verified (checks the chain).
+    checksum_previous: Option<JournalChecksum>,
+}
+
+impl OpLocation {
+    /// Where the op after this one is expected, given this entry's padded size.
+    fn after(
+        self,
+        padded_bytes: usize,
+        checksum: Option<JournalChecksum>,
+        segment_bytes: u64,
+    ) -> OpLocation {
+        let offset = self.position.offset + padded_bytes as u64;
+        debug_assert!(offset <= segment_bytes, "entries never span two segments");
+        let (position, may_roll) = if offset >= segment_bytes {
+            let next = Position {
+                segment: self.position.segment + 1,
+                offset: 0,
+            };
+            (next, false)
+        } else {
+            let here = Position {
+                segment: self.position.segment,
+                offset,
+            };
+            (here, true)
+        };
+        OpLocation {
+            op: self.op + 1,
+            position,
+            may_roll,
+            checksum_previous: checksum,
+        }
+    }
+
+    /// The start of the next segment: where `op` is when it is not at `position`.
+    fn rolled(self) -> OpLocation {
+        debug_assert!(self.may_roll);
+        OpLocation {
+            position: Position {
+                segment: self.position.segment + 1,
+                offset: 0,
+            },
+            may_roll: false,
+            ..self
+        }
+    }
+}
+
+/// Why the bytes at an [`OpLocation`] are not the entry expected there.
+#[derive(Clone, Copy, Debug)]
+enum HeaderMiss {
+    Invalid(EntryError),
+    Elsewhere { op: u64, shard: u32 },
+    PastSegmentEnd { padded_bytes: usize },
+}
+
+impl fmt::Display for HeaderMiss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderMiss::Invalid(error) => write!(f, "{error}"),
+            HeaderMiss::Elsewhere { op, shard } => write!(f, "found op {op} of shard {shard}"),
+            HeaderMiss::PastSegmentEnd { padded_bytes } => {
+                write!(f, "entry of {padded_bytes} bytes runs past the segment end")
+            }
+        }
+    }
+}
+
+/// The segment `read_entry` last read, kept open for the next read.
+struct SegmentReader {
+    segment: u64,
+    path: PathBuf,
+    file: DmaFile,
+}
+
 /// One shard's journal: lives on that shard's executor (not `Send`).
 pub struct Journal {
     config: JournalConfig,
@@ -252,6 +517,17 @@ pub struct Journal {
     staged_bytes: usize,
     /// Staged runs, one per segment touched; capacity fixed at open (never grows).
     staged_runs: Vec<StagedRun>,
+    /// Staged entries, op `op_durable + 1 + i` at `i`; capacity fixed at open (one per
+    /// sector of write buffer, so pushing never reallocates).
+    staged_entries: Vec<StagedEntry>,
+    /// Where ops start on disk; fixed capacity.
+    position_index: PositionIndex,
+    /// Where the op after the last one `read_entry` returned starts.
+    read_cursor: Option<OpLocation>,
+    /// The segment `read_entry` reads, open read-only.
+    reader: Option<SegmentReader>,
+    /// O_DIRECT reads were refused: read through the page cache.
+    reads_buffered: Cell<bool>,
     op_durable: u64,
     view_durable: u64,
     op_staged: u64,
@@ -271,6 +547,7 @@ impl fmt::Debug for Journal {
             .field("staged_bytes", &self.staged_bytes)
             .field("op_durable", &self.op_durable)
             .field("op_staged", &self.op_staged)
+            .field("position_index", &self.position_index.usage())
             .field("failed", &self.failed)
             .finish_non_exhaustive()
     }
@@ -372,6 +649,14 @@ async fn read_aligned(
     Ok(bytes)
 }
 
+/// Whether the entry header at the start of `bytes` was never written: all zero, or past
+/// the end of the file.
+fn header_unwritten(bytes: &[u8]) -> bool {
+    bytes
+        .get(..ENTRY_HEADER_BYTES)
+        .is_none_or(|header| header.iter().all(|&byte| byte == 0))
+}
+
 /// Creates (or re-sizes) a segment: pre-allocated to `segment_bytes` so appends do not
 /// change the file size, reads as zeros past the last entry.
 async fn segment_create(
@@ -392,12 +677,26 @@ impl Journal {
     /// absent) and recovers it: scans the segments in order from the checkpoint, verifying
     /// every entry and the chain, calls `replay` for each valid entry in op order, truncates
     /// a torn tail (zeroing it on disk) and fails with [`JournalError::Corrupt`] on
-    /// corruption before the tail.
+    /// corruption before the tail. Uses the default [`JournalOptions`].
     pub async fn open(
         config: JournalConfig,
+        replay: impl FnMut(&DecodedEntry<'_>),
+    ) -> Result<(Journal, Recovered), JournalError> {
+        Self::open_with_options(config, JournalOptions::default(), replay).await
+    }
+
+    /// [`Journal::open`] with explicit [`JournalOptions`].
+    pub async fn open_with_options(
+        config: JournalConfig,
+        options: JournalOptions,
         mut replay: impl FnMut(&DecodedEntry<'_>),
     ) -> Result<(Journal, Recovered), JournalError> {
         config_validate(&config)?;
+        if options.position_index_entries_max < POSITION_INDEX_ENTRIES_MIN {
+            return Err(JournalError::Config {
+                reason: "position_index_entries_max must be at least POSITION_INDEX_ENTRIES_MIN",
+            });
+        }
         let dir = config.dir.clone();
         if !dir.exists() {
             std::fs::create_dir_all(&dir).map_err(|error| io_error(&dir, error))?;
@@ -420,7 +719,7 @@ impl Journal {
             });
         }
 
-        let mut recovery = Recovery::new(&config, &superblock, segments);
+        let mut recovery = Recovery::new(&config, &options, &superblock, segments);
         let (segment_file, end) = recovery.run(&mut replay).await?;
         if end.directory_changed {
             directory
@@ -437,6 +736,13 @@ impl Journal {
             entries: recovery.entries,
             tail: end.tail,
         };
+        let reads_buffered = Cell::new(recovery.reads_buffered.get());
+        let position_index = recovery.position_index;
+        // Every recovered op from the index's first on was recorded.
+        debug_assert_eq!(
+            position_index.positions.is_empty(),
+            recovered.op_last < position_index.op_first
+        );
         let journal = Journal {
             segment_path: segment_path(&dir, end.position.segment),
             superblock_path: dir.join(SUPERBLOCK_FILE_NAME),
@@ -449,6 +755,11 @@ impl Journal {
             staging,
             staged_bytes: 0,
             staged_runs: Vec::with_capacity(runs_max),
+            staged_entries: Vec::with_capacity(runs_max),
+            position_index,
+            read_cursor: None,
+            reader: None,
+            reads_buffered,
             op_durable: recovered.op_last,
             view_durable: recovery.view_last.max(superblock.view),
             op_staged: recovered.op_last,
@@ -487,30 +798,108 @@ impl Journal {
                 record_bytes: meta.record_bytes,
             });
         }
-        let entry_bytes = format::entry_bytes_padded(body.len());
-        if self.staged_bytes + entry_bytes > self.config.write_buffer_bytes {
-            return Err(JournalError::BufferFull {
-                staged_bytes: self.staged_bytes,
+        let entry_bytes_padded = format::entry_bytes_padded(body.len());
+        let (position, start) = self.slot_reserve(entry_bytes_padded)?;
+        let slot = &mut self.staging.as_bytes_mut()[start..start + entry_bytes_padded];
+        // Writes the padding as zeros too: stale buffer contents never reach the disk.
+        let (encoded_bytes, checksum) =
+            format::encode_entry(slot, &meta, body, self.checksum_staged);
+        assert_eq!(encoded_bytes, entry_bytes_padded);
+        let staged = StagedEntry {
+            staging_start: start,
+            entry_bytes: ENTRY_HEADER_BYTES + body.len(),
+        };
+        self.staged_append(position, staged, &meta, checksum);
+        Ok(())
+    }
+
+    /// Stages an entry encoded by another replica's journal (the bytes
+    /// [`Journal::staged_entry`] returned there: header + body, unpadded), after verifying
+    /// every checksum, that it is this shard's next op, and that it chains to
+    /// [`Journal::checksum_staged`]. The bytes are placed exactly as [`Journal::stage`] places
+    /// an entry (zero padding, segment roll-over), so both journals write identical bytes.
+    /// Returns the entry's checksum. On an error nothing is staged and the journal stays
+    /// usable. No I/O, no allocation.
+    pub fn stage_encoded(&mut self, entry: &[u8]) -> Result<JournalChecksum, JournalError> {
+        self.check_usable()?;
+        let op_expected = self.op_staged + 1;
+        let decoded = format::decode_entry(entry, self.config.body_bytes_max)
+            .map_err(|error| JournalError::EntryInvalid { op_expected, error })?;
+        let entry_bytes = ENTRY_HEADER_BYTES + decoded.body.len();
+        if entry.len() != entry_bytes {
+            return Err(JournalError::EntryLengthMismatch {
+                bytes: entry.len(),
                 entry_bytes,
             });
         }
+        let meta = decoded.meta;
+        if meta.op != op_expected || meta.shard != self.config.shard {
+            return Err(JournalError::NotNext {
+                op: meta.op,
+                op_expected,
+                shard: meta.shard,
+                shard_expected: self.config.shard,
+            });
+        }
+        if decoded.checksum_previous != self.checksum_staged {
+            return Err(JournalError::ChainMismatch {
+                op: meta.op,
+                checksum_previous_expected: self.checksum_staged,
+                checksum_previous_found: decoded.checksum_previous,
+            });
+        }
+        let checksum = decoded.checksum;
+        debug_assert_eq!(
+            decoded.padded_bytes,
+            format::entry_bytes_padded(decoded.body.len())
+        );
+        let (position, start) = self.slot_reserve(decoded.padded_bytes)?;
+        let slot = &mut self.staging.as_bytes_mut()[start..start + decoded.padded_bytes];
+        slot[..entry_bytes].copy_from_slice(entry);
+        // The padding `encode_entry` writes: zeros, so the leader's and this file agree.
+        slot[entry_bytes..].fill(0);
+        let staged = StagedEntry {
+            staging_start: start,
+            entry_bytes,
+        };
+        self.staged_append(position, staged, &meta, checksum);
+        Ok(checksum)
+    }
 
-        // An entry never spans two segments: roll when it would cross the end.
+    /// Finds room for an entry of `entry_bytes_padded` bytes: its file position (an entry
+    /// never spans two segments: roll when it would cross the end) and its start in the
+    /// staging buffer.
+    fn slot_reserve(&self, entry_bytes_padded: usize) -> Result<(Position, usize), JournalError> {
+        if self.staged_bytes + entry_bytes_padded > self.config.write_buffer_bytes {
+            return Err(JournalError::BufferFull {
+                staged_bytes: self.staged_bytes,
+                entry_bytes: entry_bytes_padded,
+            });
+        }
         let mut position = self.position_staged;
-        if position.offset + entry_bytes as u64 > self.config.segment_bytes {
+        if position.offset + entry_bytes_padded as u64 > self.config.segment_bytes {
             position = Position {
                 segment: position.segment + 1,
                 offset: 0,
             };
         }
-        let start = self.staged_bytes;
-        let end = start + entry_bytes;
-        let slot = &mut self.staging.as_bytes_mut()[start..end];
-        // Writes the padding as zeros too: stale buffer contents never reach the disk.
-        let (encoded_bytes, checksum) =
-            format::encode_entry(slot, &meta, body, self.checksum_staged);
-        assert_eq!(encoded_bytes, entry_bytes);
+        Ok((position, self.staged_bytes))
+    }
 
+    /// Accounts for an entry just written into the staging buffer at `staged.staging_start`,
+    /// to go to `position`.
+    fn staged_append(
+        &mut self,
+        position: Position,
+        staged: StagedEntry,
+        meta: &EntryMeta,
+        checksum: JournalChecksum,
+    ) {
+        let start = staged.staging_start;
+        let entry_bytes_padded = staged.entry_bytes.next_multiple_of(SECTOR_BYTES);
+        let end = start + entry_bytes_padded;
+        debug_assert_eq!(start, self.staged_bytes);
+        debug_assert_eq!(meta.op, self.op_staged + 1);
         match self.staged_runs.last_mut() {
             Some(run) if run.segment == position.segment => {
                 debug_assert_eq!(
@@ -530,15 +919,65 @@ impl Journal {
                 });
             }
         }
+        // Every entry takes at least a sector: one slot per sector never reallocates.
+        assert!(self.staged_entries.len() < self.staged_entries.capacity());
+        self.staged_entries.push(staged);
+        self.position_index.record(meta.op, position);
         self.staged_bytes = end;
         self.position_staged = Position {
             segment: position.segment,
-            offset: position.offset + entry_bytes as u64,
+            offset: position.offset + entry_bytes_padded as u64,
         };
         self.op_staged = meta.op;
         self.view_staged = self.view_staged.max(meta.view);
         self.checksum_staged = checksum;
-        Ok(())
+    }
+
+    /// The encoded bytes (header + body, no padding) of `op`, staged and not yet committed;
+    /// `None` for any other op, or after a failed commit. What a leader sends followers,
+    /// who pass it to [`Journal::stage_encoded`].
+    pub fn staged_entry(&self, op: u64) -> Option<&[u8]> {
+        if self.failed || op <= self.op_durable || op > self.op_staged {
+            return None;
+        }
+        let index = usize::try_from(op - self.op_durable - 1).ok()?;
+        let staged = self.staged_entries.get(index)?;
+        let bytes = &self.staging.as_bytes()
+            [staged.staging_start..staged.staging_start + staged.entry_bytes];
+        debug_assert_eq!(
+            format::decode_entry_header(bytes, self.config.body_bytes_max).map(|h| h.op),
+            Ok(op)
+        );
+        Some(bytes)
+    }
+
+    /// Highest op staged (equal to [`Journal::op_durable`] when nothing is staged).
+    pub fn op_staged(&self) -> u64 {
+        self.op_staged
+    }
+
+    /// The chain head: checksum of the last staged entry; after open, of the last recovered
+    /// entry ([`JOURNAL_CHAIN_ROOT`] when the journal is empty). The next entry, staged or
+    /// encoded elsewhere, must chain to it.
+    pub fn checksum_staged(&self) -> JournalChecksum {
+        self.checksum_staged
+    }
+
+    /// First op this journal holds and [`Journal::read_entry`] can return (the op after the
+    /// checkpoint).
+    pub fn op_first(&self) -> u64 {
+        self.position_index.op_first
+    }
+
+    /// Largest entry (header + body, bytes) `read_entry` returns: the capacity its `out`
+    /// buffer grows to.
+    pub fn entry_bytes_max(&self) -> usize {
+        ENTRY_HEADER_BYTES + self.config.body_bytes_max
+    }
+
+    /// How full the position index is; its memory is fixed at open.
+    pub fn position_index_usage(&self) -> PositionIndexUsage {
+        self.position_index.usage()
     }
 
     /// Bytes staged and not yet written.
@@ -586,6 +1025,7 @@ impl Journal {
         assert_eq!(self.position_durable, self.position_staged);
         self.staged_bytes = 0;
         self.staged_runs.clear();
+        self.staged_entries.clear();
         self.op_durable = self.op_staged;
         self.view_durable = self.view_staged;
         Ok(self.op_durable)
@@ -701,9 +1141,257 @@ impl Journal {
         Ok(())
     }
 
+    /// Reads durable op `op` (any op in `op_first()..=op_durable()`) back from disk into
+    /// `out` (cleared first): header + body, no padding, verified with
+    /// [`format::decode_entry`] (every checksum), and against the chain when the previous op
+    /// was the last one read. `out` grows at most once, to [`Journal::entry_bytes_max`].
+    ///
+    /// The op is found from the position index (at most `stride` entry headers read forward
+    /// from an indexed op, [`LOCATE_READ_BYTES`] at a time) or, for the op after the last one
+    /// read, straight from a cursor: consecutive reads cost one read each (two for an entry
+    /// larger than a sector). Bytes that fail verification are
+    /// [`JournalError::Corrupt`], and `out` is left empty: unverified bytes are never
+    /// returned.
+    pub async fn read_entry(&mut self, op: u64, out: &mut Vec<u8>) -> Result<(), JournalError> {
+        out.clear();
+        self.check_usable()?;
+        let op_first = self.position_index.op_first;
+        if op < op_first || op > self.op_durable {
+            return Err(JournalError::OpNotReadable {
+                op,
+                op_first,
+                op_durable: self.op_durable,
+            });
+        }
+        let location = self.locate(op).await?;
+        let entry_bytes_max = self.entry_bytes_max();
+        if out.capacity() < entry_bytes_max {
+            out.reserve_exact(entry_bytes_max);
+        }
+        let result = self.entry_read(location, out).await;
+        if result.is_err() {
+            out.clear();
+        }
+        result
+    }
+
+    /// Where op `op` (readable) starts: from the cursor if it is at or after the nearest
+    /// indexed op, else from that op, walking headers forward.
+    async fn locate(&mut self, op: u64) -> Result<OpLocation, JournalError> {
+        let (op_indexed, position) = self
+            .position_index
+            .at_or_before(op)
+            .expect("every op from op_first to op_staged is indexed or after an indexed one");
+        let mut start = OpLocation {
+            op: op_indexed,
+            position,
+            may_roll: false,
+            checksum_previous: None,
+        };
+        if let Some(cursor) = self.read_cursor
+            && cursor.op <= op
+            && cursor.op >= op_indexed
+        {
+            start = cursor;
+        }
+        debug_assert!(op - start.op < self.position_index.stride_ops);
+        self.walk_to(start, op).await
+    }
+
+    /// Steps over entry headers from `location` until op `op`, one read of
+    /// [`LOCATE_READ_BYTES`] per run of entries.
+    async fn walk_to(
+        &mut self,
+        mut location: OpLocation,
+        op: u64,
+    ) -> Result<OpLocation, JournalError> {
+        let segment_bytes = self.config.segment_bytes;
+        // Bounded: every turn steps over at least one entry, and `op - location.op` remain.
+        while location.op < op {
+            let (chunk, mut header) = self.header_read(&mut location, LOCATE_READ_BYTES).await?;
+            let mut relative = 0usize;
+            loop {
+                let padded_bytes = format::entry_bytes_padded(header.body_bytes as usize);
+                location = location.after(padded_bytes, None, segment_bytes);
+                relative += padded_bytes;
+                if location.op == op || !location.may_roll {
+                    break;
+                }
+                match chunk
+                    .get(relative..)
+                    .map(|rest| self.header_check(rest, &location))
+                {
+                    Some(Ok(next)) => header = next,
+                    // Past the chunk, or a roll-over: the next read settles it.
+                    _ => break,
+                }
+            }
+        }
+        Ok(location)
+    }
+
+    /// Reads the entry at `location` (its op) into `out`: the first sector, then the rest
+    /// of the body if it is longer; verifies it; moves the cursor past it.
+    async fn entry_read(
+        &mut self,
+        mut location: OpLocation,
+        out: &mut Vec<u8>,
+    ) -> Result<(), JournalError> {
+        let (head, header) = self.header_read(&mut location, SECTOR_BYTES).await?;
+        let entry_bytes = ENTRY_HEADER_BYTES + header.body_bytes as usize;
+        let head_bytes = entry_bytes.min(SECTOR_BYTES);
+        let Some(head) = head.get(..head_bytes) else {
+            let error = format!("short read: {} bytes of {head_bytes}", head.len());
+            return Err(self.read_corrupt(location, error));
+        };
+        out.extend_from_slice(head);
+        if entry_bytes > head_bytes {
+            let rest_bytes = entry_bytes - head_bytes;
+            let rest_position = Position {
+                segment: location.position.segment,
+                offset: location.position.offset + SECTOR_BYTES as u64,
+            };
+            let rest_read = rest_bytes.next_multiple_of(SECTOR_BYTES);
+            let rest = self.segment_read(rest_position, rest_read).await?;
+            let Some(rest) = rest.get(..rest_bytes) else {
+                let error = format!("short read: {} bytes of {rest_bytes}", rest.len());
+                return Err(self.read_corrupt(location, error));
+            };
+            out.extend_from_slice(rest);
+        }
+        let entry = match format::decode_entry(out, self.config.body_bytes_max) {
+            Ok(entry) => entry,
+            Err(error) => return Err(self.read_corrupt(location, error.to_string())),
+        };
+        if entry.meta.op != location.op || entry.meta.shard != self.config.shard {
+            let error = format!("found op {} of shard {}", entry.meta.op, entry.meta.shard);
+            return Err(self.read_corrupt(location, error));
+        }
+        if let Some(checksum_previous) = location.checksum_previous
+            && entry.checksum_previous != checksum_previous
+        {
+            let error = format!("hash chain broken: op {} does not chain", location.op);
+            return Err(self.read_corrupt(location, error));
+        }
+        debug_assert_eq!(out.len(), entry_bytes);
+        let next = location.after(
+            entry.padded_bytes,
+            Some(entry.checksum),
+            self.config.segment_bytes,
+        );
+        self.read_cursor = Some(next);
+        Ok(())
+    }
+
+    /// Reads `read_bytes` at `location` and checks that op `location.op` of this shard
+    /// starts there. If the location may roll and holds zeros (the unwritten rest of a
+    /// segment: the writer rolls over instead of splitting an entry), tries the start of the
+    /// next segment and moves `location` there. Returns the bytes read, header first, and
+    /// the header.
+    async fn header_read(
+        &mut self,
+        location: &mut OpLocation,
+        read_bytes: usize,
+    ) -> Result<(ReadResult, EntryHeader), JournalError> {
+        // Bounded: at most two turns (here, then the start of the next segment).
+        loop {
+            if location.position.segment > self.position_durable.segment {
+                let error = "past the last segment".to_string();
+                return Err(self.read_corrupt(*location, error));
+            }
+            let chunk = self.segment_read(location.position, read_bytes).await?;
+            match self.header_check(&chunk, location) {
+                Ok(header) => return Ok((chunk, header)),
+                Err(_) if location.may_roll && header_unwritten(&chunk) => {
+                    *location = location.rolled();
+                }
+                Err(miss) => return Err(self.read_corrupt(*location, miss.to_string())),
+            }
+        }
+    }
+
+    /// The header at the start of `bytes` if it is op `location.op` of this shard and its
+    /// entry fits the segment from `location`.
+    fn header_check(&self, bytes: &[u8], location: &OpLocation) -> Result<EntryHeader, HeaderMiss> {
+        let header = format::decode_entry_header(bytes, self.config.body_bytes_max)
+            .map_err(HeaderMiss::Invalid)?;
+        if header.op != location.op || header.shard != self.config.shard {
+            return Err(HeaderMiss::Elsewhere {
+                op: header.op,
+                shard: header.shard,
+            });
+        }
+        let padded_bytes = format::entry_bytes_padded(header.body_bytes as usize);
+        if location.position.offset + padded_bytes as u64 > self.config.segment_bytes {
+            return Err(HeaderMiss::PastSegmentEnd { padded_bytes });
+        }
+        Ok(header)
+    }
+
+    /// Reads up to `length` bytes (a multiple of `SECTOR_BYTES`) at `position`, never past
+    /// the segment's end, opening that segment for reading if it is not open yet.
+    async fn segment_read(
+        &mut self,
+        position: Position,
+        length: usize,
+    ) -> Result<ReadResult, JournalError> {
+        debug_assert!(position.offset < self.config.segment_bytes);
+        let length = (self.config.segment_bytes - position.offset).min(length as u64) as usize;
+        if self
+            .reader
+            .as_ref()
+            .is_none_or(|reader| reader.segment != position.segment)
+        {
+            if let Some(old) = self.reader.take() {
+                old.file
+                    .close()
+                    .await
+                    .map_err(|error| io_error(&old.path, error))?;
+            }
+            let path = segment_path(&self.config.dir, position.segment);
+            let file = OpenOptions::new()
+                .read(true)
+                .dma_open(&path)
+                .await
+                .map_err(|error| io_error(&path, error))?;
+            self.reader = Some(SegmentReader {
+                segment: position.segment,
+                path,
+                file,
+            });
+        }
+        let reader = self.reader.as_ref().expect("opened above");
+        read_aligned(
+            &reader.file,
+            &reader.path,
+            position.offset,
+            length,
+            &self.reads_buffered,
+        )
+        .await
+    }
+
+    /// Verification of a durable entry failed: it must be repaired, never returned.
+    fn read_corrupt(&self, location: OpLocation, error: String) -> JournalError {
+        JournalError::Corrupt {
+            shard: self.config.shard,
+            op: location.op,
+            segment: location.position.segment,
+            offset: location.position.offset,
+            error,
+        }
+    }
+
     /// Closes the files (dropping the journal also closes them, on the next I/O cycle).
     /// Staged entries not committed are discarded.
     pub async fn close(self) -> Result<(), JournalError> {
+        if let Some(reader) = self.reader {
+            reader
+                .file
+                .close()
+                .await
+                .map_err(|error| io_error(&reader.path, error))?;
+        }
         self.segment_file
             .close()
             .await
@@ -893,10 +1581,17 @@ struct Recovery<'a> {
     entry_bytes_max: usize,
     /// O_DIRECT reads were refused: read through the page cache.
     reads_buffered: Cell<bool>,
+    /// Filled with every entry replayed; handed to the journal.
+    position_index: PositionIndex,
 }
 
 impl<'a> Recovery<'a> {
-    fn new(config: &'a JournalConfig, superblock: &Superblock, segments: Vec<u64>) -> Self {
+    fn new(
+        config: &'a JournalConfig,
+        options: &JournalOptions,
+        superblock: &Superblock,
+        segments: Vec<u64>,
+    ) -> Self {
         let entry_bytes_max = format::entry_bytes_padded(config.body_bytes_max);
         // A chunk must hold one largest entry, or a straddling entry could never be read whole.
         let read_bytes = RECOVERY_READ_BYTES.max(2 * entry_bytes_max);
@@ -918,6 +1613,10 @@ impl<'a> Recovery<'a> {
             read_bytes,
             entry_bytes_max,
             reads_buffered: Cell::new(false),
+            position_index: PositionIndex::new(
+                superblock.checkpoint_op + 1,
+                options.position_index_entries_max,
+            ),
         }
     }
 
@@ -1068,14 +1767,20 @@ impl<'a> Recovery<'a> {
                 file_bytes = chunk_end; // A short read: the file ends here.
             }
             let view_last = &mut self.view_last;
+            let position_index = &mut self.position_index;
             let outcome: ScanOutcome = format::scan(
                 &chunk,
                 offset,
                 self.op_next,
                 self.checksum_previous,
                 self.config.body_bytes_max,
-                |entry, _offset| {
+                |entry, entry_offset| {
                     *view_last = entry.meta.view;
+                    let position = Position {
+                        segment,
+                        offset: entry_offset,
+                    };
+                    position_index.record(entry.meta.op, position);
                     replay(entry);
                 },
             );

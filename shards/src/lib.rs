@@ -7,6 +7,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod cluster;
 pub mod core;
 pub mod inspect;
 pub mod journal;
@@ -14,4 +15,5 @@ pub mod loadgen;
 pub mod memlock;
 pub mod mesh;
 pub mod metrics;
+pub mod replication;
 pub mod runtime;

@@ -1,15 +1,20 @@
 //! The end-to-end load generator behind `percore bench`.
 //!
-//! It starts a node (in-process, one pinned executor per core, real io_uring sockets on
-//! loopback), creates accounts on every shard through the client protocol, funds them, then
-//! drives transfers from client threads that each keep a window of requests in flight on
-//! their own connection to one shard. It reports per-core committed TPS measured from the
-//! shards' own applied counters over the measurement window, client-observed request latency
-//! percentiles (HdrHistogram), and the batch sizes the adaptive batcher chose.
+//! With one replica it starts a node in-process (one pinned executor per core, real io_uring
+//! sockets on loopback). With more it starts a [`LocalCluster`] of `percore node` child
+//! processes and sends every shard's records to that shard's group leader. Either way it
+//! creates accounts on every shard through the client protocol, funds them, then drives
+//! transfers from client threads that each keep a window of requests in flight on their own
+//! connection to one shard. It reports per-core committed TPS measured from the shards' own
+//! applied counters over the measurement window (in a cluster: the leaders', scraped from
+//! their metrics endpoints), client-observed request latency percentiles (HdrHistogram), the
+//! batch sizes the adaptive batcher chose and, in a cluster, the leaders' commit latency
+//! (bucket resolution) and the bytes replicated. It never leaves a child process behind.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -19,6 +24,7 @@ use percore_engine::record::{Account, RecordResult, Transfer, account_flags, sha
 use percore_net::client::{Client, ClientConfig, ClientError, Pipeline};
 use serde::Serialize;
 
+use crate::cluster::{self, ClusterError, LocalCluster, LocalClusterConfig};
 use crate::metrics::{LATENCY_BUCKETS_US, ShardMetrics};
 use crate::runtime::{Node, NodeConfig, NodeError};
 
@@ -26,8 +32,15 @@ use crate::runtime::{Node, NodeConfig, NodeError};
 const LEDGER_ID: u32 = 1;
 /// Account id space: shard-owned ids are searched from here upwards.
 const ACCOUNT_ID_BASE: u128 = 1 << 64;
+/// Buckets of the fixed histograms the shards export (the last is the overflow bucket).
+const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+/// How the committed TPS is measured, as the report states it.
+const COMMITTED_SOURCE_NODE: &str = "shard percore_tx_applied_total delta over the window";
+/// See [`COMMITTED_SOURCE_NODE`].
+const COMMITTED_SOURCE_CLUSTER: &str =
+    "group leader percore_tx_applied_total delta over the window (scraped metrics)";
 
-/// What `percore bench` runs.
+/// What `percore bench` runs on a single in-process node.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     /// Node configuration (cores, batch limits, pools...).
@@ -54,15 +67,66 @@ pub struct BenchConfig {
     pub fsync: &'static str,
 }
 
+impl BenchConfig {
+    /// The load part of this configuration.
+    pub fn load(&self) -> LoadConfig {
+        LoadConfig {
+            accounts_per_shard: self.accounts_per_shard,
+            warmup: self.warmup,
+            duration: self.duration,
+            records_per_request: self.records_per_request,
+            window: self.window,
+            connections_per_shard: self.connections_per_shard,
+            cross_shard_percent: self.cross_shard_percent,
+            progress: self.progress,
+            fsync: self.fsync,
+        }
+    }
+}
+
+/// The offered load and how it is measured, whatever runs the shards.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadConfig {
+    /// Accounts created per shard.
+    pub accounts_per_shard: usize,
+    /// Warm-up before measuring.
+    pub warmup: Duration,
+    /// Measurement window.
+    pub duration: Duration,
+    /// Transfers per request frame.
+    pub records_per_request: usize,
+    /// Requests in flight per connection.
+    pub window: usize,
+    /// Client connections (threads) per shard.
+    pub connections_per_shard: usize,
+    /// Percentage of transfers whose credit account lives on another shard.
+    pub cross_shard_percent: u32,
+    /// Print a progress line every second.
+    pub progress: bool,
+    /// The fsync policy in effect, as the report states it.
+    pub fsync: &'static str,
+}
+
+/// What `percore bench --replicas N` (N > 1) runs: a local cluster of child processes.
+#[derive(Debug, Clone)]
+pub struct ClusterBenchConfig {
+    /// The cluster (its `metrics` must be on: the report is read from them).
+    pub cluster: LocalClusterConfig,
+    /// The load.
+    pub load: LoadConfig,
+}
+
 /// Per-shard results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardRow {
-    /// Shard index.
+    /// Shard index (= replication group).
     pub shard: usize,
-    /// CPU core the shard ran on.
+    /// CPU core the shard ran on (on every replica).
     pub core: usize,
-    /// Client transfers applied by this shard during the window, per second (credit legs
-    /// and acknowledgements between shards are not counted).
+    /// Replica leading the shard's group (0 on a single node).
+    pub leader_replica: usize,
+    /// Client transfers applied by this shard (its leader) during the window, per second
+    /// (credit legs and acknowledgements between shards are not counted).
     pub committed_tx_per_s: f64,
     /// Batches sealed during the window.
     pub batches: u64,
@@ -75,7 +139,7 @@ pub struct ShardRow {
 pub struct BenchReport {
     /// Always "percore-bench".
     pub benchmark: &'static str,
-    /// Replicas (1 until replication lands).
+    /// Replicas per replication group (1: a single in-process node).
     pub replicas: usize,
     /// Journal fsync policy in effect.
     pub fsync: &'static str,
@@ -85,6 +149,8 @@ pub struct BenchReport {
     pub duration_s: f64,
     /// Transfers applied per second, all shards.
     pub total_committed_tx_per_s: f64,
+    /// Where the committed TPS comes from.
+    pub committed_source: &'static str,
     /// Per-shard rows.
     pub per_shard: Vec<ShardRow>,
     /// Transfers acknowledged to clients during the window.
@@ -93,6 +159,11 @@ pub struct BenchReport {
     pub failed: u64,
     /// Client-observed request latency percentiles (µs): p50, p99, p999, max.
     pub request_latency_us: LatencyRow,
+    /// Leader commit latency (stage to quorum commit) over the window, all groups, at the
+    /// resolution of the exported histogram buckets; `None` on a single node.
+    pub commit_latency_us: Option<BucketLatencyRow>,
+    /// Bytes of peer messages every replica sent during the window (0 on a single node).
+    pub bytes_replicated: u64,
     /// Sizes of the batches sealed during the window.
     pub batch_sizes: Vec<BatchSizeBucket>,
     /// Transfers per request.
@@ -129,12 +200,30 @@ pub struct LatencyRow {
     pub max: u64,
 }
 
+/// Percentiles read from a fixed-bucket histogram: each is the upper bound (µs) of the
+/// bucket holding that quantile, `None` when it fell in the overflow bucket (above the
+/// last bound, [`LATENCY_BUCKETS_US`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct BucketLatencyRow {
+    /// Median, at most this many µs.
+    pub p50_at_most: Option<u64>,
+    /// 99th percentile, at most this many µs.
+    pub p99_at_most: Option<u64>,
+    /// 99.9th percentile, at most this many µs.
+    pub p999_at_most: Option<u64>,
+    /// Observations in the window (ops committed, one per op).
+    pub samples: u64,
+}
+
 /// Benchmark failures.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// The node failed.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// The local cluster failed.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     /// A client failed.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -291,7 +380,7 @@ fn load_thread(
     shard: usize,
     address: SocketAddr,
     accounts: Arc<Vec<Vec<u128>>>,
-    config: BenchConfig,
+    config: LoadConfig,
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     acknowledged_live: Arc<AtomicU64>,
@@ -370,6 +459,110 @@ fn load_thread(
     })
 }
 
+/// The client threads of one run and the flags they watch.
+struct Load {
+    threads: Vec<JoinHandle<Result<LoadThreadReport, ClientError>>>,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    acknowledged_live: Arc<AtomicU64>,
+}
+
+/// What every client thread saw during the window, merged.
+struct LoadTotals {
+    acknowledged: u64,
+    failed: u64,
+    latency: Histogram<u64>,
+}
+
+impl Load {
+    /// Starts `connections_per_shard` client threads per shard, shard `k`'s to
+    /// `addresses[k]`.
+    fn start(addresses: &[SocketAddr], accounts: Vec<Vec<u128>>, config: LoadConfig) -> Self {
+        let accounts = Arc::new(accounts);
+        let measuring = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged_live = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for (shard, &address) in addresses.iter().enumerate() {
+            for k in 0..config.connections_per_shard {
+                let thread = shard * config.connections_per_shard + k;
+                let (accounts, measuring, stop, live) = (
+                    accounts.clone(),
+                    measuring.clone(),
+                    stop.clone(),
+                    acknowledged_live.clone(),
+                );
+                threads.push(std::thread::spawn(move || {
+                    load_thread(
+                        thread, shard, address, accounts, config, measuring, stop, live,
+                    )
+                }));
+            }
+        }
+        Self {
+            threads,
+            measuring,
+            stop,
+            acknowledged_live,
+        }
+    }
+
+    /// Counts replies from now on, sleeps through the window (printing progress if asked)
+    /// and returns when it started. The caller snapshots its counters right after.
+    fn measure(&self, config: &LoadConfig) -> Instant {
+        self.measuring.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut last_ack = self.acknowledged_live.load(Ordering::Relaxed);
+        while started.elapsed() < config.duration {
+            let left = config.duration.saturating_sub(started.elapsed());
+            std::thread::sleep(left.min(Duration::from_secs(1)));
+            if config.progress {
+                let ack = self.acknowledged_live.load(Ordering::Relaxed);
+                eprintln!(
+                    "  {:>5.1}s  {:>12.0} tx/s acknowledged",
+                    started.elapsed().as_secs_f64(),
+                    (ack - last_ack) as f64
+                );
+                last_ack = ack;
+            }
+        }
+        started
+    }
+
+    /// Stops the threads (each drains its window) and merges what they measured.
+    fn finish(self) -> Result<LoadTotals, BenchError> {
+        self.measuring.store(false, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        let mut latency =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        let (mut acknowledged, mut failed) = (0, 0);
+        let mut first_error = None;
+        for thread in self.threads {
+            match thread.join() {
+                Ok(Ok(report)) => {
+                    acknowledged += report.acknowledged;
+                    failed += report.failed;
+                    latency.add(&report.latency).expect("same bounds");
+                }
+                Ok(Err(error)) => {
+                    first_error.get_or_insert(BenchError::Client(error));
+                }
+                Err(_) => {
+                    first_error.get_or_insert(BenchError::Setup("load thread panicked".into()));
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(LoadTotals {
+                acknowledged,
+                failed,
+                latency,
+            }),
+        }
+    }
+}
+
 fn machine_description() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -382,11 +575,15 @@ fn machine_description() -> String {
     format!("{model}, {cores} cores")
 }
 
+/// Counters of every shard at one moment (in a cluster: of each group's leader, except
+/// `bytes_replicated`, which sums every replica).
 struct Snapshot {
     applied: Vec<u64>,
     internal: Vec<u64>,
     batches: Vec<u64>,
-    batch_sizes: Vec<[u64; LATENCY_BUCKETS_US.len() + 1]>,
+    batch_sizes: Vec<[u64; BUCKETS]>,
+    commit_latency: Vec<[u64; BUCKETS]>,
+    bytes_replicated: u64,
 }
 
 fn snapshot(metrics: &[Arc<ShardMetrics>]) -> Snapshot {
@@ -404,28 +601,187 @@ fn snapshot(metrics: &[Arc<ShardMetrics>]) -> Snapshot {
             .map(|m| ShardMetrics::get(&m.batches_sealed_total))
             .collect(),
         batch_sizes: metrics.iter().map(|m| m.batch_size.buckets()).collect(),
+        commit_latency: metrics.iter().map(|m| m.commit_latency.buckets()).collect(),
+        bytes_replicated: metrics
+            .iter()
+            .map(|m| ShardMetrics::get(&m.replication_bytes_sent_total))
+            .sum(),
     }
+}
+
+/// Per-bucket counts from Prometheus' cumulative ones.
+fn per_bucket(cumulative: &[u64]) -> [u64; BUCKETS] {
+    std::array::from_fn(|index| {
+        let below = if index == 0 { 0 } else { cumulative[index - 1] };
+        cumulative[index].saturating_sub(below)
+    })
+}
+
+/// Scrapes every replica and keeps each shard's counters from its group leader.
+fn scrape_snapshot(cluster: &LocalCluster) -> Result<Snapshot, BenchError> {
+    let texts = (0..cluster.replicas())
+        .map(|replica| cluster.scrape(replica))
+        .collect::<Result<Vec<String>, ClusterError>>()?;
+    let shards = cluster.shards();
+    let leader_text = |shard: usize| texts[cluster.leader_of(shard)].as_str();
+    let counter = |name: &str| -> Vec<u64> {
+        (0..shards)
+            .map(|shard| cluster::shard_metric(leader_text(shard), name, shard))
+            .collect()
+    };
+    let histogram = |name: &str| -> Vec<[u64; BUCKETS]> {
+        (0..shards)
+            .map(|shard| per_bucket(&cluster::histogram_buckets(leader_text(shard), name, shard)))
+            .collect()
+    };
+    Ok(Snapshot {
+        applied: counter("percore_tx_applied_total"),
+        internal: counter("percore_internal_applied_total"),
+        batches: counter("percore_batches_sealed_total"),
+        batch_sizes: histogram("percore_batch_entries"),
+        commit_latency: histogram("percore_commit_seconds"),
+        bytes_replicated: texts
+            .iter()
+            .map(|text| cluster::metric_sum(text, "percore_replication_bytes_sent_total", shards))
+            .sum(),
+    })
+}
+
+/// Per-bucket deltas over the window, summed over every shard.
+fn bucket_deltas(before: &[[u64; BUCKETS]], after: &[[u64; BUCKETS]]) -> [u64; BUCKETS] {
+    std::array::from_fn(|index| {
+        after
+            .iter()
+            .zip(before)
+            .map(|(a, b)| a[index].saturating_sub(b[index]))
+            .sum()
+    })
 }
 
 /// Batches sealed during the window by size bucket, all shards.
 fn batch_size_distribution(before: &Snapshot, after: &Snapshot) -> Vec<BatchSizeBucket> {
-    (0..=LATENCY_BUCKETS_US.len())
+    let deltas = bucket_deltas(&before.batch_sizes, &after.batch_sizes);
+    (0..BUCKETS)
         .map(|index| BatchSizeBucket {
             entries_at_most: LATENCY_BUCKETS_US.get(index).copied(),
-            batches: after
-                .batch_sizes
-                .iter()
-                .zip(&before.batch_sizes)
-                .map(|(a, b)| a[index] - b[index])
-                .sum(),
+            batches: deltas[index],
         })
         .filter(|bucket| bucket.batches > 0)
         .collect()
 }
 
-/// Runs the benchmark end to end and returns what it measured.
+/// The upper bound of the bucket holding quantile `quantile` of `counts` (per bucket), or
+/// `None` for the overflow bucket. `counts` must not be all zero.
+fn bucket_quantile(counts: &[u64; BUCKETS], quantile: f64) -> Option<u64> {
+    let total: u64 = counts.iter().sum();
+    debug_assert!(total > 0);
+    let rank = ((quantile * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0;
+    let index = counts
+        .iter()
+        .position(|count| {
+            seen += count;
+            seen >= rank
+        })
+        .expect("rank <= total");
+    LATENCY_BUCKETS_US.get(index).copied()
+}
+
+/// Commit latency over the window from the leaders' histograms; `None` if nothing committed.
+fn commit_latency(before: &Snapshot, after: &Snapshot) -> Option<BucketLatencyRow> {
+    let deltas = bucket_deltas(&before.commit_latency, &after.commit_latency);
+    let samples: u64 = deltas.iter().sum();
+    (samples > 0).then(|| BucketLatencyRow {
+        p50_at_most: bucket_quantile(&deltas, 0.50),
+        p99_at_most: bucket_quantile(&deltas, 0.99),
+        p999_at_most: bucket_quantile(&deltas, 0.999),
+        samples,
+    })
+}
+
+/// What one run measured, before it becomes a report.
+struct Measured<'a> {
+    load: &'a LoadConfig,
+    cores: &'a [usize],
+    replicas: usize,
+    before: Snapshot,
+    after: Snapshot,
+    elapsed_s: f64,
+    totals: LoadTotals,
+}
+
+fn report(measured: Measured<'_>) -> BenchReport {
+    let Measured {
+        load,
+        cores,
+        replicas,
+        before,
+        after,
+        elapsed_s,
+        totals,
+    } = measured;
+    let shards = cores.len();
+    let per_shard: Vec<ShardRow> = (0..shards)
+        .map(|shard| {
+            let applied = after.applied[shard] - before.applied[shard];
+            let internal = after.internal[shard] - before.internal[shard];
+            let batches = after.batches[shard] - before.batches[shard];
+            ShardRow {
+                shard,
+                core: cores[shard],
+                leader_replica: shard % replicas,
+                committed_tx_per_s: applied as f64 / elapsed_s,
+                batches,
+                mean_batch_entries: if batches == 0 {
+                    0.0
+                } else {
+                    (applied + internal) as f64 / batches as f64
+                },
+            }
+        })
+        .collect();
+    let latency = &totals.latency;
+    BenchReport {
+        benchmark: "percore-bench",
+        replicas,
+        fsync: load.fsync,
+        shards,
+        duration_s: elapsed_s,
+        total_committed_tx_per_s: per_shard.iter().map(|row| row.committed_tx_per_s).sum(),
+        committed_source: if replicas == 1 {
+            COMMITTED_SOURCE_NODE
+        } else {
+            COMMITTED_SOURCE_CLUSTER
+        },
+        per_shard,
+        acknowledged: totals.acknowledged,
+        failed: totals.failed,
+        request_latency_us: LatencyRow {
+            p50: latency.value_at_quantile(0.50),
+            p99: latency.value_at_quantile(0.99),
+            p999: latency.value_at_quantile(0.999),
+            max: latency.max(),
+        },
+        commit_latency_us: if replicas == 1 {
+            None
+        } else {
+            commit_latency(&before, &after)
+        },
+        bytes_replicated: after
+            .bytes_replicated
+            .saturating_sub(before.bytes_replicated),
+        batch_sizes: batch_size_distribution(&before, &after),
+        records_per_request: load.records_per_request,
+        window: load.window,
+        connections_per_shard: load.connections_per_shard,
+        cross_shard_percent: load.cross_shard_percent,
+        machine: machine_description(),
+    }
+}
+
+/// Runs the benchmark end to end on one in-process node and returns what it measured.
 pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
-    let shards = config.node.cores.len();
+    let load_config = config.load();
     let ledger = config.ledger;
     let seed = crate::runtime::random_seed();
     let node = Node::start(config.node.clone(), move |shard, _| {
@@ -438,103 +794,71 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
         )
     })?;
     let addresses = node.client_addresses().to_vec();
-    let accounts = Arc::new(setup_accounts(&addresses, config.accounts_per_shard)?);
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let acknowledged_live = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
-    for (shard, &address) in addresses.iter().enumerate() {
-        for k in 0..config.connections_per_shard {
-            let thread = shard * config.connections_per_shard + k;
-            let (accounts, config, measuring, stop, live) = (
-                accounts.clone(),
-                config.clone(),
-                measuring.clone(),
-                stop.clone(),
-                acknowledged_live.clone(),
-            );
-            threads.push(std::thread::spawn(move || {
-                load_thread(
-                    thread, shard, address, accounts, config, measuring, stop, live,
-                )
-            }));
-        }
-    }
-    std::thread::sleep(config.warmup);
+    let accounts = setup_accounts(&addresses, load_config.accounts_per_shard)?;
+    let load = Load::start(&addresses, accounts, load_config);
+    std::thread::sleep(load_config.warmup);
     let before = snapshot(node.metrics());
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    let mut last_ack = acknowledged_live.load(Ordering::Relaxed);
-    while started.elapsed() < config.duration {
-        let left = config.duration.saturating_sub(started.elapsed());
-        std::thread::sleep(left.min(Duration::from_secs(1)));
-        if config.progress {
-            let ack = acknowledged_live.load(Ordering::Relaxed);
-            eprintln!(
-                "  {:>5.1}s  {:>12.0} tx/s acknowledged",
-                started.elapsed().as_secs_f64(),
-                (ack - last_ack) as f64
-            );
-            last_ack = ack;
+    let started = load.measure(&load_config);
+    let after = snapshot(node.metrics());
+    let elapsed_s = started.elapsed().as_secs_f64();
+    let totals = load.finish()?;
+    node.shutdown()?;
+    Ok(report(Measured {
+        load: &load_config,
+        cores: &config.node.cores,
+        replicas: 1,
+        before,
+        after,
+        elapsed_s,
+        totals,
+    }))
+}
+
+/// Runs the benchmark end to end on a local cluster of child processes: starts it, loads
+/// every group through its leader, measures, stops every replica with SIGTERM. The caller
+/// owns (and removes) the data directories.
+pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError> {
+    assert!(
+        config.cluster.metrics,
+        "the cluster report is read from metrics"
+    );
+    let load_config = config.load;
+    let mut cluster = LocalCluster::start(config.cluster.clone())?;
+    let leaders = cluster.leader_addresses();
+    let accounts = setup_accounts(&leaders, load_config.accounts_per_shard)?;
+    let load = Load::start(&leaders, accounts, load_config);
+    std::thread::sleep(load_config.warmup);
+    let measured = scrape_snapshot(&cluster).and_then(|before| {
+        let started = load.measure(&load_config);
+        let after = scrape_snapshot(&cluster)?;
+        Ok((before, after, started.elapsed().as_secs_f64()))
+    });
+    let totals = load.finish();
+    let (before, after, elapsed_s) = measured?;
+    let totals = totals?;
+    for (replica, stopped) in cluster.stop_all().into_iter().enumerate() {
+        match stopped {
+            Ok(status) if status.success() => {}
+            Ok(status) => eprintln!("WARNING: replica {replica} exited with {status}"),
+            Err(error) => eprintln!("WARNING: {error}"),
         }
     }
-    let after = snapshot(node.metrics());
-    let elapsed = started.elapsed().as_secs_f64();
-    measuring.store(false, Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-    let (mut acknowledged, mut failed) = (0, 0);
-    for thread in threads {
-        let report = thread
-            .join()
-            .map_err(|_| BenchError::Setup("load thread panicked".into()))??;
-        acknowledged += report.acknowledged;
-        failed += report.failed;
-        latency.add(&report.latency).expect("same bounds");
-    }
-    let cores = config.node.cores.clone();
-    node.shutdown()?;
-    let per_shard: Vec<ShardRow> = (0..shards)
-        .map(|shard| {
-            let applied = after.applied[shard] - before.applied[shard];
-            let internal = after.internal[shard] - before.internal[shard];
-            let batches = after.batches[shard] - before.batches[shard];
-            ShardRow {
-                shard,
-                core: cores[shard],
-                committed_tx_per_s: applied as f64 / elapsed,
-                batches,
-                mean_batch_entries: if batches == 0 {
-                    0.0
-                } else {
-                    (applied + internal) as f64 / batches as f64
-                },
-            }
-        })
-        .collect();
-    Ok(BenchReport {
-        benchmark: "percore-bench",
-        replicas: 1,
-        fsync: config.fsync,
-        shards,
-        duration_s: elapsed,
-        total_committed_tx_per_s: per_shard.iter().map(|row| row.committed_tx_per_s).sum(),
-        per_shard,
-        acknowledged,
-        failed,
-        request_latency_us: LatencyRow {
-            p50: latency.value_at_quantile(0.50),
-            p99: latency.value_at_quantile(0.99),
-            p999: latency.value_at_quantile(0.999),
-            max: latency.max(),
-        },
-        batch_sizes: batch_size_distribution(&before, &after),
-        records_per_request: config.records_per_request,
-        window: config.window,
-        connections_per_shard: config.connections_per_shard,
-        cross_shard_percent: config.cross_shard_percent,
-        machine: machine_description(),
-    })
+    Ok(report(Measured {
+        load: &load_config,
+        cores: &config.cluster.cores,
+        replicas: config.cluster.replicas,
+        before,
+        after,
+        elapsed_s,
+        totals,
+    }))
+}
+
+fn at_most(bound: Option<u64>) -> String {
+    bound.map_or_else(
+        || format!(">{}", LATENCY_BUCKETS_US[BUCKETS - 2]),
+        |us| format!("<={us}"),
+    )
 }
 
 /// Prints the report as a human-readable table.
@@ -552,27 +876,78 @@ pub fn print_text(report: &BenchReport) {
         report.cross_shard_percent,
         report.duration_s
     );
+    println!("committed: {}", report.committed_source);
     println!(
-        "{:>6} {:>5} {:>16} {:>10} {:>12}",
-        "shard", "core", "committed tx/s", "batches", "mean batch"
+        "{:>6} {:>5} {:>7} {:>16} {:>10} {:>12}",
+        "shard", "core", "leader", "committed tx/s", "batches", "mean batch"
     );
     for row in &report.per_shard {
         println!(
-            "{:>6} {:>5} {:>16.0} {:>10} {:>12.1}",
-            row.shard, row.core, row.committed_tx_per_s, row.batches, row.mean_batch_entries
+            "{:>6} {:>5} {:>7} {:>16.0} {:>10} {:>12.1}",
+            row.shard,
+            row.core,
+            row.leader_replica,
+            row.committed_tx_per_s,
+            row.batches,
+            row.mean_batch_entries
         );
     }
     println!(
-        "{:>6} {:>5} {:>16.0}",
-        "total", "", report.total_committed_tx_per_s
+        "{:>6} {:>5} {:>7} {:>16.0}",
+        "total", "", "", report.total_committed_tx_per_s
     );
     let l = &report.request_latency_us;
     println!(
         "request latency (client observed, µs): p50 {} p99 {} p999 {} max {}",
         l.p50, l.p99, l.p999, l.max
     );
+    if let Some(c) = &report.commit_latency_us {
+        println!(
+            "commit latency (leader stage to quorum commit, µs, bucket upper bounds): p50 {} p99 {} p999 {} ({} ops)",
+            at_most(c.p50_at_most),
+            at_most(c.p99_at_most),
+            at_most(c.p999_at_most),
+            c.samples
+        );
+    }
+    if report.replicas > 1 {
+        println!(
+            "replicated: {} bytes sent between replicas during the window ({:.1} MiB/s)",
+            report.bytes_replicated,
+            report.bytes_replicated as f64 / report.duration_s / (1 << 20) as f64
+        );
+    }
     println!(
         "acknowledged {} transfers, {} with a non-Ok result",
         report.acknowledged, report.failed
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_quantiles_name_the_bucket_upper_bound() {
+        let mut counts = [0u64; BUCKETS];
+        counts[3] = 98; // <= 100 µs
+        counts[6] = 1; // <= 1 ms
+        counts[BUCKETS - 1] = 1; // overflow
+        assert_eq!(bucket_quantile(&counts, 0.50), Some(100));
+        assert_eq!(bucket_quantile(&counts, 0.99), Some(1_000));
+        assert_eq!(bucket_quantile(&counts, 0.999), None);
+        assert_eq!(at_most(None), ">1000000");
+    }
+
+    #[test]
+    fn cumulative_buckets_become_per_bucket_counts() {
+        let mut cumulative = vec![0u64; BUCKETS];
+        cumulative[1] = 2;
+        for bucket in &mut cumulative[2..] {
+            *bucket = 5;
+        }
+        let counts = per_bucket(&cumulative);
+        assert_eq!(counts[..3], [0, 2, 3]);
+        assert_eq!(counts.iter().sum::<u64>(), 5);
+    }
 }

@@ -12,6 +12,7 @@ use percore_shards::loadgen::{self, BenchConfig};
 use std::path::PathBuf;
 
 use percore_shards::journal::FsyncPolicy;
+use percore_shards::replication::{self, ReplicationSettings};
 use percore_shards::runtime::{self, JournalSettings, Node, NodeConfig};
 
 /// Writes one line to stderr, ignoring errors: an operator closing the terminal or a log
@@ -41,6 +42,8 @@ enum Command {
     /// Read a data directory offline: superblocks, segments, entries, checksums and the
     /// first problem found (exit status 1 if there is one).
     Inspect(InspectArgs),
+    /// Write a new random 256-bit cluster key (64 hex digits) for `node --cluster-key-file`.
+    ClusterKey(ClusterKeyArgs),
 }
 
 /// Shard layout, limits and sizes shared by `node` and `bench`.
@@ -198,6 +201,49 @@ struct NodeArgs {
     metrics: Option<SocketAddr>,
     #[command(flatten)]
     journal: JournalArgs,
+    #[command(flatten)]
+    replication: ReplicationArgs,
+}
+
+/// Log replication to peer nodes.
+#[derive(Debug, Args, Clone)]
+struct ReplicationArgs {
+    /// This node's replica index: its position in --peers.
+    #[arg(long, requires = "peers")]
+    replica: Option<u8>,
+    /// Peer address of every replica, in replica order (shard k listens on port + k), e.g.
+    /// 127.0.0.1:7100,127.0.0.1:7200,127.0.0.1:7300. Needs --data-dir and a cluster key.
+    #[arg(long, value_delimiter = ',', requires = "replica")]
+    peers: Vec<SocketAddr>,
+    /// File holding the 256-bit cluster key as 64 hex digits (`percore cluster-key`);
+    /// default: the PERCORE_CLUSTER_KEY environment variable.
+    #[arg(long)]
+    cluster_key_file: Option<PathBuf>,
+}
+
+impl ReplicationArgs {
+    fn settings(&self) -> Result<Option<ReplicationSettings>, Box<dyn std::error::Error>> {
+        let Some(replica) = self.replica else {
+            return Ok(None);
+        };
+        let cluster_key = match &self.cluster_key_file {
+            Some(path) => replication::cluster_key_from_file(path)?,
+            None => replication::cluster_key_from_env()?,
+        };
+        Ok(Some(ReplicationSettings {
+            replica,
+            peers: self.peers.clone(),
+            cluster_key,
+            send_queue_bytes: replication::PEER_SEND_QUEUE_BYTES_DEFAULT,
+        }))
+    }
+}
+
+#[derive(Debug, Args)]
+struct ClusterKeyArgs {
+    /// Where to write the key (created with mode 0600; an existing file is kept).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -228,9 +274,22 @@ struct BenchArgs {
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-    /// Run without a journal (measures the in-memory pipeline only).
+    /// Run without a journal (measures the in-memory pipeline only; --replicas 1 only:
+    /// replication needs a journal, use --fsync never to leave durability out instead).
     #[arg(long, conflicts_with = "data_dir")]
     in_memory: bool,
+    /// Replicas per replication group. 1 runs one node in this process; more start a
+    /// local cluster of `percore node` child processes (shards share the cores) and load
+    /// each group through its leader.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=7))]
+    replicas: u8,
+    /// First port of the local cluster (replica r: clients on +100r+k, peers on +100r+50+k,
+    /// metrics on +100r+99). Default: a free range.
+    #[arg(long)]
+    port_base: Option<u16>,
+    /// Keep the benchmark's data directory (default: removed afterwards).
+    #[arg(long)]
+    keep_data: bool,
     #[command(flatten)]
     journal: JournalArgs,
 }
@@ -260,7 +319,22 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
         say!("WARNING: no --data-dir: nothing is journaled, a restart loses everything");
     }
     let ledger = args.shards.ledger.config(shards, config.batch.entries_max);
-    let seed = runtime::random_seed();
+    config.replication = args.replication.settings()?;
+    config.seed = runtime::random_seed();
+    // Replicas must build identical ledgers, so the table hash seed comes from the cluster
+    // key (secret, so clients still cannot predict it); a single node draws its own.
+    let seed = match &config.replication {
+        Some(settings) => replication::ledger_hash_seed(&settings.cluster_key),
+        None => runtime::random_seed(),
+    };
+    if let Some(settings) = &config.replication {
+        say!(
+            "replica {} of {}: peers {:?}",
+            settings.replica,
+            settings.peers.len(),
+            settings.peers
+        );
+    }
     let node = Node::start(config.clone(), move |shard, _| {
         Ledger::with_hash_seed(
             LedgerConfig {
@@ -303,6 +377,9 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.replicas > 1 {
+        return run_bench_cluster(args);
+    }
     let mut node = args.shards.node_config();
     node.client_port_base = 0;
     let temporary = if args.in_memory {
@@ -313,7 +390,7 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             None => std::env::temp_dir().join(format!("percore-bench-{}", std::process::id())),
         };
         node.journal = Some(args.journal.settings(data_dir.clone()));
-        args.journal.data_dir.is_none().then_some(data_dir)
+        (args.journal.data_dir.is_none() && !args.keep_data).then_some(data_dir)
     };
     let fsync = match (&node.journal, args.journal.fsync) {
         (None, _) => "none: in memory, no journal",
@@ -358,6 +435,101 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// `percore bench --replicas N`, N > 1: the same load on a local cluster of child processes.
+fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.in_memory {
+        return Err(
+            "--in-memory runs without a journal, and replication needs one: use \
+                    --replicas 1 --in-memory, or --fsync never to leave durability out"
+                .into(),
+        );
+    }
+    let replicas = usize::from(args.replicas);
+    let cores = args.shards.node_config().cores;
+    let (fsync_arg, fsync) = match args.journal.fsync {
+        FsyncPolicy::Always => (
+            "always",
+            "always (fdatasync per group commit, every replica)",
+        ),
+        FsyncPolicy::Never => (
+            "never",
+            "never (journals written, not fdatasynced: benchmarks only)",
+        ),
+    };
+    say!("fsync policy: {fsync}");
+    if args.journal.fsync == FsyncPolicy::Never {
+        say!("WARNING: --fsync never: these numbers do not include durability (benchmarks only)");
+    }
+    let data_root = match &args.journal.data_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("percore-bench-{}", std::process::id())),
+    };
+    let port_base = match args.port_base {
+        Some(port) => port,
+        None => percore_shards::cluster::free_port_base(replicas, cores.len())?,
+    };
+    // Every size and limit the operator gave `bench` applies to each node.
+    let (shard, ledger, journal) = (&args.shards, &args.shards.ledger, &args.journal);
+    let extra_args: Vec<String> = [
+        ("--batch-entries-max", shard.batch_entries_max.to_string()),
+        ("--batch-bytes-max", shard.batch_bytes_max.to_string()),
+        ("--linger-us", shard.linger_us.to_string()),
+        ("--transactions", shard.transactions.to_string()),
+        ("--batches", shard.batches.to_string()),
+        ("--connections-max", shard.connections_max.to_string()),
+        ("--io-memory-kib", shard.io_memory_kib.to_string()),
+        ("--accounts-max", ledger.accounts_max.to_string()),
+        ("--transfers-max", ledger.transfers_max.to_string()),
+        ("--credit-legs-max", ledger.credit_legs_max.to_string()),
+        ("--segment-mib", journal.segment_mib.to_string()),
+        ("--cluster-id", format!("{:x}", journal.cluster_id)),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_string(), value])
+    .collect();
+    say!(
+        "starting {replicas} replicas x {} shard(s) on cores {cores:?} (ports from {port_base}, data in {})",
+        cores.len(),
+        data_root.display()
+    );
+    let config = loadgen::ClusterBenchConfig {
+        cluster: percore_shards::cluster::LocalClusterConfig {
+            binary: std::env::current_exe()?,
+            replicas,
+            cores,
+            data_root: data_root.clone(),
+            port_base,
+            fsync: fsync_arg,
+            extra_args,
+            metrics: true,
+        },
+        load: loadgen::LoadConfig {
+            accounts_per_shard: args.accounts_per_shard,
+            warmup: Duration::from_secs(args.warmup_s),
+            duration: Duration::from_secs(args.duration_s),
+            records_per_request: args.records_per_request,
+            window: args.window,
+            connections_per_shard: args.connections_per_shard,
+            cross_shard_percent: args.cross_shard_percent,
+            progress: !args.json,
+            fsync,
+        },
+    };
+    let report = loadgen::run_cluster(config);
+    if args.keep_data || args.journal.data_dir.is_some() {
+        say!("data and node logs kept in {}", data_root.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&data_root);
+    }
+    let report = report?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        loadgen::print_text(&report);
+    }
+    Ok(())
+}
+
 fn run_inspect(args: InspectArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let body_bytes_max = args.batch_entries_max * percore_engine::record::RECORD_BYTES;
     let shards = std::fs::read_dir(&args.data_dir)?
@@ -383,6 +555,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Node(args) => run_node(args),
         Command::Bench(args) => run_bench(args),
+        Command::ClusterKey(args) => replication::cluster_key_write(&args.out)
+            .map(|()| say!("cluster key written to {}", args.out.display()))
+            .map_err(Into::into),
         Command::Inspect(args) => match run_inspect(args) {
             Ok(false) => Ok(()),
             Ok(true) => return ExitCode::FAILURE,

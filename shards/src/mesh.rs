@@ -402,6 +402,14 @@ where
                 }
             }
             MeshMessage::Outbound { operation, record } => {
+                if let Some(replication) = &shard.replication
+                    && !replication.is_leader()
+                {
+                    // This group is led elsewhere: the message goes to its leader.
+                    crate::replication::forward_to_leader(shard, operation, &record);
+                    legs_in += 1;
+                    continue;
+                }
                 let operation = S::Operation::try_from(operation)
                     .ok()
                     .expect("sent by a shard of this node");

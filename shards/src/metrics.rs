@@ -47,6 +47,10 @@ impl LatencyHistogram {
     }
 
     fn render(&self, out: &mut String, name: &str, shard: u32) {
+        self.render_labelled(out, name, &format!("shard=\"{shard}\""));
+    }
+
+    fn render_labelled(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (index, bucket) in self.buckets.iter().enumerate() {
             cumulative += bucket.load(Ordering::Relaxed);
@@ -54,14 +58,11 @@ impl LatencyHistogram {
                 .get(index)
                 .map(|us| (*us as f64 / 1e6).to_string());
             let le = bound.as_deref().unwrap_or("+Inf");
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}"
-            );
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
         }
         let sum_s = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum_s}");
-        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {}", self.count());
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum_s}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
     }
 }
 
@@ -80,6 +81,10 @@ macro_rules! shard_metrics {
             pub batch_size: LatencyHistogram,
             /// Time to stage, write and (per policy) fdatasync one group of batches (µs).
             pub journal_commit_latency: LatencyHistogram,
+            /// Leader: time from staging an op to its quorum commit (µs).
+            pub commit_latency: LatencyHistogram,
+            /// Per peer replica: what this replica knows of it.
+            pub peers: [PeerMetrics; PEERS_MAX],
         }
 
         impl ShardMetrics {
@@ -122,6 +127,49 @@ shard_metrics! {
     gauge pool_messages_in_use: "Message buffers in use.",
     gauge pool_messages_high_water: "Most message buffers ever in use.",
     gauge connections: "Open client connections.",
+    gauge replica_is_leader: "1 if this replica leads the shard's replication group.",
+    gauge replication_op_head: "Highest op staged in this replica's journal.",
+    gauge replication_op_durable: "Highest op durable in this replica's journal.",
+    gauge replication_commit_max: "Highest op this replica knows is committed.",
+    gauge replication_in_flight_ops: "Leader: ops prepared and not yet committed.",
+    counter replication_bytes_sent_total: "Bytes of peer messages sent (headers and entries).",
+    counter replication_prepares_sent_total: "Prepare messages sent to followers.",
+    counter replication_acks_received_total: "PrepareOk messages received.",
+    counter replication_repairs_requested_total: "Repair requests sent (gap or lagging).",
+    counter replication_repairs_timed_out_total: "Repair requests that timed out and were re-routed.",
+    counter replication_repairs_served_total: "Repair requests served from this journal.",
+    counter replication_retransmits_total: "Entries sent again as PrepareRepair.",
+    counter replication_prepares_dropped_total: "Prepares dropped (gap, full queue, disconnected peer).",
+    counter replication_messages_dropped_total: "Peer messages not sent: queue full or peer disconnected.",
+    counter replication_forwards_sent_total: "Credit legs forwarded to another replica's group leader.",
+    counter replication_forwards_received_total: "Credit legs received from other replicas.",
+    counter replication_legs_resent_total: "Unacknowledged credit legs sent again.",
+    counter peer_connections_total: "Authenticated peer connections established.",
+    counter peer_auth_failures_total: "Peer connections refused (bad key, unknown peer, bad frame).",
+    counter client_not_leader_total: "Client requests refused because this replica does not lead.",
+}
+
+/// A per-peer gauge: name, help and how to read it.
+type PeerGauge = (&'static str, &'static str, fn(&PeerMetrics) -> &AtomicU64);
+
+/// Most peer replicas tracked per shard (the replica count limit).
+pub const PEERS_MAX: usize = percore_engine::replica::REPLICA_COUNT_MAX;
+
+/// What one replica knows of one peer of its group.
+#[derive(Debug, Default)]
+pub struct PeerMetrics {
+    /// 1 while an authenticated connection to the peer is up.
+    pub connected: AtomicU64,
+    /// Highest op the peer acknowledged (leader) or reported durable.
+    pub op_durable: AtomicU64,
+    /// Ops behind this replica's durable head.
+    pub lag_ops: AtomicU64,
+    /// Smoothed ack/repair/ping round trip (µs).
+    pub srtt_us: AtomicU64,
+    /// Routing score `srtt + 4 · rttvar` (µs).
+    pub score_us: AtomicU64,
+    /// Leader: time from sending a Prepare to its acknowledgement (µs).
+    pub ack_latency: LatencyHistogram,
 }
 
 impl ShardMetrics {
@@ -160,6 +208,64 @@ impl ShardMetrics {
             .render(out, "percore_batch_entries", self.shard);
         self.journal_commit_latency
             .render(out, "percore_journal_commit_seconds", self.shard);
+        self.commit_latency
+            .render(out, "percore_commit_seconds", self.shard);
+        self.render_peers(out);
+    }
+
+    fn render_peers(&self, out: &mut String) {
+        let gauges: [PeerGauge; 5] = [
+            (
+                "percore_peer_connected",
+                "1 while a connection to the peer is up.",
+                |p| &p.connected,
+            ),
+            (
+                "percore_peer_op_durable",
+                "Highest op the peer acknowledged or reported durable.",
+                |p| &p.op_durable,
+            ),
+            (
+                "percore_peer_lag_ops",
+                "Ops the peer is behind this replica's durable head.",
+                |p| &p.lag_ops,
+            ),
+            (
+                "percore_peer_srtt_us",
+                "Smoothed round trip to the peer (RFC 6298), microseconds.",
+                |p| &p.srtt_us,
+            ),
+            (
+                "percore_peer_score_us",
+                "Routing score srtt + 4 rttvar, microseconds.",
+                |p| &p.score_us,
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            for (peer, metrics) in self.peers.iter().enumerate() {
+                if metrics.connected.load(Ordering::Relaxed) == 0
+                    && metrics.srtt_us.load(Ordering::Relaxed) == 0
+                {
+                    continue;
+                }
+                let value = get(metrics).load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{name}{{shard=\"{}\",peer=\"{peer}\"}} {value}",
+                    self.shard
+                );
+            }
+        }
+        for (peer, metrics) in self.peers.iter().enumerate() {
+            if metrics.ack_latency.count() > 0 {
+                let labels = format!("shard=\"{}\",peer=\"{peer}\"", self.shard);
+                metrics
+                    .ack_latency
+                    .render_labelled(out, "percore_peer_ack_seconds", &labels);
+            }
+        }
     }
 }
 

@@ -51,6 +51,10 @@ pub(crate) const STOP_POLL_MS: u64 = 50;
 pub const ERROR_SERVER_BUSY: u32 = 1000;
 /// The request carries more records than one batch may hold.
 pub const ERROR_TOO_MANY_RECORDS: u32 = 1002;
+/// This replica does not lead the shard's replication group: send to the leader.
+pub const ERROR_NOT_LEADER: u32 = 1010;
+/// A replicated request holds records of another shard (one request is one group's op).
+pub const ERROR_WRONG_SHARD: u32 = 1012;
 
 /// Everything a node needs to start; every limit is fixed here.
 #[derive(Debug, Clone)]
@@ -82,6 +86,10 @@ pub struct NodeConfig {
     pub allow_shared_cores: bool,
     /// The journal; `None` runs without durability (tests and in-memory benchmarks).
     pub journal: Option<JournalSettings>,
+    /// Log replication to peer nodes; `None` runs a single node. Needs a journal.
+    pub replication: Option<crate::replication::ReplicationSettings>,
+    /// Seed of the replication core's routing RNG.
+    pub seed: u64,
 }
 
 /// Where and how each shard journals its batches.
@@ -113,6 +121,8 @@ impl Default for NodeConfig {
             io_memory_bytes: IO_MEMORY_BYTES_DEFAULT,
             allow_shared_cores: false,
             journal: None,
+            replication: None,
+            seed: 1,
         }
     }
 }
@@ -185,6 +195,9 @@ pub enum NodeError {
     /// A mesh ring capacity is unusable.
     #[error("mesh_ring_capacity {0} must be a power of two >= 2")]
     MeshCapacity(usize),
+    /// The replication settings cannot work.
+    #[error("replication: {0}")]
+    Replication(String),
 }
 
 /// The client protocol as a state machine `S` defines it: ping, plus the operations
@@ -292,6 +305,26 @@ where
     {
         check_cores(&config.cores, config.allow_shared_cores)?;
         let shards = config.cores.len();
+        if let Some(replication) = &config.replication {
+            if config.journal.is_none() {
+                return Err(NodeError::Replication(
+                    "a replicated node needs a journal (--data-dir)".into(),
+                ));
+            }
+            let count = replication.peers.len();
+            if count == 0 || count > percore_engine::replica::REPLICA_COUNT_MAX {
+                return Err(NodeError::Replication(format!(
+                    "{count} replicas: between 1 and {} are supported",
+                    percore_engine::replica::REPLICA_COUNT_MAX
+                )));
+            }
+            if usize::from(replication.replica) >= count {
+                return Err(NodeError::Replication(format!(
+                    "replica index {} is not below the {count} peers listed",
+                    replication.replica
+                )));
+            }
+        }
         if !config.mesh_ring_capacity.is_power_of_two() || config.mesh_ring_capacity < 2 {
             return Err(NodeError::MeshCapacity(config.mesh_ring_capacity));
         }
@@ -469,11 +502,19 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
     /// Set once the node is quiescent: mesh receivers end.
     pub(crate) finished: Cell<bool>,
+    /// Log replication of this shard's group, if the node replicates.
+    pub(crate) replication: Option<crate::replication::Replication>,
 }
 
 impl<S: StateMachine> Shard<S> {
-    fn now_us(&self) -> u64 {
+    pub(crate) fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Largest batch body (bytes) this shard seals or accepts.
+    pub(crate) fn body_bytes_max(&self) -> usize {
+        let record_bytes = size_of::<S::Record>();
+        self.config.batch.entries_cap(record_bytes) * record_bytes
     }
 
     fn stopping(&self) -> bool {
@@ -528,6 +569,39 @@ fn start_failed<S>(
     Err(NodeError::StartFailed { shard })
 }
 
+/// Builds the replication state of `shard` from its recovered journal and binds its peer
+/// listener, if the node replicates.
+#[allow(clippy::type_complexity)]
+fn start_replication(
+    shard: usize,
+    config: &NodeConfig,
+    journal: Option<&Journal>,
+) -> Result<(Option<crate::replication::Replication>, Option<TcpListener>), NodeError> {
+    let (Some(settings), Some(journal)) = (&config.replication, journal) else {
+        return Ok((None, None));
+    };
+    let cluster_id = config.journal.as_ref().map_or(0, |j| j.cluster_id);
+    let entry_bytes_max =
+        percore_engine::journal::ENTRY_HEADER_BYTES + journal.config().body_bytes_max;
+    let replication = crate::replication::Replication::new(
+        settings.clone(),
+        shard,
+        cluster_id,
+        journal.op_durable(),
+        journal.checksum_staged(),
+        config.seed ^ shard as u64,
+        entry_bytes_max,
+    )
+    .map_err(|error| NodeError::Replication(error.to_string()))?;
+    let listener =
+        crate::replication::bind(settings, shard).map_err(|error| NodeError::Listen {
+            shard,
+            address: settings.peer_address(settings.replica, shard),
+            message: error.to_string(),
+        })?;
+    Ok((Some(replication), Some(listener)))
+}
+
 async fn run_shard<S>(
     context: ShardContext,
     state_machine: S,
@@ -566,6 +640,10 @@ where
             let message = error.to_string();
             return start_failed(&ready, shard, NodeError::Journal { shard, message });
         }
+    };
+    let (replication, peer_listener) = match start_replication(shard, &config, journal.as_ref()) {
+        Ok(started) => started,
+        Err(error) => return start_failed(&ready, shard, error),
     };
     // Messages to other shards that were produced before a restart but never confirmed are
     // sent again (receivers deduplicate); they wait in the mesh queue until the doorbells
@@ -630,6 +708,7 @@ where
         quiet,
         all_metrics,
         finished: Cell::new(false),
+        replication,
     });
     if !unconfirmed.is_empty() {
         tracing::info!(
@@ -652,6 +731,10 @@ where
     let _ = ready.send((shard, Ok(local)));
 
     let mesh_tasks = crate::mesh::spawn_receivers(shard_state.clone()).await;
+    let peer_tasks = match peer_listener {
+        Some(listener) => crate::replication::spawn_tasks(&shard_state, listener),
+        None => Vec::new(),
+    };
     let batcher = glommio::spawn_local(batcher_loop(shard_state.clone(), journal));
     accept_loop(shard_state.clone(), listener).await;
     if let Some(mut journal) = batcher.await
@@ -661,6 +744,9 @@ where
     }
     shard_state.finished.set(true);
     for task in mesh_tasks {
+        task.await;
+    }
+    for task in peer_tasks {
         task.await;
     }
     let Ok(shard_state) = Rc::try_unwrap(shard_state) else {
@@ -902,6 +988,12 @@ where
         };
         // The schema checked that the body is a whole number of `S::Record`s.
         let count = body_bytes / record_bytes;
+        if let Some(code) = replicated_refusal(shard, operation, &records[..count]) {
+            let mut buffer = [0u8; FRAME_HEADER_BYTES];
+            let bytes = frame::encode_error_reply(&mut buffer, &envelope, code);
+            stream.write_all(&buffer[..bytes]).await?;
+            continue;
+        }
         let generation = {
             let mut connections = shard.connections.borrow_mut();
             connections[slot].remaining = count as u32;
@@ -925,6 +1017,25 @@ where
         ShardMetrics::add(&shard.metrics.requests_total, 1);
         ShardMetrics::add(&shard.metrics.tx_accepted_total, count as u64);
     }
+}
+
+/// Why a replicated shard refuses a request it cannot order: it does not lead its group,
+/// or the request holds records of other groups.
+fn replicated_refusal<S: StateMachine>(
+    shard: &Shard<S>,
+    operation: S::Operation,
+    records: &[S::Record],
+) -> Option<u32> {
+    let replication = shard.replication.as_ref()?;
+    if !replication.is_leader() {
+        ShardMetrics::add(&shard.metrics.client_not_leader_total, 1);
+        return Some(ERROR_NOT_LEADER);
+    }
+    let shards = shard.shards as u32;
+    let foreign = records
+        .iter()
+        .any(|record| S::route(operation, record, shards) as usize != shard.index);
+    foreign.then_some(ERROR_WRONG_SHARD)
 }
 
 /// Sends an error reply (when the envelope could be read) and ends the connection.
@@ -1021,7 +1132,7 @@ async fn submit_all<S>(
 }
 
 /// Delivers one result to whoever waits for it.
-fn complete<S>(shard: &Shard<S>, origin: Origin, result: &S::Result)
+pub(crate) fn complete<S>(shard: &Shard<S>, origin: Origin, result: &S::Result)
 where
     S: StateMachine,
     S::Record: Send,
@@ -1101,6 +1212,10 @@ where
             )
         };
         if shard.stopping() {
+            // A replicated leader waits for its pipeline to commit, but not forever: its
+            // followers may be gone. Uncommitted ops stay in its journal.
+            let idle =
+                idle || (shard.replication.is_some() && crate::replication::drain_expired(&shard));
             let drained = idle && shard.connections.borrow().iter().all(|c| !c.active);
             shard.quiet[shard.index].store(drained, Ordering::Release);
             if drained && node_quiescent(&shard) {
@@ -1165,6 +1280,10 @@ where
     // made two shards wait on each other (throughput fell 8x with 30% cross-shard load).
     // The queue stays bounded without it: credit legs by `credit_legs_max` in flight,
     // acknowledgements by legs received, results by records forwarded.
+    if shard.replication.is_some() {
+        let journal = journal.expect("a replicated shard journals");
+        return crate::replication::replicated_turn(shard, journal).await;
+    }
     let mut progressed = shard.mesh.borrow_mut().flush_queued();
     let now_us = shard.now_us();
     shard.core.borrow_mut().observe_depth();

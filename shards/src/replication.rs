@@ -1,0 +1,1222 @@
+//! The replication driver of one shard: executes the sans-IO [`Replica`] core on the
+//! shard's io_uring.
+//!
+//! Replication group `k` is shard `k` on every node. Each shard listens for peers on
+//! `peers[replica].port + k` and dials shard `k` of every other replica; a connection
+//! carries one direction (the dialer sends, the listener receives), both ends authenticated
+//! with the cluster key (`percore_net::peer`). Per peer there is one bounded outbox of
+//! encoded messages and one sender task that writes it; per accepted connection one
+//! receiver task that verifies each frame and dispatches it.
+//!
+//! The batcher drives the log (`replicated_turn`):
+//! - **Leader**: seals while the pipeline has room, stages each batch in the journal and
+//!   copies the encoded entry into every connected follower's outbox *held* (not yet
+//!   sendable); one group commit makes them durable, then the held Prepares are released
+//!   and the sender tasks write them, to all followers at once. Durable-before-send keeps
+//!   every follower's log a prefix of the leader's across a leader restart (see
+//!   `percore_engine::replica`). Ops apply and clients get replies once a majority, the
+//!   leader included, has them durable.
+//! - **Follower**: stages received entries (the journal checks checksums and the hash
+//!   chain), group-commits them, acknowledges cumulatively, applies up to the leader's
+//!   commit number; gaps are repaired from the fastest peer (`Replica` routing).
+//! - **Both**: serve repair requests from the journal; credit legs that a group's leader
+//!   emits reach another group's leader through the local mesh and, when that shard does
+//!   not lead its group here, a `Forward` message.
+//!
+//! Nothing here allocates per message: outboxes, inbound queue, repair queue and the
+//! entry read buffer are sized at start-up.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use percore_engine::journal::{ENTRY_HEADER_BYTES, EntryHeader, EntryMeta, entry_bytes_padded};
+use percore_engine::message::{ClusterKey, Command, PEER_HEADER_BYTES, PeerHeader, field};
+use percore_engine::replica::{ACTIONS_MAX, Action, PrepareDisposition, Replica};
+use percore_engine::state_machine::StateMachine;
+use percore_net::peer::{self, PeerIdentity};
+
+use crate::journal::Journal;
+use crate::mesh::MeshMessage;
+use crate::metrics::ShardMetrics;
+use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
+
+/// Default bytes queued per peer before messages to it are dropped (it repairs itself).
+pub const PEER_SEND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
+/// Bytes of received Prepares waiting for the batcher before more are dropped.
+pub const INBOUND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
+/// Repair requests waiting to be served before more are dropped (requesters retry).
+pub const REPAIRS_QUEUED_MAX: usize = 16;
+/// Authentication handshake deadline (µs).
+pub const HANDSHAKE_TIMEOUT_US: u64 = 1_000_000;
+/// Reconnect back-off bounds (µs).
+pub const RECONNECT_BACKOFF_US_MIN: u64 = 1_000;
+/// See [`RECONNECT_BACKOFF_US_MIN`].
+pub const RECONNECT_BACKOFF_US_MAX: u64 = 1_000_000;
+/// Leader: unacknowledged credit legs are sent again when the oldest did not change for
+/// this long (µs).
+pub const CREDIT_LEG_RESEND_INTERVAL_US: u64 = 200_000;
+/// Most credit legs sent again at once.
+pub const CREDIT_LEGS_RESEND_MAX: usize = 1_024;
+/// On shutdown, how long a leader waits for its pipeline to commit (ms).
+pub const DRAIN_TIMEOUT_MS: u64 = 3_000;
+/// Status byte of a normal replica in message headers.
+const STATUS_NORMAL: u8 = 1;
+
+const _: () = assert!(RECONNECT_BACKOFF_US_MIN < RECONNECT_BACKOFF_US_MAX);
+
+/// How a node replicates: its index and every replica's peer address.
+#[derive(Clone)]
+pub struct ReplicationSettings {
+    /// This node's replica index.
+    pub replica: u8,
+    /// Peer address of every replica, in replica order; shard `k` of replica `r` listens on
+    /// `peers[r]` with the port plus `k`.
+    pub peers: Vec<SocketAddr>,
+    /// The shared cluster key (authenticates peers).
+    pub cluster_key: ClusterKey,
+    /// Bytes queued per peer.
+    pub send_queue_bytes: usize,
+}
+
+impl std::fmt::Debug for ReplicationSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationSettings")
+            .field("replica", &self.replica)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicationSettings {
+    /// The address shard `shard` of `replica` listens on for peers.
+    pub fn peer_address(&self, replica: u8, shard: usize) -> SocketAddr {
+        let mut address = self.peers[usize::from(replica)];
+        address.set_port(address.port() + shard as u16);
+        address
+    }
+
+    /// Replicas in each group.
+    pub fn replica_count(&self) -> u8 {
+        self.peers.len() as u8
+    }
+}
+
+/// Encoded messages to one peer, written by its sender task.
+pub(crate) struct Outbox {
+    bytes: RefCell<Vec<u8>>,
+    /// Bytes before this may be sent; the rest are Prepares held until durable.
+    released: Cell<usize>,
+    holding: Cell<bool>,
+    connected: Cell<bool>,
+    doorbell: LocalNotify,
+}
+
+impl Outbox {
+    fn new(capacity: usize) -> Self {
+        Self {
+            bytes: RefCell::new(Vec::with_capacity(capacity)),
+            released: Cell::new(0),
+            holding: Cell::new(false),
+            connected: Cell::new(false),
+            doorbell: LocalNotify::default(),
+        }
+    }
+
+    /// Appends one message; `false` (nothing appended) when the peer is disconnected or the
+    /// queue is full. Releases it at once unless Prepares are being held.
+    fn push(&self, mut header: PeerHeader, body: &[u8]) -> bool {
+        if !self.connected.get() {
+            return false;
+        }
+        let mut bytes = self.bytes.borrow_mut();
+        if bytes.len() + PEER_HEADER_BYTES + body.len() > bytes.capacity() {
+            return false;
+        }
+        header.body_bytes = body.len() as u32;
+        bytes.extend_from_slice(bytemuck::bytes_of(&header));
+        bytes.extend_from_slice(body);
+        if !self.holding.get() {
+            self.released.set(bytes.len());
+        }
+        true
+    }
+
+    fn release(&self) {
+        self.holding.set(false);
+        let length = self.bytes.borrow().len();
+        if self.released.replace(length) != length {
+            self.doorbell.notify();
+        }
+    }
+
+    fn clear(&self) {
+        self.bytes.borrow_mut().clear();
+        self.released.set(0);
+    }
+}
+
+/// Replication state of one shard, shared by its tasks (borrows never cross an await).
+pub(crate) struct Replication {
+    pub(crate) settings: ReplicationSettings,
+    pub(crate) replica: RefCell<Replica>,
+    outboxes: Box<[Outbox]>,
+    /// Received Prepares for the batcher: `[PeerHeader][entry]` each. Two buffers of equal
+    /// capacity: receivers fill one while the batcher works through the other.
+    inbound: RefCell<Vec<u8>>,
+    inbound_spare: RefCell<Vec<u8>>,
+    /// The batcher's own action buffer (it awaits while holding it; receivers use `actions`).
+    batcher_actions: RefCell<Vec<Action>>,
+    /// Buffer one entry is read into when serving a repair.
+    repair_entry: RefCell<Vec<u8>>,
+    repairs: RefCell<VecDeque<(u8, u64, u64)>>,
+    actions: RefCell<Vec<Action>>,
+    /// When the stop flag was first seen (drain deadline).
+    stop_seen: Cell<Option<Instant>>,
+    /// Leader: the oldest unacknowledged credit leg at the last resend check.
+    legs_oldest: Cell<Option<u128>>,
+    legs_check_us: Cell<u64>,
+    pub(crate) identity: PeerIdentity,
+}
+
+impl Replication {
+    /// Builds the state for shard `shard` whose journal recovered up to `op` (`checksum`).
+    pub(crate) fn new(
+        settings: ReplicationSettings,
+        shard: usize,
+        cluster_id: u128,
+        op: u64,
+        checksum: u128,
+        seed: u64,
+        entry_bytes_max: usize,
+    ) -> Result<Self, percore_engine::replica::ReplicaConfigError> {
+        let config = percore_engine::replica::ReplicaConfig::new(
+            shard as u32,
+            settings.replica,
+            settings.replica_count(),
+            seed,
+        )?;
+        let replica = Replica::new(config, op, checksum, 0)?;
+        let outboxes = (0..settings.replica_count())
+            .map(|peer| {
+                let capacity = if peer == settings.replica {
+                    0
+                } else {
+                    settings.send_queue_bytes
+                };
+                Outbox::new(capacity)
+            })
+            .collect();
+        let identity = PeerIdentity {
+            cluster_id,
+            group: shard as u32,
+            replica: settings.replica,
+            replica_count: settings.replica_count(),
+        };
+        Ok(Self {
+            replica: RefCell::new(replica),
+            outboxes,
+            inbound: RefCell::new(Vec::with_capacity(INBOUND_QUEUE_BYTES_DEFAULT)),
+            inbound_spare: RefCell::new(Vec::with_capacity(INBOUND_QUEUE_BYTES_DEFAULT)),
+            batcher_actions: RefCell::new(Vec::with_capacity(ACTIONS_MAX)),
+            repair_entry: RefCell::new(Vec::with_capacity(entry_bytes_max)),
+            repairs: RefCell::new(VecDeque::with_capacity(REPAIRS_QUEUED_MAX)),
+            actions: RefCell::new(Vec::with_capacity(ACTIONS_MAX)),
+            stop_seen: Cell::new(None),
+            legs_oldest: Cell::new(None),
+            legs_check_us: Cell::new(0),
+            identity,
+            settings,
+        })
+    }
+
+    /// Whether this replica leads its group.
+    pub(crate) fn is_leader(&self) -> bool {
+        self.replica.borrow().is_leader()
+    }
+
+    fn header(&self, command: Command) -> PeerHeader {
+        let replica = self.replica.borrow();
+        PeerHeader::new(
+            command,
+            replica.config().group,
+            replica.view(),
+            replica.config().replica,
+            STATUS_NORMAL,
+        )
+    }
+}
+
+/// Why a cluster key could not be loaded or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterKeyError {
+    /// The file could not be read or written.
+    #[error("cluster key file {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The text is not 64 hex digits.
+    #[error("cluster key {origin}: expected 64 hex digits (256 bits)")]
+    Format {
+        /// Where it came from.
+        origin: String,
+    },
+    /// No file given and no environment variable set.
+    #[error("no cluster key: pass --cluster-key-file or set PERCORE_CLUSTER_KEY")]
+    Missing,
+}
+
+fn cluster_key_parse(text: &str, origin: &str) -> Result<ClusterKey, ClusterKeyError> {
+    let text = text.trim();
+    let format = || ClusterKeyError::Format {
+        origin: origin.to_string(),
+    };
+    if text.len() != 64 || !text.is_ascii() {
+        return Err(format());
+    }
+    let mut bytes = [0u8; 32];
+    for (index, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * index..2 * index + 2], 16).map_err(|_| format())?;
+    }
+    Ok(ClusterKey::new(bytes))
+}
+
+/// Reads a cluster key file (64 hex digits). Warns if others may read it.
+pub fn cluster_key_from_file(path: &std::path::Path) -> Result<ClusterKey, ClusterKeyError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |source| ClusterKeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "cluster key file is readable by others; use mode 0600");
+    }
+    cluster_key_parse(&text, &path.display().to_string())
+}
+
+/// Reads the cluster key from `PERCORE_CLUSTER_KEY` (64 hex digits).
+pub fn cluster_key_from_env() -> Result<ClusterKey, ClusterKeyError> {
+    let text = std::env::var("PERCORE_CLUSTER_KEY").map_err(|_| ClusterKeyError::Missing)?;
+    cluster_key_parse(&text, "PERCORE_CLUSTER_KEY")
+}
+
+/// Writes a fresh random key (from the OS) to `path`, mode 0600; refuses to overwrite.
+pub fn cluster_key_write(path: &std::path::Path) -> Result<(), ClusterKeyError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| ClusterKeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = [0u8; 32];
+    let random = peer::os_nonce().map_err(|error| io(std::io::Error::other(error.to_string())))?;
+    bytes.copy_from_slice(&random[..32]);
+    let text: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    writeln!(file, "{text}").map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+/// The ledger's table hash seed for a replicated cluster: every replica must build the
+/// same tables, and clients must not predict them, so it derives from the secret key.
+pub fn ledger_hash_seed(key: &ClusterKey) -> u64 {
+    percore_engine::message::derive_seed(key, "percore ledger hash seed v1")
+}
+
+/// Binds the peer listener of `shard`.
+pub(crate) fn bind(settings: &ReplicationSettings, shard: usize) -> std::io::Result<TcpListener> {
+    let address = settings.peer_address(settings.replica, shard);
+    TcpListener::bind(address).map_err(std::io::Error::from)
+}
+
+/// Spawns the peer listener, one sender per peer and the timer task. They end once the
+/// shard is `finished`.
+pub(crate) fn spawn_tasks<S>(shard: &Rc<Shard<S>>, listener: TcpListener) -> Vec<glommio::Task<()>>
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let mut tasks = vec![glommio::spawn_local(accept_loop(shard.clone(), listener))];
+    let me = replication.settings.replica;
+    for peer in 0..replication.settings.replica_count() {
+        if peer != me {
+            tasks.push(glommio::spawn_local(sender_loop(shard.clone(), peer)));
+        }
+    }
+    tasks.push(glommio::spawn_local(timer_loop(shard.clone())));
+    tasks
+}
+
+async fn until_finished<S: StateMachine>(shard: &Shard<S>) {
+    while !shard.finished.get() {
+        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+    }
+}
+
+/// Accepts peer connections; each gets its own receiver task.
+async fn accept_loop<S>(shard: Rc<Shard<S>>, listener: TcpListener)
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let receivers = Rc::new(Cell::new(0usize));
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            until_finished(&shard).await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            break;
+        };
+        let Ok(stream) = accepted else {
+            continue;
+        };
+        let shard = shard.clone();
+        let receivers = receivers.clone();
+        receivers.set(receivers.get() + 1);
+        glommio::spawn_local(async move {
+            receive_loop(&shard, stream).await;
+            receivers.set(receivers.get() - 1);
+        })
+        .detach();
+    }
+    // Receivers end within a poll interval of `finished`; they hold the shard.
+    while receivers.get() > 0 {
+        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+    }
+}
+
+async fn receive_loop<S>(shard: &Rc<Shard<S>>, stream: glommio::net::TcpStream)
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let body_bytes_max = ENTRY_HEADER_BYTES + shard.body_bytes_max();
+    let timeout = Duration::from_micros(HANDSHAKE_TIMEOUT_US);
+    let Ok(nonce) = peer::os_nonce() else {
+        tracing::error!(
+            shard = shard.index,
+            "cannot read /dev/urandom: peer refused"
+        );
+        return;
+    };
+    let handshake = peer::accept_handshake(
+        stream,
+        &replication.identity,
+        &replication.settings.cluster_key,
+        nonce,
+        timeout,
+        body_bytes_max,
+    );
+    let handshake = futures_lite::future::or(async { Some(handshake.await) }, async {
+        until_finished(shard).await;
+        None
+    })
+    .await;
+    let mut receiver = match handshake {
+        None => return,
+        Some(Ok(receiver)) => receiver,
+        Some(Err(error)) => {
+            ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
+            tracing::warn!(shard = shard.index, %error, "peer refused");
+            return;
+        }
+    };
+    let from = receiver.from();
+    tracing::info!(shard = shard.index, peer = from, "peer connected (inbound)");
+    loop {
+        let received = futures_lite::future::or(async { Some(receiver.recv().await) }, async {
+            until_finished(shard).await;
+            None
+        })
+        .await;
+        match received {
+            None => return,
+            Some(Ok((header, body))) => dispatch(shard, from, &header, body),
+            Some(Err(error)) => {
+                if !matches!(error, peer::PeerError::Closed) {
+                    ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
+                }
+                tracing::info!(shard = shard.index, peer = from, %error, "peer connection ended");
+                return;
+            }
+        }
+    }
+}
+
+/// Handles one authenticated message from `from`. Never awaits.
+fn dispatch<S>(shard: &Shard<S>, from: u8, header: &PeerHeader, body: &[u8])
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let now_us = shard.now_us();
+    let Ok(command) = header.command() else {
+        return;
+    };
+    let mut actions = replication.actions.borrow_mut();
+    actions.clear();
+    match command {
+        Command::Prepare | Command::PrepareRepair => {
+            let mut inbound = replication.inbound.borrow_mut();
+            if inbound.len() + PEER_HEADER_BYTES + body.len() <= inbound.capacity() {
+                inbound.extend_from_slice(bytemuck::bytes_of(header));
+                inbound.extend_from_slice(body);
+            } else {
+                ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
+            }
+            shard.batcher.notify();
+        }
+        Command::PrepareOk => {
+            ShardMetrics::add(&shard.metrics.replication_acks_received_total, 1);
+            replication.replica.borrow_mut().on_prepare_ok(
+                now_us,
+                from,
+                header.view,
+                header.field_u64(field::PREPARE_OK_OP),
+                header.field_u128(field::PREPARE_OK_CHECKSUM_U128),
+                header.field_u64(field::PREPARE_OK_COMMIT_MIN),
+            );
+            shard.batcher.notify();
+        }
+        Command::Commit => {
+            replication.replica.borrow_mut().on_commit(
+                now_us,
+                from,
+                header.view,
+                header.field_u64(field::COMMIT_COMMIT),
+                header.field_u64(field::COMMIT_OP_HEAD),
+                &mut actions,
+            );
+            shard.batcher.notify();
+        }
+        Command::Ping => replication.replica.borrow_mut().on_ping(
+            from,
+            header.field_u64(field::PING_TIME_US),
+            header.field_u64(field::PING_OP_DURABLE),
+            header.field_u64(field::PING_COMMIT_MIN),
+            &mut actions,
+        ),
+        Command::Pong => replication.replica.borrow_mut().on_pong(
+            now_us,
+            from,
+            header.field_u64(field::PING_TIME_US),
+            header.field_u64(field::PING_OP_DURABLE),
+            header.field_u64(field::PING_COMMIT_MIN),
+            &mut actions,
+        ),
+        Command::RequestPrepare => replication.replica.borrow_mut().on_request_prepare(
+            from,
+            header.field_u64(field::REQUEST_OP_MIN),
+            header.field_u64(field::REQUEST_OP_MAX),
+            &mut actions,
+        ),
+        Command::Forward => forward_received(shard, header, body),
+        _ => {
+            tracing::debug!(
+                shard = shard.index,
+                peer = from,
+                ?command,
+                "not handled yet"
+            );
+        }
+    }
+    execute(shard, &actions);
+}
+
+/// Submits credit legs another replica forwarded to this group's leader. Dropped when
+/// this replica does not lead or the core is full: the origin resends them.
+fn forward_received<S>(shard: &Shard<S>, header: &PeerHeader, body: &[u8])
+where
+    S: StateMachine,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let record_bytes = size_of::<S::Record>();
+    let count = header.field_u32(field::FORWARD_RECORD_COUNT_U32) as usize;
+    let operation_code = header.field_u16(field::FORWARD_OPERATION_U16);
+    if !replication.is_leader() || body.len() != count * record_bytes {
+        return;
+    }
+    // Internal operations only (a peer is authenticated, but stay strict about shapes).
+    let Ok(operation) = S::Operation::try_from(operation_code) else {
+        return;
+    };
+    let mut core = shard.core.borrow_mut();
+    for chunk in body.chunks_exact(record_bytes) {
+        let record: S::Record = bytemuck::pod_read_unaligned(chunk);
+        if core
+            .submit(operation, &record, crate::core::Origin::Internal)
+            .is_err()
+        {
+            break;
+        }
+        ShardMetrics::add(&shard.metrics.replication_forwards_received_total, 1);
+    }
+    drop(core);
+    shard.batcher.notify();
+}
+
+/// Sends a credit leg (or acknowledgement) for group `shard.index` to its leader on
+/// another replica. Dropped if the connection is down or full: the origin resends.
+pub(crate) fn forward_to_leader<S: StateMachine>(
+    shard: &Shard<S>,
+    operation: u16,
+    record: &S::Record,
+) {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let leader = replication.replica.borrow().leader();
+    let mut header = replication.header(Command::Forward);
+    header.set_field_u16(field::FORWARD_OPERATION_U16, operation);
+    header.set_field_u32(field::FORWARD_RECORD_COUNT_U32, 1);
+    header.set_field_u32(field::FORWARD_ORIGIN_GROUP_U32, shard.index as u32);
+    let body = bytemuck::bytes_of(record);
+    header.checksum_body = percore_engine::message::body_checksum(body);
+    let outbox = &replication.outboxes[usize::from(leader)];
+    if outbox.push(header, body) {
+        ShardMetrics::add(&shard.metrics.replication_forwards_sent_total, 1);
+        outbox.doorbell.notify();
+    } else {
+        ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
+    }
+}
+
+/// Carries out the core's actions: messages into outboxes, repairs into the queue.
+fn execute<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    for action in actions {
+        let (to, header) = match *action {
+            Action::PrepareOk {
+                to,
+                op,
+                checksum,
+                commit_min,
+            } => {
+                let mut header = replication.header(Command::PrepareOk);
+                header.set_field_u64(field::PREPARE_OK_OP, op);
+                header.set_field_u128(field::PREPARE_OK_CHECKSUM_U128, checksum);
+                header.set_field_u64(field::PREPARE_OK_COMMIT_MIN, commit_min);
+                (to, header)
+            }
+            Action::Commit {
+                to,
+                commit,
+                op_head,
+            } => {
+                let mut header = replication.header(Command::Commit);
+                header.set_field_u64(field::COMMIT_COMMIT, commit);
+                header.set_field_u64(field::COMMIT_OP_HEAD, op_head);
+                (to, header)
+            }
+            Action::Ping {
+                to,
+                time_us,
+                op_durable,
+                commit_min,
+            }
+            | Action::Pong {
+                to,
+                time_us,
+                op_durable,
+                commit_min,
+            } => {
+                let command = if matches!(action, Action::Ping { .. }) {
+                    Command::Ping
+                } else {
+                    Command::Pong
+                };
+                let mut header = replication.header(command);
+                header.set_field_u64(field::PING_TIME_US, time_us);
+                header.set_field_u64(field::PING_OP_DURABLE, op_durable);
+                header.set_field_u64(field::PING_COMMIT_MIN, commit_min);
+                (to, header)
+            }
+            Action::RequestPrepare { to, op_min, op_max } => {
+                ShardMetrics::add(&shard.metrics.replication_repairs_requested_total, 1);
+                let mut header = replication.header(Command::RequestPrepare);
+                header.set_field_u64(field::REQUEST_OP_MIN, op_min);
+                header.set_field_u64(field::REQUEST_OP_MAX, op_max);
+                (to, header)
+            }
+            Action::ServeRepair { to, op_min, op_max } => {
+                let mut repairs = replication.repairs.borrow_mut();
+                if repairs.len() < REPAIRS_QUEUED_MAX {
+                    repairs.push_back((to, op_min, op_max));
+                }
+                shard.batcher.notify();
+                continue;
+            }
+        };
+        let outbox = &replication.outboxes[usize::from(to)];
+        if outbox.push(header, &[]) {
+            outbox.doorbell.notify();
+        } else {
+            ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
+        }
+    }
+}
+
+/// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
+async fn sender_loop<S>(shard: Rc<Shard<S>>, peer: u8)
+where
+    S: StateMachine + 'static,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let address = replication.settings.peer_address(peer, shard.index);
+    let outbox = &replication.outboxes[usize::from(peer)];
+    let mut backoff_us = RECONNECT_BACKOFF_US_MIN;
+    let mut spare: Vec<u8> = Vec::with_capacity(replication.settings.send_queue_bytes);
+    while !shard.finished.get() {
+        let dialed = match peer::os_nonce() {
+            Ok(nonce) => {
+                peer::dial(
+                    address,
+                    &replication.identity,
+                    peer,
+                    &replication.settings.cluster_key,
+                    nonce,
+                    Duration::from_micros(HANDSHAKE_TIMEOUT_US),
+                    replication.settings.send_queue_bytes,
+                )
+                .await
+            }
+            Err(error) => Err(error),
+        };
+        let mut sender = match dialed {
+            Ok(sender) => sender,
+            Err(error) => {
+                tracing::debug!(shard = shard.index, peer, %error, "dial failed");
+                // Jitter from the clock's low bits: spreads reconnects of many shards.
+                let jitter = shard.now_us() % (backoff_us / 2 + 1);
+                glommio::timer::sleep(Duration::from_micros(backoff_us / 2 + jitter)).await;
+                backoff_us = (backoff_us * 2).min(RECONNECT_BACKOFF_US_MAX);
+                continue;
+            }
+        };
+        backoff_us = RECONNECT_BACKOFF_US_MIN;
+        ShardMetrics::add(&shard.metrics.peer_connections_total, 1);
+        tracing::info!(shard = shard.index, peer, %address, "peer connected (outbound)");
+        outbox.connected.set(true);
+        replication.replica.borrow_mut().on_connection(peer, true);
+        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 1);
+        let ended = write_outbox(&shard, outbox, &mut sender, &mut spare).await;
+        outbox.connected.set(false);
+        outbox.clear();
+        replication.replica.borrow_mut().on_connection(peer, false);
+        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 0);
+        if let Err(error) = ended {
+            tracing::info!(shard = shard.index, peer, %error, "peer connection lost");
+        }
+    }
+}
+
+/// Moves released messages from the outbox into the connection and writes them.
+async fn write_outbox<S: StateMachine>(
+    shard: &Shard<S>,
+    outbox: &Outbox,
+    sender: &mut peer::PeerSender,
+    spare: &mut Vec<u8>,
+) -> Result<(), peer::PeerError> {
+    loop {
+        if shard.finished.get() {
+            return Ok(());
+        }
+        {
+            let mut bytes = outbox.bytes.borrow_mut();
+            let released = outbox.released.get();
+            spare.clear();
+            spare.extend_from_slice(&bytes[..released]);
+            bytes.drain(..released);
+            outbox
+                .released
+                .set(if outbox.holding.get() { 0 } else { bytes.len() });
+        }
+        let mut offset = 0;
+        while offset < spare.len() {
+            let header: PeerHeader =
+                bytemuck::pod_read_unaligned(&spare[offset..offset + PEER_HEADER_BYTES]);
+            let body_end = offset + PEER_HEADER_BYTES + header.body_bytes as usize;
+            let body = &spare[offset + PEER_HEADER_BYTES..body_end];
+            if sender.push(header, &[body]).is_err() {
+                sender.flush().await?;
+                sender
+                    .push(header, &[body])
+                    .expect("an empty send buffer holds one message");
+            }
+            ShardMetrics::add(
+                &shard.metrics.replication_bytes_sent_total,
+                (body_end - offset) as u64,
+            );
+            offset = body_end;
+        }
+        if !spare.is_empty() {
+            sender.flush().await?;
+            continue;
+        }
+        futures_lite::future::or(
+            outbox.doorbell.wait(),
+            glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
+        )
+        .await;
+    }
+}
+
+/// Heartbeats, pings, repair timeouts and credit-leg resends, on the core's deadlines.
+async fn timer_loop<S>(shard: Rc<Shard<S>>)
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    while !shard.finished.get() {
+        let now_us = shard.now_us();
+        {
+            let mut actions = replication.actions.borrow_mut();
+            actions.clear();
+            replication.replica.borrow_mut().tick(now_us, &mut actions);
+            execute(&shard, &actions);
+        }
+        publish(&shard);
+        resend_credit_legs(&shard, now_us);
+        let deadline = replication.replica.borrow().poll_timeout();
+        let wait_us = deadline
+            .saturating_sub(shard.now_us())
+            .clamp(1_000, STOP_POLL_MS * 1_000);
+        glommio::timer::sleep(Duration::from_micros(wait_us)).await;
+    }
+}
+
+/// Leader: sends unacknowledged credit legs again when the oldest one did not change over
+/// a whole interval (lost in a full queue, a dropped connection or a restart).
+fn resend_credit_legs<S>(shard: &Shard<S>, now_us: u64)
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    if now_us < replication.legs_check_us.get() + CREDIT_LEG_RESEND_INTERVAL_US {
+        return;
+    }
+    replication.legs_check_us.set(now_us);
+    let ready = {
+        let replica = replication.replica.borrow();
+        replica.is_leader() && replica.commit_min() >= replica.op_head()
+    };
+    if !ready {
+        replication.legs_oldest.set(None);
+        return;
+    }
+    let core = shard.core.borrow();
+    let mut oldest = None;
+    core.state_machine().unconfirmed_outbound(&mut |outbound| {
+        if oldest.is_none() {
+            oldest = Some(percore_engine::journal::journal_checksum(
+                bytemuck::bytes_of(&outbound.record),
+            ));
+        }
+    });
+    let stalled = oldest.is_some() && oldest == replication.legs_oldest.get();
+    replication.legs_oldest.set(oldest);
+    if !stalled {
+        return;
+    }
+    let mut mesh = shard.mesh.borrow_mut();
+    let mut resent = 0;
+    core.state_machine().unconfirmed_outbound(&mut |outbound| {
+        if resent < CREDIT_LEGS_RESEND_MAX {
+            let message = MeshMessage::Outbound {
+                operation: outbound.operation.into(),
+                record: outbound.record,
+            };
+            mesh.send_or_queue(outbound.shard as usize, message);
+            resent += 1;
+        }
+    });
+    mesh.ring_doorbells();
+    ShardMetrics::add(&shard.metrics.replication_legs_resent_total, resent as u64);
+    tracing::debug!(shard = shard.index, resent, "credit legs resent");
+}
+
+/// Publishes replication gauges and per-peer estimates.
+fn publish<S: StateMachine>(shard: &Shard<S>) {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let replica = replication.replica.borrow();
+    let metrics = &shard.metrics;
+    ShardMetrics::set(&metrics.replica_is_leader, u64::from(replica.is_leader()));
+    ShardMetrics::set(&metrics.replication_op_head, replica.op_head());
+    ShardMetrics::set(&metrics.replication_op_durable, replica.op_durable());
+    ShardMetrics::set(&metrics.replication_commit_max, replica.commit_max());
+    ShardMetrics::set(
+        &metrics.replication_in_flight_ops,
+        replica.op_head().saturating_sub(replica.commit_max()),
+    );
+    let counters = replica.counters();
+    ShardMetrics::set(
+        &metrics.replication_repairs_timed_out_total,
+        counters.repairs_timed_out,
+    );
+    for peer in replica.others() {
+        let state = replica.peer(peer);
+        let gauges = &metrics.peers[usize::from(peer)];
+        ShardMetrics::set(&gauges.op_durable, state.op_durable);
+        ShardMetrics::set(
+            &gauges.lag_ops,
+            replica.op_durable().saturating_sub(state.op_durable),
+        );
+        ShardMetrics::set(&gauges.srtt_us, state.latency.srtt_us);
+        ShardMetrics::set(&gauges.score_us, state.latency.score_us());
+    }
+}
+
+/// One batcher turn of a replicated shard. Returns whether anything happened.
+pub(crate) async fn replicated_turn<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let mut progressed = shard.mesh.borrow_mut().flush_queued();
+    if replication.is_leader() {
+        progressed |= leader_prepare(shard, journal).await;
+    } else {
+        progressed |= follower_append(shard, journal).await;
+    }
+    progressed |= serve_repairs(shard, journal).await;
+    progressed |= apply_committed(shard);
+    shard.mesh.borrow_mut().ring_doorbells();
+    progressed
+}
+
+/// Largest number of batches sealed and journaled together in one turn.
+const GROUP_COMMIT_BATCHES_MAX: usize = 64;
+
+/// Leader: seal, stage, hold the Prepares, commit, release them.
+async fn leader_prepare<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let record_bytes = size_of::<S::Record>();
+    let entry_padded_max = entry_bytes_padded(shard.body_bytes_max());
+    let now_us = shard.now_us();
+    shard.core.borrow_mut().observe_depth();
+    for outbox in replication.outboxes.iter() {
+        outbox.holding.set(true);
+    }
+    let mut sealed = 0;
+    while sealed < GROUP_COMMIT_BATCHES_MAX
+        && replication.replica.borrow().can_seal()
+        && journal.staged_bytes() + entry_padded_max <= journal.write_buffer_bytes()
+    {
+        let Some(batch) = shard.core.borrow_mut().poll_seal(now_us) else {
+            break;
+        };
+        sealed += 1;
+        let core = shard.core.borrow();
+        let (op, operation, body) = core.sealed_batch(core.sealed_count() - 1).expect("sealed");
+        debug_assert_eq!(op, batch.op);
+        let view = replication.replica.borrow().view();
+        let meta = EntryMeta {
+            shard: shard.index as u32,
+            view,
+            op,
+            operation,
+            entry_count: (body.len() / record_bytes) as u32,
+            record_bytes: record_bytes as u32,
+        };
+        if let Err(error) = journal.stage(meta, body) {
+            panic!("shard {}: journal refused a batch: {error}", shard.index);
+        }
+        drop(core);
+        let checksum = journal.checksum_staged();
+        let mut replica = replication.replica.borrow_mut();
+        replica.on_staged(now_us, op, checksum);
+        let commit = replica.commit_max();
+        let entry = journal.staged_entry(op).expect("just staged");
+        for peer in replica.others() {
+            let mut header = replication.header_for(&replica, Command::Prepare);
+            header.set_field_u64(field::PREPARE_OP, op);
+            header.set_field_u64(field::PREPARE_COMMIT, commit);
+            header.checksum_body = checksum;
+            if replication.outboxes[usize::from(peer)].push(header, entry) {
+                replica.note_sent(peer, now_us);
+                ShardMetrics::add(&shard.metrics.replication_prepares_sent_total, 1);
+            } else {
+                ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
+            }
+        }
+    }
+    if sealed == 0 {
+        for outbox in replication.outboxes.iter() {
+            outbox.release();
+        }
+        return false;
+    }
+    journal_commit(shard, journal).await;
+    let mut actions = replication.actions.borrow_mut();
+    actions.clear();
+    replication
+        .replica
+        .borrow_mut()
+        .on_durable(shard.now_us(), journal.op_durable(), &mut actions);
+    for outbox in replication.outboxes.iter() {
+        outbox.release();
+    }
+    execute(shard, &actions);
+    true
+}
+
+impl Replication {
+    fn header_for(&self, replica: &Replica, command: Command) -> PeerHeader {
+        PeerHeader::new(
+            command,
+            replica.config().group,
+            replica.view(),
+            replica.config().replica,
+            STATUS_NORMAL,
+        )
+    }
+}
+
+/// Follower: stage what arrived in order, commit, acknowledge.
+async fn follower_append<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    if replication.inbound.borrow().is_empty() {
+        return false;
+    }
+    let mut inbound = replication.inbound_spare.take();
+    std::mem::swap(&mut *replication.inbound.borrow_mut(), &mut inbound);
+    let now_us = shard.now_us();
+    let mut actions = replication.batcher_actions.take();
+    actions.clear();
+    let mut staged = 0;
+    let mut offset = 0;
+    while offset < inbound.len() {
+        let header: PeerHeader =
+            bytemuck::pod_read_unaligned(&inbound[offset..offset + PEER_HEADER_BYTES]);
+        let end = offset + PEER_HEADER_BYTES + header.body_bytes as usize;
+        let entry = &inbound[offset + PEER_HEADER_BYTES..end];
+        offset = end;
+        let repair = header.command == Command::PrepareRepair as u16;
+        let disposition = replication.replica.borrow_mut().on_prepare(
+            now_us,
+            header.replica,
+            header.view,
+            header.field_u64(field::PREPARE_OP),
+            header.field_u64(field::PREPARE_COMMIT),
+            repair,
+            &mut actions,
+        );
+        if disposition != PrepareDisposition::Append {
+            if disposition == PrepareDisposition::Gap {
+                ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
+            }
+            continue;
+        }
+        if journal.staged_bytes() + entry_bytes_padded(entry.len() - ENTRY_HEADER_BYTES)
+            > journal.write_buffer_bytes()
+        {
+            journal_commit(shard, journal).await;
+            replication.replica.borrow_mut().on_durable(
+                shard.now_us(),
+                journal.op_durable(),
+                &mut actions,
+            );
+        }
+        let entry_header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
+        let body = &entry[ENTRY_HEADER_BYTES..];
+        if !shard.core.borrow().has_batch_room() {
+            ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
+            continue;
+        }
+        match journal.stage_encoded(entry) {
+            Ok(checksum) => {
+                let op = entry_header.op;
+                replication
+                    .replica
+                    .borrow_mut()
+                    .on_staged(now_us, op, checksum);
+                let queued =
+                    shard
+                        .core
+                        .borrow_mut()
+                        .enqueue_replicated(op, entry_header.operation, body);
+                assert!(queued, "batch room was checked");
+                staged += 1;
+            }
+            Err(error) => {
+                ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
+                tracing::warn!(shard = shard.index, %error, "prepare refused by the journal");
+            }
+        }
+    }
+    inbound.clear();
+    *replication.inbound_spare.borrow_mut() = inbound;
+    if staged > 0 {
+        journal_commit(shard, journal).await;
+        replication.replica.borrow_mut().on_durable(
+            shard.now_us(),
+            journal.op_durable(),
+            &mut actions,
+        );
+    }
+    execute(shard, &actions);
+    *replication.batcher_actions.borrow_mut() = actions;
+    true
+}
+
+/// Serves queued repair requests from the journal, oldest op first.
+async fn serve_repairs<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let mut served = false;
+    let mut entry = replication.repair_entry.take();
+    loop {
+        let Some((to, op_min, op_max)) = replication.repairs.borrow_mut().pop_front() else {
+            *replication.repair_entry.borrow_mut() = entry;
+            return served;
+        };
+        served = true;
+        ShardMetrics::add(&shard.metrics.replication_repairs_served_total, 1);
+        for op in op_min..=op_max.min(journal.op_durable()) {
+            if let Err(error) = journal.read_entry(op, &mut entry).await {
+                tracing::warn!(shard = shard.index, op, %error, "cannot serve repair");
+                break;
+            }
+            let entry_header: EntryHeader =
+                bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
+            let mut header = replication.header(Command::PrepareRepair);
+            header.set_field_u64(field::PREPARE_OP, op);
+            header.set_field_u64(
+                field::PREPARE_COMMIT,
+                replication.replica.borrow().commit_max(),
+            );
+            header.checksum_body = entry_header.checksum_header;
+            let outbox = &replication.outboxes[usize::from(to)];
+            if !outbox.push(header, &entry) {
+                ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
+                break;
+            }
+            ShardMetrics::add(&shard.metrics.replication_retransmits_total, 1);
+            outbox.doorbell.notify();
+        }
+    }
+}
+
+/// Applies every committed op held here and answers (leader) or drops (follower) what it
+/// produces.
+fn apply_committed<S>(shard: &Shard<S>) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let now_us = shard.now_us();
+    let mut applied = false;
+    loop {
+        let (limit, leader) = {
+            let replica = replication.replica.borrow();
+            (replica.apply_limit(), replica.is_leader())
+        };
+        let mut core = shard.core.borrow_mut();
+        if core.op_last() >= limit || core.sealed_count() == 0 {
+            break;
+        }
+        let op = core
+            .apply_next(|origin, result| crate::runtime::complete(shard, origin, result))
+            .expect("sealed_count > 0");
+        let mut replica = replication.replica.borrow_mut();
+        replica.on_applied(op);
+        if leader && let Some(staged_us) = replica.staged_us(op) {
+            shard
+                .metrics
+                .commit_latency
+                .record(now_us.saturating_sub(staged_us), 1);
+        }
+        drop(replica);
+        while let Some(outbound) = core.poll_outbound() {
+            if !leader {
+                // Every replica produces the legs; only the leader sends them.
+                continue;
+            }
+            let message = MeshMessage::Outbound {
+                operation: outbound.operation.into(),
+                record: outbound.record,
+            };
+            shard
+                .mesh
+                .borrow_mut()
+                .send_or_queue(outbound.shard as usize, message);
+            ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
+        }
+        applied = true;
+    }
+    if applied {
+        shard.core.borrow().publish_pool_metrics();
+        publish(shard);
+    }
+    applied
+}
+
+/// Writes what is staged: one write and one `fdatasync` (per policy). A journal that
+/// cannot write stops the process: it must not acknowledge what it did not make durable.
+async fn journal_commit<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) {
+    let started = Instant::now();
+    if let Err(error) = journal.commit().await {
+        panic!(
+            "shard {}: journal write failed, stopping: {error}",
+            shard.index
+        );
+    }
+    shard
+        .metrics
+        .journal_commit_latency
+        .record(started.elapsed().as_micros() as u64, 1);
+    ShardMetrics::add(&shard.metrics.journal_commits_total, 1);
+}
+
+/// Whether a stopping replicated shard may end: idle, or its drain deadline passed.
+pub(crate) fn drain_expired<S: StateMachine>(shard: &Shard<S>) -> bool {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let seen = replication.stop_seen.get().unwrap_or_else(|| {
+        let now = Instant::now();
+        replication.stop_seen.set(Some(now));
+        now
+    });
+    seen.elapsed() > Duration::from_millis(DRAIN_TIMEOUT_MS)
+}
