@@ -736,7 +736,7 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_that_exits_at_start_is_a_typed_error_with_its_log() {
+    fn a_replica_that_exits_at_start_is_a_typed_error() {
         let data_root =
             std::env::temp_dir().join(format!("percore-cluster-unit-{}", std::process::id()));
         let config = LocalClusterConfig {

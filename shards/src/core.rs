@@ -368,8 +368,12 @@ impl<S: StateMachine> ShardCore<S> {
             self.open = Some((batch, now_us));
         }
         let (batch, oldest_us) = self.open?;
-        let target = self.controller.entries_target();
-        let operation_changed = self.take_from_ring(batch, target);
+        // Everything already waiting joins this batch, up to the cap: the target only
+        // decides whether to seal or linger. Cutting what is there into target-sized pieces
+        // would cost one op (and one Prepare per follower) each and gain no latency, since a
+        // turn's batches are made durable by the same group commit.
+        let cap = self.controller.entries_cap();
+        let operation_changed = self.take_from_ring(batch, cap);
         let buffer = self.batches.get(batch);
         let entries = buffer.len;
         let next_bytes = (entries + 1) * TX_SLOT_BYTES;

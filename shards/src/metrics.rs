@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (µs) of the latency histogram buckets; the last bucket is +Inf.
-pub const LATENCY_BUCKETS_US: [u64; 16] = [
-    10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000,
-    500_000, 1_000_000,
+pub const LATENCY_BUCKETS_US: [u64; 22] = [
+    10, 20, 50, 100, 200, 300, 500, 700, 1_000, 1_500, 2_000, 3_000, 5_000, 7_000, 10_000, 20_000,
+    50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000,
 ];
 
 /// A fixed-bucket latency histogram (µs) written by one shard, read by the scraper.

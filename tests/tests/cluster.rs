@@ -1,0 +1,651 @@
+//! End to end: a cluster of three `percore node` processes on loopback, two shards each
+//! (two replication groups, led by replicas 0 and 1; replica 2 follows both). The tests
+//! drive transfers through the group leaders, then check the replicas' journals offline
+//! (`percore inspect --replay`), kill and restart a follower under load, and knock on peer
+//! ports with a wrong key and with garbage.
+//!
+//! Each test waits on conditions with deadlines, never on sleeps. The tests run one at a
+//! time (nine node processes on a small CI box are plenty); every process is killed when its
+//! test ends, pass or fail, and a failing test prints the nodes' log tails.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use percore_engine::frame::Operation;
+use percore_engine::record::{CreateTransferResult, RecordResult, Transfer};
+use percore_net::client::{Client, ClientConfig, ClientError};
+use percore_shards::cluster::{self, LocalCluster, LocalClusterConfig};
+use percore_shards::loadgen::{create_funded_accounts, route_transfer, transfer};
+
+/// The `percore` binary, built from this package (see Cargo.toml).
+const PERCORE: &str = env!("CARGO_BIN_EXE_percore-node");
+const SHARDS: usize = 2;
+const REPLICAS: usize = 3;
+/// Accounts per shard, besides its mint.
+const ACCOUNTS_PER_SHARD: usize = 8;
+const FUNDING: u128 = 1 << 40;
+/// Transfers per request.
+const TRANSFERS_PER_REQUEST: usize = 100;
+/// Node sizes small enough for three nodes per test on a CI box.
+const NODE_ARGS: [&str; 16] = [
+    "--segment-mib",
+    "4",
+    "--accounts-max",
+    "1024",
+    "--transfers-max",
+    "65536",
+    "--credit-legs-max",
+    "4096",
+    "--io-memory-kib",
+    "512",
+    "--transactions",
+    "4096",
+    "--batches",
+    "64",
+    "--connections-max",
+    "16",
+];
+/// The same ledger sizes for `inspect --replay`.
+const INSPECT_ARGS: [&str; 6] = [
+    "--accounts-max",
+    "1024",
+    "--transfers-max",
+    "65536",
+    "--credit-legs-max",
+    "4096",
+];
+/// How long a condition in these tests may take.
+const CONDITION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One cluster test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A running cluster in its own directory. Dropping it kills every process; after a
+/// failure it prints each node's log tail and keeps the directory.
+struct Harness {
+    cluster: LocalCluster,
+    root: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+fn cores() -> Vec<usize> {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (0..SHARDS).map(|shard| shard % online).collect()
+}
+
+impl Harness {
+    /// Starts three replicas; `port_slots` replica slots of ports are reserved (one more
+    /// than the replicas leaves room for an extra process).
+    fn start(name: &str, port_slots: usize) -> Self {
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let root =
+            std::env::temp_dir().join(format!("percore-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let port_base = cluster::free_port_base(port_slots, SHARDS).expect("free ports");
+        let config = LocalClusterConfig {
+            binary: PathBuf::from(PERCORE),
+            replicas: REPLICAS,
+            cores: cores(),
+            data_root: root.clone(),
+            port_base,
+            fsync: "always",
+            extra_args: NODE_ARGS.iter().map(ToString::to_string).collect(),
+            metrics: true,
+        };
+        let cluster = LocalCluster::start(config).expect("cluster starts");
+        Self {
+            cluster,
+            root,
+            _serial: serial,
+        }
+    }
+
+    fn client(&self, client_id: u128) -> Client {
+        let mut client = Client::new(ClientConfig::new(
+            self.cluster.leader_addresses(),
+            client_id,
+        ));
+        client
+            .ping_all(Instant::now() + Duration::from_secs(10))
+            .expect("leaders answer pings");
+        client
+    }
+
+    /// A per-shard metric of `replica`.
+    fn metric(&self, replica: usize, name: &str, shard: usize) -> u64 {
+        let text = self.cluster.scrape(replica).expect("metrics scrape");
+        cluster::shard_metric(&text, name, shard)
+    }
+
+    /// A per-shard counter of `replica`, summed over its shards.
+    fn metric_sum(&self, replica: usize, name: &str) -> u64 {
+        let text = self.cluster.scrape(replica).expect("metrics scrape");
+        cluster::metric_sum(&text, name, SHARDS)
+    }
+
+    /// What the leader of each group has committed.
+    fn leader_commits(&self) -> Vec<u64> {
+        (0..SHARDS)
+            .map(|shard| {
+                self.metric(
+                    self.cluster.leader_of(shard),
+                    "percore_replication_commit_max",
+                    shard,
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until every group is quiet with every replica holding (durable) and knowing
+    /// committed everything its leader committed, the same on two scrapes in a row.
+    /// Returns each group's commit number.
+    fn wait_converged(&self) -> Vec<u64> {
+        let mut previous = Vec::new();
+        wait_until("every replica has every committed op", || {
+            let heads: Vec<(u64, u64)> = (0..REPLICAS)
+                .flat_map(|replica| {
+                    (0..SHARDS).map(move |shard| {
+                        (
+                            self.metric(replica, "percore_replication_op_durable", shard),
+                            self.metric(replica, "percore_replication_commit_max", shard),
+                        )
+                    })
+                })
+                .collect();
+            let converged = (0..SHARDS).all(|shard| {
+                let leader = heads[self.cluster.leader_of(shard) * SHARDS + shard].1;
+                (0..REPLICAS).all(|replica| heads[replica * SHARDS + shard] == (leader, leader))
+            });
+            let stable = heads == previous;
+            previous = heads;
+            (converged && stable).then(|| (0..SHARDS).map(|shard| previous[shard].1).collect())
+        })
+    }
+
+    /// Stops every replica with SIGTERM; each must drain and exit cleanly.
+    fn stop_all(&mut self) {
+        for (replica, stopped) in self.cluster.stop_all().into_iter().enumerate() {
+            let status = stopped.unwrap_or_else(|error| panic!("replica {replica}: {error}"));
+            assert!(
+                status.success(),
+                "replica {replica} exited with {status}:\n{}",
+                self.cluster.log_tail(replica)
+            );
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for replica in 0..REPLICAS {
+            self.cluster.kill(replica);
+        }
+        if std::thread::panicking() {
+            for replica in 0..REPLICAS {
+                eprintln!(
+                    "--- replica {replica} log ({}):\n{}",
+                    self.cluster.log_path(replica).display(),
+                    cluster::file_tail(&self.cluster.log_path(replica), 40)
+                );
+            }
+            eprintln!("--- data kept in {}", self.root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Polls `probe` until it returns a value, at most [`CONDITION_TIMEOUT`].
+fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A deterministic xorshift stream.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `count` transfers between non-mint accounts, a quarter of them across shards, amounts
+/// 1..=5, ids from `next_id` upwards.
+fn random_transfers(
+    rng: &mut Rng,
+    accounts: &[Vec<u128>],
+    next_id: &mut u128,
+    count: usize,
+) -> Vec<Transfer> {
+    (0..count)
+        .map(|_| {
+            let r = rng.next();
+            let debit_shard = (r % SHARDS as u64) as usize;
+            let cross = (r >> 8).is_multiple_of(4);
+            let credit_shard = if cross {
+                (debit_shard + 1) % SHARDS
+            } else {
+                debit_shard
+            };
+            let debit = accounts[debit_shard][1 + (r >> 16) as usize % ACCOUNTS_PER_SHARD];
+            let mut credit = accounts[credit_shard][1 + (r >> 24) as usize % ACCOUNTS_PER_SHARD];
+            if credit == debit {
+                credit = accounts[credit_shard][1 + ((r >> 24) as usize + 1) % ACCOUNTS_PER_SHARD];
+            }
+            *next_id += 1;
+            transfer(*next_id, debit, credit, 1 + u128::from((r >> 32) % 5))
+        })
+        .collect()
+}
+
+fn submit(client: &mut Client, transfers: &[Transfer]) -> Result<Vec<RecordResult>, ClientError> {
+    client.submit(
+        Operation::CreateTransfers.into(),
+        transfers,
+        |t: &Transfer| route_transfer(t, SHARDS),
+    )
+}
+
+/// Client load in a thread until stopped: requests of transfers, each of which must be
+/// applied. Returns how many were acknowledged.
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<u64, ClientError>>,
+}
+
+impl Background {
+    fn start(harness: &Harness, accounts: &[Vec<u128>], client_id: u128) -> Self {
+        let mut client = harness.client(client_id);
+        let accounts = accounts.to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut rng = Rng(client_id as u64 | 1);
+            let mut next_id = client_id << 64;
+            let mut acknowledged = 0;
+            while !stopping.load(Ordering::Relaxed) {
+                let transfers =
+                    random_transfers(&mut rng, &accounts, &mut next_id, TRANSFERS_PER_REQUEST);
+                let results = submit(&mut client, &transfers)?;
+                for (t, r) in transfers.iter().zip(&results) {
+                    assert_eq!(r.code, CreateTransferResult::Ok as u32, "transfer {t:?}");
+                }
+                acknowledged += transfers.len() as u64;
+            }
+            Ok(acknowledged)
+        });
+        Self { stop, thread }
+    }
+
+    fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("load thread")
+            .expect("every request answered")
+    }
+}
+
+/// Waits until every group's leader committed at least `more` ops past `from`, while the
+/// load keeps running.
+fn wait_commits_past(harness: &Harness, load: &Background, from: &[u64], more: u64) {
+    wait_until("the leaders commit more ops", || {
+        assert!(load.is_running(), "the client load stopped early");
+        let commits = harness.leader_commits();
+        commits
+            .iter()
+            .zip(from)
+            .all(|(now, then)| *now >= then + more)
+            .then_some(())
+    });
+}
+
+/// What `percore inspect --replay` found in one replica's data directory.
+#[derive(Debug)]
+struct Inspected {
+    /// Per shard: the last op in its journal and that entry's checksum (the hash chain
+    /// head).
+    heads: Vec<(u64, String)>,
+    /// Every account's balance, and the in-flight and conservation sums, as printed.
+    state: Vec<String>,
+    balances: HashMap<u128, i128>,
+}
+
+fn inspect(data_dir: &Path) -> Inspected {
+    let output = Command::new(PERCORE)
+        .arg("inspect")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--replay")
+        .args(INSPECT_ARGS)
+        .output()
+        .expect("percore inspect runs");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "inspect {} found a problem:\n{text}\n{}",
+        data_dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut heads = Vec::new();
+    let mut state = Vec::new();
+    let mut balances = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with("shard ") {
+            heads.push((0, String::new()));
+        } else if let Some(segment) = line.trim_start().strip_prefix("segment ")
+            && segment.contains(" entries, ")
+        {
+            // "segment 0: 12 entries, ops 1..=12, 4096 bytes used, last checksum 0123..."
+            let entries: u64 = field_after(segment, ": ").parse().expect("entries");
+            if entries > 0 {
+                let ops = field_after(segment, "ops ");
+                let op_last = ops.rsplit("..=").next().unwrap().trim_end_matches(',');
+                let checksum = segment.rsplit(' ').next().unwrap().to_string();
+                *heads.last_mut().expect("a shard line first") =
+                    (op_last.parse().expect("op"), checksum);
+            }
+        } else if let Some(balance) = line.strip_prefix("balance ") {
+            let (id, value) = balance.split_once(' ').expect("id and balance");
+            let id = u128::from_str_radix(id.trim_start_matches("0x"), 16).expect("hex id");
+            balances.insert(id, value.parse().expect("balance"));
+            state.push(line.to_string());
+        } else if line.starts_with("in_flight ") || line.starts_with("conservation ") {
+            state.push(line.to_string());
+        }
+    }
+    assert_eq!(heads.len(), SHARDS, "{text}");
+    Inspected {
+        heads,
+        state,
+        balances,
+    }
+}
+
+/// The word after `marker` in `text`.
+fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
+    let (_, rest) = text.split_once(marker).expect("marker present");
+    rest.split(' ').next().unwrap()
+}
+
+#[test]
+fn three_replicas_agree_after_load() {
+    let mut harness = Harness::start("agree", REPLICAS);
+    let mut client = harness.client(1);
+    let accounts = create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded through the leaders");
+    let mut expected: HashMap<u128, i128> = HashMap::new();
+    for ids in &accounts {
+        expected.insert(ids[0], -((ACCOUNTS_PER_SHARD as u128 * FUNDING) as i128));
+        for id in &ids[1..] {
+            expected.insert(*id, FUNDING as i128);
+        }
+    }
+    let mut rng = Rng(0x5EED);
+    let mut next_id = 1u128 << 100;
+    let mut acknowledged = Vec::new();
+    for _ in 0..40 {
+        let transfers = random_transfers(&mut rng, &accounts, &mut next_id, TRANSFERS_PER_REQUEST);
+        let results = submit(&mut client, &transfers).expect("leaders answer");
+        for (t, r) in transfers.iter().zip(&results) {
+            assert_eq!(r.code, CreateTransferResult::Ok as u32, "transfer {t:?}");
+            *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+            *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+            acknowledged.push(t.id);
+        }
+    }
+    let committed = harness.wait_converged();
+    // Every client record the leaders acknowledged was applied once: accounts, funding and
+    // the transfers above (their credit legs count as internal records, not here).
+    let applied: u64 = (0..SHARDS)
+        .map(|shard| {
+            harness.metric(
+                harness.cluster.leader_of(shard),
+                "percore_tx_applied_total",
+                shard,
+            )
+        })
+        .sum();
+    let setup_records = SHARDS * (2 * ACCOUNTS_PER_SHARD + 1);
+    assert_eq!(applied, (setup_records + acknowledged.len()) as u64);
+    harness.stop_all();
+
+    let inspected = assert_replicas_agree(&harness, &committed);
+    for (replica, found) in inspected.iter().enumerate() {
+        // Every acknowledged transfer, applied exactly once, and nothing else.
+        assert_eq!(found.balances, expected, "replica {replica}: balances");
+    }
+    eprintln!(
+        "committed {committed:?}; {} transfers acknowledged; journal heads {:?}",
+        acknowledged.len(),
+        inspected[0].heads
+    );
+}
+
+/// Inspects every (stopped) replica's journal: each holds every op its group committed,
+/// ends on the same op with the same checksum as its leader (the hash chain head), and
+/// replays to the same balances, with money conserved and no credit leg in flight.
+fn assert_replicas_agree(harness: &Harness, committed: &[u64]) -> Vec<Inspected> {
+    let inspected: Vec<Inspected> = (0..REPLICAS)
+        .map(|replica| inspect(&harness.cluster.data_dir(replica)))
+        .collect();
+    for shard in 0..SHARDS {
+        let leader = &inspected[harness.cluster.leader_of(shard)].heads[shard];
+        for (replica, found) in inspected.iter().enumerate() {
+            let (op_last, checksum) = &found.heads[shard];
+            assert!(
+                *op_last >= committed[shard],
+                "replica {replica} shard {shard}: journal ends at op {op_last}, the group committed {}",
+                committed[shard]
+            );
+            assert_eq!(
+                (op_last, checksum),
+                (&leader.0, &leader.1),
+                "replica {replica} shard {shard}: hash chain head differs from the leader's"
+            );
+        }
+    }
+    for (replica, found) in inspected.iter().enumerate() {
+        assert_eq!(
+            found.state, inspected[0].state,
+            "replica {replica} replays to a different state than replica 0"
+        );
+        assert!(
+            found.state.contains(&"in_flight 0".to_string())
+                && found.state.contains(&"conservation 0".to_string()),
+            "replica {replica}: {:?}",
+            &found.state[found.state.len().saturating_sub(2)..]
+        );
+    }
+    inspected
+}
+
+#[test]
+fn follower_killed_catches_up() {
+    let mut harness = Harness::start("catch-up", REPLICAS);
+    let mut setup = harness.client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let load = Background::start(&harness, &accounts, 2);
+    let started = harness.leader_commits();
+    wait_commits_past(&harness, &load, &started, 5);
+
+    // Replica 2 leads no group (groups 0 and 1 are led by replicas 0 and 1).
+    assert_eq!(harness.metric_sum(2, "percore_replica_is_leader"), 0);
+    harness.cluster.kill(2);
+    let at_kill = harness.leader_commits();
+    wait_commits_past(&harness, &load, &at_kill, 100);
+
+    let at_restart = harness.leader_commits();
+    let repairs_before = harness.metric_sum(0, "percore_replication_repairs_served_total")
+        + harness.metric_sum(1, "percore_replication_repairs_served_total");
+    harness.cluster.restart(2).expect("replica 2 restarts");
+    wait_until(
+        "the restarted follower holds what was committed without it",
+        || {
+            (0..SHARDS)
+                .all(|shard| {
+                    harness.metric(2, "percore_replication_op_durable", shard) >= at_restart[shard]
+                })
+                .then_some(())
+        },
+    );
+    assert!(load.is_running(), "the client load stopped early");
+    let repaired = harness.metric_sum(2, "percore_replication_repairs_requested_total");
+    let served = harness.metric_sum(0, "percore_replication_repairs_served_total")
+        + harness.metric_sum(1, "percore_replication_repairs_served_total")
+        - repairs_before;
+    eprintln!(
+        "commits {started:?} at start, {at_kill:?} at kill, {at_restart:?} at restart; \
+         {repaired} repairs requested, {served} served"
+    );
+    assert!(
+        repaired > 0 && served > 0,
+        "catching up takes repair: {repaired} requested by replica 2, {served} served"
+    );
+    let acknowledged = load.finish();
+    assert!(acknowledged > 0);
+    let committed = harness.wait_converged();
+    harness.stop_all();
+    // The repaired journal is the leaders' own, op for op (the hash chains agree).
+    assert_replicas_agree(&harness, &committed);
+}
+
+/// A process that claims to be replica 2 with another cluster key; killed on drop.
+struct Impostor(Child);
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_impostor(harness: &Harness) -> Impostor {
+    let cluster = &harness.cluster;
+    let key_file = harness.root.join("impostor.key");
+    percore_shards::replication::cluster_key_write(&key_file).expect("key written");
+    // Its own ports (the fourth replica slot), the real replicas 0 and 1 as its peers.
+    let client_base = cluster::client_port_base(cluster.config().port_base, REPLICAS);
+    let own_peer =
+        cluster::client_port_base(cluster.config().port_base, REPLICAS) + cluster::PEER_PORT_OFFSET;
+    let peers = format!(
+        "{},{},127.0.0.1:{own_peer}",
+        cluster.peer_address(0, 0),
+        cluster.peer_address(1, 0)
+    );
+    let cores: Vec<String> = cores().iter().map(ToString::to_string).collect();
+    let log = std::fs::File::create(harness.root.join("impostor.log")).expect("log file");
+    let child = Command::new(PERCORE)
+        .args(["node", "--cores", &cores.join(","), "--allow-shared-cores"])
+        .arg("--data-dir")
+        .arg(harness.root.join("impostor"))
+        .args(["--client-port-base", &client_base.to_string()])
+        .args(["--replica", "2", "--peers", &peers])
+        .arg("--cluster-key-file")
+        .arg(&key_file)
+        .args(NODE_ARGS)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("impostor starts");
+    Impostor(child)
+}
+
+/// Sends one request of transfers through the leaders; every one must apply.
+fn transfers_still_commit(
+    harness: &Harness,
+    client: &mut Client,
+    rng: &mut Rng,
+    next_id: &mut u128,
+    accounts: &[Vec<u128>],
+) {
+    let before = harness.leader_commits();
+    for _ in 0..5 {
+        let transfers = random_transfers(rng, accounts, next_id, TRANSFERS_PER_REQUEST);
+        let results = submit(client, &transfers).expect("leaders answer");
+        assert!(
+            results
+                .iter()
+                .all(|r| r.code == CreateTransferResult::Ok as u32),
+            "{results:?}"
+        );
+    }
+    let after = harness.leader_commits();
+    assert!(
+        after.iter().zip(&before).all(|(a, b)| a > b),
+        "every group committed: {before:?} -> {after:?}"
+    );
+}
+
+#[test]
+fn wrong_key_peer_is_rejected() {
+    let mut harness = Harness::start("wrong-key", REPLICAS + 1);
+    let mut client = harness.client(1);
+    let accounts = create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let (mut rng, mut next_id) = (Rng(0xBAD), 1u128 << 110);
+    let failures = |replica| harness.metric_sum(replica, "percore_peer_auth_failures_total");
+    let baseline = [failures(0), failures(1)];
+
+    // A process with the wrong key dials shard k of replicas 0 and 1 as "replica 2".
+    let impostor = start_impostor(&harness);
+    wait_until("replicas 0 and 1 refuse the impostor", || {
+        (failures(0) > baseline[0] && failures(1) > baseline[1]).then_some(())
+    });
+    transfers_still_commit(&harness, &mut client, &mut rng, &mut next_id, &accounts);
+    eprintln!(
+        "auth failures {baseline:?} before the impostor, {:?} with it",
+        [failures(0), failures(1)]
+    );
+    drop(impostor);
+
+    // Garbage on every peer port of replica 0.
+    let before = failures(0);
+    let mut garbage = Rng(0x6A7B);
+    for shard in 0..SHARDS {
+        let mut stream =
+            TcpStream::connect(harness.cluster.peer_address(0, shard)).expect("peer port");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let bytes: Vec<u8> = (0..4096).map(|_| garbage.next() as u8).collect();
+        // The node may close the connection before taking every byte.
+        let _ = stream.write_all(&bytes);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert!(answer.is_empty(), "no answer to garbage: {answer:?}");
+    }
+    wait_until("replica 0 counts the garbage as refused peers", || {
+        (failures(0) >= before + SHARDS as u64).then_some(())
+    });
+    transfers_still_commit(&harness, &mut client, &mut rng, &mut next_id, &accounts);
+    // The real replica 2 was never displaced: it still holds every committed op.
+    let committed = harness.wait_converged();
+    harness.stop_all();
+    assert_replicas_agree(&harness, &committed);
+}
