@@ -423,6 +423,7 @@ where
             }
         }
     }
+    crate::replication::forward_flush(shard);
     let received = forwarded_in + legs_in + results_in;
     if received > 0 {
         shard.quiet[shard.index].store(false, std::sync::atomic::Ordering::Release);

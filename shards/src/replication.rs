@@ -63,6 +63,8 @@ pub const CREDIT_LEG_RESEND_INTERVAL_US: u64 = 200_000;
 pub const CREDIT_LEGS_RESEND_MAX: usize = 1_024;
 /// On shutdown, how long a leader waits for its pipeline to commit (ms).
 pub const DRAIN_TIMEOUT_MS: u64 = 3_000;
+/// Most record bytes one `Forward` message carries.
+pub const FORWARD_BYTES_MAX: usize = 64 * 1024;
 /// Status byte of a normal replica in message headers.
 const STATUS_NORMAL: u8 = 1;
 
@@ -172,6 +174,9 @@ pub(crate) struct Replication {
     batcher_actions: RefCell<Vec<Action>>,
     /// Buffer one entry is read into when serving a repair.
     repair_entry: RefCell<Vec<u8>>,
+    /// Records to forward to this group's leader, sent as one message per mesh drain.
+    forward_pending: RefCell<Vec<u8>>,
+    forward_operation: Cell<Option<u16>>,
     repairs: RefCell<VecDeque<(u8, u64, u64)>>,
     actions: RefCell<Vec<Action>>,
     /// When the stop flag was first seen (drain deadline).
@@ -223,6 +228,8 @@ impl Replication {
             inbound_spare: RefCell::new(Vec::with_capacity(INBOUND_QUEUE_BYTES_DEFAULT)),
             batcher_actions: RefCell::new(Vec::with_capacity(ACTIONS_MAX)),
             repair_entry: RefCell::new(Vec::with_capacity(entry_bytes_max)),
+            forward_pending: RefCell::new(Vec::with_capacity(FORWARD_BYTES_MAX)),
+            forward_operation: Cell::new(None),
             repairs: RefCell::new(VecDeque::with_capacity(REPAIRS_QUEUED_MAX)),
             actions: RefCell::new(Vec::with_capacity(ACTIONS_MAX)),
             stop_seen: Cell::new(None),
@@ -577,28 +584,58 @@ where
     shard.batcher.notify();
 }
 
-/// Sends a credit leg (or acknowledgement) for group `shard.index` to its leader on
-/// another replica. Dropped if the connection is down or full: the origin resends.
+/// Queues a credit leg (or acknowledgement) for group `shard.index`, to go to its leader on
+/// another replica with the others of this drain as one `Forward` message
+/// ([`forward_flush`]). Dropped if the connection is down or full: the origin resends.
 pub(crate) fn forward_to_leader<S: StateMachine>(
     shard: &Shard<S>,
     operation: u16,
     record: &S::Record,
 ) {
     let replication = shard.replication.as_ref().expect("replicated shard");
+    let record_bytes = size_of::<S::Record>();
+    let full = {
+        let pending = replication.forward_pending.borrow();
+        replication.forward_operation.get() != Some(operation)
+            || pending.len() + record_bytes > pending.capacity()
+    };
+    if full {
+        forward_flush(shard);
+        replication.forward_operation.set(Some(operation));
+    }
+    replication
+        .forward_pending
+        .borrow_mut()
+        .extend_from_slice(bytemuck::bytes_of(record));
+}
+
+/// Sends the queued forwarded records as one `Forward` message to the group's leader.
+pub(crate) fn forward_flush<S: StateMachine>(shard: &Shard<S>) {
+    let Some(replication) = shard.replication.as_ref() else {
+        return;
+    };
+    let mut pending = replication.forward_pending.borrow_mut();
+    let Some(operation) = replication.forward_operation.get() else {
+        return;
+    };
+    if pending.is_empty() {
+        return;
+    }
+    let count = pending.len() / size_of::<S::Record>();
     let leader = replication.replica.borrow().leader();
     let mut header = replication.header(Command::Forward);
     header.set_field_u16(field::FORWARD_OPERATION_U16, operation);
-    header.set_field_u32(field::FORWARD_RECORD_COUNT_U32, 1);
+    header.set_field_u32(field::FORWARD_RECORD_COUNT_U32, count as u32);
     header.set_field_u32(field::FORWARD_ORIGIN_GROUP_U32, shard.index as u32);
-    let body = bytemuck::bytes_of(record);
-    header.checksum_body = percore_engine::message::body_checksum(body);
+    header.checksum_body = percore_engine::message::body_checksum(&pending);
     let outbox = &replication.outboxes[usize::from(leader)];
-    if outbox.push(header, body) {
-        ShardMetrics::add(&shard.metrics.replication_forwards_sent_total, 1);
+    if outbox.push(header, &pending) {
+        ShardMetrics::add(&shard.metrics.replication_forwards_sent_total, count as u64);
         outbox.doorbell.notify();
     } else {
         ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
     }
+    pending.clear();
 }
 
 /// Carries out the core's actions: messages into outboxes, repairs into the queue.
