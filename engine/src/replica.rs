@@ -547,7 +547,8 @@ impl Replica {
         );
     }
 
-    /// Leader: `from` acknowledged everything up to `op` in `view`.
+    /// Leader: `from` acknowledged everything up to `op` in `view`. Returns the ack
+    /// latency sample taken (µs from the op's durability here to this ack), if any.
     pub fn on_prepare_ok(
         &mut self,
         now_us: u64,
@@ -556,10 +557,10 @@ impl Replica {
         op: u64,
         checksum: JournalChecksum,
         commit_min: u64,
-    ) {
+    ) -> Option<u64> {
         if !self.is_leader() || view != self.config.view || from == self.config.replica {
             self.counters.acks_ignored += 1;
-            return;
+            return None;
         }
         let slot = self.pipeline[self.slot_index(op)];
         let known = if op == 0 {
@@ -574,14 +575,18 @@ impl Replica {
             // commit point; anything else would be a bug or a foreign log.
             self.counters.acks_ignored += 1;
             peer.op_durable = peer.op_durable.max(op.min(self.op_durable));
-            return;
+            return None;
         }
+        let mut sample = None;
         if op > peer.ack_op && slot.durable_us > 0 {
-            peer.latency.sample(now_us.saturating_sub(slot.durable_us));
+            let latency_us = now_us.saturating_sub(slot.durable_us);
+            peer.latency.sample(latency_us);
+            sample = Some(latency_us);
         }
         peer.ack_op = peer.ack_op.max(op);
         peer.op_durable = peer.op_durable.max(op);
         self.commit_advance();
+        sample
     }
 
     /// The highest op held durable by a quorum, the leader included.

@@ -497,7 +497,7 @@ where
         }
         Command::PrepareOk => {
             ShardMetrics::add(&shard.metrics.replication_acks_received_total, 1);
-            replication.replica.borrow_mut().on_prepare_ok(
+            let sample = replication.replica.borrow_mut().on_prepare_ok(
                 now_us,
                 from,
                 header.view,
@@ -505,6 +505,11 @@ where
                 header.field_u128(field::PREPARE_OK_CHECKSUM_U128),
                 header.field_u64(field::PREPARE_OK_COMMIT_MIN),
             );
+            if let Some(latency_us) = sample {
+                shard.metrics.peers[usize::from(from)]
+                    .ack_latency
+                    .record(latency_us, 1);
+            }
             shard.batcher.notify();
         }
         Command::Commit => {
