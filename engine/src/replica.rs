@@ -40,11 +40,24 @@ pub const REPAIR_TIMEOUT_US_MAX_DEFAULT: u64 = 500_000;
 /// Default: one repair request in this many goes to a random eligible peer.
 pub const ROUTING_EXPLORE_ONE_IN_DEFAULT: u32 = 16;
 /// Most actions one call can produce: a few per peer.
-pub const ACTIONS_MAX: usize = 4 * REPLICA_COUNT_MAX;
+pub const ACTIONS_MAX: usize = 6 * REPLICA_COUNT_MAX;
+/// Default bounds of the follower's randomized leader timeout (µs).
+pub const LEADER_TIMEOUT_US_MIN_DEFAULT: u64 = 150_000;
+/// See [`LEADER_TIMEOUT_US_MIN_DEFAULT`].
+pub const LEADER_TIMEOUT_US_MAX_DEFAULT: u64 = 300_000;
+/// Default bounds of the randomized view-change and pre-vote timeouts (µs).
+pub const VIEW_CHANGE_TIMEOUT_US_MIN_DEFAULT: u64 = 150_000;
+/// See [`VIEW_CHANGE_TIMEOUT_US_MIN_DEFAULT`].
+pub const VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT: u64 = 300_000;
+/// Default interval at which view-change messages are sent again (µs).
+pub const VIEW_CHANGE_RESEND_INTERVAL_US_DEFAULT: u64 = 30_000;
 
 const _: () = assert!(REPLICA_COUNT_MAX <= 8, "ack sets fit a u8");
 const _: () = assert!(REPAIR_TIMEOUT_US_MIN_DEFAULT < REPAIR_TIMEOUT_US_MAX_DEFAULT);
 const _: () = assert!(PING_INTERVAL_US_DEFAULT >= HEARTBEAT_INTERVAL_US_DEFAULT);
+const _: () = assert!(LEADER_TIMEOUT_US_MIN_DEFAULT >= 5 * HEARTBEAT_INTERVAL_US_DEFAULT);
+const _: () =
+    assert!(VIEW_CHANGE_TIMEOUT_US_MIN_DEFAULT >= 3 * VIEW_CHANGE_RESEND_INTERVAL_US_DEFAULT);
 
 /// Limits and identity of one replica of one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +68,22 @@ pub struct ReplicaConfig {
     pub replica: u8,
     /// Replicas in the group.
     pub replica_count: u8,
-    /// The view (fixed until view change lands).
+    /// The view a fresh replica starts in.
     pub view: u64,
+    /// Whether this replica takes part in view changes (pre-vote, leader timeouts). Off, the
+    /// group keeps its first view for good (the io_uring runtime until it persists views and
+    /// truncates journals); on, the driver must execute `Persist` and `Truncate`.
+    pub view_change: bool,
+    /// Follower: leader timeout bounds (µs), drawn from the injected RNG.
+    pub leader_timeout_us_min: u64,
+    /// See `leader_timeout_us_min`.
+    pub leader_timeout_us_max: u64,
+    /// View-change and pre-vote timeout bounds (µs).
+    pub view_change_timeout_us_min: u64,
+    /// See `view_change_timeout_us_min`.
+    pub view_change_timeout_us_max: u64,
+    /// Interval at which StartViewChange and DoViewChange are sent again (µs).
+    pub view_change_resend_interval_us: u64,
     /// Most ops prepared and not yet committed.
     pub pipeline_prepares_max: u64,
     /// Heartbeat interval (µs).
@@ -107,6 +134,12 @@ impl ReplicaConfig {
             replica,
             replica_count,
             view: 0,
+            view_change: false,
+            leader_timeout_us_min: LEADER_TIMEOUT_US_MIN_DEFAULT,
+            leader_timeout_us_max: LEADER_TIMEOUT_US_MAX_DEFAULT,
+            view_change_timeout_us_min: VIEW_CHANGE_TIMEOUT_US_MIN_DEFAULT,
+            view_change_timeout_us_max: VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT,
+            view_change_resend_interval_us: VIEW_CHANGE_RESEND_INTERVAL_US_DEFAULT,
             pipeline_prepares_max: PIPELINE_PREPARES_MAX_DEFAULT,
             heartbeat_interval_us: HEARTBEAT_INTERVAL_US_DEFAULT,
             ping_interval_us: PING_INTERVAL_US_DEFAULT,
@@ -150,6 +183,17 @@ impl ReplicaConfig {
         if self.repair_timeout_us_max < self.repair_timeout_us_min {
             return Err(ReplicaConfigError::Limit("repair_timeout_us_max"));
         }
+        if self.leader_timeout_us_min == 0
+            || self.leader_timeout_us_max < self.leader_timeout_us_min
+        {
+            return Err(ReplicaConfigError::Limit("leader_timeout_us"));
+        }
+        if self.view_change_timeout_us_min == 0
+            || self.view_change_timeout_us_max < self.view_change_timeout_us_min
+            || self.view_change_resend_interval_us == 0
+        {
+            return Err(ReplicaConfigError::Limit("view_change_timeout_us"));
+        }
         Ok(())
     }
 
@@ -161,6 +205,12 @@ impl ReplicaConfig {
             return (self.repair_timeout_us_max / 4).max(self.repair_timeout_us_min);
         }
         (2 * latency.score_us()).clamp(self.repair_timeout_us_min, self.repair_timeout_us_max)
+    }
+
+    /// Headers (op checksums) a DoViewChange or StartView carries: the uncommitted window
+    /// plus its anchor.
+    pub fn view_change_headers_max(&self) -> u64 {
+        self.pipeline_prepares_max + 1
     }
 
     /// Replicas whose durable copy commits an op: `⌊N/2⌋ + 1`.
@@ -208,6 +258,8 @@ pub enum Action {
         op_durable: u64,
         /// Sender's `commit_min`.
         commit_min: u64,
+        /// Sender's `log_view`.
+        log_view: u64,
     },
     /// Answer to a ping (echoes its time).
     Pong {
@@ -219,6 +271,8 @@ pub enum Action {
         op_durable: u64,
         /// Sender's `commit_min`.
         commit_min: u64,
+        /// Sender's `log_view`.
+        log_view: u64,
     },
     /// Ask `to` for the entries `op_min..=op_max`.
     RequestPrepare {
@@ -239,6 +293,101 @@ pub enum Action {
         /// Last op.
         op_max: u64,
     },
+    /// Make `view` and `log_view` durable (the superblock). Actions after this one in the
+    /// same buffer must not be executed before it is durable: they rely on it.
+    Persist {
+        /// The view joined.
+        view: u64,
+        /// The view whose log the journal holds (the voting log's view).
+        log_view: u64,
+        /// Highest op known committed: a restart replays at most this far.
+        commit_max: u64,
+    },
+    /// Remove every journal entry above `op` (a divergent suffix of an abandoned view), and
+    /// every queued, unapplied batch above it; the chain head becomes entry `op`. Before the
+    /// next action.
+    Truncate {
+        /// The last op kept.
+        op: u64,
+    },
+    /// Ask whether the group would move to `view_target` (changes no one's state).
+    PreVote {
+        /// A peer.
+        to: u8,
+        /// The view the sender would start.
+        view_target: u64,
+    },
+    /// Answer to a pre-vote.
+    PreVoteReply {
+        /// The candidate.
+        to: u8,
+        /// The view asked about.
+        view_target: u64,
+        /// Whether this replica would join it.
+        granted: bool,
+    },
+    /// The sender left its view for `view` (the header's view).
+    StartViewChange {
+        /// A peer.
+        to: u8,
+        /// The new view.
+        view: u64,
+    },
+    /// The sender's voting log, to the leader of `view`. The body holds the checksums of
+    /// ops `headers_op_min..=op_durable` ([`Replica::checksum_at`]).
+    DoViewChange {
+        /// The new view's leader.
+        to: u8,
+        /// The new view.
+        view: u64,
+        /// The view whose log the sender holds.
+        log_view: u64,
+        /// Head of the sender's voting log.
+        op_durable: u64,
+        /// Highest op the sender knows committed.
+        commit_max: u64,
+        /// First op whose checksum the body carries.
+        headers_op_min: u64,
+    },
+    /// The new leader's log: its head, commit number and the checksums of ops
+    /// `headers_op_min..=op_head`.
+    StartView {
+        /// A follower.
+        to: u8,
+        /// The view.
+        view: u64,
+        /// Head of the view's log.
+        op_head: u64,
+        /// The leader's `commit_max`.
+        commit_max: u64,
+        /// First op whose checksum the body carries.
+        headers_op_min: u64,
+    },
+    /// Ask the leader of `view` for its StartView (this replica missed it).
+    RequestStartView {
+        /// The leader of `view`.
+        to: u8,
+        /// The view.
+        view: u64,
+    },
+}
+
+/// Where a replica stands in its view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Leading or following the view's leader.
+    Normal,
+    /// Between views: gathering StartViewChange / DoViewChange for `view`.
+    ViewChange,
+}
+
+/// What a replica had persisted (superblock) when it stopped, for [`Replica::restart`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Persisted {
+    /// Highest view joined.
+    pub view: u64,
+    /// View of the voting log.
+    pub log_view: u64,
 }
 
 /// What to do with a `Prepare` or `PrepareRepair` that arrived.
@@ -288,7 +437,7 @@ impl LatencyEstimate {
 }
 
 /// What this replica knows of one peer.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct PeerState {
     /// An authenticated connection to it is up (the runtime says so).
     pub connected: bool,
@@ -306,6 +455,9 @@ pub struct PeerState {
     pub ping_sent_us: u64,
     /// Repair requests to it not yet answered in full.
     pub repairs_inflight: u8,
+    /// The view of its voting log, as last reported: only a peer whose log is the one being
+    /// followed (or installed) may serve repairs ([`u64::MAX`]: unknown).
+    pub log_view: u64,
 }
 
 /// One op in the leader's pipeline.
@@ -371,38 +523,195 @@ pub struct Replica {
     heartbeat_next_us: u64,
     rng: u64,
     counters: ReplicaCounters,
+    /// Highest view joined (persisted through `Action::Persist`).
+    view: u64,
+    /// View of the voting log (persisted): the journal is a prefix of `L(log_view)`.
+    log_view: u64,
+    status: Status,
+    /// Leader: applied every op of its log since it took over, so it may seal.
+    ready: bool,
+    /// Follower: the leader's silence until then starts a pre-vote.
+    leader_deadline_us: u64,
+    /// Last time the leader of the current view was heard (µs).
+    leader_heard_us: u64,
+    /// Highest view seen in any message.
+    view_seen_max: u64,
+    pre_vote: Option<PreVoteState>,
+    /// A restarted leader never resumes its view: it pre-votes at its first tick.
+    pre_vote_at_start: bool,
+    view_change_deadline_us: u64,
+    view_change_resend_us: u64,
+    /// StartViewChange for `view` received from these replicas (bit set).
+    svc_from: u8,
+    /// New leader: the DoViewChanges received for `view`, by replica.
+    dvc: Box<[DoViewChangeState]>,
+    dvc_sent: bool,
+    /// The log being installed (new leader or follower): its head, commit number, and the
+    /// checksums of its last ops, which repaired entries must match.
+    install: Option<Install>,
+    expected: Box<[JournalChecksum]>,
+    /// Time of the last input (µs), for decisions that depend on recency.
+    now_us: u64,
+    /// RequestStartView is not sent again before this (µs).
+    request_start_view_us: u64,
+}
+
+/// A pre-vote in progress.
+#[derive(Debug, Clone, Copy)]
+struct PreVoteState {
+    view_target: u64,
+    granted: u8,
+    deadline_us: u64,
+}
+
+/// One replica's DoViewChange, kept by the new leader.
+#[derive(Debug, Clone)]
+struct DoViewChangeState {
+    present: bool,
+    log_view: u64,
+    op_durable: u64,
+    commit_max: u64,
+    headers_op_min: u64,
+    checksums: Box<[JournalChecksum]>,
+}
+
+/// The log a replica is installing.
+#[derive(Debug, Clone, Copy)]
+struct Install {
+    op_head: u64,
+    commit_max: u64,
+    /// `expected[i]` is the checksum of op `expected_op_min + i`.
+    expected_op_min: u64,
+    /// The view of the log being installed: only peers holding it serve repairs.
+    source_log_view: u64,
 }
 
 impl Replica {
     /// A replica whose journal recovered up to `op_recovered` (durable, chain head
-    /// `checksum_recovered`), all of it already applied by replay.
+    /// `checksum_recovered`), all of it already applied by replay, in `config.view`.
     pub fn new(
         config: ReplicaConfig,
         op_recovered: u64,
         checksum_recovered: JournalChecksum,
         now_us: u64,
     ) -> Result<Self, ReplicaConfigError> {
+        let persisted = Persisted {
+            view: config.view,
+            log_view: config.view,
+        };
+        Self::restart(
+            config,
+            persisted,
+            op_recovered,
+            checksum_recovered,
+            op_recovered,
+            &[],
+            now_us,
+        )
+    }
+
+    /// A replica restarting from its journal (head `op_recovered`, `checksum_recovered`),
+    /// its persisted views, and `commit_min`, the op replay stopped at. `recent` holds
+    /// `(op, checksum)` of the journal's last ops (up to twice the pipeline), so that the
+    /// replica can compare its log with others' in a view change.
+    pub fn restart(
+        config: ReplicaConfig,
+        persisted: Persisted,
+        op_recovered: u64,
+        checksum_recovered: JournalChecksum,
+        commit_min: u64,
+        recent: &[(u64, JournalChecksum)],
+        now_us: u64,
+    ) -> Result<Self, ReplicaConfigError> {
         config.validate()?;
+        assert!(commit_min <= op_recovered && persisted.log_view <= persisted.view);
         let capacity = (config.pipeline_prepares_max * 2).next_power_of_two() as usize;
-        Ok(Self {
+        let headers_max = config.view_change_headers_max() as usize;
+        let dvc = (0..config.replica_count)
+            .map(|_| DoViewChangeState {
+                present: false,
+                log_view: 0,
+                op_durable: 0,
+                commit_max: 0,
+                headers_op_min: 0,
+                checksums: vec![0; headers_max].into_boxed_slice(),
+            })
+            .collect();
+        let mut replica = Self {
             config,
             op_head: op_recovered,
             checksum_head: checksum_recovered,
             op_durable: op_recovered,
             checksum_durable: checksum_recovered,
-            // Replay applied the whole journal; a leader's journal is the group's log and a
-            // follower's a prefix of it, so none of it is ever undone (module docs).
+            // Without view change, replay applied the whole journal: a leader's journal is
+            // the group's log and a follower's a prefix of it (module docs). With it, the
+            // driver replays only up to the persisted commit number.
             commit_max: 0,
-            commit_min: op_recovered,
+            commit_min,
             op_known_max: op_recovered,
             pipeline: vec![Slot::default(); capacity].into_boxed_slice(),
-            peers: [PeerState::default(); REPLICA_COUNT_MAX],
+            peers: [PeerState {
+                connected: false,
+                op_durable: 0,
+                commit_min: 0,
+                ack_op: 0,
+                latency: LatencyEstimate::default(),
+                sent_us: 0,
+                ping_sent_us: 0,
+                repairs_inflight: 0,
+                log_view: if config.view_change {
+                    u64::MAX
+                } else {
+                    config.view
+                },
+            }; REPLICA_COUNT_MAX],
             repair: None,
             ping_next_us: now_us,
             heartbeat_next_us: now_us,
             rng: config.seed | 1,
             counters: ReplicaCounters::default(),
-        })
+            view: persisted.view,
+            log_view: persisted.log_view,
+            status: Status::Normal,
+            ready: commit_min == op_recovered,
+            leader_deadline_us: 0,
+            leader_heard_us: now_us,
+            view_seen_max: persisted.view,
+            pre_vote: None,
+            pre_vote_at_start: false,
+            view_change_deadline_us: 0,
+            view_change_resend_us: 0,
+            svc_from: 0,
+            dvc,
+            dvc_sent: false,
+            install: None,
+            expected: vec![0; headers_max].into_boxed_slice(),
+            now_us,
+            request_start_view_us: 0,
+        };
+        for &(op, checksum) in recent {
+            let index = replica.slot_index(op);
+            replica.pipeline[index] = Slot {
+                op,
+                checksum,
+                staged_us: 0,
+                durable_us: 0,
+            };
+        }
+        if config.view_change {
+            // Replay stopped at a persisted commit number: what it applied is committed.
+            replica.commit_max = commit_min;
+            replica.leader_deadline_us = now_us + replica.leader_timeout_us();
+            if persisted.log_view < persisted.view {
+                // It stopped in a view change: rejoin through pre-vote.
+                replica.status = Status::ViewChange;
+                replica.view_change_deadline_us = now_us;
+            } else if replica.is_leader() {
+                // It may have sent Prepares it no longer has: never resume the view.
+                replica.pre_vote_at_start = true;
+            }
+        }
+        Ok(replica)
     }
 
     /// The configuration.
@@ -412,17 +721,59 @@ impl Replica {
 
     /// Current view.
     pub fn view(&self) -> u64 {
-        self.config.view
+        self.view
+    }
+
+    /// View of the voting log.
+    pub fn log_view(&self) -> u64 {
+        self.log_view
+    }
+
+    /// Normal or in a view change.
+    pub fn status(&self) -> Status {
+        self.status
     }
 
     /// The leader of the current view.
     pub fn leader(&self) -> u8 {
-        self.config.leader_of(self.config.view)
+        self.config.leader_of(self.view)
     }
 
-    /// Whether this replica leads its group.
+    /// Whether this replica is the leader of its current view (it leads only once normal).
     pub fn is_leader(&self) -> bool {
         self.leader() == self.config.replica
+    }
+
+    /// Whether this replica leads a normal view and may admit clients: it has applied
+    /// every op it inherited.
+    pub fn is_ready_leader(&self) -> bool {
+        self.is_leader() && self.status == Status::Normal && self.ready
+    }
+
+    /// The checksum of `op` if this replica still knows it (the chain head and the last
+    /// ops, twice the pipeline): what DoViewChange and StartView bodies carry.
+    pub fn checksum_at(&self, op: u64) -> Option<JournalChecksum> {
+        if op == 0 {
+            return Some(crate::journal::JOURNAL_CHAIN_ROOT);
+        }
+        if op == self.op_head {
+            return Some(self.checksum_head);
+        }
+        if op > self.op_head {
+            return None;
+        }
+        let slot = &self.pipeline[self.slot_index(op)];
+        (slot.op == op).then_some(slot.checksum)
+    }
+
+    /// While a log is being installed: the checksum op `op` must have (entries that do not
+    /// match it come from another log and must not be appended).
+    pub fn expected_checksum(&self, op: u64) -> Option<JournalChecksum> {
+        let install = self.install?;
+        if op < install.expected_op_min || op > install.op_head {
+            return None;
+        }
+        Some(self.expected[(op - install.expected_op_min) as usize])
     }
 
     /// Highest op staged locally.
@@ -450,9 +801,14 @@ impl Replica {
         self.commit_min
     }
 
-    /// Highest op that may be applied now: committed and held locally.
+    /// Highest op that may be applied now: committed and held locally, in a log known to
+    /// be the current view's (a log from an abandoned view may differ above the match
+    /// point even where the op number is committed).
     pub fn apply_limit(&self) -> u64 {
-        self.commit_max.min(self.op_durable)
+        if self.status != Status::Normal || self.log_view != self.view {
+            return self.commit_min;
+        }
+        self.commit_max.min(self.op_durable).max(self.commit_min)
     }
 
     /// What this replica knows of `peer`.
@@ -473,7 +829,8 @@ impl Replica {
 
     /// Leader: whether one more op may be sealed (the pipeline has room).
     pub fn can_seal(&self) -> bool {
-        self.is_leader() && self.op_head - self.commit_max.min(self.op_head) < self.pipeline_room()
+        let committed = self.commit_max.max(self.commit_min).min(self.op_head);
+        self.is_ready_leader() && self.op_head - committed < self.pipeline_room()
     }
 
     fn pipeline_room(&self) -> u64 {
@@ -517,6 +874,14 @@ impl Replica {
         }
         self.op_durable = op;
         self.checksum_durable = self.checksum_head_at(op);
+        self.now_us = now_us;
+        if self.install.is_some() {
+            self.install_progress(now_us, actions);
+            return;
+        }
+        if self.status != Status::Normal {
+            return;
+        }
         if self.is_leader() {
             self.commit_advance();
         } else {
@@ -535,6 +900,10 @@ impl Replica {
     }
 
     fn acknowledge(&mut self, actions: &mut Vec<Action>) {
+        // PrepareOk(v, n) promises that the voting log has log_view = v and holds n (P2).
+        if self.status != Status::Normal || self.log_view != self.view {
+            return;
+        }
         let leader = self.leader();
         push(
             actions,
@@ -558,7 +927,11 @@ impl Replica {
         checksum: JournalChecksum,
         commit_min: u64,
     ) -> Option<u64> {
-        if !self.is_leader() || view != self.config.view || from == self.config.replica {
+        if !self.is_leader()
+            || self.status != Status::Normal
+            || view != self.view
+            || from == self.config.replica
+        {
             self.counters.acks_ignored += 1;
             return None;
         }
@@ -570,6 +943,8 @@ impl Replica {
         };
         let peer = &mut self.peers[usize::from(from)];
         peer.commit_min = peer.commit_min.max(commit_min);
+        // PrepareOk(v) is sent only with log_view = v.
+        peer.log_view = view;
         if !known {
             // An op older than the pipeline window (a follower catching up) cannot move the
             // commit point; anything else would be a bug or a foreign log.
@@ -591,6 +966,9 @@ impl Replica {
 
     /// The highest op held durable by a quorum, the leader included.
     fn commit_advance(&mut self) {
+        if self.status != Status::Normal || self.log_view != self.view {
+            return;
+        }
         let mut durable = [0u64; REPLICA_COUNT_MAX];
         let count = usize::from(self.config.replica_count);
         for (replica, value) in durable.iter_mut().enumerate().take(count) {
@@ -619,18 +997,37 @@ impl Replica {
         repair: bool,
         actions: &mut Vec<Action>,
     ) -> PrepareDisposition {
-        if view != self.config.view || self.is_leader() {
+        self.now_us = now_us;
+        if !self.view_current(from, view, repair, actions) {
+            return PrepareDisposition::Ignore;
+        }
+        if self.is_leader() && self.install.is_none() {
             return PrepareDisposition::Ignore;
         }
         if !repair && from != self.leader() {
             return PrepareDisposition::Ignore;
         }
+        let repair_log_view = self.repair_log_view();
+        let leader = self.leader();
         let peer = &mut self.peers[usize::from(from)];
-        peer.op_durable = peer.op_durable.max(op);
-        if from == self.leader() {
-            self.commit_max = self.commit_max.max(commit);
+        if from == leader && !repair {
+            // A normal leader's log is its view's log.
+            peer.log_view = view;
         }
-        self.op_known_max = self.op_known_max.max(op);
+        // Only the leader, or a peer holding the log being followed, may extend this log:
+        // an entry of an abandoned view can chain to the same head and still differ.
+        if peer.log_view != repair_log_view {
+            return PrepareDisposition::Ignore;
+        }
+        peer.op_durable = peer.op_durable.max(op);
+        if from == leader {
+            self.commit_max = self.commit_max.max(commit);
+            if !repair {
+                self.leader_heard(now_us);
+            }
+        }
+        let op_known = self.install.map_or(op, |install| op.min(install.op_head));
+        self.op_known_max = self.op_known_max.max(op_known);
         if repair {
             self.repair_answered(now_us, from, op);
         }
@@ -659,13 +1056,22 @@ impl Replica {
         op_head: u64,
         actions: &mut Vec<Action>,
     ) {
-        if view != self.config.view || from != self.leader() || self.is_leader() {
+        self.now_us = now_us;
+        if !self.view_current(from, view, false, actions)
+            || from != self.leader()
+            || self.is_leader()
+        {
             return;
         }
+        self.leader_heard(now_us);
         self.commit_max = self.commit_max.max(commit);
-        self.op_known_max = self.op_known_max.max(op_head);
         let peer = &mut self.peers[usize::from(from)];
+        peer.log_view = view;
         peer.op_durable = peer.op_durable.max(op_head);
+        if self.install.is_some() {
+            return;
+        }
+        self.op_known_max = self.op_known_max.max(op_head);
         self.repair_schedule(now_us, actions);
     }
 
@@ -676,9 +1082,10 @@ impl Replica {
         time_us: u64,
         op_durable: u64,
         commit_min: u64,
+        log_view: u64,
         actions: &mut Vec<Action>,
     ) {
-        self.peer_progress(from, op_durable, commit_min);
+        self.peer_progress(from, op_durable, commit_min, log_view);
         push(
             actions,
             Action::Pong {
@@ -686,11 +1093,13 @@ impl Replica {
                 time_us,
                 op_durable: self.op_durable,
                 commit_min: self.commit_min,
+                log_view: self.log_view,
             },
         );
     }
 
     /// A `Pong` answering our ping sent at `time_us`.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_pong(
         &mut self,
         now_us: u64,
@@ -698,6 +1107,7 @@ impl Replica {
         time_us: u64,
         op_durable: u64,
         commit_min: u64,
+        log_view: u64,
         actions: &mut Vec<Action>,
     ) {
         if time_us <= now_us {
@@ -705,19 +1115,35 @@ impl Replica {
                 .latency
                 .sample(now_us - time_us);
         }
-        self.peer_progress(from, op_durable, commit_min);
+        self.peer_progress(from, op_durable, commit_min, log_view);
         if !self.is_leader() {
             self.repair_schedule(now_us, actions);
         }
     }
 
-    fn peer_progress(&mut self, from: u8, op_durable: u64, commit_min: u64) {
+    fn peer_progress(&mut self, from: u8, op_durable: u64, commit_min: u64, log_view: u64) {
         let peer = &mut self.peers[usize::from(from)];
-        peer.op_durable = peer.op_durable.max(op_durable);
+        if peer.log_view == log_view {
+            peer.op_durable = peer.op_durable.max(op_durable);
+        } else {
+            // Another log (it truncated, or installed a view): what it had before says
+            // nothing about what it holds now.
+            peer.log_view = log_view;
+            peer.op_durable = op_durable;
+        }
         peer.commit_min = peer.commit_min.max(commit_min);
-        // Only the leader's word makes an op part of the log; a follower's durable head is a
-        // prefix of it, so it may also be repaired from.
-        self.op_known_max = self.op_known_max.max(op_durable);
+        // A peer whose voting log is the current view's holds a prefix of that log (P4), so
+        // its head exists in the log this replica follows, and it may serve it.
+        if log_view == self.view && self.log_view == self.view && self.install.is_none() {
+            self.op_known_max = self.op_known_max.max(op_durable);
+        }
+    }
+
+    /// The view whose log repairs must come from: the current view's, or, while a new
+    /// leader installs the selected log, that log's view.
+    fn repair_log_view(&self) -> u64 {
+        self.install
+            .map_or(self.view, |install| install.source_log_view)
     }
 
     /// `from` asks for `op_min..=op_max`. Serves the part durable here; nothing if none.
@@ -753,6 +1179,10 @@ impl Replica {
             "only committed, durable ops apply"
         );
         self.commit_min = op;
+        if self.commit_min >= self.op_head {
+            // A new leader has applied everything it inherited: it may seal (7.2 step 4).
+            self.ready = true;
+        }
     }
 
     /// The runtime's connection to `peer` came up or went down.
@@ -776,7 +1206,8 @@ impl Replica {
     /// Timers: heartbeats (leader), pings, repair timeouts. Call when
     /// [`Replica::poll_timeout`] is due (calling early is harmless).
     pub fn tick(&mut self, now_us: u64, actions: &mut Vec<Action>) {
-        if self.is_leader() && now_us >= self.heartbeat_next_us {
+        self.now_us = now_us;
+        if self.is_leader() && self.status == Status::Normal && now_us >= self.heartbeat_next_us {
             for peer in self.others() {
                 let state = &mut self.peers[usize::from(peer)];
                 if now_us.saturating_sub(state.sent_us) >= self.config.heartbeat_interval_us {
@@ -803,6 +1234,7 @@ impl Replica {
                         time_us: now_us,
                         op_durable: self.op_durable,
                         commit_min: self.commit_min,
+                        log_view: self.log_view,
                     },
                 );
             }
@@ -819,8 +1251,11 @@ impl Replica {
             self.repair = None;
             self.counters.repairs_timed_out += 1;
         }
-        if !self.is_leader() {
+        if !self.is_leader() || self.install.is_some() {
             self.repair_schedule(now_us, actions);
+        }
+        if self.config.view_change {
+            self.view_change_tick(now_us, actions);
         }
     }
 
@@ -832,6 +1267,23 @@ impl Replica {
         }
         if let Some(repair) = self.repair {
             next = next.min(repair.deadline_us);
+        }
+        if self.config.view_change {
+            if self.pre_vote_at_start {
+                next = next.min(self.now_us);
+            }
+            if let Some(pre_vote) = self.pre_vote {
+                next = next.min(pre_vote.deadline_us);
+            }
+            match self.status {
+                Status::Normal if !self.is_leader() => next = next.min(self.leader_deadline_us),
+                Status::Normal => {}
+                Status::ViewChange => {
+                    next = next
+                        .min(self.view_change_deadline_us)
+                        .min(self.view_change_resend_us);
+                }
+            }
         }
         next
     }
@@ -862,7 +1314,7 @@ impl Replica {
 
     /// Follower: asks for the next missing range if nothing is outstanding.
     fn repair_schedule(&mut self, now_us: u64, actions: &mut Vec<Action>) {
-        if self.is_leader() || self.op_head >= self.op_known_max {
+        if (self.is_leader() && self.install.is_none()) || self.op_head >= self.op_known_max {
             return;
         }
         if let Some(repair) = self.repair {
@@ -910,7 +1362,10 @@ impl Replica {
         let mut count = 0;
         for peer in self.others() {
             let state = &self.peers[usize::from(peer)];
-            if state.connected && state.op_durable >= op_max {
+            if state.connected
+                && state.op_durable >= op_max
+                && state.log_view == self.repair_log_view()
+            {
                 eligible[count] = peer;
                 count += 1;
             }
@@ -934,6 +1389,637 @@ impl Replica {
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // View change (docs/protocol.md section 7). Active only with `config.view_change`.
+    // ---------------------------------------------------------------------------------
+
+    fn random_between(&mut self, min: u64, max: u64) -> u64 {
+        min + self.random() % (max - min + 1)
+    }
+
+    fn leader_timeout_us(&mut self) -> u64 {
+        self.random_between(
+            self.config.leader_timeout_us_min,
+            self.config.leader_timeout_us_max,
+        )
+    }
+
+    fn view_change_timeout_us(&mut self) -> u64 {
+        self.random_between(
+            self.config.view_change_timeout_us_min,
+            self.config.view_change_timeout_us_max,
+        )
+    }
+
+    fn leader_heard(&mut self, now_us: u64) {
+        self.leader_heard_us = now_us;
+        self.leader_deadline_us = now_us + self.leader_timeout_us();
+    }
+
+    /// Whether a message of `view` from `from` belongs to the view this replica is normal
+    /// in. A newer view (or its own view while it is still changing views) means it missed
+    /// the StartView: it asks the view's leader for it, at most once per resend interval.
+    fn view_current(
+        &mut self,
+        from: u8,
+        view: u64,
+        repair: bool,
+        actions: &mut Vec<Action>,
+    ) -> bool {
+        self.view_seen_max = self.view_seen_max.max(view);
+        if !self.config.view_change {
+            return view == self.view;
+        }
+        if view < self.view {
+            return false;
+        }
+        let behind =
+            view > self.view || (self.status == Status::ViewChange && self.install.is_none());
+        if !behind {
+            return true;
+        }
+        if !repair
+            && from == self.config.leader_of(view)
+            && from != self.config.replica
+            && self.now_us >= self.request_start_view_us
+        {
+            self.request_start_view_us = self.now_us + self.config.view_change_resend_interval_us;
+            push(actions, Action::RequestStartView { to: from, view });
+        }
+        false
+    }
+
+    fn view_change_tick(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        let target = (self.view + 1).max(self.view_seen_max);
+        if self.pre_vote_at_start {
+            self.pre_vote_at_start = false;
+            self.pre_vote_start(now_us, target, actions);
+            return;
+        }
+        if let Some(pre_vote) = self.pre_vote
+            && now_us >= pre_vote.deadline_us
+        {
+            self.pre_vote_start(now_us, target, actions);
+        }
+        match self.status {
+            Status::Normal => {
+                if !self.is_leader() && now_us >= self.leader_deadline_us && self.pre_vote.is_none()
+                {
+                    self.pre_vote_start(now_us, target, actions);
+                }
+            }
+            Status::ViewChange => {
+                if now_us >= self.view_change_deadline_us {
+                    self.view_change_deadline_us = now_us + self.view_change_timeout_us();
+                    if self.pre_vote.is_none() {
+                        self.pre_vote_start(now_us, target, actions);
+                    }
+                }
+                if now_us >= self.view_change_resend_us {
+                    self.view_change_resend_us =
+                        now_us + self.config.view_change_resend_interval_us;
+                    for peer in self.others() {
+                        push(
+                            actions,
+                            Action::StartViewChange {
+                                to: peer,
+                                view: self.view,
+                            },
+                        );
+                    }
+                    if self.dvc_sent && self.config.leader_of(self.view) != self.config.replica {
+                        self.do_view_change_send(actions);
+                    }
+                }
+            }
+        }
+    }
+
+    fn pre_vote_start(&mut self, now_us: u64, view_target: u64, actions: &mut Vec<Action>) {
+        let deadline_us = now_us + self.view_change_timeout_us();
+        self.pre_vote = Some(PreVoteState {
+            view_target,
+            granted: 0,
+            deadline_us,
+        });
+        if self.config.quorum() == 1 {
+            self.pre_vote = None;
+            self.view_change_enter(now_us, view_target, actions);
+            return;
+        }
+        for peer in self.others() {
+            push(
+                actions,
+                Action::PreVote {
+                    to: peer,
+                    view_target,
+                },
+            );
+        }
+    }
+
+    /// Whether this replica would join `view_target` (Raft's pre-vote): only a higher view,
+    /// and never while it is a normal leader or has heard its leader recently.
+    fn pre_vote_grantable(&self, now_us: u64, view_target: u64) -> bool {
+        if view_target < self.view || (view_target == self.view && self.status == Status::Normal) {
+            return false;
+        }
+        if self.status == Status::Normal {
+            if self.is_leader() {
+                return false;
+            }
+            if now_us.saturating_sub(self.leader_heard_us) < self.config.leader_timeout_us_min {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A pre-vote request. Grants change no state.
+    pub fn on_pre_vote(
+        &mut self,
+        now_us: u64,
+        from: u8,
+        view_target: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        self.now_us = now_us;
+        let granted = self.config.view_change && self.pre_vote_grantable(now_us, view_target);
+        push(
+            actions,
+            Action::PreVoteReply {
+                to: from,
+                view_target,
+                granted,
+            },
+        );
+    }
+
+    /// An answer to this replica's pre-vote.
+    pub fn on_pre_vote_reply(
+        &mut self,
+        now_us: u64,
+        from: u8,
+        view_target: u64,
+        granted: bool,
+        actions: &mut Vec<Action>,
+    ) {
+        self.now_us = now_us;
+        let Some(mut pre_vote) = self.pre_vote else {
+            return;
+        };
+        if !granted || pre_vote.view_target != view_target || from == self.config.replica {
+            return;
+        }
+        pre_vote.granted |= 1 << from;
+        self.pre_vote = Some(pre_vote);
+        if pre_vote.granted.count_ones() as usize + 1 >= self.config.quorum() {
+            self.pre_vote = None;
+            if view_target > self.view || self.status == Status::ViewChange {
+                self.view_change_enter(now_us, view_target.max(self.view), actions);
+            }
+        }
+    }
+
+    /// Leaves the current view for `view` (7.2 step 1): persist, then StartViewChange.
+    fn view_change_enter(&mut self, now_us: u64, view: u64, actions: &mut Vec<Action>) {
+        assert!(view >= self.view);
+        self.view = view;
+        self.view_seen_max = self.view_seen_max.max(view);
+        self.status = Status::ViewChange;
+        self.svc_from = 0;
+        self.dvc_sent = false;
+        for dvc in self.dvc.iter_mut() {
+            dvc.present = false;
+        }
+        self.install = None;
+        self.ready = false;
+        self.pre_vote = None;
+        self.repair = None;
+        for peer in self.peers.iter_mut() {
+            peer.repairs_inflight = 0;
+        }
+        self.view_change_deadline_us = now_us + self.view_change_timeout_us();
+        self.view_change_resend_us = now_us + self.config.view_change_resend_interval_us;
+        push(
+            actions,
+            Action::Persist {
+                view,
+                log_view: self.log_view,
+                commit_max: self.commit_max,
+            },
+        );
+        for peer in self.others() {
+            push(actions, Action::StartViewChange { to: peer, view });
+        }
+        self.do_view_change_maybe(now_us, actions);
+    }
+
+    /// A peer left its view for `view`.
+    pub fn on_start_view_change(
+        &mut self,
+        now_us: u64,
+        from: u8,
+        view: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        self.now_us = now_us;
+        if !self.config.view_change || from == self.config.replica {
+            return;
+        }
+        self.view_seen_max = self.view_seen_max.max(view);
+        if view > self.view {
+            // A peer only starts a view after a quorum granted its pre-vote.
+            self.view_change_enter(now_us, view, actions);
+        }
+        if view == self.view && self.status == Status::ViewChange {
+            self.svc_from |= 1 << from;
+            self.do_view_change_maybe(now_us, actions);
+        }
+    }
+
+    /// With StartViewChange from `q − 1` others, the voting log goes to the new leader.
+    fn do_view_change_maybe(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        if self.status != Status::ViewChange
+            || self.dvc_sent
+            || (self.svc_from.count_ones() as usize) + 1 < self.config.quorum()
+        {
+            return;
+        }
+        self.dvc_sent = true;
+        if self.config.leader_of(self.view) == self.config.replica {
+            let headers_op_min = self.headers_op_min(self.op_durable);
+            let me = usize::from(self.config.replica);
+            let count = (self.op_durable + 1 - headers_op_min) as usize;
+            for index in 0..count {
+                let op = headers_op_min + index as u64;
+                self.dvc[me].checksums[index] = self.checksum_at(op).expect("headers are known");
+            }
+            let dvc = &mut self.dvc[me];
+            dvc.present = true;
+            dvc.log_view = self.log_view;
+            dvc.op_durable = self.op_durable;
+            dvc.commit_max = self.commit_max;
+            dvc.headers_op_min = headers_op_min;
+            self.view_select_maybe(now_us, actions);
+        } else {
+            self.do_view_change_send(actions);
+        }
+    }
+
+    fn do_view_change_send(&mut self, actions: &mut Vec<Action>) {
+        push(
+            actions,
+            Action::DoViewChange {
+                to: self.config.leader_of(self.view),
+                view: self.view,
+                log_view: self.log_view,
+                op_durable: self.op_durable,
+                commit_max: self.commit_max,
+                headers_op_min: self.headers_op_min(self.op_durable),
+            },
+        );
+    }
+
+    /// The first op of the header suffix ending at `op_last`: up to
+    /// `view_change_headers_max` ops whose checksums this replica still knows.
+    fn headers_op_min(&self, op_last: u64) -> u64 {
+        let mut op_min = op_last + 1;
+        let headers_max = self.config.view_change_headers_max();
+        while op_min > 1
+            && op_last + 1 - op_min < headers_max
+            && self.checksum_at(op_min - 1).is_some()
+        {
+            op_min -= 1;
+        }
+        op_min
+    }
+
+    /// New leader: a DoViewChange. `checksums` are those of ops
+    /// `headers_op_min..=op_durable`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_do_view_change(
+        &mut self,
+        now_us: u64,
+        from: u8,
+        view: u64,
+        log_view: u64,
+        op_durable: u64,
+        commit_max: u64,
+        headers_op_min: u64,
+        checksums: &[JournalChecksum],
+        actions: &mut Vec<Action>,
+    ) {
+        self.now_us = now_us;
+        if !self.config.view_change || from == self.config.replica {
+            return;
+        }
+        let count = (op_durable + 1).saturating_sub(headers_op_min) as usize;
+        if checksums.len() != count
+            || count > self.expected.len()
+            || headers_op_min == 0
+            || log_view > view
+        {
+            return;
+        }
+        if view > self.view {
+            self.view_change_enter(now_us, view, actions);
+        }
+        if view != self.view
+            || self.status != Status::ViewChange
+            || self.config.leader_of(view) != self.config.replica
+            || self.install.is_some()
+        {
+            return;
+        }
+        let dvc = &mut self.dvc[usize::from(from)];
+        dvc.present = true;
+        dvc.log_view = log_view;
+        dvc.op_durable = op_durable;
+        dvc.commit_max = commit_max;
+        dvc.headers_op_min = headers_op_min;
+        dvc.checksums[..count].copy_from_slice(checksums);
+        // Its DoViewChange implies it left the old view.
+        self.svc_from |= 1 << from;
+        self.do_view_change_maybe(now_us, actions);
+        self.view_select_maybe(now_us, actions);
+    }
+
+    /// With DoViewChange from a quorum (itself included), the new leader selects the log
+    /// with the highest `(log_view, op_durable)` and installs it (7.3).
+    fn view_select_maybe(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        if self.install.is_some() || !self.dvc[usize::from(self.config.replica)].present {
+            return;
+        }
+        let present = self.dvc.iter().filter(|dvc| dvc.present).count();
+        if present < self.config.quorum() {
+            return;
+        }
+        let me = self.config.replica;
+        let best = (0..self.config.replica_count)
+            .filter(|replica| self.dvc[usize::from(*replica)].present)
+            .max_by_key(|replica| {
+                let dvc = &self.dvc[usize::from(*replica)];
+                (dvc.log_view, dvc.op_durable, *replica == me)
+            })
+            .expect("a quorum is present");
+        let commit_max = self
+            .dvc
+            .iter()
+            .filter(|dvc| dvc.present)
+            .map(|dvc| dvc.commit_max)
+            .max()
+            .unwrap_or(0)
+            .max(self.commit_max);
+        let selected = self.dvc[usize::from(best)].clone();
+        assert!(
+            commit_max <= selected.op_durable.max(self.commit_min),
+            "a committed op is missing from the selected log"
+        );
+        for replica in 0..self.config.replica_count {
+            if replica == me {
+                continue;
+            }
+            let dvc = &self.dvc[usize::from(replica)];
+            // Only replicas holding the selected log may serve it (repair_log_view).
+            let peer = &mut self.peers[usize::from(replica)];
+            if dvc.present {
+                peer.op_durable = dvc.op_durable;
+                peer.log_view = dvc.log_view;
+            } else {
+                peer.op_durable = 0;
+                peer.log_view = u64::MAX;
+            }
+        }
+        self.install_begin(
+            now_us,
+            selected.op_durable,
+            commit_max,
+            selected.headers_op_min,
+            &selected.checksums,
+            selected.log_view,
+            actions,
+        );
+    }
+
+    /// Starts installing the log whose head is `op_head` and whose last checksums are
+    /// `checksums` from `headers_op_min`: truncate the divergent suffix, repair the rest.
+    #[allow(clippy::too_many_arguments)]
+    fn install_begin(
+        &mut self,
+        now_us: u64,
+        op_head: u64,
+        commit_max: u64,
+        headers_op_min: u64,
+        checksums: &[JournalChecksum],
+        source_log_view: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let count = (op_head + 1).saturating_sub(headers_op_min) as usize;
+        self.expected[..count].copy_from_slice(&checksums[..count]);
+        self.install = Some(Install {
+            op_head,
+            commit_max,
+            expected_op_min: headers_op_min,
+            source_log_view,
+        });
+        let match_op = self.match_point(op_head);
+        assert!(
+            match_op >= self.commit_min,
+            "applied ops are committed and never truncated"
+        );
+        if match_op < self.op_head {
+            push(actions, Action::Truncate { op: match_op });
+            self.checksum_head = self.checksum_at(match_op).unwrap_or(0);
+            self.op_head = match_op;
+            if self.op_durable > match_op {
+                self.op_durable = match_op;
+                self.checksum_durable = self.checksum_head;
+            }
+        }
+        self.op_known_max = op_head;
+        self.repair = None;
+        self.install_progress(now_us, actions);
+    }
+
+    /// The highest op at which this replica's log agrees with the log being installed
+    /// (equal checksums at `m` mean equal logs up to `m`, through the hash chain); at least
+    /// `commit_min`, whose ops are committed and so in every later log.
+    fn match_point(&self, op_head: u64) -> u64 {
+        let mut op = self.op_head.min(op_head);
+        while op > self.commit_min {
+            match (self.checksum_at(op), self.expected_checksum(op)) {
+                (Some(mine), Some(theirs)) if mine == theirs => return op,
+                (_, None) => break,
+                _ => op -= 1,
+            }
+        }
+        self.commit_min
+    }
+
+    /// Install: once the log is durable up to its head, persist `log_view = view` (D3);
+    /// a new leader then becomes normal and sends StartView, a follower acknowledges.
+    fn install_progress(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        let Some(install) = self.install else {
+            return;
+        };
+        if self.op_durable < install.op_head {
+            self.op_known_max = install.op_head;
+            self.repair_schedule(now_us, actions);
+            return;
+        }
+        debug_assert_eq!(self.op_durable, install.op_head);
+        self.install = None;
+        self.log_view = self.view;
+        self.commit_max = self.commit_max.max(install.commit_max);
+        push(
+            actions,
+            Action::Persist {
+                view: self.view,
+                log_view: self.log_view,
+                commit_max: self.commit_max,
+            },
+        );
+        if self.config.leader_of(self.view) == self.config.replica {
+            self.status = Status::Normal;
+            self.ready = self.commit_min >= self.op_head;
+            for peer in self.peers.iter_mut() {
+                // Only acknowledgements sent in this view count (6.3).
+                peer.ack_op = 0;
+            }
+            for op in self.commit_max + 1..=self.op_head {
+                let index = self.slot_index(op);
+                if self.pipeline[index].op == op && self.pipeline[index].durable_us == 0 {
+                    self.pipeline[index].durable_us = now_us;
+                }
+            }
+            let headers_op_min = self.headers_op_min(self.op_head);
+            for peer in self.others() {
+                push(
+                    actions,
+                    Action::StartView {
+                        to: peer,
+                        view: self.view,
+                        op_head: self.op_head,
+                        commit_max: self.commit_max,
+                        headers_op_min,
+                    },
+                );
+                self.peers[usize::from(peer)].sent_us = now_us;
+            }
+            self.heartbeat_next_us = now_us + self.config.heartbeat_interval_us;
+            self.commit_advance();
+        } else {
+            self.acknowledge(actions);
+        }
+    }
+
+    /// Follower: the new leader's StartView. Installs its log (7.4): truncate what diverges,
+    /// repair the rest, then acknowledge.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_start_view(
+        &mut self,
+        now_us: u64,
+        from: u8,
+        view: u64,
+        op_head: u64,
+        commit_max: u64,
+        headers_op_min: u64,
+        checksums: &[JournalChecksum],
+        actions: &mut Vec<Action>,
+    ) {
+        self.now_us = now_us;
+        if !self.config.view_change
+            || view < self.view
+            || from != self.config.leader_of(view)
+            || from == self.config.replica
+        {
+            return;
+        }
+        let count = (op_head + 1).saturating_sub(headers_op_min) as usize;
+        if checksums.len() != count || count > self.expected.len() || headers_op_min == 0 {
+            return;
+        }
+        self.view_seen_max = self.view_seen_max.max(view);
+        let installed = view == self.view
+            && self.status == Status::Normal
+            && (self.log_view == view || self.install.is_some());
+        self.leader_heard(now_us);
+        if installed {
+            self.commit_max = self.commit_max.max(commit_max);
+            return;
+        }
+        self.view = view;
+        self.status = Status::Normal;
+        self.ready = false;
+        self.pre_vote = None;
+        self.svc_from = 0;
+        self.dvc_sent = false;
+        for peer in self.others() {
+            let state = &mut self.peers[usize::from(peer)];
+            (state.op_durable, state.log_view) = if peer == from {
+                (op_head, view)
+            } else {
+                (0, u64::MAX)
+            };
+        }
+        push(
+            actions,
+            Action::Persist {
+                view,
+                log_view: self.log_view,
+                commit_max: self.commit_max,
+            },
+        );
+        self.install_begin(
+            now_us,
+            op_head,
+            commit_max,
+            headers_op_min,
+            checksums,
+            view,
+            actions,
+        );
+    }
+
+    /// A replica that missed this view's StartView asks for it.
+    pub fn on_request_start_view(
+        &mut self,
+        now_us: u64,
+        from: u8,
+        view: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        self.now_us = now_us;
+        if !self.config.view_change
+            || view != self.view
+            || !self.is_leader()
+            || self.status != Status::Normal
+            || from == self.config.replica
+        {
+            return;
+        }
+        push(
+            actions,
+            Action::StartView {
+                to: from,
+                view: self.view,
+                op_head: self.op_head,
+                commit_max: self.commit_max,
+                headers_op_min: self.headers_op_min(self.op_head),
+            },
+        );
+    }
+
+    /// The driver executed a `Truncate`; `checksum` is the journal's new chain head.
+    pub fn on_truncated(&mut self, op: u64, checksum: JournalChecksum) {
+        assert_eq!(op, self.op_head, "truncated where the core said");
+        self.checksum_head = checksum;
+        if self.op_durable == op {
+            self.checksum_durable = checksum;
+        }
     }
 }
 
@@ -1106,11 +2192,11 @@ mod tests {
         follower.on_connection(0, true);
         follower.on_connection(2, true);
         // Peer 2 answers pings fast, the leader slowly.
-        follower.on_pong(1_000, 0, 0, 0, 0, &mut out);
+        follower.on_pong(1_000, 0, 0, 0, 0, 0, &mut out);
         assert!(out.is_empty(), "nothing known to be missing yet");
         // Peer 2 answers pings fast and reports op 50 durable (a prefix of the leader's log).
         let now = 2_000;
-        follower.on_pong(now, 2, now - 100, 50, 0, &mut out);
+        follower.on_pong(now, 2, now - 100, 50, 0, 0, &mut out);
         let Some(Action::RequestPrepare { to, op_min, op_max }) = out.pop() else {
             panic!("expected a repair request, got {out:?}");
         };
@@ -1144,6 +2230,7 @@ mod tests {
                 peer,
                 10_000 - 100 * u64::from(peer + 1),
                 100,
+                0,
                 0,
                 &mut out,
             );
@@ -1249,5 +2336,849 @@ mod tests {
             estimate.sample(100);
         }
         assert!(estimate.srtt_us <= 101 && estimate.rttvar_us <= 1);
+    }
+}
+
+/// A tiny deterministic cluster for view-change tests: instant disks, a FIFO network that
+/// can cut replicas off, and the driver rules of `shards::replication` (durable before a
+/// Prepare is sent; entries appended only when they chain and match `expected_checksum`).
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    #[derive(Debug, Clone)]
+    enum Message {
+        Prepare {
+            view: u64,
+            op: u64,
+            commit: u64,
+            checksum: u128,
+            previous: u128,
+            repair: bool,
+        },
+        PrepareOk {
+            view: u64,
+            op: u64,
+            checksum: u128,
+            commit_min: u64,
+        },
+        Commit {
+            view: u64,
+            commit: u64,
+            op_head: u64,
+        },
+        Ping {
+            time_us: u64,
+            op_durable: u64,
+            commit_min: u64,
+            log_view: u64,
+        },
+        Pong {
+            time_us: u64,
+            op_durable: u64,
+            commit_min: u64,
+            log_view: u64,
+        },
+        RequestPrepare {
+            op_min: u64,
+            op_max: u64,
+        },
+        PreVote {
+            view_target: u64,
+        },
+        PreVoteReply {
+            view_target: u64,
+            granted: bool,
+        },
+        StartViewChange {
+            view: u64,
+        },
+        DoViewChange {
+            view: u64,
+            log_view: u64,
+            op_durable: u64,
+            commit_max: u64,
+            op_min: u64,
+            checksums: Vec<u128>,
+        },
+        StartView {
+            view: u64,
+            op_head: u64,
+            commit_max: u64,
+            op_min: u64,
+            checksums: Vec<u128>,
+        },
+        RequestStartView {
+            view: u64,
+        },
+    }
+
+    struct Node {
+        replica: Replica,
+        /// (checksum, previous) of ops 1..; everything here is durable (instant disk).
+        log: Vec<(u128, u128)>,
+        persisted: Persisted,
+        applied: Vec<u128>,
+        up: bool,
+    }
+
+    struct Cluster {
+        nodes: Vec<Node>,
+        network: VecDeque<(u8, u8, Message)>,
+        now_us: u64,
+        /// Links cut: (from, to).
+        cut: Vec<(u8, u8)>,
+    }
+
+    fn entry_checksum(previous: u128, op: u64, payload: u64) -> u128 {
+        crate::journal::journal_checksum(
+            &[
+                previous.to_le_bytes().as_slice(),
+                &op.to_le_bytes(),
+                &payload.to_le_bytes(),
+            ]
+            .concat(),
+        )
+    }
+
+    impl Cluster {
+        fn new(count: u8) -> Self {
+            let nodes = (0..count)
+                .map(|replica| {
+                    let mut config =
+                        ReplicaConfig::new(0, replica, count, 11 + u64::from(replica)).unwrap();
+                    config.view_change = true;
+                    Node {
+                        replica: Replica::new(config, 0, 0, 0).unwrap(),
+                        log: Vec::new(),
+                        persisted: Persisted::default(),
+                        applied: Vec::new(),
+                        up: true,
+                    }
+                })
+                .collect();
+            Self {
+                nodes,
+                network: VecDeque::new(),
+                now_us: 0,
+                cut: Vec::new(),
+            }
+        }
+
+        fn execute(&mut self, node: u8, actions: Vec<Action>) {
+            for action in actions {
+                let n = usize::from(node);
+                let send = |to: u8, message: Message, network: &mut VecDeque<(u8, u8, Message)>| {
+                    network.push_back((node, to, message));
+                };
+                match action {
+                    Action::PrepareOk {
+                        to,
+                        op,
+                        checksum,
+                        commit_min,
+                    } => {
+                        let view = self.nodes[n].replica.view();
+                        send(
+                            to,
+                            Message::PrepareOk {
+                                view,
+                                op,
+                                checksum,
+                                commit_min,
+                            },
+                            &mut self.network,
+                        );
+                    }
+                    Action::Commit {
+                        to,
+                        commit,
+                        op_head,
+                    } => {
+                        let view = self.nodes[n].replica.view();
+                        send(
+                            to,
+                            Message::Commit {
+                                view,
+                                commit,
+                                op_head,
+                            },
+                            &mut self.network,
+                        );
+                    }
+                    Action::Ping {
+                        to,
+                        time_us,
+                        op_durable,
+                        commit_min,
+                        log_view,
+                    } => send(
+                        to,
+                        Message::Ping {
+                            time_us,
+                            op_durable,
+                            commit_min,
+                            log_view,
+                        },
+                        &mut self.network,
+                    ),
+                    Action::Pong {
+                        to,
+                        time_us,
+                        op_durable,
+                        commit_min,
+                        log_view,
+                    } => send(
+                        to,
+                        Message::Pong {
+                            time_us,
+                            op_durable,
+                            commit_min,
+                            log_view,
+                        },
+                        &mut self.network,
+                    ),
+                    Action::RequestPrepare { to, op_min, op_max } => send(
+                        to,
+                        Message::RequestPrepare { op_min, op_max },
+                        &mut self.network,
+                    ),
+                    Action::ServeRepair { to, op_min, op_max } => {
+                        let view = self.nodes[n].replica.view();
+                        let commit = self.nodes[n].replica.commit_max();
+                        for op in op_min..=op_max.min(self.nodes[n].log.len() as u64) {
+                            let (checksum, previous) = self.nodes[n].log[op as usize - 1];
+                            send(
+                                to,
+                                Message::Prepare {
+                                    view,
+                                    op,
+                                    commit,
+                                    checksum,
+                                    previous,
+                                    repair: true,
+                                },
+                                &mut self.network,
+                            );
+                        }
+                    }
+                    Action::Persist { view, log_view, .. } => {
+                        if std::env::var("TRACE").is_ok() {
+                            eprintln!(
+                                "t={} replica {node} persist view {view} log_view {log_view} (log {})",
+                                self.now_us,
+                                self.nodes[n].log.len()
+                            );
+                        }
+                        self.nodes[n].persisted = Persisted { view, log_view };
+                    }
+                    Action::Truncate { op } => {
+                        if std::env::var("TRACE").is_ok() {
+                            eprintln!(
+                                "t={} replica {node} truncate to {op} (log {})",
+                                self.now_us,
+                                self.nodes[n].log.len()
+                            );
+                        }
+                        let node = &mut self.nodes[n];
+                        assert!(
+                            op as usize >= node.applied.len(),
+                            "applied ops are never truncated"
+                        );
+                        node.log.truncate(op as usize);
+                        let head = node.log.last().map_or(0, |e| e.0);
+                        node.replica.on_truncated(op, head);
+                    }
+                    Action::PreVote { to, view_target } => {
+                        send(to, Message::PreVote { view_target }, &mut self.network)
+                    }
+                    Action::PreVoteReply {
+                        to,
+                        view_target,
+                        granted,
+                    } => send(
+                        to,
+                        Message::PreVoteReply {
+                            view_target,
+                            granted,
+                        },
+                        &mut self.network,
+                    ),
+                    Action::StartViewChange { to, view } => {
+                        send(to, Message::StartViewChange { view }, &mut self.network)
+                    }
+                    Action::DoViewChange {
+                        to,
+                        view,
+                        log_view,
+                        op_durable,
+                        commit_max,
+                        headers_op_min,
+                    } => {
+                        let replica = &self.nodes[n].replica;
+                        let checksums = (headers_op_min..=op_durable)
+                            .map(|op| replica.checksum_at(op).unwrap())
+                            .collect();
+                        send(
+                            to,
+                            Message::DoViewChange {
+                                view,
+                                log_view,
+                                op_durable,
+                                commit_max,
+                                op_min: headers_op_min,
+                                checksums,
+                            },
+                            &mut self.network,
+                        );
+                    }
+                    Action::StartView {
+                        to,
+                        view,
+                        op_head,
+                        commit_max,
+                        headers_op_min,
+                    } => {
+                        let replica = &self.nodes[n].replica;
+                        let checksums = (headers_op_min..=op_head)
+                            .map(|op| replica.checksum_at(op).unwrap())
+                            .collect();
+                        send(
+                            to,
+                            Message::StartView {
+                                view,
+                                op_head,
+                                commit_max,
+                                op_min: headers_op_min,
+                                checksums,
+                            },
+                            &mut self.network,
+                        );
+                    }
+                    Action::RequestStartView { to, view } => {
+                        send(to, Message::RequestStartView { view }, &mut self.network)
+                    }
+                }
+            }
+            self.apply(node);
+        }
+
+        fn apply(&mut self, node: u8) {
+            let node = &mut self.nodes[usize::from(node)];
+            while node.replica.commit_min() < node.replica.apply_limit() {
+                let op = node.replica.commit_min() + 1;
+                node.applied.push(node.log[op as usize - 1].0);
+                node.replica.on_applied(op);
+            }
+        }
+
+        /// The leader seals one op (durable at once), then sends it to every follower.
+        fn seal(&mut self, leader: u8, payload: u64) -> bool {
+            let n = usize::from(leader);
+            if !self.nodes[n].up || !self.nodes[n].replica.can_seal() {
+                return false;
+            }
+            let mut actions = Vec::with_capacity(ACTIONS_MAX);
+            let node = &mut self.nodes[n];
+            let op = node.log.len() as u64 + 1;
+            let previous = node.log.last().map_or(0, |e| e.0);
+            let checksum = entry_checksum(previous, op, payload);
+            node.log.push((checksum, previous));
+            node.replica.on_staged(self.now_us, op, checksum);
+            node.replica.on_durable(self.now_us, op, &mut actions);
+            let view = node.replica.view();
+            let commit = node.replica.commit_max();
+            for peer in node.replica.others() {
+                node.replica.note_sent(peer, self.now_us);
+                self.network.push_back((
+                    leader,
+                    peer,
+                    Message::Prepare {
+                        view,
+                        op,
+                        commit,
+                        checksum,
+                        previous,
+                        repair: false,
+                    },
+                ));
+            }
+            self.execute(leader, actions);
+            true
+        }
+
+        fn deliver(&mut self, from: u8, to: u8, message: Message) {
+            let now = self.now_us;
+            let n = usize::from(to);
+            let mut actions = Vec::with_capacity(ACTIONS_MAX);
+            let node = &mut self.nodes[n];
+            let r = &mut node.replica;
+            match message {
+                Message::Prepare {
+                    view,
+                    op,
+                    commit,
+                    checksum,
+                    previous,
+                    repair,
+                } => {
+                    if r.on_prepare(now, from, view, op, commit, repair, &mut actions)
+                        == PrepareDisposition::Append
+                    {
+                        let head = node.log.last().map_or(0, |e| e.0);
+                        let expected_ok = r.expected_checksum(op).is_none_or(|c| c == checksum);
+                        if previous == head && expected_ok {
+                            if std::env::var("TRACE").is_ok() {
+                                eprintln!(
+                                    "t={now} replica {to} append {op} from {from} (view {view} repair {repair})"
+                                );
+                            }
+                            node.log.push((checksum, previous));
+                            r.on_staged(now, op, checksum);
+                            r.on_durable(now, op, &mut actions);
+                        }
+                    }
+                }
+                Message::PrepareOk {
+                    view,
+                    op,
+                    checksum,
+                    commit_min,
+                } => {
+                    r.on_prepare_ok(now, from, view, op, checksum, commit_min);
+                }
+                Message::Commit {
+                    view,
+                    commit,
+                    op_head,
+                } => r.on_commit(now, from, view, commit, op_head, &mut actions),
+                Message::Ping {
+                    time_us,
+                    op_durable,
+                    commit_min,
+                    log_view,
+                } => r.on_ping(
+                    from,
+                    time_us,
+                    op_durable,
+                    commit_min,
+                    log_view,
+                    &mut actions,
+                ),
+                Message::Pong {
+                    time_us,
+                    op_durable,
+                    commit_min,
+                    log_view,
+                } => r.on_pong(
+                    now,
+                    from,
+                    time_us,
+                    op_durable,
+                    commit_min,
+                    log_view,
+                    &mut actions,
+                ),
+                Message::RequestPrepare { op_min, op_max } => {
+                    r.on_request_prepare(from, op_min, op_max, &mut actions)
+                }
+                Message::PreVote { view_target } => {
+                    r.on_pre_vote(now, from, view_target, &mut actions)
+                }
+                Message::PreVoteReply {
+                    view_target,
+                    granted,
+                } => r.on_pre_vote_reply(now, from, view_target, granted, &mut actions),
+                Message::StartViewChange { view } => {
+                    r.on_start_view_change(now, from, view, &mut actions)
+                }
+                Message::DoViewChange {
+                    view,
+                    log_view,
+                    op_durable,
+                    commit_max,
+                    op_min,
+                    checksums,
+                } => {
+                    r.on_do_view_change(
+                        now,
+                        from,
+                        view,
+                        log_view,
+                        op_durable,
+                        commit_max,
+                        op_min,
+                        &checksums,
+                        &mut actions,
+                    );
+                }
+                Message::StartView {
+                    view,
+                    op_head,
+                    commit_max,
+                    op_min,
+                    checksums,
+                } => {
+                    r.on_start_view(
+                        now,
+                        from,
+                        view,
+                        op_head,
+                        commit_max,
+                        op_min,
+                        &checksums,
+                        &mut actions,
+                    );
+                }
+                Message::RequestStartView { view } => {
+                    r.on_request_start_view(now, from, view, &mut actions)
+                }
+            }
+            self.execute(to, actions);
+        }
+
+        /// Delivers everything in flight, then advances time by `step_us` and ticks.
+        fn run(&mut self, duration_us: u64, step_us: u64) {
+            let end = self.now_us + duration_us;
+            while self.now_us < end {
+                let mut budget = 100_000;
+                while let Some((from, to, message)) = self.network.pop_front() {
+                    budget -= 1;
+                    if budget < 20 {
+                        eprintln!("storm: {from} -> {to}: {message:?}");
+                    }
+                    if budget == 0 {
+                        self.dump();
+                        panic!("message storm");
+                    }
+                    let linked = self.nodes[usize::from(from)].up
+                        && self.nodes[usize::from(to)].up
+                        && !self.cut.contains(&(from, to));
+                    if linked {
+                        self.deliver(from, to, message);
+                    }
+                }
+                self.now_us += step_us;
+                for node in 0..self.nodes.len() as u8 {
+                    if self.nodes[usize::from(node)].up {
+                        let mut actions = Vec::with_capacity(ACTIONS_MAX);
+                        let now = self.now_us;
+                        self.nodes[usize::from(node)]
+                            .replica
+                            .tick(now, &mut actions);
+                        self.execute(node, actions);
+                    }
+                }
+                for node in 0..self.nodes.len() as u8 {
+                    for connected in 0..self.nodes.len() as u8 {
+                        if connected != node {
+                            let up = self.nodes[usize::from(connected)].up
+                                && !self.cut.contains(&(node, connected));
+                            self.nodes[usize::from(node)]
+                                .replica
+                                .on_connection(connected, up);
+                        }
+                    }
+                }
+            }
+        }
+
+        fn leader(&self) -> Option<u8> {
+            let view = self
+                .nodes
+                .iter()
+                .filter(|n| n.up)
+                .map(|n| n.replica.view())
+                .max()?;
+            let leader = self.nodes[0].replica.config().leader_of(view);
+            let node = &self.nodes[usize::from(leader)];
+            (node.up && node.replica.view() == view && node.replica.is_ready_leader())
+                .then_some(leader)
+        }
+
+        /// Restarts `node` from its log and persisted views, replaying nothing.
+        fn restart(&mut self, node: u8) {
+            let n = usize::from(node);
+            let config = *self.nodes[n].replica.config();
+            let log = &self.nodes[n].log;
+            let op = log.len() as u64;
+            let head = log.last().map_or(0, |e| e.0);
+            let recent: Vec<(u64, u128)> = log
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (i as u64 + 1, e.0))
+                .collect();
+            let applied = self.nodes[n].applied.len() as u64;
+            self.nodes[n].replica = Replica::restart(
+                config,
+                self.nodes[n].persisted,
+                op,
+                head,
+                applied,
+                &recent,
+                self.now_us,
+            )
+            .unwrap();
+            self.nodes[n].up = true;
+        }
+
+        fn dump(&self) {
+            for (index, node) in self.nodes.iter().enumerate() {
+                let r = &node.replica;
+                eprintln!(
+                    "replica {index}: up {} view {} log_view {} status {:?} head {} durable {} commit_max {} commit_min {} ready {} install {:?} log {} applied {} acks {:?}",
+                    node.up,
+                    r.view,
+                    r.log_view,
+                    r.status,
+                    r.op_head,
+                    r.op_durable,
+                    r.commit_max,
+                    r.commit_min,
+                    r.ready,
+                    r.install,
+                    node.log.len(),
+                    node.applied.len(),
+                    r.peers
+                        .iter()
+                        .take(self.nodes.len())
+                        .map(|p| p.ack_op)
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+
+        /// Agreement: every two replicas applied the same checksum at every op both applied,
+        /// and each log is chained.
+        fn check(&self) {
+            for a in &self.nodes {
+                for b in &self.nodes {
+                    let common = a.applied.len().min(b.applied.len());
+                    assert_eq!(
+                        a.applied[..common],
+                        b.applied[..common],
+                        "applied logs diverge"
+                    );
+                }
+                for window in a.log.windows(2) {
+                    assert_eq!(window[1].1, window[0].0, "log is not a chain");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_crashed_leader_is_replaced_and_committed_ops_survive() {
+        let mut cluster = Cluster::new(3);
+        cluster.run(10_000, 1_000);
+        for payload in 0..20 {
+            assert!(cluster.seal(0, payload));
+            cluster.run(2_000, 1_000);
+        }
+        let committed = cluster.nodes[0].replica.commit_max();
+        assert_eq!(committed, 20);
+        cluster.nodes[0].up = false;
+        cluster.run(2_000_000, 5_000);
+        let leader = cluster.leader().expect("a new leader within 2 s");
+        assert_ne!(leader, 0);
+        assert_eq!(
+            cluster.nodes[usize::from(leader)].replica.view() % 3,
+            u64::from(leader)
+        );
+        for payload in 100..110 {
+            assert!(cluster.seal(leader, payload));
+            cluster.run(2_000, 1_000);
+        }
+        cluster.run(100_000, 5_000);
+        assert_eq!(cluster.nodes[usize::from(leader)].replica.commit_max(), 30);
+        cluster.check();
+        // The old leader restarts, learns the new view and catches up.
+        cluster.restart(0);
+        cluster.run(2_000_000, 5_000);
+        cluster.check();
+        assert_eq!(cluster.nodes[0].log.len(), 30);
+        assert_eq!(cluster.nodes[0].applied.len(), 30);
+        assert_eq!(
+            cluster.nodes[0].replica.view(),
+            cluster.nodes[usize::from(leader)].replica.view()
+        );
+    }
+
+    #[test]
+    fn a_partitioned_leaders_uncommitted_suffix_is_truncated() {
+        let mut cluster = Cluster::new(3);
+        cluster.run(10_000, 1_000);
+        for payload in 0..5 {
+            assert!(cluster.seal(0, payload));
+            cluster.run(2_000, 1_000);
+        }
+        // Cut the leader off: its next ops are durable on it alone, never committed.
+        cluster.cut = vec![(0, 1), (0, 2), (1, 0), (2, 0)];
+        for payload in 50..53 {
+            assert!(cluster.seal(0, payload));
+        }
+        cluster.run(2_000_000, 5_000);
+        assert_eq!(cluster.nodes[0].log.len(), 8);
+        assert_eq!(
+            cluster.nodes[0].replica.commit_max(),
+            5,
+            "no quorum for 6..=8"
+        );
+        let leader = cluster.leader().expect("the majority elects a leader");
+        assert_ne!(leader, 0);
+        for payload in 200..204 {
+            assert!(cluster.seal(leader, payload));
+            cluster.run(2_000, 1_000);
+        }
+        // Heal: the old leader hears the new view, truncates 6..=8 and takes the new log.
+        cluster.cut.clear();
+        cluster.run(2_000_000, 5_000);
+        cluster.check();
+        let new_log = &cluster.nodes[usize::from(leader)].log;
+        assert_eq!(
+            cluster.nodes[0].log, *new_log,
+            "the divergent suffix was replaced"
+        );
+        assert_eq!(cluster.nodes[0].applied.len(), 9);
+        assert_eq!(cluster.nodes[0].replica.status(), Status::Normal);
+    }
+
+    #[test]
+    fn a_partitioned_follower_cannot_raise_the_view() {
+        let mut cluster = Cluster::new(3);
+        cluster.run(10_000, 1_000);
+        assert!(cluster.seal(0, 1));
+        // Replica 2 is cut off alone: its pre-votes gather no grants.
+        cluster.cut = vec![(2, 0), (2, 1), (0, 2), (1, 2)];
+        for payload in 2..40 {
+            cluster.seal(0, payload);
+            cluster.run(50_000, 5_000);
+        }
+        assert_eq!(cluster.nodes[0].replica.view(), 0);
+        assert_eq!(cluster.nodes[1].replica.view(), 0);
+        assert_eq!(
+            cluster.nodes[2].replica.view(),
+            0,
+            "pre-vote keeps it from climbing"
+        );
+        cluster.cut.clear();
+        cluster.run(1_000_000, 5_000);
+        assert_eq!(cluster.leader(), Some(0), "the leader was never disturbed");
+        assert_eq!(
+            cluster.nodes[2].applied.len(),
+            cluster.nodes[0].applied.len()
+        );
+        cluster.check();
+    }
+
+    /// Random crashes, restarts, one-way link cuts and heals under load, from a seed; then
+    /// everything heals and the cluster must converge. Agreement is checked after every
+    /// step; every op ever committed must be applied, with the same checksum, everywhere.
+    #[test]
+    fn random_faults_never_break_agreement_and_heal() {
+        if let Ok(seed) = std::env::var("SEED") {
+            random_run(seed.parse().unwrap(), 3);
+            return;
+        }
+        for seed in 0..200u64 {
+            random_run(seed, 3);
+        }
+        for seed in 0..50u64 {
+            random_run(1_000 + seed, 5);
+        }
+    }
+
+    fn random_run(seed: u64, count: u8) {
+        let mut cluster = Cluster::new(count);
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let f = usize::from(count) / 2;
+        let mut committed: Vec<u128> = Vec::new();
+        cluster.run(10_000, 1_000);
+        for step in 0..300u64 {
+            match next() % 10 {
+                0 => {
+                    let node = (next() % u64::from(count)) as usize;
+                    let down = cluster.nodes.iter().filter(|n| !n.up).count();
+                    if cluster.nodes[node].up && down < f {
+                        cluster.nodes[node].up = false;
+                        cluster.network.retain(|(from, to, _)| {
+                            usize::from(*from) != node && usize::from(*to) != node
+                        });
+                    }
+                }
+                1 => {
+                    let node = (next() % u64::from(count)) as u8;
+                    if !cluster.nodes[usize::from(node)].up {
+                        cluster.restart(node);
+                    }
+                }
+                2 => {
+                    let from = (next() % u64::from(count)) as u8;
+                    let to = (next() % u64::from(count)) as u8;
+                    if from != to && cluster.cut.len() < 2 {
+                        cluster.cut.push((from, to));
+                    }
+                }
+                3 => cluster.cut.clear(),
+                _ => {
+                    if let Some(leader) = cluster.leader() {
+                        cluster.seal(leader, seed * 1_000_000 + step);
+                    }
+                }
+            }
+            cluster.run(20_000 + next() % 200_000, 5_000);
+            cluster.check();
+            for node in &cluster.nodes {
+                let common = committed.len().min(node.applied.len());
+                assert_eq!(
+                    node.applied[..common],
+                    committed[..common],
+                    "seed {seed}: applied differs from committed"
+                );
+                if node.applied.len() > committed.len() {
+                    committed = node.applied.clone();
+                }
+            }
+        }
+        // Faults stop: everyone up, every link healed.
+        cluster.cut.clear();
+        for node in 0..count {
+            if !cluster.nodes[usize::from(node)].up {
+                cluster.restart(node);
+            }
+        }
+        cluster.run(3_000_000, 5_000);
+        let leader = cluster
+            .leader()
+            .unwrap_or_else(|| panic!("seed {seed}: no leader after healing"));
+        if !cluster.seal(leader, u64::MAX - seed) {
+            cluster.dump();
+            panic!("seed {seed}: the leader cannot seal");
+        }
+        cluster.run(1_000_000, 5_000);
+        cluster.check();
+        let applied = cluster.nodes[usize::from(leader)].applied.clone();
+        assert!(
+            applied.len() > committed.len(),
+            "seed {seed}: the new op did not commit"
+        );
+        assert_eq!(
+            applied[..committed.len()],
+            committed[..],
+            "seed {seed}: a committed op was lost"
+        );
+        for (index, node) in cluster.nodes.iter().enumerate() {
+            assert_eq!(
+                node.applied, applied,
+                "seed {seed}: replica {index} did not converge"
+            );
+        }
     }
 }

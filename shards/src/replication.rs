@@ -528,6 +528,7 @@ where
             header.field_u64(field::PING_TIME_US),
             header.field_u64(field::PING_OP_DURABLE),
             header.field_u64(field::PING_COMMIT_MIN),
+            header.field_u64(field::PING_LOG_VIEW),
             &mut actions,
         ),
         Command::Pong => replication.replica.borrow_mut().on_pong(
@@ -536,6 +537,7 @@ where
             header.field_u64(field::PING_TIME_US),
             header.field_u64(field::PING_OP_DURABLE),
             header.field_u64(field::PING_COMMIT_MIN),
+            header.field_u64(field::PING_LOG_VIEW),
             &mut actions,
         ),
         Command::RequestPrepare => replication.replica.borrow_mut().on_request_prepare(
@@ -675,12 +677,14 @@ fn execute<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
                 time_us,
                 op_durable,
                 commit_min,
+                log_view,
             }
             | Action::Pong {
                 to,
                 time_us,
                 op_durable,
                 commit_min,
+                log_view,
             } => {
                 let command = if matches!(action, Action::Ping { .. }) {
                     Command::Ping
@@ -691,6 +695,7 @@ fn execute<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
                 header.set_field_u64(field::PING_TIME_US, time_us);
                 header.set_field_u64(field::PING_OP_DURABLE, op_durable);
                 header.set_field_u64(field::PING_COMMIT_MIN, commit_min);
+                header.set_field_u64(field::PING_LOG_VIEW, log_view);
                 (to, header)
             }
             Action::RequestPrepare { to, op_min, op_max } => {
@@ -699,6 +704,18 @@ fn execute<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
                 header.set_field_u64(field::REQUEST_OP_MIN, op_min);
                 header.set_field_u64(field::REQUEST_OP_MAX, op_max);
                 (to, header)
+            }
+            Action::Persist { .. }
+            | Action::Truncate { .. }
+            | Action::PreVote { .. }
+            | Action::PreVoteReply { .. }
+            | Action::StartViewChange { .. }
+            | Action::DoViewChange { .. }
+            | Action::StartView { .. }
+            | Action::RequestStartView { .. } => {
+                // The runtime keeps `view_change` off until it persists views and truncates
+                // journals: the core never produces these here.
+                unreachable!("view change is disabled in the io_uring runtime: {action:?}");
             }
             Action::ServeRepair { to, op_min, op_max } => {
                 let mut repairs = replication.repairs.borrow_mut();
