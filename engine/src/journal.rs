@@ -119,19 +119,50 @@
 //! | 12 | `shard: u32` | |
 //! | 16 | `sequence: u64` | +1 per write; copy slot = `sequence % 2` |
 //! | 24 | `view: u64` | |
-//! | 32 | `op_durable: u64` | |
-//! | 40 | `checkpoint_op: u64` | |
-//! | 48 | `checkpoint_segment: u64` | |
+//! | 32 | `op_durable: u64` | `≥ checkpoint_op` |
+//! | 40 | `checkpoint_op: u64` | latest checkpoint (0: none) |
+//! | 48 | `checkpoint_segment: u64` | where entry `checkpoint_op + 1` goes |
 //! | 56 | `checkpoint_offset: u64` | sector aligned, `≤ segment_bytes` |
 //! | 64 | `segment_bytes: u64` | nonzero multiple of [`SECTOR_BYTES`] |
-//! | 72 | `reserved_b: [u8; 8]` | zero |
+//! | 72 | `checkpoint_previous_op: u64` | the checkpoint before (`≤ checkpoint_op`) |
 //! | 80 | `cluster_id: u128` | |
-//! | 96 | `checkpoint_checksum: u128` | chain value at the checkpoint |
-//! | 112 | `checksum: u128` | [`journal_checksum`] of all 4,096 bytes with this field zero |
-//! | 128 | zero | to 4,096 |
+//! | 96 | `checkpoint_checksum: u128` | chain value at the checkpoint (checksum of its entry) |
+//! | 112 | `snapshot_checksum: u128` | [`journal_checksum`] of the snapshot bytes (0: none) |
+//! | 128 | `checkpoint_previous_segment: u64` | where entry `checkpoint_previous_op + 1` goes |
+//! | 136 | `checkpoint_previous_offset: u64` | sector aligned, `≤ segment_bytes` |
+//! | 144 | `checkpoint_previous_checksum: u128` | chain value at the previous checkpoint |
+//! | 160 | `reserved_b: [u8; 16]` | zero |
+//! | 176 | `checksum: u128` | [`journal_checksum`] of all 4,096 bytes with this field zero |
+//! | 192 | zero | to 4,096 |
 //!
 //! Copies are written alternately (sequence `s` into slot `s % 2`), so a torn superblock write
 //! destroys at most the newer copy; [`superblock_latest`] falls back to the older one.
+//! Version 2 added the snapshot checksum and the previous checkpoint. A version-1 superblock
+//! is refused ([`SuperblockError::UnsupportedVersion`]): there is no migration, since no
+//! deployment holds version-1 data that must be kept.
+//!
+//! # Checkpoints
+//! A checkpoint at op `C` is a snapshot of the state machine after applying `C`, in a file
+//! `snapshot-<C, 20 digits>.state`: a [`SNAPSHOT_HEADER_BYTES`] header (layout below), then
+//! the snapshot bytes, zero padded to a sector. Recovery restores the latest checkpoint's
+//! snapshot and replays the journal from entry `C + 1`, which must chain to
+//! `checkpoint_checksum`. The journal is *scanned* (verified and indexed, not replayed) from
+//! the previous checkpoint, so that the entries between the two stay readable for peers.
+//!
+//! | offset | field | |
+//! |---|---|---|
+//! | 0 | `magic: u64` | [`SNAPSHOT_MAGIC`] (`b"PCSNAPSH"`) |
+//! | 8 | `version: u16` | [`SNAPSHOT_FILE_VERSION`] |
+//! | 10 | `reserved_a: [u8; 2]` | zero |
+//! | 12 | `shard: u32` | |
+//! | 16 | `op: u64` | the checkpoint op (≥ 1) |
+//! | 24 | `snapshot_bytes: u64` | bytes of snapshot after the header (unpadded) |
+//! | 32 | `cluster_id: u128` | |
+//! | 48 | `checkpoint_checksum: u128` | checksum of entry `op` |
+//! | 64 | `snapshot_checksum: u128` | [`journal_checksum`] of the snapshot bytes |
+//! | 80 | `digest: [u8; 32]` | the state machine's `digest()` at `op` |
+//! | 112 | `checksum: u128` | [`journal_checksum`] of all 4,096 header bytes with this field zero |
+//! | 128 | zero | to 4,096 |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -158,14 +189,22 @@ pub const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"PCJOURNL");
 pub const JOURNAL_VERSION: u16 = 1;
 /// First eight bytes of every superblock copy (distinct from [`ENTRY_MAGIC`]).
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PCSUPERB");
-/// Superblock format version this code writes and reads.
-pub const SUPERBLOCK_VERSION: u16 = 1;
+/// Superblock format version this code writes and reads (2: checkpoints with snapshots).
+pub const SUPERBLOCK_VERSION: u16 = 2;
+/// First eight bytes of every snapshot file.
+pub const SNAPSHOT_MAGIC: u64 = u64::from_le_bytes(*b"PCSNAPSH");
+/// Snapshot file format version this code writes and reads.
+pub const SNAPSHOT_FILE_VERSION: u16 = 1;
+/// Size of a snapshot file's header (bytes); the snapshot bytes follow, sector aligned.
+pub const SNAPSHOT_HEADER_BYTES: usize = 4096;
 /// The chain value before op 1: op 1's `checksum_previous`.
 pub const JOURNAL_CHAIN_ROOT: JournalChecksum = 0;
 
 const _: () = assert!(size_of::<EntryHeader>() == ENTRY_HEADER_BYTES);
 const _: () = assert!(size_of::<SuperblockHeader>() <= SUPERBLOCK_BYTES);
 const _: () = assert!(SUPERBLOCK_BYTES.is_multiple_of(SECTOR_BYTES));
+const _: () = assert!(size_of::<SnapshotFileHeader>() <= SNAPSHOT_HEADER_BYTES);
+const _: () = assert!(SNAPSHOT_HEADER_BYTES.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(SEGMENT_BYTES_DEFAULT.is_multiple_of(SECTOR_BYTES as u64));
 const _: () = assert!(ENTRY_HEADER_BYTES <= SECTOR_BYTES);
 // The largest entry fits a default segment, and its body size fits the u32 field.
@@ -661,16 +700,44 @@ pub struct Superblock {
     pub view: u64,
     /// Highest op known durable in the journal when this copy was written.
     pub op_durable: u64,
-    /// Op of the latest checkpoint (recovery replays from `checkpoint_op + 1`).
-    pub checkpoint_op: u64,
-    /// Segment index holding the entry after the checkpoint.
-    pub checkpoint_segment: u64,
-    /// File offset of that entry in its segment (sector aligned).
-    pub checkpoint_offset: u64,
-    /// Chain value at the checkpoint: the checksum of op `checkpoint_op`.
-    pub checkpoint_checksum: JournalChecksum,
+    /// The latest checkpoint: its op, where the entry after it goes, its chain value.
+    pub checkpoint: Checkpoint,
+    /// [`journal_checksum`] of the latest checkpoint's snapshot bytes (0 when
+    /// `checkpoint.op` is 0: no snapshot).
+    pub snapshot_checksum: JournalChecksum,
+    /// The checkpoint before the latest (equal to it, or op 0, until there are two).
+    /// Recovery scans the journal from here, so the ops after it stay readable.
+    pub checkpoint_previous: Checkpoint,
     /// Size of every segment file (bytes).
     pub segment_bytes: u64,
+}
+
+/// A point in the journal: op `op` is the last op before it, and entry `op + 1` goes at
+/// (`segment`, `offset`) or, if it did not fit there, at the start of the next segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    /// Op of the checkpoint (0: the start of the journal).
+    pub op: u64,
+    /// Segment index holding the position after entry `op`.
+    pub segment: u64,
+    /// File offset of that position in its segment (sector aligned).
+    pub offset: u64,
+    /// Chain value there: the checksum of entry `op` ([`JOURNAL_CHAIN_ROOT`] for op 0).
+    pub checksum: JournalChecksum,
+}
+
+impl Checkpoint {
+    /// The start of an empty journal.
+    pub const ROOT: Checkpoint = Checkpoint {
+        op: 0,
+        segment: 0,
+        offset: 0,
+        checksum: JOURNAL_CHAIN_ROOT,
+    };
+
+    fn position(&self) -> (u64, u64) {
+        (self.segment, self.offset)
+    }
 }
 
 /// The superblock as it lies on disk. See the module documentation for the layout.
@@ -688,15 +755,20 @@ struct SuperblockHeader {
     checkpoint_segment: u64,
     checkpoint_offset: u64,
     segment_bytes: u64,
-    reserved_b: [u8; 8],
+    checkpoint_previous_op: u64,
     cluster_id: u128,
     checkpoint_checksum: u128,
+    snapshot_checksum: u128,
+    checkpoint_previous_segment: u64,
+    checkpoint_previous_offset: u64,
+    checkpoint_previous_checksum: u128,
+    reserved_b: [u8; 16],
     checksum: u128,
 }
 
 const SUPERBLOCK_HEADER_BYTES: usize = size_of::<SuperblockHeader>();
 const SUPERBLOCK_CHECKSUM_OFFSET: usize = SUPERBLOCK_HEADER_BYTES - size_of::<u128>();
-const _: () = assert!(SUPERBLOCK_HEADER_BYTES == 128);
+const _: () = assert!(SUPERBLOCK_HEADER_BYTES == 192);
 
 /// Why bytes are not a valid superblock copy, or no copy is.
 #[derive(thiserror::Error, Debug, Clone, Copy, PartialEq, Eq)]
@@ -710,8 +782,9 @@ pub enum SuperblockError {
     /// The copy does not start with [`SUPERBLOCK_MAGIC`] (for example, never written).
     #[error("bad superblock magic")]
     BadMagic,
-    /// A format version this code does not read.
-    #[error("unsupported superblock version {version}")]
+    /// A format version this code does not read (version 1, from before checkpoints, is
+    /// refused: no migration).
+    #[error("unsupported superblock version {version} (this build reads {SUPERBLOCK_VERSION})")]
     UnsupportedVersion {
         /// Version found.
         version: u16,
@@ -722,7 +795,7 @@ pub enum SuperblockError {
     /// Reserved bytes are not zero.
     #[error("superblock reserved bytes are not zero")]
     ReservedNotZero,
-    /// `segment_bytes` or `checkpoint_offset` is not sector aligned, or the offset lies past
+    /// `segment_bytes` or a checkpoint offset is not sector aligned, or an offset lies past
     /// the segment.
     #[error(
         "superblock geometry invalid: segment_bytes {segment_bytes}, checkpoint_offset {checkpoint_offset}"
@@ -730,8 +803,23 @@ pub enum SuperblockError {
     GeometryInvalid {
         /// Segment size found.
         segment_bytes: u64,
-        /// Checkpoint offset found.
+        /// Checkpoint offset found (the first one that is invalid).
         checkpoint_offset: u64,
+    },
+    /// The checkpoints contradict each other or `op_durable`: the previous one is after the
+    /// latest, the latest is above `op_durable`, or a snapshot checksum is present without a
+    /// checkpoint (or missing with one).
+    #[error(
+        "superblock checkpoints invalid: previous op {checkpoint_previous_op}, \
+         latest op {checkpoint_op}, op_durable {op_durable}"
+    )]
+    CheckpointInvalid {
+        /// The previous checkpoint's op.
+        checkpoint_previous_op: u64,
+        /// The latest checkpoint's op.
+        checkpoint_op: u64,
+        /// `op_durable` found.
+        op_durable: u64,
     },
     /// A valid copy in the wrong slot (sequence `s` belongs in slot `s % 2`): a misdirected
     /// write.
@@ -746,8 +834,62 @@ pub enum SuperblockError {
     #[error("superblock copies disagree on cluster or shard")]
     CopiesDisagree,
     /// Neither copy is valid.
-    #[error("no valid superblock copy")]
-    NoValidCopy,
+    #[error("no valid superblock copy (slot 0: {slot0}; slot 1: {slot1})")]
+    NoValidCopy {
+        /// Why slot 0 is invalid.
+        slot0: SuperblockCopyError,
+        /// Why slot 1 is invalid.
+        slot1: SuperblockCopyError,
+    },
+}
+
+/// Why one superblock copy is invalid: a [`SuperblockError`] other than the two-copy ones,
+/// flattened so that [`SuperblockError::NoValidCopy`] can name both without recursion.
+#[derive(thiserror::Error, Debug, Clone, Copy, PartialEq, Eq)]
+#[error("{0}")]
+pub struct SuperblockCopyError(pub SuperblockCopyReason);
+
+/// See [`SuperblockCopyError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuperblockCopyReason {
+    /// [`SuperblockError::Truncated`].
+    Truncated,
+    /// [`SuperblockError::BadMagic`].
+    BadMagic,
+    /// [`SuperblockError::UnsupportedVersion`].
+    UnsupportedVersion(u16),
+    /// [`SuperblockError::Checksum`].
+    Checksum,
+    /// Any other: reserved bytes, geometry, checkpoints, slot.
+    Invalid,
+}
+
+impl std::fmt::Display for SuperblockCopyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SuperblockCopyReason::Truncated => write!(f, "truncated"),
+            SuperblockCopyReason::BadMagic => write!(f, "bad magic"),
+            SuperblockCopyReason::UnsupportedVersion(version) => {
+                write!(f, "unsupported version {version}")
+            }
+            SuperblockCopyReason::Checksum => write!(f, "checksum mismatch"),
+            SuperblockCopyReason::Invalid => write!(f, "invalid fields"),
+        }
+    }
+}
+
+impl From<SuperblockError> for SuperblockCopyError {
+    fn from(error: SuperblockError) -> Self {
+        SuperblockCopyError(match error {
+            SuperblockError::Truncated { .. } => SuperblockCopyReason::Truncated,
+            SuperblockError::BadMagic => SuperblockCopyReason::BadMagic,
+            SuperblockError::UnsupportedVersion { version } => {
+                SuperblockCopyReason::UnsupportedVersion(version)
+            }
+            SuperblockError::Checksum => SuperblockCopyReason::Checksum,
+            _ => SuperblockCopyReason::Invalid,
+        })
+    }
 }
 
 fn superblock_geometry_valid(segment_bytes: u64, checkpoint_offset: u64) -> bool {
@@ -758,15 +900,34 @@ fn superblock_geometry_valid(segment_bytes: u64, checkpoint_offset: u64) -> bool
         && checkpoint_offset <= segment_bytes
 }
 
+/// Whether the checkpoints are ordered and consistent with `op_durable` and the snapshot.
+fn superblock_checkpoints_valid(superblock: &Superblock) -> bool {
+    let latest = &superblock.checkpoint;
+    let previous = &superblock.checkpoint_previous;
+    previous.op <= latest.op
+        && previous.position() <= latest.position()
+        && latest.op <= superblock.op_durable
+        && (latest.op == 0) == (superblock.snapshot_checksum == 0)
+        && (previous.op != latest.op || previous == latest)
+}
+
 /// Writes one superblock copy (header, zeros, checksum over all of it) into `buf`.
 ///
 /// # Panics
-/// On a caller bug: `segment_bytes` zero or not sector aligned, or `checkpoint_offset` not
-/// sector aligned or past the segment.
+/// On a caller bug: `segment_bytes` zero or not sector aligned, a checkpoint offset not
+/// sector aligned or past the segment, or checkpoints out of order.
 pub fn encode_superblock(superblock: &Superblock, buf: &mut [u8; SUPERBLOCK_BYTES]) {
     assert!(
-        superblock_geometry_valid(superblock.segment_bytes, superblock.checkpoint_offset),
+        superblock_geometry_valid(superblock.segment_bytes, superblock.checkpoint.offset)
+            && superblock_geometry_valid(
+                superblock.segment_bytes,
+                superblock.checkpoint_previous.offset
+            ),
         "superblock geometry invalid"
+    );
+    assert!(
+        superblock_checkpoints_valid(superblock),
+        "superblock checkpoints invalid"
     );
     let header = SuperblockHeader {
         magic: SUPERBLOCK_MAGIC,
@@ -776,13 +937,18 @@ pub fn encode_superblock(superblock: &Superblock, buf: &mut [u8; SUPERBLOCK_BYTE
         sequence: superblock.sequence,
         view: superblock.view,
         op_durable: superblock.op_durable,
-        checkpoint_op: superblock.checkpoint_op,
-        checkpoint_segment: superblock.checkpoint_segment,
-        checkpoint_offset: superblock.checkpoint_offset,
+        checkpoint_op: superblock.checkpoint.op,
+        checkpoint_segment: superblock.checkpoint.segment,
+        checkpoint_offset: superblock.checkpoint.offset,
         segment_bytes: superblock.segment_bytes,
-        reserved_b: [0; 8],
+        checkpoint_previous_op: superblock.checkpoint_previous.op,
         cluster_id: superblock.cluster_id,
-        checkpoint_checksum: superblock.checkpoint_checksum,
+        checkpoint_checksum: superblock.checkpoint.checksum,
+        snapshot_checksum: superblock.snapshot_checksum,
+        checkpoint_previous_segment: superblock.checkpoint_previous.segment,
+        checkpoint_previous_offset: superblock.checkpoint_previous.offset,
+        checkpoint_previous_checksum: superblock.checkpoint_previous.checksum,
+        reserved_b: [0; 16],
         checksum: 0,
     };
     buf.fill(0);
@@ -813,29 +979,48 @@ pub fn decode_superblock(buf: &[u8]) -> Result<Superblock, SuperblockError> {
         return Err(SuperblockError::Checksum);
     }
     if header.reserved_a != [0; 2]
-        || header.reserved_b != [0; 8]
+        || header.reserved_b != [0; 16]
         || !bytes_all_zero(&copy[SUPERBLOCK_HEADER_BYTES..])
     {
         return Err(SuperblockError::ReservedNotZero);
     }
-    if !superblock_geometry_valid(header.segment_bytes, header.checkpoint_offset) {
-        return Err(SuperblockError::GeometryInvalid {
-            segment_bytes: header.segment_bytes,
-            checkpoint_offset: header.checkpoint_offset,
-        });
+    for checkpoint_offset in [header.checkpoint_offset, header.checkpoint_previous_offset] {
+        if !superblock_geometry_valid(header.segment_bytes, checkpoint_offset) {
+            return Err(SuperblockError::GeometryInvalid {
+                segment_bytes: header.segment_bytes,
+                checkpoint_offset,
+            });
+        }
     }
-    Ok(Superblock {
+    let superblock = Superblock {
         cluster_id: header.cluster_id,
         shard: header.shard,
         sequence: header.sequence,
         view: header.view,
         op_durable: header.op_durable,
-        checkpoint_op: header.checkpoint_op,
-        checkpoint_segment: header.checkpoint_segment,
-        checkpoint_offset: header.checkpoint_offset,
-        checkpoint_checksum: header.checkpoint_checksum,
+        checkpoint: Checkpoint {
+            op: header.checkpoint_op,
+            segment: header.checkpoint_segment,
+            offset: header.checkpoint_offset,
+            checksum: header.checkpoint_checksum,
+        },
+        snapshot_checksum: header.snapshot_checksum,
+        checkpoint_previous: Checkpoint {
+            op: header.checkpoint_previous_op,
+            segment: header.checkpoint_previous_segment,
+            offset: header.checkpoint_previous_offset,
+            checksum: header.checkpoint_previous_checksum,
+        },
         segment_bytes: header.segment_bytes,
-    })
+    };
+    if !superblock_checkpoints_valid(&superblock) {
+        return Err(SuperblockError::CheckpointInvalid {
+            checkpoint_previous_op: header.checkpoint_previous_op,
+            checkpoint_op: header.checkpoint_op,
+            op_durable: header.op_durable,
+        });
+    }
+    Ok(superblock)
 }
 
 /// [`decode_superblock`] of the copy in `slot`, which must hold an even (slot 0) or odd
@@ -874,7 +1059,10 @@ pub fn superblock_latest(copy0: &[u8], copy1: &[u8]) -> Result<Superblock, Super
             }
         }
         (Ok(superblock), Err(_)) | (Err(_), Ok(superblock)) => Ok(superblock),
-        (Err(_), Err(_)) => Err(SuperblockError::NoValidCopy),
+        (Err(error0), Err(error1)) => Err(SuperblockError::NoValidCopy {
+            slot0: error0.into(),
+            slot1: error1.into(),
+        }),
     }
 }
 
@@ -901,6 +1089,223 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+const SNAPSHOT_NAME_PREFIX: &str = "snapshot-";
+const SNAPSHOT_NAME_SUFFIX: &str = ".state";
+const SNAPSHOT_NAME_DIGITS: usize = 20;
+
+/// File name of the snapshot of checkpoint `op`: `snapshot-{op:020}.state` (sorts by op).
+pub fn snapshot_file_name(op: u64) -> String {
+    format!("{SNAPSHOT_NAME_PREFIX}{op:020}{SNAPSHOT_NAME_SUFFIX}")
+}
+
+/// The op of a snapshot file name, or `None` if `name` is not exactly what
+/// [`snapshot_file_name`] writes (temporary files included).
+pub fn parse_snapshot_name(name: &str) -> Option<u64> {
+    let digits = name
+        .strip_prefix(SNAPSHOT_NAME_PREFIX)?
+        .strip_suffix(SNAPSHOT_NAME_SUFFIX)?;
+    if digits.len() != SNAPSHOT_NAME_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// What a snapshot file's header says. See the module documentation for the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// The cluster.
+    pub cluster_id: u128,
+    /// The shard.
+    pub shard: u32,
+    /// The checkpoint op: the state after applying it.
+    pub op: u64,
+    /// Snapshot bytes after the header (unpadded).
+    pub snapshot_bytes: u64,
+    /// Checksum of entry `op` (the chain value at the checkpoint).
+    pub checkpoint_checksum: JournalChecksum,
+    /// [`journal_checksum`] of the snapshot bytes.
+    pub snapshot_checksum: JournalChecksum,
+    /// The state machine's digest at `op`.
+    pub digest: [u8; 32],
+}
+
+impl SnapshotMeta {
+    /// Bytes of the whole file: header, then the snapshot padded to a sector.
+    pub fn file_bytes(&self) -> u64 {
+        SNAPSHOT_HEADER_BYTES as u64 + self.snapshot_bytes.next_multiple_of(SECTOR_BYTES as u64)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+struct SnapshotFileHeader {
+    magic: u64,
+    version: u16,
+    reserved_a: [u8; 2],
+    shard: u32,
+    op: u64,
+    snapshot_bytes: u64,
+    cluster_id: u128,
+    checkpoint_checksum: u128,
+    snapshot_checksum: u128,
+    digest: [u8; 32],
+    checksum: u128,
+}
+
+const SNAPSHOT_FILE_HEADER_BYTES: usize = size_of::<SnapshotFileHeader>();
+const SNAPSHOT_CHECKSUM_OFFSET: usize = SNAPSHOT_FILE_HEADER_BYTES - size_of::<u128>();
+const _: () = assert!(SNAPSHOT_FILE_HEADER_BYTES == 128);
+
+/// Why a snapshot file is not the checkpoint's snapshot.
+#[derive(thiserror::Error, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// Fewer bytes than the header, or than the header says the file holds.
+    #[error("snapshot file truncated: {bytes} bytes, {needed} needed")]
+    Truncated {
+        /// Bytes present.
+        bytes: u64,
+        /// Bytes needed.
+        needed: u64,
+    },
+    /// The file does not start with [`SNAPSHOT_MAGIC`].
+    #[error("bad snapshot magic")]
+    BadMagic,
+    /// A format version this code does not read.
+    #[error("unsupported snapshot file version {version}")]
+    UnsupportedVersion {
+        /// Version found.
+        version: u16,
+    },
+    /// The header checksum does not match.
+    #[error("snapshot header checksum mismatch")]
+    HeaderChecksum,
+    /// Reserved header bytes are not zero.
+    #[error("snapshot header reserved bytes are not zero")]
+    ReservedNotZero,
+    /// The snapshot bytes do not match their checksum.
+    #[error("snapshot bytes checksum mismatch")]
+    BodyChecksum,
+    /// A valid snapshot of another checkpoint, shard or cluster than the superblock names.
+    #[error(
+        "snapshot is of op {op_found} (checksum {checkpoint_checksum_found:#x}), \
+         the superblock's checkpoint is op {op_expected} (checksum {checkpoint_checksum_expected:#x})"
+    )]
+    NotTheCheckpoint {
+        /// Op in the file.
+        op_found: u64,
+        /// Op the superblock names.
+        op_expected: u64,
+        /// Chain value in the file.
+        checkpoint_checksum_found: JournalChecksum,
+        /// Chain value the superblock names.
+        checkpoint_checksum_expected: JournalChecksum,
+    },
+}
+
+/// Writes a snapshot file header into `buf` (all [`SNAPSHOT_HEADER_BYTES`] of it).
+///
+/// # Panics
+/// On a caller bug: `meta.op == 0`.
+pub fn encode_snapshot_header(meta: &SnapshotMeta, buf: &mut [u8; SNAPSHOT_HEADER_BYTES]) {
+    assert!(meta.op >= 1, "a checkpoint is taken after an op");
+    let header = SnapshotFileHeader {
+        magic: SNAPSHOT_MAGIC,
+        version: SNAPSHOT_FILE_VERSION,
+        reserved_a: [0; 2],
+        shard: meta.shard,
+        op: meta.op,
+        snapshot_bytes: meta.snapshot_bytes,
+        cluster_id: meta.cluster_id,
+        checkpoint_checksum: meta.checkpoint_checksum,
+        snapshot_checksum: meta.snapshot_checksum,
+        digest: meta.digest,
+        checksum: 0,
+    };
+    buf.fill(0);
+    buf[..SNAPSHOT_FILE_HEADER_BYTES].copy_from_slice(bytemuck::bytes_of(&header));
+    let checksum = journal_checksum(buf);
+    buf[SNAPSHOT_CHECKSUM_OFFSET..SNAPSHOT_FILE_HEADER_BYTES]
+        .copy_from_slice(&checksum.to_le_bytes());
+    debug_assert_eq!(decode_snapshot_header(buf), Ok(*meta));
+}
+
+/// Decodes and verifies a snapshot file header (the first [`SNAPSHOT_HEADER_BYTES`] of
+/// `bytes`). Does not look at the snapshot bytes: see [`verify_snapshot`]. Never panics.
+pub fn decode_snapshot_header(bytes: &[u8]) -> Result<SnapshotMeta, SnapshotError> {
+    let Some(copy) = bytes.first_chunk::<SNAPSHOT_HEADER_BYTES>() else {
+        return Err(SnapshotError::Truncated {
+            bytes: bytes.len() as u64,
+            needed: SNAPSHOT_HEADER_BYTES as u64,
+        });
+    };
+    let header: SnapshotFileHeader =
+        bytemuck::pod_read_unaligned(&copy[..SNAPSHOT_FILE_HEADER_BYTES]);
+    if header.magic != SNAPSHOT_MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    if header.version != SNAPSHOT_FILE_VERSION {
+        return Err(SnapshotError::UnsupportedVersion {
+            version: header.version,
+        });
+    }
+    let mut unsealed = *copy;
+    unsealed[SNAPSHOT_CHECKSUM_OFFSET..SNAPSHOT_FILE_HEADER_BYTES].fill(0);
+    if journal_checksum(&unsealed) != header.checksum {
+        return Err(SnapshotError::HeaderChecksum);
+    }
+    if header.reserved_a != [0; 2] || !bytes_all_zero(&copy[SNAPSHOT_FILE_HEADER_BYTES..]) {
+        return Err(SnapshotError::ReservedNotZero);
+    }
+    Ok(SnapshotMeta {
+        cluster_id: header.cluster_id,
+        shard: header.shard,
+        op: header.op,
+        snapshot_bytes: header.snapshot_bytes,
+        checkpoint_checksum: header.checkpoint_checksum,
+        snapshot_checksum: header.snapshot_checksum,
+        digest: header.digest,
+    })
+}
+
+/// Verifies a whole snapshot file's bytes against the superblock's checkpoint: the header,
+/// that it is that checkpoint's (cluster, shard, op, chain value, snapshot checksum), and
+/// the snapshot bytes' checksum. Returns the header and the snapshot bytes (unpadded).
+/// Never panics.
+pub fn verify_snapshot<'a>(
+    file: &'a [u8],
+    superblock: &Superblock,
+) -> Result<(SnapshotMeta, &'a [u8]), SnapshotError> {
+    let meta = decode_snapshot_header(file)?;
+    let checkpoint = &superblock.checkpoint;
+    if meta.op != checkpoint.op
+        || meta.checkpoint_checksum != checkpoint.checksum
+        || meta.snapshot_checksum != superblock.snapshot_checksum
+        || meta.shard != superblock.shard
+        || meta.cluster_id != superblock.cluster_id
+    {
+        return Err(SnapshotError::NotTheCheckpoint {
+            op_found: meta.op,
+            op_expected: checkpoint.op,
+            checkpoint_checksum_found: meta.checkpoint_checksum,
+            checkpoint_checksum_expected: checkpoint.checksum,
+        });
+    }
+    let body_end = (SNAPSHOT_HEADER_BYTES as u64).saturating_add(meta.snapshot_bytes);
+    let Some(body) = usize::try_from(body_end)
+        .ok()
+        .and_then(|end| file.get(SNAPSHOT_HEADER_BYTES..end))
+    else {
+        return Err(SnapshotError::Truncated {
+            bytes: file.len() as u64,
+            needed: body_end,
+        });
+    };
+    if journal_checksum(body) != meta.snapshot_checksum {
+        return Err(SnapshotError::BodyChecksum);
+    }
+    Ok((meta, body))
 }
 
 #[cfg(test)]
@@ -934,6 +1339,15 @@ mod tests {
         assert_eq!(std::mem::offset_of!(EntryHeader, checksum_header), 80);
         assert_eq!(std::mem::offset_of!(EntryHeader, reserved_b), 96);
         assert_eq!(std::mem::offset_of!(SuperblockHeader, cluster_id), 80);
+        assert_eq!(
+            std::mem::offset_of!(SuperblockHeader, snapshot_checksum),
+            112
+        );
+        assert_eq!(
+            std::mem::offset_of!(SuperblockHeader, checkpoint_previous_checksum),
+            144
+        );
+        assert_eq!(std::mem::offset_of!(SnapshotFileHeader, digest), 80);
         assert_eq!(
             std::mem::offset_of!(SuperblockHeader, checksum),
             SUPERBLOCK_CHECKSUM_OFFSET
@@ -1038,20 +1452,119 @@ mod tests {
             sequence: 11,
             view: 3,
             op_durable: 1000,
-            checkpoint_op: 900,
-            checkpoint_segment: 1,
-            checkpoint_offset: 40960,
-            checkpoint_checksum: u128::MAX - 5,
+            checkpoint: Checkpoint {
+                op: 900,
+                segment: 1,
+                offset: 40960,
+                checksum: u128::MAX - 5,
+            },
+            snapshot_checksum: 77,
+            checkpoint_previous: Checkpoint {
+                op: 800,
+                segment: 1,
+                offset: 4096,
+                checksum: 5,
+            },
             segment_bytes: SEGMENT_BYTES_DEFAULT,
         };
         let mut buf = [0u8; SUPERBLOCK_BYTES];
         encode_superblock(&superblock, &mut buf);
         assert_eq!(decode_superblock(&buf), Ok(superblock));
         assert_eq!(superblock_latest(&[0; 4096], &buf), Ok(superblock));
-        assert_eq!(
-            superblock_latest(&buf, &[0; 4096]),
-            Err(SuperblockError::NoValidCopy),
+        assert!(
+            matches!(
+                superblock_latest(&buf, &[0; 4096]),
+                Err(SuperblockError::NoValidCopy { .. })
+            ),
             "sequence 11 is misplaced in slot 0"
+        );
+        // Every bit of the header is covered by the checksum.
+        for bit in 0..SUPERBLOCK_HEADER_BYTES * 8 {
+            buf[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_superblock(&buf).is_err(), "bit {bit}");
+            buf[bit / 8] ^= 1 << (bit % 8);
+        }
+    }
+
+    #[test]
+    fn superblock_of_version_1_is_refused() {
+        let mut buf = [0u8; SUPERBLOCK_BYTES];
+        buf[..8].copy_from_slice(&SUPERBLOCK_MAGIC.to_le_bytes());
+        buf[8..10].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(
+            decode_superblock(&buf),
+            Err(SuperblockError::UnsupportedVersion { version: 1 })
+        );
+    }
+
+    #[test]
+    fn snapshot_header_round_trip_and_verification() {
+        let body: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let meta = SnapshotMeta {
+            cluster_id: 9,
+            shard: 1,
+            op: 64,
+            snapshot_bytes: body.len() as u64,
+            checkpoint_checksum: 1234,
+            snapshot_checksum: journal_checksum(&body),
+            digest: [7; 32],
+        };
+        let mut file = vec![0u8; meta.file_bytes() as usize];
+        let header: &mut [u8; SNAPSHOT_HEADER_BYTES] =
+            (&mut file[..SNAPSHOT_HEADER_BYTES]).try_into().unwrap();
+        encode_snapshot_header(&meta, header);
+        file[SNAPSHOT_HEADER_BYTES..SNAPSHOT_HEADER_BYTES + body.len()].copy_from_slice(&body);
+        let superblock = Superblock {
+            cluster_id: 9,
+            shard: 1,
+            sequence: 3,
+            view: 0,
+            op_durable: 70,
+            checkpoint: Checkpoint {
+                op: 64,
+                segment: 0,
+                offset: 8192,
+                checksum: 1234,
+            },
+            snapshot_checksum: meta.snapshot_checksum,
+            checkpoint_previous: Checkpoint::ROOT,
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+        };
+        let (decoded, bytes) = verify_snapshot(&file, &superblock).unwrap();
+        assert_eq!(decoded, meta);
+        assert_eq!(bytes, &body[..]);
+        file[SNAPSHOT_HEADER_BYTES + 5] ^= 1;
+        assert_eq!(
+            verify_snapshot(&file, &superblock),
+            Err(SnapshotError::BodyChecksum)
+        );
+        file[SNAPSHOT_HEADER_BYTES + 5] ^= 1;
+        file[20] ^= 1;
+        assert_eq!(
+            verify_snapshot(&file, &superblock),
+            Err(SnapshotError::HeaderChecksum)
+        );
+        file[20] ^= 1;
+        let other = Superblock {
+            checkpoint: Checkpoint {
+                op: 72,
+                ..superblock.checkpoint
+            },
+            ..superblock
+        };
+        assert!(matches!(
+            verify_snapshot(&file, &other),
+            Err(SnapshotError::NotTheCheckpoint { op_found: 64, .. })
+        ));
+        assert!(matches!(
+            verify_snapshot(&file[..file.len() - SECTOR_BYTES * 2], &superblock),
+            Err(SnapshotError::Truncated { .. })
+        ));
+        assert_eq!(parse_snapshot_name(&snapshot_file_name(64)), Some(64));
+        assert_eq!(parse_snapshot_name("snapshot-64.state"), None);
+        assert_eq!(
+            parse_snapshot_name(&format!("{}.tmp", snapshot_file_name(64))),
+            None
         );
     }
 

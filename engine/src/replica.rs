@@ -1072,6 +1072,11 @@ impl Replica {
             return;
         }
         self.op_known_max = self.op_known_max.max(op_head);
+        if self.op_durable > commit {
+            // The leader has not committed what this replica holds: its acknowledgement may
+            // have been lost, and nothing else would send it again while the group is idle.
+            self.acknowledge(actions);
+        }
         self.repair_schedule(now_us, actions);
     }
 

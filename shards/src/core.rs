@@ -24,7 +24,7 @@ use std::sync::Arc;
 use percore_engine::batch::{BatchController, BatchLimits, BatchLimitsError, SealReason};
 use percore_engine::pool::{Handle, Pool, PoolError, PoolStats, TX_SLOT_BYTES, TxSlot};
 use percore_engine::ring::spsc;
-use percore_engine::state_machine::{Outbound, StateMachine};
+use percore_engine::state_machine::{Outbound, RestoreError, StateMachine};
 
 use crate::metrics::ShardMetrics;
 
@@ -522,6 +522,24 @@ impl<S: StateMachine> ShardCore<S> {
         self.op_sealed = op;
         self.op_last = op;
         ShardMetrics::set(&self.metrics.commit_op, op);
+    }
+
+    /// Restores a checkpoint found by journal recovery: the state machine's snapshot after
+    /// applying `op`, which becomes the last op. Only before any replay or traffic. On an
+    /// error the state machine is left empty (the shard must not start).
+    ///
+    /// # Panics
+    /// If the core has applied anything or holds traffic: that is a bug.
+    pub fn restore(&mut self, op: u64, bytes: &[u8]) -> Result<(), RestoreError> {
+        assert!(self.is_idle(), "restore happens before any client traffic");
+        assert_eq!(self.op_last, 0, "restore happens before any replay");
+        assert!(op >= 1, "a checkpoint is taken after an op");
+        self.state_machine.restore(bytes)?;
+        while self.state_machine.poll_outbound().is_some() {}
+        self.op_sealed = op;
+        self.op_last = op;
+        ShardMetrics::set(&self.metrics.commit_op, op);
+        Ok(())
     }
 
     /// Follower: queues a batch the leader sealed (verified and staged in the journal) to be

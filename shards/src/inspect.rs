@@ -1,15 +1,20 @@
 //! `percore inspect`: read a node's data directory offline and say what is there.
 //!
-//! For every shard directory it prints the superblock, each segment's entries (ops, bytes,
-//! the last checksum) and the first problem found: a torn tail (which the node would
-//! truncate at start) or corruption (which the node refuses to start on). With `--replay` it
-//! also replays each shard's journal into a reference ledger and prints every account's
-//! balance and the conservation sum. It uses plain blocking reads: it is a tool, not a shard.
+//! For every shard directory it prints the superblock, the checkpoint (op, checksum, its
+//! snapshot file and whether that verifies), each segment's entries (ops, bytes, the last
+//! checksum) and the first problem found: a torn tail (which the node would truncate at
+//! start), corruption (which the node refuses to start on), or a bad snapshot. Segments are
+//! scanned from the previous checkpoint, as recovery does (older ones are listed, not read).
+//! With `--replay` it restores each shard's checkpoint snapshot into a reference ledger,
+//! replays the journal after it, and prints every account's balance and the conservation
+//! sum. It uses plain blocking reads: it is a tool, not a shard.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use percore_engine::journal::{self, JournalChecksum, Tail};
+use percore_engine::journal::{
+    self, Checkpoint, JournalChecksum, SUPERBLOCK_BYTES, Superblock, Tail,
+};
 use percore_engine::ledger::{Ledger, LedgerConfig};
 use percore_engine::state_machine::StateMachine;
 
@@ -78,6 +83,111 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, InspectError> {
     Ok(segments)
 }
 
+/// Reads and prints the superblock of `dir`; `None` (a problem, printed) if neither copy
+/// is valid.
+fn superblock_read(dir: &Path, out: &mut String) -> Result<Option<Superblock>, InspectError> {
+    let path = dir.join("superblock");
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let (copy0, copy1) = bytes.split_at(SUPERBLOCK_BYTES.min(bytes.len()));
+    match journal::superblock_latest(copy0, copy1) {
+        Ok(superblock) => {
+            let _ = writeln!(
+                out,
+                "  superblock: sequence {}, view {}, op_durable {}, segment_bytes {}",
+                superblock.sequence,
+                superblock.view,
+                superblock.op_durable,
+                superblock.segment_bytes
+            );
+            Ok(Some(superblock))
+        }
+        Err(error) => {
+            let _ = writeln!(out, "  PROBLEM superblock {}: {error}", path.display());
+            Ok(None)
+        }
+    }
+}
+
+/// Prints the checkpoint and verifies its snapshot file; restores it into `ledger` when
+/// given. Returns whether the snapshot is good (true when there is no checkpoint).
+fn checkpoint_inspect(
+    dir: &Path,
+    superblock: &Superblock,
+    ledger: Option<&mut Ledger>,
+    out: &mut String,
+) -> Result<bool, InspectError> {
+    let checkpoint = superblock.checkpoint;
+    let previous = superblock.checkpoint_previous;
+    if checkpoint.op == 0 {
+        let _ = writeln!(out, "  checkpoint: none (replay from op 1)");
+        return Ok(true);
+    }
+    let _ = writeln!(
+        out,
+        "  checkpoint: op {}, checksum {:032x}, next entry at segment {} offset {}; previous op {} (segment {} offset {})",
+        checkpoint.op,
+        checkpoint.checksum,
+        checkpoint.segment,
+        checkpoint.offset,
+        previous.op,
+        previous.segment,
+        previous.offset
+    );
+    let path = dir.join(journal::snapshot_file_name(checkpoint.op));
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            let _ = writeln!(out, "  PROBLEM snapshot {}: {error}", path.display());
+            return Ok(false);
+        }
+    };
+    match journal::verify_snapshot(&bytes, superblock) {
+        Ok((meta, snapshot)) => {
+            let _ = writeln!(
+                out,
+                "  snapshot {}: {} bytes, checksum {:032x}, verified",
+                path.display(),
+                meta.snapshot_bytes,
+                meta.snapshot_checksum
+            );
+            let Some(ledger) = ledger else {
+                return Ok(true);
+            };
+            let restored = ledger.restore(snapshot).and_then(|()| {
+                if ledger.digest() == meta.digest {
+                    Ok(())
+                } else {
+                    Err(percore_engine::state_machine::RestoreError::DigestMismatch)
+                }
+            });
+            if let Err(error) = restored {
+                let _ = writeln!(
+                    out,
+                    "  PROBLEM snapshot {}: restore: {error}",
+                    path.display()
+                );
+                return Ok(false);
+            }
+            Ok(true)
+        }
+        Err(error) => {
+            let _ = writeln!(out, "  PROBLEM snapshot {}: {error}", path.display());
+            Ok(false)
+        }
+    }
+}
+
+/// Where scanning starts: the previous checkpoint, or the latest one if the previous one's
+/// segment is gone (as recovery does).
+fn scan_start(superblock: &Superblock, segments: &[(u64, PathBuf)]) -> Checkpoint {
+    let previous = superblock.checkpoint_previous;
+    if previous == superblock.checkpoint || segments.iter().any(|(s, _)| *s == previous.segment) {
+        previous
+    } else {
+        superblock.checkpoint
+    }
+}
+
 /// Inspects `config.data_dir`; returns the report text and whether a problem was found.
 pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
     let mut out = String::new();
@@ -95,58 +205,15 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
                 ..ledger
             })
         });
-        let (mut op_next, mut checksum_previous): (u64, JournalChecksum) = (1, 0);
-        for (segment, path) in segments(dir)? {
-            let bytes = std::fs::read(&path).map_err(io(&path))?;
-            let mut first_op = None;
-            let outcome = journal::scan(
-                &bytes,
-                0,
-                op_next,
-                checksum_previous,
-                config.body_bytes_max,
-                |entry, _| {
-                    first_op.get_or_insert(entry.meta.op);
-                    if let Some(ledger) = ledger.as_mut() {
-                        replay_into(ledger, entry);
-                    }
-                },
-            );
-            let _ = writeln!(
-                out,
-                "  segment {segment}: {} entries, ops {}..={}, {} bytes used, last checksum {:032x}",
-                outcome.entries,
-                first_op.unwrap_or(op_next),
-                outcome.op_last,
-                outcome.end_offset,
-                outcome.checksum_last
-            );
-            match outcome.tail {
-                Tail::Clean => {}
-                Tail::Torn { offset } => {
-                    let _ = writeln!(
-                        out,
-                        "  segment {segment}: torn tail at offset {offset} (truncated at next start)"
-                    );
-                }
-                Tail::Corrupt {
-                    offset,
-                    op_expected,
-                    error,
-                } => {
-                    problem = true;
-                    let _ = writeln!(
-                        out,
-                        "  PROBLEM shard {index} segment {segment}: op {op_expected} at offset {offset} is corrupt: {error}"
-                    );
-                    break;
-                }
-            }
-            if outcome.entries > 0 {
-                op_next = outcome.op_last + 1;
-                checksum_previous = outcome.checksum_last;
-            }
+        let Some(superblock) = superblock_read(dir, &mut out)? else {
+            problem = true;
+            continue;
+        };
+        if !checkpoint_inspect(dir, &superblock, ledger.as_mut(), &mut out)? {
+            problem = true;
+            continue;
         }
+        problem |= segments_inspect(config, dir, &superblock, ledger.as_mut(), &mut out, index)?;
         if let Some(ledger) = ledger {
             conservation += ledger.conservation_sum();
             in_flight += ledger.in_flight();
@@ -163,6 +230,109 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
         let _ = writeln!(out, "conservation {conservation}");
     }
     Ok((out, problem))
+}
+
+/// Lists the segments and scans those from the scan start, replaying the ops after the
+/// checkpoint into `ledger`. Returns whether a problem was found.
+fn segments_inspect(
+    config: &InspectConfig,
+    dir: &Path,
+    superblock: &Superblock,
+    mut ledger: Option<&mut Ledger>,
+    out: &mut String,
+    index: usize,
+) -> Result<bool, InspectError> {
+    let segments = segments(dir)?;
+    let start = scan_start(superblock, &segments);
+    let checkpoint_op = superblock.checkpoint.op;
+    let (mut op_next, mut checksum_previous): (u64, JournalChecksum) =
+        (start.op + 1, start.checksum);
+    let mut checkpoint_seen = checkpoint_op == start.op;
+    for (segment, path) in segments {
+        if segment < start.segment {
+            let _ = writeln!(
+                out,
+                "  segment {segment}: before the previous checkpoint (kept for a lagging peer; not scanned)"
+            );
+            continue;
+        }
+        let base = if segment == start.segment {
+            start.offset
+        } else {
+            0
+        };
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let region = bytes.get(base as usize..).unwrap_or(&[]);
+        let mut first_op = None;
+        let mut checkpoint_mismatch = false;
+        let outcome = journal::scan(
+            region,
+            base,
+            op_next,
+            checksum_previous,
+            config.body_bytes_max,
+            |entry, _| {
+                first_op.get_or_insert(entry.meta.op);
+                if entry.meta.op == checkpoint_op {
+                    checkpoint_seen = true;
+                    checkpoint_mismatch = entry.checksum != superblock.checkpoint.checksum;
+                }
+                if entry.meta.op > checkpoint_op
+                    && let Some(ledger) = ledger.as_deref_mut()
+                {
+                    replay_into(ledger, entry);
+                }
+            },
+        );
+        let _ = writeln!(
+            out,
+            "  segment {segment}: {} entries, ops {}..={}, {} bytes used, last checksum {:032x}",
+            outcome.entries,
+            first_op.unwrap_or(op_next),
+            outcome.op_last,
+            outcome.end_offset,
+            outcome.checksum_last
+        );
+        if checkpoint_mismatch {
+            let _ = writeln!(
+                out,
+                "  PROBLEM shard {index} segment {segment}: entry of checkpoint op {checkpoint_op} does not have the checkpoint's checksum"
+            );
+            return Ok(true);
+        }
+        match outcome.tail {
+            Tail::Clean => {}
+            Tail::Torn { offset } => {
+                let _ = writeln!(
+                    out,
+                    "  segment {segment}: torn tail at offset {offset} (truncated at next start)"
+                );
+            }
+            Tail::Corrupt {
+                offset,
+                op_expected,
+                error,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "  PROBLEM shard {index} segment {segment}: op {op_expected} at offset {offset} is corrupt: {error}"
+                );
+                return Ok(true);
+            }
+        }
+        if outcome.entries > 0 {
+            op_next = outcome.op_last + 1;
+            checksum_previous = outcome.checksum_last;
+        }
+    }
+    if !checkpoint_seen {
+        let _ = writeln!(
+            out,
+            "  PROBLEM shard {index}: the journal ends before the checkpoint op {checkpoint_op}"
+        );
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 fn replay_into(ledger: &mut Ledger, entry: &journal::DecodedEntry<'_>) {

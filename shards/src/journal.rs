@@ -30,6 +30,16 @@
 //! is therefore created with `std::fs` (so the first DMA open sees data), and a read refused
 //! with EOPNOTSUPP is redone as a buffered read.
 //!
+//! Checkpoints ([`Journal::checkpoint`]): the runtime hands over a snapshot of the state
+//! machine taken after applying op `C`; the journal writes it to `snapshot-<C>.state` with a
+//! glommio `DmaStreamWriter` (temporary name, `fdatasync`, rename, directory `fsync`), then
+//! the superblock (the new checkpoint, the previous one kept as `checkpoint_previous`), and
+//! only then removes segments that hold nothing but ops at or below the *previous*
+//! checkpoint and below `retain_from_op` (what peers still lack), and snapshots older than
+//! the previous one ([`CHECKPOINTS_RETAINED`]). Recovery restores the latest snapshot, scans
+//! (verifies and indexes) the journal from the previous checkpoint and replays only the ops
+//! after the latest, so ops above the previous checkpoint stay readable across restarts.
+//!
 //! Replication: a leader copies each staged entry's bytes ([`Journal::staged_entry`]) into
 //! its Prepare messages; a follower stages those bytes unchanged ([`Journal::stage_encoded`]),
 //! so both journals hold byte-identical entries. A lagging replica is served committed
@@ -43,13 +53,16 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions, ReadResult};
+use futures_lite::AsyncWriteExt as _;
+use glommio::io::{Directory, DmaBuffer, DmaFile, DmaStreamWriterBuilder, OpenOptions, ReadResult};
 
+use percore_engine::checksum::Digest256;
 use percore_engine::journal::{
-    self as format, DecodedEntry, ENTRY_HEADER_BYTES, EntryError, EntryHeader, EntryMeta,
-    JOURNAL_CHAIN_ROOT, JournalChecksum, SECTOR_BYTES, SUPERBLOCK_BYTES, ScanOutcome, Superblock,
-    SuperblockError, Tail,
+    self as format, Checkpoint, DecodedEntry, ENTRY_HEADER_BYTES, EntryError, EntryHeader,
+    EntryMeta, JournalChecksum, SECTOR_BYTES, SNAPSHOT_HEADER_BYTES, SUPERBLOCK_BYTES, ScanOutcome,
+    SnapshotError, SnapshotMeta, Superblock, SuperblockError, Tail,
 };
+use percore_engine::state_machine::RestoreError;
 
 /// Name of the superblock file in a shard's journal directory (two copies, one per sector).
 pub const SUPERBLOCK_FILE_NAME: &str = "superblock";
@@ -70,6 +83,21 @@ pub const POSITION_INDEX_ENTRIES_MIN: usize = 2;
 /// `read_entry` walks entry headers forward from an indexed op in reads of this many bytes.
 pub const LOCATE_READ_BYTES: usize = 64 << 10;
 
+/// Checkpoints whose snapshots (and the journal after them) are kept: the latest, which
+/// recovery restores, and the one before, so that peers can still repair ops above it.
+pub const CHECKPOINTS_RETAINED: usize = 2;
+/// Buffer of the snapshot file writer (bytes); [`SNAPSHOT_WRITE_BEHIND`] of them in flight.
+pub const SNAPSHOT_WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Snapshot writes in flight at once (buffers).
+pub const SNAPSHOT_WRITE_BEHIND: usize = 4;
+/// Suffix of a snapshot file while it is written (renamed away once durable).
+pub const SNAPSHOT_TEMPORARY_SUFFIX: &str = ".tmp";
+
+const _: () = assert!(
+    CHECKPOINTS_RETAINED == 2,
+    "the superblock holds two checkpoints"
+);
+const _: () = assert!(SNAPSHOT_WRITE_BUFFER_BYTES.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(WRITE_BUFFER_BYTES_DEFAULT.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(LOCATE_READ_BYTES.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(POSITION_INDEX_ENTRIES_MAX >= POSITION_INDEX_ENTRIES_MIN);
@@ -142,7 +170,9 @@ pub struct PositionIndexUsage {
 pub struct Recovered {
     /// Highest op in the journal (0 when empty).
     pub op_last: u64,
-    /// Entries replayed.
+    /// The checkpoint restored from its snapshot (0: none; replay started at op 1).
+    pub checkpoint_op: u64,
+    /// Entries replayed (those after the checkpoint).
     pub entries: u64,
     /// `Clean`, or `Torn` at the offset the journal was truncated to.
     pub tail: Tail,
@@ -299,6 +329,39 @@ pub enum JournalError {
         /// The journal directory.
         path: PathBuf,
     },
+    /// The latest checkpoint's snapshot file is missing, unreadable or fails verification.
+    /// Never ignored: the journal before the checkpoint may be gone.
+    #[error("checkpoint snapshot {path} is invalid: {error}")]
+    Snapshot {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What verification found.
+        #[source]
+        error: SnapshotError,
+    },
+    /// The state machine refused the checkpoint's snapshot (or its digest after restoring
+    /// differs from the one recorded).
+    #[error("checkpoint snapshot {path} could not be restored: {error}")]
+    SnapshotRestore {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What the state machine said.
+        #[source]
+        error: RestoreError,
+    },
+    /// `checkpoint` was asked for an op that is not after the latest checkpoint or not
+    /// durable.
+    #[error(
+        "cannot checkpoint op {op}: the latest checkpoint is op {checkpoint_op}, op_durable {op_durable}"
+    )]
+    CheckpointOp {
+        /// Op asked for.
+        op: u64,
+        /// The latest checkpoint.
+        checkpoint_op: u64,
+        /// Highest durable op.
+        op_durable: u64,
+    },
     /// An earlier write or `fdatasync` failed; what reached the disk is unknown, so the
     /// journal refuses further use until it is reopened (and recovered).
     #[error("journal of shard {shard} failed earlier and must be reopened")]
@@ -388,6 +451,22 @@ impl PositionIndex {
         }
         self.positions.truncate(kept);
         self.stride_ops *= 2;
+    }
+
+    /// Forgets every indexed op before `op`, which must be indexed: `op` becomes `op_first`.
+    /// No allocation.
+    fn drop_before(&mut self, op: u64) {
+        assert!(op >= self.op_first);
+        let distance = op - self.op_first;
+        assert!(
+            distance.is_multiple_of(self.stride_ops),
+            "op must be indexed"
+        );
+        let dropped = usize::try_from(distance / self.stride_ops).expect("index fits memory");
+        assert!(dropped < self.positions.len(), "op must be indexed");
+        self.positions.copy_within(dropped.., 0);
+        self.positions.truncate(self.positions.len() - dropped);
+        self.op_first = op;
     }
 
     /// The last indexed op at or before `op`, and where it starts.
@@ -535,6 +614,26 @@ pub struct Journal {
     checksum_staged: JournalChecksum,
     /// Set while a write is in flight and left set if it fails.
     failed: bool,
+    /// Lowest segment index that may still exist on disk (removal goes up from here).
+    segment_oldest: u64,
+    /// Entry `op` of a checkpoint is read back into this (capacity `entry_bytes_max`,
+    /// allocated at open).
+    checkpoint_entry: Vec<u8>,
+}
+
+/// What [`Journal::checkpoint`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointDone {
+    /// The checkpoint now in the superblock.
+    pub checkpoint: Checkpoint,
+    /// Snapshot bytes written (unpadded).
+    pub snapshot_bytes: u64,
+    /// Segment files removed.
+    pub segments_removed: u64,
+    /// Snapshot files removed.
+    pub snapshots_removed: u64,
+    /// The first op [`Journal::read_entry`] still returns.
+    pub op_first: u64,
 }
 
 impl fmt::Debug for Journal {
@@ -678,6 +777,10 @@ impl Journal {
     /// every entry and the chain, calls `replay` for each valid entry in op order, truncates
     /// a torn tail (zeroing it on disk) and fails with [`JournalError::Corrupt`] on
     /// corruption before the tail. Uses the default [`JournalOptions`].
+    ///
+    /// A latest checkpoint's snapshot is verified but not restored anywhere: `replay` sees
+    /// only the ops after it ([`Recovered::checkpoint_op`]). A caller with state uses
+    /// [`Journal::open_checkpointed`].
     pub async fn open(
         config: JournalConfig,
         replay: impl FnMut(&DecodedEntry<'_>),
@@ -689,6 +792,21 @@ impl Journal {
     pub async fn open_with_options(
         config: JournalConfig,
         options: JournalOptions,
+        replay: impl FnMut(&DecodedEntry<'_>),
+    ) -> Result<(Journal, Recovered), JournalError> {
+        Self::open_checkpointed(config, options, |_, _| Ok(()), replay).await
+    }
+
+    /// [`Journal::open`], restoring the latest checkpoint first: when the superblock names
+    /// one, its snapshot file is read and verified (header, chain value, checksum of the
+    /// bytes; any failure is [`JournalError::Snapshot`] naming the file) and handed to
+    /// `restore` with its header, before `replay` sees the ops after it. An error from
+    /// `restore` is [`JournalError::SnapshotRestore`]. Without a checkpoint `restore` is not
+    /// called and `replay` sees every op from 1.
+    pub async fn open_checkpointed(
+        config: JournalConfig,
+        options: JournalOptions,
+        restore: impl FnOnce(&SnapshotMeta, &[u8]) -> Result<(), RestoreError>,
         mut replay: impl FnMut(&DecodedEntry<'_>),
     ) -> Result<(Journal, Recovered), JournalError> {
         config_validate(&config)?;
@@ -711,6 +829,7 @@ impl Journal {
             .await
             .map_err(|error| io_error(&dir, error))?;
         let segments = segments_list(&dir)?;
+        let segment_oldest = segments.first().copied().unwrap_or(0);
         let (superblock_file, superblock) =
             superblock_open(&config, &directory, !segments.is_empty()).await?;
         if superblock.segment_bytes != config.segment_bytes {
@@ -718,10 +837,16 @@ impl Journal {
                 reason: "segment_bytes differs from the one this journal was created with",
             });
         }
+        let snapshots_removed = snapshots_stale_remove(&dir, &superblock)?;
+        if superblock.checkpoint.op > 0 {
+            let (path, meta, file) = snapshot_read(&config, &superblock).await?;
+            let bytes = &file[SNAPSHOT_HEADER_BYTES..][..meta.snapshot_bytes as usize];
+            restore(&meta, bytes).map_err(|error| JournalError::SnapshotRestore { path, error })?;
+        }
 
         let mut recovery = Recovery::new(&config, &options, &superblock, segments);
         let (segment_file, end) = recovery.run(&mut replay).await?;
-        if end.directory_changed {
+        if end.directory_changed || snapshots_removed > 0 {
             directory
                 .sync()
                 .await
@@ -733,7 +858,8 @@ impl Journal {
         let runs_max = config.write_buffer_bytes / SECTOR_BYTES;
         let recovered = Recovered {
             op_last: recovery.op_next - 1,
-            entries: recovery.entries,
+            checkpoint_op: superblock.checkpoint.op,
+            entries: recovery.entries_replayed,
             tail: end.tail,
         };
         let reads_buffered = Cell::new(recovery.reads_buffered.get());
@@ -743,6 +869,8 @@ impl Journal {
             position_index.positions.is_empty(),
             recovered.op_last < position_index.op_first
         );
+        assert!(recovered.op_last >= superblock.checkpoint.op);
+        let entry_bytes_max = ENTRY_HEADER_BYTES + config.body_bytes_max;
         let journal = Journal {
             segment_path: segment_path(&dir, end.position.segment),
             superblock_path: dir.join(SUPERBLOCK_FILE_NAME),
@@ -768,6 +896,8 @@ impl Journal {
             superblock,
             config,
             failed: false,
+            segment_oldest,
+            checkpoint_entry: Vec::with_capacity(entry_bytes_max),
         };
         Ok((journal, recovered))
     }
@@ -1106,10 +1236,19 @@ impl Journal {
     /// durable entry, checkpoint fields unchanged, then `fdatasync`s it.
     pub async fn write_superblock(&mut self) -> Result<(), JournalError> {
         self.check_usable()?;
-        let mut superblock = self.superblock;
-        superblock.sequence += 1;
-        superblock.op_durable = self.op_durable;
-        superblock.view = self.view_durable;
+        self.superblock_store(self.superblock).await
+    }
+
+    /// Writes `superblock` with the next sequence, `op_durable` and the durable view into
+    /// the slot that sequence belongs to, `fdatasync`s it, and makes it the current one.
+    async fn superblock_store(&mut self, superblock: Superblock) -> Result<(), JournalError> {
+        let superblock = Superblock {
+            sequence: self.superblock.sequence + 1,
+            op_durable: self.op_durable,
+            view: self.view_durable,
+            ..superblock
+        };
+        assert!(superblock.checkpoint.op >= self.superblock.checkpoint.op);
 
         // glommio drops its clone when the write completes, so this is unique again; if
         // not (it never should be), take a fresh buffer rather than wait.
@@ -1139,6 +1278,179 @@ impl Journal {
         self.failed = false;
         self.superblock = superblock;
         Ok(())
+    }
+
+    /// The superblock as last written (or read at open).
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    /// Op of the latest checkpoint (0: none).
+    pub fn checkpoint_op(&self) -> u64 {
+        self.superblock.checkpoint.op
+    }
+
+    /// Takes a checkpoint at `op`: `snapshot` is the state machine's snapshot after applying
+    /// `op` (durable, after the latest checkpoint) and `digest` its digest. In order:
+    /// reads entry `op` back (its checksum and where the next entry goes), writes
+    /// `snapshot-<op>.state` (temporary name, `fdatasync`, rename, directory sync), writes the
+    /// superblock, then removes what no retained checkpoint needs: segments holding only ops
+    /// at or below the previous checkpoint and below `retain_from_op` (the lowest op a peer
+    /// may still need: pass 0 or 1 to keep everything), and the snapshot before the previous
+    /// one. A crash at any point leaves a journal that recovers from the old or the new
+    /// checkpoint. Allocates only the snapshot writer's buffers (not a hot path).
+    pub async fn checkpoint(
+        &mut self,
+        op: u64,
+        snapshot: &[u8],
+        digest: Digest256,
+        retain_from_op: u64,
+    ) -> Result<CheckpointDone, JournalError> {
+        self.check_usable()?;
+        if op <= self.superblock.checkpoint.op || op > self.op_durable {
+            return Err(JournalError::CheckpointOp {
+                op,
+                checkpoint_op: self.superblock.checkpoint.op,
+                op_durable: self.op_durable,
+            });
+        }
+        let checkpoint = self.checkpoint_locate(op).await?;
+        let meta = SnapshotMeta {
+            cluster_id: self.config.cluster_id,
+            shard: self.config.shard,
+            op,
+            snapshot_bytes: snapshot.len() as u64,
+            checkpoint_checksum: checkpoint.checksum,
+            snapshot_checksum: format::journal_checksum(snapshot),
+            digest,
+        };
+        self.snapshot_write(&meta, snapshot).await?;
+
+        let snapshot_stale_op = self.superblock.checkpoint_previous.op;
+        let superblock = Superblock {
+            checkpoint_previous: self.superblock.checkpoint,
+            checkpoint,
+            snapshot_checksum: meta.snapshot_checksum,
+            ..self.superblock
+        };
+        self.superblock_store(superblock).await?;
+
+        let segments_removed = self.segments_remove(retain_from_op).await?;
+        let mut snapshots_removed = 0;
+        if snapshot_stale_op > 0 {
+            let path = self
+                .config
+                .dir
+                .join(format::snapshot_file_name(snapshot_stale_op));
+            snapshots_removed += u64::from(file_remove(&path).await?);
+        }
+        debug_assert!(self.position_index.op_first <= self.superblock.checkpoint_previous.op + 1);
+        Ok(CheckpointDone {
+            checkpoint,
+            snapshot_bytes: meta.snapshot_bytes,
+            segments_removed,
+            snapshots_removed,
+            op_first: self.position_index.op_first,
+        })
+    }
+
+    /// The checkpoint at durable op `op`: reads entry `op` back (verified) for its checksum
+    /// and the position after it.
+    async fn checkpoint_locate(&mut self, op: u64) -> Result<Checkpoint, JournalError> {
+        debug_assert!(op >= self.position_index.op_first && op <= self.op_durable);
+        let location = self.locate(op).await?;
+        let mut entry = std::mem::take(&mut self.checkpoint_entry);
+        entry.clear();
+        let read = self.entry_read(location, &mut entry).await;
+        let header = read.map(|()| {
+            format::decode_entry_header(&entry, self.config.body_bytes_max)
+                .expect("entry_read verified it")
+        });
+        self.checkpoint_entry = entry;
+        let header = header?;
+        assert_eq!(header.op, op);
+        let after = self
+            .read_cursor
+            .expect("entry_read moves the cursor past the entry");
+        debug_assert_eq!(after.op, op + 1);
+        Ok(Checkpoint {
+            op,
+            segment: after.position.segment,
+            offset: after.position.offset,
+            checksum: header.checksum_header,
+        })
+    }
+
+    /// Writes the snapshot file of `meta` durably under its final name: header, bytes, zero
+    /// padding to a sector (so the file needs no truncation), through a `DmaStreamWriter`
+    /// into a temporary file, `fdatasync`, rename, directory sync.
+    async fn snapshot_write(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: &[u8],
+    ) -> Result<(), JournalError> {
+        static ZEROS: [u8; SECTOR_BYTES] = [0; SECTOR_BYTES];
+        let name = format::snapshot_file_name(meta.op);
+        let path = self.config.dir.join(&name);
+        let path_temporary = self
+            .config
+            .dir
+            .join(format!("{name}{SNAPSHOT_TEMPORARY_SUFFIX}"));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(&path_temporary)
+            .await
+            .map_err(|error| io_error(&path_temporary, error))?;
+        let mut writer = DmaStreamWriterBuilder::new(file)
+            .with_buffer_size(SNAPSHOT_WRITE_BUFFER_BYTES)
+            .with_write_behind(SNAPSHOT_WRITE_BEHIND)
+            .build();
+        let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+        format::encode_snapshot_header(meta, &mut header);
+        let padding = snapshot.len().next_multiple_of(SECTOR_BYTES) - snapshot.len();
+        let written = async {
+            writer.write_all(&header).await?;
+            writer.write_all(snapshot).await?;
+            writer.write_all(&ZEROS[..padding]).await?;
+            writer.sync().await.map_err(std::io::Error::from)?;
+            writer.close().await
+        }
+        .await;
+        written.map_err(|error| io_error(&path_temporary, error))?;
+        glommio::io::rename(&path_temporary, &path)
+            .await
+            .map_err(|error| io_error(&path, error))?;
+        self.directory
+            .sync()
+            .await
+            .map_err(|error| io_error(&self.config.dir, error))
+    }
+
+    /// Removes the segments before the oldest one a retained checkpoint or a peer needs,
+    /// and moves `op_first` up to match. Keeps everything from the indexed op at or before
+    /// `min(previous checkpoint + 1, retain_from_op)`, and the previous checkpoint's segment
+    /// (recovery starts there). Returns the segments removed.
+    async fn segments_remove(&mut self, retain_from_op: u64) -> Result<u64, JournalError> {
+        let previous = self.superblock.checkpoint_previous;
+        let bound_op = (previous.op + 1)
+            .min(retain_from_op)
+            .max(self.position_index.op_first);
+        let Some((op_keep, position_keep)) = self.position_index.at_or_before(bound_op) else {
+            return Ok(0);
+        };
+        let segment_keep = position_keep.segment.min(previous.segment);
+        assert!(segment_keep <= self.position_durable.segment);
+        self.position_index.drop_before(op_keep);
+        let mut removed = 0;
+        // Bounded: `segment_oldest` rises to `segment_keep`.
+        while self.segment_oldest < segment_keep {
+            let path = segment_path(&self.config.dir, self.segment_oldest);
+            removed += u64::from(file_remove(&path).await?);
+            self.segment_oldest += 1;
+        }
+        Ok(removed)
     }
 
     /// Reads durable op `op` (any op in `op_first()..=op_durable()`) back from disk into
@@ -1416,6 +1728,105 @@ impl Journal {
     }
 }
 
+/// Removes `path`; returns whether it existed.
+async fn file_remove(path: &Path) -> Result<bool, JournalError> {
+    match glommio::io::remove(path).await {
+        Ok(()) => Ok(true),
+        Err(error) => {
+            let error = std::io::Error::from(error);
+            if error.kind() == std::io::ErrorKind::NotFound {
+                Ok(false)
+            } else {
+                Err(io_error(path, error))
+            }
+        }
+    }
+}
+
+/// Removes, at open, snapshot files no retained checkpoint names (left by a crash between
+/// writing a snapshot and the superblock, or before removing an old one) and temporary
+/// snapshot files. Open-time directory listing with `std::fs`. Returns the files removed.
+fn snapshots_stale_remove(dir: &Path, superblock: &Superblock) -> Result<u64, JournalError> {
+    let retained = [superblock.checkpoint.op, superblock.checkpoint_previous.op];
+    let mut removed = 0;
+    let entries = std::fs::read_dir(dir).map_err(|error| io_error(dir, error))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| io_error(dir, error))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let stale = match format::parse_snapshot_name(&name) {
+            Some(op) => !retained.contains(&op),
+            None => name
+                .strip_suffix(SNAPSHOT_TEMPORARY_SUFFIX)
+                .and_then(format::parse_snapshot_name)
+                .is_some(),
+        };
+        if stale {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|error| io_error(&path, error))?;
+            tracing::info!(path = %path.display(), "removed a stale snapshot file");
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Reads the latest checkpoint's snapshot file whole and verifies it against the
+/// superblock. Returns its path, header and the file's bytes (header first). Allocates the
+/// file's size once (open time), bounded by the file's actual size.
+async fn snapshot_read(
+    config: &JournalConfig,
+    superblock: &Superblock,
+) -> Result<(PathBuf, SnapshotMeta, Vec<u8>), JournalError> {
+    let path = config
+        .dir
+        .join(format::snapshot_file_name(superblock.checkpoint.op));
+    let invalid = |error| JournalError::Snapshot {
+        path: path.clone(),
+        error,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .dma_open(&path)
+        .await
+        .map_err(|error| io_error(&path, error))?;
+    let file_bytes = file
+        .file_size()
+        .await
+        .map_err(|error| io_error(&path, error))?;
+    let buffered = Cell::new(false);
+    let head_bytes = (SNAPSHOT_HEADER_BYTES as u64).min(file_bytes) as usize;
+    let head = read_aligned(&file, &path, 0, SNAPSHOT_HEADER_BYTES, &buffered).await?;
+    let meta =
+        format::decode_snapshot_header(&head[..head_bytes.min(head.len())]).map_err(&invalid)?;
+    if meta.file_bytes() > file_bytes {
+        return Err(invalid(SnapshotError::Truncated {
+            bytes: file_bytes,
+            needed: meta.file_bytes(),
+        }));
+    }
+    let total = usize::try_from(meta.file_bytes()).map_err(|_| {
+        invalid(SnapshotError::Truncated {
+            bytes: file_bytes,
+            needed: meta.file_bytes(),
+        })
+    })?;
+    let mut bytes = Vec::with_capacity(total);
+    // Bounded: every turn reads at least a sector or stops.
+    while bytes.len() < total {
+        let want = (total - bytes.len()).min(RECOVERY_READ_BYTES);
+        let chunk = read_aligned(&file, &path, bytes.len() as u64, want, &buffered).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..chunk.len().min(want)]);
+    }
+    file.close().await.map_err(|error| io_error(&path, error))?;
+    let (meta, _) = format::verify_snapshot(&bytes, superblock).map_err(&invalid)?;
+    Ok((path, meta, bytes))
+}
+
 fn config_validate(config: &JournalConfig) -> Result<(), JournalError> {
     let sector = SECTOR_BYTES as u64;
     if config.segment_bytes == 0 || !config.segment_bytes.is_multiple_of(sector) {
@@ -1484,10 +1895,9 @@ async fn superblock_open(
             sequence: 0,
             view: 0,
             op_durable: 0,
-            checkpoint_op: 0,
-            checkpoint_segment: 0,
-            checkpoint_offset: 0,
-            checkpoint_checksum: JOURNAL_CHAIN_ROOT,
+            checkpoint: Checkpoint::ROOT,
+            snapshot_checksum: 0,
+            checkpoint_previous: Checkpoint::ROOT,
             segment_bytes: config.segment_bytes,
         };
         superblock_create(dir, &superblock)?;
@@ -1576,7 +1986,12 @@ struct Recovery<'a> {
     op_next: u64,
     checksum_previous: JournalChecksum,
     view_last: u64,
-    entries: u64,
+    /// The latest checkpoint: ops up to it are verified and indexed, not replayed, and its
+    /// entry must have the checkpoint's checksum.
+    checkpoint: Checkpoint,
+    /// Set when the entry at the checkpoint op does not have the checkpoint's checksum.
+    checkpoint_mismatch: Option<(u64, JournalChecksum)>,
+    entries_replayed: u64,
     read_bytes: usize,
     entry_bytes_max: usize,
     /// O_DIRECT reads were refused: read through the page cache.
@@ -1592,6 +2007,20 @@ impl<'a> Recovery<'a> {
         superblock: &Superblock,
         segments: Vec<u64>,
     ) -> Self {
+        // Scanning starts at the previous checkpoint. Its segment is gone only if this is an
+        // older superblock copy (the newest one failed verification) from before segments
+        // were removed: then start at the latest checkpoint, whose ops are all still there.
+        let previous = superblock.checkpoint_previous;
+        let start = if previous == superblock.checkpoint || segments.contains(&previous.segment) {
+            previous
+        } else {
+            tracing::warn!(
+                shard = config.shard,
+                segment = previous.segment,
+                "segment of the previous checkpoint is gone; recovering from the latest"
+            );
+            superblock.checkpoint
+        };
         let entry_bytes_max = format::entry_bytes_padded(config.body_bytes_max);
         // A chunk must hold one largest entry, or a straddling entry could never be read whole.
         let read_bytes = RECOVERY_READ_BYTES.max(2 * entry_bytes_max);
@@ -1604,19 +2033,18 @@ impl<'a> Recovery<'a> {
             config,
             op_durable_floor,
             segments,
-            checkpoint_segment: superblock.checkpoint_segment,
-            checkpoint_offset: superblock.checkpoint_offset,
-            op_next: superblock.checkpoint_op + 1,
-            checksum_previous: superblock.checkpoint_checksum,
+            checkpoint_segment: start.segment,
+            checkpoint_offset: start.offset,
+            op_next: start.op + 1,
+            checksum_previous: start.checksum,
             view_last: 0,
-            entries: 0,
+            checkpoint: superblock.checkpoint,
+            checkpoint_mismatch: None,
+            entries_replayed: 0,
             read_bytes,
             entry_bytes_max,
             reads_buffered: Cell::new(false),
-            position_index: PositionIndex::new(
-                superblock.checkpoint_op + 1,
-                options.position_index_entries_max,
-            ),
+            position_index: PositionIndex::new(start.op + 1, options.position_index_entries_max),
         }
     }
 
@@ -1715,6 +2143,13 @@ impl<'a> Recovery<'a> {
     /// Entries up to the superblock's `op_durable` were acknowledged: the journal must not
     /// end (cleanly or torn) before them.
     fn check_durable_floor(&self, segment: u64, offset: u64) -> Result<(), JournalError> {
+        if self.op_next <= self.checkpoint.op {
+            let error = format!(
+                "journal ends before the checkpoint op {} recorded in the superblock",
+                self.checkpoint.op
+            );
+            return Err(self.corrupt(segment, offset, error));
+        }
         if self.op_next <= self.op_durable_floor {
             let error = format!(
                 "journal ends before op_durable {} recorded in the superblock",
@@ -1768,6 +2203,9 @@ impl<'a> Recovery<'a> {
             }
             let view_last = &mut self.view_last;
             let position_index = &mut self.position_index;
+            let checkpoint = self.checkpoint;
+            let checkpoint_mismatch = &mut self.checkpoint_mismatch;
+            let entries_replayed = &mut self.entries_replayed;
             let outcome: ScanOutcome = format::scan(
                 &chunk,
                 offset,
@@ -1781,13 +2219,32 @@ impl<'a> Recovery<'a> {
                         offset: entry_offset,
                     };
                     position_index.record(entry.meta.op, position);
-                    replay(entry);
+                    if entry.meta.op == checkpoint.op && entry.checksum != checkpoint.checksum {
+                        checkpoint_mismatch.get_or_insert((entry_offset, entry.checksum));
+                    }
+                    // Ops up to the checkpoint are in its snapshot; a mismatch stops replay.
+                    if entry.meta.op > checkpoint.op && checkpoint_mismatch.is_none() {
+                        *entries_replayed += 1;
+                        replay(entry);
+                    }
                 },
             );
+            if let Some((entry_offset, found)) = self.checkpoint_mismatch {
+                let error = format!(
+                    "entry of checkpoint op {} has checksum {found:#x}, the superblock records {:#x}",
+                    checkpoint.op, checkpoint.checksum
+                );
+                return Err(JournalError::Corrupt {
+                    shard: self.config.shard,
+                    op: checkpoint.op,
+                    segment,
+                    offset: entry_offset,
+                    error,
+                });
+            }
             if outcome.entries > 0 {
                 self.op_next = outcome.op_last + 1;
                 self.checksum_previous = outcome.checksum_last;
-                self.entries += outcome.entries;
             }
             let (stop, torn) = match outcome.tail {
                 Tail::Clean => (outcome.end_offset, false),

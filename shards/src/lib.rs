@@ -8,6 +8,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod cluster;
+pub mod config;
 pub mod core;
 pub mod inspect;
 pub mod journal;
@@ -17,3 +18,4 @@ pub mod mesh;
 pub mod metrics;
 pub mod replication;
 pub mod runtime;
+pub mod status;

@@ -42,6 +42,9 @@ const COMMITTED_SOURCE_NODE: &str = "shard percore_tx_applied_total delta over t
 /// See [`COMMITTED_SOURCE_NODE`].
 const COMMITTED_SOURCE_CLUSTER: &str =
     "group leader percore_tx_applied_total delta over the window (scraped metrics)";
+/// See [`COMMITTED_SOURCE_NODE`].
+const COMMITTED_SOURCE_ACKNOWLEDGED: &str =
+    "client acknowledgements per shard over the window (no --metrics-addresses)";
 
 /// What `percore bench` runs on a single in-process node.
 #[derive(Debug, Clone)]
@@ -119,18 +122,32 @@ pub struct ClusterBenchConfig {
     pub load: LoadConfig,
 }
 
+/// What `percore bench --addresses` runs: load on a cluster that is already running.
+#[derive(Debug, Clone)]
+pub struct RemoteBenchConfig {
+    /// Per shard, in shard order, the client address of its group leader.
+    pub leaders: Vec<SocketAddr>,
+    /// Metrics address of every node; empty: committed TPS is read from acknowledgements.
+    pub metrics: Vec<SocketAddr>,
+    /// The load.
+    pub load: LoadConfig,
+}
+
 /// Per-shard results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardRow {
     /// Shard index (= replication group).
     pub shard: usize,
-    /// CPU core the shard ran on (on every replica).
-    pub core: usize,
+    /// CPU core the shard ran on (on every replica); `None` when a remote cluster's
+    /// metrics were not read.
+    pub core: Option<usize>,
     /// Replica leading the shard's group (0 on a single node).
     pub leader_replica: usize,
     /// Client transfers applied by this shard (its leader) during the window, per second
     /// (credit legs and acknowledgements between shards are not counted).
     pub committed_tx_per_s: f64,
+    /// Transfers the clients of this shard saw acknowledged during the window, per second.
+    pub acknowledged_tx_per_s: f64,
     /// Batches sealed during the window.
     pub batches: u64,
     /// Mean entries per batch during the window.
@@ -142,7 +159,8 @@ pub struct ShardRow {
 pub struct BenchReport {
     /// Always "percore-bench".
     pub benchmark: &'static str,
-    /// Replicas per replication group (1: a single in-process node).
+    /// Replicas per replication group (1: a single in-process node; 0: unknown, a remote
+    /// cluster whose metrics were not read).
     pub replicas: usize,
     /// Journal fsync policy in effect.
     pub fsync: &'static str,
@@ -379,6 +397,7 @@ fn setup_accounts(
 }
 
 struct LoadThreadReport {
+    shard: usize,
     acknowledged: u64,
     failed: u64,
     latency: Histogram<u64>,
@@ -395,6 +414,7 @@ fn load_thread(
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     acknowledged_live: Arc<AtomicU64>,
+    transfer_id_base: u128,
 ) -> Result<LoadThreadReport, ClientError> {
     let shards = accounts.len();
     let mut pipeline = Pipeline::connect(
@@ -416,7 +436,7 @@ fn load_thread(
     let mut records = vec![<Transfer as bytemuck::Zeroable>::zeroed(); config.records_per_request];
     let mut sent_at = std::collections::VecDeque::with_capacity(config.window);
     let mut request_number = 0u64;
-    let mut transfer_id = ((thread as u128 + 1) << 96) | (1 << 127);
+    let mut transfer_id = transfer_id_base | ((thread as u128 + 1) << 96) | (1 << 127);
     let (mut acknowledged, mut failed) = (0u64, 0u64);
     loop {
         while pipeline.in_flight() < config.window && !stop.load(Ordering::Relaxed) {
@@ -464,6 +484,7 @@ fn load_thread(
         acknowledged_live.fetch_add(count as u64, Ordering::Relaxed);
     }
     Ok(LoadThreadReport {
+        shard,
         acknowledged,
         failed,
         latency,
@@ -476,11 +497,13 @@ struct Load {
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     acknowledged_live: Arc<AtomicU64>,
+    shards: usize,
 }
 
 /// What every client thread saw during the window, merged.
 struct LoadTotals {
     acknowledged: u64,
+    acknowledged_per_shard: Vec<u64>,
     failed: u64,
     latency: Histogram<u64>,
 }
@@ -489,6 +512,18 @@ impl Load {
     /// Starts `connections_per_shard` client threads per shard, shard `k`'s to
     /// `addresses[k]`.
     fn start(addresses: &[SocketAddr], accounts: Vec<Vec<u128>>, config: LoadConfig) -> Self {
+        Self::start_with_id_base(addresses, accounts, config, 0)
+    }
+
+    /// [`Load::start`], with `transfer_id_base` (bits 64..96) OR-ed into every transfer
+    /// id, so runs against a cluster that keeps its ledger do not repeat ids.
+    fn start_with_id_base(
+        addresses: &[SocketAddr],
+        accounts: Vec<Vec<u128>>,
+        config: LoadConfig,
+        transfer_id_base: u128,
+    ) -> Self {
+        debug_assert_eq!(transfer_id_base & !(u128::from(u32::MAX) << 64), 0);
         let accounts = Arc::new(accounts);
         let measuring = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -505,7 +540,15 @@ impl Load {
                 );
                 threads.push(std::thread::spawn(move || {
                     load_thread(
-                        thread, shard, address, accounts, config, measuring, stop, live,
+                        thread,
+                        shard,
+                        address,
+                        accounts,
+                        config,
+                        measuring,
+                        stop,
+                        live,
+                        transfer_id_base,
                     )
                 }));
             }
@@ -515,6 +558,7 @@ impl Load {
             measuring,
             stop,
             acknowledged_live,
+            shards: addresses.len(),
         }
     }
 
@@ -547,11 +591,13 @@ impl Load {
         let mut latency =
             Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
         let (mut acknowledged, mut failed) = (0, 0);
+        let mut acknowledged_per_shard = vec![0; self.shards];
         let mut first_error = None;
         for thread in self.threads {
             match thread.join() {
                 Ok(Ok(report)) => {
                     acknowledged += report.acknowledged;
+                    acknowledged_per_shard[report.shard] += report.acknowledged;
                     failed += report.failed;
                     latency.add(&report.latency).expect("same bounds");
                 }
@@ -567,6 +613,7 @@ impl Load {
             Some(error) => Err(error),
             None => Ok(LoadTotals {
                 acknowledged,
+                acknowledged_per_shard,
                 failed,
                 latency,
             }),
@@ -633,8 +680,18 @@ fn scrape_snapshot(cluster: &LocalCluster) -> Result<Snapshot, BenchError> {
     let texts = (0..cluster.replicas())
         .map(|replica| cluster.scrape(replica))
         .collect::<Result<Vec<String>, ClusterError>>()?;
-    let shards = cluster.shards();
-    let leader_text = |shard: usize| texts[cluster.leader_of(shard)].as_str();
+    Ok(snapshot_from_texts(&texts, cluster.shards(), |shard| {
+        cluster.leader_of(shard)
+    }))
+}
+
+/// Each shard's counters from `texts[leader_of(shard)]`; `bytes_replicated` sums all texts.
+fn snapshot_from_texts(
+    texts: &[String],
+    shards: usize,
+    leader_of: impl Fn(usize) -> usize,
+) -> Snapshot {
+    let leader_text = |shard: usize| texts[leader_of(shard)].as_str();
     let counter = |name: &str| -> Vec<u64> {
         (0..shards)
             .map(|shard| cluster::shard_metric(leader_text(shard), name, shard))
@@ -645,7 +702,7 @@ fn scrape_snapshot(cluster: &LocalCluster) -> Result<Snapshot, BenchError> {
             .map(|shard| per_bucket(&cluster::histogram_buckets(leader_text(shard), name, shard)))
             .collect()
     };
-    Ok(Snapshot {
+    Snapshot {
         applied: counter("percore_tx_applied_total"),
         internal: counter("percore_internal_applied_total"),
         batches: counter("percore_batches_sealed_total"),
@@ -655,7 +712,7 @@ fn scrape_snapshot(cluster: &LocalCluster) -> Result<Snapshot, BenchError> {
             .iter()
             .map(|text| cluster::metric_sum(text, "percore_replication_bytes_sent_total", shards))
             .sum(),
-    })
+    }
 }
 
 /// Per-bucket deltas over the window, summed over every shard.
@@ -739,9 +796,10 @@ fn report(measured: Measured<'_>) -> BenchReport {
             let batches = after.batches[shard] - before.batches[shard];
             ShardRow {
                 shard,
-                core: cores[shard],
+                core: Some(cores[shard]),
                 leader_replica: shard % replicas,
                 committed_tx_per_s: applied as f64 / elapsed_s,
+                acknowledged_tx_per_s: totals.acknowledged_per_shard[shard] as f64 / elapsed_s,
                 batches,
                 mean_batch_entries: if batches == 0 {
                     0.0
@@ -865,6 +923,152 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
     }))
 }
 
+/// What the nodes of a remote cluster say about its groups, read once before the load.
+struct RemoteLayout {
+    /// Per shard, the index (in `--metrics-addresses`) of the node leading it.
+    leader_node: Vec<usize>,
+    /// Per shard, that node's replica index (its position if it does not say).
+    leader_replica: Vec<usize>,
+    /// Per shard, the leader's core for it.
+    cores: Vec<Option<usize>>,
+    /// Replicas per group (1 for a single node).
+    replicas: usize,
+}
+
+fn scrape_remote(metrics: &[SocketAddr]) -> Result<Vec<String>, BenchError> {
+    metrics
+        .iter()
+        .enumerate()
+        .map(|(replica, &address)| {
+            cluster::scrape_metrics(address).map_err(|source| {
+                BenchError::Cluster(ClusterError::Scrape {
+                    replica,
+                    address,
+                    source,
+                })
+            })
+        })
+        .collect()
+}
+
+/// Finds each shard's leader among the scraped nodes (`percore_replica_is_leader`; a single
+/// node leads all its shards) and checks the shard count against `--addresses`.
+fn remote_layout(texts: &[String], shards: usize) -> Result<RemoteLayout, BenchError> {
+    let plain = |text: &str, name: &str| {
+        text.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+            value.trim().parse::<f64>().ok().map(|value| value as usize)
+        })
+    };
+    let replicas = plain(&texts[0], "percore_config_replica_count").unwrap_or(texts.len());
+    let mut layout = RemoteLayout {
+        leader_node: Vec::with_capacity(shards),
+        leader_replica: Vec::with_capacity(shards),
+        cores: Vec::with_capacity(shards),
+        replicas,
+    };
+    for shard in 0..shards {
+        let leads = |text: &String| {
+            cluster::shard_metric(text, "percore_replica_is_leader", shard) == 1
+                || (replicas == 1
+                    && cluster::metric(text, "percore_commit_op", &format!("shard=\"{shard}\""))
+                        .is_some())
+        };
+        let node = texts.iter().position(leads).ok_or_else(|| {
+            BenchError::Setup(format!(
+                "no node in --metrics-addresses leads shard {shard}: --addresses lists {shards} \
+                 shard(s); is that the nodes' shard count?"
+            ))
+        })?;
+        layout.leader_node.push(node);
+        layout
+            .leader_replica
+            .push(plain(&texts[node], "percore_config_replica_index").unwrap_or(node));
+        layout.cores.push(
+            cluster::metric(
+                &texts[node],
+                "percore_config_shard_core",
+                &format!("shard=\"{shard}\""),
+            )
+            .map(|core| core as usize),
+        );
+    }
+    Ok(layout)
+}
+
+/// Drives the load at a running cluster's group leaders (`config.leaders`, one per shard)
+/// and reports per-shard TPS: from the leaders' metrics when `config.metrics` names the
+/// nodes, else from client acknowledgements. Accounts are created (or found, on a second
+/// run) first; transfer ids carry a random base so runs do not collide.
+pub fn run_remote(config: RemoteBenchConfig) -> Result<BenchReport, BenchError> {
+    let load_config = config.load;
+    let shards = config.leaders.len();
+    assert!(shards > 0, "one leader address per shard");
+    let layout = if config.metrics.is_empty() {
+        None
+    } else {
+        Some(remote_layout(&scrape_remote(&config.metrics)?, shards)?)
+    };
+    let accounts = setup_accounts(&config.leaders, load_config.accounts_per_shard)?;
+    let transfer_id_base = u128::from(crate::runtime::random_seed() as u32) << 64;
+    let load = Load::start_with_id_base(&config.leaders, accounts, load_config, transfer_id_base);
+    std::thread::sleep(load_config.warmup);
+    let take = |layout: &RemoteLayout| -> Result<Snapshot, BenchError> {
+        let texts = scrape_remote(&config.metrics)?;
+        Ok(snapshot_from_texts(&texts, shards, |shard| {
+            layout.leader_node[shard]
+        }))
+    };
+    let measured = (|| {
+        let before = layout.as_ref().map(take).transpose()?;
+        let started = load.measure(&load_config);
+        let after = layout.as_ref().map(take).transpose()?;
+        Ok::<_, BenchError>((before, after, started.elapsed().as_secs_f64()))
+    })();
+    let totals = load.finish();
+    let (before, after, elapsed_s) = measured?;
+    let totals = totals?;
+    let zero = || {
+        snapshot(
+            &(0..shards)
+                .map(|shard| Arc::new(ShardMetrics::new(shard as u32)))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let replicas = layout.as_ref().map_or(1, |layout| layout.replicas.max(1));
+    let mut report = report(Measured {
+        load: &load_config,
+        cores: &vec![0; shards],
+        replicas,
+        before: before.unwrap_or_else(zero),
+        after: after.unwrap_or_else(zero),
+        elapsed_s,
+        totals,
+    });
+    for row in &mut report.per_shard {
+        match &layout {
+            Some(layout) => {
+                row.core = layout.cores[row.shard];
+                row.leader_replica = layout.leader_replica[row.shard];
+            }
+            None => {
+                row.core = None;
+                row.committed_tx_per_s = row.acknowledged_tx_per_s;
+            }
+        }
+    }
+    if layout.is_none() {
+        report.replicas = 0;
+        report.committed_source = COMMITTED_SOURCE_ACKNOWLEDGED;
+        report.total_committed_tx_per_s = report
+            .per_shard
+            .iter()
+            .map(|row| row.committed_tx_per_s)
+            .sum();
+    }
+    Ok(report)
+}
+
 fn at_most(bound: Option<u64>) -> String {
     bound.map_or_else(
         || format!(">{}", LATENCY_BUCKETS_US[BUCKETS - 2]),
@@ -874,9 +1078,13 @@ fn at_most(bound: Option<u64>) -> String {
 
 /// Prints the report as a human-readable table.
 pub fn print_text(report: &BenchReport) {
+    let replicas = match report.replicas {
+        0 => "unknown".to_string(),
+        count => count.to_string(),
+    };
     println!(
-        "percore bench: {} shard(s), {} replica(s), fsync: {}",
-        report.shards, report.replicas, report.fsync
+        "percore bench: {} shard(s), {replicas} replica(s), fsync: {}",
+        report.shards, report.fsync
     );
     println!("machine: {}", report.machine);
     println!(
@@ -889,16 +1097,22 @@ pub fn print_text(report: &BenchReport) {
     );
     println!("committed: {}", report.committed_source);
     println!(
-        "{:>6} {:>5} {:>7} {:>16} {:>10} {:>12}",
-        "shard", "core", "leader", "committed tx/s", "batches", "mean batch"
+        "{:>6} {:>5} {:>7} {:>16} {:>14} {:>10} {:>12}",
+        "shard", "core", "leader", "committed tx/s", "acked tx/s", "batches", "mean batch"
     );
     for row in &report.per_shard {
         println!(
-            "{:>6} {:>5} {:>7} {:>16.0} {:>10} {:>12.1}",
+            "{:>6} {:>5} {:>7} {:>16.0} {:>14.0} {:>10} {:>12.1}",
             row.shard,
-            row.core,
-            row.leader_replica,
+            row.core
+                .map_or_else(|| "-".to_string(), |core| core.to_string()),
+            if report.replicas == 0 {
+                "-".to_string()
+            } else {
+                row.leader_replica.to_string()
+            },
             row.committed_tx_per_s,
+            row.acknowledged_tx_per_s,
             row.batches,
             row.mean_batch_entries
         );

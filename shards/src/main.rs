@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use percore_engine::batch::BatchLimits;
 use percore_engine::ledger::{Ledger, LedgerConfig};
 use percore_shards::loadgen::{self, BenchConfig};
@@ -44,6 +44,10 @@ enum Command {
     Inspect(InspectArgs),
     /// Write a new random 256-bit cluster key (64 hex digits) for `node --cluster-key-file`.
     ClusterKey(ClusterKeyArgs),
+    /// Scrape every node's metrics twice and print, per node and shard: role, view, commit
+    /// op, durable op, peer lag and connections, TPS and the peers digest (exit status 1 if
+    /// a node is down or the peers digests differ).
+    Status(StatusArgs),
 }
 
 /// Shard layout, limits and sizes shared by `node` and `bench`.
@@ -120,6 +124,10 @@ struct JournalArgs {
     /// Size of one journal segment file (MiB).
     #[arg(long, default_value_t = 1024)]
     segment_mib: u64,
+    /// Take a checkpoint (state snapshot; old journal segments are then removed) after every
+    /// op that is a multiple of this (ops; 0: never, the journal grows without bound).
+    #[arg(long, default_value_t = runtime::CHECKPOINT_INTERVAL_OPS_DEFAULT)]
+    checkpoint_interval_ops: u64,
     /// Cluster identity recorded in each shard's superblock (hex); another cluster's data
     /// directory is refused.
     #[arg(long, default_value = "1", value_parser = parse_cluster_id)]
@@ -138,6 +146,7 @@ impl JournalArgs {
             fsync: self.fsync,
             segment_bytes: self.segment_mib << 20,
             cluster_id: self.cluster_id,
+            checkpoint_interval_ops: self.checkpoint_interval_ops,
         }
     }
 }
@@ -188,6 +197,10 @@ impl ShardArgs {
 
 #[derive(Debug, Args)]
 struct NodeArgs {
+    /// Read settings from this TOML file: its keys are these flags with underscores (e.g.
+    /// client_port_base = 7000); a flag given on the command line overrides the file.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     shards: ShardArgs,
     /// Address the client listeners bind to.
@@ -209,11 +222,11 @@ struct NodeArgs {
 #[derive(Debug, Args, Clone)]
 struct ReplicationArgs {
     /// This node's replica index: its position in --peers.
-    #[arg(long, requires = "peers")]
+    #[arg(long)]
     replica: Option<u8>,
     /// Peer address of every replica, in replica order (shard k listens on port + k), e.g.
     /// 127.0.0.1:7100,127.0.0.1:7200,127.0.0.1:7300. Needs --data-dir and a cluster key.
-    #[arg(long, value_delimiter = ',', requires = "replica")]
+    #[arg(long, value_delimiter = ',')]
     peers: Vec<SocketAddr>,
     /// File holding the 256-bit cluster key as 64 hex digits (`percore cluster-key`);
     /// default: the PERCORE_CLUSTER_KEY environment variable.
@@ -290,6 +303,16 @@ struct BenchArgs {
     /// Keep the benchmark's data directory (default: removed afterwards).
     #[arg(long)]
     keep_data: bool,
+    /// Load a cluster that is already running instead of starting one: the client address
+    /// of each group's leader, one per shard in shard order (e.g.
+    /// 10.0.0.1:7000,10.0.0.2:7001,10.0.0.3:7002). Node flags (--cores, --replicas, sizes,
+    /// journal) do not apply; accounts are created on the cluster first.
+    #[arg(long, value_delimiter = ',')]
+    addresses: Vec<SocketAddr>,
+    /// With --addresses: every node's metrics address, so committed TPS, batch sizes and
+    /// commit latency are read from the group leaders (default: TPS from acknowledgements).
+    #[arg(long, value_delimiter = ',', requires = "addresses")]
+    metrics_addresses: Vec<SocketAddr>,
     #[command(flatten)]
     journal: JournalArgs,
 }
@@ -303,7 +326,120 @@ fn init_tracing() {
         .try_init();
 }
 
+/// `node --config FILE`: every key the file sets applies unless its flag was given on the
+/// command line (`matches` are the `node` subcommand's).
+fn node_args_with_file(
+    mut args: NodeArgs,
+    matches: Option<&clap::ArgMatches>,
+) -> Result<NodeArgs, Box<dyn std::error::Error>> {
+    let (Some(path), Some(matches)) = (args.config.clone(), matches) else {
+        return Ok(args);
+    };
+    // Exhaustive: a key added to the file format does not compile until it is merged here.
+    let percore_shards::config::NodeFile {
+        cores,
+        batch_entries_max,
+        batch_bytes_max,
+        linger_us,
+        transactions,
+        batches,
+        connections_max,
+        io_memory_kib,
+        allow_shared_cores,
+        accounts_max,
+        transfers_max,
+        credit_legs_max,
+        listen,
+        client_port_base,
+        metrics,
+        data_dir,
+        fsync,
+        segment_mib,
+        checkpoint_interval_ops,
+        cluster_id,
+        replica,
+        peers,
+        cluster_key_file,
+    } = percore_shards::config::NodeFile::read(&path)?;
+    let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    macro_rules! merge {
+        ($($key:ident => $target:expr),* $(,)?) => {$(
+            if let Some(value) = $key {
+                if !given(stringify!($key)) {
+                    $target = value.into();
+                }
+            }
+        )*};
+    }
+    merge! {
+        cores => args.shards.cores,
+        batch_entries_max => args.shards.batch_entries_max,
+        batch_bytes_max => args.shards.batch_bytes_max,
+        linger_us => args.shards.linger_us,
+        transactions => args.shards.transactions,
+        batches => args.shards.batches,
+        connections_max => args.shards.connections_max,
+        io_memory_kib => args.shards.io_memory_kib,
+        allow_shared_cores => args.shards.allow_shared_cores,
+        accounts_max => args.shards.ledger.accounts_max,
+        transfers_max => args.shards.ledger.transfers_max,
+        credit_legs_max => args.shards.ledger.credit_legs_max,
+        listen => args.listen,
+        client_port_base => args.client_port_base,
+        metrics => args.metrics,
+        data_dir => args.journal.data_dir,
+        fsync => args.journal.fsync,
+        segment_mib => args.journal.segment_mib,
+        checkpoint_interval_ops => args.journal.checkpoint_interval_ops,
+        cluster_id => args.journal.cluster_id,
+        replica => args.replication.replica,
+        peers => args.replication.peers,
+        cluster_key_file => args.replication.cluster_key_file,
+    }
+    say!(
+        "config file {} read (flags given on the command line override it)",
+        path.display()
+    );
+    Ok(args)
+}
+
+/// The start-up checks and reports that need the whole configuration: every value checked
+/// (an error names the key), each shard's core and NUMA node printed, the peers digest
+/// printed. Returns the node-level metric samples.
+fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Error>> {
+    use percore_shards::config::{self as node_file, PeersDigest, StartCheck};
+    let cores = args.shards.node_config().cores;
+    StartCheck {
+        cores: cores.clone(),
+        allow_shared_cores: args.shards.allow_shared_cores,
+        listen: args.listen,
+        client_port_base: args.client_port_base,
+        metrics: args.metrics,
+        data_dir: args.journal.data_dir.clone(),
+        cluster_id: args.journal.cluster_id,
+        replica: args.replication.replica,
+        peers: args.replication.peers.clone(),
+    }
+    .run()?;
+    let placements = node_file::placement(&cores);
+    for line in node_file::placement_report(&placements) {
+        say!("{line}");
+    }
+    let replicas = args.replication.peers.len().max(1);
+    let digest = PeersDigest::of(&args.replication.peers);
+    say!(
+        "peers digest {digest} ({replicas} replica(s)): every node of the cluster must print the same"
+    );
+    Ok(node_file::render_node_gauges(
+        digest,
+        args.replication.replica,
+        replicas,
+        &placements,
+    ))
+}
+
 fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let node_text = node_start_checks(&args)?;
     let mut config = args.shards.node_config();
     config.listen = args.listen;
     config.client_port_base = args.client_port_base;
@@ -349,8 +485,12 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     let metrics_thread = match args.metrics {
         Some(address) => {
-            let (bound, handle) =
-                percore_shards::metrics::serve(address, node.metrics().to_vec(), stop.clone())?;
+            let (bound, handle) = percore_shards::metrics::serve_with_node_text(
+                address,
+                node.metrics().to_vec(),
+                node_text,
+                stop.clone(),
+            )?;
             say!("metrics on http://{bound}/metrics");
             Some(handle)
         }
@@ -377,6 +517,9 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.addresses.is_empty() {
+        return run_bench_remote(args);
+    }
     if args.replicas > 1 {
         return run_bench_cluster(args);
     }
@@ -530,6 +673,66 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
     Ok(())
 }
 
+/// `percore bench --addresses`: the same load on a cluster that is already running.
+fn run_bench_remote(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.json {
+        say!(
+            "loading {} shard(s) through {:?} (a running cluster: nothing is started or stopped)",
+            args.addresses.len(),
+            args.addresses
+        );
+    }
+    let config = loadgen::RemoteBenchConfig {
+        leaders: args.addresses.clone(),
+        metrics: args.metrics_addresses.clone(),
+        load: loadgen::LoadConfig {
+            accounts_per_shard: args.accounts_per_shard,
+            warmup: Duration::from_secs(args.warmup_s),
+            duration: Duration::from_secs(args.duration_s),
+            records_per_request: args.records_per_request,
+            window: args.window,
+            connections_per_shard: args.connections_per_shard,
+            cross_shard_percent: args.cross_shard_percent,
+            progress: !args.json,
+            fsync: "as the nodes were started (not visible to the client)",
+        },
+    };
+    let report = loadgen::run_remote(config)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        loadgen::print_text(&report);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Metrics address (host:port of `node --metrics`) of every node, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    addresses: Vec<String>,
+    /// Time between the two scrapes that TPS is measured over (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `percore status`; `Ok(false)` when a node is down or the peers digests differ.
+fn run_status(args: StatusArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    let status = percore_shards::status::run(&percore_shards::status::StatusConfig {
+        addresses: args.addresses,
+        interval: Duration::from_millis(args.interval_ms),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string(&status)?);
+    } else {
+        print!("{}", percore_shards::status::render_text(&status));
+    }
+    Ok(status.healthy)
+}
+
 fn run_inspect(args: InspectArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let body_bytes_max = args.batch_entries_max * percore_engine::record::RECORD_BYTES;
     let shards = std::fs::read_dir(&args.data_dir)?
@@ -551,9 +754,18 @@ fn run_inspect(args: InspectArgs) -> Result<bool, Box<dyn std::error::Error>> {
 
 fn main() -> ExitCode {
     init_tracing();
-    let cli = Cli::parse();
+    // Parsed in two steps so `node --config` can tell flags given from defaults.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     let outcome = match cli.command {
-        Command::Node(args) => run_node(args),
+        Command::Node(args) => {
+            node_args_with_file(args, matches.subcommand_matches("node")).and_then(run_node)
+        }
+        Command::Status(args) => match run_status(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(err) => Err(err),
+        },
         Command::Bench(args) => run_bench(args),
         Command::ClusterKey(args) => replication::cluster_key_write(&args.out)
             .map(|()| say!("cluster key written to {}", args.out.display()))
@@ -570,5 +782,28 @@ fn main() -> ExitCode {
             say!("percore: error: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_node_flag_has_a_config_file_key() {
+        let command = Cli::command();
+        let node = command.find_subcommand("node").expect("node subcommand");
+        let flags: Vec<&str> = node
+            .get_arguments()
+            .map(|arg| arg.get_id().as_str())
+            .filter(|id| !matches!(*id, "config" | "help" | "version"))
+            .collect();
+        for flag in &flags {
+            assert!(
+                percore_shards::config::NODE_FILE_KEYS.contains(flag),
+                "--{flag} has no key in the node file (config::NODE_FILE_KEYS, NodeFile)"
+            );
+        }
+        assert_eq!(flags.len(), percore_shards::config::NODE_FILE_KEYS.len());
     }
 }

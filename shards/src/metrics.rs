@@ -284,6 +284,17 @@ pub fn serve(
     shards: Vec<Arc<ShardMetrics>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+    serve_with_node_text(addr, shards, String::new(), stop)
+}
+
+/// [`serve`], with `node_text` (node-level samples that never change, such as
+/// `crate::config::render_node_gauges`) appended to every scrape.
+pub fn serve_with_node_text(
+    addr: SocketAddr,
+    shards: Vec<Arc<ShardMetrics>>,
+    node_text: String,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
@@ -297,7 +308,8 @@ pub fn serve(
                     let read = stream.read(&mut request).unwrap_or(0);
                     let head = std::str::from_utf8(&request[..read]).unwrap_or("");
                     let response = if head.starts_with("GET /metrics") {
-                        let body = render_all(&shards);
+                        let mut body = render_all(&shards);
+                        body.push_str(&node_text);
                         format!(
                             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                             body.len()

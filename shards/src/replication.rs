@@ -187,24 +187,45 @@ pub(crate) struct Replication {
     pub(crate) identity: PeerIdentity,
 }
 
+/// What a shard's journal recovered, as the replica core needs it.
+pub(crate) struct RecoveredLog<'a> {
+    /// Highest op durable.
+    pub(crate) op: u64,
+    /// Its checksum (the chain head).
+    pub(crate) checksum: u128,
+    /// `(op, checksum)` of the last ops recovered, oldest first.
+    pub(crate) recent: &'a [(u64, u128)],
+}
+
 impl Replication {
-    /// Builds the state for shard `shard` whose journal recovered up to `op` (`checksum`).
+    /// Builds the state for shard `shard` whose journal recovered `log`.
     pub(crate) fn new(
         settings: ReplicationSettings,
         shard: usize,
         cluster_id: u128,
-        op: u64,
-        checksum: u128,
+        log: RecoveredLog<'_>,
         seed: u64,
         entry_bytes_max: usize,
     ) -> Result<Self, percore_engine::replica::ReplicaConfigError> {
+        let RecoveredLog {
+            op,
+            checksum,
+            recent,
+        } = log;
         let config = percore_engine::replica::ReplicaConfig::new(
             shard as u32,
             settings.replica,
             settings.replica_count(),
             seed,
         )?;
-        let replica = Replica::new(config, op, checksum, 0)?;
+        // Replay applied the whole journal (one view: nothing in it is ever undone); the
+        // recent checksums let acknowledgements of the recovered tail count, so it commits
+        // without waiting for a new op.
+        let persisted = percore_engine::replica::Persisted {
+            view: config.view,
+            log_view: config.view,
+        };
+        let replica = Replica::restart(config, persisted, op, checksum, op, recent, 0)?;
         let outboxes = (0..settings.replica_count())
             .map(|peer| {
                 let capacity = if peer == settings.replica {
@@ -964,9 +985,31 @@ where
         progressed |= follower_append(shard, journal).await;
     }
     progressed |= serve_repairs(shard, journal).await;
-    progressed |= apply_committed(shard);
+    // Bounded: each turn after the first follows a checkpoint, which needs applied ops.
+    loop {
+        progressed |= apply_committed(shard);
+        if !shard.checkpointer.borrow().pending() {
+            break;
+        }
+        let retain_from_op = retain_from_op(replication);
+        crate::runtime::checkpoint_write(shard, journal, retain_from_op).await;
+    }
     shard.mesh.borrow_mut().ring_doorbells();
     progressed
+}
+
+/// The lowest op some peer may still need from this replica's journal: one above the
+/// smallest `op_durable` any peer reported, connected or not (a peer that is down keeps
+/// its place, so it can repair when it returns). A peer further behind than this replica's
+/// retained ops needs state sync (not built: such a peer holds back segment removal, and
+/// the journal grows, until it catches up).
+fn retain_from_op(replication: &Replication) -> u64 {
+    let replica = replication.replica.borrow();
+    replica
+        .others()
+        .map(|peer| replica.peer(peer).op_durable.saturating_add(1))
+        .min()
+        .unwrap_or(u64::MAX)
 }
 
 /// Largest number of batches sealed and journaled together in one turn.
@@ -1096,6 +1139,10 @@ where
             repair,
             &mut actions,
         );
+        // Each message's actions go out before the next message: a burst of duplicates (a
+        // reconnect overlapping repair answers) would otherwise outgrow the buffer.
+        execute(shard, &actions);
+        actions.clear();
         if disposition != PrepareDisposition::Append {
             if disposition == PrepareDisposition::Gap {
                 ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
@@ -1197,7 +1244,8 @@ where
 }
 
 /// Applies every committed op held here and answers (leader) or drops (follower) what it
-/// produces.
+/// produces. Stops after a checkpoint op, whose snapshot it captured: the caller writes
+/// the checkpoint before applying more.
 fn apply_committed<S>(shard: &Shard<S>) -> bool
 where
     S: StateMachine,
@@ -1244,6 +1292,9 @@ where
             ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
         }
         applied = true;
+        if crate::runtime::checkpoint_capture(&shard.checkpointer, core.state_machine(), op) {
+            break;
+        }
     }
     if applied {
         shard.core.borrow().publish_pool_metrics();

@@ -12,6 +12,7 @@
 //! shard returns a [`ShardReport`] with its state machine.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
@@ -28,11 +29,11 @@ use percore_engine::frame::{self, FRAME_HEADER_BYTES, Kind};
 use percore_engine::limits::{
     POOL_BATCHES_DEFAULT, POOL_TRANSACTIONS_DEFAULT, TX_RING_CAPACITY_DEFAULT,
 };
-use percore_engine::state_machine::StateMachine;
+use percore_engine::state_machine::{RestoreError, StateMachine};
 use tracing::Instrument as _;
 
 use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
-use crate::journal::{Journal, JournalConfig, JournalError};
+use crate::journal::{Journal, JournalConfig, JournalError, JournalOptions};
 use crate::mesh::{Mesh, MeshEndpoint, MeshLinks, MeshMessage};
 use crate::metrics::ShardMetrics;
 use percore_engine::journal::{EntryMeta, entry_bytes_padded};
@@ -47,6 +48,8 @@ pub const IO_MEMORY_BYTES_DEFAULT: usize = 1 << 20;
 pub const MESH_RING_CAPACITY_DEFAULT: usize = 16_384;
 /// How often idle tasks look at the stop flag.
 pub(crate) const STOP_POLL_MS: u64 = 50;
+/// Default checkpoint interval: a checkpoint after every op that is a multiple of this (ops).
+pub const CHECKPOINT_INTERVAL_OPS_DEFAULT: u64 = 16_384;
 /// Runtime error codes sent in error replies (frame codes are below 1000).
 pub const ERROR_SERVER_BUSY: u32 = 1000;
 /// The request carries more records than one batch may hold.
@@ -103,6 +106,9 @@ pub struct JournalSettings {
     pub segment_bytes: u64,
     /// Identity of the cluster; a data directory of another cluster is refused.
     pub cluster_id: u128,
+    /// A checkpoint (snapshot + superblock, then old segments removed) after applying every
+    /// op that is a multiple of this (ops; 0: never, and the journal grows without bound).
+    pub checkpoint_interval_ops: u64,
 }
 
 impl Default for NodeConfig {
@@ -504,6 +510,112 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) finished: Cell<bool>,
     /// Log replication of this shard's group, if the node replicates.
     pub(crate) replication: Option<crate::replication::Replication>,
+    /// The checkpoint snapshot buffer and the checkpoint waiting to be written.
+    pub(crate) checkpointer: RefCell<Checkpointer>,
+}
+
+/// Takes checkpoints: a snapshot is captured right after its op is applied (synchronously,
+/// so it is exactly the state at that op), then written by the batcher before it applies
+/// anything else ([`checkpoint_write`]).
+///
+/// The snapshot buffer is allocated once and reused: it grows only when the state is larger
+/// than at every earlier checkpoint (the ledger's tables are fixed at start-up, so it stops
+/// growing once the transfer window has filled).
+pub(crate) struct Checkpointer {
+    /// Ops between checkpoints (0: never).
+    interval_ops: u64,
+    /// The snapshot of the pending checkpoint; kept between checkpoints.
+    snapshot: Vec<u8>,
+    /// Op and digest of the captured snapshot not yet written.
+    pending: Option<(u64, percore_engine::checksum::Digest256)>,
+    /// When `pending` was captured and how long the capture took (µs).
+    captured: Option<(Instant, u64)>,
+}
+
+impl Checkpointer {
+    pub(crate) fn new(interval_ops: u64) -> Self {
+        Checkpointer {
+            interval_ops,
+            snapshot: Vec::new(),
+            pending: None,
+            captured: None,
+        }
+    }
+
+    pub(crate) fn pending(&self) -> bool {
+        self.pending.is_some()
+    }
+}
+
+/// After applying `op`: if it is a checkpoint op, captures the snapshot of `state_machine`
+/// into the reused buffer and returns true (the caller must write it with
+/// [`checkpoint_write`] before applying further ops). Every replica checkpoints at the same ops.
+pub(crate) fn checkpoint_capture<S: StateMachine>(
+    checkpointer: &RefCell<Checkpointer>,
+    state_machine: &S,
+    op: u64,
+) -> bool {
+    let mut checkpointer = checkpointer.borrow_mut();
+    let interval_ops = checkpointer.interval_ops;
+    if interval_ops == 0 || !op.is_multiple_of(interval_ops) {
+        return false;
+    }
+    assert!(checkpointer.pending.is_none(), "one checkpoint at a time");
+    let started = Instant::now();
+    checkpointer.snapshot.clear();
+    state_machine.snapshot(&mut checkpointer.snapshot);
+    let digest = state_machine.digest();
+    checkpointer.pending = Some((op, digest));
+    checkpointer.captured = Some((started, started.elapsed().as_micros() as u64));
+    true
+}
+
+/// Writes the captured checkpoint (snapshot file, superblock, removals). `retain_from_op`
+/// is the lowest op a peer may still need (`u64::MAX` without peers). A checkpoint that
+/// cannot be written stops the process, like a journal write that fails.
+pub(crate) async fn checkpoint_write<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &mut Journal,
+    retain_from_op: u64,
+) {
+    let (pending, captured, snapshot) = {
+        let mut checkpointer = shard.checkpointer.borrow_mut();
+        let snapshot = std::mem::take(&mut checkpointer.snapshot);
+        (
+            checkpointer.pending.take(),
+            checkpointer.captured.take(),
+            snapshot,
+        )
+    };
+    let Some((op, digest)) = pending else {
+        shard.checkpointer.borrow_mut().snapshot = snapshot;
+        return;
+    };
+    let write_started = Instant::now();
+    let done = match journal
+        .checkpoint(op, &snapshot, digest, retain_from_op)
+        .await
+    {
+        Ok(done) => done,
+        Err(error) => panic!(
+            "shard {}: checkpoint at op {op} failed, stopping: {error}",
+            shard.index
+        ),
+    };
+    shard.checkpointer.borrow_mut().snapshot = snapshot;
+    let (captured_at, capture_us) = captured.expect("captured with pending");
+    tracing::info!(
+        shard = shard.index,
+        op,
+        snapshot_bytes = done.snapshot_bytes,
+        capture_us,
+        write_us = write_started.elapsed().as_micros() as u64,
+        stall_us = captured_at.elapsed().as_micros() as u64,
+        segments_removed = done.segments_removed,
+        snapshots_removed = done.snapshots_removed,
+        op_first = done.op_first,
+        "checkpoint"
+    );
 }
 
 impl<S: StateMachine> Shard<S> {
@@ -522,12 +634,14 @@ impl<S: StateMachine> Shard<S> {
     }
 }
 
-/// Opens the shard's journal, if the node journals, replaying every durable batch into the
-/// core before the shard serves anyone.
+/// Opens the shard's journal, if the node journals: restores the latest checkpoint's
+/// snapshot into the core (checking the restored state's digest against the one recorded),
+/// then replays every durable batch after it, before the shard serves anyone.
 async fn open_journal<S: StateMachine>(
     shard: usize,
     config: &NodeConfig,
     core: &mut ShardCore<S>,
+    recent: &mut VecDeque<(u64, u128)>,
 ) -> Result<Option<Journal>, JournalError> {
     let Some(settings) = &config.journal else {
         return Ok(None);
@@ -543,13 +657,33 @@ async fn open_journal<S: StateMachine>(
         write_buffer_bytes: JOURNAL_WRITE_BUFFER_BYTES,
     };
     let started = Instant::now();
-    let (journal, recovered) = Journal::open(journal_config, |entry| {
-        core.replay(entry.meta.op, entry.meta.operation, entry.body);
-    })
+    let core = RefCell::new(core);
+    let (journal, recovered) = Journal::open_checkpointed(
+        journal_config,
+        JournalOptions::default(),
+        |meta, bytes| {
+            let mut core = core.borrow_mut();
+            core.restore(meta.op, bytes)?;
+            if core.state_machine().digest() != meta.digest {
+                return Err(RestoreError::DigestMismatch);
+            }
+            Ok(())
+        },
+        |entry| {
+            core.borrow_mut()
+                .replay(entry.meta.op, entry.meta.operation, entry.body);
+            // The replica core compares its last ops' checksums with its peers'.
+            if recent.len() == recent.capacity() {
+                recent.pop_front();
+            }
+            recent.push_back((entry.meta.op, entry.checksum));
+        },
+    )
     .await?;
     tracing::info!(
         shard,
         op_last = recovered.op_last,
+        checkpoint_op = recovered.checkpoint_op,
         entries = recovered.entries,
         tail = ?recovered.tail,
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -576,6 +710,7 @@ fn start_replication(
     shard: usize,
     config: &NodeConfig,
     journal: Option<&Journal>,
+    recent: &[(u64, u128)],
 ) -> Result<(Option<crate::replication::Replication>, Option<TcpListener>), NodeError> {
     let (Some(settings), Some(journal)) = (&config.replication, journal) else {
         return Ok((None, None));
@@ -587,8 +722,11 @@ fn start_replication(
         settings.clone(),
         shard,
         cluster_id,
-        journal.op_durable(),
-        journal.checksum_staged(),
+        crate::replication::RecoveredLog {
+            op: journal.op_durable(),
+            checksum: journal.checksum_staged(),
+            recent,
+        },
         config.seed ^ shard as u64,
         entry_bytes_max,
     )
@@ -634,17 +772,20 @@ where
         Ok(core) => core,
         Err(source) => return start_failed(&ready, shard, NodeError::Core { shard, source }),
     };
-    let journal = match open_journal(shard, &config, &mut core).await {
+    let mut recent = VecDeque::with_capacity(RECENT_CHECKSUMS);
+    let journal = match open_journal(shard, &config, &mut core, &mut recent).await {
         Ok(journal) => journal,
         Err(error) => {
             let message = error.to_string();
             return start_failed(&ready, shard, NodeError::Journal { shard, message });
         }
     };
-    let (replication, peer_listener) = match start_replication(shard, &config, journal.as_ref()) {
-        Ok(started) => started,
-        Err(error) => return start_failed(&ready, shard, error),
-    };
+    let recent: Vec<(u64, u128)> = recent.into_iter().collect();
+    let (replication, peer_listener) =
+        match start_replication(shard, &config, journal.as_ref(), &recent) {
+            Ok(started) => started,
+            Err(error) => return start_failed(&ready, shard, error),
+        };
     // Messages to other shards that were produced before a restart but never confirmed are
     // sent again (receivers deduplicate); they wait in the mesh queue until the doorbells
     // are connected.
@@ -689,6 +830,10 @@ where
         .map(|_| LocalNotify::default())
         .collect();
     let config_transactions = config.transactions;
+    let checkpoint_interval_ops = config
+        .journal
+        .as_ref()
+        .map_or(0, |settings| settings.checkpoint_interval_ops);
     let shard_state = Rc::new(Shard {
         index: shard,
         shards,
@@ -709,6 +854,7 @@ where
         all_metrics,
         finished: Cell::new(false),
         replication,
+        checkpointer: RefCell::new(Checkpointer::new(checkpoint_interval_ops)),
     });
     if !unconfirmed.is_empty() {
         tracing::info!(
@@ -1260,6 +1406,9 @@ fn node_quiescent<S: StateMachine>(shard: &Shard<S>) -> bool {
     first.0 && first.1 == first.2 && first == second
 }
 
+/// Checksums of the last ops recovered that the replica core keeps (twice its pipeline).
+const RECENT_CHECKSUMS: usize = 2 * percore_engine::replica::PIPELINE_PREPARES_MAX_DEFAULT as usize;
+
 /// Staging buffer of each shard's journal: one group commit writes at most this much at once.
 const JOURNAL_WRITE_BUFFER_BYTES: usize = 512 * 1024;
 
@@ -1300,34 +1449,50 @@ where
         return progressed;
     }
     progressed = true;
-    if let Some(journal) = journal {
+    let mut journal = journal;
+    if let Some(journal) = journal.as_deref_mut() {
         let span = tracing::debug_span!("journal_commit", shard = shard.index, batches = sealed);
         journal_commit(shard, journal, sealed)
             .instrument(span)
             .await;
     }
-    // Replication attaches here too: sealed batches go to peers before they are applied.
-    let _apply = tracing::debug_span!("apply", shard = shard.index, batches = sealed).entered();
-    let mut core = shard.core.borrow_mut();
     for _ in 0..sealed {
-        let op = core.apply_next(|origin, result| complete(shard, origin, result));
-        debug_assert!(op.is_some());
-        while let Some(outbound) = core.poll_outbound() {
-            let message = MeshMessage::Outbound {
-                operation: outbound.operation.into(),
-                record: outbound.record,
-            };
-            shard
-                .mesh
-                .borrow_mut()
-                .send_or_queue(outbound.shard as usize, message);
-            ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
+        let checkpoint_due = apply_one(shard, journal.is_some());
+        if checkpoint_due && let Some(journal) = journal.as_deref_mut() {
+            // No peers: nothing beyond the retained checkpoints needs keeping.
+            checkpoint_write(shard, journal, u64::MAX).await;
         }
     }
-    core.publish_pool_metrics();
-    drop(core);
+    shard.core.borrow().publish_pool_metrics();
     shard.mesh.borrow_mut().ring_doorbells();
     progressed
+}
+
+/// Applies the oldest sealed batch, answers its records and forwards what it produced.
+/// Returns whether it was a checkpoint op (captured; only when journaling).
+fn apply_one<S>(shard: &Shard<S>, journaling: bool) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let _apply = tracing::debug_span!("apply", shard = shard.index).entered();
+    let mut core = shard.core.borrow_mut();
+    let op = core
+        .apply_next(|origin, result| complete(shard, origin, result))
+        .expect("a sealed batch is waiting");
+    while let Some(outbound) = core.poll_outbound() {
+        let message = MeshMessage::Outbound {
+            operation: outbound.operation.into(),
+            record: outbound.record,
+        };
+        shard
+            .mesh
+            .borrow_mut()
+            .send_or_queue(outbound.shard as usize, message);
+        ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
+    }
+    journaling && checkpoint_capture(&shard.checkpointer, core.state_machine(), op)
 }
 
 /// Stages the `sealed` oldest sealed batches and commits them: one write and one

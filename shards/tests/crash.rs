@@ -4,8 +4,11 @@
 //! transfer a client saw acknowledged is present, nothing is applied twice, balances are
 //! exactly what the transfers imply, and no credit leg is left in flight.
 //!
+//! A second mode checkpoints every 8 ops with 1 MiB segments, so snapshots are written,
+//! superblocks rewritten and old segments and snapshots removed while the kills land.
+//!
 //! Short by default (CI); `PERCORE_CRASH_KILLS=50 PERCORE_CRASH_SEED=7 cargo test -p
-//! percore-tests --test crash -- --nocapture` runs a long one. Every run prints its seed.
+//! percore-shards --test crash -- --nocapture` runs a long one. Every run prints its seed.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -31,7 +34,13 @@ struct NodeProcess {
     addresses: Vec<SocketAddr>,
 }
 
-fn start_node(data_dir: &Path) -> NodeProcess {
+/// Node arguments of the checkpoint mode: a checkpoint every 8 ops, 1 MiB segments (about
+/// 80 batches of 50 transfers each).
+const CHECKPOINT_ARGS: &[&str] = &["--checkpoint-interval-ops", "8", "--segment-mib", "1"];
+/// Node arguments of the default mode: default checkpoint interval (rarely reached here).
+const DEFAULT_ARGS: &[&str] = &["--segment-mib", "4"];
+
+fn start_node(data_dir: &Path, extra: &[&str]) -> NodeProcess {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = if online >= 2 { "0,1" } else { "0,0" };
     let mut child = Command::new(PERCORE)
@@ -53,7 +62,7 @@ fn start_node(data_dir: &Path) -> NodeProcess {
         ])
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--segment-mib", "4"])
+        .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -273,6 +282,39 @@ fn replayed_balances(data_dir: &Path) -> (HashMap<u128, i128>, i128) {
 
 #[test]
 fn acknowledged_transfers_survive_sigkill() {
+    let data_dir = crash_run("default", DEFAULT_ARGS);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+#[test]
+fn acknowledged_transfers_survive_sigkill_during_checkpoints() {
+    let data_dir = crash_run("checkpoints", CHECKPOINT_ARGS);
+    // Checkpoints happened and removed what they cover: each shard keeps at most two
+    // snapshots, and segment 0 is gone once the journal outgrew a few segments.
+    for shard in 0..SHARDS {
+        let dir = data_dir.join(format!("shard-{shard}"));
+        let mut segments = Vec::new();
+        let mut snapshots = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            segments.extend(percore_engine::journal::parse_segment_name(&name));
+            snapshots.extend(percore_engine::journal::parse_snapshot_name(&name));
+        }
+        segments.sort_unstable();
+        eprintln!("crash test: shard {shard} segments {segments:?} snapshots {snapshots:?}");
+        assert!(
+            (1..=2).contains(&snapshots.len()),
+            "shard {shard}: {snapshots:?}"
+        );
+        assert!(segments.len() <= 4, "shard {shard}: {segments:?}");
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// Runs the kill-and-restart load against a node started with `extra` arguments, checks
+/// every acknowledged transfer and the balances, and returns the data directory (removed
+/// by the caller).
+fn crash_run(mode: &str, extra: &[&str]) -> PathBuf {
     let seed: u64 = std::env::var("PERCORE_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -281,18 +323,20 @@ fn acknowledged_transfers_survive_sigkill() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    eprintln!("crash test: seed {seed}, {kills} kills");
-    let data_dir: PathBuf =
-        std::env::temp_dir().join(format!("percore-crash-{}-{seed}", std::process::id()));
+    eprintln!("crash test ({mode}): seed {seed}, {kills} kills");
+    let data_dir: PathBuf = std::env::temp_dir().join(format!(
+        "percore-crash-{mode}-{}-{seed}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&data_dir);
     let mut rng = Rng(seed | 1);
 
-    let node = start_node(&data_dir);
+    let node = start_node(&data_dir, extra);
     let accounts = setup(&node.addresses);
     let mut node = Some(node);
     let history = Arc::new(Mutex::new(History::default()));
     for round in 0..kills {
-        let running = node.take().unwrap_or_else(|| start_node(&data_dir));
+        let running = node.take().unwrap_or_else(|| start_node(&data_dir, extra));
         let stop = Arc::new(AtomicBool::new(false));
         let loaders: Vec<_> = (0..SHARDS)
             .map(|shard| {
@@ -315,7 +359,7 @@ fn acknowledged_transfers_survive_sigkill() {
 
     // Restart: every acknowledged transfer must be present; resubmitting everything ever sent
     // applies each missing one now, so afterwards each was applied exactly once.
-    let node = node.take().unwrap_or_else(|| start_node(&data_dir));
+    let node = node.take().unwrap_or_else(|| start_node(&data_dir, extra));
     let history = Arc::try_unwrap(history).ok().unwrap().into_inner().unwrap();
     let acknowledged = history.acknowledged.iter().filter(|a| **a).count();
     assert!(acknowledged > 0, "the load made progress before the kills");
@@ -372,5 +416,5 @@ fn acknowledged_transfers_survive_sigkill() {
         "crash test: {} transfers sent, {acknowledged} acknowledged before kills, all accounted for",
         history.sent.len()
     );
-    let _ = std::fs::remove_dir_all(&data_dir);
+    data_dir
 }

@@ -187,6 +187,7 @@ fn append_commit_reopen_replays_exactly_in_order() {
                 recovered,
                 Recovered {
                     op_last: 0,
+                    checkpoint_op: 0,
                     entries: 0,
                     tail: Tail::Clean
                 }
@@ -306,6 +307,7 @@ fn torn_tail_is_truncated_and_the_next_append_is_clean() {
                 recovered,
                 Recovered {
                     op_last,
+                    checkpoint_op: 0,
                     entries: op_last,
                     tail: Tail::Torn { offset: torn_at }
                 }

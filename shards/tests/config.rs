@@ -1,0 +1,264 @@
+//! `percore node --config` and `percore status` as an operator runs them: the real binary,
+//! real files and ports, exit codes and the messages that name the bad key.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const PERCORE: &str = env!("CARGO_BIN_EXE_percore");
+/// Longest a node may take to come up or to stop.
+const NODE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Small ledgers keep start-up allocation (and the test) short.
+const SMALL: &str = "accounts_max = 1024\ntransfers_max = 4096\ncredit_legs_max = 1024\n";
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("percore-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `percore node`, its stderr lines, and SIGKILL on drop.
+struct Node {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Node {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(PERCORE)
+            .arg("node")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("percore starts");
+        let stderr = child.stderr.take().unwrap();
+        let (lines_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `text`.
+    fn wait_for(&mut self, text: &str) {
+        let deadline = Instant::now() + NODE_TIMEOUT;
+        while !self.seen.iter().any(|line| line.contains(text)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no line with {text:?}: {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + NODE_TIMEOUT;
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(Instant::now() < deadline, "node ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.seen.extend(self.lines.try_iter());
+        assert!(exit.success(), "exit {exit:?}: {:#?}", self.seen);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `percore node --config FILE ARGS...` that must fail: its stderr.
+fn refused(config: &Path, args: &[&str]) -> String {
+    let output: Output = Command::new(PERCORE)
+        .args(["node", "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+fn status(addresses: &str) -> (Option<i32>, String) {
+    let output = Command::new(PERCORE)
+        .args(["status", "--interval-ms", "200", "--addresses", addresses])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    (output.status.code(), format!("{stdout}{stderr}"))
+}
+
+#[test]
+fn a_config_file_starts_a_node_flags_override_it_and_status_reads_it() {
+    let scratch = Scratch::new("valid");
+    let (file_port, flag_port, metrics_port) = (free_port(), free_port(), free_port());
+    let config = scratch.file(
+        "node.toml",
+        &format!(
+            "cores = [0]\nclient_port_base = {file_port}\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+             data_dir = \"{}\"\nfsync = \"never\"\nsegment_mib = 16\ncluster_id = \"2a\"\n{SMALL}",
+            scratch.0.join("data").display()
+        ),
+    );
+    let config = config.to_str().unwrap();
+    let mut node = Node::start(&[
+        "--config",
+        config,
+        "--client-port-base",
+        &flag_port.to_string(),
+    ]);
+    node.wait_for(&format!("serving clients at 127.0.0.1:{flag_port}"));
+    node.wait_for("metrics on");
+    assert!(
+        node.seen
+            .iter()
+            .any(|l| l.contains("shard 0 pinned to core 0")),
+        "{:#?}",
+        node.seen
+    );
+    assert!(
+        node.seen.iter().any(|l| l.contains("peers digest")),
+        "{:#?}",
+        node.seen
+    );
+    assert!(
+        !node
+            .seen
+            .iter()
+            .any(|l| l.contains(&format!(":{file_port}"))),
+        "the flag must override the file: {:#?}",
+        node.seen
+    );
+
+    let (code, output) = status(&format!("127.0.0.1:{metrics_port}"));
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("up, single node, 1 shard(s)"), "{output}");
+    assert!(output.contains("single"), "{output}");
+    assert!(output.contains("0 (fixed)"), "{output}");
+    assert!(output.contains("peers digests: agree"), "{output}");
+    node.stop();
+
+    // The journal now belongs to cluster 0x2a: another cluster id is refused, by key.
+    let data = scratch.0.join("data");
+    let stderr = refused(Path::new(config), &["--cluster-id", "2b"]);
+    assert!(stderr.contains("`cluster_id`"), "{stderr}");
+    assert!(stderr.contains(&data.display().to_string()), "{stderr}");
+    assert!(stderr.contains("belongs to cluster 2a"), "{stderr}");
+}
+
+#[test]
+fn status_reports_a_dead_node_as_down() {
+    let (code, output) = status(&format!("127.0.0.1:{}", free_port()));
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("DOWN"), "{output}");
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let scratch = Scratch::new("unknown");
+    let config = scratch.file("node.toml", "cores = [0]\nclient_port_bsae = 7000\n");
+    let stderr = refused(&config, &[]);
+    assert!(
+        stderr.contains("unknown field `client_port_bsae`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+}
+
+#[test]
+fn a_core_that_does_not_exist_is_named() {
+    let scratch = Scratch::new("core");
+    let config = scratch.file("node.toml", &format!("cores = [4095]\n{SMALL}"));
+    let stderr = refused(&config, &[]);
+    assert!(stderr.contains("`cores`"), "{stderr}");
+    assert!(stderr.contains("core 4095 does not exist"), "{stderr}");
+}
+
+#[test]
+fn duplicate_peers_are_named() {
+    let scratch = Scratch::new("peers");
+    let config = scratch.file(
+        "node.toml",
+        &format!(
+            "cores = [0]\nreplica = 0\npeers = [\"127.0.0.1:17100\", \"127.0.0.1:17200\", \
+             \"127.0.0.1:17100\"]\ndata_dir = \"{}\"\n{SMALL}",
+            scratch.0.join("data").display()
+        ),
+    );
+    let stderr = refused(&config, &[]);
+    assert!(stderr.contains("`peers`"), "{stderr}");
+    assert!(
+        stderr.contains("127.0.0.1:17100 is listed twice (replicas 0 and 2)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_port_in_use_is_named() {
+    let scratch = Scratch::new("port");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = scratch.file(
+        "node.toml",
+        &format!("cores = [0]\nclient_port_base = {port}\n{SMALL}"),
+    );
+    let stderr = refused(&config, &[]);
+    assert!(
+        stderr.contains(&format!("client port of shard 0 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("`client_port_base`"), "{stderr}");
+    drop(taken);
+}

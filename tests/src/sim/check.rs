@@ -1,0 +1,508 @@
+//! The checkers: run after every event ([`World::check_step`]) and once everything has
+//! converged ([`World::check_end`]). Each returns the checker's name and what is wrong.
+//!
+//! The checkers read the simulated disks (what survives a crash), the live cores, and a
+//! reference ledger per group that applies the group's committed log in op order (the
+//! "committed prefix" of `docs/protocol.md` section 12).
+
+use std::collections::BTreeMap;
+
+use percore_engine::checksum::Digest256;
+use percore_engine::journal::{self, JournalChecksum};
+use percore_engine::ledger::{Ledger, LedgerOperation};
+use percore_engine::record::{CreateTransferResult, RecordResult, RecordSlot};
+use percore_engine::state_machine::StateMachine;
+
+use super::world::{BATCH_RECORDS_MAX, LEDGER_HASH_SEED, Request, World};
+
+/// A checker's verdict: `Err((checker, what is wrong))`.
+pub type Verdict = Result<(), (&'static str, String)>;
+
+/// Digests are compared at every op that is a multiple of this (a digest hashes the whole
+/// transfer window; every op would dominate the run time in debug builds).
+pub const DIGEST_EVERY_OPS: u64 = 4;
+
+/// Whether replicas record their digest after applying `op`.
+pub fn digest_sampled(op: u64) -> bool {
+    op.is_multiple_of(DIGEST_EVERY_OPS)
+}
+
+/// Replica index the reference ledger reports digests as.
+const REFERENCE: u8 = u8::MAX;
+
+/// What the checkers remember between events.
+#[derive(Debug)]
+pub struct CheckState {
+    body_bytes_max: usize,
+    /// Per group: highest op any leader ever reported committed.
+    pub group_commit: Vec<u64>,
+    /// Per group: the checksum of `group_commit` when it was committed.
+    committed_checksum: Vec<JournalChecksum>,
+    /// Per group: a ledger that applies the committed log, and the op it is at.
+    reference: Vec<Option<Ledger>>,
+    reference_op: Vec<u64>,
+    /// Per group: a ledger that applies the leader's durable log (in the fixed view, every
+    /// op durable on the leader commits eventually), and the op it is at.
+    log_reference: Vec<Option<Ledger>>,
+    log_reference_op: Vec<u64>,
+    /// Times each transfer id was applied with `Ok` in the committed logs.
+    applied_ok: BTreeMap<u128, u32>,
+    /// First digest seen for `(group, op)`, and who reported it.
+    digests: BTreeMap<(u32, u64), (Digest256, u8)>,
+    problem: Option<(&'static str, String)>,
+    /// Entries a follower's journal refused (bad chain or bytes).
+    pub refused: u64,
+    /// Crashes that lost or tore unsynced bytes, per group.
+    pub crash_losses: Vec<u64>,
+    /// View-change actions the fixed-view driver dropped (not modelled yet).
+    pub view_change_actions: u64,
+    /// A core asked to truncate its journal: `(replica, group, op kept)`.
+    pub truncated: Option<(u8, u32, u64)>,
+}
+
+impl CheckState {
+    /// Fresh state for `groups` groups.
+    pub fn new(groups: u32, body_bytes_max: usize) -> CheckState {
+        let groups = groups as usize;
+        CheckState {
+            body_bytes_max,
+            group_commit: vec![0; groups],
+            committed_checksum: vec![journal::JOURNAL_CHAIN_ROOT; groups],
+            reference: (0..groups).map(|_| None).collect(),
+            reference_op: vec![0; groups],
+            log_reference: (0..groups).map(|_| None).collect(),
+            log_reference_op: vec![0; groups],
+            applied_ok: BTreeMap::new(),
+            digests: BTreeMap::new(),
+            problem: None,
+            refused: 0,
+            crash_losses: vec![0; groups],
+            view_change_actions: 0,
+            truncated: None,
+        }
+    }
+
+    /// A replica (or the reference) applied `op` of `group` and its state has `digest`.
+    pub fn digest_observed(&mut self, group: u32, op: u64, digest: Digest256, replica: u8) {
+        match self.digests.get(&(group, op)) {
+            None => {
+                self.digests.insert((group, op), (digest, replica));
+            }
+            Some((first, first_replica)) if *first != digest && self.problem.is_none() => {
+                self.problem = Some((
+                    "state-agreement",
+                    format!(
+                        "group {group} op {op}: replica {} has digest {:02x?}…, replica {} {:02x?}… (255 = reference)",
+                        first_replica,
+                        &first[..4],
+                        replica,
+                        &digest[..4]
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// A client got its first reply: every record must have succeeded (`Ok`), or have
+    /// succeeded before (`Exists`, a retry).
+    pub fn client_acknowledged(&mut self, request: usize, state: &Request) {
+        let ok = CreateTransferResult::Ok as u32;
+        let exists = CreateTransferResult::Exists as u32;
+        if let Some(code) = state
+            .results
+            .iter()
+            .find(|code| **code != ok && **code != exists)
+            && self.problem.is_none()
+        {
+            self.problem = Some((
+                "client-result",
+                format!(
+                    "request {request} ({:?}, group {}) answered with result code {code}",
+                    state.operation, state.group
+                ),
+            ));
+        }
+    }
+
+    /// A crash lost or tore unsynced bytes of `group`.
+    pub fn note_crash_loss(&mut self, group: u32) {
+        self.crash_losses[group as usize] += 1;
+    }
+}
+
+impl World {
+    /// Every per-event checker, cheapest first.
+    pub(super) fn check_step(&mut self) -> Verdict {
+        if let Some(problem) = self.check.problem.take() {
+            return Err(problem);
+        }
+        if let Some((replica, group, op)) = self.check.truncated {
+            return Err((
+                "agreement",
+                format!(
+                    "replica {replica} group {group} truncates its journal to op {op} in the fixed view"
+                ),
+            ));
+        }
+        for group in 0..self.options.groups {
+            self.check_commit_durable(group)?;
+            self.check_agreement(group)?;
+        }
+        self.check_cores()?;
+        let mut advanced = false;
+        for group in 0..self.options.groups {
+            advanced |= self.reference_advance(group, false)?;
+            advanced |= self.reference_advance(group, true)?;
+        }
+        if advanced {
+            self.check_conservation()?;
+        }
+        if let Some(problem) = self.check.problem.take() {
+            return Err(problem);
+        }
+        Ok(())
+    }
+
+    fn quorum(&self) -> usize {
+        usize::from(self.options.replicas) / 2 + 1
+    }
+
+    /// Replicas whose durable journal holds `op` with `checksum` (so, by the hash chain,
+    /// the whole committed prefix up to it).
+    fn holders(&self, group: u32, op: u64, checksum: JournalChecksum) -> usize {
+        (0..self.options.replicas)
+            .filter(|replica| {
+                let disk = &self.nodes[self.node_index(*replica, group)].disk;
+                disk.op_durable() >= op && disk.checksum(op) == Some(checksum)
+            })
+            .count()
+    }
+
+    /// Durability: an op the leader counts as committed is durable on a quorum at that
+    /// moment, and stays so after any sequence of crashes.
+    fn check_commit_durable(&mut self, group: u32) -> Verdict {
+        let g = group as usize;
+        let leader = self.node_index(self.leader_of(group), group);
+        if let Some(live) = self.nodes[leader].live.as_ref() {
+            let commit = live.replica.commit_max();
+            if commit > self.check.group_commit[g] {
+                let checksum = self.nodes[leader].disk.checksum(commit).ok_or_else(|| {
+                    (
+                        "durability",
+                        format!("group {group}: leader commits op {commit} it does not hold"),
+                    )
+                })?;
+                let holders = self.holders(group, commit, checksum);
+                if holders < self.quorum() {
+                    return Err((
+                        "durability",
+                        format!(
+                            "group {group}: leader committed op {commit} while only {holders} replicas hold it durably (quorum {})",
+                            self.quorum()
+                        ),
+                    ));
+                }
+                self.check.group_commit[g] = commit;
+                self.check.committed_checksum[g] = checksum;
+                self.summary.ops_committed = self.check.group_commit.iter().sum();
+            }
+        }
+        let commit = self.check.group_commit[g];
+        if commit > 0 {
+            let holders = self.holders(group, commit, self.check.committed_checksum[g]);
+            if holders < self.quorum() {
+                return Err((
+                    "durability",
+                    format!(
+                        "group {group}: committed op {commit} is now durable on only {holders} replicas (quorum {})",
+                        self.quorum()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Agreement: every replica's journal is a prefix of the leader's (fixed view), checked
+    /// at its head through the hash chain; so every op held twice has one checksum.
+    fn check_agreement(&self, group: u32) -> Verdict {
+        let leader = &self.nodes[self.node_index(self.leader_of(group), group)].disk;
+        for replica in 0..self.options.replicas {
+            let disk = &self.nodes[self.node_index(replica, group)].disk;
+            let head = disk.op_head();
+            if head > leader.op_head() {
+                return Err((
+                    "agreement",
+                    format!(
+                        "group {group}: replica {replica} holds op {head} but the leader's journal ends at {} (not a prefix)",
+                        leader.op_head()
+                    ),
+                ));
+            }
+            if disk.checksum(head) != leader.checksum(head) {
+                return Err((
+                    "agreement",
+                    format!(
+                        "group {group}: replica {replica} and the leader hold different entries at op {head} (durable here: {})",
+                        disk.op_durable() >= head
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Monotonic commit while up; a follower never believes more committed than the leader
+    /// ever did; a core never believes more durable than its disk holds.
+    fn check_cores(&mut self) -> Verdict {
+        let quorum_commit = self.check.group_commit.clone();
+        for node in self.nodes.iter_mut() {
+            let Some(live) = node.live.as_mut() else {
+                continue;
+            };
+            let name = format!("replica {} group {}", node.replica, node.group);
+            let (commit_max, commit_min) = (live.replica.commit_max(), live.replica.commit_min());
+            if commit_max < live.seen_commit_max || commit_min < live.seen_commit_min {
+                return Err((
+                    "commit-monotonic",
+                    format!(
+                        "{name}: commit_max {} -> {commit_max}, commit_min {} -> {commit_min}",
+                        live.seen_commit_max, live.seen_commit_min
+                    ),
+                ));
+            }
+            live.seen_commit_max = commit_max;
+            live.seen_commit_min = commit_min;
+            if commit_max > quorum_commit[node.group as usize] {
+                return Err((
+                    "commit-monotonic",
+                    format!(
+                        "{name}: commit_max {commit_max} above anything a leader committed ({})",
+                        quorum_commit[node.group as usize]
+                    ),
+                ));
+            }
+            if live.replica.op_durable() > node.disk.op_durable() {
+                return Err((
+                    "durable-before-ack",
+                    format!(
+                        "{name}: the core counts op {} durable, the disk holds {} durably",
+                        live.replica.op_durable(),
+                        node.disk.op_durable()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies newly committed ops to the group's reference ledger (from the leader's
+    /// journal, which holds them durably), checking transfer-level exactly-once; or, with
+    /// `log`, newly durable ops of the leader to the group's log reference.
+    fn reference_advance(&mut self, group: u32, log: bool) -> Result<bool, (&'static str, String)> {
+        let g = group as usize;
+        let leader = self.node_index(self.leader_of(group), group);
+        let target = if log {
+            self.nodes[leader].disk.op_durable()
+        } else {
+            self.check.group_commit[g]
+        };
+        let at = if log {
+            self.check.log_reference_op[g]
+        } else {
+            self.check.reference_op[g]
+        };
+        if at >= target {
+            return Ok(false);
+        }
+        let first = self.node_index(0, group);
+        let config = self.nodes[first]
+            .live
+            .as_ref()
+            .map(|live| *live.ledger.config());
+        let slot = if log {
+            &mut self.check.log_reference[g]
+        } else {
+            &mut self.check.reference[g]
+        };
+        if slot.is_none() {
+            let Some(config) = config else {
+                return Ok(false);
+            };
+            *slot = Some(Ledger::with_hash_seed(config, LEDGER_HASH_SEED));
+        }
+        let mut results = [<RecordResult as bytemuck::Zeroable>::zeroed(); BATCH_RECORDS_MAX];
+        for op in at + 1..=target {
+            let entry = self.nodes[leader].disk.entry(op).ok_or_else(|| {
+                (
+                    "durability",
+                    format!("group {group}: committed op {op} missing on the leader"),
+                )
+            })?;
+            let decoded = journal::decode_entry(entry, self.check.body_bytes_max)
+                .map_err(|error| ("durability", format!("group {group} op {op}: {error}")))?;
+            let operation =
+                LedgerOperation::try_from(decoded.meta.operation).expect("ledger operation");
+            let records: Vec<RecordSlot> = bytemuck::pod_collect_to_vec(decoded.body);
+            let reference = if log {
+                self.check.log_reference_op[g] = op;
+                self.check.log_reference[g].as_mut().expect("built")
+            } else {
+                self.check.reference_op[g] = op;
+                self.check.reference[g].as_mut().expect("built")
+            };
+            reference.apply(op, operation, &records, &mut results[..records.len()]);
+            while reference.poll_outbound().is_some() {}
+            let digest = digest_sampled(op).then(|| reference.digest());
+            if let Some(digest) = digest {
+                self.check.digest_observed(group, op, digest, REFERENCE);
+            }
+            if log || operation != LedgerOperation::CreateTransfers {
+                continue;
+            }
+            for (record, result) in records.iter().zip(&results) {
+                if result.code != CreateTransferResult::Ok as u32 {
+                    continue;
+                }
+                let id = record.as_transfer().id;
+                let count = self.check.applied_ok.entry(id).or_insert(0);
+                *count += 1;
+                if *count > 1 {
+                    return Err((
+                        "exactly-once",
+                        format!(
+                            "transfer {id:#x} applied Ok {count} times (group {group} op {op})"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Conservation: balances + suspense of every group, plus the legs emitted and not yet
+    /// applied at their credit group, sum to zero, over the leaders' durable logs (or, with
+    /// `strict_legs`, over the committed prefixes).
+    fn check_conservation(&self) -> Verdict {
+        let (prefixes, at) = if self.options.strict_legs {
+            (&self.check.reference, &self.check.reference_op)
+        } else {
+            (&self.check.log_reference, &self.check.log_reference_op)
+        };
+        let references: Vec<&Ledger> = prefixes.iter().flatten().collect();
+        if references.len() != self.options.groups as usize {
+            return Ok(());
+        }
+        let mut sum: i128 = 0;
+        let mut unapplied: i128 = 0;
+        for reference in &references {
+            sum = sum.wrapping_add(reference.conservation_sum());
+            for leg in reference.credit_legs_unacked() {
+                let transfer = leg.record.as_transfer();
+                if !references[leg.shard as usize].credit_leg_applied(transfer) {
+                    unapplied = unapplied.wrapping_add(transfer.amount as i128);
+                }
+            }
+        }
+        if sum.wrapping_add(unapplied) != 0 {
+            return Err((
+                "conservation",
+                format!(
+                    "{} (ops {at:?}): balances + suspense = {sum}, legs not yet applied = {unapplied}",
+                    if self.options.strict_legs {
+                        "committed prefixes"
+                    } else {
+                        "leaders' durable logs"
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// At the end, everything converged: each transfer applied exactly once, balances are
+    /// what the acknowledged transfers say, every replica has the same state.
+    pub(super) fn check_end(&mut self) -> Verdict {
+        for group in 0..self.options.groups {
+            self.reference_advance(group, false)?;
+            self.reference_advance(group, true)?;
+        }
+        self.check_conservation()?;
+        let mut debits: BTreeMap<u128, u128> = BTreeMap::new();
+        let mut credits: BTreeMap<u128, u128> = BTreeMap::new();
+        for (index, request) in self.history.iter().enumerate() {
+            if request.operation != LedgerOperation::CreateTransfers {
+                continue;
+            }
+            for record in &request.records {
+                let transfer = record.as_transfer();
+                let applied = self.check.applied_ok.get(&transfer.id).copied();
+                if applied != Some(1) {
+                    return Err((
+                        "exactly-once",
+                        format!(
+                            "transfer {:#x} of acknowledged request {index} applied Ok {applied:?} times",
+                            transfer.id
+                        ),
+                    ));
+                }
+                *debits.entry(transfer.debit_account_id).or_default() += transfer.amount;
+                *credits.entry(transfer.credit_account_id).or_default() += transfer.amount;
+            }
+        }
+        for node in &self.nodes {
+            let live = node.live.as_ref().expect("converged: all up");
+            for id in &self.accounts[node.group as usize] {
+                let account = live.ledger.lookup_account(*id).ok_or_else(|| {
+                    (
+                        "exactly-once",
+                        format!("replica {} lacks account {id}", node.replica),
+                    )
+                })?;
+                let expected = (
+                    debits.get(id).copied().unwrap_or(0),
+                    credits.get(id).copied().unwrap_or(0),
+                );
+                if (account.debits_posted, account.credits_posted) != expected {
+                    return Err((
+                        "exactly-once",
+                        format!(
+                            "replica {} group {} account {id}: debits/credits {:?}, acknowledged transfers say {expected:?}",
+                            node.replica,
+                            node.group,
+                            (account.debits_posted, account.credits_posted)
+                        ),
+                    ));
+                }
+            }
+            if live.ledger.suspense() != 0 || live.ledger.in_flight() != 0 {
+                return Err((
+                    "conservation",
+                    format!(
+                        "replica {} group {}: suspense {} in flight {} after convergence",
+                        node.replica,
+                        node.group,
+                        live.ledger.suspense(),
+                        live.ledger.in_flight()
+                    ),
+                ));
+            }
+        }
+        for group in 0..self.options.groups {
+            let digests: Vec<Digest256> = (0..self.options.replicas)
+                .map(|replica| {
+                    let node = &self.nodes[self.node_index(replica, group)];
+                    node.live.as_ref().expect("up").ledger.digest()
+                })
+                .collect();
+            if digests.iter().any(|digest| *digest != digests[0]) {
+                return Err((
+                    "state-agreement",
+                    format!("group {group}: replicas end with different digests"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

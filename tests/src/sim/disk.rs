@@ -1,0 +1,245 @@
+//! A simulated journal of one replica of one group: the real entry bytes (`encode_entry`,
+//! sector-padded, back to back as in a segment file), a `durable` watermark, one group
+//! commit (fsync) in flight at a time, and crash semantics. Recovery runs the real
+//! `journal::scan` over the bytes that survived, so a torn or damaged tail is found and cut
+//! exactly as the runtime's recovery does.
+//!
+//! What a crash does to bytes above the durable watermark is a fault choice: lost, a prefix
+//! of their sectors kept (a torn write), and optionally garbage in the last kept entry.
+//! Bytes at or below the watermark are never touched (repairing acknowledged entries from
+//! peers is not implemented yet, so damaging them would only stop the replica).
+
+use percore_engine::journal::{self, JournalChecksum, SECTOR_BYTES, Tail};
+
+use super::rng::SimRng;
+
+/// What a crash did to the unsynced tail (for the trace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashTail {
+    /// Nothing was unsynced.
+    Nothing,
+    /// Every unsynced byte was lost.
+    Lost,
+    /// The first `sectors` unsynced sectors reached the disk.
+    Torn {
+        /// Sectors kept.
+        sectors: usize,
+        /// Whether a kept sector of the last entry was garbled too.
+        garbled: bool,
+    },
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// Last valid op (the new head, all of it durable now).
+    pub op_last: u64,
+    /// Its checksum (the chain head).
+    pub checksum_last: JournalChecksum,
+    /// How the scan ended.
+    pub tail: Tail,
+}
+
+/// One journal. Entry `op` is at `offsets[op - 1]`.
+#[derive(Debug)]
+pub struct Disk {
+    body_bytes_max: usize,
+    bytes: Vec<u8>,
+    offsets: Vec<usize>,
+    lengths: Vec<usize>,
+    checksums: Vec<JournalChecksum>,
+    op_durable: u64,
+    /// The op a group commit in flight will make durable.
+    fsync_target: Option<u64>,
+}
+
+impl Disk {
+    /// An empty journal whose entries' bodies are at most `body_bytes_max` bytes.
+    pub fn new(body_bytes_max: usize) -> Disk {
+        Disk {
+            body_bytes_max,
+            bytes: Vec::new(),
+            offsets: Vec::new(),
+            lengths: Vec::new(),
+            checksums: Vec::new(),
+            op_durable: 0,
+            fsync_target: None,
+        }
+    }
+
+    /// Highest op written (staged or durable).
+    pub fn op_head(&self) -> u64 {
+        self.checksums.len() as u64
+    }
+
+    /// Highest op made durable.
+    pub fn op_durable(&self) -> u64 {
+        self.op_durable
+    }
+
+    /// Checksum of `op` (the chain root for 0), if written.
+    pub fn checksum(&self, op: u64) -> Option<JournalChecksum> {
+        if op == 0 {
+            return Some(journal::JOURNAL_CHAIN_ROOT);
+        }
+        self.checksums.get(op as usize - 1).copied()
+    }
+
+    /// The chain head: what the next entry must chain to.
+    pub fn checksum_head(&self) -> JournalChecksum {
+        self.checksum(self.op_head()).expect("head is written")
+    }
+
+    /// The entry bytes of `op` (header and body, unpadded).
+    pub fn entry(&self, op: u64) -> Option<&[u8]> {
+        let index = usize::try_from(op).ok()?.checked_sub(1)?;
+        let offset = *self.offsets.get(index)?;
+        Some(&self.bytes[offset..offset + self.lengths[index]])
+    }
+
+    /// Appends an encoded entry (`entry`: header and body, `padded` bytes on disk) for the
+    /// next op, after checking the chain as the real journal does. `Err` if it does not
+    /// continue the log (wrong op or chain): the caller refuses the entry.
+    pub fn stage(&mut self, entry: &[u8], padded: usize) -> Result<JournalChecksum, String> {
+        let decoded = journal::decode_entry(entry, entry.len()).map_err(|e| e.to_string())?;
+        if decoded.meta.op != self.op_head() + 1 {
+            return Err(format!(
+                "op {} does not follow head {}",
+                decoded.meta.op,
+                self.op_head()
+            ));
+        }
+        if decoded.checksum_previous != self.checksum_head() {
+            return Err(format!("op {} does not chain to the head", decoded.meta.op));
+        }
+        debug_assert!(padded >= entry.len() && padded.is_multiple_of(SECTOR_BYTES));
+        let offset = self.bytes.len();
+        self.bytes.extend_from_slice(entry);
+        self.bytes.resize(offset + padded, 0);
+        self.offsets.push(offset);
+        self.lengths.push(entry.len());
+        self.checksums.push(decoded.checksum);
+        Ok(decoded.checksum)
+    }
+
+    /// Whether a group commit is in flight.
+    pub fn fsync_busy(&self) -> bool {
+        self.fsync_target.is_some()
+    }
+
+    /// Whether anything staged is not durable yet.
+    pub fn has_unsynced(&self) -> bool {
+        self.op_head() > self.op_durable
+    }
+
+    /// Starts a group commit of everything staged so far; returns the op it covers.
+    pub fn fsync_start(&mut self) -> u64 {
+        assert!(self.fsync_target.is_none(), "one group commit at a time");
+        let target = self.op_head();
+        self.fsync_target = Some(target);
+        target
+    }
+
+    /// The group commit finished: everything up to its target is durable.
+    pub fn fsync_done(&mut self) -> u64 {
+        let target = self.fsync_target.take().expect("a group commit in flight");
+        assert!(target >= self.op_durable && target <= self.op_head());
+        self.op_durable = target;
+        target
+    }
+
+    /// The process died: decides what the unsynced tail leaves on the platter. With
+    /// `faults`, a prefix of its sectors may survive and the last kept entry may be garbled.
+    pub fn crash(&mut self, rng: &mut SimRng, faults: bool) -> CrashTail {
+        self.fsync_target = None;
+        let durable_end = self.end_of(self.op_durable);
+        let unsynced = self.bytes.len() - durable_end;
+        if unsynced == 0 {
+            return CrashTail::Nothing;
+        }
+        if !faults || rng.chance(400_000) {
+            self.bytes.truncate(durable_end);
+            self.forget_above(self.op_durable);
+            return CrashTail::Lost;
+        }
+        let sectors = rng.below((unsynced / SECTOR_BYTES) as u64 + 1) as usize;
+        let kept_end = durable_end + sectors * SECTOR_BYTES;
+        self.bytes.truncate(kept_end);
+        let garbled = sectors > 0 && rng.chance(300_000);
+        if garbled {
+            // Garbage in the last sector kept: it lies in the last (possibly partial) entry,
+            // so no valid history follows it and the scan must call it torn.
+            let sector = kept_end - SECTOR_BYTES;
+            let byte = sector + rng.below(SECTOR_BYTES as u64) as usize;
+            self.bytes[byte] ^= 1 + rng.below(255) as u8;
+        }
+        // What survived is what the scanner accepts: rebuild the index from the bytes now,
+        // so that checkers see the platter, not the lost page cache.
+        self.recover(|_, _, _| {});
+        CrashTail::Torn { sectors, garbled }
+    }
+
+    /// `(op, checksum)` of the last `count` entries, oldest first (what the runtime hands a
+    /// restarted replica core).
+    pub fn recent_checksums(&self, count: usize) -> Vec<(u64, JournalChecksum)> {
+        let start = self.checksums.len().saturating_sub(count);
+        self.checksums[start..]
+            .iter()
+            .enumerate()
+            .map(|(index, checksum)| ((start + index + 1) as u64, *checksum))
+            .collect()
+    }
+
+    /// Restart: scans the surviving bytes with the real scanner, cuts them at the end of
+    /// valid history, and makes what remains durable (the runtime's recovery does the same:
+    /// a recovered journal is on disk). Calls `replay` for every valid entry, in order.
+    pub fn recover(&mut self, mut replay: impl FnMut(u64, u16, &[u8])) -> Recovered {
+        self.offsets.clear();
+        self.lengths.clear();
+        self.checksums.clear();
+        let mut found: Vec<(usize, usize, JournalChecksum)> = Vec::new();
+        let outcome = journal::scan(
+            &self.bytes,
+            0,
+            1,
+            journal::JOURNAL_CHAIN_ROOT,
+            self.body_bytes_max,
+            |entry, offset| {
+                found.push((
+                    offset as usize,
+                    journal::ENTRY_HEADER_BYTES + entry.body.len(),
+                    entry.checksum,
+                ));
+                replay(entry.meta.op, entry.meta.operation, entry.body);
+            },
+        );
+        for (offset, length, checksum) in found {
+            self.offsets.push(offset);
+            self.lengths.push(length);
+            self.checksums.push(checksum);
+        }
+        self.bytes.truncate(outcome.end_offset as usize);
+        self.op_durable = outcome.op_last;
+        self.fsync_target = None;
+        Recovered {
+            op_last: outcome.op_last,
+            checksum_last: outcome.checksum_last,
+            tail: outcome.tail,
+        }
+    }
+
+    /// Byte offset just past entry `op` (0 for op 0).
+    fn end_of(&self, op: u64) -> usize {
+        if op == 0 {
+            return 0;
+        }
+        let next = op as usize;
+        self.offsets.get(next).copied().unwrap_or(self.bytes.len())
+    }
+
+    fn forget_above(&mut self, op: u64) {
+        self.offsets.truncate(op as usize);
+        self.lengths.truncate(op as usize);
+        self.checksums.truncate(op as usize);
+    }
+}

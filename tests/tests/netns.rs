@@ -1,0 +1,869 @@
+//! End to end across hosts: three `percore node` processes, each in its own network
+//! namespace with its own address, joined by a bridge in a fourth namespace; the client
+//! runs in a fifth. Nothing is configured in the host's namespace.
+//!
+//! Two shards per node: groups 0 and 1 are led by replicas 0 and 1, replica 2 follows both.
+//! Under client load, replica 2's bridge port goes down (its host drops off the network),
+//! the leaders keep committing with the majority they have, the port comes back up and
+//! replica 2 catches up. Then every node stops (SIGTERM) and `percore inspect --replay` of
+//! the three data directories must show the same hash chain head and state per shard, money
+//! conserved, and every acknowledged transfer in the balances.
+//!
+//! Needs root and `ip` (iproute2): without them the test says why and passes as skipped.
+//! Namespaces, links and processes are removed when the test ends, pass or fail; namespaces
+//! left by a killed run (`percore-<pid>-*` of a dead pid) are removed, with the nodes still
+//! running in them, by the next run.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use percore_engine::frame::Operation;
+use percore_engine::record::{CreateTransferResult, RecordResult, Transfer};
+use percore_net::client::{Client, ClientConfig, ClientError};
+use percore_shards::cluster;
+use percore_shards::loadgen::{create_funded_accounts, route_transfer, transfer};
+
+/// The `percore` binary, built from this package (see Cargo.toml).
+const PERCORE: &str = env!("CARGO_BIN_EXE_percore-node");
+const SHARDS: usize = 2;
+const REPLICAS: usize = 3;
+/// The replica whose link goes down: it leads no group (group k is led by replica k).
+const FOLLOWER: usize = 2;
+const CLIENT_PORT_BASE: u16 = 7000;
+const PEER_PORT: u16 = 7100;
+const METRICS_PORT: u16 = 9100;
+/// Host part of the client's address (replica r is r + 1).
+const CLIENT_HOST: u8 = 100;
+/// Accounts per shard, besides its mint.
+const ACCOUNTS_PER_SHARD: usize = 8;
+const FUNDING: u128 = 1 << 40;
+/// Transfers per request.
+const TRANSFERS_PER_REQUEST: usize = 100;
+/// Ops each group must commit while replica 2 is off the network.
+const COMMITS_WHILE_DOWN: u64 = 50;
+/// Node sizes small enough for three nodes on a CI box (as in tests/cluster.rs).
+const NODE_ARGS: [&str; 18] = [
+    "--segment-mib",
+    "4",
+    "--accounts-max",
+    "1024",
+    "--transfers-max",
+    "65536",
+    "--credit-legs-max",
+    "4096",
+    "--io-memory-kib",
+    "512",
+    "--transactions",
+    "4096",
+    "--batches",
+    "64",
+    "--connections-max",
+    "16",
+    "--fsync",
+    "always",
+];
+/// The same ledger sizes for `inspect --replay`.
+const INSPECT_ARGS: [&str; 6] = [
+    "--accounts-max",
+    "1024",
+    "--transfers-max",
+    "65536",
+    "--credit-legs-max",
+    "4096",
+];
+/// How long a condition may take (catching up includes TCP retransmission backoff).
+const CONDITION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of one connectivity probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Prefix of every namespace this test creates: `percore-<pid>-<role>`.
+const NAMESPACE_PREFIX: &str = "percore-";
+const NETNS_DIR: &str = "/var/run/netns";
+
+/// Runs `ip` with `args`; the error names the command and quotes its stderr.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let output = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| format!("ip {}: {error}", args.join(" ")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Removes namespaces a killed earlier run left behind (their pid no longer exists).
+fn remove_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix(NAMESPACE_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Nodes of the killed run may still run in it: they are this test's own.
+            let orphans = Command::new("ip")
+                .args(["netns", "pids", &name])
+                .output()
+                .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+                .unwrap_or_default();
+            for orphan in orphans.split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", orphan]).status();
+            }
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
+}
+
+/// The namespaces, bridge and veth pairs of one run; dropping it deletes the namespaces
+/// (which deletes the links in them).
+struct Network {
+    /// `percore-<pid>-`.
+    prefix: String,
+    /// Third octet of 10.77.x.0/24.
+    subnet: u8,
+    created: Vec<String>,
+}
+
+impl Network {
+    /// Namespace of replica `r`.
+    fn node_namespace(&self, replica: usize) -> String {
+        format!("{}n{replica}", self.prefix)
+    }
+
+    fn client_namespace(&self) -> String {
+        format!("{}c", self.prefix)
+    }
+
+    fn bridge_namespace(&self) -> String {
+        format!("{}br", self.prefix)
+    }
+
+    fn node_address(&self, replica: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.subnet, replica as u8 + 1)
+    }
+
+    fn client_address(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.subnet, CLIENT_HOST)
+    }
+
+    /// Creates the first namespace; an error here means this machine cannot run the test.
+    fn create() -> Result<Self, String> {
+        remove_stale_namespaces();
+        let pid = std::process::id();
+        let mut network = Self {
+            prefix: format!("{NAMESPACE_PREFIX}{pid}-"),
+            subnet: (pid % 254) as u8 + 1,
+            created: Vec::new(),
+        };
+        network.add_namespace(network.bridge_namespace())?;
+        Ok(network)
+    }
+
+    fn add_namespace(&mut self, name: String) -> Result<(), String> {
+        ip(&["netns", "add", &name])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        self.created.push(name);
+        Ok(())
+    }
+
+    /// A veth pair from bridge port `port` to `eth0` of `namespace`, which gets `address`.
+    fn attach(&mut self, namespace: String, port: &str, address: Ipv4Addr) -> Result<(), String> {
+        self.add_namespace(namespace.clone())?;
+        let bridge = self.bridge_namespace();
+        ip(&[
+            "-n", &bridge, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+            &namespace,
+        ])?;
+        ip(&["-n", &bridge, "link", "set", port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &namespace,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &namespace, "link", "set", "eth0", "up"])
+    }
+
+    /// The bridge, and every node and the client attached to it.
+    fn build(&mut self) -> Result<(), String> {
+        let bridge = self.bridge_namespace();
+        ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &bridge, "link", "set", "br0", "up"])?;
+        for replica in 0..REPLICAS {
+            let port = format!("v{replica}");
+            self.attach(
+                self.node_namespace(replica),
+                &port,
+                self.node_address(replica),
+            )?;
+        }
+        self.attach(self.client_namespace(), "vc", self.client_address())
+    }
+
+    /// Brings replica `r`'s bridge port down or up: its host leaves or rejoins the network.
+    fn set_link(&self, replica: usize, up: bool) {
+        let port = format!("v{replica}");
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.bridge_namespace(), "link", "set", &port, state]).expect("link set");
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for name in self.created.iter().rev() {
+            if let Err(error) = ip(&["netns", "del", name]) {
+                eprintln!("cleanup: {error}");
+            }
+        }
+    }
+}
+
+/// Runs `body` on a thread inside network namespace `namespace`: every socket it (and any
+/// thread it spawns) opens lives there. A panic in `body` goes on in the caller.
+fn in_namespace<T: Send>(namespace: &str, body: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(|| {
+            let file = File::open(Path::new(NETNS_DIR).join(namespace))
+                .unwrap_or_else(|error| panic!("open namespace {namespace}: {error}"));
+            // SAFETY: `file` is an open namespace file for the whole call; with
+            // CLONE_NEWNET, setns changes only the calling thread's network namespace,
+            // which touches no memory of this process.
+            let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                entered,
+                0,
+                "setns {namespace}: {}",
+                std::io::Error::last_os_error()
+            );
+            body()
+        });
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Whether `address` answers on the network: a connection to a closed port is refused
+/// (RST) when the host is reachable, and times out when it is not.
+fn reachable(address: Ipv4Addr) -> bool {
+    let target = SocketAddr::from((address, 1));
+    match TcpStream::connect_timeout(&target, PROBE_TIMEOUT) {
+        Ok(_) => true,
+        Err(error) => error.kind() == std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
+/// The three nodes, each a `percore node` in its namespace; dropping kills them, and after
+/// a failure prints their log tails and keeps the data.
+struct Nodes {
+    root: PathBuf,
+    children: Vec<Option<Child>>,
+}
+
+impl Nodes {
+    fn data_dir(&self, replica: usize) -> PathBuf {
+        self.root.join(format!("replica-{replica}"))
+    }
+
+    fn log_path(&self, replica: usize) -> PathBuf {
+        self.root.join(format!("replica-{replica}.log"))
+    }
+
+    fn start(network: &Network, root: PathBuf) -> Self {
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("data root");
+        let key_file = root.join("cluster.key");
+        percore_shards::replication::cluster_key_write(&key_file).expect("cluster key");
+        let peers: Vec<String> = (0..REPLICAS)
+            .map(|r| SocketAddr::from((network.node_address(r), PEER_PORT)).to_string())
+            .collect();
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores: Vec<String> = (0..SHARDS).map(|k| (k % online).to_string()).collect();
+        let mut nodes = Self {
+            root,
+            children: Vec::new(),
+        };
+        for replica in 0..REPLICAS {
+            let address = network.node_address(replica);
+            let log = File::create(nodes.log_path(replica)).expect("log file");
+            let child = Command::new("ip")
+                .args(["netns", "exec", &network.node_namespace(replica), PERCORE])
+                .args(["node", "--listen", &address.to_string()])
+                .args(["--client-port-base", &CLIENT_PORT_BASE.to_string()])
+                .args([
+                    "--replica",
+                    &replica.to_string(),
+                    "--peers",
+                    &peers.join(","),
+                ])
+                .arg("--cluster-key-file")
+                .arg(&key_file)
+                .arg("--data-dir")
+                .arg(nodes.data_dir(replica))
+                .args(["--cores", &cores.join(","), "--allow-shared-cores"])
+                .args(["--metrics", &format!("{address}:{METRICS_PORT}")])
+                .args(NODE_ARGS)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("ip netns exec percore node");
+            nodes.children.push(Some(child));
+        }
+        nodes
+    }
+
+    /// Panics with its log if `replica` exited, or if one of its threads panicked (a
+    /// shard thread that panics leaves the process, and its metrics endpoint, running).
+    fn assert_running(&mut self, replica: usize) {
+        let child = self.children[replica].as_mut().expect("started");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!(
+                "replica {replica} exited with {status}:\n{}",
+                cluster::file_tail(&self.log_path(replica), 20)
+            );
+        }
+        let log = std::fs::read_to_string(self.log_path(replica)).unwrap_or_default();
+        if let Some(at) = log.find("panicked at") {
+            let start = log[..at].rfind('\n').map_or(0, |newline| newline + 1);
+            let end = log[at..]
+                .find("stack backtrace")
+                .map_or(log.len(), |i| at + i);
+            panic!("replica {replica}: {}", log[start..end].trim());
+        }
+    }
+
+    fn assert_all_running(&mut self) {
+        (0..REPLICAS).for_each(|replica| self.assert_running(replica));
+    }
+
+    /// SIGTERM to every node at once (leaders drain while followers run), then waits for
+    /// each; SIGKILL after [`STOP_TIMEOUT`].
+    fn stop_all(&mut self) -> Vec<Option<ExitStatus>> {
+        for child in self.children.iter().flatten() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        self.children
+            .iter_mut()
+            .map(|slot| {
+                let mut child = slot.take()?;
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(status)) => return Some(status),
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        _ => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            return None;
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for mut child in self.children.iter_mut().filter_map(Option::take) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for replica in 0..REPLICAS {
+                eprintln!(
+                    "--- replica {replica} log:\n{}",
+                    cluster::file_tail(&self.log_path(replica), 40)
+                );
+            }
+            eprintln!("--- data kept in {}", self.root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Polls `probe` until it returns a value, at most [`CONDITION_TIMEOUT`].
+fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the client side of the test sees: addresses and metrics, from the client's
+/// namespace.
+struct View {
+    metrics: Vec<SocketAddr>,
+    leaders: Vec<SocketAddr>,
+}
+
+impl View {
+    fn new(network: &Network) -> Self {
+        Self {
+            metrics: (0..REPLICAS)
+                .map(|r| SocketAddr::from((network.node_address(r), METRICS_PORT)))
+                .collect(),
+            // Group k is led by replica k (k < REPLICAS).
+            leaders: (0..SHARDS)
+                .map(|k| SocketAddr::from((network.node_address(k), CLIENT_PORT_BASE + k as u16)))
+                .collect(),
+        }
+    }
+
+    fn scrape(&self, replica: usize) -> std::io::Result<String> {
+        cluster::scrape_metrics(self.metrics[replica])
+    }
+
+    /// A per-shard metric of `replica`, which must answer.
+    fn metric(&self, replica: usize, name: &str, shard: usize) -> u64 {
+        let text = self
+            .scrape(replica)
+            .unwrap_or_else(|error| panic!("scrape replica {replica}: {error}"));
+        cluster::shard_metric(&text, name, shard)
+    }
+
+    /// What the leader of each group has committed.
+    fn leader_commits(&self) -> Vec<u64> {
+        (0..SHARDS)
+            .map(|k| self.metric(k, "percore_replication_commit_max", k))
+            .collect()
+    }
+
+    fn client(&self, client_id: u128) -> Client {
+        let mut client = Client::new(ClientConfig::new(self.leaders.clone(), client_id));
+        client
+            .ping_all(Instant::now() + CONDITION_TIMEOUT)
+            .expect("leaders answer pings");
+        client
+    }
+
+    /// Waits until every group is quiet with every replica holding and knowing committed
+    /// what its leader committed, the same on two scrapes in a row. Returns the commits.
+    fn wait_converged(&self, nodes: &mut Nodes) -> Vec<u64> {
+        let mut previous = Vec::new();
+        wait_until("every replica has every committed op", || {
+            nodes.assert_all_running();
+            let heads: Vec<(u64, u64)> = (0..REPLICAS)
+                .flat_map(|r| {
+                    (0..SHARDS).map(move |k| {
+                        (
+                            self.metric(r, "percore_replication_op_durable", k),
+                            self.metric(r, "percore_replication_commit_max", k),
+                        )
+                    })
+                })
+                .collect();
+            let converged = (0..SHARDS).all(|k| {
+                let leader = heads[k * SHARDS + k].1;
+                (0..REPLICAS).all(|r| heads[r * SHARDS + k] == (leader, leader))
+            });
+            let stable = heads == previous;
+            previous = heads;
+            (converged && stable).then(|| (0..SHARDS).map(|k| previous[k].1).collect())
+        })
+    }
+}
+
+/// A deterministic xorshift stream.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `count` transfers between non-mint accounts, a quarter of them across shards, amounts
+/// 1..=5, ids from `next_id` upwards.
+fn random_transfers(
+    rng: &mut Rng,
+    accounts: &[Vec<u128>],
+    next_id: &mut u128,
+    count: usize,
+) -> Vec<Transfer> {
+    (0..count)
+        .map(|_| {
+            let r = rng.next();
+            let debit_shard = (r % SHARDS as u64) as usize;
+            let credit_shard = if (r >> 8).is_multiple_of(4) {
+                (debit_shard + 1) % SHARDS
+            } else {
+                debit_shard
+            };
+            let pick = |shift: u32| 1 + (r >> shift) as usize % ACCOUNTS_PER_SHARD;
+            let debit = accounts[debit_shard][pick(16)];
+            let mut credit = accounts[credit_shard][pick(24)];
+            if credit == debit {
+                credit = accounts[credit_shard][1 + pick(24) % ACCOUNTS_PER_SHARD];
+            }
+            *next_id += 1;
+            transfer(*next_id, debit, credit, 1 + u128::from((r >> 32) % 5))
+        })
+        .collect()
+}
+
+/// Balance changes of acknowledged transfers, and how many there were.
+type Acknowledged = (HashMap<u128, i128>, u64);
+
+/// Client load on a thread (in the namespace of the thread that starts it) until stopped.
+/// Every transfer must be acknowledged as applied (`Exists` after a resend counts: the
+/// first attempt applied it).
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Acknowledged, ClientError>>,
+}
+
+impl Background {
+    fn start(mut client: Client, accounts: &[Vec<u128>]) -> Self {
+        let accounts = accounts.to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut rng, mut next_id) = (Rng(0x00C0_FFEE), 1u128 << 100);
+            let mut deltas: HashMap<u128, i128> = HashMap::new();
+            let mut acknowledged = 0;
+            while !stopping.load(Ordering::Relaxed) {
+                let transfers =
+                    random_transfers(&mut rng, &accounts, &mut next_id, TRANSFERS_PER_REQUEST);
+                let results: Vec<RecordResult> = client.submit(
+                    Operation::CreateTransfers.into(),
+                    &transfers,
+                    |t: &Transfer| route_transfer(t, SHARDS),
+                )?;
+                for (t, r) in transfers.iter().zip(&results) {
+                    assert!(
+                        r.code == CreateTransferResult::Ok as u32
+                            || r.code == CreateTransferResult::Exists as u32,
+                        "transfer {t:?}: code {}",
+                        r.code
+                    );
+                    *deltas.entry(t.debit_account_id).or_default() -= t.amount as i128;
+                    *deltas.entry(t.credit_account_id).or_default() += t.amount as i128;
+                }
+                acknowledged += transfers.len() as u64;
+            }
+            Ok((deltas, acknowledged))
+        });
+        Self { stop, thread }
+    }
+
+    fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
+    fn finish(self) -> Acknowledged {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("load thread")
+            .expect("every request answered")
+    }
+}
+
+/// Waits until every group's leader committed at least `more` ops past `from`, while the
+/// load keeps running.
+fn wait_commits_past(
+    view: &View,
+    nodes: &mut Nodes,
+    load: &Background,
+    from: &[u64],
+    more: u64,
+) -> Vec<u64> {
+    wait_until("the leaders commit more ops", || {
+        nodes.assert_all_running();
+        assert!(load.is_running(), "the client load stopped early");
+        let commits = view.leader_commits();
+        commits
+            .iter()
+            .zip(from)
+            .all(|(now, then)| *now >= then + more)
+            .then_some(commits)
+    })
+}
+
+/// What `percore inspect --replay` found in one replica's data directory.
+#[derive(Debug)]
+struct Inspected {
+    /// Per shard: the last op in its journal and that entry's checksum (hash chain head).
+    heads: Vec<(u64, String)>,
+    /// Every balance line, and the in-flight and conservation sums, as printed.
+    state: Vec<String>,
+    balances: HashMap<u128, i128>,
+}
+
+fn inspect(data_dir: &Path) -> Inspected {
+    let output = Command::new(PERCORE)
+        .arg("inspect")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--replay")
+        .args(INSPECT_ARGS)
+        .output()
+        .expect("percore inspect runs");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "inspect {} found a problem:\n{text}\n{}",
+        data_dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut inspected = Inspected {
+        heads: Vec::new(),
+        state: Vec::new(),
+        balances: HashMap::new(),
+    };
+    for line in text.lines() {
+        if line.starts_with("shard ") {
+            inspected.heads.push((0, String::new()));
+        } else if let Some(segment) = line.trim_start().strip_prefix("segment ")
+            && segment.contains(" entries, ")
+        {
+            // "segment 0: 12 entries, ops 1..=12, 4096 bytes used, last checksum 0123..."
+            let entries: u64 = field_after(segment, ": ").parse().expect("entries");
+            if entries > 0 {
+                let ops = field_after(segment, "ops ");
+                let op_last = ops.rsplit("..=").next().unwrap().trim_end_matches(',');
+                let checksum = segment.rsplit(' ').next().unwrap().to_string();
+                *inspected.heads.last_mut().expect("a shard line first") =
+                    (op_last.parse().expect("op"), checksum);
+            }
+        } else if let Some(balance) = line.strip_prefix("balance ") {
+            let (id, value) = balance.split_once(' ').expect("id and balance");
+            let id = u128::from_str_radix(id.trim_start_matches("0x"), 16).expect("hex id");
+            inspected
+                .balances
+                .insert(id, value.parse().expect("balance"));
+            inspected.state.push(line.to_string());
+        } else if line.starts_with("in_flight ") || line.starts_with("conservation ") {
+            inspected.state.push(line.to_string());
+        }
+    }
+    assert_eq!(inspected.heads.len(), SHARDS, "{text}");
+    inspected
+}
+
+/// The word after `marker` in `text`.
+fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
+    let (_, rest) = text.split_once(marker).expect("marker present");
+    rest.split(' ').next().unwrap()
+}
+
+/// Every replica's journal ends on its leader's op and checksum (at or past what the group
+/// committed), and replays to the same state with money conserved.
+fn assert_replicas_agree(inspected: &[Inspected], committed: &[u64]) {
+    for shard in 0..SHARDS {
+        let leader = &inspected[shard].heads[shard];
+        for (replica, found) in inspected.iter().enumerate() {
+            let (op_last, checksum) = &found.heads[shard];
+            assert!(
+                *op_last >= committed[shard],
+                "replica {replica} shard {shard}: journal ends at op {op_last}, the group committed {}",
+                committed[shard]
+            );
+            assert_eq!(
+                (op_last, checksum),
+                (&leader.0, &leader.1),
+                "replica {replica} shard {shard}: hash chain head differs from the leader's"
+            );
+        }
+    }
+    for (replica, found) in inspected.iter().enumerate() {
+        assert_eq!(
+            found.state, inspected[0].state,
+            "replica {replica} replays to a different state than replica 0"
+        );
+        for sum in ["in_flight 0", "conservation 0"] {
+            assert!(
+                found.state.iter().any(|line| line == sum),
+                "replica {replica}: no `{sum}` in {:?}",
+                &found.state[found.state.len().saturating_sub(2)..]
+            );
+        }
+    }
+}
+
+/// Takes replica 2 off the network (its bridge port down) while the leaders keep
+/// committing, brings it back and waits until it holds what was committed without it.
+/// Returns what happened, for the test's summary line.
+fn partition_follower(
+    network: &Network,
+    view: &View,
+    nodes: &mut Nodes,
+    load: &Background,
+) -> String {
+    network.set_link(FOLLOWER, false);
+    let at_down = view.leader_commits();
+    assert!(
+        view.scrape(FOLLOWER).is_err(),
+        "replica {FOLLOWER} is off the network"
+    );
+    let before_up = wait_commits_past(view, nodes, load, &at_down, COMMITS_WHILE_DOWN);
+    let lag: Vec<u64> = (0..SHARDS)
+        .map(|k| {
+            let text = view.scrape(k).expect("leader metrics");
+            let labels = format!("shard=\"{k}\",peer=\"{FOLLOWER}\"");
+            cluster::metric(&text, "percore_peer_lag_ops", &labels).unwrap_or(0.0) as u64
+        })
+        .collect();
+    assert!(
+        lag.iter().all(|&ops| ops > 0),
+        "the leaders see replica {FOLLOWER} fall behind: lag {lag:?}"
+    );
+
+    network.set_link(FOLLOWER, true);
+    let at_up = view.leader_commits();
+    let healed = Instant::now();
+    wait_until(
+        "replica 2 holds what was committed while it was away",
+        || {
+            nodes.assert_all_running();
+            let text = view.scrape(FOLLOWER).ok()?;
+            (0..SHARDS)
+                .all(|k| {
+                    cluster::shard_metric(&text, "percore_replication_op_durable", k) >= at_up[k]
+                })
+                .then_some(())
+        },
+    );
+    let caught_up_ms = healed.elapsed().as_millis();
+    // Informational: whether the gap came back by TCP retransmission of queued prepares or
+    // by repair requests depends on how long the link was down.
+    let repairs: u64 = (0..SHARDS)
+        .map(|k| view.metric(FOLLOWER, "percore_replication_repairs_requested_total", k))
+        .sum();
+    format!(
+        "{at_down:?} link down, {before_up:?} ({at_up:?}) link up; leader lag of replica \
+         {FOLLOWER} {lag:?}; caught up in {caught_up_ms} ms with {repairs} repair requests"
+    )
+}
+
+/// The client side, run inside the client's namespace: start, load, partition replica 2,
+/// heal, converge, stop, inspect.
+fn run_cluster(network: &Network) {
+    let mut nodes = Nodes::start(
+        network,
+        std::env::temp_dir().join(format!("percore-netns-{}", std::process::id())),
+    );
+    let view = View::new(network);
+    wait_until("every node serves metrics", || {
+        nodes.assert_all_running();
+        (0..REPLICAS).all(|r| view.scrape(r).is_ok()).then_some(())
+    });
+    let mut setup = view.client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded through the leaders");
+    let mut expected: HashMap<u128, i128> = HashMap::new();
+    for ids in &accounts {
+        expected.insert(ids[0], -((ACCOUNTS_PER_SHARD as u128 * FUNDING) as i128));
+        for id in &ids[1..] {
+            expected.insert(*id, FUNDING as i128);
+        }
+    }
+    let load = Background::start(view.client(2), &accounts);
+    let started = view.leader_commits();
+    wait_commits_past(&view, &mut nodes, &load, &started, 5);
+    let leads: u64 = (0..SHARDS)
+        .map(|k| view.metric(FOLLOWER, "percore_replica_is_leader", k))
+        .sum();
+    assert_eq!(leads, 0, "replica {FOLLOWER} leads no group");
+
+    let partition = partition_follower(network, &view, &mut nodes, &load);
+    assert!(load.is_running(), "the client load stopped early");
+    let (deltas, acknowledged) = load.finish();
+    assert!(acknowledged > 0);
+    for (id, delta) in deltas {
+        *expected.get_mut(&id).expect("a known account") += delta;
+    }
+    let committed = view.wait_converged(&mut nodes);
+    for (replica, status) in nodes.stop_all().into_iter().enumerate() {
+        let status = status.unwrap_or_else(|| panic!("replica {replica} ignored SIGTERM"));
+        assert!(status.success(), "replica {replica} exited with {status}");
+    }
+
+    let inspected: Vec<Inspected> = (0..REPLICAS).map(|r| inspect(&nodes.data_dir(r))).collect();
+    assert_replicas_agree(&inspected, &committed);
+    for (replica, found) in inspected.iter().enumerate() {
+        assert_eq!(found.balances, expected, "replica {replica}: balances");
+    }
+    eprintln!(
+        "commits {started:?} at start, {partition}, {committed:?} at the end; \
+         {acknowledged} transfers acknowledged"
+    );
+}
+
+#[test]
+fn follower_partitioned_by_link_down_catches_up() {
+    let started = Instant::now();
+    let mut network = match Network::create() {
+        Ok(network) => network,
+        Err(reason) => {
+            eprintln!(
+                "skipped: cannot create network namespaces (needs root and iproute2): {reason}"
+            );
+            return;
+        }
+    };
+    network.build().expect("bridge and veth pairs");
+    let client_namespace = network.client_namespace();
+    in_namespace(&client_namespace, || {
+        for replica in 0..REPLICAS {
+            assert!(
+                reachable(network.node_address(replica)),
+                "client cannot reach replica {replica} at {}",
+                network.node_address(replica)
+            );
+        }
+    });
+    // Node to node, every direction, through the bridge.
+    for from in 0..REPLICAS {
+        in_namespace(&network.node_namespace(from), || {
+            for to in (0..REPLICAS).filter(|&to| to != from) {
+                assert!(
+                    reachable(network.node_address(to)),
+                    "replica {from} cannot reach replica {to}"
+                );
+            }
+        });
+    }
+    in_namespace(&client_namespace, || run_cluster(&network));
+    eprintln!("netns test took {:?}", started.elapsed());
+}
