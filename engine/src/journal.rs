@@ -131,15 +131,19 @@
 //! | 128 | `checkpoint_previous_segment: u64` | where entry `checkpoint_previous_op + 1` goes |
 //! | 136 | `checkpoint_previous_offset: u64` | sector aligned, `≤ segment_bytes` |
 //! | 144 | `checkpoint_previous_checksum: u128` | chain value at the previous checkpoint |
-//! | 160 | `reserved_b: [u8; 16]` | zero |
+//! | 160 | `log_view: u64` | view of the last log installed (`≤ view`; view change) |
+//! | 168 | `commit_max: u64` | highest op known committed when written |
 //! | 176 | `checksum: u128` | [`journal_checksum`] of all 4,096 bytes with this field zero |
 //! | 192 | zero | to 4,096 |
 //!
 //! Copies are written alternately (sequence `s` into slot `s % 2`), so a torn superblock write
 //! destroys at most the newer copy; [`superblock_latest`] falls back to the older one.
-//! Version 2 added the snapshot checksum and the previous checkpoint. A version-1 superblock
-//! is refused ([`SuperblockError::UnsupportedVersion`]): there is no migration, since no
-//! deployment holds version-1 data that must be kept.
+//! Version 2 added the snapshot checksum and the previous checkpoint; version 3 turned the
+//! reserved bytes at 160 into `log_view` and `commit_max` (what a view change and recovery
+//! need: `docs/protocol.md` 6.4, 7.4, 8). Older superblocks are refused
+//! ([`SuperblockError::UnsupportedVersion`]): there is no migration, since no deployment holds
+//! older data that must be kept (a version-2 copy would also decode, its reserved bytes being
+//! zero, but as a claim of `log_view = commit_max = 0` that nobody made).
 //!
 //! # Checkpoints
 //! A checkpoint at op `C` is a snapshot of the state machine after applying `C`, in a file
@@ -189,8 +193,9 @@ pub const ENTRY_MAGIC: u64 = u64::from_le_bytes(*b"PCJOURNL");
 pub const JOURNAL_VERSION: u16 = 1;
 /// First eight bytes of every superblock copy (distinct from [`ENTRY_MAGIC`]).
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PCSUPERB");
-/// Superblock format version this code writes and reads (2: checkpoints with snapshots).
-pub const SUPERBLOCK_VERSION: u16 = 2;
+/// Superblock format version this code writes and reads (2: checkpoints with snapshots;
+/// 3: `log_view` and `commit_max`).
+pub const SUPERBLOCK_VERSION: u16 = 3;
 /// First eight bytes of every snapshot file.
 pub const SNAPSHOT_MAGIC: u64 = u64::from_le_bytes(*b"PCSNAPSH");
 /// Snapshot file format version this code writes and reads.
@@ -698,6 +703,12 @@ pub struct Superblock {
     pub sequence: u64,
     /// Highest view this replica has taken part in.
     pub view: u64,
+    /// View of the last log this replica installed whole (`≤ view`): with `op_durable`, the
+    /// replica's voting log (`docs/protocol.md` 6.4).
+    pub log_view: u64,
+    /// Highest op known committed when this copy was written (may exceed `op_durable`:
+    /// a replica can learn of commits before it holds the entries).
+    pub commit_max: u64,
     /// Highest op known durable in the journal when this copy was written.
     pub op_durable: u64,
     /// The latest checkpoint: its op, where the entry after it goes, its chain value.
@@ -762,7 +773,8 @@ struct SuperblockHeader {
     checkpoint_previous_segment: u64,
     checkpoint_previous_offset: u64,
     checkpoint_previous_checksum: u128,
-    reserved_b: [u8; 16],
+    log_view: u64,
+    commit_max: u64,
     checksum: u128,
 }
 
@@ -821,6 +833,14 @@ pub enum SuperblockError {
         /// `op_durable` found.
         op_durable: u64,
     },
+    /// `log_view` is above `view`: a replica installs logs only of views it has joined.
+    #[error("superblock views invalid: log_view {log_view} above view {view}")]
+    ViewsInvalid {
+        /// `view` found.
+        view: u64,
+        /// `log_view` found.
+        log_view: u64,
+    },
     /// A valid copy in the wrong slot (sequence `s` belongs in slot `s % 2`): a misdirected
     /// write.
     #[error("superblock sequence {sequence} found in slot {slot}")]
@@ -860,7 +880,7 @@ pub enum SuperblockCopyReason {
     UnsupportedVersion(u16),
     /// [`SuperblockError::Checksum`].
     Checksum,
-    /// Any other: reserved bytes, geometry, checkpoints, slot.
+    /// Any other: reserved bytes, geometry, checkpoints, views, slot.
     Invalid,
 }
 
@@ -929,6 +949,10 @@ pub fn encode_superblock(superblock: &Superblock, buf: &mut [u8; SUPERBLOCK_BYTE
         superblock_checkpoints_valid(superblock),
         "superblock checkpoints invalid"
     );
+    assert!(
+        superblock.log_view <= superblock.view,
+        "superblock log_view above view"
+    );
     let header = SuperblockHeader {
         magic: SUPERBLOCK_MAGIC,
         version: SUPERBLOCK_VERSION,
@@ -948,7 +972,8 @@ pub fn encode_superblock(superblock: &Superblock, buf: &mut [u8; SUPERBLOCK_BYTE
         checkpoint_previous_segment: superblock.checkpoint_previous.segment,
         checkpoint_previous_offset: superblock.checkpoint_previous.offset,
         checkpoint_previous_checksum: superblock.checkpoint_previous.checksum,
-        reserved_b: [0; 16],
+        log_view: superblock.log_view,
+        commit_max: superblock.commit_max,
         checksum: 0,
     };
     buf.fill(0);
@@ -978,10 +1003,7 @@ pub fn decode_superblock(buf: &[u8]) -> Result<Superblock, SuperblockError> {
     if journal_checksum(&unsealed) != header.checksum {
         return Err(SuperblockError::Checksum);
     }
-    if header.reserved_a != [0; 2]
-        || header.reserved_b != [0; 16]
-        || !bytes_all_zero(&copy[SUPERBLOCK_HEADER_BYTES..])
-    {
+    if header.reserved_a != [0; 2] || !bytes_all_zero(&copy[SUPERBLOCK_HEADER_BYTES..]) {
         return Err(SuperblockError::ReservedNotZero);
     }
     for checkpoint_offset in [header.checkpoint_offset, header.checkpoint_previous_offset] {
@@ -997,6 +1019,8 @@ pub fn decode_superblock(buf: &[u8]) -> Result<Superblock, SuperblockError> {
         shard: header.shard,
         sequence: header.sequence,
         view: header.view,
+        log_view: header.log_view,
+        commit_max: header.commit_max,
         op_durable: header.op_durable,
         checkpoint: Checkpoint {
             op: header.checkpoint_op,
@@ -1018,6 +1042,12 @@ pub fn decode_superblock(buf: &[u8]) -> Result<Superblock, SuperblockError> {
             checkpoint_previous_op: header.checkpoint_previous_op,
             checkpoint_op: header.checkpoint_op,
             op_durable: header.op_durable,
+        });
+    }
+    if superblock.log_view > superblock.view {
+        return Err(SuperblockError::ViewsInvalid {
+            view: superblock.view,
+            log_view: superblock.log_view,
         });
     }
     Ok(superblock)
@@ -1347,6 +1377,8 @@ mod tests {
             std::mem::offset_of!(SuperblockHeader, checkpoint_previous_checksum),
             144
         );
+        assert_eq!(std::mem::offset_of!(SuperblockHeader, log_view), 160);
+        assert_eq!(std::mem::offset_of!(SuperblockHeader, commit_max), 168);
         assert_eq!(std::mem::offset_of!(SnapshotFileHeader, digest), 80);
         assert_eq!(
             std::mem::offset_of!(SuperblockHeader, checksum),
@@ -1451,6 +1483,8 @@ mod tests {
             shard: 2,
             sequence: 11,
             view: 3,
+            log_view: 2,
+            commit_max: 1200,
             op_durable: 1000,
             checkpoint: Checkpoint {
                 op: 900,
@@ -1487,14 +1521,16 @@ mod tests {
     }
 
     #[test]
-    fn superblock_of_version_1_is_refused() {
-        let mut buf = [0u8; SUPERBLOCK_BYTES];
-        buf[..8].copy_from_slice(&SUPERBLOCK_MAGIC.to_le_bytes());
-        buf[8..10].copy_from_slice(&1u16.to_le_bytes());
-        assert_eq!(
-            decode_superblock(&buf),
-            Err(SuperblockError::UnsupportedVersion { version: 1 })
-        );
+    fn superblocks_of_older_versions_are_refused() {
+        for version in [1u16, 2] {
+            let mut buf = [0u8; SUPERBLOCK_BYTES];
+            buf[..8].copy_from_slice(&SUPERBLOCK_MAGIC.to_le_bytes());
+            buf[8..10].copy_from_slice(&version.to_le_bytes());
+            assert_eq!(
+                decode_superblock(&buf),
+                Err(SuperblockError::UnsupportedVersion { version })
+            );
+        }
     }
 
     #[test]
@@ -1519,6 +1555,8 @@ mod tests {
             shard: 1,
             sequence: 3,
             view: 0,
+            log_view: 0,
+            commit_max: 0,
             op_durable: 70,
             checkpoint: Checkpoint {
                 op: 64,

@@ -3187,3 +3187,35 @@ mod cluster_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_leader_installs_the_new_view_keeping_the_common_prefix() {
+        let mut config = ReplicaConfig::new(0, 0, 3, 5).unwrap();
+        config.view_change = true;
+        let checksum =
+            |op: u64, fork: u64| u128::from(op) * 1_000 + u128::from(fork * u64::from(op > 60));
+        let recent: Vec<(u64, u128)> = (1..=63).map(|op| (op, checksum(op, 1))).collect();
+        let mut replica = Replica::restart(
+            config,
+            Persisted::default(),
+            63,
+            checksum(63, 1),
+            0,
+            &recent,
+            0,
+        )
+        .unwrap();
+        let mut actions = Vec::with_capacity(ACTIONS_MAX);
+        let headers: Vec<u128> = (1..=90).map(|op| checksum(op, 2)).collect();
+        replica.on_start_view(1_000, 1, 1, 90, 60, 1, &headers, &mut actions);
+        assert!(
+            actions.contains(&Action::Truncate { op: 60 }),
+            "{actions:?}"
+        );
+        assert_eq!(replica.op_head(), 60);
+    }
+}

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use percore_engine::journal::{
     Checkpoint, DecodedEntry, ENTRY_BODY_BYTES_MAX_LIMIT, ENTRY_HEADER_BYTES, EntryError,
     EntryMeta, JOURNAL_CHAIN_ROOT, SECTOR_BYTES, SEGMENT_BYTES_DEFAULT, SUPERBLOCK_BYTES,
-    Superblock, SuperblockError, decode_entry, decode_superblock, encode_entry, encode_superblock,
-    entry_bytes_padded, journal_checksum, superblock_latest,
+    SUPERBLOCK_MAGIC, SUPERBLOCK_VERSION, Superblock, SuperblockError, decode_entry,
+    decode_superblock, encode_entry, encode_superblock, entry_bytes_padded, journal_checksum,
+    superblock_latest,
 };
 use proptest::prelude::*;
 
@@ -242,6 +243,8 @@ fn superblock(sequence: u64) -> Superblock {
         return Superblock {
             sequence: 0,
             view: 4,
+            log_view: 0,
+            commit_max: 0,
             op_durable: 0,
             checkpoint: Checkpoint::ROOT,
             snapshot_checksum: 0,
@@ -254,6 +257,8 @@ fn superblock(sequence: u64) -> Superblock {
         shard: 1,
         sequence,
         view: 4 + sequence,
+        log_view: 3 + sequence / 2,
+        commit_max: 120 * sequence,
         op_durable: 100 * sequence,
         checkpoint: Checkpoint {
             op: 90 * sequence,
@@ -373,6 +378,67 @@ fn superblock_geometry_is_validated() {
             checkpoint_offset: 4097
         })
     );
+}
+
+/// Re-seals `buf` (one superblock copy) after a field was edited by hand.
+fn superblock_reseal(buf: &mut [u8; SUPERBLOCK_BYTES]) {
+    buf[176..192].fill(0);
+    let checksum = journal_checksum(buf);
+    buf[176..192].copy_from_slice(&checksum.to_le_bytes());
+}
+
+#[test]
+fn superblock_views_are_at_their_offsets_and_validated() {
+    let expected = superblock(7);
+    assert!(expected.log_view < expected.view && expected.commit_max > expected.op_durable);
+    let mut buf = superblock_encoded(&expected);
+    assert_eq!(buf[8..10], SUPERBLOCK_VERSION.to_le_bytes());
+    assert_eq!(SUPERBLOCK_VERSION, 3);
+    assert_eq!(buf[24..32], expected.view.to_le_bytes());
+    assert_eq!(buf[160..168], expected.log_view.to_le_bytes());
+    assert_eq!(buf[168..176], expected.commit_max.to_le_bytes());
+    // log_view above view is refused, even with a valid checksum.
+    buf[160..168].copy_from_slice(&(expected.view + 1).to_le_bytes());
+    superblock_reseal(&mut buf);
+    assert_eq!(
+        decode_superblock(&buf),
+        Err(SuperblockError::ViewsInvalid {
+            view: expected.view,
+            log_view: expected.view + 1
+        })
+    );
+    // log_view equal to view is fine.
+    buf[160..168].copy_from_slice(&expected.view.to_le_bytes());
+    superblock_reseal(&mut buf);
+    assert_eq!(
+        decode_superblock(&buf),
+        Ok(Superblock {
+            log_view: expected.view,
+            ..expected
+        })
+    );
+}
+
+#[test]
+fn superblocks_of_older_versions_are_refused_even_when_sealed() {
+    for version in [1u16, 2] {
+        let mut buf = superblock_encoded(&superblock(3));
+        buf[8..10].copy_from_slice(&version.to_le_bytes());
+        superblock_reseal(&mut buf);
+        assert_eq!(
+            decode_superblock(&buf),
+            Err(SuperblockError::UnsupportedVersion { version })
+        );
+        // Both copies of an older version: no valid copy, naming the version.
+        let mut odd = superblock_encoded(&superblock(5));
+        odd[8..10].copy_from_slice(&version.to_le_bytes());
+        superblock_reseal(&mut odd);
+        assert!(matches!(
+            superblock_latest(&buf, &odd),
+            Err(SuperblockError::NoValidCopy { .. })
+        ));
+    }
+    assert_eq!(SUPERBLOCK_MAGIC.to_le_bytes(), *b"PCSUPERB");
 }
 
 #[test]

@@ -1,17 +1,27 @@
-//! The Rust client: routes records to the owning shard's port, pipelines requests, retries.
+//! The Rust client: finds each replication group's leader, routes records to the owning
+//! shard's port, pipelines requests, retries.
 //!
 //! A [`Client`] holds one TCP connection per shard. [`Client::submit`] splits records by
 //! their owning shard (the caller's routing function, e.g. `shard_of(debit_account_id)`),
 //! sends one request frame per shard before reading any reply (so shards work in parallel),
-//! and reassembles the per-record results in the caller's order. A lost connection is
-//! re-established and the request resent with the **same request number**, so the server (and
-//! the ledger's transfer-id idempotency) can recognise the retry.
+//! and reassembles the per-record results in the caller's order.
+//!
+//! Group `k` is served by shard `k` of every replica; a single node is a group of one. The
+//! client keeps, per shard, a leader hint: a replica index, first the view-0 leader `k mod N`.
+//! An error reply `NotLeader` or `Busy`, a failed connection or a timeout moves the hint to
+//! the next replica and resends at once with the **same client id and request number**, so
+//! the server (and the ledger's transfer-id idempotency: a transfer applied by an earlier
+//! try answers `Exists`) can recognise the retry. After each full round of the N replicas
+//! without an answer the client pauses, from `client_retry_backoff_us_min` doubling up to
+//! `_max`, jittered; it gives up after `attempts_max` rounds or at `request_timeout`. Any
+//! other refusal (`WrongShard` above all) is the caller's to handle and returns at once.
 //!
 //! [`Pipeline`] is the lower-level interface for load generators: one connection, many
-//! requests in flight, replies matched by request number.
+//! requests in flight, replies matched by request number. [`Pipeline::connect_leader`]
+//! finds a group's leader for one.
 //!
 //! This client uses blocking std sockets so any application thread can embed it; the server
-//! side is io_uring.
+//! side is io_uring. Every retry loop here is bounded, by rounds or by a deadline.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -23,10 +33,38 @@ use percore_engine::frame::{
     self, DecodedHeader, Envelope, FRAME_HEADER_BYTES, FrameError, Kind, ReplySchema,
 };
 
-/// Default number of attempts for one request (the first plus retries).
+/// Default rounds for one request, the first included (a round asks each replica once).
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 5;
-/// Default socket timeout.
+/// Default socket timeout (connect, read, write).
 pub const TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default deadline of one replicated request, every redirect and pause included (ms).
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default first pause after a full round of replicas without an answer (µs).
+pub const CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT: u64 = 1_000;
+/// Default longest pause between rounds (µs).
+pub const CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT: u64 = 500_000;
+/// The pause between attempts of a single-node client ([`ClientConfig::new`]), as it always
+/// was (µs).
+pub const SINGLE_NODE_RETRY_BACKOFF_US: u64 = 20_000;
+/// Pause between failed pings of [`Client::ping_all`] (ms).
+pub const PING_RETRY_INTERVAL_MS: u64 = 20;
+/// Request number of [`Pipeline::connect_leader`]'s probe: pipelined requests count from 1.
+pub const PROBE_REQUEST_NUMBER: u64 = 0;
+
+/// Refusal codes of the runtime that this client acts on. They mirror
+/// `percore_shards::runtime::ERROR_*` (this crate cannot depend on `shards`, which depends
+/// on it): busy, e.g. a view change in progress or no free connection slot. Retried.
+pub const ERROR_SERVER_BUSY: u32 = 1000;
+/// This replica does not lead the shard's group. Retried at the next replica.
+pub const ERROR_NOT_LEADER: u32 = 1010;
+/// The request holds records of another shard: the caller's routing bug. Never retried.
+pub const ERROR_WRONG_SHARD: u32 = 1012;
+
+const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT > 0);
+const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT <= CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT);
+// A full backoff pause leaves room for further rounds before the deadline.
+const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT < REQUEST_TIMEOUT_MS_DEFAULT * 1_000);
+const _: () = assert!(ATTEMPTS_MAX_DEFAULT >= 1);
 
 /// What can go wrong talking to a node.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +97,30 @@ pub enum ClientError {
         /// Error code (frame codes < 1000, runtime codes >= 1000).
         code: u32,
     },
+    /// A replicated shard refused a request holding records of another shard
+    /// ([`ERROR_WRONG_SHARD`]): the caller's routing function disagrees with the server's.
+    #[error("shard {shard}: request {request_number} holds records of another shard")]
+    WrongShard {
+        /// Shard index.
+        shard: usize,
+        /// The request.
+        request_number: u64,
+    },
+    /// No replica of the shard's group answered before the request's deadline.
+    #[error(
+        "shard {shard}: no replica answered request {request_number} within {timeout:?}: {last}"
+    )]
+    Timeout {
+        /// Shard index.
+        shard: usize,
+        /// The request.
+        request_number: u64,
+        /// The deadline it had, from its first send.
+        timeout: Duration,
+        /// The last failure seen.
+        #[source]
+        last: Box<ClientError>,
+    },
     /// A reply did not match the request it answers.
     #[error("shard {shard}: reply for request {got}, expected {expected}")]
     Mismatch {
@@ -79,30 +141,101 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// Whether another replica may answer where this one failed: a follower (`NotLeader`),
+    /// a replica not ready to lead (`Busy`), or one that could not be reached in time.
+    pub fn is_redirect(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Io { .. }
+                | ClientError::Refused {
+                    code: ERROR_NOT_LEADER | ERROR_SERVER_BUSY,
+                    ..
+                }
+        )
+    }
+
+    /// The typed form of a refusal this client names ([`ClientError::WrongShard`]).
+    fn typed(self) -> Self {
+        match self {
+            ClientError::Refused {
+                shard,
+                request_number,
+                code: ERROR_WRONG_SHARD,
+            } => ClientError::WrongShard {
+                shard,
+                request_number,
+            },
+            other => other,
+        }
+    }
+}
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Client address of each shard, in shard order.
-    pub shards: Vec<SocketAddr>,
-    /// This client's identity (echoed in replies; keys the server's session table).
+    /// Client address of every shard of every replica: `replicas[r][k]` is replica `r`'s
+    /// shard `k`. Every replica lists the same shards; a single node is one replica.
+    pub replicas: Vec<Vec<SocketAddr>>,
+    /// This client's identity (echoed in replies; keys the server's session table; seeds
+    /// the backoff jitter).
     pub client_id: u128,
     /// Largest frame sent or accepted (bytes, header included).
     pub frame_bytes_max: usize,
-    /// Attempts per request, the first included.
+    /// Rounds per request, the first included. A round asks each replica once, so with one
+    /// replica this counts attempts.
     pub attempts_max: u32,
-    /// Socket read/write timeout.
+    /// Socket connect/read/write timeout; never more than what is left of `request_timeout`.
     pub timeout: Duration,
+    /// Deadline of one request from its first send, redirects and pauses included. `None`:
+    /// only `attempts_max` bounds the retries.
+    pub request_timeout: Option<Duration>,
+    /// First pause after a full round without an answer (µs); doubles after each.
+    pub client_retry_backoff_us_min: u64,
+    /// Longest pause between rounds (µs). Each pause is drawn from `[b / 2, b]`.
+    pub client_retry_backoff_us_max: u64,
 }
 
 impl ClientConfig {
-    /// Defaults for `shards`, with `client_id`.
+    /// Defaults for a single node's `shards`, with `client_id`: up to
+    /// [`ATTEMPTS_MAX_DEFAULT`] attempts per request, [`SINGLE_NODE_RETRY_BACKOFF_US`]
+    /// apart, no overall deadline.
     pub fn new(shards: Vec<SocketAddr>, client_id: u128) -> Self {
         Self {
-            shards,
+            replicas: vec![shards],
             client_id,
             frame_bytes_max: frame::FRAME_BYTES_MAX_DEFAULT,
             attempts_max: ATTEMPTS_MAX_DEFAULT,
             timeout: Duration::from_millis(TIMEOUT_MS_DEFAULT),
+            request_timeout: None,
+            client_retry_backoff_us_min: SINGLE_NODE_RETRY_BACKOFF_US,
+            client_retry_backoff_us_max: SINGLE_NODE_RETRY_BACKOFF_US,
+        }
+    }
+
+    /// Defaults for a replicated cluster, `replicas[r][k]` being replica `r`'s client address
+    /// for shard `k`: as many rounds as fit [`REQUEST_TIMEOUT_MS_DEFAULT`], pauses from
+    /// [`CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT`] to [`CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT`].
+    ///
+    /// # Panics
+    /// If there is no replica or the replicas list different numbers of shards.
+    pub fn replicated(replicas: Vec<Vec<SocketAddr>>, client_id: u128) -> Self {
+        assert!(!replicas.is_empty(), "a cluster has at least one replica");
+        assert!(
+            replicas
+                .iter()
+                .all(|shards| shards.len() == replicas[0].len()),
+            "every replica lists the same shards"
+        );
+        Self {
+            replicas,
+            client_id,
+            frame_bytes_max: frame::FRAME_BYTES_MAX_DEFAULT,
+            attempts_max: u32::MAX,
+            timeout: Duration::from_millis(TIMEOUT_MS_DEFAULT),
+            request_timeout: Some(Duration::from_millis(REQUEST_TIMEOUT_MS_DEFAULT)),
+            client_retry_backoff_us_min: CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT,
+            client_retry_backoff_us_max: CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT,
         }
     }
 }
@@ -116,6 +249,79 @@ pub struct Reply<'a> {
     pub body: &'a [u8],
 }
 
+/// Jitter for backoff pauses: xorshift64, seeded by the client id so a run replays.
+#[derive(Debug, Clone)]
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(client_id: u128) -> Self {
+        let folded = (client_id as u64) ^ ((client_id >> 64) as u64);
+        // Never zero: xorshift would stay at zero.
+        Self(folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Pauses between rounds: `b` doubles from the minimum to the maximum; each pause is drawn
+/// from `[b / 2, b]` so clients that failed together do not retry together.
+#[derive(Debug)]
+struct Backoff {
+    next_us: u64,
+    max_us: u64,
+}
+
+impl Backoff {
+    fn new(min_us: u64, max_us: u64) -> Self {
+        assert!(
+            min_us > 0 && min_us <= max_us,
+            "backoff bounds {min_us}..{max_us} µs"
+        );
+        Self {
+            next_us: min_us,
+            max_us,
+        }
+    }
+
+    /// Sleeps one jittered pause, cut short at `deadline`.
+    fn pause(&mut self, jitter: &mut Jitter, deadline: Option<Instant>) {
+        let base_us = self.next_us;
+        let pause_us = base_us / 2 + jitter.next() % (base_us - base_us / 2 + 1);
+        debug_assert!(pause_us <= base_us);
+        self.next_us = base_us.saturating_mul(2).min(self.max_us);
+        let mut pause = Duration::from_micros(pause_us);
+        if let Some(deadline) = deadline {
+            pause = pause.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        std::thread::sleep(pause);
+    }
+}
+
+/// The socket timeout of one try: `timeout`, cut to what is left before `deadline`, and
+/// never zero (std refuses a zero timeout).
+fn attempt_timeout(timeout: Duration, deadline: Option<Instant>) -> Duration {
+    let left = deadline.map_or(timeout, |deadline| {
+        deadline.saturating_duration_since(Instant::now())
+    });
+    timeout.min(left).max(Duration::from_millis(1))
+}
+
+/// What [`Pipeline::connect_leader`] asks each replica, and until when.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaderProbe {
+    /// A client operation of the server's state machine (for the ledger, e.g.
+    /// `Operation::CreateTransfers`), sent with no records. Not a ping: a follower answers
+    /// pings too, since the server handles them before its leader check.
+    pub operation: u16,
+    /// When to give up.
+    pub deadline: Instant,
+}
+
 /// One connection with many requests in flight, answered in order.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -123,6 +329,8 @@ pub struct Pipeline {
     address: SocketAddr,
     client_id: u128,
     stream: TcpStream,
+    /// The socket's read and write timeout as last set.
+    timeout: Duration,
     frame_bytes_max: usize,
     write_buffer: Vec<u8>,
     read_buffer: Vec<u8>,
@@ -152,6 +360,7 @@ impl Pipeline {
             address,
             client_id,
             stream,
+            timeout,
             frame_bytes_max,
             write_buffer: vec![0; frame_bytes_max],
             read_buffer: vec![0; frame_bytes_max],
@@ -159,9 +368,112 @@ impl Pipeline {
         })
     }
 
+    /// Connects to the replica that leads shard `shard`'s group, asking the replicas of
+    /// `replicas_of_shard` in turn from `start_hint` on, and returns the pipeline with the
+    /// index of that replica (the next hint). Each is sent a request of `probe.operation`
+    /// with no records under [`PROBE_REQUEST_NUMBER`]: a follower answers `NotLeader`, a
+    /// replica in a view change `Busy`, the leader an empty reply at once (its leader check
+    /// comes before submission, and there is nothing to submit). After each full round
+    /// without a leader it pauses as [`Client::submit`] does, with the default bounds.
+    ///
+    /// This relies on today's server answering an empty request without ordering it; a
+    /// server with client sessions may have to offer an explicit leader query instead.
+    pub fn connect_leader(
+        shard: usize,
+        replicas_of_shard: &[SocketAddr],
+        start_hint: usize,
+        client_id: u128,
+        frame_bytes_max: usize,
+        timeout: Duration,
+        probe: LeaderProbe,
+    ) -> Result<(Self, usize), ClientError> {
+        assert!(!replicas_of_shard.is_empty(), "a group has a replica");
+        let replicas = replicas_of_shard.len();
+        let budget = probe.deadline.saturating_duration_since(Instant::now());
+        let mut hint = start_hint % replicas;
+        let mut jitter = Jitter::new(client_id);
+        let mut backoff = Backoff::new(
+            CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT,
+            CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT,
+        );
+        let mut failures: usize = 0;
+        // Bounded by the deadline: every pass returns, or ends in a timeout, a refusal or
+        // a pause.
+        loop {
+            let address = replicas_of_shard[hint];
+            let try_timeout = attempt_timeout(timeout, Some(probe.deadline));
+            let error = match Self::probe(
+                shard,
+                address,
+                client_id,
+                frame_bytes_max,
+                try_timeout,
+                probe.operation,
+            ) {
+                Ok(mut pipeline) => {
+                    pipeline.set_timeout(timeout)?;
+                    return Ok((pipeline, hint));
+                }
+                Err(error) if error.is_redirect() => error,
+                Err(error) => return Err(error.typed()),
+            };
+            if Instant::now() >= probe.deadline {
+                return Err(ClientError::Timeout {
+                    shard,
+                    request_number: PROBE_REQUEST_NUMBER,
+                    timeout: budget,
+                    last: Box::new(error),
+                });
+            }
+            hint = (hint + 1) % replicas;
+            failures += 1;
+            if failures.is_multiple_of(replicas) {
+                backoff.pause(&mut jitter, Some(probe.deadline));
+            }
+        }
+    }
+
+    /// One leader probe of `address`: the connection if it answered as a leader.
+    fn probe(
+        shard: usize,
+        address: SocketAddr,
+        client_id: u128,
+        frame_bytes_max: usize,
+        timeout: Duration,
+        operation: u16,
+    ) -> Result<Self, ClientError> {
+        let mut pipeline = Self::connect(shard, address, client_id, frame_bytes_max, timeout)?;
+        pipeline.send::<u8>(operation, PROBE_REQUEST_NUMBER, &[])?;
+        let reply = pipeline.receive(0)?;
+        debug_assert_eq!(reply.header.record_count, 0);
+        Ok(pipeline)
+    }
+
+    /// The address this pipeline is connected to.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
     /// Requests sent and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// Sets the socket's read and write timeout (nonzero).
+    fn set_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        debug_assert!(!timeout.is_zero());
+        if timeout == self.timeout {
+            return Ok(());
+        }
+        let io = |source| ClientError::Io {
+            shard: self.shard,
+            address: self.address,
+            source,
+        };
+        self.stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        self.stream.set_write_timeout(Some(timeout)).map_err(io)?;
+        self.timeout = timeout;
+        Ok(())
     }
 
     /// Sends one request frame of `operation` with `records` under `request_number`.
@@ -251,151 +563,332 @@ impl Pipeline {
     }
 }
 
-/// A client of every shard of one node. See the module docs.
+/// One request as every try of it is sent.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    operation: u16,
+    request_number: u64,
+    /// From `request_timeout`; `None` when only rounds bound the retries.
+    deadline: Option<Instant>,
+}
+
+/// A client of every shard of one node, or of every replication group of a cluster. See
+/// the module docs.
 #[derive(Debug)]
 pub struct Client {
     config: ClientConfig,
+    /// Per shard, the connection to its hinted replica, opened on first use.
     connections: Vec<Option<Pipeline>>,
+    /// Per shard, the replica believed to lead its group.
+    leader_hints: Vec<usize>,
+    /// Times a shard moved on to another replica.
+    redirects: u64,
     request_number: u64,
-    /// Records of the current request, by shard: (original index, record bytes).
+    /// Records of the current request, by shard: their indexes in the caller's slice.
     routed: Vec<Vec<usize>>,
+    jitter: Jitter,
 }
 
 impl Client {
-    /// A client for `config.shards`; connections open on first use.
+    /// A client for `config.replicas`; connections open on first use.
+    ///
+    /// # Panics
+    /// On a configuration that cannot work: no replica or no shard, replicas listing
+    /// different shards, no attempt allowed, unbounded retries, or bad backoff bounds.
     pub fn new(config: ClientConfig) -> Self {
-        let shards = config.shards.len();
+        let replicas = config.replicas.len();
+        assert!(replicas > 0, "a client needs at least one replica");
+        let shards = config.replicas[0].len();
+        assert!(shards > 0, "a client needs at least one shard");
+        assert!(
+            config.replicas.iter().all(|r| r.len() == shards),
+            "every replica lists the same shards"
+        );
+        assert!(config.attempts_max >= 1, "attempts_max counts the first");
+        assert!(
+            config.request_timeout.is_some() || config.attempts_max < u32::MAX,
+            "retries need a bound: attempts_max or request_timeout"
+        );
+        // Checks the backoff bounds once, here, rather than on the first failure.
+        let _ = Backoff::new(
+            config.client_retry_backoff_us_min,
+            config.client_retry_backoff_us_max,
+        );
         Self {
+            jitter: Jitter::new(config.client_id),
             config,
             connections: (0..shards).map(|_| None).collect(),
+            leader_hints: (0..shards).map(|shard| shard % replicas).collect(),
+            redirects: 0,
             request_number: 0,
             routed: vec![Vec::new(); shards],
         }
     }
 
-    /// Number of shards.
+    /// Number of shards (replication groups).
     pub fn shards(&self) -> usize {
-        self.config.shards.len()
+        self.connections.len()
     }
 
-    fn connection(&mut self, shard: usize) -> Result<&mut Pipeline, ClientError> {
+    /// Number of replicas (1 for a single node).
+    pub fn replica_count(&self) -> usize {
+        self.config.replicas.len()
+    }
+
+    /// Per shard, the replica the next request goes to: the last one found leading.
+    pub fn leader_hints(&self) -> &[usize] {
+        &self.leader_hints
+    }
+
+    /// How many times a shard's request moved on to another replica (a refusal `NotLeader`
+    /// or `Busy`, or a failed connection), since this client was made.
+    pub fn redirects(&self) -> u64 {
+        self.redirects
+    }
+
+    /// The connection of `shard` to its hinted replica, opened if needed, with its socket
+    /// timeout cut to `deadline`.
+    fn connection(
+        &mut self,
+        shard: usize,
+        deadline: Option<Instant>,
+    ) -> Result<&mut Pipeline, ClientError> {
+        let address = self.config.replicas[self.leader_hints[shard]][shard];
+        let timeout = attempt_timeout(self.config.timeout, deadline);
+        if self.connections[shard]
+            .as_ref()
+            .is_some_and(|c| c.address() != address)
+        {
+            self.connections[shard] = None;
+        }
         if self.connections[shard].is_none() {
             let pipeline = Pipeline::connect(
                 shard,
-                self.config.shards[shard],
+                address,
                 self.config.client_id,
                 self.config.frame_bytes_max,
-                self.config.timeout,
+                timeout,
             )?;
             self.connections[shard] = Some(pipeline);
         }
-        Ok(self.connections[shard].as_mut().expect("just connected"))
+        let connection = self.connections[shard].as_mut().expect("just connected");
+        connection.set_timeout(timeout)?;
+        Ok(connection)
+    }
+
+    /// Moves `shard` on to the next replica; with one replica there is nowhere else to go.
+    fn redirect(&mut self, shard: usize) {
+        self.connections[shard] = None;
+        let replicas = self.replica_count();
+        if replicas > 1 {
+            self.leader_hints[shard] = (self.leader_hints[shard] + 1) % replicas;
+            self.redirects += 1;
+        }
+    }
+
+    /// Drops every connection with a reply still owed, so no later request reads it.
+    fn abandon_in_flight(&mut self) {
+        for connection in &mut self.connections {
+            if connection.as_ref().is_some_and(|c| c.in_flight() > 0) {
+                *connection = None;
+            }
+        }
     }
 
     /// Submits `records` of `operation`, each to shard `route(record)`, and returns one
-    /// result per record in the given order. Shards are asked in parallel; a failed
-    /// connection is reopened and its request resent with the same request number.
+    /// result per record in the given order. Shards are asked in parallel, each at its
+    /// hinted leader; a shard whose replica refuses as a follower or busy, or cannot be
+    /// reached, is asked again at the next replica with the same request number (see the
+    /// module docs for pauses and bounds). A record applied by an earlier try answers as the
+    /// state machine answers a duplicate (the ledger: `Exists`).
     pub fn submit<R: Pod, Res: Pod>(
         &mut self,
         operation: u16,
         records: &[R],
         route: impl Fn(&R) -> usize,
     ) -> Result<Vec<Res>, ClientError> {
+        let shards = self.shards();
         for routed in &mut self.routed {
             routed.clear();
         }
         for (index, record) in records.iter().enumerate() {
-            self.routed[route(record) % self.config.shards.len()].push(index);
+            self.routed[route(record) % shards].push(index);
         }
         self.request_number += 1;
-        let request_number = self.request_number;
+        let attempt = Attempt {
+            operation,
+            request_number: self.request_number,
+            deadline: self
+                .config
+                .request_timeout
+                .and_then(|timeout| Instant::now().checked_add(timeout)),
+        };
         let mut results = vec![Res::zeroed(); records.len()];
-        let mut last_error = None;
-        let mut pending: Vec<usize> = (0..self.shards())
+        let mut pending: Vec<usize> = (0..shards)
             .filter(|s| !self.routed[*s].is_empty())
             .collect();
-        for _attempt in 0..self.config.attempts_max {
-            // Send every pending shard's frame first, then collect replies.
-            let mut sent = Vec::with_capacity(pending.len());
-            for &shard in &pending {
-                let batch: Vec<R> = self.routed[shard].iter().map(|&i| records[i]).collect();
-                match self
-                    .connection(shard)
-                    .and_then(|c| c.send(operation, request_number, &batch))
-                {
-                    Ok(()) => sent.push(shard),
-                    Err(err) => {
-                        self.connections[shard] = None;
-                        last_error = Some(err);
-                    }
-                }
-            }
+        // Per shard, tries of this request that failed: whole rounds are failures / N.
+        let mut failures = vec![0u32; shards];
+        let mut backoff = Backoff::new(
+            self.config.client_retry_backoff_us_min,
+            self.config.client_retry_backoff_us_max,
+        );
+        // Bounded: each pass answers or fails every pending shard, and failures are bounded
+        // by attempts_max rounds or by the deadline (`Client::new` checks one is set).
+        loop {
             let mut failed = Vec::new();
-            for &shard in &pending {
-                if !sent.contains(&shard) {
-                    failed.push(shard);
-                    continue;
-                }
-                let connection = self.connections[shard].as_mut().expect("sent on it");
-                match connection.receive(size_of::<Res>()) {
-                    Ok(reply) => {
-                        let body: &[u8] = reply.body;
-                        let expected = self.routed[shard].len() * size_of::<Res>();
-                        if body.len() != expected {
-                            return Err(ClientError::Frame {
-                                shard,
-                                source: FrameError::Truncated {
-                                    bytes: body.len(),
-                                    needed: expected,
-                                },
-                            });
-                        }
-                        for (k, &index) in self.routed[shard].iter().enumerate() {
-                            results[index] = bytemuck::pod_read_unaligned(
-                                &body[k * size_of::<Res>()..(k + 1) * size_of::<Res>()],
-                            );
-                        }
-                    }
-                    Err(
-                        err @ (ClientError::Refused { .. }
-                        | ClientError::Frame { .. }
-                        | ClientError::Mismatch { .. }),
-                    ) => {
-                        self.connections[shard] = None;
-                        return Err(err);
-                    }
-                    Err(err) => {
-                        self.connections[shard] = None;
-                        failed.push(shard);
-                        last_error = Some(err);
-                    }
-                }
-            }
+            let sent = self.send_pending(&attempt, records, &pending, &mut failed)?;
+            self.receive_sent(&attempt, &sent, &mut results, &mut failed)?;
             if failed.is_empty() {
                 return Ok(results);
             }
-            pending = failed;
-            std::thread::sleep(Duration::from_millis(20));
+            pending = self.retry_failed(&attempt, failed, &mut failures, &mut backoff)?;
         }
-        Err(last_error.expect("an attempt failed"))
     }
 
-    /// Sends a ping to every shard and waits for the answers (a readiness check).
+    /// Sends the request's records of every `pending` shard; returns the shards sent to and
+    /// adds the others, with why, to `failed`.
+    fn send_pending<R: Pod>(
+        &mut self,
+        attempt: &Attempt,
+        records: &[R],
+        pending: &[usize],
+        failed: &mut Vec<(usize, ClientError)>,
+    ) -> Result<Vec<usize>, ClientError> {
+        let mut sent = Vec::with_capacity(pending.len());
+        for &shard in pending {
+            let batch: Vec<R> = self.routed[shard].iter().map(|&i| records[i]).collect();
+            match self
+                .connection(shard, attempt.deadline)
+                .and_then(|c| c.send(attempt.operation, attempt.request_number, &batch))
+            {
+                Ok(()) => sent.push(shard),
+                Err(error) if error.is_redirect() => failed.push((shard, error)),
+                Err(error) => {
+                    self.connections[shard] = None;
+                    self.abandon_in_flight();
+                    return Err(error);
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Reads the reply of every `sent` shard into `results`; adds the shards to retry, with
+    /// why, to `failed`. Any other failure ends the request.
+    fn receive_sent<Res: Pod>(
+        &mut self,
+        attempt: &Attempt,
+        sent: &[usize],
+        results: &mut [Res],
+        failed: &mut Vec<(usize, ClientError)>,
+    ) -> Result<(), ClientError> {
+        for &shard in sent {
+            let timeout = attempt_timeout(self.config.timeout, attempt.deadline);
+            let connection = self.connections[shard].as_mut().expect("sent on it");
+            let outcome = connection
+                .set_timeout(timeout)
+                .and_then(|()| connection.receive(size_of::<Res>()));
+            let error = match outcome {
+                Ok(reply) => {
+                    let body: &[u8] = reply.body;
+                    let expected = self.routed[shard].len() * size_of::<Res>();
+                    if body.len() != expected {
+                        let bytes = body.len();
+                        self.connections[shard] = None;
+                        self.abandon_in_flight();
+                        return Err(ClientError::Frame {
+                            shard,
+                            source: FrameError::Truncated {
+                                bytes,
+                                needed: expected,
+                            },
+                        });
+                    }
+                    for (k, &index) in self.routed[shard].iter().enumerate() {
+                        results[index] = bytemuck::pod_read_unaligned(
+                            &body[k * size_of::<Res>()..(k + 1) * size_of::<Res>()],
+                        );
+                    }
+                    continue;
+                }
+                Err(error) => error,
+            };
+            self.connections[shard] = None;
+            if !error.is_redirect() {
+                self.abandon_in_flight();
+                return Err(error.typed());
+            }
+            failed.push((shard, error));
+        }
+        Ok(())
+    }
+
+    /// Moves each failed shard on to its next replica; pauses when one of them has been
+    /// refused by a whole round. Returns the shards to send again, or the error that ends
+    /// the request: the last failure once a shard has used `attempts_max` rounds, or
+    /// [`ClientError::Timeout`] at the deadline.
+    fn retry_failed(
+        &mut self,
+        attempt: &Attempt,
+        failed: Vec<(usize, ClientError)>,
+        failures: &mut [u32],
+        backoff: &mut Backoff,
+    ) -> Result<Vec<usize>, ClientError> {
+        debug_assert!(!failed.is_empty());
+        let replicas = self.replica_count() as u32;
+        let mut round_done = false;
+        let mut pending = Vec::with_capacity(failed.len());
+        let mut last = None;
+        for (shard, error) in failed {
+            self.redirect(shard);
+            failures[shard] += 1;
+            if failures[shard] / replicas >= self.config.attempts_max {
+                self.abandon_in_flight();
+                return Err(error);
+            }
+            round_done |= failures[shard].is_multiple_of(replicas);
+            pending.push(shard);
+            last = Some((shard, error));
+        }
+        let (shard, error) = last.expect("a shard failed");
+        let timed_out = |now: Instant| attempt.deadline.is_some_and(|d| now >= d);
+        if !timed_out(Instant::now()) && round_done {
+            backoff.pause(&mut self.jitter, attempt.deadline);
+        }
+        if timed_out(Instant::now()) {
+            return Err(ClientError::Timeout {
+                shard,
+                request_number: attempt.request_number,
+                timeout: self.config.request_timeout.unwrap_or_default(),
+                last: Box::new(error),
+            });
+        }
+        Ok(pending)
+    }
+
+    /// Sends a ping to every shard's hinted replica and waits for the answers (a readiness
+    /// check); a replica that does not answer moves the hint on. A follower answers pings
+    /// too, so this shows each group has a live replica, not where its leader is.
     pub fn ping_all(&mut self, deadline: Instant) -> Result<(), ClientError> {
         for shard in 0..self.shards() {
+            // Bounded by the deadline.
             loop {
                 self.request_number += 1;
                 let request_number = self.request_number;
-                let outcome = self.connection(shard).and_then(|c| {
+                let outcome = self.connection(shard, Some(deadline)).and_then(|c| {
                     c.send::<u8>(frame::OPERATION_PING, request_number, &[])?;
                     c.receive(0).map(|_| ())
                 });
                 match outcome {
                     Ok(()) => break,
-                    Err(err) if Instant::now() >= deadline => return Err(err),
-                    Err(_) => {
+                    Err(err) if Instant::now() >= deadline => {
                         self.connections[shard] = None;
-                        std::thread::sleep(Duration::from_millis(20));
+                        return Err(err);
+                    }
+                    Err(_) => {
+                        self.redirect(shard);
+                        std::thread::sleep(Duration::from_millis(PING_RETRY_INTERVAL_MS));
                     }
                 }
             }

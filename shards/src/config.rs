@@ -42,6 +42,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "replica",
     "peers",
     "cluster_key_file",
+    "view_change",
 ];
 
 /// Bits of the peers digest exported as a gauge: an f64 holds integers up to 2^53 exactly,
@@ -105,6 +106,8 @@ pub struct NodeFile {
     pub peers: Option<Vec<SocketAddr>>,
     /// `--cluster-key-file`.
     pub cluster_key_file: Option<PathBuf>,
+    /// `--view-change`.
+    pub view_change: Option<bool>,
 }
 
 fn fsync_from_text<'de, D: serde::Deserializer<'de>>(

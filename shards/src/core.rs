@@ -183,6 +183,9 @@ pub struct ShardCore<S: StateMachine> {
     sealed: VecDeque<Handle>,
     /// Results of the batch being applied (capacity = entries cap).
     results: Box<[S::Result]>,
+    /// Aligned records of an op applied straight from the journal (capacity = entries
+    /// cap): it must not wait for a batch buffer, which queued later ops may all hold.
+    journal_records: Box<[TxSlot]>,
     op_sealed: u64,
     op_last: u64,
     /// Transaction slots kept for mesh traffic (see `submit`).
@@ -242,6 +245,7 @@ impl<S: StateMachine> ShardCore<S> {
             tx_origins: vec![Origin::Internal; config.transactions].into_boxed_slice(),
             sealed: VecDeque::with_capacity(config.batches),
             results: bytemuck::allocation::zeroed_slice_box(entries_cap),
+            journal_records: vec![TxSlot::ZEROED; entries_cap].into_boxed_slice(),
             op_sealed: 0,
             op_last: 0,
             mesh_reserve: config.transactions / 4,
@@ -550,7 +554,9 @@ impl<S: StateMachine> ShardCore<S> {
     /// If `op` does not follow the last op queued, or the operation or record bytes are not
     /// this state machine's (the journal verified the entry, so that is a bug).
     pub fn enqueue_replicated(&mut self, op: u64, operation: u16, body: &[u8]) -> bool {
-        assert_eq!(op, self.op_sealed + 1, "replicated ops are queued in order");
+        // Ops between the last queued and `op` may be in the journal only (after a restart
+        // that replayed up to the commit number): `apply_from_journal` fills them.
+        assert!(op > self.op_sealed, "replicated ops are queued in order");
         assert!(
             self.open.is_none(),
             "followers never seal their own batches"
@@ -576,6 +582,87 @@ impl<S: StateMachine> ShardCore<S> {
         self.op_sealed = op;
         self.sealed.push_back(batch);
         true
+    }
+
+    /// The op of the oldest queued batch, if any.
+    pub fn queued_front_op(&self) -> Option<u64> {
+        let batch = *self.sealed.front()?;
+        Some(self.batches.get(batch).op)
+    }
+
+    /// Applies an op read back from the journal because it is not queued here (it was
+    /// journaled before a restart that replayed only committed ops). Its records have no
+    /// one to answer; what the state machine emits is left for `poll_outbound`.
+    ///
+    /// # Panics
+    /// If `op` is not the next op to apply or is queued, or the bytes are not this state
+    /// machine's (the journal verified them).
+    pub fn apply_from_journal(&mut self, op: u64, operation: u16, body: &[u8]) {
+        assert_eq!(op, self.op_last + 1, "ops apply in order");
+        assert!(
+            self.queued_front_op().is_none_or(|front| front > op),
+            "a queued op is applied from its queue"
+        );
+        let operation = S::Operation::try_from(operation)
+            .ok()
+            .expect("the journal holds operations of this state machine");
+        let record_bytes = size_of::<S::Record>();
+        assert!(body.len().is_multiple_of(record_bytes));
+        let entries = body.len() / record_bytes;
+        assert!(
+            entries <= self.results.len(),
+            "entry larger than the batch cap"
+        );
+        bytemuck::cast_slice_mut::<TxSlot, u8>(&mut self.journal_records[..entries])
+            .copy_from_slice(body);
+        let records: &[S::Record] = bytemuck::cast_slice(&self.journal_records[..entries]);
+        self.state_machine
+            .apply(op, operation, records, &mut self.results[..entries]);
+        self.op_last = op;
+        self.op_sealed = self.op_sealed.max(op);
+        ShardMetrics::add(&self.metrics.internal_applied_total, entries as u64);
+        ShardMetrics::set(&self.metrics.commit_op, op);
+    }
+
+    /// A replica that no longer leads: hands every record not yet sealed (the ring and the
+    /// open batch) to `abort` and releases its slot. Returns how many there were.
+    pub fn abort_unsealed(&mut self, mut abort: impl FnMut(Origin)) -> usize {
+        let mut aborted = 0;
+        if let Some((batch, _)) = self.open.take() {
+            let buffer = self.batches.get(batch);
+            for origin in &buffer.origins[..buffer.len] {
+                abort(*origin);
+                aborted += 1;
+            }
+            let released = self.batches.release(batch);
+            debug_assert!(released.is_ok());
+        }
+        while let Some(tx) = self.ring_consumer.pop() {
+            abort(self.tx_origins[tx.slot.index() as usize]);
+            let released = self.transactions.release(tx.slot);
+            debug_assert!(released.is_ok());
+            aborted += 1;
+        }
+        aborted
+    }
+
+    /// Drops every queued batch above `op` (a truncated suffix of an abandoned view),
+    /// handing each record's origin to `abort`.
+    pub fn truncate_queued(&mut self, op: u64, mut abort: impl FnMut(Origin)) {
+        assert!(op >= self.op_last, "applied ops are never truncated");
+        while let Some(&batch) = self.sealed.back() {
+            let buffer = self.batches.get(batch);
+            if buffer.op <= op {
+                break;
+            }
+            for origin in &buffer.origins[..buffer.len] {
+                abort(*origin);
+            }
+            self.sealed.pop_back();
+            let released = self.batches.release(batch);
+            debug_assert!(released.is_ok());
+        }
+        self.op_sealed = self.op_sealed.min(op).max(self.op_last);
     }
 
     /// Highest op sealed (leader) or queued (follower).

@@ -93,9 +93,12 @@ fn superblock_read(dir: &Path, out: &mut String) -> Result<Option<Superblock>, I
         Ok(superblock) => {
             let _ = writeln!(
                 out,
-                "  superblock: sequence {}, view {}, op_durable {}, segment_bytes {}",
+                "  superblock: sequence {}, view {}, log_view {}, commit_max {}, op_durable {}, \
+                 segment_bytes {}",
                 superblock.sequence,
                 superblock.view,
+                superblock.log_view,
+                superblock.commit_max,
                 superblock.op_durable,
                 superblock.segment_bytes
             );

@@ -46,6 +46,15 @@
 //! entries by op ([`Journal::read_entry`]), located through a sparse position index of fixed
 //! capacity (every `stride`-th op; full, it drops every other entry and doubles the stride)
 //! plus a cursor that makes consecutive reads cost one read each.
+//!
+//! View change (`docs/protocol.md` 6.4, 7.4, 8): the superblock carries `view`, `log_view`
+//! and `commit_max` ([`Journal::write_views`], [`Journal::views`]); none of them ever
+//! decreases. [`Journal::truncate_after`] removes a divergent suffix so that it can never come
+//! back: the scanner takes any later valid entry as real history, so the bytes after the new
+//! end are made to read as zero (the segment is cut and pre-allocated back, later segments
+//! are deleted, all synced) before anything is appended. With
+//! [`JournalOptions::replay_committed_only`], recovery replays only up to the superblock's
+//! `min(commit_max, op_durable)` while still verifying and indexing the whole journal.
 
 use std::cell::Cell;
 use std::fmt;
@@ -141,12 +150,19 @@ pub struct JournalOptions {
     /// allocated at open. A lookup walks at most `stride` entries from an indexed op, and the
     /// stride is about `ops / (entries_max / 2)` once the index has filled.
     pub position_index_entries_max: usize,
+    /// Recovery replays only ops known committed: up to the superblock's
+    /// `min(commit_max, op_durable)` (ops up to the checkpoint are in its snapshot, as
+    /// always). Entries above are still verified, indexed and kept: readable with
+    /// [`Journal::read_entry`], and [`Journal::op_durable`] is the journal's head. Off: every
+    /// entry after the checkpoint is replayed. See [`Journal::op_replayed`].
+    pub replay_committed_only: bool,
 }
 
 impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
             position_index_entries_max: POSITION_INDEX_ENTRIES_MAX,
+            replay_committed_only: false,
         }
     }
 }
@@ -172,7 +188,7 @@ pub struct Recovered {
     pub op_last: u64,
     /// The checkpoint restored from its snapshot (0: none; replay started at op 1).
     pub checkpoint_op: u64,
-    /// Entries replayed (those after the checkpoint).
+    /// Entries replayed (those after the checkpoint, up to [`Journal::op_replayed`]).
     pub entries: u64,
     /// `Clean`, or `Torn` at the offset the journal was truncated to.
     pub tail: Tail,
@@ -362,6 +378,15 @@ pub enum JournalError {
         /// Highest durable op.
         op_durable: u64,
     },
+    /// `truncate_after` was asked to remove ops at or below the latest checkpoint: its
+    /// snapshot has applied them, so they can never be divergent.
+    #[error("cannot truncate after op {op}: the latest checkpoint is op {checkpoint_op}")]
+    TruncateBelowCheckpoint {
+        /// Op asked for.
+        op: u64,
+        /// The latest checkpoint.
+        checkpoint_op: u64,
+    },
     /// An earlier write or `fdatasync` failed; what reached the disk is unknown, so the
     /// journal refuses further use until it is reopened (and recovered).
     #[error("journal of shard {shard} failed earlier and must be reopened")]
@@ -467,6 +492,22 @@ impl PositionIndex {
         self.positions.copy_within(dropped.., 0);
         self.positions.truncate(self.positions.len() - dropped);
         self.op_first = op;
+    }
+
+    /// Forgets every indexed op after `op` (`op >= op_first - 1`), so that recording
+    /// `op + 1` next continues the index. No allocation.
+    fn truncate_after(&mut self, op: u64) {
+        assert!(
+            op + 1 >= self.op_first,
+            "ops before op_first are not indexed"
+        );
+        let kept = match op.checked_sub(self.op_first) {
+            Some(distance) => usize::try_from(distance / self.stride_ops)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1),
+            None => 0,
+        };
+        self.positions.truncate(kept);
     }
 
     /// The last indexed op at or before `op`, and where it starts.
@@ -619,6 +660,8 @@ pub struct Journal {
     /// Entry `op` of a checkpoint is read back into this (capacity `entry_bytes_max`,
     /// allocated at open).
     checkpoint_entry: Vec<u8>,
+    /// Highest op recovery handed to `replay` (or restored from the checkpoint).
+    op_replayed: u64,
 }
 
 /// What [`Journal::checkpoint`] did.
@@ -862,6 +905,9 @@ impl Journal {
             entries: recovery.entries_replayed,
             tail: end.tail,
         };
+        let op_replayed = superblock.checkpoint.op + recovery.entries_replayed;
+        assert!(op_replayed <= recovered.op_last);
+        assert!(op_replayed <= recovery.replay_op_max.max(superblock.checkpoint.op));
         let reads_buffered = Cell::new(recovery.reads_buffered.get());
         let position_index = recovery.position_index;
         // Every recovered op from the index's first on was recorded.
@@ -898,6 +944,7 @@ impl Journal {
             failed: false,
             segment_oldest,
             checkpoint_entry: Vec::with_capacity(entry_bytes_max),
+            op_replayed,
         };
         Ok((journal, recovered))
     }
@@ -1233,22 +1280,95 @@ impl Journal {
     }
 
     /// Writes the superblock (alternating copy) with `op_durable` and the view of the last
-    /// durable entry, checkpoint fields unchanged, then `fdatasync`s it.
+    /// durable entry, checkpoint fields, `log_view` and `commit_max` unchanged (views never
+    /// go back), then `fdatasync`s it.
     pub async fn write_superblock(&mut self) -> Result<(), JournalError> {
         self.check_usable()?;
         self.superblock_store(self.superblock).await
     }
 
+    /// Writes and `fdatasync`s a superblock with these views and `commit_max`, the current
+    /// `op_durable`, checkpoint fields unchanged. The superblock's `view` is the larger of
+    /// `view` and the view of the last durable entry. [`Journal::views`] returns them.
+    ///
+    /// # Panics
+    /// On a caller bug, which would persist a promise the replica already made otherwise:
+    /// `log_view > view`, or `view`, `log_view` or `commit_max` below the last written.
+    pub async fn write_views(
+        &mut self,
+        view: u64,
+        log_view: u64,
+        commit_max: u64,
+    ) -> Result<(), JournalError> {
+        self.check_usable()?;
+        let last = self.superblock;
+        assert!(log_view <= view, "log_view {log_view} above view {view}");
+        assert!(view >= last.view, "view {view} below {}", last.view);
+        assert!(
+            log_view >= last.log_view,
+            "log_view {log_view} below {}",
+            last.log_view
+        );
+        assert!(
+            commit_max >= last.commit_max,
+            "commit_max {commit_max} below {}",
+            last.commit_max
+        );
+        let superblock = Superblock {
+            view,
+            log_view,
+            commit_max,
+            ..last
+        };
+        self.superblock_store(superblock).await?;
+        debug_assert_eq!(
+            self.views(),
+            (view.max(self.view_durable), log_view, commit_max)
+        );
+        Ok(())
+    }
+
+    /// `(view, log_view, commit_max)` as last written (or read at open; `(0, 0, 0)` for a
+    /// fresh journal).
+    pub fn views(&self) -> (u64, u64, u64) {
+        let superblock = &self.superblock;
+        (superblock.view, superblock.log_view, superblock.commit_max)
+    }
+
+    /// Highest op recovery replayed into the state machine (or restored from the checkpoint):
+    /// the journal's head, or less under [`JournalOptions::replay_committed_only`]. Fixed at
+    /// open; ops above it are the caller's to apply once known committed.
+    pub fn op_replayed(&self) -> u64 {
+        self.op_replayed
+    }
+
     /// Writes `superblock` with the next sequence, `op_durable` and the durable view into
     /// the slot that sequence belongs to, `fdatasync`s it, and makes it the current one.
     async fn superblock_store(&mut self, superblock: Superblock) -> Result<(), JournalError> {
+        self.superblock_store_at(superblock, self.op_durable).await
+    }
+
+    /// [`Journal::superblock_store`] with an explicit `op_durable` (truncation lowers it
+    /// before the journal shrinks). Views never go back: `view` is at least the durable
+    /// entries' view and the last written one.
+    async fn superblock_store_at(
+        &mut self,
+        superblock: Superblock,
+        op_durable: u64,
+    ) -> Result<(), JournalError> {
         let superblock = Superblock {
             sequence: self.superblock.sequence + 1,
-            op_durable: self.op_durable,
-            view: self.view_durable,
+            op_durable,
+            view: self.view_durable.max(superblock.view),
             ..superblock
         };
         assert!(superblock.checkpoint.op >= self.superblock.checkpoint.op);
+        assert!(
+            superblock.view >= self.superblock.view
+                && superblock.log_view >= self.superblock.log_view
+                && superblock.commit_max >= self.superblock.commit_max,
+            "views and commit_max never go back"
+        );
 
         // glommio drops its clone when the write completes, so this is unique again; if
         // not (it never should be), take a fresh buffer rather than wait.
@@ -1352,6 +1472,142 @@ impl Journal {
             snapshots_removed,
             op_first: self.position_index.op_first,
         })
+    }
+
+    /// Removes every entry after `op` (a divergent suffix, `docs/protocol.md` 7.4) so that
+    /// none can come back at recovery, and returns the checksum of entry `op` (the chain value
+    /// the next entry, `op + 1`, must continue; [`JOURNAL_CHAIN_ROOT`] for op 0). Nothing
+    /// may be staged: commit first. `op` equal to [`Journal::op_durable`] removes nothing.
+    ///
+    /// In order, so that a crash at any point leaves a journal that recovers to either a
+    /// prefix of the old one or the truncated one: first, if the superblock's `op_durable`
+    /// is above `op`, a superblock with `op_durable = op` (views unchanged); then, from the
+    /// last down, every segment after the one holding the end of entry `op`, each removal
+    /// followed by a directory sync; then that segment is cut at the end of entry `op`
+    /// (sector aligned: entries are padded) and pre-allocated back, so the rest reads as
+    /// zeros, and `fdatasync`ed. Afterwards `read_entry(op)` works, `read_entry(op + 1)` is
+    /// [`JournalError::OpNotReadable`], and `stage`/`stage_encoded` continue at `op + 1`.
+    ///
+    /// Errors: [`JournalError::TruncateBelowCheckpoint`] when `op` is below the latest
+    /// checkpoint (its snapshot has applied those ops); [`JournalError::OpNotReadable`] when
+    /// it is above `op_durable` (the journal does not hold it); I/O errors leave the journal
+    /// [`JournalError::Failed`] (reopen to recover).
+    ///
+    /// # Panics
+    /// On a caller bug: entries are staged.
+    pub async fn truncate_after(&mut self, op: u64) -> Result<JournalChecksum, JournalError> {
+        self.check_usable()?;
+        assert_eq!(self.staged_bytes, 0, "commit before truncating");
+        assert_eq!(self.op_staged, self.op_durable);
+        let checkpoint_op = self.superblock.checkpoint.op;
+        if op < checkpoint_op {
+            return Err(JournalError::TruncateBelowCheckpoint { op, checkpoint_op });
+        }
+        if op > self.op_durable {
+            return Err(JournalError::OpNotReadable {
+                op,
+                op_first: self.position_index.op_first,
+                op_durable: self.op_durable,
+            });
+        }
+        if op == self.op_durable {
+            self.superblock_lower(op).await?;
+            return Ok(self.checksum_staged);
+        }
+        debug_assert!(op + 1 >= self.position_index.op_first);
+        // Where entry `op + 1` goes, and the chain value there. Entry `op` is read back and
+        // verified unless it is the checkpoint's (whose entry may be in a removed segment).
+        let end = if op == checkpoint_op {
+            self.superblock.checkpoint
+        } else {
+            self.checkpoint_locate(op).await?
+        };
+        assert!(end.segment <= self.position_durable.segment);
+        assert!(end.segment >= self.segment_oldest && end.offset < self.config.segment_bytes);
+
+        self.superblock_lower(op).await?;
+        self.failed = true;
+        if let Some(reader) = self.reader.take() {
+            reader
+                .file
+                .close()
+                .await
+                .map_err(|error| io_error(&reader.path, error))?;
+        }
+        self.read_cursor = None;
+        // Bounded: one turn per segment after `end.segment`.
+        while self.position_durable.segment > end.segment {
+            self.segment_last_remove().await?;
+        }
+        self.segment_cut(end.offset).await?;
+        self.failed = false;
+
+        self.position_durable = Position {
+            segment: end.segment,
+            offset: end.offset,
+        };
+        self.position_staged = self.position_durable;
+        self.op_durable = op;
+        self.op_staged = op;
+        self.checksum_staged = end.checksum;
+        self.position_index.truncate_after(op);
+        debug_assert!(
+            self.position_index.positions.is_empty() == (op < self.position_index.op_first)
+        );
+        Ok(end.checksum)
+    }
+
+    /// Writes a superblock with `op_durable` lowered to `op` if it claims more (views and
+    /// checkpoints unchanged), so that recovery never expects ops the journal no longer has.
+    async fn superblock_lower(&mut self, op: u64) -> Result<(), JournalError> {
+        if self.superblock.op_durable <= op {
+            return Ok(());
+        }
+        assert!(op >= self.superblock.checkpoint.op);
+        self.superblock_store_at(self.superblock, op).await
+    }
+
+    /// Removes the last segment (the open one, above entry the truncation keeps) and makes
+    /// the one before it the open segment; syncs the directory so removals persist from the
+    /// last down (a crash leaves a prefix of the journal, never a hole).
+    async fn segment_last_remove(&mut self) -> Result<(), JournalError> {
+        let segment = self.position_durable.segment;
+        assert!(segment > self.segment_oldest);
+        let dir = self.config.dir.clone();
+        let previous_path = segment_path(&dir, segment - 1);
+        let previous = open_read_write(&previous_path, false).await?;
+        let last = std::mem::replace(&mut self.segment_file, previous);
+        let last_path = std::mem::replace(&mut self.segment_path, previous_path);
+        last.close()
+            .await
+            .map_err(|error| io_error(&last_path, error))?;
+        glommio::io::remove(&last_path)
+            .await
+            .map_err(|error| io_error(&last_path, error))?;
+        self.directory
+            .sync()
+            .await
+            .map_err(|error| io_error(&dir, error))?;
+        // Its end is unknown here and set by the caller; only the segment matters.
+        self.position_durable = Position {
+            segment: segment - 1,
+            offset: self.config.segment_bytes,
+        };
+        Ok(())
+    }
+
+    /// Cuts the open segment at `offset` (sector aligned) and pre-allocates it back, so
+    /// everything after `offset` reads as zeros, then `fdatasync`s it.
+    async fn segment_cut(&mut self, offset: u64) -> Result<(), JournalError> {
+        assert!(offset.is_multiple_of(SECTOR_BYTES as u64));
+        let (file, path) = (&self.segment_file, &self.segment_path);
+        file.truncate(offset)
+            .await
+            .map_err(|error| io_error(path, error))?;
+        file.pre_allocate(self.config.segment_bytes, false)
+            .await
+            .map_err(|error| io_error(path, error))?;
+        fdatasync(file, path).await
     }
 
     /// The checkpoint at durable op `op`: reads entry `op` back (verified) for its checksum
@@ -1894,6 +2150,8 @@ async fn superblock_open(
             shard: config.shard,
             sequence: 0,
             view: 0,
+            log_view: 0,
+            commit_max: 0,
             op_durable: 0,
             checkpoint: Checkpoint::ROOT,
             snapshot_checksum: 0,
@@ -1991,6 +2249,9 @@ struct Recovery<'a> {
     checkpoint: Checkpoint,
     /// Set when the entry at the checkpoint op does not have the checkpoint's checksum.
     checkpoint_mismatch: Option<(u64, JournalChecksum)>,
+    /// Ops above this one are verified and indexed, not replayed
+    /// ([`JournalOptions::replay_committed_only`]).
+    replay_op_max: u64,
     entries_replayed: u64,
     read_bytes: usize,
     entry_bytes_max: usize,
@@ -2029,6 +2290,11 @@ impl<'a> Recovery<'a> {
             // Without fdatasync a power loss may lose ops the superblock already counts.
             FsyncPolicy::Never => 0,
         };
+        let replay_op_max = if options.replay_committed_only {
+            superblock.commit_max.min(superblock.op_durable)
+        } else {
+            u64::MAX
+        };
         Recovery {
             config,
             op_durable_floor,
@@ -2040,6 +2306,7 @@ impl<'a> Recovery<'a> {
             view_last: 0,
             checkpoint: superblock.checkpoint,
             checkpoint_mismatch: None,
+            replay_op_max,
             entries_replayed: 0,
             read_bytes,
             entry_bytes_max,
@@ -2206,6 +2473,7 @@ impl<'a> Recovery<'a> {
             let checkpoint = self.checkpoint;
             let checkpoint_mismatch = &mut self.checkpoint_mismatch;
             let entries_replayed = &mut self.entries_replayed;
+            let replay_op_max = self.replay_op_max;
             let outcome: ScanOutcome = format::scan(
                 &chunk,
                 offset,
@@ -2223,7 +2491,10 @@ impl<'a> Recovery<'a> {
                         checkpoint_mismatch.get_or_insert((entry_offset, entry.checksum));
                     }
                     // Ops up to the checkpoint are in its snapshot; a mismatch stops replay.
-                    if entry.meta.op > checkpoint.op && checkpoint_mismatch.is_none() {
+                    if entry.meta.op > checkpoint.op
+                        && entry.meta.op <= replay_op_max
+                        && checkpoint_mismatch.is_none()
+                    {
                         *entries_replayed += 1;
                         replay(entry);
                     }

@@ -232,6 +232,11 @@ struct ReplicationArgs {
     /// default: the PERCORE_CLUSTER_KEY environment variable.
     #[arg(long)]
     cluster_key_file: Option<PathBuf>,
+    /// Leader failover: when a group's leader is silent, the others change views and the
+    /// next replica leads (docs/protocol.md section 7). Off, every group keeps its first
+    /// leader.
+    #[arg(long)]
+    view_change: bool,
 }
 
 impl ReplicationArgs {
@@ -248,6 +253,7 @@ impl ReplicationArgs {
             peers: self.peers.clone(),
             cluster_key,
             send_queue_bytes: replication::PEER_SEND_QUEUE_BYTES_DEFAULT,
+            view_change: self.view_change,
         }))
     }
 }
@@ -360,6 +366,7 @@ fn node_args_with_file(
         replica,
         peers,
         cluster_key_file,
+        view_change,
     } = percore_shards::config::NodeFile::read(&path)?;
     let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
     macro_rules! merge {
@@ -395,6 +402,7 @@ fn node_args_with_file(
         replica => args.replication.replica,
         peers => args.replication.peers,
         cluster_key_file => args.replication.cluster_key_file,
+        view_change => args.replication.view_change,
     }
     say!(
         "config file {} read (flags given on the command line override it)",

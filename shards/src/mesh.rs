@@ -403,7 +403,7 @@ where
             }
             MeshMessage::Outbound { operation, record } => {
                 if let Some(replication) = &shard.replication
-                    && !replication.is_leader()
+                    && !replication.is_ready_leader()
                 {
                     // This group is led elsewhere: the message goes to its leader.
                     crate::replication::forward_to_leader(shard, operation, &record);

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpListener;
 use percore_engine::journal::{ENTRY_HEADER_BYTES, EntryHeader, EntryMeta, entry_bytes_padded};
 use percore_engine::message::{ClusterKey, Command, PEER_HEADER_BYTES, PeerHeader, field};
-use percore_engine::replica::{ACTIONS_MAX, Action, PrepareDisposition, Replica};
+use percore_engine::replica::{ACTIONS_MAX, Action, PrepareDisposition, Replica, Status};
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
 
@@ -63,6 +63,10 @@ pub const CREDIT_LEG_RESEND_INTERVAL_US: u64 = 200_000;
 pub const CREDIT_LEGS_RESEND_MAX: usize = 1_024;
 /// On shutdown, how long a leader waits for its pipeline to commit (ms).
 pub const DRAIN_TIMEOUT_MS: u64 = 3_000;
+/// Most actions waiting for the batcher (a view change produces a few per peer).
+pub const DEFERRED_ACTIONS_MAX: usize = 4_096;
+/// Ops applied between superblock records of the commit number (view change only).
+pub const COMMIT_PERSIST_INTERVAL_OPS: u64 = 64;
 /// Most record bytes one `Forward` message carries.
 pub const FORWARD_BYTES_MAX: usize = 64 * 1024;
 /// Status byte of a normal replica in message headers.
@@ -82,6 +86,9 @@ pub struct ReplicationSettings {
     pub cluster_key: ClusterKey,
     /// Bytes queued per peer.
     pub send_queue_bytes: usize,
+    /// Leader failover: view changes when a leader is silent (pre-vote, then a new view
+    /// led by the next replica). Off, every group keeps its first leader.
+    pub view_change: bool,
 }
 
 impl std::fmt::Debug for ReplicationSettings {
@@ -181,6 +188,11 @@ pub(crate) struct Replication {
     actions: RefCell<Vec<Action>>,
     /// When the stop flag was first seen (drain deadline).
     stop_seen: Cell<Option<Instant>>,
+    /// Actions waiting for the batcher, in order: a `Persist` or `Truncate` needs the
+    /// journal, and every action after it must wait for it.
+    deferred: RefCell<VecDeque<Action>>,
+    /// Checksums decoded from a DoViewChange or StartView body.
+    checksums: RefCell<Vec<u128>>,
     /// Leader: the oldest unacknowledged credit leg at the last resend check.
     legs_oldest: Cell<Option<u128>>,
     legs_check_us: Cell<u64>,
@@ -195,6 +207,11 @@ pub(crate) struct RecoveredLog<'a> {
     pub(crate) checksum: u128,
     /// `(op, checksum)` of the last ops recovered, oldest first.
     pub(crate) recent: &'a [(u64, u128)],
+    /// The views the superblock recorded.
+    pub(crate) views: percore_engine::replica::Persisted,
+    /// The op replay stopped at (the journal head without view change; the recorded
+    /// commit number with it).
+    pub(crate) op_replayed: u64,
 }
 
 impl Replication {
@@ -211,21 +228,31 @@ impl Replication {
             op,
             checksum,
             recent,
+            views,
+            op_replayed,
         } = log;
-        let config = percore_engine::replica::ReplicaConfig::new(
+        let mut config = percore_engine::replica::ReplicaConfig::new(
             shard as u32,
             settings.replica,
             settings.replica_count(),
             seed,
         )?;
-        // Replay applied the whole journal (one view: nothing in it is ever undone); the
-        // recent checksums let acknowledgements of the recovered tail count, so it commits
-        // without waiting for a new op.
-        let persisted = percore_engine::replica::Persisted {
-            view: config.view,
-            log_view: config.view,
-        };
-        let replica = Replica::restart(config, persisted, op, checksum, op, recent, 0)?;
+        config.view_change = settings.view_change;
+        let config_headers_max = config.view_change_headers_max();
+        // The recent checksums let acknowledgements of the recovered tail count (it commits
+        // without waiting for a new op) and let a view change compare logs.
+        tracing::info!(
+            shard,
+            op,
+            op_replayed,
+            view = views.view,
+            log_view = views.log_view,
+            recent = recent.len(),
+            recent_first = recent.first().map(|r| r.0),
+            recent_last = recent.last().map(|r| r.0),
+            "replica restarts"
+        );
+        let replica = Replica::restart(config, views, op, checksum, op_replayed, recent, 0)?;
         let outboxes = (0..settings.replica_count())
             .map(|peer| {
                 let capacity = if peer == settings.replica {
@@ -254,6 +281,8 @@ impl Replication {
             repairs: RefCell::new(VecDeque::with_capacity(REPAIRS_QUEUED_MAX)),
             actions: RefCell::new(Vec::with_capacity(ACTIONS_MAX)),
             stop_seen: Cell::new(None),
+            deferred: RefCell::new(VecDeque::with_capacity(DEFERRED_ACTIONS_MAX)),
+            checksums: RefCell::new(Vec::with_capacity(config_headers_max as usize)),
             legs_oldest: Cell::new(None),
             legs_check_us: Cell::new(0),
             identity,
@@ -261,9 +290,10 @@ impl Replication {
         })
     }
 
-    /// Whether this replica leads its group.
-    pub(crate) fn is_leader(&self) -> bool {
-        self.replica.borrow().is_leader()
+    /// Whether this replica leads its group in a normal view and has applied what it
+    /// inherited: only then does it admit clients and submit forwarded records.
+    pub(crate) fn is_ready_leader(&self) -> bool {
+        self.replica.borrow().is_ready_leader()
     }
 
     fn header(&self, command: Command) -> PeerHeader {
@@ -568,6 +598,34 @@ where
             &mut actions,
         ),
         Command::Forward => forward_received(shard, header, body),
+        Command::PreVote => replication.replica.borrow_mut().on_pre_vote(
+            now_us,
+            from,
+            header.field_u64(field::PRE_VOTE_VIEW_TARGET),
+            &mut actions,
+        ),
+        Command::PreVoteReply => replication.replica.borrow_mut().on_pre_vote_reply(
+            now_us,
+            from,
+            header.field_u64(field::PRE_VOTE_VIEW_TARGET),
+            header.field_u8(field::PRE_VOTE_REPLY_GRANTED_U8) == 1,
+            &mut actions,
+        ),
+        Command::StartViewChange => replication.replica.borrow_mut().on_start_view_change(
+            now_us,
+            from,
+            header.view,
+            &mut actions,
+        ),
+        Command::DoViewChange | Command::StartView => {
+            view_change_received(shard, from, command, header, body, &mut actions);
+        }
+        Command::RequestStartView => replication.replica.borrow_mut().on_request_start_view(
+            now_us,
+            from,
+            header.view,
+            &mut actions,
+        ),
         _ => {
             tracing::debug!(
                 shard = shard.index,
@@ -577,7 +635,143 @@ where
             );
         }
     }
-    execute(shard, &actions);
+    submit_actions(shard, &actions);
+    shard.batcher.notify();
+}
+
+/// A DoViewChange or StartView: its body is the checksums of the sender's last ops.
+fn view_change_received<S: StateMachine>(
+    shard: &Shard<S>,
+    from: u8,
+    command: Command,
+    header: &PeerHeader,
+    body: &[u8],
+    actions: &mut Vec<Action>,
+) {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let mut checksums = replication.checksums.borrow_mut();
+    checksums.clear();
+    if !body.len().is_multiple_of(16) || body.len() / 16 > checksums.capacity() {
+        return;
+    }
+    for chunk in body.chunks_exact(16) {
+        checksums.push(u128::from_le_bytes(chunk.try_into().expect("16 bytes")));
+    }
+    let count = checksums.len() as u64;
+    let now_us = shard.now_us();
+    let mut replica = replication.replica.borrow_mut();
+    if command == Command::DoViewChange {
+        let op_durable = header.field_u64(field::DO_VIEW_CHANGE_OP_DURABLE);
+        replica.on_do_view_change(
+            now_us,
+            from,
+            header.view,
+            header.field_u64(field::DO_VIEW_CHANGE_LOG_VIEW),
+            op_durable,
+            header.field_u64(field::DO_VIEW_CHANGE_COMMIT_MAX),
+            (op_durable + 1).saturating_sub(count),
+            &checksums,
+            actions,
+        );
+    } else {
+        let op_head = header.field_u64(field::START_VIEW_OP_HEAD);
+        replica.on_start_view(
+            now_us,
+            from,
+            header.view,
+            op_head,
+            header.field_u64(field::START_VIEW_COMMIT_MAX),
+            (op_head + 1).saturating_sub(count),
+            &checksums,
+            actions,
+        );
+    }
+}
+
+/// Executes actions now, or queues them for the batcher when one needs the journal
+/// (`Persist`, `Truncate`) or earlier ones still wait: order is kept, and nothing after a
+/// `Persist` goes out before it is durable.
+fn submit_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let needs_journal = actions
+        .iter()
+        .any(|action| matches!(action, Action::Persist { .. } | Action::Truncate { .. }));
+    let mut deferred = replication.deferred.borrow_mut();
+    if !needs_journal && deferred.is_empty() {
+        drop(deferred);
+        execute(shard, actions);
+        return;
+    }
+    assert!(
+        deferred.len() + actions.len() <= deferred.capacity(),
+        "deferred actions sized at start-up"
+    );
+    deferred.extend(actions.iter().copied());
+    drop(deferred);
+    shard.batcher.notify();
+}
+
+/// Batcher: carries out deferred actions in order, awaiting the journal for `Persist` and
+/// `Truncate`.
+async fn run_deferred<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let mut progressed = false;
+    loop {
+        let Some(action) = replication.deferred.borrow_mut().pop_front() else {
+            return progressed;
+        };
+        progressed = true;
+        match action {
+            Action::Persist {
+                view,
+                log_view,
+                commit_max,
+            } => {
+                if let Err(error) = journal.write_views(view, log_view, commit_max).await {
+                    panic!(
+                        "shard {}: superblock write failed, stopping: {error}",
+                        shard.index
+                    );
+                }
+                tracing::info!(
+                    shard = shard.index,
+                    view,
+                    log_view,
+                    commit_max,
+                    "views persisted"
+                );
+            }
+            Action::Truncate { op } => {
+                let head_before = journal.op_durable();
+                let checksum = match journal.truncate_after(op).await {
+                    Ok(checksum) => checksum,
+                    Err(error) => {
+                        panic!(
+                            "shard {}: journal truncation failed, stopping: {error}",
+                            shard.index
+                        )
+                    }
+                };
+                shard
+                    .core
+                    .borrow_mut()
+                    .truncate_queued(op, |origin| crate::runtime::abort_local(shard, origin));
+                replication.replica.borrow_mut().on_truncated(op, checksum);
+                tracing::warn!(
+                    shard = shard.index,
+                    op,
+                    head_before,
+                    "divergent journal suffix truncated"
+                );
+            }
+            other => execute(shard, &[other]),
+        }
+    }
 }
 
 /// Submits credit legs another replica forwarded to this group's leader. Dropped when
@@ -590,7 +784,7 @@ where
     let record_bytes = size_of::<S::Record>();
     let count = header.field_u32(field::FORWARD_RECORD_COUNT_U32) as usize;
     let operation_code = header.field_u16(field::FORWARD_OPERATION_U16);
-    if !replication.is_leader() || body.len() != count * record_bytes {
+    if !replication.is_ready_leader() || body.len() != count * record_bytes {
         return;
     }
     // Internal operations only (a peer is authenticated, but stay strict about shapes).
@@ -726,17 +920,63 @@ fn execute<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
                 header.set_field_u64(field::REQUEST_OP_MAX, op_max);
                 (to, header)
             }
-            Action::Persist { .. }
-            | Action::Truncate { .. }
-            | Action::PreVote { .. }
-            | Action::PreVoteReply { .. }
-            | Action::StartViewChange { .. }
-            | Action::DoViewChange { .. }
-            | Action::StartView { .. }
-            | Action::RequestStartView { .. } => {
-                // The runtime keeps `view_change` off until it persists views and truncates
-                // journals: the core never produces these here.
-                unreachable!("view change is disabled in the io_uring runtime: {action:?}");
+            Action::Persist { .. } | Action::Truncate { .. } => {
+                unreachable!("journal actions go through the batcher: {action:?}");
+            }
+            Action::PreVote { to, view_target } => {
+                let mut header = replication.header(Command::PreVote);
+                header.set_field_u64(field::PRE_VOTE_VIEW_TARGET, view_target);
+                (to, header)
+            }
+            Action::PreVoteReply {
+                to,
+                view_target,
+                granted,
+            } => {
+                let mut header = replication.header(Command::PreVoteReply);
+                header.set_field_u64(field::PRE_VOTE_VIEW_TARGET, view_target);
+                header.set_field_u8(field::PRE_VOTE_REPLY_GRANTED_U8, u8::from(granted));
+                (to, header)
+            }
+            Action::StartViewChange { to, view } => {
+                let mut header = replication.header(Command::StartViewChange);
+                header.view = view;
+                (to, header)
+            }
+            Action::RequestStartView { to, view } => {
+                let mut header = replication.header(Command::RequestStartView);
+                header.view = view;
+                (to, header)
+            }
+            Action::DoViewChange {
+                to,
+                view,
+                log_view,
+                op_durable,
+                commit_max,
+                headers_op_min,
+            } => {
+                let mut header = replication.header(Command::DoViewChange);
+                header.view = view;
+                header.set_field_u64(field::DO_VIEW_CHANGE_LOG_VIEW, log_view);
+                header.set_field_u64(field::DO_VIEW_CHANGE_OP_DURABLE, op_durable);
+                header.set_field_u64(field::DO_VIEW_CHANGE_COMMIT_MAX, commit_max);
+                send_with_checksums(shard, to, header, headers_op_min, op_durable);
+                continue;
+            }
+            Action::StartView {
+                to,
+                view,
+                op_head,
+                commit_max,
+                headers_op_min,
+            } => {
+                let mut header = replication.header(Command::StartView);
+                header.view = view;
+                header.set_field_u64(field::START_VIEW_OP_HEAD, op_head);
+                header.set_field_u64(field::START_VIEW_COMMIT_MAX, commit_max);
+                send_with_checksums(shard, to, header, headers_op_min, op_head);
+                continue;
             }
             Action::ServeRepair { to, op_min, op_max } => {
                 let mut repairs = replication.repairs.borrow_mut();
@@ -753,6 +993,49 @@ fn execute<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
         } else {
             ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
         }
+    }
+}
+
+/// Sends `header` with the checksums of ops `op_min..=op_max` as its body. Skipped if the
+/// core no longer knows one of them (its log changed since): the sender resends.
+fn send_with_checksums<S: StateMachine>(
+    shard: &Shard<S>,
+    to: u8,
+    mut header: PeerHeader,
+    op_min: u64,
+    op_max: u64,
+) {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let mut body =
+        [0u8; 16 * (percore_engine::replica::PIPELINE_PREPARES_MAX_DEFAULT as usize + 1)];
+    let count = (op_max + 1).saturating_sub(op_min) as usize;
+    if count * 16 > body.len() {
+        return;
+    }
+    {
+        let replica = replication.replica.borrow();
+        for (index, op) in (op_min..=op_max).enumerate() {
+            let Some(checksum) = replica.checksum_at(op) else {
+                return;
+            };
+            body[index * 16..index * 16 + 16].copy_from_slice(&checksum.to_le_bytes());
+        }
+    }
+    let body = &body[..count * 16];
+    header.set_field_u32(
+        if header.command == Command::DoViewChange as u16 {
+            field::DO_VIEW_CHANGE_HEADERS_COUNT_U32
+        } else {
+            field::START_VIEW_HEADERS_COUNT_U32
+        },
+        count as u32,
+    );
+    header.checksum_body = percore_engine::message::body_checksum(body);
+    let outbox = &replication.outboxes[usize::from(to)];
+    if outbox.push(header, body) {
+        outbox.doorbell.notify();
+    } else {
+        ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
     }
 }
 
@@ -875,7 +1158,7 @@ where
             let mut actions = replication.actions.borrow_mut();
             actions.clear();
             replication.replica.borrow_mut().tick(now_us, &mut actions);
-            execute(&shard, &actions);
+            submit_actions(&shard, &actions);
         }
         publish(&shard);
         resend_credit_legs(&shard, now_us);
@@ -902,7 +1185,7 @@ where
     replication.legs_check_us.set(now_us);
     let ready = {
         let replica = replication.replica.borrow();
-        replica.is_leader() && replica.commit_min() >= replica.op_head()
+        replica.is_ready_leader() && replica.commit_min() >= replica.op_head()
     };
     if !ready {
         replication.legs_oldest.set(None);
@@ -944,7 +1227,18 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
     let replication = shard.replication.as_ref().expect("replicated shard");
     let replica = replication.replica.borrow();
     let metrics = &shard.metrics;
-    ShardMetrics::set(&metrics.replica_is_leader, u64::from(replica.is_leader()));
+    ShardMetrics::set(
+        &metrics.replica_is_leader,
+        u64::from(replica.is_ready_leader()),
+    );
+    ShardMetrics::set(&metrics.replication_view, replica.view());
+    ShardMetrics::set(
+        &metrics.replication_status,
+        match replica.status() {
+            Status::Normal => 1,
+            Status::ViewChange => 2,
+        },
+    );
     ShardMetrics::set(&metrics.replication_op_head, replica.op_head());
     ShardMetrics::set(&metrics.replication_op_durable, replica.op_durable());
     ShardMetrics::set(&metrics.replication_commit_max, replica.commit_max());
@@ -979,23 +1273,55 @@ where
 {
     let replication = shard.replication.as_ref().expect("replicated shard");
     let mut progressed = shard.mesh.borrow_mut().flush_queued();
-    if replication.is_leader() {
+    progressed |= run_deferred(shard, journal).await;
+    if replication.replica.borrow().is_ready_leader() {
         progressed |= leader_prepare(shard, journal).await;
     } else {
+        // Records accepted while this replica led can no longer be sealed here: their
+        // clients are told to find the new leader.
+        let aborted = shard
+            .core
+            .borrow_mut()
+            .abort_unsealed(|origin| crate::runtime::abort_local(shard, origin));
+        progressed |= aborted > 0;
         progressed |= follower_append(shard, journal).await;
     }
+    progressed |= run_deferred(shard, journal).await;
     progressed |= serve_repairs(shard, journal).await;
     // Bounded: each turn after the first follows a checkpoint, which needs applied ops.
     loop {
-        progressed |= apply_committed(shard);
+        progressed |= apply_committed(shard, journal).await;
         if !shard.checkpointer.borrow().pending() {
             break;
         }
         let retain_from_op = retain_from_op(replication);
         crate::runtime::checkpoint_write(shard, journal, retain_from_op).await;
     }
+    progressed |= persist_applied(shard, journal).await;
     shard.mesh.borrow_mut().ring_doorbells();
     progressed
+}
+
+/// With view change, a restart replays only what the superblock records as committed, and
+/// must fetch or re-learn the rest: records the applied op (committed, in this view's log)
+/// every [`COMMIT_PERSIST_INTERVAL_OPS`] ops.
+async fn persist_applied<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    if !replication.settings.view_change || !replication.deferred.borrow().is_empty() {
+        return false;
+    }
+    let applied = replication.replica.borrow().commit_min();
+    let (view, log_view, recorded) = journal.views();
+    if applied < recorded + COMMIT_PERSIST_INTERVAL_OPS || journal.staged_bytes() > 0 {
+        return false;
+    }
+    if let Err(error) = journal.write_views(view, log_view, applied).await {
+        panic!(
+            "shard {}: superblock write failed, stopping: {error}",
+            shard.index
+        );
+    }
+    true
 }
 
 /// The lowest op some peer may still need from this replica's journal: one above the
@@ -1089,7 +1415,7 @@ where
     for outbox in replication.outboxes.iter() {
         outbox.release();
     }
-    execute(shard, &actions);
+    submit_actions(shard, &actions);
     true
 }
 
@@ -1141,7 +1467,7 @@ where
         );
         // Each message's actions go out before the next message: a burst of duplicates (a
         // reconnect overlapping repair answers) would otherwise outgrow the buffer.
-        execute(shard, &actions);
+        submit_actions(shard, &actions);
         actions.clear();
         if disposition != PrepareDisposition::Append {
             if disposition == PrepareDisposition::Gap {
@@ -1161,7 +1487,12 @@ where
         }
         let entry_header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
         let body = &entry[ENTRY_HEADER_BYTES..];
-        if !shard.core.borrow().has_batch_room() {
+        let expected = replication
+            .replica
+            .borrow()
+            .expected_checksum(entry_header.op);
+        if expected.is_some_and(|checksum| checksum != entry_header.checksum_header) {
+            // Another view's entry at this op: not the log being installed.
             ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
             continue;
         }
@@ -1172,12 +1503,16 @@ where
                     .replica
                     .borrow_mut()
                     .on_staged(now_us, op, checksum);
+                // Queued for apply while batch buffers last; beyond that (a long catch-up,
+                // or a log installed before any of it may apply) the op is applied from
+                // the journal once committed.
                 let queued =
                     shard
                         .core
                         .borrow_mut()
                         .enqueue_replicated(op, entry_header.operation, body);
-                assert!(queued, "batch room was checked");
+                // Not queued: applied from the journal (counted there).
+                let _queued = queued;
                 staged += 1;
             }
             Err(error) => {
@@ -1196,7 +1531,7 @@ where
             &mut actions,
         );
     }
-    execute(shard, &actions);
+    submit_actions(shard, &actions);
     *replication.batcher_actions.borrow_mut() = actions;
     true
 }
@@ -1246,7 +1581,7 @@ where
 /// Applies every committed op held here and answers (leader) or drops (follower) what it
 /// produces. Stops after a checkpoint op, whose snapshot it captured: the caller writes
 /// the checkpoint before applying more.
-fn apply_committed<S>(shard: &Shard<S>) -> bool
+async fn apply_committed<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
 where
     S: StateMachine,
     S::Record: Send,
@@ -1258,15 +1593,26 @@ where
     loop {
         let (limit, leader) = {
             let replica = replication.replica.borrow();
-            (replica.apply_limit(), replica.is_leader())
+            (
+                replica.apply_limit(),
+                replica.is_leader() && replica.status() == Status::Normal,
+            )
         };
-        let mut core = shard.core.borrow_mut();
-        if core.op_last() >= limit || core.sealed_count() == 0 {
+        let next = shard.core.borrow().op_last() + 1;
+        if next > limit {
             break;
         }
-        let op = core
-            .apply_next(|origin, result| crate::runtime::complete(shard, origin, result))
-            .expect("sealed_count > 0");
+        if shard.core.borrow().queued_front_op() != Some(next) {
+            // Journaled before a restart that replayed only committed ops: not queued here.
+            apply_from_journal(shard, journal, next).await;
+        }
+        let mut core = shard.core.borrow_mut();
+        let op = if core.op_last() == next {
+            next
+        } else {
+            core.apply_next(|origin, result| crate::runtime::complete(shard, origin, result))
+                .expect("the next op is queued")
+        };
         let mut replica = replication.replica.borrow_mut();
         replica.on_applied(op);
         if leader && let Some(staged_us) = replica.staged_us(op) {
@@ -1301,6 +1647,25 @@ where
         publish(shard);
     }
     applied
+}
+
+/// Applies op `op` from its journal entry (it is not queued in the core).
+async fn apply_from_journal<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal, op: u64) {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let mut entry = replication.repair_entry.take();
+    if let Err(error) = journal.read_entry(op, &mut entry).await {
+        panic!(
+            "shard {}: committed op {op} unreadable, stopping: {error}",
+            shard.index
+        );
+    }
+    let header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
+    shard
+        .core
+        .borrow_mut()
+        .apply_from_journal(op, header.operation, &entry[ENTRY_HEADER_BYTES..]);
+    *replication.repair_entry.borrow_mut() = entry;
+    ShardMetrics::add(&shard.metrics.replication_applied_from_journal_total, 1);
 }
 
 /// Writes what is staged: one write and one `fdatasync` (per policy). A journal that

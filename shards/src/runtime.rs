@@ -483,6 +483,9 @@ pub(crate) struct ConnectionSlot<R> {
     generation: u16,
     active: bool,
     remaining: u32,
+    /// The request's records were dropped before they could commit here (this replica
+    /// stopped leading): the client gets an error reply and tries the new leader.
+    aborted: bool,
     /// One result per record of the request being served, by record index.
     results: Box<[R]>,
 }
@@ -660,7 +663,16 @@ async fn open_journal<S: StateMachine>(
     let core = RefCell::new(core);
     let (journal, recovered) = Journal::open_checkpointed(
         journal_config,
-        JournalOptions::default(),
+        JournalOptions {
+            // With view change, an op above the recorded commit number may belong to an
+            // abandoned view and be truncated: replay stops there, the rest applies once
+            // committed (from the journal).
+            replay_committed_only: config
+                .replication
+                .as_ref()
+                .is_some_and(|replication| replication.view_change),
+            ..JournalOptions::default()
+        },
         |meta, bytes| {
             let mut core = core.borrow_mut();
             core.restore(meta.op, bytes)?;
@@ -690,6 +702,30 @@ async fn open_journal<S: StateMachine>(
         "journal recovered"
     );
     Ok(Some(journal))
+}
+
+/// Adds the checksums of journal entries recovery did not replay (above the recorded
+/// commit number) to `recent`, so the replica core knows its whole log's last ops.
+async fn recent_unreplayed(
+    journal: &mut Journal,
+    recent: &mut VecDeque<(u64, u128)>,
+) -> Result<(), JournalError> {
+    let head = journal.op_durable();
+    let first = journal
+        .op_replayed()
+        .max(head.saturating_sub(recent.capacity() as u64))
+        + 1;
+    let mut entry = Vec::new();
+    for op in first..=head {
+        journal.read_entry(op, &mut entry).await?;
+        let header: percore_engine::journal::EntryHeader =
+            bytemuck::pod_read_unaligned(&entry[..percore_engine::journal::ENTRY_HEADER_BYTES]);
+        if recent.len() == recent.capacity() {
+            recent.pop_front();
+        }
+        recent.push_back((op, header.checksum_header));
+    }
+    Ok(())
 }
 
 /// Reports a start-up failure to `Node::start` (which returns it to the caller) and ends
@@ -726,6 +762,11 @@ fn start_replication(
             op: journal.op_durable(),
             checksum: journal.checksum_staged(),
             recent,
+            views: {
+                let (view, log_view, _) = journal.views();
+                percore_engine::replica::Persisted { view, log_view }
+            },
+            op_replayed: journal.op_replayed(),
         },
         config.seed ^ shard as u64,
         entry_bytes_max,
@@ -773,13 +814,19 @@ where
         Err(source) => return start_failed(&ready, shard, NodeError::Core { shard, source }),
     };
     let mut recent = VecDeque::with_capacity(RECENT_CHECKSUMS);
-    let journal = match open_journal(shard, &config, &mut core, &mut recent).await {
+    let mut journal = match open_journal(shard, &config, &mut core, &mut recent).await {
         Ok(journal) => journal,
         Err(error) => {
             let message = error.to_string();
             return start_failed(&ready, shard, NodeError::Journal { shard, message });
         }
     };
+    if let Some(journal) = journal.as_mut()
+        && let Err(error) = recent_unreplayed(journal, &mut recent).await
+    {
+        let message = error.to_string();
+        return start_failed(&ready, shard, NodeError::Journal { shard, message });
+    }
     let recent: Vec<(u64, u128)> = recent.into_iter().collect();
     let (replication, peer_listener) =
         match start_replication(shard, &config, journal.as_ref(), &recent) {
@@ -823,6 +870,7 @@ where
             generation: 0,
             active: false,
             remaining: 0,
+            aborted: false,
             results: bytemuck::allocation::zeroed_slice_box(records_max),
         })
         .collect();
@@ -1150,6 +1198,12 @@ where
         while shard.connections.borrow()[slot].remaining > 0 {
             shard.connection_done[slot].wait().await;
         }
+        if std::mem::take(&mut shard.connections.borrow_mut()[slot].aborted) {
+            let mut buffer = [0u8; FRAME_HEADER_BYTES];
+            let bytes = frame::encode_error_reply(&mut buffer, &envelope, ERROR_NOT_LEADER);
+            stream.write_all(&buffer[..bytes]).await?;
+            continue;
+        }
         // Encode, then write: no borrow of the connection table crosses the write.
         let frame_bytes = {
             let connections = shard.connections.borrow();
@@ -1173,7 +1227,7 @@ fn replicated_refusal<S: StateMachine>(
     records: &[S::Record],
 ) -> Option<u32> {
     let replication = shard.replication.as_ref()?;
-    if !replication.is_leader() {
+    if !replication.is_ready_leader() {
         ShardMetrics::add(&shard.metrics.client_not_leader_total, 1);
         return Some(ERROR_NOT_LEADER);
     }
@@ -1313,6 +1367,32 @@ where
         }
         Origin::Internal => {}
     }
+}
+
+/// Ends a local connection's request without results: its records were dropped here (this
+/// replica stopped leading, or their op was truncated). The client is told `NOT_LEADER`.
+pub(crate) fn abort_local<S: StateMachine>(shard: &Shard<S>, origin: Origin) {
+    let Origin::Local {
+        connection,
+        generation,
+        ..
+    } = origin
+    else {
+        return;
+    };
+    let connection = connection as usize;
+    let mut connections = shard.connections.borrow_mut();
+    let slot = &mut connections[connection];
+    if !slot.active || slot.generation != generation || slot.remaining == 0 {
+        return;
+    }
+    slot.aborted = true;
+    slot.remaining = 0;
+    // Results of this request's other records that commit later must not land in the
+    // connection's next request.
+    slot.generation = slot.generation.wrapping_add(1);
+    drop(connections);
+    shard.connection_done[connection].notify();
 }
 
 /// Writes a result into a local connection's reply and wakes it when the request is done.

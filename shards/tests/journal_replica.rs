@@ -83,6 +83,7 @@ fn config(dir: &Path, shard: u32, fsync: FsyncPolicy) -> JournalConfig {
 fn options(position_index_entries_max: usize) -> JournalOptions {
     JournalOptions {
         position_index_entries_max,
+        ..JournalOptions::default()
     }
 }
 

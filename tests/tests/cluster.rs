@@ -84,6 +84,11 @@ impl Harness {
     /// Starts three replicas; `port_slots` replica slots of ports are reserved (one more
     /// than the replicas leaves room for an extra process).
     fn start(name: &str, port_slots: usize) -> Self {
+        Self::start_with(name, port_slots, &[])
+    }
+
+    /// As [`Harness::start`], with more node flags.
+    fn start_with(name: &str, port_slots: usize, extra: &[&str]) -> Self {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -98,7 +103,11 @@ impl Harness {
             data_root: root.clone(),
             port_base,
             fsync: "always",
-            extra_args: NODE_ARGS.iter().map(ToString::to_string).collect(),
+            extra_args: NODE_ARGS
+                .iter()
+                .chain(extra)
+                .map(ToString::to_string)
+                .collect(),
             metrics: true,
         };
         let cluster = LocalCluster::start(config).expect("cluster starts");
@@ -118,6 +127,61 @@ impl Harness {
             .ping_all(Instant::now() + Duration::from_secs(10))
             .expect("leaders answer pings");
         client
+    }
+
+    /// A client that knows every replica and follows each group's leader.
+    fn replicated_client(&self, client_id: u128) -> Client {
+        let replicas = (0..REPLICAS)
+            .map(|replica| {
+                (0..SHARDS)
+                    .map(|shard| self.cluster.client_address(replica, shard))
+                    .collect()
+            })
+            .collect();
+        Client::new(ClientConfig::replicated(replicas, client_id))
+    }
+
+    /// A per-shard metric of `replica`, or `None` if it cannot be scraped (it is down).
+    fn try_metric(&self, replica: usize, name: &str, shard: usize) -> Option<u64> {
+        let text = self.cluster.scrape(replica).ok()?;
+        Some(cluster::shard_metric(&text, name, shard))
+    }
+
+    /// The replica leading `shard`'s group now (normal and ready), among those that answer.
+    fn current_leader(&self, shard: usize, up: &[usize]) -> Option<usize> {
+        up.iter().copied().find(|replica| {
+            self.try_metric(*replica, "percore_replica_is_leader", shard) == Some(1)
+        })
+    }
+
+    /// Waits until all replicas hold and know committed the same ops per group, the same
+    /// on two scrapes in a row, whoever leads. Returns each group's commit number.
+    fn wait_all_equal(&self) -> Vec<u64> {
+        let mut previous = Vec::new();
+        wait_until("every replica has every committed op", || {
+            let heads: Vec<Option<(u64, u64)>> = (0..REPLICAS)
+                .flat_map(|replica| {
+                    (0..SHARDS).map(move |shard| {
+                        Some((
+                            self.try_metric(replica, "percore_replication_op_durable", shard)?,
+                            self.try_metric(replica, "percore_replication_commit_max", shard)?,
+                        ))
+                    })
+                })
+                .collect();
+            let equal = (0..SHARDS).all(|shard| {
+                let first = heads[shard];
+                first.is_some_and(|(durable, commit)| durable == commit)
+                    && (0..REPLICAS).all(|replica| heads[replica * SHARDS + shard] == first)
+            });
+            let stable = heads == previous;
+            previous = heads;
+            (equal && stable).then(|| {
+                (0..SHARDS)
+                    .map(|shard| previous[shard].expect("equal").1)
+                    .collect()
+            })
+        })
     }
 
     /// A per-shard metric of `replica`.
@@ -648,4 +712,114 @@ fn wrong_key_peer_is_rejected() {
     let committed = harness.wait_converged();
     harness.stop_all();
     assert_replicas_agree(&harness, &committed);
+}
+
+/// Kills the leader of group 0 under load: the other two replicas change views and the next
+/// replica leads; the client follows it; the old leader restarts and rejoins as a follower.
+/// Every acknowledged transfer is applied once, journals agree, money is conserved.
+#[test]
+fn leader_killed_fails_over() {
+    let mut harness = Harness::start_with("failover", REPLICAS, &["--view-change"]);
+    let mut setup = harness.replicated_client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let mut expected: HashMap<u128, i128> = HashMap::new();
+    for ids in &accounts {
+        expected.insert(ids[0], -((ACCOUNTS_PER_SHARD as u128 * FUNDING) as i128));
+        for id in &ids[1..] {
+            expected.insert(*id, FUNDING as i128);
+        }
+    }
+    // Load that accepts `Exists` (a retry of a transfer that committed before the crash).
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let mut client = harness.replicated_client(2);
+        let accounts = accounts.clone();
+        std::thread::spawn(move || {
+            let mut rng = Rng(0xFA11);
+            let mut next_id = 2u128 << 100;
+            let mut applied = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let transfers =
+                    random_transfers(&mut rng, &accounts, &mut next_id, TRANSFERS_PER_REQUEST);
+                let results = submit(&mut client, &transfers).expect("a leader answers");
+                for (t, r) in transfers.iter().zip(&results) {
+                    // Legs to a group whose leader is dead pile up until its successor
+                    // acknowledges them: a full in-flight window refuses new cross-shard
+                    // transfers (applied: nothing), which is back-pressure, not loss.
+                    if r.code == CreateTransferResult::CreditLegsInFlightFull as u32 {
+                        continue;
+                    }
+                    assert!(
+                        r.code == CreateTransferResult::Ok as u32
+                            || r.code == CreateTransferResult::Exists as u32,
+                        "transfer {t:?}: {r:?}"
+                    );
+                    applied.push(*t);
+                }
+            }
+            (applied, client.redirects(), client.leader_hints().to_vec())
+        })
+    };
+    let commit_of = |harness: &Harness, replica: usize, shard: usize| {
+        harness
+            .try_metric(replica, "percore_replication_commit_max", shard)
+            .unwrap_or(0)
+    };
+    wait_until("group 0 commits under load", || {
+        (commit_of(&harness, 0, 0) >= 10).then_some(())
+    });
+    assert_eq!(harness.current_leader(0, &[0]), Some(0));
+    let at_kill = commit_of(&harness, 1, 0).max(commit_of(&harness, 2, 0));
+    harness.cluster.kill(0);
+    let killed = Instant::now();
+    let new_leader = wait_until("a new leader of group 0 commits", || {
+        let leader = harness.current_leader(0, &[1, 2])?;
+        (commit_of(&harness, leader, 0) > at_kill).then_some(leader)
+    });
+    let failover = killed.elapsed();
+    assert_eq!(new_leader, 1, "view 1 of group 0 is led by replica 1");
+    let view = harness
+        .try_metric(1, "percore_replication_view", 0)
+        .unwrap();
+    let at_failover = commit_of(&harness, new_leader, 0);
+    wait_until("group 0 keeps committing without replica 0", || {
+        (commit_of(&harness, new_leader, 0) >= at_failover + 20).then_some(())
+    });
+    harness.cluster.restart(0).expect("replica 0 restarts");
+    wait_until("replica 0 rejoins the new view and catches up", || {
+        let caught_up = harness.try_metric(0, "percore_replication_view", 0)? >= view
+            && harness.try_metric(0, "percore_replication_op_durable", 0)?
+                >= commit_of(&harness, new_leader, 0).saturating_sub(5);
+        caught_up.then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (applied, redirects, hints) = load.join().expect("load thread");
+    assert!(redirects > 0, "the client followed the leader");
+    assert_eq!(hints[0], 1, "the client found group 0's new leader");
+    for t in &applied {
+        *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+        *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+    }
+    let committed = harness.wait_all_equal();
+    harness.stop_all();
+    let inspected: Vec<Inspected> = (0..REPLICAS)
+        .map(|replica| inspect(&harness.cluster.data_dir(replica)))
+        .collect();
+    for (replica, found) in inspected.iter().enumerate() {
+        assert_eq!(
+            found.heads, inspected[1].heads,
+            "replica {replica}: journal heads"
+        );
+        assert_eq!(found.state, inspected[1].state, "replica {replica}: state");
+        assert!(found.state.contains(&"conservation 0".to_string()));
+        assert!(found.state.contains(&"in_flight 0".to_string()));
+        assert_eq!(found.balances, expected, "replica {replica}: balances");
+    }
+    eprintln!(
+        "failover of group 0 to replica {new_leader} (view {view}) in {failover:?}; \
+         committed {committed:?}; {} transfers acknowledged, {redirects} client redirects",
+        applied.len()
+    );
 }
