@@ -63,7 +63,7 @@ pub const KEY_BYTES: usize = 32;
 /// Size of a handshake nonce (bytes).
 pub const NONCE_BYTES: usize = 32;
 /// Size of the [`Transcript`] encoding the handshake MACs and session key cover (bytes).
-pub const TRANSCRIPT_BYTES: usize = 16 + 4 + 1 + 1 + NONCE_BYTES + NONCE_BYTES;
+pub const TRANSCRIPT_BYTES: usize = 16 + 4 + 1 + 1 + NONCE_BYTES + NONCE_BYTES + 8;
 
 /// Label of the listener's handshake MAC (HelloReply).
 const LABEL_HELLO_LISTENER: &[u8] = b"percore hello listener v1";
@@ -76,7 +76,7 @@ const _: () = assert!(size_of::<PeerHeader>() == PEER_HEADER_BYTES);
 const _: () = assert!(align_of::<PeerHeader>() == 16);
 const _: () = assert!(size_of::<HandshakeFrame>() == HANDSHAKE_FRAME_BYTES);
 const _: () = assert!(FIELDS_OFFSET + 56 == PEER_HEADER_BYTES);
-const _: () = assert!(TRANSCRIPT_BYTES == 86);
+const _: () = assert!(TRANSCRIPT_BYTES == 94);
 // `body_bytes` is a u32 on the wire.
 const _: () = assert!(MESSAGE_BODY_BYTES_MAX_LIMIT <= u32::MAX as usize);
 // Distinct label lengths keep `label ‖ transcript` injective across derivations.
@@ -149,6 +149,14 @@ pub enum MessageError {
         expected: u8,
         /// Step found.
         got: u8,
+    },
+    /// The peer was configured with another peers list (order included).
+    #[error("peers list differs: ours has digest {expected:#x}, the peer's {got:#x}")]
+    PeersMismatch {
+        /// Our digest.
+        expected: u64,
+        /// The peer's.
+        got: u64,
     },
     /// A handshake from another cluster.
     #[error("foreign cluster {got:#x}")]
@@ -551,11 +559,14 @@ pub struct Transcript {
     pub nonce_dialer: [u8; NONCE_BYTES],
     /// The listener's fresh nonce.
     pub nonce_listener: [u8; NONCE_BYTES],
+    /// Digest of the cluster's peers list (addresses in replica order): two nodes
+    /// configured with different lists refuse each other at the handshake.
+    pub peers_digest: u64,
 }
 
 impl Transcript {
     /// The fixed-length encoding: `cluster_id ‖ group ‖ from ‖ to ‖ nonce_dialer ‖
-    /// nonce_listener`, integers little-endian.
+    /// nonce_listener ‖ peers_digest`, integers little-endian.
     pub fn encode(&self) -> [u8; TRANSCRIPT_BYTES] {
         let mut bytes = [0u8; TRANSCRIPT_BYTES];
         bytes[0..16].copy_from_slice(&self.cluster_id.to_le_bytes());
@@ -564,6 +575,7 @@ impl Transcript {
         bytes[21] = self.to;
         bytes[22..54].copy_from_slice(&self.nonce_dialer);
         bytes[54..86].copy_from_slice(&self.nonce_listener);
+        bytes[86..94].copy_from_slice(&self.peers_digest.to_le_bytes());
         bytes
     }
 }
@@ -789,8 +801,10 @@ pub struct HandshakeFrame {
     pub nonce_listener: [u8; NONCE_BYTES],
     /// The step's MAC (zero in a Hello).
     pub mac: u128,
+    /// The sender's peers-list digest ([`Transcript::peers_digest`]).
+    pub peers_digest: u64,
     /// Must be zero.
-    pub padding: [u8; 16],
+    pub padding: [u8; 8],
 }
 
 impl HandshakeFrame {
@@ -807,6 +821,7 @@ impl HandshakeFrame {
             nonce_dialer: transcript.nonce_dialer,
             nonce_listener: transcript.nonce_listener,
             mac,
+            peers_digest: transcript.peers_digest,
             ..HandshakeFrame::zeroed()
         }
     }
@@ -820,6 +835,7 @@ impl HandshakeFrame {
             to: self.to,
             nonce_dialer: self.nonce_dialer,
             nonce_listener: self.nonce_listener,
+            peers_digest: self.peers_digest,
         }
     }
 
@@ -849,7 +865,7 @@ impl HandshakeFrame {
                 got: frame.step,
             });
         }
-        if frame.reserved_a != 0 || frame.reserved_b != [0; 2] || frame.padding != [0; 16] {
+        if frame.reserved_a != 0 || frame.reserved_b != [0; 2] || frame.padding != [0; 8] {
             return Err(MessageError::ReservedNotZero);
         }
         Ok(frame)
@@ -864,11 +880,18 @@ pub fn check_hello(
     group: u32,
     replica: u8,
     replica_count: u8,
+    peers_digest: u64,
 ) -> Result<(), MessageError> {
     debug_assert!(replica < replica_count);
     if hello.cluster_id != cluster_id {
         return Err(MessageError::ForeignCluster {
             got: hello.cluster_id,
+        });
+    }
+    if hello.peers_digest != peers_digest {
+        return Err(MessageError::PeersMismatch {
+            expected: peers_digest,
+            got: hello.peers_digest,
         });
     }
     if hello.group != group {
@@ -948,6 +971,7 @@ mod tests {
             to: 2,
             nonce_dialer: [0xA5; NONCE_BYTES],
             nonce_listener: [0x5A; NONCE_BYTES],
+            peers_digest: 0xD16E57,
         }
     }
 
@@ -1167,26 +1191,37 @@ mod tests {
         let hello = HandshakeFrame::new(HandshakeStep::Hello, &sent, 0);
         let decoded = HandshakeFrame::decode(&hello.encode(), HandshakeStep::Hello).unwrap();
         assert_eq!(decoded, hello);
-        assert_eq!(check_hello(&decoded, t.cluster_id, GROUP, 2, 3), Ok(()));
         assert_eq!(
-            check_hello(&decoded, t.cluster_id ^ 1, GROUP, 2, 3),
+            check_hello(&decoded, t.cluster_id, GROUP, 2, 3, t.peers_digest),
+            Ok(())
+        );
+        assert_eq!(
+            check_hello(&decoded, t.cluster_id ^ 1, GROUP, 2, 3, t.peers_digest),
             Err(MessageError::ForeignCluster { got: t.cluster_id })
         );
         assert!(matches!(
-            check_hello(&decoded, t.cluster_id, GROUP + 1, 2, 3),
+            check_hello(&decoded, t.cluster_id, GROUP + 1, 2, 3, t.peers_digest),
             Err(MessageError::WrongGroup { .. })
         ));
+        // A node configured with another peers list.
+        assert_eq!(
+            check_hello(&decoded, t.cluster_id, GROUP, 2, 3, t.peers_digest ^ 1),
+            Err(MessageError::PeersMismatch {
+                expected: t.peers_digest ^ 1,
+                got: t.peers_digest
+            })
+        );
         // The dialer claims to be us, or a replica outside the cluster.
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 1, 3),
+            check_hello(&decoded, t.cluster_id, GROUP, 1, 3, t.peers_digest),
             Err(MessageError::UnknownPeer { from: 1 })
         );
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 0, 1),
+            check_hello(&decoded, t.cluster_id, GROUP, 0, 1, t.peers_digest),
             Err(MessageError::UnknownPeer { from: 1 })
         );
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 0, 3),
+            check_hello(&decoded, t.cluster_id, GROUP, 0, 3, t.peers_digest),
             Err(MessageError::WrongTarget { to: 2 })
         );
         assert_eq!(

@@ -80,6 +80,9 @@ pub struct PeerIdentity {
     pub replica: u8,
     /// Replicas in the cluster; peers are `0..replica_count` other than `replica`.
     pub replica_count: u8,
+    /// Digest of the cluster's peers list (addresses in replica order): nodes configured
+    /// with different lists refuse each other at the handshake.
+    pub peers_digest: u64,
 }
 
 /// A fresh handshake nonce from the OS CSPRNG (`/dev/urandom`).
@@ -143,6 +146,7 @@ pub async fn dial(
         to,
         nonce_dialer: nonce,
         nonce_listener: [0; NONCE_BYTES],
+        peers_digest: me.peers_digest,
     };
     let (stream, transcript) = with_deadline(handshake_timeout, async {
         let mut stream = TcpStream::connect(address)
@@ -202,6 +206,7 @@ pub async fn accept_handshake(
             me.group,
             me.replica,
             me.replica_count,
+            me.peers_digest,
         )
         .map_err(|reason| PeerError::Refused { reason })?;
         let transcript = Transcript {

@@ -70,12 +70,16 @@ fn cluster_key() -> ClusterKey {
     ClusterKey::new([0x42; 32])
 }
 
+/// Digest of the (imaginary) peers list every test node shares.
+const PEERS_DIGEST: u64 = 0xD16E57;
+
 fn identity(replica: u8) -> PeerIdentity {
     PeerIdentity {
         cluster_id: CLUSTER_ID,
         group: GROUP,
         replica,
         replica_count: REPLICA_COUNT,
+        peers_digest: PEERS_DIGEST,
     }
 }
 
@@ -149,6 +153,7 @@ impl RogueDialer {
             to: LISTENER,
             nonce_dialer: nonce(0xAA),
             nonce_listener: [0; NONCE_BYTES],
+            peers_digest: PEERS_DIGEST,
         };
         let hello = HandshakeFrame::new(HandshakeStep::Hello, &sent, 0);
         stream.write_all(&hello.encode()).await.expect("hello");
@@ -373,6 +378,27 @@ fn a_foreign_cluster_id_is_refused_without_an_answer() {
 }
 
 #[test]
+fn a_different_peers_list_is_refused_without_an_answer() {
+    run(|| async {
+        let misconfigured = PeerIdentity {
+            peers_digest: PEERS_DIGEST ^ 0xFF,
+            ..identity(DIALER)
+        };
+        let (dialer, listener) = dial_refused(misconfigured, LISTENER).await;
+        assert!(matches!(dialer, PeerError::Closed), "{dialer:?}");
+        assert!(
+            matches!(
+                listener,
+                PeerError::Refused {
+                    reason: MessageError::PeersMismatch { .. }
+                }
+            ),
+            "{listener:?}"
+        );
+    });
+}
+
+#[test]
 fn unknown_peers_and_wrong_targets_are_refused() {
     run(|| async {
         // A replica outside the listener's cluster size.
@@ -435,6 +461,7 @@ fn a_hello_claiming_to_be_the_listener_is_refused() {
             to: LISTENER,
             nonce_dialer: nonce(0xAA),
             nonce_listener: [0; NONCE_BYTES],
+            peers_digest: PEERS_DIGEST,
         };
         let hello = HandshakeFrame::new(HandshakeStep::Hello, &impostor, 0);
         stream.write_all(&hello.encode()).await.expect("hello");

@@ -268,6 +268,7 @@ impl Replication {
             group: shard as u32,
             replica: settings.replica,
             replica_count: settings.replica_count(),
+            peers_digest: crate::config::PeersDigest::of(&settings.peers).0,
         };
         Ok(Self {
             replica: RefCell::new(replica),
