@@ -12,6 +12,7 @@ pub mod item;
 pub mod machine;
 pub mod pools;
 pub mod rings;
+pub mod threads;
 
 pub use harness::{Bench, Metric, RowResult, Sample};
 pub use item::Item;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use percore_bench::harness::{self, Bench, RowResult};
 use percore_bench::machine::{Machine, Pins, Role};
-use percore_bench::{pools, rings};
+use percore_bench::{pools, rings, threads};
 
 /// `--quick` divides item counts by this.
 const QUICK_ITEMS_DIVISOR: u64 = 8;
@@ -33,6 +33,28 @@ enum Suite {
     Rings(Options),
     /// Pools: borrow+release cycles.
     Pools(Options),
+    /// 1 to 1,024 application threads enqueueing into one consumer: ours beside crossbeam
+    /// and std, throughput and enqueue latency.
+    Threads(ThreadsOptions),
+}
+
+#[derive(Debug, Args)]
+struct ThreadsOptions {
+    /// Print one JSON object per row instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Timed rounds per side; the median is reported.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Items per timed round, all producers together.
+    #[arg(long)]
+    items: Option<u64>,
+    /// Fewer items and rounds: a smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Largest producer count (counts double from 1 up to it).
+    #[arg(long, default_value_t = threads::THREADS_MAX_DEFAULT)]
+    max_threads: usize,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +111,7 @@ fn main() {
 fn run(cli: &Cli) {
     let machine = Machine::detect();
     let (suite_name, options, benches) = match &cli.suite {
+        Suite::Threads(options) => return run_threads(options, &machine),
         Suite::Rings(options) => (
             "rings",
             options,
@@ -153,4 +176,53 @@ fn print_row(out: &mut impl Write, row: &RowResult, json: bool) {
     // Rows stream as they finish; a closed pipe just ends the output.
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+fn run_threads(options: &ThreadsOptions, machine: &Machine) {
+    let rounds = options
+        .rounds
+        .unwrap_or(if options.quick { QUICK_ROUNDS } else { 5 })
+        .max(1);
+    let items = options
+        .items
+        .unwrap_or(if options.quick {
+            threads::ITEMS_DEFAULT / QUICK_ITEMS_DIVISOR
+        } else {
+            threads::ITEMS_DEFAULT
+        })
+        .max(1);
+    let mut stdout = std::io::stdout().lock();
+    if !options.json {
+        let _ = writeln!(
+            stdout,
+            "percore-bench threads: {} ({} cores); producers unpinned, one consumer; \
+             queue capacity {}; rounds: {rounds} per side, interleaved ours/crossbeam/std; \
+             median reported; enqueue p50/p99 over every {}th enqueue",
+            machine.cpu,
+            machine.cores,
+            threads::QUEUE_CAPACITY,
+            threads::LATENCY_SAMPLE_EVERY
+        );
+        let _ = writeln!(stdout, "{}", threads::TABLE_HEADER);
+    }
+    harness::spin_warmup();
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for producers in threads::producer_counts(options.max_threads) {
+        let row = threads::run_row(producers, items, rounds, machine);
+        let line = if options.json {
+            serde_json::to_string(&row).expect("a row always serialises")
+        } else {
+            threads::table_line(&row)
+        };
+        let _ = writeln!(stdout, "{line}");
+        let _ = stdout.flush();
+        rows.push(row);
+    }
+    if !options.json {
+        for goal in threads::goals(&rows) {
+            let _ = writeln!(stdout, "goal: {goal}");
+        }
+        let _ = writeln!(stdout, "done in {:.1} s", started.elapsed().as_secs_f64());
+    }
 }

@@ -49,6 +49,9 @@ pub const LEADER_TIMEOUT_US_MAX_DEFAULT: u64 = 300_000;
 pub const VIEW_CHANGE_TIMEOUT_US_MIN_DEFAULT: u64 = 150_000;
 /// See [`VIEW_CHANGE_TIMEOUT_US_MIN_DEFAULT`].
 pub const VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT: u64 = 300_000;
+/// A starting replica waits this many maximal leader timeouts (plus one) before suspecting
+/// a leader it has not heard from yet: peers start and connect at different moments.
+pub const LEADER_TIMEOUT_STARTUP_FACTOR: u64 = 4;
 /// Default interval at which view-change messages are sent again (µs).
 pub const VIEW_CHANGE_RESEND_INTERVAL_US_DEFAULT: u64 = 30_000;
 
@@ -554,6 +557,8 @@ pub struct Replica {
     now_us: u64,
     /// RequestStartView is not sent again before this (µs).
     request_start_view_us: u64,
+    /// StartViewChange for a view above the current one: the view and who sent it.
+    svc_future: (u64, u8),
 }
 
 /// A pre-vote in progress.
@@ -688,6 +693,7 @@ impl Replica {
             expected: vec![0; headers_max].into_boxed_slice(),
             now_us,
             request_start_view_us: 0,
+            svc_future: (0, 0),
         };
         for &(op, checksum) in recent {
             let index = replica.slot_index(op);
@@ -701,7 +707,12 @@ impl Replica {
         if config.view_change {
             // Replay stopped at a persisted commit number: what it applied is committed.
             replica.commit_max = commit_min;
-            replica.leader_deadline_us = now_us + replica.leader_timeout_us();
+            // Peers start at different moments and connect with back-off: a leader that is
+            // merely not connected yet must not be voted out. The grace ends early when the
+            // connection to the leader comes up (`on_connection`).
+            replica.leader_deadline_us = now_us
+                + LEADER_TIMEOUT_STARTUP_FACTOR * config.leader_timeout_us_max
+                + replica.leader_timeout_us();
             if persisted.log_view < persisted.view {
                 // It stopped in a view change: rejoin through pre-vote.
                 replica.status = Status::ViewChange;
@@ -1192,6 +1203,15 @@ impl Replica {
 
     /// The runtime's connection to `peer` came up or went down.
     pub fn on_connection(&mut self, peer: u8, connected: bool) {
+        if connected
+            && !self.peers[usize::from(peer)].connected
+            && peer == self.leader()
+            && self.config.view_change
+        {
+            // A fresh connection to the leader: give it a full timeout from now.
+            let now_us = self.now_us;
+            self.leader_heard(now_us);
+        }
         let state = &mut self.peers[usize::from(peer)];
         state.connected = connected;
         if !connected
@@ -1636,8 +1656,21 @@ impl Replica {
         }
         self.view_seen_max = self.view_seen_max.max(view);
         if view > self.view {
-            // A peer only starts a view after a quorum granted its pre-vote.
-            self.view_change_enter(now_us, view, actions);
+            // Join if this replica would grant a pre-vote for it, or once f + 1 replicas
+            // left for it (then a majority can commit nothing more in the old view). A
+            // single replica thawed after a pause must not pull a healthy leader out of
+            // its view (7.2).
+            if self.svc_future.0 != view {
+                self.svc_future = (view, 0);
+            }
+            self.svc_future.1 |= 1 << from;
+            let f = usize::from(self.config.replica_count) - self.config.quorum();
+            if self.pre_vote_grantable(now_us, view) || self.svc_future.1.count_ones() as usize > f
+            {
+                let joined = self.svc_future.1;
+                self.view_change_enter(now_us, view, actions);
+                self.svc_from |= joined;
+            }
         }
         if view == self.view && self.status == Status::ViewChange {
             self.svc_from |= 1 << from;
@@ -1875,7 +1908,9 @@ impl Replica {
             self.repair_schedule(now_us, actions);
             return;
         }
-        debug_assert_eq!(self.op_durable, install.op_head);
+        // A follower may already hold the new leader's next Prepares beyond the head it
+        // installed (they come from the leader of this view, so they are its log).
+        debug_assert!(self.op_durable >= install.op_head);
         self.install = None;
         self.log_view = self.view;
         self.commit_max = self.commit_max.max(install.commit_max);

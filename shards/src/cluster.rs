@@ -247,15 +247,22 @@ pub fn file_tail(path: &Path, lines: usize) -> String {
 
 /// Sends `SIGTERM` to `pid` (through kill(1): this crate links no libc bindings).
 fn send_sigterm(pid: u32) -> std::io::Result<()> {
+    send_signal(pid, "TERM")
+}
+
+/// Sends the signal named `signal` (`TERM`, `STOP`, `CONT`) to `pid` through kill(1).
+fn send_signal(pid: u32, signal: &str) -> std::io::Result<()> {
     let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([&format!("-{signal}"), &pid.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()?;
     if status.success() {
         Ok(())
     } else {
-        Err(std::io::Error::other(format!("kill -TERM {pid}: {status}")))
+        Err(std::io::Error::other(format!(
+            "kill -{signal} {pid}: {status}"
+        )))
     }
 }
 
@@ -529,6 +536,28 @@ impl LocalCluster {
         for replica in 0..self.children.len() {
             self.kill(replica);
         }
+    }
+
+    /// Freezes `replica` with SIGSTOP: its sockets stay open and its peers' connections up,
+    /// but it runs nothing (a long GC pause, a stalled VM) until [`LocalCluster::resume`].
+    /// A paused replica still dies on [`LocalCluster::kill`] and when the cluster drops.
+    pub fn pause(&mut self, replica: usize) -> Result<(), ClusterError> {
+        self.signal(replica, "STOP")
+    }
+
+    /// Lets a [`LocalCluster::pause`]d `replica` run again (SIGCONT).
+    pub fn resume(&mut self, replica: usize) -> Result<(), ClusterError> {
+        self.signal(replica, "CONT")
+    }
+
+    /// Sends `signal` to `replica`, which must be running.
+    fn signal(&mut self, replica: usize, signal: &str) -> Result<(), ClusterError> {
+        self.check_alive(replica)?;
+        let pid = self.children[replica].as_ref().expect("alive").id();
+        send_signal(pid, signal).map_err(|source| ClusterError::Io {
+            path: PathBuf::from("kill"),
+            source,
+        })
     }
 
     /// Starts `replica` again with the same arguments and data directory, and waits until

@@ -50,6 +50,14 @@ pub enum Origin {
     },
     /// Internal traffic between state machines (e.g. credit legs): no one waits for it.
     Internal,
+    /// A record from an application thread ([`crate::ingest`]): the result goes to its
+    /// completion slot.
+    Ingress {
+        /// Completion slot index.
+        slot: u32,
+        /// Generation of the slot (checked when completing).
+        generation: u32,
+    },
 }
 
 impl Origin {
@@ -295,6 +303,16 @@ impl<S: StateMachine> ShardCore<S> {
         self.transactions.available() > 0 && self.ring_producer.free_slots() > 0
     }
 
+    /// How many client records (`Local` or `Ingress`) can be submitted now: free pool slots
+    /// beyond the mesh reserve, and free ring slots.
+    pub fn client_room(&mut self) -> usize {
+        let pool = self
+            .transactions
+            .available()
+            .saturating_sub(self.mesh_reserve);
+        pool.min(self.ring_producer.free_slots())
+    }
+
     /// Ends the core, handing back the state machine.
     pub fn into_state_machine(self) -> S {
         self.state_machine
@@ -302,7 +320,7 @@ impl<S: StateMachine> ShardCore<S> {
 
     /// Accepts one record for a batch of `operation`.
     ///
-    /// Records from this shard's own clients (`Origin::Local`) may not take the last
+    /// Records from this shard's own clients (`Local`, `Ingress`) may not take the last
     /// quarter of the transaction pool: that reserve is for work arriving over the mesh
     /// (forwarded records, credit legs and their acknowledgements), which completes work
     /// already accepted. Without it, a busy shard's clients starve the acknowledgements that
@@ -315,7 +333,7 @@ impl<S: StateMachine> ShardCore<S> {
         origin: Origin,
     ) -> Result<(), Backpressure> {
         let operation: u16 = operation.into();
-        if matches!(origin, Origin::Local { .. })
+        if matches!(origin, Origin::Local { .. } | Origin::Ingress { .. })
             && self.transactions.available() <= self.mesh_reserve
         {
             return Err(Backpressure::PoolExhausted {

@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod config;
 pub mod core;
+pub mod ingest;
 pub mod inspect;
 pub mod journal;
 pub mod loadgen;

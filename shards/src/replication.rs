@@ -763,6 +763,9 @@ where
                     .borrow_mut()
                     .truncate_queued(op, |origin| crate::runtime::abort_local(shard, origin));
                 replication.replica.borrow_mut().on_truncated(op, checksum);
+                let mut actions = Vec::with_capacity(ACTIONS_MAX);
+                report_durable(shard, journal, &mut actions);
+                submit_actions(shard, &actions);
                 tracing::warn!(
                     shard = shard.index,
                     op,
@@ -1393,7 +1396,6 @@ where
             header.set_field_u64(field::PREPARE_COMMIT, commit);
             header.checksum_body = checksum;
             if replication.outboxes[usize::from(peer)].push(header, entry) {
-                replica.note_sent(peer, now_us);
                 ShardMetrics::add(&shard.metrics.replication_prepares_sent_total, 1);
             } else {
                 ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
@@ -1409,10 +1411,18 @@ where
     journal_commit(shard, journal).await;
     let mut actions = replication.actions.borrow_mut();
     actions.clear();
-    replication
-        .replica
-        .borrow_mut()
-        .on_durable(shard.now_us(), journal.op_durable(), &mut actions);
+    report_durable(shard, journal, &mut actions);
+    // Held Prepares go out now: they count as heartbeats from now, not from when they were
+    // staged (a slow fsync must not look like a silent leader).
+    let now_us = shard.now_us();
+    let mut replica = replication.replica.borrow_mut();
+    for peer in replica.others() {
+        let outbox = &replication.outboxes[usize::from(peer)];
+        if outbox.holding.get() && outbox.bytes.borrow().len() > outbox.released.get() {
+            replica.note_sent(peer, now_us);
+        }
+    }
+    drop(replica);
     for outbox in replication.outboxes.iter() {
         outbox.release();
     }
@@ -1480,14 +1490,18 @@ where
             > journal.write_buffer_bytes()
         {
             journal_commit(shard, journal).await;
-            replication.replica.borrow_mut().on_durable(
-                shard.now_us(),
-                journal.op_durable(),
-                &mut actions,
-            );
+            report_durable(shard, journal, &mut actions);
         }
         let entry_header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
         let body = &entry[ENTRY_HEADER_BYTES..];
+        // The core may have moved on during an await above (a StartView truncated its log;
+        // the journal follows when the deferred Truncate runs): append only the next op of
+        // both.
+        let head = replication.replica.borrow().op_head();
+        if entry_header.op != head + 1 || journal.op_staged() != head {
+            ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
+            continue;
+        }
         let expected = replication
             .replica
             .borrow()
@@ -1526,15 +1540,23 @@ where
     *replication.inbound_spare.borrow_mut() = inbound;
     if staged > 0 {
         journal_commit(shard, journal).await;
-        replication.replica.borrow_mut().on_durable(
-            shard.now_us(),
-            journal.op_durable(),
-            &mut actions,
-        );
+        report_durable(shard, journal, &mut actions);
     }
     submit_actions(shard, &actions);
     *replication.batcher_actions.borrow_mut() = actions;
     true
+}
+
+/// Tells the core what the journal made durable. The core may have moved on while the write
+/// was in flight (a StartView lowered its head; the journal is cut when the deferred
+/// Truncate runs): only ops it still holds are reported, which are the same entries.
+fn report_durable<S: StateMachine>(shard: &Shard<S>, journal: &Journal, actions: &mut Vec<Action>) {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let mut replica = replication.replica.borrow_mut();
+    let durable = journal.op_durable().min(replica.op_head());
+    if durable >= replica.op_durable() {
+        replica.on_durable(shard.now_us(), durable, actions);
+    }
 }
 
 /// Serves queued repair requests from the journal, oldest op first.
@@ -1603,9 +1625,12 @@ where
         if next > limit {
             break;
         }
-        if shard.core.borrow().queued_front_op() != Some(next) {
-            // Journaled before a restart that replayed only committed ops: not queued here.
-            apply_from_journal(shard, journal, next).await;
+        if shard.core.borrow().queued_front_op() != Some(next)
+            && !apply_from_journal(shard, journal, next).await
+        {
+            // The view changed while the entry was read: applied later, if still committed
+            // here.
+            break;
         }
         let mut core = shard.core.borrow_mut();
         let op = if core.op_last() == next {
@@ -1651,7 +1676,13 @@ where
 }
 
 /// Applies op `op` from its journal entry (it is not queued in the core).
-async fn apply_from_journal<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal, op: u64) {
+/// Returns `false`, applying nothing, if the op may no longer be applied once the entry is
+/// read (the replica's state can change while the read is in flight).
+async fn apply_from_journal<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &mut Journal,
+    op: u64,
+) -> bool {
     let replication = shard.replication.as_ref().expect("replicated shard");
     let mut entry = replication.repair_entry.take();
     if let Err(error) = journal.read_entry(op, &mut entry).await {
@@ -1660,13 +1691,20 @@ async fn apply_from_journal<S: StateMachine>(shard: &Shard<S>, journal: &mut Jou
             shard.index
         );
     }
-    let header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
-    shard
-        .core
-        .borrow_mut()
-        .apply_from_journal(op, header.operation, &entry[ENTRY_HEADER_BYTES..]);
+    let applicable = op <= replication.replica.borrow().apply_limit()
+        && shard.core.borrow().op_last() + 1 == op
+        && shard.core.borrow().queued_front_op() != Some(op);
+    if applicable {
+        let header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
+        shard.core.borrow_mut().apply_from_journal(
+            op,
+            header.operation,
+            &entry[ENTRY_HEADER_BYTES..],
+        );
+        ShardMetrics::add(&shard.metrics.replication_applied_from_journal_total, 1);
+    }
     *replication.repair_entry.borrow_mut() = entry;
-    ShardMetrics::add(&shard.metrics.replication_applied_from_journal_total, 1);
+    applicable
 }
 
 /// Writes what is staged: one write and one `fdatasync` (per policy). A journal that

@@ -93,6 +93,8 @@ pub struct NodeConfig {
     pub replication: Option<crate::replication::ReplicationSettings>,
     /// Seed of the replication core's routing RNG.
     pub seed: u64,
+    /// Application-thread ingest ([`Node::submitter`]): ring and completion slot sizes.
+    pub ingest: crate::ingest::IngestConfig,
 }
 
 /// Where and how each shard journals its batches.
@@ -129,6 +131,7 @@ impl Default for NodeConfig {
             journal: None,
             replication: None,
             seed: 1,
+            ingest: crate::ingest::IngestConfig::default(),
         }
     }
 }
@@ -204,6 +207,9 @@ pub enum NodeError {
     /// The replication settings cannot work.
     #[error("replication: {0}")]
     Replication(String),
+    /// The ingest sizes are unusable.
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestConfigError),
 }
 
 /// The client protocol as a state machine `S` defines it: ping, plus the operations
@@ -248,6 +254,7 @@ pub struct Node<S: StateMachine + Send + 'static> {
     client_addresses: Vec<SocketAddr>,
     metrics: Vec<Arc<ShardMetrics>>,
     stop: Arc<AtomicBool>,
+    ingest: Arc<crate::ingest::Ingress<S>>,
 }
 
 /// A seed the OS randomised for this process (for table hashes that clients must not be
@@ -337,6 +344,11 @@ where
         let budget = crate::memlock::ensure(shards, config.io_memory_bytes)?;
         tracing::info!(?budget, shards, "memlock budget");
         let stop = Arc::new(AtomicBool::new(false));
+        let ingest = Arc::new(crate::ingest::Ingress::new(
+            config.ingest,
+            shards,
+            stop.clone(),
+        )?);
         let metrics: Vec<_> = (0..shards)
             .map(|i| Arc::new(ShardMetrics::new(i as u32)))
             .collect();
@@ -357,6 +369,7 @@ where
                 stop: stop.clone(),
                 quiet: quiet.clone(),
                 all_metrics: all_metrics.clone(),
+                ingest: ingest.clone(),
             };
             let make = make_state_machine.clone();
             let ready = ready_tx.clone();
@@ -397,7 +410,14 @@ where
             client_addresses,
             metrics,
             stop,
+            ingest,
         })
+    }
+
+    /// A handle for application threads to submit records into the shards and wait for
+    /// their results (see [`crate::ingest`]). Clone it freely, one per thread.
+    pub fn submitter(&self) -> crate::ingest::Submitter<S> {
+        crate::ingest::Submitter::new(self.ingest.clone())
     }
 
     /// Client address of each shard, in shard order.
@@ -437,7 +457,7 @@ where
 }
 
 /// What one shard's executor is handed.
-struct ShardContext {
+struct ShardContext<S: StateMachine> {
     shard: usize,
     shards: usize,
     config: NodeConfig,
@@ -445,6 +465,7 @@ struct ShardContext {
     stop: Arc<AtomicBool>,
     quiet: Arc<[AtomicBool]>,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
+    ingest: Arc<crate::ingest::Ingress<S>>,
 }
 
 /// A single-threaded notification: `notify` wakes the one waiter, or the next `wait`
@@ -515,6 +536,8 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) replication: Option<crate::replication::Replication>,
     /// The checkpoint snapshot buffer and the checkpoint waiting to be written.
     pub(crate) checkpointer: RefCell<Checkpointer>,
+    /// Application-thread ingest shared by the node (this shard drains its own ring).
+    pub(crate) ingest: Arc<crate::ingest::Ingress<S>>,
 }
 
 /// Takes checkpoints: a snapshot is captured right after its op is applied (synchronously,
@@ -782,7 +805,7 @@ fn start_replication(
 }
 
 async fn run_shard<S>(
-    context: ShardContext,
+    context: ShardContext<S>,
     state_machine: S,
     links: MeshLinks<S>,
     ready: std::sync::mpsc::Sender<(usize, Result<SocketAddr, NodeError>)>,
@@ -800,6 +823,7 @@ where
         stop,
         quiet,
         all_metrics,
+        ingest,
     } = context;
     let core_config = CoreConfig {
         shard: shard as u32,
@@ -903,6 +927,7 @@ where
         finished: Cell::new(false),
         replication,
         checkpointer: RefCell::new(Checkpointer::new(checkpoint_interval_ops)),
+        ingest,
     });
     if !unconfirmed.is_empty() {
         tracing::info!(
@@ -930,7 +955,9 @@ where
         None => Vec::new(),
     };
     let batcher = glommio::spawn_local(batcher_loop(shard_state.clone(), journal));
+    let ingest_task = glommio::spawn_local(crate::ingest::drain_loop(shard_state.clone()));
     accept_loop(shard_state.clone(), listener).await;
+    ingest_task.await;
     if let Some(mut journal) = batcher.await
         && let Err(err) = journal.write_superblock().await
     {
@@ -1365,6 +1392,7 @@ where
                 .borrow_mut()
                 .send_or_queue(origin_shard as usize, message);
         }
+        Origin::Ingress { slot, generation } => shard.ingest.complete(slot, generation, result),
         Origin::Internal => {}
     }
 }
@@ -1372,6 +1400,10 @@ where
 /// Ends a local connection's request without results: its records were dropped here (this
 /// replica stopped leading, or their op was truncated). The client is told `NOT_LEADER`.
 pub(crate) fn abort_local<S: StateMachine>(shard: &Shard<S>, origin: Origin) {
+    if let Origin::Ingress { slot, generation } = origin {
+        shard.ingest.abort(slot, generation);
+        return;
+    }
     let Origin::Local {
         connection,
         generation,
@@ -1442,7 +1474,9 @@ where
             // followers may be gone. Uncommitted ops stay in its journal.
             let idle =
                 idle || (shard.replication.is_some() && crate::replication::drain_expired(&shard));
-            let drained = idle && shard.connections.borrow().iter().all(|c| !c.active);
+            let drained = idle
+                && shard.ingest.is_retired(shard.index)
+                && shard.connections.borrow().iter().all(|c| !c.active);
             shard.quiet[shard.index].store(drained, Ordering::Release);
             if drained && node_quiescent(&shard) {
                 return journal;

@@ -61,6 +61,9 @@ const INSPECT_ARGS: [&str; 6] = [
     "--credit-legs-max",
     "4096",
 ];
+/// How long every replica's journal must stay unchanged before the cluster counts as
+/// quiet (above the 200 ms credit-leg resend interval).
+const QUIET_FOR: Duration = Duration::from_millis(600);
 /// How long a condition in these tests may take.
 const CONDITION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -154,10 +157,13 @@ impl Harness {
         })
     }
 
-    /// Waits until all replicas hold and know committed the same ops per group, the same
-    /// on two scrapes in a row, whoever leads. Returns each group's commit number.
+    /// Waits until all replicas hold and know committed the same ops per group, unchanged
+    /// for [`QUIET_FOR`] (longer than the credit-leg resend interval, so no leg or
+    /// acknowledgement is still on its way), whoever leads. Returns each group's commit
+    /// number.
     fn wait_all_equal(&self) -> Vec<u64> {
         let mut previous = Vec::new();
+        let mut equal_since = Instant::now();
         wait_until("every replica has every committed op", || {
             let heads: Vec<Option<(u64, u64)>> = (0..REPLICAS)
                 .flat_map(|replica| {
@@ -174,9 +180,11 @@ impl Harness {
                 first.is_some_and(|(durable, commit)| durable == commit)
                     && (0..REPLICAS).all(|replica| heads[replica * SHARDS + shard] == first)
             });
-            let stable = heads == previous;
+            if !equal || heads != previous {
+                equal_since = Instant::now();
+            }
             previous = heads;
-            (equal && stable).then(|| {
+            (equal && equal_since.elapsed() >= QUIET_FOR).then(|| {
                 (0..SHARDS)
                     .map(|shard| previous[shard].expect("equal").1)
                     .collect()
@@ -821,5 +829,390 @@ fn leader_killed_fails_over() {
         "failover of group 0 to replica {new_leader} (view {view}) in {failover:?}; \
          committed {committed:?}; {} transfers acknowledged, {redirects} client redirects",
         applied.len()
+    );
+}
+
+/// Socket timeout of one try of a client that follows leaders: a paused or cut-off leader
+/// keeps its connections open and answers nothing, so the client must give up on it well
+/// inside its request deadline to try the next replica.
+const FOLLOWING_TRY_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// How long the paused leader stays stopped (SIGSTOP .. SIGCONT), at least.
+const LEADER_PAUSE: Duration = Duration::from_millis(1_500);
+/// Ops a new leader must commit before the test moves on to the next fault.
+const COMMITS_AFTER_FAILOVER: u64 = 20;
+/// `percore_replication_status` of a replica in normal operation.
+const STATUS_NORMAL: u64 = 1;
+
+impl Harness {
+    /// A client that knows every replica, follows each group's leader and gives up on an
+    /// unresponsive replica after [`FOLLOWING_TRY_TIMEOUT`].
+    fn following_client(&self, client_id: u128) -> Client {
+        let replicas = (0..REPLICAS)
+            .map(|replica| {
+                (0..SHARDS)
+                    .map(|shard| self.cluster.client_address(replica, shard))
+                    .collect()
+            })
+            .collect();
+        let mut config = ClientConfig::replicated(replicas, client_id);
+        config.timeout = FOLLOWING_TRY_TIMEOUT;
+        Client::new(config)
+    }
+
+    /// What `replica` knows committed in `shard`'s group; 0 if it cannot be scraped.
+    fn commit_seen(&self, replica: usize, shard: usize) -> u64 {
+        self.try_metric(replica, "percore_replication_commit_max", shard)
+            .unwrap_or(0)
+    }
+
+    /// Whether `replica` is a normal follower of every group in at least `views[k]`, holding
+    /// at least `ops[k]` durable: it rejoined and caught up.
+    fn rejoined(&self, replica: usize, views: &[u64], ops: &[u64]) -> Option<bool> {
+        let text = self.cluster.scrape(replica).ok()?;
+        let value = |name: &str, shard: usize| cluster::shard_metric(&text, name, shard);
+        Some((0..SHARDS).all(|shard| {
+            value("percore_replication_view", shard) >= views[shard]
+                && value("percore_replication_status", shard) == STATUS_NORMAL
+                && value("percore_replica_is_leader", shard) == 0
+                && value("percore_replication_op_durable", shard) >= ops[shard]
+        }))
+    }
+
+    /// Each group's view as `replica` sees it.
+    fn views(&self, replica: usize) -> Vec<u64> {
+        (0..SHARDS)
+            .map(|shard| self.metric(replica, "percore_replication_view", shard))
+            .collect()
+    }
+}
+
+/// The balances right after [`create_funded_accounts`]: each mint owes its shard's funding.
+fn funded_balances(accounts: &[Vec<u128>]) -> HashMap<u128, i128> {
+    let mut expected = HashMap::new();
+    for ids in accounts {
+        expected.insert(ids[0], -((ACCOUNTS_PER_SHARD as u128 * FUNDING) as i128));
+        for id in &ids[1..] {
+            expected.insert(*id, FUNDING as i128);
+        }
+    }
+    expected
+}
+
+/// What a [`FollowingLoad`] saw: the transfers acknowledged as applied (`Ok`, or `Exists`
+/// for a retry of one that committed before a fault), the client's redirects and its final
+/// leader hints.
+struct LoadOutcome {
+    applied: Vec<Transfer>,
+    redirects: u64,
+    hints: Vec<usize>,
+}
+
+/// Client load across faults, as in [`leader_killed_fails_over`]: every request must be
+/// answered, every transfer applied or refused only by back-pressure.
+struct FollowingLoad {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<LoadOutcome>,
+}
+
+impl FollowingLoad {
+    fn start(mut client: Client, accounts: &[Vec<u128>], seed: u64, first_id: u128) -> Self {
+        let accounts = accounts.to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut rng, mut next_id) = (Rng(seed), first_id);
+            let mut applied = Vec::new();
+            while !stopping.load(Ordering::Relaxed) {
+                let transfers =
+                    random_transfers(&mut rng, &accounts, &mut next_id, TRANSFERS_PER_REQUEST);
+                let results = submit(&mut client, &transfers).expect("a leader answers");
+                for (t, r) in transfers.iter().zip(&results) {
+                    // Legs to a group without a leader pile up until its successor
+                    // acknowledges them: a full in-flight window refuses new cross-shard
+                    // transfers (applied: nothing), which is back-pressure, not loss.
+                    if r.code == CreateTransferResult::CreditLegsInFlightFull as u32 {
+                        continue;
+                    }
+                    assert!(
+                        r.code == CreateTransferResult::Ok as u32
+                            || r.code == CreateTransferResult::Exists as u32,
+                        "transfer {t:?}: {r:?}"
+                    );
+                    applied.push(*t);
+                }
+            }
+            LoadOutcome {
+                applied,
+                redirects: client.redirects(),
+                hints: client.leader_hints().to_vec(),
+            }
+        });
+        Self { stop, thread }
+    }
+
+    fn assert_running(&self) {
+        assert!(!self.thread.is_finished(), "the client load stopped early");
+    }
+
+    fn finish(self) -> LoadOutcome {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("load thread")
+    }
+}
+
+/// After the faults: waits until every replica holds and knows committed the same ops,
+/// stops them all, and checks offline that every journal has the same hash chain head per
+/// group and replays to the same state, money conserved, nothing in flight, and exactly
+/// the acknowledged transfers in the balances. Returns each group's commit number.
+fn assert_failover_outcome(
+    harness: &mut Harness,
+    mut expected: HashMap<u128, i128>,
+    applied: &[Transfer],
+) -> Vec<u64> {
+    for t in applied {
+        *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+        *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+    }
+    let committed = harness.wait_all_equal();
+    harness.stop_all();
+    let inspected: Vec<Inspected> = (0..REPLICAS)
+        .map(|replica| inspect(&harness.cluster.data_dir(replica)))
+        .collect();
+    for (replica, found) in inspected.iter().enumerate() {
+        for (shard, (op_last, _)) in found.heads.iter().enumerate() {
+            assert!(
+                *op_last >= committed[shard],
+                "replica {replica} shard {shard}: journal ends at op {op_last}, the group committed {}",
+                committed[shard]
+            );
+        }
+        assert_eq!(
+            found.heads, inspected[0].heads,
+            "replica {replica}: journal heads"
+        );
+        assert_eq!(found.state, inspected[0].state, "replica {replica}: state");
+        assert!(found.state.contains(&"conservation 0".to_string()));
+        assert!(found.state.contains(&"in_flight 0".to_string()));
+        assert_eq!(found.balances, expected, "replica {replica}: balances");
+    }
+    committed
+}
+
+/// Freezes the leader of group 1 (replica 1) with SIGSTOP under load: its connections stay
+/// open but it answers nothing. Replicas 0 and 2 change group 1's view and replica 2 leads
+/// view 1; group 0 (led by replica 0) goes on. After SIGCONT replica 1 still believes it
+/// leads view 0: it must learn view 1, stop leading, drop whatever it prepared alone and
+/// catch up. Every acknowledged transfer is applied once, journals agree, money is
+/// conserved, and group 0 never changed views (pre-vote kept the thawed replica from
+/// disturbing it).
+#[test]
+fn leader_paused_fails_over_and_rejoins() {
+    let mut harness = Harness::start_with("pause", REPLICAS, &["--view-change"]);
+    let mut setup = harness.replicated_client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let expected = funded_balances(&accounts);
+    let load = FollowingLoad::start(harness.following_client(2), &accounts, 0x9A05E, 3 << 100);
+    wait_until("group 1 commits under load", || {
+        (harness.commit_seen(1, 1) >= 10).then_some(())
+    });
+    assert_eq!(harness.current_leader(1, &[1]), Some(1));
+    assert_eq!(harness.current_leader(0, &[0]), Some(0));
+    let at_pause = harness.commit_seen(0, 1).max(harness.commit_seen(2, 1));
+    let group0_at_pause = harness.commit_seen(0, 0);
+    harness.cluster.pause(1).expect("replica 1 paused");
+    let paused = Instant::now();
+    // Replica 1 is not scraped while paused: its metrics port accepts and never answers.
+    let new_leader = wait_until("a new leader of group 1 commits", || {
+        let leader = harness.current_leader(1, &[0, 2])?;
+        (harness.commit_seen(leader, 1) > at_pause).then_some(leader)
+    });
+    let failover = paused.elapsed();
+    assert_eq!(new_leader, 2, "view 1 of group 1 is led by replica 2");
+    let view = harness.metric(2, "percore_replication_view", 1);
+    assert_eq!(view, 1, "group 1 failed over in one view change");
+    let at_failover = harness.commit_seen(2, 1);
+    wait_until("both groups commit while replica 1 is paused", || {
+        load.assert_running();
+        (paused.elapsed() >= LEADER_PAUSE
+            && harness.commit_seen(2, 1) >= at_failover + COMMITS_AFTER_FAILOVER
+            && harness.commit_seen(0, 0) >= group0_at_pause + COMMITS_AFTER_FAILOVER)
+            .then_some(())
+    });
+    assert_eq!(harness.current_leader(0, &[0]), Some(0));
+    harness.cluster.resume(1).expect("replica 1 resumed");
+    let paused_for = paused.elapsed();
+    let resumed = Instant::now();
+    let at_resume = [harness.commit_seen(0, 0), harness.commit_seen(2, 1)];
+    wait_until("replica 1 learns view 1, follows and catches up", || {
+        harness.rejoined(1, &[0, view], &at_resume)?.then_some(())
+    });
+    let rejoin = resumed.elapsed();
+    let at_rejoin = harness.commit_seen(2, 1);
+    wait_until("group 1 commits with replica 1 back", || {
+        load.assert_running();
+        (harness.commit_seen(2, 1) >= at_rejoin + COMMITS_AFTER_FAILOVER).then_some(())
+    });
+    let outcome = load.finish();
+    assert!(outcome.redirects > 0, "the client followed the leader");
+    // Group 0's leader was never faulted, but on a starved 2-core box a thawed replica's
+    // catch-up can delay its heartbeats past a follower's timeout: a view change there is
+    // allowed (it is liveness, not safety) and reported; every replica must agree on it.
+    let views = wait_until("every replica is in the same views", || {
+        let views = harness.views(0);
+        (1..REPLICAS)
+            .all(|replica| harness.views(replica) == views)
+            .then_some(views)
+    });
+    assert!(views[1] >= view, "group 1 stays at or past view {view}");
+    let leaders: Vec<usize> = (0..SHARDS)
+        .map(|shard| {
+            harness
+                .current_leader(shard, &[0, 1, 2])
+                .unwrap_or_else(|| panic!("group {shard} has a leader"))
+        })
+        .collect();
+    assert_eq!(
+        outcome.hints, leaders,
+        "the client found each group's leader"
+    );
+    if views[0] != 0 {
+        eprintln!("group 0 changed views too (views {views:?}) while replica 1 caught up");
+    }
+    let committed = assert_failover_outcome(&mut harness, expected, &outcome.applied);
+    eprintln!(
+        "leader of group 1 paused for {paused_for:?}: failover to replica {new_leader} \
+         (view {view}) in {failover:?} (pause to first commit of the new leader); \
+         replica 1 rejoined {rejoin:?} after SIGCONT; committed {committed:?}; {} transfers \
+         acknowledged, {} client redirects",
+        outcome.applied.len(),
+        outcome.redirects
+    );
+}
+
+/// Waits until every group's leader among `up` is `leader` and has committed past
+/// `from[k]`; returns, per group, the time from `since` when that was first seen.
+fn wait_groups_led_by(
+    harness: &Harness,
+    up: &[usize],
+    leader: usize,
+    from: &[u64],
+    since: Instant,
+) -> Vec<Duration> {
+    let mut seen: Vec<Option<Duration>> = vec![None; SHARDS];
+    wait_until("every group's new leader commits", || {
+        for shard in 0..SHARDS {
+            if seen[shard].is_none()
+                && harness.current_leader(shard, up) == Some(leader)
+                && harness.commit_seen(leader, shard) > from[shard]
+            {
+                seen[shard] = Some(since.elapsed());
+            }
+        }
+        seen.iter().copied().collect::<Option<Vec<Duration>>>()
+    })
+}
+
+/// Two failovers in a row under load: the leader of group 0 (replica 0) is killed and
+/// replica 1 leads view 1; replica 0 restarts and rejoins as a follower; then replica 1,
+/// leading both groups, is killed: group 0 moves to view 2 and group 1 to view 1, both led
+/// by replica 2; replica 1 restarts and rejoins. Every acknowledged transfer is applied
+/// once, journals agree, money is conserved.
+#[test]
+fn leader_killed_twice() {
+    let mut harness = Harness::start_with("killed-twice", REPLICAS, &["--view-change"]);
+    let mut setup = harness.replicated_client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let expected = funded_balances(&accounts);
+    let load = FollowingLoad::start(harness.following_client(2), &accounts, 0x7A1CE, 4 << 100);
+    wait_until("group 0 commits under load", || {
+        (harness.commit_seen(0, 0) >= 10).then_some(())
+    });
+    assert_eq!(harness.current_leader(0, &[0]), Some(0));
+
+    // First failover: group 0, view 0 -> 1, replica 0 -> 1.
+    let at_kill = [
+        harness.commit_seen(1, 0).max(harness.commit_seen(2, 0)),
+        harness.commit_seen(1, 1),
+    ];
+    harness.cluster.kill(0);
+    let first = wait_groups_led_by(&harness, &[1, 2], 1, &at_kill, Instant::now())[0];
+    assert_eq!(
+        harness.views(1),
+        [1, 0],
+        "replica 1: views after the first kill"
+    );
+    let at_failover = harness.commit_seen(1, 0);
+    wait_until("group 0 commits without replica 0", || {
+        load.assert_running();
+        (harness.commit_seen(1, 0) >= at_failover + COMMITS_AFTER_FAILOVER).then_some(())
+    });
+    harness.cluster.restart(0).expect("replica 0 restarts");
+    let at_restart = [harness.commit_seen(1, 0), harness.commit_seen(1, 1)];
+    wait_until("replica 0 rejoins view 1 and catches up", || {
+        harness.rejoined(0, &[1, 0], &at_restart)?.then_some(())
+    });
+
+    // Second failover: replica 1 leads both groups; both move to replica 2.
+    assert_eq!(harness.current_leader(0, &[0, 1, 2]), Some(1));
+    assert_eq!(harness.current_leader(1, &[0, 1, 2]), Some(1));
+    let at_kill = [0, 1].map(|shard| {
+        harness
+            .commit_seen(0, shard)
+            .max(harness.commit_seen(2, shard))
+    });
+    harness.cluster.kill(1);
+    let second = wait_groups_led_by(&harness, &[0, 2], 2, &at_kill, Instant::now());
+    assert_eq!(
+        harness.views(2),
+        [2, 1],
+        "replica 2: views after the second kill"
+    );
+    let at_failover = [harness.commit_seen(2, 0), harness.commit_seen(2, 1)];
+    wait_until("both groups commit without replica 1", || {
+        load.assert_running();
+        (0..SHARDS)
+            .all(|shard| {
+                harness.commit_seen(2, shard) >= at_failover[shard] + COMMITS_AFTER_FAILOVER
+            })
+            .then_some(())
+    });
+    harness.cluster.restart(1).expect("replica 1 restarts");
+    let at_restart = [harness.commit_seen(2, 0), harness.commit_seen(2, 1)];
+    wait_until("replica 1 rejoins views 2 and 1 and catches up", || {
+        harness.rejoined(1, &[2, 1], &at_restart)?.then_some(())
+    });
+    let outcome = load.finish();
+    assert!(outcome.redirects > 0, "the client followed the leaders");
+    // On a starved box a follower can also time out a healthy leader; further view
+    // changes are allowed (liveness, not safety) as long as every replica agrees.
+    let views = wait_until("every replica is in the same views", || {
+        let views = harness.views(0);
+        (1..REPLICAS)
+            .all(|replica| harness.views(replica) == views)
+            .then_some(views)
+    });
+    assert!(views[0] >= 2 && views[1] >= 1, "views {views:?}");
+    let leaders: Vec<usize> = (0..SHARDS)
+        .map(|shard| {
+            harness
+                .current_leader(shard, &[0, 1, 2])
+                .unwrap_or_else(|| panic!("group {shard} has a leader"))
+        })
+        .collect();
+    assert_eq!(
+        outcome.hints, leaders,
+        "the client found each group's leader"
+    );
+    let committed = assert_failover_outcome(&mut harness, expected, &outcome.applied);
+    eprintln!(
+        "failover of group 0 to replica 1 (view 1) in {first:?}; after replica 1 was killed, \
+         groups 0 and 1 to replica 2 (views 2 and 1) in {:?} and {:?}; committed \
+         {committed:?}; {} transfers acknowledged, {} client redirects",
+        second[0],
+        second[1],
+        outcome.applied.len(),
+        outcome.redirects
     );
 }

@@ -1,0 +1,444 @@
+//! `percore-bench threads`: many application threads enqueueing into one consumer.
+//!
+//! This is the shape of the embedding API's ingest ring ([`percore_shards::ingest`]): 1 to
+//! 1,024 unpinned producer threads (far more than cores) push 8-byte handles into one
+//! bounded queue that one consumer drains. Three sides run in the same process, rounds
+//! interleaved (ours, crossbeam, std, ours, ...), medians reported:
+//!
+//! * **ours**: the engine's [`Mpmc`] ring; a full ring is retried with the ingest back-off
+//!   ([`Waiters::retry`]: spin, then yield, then park on a condvar that the consumer
+//!   notifies after each batch it pops, lock-free when nobody is parked);
+//! * **crossbeam**: `crossbeam_queue::ArrayQueue` with the *same* back-off and notification;
+//! * **std**: `std::sync::mpsc::sync_channel` (its own blocking `send`).
+//!
+//! Every side reports throughput (items/s from release to the consumer's last item) and the
+//! latency of one enqueue (p50/p99 over every `LATENCY_SAMPLE_EVERY`-th enqueue, all rounds
+//! pooled), including any back-off it had to do. The consumer checks the sum of the items;
+//! a side that loses or duplicates an item panics instead of reporting a number.
+
+use std::sync::Barrier;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use percore_engine::ring::mpmc::Mpmc;
+use percore_shards::ingest::{INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, Waiters};
+use serde::Serialize;
+
+use crate::harness::{Backoff, median};
+use crate::machine::Machine;
+
+/// Capacity of every side's queue: the ingest ring's default.
+pub const QUEUE_CAPACITY: usize = INGEST_RING_CAPACITY_DEFAULT;
+/// Items the consumer takes per batch (ours and crossbeam), as a shard drains its ring.
+pub const CONSUMER_BATCH_MAX: usize = INGEST_DRAIN_BATCH_MAX;
+/// Items per timed round, all producers together.
+pub const ITEMS_DEFAULT: u64 = 1 << 20;
+/// Every this-many-th enqueue is timed (timing every one would double the cost of the
+/// cheap ones).
+pub const LATENCY_SAMPLE_EVERY: u64 = 8;
+/// Largest producer count measured by default.
+pub const THREADS_MAX_DEFAULT: usize = 1_024;
+/// A producer never waits longer than this for room (a stuck benchmark fails loudly).
+pub const ENQUEUE_DEADLINE_S: u64 = 60;
+/// Stack of each producer thread: they run a small loop.
+pub const PRODUCER_STACK_BYTES: usize = 128 << 10;
+
+const _: () = assert!(CONSUMER_BATCH_MAX <= QUEUE_CAPACITY);
+
+/// The three sides, in the order they run in each round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// percore `Mpmc` + ingest back-off.
+    Ours,
+    /// `crossbeam_queue::ArrayQueue` + the same back-off.
+    Crossbeam,
+    /// `std::sync::mpsc::sync_channel`.
+    Std,
+}
+
+impl Side {
+    /// Every side, in run order.
+    pub const ALL: [Side; 3] = [Side::Ours, Side::Crossbeam, Side::Std];
+}
+
+/// One round of one side.
+#[derive(Clone, Debug)]
+pub struct Round {
+    /// Items per second from release to the consumer's last item.
+    pub items_per_s: f64,
+    /// Sampled enqueue latencies (ns), unsorted.
+    pub enqueue_ns: Vec<u64>,
+}
+
+/// One side's result at one producer count.
+#[derive(Clone, Debug, Serialize)]
+pub struct SideResult {
+    /// Which side.
+    pub side: Side,
+    /// Median throughput over rounds (items/s).
+    pub items_per_s: f64,
+    /// Median enqueue latency (ns), samples of all rounds pooled.
+    pub enqueue_p50_ns: u64,
+    /// 99th percentile enqueue latency (ns).
+    pub enqueue_p99_ns: u64,
+    /// Every round's throughput, in run order, to judge the noise.
+    pub rounds_items_per_s: Vec<f64>,
+}
+
+/// One row: every side at one producer count, as printed with `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThreadsRow {
+    /// Row name.
+    pub name: &'static str,
+    /// Producer threads (one consumer).
+    pub producers: usize,
+    /// Items per timed round.
+    pub items_per_round: u64,
+    /// Timed rounds per side.
+    pub rounds: usize,
+    /// Ours, crossbeam, std.
+    pub sides: Vec<SideResult>,
+    /// Ours / crossbeam median throughput (>1: ours faster).
+    pub ratio_vs_crossbeam: f64,
+    /// Ours / std median throughput.
+    pub ratio_vs_std: f64,
+    /// Where it ran.
+    pub machine: Machine,
+}
+
+/// Producer counts: 1, 2, 4, ... up to `max` (and `max` itself).
+pub fn producer_counts(max: usize) -> Vec<usize> {
+    let mut counts: Vec<usize> = (0..usize::BITS)
+        .map(|shift| 1usize << shift)
+        .take_while(|&count| count <= max)
+        .collect();
+    if counts.last() != Some(&max) && max > 0 {
+        counts.push(max);
+    }
+    counts
+}
+
+/// Item `seq` of producer `producer`: unique, so the checksum catches loss and duplication.
+fn item(producer: usize, seq: u64) -> u64 {
+    ((producer as u64) << 32) | (seq + 1)
+}
+
+/// The sum every consumer must see for `producers` producers of `per_producer` items.
+fn expected_sum(producers: usize, per_producer: u64) -> u64 {
+    (0..producers)
+        .flat_map(|producer| (0..per_producer).map(move |seq| item(producer, seq)))
+        .fold(0u64, u64::wrapping_add)
+}
+
+/// The queue each side uses, built fresh for every round.
+enum Queue {
+    Ours(Mpmc<u64>, Waiters),
+    Crossbeam(ArrayQueue<u64>, Waiters),
+    /// The sender; the receiver stays with the consumer (it is not `Sync`).
+    Std(SyncSender<u64>),
+}
+
+impl Queue {
+    fn new(side: Side) -> (Self, Option<Receiver<u64>>) {
+        match side {
+            Side::Ours => (Queue::Ours(Mpmc::new(QUEUE_CAPACITY), Waiters::new()), None),
+            Side::Crossbeam => (
+                Queue::Crossbeam(ArrayQueue::new(QUEUE_CAPACITY), Waiters::new()),
+                None,
+            ),
+            Side::Std => {
+                let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
+                (Queue::Std(sender), Some(receiver))
+            }
+        }
+    }
+
+    /// Enqueues one item, waiting for room.
+    #[inline]
+    fn enqueue(&self, value: u64, deadline: Instant) {
+        let sent = match self {
+            Queue::Ours(ring, waiters) => waiters.retry(deadline, || ring.push(value)).is_ok(),
+            Queue::Crossbeam(queue, waiters) => {
+                waiters.retry(deadline, || queue.push(value)).is_ok()
+            }
+            Queue::Std(sender) => sender.send(value).is_ok(),
+        };
+        assert!(sent, "an enqueue waited past its deadline");
+    }
+
+    /// Takes up to `CONSUMER_BATCH_MAX` items into `sum`; returns the count.
+    #[inline]
+    fn dequeue_batch(&self, receiver: Option<&Receiver<u64>>, sum: &mut u64) -> usize {
+        match self {
+            Queue::Ours(ring, waiters) => {
+                let taken = ring.pop_batch(CONSUMER_BATCH_MAX, |value| {
+                    *sum = sum.wrapping_add(value);
+                });
+                waiters.notify(taken);
+                taken
+            }
+            Queue::Crossbeam(queue, waiters) => {
+                let mut taken = 0;
+                while taken < CONSUMER_BATCH_MAX {
+                    let Some(value) = queue.pop() else { break };
+                    *sum = sum.wrapping_add(value);
+                    taken += 1;
+                }
+                waiters.notify(taken);
+                taken
+            }
+            Queue::Std(_) => {
+                let receiver = receiver.expect("std side has a receiver");
+                let mut taken = 0;
+                while taken < CONSUMER_BATCH_MAX {
+                    match receiver.try_recv() {
+                        Ok(value) => {
+                            *sum = sum.wrapping_add(value);
+                            taken += 1;
+                        }
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
+                }
+                taken
+            }
+        }
+    }
+}
+
+/// Runs one round: `producers` threads enqueue `per_producer` items each into a fresh queue
+/// of `side`; one consumer drains them all.
+pub fn run_round(side: Side, producers: usize, per_producer: u64) -> Round {
+    let (queue, receiver) = Queue::new(side);
+    let total = producers as u64 * per_producer;
+    let barrier = Barrier::new(producers + 1);
+    let deadline = Instant::now() + Duration::from_secs(ENQUEUE_DEADLINE_S);
+    let (elapsed, sum, enqueue_ns) = thread::scope(|scope| {
+        let threads: Vec<_> = (0..producers)
+            .map(|producer| {
+                let (queue, barrier) = (&queue, &barrier);
+                thread::Builder::new()
+                    .stack_size(PRODUCER_STACK_BYTES)
+                    .spawn_scoped(scope, move || {
+                        let mut samples =
+                            Vec::with_capacity((per_producer / LATENCY_SAMPLE_EVERY + 1) as usize);
+                        barrier.wait();
+                        for seq in 0..per_producer {
+                            let value = item(producer, seq);
+                            if seq % LATENCY_SAMPLE_EVERY == 0 {
+                                let started = Instant::now();
+                                queue.enqueue(value, deadline);
+                                samples.push(started.elapsed().as_nanos() as u64);
+                            } else {
+                                queue.enqueue(value, deadline);
+                            }
+                        }
+                        samples
+                    })
+                    .expect("spawn a producer")
+            })
+            .collect();
+        barrier.wait();
+        let started = Instant::now();
+        let mut sum = 0u64;
+        let mut received = 0u64;
+        let mut backoff = Backoff::new();
+        while received < total {
+            let taken = queue.dequeue_batch(receiver.as_ref(), &mut sum);
+            if taken == 0 {
+                backoff.snooze();
+                assert!(
+                    Instant::now() < deadline,
+                    "the consumer waited past its deadline"
+                );
+            } else {
+                backoff = Backoff::new();
+                received += taken as u64;
+            }
+        }
+        let elapsed = started.elapsed();
+        let mut enqueue_ns = Vec::new();
+        for thread in threads {
+            enqueue_ns.extend(thread.join().expect("producer thread panicked"));
+        }
+        (elapsed, sum, enqueue_ns)
+    });
+    assert_eq!(
+        sum,
+        expected_sum(producers, per_producer),
+        "{side:?} with {producers} producers: items lost or duplicated"
+    );
+    Round {
+        items_per_s: total as f64 / elapsed.as_secs_f64().max(1e-9),
+        enqueue_ns,
+    }
+}
+
+/// The `percentile` (0..=100) of `sorted` samples.
+fn percentile(sorted: &[u64], percentile: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((percentile / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Measures every side at `producers` producers: one warm-up round each, then `rounds`
+/// interleaved timed rounds.
+pub fn run_row(producers: usize, items: u64, rounds: usize, machine: &Machine) -> ThreadsRow {
+    assert!(producers >= 1 && rounds >= 1);
+    let per_producer = (items / producers as u64).max(LATENCY_SAMPLE_EVERY);
+    for side in Side::ALL {
+        run_round(side, producers, (per_producer / 8).max(1));
+    }
+    let mut measured: Vec<Vec<Round>> = Side::ALL.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (index, side) in Side::ALL.into_iter().enumerate() {
+            measured[index].push(run_round(side, producers, per_producer));
+        }
+    }
+    let sides: Vec<SideResult> = Side::ALL
+        .into_iter()
+        .zip(measured)
+        .map(|(side, rounds)| {
+            let rates: Vec<f64> = rounds.iter().map(|round| round.items_per_s).collect();
+            let mut samples: Vec<u64> = rounds
+                .into_iter()
+                .flat_map(|round| round.enqueue_ns)
+                .collect();
+            samples.sort_unstable();
+            SideResult {
+                side,
+                items_per_s: median(&rates),
+                enqueue_p50_ns: percentile(&samples, 50.0),
+                enqueue_p99_ns: percentile(&samples, 99.0),
+                rounds_items_per_s: rates,
+            }
+        })
+        .collect();
+    let ours = sides[0].items_per_s;
+    ThreadsRow {
+        name: "threads_into_one",
+        producers,
+        items_per_round: per_producer * producers as u64,
+        rounds,
+        ratio_vs_crossbeam: ours / sides[1].items_per_s,
+        ratio_vs_std: ours / sides[2].items_per_s,
+        sides,
+        machine: machine.clone(),
+    }
+}
+
+/// Column header of the human-readable table.
+pub const TABLE_HEADER: &str = "producers | ours items/s | crossbeam   | std         | ours p50/p99 ns | crossbeam p50/p99 | std p50/p99      | vs crossbeam | vs std";
+
+/// One table line.
+pub fn table_line(row: &ThreadsRow) -> String {
+    let side = |index: usize| &row.sides[index];
+    let latency = |index: usize| {
+        format!(
+            "{}/{}",
+            side(index).enqueue_p50_ns,
+            side(index).enqueue_p99_ns
+        )
+    };
+    format!(
+        "{:>9} | {:>12} | {:>11} | {:>11} | {:>15} | {:>17} | {:>16} | {:>11.2}x | {:>5.2}x",
+        row.producers,
+        human_rate(side(0).items_per_s),
+        human_rate(side(1).items_per_s),
+        human_rate(side(2).items_per_s),
+        latency(0),
+        latency(1),
+        latency(2),
+        row.ratio_vs_crossbeam,
+        row.ratio_vs_std,
+    )
+}
+
+/// Whether the goals were met, judged from the rows measured (reported, never
+/// asserted: benchmarks report, they do not judge).
+pub fn goals(rows: &[ThreadsRow]) -> Vec<String> {
+    let ours = |producers: usize| {
+        rows.iter()
+            .find(|row| row.producers == producers)
+            .map(|row| row.sides[0].clone())
+    };
+    let mut lines = Vec::new();
+    if let (Some(two), Some(many)) = (ours(2), ours(256)) {
+        let ratio = many.items_per_s / two.items_per_s;
+        lines.push(format!(
+            "256 producers at {:.0}% of the 2-producer rate (goal >= 50%): {}",
+            ratio * 100.0,
+            if ratio >= 0.5 { "met" } else { "NOT met" }
+        ));
+    }
+    let behind: Vec<String> = rows
+        .iter()
+        .filter(|row| row.ratio_vs_crossbeam <= 1.0 || row.ratio_vs_std <= 1.0)
+        .map(|row| row.producers.to_string())
+        .collect();
+    lines.push(if behind.is_empty() {
+        "ahead of both peers at every count: met".to_owned()
+    } else {
+        format!(
+            "ahead of both peers at every count: NOT met (behind at {})",
+            behind.join(", ")
+        )
+    });
+    if let Some(one) = ours(1) {
+        lines.push(format!(
+            "uncontended enqueue p99 {} ns (goal < 500 ns): {}",
+            one.enqueue_p99_ns,
+            if one.enqueue_p99_ns < 500 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        ));
+    }
+    lines
+}
+
+/// `12.3M`-style rate.
+fn human_rate(per_s: f64) -> String {
+    if per_s >= 1e6 {
+        format!("{:.2}M", per_s / 1e6)
+    } else if per_s >= 1e3 {
+        format!("{:.2}k", per_s / 1e3)
+    } else {
+        format!("{per_s:.1}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_double_up_to_the_maximum() {
+        assert_eq!(producer_counts(8), vec![1, 2, 4, 8]);
+        assert_eq!(producer_counts(6), vec![1, 2, 4, 6]);
+    }
+
+    #[test]
+    fn every_side_moves_every_item() {
+        for side in Side::ALL {
+            let round = run_round(side, 4, 2_000);
+            assert!(round.items_per_s > 0.0);
+            assert_eq!(
+                round.enqueue_ns.len(),
+                4 * 2_000 / LATENCY_SAMPLE_EVERY as usize
+            );
+        }
+    }
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let samples: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&samples, 50.0), 51);
+        assert_eq!(percentile(&samples, 99.0), 99);
+    }
+}
