@@ -733,6 +733,9 @@ where
                 log_view,
                 commit_max,
             } => {
+                // After a restart the core knows only the op its replay reached; the
+                // superblock may record a higher commit number, which never goes back.
+                let commit_max = commit_max.max(journal.views().2);
                 if let Err(error) = journal.write_views(view, log_view, commit_max).await {
                     panic!(
                         "shard {}: superblock write failed, stopping: {error}",

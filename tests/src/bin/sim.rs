@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! cargo run -p percore-tests --bin sim -- --seed 42 [--replicas 3|5] [--groups 1|2]
-//!     [--steps N] [--faults on|off] [--pipeline N] [--strict-legs]
-//!     [--bug send-before-durable|ack-before-durable] [-v]
+//!     [--steps N] [--faults on|off] [--pipeline N] [--strict-legs] [--quiet-heal]
+//!     [--view-change [--no-workarounds]]
+//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send]
+//!     [-v]
 //! cargo run -p percore-tests --bin sim -- --seeds 0..10000
 //! ```
 
@@ -19,21 +21,39 @@ fn main() -> ExitCode {
             eprintln!("sim: {error}");
             eprintln!(
                 "usage: sim (--seed S | --seeds A..B) [--replicas 3|5] [--groups 1|2] [--steps N] \\
-                 [--faults on|off] [--pipeline N] [--strict-legs] \\
-                 [--bug send-before-durable|ack-before-durable] [-v]"
+                 [--faults on|off] [--pipeline N] [--strict-legs] [--quiet-heal] \\
+                 [--view-change [--no-workarounds]] \\
+                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send] [-v]"
             );
             return ExitCode::from(2);
         }
     };
     let single = seeds.end == seeds.start + 1;
     let mut failures = Vec::new();
+    let mut total = sim::Summary::default();
     for seed in seeds.clone() {
         if single {
             println!("seed {seed}");
         }
         match sim::run(seed, &options) {
             Ok(summary) if single => println!("seed {seed} passed: {summary:?}"),
-            Ok(_) => {}
+            Ok(summary) => {
+                total.failovers += summary.failovers;
+                total.failover_us_max = total.failover_us_max.max(summary.failover_us_max);
+                for (sum, count) in total
+                    .failover_buckets
+                    .iter_mut()
+                    .zip(summary.failover_buckets)
+                {
+                    *sum += count;
+                }
+                total.views_led += summary.views_led;
+                total.truncations += summary.truncations;
+                total.leader_resumed_view += summary.leader_resumed_view;
+                total.durable_above_truncation += summary.durable_above_truncation;
+                total.append_past_install += summary.append_past_install;
+                total.superblock_commit_kept += summary.superblock_commit_kept;
+            }
             Err(failure) => {
                 print!("{failure}");
                 println!(
@@ -55,10 +75,42 @@ fn main() -> ExitCode {
         for (seed, checker) in &failures {
             println!("  seed {seed}: {checker}");
         }
+        if options.view_change {
+            print_failovers(&total);
+        }
     }
     if failures.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// The failover-time distribution over the passing seeds (simulated time).
+fn print_failovers(total: &sim::Summary) {
+    println!(
+        "periods without a ready leader: {} (longest {} ms); views led {}, truncations {}, \
+         leaders that resumed their view after a restart {}; workarounds: on_durable above a \
+         truncation {}, appends past an install {}, superblock commit numbers kept {}",
+        total.failovers,
+        total.failover_us_max / 1_000,
+        total.views_led,
+        total.truncations,
+        total.leader_resumed_view,
+        total.durable_above_truncation,
+        total.append_past_install,
+        total.superblock_commit_kept,
+    );
+    let mut lower_ms = 0;
+    for (index, count) in total.failover_buckets.iter().enumerate() {
+        let label = match sim::FAILOVER_BUCKETS_US.get(index) {
+            Some(bound) => {
+                let label = format!("{lower_ms}-{} ms", bound / 1_000);
+                lower_ms = bound / 1_000;
+                label
+            }
+            None => format!("> {lower_ms} ms"),
+        };
+        println!("  {label:>14}: {count}");
     }
 }

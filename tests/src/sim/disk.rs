@@ -179,6 +179,18 @@ impl Disk {
         CrashTail::Torn { sectors, garbled }
     }
 
+    /// View change: removes every entry above `op` (durably: the runtime's `truncate_after`
+    /// syncs before it returns) and returns the new chain head. Nothing may be unsynced.
+    pub fn truncate(&mut self, op: u64) -> JournalChecksum {
+        assert!(self.fsync_target.is_none(), "no group commit in flight");
+        assert!(op <= self.op_head(), "truncate below the head");
+        let end = self.end_of(op);
+        self.bytes.truncate(end);
+        self.forget_above(op);
+        self.op_durable = self.op_durable.min(op);
+        self.checksum_head()
+    }
+
     /// `(op, checksum)` of the last `count` entries, oldest first (what the runtime hands a
     /// restarted replica core).
     pub fn recent_checksums(&self, count: usize) -> Vec<(u64, JournalChecksum)> {
