@@ -49,6 +49,9 @@ pub const LEADER_TIMEOUT_US_MAX_DEFAULT: u64 = 300_000;
 pub const VIEW_CHANGE_TIMEOUT_US_MIN_DEFAULT: u64 = 150_000;
 /// See [`VIEW_CHANGE_TIMEOUT_US_MIN_DEFAULT`].
 pub const VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT: u64 = 300_000;
+/// A normal leader that keeps hearing StartViewChange for a higher view this long joins it
+/// (µs): a replica stranded alone in that view rejoins the group.
+pub const STRANDED_VIEW_JOIN_US: u64 = 1_000_000;
 /// A starting replica waits this many maximal leader timeouts (plus one) before suspecting
 /// a leader it has not heard from yet: peers start and connect at different moments.
 pub const LEADER_TIMEOUT_STARTUP_FACTOR: u64 = 4;
@@ -559,6 +562,8 @@ pub struct Replica {
     request_start_view_us: u64,
     /// StartViewChange for a view above the current one: the view and who sent it.
     svc_future: (u64, u8),
+    /// When StartViewChange for `svc_future`'s view was first heard (µs).
+    svc_future_since_us: u64,
 }
 
 /// A pre-vote in progress.
@@ -694,6 +699,7 @@ impl Replica {
             now_us,
             request_start_view_us: 0,
             svc_future: (0, 0),
+            svc_future_since_us: 0,
         };
         for &(op, checksum) in recent {
             let index = replica.slot_index(op);
@@ -1662,10 +1668,20 @@ impl Replica {
             // its view (7.2).
             if self.svc_future.0 != view {
                 self.svc_future = (view, 0);
+                self.svc_future_since_us = now_us;
             }
             self.svc_future.1 |= 1 << from;
             let f = usize::from(self.config.replica_count) - self.config.quorum();
-            if self.pre_vote_grantable(now_us, view) || self.svc_future.1.count_ones() as usize > f
+            // A replica that reached a higher view alone stays there (it may not come back
+            // to a lower view it left) until the group reaches it: a normal leader that
+            // keeps hearing of that view for a while moves the group up, so the replica is
+            // not lost for good. Changing views is always safe; this costs one view change.
+            let stranded = self.is_leader()
+                && self.status == Status::Normal
+                && now_us.saturating_sub(self.svc_future_since_us) >= STRANDED_VIEW_JOIN_US;
+            if self.pre_vote_grantable(now_us, view)
+                || self.svc_future.1.count_ones() as usize > f
+                || stranded
             {
                 let joined = self.svc_future.1;
                 self.view_change_enter(now_us, view, actions);
