@@ -524,6 +524,11 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The process id of `replica`, `None` when it is not running (or exited unreaped).
+    pub fn pid(&self, replica: usize) -> Option<u32> {
+        self.children[replica].as_ref().map(Child::id)
+    }
+
     /// SIGKILLs `replica` and reaps it (nothing if it is not running).
     pub fn kill(&mut self, replica: usize) {
         if let Some(mut child) = self.children[replica].take() {

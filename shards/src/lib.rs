@@ -19,4 +19,5 @@ pub mod mesh;
 pub mod metrics;
 pub mod replication;
 pub mod runtime;
+pub mod soak;
 pub mod status;

@@ -12,8 +12,8 @@
 //! (bucket resolution) and the bytes replicated. It never leaves a child process behind.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use serde::Serialize;
 use crate::cluster::{self, ClusterError, LocalCluster, LocalClusterConfig};
 use crate::metrics::{LATENCY_BUCKETS_US, ShardMetrics};
 use crate::runtime::{Node, NodeConfig, NodeError};
+use crate::soak::{self, SoakReport};
 
 /// Ledger id every benchmark account and transfer uses.
 const LEDGER_ID: u32 = 1;
@@ -120,6 +121,9 @@ pub struct ClusterBenchConfig {
     pub cluster: LocalClusterConfig,
     /// The load.
     pub load: LoadConfig,
+    /// Sample a per-second series (TPS, latency, RSS, pool high-water marks) and the
+    /// longest commit gap ([`crate::soak`]) instead of only measuring the window as a whole.
+    pub series: bool,
 }
 
 /// What `percore bench --addresses` runs: load on a cluster that is already running.
@@ -197,6 +201,9 @@ pub struct BenchReport {
     pub cross_shard_percent: u32,
     /// Machine description.
     pub machine: String,
+    /// The per-second series and its summary (`--series`, local cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<SoakReport>,
 }
 
 /// Batches whose entry count fell in one histogram bucket.
@@ -414,6 +421,7 @@ fn load_thread(
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     acknowledged_live: Arc<AtomicU64>,
+    interval_latency: Arc<Mutex<Histogram<u64>>>,
     transfer_id_base: u128,
 ) -> Result<LoadThreadReport, ClientError> {
     let shards = accounts.len();
@@ -475,6 +483,12 @@ fn load_thread(
         if measuring.load(Ordering::Relaxed) {
             let micros = started.elapsed().as_micros() as u64;
             latency.saturating_record(micros.max(1));
+            // Once per reply (a whole request), uncontended except when the sampler
+            // drains it once a second.
+            interval_latency
+                .lock()
+                .expect("no panics under this lock")
+                .saturating_record(micros.max(1));
             acknowledged += count as u64;
             failed += results
                 .chunks_exact(size_of::<RecordResult>())
@@ -497,6 +511,8 @@ struct Load {
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     acknowledged_live: Arc<AtomicU64>,
+    /// Per thread, the latency since the sampler last drained it ([`Load::take_latency`]).
+    interval_latency: Vec<Arc<Mutex<Histogram<u64>>>>,
     shards: usize,
 }
 
@@ -529,6 +545,7 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acknowledged_live = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
+        let mut interval_latency = Vec::new();
         for (shard, &address) in addresses.iter().enumerate() {
             for k in 0..config.connections_per_shard {
                 let thread = shard * config.connections_per_shard + k;
@@ -538,6 +555,8 @@ impl Load {
                     stop.clone(),
                     acknowledged_live.clone(),
                 );
+                let interval = Arc::new(Mutex::new(latency_histogram()));
+                interval_latency.push(interval.clone());
                 threads.push(std::thread::spawn(move || {
                     load_thread(
                         thread,
@@ -548,6 +567,7 @@ impl Load {
                         measuring,
                         stop,
                         live,
+                        interval,
                         transfer_id_base,
                     )
                 }));
@@ -558,8 +578,20 @@ impl Load {
             measuring,
             stop,
             acknowledged_live,
+            interval_latency,
             shards: addresses.len(),
         }
+    }
+
+    /// The client latency recorded since the last call, all threads merged; resets it.
+    fn take_latency(&self) -> Histogram<u64> {
+        let mut merged = latency_histogram();
+        for interval in &self.interval_latency {
+            let mut histogram = interval.lock().expect("no panics under this lock");
+            merged.add(&*histogram).expect("same bounds");
+            histogram.reset();
+        }
+        merged
     }
 
     /// Counts replies from now on, sleeps through the window (printing progress if asked)
@@ -619,6 +651,11 @@ impl Load {
             }),
         }
     }
+}
+
+/// The client latency histogram every thread and interval uses (µs, 1 µs to 60 s).
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
 fn machine_description() -> String {
@@ -845,6 +882,7 @@ fn report(measured: Measured<'_>) -> BenchReport {
         connections_per_shard: load.connections_per_shard,
         cross_shard_percent: load.cross_shard_percent,
         machine: machine_description(),
+        soak: None,
     }
 }
 
@@ -898,12 +936,19 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
     let load = Load::start(&leaders, accounts, load_config);
     std::thread::sleep(load_config.warmup);
     let measured = scrape_snapshot(&cluster).and_then(|before| {
-        let started = load.measure(&load_config);
+        let (started, soak) = if config.series {
+            load.measuring.store(true, Ordering::Relaxed);
+            let (started, soak) =
+                soak::sample_window(&cluster, load_config.duration, || load.take_latency())?;
+            (started, Some(soak))
+        } else {
+            (load.measure(&load_config), None)
+        };
         let after = scrape_snapshot(&cluster)?;
-        Ok((before, after, started.elapsed().as_secs_f64()))
+        Ok((before, after, started.elapsed().as_secs_f64(), soak))
     });
     let totals = load.finish();
-    let (before, after, elapsed_s) = measured?;
+    let (before, after, elapsed_s, soak) = measured?;
     let totals = totals?;
     for (replica, stopped) in cluster.stop_all().into_iter().enumerate() {
         match stopped {
@@ -912,7 +957,7 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
             Err(error) => eprintln!("WARNING: {error}"),
         }
     }
-    Ok(report(Measured {
+    let mut report = report(Measured {
         load: &load_config,
         cores: &config.cluster.cores,
         replicas: config.cluster.replicas,
@@ -920,7 +965,12 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
         after,
         elapsed_s,
         totals,
-    }))
+    });
+    report.soak = soak.map(|soak| SoakReport {
+        p999_us: report.request_latency_us.p999,
+        ..soak
+    });
+    Ok(report)
 }
 
 /// What the nodes of a remote cluster say about its groups, read once before the load.

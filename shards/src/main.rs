@@ -290,9 +290,19 @@ struct BenchArgs {
     /// Percentage of transfers whose credit account lives on another shard (0-100).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
     cross_shard_percent: u32,
-    /// Print the report as one JSON object instead of a table.
+    /// Print the report as one JSON object instead of a table (with a local cluster it
+    /// includes the per-second series, as with --series).
     #[arg(long)]
     json: bool,
+    /// Local cluster only: every second record committed tx/s, client latency, each
+    /// node's RSS and the pool high-water marks (a progress line each on stderr), and
+    /// summarize RSS growth, the longest commit gap and p999.
+    #[arg(long)]
+    series: bool,
+    /// Local cluster only: draw the series (TPS, latency, RSS per node) into this SVG
+    /// (implies --series).
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Run without a journal (measures the in-memory pipeline only; --replicas 1 only:
     /// replication needs a journal, use --fsync never to leave durability out instead).
     #[arg(long, conflicts_with = "data_dir")]
@@ -526,10 +536,16 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
 
 fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !args.addresses.is_empty() {
+        if args.series || args.plot.is_some() {
+            return Err("--series and --plot need a local cluster, not --addresses".into());
+        }
         return run_bench_remote(args);
     }
     if args.replicas > 1 {
         return run_bench_cluster(args);
+    }
+    if args.series || args.plot.is_some() {
+        return Err("--series and --plot need a local cluster (--replicas 2 or more)".into());
     }
     let mut node = args.shards.node_config();
     node.client_port_base = 0;
@@ -665,6 +681,7 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
             progress: !args.json,
             fsync,
         },
+        series: args.series || args.json || args.plot.is_some(),
     };
     let report = loadgen::run_cluster(config);
     if args.keep_data || args.journal.data_dir.is_some() {
@@ -673,6 +690,15 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
         let _ = std::fs::remove_dir_all(&data_root);
     }
     let report = report?;
+    if let Some(soak) = &report.soak {
+        for line in percore_shards::soak::summary_lines(soak) {
+            eprintln!("{line}");
+        }
+        if let Some(path) = &args.plot {
+            percore_shards::soak::plot_svg(path, &soak.series)?;
+            eprintln!("plot written to {}", path.display());
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
