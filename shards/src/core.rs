@@ -517,33 +517,8 @@ impl<S: StateMachine> ShardCore<S> {
     pub fn replay(&mut self, op: u64, operation: u16, body: &[u8]) {
         assert!(self.is_idle(), "replay happens before any client traffic");
         assert_eq!(op, self.op_last + 1, "journal ops are consecutive");
-        let operation = S::Operation::try_from(operation)
-            .ok()
-            .expect("the journal holds operations of this state machine");
-        let record_bytes = size_of::<S::Record>();
-        assert!(body.len().is_multiple_of(record_bytes));
-        let entries = body.len() / record_bytes;
-        assert!(
-            entries <= self.results.len(),
-            "journal batch larger than the batch cap"
-        );
-        // The body is copied into an aligned batch buffer: journal bytes need not be aligned.
-        let batch = self
-            .batches
-            .borrow()
-            .expect("an idle core has free batch buffers");
-        let buffer = self.batches.get_mut(batch);
-        bytemuck::cast_slice_mut::<TxSlot, u8>(&mut buffer.records[..entries])
-            .copy_from_slice(body);
-        let records: &[S::Record] = bytemuck::cast_slice(&buffer.records[..entries]);
-        self.state_machine
-            .apply(op, operation, records, &mut self.results[..entries]);
+        self.apply_bytes(op, operation, body);
         while self.state_machine.poll_outbound().is_some() {}
-        let released = self.batches.release(batch);
-        debug_assert!(released.is_ok());
-        self.op_sealed = op;
-        self.op_last = op;
-        ShardMetrics::set(&self.metrics.commit_op, op);
     }
 
     /// Restores a checkpoint found by journal recovery: the state machine's snapshot after
@@ -621,6 +596,14 @@ impl<S: StateMachine> ShardCore<S> {
             self.queued_front_op().is_none_or(|front| front > op),
             "a queued op is applied from its queue"
         );
+        let entries = self.apply_bytes(op, operation, body);
+        ShardMetrics::add(&self.metrics.internal_applied_total, entries as u64);
+    }
+
+    /// Applies journal bytes as op `op` (the next one): copies them into the aligned
+    /// scratch records (journal bytes need not be aligned) and makes `op` the last op.
+    /// Returns the records applied.
+    fn apply_bytes(&mut self, op: u64, operation: u16, body: &[u8]) -> usize {
         let operation = S::Operation::try_from(operation)
             .ok()
             .expect("the journal holds operations of this state machine");
@@ -638,8 +621,8 @@ impl<S: StateMachine> ShardCore<S> {
             .apply(op, operation, records, &mut self.results[..entries]);
         self.op_last = op;
         self.op_sealed = self.op_sealed.max(op);
-        ShardMetrics::add(&self.metrics.internal_applied_total, entries as u64);
         ShardMetrics::set(&self.metrics.commit_op, op);
+        entries
     }
 
     /// A replica that no longer leads: hands every record not yet sealed (the ring and the

@@ -71,6 +71,8 @@ pub const COMMIT_PERSIST_INTERVAL_OPS: u64 = 64;
 pub const FORWARD_BYTES_MAX: usize = 64 * 1024;
 /// Status byte of a normal replica in message headers.
 const STATUS_NORMAL: u8 = 1;
+/// Status byte of a replica changing views.
+const STATUS_VIEW_CHANGE: u8 = 2;
 
 const _: () = assert!(RECONNECT_BACKOFF_US_MIN < RECONNECT_BACKOFF_US_MAX);
 
@@ -152,6 +154,23 @@ impl Outbox {
             self.released.set(bytes.len());
         }
         true
+    }
+
+    /// Pushes one message and wakes the sender task; counts it in `dropped` if it could
+    /// not be queued (the peer repairs or the sender retries).
+    fn send(
+        &self,
+        header: PeerHeader,
+        body: &[u8],
+        dropped: &std::sync::atomic::AtomicU64,
+    ) -> bool {
+        let queued = self.push(header, body);
+        if queued {
+            self.doorbell.notify();
+        } else {
+            ShardMetrics::add(dropped, 1);
+        }
+        queued
     }
 
     fn release(&self) {
@@ -298,14 +317,7 @@ impl Replication {
     }
 
     fn header(&self, command: Command) -> PeerHeader {
-        let replica = self.replica.borrow();
-        PeerHeader::new(
-            command,
-            replica.config().group,
-            replica.view(),
-            replica.config().replica,
-            STATUS_NORMAL,
-        )
+        peer_header(&self.replica.borrow(), command)
     }
 }
 
@@ -857,12 +869,9 @@ pub(crate) fn forward_flush<S: StateMachine>(shard: &Shard<S>) {
     header.set_field_u32(field::FORWARD_RECORD_COUNT_U32, count as u32);
     header.set_field_u32(field::FORWARD_ORIGIN_GROUP_U32, shard.index as u32);
     header.checksum_body = percore_engine::message::body_checksum(&pending);
-    let outbox = &replication.outboxes[usize::from(leader)];
-    if outbox.push(header, &pending) {
+    let dropped = &shard.metrics.replication_messages_dropped_total;
+    if replication.outboxes[usize::from(leader)].send(header, &pending, dropped) {
         ShardMetrics::add(&shard.metrics.replication_forwards_sent_total, count as u64);
-        outbox.doorbell.notify();
-    } else {
-        ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
     }
     pending.clear();
 }
@@ -994,12 +1003,8 @@ fn execute<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
                 continue;
             }
         };
-        let outbox = &replication.outboxes[usize::from(to)];
-        if outbox.push(header, &[]) {
-            outbox.doorbell.notify();
-        } else {
-            ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
-        }
+        let dropped = &shard.metrics.replication_messages_dropped_total;
+        replication.outboxes[usize::from(to)].send(header, &[], dropped);
     }
 }
 
@@ -1038,12 +1043,8 @@ fn send_with_checksums<S: StateMachine>(
         count as u32,
     );
     header.checksum_body = percore_engine::message::body_checksum(body);
-    let outbox = &replication.outboxes[usize::from(to)];
-    if outbox.push(header, body) {
-        outbox.doorbell.notify();
-    } else {
-        ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
-    }
+    let dropped = &shard.metrics.replication_messages_dropped_total;
+    replication.outboxes[usize::from(to)].send(header, body, dropped);
 }
 
 /// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
@@ -1394,7 +1395,7 @@ where
         let commit = replica.commit_max();
         let entry = journal.staged_entry(op).expect("just staged");
         for peer in replica.others() {
-            let mut header = replication.header_for(&replica, Command::Prepare);
+            let mut header = peer_header(&replica, Command::Prepare);
             header.set_field_u64(field::PREPARE_OP, op);
             header.set_field_u64(field::PREPARE_COMMIT, commit);
             header.checksum_body = checksum;
@@ -1433,16 +1434,19 @@ where
     true
 }
 
-impl Replication {
-    fn header_for(&self, replica: &Replica, command: Command) -> PeerHeader {
-        PeerHeader::new(
-            command,
-            replica.config().group,
-            replica.view(),
-            replica.config().replica,
-            STATUS_NORMAL,
-        )
-    }
+/// A message header from `replica`: its group, view, index and status.
+fn peer_header(replica: &Replica, command: Command) -> PeerHeader {
+    let status = match replica.status() {
+        Status::Normal => STATUS_NORMAL,
+        Status::ViewChange => STATUS_VIEW_CHANGE,
+    };
+    PeerHeader::new(
+        command,
+        replica.config().group,
+        replica.view(),
+        replica.config().replica,
+        status,
+    )
 }
 
 /// Follower: stage what arrived in order, commit, acknowledge.
@@ -1593,13 +1597,11 @@ where
                 replication.replica.borrow().commit_max(),
             );
             header.checksum_body = entry_header.checksum_header;
-            let outbox = &replication.outboxes[usize::from(to)];
-            if !outbox.push(header, &entry) {
-                ShardMetrics::add(&shard.metrics.replication_messages_dropped_total, 1);
+            let dropped = &shard.metrics.replication_messages_dropped_total;
+            if !replication.outboxes[usize::from(to)].send(header, &entry, dropped) {
                 break;
             }
             ShardMetrics::add(&shard.metrics.replication_retransmits_total, 1);
-            outbox.doorbell.notify();
         }
     }
 }

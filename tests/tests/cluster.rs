@@ -157,6 +157,26 @@ impl Harness {
         })
     }
 
+    /// Waits until every replica is in the same view of each group; returns those views.
+    fn agreed_views(&self) -> Vec<u64> {
+        wait_until("every replica is in the same views", || {
+            let views = self.views(0);
+            (1..REPLICAS)
+                .all(|replica| self.views(replica) == views)
+                .then_some(views)
+        })
+    }
+
+    /// The ready leader of each group now, among all replicas.
+    fn current_leaders(&self) -> Vec<usize> {
+        (0..SHARDS)
+            .map(|shard| {
+                self.current_leader(shard, &[0, 1, 2])
+                    .unwrap_or_else(|| panic!("group {shard} has a leader"))
+            })
+            .collect()
+    }
+
     /// Waits until all replicas hold and know committed the same ops per group, unchanged
     /// for [`QUIET_FOR`] (longer than the credit-leg resend interval, so no leg or
     /// acknowledgement is still on its way), whoever leads. Returns each group's commit
@@ -1058,20 +1078,9 @@ fn leader_paused_fails_over_and_rejoins() {
     // Group 0's leader was never faulted, but on a starved 2-core box a thawed replica's
     // catch-up can delay its heartbeats past a follower's timeout: a view change there is
     // allowed (it is liveness, not safety) and reported; every replica must agree on it.
-    let views = wait_until("every replica is in the same views", || {
-        let views = harness.views(0);
-        (1..REPLICAS)
-            .all(|replica| harness.views(replica) == views)
-            .then_some(views)
-    });
+    let views = harness.agreed_views();
     assert!(views[1] >= view, "group 1 stays at or past view {view}");
-    let leaders: Vec<usize> = (0..SHARDS)
-        .map(|shard| {
-            harness
-                .current_leader(shard, &[0, 1, 2])
-                .unwrap_or_else(|| panic!("group {shard} has a leader"))
-        })
-        .collect();
+    let leaders = harness.current_leaders();
     assert_eq!(
         outcome.hints, leaders,
         "the client found each group's leader"
@@ -1187,20 +1196,9 @@ fn leader_killed_twice() {
     assert!(outcome.redirects > 0, "the client followed the leaders");
     // On a starved box a follower can also time out a healthy leader; further view
     // changes are allowed (liveness, not safety) as long as every replica agrees.
-    let views = wait_until("every replica is in the same views", || {
-        let views = harness.views(0);
-        (1..REPLICAS)
-            .all(|replica| harness.views(replica) == views)
-            .then_some(views)
-    });
+    let views = harness.agreed_views();
     assert!(views[0] >= 2 && views[1] >= 1, "views {views:?}");
-    let leaders: Vec<usize> = (0..SHARDS)
-        .map(|shard| {
-            harness
-                .current_leader(shard, &[0, 1, 2])
-                .unwrap_or_else(|| panic!("group {shard} has a leader"))
-        })
-        .collect();
+    let leaders = harness.current_leaders();
     assert_eq!(
         outcome.hints, leaders,
         "the client found each group's leader"
