@@ -671,9 +671,15 @@ pub struct CheckpointDone {
     pub checkpoint: Checkpoint,
     /// Snapshot bytes written (unpadded).
     pub snapshot_bytes: u64,
-    /// Segment files removed.
+    /// Segments the journal no longer needs (below `segments_below`).
+    pub segments_released: u64,
+    /// Segment files below this index are no longer part of the journal.
+    pub segments_below: u64,
+    /// The snapshot file (its op) no retained checkpoint names any more (0: none).
+    pub snapshot_stale_op: u64,
+    /// Segment files removed here ([`Journal::checkpoint`]; 0 for an install).
     pub segments_removed: u64,
-    /// Snapshot files removed.
+    /// Snapshot files removed here ([`Journal::checkpoint`]; 0 for an install).
     pub snapshots_removed: u64,
     /// The first op [`Journal::read_entry`] still returns.
     pub op_first: u64,
@@ -1405,6 +1411,13 @@ impl Journal {
         &self.superblock
     }
 
+    /// Removes snapshot files no retained checkpoint names (one the checkpoint follower
+    /// wrote but the shard did not install before stopping) and temporary snapshot files.
+    /// Blocking directory listing: for shutdown. Returns the files removed.
+    pub fn remove_stale_snapshots(&self) -> Result<u64, JournalError> {
+        snapshots_stale_remove(&self.config.dir, &self.superblock)
+    }
+
     /// Op of the latest checkpoint (0: none).
     pub fn checkpoint_op(&self) -> u64 {
         self.superblock.checkpoint.op
@@ -1445,7 +1458,57 @@ impl Journal {
             digest,
         };
         self.snapshot_write(&meta, snapshot).await?;
+        self.checkpoint_record(checkpoint, &meta, retain_from_op, true)
+            .await
+    }
 
+    /// Installs a checkpoint whose snapshot file another thread has already written
+    /// durably under its final name (the checkpoint follower, [`crate::checkpoint`]): reads
+    /// entry `meta.op` back, checks that its checksum is the one the snapshot was taken
+    /// after, then writes the superblock and *releases* what no retained checkpoint needs,
+    /// as [`Journal::checkpoint`] does after its own file write, but without unlinking: the
+    /// journal forgets the segments below [`CheckpointDone::segments_below`] and the
+    /// snapshot of [`CheckpointDone::snapshot_stale_op`], and the caller removes the files
+    /// off this thread (unlinking a large pre-allocated file takes milliseconds; files left
+    /// behind by a crash are removed at the next open or checkpoint).
+    pub async fn checkpoint_install(
+        &mut self,
+        meta: &SnapshotMeta,
+        retain_from_op: u64,
+    ) -> Result<CheckpointDone, JournalError> {
+        self.check_usable()?;
+        let op = meta.op;
+        if op <= self.superblock.checkpoint.op || op > self.op_durable {
+            return Err(JournalError::CheckpointOp {
+                op,
+                checkpoint_op: self.superblock.checkpoint.op,
+                op_durable: self.op_durable,
+            });
+        }
+        let checkpoint = self.checkpoint_locate(op).await?;
+        if checkpoint.checksum != meta.checkpoint_checksum {
+            let location = self.locate(op).await?;
+            return Err(self.read_corrupt(
+                location,
+                format!(
+                    "entry checksum {:032x}, but the snapshot was taken after {:032x}",
+                    checkpoint.checksum, meta.checkpoint_checksum
+                ),
+            ));
+        }
+        self.checkpoint_record(checkpoint, meta, retain_from_op, false)
+            .await
+    }
+
+    /// The end of a checkpoint, once its snapshot file is durable: the superblock, then the
+    /// removals.
+    async fn checkpoint_record(
+        &mut self,
+        checkpoint: Checkpoint,
+        meta: &SnapshotMeta,
+        retain_from_op: u64,
+        remove_files: bool,
+    ) -> Result<CheckpointDone, JournalError> {
         let snapshot_stale_op = self.superblock.checkpoint_previous.op;
         let superblock = Superblock {
             checkpoint_previous: self.superblock.checkpoint,
@@ -1455,19 +1518,30 @@ impl Journal {
         };
         self.superblock_store(superblock).await?;
 
-        let segments_removed = self.segments_remove(retain_from_op).await?;
+        let segment_first = self.segment_oldest;
+        let segments_below = self.segments_release(retain_from_op);
+        let mut segments_removed = 0;
         let mut snapshots_removed = 0;
-        if snapshot_stale_op > 0 {
-            let path = self
-                .config
-                .dir
-                .join(format::snapshot_file_name(snapshot_stale_op));
-            snapshots_removed += u64::from(file_remove(&path).await?);
+        if remove_files {
+            for segment in segment_first..segments_below {
+                let path = segment_path(&self.config.dir, segment);
+                segments_removed += u64::from(file_remove(&path).await?);
+            }
+            if snapshot_stale_op > 0 {
+                let path = self
+                    .config
+                    .dir
+                    .join(format::snapshot_file_name(snapshot_stale_op));
+                snapshots_removed += u64::from(file_remove(&path).await?);
+            }
         }
         debug_assert!(self.position_index.op_first <= self.superblock.checkpoint_previous.op + 1);
         Ok(CheckpointDone {
             checkpoint,
             snapshot_bytes: meta.snapshot_bytes,
+            segments_released: segments_below - segment_first,
+            segments_below,
+            snapshot_stale_op,
             segments_removed,
             snapshots_removed,
             op_first: self.position_index.op_first,
@@ -1684,29 +1758,24 @@ impl Journal {
             .map_err(|error| io_error(&self.config.dir, error))
     }
 
-    /// Removes the segments before the oldest one a retained checkpoint or a peer needs,
+    /// Forgets the segments before the oldest one a retained checkpoint or a peer needs,
     /// and moves `op_first` up to match. Keeps everything from the indexed op at or before
     /// `min(previous checkpoint + 1, retain_from_op)`, and the previous checkpoint's segment
-    /// (recovery starts there). Returns the segments removed.
-    async fn segments_remove(&mut self, retain_from_op: u64) -> Result<u64, JournalError> {
+    /// (recovery starts there). Returns the first segment kept: the files below it may be
+    /// removed.
+    fn segments_release(&mut self, retain_from_op: u64) -> u64 {
         let previous = self.superblock.checkpoint_previous;
         let bound_op = (previous.op + 1)
             .min(retain_from_op)
             .max(self.position_index.op_first);
         let Some((op_keep, position_keep)) = self.position_index.at_or_before(bound_op) else {
-            return Ok(0);
+            return self.segment_oldest;
         };
         let segment_keep = position_keep.segment.min(previous.segment);
         assert!(segment_keep <= self.position_durable.segment);
         self.position_index.drop_before(op_keep);
-        let mut removed = 0;
-        // Bounded: `segment_oldest` rises to `segment_keep`.
-        while self.segment_oldest < segment_keep {
-            let path = segment_path(&self.config.dir, self.segment_oldest);
-            removed += u64::from(file_remove(&path).await?);
-            self.segment_oldest += 1;
-        }
-        Ok(removed)
+        self.segment_oldest = self.segment_oldest.max(segment_keep);
+        self.segment_oldest
     }
 
     /// Reads durable op `op` (any op in `op_first()..=op_durable()`) back from disk into

@@ -7,6 +7,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod core;

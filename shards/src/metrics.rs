@@ -150,6 +150,12 @@ shard_metrics! {
     counter peer_connections_total: "Authenticated peer connections established.",
     counter peer_auth_failures_total: "Peer connections refused (bad key, unknown peer, bad frame).",
     counter client_not_leader_total: "Client requests refused because this replica does not lead.",
+    counter checkpoints_total: "Checkpoints recorded in the superblock.",
+    gauge checkpoint_op: "Op of the latest checkpoint recorded in the superblock.",
+    gauge checkpoint_follower_op: "Op the checkpoint follower has applied from the journal.",
+    gauge checkpoint_capture_us: "Last checkpoint: snapshot and digest on the follower thread (µs).",
+    gauge checkpoint_write_us: "Last checkpoint: snapshot file checksum, write and sync on the follower thread (µs).",
+    gauge checkpoint_install_us: "Last checkpoint: superblock write and removals on the shard (µs).",
 }
 
 /// A per-peer gauge: name, help and how to read it.

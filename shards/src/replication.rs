@@ -1296,15 +1296,9 @@ where
     }
     progressed |= run_deferred(shard, journal).await;
     progressed |= serve_repairs(shard, journal).await;
-    // Bounded: each turn after the first follows a checkpoint, which needs applied ops.
-    loop {
-        progressed |= apply_committed(shard, journal).await;
-        if !shard.checkpointer.borrow().pending() {
-            break;
-        }
-        let retain_from_op = retain_from_op(replication);
-        crate::runtime::checkpoint_write(shard, journal, retain_from_op).await;
-    }
+    progressed |= apply_committed(shard, journal).await;
+    let retain_from_op = retain_from_op(replication);
+    progressed |= crate::runtime::checkpoint_install(shard, journal, retain_from_op).await;
     progressed |= persist_applied(shard, journal).await;
     shard.mesh.borrow_mut().ring_doorbells();
     progressed
@@ -1669,9 +1663,6 @@ where
             ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
         }
         applied = true;
-        if crate::runtime::checkpoint_capture(&shard.checkpointer, core.state_machine(), op) {
-            break;
-        }
     }
     if applied {
         shard.core.borrow().publish_pool_metrics();

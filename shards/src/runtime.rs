@@ -379,7 +379,9 @@ where
                 .spin_before_park(Duration::from_micros(50))
                 .spawn(move || async move {
                     let state_machine = make(shard, shards);
-                    run_shard(context, state_machine, endpoint, ready).await
+                    // The checkpoint follower's copy, built on its own thread.
+                    let make_follower: MakeFollower<S> = Box::new(move || make(shard, shards));
+                    run_shard(context, state_machine, make_follower, endpoint, ready).await
                 })
                 .map_err(|err| NodeError::Executor {
                     shard,
@@ -534,92 +536,42 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) finished: Cell<bool>,
     /// Log replication of this shard's group, if the node replicates.
     pub(crate) replication: Option<crate::replication::Replication>,
-    /// The checkpoint snapshot buffer and the checkpoint waiting to be written.
-    pub(crate) checkpointer: RefCell<Checkpointer>,
+    /// The checkpoint follower, if the shard journals with checkpoints.
+    pub(crate) checkpoints: RefCell<Option<crate::checkpoint::CheckpointFollower>>,
     /// Application-thread ingest shared by the node (this shard drains its own ring).
     pub(crate) ingest: Arc<crate::ingest::Ingress<S>>,
 }
 
-/// Takes checkpoints: a snapshot is captured right after its op is applied (synchronously,
-/// so it is exactly the state at that op), then written by the batcher before it applies
-/// anything else ([`checkpoint_write`]).
-///
-/// The snapshot buffer is allocated once and reused: it grows only when the state is larger
-/// than at every earlier checkpoint (the ledger's tables are fixed at start-up, so it stops
-/// growing once the transfer window has filled).
-pub(crate) struct Checkpointer {
-    /// Ops between checkpoints (0: never).
-    interval_ops: u64,
-    /// The snapshot of the pending checkpoint; kept between checkpoints.
-    snapshot: Vec<u8>,
-    /// Op and digest of the captured snapshot not yet written.
-    pending: Option<(u64, percore_engine::checksum::Digest256)>,
-    /// When `pending` was captured and how long the capture took (µs).
-    captured: Option<(Instant, u64)>,
-}
-
-impl Checkpointer {
-    pub(crate) fn new(interval_ops: u64) -> Self {
-        Checkpointer {
-            interval_ops,
-            snapshot: Vec::new(),
-            pending: None,
-            captured: None,
-        }
-    }
-
-    pub(crate) fn pending(&self) -> bool {
-        self.pending.is_some()
-    }
-}
-
-/// After applying `op`: if it is a checkpoint op, captures the snapshot of `state_machine`
-/// into the reused buffer and returns true (the caller must write it with
-/// [`checkpoint_write`] before applying further ops). Every replica checkpoints at the same ops.
-pub(crate) fn checkpoint_capture<S: StateMachine>(
-    checkpointer: &RefCell<Checkpointer>,
-    state_machine: &S,
-    op: u64,
-) -> bool {
-    let mut checkpointer = checkpointer.borrow_mut();
-    let interval_ops = checkpointer.interval_ops;
-    if interval_ops == 0 || !op.is_multiple_of(interval_ops) {
-        return false;
-    }
-    assert!(checkpointer.pending.is_none(), "one checkpoint at a time");
-    let started = Instant::now();
-    checkpointer.snapshot.clear();
-    state_machine.snapshot(&mut checkpointer.snapshot);
-    let digest = state_machine.digest();
-    checkpointer.pending = Some((op, digest));
-    checkpointer.captured = Some((started, started.elapsed().as_micros() as u64));
-    true
-}
-
-/// Writes the captured checkpoint (snapshot file, superblock, removals). `retain_from_op`
-/// is the lowest op a peer may still need (`u64::MAX` without peers). A checkpoint that
-/// cannot be written stops the process, like a journal write that fails.
-pub(crate) async fn checkpoint_write<S: StateMachine>(
+/// Installs the checkpoint the shard's follower has written, if one is waiting
+/// ([`crate::checkpoint`]): the superblock write and the removals, on this shard's io_uring.
+/// First tells the follower how far this shard has applied. `retain_from_op` is the lowest
+/// op a peer may still need (`u64::MAX` without peers). A checkpoint that cannot be
+/// installed, or a follower that stopped, stops the process, like a journal write that
+/// fails. Returns whether it installed one.
+pub(crate) async fn checkpoint_install<S: StateMachine>(
     shard: &Shard<S>,
     journal: &mut Journal,
     retain_from_op: u64,
-) {
-    let (pending, captured, snapshot) = {
-        let mut checkpointer = shard.checkpointer.borrow_mut();
-        let snapshot = std::mem::take(&mut checkpointer.snapshot);
-        (
-            checkpointer.pending.take(),
-            checkpointer.captured.take(),
-            snapshot,
-        )
+) -> bool {
+    let written = {
+        let mut follower = shard.checkpoints.borrow_mut();
+        let Some(follower) = follower.as_mut() else {
+            return false;
+        };
+        follower.note_applied(shard.core.borrow().op_last());
+        match follower.poll() {
+            Ok(Some(written)) => written,
+            Ok(None) => return false,
+            Err(failure) => panic!(
+                "shard {}: checkpoint follower stopped, stopping: {failure}",
+                shard.index
+            ),
+        }
     };
-    let Some((op, digest)) = pending else {
-        shard.checkpointer.borrow_mut().snapshot = snapshot;
-        return;
-    };
-    let write_started = Instant::now();
+    let op = written.meta.op;
+    let started = Instant::now();
     let done = match journal
-        .checkpoint(op, &snapshot, digest, retain_from_op)
+        .checkpoint_install(&written.meta, retain_from_op)
         .await
     {
         Ok(done) => done,
@@ -628,20 +580,25 @@ pub(crate) async fn checkpoint_write<S: StateMachine>(
             shard.index
         ),
     };
-    shard.checkpointer.borrow_mut().snapshot = snapshot;
-    let (captured_at, capture_us) = captured.expect("captured with pending");
+    let install_us = started.elapsed().as_micros() as u64;
+    if let Some(follower) = shard.checkpoints.borrow().as_ref() {
+        follower.installed(op, done.segments_below, done.snapshot_stale_op);
+    }
+    ShardMetrics::add(&shard.metrics.checkpoints_total, 1);
+    ShardMetrics::set(&shard.metrics.checkpoint_op, op);
+    ShardMetrics::set(&shard.metrics.checkpoint_install_us, install_us);
     tracing::info!(
         shard = shard.index,
         op,
         snapshot_bytes = done.snapshot_bytes,
-        capture_us,
-        write_us = write_started.elapsed().as_micros() as u64,
-        stall_us = captured_at.elapsed().as_micros() as u64,
-        segments_removed = done.segments_removed,
-        snapshots_removed = done.snapshots_removed,
+        capture_us = written.capture_us,
+        write_us = written.write_us,
+        install_us,
+        segments_released = done.segments_released,
         op_first = done.op_first,
         "checkpoint"
     );
+    true
 }
 
 impl<S: StateMachine> Shard<S> {
@@ -804,9 +761,49 @@ fn start_replication(
     Ok((Some(replication), Some(listener)))
 }
 
+/// Builds the checkpoint follower's state machine (once, on the follower's thread).
+type MakeFollower<S> = Box<dyn FnOnce() -> S + Send>;
+
+/// Starts the shard's checkpoint follower if it journals with checkpoints.
+fn start_checkpoints<S: StateMachine + 'static>(
+    shard: usize,
+    config: &NodeConfig,
+    journal: Option<&Journal>,
+    applied_op: u64,
+    metrics: &Arc<ShardMetrics>,
+    make: MakeFollower<S>,
+) -> Result<Option<crate::checkpoint::CheckpointFollower>, NodeError> {
+    let (Some(journal), Some(settings)) = (journal, config.journal.as_ref()) else {
+        return Ok(None);
+    };
+    if settings.checkpoint_interval_ops == 0 {
+        return Ok(None);
+    }
+    let follower_config = crate::checkpoint::FollowerConfig {
+        shard,
+        dir: journal.config().dir.clone(),
+        cluster_id: settings.cluster_id,
+        body_bytes_max: journal.config().body_bytes_max,
+        interval_ops: settings.checkpoint_interval_ops,
+    };
+    crate::checkpoint::CheckpointFollower::spawn(
+        follower_config,
+        *journal.superblock(),
+        applied_op,
+        metrics.clone(),
+        make,
+    )
+    .map(Some)
+    .map_err(|error| NodeError::Journal {
+        shard,
+        message: format!("checkpoint follower thread: {error}"),
+    })
+}
+
 async fn run_shard<S>(
     context: ShardContext<S>,
     state_machine: S,
+    make_follower: MakeFollower<S>,
     links: MeshLinks<S>,
     ready: std::sync::mpsc::Sender<(usize, Result<SocketAddr, NodeError>)>,
 ) -> Result<ShardReport<S>, NodeError>
@@ -851,6 +848,17 @@ where
         let message = error.to_string();
         return start_failed(&ready, shard, NodeError::Journal { shard, message });
     }
+    let checkpoints = match start_checkpoints(
+        shard,
+        &config,
+        journal.as_ref(),
+        core.op_last(),
+        &metrics,
+        make_follower,
+    ) {
+        Ok(checkpoints) => checkpoints,
+        Err(error) => return start_failed(&ready, shard, error),
+    };
     let recent: Vec<(u64, u128)> = recent.into_iter().collect();
     let (replication, peer_listener) =
         match start_replication(shard, &config, journal.as_ref(), &recent) {
@@ -902,10 +910,6 @@ where
         .map(|_| LocalNotify::default())
         .collect();
     let config_transactions = config.transactions;
-    let checkpoint_interval_ops = config
-        .journal
-        .as_ref()
-        .map_or(0, |settings| settings.checkpoint_interval_ops);
     let shard_state = Rc::new(Shard {
         index: shard,
         shards,
@@ -926,7 +930,7 @@ where
         all_metrics,
         finished: Cell::new(false),
         replication,
-        checkpointer: RefCell::new(Checkpointer::new(checkpoint_interval_ops)),
+        checkpoints: RefCell::new(checkpoints),
         ingest,
     });
     if !unconfirmed.is_empty() {
@@ -958,10 +962,17 @@ where
     let ingest_task = glommio::spawn_local(crate::ingest::drain_loop(shard_state.clone()));
     accept_loop(shard_state.clone(), listener).await;
     ingest_task.await;
-    if let Some(mut journal) = batcher.await
-        && let Err(err) = journal.write_superblock().await
-    {
-        tracing::warn!(shard, %err, "superblock not written at shutdown");
+    // The follower stops first (it finishes a snapshot file it is writing); a file it
+    // wrote that was not installed is removed (open would remove it too).
+    let journal = batcher.await;
+    drop(shard_state.checkpoints.borrow_mut().take());
+    if let Some(mut journal) = journal {
+        if let Err(err) = journal.remove_stale_snapshots() {
+            tracing::warn!(shard, %err, "stale snapshot files not removed at shutdown");
+        }
+        if let Err(err) = journal.write_superblock().await {
+            tracing::warn!(shard, %err, "superblock not written at shutdown");
+        }
     }
     shard_state.finished.set(true);
     for task in mesh_tasks {
@@ -1558,12 +1569,15 @@ where
         tracing::debug!(shard = shard.index, op = batch.op, entries = batch.entries, reason = ?batch.reason, "sealed");
         sealed += 1;
     }
+    let mut journal = journal;
     if sealed == 0 {
+        if let Some(journal) = journal.as_deref_mut() {
+            progressed |= checkpoint_install(shard, journal, u64::MAX).await;
+        }
         shard.mesh.borrow_mut().ring_doorbells();
         return progressed;
     }
     progressed = true;
-    let mut journal = journal;
     if let Some(journal) = journal.as_deref_mut() {
         let span = tracing::debug_span!("journal_commit", shard = shard.index, batches = sealed);
         journal_commit(shard, journal, sealed)
@@ -1571,11 +1585,11 @@ where
             .await;
     }
     for _ in 0..sealed {
-        let checkpoint_due = apply_one(shard, journal.is_some());
-        if checkpoint_due && let Some(journal) = journal.as_deref_mut() {
-            // No peers: nothing beyond the retained checkpoints needs keeping.
-            checkpoint_write(shard, journal, u64::MAX).await;
-        }
+        apply_one(shard);
+    }
+    if let Some(journal) = journal {
+        // No peers: nothing beyond the retained checkpoints needs keeping.
+        checkpoint_install(shard, journal, u64::MAX).await;
     }
     shard.core.borrow().publish_pool_metrics();
     shard.mesh.borrow_mut().ring_doorbells();
@@ -1583,8 +1597,7 @@ where
 }
 
 /// Applies the oldest sealed batch, answers its records and forwards what it produced.
-/// Returns whether it was a checkpoint op (captured; only when journaling).
-fn apply_one<S>(shard: &Shard<S>, journaling: bool) -> bool
+fn apply_one<S>(shard: &Shard<S>)
 where
     S: StateMachine,
     S::Record: Send,
@@ -1592,8 +1605,7 @@ where
 {
     let _apply = tracing::debug_span!("apply", shard = shard.index).entered();
     let mut core = shard.core.borrow_mut();
-    let op = core
-        .apply_next(|origin, result| complete(shard, origin, result))
+    core.apply_next(|origin, result| complete(shard, origin, result))
         .expect("a sealed batch is waiting");
     while let Some(outbound) = core.poll_outbound() {
         let message = MeshMessage::Outbound {
@@ -1606,7 +1618,6 @@ where
             .send_or_queue(outbound.shard as usize, message);
         ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
     }
-    journaling && checkpoint_capture(&shard.checkpointer, core.state_machine(), op)
 }
 
 /// Stages the `sealed` oldest sealed batches and commits them: one write and one

@@ -290,7 +290,7 @@ fn acknowledged_transfers_survive_sigkill() {
 fn acknowledged_transfers_survive_sigkill_during_checkpoints() {
     let data_dir = crash_run("checkpoints", CHECKPOINT_ARGS);
     // Checkpoints happened and removed what they cover: each shard keeps at most two
-    // snapshots, and segment 0 is gone once the journal outgrew a few segments.
+    // snapshots, and segment 0 is gone once the journal outgrew several segments.
     for shard in 0..SHARDS {
         let dir = data_dir.join(format!("shard-{shard}"));
         let mut segments = Vec::new();
@@ -306,7 +306,13 @@ fn acknowledged_transfers_survive_sigkill_during_checkpoints() {
             (1..=2).contains(&snapshots.len()),
             "shard {shard}: {snapshots:?}"
         );
-        assert!(segments.len() <= 4, "shard {shard}: {segments:?}");
+        // Checkpoints are taken by the follower thread, which restarts from the last
+        // checkpoint after every kill and may trail the shard by a few 1 MiB segments.
+        assert!(segments.len() <= 8, "shard {shard}: {segments:?}");
+        assert!(
+            segments.last() < Some(&8) || segments[0] > 0,
+            "shard {shard}: segment 0 outlived many checkpoints: {segments:?}"
+        );
     }
     let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -3,18 +3,28 @@
 //! plus the journal suffix reaches the digest of a full replay, ops above the previous
 //! checkpoint stay readable (below them: `OpNotReadable`), a damaged snapshot is a typed
 //! error naming the file, and a torn newest superblock copy falls back to the older one.
+//! The checkpoint follower takes the live ledger's checkpoints from the journal on disk, and
+//! its reader stops at a damaged entry.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytemuck::Zeroable as _;
-use percore_engine::journal::{EntryMeta, parse_segment_name, parse_snapshot_name};
+use percore_engine::journal::{Checkpoint, EntryMeta, parse_segment_name, parse_snapshot_name};
 use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation};
 use percore_engine::record::{Account, RecordResult, RecordSlot, Transfer, account_flags};
 use percore_engine::state_machine::{RestoreError, StateMachine};
+use percore_shards::checkpoint::{
+    CheckpointFollower, FollowerConfig, FollowerError, JournalReader, Written,
+};
 use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, SUPERBLOCK_FILE_NAME,
 };
+use percore_shards::metrics::ShardMetrics;
 
 const SHARD: u32 = 0;
 const CLUSTER_ID: u128 = 0xC4EC_0000_0000_0000_0000_0000_0000_0001;
@@ -559,4 +569,182 @@ fn checkpoint_stall_at_the_default_ledger_size() {
 async fn meta_stage(journal: &mut Journal, meta: EntryMeta) {
     journal.stage(meta, &[0u8; 128]).expect("stage");
     journal.commit().await.expect("commit");
+}
+
+/// Installs `written` and checks it is the live ledger's checkpoint at its op.
+async fn install_checked(
+    journal: &mut Journal,
+    follower: &CheckpointFollower,
+    written: Written,
+    digests: &BTreeMap<u64, [u8; 32]>,
+    installed: &mut Vec<u64>,
+) {
+    let op = written.meta.op;
+    assert!(op.is_multiple_of(CHECKPOINT_INTERVAL_OPS_TEST), "op {op}");
+    assert_eq!(
+        Some(&written.meta.digest),
+        digests.get(&op),
+        "the follower's state at op {op} is the live ledger's"
+    );
+    let done = journal
+        .checkpoint_install(&written.meta, u64::MAX)
+        .await
+        .expect("install");
+    assert_eq!(done.checkpoint.op, op);
+    assert_eq!((done.segments_removed, done.snapshots_removed), (0, 0));
+    follower.installed(op, done.segments_below, done.snapshot_stale_op);
+    installed.push(op);
+}
+
+/// The checkpoint follower (a second ledger on its own thread, following the journal on
+/// disk) takes the checkpoints the live ledger would: every snapshot's digest is the live
+/// ledger's at that op, whether the shard waits for it or runs ahead (then it skips
+/// checkpoint ops); installing them removes old segments and snapshots; recovery from the
+/// last one reaches the live digest.
+#[test]
+fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
+    let temp = TempDir::new("follower");
+    let dir = temp.0.clone();
+    run(move || async move {
+        let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
+        let follower_config = FollowerConfig {
+            shard: SHARD as usize,
+            dir: dir.clone(),
+            cluster_id: CLUSTER_ID,
+            body_bytes_max: BODY_BYTES_MAX,
+            interval_ops: CHECKPOINT_INTERVAL_OPS_TEST,
+        };
+        let metrics = Arc::new(ShardMetrics::new(SHARD));
+        let mut follower = CheckpointFollower::spawn(
+            follower_config,
+            *journal.superblock(),
+            0,
+            metrics.clone(),
+            ledger,
+        )
+        .expect("spawn");
+        let mut live = ledger();
+        let mut digests = BTreeMap::new();
+        let mut installed = Vec::new();
+        for op in 1..=OPS {
+            let (operation, mut records) = batch(op);
+            live.prepare(operation, op * 1_000, &mut records);
+            let meta = EntryMeta {
+                shard: SHARD,
+                view: 0,
+                op,
+                operation: operation.into(),
+                entry_count: records.len() as u32,
+                record_bytes: 128,
+            };
+            journal
+                .stage(meta, bytemuck::cast_slice(&records))
+                .expect("stage");
+            journal.commit().await.expect("commit");
+            apply(&mut live, op, operation, &records);
+            if op.is_multiple_of(CHECKPOINT_INTERVAL_OPS_TEST) {
+                digests.insert(op, live.digest());
+            }
+            follower.note_applied(op);
+            // Every 40 ops the shard waits until a checkpoint at this op is installed;
+            // in between it runs ahead and installs whatever is ready.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(written) = follower.poll().expect("follower runs") {
+                    install_checked(&mut journal, &follower, written, &digests, &mut installed)
+                        .await;
+                }
+                if !op.is_multiple_of(40) || installed.last() == Some(&op) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no checkpoint at op {op}");
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(installed.last(), Some(&OPS));
+        assert!(installed.len() >= 5, "{installed:?}");
+        assert!(installed.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(metrics.checkpoint_follower_op.load(Ordering::Relaxed), OPS);
+        // The follower removes the released files after each install it sees.
+        let previous = installed[installed.len() - 2];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while files(&dir).1 != vec![previous, OPS] {
+            assert!(
+                Instant::now() < deadline,
+                "released files stay: {:?}",
+                files(&dir)
+            );
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let (segments, snapshots) = files(&dir);
+        assert!(segments[0] > 0, "old segments removed: {segments:?}");
+        assert_eq!(snapshots, vec![previous, OPS]);
+        drop(follower);
+        journal.write_superblock().await.expect("superblock");
+        journal.close().await.expect("close");
+        let (_, recovered, checkpoint_op) = recover(&dir).await.expect("recover");
+        assert_eq!(checkpoint_op, OPS);
+        assert_eq!(recovered.digest(), live.digest());
+    });
+}
+
+/// The follower's reader returns every entry in order across segment boundaries, with the
+/// bytes written; a damaged entry is an error naming its op (after the retries), never
+/// skipped.
+#[test]
+fn the_journal_reader_crosses_segments_and_stops_at_a_damaged_entry() {
+    let temp = TempDir::new("reader");
+    let dir = temp.0.clone();
+    let bodies = {
+        let dir = dir.clone();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        run(move || async move {
+            let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
+            let mut bodies = Vec::new();
+            for op in 1..=OPS {
+                let (operation, records) = batch(op);
+                let meta = EntryMeta {
+                    shard: SHARD,
+                    view: 0,
+                    op,
+                    operation: operation.into(),
+                    entry_count: records.len() as u32,
+                    record_bytes: 128,
+                };
+                let body: &[u8] = bytemuck::cast_slice(&records);
+                journal.stage(meta, body).expect("stage");
+                journal.commit().await.expect("commit");
+                bodies.push(body.to_vec());
+            }
+            journal.close().await.expect("close");
+            sender.send(bodies).expect("send");
+        });
+        receiver.recv().expect("bodies")
+    };
+    let mut reader = JournalReader::new(&dir, BODY_BYTES_MAX, Checkpoint::ROOT);
+    let mut positions = Vec::new();
+    for op in 1..=OPS {
+        let (meta, body) = reader.next_entry().expect("entry");
+        assert_eq!(meta.op, op);
+        assert_eq!(body, &bodies[op as usize - 1][..], "op {op}");
+        positions.push(reader.position());
+    }
+    let segments: std::collections::BTreeSet<u64> = positions.iter().map(|p| p.0).collect();
+    assert!(segments.len() > 3, "crossed segments: {segments:?}");
+
+    // Damage the body of the first entry of the third segment.
+    let third = *segments.iter().nth(2).expect("three segments");
+    let op_damaged = 1 + positions.iter().position(|p| p.0 == third).expect("entry") as u64;
+    let path = dir.join(percore_engine::journal::segment_file_name(third));
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[percore_engine::journal::ENTRY_HEADER_BYTES + 10] ^= 0x40;
+    std::fs::write(&path, &bytes).expect("write");
+    let mut reader = JournalReader::new(&dir, BODY_BYTES_MAX, Checkpoint::ROOT);
+    for op in 1..op_damaged {
+        assert_eq!(reader.next_entry().expect("entry").0.op, op);
+    }
+    match reader.next_entry() {
+        Err(FollowerError::EntryMissing { op, .. }) => assert_eq!(op, op_damaged),
+        other => panic!("expected EntryMissing at op {op_damaged}, got {other:?}"),
+    }
 }

@@ -1,0 +1,740 @@
+//! Checkpoints taken beside the shard, not by it: the checkpoint follower.
+//!
+//! A checkpoint is the state machine's snapshot at an op `c` (a multiple of the interval),
+//! written as a snapshot file and recorded in the superblock; after it, recovery starts from
+//! the snapshot and old segments can be removed. Capturing the *live* state machine stops
+//! the shard while the snapshot is taken: at the node's default ledger size that was 137 ms
+//! of capture plus 136 ms of file write, every few seconds under load (docs/benchmarks.md).
+//!
+//! Instead, every journaling shard with checkpoints has a *checkpoint follower*: a thread
+//! that owns a second instance of the shard's state machine, built by the same factory, and
+//! follows the shard's journal on disk. It reads every op the shard has applied, in order,
+//! verifying each entry (header and body checksums, op continuity, the hash chain from the
+//! checkpoint it started at), and applies it. State machines are deterministic, so its state
+//! after op `c` is the shard's state after op `c`. At a checkpoint op it takes the snapshot
+//! and digest, writes the snapshot file (`O_DIRECT`, `fdatasync`, rename, directory sync)
+//! and hands the file's header to the shard, whose only work is to record it in the
+//! superblock ([`Journal::checkpoint_install`]: one superblock write on its own io_uring).
+//! The follower also unlinks the segment and snapshot files the install released (freeing
+//! a large pre-allocated file takes milliseconds).
+//!
+//! What it costs: a second copy of the state in memory, every apply done twice (on another
+//! thread) and the journal read back once (`O_DIRECT`, no page cache). What it buys: the
+//! shard never stops to snapshot; its checkpoint cost is the superblock write.
+//!
+//! # Between the shard and its follower (no locks)
+//! * `applied_op` (shard → follower): the highest op the shard has applied. Every op up to
+//!   it is committed and durable, so it is never truncated or rewritten: the follower may
+//!   read it from the journal at any time.
+//! * `written` (follower → shard): a one-slot SPSC ring carrying a written snapshot file's
+//!   header.
+//! * `installed_op` (shard → follower): the checkpoint now in the superblock, with the
+//!   segment and snapshot files it released (stored before it). The follower
+//!   starts the next checkpoint only once the previous one is installed, so at most one
+//!   snapshot file waits, and the segments the follower still has to read are never removed
+//!   (removal stays below the superblock's *previous* checkpoint).
+//! * `failure` (follower → shard): why the follower stopped (an unreadable journal entry, a
+//!   snapshot that cannot be written). The shard stops the process on it, as it does when
+//!   a checkpoint or a journal write fails.
+//!
+//! A follower that falls behind by more than an interval skips the checkpoint ops in
+//! between and captures only the newest multiple of the interval at or below `applied_op`
+//! when it chose its target: checkpoints then land less often, never at an op the shard
+//! has not applied.
+//!
+//! [`Journal::checkpoint_install`]: crate::journal::Journal::checkpoint_install
+
+#![deny(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use percore_engine::journal::{
+    self as format, Checkpoint, EntryMeta, JournalChecksum, SECTOR_BYTES, SNAPSHOT_HEADER_BYTES,
+    SnapshotMeta, Superblock,
+};
+use percore_engine::ring::spsc;
+use percore_engine::state_machine::StateMachine;
+
+use crate::journal::SNAPSHOT_TEMPORARY_SUFFIX;
+use crate::metrics::ShardMetrics;
+
+/// How long the follower sleeps when it has caught up with the shard (µs).
+pub const FOLLOW_POLL_US: u64 = 1_000;
+/// Bytes the follower reads from a segment at a time (a multiple of [`SECTOR_BYTES`], at
+/// least one largest entry).
+pub const READ_BUFFER_BYTES: usize = 1 << 20;
+/// Bytes of the staging buffer the snapshot file is written through (`O_DIRECT`).
+pub const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Reads of one entry before the follower gives up on it. An applied op is durable, so the
+/// first read finds it; the retries only cover a segment switch seen mid-way.
+pub const READ_ATTEMPTS_MAX: u32 = 100;
+/// Pause between those reads (µs).
+pub const READ_RETRY_US: u64 = 10_000;
+
+const _: () = assert!(READ_BUFFER_BYTES.is_multiple_of(SECTOR_BYTES));
+const _: () = assert!(WRITE_BUFFER_BYTES.is_multiple_of(SECTOR_BYTES));
+
+/// One sector, aligned for `O_DIRECT` transfers: buffers are slices of these.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(4096))]
+struct Sector([u8; SECTOR_BYTES]);
+
+/// A zeroed, sector-aligned buffer of `bytes` (rounded up to a sector).
+fn sectors(bytes: usize) -> Vec<Sector> {
+    vec![Sector([0; SECTOR_BYTES]); bytes.div_ceil(SECTOR_BYTES)]
+}
+
+/// Why the follower stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowerError {
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory involved.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The snapshot file of the checkpoint the follower starts from does not verify.
+    #[error("{path}: {error}")]
+    Snapshot {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What verification found.
+        error: format::SnapshotError,
+    },
+    /// The state machine refused that snapshot, or restored it to another digest.
+    #[error("{path}: restore: {error}")]
+    Restore {
+        /// The snapshot file.
+        path: PathBuf,
+        /// The state machine's reason.
+        error: percore_engine::state_machine::RestoreError,
+    },
+    /// An op the shard applied could not be found in the journal, verified, where it
+    /// must be.
+    #[error(
+        "op {op} not found in the journal after {attempts} reads (segment {segment}, \
+         offset {offset}): {error}"
+    )]
+    EntryMissing {
+        /// The op.
+        op: u64,
+        /// Where it was expected.
+        segment: u64,
+        /// See `segment`.
+        offset: u64,
+        /// Reads tried.
+        attempts: u32,
+        /// What the last read found there.
+        error: String,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FollowerError + '_ {
+    move |source| FollowerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads a shard's journal forward from a checkpoint with blocking `O_DIRECT` reads,
+/// verifying every entry: header and body checksums, op continuity and the hash chain.
+/// Entries follow each other in a segment; one that does not fit the rest of a segment
+/// starts the next segment at offset 0.
+pub struct JournalReader {
+    dir: PathBuf,
+    body_bytes_max: usize,
+    /// Segment and file offset of the next entry (as far as known: it may be at offset 0
+    /// of the next segment instead).
+    segment: u64,
+    offset: u64,
+    /// The op the next entry must carry, and the checksum it must chain to.
+    op_next: u64,
+    chain: JournalChecksum,
+    /// The open segment file, and its index.
+    file: Option<(u64, File)>,
+    buffer: Vec<Sector>,
+    /// File offset of `buffer[0]` and the valid bytes from there (in `segment_read`).
+    buffer_offset: u64,
+    buffer_len: usize,
+    segment_read: u64,
+}
+
+impl std::fmt::Debug for JournalReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JournalReader")
+            .field("dir", &self.dir)
+            .field("segment", &self.segment)
+            .field("offset", &self.offset)
+            .field("op_next", &self.op_next)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`JournalReader::entry_at`] found at a position.
+enum Found {
+    /// The expected entry: its header and body start at this index in the buffer's bytes,
+    /// and it occupies this many bytes on disk (padded).
+    Entry { start: usize, padded: usize },
+    /// Something else (why, for the error message).
+    Not(String),
+}
+
+impl JournalReader {
+    /// A reader of the journal in `dir` whose next entry is the one after `start`.
+    pub fn new(dir: &Path, body_bytes_max: usize, start: Checkpoint) -> Self {
+        JournalReader {
+            dir: dir.to_path_buf(),
+            body_bytes_max,
+            segment: start.segment,
+            offset: start.offset,
+            op_next: start.op + 1,
+            chain: start.checksum,
+            file: None,
+            buffer: sectors(READ_BUFFER_BYTES.max(format::entry_bytes_padded(body_bytes_max))),
+            buffer_offset: 0,
+            buffer_len: 0,
+            segment_read: u64::MAX,
+        }
+    }
+
+    /// The op [`JournalReader::next_entry`] returns next.
+    pub fn op_next(&self) -> u64 {
+        self.op_next
+    }
+
+    /// Segment and file offset of the next entry, as far as known (it may turn out to
+    /// start the next segment).
+    pub fn position(&self) -> (u64, u64) {
+        (self.segment, self.offset)
+    }
+
+    /// The checksum of the last entry returned (the chain value after it).
+    pub fn chain(&self) -> JournalChecksum {
+        self.chain
+    }
+
+    /// Reads, verifies and returns entry `op_next` (its header's fields and body). The op
+    /// must be durable in the journal; a read that does not find it is retried
+    /// ([`READ_ATTEMPTS_MAX`] times, [`READ_RETRY_US`] apart) before it is an error.
+    pub fn next_entry(&mut self) -> Result<(EntryMeta, &[u8]), FollowerError> {
+        let mut attempts = 0;
+        let (start, padded) = loop {
+            attempts += 1;
+            let fresh = attempts > 1;
+            let here = self.entry_at(self.segment, self.offset, fresh)?;
+            let why = match here {
+                Found::Entry { start, padded } => break (start, padded),
+                Found::Not(why) => why,
+            };
+            // Not here: the entry did not fit this segment and starts the next one.
+            if self.offset > 0
+                && self.segment_exists(self.segment + 1)
+                && let Found::Entry { start, padded } = self.entry_at(self.segment + 1, 0, fresh)?
+            {
+                self.segment += 1;
+                self.offset = 0;
+                break (start, padded);
+            }
+            if attempts >= READ_ATTEMPTS_MAX {
+                return Err(FollowerError::EntryMissing {
+                    op: self.op_next,
+                    segment: self.segment,
+                    offset: self.offset,
+                    attempts,
+                    error: why,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(READ_RETRY_US));
+        };
+        let bytes: &[u8] = bytemuck::cast_slice(&self.buffer);
+        let entry = format::decode_entry(&bytes[start..self.buffer_len], self.body_bytes_max)
+            .expect("entry_at verified it");
+        let (meta, checksum) = (entry.meta, entry.checksum);
+        let body = start + format::ENTRY_HEADER_BYTES
+            ..start + format::ENTRY_HEADER_BYTES + entry.body.len();
+        self.op_next += 1;
+        self.chain = checksum;
+        self.offset += padded as u64;
+        let bytes: &[u8] = bytemuck::cast_slice(&self.buffer);
+        Ok((meta, &bytes[body]))
+    }
+
+    fn segment_exists(&self, segment: u64) -> bool {
+        self.dir.join(format::segment_file_name(segment)).exists()
+    }
+
+    /// Whether the expected entry lies at `offset` of `segment`, reading from disk if the
+    /// buffer does not hold it (or always, if `fresh`).
+    fn entry_at(&mut self, segment: u64, offset: u64, fresh: bool) -> Result<Found, FollowerError> {
+        let header = format::ENTRY_HEADER_BYTES;
+        if fresh || !self.buffered(segment, offset, header) {
+            self.fill(segment, offset)?;
+        }
+        let start = (offset - self.buffer_offset) as usize;
+        let bytes: &[u8] = bytemuck::cast_slice(&self.buffer);
+        let header = match format::decode_entry_header(
+            &bytes[start..self.buffer_len],
+            self.body_bytes_max,
+        ) {
+            Ok(header) => header,
+            Err(error) => return Ok(Found::Not(error.to_string())),
+        };
+        if header.op != self.op_next {
+            return Ok(Found::Not(format!("op {} there", header.op)));
+        }
+        if header.checksum_previous != self.chain {
+            return Ok(Found::Not("hash chain broken".into()));
+        }
+        let padded = format::entry_bytes_padded(header.body_bytes as usize);
+        let whole = format::ENTRY_HEADER_BYTES + header.body_bytes as usize;
+        if !self.buffered(segment, offset, whole) {
+            self.fill(segment, offset)?;
+        }
+        let start = (offset - self.buffer_offset) as usize;
+        let bytes: &[u8] = bytemuck::cast_slice(&self.buffer);
+        match format::decode_entry(&bytes[start..self.buffer_len], self.body_bytes_max) {
+            Ok(entry) if entry.meta.op == self.op_next && entry.checksum_previous == self.chain => {
+                Ok(Found::Entry { start, padded })
+            }
+            Ok(_) => Ok(Found::Not("the entry changed between reads".into())),
+            Err(error) => Ok(Found::Not(error.to_string())),
+        }
+    }
+
+    /// Whether the buffer holds `bytes` bytes at `offset` of `segment`.
+    fn buffered(&self, segment: u64, offset: u64, bytes: usize) -> bool {
+        self.segment_read == segment
+            && offset >= self.buffer_offset
+            && offset + bytes as u64 <= self.buffer_offset + self.buffer_len as u64
+    }
+
+    /// Reads the buffer's worth of `segment` from `offset` (sector aligned).
+    fn fill(&mut self, segment: u64, offset: u64) -> Result<(), FollowerError> {
+        debug_assert!(offset.is_multiple_of(SECTOR_BYTES as u64));
+        let path = self.dir.join(format::segment_file_name(segment));
+        if self.file.as_ref().is_none_or(|(open, _)| *open != segment) {
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .map_err(io_error(&path))?;
+            self.file = Some((segment, file));
+        }
+        let (_, file) = self.file.as_ref().expect("opened above");
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.buffer);
+        let mut filled = 0;
+        // Bounded: each turn reads at least one byte or ends the loop.
+        while filled < bytes.len() {
+            match file.read_at(&mut bytes[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(io_error(&path)(error)),
+            }
+        }
+        self.segment_read = segment;
+        self.buffer_offset = offset;
+        self.buffer_len = filled;
+        Ok(())
+    }
+}
+
+/// Writes snapshot file `meta.op` in `dir` durably under its final name, in the format
+/// the journal reads (header, snapshot, zero padding to a sector): into a temporary file
+/// through `staging` with `O_DIRECT`, `fdatasync`, rename, directory sync.
+fn snapshot_file_write(
+    dir: &Path,
+    meta: &SnapshotMeta,
+    snapshot: &[u8],
+    staging: &mut [Sector],
+) -> Result<(), FollowerError> {
+    let name = format::snapshot_file_name(meta.op);
+    let path = dir.join(&name);
+    let path_temporary = dir.join(format!("{name}{SNAPSHOT_TEMPORARY_SUFFIX}"));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path_temporary)
+        .map_err(io_error(&path_temporary))?;
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    format::encode_snapshot_header(meta, &mut header);
+    let staging: &mut [u8] = bytemuck::cast_slice_mut(staging);
+    let mut file_offset = 0u64;
+    let mut staged = 0;
+    let flush = |staging: &mut [u8], staged: usize, file_offset: &mut u64| {
+        // The last chunk is padded with zeros to a sector.
+        let padded = staged.next_multiple_of(SECTOR_BYTES);
+        staging[staged..padded].fill(0);
+        file.write_all_at(&staging[..padded], *file_offset)
+            .map_err(io_error(&path_temporary))?;
+        *file_offset += padded as u64;
+        Ok::<(), FollowerError>(())
+    };
+    for part in [&header[..], snapshot] {
+        let mut rest = part;
+        // Bounded: every turn stages at least one byte or flushes a full buffer.
+        while !rest.is_empty() {
+            let take = rest.len().min(staging.len() - staged);
+            staging[staged..staged + take].copy_from_slice(&rest[..take]);
+            staged += take;
+            rest = &rest[take..];
+            if staged == staging.len() {
+                flush(staging, staged, &mut file_offset)?;
+                staged = 0;
+            }
+        }
+    }
+    if staged > 0 {
+        flush(staging, staged, &mut file_offset)?;
+    }
+    debug_assert_eq!(file_offset, meta.file_bytes());
+    file.sync_data().map_err(io_error(&path_temporary))?;
+    drop(file);
+    std::fs::rename(&path_temporary, &path).map_err(io_error(&path))?;
+    File::open(dir)
+        .and_then(|directory| directory.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// A snapshot file the follower wrote, for the shard to install.
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    /// Its header (op, checksums, digest).
+    pub meta: SnapshotMeta,
+    /// Time to snapshot and digest the follower's state machine (µs).
+    pub capture_us: u64,
+    /// Time to checksum, write and sync the file (µs).
+    pub write_us: u64,
+}
+
+/// What the shard and its follower share.
+#[derive(Debug, Default)]
+struct Shared {
+    applied_op: AtomicU64,
+    installed_op: AtomicU64,
+    /// Set with `installed_op` (before it): segment files below this index and this
+    /// snapshot file (by op, 0: none) are no longer part of the journal; the follower
+    /// removes them.
+    segments_below: AtomicU64,
+    snapshot_stale_op: AtomicU64,
+    stop: AtomicBool,
+    failure: OnceLock<String>,
+}
+
+/// What the follower needs to know of its shard.
+#[derive(Debug, Clone)]
+pub struct FollowerConfig {
+    /// The shard's index.
+    pub shard: usize,
+    /// The shard's journal directory.
+    pub dir: PathBuf,
+    /// The cluster, for the snapshot header.
+    pub cluster_id: u128,
+    /// Largest batch body (bytes).
+    pub body_bytes_max: usize,
+    /// A checkpoint at every op that is a multiple of this (nonzero).
+    pub interval_ops: u64,
+}
+
+/// The shard's side: where it publishes what it applied and collects written snapshots.
+/// Dropping it stops the follower and waits for it (it finishes a snapshot it is writing).
+pub struct CheckpointFollower {
+    shared: Arc<Shared>,
+    written: spsc::Consumer<Written>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for CheckpointFollower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointFollower")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckpointFollower {
+    /// Starts the follower thread of a shard whose journal was opened with `superblock`
+    /// and whose state machine has applied `applied_op`. `make` builds the follower's
+    /// state machine (on the follower's thread), configured exactly as the shard's.
+    pub fn spawn<S, F>(
+        config: FollowerConfig,
+        superblock: Superblock,
+        applied_op: u64,
+        metrics: Arc<ShardMetrics>,
+        make: F,
+    ) -> std::io::Result<Self>
+    where
+        S: StateMachine,
+        F: FnOnce() -> S + Send + 'static,
+    {
+        assert!(config.interval_ops > 0, "no follower without checkpoints");
+        let shared = Arc::new(Shared::default());
+        shared.applied_op.store(applied_op, Ordering::Release);
+        shared
+            .installed_op
+            .store(superblock.checkpoint.op, Ordering::Release);
+        let (producer, written) = spsc::channel(1);
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("checkpoint-{}", config.shard))
+            .spawn(move || {
+                let shard = config.shard;
+                let mut follower = Follower {
+                    config,
+                    shared: thread_shared.clone(),
+                    metrics,
+                    written: producer,
+                };
+                if let Err(error) = follower.run(make(), &superblock) {
+                    tracing::error!(shard, %error, "checkpoint follower stopped");
+                    let _ = thread_shared.failure.set(error.to_string());
+                }
+            })?;
+        Ok(CheckpointFollower {
+            shared,
+            written,
+            thread: Some(thread),
+        })
+    }
+
+    /// The shard has applied every op up to `op`.
+    pub fn note_applied(&self, op: u64) {
+        self.shared.applied_op.fetch_max(op, Ordering::Release);
+    }
+
+    /// A written snapshot file waiting to be installed, or why the follower stopped.
+    pub fn poll(&mut self) -> Result<Option<Written>, String> {
+        if let Some(written) = self.written.pop() {
+            return Ok(Some(written));
+        }
+        match self.shared.failure.get() {
+            Some(failure) => Err(failure.clone()),
+            None => Ok(None),
+        }
+    }
+
+    /// Checkpoint `op` is in the superblock: the follower may take the next one. It also
+    /// removes the files the journal released with it: segments below `segments_below` and
+    /// the snapshot of `snapshot_stale_op` (0: none).
+    pub fn installed(&self, op: u64, segments_below: u64, snapshot_stale_op: u64) {
+        self.shared
+            .segments_below
+            .store(segments_below, Ordering::Relaxed);
+        self.shared
+            .snapshot_stale_op
+            .store(snapshot_stale_op, Ordering::Relaxed);
+        self.shared.installed_op.store(op, Ordering::Release);
+    }
+}
+
+impl Drop for CheckpointFollower {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The follower thread's state.
+struct Follower {
+    config: FollowerConfig,
+    shared: Arc<Shared>,
+    metrics: Arc<ShardMetrics>,
+    written: spsc::Producer<Written>,
+}
+
+impl Follower {
+    fn stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// Restores the checkpoint `superblock` names, then follows the shard until told to stop.
+    fn run<S: StateMachine>(
+        &mut self,
+        mut machine: S,
+        superblock: &Superblock,
+    ) -> Result<(), FollowerError> {
+        let start = superblock.checkpoint;
+        if start.op > 0 {
+            restore(&self.config.dir, superblock, &mut machine)?;
+        }
+        let mut reader = JournalReader::new(&self.config.dir, self.config.body_bytes_max, start);
+        let record_bytes = size_of::<S::Record>();
+        let records_max = self.config.body_bytes_max / record_bytes;
+        let mut records: Vec<S::Record> = vec![bytemuck::Zeroable::zeroed(); records_max];
+        let mut results: Vec<S::Result> = vec![bytemuck::Zeroable::zeroed(); records_max];
+        let mut snapshot = Vec::new();
+        let mut staging = sectors(WRITE_BUFFER_BYTES);
+        let interval = self.config.interval_ops;
+        let mut segment_next = segment_lowest(&self.config.dir)?;
+        // Bounded by `stop`: every turn applies an op, writes a checkpoint, or sleeps.
+        while !self.stopping() {
+            let applied = self.shared.applied_op.load(Ordering::Acquire);
+            let op = reader.op_next() - 1;
+            if op >= applied {
+                std::thread::sleep(Duration::from_micros(FOLLOW_POLL_US));
+                continue;
+            }
+            let installed = self.shared.installed_op.load(Ordering::Acquire);
+            let newest = applied / interval * interval;
+            let target = if newest > op.max(installed) {
+                newest
+            } else {
+                applied
+            };
+            // Bounded by `target - op`.
+            while reader.op_next() <= target {
+                if self.stopping() {
+                    return Ok(());
+                }
+                let (meta, body) = reader.next_entry()?;
+                apply(&mut machine, &meta, body, &mut records, &mut results);
+                ShardMetrics::set(&self.metrics.checkpoint_follower_op, meta.op);
+            }
+            if target == newest && newest > installed {
+                self.checkpoint(&machine, &reader, &mut snapshot, &mut staging)?;
+                // Bounded by `stop`: the shard installs it on its next turn.
+                while self.shared.installed_op.load(Ordering::Acquire) < target {
+                    if self.stopping() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_micros(FOLLOW_POLL_US));
+                }
+                segment_next = self.remove_released(segment_next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the files the shard's journal released with its last checkpoint: segments
+    /// from `segment_next` up to the released bound, and the stale snapshot. Returns the
+    /// next segment to remove.
+    fn remove_released(&self, segment_next: u64) -> Result<u64, FollowerError> {
+        let below = self.shared.segments_below.load(Ordering::Relaxed);
+        for segment in segment_next..below {
+            file_remove(&self.config.dir.join(format::segment_file_name(segment)))?;
+        }
+        let stale = self.shared.snapshot_stale_op.load(Ordering::Relaxed);
+        if stale > 0 {
+            file_remove(&self.config.dir.join(format::snapshot_file_name(stale)))?;
+        }
+        Ok(segment_next.max(below))
+    }
+
+    /// Captures the machine's state at the reader's last op, writes its snapshot file and
+    /// hands its header to the shard.
+    fn checkpoint<S: StateMachine>(
+        &mut self,
+        machine: &S,
+        reader: &JournalReader,
+        snapshot: &mut Vec<u8>,
+        staging: &mut [Sector],
+    ) -> Result<(), FollowerError> {
+        let op = reader.op_next() - 1;
+        let started = Instant::now();
+        snapshot.clear();
+        machine.snapshot(snapshot);
+        let digest = machine.digest();
+        let capture_us = started.elapsed().as_micros() as u64;
+        let written_at = Instant::now();
+        let meta = SnapshotMeta {
+            cluster_id: self.config.cluster_id,
+            shard: self.config.shard as u32,
+            op,
+            snapshot_bytes: snapshot.len() as u64,
+            checkpoint_checksum: reader.chain(),
+            snapshot_checksum: format::journal_checksum(snapshot),
+            digest,
+        };
+        snapshot_file_write(&self.config.dir, &meta, snapshot, staging)?;
+        let written = Written {
+            meta,
+            capture_us,
+            write_us: written_at.elapsed().as_micros() as u64,
+        };
+        ShardMetrics::set(&self.metrics.checkpoint_capture_us, written.capture_us);
+        ShardMetrics::set(&self.metrics.checkpoint_write_us, written.write_us);
+        // The slot is free: the previous checkpoint was installed before this one started.
+        let pushed = self.written.push(written);
+        debug_assert!(pushed.is_ok());
+        Ok(())
+    }
+}
+
+/// Removes `path`; one already gone is fine.
+fn file_remove(path: &Path) -> Result<(), FollowerError> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(io_error(path)(error)),
+        _ => Ok(()),
+    }
+}
+
+/// The lowest segment index in `dir` (0 if there is none).
+fn segment_lowest(dir: &Path) -> Result<u64, FollowerError> {
+    let entries = std::fs::read_dir(dir).map_err(io_error(dir))?;
+    let mut lowest = None::<u64>;
+    for entry in entries {
+        let entry = entry.map_err(io_error(dir))?;
+        if let Some(segment) = entry
+            .file_name()
+            .to_str()
+            .and_then(format::parse_segment_name)
+        {
+            lowest = Some(lowest.map_or(segment, |lowest| lowest.min(segment)));
+        }
+    }
+    Ok(lowest.unwrap_or(0))
+}
+
+/// Restores the snapshot of `superblock`'s checkpoint into `machine` and checks its digest.
+fn restore<S: StateMachine>(
+    dir: &Path,
+    superblock: &Superblock,
+    machine: &mut S,
+) -> Result<(), FollowerError> {
+    let path = dir.join(format::snapshot_file_name(superblock.checkpoint.op));
+    let file = std::fs::read(&path).map_err(io_error(&path))?;
+    let (meta, snapshot) =
+        format::verify_snapshot(&file, superblock).map_err(|error| FollowerError::Snapshot {
+            path: path.clone(),
+            error,
+        })?;
+    let restored = machine.restore(snapshot).and_then(|()| {
+        if machine.digest() == meta.digest {
+            Ok(())
+        } else {
+            Err(percore_engine::state_machine::RestoreError::DigestMismatch)
+        }
+    });
+    restored.map_err(|error| FollowerError::Restore { path, error })
+}
+
+/// Applies one journal entry to `machine` as the shard did, and drops what it sends to
+/// other shards (the shard sends those).
+fn apply<S: StateMachine>(
+    machine: &mut S,
+    meta: &EntryMeta,
+    body: &[u8],
+    records: &mut [S::Record],
+    results: &mut [S::Result],
+) {
+    let operation = S::Operation::try_from(meta.operation)
+        .ok()
+        .expect("the journal holds operations of this state machine");
+    let count = body.len() / size_of::<S::Record>();
+    bytemuck::cast_slice_mut::<S::Record, u8>(&mut records[..count]).copy_from_slice(body);
+    machine.apply(meta.op, operation, &records[..count], &mut results[..count]);
+    while machine.poll_outbound().is_some() {}
+}
