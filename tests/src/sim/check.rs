@@ -4,6 +4,9 @@
 //! The checkers read the simulated disks (what survives a crash), the live cores, and a
 //! reference ledger per group that applies the group's committed log in op order (the
 //! "committed prefix" of `docs/protocol.md` section 12).
+//!
+//! Linearizability of the client history is [`super::linearizability`]'s; it reads the same
+//! reference ledgers.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +17,7 @@ use percore_engine::record::{CreateTransferResult, RecordResult, RecordSlot};
 use percore_engine::state_machine::StateMachine;
 
 use super::disk::Disk;
+use super::linearizability::Linearizability;
 use super::world::{BATCH_RECORDS_MAX, LEDGER_HASH_SEED, Request, World};
 
 /// A checker's verdict: `Err((checker, what is wrong))`.
@@ -63,11 +67,14 @@ pub struct CheckState {
     pub view_change_actions: u64,
     /// A core asked to truncate its journal: `(replica, group, op kept)`.
     pub truncated: Option<(u8, u32, u64)>,
+    /// Linearizability of the client history.
+    pub linearizability: Linearizability,
 }
 
 impl CheckState {
     /// Fresh state for `groups` groups.
     pub fn new(groups: u32, body_bytes_max: usize) -> CheckState {
+        let linearizability = Linearizability::new(groups);
         let groups = groups as usize;
         CheckState {
             body_bytes_max,
@@ -85,6 +92,7 @@ impl CheckState {
             crash_losses: vec![0; groups],
             view_change_actions: 0,
             truncated: None,
+            linearizability,
         }
     }
 
@@ -111,7 +119,7 @@ impl CheckState {
     }
 
     /// A client got its first reply: every record must have succeeded (`Ok`), or have
-    /// succeeded before (`Exists`, a retry).
+    /// succeeded before (`Exists`, a retry); and the reply must be linearizable.
     pub fn client_acknowledged(&mut self, request: usize, state: &Request) {
         let ok = CreateTransferResult::Ok as u32;
         let exists = CreateTransferResult::Exists as u32;
@@ -128,6 +136,9 @@ impl CheckState {
                     state.operation, state.group
                 ),
             ));
+        }
+        if let Err((checker, message)) = self.linearizability.answered(request, state) {
+            self.problem_set(checker, message);
         }
     }
 
@@ -463,7 +474,8 @@ impl World {
     }
 
     /// Applies newly committed ops to the group's reference ledger (from a journal that
-    /// holds them durably), checking transfer-level exactly-once; or, with
+    /// holds them durably), checking transfer-level exactly-once and handing each op and its
+    /// results to the linearizability checker; or, with
     /// `log`, newly durable ops of the leader to the group's log reference.
     fn reference_advance(&mut self, group: u32, log: bool) -> Result<bool, (&'static str, String)> {
         let g = group as usize;
@@ -537,25 +549,36 @@ impl World {
             if let Some(digest) = digest {
                 self.check.digest_observed(group, op, digest, REFERENCE);
             }
-            if log || operation != LedgerOperation::CreateTransfers {
+            if log {
                 continue;
             }
-            for (record, result) in records.iter().zip(&results) {
-                if result.code != CreateTransferResult::Ok as u32 {
-                    continue;
-                }
-                let id = record.as_transfer().id;
-                let count = self.check.applied_ok.entry(id).or_insert(0);
-                *count += 1;
-                if *count > 1 {
-                    return Err((
-                        "exactly-once",
-                        format!(
-                            "transfer {id:#x} applied Ok {count} times (group {group} op {op})"
-                        ),
-                    ));
+            if operation == LedgerOperation::CreateTransfers {
+                for (record, result) in records.iter().zip(&results) {
+                    if result.code != CreateTransferResult::Ok as u32 {
+                        continue;
+                    }
+                    let id = record.as_transfer().id;
+                    let count = self.check.applied_ok.entry(id).or_insert(0);
+                    *count += 1;
+                    if *count > 1 {
+                        return Err((
+                            "exactly-once",
+                            format!(
+                                "transfer {id:#x} applied Ok {count} times (group {group} op {op})"
+                            ),
+                        ));
+                    }
                 }
             }
+            let checksum = self.check.committed_checksum(group, op).expect("committed");
+            self.check.linearizability.applied(
+                &self.history,
+                group,
+                (op, checksum),
+                operation,
+                &records,
+                &results[..records.len()],
+            )?;
         }
         Ok(true)
     }
@@ -643,6 +666,7 @@ impl World {
         }
         self.check_conservation()?;
         self.check_acknowledged_durable()?;
+        self.check.linearizability.check_end(&self.history)?;
         let mut debits: BTreeMap<u128, u128> = BTreeMap::new();
         let mut credits: BTreeMap<u128, u128> = BTreeMap::new();
         for (index, request) in self.history.iter().enumerate() {

@@ -15,6 +15,7 @@
 
 pub mod check;
 pub mod disk;
+pub mod linearizability;
 pub mod rng;
 pub mod world;
 
@@ -37,6 +38,11 @@ pub enum Bug {
     /// View change: the sends of an action list go out at once, before the `Persist` ahead
     /// of them is durable: a replica that votes and crashes forgets its vote.
     PersistAfterSend,
+    /// View change: `Truncate` keeps who waited for the ops it cuts (their clients are not
+    /// refused), so when the new view's entry under the same op number applies, the replica
+    /// answers them with that entry's results: a reply for records that are not theirs, from
+    /// an op that did commit.
+    KeepOriginsOnTruncate,
 }
 
 impl Bug {
@@ -47,6 +53,7 @@ impl Bug {
             "ack-before-durable" => Some(Bug::AckBeforeDurable),
             "skip-expected-checksum" => Some(Bug::SkipExpectedChecksum),
             "persist-after-send" => Some(Bug::PersistAfterSend),
+            "keep-origins-on-truncate" => Some(Bug::KeepOriginsOnTruncate),
             _ => None,
         }
     }
@@ -58,6 +65,7 @@ impl Bug {
             Bug::AckBeforeDurable => "ack-before-durable",
             Bug::SkipExpectedChecksum => "skip-expected-checksum",
             Bug::PersistAfterSend => "persist-after-send",
+            Bug::KeepOriginsOnTruncate => "keep-origins-on-truncate",
         }
     }
 }
@@ -222,6 +230,12 @@ pub struct Summary {
     /// Superblock writes whose commit number was below the recorded one, kept at the
     /// recorded one by the driver (known issue 6).
     pub superblock_commit_kept: u64,
+    /// Client replies compared, record by record, with the sequential reference at the
+    /// position the reply came from (linearizability; every acknowledged request, at the end).
+    pub answers_checked: u64,
+    /// Client records found in the committed logs and checked to come after everything
+    /// answered before their request was invoked (linearizability: real-time order).
+    pub records_ordered: u64,
 }
 
 /// Upper bounds (µs) of the failover-time histogram buckets.

@@ -21,6 +21,7 @@ use percore_engine::state_machine::StateMachine;
 
 use super::check::CheckState;
 use super::disk::{CrashTail, Disk};
+use super::linearizability::Position;
 use super::rng::{SimRng, splitmix64};
 use super::{Bug, FAILOVER_BUCKETS_US, Failure, Options, Summary};
 
@@ -306,11 +307,12 @@ pub struct Request {
     pub operation: LedgerOperation,
     /// The records (transfers or accounts).
     pub records: Vec<RecordSlot>,
-    /// First send (µs).
+    /// First send (µs): the invocation.
     pub invoke_us: u64,
-    /// First reply (µs).
+    /// First reply (µs): the completion; `None` while no reply came (sends that time out or
+    /// are refused are retried, so a request either completes or is still pending).
     pub ack_us: Option<u64>,
-    /// Result codes of the first reply.
+    /// Result codes of the first reply, one per record.
     pub results: Vec<u32>,
     /// Sends, retries included.
     pub attempts: u32,
@@ -321,6 +323,12 @@ pub struct Request {
     pub target: u8,
     /// `(op, checksum)` of the entry whose application answered it first.
     pub acked_op: Option<(u64, JournalChecksum)>,
+    /// Index of its first record within that entry's batch (with `acked_op`).
+    pub acked_record: usize,
+    /// Linearizability: the latest witness position at which a request of its group had
+    /// been answered when this one was invoked, and that request. Every record of this
+    /// request must come later in the committed log (see `check.rs`).
+    pub invoked_after: Option<(Position, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -560,6 +568,8 @@ impl World {
                     self.summary.time_us = self.now_us;
                     self.summary.view_change_actions_dropped = self.check.view_change_actions;
                     self.summary.views_led = self.view_leaders.len() as u64;
+                    self.summary.answers_checked = self.check.linearizability.answers_checked;
+                    self.summary.records_ordered = self.check.linearizability.records_ordered;
                     return Ok(self.summary);
                 }
                 if self.now_us > healed_at_us + LIVENESS_BOUND_US {
@@ -1193,7 +1203,12 @@ impl World {
             "r{replica}g{group} TRUNCATE above op {op} (head was {head})"
         ));
         let live = self.nodes[node].live.as_mut().expect("live");
-        let cut: Vec<u64> = live.origins.range(op + 1..).map(|(op, _)| *op).collect();
+        let cut: Vec<u64> = if self.options.bug == Some(Bug::KeepOriginsOnTruncate) {
+            // The injected bug: they stay, and the next entry under their op answers them.
+            Vec::new()
+        } else {
+            live.origins.range(op + 1..).map(|(op, _)| *op).collect()
+        };
         let mut refused = Vec::new();
         for op in cut {
             for (origin, _, _) in live.origins.remove(&op).unwrap_or_default() {
@@ -1756,6 +1771,7 @@ impl World {
     /// Applies every committed op held here; the leader answers clients and routes legs.
     fn apply_committed(&mut self, node: NodeIndex) {
         let (replica_index, group) = (self.nodes[node].replica, self.nodes[node].group);
+        let bug = self.options.bug;
         loop {
             let n = &mut self.nodes[node];
             let Some(live) = n.live.as_mut() else {
@@ -1796,8 +1812,17 @@ impl World {
             }
             for (origin, first, count) in origins {
                 if let Origin::Client(request) = origin {
-                    let codes = &codes[first..first + count];
-                    self.client_reply(request, codes, (replica_index, op, checksum));
+                    // A range always lies within the entry sealed with it; only a range kept
+                    // past the truncation of its entry (the injected bug) may not.
+                    let end = (first + count).min(codes.len());
+                    debug_assert!(
+                        end == first + count || bug == Some(Bug::KeepOriginsOnTruncate),
+                        "op {op}: records {first}..{} of {}",
+                        first + count,
+                        codes.len()
+                    );
+                    let codes = &codes[first.min(end)..end];
+                    self.client_reply(request, codes, (replica_index, op, checksum, first));
                 }
             }
             for message in outbound {
@@ -1982,7 +2007,12 @@ impl World {
             replies: 0,
             target: self.client_hint[group as usize],
             acked_op: None,
+            acked_record: 0,
+            invoked_after: None,
         });
+        self.check
+            .linearizability
+            .invoked(request, &mut self.history[request]);
         self.client_send(request);
     }
 
@@ -2067,13 +2097,13 @@ impl World {
         }
     }
 
-    /// The replica `replica` applied op `op` (checksum `checksum`) holding the request and
-    /// answers with `codes`.
+    /// The replica `replica` applied op `op` (checksum `checksum`) holding the request from
+    /// record `first` on, and answers with `codes`.
     fn client_reply(
         &mut self,
         request: usize,
         codes: &[u32],
-        (replica, op, checksum): (u8, u64, JournalChecksum),
+        (replica, op, checksum, first): (u8, u64, JournalChecksum, usize),
     ) {
         let now_us = self.now_us;
         let state = &mut self.history[request];
@@ -2084,6 +2114,7 @@ impl World {
         state.ack_us = Some(now_us);
         state.results = codes.to_vec();
         state.acked_op = Some((op, checksum));
+        state.acked_record = first;
         let line = format!("request {request} acknowledged by r{replica} (op {op}): {codes:?}");
         self.trace_line(line);
         let state = &self.history[request];
