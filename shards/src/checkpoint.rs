@@ -412,6 +412,9 @@ fn snapshot_file_write(
 pub struct Written {
     /// Its header (op, checksums, digest).
     pub meta: SnapshotMeta,
+    /// Where the entry after the checkpoint's op starts in the journal, as the follower
+    /// read it (segment, file offset): the superblock's checkpoint position.
+    pub position_after: (u64, u64),
     /// Time to snapshot and digest the follower's state machine (µs).
     pub capture_us: u64,
     /// Time to checksum, write and sync the file (µs).
@@ -661,6 +664,7 @@ impl Follower {
         snapshot_file_write(&self.config.dir, &meta, snapshot, staging)?;
         let written = Written {
             meta,
+            position_after: reader.position(),
             capture_us,
             write_us: written_at.elapsed().as_micros() as u64,
         };

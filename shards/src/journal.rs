@@ -1463,9 +1463,11 @@ impl Journal {
     }
 
     /// Installs a checkpoint whose snapshot file another thread has already written
-    /// durably under its final name (the checkpoint follower, [`crate::checkpoint`]): reads
-    /// entry `meta.op` back, checks that its checksum is the one the snapshot was taken
-    /// after, then writes the superblock and *releases* what no retained checkpoint needs,
+    /// durably under its final name (the checkpoint follower, [`crate::checkpoint`]), which
+    /// also read entry `meta.op` and says where the next entry starts (`position_after`,
+    /// segment and file offset; the entry's checksum is `meta.checkpoint_checksum`): checks
+    /// the position against what this journal holds, then writes the superblock and
+    /// *releases* what no retained checkpoint needs,
     /// as [`Journal::checkpoint`] does after its own file write, but without unlinking: the
     /// journal forgets the segments below [`CheckpointDone::segments_below`] and the
     /// snapshot of [`CheckpointDone::snapshot_stale_op`], and the caller removes the files
@@ -1474,6 +1476,7 @@ impl Journal {
     pub async fn checkpoint_install(
         &mut self,
         meta: &SnapshotMeta,
+        position_after: (u64, u64),
         retain_from_op: u64,
     ) -> Result<CheckpointDone, JournalError> {
         self.check_usable()?;
@@ -1485,17 +1488,24 @@ impl Journal {
                 op_durable: self.op_durable,
             });
         }
-        let checkpoint = self.checkpoint_locate(op).await?;
-        if checkpoint.checksum != meta.checkpoint_checksum {
-            let location = self.locate(op).await?;
-            return Err(self.read_corrupt(
-                location,
-                format!(
-                    "entry checksum {:032x}, but the snapshot was taken after {:032x}",
-                    checkpoint.checksum, meta.checkpoint_checksum
-                ),
-            ));
+        let (segment, offset) = position_after;
+        let durable = self.position_durable;
+        if segment < self.segment_oldest
+            || (segment, offset) > (durable.segment, durable.offset)
+            || !offset.is_multiple_of(SECTOR_BYTES as u64)
+        {
+            return Err(JournalError::CheckpointOp {
+                op,
+                checkpoint_op: self.superblock.checkpoint.op,
+                op_durable: self.op_durable,
+            });
         }
+        let checkpoint = Checkpoint {
+            op,
+            segment,
+            offset,
+            checksum: meta.checkpoint_checksum,
+        };
         self.checkpoint_record(checkpoint, meta, retain_from_op, false)
             .await
     }

@@ -571,7 +571,7 @@ pub(crate) async fn checkpoint_install<S: StateMachine>(
     let op = written.meta.op;
     let started = Instant::now();
     let done = match journal
-        .checkpoint_install(&written.meta, retain_from_op)
+        .checkpoint_install(&written.meta, written.position_after, retain_from_op)
         .await
     {
         Ok(done) => done,

@@ -587,7 +587,7 @@ async fn install_checked(
         "the follower's state at op {op} is the live ledger's"
     );
     let done = journal
-        .checkpoint_install(&written.meta, u64::MAX)
+        .checkpoint_install(&written.meta, written.position_after, u64::MAX)
         .await
         .expect("install");
     assert_eq!(done.checkpoint.op, op);
