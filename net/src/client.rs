@@ -18,7 +18,8 @@
 //!
 //! [`Pipeline`] is the lower-level interface for load generators: one connection, many
 //! requests in flight, replies matched by request number. [`Pipeline::connect_leader`]
-//! finds a group's leader for one.
+//! finds a group's leader for one; [`Pipeline::split`] gives its two directions to two
+//! threads (a sender keeping a schedule, a receiver waiting for replies).
 //!
 //! This client uses blocking std sockets so any application thread can embed it; the server
 //! side is io_uring. Every retry loop here is bounded, by rounds or by a deadline.
@@ -331,7 +332,6 @@ pub struct Pipeline {
     stream: TcpStream,
     /// The socket's read and write timeout as last set.
     timeout: Duration,
-    frame_bytes_max: usize,
     write_buffer: Vec<u8>,
     read_buffer: Vec<u8>,
     in_flight: VecDeque<u64>,
@@ -361,7 +361,6 @@ impl Pipeline {
             client_id,
             stream,
             timeout,
-            frame_bytes_max,
             write_buffer: vec![0; frame_bytes_max],
             read_buffer: vec![0; frame_bytes_max],
             in_flight: VecDeque::new(),
@@ -483,27 +482,20 @@ impl Pipeline {
         request_number: u64,
         records: &[R],
     ) -> Result<(), ClientError> {
-        let max = (self.frame_bytes_max - FRAME_HEADER_BYTES) / size_of::<R>().max(1);
-        if records.len() > max {
-            return Err(ClientError::TooManyRecords {
-                records: records.len(),
-                max,
-            });
-        }
         let envelope = Envelope {
             client_id: self.client_id,
             request_number,
             operation,
             shard: self.shard as u16,
         };
-        let bytes = frame::encode_request(&mut self.write_buffer, &envelope, records);
-        self.stream
-            .write_all(&self.write_buffer[..bytes])
-            .map_err(|source| ClientError::Io {
-                shard: self.shard,
-                address: self.address,
-                source,
-            })?;
+        let at = (self.shard, self.address);
+        write_request(
+            &mut self.stream,
+            &mut self.write_buffer,
+            at,
+            &envelope,
+            records,
+        )?;
         self.in_flight.push_back(request_number);
         Ok(())
     }
@@ -511,56 +503,192 @@ impl Pipeline {
     /// Reads the next reply, whose records are `reply_record_bytes` each; it must answer the
     /// oldest request in flight.
     pub fn receive(&mut self, reply_record_bytes: usize) -> Result<Reply<'_>, ClientError> {
-        let schema = ReplySchema { reply_record_bytes };
-        let io = |source| ClientError::Io {
+        let expected = self.in_flight.front().copied();
+        let at = (self.shard, self.address);
+        let reply = read_reply(
+            &mut self.stream,
+            &mut self.read_buffer,
+            at,
+            reply_record_bytes,
+            expected,
+        );
+        // A reply that was read answers the oldest request, even a refusal or a mismatch.
+        if matches!(
+            reply,
+            Ok(_) | Err(ClientError::Refused { .. } | ClientError::Mismatch { .. })
+        ) {
+            self.in_flight.pop_front();
+        }
+        reply
+    }
+
+    /// Splits an idle pipeline into a sending and a receiving half on two handles of its
+    /// socket, so that one thread can send on a schedule while another waits for replies
+    /// (an open-loop load generator). Replies still answer requests in order; the receiver
+    /// is told which request number it expects next.
+    ///
+    /// # Errors
+    /// `Io` if the socket cannot be duplicated.
+    ///
+    /// # Panics
+    /// If requests are in flight (their numbers would be lost).
+    pub fn split(self) -> Result<(PipelineSender, PipelineReceiver), ClientError> {
+        assert!(self.in_flight.is_empty(), "split an idle pipeline");
+        let read_stream = self.stream.try_clone().map_err(|source| ClientError::Io {
             shard: self.shard,
             address: self.address,
             source,
-        };
-        self.stream
-            .read_exact(&mut self.read_buffer[..FRAME_HEADER_BYTES])
-            .map_err(io)?;
-        let header = frame::decode_header(
-            &self.read_buffer[..FRAME_HEADER_BYTES],
-            self.frame_bytes_max,
-            &schema,
-        )
-        .map_err(|source| ClientError::Frame {
-            shard: self.shard,
-            source,
         })?;
-        let body_bytes = header.body_bytes as usize;
-        self.stream
-            .read_exact(&mut self.read_buffer[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + body_bytes])
-            .map_err(|source| ClientError::Io {
+        Ok((
+            PipelineSender {
                 shard: self.shard,
                 address: self.address,
-                source,
-            })?;
-        let body = frame::verify_body(&header, &self.read_buffer[FRAME_HEADER_BYTES..]).map_err(
-            |source| ClientError::Frame {
-                shard: self.shard,
-                source,
+                client_id: self.client_id,
+                stream: self.stream,
+                write_buffer: self.write_buffer,
             },
-        )?;
-        let expected = self.in_flight.pop_front();
-        let request_number = header.envelope.request_number;
-        if header.kind == Kind::ErrorReply {
-            return Err(ClientError::Refused {
+            PipelineReceiver {
                 shard: self.shard,
-                request_number,
-                code: header.error_code,
-            });
-        }
-        if expected != Some(request_number) {
-            return Err(ClientError::Mismatch {
-                shard: self.shard,
-                expected: expected.unwrap_or(0),
-                got: request_number,
-            });
-        }
-        Ok(Reply { header, body })
+                address: self.address,
+                stream: read_stream,
+                read_buffer: self.read_buffer,
+            },
+        ))
     }
+}
+
+/// The sending half of a [`Pipeline::split`] connection.
+#[derive(Debug)]
+pub struct PipelineSender {
+    shard: usize,
+    address: SocketAddr,
+    client_id: u128,
+    stream: TcpStream,
+    write_buffer: Vec<u8>,
+}
+
+impl PipelineSender {
+    /// Sends one request frame of `operation` with `records` under `request_number`, as
+    /// [`Pipeline::send`] does.
+    pub fn send<R: Pod>(
+        &mut self,
+        operation: u16,
+        request_number: u64,
+        records: &[R],
+    ) -> Result<(), ClientError> {
+        let envelope = Envelope {
+            client_id: self.client_id,
+            request_number,
+            operation,
+            shard: self.shard as u16,
+        };
+        let at = (self.shard, self.address);
+        write_request(
+            &mut self.stream,
+            &mut self.write_buffer,
+            at,
+            &envelope,
+            records,
+        )
+    }
+}
+
+/// The receiving half of a [`Pipeline::split`] connection.
+#[derive(Debug)]
+pub struct PipelineReceiver {
+    shard: usize,
+    address: SocketAddr,
+    stream: TcpStream,
+    read_buffer: Vec<u8>,
+}
+
+impl PipelineReceiver {
+    /// Reads the next reply, whose records are `reply_record_bytes` each; it must answer
+    /// request `request_number` (the sender's oldest unanswered one).
+    pub fn receive(
+        &mut self,
+        reply_record_bytes: usize,
+        request_number: u64,
+    ) -> Result<Reply<'_>, ClientError> {
+        let at = (self.shard, self.address);
+        read_reply(
+            &mut self.stream,
+            &mut self.read_buffer,
+            at,
+            reply_record_bytes,
+            Some(request_number),
+        )
+    }
+}
+
+/// Writes one request frame through `write_buffer` (its length is the largest frame).
+fn write_request<R: Pod>(
+    stream: &mut TcpStream,
+    write_buffer: &mut [u8],
+    (shard, address): (usize, SocketAddr),
+    envelope: &Envelope,
+    records: &[R],
+) -> Result<(), ClientError> {
+    let max = (write_buffer.len() - FRAME_HEADER_BYTES) / size_of::<R>().max(1);
+    if records.len() > max {
+        return Err(ClientError::TooManyRecords {
+            records: records.len(),
+            max,
+        });
+    }
+    let bytes = frame::encode_request(write_buffer, envelope, records);
+    stream
+        .write_all(&write_buffer[..bytes])
+        .map_err(|source| ClientError::Io {
+            shard,
+            address,
+            source,
+        })
+}
+
+/// Reads one reply frame into `read_buffer` (its length is the largest frame) and checks
+/// that it answers request `expected`.
+fn read_reply<'a>(
+    stream: &mut TcpStream,
+    read_buffer: &'a mut [u8],
+    (shard, address): (usize, SocketAddr),
+    reply_record_bytes: usize,
+    expected: Option<u64>,
+) -> Result<Reply<'a>, ClientError> {
+    let schema = ReplySchema { reply_record_bytes };
+    let io = |source| ClientError::Io {
+        shard,
+        address,
+        source,
+    };
+    let frame_bytes_max = read_buffer.len();
+    stream
+        .read_exact(&mut read_buffer[..FRAME_HEADER_BYTES])
+        .map_err(io)?;
+    let header = frame::decode_header(&read_buffer[..FRAME_HEADER_BYTES], frame_bytes_max, &schema)
+        .map_err(|source| ClientError::Frame { shard, source })?;
+    let body_bytes = header.body_bytes as usize;
+    stream
+        .read_exact(&mut read_buffer[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + body_bytes])
+        .map_err(io)?;
+    let body = frame::verify_body(&header, &read_buffer[FRAME_HEADER_BYTES..])
+        .map_err(|source| ClientError::Frame { shard, source })?;
+    let request_number = header.envelope.request_number;
+    if header.kind == Kind::ErrorReply {
+        return Err(ClientError::Refused {
+            shard,
+            request_number,
+            code: header.error_code,
+        });
+    }
+    if expected != Some(request_number) {
+        return Err(ClientError::Mismatch {
+            shard,
+            expected: expected.unwrap_or(0),
+            got: request_number,
+        });
+    }
+    Ok(Reply { header, body })
 }
 
 /// One request as every try of it is sent.

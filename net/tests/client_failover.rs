@@ -540,6 +540,65 @@ fn connect_leader_skips_followers_and_closed_ports() {
 }
 
 #[test]
+fn a_split_pipeline_sends_from_one_thread_and_receives_in_another() {
+    let fleet = Fleet::start(1, 1, &[], |_| Answer::Reply);
+    let pipeline = Pipeline::connect(
+        0,
+        fleet.addresses[0][0],
+        53,
+        FRAME_BYTES_MAX,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let (mut sender, mut receiver) = pipeline.split().unwrap();
+    const REQUESTS: u64 = 20;
+    let sending = std::thread::spawn(move || {
+        for request_number in 1..=REQUESTS {
+            sender
+                .send(OPERATION, request_number, &[request_number * 10])
+                .unwrap();
+        }
+    });
+    for request_number in 1..=REQUESTS {
+        let reply = receiver.receive(8, request_number).unwrap();
+        assert_eq!(reply.header.envelope.request_number, request_number);
+        assert_eq!(
+            reply.body,
+            bytemuck::cast_slice::<u64, u8>(&[request_number * 10 + 1])
+        );
+    }
+    sending.join().unwrap();
+    assert_eq!(fleet.requests().len() as u64, REQUESTS);
+}
+
+#[test]
+fn a_split_receiver_names_a_reply_out_of_order() {
+    let fleet = Fleet::start(1, 1, &[], |_| Answer::Reply);
+    let pipeline = Pipeline::connect(
+        0,
+        fleet.addresses[0][0],
+        54,
+        FRAME_BYTES_MAX,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let (mut sender, mut receiver) = pipeline.split().unwrap();
+    sender.send(OPERATION, 7, &[1u64]).unwrap();
+    let error = receiver.receive(8, 6).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ClientError::Mismatch {
+                expected: 6,
+                got: 7,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
 fn connect_leader_times_out_when_no_replica_leads() {
     let fleet = Fleet::start(2, 1, &[], |_| Answer::Error(ERROR_SERVER_BUSY));
     let replicas_of_shard: Vec<SocketAddr> = fleet.addresses.iter().map(|r| r[0]).collect();

@@ -729,14 +729,26 @@ pub fn metric_sum(text: &str, name: &str, shards: usize) -> u64 {
 /// last is `+Inf`): [`crate::metrics::LATENCY_BUCKETS_US`]`.len() + 1` values, zeros when
 /// absent.
 pub fn histogram_buckets(text: &str, name: &str, shard: usize) -> Vec<u64> {
+    histogram_buckets_sized(
+        text,
+        name,
+        shard,
+        crate::metrics::LATENCY_BUCKETS_US.len() + 1,
+    )
+}
+
+/// [`histogram_buckets`] of a histogram with `buckets` buckets, `+Inf` included (e.g.
+/// `percore_commit_gap_us`: [`crate::metrics::COMMIT_GAP_BUCKETS_US`]`.len() + 1`).
+pub fn histogram_buckets_sized(text: &str, name: &str, shard: usize, buckets: usize) -> Vec<u64> {
     let prefix = format!("{name}_bucket{{shard=\"{shard}\",le=\"");
-    let mut buckets: Vec<u64> = text
+    let mut counts: Vec<u64> = text
         .lines()
         .filter_map(|line| line.strip_prefix(prefix.as_str()))
         .filter_map(|rest| rest.rsplit(' ').next()?.parse().ok())
+        .take(buckets)
         .collect();
-    buckets.resize(crate::metrics::LATENCY_BUCKETS_US.len() + 1, 0);
-    buckets
+    counts.resize(buckets, 0);
+    counts
 }
 
 #[cfg(test)]
@@ -829,5 +841,31 @@ mod tests {
         let buckets = histogram_buckets(text, "percore_commit_seconds", 1);
         assert_eq!(buckets.len(), crate::metrics::LATENCY_BUCKETS_US.len() + 1);
         assert_eq!(buckets[..3], [3, 5, 0]);
+    }
+
+    #[test]
+    fn commit_gaps_are_read_back_from_the_exported_text() {
+        use crate::metrics::{COMMIT_GAP_BUCKETS_US, ShardMetrics};
+        let metrics = ShardMetrics::new(1);
+        metrics.commit_gap.record(150);
+        metrics.commit_gap.record(2_500_000);
+        let mut text = String::new();
+        metrics.render(&mut text);
+        let len = COMMIT_GAP_BUCKETS_US.len() + 1;
+        let buckets = histogram_buckets_sized(&text, "percore_commit_gap_us", 1, len);
+        let at_200 = COMMIT_GAP_BUCKETS_US
+            .iter()
+            .position(|&b| b == 200)
+            .unwrap();
+        assert_eq!(buckets.len(), len);
+        assert_eq!(buckets[at_200 - 1], 0);
+        assert_eq!(buckets[at_200], 1);
+        assert_eq!(buckets[len - 2], 1);
+        assert_eq!(buckets[len - 1], 2);
+        assert_eq!(
+            shard_metric(&text, "percore_commit_gap_max_us", 1),
+            2_500_000
+        );
+        assert_eq!(shard_metric(&text, "percore_commit_gap_max_us", 0), 0);
     }
 }

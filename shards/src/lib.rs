@@ -18,6 +18,7 @@ pub mod loadgen;
 pub mod memlock;
 pub mod mesh;
 pub mod metrics;
+pub mod pacing;
 pub mod replication;
 pub mod runtime;
 pub mod soak;

@@ -5,7 +5,9 @@
 //! processes and sends every shard's records to that shard's group leader. Either way it
 //! creates accounts on every shard through the client protocol, funds them, then drives
 //! transfers from client threads that each keep a window of requests in flight on their own
-//! connection to one shard. It reports per-core committed TPS measured from the shards' own
+//! connection to one shard: as many as they can (closed loop, the default) or, with a rate
+//! ([`Offered`]), on a fixed schedule ([`crate::pacing`]), latency counted from each
+//! request's intended send time. It reports per-core committed TPS measured from the shards' own
 //! applied counters over the measurement window (in a cluster: the leaders', scraped from
 //! their metrics endpoints), client-observed request latency percentiles (HdrHistogram), the
 //! batch sizes the adaptive batcher chose and, in a cluster, the leaders' commit latency
@@ -24,13 +26,22 @@ use percore_engine::record::{
     Account, CreateAccountResult, CreateTransferResult, RecordResult, Transfer, account_flags,
     shard_of,
 };
-use percore_net::client::{Client, ClientConfig, ClientError, Pipeline};
+use percore_net::client::{
+    Client, ClientConfig, ClientError, Pipeline, PipelineReceiver, PipelineSender,
+};
 use serde::Serialize;
 
 use crate::cluster::{self, ClusterError, LocalCluster, LocalClusterConfig};
 use crate::metrics::{LATENCY_BUCKETS_US, ShardMetrics};
+use crate::pacing::{self, PaceSchedule};
 use crate::runtime::{Node, NodeConfig, NodeError};
 use crate::soak::{self, SoakReport};
+
+/// [`BenchReport::pacing`] of a closed loop.
+pub const PACING_CLOSED: &str = "closed loop: every connection keeps its window full";
+/// [`BenchReport::pacing`] of an open loop.
+pub const PACING_OPEN: &str =
+    "open loop: requests on a fixed schedule, latency from each one's intended send time";
 
 /// Ledger id every benchmark account and transfer uses.
 const LEDGER_ID: u32 = 1;
@@ -46,6 +57,29 @@ const COMMITTED_SOURCE_CLUSTER: &str =
 /// See [`COMMITTED_SOURCE_NODE`].
 const COMMITTED_SOURCE_ACKNOWLEDGED: &str =
     "client acknowledgements per shard over the window (no --metrics-addresses)";
+
+/// How much load the client threads offer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Offered {
+    /// Closed loop: every connection keeps its window of requests in flight, so the shards
+    /// take as much as they can (the default).
+    Full,
+    /// Open loop: this many transfers per second in all, split evenly over the connections,
+    /// each sending on a fixed schedule ([`crate::pacing`]); the window still bounds the
+    /// requests in flight.
+    Rate {
+        /// Transfers per second offered, all connections together.
+        tx_per_s: f64,
+    },
+    /// Measure the peak first, with a closed loop for `peak_duration` after the warm-up,
+    /// then offer `fraction` of it open loop (after a second warm-up) during the window.
+    PeakFraction {
+        /// Share of the measured peak offered (0 < fraction ≤ 1).
+        fraction: f64,
+        /// Length of the full-load run that measures the peak.
+        peak_duration: Duration,
+    },
+}
 
 /// What `percore bench` runs on a single in-process node.
 #[derive(Debug, Clone)]
@@ -68,6 +102,8 @@ pub struct BenchConfig {
     pub connections_per_shard: usize,
     /// Percentage of transfers whose credit account lives on another shard.
     pub cross_shard_percent: u32,
+    /// How much load the clients offer.
+    pub offered: Offered,
     /// Print a progress line every second.
     pub progress: bool,
     /// The fsync policy in effect, as the report states it.
@@ -85,6 +121,7 @@ impl BenchConfig {
             window: self.window,
             connections_per_shard: self.connections_per_shard,
             cross_shard_percent: self.cross_shard_percent,
+            offered: self.offered,
             progress: self.progress,
             fsync: self.fsync,
         }
@@ -108,6 +145,8 @@ pub struct LoadConfig {
     pub connections_per_shard: usize,
     /// Percentage of transfers whose credit account lives on another shard.
     pub cross_shard_percent: u32,
+    /// How much load the clients offer.
+    pub offered: Offered,
     /// Print a progress line every second.
     pub progress: bool,
     /// The fsync policy in effect, as the report states it.
@@ -172,8 +211,18 @@ pub struct BenchReport {
     pub shards: usize,
     /// Seconds measured.
     pub duration_s: f64,
-    /// Transfers applied per second, all shards.
+    /// Transfers applied per second, all shards (the achieved rate).
     pub total_committed_tx_per_s: f64,
+    /// How the load was offered: [`PACING_CLOSED`] or [`PACING_OPEN`].
+    pub pacing: &'static str,
+    /// Open loop: transfers per second offered during the window, all connections
+    /// together; `None` in a closed loop.
+    pub offered_tx_per_s: Option<f64>,
+    /// With a share of the peak (`--load`): the committed tx/s the full-load run measured
+    /// before the window.
+    pub peak_tx_per_s: Option<f64>,
+    /// With `--load`: the share of that peak offered.
+    pub load_fraction: Option<f64>,
     /// Where the committed TPS comes from.
     pub committed_source: &'static str,
     /// Per-shard rows.
@@ -410,66 +459,144 @@ struct LoadThreadReport {
     latency: Histogram<u64>,
 }
 
-/// One client thread: a pipelined connection to one shard, `window` requests in flight.
-#[allow(clippy::too_many_arguments)]
-fn load_thread(
-    thread: usize,
+/// Builds one client thread's requests: random transfers from its shard's accounts.
+struct RequestMaker {
     shard: usize,
-    address: SocketAddr,
     accounts: Arc<Vec<Vec<u128>>>,
-    config: LoadConfig,
+    cross_shard_percent: u32,
+    rng: u64,
+    transfer_id: u128,
+    records: Vec<Transfer>,
+}
+
+impl RequestMaker {
+    fn new(
+        thread: usize,
+        shard: usize,
+        accounts: Arc<Vec<Vec<u128>>>,
+        config: &LoadConfig,
+        transfer_id_base: u128,
+    ) -> Self {
+        Self {
+            shard,
+            accounts,
+            cross_shard_percent: config.cross_shard_percent,
+            rng: (thread as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            transfer_id: transfer_id_base | ((thread as u128 + 1) << 96) | (1 << 127),
+            records: vec![<Transfer as bytemuck::Zeroable>::zeroed(); config.records_per_request],
+        }
+    }
+
+    /// xorshift64.
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// The next request's transfers (fresh ids).
+    fn next_request(&mut self) -> &[Transfer] {
+        let shards = self.accounts.len();
+        let shard = self.shard;
+        for index in 0..self.records.len() {
+            let r = self.next_random();
+            let local = &self.accounts[shard];
+            let debit = local[(r as usize) % local.len()];
+            let cross = shards > 1 && ((r >> 32) % 100) < u64::from(self.cross_shard_percent);
+            let credit_shard = if cross {
+                (shard + 1 + (r >> 40) as usize % (shards - 1)) % shards
+            } else {
+                shard
+            };
+            let pool = &self.accounts[credit_shard];
+            let mut credit = pool[((r >> 20) as usize) % pool.len()];
+            if credit == debit {
+                credit = pool[(((r >> 20) as usize) + 1) % pool.len()];
+            }
+            self.transfer_id += 1;
+            self.records[index] = transfer(self.transfer_id, debit, credit, 1);
+        }
+        &self.records
+    }
+}
+
+/// What one client thread's replies said, counted while the window is measured.
+struct ReplyTally {
+    shard: usize,
     measuring: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
     acknowledged_live: Arc<AtomicU64>,
     interval_latency: Arc<Mutex<Histogram<u64>>>,
-    transfer_id_base: u128,
+    latency: Histogram<u64>,
+    acknowledged: u64,
+    failed: u64,
+}
+
+impl ReplyTally {
+    /// Counts one reply whose results are `results`, to a request meant to leave at
+    /// `started` (sent then, or in a paced thread, due then).
+    fn record(&mut self, results: &[u8], started: Instant) {
+        let count = results.len() / size_of::<RecordResult>();
+        if self.measuring.load(Ordering::Relaxed) {
+            let micros = started.elapsed().as_micros() as u64;
+            self.latency.saturating_record(micros.max(1));
+            // Once per reply (a whole request), uncontended except when the sampler
+            // drains it once a second.
+            self.interval_latency
+                .lock()
+                .expect("no panics under this lock")
+                .saturating_record(micros.max(1));
+            self.acknowledged += count as u64;
+            self.failed += results
+                .chunks_exact(size_of::<RecordResult>())
+                .filter(|chunk| bytemuck::pod_read_unaligned::<RecordResult>(chunk).code != 0)
+                .count() as u64;
+        }
+        self.acknowledged_live
+            .fetch_add(count as u64, Ordering::Relaxed);
+    }
+
+    fn into_report(self) -> LoadThreadReport {
+        LoadThreadReport {
+            shard: self.shard,
+            acknowledged: self.acknowledged,
+            failed: self.failed,
+            latency: self.latency,
+        }
+    }
+}
+
+/// One client thread: a pipelined connection to one shard, `window` requests in flight;
+/// closed loop, or open loop on `schedule`.
+fn load_thread(
+    thread: usize,
+    address: SocketAddr,
+    window: usize,
+    schedule: Option<PaceSchedule>,
+    stop: Arc<AtomicBool>,
+    mut maker: RequestMaker,
+    mut tally: ReplyTally,
 ) -> Result<LoadThreadReport, ClientError> {
-    let shards = accounts.len();
     let mut pipeline = Pipeline::connect(
-        shard,
+        maker.shard,
         address,
         1_000 + thread as u128,
         frame::FRAME_BYTES_MAX_DEFAULT,
         Duration::from_secs(30),
     )?;
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-    let mut rng = (thread as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut next_random = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let local = &accounts[shard];
-    let mut records = vec![<Transfer as bytemuck::Zeroable>::zeroed(); config.records_per_request];
-    let mut sent_at = std::collections::VecDeque::with_capacity(config.window);
+    if let Some(schedule) = schedule {
+        paced(pipeline, &schedule, window, &stop, &mut maker, &mut tally)?;
+        return Ok(tally.into_report());
+    }
+    let mut sent_at = std::collections::VecDeque::with_capacity(window);
     let mut request_number = 0u64;
-    let mut transfer_id = transfer_id_base | ((thread as u128 + 1) << 96) | (1 << 127);
-    let (mut acknowledged, mut failed) = (0u64, 0u64);
     loop {
-        while pipeline.in_flight() < config.window && !stop.load(Ordering::Relaxed) {
-            for record in records.iter_mut() {
-                let r = next_random();
-                let debit = local[(r as usize) % local.len()];
-                let cross = shards > 1 && ((r >> 32) % 100) < u64::from(config.cross_shard_percent);
-                let credit_shard = if cross {
-                    (shard + 1 + (r >> 40) as usize % (shards - 1)) % shards
-                } else {
-                    shard
-                };
-                let pool = &accounts[credit_shard];
-                let mut credit = pool[((r >> 20) as usize) % pool.len()];
-                if credit == debit {
-                    credit = pool[(((r >> 20) as usize) + 1) % pool.len()];
-                }
-                transfer_id += 1;
-                *record = transfer(transfer_id, debit, credit, 1);
-            }
+        while pipeline.in_flight() < window && !stop.load(Ordering::Relaxed) {
             request_number += 1;
             pipeline.send(
                 frame::Operation::CreateTransfers.into(),
                 request_number,
-                &records,
+                maker.next_request(),
             )?;
             sent_at.push_back(Instant::now());
         }
@@ -478,31 +605,135 @@ fn load_thread(
         }
         let reply = pipeline.receive(size_of::<RecordResult>())?;
         let started = sent_at.pop_front().expect("one per request");
-        let results: &[u8] = reply.body;
-        let count = results.len() / size_of::<RecordResult>();
-        if measuring.load(Ordering::Relaxed) {
-            let micros = started.elapsed().as_micros() as u64;
-            latency.saturating_record(micros.max(1));
-            // Once per reply (a whole request), uncontended except when the sampler
-            // drains it once a second.
-            interval_latency
-                .lock()
-                .expect("no panics under this lock")
-                .saturating_record(micros.max(1));
-            acknowledged += count as u64;
-            failed += results
-                .chunks_exact(size_of::<RecordResult>())
-                .filter(|chunk| bytemuck::pod_read_unaligned::<RecordResult>(chunk).code != 0)
-                .count() as u64;
-        }
-        acknowledged_live.fetch_add(count as u64, Ordering::Relaxed);
+        tally.record(reply.body, started);
     }
-    Ok(LoadThreadReport {
-        shard,
-        acknowledged,
-        failed,
-        latency,
+    Ok(tally.into_report())
+}
+
+/// Counts shared by a paced connection's sender and receiver.
+struct PacedCounts {
+    /// Requests sent (request `k + 1` is the `k`-th, due at `schedule.due(k)`).
+    sent: AtomicU64,
+    /// Replies received.
+    received: AtomicU64,
+    /// The sender has stopped: `sent` is final.
+    sender_done: AtomicBool,
+    /// The receiver failed: the sender stops.
+    receiver_failed: AtomicBool,
+}
+
+/// Open loop on one connection: a scoped sender thread sends request `k` at
+/// `schedule.due(k)` (later only while `window` requests are unanswered), this thread
+/// receives and counts each reply's latency from its request's due time. Replies come in
+/// request order, so the due time of the `k`-th reply is known without a queue. Ends when
+/// `stop` is set and every request sent is answered.
+fn paced(
+    pipeline: Pipeline,
+    schedule: &PaceSchedule,
+    window: usize,
+    stop: &AtomicBool,
+    maker: &mut RequestMaker,
+    tally: &mut ReplyTally,
+) -> Result<(), ClientError> {
+    let (mut sender, mut receiver) = pipeline.split()?;
+    let counts = PacedCounts {
+        sent: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        sender_done: AtomicBool::new(false),
+        receiver_failed: AtomicBool::new(false),
+    };
+    let receiving = std::thread::current();
+    std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            let sent = paced_send(
+                &mut sender,
+                schedule,
+                window,
+                stop,
+                maker,
+                &counts,
+                &receiving,
+            );
+            // Release: the receiver that sees `sender_done` sees the final `sent`.
+            counts.sender_done.store(true, Ordering::Release);
+            receiving.unpark();
+            sent
+        });
+        let received = paced_receive(&mut receiver, schedule, tally, &counts, sending.thread());
+        if received.is_err() {
+            counts.receiver_failed.store(true, Ordering::Relaxed);
+            sending.thread().unpark();
+        }
+        let sent = sending.join().expect("paced sender panicked");
+        received.and(sent)
     })
+}
+
+/// The sending half of [`paced`].
+fn paced_send(
+    sender: &mut PipelineSender,
+    schedule: &PaceSchedule,
+    window: usize,
+    stop: &AtomicBool,
+    maker: &mut RequestMaker,
+    counts: &PacedCounts,
+    receiving: &std::thread::Thread,
+) -> Result<(), ClientError> {
+    let spin = schedule.spins();
+    let mut sent = 0u64;
+    loop {
+        if !pacing::sleep_until(schedule.due(sent), spin, stop) {
+            return Ok(());
+        }
+        // A full window holds the request back; it is then late, and its latency (counted
+        // from the due time) shows it.
+        while sent - counts.received.load(Ordering::Acquire) >= window as u64 {
+            if stop.load(Ordering::Relaxed) || counts.receiver_failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
+        }
+        if counts.receiver_failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        sender.send(
+            frame::Operation::CreateTransfers.into(),
+            sent + 1,
+            maker.next_request(),
+        )?;
+        sent += 1;
+        // Release, paired with the receiver's Acquire: it reads only replies owed.
+        counts.sent.store(sent, Ordering::Release);
+        receiving.unpark();
+    }
+}
+
+/// The receiving half of [`paced`]: reads a reply only when one is owed, so it never blocks
+/// on a connection with nothing in flight.
+fn paced_receive(
+    receiver: &mut PipelineReceiver,
+    schedule: &PaceSchedule,
+    tally: &mut ReplyTally,
+    counts: &PacedCounts,
+    sending: &std::thread::Thread,
+) -> Result<(), ClientError> {
+    let mut received = 0u64;
+    loop {
+        // `sender_done` first: once it is seen, the `sent` read after it is final.
+        let sender_done = counts.sender_done.load(Ordering::Acquire);
+        if received == counts.sent.load(Ordering::Acquire) {
+            if sender_done {
+                return Ok(());
+            }
+            std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
+            continue;
+        }
+        let reply = receiver.receive(size_of::<RecordResult>(), received + 1)?;
+        tally.record(reply.body, schedule.due(received));
+        received += 1;
+        counts.received.store(received, Ordering::Release);
+        sending.unpark();
+    }
 }
 
 /// The client threads of one run and the flags they watch.
@@ -526,20 +757,19 @@ struct LoadTotals {
 
 impl Load {
     /// Starts `connections_per_shard` client threads per shard, shard `k`'s to
-    /// `addresses[k]`.
-    fn start(addresses: &[SocketAddr], accounts: Vec<Vec<u128>>, config: LoadConfig) -> Self {
-        Self::start_with_id_base(addresses, accounts, config, 0)
-    }
-
-    /// [`Load::start`], with `transfer_id_base` (bits 64..96) OR-ed into every transfer
-    /// id, so runs against a cluster that keeps its ledger do not repeat ids.
-    fn start_with_id_base(
+    /// `addresses[k]`: closed loop, or, with `rate_tx_per_s`, open loop at that rate in all.
+    /// `transfer_id_base` (bits 64..96) is OR-ed into every transfer id, so that runs
+    /// against a ledger that keeps earlier transfers do not repeat ids.
+    fn start(
         addresses: &[SocketAddr],
         accounts: Vec<Vec<u128>>,
         config: LoadConfig,
         transfer_id_base: u128,
+        rate_tx_per_s: Option<f64>,
     ) -> Self {
         debug_assert_eq!(transfer_id_base & !(u128::from(u32::MAX) << 64), 0);
+        let threads_total = addresses.len() * config.connections_per_shard;
+        let start = Instant::now();
         let accounts = Arc::new(accounts);
         let measuring = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -557,19 +787,28 @@ impl Load {
                 );
                 let interval = Arc::new(Mutex::new(latency_histogram()));
                 interval_latency.push(interval.clone());
-                threads.push(std::thread::spawn(move || {
-                    load_thread(
+                let maker = RequestMaker::new(thread, shard, accounts, &config, transfer_id_base);
+                let tally = ReplyTally {
+                    shard,
+                    measuring,
+                    acknowledged_live: live,
+                    interval_latency: interval,
+                    latency: latency_histogram(),
+                    acknowledged: 0,
+                    failed: 0,
+                };
+                let schedule = rate_tx_per_s.map(|rate| {
+                    PaceSchedule::for_thread(
+                        rate,
+                        threads_total,
                         thread,
-                        shard,
-                        address,
-                        accounts,
-                        config,
-                        measuring,
-                        stop,
-                        live,
-                        interval,
-                        transfer_id_base,
+                        config.records_per_request,
+                        start,
                     )
+                });
+                let window = config.window;
+                threads.push(std::thread::spawn(move || {
+                    load_thread(thread, address, window, schedule, stop, maker, tally)
                 }));
             }
         }
@@ -620,8 +859,7 @@ impl Load {
     fn finish(self) -> Result<LoadTotals, BenchError> {
         self.measuring.store(false, Ordering::Relaxed);
         self.stop.store(true, Ordering::Relaxed);
-        let mut latency =
-            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        let mut latency = latency_histogram();
         let (mut acknowledged, mut failed) = (0, 0);
         let mut acknowledged_per_shard = vec![0; self.shards];
         let mut first_error = None;
@@ -804,9 +1042,117 @@ fn commit_latency(before: &Snapshot, after: &Snapshot) -> Option<BucketLatencyRo
     })
 }
 
+/// What the clients offered during the window.
+#[derive(Debug, Clone, Copy, Default)]
+struct OfferedLoad {
+    /// Open loop: transfers per second, all connections; `None` for a closed loop.
+    tx_per_s: Option<f64>,
+    /// With [`Offered::PeakFraction`]: the peak measured first.
+    peak_tx_per_s: Option<f64>,
+}
+
+/// The next transfer id base after `base` (bits 64..96, wrapping within them).
+fn next_id_base(base: u128) -> u128 {
+    u128::from(((base >> 64) as u32).wrapping_add(1)) << 64
+}
+
+/// Starts the client threads the window measures, as `config.offered` asks, and returns
+/// once their warm-up is over. For [`Offered::PeakFraction`] it first measures the peak
+/// ([`measure_peak`]), then starts the open loop with the next transfer id base.
+/// `committed(load)` reads the transfers committed so far, all shards.
+fn start_load(
+    addresses: &[SocketAddr],
+    accounts: Vec<Vec<u128>>,
+    config: &LoadConfig,
+    transfer_id_base: u128,
+    committed: impl Fn(&Load) -> Result<u64, BenchError>,
+) -> Result<(Load, OfferedLoad), BenchError> {
+    let offered = match config.offered {
+        Offered::Full => OfferedLoad::default(),
+        Offered::Rate { tx_per_s } => OfferedLoad {
+            tx_per_s: Some(tx_per_s),
+            peak_tx_per_s: None,
+        },
+        Offered::PeakFraction {
+            fraction,
+            peak_duration,
+        } => {
+            let base = transfer_id_base;
+            let peak = measure_peak(addresses, &accounts, config, base, peak_duration, committed)?;
+            let rate = fraction * peak;
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(BenchError::Setup(format!(
+                    "the full-load run committed nothing in {peak_duration:?}: no peak to take \
+                     a share of"
+                )));
+            }
+            if config.progress {
+                eprintln!(
+                    "  peak {peak:.0} tx/s committed; offering {:.0} % of it: {rate:.0} tx/s",
+                    fraction * 100.0
+                );
+            }
+            OfferedLoad {
+                tx_per_s: Some(rate),
+                peak_tx_per_s: Some(peak),
+            }
+        }
+    };
+    let base = if offered.peak_tx_per_s.is_some() {
+        next_id_base(transfer_id_base)
+    } else {
+        transfer_id_base
+    };
+    let load = Load::start(addresses, accounts, *config, base, offered.tx_per_s);
+    std::thread::sleep(config.warmup);
+    Ok((load, offered))
+}
+
+/// The peak committed rate (tx/s): a closed loop through the warm-up, then measured over
+/// `peak_duration`; the load is stopped (its windows drained) before this returns.
+fn measure_peak(
+    addresses: &[SocketAddr],
+    accounts: &[Vec<u128>],
+    config: &LoadConfig,
+    transfer_id_base: u128,
+    peak_duration: Duration,
+    committed: impl Fn(&Load) -> Result<u64, BenchError>,
+) -> Result<f64, BenchError> {
+    if config.progress {
+        eprintln!(
+            "measuring the peak: full load for {:.1} s after {:.1} s of warm-up",
+            peak_duration.as_secs_f64(),
+            config.warmup.as_secs_f64()
+        );
+    }
+    let probe = Load::start(
+        addresses,
+        accounts.to_vec(),
+        *config,
+        transfer_id_base,
+        None,
+    );
+    std::thread::sleep(config.warmup);
+    let measured = (|| {
+        let before = committed(&probe)?;
+        let window = LoadConfig {
+            duration: peak_duration,
+            ..*config
+        };
+        let started = probe.measure(&window);
+        let after = committed(&probe)?;
+        Ok::<_, BenchError>(after.saturating_sub(before) as f64 / started.elapsed().as_secs_f64())
+    })();
+    let finished = probe.finish();
+    let peak = measured?;
+    finished?;
+    Ok(peak)
+}
+
 /// What one run measured, before it becomes a report.
 struct Measured<'a> {
     load: &'a LoadConfig,
+    offered: OfferedLoad,
     cores: &'a [usize],
     replicas: usize,
     before: Snapshot,
@@ -818,6 +1164,7 @@ struct Measured<'a> {
 fn report(measured: Measured<'_>) -> BenchReport {
     let Measured {
         load,
+        offered,
         cores,
         replicas,
         before,
@@ -854,6 +1201,17 @@ fn report(measured: Measured<'_>) -> BenchReport {
         shards,
         duration_s: elapsed_s,
         total_committed_tx_per_s: per_shard.iter().map(|row| row.committed_tx_per_s).sum(),
+        pacing: if offered.tx_per_s.is_some() {
+            PACING_OPEN
+        } else {
+            PACING_CLOSED
+        },
+        offered_tx_per_s: offered.tx_per_s,
+        peak_tx_per_s: offered.peak_tx_per_s,
+        load_fraction: match load.offered {
+            Offered::PeakFraction { fraction, .. } => Some(fraction),
+            Offered::Full | Offered::Rate { .. } => None,
+        },
         committed_source: if replicas == 1 {
             COMMITTED_SOURCE_NODE
         } else {
@@ -902,8 +1260,8 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     })?;
     let addresses = node.client_addresses().to_vec();
     let accounts = setup_accounts(&addresses, load_config.accounts_per_shard)?;
-    let load = Load::start(&addresses, accounts, load_config);
-    std::thread::sleep(load_config.warmup);
+    let committed = |_: &Load| Ok(snapshot(node.metrics()).applied.iter().sum());
+    let (load, offered) = start_load(&addresses, accounts, &load_config, 0, committed)?;
     let before = snapshot(node.metrics());
     let started = load.measure(&load_config);
     let after = snapshot(node.metrics());
@@ -912,6 +1270,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     node.shutdown()?;
     Ok(report(Measured {
         load: &load_config,
+        offered,
         cores: &config.node.cores,
         replicas: 1,
         before,
@@ -933,8 +1292,8 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
     let mut cluster = LocalCluster::start(config.cluster.clone())?;
     let leaders = cluster.leader_addresses();
     let accounts = setup_accounts(&leaders, load_config.accounts_per_shard)?;
-    let load = Load::start(&leaders, accounts, load_config);
-    std::thread::sleep(load_config.warmup);
+    let committed = |_: &Load| Ok(scrape_snapshot(&cluster)?.applied.iter().sum());
+    let (load, offered) = start_load(&leaders, accounts, &load_config, 0, committed)?;
     let measured = scrape_snapshot(&cluster).and_then(|before| {
         let (started, soak) = if config.series {
             load.measuring.store(true, Ordering::Relaxed);
@@ -959,6 +1318,7 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
     }
     let mut report = report(Measured {
         load: &load_config,
+        offered,
         cores: &config.cluster.cores,
         replicas: config.cluster.replicas,
         before,
@@ -1061,14 +1421,23 @@ pub fn run_remote(config: RemoteBenchConfig) -> Result<BenchReport, BenchError> 
     };
     let accounts = setup_accounts(&config.leaders, load_config.accounts_per_shard)?;
     let transfer_id_base = u128::from(crate::runtime::random_seed() as u32) << 64;
-    let load = Load::start_with_id_base(&config.leaders, accounts, load_config, transfer_id_base);
-    std::thread::sleep(load_config.warmup);
     let take = |layout: &RemoteLayout| -> Result<Snapshot, BenchError> {
         let texts = scrape_remote(&config.metrics)?;
         Ok(snapshot_from_texts(&texts, shards, |shard| {
             layout.leader_node[shard]
         }))
     };
+    let committed = |load: &Load| match &layout {
+        Some(layout) => Ok(take(layout)?.applied.iter().sum()),
+        None => Ok(load.acknowledged_live.load(Ordering::Relaxed)),
+    };
+    let (load, offered) = start_load(
+        &config.leaders,
+        accounts,
+        &load_config,
+        transfer_id_base,
+        committed,
+    )?;
     let measured = (|| {
         let before = layout.as_ref().map(take).transpose()?;
         let started = load.measure(&load_config);
@@ -1088,6 +1457,7 @@ pub fn run_remote(config: RemoteBenchConfig) -> Result<BenchReport, BenchError> 
     let replicas = layout.as_ref().map_or(1, |layout| layout.replicas.max(1));
     let mut report = report(Measured {
         load: &load_config,
+        offered,
         cores: &vec![0; shards],
         replicas,
         before: before.unwrap_or_else(zero),
@@ -1126,6 +1496,27 @@ fn at_most(bound: Option<u64>) -> String {
     )
 }
 
+/// What was offered and what was achieved, in one line.
+fn offered_line(report: &BenchReport) -> String {
+    let Some(offered) = report.offered_tx_per_s else {
+        return format!("offered: {}", report.pacing);
+    };
+    let share = match (report.load_fraction, report.peak_tx_per_s) {
+        (Some(fraction), Some(peak)) => {
+            format!(
+                " = {:.0} % of the measured peak {peak:.0} tx/s",
+                fraction * 100.0
+            )
+        }
+        _ => String::new(),
+    };
+    format!(
+        "offered: {offered:.0} tx/s{share}, open loop; achieved {:.0} tx/s committed ({:.1} % of offered)",
+        report.total_committed_tx_per_s,
+        report.total_committed_tx_per_s * 100.0 / offered
+    )
+}
+
 /// Prints the report as a human-readable table.
 pub fn print_text(report: &BenchReport) {
     let replicas = match report.replicas {
@@ -1145,6 +1536,7 @@ pub fn print_text(report: &BenchReport) {
         report.cross_shard_percent,
         report.duration_s
     );
+    println!("{}", offered_line(report));
     println!("committed: {}", report.committed_source);
     println!(
         "{:>6} {:>5} {:>7} {:>16} {:>14} {:>10} {:>12}",
@@ -1216,6 +1608,17 @@ mod tests {
             at_most(None),
             format!(">{}", LATENCY_BUCKETS_US[LATENCY_BUCKETS_US.len() - 1])
         );
+    }
+
+    #[test]
+    fn the_next_transfer_id_base_stays_in_its_bits_and_differs() {
+        let field = u128::from(u32::MAX) << 64;
+        for base in [0, 7 << 64, field] {
+            let next = next_id_base(base);
+            assert_eq!(next & !field, 0, "{next:#x} left bits 64..96");
+            assert_ne!(next, base);
+        }
+        assert_eq!(next_id_base(field), 0, "wraps within the field");
     }
 
     #[test]

@@ -290,17 +290,33 @@ struct BenchArgs {
     /// Percentage of transfers whose credit account lives on another shard (0-100).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
     cross_shard_percent: u32,
+    /// Open loop: offer this many transfers per second in all, split evenly over the client
+    /// connections, each sending its requests on a fixed schedule (--window still bounds
+    /// those in flight); latency counts from each request's intended send time, so a client
+    /// that falls behind records the wait. Default: closed loop, every connection keeps its
+    /// window full.
+    #[arg(long, value_parser = parse_rate, conflicts_with = "load")]
+    rate: Option<f64>,
+    /// Open loop at a share of the peak (0 < FRACTION <= 1): first measure the committed
+    /// peak with full load for --peak-s seconds (after the warm-up), then offer FRACTION of
+    /// it, after a second warm-up, during the measured window.
+    #[arg(long, value_parser = parse_fraction)]
+    load: Option<f64>,
+    /// With --load: seconds of full load that measure the peak.
+    #[arg(long, default_value_t = 10, requires = "load")]
+    peak_s: u64,
     /// Print the report as one JSON object instead of a table (with a local cluster it
     /// includes the per-second series, as with --series).
     #[arg(long)]
     json: bool,
     /// Local cluster only: every second record committed tx/s, client latency, each
-    /// node's RSS and the pool high-water marks (a progress line each on stderr), and
-    /// summarize RSS growth, the longest commit gap and p999.
+    /// node's RSS, the pool high-water marks and the longest commit gap the leaders
+    /// measured themselves (a progress line each on stderr), and summarize RSS growth, the
+    /// commit gaps (in-node, and each leader's commit op sampled every 100 ms) and p999.
     #[arg(long)]
     series: bool,
-    /// Local cluster only: draw the series (TPS, latency, RSS per node) into this SVG
-    /// (implies --series).
+    /// Local cluster only: draw the series (TPS, latency with the longest commit gap of
+    /// each second, RSS per node) into this SVG (implies --series).
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Run without a journal (measures the in-memory pipeline only; --replicas 1 only:
@@ -331,6 +347,38 @@ struct BenchArgs {
     metrics_addresses: Vec<SocketAddr>,
     #[command(flatten)]
     journal: JournalArgs,
+}
+
+/// `--rate`: a positive, finite number of transfers per second.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        Ok(_) => Err("the rate must be a positive number of transfers per second".into()),
+        Err(err) => Err(format!("not a rate: {err}")),
+    }
+}
+
+/// `--load`: a share of the peak, 0 < FRACTION <= 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(fraction) if fraction > 0.0 && fraction <= 1.0 => Ok(fraction),
+        Ok(_) => Err("the load must be a fraction of the peak, 0 < FRACTION <= 1".into()),
+        Err(err) => Err(format!("not a fraction: {err}")),
+    }
+}
+
+impl BenchArgs {
+    /// The load `--rate` or `--load` asks for (a closed loop without either).
+    fn offered(&self) -> loadgen::Offered {
+        match (self.rate, self.load) {
+            (Some(tx_per_s), _) => loadgen::Offered::Rate { tx_per_s },
+            (None, Some(fraction)) => loadgen::Offered::PeakFraction {
+                fraction,
+                peak_duration: Duration::from_secs(self.peak_s),
+            },
+            (None, None) => loadgen::Offered::Full,
+        }
+    }
 }
 
 fn init_tracing() {
@@ -586,6 +634,7 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         window: args.window,
         connections_per_shard: args.connections_per_shard,
         cross_shard_percent: args.cross_shard_percent,
+        offered: args.offered(),
         progress: !args.json,
         fsync,
     };
@@ -678,6 +727,7 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
             window: args.window,
             connections_per_shard: args.connections_per_shard,
             cross_shard_percent: args.cross_shard_percent,
+            offered: args.offered(),
             progress: !args.json,
             fsync,
         },
@@ -727,6 +777,7 @@ fn run_bench_remote(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             window: args.window,
             connections_per_shard: args.connections_per_shard,
             cross_shard_percent: args.cross_shard_percent,
+            offered: args.offered(),
             progress: !args.json,
             fsync: "as the nodes were started (not visible to the client)",
         },

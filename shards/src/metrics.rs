@@ -18,6 +18,28 @@ pub const LATENCY_BUCKETS_US: [u64; 22] = [
     50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000,
 ];
 
+/// Upper bounds (µs) of the commit-gap histogram buckets; the last bucket is +Inf. Fine
+/// below and around 1 ms (the gap a shard under load should stay under), then coarse up to
+/// 1 s; a longer gap is still known exactly from `percore_commit_gap_max_us`.
+pub const COMMIT_GAP_BUCKETS_US: [u64; 15] = [
+    20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
+    1_000_000,
+];
+const _: () = assert!(bounds_ascend(&COMMIT_GAP_BUCKETS_US));
+const _: () = assert!(bounds_ascend(&LATENCY_BUCKETS_US));
+
+/// Whether `bounds` strictly ascend (bucket lookup by binary search needs it).
+const fn bounds_ascend(bounds: &[u64]) -> bool {
+    let mut index = 1;
+    while index < bounds.len() {
+        if bounds[index - 1] >= bounds[index] {
+            return false;
+        }
+        index += 1;
+    }
+    true
+}
+
 /// A fixed-bucket latency histogram (µs) written by one shard, read by the scraper.
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
@@ -66,6 +88,123 @@ impl LatencyHistogram {
     }
 }
 
+/// Gap accounting of one shard's commit point, sans-IO (the caller passes the time, µs on
+/// the shard's clock). A gap opens when the commit point advances while work is still
+/// waiting to commit, or when a shard that had nothing waiting seals new work (the runtime
+/// passes the start of that batcher turn); it closes at the next advance, which reports its
+/// length. An idle shard has no gap open and reports
+/// nothing, so a gap always means something waited to commit all along.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitGapClock {
+    /// When the open gap began, if one is open.
+    open_since_us: Option<u64>,
+}
+
+impl CommitGapClock {
+    /// Work started waiting to commit at `now_us` (a batch was sealed): opens a gap unless
+    /// one is open (then the earlier start stands).
+    #[inline]
+    pub fn work_waiting(&mut self, now_us: u64) {
+        if self.open_since_us.is_none() {
+            self.open_since_us = Some(now_us);
+        }
+    }
+
+    /// The commit point advanced at `now_us`; `still_waiting`: whether work is still waiting
+    /// to commit after it. Returns the length (µs) of the gap this advance closed, if one was
+    /// open, and opens the next one if work is still waiting.
+    #[inline]
+    #[must_use]
+    pub fn advanced(&mut self, now_us: u64, still_waiting: bool) -> Option<u64> {
+        let gap_us = self
+            .open_since_us
+            .map(|since_us| now_us.saturating_sub(since_us));
+        self.open_since_us = still_waiting.then_some(now_us);
+        gap_us
+    }
+
+    /// Forgets the open gap (this replica stopped leading: its next commit, if it leads
+    /// again, must not count the time in between).
+    #[inline]
+    pub fn forget(&mut self) {
+        self.open_since_us = None;
+    }
+
+    /// Whether a gap is open.
+    pub fn is_open(&self) -> bool {
+        self.open_since_us.is_some()
+    }
+}
+
+/// Commit gaps of one shard ([`CommitGapClock`]) in fixed buckets ([`COMMIT_GAP_BUCKETS_US`])
+/// and the longest one since start. The shard writes, the scraper reads.
+#[derive(Debug, Default)]
+pub struct CommitGapHistogram {
+    buckets: [AtomicU64; COMMIT_GAP_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+    max_us: AtomicU64,
+}
+
+impl CommitGapHistogram {
+    /// Records one gap of `gap_us`.
+    #[inline]
+    pub fn record(&self, gap_us: u64) {
+        // One writer: a plain load and store keep the maximum.
+        if gap_us > self.max_us.load(Ordering::Relaxed) {
+            self.max_us.store(gap_us, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(gap_us, Ordering::Relaxed);
+        let index = COMMIT_GAP_BUCKETS_US.partition_point(|&bound| bound < gap_us);
+        // Release, paired with the Acquire loads in `render`: a scrape that counts this gap
+        // also sees the maximum raised above (it reads the buckets before the maximum), so
+        // the maximum it reports bounds every gap it counted.
+        self.buckets[index].fetch_add(1, Ordering::Release);
+    }
+
+    /// Per-bucket counts (not cumulative); the last bucket is +Inf.
+    pub fn buckets(&self) -> [u64; COMMIT_GAP_BUCKETS_US.len() + 1] {
+        std::array::from_fn(|index| self.buckets[index].load(Ordering::Acquire))
+    }
+
+    /// The longest gap recorded since start (µs).
+    pub fn max_us(&self) -> u64 {
+        self.max_us.load(Ordering::Relaxed)
+    }
+
+    /// Appends `percore_commit_gap_us` (a histogram, bounds in µs) and
+    /// `percore_commit_gap_max_us` (a gauge) in Prometheus text format.
+    fn render(&self, out: &mut String, shard: u32) {
+        let name = "percore_commit_gap_us";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time between successive advances of the commit point while work waited to commit (microseconds)."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (index, count) in self.buckets().iter().enumerate() {
+            cumulative += count;
+            let le = COMMIT_GAP_BUCKETS_US
+                .get(index)
+                .map_or_else(|| "+Inf".to_string(), u64::to_string);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum_us = self.sum_us.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum_us}");
+        // The count is the +Inf bucket, as Prometheus requires.
+        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {cumulative}");
+        let name = "percore_commit_gap_max_us";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Longest time between advances of the commit point while work waited, since start (microseconds)."
+        );
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", self.max_us());
+    }
+}
+
 macro_rules! shard_metrics {
     ($( $kind:ident $field:ident : $help:literal ),* $(,)?) => {
         /// Counters and gauges of one shard. Field names are the Prometheus names without the
@@ -83,6 +222,9 @@ macro_rules! shard_metrics {
             pub journal_commit_latency: LatencyHistogram,
             /// Leader: time from staging an op to its quorum commit (µs).
             pub commit_latency: LatencyHistogram,
+            /// Leader (or unreplicated shard): time between advances of the commit point
+            /// while work waited to commit (µs).
+            pub commit_gap: CommitGapHistogram,
             /// Per peer replica: what this replica knows of it.
             pub peers: [PeerMetrics; PEERS_MAX],
         }
@@ -219,6 +361,7 @@ impl ShardMetrics {
             .render(out, "percore_journal_commit_seconds", self.shard);
         self.commit_latency
             .render(out, "percore_commit_seconds", self.shard);
+        self.commit_gap.render(out, self.shard);
         self.render_peers(out);
     }
 
@@ -360,6 +503,59 @@ mod tests {
         );
         assert!(out.contains("x_bucket{shard=\"3\",le=\"+Inf\"} 4"), "{out}");
         assert!(out.contains("x_count{shard=\"3\"} 4"), "{out}");
+    }
+
+    #[test]
+    fn commit_gaps_count_only_while_work_waits() {
+        let mut clock = CommitGapClock::default();
+        // Idle: an advance with nothing waiting before or after reports nothing.
+        assert_eq!(clock.advanced(100, false), None);
+        assert!(!clock.is_open());
+        // Work arrives at 1,000 and commits at 1,300, with more still waiting.
+        clock.work_waiting(1_000);
+        clock.work_waiting(1_100); // already open: the earlier start stands
+        assert_eq!(clock.advanced(1_300, true), Some(300));
+        // The next advance closes the gap that opened at the last one.
+        assert_eq!(clock.advanced(2_300, false), Some(1_000));
+        // Nothing waited after that: the time until new work arrives is not a gap.
+        assert_eq!(clock.advanced(9_000, false), None);
+        clock.work_waiting(10_000);
+        assert_eq!(clock.advanced(10_050, false), Some(50));
+        // A replica that stops leading forgets its open gap.
+        clock.work_waiting(20_000);
+        clock.forget();
+        assert_eq!(clock.advanced(90_000, true), None);
+        assert!(clock.is_open());
+        // A clock read out of order never reports a negative gap.
+        assert_eq!(clock.advanced(80_000, false), Some(0));
+    }
+
+    #[test]
+    fn commit_gap_histogram_exports_buckets_and_the_maximum() {
+        let metrics = ShardMetrics::new(2);
+        metrics.commit_gap.record(20); // <= 20 µs: the first bucket
+        metrics.commit_gap.record(700); // <= 1 ms
+        metrics.commit_gap.record(3_000_000); // over 1 s
+        metrics.commit_gap.record(400); // the maximum stays
+        assert_eq!(metrics.commit_gap.max_us(), 3_000_000);
+        let buckets = metrics.commit_gap.buckets();
+        assert_eq!(buckets.iter().sum::<u64>(), 4);
+        assert_eq!(buckets[0], 1);
+        assert_eq!(buckets[COMMIT_GAP_BUCKETS_US.len()], 1);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        for line in [
+            "# TYPE percore_commit_gap_us histogram",
+            "percore_commit_gap_us_bucket{shard=\"2\",le=\"20\"} 1",
+            "percore_commit_gap_us_bucket{shard=\"2\",le=\"500\"} 2",
+            "percore_commit_gap_us_bucket{shard=\"2\",le=\"1000\"} 3",
+            "percore_commit_gap_us_bucket{shard=\"2\",le=\"1000000\"} 3",
+            "percore_commit_gap_us_bucket{shard=\"2\",le=\"+Inf\"} 4",
+            "percore_commit_gap_us_count{shard=\"2\"} 4",
+            "percore_commit_gap_max_us{shard=\"2\"} 3000000",
+        ] {
+            assert!(out.contains(line), "{line} missing from:\n{out}");
+        }
     }
 
     #[test]

@@ -1285,6 +1285,8 @@ where
     if replication.replica.borrow().is_ready_leader() {
         progressed |= leader_prepare(shard, journal).await;
     } else {
+        // Only a ready leader measures commit gaps; leading again starts afresh.
+        shard.commit_gap_forget();
         // Records accepted while this replica led can no longer be sealed here: their
         // clients are told to find the new leader.
         let aborted = shard
@@ -1406,6 +1408,7 @@ where
         }
         return false;
     }
+    shard.commit_gap_work_waiting(now_us);
     journal_commit(shard, journal).await;
     let mut actions = replication.actions.borrow_mut();
     actions.clear();
@@ -1601,8 +1604,7 @@ where
 }
 
 /// Applies every committed op held here and answers (leader) or drops (follower) what it
-/// produces. Stops after a checkpoint op, whose snapshot it captured: the caller writes
-/// the checkpoint before applying more.
+/// produces.
 async fn apply_committed<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
 where
     S: StateMachine,
@@ -1667,6 +1669,10 @@ where
     if applied {
         shard.core.borrow().publish_pool_metrics();
         publish(shard);
+        if replication.replica.borrow().is_ready_leader() {
+            // The group's commit number moved and this leader applied up to it.
+            shard.commit_gap_advanced();
+        }
     }
     applied
 }

@@ -35,7 +35,7 @@ use tracing::Instrument as _;
 use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
 use crate::journal::{Journal, JournalConfig, JournalError, JournalOptions};
 use crate::mesh::{Mesh, MeshEndpoint, MeshLinks, MeshMessage};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{CommitGapClock, ShardMetrics};
 use percore_engine::journal::{EntryMeta, entry_bytes_padded};
 
 /// Default first client port; shard `i` listens on `client_port_base + i`.
@@ -528,6 +528,9 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) metrics: Arc<ShardMetrics>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) epoch: Instant,
+    /// Gaps between advances of this shard's commit point while work waits
+    /// (`percore_commit_gap_us`; only a leader or an unreplicated shard keeps it).
+    pub(crate) commit_gap: Cell<CommitGapClock>,
     /// Per shard: nothing to do and nothing queued (read by all shards at shutdown only).
     pub(crate) quiet: Arc<[AtomicBool]>,
     /// Every shard's metrics, for the shutdown quiescence check.
@@ -614,6 +617,32 @@ impl<S: StateMachine> Shard<S> {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Work started waiting to commit at `now_us` (a batch was sealed): opens a commit gap
+    /// unless one is open.
+    pub(crate) fn commit_gap_work_waiting(&self, now_us: u64) {
+        let mut clock = self.commit_gap.get();
+        clock.work_waiting(now_us);
+        self.commit_gap.set(clock);
+    }
+
+    /// The commit point advanced (committed ops were applied): records the gap this closes
+    /// and opens the next one if work is still waiting. One clock read, no allocation.
+    pub(crate) fn commit_gap_advanced(&self) {
+        let still_waiting = !self.core.borrow().is_idle();
+        let mut clock = self.commit_gap.get();
+        if let Some(gap_us) = clock.advanced(self.now_us(), still_waiting) {
+            self.metrics.commit_gap.record(gap_us);
+        }
+        self.commit_gap.set(clock);
+    }
+
+    /// This replica does not lead: forgets any open commit gap.
+    pub(crate) fn commit_gap_forget(&self) {
+        let mut clock = self.commit_gap.get();
+        clock.forget();
+        self.commit_gap.set(clock);
     }
 }
 
@@ -926,6 +955,7 @@ where
         metrics,
         stop,
         epoch: Instant::now(),
+        commit_gap: Cell::new(CommitGapClock::default()),
         quiet,
         all_metrics,
         finished: Cell::new(false),
@@ -1578,6 +1608,7 @@ where
         return progressed;
     }
     progressed = true;
+    shard.commit_gap_work_waiting(now_us);
     if let Some(journal) = journal.as_deref_mut() {
         let span = tracing::debug_span!("journal_commit", shard = shard.index, batches = sealed);
         journal_commit(shard, journal, sealed)
@@ -1587,6 +1618,8 @@ where
     for _ in 0..sealed {
         apply_one(shard);
     }
+    // One advance per group commit: its ops became durable together.
+    shard.commit_gap_advanced();
     if let Some(journal) = journal {
         // No peers: nothing beyond the retained checkpoints needs keeping.
         checkpoint_install(shard, journal, u64::MAX).await;

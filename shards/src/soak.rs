@@ -1,13 +1,24 @@
 //! Long-run (soak) observation of a local cluster under `percore bench --series`.
 //!
 //! Owns the sampling loop that replaces the plain measurement sleep: every
-//! [`SAMPLE_INTERVAL_MS`] it scrapes every replica and follows each group leader's
-//! `percore_commit_op` (the longest stretch without it advancing is the commit gap); every
 //! [`SERIES_INTERVAL_MS`] it records one [`SeriesPoint`] (committed tx/s from the leaders'
 //! `percore_tx_applied_total`, the client latency of that second, each node's RSS from
-//! `/proc/<pid>/status`, pool high-water marks) and prints a progress line on stderr. It
-//! also draws the series as an SVG. It never drives load and never touches the children
-//! beyond reading their metrics and `/proc`.
+//! `/proc/<pid>/status`, pool high-water marks, and the commit gaps the leaders measured
+//! themselves) and prints a progress line on stderr. It also draws the series as an SVG. It
+//! never drives load and never touches the children beyond reading their metrics and
+//! `/proc`.
+//!
+//! Two commit-gap measures, kept apart in the report:
+//! - **in-node** (the one to judge a shard by): each leader's `percore_commit_gap_us`
+//!   histogram, the time between advances of its commit point while work waited to commit,
+//!   measured on the node at microsecond resolution. Read per second from the bucket deltas,
+//!   so a gap is known to bucket resolution ("at most" the bucket's bound, or the leader's
+//!   `percore_commit_gap_max_us` when that is lower). A gap is recorded when it ends, so a
+//!   leader that never commits again records nothing:
+//! - **sampled**: every [`SAMPLE_INTERVAL_MS`] the loop also reads each leader's
+//!   `percore_commit_op`; the longest stretch without it advancing catches that stuck leader,
+//!   at [`SAMPLE_INTERVAL_MS`] resolution. It cannot tell waiting work from idleness, so under
+//!   a light `--rate` it also counts stretches with nothing to commit.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,9 +29,29 @@ use serde::Serialize;
 
 use crate::cluster::{self, ClusterError, LocalCluster};
 use crate::loadgen::{BenchError, LatencyRow};
+use crate::metrics::COMMIT_GAP_BUCKETS_US;
 
-/// How often the leaders' commit ops are sampled (the commit gap's resolution).
+/// How often the leaders' commit ops are sampled (the sampled commit gap's resolution).
 pub const SAMPLE_INTERVAL_MS: u64 = 100;
+/// In-node commit gaps longer than this (µs) are counted separately: under load a shard
+/// should commit at least this often.
+pub const COMMIT_GAP_GOAL_US: u64 = 1_000;
+/// Buckets of the exported commit-gap histogram (the last is the overflow bucket).
+const GAP_BUCKETS: usize = COMMIT_GAP_BUCKETS_US.len() + 1;
+const _: () = assert!(is_gap_bound(COMMIT_GAP_GOAL_US));
+
+/// Whether `us` is one of [`COMMIT_GAP_BUCKETS_US`] (gaps over the goal are then whole
+/// buckets).
+const fn is_gap_bound(us: u64) -> bool {
+    let mut index = 0;
+    while index < COMMIT_GAP_BUCKETS_US.len() {
+        if COMMIT_GAP_BUCKETS_US[index] == us {
+            return true;
+        }
+        index += 1;
+    }
+    false
+}
 /// One series point per this many milliseconds.
 pub const SERIES_INTERVAL_MS: u64 = 1_000;
 /// Samples per series point.
@@ -54,6 +85,11 @@ pub struct SeriesPoint {
     pub pool_transactions_high_water: Vec<u64>,
     /// Per replica, the largest `percore_pool_batches_high_water` of its shards.
     pub pool_batches_high_water: Vec<u64>,
+    /// In-node commit gaps the group leaders recorded in this second, all groups.
+    pub commit_gaps: u64,
+    /// The longest of them, at most this many µs ([`CommitGaps::longest_at_most_us`]);
+    /// `None` when none was recorded (no work waited to commit).
+    pub longest_commit_gap_at_most_us: Option<u64>,
 }
 
 /// The series and what it says about a long run.
@@ -64,10 +100,21 @@ pub struct SoakReport {
     /// Per replica, RSS growth (percent) from the first point after the warm-up share
     /// ([`RSS_WARMUP_PERCENT`] of the points) to the last point.
     pub rss_growth_percent: Vec<f64>,
-    /// Longest time (ms) any group leader's `percore_commit_op` did not advance while load
-    /// was offered: between the samples that saw it advance, so an upper bound at
-    /// [`SAMPLE_INTERVAL_MS`] resolution (a steady stream reads as one interval).
-    pub longest_commit_gap_ms: u64,
+    /// In-node: the longest time between advances of a group leader's commit point while
+    /// work waited to commit, over the window, at most this many µs (bucket resolution, see
+    /// [`CommitGaps::longest_at_most_us`]); `None` if no gap was recorded.
+    pub longest_commit_gap_at_most_us: Option<u64>,
+    /// In-node commit gaps the group leaders recorded over the window.
+    pub commit_gaps: u64,
+    /// Of those, gaps longer than [`Self::commit_gap_goal_us`].
+    pub commit_gaps_over_goal: u64,
+    /// [`COMMIT_GAP_GOAL_US`].
+    pub commit_gap_goal_us: u64,
+    /// Sampled: the longest time (ms) any group leader's `percore_commit_op` did not advance
+    /// during the window, idle or not: between the samples that saw it advance, so an upper
+    /// bound at [`SAMPLE_INTERVAL_MS`] resolution (a steady stream reads as one interval).
+    /// It catches a leader that stops committing, which the in-node histogram cannot.
+    pub longest_commit_gap_sampled_ms: u64,
     /// Client request latency p999 over the whole run (µs).
     pub p999_us: u64,
     /// Scrapes that failed and were skipped or retried.
@@ -144,6 +191,79 @@ impl CommitGapTracker {
     }
 }
 
+/// In-node commit gaps of one or more leaders between two scrapes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitGaps {
+    /// Gaps recorded.
+    pub gaps: u64,
+    /// Of those, gaps longer than [`COMMIT_GAP_GOAL_US`].
+    pub over_goal: u64,
+    /// The longest, at most this many µs: the upper bound of the highest bucket that
+    /// counted a gap, or the leader's maximum since start when that is lower (then exact:
+    /// the maximum rose between the scrapes); for the overflow bucket, that maximum. `None`
+    /// when no gap was recorded.
+    pub longest_at_most_us: Option<u64>,
+}
+
+impl CommitGaps {
+    /// The gaps one leader recorded between a scrape whose cumulative
+    /// `percore_commit_gap_us` buckets were `before` and one where they were `after` and
+    /// its `percore_commit_gap_max_us` was `max_us`.
+    pub fn between(before: &[u64], after: &[u64], max_us: u64) -> Self {
+        debug_assert_eq!(before.len(), GAP_BUCKETS);
+        debug_assert_eq!(after.len(), GAP_BUCKETS);
+        let cumulative = |index: usize| after[index].saturating_sub(before[index]);
+        let in_bucket = |index: usize| {
+            let below = index.checked_sub(1).map_or(0, cumulative);
+            cumulative(index).saturating_sub(below)
+        };
+        let goal = COMMIT_GAP_BUCKETS_US
+            .iter()
+            .position(|&bound| bound == COMMIT_GAP_GOAL_US)
+            .expect("the goal is a bucket bound");
+        let longest_at_most_us = (0..GAP_BUCKETS)
+            .rev()
+            .find(|&index| in_bucket(index) > 0)
+            .map(|index| {
+                let lower = index.checked_sub(1).map_or(0, |i| COMMIT_GAP_BUCKETS_US[i]);
+                let upper = COMMIT_GAP_BUCKETS_US.get(index).copied();
+                match upper {
+                    // The maximum bounds every gap counted (metrics.rs orders the writes).
+                    Some(upper) if max_us > lower => upper.min(max_us),
+                    Some(upper) => upper,
+                    None => max_us,
+                }
+            });
+        Self {
+            gaps: cumulative(GAP_BUCKETS - 1),
+            over_goal: cumulative(GAP_BUCKETS - 1).saturating_sub(cumulative(goal)),
+            longest_at_most_us,
+        }
+    }
+
+    /// Both sets together (several leaders).
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            gaps: self.gaps + other.gaps,
+            over_goal: self.over_goal + other.over_goal,
+            longest_at_most_us: self.longest_at_most_us.max(other.longest_at_most_us),
+        }
+    }
+}
+
+/// The in-node commit gaps of every leader between two scrapes.
+fn commit_gaps(before: &Scrape, after: &Scrape) -> CommitGaps {
+    (0..after.commit_gap_buckets.len())
+        .map(|shard| {
+            CommitGaps::between(
+                &before.commit_gap_buckets[shard],
+                &after.commit_gap_buckets[shard],
+                after.commit_gap_max_us[shard],
+            )
+        })
+        .fold(CommitGaps::default(), CommitGaps::merge)
+}
+
 /// RSS growth (percent) per replica from the first point after the warm-up share to the
 /// last point; empty if there are no points.
 pub fn rss_growth_percent(series: &[SeriesPoint]) -> Vec<f64> {
@@ -172,6 +292,10 @@ struct Scrape {
     applied: Vec<u64>,
     pool_transactions_high_water: Vec<u64>,
     pool_batches_high_water: Vec<u64>,
+    /// Per shard, its leader's cumulative `percore_commit_gap_us` buckets.
+    commit_gap_buckets: Vec<Vec<u64>>,
+    /// Per shard, its leader's `percore_commit_gap_max_us`.
+    commit_gap_max_us: Vec<u64>,
 }
 
 fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
@@ -195,9 +319,17 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
             })
             .collect()
     };
+    let commit_gap_buckets = (0..shards)
+        .map(|shard| {
+            let text = &texts[cluster.leader_of(shard)];
+            cluster::histogram_buckets_sized(text, "percore_commit_gap_us", shard, GAP_BUCKETS)
+        })
+        .collect();
     Ok(Scrape {
         commit_op: leader("percore_commit_op"),
         applied: leader("percore_tx_applied_total"),
+        commit_gap_buckets,
+        commit_gap_max_us: leader("percore_commit_gap_max_us"),
         pool_transactions_high_water: per_replica_max("percore_pool_transactions_high_water"),
         pool_batches_high_water: per_replica_max("percore_pool_batches_high_water"),
     })
@@ -230,18 +362,20 @@ pub fn sample_window(
     let first = scrape(cluster)?;
     take_latency();
     let started = Instant::now();
-    let mut gaps = CommitGapTracker::new(first.commit_op, started);
+    let mut gaps = CommitGapTracker::new(first.commit_op.clone(), started);
     let mut applied_before: u64 = first.applied.iter().sum();
     let mut point_started = started;
     let mut series = Vec::with_capacity(duration.as_secs() as usize);
     let mut scrape_failures = 0;
     let ticks = duration.as_millis() as u64 / SAMPLE_INTERVAL_MS;
+    // The last point's scrape, for the in-node gaps of the next point and of the run.
+    let mut point_scrape: Option<Scrape> = None;
     for tick in 1..=ticks {
         let due = started + Duration::from_millis(tick * SAMPLE_INTERVAL_MS);
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         let point_due = tick.is_multiple_of(SAMPLES_PER_POINT);
-        // A busy metrics endpoint may drop one scrape: a commit-gap sample is skipped
-        // (the gap then spans it), a series point is retried.
+        // A busy metrics endpoint may drop one scrape: a sample of the commit ops is
+        // skipped (the sampled gap then spans it), a series point is retried.
         let sample = match scrape(cluster) {
             Ok(sample) => sample,
             Err(_) if !point_due => {
@@ -260,6 +394,7 @@ pub fn sample_window(
         }
         let applied: u64 = sample.applied.iter().sum();
         let latency = take_latency();
+        let point_gaps = commit_gaps(point_scrape.as_ref().unwrap_or(&first), &sample);
         let point = SeriesPoint {
             t_s: now.duration_since(started).as_secs_f64(),
             committed_tx_per_s: applied.saturating_sub(applied_before) as f64
@@ -269,34 +404,47 @@ pub fn sample_window(
             rss_kib: (0..cluster.replicas())
                 .map(|replica| cluster.pid(replica).and_then(rss_kib).unwrap_or(0))
                 .collect(),
-            pool_transactions_high_water: sample.pool_transactions_high_water,
-            pool_batches_high_water: sample.pool_batches_high_water,
+            pool_transactions_high_water: sample.pool_transactions_high_water.clone(),
+            pool_batches_high_water: sample.pool_batches_high_water.clone(),
+            commit_gaps: point_gaps.gaps,
+            longest_commit_gap_at_most_us: point_gaps.longest_at_most_us,
         };
         print_progress(&point, gaps.longest());
         series.push(point);
         applied_before = applied;
         point_started = now;
+        point_scrape = Some(sample);
     }
+    let run_gaps = commit_gaps(&first, point_scrape.as_ref().unwrap_or(&first));
     Ok((
         started,
         SoakReport {
             rss_growth_percent: rss_growth_percent(&series),
             series,
-            longest_commit_gap_ms: gaps.longest().as_millis() as u64,
+            longest_commit_gap_at_most_us: run_gaps.longest_at_most_us,
+            commit_gaps: run_gaps.gaps,
+            commit_gaps_over_goal: run_gaps.over_goal,
+            commit_gap_goal_us: COMMIT_GAP_GOAL_US,
+            longest_commit_gap_sampled_ms: gaps.longest().as_millis() as u64,
             p999_us: 0,
             scrape_failures,
         },
     ))
 }
 
-fn print_progress(point: &SeriesPoint, gap: Duration) {
+/// "≤N µs" for a longest gap, "-" when there was none.
+fn gap_text(at_most_us: Option<u64>) -> String {
+    at_most_us.map_or_else(|| "-".to_string(), |us| format!("<={us} µs"))
+}
+
+fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
     let rss_mib: Vec<String> = point
         .rss_kib
         .iter()
         .map(|kib| format!("{:.0}", *kib as f64 / 1024.0))
         .collect();
     eprintln!(
-        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  gap {} ms",
+        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)",
         point.t_s,
         point.committed_tx_per_s,
         point.latency_us.p50,
@@ -306,7 +454,8 @@ fn print_progress(point: &SeriesPoint, gap: Duration) {
         rss_mib.join(" "),
         point.pool_transactions_high_water,
         point.pool_batches_high_water,
-        gap.as_millis()
+        gap_text(point.longest_commit_gap_at_most_us),
+        sampled_gap.as_millis()
     );
 }
 
@@ -324,8 +473,15 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
             growth.join(", ")
         ),
         format!(
-            "longest commit gap (leader percore_commit_op, {SAMPLE_INTERVAL_MS} ms samples): {} ms",
-            report.longest_commit_gap_ms
+            "longest commit gap, in-node (leaders' percore_commit_gap_us, while work waited): {}; {} gaps, {} over {} µs",
+            gap_text(report.longest_commit_gap_at_most_us),
+            report.commit_gaps,
+            report.commit_gaps_over_goal,
+            report.commit_gap_goal_us
+        ),
+        format!(
+            "longest commit gap, sampled (leaders' percore_commit_op every {SAMPLE_INTERVAL_MS} ms, idle time included): {} ms",
+            report.longest_commit_gap_sampled_ms
         ),
         format!("request latency p999 over the run: {} µs", report.p999_us),
         format!(
@@ -345,8 +501,8 @@ pub struct PlotError {
     pub message: String,
 }
 
-/// Draws TPS, latency percentiles (ms, log scale) and RSS per replica (MiB) over time into
-/// an SVG at `path`.
+/// Draws TPS, latency percentiles with the longest in-node commit gap of each second (ms,
+/// log scale) and RSS per replica (MiB) over time into an SVG at `path`.
 pub fn plot_svg(path: &Path, series: &[SeriesPoint]) -> Result<(), PlotError> {
     let error = |message: String| PlotError {
         path: path.display().to_string(),
@@ -383,10 +539,15 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
     let ms = |us: u64| (us.max(1) as f64) / 1_000.0;
     let latency_max = series
         .iter()
-        .map(|p| ms(p.latency_us.p999))
+        .flat_map(|p| [Some(p.latency_us.p999), p.longest_commit_gap_at_most_us])
+        .flatten()
+        .map(ms)
         .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&panels[1])
-        .caption("request latency (ms, log)", ("sans-serif", 20))
+        .caption(
+            "request latency and longest in-node commit gap per second (ms, log)",
+            ("sans-serif", 20),
+        )
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(70)
@@ -406,6 +567,17 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
+    // Seconds without a gap (nothing waited) have no point; the line joins the others.
+    let gap_color = MAGENTA;
+    chart
+        .draw_series(LineSeries::new(
+            series
+                .iter()
+                .filter_map(|p| Some((p.t_s, ms(p.longest_commit_gap_at_most_us?)))),
+            &gap_color,
+        ))?
+        .label("commit gap (in-node, at most)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gap_color));
     chart
         .configure_series_labels()
         .background_style(WHITE)
@@ -462,6 +634,8 @@ mod tests {
             rss_kib,
             pool_transactions_high_water: vec![1],
             pool_batches_high_water: vec![1],
+            commit_gaps: 100,
+            longest_commit_gap_at_most_us: Some(500),
         }
     }
 
@@ -490,6 +664,56 @@ mod tests {
         assert_eq!(gaps.longest(), Duration::from_millis(600));
         gaps.sample(&[9, 7], at(800));
         assert_eq!(gaps.longest(), Duration::from_millis(700));
+    }
+
+    /// Cumulative buckets with `counts[i]` gaps in bucket `i` (per bucket).
+    fn cumulative(counts: &[(usize, u64)]) -> Vec<u64> {
+        let mut per_bucket = [0u64; GAP_BUCKETS];
+        for &(index, count) in counts {
+            per_bucket[index] += count;
+        }
+        per_bucket
+            .iter()
+            .scan(0, |sum, count| {
+                *sum += count;
+                Some(*sum)
+            })
+            .collect()
+    }
+
+    fn bucket_of(us: u64) -> usize {
+        COMMIT_GAP_BUCKETS_US.iter().position(|&b| b == us).unwrap()
+    }
+
+    #[test]
+    fn in_node_gaps_name_the_highest_bucket_between_two_scrapes() {
+        let before = cumulative(&[(bucket_of(5_000), 1), (bucket_of(100), 10)]);
+        // Since then: 7 more gaps up to 100 µs, 2 up to 2 ms, none higher.
+        let after = cumulative(&[
+            (bucket_of(5_000), 1),
+            (bucket_of(100), 17),
+            (bucket_of(2_000), 2),
+        ]);
+        let gaps = CommitGaps::between(&before, &after, 5_000);
+        assert_eq!(gaps.gaps, 9);
+        assert_eq!(gaps.over_goal, 2);
+        // The 5 ms gap was before: the longest since is at most 2 ms.
+        assert_eq!(gaps.longest_at_most_us, Some(2_000));
+        // A maximum inside that bucket is exact (it rose in between) and bounds it lower.
+        let gaps = CommitGaps::between(&before, &after, 1_400);
+        assert_eq!(gaps.longest_at_most_us, Some(1_400));
+        // Nothing new: no gap.
+        let none = CommitGaps::between(&after, &after, 5_000);
+        assert_eq!(none, CommitGaps::default());
+        // The overflow bucket is bounded by the maximum only.
+        let stalled = cumulative(&[(GAP_BUCKETS - 1, 1)]);
+        let gaps = CommitGaps::between(&cumulative(&[]), &stalled, 3_200_000);
+        assert_eq!(gaps.longest_at_most_us, Some(3_200_000));
+        assert_eq!(gaps.over_goal, 1);
+        // Several leaders: counts add up, the longest is the longest of any.
+        let both = gaps.merge(CommitGaps::between(&before, &after, 5_000));
+        assert_eq!((both.gaps, both.over_goal), (10, 3));
+        assert_eq!(both.longest_at_most_us, Some(3_200_000));
     }
 
     #[test]

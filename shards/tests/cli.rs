@@ -93,3 +93,25 @@ fn bad_arguments_are_refused_by_the_parser() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--cross-shard-percent"), "{stderr}");
 }
+
+#[test]
+fn bench_load_flags_are_checked_by_the_parser() {
+    let refused = |args: &[&str], expected: &str| {
+        let output = Command::new(PERCORE)
+            .arg("bench")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    // A rate and a share of the peak say two different things.
+    refused(&["--rate", "1000", "--load", "0.5"], "cannot be used with");
+    refused(&["--load", "1.5"], "0 < FRACTION <= 1");
+    refused(&["--load", "0"], "0 < FRACTION <= 1");
+    refused(&["--rate", "0"], "positive number of transfers per second");
+    refused(&["--rate", "fast"], "not a rate");
+    // The peak run's length means nothing without --load.
+    refused(&["--peak-s", "3"], "--load");
+}

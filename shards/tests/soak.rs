@@ -1,8 +1,11 @@
 //! `percore bench --series` end to end: a local 3-replica cluster under load for
 //! [`DURATION_S`] seconds, checked for the shape of a healthy long run (one series point per
-//! second, no RSS growth after warm-up, no long commit gaps), not for throughput goals.
+//! second, no RSS growth after warm-up, no long commit gaps, the in-node commit-gap
+//! histogram read every second), not for throughput goals; and a short `--rate` run,
+//! checked for keeping to the offered rate (not for speed).
 
 use std::process::Command;
+use std::sync::Mutex;
 
 /// Seconds measured.
 const DURATION_S: u64 = 20;
@@ -10,6 +13,18 @@ const DURATION_S: u64 = 20;
 const RSS_GROWTH_PERCENT_MAX: f64 = 10.0;
 /// Longest stretch (ms) a leader's commit op may stand still while load is offered.
 const COMMIT_GAP_MS_MAX: u64 = 2_000;
+/// Seconds measured by the paced run.
+const PACED_DURATION_S: u64 = 5;
+/// Transfers per second the paced run offers: a small share of what even a debug cluster
+/// commits, so that the run measures the pacer, not the cluster.
+const PACED_RATE_TX_PER_S: f64 = 2_000.0;
+/// Most the paced run's committed rate may exceed the offered one (fraction): requests
+/// straddling the window's edges.
+const PACED_RATE_EXCESS_MAX: f64 = 0.10;
+/// Least share of the offered rate the paced run must commit: a pacer that stalls fails.
+const PACED_RATE_SHARE_MIN: f64 = 0.5;
+/// One cluster at a time: both tests start three nodes on the same core.
+static CLUSTER: Mutex<()> = Mutex::new(());
 /// Node and load sizes small enough for three debug nodes on a CI box (as in
 /// tests/tests/cluster.rs).
 const BENCH_ARGS: [&str; 32] = [
@@ -47,18 +62,31 @@ const BENCH_ARGS: [&str; 32] = [
     "--series",
 ];
 
-#[test]
-fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
+/// Runs `percore bench` with [`BENCH_ARGS`] and `extra`; returns its JSON report and
+/// stderr.
+fn bench(extra: &[&str]) -> (serde_json::Value, String) {
+    let _one_cluster = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let output = Command::new(env!("CARGO_BIN_EXE_percore"))
         .arg("bench")
         .args(BENCH_ARGS)
-        .args(["--duration-s", &DURATION_S.to_string()])
+        .args(extra)
         .output()
         .expect("percore bench runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "bench failed: {stderr}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    let report = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    (report, stderr)
+}
+
+#[test]
+fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
+    let (report, stderr) = bench(&["--duration-s", &DURATION_S.to_string()]);
+    assert!(
+        report["offered_tx_per_s"].is_null(),
+        "closed loop by default"
+    );
     let soak = &report["soak"];
     let series = soak["series"].as_array().expect("a series");
     assert_eq!(series.len() as u64, DURATION_S, "{stderr}");
@@ -73,7 +101,30 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
             "{point}"
         );
         assert!(point["committed_tx_per_s"].as_f64() > Some(0.0), "{point}");
+        // Under full load work always waits on every leader, so each second records gaps
+        // from the leaders' own percore_commit_gap_us histograms.
+        assert!(point["commit_gaps"].as_u64() > Some(0), "{point}");
+        let longest_us = point["longest_commit_gap_at_most_us"].as_u64();
+        assert!(longest_us.is_some_and(|us| us > 0), "{point}");
+        assert!(
+            longest_us <= soak["longest_commit_gap_at_most_us"].as_u64(),
+            "a second's longest gap exceeds the run's: {point}"
+        );
     }
+    let gaps = soak["commit_gaps"].as_u64().expect("in-node gaps counted");
+    let per_second: u64 = series
+        .iter()
+        .map(|point| point["commit_gaps"].as_u64().unwrap())
+        .sum();
+    assert_eq!(gaps, per_second, "the run's gaps are the seconds' gaps");
+    assert!(soak["commit_gaps_over_goal"].as_u64() <= Some(gaps));
+    let gap_us = soak["longest_commit_gap_at_most_us"]
+        .as_u64()
+        .expect("in-node gap");
+    assert!(
+        gap_us <= COMMIT_GAP_MS_MAX * 1_000,
+        "a leader went {gap_us} µs between commits with work waiting: {stderr}"
+    );
     for (replica, growth) in soak["rss_growth_percent"]
         .as_array()
         .expect("growth")
@@ -86,11 +137,48 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
             "replica {replica} RSS grew {growth:.1}% after warm-up: {stderr}"
         );
     }
-    let gap_ms = soak["longest_commit_gap_ms"].as_u64().expect("gap");
+    let gap_ms = soak["longest_commit_gap_sampled_ms"]
+        .as_u64()
+        .expect("sampled gap");
     assert!(
         gap_ms <= COMMIT_GAP_MS_MAX,
         "a leader's commit op stood still for {gap_ms} ms: {stderr}"
     );
     assert!(soak["p999_us"].as_u64() > Some(0));
     eprintln!("{stderr}");
+}
+
+#[test]
+fn a_paced_run_keeps_to_its_offered_rate() {
+    let (report, stderr) = bench(&[
+        "--duration-s",
+        &PACED_DURATION_S.to_string(),
+        "--rate",
+        &PACED_RATE_TX_PER_S.to_string(),
+    ]);
+    assert_eq!(
+        report["offered_tx_per_s"].as_f64(),
+        Some(PACED_RATE_TX_PER_S),
+        "{report}"
+    );
+    assert!(
+        report["pacing"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("open loop")),
+        "{report}"
+    );
+    assert!(report["peak_tx_per_s"].is_null(), "{report}");
+    let achieved = report["total_committed_tx_per_s"].as_f64().expect("rate");
+    assert!(
+        achieved <= PACED_RATE_TX_PER_S * (1.0 + PACED_RATE_EXCESS_MAX),
+        "committed {achieved:.0} tx/s with {PACED_RATE_TX_PER_S} offered: {stderr}"
+    );
+    assert!(
+        achieved >= PACED_RATE_TX_PER_S * PACED_RATE_SHARE_MIN,
+        "committed only {achieved:.0} tx/s of {PACED_RATE_TX_PER_S} offered: {stderr}"
+    );
+    assert_eq!(report["failed"].as_u64(), Some(0), "{report}");
+    let series = report["soak"]["series"].as_array().expect("a series");
+    assert_eq!(series.len() as u64, PACED_DURATION_S, "{stderr}");
+    assert!(report["request_latency_us"]["p50"].as_u64() > Some(0));
 }
