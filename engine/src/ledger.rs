@@ -1877,6 +1877,14 @@ impl StateMachine for Ledger {
         debug_assert_eq!(out.len() - start, bytes);
     }
 
+    fn snapshot_bytes_max(&self) -> Option<usize> {
+        self.snapshot_bytes(
+            self.config.accounts_max,
+            self.config.transfers_max,
+            self.config.credit_legs_in_flight_max,
+        )
+    }
+
     /// Restores a snapshot into this ledger's tables (the account table may be larger than
     /// the source's, and any table may be hashed with another seed; `transfers_max` and
     /// `credit_legs_in_flight_max` must be the source's). Checks every record, rebuilds the

@@ -299,6 +299,17 @@ pub enum Action {
         /// Last op.
         op_max: u64,
     },
+    /// State sync (`docs/protocol.md` 9): the ops this replica needs next are no longer
+    /// retained by `from`, whose latest checkpoint `checkpoint_op` is above this replica's
+    /// head. Fetch that checkpoint's snapshot from `from`, install it (journal restarted at
+    /// the checkpoint, state restored), then report [`Replica::on_state_synced`], or
+    /// [`Replica::on_state_sync_failed`] if it cannot be done. Repair waits meanwhile.
+    StateSync {
+        /// The peer that has the checkpoint.
+        from: u8,
+        /// Its op.
+        checkpoint_op: u64,
+    },
     /// Make `view` and `log_view` durable (the superblock). Actions after this one in the
     /// same buffer must not be executed before it is durable: they rely on it.
     Persist {
@@ -501,6 +512,10 @@ pub struct ReplicaCounters {
     pub prepares_duplicate: u64,
     /// Acknowledgements ignored (another view, unknown checksum).
     pub acks_ignored: u64,
+    /// State syncs started (a peer no longer retained the ops needed).
+    pub state_syncs: u64,
+    /// State syncs installed.
+    pub state_syncs_installed: u64,
 }
 
 /// The replication state of one group on one replica. See the module docs.
@@ -525,6 +540,8 @@ pub struct Replica {
     /// Outstanding repair request (one at a time: entries are appended in order and
     /// nothing is buffered behind a gap, so parallel ranges would arrive out of order).
     repair: Option<Repair>,
+    /// A state sync in progress: the peer and the checkpoint op being installed.
+    sync: Option<(u8, u64)>,
     ping_next_us: u64,
     heartbeat_next_us: u64,
     rng: u64,
@@ -676,6 +693,7 @@ impl Replica {
                 },
             }; REPLICA_COUNT_MAX],
             repair: None,
+            sync: None,
             ping_next_us: now_us,
             heartbeat_next_us: now_us,
             rng: config.seed | 1,
@@ -1193,6 +1211,102 @@ impl Replica {
         );
     }
 
+    /// `from` no longer retains `op_min` (asked for by this replica): its journal starts at
+    /// `op_retained_min` and its latest checkpoint is `op_checkpoint`. A follower whose
+    /// next op is below what the peer retains and whose head is below that checkpoint
+    /// syncs to it ([`Action::StateSync`]); the checkpoint is committed (peers checkpoint
+    /// applied ops only), so installing it never contradicts any later log. Otherwise the
+    /// repair is rerouted.
+    pub fn on_not_retained(
+        &mut self,
+        from: u8,
+        op_min: u64,
+        op_retained_min: u64,
+        op_checkpoint: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        if from == self.config.replica || usize::from(from) >= self.peers.len() {
+            return;
+        }
+        if let Some(repair) = self.repair
+            && repair.peer == from
+        {
+            self.peers[usize::from(from)].repairs_inflight = 0;
+            self.repair = None;
+        }
+        let next = self.op_head + 1;
+        if self.sync.is_some()
+            || self.is_leader()
+            || self.install.is_some()
+            || op_min != next
+            || op_retained_min <= next
+            || op_checkpoint <= self.op_head
+        {
+            return;
+        }
+        self.sync = Some((from, op_checkpoint));
+        self.counters.state_syncs += 1;
+        push(
+            actions,
+            Action::StateSync {
+                from,
+                checkpoint_op: op_checkpoint,
+            },
+        );
+    }
+
+    /// The state sync to checkpoint `op` (whose entry has `checksum`) is installed: the
+    /// journal holds nothing after `op`, and the state machine is at `op`. Repair resumes
+    /// from `op + 1`.
+    pub fn on_state_synced(
+        &mut self,
+        now_us: u64,
+        op: u64,
+        checksum: JournalChecksum,
+        actions: &mut Vec<Action>,
+    ) {
+        assert_eq!(
+            self.sync.map(|(_, synced)| synced),
+            Some(op),
+            "the sync asked for"
+        );
+        assert!(op > self.op_head, "a sync only moves the log forward");
+        self.sync = None;
+        self.counters.state_syncs_installed += 1;
+        self.op_head = op;
+        self.checksum_head = checksum;
+        self.op_durable = op;
+        self.checksum_durable = checksum;
+        self.commit_min = op;
+        self.commit_max = self.commit_max.max(op);
+        self.op_known_max = self.op_known_max.max(op);
+        self.ready = true;
+        for slot in self.pipeline.iter_mut() {
+            *slot = Slot::default();
+        }
+        let index = self.slot_index(op);
+        self.pipeline[index] = Slot {
+            op,
+            checksum,
+            staged_us: now_us,
+            durable_us: now_us,
+        };
+        self.acknowledge(actions);
+        self.repair_schedule(now_us, actions);
+    }
+
+    /// The state sync could not be done (the peer went away, its checkpoint moved on, the
+    /// snapshot did not verify): repair resumes and may start another.
+    pub fn on_state_sync_failed(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        self.sync = None;
+        self.repair_schedule(now_us, actions);
+    }
+
+    /// The checkpoint op of the state sync in progress, if any.
+    pub fn state_sync(&self) -> Option<u64> {
+        self.sync.map(|(_, op)| op)
+    }
+
     /// The runtime applied `op`.
     pub fn on_applied(&mut self, op: u64) {
         assert_eq!(op, self.commit_min + 1, "ops apply in order");
@@ -1345,7 +1459,10 @@ impl Replica {
 
     /// Follower: asks for the next missing range if nothing is outstanding.
     fn repair_schedule(&mut self, now_us: u64, actions: &mut Vec<Action>) {
-        if (self.is_leader() && self.install.is_none()) || self.op_head >= self.op_known_max {
+        if (self.is_leader() && self.install.is_none())
+            || self.op_head >= self.op_known_max
+            || self.sync.is_some()
+        {
             return;
         }
         if let Some(repair) = self.repair {
@@ -2334,6 +2451,82 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_behind_what_peers_retain_syncs_to_a_checkpoint_and_repairs_after_it() {
+        let mut follower = replica(0, 1, 3);
+        let mut out = actions();
+        follower.on_connection(0, true);
+        follower.on_connection(2, true);
+        follower.on_commit(0, 0, 0, 500, 500, &mut out);
+        let Some(Action::RequestPrepare { to, op_min, .. }) = out.pop() else {
+            panic!("repair expected");
+        };
+        assert_eq!(op_min, 1);
+        // Answers for another op, from a checkpoint not above the head, or about ops the
+        // peer still has start nothing.
+        follower.on_not_retained(to, 2, 100, 300, &mut out);
+        follower.on_not_retained(to, 1, 1, 300, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(follower.state_sync(), None);
+        follower.on_not_retained(2, 1, 257, 256, &mut out);
+        assert_eq!(
+            out.pop(),
+            Some(Action::StateSync {
+                from: 2,
+                checkpoint_op: 256
+            })
+        );
+        assert_eq!(follower.state_sync(), Some(256));
+        assert_eq!(follower.counters().state_syncs, 1);
+        // No repair while the sync runs; a second NotRetained starts nothing.
+        follower.tick(10_000_000, &mut out);
+        follower.on_not_retained(0, 1, 257, 256, &mut out);
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::RequestPrepare { .. } | Action::StateSync { .. })),
+            "{out:?}"
+        );
+        out.clear();
+        follower.on_state_synced(10_000_001, 256, 0xC0FFEE, &mut out);
+        assert_eq!(follower.state_sync(), None);
+        assert_eq!(follower.apply_limit(), 256);
+        assert!(out.contains(&Action::PrepareOk {
+            to: 0,
+            op: 256,
+            checksum: 0xC0FFEE,
+            commit_min: 256
+        }));
+        let repair = out.iter().find_map(|a| match a {
+            Action::RequestPrepare { op_min, .. } => Some(*op_min),
+            _ => None,
+        });
+        assert_eq!(repair, Some(257), "repair resumes after the checkpoint");
+        // The next entry must chain to the checkpoint's checksum.
+        assert_eq!(
+            follower.on_prepare(10_000_002, 0, 0, 257, 500, true, &mut out),
+            PrepareDisposition::Append
+        );
+    }
+
+    #[test]
+    fn a_failed_state_sync_lets_repair_try_again() {
+        let mut follower = replica(0, 1, 3);
+        let mut out = actions();
+        follower.on_connection(0, true);
+        follower.on_commit(0, 0, 0, 50, 50, &mut out);
+        out.clear();
+        follower.on_not_retained(0, 1, 33, 32, &mut out);
+        assert_eq!(follower.state_sync(), Some(32));
+        out.clear();
+        follower.on_state_sync_failed(1, &mut out);
+        assert_eq!(follower.state_sync(), None);
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::RequestPrepare { op_min: 1, .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn request_prepare_is_served_up_to_what_is_durable() {
         let mut leader = replica(0, 0, 3);
         let mut out = actions();
@@ -2618,6 +2811,9 @@ mod cluster_tests {
                                 &mut self.network,
                             );
                         }
+                    }
+                    Action::StateSync { .. } => {
+                        unreachable!("these journals retain every op: no NotRetained")
                     }
                     Action::Persist { view, log_view, .. } => {
                         if std::env::var("TRACE").is_ok() {

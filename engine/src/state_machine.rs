@@ -133,6 +133,13 @@ pub trait StateMachine {
     /// Appends a self-describing snapshot of the replicated state to `out`.
     fn snapshot(&self, out: &mut Vec<u8>);
 
+    /// The most bytes `snapshot` can append for this machine's configuration (its tables
+    /// full), if bounded: whoever takes snapshots sizes its buffer once, at start-up.
+    /// Machines that cannot tell keep the default, and the buffer grows when needed.
+    fn snapshot_bytes_max(&self) -> Option<usize> {
+        None
+    }
+
     /// Replaces the state with a snapshot taken by `snapshot`.
     fn restore(&mut self, bytes: &[u8]) -> Result<(), RestoreError>;
 

@@ -225,6 +225,12 @@ fn snapshot_restore_round_trips_and_replay_continues_identically() {
         let source = &group.leader;
         let mut snapshot = Vec::new();
         source.snapshot(&mut snapshot);
+        let bytes_max = source.snapshot_bytes_max().expect("the ledger is bounded");
+        assert!(
+            snapshot.len() <= bytes_max,
+            "{} > {bytes_max}",
+            snapshot.len()
+        );
 
         let shard_index = source.config().shard_index;
         let targets = [

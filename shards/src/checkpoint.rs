@@ -66,9 +66,6 @@ use crate::metrics::ShardMetrics;
 
 /// How long the follower sleeps when it has caught up with the shard (µs).
 pub const FOLLOW_POLL_US: u64 = 1_000;
-/// Bytes the follower reads from a segment at a time (a multiple of [`SECTOR_BYTES`], at
-/// least one largest entry).
-pub const READ_BUFFER_BYTES: usize = 1 << 20;
 /// Bytes of the staging buffer the snapshot file is written through (`O_DIRECT`).
 pub const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Reads of one entry before the follower gives up on it. An applied op is durable, so the
@@ -77,7 +74,6 @@ pub const READ_ATTEMPTS_MAX: u32 = 100;
 /// Pause between those reads (µs).
 pub const READ_RETRY_US: u64 = 10_000;
 
-const _: () = assert!(READ_BUFFER_BYTES.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(WRITE_BUFFER_BYTES.is_multiple_of(SECTOR_BYTES));
 
 /// One sector, aligned for `O_DIRECT` transfers: buffers are slices of these.
@@ -199,7 +195,8 @@ impl JournalReader {
             op_next: start.op + 1,
             chain: start.checksum,
             file: None,
-            buffer: sectors(READ_BUFFER_BYTES.max(format::entry_bytes_padded(body_bytes_max))),
+            // One largest entry: the reader reads one entry at a time.
+            buffer: sectors(format::entry_bytes_padded(body_bytes_max)),
             buffer_offset: 0,
             buffer_len: 0,
             segment_read: u64::MAX,
@@ -277,7 +274,7 @@ impl JournalReader {
     fn entry_at(&mut self, segment: u64, offset: u64, fresh: bool) -> Result<Found, FollowerError> {
         let header = format::ENTRY_HEADER_BYTES;
         if fresh || !self.buffered(segment, offset, header) {
-            self.fill(segment, offset)?;
+            self.fill(segment, offset, header)?;
         }
         let start = (offset - self.buffer_offset) as usize;
         let bytes: &[u8] = bytemuck::cast_slice(&self.buffer);
@@ -297,7 +294,7 @@ impl JournalReader {
         let padded = format::entry_bytes_padded(header.body_bytes as usize);
         let whole = format::ENTRY_HEADER_BYTES + header.body_bytes as usize;
         if !self.buffered(segment, offset, whole) {
-            self.fill(segment, offset)?;
+            self.fill(segment, offset, whole)?;
         }
         let start = (offset - self.buffer_offset) as usize;
         let bytes: &[u8] = bytemuck::cast_slice(&self.buffer);
@@ -317,8 +314,10 @@ impl JournalReader {
             && offset + bytes as u64 <= self.buffer_offset + self.buffer_len as u64
     }
 
-    /// Reads the buffer's worth of `segment` from `offset` (sector aligned).
-    fn fill(&mut self, segment: u64, offset: u64) -> Result<(), FollowerError> {
+    /// Reads `wanted` bytes (rounded up to a sector) of `segment` from `offset` (sector
+    /// aligned). Never more: past the entry asked for, the shard may be writing, and a
+    /// read of a region being written and synced makes that `fdatasync` wait for it.
+    fn fill(&mut self, segment: u64, offset: u64, wanted: usize) -> Result<(), FollowerError> {
         debug_assert!(offset.is_multiple_of(SECTOR_BYTES as u64));
         let path = self.dir.join(format::segment_file_name(segment));
         if self.file.as_ref().is_none_or(|(open, _)| *open != segment) {
@@ -331,6 +330,8 @@ impl JournalReader {
         }
         let (_, file) = self.file.as_ref().expect("opened above");
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.buffer);
+        let length = wanted.next_multiple_of(SECTOR_BYTES).min(bytes.len());
+        let bytes = &mut bytes[..length];
         let mut filled = 0;
         // Bounded: each turn reads at least one byte or ends the loop.
         while filled < bytes.len() {
@@ -578,14 +579,27 @@ impl Follower {
         let records_max = self.config.body_bytes_max / record_bytes;
         let mut records: Vec<S::Record> = vec![bytemuck::Zeroable::zeroed(); records_max];
         let mut results: Vec<S::Result> = vec![bytemuck::Zeroable::zeroed(); records_max];
-        let mut snapshot = Vec::new();
+        // Sized and touched now, so that memory is taken at start-up, not at the first
+        // checkpoint under load.
+        // (A nonzero fill: a zeroed allocation may be mapped lazily and touch nothing.)
+        let mut snapshot = vec![1u8; machine.snapshot_bytes_max().unwrap_or(0)];
+        snapshot.clear();
         let mut staging = sectors(WRITE_BUFFER_BYTES);
         let interval = self.config.interval_ops;
         let mut segment_next = segment_lowest(&self.config.dir)?;
+        let mut niced = false;
         // Bounded by `stop`: every turn applies an op, writes a checkpoint, or sleeps.
         while !self.stopping() {
             let applied = self.shared.applied_op.load(Ordering::Acquire);
             let op = reader.op_next() - 1;
+            // Polite while it keeps up; a full competitor once it falls more than an
+            // interval behind, so checkpoints (and segment removal) keep coming under any
+            // sustained load.
+            let nice = applied.saturating_sub(op) <= interval;
+            if nice != niced {
+                set_priority(self.config.shard, if nice { FOLLOWER_NICE } else { 0 });
+                niced = nice;
+            }
             if op >= applied {
                 std::thread::sleep(Duration::from_micros(FOLLOW_POLL_US));
                 continue;
@@ -674,6 +688,23 @@ impl Follower {
         let pushed = self.written.push(written);
         debug_assert!(pushed.is_ok());
         Ok(())
+    }
+}
+
+/// Nice value of the follower thread while it keeps up with its shard (is at most one
+/// checkpoint interval behind): below the shards', so that on a machine where it shares
+/// cores with them (it is unpinned) the scheduler runs a shard first. Further behind it
+/// runs at the shards' priority (0), so that checkpoints keep coming under sustained load.
+pub const FOLLOWER_NICE: i32 = 10;
+
+/// Sets the calling thread's nice value (on Linux, PRIO_PROCESS with a thread id applies to
+/// that thread only). Lowering always works; raising it back to 0 needs `CAP_SYS_NICE` (or
+/// an `RLIMIT_NICE` allowing it): without, the follower stays polite and a failure is
+/// logged once per change.
+fn set_priority(shard: usize, nice: i32) {
+    let tid = rustix::thread::gettid();
+    if let Err(error) = rustix::process::setpriority_process(Some(tid), nice) {
+        tracing::warn!(shard, nice, %error, "checkpoint follower: priority not changed");
     }
 }
 

@@ -43,6 +43,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "peers",
     "cluster_key_file",
     "view_change",
+    "retain_ops",
 ];
 
 /// Bits of the peers digest exported as a gauge: an f64 holds integers up to 2^53 exactly,
@@ -108,6 +109,8 @@ pub struct NodeFile {
     pub cluster_key_file: Option<PathBuf>,
     /// `--view-change`.
     pub view_change: Option<bool>,
+    /// `--retain-ops`.
+    pub retain_ops: Option<u64>,
 }
 
 fn fsync_from_text<'de, D: serde::Deserializer<'de>>(

@@ -539,6 +539,26 @@ impl<S: StateMachine> ShardCore<S> {
         Ok(())
     }
 
+    /// State sync: drops every queued batch (its journal is being replaced; the ops after
+    /// the checkpoint are fetched again), then replaces the state with a checkpoint's
+    /// snapshot at `op`, ahead of everything applied here. Records waiting for the dropped
+    /// batches go to `abort` (a follower has none of its own).
+    pub fn resync(
+        &mut self,
+        op: u64,
+        bytes: &[u8],
+        abort: impl FnMut(Origin),
+    ) -> Result<(), RestoreError> {
+        assert!(op > self.op_last, "a sync moves the state forward");
+        self.truncate_queued(self.op_last, abort);
+        self.state_machine.restore(bytes)?;
+        while self.state_machine.poll_outbound().is_some() {}
+        self.op_sealed = op;
+        self.op_last = op;
+        ShardMetrics::set(&self.metrics.commit_op, op);
+        Ok(())
+    }
+
     /// Follower: queues a batch the leader sealed (verified and staged in the journal) to be
     /// applied once committed, as if this core had sealed it. Returns `false`, queuing
     /// nothing, when no batch buffer is free (the entry is repaired later). No allocation.

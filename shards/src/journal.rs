@@ -1411,6 +1411,63 @@ impl Journal {
         &self.superblock
     }
 
+    /// State sync: makes the checkpoint of `meta` (a snapshot fetched from a peer;
+    /// `snapshot` is its bytes after the header, verified by the caller, and `meta.op` is
+    /// above everything durable here) the start of this journal, which then holds nothing
+    /// after it. In order: writes the snapshot file; creates the next segment, empty; writes
+    /// the superblock (both checkpoints at `meta.op`, positioned at the start of that
+    /// segment; `op_durable` and `commit_max` at least `meta.op`), which is the commit
+    /// point: a crash before it recovers the old journal, after it the new one; then removes
+    /// the older segments and snapshots. Nothing may be staged.
+    ///
+    /// The journal is unusable afterwards ([`JournalError::Failed`]): the caller opens the
+    /// directory again ([`Journal::open_checkpointed`]), which recovers to `meta.op`.
+    pub async fn install_synced_checkpoint(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: &[u8],
+    ) -> Result<(), JournalError> {
+        self.check_usable()?;
+        assert!(self.staged_entries.is_empty(), "commit before a sync");
+        if meta.op <= self.op_durable || meta.cluster_id != self.config.cluster_id {
+            return Err(JournalError::CheckpointOp {
+                op: meta.op,
+                checkpoint_op: self.superblock.checkpoint.op,
+                op_durable: self.op_durable,
+            });
+        }
+        self.snapshot_write(meta, snapshot).await?;
+        let segment = self.position_durable.segment + 1;
+        let file = segment_create(&self.config.dir, segment, self.config.segment_bytes).await?;
+        fdatasync(&file, &segment_path(&self.config.dir, segment)).await?;
+        let _ = file.close().await;
+        self.directory
+            .sync()
+            .await
+            .map_err(|error| io_error(&self.config.dir, error))?;
+        let checkpoint = Checkpoint {
+            op: meta.op,
+            segment,
+            offset: 0,
+            checksum: meta.checkpoint_checksum,
+        };
+        let superblock = Superblock {
+            checkpoint,
+            checkpoint_previous: checkpoint,
+            snapshot_checksum: meta.snapshot_checksum,
+            commit_max: self.superblock.commit_max.max(meta.op),
+            ..self.superblock
+        };
+        self.superblock_store_at(superblock, meta.op).await?;
+        // Past the commit point: from here on this object no longer describes the journal.
+        self.failed = true;
+        for old in self.segment_oldest..segment {
+            file_remove(&segment_path(&self.config.dir, old)).await?;
+        }
+        snapshots_stale_remove(&self.config.dir, &self.superblock)?;
+        Ok(())
+    }
+
     /// Removes snapshot files no retained checkpoint names (one the checkpoint follower
     /// wrote but the shard did not install before stopping) and temporary snapshot files.
     /// Blocking directory listing: for shutdown. Returns the files removed.

@@ -23,3 +23,4 @@ pub mod replication;
 pub mod runtime;
 pub mod soak;
 pub mod status;
+pub mod sync;

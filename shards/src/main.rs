@@ -237,6 +237,11 @@ struct ReplicationArgs {
     /// leader.
     #[arg(long)]
     view_change: bool,
+    /// Ops below the previous checkpoint kept for a lagging peer (ops). A peer further
+    /// behind no longer holds back segment removal: it catches up by state sync (a
+    /// checkpoint's snapshot, then the journal after it).
+    #[arg(long, default_value_t = replication::RETAIN_OPS_DEFAULT)]
+    retain_ops: u64,
 }
 
 impl ReplicationArgs {
@@ -254,6 +259,7 @@ impl ReplicationArgs {
             cluster_key,
             send_queue_bytes: replication::PEER_SEND_QUEUE_BYTES_DEFAULT,
             view_change: self.view_change,
+            retain_ops: self.retain_ops,
         }))
     }
 }
@@ -425,6 +431,7 @@ fn node_args_with_file(
         peers,
         cluster_key_file,
         view_change,
+        retain_ops,
     } = percore_shards::config::NodeFile::read(&path)?;
     let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
     macro_rules! merge {
@@ -461,6 +468,7 @@ fn node_args_with_file(
         peers => args.replication.peers,
         cluster_key_file => args.replication.cluster_key_file,
         view_change => args.replication.view_change,
+        retain_ops => args.replication.retain_ops,
     }
     say!(
         "config file {} read (flags given on the command line override it)",

@@ -298,6 +298,11 @@ shard_metrics! {
     gauge checkpoint_capture_us: "Last checkpoint: snapshot and digest on the follower thread (µs).",
     gauge checkpoint_write_us: "Last checkpoint: snapshot file checksum, write and sync on the follower thread (µs).",
     gauge checkpoint_install_us: "Last checkpoint: superblock write and removals on the shard (µs).",
+    counter state_syncs_total: "State syncs started (a peer no longer retained the ops needed).",
+    counter state_syncs_failed_total: "State syncs abandoned (peer quiet, checkpoint moved on, bad snapshot).",
+    counter state_syncs_installed_total: "State syncs installed (journal restarted at a peer's checkpoint).",
+    counter state_sync_bytes_total: "Snapshot bytes received for state syncs.",
+    counter state_sync_bytes_served_total: "Snapshot bytes sent to peers that sync.",
 }
 
 /// A per-peer gauge: name, help and how to read it.

@@ -46,6 +46,9 @@ use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
 
 /// Default bytes queued per peer before messages to it are dropped (it repairs itself).
 pub const PEER_SEND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
+/// Default `--retain-ops`: ops below the previous checkpoint kept for a lagging peer (four
+/// default checkpoint intervals); a peer further behind catches up by state sync.
+pub const RETAIN_OPS_DEFAULT: u64 = 4 * crate::runtime::CHECKPOINT_INTERVAL_OPS_DEFAULT;
 /// Bytes of received Prepares waiting for the batcher before more are dropped.
 pub const INBOUND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
 /// Repair requests waiting to be served before more are dropped (requesters retry).
@@ -91,6 +94,9 @@ pub struct ReplicationSettings {
     /// Leader failover: view changes when a leader is silent (pre-vote, then a new view
     /// led by the next replica). Off, every group keeps its first leader.
     pub view_change: bool,
+    /// Ops below the previous checkpoint kept for a lagging peer (`--retain-ops`); a peer
+    /// further behind catches up by state sync instead.
+    pub retain_ops: u64,
 }
 
 impl std::fmt::Debug for ReplicationSettings {
@@ -158,7 +164,7 @@ impl Outbox {
 
     /// Pushes one message and wakes the sender task; counts it in `dropped` if it could
     /// not be queued (the peer repairs or the sender retries).
-    fn send(
+    pub(crate) fn send(
         &self,
         header: PeerHeader,
         body: &[u8],
@@ -191,7 +197,7 @@ impl Outbox {
 pub(crate) struct Replication {
     pub(crate) settings: ReplicationSettings,
     pub(crate) replica: RefCell<Replica>,
-    outboxes: Box<[Outbox]>,
+    pub(crate) outboxes: Box<[Outbox]>,
     /// Received Prepares for the batcher: `[PeerHeader][entry]` each. Two buffers of equal
     /// capacity: receivers fill one while the batcher works through the other.
     inbound: RefCell<Vec<u8>>,
@@ -204,6 +210,8 @@ pub(crate) struct Replication {
     forward_pending: RefCell<Vec<u8>>,
     forward_operation: Cell<Option<u16>>,
     repairs: RefCell<VecDeque<(u8, u64, u64)>>,
+    /// State sync: the one in progress here and the snapshot chunks to serve.
+    pub(crate) sync: RefCell<crate::sync::SyncState>,
     actions: RefCell<Vec<Action>>,
     /// When the stop flag was first seen (drain deadline).
     stop_seen: Cell<Option<Instant>>,
@@ -299,6 +307,7 @@ impl Replication {
             forward_pending: RefCell::new(Vec::with_capacity(FORWARD_BYTES_MAX)),
             forward_operation: Cell::new(None),
             repairs: RefCell::new(VecDeque::with_capacity(REPAIRS_QUEUED_MAX)),
+            sync: RefCell::new(crate::sync::SyncState::new()),
             actions: RefCell::new(Vec::with_capacity(ACTIONS_MAX)),
             stop_seen: Cell::new(None),
             deferred: RefCell::new(VecDeque::with_capacity(DEFERRED_ACTIONS_MAX)),
@@ -316,7 +325,7 @@ impl Replication {
         self.replica.borrow().is_ready_leader()
     }
 
-    fn header(&self, command: Command) -> PeerHeader {
+    pub(crate) fn header(&self, command: Command) -> PeerHeader {
         peer_header(&self.replica.borrow(), command)
     }
 }
@@ -611,6 +620,20 @@ where
             &mut actions,
         ),
         Command::Forward => forward_received(shard, header, body),
+        Command::NotRetained => {
+            let op_min = header.field_u64(field::NOT_RETAINED_OP_MIN);
+            if !crate::sync::not_retained(shard, from, op_min) {
+                replication.replica.borrow_mut().on_not_retained(
+                    from,
+                    op_min,
+                    header.field_u64(field::NOT_RETAINED_OP_RETAINED_MIN),
+                    header.field_u64(field::NOT_RETAINED_OP_CHECKPOINT),
+                    &mut actions,
+                );
+            }
+        }
+        Command::RequestSnapshot => crate::sync::request_received(shard, from, header),
+        Command::SnapshotChunk => crate::sync::chunk_received(shard, from, header, body),
         Command::PreVote => replication.replica.borrow_mut().on_pre_vote(
             now_us,
             from,
@@ -704,7 +727,7 @@ fn view_change_received<S: StateMachine>(
 /// Executes actions now, or queues them for the batcher when one needs the journal
 /// (`Persist`, `Truncate`) or earlier ones still wait: order is kept, and nothing after a
 /// `Persist` goes out before it is durable.
-fn submit_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
+pub(crate) fn submit_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
     let replication = shard.replication.as_ref().expect("replicated shard");
     let needs_journal = actions
         .iter()
@@ -994,6 +1017,13 @@ fn execute<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
                 send_with_checksums(shard, to, header, headers_op_min, op_head);
                 continue;
             }
+            Action::StateSync {
+                from,
+                checkpoint_op,
+            } => {
+                crate::sync::start(shard, from, checkpoint_op);
+                continue;
+            }
             Action::ServeRepair { to, op_min, op_max } => {
                 let mut repairs = replication.repairs.borrow_mut();
                 if repairs.len() < REPAIRS_QUEUED_MAX {
@@ -1275,7 +1305,7 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
 /// One batcher turn of a replicated shard. Returns whether anything happened.
 pub(crate) async fn replicated_turn<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
 where
-    S: StateMachine,
+    S: StateMachine + 'static,
     S::Record: Send,
     S::Result: Send,
 {
@@ -1298,8 +1328,9 @@ where
     }
     progressed |= run_deferred(shard, journal).await;
     progressed |= serve_repairs(shard, journal).await;
+    progressed |= crate::sync::step(shard, journal).await;
     progressed |= apply_committed(shard, journal).await;
-    let retain_from_op = retain_from_op(replication);
+    let retain_from_op = retain_from_op(replication, journal);
     progressed |= crate::runtime::checkpoint_install(shard, journal, retain_from_op).await;
     progressed |= persist_applied(shard, journal).await;
     shard.mesh.borrow_mut().ring_doorbells();
@@ -1330,16 +1361,19 @@ async fn persist_applied<S: StateMachine>(shard: &Shard<S>, journal: &mut Journa
 
 /// The lowest op some peer may still need from this replica's journal: one above the
 /// smallest `op_durable` any peer reported, connected or not (a peer that is down keeps
-/// its place, so it can repair when it returns). A peer further behind than this replica's
-/// retained ops needs state sync (not built: such a peer holds back segment removal, and
-/// the journal grows, until it catches up).
-fn retain_from_op(replication: &Replication) -> u64 {
+/// its place, so it can repair when it returns), but never more than `retain_ops` below
+/// the previous checkpoint: a peer further behind catches up by state sync
+/// ([`crate::sync`]) instead of holding the journal back without bound.
+fn retain_from_op(replication: &Replication, journal: &Journal) -> u64 {
     let replica = replication.replica.borrow();
-    replica
+    let peers = replica
         .others()
         .map(|peer| replica.peer(peer).op_durable.saturating_add(1))
         .min()
-        .unwrap_or(u64::MAX)
+        .unwrap_or(u64::MAX);
+    let floor = (journal.superblock().checkpoint_previous.op + 1)
+        .saturating_sub(replication.settings.retain_ops);
+    peers.max(floor)
 }
 
 /// Largest number of batches sealed and journaled together in one turn.
@@ -1579,6 +1613,11 @@ where
             return served;
         };
         served = true;
+        if op_min < journal.op_first() {
+            // Removed after a checkpoint: the requester must sync.
+            crate::sync::send_not_retained(shard, journal, to, op_min);
+            continue;
+        }
         ShardMetrics::add(&shard.metrics.replication_repairs_served_total, 1);
         for op in op_min..=op_max.min(journal.op_durable()) {
             if let Err(error) = journal.read_entry(op, &mut entry).await {

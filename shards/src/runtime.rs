@@ -380,7 +380,7 @@ where
                 .spawn(move || async move {
                     let state_machine = make(shard, shards);
                     // The checkpoint follower's copy, built on its own thread.
-                    let make_follower: MakeFollower<S> = Box::new(move || make(shard, shards));
+                    let make_follower: MakeFollower<S> = Arc::new(move || make(shard, shards));
                     run_shard(context, state_machine, make_follower, endpoint, ready).await
                 })
                 .map_err(|err| NodeError::Executor {
@@ -541,6 +541,8 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) replication: Option<crate::replication::Replication>,
     /// The checkpoint follower, if the shard journals with checkpoints.
     pub(crate) checkpoints: RefCell<Option<crate::checkpoint::CheckpointFollower>>,
+    /// Builds the state machine of a (re)started checkpoint follower.
+    pub(crate) make_follower: MakeFollower<S>,
     /// Application-thread ingest shared by the node (this shard drains its own ring).
     pub(crate) ingest: Arc<crate::ingest::Ingress<S>>,
 }
@@ -790,11 +792,12 @@ fn start_replication(
     Ok((Some(replication), Some(listener)))
 }
 
-/// Builds the checkpoint follower's state machine (once, on the follower's thread).
-type MakeFollower<S> = Box<dyn FnOnce() -> S + Send>;
+/// Builds a checkpoint follower's state machine (on the follower's thread; again after a
+/// state sync restarts the follower).
+pub(crate) type MakeFollower<S> = Arc<dyn Fn() -> S + Send + Sync>;
 
 /// Starts the shard's checkpoint follower if it journals with checkpoints.
-fn start_checkpoints<S: StateMachine + 'static>(
+pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
     shard: usize,
     config: &NodeConfig,
     journal: Option<&Journal>,
@@ -820,7 +823,7 @@ fn start_checkpoints<S: StateMachine + 'static>(
         *journal.superblock(),
         applied_op,
         metrics.clone(),
-        make,
+        move || make(),
     )
     .map(Some)
     .map_err(|error| NodeError::Journal {
@@ -883,7 +886,7 @@ where
         journal.as_ref(),
         core.op_last(),
         &metrics,
-        make_follower,
+        make_follower.clone(),
     ) {
         Ok(checkpoints) => checkpoints,
         Err(error) => return start_failed(&ready, shard, error),
@@ -961,6 +964,7 @@ where
         finished: Cell::new(false),
         replication,
         checkpoints: RefCell::new(checkpoints),
+        make_follower,
         ingest,
     });
     if !unconfirmed.is_empty() {
@@ -1575,7 +1579,7 @@ const GROUP_COMMIT_BATCHES_MAX: usize = 64;
 /// the state machine's messages to other shards.
 async fn batcher_turn<S>(shard: &Shard<S>, journal: Option<&mut Journal>) -> bool
 where
-    S: StateMachine,
+    S: StateMachine + 'static,
     S::Record: Send,
     S::Result: Send,
 {

@@ -626,6 +626,57 @@ fn follower_killed_catches_up() {
     assert_replicas_agree(&harness, &committed);
 }
 
+/// A follower that was down while its peers checkpointed and removed the segments it
+/// needs gets `NotRetained`, fetches a peer's checkpoint (state sync), restarts its journal
+/// there and repairs the rest: afterwards its journal and state agree with the leaders'.
+#[test]
+fn follower_behind_retention_syncs_from_a_checkpoint() {
+    let mut harness = Harness::start_with(
+        "state-sync",
+        REPLICAS,
+        &["--checkpoint-interval-ops", "32", "--retain-ops", "0"],
+    );
+    let mut setup = harness.client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let load = Background::start(&harness, &accounts, 2);
+    let started = harness.leader_commits();
+    wait_commits_past(&harness, &load, &started, 5);
+    assert_eq!(harness.metric_sum(2, "percore_replica_is_leader"), 0);
+    harness.cluster.kill(2);
+    let at_kill = harness.leader_commits();
+    // Enough ops for the leaders to checkpoint past several of their 4 MiB segments and
+    // remove the ones replica 2 would need.
+    wait_commits_past(&harness, &load, &at_kill, 1_500);
+    let at_restart = harness.leader_commits();
+    harness.cluster.restart(2).expect("replica 2 restarts");
+    wait_until("replica 2 synced every group and caught up", || {
+        (0..SHARDS)
+            .all(|shard| {
+                harness.metric(2, "percore_state_syncs_installed_total", shard) >= 1
+                    && harness.metric(2, "percore_replication_op_durable", shard)
+                        >= at_restart[shard]
+            })
+            .then_some(())
+    });
+    let served: u64 = (0..2)
+        .map(|replica| harness.metric_sum(replica, "percore_state_sync_bytes_served_total"))
+        .sum();
+    let received = harness.metric_sum(2, "percore_state_sync_bytes_total");
+    eprintln!(
+        "commits {at_kill:?} at kill, {at_restart:?} at restart; snapshot bytes served \
+         {served}, received {received}"
+    );
+    assert!(received > 0 && served >= received);
+    let acknowledged = load.finish();
+    assert!(acknowledged > 0);
+    let committed = harness.wait_converged();
+    harness.stop_all();
+    // The synced journal continues the leaders' hash chains, and replays (snapshot plus
+    // suffix) to the same balances.
+    assert_replicas_agree(&harness, &committed);
+}
+
 /// A process that claims to be replica 2 with another cluster key; killed on drop.
 struct Impostor(Child);
 

@@ -1293,6 +1293,9 @@ impl World {
                     }
                     continue;
                 }
+                Action::StateSync { .. } => {
+                    unreachable!("simulated journals retain every op: no peer answers NotRetained")
+                }
                 // Without view change the core produces none of these: a truncation in the
                 // fixed view breaks "no replica truncates" and fails the run; the others
                 // are counted.
