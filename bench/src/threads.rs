@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use percore_engine::ring::mpmc::Mpmc;
-use percore_shards::ingest::{INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, Waiters};
+use percore_shards::ingest::{
+    INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, Waiters, until,
+};
 use serde::Serialize;
 
 use crate::harness::{Backoff, median};
@@ -160,9 +162,11 @@ impl Queue {
     #[inline]
     fn enqueue(&self, value: u64, deadline: Instant) {
         let sent = match self {
-            Queue::Ours(ring, waiters) => waiters.retry(deadline, || ring.push(value)).is_ok(),
+            Queue::Ours(ring, waiters) => {
+                waiters.retry(until(deadline), || ring.push(value)).is_ok()
+            }
             Queue::Crossbeam(queue, waiters) => {
-                waiters.retry(deadline, || queue.push(value)).is_ok()
+                waiters.retry(until(deadline), || queue.push(value)).is_ok()
             }
             Queue::Std(sender) => sender.send(value).is_ok(),
         };

@@ -1,7 +1,8 @@
 //! Synchronisation shim: `std` normally, `loom` under `--cfg loom`.
 //!
-//! Every atomic and `UnsafeCell` used by the rings and pools comes through here so that
-//! the loom model checker can explore every interleaving of the cross-thread paths.
+//! Every atomic, lock and `UnsafeCell` used by the rings, pools and ring waiters comes
+//! through here so that the loom model checker can explore every interleaving of the
+//! cross-thread paths.
 
 // Not every module uses every item; the shim offers the full set under both configurations.
 #[cfg(loom)]
@@ -11,6 +12,7 @@ pub(crate) use loom::{
     hint::spin_loop,
     sync::Arc,
     sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence},
+    sync::{Condvar, Mutex},
     thread,
 };
 
@@ -20,6 +22,7 @@ pub(crate) use std::{
     hint::spin_loop,
     sync::Arc,
     sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence},
+    sync::{Condvar, Mutex},
     thread,
 };
 

@@ -1,4 +1,5 @@
-//! Loom models of every ring path that crosses threads.
+//! Loom models of every ring path that crosses threads, and of the ring waiters' park and
+//! wake-up protocol.
 //!
 //! Run with:
 //! `RUSTFLAGS="--cfg loom" cargo test -p percore-engine --release --test ring_loom`
@@ -284,5 +285,63 @@ fn mpmc_concurrent_push_pop_drops_leftovers() {
         assert_eq!(got.as_deref(), Some(&0));
         sender.join().unwrap();
         assert_eq!(ring.len(), 2);
+    });
+}
+
+/// Time left for a waiter in a model: always some (the models never time out; loom's
+/// `Condvar::wait_timeout` does not either, so a lost wake-up is a deadlock loom reports).
+fn forever() -> Option<core::time::Duration> {
+    Some(core::time::Duration::from_secs(3_600))
+}
+
+/// Takes one token if there is one.
+fn take(tokens: &loom::sync::atomic::AtomicUsize) -> Result<(), ()> {
+    use loom::sync::atomic::Ordering;
+    tokens
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .map(|_| ())
+        .map_err(|_| ())
+}
+
+/// One waiter parks for room that one notifier makes: whatever the interleaving of the
+/// waiter's last try, its park and the notification, the waiter gets the room.
+#[test]
+fn waiters_never_lose_a_wake_up() {
+    use loom::sync::atomic::{AtomicUsize, Ordering};
+    use percore_engine::ring::waiters::Waiters;
+    check(|| {
+        let waiters = Arc::new(Waiters::new());
+        let tokens = Arc::new(AtomicUsize::new(0));
+        let (w, t) = (waiters.clone(), tokens.clone());
+        let waiter = thread::spawn(move || w.retry(forever, || take(&t)));
+        tokens.fetch_add(1, Ordering::Release);
+        waiters.notify(1);
+        assert_eq!(waiter.join().unwrap(), Ok(()));
+        assert_eq!(tokens.load(Ordering::Relaxed), 0);
+    });
+}
+
+/// Two waiters, room made for one at a time, one notification each: both get through.
+#[test]
+fn waiters_wake_each_waiter_once_per_room() {
+    use loom::sync::atomic::{AtomicUsize, Ordering};
+    use percore_engine::ring::waiters::Waiters;
+    check(|| {
+        let waiters = Arc::new(Waiters::new());
+        let tokens = Arc::new(AtomicUsize::new(0));
+        let spawned: Vec<_> = (0..2)
+            .map(|_| {
+                let (w, t) = (waiters.clone(), tokens.clone());
+                thread::spawn(move || w.retry(forever, || take(&t)))
+            })
+            .collect();
+        for _ in 0..2 {
+            tokens.fetch_add(1, Ordering::Release);
+            waiters.notify(1);
+        }
+        for waiter in spawned {
+            assert_eq!(waiter.join().unwrap(), Ok(()));
+        }
+        assert_eq!(tokens.load(Ordering::Relaxed), 0);
     });
 }

@@ -68,6 +68,11 @@ use crate::metrics::ShardMetrics;
 pub const FOLLOW_POLL_US: u64 = 1_000;
 /// Bytes of the staging buffer the snapshot file is written through (`O_DIRECT`).
 pub const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Most bytes per second the follower writes a snapshot file at. Unpaced, a 130 MB
+/// snapshot written at once (times every shard whose follower reached the same checkpoint
+/// op, all replicas alike) queued ahead of the journal's writes and stalled commits for
+/// seconds on a shared disk.
+pub const SNAPSHOT_WRITE_BYTES_PER_S: u64 = 128 << 20;
 /// Reads of one entry before the follower gives up on it. An applied op is durable, so the
 /// first read finds it; the retries only cover a segment switch seen mid-way.
 pub const READ_ATTEMPTS_MAX: u32 = 100;
@@ -373,6 +378,7 @@ fn snapshot_file_write(
     let staging: &mut [u8] = bytemuck::cast_slice_mut(staging);
     let mut file_offset = 0u64;
     let mut staged = 0;
+    let started = Instant::now();
     let flush = |staging: &mut [u8], staged: usize, file_offset: &mut u64| {
         // The last chunk is padded with zeros to a sector.
         let padded = staged.next_multiple_of(SECTOR_BYTES);
@@ -380,6 +386,12 @@ fn snapshot_file_write(
         file.write_all_at(&staging[..padded], *file_offset)
             .map_err(io_error(&path_temporary))?;
         *file_offset += padded as u64;
+        // Paced: a burst of snapshot writes queues ahead of the shard's journal writes and
+        // its fdatasync waits behind them.
+        let due = Duration::from_secs_f64(*file_offset as f64 / SNAPSHOT_WRITE_BYTES_PER_S as f64);
+        if let Some(early) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(early);
+        }
         Ok::<(), FollowerError>(())
     };
     for part in [&header[..], snapshot] {

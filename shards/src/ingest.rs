@@ -46,14 +46,17 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Poll, Waker};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
 use percore_engine::ring::mpmc::{self, Mpmc};
+pub use percore_engine::ring::waiters::{
+    BACKOFF_SPIN_ROUNDS, BACKOFF_YIELDS_MAX, Backoff, PARK_SLICE_US, WAKE_PER_NOTIFY_MAX, Waiters,
+};
 use percore_engine::state_machine::StateMachine;
 
 /// Default capacity of each shard's ingress ring (record handles).
@@ -64,18 +67,6 @@ pub const INGEST_SLOTS_DEFAULT: usize = 16_384;
 pub const INGEST_SLOTS_MAX: usize = 1 << 24;
 /// Most handles a shard moves from its ingress ring into its core per drain.
 pub const INGEST_DRAIN_BATCH_MAX: usize = 256;
-/// Back-off: rounds of exponentially growing `spin_loop` bursts before yielding.
-pub const BACKOFF_SPIN_ROUNDS: u32 = 6;
-/// Back-off: `yield_now` calls after spinning, before parking. Few: with far more threads
-/// than cores, a yielding thread stays runnable and takes CPU from the consumer it waits on.
-pub const BACKOFF_YIELDS_MAX: u32 = 2;
-/// Most parked producers one notification wakes: each wake is a futex syscall on the
-/// consumer's (shard's) thread, and a woken producer fills more than one freed place when
-/// it has more to send.
-pub const WAKE_PER_NOTIFY_MAX: usize = 8;
-/// A parked producer or ticket holder looks again at least this often (µs): a safety net;
-/// wake-ups do not depend on it.
-pub const PARK_SLICE_US: u64 = 2_000;
 /// How long a shard whose core has no room waits before draining again (µs).
 pub const DRAIN_BACKPRESSURE_RETRY_US: u64 = 20;
 
@@ -242,123 +233,10 @@ impl Lane {
     }
 }
 
-/// Threads waiting for room (a free slot or ring room): a `Condvar` used only on the slow
-/// path, with a lock-free fast path for those who make room.
-///
-/// Protocol: a waiter increments `count`, reads `epoch`, tries once more, and only then
-/// locks and sleeps if `epoch` has not moved. A notifier that made room fences and reads
-/// `count`; if anyone waits it bumps `epoch` and notifies under the lock. Either the waiter's
-/// retry sees the room, or the notifier sees the waiter (both sides fence, Dekker).
-#[derive(Debug, Default)]
-pub struct Waiters {
-    count: Padded<AtomicUsize>,
-    epoch: AtomicU64,
-    lock: Mutex<()>,
-    wake: Condvar,
-}
-
-impl Waiters {
-    /// An empty registry.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Threads parked (or about to park) right now. A snapshot.
-    pub fn parked(&self) -> usize {
-        self.count.0.load(Ordering::Relaxed)
-    }
-
-    /// Room for about `freed` items was made: wakes up to that many waiters (at most
-    /// [`WAKE_PER_NOTIFY_MAX`]). Without waiters this is a fence and a load.
-    #[inline]
-    pub fn notify(&self, freed: usize) {
-        // SeqCst fence: pairs with the waiter's fence after incrementing `count` (see above).
-        fence(Ordering::SeqCst);
-        let waiting = self.count.0.load(Ordering::Relaxed);
-        if waiting == 0 || freed == 0 {
-            return;
-        }
-        self.epoch.fetch_add(1, Ordering::Relaxed);
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        for _ in 0..freed.min(waiting).min(WAKE_PER_NOTIFY_MAX) {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Retries `attempt` until it succeeds or `deadline` passes, backing off: spin a
-    /// little, then yield, then park here (each park at most [`PARK_SLICE_US`], as a safety
-    /// net). Returns the last error at the deadline.
-    pub fn retry<T, E>(
-        &self,
-        deadline: Instant,
-        mut attempt: impl FnMut() -> Result<T, E>,
-    ) -> Result<T, E> {
-        let mut backoff = Backoff::new();
-        loop {
-            let error = match attempt() {
-                Ok(value) => return Ok(value),
-                Err(error) => error,
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(error);
-            }
-            if !backoff.is_completed() {
-                backoff.snooze();
-                continue;
-            }
-            // SeqCst RMW then fence: our retry below must not be ordered before the count
-            // that notifiers read.
-            self.count.0.fetch_add(1, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            let epoch = self.epoch.load(Ordering::Relaxed);
-            let retried = attempt();
-            if retried.is_err() {
-                let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-                if self.epoch.load(Ordering::Relaxed) == epoch {
-                    let slice = (deadline - now).min(Duration::from_micros(PARK_SLICE_US));
-                    let _ = self.wake.wait_timeout(guard, slice);
-                }
-            }
-            self.count.0.fetch_sub(1, Ordering::Relaxed);
-            if let Ok(value) = retried {
-                return Ok(value);
-            }
-        }
-    }
-}
-
-/// Spin (exponentially growing bursts), then yield, then tell the caller to park.
-#[derive(Debug, Default)]
-pub struct Backoff {
-    step: u32,
-}
-
-impl Backoff {
-    /// A fresh back-off that starts by spinning.
-    pub fn new() -> Self {
-        Self { step: 0 }
-    }
-
-    /// Waits a little: `2^step` spin hints for the first [`BACKOFF_SPIN_ROUNDS`] calls, then
-    /// one `yield_now` per call for [`BACKOFF_YIELDS_MAX`] calls.
-    #[inline]
-    pub fn snooze(&mut self) {
-        if self.step < BACKOFF_SPIN_ROUNDS {
-            for _ in 0..1u32 << self.step {
-                std::hint::spin_loop();
-            }
-        } else {
-            thread::yield_now();
-        }
-        self.step = (self.step + 1).min(BACKOFF_SPIN_ROUNDS + BACKOFF_YIELDS_MAX);
-    }
-
-    /// Spinning and yielding are over: the caller should park.
-    #[inline]
-    pub fn is_completed(&self) -> bool {
-        self.step >= BACKOFF_SPIN_ROUNDS + BACKOFF_YIELDS_MAX
-    }
+/// How much of the time until `deadline` is left, for [`Waiters::retry`] (`None` once it
+/// has passed).
+pub fn until(deadline: Instant) -> impl FnMut() -> Option<Duration> {
+    move || deadline.checked_duration_since(Instant::now())
 }
 
 /// The node-wide ingest state shared by submitters and shards. See the module docs.
@@ -736,7 +614,7 @@ impl<S: StateMachine> Submitter<S> {
         deadline: Instant,
     ) -> Result<Ticket<'_, S>, SubmitError<S::Record>> {
         let mut record = Some(record);
-        let submitted = self.ingress.space.retry(deadline, || {
+        let submitted = self.ingress.space.retry(until(deadline), || {
             let taken = record.take().expect("a record per attempt");
             match self.ingress.try_submit(operation, taken) {
                 Ok(handle) => Ok(handle),
@@ -985,7 +863,7 @@ mod tests {
         let room = Arc::new(AtomicBool::new(false));
         let (w, r) = (waiters.clone(), room.clone());
         let waiter = thread::spawn(move || {
-            w.retry(Instant::now() + Duration::from_secs(10), || {
+            w.retry(until(Instant::now() + Duration::from_secs(10)), || {
                 if r.load(Ordering::Acquire) {
                     Ok(())
                 } else {
@@ -1006,7 +884,8 @@ mod tests {
     fn retry_gives_up_at_the_deadline() {
         let waiters = Waiters::new();
         let started = Instant::now();
-        let result: Result<(), u8> = waiters.retry(started + Duration::from_millis(20), || Err(7));
+        let result: Result<(), u8> =
+            waiters.retry(until(started + Duration::from_millis(20)), || Err(7));
         assert_eq!(result, Err(7));
         assert!(started.elapsed() >= Duration::from_millis(20));
     }
