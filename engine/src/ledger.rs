@@ -1458,6 +1458,53 @@ impl Ledger {
         self.prepare_timestamp_last = 0;
     }
 
+    /// Appends the snapshot whose header records `digest` (the state's digest).
+    fn snapshot_with_digest(&self, digest: Digest256, out: &mut Vec<u8>) {
+        let header = SnapshotHeader {
+            magic: SNAPSHOT_MAGIC,
+            version: SNAPSHOT_VERSION,
+            shard_index: self.config.shard_index,
+            shard_count: self.config.shard_count,
+            in_flight: self.legs_in_flight.amount,
+            suspense: self.suspense,
+            transfers_max: self.config.transfers_max as u64,
+            credit_legs_in_flight_max: self.config.credit_legs_in_flight_max as u64,
+            accounts_count: self.accounts.len as u64,
+            transfers_count: self.transfers.len as u64,
+            credit_legs_unacked: self.legs_in_flight.count,
+            credit_leg_sequence_next: self.legs_in_flight.sequence_next,
+            credit_legs_applied: self.credit_legs_applied,
+            commit_op_last: self.commit_op_last,
+            commit_timestamp_last: self.commit_timestamp_last,
+            reserved: 0,
+            digest,
+        };
+        let bytes = self
+            .snapshot_bytes(
+                self.accounts.len,
+                self.transfers.len,
+                self.legs_in_flight.count as usize,
+            )
+            .expect("the tables fit in memory, so their snapshot length fits in usize");
+        out.reserve(bytes);
+        let start = out.len();
+        out.extend_from_slice(bytemuck::bytes_of(&header));
+        for account in self.accounts.entries() {
+            out.extend_from_slice(bytemuck::bytes_of(account));
+        }
+        let (older, newer) = self.transfers.as_slices();
+        out.extend_from_slice(bytemuck::cast_slice(older));
+        out.extend_from_slice(bytemuck::cast_slice(newer));
+        for leg in self.legs_in_flight.oldest_first() {
+            out.extend_from_slice(bytemuck::bytes_of(leg));
+        }
+        for sequence_max in self.legs_received.sequence_max.iter() {
+            out.extend_from_slice(&sequence_max.to_le_bytes());
+        }
+        out.extend_from_slice(bytemuck::cast_slice(&self.legs_received.fingerprints[..]));
+        debug_assert_eq!(out.len() - start, bytes);
+    }
+
     /// Snapshot body length for a header's counts, if it fits in `usize`.
     fn snapshot_bytes(&self, accounts: usize, transfers: usize, legs: usize) -> Option<usize> {
         let shards = self.config.shard_count as usize;
@@ -1832,49 +1879,14 @@ impl StateMachine for Ledger {
     }
 
     fn snapshot(&self, out: &mut Vec<u8>) {
-        let header = SnapshotHeader {
-            magic: SNAPSHOT_MAGIC,
-            version: SNAPSHOT_VERSION,
-            shard_index: self.config.shard_index,
-            shard_count: self.config.shard_count,
-            in_flight: self.legs_in_flight.amount,
-            suspense: self.suspense,
-            transfers_max: self.config.transfers_max as u64,
-            credit_legs_in_flight_max: self.config.credit_legs_in_flight_max as u64,
-            accounts_count: self.accounts.len as u64,
-            transfers_count: self.transfers.len as u64,
-            credit_legs_unacked: self.legs_in_flight.count,
-            credit_leg_sequence_next: self.legs_in_flight.sequence_next,
-            credit_legs_applied: self.credit_legs_applied,
-            commit_op_last: self.commit_op_last,
-            commit_timestamp_last: self.commit_timestamp_last,
-            reserved: 0,
-            digest: self.digest(),
-        };
-        let bytes = self
-            .snapshot_bytes(
-                self.accounts.len,
-                self.transfers.len,
-                self.legs_in_flight.count as usize,
-            )
-            .expect("the tables fit in memory, so their snapshot length fits in usize");
-        out.reserve(bytes);
-        let start = out.len();
-        out.extend_from_slice(bytemuck::bytes_of(&header));
-        for account in self.accounts.entries() {
-            out.extend_from_slice(bytemuck::bytes_of(account));
-        }
-        let (older, newer) = self.transfers.as_slices();
-        out.extend_from_slice(bytemuck::cast_slice(older));
-        out.extend_from_slice(bytemuck::cast_slice(newer));
-        for leg in self.legs_in_flight.oldest_first() {
-            out.extend_from_slice(bytemuck::bytes_of(leg));
-        }
-        for sequence_max in self.legs_received.sequence_max.iter() {
-            out.extend_from_slice(&sequence_max.to_le_bytes());
-        }
-        out.extend_from_slice(bytemuck::cast_slice(&self.legs_received.fingerprints[..]));
-        debug_assert_eq!(out.len() - start, bytes);
+        self.snapshot_with_digest(self.digest(), out);
+    }
+
+    /// The snapshot embeds the digest: one pass over the state for both.
+    fn snapshot_and_digest(&self, out: &mut Vec<u8>) -> Digest256 {
+        let digest = self.digest();
+        self.snapshot_with_digest(digest, out);
+        digest
     }
 
     fn snapshot_bytes_max(&self) -> Option<usize> {

@@ -231,6 +231,9 @@ fn snapshot_restore_round_trips_and_replay_continues_identically() {
             "{} > {bytes_max}",
             snapshot.len()
         );
+        let mut together = Vec::new();
+        assert_eq!(source.snapshot_and_digest(&mut together), source.digest());
+        assert_eq!(together, snapshot);
 
         let shard_index = source.config().shard_index;
         let targets = [

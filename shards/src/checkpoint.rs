@@ -674,8 +674,7 @@ impl Follower {
         let op = reader.op_next() - 1;
         let started = Instant::now();
         snapshot.clear();
-        machine.snapshot(snapshot);
-        let digest = machine.digest();
+        let digest = machine.snapshot_and_digest(snapshot);
         let capture_us = started.elapsed().as_micros() as u64;
         let written_at = Instant::now();
         let meta = SnapshotMeta {
