@@ -482,18 +482,12 @@ impl Pipeline {
         request_number: u64,
         records: &[R],
     ) -> Result<(), ClientError> {
-        let envelope = Envelope {
-            client_id: self.client_id,
-            request_number,
-            operation,
-            shard: self.shard as u16,
-        };
-        let at = (self.shard, self.address);
-        write_request(
+        send_request(
             &mut self.stream,
             &mut self.write_buffer,
-            at,
-            &envelope,
+            (self.client_id, self.shard, self.address),
+            operation,
+            request_number,
             records,
         )?;
         self.in_flight.push_back(request_number);
@@ -576,18 +570,12 @@ impl PipelineSender {
         request_number: u64,
         records: &[R],
     ) -> Result<(), ClientError> {
-        let envelope = Envelope {
-            client_id: self.client_id,
-            request_number,
-            operation,
-            shard: self.shard as u16,
-        };
-        let at = (self.shard, self.address);
-        write_request(
+        send_request(
             &mut self.stream,
             &mut self.write_buffer,
-            at,
-            &envelope,
+            (self.client_id, self.shard, self.address),
+            operation,
+            request_number,
             records,
         )
     }
@@ -619,6 +607,25 @@ impl PipelineReceiver {
             Some(request_number),
         )
     }
+}
+
+/// Sends request `request_number` of `operation` with `records` from client `client_id` to
+/// shard `shard` at `address` (the pipelined connection's and its sending half's `send`).
+fn send_request<R: Pod>(
+    stream: &mut TcpStream,
+    write_buffer: &mut [u8],
+    (client_id, shard, address): (u128, usize, SocketAddr),
+    operation: u16,
+    request_number: u64,
+    records: &[R],
+) -> Result<(), ClientError> {
+    let envelope = Envelope {
+        client_id,
+        request_number,
+        operation,
+        shard: shard as u16,
+    };
+    write_request(stream, write_buffer, (shard, address), &envelope, records)
 }
 
 /// Writes one request frame through `write_buffer` (its length is the largest frame).

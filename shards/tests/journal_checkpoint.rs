@@ -151,6 +151,25 @@ fn replay(ledger: &mut Ledger, op: u64, operation: u16, body: &[u8]) {
     apply(ledger, op, operation, &records);
 }
 
+/// Journals op `op` (the batch of `op`, prepared by `ledger`), commits it and applies it.
+async fn append_and_apply(journal: &mut Journal, ledger: &mut Ledger, op: u64) {
+    let (operation, mut records) = batch(op);
+    ledger.prepare(operation, op * 1_000, &mut records);
+    let meta = EntryMeta {
+        shard: SHARD,
+        view: 0,
+        op,
+        operation: operation.into(),
+        entry_count: records.len() as u32,
+        record_bytes: 128,
+    };
+    journal
+        .stage(meta, bytemuck::cast_slice(&records))
+        .expect("stage");
+    journal.commit().await.expect("commit");
+    apply(ledger, op, operation, &records);
+}
+
 /// Opens `dir`, restoring its checkpoint into a fresh ledger and replaying the rest.
 async fn recover(dir: &Path) -> Result<(Journal, Ledger, u64), JournalError> {
     let ledger = std::cell::RefCell::new(ledger());
@@ -319,21 +338,7 @@ fn journal_continues_after_recovering_from_a_checkpoint() {
         // The chain head after a checkpoint-based recovery is the last entry's checksum:
         // appending continues, and a second recovery sees it.
         for op in OPS + 1..=OPS + 12 {
-            let (operation, mut records) = batch(op);
-            ledger.prepare(operation, op * 1_000, &mut records);
-            let meta = EntryMeta {
-                shard: SHARD,
-                view: 0,
-                op,
-                operation: operation.into(),
-                entry_count: records.len() as u32,
-                record_bytes: 128,
-            };
-            journal
-                .stage(meta, bytemuck::cast_slice(&records))
-                .expect("stage");
-            journal.commit().await.expect("commit");
-            apply(&mut ledger, op, operation, &records);
+            append_and_apply(&mut journal, &mut ledger, op).await;
             if op.is_multiple_of(CHECKPOINT_INTERVAL_OPS_TEST) {
                 let mut snapshot = Vec::new();
                 ledger.snapshot(&mut snapshot);
@@ -362,21 +367,7 @@ fn peers_that_lag_hold_back_segment_removal() {
         let mut snapshot = Vec::new();
         let retain_from_op = 20;
         for op in 1..=OPS {
-            let (operation, mut records) = batch(op);
-            live.prepare(operation, op * 1_000, &mut records);
-            let meta = EntryMeta {
-                shard: SHARD,
-                view: 0,
-                op,
-                operation: operation.into(),
-                entry_count: records.len() as u32,
-                record_bytes: 128,
-            };
-            journal
-                .stage(meta, bytemuck::cast_slice(&records))
-                .expect("stage");
-            journal.commit().await.expect("commit");
-            apply(&mut live, op, operation, &records);
+            append_and_apply(&mut journal, &mut live, op).await;
             if op.is_multiple_of(CHECKPOINT_INTERVAL_OPS_TEST) {
                 snapshot.clear();
                 live.snapshot(&mut snapshot);
@@ -627,21 +618,7 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
         let mut digests = BTreeMap::new();
         let mut installed = Vec::new();
         for op in 1..=OPS {
-            let (operation, mut records) = batch(op);
-            live.prepare(operation, op * 1_000, &mut records);
-            let meta = EntryMeta {
-                shard: SHARD,
-                view: 0,
-                op,
-                operation: operation.into(),
-                entry_count: records.len() as u32,
-                record_bytes: 128,
-            };
-            journal
-                .stage(meta, bytemuck::cast_slice(&records))
-                .expect("stage");
-            journal.commit().await.expect("commit");
-            apply(&mut live, op, operation, &records);
+            append_and_apply(&mut journal, &mut live, op).await;
             if op.is_multiple_of(CHECKPOINT_INTERVAL_OPS_TEST) {
                 digests.insert(op, live.digest());
             }
