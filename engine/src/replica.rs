@@ -2174,14 +2174,18 @@ impl Replica {
         {
             return;
         }
+        // Only what is durable here: a staged op this leader may still lose (a crash before
+        // its fsync, then a restart that resumes the view) must not become the requester's
+        // expected checksum, or the op prepared in its place is refused there forever
+        // (simulator seed 50619).
         push(
             actions,
             Action::StartView {
                 to: from,
                 view: self.view,
-                op_head: self.op_head,
-                commit_max: self.commit_max,
-                headers_op_min: self.headers_op_min(self.op_head),
+                op_head: self.op_durable,
+                commit_max: self.commit_max.min(self.op_durable),
+                headers_op_min: self.headers_op_min(self.op_durable),
             },
         );
     }
@@ -3464,5 +3468,33 @@ mod restart_tests {
             "{actions:?}"
         );
         assert_eq!(replica.op_head(), 60);
+    }
+
+    /// A leader answers `RequestStartView` with its durable log only: an op it has staged
+    /// but may still lose must not reach a follower as an expected checksum.
+    #[test]
+    fn a_start_view_on_request_describes_only_the_durable_log() {
+        let mut config = ReplicaConfig::new(0, 0, 3, 5).unwrap();
+        config.view_change = true;
+        let mut leader = Replica::new(config, 0, 0, 0).unwrap();
+        let mut actions = Vec::with_capacity(ACTIONS_MAX);
+        for op in 1..=7 {
+            leader.on_staged(0, op, u128::from(op));
+        }
+        leader.on_durable(0, 6, &mut actions);
+        actions.clear();
+        leader.on_request_start_view(10, 1, 0, &mut actions);
+        let start_view = actions.iter().find_map(|action| match action {
+            Action::StartView {
+                to: 1,
+                op_head,
+                headers_op_min,
+                ..
+            } => Some((*op_head, *headers_op_min)),
+            _ => None,
+        });
+        let (op_head, headers_op_min) = start_view.expect("a StartView for the requester");
+        assert_eq!(op_head, 6, "staged op 7 is not durable");
+        assert!(headers_op_min <= 6);
     }
 }
