@@ -63,6 +63,19 @@ pub enum MeshMessage<S: StateMachine> {
     },
 }
 
+impl<S: StateMachine> MeshMessage<S> {
+    /// The message carrying a state machine's `outbound`, and the shard it goes to.
+    pub(crate) fn outbound(
+        outbound: percore_engine::state_machine::Outbound<S::Operation, S::Record>,
+    ) -> (usize, Self) {
+        let message = MeshMessage::Outbound {
+            operation: outbound.operation.into(),
+            record: outbound.record,
+        };
+        (outbound.shard as usize, message)
+    }
+}
+
 impl<S: StateMachine> fmt::Debug for MeshMessage<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -1247,11 +1247,8 @@ where
     let mut resent = 0;
     core.state_machine().unconfirmed_outbound(&mut |outbound| {
         if resent < CREDIT_LEGS_RESEND_MAX {
-            let message = MeshMessage::Outbound {
-                operation: outbound.operation.into(),
-                record: outbound.record,
-            };
-            mesh.send_or_queue(outbound.shard as usize, message);
+            let (to, message) = MeshMessage::outbound(outbound);
+            mesh.send_or_queue(to, message);
             resent += 1;
         }
     });
@@ -1689,19 +1686,10 @@ where
         }
         drop(replica);
         while let Some(outbound) = core.poll_outbound() {
-            if !leader {
-                // Every replica produces the legs; only the leader sends them.
-                continue;
+            // Every replica produces the legs; only the leader sends them.
+            if leader {
+                crate::runtime::send_outbound(shard, outbound);
             }
-            let message = MeshMessage::Outbound {
-                operation: outbound.operation.into(),
-                record: outbound.record,
-            };
-            shard
-                .mesh
-                .borrow_mut()
-                .send_or_queue(outbound.shard as usize, message);
-            ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
         }
         applied = true;
     }

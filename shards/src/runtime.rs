@@ -975,14 +975,8 @@ where
         );
     }
     for outbound in unconfirmed {
-        let message = MeshMessage::Outbound {
-            operation: outbound.operation.into(),
-            record: outbound.record,
-        };
-        shard_state
-            .mesh
-            .borrow_mut()
-            .send_or_queue(outbound.shard as usize, message);
+        let (to, message) = MeshMessage::outbound(outbound);
+        shard_state.mesh.borrow_mut().send_or_queue(to, message);
     }
     tracing::info!(shard, %local, "shard listening");
     let _ = ready.send((shard, Ok(local)));
@@ -1645,16 +1639,23 @@ where
     core.apply_next(|origin, result| complete(shard, origin, result))
         .expect("a sealed batch is waiting");
     while let Some(outbound) = core.poll_outbound() {
-        let message = MeshMessage::Outbound {
-            operation: outbound.operation.into(),
-            record: outbound.record,
-        };
-        shard
-            .mesh
-            .borrow_mut()
-            .send_or_queue(outbound.shard as usize, message);
-        ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
+        send_outbound(shard, outbound);
     }
+}
+
+/// Sends a message the state machine produced to its shard over the ring mesh (queued
+/// while that ring is full).
+pub(crate) fn send_outbound<S>(
+    shard: &Shard<S>,
+    outbound: percore_engine::state_machine::Outbound<S::Operation, S::Record>,
+) where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let (to, message) = MeshMessage::outbound(outbound);
+    shard.mesh.borrow_mut().send_or_queue(to, message);
+    ShardMetrics::add(&shard.metrics.credit_legs_out_total, 1);
 }
 
 /// Stages the `sealed` oldest sealed batches and commits them: one write and one

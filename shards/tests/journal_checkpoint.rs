@@ -6,9 +6,10 @@
 //! The checkpoint follower takes the live ledger's checkpoints from the journal on disk, and
 //! its reader stops at a damaged entry.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -26,6 +27,8 @@ use percore_shards::journal::{
 };
 use percore_shards::metrics::ShardMetrics;
 
+use support::{TempDir, run};
+
 const SHARD: u32 = 0;
 const CLUSTER_ID: u128 = 0xC4EC_0000_0000_0000_0000_0000_0000_0001;
 const RECORDS_PER_BATCH: usize = 24;
@@ -35,37 +38,6 @@ const SEGMENT_BYTES_TEST: u64 = 64 << 10;
 const CHECKPOINT_INTERVAL_OPS_TEST: u64 = 8;
 const ACCOUNTS: u128 = 16;
 const OPS: u64 = 200;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!(
-            "percore-journal-checkpoint-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run<F, Fut>(make: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .spawn(make)
-        .expect("executor starts")
-        .join()
-        .expect("executor finishes");
-}
 
 fn config(dir: &Path) -> JournalConfig {
     JournalConfig {
@@ -267,7 +239,7 @@ async fn write_both(dir_checkpointed: &Path, dir_full: &Path) -> [u8; 32] {
 
 #[test]
 fn checkpoints_remove_old_segments_and_recover_to_the_full_replay_digest() {
-    let temp = TempDir::new("recover");
+    let temp = TempDir::new("journal-checkpoint", "recover");
     let dir = temp.0.join("checkpointed");
     let dir_full = temp.0.join("full");
     run(move || async move {
@@ -329,7 +301,7 @@ fn checkpoints_remove_old_segments_and_recover_to_the_full_replay_digest() {
 
 #[test]
 fn journal_continues_after_recovering_from_a_checkpoint() {
-    let temp = TempDir::new("continue");
+    let temp = TempDir::new("journal-checkpoint", "continue");
     let dir = temp.0.join("checkpointed");
     let dir_full = temp.0.join("full");
     run(move || async move {
@@ -359,7 +331,7 @@ fn journal_continues_after_recovering_from_a_checkpoint() {
 
 #[test]
 fn peers_that_lag_hold_back_segment_removal() {
-    let temp = TempDir::new("retain");
+    let temp = TempDir::new("journal-checkpoint", "retain");
     let dir = temp.0.join("journal");
     run(move || async move {
         let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
@@ -396,7 +368,7 @@ fn peers_that_lag_hold_back_segment_removal() {
 
 #[test]
 fn a_damaged_snapshot_is_a_typed_error_naming_the_file() {
-    let temp = TempDir::new("damaged");
+    let temp = TempDir::new("journal-checkpoint", "damaged");
     let dir = temp.0.join("checkpointed");
     let dir_full = temp.0.join("full");
     run(move || async move {
@@ -434,7 +406,7 @@ fn a_damaged_snapshot_is_a_typed_error_naming_the_file() {
 
 #[test]
 fn a_torn_newest_superblock_copy_falls_back_to_the_older_one() {
-    let temp = TempDir::new("torn-superblock");
+    let temp = TempDir::new("journal-checkpoint", "torn-superblock");
     let dir = temp.0.join("checkpointed");
     let dir_full = temp.0.join("full");
     run(move || async move {
@@ -466,7 +438,7 @@ fn a_torn_newest_superblock_copy_falls_back_to_the_older_one() {
 #[test]
 #[ignore = "measurement; run in release with --nocapture"]
 fn checkpoint_stall_at_the_default_ledger_size() {
-    let temp = TempDir::new("stall");
+    let temp = TempDir::new("journal-checkpoint", "stall");
     let dir = temp.0.join("journal");
     run(move || async move {
         const BATCH: usize = 1_000;
@@ -594,7 +566,7 @@ async fn install_checked(
 /// last one reaches the live digest.
 #[test]
 fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
-    let temp = TempDir::new("follower");
+    let temp = TempDir::new("journal-checkpoint", "follower");
     let dir = temp.0.clone();
     run(move || async move {
         let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
@@ -670,7 +642,7 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
 /// skipped.
 #[test]
 fn the_journal_reader_crosses_segments_and_stops_at_a_damaged_entry() {
-    let temp = TempDir::new("reader");
+    let temp = TempDir::new("journal-checkpoint", "reader");
     let dir = temp.0.clone();
     let bodies = {
         let dir = dir.clone();

@@ -5,8 +5,9 @@
 //! Every test runs inside a glommio `LocalExecutor` on a fresh directory under the system
 //! temporary directory, removed at the end.
 
+mod support;
+
 use std::fs::OpenOptions as StdOpenOptions;
-use std::future::Future;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,47 +19,14 @@ use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, Recovered, SUPERBLOCK_FILE_NAME,
 };
 
+use support::{TempDir, run};
+
 const SHARD: u32 = 3;
 const CLUSTER_ID: u128 = 0x5eed_0000_0000_0000_0000_0000_0000_0042;
 const RECORD_BYTES: u32 = 128;
 const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Segments of the tests: small, because recovery reads the rest of the last segment.
 const SEGMENT_BYTES_TEST: u64 = 8 << 20;
-
-/// A directory under the temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path =
-            std::env::temp_dir().join(format!("percore-journal-io-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-
-    fn shard_dir(&self) -> PathBuf {
-        self.0.join(format!("shard-{SHARD}"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `make()` to completion on a fresh glommio executor.
-fn run<F, Fut>(make: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .spawn(make)
-        .expect("executor starts")
-        .join()
-        .expect("executor finishes");
-}
 
 fn config(dir: &Path, segment_bytes: u64, fsync: FsyncPolicy) -> JournalConfig {
     JournalConfig {
@@ -178,8 +146,8 @@ fn flip_bit(path: &Path, offset: u64) {
 #[test]
 fn append_commit_reopen_replays_exactly_in_order() {
     for fsync in [FsyncPolicy::Always, FsyncPolicy::Never] {
-        let temp = TempDir::new(&format!("append-{fsync:?}"));
-        let dir = temp.shard_dir();
+        let temp = TempDir::new("journal-io", &format!("append-{fsync:?}"));
+        let dir = temp.shard_dir(SHARD);
         run(move || async move {
             let config = config(&dir, SEGMENT_BYTES_TEST, fsync);
             let (mut journal, recovered, replayed) = open(config.clone()).await.expect("create");
@@ -225,8 +193,8 @@ fn append_commit_reopen_replays_exactly_in_order() {
 
 #[test]
 fn segments_roll_over_and_replay_crosses_them() {
-    let temp = TempDir::new("rollover");
-    let dir = temp.shard_dir();
+    let temp = TempDir::new("journal-io", "rollover");
+    let dir = temp.shard_dir(SHARD);
     run(move || async move {
         let segment_bytes = 128 * 1024;
         let config = config(&dir, segment_bytes, FsyncPolicy::Always);
@@ -271,8 +239,8 @@ fn torn_tail_is_truncated_and_the_next_append_is_clean() {
     // Damage the last entry's last sector with garbage, with zeros, or leave the entry
     // whole but put garbage after it (a write whose first sectors never landed).
     for damage in ["garbage", "zeros", "garbage_after"] {
-        let temp = TempDir::new(&format!("torn-{damage}"));
-        let dir = temp.shard_dir();
+        let temp = TempDir::new("journal-io", &format!("torn-{damage}"));
+        let dir = temp.shard_dir(SHARD);
         run(move || async move {
             let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always);
             let (mut journal, _, _) = open(config.clone()).await.expect("create");
@@ -333,8 +301,8 @@ fn torn_segment_followed_by_an_empty_new_segment_recovers_there() {
     // A crash right after a roll created segment N+1 but before segment N's last write
     // landed: N+1 is empty and is removed; N+1 with data instead is corruption.
     for later_has_data in [false, true] {
-        let temp = TempDir::new(&format!("torn-roll-{later_has_data}"));
-        let dir = temp.shard_dir();
+        let temp = TempDir::new("journal-io", &format!("torn-roll-{later_has_data}"));
+        let dir = temp.shard_dir(SHARD);
         run(move || async move {
             let segment_bytes = 128 * 1024;
             let config = config(&dir, segment_bytes, FsyncPolicy::Never);
@@ -396,8 +364,8 @@ fn torn_segment_followed_by_an_empty_new_segment_recovers_there() {
 
 #[test]
 fn corruption_before_the_tail_fails_open_naming_op_segment_offset() {
-    let temp = TempDir::new("corrupt");
-    let dir = temp.shard_dir();
+    let temp = TempDir::new("journal-io", "corrupt");
+    let dir = temp.shard_dir(SHARD);
     run(move || async move {
         let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always);
         let (mut journal, _, _) = open(config.clone()).await.expect("create");
@@ -429,8 +397,8 @@ fn corruption_before_the_tail_fails_open_naming_op_segment_offset() {
 
 #[test]
 fn corruption_in_a_later_segment_names_that_segment() {
-    let temp = TempDir::new("corrupt-segment");
-    let dir = temp.shard_dir();
+    let temp = TempDir::new("journal-io", "corrupt-segment");
+    let dir = temp.shard_dir(SHARD);
     run(move || async move {
         let segment_bytes = 128 * 1024;
         let config = config(&dir, segment_bytes, FsyncPolicy::Always);
@@ -456,8 +424,8 @@ fn corruption_in_a_later_segment_names_that_segment() {
 
 #[test]
 fn a_lost_stretch_followed_by_history_beyond_one_read_chunk_is_corruption() {
-    let temp = TempDir::new("corrupt-far");
-    let dir = temp.shard_dir();
+    let temp = TempDir::new("journal-io", "corrupt-far");
+    let dir = temp.shard_dir(SHARD);
     run(move || async move {
         let config = config(&dir, 16 << 20, FsyncPolicy::Always);
         let (mut journal, _, _) = open(config.clone()).await.expect("create");
@@ -486,8 +454,8 @@ fn a_lost_stretch_followed_by_history_beyond_one_read_chunk_is_corruption() {
 
 #[test]
 fn superblock_survives_one_bad_copy_and_guards_op_durable() {
-    let temp = TempDir::new("superblock");
-    let dir = temp.shard_dir();
+    let temp = TempDir::new("journal-io", "superblock");
+    let dir = temp.shard_dir(SHARD);
     run(move || async move {
         let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always);
         let (mut journal, _, _) = open(config.clone()).await.expect("create");
@@ -530,8 +498,8 @@ fn superblock_survives_one_bad_copy_and_guards_op_durable() {
 
 #[test]
 fn wrong_cluster_and_bad_inputs_are_refused() {
-    let temp = TempDir::new("refuse");
-    let dir = temp.shard_dir();
+    let temp = TempDir::new("journal-io", "refuse");
+    let dir = temp.shard_dir(SHARD);
     run(move || async move {
         let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Never);
         let too_small = JournalConfig {
@@ -664,7 +632,7 @@ impl Case {
 #[test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn journal_commit_throughput() {
-    let temp = TempDir::new("throughput");
+    let temp = TempDir::new("journal-io", "throughput");
     let root = temp.0.clone();
     std::fs::create_dir_all(&root).expect("temp dir");
     println!(

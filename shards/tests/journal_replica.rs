@@ -7,9 +7,10 @@
 //! `RLIMIT_MEMLOCK` is 8 MiB) on a fresh directory under the system temporary directory,
 //! removed at the end.
 
-use std::future::Future;
+mod support;
+
 use std::os::unix::fs::FileExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use percore_engine::journal::{
     ENTRY_HEADER_BYTES, EntryError, EntryMeta, JOURNAL_CHAIN_ROOT, JournalChecksum, decode_entry,
@@ -19,6 +20,8 @@ use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, POSITION_INDEX_ENTRIES_MAX,
 };
 
+use support::{TempDir, run_small as run};
+
 const SHARD: u32 = 3;
 const CLUSTER_ID: u128 = 0x5eed_0000_0000_0000_0000_0000_0000_0077;
 const RECORD_BYTES: u32 = 128;
@@ -26,47 +29,6 @@ const BODY_BYTES_MAX: usize = 16 * 1024;
 /// Small segments, so a few thousand entries roll over many times.
 const SEGMENT_BYTES_TEST: u64 = 256 << 10;
 const WRITE_BUFFER_BYTES_TEST: usize = 256 << 10;
-/// Registered io memory per test executor (bytes): well under the 8 MiB memlock limit, even
-/// with several tests running at once.
-const IO_MEMORY_BYTES_TEST: usize = 1 << 20;
-
-/// A directory under the temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!(
-            "percore-journal-replica-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-
-    fn shard_dir(&self, replica: &str) -> PathBuf {
-        self.0.join(replica).join(format!("shard-{SHARD}"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `make()` to completion on a fresh glommio executor with a small io memory.
-fn run<F, Fut>(make: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .io_memory(IO_MEMORY_BYTES_TEST)
-        .spawn(make)
-        .expect("executor starts")
-        .join()
-        .expect("executor finishes");
-}
 
 fn config(dir: &Path, shard: u32, fsync: FsyncPolicy) -> JournalConfig {
     JournalConfig {
@@ -273,8 +235,8 @@ fn read_entry_returns_every_committed_op_in_any_order() {
     // Default index (stride 1) and a tiny one (stride 128 after 5,000 ops: walks that cross
     // segment roll-overs).
     for entries_max in [POSITION_INDEX_ENTRIES_MAX, 64] {
-        let temp = TempDir::new(&format!("read-{entries_max}"));
-        let dir = temp.shard_dir("leader");
+        let temp = TempDir::new("journal-replica", &format!("read-{entries_max}"));
+        let dir = temp.case_shard_dir("leader", SHARD);
         run(move || async move {
             let cfg = config(&dir, SHARD, FsyncPolicy::Never);
             let mut journal = open(cfg, options(entries_max)).await;
@@ -317,9 +279,9 @@ fn read_entry_returns_every_committed_op_in_any_order() {
 
 #[test]
 fn stage_encoded_writes_segment_files_identical_to_stage() {
-    let temp = TempDir::new("identical");
-    let leader_dir = temp.shard_dir("leader");
-    let follower_dir = temp.shard_dir("follower");
+    let temp = TempDir::new("journal-replica", "identical");
+    let leader_dir = temp.case_shard_dir("leader", SHARD);
+    let follower_dir = temp.case_shard_dir("follower", SHARD);
     run(move || async move {
         let ops = 600;
         let mut leader = open(
@@ -355,8 +317,8 @@ fn stage_encoded_writes_segment_files_identical_to_stage() {
 
 #[test]
 fn stage_encoded_rejects_bad_entries_and_stays_usable() {
-    let temp = TempDir::new("reject");
-    let dir = temp.shard_dir("follower");
+    let temp = TempDir::new("journal-replica", "reject");
+    let dir = temp.case_shard_dir("follower", SHARD);
     run(move || async move {
         let mut journal = open(
             config(&dir, SHARD, FsyncPolicy::Never),
@@ -471,9 +433,9 @@ fn flipped(bytes: &[u8], bit: usize) -> Vec<u8> {
 #[test]
 fn reopen_serves_old_ops_and_continues_the_chain() {
     for entries_max in [POSITION_INDEX_ENTRIES_MAX, 8] {
-        let temp = TempDir::new(&format!("reopen-{entries_max}"));
-        let leader_dir = temp.shard_dir("leader");
-        let follower_dir = temp.shard_dir("follower");
+        let temp = TempDir::new("journal-replica", &format!("reopen-{entries_max}"));
+        let leader_dir = temp.case_shard_dir("leader", SHARD);
+        let follower_dir = temp.case_shard_dir("follower", SHARD);
         run(move || async move {
             let (ops_before, ops_after) = (400, 150);
             let mut leader = open(
@@ -538,8 +500,8 @@ fn reopen_serves_old_ops_and_continues_the_chain() {
 
 #[test]
 fn position_index_stays_within_its_capacity() {
-    let temp = TempDir::new("capacity");
-    let dir = temp.shard_dir("leader");
+    let temp = TempDir::new("journal-replica", "capacity");
+    let dir = temp.case_shard_dir("leader", SHARD);
     run(move || async move {
         let entries_max = 8;
         let ops = 1_000;
@@ -590,8 +552,8 @@ fn position_index_stays_within_its_capacity() {
 #[test]
 fn read_entry_refuses_damaged_bytes_with_their_place() {
     for entries_max in [POSITION_INDEX_ENTRIES_MAX, 4] {
-        let temp = TempDir::new(&format!("damage-{entries_max}"));
-        let dir = temp.shard_dir("leader");
+        let temp = TempDir::new("journal-replica", &format!("damage-{entries_max}"));
+        let dir = temp.case_shard_dir("leader", SHARD);
         run(move || async move {
             let ops = 200;
             let mut journal = open(

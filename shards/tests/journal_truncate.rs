@@ -8,9 +8,10 @@
 //! `RLIMIT_MEMLOCK` is 8 MiB) on a fresh directory under the system temporary directory,
 //! removed at the end. A "crash" drops the journal without `close`.
 
-use std::future::Future;
+mod support;
+
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use futures_lite::FutureExt as _;
 use percore_engine::journal::{
@@ -21,6 +22,8 @@ use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, Recovered,
 };
 
+use support::{TempDir, run_small as run};
+
 const SHARD: u32 = 2;
 const CLUSTER_ID: u128 = 0x5eed_0000_0000_0000_0000_0000_0000_0099;
 const RECORD_BYTES: u32 = 128;
@@ -28,52 +31,11 @@ const BODY_BYTES_MAX: usize = 16 * 1024;
 /// Small segments (16 sectors): entries of one to five sectors roll over every few ops.
 const SEGMENT_BYTES_TEST: u64 = 64 << 10;
 const WRITE_BUFFER_BYTES_TEST: usize = 128 << 10;
-/// Registered io memory per test executor (bytes): well under the 8 MiB memlock limit, even
-/// with several tests running at once.
-const IO_MEMORY_BYTES_TEST: usize = 1 << 20;
 /// Ops of the first history in most tests.
 const OPS_FIRST_HISTORY: u64 = 40;
 /// Salts of the two histories: same ops, different bodies, so different chains.
 const SALT_OLD: u8 = 1;
 const SALT_NEW: u8 = 2;
-
-/// A directory under the temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!(
-            "percore-journal-truncate-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-
-    fn shard_dir(&self, case: &str) -> PathBuf {
-        self.0.join(case).join(format!("shard-{SHARD}"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `make()` to completion on a fresh glommio executor with a small io memory.
-fn run<F, Fut>(make: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .io_memory(IO_MEMORY_BYTES_TEST)
-        .spawn(make)
-        .expect("executor starts")
-        .join()
-        .expect("executor finishes");
-}
 
 fn config(dir: &Path) -> JournalConfig {
     JournalConfig {
@@ -345,7 +307,7 @@ fn truncation_shapes_are_picked_from_a_layout_that_has_them() {
 /// new log; then crash right after a truncation and recover exactly the prefix.
 #[test]
 fn truncation_then_a_new_history_survives_a_crash_at_every_shape() {
-    let temp = TempDir::new("shapes");
+    let temp = TempDir::new("journal-truncate", "shapes");
     let root = temp.0.clone();
     run(move || async move {
         let old = history(1..=OPS_FIRST_HISTORY, SALT_OLD, JOURNAL_CHAIN_ROOT);
@@ -414,8 +376,8 @@ fn truncation_then_a_new_history_survives_a_crash_at_every_shape() {
 /// time: the journal always recovers to exactly the model log.
 #[test]
 fn repeated_truncations_match_a_model_log() {
-    let temp = TempDir::new("model");
-    let dir = temp.shard_dir("model");
+    let temp = TempDir::new("journal-truncate", "model");
+    let dir = temp.case_shard_dir("model", SHARD);
     run(move || async move {
         let (mut journal, _, _) = open(&dir, JournalOptions::default()).await.expect("open");
         let mut log: Vec<Vec<u8>> = Vec::new();
@@ -461,8 +423,8 @@ fn repeated_truncations_match_a_model_log() {
 #[test]
 fn truncation_stops_at_the_checkpoint() {
     const CHECKPOINT_OP: u64 = 12;
-    let temp = TempDir::new("checkpoint");
-    let dir = temp.shard_dir("checkpoint");
+    let temp = TempDir::new("journal-truncate", "checkpoint");
+    let dir = temp.case_shard_dir("checkpoint", SHARD);
     run(move || async move {
         let old = history(1..=OPS_FIRST_HISTORY, SALT_OLD, JOURNAL_CHAIN_ROOT);
         let (mut journal, _, _) = open(&dir, JournalOptions::default()).await.expect("open");
@@ -541,8 +503,8 @@ fn truncation_stops_at_the_checkpoint() {
 /// `write_superblock` and checkpoints, and are never written lower.
 #[test]
 fn views_round_trip_and_never_regress() {
-    let temp = TempDir::new("views");
-    let dir = temp.shard_dir("views");
+    let temp = TempDir::new("journal-truncate", "views");
+    let dir = temp.case_shard_dir("views", SHARD);
     run(move || async move {
         let old = history(1..=10, SALT_OLD, JOURNAL_CHAIN_ROOT);
         let (mut journal, _, _) = open(&dir, JournalOptions::default()).await.expect("open");
@@ -597,8 +559,8 @@ fn views_round_trip_and_never_regress() {
 /// `op_durable()` is the journal's head.
 #[test]
 fn replay_committed_only_stops_at_commit_max() {
-    let temp = TempDir::new("replay");
-    let dir = temp.shard_dir("replay");
+    let temp = TempDir::new("journal-truncate", "replay");
+    let dir = temp.case_shard_dir("replay", SHARD);
     run(move || async move {
         let committed_only = JournalOptions {
             replay_committed_only: true,
@@ -646,8 +608,8 @@ fn replay_committed_only_stops_at_commit_max() {
 /// `replay_committed_only` starts after the checkpoint and `op_replayed` is at least it.
 #[test]
 fn replay_committed_only_never_goes_below_the_checkpoint() {
-    let temp = TempDir::new("replay-checkpoint");
-    let dir = temp.shard_dir("replay-checkpoint");
+    let temp = TempDir::new("journal-truncate", "replay-checkpoint");
+    let dir = temp.case_shard_dir("replay-checkpoint", SHARD);
     run(move || async move {
         let old = history(1..=16, SALT_OLD, JOURNAL_CHAIN_ROOT);
         let (mut journal, _, _) = open(&dir, JournalOptions::default()).await.expect("open");
