@@ -60,8 +60,12 @@ pub struct LocalClusterConfig {
     pub binary: PathBuf,
     /// Replicas (processes); each runs every shard.
     pub replicas: usize,
-    /// Cores of each replica's shards (shared between replicas: `--allow-shared-cores`).
+    /// Cores of replica 0's shards; replica `r` runs shard `k` on
+    /// `cores[k] + r * replica_core_stride`.
     pub cores: Vec<usize>,
+    /// Offset between the cores of consecutive replicas: 0 shares `cores` between every
+    /// replica (`--allow-shared-cores`); `cores.len()` gives each replica cores of its own.
+    pub replica_core_stride: usize,
     /// Root of the data directories (`replica-<r>/`), the logs and the key file.
     pub data_root: PathBuf,
     /// First port of the layout (see the module docs); [`free_port_base`] picks one.
@@ -376,7 +380,11 @@ impl LocalCluster {
     /// The `percore node` arguments of `replica` (the peer list names every replica).
     pub fn node_args(&self, replica: usize) -> Vec<String> {
         let config = &self.config;
-        let cores: Vec<String> = config.cores.iter().map(usize::to_string).collect();
+        let cores: Vec<String> = config
+            .cores
+            .iter()
+            .map(|core| (core + replica * config.replica_core_stride).to_string())
+            .collect();
         let peers: Vec<String> = (0..config.replicas)
             .map(|r| self.peer_address(r, 0).to_string())
             .collect();
@@ -790,6 +798,7 @@ mod tests {
             binary: PathBuf::from("false"),
             replicas: 3,
             cores: vec![0, 0],
+            replica_core_stride: 0,
             data_root: data_root.clone(),
             port_base: free_port_base(3, 2).expect("free ports"),
             fsync: "never",
@@ -812,6 +821,7 @@ mod tests {
             binary: PathBuf::from("false"),
             replicas: 3,
             cores: vec![0],
+            replica_core_stride: 0,
             data_root: std::env::temp_dir(),
             port_base: u16::MAX - 250,
             fsync: "never",

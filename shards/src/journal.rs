@@ -853,12 +853,16 @@ impl Journal {
     /// `restore` is [`JournalError::SnapshotRestore`]. Without a checkpoint `restore` is not
     /// called and `replay` sees every op from 1.
     pub async fn open_checkpointed(
-        config: JournalConfig,
+        mut config: JournalConfig,
         options: JournalOptions,
         restore: impl FnOnce(&SnapshotMeta, &[u8]) -> Result<(), RestoreError>,
         mut replay: impl FnMut(&DecodedEntry<'_>),
     ) -> Result<(Journal, Recovered), JournalError> {
         config_validate(&config)?;
+        // glommio opens the directory with a dirfd that a relative path cannot resolve
+        // against (EBADF): every later path derives from this absolute one.
+        config.dir =
+            std::path::absolute(&config.dir).map_err(|error| io_error(&config.dir, error))?;
         if options.position_index_entries_max < POSITION_INDEX_ENTRIES_MIN {
             return Err(JournalError::Config {
                 reason: "position_index_entries_max must be at least POSITION_INDEX_ENTRIES_MIN",

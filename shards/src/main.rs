@@ -338,6 +338,11 @@ struct BenchArgs {
     /// metrics on +100r+99). Default: a free range.
     #[arg(long)]
     port_base: Option<u16>,
+    /// Local cluster only: give replica r the cores `--cores` + r x STRIDE (e.g. `--cores
+    /// 0,1,2,3 --replica-core-stride 4` puts three replicas on cores 0-11, one shard per
+    /// core). Default 0: every replica runs on `--cores` and the replicas share them.
+    #[arg(long, default_value_t = 0)]
+    replica_core_stride: usize,
     /// Keep the benchmark's data directory (default: removed afterwards).
     #[arg(long)]
     keep_data: bool,
@@ -712,8 +717,12 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
     .flat_map(|(flag, value)| [flag.to_string(), value])
     .collect();
     say!(
-        "starting {replicas} replicas x {} shard(s) on cores {cores:?} (ports from {port_base}, data in {})",
+        "starting {replicas} replicas x {} shard(s) on cores {cores:?}{} (ports from {port_base}, data in {})",
         cores.len(),
+        match args.replica_core_stride {
+            0 => String::new(),
+            stride => format!(" + replica x {stride}"),
+        },
         data_root.display()
     );
     let config = loadgen::ClusterBenchConfig {
@@ -721,6 +730,7 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
             binary: std::env::current_exe()?,
             replicas,
             cores,
+            replica_core_stride: args.replica_core_stride,
             data_root: data_root.clone(),
             port_base,
             fsync: fsync_arg,

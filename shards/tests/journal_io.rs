@@ -191,6 +191,31 @@ fn append_commit_reopen_replays_exactly_in_order() {
     }
 }
 
+/// `--data-dir target/x` worked nowhere before: glommio resolved the relative directory
+/// against no working directory (EBADF). The journal now makes it absolute first.
+#[test]
+fn a_relative_journal_directory_opens_and_reopens() {
+    // Relative to the test's working directory (the crate), under the ignored target/.
+    let relative = PathBuf::from(format!(
+        "../target/percore-journal-io-relative-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&relative);
+    let cleanup = TempDir(relative.clone());
+    let dir = relative.join(format!("shard-{SHARD}"));
+    assert!(dir.is_relative());
+    run(move || async move {
+        let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Never);
+        let (mut journal, _, _) = open(config.clone()).await.expect("create, relative");
+        append(&mut journal, &batches(1..=5, 0), 2).await;
+        drop(journal);
+        let (_journal, recovered, replayed) = open(config).await.expect("reopen, relative");
+        assert_eq!(recovered.op_last, 5);
+        assert_eq!(replayed, batches(1..=5, 0));
+    });
+    drop(cleanup);
+}
+
 #[test]
 fn segments_roll_over_and_replay_crosses_them() {
     let temp = TempDir::new("journal-io", "rollover");

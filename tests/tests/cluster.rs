@@ -103,6 +103,7 @@ impl Harness {
             binary: PathBuf::from(PERCORE),
             replicas: REPLICAS,
             cores: cores(),
+            replica_core_stride: 0,
             data_root: root.clone(),
             port_base,
             fsync: "always",

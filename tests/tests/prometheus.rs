@@ -272,6 +272,7 @@ fn prometheus_scrapes_every_replica() {
         binary: PathBuf::from(PERCORE),
         replicas: REPLICAS,
         cores: (0..SHARDS).map(|k| k % online).collect(),
+        replica_core_stride: 0,
         data_root: dir.0.join("cluster"),
         port_base: cluster::free_port_base(REPLICAS, SHARDS).expect("free ports"),
         fsync: "never",
