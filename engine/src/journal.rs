@@ -685,6 +685,20 @@ fn tail_classify(
     }
 }
 
+/// The highest op of an entry that verifies on its own (as [`scan`]'s look-ahead checks,
+/// and of shard `shard`) starting at any sector of `bytes` with `op >= op_min`; `None` if
+/// there is none. Recovery calls it on what lies after a [`Tail::Corrupt`] position: the
+/// entries there were made durable once, so this replica may have acknowledged every op up
+/// to the result (`docs/protocol.md` 8). One decode attempt per sector; never panics.
+pub fn op_max_after(bytes: &[u8], shard: u32, op_min: u64, body_bytes_max: usize) -> Option<u64> {
+    // Bounded by the region: one decode attempt per sector.
+    (0..bytes.len().div_ceil(SECTOR_BYTES))
+        .filter_map(|sector| entry_whole(&bytes[sector * SECTOR_BYTES..], body_bytes_max).ok())
+        .filter(|entry| entry.meta.shard == shard && entry.meta.op >= op_min)
+        .map(|entry| entry.meta.op)
+        .max()
+}
+
 /// Whether every byte is zero (vectorizable: no early exit inside a sector).
 fn bytes_all_zero(bytes: &[u8]) -> bool {
     bytes

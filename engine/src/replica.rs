@@ -581,6 +581,21 @@ pub struct Replica {
     svc_future: (u64, u8),
     /// When StartViewChange for `svc_future`'s view was first heard (µs).
     svc_future_since_us: u64,
+    /// Recovering (`docs/protocol.md` 8): the journal lost entries this replica may have
+    /// acknowledged; the op it promised (it must hold everything up to it again, or install
+    /// a newer view's log, before it acknowledges or votes).
+    recovering: Option<Recovering>,
+}
+
+/// What a recovering replica waits for.
+#[derive(Debug, Clone, Copy)]
+struct Recovering {
+    /// The promise: ops up to here may have been acknowledged.
+    op_promised: u64,
+    /// Fixed view, leader: peers that reported their durable head (Ping or Pong) since.
+    heard: u8,
+    /// The highest durable head those peers reported.
+    heard_op_max: u64,
 }
 
 /// A pre-vote in progress.
@@ -718,6 +733,7 @@ impl Replica {
             request_start_view_us: 0,
             svc_future: (0, 0),
             svc_future_since_us: 0,
+            recovering: None,
         };
         for &(op, checksum) in recent {
             let index = replica.slot_index(op);
@@ -782,7 +798,55 @@ impl Replica {
     /// Whether this replica leads a normal view and may admit clients: it has applied
     /// every op it inherited.
     pub fn is_ready_leader(&self) -> bool {
-        self.is_leader() && self.status == Status::Normal && self.ready
+        self.is_leader() && self.status == Status::Normal && self.ready && self.recovering.is_none()
+    }
+
+    /// The op this replica promised while it is recovering (`docs/protocol.md` 8), `None`
+    /// once it holds its voting log again.
+    pub fn recovering(&self) -> Option<u64> {
+        self.recovering.map(|recovering| recovering.op_promised)
+    }
+
+    /// Recovery found that the journal lost entries up to `op_promised` that this replica
+    /// may have acknowledged (a corrupt entry at or below the superblock's promise was cut
+    /// with everything after it, or the journal ends below the promise). Until it holds
+    /// every op up to `op_promised` again (repaired from peers), or installs a newer view's
+    /// log whole, it sends no `PrepareOk`, no `DoViewChange`, no `StartView`, and does not
+    /// lead. Call right after [`Replica::restart`].
+    pub fn recovering_start(&mut self, op_promised: u64) {
+        if op_promised <= self.op_durable {
+            return;
+        }
+        self.recovering = Some(Recovering {
+            op_promised,
+            heard: 0,
+            heard_op_max: 0,
+        });
+        self.op_known_max = self.op_known_max.max(op_promised);
+        self.ready = false;
+    }
+
+    /// Leaves recovering once the journal holds the promise again, or (fixed view, leader)
+    /// once every peer reported a head this replica has reached: the ops it lost above
+    /// those were held by no one else, so they were never committed, and it alone
+    /// prepares ops in this view.
+    fn recovering_check(&mut self) {
+        let Some(recovering) = self.recovering else {
+            return;
+        };
+        let others = self.others().fold(0u8, |mask, peer| mask | (1 << peer));
+        let peers_reached = !self.config.view_change
+            && self.is_leader()
+            && recovering.heard == others
+            && self.op_durable >= recovering.heard_op_max;
+        if self.op_durable >= recovering.op_promised || peers_reached {
+            self.recovering_end();
+        }
+    }
+
+    fn recovering_end(&mut self) {
+        self.recovering = None;
+        self.ready = self.commit_min >= self.op_head;
     }
 
     /// The checksum of `op` if this replica still knows it (the chain head and the last
@@ -910,6 +974,7 @@ impl Replica {
         self.op_durable = op;
         self.checksum_durable = self.checksum_head_at(op);
         self.now_us = now_us;
+        self.recovering_check();
         if self.install.is_some() {
             self.install_progress(now_us, actions);
             return;
@@ -935,8 +1000,10 @@ impl Replica {
     }
 
     fn acknowledge(&mut self, actions: &mut Vec<Action>) {
-        // PrepareOk(v, n) promises that the voting log has log_view = v and holds n (P2).
-        if self.status != Status::Normal || self.log_view != self.view {
+        // PrepareOk(v, n) promises that the voting log has log_view = v and holds n (P2); a
+        // recovering replica's journal no longer holds everything it promised (D2).
+        if self.status != Status::Normal || self.log_view != self.view || self.recovering.is_some()
+        {
             return;
         }
         let leader = self.leader();
@@ -1036,7 +1103,7 @@ impl Replica {
         if !self.view_current(from, view, repair, actions) {
             return PrepareDisposition::Ignore;
         }
-        if self.is_leader() && self.install.is_none() {
+        if self.is_leader() && self.install.is_none() && self.recovering.is_none() {
             return PrepareDisposition::Ignore;
         }
         if !repair && from != self.leader() {
@@ -1156,7 +1223,7 @@ impl Replica {
                 .sample(now_us - time_us);
         }
         self.peer_progress(from, op_durable, commit_min, log_view);
-        if !self.is_leader() {
+        if !self.is_leader() || self.recovering.is_some() {
             self.repair_schedule(now_us, actions);
         }
     }
@@ -1176,6 +1243,13 @@ impl Replica {
         // its head exists in the log this replica follows, and it may serve it.
         if log_view == self.view && self.log_view == self.view && self.install.is_none() {
             self.op_known_max = self.op_known_max.max(op_durable);
+        }
+        if let Some(recovering) = self.recovering.as_mut()
+            && log_view == self.log_view
+        {
+            recovering.heard |= 1 << from;
+            recovering.heard_op_max = recovering.heard_op_max.max(op_durable);
+            self.recovering_check();
         }
     }
 
@@ -1281,6 +1355,7 @@ impl Replica {
         self.commit_max = self.commit_max.max(op);
         self.op_known_max = self.op_known_max.max(op);
         self.ready = true;
+        self.recovering_check();
         for slot in self.pipeline.iter_mut() {
             *slot = Slot::default();
         }
@@ -1352,7 +1427,14 @@ impl Replica {
     /// [`Replica::poll_timeout`] is due (calling early is harmless).
     pub fn tick(&mut self, now_us: u64, actions: &mut Vec<Action>) {
         self.now_us = now_us;
-        if self.is_leader() && self.status == Status::Normal && now_us >= self.heartbeat_next_us {
+        // A recovering leader with view change sends no heartbeats: it cannot lead until it
+        // has repaired, and its followers' timeouts move the group to a leader that can.
+        let heartbeats = self.recovering.is_none() || !self.config.view_change;
+        if self.is_leader()
+            && self.status == Status::Normal
+            && heartbeats
+            && now_us >= self.heartbeat_next_us
+        {
             for peer in self.others() {
                 let state = &mut self.peers[usize::from(peer)];
                 if now_us.saturating_sub(state.sent_us) >= self.config.heartbeat_interval_us {
@@ -1396,7 +1478,7 @@ impl Replica {
             self.repair = None;
             self.counters.repairs_timed_out += 1;
         }
-        if !self.is_leader() || self.install.is_some() {
+        if !self.is_leader() || self.install.is_some() || self.recovering.is_some() {
             self.repair_schedule(now_us, actions);
         }
         if self.config.view_change {
@@ -1459,7 +1541,7 @@ impl Replica {
 
     /// Follower: asks for the next missing range if nothing is outstanding.
     fn repair_schedule(&mut self, now_us: u64, actions: &mut Vec<Action>) {
-        if (self.is_leader() && self.install.is_none())
+        if (self.is_leader() && self.install.is_none() && self.recovering.is_none())
             || self.op_head >= self.op_known_max
             || self.sync.is_some()
         {
@@ -1474,9 +1556,18 @@ impl Replica {
             self.repair = None;
         }
         let op_min = self.op_head + 1;
-        let op_max = self
+        let mut op_max = self
             .op_known_max
             .min(self.op_head + self.config.repair_ops_max);
+        if self.recovering.is_some() {
+            // The promise may lie above what any peer holds (ops this replica alone had):
+            // ask for what the best-placed peer has.
+            let held = self.repair_held_max();
+            if held < op_min {
+                return;
+            }
+            op_max = op_max.min(held);
+        }
         let Some(peer) = self.repair_route(op_max) else {
             return;
         };
@@ -1500,6 +1591,16 @@ impl Replica {
                 op_max,
             },
         );
+    }
+
+    /// The highest op a connected peer that may serve repairs is known to hold.
+    fn repair_held_max(&self) -> u64 {
+        self.others()
+            .map(|peer| &self.peers[usize::from(peer)])
+            .filter(|state| state.connected && state.log_view == self.repair_log_view())
+            .map(|state| state.op_durable)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The routing rule (`docs/protocol.md` 6.5): among connected peers known to hold
@@ -1676,7 +1777,8 @@ impl Replica {
         }
         if self.status == Status::Normal {
             if self.is_leader() {
-                return false;
+                // A recovering leader cannot lead: it lets the group move on.
+                return self.recovering.is_some() && view_target > self.view;
             }
             if now_us.saturating_sub(self.leader_heard_us) < self.config.leader_timeout_us_min {
                 return false;
@@ -1813,8 +1915,10 @@ impl Replica {
 
     /// With StartViewChange from `q − 1` others, the voting log goes to the new leader.
     fn do_view_change_maybe(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        // A recovering replica does not vote: its log lacks entries it may have promised.
         if self.status != Status::ViewChange
             || self.dvc_sent
+            || self.recovering.is_some()
             || (self.svc_from.count_ones() as usize) + 1 < self.config.quorum()
         {
             return;
@@ -2046,6 +2150,11 @@ impl Replica {
         debug_assert!(self.op_durable >= install.op_head);
         self.install = None;
         self.log_view = self.view;
+        // A newer view's log, installed whole, holds every committed op (7.5): what this
+        // replica lost and did not get back was never committed (8, case b).
+        if self.recovering.is_some() {
+            self.recovering_end();
+        }
         self.commit_max = self.commit_max.max(install.commit_max);
         push(
             actions,
@@ -2170,6 +2279,7 @@ impl Replica {
             || view != self.view
             || !self.is_leader()
             || self.status != Status::Normal
+            || self.recovering.is_some()
             || from == self.config.replica
         {
             return;
@@ -2394,6 +2504,98 @@ mod tests {
                 .any(|a| matches!(a, Action::RequestPrepare { op_min: 1, .. }))
         );
         assert_eq!(follower.counters().repairs_timed_out, 1);
+    }
+
+    /// Recovering (`docs/protocol.md` 8): a follower whose journal lost ops it may have
+    /// acknowledged sends no PrepareOk (even when a heartbeat asks for one) until it holds
+    /// its promise again; it repairs from peers meanwhile.
+    #[test]
+    fn a_recovering_follower_acknowledges_nothing_until_it_holds_its_promise() {
+        let config = ReplicaConfig::new(0, 1, 3, 7).unwrap();
+        let mut follower = Replica::new(config, 4, 0x44, 0).unwrap();
+        follower.recovering_start(10);
+        assert_eq!(follower.recovering(), Some(10));
+        let mut out = actions();
+        follower.on_connection(0, true);
+        follower.on_commit(1_000, 0, 0, 4, 12, &mut out);
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::PrepareOk { .. })),
+            "{out:?}"
+        );
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::RequestPrepare {
+                    to: 0,
+                    op_min: 5,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        out.clear();
+        for op in 5..=9 {
+            assert_eq!(
+                follower.on_prepare(2_000, 0, 0, op, 4, true, &mut out),
+                PrepareDisposition::Append
+            );
+            follower.on_staged(2_000, op, u128::from(op));
+        }
+        follower.on_durable(2_000, 9, &mut out);
+        assert!(!out.iter().any(|a| matches!(a, Action::PrepareOk { .. })));
+        assert_eq!(follower.recovering(), Some(10));
+        follower.on_prepare(3_000, 0, 0, 10, 4, true, &mut out);
+        follower.on_staged(3_000, 10, 10);
+        follower.on_durable(3_000, 10, &mut out);
+        assert_eq!(follower.recovering(), None);
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::PrepareOk { op: 10, .. })),
+            "{out:?}"
+        );
+    }
+
+    /// A fixed-view leader that lost ops repairs from its followers and does not lead
+    /// meanwhile; once every follower reported a head it has reached, what it lost above
+    /// that was held by no one else (never committed), and it leads again.
+    #[test]
+    fn a_recovering_fixed_view_leader_repairs_from_followers_then_leads() {
+        let config = ReplicaConfig::new(0, 0, 3, 7).unwrap();
+        let mut leader = Replica::new(config, 3, 0x33, 0).unwrap();
+        leader.recovering_start(8);
+        assert!(!leader.is_ready_leader() && !leader.can_seal());
+        let mut out = actions();
+        leader.on_connection(1, true);
+        leader.on_connection(2, true);
+        leader.on_pong(1_000, 1, 900, 6, 3, 0, &mut out);
+        let Some(Action::RequestPrepare { to, op_min, op_max }) = out.pop() else {
+            panic!("expected a repair request, got {out:?}");
+        };
+        assert_eq!((to, op_min, op_max), (1, 4, 6));
+        for op in 4..=6 {
+            assert_eq!(
+                leader.on_prepare(2_000, 1, 0, op, 0, true, &mut out),
+                PrepareDisposition::Append
+            );
+            leader.on_staged(2_000, op, u128::from(op));
+        }
+        leader.on_durable(2_000, 6, &mut out);
+        assert_eq!(
+            leader.recovering(),
+            Some(8),
+            "replica 2 has not reported yet"
+        );
+        leader.on_pong(3_000, 2, 2_900, 5, 3, 0, &mut out);
+        assert_eq!(leader.recovering(), None);
+        assert!(
+            !leader.is_ready_leader(),
+            "it applies what it repaired first"
+        );
+        for op in 4..=6 {
+            leader.commit_max = op;
+            leader.on_applied(op);
+        }
+        assert!(leader.is_ready_leader());
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! For every shard directory it prints the superblock, the checkpoint (op, checksum, its
 //! snapshot file and whether that verifies), each segment's entries (ops, bytes, the last
 //! checksum) and the first problem found: a torn tail (which the node would truncate at
-//! start), corruption (which the node refuses to start on), or a bad snapshot. Segments are
+//! start), corruption (which a replicated node cuts at start and repairs from its peers,
+//! recovering meanwhile, and a node without peers refuses to start on), a journal that ends
+//! below the superblock's `op_durable` (a replicated node recovers the rest from its
+//! peers), or a bad snapshot. Segments are
 //! scanned from the previous checkpoint, as recovery does (older ones are listed, not read).
 //! With `--replay` it restores each shard's checkpoint snapshot into a reference ledger,
 //! replays the journal after it, and prints every account's balance and the conservation
@@ -318,7 +321,8 @@ fn segments_inspect(
             } => {
                 let _ = writeln!(
                     out,
-                    "  PROBLEM shard {index} segment {segment}: op {op_expected} at offset {offset} is corrupt: {error}"
+                    "  PROBLEM shard {index} segment {segment}: op {op_expected} at offset {offset} is corrupt: {error} \
+                     (a replicated node cuts the journal here and repairs from its peers; without peers it refuses to start)"
                 );
                 return Ok(true);
             }
@@ -332,6 +336,16 @@ fn segments_inspect(
         let _ = writeln!(
             out,
             "  PROBLEM shard {index}: the journal ends before the checkpoint op {checkpoint_op}"
+        );
+        return Ok(true);
+    }
+    if op_next <= superblock.op_durable {
+        let _ = writeln!(
+            out,
+            "  PROBLEM shard {index}: the journal ends at op {} below the superblock's op_durable {} \
+             (a replicated node recovers the rest from its peers; without peers it refuses to start)",
+            op_next - 1,
+            superblock.op_durable
         );
         return Ok(true);
     }

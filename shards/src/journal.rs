@@ -68,8 +68,8 @@ use glommio::io::{Directory, DmaBuffer, DmaFile, DmaStreamWriterBuilder, OpenOpt
 use percore_engine::checksum::Digest256;
 use percore_engine::journal::{
     self as format, Checkpoint, DecodedEntry, ENTRY_HEADER_BYTES, EntryError, EntryHeader,
-    EntryMeta, JournalChecksum, SECTOR_BYTES, SNAPSHOT_HEADER_BYTES, SUPERBLOCK_BYTES, ScanOutcome,
-    SnapshotError, SnapshotMeta, Superblock, SuperblockError, Tail,
+    EntryMeta, JournalChecksum, JournalScanError, SECTOR_BYTES, SNAPSHOT_HEADER_BYTES,
+    SUPERBLOCK_BYTES, ScanOutcome, SnapshotError, SnapshotMeta, Superblock, SuperblockError, Tail,
 };
 use percore_engine::state_machine::RestoreError;
 
@@ -156,6 +156,12 @@ pub struct JournalOptions {
     /// [`Journal::read_entry`], and [`Journal::op_durable`] is the journal's head. Off: every
     /// entry after the checkpoint is replayed. See [`Journal::op_replayed`].
     pub replay_committed_only: bool,
+    /// Lost acknowledged entries are repaired from peers (a replicated shard): a corrupt
+    /// entry (valid history after it) is cut with everything after it instead of refusing
+    /// to open, and a journal that ends below the superblock's `op_durable` opens too;
+    /// [`Recovered::recovering`] then names the op promised (`docs/protocol.md` 8). Off
+    /// (a journal with no peers): both are [`JournalError::Corrupt`] and nothing is cut.
+    pub repair_from_peers: bool,
 }
 
 impl Default for JournalOptions {
@@ -163,6 +169,7 @@ impl Default for JournalOptions {
         JournalOptions {
             position_index_entries_max: POSITION_INDEX_ENTRIES_MAX,
             replay_committed_only: false,
+            repair_from_peers: false,
         }
     }
 }
@@ -190,8 +197,15 @@ pub struct Recovered {
     pub checkpoint_op: u64,
     /// Entries replayed (those after the checkpoint, up to [`Journal::op_replayed`]).
     pub entries: u64,
-    /// `Clean`, or `Torn` at the offset the journal was truncated to.
+    /// `Clean`, or `Torn` or `Corrupt` at the offset the journal was truncated to (`Corrupt`
+    /// only with [`JournalOptions::repair_from_peers`]).
     pub tail: Tail,
+    /// The journal lost entries this replica may have acknowledged: ops up to this one
+    /// (the superblock's `op_durable`, raised to the last valid entry found after a corrupt
+    /// one) were durable, and the journal now ends below it. The replica must recover them
+    /// from peers before it acknowledges or votes; the superblock keeps the promise until
+    /// then ([`Journal::op_promised`]). `None` otherwise.
+    pub recovering: Option<u64>,
 }
 
 /// Everything that can go wrong with a shard's journal.
@@ -662,6 +676,9 @@ pub struct Journal {
     checkpoint_entry: Vec<u8>,
     /// Highest op recovery handed to `replay` (or restored from the checkpoint).
     op_replayed: u64,
+    /// Recovering: every superblock written records at least this `op_durable` (the
+    /// promise), until the journal reaches it or [`Journal::promise_release`]; 0: none.
+    op_promised: u64,
 }
 
 /// What [`Journal::checkpoint`] did.
@@ -898,7 +915,7 @@ impl Journal {
         }
 
         let mut recovery = Recovery::new(&config, &options, &superblock, segments);
-        let (segment_file, end) = recovery.run(&mut replay).await?;
+        let (segment_file, end) = recovery.run(&mut replay, &superblock_file).await?;
         if end.directory_changed || snapshots_removed > 0 {
             directory
                 .sync()
@@ -914,7 +931,10 @@ impl Journal {
             checkpoint_op: superblock.checkpoint.op,
             entries: recovery.entries_replayed,
             tail: end.tail,
+            recovering: (recovery.op_promised >= recovery.op_next).then_some(recovery.op_promised),
         };
+        // Recovery raised the superblock's promise before it cut a corrupt entry.
+        let superblock = recovery.superblock;
         let op_replayed = superblock.checkpoint.op + recovery.entries_replayed;
         assert!(op_replayed <= recovered.op_last);
         assert!(op_replayed <= recovery.replay_op_max.max(superblock.checkpoint.op));
@@ -955,6 +975,7 @@ impl Journal {
             segment_oldest,
             checkpoint_entry: Vec::with_capacity(entry_bytes_max),
             op_replayed,
+            op_promised: recovered.recovering.unwrap_or(0),
         };
         Ok((journal, recovered))
     }
@@ -1215,7 +1236,29 @@ impl Journal {
         self.staged_entries.clear();
         self.op_durable = self.op_staged;
         self.view_durable = self.view_staged;
+        if self.op_durable >= self.op_promised {
+            // The promise holds again: the superblock's op_durable is at or below the head.
+            self.op_promised = 0;
+        }
         Ok(self.op_durable)
+    }
+
+    /// The `op_durable` every superblock written keeps while the replica recovers lost
+    /// entries ([`Recovered::recovering`]); 0 when there is none.
+    pub fn op_promised(&self) -> u64 {
+        self.op_promised
+    }
+
+    /// The replica left recovering without the journal reaching the promise (it installed
+    /// a newer view's log whole, or no peer held the rest: `docs/protocol.md` 8): writes a
+    /// superblock whose `op_durable` is the journal's head. Nothing when there is no promise.
+    pub async fn promise_release(&mut self) -> Result<(), JournalError> {
+        self.check_usable()?;
+        if self.op_promised == 0 {
+            return Ok(());
+        }
+        self.op_promised = 0;
+        self.superblock_store(self.superblock).await
     }
 
     /// The common case: one contiguous write straight from the staging buffer (no copy);
@@ -1368,7 +1411,8 @@ impl Journal {
     ) -> Result<(), JournalError> {
         let superblock = Superblock {
             sequence: self.superblock.sequence + 1,
-            op_durable,
+            // A recovering replica keeps its promise across restarts (protocol.md 8).
+            op_durable: op_durable.max(self.op_promised),
             view: self.view_durable.max(superblock.view),
             ..superblock
         };
@@ -2369,8 +2413,18 @@ struct RecoveryEnd {
 
 /// How one segment's scan ended.
 enum SegmentEnd {
-    Clean { offset: u64 },
-    Torn { offset: u64 },
+    Clean {
+        offset: u64,
+    },
+    Torn {
+        offset: u64,
+    },
+    /// Valid history lies after `offset` (only with `repair_from_peers`).
+    Corrupt {
+        offset: u64,
+        op_expected: u64,
+        error: JournalScanError,
+    },
 }
 
 /// Recovery state carried across chunks and segments.
@@ -2399,6 +2453,13 @@ struct Recovery<'a> {
     reads_buffered: Cell<bool>,
     /// Filled with every entry replayed; handed to the journal.
     position_index: PositionIndex,
+    /// [`JournalOptions::repair_from_peers`].
+    repair_from_peers: bool,
+    /// Ops up to here were durable (and may have been acknowledged): the superblock's
+    /// `op_durable` under `Always`, raised past a corrupt entry to the last valid one after it.
+    op_promised: u64,
+    /// The superblock as last written (recovery raises its `op_durable` before cutting).
+    superblock: Superblock,
 }
 
 impl<'a> Recovery<'a> {
@@ -2452,6 +2513,9 @@ impl<'a> Recovery<'a> {
             entry_bytes_max,
             reads_buffered: Cell::new(false),
             position_index: PositionIndex::new(start.op + 1, options.position_index_entries_max),
+            repair_from_peers: options.repair_from_peers,
+            op_promised: op_durable_floor,
+            superblock: *superblock,
         }
     }
 
@@ -2469,6 +2533,7 @@ impl<'a> Recovery<'a> {
     async fn run(
         &mut self,
         replay: &mut impl FnMut(&DecodedEntry<'_>),
+        superblock_file: &DmaFile,
     ) -> Result<(DmaFile, RecoveryEnd), JournalError> {
         let dir = self.config.dir.clone();
         let segment_bytes = self.config.segment_bytes;
@@ -2533,8 +2598,18 @@ impl<'a> Recovery<'a> {
                 }
                 SegmentEnd::Torn { offset } => {
                     self.check_durable_floor(segment, offset)?;
-                    self.segments_after_torn_remove(segment, offset, last)
-                        .await?;
+                    match self.segments_after_torn_remove(segment, offset, last).await {
+                        Ok(()) => {}
+                        // A later segment holds data: valid history after the end.
+                        Err(JournalError::Corrupt { .. }) if self.repair_from_peers => {
+                            let cut = (segment, offset, self.op_next);
+                            let error = JournalScanError::Entry(EntryError::BadMagic);
+                            return self
+                                .corrupt_cut(file, cut, error, last, superblock_file)
+                                .await;
+                        }
+                        Err(error) => return Err(error),
+                    }
                     self.tail_truncate(&file, &path, offset).await?;
                     let end = RecoveryEnd {
                         position: Position { segment, offset },
@@ -2542,6 +2617,16 @@ impl<'a> Recovery<'a> {
                         directory_changed: segment != last,
                     };
                     return Ok((file, end));
+                }
+                SegmentEnd::Corrupt {
+                    offset,
+                    op_expected,
+                    error,
+                } => {
+                    let cut = (segment, offset, op_expected);
+                    return self
+                        .corrupt_cut(file, cut, error, last, superblock_file)
+                        .await;
                 }
             }
         }
@@ -2557,7 +2642,7 @@ impl<'a> Recovery<'a> {
             );
             return Err(self.corrupt(segment, offset, error));
         }
-        if self.op_next <= self.op_durable_floor {
+        if self.op_next <= self.op_durable_floor && !self.repair_from_peers {
             let error = format!(
                 "journal ends before op_durable {} recorded in the superblock",
                 self.op_durable_floor
@@ -2664,6 +2749,17 @@ impl<'a> Recovery<'a> {
                     offset,
                     op_expected,
                     error,
+                } if self.repair_from_peers => {
+                    return Ok(SegmentEnd::Corrupt {
+                        offset,
+                        op_expected,
+                        error,
+                    });
+                }
+                Tail::Corrupt {
+                    offset,
+                    op_expected,
+                    error,
                 } => {
                     return Err(JournalError::Corrupt {
                         shard: self.config.shard,
@@ -2681,9 +2777,20 @@ impl<'a> Recovery<'a> {
                 offset = stop;
                 continue;
             }
-            let garbage_later = self
+            let garbage_later = match self
                 .check_after_end(file, segment, stop, chunk_end, file_bytes)
-                .await?;
+                .await
+            {
+                Ok(garbage) => garbage,
+                Err(JournalError::Corrupt { .. }) if self.repair_from_peers => {
+                    return Ok(SegmentEnd::Corrupt {
+                        offset: stop,
+                        op_expected: self.op_next,
+                        error: JournalScanError::Entry(EntryError::BadMagic),
+                    });
+                }
+                Err(error) => return Err(error),
+            };
             return Ok(if torn || garbage_later {
                 SegmentEnd::Torn { offset: stop }
             } else {
@@ -2761,6 +2868,138 @@ impl<'a> Recovery<'a> {
                 .map_err(|error| io_error(&path, error))?;
             file.close().await.map_err(|error| io_error(&path, error))?;
         }
+        Ok(())
+    }
+
+    /// A corrupt entry at `cut = (segment, offset, op_expected)` with valid history after
+    /// it (`docs/protocol.md` 8): records the promise (the superblock's `op_durable`,
+    /// raised to the last valid op found after the hole) durably first, then cuts the
+    /// journal there as a view-change truncation does (later segments removed from the
+    /// last down, each removal synced; the segment cut and pre-allocated back, so nothing
+    /// after the hole can come back). The replica then repairs from its peers. A hole at or
+    /// below the latest checkpoint is refused: the checkpoint's entry must stay.
+    async fn corrupt_cut(
+        &mut self,
+        file: DmaFile,
+        cut: (u64, u64, u64),
+        error: JournalScanError,
+        last: u64,
+        superblock_file: &DmaFile,
+    ) -> Result<(DmaFile, RecoveryEnd), JournalError> {
+        let (segment, offset, op_expected) = cut;
+        debug_assert_eq!(op_expected, self.op_next);
+        if op_expected <= self.checkpoint.op {
+            let error = format!("{error}, at or below the latest checkpoint");
+            return Err(self.corrupt(segment, offset, error));
+        }
+        let op_after = self
+            .op_max_after(segment, offset, last, op_expected)
+            .await?;
+        self.op_promised = self.op_promised.max(op_after.unwrap_or(op_expected));
+        tracing::warn!(
+            shard = self.config.shard,
+            op = op_expected,
+            segment,
+            offset,
+            %error,
+            op_promised = self.op_promised,
+            "journal entry corrupt with valid entries after it: cutting the journal there; \
+             the replica recovers the lost entries from its peers"
+        );
+        if self.op_promised > self.superblock.op_durable {
+            self.promise_store(superblock_file).await?;
+        }
+        let dir = self.config.dir.clone();
+        // Bounded: one turn per segment after the corrupt one, the last first, so that a
+        // crash leaves a prefix of the segments (never a missing one in the middle).
+        for later in (segment + 1..=last).rev() {
+            // Already gone if the torn-tail path removed it as an empty leftover.
+            if !file_remove(&segment_path(&dir, later)).await? {
+                continue;
+            }
+            std::fs::File::open(&dir)
+                .and_then(|directory| directory.sync_all())
+                .map_err(|error| io_error(&dir, error))?;
+        }
+        let path = segment_path(&dir, segment);
+        self.tail_truncate(&file, &path, offset).await?;
+        let end = RecoveryEnd {
+            position: Position { segment, offset },
+            tail: Tail::Corrupt {
+                offset,
+                op_expected,
+                error,
+            },
+            directory_changed: segment != last,
+        };
+        Ok((file, end))
+    }
+
+    /// The highest op of a valid entry at or after `offset` of `segment`, or in a later
+    /// segment up to `last` (`format::op_max_after` over chunks that overlap by one largest
+    /// entry, so an entry straddling two chunks is seen whole).
+    async fn op_max_after(
+        &self,
+        segment: u64,
+        offset: u64,
+        last: u64,
+        op_min: u64,
+    ) -> Result<Option<u64>, JournalError> {
+        let overlap = (self.entry_bytes_max - SECTOR_BYTES) as u64;
+        let mut found = None;
+        for index in segment..=last {
+            let path = segment_path(&self.config.dir, index);
+            let file = open_read_write(&path, false).await?;
+            let file_bytes = file
+                .file_size()
+                .await
+                .map_err(|error| io_error(&path, error))?;
+            let mut start = if index == segment { offset } else { 0 };
+            // Bounded: each turn advances `start` by at least one sector.
+            while start < file_bytes {
+                let chunk = self.chunk_read(&file, &path, start, file_bytes).await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                let op_max = format::op_max_after(
+                    &chunk,
+                    self.config.shard,
+                    op_min,
+                    self.config.body_bytes_max,
+                );
+                found = found.max(op_max);
+                let chunk_end = start + chunk.len() as u64;
+                if chunk_end >= file_bytes {
+                    break;
+                }
+                start = chunk_end
+                    .saturating_sub(overlap)
+                    .max(start + SECTOR_BYTES as u64);
+            }
+            file.close().await.map_err(|error| io_error(&path, error))?;
+        }
+        Ok(found)
+    }
+
+    /// Writes the next superblock copy with `op_durable` raised to the promise, and syncs
+    /// it: the promise must survive a crash during the cut that follows.
+    async fn promise_store(&mut self, superblock_file: &DmaFile) -> Result<(), JournalError> {
+        let superblock = Superblock {
+            sequence: self.superblock.sequence + 1,
+            op_durable: self.op_promised,
+            ..self.superblock
+        };
+        let path = self.config.dir.join(SUPERBLOCK_FILE_NAME);
+        let mut buffer = superblock_file.alloc_dma_buffer(SUPERBLOCK_BYTES);
+        let bytes: &mut [u8; SUPERBLOCK_BYTES] = buffer
+            .as_bytes_mut()
+            .try_into()
+            .expect("superblock buffer is SUPERBLOCK_BYTES long");
+        format::encode_superblock(&superblock, bytes);
+        let offset = (superblock.sequence % SUPERBLOCK_COPIES) * SUPERBLOCK_BYTES as u64;
+        write_all(superblock_file, &path, buffer, offset).await?;
+        fdatasync(superblock_file, &path).await?;
+        self.superblock = superblock;
         Ok(())
     }
 

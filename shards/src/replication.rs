@@ -239,6 +239,9 @@ pub(crate) struct RecoveredLog<'a> {
     /// The op replay stopped at (the journal head without view change; the recorded
     /// commit number with it).
     pub(crate) op_replayed: u64,
+    /// The journal lost entries up to this op that the replica may have acknowledged: it
+    /// starts recovering (`docs/protocol.md` 8); 0 when none.
+    pub(crate) op_promised: u64,
 }
 
 impl Replication {
@@ -257,6 +260,7 @@ impl Replication {
             recent,
             views,
             op_replayed,
+            op_promised,
         } = log;
         let mut config = percore_engine::replica::ReplicaConfig::new(
             shard as u32,
@@ -279,7 +283,17 @@ impl Replication {
             recent_last = recent.last().map(|r| r.0),
             "replica restarts"
         );
-        let replica = Replica::restart(config, views, op, checksum, op_replayed, recent, 0)?;
+        let mut replica = Replica::restart(config, views, op, checksum, op_replayed, recent, 0)?;
+        if op_promised > op {
+            tracing::warn!(
+                shard,
+                op,
+                op_promised,
+                "replica starts recovering: its journal lost entries it may have acknowledged; \
+                 it repairs them from its peers and neither acknowledges nor votes until then"
+            );
+            replica.recovering_start(op_promised);
+        }
         let outboxes = (0..settings.replica_count())
             .map(|peer| {
                 let capacity = if peer == settings.replica {
@@ -1269,9 +1283,10 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
     ShardMetrics::set(&metrics.replication_view, replica.view());
     ShardMetrics::set(
         &metrics.replication_status,
-        match replica.status() {
-            Status::Normal => 1,
-            Status::ViewChange => 2,
+        match (replica.status(), replica.recovering()) {
+            (_, Some(_)) => 3,
+            (Status::Normal, None) => 1,
+            (Status::ViewChange, None) => 2,
         },
     );
     ShardMetrics::set(&metrics.replication_op_head, replica.op_head());
@@ -1309,6 +1324,7 @@ where
     let replication = shard.replication.as_ref().expect("replicated shard");
     let mut progressed = shard.mesh.borrow_mut().flush_queued();
     progressed |= run_deferred(shard, journal).await;
+    progressed |= promise_release(shard, journal).await;
     if replication.replica.borrow().is_ready_leader() {
         progressed |= leader_prepare(shard, journal).await;
     } else {
@@ -1332,6 +1348,31 @@ where
     progressed |= persist_applied(shard, journal).await;
     shard.mesh.borrow_mut().ring_doorbells();
     progressed
+}
+
+/// The replica left recovering without its journal reaching the promise (it installed a
+/// newer view's log, or, fixed view, no peer held the rest): the superblock stops keeping it.
+async fn promise_release<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    if journal.op_promised() == 0
+        || replication.replica.borrow().recovering().is_some()
+        || journal.staged_bytes() > 0
+    {
+        return false;
+    }
+    tracing::info!(
+        shard = shard.index,
+        op_durable = journal.op_durable(),
+        op_promised = journal.op_promised(),
+        "replica recovered"
+    );
+    if let Err(error) = journal.promise_release().await {
+        panic!(
+            "shard {}: superblock write failed, stopping: {error}",
+            shard.index
+        );
+    }
+    true
 }
 
 /// With view change, a restart replays only what the superblock records as committed, and

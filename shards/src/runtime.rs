@@ -682,6 +682,9 @@ async fn open_journal<S: StateMachine>(
                 .replication
                 .as_ref()
                 .is_some_and(|replication| replication.view_change),
+            // Peers hold what a replicated journal lost: repair it from them
+            // (docs/protocol.md 8). A journal with no peers refuses to open instead.
+            repair_from_peers: config.replication.is_some(),
             ..JournalOptions::default()
         },
         |meta, bytes| {
@@ -709,6 +712,7 @@ async fn open_journal<S: StateMachine>(
         checkpoint_op = recovered.checkpoint_op,
         entries = recovered.entries,
         tail = ?recovered.tail,
+        recovering = ?recovered.recovering,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "journal recovered"
     );
@@ -778,6 +782,7 @@ fn start_replication(
                 percore_engine::replica::Persisted { view, log_view }
             },
             op_replayed: journal.op_replayed(),
+            op_promised: journal.op_promised(),
         },
         config.seed ^ shard as u64,
         entry_bytes_max,

@@ -16,7 +16,8 @@ use percore_engine::journal::{
     EntryMeta, SEGMENT_BYTES_DEFAULT, SUPERBLOCK_BYTES, Tail, entry_bytes_padded, segment_file_name,
 };
 use percore_shards::journal::{
-    FsyncPolicy, Journal, JournalConfig, JournalError, Recovered, SUPERBLOCK_FILE_NAME,
+    FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, Recovered,
+    SUPERBLOCK_FILE_NAME,
 };
 
 use support::{TempDir, run};
@@ -157,7 +158,8 @@ fn append_commit_reopen_replays_exactly_in_order() {
                     op_last: 0,
                     checkpoint_op: 0,
                     entries: 0,
-                    tail: Tail::Clean
+                    tail: Tail::Clean,
+                    recovering: None
                 }
             );
             assert!(replayed.is_empty());
@@ -302,7 +304,8 @@ fn torn_tail_is_truncated_and_the_next_append_is_clean() {
                     op_last,
                     checkpoint_op: 0,
                     entries: op_last,
-                    tail: Tail::Torn { offset: torn_at }
+                    tail: Tail::Torn { offset: torn_at },
+                    recovering: None
                 }
             );
             assert_eq!(replayed[..], written[..op_last as usize]);
@@ -474,6 +477,136 @@ fn a_lost_stretch_followed_by_history_beyond_one_read_chunk_is_corruption() {
             }) => assert_eq!((op, segment, offset), (20, 0, offsets[19])),
             other => panic!("expected Corrupt, got {:?}", other.map(|(_, r, _)| r)),
         }
+    });
+}
+
+/// Opens with [`JournalOptions::repair_from_peers`] (a replicated shard).
+async fn open_repairing(
+    config: JournalConfig,
+) -> Result<(Journal, Recovered, Vec<Batch>), JournalError> {
+    let mut replayed = Vec::new();
+    let options = JournalOptions {
+        repair_from_peers: true,
+        ..JournalOptions::default()
+    };
+    let (journal, recovered) = Journal::open_with_options(config, options, |entry| {
+        replayed.push(Batch {
+            meta: entry.meta,
+            body: entry.body.to_vec(),
+        });
+    })
+    .await?;
+    assert_eq!(replayed.len() as u64, recovered.entries);
+    Ok((journal, recovered, replayed))
+}
+
+/// Recovery classification with peers to repair from (`docs/protocol.md` 8): a corrupt
+/// entry with valid history after it (below or above the superblock's `op_durable`) cuts the
+/// journal there, later segments included, and the replica recovers with the promise raised
+/// to the last valid op found after the hole; the promise is durable before the cut, so a
+/// restart before the repair recovers again; appending up to it ends recovering.
+#[test]
+fn with_peers_a_corrupt_entry_is_cut_and_the_replica_recovers_up_to_the_last_valid_op() {
+    let temp = TempDir::new("journal-io", "corrupt-repair");
+    let dir = temp.shard_dir(SHARD);
+    run(move || async move {
+        let segment_bytes = 128 * 1024;
+        let config = config(&dir, segment_bytes, FsyncPolicy::Always);
+        let (mut journal, _, _) = open(config.clone()).await.expect("create");
+        // 16 KiB bodies: 20 KiB entries, six per segment (ops 13 to 18 in segment 2).
+        let written: Vec<Batch> = (1..=20).map(|op| batch(op, 128, 9)).collect();
+        append(&mut journal, &written[..8], 4).await;
+        journal
+            .write_superblock()
+            .await
+            .expect("superblock at op 8");
+        append(&mut journal, &written[8..], 4).await;
+        journal.close().await.expect("close");
+
+        // Op 5 (at or below op_durable 8): the hole is at op 5, promise 20.
+        flip_bit(&segment_path(&dir, 0), 4 * 20 * 1024 + 128 + 9);
+        let (journal, recovered, replayed) = open_repairing(config.clone()).await.expect("open");
+        assert_eq!(recovered.op_last, 4);
+        assert_eq!(replayed, written[..4].to_vec());
+        assert!(
+            matches!(recovered.tail, Tail::Corrupt { offset, op_expected: 5, .. } if offset == 4 * 20 * 1024),
+            "{:?}",
+            recovered.tail
+        );
+        assert_eq!(recovered.recovering, Some(20));
+        assert_eq!(journal.op_promised(), 20);
+        assert_eq!(journal.superblock().op_durable, 20);
+        journal.close().await.expect("close");
+        for segment in 1..=3 {
+            assert!(
+                !segment_path(&dir, segment).exists(),
+                "segment {segment} removed"
+            );
+        }
+
+        // The promise survived: without peers the journal refuses to open, with them it
+        // recovers again (the journal now ends cleanly below the promise).
+        assert!(matches!(
+            open(config.clone()).await,
+            Err(JournalError::Corrupt { op: 5, .. })
+        ));
+        let (mut journal, recovered, _) = open_repairing(config.clone()).await.expect("reopen");
+        assert_eq!(
+            (recovered.op_last, recovered.tail, recovered.recovering),
+            (4, Tail::Clean, Some(20))
+        );
+        // Repair (the same entries, from a peer): the promise holds again at op 20.
+        append(&mut journal, &written[4..19], 5).await;
+        assert_eq!(journal.op_promised(), 20);
+        append(&mut journal, &written[19..], 1).await;
+        assert_eq!(journal.op_promised(), 0);
+        journal.close().await.expect("close");
+        let (_, recovered, replayed) = open(config).await.expect("repaired");
+        assert_eq!((recovered.op_last, recovered.recovering), (20, None));
+        assert_eq!(replayed, written);
+    });
+}
+
+/// A corrupt entry above the superblock's `op_durable` (here 0: never written) with valid
+/// entries after it is treated the same way: the entries after it were durable once and may
+/// have been acknowledged (no superblock per group commit, D1). A journal that ends below
+/// `op_durable` (lost writes) recovers up to it. [`Journal::promise_release`] drops the
+/// promise when the replica recovered otherwise.
+#[test]
+fn with_peers_a_journal_ending_below_op_durable_recovers_and_the_promise_can_be_released() {
+    let temp = TempDir::new("journal-io", "lost-repair");
+    let dir = temp.shard_dir(SHARD);
+    run(move || async move {
+        let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always);
+        let (mut journal, _, _) = open(config.clone()).await.expect("create");
+        let written = batches(1..=10, 7);
+        append(&mut journal, &written, 3).await;
+        journal.close().await.expect("close");
+        let offsets = offsets(&written);
+
+        flip_bit(&segment_path(&dir, 0), offsets[6] + 3);
+        let (journal, recovered, _) = open_repairing(config.clone()).await.expect("open");
+        assert_eq!((recovered.op_last, recovered.recovering), (6, Some(10)));
+        assert_eq!(journal.superblock().op_durable, 10);
+        // Lost writes: ops 5 and 6 read as zeros now; the journal ends below the promise.
+        journal.close().await.expect("close");
+        let end = offsets[6];
+        overwrite(
+            &segment_path(&dir, 0),
+            offsets[4],
+            &vec![0u8; (end - offsets[4]) as usize],
+        );
+        let (mut journal, recovered, _) = open_repairing(config.clone()).await.expect("open");
+        assert_eq!(
+            (recovered.op_last, recovered.tail, recovered.recovering),
+            (4, Tail::Clean, Some(10))
+        );
+        journal.promise_release().await.expect("release");
+        assert_eq!(journal.op_promised(), 0);
+        assert_eq!(journal.superblock().op_durable, 4);
+        journal.close().await.expect("close");
+        let (_, recovered, _) = open(config).await.expect("released");
+        assert_eq!((recovered.op_last, recovered.recovering), (4, None));
     });
 }
 

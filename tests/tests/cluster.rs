@@ -627,6 +627,115 @@ fn follower_killed_catches_up() {
     assert_replicas_agree(&harness, &committed);
 }
 
+/// Damages one entry in the middle of the first journal segment of each shard of
+/// `replica` (stopped): an entry with valid entries after it, so recovery finds it corrupt
+/// (`docs/protocol.md` 8). Returns the op damaged per shard.
+fn corrupt_middle_entries(data_dir: &Path) -> Vec<u64> {
+    use percore_engine::journal::{ENTRY_HEADER_BYTES, decode_entry_header, entry_bytes_padded};
+    use std::os::unix::fs::FileExt as _;
+    (0..SHARDS)
+        .map(|shard| {
+            let dir = data_dir.join(format!("shard-{shard}"));
+            let first = std::fs::read_dir(&dir)
+                .expect("journal directory")
+                .filter_map(|entry| {
+                    let name = entry.ok()?.file_name().into_string().ok()?;
+                    percore_engine::journal::parse_segment_name(&name)
+                })
+                .min()
+                .expect("a segment");
+            let path = dir.join(percore_engine::journal::segment_file_name(first));
+            let bytes = std::fs::read(&path).expect("segment readable");
+            // Walk the entries from the start: (offset, op).
+            let mut entries = Vec::new();
+            let mut offset = 0usize;
+            while let Some(header) = bytes
+                .get(offset..offset + ENTRY_HEADER_BYTES)
+                .and_then(|header| decode_entry_header(header, usize::MAX).ok())
+            {
+                entries.push((offset, header.op));
+                offset += entry_bytes_padded(header.body_bytes as usize);
+            }
+            assert!(
+                entries.len() >= 3,
+                "shard {shard}: {} entries in segment {first}",
+                entries.len()
+            );
+            let (offset, op) = entries[entries.len() / 2];
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("segment writable");
+            let at = (offset + ENTRY_HEADER_BYTES + 1) as u64;
+            file.write_all_at(&[bytes[at as usize] ^ 0x5a], at)
+                .expect("damage written");
+            file.sync_all().expect("damage synced");
+            op
+        })
+        .collect()
+}
+
+/// Protocol-aware recovery: a follower killed under load whose journal then has a damaged
+/// entry in the middle (valid entries after it, all of which it may have acknowledged)
+/// starts recovering: it cuts its journal at the damage, keeps its promise in the
+/// superblock, repairs the lost entries from its peers (acknowledging nothing meanwhile),
+/// leaves recovering and catches up; afterwards every replica's journal has the same hash
+/// chain head and replays to the same balances, with money conserved.
+fn corrupt_follower_entry_is_repaired(name: &str, extra: &[&str]) {
+    let mut harness = Harness::start_with(name, REPLICAS, extra);
+    let mut setup = harness.client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let load = Background::start(&harness, &accounts, 2);
+    let started = harness.leader_commits();
+    wait_commits_past(&harness, &load, &started, 40);
+    assert_eq!(harness.metric_sum(2, "percore_replica_is_leader"), 0);
+    harness.cluster.kill(2);
+    let damaged = corrupt_middle_entries(&harness.cluster.data_dir(2));
+    let at_kill = harness.leader_commits();
+    wait_commits_past(&harness, &load, &at_kill, 20);
+
+    let at_restart = harness.leader_commits();
+    harness
+        .cluster
+        .restart(2)
+        .expect("replica 2 starts despite the damage");
+    wait_until("the damaged follower repaired and caught up", || {
+        (0..SHARDS)
+            .all(|shard| {
+                harness.try_metric(2, "percore_replication_op_durable", shard)
+                    >= Some(at_restart[shard])
+                    && harness.try_metric(2, "percore_replication_status", shard) == Some(1)
+            })
+            .then_some(())
+    });
+    let log = std::fs::read_to_string(harness.cluster.log_path(2)).expect("log");
+    let recovering = log.matches("replica starts recovering").count();
+    assert_eq!(recovering, SHARDS, "every shard started recovering:\n{log}");
+    assert!(load.is_running(), "the client load stopped early");
+    let repaired = harness.metric_sum(2, "percore_replication_repairs_requested_total");
+    eprintln!(
+        "damaged ops {damaged:?}; commits {at_kill:?} at kill, {at_restart:?} at restart; \
+         {repaired} repairs requested"
+    );
+    assert!(repaired > 0);
+    let acknowledged = load.finish();
+    assert!(acknowledged > 0);
+    let committed = harness.wait_all_equal();
+    harness.stop_all();
+    assert_replicas_agree(&harness, &committed);
+}
+
+#[test]
+fn follower_with_a_corrupt_entry_repairs_it_from_peers() {
+    corrupt_follower_entry_is_repaired("corrupt-repair", &[]);
+}
+
+#[test]
+fn follower_with_a_corrupt_entry_repairs_it_from_peers_with_view_change() {
+    corrupt_follower_entry_is_repaired("corrupt-repair-vc", &["--view-change"]);
+}
+
 /// A follower that was down while its peers checkpointed and removed the segments it
 /// needs gets `NotRetained`, fetches a peer's checkpoint (state sync), restarts its journal
 /// there and repairs the rest: afterwards its journal and state agree with the leaders'.

@@ -235,6 +235,32 @@ fn keep_origins_on_truncate_is_caught_by_linearizability() {
     );
 }
 
+/// A replica whose journal lost entries it may have acknowledged (durable sectors damaged
+/// while it was down) restarts without recovering status: it acknowledges and votes with
+/// the shorter log. The **recovering** checker catches a vote for less than it voted for
+/// before, and **durability** a committed op that only the damaged replica's promise kept
+/// on a quorum.
+#[test]
+fn forget_recovering_is_caught() {
+    for options in [Options::default(), Options::view_change()] {
+        let options = Options {
+            bug: Some(Bug::ForgetRecovering),
+            ..options
+        };
+        let failures = run_batch(0..40, &options);
+        assert!(
+            failures
+                .iter()
+                .any(|failure| failure.checker == "recovering"),
+            "no recovering violation in 40 seeds ({options:?}): {:?}",
+            failures
+                .iter()
+                .map(|failure| (failure.seed, failure.checker))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
 /// The linearizability checker saw every reply and every client record of passing runs
 /// (a run fails if a reply was never compared; this shows the counts are not vacuous).
 #[test]

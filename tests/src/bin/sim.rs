@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! cargo run -p percore-tests --bin sim -- --seed 42 [--replicas 3|5] [--groups 1|2]
-//!     [--steps N] [--faults on|off] [--pipeline N] [--strict-legs] [--quiet-heal]
+//!     [--steps N] [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal]
 //!     [--view-change [--no-workarounds]]
-//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate]
+//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering]
 //!     [-v]
 //! cargo run -p percore-tests --bin sim -- --seeds 0..10000
 //! ```
@@ -21,9 +21,9 @@ fn main() -> ExitCode {
             eprintln!("sim: {error}");
             eprintln!(
                 "usage: sim (--seed S | --seeds A..B) [--replicas 3|5] [--groups 1|2] [--steps N] \\
-                 [--faults on|off] [--pipeline N] [--strict-legs] [--quiet-heal] \\
+                 [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal] \\
                  [--view-change [--no-workarounds]] \\
-                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate] [-v]"
+                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering] [-v]"
             );
             return ExitCode::from(2);
         }
@@ -53,6 +53,8 @@ fn main() -> ExitCode {
                 total.durable_above_truncation += summary.durable_above_truncation;
                 total.append_past_install += summary.append_past_install;
                 total.superblock_commit_kept += summary.superblock_commit_kept;
+                total.corruptions += summary.corruptions;
+                total.recoveries += summary.recoveries;
             }
             Err(failure) => {
                 print!("{failure}");
@@ -75,6 +77,10 @@ fn main() -> ExitCode {
         for (seed, checker) in &failures {
             println!("  seed {seed}: {checker}");
         }
+        println!(
+            "passing seeds: {} durable entries damaged, {} replicas started recovering",
+            total.corruptions, total.recoveries
+        );
         if options.view_change {
             print_failovers(&total);
         }

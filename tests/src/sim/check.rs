@@ -96,6 +96,17 @@ impl CheckState {
         }
     }
 
+    /// Fixed view: the leader left recovering with its journal at `op`, below entries it
+    /// held before damage that no other replica held (never committed, so dropped): the
+    /// log reference and the digests recorded past `op` described that lost log.
+    pub fn log_dropped(&mut self, group: u32, op: u64) {
+        let g = group as usize;
+        self.digests
+            .retain(|(digest_group, digest_op), _| *digest_group != group || *digest_op <= op);
+        self.log_reference[g] = None;
+        self.log_reference_op[g] = 0;
+    }
+
     /// A replica (or the reference) applied `op` of `group` and its state has `digest`.
     pub fn digest_observed(&mut self, group: u32, op: u64, digest: Digest256, replica: u8) {
         match self.digests.get(&(group, op)) {
@@ -233,7 +244,7 @@ impl World {
         (0..self.options.replicas)
             .filter(|replica| {
                 let disk = &self.nodes[self.node_index(*replica, group)].disk;
-                disk.op_durable() >= op && disk.checksum(op) == Some(checksum)
+                disk.holds(op, checksum)
             })
             .count()
     }
@@ -374,6 +385,11 @@ impl World {
     /// at its head through the hash chain; so every op held twice has one checksum.
     fn check_agreement(&self, group: u32) -> Verdict {
         let leader = &self.nodes[self.node_index(self.leader_of(group), group)].disk;
+        if leader.promised() > 0 {
+            // The leader lost entries and is repairing them from its followers: their
+            // journals are ahead of its own until it has.
+            return Ok(());
+        }
         for replica in 0..self.options.replicas {
             let disk = &self.nodes[self.node_index(replica, group)].disk;
             let head = disk.op_head();

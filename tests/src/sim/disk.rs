@@ -6,8 +6,10 @@
 //!
 //! What a crash does to bytes above the durable watermark is a fault choice: lost, a prefix
 //! of their sectors kept (a torn write), and optionally garbage in the last kept entry.
-//! Bytes at or below the watermark are never touched (repairing acknowledged entries from
-//! peers is not implemented yet, so damaging them would only stop the replica).
+//! Bytes at or below the watermark are damaged only by [`Disk::corrupt`] (a fault applied
+//! while the replica is down): recovery then finds `Tail::Corrupt`, cuts the journal at the
+//! hole, records the promise (`promised`, the runtime's superblock `op_durable`) and the
+//! replica starts recovering (`docs/protocol.md` 8).
 
 use percore_engine::journal::{self, JournalChecksum, SECTOR_BYTES, Tail};
 
@@ -38,6 +40,8 @@ pub struct Recovered {
     pub checksum_last: JournalChecksum,
     /// How the scan ended.
     pub tail: Tail,
+    /// The replica must start recovering, promising ops up to this one.
+    pub recovering: Option<u64>,
 }
 
 /// One journal. Entry `op` is at `offsets[op - 1]`.
@@ -51,11 +55,20 @@ pub struct Disk {
     op_durable: u64,
     /// The op a group commit in flight will make durable.
     fsync_target: Option<u64>,
+    /// The shard (group) every entry belongs to.
+    shard: u32,
+    /// Recovering: ops up to here may have been acknowledged, and some are missing (the
+    /// runtime's superblock `op_durable`, kept while recovering); 0 when none. Survives
+    /// crashes.
+    promised: u64,
+    /// Checkers: the checksums of the durable ops before the damage, so that an op a
+    /// recovering replica promised still counts as held by it (it may not vote without it).
+    shadow: Vec<JournalChecksum>,
 }
 
 impl Disk {
     /// An empty journal whose entries' bodies are at most `body_bytes_max` bytes.
-    pub fn new(body_bytes_max: usize) -> Disk {
+    pub fn new(body_bytes_max: usize, shard: u32) -> Disk {
         Disk {
             body_bytes_max,
             bytes: Vec::new(),
@@ -64,7 +77,50 @@ impl Disk {
             checksums: Vec::new(),
             op_durable: 0,
             fsync_target: None,
+            shard,
+            promised: 0,
+            shadow: Vec::new(),
         }
+    }
+
+    /// The promise a recovering replica keeps (0: none).
+    pub fn promised(&self) -> u64 {
+        self.promised
+    }
+
+    /// The replica left recovering (repaired, or installed a newer view's log): the
+    /// promise is dropped (the runtime's `Journal::promise_release`).
+    pub fn promise_release(&mut self) {
+        self.promised = 0;
+        self.shadow.clear();
+    }
+
+    /// Whether the disk holds `op` with `checksum` durably, or held it before damage that
+    /// its replica has not repaired yet (checkers: such a replica may not vote).
+    pub fn holds(&self, op: u64, checksum: JournalChecksum) -> bool {
+        (self.op_durable >= op && self.checksum(op) == Some(checksum))
+            || (self.promised >= op
+                && op >= 1
+                && self.shadow.get(op as usize - 1) == Some(&checksum))
+    }
+
+    /// Fault, while the replica is down: flips bytes inside one durable entry that has a
+    /// durable entry after it (damage to the last one reads as a torn write, which only the
+    /// superblock watermark of every group commit could tell apart; not modelled). Returns
+    /// the damaged op, or `None` if there is no such entry.
+    pub fn corrupt(&mut self, rng: &mut SimRng) -> Option<u64> {
+        assert!(self.fsync_target.is_none(), "the replica is down");
+        if self.op_durable < 2 {
+            return None;
+        }
+        let op = 1 + rng.below(self.op_durable - 1);
+        let index = op as usize - 1;
+        let byte = self.offsets[index] + rng.below(self.lengths[index] as u64) as usize;
+        self.bytes[byte] ^= 1 + rng.below(255) as u8;
+        if self.shadow.len() < self.op_durable as usize {
+            self.shadow = self.checksums[..self.op_durable as usize].to_vec();
+        }
+        Some(op)
     }
 
     /// Highest op written (staged or durable).
@@ -145,6 +201,9 @@ impl Disk {
         let target = self.fsync_target.take().expect("a group commit in flight");
         assert!(target >= self.op_durable && target <= self.op_head());
         self.op_durable = target;
+        if self.promised > 0 && target >= self.promised {
+            self.promise_release();
+        }
         target
     }
 
@@ -230,13 +289,27 @@ impl Disk {
             self.lengths.push(length);
             self.checksums.push(checksum);
         }
+        if let Tail::Corrupt { op_expected, .. } = outcome.tail {
+            // What lies after the hole was durable once: this replica may have acknowledged
+            // it. The promise is recorded (the runtime writes the superblock) before the
+            // journal is cut at the hole, as a view-change truncation cuts it.
+            let after = &self.bytes[outcome.end_offset as usize..];
+            let op_after =
+                journal::op_max_after(after, self.shard, op_expected, self.body_bytes_max);
+            self.promised = self.promised.max(op_after.unwrap_or(op_expected));
+        }
         self.bytes.truncate(outcome.end_offset as usize);
         self.op_durable = outcome.op_last;
         self.fsync_target = None;
+        let recovering = (self.promised > outcome.op_last).then_some(self.promised);
+        if recovering.is_none() {
+            self.promise_release();
+        }
         Recovered {
             op_last: outcome.op_last,
             checksum_last: outcome.checksum_last,
             tail: outcome.tail,
+            recovering,
         }
     }
 

@@ -43,6 +43,10 @@ pub enum Bug {
     /// answers them with that entry's results: a reply for records that are not theirs, from
     /// an op that did commit.
     KeepOriginsOnTruncate,
+    /// A replica whose journal lost entries it may have acknowledged (damage found at
+    /// recovery) restarts as if nothing was lost: it is not put in recovering status, so it
+    /// acknowledges and votes with the shorter log.
+    ForgetRecovering,
 }
 
 impl Bug {
@@ -54,6 +58,7 @@ impl Bug {
             "skip-expected-checksum" => Some(Bug::SkipExpectedChecksum),
             "persist-after-send" => Some(Bug::PersistAfterSend),
             "keep-origins-on-truncate" => Some(Bug::KeepOriginsOnTruncate),
+            "forget-recovering" => Some(Bug::ForgetRecovering),
             _ => None,
         }
     }
@@ -66,6 +71,7 @@ impl Bug {
             Bug::SkipExpectedChecksum => "skip-expected-checksum",
             Bug::PersistAfterSend => "persist-after-send",
             Bug::KeepOriginsOnTruncate => "keep-origins-on-truncate",
+            Bug::ForgetRecovering => "forget-recovering",
         }
     }
 }
@@ -107,6 +113,10 @@ pub struct Options {
     /// commit, appends nothing past the head of a log being installed, and never lowers the
     /// superblock's commit number.
     pub no_workarounds: bool,
+    /// With `faults`: in some runs (drawn per seed, from a random stream of its own), a
+    /// replica restarted by a fault first has a durable journal entry damaged, and must
+    /// recover it from peers (`--corrupt off` replays a run as it was before this fault).
+    pub corrupt: bool,
 }
 
 impl Default for Options {
@@ -123,6 +133,7 @@ impl Default for Options {
             quiet_heal: false,
             view_change: false,
             no_workarounds: false,
+            corrupt: true,
         }
     }
 }
@@ -196,6 +207,11 @@ pub struct Summary {
     pub messages_dropped: u64,
     /// Torn tails found at recovery.
     pub torn_tails: u64,
+    /// Durable journal entries damaged while their replica was down (fault).
+    pub corruptions: u64,
+    /// Replicas that started recovering (their journal lost entries they may have
+    /// acknowledged).
+    pub recoveries: u64,
     /// View-change actions the fixed-view driver dropped (none expected: without
     /// `view_change` the core produces none).
     pub view_change_actions_dropped: u64,
@@ -307,6 +323,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 "off" => options.faults = false,
                 _ => return Err("--faults is on or off".to_string()),
             },
+            "--corrupt" => match value.as_str() {
+                "on" => options.corrupt = true,
+                "off" => options.corrupt = false,
+                _ => return Err("--corrupt is on or off".to_string()),
+            },
             "--bug" => {
                 options.bug = Some(Bug::parse(&value).ok_or(format!("unknown bug {value:?}"))?);
             }
@@ -346,6 +367,10 @@ pub fn options_args(options: &Options) -> Vec<String> {
     }
     if options.no_workarounds {
         args.push("--no-workarounds".to_string());
+    }
+    if !options.corrupt {
+        args.push("--corrupt".to_string());
+        args.push("off".to_string());
     }
     if options.verbose {
         args.push("-v".to_string());

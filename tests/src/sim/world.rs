@@ -86,6 +86,10 @@ pub const PAUSE_US_MAX: u64 = 1_000_000;
 pub const CLIENT_REFUSED_BACKOFF_US: u64 = 2_000;
 /// View change: after faults stop, every group has a ready leader within this (µs).
 pub const LEADER_BOUND_US: u64 = 5_000_000;
+/// Runs (per million) in which a fault restart may first damage durable journal entries.
+pub const CORRUPT_RUNS_PER_MILLION: u64 = 400_000;
+/// Mixed into the seed for the disk-corruption fault's own random stream.
+const CORRUPT_SEED_MIX: u64 = 0xC0DE_DA3A_6E00_0001;
 
 const _: () = assert!(TRANSFERS_PER_REQUEST_MAX as usize <= BATCH_RECORDS_MAX);
 const _: () = assert!(ACCOUNTS_PER_GROUP <= BATCH_RECORDS_MAX);
@@ -273,6 +277,9 @@ pub struct Node {
     pub epoch: u64,
     /// View change: the durable superblock (survives crashes).
     pub superblock: Superblock,
+    /// Checker: the highest op this replica acknowledged or voted for (`PrepareOk`,
+    /// `DoViewChange`) and that log's view, across crashes; reset by a truncation.
+    pub acked: (u64, u64),
 }
 
 /// What the superblock of one replica of one group records (view change): `Persist`
@@ -382,6 +389,9 @@ struct Profile {
     cross_group_per_million: u64,
     pipeline_prepares_max: u64,
     commit_persist_interval_ops: u64,
+    /// Chance that a replica restarted by a fault first has one durable entry of each of
+    /// its journals damaged (0 in most runs).
+    corrupt_per_million: u64,
 }
 
 /// The whole simulated cluster and its checkers.
@@ -390,6 +400,9 @@ pub struct World {
     pub(super) seed: u64,
     pub(super) options: Options,
     rng: SimRng,
+    /// Draws of the disk-corruption fault: a stream of its own, so that runs without it
+    /// replay as they did before it existed.
+    corrupt_rng: SimRng,
     profile: Profile,
     pub(super) now_us: u64,
     pub(super) step: u64,
@@ -443,6 +456,7 @@ impl World {
             },
             pipeline_prepares_max: options.pipeline_prepares_max,
             commit_persist_interval_ops: 0,
+            corrupt_per_million: 0,
         };
         // Drawn last, and only with view change, so fixed-view runs replay as before.
         let mut profile = profile;
@@ -451,6 +465,10 @@ impl World {
                 COMMIT_PERSIST_INTERVAL_OPS_MIN,
                 COMMIT_PERSIST_INTERVAL_OPS_MAX,
             );
+        }
+        let mut corrupt_rng = SimRng::new(seed ^ CORRUPT_SEED_MIX);
+        if faults && options.corrupt && corrupt_rng.chance(CORRUPT_RUNS_PER_MILLION) {
+            profile.corrupt_per_million = corrupt_rng.range(200_000, 700_000);
         }
         let body_bytes_max = BATCH_RECORDS_MAX * RECORD_BYTES;
         let groups = options.groups as usize;
@@ -462,6 +480,7 @@ impl World {
             seed,
             options,
             rng,
+            corrupt_rng,
             profile,
             now_us: 0,
             step: 0,
@@ -492,10 +511,11 @@ impl World {
                 world.nodes.push(Node {
                     replica,
                     group,
-                    disk: Disk::new(body_bytes_max),
+                    disk: Disk::new(body_bytes_max, group),
                     live: None,
                     epoch: 0,
                     superblock: Superblock::default(),
+                    acked: (0, 0),
                 });
             }
         }
@@ -752,6 +772,13 @@ impl World {
             self.now_us,
         )
         .expect("valid replica config");
+        let mut replica = replica;
+        let forget = self.options.bug == Some(Bug::ForgetRecovering);
+        if let Some(op_promised) = recovered.recovering.filter(|_| !forget) {
+            // As the runtime: the journal lost entries it may have acknowledged.
+            replica.recovering_start(op_promised);
+            self.summary.recoveries += 1;
+        }
         let mut unconfirmed = Vec::new();
         ledger.unconfirmed_outbound(&mut |outbound| unconfirmed.push(outbound));
         let node = &mut self.nodes[index];
@@ -776,9 +803,10 @@ impl World {
         });
         let epoch = node.epoch;
         self.trace_line(format!(
-            "node r{replica_index}g{group} start: recovered op {} ({:?}), replayed to {replayed_op}, {superblock:?}, {} legs to resend",
+            "node r{replica_index}g{group} start: recovered op {} ({:?}), replayed to {replayed_op}, {superblock:?}, recovering {:?}, {} legs to resend",
             recovered.op_last,
             recovered.tail,
+            recovered.recovering,
             unconfirmed.len()
         ));
         // The runtime sends unconfirmed legs at start-up, from every replica.
@@ -819,6 +847,31 @@ impl World {
             }
         }
         self.topology_changed();
+    }
+
+    /// Fault, while `replica` is down: maybe damage one durable entry of each journal
+    /// (one that has a durable entry after it; see [`Disk::corrupt`]).
+    fn corrupt_maybe(&mut self, replica: u8) {
+        if self.profile.corrupt_per_million == 0 {
+            return;
+        }
+        // At most f replicas of a group hold damage they have not repaired: one more could
+        // lose a committed op on every replica that held it (open question 6 of
+        // docs/protocol.md: correlated faults stop a group for an operator).
+        let f = usize::from(self.options.replicas - 1) / 2;
+        for group in 0..self.options.groups {
+            let damaged = (0..self.options.replicas)
+                .filter(|r| self.nodes[self.node_index(*r, group)].disk.promised() > 0)
+                .count();
+            if damaged >= f || !self.corrupt_rng.chance(self.profile.corrupt_per_million) {
+                continue;
+            }
+            let index = self.node_index(replica, group);
+            if let Some(op) = self.nodes[index].disk.corrupt(&mut self.corrupt_rng) {
+                self.summary.corruptions += 1;
+                self.trace_line(format!("node r{replica}g{group} CORRUPT durable op {op}"));
+            }
+        }
     }
 
     fn restart(&mut self, replica: u8) {
@@ -1198,6 +1251,7 @@ impl World {
         self.check
             .truncation_observed(replica, group, op, &self.nodes[node].disk);
         let checksum = self.nodes[node].disk.truncate(op);
+        self.nodes[node].acked = (0, 0);
         self.summary.truncations += 1;
         self.trace_line(format!(
             "r{replica}g{group} TRUNCATE above op {op} (head was {head})"
@@ -1223,8 +1277,53 @@ impl World {
         }
     }
 
+    /// Checker **recovering**: a replica acknowledges (`PrepareOk`) or votes
+    /// (`DoViewChange`) only while it is not recovering, and never for less than it
+    /// acknowledged or voted for before in the same log (across crashes and damage; only a
+    /// truncation, which installs another view's log, lowers it).
+    fn votes_check(&mut self, node: NodeIndex, actions: &[Action]) {
+        let Some(live) = self.nodes[node].live.as_ref() else {
+            return;
+        };
+        let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
+        let recovering = live.replica.recovering();
+        let view = live.replica.view();
+        for action in actions {
+            let (what, log_view, op) = match *action {
+                Action::PrepareOk { op, .. } => ("PrepareOk", view, op),
+                Action::DoViewChange {
+                    log_view,
+                    op_durable,
+                    ..
+                } => ("DoViewChange", log_view, op_durable),
+                _ => continue,
+            };
+            let acked = self.nodes[node].acked;
+            if let Some(op_promised) = recovering {
+                self.check.problem_set(
+                    "recovering",
+                    format!(
+                        "r{replica}g{group} sends {what} (log_view {log_view}, op {op}) while recovering (promised op {op_promised})"
+                    ),
+                );
+            } else if acked.0 == log_view && op < acked.1 {
+                self.check.problem_set(
+                    "recovering",
+                    format!(
+                        "r{replica}g{group} sends {what} for op {op} in log_view {log_view} after it acknowledged op {} there",
+                        acked.1
+                    ),
+                );
+            }
+            if log_view > acked.0 || (log_view == acked.0 && op > acked.1) {
+                self.nodes[node].acked = (log_view, op);
+            }
+        }
+    }
+
     /// Carries out a core's actions. One `match`: a new `Action` variant is one new arm.
     fn execute(&mut self, node: NodeIndex, actions: &[Action]) {
+        self.votes_check(node, actions);
         let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
         let Some(live) = self.nodes[node].live.as_mut() else {
             return;
@@ -1404,6 +1503,22 @@ impl World {
             if self.io_busy(node) {
                 return;
             }
+            if live.replica.recovering().is_none() && self.nodes[node].disk.promised() > 0 {
+                // As the runtime: the replica left recovering without reaching the promise
+                // (it installed a newer view's log, or no peer held the rest): drop it.
+                let op_durable = self.nodes[node].disk.op_durable();
+                if !self.options.view_change && op_durable < self.nodes[node].disk.promised() {
+                    let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
+                    self.trace_line(format!(
+                        "r{replica}g{group} leaves recovering at op {op_durable}: no peer held the rest"
+                    ));
+                    self.check.log_dropped(group, op_durable);
+                }
+                self.nodes[node].disk.promise_release();
+            }
+            let Some(live) = self.nodes[node].live.as_ref() else {
+                return;
+            };
             let leader = live.replica.is_ready_leader();
             let staged = if leader {
                 self.leader_prepare(node)
@@ -2239,6 +2354,7 @@ impl World {
             if !down.is_empty() {
                 let replica = down[self.rng.below(down.len() as u64) as usize];
                 self.trace_line(format!("replica {replica} RESTART"));
+                self.corrupt_maybe(replica);
                 self.restart(replica);
             }
         } else if draw < 75 {
@@ -2311,6 +2427,7 @@ impl World {
             if !down.is_empty() {
                 let replica = down[self.rng.below(down.len() as u64) as usize];
                 self.trace_line(format!("replica {replica} RESTART"));
+                self.corrupt_maybe(replica);
                 self.restart(replica);
             }
         } else if draw < 60 {
@@ -2407,7 +2524,9 @@ impl World {
         (0..self.options.replicas).all(|replica| {
             let node = &self.nodes[self.node_index(replica, group)];
             node.live.as_ref().is_some_and(|live| {
-                node.disk.op_durable() == head && live.replica.commit_min() == head
+                node.disk.op_durable() == head
+                    && live.replica.commit_min() == head
+                    && live.replica.recovering().is_none()
             })
         })
     }
@@ -2440,6 +2559,7 @@ impl World {
                         && node.disk.op_durable() == head
                         && node.disk.checksum(head) == leader_node.disk.checksum(head)
                         && live.replica.commit_min() == head
+                        && live.replica.recovering().is_none()
                 })
         })
     }
