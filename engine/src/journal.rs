@@ -16,8 +16,8 @@
 //! | 12 | `shard: u32` | shard (replication group) the entry belongs to |
 //! | 16 | `entry_count: u32` | records in the body |
 //! | 20 | `record_bytes: u32` | size of one record |
-//! | 24 | `body_bytes: u32` | `entry_count * record_bytes` |
-//! | 28 | `reserved_a: [u8; 4]` | zero |
+//! | 24 | `body_bytes: u32` | `entry_count * record_bytes + request_count * 32` |
+//! | 28 | `request_count: u32` | client request descriptors after the records (was reserved, zero) |
 //! | 32 | `view: u64` | view the leader assigned the op in |
 //! | 40 | `op: u64` | op number, 1, 2, 3, … consecutive per shard |
 //! | 48 | `checksum_body: u128` | [`journal_checksum`] of the body |
@@ -175,6 +175,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::limits::BATCH_ENTRIES_MAX_LIMIT;
 use crate::record::RECORD_BYTES;
+use crate::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 
 /// Unit of `O_DIRECT` I/O: every journal write is a multiple of this at an aligned offset.
 pub const SECTOR_BYTES: usize = 4096;
@@ -247,6 +248,28 @@ pub struct EntryMeta {
     pub entry_count: u32,
     /// Size of one record (bytes).
     pub record_bytes: u32,
+    /// Client request descriptors after the records ([`crate::session`]); 0 for internal
+    /// traffic and requests that do not fit one batch.
+    pub request_count: u32,
+}
+
+impl EntryMeta {
+    /// Bytes of body: the records, then the request descriptors.
+    pub const fn body_bytes(&self) -> u64 {
+        self.entry_count as u64 * self.record_bytes as u64
+            + self.request_count as u64 * REQUEST_DESCRIPTOR_BYTES as u64
+    }
+
+    /// Bytes of records at the start of the body.
+    pub const fn records_bytes(&self) -> usize {
+        self.entry_count as usize * self.record_bytes as usize
+    }
+}
+
+/// The largest body of an entry of at most `entries_max` records of `record_bytes`: the
+/// records and, at most one per record, their request descriptors.
+pub const fn entry_body_bytes_max(entries_max: usize, record_bytes: usize) -> usize {
+    entries_max * (record_bytes + REQUEST_DESCRIPTOR_BYTES)
 }
 
 /// The entry header as it lies on disk. See the module documentation for the layout.
@@ -265,10 +288,12 @@ pub struct EntryHeader {
     pub entry_count: u32,
     /// Size of one record (bytes).
     pub record_bytes: u32,
-    /// Bytes of body after the header: `entry_count * record_bytes`.
+    /// Bytes of body after the header: `entry_count * record_bytes + request_count *
+    /// REQUEST_DESCRIPTOR_BYTES`.
     pub body_bytes: u32,
-    /// Must be zero.
-    pub reserved_a: [u8; 4],
+    /// Client request descriptors after the records (zero in entries written before
+    /// sessions: the field was reserved and zero).
+    pub request_count: u32,
     /// View the op was assigned in.
     pub view: u64,
     /// Op number.
@@ -310,19 +335,46 @@ pub fn encode_entry(
     body: &[u8],
     checksum_previous: JournalChecksum,
 ) -> (usize, JournalChecksum) {
-    let body_bytes_expected = u64::from(meta.entry_count) * u64::from(meta.record_bytes);
+    let split = body.len().min(meta.records_bytes());
+    encode_entry_parts(buf, meta, &body[..split], &body[split..], checksum_previous)
+}
+
+/// [`encode_entry`] with the body in its two parts: the records and the request
+/// descriptors' bytes (a leader keeps them in separate buffers).
+///
+/// # Panics
+/// As [`encode_entry`].
+pub fn encode_entry_parts(
+    buf: &mut [u8],
+    meta: &EntryMeta,
+    records: &[u8],
+    requests: &[u8],
+    checksum_previous: JournalChecksum,
+) -> (usize, JournalChecksum) {
     assert_eq!(
-        body.len() as u64,
-        body_bytes_expected,
-        "body must be entry_count * record_bytes"
+        records.len(),
+        meta.records_bytes(),
+        "records must be entry_count * record_bytes"
     );
-    let body_bytes = u32::try_from(body.len()).expect("body must fit the u32 body_bytes field");
+    assert_eq!(
+        (records.len() + requests.len()) as u64,
+        meta.body_bytes(),
+        "body must be entry_count * record_bytes + request_count * REQUEST_DESCRIPTOR_BYTES"
+    );
+    let body_len = records.len() + requests.len();
+    let body_bytes = u32::try_from(body_len).expect("body must fit the u32 body_bytes field");
     assert!(meta.op >= 1, "op numbers start at 1");
-    let padded_bytes = entry_bytes_padded(body.len());
+    let padded_bytes = entry_bytes_padded(body_len);
     assert!(
         buf.len() >= padded_bytes,
         "buffer shorter than the padded entry"
     );
+    let body_end = ENTRY_HEADER_BYTES + body_len;
+    let records_end = ENTRY_HEADER_BYTES + records.len();
+    buf[ENTRY_HEADER_BYTES..records_end].copy_from_slice(records);
+    buf[records_end..body_end].copy_from_slice(requests);
+    buf[body_end..padded_bytes].fill(0);
+    let body = &buf[ENTRY_HEADER_BYTES..body_end];
 
     let mut header = EntryHeader {
         magic: ENTRY_MAGIC,
@@ -332,7 +384,7 @@ pub fn encode_entry(
         entry_count: meta.entry_count,
         record_bytes: meta.record_bytes,
         body_bytes,
-        reserved_a: [0; 4],
+        request_count: meta.request_count,
         view: meta.view,
         op: meta.op,
         checksum_body: journal_checksum(body),
@@ -341,12 +393,8 @@ pub fn encode_entry(
         reserved_b: [0; 32],
     };
     header.checksum_header = entry_header_checksum(&header);
-
-    let body_end = ENTRY_HEADER_BYTES + body.len();
     buf[..ENTRY_HEADER_BYTES].copy_from_slice(bytemuck::bytes_of(&header));
-    buf[ENTRY_HEADER_BYTES..body_end].copy_from_slice(body);
-    buf[body_end..padded_bytes].fill(0);
-    debug_assert!(decode_entry(&buf[..padded_bytes], body.len()).is_ok());
+    debug_assert!(decode_entry(&buf[..padded_bytes], body_len).is_ok());
     (padded_bytes, header.checksum_header)
 }
 
@@ -355,7 +403,7 @@ pub fn encode_entry(
 pub struct DecodedEntry<'a> {
     /// What the batch is.
     pub meta: EntryMeta,
-    /// The records, `meta.entry_count * meta.record_bytes` bytes.
+    /// The records (`meta.records_bytes()`), then the request descriptors.
     pub body: &'a [u8],
     /// This entry's checksum (its `checksum_header`): what the next entry chains to.
     pub checksum: JournalChecksum,
@@ -363,6 +411,31 @@ pub struct DecodedEntry<'a> {
     pub checksum_previous: JournalChecksum,
     /// Bytes the entry occupies on disk ([`entry_bytes_padded`]).
     pub padded_bytes: usize,
+}
+
+impl<'a> DecodedEntry<'a> {
+    /// The records.
+    pub fn records(&self) -> &'a [u8] {
+        &self.body[..self.meta.records_bytes()]
+    }
+
+    /// The request descriptors' bytes (unaligned; see [`request_descriptors`]).
+    pub fn requests(&self) -> &'a [u8] {
+        &self.body[self.meta.records_bytes()..]
+    }
+}
+
+/// Copies the descriptors in `bytes` (a whole number of them, any alignment) into `out`;
+/// returns how many. `None` if `bytes` is not a whole number of descriptors or `out` is
+/// too short.
+pub fn request_descriptors(bytes: &[u8], out: &mut [RequestDescriptor]) -> Option<usize> {
+    if !bytes.len().is_multiple_of(REQUEST_DESCRIPTOR_BYTES) {
+        return None;
+    }
+    let count = bytes.len() / REQUEST_DESCRIPTOR_BYTES;
+    let out = out.get_mut(..count)?;
+    bytemuck::cast_slice_mut::<RequestDescriptor, u8>(out).copy_from_slice(bytes);
+    Some(count)
 }
 
 /// Why bytes are not a valid entry.
@@ -445,13 +518,14 @@ pub fn decode_entry_header(bytes: &[u8], body_bytes_max: usize) -> Result<EntryH
     if header.checksum_header != entry_header_checksum(&header) {
         return Err(EntryError::HeaderChecksum);
     }
-    if header.reserved_a != [0; 4] || header.reserved_b != [0; 32] {
+    if header.reserved_b != [0; 32] {
         return Err(EntryError::ReservedNotZero);
     }
     if header.op == 0 {
         return Err(EntryError::OpZero);
     }
     if u64::from(header.entry_count) * u64::from(header.record_bytes)
+        + u64::from(header.request_count) * REQUEST_DESCRIPTOR_BYTES as u64
         != u64::from(header.body_bytes)
     {
         return Err(EntryError::SizeInvalid {
@@ -493,6 +567,7 @@ pub fn decode_entry(bytes: &[u8], body_bytes_max: usize) -> Result<DecodedEntry<
             operation: header.operation,
             entry_count: header.entry_count,
             record_bytes: header.record_bytes,
+            request_count: header.request_count,
         },
         body,
         checksum: header.checksum_header,
@@ -1364,6 +1439,7 @@ mod tests {
             operation: 2,
             entry_count,
             record_bytes: RECORD_BYTES as u32,
+            request_count: 0,
         }
     }
 

@@ -18,5 +18,6 @@ pub mod pool;
 pub mod record;
 pub mod replica;
 pub mod ring;
+pub mod session;
 pub mod state_machine;
 pub(crate) mod sync;

@@ -1297,6 +1297,7 @@ mod tests {
             operation: 1,
             entry_count: 2,
             record_bytes: 128,
+            request_count: 0,
         };
         let mut padded = vec![0u8; entry_bytes_padded(records.len())];
         let (_, checksum) = encode_entry(&mut padded, &meta, &records, 99);

@@ -119,6 +119,22 @@ pub trait StateMachine {
         results: &mut [Self::Result],
     );
 
+    /// [`StateMachine::apply`] of an entry that carries client request descriptors
+    /// (records `record_start..+record_count` of the entry are one client request, see
+    /// [`crate::session`]). The runtime always calls this one. The default ignores the
+    /// descriptors; [`crate::session::Sessioned`] uses them to apply each request once.
+    fn apply_requests(
+        &mut self,
+        op: u64,
+        operation: Self::Operation,
+        records: &[Self::Record],
+        requests: &[crate::session::RequestDescriptor],
+        results: &mut [Self::Result],
+    ) {
+        let _ = requests;
+        self.apply(op, operation, records, results);
+    }
+
     /// The next message for another shard produced by `apply`, oldest first.
     fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>>;
 

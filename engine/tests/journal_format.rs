@@ -24,6 +24,7 @@ fn meta(op: u64, entry_count: u32) -> EntryMeta {
         operation: 3,
         entry_count,
         record_bytes: RECORD_BYTES,
+        request_count: 0,
     }
 }
 
@@ -226,7 +227,7 @@ proptest! {
         record_bytes in prop::sample::select(vec![0u32, 1, 16, 128, 200]),
         checksum_previous in any::<u128>(),
     ) {
-        let meta = EntryMeta { shard, view, op, operation, entry_count, record_bytes };
+        let meta = EntryMeta { shard, view, op, operation, entry_count, record_bytes, request_count: 0 };
         let body: Vec<u8> = (0..entry_count * record_bytes).map(|i| i as u8).collect();
         let (buf, checksum) = encoded(&meta, &body, checksum_previous);
         let entry = decode_entry(&buf, body.len()).unwrap();

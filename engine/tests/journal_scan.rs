@@ -68,6 +68,7 @@ fn journal_with(
             operation: 2,
             entry_count,
             record_bytes: RECORD_BYTES,
+            request_count: 0,
         };
         let mut chain = checksum_previous;
         edit(&mut meta, &mut chain);

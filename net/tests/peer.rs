@@ -299,6 +299,7 @@ fn entry(op: u64) -> (Vec<u8>, u128) {
         operation: 1,
         entry_count: 3,
         record_bytes: 128,
+        request_count: 0,
     };
     let mut padded = vec![0u8; entry_bytes_padded(records.len())];
     let (_, checksum) = encode_entry(&mut padded, &meta, &records, 0);

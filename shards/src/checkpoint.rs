@@ -46,6 +46,8 @@
 
 #![deny(unsafe_code)]
 
+use percore_engine::journal::request_descriptors;
+use percore_engine::session::{RequestDescriptor, descriptors_valid};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
@@ -591,6 +593,7 @@ impl Follower {
         let records_max = self.config.body_bytes_max / record_bytes;
         let mut records: Vec<S::Record> = vec![bytemuck::Zeroable::zeroed(); records_max];
         let mut results: Vec<S::Result> = vec![bytemuck::Zeroable::zeroed(); records_max];
+        let mut requests = vec![RequestDescriptor::default(); records_max];
         // Sized and touched now, so that memory is taken at start-up, not at the first
         // checkpoint under load.
         // (A nonzero fill: a zeroed allocation may be mapped lazily and touch nothing.)
@@ -629,7 +632,8 @@ impl Follower {
                     return Ok(());
                 }
                 let (meta, body) = reader.next_entry()?;
-                apply(&mut machine, &meta, body, &mut records, &mut results);
+                let scratch = (&mut records[..], &mut requests[..], &mut results[..]);
+                apply(&mut machine, &meta, body, scratch);
                 ShardMetrics::set(&self.metrics.checkpoint_follower_op, meta.op);
             }
             if target == newest && newest > installed {
@@ -773,14 +777,27 @@ fn apply<S: StateMachine>(
     machine: &mut S,
     meta: &EntryMeta,
     body: &[u8],
-    records: &mut [S::Record],
-    results: &mut [S::Result],
+    (records, requests, results): (&mut [S::Record], &mut [RequestDescriptor], &mut [S::Result]),
 ) {
     let operation = S::Operation::try_from(meta.operation)
         .ok()
         .expect("the journal holds operations of this state machine");
-    let count = body.len() / size_of::<S::Record>();
-    bytemuck::cast_slice_mut::<S::Record, u8>(&mut records[..count]).copy_from_slice(body);
-    machine.apply(meta.op, operation, &records[..count], &mut results[..count]);
+    let (record_bytes, request_bytes) = body.split_at(meta.records_bytes());
+    let count = meta.entry_count as usize;
+    bytemuck::cast_slice_mut::<S::Record, u8>(&mut records[..count]).copy_from_slice(record_bytes);
+    let request_count = request_descriptors(request_bytes, requests)
+        .expect("the journal verified the descriptors' size");
+    let requests = &requests[..request_count];
+    assert!(
+        descriptors_valid(requests, count),
+        "the leader wrote valid descriptors"
+    );
+    machine.apply_requests(
+        meta.op,
+        operation,
+        &records[..count],
+        requests,
+        &mut results[..count],
+    );
     while machine.poll_outbound().is_some() {}
 }

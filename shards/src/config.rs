@@ -31,6 +31,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "accounts_max",
     "transfers_max",
     "credit_legs_max",
+    "session_clients_max",
     "listen",
     "client_port_base",
     "metrics",
@@ -83,6 +84,8 @@ pub struct NodeFile {
     pub transfers_max: Option<usize>,
     /// `--credit-legs-max`.
     pub credit_legs_max: Option<usize>,
+    /// `--session-clients-max`.
+    pub session_clients_max: Option<usize>,
     /// `--listen`.
     pub listen: Option<IpAddr>,
     /// `--client-port-base`.

@@ -22,8 +22,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use percore_engine::batch::{BatchController, BatchLimits, BatchLimitsError, SealReason};
+use percore_engine::journal::request_descriptors;
 use percore_engine::pool::{Handle, Pool, PoolError, PoolStats, TX_SLOT_BYTES, TxSlot};
 use percore_engine::ring::spsc;
+use percore_engine::session::{RequestDescriptor, descriptors_valid};
 use percore_engine::state_machine::{Outbound, RestoreError, StateMachine};
 
 use crate::metrics::ShardMetrics;
@@ -152,6 +154,9 @@ struct BatchBuffer {
     len: usize,
     records: Box<[TxSlot]>,
     origins: Box<[Origin]>,
+    /// Client requests among the records (each whole, in record order).
+    requests: Box<[RequestDescriptor]>,
+    request_count: usize,
 }
 
 impl fmt::Debug for BatchBuffer {
@@ -174,6 +179,19 @@ pub struct Sealed {
     pub reason: SealReason,
 }
 
+/// A sealed batch as the journal writes it: [`ShardCore::sealed_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct SealedBatch<'a> {
+    /// Its op.
+    pub op: u64,
+    /// The operation code of every record.
+    pub operation: u16,
+    /// The records' bytes.
+    pub records: &'a [u8],
+    /// The request descriptors' bytes.
+    pub requests: &'a [u8],
+}
+
 /// The sans-IO core of one shard. See the module docs.
 pub struct ShardCore<S: StateMachine> {
     config: CoreConfig,
@@ -187,6 +205,8 @@ pub struct ShardCore<S: StateMachine> {
     open: Option<(Handle, u64)>,
     /// Origin of each record in the transaction pool, indexed by slot.
     tx_origins: Box<[Origin]>,
+    /// The request a record starts, indexed by slot (`record_count == 0`: none).
+    tx_requests: Box<[RequestDescriptor]>,
     /// Sealed batches waiting to be applied, oldest first (capacity = batch pool).
     sealed: VecDeque<Handle>,
     /// Results of the batch being applied (capacity = entries cap).
@@ -194,6 +214,8 @@ pub struct ShardCore<S: StateMachine> {
     /// Aligned records of an op applied straight from the journal (capacity = entries
     /// cap): it must not wait for a batch buffer, which queued later ops may all hold.
     journal_records: Box<[TxSlot]>,
+    /// Request descriptors of such an op.
+    journal_requests: Box<[RequestDescriptor]>,
     op_sealed: u64,
     op_last: u64,
     /// Transaction slots kept for mesh traffic (see `submit`).
@@ -239,6 +261,8 @@ impl<S: StateMachine> ShardCore<S> {
             len: 0,
             records: bytemuck::allocation::zeroed_slice_box(entries_cap),
             origins: vec![Origin::Internal; entries_cap].into_boxed_slice(),
+            requests: vec![RequestDescriptor::default(); entries_cap].into_boxed_slice(),
+            request_count: 0,
         })?;
         let (ring_producer, ring_consumer) = spsc::channel(config.tx_ring_capacity);
         Ok(Self {
@@ -251,9 +275,11 @@ impl<S: StateMachine> ShardCore<S> {
             controller,
             open: None,
             tx_origins: vec![Origin::Internal; config.transactions].into_boxed_slice(),
+            tx_requests: vec![RequestDescriptor::default(); config.transactions].into_boxed_slice(),
             sealed: VecDeque::with_capacity(config.batches),
             results: bytemuck::allocation::zeroed_slice_box(entries_cap),
             journal_records: vec![TxSlot::ZEROED; entries_cap].into_boxed_slice(),
+            journal_requests: vec![RequestDescriptor::default(); entries_cap].into_boxed_slice(),
             op_sealed: 0,
             op_last: 0,
             mesh_reserve: config.transactions / 4,
@@ -332,6 +358,64 @@ impl<S: StateMachine> ShardCore<S> {
         record: &S::Record,
         origin: Origin,
     ) -> Result<(), Backpressure> {
+        self.submit_inner(operation, record, origin, RequestDescriptor::default())
+    }
+
+    /// Accepts one whole client request (`client_id`, `request_number`) of `operation`:
+    /// every record or none (then [`Backpressure`] and nothing was taken). Its records stay
+    /// together in one batch and the journal entry carries the request's descriptor, so the
+    /// session table applies it once however often it is retried ([`percore_engine::session`]).
+    /// `origin(i)` is record `i`'s origin.
+    ///
+    /// # Panics
+    /// If `records` is empty or longer than one batch holds (the caller sends such a request
+    /// record by record with [`ShardCore::submit`], without a session), or `client_id` is 0.
+    pub fn submit_request(
+        &mut self,
+        operation: S::Operation,
+        records: &[S::Record],
+        origin: impl Fn(u32) -> Origin,
+        client_id: u128,
+        request_number: u64,
+    ) -> Result<(), Backpressure> {
+        assert!(!records.is_empty() && records.len() <= self.request_records_max());
+        assert_ne!(client_id, 0, "client id 0 has no session");
+        if self.client_room() < records.len() {
+            return Err(Backpressure::PoolExhausted {
+                capacity: self.config.transactions,
+            });
+        }
+        for (index, record) in records.iter().enumerate() {
+            let request = if index == 0 {
+                RequestDescriptor {
+                    client_id,
+                    request_number,
+                    record_start: 0,
+                    record_count: records.len() as u32,
+                }
+            } else {
+                RequestDescriptor::default()
+            };
+            let submitted = self.submit_inner(operation, record, origin(index as u32), request);
+            // `client_room` counted pool and ring slots, and nothing else runs in between.
+            assert!(submitted.is_ok(), "room was checked for the whole request");
+        }
+        Ok(())
+    }
+
+    /// The largest request [`ShardCore::submit_request`] takes: one batch.
+    pub fn request_records_max(&self) -> usize {
+        self.controller.entries_cap()
+    }
+
+    #[inline]
+    fn submit_inner(
+        &mut self,
+        operation: S::Operation,
+        record: &S::Record,
+        origin: Origin,
+        request: RequestDescriptor,
+    ) -> Result<(), Backpressure> {
         let operation: u16 = operation.into();
         if matches!(origin, Origin::Local { .. } | Origin::Ingress { .. })
             && self.transactions.available() <= self.mesh_reserve
@@ -348,6 +432,7 @@ impl<S: StateMachine> ShardCore<S> {
             })?;
         *self.transactions.get_mut(slot) = TxSlot::from_record(*record);
         self.tx_origins[slot.index() as usize] = origin;
+        self.tx_requests[slot.index() as usize] = request;
         match self.ring_producer.push(TxRef { slot, operation }) {
             Ok(()) => Ok(()),
             Err(_) => {
@@ -380,6 +465,7 @@ impl<S: StateMachine> ShardCore<S> {
             let batch = self.batches.borrow().ok()?;
             let buffer = self.batches.get_mut(batch);
             buffer.len = 0;
+            buffer.request_count = 0;
             buffer.operation = self
                 .ring_consumer
                 .read_chunk(1)
@@ -395,13 +481,13 @@ impl<S: StateMachine> ShardCore<S> {
         // would cost one op (and one Prepare per follower) each and gain no latency, since a
         // turn's batches are made durable by the same group commit.
         let cap = self.controller.entries_cap();
-        let operation_changed = self.take_from_ring(batch, cap);
+        let boundary = self.take_from_ring(batch, cap);
         let buffer = self.batches.get(batch);
         let entries = buffer.len;
         let next_bytes = (entries + 1) * TX_SLOT_BYTES;
-        if operation_changed && entries > 0 {
-            // Batches are homogeneous: what waits behind this batch cannot join it, so
-            // lingering would only delay both.
+        if boundary && entries > 0 {
+            // Batches are homogeneous and requests are not split: what waits behind this
+            // batch cannot join it, so lingering would only delay both.
             return Some(self.seal(batch, SealReason::Drained, now_us));
         }
         let ring_empty = self.ring_consumer.available() == 0;
@@ -412,7 +498,8 @@ impl<S: StateMachine> ShardCore<S> {
     }
 
     /// Moves up to `target - len` records from the ring into the open batch, stopping at a
-    /// record of another operation. Returns whether it stopped for that reason.
+    /// record of another operation or at a client request that does not fit whole. Returns
+    /// whether it stopped for one of those reasons.
     fn take_from_ring(&mut self, batch: Handle, target: usize) -> bool {
         let buffer = self.batches.get_mut(batch);
         let room = target
@@ -428,6 +515,20 @@ impl<S: StateMachine> ShardCore<S> {
                 if tx.operation != operation {
                     operation_changed = true;
                     break;
+                }
+                let request = self.tx_requests[tx.slot.index() as usize];
+                if request.record_count > 0 {
+                    if taken + request.record_count as usize > room {
+                        // The request's records are all in the ring (submitted at once),
+                        // but not all fit: it starts the next batch.
+                        operation_changed = true;
+                        break;
+                    }
+                    buffer.requests[buffer.request_count] = RequestDescriptor {
+                        record_start: buffer.len as u32,
+                        ..request
+                    };
+                    buffer.request_count += 1;
                 }
                 let index = buffer.len;
                 buffer.records[index] = *self.transactions.get(tx.slot);
@@ -492,7 +593,9 @@ impl<S: StateMachine> ShardCore<S> {
             .expect("operations enter as S::Operation");
         let records: &[S::Record] = bytemuck::cast_slice(&buffer.records[..entries]);
         let results = &mut self.results[..entries];
-        self.state_machine.apply(op, operation, records, results);
+        let requests = &buffer.requests[..buffer.request_count];
+        self.state_machine
+            .apply_requests(op, operation, records, requests, results);
         let mut internal = 0u64;
         for (origin, result) in buffer.origins[..entries].iter().zip(results.iter()) {
             internal += u64::from(*origin == Origin::Internal);
@@ -514,10 +617,10 @@ impl<S: StateMachine> ShardCore<S> {
     /// # Panics
     /// If `op` does not follow the last op, or the operation code or record bytes do not
     /// belong to this state machine: the journal verified them, so that is a bug.
-    pub fn replay(&mut self, op: u64, operation: u16, body: &[u8]) {
+    pub fn replay(&mut self, op: u64, operation: u16, records: &[u8], requests: &[u8]) {
         assert!(self.is_idle(), "replay happens before any client traffic");
         assert_eq!(op, self.op_last + 1, "journal ops are consecutive");
-        self.apply_bytes(op, operation, body);
+        self.apply_bytes(op, operation, records, requests);
         while self.state_machine.poll_outbound().is_some() {}
     }
 
@@ -566,7 +669,13 @@ impl<S: StateMachine> ShardCore<S> {
     /// # Panics
     /// If `op` does not follow the last op queued, or the operation or record bytes are not
     /// this state machine's (the journal verified the entry, so that is a bug).
-    pub fn enqueue_replicated(&mut self, op: u64, operation: u16, body: &[u8]) -> bool {
+    pub fn enqueue_replicated(
+        &mut self,
+        op: u64,
+        operation: u16,
+        body: &[u8],
+        requests: &[u8],
+    ) -> bool {
         // Ops between the last queued and `op` may be in the journal only (after a restart
         // that replayed up to the commit number): `apply_from_journal` fills them.
         assert!(op > self.op_sealed, "replicated ops are queued in order");
@@ -589,6 +698,12 @@ impl<S: StateMachine> ShardCore<S> {
         bytemuck::cast_slice_mut::<TxSlot, u8>(&mut buffer.records[..entries])
             .copy_from_slice(body);
         buffer.origins[..entries].fill(Origin::Internal);
+        buffer.request_count = request_descriptors(requests, &mut buffer.requests)
+            .expect("the journal verified the descriptors' size");
+        assert!(
+            descriptors_valid(&buffer.requests[..buffer.request_count], entries),
+            "the leader wrote valid descriptors"
+        );
         buffer.len = entries;
         buffer.op = op;
         buffer.operation = operation;
@@ -610,20 +725,20 @@ impl<S: StateMachine> ShardCore<S> {
     /// # Panics
     /// If `op` is not the next op to apply or is queued, or the bytes are not this state
     /// machine's (the journal verified them).
-    pub fn apply_from_journal(&mut self, op: u64, operation: u16, body: &[u8]) {
+    pub fn apply_from_journal(&mut self, op: u64, operation: u16, body: &[u8], requests: &[u8]) {
         assert_eq!(op, self.op_last + 1, "ops apply in order");
         assert!(
             self.queued_front_op().is_none_or(|front| front > op),
             "a queued op is applied from its queue"
         );
-        let entries = self.apply_bytes(op, operation, body);
+        let entries = self.apply_bytes(op, operation, body, requests);
         ShardMetrics::add(&self.metrics.internal_applied_total, entries as u64);
     }
 
     /// Applies journal bytes as op `op` (the next one): copies them into the aligned
     /// scratch records (journal bytes need not be aligned) and makes `op` the last op.
     /// Returns the records applied.
-    fn apply_bytes(&mut self, op: u64, operation: u16, body: &[u8]) -> usize {
+    fn apply_bytes(&mut self, op: u64, operation: u16, body: &[u8], requests: &[u8]) -> usize {
         let operation = S::Operation::try_from(operation)
             .ok()
             .expect("the journal holds operations of this state machine");
@@ -637,8 +752,20 @@ impl<S: StateMachine> ShardCore<S> {
         bytemuck::cast_slice_mut::<TxSlot, u8>(&mut self.journal_records[..entries])
             .copy_from_slice(body);
         let records: &[S::Record] = bytemuck::cast_slice(&self.journal_records[..entries]);
-        self.state_machine
-            .apply(op, operation, records, &mut self.results[..entries]);
+        let request_count = request_descriptors(requests, &mut self.journal_requests)
+            .expect("the journal verified the descriptors' size");
+        let requests = &self.journal_requests[..request_count];
+        assert!(
+            descriptors_valid(requests, entries),
+            "the leader wrote valid descriptors"
+        );
+        self.state_machine.apply_requests(
+            op,
+            operation,
+            records,
+            requests,
+            &mut self.results[..entries],
+        );
         self.op_last = op;
         self.op_sealed = self.op_sealed.max(op);
         ShardMetrics::set(&self.metrics.commit_op, op);
@@ -691,16 +818,18 @@ impl<S: StateMachine> ShardCore<S> {
         self.op_sealed
     }
 
-    /// The operation code and records of the oldest sealed batch not yet applied, with its
-    /// op, as the journal writes them. `skip` selects a later sealed batch.
-    pub fn sealed_batch(&self, skip: usize) -> Option<(u64, u16, &[u8])> {
+    /// The operation code, records and request descriptors of the oldest sealed batch not
+    /// yet applied, with its op, as the journal writes them. `skip` selects a later sealed
+    /// batch.
+    pub fn sealed_batch(&self, skip: usize) -> Option<SealedBatch<'_>> {
         let batch = *self.sealed.get(skip)?;
         let buffer = self.batches.get(batch);
-        Some((
-            buffer.op,
-            buffer.operation,
-            bytemuck::cast_slice(&buffer.records[..buffer.len]),
-        ))
+        Some(SealedBatch {
+            op: buffer.op,
+            operation: buffer.operation,
+            records: bytemuck::cast_slice(&buffer.records[..buffer.len]),
+            requests: bytemuck::cast_slice(&buffer.requests[..buffer.request_count]),
+        })
     }
 
     /// Sealed batches waiting to be applied.

@@ -19,6 +19,7 @@ use percore_engine::journal::{
     self, Checkpoint, JournalChecksum, SUPERBLOCK_BYTES, Superblock, Tail,
 };
 use percore_engine::ledger::{Ledger, LedgerConfig};
+use percore_engine::session::{RequestDescriptor, Sessioned, descriptors_valid};
 use percore_engine::state_machine::StateMachine;
 
 /// What to inspect.
@@ -30,6 +31,8 @@ pub struct InspectConfig {
     pub body_bytes_max: usize,
     /// Replay into a ledger with these sizes and print balances.
     pub replay: Option<LedgerConfig>,
+    /// Client sessions of the replayed state machine (the node's `--session-clients-max`).
+    pub session_clients_max: usize,
 }
 
 /// Why inspection could not run.
@@ -119,7 +122,7 @@ fn superblock_read(dir: &Path, out: &mut String) -> Result<Option<Superblock>, I
 fn checkpoint_inspect(
     dir: &Path,
     superblock: &Superblock,
-    ledger: Option<&mut Ledger>,
+    ledger: Option<&mut Replayed>,
     out: &mut String,
 ) -> Result<bool, InspectError> {
     let checkpoint = superblock.checkpoint;
@@ -205,11 +208,15 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
     for (index, dir) in shards.iter().enumerate() {
         let _ = writeln!(out, "shard {index}: {}", dir.display());
         let mut ledger = config.replay.map(|ledger| {
-            Ledger::new(LedgerConfig {
-                shard_index: index as u32,
-                shard_count,
-                ..ledger
-            })
+            Sessioned::new(
+                Ledger::new(LedgerConfig {
+                    shard_index: index as u32,
+                    shard_count,
+                    ..ledger
+                }),
+                config.session_clients_max,
+                ledger.batch_entries_max,
+            )
         });
         let Some(superblock) = superblock_read(dir, &mut out)? else {
             problem = true;
@@ -220,7 +227,7 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
             continue;
         }
         problem |= segments_inspect(config, dir, &superblock, ledger.as_mut(), &mut out, index)?;
-        if let Some(ledger) = ledger {
+        if let Some(ledger) = ledger.as_ref().map(Sessioned::inner) {
             conservation += ledger.conservation_sum();
             in_flight += ledger.in_flight();
             for account in ledger.accounts() {
@@ -244,7 +251,7 @@ fn segments_inspect(
     config: &InspectConfig,
     dir: &Path,
     superblock: &Superblock,
-    mut ledger: Option<&mut Ledger>,
+    mut ledger: Option<&mut Replayed>,
     out: &mut String,
     index: usize,
 ) -> Result<bool, InspectError> {
@@ -352,17 +359,32 @@ fn segments_inspect(
     Ok(false)
 }
 
-fn replay_into(ledger: &mut Ledger, entry: &journal::DecodedEntry<'_>) {
+/// What `--replay` rebuilds: the node's state machine.
+type Replayed = Sessioned<Ledger>;
+
+fn replay_into(ledger: &mut Replayed, entry: &journal::DecodedEntry<'_>) {
     use percore_engine::record::{RecordResult, RecordSlot};
     let Ok(operation) = <Ledger as StateMachine>::Operation::try_from(entry.meta.operation) else {
         return;
     };
     let records: Vec<RecordSlot> = entry
-        .body
+        .records()
         .chunks_exact(128)
         .map(bytemuck::pod_read_unaligned)
         .collect();
     let mut results = vec![RecordResult { index: 0, code: 0 }; records.len()];
-    ledger.apply(entry.meta.op, operation, &records, &mut results);
+    let mut requests = vec![RequestDescriptor::default(); records.len()];
+    let request_count = journal::request_descriptors(entry.requests(), &mut requests)
+        .filter(|&count| descriptors_valid(&requests[..count], records.len()));
+    let Some(request_count) = request_count else {
+        return;
+    };
+    ledger.apply_requests(
+        entry.meta.op,
+        operation,
+        &records,
+        &requests[..request_count],
+        &mut results,
+    );
     while ledger.poll_outbound().is_some() {}
 }

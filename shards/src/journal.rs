@@ -984,10 +984,23 @@ impl Journal {
     /// the op: `meta.op` must be `op_last + 1` (counting staged entries). No I/O, no
     /// allocation.
     pub fn stage(&mut self, meta: EntryMeta, body: &[u8]) -> Result<(), JournalError> {
+        let split = body.len().min(meta.records_bytes());
+        self.stage_parts(meta, &body[..split], &body[split..])
+    }
+
+    /// [`Journal::stage`] of a body in two parts: the records and the request descriptors'
+    /// bytes.
+    pub fn stage_parts(
+        &mut self,
+        meta: EntryMeta,
+        records: &[u8],
+        requests: &[u8],
+    ) -> Result<(), JournalError> {
         self.check_usable()?;
-        if body.len() > self.config.body_bytes_max {
+        let body_len = records.len() + requests.len();
+        if body_len > self.config.body_bytes_max {
             return Err(JournalError::BatchTooLarge {
-                entry_bytes: body.len(),
+                entry_bytes: body_len,
                 entry_bytes_max: self.config.body_bytes_max,
             });
         }
@@ -999,23 +1012,23 @@ impl Journal {
                 shard_expected: self.config.shard,
             });
         }
-        if body.len() as u64 != u64::from(meta.entry_count) * u64::from(meta.record_bytes) {
+        if records.len() != meta.records_bytes() || body_len as u64 != meta.body_bytes() {
             return Err(JournalError::BodySizeMismatch {
-                body_bytes: body.len(),
+                body_bytes: body_len,
                 entry_count: meta.entry_count,
                 record_bytes: meta.record_bytes,
             });
         }
-        let entry_bytes_padded = format::entry_bytes_padded(body.len());
+        let entry_bytes_padded = format::entry_bytes_padded(body_len);
         let (position, start) = self.slot_reserve(entry_bytes_padded)?;
         let slot = &mut self.staging.as_bytes_mut()[start..start + entry_bytes_padded];
         // Writes the padding as zeros too: stale buffer contents never reach the disk.
         let (encoded_bytes, checksum) =
-            format::encode_entry(slot, &meta, body, self.checksum_staged);
+            format::encode_entry_parts(slot, &meta, records, requests, self.checksum_staged);
         assert_eq!(encoded_bytes, entry_bytes_padded);
         let staged = StagedEntry {
             staging_start: start,
-            entry_bytes: ENTRY_HEADER_BYTES + body.len(),
+            entry_bytes: ENTRY_HEADER_BYTES + body_len,
         };
         self.staged_append(position, staged, &meta, checksum);
         Ok(())

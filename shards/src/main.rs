@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use percore_engine::batch::BatchLimits;
 use percore_engine::ledger::{Ledger, LedgerConfig};
+use percore_engine::session::Sessioned;
 use percore_shards::loadgen::{self, BenchConfig};
 use std::path::PathBuf;
 
@@ -97,6 +98,12 @@ struct LedgerArgs {
     /// Cross-shard credit legs each shard may have in flight (unacknowledged) at once.
     #[arg(long, default_value_t = 65_536)]
     credit_legs_max: usize,
+    /// Client sessions each shard keeps (replicated state): a retried request of a client
+    /// with a session is applied once and answered with its original reply. Each holds 4
+    /// replies of up to one batch (about 32 KiB at the default batch size). Every replica of
+    /// a cluster must use the same value.
+    #[arg(long, default_value_t = percore_engine::session::SESSION_CLIENTS_MAX_DEFAULT)]
+    session_clients_max: usize,
 }
 
 impl LedgerArgs {
@@ -424,6 +431,7 @@ fn node_args_with_file(
         accounts_max,
         transfers_max,
         credit_legs_max,
+        session_clients_max,
         listen,
         client_port_base,
         metrics,
@@ -461,6 +469,7 @@ fn node_args_with_file(
         accounts_max => args.shards.ledger.accounts_max,
         transfers_max => args.shards.ledger.transfers_max,
         credit_legs_max => args.shards.ledger.credit_legs_max,
+        session_clients_max => args.shards.ledger.session_clients_max,
         listen => args.listen,
         client_port_base => args.client_port_base,
         metrics => args.metrics,
@@ -550,13 +559,21 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
             settings.peers
         );
     }
+    let session_clients_max = args.shards.ledger.session_clients_max;
+    let request_records_max = config
+        .batch
+        .entries_cap(percore_engine::record::RECORD_BYTES);
     let node = Node::start(config.clone(), move |shard, _| {
-        Ledger::with_hash_seed(
-            LedgerConfig {
-                shard_index: shard as u32,
-                ..ledger
-            },
-            seed,
+        Sessioned::new(
+            Ledger::with_hash_seed(
+                LedgerConfig {
+                    shard_index: shard as u32,
+                    ..ledger
+                },
+                seed,
+            ),
+            session_clients_max,
+            request_records_max,
         )
     })?;
     let stop = node.stop_flag();
@@ -710,6 +727,10 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
         ("--accounts-max", ledger.accounts_max.to_string()),
         ("--transfers-max", ledger.transfers_max.to_string()),
         ("--credit-legs-max", ledger.credit_legs_max.to_string()),
+        (
+            "--session-clients-max",
+            ledger.session_clients_max.to_string(),
+        ),
         ("--segment-mib", journal.segment_mib.to_string()),
         ("--cluster-id", format!("{:x}", journal.cluster_id)),
     ]
@@ -837,7 +858,10 @@ fn run_status(args: StatusArgs) -> Result<bool, Box<dyn std::error::Error>> {
 }
 
 fn run_inspect(args: InspectArgs) -> Result<bool, Box<dyn std::error::Error>> {
-    let body_bytes_max = args.batch_entries_max * percore_engine::record::RECORD_BYTES;
+    let body_bytes_max = percore_engine::journal::entry_body_bytes_max(
+        args.batch_entries_max,
+        percore_engine::record::RECORD_BYTES,
+    );
     let shards = std::fs::read_dir(&args.data_dir)?
         .filter_map(Result::ok)
         .filter(|entry| entry.file_name().to_string_lossy().starts_with("shard-"))
@@ -849,6 +873,7 @@ fn run_inspect(args: InspectArgs) -> Result<bool, Box<dyn std::error::Error>> {
         data_dir: args.data_dir,
         body_bytes_max,
         replay,
+        session_clients_max: args.ledger.session_clients_max,
     };
     let (report, problem) = percore_shards::inspect::run(&config)?;
     print!("{report}");

@@ -257,6 +257,7 @@ shard_metrics! {
     counter mesh_messages_sent_total: "Messages pushed into mesh rings to other shards.",
     counter mesh_messages_received_total: "Messages taken from mesh rings and handled.",
     counter pool_exhausted_total: "Borrows refused because a pool was exhausted (back-pressure).",
+    counter session_requests_total: "Client requests submitted whole with a session descriptor (applied once however often retried).",
     counter ring_full_total: "Pushes refused because a ring was full (back-pressure).",
     gauge commit_op: "Highest op number applied by this shard.",
     gauge ring_depth: "Entries waiting in the transaction ring at the last batcher turn.",

@@ -34,6 +34,9 @@ use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
 use percore_engine::journal::{ENTRY_HEADER_BYTES, EntryHeader, EntryMeta, entry_bytes_padded};
+use percore_engine::session::REQUEST_DESCRIPTOR_BYTES;
+
+use crate::core::SealedBatch;
 use percore_engine::message::{ClusterKey, Command, PEER_HEADER_BYTES, PeerHeader, field};
 use percore_engine::replica::{ACTIONS_MAX, Action, PrepareDisposition, Replica, Status};
 use percore_engine::state_machine::StateMachine;
@@ -1442,18 +1445,12 @@ where
         };
         sealed += 1;
         let core = shard.core.borrow();
-        let (op, operation, body) = core.sealed_batch(core.sealed_count() - 1).expect("sealed");
+        let sealed_batch = core.sealed_batch(core.sealed_count() - 1).expect("sealed");
+        let op = sealed_batch.op;
         debug_assert_eq!(op, batch.op);
         let view = replication.replica.borrow().view();
-        let meta = EntryMeta {
-            shard: shard.index as u32,
-            view,
-            op,
-            operation,
-            entry_count: (body.len() / record_bytes) as u32,
-            record_bytes: record_bytes as u32,
-        };
-        if let Err(error) = journal.stage(meta, body) {
+        let meta = entry_meta(shard.index, view, &sealed_batch, record_bytes);
+        if let Err(error) = journal.stage_parts(meta, sealed_batch.records, sealed_batch.requests) {
             panic!("shard {}: journal refused a batch: {error}", shard.index);
         }
         drop(core);
@@ -1570,6 +1567,7 @@ where
         }
         let entry_header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
         let body = &entry[ENTRY_HEADER_BYTES..];
+        let records_bytes = entry_header.entry_count as usize * entry_header.record_bytes as usize;
         // The core may have moved on during an await above (a StartView truncated its log;
         // the journal follows when the deferred Truncate runs): append only the next op of
         // both.
@@ -1597,11 +1595,12 @@ where
                 // Queued for apply while batch buffers last; beyond that (a long catch-up,
                 // or a log installed before any of it may apply) the op is applied from
                 // the journal once committed.
-                let queued =
-                    shard
-                        .core
-                        .borrow_mut()
-                        .enqueue_replicated(op, entry_header.operation, body);
+                let queued = shard.core.borrow_mut().enqueue_replicated(
+                    op,
+                    entry_header.operation,
+                    &body[..records_bytes],
+                    &body[records_bytes..],
+                );
                 // Not queued: applied from the journal (counted there).
                 let _queued = queued;
                 staged += 1;
@@ -1766,10 +1765,13 @@ async fn apply_from_journal<S: StateMachine>(
         && shard.core.borrow().queued_front_op() != Some(op);
     if applicable {
         let header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
+        let body = &entry[ENTRY_HEADER_BYTES..];
+        let records_bytes = header.entry_count as usize * header.record_bytes as usize;
         shard.core.borrow_mut().apply_from_journal(
             op,
             header.operation,
-            &entry[ENTRY_HEADER_BYTES..],
+            &body[..records_bytes],
+            &body[records_bytes..],
         );
         ShardMetrics::add(&shard.metrics.replication_applied_from_journal_total, 1);
     }
@@ -1803,4 +1805,22 @@ pub(crate) fn drain_expired<S: StateMachine>(shard: &Shard<S>) -> bool {
         now
     });
     seen.elapsed() > Duration::from_millis(DRAIN_TIMEOUT_MS)
+}
+
+/// The journal entry of a batch this shard sealed.
+pub(crate) fn entry_meta(
+    shard: usize,
+    view: u64,
+    batch: &SealedBatch<'_>,
+    record_bytes: usize,
+) -> EntryMeta {
+    EntryMeta {
+        shard: shard as u32,
+        view,
+        op: batch.op,
+        operation: batch.operation,
+        entry_count: (batch.records.len() / record_bytes) as u32,
+        record_bytes: record_bytes as u32,
+        request_count: (batch.requests.len() / REQUEST_DESCRIPTOR_BYTES) as u32,
+    }
 }

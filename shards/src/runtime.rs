@@ -36,7 +36,7 @@ use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
 use crate::journal::{Journal, JournalConfig, JournalError, JournalOptions};
 use crate::mesh::{Mesh, MeshEndpoint, MeshLinks, MeshMessage};
 use crate::metrics::{CommitGapClock, ShardMetrics};
-use percore_engine::journal::{EntryMeta, entry_bytes_padded};
+use percore_engine::journal::entry_bytes_padded;
 
 /// Default first client port; shard `i` listens on `client_port_base + i`.
 pub const CLIENT_PORT_BASE_DEFAULT: u16 = 7000;
@@ -614,7 +614,10 @@ impl<S: StateMachine> Shard<S> {
     /// Largest batch body (bytes) this shard seals or accepts.
     pub(crate) fn body_bytes_max(&self) -> usize {
         let record_bytes = size_of::<S::Record>();
-        self.config.batch.entries_cap(record_bytes) * record_bytes
+        percore_engine::journal::entry_body_bytes_max(
+            self.config.batch.entries_cap(record_bytes),
+            record_bytes,
+        )
     }
 
     fn stopping(&self) -> bool {
@@ -666,7 +669,10 @@ async fn open_journal<S: StateMachine>(
         shard: shard as u32,
         cluster_id: settings.cluster_id,
         segment_bytes: settings.segment_bytes,
-        body_bytes_max: config.batch.entries_cap(record_bytes) * record_bytes,
+        body_bytes_max: percore_engine::journal::entry_body_bytes_max(
+            config.batch.entries_cap(record_bytes),
+            record_bytes,
+        ),
         fsync: settings.fsync,
         write_buffer_bytes: JOURNAL_WRITE_BUFFER_BYTES,
     };
@@ -696,8 +702,12 @@ async fn open_journal<S: StateMachine>(
             Ok(())
         },
         |entry| {
-            core.borrow_mut()
-                .replay(entry.meta.op, entry.meta.operation, entry.body);
+            core.borrow_mut().replay(
+                entry.meta.op,
+                entry.meta.operation,
+                entry.records(),
+                entry.requests(),
+            );
             // The replica core compares its last ops' checksums with its peers'.
             if recent.len() == recent.capacity() {
                 recent.pop_front();
@@ -1264,7 +1274,16 @@ where
             connections[slot].remaining = count as u32;
             connections[slot].generation
         };
-        submit_all(shard, slot, generation, operation, &records[..count]).await;
+        let session = (envelope.client_id, envelope.request_number);
+        submit_all(
+            shard,
+            slot,
+            generation,
+            operation,
+            &records[..count],
+            session,
+        )
+        .await;
         // Wait for every record's result, then answer.
         while shard.connections.borrow()[slot].remaining > 0 {
             shard.connection_done[slot].wait().await;
@@ -1344,17 +1363,57 @@ async fn reject<S: StateMachine>(
 
 /// Routes each record to its owning shard: into the local core, or over the mesh. Waits
 /// (yielding to the batcher and mesh tasks) while the core or a mesh ring is full.
+///
+/// A request of a client with an id (`session.0 != 0`) whose records all live here and fit
+/// one batch goes in whole, with its session descriptor ([`ShardCore::submit_request`]): the
+/// session table then applies it once however often it is retried, on whichever replica
+/// leads. Other requests go record by record and rely on the state machine's idempotency.
 async fn submit_all<S>(
     shard: &Rc<Shard<S>>,
     slot: usize,
     generation: u16,
     operation: S::Operation,
     records: &[S::Record],
+    (client_id, request_number): (u128, u64),
 ) where
     S: StateMachine + 'static,
     S::Record: Send,
     S::Result: Send,
 {
+    let origin = |index: u32| Origin::Local {
+        connection: slot as u16,
+        generation,
+        index,
+    };
+    let whole = client_id != 0
+        && !records.is_empty()
+        && records.len() <= shard.core.borrow().request_records_max()
+        && records
+            .iter()
+            .all(|record| S::route(operation, record, shard.shards as u32) as usize == shard.index);
+    if whole {
+        loop {
+            let submitted = shard.core.borrow_mut().submit_request(
+                operation,
+                records,
+                origin,
+                client_id,
+                request_number,
+            );
+            match submitted {
+                Ok(()) => break,
+                Err(_) => {
+                    ShardMetrics::add(&shard.metrics.pool_exhausted_total, 1);
+                    shard.batcher.notify();
+                    shard.mesh.borrow_mut().ring_doorbells();
+                    futures_lite::future::yield_now().await;
+                }
+            }
+        }
+        ShardMetrics::add(&shard.metrics.session_requests_total, 1);
+        shard.batcher.notify();
+        return;
+    }
     let operation_code: u16 = operation.into();
     let mut forwarded = 0u64;
     for (index, record) in records.iter().enumerate() {
@@ -1671,13 +1730,11 @@ async fn journal_commit<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal
     let started = Instant::now();
     let record_bytes = size_of::<S::Record>();
     for index in 0..sealed {
-        let body_bytes = shard
-            .core
-            .borrow()
-            .sealed_batch(index)
-            .expect("sealed this turn")
-            .2
-            .len();
+        let body_bytes = {
+            let core = shard.core.borrow();
+            let batch = core.sealed_batch(index).expect("sealed this turn");
+            batch.records.len() + batch.requests.len()
+        };
         if journal.staged_bytes() + entry_bytes_padded(body_bytes) > JOURNAL_WRITE_BUFFER_BYTES {
             // Staging buffer full: commit what is staged first.
             if let Err(err) = journal.commit().await {
@@ -1688,16 +1745,9 @@ async fn journal_commit<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal
             }
         }
         let core = shard.core.borrow();
-        let (op, operation, body) = core.sealed_batch(index).expect("sealed this turn");
-        let meta = EntryMeta {
-            shard: shard.index as u32,
-            view: 0,
-            op,
-            operation,
-            entry_count: (body.len() / record_bytes) as u32,
-            record_bytes: record_bytes as u32,
-        };
-        if let Err(err) = journal.stage(meta, body) {
+        let batch = core.sealed_batch(index).expect("sealed this turn");
+        let meta = crate::replication::entry_meta(shard.index, 0, &batch, record_bytes);
+        if let Err(err) = journal.stage_parts(meta, batch.records, batch.requests) {
             panic!("shard {}: journal refused a batch: {err}", shard.index);
         }
     }

@@ -61,6 +61,7 @@ fn measure(fsync: FsyncPolicy) {
                         operation: 1,
                         entry_count: 1024,
                         record_bytes: 128,
+                        request_count: 0,
                     };
                     let before = allocations();
                     journal.stage(meta, &body).expect("stage");

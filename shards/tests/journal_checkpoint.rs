@@ -134,6 +134,7 @@ async fn append_and_apply(journal: &mut Journal, ledger: &mut Ledger, op: u64) {
         operation: operation.into(),
         entry_count: records.len() as u32,
         record_bytes: 128,
+        request_count: 0,
     };
     journal
         .stage(meta, bytemuck::cast_slice(&records))
@@ -205,6 +206,7 @@ async fn write_both(dir_checkpointed: &Path, dir_full: &Path) -> [u8; 32] {
             operation: operation.into(),
             entry_count: records.len() as u32,
             record_bytes: 128,
+            request_count: 0,
         };
         for journal in [&mut journal, &mut full] {
             journal.stage(meta, body).expect("stage");
@@ -496,6 +498,7 @@ fn checkpoint_stall_at_the_default_ledger_size() {
             operation: LedgerOperation::CreateTransfers.into(),
             entry_count: 1,
             record_bytes: 128,
+            request_count: 0,
         };
         let mut snapshot = Vec::new();
         let mut runs = Vec::new();
@@ -659,6 +662,7 @@ fn the_journal_reader_crosses_segments_and_stops_at_a_damaged_entry() {
                     operation: operation.into(),
                     entry_count: records.len() as u32,
                     record_bytes: 128,
+                    request_count: 0,
                 };
                 let body: &[u8] = bytemuck::cast_slice(&records);
                 journal.stage(meta, body).expect("stage");

@@ -65,6 +65,7 @@ fn batch(op: u64, records: u32, salt: u8) -> Batch {
             operation: 1 + (op % 3) as u16,
             entry_count: records,
             record_bytes: RECORD_BYTES,
+            request_count: 0,
         },
         body,
     }
@@ -930,6 +931,7 @@ async fn measure_journal(
                 operation: 1,
                 entry_count: 1024,
                 record_bytes: 128,
+                request_count: 0,
             };
             journal.stage(meta, &body).expect("stage");
             op += 1;

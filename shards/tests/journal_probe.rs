@@ -61,6 +61,7 @@ fn journal_recovers_after_an_empty_file_fooled_the_poll_probe() {
                     operation: 2,
                     entry_count: (body.len() / 128) as u32,
                     record_bytes: 128,
+                    request_count: 0,
                 };
                 journal.stage(meta, &body).expect("stage");
                 written.push((meta, body));

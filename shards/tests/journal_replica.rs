@@ -78,6 +78,7 @@ fn batch(shard: u32, op: u64, salt: u8) -> (EntryMeta, Vec<u8>) {
         operation: 1 + (op % 3) as u16,
         entry_count: records,
         record_bytes: RECORD_BYTES,
+        request_count: 0,
     };
     (meta, body)
 }

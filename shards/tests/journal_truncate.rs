@@ -93,6 +93,7 @@ fn batch(op: u64, salt: u8) -> (EntryMeta, Vec<u8>) {
         operation: 1,
         entry_count: records,
         record_bytes: RECORD_BYTES,
+        request_count: 0,
     };
     (meta, body)
 }

@@ -919,7 +919,8 @@ fn leader_killed_fails_over() {
             expected.insert(*id, FUNDING as i128);
         }
     }
-    // Load that accepts `Exists` (a retry of a transfer that committed before the crash).
+    // Load through the crash: a retry of a request that committed before it must get its
+    // original reply (sessions), which the load counts.
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let stop = stop.clone();
@@ -929,6 +930,7 @@ fn leader_killed_fails_over() {
             let mut rng = Rng(0xFA11);
             let mut next_id = 2u128 << 100;
             let mut applied = Vec::new();
+            let mut exists = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let transfers =
                     random_transfers(&mut rng, &accounts, &mut next_id, TRANSFERS_PER_REQUEST);
@@ -940,15 +942,24 @@ fn leader_killed_fails_over() {
                     if r.code == CreateTransferResult::CreditLegsInFlightFull as u32 {
                         continue;
                     }
+                    // Sessions answer a retried request with its original results, so a
+                    // retry after a fault sees `Ok`, never `Exists` (the ledger's answer to
+                    // an id it applied before, which is what a retry got without them).
                     assert!(
                         r.code == CreateTransferResult::Ok as u32
                             || r.code == CreateTransferResult::Exists as u32,
                         "transfer {t:?}: {r:?}"
                     );
+                    exists += u64::from(r.code == CreateTransferResult::Exists as u32);
                     applied.push(*t);
                 }
             }
-            (applied, client.redirects(), client.leader_hints().to_vec())
+            (
+                applied,
+                client.redirects(),
+                client.leader_hints().to_vec(),
+                exists,
+            )
         })
     };
     let commit_of = |harness: &Harness, replica: usize, shard: usize| {
@@ -984,8 +995,12 @@ fn leader_killed_fails_over() {
         caught_up.then_some(())
     });
     stop.store(true, Ordering::Relaxed);
-    let (applied, redirects, hints) = load.join().expect("load thread");
+    let (applied, redirects, hints, exists) = load.join().expect("load thread");
     assert!(redirects > 0, "the client followed the leader");
+    assert_eq!(
+        exists, 0,
+        "a retried request was answered `Exists`, not its original reply"
+    );
     assert_eq!(hints[0], 1, "the client found group 0's new leader");
     for t in &applied {
         *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
@@ -1079,13 +1094,14 @@ fn funded_balances(accounts: &[Vec<u128>]) -> HashMap<u128, i128> {
     expected
 }
 
-/// What a [`FollowingLoad`] saw: the transfers acknowledged as applied (`Ok`, or `Exists`
-/// for a retry of one that committed before a fault), the client's redirects and its final
-/// leader hints.
+/// What a [`FollowingLoad`] saw: the transfers acknowledged as applied, the client's
+/// redirects and its final leader hints.
 struct LoadOutcome {
     applied: Vec<Transfer>,
     redirects: u64,
     hints: Vec<usize>,
+    /// Results `Exists`: a retry answered by id idempotency instead of its session.
+    exists: u64,
 }
 
 /// Client load across faults, as in [`leader_killed_fails_over`]: every request must be
@@ -1103,6 +1119,7 @@ impl FollowingLoad {
         let thread = std::thread::spawn(move || {
             let (mut rng, mut next_id) = (Rng(seed), first_id);
             let mut applied = Vec::new();
+            let mut exists = 0u64;
             while !stopping.load(Ordering::Relaxed) {
                 let transfers =
                     random_transfers(&mut rng, &accounts, &mut next_id, TRANSFERS_PER_REQUEST);
@@ -1114,11 +1131,15 @@ impl FollowingLoad {
                     if r.code == CreateTransferResult::CreditLegsInFlightFull as u32 {
                         continue;
                     }
+                    // Sessions answer a retried request with its original results, so a
+                    // retry after a fault sees `Ok`, never `Exists` (the ledger's answer to
+                    // an id it applied before, which is what a retry got without them).
                     assert!(
                         r.code == CreateTransferResult::Ok as u32
                             || r.code == CreateTransferResult::Exists as u32,
                         "transfer {t:?}: {r:?}"
                     );
+                    exists += u64::from(r.code == CreateTransferResult::Exists as u32);
                     applied.push(*t);
                 }
             }
@@ -1126,6 +1147,7 @@ impl FollowingLoad {
                 applied,
                 redirects: client.redirects(),
                 hints: client.leader_hints().to_vec(),
+                exists,
             }
         });
         Self { stop, thread }
@@ -1137,7 +1159,12 @@ impl FollowingLoad {
 
     fn finish(self) -> LoadOutcome {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("load thread")
+        let outcome = self.thread.join().expect("load thread");
+        assert_eq!(
+            outcome.exists, 0,
+            "a retried request was answered `Exists`, not its original reply"
+        );
+        outcome
     }
 }
 

@@ -1582,6 +1582,7 @@ impl World {
                 operation: operation.into(),
                 entry_count: records.len() as u32,
                 record_bytes: RECORD_BYTES as u32,
+                request_count: 0,
             };
             let body: &[u8] = bytemuck::cast_slice(&records);
             let checksum_previous = n.disk.checksum_head();

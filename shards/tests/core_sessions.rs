@@ -1,0 +1,218 @@
+//! Client sessions through the shard core: a request submitted whole stays in one batch with
+//! its descriptor, a retry is answered with the original results and applied once, and the
+//! steady state still allocates nothing.
+
+use std::sync::Arc;
+
+use percore_engine::batch::BatchLimits;
+use percore_engine::journal::request_descriptors;
+use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation};
+use percore_engine::record::{CreateTransferResult, RecordResult, RecordSlot, account_flags};
+use percore_engine::session::{RequestDescriptor, Sessioned};
+use percore_engine::state_machine::StateMachine;
+use percore_shards::core::{CoreConfig, Origin, ShardCore};
+use percore_shards::loadgen::{account, accounts_of_shard, transfer};
+use percore_shards::metrics::ShardMetrics;
+
+#[path = "../../tests/support/counting_allocator.rs"]
+mod counting_allocator;
+
+use counting_allocator::{CountingAllocator, allocations};
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+const ENTRIES_MAX: usize = 10;
+const CLIENT: u128 = 0xc1;
+
+type Core = ShardCore<Sessioned<Ledger>>;
+
+fn core() -> Core {
+    let ledger = Ledger::new(LedgerConfig {
+        shard_index: 0,
+        shard_count: 1,
+        accounts_max: 64,
+        transfers_max: 4_096,
+        credit_legs_in_flight_max: 64,
+        batch_entries_max: ENTRIES_MAX,
+    });
+    let config = CoreConfig {
+        shard: 0,
+        shard_count: 1,
+        transactions: 256,
+        batches: 16,
+        tx_ring_capacity: 256,
+        batch: BatchLimits {
+            entries_max: ENTRIES_MAX,
+            entries_min: 1,
+            linger_us_max: 0,
+            ..BatchLimits::default()
+        },
+    };
+    let machine = Sessioned::new(ledger, 8, ENTRIES_MAX);
+    ShardCore::new(config, machine, Arc::new(ShardMetrics::new(0))).expect("valid config")
+}
+
+fn origin(index: u32) -> Origin {
+    Origin::Local {
+        connection: 0,
+        generation: 1,
+        index,
+    }
+}
+
+/// Seals and applies everything waiting; returns the results and each batch's (records,
+/// descriptors).
+fn drain(
+    core: &mut Core,
+    now_us: &mut u64,
+) -> (Vec<RecordResult>, Vec<(usize, Vec<RequestDescriptor>)>) {
+    let mut results = Vec::new();
+    let mut batches = Vec::new();
+    while !core.is_idle() {
+        *now_us += 10;
+        core.observe_depth();
+        if core.poll_seal(*now_us).is_some() {
+            let batch = core.sealed_batch(0).expect("sealed");
+            let mut requests = vec![RequestDescriptor::default(); ENTRIES_MAX];
+            let count = request_descriptors(batch.requests, &mut requests).expect("whole");
+            requests.truncate(count);
+            batches.push((batch.records.len() / 128, requests));
+            core.apply_next(|_, result| results.push(*result))
+                .expect("a sealed batch");
+        }
+    }
+    (results, batches)
+}
+
+fn transfers(ids: std::ops::Range<u128>, debit: u128, credit: u128) -> Vec<RecordSlot> {
+    ids.map(|id| RecordSlot::from_transfer(&transfer(id, debit, credit, 1)))
+        .collect()
+}
+
+#[test]
+fn requests_stay_whole_retries_answer_the_original_and_nothing_allocates() {
+    let mut core = core();
+    let mut now_us = 0;
+    let ids = accounts_of_shard(0, 1, 2);
+    for (index, id) in ids.iter().enumerate() {
+        let record = RecordSlot::from_account(&account(*id, account_flags::ALLOW_NEGATIVE));
+        core.submit(
+            LedgerOperation::CreateAccounts,
+            &record,
+            origin(index as u32),
+        )
+        .expect("room");
+    }
+    drain(&mut core, &mut now_us);
+
+    // Three requests of 4 records into batches of at most 10: the third must not be split.
+    let requests: Vec<Vec<RecordSlot>> = (0..3u128)
+        .map(|r| transfers(100 + 10 * r..104 + 10 * r, ids[0], ids[1]))
+        .collect();
+    for (number, records) in requests.iter().enumerate() {
+        core.submit_request(
+            LedgerOperation::CreateTransfers,
+            records,
+            origin,
+            CLIENT,
+            number as u64 + 1,
+        )
+        .expect("room");
+    }
+    let (results, batches) = drain(&mut core, &mut now_us);
+    assert_eq!(results.len(), 12);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.code == CreateTransferResult::Ok as u32)
+    );
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    assert_eq!(batches[0].0, 8, "two whole requests, not ten records");
+    assert_eq!(
+        batches[0].1,
+        [
+            RequestDescriptor {
+                client_id: CLIENT,
+                request_number: 1,
+                record_start: 0,
+                record_count: 4
+            },
+            RequestDescriptor {
+                client_id: CLIENT,
+                request_number: 2,
+                record_start: 4,
+                record_count: 4
+            },
+        ]
+    );
+    assert_eq!(batches[1].1[0].record_start, 0);
+
+    // The retry of request 3 (after a leader change, say): the original results (`Ok`, not
+    // `Exists`), and the ledger does not see it again.
+    let balance = |core: &Core| core.state_machine().inner().digest();
+    let before = balance(&core);
+    core.submit_request(
+        LedgerOperation::CreateTransfers,
+        &requests[2],
+        origin,
+        CLIENT,
+        3,
+    )
+    .expect("room");
+    let (results, _) = drain(&mut core, &mut now_us);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.code == CreateTransferResult::Ok as u32)
+    );
+    let stats = core.state_machine().sessions().stats();
+    assert_eq!((stats.applied, stats.replayed, stats.fallbacks), (3, 1, 0));
+    // The ledger applied nothing: only its op counter moved (not in the digest's accounts).
+    assert_eq!(before, balance(&core));
+
+    // Steady state with sessions allocates nothing: new requests and retries.
+    let steady: Vec<Vec<RecordSlot>> = (0..64u128)
+        .map(|r| transfers(1_000 + 10 * r..1_005 + 10 * r, ids[1], ids[0]))
+        .collect();
+    let mut results = Vec::with_capacity(16);
+    let before = allocations();
+    for (k, records) in steady.iter().enumerate() {
+        let number = 4 + k as u64;
+        for _attempt in 0..2 {
+            core.submit_request(
+                LedgerOperation::CreateTransfers,
+                records,
+                origin,
+                CLIENT,
+                number,
+            )
+            .expect("room");
+            while !core.is_idle() {
+                now_us += 10;
+                core.observe_depth();
+                if core.poll_seal(now_us).is_some() {
+                    results.clear();
+                    core.apply_next(|_, result| {
+                        if results.len() < results.capacity() {
+                            results.push(*result);
+                        }
+                    })
+                    .expect("a sealed batch");
+                    assert!(
+                        results
+                            .iter()
+                            .all(|r| r.code == CreateTransferResult::Ok as u32)
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(
+        allocations(),
+        before,
+        "sessions allocate nothing per request"
+    );
+    let stats = core.state_machine().sessions().stats();
+    assert_eq!((stats.applied, stats.replayed), (3 + 64, 1 + 64));
+}
