@@ -8,6 +8,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod batch;
+pub mod bft;
 pub mod checksum;
 pub mod frame;
 pub mod journal;

@@ -45,6 +45,9 @@ enum Command {
     Inspect(InspectArgs),
     /// Write a new random 256-bit cluster key (64 hex digits) for `node --cluster-key-file`.
     ClusterKey(ClusterKeyArgs),
+    /// BFT mode: write one ed25519 secret-key file per replica (replica-N.key, mode 0600)
+    /// and the cluster file listing every public key (cluster.keys) into a new directory.
+    Keygen(KeygenArgs),
     /// Scrape every node's metrics twice and print, per node and shard: role, view, commit
     /// op, durable op, peer lag and connections, TPS and the peers digest (exit status 1 if
     /// a node is down or the peers digests differ).
@@ -274,6 +277,19 @@ impl ReplicationArgs {
 #[derive(Debug, Args)]
 struct ClusterKeyArgs {
     /// Where to write the key (created with mode 0600; an existing file is kept).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Replicas in the group (n).
+    #[arg(long)]
+    replicas: usize,
+    /// Byzantine replicas to tolerate (f); n must be at least 3f + 1. Default: (n - 1) / 3.
+    #[arg(long)]
+    faults: Option<u8>,
+    /// Directory to create (it must not exist, or be empty).
     #[arg(long)]
     out: PathBuf,
 }
@@ -880,6 +896,61 @@ fn run_inspect(args: InspectArgs) -> Result<bool, Box<dyn std::error::Error>> {
     Ok(problem)
 }
 
+/// `percore keygen`: seeds from the OS CSPRNG (getrandom), one 0600 file per secret key,
+/// then the cluster file. Nothing is written if the fault model is refused.
+fn run_keygen(args: KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use percore_engine::bft::{SigningKey, keys};
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let faults_max = args
+        .faults
+        .unwrap_or(u8::try_from(args.replicas.saturating_sub(1) / 3).unwrap_or(u8::MAX));
+    percore_engine::bft::check_fault_model(args.replicas, faults_max)?;
+    std::fs::create_dir_all(&args.out)?;
+    if std::fs::read_dir(&args.out)?.next().is_some() {
+        return Err(format!(
+            "{} is not empty: refusing to overwrite keys",
+            args.out.display()
+        )
+        .into());
+    }
+    let mut public = Vec::with_capacity(args.replicas);
+    for replica in 0..args.replicas {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|error| format!("OS random source: {error}"))?;
+        let key = SigningKey::from_bytes(&seed);
+        seed.fill(0);
+        public.push(key.verifying_key());
+        let path = args.out.join(format!("replica-{replica}.key"));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(keys::format_secret_key(replica as u8, &key).as_bytes())?;
+        file.sync_all()?;
+    }
+    let cluster = keys::ClusterKeys {
+        faults_max,
+        keys: public,
+    };
+    let path = args.out.join("cluster.keys");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&path)?;
+    file.write_all(keys::format_cluster(&cluster).as_bytes())?;
+    file.sync_all()?;
+    say!(
+        "wrote replica-0.key .. replica-{}.key (mode 0600) and {} (n = {}, f = {faults_max})",
+        args.replicas - 1,
+        path.display(),
+        args.replicas
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     init_tracing();
     // Parsed in two steps so `node --config` can tell flags given from defaults.
@@ -898,6 +969,7 @@ fn main() -> ExitCode {
         Command::ClusterKey(args) => replication::cluster_key_write(&args.out)
             .map(|()| say!("cluster key written to {}", args.out.display()))
             .map_err(Into::into),
+        Command::Keygen(args) => run_keygen(args),
         Command::Inspect(args) => match run_inspect(args) {
             Ok(false) => Ok(()),
             Ok(true) => return ExitCode::FAILURE,
@@ -916,6 +988,51 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keygen_writes_keys_that_parse_and_refuses_too_few_replicas() {
+        use percore_engine::bft::keys;
+        use std::os::unix::fs::PermissionsExt as _;
+        let out = std::env::temp_dir().join(format!("percore-keygen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let refused = run_keygen(KeygenArgs {
+            replicas: 3,
+            faults: Some(1),
+            out: out.clone(),
+        });
+        assert!(refused.unwrap_err().to_string().contains("3f + 1"));
+        assert!(!out.exists(), "nothing written for a refused configuration");
+        run_keygen(KeygenArgs {
+            replicas: 4,
+            faults: None,
+            out: out.clone(),
+        })
+        .expect("keygen");
+        let cluster =
+            keys::parse_cluster(&std::fs::read_to_string(out.join("cluster.keys")).unwrap())
+                .expect("cluster file");
+        assert_eq!((cluster.keys.len(), cluster.faults_max), (4, 1));
+        for replica in 0..4u8 {
+            let path = out.join(format!("replica-{replica}.key"));
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            let secret = keys::parse_secret_key(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert_eq!(secret.replica, replica);
+            assert_eq!(
+                secret.key.verifying_key(),
+                cluster.keys[usize::from(replica)]
+            );
+        }
+        assert!(
+            run_keygen(KeygenArgs {
+                replicas: 4,
+                faults: None,
+                out: out.clone()
+            })
+            .is_err()
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 
     #[test]
     fn every_node_flag_has_a_config_file_key() {

@@ -769,10 +769,12 @@ fn follower_behind_retention_syncs_from_a_checkpoint() {
             })
             .then_some(())
     });
+    // Received first: a chunk counted as received was counted as served before it was
+    // sent, so reading in this order can only make `served` larger (a sync may still run).
+    let received = harness.metric_sum(2, "percore_state_sync_bytes_total");
     let served: u64 = (0..2)
         .map(|replica| harness.metric_sum(replica, "percore_state_sync_bytes_served_total"))
         .sum();
-    let received = harness.metric_sum(2, "percore_state_sync_bytes_total");
     eprintln!(
         "commits {at_kill:?} at kill, {at_restart:?} at restart; snapshot bytes served \
          {served}, received {received}"

@@ -1,0 +1,347 @@
+//! Byzantine-fault-tolerant replication (phase 1): a PBFT-shaped, sans-IO replica core for
+//! one replication group of `n >= 3f + 1` replicas, next to the crash-fault core of
+//! [`crate::replica`]. `docs/bft.md` describes the protocol, its threat model and what is
+//! still missing.
+//!
+//! The leader of view `v` proposes `(v, op, blake3(batch))`; backups sign Prepares; a replica
+//! holding a prepared certificate (the proposal and `quorum − 1` Prepares) signs a Commit;
+//! `quorum` matching Commits (`2f + 1` for `n = 3f + 1`) commit the batch, and batches are
+//! handed to the caller in op order ([`Action::Commit`]). Every `checkpoint_interval_ops`
+//! ops replicas sign the chain digest of their log; `quorum` of those make a stable
+//! checkpoint, the low watermark moves and older slots are forgotten. A leader that makes
+//! no progress, or that is caught equivocating, is replaced by a view change carrying
+//! certificates. Two validly signed, conflicting statements from one replica are kept as
+//! [`Evidence`] and counted in [`BftMetrics`].
+//!
+//! This module performs no I/O, reads no clock and draws no randomness: every input
+//! carries `now_us`, signing keys are handed in, ed25519 signing is deterministic, and
+//! decisions come back as [`Action`]s in a caller-owned buffer. Every message is checked
+//! (signer known, strict signature, view, window) before it changes any state; a message
+//! that fails is dropped with a typed [`BftError`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod keys;
+pub mod message;
+mod replica;
+
+pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
+pub use message::{
+    CheckpointCert, CommitCert, Committee, Digest, Evidence, Message, NewView, PreparedCert,
+    PreparedEntry, ViewChange, Vote, VoteKind, batch_digest, chain_digest,
+};
+pub use replica::{BftReplica, NewViewPlan, Status, new_view_plan};
+
+/// Most replicas a BFT group may have (`f = 2` at `n = 7`; replica sets fit a `u8`).
+pub const REPLICA_COUNT_MAX: usize = 7;
+/// Default ops between checkpoints (`K`).
+pub const CHECKPOINT_INTERVAL_OPS_DEFAULT: u64 = 16;
+/// Default log window: ops above the low watermark a replica accepts (`L = 2K`, so the
+/// leader keeps proposing while the next checkpoint becomes stable).
+pub const LOG_WINDOW_OPS_DEFAULT: u64 = 2 * CHECKPOINT_INTERVAL_OPS_DEFAULT;
+/// Largest log window a configuration may ask for (slots are allocated at start-up).
+pub const LOG_WINDOW_OPS_LIMIT: u64 = 1_024;
+/// Default largest batch a PrePrepare may carry (bytes).
+pub const BATCH_BYTES_MAX_DEFAULT: usize = 1 << 20;
+/// Default time without commit progress, with work pending, before a replica suspects the
+/// leader (µs).
+pub const PROGRESS_TIMEOUT_US_DEFAULT: u64 = 200_000;
+/// Default time a view change may take before the next view is tried (µs); doubles with
+/// each failed attempt, up to [`VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT`].
+pub const VIEW_CHANGE_TIMEOUT_US_DEFAULT: u64 = 200_000;
+/// See [`VIEW_CHANGE_TIMEOUT_US_DEFAULT`].
+pub const VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT: u64 = 3_200_000;
+/// Default interval at which unanswered votes, proposals and view changes are sent again
+/// (µs): the network may drop anything.
+pub const RESEND_INTERVAL_US_DEFAULT: u64 = 40_000;
+/// Default interval of `Status` reports (µs).
+pub const STATUS_INTERVAL_US_DEFAULT: u64 = 60_000;
+/// Default most `CommitProof`s one `Status` is answered with.
+pub const CATCHUP_OPS_MAX_DEFAULT: u64 = 16;
+/// A view change for a view further than this above the current one is refused: a
+/// Byzantine replica cannot make others verify an unbounded run of views.
+pub const VIEW_AHEAD_MAX: u64 = 64;
+/// Evidence records kept (the metrics count every one found).
+pub const EVIDENCE_KEPT_MAX: usize = 16;
+/// Checkpoint votes kept per replica (its latest ones above the low watermark).
+pub const CHECKPOINT_VOTES_KEPT_PER_REPLICA: usize = 4;
+
+const _: () = assert!(REPLICA_COUNT_MAX <= 8);
+const _: () = assert!(LOG_WINDOW_OPS_DEFAULT.is_multiple_of(CHECKPOINT_INTERVAL_OPS_DEFAULT));
+const _: () = assert!(LOG_WINDOW_OPS_DEFAULT >= 2 * CHECKPOINT_INTERVAL_OPS_DEFAULT);
+const _: () = assert!(LOG_WINDOW_OPS_DEFAULT <= LOG_WINDOW_OPS_LIMIT);
+const _: () = assert!(VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT >= VIEW_CHANGE_TIMEOUT_US_DEFAULT);
+const _: () = assert!(PROGRESS_TIMEOUT_US_DEFAULT >= 4 * RESEND_INTERVAL_US_DEFAULT);
+
+/// Why a BFT configuration, message or proposal is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BftError {
+    /// `n < 3f + 1`: the group cannot tolerate the requested faults.
+    #[error(
+        "n = {replica_count} replicas cannot tolerate f = {faults_max} Byzantine faults: BFT \
+         needs n >= 3f + 1 = {} replicas",
+        3 * u32::from(*faults_max) + 1
+    )]
+    TooFewReplicas {
+        /// Replicas configured (`n`).
+        replica_count: usize,
+        /// Byzantine replicas asked for (`f`).
+        faults_max: u8,
+    },
+    /// More replicas than [`REPLICA_COUNT_MAX`].
+    #[error("{0} replicas: at most {REPLICA_COUNT_MAX} per group")]
+    TooManyReplicas(usize),
+    /// A limit is zero or out of range.
+    #[error("limit {0} is out of range")]
+    Limit(&'static str),
+    /// A public key of the committee is weak (small order).
+    #[error("replica {0} has a weak public key")]
+    WeakKey(u8),
+    /// The replica's signing key is not the committee's key for its index.
+    #[error("the signing key is not replica {0}'s key in the cluster file")]
+    KeyMismatch(u8),
+    /// A signer that is not in the committee.
+    #[error("unknown signer {0}")]
+    UnknownSigner(u8),
+    /// A signature that `verify_strict` refuses.
+    #[error("bad {kind:?} signature from replica {replica}")]
+    BadSignature {
+        /// Claimed signer.
+        replica: u8,
+        /// What it claimed to sign.
+        kind: VoteKind,
+    },
+    /// A statement for a view this replica is not in (or not in normal status for).
+    #[error("message for view {view}; this replica is in view {current}")]
+    WrongView {
+        /// The message's view.
+        view: u64,
+        /// This replica's view.
+        current: u64,
+    },
+    /// An op outside the log window `(low, low + log_window_ops]`.
+    #[error("op {op} is outside the window ({low}, {high}]")]
+    OutOfWindow {
+        /// The op.
+        op: u64,
+        /// Low watermark.
+        low: u64,
+        /// High watermark.
+        high: u64,
+    },
+    /// A proposal signed by a replica that does not lead its view, or a Prepare signed by
+    /// the leader, or a statement of the wrong kind for the message.
+    #[error("{0}")]
+    WrongSender(&'static str),
+    /// Batch bytes that do not hash to the signed digest.
+    #[error("op {op}: batch does not match its digest")]
+    BatchDigestMismatch {
+        /// The op.
+        op: u64,
+    },
+    /// A batch above `batch_bytes_max`.
+    #[error("batch of {bytes} bytes is above the limit")]
+    BatchTooLarge {
+        /// Its size.
+        bytes: usize,
+    },
+    /// A certificate that does not prove what it claims.
+    #[error("invalid certificate: {0}")]
+    InvalidCertificate(&'static str),
+    /// The message conflicts with a validly signed earlier one from the same signer; the
+    /// pair is kept as evidence.
+    #[error("replica {0} equivocated; evidence kept")]
+    Equivocation(u8),
+    /// Nothing new (a duplicate, an old op, a proof of something already known).
+    #[error("stale message")]
+    Stale,
+    /// Propose: this replica is not the ready leader of its view.
+    #[error("not the ready leader")]
+    NotLeader,
+    /// Propose: the log window is full until the next checkpoint is stable.
+    #[error("log window full")]
+    WindowFull,
+    /// Propose: an empty batch (the empty batch is the null op).
+    #[error("empty batch")]
+    EmptyBatch,
+}
+
+/// Checks `n >= 3f + 1` and `n <= REPLICA_COUNT_MAX`.
+pub fn check_fault_model(replica_count: usize, faults_max: u8) -> Result<(), BftError> {
+    if replica_count > REPLICA_COUNT_MAX {
+        return Err(BftError::TooManyReplicas(replica_count));
+    }
+    if replica_count < 3 * usize::from(faults_max) + 1 {
+        return Err(BftError::TooFewReplicas {
+            replica_count,
+            faults_max,
+        });
+    }
+    Ok(())
+}
+
+/// A bug the simulator injects on purpose, to show that its checkers catch it. Never set
+/// outside tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedBug {
+    /// Prepared with one Prepare fewer and committed with one Commit fewer than a quorum
+    /// (`2f` instead of `2f + 1` at `n = 3f + 1`).
+    QuorumMinusOne,
+    /// The new leader's plan ignores prepared certificates: every op above the checkpoint
+    /// becomes a null op, so a batch committed in the old view can be replaced.
+    NewViewIgnoresPrepared,
+}
+
+/// Identity and limits of one replica of one BFT group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BftConfig {
+    /// The group (shard index), signed into every statement.
+    pub group: u32,
+    /// This replica's index.
+    pub replica: u8,
+    /// Ops between checkpoints (`K`).
+    pub checkpoint_interval_ops: u64,
+    /// Ops above the low watermark accepted (`L`, a multiple of `K`, at least `2K`).
+    pub log_window_ops: u64,
+    /// Largest batch a proposal may carry (bytes).
+    pub batch_bytes_max: usize,
+    /// Time without progress, with work pending, before the leader is suspected (µs).
+    pub progress_timeout_us: u64,
+    /// First view-change timeout (µs), doubled per failed attempt.
+    pub view_change_timeout_us: u64,
+    /// Cap of the doubling (µs).
+    pub view_change_timeout_us_max: u64,
+    /// Resend interval of unanswered statements (µs).
+    pub resend_interval_us: u64,
+    /// Status report interval (µs).
+    pub status_interval_us: u64,
+    /// Most `CommitProof`s per answered `Status`.
+    pub catchup_ops_max: u64,
+    /// Test only: a protocol bug to inject.
+    pub bug: Option<InjectedBug>,
+}
+
+impl BftConfig {
+    /// Defaults for `replica` of `group`.
+    pub fn new(group: u32, replica: u8) -> Self {
+        Self {
+            group,
+            replica,
+            checkpoint_interval_ops: CHECKPOINT_INTERVAL_OPS_DEFAULT,
+            log_window_ops: LOG_WINDOW_OPS_DEFAULT,
+            batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
+            progress_timeout_us: PROGRESS_TIMEOUT_US_DEFAULT,
+            view_change_timeout_us: VIEW_CHANGE_TIMEOUT_US_DEFAULT,
+            view_change_timeout_us_max: VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT,
+            resend_interval_us: RESEND_INTERVAL_US_DEFAULT,
+            status_interval_us: STATUS_INTERVAL_US_DEFAULT,
+            catchup_ops_max: CATCHUP_OPS_MAX_DEFAULT,
+            bug: None,
+        }
+    }
+
+    /// Checks every field against the committee.
+    pub fn validate(&self, committee: &Committee) -> Result<(), BftError> {
+        check_fault_model(usize::from(committee.replica_count()), committee.faults_max)?;
+        if self.replica >= committee.replica_count() {
+            return Err(BftError::UnknownSigner(self.replica));
+        }
+        let k = self.checkpoint_interval_ops;
+        if k == 0 {
+            return Err(BftError::Limit("checkpoint_interval_ops"));
+        }
+        if self.log_window_ops < 2 * k
+            || !self.log_window_ops.is_multiple_of(k)
+            || self.log_window_ops > LOG_WINDOW_OPS_LIMIT
+        {
+            return Err(BftError::Limit("log_window_ops"));
+        }
+        let nonzero = [
+            (self.batch_bytes_max as u64, "batch_bytes_max"),
+            (self.progress_timeout_us, "progress_timeout_us"),
+            (self.view_change_timeout_us, "view_change_timeout_us"),
+            (self.resend_interval_us, "resend_interval_us"),
+            (self.status_interval_us, "status_interval_us"),
+            (self.catchup_ops_max, "catchup_ops_max"),
+        ];
+        for (value, name) in nonzero {
+            if value == 0 {
+                return Err(BftError::Limit(name));
+            }
+        }
+        if self.view_change_timeout_us_max < self.view_change_timeout_us {
+            return Err(BftError::Limit("view_change_timeout_us_max"));
+        }
+        Ok(())
+    }
+}
+
+/// What the core asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `message` to replica `to`.
+    Send {
+        /// The peer.
+        to: u8,
+        /// The message.
+        message: Message,
+    },
+    /// Send `message` to every other replica of the group.
+    Broadcast {
+        /// The message.
+        message: Message,
+    },
+    /// Batch `op` is committed: apply it (ops come strictly in order, each once; an empty
+    /// batch is a null op and applies nothing).
+    Commit {
+        /// The op.
+        op: u64,
+        /// The view whose certificate committed it.
+        view: u64,
+        /// `batch_digest(batch)`.
+        digest: Digest,
+        /// The batch bytes.
+        batch: Vec<u8>,
+    },
+    /// The group's stable checkpoint `cert` is above this replica's executed log and the
+    /// ops below it are gone from its peers: fetch the committed log (or a snapshot) up to
+    /// `cert.op()`, check it against `cert.digest()` ([`chain_digest`]), install it, then
+    /// call [`BftReplica::on_state_transferred`]. Normal operation waits meanwhile.
+    StateTransfer {
+        /// The certificate to reach.
+        cert: CheckpointCert,
+    },
+}
+
+/// Counters of one replica, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BftMetrics {
+    /// Batches committed (executed in order), null ops included.
+    pub ops_committed: u64,
+    /// Messages refused for a bad signature.
+    pub bad_signatures: u64,
+    /// Messages refused for an unknown signer.
+    pub unknown_signers: u64,
+    /// Messages refused for their view.
+    pub wrong_view: u64,
+    /// Messages refused for an op outside the window.
+    pub out_of_window: u64,
+    /// Messages refused for anything else (certificates, digests, senders).
+    pub invalid: u64,
+    /// Equivocations detected (each conflicting pair once per slot).
+    pub equivocations: u64,
+    /// View changes this replica started or joined.
+    pub view_changes: u64,
+    /// New views installed.
+    pub new_views: u64,
+    /// Stable checkpoints reached.
+    pub checkpoints_stable: u64,
+    /// Ops committed from another replica's `CommitProof`.
+    pub commit_proofs_applied: u64,
+    /// State transfers asked for.
+    pub state_transfers: u64,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1457 @@
+//! The BFT replica core: normal operation, checkpoints, catch-up, view change and evidence.
+//! See the module documentation of [`crate::bft`] and `docs/bft.md`.
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::SigningKey;
+
+use super::message::{
+    CHAIN_GENESIS, CheckpointCert, CommitCert, Committee, Digest, Evidence, Message, NewView,
+    PreparedCert, PreparedEntry, ViewChange, Vote, VoteKind, batch_digest, chain_digest,
+};
+use super::{
+    Action, BftConfig, BftError, BftMetrics, CHECKPOINT_VOTES_KEPT_PER_REPLICA, EVIDENCE_KEPT_MAX,
+    InjectedBug, REPLICA_COUNT_MAX, VIEW_AHEAD_MAX,
+};
+
+/// Where a replica stands in its view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Following (or leading) the view.
+    Normal,
+    /// Left the view; waiting for the next leader's NewView.
+    ViewChange,
+}
+
+/// A committed op's proof, kept to help replicas that are behind.
+#[derive(Debug, Clone)]
+struct CommitRecord {
+    pre_prepare: Vote,
+    cert: CommitCert,
+}
+
+/// One op of the log window. Votes are kept for one view (`votes_view`) and at most one per
+/// replica and kind, so a slot is bounded whatever peers send.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// The op this slot holds now (0: unused).
+    op: u64,
+    /// The proposal accepted, with its batch.
+    pre_prepare: Option<Vote>,
+    batch: Vec<u8>,
+    /// The view the vote arrays belong to.
+    votes_view: u64,
+    /// Each replica's Prepare and the leader's proposal it carried.
+    prepares: [Option<(Vote, Vote)>; REPLICA_COUNT_MAX],
+    commits: [Option<Vote>; REPLICA_COUNT_MAX],
+    /// The prepared certificate of the highest view, and its batch (view changes carry it).
+    prepared: Option<PreparedEntry>,
+    committed: Option<CommitRecord>,
+    /// Chain digest after this op executed.
+    chain: Option<Digest>,
+}
+
+impl Slot {
+    fn empty() -> Slot {
+        Slot {
+            op: 0,
+            pre_prepare: None,
+            batch: Vec::new(),
+            votes_view: 0,
+            prepares: [None; REPLICA_COUNT_MAX],
+            commits: [None; REPLICA_COUNT_MAX],
+            prepared: None,
+            committed: None,
+            chain: None,
+        }
+    }
+
+    /// Clears the vote arrays if they belong to an older view.
+    fn votes_for(&mut self, view: u64) {
+        if self.votes_view != view {
+            self.votes_view = view;
+            self.prepares = [None; REPLICA_COUNT_MAX];
+            self.commits = [None; REPLICA_COUNT_MAX];
+        }
+    }
+
+    fn prepared_in(&self, view: u64) -> Option<Digest> {
+        self.prepared
+            .as_ref()
+            .filter(|entry| entry.cert.pre_prepare.view == view)
+            .map(|entry| entry.cert.pre_prepare.digest)
+    }
+}
+
+/// What a NewView must contain, computed from its view changes (the leader and every
+/// verifier compute the same).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewViewPlan {
+    /// The highest stable checkpoint among the view changes.
+    pub checkpoint: Option<CheckpointCert>,
+    /// For each op above it up to the highest prepared op: the digest and batch to
+    /// re-propose (the prepared certificate of the highest view, or the null op).
+    pub entries: Vec<(u64, Digest, Vec<u8>)>,
+}
+
+/// The plan of a new view from `view_changes` (already verified).
+pub fn new_view_plan(view_changes: &[ViewChange], bug: Option<InjectedBug>) -> NewViewPlan {
+    let checkpoint = view_changes
+        .iter()
+        .max_by_key(|view_change| view_change.checkpoint_op())
+        .and_then(|view_change| view_change.checkpoint.clone());
+    let op_min = checkpoint.as_ref().map_or(0, CheckpointCert::op);
+    // For each op, the prepared certificate of the highest view (ties, impossible with at
+    // most f faults, go to the smaller digest so that everyone picks the same).
+    let mut best: BTreeMap<u64, (u64, Digest, &Vec<u8>)> = BTreeMap::new();
+    for entry in view_changes
+        .iter()
+        .flat_map(|view_change| &view_change.prepared)
+    {
+        let head = &entry.cert.pre_prepare;
+        if head.op <= op_min {
+            continue;
+        }
+        let candidate = (head.view, head.digest, &entry.batch);
+        let better = match best.get(&head.op) {
+            None => true,
+            Some((view, digest, _)) => {
+                head.view > *view || (head.view == *view && head.digest < *digest)
+            }
+        };
+        if better {
+            best.insert(head.op, candidate);
+        }
+    }
+    let op_max = best.keys().next_back().copied().unwrap_or(op_min);
+    let null = batch_digest(&[]);
+    let entries = (op_min + 1..=op_max)
+        .map(|op| match best.get(&op) {
+            Some((_, digest, batch)) if bug != Some(InjectedBug::NewViewIgnoresPrepared) => {
+                (op, *digest, (*batch).clone())
+            }
+            _ => (op, null, Vec::new()),
+        })
+        .collect();
+    NewViewPlan {
+        checkpoint,
+        entries,
+    }
+}
+
+/// The BFT replica core of one group on one replica.
+#[derive(Debug)]
+pub struct BftReplica {
+    config: BftConfig,
+    committee: Committee,
+    key: SigningKey,
+    view: u64,
+    status: Status,
+    /// Low watermark: the stable checkpoint's op, and its certificate.
+    low: u64,
+    low_cert: Option<CheckpointCert>,
+    /// Highest op executed, and the chain digest through it.
+    commit_op: u64,
+    commit_chain: Digest,
+    /// Leader: the next op to propose.
+    next_op: u64,
+    /// Highest op with an accepted proposal in this view.
+    op_accepted_max: u64,
+    slots: Vec<Slot>,
+    checkpoint_votes: Vec<[Option<Vote>; CHECKPOINT_VOTES_KEPT_PER_REPLICA]>,
+    /// A stable checkpoint above `commit_op`, adopted once execution reaches it.
+    stable_ahead: Option<CheckpointCert>,
+    /// Each replica's latest view change (for a view at or above this replica's).
+    view_changes: Vec<Option<ViewChange>>,
+    /// The NewView of the current view, once installed (answers laggards).
+    new_view: Option<NewView>,
+    view_change_attempts: u32,
+    pending: bool,
+    progress_deadline_us: Option<u64>,
+    view_change_deadline_us: Option<u64>,
+    resend_at_us: u64,
+    status_at_us: u64,
+    status_answered_us: Vec<u64>,
+    state_transfer: Option<CheckpointCert>,
+    evidence: Vec<Evidence>,
+    metrics: BftMetrics,
+}
+
+impl BftReplica {
+    /// A fresh replica in view 0 with an empty log. `key` must be the committee's key for
+    /// `config.replica`.
+    pub fn new(
+        config: BftConfig,
+        committee: Committee,
+        key: SigningKey,
+        now_us: u64,
+    ) -> Result<Self, BftError> {
+        config.validate(&committee)?;
+        if committee.key(config.replica) != Some(&key.verifying_key()) {
+            return Err(BftError::KeyMismatch(config.replica));
+        }
+        let replica_count = usize::from(committee.replica_count());
+        Ok(Self {
+            slots: vec![Slot::empty(); config.log_window_ops as usize],
+            checkpoint_votes: vec![[None; CHECKPOINT_VOTES_KEPT_PER_REPLICA]; replica_count],
+            view_changes: vec![None; replica_count],
+            status_answered_us: vec![0; replica_count],
+            config,
+            committee,
+            key,
+            view: 0,
+            status: Status::Normal,
+            low: 0,
+            low_cert: None,
+            commit_op: 0,
+            commit_chain: CHAIN_GENESIS,
+            next_op: 1,
+            op_accepted_max: 0,
+            stable_ahead: None,
+            new_view: None,
+            view_change_attempts: 0,
+            pending: false,
+            progress_deadline_us: None,
+            view_change_deadline_us: None,
+            resend_at_us: now_us + config.resend_interval_us,
+            status_at_us: now_us + config.status_interval_us,
+            state_transfer: None,
+            evidence: Vec::new(),
+            metrics: BftMetrics::default(),
+        })
+    }
+
+    /// The current view.
+    pub fn view(&self) -> u64 {
+        self.view
+    }
+
+    /// Normal or between views.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// The committee (keys, quorums, leaders).
+    pub fn committee(&self) -> &Committee {
+        &self.committee
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BftConfig {
+        &self.config
+    }
+
+    /// The leader of the current view.
+    pub fn leader(&self) -> u8 {
+        self.committee.leader_of(self.view)
+    }
+
+    /// Whether `propose` would be accepted now (window permitting).
+    pub fn is_ready_leader(&self) -> bool {
+        self.status == Status::Normal
+            && self.leader() == self.config.replica
+            && self.state_transfer.is_none()
+            && self.next_op <= self.low + self.config.log_window_ops
+    }
+
+    /// Highest op executed.
+    pub fn commit_op(&self) -> u64 {
+        self.commit_op
+    }
+
+    /// Chain digest through `commit_op`.
+    pub fn commit_chain(&self) -> Digest {
+        self.commit_chain
+    }
+
+    /// The low watermark (stable checkpoint op).
+    pub fn low(&self) -> u64 {
+        self.low
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &BftMetrics {
+        &self.metrics
+    }
+
+    /// Evidence of equivocation found (the first [`EVIDENCE_KEPT_MAX`]).
+    pub fn evidence(&self) -> &[Evidence] {
+        &self.evidence
+    }
+
+    /// The checkpoint a requested state transfer must reach, if one is under way.
+    pub fn state_transfer(&self) -> Option<&CheckpointCert> {
+        self.state_transfer.as_ref()
+    }
+
+    /// When `on_tick` must run next.
+    pub fn poll_timeout(&self) -> u64 {
+        let mut deadline = self.resend_at_us.min(self.status_at_us);
+        for timer in [self.progress_deadline_us, self.view_change_deadline_us]
+            .into_iter()
+            .flatten()
+        {
+            deadline = deadline.min(timer);
+        }
+        deadline
+    }
+
+    fn prepares_needed(&self) -> usize {
+        let needed = self.committee.quorum() - 1;
+        match self.config.bug {
+            Some(InjectedBug::QuorumMinusOne) => needed.saturating_sub(1).max(1),
+            _ => needed,
+        }
+    }
+
+    fn commits_needed(&self) -> usize {
+        let needed = self.committee.quorum();
+        match self.config.bug {
+            Some(InjectedBug::QuorumMinusOne) => needed - 1,
+            _ => needed,
+        }
+    }
+
+    fn sign(&self, kind: VoteKind, view: u64, op: u64, digest: Digest) -> Vote {
+        Vote::sign(
+            &self.key,
+            self.committee.group,
+            kind,
+            self.config.replica,
+            view,
+            op,
+            digest,
+        )
+    }
+
+    fn slot_index(&self, op: u64) -> usize {
+        (op % self.config.log_window_ops) as usize
+    }
+
+    fn check_window(&self, op: u64) -> Result<(), BftError> {
+        let high = self.low + self.config.log_window_ops;
+        if op <= self.low || op > high {
+            return Err(BftError::OutOfWindow {
+                op,
+                low: self.low,
+                high,
+            });
+        }
+        Ok(())
+    }
+
+    /// The slot of `op` (in the window), reset if it held an older op.
+    fn slot_mut(&mut self, op: u64) -> &mut Slot {
+        debug_assert!(self.check_window(op).is_ok());
+        let index = self.slot_index(op);
+        let slot = &mut self.slots[index];
+        if slot.op != op {
+            *slot = Slot::empty();
+            slot.op = op;
+        }
+        slot
+    }
+
+    fn slot(&self, op: u64) -> Option<&Slot> {
+        let slot = &self.slots[self.slot_index(op)];
+        (slot.op == op && op > self.low).then_some(slot)
+    }
+
+    fn check_normal_view(&self, view: u64) -> Result<(), BftError> {
+        if self.status != Status::Normal || view != self.view {
+            return Err(BftError::WrongView {
+                view,
+                current: self.view,
+            });
+        }
+        Ok(())
+    }
+
+    fn has_work(&self) -> bool {
+        self.pending || self.op_accepted_max > self.commit_op
+    }
+
+    fn arm_progress_timer(&mut self, now_us: u64) {
+        if self.status == Status::Normal && self.progress_deadline_us.is_none() {
+            self.progress_deadline_us = Some(now_us + self.config.progress_timeout_us);
+        }
+    }
+
+    /// The driver has (`true`) or no longer has client work waiting to commit: with work
+    /// waiting and no commit progress for `progress_timeout_us`, the leader is suspected.
+    pub fn set_pending(&mut self, now_us: u64, pending: bool) {
+        self.pending = pending;
+        if self.has_work() {
+            self.arm_progress_timer(now_us);
+        } else {
+            self.progress_deadline_us = None;
+        }
+    }
+
+    /// Leader: proposes `batch` at the next op. Returns the op.
+    pub fn propose(
+        &mut self,
+        now_us: u64,
+        batch: Vec<u8>,
+        actions: &mut Vec<Action>,
+    ) -> Result<u64, BftError> {
+        if self.status != Status::Normal || self.leader() != self.config.replica {
+            return Err(BftError::NotLeader);
+        }
+        if batch.is_empty() {
+            return Err(BftError::EmptyBatch);
+        }
+        if batch.len() > self.config.batch_bytes_max {
+            return Err(BftError::BatchTooLarge { bytes: batch.len() });
+        }
+        if !self.is_ready_leader() {
+            return Err(BftError::WindowFull);
+        }
+        let op = self.next_op;
+        self.next_op += 1;
+        let vote = self.sign(VoteKind::PrePrepare, self.view, op, batch_digest(&batch));
+        actions.push(Action::Broadcast {
+            message: Message::PrePrepare {
+                vote,
+                batch: batch.clone(),
+            },
+        });
+        self.accept_pre_prepare(now_us, vote, batch, actions);
+        Ok(op)
+    }
+
+    /// A message from replica `from` (the authenticated connection it came on; what is
+    /// believed comes from signatures, not from `from`).
+    pub fn on_message(
+        &mut self,
+        now_us: u64,
+        from: u8,
+        message: Message,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let result = match message {
+            Message::PrePrepare { vote, batch } => {
+                self.on_pre_prepare(now_us, vote, batch, actions)
+            }
+            Message::Prepare { vote, pre_prepare } => {
+                self.on_prepare(now_us, vote, pre_prepare, actions)
+            }
+            Message::Commit(vote) => self.on_commit(now_us, vote, actions),
+            Message::Checkpoint(vote) => self.on_checkpoint(now_us, vote, actions),
+            Message::ViewChange(view_change) => self.on_view_change(now_us, *view_change, actions),
+            Message::NewView(new_view) => self.on_new_view(now_us, *new_view, actions),
+            Message::Status {
+                view,
+                commit_op,
+                low,
+            } => self.on_status(now_us, from, (view, commit_op, low), actions),
+            Message::CommitProof {
+                pre_prepare,
+                cert,
+                batch,
+            } => self.on_commit_proof(now_us, pre_prepare, cert, batch, actions),
+            Message::CheckpointProof(cert) => self.on_checkpoint_proof(now_us, cert, actions),
+        };
+        if let Err(error) = &result {
+            self.count_error(error);
+        }
+        result
+    }
+
+    fn count_error(&mut self, error: &BftError) {
+        let metrics = &mut self.metrics;
+        match error {
+            BftError::BadSignature { .. } => metrics.bad_signatures += 1,
+            BftError::UnknownSigner(_) => metrics.unknown_signers += 1,
+            BftError::WrongView { .. } => metrics.wrong_view += 1,
+            BftError::OutOfWindow { .. } => metrics.out_of_window += 1,
+            BftError::Stale | BftError::Equivocation(_) => {}
+            _ => metrics.invalid += 1,
+        }
+    }
+
+    fn on_pre_prepare(
+        &mut self,
+        now_us: u64,
+        vote: Vote,
+        batch: Vec<u8>,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        if vote.kind != VoteKind::PrePrepare || vote.replica != self.committee.leader_of(vote.view)
+        {
+            return Err(BftError::WrongSender(
+                "proposal not signed by the view's leader",
+            ));
+        }
+        self.check_normal_view(vote.view)?;
+        self.check_window(vote.op)?;
+        if batch.len() > self.config.batch_bytes_max {
+            return Err(BftError::BatchTooLarge { bytes: batch.len() });
+        }
+        self.committee.verify_vote(&vote)?;
+        if batch_digest(&batch) != vote.digest {
+            return Err(BftError::BatchDigestMismatch { op: vote.op });
+        }
+        if vote.replica == self.config.replica {
+            return Err(BftError::Stale);
+        }
+        let slot = self.slot_mut(vote.op);
+        if let Some(held) = slot.pre_prepare.filter(|held| held.view == vote.view) {
+            if held.digest == vote.digest {
+                return Err(BftError::Stale);
+            }
+            self.record_evidence(now_us, held, vote, actions);
+            return Err(BftError::Equivocation(vote.replica));
+        }
+        if slot
+            .committed
+            .as_ref()
+            .is_some_and(|record| record.pre_prepare.digest != vote.digest)
+        {
+            return Err(BftError::InvalidCertificate(
+                "proposal conflicts with a committed op",
+            ));
+        }
+        self.accept_pre_prepare(now_us, vote, batch, actions);
+        Ok(())
+    }
+
+    /// Takes a verified proposal of the current view into its slot; a backup signs and
+    /// sends its Prepare.
+    fn accept_pre_prepare(
+        &mut self,
+        now_us: u64,
+        vote: Vote,
+        batch: Vec<u8>,
+        actions: &mut Vec<Action>,
+    ) {
+        debug_assert_eq!(vote.view, self.view);
+        debug_assert_eq!(batch_digest(&batch), vote.digest);
+        let replica = usize::from(self.config.replica);
+        let is_leader = vote.replica == self.config.replica;
+        let prepare =
+            (!is_leader).then(|| self.sign(VoteKind::Prepare, vote.view, vote.op, vote.digest));
+        let slot = self.slot_mut(vote.op);
+        slot.votes_for(vote.view);
+        slot.pre_prepare = Some(vote);
+        slot.batch = batch;
+        if let Some(prepare) = prepare {
+            slot.prepares[replica] = Some((prepare, vote));
+            actions.push(Action::Broadcast {
+                message: Message::Prepare {
+                    vote: prepare,
+                    pre_prepare: vote,
+                },
+            });
+        }
+        // Prepares that arrived first and carried a different proposal convict the leader.
+        let headers: Vec<Vote> = slot
+            .prepares
+            .iter()
+            .flatten()
+            .filter(|(_, header)| header.digest != vote.digest)
+            .map(|(_, header)| *header)
+            .collect();
+        for header in headers {
+            self.check_foreign_proposal(now_us, header, actions);
+        }
+        self.op_accepted_max = self.op_accepted_max.max(vote.op);
+        self.arm_progress_timer(now_us);
+        self.try_prepare(now_us, vote.op, actions);
+    }
+
+    fn on_prepare(
+        &mut self,
+        now_us: u64,
+        vote: Vote,
+        header: Vote,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        if vote.kind != VoteKind::Prepare || vote.replica == self.committee.leader_of(vote.view) {
+            return Err(BftError::WrongSender("prepare not from a backup"));
+        }
+        self.check_normal_view(vote.view)?;
+        self.check_window(vote.op)?;
+        self.committee.verify_vote(&vote)?;
+        let replica = usize::from(vote.replica);
+        let slot = self.slot_mut(vote.op);
+        slot.votes_for(vote.view);
+        match slot.prepares.get(replica).copied().flatten() {
+            Some((held, _)) if held.digest == vote.digest => return Err(BftError::Stale),
+            Some((held, _)) => {
+                self.record_evidence(now_us, held, vote, actions);
+                return Err(BftError::Equivocation(vote.replica));
+            }
+            None => slot.prepares[replica] = Some((vote, header)),
+        }
+        let ours = slot.pre_prepare.filter(|held| held.view == vote.view);
+        if ours.is_some_and(|held| held.digest != vote.digest) {
+            self.check_foreign_proposal(now_us, header, actions);
+        }
+        self.try_prepare(now_us, vote.op, actions);
+        Ok(())
+    }
+
+    /// A proposal someone else accepted (a Prepare's header, a certificate's proposal): if
+    /// it is validly signed and conflicts with the one this replica holds for the same
+    /// `(view, op)`, the leader equivocated.
+    fn check_foreign_proposal(&mut self, now_us: u64, header: Vote, actions: &mut Vec<Action>) {
+        if header.kind != VoteKind::PrePrepare || self.check_window(header.op).is_err() {
+            return;
+        }
+        let Some(held) = self.slot(header.op).and_then(|slot| slot.pre_prepare) else {
+            return;
+        };
+        if held.same_slot(&header)
+            && held.digest != header.digest
+            && self.committee.verify_vote(&header).is_ok()
+        {
+            self.record_evidence(now_us, held, header, actions);
+        }
+    }
+
+    fn record_evidence(
+        &mut self,
+        now_us: u64,
+        first: Vote,
+        second: Vote,
+        actions: &mut Vec<Action>,
+    ) {
+        debug_assert!(first.same_slot(&second) && first.digest != second.digest);
+        let known = self
+            .evidence
+            .iter()
+            .any(|evidence| evidence.first.same_slot(&first));
+        if known {
+            return;
+        }
+        self.metrics.equivocations += 1;
+        if self.evidence.len() < EVIDENCE_KEPT_MAX {
+            self.evidence.push(Evidence { first, second });
+        }
+        // An equivocating leader of the current view is replaced at once.
+        let offender = first.replica;
+        if first.kind == VoteKind::PrePrepare
+            && first.view == self.view
+            && offender == self.leader()
+            && self.status == Status::Normal
+        {
+            self.start_view_change(now_us, self.view + 1, actions);
+        }
+    }
+
+    fn try_prepare(&mut self, now_us: u64, op: u64, actions: &mut Vec<Action>) {
+        let view = self.view;
+        let needed = self.prepares_needed();
+        let Some(slot) = self.slot(op) else { return };
+        let Some(head) = slot.pre_prepare.filter(|head| head.view == view) else {
+            return;
+        };
+        if slot.prepared_in(view).is_some() || slot.votes_view != view {
+            return;
+        }
+        let prepares: Vec<Vote> = slot
+            .prepares
+            .iter()
+            .flatten()
+            .map(|(vote, _)| *vote)
+            .filter(|vote| vote.digest == head.digest)
+            .take(needed)
+            .collect();
+        if prepares.len() < needed {
+            return;
+        }
+        let commit = self.sign(VoteKind::Commit, view, op, head.digest);
+        let replica = usize::from(self.config.replica);
+        let slot = self.slot_mut(op);
+        slot.prepared = Some(PreparedEntry {
+            cert: PreparedCert {
+                pre_prepare: head,
+                prepares,
+            },
+            batch: slot.batch.clone(),
+        });
+        slot.commits[replica] = Some(commit);
+        actions.push(Action::Broadcast {
+            message: Message::Commit(commit),
+        });
+        self.try_commit(now_us, op, actions);
+    }
+
+    fn on_commit(
+        &mut self,
+        now_us: u64,
+        vote: Vote,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        if vote.kind != VoteKind::Commit {
+            return Err(BftError::WrongSender("not a commit"));
+        }
+        self.check_normal_view(vote.view)?;
+        self.check_window(vote.op)?;
+        self.committee.verify_vote(&vote)?;
+        let slot = self.slot_mut(vote.op);
+        slot.votes_for(vote.view);
+        let replica = usize::from(vote.replica);
+        match slot.commits.get(replica).copied().flatten() {
+            Some(held) if held.digest == vote.digest => return Err(BftError::Stale),
+            Some(held) => {
+                self.record_evidence(now_us, held, vote, actions);
+                return Err(BftError::Equivocation(vote.replica));
+            }
+            None => slot.commits[replica] = Some(vote),
+        }
+        self.try_commit(now_us, vote.op, actions);
+        Ok(())
+    }
+
+    fn try_commit(&mut self, now_us: u64, op: u64, actions: &mut Vec<Action>) {
+        let view = self.view;
+        let needed = self.commits_needed();
+        let Some(slot) = self.slot(op) else { return };
+        let Some(digest) = slot.prepared_in(view) else {
+            return;
+        };
+        if slot.committed.is_some() || slot.votes_view != view {
+            return;
+        }
+        let commits: Vec<Vote> = slot
+            .commits
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|vote| vote.digest == digest)
+            .collect();
+        if commits.len() < needed {
+            return;
+        }
+        let pre_prepare = slot
+            .prepared
+            .as_ref()
+            .map(|entry| entry.cert.pre_prepare)
+            .expect("prepared_in checked it");
+        let batch = slot
+            .prepared
+            .as_ref()
+            .map(|entry| entry.batch.clone())
+            .unwrap_or_default();
+        let slot = self.slot_mut(op);
+        slot.batch = batch;
+        slot.committed = Some(CommitRecord {
+            pre_prepare,
+            cert: CommitCert { commits },
+        });
+        self.execute(now_us, actions);
+    }
+
+    /// Hands every committed op after `commit_op` to the driver, in order; signs a
+    /// checkpoint at every `checkpoint_interval_ops`.
+    fn execute(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        let mut progressed = false;
+        while self.state_transfer.is_none() {
+            let op = self.commit_op + 1;
+            if self.check_window(op).is_err() {
+                break;
+            }
+            let Some(slot) = self.slot(op) else { break };
+            let Some(record) = &slot.committed else { break };
+            let (view, _, digest) = record
+                .cert
+                .statement()
+                .expect("a commit certificate has votes");
+            let batch = slot.batch.clone();
+            debug_assert_eq!(batch_digest(&batch), digest);
+            let chain = chain_digest(&self.commit_chain, op, &digest);
+            self.slot_mut(op).chain = Some(chain);
+            self.commit_op = op;
+            self.commit_chain = chain;
+            self.metrics.ops_committed += 1;
+            progressed = true;
+            actions.push(Action::Commit {
+                op,
+                view,
+                digest,
+                batch,
+            });
+            if op.is_multiple_of(self.config.checkpoint_interval_ops) {
+                let vote = self.sign(VoteKind::Checkpoint, 0, op, chain);
+                actions.push(Action::Broadcast {
+                    message: Message::Checkpoint(vote),
+                });
+                // Our own vote is always fresh and consistent: it cannot fail.
+                let _ = self.record_checkpoint_vote(now_us, vote, actions);
+            }
+        }
+        self.next_op = self.next_op.max(self.commit_op + 1);
+        if progressed {
+            self.progress_deadline_us = None;
+            if self.has_work() {
+                self.arm_progress_timer(now_us);
+            }
+        }
+        if let Some(cert) = self.stable_ahead.take() {
+            if cert.op() <= self.commit_op {
+                self.adopt_stable(cert);
+            } else {
+                self.stable_ahead = Some(cert);
+            }
+        }
+    }
+
+    fn on_checkpoint(
+        &mut self,
+        now_us: u64,
+        vote: Vote,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        if vote.kind != VoteKind::Checkpoint
+            || vote.view != 0
+            || !vote.op.is_multiple_of(self.config.checkpoint_interval_ops)
+        {
+            return Err(BftError::WrongSender("not a checkpoint"));
+        }
+        if vote.op <= self.low {
+            return Err(BftError::Stale);
+        }
+        self.committee.verify_vote(&vote)?;
+        self.record_checkpoint_vote(now_us, vote, actions)
+    }
+
+    /// Keeps a verified checkpoint vote (at most a few per replica, the highest ops) and
+    /// checks whether its `(op, digest)` became stable.
+    fn record_checkpoint_vote(
+        &mut self,
+        now_us: u64,
+        vote: Vote,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let kept = &mut self.checkpoint_votes[usize::from(vote.replica)];
+        if let Some(held) = kept
+            .iter()
+            .flatten()
+            .find(|held| held.op == vote.op)
+            .copied()
+        {
+            if held.digest == vote.digest {
+                return Err(BftError::Stale);
+            }
+            self.record_evidence(now_us, held, vote, actions);
+            return Err(BftError::Equivocation(vote.replica));
+        }
+        // A free entry, or the lowest op's if this one is higher.
+        let entry = kept
+            .iter_mut()
+            .min_by_key(|held| held.map_or(0, |held| held.op))
+            .expect("at least one entry");
+        if entry.is_some_and(|held| held.op >= vote.op) {
+            return Err(BftError::Stale);
+        }
+        *entry = Some(vote);
+        let votes: Vec<Vote> = self
+            .checkpoint_votes
+            .iter()
+            .flat_map(|kept| kept.iter().flatten())
+            .filter(|held| held.op == vote.op && held.digest == vote.digest)
+            .copied()
+            .collect();
+        if votes.len() >= self.committee.quorum() {
+            let cert = CheckpointCert { votes };
+            if cert.op() <= self.commit_op {
+                self.adopt_stable(cert);
+            } else if self
+                .stable_ahead
+                .as_ref()
+                .is_none_or(|ahead| ahead.op() < cert.op())
+            {
+                self.stable_ahead = Some(cert);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the low watermark to `cert` (at or below `commit_op`, matching this replica's
+    /// chain): slots at or below it are forgotten.
+    fn adopt_stable(&mut self, cert: CheckpointCert) {
+        let op = cert.op();
+        if op <= self.low || op > self.commit_op {
+            return;
+        }
+        let ours = if op == self.commit_op {
+            Some(self.commit_chain)
+        } else {
+            self.slot(op).and_then(|slot| slot.chain)
+        };
+        if ours != Some(cert.digest()) {
+            // A certified log that differs from ours: only possible past f faults.
+            self.metrics.invalid += 1;
+            return;
+        }
+        self.low = op;
+        self.low_cert = Some(cert);
+        self.metrics.checkpoints_stable += 1;
+        for kept in &mut self.checkpoint_votes {
+            for entry in kept.iter_mut() {
+                if entry.is_some_and(|held| held.op <= op) {
+                    *entry = None;
+                }
+            }
+        }
+    }
+
+    fn on_checkpoint_proof(
+        &mut self,
+        _now_us: u64,
+        cert: CheckpointCert,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        if cert.op() <= self.low {
+            return Err(BftError::Stale);
+        }
+        self.committee.verify_checkpoint(&cert)?;
+        if cert.op() <= self.commit_op {
+            self.adopt_stable(cert);
+            return Ok(());
+        }
+        self.request_state_transfer(cert, actions);
+        Ok(())
+    }
+
+    fn request_state_transfer(&mut self, cert: CheckpointCert, actions: &mut Vec<Action>) {
+        if self
+            .state_transfer
+            .as_ref()
+            .is_some_and(|asked| asked.op() >= cert.op())
+        {
+            return;
+        }
+        self.metrics.state_transfers += 1;
+        self.state_transfer = Some(cert.clone());
+        actions.push(Action::StateTransfer { cert });
+    }
+
+    /// The driver installed the committed log through `op`, whose chain digest is `chain`
+    /// (it must be the requested checkpoint's).
+    pub fn on_state_transferred(
+        &mut self,
+        now_us: u64,
+        op: u64,
+        chain: Digest,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let Some(cert) = self.state_transfer.take() else {
+            return Err(BftError::Stale);
+        };
+        if cert.op() != op || cert.digest() != chain {
+            self.state_transfer = Some(cert);
+            return Err(BftError::InvalidCertificate(
+                "state does not match the checkpoint",
+            ));
+        }
+        if op <= self.commit_op {
+            self.adopt_stable(cert);
+            self.execute(now_us, actions);
+            return Ok(());
+        }
+        self.commit_op = op;
+        self.commit_chain = chain;
+        self.low = op;
+        self.low_cert = Some(cert);
+        self.next_op = self.next_op.max(op + 1);
+        self.op_accepted_max = self.op_accepted_max.max(op);
+        if self
+            .stable_ahead
+            .as_ref()
+            .is_some_and(|ahead| ahead.op() <= op)
+        {
+            self.stable_ahead = None;
+        }
+        self.execute(now_us, actions);
+        Ok(())
+    }
+
+    /// The driver could not fetch the state: the next `CheckpointProof` asks again.
+    pub fn on_state_transfer_failed(&mut self) {
+        self.state_transfer = None;
+    }
+
+    fn on_status(
+        &mut self,
+        now_us: u64,
+        from: u8,
+        (view, commit_op, low): (u64, u64, u64),
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let from_index = usize::from(from);
+        if from == self.config.replica || from_index >= self.status_answered_us.len() {
+            return Err(BftError::UnknownSigner(from));
+        }
+        if now_us < self.status_answered_us[from_index] + self.config.status_interval_us / 2 {
+            return Err(BftError::Stale);
+        }
+        self.status_answered_us[from_index] = now_us;
+        if view < self.view
+            && let Some(new_view) = &self.new_view
+        {
+            actions.push(Action::Send {
+                to: from,
+                message: Message::NewView(Box::new(new_view.clone())),
+            });
+        }
+        // A peer whose stable checkpoint is behind ours gets ours: it moves its window (or,
+        // if it has not executed that far, fetches state), else it could not take the
+        // proofs of ops above its window.
+        if low < self.low
+            && let Some(cert) = &self.low_cert
+        {
+            actions.push(Action::Send {
+                to: from,
+                message: Message::CheckpointProof(cert.clone()),
+            });
+        }
+        if commit_op >= self.commit_op || commit_op < self.low {
+            return Ok(());
+        }
+        let op_last = self.commit_op.min(commit_op + self.config.catchup_ops_max);
+        for op in commit_op + 1..=op_last {
+            let Some(slot) = self.slot(op) else { continue };
+            let Some(record) = &slot.committed else {
+                continue;
+            };
+            actions.push(Action::Send {
+                to: from,
+                message: Message::CommitProof {
+                    pre_prepare: record.pre_prepare,
+                    cert: record.cert.clone(),
+                    batch: slot.batch.clone(),
+                },
+            });
+        }
+        Ok(())
+    }
+
+    fn on_commit_proof(
+        &mut self,
+        now_us: u64,
+        pre_prepare: Vote,
+        cert: CommitCert,
+        batch: Vec<u8>,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let (view, op, digest) = cert
+            .statement()
+            .ok_or(BftError::InvalidCertificate("empty commit certificate"))?;
+        if op <= self.commit_op {
+            return Err(BftError::Stale);
+        }
+        self.check_window(op)?;
+        if pre_prepare.kind != VoteKind::PrePrepare
+            || pre_prepare.replica != self.committee.leader_of(view)
+            || (pre_prepare.view, pre_prepare.op, pre_prepare.digest) != (view, op, digest)
+        {
+            return Err(BftError::InvalidCertificate(
+                "commit proof: proposal does not match",
+            ));
+        }
+        if batch_digest(&batch) != digest {
+            return Err(BftError::BatchDigestMismatch { op });
+        }
+        if self.slot(op).is_some_and(|slot| slot.committed.is_some()) {
+            return Err(BftError::Stale);
+        }
+        self.committee.verify_commit(&cert, self.commits_needed())?;
+        self.committee.verify_vote(&pre_prepare)?;
+        self.check_foreign_proposal(now_us, pre_prepare, actions);
+        let slot = self.slot_mut(op);
+        slot.batch = batch;
+        if slot.pre_prepare.is_some_and(|held| held.digest != digest) {
+            slot.pre_prepare = Some(pre_prepare);
+        }
+        slot.committed = Some(CommitRecord { pre_prepare, cert });
+        self.metrics.commit_proofs_applied += 1;
+        self.execute(now_us, actions);
+        Ok(())
+    }
+
+    /// Leaves the current view for `view` (higher): signs and sends a view change with the
+    /// stable checkpoint and every prepared certificate above it.
+    fn start_view_change(&mut self, now_us: u64, view: u64, actions: &mut Vec<Action>) {
+        debug_assert!(view > self.view);
+        self.view = view;
+        self.status = Status::ViewChange;
+        self.new_view = None;
+        self.progress_deadline_us = None;
+        self.metrics.view_changes += 1;
+        let timeout = self
+            .config
+            .view_change_timeout_us
+            .saturating_mul(1 << self.view_change_attempts.min(16))
+            .min(self.config.view_change_timeout_us_max);
+        self.view_change_attempts += 1;
+        self.view_change_deadline_us = Some(now_us + timeout);
+        let view_change = self.build_view_change();
+        self.view_changes[usize::from(self.config.replica)] = Some(view_change.clone());
+        actions.push(Action::Broadcast {
+            message: Message::ViewChange(Box::new(view_change)),
+        });
+        self.try_new_view(now_us, actions);
+    }
+
+    fn build_view_change(&self) -> ViewChange {
+        let prepared: Vec<PreparedEntry> = (self.low + 1..=self.low + self.config.log_window_ops)
+            .filter_map(|op| self.slot(op).and_then(|slot| slot.prepared.clone()))
+            .collect();
+        let mut view_change = ViewChange {
+            vote: self.sign(VoteKind::ViewChange, self.view, self.low, [0; 32]),
+            checkpoint: self.low_cert.clone(),
+            prepared,
+        };
+        let digest = view_change.content_digest();
+        view_change.vote = self.sign(VoteKind::ViewChange, self.view, self.low, digest);
+        view_change
+    }
+
+    fn on_view_change(
+        &mut self,
+        now_us: u64,
+        view_change: ViewChange,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let view = view_change.vote.view;
+        let sender = view_change.vote.replica;
+        if view < self.view || sender == self.config.replica {
+            return Err(BftError::Stale);
+        }
+        if view == self.view && self.status == Status::Normal {
+            // A replica still changing into the view this one already runs: help it.
+            if let Some(new_view) = &self.new_view {
+                actions.push(Action::Send {
+                    to: sender,
+                    message: Message::NewView(Box::new(new_view.clone())),
+                });
+            }
+            return Err(BftError::Stale);
+        }
+        if view > self.view + VIEW_AHEAD_MAX {
+            return Err(BftError::WrongView {
+                view,
+                current: self.view,
+            });
+        }
+        let held = self
+            .view_changes
+            .get(usize::from(sender))
+            .ok_or(BftError::UnknownSigner(sender))?;
+        if held.as_ref().is_some_and(|held| held.vote.view >= view) {
+            return Err(BftError::Stale);
+        }
+        self.committee.verify_view_change(
+            &view_change,
+            self.prepares_needed(),
+            self.config.log_window_ops,
+        )?;
+        for entry in &view_change.prepared {
+            self.check_foreign_proposal(now_us, entry.cert.pre_prepare, actions);
+        }
+        self.view_changes[usize::from(sender)] = Some(view_change);
+        // f + 1 replicas ask for later views: at least one correct does; join the smallest.
+        let later: Vec<u64> = self
+            .view_changes
+            .iter()
+            .flatten()
+            .map(|held| held.vote.view)
+            .filter(|held| *held > self.view)
+            .collect();
+        if later.len() >= self.committee.weak_quorum() {
+            let view_min = later.iter().copied().min().expect("not empty");
+            self.start_view_change(now_us, view_min, actions);
+        }
+        if self.status == Status::ViewChange && view == self.view {
+            self.try_new_view(now_us, actions);
+        }
+        Ok(())
+    }
+
+    /// New leader: with `quorum` view changes for its view, computes the plan, signs its
+    /// proposals and starts the view.
+    fn try_new_view(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        if self.status != Status::ViewChange || self.leader() != self.config.replica {
+            return;
+        }
+        let view = self.view;
+        let chosen: Vec<ViewChange> = self
+            .view_changes
+            .iter()
+            .flatten()
+            .filter(|held| held.vote.view == view)
+            .take(self.committee.quorum())
+            .cloned()
+            .collect();
+        if chosen.len() < self.committee.quorum() {
+            return;
+        }
+        let plan = new_view_plan(&chosen, self.config.bug);
+        let pre_prepares = plan
+            .entries
+            .iter()
+            .map(|(op, digest, batch)| {
+                (
+                    self.sign(VoteKind::PrePrepare, view, *op, *digest),
+                    batch.clone(),
+                )
+            })
+            .collect();
+        let new_view = NewView {
+            view,
+            view_changes: chosen,
+            pre_prepares,
+        };
+        actions.push(Action::Broadcast {
+            message: Message::NewView(Box::new(new_view.clone())),
+        });
+        self.install_new_view(now_us, new_view, plan, actions);
+    }
+
+    fn on_new_view(
+        &mut self,
+        now_us: u64,
+        new_view: NewView,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let view = new_view.view;
+        if view < self.view || (view == self.view && self.status == Status::Normal) {
+            return Err(BftError::Stale);
+        }
+        if view > self.view + VIEW_AHEAD_MAX {
+            return Err(BftError::WrongView {
+                view,
+                current: self.view,
+            });
+        }
+        let plan = self.verify_new_view(&new_view)?;
+        for view_change in &new_view.view_changes {
+            for entry in &view_change.prepared {
+                self.check_foreign_proposal(now_us, entry.cert.pre_prepare, actions);
+            }
+        }
+        self.install_new_view(now_us, new_view, plan, actions);
+        Ok(())
+    }
+
+    /// Checks a NewView: `quorum` valid view changes for its view from distinct replicas,
+    /// and exactly the proposals their plan calls for, signed by the view's leader.
+    fn verify_new_view(&self, new_view: &NewView) -> Result<NewViewPlan, BftError> {
+        let view = new_view.view;
+        let count = new_view.view_changes.len();
+        if count < self.committee.quorum() || count > usize::from(self.committee.replica_count()) {
+            return Err(BftError::InvalidCertificate(
+                "new view: wrong number of view changes",
+            ));
+        }
+        let mut seen = 0u8;
+        for view_change in &new_view.view_changes {
+            let sender = view_change.vote.replica;
+            if view_change.vote.view != view
+                || sender >= self.committee.replica_count()
+                || seen & (1 << sender) != 0
+            {
+                return Err(BftError::InvalidCertificate(
+                    "new view: view changes do not match",
+                ));
+            }
+            seen |= 1 << sender;
+            self.committee.verify_view_change(
+                view_change,
+                self.prepares_needed(),
+                self.config.log_window_ops,
+            )?;
+        }
+        let plan = new_view_plan(&new_view.view_changes, self.config.bug);
+        if plan.entries.len() != new_view.pre_prepares.len() {
+            return Err(BftError::InvalidCertificate(
+                "new view: proposals do not follow the plan",
+            ));
+        }
+        let leader = self.committee.leader_of(view);
+        for ((op, digest, _), (vote, batch)) in plan.entries.iter().zip(&new_view.pre_prepares) {
+            if vote.kind != VoteKind::PrePrepare
+                || vote.replica != leader
+                || (vote.view, vote.op, vote.digest) != (view, *op, *digest)
+            {
+                return Err(BftError::InvalidCertificate(
+                    "new view: proposals do not follow the plan",
+                ));
+            }
+            if batch_digest(batch) != *digest {
+                return Err(BftError::BatchDigestMismatch { op: *op });
+            }
+            self.committee.verify_vote(vote)?;
+        }
+        Ok(plan)
+    }
+
+    fn install_new_view(
+        &mut self,
+        now_us: u64,
+        new_view: NewView,
+        plan: NewViewPlan,
+        actions: &mut Vec<Action>,
+    ) {
+        self.view = new_view.view;
+        self.status = Status::Normal;
+        self.view_change_attempts = 0;
+        self.view_change_deadline_us = None;
+        self.progress_deadline_us = None;
+        self.metrics.new_views += 1;
+        for held in &mut self.view_changes {
+            if held
+                .as_ref()
+                .is_some_and(|held| held.vote.view <= new_view.view)
+            {
+                *held = None;
+            }
+        }
+        if let Some(cert) = plan.checkpoint.filter(|cert| cert.op() > self.low) {
+            if cert.op() <= self.commit_op {
+                self.adopt_stable(cert);
+            } else {
+                self.request_state_transfer(cert, actions);
+            }
+        }
+        let op_max = plan.entries.last().map_or(0, |(op, _, _)| *op);
+        self.op_accepted_max = self.commit_op;
+        for (vote, batch) in &new_view.pre_prepares {
+            if self.check_window(vote.op).is_err() {
+                continue;
+            }
+            let committed = self.slot(vote.op).and_then(|slot| slot.committed.as_ref());
+            if committed.is_some_and(|record| record.pre_prepare.digest != vote.digest) {
+                // Only possible past f faults (or with an injected bug): keep ours.
+                self.metrics.invalid += 1;
+                continue;
+            }
+            self.accept_pre_prepare(now_us, *vote, batch.clone(), actions);
+        }
+        self.next_op = self.next_op.max(op_max + 1).max(self.commit_op + 1);
+        if self.leader() == self.config.replica {
+            self.next_op = (op_max + 1).max(self.commit_op + 1).max(self.low + 1);
+        }
+        self.new_view = Some(new_view);
+        if self.has_work() {
+            self.arm_progress_timer(now_us);
+        }
+        self.execute(now_us, actions);
+    }
+
+    /// Timers: leader suspicion, view-change timeout, resends and status reports.
+    pub fn on_tick(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        match self.status {
+            Status::Normal => {
+                if self
+                    .progress_deadline_us
+                    .is_some_and(|deadline| now_us >= deadline)
+                {
+                    self.start_view_change(now_us, self.view + 1, actions);
+                }
+            }
+            Status::ViewChange => {
+                if self
+                    .view_change_deadline_us
+                    .is_some_and(|deadline| now_us >= deadline)
+                {
+                    self.view_change_timeout(now_us, actions);
+                }
+            }
+        }
+        if now_us >= self.resend_at_us {
+            self.resend_at_us = now_us + self.config.resend_interval_us;
+            self.resend(actions);
+        }
+        if now_us >= self.status_at_us {
+            self.status_at_us = now_us + self.config.status_interval_us;
+            actions.push(Action::Broadcast {
+                message: Message::Status {
+                    view: self.view,
+                    commit_op: self.commit_op,
+                    low: self.low,
+                },
+            });
+        }
+    }
+
+    /// The NewView did not come in time. With `f + 1` view changes for this view (so at
+    /// least one correct replica is changing too) try the next view; alone, stay: a replica
+    /// cut off from the group must not run ahead through views the others never reach (a
+    /// view change it signed cannot be taken back), it rejoins when they time out too.
+    fn view_change_timeout(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        let changing = self
+            .view_changes
+            .iter()
+            .flatten()
+            .filter(|held| held.vote.view >= self.view)
+            .count();
+        if changing >= self.committee.weak_quorum() {
+            self.start_view_change(now_us, self.view + 1, actions);
+        } else {
+            let timeout = self
+                .config
+                .view_change_timeout_us
+                .saturating_mul(1 << self.view_change_attempts.min(16))
+                .min(self.config.view_change_timeout_us_max);
+            self.view_change_deadline_us = Some(now_us + timeout);
+        }
+    }
+
+    /// Sends again what peers may have lost: this view's proposals and votes of ops not
+    /// yet committed, the pending view change, the latest checkpoint vote.
+    fn resend(&self, actions: &mut Vec<Action>) {
+        let replica = usize::from(self.config.replica);
+        if self.status == Status::ViewChange {
+            if let Some(view_change) = &self.view_changes[replica] {
+                actions.push(Action::Broadcast {
+                    message: Message::ViewChange(Box::new(view_change.clone())),
+                });
+            }
+        } else {
+            for op in self.commit_op.max(self.low) + 1..=self.low + self.config.log_window_ops {
+                let Some(slot) = self.slot(op) else { continue };
+                if slot.committed.is_some() || slot.votes_view != self.view {
+                    continue;
+                }
+                let Some(head) = slot.pre_prepare.filter(|head| head.view == self.view) else {
+                    continue;
+                };
+                if head.replica == self.config.replica {
+                    actions.push(Action::Broadcast {
+                        message: Message::PrePrepare {
+                            vote: head,
+                            batch: slot.batch.clone(),
+                        },
+                    });
+                }
+                if let Some((vote, header)) = slot.prepares[replica] {
+                    actions.push(Action::Broadcast {
+                        message: Message::Prepare {
+                            vote,
+                            pre_prepare: header,
+                        },
+                    });
+                }
+                if let Some(vote) = slot.commits[replica] {
+                    actions.push(Action::Broadcast {
+                        message: Message::Commit(vote),
+                    });
+                }
+            }
+        }
+        let latest = self.checkpoint_votes[replica]
+            .iter()
+            .flatten()
+            .filter(|vote| vote.op > self.low)
+            .max_by_key(|vote| vote.op);
+        if let Some(vote) = latest {
+            actions.push(Action::Broadcast {
+                message: Message::Checkpoint(*vote),
+            });
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! A deterministic simulator of one BFT replication group: `n` (4 or 7) real
+//! [`percore_engine::bft::BftReplica`]s, up to `f` of them Byzantine, a simulated network
+//! (drops, duplicates, delays and reordering, partitions), clients that accept a result
+//! after `f + 1` matching replies, and checkers (safety, liveness, evidence, client
+//! results), all from one `u64` seed. See `docs/bft.md`, section "Simulator".
+//!
+//! Like [`crate::sim`], this module never reads a clock, uses a thread RNG or lets hash-map
+//! order decide anything: the only randomness is [`crate::sim::rng::SimRng`].
+
+pub mod world;
+
+use std::fmt;
+
+use percore_engine::bft::InjectedBug;
+
+/// What a Byzantine replica does (drawn per replica from the seed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Behaviour {
+    /// Sends nothing at all from a time drawn per run (from the start in 30 % of runs,
+    /// else within the first 2 s): a mute replica, or one that crashes mid-run.
+    Silent,
+    /// Leader: different proposals to different replicas, with matching votes for each;
+    /// backup: different votes to different replicas.
+    Equivocate,
+    /// Validly signed votes for digests that are not the batch's; as leader, proposals
+    /// whose digest does not match their batch.
+    WrongDigest,
+    /// Proposes and asks for view changes, but never sends Prepare, Commit or Checkpoint.
+    Withhold,
+    /// Behaves, and also replays old messages (its own and others', earlier views).
+    Replay,
+    /// Behaves, and also sends votes in other replicas' names and garbage signatures.
+    Forge,
+}
+
+/// Every behaviour, in the order the seed picks from.
+pub const BEHAVIOURS: [Behaviour; 6] = [
+    Behaviour::Silent,
+    Behaviour::Equivocate,
+    Behaviour::WrongDigest,
+    Behaviour::Withhold,
+    Behaviour::Replay,
+    Behaviour::Forge,
+];
+
+impl Behaviour {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Behaviour::Silent => "silent",
+            Behaviour::Equivocate => "equivocate",
+            Behaviour::WrongDigest => "wrong-digest",
+            Behaviour::Withhold => "withhold",
+            Behaviour::Replay => "replay",
+            Behaviour::Forge => "forge",
+        }
+    }
+
+    /// Parses the command-line name.
+    pub fn parse(name: &str) -> Option<Behaviour> {
+        BEHAVIOURS
+            .into_iter()
+            .find(|behaviour| behaviour.name() == name)
+    }
+}
+
+/// How one run is shaped (everything else comes from the seed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Replicas (4 or 7; `f = (n − 1) / 3`).
+    pub replicas: u8,
+    /// Byzantine replicas (at most `f`).
+    pub byzantine: u8,
+    /// Force one behaviour for every Byzantine replica (else drawn per replica).
+    pub behaviour: Option<Behaviour>,
+    /// Events of the faulty phase; then the network heals and the run must converge.
+    pub steps: u64,
+    /// Network faults: drops, duplicates, slow links, partitions.
+    pub faults: bool,
+    /// A protocol bug injected into every replica.
+    pub bug: Option<InjectedBug>,
+    /// Keep and print the whole trace.
+    pub verbose: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            replicas: 4,
+            byzantine: 1,
+            behaviour: None,
+            steps: STEPS_DEFAULT,
+            faults: true,
+            bug: None,
+            verbose: false,
+        }
+    }
+}
+
+/// Default events of the faulty phase.
+pub const STEPS_DEFAULT: u64 = 3_000;
+
+/// A checker that failed.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The run's seed.
+    pub seed: u64,
+    /// Events processed when it failed.
+    pub step: u64,
+    /// Simulated time (µs).
+    pub time_us: u64,
+    /// Which checker (`safety`, `liveness`, `evidence`, `client`, `driver`).
+    pub checker: &'static str,
+    /// What is wrong.
+    pub message: String,
+    /// The last events, oldest first.
+    pub trace: Vec<String>,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "seed {} FAILED at step {} (t = {} us): {}: {}",
+            self.seed, self.step, self.time_us, self.checker, self.message
+        )?;
+        writeln!(f, "trace (last {} events):", self.trace.len())?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a passing run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Events processed.
+    pub steps: u64,
+    /// Simulated time at the end (µs).
+    pub time_us: u64,
+    /// Highest op committed by every correct replica.
+    pub ops_committed: u64,
+    /// Client requests accepted (f + 1 matching replies).
+    pub requests_accepted: u64,
+    /// View changes started, summed over correct replicas.
+    pub view_changes: u64,
+    /// Highest view reached by a correct replica.
+    pub view_max: u64,
+    /// Stable checkpoints, summed over correct replicas.
+    pub checkpoints: u64,
+    /// State transfers, summed over correct replicas.
+    pub state_transfers: u64,
+    /// Equivocations detected, summed over correct replicas.
+    pub equivocations_detected: u64,
+    /// `(view, op)` pairs where correct replicas accepted conflicting proposals.
+    pub equivocations_accepted: u64,
+    /// Messages refused by correct replicas (bad signatures, views, windows, …).
+    pub messages_refused: u64,
+    /// Of which bad signatures.
+    pub bad_signatures: u64,
+    /// Messages dropped by the network.
+    pub messages_dropped: u64,
+    /// Whether a Byzantine replica led view 0.
+    pub byzantine_first_leader: bool,
+}
+
+impl Summary {
+    /// Adds `other` into `self` (sweeps).
+    pub fn add(&mut self, other: &Summary) {
+        self.steps += other.steps;
+        self.ops_committed += other.ops_committed;
+        self.requests_accepted += other.requests_accepted;
+        self.view_changes += other.view_changes;
+        self.view_max = self.view_max.max(other.view_max);
+        self.checkpoints += other.checkpoints;
+        self.state_transfers += other.state_transfers;
+        self.equivocations_detected += other.equivocations_detected;
+        self.equivocations_accepted += other.equivocations_accepted;
+        self.messages_refused += other.messages_refused;
+        self.bad_signatures += other.bad_signatures;
+        self.messages_dropped += other.messages_dropped;
+    }
+}
+
+/// Parses the command line (without the program name) into options and a seed range.
+pub fn parse_args<I: IntoIterator<Item = String>>(
+    args: I,
+) -> Result<(Options, std::ops::Range<u64>), String> {
+    let mut options = Options::default();
+    let mut byzantine = None;
+    let mut seeds = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "-v" || arg == "--verbose" {
+            options.verbose = true;
+            continue;
+        }
+        let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
+        let number = || -> Result<u64, String> {
+            value
+                .parse()
+                .map_err(|_| format!("{arg} needs a number, not {value:?}"))
+        };
+        match arg.as_str() {
+            "--seed" => {
+                let seed = number()?;
+                seeds = Some(seed..seed + 1);
+            }
+            "--seeds" => {
+                let range = value.split_once("..").and_then(|(low, high)| {
+                    Some(low.parse::<u64>().ok()?..high.parse::<u64>().ok()?)
+                });
+                seeds = Some(range.ok_or("--seeds needs A..B")?);
+            }
+            "--replicas" => match number()? {
+                replicas @ (4 | 7) => options.replicas = replicas as u8,
+                _ => return Err("--replicas is 4 or 7".to_string()),
+            },
+            "--byzantine" => byzantine = Some(number()?),
+            "--behaviour" => {
+                options.behaviour =
+                    Some(Behaviour::parse(&value).ok_or(format!("unknown behaviour {value:?}"))?);
+            }
+            "--steps" => options.steps = number()?,
+            "--faults" => match value.as_str() {
+                "on" => options.faults = true,
+                "off" => options.faults = false,
+                _ => return Err("--faults is on or off".to_string()),
+            },
+            "--bug" => options.bug = Some(parse_bug(&value)?),
+            _ => return Err(format!("unknown argument {arg:?}")),
+        }
+    }
+    let faults_max = u64::from((options.replicas - 1) / 3);
+    options.byzantine = match byzantine {
+        None => faults_max as u8,
+        Some(count) if count <= faults_max => count as u8,
+        Some(_) => return Err(format!("--byzantine is at most f = {faults_max}")),
+    };
+    let seeds = seeds.ok_or("--seed S or --seeds A..B is required")?;
+    Ok((options, seeds))
+}
+
+fn parse_bug(name: &str) -> Result<InjectedBug, String> {
+    match name {
+        "quorum-minus-one" => Ok(InjectedBug::QuorumMinusOne),
+        "new-view-ignores-prepared" => Ok(InjectedBug::NewViewIgnoresPrepared),
+        _ => Err(format!("unknown bug {name:?}")),
+    }
+}
+
+fn bug_name(bug: InjectedBug) -> &'static str {
+    match bug {
+        InjectedBug::QuorumMinusOne => "quorum-minus-one",
+        InjectedBug::NewViewIgnoresPrepared => "new-view-ignores-prepared",
+    }
+}
+
+/// The arguments that rebuild `options`.
+pub fn options_args(options: &Options) -> Vec<String> {
+    let mut args = vec![
+        "--replicas".to_string(),
+        options.replicas.to_string(),
+        "--byzantine".to_string(),
+        options.byzantine.to_string(),
+        "--steps".to_string(),
+        options.steps.to_string(),
+        "--faults".to_string(),
+        if options.faults { "on" } else { "off" }.to_string(),
+    ];
+    if let Some(behaviour) = options.behaviour {
+        args.push("--behaviour".to_string());
+        args.push(behaviour.name().to_string());
+    }
+    if let Some(bug) = options.bug {
+        args.push("--bug".to_string());
+        args.push(bug_name(bug).to_string());
+    }
+    if options.verbose {
+        args.push("-v".to_string());
+    }
+    args
+}
+
+/// Runs one seed to the end or to the first failed checker.
+pub fn run(seed: u64, options: &Options) -> Result<Summary, Box<Failure>> {
+    world::World::new(seed, *options).run()
+}

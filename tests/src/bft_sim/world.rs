@@ -1,0 +1,1152 @@
+//! The BFT simulator's world: replicas, network, clients, Byzantine behaviours, checkers.
+//!
+//! Events are processed in `(time_us, sequence)` order; handling one takes no simulated
+//! time. A correct replica executes committed batches in op order (requests are
+//! deduplicated by id) and answers the request's client with the op that executed it; a
+//! Byzantine replica runs the same core but its outgoing messages go through
+//! [`World::byzantine_outgoing`], and it answers clients with made-up results.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+
+use percore_engine::bft::{
+    Action, BftConfig, BftReplica, Committee, Digest, Message, Signature, SigningKey, Vote,
+    batch_digest, chain_digest,
+};
+
+use super::{BEHAVIOURS, Behaviour, Failure, Options, Summary};
+use crate::sim::rng::{SimRng, splitmix64};
+
+/// After the network heals, every client request must be accepted and executed by every
+/// correct replica within this much simulated time (µs).
+pub const LIVENESS_BOUND_US: u64 = 30_000_000;
+/// The faulty phase ends after this much simulated time even if steps remain (µs).
+pub const FAULTY_PHASE_US_MAX: u64 = 10_000_000;
+/// Replica timer period (µs).
+const TICK_INTERVAL_US: u64 = 5_000;
+/// Clients per run.
+const CLIENTS: usize = 2;
+/// Requests per client in the faulty phase, and after the heal.
+const REQUESTS_FAULTY: u64 = 16;
+const REQUESTS_AFTER_HEAL: u64 = 2;
+/// A client resends its request to every replica after this long (µs).
+const CLIENT_RETRY_US: u64 = 400_000;
+/// Requests per proposed batch.
+const REQUESTS_PER_BATCH_MAX: usize = 4;
+/// Requests a replica keeps waiting to be proposed.
+const PENDING_MAX: usize = 64;
+/// Trace lines kept (all with `verbose`).
+const TRACE_KEPT: usize = 80;
+/// Messages a replaying replica remembers.
+const REPLAY_KEPT: usize = 64;
+
+#[derive(Debug, Clone)]
+struct Request {
+    id: u64,
+    client: usize,
+    payload: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver {
+        from: u8,
+        to: u8,
+        message: Box<Message>,
+    },
+    Tick {
+        replica: u8,
+    },
+    Request {
+        to: u8,
+        request: Request,
+    },
+    Reply {
+        client: usize,
+        replica: u8,
+        id: u64,
+        result: u64,
+    },
+    ClientTimer {
+        client: usize,
+        id: u64,
+    },
+    NetworkFault,
+    StateTransfer {
+        replica: u8,
+    },
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    time_us: u64,
+    sequence: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.time_us, self.sequence) == (other.time_us, other.sequence)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    /// Reversed: the heap pops the earliest event first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.time_us, other.sequence).cmp(&(self.time_us, self.sequence))
+    }
+}
+
+#[derive(Debug)]
+struct Node {
+    core: BftReplica,
+    key: SigningKey,
+    behaviour: Option<Behaviour>,
+    /// Committed batches, op `i + 1` at index `i`.
+    log: Vec<(Digest, Vec<u8>)>,
+    chain: Digest,
+    /// Request id → op that executed it.
+    executed: BTreeMap<u64, u64>,
+    pending: BTreeMap<u64, Request>,
+    /// Request id → view this replica proposed it in (leader).
+    proposed: BTreeMap<u64, u64>,
+    /// Byzantine replay: messages seen.
+    seen: Vec<(u8, Message)>,
+    /// Byzantine equivocation: the second digest per (view, op).
+    alternates: BTreeMap<(u64, u64), Digest>,
+    /// Silent: behaves until this time, then sends nothing (a crash mid-run).
+    silent_from_us: u64,
+}
+
+#[derive(Debug)]
+struct Client {
+    quota: u64,
+    issued: u64,
+    sequence: u64,
+    outstanding: Option<(Request, BTreeMap<u8, u64>)>,
+    accepted: Vec<(u64, u64)>,
+}
+
+/// One run.
+#[derive(Debug)]
+pub struct World {
+    seed: u64,
+    options: Options,
+    rng: SimRng,
+    time_us: u64,
+    step: u64,
+    sequence: u64,
+    queue: BinaryHeap<Scheduled>,
+    nodes: Vec<Node>,
+    committee: Committee,
+    faults_max: u8,
+    clients: Vec<Client>,
+    /// Replicas cut off from the others (none: connected).
+    isolated: BTreeSet<u8>,
+    drop_per_million: u64,
+    duplicate_per_million: u64,
+    slow_per_million: u64,
+    healed_at_us: Option<u64>,
+    /// Equivocating replicas send their second version to these replicas.
+    alternate_set: BTreeSet<u8>,
+    /// op → (digest, first correct replica that committed it).
+    committed: BTreeMap<u64, (Digest, u8)>,
+    /// (view, op) → digests of proposals correct replicas accepted.
+    accepted_proposals: BTreeMap<(u64, u64), BTreeSet<Digest>>,
+    trace: VecDeque<String>,
+    messages_dropped: u64,
+}
+
+type Outcome<T> = Result<T, Box<Failure>>;
+
+impl World {
+    /// A world for `seed`.
+    pub fn new(seed: u64, options: Options) -> World {
+        let mut rng = SimRng::new(seed);
+        let replica_count = options.replicas;
+        let faults_max = (replica_count - 1) / 3;
+        let mut key_seed = seed ^ 0x6b65_7973;
+        let keys: Vec<SigningKey> = (0..replica_count)
+            .map(|_| {
+                let mut bytes = [0u8; 32];
+                for chunk in bytes.chunks_exact_mut(8) {
+                    chunk.copy_from_slice(&splitmix64(&mut key_seed).to_le_bytes());
+                }
+                SigningKey::from_bytes(&bytes)
+            })
+            .collect();
+        let committee = Committee::new(
+            0,
+            faults_max,
+            keys.iter().map(SigningKey::verifying_key).collect(),
+        )
+        .expect("n = 3f + 1");
+        let checkpoint_interval_ops = [4, 8, 16][rng.below(3) as usize];
+        // Byzantine replicas: half the runs include the first leader (replica 0).
+        let mut byzantine = BTreeSet::new();
+        if options.byzantine > 0 && rng.chance(500_000) {
+            byzantine.insert(0u8);
+        }
+        while byzantine.len() < usize::from(options.byzantine) {
+            byzantine.insert(rng.below(u64::from(replica_count)) as u8);
+        }
+        let nodes = keys
+            .into_iter()
+            .enumerate()
+            .map(|(replica, key)| {
+                let replica = replica as u8;
+                let mut config = BftConfig::new(0, replica);
+                config.checkpoint_interval_ops = checkpoint_interval_ops;
+                config.log_window_ops = 2 * checkpoint_interval_ops;
+                config.bug = options.bug;
+                let core = BftReplica::new(config, committee.clone(), key.clone(), 0)
+                    .expect("valid configuration");
+                let behaviour = byzantine.contains(&replica).then(|| {
+                    options
+                        .behaviour
+                        .unwrap_or(BEHAVIOURS[rng.below(BEHAVIOURS.len() as u64) as usize])
+                });
+                Node {
+                    core,
+                    key,
+                    behaviour,
+                    log: Vec::new(),
+                    chain: [0; 32],
+                    executed: BTreeMap::new(),
+                    pending: BTreeMap::new(),
+                    proposed: BTreeMap::new(),
+                    seen: Vec::new(),
+                    alternates: BTreeMap::new(),
+                    silent_from_us: if rng.chance(300_000) {
+                        0
+                    } else {
+                        rng.range(0, 2_000_000)
+                    },
+                }
+            })
+            .collect();
+        let mut alternate_set = BTreeSet::new();
+        let alternates = rng.range(1, u64::from(replica_count) / 2);
+        while alternate_set.len() < alternates as usize {
+            alternate_set.insert(rng.below(u64::from(replica_count)) as u8);
+        }
+        let (drop_per_million, duplicate_per_million, slow_per_million) = if options.faults {
+            (
+                rng.range(0, 100_000),
+                rng.range(0, 50_000),
+                rng.range(0, 100_000),
+            )
+        } else {
+            (0, 0, 0)
+        };
+        World {
+            seed,
+            options,
+            rng,
+            time_us: 0,
+            step: 0,
+            sequence: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            committee,
+            faults_max,
+            clients: (0..CLIENTS)
+                .map(|_| Client {
+                    quota: REQUESTS_FAULTY,
+                    issued: 0,
+                    sequence: 0,
+                    outstanding: None,
+                    accepted: Vec::new(),
+                })
+                .collect(),
+            isolated: BTreeSet::new(),
+            drop_per_million,
+            duplicate_per_million,
+            slow_per_million,
+            healed_at_us: None,
+            alternate_set,
+            committed: BTreeMap::new(),
+            accepted_proposals: BTreeMap::new(),
+            trace: VecDeque::new(),
+            messages_dropped: 0,
+        }
+    }
+
+    fn schedule(&mut self, delay_us: u64, event: Event) {
+        self.sequence += 1;
+        self.queue.push(Scheduled {
+            time_us: self.time_us + delay_us,
+            sequence: self.sequence,
+            event,
+        });
+    }
+
+    fn fail(&self, checker: &'static str, message: String) -> Box<Failure> {
+        Box::new(Failure {
+            seed: self.seed,
+            step: self.step,
+            time_us: self.time_us,
+            checker,
+            message,
+            trace: self.trace.iter().cloned().collect(),
+        })
+    }
+
+    fn note(&mut self, line: String) {
+        if !self.options.verbose && self.trace.len() >= TRACE_KEPT {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("t={} {line}", self.time_us));
+    }
+
+    fn is_correct(&self, replica: u8) -> bool {
+        self.nodes[usize::from(replica)].behaviour.is_none()
+    }
+
+    /// Runs to the end or to the first failed checker.
+    pub fn run(mut self) -> Outcome<Summary> {
+        let byzantine: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(replica, node)| {
+                node.behaviour
+                    .map(|behaviour| format!("{replica}:{}", behaviour.name()))
+            })
+            .collect();
+        self.note(format!(
+            "start: n = {}, byzantine [{}], drop {} dup {} slow {} per million, checkpoint every {} ops",
+            self.options.replicas,
+            byzantine.join(" "),
+            self.drop_per_million,
+            self.duplicate_per_million,
+            self.slow_per_million,
+            self.nodes[0].core.config().checkpoint_interval_ops,
+        ));
+        for replica in 0..self.options.replicas {
+            let offset = self.rng.range(1, TICK_INTERVAL_US);
+            self.schedule(offset, Event::Tick { replica });
+        }
+        for client in 0..CLIENTS {
+            self.issue(client);
+        }
+        if self.options.faults {
+            let delay = self.rng.range(50_000, 300_000);
+            self.schedule(delay, Event::NetworkFault);
+        }
+        loop {
+            if self.healed_at_us.is_none()
+                && (self.step >= self.options.steps || self.time_us >= FAULTY_PHASE_US_MAX)
+            {
+                self.heal();
+            }
+            if let Some(healed_at_us) = self.healed_at_us {
+                if self.converged() {
+                    break;
+                }
+                if self.time_us > healed_at_us + LIVENESS_BOUND_US {
+                    return Err(self.fail("liveness", self.liveness_report()));
+                }
+            }
+            let Some(scheduled) = self.queue.pop() else {
+                return Err(self.fail("driver", "no events left".to_string()));
+            };
+            debug_assert!(scheduled.time_us >= self.time_us);
+            self.time_us = scheduled.time_us;
+            self.step += 1;
+            self.handle(scheduled.event)?;
+        }
+        self.check_evidence()?;
+        Ok(self.summary())
+    }
+
+    fn handle(&mut self, event: Event) -> Outcome<()> {
+        match event {
+            Event::Deliver { from, to, message } => self.deliver(from, to, *message),
+            Event::Tick { replica } => {
+                let mut actions = Vec::new();
+                self.nodes[usize::from(replica)]
+                    .core
+                    .on_tick(self.time_us, &mut actions);
+                self.execute(replica, actions)?;
+                self.propose(replica)?;
+                self.schedule(TICK_INTERVAL_US, Event::Tick { replica });
+                Ok(())
+            }
+            Event::Request { to, request } => self.on_request(to, request),
+            Event::Reply {
+                client,
+                replica,
+                id,
+                result,
+            } => self.on_reply(client, replica, id, result),
+            Event::ClientTimer { client, id } => {
+                let resend = match &self.clients[client].outstanding {
+                    Some((request, _)) if request.id == id => Some(request.clone()),
+                    _ => None,
+                };
+                if let Some(request) = resend {
+                    self.send_request(request);
+                }
+                Ok(())
+            }
+            Event::NetworkFault => {
+                self.network_fault();
+                Ok(())
+            }
+            Event::StateTransfer { replica } => self.state_transfer(replica),
+        }
+    }
+
+    fn deliver(&mut self, from: u8, to: u8, message: Message) -> Outcome<()> {
+        let node = &mut self.nodes[usize::from(to)];
+        if node.behaviour == Some(Behaviour::Replay) {
+            if node.seen.len() < REPLAY_KEPT {
+                node.seen.push((from, message.clone()));
+            } else {
+                let index = self.rng.below(REPLAY_KEPT as u64) as usize;
+                node.seen[index] = (from, message.clone());
+            }
+        }
+        let name = message.name();
+        let mut actions = Vec::new();
+        let result = node
+            .core
+            .on_message(self.time_us, from, message, &mut actions);
+        if self.options.verbose || result.is_err() {
+            let outcome = match result {
+                Ok(()) => "ok".to_string(),
+                Err(error) => error.to_string(),
+            };
+            self.note(format!("deliver {from}->{to} {name}: {outcome}"));
+        }
+        self.execute(to, actions)?;
+        self.propose(to)
+    }
+
+    /// Carries out a replica's actions.
+    fn execute(&mut self, replica: u8, actions: Vec<Action>) -> Outcome<()> {
+        for action in actions {
+            match action {
+                Action::Send { to, message } => self.transmit(replica, vec![to], message),
+                Action::Broadcast { message } => {
+                    if self.is_correct(replica)
+                        && let Message::Prepare { pre_prepare, .. } = &message
+                    {
+                        self.accepted_proposals
+                            .entry((pre_prepare.view, pre_prepare.op))
+                            .or_default()
+                            .insert(pre_prepare.digest);
+                    }
+                    let others = (0..self.options.replicas)
+                        .filter(|to| *to != replica)
+                        .collect();
+                    self.transmit(replica, others, message);
+                }
+                Action::Commit {
+                    op,
+                    view,
+                    digest,
+                    batch,
+                } => {
+                    self.note(format!("replica {replica} commits op {op} (view {view})"));
+                    self.apply(replica, op, digest, batch, true)?;
+                }
+                Action::StateTransfer { cert } => {
+                    self.note(format!(
+                        "replica {replica} state transfer to op {}",
+                        cert.op()
+                    ));
+                    self.schedule(2_000, Event::StateTransfer { replica });
+                }
+            }
+        }
+        let node = &mut self.nodes[usize::from(replica)];
+        let pending = !node.pending.is_empty();
+        node.core.set_pending(self.time_us, pending);
+        Ok(())
+    }
+
+    /// Applies committed op `op` at `replica`: the safety checker, then execution.
+    fn apply(
+        &mut self,
+        replica: u8,
+        op: u64,
+        digest: Digest,
+        batch: Vec<u8>,
+        reply: bool,
+    ) -> Outcome<()> {
+        let correct = self.is_correct(replica);
+        let node = &mut self.nodes[usize::from(replica)];
+        if node.log.len() as u64 + 1 != op || batch_digest(&batch) != digest {
+            return Err(self.fail(
+                "driver",
+                format!("replica {replica}: op {op} out of order or wrong digest"),
+            ));
+        }
+        node.chain = chain_digest(&node.chain, op, &digest);
+        node.log.push((digest, batch.clone()));
+        if correct {
+            match self.committed.get(&op) {
+                Some((first, other)) if *first != digest => {
+                    return Err(self.fail(
+                        "safety",
+                        format!("op {op}: replica {other} committed {:02x?}, replica {replica} committed {:02x?}", &first[..4], &digest[..4]),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.committed.insert(op, (digest, replica));
+                }
+            }
+        }
+        for (id, client) in decode_batch(&batch) {
+            let node = &mut self.nodes[usize::from(replica)];
+            if node.executed.contains_key(&id) {
+                continue;
+            }
+            node.executed.insert(id, op);
+            node.pending.remove(&id);
+            if reply && correct && client < CLIENTS {
+                let delay = self.link_delay();
+                self.schedule(
+                    delay,
+                    Event::Reply {
+                        client,
+                        replica,
+                        id,
+                        result: op,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches the committed log up to the checkpoint the replica asks for now (a later
+    /// request may have replaced the one that scheduled this) from a correct peer, checks
+    /// it against the certificate's chain digest and installs it.
+    fn state_transfer(&mut self, replica: u8) -> Outcome<()> {
+        let Some(cert) = self.nodes[usize::from(replica)]
+            .core
+            .state_transfer()
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let target = cert.op();
+        let have = self.nodes[usize::from(replica)].log.len() as u64;
+        let source = (0..self.options.replicas).find(|peer| {
+            *peer != replica
+                && self.is_correct(*peer)
+                && self.nodes[usize::from(*peer)].log.len() as u64 >= target
+        });
+        let Some(source) = source.filter(|_| have < target) else {
+            self.nodes[usize::from(replica)]
+                .core
+                .on_state_transfer_failed();
+            return Ok(());
+        };
+        let entries: Vec<(Digest, Vec<u8>)> =
+            self.nodes[usize::from(source)].log[have as usize..target as usize].to_vec();
+        for (index, (digest, batch)) in entries.into_iter().enumerate() {
+            self.apply(replica, have + 1 + index as u64, digest, batch, false)?;
+        }
+        let chain = self.nodes[usize::from(replica)].chain;
+        if chain != cert.digest() {
+            return Err(self.fail(
+                "safety",
+                format!(
+                    "replica {source}'s log through op {target} is not the certified checkpoint"
+                ),
+            ));
+        }
+        let mut actions = Vec::new();
+        let result = self.nodes[usize::from(replica)].core.on_state_transferred(
+            self.time_us,
+            target,
+            chain,
+            &mut actions,
+        );
+        if let Err(error) = result {
+            return Err(self.fail("driver", format!("state transfer refused: {error}")));
+        }
+        self.execute(replica, actions)
+    }
+
+    /// Leader: proposes waiting requests not yet proposed in this view.
+    fn propose(&mut self, replica: u8) -> Outcome<()> {
+        loop {
+            let node = &mut self.nodes[usize::from(replica)];
+            if !node.core.is_ready_leader() {
+                return Ok(());
+            }
+            let view = node.core.view();
+            let chosen: Vec<Request> = node
+                .pending
+                .values()
+                .filter(|request| node.proposed.get(&request.id) != Some(&view))
+                .take(REQUESTS_PER_BATCH_MAX)
+                .cloned()
+                .collect();
+            if chosen.is_empty() {
+                return Ok(());
+            }
+            for request in &chosen {
+                node.proposed.insert(request.id, view);
+            }
+            let mut actions = Vec::new();
+            let op = node
+                .core
+                .propose(self.time_us, encode_batch(&chosen), &mut actions)
+                .map_err(|error| self.fail("driver", format!("propose refused: {error}")))?;
+            self.note(format!(
+                "replica {replica} proposes op {op} in view {view} ({} requests)",
+                chosen.len()
+            ));
+            self.execute(replica, actions)?;
+        }
+    }
+
+    fn link_delay(&mut self) -> u64 {
+        if self.rng.chance(self.slow_per_million) {
+            self.rng.range(5_000, 50_000)
+        } else {
+            self.rng.range(100, 2_000)
+        }
+    }
+
+    /// Puts `message` from `from` on the wire to each of `tos`.
+    fn transmit(&mut self, from: u8, tos: Vec<u8>, message: Message) {
+        let sends = if self.is_correct(from) {
+            tos.into_iter().map(|to| (to, message.clone())).collect()
+        } else {
+            self.byzantine_outgoing(from, tos, message)
+        };
+        for (to, message) in sends {
+            if self.isolated.contains(&from) != self.isolated.contains(&to)
+                || self.rng.chance(self.drop_per_million)
+            {
+                self.messages_dropped += 1;
+                continue;
+            }
+            if self.rng.chance(self.duplicate_per_million) {
+                let delay = self.link_delay();
+                self.schedule(
+                    delay,
+                    Event::Deliver {
+                        from,
+                        to,
+                        message: Box::new(message.clone()),
+                    },
+                );
+            }
+            let delay = self.link_delay();
+            let message = Box::new(message);
+            self.schedule(delay, Event::Deliver { from, to, message });
+        }
+    }
+
+    /// What a Byzantine replica sends instead of `message`.
+    fn byzantine_outgoing(
+        &mut self,
+        from: u8,
+        tos: Vec<u8>,
+        message: Message,
+    ) -> Vec<(u8, Message)> {
+        let behaviour = self.nodes[usize::from(from)].behaviour.expect("byzantine");
+        let key = self.nodes[usize::from(from)].key.clone();
+        let same = |tos: &[u8], message: &Message| {
+            tos.iter()
+                .map(|to| (*to, message.clone()))
+                .collect::<Vec<_>>()
+        };
+        match behaviour {
+            Behaviour::Silent if self.time_us >= self.nodes[usize::from(from)].silent_from_us => {
+                Vec::new()
+            }
+            Behaviour::Silent => same(&tos, &message),
+            Behaviour::Withhold => match message {
+                Message::Prepare { .. } | Message::Commit(_) | Message::Checkpoint(_) => Vec::new(),
+                other => same(&tos, &other),
+            },
+            Behaviour::WrongDigest => {
+                let wrong = self.random_digest();
+                let message = match message {
+                    Message::PrePrepare { vote, batch } => Message::PrePrepare {
+                        vote: resign(&key, vote, wrong),
+                        batch,
+                    },
+                    Message::Prepare { vote, pre_prepare } => Message::Prepare {
+                        vote: resign(&key, vote, wrong),
+                        pre_prepare,
+                    },
+                    Message::Commit(vote) => Message::Commit(resign(&key, vote, wrong)),
+                    other => other,
+                };
+                same(&tos, &message)
+            }
+            Behaviour::Equivocate => self.equivocate(from, &key, tos, message),
+            Behaviour::Replay => {
+                let mut sends = same(&tos, &message);
+                let node = &self.nodes[usize::from(from)];
+                if !node.seen.is_empty() && self.rng.chance(300_000) {
+                    let (_, old) =
+                        node.seen[self.rng.below(node.seen.len() as u64) as usize].clone();
+                    let to = self.rng.below(u64::from(self.options.replicas)) as u8;
+                    if to != from {
+                        sends.push((to, old));
+                    }
+                }
+                sends
+            }
+            Behaviour::Forge => {
+                let mut sends = same(&tos, &message);
+                if let Some(forged) = self.forge(&key, &message) {
+                    let to = self.rng.below(u64::from(self.options.replicas)) as u8;
+                    if to != from {
+                        sends.push((to, forged));
+                    }
+                }
+                sends
+            }
+        }
+    }
+
+    /// The equivocating replica's sends: the replicas of the alternate set get a second,
+    /// validly signed version (a different batch, and votes for its digest).
+    fn equivocate(
+        &mut self,
+        from: u8,
+        key: &SigningKey,
+        tos: Vec<u8>,
+        message: Message,
+    ) -> Vec<(u8, Message)> {
+        let alternate = match &message {
+            Message::PrePrepare { vote, batch } => {
+                let mut batch = batch.clone();
+                batch.extend_from_slice(b"equivocation");
+                let digest = batch_digest(&batch);
+                self.nodes[usize::from(from)]
+                    .alternates
+                    .insert((vote.view, vote.op), digest);
+                Some(Message::PrePrepare {
+                    vote: resign(key, *vote, digest),
+                    batch,
+                })
+            }
+            Message::Prepare { vote, pre_prepare } => {
+                let digest = self.alternate_digest(from, vote);
+                Some(Message::Prepare {
+                    vote: resign(key, *vote, digest),
+                    pre_prepare: *pre_prepare,
+                })
+            }
+            Message::Commit(vote) => Some(Message::Commit(resign(
+                key,
+                *vote,
+                self.alternate_digest(from, vote),
+            ))),
+            Message::Checkpoint(vote) => Some(Message::Checkpoint(resign(
+                key,
+                *vote,
+                self.alternate_digest(from, vote),
+            ))),
+            _ => None,
+        };
+        tos.into_iter()
+            .map(|to| match &alternate {
+                Some(alternate) if self.alternate_set.contains(&to) => (to, alternate.clone()),
+                _ => (to, message.clone()),
+            })
+            .collect()
+    }
+
+    fn alternate_digest(&self, from: u8, vote: &Vote) -> Digest {
+        match self.nodes[usize::from(from)]
+            .alternates
+            .get(&(vote.view, vote.op))
+        {
+            Some(digest) => *digest,
+            None => batch_digest(&vote.digest),
+        }
+    }
+
+    /// A vote in another replica's name (signed with the forger's key), or with a garbage
+    /// signature.
+    fn forge(&mut self, key: &SigningKey, message: &Message) -> Option<Message> {
+        let vote = match message {
+            Message::PrePrepare { vote, .. }
+            | Message::Prepare { vote, .. }
+            | Message::Commit(vote)
+            | Message::Checkpoint(vote) => *vote,
+            _ => return None,
+        };
+        let victim = self.rng.below(u64::from(self.options.replicas)) as u8;
+        let digest = self.random_digest();
+        let mut forged = Vote::sign(key, 0, vote.kind, victim, vote.view, vote.op, digest);
+        if self.rng.chance(500_000) {
+            let mut garbage = [0u8; 64];
+            for chunk in garbage.chunks_exact_mut(8) {
+                chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
+            }
+            forged.signature = Signature::from_bytes(&garbage);
+        }
+        Some(match message {
+            Message::PrePrepare { batch, .. } => Message::PrePrepare {
+                vote: forged,
+                batch: batch.clone(),
+            },
+            Message::Prepare { pre_prepare, .. } => Message::Prepare {
+                vote: forged,
+                pre_prepare: *pre_prepare,
+            },
+            Message::Commit(_) => Message::Commit(forged),
+            _ => Message::Checkpoint(forged),
+        })
+    }
+
+    fn random_digest(&mut self) -> Digest {
+        let mut digest = [0u8; 32];
+        for chunk in digest.chunks_exact_mut(8) {
+            chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
+        }
+        digest
+    }
+
+    fn network_fault(&mut self) {
+        if self.healed_at_us.is_some() {
+            return;
+        }
+        if self.isolated.is_empty() && self.rng.chance(600_000) {
+            let replica = self.rng.below(u64::from(self.options.replicas)) as u8;
+            self.isolated.insert(replica);
+            self.note(format!("partition: replica {replica} isolated"));
+        } else if !self.isolated.is_empty() {
+            self.isolated.clear();
+            self.note("partition healed".to_string());
+        }
+        let delay = self.rng.range(50_000, 500_000);
+        self.schedule(delay, Event::NetworkFault);
+    }
+
+    fn heal(&mut self) {
+        self.healed_at_us = Some(self.time_us);
+        self.isolated.clear();
+        self.drop_per_million = 0;
+        self.duplicate_per_million = 0;
+        self.slow_per_million = 0;
+        self.note("heal: network faults stop, clients send their last requests".to_string());
+        for client in 0..CLIENTS {
+            self.clients[client].quota = self.clients[client].issued + REQUESTS_AFTER_HEAL;
+            if self.clients[client].outstanding.is_none() {
+                self.issue(client);
+            }
+        }
+    }
+
+    fn issue(&mut self, client: usize) {
+        let state = &mut self.clients[client];
+        if state.issued >= state.quota || state.outstanding.is_some() {
+            return;
+        }
+        state.issued += 1;
+        state.sequence += 1;
+        let id = ((client as u64 + 1) << 32) | state.sequence;
+        let length = self.rng.range(8, 32) as usize;
+        let payload = (0..length).map(|_| self.rng.next_u64() as u8).collect();
+        let request = Request {
+            id,
+            client,
+            payload,
+        };
+        self.clients[client].outstanding = Some((request.clone(), BTreeMap::new()));
+        self.send_request(request);
+    }
+
+    fn send_request(&mut self, request: Request) {
+        for to in 0..self.options.replicas {
+            if self.rng.chance(self.drop_per_million) {
+                continue;
+            }
+            let delay = self.link_delay();
+            self.schedule(
+                delay,
+                Event::Request {
+                    to,
+                    request: request.clone(),
+                },
+            );
+        }
+        self.schedule(
+            CLIENT_RETRY_US,
+            Event::ClientTimer {
+                client: request.client,
+                id: request.id,
+            },
+        );
+    }
+
+    fn on_request(&mut self, replica: u8, request: Request) -> Outcome<()> {
+        let node = &mut self.nodes[usize::from(replica)];
+        if let Some(behaviour) = node.behaviour {
+            // A Byzantine replica answers at once with a made-up result.
+            if behaviour != Behaviour::Silent || self.time_us < node.silent_from_us {
+                let delay = self.link_delay();
+                self.schedule(
+                    delay,
+                    Event::Reply {
+                        client: request.client,
+                        replica,
+                        id: request.id,
+                        result: u64::MAX,
+                    },
+                );
+            }
+            let node = &mut self.nodes[usize::from(replica)];
+            if node.pending.len() < PENDING_MAX {
+                node.pending.insert(request.id, request);
+            }
+            return self.propose(replica);
+        }
+        if let Some(op) = node.executed.get(&request.id).copied() {
+            let delay = self.link_delay();
+            self.schedule(
+                delay,
+                Event::Reply {
+                    client: request.client,
+                    replica,
+                    id: request.id,
+                    result: op,
+                },
+            );
+            return Ok(());
+        }
+        if node.pending.len() < PENDING_MAX {
+            node.pending.insert(request.id, request);
+        }
+        node.core.set_pending(self.time_us, true);
+        self.propose(replica)
+    }
+
+    fn on_reply(&mut self, client: usize, replica: u8, id: u64, result: u64) -> Outcome<()> {
+        let weak_quorum = usize::from(self.faults_max) + 1;
+        let state = &mut self.clients[client];
+        let Some((request, replies)) = &mut state.outstanding else {
+            return Ok(());
+        };
+        if request.id != id {
+            return Ok(());
+        }
+        replies.insert(replica, result);
+        let matching = replies.values().filter(|other| **other == result).count();
+        if matching < weak_quorum {
+            return Ok(());
+        }
+        // Accepted: the result must be the op at which correct replicas executed it.
+        for (index, node) in self.nodes.iter().enumerate() {
+            if node.behaviour.is_none()
+                && let Some(op) = node.executed.get(&id)
+                && *op != result
+            {
+                return Err(self.fail("client", format!("client {client} accepted op {result} for request {id:#x}; replica {index} executed it at op {op}")));
+            }
+        }
+        let state = &mut self.clients[client];
+        state.accepted.push((id, result));
+        state.outstanding = None;
+        self.note(format!(
+            "client {client} accepts request {id:#x} at op {result}"
+        ));
+        self.issue(client);
+        Ok(())
+    }
+
+    /// Done: every client used its quota and had every request accepted, and every correct
+    /// replica executed every accepted request.
+    fn converged(&self) -> bool {
+        let clients_done = self
+            .clients
+            .iter()
+            .all(|client| client.outstanding.is_none() && client.issued >= client.quota);
+        clients_done
+            && self
+                .clients
+                .iter()
+                .flat_map(|client| &client.accepted)
+                .all(|(id, _)| {
+                    self.nodes
+                        .iter()
+                        .filter(|node| node.behaviour.is_none())
+                        .all(|node| node.executed.contains_key(id))
+                })
+    }
+
+    fn liveness_report(&self) -> String {
+        let replicas: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(replica, node)| {
+                format!(
+                    "{replica}{}: view {} {:?} commit {} low {} pending {}",
+                    node.behaviour.map_or(String::new(), |behaviour| format!(
+                        " ({})",
+                        behaviour.name()
+                    )),
+                    node.core.view(),
+                    node.core.status(),
+                    node.core.commit_op(),
+                    node.core.low(),
+                    node.pending.len()
+                )
+            })
+            .collect();
+        let clients: Vec<String> = self
+            .clients
+            .iter()
+            .map(|client| {
+                format!(
+                    "issued {} accepted {} outstanding {}",
+                    client.issued,
+                    client.accepted.len(),
+                    client.outstanding.is_some()
+                )
+            })
+            .collect();
+        format!(
+            "not converged {} us after the heal; replicas [{}]; clients [{}]",
+            LIVENESS_BOUND_US,
+            replicas.join("; "),
+            clients.join("; ")
+        )
+    }
+
+    /// Evidence must be real and convict only Byzantine replicas; with a fault-free
+    /// network, an equivocation that correct replicas accepted must have been detected.
+    fn check_evidence(&self) -> Outcome<()> {
+        for (replica, node) in self.nodes.iter().enumerate() {
+            if node.behaviour.is_some() {
+                continue;
+            }
+            for evidence in node.core.evidence() {
+                if evidence.verify(&self.committee).is_err() || self.is_correct(evidence.replica())
+                {
+                    return Err(self.fail(
+                        "evidence",
+                        format!(
+                            "replica {replica} holds evidence against replica {}: {evidence:?}",
+                            evidence.replica()
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.options.faults {
+            return Ok(());
+        }
+        for ((view, op), digests) in &self.accepted_proposals {
+            if digests.len() < 2 {
+                continue;
+            }
+            let leader = self.committee.leader_of(*view);
+            let detected = self.nodes.iter().any(|node| {
+                node.behaviour.is_none()
+                    && node
+                        .core
+                        .evidence()
+                        .iter()
+                        .any(|evidence| evidence.replica() == leader)
+            });
+            if !detected {
+                return Err(self.fail("evidence", format!("leader {leader} equivocated at view {view} op {op} to correct replicas; no evidence recorded")));
+            }
+        }
+        Ok(())
+    }
+
+    fn summary(&self) -> Summary {
+        let correct: Vec<&Node> = self
+            .nodes
+            .iter()
+            .filter(|node| node.behaviour.is_none())
+            .collect();
+        let mut summary = Summary {
+            steps: self.step,
+            time_us: self.time_us,
+            ops_committed: correct
+                .iter()
+                .map(|node| node.core.commit_op())
+                .min()
+                .unwrap_or(0),
+            requests_accepted: self
+                .clients
+                .iter()
+                .map(|client| client.accepted.len() as u64)
+                .sum(),
+            equivocations_accepted: self
+                .accepted_proposals
+                .values()
+                .filter(|digests| digests.len() > 1)
+                .count() as u64,
+            messages_dropped: self.messages_dropped,
+            byzantine_first_leader: self.nodes[0].behaviour.is_some(),
+            ..Summary::default()
+        };
+        for node in correct {
+            let metrics = node.core.metrics();
+            summary.view_changes += metrics.view_changes;
+            summary.view_max = summary.view_max.max(node.core.view());
+            summary.checkpoints += metrics.checkpoints_stable;
+            summary.state_transfers += metrics.state_transfers;
+            summary.equivocations_detected += metrics.equivocations;
+            summary.bad_signatures += metrics.bad_signatures;
+            summary.messages_refused += metrics.bad_signatures
+                + metrics.unknown_signers
+                + metrics.wrong_view
+                + metrics.out_of_window
+                + metrics.invalid;
+        }
+        summary
+    }
+}
+
+/// Re-signs `vote` for another digest with `key` (a Byzantine replica's own key: valid).
+fn resign(key: &SigningKey, vote: Vote, digest: Digest) -> Vote {
+    Vote::sign(key, 0, vote.kind, vote.replica, vote.view, vote.op, digest)
+}
+
+/// Requests back to back: id (u64), client (u8), payload length (u8), payload.
+fn encode_batch(requests: &[Request]) -> Vec<u8> {
+    let mut batch = Vec::new();
+    for request in requests {
+        batch.extend_from_slice(&request.id.to_le_bytes());
+        batch.push(request.client as u8);
+        batch.push(request.payload.len() as u8);
+        batch.extend_from_slice(&request.payload);
+    }
+    batch
+}
+
+/// The `(id, client)` pairs of a batch; stops at the first malformed byte (a Byzantine
+/// leader's batch may be anything; every correct replica stops at the same place).
+fn decode_batch(batch: &[u8]) -> Vec<(u64, usize)> {
+    let mut requests = Vec::new();
+    let mut rest = batch;
+    while rest.len() >= 10 {
+        let id = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        let client = usize::from(rest[8]);
+        let length = usize::from(rest[9]);
+        if rest.len() < 10 + length {
+            break;
+        }
+        requests.push((id, client));
+        rest = &rest[10 + length..];
+    }
+    requests
+}

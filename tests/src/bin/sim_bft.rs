@@ -1,0 +1,88 @@
+//! The BFT simulator's command line: replay one seed, or run a range and report failures.
+//!
+//! ```text
+//! cargo run -p percore-tests --bin sim_bft -- --seed 42 [--replicas 4|7] [--byzantine N]
+//!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge] [--steps N]
+//!     [--faults on|off] [--bug quorum-minus-one|new-view-ignores-prepared] [-v]
+//! cargo run -p percore-tests --release --bin sim_bft -- --seeds 0..10000
+//! ```
+
+use std::process::ExitCode;
+
+use percore_tests::bft_sim;
+
+fn main() -> ExitCode {
+    let (options, seeds) = match bft_sim::parse_args(std::env::args().skip(1)) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            eprintln!("sim_bft: {error}");
+            eprintln!(
+                "usage: sim_bft (--seed S | --seeds A..B) [--replicas 4|7] [--byzantine N] \\
+                 [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge] [--steps N] \\
+                 [--faults on|off] [--bug quorum-minus-one|new-view-ignores-prepared] [-v]"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let single = seeds.end == seeds.start + 1;
+    let mut failures = Vec::new();
+    let mut total = bft_sim::Summary::default();
+    let mut byzantine_first_leader = 0u64;
+    for seed in seeds.clone() {
+        if single {
+            println!("seed {seed}");
+        }
+        match bft_sim::run(seed, &options) {
+            Ok(summary) => {
+                if single {
+                    println!("seed {seed} passed: {summary:?}");
+                }
+                total.add(&summary);
+                byzantine_first_leader += u64::from(summary.byzantine_first_leader);
+            }
+            Err(failure) => {
+                print!("{failure}");
+                println!(
+                    "replay: cargo run -p percore-tests --bin sim_bft -- --seed {seed} {}",
+                    bft_sim::options_args(&options).join(" ")
+                );
+                failures.push((seed, failure.checker));
+            }
+        }
+    }
+    if !single {
+        println!(
+            "seeds {}..{}: {} passed, {} failed",
+            seeds.start,
+            seeds.end,
+            seeds.end - seeds.start - failures.len() as u64,
+            failures.len()
+        );
+        println!(
+            "passing runs: {} with a Byzantine first leader; ops committed {}, requests accepted {}, \
+             view changes {} (highest view {}), stable checkpoints {}, state transfers {}, \
+             equivocations accepted by correct replicas {}, detected {}, messages refused {} \
+             (bad signatures {}), dropped {}",
+            byzantine_first_leader,
+            total.ops_committed,
+            total.requests_accepted,
+            total.view_changes,
+            total.view_max,
+            total.checkpoints,
+            total.state_transfers,
+            total.equivocations_accepted,
+            total.equivocations_detected,
+            total.messages_refused,
+            total.bad_signatures,
+            total.messages_dropped,
+        );
+        for (seed, checker) in &failures {
+            println!("  seed {seed}: {checker}");
+        }
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

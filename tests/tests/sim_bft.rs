@@ -1,0 +1,109 @@
+//! The BFT simulator in CI: fixed batches of seeds (4 and 7 replicas, every Byzantine
+//! behaviour, with and without network faults), exact replay, and injected protocol bugs
+//! that the checkers must catch.
+
+use percore_engine::bft::InjectedBug;
+use percore_tests::bft_sim::{self, BEHAVIOURS, Behaviour, Options};
+
+fn run_batch(options: Options, seeds: std::ops::Range<u64>) -> bft_sim::Summary {
+    let mut total = bft_sim::Summary::default();
+    for seed in seeds {
+        match bft_sim::run(seed, &options) {
+            Ok(summary) => total.add(&summary),
+            Err(failure) => panic!(
+                "{failure}replay: cargo run -p percore-tests --bin sim_bft -- --seed {seed} {}",
+                bft_sim::options_args(&options).join(" ")
+            ),
+        }
+    }
+    total
+}
+
+#[test]
+fn sim_bft_four_replicas_one_byzantine() {
+    let total = run_batch(Options::default(), 0..60);
+    assert!(total.requests_accepted > 0 && total.view_changes > 0);
+    assert!(
+        total.checkpoints > 0 && total.state_transfers > 0,
+        "{total:?}"
+    );
+}
+
+#[test]
+fn sim_bft_seven_replicas_two_byzantine() {
+    let options = Options {
+        replicas: 7,
+        byzantine: 2,
+        ..Options::default()
+    };
+    run_batch(options, 0..25);
+}
+
+#[test]
+fn sim_bft_every_behaviour() {
+    for behaviour in BEHAVIOURS {
+        let options = Options {
+            behaviour: Some(behaviour),
+            ..Options::default()
+        };
+        let total = run_batch(options, 100..110);
+        if behaviour == Behaviour::Forge {
+            assert!(total.bad_signatures > 0, "forged signatures were refused");
+        }
+    }
+}
+
+#[test]
+fn sim_bft_equivocation_is_detected_on_a_clean_network() {
+    // Without network faults the checker requires evidence for every equivocation that
+    // correct replicas accepted; make sure some happened.
+    let options = Options {
+        behaviour: Some(Behaviour::Equivocate),
+        faults: false,
+        ..Options::default()
+    };
+    let total = run_batch(options, 0..30);
+    assert!(total.equivocations_accepted > 0, "{total:?}");
+    assert!(total.equivocations_detected > 0, "{total:?}");
+}
+
+#[test]
+fn sim_bft_a_seed_replays_exactly() {
+    let options = Options::default();
+    for seed in [3, 17] {
+        let first = bft_sim::run(seed, &options).expect("passes");
+        let second = bft_sim::run(seed, &options).expect("passes");
+        assert_eq!(first, second);
+    }
+}
+
+/// Scans seeds until the checker reports the injected bug as a safety violation.
+fn bug_is_caught(options: Options, seeds: std::ops::Range<u64>) -> u64 {
+    for seed in seeds.clone() {
+        if let Err(failure) = bft_sim::run(seed, &options) {
+            assert_eq!(failure.checker, "safety", "{failure}");
+            return seed;
+        }
+    }
+    panic!("{:?} was not caught in seeds {seeds:?}", options.bug);
+}
+
+#[test]
+fn sim_bft_catches_commit_with_one_vote_short_of_a_quorum() {
+    let options = Options {
+        behaviour: Some(Behaviour::Equivocate),
+        bug: Some(InjectedBug::QuorumMinusOne),
+        ..Options::default()
+    };
+    bug_is_caught(options, 0..40);
+}
+
+#[test]
+fn sim_bft_catches_a_new_view_that_drops_prepared_batches() {
+    let options = Options {
+        behaviour: Some(Behaviour::Silent),
+        bug: Some(InjectedBug::NewViewIgnoresPrepared),
+        ..Options::default()
+    };
+    bug_is_caught(options, 0..200);
+}
