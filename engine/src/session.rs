@@ -420,6 +420,8 @@ pub struct Sessioned<S: StateMachine> {
     inner: S,
     sessions: SessionTable<S::Result>,
     dispositions: Box<[Disposition]>,
+    /// Requests of the last entry applied (their dispositions lead `dispositions`).
+    last_requests: usize,
     /// Records to apply when some requests of an entry are retries (compacted).
     scratch_records: Box<[S::Record]>,
     scratch_results: Box<[S::Result]>,
@@ -441,6 +443,7 @@ impl<S: StateMachine> Sessioned<S> {
             inner,
             sessions: SessionTable::new(clients_max, records_max),
             dispositions: vec![Disposition::Apply; records_max].into_boxed_slice(),
+            last_requests: 0,
             scratch_records: bytemuck::allocation::zeroed_slice_box(records_max),
             scratch_results: bytemuck::allocation::zeroed_slice_box(records_max),
         }
@@ -454,6 +457,12 @@ impl<S: StateMachine> Sessioned<S> {
     /// The session table.
     pub fn sessions(&self) -> &SessionTable<S::Result> {
         &self.sessions
+    }
+
+    /// What the last [`StateMachine::apply_requests`] did with each of its requests (a
+    /// checker counts the records a retry did not apply again).
+    pub fn last_dispositions(&self) -> &[Disposition] {
+        &self.dispositions[..self.last_requests]
     }
 }
 
@@ -481,6 +490,7 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         records: &[Self::Record],
         results: &mut [Self::Result],
     ) {
+        self.last_requests = 0;
         self.inner.apply(op, operation, records, results);
     }
 
@@ -497,6 +507,7 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
             "descriptors verified before apply"
         );
         let mut retries = false;
+        self.last_requests = requests.len();
         // Clients seen in this entry so far, as a 64-bit filter: most entries hold each
         // client once, and then no earlier descriptor needs scanning.
         let mut seen = 0u64;

@@ -261,6 +261,28 @@ fn forget_recovering_is_caught() {
     }
 }
 
+/// Without session descriptors in the journal (`--bug no-sessions`), a retry that reaches a
+/// new leader after its request committed is applied again and answered `Exists`: the
+/// **client-result** checker (a client sees only `Ok`) catches it.
+#[test]
+fn no_sessions_is_caught() {
+    let options = Options {
+        bug: Some(Bug::NoSessions),
+        ..Options::view_change()
+    };
+    let failures = run_batch(0..20, &options);
+    assert!(
+        failures
+            .iter()
+            .any(|failure| failure.checker == "client-result"),
+        "no retry answered `Exists` in 20 seeds: {:?}",
+        failures
+            .iter()
+            .map(|failure| (failure.seed, failure.checker))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// The linearizability checker saw every reply and every client record of passing runs
 /// (a run fails if a reply was never compared; this shows the counts are not vacuous).
 #[test]

@@ -14,11 +14,12 @@ use percore_engine::checksum::Digest256;
 use percore_engine::journal::{self, JournalChecksum};
 use percore_engine::ledger::{Ledger, LedgerOperation};
 use percore_engine::record::{CreateTransferResult, RecordResult, RecordSlot};
+use percore_engine::session::{Disposition, Sessioned};
 use percore_engine::state_machine::StateMachine;
 
 use super::disk::Disk;
 use super::linearizability::Linearizability;
-use super::world::{BATCH_RECORDS_MAX, LEDGER_HASH_SEED, Request, World};
+use super::world::{BATCH_RECORDS_MAX, LEDGER_HASH_SEED, Request, World, descriptors, sessioned};
 
 /// A checker's verdict: `Err((checker, what is wrong))`.
 pub type Verdict = Result<(), (&'static str, String)>;
@@ -48,11 +49,11 @@ pub struct CheckState {
     /// Per group: the checksum of `group_commit` when it was committed.
     committed_checksum: Vec<JournalChecksum>,
     /// Per group: a ledger that applies the committed log, and the op it is at.
-    reference: Vec<Option<Ledger>>,
+    reference: Vec<Option<Sessioned<Ledger>>>,
     reference_op: Vec<u64>,
     /// Per group: a ledger that applies the leader's durable log (in the fixed view, every
     /// op durable on the leader commits eventually), and the op it is at.
-    log_reference: Vec<Option<Ledger>>,
+    log_reference: Vec<Option<Sessioned<Ledger>>>,
     log_reference_op: Vec<u64>,
     /// Times each transfer id was applied with `Ok` in the committed logs.
     applied_ok: BTreeMap<u128, u32>,
@@ -132,19 +133,24 @@ impl CheckState {
     /// A client got its first reply: every record must have succeeded (`Ok`), or have
     /// succeeded before (`Exists`, a retry); and the reply must be linearizable.
     pub fn client_acknowledged(&mut self, request: usize, state: &Request) {
+        // Every record of a client request is new (ids are never reused) and every retry is
+        // answered from the client's session with the first application's results, so the
+        // only code a client may see is `Ok`: `Exists` would be a retry applied again.
         let ok = CreateTransferResult::Ok as u32;
-        let exists = CreateTransferResult::Exists as u32;
-        if let Some(code) = state
-            .results
-            .iter()
-            .find(|code| **code != ok && **code != exists)
+        if let Some(code) = state.results.iter().find(|code| **code != ok)
             && self.problem.is_none()
         {
+            let why = if *code == CreateTransferResult::Exists as u32 {
+                " (a retry applied again, not answered from its session)"
+            } else {
+                ""
+            };
             self.problem = Some((
                 "client-result",
                 format!(
-                    "request {request} ({:?}, group {}) answered with result code {code}",
-                    state.operation, state.group
+                    "request {request} ({:?}, group {}, client {:#x} number {}) answered with \
+                     result code {code}{why}",
+                    state.operation, state.group, state.client_id, state.request_number
                 ),
             ));
         }
@@ -513,7 +519,7 @@ impl World {
         let config = self.nodes[first]
             .live
             .as_ref()
-            .map(|live| *live.ledger.config());
+            .map(|live| *live.ledger.inner().config());
         let slot = if log {
             &mut self.check.log_reference[g]
         } else {
@@ -523,7 +529,7 @@ impl World {
             let Some(config) = config else {
                 return Ok(false);
             };
-            *slot = Some(Ledger::with_hash_seed(config, LEDGER_HASH_SEED));
+            *slot = Some(sessioned(Ledger::with_hash_seed(config, LEDGER_HASH_SEED)));
         }
         let mut results = [<RecordResult as bytemuck::Zeroable>::zeroed(); BATCH_RECORDS_MAX];
         for op in at + 1..=target {
@@ -551,7 +557,8 @@ impl World {
                 .map_err(|error| ("durability", format!("group {group} op {op}: {error}")))?;
             let operation =
                 LedgerOperation::try_from(decoded.meta.operation).expect("ledger operation");
-            let records: Vec<RecordSlot> = bytemuck::pod_collect_to_vec(decoded.body);
+            let records: Vec<RecordSlot> = bytemuck::pod_collect_to_vec(decoded.records());
+            let requests = descriptors(decoded.requests());
             let reference = if log {
                 self.check.log_reference_op[g] = op;
                 self.check.log_reference[g].as_mut().expect("built")
@@ -559,7 +566,24 @@ impl World {
                 self.check.reference_op[g] = op;
                 self.check.reference[g].as_mut().expect("built")
             };
-            reference.apply(op, operation, &records, &mut results[..records.len()]);
+            reference.apply_requests(
+                op,
+                operation,
+                &records,
+                &requests,
+                &mut results[..records.len()],
+            );
+            // Records of retries the sessions answered without applying them again.
+            let mut replayed = vec![false; records.len()];
+            for (request, disposition) in requests.iter().zip(reference.last_dispositions()) {
+                if matches!(
+                    disposition,
+                    Disposition::Replay { .. } | Disposition::ReplayInEntry { .. }
+                ) {
+                    let start = request.record_start as usize;
+                    replayed[start..start + request.record_count as usize].fill(true);
+                }
+            }
             while reference.poll_outbound().is_some() {}
             let digest = digest_sampled(op).then(|| reference.digest());
             if let Some(digest) = digest {
@@ -569,8 +593,8 @@ impl World {
                 continue;
             }
             if operation == LedgerOperation::CreateTransfers {
-                for (record, result) in records.iter().zip(&results) {
-                    if result.code != CreateTransferResult::Ok as u32 {
+                for ((record, result), replayed) in records.iter().zip(&results).zip(&replayed) {
+                    if result.code != CreateTransferResult::Ok as u32 || *replayed {
                         continue;
                     }
                     let id = record.as_transfer().id;
@@ -609,7 +633,7 @@ impl World {
         } else {
             (&self.check.log_reference, &self.check.log_reference_op)
         };
-        let references: Vec<&Ledger> = prefixes.iter().flatten().collect();
+        let references: Vec<&Ledger> = prefixes.iter().flatten().map(Sessioned::inner).collect();
         if references.len() != self.options.groups as usize {
             return Ok(());
         }
@@ -708,7 +732,7 @@ impl World {
         for node in &self.nodes {
             let live = node.live.as_ref().expect("converged: all up");
             for id in &self.accounts[node.group as usize] {
-                let account = live.ledger.lookup_account(*id).ok_or_else(|| {
+                let account = live.ledger.inner().lookup_account(*id).ok_or_else(|| {
                     (
                         "exactly-once",
                         format!("replica {} lacks account {id}", node.replica),
@@ -730,15 +754,15 @@ impl World {
                     ));
                 }
             }
-            if live.ledger.suspense() != 0 || live.ledger.in_flight() != 0 {
+            if live.ledger.inner().suspense() != 0 || live.ledger.inner().in_flight() != 0 {
                 return Err((
                     "conservation",
                     format!(
                         "replica {} group {}: suspense {} in flight {} after convergence",
                         node.replica,
                         node.group,
-                        live.ledger.suspense(),
-                        live.ledger.in_flight()
+                        live.ledger.inner().suspense(),
+                        live.ledger.inner().in_flight()
                     ),
                 ));
             }

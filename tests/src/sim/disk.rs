@@ -234,7 +234,7 @@ impl Disk {
         }
         // What survived is what the scanner accepts: rebuild the index from the bytes now,
         // so that checkers see the platter, not the lost page cache.
-        self.recover(|_, _, _| {});
+        self.recover(|_, _, _, _| {});
         CrashTail::Torn { sectors, garbled }
     }
 
@@ -264,7 +264,7 @@ impl Disk {
     /// Restart: scans the surviving bytes with the real scanner, cuts them at the end of
     /// valid history, and makes what remains durable (the runtime's recovery does the same:
     /// a recovered journal is on disk). Calls `replay` for every valid entry, in order.
-    pub fn recover(&mut self, mut replay: impl FnMut(u64, u16, &[u8])) -> Recovered {
+    pub fn recover(&mut self, mut replay: impl FnMut(u64, u16, &[u8], &[u8])) -> Recovered {
         self.offsets.clear();
         self.lengths.clear();
         self.checksums.clear();
@@ -281,7 +281,12 @@ impl Disk {
                     journal::ENTRY_HEADER_BYTES + entry.body.len(),
                     entry.checksum,
                 ));
-                replay(entry.meta.op, entry.meta.operation, entry.body);
+                replay(
+                    entry.meta.op,
+                    entry.meta.operation,
+                    entry.records(),
+                    entry.requests(),
+                );
             },
         );
         for (offset, length, checksum) in found {

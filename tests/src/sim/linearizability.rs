@@ -348,6 +348,8 @@ mod tests {
                 target: 0,
                 acked_op: None,
                 acked_record: 0,
+                client_id: 1,
+                request_number: self.history.len() as u64 + 1,
                 invoked_after: None,
             };
             let index = self.history.len();

@@ -47,6 +47,10 @@ pub enum Bug {
     /// recovery) restarts as if nothing was lost: it is not put in recovering status, so it
     /// acknowledges and votes with the shorter log.
     ForgetRecovering,
+    /// The leader journals client requests without their session descriptors: a retry
+    /// that reaches a new leader is applied again, and the ledger answers it `Exists`
+    /// instead of the original reply.
+    NoSessions,
 }
 
 impl Bug {
@@ -59,6 +63,7 @@ impl Bug {
             "persist-after-send" => Some(Bug::PersistAfterSend),
             "keep-origins-on-truncate" => Some(Bug::KeepOriginsOnTruncate),
             "forget-recovering" => Some(Bug::ForgetRecovering),
+            "no-sessions" => Some(Bug::NoSessions),
             _ => None,
         }
     }
@@ -72,6 +77,7 @@ impl Bug {
             Bug::PersistAfterSend => "persist-after-send",
             Bug::KeepOriginsOnTruncate => "keep-origins-on-truncate",
             Bug::ForgetRecovering => "forget-recovering",
+            Bug::NoSessions => "no-sessions",
         }
     }
 }

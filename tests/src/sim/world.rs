@@ -17,6 +17,7 @@ use percore_engine::record::{
 use percore_engine::replica::{
     ACTIONS_MAX, Action, Persisted, PrepareDisposition, Replica, ReplicaConfig, Status,
 };
+use percore_engine::session::{RequestDescriptor, Sessioned};
 use percore_engine::state_machine::StateMachine;
 
 use super::check::CheckState;
@@ -234,8 +235,8 @@ pub struct Submission {
 pub struct Live {
     /// The sans-IO core.
     pub replica: Replica,
-    /// The state machine.
-    pub ledger: Ledger,
+    /// The state machine: the ledger with its client sessions, as the node runs it.
+    pub ledger: Sessioned<Ledger>,
     actions: Vec<Action>,
     /// Actions that wait for the group commit in flight (the runtime executes the actions
     /// of a follower turn after its commit).
@@ -332,6 +333,10 @@ pub struct Request {
     pub acked_op: Option<(u64, JournalChecksum)>,
     /// Index of its first record within that entry's batch (with `acked_op`).
     pub acked_record: usize,
+    /// Its client's id (the session key); every try of the request carries it.
+    pub client_id: u128,
+    /// Its number among its client's requests (from 1).
+    pub request_number: u64,
     /// Linearizability: the latest witness position at which a request of its group had
     /// been answered when this one was invoked, and that request. Every record of this
     /// request must come later in the committed log (see `check.rs`).
@@ -416,6 +421,8 @@ pub struct World {
     paused_until: Vec<Option<u64>>,
     /// View change: the replica each group's clients try first (the last that answered).
     client_hint: Vec<u8>,
+    /// The last request number of each client id.
+    request_numbers: BTreeMap<u128, u64>,
     /// Per group: since when it has had no ready leader (µs), for the failover times.
     leaderless_since: Vec<Option<u64>>,
     /// Per `(group, view)`: the replica and incarnation that became its ready leader.
@@ -470,7 +477,7 @@ impl World {
         if faults && options.corrupt && corrupt_rng.chance(CORRUPT_RUNS_PER_MILLION) {
             profile.corrupt_per_million = corrupt_rng.range(200_000, 700_000);
         }
-        let body_bytes_max = BATCH_RECORDS_MAX * RECORD_BYTES;
+        let body_bytes_max = journal::entry_body_bytes_max(BATCH_RECORDS_MAX, RECORD_BYTES);
         let groups = options.groups as usize;
         let replicas = usize::from(options.replicas);
         let accounts = (0..options.groups)
@@ -490,6 +497,7 @@ impl World {
             connections: vec![Connection::default(); groups * replicas * replicas],
             sides: vec![0; replicas],
             paused_until: vec![None; replicas],
+            request_numbers: BTreeMap::new(),
             client_hint: (0..options.groups)
                 .map(|group| (group % u32::from(options.replicas)) as u8)
                 .collect(),
@@ -701,7 +709,10 @@ impl World {
     /// everything into a fresh ledger, `Replica::new` at the head, resend unconfirmed legs.
     fn node_start(&mut self, index: NodeIndex) {
         let (replica_index, group) = (self.nodes[index].replica, self.nodes[index].group);
-        let mut ledger = Ledger::with_hash_seed(self.ledger_config(group), LEDGER_HASH_SEED);
+        let mut ledger = sessioned(Ledger::with_hash_seed(
+            self.ledger_config(group),
+            LEDGER_HASH_SEED,
+        ));
         let mut replayed: Vec<(u64, percore_engine::checksum::Digest256)> = Vec::new();
         // With view change, replay stops at the recorded commit number: what lies above may
         // belong to an abandoned view; it is applied from the journal once committed.
@@ -713,18 +724,22 @@ impl World {
         };
         let recovered = {
             let results = &mut self.results_buffer;
-            self.nodes[index].disk.recover(|op, operation, body| {
-                if op > replay_to {
-                    return;
-                }
-                let operation = LedgerOperation::try_from(operation).expect("ledger operation");
-                let records: Vec<RecordSlot> = bytemuck::pod_collect_to_vec(body);
-                ledger.apply(op, operation, &records, &mut results[..records.len()]);
-                while ledger.poll_outbound().is_some() {}
-                if super::check::digest_sampled(op) {
-                    replayed.push((op, ledger.digest()));
-                }
-            })
+            self.nodes[index]
+                .disk
+                .recover(|op, operation, body, requests| {
+                    if op > replay_to {
+                        return;
+                    }
+                    let operation = LedgerOperation::try_from(operation).expect("ledger operation");
+                    let records: Vec<RecordSlot> = bytemuck::pod_collect_to_vec(body);
+                    let requests = descriptors(requests);
+                    let results = &mut results[..records.len()];
+                    ledger.apply_requests(op, operation, &records, &requests, results);
+                    while ledger.poll_outbound().is_some() {}
+                    if super::check::digest_sampled(op) {
+                        replayed.push((op, ledger.digest()));
+                    }
+                })
         };
         if matches!(recovered.tail, journal::Tail::Torn { .. }) {
             self.summary.torn_tails += 1;
@@ -1573,6 +1588,22 @@ impl World {
             }
             let (operation, mut records, origins) = seal(&mut live.submissions);
             live.ledger.prepare(operation, now_us * 1_000, &mut records);
+            // As the runtime: each client request sealed here carries its session descriptor.
+            let requests: Vec<RequestDescriptor> = origins
+                .iter()
+                .filter_map(|(origin, first, count)| match origin {
+                    Origin::Client(request) if bug != Some(Bug::NoSessions) => {
+                        let request = &self.history[*request];
+                        Some(RequestDescriptor {
+                            client_id: request.client_id,
+                            request_number: request.request_number,
+                            record_start: *first as u32,
+                            record_count: *count as u32,
+                        })
+                    }
+                    _ => None,
+                })
+                .collect();
             let op = n.disk.op_head() + 1;
             let view = live.replica.view();
             let meta = EntryMeta {
@@ -1582,13 +1613,19 @@ impl World {
                 operation: operation.into(),
                 entry_count: records.len() as u32,
                 record_bytes: RECORD_BYTES as u32,
-                request_count: 0,
+                request_count: requests.len() as u32,
             };
             let body: &[u8] = bytemuck::cast_slice(&records);
             let checksum_previous = n.disk.checksum_head();
-            let (padded, checksum) =
-                journal::encode_entry(&mut self.entry_buffer, &meta, body, checksum_previous);
-            let entry: Rc<[u8]> = Rc::from(&self.entry_buffer[..ENTRY_HEADER_BYTES + body.len()]);
+            let (padded, checksum) = journal::encode_entry_parts(
+                &mut self.entry_buffer,
+                &meta,
+                body,
+                bytemuck::cast_slice(&requests),
+                checksum_previous,
+            );
+            let body_bytes = meta.body_bytes() as usize;
+            let entry: Rc<[u8]> = Rc::from(&self.entry_buffer[..ENTRY_HEADER_BYTES + body_bytes]);
             let staged = n
                 .disk
                 .stage(&entry, padded)
@@ -1905,9 +1942,11 @@ impl World {
             let decoded = journal::decode_entry(entry, self.body_bytes_max).expect("verified");
             let operation =
                 LedgerOperation::try_from(decoded.meta.operation).expect("ledger operation");
-            let records: Vec<RecordSlot> = bytemuck::pod_collect_to_vec(decoded.body);
+            let records: Vec<RecordSlot> = bytemuck::pod_collect_to_vec(decoded.records());
+            let requests = descriptors(decoded.requests());
             let results = &mut self.results_buffer[..records.len()];
-            live.ledger.apply(op, operation, &records, results);
+            live.ledger
+                .apply_requests(op, operation, &records, &requests, results);
             live.replica.on_applied(op);
             // As the runtime: every replica produces the legs, a normal leader sends them.
             let leader = live.replica.is_leader() && live.replica.status() == Status::Normal;
@@ -2114,6 +2153,13 @@ impl World {
         records: Vec<RecordSlot>,
     ) {
         let request = self.history.len();
+        // One id per client of a group (the set-up requests share their group's last one).
+        let client_id = (u128::from(group) + 1) << 32 | (client as u32 as u128);
+        let request_number = {
+            let number = self.request_numbers.entry(client_id).or_insert(0);
+            *number += 1;
+            *number
+        };
         self.history.push(Request {
             group,
             client,
@@ -2127,6 +2173,8 @@ impl World {
             target: self.client_hint[group as usize],
             acked_op: None,
             acked_record: 0,
+            client_id,
+            request_number,
             invoked_after: None,
         });
         self.check
@@ -2518,7 +2566,7 @@ impl World {
         // leader's is 0 until it commits a new op (docs/simulator.md, known issue 1).
         if self.check.group_commit[group as usize] < head
             || !leader.submissions.is_empty()
-            || leader.ledger.credit_legs_unacked_count() > 0
+            || leader.ledger.inner().credit_legs_unacked_count() > 0
         {
             return false;
         }
@@ -2545,7 +2593,7 @@ impl World {
         let (view, head) = (live.replica.view(), leader_node.disk.op_head());
         if live.replica.commit_max() < head
             || !live.submissions.is_empty()
-            || live.ledger.credit_legs_unacked_count() > 0
+            || live.ledger.inner().credit_legs_unacked_count() > 0
         {
             return false;
         }
@@ -2669,7 +2717,7 @@ impl World {
                 live.replica.commit_max(),
                 live.replica.commit_min(),
                 live.submissions.len(),
-                live.ledger.credit_legs_unacked_count(),
+                live.ledger.inner().credit_legs_unacked_count(),
             ));
         }
         report
@@ -2762,4 +2810,23 @@ fn describe(event: &Event, groups: u32) -> String {
         Event::ClientNext(group, client) => format!("client {client} of g{group} next"),
         Event::Fault => "fault".to_string(),
     }
+}
+
+/// Sessions per group in the simulator: more than its clients, so none is evicted and every
+/// retry is answered from its session.
+pub const SESSION_CLIENTS_MAX: usize = 8;
+// The set-up requests use one more client id per group.
+const _: () = assert!(CLIENTS_PER_GROUP < SESSION_CLIENTS_MAX);
+
+/// The state machine a simulated node runs: `ledger` with its client sessions.
+pub fn sessioned(ledger: Ledger) -> Sessioned<Ledger> {
+    Sessioned::new(ledger, SESSION_CLIENTS_MAX, BATCH_RECORDS_MAX)
+}
+
+/// The request descriptors in an entry's bytes.
+pub fn descriptors(bytes: &[u8]) -> Vec<RequestDescriptor> {
+    let mut out = vec![RequestDescriptor::default(); BATCH_RECORDS_MAX];
+    let count = journal::request_descriptors(bytes, &mut out).expect("verified entry");
+    out.truncate(count);
+    out
 }
