@@ -88,6 +88,8 @@ pub struct BenchConfig {
     pub node: NodeConfig,
     /// Ledger sizes of every shard (`shard_index` is set per shard).
     pub ledger: LedgerConfig,
+    /// Client sessions per shard (the node runs `Sessioned<Ledger>`, as `percore node`).
+    pub session_clients_max: usize,
     /// Accounts created per shard.
     pub accounts_per_shard: usize,
     /// Warm-up before measuring.
@@ -1249,13 +1251,24 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     let load_config = config.load();
     let ledger = config.ledger;
     let seed = crate::runtime::random_seed();
+    let (sessions, records_max) = (
+        config.session_clients_max,
+        config
+            .node
+            .batch
+            .entries_cap(percore_engine::record::RECORD_BYTES),
+    );
     let node = Node::start(config.node.clone(), move |shard, _| {
-        Ledger::with_hash_seed(
-            LedgerConfig {
-                shard_index: shard as u32,
-                ..ledger
-            },
-            seed,
+        percore_engine::session::Sessioned::new(
+            Ledger::with_hash_seed(
+                LedgerConfig {
+                    shard_index: shard as u32,
+                    ..ledger
+                },
+                seed,
+            ),
+            sessions,
+            records_max,
         )
     })?;
     let addresses = node.client_addresses().to_vec();

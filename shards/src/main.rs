@@ -673,6 +673,7 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = BenchConfig {
         node,
         ledger,
+        session_clients_max: args.shards.ledger.session_clients_max,
         accounts_per_shard: args.accounts_per_shard,
         warmup: Duration::from_secs(args.warmup_s),
         duration: Duration::from_secs(args.duration_s),
