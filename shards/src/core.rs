@@ -403,9 +403,13 @@ impl<S: StateMachine> ShardCore<S> {
         Ok(())
     }
 
-    /// The largest request [`ShardCore::submit_request`] takes: one batch.
+    /// The largest request [`ShardCore::submit_request`] takes: one batch, and no more
+    /// than the client share of an idle pool and ring (else it could never get room).
     pub fn request_records_max(&self) -> usize {
-        self.controller.entries_cap()
+        self.controller
+            .entries_cap()
+            .min(self.config.transactions - self.mesh_reserve)
+            .min(self.config.tx_ring_capacity)
     }
 
     #[inline]
