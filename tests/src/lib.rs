@@ -4,4 +4,5 @@
 //! [`bft_sim`] simulates one Byzantine-fault-tolerant group (`--bin sim_bft`).
 
 pub mod bft_sim;
+pub mod sched;
 pub mod sim;

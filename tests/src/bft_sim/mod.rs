@@ -9,8 +9,6 @@
 
 pub mod world;
 
-use std::fmt;
-
 use percore_engine::bft::InjectedBug;
 
 /// What a Byzantine replica does (drawn per replica from the seed).
@@ -97,40 +95,9 @@ impl Default for Options {
     }
 }
 
-/// Default events of the faulty phase.
-pub const STEPS_DEFAULT: u64 = 3_000;
-
-/// A checker that failed.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    /// The run's seed.
-    pub seed: u64,
-    /// Events processed when it failed.
-    pub step: u64,
-    /// Simulated time (µs).
-    pub time_us: u64,
-    /// Which checker (`safety`, `liveness`, `evidence`, `client`, `driver`).
-    pub checker: &'static str,
-    /// What is wrong.
-    pub message: String,
-    /// The last events, oldest first.
-    pub trace: Vec<String>,
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "seed {} FAILED at step {} (t = {} us): {}: {}",
-            self.seed, self.step, self.time_us, self.checker, self.message
-        )?;
-        writeln!(f, "trace (last {} events):", self.trace.len())?;
-        for line in &self.trace {
-            writeln!(f, "  {line}")?;
-        }
-        Ok(())
-    }
-}
+/// Default events of the faulty phase, and a checker's failure: as the crash-fault
+/// simulator's (`checker` is `safety`, `liveness`, `evidence`, `client` or `driver` here).
+pub use crate::sim::{Failure, STEPS_DEFAULT};
 
 /// What a passing run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

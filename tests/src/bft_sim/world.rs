@@ -6,7 +6,7 @@
 //! Byzantine replica runs the same core but its outgoing messages go through
 //! [`World::byzantine_outgoing`], and it answers clients with made-up results.
 
-use std::cmp::Ordering;
+use crate::sched::Scheduled;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use percore_engine::bft::{
@@ -78,31 +78,6 @@ enum Event {
 }
 
 #[derive(Debug)]
-struct Scheduled {
-    time_us: u64,
-    sequence: u64,
-    event: Event,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.time_us, self.sequence) == (other.time_us, other.sequence)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    /// Reversed: the heap pops the earliest event first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.time_us, other.sequence).cmp(&(self.time_us, self.sequence))
-    }
-}
-
-#[derive(Debug)]
 struct Node {
     core: BftReplica,
     key: SigningKey,
@@ -141,7 +116,7 @@ pub struct World {
     time_us: u64,
     step: u64,
     sequence: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: BinaryHeap<Scheduled<Event>>,
     nodes: Vec<Node>,
     committee: Committee,
     faults_max: u8,

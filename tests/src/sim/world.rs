@@ -5,7 +5,7 @@
 //! Everything happens at a simulated time in µs, one event at a time, in `(time, sequence)`
 //! order. Doing work takes no simulated time; waiting for the disk and the network does.
 
-use std::cmp::Ordering;
+use crate::sched::Scheduled;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::rc::Rc;
 
@@ -358,31 +358,6 @@ enum Event {
     Fault,
 }
 
-#[derive(Debug)]
-struct Scheduled {
-    time_us: u64,
-    sequence: u64,
-    event: Event,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.time_us, self.sequence) == (other.time_us, other.sequence)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    // Reversed: `BinaryHeap` is a max-heap and the earliest event goes first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.time_us, other.sequence).cmp(&(self.time_us, self.sequence))
-    }
-}
-
 /// Random choices of one run that stay fixed for it.
 #[derive(Debug, Clone, Copy)]
 struct Profile {
@@ -412,7 +387,7 @@ pub struct World {
     pub(super) now_us: u64,
     pub(super) step: u64,
     sequence: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: BinaryHeap<Scheduled<Event>>,
     pub(super) nodes: Vec<Node>,
     connections: Vec<Connection>,
     /// Partition side of each replica: replicas talk only within a side.
