@@ -223,11 +223,15 @@ pub enum Command {
     SnapshotChunk = 18,
     /// Internal records forwarded to the leader.
     Forward = 19,
+    /// BFT mode (`docs/bft.md`): the body is one encoded `bft::Message`
+    /// (`bft::codec`), whose statements carry their own ed25519 signatures; the frame MAC
+    /// still authenticates the connection. Never sent in crash-fault mode.
+    Bft = 20,
 }
 
 impl Command {
     /// Every command, in wire order.
-    pub const ALL: [Command; 19] = [
+    pub const ALL: [Command; 20] = [
         Command::Prepare,
         Command::PrepareOk,
         Command::Commit,
@@ -247,6 +251,7 @@ impl Command {
         Command::RequestSnapshot,
         Command::SnapshotChunk,
         Command::Forward,
+        Command::Bft,
     ];
 
     /// Whether the body is one journal entry (header + body, unpadded), whose own header
@@ -261,7 +266,7 @@ impl TryFrom<u16> for Command {
 
     fn try_from(value: u16) -> Result<Command, MessageError> {
         match value {
-            1..=19 => Ok(Command::ALL[usize::from(value) - 1]),
+            1..=20 => Ok(Command::ALL[usize::from(value) - 1]),
             _ => Err(MessageError::UnknownCommand(value)),
         }
     }
@@ -1047,8 +1052,9 @@ mod tests {
             assert_eq!(Command::try_from(*command as u16), Ok(*command));
         }
         assert_eq!(Command::Forward as u16, 19);
+        assert_eq!(Command::Bft as u16, 20);
         assert_eq!(Command::try_from(0), Err(MessageError::UnknownCommand(0)));
-        assert_eq!(Command::try_from(20), Err(MessageError::UnknownCommand(20)));
+        assert_eq!(Command::try_from(21), Err(MessageError::UnknownCommand(21)));
     }
 
     #[test]
@@ -1340,7 +1346,7 @@ mod tests {
 
         #[test]
         fn body_checksum_ok_never_panics(
-            command in 1u16..=19,
+            command in 1u16..=20,
             body in proptest::collection::vec(any::<u8>(), 0..600),
             checksum_body in any::<u128>(),
         ) {

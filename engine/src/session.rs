@@ -603,6 +603,27 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         }
     }
 
+    fn session_reply(
+        &self,
+        client_id: u128,
+        request_number: u64,
+        record_count: u32,
+    ) -> Option<&[Self::Result]> {
+        if client_id == 0 || record_count == 0 {
+            return None;
+        }
+        let descriptor = RequestDescriptor {
+            client_id,
+            request_number,
+            record_start: 0,
+            record_count,
+        };
+        match self.sessions.classify(&descriptor) {
+            Disposition::Replay { slot } => Some(self.sessions.reply(slot)),
+            _ => None,
+        }
+    }
+
     fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>> {
         self.inner.poll_outbound()
     }

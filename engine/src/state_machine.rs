@@ -135,6 +135,20 @@ pub trait StateMachine {
         self.apply(op, operation, records, results);
     }
 
+    /// The kept reply of request `request_number` of `client_id` with `record_count`
+    /// records, if this machine keeps one (a request already applied). BFT mode answers a
+    /// request that reaches a replica after it was committed from here, so the replica does
+    /// not wait for a commit that already happened. The default keeps none.
+    fn session_reply(
+        &self,
+        client_id: u128,
+        request_number: u64,
+        record_count: u32,
+    ) -> Option<&[Self::Result]> {
+        let _ = (client_id, request_number, record_count);
+        None
+    }
+
     /// The next message for another shard produced by `apply`, oldest first.
     fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>>;
 

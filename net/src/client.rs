@@ -1031,3 +1031,379 @@ impl Client {
         Ok(())
     }
 }
+
+/// Default time a [`BftClient`] waits for a replica that neither answered nor failed before
+/// it sends the request to it again (µs).
+pub const BFT_ROUND_TIMEOUT_US_DEFAULT: u64 = 2_000_000;
+/// Pause of a [`BftClient`] when no socket had bytes (µs): it polls non-blocking sockets.
+pub const BFT_POLL_PAUSE_US: u64 = 50;
+
+/// One replica's connection of a [`BftClient`]: a non-blocking socket and the reply bytes
+/// read from it so far.
+#[derive(Debug)]
+struct QuorumConnection {
+    stream: TcpStream,
+    received: Vec<u8>,
+}
+
+/// Where one replica stands on the current request of one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReplicaAnswer {
+    /// Sent, no reply yet.
+    Waiting,
+    /// Replied with these result bytes.
+    Replied(Vec<u8>),
+    /// Refused, or its connection failed: sent again next round.
+    Failed,
+}
+
+/// The client of a BFT cluster (`--fault-model bft`, `docs/bft.md` §12): it sends each
+/// request to **every** replica of the shard's group and accepts a result once `f + 1`
+/// replicas sent identical result bytes, so at least one correct replica vouches for it;
+/// replies that differ (a Byzantine replica's made-up results) are counted and ignored. A
+/// replica that refuses or cannot be reached gets the request again after a pause, under
+/// the same request number; one that says nothing is asked again after
+/// [`BFT_ROUND_TIMEOUT_US_DEFAULT`]. The request fails at `request_timeout`.
+///
+/// Replies are read from non-blocking sockets, polled in turn: a silent replica never
+/// holds up the others. Requests are not signed: replicas match them by `(client_id,
+/// request_number)` and a Byzantine leader could still propose a request no client sent.
+#[derive(Debug)]
+pub struct BftClient {
+    config: ClientConfig,
+    faults_max: usize,
+    /// `connections[replica][shard]`, opened on use.
+    connections: Vec<Vec<Option<QuorumConnection>>>,
+    request_number: u64,
+    write_buffer: Vec<u8>,
+    routed: Vec<Vec<usize>>,
+    mismatched_replies: u64,
+    round_timeout: Duration,
+}
+
+impl BftClient {
+    /// A client of `config.replicas` (every replica of every group) tolerating
+    /// `faults_max` Byzantine replicas.
+    ///
+    /// # Panics
+    /// If the replicas cannot tolerate `faults_max` (`n < 3f + 1`), list different shards,
+    /// or no request timeout is set.
+    pub fn new(config: ClientConfig, faults_max: usize) -> Self {
+        let replicas = config.replicas.len();
+        assert!(replicas > 3 * faults_max, "n >= 3f + 1 replicas");
+        let shards = config.replicas[0].len();
+        assert!(shards > 0 && config.replicas.iter().all(|r| r.len() == shards));
+        assert!(
+            config.request_timeout.is_some(),
+            "a BFT request needs a deadline"
+        );
+        Self {
+            connections: (0..replicas)
+                .map(|_| (0..shards).map(|_| None).collect())
+                .collect(),
+            request_number: 0,
+            write_buffer: vec![0; config.frame_bytes_max],
+            routed: vec![Vec::new(); shards],
+            mismatched_replies: 0,
+            round_timeout: Duration::from_micros(BFT_ROUND_TIMEOUT_US_DEFAULT),
+            faults_max,
+            config,
+        }
+    }
+
+    /// Number of shards (replication groups).
+    pub fn shards(&self) -> usize {
+        self.routed.len()
+    }
+
+    /// Replies that did not match the accepted result (or came too late to matter and
+    /// differed), since this client was made.
+    pub fn mismatched_replies(&self) -> u64 {
+        self.mismatched_replies
+    }
+
+    /// Submits `records` of `operation`, each to shard `route(record)`, to every replica,
+    /// and returns one result per record once `f + 1` replicas agree on each shard's.
+    pub fn submit<R: Pod, Res: Pod>(
+        &mut self,
+        operation: u16,
+        records: &[R],
+        route: impl Fn(&R) -> usize,
+    ) -> Result<Vec<Res>, ClientError> {
+        let shards = self.shards();
+        for routed in &mut self.routed {
+            routed.clear();
+        }
+        for (index, record) in records.iter().enumerate() {
+            self.routed[route(record) % shards].push(index);
+        }
+        self.request_number += 1;
+        let deadline = Instant::now()
+            + self
+                .config
+                .request_timeout
+                .expect("checked in BftClient::new");
+        let mut results = vec![Res::zeroed(); records.len()];
+        for shard in 0..shards {
+            if self.routed[shard].is_empty() {
+                continue;
+            }
+            let batch: Vec<R> = self.routed[shard].iter().map(|&i| records[i]).collect();
+            let body = self.quorum_reply(shard, operation, &batch, size_of::<Res>(), deadline)?;
+            for (k, &index) in self.routed[shard].iter().enumerate() {
+                results[index] = bytemuck::pod_read_unaligned(
+                    &body[k * size_of::<Res>()..(k + 1) * size_of::<Res>()],
+                );
+            }
+        }
+        Ok(results)
+    }
+
+    /// Sends the request to every replica of `shard` and polls until `f + 1` identical
+    /// replies of `records.len()` results arrive. Bounded by `deadline`.
+    fn quorum_reply<R: Pod>(
+        &mut self,
+        shard: usize,
+        operation: u16,
+        records: &[R],
+        result_bytes: usize,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, ClientError> {
+        let replicas = self.connections.len();
+        let envelope = Envelope {
+            client_id: self.config.client_id,
+            request_number: self.request_number,
+            operation,
+            shard: shard as u16,
+        };
+        let mut answers = vec![ReplicaAnswer::Failed; replicas];
+        let mut sent_at = vec![Instant::now(); replicas];
+        let mut last_error = None;
+        let mut backoff = Backoff::new(
+            self.config.client_retry_backoff_us_min,
+            self.config.client_retry_backoff_us_max,
+        );
+        let mut jitter = Jitter::new(self.config.client_id);
+        loop {
+            // (Re)send where the last try failed or went unanswered for a round.
+            let mut resent = false;
+            for replica in 0..replicas {
+                let stale = answers[replica] == ReplicaAnswer::Waiting
+                    && sent_at[replica].elapsed() >= self.round_timeout;
+                if answers[replica] != ReplicaAnswer::Failed && !stale {
+                    continue;
+                }
+                resent = true;
+                sent_at[replica] = Instant::now();
+                answers[replica] = match self.send_to(replica, shard, &envelope, records, deadline)
+                {
+                    Ok(()) => ReplicaAnswer::Waiting,
+                    Err(error) => {
+                        last_error = Some(error);
+                        ReplicaAnswer::Failed
+                    }
+                };
+            }
+            let round_end = Instant::now() + self.round_timeout;
+            while Instant::now() < round_end.min(deadline) {
+                let progressed =
+                    self.poll_replies(shard, &mut answers, result_bytes, &mut last_error);
+                if let Some(body) = self.agreed(&answers) {
+                    self.mismatched_replies += answers
+                        .iter()
+                        .filter(|a| matches!(a, ReplicaAnswer::Replied(b) if *b != body))
+                        .count() as u64;
+                    return Ok(body);
+                }
+                if answers.iter().all(|a| *a != ReplicaAnswer::Waiting) {
+                    break;
+                }
+                if !progressed {
+                    std::thread::sleep(Duration::from_micros(BFT_POLL_PAUSE_US));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout {
+                    shard,
+                    request_number: self.request_number,
+                    timeout: self.config.request_timeout.unwrap_or_default(),
+                    last: Box::new(last_error.unwrap_or(ClientError::Refused {
+                        shard,
+                        request_number: self.request_number,
+                        code: ERROR_SERVER_BUSY,
+                    })),
+                });
+            }
+            if !resent || answers.iter().all(|a| *a != ReplicaAnswer::Waiting) {
+                backoff.pause(&mut jitter, Some(deadline));
+            }
+            // Every replica answered and none agree (a reply of a lagging replica that
+            // was not applied yet cannot happen: replicas answer only once committed): ask
+            // all again, a commit may have happened since.
+            if answers
+                .iter()
+                .all(|a| matches!(a, ReplicaAnswer::Replied(_)))
+            {
+                answers.fill(ReplicaAnswer::Failed);
+            }
+        }
+    }
+
+    /// The result bytes `f + 1` replicas agree on, if any.
+    fn agreed(&self, answers: &[ReplicaAnswer]) -> Option<Vec<u8>> {
+        answers.iter().find_map(|answer| {
+            let ReplicaAnswer::Replied(body) = answer else {
+                return None;
+            };
+            let same = answers
+                .iter()
+                .filter(|other| matches!(other, ReplicaAnswer::Replied(b) if b == body))
+                .count();
+            (same > self.faults_max).then(|| body.clone())
+        })
+    }
+
+    /// Opens (if needed) `replica`'s connection of `shard` and writes the request.
+    fn send_to<R: Pod>(
+        &mut self,
+        replica: usize,
+        shard: usize,
+        envelope: &Envelope,
+        records: &[R],
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
+        let address = self.config.replicas[replica][shard];
+        let io = |source| ClientError::Io {
+            shard,
+            address,
+            source,
+        };
+        if self.connections[replica][shard].is_none() {
+            let timeout = attempt_timeout(self.config.timeout, Some(deadline));
+            let stream = TcpStream::connect_timeout(&address, timeout).map_err(io)?;
+            stream.set_nodelay(true).map_err(io)?;
+            stream.set_write_timeout(Some(timeout)).map_err(io)?;
+            self.connections[replica][shard] = Some(QuorumConnection {
+                stream,
+                received: Vec::with_capacity(self.config.frame_bytes_max),
+            });
+        }
+        let connection = self.connections[replica][shard]
+            .as_mut()
+            .expect("connected above");
+        connection.stream.set_nonblocking(false).map_err(io)?;
+        let written = write_request(
+            &mut connection.stream,
+            &mut self.write_buffer,
+            (shard, address),
+            envelope,
+            records,
+        );
+        let nonblocking = connection.stream.set_nonblocking(true).map_err(io);
+        if let Err(error) = written.and(nonblocking) {
+            self.connections[replica][shard] = None;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Reads what each waiting replica sent and records whole replies to this request.
+    /// Returns whether any bytes arrived.
+    fn poll_replies(
+        &mut self,
+        shard: usize,
+        answers: &mut [ReplicaAnswer],
+        result_bytes: usize,
+        last_error: &mut Option<ClientError>,
+    ) -> bool {
+        let mut progressed = false;
+        let frame_bytes_max = self.config.frame_bytes_max;
+        for (replica, answer) in answers.iter_mut().enumerate() {
+            if *answer != ReplicaAnswer::Waiting {
+                continue;
+            }
+            let address = self.config.replicas[replica][shard];
+            let Some(connection) = self.connections[replica][shard].as_mut() else {
+                *answer = ReplicaAnswer::Failed;
+                continue;
+            };
+            let mut chunk = [0u8; 4096];
+            let failure = loop {
+                let room = frame_bytes_max - connection.received.len();
+                match connection.stream.read(&mut chunk[..room.min(4096)]) {
+                    Ok(0) => break Some(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(read) => {
+                        progressed = true;
+                        connection.received.extend_from_slice(&chunk[..read]);
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break None,
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(error) => break Some(error),
+                }
+                if connection.received.len() >= frame_bytes_max {
+                    break None;
+                }
+            };
+            let parsed = take_reply(
+                &mut connection.received,
+                (shard, frame_bytes_max, result_bytes),
+                self.request_number,
+            );
+            match (parsed, failure) {
+                (Ok(Some(outcome)), _) => *answer = outcome,
+                (Ok(None), None) => {}
+                (Ok(None), Some(source)) => {
+                    *last_error = Some(ClientError::Io {
+                        shard,
+                        address,
+                        source,
+                    });
+                    self.connections[replica][shard] = None;
+                    *answer = ReplicaAnswer::Failed;
+                }
+                (Err(error), _) => {
+                    *last_error = Some(error);
+                    self.connections[replica][shard] = None;
+                    *answer = ReplicaAnswer::Failed;
+                }
+            }
+        }
+        progressed
+    }
+}
+
+/// Takes whole frames off the front of `received`: replies to earlier requests are
+/// dropped; the reply to `request_number` becomes an answer (`Failed` for a refusal).
+/// `Ok(None)`: no answer to this request yet. An undecodable frame is an error (the
+/// connection is dropped).
+fn take_reply(
+    received: &mut Vec<u8>,
+    (shard, frame_bytes_max, result_bytes): (usize, usize, usize),
+    request_number: u64,
+) -> Result<Option<ReplicaAnswer>, ClientError> {
+    let schema = ReplySchema {
+        reply_record_bytes: result_bytes,
+    };
+    // Bounded: each pass removes one whole frame.
+    while received.len() >= FRAME_HEADER_BYTES {
+        let header =
+            frame::decode_header(&received[..FRAME_HEADER_BYTES], frame_bytes_max, &schema)
+                .map_err(|source| ClientError::Frame { shard, source })?;
+        let frame_bytes = header.frame_bytes();
+        if received.len() < frame_bytes {
+            return Ok(None);
+        }
+        let body = frame::verify_body(&header, &received[FRAME_HEADER_BYTES..frame_bytes])
+            .map_err(|source| ClientError::Frame { shard, source })?
+            .to_vec();
+        received.drain(..frame_bytes);
+        if header.envelope.request_number != request_number {
+            continue;
+        }
+        if header.kind == Kind::ErrorReply {
+            return Ok(Some(ReplicaAnswer::Failed));
+        }
+        return Ok(Some(ReplicaAnswer::Replied(body)));
+    }
+    Ok(None)
+}

@@ -192,6 +192,8 @@ pub struct LocalCluster {
     config: LocalClusterConfig,
     key_file: PathBuf,
     children: Vec<Option<Child>>,
+    /// More arguments of single replicas (after `extra_args`), by replica.
+    replica_args: Vec<Vec<String>>,
 }
 
 /// Client port base of `replica` in the layout from `port_base`.
@@ -274,6 +276,15 @@ impl LocalCluster {
     /// Writes the key (kept if `data_root` already has one), starts every replica and waits
     /// until all their client ports answer pings. On failure every child is killed.
     pub fn start(config: LocalClusterConfig) -> Result<Self, ClusterError> {
+        Self::start_with_replica_args(config, Vec::new())
+    }
+
+    /// [`LocalCluster::start`], with more `percore node` arguments for single replicas:
+    /// `replica_args[r]` is appended to replica `r`'s (e.g. a test-only Byzantine flag).
+    pub fn start_with_replica_args(
+        config: LocalClusterConfig,
+        replica_args: Vec<Vec<String>>,
+    ) -> Result<Self, ClusterError> {
         let (replicas, shards) = (config.replicas, config.shards());
         let top = u32::from(config.port_base) + u32::from(REPLICA_PORT_STRIDE) * replicas as u32;
         if replicas == 0
@@ -301,6 +312,7 @@ impl LocalCluster {
             children: (0..replicas).map(|_| None).collect(),
             config,
             key_file,
+            replica_args,
         };
         for replica in 0..replicas {
             cluster.spawn(replica)?;
@@ -411,6 +423,9 @@ impl LocalCluster {
             args.push(self.metrics_address(replica).to_string());
         }
         args.extend(config.extra_args.iter().cloned());
+        if let Some(more) = self.replica_args.get(replica) {
+            args.extend(more.iter().cloned());
+        }
         args
     }
 

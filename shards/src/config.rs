@@ -45,6 +45,9 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "cluster_key_file",
     "view_change",
     "retain_ops",
+    "fault_model",
+    "bft_keys_dir",
+    "bft_test_byzantine",
 ];
 
 /// Bits of the peers digest exported as a gauge: an f64 holds integers up to 2^53 exactly,
@@ -114,6 +117,12 @@ pub struct NodeFile {
     pub view_change: Option<bool>,
     /// `--retain-ops`.
     pub retain_ops: Option<u64>,
+    /// `--fault-model`: "crash" or "bft".
+    pub fault_model: Option<crate::bft::FaultModel>,
+    /// `--bft-keys-dir`.
+    pub bft_keys_dir: Option<PathBuf>,
+    /// `--bft-test-byzantine` (tests only): "equivocate", "silent" or "wrong-digest".
+    pub bft_test_byzantine: Option<crate::bft::Byzantine>,
 }
 
 fn fsync_from_text<'de, D: serde::Deserializer<'de>>(

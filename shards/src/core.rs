@@ -25,7 +25,7 @@ use percore_engine::batch::{BatchController, BatchLimits, BatchLimitsError, Seal
 use percore_engine::journal::request_descriptors;
 use percore_engine::pool::{Handle, Pool, PoolError, PoolStats, TX_SLOT_BYTES, TxSlot};
 use percore_engine::ring::spsc;
-use percore_engine::session::{RequestDescriptor, descriptors_valid};
+use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor, descriptors_valid};
 use percore_engine::state_machine::{Outbound, RestoreError, StateMachine};
 
 use crate::metrics::ShardMetrics;
@@ -100,6 +100,25 @@ pub enum Backpressure {
         /// Ring capacity.
         capacity: usize,
     },
+}
+
+/// Why committed batch bytes are not a batch this core may apply (BFT mode: a Byzantine
+/// leader can get anything committed, so every correct replica checks the bytes the same
+/// way and skips a batch that fails, deterministically).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BatchInvalid {
+    /// The operation is not a client operation of this state machine.
+    #[error("operation {0} is not a client operation")]
+    Operation(u16),
+    /// The record bytes are not a whole number of records, none, or more than a batch.
+    #[error("{0} record bytes are not 1..=cap whole records")]
+    RecordBytes(usize),
+    /// The request descriptors are malformed, too many, or do not fit the records.
+    #[error("request descriptors do not describe the records")]
+    Descriptors,
+    /// A record belongs to another shard.
+    #[error("record {0} belongs to another shard")]
+    ForeignRecord(usize),
 }
 
 /// Configuration errors of a shard core.
@@ -737,6 +756,84 @@ impl<S: StateMachine> ShardCore<S> {
         );
         let entries = self.apply_bytes(op, operation, body, requests);
         ShardMetrics::add(&self.metrics.internal_applied_total, entries as u64);
+    }
+
+    /// BFT mode: checks committed batch bytes ([`BatchInvalid`]) and, if they are a batch of
+    /// this shard, applies them as op `op` (the next one) and hands each client request's
+    /// descriptor and results to `answer`. On an error nothing is applied and the op is not
+    /// used. What the state machine emits is left for `poll_outbound`. No allocation.
+    ///
+    /// # Panics
+    /// If `op` is not the next op, or a batch is queued (a BFT leader drops what it sealed
+    /// once it has proposed it).
+    pub fn apply_committed(
+        &mut self,
+        op: u64,
+        operation: u16,
+        body: &[u8],
+        requests: &[u8],
+        mut answer: impl FnMut(&RequestDescriptor, &[S::Result]),
+    ) -> Result<usize, BatchInvalid> {
+        assert_eq!(op, self.op_last + 1, "ops apply in order");
+        assert!(self.sealed.is_empty(), "nothing is queued in BFT mode");
+        let entries = self.check_committed(operation, body, requests)?;
+        let operation_typed = S::client_operation(operation).expect("checked");
+        let request_count = requests.len() / REQUEST_DESCRIPTOR_BYTES;
+        let records: &[S::Record] = bytemuck::cast_slice(&self.journal_records[..entries]);
+        self.state_machine.apply_requests(
+            op,
+            operation_typed,
+            records,
+            &self.journal_requests[..request_count],
+            &mut self.results[..entries],
+        );
+        self.op_last = op;
+        self.op_sealed = self.op_sealed.max(op);
+        ShardMetrics::set(&self.metrics.commit_op, op);
+        ShardMetrics::add(&self.metrics.tx_applied_total, entries as u64);
+        for descriptor in &self.journal_requests[..request_count] {
+            let start = descriptor.record_start as usize;
+            answer(
+                descriptor,
+                &self.results[start..start + descriptor.record_count as usize],
+            );
+        }
+        Ok(entries)
+    }
+
+    /// The checks of [`ShardCore::apply_committed`] alone: returns the record count and
+    /// leaves the records and descriptors in the core's scratch buffers. No allocation.
+    pub fn check_committed(
+        &mut self,
+        operation: u16,
+        body: &[u8],
+        requests: &[u8],
+    ) -> Result<usize, BatchInvalid> {
+        let Some(operation_typed) = S::client_operation(operation) else {
+            return Err(BatchInvalid::Operation(operation));
+        };
+        let record_bytes = size_of::<S::Record>();
+        let entries = body.len() / record_bytes;
+        if !body.len().is_multiple_of(record_bytes) || entries == 0 || entries > self.results.len()
+        {
+            return Err(BatchInvalid::RecordBytes(body.len()));
+        }
+        let request_count = request_descriptors(requests, &mut self.journal_requests)
+            .ok_or(BatchInvalid::Descriptors)?;
+        if !descriptors_valid(&self.journal_requests[..request_count], entries) {
+            return Err(BatchInvalid::Descriptors);
+        }
+        bytemuck::cast_slice_mut::<TxSlot, u8>(&mut self.journal_records[..entries])
+            .copy_from_slice(body);
+        let records: &[S::Record] = bytemuck::cast_slice(&self.journal_records[..entries]);
+        let (shard, shard_count) = (self.config.shard, self.config.shard_count);
+        if let Some(foreign) = records
+            .iter()
+            .position(|record| S::route(operation_typed, record, shard_count) != shard)
+        {
+            return Err(BatchInvalid::ForeignRecord(foreign));
+        }
+        Ok(entries)
     }
 
     /// Applies journal bytes as op `op` (the next one): copies them into the aligned

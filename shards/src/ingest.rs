@@ -801,9 +801,13 @@ where
     S::Result: Send,
 {
     let index = shard.index;
-    if let Some(replication) = &shard.replication
-        && !replication.is_ready_leader()
-    {
+    // BFT mode answers requests matched by client id across replicas; the in-process
+    // submitter has none, so its records are refused there.
+    let not_leader = shard
+        .replication
+        .as_ref()
+        .is_some_and(|replication| !replication.is_ready_leader());
+    if not_leader || shard.bft.is_some() {
         return ingress.drain(index, INGEST_DRAIN_BATCH_MAX, |_, _, slot, generation| {
             ingress.abort(slot, generation);
         });

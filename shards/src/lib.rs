@@ -7,6 +7,8 @@
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod bft;
+pub mod bft_bench;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;

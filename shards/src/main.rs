@@ -12,6 +12,7 @@ use percore_engine::session::Sessioned;
 use percore_shards::loadgen::{self, BenchConfig};
 use std::path::PathBuf;
 
+use percore_shards::bft::{BftSettings, Byzantine, FaultModel};
 use percore_shards::journal::FsyncPolicy;
 use percore_shards::replication::{self, ReplicationSettings};
 use percore_shards::runtime::{self, JournalSettings, Node, NodeConfig};
@@ -226,6 +227,85 @@ struct NodeArgs {
     journal: JournalArgs,
     #[command(flatten)]
     replication: ReplicationArgs,
+    #[command(flatten)]
+    bft: BftArgs,
+}
+
+/// Byzantine fault tolerance (docs/bft.md).
+#[derive(Debug, Args, Clone)]
+struct BftArgs {
+    /// Faults each replication group tolerates: `crash` (Viewstamped Replication, 2f + 1
+    /// replicas) or `bft` (PBFT-shaped, n >= 3f + 1 replicas, ed25519-signed votes, one
+    /// shard per node for now; needs --bft-keys-dir).
+    #[arg(long, value_enum, default_value_t = FaultModel::Crash)]
+    fault_model: FaultModel,
+    /// BFT: the directory `percore keygen` wrote: this node reads replica-<replica>.key and
+    /// cluster.keys from it.
+    #[arg(long)]
+    bft_keys_dir: Option<PathBuf>,
+    /// TESTS ONLY: make this replica Byzantine on purpose (equivocate: conflicting signed
+    /// proposals and votes; silent: sends nothing; wrong-digest: votes for digests that are
+    /// not the batch's). Such a replica also lies to clients. Never use in production.
+    #[arg(long, value_enum)]
+    bft_test_byzantine: Option<Byzantine>,
+}
+
+impl BftArgs {
+    /// The BFT settings of `--fault-model bft`: keys loaded and checked against the peers
+    /// (`n >= 3f + 1`, the secret key is this replica's).
+    fn settings(
+        &self,
+        replication: &ReplicationArgs,
+    ) -> Result<Option<BftSettings>, Box<dyn std::error::Error>> {
+        use percore_engine::bft::keys;
+        if self.fault_model == FaultModel::Crash {
+            if self.bft_keys_dir.is_some() || self.bft_test_byzantine.is_some() {
+                return Err(
+                    "--bft-keys-dir and --bft-test-byzantine need --fault-model bft".into(),
+                );
+            }
+            return Ok(None);
+        }
+        let Some(replica) = replication.replica else {
+            return Err("--fault-model bft needs --replica and --peers".into());
+        };
+        if replication.view_change {
+            return Err("--view-change is crash-fault mode's; BFT always changes views".into());
+        }
+        let dir = self
+            .bft_keys_dir
+            .as_ref()
+            .ok_or("--fault-model bft needs --bft-keys-dir (written by `percore keygen`)")?;
+        let read = |name: String| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|error| format!("{}: {error}", path.display()))
+        };
+        let secret = keys::parse_secret_key(&read(format!("replica-{replica}.key"))?)?;
+        if secret.replica != replica {
+            return Err(format!(
+                "replica-{replica}.key holds the key of replica {}",
+                secret.replica
+            )
+            .into());
+        }
+        let cluster = keys::parse_cluster(&read("cluster.keys".into())?)?;
+        let cluster_key = match &replication.cluster_key_file {
+            Some(path) => replication::cluster_key_from_file(path)?,
+            None => replication::cluster_key_from_env()?,
+        };
+        let settings = BftSettings {
+            replica,
+            peers: replication.peers.clone(),
+            cluster_key,
+            secret_key: secret.key,
+            public_keys: cluster.keys,
+            faults_max: cluster.faults_max,
+            send_queue_bytes: percore_shards::bft::BFT_SEND_QUEUE_BYTES_DEFAULT,
+            byzantine: self.bft_test_byzantine,
+        };
+        settings.check()?;
+        Ok(Some(settings))
+    }
 }
 
 /// Log replication to peer nodes.
@@ -298,6 +378,13 @@ struct KeygenArgs {
 struct BenchArgs {
     #[command(flatten)]
     shards: ShardArgs,
+    /// `bft`: run the load on a crash-fault cluster (3 replicas) and then on a BFT cluster
+    /// (4 replicas, f = 1, one shard on the first of --cores) in this one run, and report
+    /// both with the signature cost per batch (docs/bft.md). Uses --duration-s,
+    /// --warmup-s, --records-per-request, --connections-per-shard (client threads, one
+    /// request in flight each), the node sizes and --fsync.
+    #[arg(long, value_enum, default_value_t = FaultModel::Crash)]
+    fault_model: FaultModel,
     /// Seconds to measure.
     #[arg(long, default_value_t = 10)]
     duration_s: u64,
@@ -461,6 +548,9 @@ fn node_args_with_file(
         cluster_key_file,
         view_change,
         retain_ops,
+        fault_model,
+        bft_keys_dir,
+        bft_test_byzantine,
     } = percore_shards::config::NodeFile::read(&path)?;
     let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
     macro_rules! merge {
@@ -499,6 +589,9 @@ fn node_args_with_file(
         cluster_key_file => args.replication.cluster_key_file,
         view_change => args.replication.view_change,
         retain_ops => args.replication.retain_ops,
+        fault_model => args.bft.fault_model,
+        bft_keys_dir => args.bft.bft_keys_dir,
+        bft_test_byzantine => args.bft.bft_test_byzantine,
     }
     say!(
         "config file {} read (flags given on the command line override it)",
@@ -559,14 +652,30 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
         say!("WARNING: no --data-dir: nothing is journaled, a restart loses everything");
     }
     let ledger = args.shards.ledger.config(shards, config.batch.entries_max);
-    config.replication = args.replication.settings()?;
+    config.bft = args.bft.settings(&args.replication)?;
+    if config.bft.is_none() {
+        config.replication = args.replication.settings()?;
+    }
     config.seed = runtime::random_seed();
     // Replicas must build identical ledgers, so the table hash seed comes from the cluster
     // key (secret, so clients still cannot predict it); a single node draws its own.
-    let seed = match &config.replication {
-        Some(settings) => replication::ledger_hash_seed(&settings.cluster_key),
-        None => runtime::random_seed(),
+    let seed = match (&config.replication, &config.bft) {
+        (Some(settings), _) => replication::ledger_hash_seed(&settings.cluster_key),
+        (None, Some(settings)) => replication::ledger_hash_seed(&settings.cluster_key),
+        (None, None) => runtime::random_seed(),
     };
+    if let Some(settings) = &config.bft {
+        say!(
+            "BFT replica {} of {} (f = {}): peers {:?}",
+            settings.replica,
+            settings.peers.len(),
+            settings.faults_max,
+            settings.peers
+        );
+        if let Some(behaviour) = settings.byzantine {
+            say!("WARNING: TEST ONLY: this replica is Byzantine on purpose ({behaviour:?})");
+        }
+    }
     if let Some(settings) = &config.replication {
         say!(
             "replica {} of {}: peers {:?}",
@@ -629,6 +738,9 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.fault_model == FaultModel::Bft {
+        return run_bench_bft(args);
+    }
     if !args.addresses.is_empty() {
         if args.series || args.plot.is_some() {
             return Err("--series and --plot need a local cluster, not --addresses".into());
@@ -695,6 +807,153 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         loadgen::print_text(&report);
     }
+    Ok(())
+}
+
+/// `percore bench --fault-model bft`: crash-fault and BFT clusters under the same load,
+/// one after the other, and the signature cost per batch.
+fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use percore_shards::bft_bench::{self, Mode};
+    use percore_shards::cluster::{LocalCluster, LocalClusterConfig, free_port_base};
+    let core = args
+        .shards
+        .node_config()
+        .cores
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let data_root = match &args.journal.data_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("percore-bench-bft-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&data_root)?;
+    let keys = data_root.join("bft-keys");
+    if !keys.join("cluster.keys").exists() {
+        run_keygen(KeygenArgs {
+            replicas: 4,
+            faults: Some(1),
+            out: keys.clone(),
+        })?;
+    }
+    let signatures = bft_bench::signature_cost();
+    let (shard, ledger, journal) = (&args.shards, &args.shards.ledger, &args.journal);
+    let sizes: Vec<String> = [
+        ("--batch-entries-max", shard.batch_entries_max.to_string()),
+        ("--linger-us", shard.linger_us.to_string()),
+        ("--transactions", shard.transactions.to_string()),
+        ("--batches", shard.batches.to_string()),
+        ("--connections-max", shard.connections_max.to_string()),
+        ("--io-memory-kib", shard.io_memory_kib.to_string()),
+        ("--accounts-max", ledger.accounts_max.to_string()),
+        ("--transfers-max", ledger.transfers_max.to_string()),
+        ("--credit-legs-max", ledger.credit_legs_max.to_string()),
+        ("--segment-mib", journal.segment_mib.to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_string(), value])
+    .collect();
+    let fsync = match journal.fsync {
+        FsyncPolicy::Always => "always",
+        FsyncPolicy::Never => "never",
+    };
+    let mut reports = Vec::new();
+    let mut core_us_per_op = 0.0;
+    for (mode, replicas) in [(Mode::Crash, 3), (Mode::Bft { faults_max: 1 }, 4)] {
+        let bft = matches!(mode, Mode::Bft { .. });
+        let mut extra_args = sizes.clone();
+        if bft {
+            extra_args.extend([
+                "--fault-model".into(),
+                "bft".into(),
+                "--bft-keys-dir".into(),
+            ]);
+            extra_args.push(keys.display().to_string());
+        }
+        let name = if bft { "bft" } else { "crash" };
+        say!("starting {replicas} {name} replicas on core {core} (fsync {fsync})");
+        let mut cluster = LocalCluster::start(LocalClusterConfig {
+            binary: std::env::current_exe()?,
+            replicas,
+            cores: vec![core],
+            replica_core_stride: 0,
+            data_root: data_root.join(name),
+            port_base: free_port_base(replicas, 1)?,
+            fsync,
+            extra_args,
+            metrics: true,
+        })?;
+        let addresses: Vec<SocketAddr> = (0..replicas)
+            .map(|r| cluster.client_address(r, 0))
+            .collect();
+        let report = bft_bench::closed_loop(
+            mode,
+            &addresses,
+            args.connections_per_shard,
+            args.records_per_request,
+            Duration::from_secs(args.warmup_s),
+            Duration::from_secs(args.duration_s),
+        );
+        if bft {
+            // The leader's time in the BFT core per op: signing, verifying, bookkeeping.
+            for replica in 0..replicas {
+                let Ok(text) = cluster.scrape(replica) else {
+                    continue;
+                };
+                let metric = |name| percore_shards::cluster::shard_metric(&text, name, 0);
+                if metric("percore_bft_is_leader") == 1 {
+                    core_us_per_op = metric("percore_bft_core_us_total") as f64
+                        / metric("percore_bft_commit_op").max(1) as f64;
+                }
+            }
+        }
+        cluster.stop_all();
+        reports.push(report?);
+    }
+    if !(args.keep_data || args.journal.data_dir.is_some()) {
+        let _ = std::fs::remove_dir_all(&data_root);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "modes": reports,
+                "signatures": signatures,
+                "bft_leader_core_us_per_op": core_us_per_op,
+            })
+        );
+        return Ok(());
+    }
+    println!("mode   replicas  committed tx/s  requests  p50 us  p99 us  failed");
+    for report in &reports {
+        println!(
+            "{:<6} {:>8}  {:>14.0}  {:>8}  {:>6}  {:>6}  {:>6}",
+            report.mode,
+            report.replicas,
+            report.tps,
+            report.requests,
+            report.latency_p50_us,
+            report.latency_p99_us,
+            report.failed
+        );
+    }
+    if let [crash, bft] = &reports[..] {
+        println!(
+            "bft / crash: {:.2}x committed tx/s, {:.2}x p50 latency",
+            bft.tps / crash.tps.max(1e-9),
+            bft.latency_p50_us as f64 / crash.latency_p50_us.max(1) as f64
+        );
+    }
+    println!(
+        "ed25519 (this process): sign {:.1} us, verify_strict {:.1} us; per batch per replica \
+         {} signs + {} verifies = {:.1} us, whatever the batch holds; BFT leader core time \
+         {:.1} us per op",
+        signatures.sign_us,
+        signatures.verify_us,
+        signatures.signs_per_batch,
+        signatures.verifies_per_batch,
+        signatures.per_batch_us,
+        core_us_per_op
+    );
     Ok(())
 }
 

@@ -131,12 +131,12 @@ pub(crate) struct Outbox {
     /// Bytes before this may be sent; the rest are Prepares held until durable.
     released: Cell<usize>,
     holding: Cell<bool>,
-    connected: Cell<bool>,
+    pub(crate) connected: Cell<bool>,
     doorbell: LocalNotify,
 }
 
 impl Outbox {
-    fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
             bytes: RefCell::new(Vec::with_capacity(capacity)),
             released: Cell::new(0),
@@ -190,7 +190,7 @@ impl Outbox {
         }
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.bytes.borrow_mut().clear();
         self.released.set(0);
     }
@@ -459,7 +459,7 @@ where
     tasks
 }
 
-async fn until_finished<S: StateMachine>(shard: &Shard<S>) {
+pub(crate) async fn until_finished<S: StateMachine>(shard: &Shard<S>) {
     while !shard.finished.get() {
         glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
     }
@@ -1149,7 +1149,7 @@ where
 }
 
 /// Moves released messages from the outbox into the connection and writes them.
-async fn write_outbox<S: StateMachine>(
+pub(crate) async fn write_outbox<S: StateMachine>(
     shard: &Shard<S>,
     outbox: &Outbox,
     sender: &mut peer::PeerSender,

@@ -91,6 +91,9 @@ pub struct NodeConfig {
     pub journal: Option<JournalSettings>,
     /// Log replication to peer nodes; `None` runs a single node. Needs a journal.
     pub replication: Option<crate::replication::ReplicationSettings>,
+    /// BFT replication (`--fault-model bft`, `docs/bft.md`); exclusive with `replication`.
+    /// Needs a journal and one shard.
+    pub bft: Option<crate::bft::BftSettings>,
     /// Seed of the replication core's routing RNG.
     pub seed: u64,
     /// Application-thread ingest ([`Node::submitter`]): ring and completion slot sizes.
@@ -130,6 +133,7 @@ impl Default for NodeConfig {
             allow_shared_cores: false,
             journal: None,
             replication: None,
+            bft: None,
             seed: 1,
             ingest: crate::ingest::IngestConfig::default(),
         }
@@ -204,6 +208,14 @@ pub enum NodeError {
     /// A mesh ring capacity is unusable.
     #[error("mesh_ring_capacity {0} must be a power of two >= 2")]
     MeshCapacity(usize),
+    /// A BFT shard could not start.
+    #[error("shard {shard}: BFT: {source}")]
+    Bft {
+        /// Shard index.
+        shard: usize,
+        /// Cause.
+        source: crate::bft::BftStartError,
+    },
     /// The replication settings cannot work.
     #[error("replication: {0}")]
     Replication(String),
@@ -337,6 +349,9 @@ where
                     replication.replica
                 )));
             }
+        }
+        if let Some(bft) = &config.bft {
+            check_bft(&config, bft)?;
         }
         if !config.mesh_ring_capacity.is_power_of_two() || config.mesh_ring_capacity < 2 {
             return Err(NodeError::MeshCapacity(config.mesh_ring_capacity));
@@ -503,14 +518,16 @@ impl LocalNotify {
 
 /// One client connection slot: the request being served and its results.
 pub(crate) struct ConnectionSlot<R> {
-    generation: u16,
-    active: bool,
-    remaining: u32,
+    pub(crate) generation: u16,
+    pub(crate) active: bool,
+    pub(crate) remaining: u32,
     /// The request's records were dropped before they could commit here (this replica
     /// stopped leading): the client gets an error reply and tries the new leader.
     aborted: bool,
     /// One result per record of the request being served, by record index.
-    results: Box<[R]>,
+    pub(crate) results: Box<[R]>,
+    /// BFT mode: the `(client_id, request_number)` this connection waits to see committed.
+    pub(crate) bft_waiting: Option<(u128, u64)>,
 }
 
 /// Shard state shared by the tasks of one executor.
@@ -539,6 +556,8 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) finished: Cell<bool>,
     /// Log replication of this shard's group, if the node replicates.
     pub(crate) replication: Option<crate::replication::Replication>,
+    /// BFT replication of this shard's group, if the node runs `--fault-model bft`.
+    pub(crate) bft: Option<crate::bft::Bft>,
     /// The checkpoint follower, if the shard journals with checkpoints.
     pub(crate) checkpoints: RefCell<Option<crate::checkpoint::CheckpointFollower>>,
     /// Builds the state machine of a (re)started checkpoint follower.
@@ -807,6 +826,53 @@ fn start_replication(
     Ok((Some(replication), Some(listener)))
 }
 
+/// Refuses a BFT configuration the runtime cannot run: no journal, crash-fault replication
+/// too, more than one shard (cross-group credit legs carry no proof yet), or settings the
+/// core refuses (`n < 3f + 1`, keys).
+fn check_bft(config: &NodeConfig, bft: &crate::bft::BftSettings) -> Result<(), NodeError> {
+    let refuse = |message: &str| Err(NodeError::Replication(message.into()));
+    if config.journal.is_none() {
+        return refuse("--fault-model bft needs a journal (--data-dir)");
+    }
+    if config.replication.is_some() {
+        return refuse("--fault-model bft replaces crash-fault replication; not both");
+    }
+    if config.cores.len() != 1 {
+        return refuse(
+            "--fault-model bft runs one shard per node for now: credit legs between groups \
+             carry no proof a Byzantine leader could not forge (docs/bft.md section 12)",
+        );
+    }
+    if usize::from(bft.replica) >= bft.peers.len() {
+        return refuse("--replica is not below the number of --peers");
+    }
+    bft.check()
+        .map_err(|source| NodeError::Bft { shard: 0, source })
+}
+
+/// Builds the BFT state of `shard` (it opens the certificate journal) and binds its peer
+/// listener, if the node runs BFT.
+#[allow(clippy::type_complexity)]
+async fn start_bft(
+    shard: usize,
+    config: &NodeConfig,
+    journal: Option<&Journal>,
+) -> Result<(Option<crate::bft::Bft>, Option<TcpListener>), NodeError> {
+    let (Some(settings), Some(journal)) = (&config.bft, journal) else {
+        return Ok((None, None));
+    };
+    let cluster_id = config.journal.as_ref().map_or(0, |j| j.cluster_id);
+    let bft = crate::bft::Bft::start(settings.clone(), shard, journal, cluster_id, 0)
+        .await
+        .map_err(|source| NodeError::Bft { shard, source })?;
+    let listener = crate::bft::bind(settings, shard).map_err(|error| NodeError::Listen {
+        shard,
+        address: settings.peer_address(settings.replica, shard),
+        message: error.to_string(),
+    })?;
+    Ok((Some(bft), Some(listener)))
+}
+
 /// Builds a checkpoint follower's state machine (on the follower's thread; again after a
 /// state sync restarts the follower).
 pub(crate) type MakeFollower<S> = Arc<dyn Fn() -> S + Send + Sync>;
@@ -912,6 +978,10 @@ where
             Ok(started) => started,
             Err(error) => return start_failed(&ready, shard, error),
         };
+    let (bft, bft_listener) = match start_bft(shard, &config, journal.as_ref()).await {
+        Ok(started) => started,
+        Err(error) => return start_failed(&ready, shard, error),
+    };
     // Messages to other shards that were produced before a restart but never confirmed are
     // sent again (receivers deduplicate); they wait in the mesh queue until the doorbells
     // are connected.
@@ -951,6 +1021,7 @@ where
             remaining: 0,
             aborted: false,
             results: bytemuck::allocation::zeroed_slice_box(records_max),
+            bft_waiting: None,
         })
         .collect();
     let connection_done = (0..config.connections_max)
@@ -978,6 +1049,7 @@ where
         all_metrics,
         finished: Cell::new(false),
         replication,
+        bft,
         checkpoints: RefCell::new(checkpoints),
         make_follower,
         ingest,
@@ -997,10 +1069,13 @@ where
     let _ = ready.send((shard, Ok(local)));
 
     let mesh_tasks = crate::mesh::spawn_receivers(shard_state.clone()).await;
-    let peer_tasks = match peer_listener {
+    let mut peer_tasks = match peer_listener {
         Some(listener) => crate::replication::spawn_tasks(&shard_state, listener),
         None => Vec::new(),
     };
+    if let Some(listener) = bft_listener {
+        peer_tasks.extend(crate::bft::spawn_tasks(&shard_state, listener));
+    }
     let batcher = glommio::spawn_local(batcher_loop(shard_state.clone(), journal));
     let ingest_task = glommio::spawn_local(crate::ingest::drain_loop(shard_state.clone()));
     accept_loop(shard_state.clone(), listener).await;
@@ -1263,6 +1338,12 @@ where
         };
         // The schema checked that the body is a whole number of `S::Record`s.
         let count = body_bytes / record_bytes;
+        if shard.bft.is_some() {
+            let request = (&envelope, operation, &records[..count]);
+            crate::bft::serve_request(shard, slot, &mut stream, request, &mut reply).await?;
+            ShardMetrics::add(&shard.metrics.requests_total, 1);
+            continue;
+        }
         if let Some(code) = replicated_refusal(shard, operation, &records[..count]) {
             let mut buffer = [0u8; FRAME_HEADER_BYTES];
             let bytes = frame::encode_error_reply(&mut buffer, &envelope, code);
@@ -1575,8 +1656,11 @@ where
         if shard.stopping() {
             // A replicated leader waits for its pipeline to commit, but not forever: its
             // followers may be gone. Uncommitted ops stay in its journal.
-            let idle =
-                idle || (shard.replication.is_some() && crate::replication::drain_expired(&shard));
+            // A BFT replica owes nothing at shutdown: what it has not committed, the other
+            // replicas answer (clients ask every replica).
+            let idle = idle
+                || shard.bft.is_some()
+                || (shard.replication.is_some() && crate::replication::drain_expired(&shard));
             let drained = idle
                 && shard.ingest.is_retired(shard.index)
                 && shard.connections.borrow().iter().all(|c| !c.active);
@@ -1649,6 +1733,10 @@ where
     if shard.replication.is_some() {
         let journal = journal.expect("a replicated shard journals");
         return crate::replication::replicated_turn(shard, journal).await;
+    }
+    if shard.bft.is_some() {
+        let journal = journal.expect("a BFT shard journals");
+        return crate::bft::bft_turn(shard, journal).await;
     }
     let mut progressed = shard.mesh.borrow_mut().flush_queued();
     let now_us = shard.now_us();

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod keys;
 pub mod message;
 mod replica;
@@ -303,6 +304,9 @@ pub enum Action {
         digest: Digest,
         /// The batch bytes.
         batch: Vec<u8>,
+        /// `quorum` Commits for `(view, op, digest)`: the proof the driver journals with
+        /// the batch.
+        cert: CommitCert,
     },
     /// The group's stable checkpoint `cert` is above this replica's executed log and the
     /// ops below it are gone from its peers: fetch the committed log (or a snapshot) up to

@@ -279,6 +279,11 @@ impl BftReplica {
         &self.evidence
     }
 
+    /// The stable checkpoint certificate the low watermark stands on (`None`: genesis).
+    pub fn low_cert(&self) -> Option<&CheckpointCert> {
+        self.low_cert.as_ref()
+    }
+
     /// The checkpoint a requested state transfer must reach, if one is under way.
     pub fn state_transfer(&self) -> Option<&CheckpointCert> {
         self.state_transfer.as_ref()
@@ -760,6 +765,7 @@ impl BftReplica {
                 .statement()
                 .expect("a commit certificate has votes");
             let batch = slot.batch.clone();
+            let cert = record.cert.clone();
             debug_assert_eq!(batch_digest(&batch), digest);
             let chain = chain_digest(&self.commit_chain, op, &digest);
             self.slot_mut(op).chain = Some(chain);
@@ -772,6 +778,7 @@ impl BftReplica {
                 view,
                 digest,
                 batch,
+                cert,
             });
             if op.is_multiple_of(self.config.checkpoint_interval_ops) {
                 let vote = self.sign(VoteKind::Checkpoint, 0, op, chain);

@@ -428,6 +428,7 @@ impl World {
                     view,
                     digest,
                     batch,
+                    ..
                 } => {
                     self.note(format!("replica {replica} commits op {op} (view {view})"));
                     self.apply(replica, op, digest, batch, true)?;

@@ -1,0 +1,515 @@
+//! The wire encoding of BFT [`Message`]s (phase 2): what a replica puts in the body of a
+//! `Command::Bft` peer frame, and the decoder that turns such a body back into a message.
+//!
+//! The encoding is little-endian and length-prefixed, with every count bounded by a named
+//! limit before anything is allocated; the decoder never panics on bytes from the network
+//! and refuses trailing bytes, unknown tags and vote kinds. Decoding checks only the shape:
+//! signatures, certificates and digests are the replica core's business
+//! ([`crate::bft::BftReplica::on_message`]). Nothing here performs I/O or keeps state.
+//!
+//! ```text
+//! message    = tag u8 | fields
+//! vote       = kind u8 | replica u8 | view u64 | op u64 | digest [32] | signature [64]
+//! bytes      = length u32 | bytes
+//! votes      = count u8 (<= REPLICA_COUNT_MAX) | vote*
+//! checkpoint = votes                      option<x> = 0 | 1 x
+//! prepared   = vote (PrePrepare) | votes (Prepares)
+//! view change= vote | option<checkpoint> | count u16 (<= LOG_WINDOW_OPS_LIMIT) | (prepared | bytes)*
+//! ```
+
+use ed25519_dalek::Signature;
+
+use super::message::{
+    CheckpointCert, CommitCert, Message, NewView, PreparedCert, PreparedEntry, ViewChange, Vote,
+    VoteKind,
+};
+use super::{LOG_WINDOW_OPS_LIMIT, REPLICA_COUNT_MAX};
+
+/// Bytes of one encoded [`Vote`].
+pub const VOTE_BYTES: usize = 1 + 1 + 8 + 8 + 32 + 64;
+
+/// Message tags, in wire order.
+const TAG_PRE_PREPARE: u8 = 1;
+const TAG_PREPARE: u8 = 2;
+const TAG_COMMIT: u8 = 3;
+const TAG_CHECKPOINT: u8 = 4;
+const TAG_VIEW_CHANGE: u8 = 5;
+const TAG_NEW_VIEW: u8 = 6;
+const TAG_STATUS: u8 = 7;
+const TAG_COMMIT_PROOF: u8 = 8;
+const TAG_CHECKPOINT_PROOF: u8 = 9;
+
+const _: () = assert!(REPLICA_COUNT_MAX <= u8::MAX as usize);
+const _: () = assert!(LOG_WINDOW_OPS_LIMIT <= u16::MAX as u64);
+
+/// Why bytes are not an encoded BFT message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The bytes end inside a field.
+    #[error("truncated BFT message")]
+    Truncated,
+    /// An unknown message tag.
+    #[error("unknown BFT message tag {0}")]
+    BadTag(u8),
+    /// An unknown vote kind.
+    #[error("unknown vote kind {0}")]
+    BadKind(u8),
+    /// A count above its limit, or an option flag that is neither 0 nor 1.
+    #[error("{0}: out of range")]
+    OutOfRange(&'static str),
+    /// Bytes after the message.
+    #[error("{0} bytes after the BFT message")]
+    TrailingBytes(usize),
+}
+
+/// Appends the encoding of `message` to `out`.
+pub fn encode(message: &Message, out: &mut Vec<u8>) {
+    match message {
+        Message::PrePrepare { vote, batch } => {
+            out.push(TAG_PRE_PREPARE);
+            put_vote(out, vote);
+            put_bytes(out, batch);
+        }
+        Message::Prepare { vote, pre_prepare } => {
+            out.push(TAG_PREPARE);
+            put_vote(out, vote);
+            put_vote(out, pre_prepare);
+        }
+        Message::Commit(vote) => {
+            out.push(TAG_COMMIT);
+            put_vote(out, vote);
+        }
+        Message::Checkpoint(vote) => {
+            out.push(TAG_CHECKPOINT);
+            put_vote(out, vote);
+        }
+        Message::ViewChange(view_change) => {
+            out.push(TAG_VIEW_CHANGE);
+            put_view_change(out, view_change);
+        }
+        Message::NewView(new_view) => {
+            out.push(TAG_NEW_VIEW);
+            out.extend_from_slice(&new_view.view.to_le_bytes());
+            out.push(new_view.view_changes.len() as u8);
+            for view_change in &new_view.view_changes {
+                put_view_change(out, view_change);
+            }
+            out.extend_from_slice(&(new_view.pre_prepares.len() as u16).to_le_bytes());
+            for (vote, batch) in &new_view.pre_prepares {
+                put_vote(out, vote);
+                put_bytes(out, batch);
+            }
+        }
+        Message::Status {
+            view,
+            commit_op,
+            low,
+        } => {
+            out.push(TAG_STATUS);
+            for value in [view, commit_op, low] {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+        Message::CommitProof {
+            pre_prepare,
+            cert,
+            batch,
+        } => {
+            out.push(TAG_COMMIT_PROOF);
+            put_vote(out, pre_prepare);
+            put_votes(out, &cert.commits);
+            put_bytes(out, batch);
+        }
+        Message::CheckpointProof(cert) => {
+            out.push(TAG_CHECKPOINT_PROOF);
+            put_votes(out, &cert.votes);
+        }
+    }
+}
+
+/// Bytes [`encode`] appends for `message` (sizes outboxes and refuses what cannot be sent).
+pub fn encoded_bytes(message: &Message) -> usize {
+    let view_change_bytes = |view_change: &ViewChange| {
+        VOTE_BYTES
+            + 1
+            + view_change
+                .checkpoint
+                .as_ref()
+                .map_or(0, |cert| 1 + cert.votes.len() * VOTE_BYTES)
+            + 2
+            + view_change
+                .prepared
+                .iter()
+                .map(|entry| {
+                    VOTE_BYTES + 1 + entry.cert.prepares.len() * VOTE_BYTES + 4 + entry.batch.len()
+                })
+                .sum::<usize>()
+    };
+    1 + match message {
+        Message::PrePrepare { batch, .. } => VOTE_BYTES + 4 + batch.len(),
+        Message::Prepare { .. } => 2 * VOTE_BYTES,
+        Message::Commit(_) | Message::Checkpoint(_) => VOTE_BYTES,
+        Message::ViewChange(view_change) => view_change_bytes(view_change),
+        Message::NewView(new_view) => {
+            8 + 1
+                + new_view
+                    .view_changes
+                    .iter()
+                    .map(view_change_bytes)
+                    .sum::<usize>()
+                + 2
+                + new_view
+                    .pre_prepares
+                    .iter()
+                    .map(|(_, batch)| VOTE_BYTES + 4 + batch.len())
+                    .sum::<usize>()
+        }
+        Message::Status { .. } => 24,
+        Message::CommitProof { cert, batch, .. } => {
+            VOTE_BYTES + 1 + cert.commits.len() * VOTE_BYTES + 4 + batch.len()
+        }
+        Message::CheckpointProof(cert) => 1 + cert.votes.len() * VOTE_BYTES,
+    }
+}
+
+/// Decodes one message that fills `bytes` exactly. Never panics; allocates at most what
+/// the bytes themselves hold (every length is checked against what is left).
+pub fn decode(bytes: &[u8]) -> Result<Message, CodecError> {
+    let mut reader = Reader { bytes };
+    let message = match reader.u8()? {
+        TAG_PRE_PREPARE => Message::PrePrepare {
+            vote: reader.vote()?,
+            batch: reader.bytes()?,
+        },
+        TAG_PREPARE => Message::Prepare {
+            vote: reader.vote()?,
+            pre_prepare: reader.vote()?,
+        },
+        TAG_COMMIT => Message::Commit(reader.vote()?),
+        TAG_CHECKPOINT => Message::Checkpoint(reader.vote()?),
+        TAG_VIEW_CHANGE => Message::ViewChange(Box::new(reader.view_change()?)),
+        TAG_NEW_VIEW => {
+            let view = reader.u64()?;
+            let count = reader.count_u8("new view: view changes")?;
+            let mut view_changes = Vec::with_capacity(count);
+            for _ in 0..count {
+                view_changes.push(reader.view_change()?);
+            }
+            let count = reader.count_u16("new view: pre-prepares")?;
+            let mut pre_prepares = Vec::with_capacity(count.min(reader.left() / VOTE_BYTES));
+            for _ in 0..count {
+                pre_prepares.push((reader.vote()?, reader.bytes()?));
+            }
+            Message::NewView(Box::new(NewView {
+                view,
+                view_changes,
+                pre_prepares,
+            }))
+        }
+        TAG_STATUS => Message::Status {
+            view: reader.u64()?,
+            commit_op: reader.u64()?,
+            low: reader.u64()?,
+        },
+        TAG_COMMIT_PROOF => Message::CommitProof {
+            pre_prepare: reader.vote()?,
+            cert: CommitCert {
+                commits: reader.votes()?,
+            },
+            batch: reader.bytes()?,
+        },
+        TAG_CHECKPOINT_PROOF => Message::CheckpointProof(CheckpointCert {
+            votes: reader.votes()?,
+        }),
+        tag => return Err(CodecError::BadTag(tag)),
+    };
+    if !reader.bytes.is_empty() {
+        return Err(CodecError::TrailingBytes(reader.bytes.len()));
+    }
+    Ok(message)
+}
+
+/// Appends `votes` as the codec encodes a certificate (a count, then each vote): what the
+/// runtime journals as a commit or checkpoint certificate.
+pub fn encode_votes(votes: &[Vote], out: &mut Vec<u8>) {
+    put_votes(out, votes);
+}
+
+/// Decodes what [`encode_votes`] wrote at the start of `bytes`; returns the votes and the
+/// bytes read.
+pub fn decode_votes(bytes: &[u8]) -> Result<(Vec<Vote>, usize), CodecError> {
+    let mut reader = Reader { bytes };
+    let votes = reader.votes()?;
+    Ok((votes, bytes.len() - reader.bytes.len()))
+}
+
+fn put_vote(out: &mut Vec<u8>, vote: &Vote) {
+    out.push(vote.kind as u8);
+    out.push(vote.replica);
+    out.extend_from_slice(&vote.view.to_le_bytes());
+    out.extend_from_slice(&vote.op.to_le_bytes());
+    out.extend_from_slice(&vote.digest);
+    out.extend_from_slice(&vote.signature.to_bytes());
+}
+
+fn put_votes(out: &mut Vec<u8>, votes: &[Vote]) {
+    debug_assert!(votes.len() <= REPLICA_COUNT_MAX);
+    out.push(votes.len() as u8);
+    for vote in votes {
+        put_vote(out, vote);
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_view_change(out: &mut Vec<u8>, view_change: &ViewChange) {
+    put_vote(out, &view_change.vote);
+    match &view_change.checkpoint {
+        None => out.push(0),
+        Some(cert) => {
+            out.push(1);
+            put_votes(out, &cert.votes);
+        }
+    }
+    debug_assert!(view_change.prepared.len() as u64 <= LOG_WINDOW_OPS_LIMIT);
+    out.extend_from_slice(&(view_change.prepared.len() as u16).to_le_bytes());
+    for entry in &view_change.prepared {
+        put_vote(out, &entry.cert.pre_prepare);
+        put_votes(out, &entry.cert.prepares);
+        put_bytes(out, &entry.batch);
+    }
+}
+
+/// A cursor over untrusted bytes.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn take(&mut self, count: usize) -> Result<&'a [u8], CodecError> {
+        if count > self.bytes.len() {
+            return Err(CodecError::Truncated);
+        }
+        let (head, tail) = self.bytes.split_at(count);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+
+    fn u8(&mut self) -> Result<u8, CodecError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u64(&mut self) -> Result<u64, CodecError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn count_u8(&mut self, what: &'static str) -> Result<usize, CodecError> {
+        let count = usize::from(self.u8()?);
+        if count > REPLICA_COUNT_MAX {
+            return Err(CodecError::OutOfRange(what));
+        }
+        Ok(count)
+    }
+
+    fn count_u16(&mut self, what: &'static str) -> Result<usize, CodecError> {
+        let count = u16::from_le_bytes(self.array()?);
+        if u64::from(count) > LOG_WINDOW_OPS_LIMIT {
+            return Err(CodecError::OutOfRange(what));
+        }
+        Ok(usize::from(count))
+    }
+
+    fn vote(&mut self) -> Result<Vote, CodecError> {
+        let kind = match self.u8()? {
+            1 => VoteKind::PrePrepare,
+            2 => VoteKind::Prepare,
+            3 => VoteKind::Commit,
+            4 => VoteKind::Checkpoint,
+            5 => VoteKind::ViewChange,
+            other => return Err(CodecError::BadKind(other)),
+        };
+        Ok(Vote {
+            kind,
+            replica: self.u8()?,
+            view: self.u64()?,
+            op: self.u64()?,
+            digest: self.array()?,
+            signature: Signature::from_bytes(&self.array()?),
+        })
+    }
+
+    fn votes(&mut self) -> Result<Vec<Vote>, CodecError> {
+        let count = self.count_u8("votes")?;
+        let mut votes = Vec::with_capacity(count);
+        for _ in 0..count {
+            votes.push(self.vote()?);
+        }
+        Ok(votes)
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>, CodecError> {
+        let length = u32::from_le_bytes(self.array()?) as usize;
+        Ok(self.take(length)?.to_vec())
+    }
+
+    fn view_change(&mut self) -> Result<ViewChange, CodecError> {
+        let vote = self.vote()?;
+        let checkpoint = match self.u8()? {
+            0 => None,
+            1 => Some(CheckpointCert {
+                votes: self.votes()?,
+            }),
+            _ => return Err(CodecError::OutOfRange("view change: checkpoint flag")),
+        };
+        let count = self.count_u16("view change: prepared")?;
+        let mut prepared = Vec::with_capacity(count.min(self.left() / VOTE_BYTES));
+        for _ in 0..count {
+            let pre_prepare = self.vote()?;
+            let prepares = self.votes()?;
+            prepared.push(PreparedEntry {
+                cert: PreparedCert {
+                    pre_prepare,
+                    prepares,
+                },
+                batch: self.bytes()?,
+            });
+        }
+        Ok(ViewChange {
+            vote,
+            checkpoint,
+            prepared,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bft::SigningKey;
+    use proptest::prelude::*;
+
+    fn vote(kind: VoteKind, replica: u8, op: u64) -> Vote {
+        let key = SigningKey::from_bytes(&[replica + 1; 32]);
+        Vote::sign(&key, 3, kind, replica, 7, op, [op as u8; 32])
+    }
+
+    fn samples() -> Vec<Message> {
+        let checkpoint = CheckpointCert {
+            votes: (0..3).map(|r| vote(VoteKind::Checkpoint, r, 16)).collect(),
+        };
+        let view_change = ViewChange {
+            vote: vote(VoteKind::ViewChange, 2, 16),
+            checkpoint: Some(checkpoint.clone()),
+            prepared: vec![PreparedEntry {
+                cert: PreparedCert {
+                    pre_prepare: vote(VoteKind::PrePrepare, 1, 17),
+                    prepares: (2..4).map(|r| vote(VoteKind::Prepare, r, 17)).collect(),
+                },
+                batch: b"batch".to_vec(),
+            }],
+        };
+        vec![
+            Message::PrePrepare {
+                vote: vote(VoteKind::PrePrepare, 0, 1),
+                batch: vec![1, 2, 3],
+            },
+            Message::Prepare {
+                vote: vote(VoteKind::Prepare, 1, 1),
+                pre_prepare: vote(VoteKind::PrePrepare, 0, 1),
+            },
+            Message::Commit(vote(VoteKind::Commit, 2, 1)),
+            Message::Checkpoint(vote(VoteKind::Checkpoint, 3, 16)),
+            Message::ViewChange(Box::new(view_change.clone())),
+            Message::NewView(Box::new(NewView {
+                view: 8,
+                view_changes: vec![
+                    view_change,
+                    ViewChange {
+                        vote: vote(VoteKind::ViewChange, 0, 0),
+                        checkpoint: None,
+                        prepared: Vec::new(),
+                    },
+                ],
+                pre_prepares: vec![(vote(VoteKind::PrePrepare, 0, 17), Vec::new())],
+            })),
+            Message::Status {
+                view: 1,
+                commit_op: 2,
+                low: 3,
+            },
+            Message::CommitProof {
+                pre_prepare: vote(VoteKind::PrePrepare, 0, 5),
+                cert: CommitCert {
+                    commits: (0..3).map(|r| vote(VoteKind::Commit, r, 5)).collect(),
+                },
+                batch: vec![9; 100],
+            },
+            Message::CheckpointProof(checkpoint),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_and_its_size_is_known() {
+        for message in samples() {
+            let mut bytes = Vec::new();
+            encode(&message, &mut bytes);
+            assert_eq!(bytes.len(), encoded_bytes(&message), "{}", message.name());
+            assert_eq!(decode(&bytes), Ok(message.clone()), "{}", message.name());
+            // Every strict prefix is refused, and so is a trailing byte.
+            for cut in 0..bytes.len() {
+                assert!(
+                    decode(&bytes[..cut]).is_err(),
+                    "{} cut at {cut}",
+                    message.name()
+                );
+            }
+            bytes.push(0);
+            assert_eq!(decode(&bytes), Err(CodecError::TrailingBytes(1)));
+        }
+    }
+
+    #[test]
+    fn unknown_tags_kinds_and_counts_are_refused() {
+        assert_eq!(decode(&[0]), Err(CodecError::BadTag(0)));
+        assert_eq!(decode(&[10]), Err(CodecError::BadTag(10)));
+        let mut bytes = Vec::new();
+        encode(&Message::Commit(vote(VoteKind::Commit, 1, 1)), &mut bytes);
+        bytes[1] = 9;
+        assert_eq!(decode(&bytes), Err(CodecError::BadKind(9)));
+        let mut proof = vec![TAG_CHECKPOINT_PROOF, REPLICA_COUNT_MAX as u8 + 1];
+        proof.extend_from_slice(&[0; 4 * VOTE_BYTES]);
+        assert_eq!(decode(&proof), Err(CodecError::OutOfRange("votes")));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..2_000)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_on_mutated_messages(
+            which in 0usize..9,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        ) {
+            let mut bytes = Vec::new();
+            encode(&samples()[which], &mut bytes);
+            for (at, value) in flips {
+                let index = at % bytes.len();
+                bytes[index] = value;
+            }
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,1417 @@
+//! The BFT driver of one shard (`--fault-model bft`, phase 2 of issue 8): runs the sans-IO
+//! [`BftReplica`] core of the shard's replication group on the shard's executor.
+//!
+//! It owns the group's peer connections (the same authenticated transport as crash-fault
+//! mode: one direction per connection, cluster-key MAC on every frame, `Command::Bft`
+//! frames whose body is one encoded [`Message`] with its own ed25519 signatures), the
+//! core's timers (`timer_loop`), and the hand-over of committed batches to the shard:
+//! - **Leader** (the ready leader of its view): the batcher seals client requests from the
+//!   shard core as in every mode, encodes the sealed batch ([`batch_encode`]), proposes it
+//!   (one signature) and drops it from the core's queue: nothing applies until committed.
+//! - **Every replica**: a committed batch (`Action::Commit`) is checked
+//!   ([`ShardCore::apply_committed`](crate::core::ShardCore::apply_committed)), staged in the
+//!   shard's journal with its commit certificate staged in the certificate journal
+//!   (`<data-dir>/bft-certs-<k>/`), both group-committed, then applied; the results of each
+//!   client request go to the connection waiting for it on this replica, if any. Every
+//!   replica answers its clients: a client accepts a result after `f + 1` identical replies
+//!   (`percore_net::client::BftClient`).
+//! - Stable checkpoint certificates are journaled too, and the journal may drop segments
+//!   only below the op a stable checkpoint certifies (`checkpoint_install`'s retain bound).
+//!
+//! Rules (documented in `docs/bft.md` §12): a null op or a committed batch whose bytes are
+//! not a batch of this shard journals its certificate only and applies nothing (every
+//! correct replica decides the same from the same bytes, so their journals agree); journal
+//! ops count applied batches, certificate records name the BFT op and the journal op.
+//!
+//! `--bft-test-byzantine` makes this replica misbehave on purpose (tests only): its core
+//! stays correct, and what it sends is rewritten here ([`Byzantine`]).
+//!
+//! Not here yet: restart of a BFT replica (refused at start), state transfer (the core's
+//! request is logged and counted; the replica stops executing), multi-shard nodes (refused:
+//! cross-group credit legs carry no proof).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncWriteExt as _;
+use glommio::net::{TcpListener, TcpStream};
+use percore_engine::bft::{
+    self, Action, BftConfig, BftError, BftMetrics, BftReplica, CommitCert, Committee, Digest,
+    Message, SigningKey, VerifyingKey, Vote, codec,
+};
+use percore_engine::frame;
+use percore_engine::journal::{EntryMeta, entry_bytes_padded};
+use percore_engine::message::{ClusterKey, Command, PeerHeader, body_checksum};
+use percore_engine::session::REQUEST_DESCRIPTOR_BYTES;
+use percore_engine::state_machine::StateMachine;
+use percore_net::peer::{self, PeerIdentity};
+
+use crate::journal::{Journal, JournalConfig};
+use crate::metrics::ShardMetrics;
+use crate::replication::{
+    HANDSHAKE_TIMEOUT_US, Outbox, RECONNECT_BACKOFF_US_MAX, RECONNECT_BACKOFF_US_MIN,
+    until_finished, write_outbox,
+};
+use crate::runtime::{STOP_POLL_MS, Shard};
+
+/// Largest encoded BFT message sent or accepted (bytes). A NewView carries up to `q` view
+/// changes with their prepared batches: with the default window (32 ops) and batches of
+/// ~150 KiB that can approach this; a larger one is not sent (counted as dropped).
+pub const BFT_MESSAGE_BYTES_MAX: usize = 16 << 20;
+/// Default bytes queued per peer (must hold the largest message).
+pub const BFT_SEND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
+/// How long a replica holds a client request waiting for its commit before answering
+/// busy (ms); the client asks every replica and retries.
+pub const BFT_REQUEST_WAIT_MS: u64 = 10_000;
+/// Bytes of the header [`batch_encode`] puts before the records: operation u16, reserved
+/// u16, record bytes u32.
+pub const BATCH_HEADER_BYTES: usize = 8;
+/// Largest certificate record journaled (bytes): op, journal op, view, digest, the votes.
+pub const CERT_RECORD_BYTES_MAX: usize =
+    1 + 3 * 8 + 32 + 1 + bft::REPLICA_COUNT_MAX * codec::VOTE_BYTES;
+/// Staging buffer of the certificate journal (bytes).
+pub const CERT_WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Commits queued for the batcher before it must have drained some (ops): the window
+/// bounds how far the core runs ahead of a stable checkpoint.
+pub const COMMITTED_QUEUE_OPS: usize = 4 * bft::LOG_WINDOW_OPS_DEFAULT as usize;
+/// Checkpoint ops remembered with the journal op they end at (for the retain bound).
+pub const CHECKPOINT_OPS_TRACKED: usize = 16;
+/// Largest number of batches proposed in one batcher turn.
+pub const PROPOSALS_PER_TURN_MAX: usize = 64;
+/// Mixed into the handshake's peers digest: a BFT node and a crash-fault node configured
+/// with the same peers refuse each other instead of exchanging messages neither reads.
+pub const BFT_PEERS_DIGEST_SALT: u64 = 0x000B_F7BF_7BF7;
+/// Certificate record kinds (the `operation` of a certificate-journal entry).
+pub const CERT_KIND_COMMIT: u16 = 1;
+/// See [`CERT_KIND_COMMIT`].
+pub const CERT_KIND_CHECKPOINT: u16 = 2;
+/// Error code: a BFT replica needs a client id (requests are matched across replicas by
+/// `(client_id, request_number)`).
+pub const ERROR_BFT_NEEDS_CLIENT_ID: u32 = 1013;
+
+const _: () = assert!(BFT_MESSAGE_BYTES_MAX < BFT_SEND_QUEUE_BYTES_DEFAULT);
+const _: () = assert!(CERT_RECORD_BYTES_MAX <= CERT_WRITE_BUFFER_BYTES);
+const _: () = assert!(COMMITTED_QUEUE_OPS >= bft::LOG_WINDOW_OPS_DEFAULT as usize);
+
+/// Which faults a replication group tolerates (`--fault-model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultModel {
+    /// Crash faults: Viewstamped Replication, `2f + 1` replicas (`docs/protocol.md`).
+    #[default]
+    Crash,
+    /// Byzantine faults: PBFT-shaped, `n >= 3f + 1` replicas, ed25519-signed votes
+    /// (`docs/bft.md`).
+    Bft,
+}
+
+/// A test-only Byzantine behaviour (`--bft-test-byzantine`): the replica runs the correct
+/// core with its real key, and this driver rewrites what it sends. Never use in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Byzantine {
+    /// As leader, a second validly signed proposal (another batch) to some peers, with
+    /// matching votes; as backup, votes for that other digest to those peers. Answers
+    /// clients at once with made-up results.
+    Equivocate,
+    /// Sends nothing to peers and answers no client.
+    Silent,
+    /// Validly signed proposals and votes for digests that are not the batch's. Answers
+    /// clients at once with made-up results.
+    WrongDigest,
+}
+
+impl Byzantine {
+    fn lies_to_clients(self) -> bool {
+        !matches!(self, Byzantine::Silent)
+    }
+}
+
+/// How a node runs BFT replication: its identity, keys and every replica's peer address.
+#[derive(Clone)]
+pub struct BftSettings {
+    /// This node's replica index.
+    pub replica: u8,
+    /// Peer address of every replica, in replica order (shard `k` on the port plus `k`).
+    pub peers: Vec<SocketAddr>,
+    /// The shared cluster key (authenticates connections; signatures authenticate votes).
+    pub cluster_key: ClusterKey,
+    /// This replica's ed25519 secret key.
+    pub secret_key: SigningKey,
+    /// Every replica's public key, in replica order.
+    pub public_keys: Vec<VerifyingKey>,
+    /// Byzantine replicas tolerated (`f`).
+    pub faults_max: u8,
+    /// Bytes queued per peer.
+    pub send_queue_bytes: usize,
+    /// Test only: misbehave.
+    pub byzantine: Option<Byzantine>,
+}
+
+impl std::fmt::Debug for BftSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BftSettings")
+            .field("replica", &self.replica)
+            .field("peers", &self.peers)
+            .field("faults_max", &self.faults_max)
+            .field("byzantine", &self.byzantine)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BftSettings {
+    /// The address shard `shard` of `replica` listens on for peers.
+    pub fn peer_address(&self, replica: u8, shard: usize) -> SocketAddr {
+        let mut address = self.peers[usize::from(replica)];
+        address.set_port(address.port() + shard as u16);
+        address
+    }
+
+    /// Replicas in each group (`n`).
+    pub fn replica_count(&self) -> u8 {
+        self.peers.len() as u8
+    }
+
+    /// Checks the settings against each other: `n >= 3f + 1`, one public key per peer,
+    /// the secret key is this replica's.
+    pub fn check(&self) -> Result<(), BftStartError> {
+        if self.public_keys.len() != self.peers.len() {
+            return Err(BftStartError::KeyCount {
+                keys: self.public_keys.len(),
+                peers: self.peers.len(),
+            });
+        }
+        bft::check_fault_model(self.peers.len(), self.faults_max)?;
+        if self.public_keys.get(usize::from(self.replica)) != Some(&self.secret_key.verifying_key())
+        {
+            return Err(BftError::KeyMismatch(self.replica).into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a BFT shard cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum BftStartError {
+    /// The fault model or keys are refused by the core.
+    #[error(transparent)]
+    Core(#[from] BftError),
+    /// The cluster file lists another number of replicas than `--peers`.
+    #[error("the cluster key file lists {keys} replicas and --peers {peers}")]
+    KeyCount {
+        /// Public keys in the cluster file.
+        keys: usize,
+        /// Peers configured.
+        peers: usize,
+    },
+    /// The journal holds ops: BFT replicas cannot restart yet.
+    #[error(
+        "the journal already holds {ops} ops: a BFT replica cannot restart yet (its view and \
+         votes are not persisted; docs/bft.md §12); start it with an empty --data-dir"
+    )]
+    Restart {
+        /// Ops found.
+        ops: u64,
+    },
+    /// The certificate journal could not be opened.
+    #[error("certificate journal: {0}")]
+    CertJournal(#[from] crate::journal::JournalError),
+}
+
+/// A committed op waiting for the batcher to journal and apply it.
+struct Committed {
+    op: u64,
+    view: u64,
+    digest: Digest,
+    batch: Vec<u8>,
+    cert: CommitCert,
+}
+
+/// BFT state of one shard, shared by its tasks (borrows never cross an await).
+pub(crate) struct Bft {
+    pub(crate) settings: BftSettings,
+    pub(crate) replica: RefCell<BftReplica>,
+    outboxes: Box<[Outbox]>,
+    identity: PeerIdentity,
+    actions: RefCell<Vec<Action>>,
+    committed: RefCell<VecDeque<Committed>>,
+    /// The batcher's turn: commits taken from `committed`, staged and then applied.
+    applying: RefCell<Vec<(Committed, Option<u64>)>>,
+    encoded: RefCell<Vec<u8>>,
+    /// The certificate journal; the batcher takes it out while it awaits.
+    certs: RefCell<Option<Journal>>,
+    cert_record: RefCell<Vec<u8>>,
+    /// The low watermark whose certificate was last journaled.
+    low_journaled: Cell<u64>,
+    /// `(bft op, journal op)` at recent checkpoint ops.
+    checkpoint_ops: RefCell<VecDeque<(u64, u64)>>,
+    /// Evidence records already logged (the core keeps the first `EVIDENCE_KEPT_MAX`).
+    evidence_logged: Cell<usize>,
+    metrics_seen: Cell<BftMetrics>,
+    /// Test only: alternate digests of the equivocating leader's proposals.
+    alternates: RefCell<VecDeque<((u64, u64), Digest)>>,
+    byzantine_counter: Cell<u64>,
+}
+
+impl Bft {
+    /// Opens the certificate journal and builds the core of `shard`'s group; refuses a
+    /// journal that already holds ops.
+    pub(crate) async fn start(
+        settings: BftSettings,
+        shard: usize,
+        journal: &Journal,
+        cluster_id: u128,
+        now_us: u64,
+    ) -> Result<Self, BftStartError> {
+        settings.check()?;
+        if journal.op_durable() > 0 {
+            return Err(BftStartError::Restart {
+                ops: journal.op_durable(),
+            });
+        }
+        let main = journal.config();
+        let certs_config = JournalConfig {
+            dir: main
+                .dir
+                .parent()
+                .unwrap_or(&main.dir)
+                .join(format!("bft-certs-{shard}")),
+            shard: shard as u32,
+            cluster_id,
+            segment_bytes: main.segment_bytes,
+            body_bytes_max: CERT_RECORD_BYTES_MAX,
+            fsync: main.fsync,
+            write_buffer_bytes: CERT_WRITE_BUFFER_BYTES,
+        };
+        let (certs, _) = Journal::open(certs_config, |_| {}).await?;
+        if certs.op_durable() > 0 {
+            return Err(BftStartError::Restart {
+                ops: certs.op_durable(),
+            });
+        }
+        let committee = Committee::new(
+            shard as u32,
+            settings.faults_max,
+            settings.public_keys.clone(),
+        )?;
+        let config = BftConfig::new(shard as u32, settings.replica);
+        let replica = BftReplica::new(config, committee, settings.secret_key.clone(), now_us)?;
+        let outboxes = (0..settings.replica_count())
+            .map(|peer| {
+                let capacity = if peer == settings.replica {
+                    0
+                } else {
+                    settings.send_queue_bytes
+                };
+                Outbox::new(capacity)
+            })
+            .collect();
+        let identity = PeerIdentity {
+            cluster_id,
+            group: shard as u32,
+            replica: settings.replica,
+            replica_count: settings.replica_count(),
+            peers_digest: crate::config::PeersDigest::of(&settings.peers).0 ^ BFT_PEERS_DIGEST_SALT,
+        };
+        tracing::info!(
+            shard,
+            replica = settings.replica,
+            n = settings.replica_count(),
+            f = settings.faults_max,
+            byzantine = ?settings.byzantine,
+            "BFT replica starts"
+        );
+        if let Some(behaviour) = settings.byzantine {
+            tracing::warn!(
+                shard,
+                ?behaviour,
+                "TEST ONLY: this replica is Byzantine on purpose (--bft-test-byzantine)"
+            );
+        }
+        Ok(Self {
+            replica: RefCell::new(replica),
+            outboxes,
+            identity,
+            actions: RefCell::new(Vec::with_capacity(4 * bft::LOG_WINDOW_OPS_DEFAULT as usize)),
+            committed: RefCell::new(VecDeque::with_capacity(COMMITTED_QUEUE_OPS)),
+            applying: RefCell::new(Vec::with_capacity(COMMITTED_QUEUE_OPS)),
+            encoded: RefCell::new(Vec::with_capacity(BFT_MESSAGE_BYTES_MAX)),
+            certs: RefCell::new(Some(certs)),
+            cert_record: RefCell::new(Vec::with_capacity(CERT_RECORD_BYTES_MAX)),
+            low_journaled: Cell::new(0),
+            checkpoint_ops: RefCell::new(VecDeque::with_capacity(CHECKPOINT_OPS_TRACKED)),
+            evidence_logged: Cell::new(0),
+            metrics_seen: Cell::new(BftMetrics::default()),
+            alternates: RefCell::new(VecDeque::with_capacity(
+                bft::LOG_WINDOW_OPS_DEFAULT as usize,
+            )),
+            byzantine_counter: Cell::new(0),
+            settings,
+        })
+    }
+
+    /// Whether this replica leads its group in a normal view with room in its window.
+    pub(crate) fn is_ready_leader(&self) -> bool {
+        self.replica.borrow().is_ready_leader()
+    }
+
+    /// The current view.
+    pub(crate) fn view(&self) -> u64 {
+        self.replica.borrow().view()
+    }
+}
+
+/// Binds the peer listener of `shard`.
+pub(crate) fn bind(settings: &BftSettings, shard: usize) -> std::io::Result<TcpListener> {
+    let address = settings.peer_address(settings.replica, shard);
+    TcpListener::bind(address).map_err(std::io::Error::from)
+}
+
+/// Encodes a sealed batch as the bytes a leader proposes: operation, record bytes, the
+/// records, then the request descriptors.
+pub fn batch_encode(operation: u16, records: &[u8], requests: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&operation.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    out.extend_from_slice(records);
+    out.extend_from_slice(requests);
+}
+
+/// The inverse of [`batch_encode`] on untrusted bytes: `(operation, records, requests)`,
+/// or `None` when they are not shaped so (too short, reserved bytes set, records longer
+/// than what follows, descriptors not whole).
+pub fn batch_decode(batch: &[u8]) -> Option<(u16, &[u8], &[u8])> {
+    let header = batch.get(..BATCH_HEADER_BYTES)?;
+    let operation = u16::from_le_bytes([header[0], header[1]]);
+    if header[2..4] != [0, 0] {
+        return None;
+    }
+    let records_bytes = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
+    let body = &batch[BATCH_HEADER_BYTES..];
+    if records_bytes > body.len() {
+        return None;
+    }
+    let (records, requests) = body.split_at(records_bytes);
+    requests
+        .len()
+        .is_multiple_of(REQUEST_DESCRIPTOR_BYTES)
+        .then_some((operation, records, requests))
+}
+
+/// Spawns the peer listener, one sender per peer and the timer task; they end once the
+/// shard is `finished`.
+pub(crate) fn spawn_tasks<S>(shard: &Rc<Shard<S>>, listener: TcpListener) -> Vec<glommio::Task<()>>
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut tasks = vec![glommio::spawn_local(accept_loop(shard.clone(), listener))];
+    for peer in 0..bft.settings.replica_count() {
+        if peer != bft.settings.replica {
+            tasks.push(glommio::spawn_local(sender_loop(shard.clone(), peer)));
+        }
+    }
+    tasks.push(glommio::spawn_local(timer_loop(shard.clone())));
+    tasks
+}
+
+async fn accept_loop<S>(shard: Rc<Shard<S>>, listener: TcpListener)
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let receivers = Rc::new(Cell::new(0usize));
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            until_finished(&shard).await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { break };
+        let Ok(stream) = accepted else { continue };
+        let (shard, receivers) = (shard.clone(), receivers.clone());
+        receivers.set(receivers.get() + 1);
+        glommio::spawn_local(async move {
+            receive_loop(&shard, stream).await;
+            receivers.set(receivers.get() - 1);
+        })
+        .detach();
+    }
+    while receivers.get() > 0 {
+        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+    }
+}
+
+async fn receive_loop<S>(shard: &Rc<Shard<S>>, stream: TcpStream)
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let Ok(nonce) = peer::os_nonce() else {
+        tracing::error!(
+            shard = shard.index,
+            "cannot read /dev/urandom: peer refused"
+        );
+        return;
+    };
+    let handshake = peer::accept_handshake(
+        stream,
+        &bft.identity,
+        &bft.settings.cluster_key,
+        nonce,
+        Duration::from_micros(HANDSHAKE_TIMEOUT_US),
+        BFT_MESSAGE_BYTES_MAX,
+    );
+    let handshake = futures_lite::future::or(async { Some(handshake.await) }, async {
+        until_finished(shard).await;
+        None
+    })
+    .await;
+    let mut receiver = match handshake {
+        None => return,
+        Some(Ok(receiver)) => receiver,
+        Some(Err(error)) => {
+            ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
+            tracing::warn!(shard = shard.index, %error, "BFT peer refused");
+            return;
+        }
+    };
+    let from = receiver.from();
+    tracing::info!(
+        shard = shard.index,
+        peer = from,
+        "BFT peer connected (inbound)"
+    );
+    loop {
+        let received = futures_lite::future::or(async { Some(receiver.recv().await) }, async {
+            until_finished(shard).await;
+            None
+        })
+        .await;
+        match received {
+            None => return,
+            Some(Ok((header, body))) => {
+                if header.command() == Ok(Command::Bft) {
+                    message_received(shard, from, body);
+                }
+            }
+            Some(Err(error)) => {
+                if !matches!(error, peer::PeerError::Closed) {
+                    ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
+                }
+                tracing::info!(shard = shard.index, peer = from, %error, "BFT peer connection ended");
+                return;
+            }
+        }
+    }
+}
+
+/// One authenticated BFT frame from `from`: decode, hand to the core, run its actions.
+fn message_received<S>(shard: &Shard<S>, from: u8, body: &[u8])
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    ShardMetrics::add(&shard.metrics.bft_messages_received_total, 1);
+    let message = match codec::decode(body) {
+        Ok(message) => message,
+        Err(error) => {
+            ShardMetrics::add(&shard.metrics.bft_messages_refused_total, 1);
+            tracing::debug!(shard = shard.index, peer = from, %error, "BFT message undecodable");
+            return;
+        }
+    };
+    let now_us = shard.now_us();
+    let mut actions = bft.actions.borrow_mut();
+    actions.clear();
+    let started = Instant::now();
+    let outcome = bft
+        .replica
+        .borrow_mut()
+        .on_message(now_us, from, message, &mut actions);
+    ShardMetrics::add(
+        &shard.metrics.bft_core_us_total,
+        started.elapsed().as_micros() as u64,
+    );
+    match outcome {
+        Ok(()) | Err(BftError::Stale) => {}
+        Err(error) => {
+            ShardMetrics::add(&shard.metrics.bft_messages_refused_total, 1);
+            tracing::debug!(shard = shard.index, peer = from, %error, "BFT message refused");
+        }
+    }
+    run_actions(shard, &actions);
+}
+
+/// Executes the core's actions: sends (rewritten when Byzantine), queues commits for the
+/// batcher, reports state-transfer requests; then logs new evidence.
+fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut committed_any = false;
+    for action in actions {
+        match action {
+            Action::Send { to, message } => send(shard, &[*to], message),
+            Action::Broadcast { message } => {
+                let me = bft.settings.replica;
+                let others: Vec<u8> = (0..bft.settings.replica_count())
+                    .filter(|peer| *peer != me)
+                    .collect();
+                send(shard, &others, message);
+            }
+            Action::Commit {
+                op,
+                view,
+                digest,
+                batch,
+                cert,
+            } => {
+                let mut committed = bft.committed.borrow_mut();
+                debug_assert!(
+                    committed.len() < COMMITTED_QUEUE_OPS,
+                    "the window bounds commits between batcher turns"
+                );
+                committed.push_back(Committed {
+                    op: *op,
+                    view: *view,
+                    digest: *digest,
+                    batch: batch.clone(),
+                    cert: cert.clone(),
+                });
+                committed_any = true;
+            }
+            Action::StateTransfer { cert } => {
+                ShardMetrics::add(&shard.metrics.bft_state_transfers_total, 1);
+                tracing::error!(
+                    shard = shard.index,
+                    op = cert.op(),
+                    "BFT state transfer needed (this replica fell out of its peers' window); \
+                     not supported yet: this replica stops executing"
+                );
+            }
+        }
+    }
+    log_evidence(shard);
+    if committed_any {
+        shard.batcher.notify();
+    }
+}
+
+/// Logs each new piece of equivocation evidence the core holds, once.
+fn log_evidence<S: StateMachine>(shard: &Shard<S>) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let replica = bft.replica.borrow();
+    let evidence = replica.evidence();
+    for record in &evidence[bft.evidence_logged.get().min(evidence.len())..] {
+        tracing::warn!(
+            shard = shard.index,
+            replica = record.replica(),
+            kind = ?record.first.kind,
+            view = record.first.view,
+            op = record.first.op,
+            first = %hex(&record.first.digest),
+            second = %hex(&record.second.digest),
+            "BFT equivocation: two validly signed conflicting statements; evidence kept"
+        );
+    }
+    bft.evidence_logged.set(evidence.len());
+}
+
+fn hex(digest: &Digest) -> String {
+    digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Encodes `message` (each Byzantine variant once) and queues it for `tos`.
+fn send<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    match bft.settings.byzantine {
+        None => push(shard, tos, message),
+        Some(Byzantine::Silent) => {}
+        Some(Byzantine::WrongDigest) => {
+            let wrong = byzantine_digest(bft);
+            push(shard, tos, &resigned(bft, message, |_| wrong));
+        }
+        Some(Byzantine::Equivocate) => {
+            // Peers with an even index get the alternate version.
+            let (alternate_set, rest): (Vec<u8>, Vec<u8>) = tos.iter().partition(|to| *to % 2 == 0);
+            push(shard, &rest, message);
+            if !alternate_set.is_empty() {
+                let alternate = equivocation(bft, message);
+                push(shard, &alternate_set, &alternate);
+            }
+        }
+    }
+}
+
+fn push<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
+    if tos.is_empty() {
+        return;
+    }
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut encoded = bft.encoded.borrow_mut();
+    encoded.clear();
+    if codec::encoded_bytes(message) > BFT_MESSAGE_BYTES_MAX {
+        ShardMetrics::add(
+            &shard.metrics.replication_messages_dropped_total,
+            tos.len() as u64,
+        );
+        tracing::warn!(
+            shard = shard.index,
+            kind = message.name(),
+            "BFT message too large: not sent"
+        );
+        return;
+    }
+    codec::encode(message, &mut encoded);
+    let (view, status) = {
+        let replica = bft.replica.borrow();
+        let status = match replica.status() {
+            bft::Status::Normal => 1,
+            bft::Status::ViewChange => 2,
+        };
+        (replica.view(), status)
+    };
+    let mut header = PeerHeader::new(
+        Command::Bft,
+        shard.index as u32,
+        view,
+        bft.settings.replica,
+        status,
+    );
+    header.checksum_body = body_checksum(&encoded);
+    for to in tos {
+        let queued = bft.outboxes[usize::from(*to)].send(
+            header,
+            &encoded,
+            &shard.metrics.replication_messages_dropped_total,
+        );
+        ShardMetrics::add(&shard.metrics.bft_messages_sent_total, u64::from(queued));
+    }
+}
+
+/// A digest no correct replica signs (test-only Byzantine behaviours).
+fn byzantine_digest(bft: &Bft) -> Digest {
+    let counter = bft.byzantine_counter.get() + 1;
+    bft.byzantine_counter.set(counter);
+    bft::batch_digest(&counter.to_le_bytes())
+}
+
+/// `message` with its own signed statement re-signed for `digest(vote)` (proposals keep
+/// their batch, so the digest no longer matches it unless the caller changed the batch).
+fn resigned(bft: &Bft, message: &Message, digest: impl Fn(&Vote) -> Digest) -> Message {
+    let key = &bft.settings.secret_key;
+    let group = bft.identity.group;
+    let sign = |vote: &Vote| {
+        Vote::sign(
+            key,
+            group,
+            vote.kind,
+            vote.replica,
+            vote.view,
+            vote.op,
+            digest(vote),
+        )
+    };
+    match message {
+        Message::PrePrepare { vote, batch } => Message::PrePrepare {
+            vote: sign(vote),
+            batch: batch.clone(),
+        },
+        Message::Prepare { vote, pre_prepare } => Message::Prepare {
+            vote: sign(vote),
+            pre_prepare: *pre_prepare,
+        },
+        Message::Commit(vote) => Message::Commit(sign(vote)),
+        other => other.clone(),
+    }
+}
+
+/// The equivocating replica's second version of `message`: another batch for its own
+/// proposals (remembered per `(view, op)`), and votes for that digest.
+fn equivocation(bft: &Bft, message: &Message) -> Message {
+    if let Message::PrePrepare { vote, batch } = message {
+        let mut batch = batch.clone();
+        batch.extend_from_slice(b"equivocation");
+        let digest = bft::batch_digest(&batch);
+        let mut alternates = bft.alternates.borrow_mut();
+        if alternates.len() == alternates.capacity() {
+            alternates.pop_front();
+        }
+        alternates.push_back(((vote.view, vote.op), digest));
+        let key = &bft.settings.secret_key;
+        let vote = Vote::sign(
+            key,
+            bft.identity.group,
+            vote.kind,
+            vote.replica,
+            vote.view,
+            vote.op,
+            digest,
+        );
+        return Message::PrePrepare { vote, batch };
+    }
+    let alternates = bft.alternates.borrow();
+    resigned(bft, message, |vote| {
+        alternates
+            .iter()
+            .find(|(slot, _)| *slot == (vote.view, vote.op))
+            .map_or_else(|| bft::batch_digest(&vote.digest), |(_, digest)| *digest)
+    })
+}
+
+/// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
+async fn sender_loop<S>(shard: Rc<Shard<S>>, peer: u8)
+where
+    S: StateMachine + 'static,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let address = bft.settings.peer_address(peer, shard.index);
+    let outbox = &bft.outboxes[usize::from(peer)];
+    let mut backoff_us = RECONNECT_BACKOFF_US_MIN;
+    let mut spare: Vec<u8> = Vec::with_capacity(bft.settings.send_queue_bytes);
+    while !shard.finished.get() {
+        let dialed = match peer::os_nonce() {
+            Ok(nonce) => {
+                peer::dial(
+                    address,
+                    &bft.identity,
+                    peer,
+                    &bft.settings.cluster_key,
+                    nonce,
+                    Duration::from_micros(HANDSHAKE_TIMEOUT_US),
+                    bft.settings.send_queue_bytes,
+                )
+                .await
+            }
+            Err(error) => Err(error),
+        };
+        let mut sender = match dialed {
+            Ok(sender) => sender,
+            Err(error) => {
+                tracing::debug!(shard = shard.index, peer, %error, "BFT dial failed");
+                let jitter = shard.now_us() % (backoff_us / 2 + 1);
+                glommio::timer::sleep(Duration::from_micros(backoff_us / 2 + jitter)).await;
+                backoff_us = (backoff_us * 2).min(RECONNECT_BACKOFF_US_MAX);
+                continue;
+            }
+        };
+        backoff_us = RECONNECT_BACKOFF_US_MIN;
+        ShardMetrics::add(&shard.metrics.peer_connections_total, 1);
+        tracing::info!(shard = shard.index, peer, %address, "BFT peer connected (outbound)");
+        outbox.connected.set(true);
+        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 1);
+        let ended = write_outbox(&shard, outbox, &mut sender, &mut spare).await;
+        outbox.connected.set(false);
+        outbox.clear();
+        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 0);
+        if let Err(error) = ended {
+            tracing::info!(shard = shard.index, peer, %error, "BFT peer connection lost");
+        }
+    }
+}
+
+/// The core's timers: resends, status reports, leader suspicion, view-change timeouts.
+async fn timer_loop<S>(shard: Rc<Shard<S>>)
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    while !shard.finished.get() {
+        let now_us = shard.now_us();
+        let waiting = shard
+            .connections
+            .borrow()
+            .iter()
+            .any(|slot| slot.active && slot.bft_waiting.is_some());
+        {
+            let mut actions = bft.actions.borrow_mut();
+            actions.clear();
+            let started = Instant::now();
+            {
+                let mut replica = bft.replica.borrow_mut();
+                replica.set_pending(now_us, waiting);
+                replica.on_tick(now_us, &mut actions);
+            }
+            ShardMetrics::add(
+                &shard.metrics.bft_core_us_total,
+                started.elapsed().as_micros() as u64,
+            );
+            run_actions(&shard, &actions);
+        }
+        publish(&shard);
+        // A replica that no longer leads drops what clients submitted while it did: they
+        // wait for the commit from the new leader (which holds the request too).
+        if !bft.is_ready_leader() && bft.replica.borrow().leader() != bft.settings.replica {
+            shard.core.borrow_mut().abort_unsealed(|_| {});
+        }
+        shard.batcher.notify();
+        let deadline = bft.replica.borrow().poll_timeout();
+        let wait_us = deadline
+            .saturating_sub(shard.now_us())
+            .clamp(1_000, STOP_POLL_MS * 1_000);
+        glommio::timer::sleep(Duration::from_micros(wait_us)).await;
+    }
+}
+
+/// Publishes the core's state and counters (deltas since the last publish).
+fn publish<S: StateMachine>(shard: &Shard<S>) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let replica = bft.replica.borrow();
+    let metrics = &shard.metrics;
+    ShardMetrics::set(&metrics.bft_view, replica.view());
+    ShardMetrics::set(
+        &metrics.bft_status,
+        match (replica.status(), replica.state_transfer()) {
+            (_, Some(_)) => 3,
+            (bft::Status::Normal, None) => 1,
+            (bft::Status::ViewChange, None) => 2,
+        },
+    );
+    ShardMetrics::set(&metrics.bft_is_leader, u64::from(replica.is_ready_leader()));
+    ShardMetrics::set(
+        &metrics.replica_is_leader,
+        u64::from(replica.is_ready_leader()),
+    );
+    ShardMetrics::set(&metrics.bft_commit_op, replica.commit_op());
+    ShardMetrics::set(&metrics.bft_low_op, replica.low());
+    ShardMetrics::set(&metrics.bft_evidence_kept, replica.evidence().len() as u64);
+    let now = *replica.metrics();
+    let seen = bft.metrics_seen.replace(now);
+    let delta = |now: u64, seen: u64| now.saturating_sub(seen);
+    ShardMetrics::add(
+        &metrics.bft_equivocations_total,
+        delta(now.equivocations, seen.equivocations),
+    );
+    ShardMetrics::add(
+        &metrics.bft_bad_signatures_total,
+        delta(now.bad_signatures, seen.bad_signatures),
+    );
+    ShardMetrics::add(
+        &metrics.bft_view_changes_total,
+        delta(now.view_changes, seen.view_changes),
+    );
+    ShardMetrics::add(
+        &metrics.bft_checkpoints_stable_total,
+        delta(now.checkpoints_stable, seen.checkpoints_stable),
+    );
+    ShardMetrics::add(
+        &metrics.bft_commit_proofs_applied_total,
+        delta(now.commit_proofs_applied, seen.commit_proofs_applied),
+    );
+}
+
+/// One batcher turn of a BFT shard: propose (leader), then journal and apply what
+/// committed, then install a checkpoint the follower wrote. Returns whether anything
+/// happened.
+pub(crate) async fn bft_turn<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let mut progressed = propose(shard);
+    progressed |= journal_and_apply(shard, journal).await;
+    let retain_from_op = retain_from_op(shard);
+    progressed |= crate::runtime::checkpoint_install(shard, journal, retain_from_op).await;
+    shard.core.borrow().publish_pool_metrics();
+    progressed
+}
+
+/// Leader: seals what clients submitted and proposes each batch; the core keeps nothing
+/// of it (it applies once committed, like every replica).
+fn propose<S: StateMachine>(shard: &Shard<S>) -> bool {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut proposed = 0;
+    let mut batch = Vec::new();
+    while proposed < PROPOSALS_PER_TURN_MAX && bft.is_ready_leader() {
+        let now_us = shard.now_us();
+        {
+            let mut core = shard.core.borrow_mut();
+            core.observe_depth();
+            if core.poll_seal(now_us).is_none() {
+                break;
+            }
+            let sealed = core.sealed_batch(0).expect("just sealed");
+            batch_encode(
+                sealed.operation,
+                sealed.records,
+                sealed.requests,
+                &mut batch,
+            );
+            let op_last = core.op_last();
+            core.truncate_queued(op_last, |_| {});
+        }
+        let mut actions = bft.actions.borrow_mut();
+        actions.clear();
+        let started = Instant::now();
+        let outcome =
+            bft.replica
+                .borrow_mut()
+                .propose(now_us, std::mem::take(&mut batch), &mut actions);
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        ShardMetrics::add(&shard.metrics.bft_core_us_total, elapsed_us);
+        ShardMetrics::add(&shard.metrics.bft_sign_us_total, elapsed_us);
+        match outcome {
+            Ok(op) => {
+                ShardMetrics::add(&shard.metrics.bft_proposals_total, 1);
+                tracing::debug!(shard = shard.index, op, "BFT proposed");
+            }
+            Err(error) => tracing::warn!(shard = shard.index, %error, "BFT proposal refused"),
+        }
+        shard.commit_gap_work_waiting(now_us);
+        run_actions(shard, &actions);
+        proposed += 1;
+    }
+    proposed > 0
+}
+
+/// Stages every committed batch that is a batch of this shard in the journal and every
+/// certificate in the certificate journal, group-commits both, then applies and answers.
+async fn journal_and_apply<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let Some(mut certs) = bft.certs.borrow_mut().take() else {
+        return false;
+    };
+    let staged = stage_committed(shard, journal, &mut certs).await;
+    let low_staged = stage_checkpoint(shard, &mut certs).await;
+    if staged || low_staged {
+        for (name, journal) in [
+            ("journal", &mut *journal),
+            ("certificate journal", &mut certs),
+        ] {
+            if let Err(error) = journal.commit().await {
+                panic!(
+                    "shard {}: BFT {name} write failed, stopping: {error}",
+                    shard.index
+                );
+            }
+        }
+        ShardMetrics::add(&shard.metrics.journal_commits_total, 1);
+    }
+    *bft.certs.borrow_mut() = Some(certs);
+    if staged {
+        apply_staged(shard);
+    }
+    staged || low_staged
+}
+
+/// Stages the queued commits; returns whether any was taken.
+async fn stage_committed<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &mut Journal,
+    certs: &mut Journal,
+) -> bool {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let record_bytes = size_of::<S::Record>();
+    // Taken out while this awaits; put back before returning.
+    let mut applying = std::mem::take(&mut *bft.applying.borrow_mut());
+    debug_assert!(applying.is_empty());
+    let mut journal_op = journal.op_staged();
+    loop {
+        // The queue's borrow ends here: receivers push to it while this awaits.
+        let next = bft.committed.borrow_mut().pop_front();
+        let Some(committed) = next else { break };
+        let checked = batch_decode(&committed.batch).and_then(|(operation, records, requests)| {
+            let check = shard
+                .core
+                .borrow_mut()
+                .check_committed(operation, records, requests);
+            match check {
+                Ok(entries) => Some((operation, records, requests, entries)),
+                Err(error) => {
+                    tracing::warn!(shard = shard.index, op = committed.op, %error, "BFT committed batch skipped");
+                    None
+                }
+            }
+        });
+        let journaled = match checked {
+            Some((operation, records, requests, entries)) => {
+                if journal.staged_bytes() + entry_bytes_padded(records.len() + requests.len())
+                    > journal.write_buffer_bytes()
+                    && let Err(error) = journal.commit().await
+                {
+                    panic!(
+                        "shard {}: journal write failed, stopping: {error}",
+                        shard.index
+                    );
+                }
+                journal_op += 1;
+                // View 0: the view whose certificate commits a batch may differ between
+                // replicas (committed in view v at some, by the re-proposal of a later
+                // view at others), and the journals must be identical. The certificate
+                // journal keeps each replica's view.
+                let meta = EntryMeta {
+                    shard: shard.index as u32,
+                    view: 0,
+                    op: journal_op,
+                    operation,
+                    entry_count: entries as u32,
+                    record_bytes: record_bytes as u32,
+                    request_count: (requests.len() / REQUEST_DESCRIPTOR_BYTES) as u32,
+                };
+                if let Err(error) = journal.stage_parts(meta, records, requests) {
+                    panic!("shard {}: journal refused a batch: {error}", shard.index);
+                }
+                Some(journal_op)
+            }
+            None => {
+                let counter = if committed.batch.is_empty() {
+                    &shard.metrics.bft_null_ops_total
+                } else {
+                    &shard.metrics.bft_batches_invalid_total
+                };
+                ShardMetrics::add(counter, 1);
+                None
+            }
+        };
+        stage_cert(
+            shard,
+            certs,
+            CERT_KIND_COMMIT,
+            (committed.op, journaled.unwrap_or(0)),
+            (committed.view, committed.digest),
+            &committed.cert.commits,
+        )
+        .await;
+        let op = committed.op;
+        applying.push((committed, journaled));
+        if op.is_multiple_of(bft.replica.borrow().config().checkpoint_interval_ops) {
+            let mut ops = bft.checkpoint_ops.borrow_mut();
+            if ops.len() == ops.capacity() {
+                ops.pop_front();
+            }
+            ops.push_back((op, journal_op));
+        }
+    }
+    let taken = !applying.is_empty();
+    *bft.applying.borrow_mut() = applying;
+    taken
+}
+
+/// Stages a certificate record: kind, BFT op, journal op (0: none), view, digest, votes.
+async fn stage_cert<S: StateMachine>(
+    shard: &Shard<S>,
+    certs: &mut Journal,
+    kind: u16,
+    (op, journal_op): (u64, u64),
+    (view, digest): (u64, Digest),
+    votes: &[Vote],
+) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    // Taken out while this awaits; put back before returning.
+    let mut record = std::mem::take(&mut *bft.cert_record.borrow_mut());
+    record.clear();
+    for value in [op, journal_op, view] {
+        record.extend_from_slice(&value.to_le_bytes());
+    }
+    record.extend_from_slice(&digest);
+    codec::encode_votes(votes, &mut record);
+    debug_assert!(record.len() <= CERT_RECORD_BYTES_MAX);
+    if certs.staged_bytes() + entry_bytes_padded(record.len()) > certs.write_buffer_bytes()
+        && let Err(error) = certs.commit().await
+    {
+        panic!(
+            "shard {}: certificate journal write failed, stopping: {error}",
+            shard.index
+        );
+    }
+    let meta = EntryMeta {
+        shard: shard.index as u32,
+        view,
+        op: certs.op_staged() + 1,
+        operation: kind,
+        entry_count: record.len() as u32,
+        record_bytes: 1,
+        request_count: 0,
+    };
+    if let Err(error) = certs.stage(meta, &record) {
+        panic!(
+            "shard {}: certificate journal refused a record: {error}",
+            shard.index
+        );
+    }
+    *bft.cert_record.borrow_mut() = record;
+    ShardMetrics::add(&shard.metrics.bft_certs_journaled_total, 1);
+}
+
+/// Stages the stable checkpoint certificate if the low watermark moved since the last one
+/// journaled.
+async fn stage_checkpoint<S: StateMachine>(shard: &Shard<S>, certs: &mut Journal) -> bool {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let (op, digest, votes) = {
+        let replica = bft.replica.borrow();
+        let Some(cert) = replica.low_cert() else {
+            return false;
+        };
+        if cert.op() <= bft.low_journaled.get() {
+            return false;
+        }
+        (cert.op(), cert.digest(), cert.votes.clone())
+    };
+    bft.low_journaled.set(op);
+    let journal_op = journal_op_at(bft, op).unwrap_or(0);
+    stage_cert(
+        shard,
+        certs,
+        CERT_KIND_CHECKPOINT,
+        (op, journal_op),
+        (0, digest),
+        &votes,
+    )
+    .await;
+    true
+}
+
+/// The journal op a BFT checkpoint op ends at, if still remembered.
+fn journal_op_at(bft: &Bft, op: u64) -> Option<u64> {
+    bft.checkpoint_ops
+        .borrow()
+        .iter()
+        .find(|(checkpoint, _)| *checkpoint == op)
+        .map(|(_, journal_op)| *journal_op)
+}
+
+/// The lowest journal op the journal must keep: everything a stable checkpoint certifies
+/// may go (subject to the journal's own snapshots).
+fn retain_from_op<S: StateMachine>(shard: &Shard<S>) -> u64 {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let low = bft.low_journaled.get();
+    if low == 0 {
+        return 1;
+    }
+    journal_op_at(bft, low).map_or(1, |journal_op| journal_op + 1)
+}
+
+/// Applies what this turn journaled and answers the clients waiting on this replica.
+fn apply_staged<S>(shard: &Shard<S>)
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut applying = bft.applying.borrow_mut();
+    for (committed, journal_op) in applying.drain(..) {
+        let Some(journal_op) = journal_op else {
+            continue;
+        };
+        let (operation, records, requests) =
+            batch_decode(&committed.batch).expect("checked before journaling");
+        let mut core = shard.core.borrow_mut();
+        let applied = core.apply_committed(
+            journal_op,
+            operation,
+            records,
+            requests,
+            |request, results| {
+                answer(shard, request.client_id, request.request_number, results);
+            },
+        );
+        applied.expect("checked before journaling");
+        // One shard per BFT node: nothing goes to other shards (`check_bft`).
+        while core.poll_outbound().is_some() {}
+    }
+    shard.commit_gap_advanced();
+}
+
+/// Hands `results` to the connection on this replica waiting for `(client_id,
+/// request_number)`, if any.
+fn answer<S: StateMachine>(
+    shard: &Shard<S>,
+    client_id: u128,
+    request_number: u64,
+    results: &[S::Result],
+) {
+    let mut connections = shard.connections.borrow_mut();
+    let Some(index) = connections
+        .iter()
+        .position(|slot| slot.active && slot.bft_waiting == Some((client_id, request_number)))
+    else {
+        return;
+    };
+    let slot = &mut connections[index];
+    if slot.remaining as usize != results.len() {
+        return;
+    }
+    slot.results[..results.len()].copy_from_slice(results);
+    slot.remaining = 0;
+    slot.bft_waiting = None;
+    drop(connections);
+    shard.connection_done[index].notify();
+}
+
+/// Serves one client request on a BFT replica: a replayed request is answered from the
+/// session table; otherwise the connection waits for the request's commit, and while this
+/// replica is the ready leader the request goes into its core to be proposed (again in
+/// each view it leads). Returns after writing the reply.
+pub(crate) async fn serve_request<S>(
+    shard: &Rc<Shard<S>>,
+    slot: usize,
+    stream: &mut TcpStream,
+    request: (&frame::Envelope, S::Operation, &[S::Record]),
+    reply: &mut [u8],
+) -> std::io::Result<()>
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let (envelope, operation, records) = request;
+    let count = records.len();
+    if let Some(behaviour) = bft.settings.byzantine {
+        // Test only: a made-up answer at once (or none), then the request takes its normal
+        // course here (proposed if this replica leads) without a real answer.
+        if behaviour.lies_to_clients() {
+            let mut lies: Vec<S::Result> = vec![bytemuck::Zeroable::zeroed(); count];
+            bytemuck::cast_slice_mut::<S::Result, u8>(&mut lies).fill(0x5a);
+            let bytes = frame::encode_reply(reply, envelope, &lies);
+            stream.write_all(&reply[..bytes]).await?;
+        }
+        if envelope.client_id != 0
+            && count > 0
+            && count <= shard.core.borrow().request_records_max()
+        {
+            let key = (envelope.client_id, envelope.request_number);
+            wait_for_commit(shard, slot, key, operation, records).await;
+        }
+        return Ok(());
+    }
+    let refusal = if envelope.client_id == 0 {
+        Some(ERROR_BFT_NEEDS_CLIENT_ID)
+    } else if count == 0 || count > shard.core.borrow().request_records_max() {
+        Some(crate::runtime::ERROR_TOO_MANY_RECORDS)
+    } else if records
+        .iter()
+        .any(|record| S::route(operation, record, shard.shards as u32) as usize != shard.index)
+    {
+        Some(crate::runtime::ERROR_WRONG_SHARD)
+    } else {
+        None
+    };
+    if let Some(code) = refusal {
+        let bytes = frame::encode_error_reply(reply, envelope, code);
+        return stream.write_all(&reply[..bytes]).await;
+    }
+    let key = (envelope.client_id, envelope.request_number);
+    let replayed = {
+        let core = shard.core.borrow();
+        core.state_machine()
+            .session_reply(key.0, key.1, count as u32)
+            .map(|results| frame::encode_reply(reply, envelope, results))
+    };
+    if let Some(bytes) = replayed {
+        return stream.write_all(&reply[..bytes]).await;
+    }
+    let answered = wait_for_commit(shard, slot, key, operation, records).await;
+    let bytes = if answered {
+        let connections = shard.connections.borrow();
+        frame::encode_reply(reply, envelope, &connections[slot].results[..count])
+    } else {
+        frame::encode_error_reply(reply, envelope, crate::runtime::ERROR_SERVER_BUSY)
+    };
+    stream.write_all(&reply[..bytes]).await
+}
+
+/// Waits until the request `key` commits here (true) or the wait times out or the node
+/// stops (false); submits it to the core in each view this replica leads.
+async fn wait_for_commit<S>(
+    shard: &Rc<Shard<S>>,
+    slot: usize,
+    key: (u128, u64),
+    operation: S::Operation,
+    records: &[S::Record],
+) -> bool
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let generation = {
+        let mut connections = shard.connections.borrow_mut();
+        connections[slot].remaining = records.len() as u32;
+        connections[slot].bft_waiting = Some(key);
+        connections[slot].generation
+    };
+    bft.replica.borrow_mut().set_pending(shard.now_us(), true);
+    let deadline = Instant::now() + Duration::from_millis(BFT_REQUEST_WAIT_MS);
+    let mut submitted_view = None;
+    let origin = |index: u32| crate::core::Origin::Local {
+        connection: slot as u16,
+        generation,
+        index,
+    };
+    loop {
+        if shard.connections.borrow()[slot].remaining == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline || shard.finished.get() {
+            let mut connections = shard.connections.borrow_mut();
+            connections[slot].bft_waiting = None;
+            connections[slot].remaining = 0;
+            return false;
+        }
+        let view = bft.view();
+        if bft.is_ready_leader() && submitted_view != Some(view) {
+            let submitted = shard
+                .core
+                .borrow_mut()
+                .submit_request(operation, records, origin, key.0, key.1);
+            match submitted {
+                Ok(()) => {
+                    submitted_view = Some(view);
+                    ShardMetrics::add(&shard.metrics.session_requests_total, 1);
+                }
+                Err(_) => ShardMetrics::add(&shard.metrics.pool_exhausted_total, 1),
+            }
+            shard.batcher.notify();
+        }
+        futures_lite::future::or(
+            shard.connection_done[slot].wait(),
+            glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS / 5)),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip_and_malformed_ones_are_refused() {
+        let mut batch = Vec::new();
+        batch_encode(7, &[1; 256], &[2; 64], &mut batch);
+        assert_eq!(
+            batch_decode(&batch),
+            Some((7, &[1u8; 256][..], &[2u8; 64][..]))
+        );
+        assert_eq!(batch_decode(&batch[..7]), None, "short header");
+        assert_eq!(batch_decode(&batch[..100]), None, "records cut");
+        assert_eq!(batch_decode(&batch[..BATCH_HEADER_BYTES + 256 + 10]), None);
+        batch[2] = 1;
+        assert_eq!(batch_decode(&batch), None, "reserved bytes");
+        assert_eq!(batch_decode(&[]), None, "the null op is no batch");
+    }
+}

@@ -1,0 +1,503 @@
+//! End to end, BFT mode (`--fault-model bft`, docs/bft.md §12): four `percore node`
+//! processes on loopback (n = 4, f = 1), one shard each, replica 0 running a test-only
+//! Byzantine behaviour (`--bft-test-byzantine`). Replica 0 leads view 0 of the only group,
+//! so every test starts with a Byzantine leader.
+//!
+//! Each test drives transfers through a [`BftClient`] (every request to every replica,
+//! accepted on `f + 1` identical replies) and asserts
+//! - **liveness**: every request is accepted, so the group moved on from its Byzantine
+//!   leader (the correct replicas' view is above 0 where the behaviour stalls view 0);
+//! - **safety**: the three correct replicas' journals end on the same op with the same
+//!   checksum (hash-chain head) and replay (`percore inspect --replay`) to the same state,
+//!   whose balances are exactly the acknowledged transfers', money conserved;
+//! - **evidence and certificates**: what each behaviour must leave in the metrics
+//!   (equivocations detected, refused messages, the Byzantine replica's made-up client
+//!   replies ignored), and a commit certificate journaled per op.
+//!
+//! Conditions are waited on with deadlines, never sleeps. One test at a time; every process
+//! is killed when its test ends, and a failing test prints the nodes' log tails.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use percore_engine::frame::Operation;
+use percore_engine::record::{Account, CreateTransferResult, RecordResult, Transfer};
+use percore_net::client::{BftClient, ClientConfig};
+use percore_shards::cluster::{self, LocalCluster, LocalClusterConfig};
+use percore_shards::loadgen::{account, transfer};
+
+const PERCORE: &str = env!("CARGO_BIN_EXE_percore-node");
+const REPLICAS: usize = 4;
+const FAULTS: usize = 1;
+const BYZANTINE: usize = 0;
+const ACCOUNTS: usize = 8;
+const FUNDING: u128 = 1 << 40;
+const REQUESTS: usize = 30;
+const TRANSFERS_PER_REQUEST: usize = 20;
+const NODE_ARGS: [&str; 16] = [
+    "--segment-mib",
+    "4",
+    "--accounts-max",
+    "1024",
+    "--transfers-max",
+    "65536",
+    "--credit-legs-max",
+    "4096",
+    "--io-memory-kib",
+    "512",
+    "--transactions",
+    "4096",
+    "--batches",
+    "64",
+    "--connections-max",
+    "16",
+];
+const INSPECT_ARGS: [&str; 6] = [
+    "--accounts-max",
+    "1024",
+    "--transfers-max",
+    "65536",
+    "--credit-legs-max",
+    "4096",
+];
+const CONDITION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the correct replicas' commit points must stay equal and unchanged.
+const QUIET_FOR: Duration = Duration::from_millis(600);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Harness {
+    cluster: LocalCluster,
+    root: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Harness {
+    fn start(name: &str, behaviour: &str) -> Self {
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let root = std::env::temp_dir().join(format!("percore-bft-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("test directory");
+        let keys = root.join("bft-keys");
+        keygen(&keys, REPLICAS);
+        let port_base = cluster::free_port_base(REPLICAS, 1).expect("free ports");
+        let mut extra: Vec<String> = NODE_ARGS.iter().map(ToString::to_string).collect();
+        extra.extend([
+            "--fault-model".into(),
+            "bft".into(),
+            "--bft-keys-dir".into(),
+            keys.display().to_string(),
+        ]);
+        let config = LocalClusterConfig {
+            binary: PathBuf::from(PERCORE),
+            replicas: REPLICAS,
+            cores: vec![0],
+            replica_core_stride: 0,
+            data_root: root.clone(),
+            port_base,
+            fsync: "never",
+            extra_args: extra,
+            metrics: true,
+        };
+        let mut replica_args = vec![Vec::new(); REPLICAS];
+        replica_args[BYZANTINE] = vec!["--bft-test-byzantine".into(), behaviour.into()];
+        let cluster =
+            LocalCluster::start_with_replica_args(config, replica_args).expect("cluster starts");
+        Self {
+            cluster,
+            root,
+            _serial: serial,
+        }
+    }
+
+    fn client(&self, client_id: u128) -> BftClient {
+        let replicas = (0..REPLICAS)
+            .map(|replica| vec![self.cluster.client_address(replica, 0)])
+            .collect();
+        let mut config = ClientConfig::replicated(replicas, client_id);
+        config.request_timeout = Some(Duration::from_secs(30));
+        BftClient::new(config, FAULTS)
+    }
+
+    fn metric(&self, replica: usize, name: &str) -> u64 {
+        let text = self.cluster.scrape(replica).expect("metrics scrape");
+        cluster::shard_metric(&text, name, 0)
+    }
+
+    fn correct(&self) -> impl Iterator<Item = usize> {
+        (0..REPLICAS).filter(|replica| *replica != BYZANTINE)
+    }
+
+    /// Waits until the correct replicas executed the same BFT ops and applied the same
+    /// journal ops, unchanged for [`QUIET_FOR`]; returns `(bft op, journal op)`.
+    fn wait_converged(&self) -> (u64, u64) {
+        let mut previous = None;
+        let mut since = Instant::now();
+        wait_until("the correct replicas agree and are quiet", || {
+            let points: Vec<(u64, u64)> = self
+                .correct()
+                .map(|r| {
+                    (
+                        self.metric(r, "percore_bft_commit_op"),
+                        self.metric(r, "percore_commit_op"),
+                    )
+                })
+                .collect();
+            let equal = points.iter().all(|point| *point == points[0]);
+            if !equal || previous != Some(points[0]) {
+                previous = equal.then_some(points[0]);
+                since = Instant::now();
+                return None;
+            }
+            (since.elapsed() >= QUIET_FOR).then_some(points[0])
+        })
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for replica in 0..REPLICAS {
+                eprintln!(
+                    "--- replica {replica} log tail ---\n{}",
+                    self.cluster.log_tail(replica)
+                );
+            }
+            eprintln!("data kept in {}", self.root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+fn keygen(out: &Path, replicas: usize) {
+    let output = Command::new(PERCORE)
+        .args(["keygen", "--replicas", &replicas.to_string(), "--out"])
+        .arg(out)
+        .output()
+        .expect("percore keygen runs");
+    assert!(
+        output.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Accounts 1 (the mint, may go negative) and 2..=ACCOUNTS+1, each funded from the mint.
+/// Returns the expected balances.
+fn create_funded_accounts(client: &mut BftClient) -> HashMap<u128, i128> {
+    let ids: Vec<u128> = (1..=ACCOUNTS as u128 + 1).collect();
+    let accounts: Vec<Account> = ids
+        .iter()
+        .map(|id| {
+            let flags = if *id == 1 {
+                percore_engine::record::account_flags::ALLOW_NEGATIVE
+            } else {
+                0
+            };
+            account(*id, flags)
+        })
+        .collect();
+    let results: Vec<RecordResult> = client
+        .submit(Operation::CreateAccounts.into(), &accounts, |_| 0)
+        .expect("accounts created");
+    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    let funding: Vec<Transfer> = ids[1..]
+        .iter()
+        .map(|id| transfer(1000 + id, 1, *id, FUNDING))
+        .collect();
+    let results: Vec<RecordResult> = client
+        .submit(Operation::CreateTransfers.into(), &funding, |_| 0)
+        .expect("accounts funded");
+    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    let mut expected = HashMap::new();
+    expected.insert(1, -((ACCOUNTS as u128 * FUNDING) as i128));
+    for id in &ids[1..] {
+        expected.insert(*id, FUNDING as i128);
+    }
+    expected
+}
+
+/// `REQUESTS` requests of random transfers; every one must be accepted with `Ok`.
+fn transfers_commit(client: &mut BftClient, expected: &mut HashMap<u128, i128>) -> usize {
+    let mut rng = Rng(0x05EE_DBF7);
+    let mut next_id = 1u128 << 100;
+    let mut acknowledged = 0;
+    for _ in 0..REQUESTS {
+        let transfers: Vec<Transfer> = (0..TRANSFERS_PER_REQUEST)
+            .map(|_| {
+                let r = rng.next();
+                let debit = 2 + (r % ACCOUNTS as u64) as u128;
+                let credit = 2 + ((r >> 8) % ACCOUNTS as u64) as u128;
+                let credit = if credit == debit {
+                    2 + (credit - 1) % ACCOUNTS as u128
+                } else {
+                    credit
+                };
+                next_id += 1;
+                transfer(next_id, debit, credit, 1 + u128::from((r >> 32) % 5))
+            })
+            .collect();
+        let results: Vec<RecordResult> = client
+            .submit(Operation::CreateTransfers.into(), &transfers, |_| 0)
+            .expect("f + 1 replicas answer every request");
+        for (t, r) in transfers.iter().zip(&results) {
+            assert_eq!(r.code, CreateTransferResult::Ok as u32, "transfer {t:?}");
+            *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+            *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+            acknowledged += 1;
+        }
+    }
+    acknowledged
+}
+
+/// What `percore inspect --replay` found: the journal head and the replayed state.
+#[derive(Debug, PartialEq, Eq)]
+struct Inspected {
+    head: (u64, String),
+    state: Vec<String>,
+    balances: HashMap<u128, i128>,
+}
+
+fn inspect(data_dir: &Path) -> Inspected {
+    let output = Command::new(PERCORE)
+        .arg("inspect")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--replay")
+        .args(INSPECT_ARGS)
+        .output()
+        .expect("percore inspect runs");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "inspect {} found a problem:\n{text}\n{}",
+        data_dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut head = (0, String::new());
+    let mut state = Vec::new();
+    let mut balances = HashMap::new();
+    for line in text.lines() {
+        if let Some(segment) = line.trim_start().strip_prefix("segment ")
+            && segment.contains(" entries, ")
+        {
+            let entries: u64 = field_after(segment, ": ").parse().expect("entries");
+            if entries > 0 {
+                let ops = field_after(segment, "ops ");
+                let op_last = ops.rsplit("..=").next().unwrap().trim_end_matches(',');
+                let checksum = segment.rsplit(' ').next().unwrap().to_string();
+                head = (op_last.parse().expect("op"), checksum);
+            }
+        } else if let Some(balance) = line.strip_prefix("balance ") {
+            let (id, value) = balance.split_once(' ').expect("id and balance");
+            let id = u128::from_str_radix(id.trim_start_matches("0x"), 16).expect("hex id");
+            balances.insert(id, value.parse().expect("balance"));
+            state.push(line.to_string());
+        } else if line.starts_with("in_flight ") || line.starts_with("conservation ") {
+            state.push(line.to_string());
+        }
+    }
+    Inspected {
+        head,
+        state,
+        balances,
+    }
+}
+
+fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
+    let (_, rest) = text.split_once(marker).expect("marker present");
+    rest.split(' ').next().unwrap()
+}
+
+/// The whole scenario of one behaviour: accounts, transfers, convergence, `during` (checks
+/// on the running cluster), then stop and compare the correct replicas' journals.
+fn run(name: &str, behaviour: &str, during: impl FnOnce(&Harness, &BftClient)) {
+    let mut harness = Harness::start(name, behaviour);
+    let mut client = harness.client(7);
+    let mut expected = create_funded_accounts(&mut client);
+    let acknowledged = transfers_commit(&mut client, &mut expected);
+    assert_eq!(acknowledged, REQUESTS * TRANSFERS_PER_REQUEST);
+    let (bft_op, journal_op) = harness.wait_converged();
+    // Account creation, funding and the transfer requests, in however many batches.
+    assert!(journal_op >= 3, "journal op {journal_op}");
+    for replica in harness.correct() {
+        assert!(
+            harness.metric(replica, "percore_bft_certs_journaled_total") >= bft_op,
+            "replica {replica}: a certificate per executed op"
+        );
+        assert_eq!(
+            harness.metric(replica, "percore_bft_state_transfers_total"),
+            0
+        );
+        // The leader is no longer the Byzantine replica 0 (view 0's leader).
+        assert!(
+            harness.metric(replica, "percore_bft_view") >= 1,
+            "replica {replica} left the Byzantine leader's view"
+        );
+    }
+    during(&harness, &client);
+    harness.cluster.stop_all();
+    let inspected: Vec<(usize, Inspected)> = harness
+        .correct()
+        .map(|replica| (replica, inspect(&harness.cluster.data_dir(replica))))
+        .collect();
+    let (first, reference) = &inspected[0];
+    assert_eq!(
+        reference.head.0, journal_op,
+        "replica {first}: journal head"
+    );
+    assert_eq!(
+        reference.balances, expected,
+        "every acknowledged transfer applied once, nothing else"
+    );
+    assert_eq!(expected.values().sum::<i128>(), 0, "money is conserved");
+    for (replica, found) in &inspected[1..] {
+        assert_eq!(
+            found, reference,
+            "replica {replica} agrees with replica {first}"
+        );
+    }
+    for replica in harness.correct() {
+        let certs = harness.cluster.data_dir(replica).join("bft-certs-0");
+        assert!(
+            std::fs::read_dir(&certs).is_ok_and(|mut entries| entries.next().is_some()),
+            "replica {replica} keeps a certificate journal"
+        );
+    }
+    eprintln!(
+        "{behaviour}: bft op {bft_op}, journal op {journal_op}, {acknowledged} transfers, \
+         {} replies ignored",
+        client.mismatched_replies()
+    );
+}
+
+#[test]
+fn bft_equivocating_leader_is_caught_and_replaced() {
+    run("equivocate", "equivocate", |harness, client| {
+        let detected: u64 = harness
+            .correct()
+            .map(|r| harness.metric(r, "percore_bft_equivocations_total"))
+            .sum();
+        assert!(detected > 0, "the equivocating leader is caught");
+        let kept: u64 = harness
+            .correct()
+            .map(|r| harness.metric(r, "percore_bft_evidence_kept"))
+            .sum();
+        assert!(kept > 0, "evidence is kept");
+        let logged = harness.correct().any(|r| {
+            std::fs::read_to_string(harness.cluster.log_path(r))
+                .is_ok_and(|log| log.contains("BFT equivocation"))
+        });
+        assert!(logged, "evidence is logged");
+        assert!(client.mismatched_replies() > 0, "made-up replies ignored");
+    });
+}
+
+#[test]
+fn bft_silent_leader_is_replaced() {
+    run("silent", "silent", |harness, client| {
+        let changes: u64 = harness
+            .correct()
+            .map(|r| harness.metric(r, "percore_bft_view_changes_total"))
+            .sum();
+        assert!(changes > 0);
+        assert_eq!(
+            client.mismatched_replies(),
+            0,
+            "a silent replica says nothing"
+        );
+    });
+}
+
+#[test]
+fn bft_wrong_digest_leader_is_refused_and_replaced() {
+    run("wrong-digest", "wrong-digest", |harness, client| {
+        let refused: u64 = harness
+            .correct()
+            .map(|r| harness.metric(r, "percore_bft_messages_refused_total"))
+            .sum();
+        assert!(
+            refused > 0,
+            "proposals and votes for wrong digests are refused"
+        );
+        assert!(client.mismatched_replies() > 0, "made-up replies ignored");
+    });
+}
+
+#[test]
+fn bft_node_refuses_configurations_that_cannot_tolerate_f() {
+    let root = std::env::temp_dir().join(format!("percore-bft-refuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let keys = root.join("keys");
+    keygen(&keys, REPLICAS);
+    let cluster_key = root.join("cluster.key");
+    percore_shards::replication::cluster_key_write(&cluster_key).unwrap();
+    let node = |peers: &str, extra: &[&str]| {
+        let output = Command::new(PERCORE)
+            .args(["node", "--replica", "0", "--peers", peers])
+            .args(["--fault-model", "bft", "--bft-keys-dir"])
+            .arg(&keys)
+            .arg("--cluster-key-file")
+            .arg(&cluster_key)
+            .arg("--data-dir")
+            .arg(root.join("data"))
+            .args(extra)
+            .output()
+            .expect("percore node runs");
+        assert!(!output.status.success(), "refused");
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
+    let base = cluster::free_port_base(REPLICAS, 1).expect("free ports") + 50;
+    let peers = |count: u16| {
+        (0..count)
+            .map(|r| format!("127.0.0.1:{}", base + 100 * r))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // Three replicas listed with keys for f = 1: the cluster file itself is refused.
+    let text = std::fs::read_to_string(keys.join("cluster.keys")).unwrap();
+    let three: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("replica 3"))
+        .collect();
+    std::fs::write(keys.join("cluster.keys"), three.join("\n") + "\n").unwrap();
+    let error = node(&peers(3), &["--cores", "0"]);
+    assert!(error.contains("3f + 1"), "{error}");
+    // Four keys, three peers.
+    std::fs::write(keys.join("cluster.keys"), text).unwrap();
+    let error = node(&peers(3), &["--cores", "0"]);
+    assert!(error.contains("lists 4 replicas"), "{error}");
+    // Two shards.
+    let error = node(&peers(4), &["--cores", "0,0", "--allow-shared-cores"]);
+    assert!(error.contains("one shard per node"), "{error}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
