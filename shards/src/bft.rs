@@ -26,9 +26,17 @@
 //! `--bft-test-byzantine` makes this replica misbehave on purpose (tests only): its core
 //! stays correct, and what it sends is rewritten here ([`Byzantine`]).
 //!
-//! Not here yet: restart of a BFT replica (refused at start), state transfer (the core's
-//! request is logged and counted; the replica stops executing), multi-shard nodes (refused:
-//! cross-group credit legs carry no proof).
+//! **Restart** ([`Bft::start`] on a non-empty data directory): the shard's journal has been
+//! replayed into the state machine by the runtime as in every mode; the certificate journal
+//! is read back and cut to the prefix whose batches the journal holds (certificates are
+//! made durable before their batches, so it is never behind), the committed ops' digests
+//! and the last stable checkpoint certificate restore the core, and the vote guard file
+//! (`<data-dir>/bft-guard-<k>`, [`VoteGuard`]) tells it what it must never sign again. The
+//! core asks for a higher guard before it sends a vote the guard does not cover
+//! (`Action::PersistGuard`); it is written here, synchronously, before any later action.
+//!
+//! Not here yet: state transfer (the core's request is logged and counted; the replica
+//! stops executing), multi-shard nodes (refused: cross-group credit legs carry no proof).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -39,8 +47,8 @@ use std::time::{Duration, Instant};
 use futures_lite::AsyncWriteExt as _;
 use glommio::net::{TcpListener, TcpStream};
 use percore_engine::bft::{
-    self, Action, BftConfig, BftError, BftMetrics, BftReplica, CommitCert, Committee, Digest,
-    Message, SigningKey, VerifyingKey, Vote, codec,
+    self, Action, BftConfig, BftError, BftMetrics, BftReplica, CheckpointCert, CommitCert,
+    Committee, Digest, Message, Restored, SigningKey, VerifyingKey, Vote, VoteGuard, codec,
 };
 use percore_engine::frame;
 use percore_engine::journal::{EntryMeta, entry_bytes_padded};
@@ -49,7 +57,7 @@ use percore_engine::session::REQUEST_DESCRIPTOR_BYTES;
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
 
-use crate::journal::{Journal, JournalConfig};
+use crate::journal::{FsyncPolicy, Journal, JournalConfig};
 use crate::metrics::ShardMetrics;
 use crate::replication::{
     HANDSHAKE_TIMEOUT_US, Outbox, RECONNECT_BACKOFF_US_MAX, RECONNECT_BACKOFF_US_MIN,
@@ -88,6 +96,10 @@ pub const BFT_PEERS_DIGEST_SALT: u64 = 0x000B_F7BF_7BF7;
 pub const CERT_KIND_COMMIT: u16 = 1;
 /// See [`CERT_KIND_COMMIT`].
 pub const CERT_KIND_CHECKPOINT: u16 = 2;
+/// Bytes of the vote guard file: magic, group, replica, three views/ops, blake3 checksum.
+pub const GUARD_FILE_BYTES: usize = 8 + 4 + 4 + 3 * 8 + 32;
+/// First bytes of the vote guard file (format version 1).
+pub const GUARD_FILE_MAGIC: [u8; 8] = *b"PCBFTGD1";
 /// Error code: a BFT replica needs a client id (requests are matched across replicas by
 /// `(client_id, request_number)`).
 pub const ERROR_BFT_NEEDS_CLIENT_ID: u32 = 1013;
@@ -207,15 +219,30 @@ pub enum BftStartError {
         /// Peers configured.
         peers: usize,
     },
-    /// The journal holds ops: BFT replicas cannot restart yet.
+    /// The journal holds ops but there is no vote guard file: the directory was written by
+    /// a version that could not restart BFT replicas, and what this replica signed is
+    /// unknown.
     #[error(
-        "the journal already holds {ops} ops: a BFT replica cannot restart yet (its view and \
-         votes are not persisted; docs/bft.md §12); start it with an empty --data-dir"
+        "the journal holds {ops} ops but {path} is missing: what this replica signed before is \
+         unknown, so it cannot restart safely; start it with an empty --data-dir"
     )]
-    Restart {
+    GuardMissing {
         /// Ops found.
         ops: u64,
+        /// The guard file expected.
+        path: std::path::PathBuf,
     },
+    /// The vote guard file cannot be read or fails its checks.
+    #[error("vote guard file {path}: {reason}")]
+    Guard {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The certificate journal and the journal do not fit together.
+    #[error("certificate journal: {0}")]
+    Recovery(&'static str),
     /// The certificate journal could not be opened.
     #[error("certificate journal: {0}")]
     CertJournal(#[from] crate::journal::JournalError),
@@ -228,6 +255,201 @@ struct Committed {
     digest: Digest,
     batch: Vec<u8>,
     cert: CommitCert,
+}
+
+/// One record of the certificate journal, as read back at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRecord {
+    /// [`CERT_KIND_COMMIT`] or [`CERT_KIND_CHECKPOINT`].
+    pub kind: u16,
+    /// The BFT op.
+    pub op: u64,
+    /// The journal op of the batch (0: a null op or an invalid batch; for a checkpoint,
+    /// the journal op it ends at if known).
+    pub journal_op: u64,
+    /// The view of the commit certificate (0 for a checkpoint).
+    pub view: u64,
+    /// The batch digest (commit) or the chain digest (checkpoint).
+    pub digest: Digest,
+    /// The certificate's votes.
+    pub votes: Vec<Vote>,
+}
+
+impl CertRecord {
+    /// Parses a record's bytes (see `stage_cert`).
+    pub fn decode(kind: u16, bytes: &[u8]) -> Option<CertRecord> {
+        let number = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+        let digest: Digest = bytes.get(24..56)?.try_into().ok()?;
+        let (votes, used) = codec::decode_votes(bytes.get(56..)?).ok()?;
+        (56 + used == bytes.len()).then_some(CertRecord {
+            kind,
+            op: number(0)?,
+            journal_op: number(8)?,
+            view: number(16)?,
+            digest,
+            votes,
+        })
+    }
+}
+
+/// What the certificate journal restores, with the journal's durable head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRecovery {
+    /// Records that stay (a prefix); those after it certify batches the journal lost and
+    /// are cut.
+    pub records_kept: usize,
+    /// The last stable checkpoint certificate and the digests of the ops after it.
+    pub low_cert: Option<CheckpointCert>,
+    /// See [`Restored::digests`].
+    pub digests: Vec<Digest>,
+    /// `(checkpoint op, journal op it ends at)` of the last checkpoint ops.
+    pub checkpoint_ops: Vec<(u64, u64)>,
+}
+
+/// Reads the certificate journal's records against a journal whose durable head is
+/// `journal_op_durable`: ops must be consecutive from 1, journal ops consecutive from 1,
+/// checkpoint certificates must match the chain of the ops before them. Records whose batch
+/// the journal does not hold (certificates are made durable first) and all after them are
+/// left out. A journal holding batches no kept record certifies is refused.
+pub fn recover_certs(
+    records: &[CertRecord],
+    journal_op_durable: u64,
+    checkpoint_interval_ops: u64,
+) -> Result<CertRecovery, BftStartError> {
+    let mut op_last = 0;
+    let mut journal_op_last = 0;
+    // `(op, digest, chain)` of the ops above the last checkpoint.
+    let mut above: Vec<(u64, Digest, Digest)> = Vec::new();
+    let mut chain = bft::message::CHAIN_GENESIS;
+    let mut low_cert = None;
+    let mut checkpoint_ops = Vec::new();
+    let mut records_kept = 0;
+    for record in records {
+        match record.kind {
+            CERT_KIND_COMMIT => {
+                if record.op != op_last + 1 {
+                    return Err(BftStartError::Recovery(
+                        "commit records are not consecutive",
+                    ));
+                }
+                if record.journal_op != 0 {
+                    if record.journal_op > journal_op_durable {
+                        break;
+                    }
+                    if record.journal_op != journal_op_last + 1 {
+                        return Err(BftStartError::Recovery("journal ops are not consecutive"));
+                    }
+                    journal_op_last = record.journal_op;
+                }
+                chain = bft::chain_digest(&chain, record.op, &record.digest);
+                op_last = record.op;
+                above.push((record.op, record.digest, chain));
+                if record.op.is_multiple_of(checkpoint_interval_ops) {
+                    checkpoint_ops.push((record.op, journal_op_last));
+                }
+            }
+            CERT_KIND_CHECKPOINT => {
+                if record.op > op_last {
+                    break;
+                }
+                let chain_at = above
+                    .iter()
+                    .find(|(op, _, _)| *op == record.op)
+                    .map(|(_, _, chain)| *chain);
+                if chain_at != Some(record.digest) {
+                    return Err(BftStartError::Recovery(
+                        "a checkpoint certificate does not match the committed ops",
+                    ));
+                }
+                above.retain(|(op, _, _)| *op > record.op);
+                low_cert = Some(CheckpointCert {
+                    votes: record.votes.clone(),
+                });
+            }
+            _ => return Err(BftStartError::Recovery("unknown record kind")),
+        }
+        records_kept += 1;
+    }
+    if journal_op_last != journal_op_durable {
+        return Err(BftStartError::Recovery(
+            "the journal holds batches whose commit certificates are not in the certificate \
+             journal (written by a version that journaled batches first?)",
+        ));
+    }
+    let keep_from = checkpoint_ops.len().saturating_sub(CHECKPOINT_OPS_TRACKED);
+    Ok(CertRecovery {
+        records_kept,
+        low_cert,
+        digests: above.iter().map(|(_, digest, _)| *digest).collect(),
+        checkpoint_ops: checkpoint_ops.split_off(keep_from),
+    })
+}
+
+/// Encodes a vote guard file for `group`'s `replica`.
+pub fn guard_encode(group: u32, replica: u8, guard: &VoteGuard) -> [u8; GUARD_FILE_BYTES] {
+    let mut bytes = [0u8; GUARD_FILE_BYTES];
+    bytes[..8].copy_from_slice(&GUARD_FILE_MAGIC);
+    bytes[8..12].copy_from_slice(&group.to_le_bytes());
+    bytes[12] = replica;
+    for (index, value) in [guard.vote_view, guard.vote_op_max, guard.view_change_view]
+        .into_iter()
+        .enumerate()
+    {
+        bytes[16 + 8 * index..24 + 8 * index].copy_from_slice(&value.to_le_bytes());
+    }
+    let checksum = bft::batch_digest(&bytes[..GUARD_FILE_BYTES - 32]);
+    bytes[GUARD_FILE_BYTES - 32..].copy_from_slice(&checksum);
+    bytes
+}
+
+/// Decodes a vote guard file, checking its magic, checksum, group and replica.
+pub fn guard_decode(bytes: &[u8], group: u32, replica: u8) -> Result<VoteGuard, &'static str> {
+    if bytes.len() != GUARD_FILE_BYTES || bytes[..8] != GUARD_FILE_MAGIC {
+        return Err("not a vote guard file (version 1)");
+    }
+    if bft::batch_digest(&bytes[..GUARD_FILE_BYTES - 32])[..] != bytes[GUARD_FILE_BYTES - 32..] {
+        return Err("checksum mismatch");
+    }
+    if bytes[8..12] != group.to_le_bytes() || bytes[12] != replica || bytes[13..16] != [0; 3] {
+        return Err("written for another group or replica");
+    }
+    let number = |index: usize| {
+        u64::from_le_bytes(
+            bytes[16 + 8 * index..24 + 8 * index]
+                .try_into()
+                .expect("8 bytes"),
+        )
+    };
+    Ok(VoteGuard {
+        vote_view: number(0),
+        vote_op_max: number(1),
+        view_change_view: number(2),
+    })
+}
+
+/// Writes the vote guard atomically: a temporary file, `fsync`, rename over the old one,
+/// `fsync` of the directory (no `fsync`s under `--fsync never`). Blocking: called rarely
+/// (see [`Action::PersistGuard`]) and it must finish before the votes it covers are sent.
+pub fn guard_write(
+    path: &std::path::Path,
+    bytes: &[u8],
+    fsync: FsyncPolicy,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    if fsync == FsyncPolicy::Always {
+        file.sync_all()?;
+    }
+    drop(file);
+    std::fs::rename(&temporary, path)?;
+    if fsync == FsyncPolicy::Always
+        && let Some(dir) = path.parent()
+    {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// BFT state of one shard, shared by its tasks (borrows never cross an await).
@@ -254,11 +476,15 @@ pub(crate) struct Bft {
     /// Test only: alternate digests of the equivocating leader's proposals.
     alternates: RefCell<VecDeque<((u64, u64), Digest)>>,
     byzantine_counter: Cell<u64>,
+    /// The vote guard file and how to write it.
+    guard_path: std::path::PathBuf,
+    fsync: FsyncPolicy,
 }
 
 impl Bft {
-    /// Opens the certificate journal and builds the core of `shard`'s group; refuses a
-    /// journal that already holds ops.
+    /// Opens the certificate journal and builds the core of `shard`'s group: fresh on an
+    /// empty data directory, else restored from the certificate journal (cut to what the
+    /// replayed journal holds) and the vote guard file.
     pub(crate) async fn start(
         settings: BftSettings,
         shard: usize,
@@ -267,11 +493,6 @@ impl Bft {
         now_us: u64,
     ) -> Result<Self, BftStartError> {
         settings.check()?;
-        if journal.op_durable() > 0 {
-            return Err(BftStartError::Restart {
-                ops: journal.op_durable(),
-            });
-        }
         let main = journal.config();
         let certs_config = JournalConfig {
             dir: main
@@ -286,19 +507,78 @@ impl Bft {
             fsync: main.fsync,
             write_buffer_bytes: CERT_WRITE_BUFFER_BYTES,
         };
-        let (certs, _) = Journal::open(certs_config, |_| {}).await?;
-        if certs.op_durable() > 0 {
-            return Err(BftStartError::Restart {
-                ops: certs.op_durable(),
-            });
+        let mut records = Vec::new();
+        let mut undecodable = false;
+        let (mut certs, _) = Journal::open(certs_config, |entry| {
+            match CertRecord::decode(entry.meta.operation, entry.records()) {
+                Some(record) => records.push(record),
+                None => undecodable = true,
+            }
+        })
+        .await?;
+        if undecodable {
+            return Err(BftStartError::Recovery("a record cannot be decoded"));
         }
+        let guard_path = main
+            .dir
+            .parent()
+            .unwrap_or(&main.dir)
+            .join(format!("bft-guard-{shard}"));
         let committee = Committee::new(
             shard as u32,
             settings.faults_max,
             settings.public_keys.clone(),
         )?;
-        let config = BftConfig::new(shard as u32, settings.replica);
-        let replica = BftReplica::new(config, committee, settings.secret_key.clone(), now_us)?;
+        let mut config = BftConfig::new(shard as u32, settings.replica);
+        config.durability_reported = true;
+        let key = settings.secret_key.clone();
+        let guard = guard_read(&guard_path, shard as u32, settings.replica)?;
+        let (replica, recovery) = match guard {
+            None if journal.op_durable() == 0 && records.is_empty() => {
+                (BftReplica::new(config, committee, key, now_us)?, None)
+            }
+            None => {
+                return Err(BftStartError::GuardMissing {
+                    ops: journal.op_durable().max(records.len() as u64),
+                    path: guard_path,
+                });
+            }
+            Some(guard) => {
+                let recovery = recover_certs(
+                    &records,
+                    journal.op_durable(),
+                    config.checkpoint_interval_ops,
+                )?;
+                if recovery.records_kept < records.len() {
+                    certs.truncate_after(recovery.records_kept as u64).await?;
+                }
+                let restored = Restored {
+                    low_cert: recovery.low_cert.clone(),
+                    digests: recovery.digests.clone(),
+                    guard,
+                };
+                let replica = BftReplica::restore(config, committee, key, now_us, restored)?;
+                tracing::info!(
+                    shard,
+                    replica = settings.replica,
+                    commit_op = replica.commit_op(),
+                    low = replica.low(),
+                    view = replica.view(),
+                    journal_op = journal.op_durable(),
+                    records_cut = records.len() - recovery.records_kept,
+                    ?guard,
+                    "BFT replica restarts: it signs nothing its vote guard covers"
+                );
+                (replica, Some(recovery))
+            }
+        };
+        let low_journaled = replica.low();
+        let mut checkpoint_ops = VecDeque::with_capacity(CHECKPOINT_OPS_TRACKED);
+        checkpoint_ops.extend(
+            recovery
+                .iter()
+                .flat_map(|recovery| &recovery.checkpoint_ops),
+        );
         let outboxes = (0..settings.replica_count())
             .map(|peer| {
                 let capacity = if peer == settings.replica {
@@ -341,14 +621,16 @@ impl Bft {
             encoded: RefCell::new(Vec::with_capacity(BFT_MESSAGE_BYTES_MAX)),
             certs: RefCell::new(Some(certs)),
             cert_record: RefCell::new(Vec::with_capacity(CERT_RECORD_BYTES_MAX)),
-            low_journaled: Cell::new(0),
-            checkpoint_ops: RefCell::new(VecDeque::with_capacity(CHECKPOINT_OPS_TRACKED)),
+            low_journaled: Cell::new(low_journaled),
+            checkpoint_ops: RefCell::new(checkpoint_ops),
             evidence_logged: Cell::new(0),
             metrics_seen: Cell::new(BftMetrics::default()),
             alternates: RefCell::new(VecDeque::with_capacity(
                 bft::LOG_WINDOW_OPS_DEFAULT as usize,
             )),
             byzantine_counter: Cell::new(0),
+            guard_path,
+            fsync: main.fsync,
             settings,
         })
     }
@@ -361,6 +643,25 @@ impl Bft {
     /// The current view.
     pub(crate) fn view(&self) -> u64 {
         self.replica.borrow().view()
+    }
+}
+
+/// Reads the vote guard file, `None` if there is none.
+fn guard_read(
+    path: &std::path::Path,
+    group: u32,
+    replica: u8,
+) -> Result<Option<VoteGuard>, BftStartError> {
+    let failed = |reason: String| BftStartError::Guard {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => guard_decode(&bytes, group, replica)
+            .map(Some)
+            .map_err(|reason| failed(reason.into())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(failed(error.to_string())),
     }
 }
 
@@ -589,6 +890,19 @@ fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
                     cert: cert.clone(),
                 });
                 committed_any = true;
+            }
+            Action::PersistGuard { guard } => {
+                let bytes = guard_encode(shard.index as u32, bft.settings.replica, guard);
+                if let Err(error) = guard_write(&bft.guard_path, &bytes, bft.fsync) {
+                    // Sending votes the guard does not cover could make this replica
+                    // contradict itself after a restart.
+                    panic!(
+                        "shard {}: BFT vote guard write failed, stopping: {error}",
+                        shard.index
+                    );
+                }
+                ShardMetrics::add(&shard.metrics.bft_guard_writes_total, 1);
+                tracing::debug!(shard = shard.index, ?guard, "BFT vote guard persisted");
             }
             Action::StateTransfer { cert } => {
                 ShardMetrics::add(&shard.metrics.bft_state_transfers_total, 1);
@@ -995,9 +1309,11 @@ where
     let staged = stage_committed(shard, journal, &mut certs).await;
     let low_staged = stage_checkpoint(shard, &mut certs).await;
     if staged || low_staged {
+        // Certificates first: after a crash the certificate journal is never behind the
+        // journal (recovery cuts certificates whose batch was lost, `recover_certs`).
         for (name, journal) in [
-            ("journal", &mut *journal),
             ("certificate journal", &mut certs),
+            ("journal", &mut *journal),
         ] {
             if let Err(error) = journal.commit().await {
                 panic!(
@@ -1010,7 +1326,19 @@ where
     }
     *bft.certs.borrow_mut() = Some(certs);
     if staged {
+        let durable_op = bft
+            .applying
+            .borrow()
+            .last()
+            .map_or(0, |(committed, _)| committed.op);
         apply_staged(shard);
+        // Checkpoint votes are signed only for ops durable here.
+        let mut actions = bft.actions.borrow_mut();
+        actions.clear();
+        bft.replica
+            .borrow_mut()
+            .on_durable(shard.now_us(), durable_op, &mut actions);
+        run_actions(shard, &actions);
     }
     staged || low_staged
 }
@@ -1048,12 +1376,16 @@ async fn stage_committed<S: StateMachine>(
             Some((operation, records, requests, entries)) => {
                 if journal.staged_bytes() + entry_bytes_padded(records.len() + requests.len())
                     > journal.write_buffer_bytes()
-                    && let Err(error) = journal.commit().await
                 {
-                    panic!(
-                        "shard {}: journal write failed, stopping: {error}",
-                        shard.index
-                    );
+                    // Certificates first, as in `journal_and_apply`.
+                    for journal in [&mut *certs, &mut *journal] {
+                        if let Err(error) = journal.commit().await {
+                            panic!(
+                                "shard {}: journal write failed, stopping: {error}",
+                                shard.index
+                            );
+                        }
+                    }
                 }
                 journal_op += 1;
                 // View 0: the view whose certificate commits a batch may differ between
@@ -1413,5 +1745,89 @@ mod tests {
         batch[2] = 1;
         assert_eq!(batch_decode(&batch), None, "reserved bytes");
         assert_eq!(batch_decode(&[]), None, "the null op is no batch");
+    }
+
+    #[test]
+    fn vote_guard_files_round_trip_and_damaged_ones_are_refused() {
+        let guard = VoteGuard {
+            vote_view: 3,
+            vote_op_max: 96,
+            view_change_view: 4,
+        };
+        let bytes = guard_encode(0, 2, &guard);
+        assert_eq!(guard_decode(&bytes, 0, 2), Ok(guard));
+        assert!(guard_decode(&bytes, 0, 1).is_err(), "another replica's");
+        assert!(guard_decode(&bytes, 1, 2).is_err(), "another group's");
+        assert!(guard_decode(&bytes[1..], 0, 2).is_err(), "short");
+        for index in [0, 13, 20, GUARD_FILE_BYTES - 1] {
+            let mut damaged = bytes;
+            damaged[index] ^= 1;
+            assert!(guard_decode(&damaged, 0, 2).is_err(), "byte {index}");
+        }
+        let dir = std::env::temp_dir().join(format!("percore-guard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bft-guard-0");
+        guard_write(&path, &bytes, FsyncPolicy::Always).unwrap();
+        assert_eq!(guard_read(&path, 0, 2).unwrap(), Some(guard));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(guard_read(&path, 0, 2).unwrap(), None);
+    }
+
+    fn commit(op: u64, journal_op: u64) -> CertRecord {
+        CertRecord {
+            kind: CERT_KIND_COMMIT,
+            op,
+            journal_op,
+            view: 0,
+            digest: bft::batch_digest(&op.to_le_bytes()),
+            votes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn certificate_recovery_cuts_what_the_journal_lost_and_refuses_gaps() {
+        // Ops 1..=5; op 3 a null op; journal ops 1..=4.
+        let records: Vec<CertRecord> = [(1, 1), (2, 2), (3, 0), (4, 3), (5, 4)]
+            .into_iter()
+            .map(|(op, journal_op)| commit(op, journal_op))
+            .collect();
+        let all = recover_certs(&records, 4, 16).unwrap();
+        assert_eq!(all.records_kept, 5);
+        assert_eq!(all.digests.len(), 5);
+        assert_eq!(all.low_cert, None);
+        // The journal lost its last batch (certificates are written first): cut op 5.
+        let cut = recover_certs(&records, 3, 16).unwrap();
+        assert_eq!(cut.records_kept, 4);
+        assert_eq!(cut.digests, all.digests[..4]);
+        // A journal ahead of its certificates, or a gap, is refused.
+        assert!(recover_certs(&records[..3], 3, 16).is_err());
+        let gap = [commit(1, 1), commit(3, 2)];
+        assert!(recover_certs(&gap, 2, 16).is_err());
+        // A checkpoint record must match the chain of the ops before it.
+        let mut chain = bft::message::CHAIN_GENESIS;
+        for record in &records[..4] {
+            chain = bft::chain_digest(&chain, record.op, &record.digest);
+        }
+        let mut checkpoint = CertRecord {
+            kind: CERT_KIND_CHECKPOINT,
+            op: 4,
+            journal_op: 3,
+            view: 0,
+            digest: chain,
+            votes: Vec::new(),
+        };
+        let mut with_checkpoint = records.clone();
+        with_checkpoint.insert(4, checkpoint.clone());
+        let recovered = recover_certs(&with_checkpoint, 4, 4).unwrap();
+        assert_eq!(recovered.records_kept, 6);
+        assert_eq!(
+            recovered.digests,
+            all.digests[4..],
+            "only ops above the checkpoint"
+        );
+        assert_eq!(recovered.checkpoint_ops, vec![(4, 3)]);
+        checkpoint.digest[0] ^= 1;
+        with_checkpoint[4] = checkpoint;
+        assert!(recover_certs(&with_checkpoint, 4, 4).is_err());
     }
 }

@@ -322,6 +322,7 @@ shard_metrics! {
     counter bft_batches_invalid_total: "BFT mode: committed batches skipped because their bytes are not a batch of this shard.",
     counter bft_certs_journaled_total: "BFT mode: commit and checkpoint certificates written to the certificate journal.",
     counter bft_proposals_total: "BFT mode: batches this replica proposed as leader.",
+    counter bft_guard_writes_total: "BFT mode: vote guard records written (fsynced) before the votes they cover were sent.",
     counter bft_state_transfers_total: "BFT mode: state transfers the core asked for (not supported yet: the replica stops executing).",
     counter bft_core_us_total: "BFT mode: time spent in the BFT core (signing and verifying included), microseconds.",
     counter bft_sign_us_total: "BFT mode: time the leader spent in propose (one signature per batch), microseconds.",

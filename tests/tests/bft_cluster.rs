@@ -72,11 +72,14 @@ static SERIAL: Mutex<()> = Mutex::new(());
 struct Harness {
     cluster: LocalCluster,
     root: PathBuf,
+    /// The replica running a Byzantine behaviour, if any.
+    byzantine: Option<usize>,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl Harness {
-    fn start(name: &str, behaviour: &str) -> Self {
+    /// Replica [`BYZANTINE`] runs `behaviour`; `None`: all four are correct.
+    fn start(name: &str, behaviour: Option<&str>) -> Self {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -105,12 +108,15 @@ impl Harness {
             metrics: true,
         };
         let mut replica_args = vec![Vec::new(); REPLICAS];
-        replica_args[BYZANTINE] = vec!["--bft-test-byzantine".into(), behaviour.into()];
+        if let Some(behaviour) = behaviour {
+            replica_args[BYZANTINE] = vec!["--bft-test-byzantine".into(), behaviour.into()];
+        }
         let cluster =
             LocalCluster::start_with_replica_args(config, replica_args).expect("cluster starts");
         Self {
             cluster,
             root,
+            byzantine: behaviour.map(|_| BYZANTINE),
             _serial: serial,
         }
     }
@@ -130,7 +136,8 @@ impl Harness {
     }
 
     fn correct(&self) -> impl Iterator<Item = usize> {
-        (0..REPLICAS).filter(|replica| *replica != BYZANTINE)
+        let byzantine = self.byzantine;
+        (0..REPLICAS).filter(move |replica| Some(*replica) != byzantine)
     }
 
     /// Waits until the correct replicas executed the same BFT ops and applied the same
@@ -247,10 +254,44 @@ fn create_funded_accounts(client: &mut BftClient) -> HashMap<u128, i128> {
 
 /// `REQUESTS` requests of random transfers; every one must be accepted with `Ok`.
 fn transfers_commit(client: &mut BftClient, expected: &mut HashMap<u128, i128>) -> usize {
-    let mut rng = Rng(0x05EE_DBF7);
-    let mut next_id = 1u128 << 100;
+    Load::new().commit(client, expected, REQUESTS)
+}
+
+/// Random transfers between the funded accounts, with fresh ids.
+struct Load {
+    rng: Rng,
+    next_id: u128,
+}
+
+impl Load {
+    fn new() -> Self {
+        Self {
+            rng: Rng(0x05EE_DBF7),
+            next_id: 1u128 << 100,
+        }
+    }
+
+    /// `requests` requests; every one must be accepted with `Ok`. Returns the transfers.
+    fn commit(
+        &mut self,
+        client: &mut BftClient,
+        expected: &mut HashMap<u128, i128>,
+        requests: usize,
+    ) -> usize {
+        let (rng, next_id) = (&mut self.rng, &mut self.next_id);
+        transfers_commit_with(client, expected, requests, rng, next_id)
+    }
+}
+
+fn transfers_commit_with(
+    client: &mut BftClient,
+    expected: &mut HashMap<u128, i128>,
+    requests: usize,
+    rng: &mut Rng,
+    next_id: &mut u128,
+) -> usize {
     let mut acknowledged = 0;
-    for _ in 0..REQUESTS {
+    for _ in 0..requests {
         let transfers: Vec<Transfer> = (0..TRANSFERS_PER_REQUEST)
             .map(|_| {
                 let r = rng.next();
@@ -261,8 +302,8 @@ fn transfers_commit(client: &mut BftClient, expected: &mut HashMap<u128, i128>) 
                 } else {
                     credit
                 };
-                next_id += 1;
-                transfer(next_id, debit, credit, 1 + u128::from((r >> 32) % 5))
+                *next_id += 1;
+                transfer(*next_id, debit, credit, 1 + u128::from((r >> 32) % 5))
             })
             .collect();
         let results: Vec<RecordResult> = client
@@ -340,7 +381,7 @@ fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
 /// The whole scenario of one behaviour: accounts, transfers, convergence, `during` (checks
 /// on the running cluster), then stop and compare the correct replicas' journals.
 fn run(name: &str, behaviour: &str, during: impl FnOnce(&Harness, &BftClient)) {
-    let mut harness = Harness::start(name, behaviour);
+    let mut harness = Harness::start(name, Some(behaviour));
     let mut client = harness.client(7);
     let mut expected = create_funded_accounts(&mut client);
     let acknowledged = transfers_commit(&mut client, &mut expected);
@@ -365,6 +406,19 @@ fn run(name: &str, behaviour: &str, during: impl FnOnce(&Harness, &BftClient)) {
     }
     during(&harness, &client);
     harness.cluster.stop_all();
+    let replicas_checked = compare_journals(&harness, journal_op, &expected);
+    assert_eq!(replicas_checked, REPLICAS - 1);
+    eprintln!(
+        "{behaviour}: bft op {bft_op}, journal op {journal_op}, {acknowledged} transfers, \
+         {} replies ignored",
+        client.mismatched_replies()
+    );
+}
+
+/// After the nodes stopped: the correct replicas' journals end on `journal_op` with the same
+/// head, replay to the same state, whose balances are `expected` (money conserved), and each
+/// keeps a certificate journal. Returns how many replicas were compared.
+fn compare_journals(harness: &Harness, journal_op: u64, expected: &HashMap<u128, i128>) -> usize {
     let inspected: Vec<(usize, Inspected)> = harness
         .correct()
         .map(|replica| (replica, inspect(&harness.cluster.data_dir(replica))))
@@ -375,7 +429,7 @@ fn run(name: &str, behaviour: &str, during: impl FnOnce(&Harness, &BftClient)) {
         "replica {first}: journal head"
     );
     assert_eq!(
-        reference.balances, expected,
+        &reference.balances, expected,
         "every acknowledged transfer applied once, nothing else"
     );
     assert_eq!(expected.values().sum::<i128>(), 0, "money is conserved");
@@ -392,11 +446,64 @@ fn run(name: &str, behaviour: &str, during: impl FnOnce(&Harness, &BftClient)) {
             "replica {replica} keeps a certificate journal"
         );
     }
-    eprintln!(
-        "{behaviour}: bft op {bft_op}, journal op {journal_op}, {acknowledged} transfers, \
-         {} replies ignored",
-        client.mismatched_replies()
+    inspected.len()
+}
+
+/// Restart (docs/bft.md §12): four correct replicas under client load; a follower is
+/// SIGKILLed, the other three keep committing, it restarts from its data directory
+/// (journal replayed, certificate journal and vote guard read back), catches up from its
+/// peers' CommitProofs and follows again; all four journals and states agree.
+#[test]
+fn bft_follower_restarts_after_sigkill_and_catches_up() {
+    const VICTIM: usize = 2;
+    const REQUESTS_WHILE_DOWN: usize = 5;
+    let mut harness = Harness::start("restart", None);
+    let mut client = harness.client(7);
+    let mut expected = create_funded_accounts(&mut client);
+    let mut load = Load::new();
+    let mut acknowledged = load.commit(&mut client, &mut expected, 3);
+    // Stop where the peers' next checkpoint is at least 8 ops away: they must still hold
+    // the ops the victim misses in their window (beyond it, state transfer would be needed).
+    let interval = percore_engine::bft::CHECKPOINT_INTERVAL_OPS_DEFAULT;
+    let (bft_op, _) = wait_until("an op early in a checkpoint interval", || {
+        let (bft_op, journal_op) = harness.wait_converged();
+        if (1..=8).contains(&(bft_op % interval)) {
+            return Some((bft_op, journal_op));
+        }
+        acknowledged += load.commit(&mut client, &mut expected, 1);
+        None
+    });
+    assert!(
+        harness.metric(VICTIM, "percore_bft_guard_writes_total") > 0,
+        "votes are guarded on disk before they are sent"
     );
+    harness.cluster.kill(VICTIM);
+    acknowledged += load.commit(&mut client, &mut expected, REQUESTS_WHILE_DOWN);
+    let peers_op = wait_until("the others kept committing", || {
+        let op = harness.metric(0, "percore_bft_commit_op");
+        (op > bft_op).then_some(op)
+    });
+    harness
+        .cluster
+        .restart(VICTIM)
+        .expect("the victim restarts");
+    acknowledged += load.commit(&mut client, &mut expected, REQUESTS_WHILE_DOWN);
+    let (bft_op, journal_op) = harness.wait_converged();
+    assert!(bft_op > peers_op);
+    assert_eq!(
+        harness.metric(VICTIM, "percore_bft_state_transfers_total"),
+        0,
+        "caught up within the window"
+    );
+    assert!(
+        harness.metric(VICTIM, "percore_bft_commit_proofs_applied_total") > 0,
+        "caught up from CommitProofs"
+    );
+    let log = std::fs::read_to_string(harness.cluster.log_path(VICTIM)).unwrap_or_default();
+    assert!(log.contains("BFT replica restarts"), "restored, not fresh");
+    harness.cluster.stop_all();
+    assert_eq!(compare_journals(&harness, journal_op, &expected), REPLICAS);
+    eprintln!("restart: bft op {bft_op}, journal op {journal_op}, {acknowledged} transfers");
 }
 
 #[test]

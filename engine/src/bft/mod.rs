@@ -32,7 +32,7 @@ pub use message::{
     CheckpointCert, CommitCert, Committee, Digest, Evidence, Message, NewView, PreparedCert,
     PreparedEntry, ViewChange, Vote, VoteKind, batch_digest, chain_digest,
 };
-pub use replica::{BftReplica, NewViewPlan, Status, new_view_plan};
+pub use replica::{BftReplica, NewViewPlan, Restored, Status, VoteGuard, new_view_plan};
 
 /// Most replicas a BFT group may have (`f = 2` at `n = 7`; replica sets fit a `u8`).
 pub const REPLICA_COUNT_MAX: usize = 7;
@@ -219,6 +219,11 @@ pub struct BftConfig {
     pub status_interval_us: u64,
     /// Most `CommitProof`s per answered `Status`.
     pub catchup_ops_max: u64,
+    /// The driver reports which executed ops are durable ([`BftReplica::on_durable`]), and
+    /// checkpoint votes are signed only for durable ops (a stable checkpoint then means
+    /// `quorum` replicas hold that state on disk). Off (the simulator): an op counts as
+    /// durable once executed.
+    pub durability_reported: bool,
     /// Test only: a protocol bug to inject.
     pub bug: Option<InjectedBug>,
 }
@@ -238,6 +243,7 @@ impl BftConfig {
             resend_interval_us: RESEND_INTERVAL_US_DEFAULT,
             status_interval_us: STATUS_INTERVAL_US_DEFAULT,
             catchup_ops_max: CATCHUP_OPS_MAX_DEFAULT,
+            durability_reported: false,
             bug: None,
         }
     }
@@ -307,6 +313,14 @@ pub enum Action {
         /// `quorum` Commits for `(view, op, digest)`: the proof the driver journals with
         /// the batch.
         cert: CommitCert,
+    },
+    /// Make `guard` durable (fsync) before executing any action that follows it: it records
+    /// what this replica may have signed, and a restarted replica must never sign a
+    /// conflicting statement ([`BftReplica::restore`]). Emitted rarely: a guard reserves
+    /// votes for two windows of ops ahead, and once per view change.
+    PersistGuard {
+        /// The new guard (never lower than an earlier one in any field).
+        guard: VoteGuard,
     },
     /// The group's stable checkpoint `cert` is above this replica's executed log and the
     /// ops below it are gone from its peers: fetch the committed log (or a snapshot) up to

@@ -23,6 +23,46 @@ pub enum Status {
     ViewChange,
 }
 
+/// What a replica may have signed, made durable by the driver before anything it covers is
+/// sent ([`Action::PersistGuard`]): every PrePrepare, Prepare and Commit of a view below
+/// `vote_view`, those of `vote_view` for ops up to `vote_op_max`, and ViewChanges for views
+/// up to `view_change_view`. A replica restored with a guard ([`BftReplica::restore`]) signs
+/// none of these again, so it cannot contradict what it signed before a crash. The zero
+/// guard covers nothing (ops start at 1, view changes at view 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VoteGuard {
+    /// The highest view with a PrePrepare, Prepare or Commit signed (or reserved).
+    pub vote_view: u64,
+    /// In `vote_view`, the highest op voted for or reserved.
+    pub vote_op_max: u64,
+    /// The highest view a ViewChange was signed for.
+    pub view_change_view: u64,
+}
+
+impl VoteGuard {
+    /// Whether a PrePrepare, Prepare or Commit for `(view, op)` may have been signed.
+    pub fn covers_vote(&self, view: u64, op: u64) -> bool {
+        view < self.vote_view || (view == self.vote_view && op <= self.vote_op_max)
+    }
+
+    /// The view a replica restored with this guard starts in.
+    pub fn view(&self) -> u64 {
+        self.vote_view.max(self.view_change_view)
+    }
+}
+
+/// What a restarted replica's driver read back from its disk ([`BftReplica::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The last stable checkpoint journaled (`None`: genesis).
+    pub low_cert: Option<CheckpointCert>,
+    /// The digest of every op executed after it, in op order (null ops included): the
+    /// committed ops that are durable here.
+    pub digests: Vec<Digest>,
+    /// The last guard persisted.
+    pub guard: VoteGuard,
+}
+
 /// A committed op's proof, kept to help replicas that are behind.
 #[derive(Debug, Clone)]
 struct CommitRecord {
@@ -49,6 +89,9 @@ struct Slot {
     committed: Option<CommitRecord>,
     /// Chain digest after this op executed.
     chain: Option<Digest>,
+    /// The digest this replica executed at this op (also known after a restart, when the
+    /// commit certificate is not held): a conflicting proposal is refused.
+    executed: Option<Digest>,
 }
 
 impl Slot {
@@ -63,6 +106,7 @@ impl Slot {
             prepared: None,
             committed: None,
             chain: None,
+            executed: None,
         }
     }
 
@@ -175,6 +219,16 @@ pub struct BftReplica {
     state_transfer: Option<CheckpointCert>,
     evidence: Vec<Evidence>,
     metrics: BftMetrics,
+    /// What the driver has been asked to persist: covers everything signed.
+    guard: VoteGuard,
+    /// What was persisted before a restart: never signed again.
+    guard_restored: VoteGuard,
+    /// Restarted into a view whose NewView it does not hold: reports the view before it in
+    /// `Status`, so that peers in this view send their NewView.
+    awaiting_new_view: bool,
+    /// Highest executed op the driver reported durable (see
+    /// [`BftConfig::durability_reported`]).
+    durable_op: u64,
 }
 
 impl BftReplica {
@@ -218,7 +272,143 @@ impl BftReplica {
             state_transfer: None,
             evidence: Vec::new(),
             metrics: BftMetrics::default(),
+            guard: VoteGuard::default(),
+            guard_restored: VoteGuard::default(),
+            awaiting_new_view: false,
+            durable_op: 0,
         })
+    }
+
+    /// A replica restarted from what its driver persisted: the committed log's digests
+    /// above the last stable checkpoint (the chain digest is recomputed from them) and the
+    /// last [`VoteGuard`]. It starts in the guard's view and never signs what the guard
+    /// covers: in view 0 it follows at once (committing from its peers' votes and
+    /// `CommitProof`s, voting again above the guard's ops); in a later view it waits for
+    /// that view's NewView (or joins a later view change) as a replica changing views does.
+    /// The checkpoint certificate is verified; the digests are trusted (this replica's own
+    /// checksummed journal).
+    pub fn restore(
+        config: BftConfig,
+        committee: Committee,
+        key: SigningKey,
+        now_us: u64,
+        restored: Restored,
+    ) -> Result<Self, BftError> {
+        let mut replica = Self::new(config, committee, key, now_us)?;
+        let (low, mut chain) = match &restored.low_cert {
+            Some(cert) => {
+                replica.committee.verify_checkpoint(cert)?;
+                (cert.op(), cert.digest())
+            }
+            None => (0, CHAIN_GENESIS),
+        };
+        let commit_op = low + restored.digests.len() as u64;
+        // The last `log_window_ops` executed ops keep their chain digest (a peer's stable
+        // checkpoint among them moves the low watermark) and digest.
+        for (index, digest) in restored.digests.iter().enumerate() {
+            let op = low + 1 + index as u64;
+            chain = chain_digest(&chain, op, digest);
+            if op + config.log_window_ops > commit_op {
+                let slot_index = replica.slot_index(op);
+                let slot = &mut replica.slots[slot_index];
+                *slot = Slot::empty();
+                slot.op = op;
+                slot.chain = Some(chain);
+                slot.executed = Some(*digest);
+            }
+        }
+        replica.low = low;
+        replica.low_cert = restored.low_cert;
+        replica.commit_op = commit_op;
+        replica.commit_chain = chain;
+        replica.next_op = commit_op + 1;
+        replica.op_accepted_max = commit_op;
+        replica.durable_op = commit_op;
+        replica.guard = restored.guard;
+        replica.guard_restored = restored.guard;
+        replica.view = restored.guard.view();
+        if replica.view > 0 {
+            replica.status = Status::ViewChange;
+            replica.awaiting_new_view = true;
+            replica.view_change_deadline_us = Some(now_us + config.view_change_timeout_us);
+        }
+        // The latest checkpoint vote above the watermark again (the same statement as
+        // before the restart: the chain is deterministic), resent until stable.
+        let checkpoint = commit_op - commit_op % config.checkpoint_interval_ops;
+        if checkpoint > low
+            && let Some(chain) = replica.slot(checkpoint).and_then(|slot| slot.chain)
+        {
+            let vote = replica.sign(VoteKind::Checkpoint, 0, checkpoint, chain);
+            let _ = replica.record_checkpoint_vote(now_us, vote, &mut Vec::new());
+        }
+        debug_assert!(replica.commit_op >= replica.low);
+        Ok(replica)
+    }
+
+    /// What this replica has asked its driver to persist (it covers every statement
+    /// signed).
+    pub fn guard(&self) -> VoteGuard {
+        self.guard
+    }
+
+    /// Whether a PrePrepare, Prepare or Commit for `(view, op)` may be signed: not if the
+    /// guard restored at start covers it.
+    fn vote_allowed(&self, view: u64, op: u64) -> bool {
+        !self.guard_restored.covers_vote(view, op)
+    }
+
+    /// Before a PrePrepare, Prepare or Commit for `(view, op)` is sent: raises the guard to
+    /// cover it if it does not, reserving two windows of ops ahead so that this is rare.
+    fn guard_vote(&mut self, view: u64, op: u64, actions: &mut Vec<Action>) {
+        debug_assert!(self.vote_allowed(view, op));
+        if self.guard.covers_vote(view, op) {
+            return;
+        }
+        let reserve = op.max(self.low + 2 * self.config.log_window_ops);
+        self.guard.vote_op_max = if view == self.guard.vote_view {
+            self.guard.vote_op_max.max(reserve)
+        } else {
+            reserve
+        };
+        self.guard.vote_view = view;
+        debug_assert!(self.guard.covers_vote(view, op));
+        actions.push(Action::PersistGuard { guard: self.guard });
+    }
+
+    /// Before a ViewChange for `view` is sent.
+    fn guard_view_change(&mut self, view: u64, actions: &mut Vec<Action>) {
+        debug_assert!(view > self.guard_restored.view_change_view);
+        if self.guard.view_change_view < view {
+            self.guard.view_change_view = view;
+            actions.push(Action::PersistGuard { guard: self.guard });
+        }
+    }
+
+    /// The driver made every executed op up to `op` durable: checkpoint votes held back
+    /// for it are signed and sent (with [`BftConfig::durability_reported`]).
+    pub fn on_durable(&mut self, now_us: u64, op: u64, actions: &mut Vec<Action>) {
+        let durable = op.min(self.commit_op);
+        if durable <= self.durable_op {
+            return;
+        }
+        let interval = self.config.checkpoint_interval_ops;
+        let mut checkpoint = (self.durable_op / interval + 1) * interval;
+        self.durable_op = durable;
+        while checkpoint <= durable {
+            if let Some(chain) = self.slot(checkpoint).and_then(|slot| slot.chain) {
+                self.sign_checkpoint(now_us, checkpoint, chain, actions);
+            }
+            checkpoint += interval;
+        }
+    }
+
+    fn sign_checkpoint(&mut self, now_us: u64, op: u64, chain: Digest, actions: &mut Vec<Action>) {
+        let vote = self.sign(VoteKind::Checkpoint, 0, op, chain);
+        actions.push(Action::Broadcast {
+            message: Message::Checkpoint(vote),
+        });
+        // Our own vote is always fresh and consistent: it cannot fail.
+        let _ = self.record_checkpoint_vote(now_us, vote, actions);
     }
 
     /// The current view.
@@ -252,6 +442,7 @@ impl BftReplica {
             && self.leader() == self.config.replica
             && self.state_transfer.is_none()
             && self.next_op <= self.low + self.config.log_window_ops
+            && self.vote_allowed(self.view, self.next_op)
     }
 
     /// Highest op executed.
@@ -415,6 +606,7 @@ impl BftReplica {
         let op = self.next_op;
         self.next_op += 1;
         let vote = self.sign(VoteKind::PrePrepare, self.view, op, batch_digest(&batch));
+        self.guard_vote(self.view, op, actions);
         actions.push(Action::Broadcast {
             message: Message::PrePrepare {
                 vote,
@@ -512,6 +704,7 @@ impl BftReplica {
             .committed
             .as_ref()
             .is_some_and(|record| record.pre_prepare.digest != vote.digest)
+            || slot.executed.is_some_and(|digest| digest != vote.digest)
         {
             return Err(BftError::InvalidCertificate(
                 "proposal conflicts with a committed op",
@@ -534,8 +727,13 @@ impl BftReplica {
         debug_assert_eq!(batch_digest(&batch), vote.digest);
         let replica = usize::from(self.config.replica);
         let is_leader = vote.replica == self.config.replica;
-        let prepare =
-            (!is_leader).then(|| self.sign(VoteKind::Prepare, vote.view, vote.op, vote.digest));
+        // After a restart, a backup keeps proposals it may have voted on before but signs
+        // nothing for them (its peers' votes can still prepare and commit them here).
+        let prepare = (!is_leader && self.vote_allowed(vote.view, vote.op))
+            .then(|| self.sign(VoteKind::Prepare, vote.view, vote.op, vote.digest));
+        if prepare.is_some() {
+            self.guard_vote(vote.view, vote.op, actions);
+        }
         let slot = self.slot_mut(vote.op);
         slot.votes_for(vote.view);
         slot.pre_prepare = Some(vote);
@@ -666,7 +864,12 @@ impl BftReplica {
         if prepares.len() < needed {
             return;
         }
-        let commit = self.sign(VoteKind::Commit, view, op, head.digest);
+        let commit = self
+            .vote_allowed(view, op)
+            .then(|| self.sign(VoteKind::Commit, view, op, head.digest));
+        if commit.is_some() {
+            self.guard_vote(view, op, actions);
+        }
         let replica = usize::from(self.config.replica);
         let slot = self.slot_mut(op);
         slot.prepared = Some(PreparedEntry {
@@ -676,10 +879,12 @@ impl BftReplica {
             },
             batch: slot.batch.clone(),
         });
-        slot.commits[replica] = Some(commit);
-        actions.push(Action::Broadcast {
-            message: Message::Commit(commit),
-        });
+        if let Some(commit) = commit {
+            slot.commits[replica] = Some(commit);
+            actions.push(Action::Broadcast {
+                message: Message::Commit(commit),
+            });
+        }
         self.try_commit(now_us, op, actions);
     }
 
@@ -768,7 +973,9 @@ impl BftReplica {
             let cert = record.cert.clone();
             debug_assert_eq!(batch_digest(&batch), digest);
             let chain = chain_digest(&self.commit_chain, op, &digest);
-            self.slot_mut(op).chain = Some(chain);
+            let slot = self.slot_mut(op);
+            slot.chain = Some(chain);
+            slot.executed = Some(digest);
             self.commit_op = op;
             self.commit_chain = chain;
             self.metrics.ops_committed += 1;
@@ -780,13 +987,12 @@ impl BftReplica {
                 batch,
                 cert,
             });
-            if op.is_multiple_of(self.config.checkpoint_interval_ops) {
-                let vote = self.sign(VoteKind::Checkpoint, 0, op, chain);
-                actions.push(Action::Broadcast {
-                    message: Message::Checkpoint(vote),
-                });
-                // Our own vote is always fresh and consistent: it cannot fail.
-                let _ = self.record_checkpoint_vote(now_us, vote, actions);
+            // A checkpoint vote says this state is held: with durability reported, only
+            // once it is on disk (`on_durable`).
+            if op.is_multiple_of(self.config.checkpoint_interval_ops)
+                && (!self.config.durability_reported || op <= self.durable_op)
+            {
+                self.sign_checkpoint(now_us, op, chain, actions);
             }
         }
         self.next_op = self.next_op.max(self.commit_op + 1);
@@ -1086,6 +1292,7 @@ impl BftReplica {
         self.view = view;
         self.status = Status::ViewChange;
         self.new_view = None;
+        self.awaiting_new_view = false;
         self.progress_deadline_us = None;
         self.metrics.view_changes += 1;
         let timeout = self
@@ -1097,6 +1304,7 @@ impl BftReplica {
         self.view_change_deadline_us = Some(now_us + timeout);
         let view_change = self.build_view_change();
         self.view_changes[usize::from(self.config.replica)] = Some(view_change.clone());
+        self.guard_view_change(view, actions);
         actions.push(Action::Broadcast {
             message: Message::ViewChange(Box::new(view_change)),
         });
@@ -1185,6 +1393,10 @@ impl BftReplica {
             return;
         }
         let view = self.view;
+        if self.guard_restored.vote_view >= view {
+            // Restarted in a view it may have proposed in: it cannot lead it again.
+            return;
+        }
         let chosen: Vec<ViewChange> = self
             .view_changes
             .iter()
@@ -1212,6 +1424,8 @@ impl BftReplica {
             view_changes: chosen,
             pre_prepares,
         };
+        let op_last = plan.entries.last().map_or(self.low + 1, |(op, _, _)| *op);
+        self.guard_vote(view, op_last, actions);
         actions.push(Action::Broadcast {
             message: Message::NewView(Box::new(new_view.clone())),
         });
@@ -1305,6 +1519,7 @@ impl BftReplica {
     ) {
         self.view = new_view.view;
         self.status = Status::Normal;
+        self.awaiting_new_view = false;
         self.view_change_attempts = 0;
         self.view_change_deadline_us = None;
         self.progress_deadline_us = None;
@@ -1330,8 +1545,12 @@ impl BftReplica {
             if self.check_window(vote.op).is_err() {
                 continue;
             }
-            let committed = self.slot(vote.op).and_then(|slot| slot.committed.as_ref());
-            if committed.is_some_and(|record| record.pre_prepare.digest != vote.digest) {
+            let slot = self.slot(vote.op);
+            let committed = slot.and_then(|slot| slot.committed.as_ref());
+            let executed = slot.and_then(|slot| slot.executed);
+            if committed.is_some_and(|record| record.pre_prepare.digest != vote.digest)
+                || executed.is_some_and(|digest| digest != vote.digest)
+            {
                 // Only possible past f faults (or with an injected bug): keep ours.
                 self.metrics.invalid += 1;
                 continue;
@@ -1375,9 +1594,16 @@ impl BftReplica {
         }
         if now_us >= self.status_at_us {
             self.status_at_us = now_us + self.config.status_interval_us;
+            // Awaiting the NewView of its view after a restart: peers in this view answer
+            // a report of the view before with their NewView.
+            let view = if self.awaiting_new_view {
+                self.view.saturating_sub(1)
+            } else {
+                self.view
+            };
             actions.push(Action::Broadcast {
                 message: Message::Status {
-                    view: self.view,
+                    view,
                     commit_op: self.commit_op,
                     low: self.low,
                 },

@@ -1,7 +1,7 @@
 //! Unit tests of the BFT core: a lossless in-memory group of 4 replicas, messages delivered
 //! in FIFO order, time advanced by hand. The simulator (`tests/src/bft_sim/`) does the rest.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use super::*;
 
@@ -23,6 +23,13 @@ struct Group {
     /// (from, to, message)
     queue: VecDeque<(u8, u8, Message)>,
     committed: Vec<Vec<(u64, Digest)>>,
+    /// Each replica's last persisted vote guard.
+    guards: Vec<VoteGuard>,
+    /// Every statement each replica signed and sent, across restarts: a second, different
+    /// one for the same `(kind, view, op)` fails the test.
+    signed: Vec<BTreeMap<(VoteKind, u64, u64), Digest>>,
+    /// PrePrepares, Prepares and Commits each replica sent (cleared by `restart`).
+    votes_sent: Vec<Vec<Vote>>,
     errors: Vec<BftError>,
     /// Replicas whose messages are dropped (crashed or silent).
     silent: Vec<u8>,
@@ -48,14 +55,87 @@ impl Group {
             replicas,
             queue: VecDeque::new(),
             committed: vec![Vec::new(); usize::from(count)],
+            guards: vec![VoteGuard::default(); usize::from(count)],
+            signed: vec![BTreeMap::new(); usize::from(count)],
+            votes_sent: vec![Vec::new(); usize::from(count)],
             errors: Vec::new(),
             silent: Vec::new(),
             now_us: 0,
         }
     }
 
+    /// Checks that `from` never signs two different statements for one `(kind, view, op)`,
+    /// and that what it sends is covered by its persisted guard.
+    fn check_signed(&mut self, from: u8, message: &Message) {
+        let vote = match message {
+            Message::PrePrepare { vote, .. }
+            | Message::Prepare { vote, .. }
+            | Message::Commit(vote)
+            | Message::Checkpoint(vote) => *vote,
+            Message::ViewChange(view_change) => view_change.vote,
+            _ => return,
+        };
+        if vote.replica != from {
+            return;
+        }
+        let index = usize::from(from);
+        let held = self.signed[index]
+            .entry((vote.kind, vote.view, vote.op))
+            .or_insert(vote.digest);
+        assert_eq!(
+            *held, vote.digest,
+            "replica {from} contradicts itself: {vote:?}"
+        );
+        let guard = self.guards[index];
+        match vote.kind {
+            VoteKind::PrePrepare | VoteKind::Prepare | VoteKind::Commit => {
+                assert!(
+                    guard.covers_vote(vote.view, vote.op),
+                    "{vote:?} not guarded"
+                );
+                self.votes_sent[index].push(vote);
+            }
+            VoteKind::ViewChange => assert!(guard.view_change_view >= vote.view),
+            VoteKind::Checkpoint => {}
+        }
+    }
+
+    /// Restarts `replica` from what its driver persisted: its guard and the digests of the
+    /// ops it executed up to `durable_op` (the rest of its log was lost).
+    fn restart(&mut self, replica: u8, durable_op: u64) {
+        let index = usize::from(replica);
+        let low_cert = self.replicas[index].low_cert().cloned();
+        let low = low_cert.as_ref().map_or(0, CheckpointCert::op);
+        assert!(durable_op >= low);
+        self.committed[index].retain(|(op, _)| *op <= durable_op);
+        let digests = self.committed[index]
+            .iter()
+            .filter(|(op, _)| *op > low)
+            .map(|(_, digest)| *digest)
+            .collect();
+        let restored = Restored {
+            low_cert,
+            digests,
+            guard: self.guards[index],
+        };
+        self.replicas[index] = BftReplica::restore(
+            BftConfig::new(GROUP, replica),
+            committee(self.replicas.len() as u8, 1),
+            keys(self.replicas.len() as u8)[index].clone(),
+            self.now_us,
+            restored,
+        )
+        .expect("restore");
+        self.queue
+            .retain(|(from, to, _)| *from != replica && *to != replica);
+        self.votes_sent[index].clear();
+    }
+
     fn absorb(&mut self, from: u8, actions: Vec<Action>) {
         for action in actions {
+            if let Action::Send { message, .. } | Action::Broadcast { message } = &action {
+                self.check_signed(from, message);
+            }
             match action {
                 Action::Send { to, message } => self.queue.push_back((from, to, message)),
                 Action::Broadcast { message } => {
@@ -69,6 +149,15 @@ impl Group {
                     self.committed[usize::from(from)].push((op, digest))
                 }
                 Action::StateTransfer { .. } => panic!("no state transfer expected here"),
+                Action::PersistGuard { guard } => {
+                    let persisted = &mut self.guards[usize::from(from)];
+                    assert!(
+                        guard.vote_view >= persisted.vote_view
+                            && guard.view_change_view >= persisted.view_change_view,
+                        "a guard never goes back"
+                    );
+                    *persisted = guard;
+                }
             }
         }
     }
@@ -485,4 +574,188 @@ fn bft_new_view_plan_fills_gaps_with_null_ops() {
             .verify_view_change(&tampered, 2, LOG_WINDOW_OPS_DEFAULT)
             .is_err()
     );
+}
+
+#[test]
+fn bft_restarted_replica_never_signs_a_conflicting_vote() {
+    let mut group = Group::new(4, 1);
+    for round in 0..5u8 {
+        group.propose(0, &[round; 10]);
+    }
+    // Votes reserve two windows of ops ahead (one guard write for all of them).
+    let reserved = 2 * LOG_WINDOW_OPS_DEFAULT;
+    let guard = VoteGuard {
+        vote_view: 0,
+        vote_op_max: reserved,
+        view_change_view: 0,
+    };
+    assert_eq!(group.guards[2], guard);
+    // Replica 2 executed and voted for 5 ops; only 3 reached its disk.
+    group.restart(2, 3);
+    assert_eq!(group.replicas[2].commit_op(), 3);
+    assert_eq!(group.replicas[2].view(), 0);
+    assert_eq!(group.replicas[2].status(), Status::Normal);
+    assert_eq!(group.replicas[2].guard(), guard);
+    // A Byzantine leader now proposes another batch at op 4 to replica 2 alone: it keeps the
+    // proposal (it convicts the leader if it meets the other one) but signs nothing.
+    let other = Vote::sign(
+        &keys(4)[0],
+        GROUP,
+        VoteKind::PrePrepare,
+        0,
+        0,
+        4,
+        batch_digest(b"other"),
+    );
+    let mut actions = Vec::new();
+    group.replicas[2]
+        .on_message(
+            group.now_us,
+            0,
+            Message::PrePrepare {
+                vote: other,
+                batch: b"other".to_vec(),
+            },
+            &mut actions,
+        )
+        .expect("accepted, not voted on");
+    assert!(actions.is_empty(), "{actions:?}");
+    // (Holding that proposal, it would convict the leader once it sees the committed one
+    // and ask for a view change alone.) It crashes again before anything else, then
+    // catches up: its Status reports bring CommitProofs of ops 4 and 5.
+    group.restart(2, 3);
+    for _ in 0..3 {
+        group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    }
+    assert_eq!(group.replicas[2].commit_op(), 5);
+    assert_eq!(
+        group.replicas[2].commit_chain(),
+        group.replicas[1].commit_chain()
+    );
+    // Up to the reserved op it commits from its peers' votes and signs none; above it, it
+    // votes again (the guard goes up first).
+    for round in 5..=reserved as u8 + 6 {
+        group.propose(0, &[round; 10]);
+    }
+    let op_last = reserved + 7;
+    for replica in 0..4 {
+        assert_eq!(group.replicas[replica].commit_op(), op_last, "{replica}");
+    }
+    assert!(
+        group.votes_sent[2]
+            .iter()
+            .all(|vote| vote.op > reserved && vote.kind != VoteKind::PrePrepare),
+        "{:?}",
+        group.votes_sent[2]
+    );
+    assert!(!group.votes_sent[2].is_empty(), "it votes again");
+    assert!(group.guards[2].vote_op_max > reserved);
+    // It counts in quorums again: with replica 3 silent, the group still commits.
+    group.silent.push(3);
+    group.propose(0, b"needs replica 2");
+    assert_eq!(group.replicas[1].commit_op(), op_last + 1);
+    assert_eq!(group.replicas[2].commit_op(), op_last + 1);
+}
+
+#[test]
+fn bft_restarted_replica_rejoins_a_later_view_without_signing_a_second_view_change() {
+    let mut group = Group::new(4, 1);
+    group.propose(0, b"view 0");
+    // Leader 0 goes silent; the others change to view 1.
+    group.silent.push(0);
+    for replica in 1..4 {
+        group.replicas[replica].set_pending(group.now_us, true);
+    }
+    for _ in 0..20 {
+        group.tick_all(50_000);
+    }
+    assert!(group.replicas[2].view() >= 1);
+    let view = group.replicas[2].view();
+    assert_eq!(group.guards[2].view_change_view, view);
+    group.silent.retain(|replica| *replica != 0);
+    // Replica 2 restarts: it must neither sign a ViewChange for its view again nor wait for
+    // another view change; it asks its peers for their NewView.
+    group.restart(2, group.replicas[2].commit_op());
+    assert_eq!(group.replicas[2].view(), view);
+    assert_eq!(group.replicas[2].status(), Status::ViewChange);
+    for _ in 0..3 {
+        group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    }
+    assert_eq!(group.replicas[2].status(), Status::Normal);
+    assert_eq!(group.replicas[2].view(), view);
+    let leader = group.replicas[1].leader();
+    let op = group.propose(leader, b"view 1");
+    for replica in 1..4 {
+        assert_eq!(group.replicas[replica].commit_op(), op, "{replica}");
+    }
+    // It prepared the NewView's re-proposal of op 1 in this view before the crash, so its
+    // guard reserves this view's ops up to two windows: it commits from its peers' votes.
+    assert_eq!(group.guards[2].vote_view, view);
+    assert!(group.votes_sent[2].is_empty(), "{:?}", group.votes_sent[2]);
+}
+
+#[test]
+fn bft_checkpoint_votes_wait_for_durability_when_it_is_reported() {
+    let mut config = BftConfig::new(GROUP, 1);
+    config.durability_reported = true;
+    let keys = keys(4);
+    let mut replica = BftReplica::new(config, committee(4, 1), keys[1].clone(), 0).expect("ok");
+    let interval = config.checkpoint_interval_ops;
+    let mut checkpoints = Vec::new();
+    for op in 1..=interval {
+        let batch = [op as u8; 8];
+        let digest = batch_digest(&batch);
+        let pre_prepare = Vote::sign(&keys[0], GROUP, VoteKind::PrePrepare, 0, 0, op, digest);
+        let commits = [0u8, 2, 3]
+            .iter()
+            .map(|signer| {
+                Vote::sign(
+                    &keys[usize::from(*signer)],
+                    GROUP,
+                    VoteKind::Commit,
+                    *signer,
+                    0,
+                    op,
+                    digest,
+                )
+            })
+            .collect();
+        let mut actions = Vec::new();
+        replica
+            .on_message(
+                0,
+                0,
+                Message::CommitProof {
+                    pre_prepare,
+                    cert: CommitCert { commits },
+                    batch: batch.to_vec(),
+                },
+                &mut actions,
+            )
+            .expect("commit proof");
+        checkpoints.extend(
+            actions
+                .iter()
+                .filter(|action| {
+                    matches!(
+                        action,
+                        Action::Broadcast {
+                            message: Message::Checkpoint(_)
+                        }
+                    )
+                })
+                .cloned(),
+        );
+    }
+    assert_eq!(replica.commit_op(), interval);
+    assert!(checkpoints.is_empty(), "not durable yet: {checkpoints:?}");
+    let mut actions = Vec::new();
+    replica.on_durable(0, interval - 1, &mut actions);
+    assert!(actions.is_empty());
+    replica.on_durable(0, interval, &mut actions);
+    assert!(matches!(
+        actions.as_slice(),
+        [Action::Broadcast { message: Message::Checkpoint(vote) }]
+            if vote.op == interval && vote.digest == replica.commit_chain()
+    ));
 }

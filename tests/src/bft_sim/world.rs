@@ -440,6 +440,8 @@ impl World {
                     ));
                     self.schedule(2_000, Event::StateTransfer { replica });
                 }
+                // The simulator restarts no replica: nothing to persist.
+                Action::PersistGuard { .. } => {}
             }
         }
         let node = &mut self.nodes[usize::from(replica)];
