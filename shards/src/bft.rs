@@ -35,8 +35,17 @@
 //! core asks for a higher guard before it sends a vote the guard does not cover
 //! (`Action::PersistGuard`); it is written here, synchronously, before any later action.
 //!
-//! Not here yet: state transfer (the core's request is logged and counted; the replica
-//! stops executing), multi-shard nodes (refused: cross-group credit legs carry no proof).
+//! **State transfer** (a replica behind its peers' stable checkpoint): the core asks one
+//! peer at a time for the missing committed ops (`StateRequest`); a peer's core accepts
+//! ([`Action::ServeState`]) and this driver answers in the next batcher turn with a
+//! `StateOps` read back from the certificate journal (commit certificates, located from a
+//! bounded index of checkpoint positions) and the journal (batches, re-encoded with
+//! [`batch_encode`]). The receiving core verifies every commit certificate and executes
+//! the ops as ordinary commits, so they are journaled, certified and applied here exactly
+//! as if committed live.
+//!
+//! Not here yet: snapshot-based state transfer (a peer serves only ops its journals still
+//! hold), multi-shard nodes (refused: cross-group credit legs carry no proof).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -89,6 +98,14 @@ pub const COMMITTED_QUEUE_OPS: usize = 4 * bft::LOG_WINDOW_OPS_DEFAULT as usize;
 pub const CHECKPOINT_OPS_TRACKED: usize = 16;
 /// Largest number of batches proposed in one batcher turn.
 pub const PROPOSALS_PER_TURN_MAX: usize = 64;
+/// Checkpoint ops whose certificate-journal position is remembered (state transfer reads
+/// a peer's missing ops from the nearest one): with `K` = 16, the last 16,384 ops can be
+/// served. Older ops are not served (see `docs/bft.md` §13).
+pub const CERT_INDEX_CHECKPOINTS: usize = 1_024;
+/// Journal ops kept below the stable checkpoint for peers that transfer state (the BFT
+/// counterpart of `--retain-ops`): as many as the certificate index can serve.
+pub const BFT_RETAIN_OPS: u64 =
+    CERT_INDEX_CHECKPOINTS as u64 * bft::CHECKPOINT_INTERVAL_OPS_DEFAULT;
 /// Mixed into the handshake's peers digest: a BFT node and a crash-fault node configured
 /// with the same peers refuse each other instead of exchanging messages neither reads.
 pub const BFT_PEERS_DIGEST_SALT: u64 = 0x000B_F7BF_7BF7;
@@ -470,6 +487,12 @@ pub(crate) struct Bft {
     low_journaled: Cell<u64>,
     /// `(bft op, journal op)` at recent checkpoint ops.
     checkpoint_ops: RefCell<VecDeque<(u64, u64)>>,
+    /// `(bft op, certificate journal op of its commit record)` at checkpoint ops (and
+    /// `(0, 0)`, the genesis): where serving a state transfer starts reading.
+    cert_index: RefCell<VecDeque<(u64, u64)>>,
+    /// State transfer requests to serve in the next batcher turn, one per peer (a later
+    /// request replaces an earlier one): `(from_op, to_op)`.
+    serve_requests: RefCell<[Option<(u64, u64)>; bft::REPLICA_COUNT_MAX]>,
     /// Evidence records already logged (the core keeps the first `EVIDENCE_KEPT_MAX`).
     evidence_logged: Cell<usize>,
     metrics_seen: Cell<BftMetrics>,
@@ -507,7 +530,7 @@ impl Bft {
             fsync: main.fsync,
             write_buffer_bytes: CERT_WRITE_BUFFER_BYTES,
         };
-        let mut records = Vec::new();
+        let mut records: Vec<CertRecord> = Vec::new();
         let mut undecodable = false;
         let (mut certs, _) = Journal::open(certs_config, |entry| {
             match CertRecord::decode(entry.meta.operation, entry.records()) {
@@ -573,6 +596,21 @@ impl Bft {
             }
         };
         let low_journaled = replica.low();
+        let mut cert_index = VecDeque::with_capacity(CERT_INDEX_CHECKPOINTS);
+        cert_index.push_back((0, 0));
+        let records_kept = recovery
+            .as_ref()
+            .map_or(0, |recovery| recovery.records_kept);
+        for (index, record) in records[..records_kept].iter().enumerate() {
+            if record.kind == CERT_KIND_COMMIT
+                && record.op.is_multiple_of(config.checkpoint_interval_ops)
+            {
+                if cert_index.len() == CERT_INDEX_CHECKPOINTS {
+                    cert_index.pop_front();
+                }
+                cert_index.push_back((record.op, index as u64 + 1));
+            }
+        }
         let mut checkpoint_ops = VecDeque::with_capacity(CHECKPOINT_OPS_TRACKED);
         checkpoint_ops.extend(
             recovery
@@ -622,6 +660,8 @@ impl Bft {
             certs: RefCell::new(Some(certs)),
             cert_record: RefCell::new(Vec::with_capacity(CERT_RECORD_BYTES_MAX)),
             low_journaled: Cell::new(low_journaled),
+            cert_index: RefCell::new(cert_index),
+            serve_requests: RefCell::new([None; bft::REPLICA_COUNT_MAX]),
             checkpoint_ops: RefCell::new(checkpoint_ops),
             evidence_logged: Cell::new(0),
             metrics_seen: Cell::new(BftMetrics::default()),
@@ -860,6 +900,7 @@ where
 fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut committed_any = false;
+    let mut serve_requested = false;
     for action in actions {
         match action {
             Action::Send { to, message } => send(shard, &[*to], message),
@@ -906,17 +947,22 @@ fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
             }
             Action::StateTransfer { cert } => {
                 ShardMetrics::add(&shard.metrics.bft_state_transfers_total, 1);
-                tracing::error!(
+                tracing::info!(
                     shard = shard.index,
                     op = cert.op(),
-                    "BFT state transfer needed (this replica fell out of its peers' window); \
-                     not supported yet: this replica stops executing"
+                    commit_op = bft.replica.borrow().commit_op(),
+                    "BFT state transfer: this replica is behind its peers' stable checkpoint; \
+                     fetching the committed ops and their commit certificates from peers"
                 );
+            }
+            Action::ServeState { to, from_op, to_op } => {
+                bft.serve_requests.borrow_mut()[usize::from(*to)] = Some((*from_op, *to_op));
+                serve_requested = true;
             }
         }
     }
     log_evidence(shard);
-    if committed_any {
+    if committed_any || serve_requested {
         shard.batcher.notify();
     }
 }
@@ -1227,6 +1273,21 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
         &metrics.bft_commit_proofs_applied_total,
         delta(now.commit_proofs_applied, seen.commit_proofs_applied),
     );
+    ShardMetrics::add(
+        &metrics.bft_state_ops_applied_total,
+        delta(now.state_ops_applied, seen.state_ops_applied),
+    );
+    ShardMetrics::add(
+        &metrics.bft_state_transfers_completed_total,
+        delta(
+            now.state_transfers_completed,
+            seen.state_transfers_completed,
+        ),
+    );
+    ShardMetrics::add(
+        &metrics.bft_state_requests_total,
+        delta(now.state_requests, seen.state_requests),
+    );
 }
 
 /// One batcher turn of a BFT shard: propose (leader), then journal and apply what
@@ -1240,6 +1301,7 @@ where
 {
     let mut progressed = propose(shard);
     progressed |= journal_and_apply(shard, journal).await;
+    progressed |= serve_state(shard, journal).await;
     let retain_from_op = retain_from_op(shard);
     progressed |= crate::runtime::checkpoint_install(shard, journal, retain_from_op).await;
     shard.core.borrow().publish_pool_metrics();
@@ -1433,11 +1495,171 @@ async fn stage_committed<S: StateMachine>(
                 ops.pop_front();
             }
             ops.push_back((op, journal_op));
+            let mut index = bft.cert_index.borrow_mut();
+            if index.len() == CERT_INDEX_CHECKPOINTS {
+                index.pop_front();
+            }
+            index.push_back((op, certs.op_staged()));
         }
     }
     let taken = !applying.is_empty();
     *bft.applying.borrow_mut() = applying;
     taken
+}
+
+/// Answers the state transfer requests the core accepted ([`Action::ServeState`]): each
+/// peer gets one `StateOps` with the committed ops it asked for, read back from the
+/// certificate journal (commit certificates) and the journal (batches). Returns whether
+/// any was served.
+async fn serve_state<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let requests = std::mem::take(&mut *bft.serve_requests.borrow_mut());
+    if requests.iter().all(Option::is_none) {
+        return false;
+    }
+    let Some(mut certs) = bft.certs.borrow_mut().take() else {
+        return false;
+    };
+    for (to, request) in requests.iter().enumerate() {
+        let Some((from_op, to_op)) = *request else {
+            continue;
+        };
+        let ops = read_state_ops(shard, journal, &mut certs, from_op, to_op).await;
+        ShardMetrics::add(&shard.metrics.bft_state_ops_served_total, ops.len() as u64);
+        tracing::debug!(
+            shard = shard.index,
+            peer = to,
+            from_op,
+            to_op,
+            served = ops.len(),
+            "BFT state transfer: ops served"
+        );
+        send(shard, &[to as u8], &Message::StateOps(ops));
+    }
+    *bft.certs.borrow_mut() = Some(certs);
+    true
+}
+
+/// Reads committed ops `from_op..=to_op` with their commit certificates, in op order,
+/// stopping early at an op this replica cannot serve: before the oldest indexed
+/// checkpoint, a batch the journal released (checkpointed), a committed batch that was not
+/// a batch of this shard (its bytes are not kept), or the message size limit. Whatever is
+/// read is checked again (record order, batch digest); the receiver verifies everything.
+async fn read_state_ops<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &mut Journal,
+    certs: &mut Journal,
+    from_op: u64,
+    to_op: u64,
+) -> Vec<(CommitCert, Vec<u8>)> {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut ops = Vec::new();
+    let start = bft
+        .cert_index
+        .borrow()
+        .iter()
+        .rev()
+        .find(|(op, _)| *op < from_op)
+        .copied();
+    let Some((mut bft_op, mut cert_op)) = start else {
+        tracing::info!(
+            shard = shard.index,
+            from_op,
+            "BFT state transfer: ops older than the certificate index asked for; not served"
+        );
+        return ops;
+    };
+    let null = bft::batch_digest(&[]);
+    let mut entry = Vec::new();
+    let mut batch_entry = Vec::new();
+    let mut bytes = 3;
+    while bft_op < to_op && cert_op < certs.op_durable() {
+        cert_op += 1;
+        let record = match certs.read_entry(cert_op, &mut entry).await {
+            Ok(()) => percore_engine::journal::decode_entry(&entry, CERT_RECORD_BYTES_MAX)
+                .ok()
+                .and_then(|decoded| CertRecord::decode(decoded.meta.operation, decoded.records())),
+            Err(_) => None,
+        };
+        let Some(record) = record else {
+            tracing::warn!(
+                shard = shard.index,
+                cert_op,
+                "BFT state transfer: certificate record unreadable"
+            );
+            break;
+        };
+        if record.kind != CERT_KIND_COMMIT {
+            continue;
+        }
+        if record.op != bft_op + 1 {
+            tracing::warn!(
+                shard = shard.index,
+                cert_op,
+                op = record.op,
+                "BFT state transfer: certificate records out of order"
+            );
+            break;
+        }
+        bft_op = record.op;
+        if bft_op < from_op {
+            continue;
+        }
+        let batch = if record.journal_op == 0 {
+            if record.digest != null {
+                break; // an invalid batch: its bytes were not journaled
+            }
+            Vec::new()
+        } else {
+            let Some(batch) = read_batch(journal, record.journal_op, &mut batch_entry).await else {
+                break;
+            };
+            if bft::batch_digest(&batch) != record.digest {
+                tracing::warn!(
+                    shard = shard.index,
+                    op = bft_op,
+                    "BFT state transfer: journaled batch does not match its certificate"
+                );
+                break;
+            }
+            batch
+        };
+        let op_bytes = 1 + record.votes.len() * codec::VOTE_BYTES + 4 + batch.len();
+        if bytes + op_bytes > BFT_MESSAGE_BYTES_MAX {
+            break;
+        }
+        bytes += op_bytes;
+        ops.push((
+            CommitCert {
+                commits: record.votes,
+            },
+            batch,
+        ));
+    }
+    ops
+}
+
+/// The batch bytes a journal entry was staged from ([`batch_encode`] of its operation,
+/// records and request descriptors), if the journal still holds it.
+async fn read_batch(
+    journal: &mut Journal,
+    journal_op: u64,
+    entry: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
+    if journal_op < journal.op_first() || journal_op > journal.op_durable() {
+        return None;
+    }
+    journal.read_entry(journal_op, entry).await.ok()?;
+    let decoded =
+        percore_engine::journal::decode_entry(entry, journal.config().body_bytes_max).ok()?;
+    let mut batch = Vec::new();
+    batch_encode(
+        decoded.meta.operation,
+        decoded.records(),
+        decoded.requests(),
+        &mut batch,
+    );
+    Some(batch)
 }
 
 /// Stages a certificate record: kind, BFT op, journal op (0: none), view, digest, votes.
@@ -1523,15 +1745,18 @@ fn journal_op_at(bft: &Bft, op: u64) -> Option<u64> {
         .map(|(_, journal_op)| *journal_op)
 }
 
-/// The lowest journal op the journal must keep: everything a stable checkpoint certifies
-/// may go (subject to the journal's own snapshots).
+/// The lowest journal op the journal must keep: what no stable checkpoint certifies yet,
+/// and [`BFT_RETAIN_OPS`] below it for peers that transfer state (subject to the
+/// journal's own snapshots).
 fn retain_from_op<S: StateMachine>(shard: &Shard<S>) -> u64 {
     let bft = shard.bft.as_ref().expect("BFT shard");
     let low = bft.low_journaled.get();
     if low == 0 {
         return 1;
     }
-    journal_op_at(bft, low).map_or(1, |journal_op| journal_op + 1)
+    journal_op_at(bft, low).map_or(1, |journal_op| {
+        (journal_op + 1).saturating_sub(BFT_RETAIN_OPS).max(1)
+    })
 }
 
 /// Applies what this turn journaled and answers the clients waiting on this replica.

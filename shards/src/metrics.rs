@@ -323,7 +323,11 @@ shard_metrics! {
     counter bft_certs_journaled_total: "BFT mode: commit and checkpoint certificates written to the certificate journal.",
     counter bft_proposals_total: "BFT mode: batches this replica proposed as leader.",
     counter bft_guard_writes_total: "BFT mode: vote guard records written (fsynced) before the votes they cover were sent.",
-    counter bft_state_transfers_total: "BFT mode: state transfers the core asked for (not supported yet: the replica stops executing).",
+    counter bft_state_transfers_total: "BFT mode: state transfers the core asked for (this replica was behind its peers' stable checkpoint; a raised target counts again).",
+    counter bft_state_transfers_completed_total: "BFT mode: state transfers that reached their checkpoint (chain digest matched the 2f+1-signed checkpoint certificate).",
+    counter bft_state_ops_applied_total: "BFT mode: ops executed from peers' StateOps (each with a verified commit certificate).",
+    counter bft_state_requests_total: "BFT mode: StateRequests sent to peers (first asks and retries to the next peer).",
+    counter bft_state_ops_served_total: "BFT mode: committed ops with certificates sent to peers that transfer state.",
     counter bft_core_us_total: "BFT mode: time spent in the BFT core (signing and verifying included), microseconds.",
     counter bft_sign_us_total: "BFT mode: time the leader spent in propose (one signature per batch), microseconds.",
 }

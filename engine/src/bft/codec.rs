@@ -15,6 +15,7 @@
 //! checkpoint = votes                      option<x> = 0 | 1 x
 //! prepared   = vote (PrePrepare) | votes (Prepares)
 //! view change= vote | option<checkpoint> | count u16 (<= LOG_WINDOW_OPS_LIMIT) | (prepared | bytes)*
+//! state ops  = count u16 (<= LOG_WINDOW_OPS_LIMIT) | (votes | bytes)*
 //! ```
 
 use ed25519_dalek::Signature;
@@ -38,6 +39,8 @@ const TAG_NEW_VIEW: u8 = 6;
 const TAG_STATUS: u8 = 7;
 const TAG_COMMIT_PROOF: u8 = 8;
 const TAG_CHECKPOINT_PROOF: u8 = 9;
+const TAG_STATE_REQUEST: u8 = 10;
+const TAG_STATE_OPS: u8 = 11;
 
 const _: () = assert!(REPLICA_COUNT_MAX <= u8::MAX as usize);
 const _: () = assert!(LOG_WINDOW_OPS_LIMIT <= u16::MAX as u64);
@@ -124,6 +127,20 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) {
             out.push(TAG_CHECKPOINT_PROOF);
             put_votes(out, &cert.votes);
         }
+        Message::StateRequest { from_op, to_op } => {
+            out.push(TAG_STATE_REQUEST);
+            out.extend_from_slice(&from_op.to_le_bytes());
+            out.extend_from_slice(&to_op.to_le_bytes());
+        }
+        Message::StateOps(ops) => {
+            out.push(TAG_STATE_OPS);
+            debug_assert!(ops.len() as u64 <= LOG_WINDOW_OPS_LIMIT);
+            out.extend_from_slice(&(ops.len() as u16).to_le_bytes());
+            for (cert, batch) in ops {
+                put_votes(out, &cert.commits);
+                put_bytes(out, batch);
+            }
+        }
     }
 }
 
@@ -169,6 +186,13 @@ pub fn encoded_bytes(message: &Message) -> usize {
             VOTE_BYTES + 1 + cert.commits.len() * VOTE_BYTES + 4 + batch.len()
         }
         Message::CheckpointProof(cert) => 1 + cert.votes.len() * VOTE_BYTES,
+        Message::StateRequest { .. } => 16,
+        Message::StateOps(ops) => {
+            2 + ops
+                .iter()
+                .map(|(cert, batch)| 1 + cert.commits.len() * VOTE_BYTES + 4 + batch.len())
+                .sum::<usize>()
+        }
     }
 }
 
@@ -221,6 +245,21 @@ pub fn decode(bytes: &[u8]) -> Result<Message, CodecError> {
         TAG_CHECKPOINT_PROOF => Message::CheckpointProof(CheckpointCert {
             votes: reader.votes()?,
         }),
+        TAG_STATE_REQUEST => Message::StateRequest {
+            from_op: reader.u64()?,
+            to_op: reader.u64()?,
+        },
+        TAG_STATE_OPS => {
+            let count = reader.count_u16("state ops")?;
+            // Each op takes at least a vote count and a length: allocate no more than
+            // the bytes can hold.
+            let mut ops = Vec::with_capacity(count.min(reader.left() / 5));
+            for _ in 0..count {
+                let commits = reader.votes()?;
+                ops.push((CommitCert { commits }, reader.bytes()?));
+            }
+            Message::StateOps(ops)
+        }
         tag => return Err(CodecError::BadTag(tag)),
     };
     if !reader.bytes.is_empty() {
@@ -456,6 +495,25 @@ mod tests {
                 batch: vec![9; 100],
             },
             Message::CheckpointProof(checkpoint),
+            Message::StateRequest {
+                from_op: 3,
+                to_op: 18,
+            },
+            Message::StateOps(vec![
+                (
+                    CommitCert {
+                        commits: (0..3).map(|r| vote(VoteKind::Commit, r, 3)).collect(),
+                    },
+                    vec![4; 40],
+                ),
+                (
+                    CommitCert {
+                        commits: (1..4).map(|r| vote(VoteKind::Commit, r, 4)).collect(),
+                    },
+                    Vec::new(),
+                ),
+            ]),
+            Message::StateOps(Vec::new()),
         ]
     }
 
@@ -482,7 +540,7 @@ mod tests {
     #[test]
     fn unknown_tags_kinds_and_counts_are_refused() {
         assert_eq!(decode(&[0]), Err(CodecError::BadTag(0)));
-        assert_eq!(decode(&[10]), Err(CodecError::BadTag(10)));
+        assert_eq!(decode(&[12]), Err(CodecError::BadTag(12)));
         let mut bytes = Vec::new();
         encode(&Message::Commit(vote(VoteKind::Commit, 1, 1)), &mut bytes);
         bytes[1] = 9;
@@ -490,6 +548,9 @@ mod tests {
         let mut proof = vec![TAG_CHECKPOINT_PROOF, REPLICA_COUNT_MAX as u8 + 1];
         proof.extend_from_slice(&[0; 4 * VOTE_BYTES]);
         assert_eq!(decode(&proof), Err(CodecError::OutOfRange("votes")));
+        let mut ops = vec![TAG_STATE_OPS];
+        ops.extend_from_slice(&(LOG_WINDOW_OPS_LIMIT as u16 + 1).to_le_bytes());
+        assert_eq!(decode(&ops), Err(CodecError::OutOfRange("state ops")));
     }
 
     proptest! {
@@ -500,7 +561,7 @@ mod tests {
 
         #[test]
         fn decode_never_panics_on_mutated_messages(
-            which in 0usize..9,
+            which in 0usize..12,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
         ) {
             let mut bytes = Vec::new();

@@ -521,6 +521,18 @@ pub enum Message {
     },
     /// A stable checkpoint above the receiver's log: it must fetch state.
     CheckpointProof(CheckpointCert),
+    /// State transfer: asks one peer for the committed ops `from_op..=to_op` with their
+    /// commit certificates. Unsigned; answered with `StateOps`.
+    StateRequest {
+        /// First op asked for.
+        from_op: u64,
+        /// Last op asked for.
+        to_op: u64,
+    },
+    /// State transfer: committed ops in op order, each with its commit certificate and
+    /// its batch (empty for a null op). Believed op by op: the certificate must hold
+    /// `quorum` Commits for the batch's digest.
+    StateOps(Vec<(CommitCert, Vec<u8>)>),
 }
 
 impl Message {
@@ -536,6 +548,8 @@ impl Message {
             Message::Status { .. } => "status",
             Message::CommitProof { .. } => "commit_proof",
             Message::CheckpointProof(_) => "checkpoint_proof",
+            Message::StateRequest { .. } => "state_request",
+            Message::StateOps(_) => "state_ops",
         }
     }
 }

@@ -58,8 +58,12 @@ pub const VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT: u64 = 3_200_000;
 pub const RESEND_INTERVAL_US_DEFAULT: u64 = 40_000;
 /// Default interval of `Status` reports (µs).
 pub const STATUS_INTERVAL_US_DEFAULT: u64 = 60_000;
-/// Default most `CommitProof`s one `Status` is answered with.
+/// Default most `CommitProof`s one `Status` is answered with, and most committed ops one
+/// `StateRequest` asks for (state transfer).
 pub const CATCHUP_OPS_MAX_DEFAULT: u64 = 16;
+/// Default time a state transfer waits for the answer to a `StateRequest` before it asks
+/// the next peer (µs): a silent or lying peer delays a transfer by this much, no more.
+pub const STATE_TRANSFER_RETRY_US_DEFAULT: u64 = 100_000;
 /// A view change for a view further than this above the current one is refused: a
 /// Byzantine replica cannot make others verify an unbounded run of views.
 pub const VIEW_AHEAD_MAX: u64 = 64;
@@ -74,6 +78,7 @@ const _: () = assert!(LOG_WINDOW_OPS_DEFAULT >= 2 * CHECKPOINT_INTERVAL_OPS_DEFA
 const _: () = assert!(LOG_WINDOW_OPS_DEFAULT <= LOG_WINDOW_OPS_LIMIT);
 const _: () = assert!(VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT >= VIEW_CHANGE_TIMEOUT_US_DEFAULT);
 const _: () = assert!(PROGRESS_TIMEOUT_US_DEFAULT >= 4 * RESEND_INTERVAL_US_DEFAULT);
+const _: () = assert!(CATCHUP_OPS_MAX_DEFAULT <= LOG_WINDOW_OPS_LIMIT);
 
 /// Why a BFT configuration, message or proposal is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -217,8 +222,12 @@ pub struct BftConfig {
     pub resend_interval_us: u64,
     /// Status report interval (µs).
     pub status_interval_us: u64,
-    /// Most `CommitProof`s per answered `Status`.
+    /// Most `CommitProof`s per answered `Status`, and most ops per `StateRequest` (at
+    /// most [`LOG_WINDOW_OPS_LIMIT`]: the codec's bound on a `StateOps`).
     pub catchup_ops_max: u64,
+    /// Time a state transfer waits for a peer's `StateOps` before asking the next peer
+    /// (µs).
+    pub state_transfer_retry_us: u64,
     /// The driver reports which executed ops are durable ([`BftReplica::on_durable`]), and
     /// checkpoint votes are signed only for durable ops (a stable checkpoint then means
     /// `quorum` replicas hold that state on disk). Off (the simulator): an op counts as
@@ -243,6 +252,7 @@ impl BftConfig {
             resend_interval_us: RESEND_INTERVAL_US_DEFAULT,
             status_interval_us: STATUS_INTERVAL_US_DEFAULT,
             catchup_ops_max: CATCHUP_OPS_MAX_DEFAULT,
+            state_transfer_retry_us: STATE_TRANSFER_RETRY_US_DEFAULT,
             durability_reported: false,
             bug: None,
         }
@@ -271,11 +281,15 @@ impl BftConfig {
             (self.resend_interval_us, "resend_interval_us"),
             (self.status_interval_us, "status_interval_us"),
             (self.catchup_ops_max, "catchup_ops_max"),
+            (self.state_transfer_retry_us, "state_transfer_retry_us"),
         ];
         for (value, name) in nonzero {
             if value == 0 {
                 return Err(BftError::Limit(name));
             }
+        }
+        if self.catchup_ops_max > LOG_WINDOW_OPS_LIMIT {
+            return Err(BftError::Limit("catchup_ops_max"));
         }
         if self.view_change_timeout_us_max < self.view_change_timeout_us {
             return Err(BftError::Limit("view_change_timeout_us_max"));
@@ -323,12 +337,29 @@ pub enum Action {
         guard: VoteGuard,
     },
     /// The group's stable checkpoint `cert` is above this replica's executed log and the
-    /// ops below it are gone from its peers: fetch the committed log (or a snapshot) up to
-    /// `cert.op()`, check it against `cert.digest()` ([`chain_digest`]), install it, then
-    /// call [`BftReplica::on_state_transferred`]. Normal operation waits meanwhile.
+    /// ops below it are gone from its peers' windows. The core fetches the missing ops
+    /// itself (`StateRequest` to one peer at a time, rotating on timeout; each op of the
+    /// answer verified against its commit certificate and executed as an ordinary
+    /// [`Action::Commit`]; the chain checked against `cert` at the end), so a driver may
+    /// only log this. A driver that installs state by other means (the simulator copies a
+    /// log) calls [`BftReplica::on_state_transferred`] instead. Normal execution waits
+    /// meanwhile. Emitted again when a later checkpoint raises the target.
     StateTransfer {
         /// The certificate to reach.
         cert: CheckpointCert,
+    },
+    /// Peer `to` asked for committed ops `from_op..=to_op` (durable here, at most
+    /// `catchup_ops_max`): send it a [`Message::StateOps`] with each op's commit
+    /// certificate and batch bytes (empty for a null op), in op order, from `from_op` on,
+    /// as many as the driver still holds and as fit in one message. Unsigned and
+    /// unchecked by the sender: the receiver verifies every certificate.
+    ServeState {
+        /// The peer.
+        to: u8,
+        /// First op asked for.
+        from_op: u64,
+        /// Last op to send.
+        to_op: u64,
     },
 }
 
@@ -357,8 +388,18 @@ pub struct BftMetrics {
     pub checkpoints_stable: u64,
     /// Ops committed from another replica's `CommitProof`.
     pub commit_proofs_applied: u64,
-    /// State transfers asked for.
+    /// State transfers asked for (each raise of the target counts).
     pub state_transfers: u64,
+    /// State transfers completed: the log reached the target checkpoint.
+    pub state_transfers_completed: u64,
+    /// State transfers whose log, every op certified, did not end on the checkpoint's
+    /// chain digest: only possible past `f` faults (the simulator's safety checker fails
+    /// on it).
+    pub state_transfers_mismatched: u64,
+    /// Ops executed from peers' `StateOps` (state transfer).
+    pub state_ops_applied: u64,
+    /// `StateRequest`s sent (the first and every retry).
+    pub state_requests: u64,
 }
 
 #[cfg(test)]

@@ -217,6 +217,10 @@ pub struct BftReplica {
     status_at_us: u64,
     status_answered_us: Vec<u64>,
     state_transfer: Option<CheckpointCert>,
+    /// State transfer: the peer asked for the next ops (rotates on each retry, so a silent
+    /// or lying peer costs one retry interval), and when to ask again.
+    transfer_peer: u8,
+    transfer_retry_at_us: Option<u64>,
     evidence: Vec<Evidence>,
     metrics: BftMetrics,
     /// What the driver has been asked to persist: covers everything signed.
@@ -270,6 +274,8 @@ impl BftReplica {
             resend_at_us: now_us + config.resend_interval_us,
             status_at_us: now_us + config.status_interval_us,
             state_transfer: None,
+            transfer_peer: (config.replica + 1) % replica_count as u8,
+            transfer_retry_at_us: None,
             evidence: Vec::new(),
             metrics: BftMetrics::default(),
             guard: VoteGuard::default(),
@@ -391,6 +397,9 @@ impl BftReplica {
         if durable <= self.durable_op {
             return;
         }
+        // A state transfer asks for its next ops once the last ones are on disk here (the
+        // driver's commit queue stays bounded).
+        let transferring = self.state_transfer.is_some() && durable >= self.commit_op;
         let interval = self.config.checkpoint_interval_ops;
         let mut checkpoint = (self.durable_op / interval + 1) * interval;
         self.durable_op = durable;
@@ -399,6 +408,9 @@ impl BftReplica {
                 self.sign_checkpoint(now_us, checkpoint, chain, actions);
             }
             checkpoint += interval;
+        }
+        if transferring {
+            self.request_state_ops(now_us, actions);
         }
     }
 
@@ -483,9 +495,13 @@ impl BftReplica {
     /// When `on_tick` must run next.
     pub fn poll_timeout(&self) -> u64 {
         let mut deadline = self.resend_at_us.min(self.status_at_us);
-        for timer in [self.progress_deadline_us, self.view_change_deadline_us]
-            .into_iter()
-            .flatten()
+        for timer in [
+            self.progress_deadline_us,
+            self.view_change_deadline_us,
+            self.transfer_retry_at_us,
+        ]
+        .into_iter()
+        .flatten()
         {
             deadline = deadline.min(timer);
         }
@@ -568,7 +584,12 @@ impl BftReplica {
     }
 
     fn arm_progress_timer(&mut self, now_us: u64) {
-        if self.status == Status::Normal && self.progress_deadline_us.is_none() {
+        // Not while fetching state: the replica makes no progress of its own then, and
+        // must not blame the leader for it.
+        if self.status == Status::Normal
+            && self.state_transfer.is_none()
+            && self.progress_deadline_us.is_none()
+        {
             self.progress_deadline_us = Some(now_us + self.config.progress_timeout_us);
         }
     }
@@ -648,6 +669,10 @@ impl BftReplica {
                 batch,
             } => self.on_commit_proof(now_us, pre_prepare, cert, batch, actions),
             Message::CheckpointProof(cert) => self.on_checkpoint_proof(now_us, cert, actions),
+            Message::StateRequest { from_op, to_op } => {
+                self.on_state_request(from, (from_op, to_op), actions)
+            }
+            Message::StateOps(ops) => self.on_state_ops(now_us, ops, actions),
         };
         if let Err(error) = &result {
             self.count_error(error);
@@ -1113,7 +1138,7 @@ impl BftReplica {
 
     fn on_checkpoint_proof(
         &mut self,
-        _now_us: u64,
+        now_us: u64,
         cert: CheckpointCert,
         actions: &mut Vec<Action>,
     ) -> Result<(), BftError> {
@@ -1125,11 +1150,19 @@ impl BftReplica {
             self.adopt_stable(cert);
             return Ok(());
         }
-        self.request_state_transfer(cert, actions);
+        self.request_state_transfer(now_us, cert, actions);
         Ok(())
     }
 
-    fn request_state_transfer(&mut self, cert: CheckpointCert, actions: &mut Vec<Action>) {
+    /// Sets (or raises) the checkpoint a state transfer must reach and, unless one is
+    /// under way, asks a peer for the first ops.
+    fn request_state_transfer(
+        &mut self,
+        now_us: u64,
+        cert: CheckpointCert,
+        actions: &mut Vec<Action>,
+    ) {
+        debug_assert!(cert.op() > self.commit_op);
         if self
             .state_transfer
             .as_ref()
@@ -1137,9 +1170,203 @@ impl BftReplica {
         {
             return;
         }
+        let under_way = self.state_transfer.is_some();
+        self.progress_deadline_us = None;
         self.metrics.state_transfers += 1;
         self.state_transfer = Some(cert.clone());
         actions.push(Action::StateTransfer { cert });
+        if !under_way {
+            self.request_state_ops(now_us, actions);
+        }
+    }
+
+    /// Asks the current transfer peer for the next committed ops toward the target (at
+    /// most `catchup_ops_max`), and arms the retry timer.
+    fn request_state_ops(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        let Some(target) = self.state_transfer.as_ref().map(CheckpointCert::op) else {
+            return;
+        };
+        debug_assert!(self.commit_op < target);
+        debug_assert_ne!(self.transfer_peer, self.config.replica);
+        let from_op = self.commit_op + 1;
+        let to_op = target.min(self.commit_op + self.config.catchup_ops_max);
+        self.metrics.state_requests += 1;
+        actions.push(Action::Send {
+            to: self.transfer_peer,
+            message: Message::StateRequest { from_op, to_op },
+        });
+        self.transfer_retry_at_us = Some(now_us + self.config.state_transfer_retry_us);
+    }
+
+    /// The retry timer of a state transfer fired: ask the next peer (once the ops already
+    /// received are durable here, when durability is reported).
+    fn state_transfer_retry(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        if self.state_transfer.is_none() {
+            self.transfer_retry_at_us = None;
+            return;
+        }
+        if self.config.durability_reported && self.durable_op < self.commit_op {
+            self.transfer_retry_at_us = Some(now_us + self.config.state_transfer_retry_us);
+            return;
+        }
+        let replica_count = self.committee.replica_count();
+        self.transfer_peer = (self.transfer_peer + 1) % replica_count;
+        if self.transfer_peer == self.config.replica {
+            self.transfer_peer = (self.transfer_peer + 1) % replica_count;
+        }
+        self.request_state_ops(now_us, actions);
+    }
+
+    /// A peer asks for committed ops: the driver serves those durable here, at most
+    /// `catchup_ops_max` of them, from its journals ([`Action::ServeState`]).
+    fn on_state_request(
+        &mut self,
+        from: u8,
+        (from_op, to_op): (u64, u64),
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        if from == self.config.replica || from >= self.committee.replica_count() {
+            return Err(BftError::UnknownSigner(from));
+        }
+        let held = if self.config.durability_reported {
+            self.durable_op
+        } else {
+            self.commit_op
+        };
+        if from_op == 0 || from_op > to_op || from_op > held {
+            return Err(BftError::Stale);
+        }
+        let to_op = to_op
+            .min(held)
+            .min(from_op.saturating_add(self.config.catchup_ops_max - 1));
+        actions.push(Action::ServeState {
+            to: from,
+            from_op,
+            to_op,
+        });
+        Ok(())
+    }
+
+    /// A peer's answer to a `StateRequest`: each op after `commit_op`, in order, is
+    /// executed once its commit certificate (`quorum` Commits for the batch's digest) is
+    /// verified — that alone proves it committed, whoever relays it. Reaching the target,
+    /// the chain digest must be the checkpoint certificate's; the low watermark moves
+    /// there and normal execution resumes.
+    fn on_state_ops(
+        &mut self,
+        now_us: u64,
+        ops: Vec<(CommitCert, Vec<u8>)>,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let Some(target) = self.state_transfer.as_ref().map(CheckpointCert::op) else {
+            return Err(BftError::Stale);
+        };
+        let commit_op_before = self.commit_op;
+        let mut result = Ok(());
+        for (cert, batch) in ops {
+            let Some((view, op, digest)) = cert.statement() else {
+                result = Err(BftError::InvalidCertificate("empty commit certificate"));
+                break;
+            };
+            if op <= self.commit_op {
+                continue;
+            }
+            if op != self.commit_op + 1 || op > target {
+                result = Err(BftError::InvalidCertificate("state ops out of order"));
+                break;
+            }
+            if batch_digest(&batch) != digest {
+                result = Err(BftError::BatchDigestMismatch { op });
+                break;
+            }
+            if let Err(error) = self.committee.verify_commit(&cert, self.commits_needed()) {
+                result = Err(error);
+                break;
+            }
+            self.execute_transferred(now_us, (op, view, digest), batch, cert, actions);
+        }
+        if self.commit_op == target {
+            self.finish_state_transfer(now_us, actions);
+        } else if self.commit_op > commit_op_before {
+            if !self.config.durability_reported {
+                self.request_state_ops(now_us, actions);
+            }
+        } else if result.is_ok() {
+            result = Err(BftError::Stale);
+        }
+        result
+    }
+
+    /// Executes op `commit_op + 1`, fetched by state transfer with a verified certificate.
+    fn execute_transferred(
+        &mut self,
+        now_us: u64,
+        (op, view, digest): (u64, u64, Digest),
+        batch: Vec<u8>,
+        cert: CommitCert,
+        actions: &mut Vec<Action>,
+    ) {
+        debug_assert_eq!(op, self.commit_op + 1);
+        debug_assert_eq!(batch_digest(&batch), digest);
+        let chain = chain_digest(&self.commit_chain, op, &digest);
+        let in_window = self.check_window(op).is_ok();
+        if in_window {
+            let slot = self.slot_mut(op);
+            slot.chain = Some(chain);
+            slot.executed = Some(digest);
+        }
+        self.commit_op = op;
+        self.commit_chain = chain;
+        self.metrics.ops_committed += 1;
+        self.metrics.state_ops_applied += 1;
+        actions.push(Action::Commit {
+            op,
+            view,
+            digest,
+            batch,
+            cert,
+        });
+        if in_window
+            && op.is_multiple_of(self.config.checkpoint_interval_ops)
+            && (!self.config.durability_reported || op <= self.durable_op)
+        {
+            self.sign_checkpoint(now_us, op, chain, actions);
+        }
+    }
+
+    /// The transferred log reached the target checkpoint: adopt it as the low watermark
+    /// (its certificate must match the chain) and resume normal execution.
+    fn finish_state_transfer(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        let Some(cert) = self.state_transfer.take() else {
+            return;
+        };
+        debug_assert_eq!(cert.op(), self.commit_op);
+        self.transfer_retry_at_us = None;
+        if self.commit_chain != cert.digest() {
+            // Every op carried `quorum` Commits, yet the chain is not the certified one:
+            // only possible past f faults. Counted; the window stays put.
+            self.metrics.invalid += 1;
+            self.metrics.state_transfers_mismatched += 1;
+            return;
+        }
+        // Our own checkpoint vote at the target may already have made it stable here.
+        self.adopt_stable(cert);
+        debug_assert_eq!(self.low, self.commit_op);
+        self.metrics.state_transfers_completed += 1;
+        self.next_op = self.next_op.max(self.commit_op + 1);
+        self.op_accepted_max = self.op_accepted_max.max(self.commit_op);
+        if self
+            .stable_ahead
+            .as_ref()
+            .is_some_and(|ahead| ahead.op() <= self.commit_op)
+        {
+            self.stable_ahead = None;
+        }
+        self.progress_deadline_us = None;
+        if self.has_work() {
+            self.arm_progress_timer(now_us);
+        }
+        self.execute(now_us, actions);
     }
 
     /// The driver installed the committed log through `op`, whose chain digest is `chain`
@@ -1154,6 +1381,7 @@ impl BftReplica {
         let Some(cert) = self.state_transfer.take() else {
             return Err(BftError::Stale);
         };
+        self.transfer_retry_at_us = None;
         if cert.op() != op || cert.digest() != chain {
             self.state_transfer = Some(cert);
             return Err(BftError::InvalidCertificate(
@@ -1185,6 +1413,7 @@ impl BftReplica {
     /// The driver could not fetch the state: the next `CheckpointProof` asks again.
     pub fn on_state_transfer_failed(&mut self) {
         self.state_transfer = None;
+        self.transfer_retry_at_us = None;
     }
 
     fn on_status(
@@ -1536,7 +1765,7 @@ impl BftReplica {
             if cert.op() <= self.commit_op {
                 self.adopt_stable(cert);
             } else {
-                self.request_state_transfer(cert, actions);
+                self.request_state_transfer(now_us, cert, actions);
             }
         }
         let op_max = plan.entries.last().map_or(0, |(op, _, _)| *op);
@@ -1587,6 +1816,12 @@ impl BftReplica {
                     self.view_change_timeout(now_us, actions);
                 }
             }
+        }
+        if self
+            .transfer_retry_at_us
+            .is_some_and(|deadline| now_us >= deadline)
+        {
+            self.state_transfer_retry(now_us, actions);
         }
         if now_us >= self.resend_at_us {
             self.resend_at_us = now_us + self.config.resend_interval_us;

@@ -34,6 +34,13 @@ struct Group {
     /// Replicas whose messages are dropped (crashed or silent).
     silent: Vec<u8>,
     now_us: u64,
+    /// Each replica's committed ops with certificate and batch: what its driver serves
+    /// state transfers from.
+    store: Vec<BTreeMap<u64, (CommitCert, Vec<u8>)>>,
+    /// State transfers are expected (otherwise one fails the test).
+    transfers_allowed: bool,
+    /// A replica whose `StateOps` answers are forged: one Commit short of a quorum.
+    lying_server: Option<u8>,
 }
 
 impl Group {
@@ -61,6 +68,9 @@ impl Group {
             errors: Vec::new(),
             silent: Vec::new(),
             now_us: 0,
+            store: vec![BTreeMap::new(); usize::from(count)],
+            transfers_allowed: false,
+            lying_server: None,
         }
     }
 
@@ -145,10 +155,31 @@ impl Group {
                         }
                     }
                 }
-                Action::Commit { op, digest, .. } => {
-                    self.committed[usize::from(from)].push((op, digest))
+                Action::Commit {
+                    op,
+                    digest,
+                    batch,
+                    cert,
+                    ..
+                } => {
+                    self.committed[usize::from(from)].push((op, digest));
+                    self.store[usize::from(from)].insert(op, (cert, batch));
                 }
-                Action::StateTransfer { .. } => panic!("no state transfer expected here"),
+                Action::StateTransfer { .. } => {
+                    assert!(self.transfers_allowed, "no state transfer expected here");
+                }
+                Action::ServeState { to, from_op, to_op } => {
+                    let mut ops: Vec<(CommitCert, Vec<u8>)> = self.store[usize::from(from)]
+                        .range(from_op..=to_op)
+                        .map(|(_, op)| op.clone())
+                        .collect();
+                    if self.lying_server == Some(from) {
+                        for (cert, _) in &mut ops {
+                            cert.commits.pop();
+                        }
+                    }
+                    self.queue.push_back((from, to, Message::StateOps(ops)));
+                }
                 Action::PersistGuard { guard } => {
                     let persisted = &mut self.guards[usize::from(from)];
                     assert!(
@@ -758,4 +789,223 @@ fn bft_checkpoint_votes_wait_for_durability_when_it_is_reported() {
         [Action::Broadcast { message: Message::Checkpoint(vote) }]
             if vote.op == interval && vote.digest == replica.commit_chain()
     ));
+}
+
+/// Replica 3 is down while the others commit past several checkpoints (beyond its window):
+/// its peers answer its Status with their stable checkpoint, it fetches the missing ops
+/// from one peer by `StateRequest`, verifies each commit certificate, reaches the
+/// checkpoint's chain digest, then catches up the rest by CommitProofs and votes again.
+#[test]
+fn bft_replica_behind_the_window_catches_up_by_state_transfer() {
+    let mut group = Group::new(4, 1);
+    group.transfers_allowed = true;
+    group.silent.push(3);
+    let interval = CHECKPOINT_INTERVAL_OPS_DEFAULT;
+    let ops = 3 * interval + 5;
+    for round in 0..ops {
+        group.propose(0, &round.to_le_bytes());
+    }
+    assert_eq!(group.replicas[0].commit_op(), ops);
+    assert_eq!(group.replicas[0].low(), 3 * interval);
+    assert_eq!(group.replicas[3].commit_op(), 0);
+    group.silent.clear();
+    for _ in 0..4 {
+        group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    }
+    let caught_up = &group.replicas[3];
+    assert_eq!(caught_up.commit_op(), ops);
+    assert_eq!(caught_up.commit_chain(), group.replicas[0].commit_chain());
+    assert_eq!(caught_up.low(), 3 * interval);
+    assert!(caught_up.state_transfer().is_none());
+    let metrics = *caught_up.metrics();
+    assert_eq!(metrics.state_transfers_completed, 1);
+    assert_eq!(metrics.state_ops_applied, 3 * interval);
+    assert_eq!(
+        metrics.state_requests,
+        3 * interval / CATCHUP_OPS_MAX_DEFAULT,
+        "one request per chunk: the first peer answered each"
+    );
+    assert_eq!(
+        metrics.commit_proofs_applied, 5,
+        "the rest from CommitProofs"
+    );
+    assert_eq!(
+        group.committed[3], group.committed[0],
+        "every op once, in order"
+    );
+    // It votes again: with replica 2 silent, the group commits only with it.
+    group.silent.push(2);
+    let op = group.propose(0, b"needs replica 3");
+    assert_eq!(group.replicas[3].commit_op(), op);
+    assert_eq!(group.replicas[0].commit_op(), op);
+}
+
+/// The first peer asked lies (certificates one Commit short of a quorum): nothing of its answer is executed, and after the retry interval the
+/// transfer asks the next peer and completes.
+#[test]
+fn bft_state_transfer_refuses_forged_ops_and_asks_another_peer() {
+    let mut group = Group::new(4, 1);
+    group.transfers_allowed = true;
+    group.silent.push(3);
+    let interval = CHECKPOINT_INTERVAL_OPS_DEFAULT;
+    for round in 0..3 * interval {
+        group.propose(0, &round.to_le_bytes());
+    }
+    group.silent.clear();
+    group.lying_server = Some(0);
+    group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    assert_eq!(
+        group.replicas[3].commit_op(),
+        0,
+        "nothing forged is executed"
+    );
+    assert!(group.replicas[3].state_transfer().is_some());
+    assert!(
+        group
+            .errors
+            .contains(&BftError::InvalidCertificate("wrong number of votes")),
+        "{:?}",
+        group.errors
+    );
+    group.tick_all(STATE_TRANSFER_RETRY_US_DEFAULT);
+    let caught_up = &group.replicas[3];
+    assert_eq!(caught_up.commit_op(), 3 * interval);
+    assert_eq!(caught_up.commit_chain(), group.replicas[1].commit_chain());
+    assert_eq!(caught_up.low(), 3 * interval);
+    assert_eq!(caught_up.metrics().state_transfers_completed, 1);
+    assert_eq!(group.committed[3], group.committed[1]);
+}
+
+/// With durability reported, a transfer asks for its next ops only once the ops it
+/// executed are durable (the driver's commit queue stays bounded); a peer serves only
+/// durable ops.
+#[test]
+fn bft_state_transfer_waits_for_durability_between_requests() {
+    let keys = keys(4);
+    let mut config = BftConfig::new(GROUP, 3);
+    config.durability_reported = true;
+    let mut replica = BftReplica::new(config, committee(4, 1), keys[3].clone(), 0).expect("ok");
+    let interval = config.checkpoint_interval_ops;
+    let target = 2 * interval;
+    let mut chain = message::CHAIN_GENESIS;
+    let mut ops = Vec::new();
+    for op in 1..=target {
+        let batch = op.to_le_bytes().to_vec();
+        let digest = batch_digest(&batch);
+        chain = chain_digest(&chain, op, &digest);
+        let commits = (0..3u8)
+            .map(|signer| {
+                Vote::sign(
+                    &keys[usize::from(signer)],
+                    GROUP,
+                    VoteKind::Commit,
+                    signer,
+                    0,
+                    op,
+                    digest,
+                )
+            })
+            .collect();
+        ops.push((CommitCert { commits }, batch));
+    }
+    let cert = CheckpointCert {
+        votes: (0..3u8)
+            .map(|signer| {
+                Vote::sign(
+                    &keys[usize::from(signer)],
+                    GROUP,
+                    VoteKind::Checkpoint,
+                    signer,
+                    0,
+                    target,
+                    chain,
+                )
+            })
+            .collect(),
+    };
+    let mut actions = Vec::new();
+    replica
+        .on_message(0, 0, Message::CheckpointProof(cert), &mut actions)
+        .expect("proof");
+    assert!(matches!(
+        actions.as_slice(),
+        [
+            Action::StateTransfer { .. },
+            Action::Send {
+                to: 0,
+                message: Message::StateRequest { from_op: 1, to_op }
+            }
+        ] if *to_op == interval
+    ));
+    actions.clear();
+    replica
+        .on_message(
+            0,
+            0,
+            Message::StateOps(ops[..interval as usize].to_vec()),
+            &mut actions,
+        )
+        .expect("ops");
+    assert_eq!(replica.commit_op(), interval);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|action| matches!(action, Action::Commit { .. }))
+            .count(),
+        interval as usize
+    );
+    assert!(
+        !actions
+            .iter()
+            .any(|action| matches!(action, Action::Send { .. })),
+        "no request before the ops are durable"
+    );
+    // Not durable: a peer's request is served only for durable ops (none yet).
+    actions.clear();
+    let request = Message::StateRequest {
+        from_op: 1,
+        to_op: 4,
+    };
+    assert_eq!(
+        replica.on_message(0, 1, request.clone(), &mut actions),
+        Err(BftError::Stale)
+    );
+    // Durable: its checkpoint vote (op 16 is in its window) and the next request.
+    replica.on_durable(0, interval, &mut actions);
+    assert!(matches!(
+        actions.as_slice(),
+        [
+            Action::Broadcast {
+                message: Message::Checkpoint(vote)
+            },
+            Action::Send {
+                to: 0,
+                message: Message::StateRequest { from_op, to_op }
+            }
+        ] if vote.op == interval && *from_op == interval + 1 && *to_op == target
+    ));
+    actions.clear();
+    replica
+        .on_message(0, 1, request, &mut actions)
+        .expect("served");
+    assert_eq!(
+        actions,
+        vec![Action::ServeState {
+            to: 1,
+            from_op: 1,
+            to_op: 4
+        }]
+    );
+    actions.clear();
+    replica
+        .on_message(
+            0,
+            0,
+            Message::StateOps(ops[interval as usize..].to_vec()),
+            &mut actions,
+        )
+        .expect("ops");
+    assert_eq!(replica.commit_op(), target);
+    assert_eq!(replica.low(), target, "the checkpoint is adopted");
+    assert!(replica.state_transfer().is_none());
 }

@@ -10,8 +10,8 @@ use crate::sched::Scheduled;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use percore_engine::bft::{
-    Action, BftConfig, BftReplica, Committee, Digest, Message, Signature, SigningKey, Vote,
-    batch_digest, chain_digest,
+    Action, BftConfig, BftReplica, CommitCert, Committee, Digest, Message, Signature, SigningKey,
+    Vote, batch_digest, chain_digest,
 };
 
 use super::{BEHAVIOURS, Behaviour, Failure, Options, Summary};
@@ -72,9 +72,6 @@ enum Event {
         id: u64,
     },
     NetworkFault,
-    StateTransfer {
-        replica: u8,
-    },
 }
 
 #[derive(Debug)]
@@ -82,8 +79,9 @@ struct Node {
     core: BftReplica,
     key: SigningKey,
     behaviour: Option<Behaviour>,
-    /// Committed batches, op `i + 1` at index `i`.
-    log: Vec<(Digest, Vec<u8>)>,
+    /// Committed batches, op `i + 1` at index `i`, with their commit certificates (what
+    /// this replica serves peers that transfer state).
+    log: Vec<(Digest, Vec<u8>, CommitCert)>,
     chain: Digest,
     /// Request id → op that executed it.
     executed: BTreeMap<u64, u64>,
@@ -131,6 +129,9 @@ pub struct World {
     alternate_set: BTreeSet<u8>,
     /// op → (digest, first correct replica that committed it).
     committed: BTreeMap<u64, (Digest, u8)>,
+    /// Checkpoint op → chain digest, from the certificates state transfers aimed at: every
+    /// correct replica's log must pass through them.
+    certified: BTreeMap<u64, Digest>,
     /// (view, op) → digests of proposals correct replicas accepted.
     accepted_proposals: BTreeMap<(u64, u64), BTreeSet<Digest>>,
     trace: VecDeque<String>,
@@ -246,6 +247,7 @@ impl World {
             healed_at_us: None,
             alternate_set,
             committed: BTreeMap::new(),
+            certified: BTreeMap::new(),
             accepted_proposals: BTreeMap::new(),
             trace: VecDeque::new(),
             messages_dropped: 0,
@@ -277,6 +279,15 @@ impl World {
             self.trace.pop_front();
         }
         self.trace.push_back(format!("t={} {line}", self.time_us));
+    }
+
+    /// Whether `replica`'s log is an honest core's: a correct replica's, or a silent one's
+    /// (its core runs unchanged; only what it sends is dropped, as for a crashed replica).
+    fn keeps_honest_log(&self, replica: u8) -> bool {
+        matches!(
+            self.nodes[usize::from(replica)].behaviour,
+            None | Some(Behaviour::Silent)
+        )
     }
 
     fn is_correct(&self, replica: u8) -> bool {
@@ -374,7 +385,6 @@ impl World {
                 self.network_fault();
                 Ok(())
             }
-            Event::StateTransfer { replica } => self.state_transfer(replica),
         }
     }
 
@@ -428,21 +438,49 @@ impl World {
                     view,
                     digest,
                     batch,
-                    ..
+                    cert,
                 } => {
                     self.note(format!("replica {replica} commits op {op} (view {view})"));
-                    self.apply(replica, op, digest, batch, true)?;
+                    self.apply(replica, op, digest, batch, cert)?;
                 }
+                // The core fetches the ops itself (StateRequest / StateOps). Checker: every
+                // correct replica's log through the certified op matches the certificate.
                 Action::StateTransfer { cert } => {
                     self.note(format!(
                         "replica {replica} state transfer to op {}",
                         cert.op()
                     ));
-                    self.schedule(2_000, Event::StateTransfer { replica });
+                    self.certified.insert(cert.op(), cert.digest());
+                    self.check_certified_chain(cert.op(), cert.digest())?;
+                }
+                Action::ServeState { to, from_op, to_op } => {
+                    let log = &self.nodes[usize::from(replica)].log;
+                    let end = usize::try_from(to_op).map_or(log.len(), |end| end.min(log.len()));
+                    let start = usize::try_from(from_op - 1).map_or(end, |start| start.min(end));
+                    let ops = log[start..end]
+                        .iter()
+                        .map(|(_, batch, cert)| (cert.clone(), batch.clone()))
+                        .collect();
+                    self.transmit(replica, vec![to], Message::StateOps(ops));
                 }
                 // The simulator restarts no replica: nothing to persist.
                 Action::PersistGuard { .. } => {}
             }
+        }
+        if self.is_correct(replica)
+            && self.nodes[usize::from(replica)]
+                .core
+                .metrics()
+                .state_transfers_mismatched
+                > 0
+        {
+            return Err(self.fail(
+                "safety",
+                format!(
+                    "replica {replica}: a state transfer's certified ops do not end on the \
+                     certified checkpoint"
+                ),
+            ));
         }
         let node = &mut self.nodes[usize::from(replica)];
         let pending = !node.pending.is_empty();
@@ -457,7 +495,7 @@ impl World {
         op: u64,
         digest: Digest,
         batch: Vec<u8>,
-        reply: bool,
+        cert: CommitCert,
     ) -> Outcome<()> {
         let correct = self.is_correct(replica);
         let node = &mut self.nodes[usize::from(replica)];
@@ -468,8 +506,21 @@ impl World {
             ));
         }
         node.chain = chain_digest(&node.chain, op, &digest);
-        node.log.push((digest, batch.clone()));
-        if correct {
+        node.log.push((digest, batch.clone(), cert));
+        if self.keeps_honest_log(replica)
+            && self
+                .certified
+                .get(&op)
+                .is_some_and(|chain| *chain != self.nodes[usize::from(replica)].chain)
+        {
+            return Err(self.fail(
+                "safety",
+                format!("replica {replica}'s log through op {op} is not the certified checkpoint"),
+            ));
+        }
+        // Safety covers silent replicas too: their cores run unchanged (as if the network
+        // dropped what they send), so their logs must agree as well.
+        if self.keeps_honest_log(replica) {
             match self.committed.get(&op) {
                 Some((first, other)) if *first != digest => {
                     return Err(self.fail(
@@ -490,7 +541,7 @@ impl World {
             }
             node.executed.insert(id, op);
             node.pending.remove(&id);
-            if reply && correct && client < CLIENTS {
+            if correct && client < CLIENTS {
                 let delay = self.link_delay();
                 self.schedule(
                     delay,
@@ -506,55 +557,30 @@ impl World {
         Ok(())
     }
 
-    /// Fetches the committed log up to the checkpoint the replica asks for now (a later
-    /// request may have replaced the one that scheduled this) from a correct peer, checks
-    /// it against the certificate's chain digest and installs it.
-    fn state_transfer(&mut self, replica: u8) -> Outcome<()> {
-        let Some(cert) = self.nodes[usize::from(replica)]
-            .core
-            .state_transfer()
-            .cloned()
-        else {
-            return Ok(());
-        };
-        let target = cert.op();
-        let have = self.nodes[usize::from(replica)].log.len() as u64;
-        let source = (0..self.options.replicas).find(|peer| {
-            *peer != replica
-                && self.is_correct(*peer)
-                && self.nodes[usize::from(*peer)].log.len() as u64 >= target
-        });
-        let Some(source) = source.filter(|_| have < target) else {
-            self.nodes[usize::from(replica)]
-                .core
-                .on_state_transfer_failed();
-            return Ok(());
-        };
-        let entries: Vec<(Digest, Vec<u8>)> =
-            self.nodes[usize::from(source)].log[have as usize..target as usize].to_vec();
-        for (index, (digest, batch)) in entries.into_iter().enumerate() {
-            self.apply(replica, have + 1 + index as u64, digest, batch, false)?;
+    /// Safety: every correct replica that executed `op` has chain digest `chain` there (a
+    /// checkpoint certificate's statement).
+    fn check_certified_chain(&mut self, op: u64, chain: Digest) -> Outcome<()> {
+        for replica in 0..self.options.replicas {
+            let log = &self.nodes[usize::from(replica)].log;
+            if !self.keeps_honest_log(replica) || (log.len() as u64) < op {
+                continue;
+            }
+            let ours = log[..op as usize].iter().enumerate().fold(
+                [0; 32],
+                |previous, (index, (digest, _, _))| {
+                    chain_digest(&previous, index as u64 + 1, digest)
+                },
+            );
+            if ours != chain {
+                return Err(self.fail(
+                    "safety",
+                    format!(
+                        "replica {replica}'s log through op {op} is not the certified checkpoint"
+                    ),
+                ));
+            }
         }
-        let chain = self.nodes[usize::from(replica)].chain;
-        if chain != cert.digest() {
-            return Err(self.fail(
-                "safety",
-                format!(
-                    "replica {source}'s log through op {target} is not the certified checkpoint"
-                ),
-            ));
-        }
-        let mut actions = Vec::new();
-        let result = self.nodes[usize::from(replica)].core.on_state_transferred(
-            self.time_us,
-            target,
-            chain,
-            &mut actions,
-        );
-        if let Err(error) = result {
-            return Err(self.fail("driver", format!("state transfer refused: {error}")));
-        }
-        self.execute(replica, actions)
+        Ok(())
     }
 
     /// Leader: proposes waiting requests not yet proposed in this view.
