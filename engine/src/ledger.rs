@@ -1796,6 +1796,23 @@ impl StateMachine for Ledger {
         shard_of(account_id, shard_count)
     }
 
+    /// A client transfer whose credit account lives on another shard than its debit
+    /// account: applying it sends a credit leg. Account creation never crosses; neither do
+    /// the internal operations (legs and acknowledgements are the crossing itself, and
+    /// clients cannot submit them).
+    fn crosses_shards(operation: LedgerOperation, record: &RecordSlot, shard_count: u32) -> bool {
+        match operation {
+            LedgerOperation::CreateTransfers => {
+                let transfer = record.as_transfer();
+                shard_of(transfer.debit_account_id, shard_count)
+                    != shard_of(transfer.credit_account_id, shard_count)
+            }
+            LedgerOperation::CreateAccounts
+            | LedgerOperation::ApplyCreditLegs
+            | LedgerOperation::AckCreditLegs => false,
+        }
+    }
+
     /// Assigns strictly increasing timestamps: the first record gets
     /// `max(now_ns, last timestamp + 1)`, each next one its predecessor's plus one.
     /// Acknowledgements carry no timestamp of their own.
@@ -2413,6 +2430,93 @@ mod tests {
         assert_eq!(route(LedgerOperation::CreateTransfers, &leg), 1);
         assert_eq!(route(LedgerOperation::ApplyCreditLegs, &leg), 3);
         assert_eq!(route(LedgerOperation::AckCreditLegs, &leg), 1);
+    }
+
+    #[test]
+    fn crosses_shards_is_a_transfer_whose_credit_account_lives_elsewhere() {
+        let shard_count = 4;
+        let id_on = |shard: u32, after: u128| {
+            (after + 1..)
+                .find(|&id| shard_of(id, shard_count) == shard)
+                .unwrap()
+        };
+        let (debit, same, other) = (id_on(1, 0), id_on(1, id_on(1, 0)), id_on(3, 0));
+        let to = |credit| {
+            RecordSlot::from_transfer(&Transfer {
+                credit_account_id: credit,
+                amount: 1,
+                ledger: 1,
+                code: 1,
+                ..transfer(9, debit)
+            })
+        };
+        let crosses = |operation, record: &RecordSlot, shards| {
+            let ledger = Ledger::crosses_shards(operation, record, shards);
+            let sessioned =
+                crate::session::Sessioned::<Ledger>::crosses_shards(operation, record, shards);
+            assert_eq!(ledger, sessioned, "Sessioned forwards to the ledger");
+            ledger
+        };
+        let (across, within) = (to(other), to(same));
+        assert!(crosses(
+            LedgerOperation::CreateTransfers,
+            &across,
+            shard_count
+        ));
+        assert!(!crosses(
+            LedgerOperation::CreateTransfers,
+            &within,
+            shard_count
+        ));
+        // One shard: nothing crosses.
+        assert!(!crosses(LedgerOperation::CreateTransfers, &across, 1));
+        // Account creation and the internal operations never cross.
+        let created = RecordSlot::from_account(&account(other));
+        assert!(!crosses(
+            LedgerOperation::CreateAccounts,
+            &created,
+            shard_count
+        ));
+        assert!(!crosses(
+            LedgerOperation::ApplyCreditLegs,
+            &across,
+            shard_count
+        ));
+        assert!(!crosses(
+            LedgerOperation::AckCreditLegs,
+            &across,
+            shard_count
+        ));
+        // It agrees with what apply does: the crossing transfer, and only it, sends a leg.
+        for (record, legs) in [(across, 1), (within, 0)] {
+            let mut ledger = Ledger::new(LedgerConfig::new(1, shard_count));
+            let mut accounts: Vec<RecordSlot> = [debit, same]
+                .iter()
+                .map(|&id| {
+                    RecordSlot::from_account(&Account {
+                        flags: crate::record::account_flags::ALLOW_NEGATIVE,
+                        ..account(id)
+                    })
+                })
+                .collect();
+            ledger.prepare(LedgerOperation::CreateAccounts, 1, &mut accounts);
+            let mut results = vec![RecordResult::zeroed(); 2];
+            ledger.apply(1, LedgerOperation::CreateAccounts, &accounts, &mut results);
+            let mut transfers = [record];
+            ledger.prepare(LedgerOperation::CreateTransfers, 2, &mut transfers);
+            let mut results = vec![RecordResult::zeroed(); 1];
+            ledger.apply(
+                2,
+                LedgerOperation::CreateTransfers,
+                &transfers,
+                &mut results,
+            );
+            let mut sent = 0;
+            while ledger.poll_outbound().is_some() {
+                sent += 1;
+            }
+            assert_eq!(sent, legs, "{results:?}");
+        }
     }
 
     #[test]

@@ -479,6 +479,10 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         S::route(operation, record, shard_count)
     }
 
+    fn crosses_shards(operation: Self::Operation, record: &Self::Record, shard_count: u32) -> bool {
+        S::crosses_shards(operation, record, shard_count)
+    }
+
     fn prepare(&mut self, operation: Self::Operation, now_ns: u64, records: &mut [Self::Record]) {
         self.inner.prepare(operation, now_ns, records);
     }

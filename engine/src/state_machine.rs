@@ -103,6 +103,17 @@ pub trait StateMachine {
     /// every version (it decides where data lives).
     fn route(operation: Self::Operation, record: &Self::Record, shard_count: u32) -> u32;
 
+    /// Whether applying `record` of `operation` on its shard (`route`) would send a message
+    /// to another shard among `shard_count` (for the ledger: a transfer whose credit account
+    /// lives on another shard than its debit account). BFT mode refuses such records: a
+    /// message between groups carries no certificate of the group that sent it
+    /// (docs/bft.md section 12). A pure function of its arguments, like `route`. The
+    /// default: a machine that never sends to other shards.
+    fn crosses_shards(operation: Self::Operation, record: &Self::Record, shard_count: u32) -> bool {
+        let _ = (operation, record, shard_count);
+        false
+    }
+
     /// Called once by the batch leader before the batch is replicated. May rewrite records
     /// (e.g. assign timestamps); deterministic in `(self, operation, now_ns, records)`.
     fn prepare(&mut self, operation: Self::Operation, now_ns: u64, records: &mut [Self::Record]);

@@ -60,6 +60,10 @@ pub const ERROR_SERVER_BUSY: u32 = 1000;
 pub const ERROR_NOT_LEADER: u32 = 1010;
 /// The request holds records of another shard: the caller's routing bug. Never retried.
 pub const ERROR_WRONG_SHARD: u32 = 1012;
+/// BFT mode: the request holds a record that would cross shards (a transfer between
+/// accounts of two shards), which BFT groups refuse (`percore_shards::bft::
+/// ERROR_BFT_CROSS_SHARD`, docs/bft.md §12). Never retried.
+pub const ERROR_BFT_CROSS_SHARD: u32 = 1014;
 
 const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT > 0);
 const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT <= CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT);
@@ -102,6 +106,15 @@ pub enum ClientError {
     /// ([`ERROR_WRONG_SHARD`]): the caller's routing function disagrees with the server's.
     #[error("shard {shard}: request {request_number} holds records of another shard")]
     WrongShard {
+        /// Shard index.
+        shard: usize,
+        /// The request.
+        request_number: u64,
+    },
+    /// `f + 1` replicas of a BFT group refused the request because a record would cross
+    /// shards ([`ERROR_BFT_CROSS_SHARD`]); nothing of it was applied.
+    #[error("shard {shard}: request {request_number} refused: a record would cross shards")]
+    CrossShardRefused {
         /// Shard index.
         shard: usize,
         /// The request.
@@ -164,6 +177,14 @@ impl ClientError {
                 request_number,
                 code: ERROR_WRONG_SHARD,
             } => ClientError::WrongShard {
+                shard,
+                request_number,
+            },
+            ClientError::Refused {
+                shard,
+                request_number,
+                code: ERROR_BFT_CROSS_SHARD,
+            } => ClientError::CrossShardRefused {
                 shard,
                 request_number,
             },
@@ -1053,6 +1074,10 @@ enum ReplicaAnswer {
     Waiting,
     /// Replied with these result bytes.
     Replied(Vec<u8>),
+    /// Refused with a code every correct replica gives for this request
+    /// ([`ERROR_WRONG_SHARD`], [`ERROR_BFT_CROSS_SHARD`]): not asked again; `f + 1` of them
+    /// end the request with that refusal.
+    Refused(u32),
     /// Refused, or its connection failed: sent again next round.
     Failed,
 }
@@ -1215,6 +1240,14 @@ impl BftClient {
                         .count() as u64;
                     return Ok(body);
                 }
+                if let Some(code) = self.agreed_refusal(&answers) {
+                    return Err(ClientError::Refused {
+                        shard,
+                        request_number: self.request_number,
+                        code,
+                    }
+                    .typed());
+                }
                 if answers.iter().all(|a| *a != ReplicaAnswer::Waiting) {
                     break;
                 }
@@ -1242,7 +1275,7 @@ impl BftClient {
             // all again, a commit may have happened since.
             if answers
                 .iter()
-                .all(|a| matches!(a, ReplicaAnswer::Replied(_)))
+                .all(|a| matches!(a, ReplicaAnswer::Replied(_) | ReplicaAnswer::Refused(_)))
             {
                 answers.fill(ReplicaAnswer::Failed);
             }
@@ -1260,6 +1293,17 @@ impl BftClient {
                 .filter(|other| matches!(other, ReplicaAnswer::Replied(b) if b == body))
                 .count();
             (same > self.faults_max).then(|| body.clone())
+        })
+    }
+
+    /// The deterministic refusal code `f + 1` replicas agree on, if any.
+    fn agreed_refusal(&self, answers: &[ReplicaAnswer]) -> Option<u32> {
+        answers.iter().find_map(|answer| {
+            let ReplicaAnswer::Refused(code) = answer else {
+                return None;
+            };
+            let same = answers.iter().filter(|other| *other == answer).count();
+            (same > self.faults_max).then_some(*code)
         })
     }
 
@@ -1373,7 +1417,8 @@ impl BftClient {
 }
 
 /// Takes whole frames off the front of `received`: replies to earlier requests are
-/// dropped; the reply to `request_number` becomes an answer (`Failed` for a refusal).
+/// dropped; the reply to `request_number` becomes an answer (`Refused` for a refusal every
+/// correct replica gives, `Failed` for any other).
 /// `Ok(None)`: no answer to this request yet. An undecodable frame is an error (the
 /// connection is dropped).
 fn take_reply(
@@ -1401,7 +1446,10 @@ fn take_reply(
             continue;
         }
         if header.kind == Kind::ErrorReply {
-            return Ok(Some(ReplicaAnswer::Failed));
+            return Ok(Some(match header.error_code {
+                code @ (ERROR_WRONG_SHARD | ERROR_BFT_CROSS_SHARD) => ReplicaAnswer::Refused(code),
+                _ => ReplicaAnswer::Failed,
+            }));
         }
         return Ok(Some(ReplicaAnswer::Replied(body)));
     }

@@ -45,7 +45,8 @@
 //! as if committed live.
 //!
 //! Not here yet: snapshot-based state transfer (a peer serves only ops its journals still
-//! hold), multi-shard nodes (refused: cross-group credit legs carry no proof).
+//! hold), transfers between shards (each shard is its own group; a record that would
+//! cross shards is refused, see [`ERROR_BFT_CROSS_SHARD`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -120,6 +121,13 @@ pub const GUARD_FILE_MAGIC: [u8; 8] = *b"PCBFTGD1";
 /// Error code: a BFT replica needs a client id (requests are matched across replicas by
 /// `(client_id, request_number)`).
 pub const ERROR_BFT_NEEDS_CLIENT_ID: u32 = 1013;
+/// Error code: a BFT replica refuses a request holding a record that would cross shards
+/// ([`StateMachine::crosses_shards`], e.g. a transfer between accounts of two shards): each
+/// shard is its own BFT group and a message between groups carries no certificate of the
+/// group that sent it (docs/bft.md section 12). Deterministic: every correct replica
+/// refuses it, and a committed batch holding one is skipped
+/// ([`crate::core::BatchInvalid::CrossShard`]).
+pub const ERROR_BFT_CROSS_SHARD: u32 = 1014;
 
 const _: () = assert!(BFT_MESSAGE_BYTES_MAX < BFT_SEND_QUEUE_BYTES_DEFAULT);
 const _: () = assert!(CERT_RECORD_BYTES_MAX <= CERT_WRITE_BUFFER_BYTES);
@@ -1785,7 +1793,10 @@ where
             },
         );
         applied.expect("checked before journaling");
-        // One shard per BFT node: nothing goes to other shards (`check_bft`).
+        // Nothing goes to other shards: a record that would cross shards is refused before
+        // it is proposed and a committed batch holding one is skipped (`check_committed`).
+        let outbound = core.poll_outbound();
+        debug_assert!(outbound.is_none(), "a BFT shard sent to another shard");
         while core.poll_outbound().is_some() {}
     }
     shard.commit_gap_advanced();
@@ -1863,6 +1874,12 @@ where
         .any(|record| S::route(operation, record, shard.shards as u32) as usize != shard.index)
     {
         Some(crate::runtime::ERROR_WRONG_SHARD)
+    } else if records
+        .iter()
+        .any(|record| S::crosses_shards(operation, record, shard.shards as u32))
+    {
+        ShardMetrics::add(&shard.metrics.bft_cross_shard_refused_total, 1);
+        Some(ERROR_BFT_CROSS_SHARD)
     } else {
         None
     };

@@ -119,6 +119,12 @@ pub enum BatchInvalid {
     /// A record belongs to another shard.
     #[error("record {0} belongs to another shard")]
     ForeignRecord(usize),
+    /// A record would send a message to another shard
+    /// ([`StateMachine::crosses_shards`], e.g. a transfer whose credit account lives on
+    /// another shard): refused in BFT mode, where such a message would carry no certificate
+    /// of this group.
+    #[error("record {0} would cross shards")]
+    CrossShard(usize),
 }
 
 /// Configuration errors of a shard core.
@@ -832,6 +838,12 @@ impl<S: StateMachine> ShardCore<S> {
             .position(|record| S::route(operation_typed, record, shard_count) != shard)
         {
             return Err(BatchInvalid::ForeignRecord(foreign));
+        }
+        if let Some(crossing) = records
+            .iter()
+            .position(|record| S::crosses_shards(operation_typed, record, shard_count))
+        {
+            return Err(BatchInvalid::CrossShard(crossing));
         }
         Ok(entries)
     }

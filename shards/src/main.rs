@@ -235,8 +235,8 @@ struct NodeArgs {
 #[derive(Debug, Args, Clone)]
 struct BftArgs {
     /// Faults each replication group tolerates: `crash` (Viewstamped Replication, 2f + 1
-    /// replicas) or `bft` (PBFT-shaped, n >= 3f + 1 replicas, ed25519-signed votes, one
-    /// shard per node for now; needs --bft-keys-dir).
+    /// replicas) or `bft` (PBFT-shaped, n >= 3f + 1 replicas, ed25519-signed votes, each
+    /// shard its own group, transfers between shards refused; needs --bft-keys-dir).
     #[arg(long, value_enum, default_value_t = FaultModel::Crash)]
     fault_model: FaultModel,
     /// BFT: the directory `percore keygen` wrote: this node reads replica-<replica>.key and

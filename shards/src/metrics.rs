@@ -320,6 +320,7 @@ shard_metrics! {
     counter bft_commit_proofs_applied_total: "BFT mode: ops committed from a peer's commit certificate (catch-up).",
     counter bft_null_ops_total: "BFT mode: null ops executed (gaps a new view filled; nothing journaled but the certificate).",
     counter bft_batches_invalid_total: "BFT mode: committed batches skipped because their bytes are not a batch of this shard.",
+    counter bft_cross_shard_refused_total: "BFT mode: client requests refused because a record would cross shards (error 1014).",
     counter bft_certs_journaled_total: "BFT mode: commit and checkpoint certificates written to the certificate journal.",
     counter bft_proposals_total: "BFT mode: batches this replica proposed as leader.",
     counter bft_guard_writes_total: "BFT mode: vote guard records written (fsynced) before the votes they cover were sent.",

@@ -827,8 +827,9 @@ fn start_replication(
 }
 
 /// Refuses a BFT configuration the runtime cannot run: no journal, crash-fault replication
-/// too, more than one shard (cross-group credit legs carry no proof yet), or settings the
-/// core refuses (`n < 3f + 1`, keys).
+/// too, or settings the core refuses (`n < 3f + 1`, keys). Several shards are fine: each is
+/// its own group, and records that would cross shards are refused
+/// (`bft::ERROR_BFT_CROSS_SHARD`), so no group ever sends to another.
 fn check_bft(config: &NodeConfig, bft: &crate::bft::BftSettings) -> Result<(), NodeError> {
     let refuse = |message: &str| Err(NodeError::Replication(message.into()));
     if config.journal.is_none() {
@@ -836,12 +837,6 @@ fn check_bft(config: &NodeConfig, bft: &crate::bft::BftSettings) -> Result<(), N
     }
     if config.replication.is_some() {
         return refuse("--fault-model bft replaces crash-fault replication; not both");
-    }
-    if config.cores.len() != 1 {
-        return refuse(
-            "--fault-model bft runs one shard per node for now: credit legs between groups \
-             carry no proof a Byzantine leader could not forge (docs/bft.md section 12)",
-        );
     }
     if usize::from(bft.replica) >= bft.peers.len() {
         return refuse("--replica is not below the number of --peers");

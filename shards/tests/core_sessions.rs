@@ -216,3 +216,66 @@ fn requests_stay_whole_retries_answer_the_original_and_nothing_allocates() {
     let stats = core.state_machine().sessions().stats();
     assert_eq!((stats.applied, stats.replayed), (3 + 64, 1 + 64));
 }
+
+/// BFT mode's check of committed bytes (`ShardCore::check_committed`) on shard 0 of 2:
+/// a transfer within the shard passes, one whose credit account lives on shard 1 is
+/// refused as `CrossShard` (so a Byzantine leader cannot get a credit leg produced), and
+/// applying the refused bytes changes nothing.
+#[test]
+fn check_committed_refuses_a_batch_that_would_cross_shards() {
+    use percore_shards::core::BatchInvalid;
+    let ledger = Ledger::new(LedgerConfig {
+        shard_index: 0,
+        shard_count: 2,
+        accounts_max: 64,
+        transfers_max: 4_096,
+        credit_legs_in_flight_max: 64,
+        batch_entries_max: ENTRIES_MAX,
+    });
+    let config = CoreConfig {
+        shard: 0,
+        shard_count: 2,
+        transactions: 256,
+        batches: 16,
+        tx_ring_capacity: 256,
+        batch: BatchLimits {
+            entries_max: ENTRIES_MAX,
+            entries_min: 1,
+            linger_us_max: 0,
+            ..BatchLimits::default()
+        },
+    };
+    let machine = Sessioned::new(ledger, 8, ENTRIES_MAX);
+    let mut core =
+        ShardCore::new(config, machine, Arc::new(ShardMetrics::new(0))).expect("valid config");
+    let home = accounts_of_shard(0, 2, 2);
+    let away = accounts_of_shard(1, 2, 1)[0];
+    let operation: u16 = LedgerOperation::CreateTransfers.into();
+    let bytes = |records: &[RecordSlot]| bytemuck::cast_slice::<RecordSlot, u8>(records).to_vec();
+    let descriptor = |count: u32| {
+        bytemuck::bytes_of(&RequestDescriptor {
+            client_id: CLIENT,
+            request_number: 1,
+            record_start: 0,
+            record_count: count,
+        })
+        .to_vec()
+    };
+    let within = RecordSlot::from_transfer(&transfer(1, home[0], home[1], 5));
+    let across = RecordSlot::from_transfer(&transfer(2, home[0], away, 5));
+    assert_eq!(
+        core.check_committed(operation, &bytes(&[within]), &descriptor(1)),
+        Ok(1)
+    );
+    assert_eq!(
+        core.check_committed(operation, &bytes(&[within, across]), &descriptor(2)),
+        Err(BatchInvalid::CrossShard(1))
+    );
+    let digest = core.state_machine().digest();
+    let applied = core.apply_committed(1, operation, &bytes(&[across]), &descriptor(1), |_, _| {
+        panic!("nothing is answered")
+    });
+    assert_eq!(applied, Err(BatchInvalid::CrossShard(0)));
+    assert!(core.poll_outbound().is_none(), "no credit leg");
+    assert_eq!(core.state_machine().digest(), digest, "nothing applied");
+}

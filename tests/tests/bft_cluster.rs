@@ -1,5 +1,6 @@
 //! End to end, BFT mode (`--fault-model bft`, docs/bft.md §12): four `percore node`
-//! processes on loopback (n = 4, f = 1), one shard each, replica 0 running a test-only
+//! processes on loopback (n = 4, f = 1), one shard each (two in the multi-shard test, each
+//! its own group, transfers between them refused), replica 0 running a test-only
 //! Byzantine behaviour (`--bft-test-byzantine`). Replica 0 leads view 0 of the only group,
 //! so every test starts with a Byzantine leader.
 //!
@@ -24,8 +25,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use percore_engine::frame::Operation;
-use percore_engine::record::{Account, CreateTransferResult, RecordResult, Transfer};
-use percore_net::client::{BftClient, ClientConfig};
+use percore_engine::record::{Account, CreateTransferResult, RecordResult, Transfer, shard_of};
+use percore_net::client::{BftClient, ClientConfig, ClientError};
 use percore_shards::cluster::{self, LocalCluster, LocalClusterConfig};
 use percore_shards::loadgen::{account, transfer};
 
@@ -78,8 +79,13 @@ struct Harness {
 }
 
 impl Harness {
-    /// Replica [`BYZANTINE`] runs `behaviour`; `None`: all four are correct.
+    /// Replica [`BYZANTINE`] runs `behaviour`; `None`: all four are correct. One shard.
     fn start(name: &str, behaviour: Option<&str>) -> Self {
+        Self::start_sharded(name, behaviour, 1)
+    }
+
+    /// [`Harness::start`] with `shards` shards per node, each its own BFT group.
+    fn start_sharded(name: &str, behaviour: Option<&str>, shards: usize) -> Self {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -88,7 +94,7 @@ impl Harness {
         std::fs::create_dir_all(&root).expect("test directory");
         let keys = root.join("bft-keys");
         keygen(&keys, REPLICAS);
-        let port_base = cluster::free_port_base(REPLICAS, 1).expect("free ports");
+        let port_base = cluster::free_port_base(REPLICAS, shards).expect("free ports");
         let mut extra: Vec<String> = NODE_ARGS.iter().map(ToString::to_string).collect();
         extra.extend([
             "--fault-model".into(),
@@ -99,7 +105,7 @@ impl Harness {
         let config = LocalClusterConfig {
             binary: PathBuf::from(PERCORE),
             replicas: REPLICAS,
-            cores: vec![0],
+            cores: vec![0; shards],
             replica_core_stride: 0,
             data_root: root.clone(),
             port_base,
@@ -123,7 +129,11 @@ impl Harness {
 
     fn client(&self, client_id: u128) -> BftClient {
         let replicas = (0..REPLICAS)
-            .map(|replica| vec![self.cluster.client_address(replica, 0)])
+            .map(|replica| {
+                (0..self.cluster.shards())
+                    .map(|shard| self.cluster.client_address(replica, shard))
+                    .collect()
+            })
             .collect();
         let mut config = ClientConfig::replicated(replicas, client_id);
         config.request_timeout = Some(Duration::from_secs(30));
@@ -131,8 +141,12 @@ impl Harness {
     }
 
     fn metric(&self, replica: usize, name: &str) -> u64 {
+        self.shard_metric(replica, name, 0)
+    }
+
+    fn shard_metric(&self, replica: usize, name: &str, shard: usize) -> u64 {
         let text = self.cluster.scrape(replica).expect("metrics scrape");
-        cluster::shard_metric(&text, name, 0)
+        cluster::shard_metric(&text, name, shard)
     }
 
     fn correct(&self) -> impl Iterator<Item = usize> {
@@ -143,6 +157,11 @@ impl Harness {
     /// Waits until the correct replicas executed the same BFT ops and applied the same
     /// journal ops, unchanged for [`QUIET_FOR`]; returns `(bft op, journal op)`.
     fn wait_converged(&self) -> (u64, u64) {
+        self.wait_shard_converged(0)
+    }
+
+    /// [`Harness::wait_converged`] of `shard`'s group.
+    fn wait_shard_converged(&self, shard: usize) -> (u64, u64) {
         let mut previous = None;
         let mut since = Instant::now();
         wait_until("the correct replicas agree and are quiet", || {
@@ -150,8 +169,8 @@ impl Harness {
                 .correct()
                 .map(|r| {
                     (
-                        self.metric(r, "percore_bft_commit_op"),
-                        self.metric(r, "percore_commit_op"),
+                        self.shard_metric(r, "percore_bft_commit_op", shard),
+                        self.shard_metric(r, "percore_commit_op", shard),
                     )
                 })
                 .collect();
@@ -322,7 +341,8 @@ fn transfers_commit_with(
 /// What `percore inspect --replay` found: the journal head and the replayed state.
 #[derive(Debug, PartialEq, Eq)]
 struct Inspected {
-    head: (u64, String),
+    /// Journal head (op, hash-chain checksum) of each shard, in shard order.
+    heads: Vec<(u64, String)>,
     state: Vec<String>,
     balances: HashMap<u128, i128>,
 }
@@ -343,11 +363,13 @@ fn inspect(data_dir: &Path) -> Inspected {
         data_dir.display(),
         String::from_utf8_lossy(&output.stderr)
     );
-    let mut head = (0, String::new());
+    let mut heads: Vec<(u64, String)> = Vec::new();
     let mut state = Vec::new();
     let mut balances = HashMap::new();
     for line in text.lines() {
-        if let Some(segment) = line.trim_start().strip_prefix("segment ")
+        if line.starts_with("shard ") {
+            heads.push((0, String::new()));
+        } else if let Some(segment) = line.trim_start().strip_prefix("segment ")
             && segment.contains(" entries, ")
         {
             let entries: u64 = field_after(segment, ": ").parse().expect("entries");
@@ -355,7 +377,8 @@ fn inspect(data_dir: &Path) -> Inspected {
                 let ops = field_after(segment, "ops ");
                 let op_last = ops.rsplit("..=").next().unwrap().trim_end_matches(',');
                 let checksum = segment.rsplit(' ').next().unwrap().to_string();
-                head = (op_last.parse().expect("op"), checksum);
+                *heads.last_mut().expect("a shard line first") =
+                    (op_last.parse().expect("op"), checksum);
             }
         } else if let Some(balance) = line.strip_prefix("balance ") {
             let (id, value) = balance.split_once(' ').expect("id and balance");
@@ -367,7 +390,7 @@ fn inspect(data_dir: &Path) -> Inspected {
         }
     }
     Inspected {
-        head,
+        heads,
         state,
         balances,
     }
@@ -425,7 +448,7 @@ fn compare_journals(harness: &Harness, journal_op: u64, expected: &HashMap<u128,
         .collect();
     let (first, reference) = &inspected[0];
     assert_eq!(
-        reference.head.0, journal_op,
+        reference.heads[0].0, journal_op,
         "replica {first}: journal head"
     );
     assert_eq!(
@@ -638,6 +661,168 @@ fn bft_wrong_digest_leader_is_refused_and_replaced() {
     });
 }
 
+/// Several shards per BFT node (docs/bft.md §12): 4 nodes × 2 shards, each shard its own
+/// group, replica 0 equivocating (it leads view 0 of group 0; group 1's view-0 leader is
+/// replica 1). Transfers within each shard commit on both groups; a transfer between the
+/// shards (alone, or beside transfers within a shard) is refused by `f + 1` replicas with
+/// the typed error and nothing of it is applied; the correct replicas' journals of both
+/// groups end on the same heads and replay to the same state, the acknowledged balances,
+/// money conserved and nothing in flight.
+#[test]
+fn bft_two_shards_per_node_commit_within_each_and_refuse_cross_shard_transfers() {
+    const SHARDS: u32 = 2;
+    const PER_SHARD: usize = 4;
+    let mut harness = Harness::start_sharded("shards", Some("equivocate"), SHARDS as usize);
+    let mut client = harness.client(7);
+    let shard_of = |id: u128| shard_of(id, SHARDS) as usize;
+    // Per shard: a mint (may go negative) and `PER_SHARD` accounts, all on that shard.
+    let mut mints = vec![0u128; SHARDS as usize];
+    let mut members: Vec<Vec<u128>> = vec![Vec::new(); SHARDS as usize];
+    for id in 1u128.. {
+        let shard = shard_of(id);
+        if mints[shard] == 0 {
+            mints[shard] = id;
+        } else if members[shard].len() < PER_SHARD {
+            members[shard].push(id);
+        }
+        if members.iter().all(|m| m.len() == PER_SHARD) {
+            break;
+        }
+    }
+    let accounts: Vec<Account> = mints
+        .iter()
+        .map(|id| account(*id, percore_engine::record::account_flags::ALLOW_NEGATIVE))
+        .chain(members.iter().flatten().map(|id| account(*id, 0)))
+        .collect();
+    let results: Vec<RecordResult> = client
+        .submit(
+            Operation::CreateAccounts.into(),
+            &accounts,
+            |a: &Account| shard_of(a.id),
+        )
+        .expect("accounts created on both groups");
+    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    let mut expected: HashMap<u128, i128> = accounts.iter().map(|a| (a.id, 0)).collect();
+    let by_debit = |t: &Transfer| shard_of(t.debit_account_id);
+    let mut next_id = 1u128 << 100;
+    let apply = |transfers: &[Transfer], expected: &mut HashMap<u128, i128>| {
+        for t in transfers {
+            *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+            *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+        }
+    };
+    let funding: Vec<Transfer> = (0..SHARDS as usize)
+        .flat_map(|shard| members[shard].iter().map(move |id| (shard, *id)))
+        .map(|(shard, id)| transfer(1000 + id, mints[shard], id, FUNDING))
+        .collect();
+    let results: Vec<RecordResult> = client
+        .submit(Operation::CreateTransfers.into(), &funding, by_debit)
+        .expect("accounts funded on both groups");
+    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    apply(&funding, &mut expected);
+    // Requests mixing transfers within shard 0 and within shard 1: each part goes to its
+    // group, and both commit.
+    let mut rng = Rng(0x05EE_DBF7);
+    let mut acknowledged = 0;
+    for _ in 0..REQUESTS / 2 {
+        let transfers: Vec<Transfer> = (0..TRANSFERS_PER_REQUEST)
+            .map(|_| {
+                let r = rng.next();
+                let accounts = &members[(r % u64::from(SHARDS)) as usize];
+                let debit = accounts[((r >> 8) % PER_SHARD as u64) as usize];
+                let offset = 1 + ((r >> 16) % (PER_SHARD as u64 - 1)) as usize;
+                let credit =
+                    accounts[(((r >> 8) % PER_SHARD as u64) as usize + offset) % PER_SHARD];
+                next_id += 1;
+                transfer(next_id, debit, credit, 1 + u128::from((r >> 32) % 5))
+            })
+            .collect();
+        let results: Vec<RecordResult> = client
+            .submit(Operation::CreateTransfers.into(), &transfers, by_debit)
+            .expect("f + 1 replicas of each group answer");
+        for (t, r) in transfers.iter().zip(&results) {
+            assert_eq!(r.code, CreateTransferResult::Ok as u32, "transfer {t:?}");
+        }
+        apply(&transfers, &mut expected);
+        acknowledged += transfers.len();
+    }
+    // A transfer between the shards is refused with the typed error, alone or beside a
+    // transfer within the debit shard (the whole request is refused).
+    let within = transfer(next_id + 1, members[0][0], members[0][1], 7);
+    let across = transfer(next_id + 2, members[0][0], members[1][0], 7);
+    for request in [vec![across], vec![within, across]] {
+        let refused = client.submit::<Transfer, RecordResult>(
+            Operation::CreateTransfers.into(),
+            &request,
+            by_debit,
+        );
+        assert!(
+            matches!(
+                refused,
+                Err(ClientError::CrossShardRefused { shard: 0, .. })
+            ),
+            "{refused:?}"
+        );
+    }
+    let groups: Vec<(u64, u64)> = (0..SHARDS as usize)
+        .map(|shard| harness.wait_shard_converged(shard))
+        .collect();
+    for replica in harness.correct() {
+        assert!(
+            harness.shard_metric(replica, "percore_bft_cross_shard_refused_total", 0) >= 2,
+            "replica {replica} refused the cross-shard requests"
+        );
+        for (shard, (bft_op, journal_op)) in groups.iter().enumerate() {
+            assert!(*journal_op >= 3, "shard {shard}: journal op {journal_op}");
+            assert!(
+                harness.shard_metric(replica, "percore_bft_certs_journaled_total", shard)
+                    >= *bft_op,
+                "replica {replica}, shard {shard}: a certificate per executed op"
+            );
+        }
+        // Group 0 left the equivocating leader of its view 0.
+        assert!(harness.shard_metric(replica, "percore_bft_view", 0) >= 1);
+    }
+    harness.cluster.stop_all();
+    let inspected: Vec<(usize, Inspected)> = harness
+        .correct()
+        .map(|replica| (replica, inspect(&harness.cluster.data_dir(replica))))
+        .collect();
+    let (first, reference) = &inspected[0];
+    let journal_ops: Vec<u64> = reference.heads.iter().map(|head| head.0).collect();
+    let expected_ops: Vec<u64> = groups.iter().map(|group| group.1).collect();
+    assert_eq!(journal_ops, expected_ops, "replica {first}: journal heads");
+    assert_eq!(
+        reference.balances, expected,
+        "every acknowledged transfer applied once, nothing else"
+    );
+    assert_eq!(expected.values().sum::<i128>(), 0, "money is conserved");
+    assert!(
+        reference.state.contains(&"in_flight 0".to_string())
+            && reference.state.contains(&"conservation 0".to_string()),
+        "no credit leg was ever produced: {:?}",
+        reference.state
+    );
+    for (replica, found) in &inspected[1..] {
+        assert_eq!(
+            found, reference,
+            "replica {replica} agrees with replica {first}"
+        );
+    }
+    for replica in harness.correct() {
+        for shard in 0..SHARDS {
+            let dir = harness.cluster.data_dir(replica);
+            assert!(dir.join(format!("bft-certs-{shard}")).is_dir());
+            assert!(dir.join(format!("bft-guard-{shard}")).is_file());
+        }
+    }
+    eprintln!(
+        "two shards: groups (bft op, journal op) {groups:?}, {acknowledged} transfers, \
+         {} replies ignored",
+        client.mismatched_replies()
+    );
+}
+
 #[test]
 fn bft_node_refuses_configurations_that_cannot_tolerate_f() {
     let root = std::env::temp_dir().join(format!("percore-bft-refuse-{}", std::process::id()));
@@ -682,8 +867,5 @@ fn bft_node_refuses_configurations_that_cannot_tolerate_f() {
     std::fs::write(keys.join("cluster.keys"), text).unwrap();
     let error = node(&peers(3), &["--cores", "0"]);
     assert!(error.contains("lists 4 replicas"), "{error}");
-    // Two shards.
-    let error = node(&peers(4), &["--cores", "0,0", "--allow-shared-cores"]);
-    assert!(error.contains("one shard per node"), "{error}");
     std::fs::remove_dir_all(&root).unwrap();
 }
