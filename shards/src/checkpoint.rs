@@ -1,8 +1,9 @@
 //! Checkpoints taken beside the shard, not by it: the checkpoint follower.
 //!
-//! A checkpoint is the state machine's snapshot at an op `c` (a multiple of the interval),
-//! written as a snapshot file and recorded in the superblock; after it, recovery starts from
-//! the snapshot and old segments can be removed. Capturing the *live* state machine stops
+//! A checkpoint is the state machine's snapshot at an op `c` ([`checkpoint_due`]: once per
+//! interval, shard `k` of `S` at `(c + k × interval / S) % interval == 0`), written as a
+//! snapshot file and recorded in the superblock; after it, recovery starts from the snapshot
+//! and old segments can be removed. Capturing the *live* state machine stops
 //! the shard while the snapshot is taken: at the node's default ledger size that was 137 ms
 //! of capture plus 136 ms of file write, every few seconds under load (docs/benchmarks.md).
 //!
@@ -38,9 +39,21 @@
 //!   a checkpoint or a journal write fails.
 //!
 //! A follower that falls behind by more than an interval skips the checkpoint ops in
-//! between and captures only the newest multiple of the interval at or below `applied_op`
-//! when it chose its target: checkpoints then land less often, never at an op the shard
-//! has not applied.
+//! between and captures only the newest checkpoint op at or below `applied_op`
+//! ([`checkpoint_at_or_below`]) when it chose its target: checkpoints then land less often,
+//! never at an op the shard has not applied.
+//!
+//! # The node's disk (no shard takes part)
+//! Snapshots are large (130 MB at the node's defaults). Two things keep a node's followers
+//! from writing them all at once beside the journals' `fdatasync`s:
+//! * **Staggered checkpoints.** Shard `k` of `S` checkpoints `k × interval / S` ops before
+//!   the multiples of the interval, so under even load the followers of one node reach their
+//!   checkpoint ops one after another. (Shard `k` of every replica uses the same offset:
+//!   replicas are on different hosts.)
+//! * **One write budget per node** ([`SnapshotWriteBudget`], `--snapshot-write-mib-per-s`):
+//!   followers that still write at the same time (uneven load, one catching up) share it
+//!   instead of each writing at the full rate. It is one atomic taken by follower threads
+//!   only; a shard never touches it.
 //!
 //! [`Journal::checkpoint_install`]: crate::journal::Journal::checkpoint_install
 
@@ -70,11 +83,11 @@ use crate::metrics::ShardMetrics;
 pub const FOLLOW_POLL_US: u64 = 1_000;
 /// Bytes of the staging buffer the snapshot file is written through (`O_DIRECT`).
 pub const WRITE_BUFFER_BYTES: usize = 1 << 20;
-/// Most bytes per second the follower writes a snapshot file at. Unpaced, a 130 MB
-/// snapshot written at once (times every shard whose follower reached the same checkpoint
-/// op, all replicas alike) queued ahead of the journal's writes and stalled commits for
-/// seconds on a shared disk.
-pub const SNAPSHOT_WRITE_BYTES_PER_S: u64 = 128 << 20;
+/// Default of the node's snapshot write budget, `--snapshot-write-mib-per-s` (MiB/s), shared
+/// by all its followers ([`SnapshotWriteBudget`]). Unpaced, a 130 MB snapshot written at once
+/// queued ahead of the journal's writes and stalled commits for seconds on a shared disk;
+/// paced per follower, 12 followers checkpointing together still wrote 1.5 GB/s.
+pub const SNAPSHOT_WRITE_MIB_PER_S_DEFAULT: u64 = 128;
 /// Reads of one entry before the follower gives up on it. An applied op is durable, so the
 /// first read finds it; the retries only cover a segment switch seen mid-way.
 pub const READ_ATTEMPTS_MAX: u32 = 100;
@@ -91,6 +104,107 @@ struct Sector([u8; SECTOR_BYTES]);
 /// A zeroed, sector-aligned buffer of `bytes` (rounded up to a sector).
 fn sectors(bytes: usize) -> Vec<Sector> {
     vec![Sector([0; SECTOR_BYTES]); bytes.div_ceil(SECTOR_BYTES)]
+}
+
+/// How far shard `shard` of `shard_count` shifts its checkpoints within an interval (ops,
+/// below `interval_ops`): `shard × interval_ops / shard_count`, so the shards of a node
+/// checkpoint evenly spread over the interval instead of all at once.
+pub fn checkpoint_offset_ops(shard: usize, shard_count: usize, interval_ops: u64) -> u64 {
+    assert!(shard < shard_count && interval_ops > 0);
+    let offset = u128::from(interval_ops) * shard as u128 / shard_count as u128;
+    debug_assert!(offset < u128::from(interval_ops));
+    offset as u64
+}
+
+/// Whether shard `shard` of `shard_count` takes a checkpoint at `op`: the staggered rule
+/// `(op + checkpoint_offset_ops) % interval_ops == 0`, `op > 0`. Shard 0 checkpoints at the
+/// multiples of the interval; shard `k` `k × interval_ops / shard_count` ops before them.
+pub fn checkpoint_due(op: u64, shard: usize, shard_count: usize, interval_ops: u64) -> bool {
+    let offset = checkpoint_offset_ops(shard, shard_count, interval_ops);
+    op > 0 && (u128::from(op) + u128::from(offset)).is_multiple_of(u128::from(interval_ops))
+}
+
+/// The newest op at or below `op` at which the shard checkpoints by [`checkpoint_due`]
+/// (0: none).
+pub fn checkpoint_at_or_below(op: u64, shard: usize, shard_count: usize, interval_ops: u64) -> u64 {
+    let offset = u128::from(checkpoint_offset_ops(shard, shard_count, interval_ops));
+    let interval = u128::from(interval_ops);
+    let shifted = (u128::from(op) + offset) / interval * interval;
+    let newest = shifted.saturating_sub(offset) as u64;
+    debug_assert!(newest <= op);
+    debug_assert!(newest == 0 || checkpoint_due(newest, shard, shard_count, interval_ops));
+    newest
+}
+
+/// The snapshot write budget of one node (`--snapshot-write-mib-per-s`), shared by all its
+/// checkpoint followers, so that N followers writing at once share one rate instead of
+/// multiplying it. A token bucket without burst, kept as one atomic: the time at which the
+/// budget is next free. A writer reserves its chunk's share of time after that point (or
+/// after now, if the budget sat idle) and waits until its reservation starts; concurrent
+/// writers interleave chunk by chunk in the order they reserved. Only follower threads take
+/// from it, never a shard.
+pub struct SnapshotWriteBudget {
+    bytes_per_s: u64,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` at which the last reservation ends.
+    free_at_ns: AtomicU64,
+}
+
+impl std::fmt::Debug for SnapshotWriteBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotWriteBudget")
+            .field("bytes_per_s", &self.bytes_per_s)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapshotWriteBudget {
+    /// A budget of `bytes_per_s` (nonzero) for the whole node.
+    pub fn new(bytes_per_s: u64) -> Self {
+        assert!(
+            bytes_per_s > 0,
+            "a snapshot write budget of 0 bytes/s never writes"
+        );
+        SnapshotWriteBudget {
+            bytes_per_s,
+            epoch: Instant::now(),
+            free_at_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The node's rate (bytes/s).
+    pub fn bytes_per_s(&self) -> u64 {
+        self.bytes_per_s
+    }
+
+    /// Reserves `bytes` of the budget at `now_ns` (after the epoch) and returns when the
+    /// reservation starts (ns after the epoch, at or after `now_ns`).
+    fn reserve(&self, bytes: u64, now_ns: u64) -> u64 {
+        let cost_ns = (u128::from(bytes) * 1_000_000_000 / u128::from(self.bytes_per_s)) as u64;
+        // Relaxed is enough: the value is only a time, it publishes no other memory, and the
+        // read-modify-write alone makes concurrent reservations disjoint.
+        let previous = self
+            .free_at_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free_at_ns| {
+                Some(free_at_ns.max(now_ns).saturating_add(cost_ns))
+            })
+            .expect("the update always returns Some");
+        let start = previous.max(now_ns);
+        debug_assert!(start >= now_ns);
+        start
+    }
+
+    /// Waits until `bytes` may be written: returns once the budget's earlier reservations,
+    /// from this and every other follower of the node, have had their time. Returns the
+    /// time waited.
+    pub fn take(&self, bytes: u64) -> Duration {
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        let wait = Duration::from_nanos(self.reserve(bytes, now_ns) - now_ns);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        wait
+    }
 }
 
 /// Why the follower stopped.
@@ -364,6 +478,7 @@ fn snapshot_file_write(
     meta: &SnapshotMeta,
     snapshot: &[u8],
     staging: &mut [Sector],
+    budget: &SnapshotWriteBudget,
 ) -> Result<(), FollowerError> {
     let name = format::snapshot_file_name(meta.op);
     let path = dir.join(&name);
@@ -380,20 +495,16 @@ fn snapshot_file_write(
     let staging: &mut [u8] = bytemuck::cast_slice_mut(staging);
     let mut file_offset = 0u64;
     let mut staged = 0;
-    let started = Instant::now();
     let flush = |staging: &mut [u8], staged: usize, file_offset: &mut u64| {
         // The last chunk is padded with zeros to a sector.
         let padded = staged.next_multiple_of(SECTOR_BYTES);
         staging[staged..padded].fill(0);
+        // Paced by the node's budget: a burst of snapshot writes queues ahead of the
+        // shards' journal writes and their fdatasyncs wait behind them.
+        budget.take(padded as u64);
         file.write_all_at(&staging[..padded], *file_offset)
             .map_err(io_error(&path_temporary))?;
         *file_offset += padded as u64;
-        // Paced: a burst of snapshot writes queues ahead of the shard's journal writes and
-        // its fdatasync waits behind them.
-        let due = Duration::from_secs_f64(*file_offset as f64 / SNAPSHOT_WRITE_BYTES_PER_S as f64);
-        if let Some(early) = due.checked_sub(started.elapsed()) {
-            std::thread::sleep(early);
-        }
         Ok::<(), FollowerError>(())
     };
     for part in [&header[..], snapshot] {
@@ -455,14 +566,18 @@ struct Shared {
 pub struct FollowerConfig {
     /// The shard's index.
     pub shard: usize,
+    /// Shards of the node: checkpoints are staggered over them ([`checkpoint_due`]).
+    pub shard_count: usize,
     /// The shard's journal directory.
     pub dir: PathBuf,
     /// The cluster, for the snapshot header.
     pub cluster_id: u128,
     /// Largest batch body (bytes).
     pub body_bytes_max: usize,
-    /// A checkpoint at every op that is a multiple of this (nonzero).
+    /// A checkpoint every this many ops (nonzero), at the ops [`checkpoint_due`] names.
     pub interval_ops: u64,
+    /// The node's snapshot write budget, shared with the other shards' followers.
+    pub write_budget: Arc<SnapshotWriteBudget>,
 }
 
 /// The shard's side: where it publishes what it applied and collects written snapshots.
@@ -497,6 +612,7 @@ impl CheckpointFollower {
         F: FnOnce() -> S + Send + 'static,
     {
         assert!(config.interval_ops > 0, "no follower without checkpoints");
+        assert!(config.shard < config.shard_count);
         let shared = Arc::new(Shared::default());
         shared.applied_op.store(applied_op, Ordering::Release);
         shared
@@ -601,6 +717,7 @@ impl Follower {
         snapshot.clear();
         let mut staging = sectors(WRITE_BUFFER_BYTES);
         let interval = self.config.interval_ops;
+        let (shard, shard_count) = (self.config.shard, self.config.shard_count);
         let mut segment_next = segment_lowest(&self.config.dir)?;
         let mut niced = false;
         // Bounded by `stop`: every turn applies an op, writes a checkpoint, or sleeps.
@@ -620,7 +737,7 @@ impl Follower {
                 continue;
             }
             let installed = self.shared.installed_op.load(Ordering::Acquire);
-            let newest = applied / interval * interval;
+            let newest = checkpoint_at_or_below(applied, shard, shard_count, interval);
             let target = if newest > op.max(installed) {
                 newest
             } else {
@@ -690,7 +807,13 @@ impl Follower {
             snapshot_checksum: format::journal_checksum(snapshot),
             digest,
         };
-        snapshot_file_write(&self.config.dir, &meta, snapshot, staging)?;
+        snapshot_file_write(
+            &self.config.dir,
+            &meta,
+            snapshot,
+            staging,
+            &self.config.write_budget,
+        )?;
         let written = Written {
             meta,
             position_after: reader.position(),
@@ -800,4 +923,145 @@ fn apply<S: StateMachine>(
         &mut results[..count],
     );
     while machine.poll_outbound().is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every op in `1..=ops` at which `shard` checkpoints, by brute force over the rule.
+    fn due_ops(ops: u64, shard: usize, shard_count: usize, interval: u64) -> Vec<u64> {
+        (1..=ops)
+            .filter(|&op| checkpoint_due(op, shard, shard_count, interval))
+            .collect()
+    }
+
+    #[test]
+    fn shard_zero_checkpoints_at_the_multiples_of_the_interval() {
+        assert_eq!(due_ops(64, 0, 1, 16), vec![16, 32, 48, 64]);
+        assert_eq!(due_ops(64, 0, 4, 16), vec![16, 32, 48, 64]);
+        assert!(!checkpoint_due(0, 0, 1, 16), "op 0 is never a checkpoint");
+    }
+
+    #[test]
+    fn the_shards_of_a_node_checkpoint_spread_over_the_interval() {
+        assert_eq!(due_ops(64, 1, 4, 16), vec![12, 28, 44, 60]);
+        assert_eq!(due_ops(64, 2, 4, 16), vec![8, 24, 40, 56]);
+        assert_eq!(due_ops(64, 3, 4, 16), vec![4, 20, 36, 52]);
+        // The node default: shard 1 of 2 halfway between shard 0's checkpoints.
+        let interval = 16_384;
+        assert!(checkpoint_due(8_192, 1, 2, interval));
+        assert!(checkpoint_due(8_192 + interval, 1, 2, interval));
+        assert!(!checkpoint_due(interval, 1, 2, interval));
+        // Each shard checkpoints once per interval, and no two shards share an op while
+        // there are fewer shards than ops in an interval.
+        for (shard_count, interval) in [(2, 8), (3, 16), (12, 16_384), (16, 16)] {
+            let mut all = Vec::new();
+            for shard in 0..shard_count {
+                let ops = due_ops(interval * 8, shard, shard_count, interval);
+                assert_eq!(ops.len(), 8, "shard {shard} of {shard_count}");
+                assert!(ops.windows(2).all(|w| w[1] - w[0] == interval));
+                all.extend(ops);
+            }
+            all.sort_unstable();
+            assert!(all.windows(2).all(|w| w[0] < w[1]), "{all:?}");
+        }
+        // More shards than ops in an interval: offsets repeat, every op is still one
+        // interval after the last.
+        assert_eq!(due_ops(8, 3, 4, 2), vec![1, 3, 5, 7]);
+    }
+
+    #[test]
+    fn the_newest_checkpoint_at_or_below_agrees_with_the_rule() {
+        for (shard_count, interval) in [(1, 8), (2, 8), (3, 16), (4, 2), (5, 7)] {
+            for shard in 0..shard_count {
+                let mut newest = 0;
+                for op in 0..=interval * 5 {
+                    if checkpoint_due(op, shard, shard_count, interval) {
+                        newest = op;
+                    }
+                    assert_eq!(
+                        checkpoint_at_or_below(op, shard, shard_count, interval),
+                        newest,
+                        "op {op}, shard {shard} of {shard_count}, interval {interval}"
+                    );
+                }
+            }
+        }
+        // No overflow near the top of the op space.
+        let top = checkpoint_at_or_below(u64::MAX, 1, 2, 16_384);
+        assert!(checkpoint_due(top, 1, 2, 16_384) && u64::MAX - top < 16_384);
+    }
+
+    #[test]
+    fn budget_reservations_follow_each_other_and_keep_no_idle_credit() {
+        // 1,000 bytes/s: a byte costs 1 ms.
+        let budget = SnapshotWriteBudget::new(1_000);
+        let ms = 1_000_000;
+        assert_eq!(budget.reserve(100, 0), 0);
+        // A second writer at the same moment waits for the first one's 100 ms.
+        assert_eq!(budget.reserve(100, 0), 100 * ms);
+        assert_eq!(budget.reserve(50, 10 * ms), 200 * ms);
+        // Idle from 250 ms to 1 s: no credit saved up, the next chunk starts now and the
+        // one after it waits its full share again.
+        assert_eq!(budget.reserve(100, 1_000 * ms), 1_000 * ms);
+        assert_eq!(budget.reserve(100, 1_000 * ms), 1_100 * ms);
+    }
+
+    /// Writes `writers` × `chunks` chunks of `chunk_bytes` through `budget` from that many
+    /// threads at once (as the followers of one node write snapshots); returns the time.
+    fn write_concurrently(
+        budget: &Arc<SnapshotWriteBudget>,
+        writers: usize,
+        chunks: usize,
+        chunk_bytes: u64,
+    ) -> Duration {
+        let started = Instant::now();
+        let threads: Vec<_> = (0..writers)
+            .map(|_| {
+                let budget = budget.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..chunks {
+                        budget.take(chunk_bytes);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("writer thread");
+        }
+        started.elapsed()
+    }
+
+    #[test]
+    fn two_followers_writing_at_once_share_one_budget() {
+        const BYTES_PER_S: u64 = 32 << 20;
+        const CHUNK_BYTES: u64 = WRITE_BUFFER_BYTES as u64;
+        const CHUNKS: usize = 4;
+        let seconds = |chunks: usize| (chunks as u64 * CHUNK_BYTES) as f64 / BYTES_PER_S as f64;
+        // The last chunk may start once every earlier one has had its time.
+        let alone = write_concurrently(
+            &Arc::new(SnapshotWriteBudget::new(BYTES_PER_S)),
+            1,
+            CHUNKS,
+            CHUNK_BYTES,
+        );
+        assert!(alone.as_secs_f64() >= seconds(CHUNKS - 1), "{alone:?}");
+        let together = write_concurrently(
+            &Arc::new(SnapshotWriteBudget::new(BYTES_PER_S)),
+            2,
+            CHUNKS,
+            CHUNK_BYTES,
+        );
+        // Two followers with a budget each would finish in `alone`'s time; sharing one,
+        // they take the time of all their bytes at the one rate.
+        assert!(
+            together.as_secs_f64() >= seconds(2 * CHUNKS - 1),
+            "two writers {together:?}, one {alone:?}"
+        );
+        assert!(
+            together.as_secs_f64() < seconds(2 * CHUNKS) + 1.0,
+            "two writers {together:?}: the budget is not used up"
+        );
+    }
 }

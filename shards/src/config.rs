@@ -39,6 +39,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "fsync",
     "segment_mib",
     "checkpoint_interval_ops",
+    "snapshot_write_mib_per_s",
     "cluster_id",
     "replica",
     "peers",
@@ -104,6 +105,8 @@ pub struct NodeFile {
     pub segment_mib: Option<u64>,
     /// `--checkpoint-interval-ops`.
     pub checkpoint_interval_ops: Option<u64>,
+    /// `--snapshot-write-mib-per-s`.
+    pub snapshot_write_mib_per_s: Option<u64>,
     /// `--cluster-id`: hex digits in a string, as on the command line ("1", "0x2a").
     #[serde(default, deserialize_with = "cluster_id_from_text")]
     pub cluster_id: Option<u128>,

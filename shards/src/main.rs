@@ -135,10 +135,21 @@ struct JournalArgs {
     /// Size of one journal segment file (MiB).
     #[arg(long, default_value_t = 1024)]
     segment_mib: u64,
-    /// Take a checkpoint (state snapshot; old journal segments are then removed) after every
-    /// op that is a multiple of this (ops; 0: never, the journal grows without bound).
+    /// Take a checkpoint (state snapshot; old journal segments are then removed) once every
+    /// this many ops (0: never, the journal grows without bound). Shard k of S checkpoints
+    /// k x interval / S ops before the multiples of the interval, so that the shards of a
+    /// node do not all write a snapshot at once.
     #[arg(long, default_value_t = runtime::CHECKPOINT_INTERVAL_OPS_DEFAULT)]
     checkpoint_interval_ops: u64,
+    /// Snapshot file writes of all the node's checkpoint followers together (MiB/s): one
+    /// budget shared by the shards, so that checkpoints do not crowd out the journals'
+    /// writes on the disk.
+    #[arg(
+        long,
+        default_value_t = percore_shards::checkpoint::SNAPSHOT_WRITE_MIB_PER_S_DEFAULT,
+        value_parser = clap::value_parser!(u64).range(1..=1 << 20)
+    )]
+    snapshot_write_mib_per_s: u64,
     /// Cluster identity recorded in each shard's superblock (hex); another cluster's data
     /// directory is refused.
     #[arg(long, default_value = "1", value_parser = parse_cluster_id)]
@@ -158,6 +169,7 @@ impl JournalArgs {
             segment_bytes: self.segment_mib << 20,
             cluster_id: self.cluster_id,
             checkpoint_interval_ops: self.checkpoint_interval_ops,
+            snapshot_write_bytes_per_s: self.snapshot_write_mib_per_s << 20,
         }
     }
 }
@@ -542,6 +554,7 @@ fn node_args_with_file(
         fsync,
         segment_mib,
         checkpoint_interval_ops,
+        snapshot_write_mib_per_s,
         cluster_id,
         replica,
         peers,
@@ -583,6 +596,7 @@ fn node_args_with_file(
         fsync => args.journal.fsync,
         segment_mib => args.journal.segment_mib,
         checkpoint_interval_ops => args.journal.checkpoint_interval_ops,
+        snapshot_write_mib_per_s => args.journal.snapshot_write_mib_per_s,
         cluster_id => args.journal.cluster_id,
         replica => args.replication.replica,
         peers => args.replication.peers,
@@ -1008,6 +1022,14 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
             ledger.session_clients_max.to_string(),
         ),
         ("--segment-mib", journal.segment_mib.to_string()),
+        (
+            "--checkpoint-interval-ops",
+            journal.checkpoint_interval_ops.to_string(),
+        ),
+        (
+            "--snapshot-write-mib-per-s",
+            journal.snapshot_write_mib_per_s.to_string(),
+        ),
         ("--cluster-id", format!("{:x}", journal.cluster_id)),
     ]
     .into_iter()

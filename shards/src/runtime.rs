@@ -111,9 +111,13 @@ pub struct JournalSettings {
     pub segment_bytes: u64,
     /// Identity of the cluster; a data directory of another cluster is refused.
     pub cluster_id: u128,
-    /// A checkpoint (snapshot + superblock, then old segments removed) after applying every
-    /// op that is a multiple of this (ops; 0: never, and the journal grows without bound).
+    /// A checkpoint (snapshot + superblock, then old segments removed) once every this many
+    /// ops (0: never, and the journal grows without bound); shard `k` of `S` at the ops
+    /// `c` with `(c + k × interval / S) % interval == 0` ([`crate::checkpoint::checkpoint_due`]).
     pub checkpoint_interval_ops: u64,
+    /// Snapshot file writes of all the node's checkpoint followers together (bytes/s,
+    /// nonzero): one budget for the node, not one per shard.
+    pub snapshot_write_bytes_per_s: u64,
 }
 
 impl Default for NodeConfig {
@@ -216,6 +220,9 @@ pub enum NodeError {
         /// Cause.
         source: crate::bft::BftStartError,
     },
+    /// A journal with a snapshot write budget of 0 bytes/s: no checkpoint could be written.
+    #[error("snapshot write budget of 0 bytes/s: snapshot_write_mib_per_s must be at least 1")]
+    SnapshotWriteBudgetZero,
     /// The replication settings cannot work.
     #[error("replication: {0}")]
     Replication(String),
@@ -356,6 +363,19 @@ where
         if !config.mesh_ring_capacity.is_power_of_two() || config.mesh_ring_capacity < 2 {
             return Err(NodeError::MeshCapacity(config.mesh_ring_capacity));
         }
+        // One budget for every follower of this node (an unused one without checkpoints).
+        let snapshot_write_bytes_per_s = match &config.journal {
+            Some(journal) if journal.checkpoint_interval_ops > 0 => {
+                if journal.snapshot_write_bytes_per_s == 0 {
+                    return Err(NodeError::SnapshotWriteBudgetZero);
+                }
+                journal.snapshot_write_bytes_per_s
+            }
+            _ => 1,
+        };
+        let snapshot_write_budget = Arc::new(crate::checkpoint::SnapshotWriteBudget::new(
+            snapshot_write_bytes_per_s,
+        ));
         let budget = crate::memlock::ensure(shards, config.io_memory_bytes)?;
         tracing::info!(?budget, shards, "memlock budget");
         let stop = Arc::new(AtomicBool::new(false));
@@ -385,6 +405,7 @@ where
                 quiet: quiet.clone(),
                 all_metrics: all_metrics.clone(),
                 ingest: ingest.clone(),
+                snapshot_write_budget: snapshot_write_budget.clone(),
             };
             let make = make_state_machine.clone();
             let ready = ready_tx.clone();
@@ -483,6 +504,7 @@ struct ShardContext<S: StateMachine> {
     quiet: Arc<[AtomicBool]>,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     ingest: Arc<crate::ingest::Ingress<S>>,
+    snapshot_write_budget: Arc<crate::checkpoint::SnapshotWriteBudget>,
 }
 
 /// A single-threaded notification: `notify` wakes the one waiter, or the next `wait`
@@ -562,6 +584,8 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) checkpoints: RefCell<Option<crate::checkpoint::CheckpointFollower>>,
     /// Builds the state machine of a (re)started checkpoint follower.
     pub(crate) make_follower: MakeFollower<S>,
+    /// The node's snapshot write budget, for a (re)started checkpoint follower.
+    pub(crate) snapshot_write_budget: Arc<crate::checkpoint::SnapshotWriteBudget>,
     /// Application-thread ingest shared by the node (this shard drains its own ring).
     pub(crate) ingest: Arc<crate::ingest::Ingress<S>>,
 }
@@ -872,7 +896,8 @@ async fn start_bft(
 /// state sync restarts the follower).
 pub(crate) type MakeFollower<S> = Arc<dyn Fn() -> S + Send + Sync>;
 
-/// Starts the shard's checkpoint follower if it journals with checkpoints.
+/// Starts the shard's checkpoint follower if it journals with checkpoints; it writes
+/// snapshots within the node's `write_budget`.
 pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
     shard: usize,
     config: &NodeConfig,
@@ -880,6 +905,7 @@ pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
     applied_op: u64,
     metrics: &Arc<ShardMetrics>,
     make: MakeFollower<S>,
+    write_budget: &Arc<crate::checkpoint::SnapshotWriteBudget>,
 ) -> Result<Option<crate::checkpoint::CheckpointFollower>, NodeError> {
     let (Some(journal), Some(settings)) = (journal, config.journal.as_ref()) else {
         return Ok(None);
@@ -889,10 +915,12 @@ pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
     }
     let follower_config = crate::checkpoint::FollowerConfig {
         shard,
+        shard_count: config.cores.len(),
         dir: journal.config().dir.clone(),
         cluster_id: settings.cluster_id,
         body_bytes_max: journal.config().body_bytes_max,
         interval_ops: settings.checkpoint_interval_ops,
+        write_budget: write_budget.clone(),
     };
     crate::checkpoint::CheckpointFollower::spawn(
         follower_config,
@@ -929,6 +957,7 @@ where
         quiet,
         all_metrics,
         ingest,
+        snapshot_write_budget,
     } = context;
     let core_config = CoreConfig {
         shard: shard as u32,
@@ -963,6 +992,7 @@ where
         core.op_last(),
         &metrics,
         make_follower.clone(),
+        &snapshot_write_budget,
     ) {
         Ok(checkpoints) => checkpoints,
         Err(error) => return start_failed(&ready, shard, error),
@@ -1047,6 +1077,7 @@ where
         bft,
         checkpoints: RefCell::new(checkpoints),
         make_follower,
+        snapshot_write_budget,
         ingest,
     });
     if !unconfirmed.is_empty() {

@@ -474,6 +474,7 @@ where
         op,
         &shard.metrics,
         shard.make_follower.clone(),
+        &shard.snapshot_write_budget,
     ) {
         Ok(follower) => *shard.checkpoints.borrow_mut() = follower,
         Err(error) => panic!(

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use percore_engine::frame::Operation;
 use percore_engine::record::{CreateTransferResult, RecordResult, Transfer};
 use percore_net::client::{Client, ClientConfig, Pipeline};
+use percore_shards::checkpoint::checkpoint_due;
 use percore_shards::loadgen::{create_funded_accounts, route_transfer, transfer};
 
 const PERCORE: &str = env!("CARGO_BIN_EXE_percore");
@@ -37,6 +38,8 @@ struct NodeProcess {
 /// Node arguments of the checkpoint mode: a checkpoint every 8 ops, 1 MiB segments (about
 /// 80 batches of 50 transfers each).
 const CHECKPOINT_ARGS: &[&str] = &["--checkpoint-interval-ops", "8", "--segment-mib", "1"];
+/// The interval `CHECKPOINT_ARGS` sets.
+const CHECKPOINT_INTERVAL_OPS: u64 = 8;
 /// Node arguments of the default mode: default checkpoint interval (rarely reached here).
 const DEFAULT_ARGS: &[&str] = &["--segment-mib", "4"];
 
@@ -291,11 +294,19 @@ fn acknowledged_transfers_survive_sigkill_during_checkpoints() {
     let data_dir = crash_run("checkpoints", CHECKPOINT_ARGS);
     // Checkpoints happened and removed what they cover: after the follower caught up (the
     // run waited for it), each shard keeps at most two snapshots and segment 0 is gone.
+    // Every snapshot is at one of its shard's staggered checkpoint ops (shard 1 of 2: 4
+    // ops before the multiples of 8).
     for shard in 0..SHARDS {
         let (segments, snapshots) = journal_files(&data_dir, shard);
         eprintln!("crash test: shard {shard} segments {segments:?} snapshots {snapshots:?}");
         assert!(
             (1..=2).contains(&snapshots.len()),
+            "shard {shard}: {snapshots:?}"
+        );
+        assert!(
+            snapshots
+                .iter()
+                .all(|&op| checkpoint_due(op, shard, SHARDS, CHECKPOINT_INTERVAL_OPS)),
             "shard {shard}: {snapshots:?}"
         );
         assert!(segments[0] > 0, "shard {shard}: {segments:?}");

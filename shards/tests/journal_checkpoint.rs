@@ -20,7 +20,8 @@ use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation};
 use percore_engine::record::{Account, RecordResult, RecordSlot, Transfer, account_flags};
 use percore_engine::state_machine::{RestoreError, StateMachine};
 use percore_shards::checkpoint::{
-    CheckpointFollower, FollowerConfig, FollowerError, JournalReader, Written,
+    CheckpointFollower, FollowerConfig, FollowerError, JournalReader, SnapshotWriteBudget, Written,
+    checkpoint_due,
 };
 use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, SUPERBLOCK_FILE_NAME,
@@ -546,7 +547,10 @@ async fn install_checked(
     installed: &mut Vec<u64>,
 ) {
     let op = written.meta.op;
-    assert!(op.is_multiple_of(CHECKPOINT_INTERVAL_OPS_TEST), "op {op}");
+    assert!(
+        checkpoint_due(op, SHARD as usize, 1, CHECKPOINT_INTERVAL_OPS_TEST),
+        "op {op}"
+    );
     assert_eq!(
         Some(&written.meta.digest),
         digests.get(&op),
@@ -575,10 +579,14 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
         let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
         let follower_config = FollowerConfig {
             shard: SHARD as usize,
+            shard_count: 1,
             dir: dir.clone(),
             cluster_id: CLUSTER_ID,
             body_bytes_max: BODY_BYTES_MAX,
             interval_ops: CHECKPOINT_INTERVAL_OPS_TEST,
+            write_budget: Arc::new(SnapshotWriteBudget::new(
+                percore_shards::checkpoint::SNAPSHOT_WRITE_MIB_PER_S_DEFAULT << 20,
+            )),
         };
         let metrics = Arc::new(ShardMetrics::new(SHARD));
         let mut follower = CheckpointFollower::spawn(
