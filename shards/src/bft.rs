@@ -69,10 +69,7 @@ use percore_net::peer::{self, PeerIdentity};
 
 use crate::journal::{FsyncPolicy, Journal, JournalConfig};
 use crate::metrics::ShardMetrics;
-use crate::replication::{
-    HANDSHAKE_TIMEOUT_US, Outbox, RECONNECT_BACKOFF_US_MAX, RECONNECT_BACKOFF_US_MIN,
-    until_finished, write_outbox,
-};
+use crate::replication::{HANDSHAKE_TIMEOUT_US, Outbox, PeerDial, until_finished, write_outbox};
 use crate::runtime::{STOP_POLL_MS, Shard};
 
 /// Largest encoded BFT message sent or accepted (bytes). A NewView carries up to `q` view
@@ -1148,36 +1145,15 @@ where
     let bft = shard.bft.as_ref().expect("BFT shard");
     let address = bft.settings.peer_address(peer, shard.index);
     let outbox = &bft.outboxes[usize::from(peer)];
-    let mut backoff_us = RECONNECT_BACKOFF_US_MIN;
     let mut spare: Vec<u8> = Vec::with_capacity(bft.settings.send_queue_bytes);
-    while !shard.finished.get() {
-        let dialed = match peer::os_nonce() {
-            Ok(nonce) => {
-                peer::dial(
-                    address,
-                    &bft.identity,
-                    peer,
-                    &bft.settings.cluster_key,
-                    nonce,
-                    Duration::from_micros(HANDSHAKE_TIMEOUT_US),
-                    bft.settings.send_queue_bytes,
-                )
-                .await
-            }
-            Err(error) => Err(error),
-        };
-        let mut sender = match dialed {
-            Ok(sender) => sender,
-            Err(error) => {
-                tracing::debug!(shard = shard.index, peer, %error, "BFT dial failed");
-                let jitter = shard.now_us() % (backoff_us / 2 + 1);
-                glommio::timer::sleep(Duration::from_micros(backoff_us / 2 + jitter)).await;
-                backoff_us = (backoff_us * 2).min(RECONNECT_BACKOFF_US_MAX);
-                continue;
-            }
-        };
-        backoff_us = RECONNECT_BACKOFF_US_MIN;
-        ShardMetrics::add(&shard.metrics.peer_connections_total, 1);
+    let dial = PeerDial {
+        address,
+        identity: &bft.identity,
+        peer,
+        key: &bft.settings.cluster_key,
+        send_queue_bytes: bft.settings.send_queue_bytes,
+    };
+    while let Some(mut sender) = dial.until_connected(&shard).await {
         tracing::info!(shard = shard.index, peer, %address, "BFT peer connected (outbound)");
         outbox.connected.set(true);
         ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 1);

@@ -1094,6 +1094,64 @@ fn send_with_checksums<S: StateMachine>(
     replication.outboxes[usize::from(to)].send(header, body, dropped);
 }
 
+/// What a sender task needs to dial one peer (replication and BFT share it).
+pub(crate) struct PeerDial<'a> {
+    /// The peer's address for this shard's group.
+    pub(crate) address: std::net::SocketAddr,
+    /// Who this replica is.
+    pub(crate) identity: &'a PeerIdentity,
+    /// The peer's replica index.
+    pub(crate) peer: u8,
+    /// The cluster key both sides authenticate with.
+    pub(crate) key: &'a ClusterKey,
+    /// The connection's send buffer (bytes).
+    pub(crate) send_queue_bytes: usize,
+}
+
+impl PeerDial<'_> {
+    /// Dials until the peer answers the handshake, backing off exponentially from
+    /// [`RECONNECT_BACKOFF_US_MIN`] to [`RECONNECT_BACKOFF_US_MAX`] with jitter; counts the
+    /// connection. `None` once the shard finishes.
+    pub(crate) async fn until_connected<S: StateMachine>(
+        &self,
+        shard: &Shard<S>,
+    ) -> Option<peer::PeerSender> {
+        let mut backoff_us = RECONNECT_BACKOFF_US_MIN;
+        // Bounded by the shard's end: every failed try sleeps.
+        while !shard.finished.get() {
+            let dialed = match peer::os_nonce() {
+                Ok(nonce) => {
+                    peer::dial(
+                        self.address,
+                        self.identity,
+                        self.peer,
+                        self.key,
+                        nonce,
+                        Duration::from_micros(HANDSHAKE_TIMEOUT_US),
+                        self.send_queue_bytes,
+                    )
+                    .await
+                }
+                Err(error) => Err(error),
+            };
+            match dialed {
+                Ok(sender) => {
+                    ShardMetrics::add(&shard.metrics.peer_connections_total, 1);
+                    return Some(sender);
+                }
+                Err(error) => {
+                    tracing::debug!(shard = shard.index, peer = self.peer, %error, "dial failed");
+                    // Jitter from the clock's low bits: spreads reconnects of many shards.
+                    let jitter = shard.now_us() % (backoff_us / 2 + 1);
+                    glommio::timer::sleep(Duration::from_micros(backoff_us / 2 + jitter)).await;
+                    backoff_us = (backoff_us * 2).min(RECONNECT_BACKOFF_US_MAX);
+                }
+            }
+        }
+        None
+    }
+}
+
 /// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
 async fn sender_loop<S>(shard: Rc<Shard<S>>, peer: u8)
 where
@@ -1102,37 +1160,15 @@ where
     let replication = shard.replication.as_ref().expect("replicated shard");
     let address = replication.settings.peer_address(peer, shard.index);
     let outbox = &replication.outboxes[usize::from(peer)];
-    let mut backoff_us = RECONNECT_BACKOFF_US_MIN;
     let mut spare: Vec<u8> = Vec::with_capacity(replication.settings.send_queue_bytes);
-    while !shard.finished.get() {
-        let dialed = match peer::os_nonce() {
-            Ok(nonce) => {
-                peer::dial(
-                    address,
-                    &replication.identity,
-                    peer,
-                    &replication.settings.cluster_key,
-                    nonce,
-                    Duration::from_micros(HANDSHAKE_TIMEOUT_US),
-                    replication.settings.send_queue_bytes,
-                )
-                .await
-            }
-            Err(error) => Err(error),
-        };
-        let mut sender = match dialed {
-            Ok(sender) => sender,
-            Err(error) => {
-                tracing::debug!(shard = shard.index, peer, %error, "dial failed");
-                // Jitter from the clock's low bits: spreads reconnects of many shards.
-                let jitter = shard.now_us() % (backoff_us / 2 + 1);
-                glommio::timer::sleep(Duration::from_micros(backoff_us / 2 + jitter)).await;
-                backoff_us = (backoff_us * 2).min(RECONNECT_BACKOFF_US_MAX);
-                continue;
-            }
-        };
-        backoff_us = RECONNECT_BACKOFF_US_MIN;
-        ShardMetrics::add(&shard.metrics.peer_connections_total, 1);
+    let dial = PeerDial {
+        address,
+        identity: &replication.identity,
+        peer,
+        key: &replication.settings.cluster_key,
+        send_queue_bytes: replication.settings.send_queue_bytes,
+    };
+    while let Some(mut sender) = dial.until_connected(&shard).await {
         tracing::info!(shard = shard.index, peer, %address, "peer connected (outbound)");
         outbox.connected.set(true);
         replication.replica.borrow_mut().on_connection(peer, true);
