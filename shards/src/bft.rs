@@ -1250,6 +1250,10 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
         delta(now.view_changes, seen.view_changes),
     );
     ShardMetrics::add(
+        &metrics.bft_suspicions_deferred_total,
+        delta(now.suspicions_deferred, seen.suspicions_deferred),
+    );
+    ShardMetrics::add(
         &metrics.bft_checkpoints_stable_total,
         delta(now.checkpoints_stable, seen.checkpoints_stable),
     );

@@ -316,6 +316,7 @@ shard_metrics! {
     counter bft_messages_received_total: "BFT mode: BFT messages received from peers.",
     counter bft_messages_sent_total: "BFT mode: BFT messages queued to peers.",
     counter bft_view_changes_total: "BFT mode: view changes started or joined.",
+    counter bft_suspicions_deferred_total: "BFT mode: progress timeouts that did not suspect the leader (f+1 peers not yet heard since start, or catching up).",
     counter bft_checkpoints_stable_total: "BFT mode: stable checkpoints reached (2f+1 signed checkpoint votes).",
     counter bft_commit_proofs_applied_total: "BFT mode: ops committed from a peer's commit certificate (catch-up).",
     counter bft_null_ops_total: "BFT mode: null ops executed (gaps a new view filled; nothing journaled but the certificate).",

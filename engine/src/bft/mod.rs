@@ -400,6 +400,9 @@ pub struct BftMetrics {
     pub state_ops_applied: u64,
     /// `StateRequest`s sent (the first and every retry).
     pub state_requests: u64,
+    /// Progress timeouts that did not suspect the leader: this replica had not heard from
+    /// `f + 1` peers since it started, or was catching up.
+    pub suspicions_deferred: u64,
 }
 
 #[cfg(test)]

@@ -216,6 +216,11 @@ pub struct BftReplica {
     resend_at_us: u64,
     status_at_us: u64,
     status_answered_us: Vec<u64>,
+    /// Peers heard from since this replica started (a message that was not refused as
+    /// unsigned or forged, or a `Status`): it suspects no leader before `f + 1` of them.
+    peers_heard: Vec<bool>,
+    /// Each peer's latest reported `commit_op` (its `Status`).
+    peer_commit_op: Vec<u64>,
     state_transfer: Option<CheckpointCert>,
     /// State transfer: the peer asked for the next ops (rotates on each retry, so a silent
     /// or lying peer costs one retry interval), and when to ask again.
@@ -254,6 +259,8 @@ impl BftReplica {
             checkpoint_votes: vec![[None; CHECKPOINT_VOTES_KEPT_PER_REPLICA]; replica_count],
             view_changes: vec![None; replica_count],
             status_answered_us: vec![0; replica_count],
+            peers_heard: vec![false; replica_count],
+            peer_commit_op: vec![0; replica_count],
             config,
             committee,
             key,
@@ -674,10 +681,37 @@ impl BftReplica {
             }
             Message::StateOps(ops) => self.on_state_ops(now_us, ops, actions),
         };
+        let heard = !matches!(
+            result,
+            Err(BftError::BadSignature { .. } | BftError::UnknownSigner(_))
+        );
+        if heard
+            && from != self.config.replica
+            && let Some(peer) = self.peers_heard.get_mut(usize::from(from))
+        {
+            *peer = true;
+        }
         if let Err(error) = &result {
             self.count_error(error);
         }
         result
+    }
+
+    /// Whether this replica may suspect its leader when its progress timer fires. Not
+    /// before it has heard from `f + 1` peers since it started (a restarted replica has
+    /// client work before its peers have redialled it: alone, it would move to the next
+    /// view by itself and stop voting until the group follows), nor while it catches up
+    /// (a state transfer, or `f + 1` peers, so at least one correct, report commits it
+    /// has not executed: their proofs, not a new leader, bring its progress).
+    fn may_suspect_leader(&self) -> bool {
+        let weak_quorum = self.committee.weak_quorum();
+        let heard = self.peers_heard.iter().filter(|heard| **heard).count();
+        let ahead = self
+            .peer_commit_op
+            .iter()
+            .filter(|op| **op > self.commit_op)
+            .count();
+        heard >= weak_quorum && self.state_transfer.is_none() && ahead < weak_quorum
     }
 
     fn count_error(&mut self, error: &BftError) {
@@ -1427,6 +1461,7 @@ impl BftReplica {
         if from == self.config.replica || from_index >= self.status_answered_us.len() {
             return Err(BftError::UnknownSigner(from));
         }
+        self.peer_commit_op[from_index] = commit_op;
         if now_us < self.status_answered_us[from_index] + self.config.status_interval_us / 2 {
             return Err(BftError::Stale);
         }
@@ -1805,7 +1840,13 @@ impl BftReplica {
                     .progress_deadline_us
                     .is_some_and(|deadline| now_us >= deadline)
                 {
-                    self.start_view_change(now_us, self.view + 1, actions);
+                    if self.may_suspect_leader() {
+                        self.start_view_change(now_us, self.view + 1, actions);
+                    } else {
+                        // Not yet: looks again one timeout later.
+                        self.metrics.suspicions_deferred += 1;
+                        self.progress_deadline_us = Some(now_us + self.config.progress_timeout_us);
+                    }
                 }
             }
             Status::ViewChange => {

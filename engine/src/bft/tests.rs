@@ -726,6 +726,39 @@ fn bft_restarted_replica_rejoins_a_later_view_without_signing_a_second_view_chan
 }
 
 #[test]
+fn bft_restarted_replica_suspects_no_leader_before_it_hears_its_peers() {
+    let mut group = Group::new(4, 1);
+    for round in 0..3u8 {
+        group.propose(0, &[round; 10]);
+    }
+    group.restart(2, group.replicas[2].commit_op());
+    let signed_view_change = |group: &Group| {
+        group.signed[2]
+            .keys()
+            .any(|(kind, _, _)| *kind == VoteKind::ViewChange)
+    };
+    // Clients send it work at once, before any peer has redialled it: its progress timer
+    // fires again and again, and it stays in view 0 without a ViewChange.
+    group.silent = vec![0, 1, 3];
+    group.replicas[2].set_pending(group.now_us, true);
+    for _ in 0..10 {
+        group.tick_all(PROGRESS_TIMEOUT_US_DEFAULT);
+    }
+    assert!(!signed_view_change(&group));
+    assert_eq!(group.replicas[2].view(), 0);
+    assert_eq!(group.replicas[2].status(), Status::Normal);
+    assert!(group.replicas[2].metrics().suspicions_deferred >= 5);
+    // Replicas 1 and 3 (f + 1) are heard again, the leader stays silent: it is suspected.
+    group.silent = vec![0];
+    for _ in 0..10 {
+        group.tick_all(PROGRESS_TIMEOUT_US_DEFAULT);
+    }
+    assert!(signed_view_change(&group));
+    assert!(group.replicas[2].view() >= 1);
+    assert_eq!(group.guards[2].view_change_view, group.replicas[2].view());
+}
+
+#[test]
 fn bft_checkpoint_votes_wait_for_durability_when_it_is_reported() {
     let mut config = BftConfig::new(GROUP, 1);
     config.durability_reported = true;
