@@ -1236,46 +1236,57 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
     ShardMetrics::set(&metrics.bft_evidence_kept, replica.evidence().len() as u64);
     let now = *replica.metrics();
     let seen = bft.metrics_seen.replace(now);
-    let delta = |now: u64, seen: u64| now.saturating_sub(seen);
-    ShardMetrics::add(
-        &metrics.bft_equivocations_total,
-        delta(now.equivocations, seen.equivocations),
-    );
-    ShardMetrics::add(
-        &metrics.bft_bad_signatures_total,
-        delta(now.bad_signatures, seen.bad_signatures),
-    );
-    ShardMetrics::add(
-        &metrics.bft_view_changes_total,
-        delta(now.view_changes, seen.view_changes),
-    );
-    ShardMetrics::add(
-        &metrics.bft_suspicions_deferred_total,
-        delta(now.suspicions_deferred, seen.suspicions_deferred),
-    );
-    ShardMetrics::add(
-        &metrics.bft_checkpoints_stable_total,
-        delta(now.checkpoints_stable, seen.checkpoints_stable),
-    );
-    ShardMetrics::add(
-        &metrics.bft_commit_proofs_applied_total,
-        delta(now.commit_proofs_applied, seen.commit_proofs_applied),
-    );
-    ShardMetrics::add(
-        &metrics.bft_state_ops_applied_total,
-        delta(now.state_ops_applied, seen.state_ops_applied),
-    );
-    ShardMetrics::add(
-        &metrics.bft_state_transfers_completed_total,
-        delta(
+    // The core counts; the node exports what it counted since the last turn.
+    let counters = [
+        (
+            &metrics.bft_equivocations_total,
+            now.equivocations,
+            seen.equivocations,
+        ),
+        (
+            &metrics.bft_bad_signatures_total,
+            now.bad_signatures,
+            seen.bad_signatures,
+        ),
+        (
+            &metrics.bft_view_changes_total,
+            now.view_changes,
+            seen.view_changes,
+        ),
+        (
+            &metrics.bft_suspicions_deferred_total,
+            now.suspicions_deferred,
+            seen.suspicions_deferred,
+        ),
+        (
+            &metrics.bft_checkpoints_stable_total,
+            now.checkpoints_stable,
+            seen.checkpoints_stable,
+        ),
+        (
+            &metrics.bft_commit_proofs_applied_total,
+            now.commit_proofs_applied,
+            seen.commit_proofs_applied,
+        ),
+        (
+            &metrics.bft_state_ops_applied_total,
+            now.state_ops_applied,
+            seen.state_ops_applied,
+        ),
+        (
+            &metrics.bft_state_transfers_completed_total,
             now.state_transfers_completed,
             seen.state_transfers_completed,
         ),
-    );
-    ShardMetrics::add(
-        &metrics.bft_state_requests_total,
-        delta(now.state_requests, seen.state_requests),
-    );
+        (
+            &metrics.bft_state_requests_total,
+            now.state_requests,
+            seen.state_requests,
+        ),
+    ];
+    for (counter, now, seen) in counters {
+        ShardMetrics::add(counter, now.saturating_sub(seen));
+    }
 }
 
 /// One batcher turn of a BFT shard: propose (leader), then journal and apply what

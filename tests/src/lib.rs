@@ -6,3 +6,4 @@
 pub mod bft_sim;
 pub mod sched;
 pub mod sim;
+pub mod support;

@@ -18,6 +18,7 @@
 //! Conditions are waited on with deadlines, never sleeps. One test at a time; every process
 //! is killed when its test ends, and a failing test prints the nodes' log tails.
 
+use percore_tests::support::{self, Rng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -214,26 +215,9 @@ fn keygen(out: &Path, replicas: usize) {
     );
 }
 
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
+/// Polls `probe` until it returns a value, at most [`CONDITION_TIMEOUT`].
+fn wait_until<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    support::wait_until(what, CONDITION_TIMEOUT, probe)
 }
 
 /// Accounts 1 (the mint, may go negative) and 2..=ACCOUNTS+1, each funded from the mint.

@@ -8,6 +8,7 @@
 //! time (nine node processes on a small CI box are plenty); every process is killed when its
 //! test ends, pass or fail, and a failing test prints the nodes' log tails.
 
+use percore_tests::support::{self, Rng};
 use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -298,27 +299,8 @@ impl Drop for Harness {
 }
 
 /// Polls `probe` until it returns a value, at most [`CONDITION_TIMEOUT`].
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A deterministic xorshift stream.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
+fn wait_until<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    support::wait_until(what, CONDITION_TIMEOUT, probe)
 }
 
 /// `count` transfers between non-mint accounts, a quarter of them across shards, amounts

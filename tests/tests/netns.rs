@@ -19,6 +19,7 @@
 //! left by a killed run (`percore-<pid>-*` of a dead pid) are removed, with the nodes still
 //! running in them, by the next run.
 
+use percore_tests::support::{self, Rng};
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -433,15 +434,8 @@ impl Drop for Nodes {
 }
 
 /// Polls `probe` until it returns a value, at most [`CONDITION_TIMEOUT`].
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    support::wait_until(what, CONDITION_TIMEOUT, probe)
 }
 
 /// What the client side of the test sees: addresses and metrics, from the client's
@@ -599,18 +593,6 @@ impl View {
             previous = heads;
             (converged && stable).then(|| (0..SHARDS).map(|k| previous[k].1).collect())
         })
-    }
-}
-
-/// A deterministic xorshift stream.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
     }
 }
 

@@ -9,6 +9,7 @@
 //! package). Without it the test fails, so CI cannot skip it by accident; a developer
 //! without Prometheus sets `PERCORE_SKIP_PROMETHEUS=1` to skip it.
 
+use percore_tests::support;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -190,15 +191,8 @@ fn http_get(address: SocketAddr, path: &str) -> std::io::Result<String> {
 }
 
 /// Polls `probe` until it returns a value, at most [`CONDITION_TIMEOUT`].
-fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_until<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    support::wait_until(what, CONDITION_TIMEOUT, probe)
 }
 
 /// The temporary directory; removed on success, kept (and named) after a failure.

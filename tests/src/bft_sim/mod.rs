@@ -175,10 +175,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 seeds = Some(seed..seed + 1);
             }
             "--seeds" => {
-                let range = value.split_once("..").and_then(|(low, high)| {
-                    Some(low.parse::<u64>().ok()?..high.parse::<u64>().ok()?)
-                });
-                seeds = Some(range.ok_or("--seeds needs A..B")?);
+                seeds = Some(crate::sim::seed_range(&value).ok_or("--seeds needs A..B")?);
             }
             "--replicas" => match number()? {
                 replicas @ (4 | 7) => options.replicas = replicas as u8,

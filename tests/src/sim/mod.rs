@@ -309,10 +309,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 seeds = Some(seed..seed + 1);
             }
             "--seeds" => {
-                let range = value.split_once("..").and_then(|(low, high)| {
-                    Some(low.parse::<u64>().ok()?..high.parse::<u64>().ok()?)
-                });
-                seeds = Some(range.ok_or("--seeds needs A..B")?);
+                seeds = Some(crate::sim::seed_range(&value).ok_or("--seeds needs A..B")?);
             }
             "--replicas" => match number()? {
                 replicas @ (3 | 5) => options.replicas = replicas as u8,
@@ -387,4 +384,10 @@ pub fn options_args(options: &Options) -> Vec<String> {
 /// Runs one seed to the end or to the first failed checker.
 pub fn run(seed: u64, options: &Options) -> Result<Summary, Box<Failure>> {
     world::World::new(seed, *options).run()
+}
+
+/// `A..B` as a range of seeds (both simulators' `--seeds`).
+pub fn seed_range(text: &str) -> Option<std::ops::Range<u64>> {
+    let (low, high) = text.split_once("..")?;
+    Some(low.parse().ok()?..high.parse().ok()?)
 }
