@@ -329,8 +329,9 @@ fn journal_files(data_dir: &Path, shard: usize) -> (Vec<u64>, Vec<u64>) {
     (segments, snapshots)
 }
 
-/// Waits (up to a minute) until every shard's checkpoint follower has caught up after the
-/// last restart: a checkpoint installed, at most two snapshots kept, and segment 0 removed.
+/// Waits (up to a minute, while load keeps the node checkpointing) until every shard's
+/// checkpoint follower has caught up after the last restart: a checkpoint installed, at
+/// most two snapshots kept, and segment 0 removed.
 fn wait_checkpointed(data_dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -370,6 +371,71 @@ fn wait_for_snapshot_after(data_dir: &Path, seen: u64) -> u64 {
     }
 }
 
+/// One load thread per shard against a running node (see [`load`]).
+struct Loaders {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Loaders {
+    fn start(
+        node: &NodeProcess,
+        accounts: &[Vec<u128>],
+        history: &Arc<Mutex<History>>,
+        round: u64,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let accounts = Arc::new(accounts.to_vec());
+        let threads = (0..SHARDS)
+            .map(|shard| {
+                let (address, accounts, history, stop) = (
+                    node.addresses[shard],
+                    accounts.clone(),
+                    history.clone(),
+                    stop.clone(),
+                );
+                std::thread::spawn(move || load(address, shard, accounts, history, round, stop))
+            })
+            .collect();
+        Self { stop, threads }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// Submits every transfer of `history` again: an acknowledged one must answer `Exists`
+/// (it was not lost), any other `Ok` or `Exists`, so afterwards each was applied once.
+fn resubmit(client: &mut Client, history: &History) {
+    for (chunk_index, chunk) in history.sent.chunks(500).enumerate() {
+        let results: Vec<RecordResult> = client
+            .submit(Operation::CreateTransfers.into(), chunk, |t: &Transfer| {
+                route_transfer(t, SHARDS)
+            })
+            .unwrap();
+        for (k, result) in results.iter().enumerate() {
+            let index = chunk_index * 500 + k;
+            if history.acknowledged[index] {
+                assert_eq!(
+                    result.code,
+                    CreateTransferResult::Exists as u32,
+                    "acknowledged transfer {index} lost"
+                );
+            } else {
+                assert!(
+                    result.code == CreateTransferResult::Exists as u32
+                        || result.code == CreateTransferResult::Ok as u32,
+                    "transfer {index}: {result:?}"
+                );
+            }
+        }
+    }
+}
+
 /// Runs the kill-and-restart load against a node started with `extra` arguments, checks
 /// every acknowledged transfer and the balances, and returns the data directory (removed
 /// by the caller).
@@ -398,18 +464,7 @@ fn crash_run(mode: &str, extra: &[&str]) -> PathBuf {
     let history = Arc::new(Mutex::new(History::default()));
     for round in 0..kills {
         let running = node.take().unwrap_or_else(|| start_node(&data_dir, extra));
-        let stop = Arc::new(AtomicBool::new(false));
-        let loaders: Vec<_> = (0..SHARDS)
-            .map(|shard| {
-                let (address, ids, history, stop) = (
-                    running.addresses[shard],
-                    Arc::new(accounts.clone()),
-                    history.clone(),
-                    stop.clone(),
-                );
-                std::thread::spawn(move || load(address, shard, ids, history, round, stop))
-            })
-            .collect();
+        let loaders = Loaders::start(&running, &accounts, &history, round);
         std::thread::sleep(Duration::from_millis(100 + rng.next() % 400));
         if checkpointing {
             // Checkpoints are taken by a follower thread that needs a moment after each
@@ -418,47 +473,32 @@ fn crash_run(mode: &str, extra: &[&str]) -> PathBuf {
             std::thread::sleep(Duration::from_millis(rng.next() % 50));
         }
         kill_hard(running);
-        stop.store(true, Ordering::Relaxed);
-        for loader in loaders {
-            loader.join().unwrap();
-        }
+        loaders.stop();
     }
 
     // Restart: every acknowledged transfer must be present; resubmitting everything ever sent
     // applies each missing one now, so afterwards each was applied exactly once.
     let node = node.take().unwrap_or_else(|| start_node(&data_dir, extra));
-    let history = Arc::try_unwrap(history).ok().unwrap().into_inner().unwrap();
-    let acknowledged = history.acknowledged.iter().filter(|a| **a).count();
-    assert!(acknowledged > 0, "the load made progress before the kills");
     let mut client = Client::new(ClientConfig::new(node.addresses.clone(), 9));
     client
         .ping_all(Instant::now() + Duration::from_secs(30))
         .unwrap();
-    for (chunk_index, chunk) in history.sent.chunks(500).enumerate() {
-        let results: Vec<RecordResult> = client
-            .submit(Operation::CreateTransfers.into(), chunk, |t: &Transfer| {
-                route_transfer(t, SHARDS)
-            })
-            .unwrap();
-        for (k, result) in results.iter().enumerate() {
-            let index = chunk_index * 500 + k;
-            if history.acknowledged[index] {
-                assert_eq!(
-                    result.code,
-                    CreateTransferResult::Exists as u32,
-                    "acknowledged transfer {index} lost"
-                );
-            } else {
-                assert!(
-                    result.code == CreateTransferResult::Exists as u32
-                        || result.code == CreateTransferResult::Ok as u32,
-                    "transfer {index}: {result:?}"
-                );
-            }
-        }
-    }
+    let history = Arc::try_unwrap(history).ok().unwrap().into_inner().unwrap();
+    let acknowledged = history.acknowledged.iter().filter(|a| **a).count();
+    assert!(acknowledged > 0, "the load made progress before the kills");
+    resubmit(&mut client, &history);
+    let mut sent = history.sent;
     if checkpointing {
+        // Whether the kills left the node two checkpoints past segment 0 depends on when
+        // they landed, so keep loading the restarted node until its checkpoints have
+        // removed what they cover; then settle that load like the rest.
+        let settle = Arc::new(Mutex::new(History::default()));
+        let loaders = Loaders::start(&node, &accounts, &settle, kills);
         wait_checkpointed(&data_dir);
+        loaders.stop();
+        let settle = Arc::try_unwrap(settle).ok().unwrap().into_inner().unwrap();
+        resubmit(&mut client, &settle);
+        sent.extend(settle.sent);
     }
     stop_gracefully(node);
 
@@ -469,7 +509,7 @@ fn crash_run(mode: &str, extra: &[&str]) -> PathBuf {
             expected.insert(*id, FUNDING as i128);
         }
     }
-    for t in &history.sent {
+    for t in &sent {
         *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
         *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
     }
@@ -484,7 +524,7 @@ fn crash_run(mode: &str, extra: &[&str]) -> PathBuf {
     }
     eprintln!(
         "crash test: {} transfers sent, {acknowledged} acknowledged before kills, all accounted for",
-        history.sent.len()
+        sent.len()
     );
     data_dir
 }
