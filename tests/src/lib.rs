@@ -4,6 +4,7 @@
 //! [`bft_sim`] simulates one Byzantine-fault-tolerant group (`--bin sim_bft`).
 
 pub mod bft_sim;
+pub mod node;
 pub mod sched;
 pub mod sim;
 pub mod support;

@@ -18,6 +18,7 @@
 //! Conditions are waited on with deadlines, never sleeps. One test at a time; every process
 //! is killed when its test ends, and a failing test prints the nodes' log tails.
 
+use percore_tests::node::{self, Inspected, SMALL_NODE_ARGS};
 use percore_tests::support::{self, Rng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,32 +40,6 @@ const ACCOUNTS: usize = 8;
 const FUNDING: u128 = 1 << 40;
 const REQUESTS: usize = 30;
 const TRANSFERS_PER_REQUEST: usize = 20;
-const NODE_ARGS: [&str; 16] = [
-    "--segment-mib",
-    "4",
-    "--accounts-max",
-    "1024",
-    "--transfers-max",
-    "65536",
-    "--credit-legs-max",
-    "4096",
-    "--io-memory-kib",
-    "512",
-    "--transactions",
-    "4096",
-    "--batches",
-    "64",
-    "--connections-max",
-    "16",
-];
-const INSPECT_ARGS: [&str; 6] = [
-    "--accounts-max",
-    "1024",
-    "--transfers-max",
-    "65536",
-    "--credit-legs-max",
-    "4096",
-];
 const CONDITION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the correct replicas' commit points must stay equal and unchanged.
 const QUIET_FOR: Duration = Duration::from_millis(600);
@@ -96,7 +71,7 @@ impl Harness {
         let keys = root.join("bft-keys");
         keygen(&keys, REPLICAS);
         let port_base = cluster::free_port_base(REPLICAS, shards).expect("free ports");
-        let mut extra: Vec<String> = NODE_ARGS.iter().map(ToString::to_string).collect();
+        let mut extra: Vec<String> = SMALL_NODE_ARGS.iter().map(ToString::to_string).collect();
         extra.extend([
             "--fault-model".into(),
             "bft".into(),
@@ -322,69 +297,6 @@ fn transfers_commit_with(
     acknowledged
 }
 
-/// What `percore inspect --replay` found: the journal head and the replayed state.
-#[derive(Debug, PartialEq, Eq)]
-struct Inspected {
-    /// Journal head (op, hash-chain checksum) of each shard, in shard order.
-    heads: Vec<(u64, String)>,
-    state: Vec<String>,
-    balances: HashMap<u128, i128>,
-}
-
-fn inspect(data_dir: &Path) -> Inspected {
-    let output = Command::new(PERCORE)
-        .arg("inspect")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--replay")
-        .args(INSPECT_ARGS)
-        .output()
-        .expect("percore inspect runs");
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "inspect {} found a problem:\n{text}\n{}",
-        data_dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let mut heads: Vec<(u64, String)> = Vec::new();
-    let mut state = Vec::new();
-    let mut balances = HashMap::new();
-    for line in text.lines() {
-        if line.starts_with("shard ") {
-            heads.push((0, String::new()));
-        } else if let Some(segment) = line.trim_start().strip_prefix("segment ")
-            && segment.contains(" entries, ")
-        {
-            let entries: u64 = field_after(segment, ": ").parse().expect("entries");
-            if entries > 0 {
-                let ops = field_after(segment, "ops ");
-                let op_last = ops.rsplit("..=").next().unwrap().trim_end_matches(',');
-                let checksum = segment.rsplit(' ').next().unwrap().to_string();
-                *heads.last_mut().expect("a shard line first") =
-                    (op_last.parse().expect("op"), checksum);
-            }
-        } else if let Some(balance) = line.strip_prefix("balance ") {
-            let (id, value) = balance.split_once(' ').expect("id and balance");
-            let id = u128::from_str_radix(id.trim_start_matches("0x"), 16).expect("hex id");
-            balances.insert(id, value.parse().expect("balance"));
-            state.push(line.to_string());
-        } else if line.starts_with("in_flight ") || line.starts_with("conservation ") {
-            state.push(line.to_string());
-        }
-    }
-    Inspected {
-        heads,
-        state,
-        balances,
-    }
-}
-
-fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
-    let (_, rest) = text.split_once(marker).expect("marker present");
-    rest.split(' ').next().unwrap()
-}
-
 /// The whole scenario of one behaviour: accounts, transfers, convergence, `during` (checks
 /// on the running cluster), then stop and compare the correct replicas' journals.
 fn run(name: &str, behaviour: &str, during: impl FnOnce(&Harness, &BftClient)) {
@@ -460,6 +372,11 @@ fn compare_journals(harness: &Harness, journal_op: u64, expected: &HashMap<u128,
 /// SIGKILLed, the other three keep committing, it restarts from its data directory
 /// (journal replayed, certificate journal and vote guard read back), catches up from its
 /// peers' CommitProofs and follows again; all four journals and states agree.
+/// `percore inspect --replay` of one replica's data directory.
+fn inspect(data_dir: &Path) -> Inspected {
+    node::inspect_replay(PERCORE, data_dir)
+}
+
 #[test]
 fn bft_follower_restarts_after_sigkill_and_catches_up() {
     const VICTIM: usize = 2;

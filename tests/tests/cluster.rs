@@ -8,6 +8,7 @@
 //! time (nine node processes on a small CI box are plenty); every process is killed when its
 //! test ends, pass or fail, and a failing test prints the nodes' log tails.
 
+use percore_tests::node::{self, Inspected, SMALL_NODE_ARGS, random_transfers};
 use percore_tests::support::{self, Rng};
 use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
@@ -23,7 +24,7 @@ use percore_engine::frame::Operation;
 use percore_engine::record::{CreateTransferResult, RecordResult, Transfer};
 use percore_net::client::{Client, ClientConfig, ClientError};
 use percore_shards::cluster::{self, LocalCluster, LocalClusterConfig};
-use percore_shards::loadgen::{create_funded_accounts, route_transfer, transfer};
+use percore_shards::loadgen::{create_funded_accounts, route_transfer};
 
 /// The `percore` binary, built from this package (see Cargo.toml).
 const PERCORE: &str = env!("CARGO_BIN_EXE_percore-node");
@@ -34,34 +35,6 @@ const ACCOUNTS_PER_SHARD: usize = 8;
 const FUNDING: u128 = 1 << 40;
 /// Transfers per request.
 const TRANSFERS_PER_REQUEST: usize = 100;
-/// Node sizes small enough for three nodes per test on a CI box.
-const NODE_ARGS: [&str; 16] = [
-    "--segment-mib",
-    "4",
-    "--accounts-max",
-    "1024",
-    "--transfers-max",
-    "65536",
-    "--credit-legs-max",
-    "4096",
-    "--io-memory-kib",
-    "512",
-    "--transactions",
-    "4096",
-    "--batches",
-    "64",
-    "--connections-max",
-    "16",
-];
-/// The same ledger sizes for `inspect --replay`.
-const INSPECT_ARGS: [&str; 6] = [
-    "--accounts-max",
-    "1024",
-    "--transfers-max",
-    "65536",
-    "--credit-legs-max",
-    "4096",
-];
 /// How long every replica's journal must stay unchanged before the cluster counts as
 /// quiet (above the 200 ms credit-leg resend interval).
 const QUIET_FOR: Duration = Duration::from_millis(600);
@@ -108,7 +81,7 @@ impl Harness {
             data_root: root.clone(),
             port_base,
             fsync: "always",
-            extra_args: NODE_ARGS
+            extra_args: SMALL_NODE_ARGS
                 .iter()
                 .chain(extra)
                 .map(ToString::to_string)
@@ -303,35 +276,6 @@ fn wait_until<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
     support::wait_until(what, CONDITION_TIMEOUT, probe)
 }
 
-/// `count` transfers between non-mint accounts, a quarter of them across shards, amounts
-/// 1..=5, ids from `next_id` upwards.
-fn random_transfers(
-    rng: &mut Rng,
-    accounts: &[Vec<u128>],
-    next_id: &mut u128,
-    count: usize,
-) -> Vec<Transfer> {
-    (0..count)
-        .map(|_| {
-            let r = rng.next();
-            let debit_shard = (r % SHARDS as u64) as usize;
-            let cross = (r >> 8).is_multiple_of(4);
-            let credit_shard = if cross {
-                (debit_shard + 1) % SHARDS
-            } else {
-                debit_shard
-            };
-            let debit = accounts[debit_shard][1 + (r >> 16) as usize % ACCOUNTS_PER_SHARD];
-            let mut credit = accounts[credit_shard][1 + (r >> 24) as usize % ACCOUNTS_PER_SHARD];
-            if credit == debit {
-                credit = accounts[credit_shard][1 + ((r >> 24) as usize + 1) % ACCOUNTS_PER_SHARD];
-            }
-            *next_id += 1;
-            transfer(*next_id, debit, credit, 1 + u128::from((r >> 32) % 5))
-        })
-        .collect()
-}
-
 fn submit(client: &mut Client, transfers: &[Transfer]) -> Result<Vec<RecordResult>, ClientError> {
     client.submit(
         Operation::CreateTransfers.into(),
@@ -398,72 +342,11 @@ fn wait_commits_past(harness: &Harness, load: &Background, from: &[u64], more: u
     });
 }
 
-/// What `percore inspect --replay` found in one replica's data directory.
-#[derive(Debug)]
-struct Inspected {
-    /// Per shard: the last op in its journal and that entry's checksum (the hash chain
-    /// head).
-    heads: Vec<(u64, String)>,
-    /// Every account's balance, and the in-flight and conservation sums, as printed.
-    state: Vec<String>,
-    balances: HashMap<u128, i128>,
-}
-
+/// `percore inspect --replay` of one replica's data directory.
 fn inspect(data_dir: &Path) -> Inspected {
-    let output = Command::new(PERCORE)
-        .arg("inspect")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--replay")
-        .args(INSPECT_ARGS)
-        .output()
-        .expect("percore inspect runs");
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "inspect {} found a problem:\n{text}\n{}",
-        data_dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let mut heads = Vec::new();
-    let mut state = Vec::new();
-    let mut balances = HashMap::new();
-    for line in text.lines() {
-        if line.starts_with("shard ") {
-            heads.push((0, String::new()));
-        } else if let Some(segment) = line.trim_start().strip_prefix("segment ")
-            && segment.contains(" entries, ")
-        {
-            // "segment 0: 12 entries, ops 1..=12, 4096 bytes used, last checksum 0123..."
-            let entries: u64 = field_after(segment, ": ").parse().expect("entries");
-            if entries > 0 {
-                let ops = field_after(segment, "ops ");
-                let op_last = ops.rsplit("..=").next().unwrap().trim_end_matches(',');
-                let checksum = segment.rsplit(' ').next().unwrap().to_string();
-                *heads.last_mut().expect("a shard line first") =
-                    (op_last.parse().expect("op"), checksum);
-            }
-        } else if let Some(balance) = line.strip_prefix("balance ") {
-            let (id, value) = balance.split_once(' ').expect("id and balance");
-            let id = u128::from_str_radix(id.trim_start_matches("0x"), 16).expect("hex id");
-            balances.insert(id, value.parse().expect("balance"));
-            state.push(line.to_string());
-        } else if line.starts_with("in_flight ") || line.starts_with("conservation ") {
-            state.push(line.to_string());
-        }
-    }
-    assert_eq!(heads.len(), SHARDS, "{text}");
-    Inspected {
-        heads,
-        state,
-        balances,
-    }
-}
-
-/// The word after `marker` in `text`.
-fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
-    let (_, rest) = text.split_once(marker).expect("marker present");
-    rest.split(' ').next().unwrap()
+    let inspected = node::inspect_replay(PERCORE, data_dir);
+    assert_eq!(inspected.heads.len(), SHARDS, "{inspected:?}");
+    inspected
 }
 
 #[test]
@@ -804,7 +687,7 @@ fn start_impostor(harness: &Harness) -> Impostor {
         .args(["--replica", "2", "--peers", &peers])
         .arg("--cluster-key-file")
         .arg(&key_file)
-        .args(NODE_ARGS)
+        .args(SMALL_NODE_ARGS)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))

@@ -19,6 +19,7 @@
 //! left by a killed run (`percore-<pid>-*` of a dead pid) are removed, with the nodes still
 //! running in them, by the next run.
 
+use percore_tests::node::{self, Inspected, SMALL_NODE_ARGS, random_transfers};
 use percore_tests::support::{self, Rng};
 use std::collections::HashMap;
 use std::fs::File;
@@ -35,7 +36,7 @@ use percore_engine::frame::Operation;
 use percore_engine::record::{CreateTransferResult, RecordResult, Transfer};
 use percore_net::client::{Client, ClientConfig, ClientError};
 use percore_shards::cluster;
-use percore_shards::loadgen::{create_funded_accounts, route_transfer, transfer};
+use percore_shards::loadgen::{create_funded_accounts, route_transfer};
 
 /// The `percore` binary, built from this package (see Cargo.toml).
 const PERCORE: &str = env!("CARGO_BIN_EXE_percore-node");
@@ -55,36 +56,6 @@ const FUNDING: u128 = 1 << 40;
 const TRANSFERS_PER_REQUEST: usize = 100;
 /// Ops each group must commit while replica 2 is off the network.
 const COMMITS_WHILE_DOWN: u64 = 50;
-/// Node sizes small enough for three nodes on a CI box (as in tests/cluster.rs).
-const NODE_ARGS: [&str; 18] = [
-    "--segment-mib",
-    "4",
-    "--accounts-max",
-    "1024",
-    "--transfers-max",
-    "65536",
-    "--credit-legs-max",
-    "4096",
-    "--io-memory-kib",
-    "512",
-    "--transactions",
-    "4096",
-    "--batches",
-    "64",
-    "--connections-max",
-    "16",
-    "--fsync",
-    "always",
-];
-/// The same ledger sizes for `inspect --replay`.
-const INSPECT_ARGS: [&str; 6] = [
-    "--accounts-max",
-    "1024",
-    "--transfers-max",
-    "65536",
-    "--credit-legs-max",
-    "4096",
-];
 /// How long a condition may take (catching up includes TCP retransmission backoff).
 const CONDITION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a node may take to exit after SIGTERM.
@@ -312,7 +283,7 @@ impl Nodes {
         self.root.join(format!("replica-{replica}.log"))
     }
 
-    /// Starts every replica with [`NODE_ARGS`] and `extra` flags.
+    /// Starts every replica with [`SMALL_NODE_ARGS`], `--fsync always` and `extra` flags.
     fn start(network: &Network, root: PathBuf, extra: &[&str]) -> Self {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("data root");
@@ -346,7 +317,8 @@ impl Nodes {
                 .arg(nodes.data_dir(replica))
                 .args(["--cores", &cores.join(","), "--allow-shared-cores"])
                 .args(["--metrics", &format!("{address}:{METRICS_PORT}")])
-                .args(NODE_ARGS)
+                .args(SMALL_NODE_ARGS)
+                .args(["--fsync", "always"])
                 .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -596,35 +568,6 @@ impl View {
     }
 }
 
-/// `count` transfers between non-mint accounts, a quarter of them across shards, amounts
-/// 1..=5, ids from `next_id` upwards.
-fn random_transfers(
-    rng: &mut Rng,
-    accounts: &[Vec<u128>],
-    next_id: &mut u128,
-    count: usize,
-) -> Vec<Transfer> {
-    (0..count)
-        .map(|_| {
-            let r = rng.next();
-            let debit_shard = (r % SHARDS as u64) as usize;
-            let credit_shard = if (r >> 8).is_multiple_of(4) {
-                (debit_shard + 1) % SHARDS
-            } else {
-                debit_shard
-            };
-            let pick = |shift: u32| 1 + (r >> shift) as usize % ACCOUNTS_PER_SHARD;
-            let debit = accounts[debit_shard][pick(16)];
-            let mut credit = accounts[credit_shard][pick(24)];
-            if credit == debit {
-                credit = accounts[credit_shard][1 + pick(24) % ACCOUNTS_PER_SHARD];
-            }
-            *next_id += 1;
-            transfer(*next_id, debit, credit, 1 + u128::from((r >> 32) % 5))
-        })
-        .collect()
-}
-
 /// Balance changes of acknowledged transfers, and how many there were.
 type Acknowledged = (HashMap<u128, i128>, u64);
 
@@ -732,73 +675,6 @@ fn wait_commits_past(
             .all(|(now, then)| *now >= then + more)
             .then_some(commits)
     })
-}
-
-/// What `percore inspect --replay` found in one replica's data directory.
-#[derive(Debug)]
-struct Inspected {
-    /// Per shard: the last op in its journal and that entry's checksum (hash chain head).
-    heads: Vec<(u64, String)>,
-    /// Every balance line, and the in-flight and conservation sums, as printed.
-    state: Vec<String>,
-    balances: HashMap<u128, i128>,
-}
-
-fn inspect(data_dir: &Path) -> Inspected {
-    let output = Command::new(PERCORE)
-        .arg("inspect")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--replay")
-        .args(INSPECT_ARGS)
-        .output()
-        .expect("percore inspect runs");
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "inspect {} found a problem:\n{text}\n{}",
-        data_dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let mut inspected = Inspected {
-        heads: Vec::new(),
-        state: Vec::new(),
-        balances: HashMap::new(),
-    };
-    for line in text.lines() {
-        if line.starts_with("shard ") {
-            inspected.heads.push((0, String::new()));
-        } else if let Some(segment) = line.trim_start().strip_prefix("segment ")
-            && segment.contains(" entries, ")
-        {
-            // "segment 0: 12 entries, ops 1..=12, 4096 bytes used, last checksum 0123..."
-            let entries: u64 = field_after(segment, ": ").parse().expect("entries");
-            if entries > 0 {
-                let ops = field_after(segment, "ops ");
-                let op_last = ops.rsplit("..=").next().unwrap().trim_end_matches(',');
-                let checksum = segment.rsplit(' ').next().unwrap().to_string();
-                *inspected.heads.last_mut().expect("a shard line first") =
-                    (op_last.parse().expect("op"), checksum);
-            }
-        } else if let Some(balance) = line.strip_prefix("balance ") {
-            let (id, value) = balance.split_once(' ').expect("id and balance");
-            let id = u128::from_str_radix(id.trim_start_matches("0x"), 16).expect("hex id");
-            inspected
-                .balances
-                .insert(id, value.parse().expect("balance"));
-            inspected.state.push(line.to_string());
-        } else if line.starts_with("in_flight ") || line.starts_with("conservation ") {
-            inspected.state.push(line.to_string());
-        }
-    }
-    assert_eq!(inspected.heads.len(), SHARDS, "{text}");
-    inspected
-}
-
-/// The word after `marker` in `text`.
-fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
-    let (_, rest) = text.split_once(marker).expect("marker present");
-    rest.split(' ').next().unwrap()
 }
 
 /// Every replica's journal ends on its leader's op and checksum (at or past what the group
@@ -983,6 +859,13 @@ fn connected_network() -> Option<Network> {
         });
     }
     Some(network)
+}
+
+/// `percore inspect --replay` of one replica's data directory.
+fn inspect(data_dir: &Path) -> Inspected {
+    let inspected = node::inspect_replay(PERCORE, data_dir);
+    assert_eq!(inspected.heads.len(), SHARDS, "{inspected:?}");
+    inspected
 }
 
 #[test]

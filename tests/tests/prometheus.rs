@@ -9,6 +9,7 @@
 //! package). Without it the test fails, so CI cannot skip it by accident; a developer
 //! without Prometheus sets `PERCORE_SKIP_PROMETHEUS=1` to skip it.
 
+use percore_tests::node::SMALL_NODE_ARGS;
 use percore_tests::support;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -41,25 +42,6 @@ const SCRAPE_INTERVAL_S: u64 = 1;
 const CONDITION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Socket timeout of one API request.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Node sizes small enough for three nodes on a CI box (as in tests/cluster.rs).
-const NODE_ARGS: [&str; 16] = [
-    "--segment-mib",
-    "4",
-    "--accounts-max",
-    "1024",
-    "--transfers-max",
-    "65536",
-    "--credit-legs-max",
-    "4096",
-    "--io-memory-kib",
-    "512",
-    "--transactions",
-    "4096",
-    "--batches",
-    "64",
-    "--connections-max",
-    "16",
-];
 
 /// The Prometheus binary: the first `prometheus` on the PATH, else Debian's.
 fn find_prometheus() -> Option<PathBuf> {
@@ -270,7 +252,7 @@ fn prometheus_scrapes_every_replica() {
         data_root: dir.0.join("cluster"),
         port_base: cluster::free_port_base(REPLICAS, SHARDS).expect("free ports"),
         fsync: "never",
-        extra_args: NODE_ARGS.iter().map(ToString::to_string).collect(),
+        extra_args: SMALL_NODE_ARGS.iter().map(ToString::to_string).collect(),
         metrics: true,
     })
     .expect("cluster starts");
