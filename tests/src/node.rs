@@ -31,15 +31,8 @@ pub const SMALL_NODE_ARGS: [&str; 16] = [
     "16",
 ];
 
-/// The ledger sizes of [`SMALL_NODE_ARGS`], for `percore inspect --replay`.
-pub const SMALL_INSPECT_ARGS: [&str; 6] = [
-    "--accounts-max",
-    "1024",
-    "--transfers-max",
-    "65536",
-    "--credit-legs-max",
-    "4096",
-];
+/// The ledger sizes of [`SMALL_NODE_ARGS`] (its flags 2..8), for `percore inspect --replay`.
+pub const SMALL_INSPECT_ARGS: &[&str] = SMALL_NODE_ARGS.split_at(2).1.split_at(6).0;
 
 /// What `percore inspect --replay` found in one replica's data directory.
 #[derive(Debug, PartialEq, Eq)]
@@ -154,6 +147,21 @@ pub fn random_transfers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inspect_gets_the_ledger_sizes_of_the_node() {
+        assert_eq!(
+            SMALL_INSPECT_ARGS,
+            [
+                "--accounts-max",
+                "1024",
+                "--transfers-max",
+                "65536",
+                "--credit-legs-max",
+                "4096"
+            ]
+        );
+    }
 
     #[test]
     fn inspect_output_parses_into_heads_and_state() {
