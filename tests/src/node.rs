@@ -109,6 +109,43 @@ fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
     rest.split(' ').next().unwrap()
 }
 
+/// Every replica's journal ends, per shard, on the same op and checksum (the hash-chain
+/// head), at or past what that shard's group committed, and every replica replays to the
+/// same state with money conserved and no credit leg in flight.
+pub fn assert_replicas_agree(inspected: &[Inspected], committed: &[u64]) {
+    let reference = &inspected[0];
+    for (replica, found) in inspected.iter().enumerate() {
+        assert_eq!(
+            found.heads.len(),
+            committed.len(),
+            "replica {replica}: shards"
+        );
+        for (shard, (op_last, checksum)) in found.heads.iter().enumerate() {
+            assert!(
+                *op_last >= committed[shard],
+                "replica {replica} shard {shard}: journal ends at op {op_last}, the group committed {}",
+                committed[shard]
+            );
+            assert_eq!(
+                (op_last, checksum),
+                (&reference.heads[shard].0, &reference.heads[shard].1),
+                "replica {replica} shard {shard}: hash chain head differs from replica 0's"
+            );
+        }
+        assert_eq!(
+            found.state, reference.state,
+            "replica {replica} replays to a different state than replica 0"
+        );
+        for sum in ["in_flight 0", "conservation 0"] {
+            assert!(
+                found.state.iter().any(|line| line == sum),
+                "replica {replica}: no `{sum}` in {:?}",
+                &found.state[found.state.len().saturating_sub(2)..]
+            );
+        }
+    }
+}
+
 /// `count` transfers between non-mint accounts (`accounts[shard][0]` is the shard's mint),
 /// a quarter of them to the next shard when there are several, amounts 1..=5, ids from
 /// `next_id` upwards.

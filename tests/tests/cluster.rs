@@ -404,40 +404,13 @@ fn three_replicas_agree_after_load() {
 }
 
 /// Inspects every (stopped) replica's journal: each holds every op its group committed,
-/// ends on the same op with the same checksum as its leader (the hash chain head), and
+/// ends on the same op with the same checksum as the others (the hash chain head), and
 /// replays to the same balances, with money conserved and no credit leg in flight.
 fn assert_replicas_agree(harness: &Harness, committed: &[u64]) -> Vec<Inspected> {
     let inspected: Vec<Inspected> = (0..REPLICAS)
         .map(|replica| inspect(&harness.cluster.data_dir(replica)))
         .collect();
-    for shard in 0..SHARDS {
-        let leader = &inspected[harness.cluster.leader_of(shard)].heads[shard];
-        for (replica, found) in inspected.iter().enumerate() {
-            let (op_last, checksum) = &found.heads[shard];
-            assert!(
-                *op_last >= committed[shard],
-                "replica {replica} shard {shard}: journal ends at op {op_last}, the group committed {}",
-                committed[shard]
-            );
-            assert_eq!(
-                (op_last, checksum),
-                (&leader.0, &leader.1),
-                "replica {replica} shard {shard}: hash chain head differs from the leader's"
-            );
-        }
-    }
-    for (replica, found) in inspected.iter().enumerate() {
-        assert_eq!(
-            found.state, inspected[0].state,
-            "replica {replica} replays to a different state than replica 0"
-        );
-        assert!(
-            found.state.contains(&"in_flight 0".to_string())
-                && found.state.contains(&"conservation 0".to_string()),
-            "replica {replica}: {:?}",
-            &found.state[found.state.len().saturating_sub(2)..]
-        );
-    }
+    node::assert_replicas_agree(&inspected, committed);
     inspected
 }
 
@@ -779,56 +752,9 @@ fn leader_killed_fails_over() {
     let mut setup = harness.replicated_client(1);
     let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
         .expect("accounts created and funded");
-    let mut expected: HashMap<u128, i128> = HashMap::new();
-    for ids in &accounts {
-        expected.insert(ids[0], -((ACCOUNTS_PER_SHARD as u128 * FUNDING) as i128));
-        for id in &ids[1..] {
-            expected.insert(*id, FUNDING as i128);
-        }
-    }
     // Load through the crash: a retry of a request that committed before it must get its
-    // original reply (sessions), which the load counts.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let mut client = harness.replicated_client(2);
-        let accounts = accounts.clone();
-        std::thread::spawn(move || {
-            let mut rng = Rng(0xFA11);
-            let mut next_id = 2u128 << 100;
-            let mut applied = Vec::new();
-            let mut exists = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let transfers =
-                    random_transfers(&mut rng, &accounts, &mut next_id, TRANSFERS_PER_REQUEST);
-                let results = submit(&mut client, &transfers).expect("a leader answers");
-                for (t, r) in transfers.iter().zip(&results) {
-                    // Legs to a group whose leader is dead pile up until its successor
-                    // acknowledges them: a full in-flight window refuses new cross-shard
-                    // transfers (applied: nothing), which is back-pressure, not loss.
-                    if r.code == CreateTransferResult::CreditLegsInFlightFull as u32 {
-                        continue;
-                    }
-                    // Sessions answer a retried request with its original results, so a
-                    // retry after a fault sees `Ok`, never `Exists` (the ledger's answer to
-                    // an id it applied before, which is what a retry got without them).
-                    assert!(
-                        r.code == CreateTransferResult::Ok as u32
-                            || r.code == CreateTransferResult::Exists as u32,
-                        "transfer {t:?}: {r:?}"
-                    );
-                    exists += u64::from(r.code == CreateTransferResult::Exists as u32);
-                    applied.push(*t);
-                }
-            }
-            (
-                applied,
-                client.redirects(),
-                client.leader_hints().to_vec(),
-                exists,
-            )
-        })
-    };
+    // original reply (sessions), which the load checks.
+    let load = FollowingLoad::start(harness.replicated_client(2), &accounts, 0xFA11, 2 << 100);
     let commit_of = |harness: &Harness, replica: usize, shard: usize| {
         harness
             .try_metric(replica, "percore_replication_commit_max", shard)
@@ -861,37 +787,17 @@ fn leader_killed_fails_over() {
                 >= commit_of(&harness, new_leader, 0).saturating_sub(5);
         caught_up.then_some(())
     });
-    stop.store(true, Ordering::Relaxed);
-    let (applied, redirects, hints, exists) = load.join().expect("load thread");
-    assert!(redirects > 0, "the client followed the leader");
-    assert_eq!(
-        exists, 0,
-        "a retried request was answered `Exists`, not its original reply"
-    );
-    assert_eq!(hints[0], 1, "the client found group 0's new leader");
-    for t in &applied {
-        *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
-        *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
-    }
-    let committed = harness.wait_all_equal();
-    harness.stop_all();
-    let inspected: Vec<Inspected> = (0..REPLICAS)
-        .map(|replica| inspect(&harness.cluster.data_dir(replica)))
-        .collect();
-    for (replica, found) in inspected.iter().enumerate() {
-        assert_eq!(
-            found.heads, inspected[1].heads,
-            "replica {replica}: journal heads"
-        );
-        assert_eq!(found.state, inspected[1].state, "replica {replica}: state");
-        assert!(found.state.contains(&"conservation 0".to_string()));
-        assert!(found.state.contains(&"in_flight 0".to_string()));
-        assert_eq!(found.balances, expected, "replica {replica}: balances");
-    }
+    load.assert_running();
+    let outcome = load.finish();
+    assert!(outcome.redirects > 0, "the client followed the leader");
+    assert_eq!(outcome.hints[0], 1, "the client found group 0's new leader");
+    let committed =
+        assert_failover_outcome(&mut harness, funded_balances(&accounts), &outcome.applied);
     eprintln!(
         "failover of group 0 to replica {new_leader} (view {view}) in {failover:?}; \
-         committed {committed:?}; {} transfers acknowledged, {redirects} client redirects",
-        applied.len()
+         committed {committed:?}; {} transfers acknowledged, {} client redirects",
+        outcome.applied.len(),
+        outcome.redirects
     );
 }
 
@@ -1050,24 +956,10 @@ fn assert_failover_outcome(
     }
     let committed = harness.wait_all_equal();
     harness.stop_all();
-    let inspected: Vec<Inspected> = (0..REPLICAS)
-        .map(|replica| inspect(&harness.cluster.data_dir(replica)))
-        .collect();
-    for (replica, found) in inspected.iter().enumerate() {
-        for (shard, (op_last, _)) in found.heads.iter().enumerate() {
-            assert!(
-                *op_last >= committed[shard],
-                "replica {replica} shard {shard}: journal ends at op {op_last}, the group committed {}",
-                committed[shard]
-            );
-        }
-        assert_eq!(
-            found.heads, inspected[0].heads,
-            "replica {replica}: journal heads"
-        );
-        assert_eq!(found.state, inspected[0].state, "replica {replica}: state");
-        assert!(found.state.contains(&"conservation 0".to_string()));
-        assert!(found.state.contains(&"in_flight 0".to_string()));
+    for (replica, found) in assert_replicas_agree(harness, &committed)
+        .iter()
+        .enumerate()
+    {
         assert_eq!(found.balances, expected, "replica {replica}: balances");
     }
     committed

@@ -19,7 +19,9 @@
 //! left by a killed run (`percore-<pid>-*` of a dead pid) are removed, with the nodes still
 //! running in them, by the next run.
 
-use percore_tests::node::{self, Inspected, SMALL_NODE_ARGS, random_transfers};
+use percore_tests::node::{
+    self, Inspected, SMALL_NODE_ARGS, assert_replicas_agree, random_transfers,
+};
 use percore_tests::support::{self, Rng};
 use std::collections::HashMap;
 use std::fs::File;
@@ -675,40 +677,6 @@ fn wait_commits_past(
             .all(|(now, then)| *now >= then + more)
             .then_some(commits)
     })
-}
-
-/// Every replica's journal ends on its leader's op and checksum (at or past what the group
-/// committed), and replays to the same state with money conserved.
-fn assert_replicas_agree(inspected: &[Inspected], committed: &[u64]) {
-    for shard in 0..SHARDS {
-        let leader = &inspected[shard].heads[shard];
-        for (replica, found) in inspected.iter().enumerate() {
-            let (op_last, checksum) = &found.heads[shard];
-            assert!(
-                *op_last >= committed[shard],
-                "replica {replica} shard {shard}: journal ends at op {op_last}, the group committed {}",
-                committed[shard]
-            );
-            assert_eq!(
-                (op_last, checksum),
-                (&leader.0, &leader.1),
-                "replica {replica} shard {shard}: hash chain head differs from the leader's"
-            );
-        }
-    }
-    for (replica, found) in inspected.iter().enumerate() {
-        assert_eq!(
-            found.state, inspected[0].state,
-            "replica {replica} replays to a different state than replica 0"
-        );
-        for sum in ["in_flight 0", "conservation 0"] {
-            assert!(
-                found.state.iter().any(|line| line == sum),
-                "replica {replica}: no `{sum}` in {:?}",
-                &found.state[found.state.len().saturating_sub(2)..]
-            );
-        }
-    }
 }
 
 /// Takes replica 2 off the network (its bridge port down) while the leaders keep
