@@ -26,6 +26,7 @@ pub mod codec;
 pub mod keys;
 pub mod message;
 mod replica;
+pub mod xshard;
 
 pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 pub use message::{

@@ -1,0 +1,1158 @@
+//! Messages between BFT groups (cross-shard credit legs and their acknowledgements): the
+//! signed *outputs statement*, its certificate, the proof a receiving group checks before it
+//! votes for or applies an internal record, the proven batch a leader proposes, their wire
+//! encoding, and two sans-IO queues: the sending side's [`OutputsCollector`] and the
+//! receiving side's [`InboundProofs`]. `docs/bft.md` §14 gives the design and its argument.
+//!
+//! A commit certificate proves that a group committed a batch, but a credit leg is an
+//! *output* of applying that batch, which a receiver cannot recompute without the sender's
+//! state. So after executing op `n`, every replica of the sending group `k` signs, for each
+//! destination group `j` that op `n` sent records to,
+//!
+//! ```text
+//! "percore-bft-outputs-v1\0" | origin k u32 | destination j u32 | replica u8 | op n u64
+//!     | outputs_digest(k, j, n, operation, records) [32]
+//! ```
+//!
+//! Apply is deterministic, so every correct replica of `k` signs the same digest for
+//! `(k, j, n)`. `quorum` such signatures from distinct replicas of `k` (an
+//! [`OutputsCert`]) include at least `f + 1` correct replicas, so the records that hash to
+//! the digest are exactly what committed op `n` of group `k` produced for `j`: a Byzantine
+//! leader of `j` (or of `k`) cannot make up a leg, change its amount, move it to another
+//! destination or present one of `k`'s legs as another group's. Replays of a proven output
+//! are not refused here: a leg applied twice is a duplicate for the ledger's per-origin
+//! window (it is acknowledged again and changes nothing), which is exactly how a lost
+//! acknowledgement is repaired.
+//!
+//! Nothing here performs I/O, reads a clock or draws randomness; every limit is a named
+//! constant or a configuration field, and a full queue is a typed error, never growth.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+
+use super::message::{Committee, Digest};
+use super::{BftError, REPLICA_COUNT_MAX};
+
+/// Domain separation of the outputs statement (never a prefix of [`super::message::SIGNING_DOMAIN`]
+/// statements: it differs in its first bytes and in its length).
+pub const OUTPUTS_SIGNING_DOMAIN: &[u8; 23] = b"percore-bft-outputs-v1\0";
+/// Bytes of one signed outputs statement.
+pub const OUTPUTS_SIGNING_BYTES: usize = OUTPUTS_SIGNING_DOMAIN.len() + 4 + 4 + 1 + 8 + 32;
+/// Most groups (shards) one cluster may have: bounds the committees built at start-up.
+pub const GROUPS_MAX: usize = 256;
+/// Largest record bytes of one op's outputs to one destination (a batch's worth of 128-byte
+/// records at the largest batch the runtime allows).
+pub const OUTPUT_RECORDS_BYTES_MAX: usize = 1 << 20;
+/// Most proofs one proven batch may carry.
+pub const PROVEN_BATCH_PROOFS_MAX: usize = 256;
+/// The second `u16` of a proven batch (a client batch has 0 there).
+pub const PROVEN_BATCH_MARK: u16 = 1;
+/// Bytes of one encoded [`OutputsVote`].
+pub const OUTPUTS_VOTE_BYTES: usize = 4 + 4 + 8 + 32 + 1 + 64;
+
+const _: () = assert!(REPLICA_COUNT_MAX <= 8, "signer sets fit a u8");
+const _: () = assert!(PROVEN_BATCH_PROOFS_MAX <= u16::MAX as usize);
+const _: () = assert!(OUTPUT_RECORDS_BYTES_MAX <= u32::MAX as usize);
+const _: () = assert!(GROUPS_MAX <= u32::MAX as usize);
+
+/// Why an outputs vote, certificate, proof or proven batch is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum XShardError {
+    /// A group index at or above the cluster's group count.
+    #[error("unknown group {0}")]
+    UnknownGroup(u32),
+    /// A statement whose origin is its destination (a group never messages itself).
+    #[error("origin and destination are both group {0}")]
+    SameGroup(u32),
+    /// A proof addressed to another group than the one checking it.
+    #[error("proof for group {destination}, checked by group {receiver}")]
+    WrongDestination {
+        /// The group the proof is for.
+        destination: u32,
+        /// The group checking it.
+        receiver: u32,
+    },
+    /// A vote about another group's outputs than the collector's.
+    #[error("vote about group {origin}'s outputs, collected by group {collector}")]
+    WrongOrigin {
+        /// The group the vote is about.
+        origin: u32,
+        /// The collecting group.
+        collector: u32,
+    },
+    /// A signer that is not in the committee.
+    #[error("unknown signer {0}")]
+    UnknownSigner(u8),
+    /// A signature that `verify_strict` refuses (for the statement as claimed).
+    #[error("bad outputs signature from replica {0}")]
+    BadSignature(u8),
+    /// A certificate with the same signer twice.
+    #[error("replica {0} signed a certificate twice")]
+    DuplicateSigner(u8),
+    /// A certificate with fewer than `quorum` (or more than `n`) signatures.
+    #[error("{signers} signatures; a certificate needs {quorum}..={replicas}")]
+    SignerCount {
+        /// Signatures present.
+        signers: usize,
+        /// The origin group's quorum.
+        quorum: usize,
+        /// The origin group's replicas.
+        replicas: usize,
+    },
+    /// Records that do not hash to the certified digest (a forged or altered output).
+    #[error("records of group {origin} op {op} do not match the certified digest")]
+    DigestMismatch {
+        /// The origin group.
+        origin: u32,
+        /// The origin op.
+        op: u64,
+    },
+    /// Record bytes that are empty, not whole records, or above the limit.
+    #[error("{0} record bytes are not 1..=max whole records")]
+    RecordBytes(usize),
+    /// A proven batch whose proofs carry different operations than the batch.
+    #[error("proof operation {proof} in a batch of operation {batch}")]
+    OperationMismatch {
+        /// The batch's operation.
+        batch: u16,
+        /// The proof's.
+        proof: u16,
+    },
+    /// A proven batch that carries one `(origin, op)` twice.
+    #[error("group {origin} op {op} appears twice in one batch")]
+    DuplicateProof {
+        /// The origin group.
+        origin: u32,
+        /// The origin op.
+        op: u64,
+    },
+    /// A proven batch with no proofs, too many, or more records than a batch may hold.
+    #[error("{0}: out of range")]
+    OutOfRange(&'static str),
+    /// Bytes that are not an encoding of what was asked for.
+    #[error("malformed cross-shard encoding: {0}")]
+    Malformed(&'static str),
+    /// A vote for outputs this replica has not produced yet (it may be ahead of it): not
+    /// kept; the sender resends.
+    #[error("outputs of op {op} for group {destination} not produced here yet")]
+    NotProduced {
+        /// The destination group.
+        destination: u32,
+        /// The op.
+        op: u64,
+    },
+    /// The same outputs were produced here twice with different records: apply is not
+    /// deterministic, or the caller fed another op's outputs (a bug, never input).
+    #[error("op {op} for group {destination} produced twice with different records")]
+    Diverged {
+        /// The destination group.
+        destination: u32,
+        /// The op.
+        op: u64,
+    },
+    /// A bounded queue is full; nothing changed.
+    #[error("{0} full")]
+    Full(&'static str),
+    /// Nothing new (a duplicate vote or proof).
+    #[error("stale")]
+    Stale,
+    /// The committees could not be built.
+    #[error(transparent)]
+    Committee(#[from] BftError),
+}
+
+/// The digest an outputs statement signs: the destination's records op `op` of `origin`
+/// produced, in order, bound to `(origin, destination, op, operation)`.
+pub fn outputs_digest(
+    origin: u32,
+    destination: u32,
+    op: u64,
+    operation: u16,
+    records: &[u8],
+) -> Digest {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"percore-bft-outputs-digest-v1");
+    hasher.update(&origin.to_le_bytes());
+    hasher.update(&destination.to_le_bytes());
+    hasher.update(&op.to_le_bytes());
+    hasher.update(&operation.to_le_bytes());
+    hasher.update(&(records.len() as u64).to_le_bytes());
+    hasher.update(records);
+    *hasher.finalize().as_bytes()
+}
+
+/// What a replica of `origin` says after executing op `op`: it sent `destination` the
+/// records whose [`outputs_digest`] is `digest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OutputsStatement {
+    /// The group that executed the op (signed by its replicas).
+    pub origin: u32,
+    /// The group the records are for.
+    pub destination: u32,
+    /// The origin group's BFT op.
+    pub op: u64,
+    /// [`outputs_digest`] of the records.
+    pub digest: Digest,
+}
+
+impl OutputsStatement {
+    /// The exact bytes `replica` signs.
+    pub fn signing_bytes(&self, replica: u8) -> [u8; OUTPUTS_SIGNING_BYTES] {
+        let mut bytes = [0u8; OUTPUTS_SIGNING_BYTES];
+        let mut at = 0;
+        let mut put = |part: &[u8]| {
+            bytes[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        };
+        put(OUTPUTS_SIGNING_DOMAIN);
+        put(&self.origin.to_le_bytes());
+        put(&self.destination.to_le_bytes());
+        put(&[replica]);
+        put(&self.op.to_le_bytes());
+        put(&self.digest);
+        debug_assert_eq!(at, OUTPUTS_SIGNING_BYTES);
+        bytes
+    }
+}
+
+/// One replica's signed outputs statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputsVote {
+    /// What it says.
+    pub statement: OutputsStatement,
+    /// The signer, a replica of `statement.origin`.
+    pub replica: u8,
+    /// ed25519 over [`OutputsStatement::signing_bytes`].
+    pub signature: Signature,
+}
+
+impl OutputsVote {
+    /// Signs `statement` as `replica`.
+    pub fn sign(key: &SigningKey, replica: u8, statement: OutputsStatement) -> OutputsVote {
+        OutputsVote {
+            statement,
+            replica,
+            signature: key.sign(&statement.signing_bytes(replica)),
+        }
+    }
+}
+
+/// `quorum` signatures of the origin group's replicas over one outputs statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputsCert {
+    /// The certified statement.
+    pub statement: OutputsStatement,
+    /// `(replica, signature)`, distinct replicas.
+    pub signatures: Vec<(u8, Signature)>,
+}
+
+/// Records one group sent another, with the certificate that the sending group produced
+/// them by executing a committed op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvenOutputs {
+    /// The certificate.
+    pub cert: OutputsCert,
+    /// The operation of the batch the records join at the destination.
+    pub operation: u16,
+    /// The records, whole, in the order the origin produced them.
+    pub records: Vec<u8>,
+}
+
+impl ProvenOutputs {
+    /// `(origin, op)`: what identifies these outputs at their destination.
+    pub fn key(&self) -> (u32, u64) {
+        (self.cert.statement.origin, self.cert.statement.op)
+    }
+}
+
+/// What a receiving group's leader proposes to apply internal records: one operation, the
+/// leader's clock, and the proofs whose records make up the batch, in order.
+///
+/// Timestamps are not certified: the receiving group orders its own records in time. Every
+/// replica stamps the certified records alike before applying them, from `now_ns` and its
+/// replicated state only (as the ledger's `prepare` would with nothing pending:
+/// `max(now_ns, last committed timestamp + 1)`, then one apart), which is why a leg's
+/// fingerprint and its acknowledgement's match leave the timestamp out. A Byzantine leader
+/// chooses `now_ns` as it chooses a client batch's timestamps, and nothing more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvenBatch {
+    /// The internal operation (every proof's).
+    pub operation: u16,
+    /// The proposing leader's clock (ns).
+    pub now_ns: u64,
+    /// The proofs, distinct `(origin, op)`.
+    pub proofs: Vec<ProvenOutputs>,
+}
+
+impl ProvenBatch {
+    /// Records in the batch (`record_bytes` each).
+    pub fn record_count(&self, record_bytes: usize) -> usize {
+        self.proofs
+            .iter()
+            .map(|proof| proof.records.len() / record_bytes)
+            .sum()
+    }
+}
+
+/// The committees of every group of the cluster: the same replicas and keys, a different
+/// group signed into every statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Groups {
+    committees: Vec<Committee>,
+}
+
+impl Groups {
+    /// One committee per group `0..group_count`.
+    pub fn new(
+        group_count: u32,
+        faults_max: u8,
+        keys: &[VerifyingKey],
+    ) -> Result<Groups, XShardError> {
+        if group_count == 0 || group_count as usize > GROUPS_MAX {
+            return Err(XShardError::OutOfRange("group count"));
+        }
+        let committees = (0..group_count)
+            .map(|group| Committee::new(group, faults_max, keys.to_vec()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Groups { committees })
+    }
+
+    /// Groups in the cluster.
+    pub fn group_count(&self) -> u32 {
+        self.committees.len() as u32
+    }
+
+    /// The committee of `group`.
+    pub fn committee(&self, group: u32) -> Result<&Committee, XShardError> {
+        self.committees
+            .get(group as usize)
+            .ok_or(XShardError::UnknownGroup(group))
+    }
+
+    /// Checks the statement's groups: both known, and different.
+    fn check_route(&self, statement: &OutputsStatement) -> Result<(), XShardError> {
+        self.committee(statement.origin)?;
+        self.committee(statement.destination)?;
+        if statement.origin == statement.destination {
+            return Err(XShardError::SameGroup(statement.origin));
+        }
+        Ok(())
+    }
+
+    /// Checks one vote: known groups, a signer of the origin group, a strict signature.
+    pub fn verify_vote(&self, vote: &OutputsVote) -> Result<(), XShardError> {
+        self.check_route(&vote.statement)?;
+        let committee = self.committee(vote.statement.origin)?;
+        verify_signature(committee, &vote.statement, vote.replica, &vote.signature)
+    }
+
+    /// Checks a certificate: `quorum..=n` strict signatures of distinct replicas of the
+    /// origin group over the statement.
+    pub fn verify_cert(&self, cert: &OutputsCert) -> Result<(), XShardError> {
+        self.check_route(&cert.statement)?;
+        let committee = self.committee(cert.statement.origin)?;
+        let (quorum, replicas) = (committee.quorum(), usize::from(committee.replica_count()));
+        let signers = cert.signatures.len();
+        if signers < quorum || signers > replicas {
+            return Err(XShardError::SignerCount {
+                signers,
+                quorum,
+                replicas,
+            });
+        }
+        let mut seen = 0u8;
+        for (replica, signature) in &cert.signatures {
+            if *replica >= committee.replica_count() {
+                return Err(XShardError::UnknownSigner(*replica));
+            }
+            if seen & (1 << replica) != 0 {
+                return Err(XShardError::DuplicateSigner(*replica));
+            }
+            seen |= 1 << replica;
+            verify_signature(committee, &cert.statement, *replica, signature)?;
+        }
+        Ok(())
+    }
+
+    /// The acceptance rule of one proof at group `receiver`: addressed to it, whole records
+    /// (`record_bytes` each) within the limit that hash to the certified digest, and a valid
+    /// certificate of the origin group. Digest first: forged records cost a hash, not
+    /// `quorum` signature checks.
+    pub fn verify_proven(
+        &self,
+        proof: &ProvenOutputs,
+        receiver: u32,
+        record_bytes: usize,
+    ) -> Result<(), XShardError> {
+        assert!(record_bytes > 0);
+        let statement = &proof.cert.statement;
+        if statement.destination != receiver {
+            return Err(XShardError::WrongDestination {
+                destination: statement.destination,
+                receiver,
+            });
+        }
+        let bytes = proof.records.len();
+        if bytes == 0 || !bytes.is_multiple_of(record_bytes) || bytes > OUTPUT_RECORDS_BYTES_MAX {
+            return Err(XShardError::RecordBytes(bytes));
+        }
+        let digest = outputs_digest(
+            statement.origin,
+            statement.destination,
+            statement.op,
+            proof.operation,
+            &proof.records,
+        );
+        if digest != statement.digest {
+            return Err(XShardError::DigestMismatch {
+                origin: statement.origin,
+                op: statement.op,
+            });
+        }
+        self.verify_cert(&proof.cert)
+    }
+
+    /// The acceptance rule of a proven batch at group `receiver`, applied alike by a backup
+    /// before it votes for the proposal and by every replica before it applies it: 1 to
+    /// [`PROVEN_BATCH_PROOFS_MAX`] proofs, each of the batch's operation, distinct
+    /// `(origin, op)`, each valid ([`Groups::verify_proven`]), at most `records_max` records
+    /// in all.
+    pub fn verify_batch(
+        &self,
+        batch: &ProvenBatch,
+        receiver: u32,
+        record_bytes: usize,
+        records_max: usize,
+    ) -> Result<(), XShardError> {
+        if batch.proofs.is_empty() || batch.proofs.len() > PROVEN_BATCH_PROOFS_MAX {
+            return Err(XShardError::OutOfRange("proofs per batch"));
+        }
+        let mut records = 0usize;
+        for (index, proof) in batch.proofs.iter().enumerate() {
+            if proof.operation != batch.operation {
+                return Err(XShardError::OperationMismatch {
+                    batch: batch.operation,
+                    proof: proof.operation,
+                });
+            }
+            let key = proof.key();
+            if batch.proofs[..index].iter().any(|other| other.key() == key) {
+                return Err(XShardError::DuplicateProof {
+                    origin: key.0,
+                    op: key.1,
+                });
+            }
+            records += proof.records.len() / record_bytes.max(1);
+            if records > records_max {
+                return Err(XShardError::OutOfRange("records per batch"));
+            }
+            self.verify_proven(proof, receiver, record_bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The acceptance rule on the committed (or proposed) bytes themselves: a proven batch
+    /// ([`is_proven_batch`]) that decodes and passes [`Groups::verify_batch`]. A backup of
+    /// `receiver` applies it before it votes for a proposal holding internal records (a
+    /// refusal is the leader's misbehaviour: no vote, so no progress, and the view changes),
+    /// and every replica applies it again before applying the records (a batch that fails
+    /// is skipped alike by every correct replica, like any invalid committed batch).
+    pub fn verify_batch_bytes(
+        &self,
+        bytes: &[u8],
+        receiver: u32,
+        record_bytes: usize,
+        records_max: usize,
+    ) -> Result<ProvenBatch, XShardError> {
+        if !is_proven_batch(bytes) {
+            return Err(XShardError::Malformed("not a proven batch"));
+        }
+        let batch = decode_batch(bytes)?;
+        self.verify_batch(&batch, receiver, record_bytes, records_max)?;
+        Ok(batch)
+    }
+}
+
+fn verify_signature(
+    committee: &Committee,
+    statement: &OutputsStatement,
+    replica: u8,
+    signature: &Signature,
+) -> Result<(), XShardError> {
+    let key = committee
+        .key(replica)
+        .ok_or(XShardError::UnknownSigner(replica))?;
+    key.verify_strict(&statement.signing_bytes(replica), signature)
+        .map_err(|_| XShardError::BadSignature(replica))
+}
+
+/// Whether batch bytes are a proven batch (a client batch has 0 where this has
+/// [`PROVEN_BATCH_MARK`]).
+pub fn is_proven_batch(bytes: &[u8]) -> bool {
+    bytes.len() >= 4 && u16::from_le_bytes([bytes[2], bytes[3]]) == PROVEN_BATCH_MARK
+}
+
+/// A replica's message about cross-group outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XShardMessage {
+    /// A replica of the origin group to its group's peers: its outputs vote.
+    Vote(OutputsVote),
+    /// A replica of the origin group to the destination group: certified outputs.
+    Proven(ProvenOutputs),
+}
+
+const TAG_VOTE: u8 = 1;
+const TAG_PROVEN: u8 = 2;
+
+/// Appends the encoding of `message` to `out`:
+/// `tag u8 | vote` or `tag u8 | proven`, with
+/// `statement = origin u32 | destination u32 | op u64 | digest [32]`,
+/// `vote = statement | replica u8 | signature [64]`,
+/// `cert = statement | count u8 | (replica u8 | signature [64])*`,
+/// `proven = cert | operation u16 | length u32 | records`, all little-endian.
+pub fn encode_message(message: &XShardMessage, out: &mut Vec<u8>) {
+    match message {
+        XShardMessage::Vote(vote) => {
+            out.push(TAG_VOTE);
+            put_statement(out, &vote.statement);
+            out.push(vote.replica);
+            out.extend_from_slice(&vote.signature.to_bytes());
+        }
+        XShardMessage::Proven(proof) => {
+            out.push(TAG_PROVEN);
+            put_proven(out, proof);
+        }
+    }
+}
+
+/// Decodes one message; refuses unknown tags, counts above their limits and trailing
+/// bytes. Checks the shape only: [`Groups`] checks signatures and digests.
+pub fn decode_message(bytes: &[u8]) -> Result<XShardMessage, XShardError> {
+    let mut reader = Reader { bytes, at: 0 };
+    let message = match reader.u8()? {
+        TAG_VOTE => {
+            let statement = reader.statement()?;
+            let replica = reader.u8()?;
+            let signature = Signature::from_bytes(&reader.array::<64>()?);
+            XShardMessage::Vote(OutputsVote {
+                statement,
+                replica,
+                signature,
+            })
+        }
+        TAG_PROVEN => XShardMessage::Proven(reader.proven()?),
+        _ => return Err(XShardError::Malformed("unknown tag")),
+    };
+    reader.finish()?;
+    Ok(message)
+}
+
+/// Appends the batch bytes of `batch`:
+/// `operation u16 | PROVEN_BATCH_MARK u16 | count u16 | now_ns u64 | proven*`.
+pub fn encode_batch(batch: &ProvenBatch, out: &mut Vec<u8>) {
+    assert!(batch.proofs.len() <= PROVEN_BATCH_PROOFS_MAX);
+    out.extend_from_slice(&batch.operation.to_le_bytes());
+    out.extend_from_slice(&PROVEN_BATCH_MARK.to_le_bytes());
+    out.extend_from_slice(&(batch.proofs.len() as u16).to_le_bytes());
+    out.extend_from_slice(&batch.now_ns.to_le_bytes());
+    for proof in &batch.proofs {
+        put_proven(out, proof);
+    }
+}
+
+/// Decodes batch bytes written by [`encode_batch`] (shape only; see [`Groups::verify_batch`]).
+pub fn decode_batch(bytes: &[u8]) -> Result<ProvenBatch, XShardError> {
+    let mut reader = Reader { bytes, at: 0 };
+    let operation = reader.u16()?;
+    if reader.u16()? != PROVEN_BATCH_MARK {
+        return Err(XShardError::Malformed("not a proven batch"));
+    }
+    let count = usize::from(reader.u16()?);
+    if count == 0 || count > PROVEN_BATCH_PROOFS_MAX {
+        return Err(XShardError::OutOfRange("proofs per batch"));
+    }
+    let now_ns = reader.u64()?;
+    let mut proofs = Vec::with_capacity(count);
+    for _ in 0..count {
+        proofs.push(reader.proven()?);
+    }
+    reader.finish()?;
+    Ok(ProvenBatch {
+        operation,
+        now_ns,
+        proofs,
+    })
+}
+
+fn put_statement(out: &mut Vec<u8>, statement: &OutputsStatement) {
+    out.extend_from_slice(&statement.origin.to_le_bytes());
+    out.extend_from_slice(&statement.destination.to_le_bytes());
+    out.extend_from_slice(&statement.op.to_le_bytes());
+    out.extend_from_slice(&statement.digest);
+}
+
+fn put_proven(out: &mut Vec<u8>, proof: &ProvenOutputs) {
+    assert!(proof.cert.signatures.len() <= REPLICA_COUNT_MAX);
+    assert!(proof.records.len() <= OUTPUT_RECORDS_BYTES_MAX);
+    put_statement(out, &proof.cert.statement);
+    out.push(proof.cert.signatures.len() as u8);
+    for (replica, signature) in &proof.cert.signatures {
+        out.push(*replica);
+        out.extend_from_slice(&signature.to_bytes());
+    }
+    out.extend_from_slice(&proof.operation.to_le_bytes());
+    out.extend_from_slice(&(proof.records.len() as u32).to_le_bytes());
+    out.extend_from_slice(&proof.records);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, count: usize) -> Result<&'a [u8], XShardError> {
+        let end = self
+            .at
+            .checked_add(count)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or(XShardError::Malformed("truncated"))?;
+        let part = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(part)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], XShardError> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+
+    fn u8(&mut self) -> Result<u8, XShardError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, XShardError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, XShardError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, XShardError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn statement(&mut self) -> Result<OutputsStatement, XShardError> {
+        Ok(OutputsStatement {
+            origin: self.u32()?,
+            destination: self.u32()?,
+            op: self.u64()?,
+            digest: self.array()?,
+        })
+    }
+
+    fn proven(&mut self) -> Result<ProvenOutputs, XShardError> {
+        let statement = self.statement()?;
+        let count = usize::from(self.u8()?);
+        if count > REPLICA_COUNT_MAX {
+            return Err(XShardError::OutOfRange("signatures per certificate"));
+        }
+        let mut signatures = Vec::with_capacity(count);
+        for _ in 0..count {
+            let replica = self.u8()?;
+            signatures.push((replica, Signature::from_bytes(&self.array::<64>()?)));
+        }
+        let operation = self.u16()?;
+        let length = self.u32()? as usize;
+        if length > OUTPUT_RECORDS_BYTES_MAX {
+            return Err(XShardError::RecordBytes(length));
+        }
+        let records = self.take(length)?.to_vec();
+        Ok(ProvenOutputs {
+            cert: OutputsCert {
+                statement,
+                signatures,
+            },
+            operation,
+            records,
+        })
+    }
+
+    fn finish(&self) -> Result<(), XShardError> {
+        if self.at != self.bytes.len() {
+            return Err(XShardError::Malformed("trailing bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// What an [`OutputsCollector`] asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XShardAction {
+    /// Send this replica's vote to every other replica of its group.
+    Broadcast(OutputsVote),
+    /// Send this replica's vote to replica `to` of its group (the answer to `to`'s first
+    /// vote, so a replica that executed later than this one need not wait for a resend).
+    Send {
+        /// The peer.
+        to: u8,
+        /// The vote.
+        vote: OutputsVote,
+    },
+    /// Hand certified outputs to the destination group: to this node's replica of it,
+    /// which checks them and keeps them until its group commits them
+    /// ([`InboundProofs`]). Every correct replica of the origin group does this, so a
+    /// Byzantine leader of either group cannot keep outputs from their destination.
+    Deliver(ProvenOutputs),
+}
+
+/// Limits of an [`OutputsCollector`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CollectorConfig {
+    /// The collecting replica's group (the origin of what it signs).
+    pub group: u32,
+    /// The collecting replica.
+    pub replica: u8,
+    /// Outputs kept at once, collecting or certified and not yet released. Must be at
+    /// least the number of ops that can have unacknowledged legs (the ledger's
+    /// `credit_legs_in_flight_max` bounds it), or a full collector stalls legs.
+    pub outputs_kept_max: usize,
+    /// Interval at which an uncertified vote is broadcast again and certified outputs are
+    /// delivered again until released (µs).
+    pub resend_interval_us: u64,
+}
+
+/// Counters of an [`OutputsCollector`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CollectorMetrics {
+    /// Outputs statements this replica signed.
+    pub votes_signed: u64,
+    /// Peers' votes accepted.
+    pub votes_accepted: u64,
+    /// Peers' votes refused (bad signature, unknown signer, other group, another digest).
+    pub votes_refused: u64,
+    /// Votes for outputs not produced here yet (dropped; the sender resends).
+    pub votes_early: u64,
+    /// Outputs certified here.
+    pub certified: u64,
+    /// Deliveries of certified outputs, first and resent.
+    pub deliveries: u64,
+    /// Outputs produced while the collector was full (refused; the caller counts them).
+    pub full: u64,
+}
+
+#[derive(Debug)]
+struct Outputs {
+    statement: OutputsStatement,
+    operation: u16,
+    records: Vec<u8>,
+    own: OutputsVote,
+    signatures: [Option<Signature>; REPLICA_COUNT_MAX],
+    signers: u8,
+    certified: bool,
+    resend_at_us: u64,
+}
+
+/// The sending side: signs this replica's outputs statement for each op's outputs to each
+/// destination, collects its group's matching votes into a certificate, and delivers the
+/// certified outputs until the driver releases them (legs: once their acknowledgement is
+/// applied; acknowledgements: once delivered). Sans-IO; at most `outputs_kept_max`
+/// outputs, a vote per replica each.
+#[derive(Debug)]
+pub struct OutputsCollector {
+    config: CollectorConfig,
+    groups: Groups,
+    key: SigningKey,
+    kept: BTreeMap<(u32, u64), Outputs>,
+    metrics: CollectorMetrics,
+}
+
+impl OutputsCollector {
+    /// A collector for `config.replica` of `config.group`, signing with `key` (which must
+    /// be that replica's key in `groups`).
+    pub fn new(
+        config: CollectorConfig,
+        groups: Groups,
+        key: SigningKey,
+    ) -> Result<OutputsCollector, XShardError> {
+        let committee = groups.committee(config.group)?;
+        if committee.key(config.replica) != Some(&key.verifying_key()) {
+            return Err(XShardError::Committee(BftError::KeyMismatch(
+                config.replica,
+            )));
+        }
+        if config.outputs_kept_max == 0 || config.resend_interval_us == 0 {
+            return Err(XShardError::OutOfRange("collector limits"));
+        }
+        Ok(OutputsCollector {
+            kept: BTreeMap::new(),
+            config,
+            groups,
+            key,
+            metrics: CollectorMetrics::default(),
+        })
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> CollectorMetrics {
+        self.metrics
+    }
+
+    /// Outputs kept (collecting or certified, not released).
+    pub fn kept(&self) -> usize {
+        self.kept.len()
+    }
+
+    /// Op `op` of this group, executed here, produced `records` (whole records, in order)
+    /// of `operation` for `destination`: sign and broadcast this replica's vote. Producing
+    /// the same outputs again (a replay after restart) is `Stale`; different records for
+    /// the same op are `Diverged` (a bug).
+    pub fn on_produced(
+        &mut self,
+        now_us: u64,
+        op: u64,
+        destination: u32,
+        operation: u16,
+        records: Vec<u8>,
+        actions: &mut Vec<XShardAction>,
+    ) -> Result<(), XShardError> {
+        let origin = self.config.group;
+        let statement = OutputsStatement {
+            origin,
+            destination,
+            op,
+            digest: outputs_digest(origin, destination, op, operation, &records),
+        };
+        self.groups.check_route(&statement)?;
+        if records.is_empty() || records.len() > OUTPUT_RECORDS_BYTES_MAX {
+            return Err(XShardError::RecordBytes(records.len()));
+        }
+        if let Some(held) = self.kept.get(&(destination, op)) {
+            if held.statement == statement {
+                return Err(XShardError::Stale);
+            }
+            return Err(XShardError::Diverged { destination, op });
+        }
+        if self.kept.len() >= self.config.outputs_kept_max {
+            self.metrics.full += 1;
+            return Err(XShardError::Full("outputs collector"));
+        }
+        let own = OutputsVote::sign(&self.key, self.config.replica, statement);
+        self.metrics.votes_signed += 1;
+        let mut signatures = [None; REPLICA_COUNT_MAX];
+        signatures[usize::from(self.config.replica)] = Some(own.signature);
+        let outputs = Outputs {
+            statement,
+            operation,
+            records,
+            own,
+            signatures,
+            signers: 1 << self.config.replica,
+            certified: false,
+            resend_at_us: now_us + self.config.resend_interval_us,
+        };
+        self.kept.insert((destination, op), outputs);
+        actions.push(XShardAction::Broadcast(own));
+        self.try_certify(destination, op, actions);
+        Ok(())
+    }
+
+    /// A peer's vote. Kept only for outputs produced here with the same digest; its first
+    /// vote for those outputs is answered with this replica's.
+    pub fn on_vote(
+        &mut self,
+        vote: OutputsVote,
+        actions: &mut Vec<XShardAction>,
+    ) -> Result<(), XShardError> {
+        let result = self.accept_vote(vote, actions);
+        match &result {
+            Ok(()) => self.metrics.votes_accepted += 1,
+            Err(XShardError::NotProduced { .. }) => self.metrics.votes_early += 1,
+            Err(XShardError::Stale) => {}
+            Err(_) => self.metrics.votes_refused += 1,
+        }
+        result
+    }
+
+    fn accept_vote(
+        &mut self,
+        vote: OutputsVote,
+        actions: &mut Vec<XShardAction>,
+    ) -> Result<(), XShardError> {
+        let statement = vote.statement;
+        if statement.origin != self.config.group {
+            return Err(XShardError::WrongOrigin {
+                origin: statement.origin,
+                collector: self.config.group,
+            });
+        }
+        let key = (statement.destination, statement.op);
+        let Some(held) = self.kept.get(&key) else {
+            return Err(XShardError::NotProduced {
+                destination: statement.destination,
+                op: statement.op,
+            });
+        };
+        if vote.replica >= REPLICA_COUNT_MAX as u8 {
+            return Err(XShardError::UnknownSigner(vote.replica));
+        }
+        if held.signers & (1 << vote.replica) != 0 {
+            return Err(XShardError::Stale);
+        }
+        self.groups.verify_vote(&vote)?;
+        if held.statement != statement {
+            // Validly signed for other outputs of a committed op: only a Byzantine replica
+            // (or more than f faults) can do that.
+            return Err(XShardError::DigestMismatch {
+                origin: statement.origin,
+                op: statement.op,
+            });
+        }
+        let held = self.kept.get_mut(&key).expect("looked up above");
+        held.signatures[usize::from(vote.replica)] = Some(vote.signature);
+        held.signers |= 1 << vote.replica;
+        actions.push(XShardAction::Send {
+            to: vote.replica,
+            vote: held.own,
+        });
+        self.try_certify(statement.destination, statement.op, actions);
+        Ok(())
+    }
+
+    fn try_certify(&mut self, destination: u32, op: u64, actions: &mut Vec<XShardAction>) {
+        let quorum = self
+            .groups
+            .committee(self.config.group)
+            .expect("checked at construction")
+            .quorum();
+        let held = self.kept.get_mut(&(destination, op)).expect("kept");
+        if held.certified || (held.signers.count_ones() as usize) < quorum {
+            return;
+        }
+        held.certified = true;
+        self.metrics.certified += 1;
+        self.metrics.deliveries += 1;
+        actions.push(XShardAction::Deliver(proven(held, quorum)));
+    }
+
+    /// Resends what is due: an uncertified vote is broadcast again, certified outputs are
+    /// delivered again (their destination may have lost them, or committed them under a
+    /// leader that later withheld the acknowledgement).
+    pub fn on_tick(&mut self, now_us: u64, actions: &mut Vec<XShardAction>) {
+        let quorum = self
+            .groups
+            .committee(self.config.group)
+            .expect("checked at construction")
+            .quorum();
+        for held in self.kept.values_mut() {
+            if held.resend_at_us > now_us {
+                continue;
+            }
+            held.resend_at_us = now_us + self.config.resend_interval_us;
+            if held.certified {
+                self.metrics.deliveries += 1;
+                actions.push(XShardAction::Deliver(proven(held, quorum)));
+            } else {
+                actions.push(XShardAction::Broadcast(held.own));
+            }
+        }
+    }
+
+    /// When [`OutputsCollector::on_tick`] has something to resend.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.kept.values().map(|held| held.resend_at_us).min()
+    }
+
+    /// Forgets the outputs of `op` for `destination` (delivered for good: the legs are
+    /// acknowledged, or the acknowledgements were handed over). Returns whether they were
+    /// kept.
+    pub fn release(&mut self, destination: u32, op: u64) -> bool {
+        self.kept.remove(&(destination, op)).is_some()
+    }
+
+    /// Whether the outputs of `op` for `destination` are certified here.
+    pub fn is_certified(&self, destination: u32, op: u64) -> bool {
+        self.kept
+            .get(&(destination, op))
+            .is_some_and(|held| held.certified)
+    }
+}
+
+/// The first `quorum` signatures of `held`, lowest replica first, with its records.
+fn proven(held: &Outputs, quorum: usize) -> ProvenOutputs {
+    let signatures: Vec<(u8, Signature)> = held
+        .signatures
+        .iter()
+        .enumerate()
+        .filter_map(|(replica, signature)| signature.map(|signature| (replica as u8, signature)))
+        .take(quorum)
+        .collect();
+    debug_assert_eq!(signatures.len(), quorum);
+    ProvenOutputs {
+        cert: OutputsCert {
+            statement: held.statement,
+            signatures,
+        },
+        operation: held.operation,
+        records: held.records.clone(),
+    }
+}
+
+/// Counters of an [`InboundProofs`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboundMetrics {
+    /// Proofs verified and queued.
+    pub accepted: u64,
+    /// Proofs refused (every [`XShardError`] but `Stale` and `Full`).
+    pub refused: u64,
+    /// Proofs already queued (not verified again).
+    pub duplicates: u64,
+    /// Proofs dropped because the queue was full (the origin resends).
+    pub full: u64,
+    /// Proofs removed because a batch holding them committed.
+    pub committed: u64,
+}
+
+#[derive(Debug)]
+struct Inbound {
+    proof: ProvenOutputs,
+    /// The view in which this replica, as leader, last proposed it (not again in that view).
+    proposed_in_view: Option<u64>,
+}
+
+/// The receiving side, one per replica of the destination group: verified proofs waiting
+/// to be committed by the group. The leader takes them into proven batches; every replica
+/// reports them as pending work (so a leader that withholds them is suspected, as one that
+/// withholds client requests); a committed batch removes the proofs it holds. At most
+/// `capacity` proofs, each checked once on arrival.
+#[derive(Debug)]
+pub struct InboundProofs {
+    receiver: u32,
+    record_bytes: usize,
+    groups: Groups,
+    queue: VecDeque<Inbound>,
+    capacity: usize,
+    metrics: InboundMetrics,
+}
+
+impl InboundProofs {
+    /// The queue of group `receiver` for records of `record_bytes` bytes, holding at most
+    /// `capacity` proofs.
+    pub fn new(
+        receiver: u32,
+        record_bytes: usize,
+        groups: Groups,
+        capacity: usize,
+    ) -> Result<InboundProofs, XShardError> {
+        groups.committee(receiver)?;
+        if record_bytes == 0 || capacity == 0 {
+            return Err(XShardError::OutOfRange("inbound limits"));
+        }
+        Ok(InboundProofs {
+            receiver,
+            record_bytes,
+            groups,
+            queue: VecDeque::with_capacity(capacity),
+            capacity,
+            metrics: InboundMetrics::default(),
+        })
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> InboundMetrics {
+        self.metrics
+    }
+
+    /// Proofs waiting to commit.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether none is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// A proof delivered to this replica: verified ([`Groups::verify_proven`]) and queued,
+    /// unless the same `(origin, op)` is queued already (`Stale`) or the queue is full.
+    pub fn on_proven(&mut self, proof: ProvenOutputs) -> Result<(), XShardError> {
+        let key = proof.key();
+        if self.queue.iter().any(|queued| queued.proof.key() == key) {
+            self.metrics.duplicates += 1;
+            return Err(XShardError::Stale);
+        }
+        if self.queue.len() >= self.capacity {
+            self.metrics.full += 1;
+            return Err(XShardError::Full("inbound proofs"));
+        }
+        if let Err(error) = self
+            .groups
+            .verify_proven(&proof, self.receiver, self.record_bytes)
+        {
+            self.metrics.refused += 1;
+            return Err(error);
+        }
+        self.metrics.accepted += 1;
+        self.queue.push_back(Inbound {
+            proof,
+            proposed_in_view: None,
+        });
+        Ok(())
+    }
+
+    /// Leader of `view`: the oldest queued proofs not yet proposed in this view, all of the
+    /// oldest one's operation, at most `records_max` records and
+    /// [`PROVEN_BATCH_PROOFS_MAX`] proofs, as a batch to propose at `now_ns`. They stay
+    /// queued until committed (a view change may lose the proposal). `records_max` must be
+    /// at least the origin groups' batch cap (one op's outputs to one group are at most one
+    /// record per record of the op), or a proof could never be proposed.
+    pub fn take_batch(
+        &mut self,
+        view: u64,
+        now_ns: u64,
+        records_max: usize,
+    ) -> Option<ProvenBatch> {
+        let record_bytes = self.record_bytes;
+        let mut operation = None;
+        let (mut records, mut proofs) = (0usize, Vec::new());
+        for queued in self.queue.iter_mut() {
+            if queued.proposed_in_view == Some(view) {
+                continue;
+            }
+            let proof_records = queued.proof.records.len() / record_bytes;
+            if *operation.get_or_insert(queued.proof.operation) != queued.proof.operation
+                || records + proof_records > records_max
+                || proofs.len() == PROVEN_BATCH_PROOFS_MAX
+            {
+                continue;
+            }
+            queued.proposed_in_view = Some(view);
+            records += proof_records;
+            proofs.push(queued.proof.clone());
+        }
+        let operation = operation?;
+        (!proofs.is_empty()).then_some(ProvenBatch {
+            operation,
+            now_ns,
+            proofs,
+        })
+    }
+
+    /// A proven batch committed in this group (verified): its proofs leave the queue.
+    /// Returns how many were queued.
+    pub fn on_committed(&mut self, batch: &ProvenBatch) -> usize {
+        let before = self.queue.len();
+        self.queue
+            .retain(|queued| !batch.proofs.iter().any(|p| p.key() == queued.proof.key()));
+        let removed = before - self.queue.len();
+        self.metrics.committed += removed as u64;
+        removed
+    }
+}
+
+#[cfg(test)]
+#[path = "xshard_tests.rs"]
+mod tests;

@@ -1,0 +1,940 @@
+//! Tests of cross-group outputs: statements, certificates, the acceptance rules of proofs
+//! and proven batches, the collector and the inbound queue, and a leg and its
+//! acknowledgement carried between two ledgers by certificates only.
+
+use bytemuck::Zeroable as _;
+use proptest::prelude::*;
+
+use super::*;
+use crate::ledger::{Ledger, LedgerConfig, LedgerOperation};
+use crate::record::{
+    Account, CreditAckResult, CreditLegResult, RECORD_BYTES, RecordResult, RecordSlot, Transfer,
+    account_flags, shard_of,
+};
+use crate::state_machine::StateMachine as _;
+
+const REPLICAS: u8 = 4;
+const GROUP_COUNT: u32 = 2;
+
+fn keys(seed: u8) -> Vec<SigningKey> {
+    (0..REPLICAS)
+        .map(|replica| SigningKey::from_bytes(&[seed.wrapping_add(replica); 32]))
+        .collect()
+}
+
+fn groups_of(keys: &[SigningKey]) -> Groups {
+    let public: Vec<VerifyingKey> = keys.iter().map(SigningKey::verifying_key).collect();
+    Groups::new(GROUP_COUNT, 1, &public).unwrap()
+}
+
+/// Records of `count` 128-byte records, each distinct.
+fn records(count: usize, salt: u8) -> Vec<u8> {
+    (0..count * RECORD_BYTES)
+        .map(|at| (at as u8).wrapping_mul(31).wrapping_add(salt))
+        .collect()
+}
+
+/// A proof of `records` from `origin` op `op` to `destination`, signed by `signers`.
+fn prove(
+    keys: &[SigningKey],
+    signers: &[u8],
+    (origin, destination, op): (u32, u32, u64),
+    records: Vec<u8>,
+) -> ProvenOutputs {
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    let statement = OutputsStatement {
+        origin,
+        destination,
+        op,
+        digest: outputs_digest(origin, destination, op, operation, &records),
+    };
+    let signatures = signers
+        .iter()
+        .map(|&replica| {
+            let vote = OutputsVote::sign(&keys[usize::from(replica)], replica, statement);
+            (replica, vote.signature)
+        })
+        .collect();
+    ProvenOutputs {
+        cert: OutputsCert {
+            statement,
+            signatures,
+        },
+        operation,
+        records,
+    }
+}
+
+#[test]
+fn outputs_statements_are_domain_separated_from_votes() {
+    let statement = OutputsStatement {
+        origin: 0,
+        destination: 1,
+        op: 7,
+        digest: [9; 32],
+    };
+    let bytes = statement.signing_bytes(2);
+    assert_eq!(bytes.len(), OUTPUTS_SIGNING_BYTES);
+    assert!(bytes.starts_with(OUTPUTS_SIGNING_DOMAIN));
+    assert_ne!(OUTPUTS_SIGNING_BYTES, super::super::message::SIGNING_BYTES);
+    assert!(!bytes.starts_with(super::super::message::SIGNING_DOMAIN));
+    // Every field is bound.
+    for other in [
+        OutputsStatement {
+            origin: 1,
+            ..statement
+        },
+        OutputsStatement {
+            destination: 0,
+            ..statement
+        },
+        OutputsStatement { op: 8, ..statement },
+        OutputsStatement {
+            digest: [8; 32],
+            ..statement
+        },
+    ] {
+        assert_ne!(other.signing_bytes(2), bytes);
+    }
+    assert_ne!(statement.signing_bytes(3), bytes);
+    // The digest binds the route, the op and the operation too.
+    let legs = records(2, 0);
+    let digest = outputs_digest(0, 1, 7, 256, &legs);
+    assert_ne!(digest, outputs_digest(1, 0, 7, 256, &legs));
+    assert_ne!(digest, outputs_digest(0, 1, 8, 256, &legs));
+    assert_ne!(digest, outputs_digest(0, 1, 7, 257, &legs));
+}
+
+#[test]
+fn a_quorum_certificate_of_the_origin_group_is_accepted() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let proof = prove(&keys, &[0, 2, 3], (0, 1, 5), records(3, 1));
+    groups.verify_proven(&proof, 1, RECORD_BYTES).unwrap();
+    // All four signatures are fine too; the order of signers does not matter.
+    let proof = prove(&keys, &[3, 1, 0, 2], (0, 1, 5), records(3, 1));
+    groups.verify_proven(&proof, 1, RECORD_BYTES).unwrap();
+}
+
+#[test]
+fn a_forged_or_altered_leg_is_refused() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let honest = prove(&keys, &[0, 1, 2], (0, 1, 5), records(2, 1));
+    // A leg changed after certification (say, its amount): the digest no longer matches.
+    let mut altered = honest.clone();
+    altered.records[100] ^= 1;
+    assert_eq!(
+        groups.verify_proven(&altered, 1, RECORD_BYTES),
+        Err(XShardError::DigestMismatch { origin: 0, op: 5 })
+    );
+    // A leg added to a certified output.
+    let mut padded = honest.clone();
+    padded.records.extend_from_slice(&records(1, 7));
+    assert!(matches!(
+        groups.verify_proven(&padded, 1, RECORD_BYTES),
+        Err(XShardError::DigestMismatch { .. })
+    ));
+    // A made-up leg with a made-up digest: the signatures are over another statement.
+    let mut made_up = honest.clone();
+    made_up.records = records(2, 99);
+    made_up.cert.statement.digest = outputs_digest(0, 1, 5, made_up.operation, &made_up.records);
+    assert_eq!(
+        groups.verify_proven(&made_up, 1, RECORD_BYTES),
+        Err(XShardError::BadSignature(0))
+    );
+    // The same records presented as another op's outputs.
+    let mut moved = honest.clone();
+    moved.cert.statement.op = 6;
+    assert!(matches!(
+        groups.verify_proven(&moved, 1, RECORD_BYTES),
+        Err(XShardError::DigestMismatch { .. })
+    ));
+    // Another operation (an acknowledgement passed off as a leg).
+    let mut relabelled = honest;
+    relabelled.operation = LedgerOperation::AckCreditLegs as u16;
+    assert!(matches!(
+        groups.verify_proven(&relabelled, 1, RECORD_BYTES),
+        Err(XShardError::DigestMismatch { .. })
+    ));
+}
+
+#[test]
+fn a_certificate_signed_with_other_keys_or_for_another_group_is_refused() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    // Signed by the replicas of another cluster.
+    let stranger = prove(&self::keys(50), &[0, 1, 2], (0, 1, 5), records(1, 1));
+    assert_eq!(
+        groups.verify_proven(&stranger, 1, RECORD_BYTES),
+        Err(XShardError::BadSignature(0))
+    );
+    // One key of the three is a stranger's.
+    let mut mixed = prove(&keys, &[0, 1, 2], (0, 1, 5), records(1, 1));
+    mixed.cert.signatures[2].1 = stranger.cert.signatures[2].1;
+    assert_eq!(
+        groups.verify_proven(&mixed, 1, RECORD_BYTES),
+        Err(XShardError::BadSignature(2))
+    );
+    // Signed by the same replicas as group 1 about group 1's outputs to group 0, then
+    // presented as group 0's outputs to group 1: the origin is signed in.
+    let group_one = prove(&keys, &[0, 1, 2], (1, 0, 5), records(1, 1));
+    let mut swapped = group_one.clone();
+    swapped.cert.statement.origin = 0;
+    swapped.cert.statement.destination = 1;
+    swapped.cert.statement.digest = outputs_digest(0, 1, 5, swapped.operation, &swapped.records);
+    assert_eq!(
+        groups.verify_proven(&swapped, 1, RECORD_BYTES),
+        Err(XShardError::BadSignature(0))
+    );
+    // A group that does not exist, or a group messaging itself.
+    let unknown = prove(&keys, &[0, 1, 2], (7, 1, 5), records(1, 1));
+    assert_eq!(
+        groups.verify_proven(&unknown, 1, RECORD_BYTES),
+        Err(XShardError::UnknownGroup(7))
+    );
+    let itself = prove(&keys, &[0, 1, 2], (1, 1, 5), records(1, 1));
+    assert_eq!(
+        groups.verify_proven(&itself, 1, RECORD_BYTES),
+        Err(XShardError::SameGroup(1))
+    );
+}
+
+#[test]
+fn too_few_repeated_or_unknown_signers_are_refused() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let short = prove(&keys, &[0, 1], (0, 1, 5), records(1, 1));
+    assert_eq!(
+        groups.verify_proven(&short, 1, RECORD_BYTES),
+        Err(XShardError::SignerCount {
+            signers: 2,
+            quorum: 3,
+            replicas: 4
+        })
+    );
+    let repeated = prove(&keys, &[0, 1, 1], (0, 1, 5), records(1, 1));
+    assert_eq!(
+        groups.verify_proven(&repeated, 1, RECORD_BYTES),
+        Err(XShardError::DuplicateSigner(1))
+    );
+    let mut unknown = prove(&keys, &[0, 1, 2], (0, 1, 5), records(1, 1));
+    unknown.cert.signatures[2].0 = 5;
+    assert_eq!(
+        groups.verify_proven(&unknown, 1, RECORD_BYTES),
+        Err(XShardError::UnknownSigner(5))
+    );
+    let mut too_many = prove(&keys, &[0, 1, 2, 3], (0, 1, 5), records(1, 1));
+    too_many.cert.signatures.push(too_many.cert.signatures[0]);
+    assert!(matches!(
+        groups.verify_proven(&too_many, 1, RECORD_BYTES),
+        Err(XShardError::SignerCount { signers: 5, .. })
+    ));
+}
+
+#[test]
+fn a_leg_for_another_group_is_refused() {
+    let keys = keys(1);
+    let groups = Groups::new(
+        3,
+        1,
+        &keys
+            .iter()
+            .map(SigningKey::verifying_key)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let for_two = prove(&keys, &[0, 1, 2], (0, 2, 5), records(1, 1));
+    groups.verify_proven(&for_two, 2, RECORD_BYTES).unwrap();
+    assert_eq!(
+        groups.verify_proven(&for_two, 1, RECORD_BYTES),
+        Err(XShardError::WrongDestination {
+            destination: 2,
+            receiver: 1
+        })
+    );
+    // Readdressed: the destination is in the digest and in the signed statement.
+    let mut readdressed = for_two.clone();
+    readdressed.cert.statement.destination = 1;
+    assert!(matches!(
+        groups.verify_proven(&readdressed, 1, RECORD_BYTES),
+        Err(XShardError::DigestMismatch { .. })
+    ));
+    readdressed.cert.statement.digest =
+        outputs_digest(0, 1, 5, readdressed.operation, &readdressed.records);
+    assert_eq!(
+        groups.verify_proven(&readdressed, 1, RECORD_BYTES),
+        Err(XShardError::BadSignature(0))
+    );
+}
+
+#[test]
+fn records_must_be_whole_and_present() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    for bytes in [0, RECORD_BYTES - 1, RECORD_BYTES + 1] {
+        let proof = prove(&keys, &[0, 1, 2], (0, 1, 5), vec![1; bytes]);
+        assert_eq!(
+            groups.verify_proven(&proof, 1, RECORD_BYTES),
+            Err(XShardError::RecordBytes(bytes))
+        );
+    }
+}
+
+#[test]
+fn proven_batches_round_trip_and_check_every_rule() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let first = prove(&keys, &[0, 1, 2], (0, 1, 5), records(2, 1));
+    let second = prove(&keys, &[1, 2, 3], (0, 1, 6), records(3, 2));
+    let batch = ProvenBatch {
+        operation: first.operation,
+        now_ns: 1_000,
+        proofs: vec![first.clone(), second.clone()],
+    };
+    let mut bytes = Vec::new();
+    encode_batch(&batch, &mut bytes);
+    assert!(is_proven_batch(&bytes));
+    let decoded = decode_batch(&bytes).unwrap();
+    assert_eq!(decoded, batch);
+    assert_eq!(decoded.record_count(RECORD_BYTES), 5);
+    groups.verify_batch(&decoded, 1, RECORD_BYTES, 5).unwrap();
+    // Every strict prefix and any trailing byte is refused.
+    for length in 0..bytes.len() {
+        assert!(decode_batch(&bytes[..length]).is_err(), "prefix {length}");
+    }
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert_eq!(
+        decode_batch(&trailing),
+        Err(XShardError::Malformed("trailing bytes"))
+    );
+    // A client batch (0 in the mark) is not a proven batch.
+    let mut client = bytes.clone();
+    client[2] = 0;
+    assert!(!is_proven_batch(&client));
+    assert!(decode_batch(&client).is_err());
+    // Rules: the records limit, one operation, distinct (origin, op), at least one proof,
+    // and every proof valid.
+    assert_eq!(
+        groups.verify_batch(&batch, 1, RECORD_BYTES, 4),
+        Err(XShardError::OutOfRange("records per batch"))
+    );
+    let mut mixed = batch.clone();
+    mixed.operation = LedgerOperation::AckCreditLegs as u16;
+    assert!(matches!(
+        groups.verify_batch(&mixed, 1, RECORD_BYTES, 100),
+        Err(XShardError::OperationMismatch { .. })
+    ));
+    let twice = ProvenBatch {
+        operation: first.operation,
+        now_ns: 0,
+        proofs: vec![first.clone(), first.clone()],
+    };
+    assert_eq!(
+        groups.verify_batch(&twice, 1, RECORD_BYTES, 100),
+        Err(XShardError::DuplicateProof { origin: 0, op: 5 })
+    );
+    let empty = ProvenBatch {
+        operation: first.operation,
+        now_ns: 0,
+        proofs: Vec::new(),
+    };
+    assert!(groups.verify_batch(&empty, 1, RECORD_BYTES, 100).is_err());
+    let mut one_forged = batch;
+    one_forged.proofs[1].records[0] ^= 1;
+    assert!(matches!(
+        groups.verify_batch(&one_forged, 1, RECORD_BYTES, 100),
+        Err(XShardError::DigestMismatch { op: 6, .. })
+    ));
+}
+
+#[test]
+fn a_byzantine_credit_group_leader_cannot_get_a_made_up_leg_accepted() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    let made_up = records(1, 42);
+    let statement = OutputsStatement {
+        origin: 0,
+        destination: 1,
+        op: 3,
+        digest: outputs_digest(0, 1, 3, operation, &made_up),
+    };
+    // Replica 1 leads group 1 and is Byzantine: it signs the made-up leg's statement with
+    // its own key, and puts its signature in three times or under its peers' indices.
+    let own = OutputsVote::sign(&keys[1], 1, statement).signature;
+    let proposals = [
+        vec![(1, own), (1, own), (1, own)],
+        vec![(1, own), (2, own), (3, own)],
+        vec![(1, own)],
+    ];
+    let expected = [
+        XShardError::DuplicateSigner(1),
+        XShardError::BadSignature(2),
+        XShardError::SignerCount {
+            signers: 1,
+            quorum: 3,
+            replicas: 4,
+        },
+    ];
+    for (signatures, expected) in proposals.into_iter().zip(expected) {
+        let batch = ProvenBatch {
+            operation,
+            now_ns: 1,
+            proofs: vec![ProvenOutputs {
+                cert: OutputsCert {
+                    statement,
+                    signatures,
+                },
+                operation,
+                records: made_up.clone(),
+            }],
+        };
+        let mut bytes = Vec::new();
+        encode_batch(&batch, &mut bytes);
+        // Every correct backup refuses to vote for it, and no replica would apply it.
+        for _backup in [0u8, 2, 3] {
+            assert_eq!(
+                groups.verify_batch_bytes(&bytes, 1, RECORD_BYTES, 64),
+                Err(expected)
+            );
+        }
+    }
+    // A genuine proof next to the made-up one does not carry it.
+    let genuine = prove(&keys, &[0, 2, 3], (0, 1, 2), records(1, 1));
+    let batch = ProvenBatch {
+        operation,
+        now_ns: 1,
+        proofs: vec![
+            genuine.clone(),
+            ProvenOutputs {
+                cert: OutputsCert {
+                    statement,
+                    signatures: vec![(1, own)],
+                },
+                operation,
+                records: made_up,
+            },
+        ],
+    };
+    let mut bytes = Vec::new();
+    encode_batch(&batch, &mut bytes);
+    assert!(
+        groups
+            .verify_batch_bytes(&bytes, 1, RECORD_BYTES, 64)
+            .is_err()
+    );
+    // A client batch is not a proven batch.
+    assert_eq!(
+        groups.verify_batch_bytes(&[3, 0, 0, 0, 128, 0, 0, 0], 1, RECORD_BYTES, 64),
+        Err(XShardError::Malformed("not a proven batch"))
+    );
+    // The genuine proof alone is accepted.
+    let mut bytes = Vec::new();
+    encode_batch(
+        &ProvenBatch {
+            operation,
+            now_ns: 1,
+            proofs: vec![genuine],
+        },
+        &mut bytes,
+    );
+    groups
+        .verify_batch_bytes(&bytes, 1, RECORD_BYTES, 64)
+        .unwrap();
+}
+
+#[test]
+fn messages_round_trip_and_refuse_malformed_bytes() {
+    let keys = keys(1);
+    let proof = prove(&keys, &[0, 1, 2], (0, 1, 5), records(1, 1));
+    let vote = OutputsVote::sign(&keys[3], 3, proof.cert.statement);
+    for message in [XShardMessage::Vote(vote), XShardMessage::Proven(proof)] {
+        let mut bytes = Vec::new();
+        encode_message(&message, &mut bytes);
+        if let XShardMessage::Vote(_) = message {
+            assert_eq!(bytes.len(), 1 + OUTPUTS_VOTE_BYTES);
+        }
+        assert_eq!(decode_message(&bytes).unwrap(), message);
+        for length in 0..bytes.len() {
+            assert!(decode_message(&bytes[..length]).is_err());
+        }
+        bytes.push(0);
+        assert!(decode_message(&bytes).is_err());
+    }
+    assert_eq!(
+        decode_message(&[9]),
+        Err(XShardError::Malformed("unknown tag"))
+    );
+    // A certificate claiming more signatures than a group can have.
+    let mut bytes = vec![TAG_PROVEN];
+    bytes.extend_from_slice(&[0; 48]);
+    bytes.push(REPLICA_COUNT_MAX as u8 + 1);
+    assert_eq!(
+        decode_message(&bytes),
+        Err(XShardError::OutOfRange("signatures per certificate"))
+    );
+}
+
+proptest! {
+    #[test]
+    fn decoders_never_panic_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = decode_message(&bytes);
+        let _ = decode_batch(&bytes);
+    }
+
+    #[test]
+    fn a_mutated_proof_never_verifies(at in 0usize..400, bit in 0u8..8) {
+        let keys = keys(1);
+        let groups = groups_of(&keys);
+        let proof = prove(&keys, &[0, 1, 2], (0, 1, 5), records(2, 1));
+        let mut bytes = Vec::new();
+        encode_message(&XShardMessage::Proven(proof), &mut bytes);
+        let at = at % bytes.len();
+        bytes[at] ^= 1 << bit;
+        if let Ok(XShardMessage::Proven(mutated)) = decode_message(&bytes) {
+            prop_assert!(groups.verify_proven(&mutated, 1, RECORD_BYTES).is_err());
+        }
+    }
+}
+
+/// The four replicas of `group`, each with its collector.
+fn collectors(keys: &[SigningKey], group: u32) -> Vec<OutputsCollector> {
+    (0..REPLICAS)
+        .map(|replica| {
+            let config = CollectorConfig {
+                group,
+                replica,
+                outputs_kept_max: 8,
+                resend_interval_us: 1_000,
+            };
+            OutputsCollector::new(config, groups_of(keys), keys[usize::from(replica)].clone())
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Delivers every vote in `outbox` (replica, actions) to its addressees among `up`, until
+/// no vote is left; returns what each replica delivered to the destination group.
+fn exchange(
+    collectors: &mut [OutputsCollector],
+    up: &[u8],
+    mut outbox: Vec<(u8, Vec<XShardAction>)>,
+) -> Vec<Vec<ProvenOutputs>> {
+    let mut delivered = vec![Vec::new(); collectors.len()];
+    while let Some((from, actions)) = outbox.pop() {
+        for action in actions {
+            let (to, vote): (Vec<u8>, OutputsVote) = match action {
+                XShardAction::Broadcast(vote) => {
+                    ((0..REPLICAS).filter(|r| *r != from).collect(), vote)
+                }
+                XShardAction::Send { to, vote } => (vec![to], vote),
+                XShardAction::Deliver(proof) => {
+                    delivered[usize::from(from)].push(proof);
+                    continue;
+                }
+            };
+            for peer in to.into_iter().filter(|peer| up.contains(peer)) {
+                let mut answer = Vec::new();
+                let _ = collectors[usize::from(peer)].on_vote(vote, &mut answer);
+                outbox.push((peer, answer));
+            }
+        }
+    }
+    delivered
+}
+
+#[test]
+fn collectors_certify_once_a_quorum_produced_the_same_outputs() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let mut group = collectors(&keys, 0);
+    let legs = records(2, 3);
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    // Replica 3 executes late: the others' votes reach it before it produced the outputs.
+    let mut outbox = Vec::new();
+    for replica in 0..3u8 {
+        let mut actions = Vec::new();
+        group[usize::from(replica)]
+            .on_produced(0, 9, 1, operation, legs.clone(), &mut actions)
+            .unwrap();
+        outbox.push((replica, actions));
+    }
+    let delivered = exchange(&mut group, &[0, 1, 2, 3], outbox);
+    for replica in 0..3 {
+        assert_eq!(delivered[replica].len(), 1, "replica {replica} certified");
+        groups
+            .verify_proven(&delivered[replica][0], 1, RECORD_BYTES)
+            .unwrap();
+        assert!(group[replica].is_certified(1, 9));
+    }
+    assert!(delivered[3].is_empty());
+    assert!(
+        group[3].metrics().votes_early >= 3,
+        "{:?}",
+        group[3].metrics()
+    );
+    // Replica 3 produces them now: the first vote of each peer it sends is answered with
+    // that peer's own, so it certifies without waiting for a resend.
+    let mut actions = Vec::new();
+    group[3]
+        .on_produced(5, 9, 1, operation, legs.clone(), &mut actions)
+        .unwrap();
+    let delivered = exchange(&mut group, &[0, 1, 2, 3], vec![(3, actions)]);
+    assert_eq!(delivered[3].len(), 1);
+    groups
+        .verify_proven(&delivered[3][0], 1, RECORD_BYTES)
+        .unwrap();
+    // Producing the same outputs again (a replay after restart) is stale; other records
+    // for the same op are a bug.
+    let mut actions = Vec::new();
+    assert_eq!(
+        group[0].on_produced(6, 9, 1, operation, legs.clone(), &mut actions),
+        Err(XShardError::Stale)
+    );
+    assert_eq!(
+        group[0].on_produced(6, 9, 1, operation, records(2, 4), &mut actions),
+        Err(XShardError::Diverged {
+            destination: 1,
+            op: 9
+        })
+    );
+    // Certified outputs are delivered again every resend interval until released.
+    let mut actions = Vec::new();
+    group[0].on_tick(1_000, &mut actions);
+    assert!(matches!(actions.as_slice(), [XShardAction::Deliver(_)]));
+    assert!(group[0].release(1, 9));
+    assert_eq!(group[0].kept(), 0);
+    let mut actions = Vec::new();
+    group[0].on_tick(10_000, &mut actions);
+    assert!(actions.is_empty());
+    assert_eq!(group[0].poll_timeout(), None);
+}
+
+#[test]
+fn a_byzantine_replica_cannot_get_other_outputs_certified() {
+    let keys = keys(1);
+    let mut group = collectors(&keys, 0);
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    let honest = records(1, 3);
+    // Replica 0 (Byzantine, say the leader) signs a made-up leg for op 9; replica 3 is
+    // silent. Replicas 1 and 2 produced the real outputs.
+    let mut outbox = Vec::new();
+    for replica in [1u8, 2] {
+        let mut actions = Vec::new();
+        group[usize::from(replica)]
+            .on_produced(0, 9, 1, operation, honest.clone(), &mut actions)
+            .unwrap();
+        outbox.push((replica, actions));
+    }
+    let made_up = records(1, 200);
+    let statement = OutputsStatement {
+        origin: 0,
+        destination: 1,
+        op: 9,
+        digest: outputs_digest(0, 1, 9, operation, &made_up),
+    };
+    let lie = OutputsVote::sign(&keys[0], 0, statement);
+    outbox.push((0, vec![XShardAction::Broadcast(lie)]));
+    let delivered = exchange(&mut group, &[1, 2], outbox);
+    // Two matching signatures are not a quorum, and the lie was refused at both.
+    assert!(delivered.iter().all(Vec::is_empty));
+    for replica in [1, 2] {
+        assert_eq!(group[replica].metrics().votes_refused, 1);
+        assert!(!group[replica].is_certified(1, 9));
+    }
+    // A vote signed by one replica but sent as another's, or about another group.
+    let mut forged = lie;
+    forged.replica = 3;
+    let mut actions = Vec::new();
+    assert_eq!(
+        group[1].on_vote(forged, &mut actions),
+        Err(XShardError::BadSignature(3))
+    );
+    let other_group = OutputsVote::sign(
+        &keys[0],
+        0,
+        OutputsStatement {
+            origin: 1,
+            destination: 0,
+            ..statement
+        },
+    );
+    assert_eq!(
+        group[1].on_vote(other_group, &mut actions),
+        Err(XShardError::WrongOrigin {
+            origin: 1,
+            collector: 0
+        })
+    );
+    // Replica 3 comes back with the real outputs: now a quorum of correct replicas agrees.
+    let mut actions = Vec::new();
+    group[3]
+        .on_produced(0, 9, 1, operation, honest, &mut actions)
+        .unwrap();
+    let delivered = exchange(&mut group, &[1, 2, 3], vec![(3, actions)]);
+    for replica in [1, 2, 3] {
+        assert_eq!(delivered[replica].len(), 1);
+        let signers: Vec<u8> = delivered[replica][0]
+            .cert
+            .signatures
+            .iter()
+            .map(|(replica, _)| *replica)
+            .collect();
+        assert_eq!(signers, vec![1, 2, 3], "the liar's signature is not in it");
+    }
+}
+
+#[test]
+fn a_full_collector_refuses_and_changes_nothing() {
+    let keys = keys(1);
+    let mut group = collectors(&keys, 0);
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    let mut actions = Vec::new();
+    for op in 1..=8 {
+        group[0]
+            .on_produced(0, op, 1, operation, records(1, op as u8), &mut actions)
+            .unwrap();
+    }
+    assert_eq!(
+        group[0].on_produced(0, 9, 1, operation, records(1, 9), &mut actions),
+        Err(XShardError::Full("outputs collector"))
+    );
+    assert_eq!(group[0].kept(), 8);
+    assert_eq!(group[0].metrics().full, 1);
+    assert_eq!(
+        group[0].on_produced(0, 9, 0, operation, records(1, 9), &mut Vec::new()),
+        Err(XShardError::SameGroup(0))
+    );
+}
+
+#[test]
+fn inbound_proofs_are_checked_once_deduplicated_bounded_and_proposed_once_per_view() {
+    let keys = keys(1);
+    let mut inbound = InboundProofs::new(1, RECORD_BYTES, groups_of(&keys), 3).unwrap();
+    let proof = |op: u64, signers: &[u8]| prove(&keys, signers, (0, 1, op), records(2, op as u8));
+    assert_eq!(
+        inbound.on_proven(proof(1, &[0, 1])),
+        Err(XShardError::SignerCount {
+            signers: 2,
+            quorum: 3,
+            replicas: 4
+        })
+    );
+    inbound.on_proven(proof(1, &[0, 1, 2])).unwrap();
+    // The same outputs from another replica (other signers): a duplicate.
+    assert_eq!(
+        inbound.on_proven(proof(1, &[1, 2, 3])),
+        Err(XShardError::Stale)
+    );
+    inbound.on_proven(proof(2, &[0, 1, 2])).unwrap();
+    inbound.on_proven(proof(3, &[0, 1, 2])).unwrap();
+    assert_eq!(
+        inbound.on_proven(proof(4, &[0, 1, 2])),
+        Err(XShardError::Full("inbound proofs"))
+    );
+    assert_eq!(inbound.len(), 3);
+    // The leader takes what fits a batch of 5 records (2 + 2), not again in this view.
+    let batch = inbound.take_batch(0, 0, 5).unwrap();
+    assert_eq!(batch.proofs.len(), 2);
+    let last = inbound.take_batch(0, 0, 5).unwrap();
+    assert_eq!(last.proofs[0].key(), (0, 3));
+    assert_eq!(inbound.take_batch(0, 0, 5), None);
+    // A new view: still queued (not committed), proposed again.
+    assert_eq!(inbound.take_batch(1, 0, 100).unwrap().proofs.len(), 3);
+    assert_eq!(inbound.on_committed(&batch), 2);
+    assert_eq!(inbound.len(), 1);
+    // Committed outputs sent again (the origin has not seen the acknowledgement): queued
+    // again, so the group applies them again and acknowledges again.
+    inbound.on_proven(proof(1, &[0, 1, 2])).unwrap();
+    assert_eq!(inbound.metrics().accepted, 4);
+    assert_eq!(inbound.metrics().refused, 1);
+    assert_eq!(inbound.metrics().duplicates, 1);
+    assert_eq!(inbound.metrics().full, 1);
+}
+
+/// One shard of two (`ledger`) and the collectors of its group.
+struct Shard {
+    ledger: Ledger,
+    group: Vec<OutputsCollector>,
+    inbound: InboundProofs,
+    op: u64,
+}
+
+impl Shard {
+    fn new(index: u32, keys: &[SigningKey]) -> Shard {
+        Shard {
+            ledger: Ledger::new(LedgerConfig::new(index, GROUP_COUNT)),
+            group: collectors(keys, index),
+            inbound: InboundProofs::new(index, RECORD_BYTES, groups_of(keys), 16).unwrap(),
+            op: 0,
+        }
+    }
+
+    /// Prepares (stamps) and applies one op. One ledger stands for every replica, so its
+    /// `prepare` has nothing pending and stamps from replicated state only, as every replica
+    /// must for a proven batch.
+    fn apply(
+        &mut self,
+        operation: LedgerOperation,
+        now_ns: u64,
+        records: &mut [RecordSlot],
+    ) -> Vec<u32> {
+        self.op += 1;
+        self.ledger.prepare(operation, now_ns, records);
+        let mut results = vec![RecordResult::zeroed(); records.len()];
+        self.ledger.apply(self.op, operation, records, &mut results);
+        results.iter().map(|result| result.code).collect()
+    }
+
+    /// What the last op sent the other group, certified by the group's replicas (every
+    /// replica applies the same op; one ledger stands for all of them).
+    fn certify_outputs(&mut self) -> Option<ProvenOutputs> {
+        let mut by_operation: Option<(u16, u32, Vec<u8>)> = None;
+        while let Some(outbound) = self.ledger.poll_outbound() {
+            let (_, _, bytes) =
+                by_operation.get_or_insert((outbound.operation.into(), outbound.shard, Vec::new()));
+            bytes.extend_from_slice(bytemuck::bytes_of(&outbound.record));
+        }
+        let (operation, destination, bytes) = by_operation?;
+        let mut outbox = Vec::new();
+        for (replica, collector) in self.group.iter_mut().enumerate() {
+            let mut actions = Vec::new();
+            collector
+                .on_produced(
+                    0,
+                    self.op,
+                    destination,
+                    operation,
+                    bytes.clone(),
+                    &mut actions,
+                )
+                .unwrap();
+            outbox.push((replica as u8, actions));
+        }
+        let delivered = exchange(&mut self.group, &[0, 1, 2, 3], outbox);
+        assert!(delivered.iter().all(|each| each.len() == 1));
+        delivered.into_iter().next().unwrap().pop()
+    }
+
+    /// Leader: proposes what is queued; every replica checks the committed bytes with the
+    /// acceptance rule and applies the records. Returns the result codes.
+    fn commit_inbound(&mut self, groups: &Groups) -> Vec<u32> {
+        let now_ns = 100 * self.op;
+        let batch = self.inbound.take_batch(self.op, now_ns, 64).unwrap();
+        let mut bytes = Vec::new();
+        encode_batch(&batch, &mut bytes);
+        let receiver = self.ledger.config().shard_index;
+        let decoded = groups
+            .verify_batch_bytes(&bytes, receiver, RECORD_BYTES, 64)
+            .unwrap();
+        self.inbound.on_committed(&decoded);
+        let mut records: Vec<RecordSlot> = decoded
+            .proofs
+            .iter()
+            .flat_map(|proof| proof.records.chunks_exact(RECORD_BYTES))
+            .map(bytemuck::pod_read_unaligned)
+            .collect();
+        let operation = LedgerOperation::try_from(decoded.operation).unwrap();
+        self.apply(operation, decoded.now_ns, &mut records)
+    }
+}
+
+#[test]
+fn a_leg_and_its_acknowledgement_travel_by_certificate_and_apply_exactly_once() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let mut shards = [Shard::new(0, &keys), Shard::new(1, &keys)];
+    let id_on = |shard: u32, skip: usize| {
+        (1u128..)
+            .filter(|&id| shard_of(id, GROUP_COUNT) == shard)
+            .nth(skip)
+            .unwrap()
+    };
+    let (payer, payee) = (id_on(0, 0), id_on(1, 0));
+    for (shard, id, flags) in [(0, payer, account_flags::ALLOW_NEGATIVE), (1, payee, 0)] {
+        let mut account = [RecordSlot::from_account(&Account {
+            id,
+            ledger: 1,
+            code: 1,
+            flags,
+            ..Account::zeroed()
+        })];
+        assert_eq!(
+            shards[shard].apply(LedgerOperation::CreateAccounts, 10, &mut account),
+            vec![0]
+        );
+    }
+    let mut transfer = [RecordSlot::from_transfer(&Transfer {
+        id: 77,
+        debit_account_id: payer,
+        credit_account_id: payee,
+        amount: 500,
+        ledger: 1,
+        code: 1,
+        ..Transfer::zeroed()
+    })];
+    assert_eq!(
+        shards[0].apply(LedgerOperation::CreateTransfers, 20, &mut transfer),
+        vec![0]
+    );
+    assert_eq!(shards[0].ledger.in_flight(), 500);
+    // Group 0 certifies the leg; a correct replica delivers it to group 1.
+    let leg = shards[0].certify_outputs().unwrap();
+    assert_eq!(leg.cert.statement.destination, 1);
+    // A Byzantine deliverer's made-up leg (twice the amount) never enters the queue.
+    let mut inflated = leg.clone();
+    let mut forged: Transfer = bytemuck::pod_read_unaligned(&inflated.records);
+    forged.amount = 1_000;
+    inflated.records = bytemuck::bytes_of(&forged).to_vec();
+    assert!(matches!(
+        shards[1].inbound.on_proven(inflated),
+        Err(XShardError::DigestMismatch { .. })
+    ));
+    shards[1].inbound.on_proven(leg.clone()).unwrap();
+    assert_eq!(
+        shards[1].commit_inbound(&groups),
+        vec![CreditLegResult::Ok as u32]
+    );
+    let credited = |shards: &[Shard; 2]| {
+        shards[1]
+            .ledger
+            .lookup_account(payee)
+            .unwrap()
+            .credits_posted
+    };
+    assert_eq!(credited(&shards), 500);
+    // The acknowledgement goes back the same way.
+    let ack = shards[1].certify_outputs().unwrap();
+    assert_eq!(ack.cert.statement.destination, 0);
+    assert_eq!(ack.operation, LedgerOperation::AckCreditLegs as u16);
+    // Before it arrives, group 0 resends the leg (a lost acknowledgement looks the same):
+    // group 1 applies it again as a duplicate and acknowledges it again.
+    shards[1].inbound.on_proven(leg).unwrap();
+    assert_eq!(
+        shards[1].commit_inbound(&groups),
+        vec![CreditLegResult::Duplicate as u32]
+    );
+    assert_eq!(credited(&shards), 500, "a replayed leg credits nothing");
+    let ack_again = shards[1].certify_outputs().unwrap();
+    // Both acknowledgements reach group 0: the leg settles once.
+    shards[0].inbound.on_proven(ack).unwrap();
+    shards[0].inbound.on_proven(ack_again).unwrap();
+    assert_eq!(
+        shards[0].commit_inbound(&groups),
+        vec![
+            CreditAckResult::Ok as u32,
+            CreditAckResult::Duplicate as u32
+        ]
+    );
+    assert_eq!(shards[0].ledger.in_flight(), 0);
+    assert_eq!(shards[0].ledger.credit_legs_unacked_count(), 0);
+    let conservation: i128 = shards
+        .iter()
+        .map(|shard| shard.ledger.conservation_sum())
+        .sum();
+    assert_eq!(conservation, 0, "balances + suspense + in flight");
+    // Applying an acknowledgement emits nothing more.
+    assert!(shards[0].certify_outputs().is_none());
+}
