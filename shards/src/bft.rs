@@ -19,9 +19,10 @@
 //!   only below the op a stable checkpoint certifies (`checkpoint_install`'s retain bound).
 //!
 //! Rules (documented in `docs/bft.md` §12): a null op or a committed batch whose bytes are
-//! not a batch of this shard journals its certificate only and applies nothing (every
-//! correct replica decides the same from the same bytes, so their journals agree); journal
-//! ops count applied batches, certificate records name the BFT op and the journal op.
+//! not a batch of this shard journals its certificate only (with the batch's bytes, for
+//! state transfer) and applies nothing (every correct replica decides the same from the
+//! same bytes, so their journals agree); journal ops count applied batches, certificate
+//! records name the BFT op and the journal op.
 //!
 //! `--bft-test-byzantine` makes this replica misbehave on purpose (tests only): its core
 //! stays correct, and what it sends is rewritten here ([`Byzantine`]).
@@ -44,9 +45,12 @@
 //! the ops as ordinary commits, so they are journaled, certified and applied here exactly
 //! as if committed live.
 //!
-//! Not here yet: snapshot-based state transfer (a peer serves only ops its journals still
-//! hold), transfers between shards (each shard is its own group; a record that would
-//! cross shards is refused, see [`ERROR_BFT_CROSS_SHARD`]).
+//! A peer whose log no longer holds the ops offers its latest state certificate instead
+//! (`StateSnapshot`): the requester fetches, verifies and installs that snapshot
+//! ([`crate::bft_snapshot`]) and continues by log.
+//!
+//! Not here yet: transfers between shards (each shard is its own group; a record that
+//! would cross shards is refused, see [`ERROR_BFT_CROSS_SHARD`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -87,7 +91,8 @@ pub const BATCH_HEADER_BYTES: usize = 8;
 /// Largest certificate record journaled (bytes): op, journal op, view, digest, the votes.
 pub const CERT_RECORD_BYTES_MAX: usize =
     1 + 3 * 8 + 32 + 1 + bft::REPLICA_COUNT_MAX * codec::VOTE_BYTES;
-/// Staging buffer of the certificate journal (bytes).
+/// Staging buffer of the certificate journal (bytes), at least: it grows to hold one
+/// [`CERT_KIND_COMMIT_BYTES`] record with the largest batch.
 pub const CERT_WRITE_BUFFER_BYTES: usize = 256 * 1024;
 /// Commits queued for the batcher before it must have drained some (ops): the window
 /// bounds how far the core runs ahead of a stable checkpoint.
@@ -98,10 +103,11 @@ pub const CHECKPOINT_OPS_TRACKED: usize = 16;
 pub const PROPOSALS_PER_TURN_MAX: usize = 64;
 /// Checkpoint ops whose certificate-journal position is remembered (state transfer reads
 /// a peer's missing ops from the nearest one): with `K` = 16, the last 16,384 ops can be
-/// served. Older ops are not served (see `docs/bft.md` §13).
+/// served by log; a replica further behind gets a certified snapshot (`docs/bft.md` §12).
 pub const CERT_INDEX_CHECKPOINTS: usize = 1_024;
-/// Journal ops kept below the stable checkpoint for peers that transfer state (the BFT
-/// counterpart of `--retain-ops`): as many as the certificate index can serve.
+/// Default journal ops kept below the stable checkpoint for peers that transfer state by
+/// log (`--bft-retain-ops`, the BFT counterpart of `--retain-ops`): as many as the
+/// certificate index can serve.
 pub const BFT_RETAIN_OPS: u64 =
     CERT_INDEX_CHECKPOINTS as u64 * bft::CHECKPOINT_INTERVAL_OPS_DEFAULT;
 /// Mixed into the handshake's peers digest: a BFT node and a crash-fault node configured
@@ -111,6 +117,13 @@ pub const BFT_PEERS_DIGEST_SALT: u64 = 0x000B_F7BF_7BF7;
 pub const CERT_KIND_COMMIT: u16 = 1;
 /// See [`CERT_KIND_COMMIT`].
 pub const CERT_KIND_CHECKPOINT: u16 = 2;
+/// See [`CERT_KIND_COMMIT`]: a state certificate whose snapshot this replica installed
+/// (BFT op, journal op, chain digest, the votes): the base of the ops after it.
+pub const CERT_KIND_SNAPSHOT: u16 = 3;
+/// See [`CERT_KIND_COMMIT`]: the commit certificate of a committed batch that is not a
+/// batch of this shard (applied nothing, journal op 0), followed by the batch's bytes
+/// (`length u32 | bytes`), so that peers can serve it by state transfer.
+pub const CERT_KIND_COMMIT_BYTES: u16 = 4;
 /// Bytes of the vote guard file: magic, group, replica, three views/ops, blake3 checksum.
 pub const GUARD_FILE_BYTES: usize = 8 + 4 + 4 + 3 * 8 + 32;
 /// First bytes of the vote guard file (format version 1).
@@ -153,6 +166,12 @@ pub enum Byzantine {
     Equivocate,
     /// Sends nothing to peers and answers no client.
     Silent,
+    /// Correct, except that every snapshot chunk it serves to a peer fetching a certified
+    /// snapshot has a flipped byte.
+    CorruptSnapshot,
+    /// As leader, follows each proposal with a validly signed one whose bytes are not a
+    /// batch of the shard (committed, applied by no correct replica).
+    InvalidBatch,
     /// Validly signed proposals and votes for digests that are not the batch's. Answers
     /// clients at once with made-up results.
     WrongDigest,
@@ -160,7 +179,10 @@ pub enum Byzantine {
 
 impl Byzantine {
     fn lies_to_clients(self) -> bool {
-        !matches!(self, Byzantine::Silent)
+        !matches!(
+            self,
+            Byzantine::Silent | Byzantine::CorruptSnapshot | Byzantine::InvalidBatch
+        )
     }
 }
 
@@ -183,6 +205,9 @@ pub struct BftSettings {
     pub send_queue_bytes: usize,
     /// Test only: misbehave.
     pub byzantine: Option<Byzantine>,
+    /// Journal ops kept below the stable checkpoint for peers that transfer state by log
+    /// ([`BFT_RETAIN_OPS`] by default; tests lower it to make peers' logs run out).
+    pub retain_ops: u64,
 }
 
 impl std::fmt::Debug for BftSettings {
@@ -295,6 +320,8 @@ pub struct CertRecord {
     pub digest: Digest,
     /// The certificate's votes.
     pub votes: Vec<Vote>,
+    /// The batch bytes ([`CERT_KIND_COMMIT_BYTES`] only; empty otherwise).
+    pub batch: Vec<u8>,
 }
 
 impl CertRecord {
@@ -303,15 +330,31 @@ impl CertRecord {
         let number = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
         let digest: Digest = bytes.get(24..56)?.try_into().ok()?;
         let (votes, used) = codec::decode_votes(bytes.get(56..)?).ok()?;
-        (56 + used == bytes.len()).then_some(CertRecord {
+        let rest = bytes.get(56 + used..)?;
+        let batch = if kind == CERT_KIND_COMMIT_BYTES {
+            let length = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            (rest.len() == 4 + length).then(|| rest[4..].to_vec())?
+        } else if rest.is_empty() {
+            Vec::new()
+        } else {
+            return None;
+        };
+        Some(CertRecord {
             kind,
             op: number(0)?,
             journal_op: number(8)?,
             view: number(16)?,
             digest,
             votes,
+            batch,
         })
     }
+}
+
+/// Largest certificate record for batches of at most `batch_bytes_max` bytes: a
+/// [`CERT_KIND_COMMIT_BYTES`] record holding the largest batch.
+pub fn cert_record_bytes_max(batch_bytes_max: usize) -> usize {
+    CERT_RECORD_BYTES_MAX + 4 + batch_bytes_max
 }
 
 /// What the certificate journal restores, with the journal's durable head.
@@ -326,6 +369,9 @@ pub struct CertRecovery {
     pub digests: Vec<Digest>,
     /// `(checkpoint op, journal op it ends at)` of the last checkpoint ops.
     pub checkpoint_ops: Vec<(u64, u64)>,
+    /// The installed snapshot the digests follow, `(op, chain digest)`, if one is above
+    /// `low_cert` ([`BftReplica::restore_above`]).
+    pub base: Option<(u64, Digest)>,
 }
 
 /// Reads the certificate journal's records against a journal whose durable head is
@@ -346,9 +392,28 @@ pub fn recover_certs(
     let mut low_cert = None;
     let mut checkpoint_ops = Vec::new();
     let mut records_kept = 0;
+    let mut base = None;
     for record in records {
         match record.kind {
-            CERT_KIND_COMMIT => {
+            CERT_KIND_COMMIT_BYTES if record.journal_op != 0 => {
+                return Err(BftStartError::Recovery(
+                    "a record of batch bytes names a journal op",
+                ));
+            }
+            CERT_KIND_SNAPSHOT => {
+                // Made durable before the journal switched to the snapshot: a journal
+                // that did not switch yet is below it, and the record is cut.
+                if record.journal_op > journal_op_durable || record.op <= op_last {
+                    break;
+                }
+                op_last = record.op;
+                journal_op_last = record.journal_op;
+                chain = record.digest;
+                above.clear();
+                base = Some((record.op, record.digest));
+                checkpoint_ops.push((record.op, record.journal_op));
+            }
+            CERT_KIND_COMMIT | CERT_KIND_COMMIT_BYTES => {
                 if record.op != op_last + 1 {
                     return Err(BftStartError::Recovery(
                         "commit records are not consecutive",
@@ -377,13 +442,17 @@ pub fn recover_certs(
                 let chain_at = above
                     .iter()
                     .find(|(op, _, _)| *op == record.op)
-                    .map(|(_, _, chain)| *chain);
+                    .map(|(_, _, chain)| *chain)
+                    .or(base
+                        .filter(|(op, _)| *op == record.op)
+                        .map(|(_, chain)| chain));
                 if chain_at != Some(record.digest) {
                     return Err(BftStartError::Recovery(
                         "a checkpoint certificate does not match the committed ops",
                     ));
                 }
                 above.retain(|(op, _, _)| *op > record.op);
+                base = base.filter(|(op, _)| *op > record.op);
                 low_cert = Some(CheckpointCert {
                     votes: record.votes.clone(),
                 });
@@ -404,6 +473,7 @@ pub fn recover_certs(
         low_cert,
         digests: above.iter().map(|(_, digest, _)| *digest).collect(),
         checkpoint_ops: checkpoint_ops.split_off(keep_from),
+        base,
     })
 }
 
@@ -486,7 +556,9 @@ pub(crate) struct Bft {
     applying: RefCell<Vec<(Committed, Option<u64>)>>,
     encoded: RefCell<Vec<u8>>,
     /// The certificate journal; the batcher takes it out while it awaits.
-    certs: RefCell<Option<Journal>>,
+    pub(crate) certs: RefCell<Option<Journal>>,
+    /// Snapshot checkpoints and certified snapshot fetches (`bft_snapshot`).
+    pub(crate) snapshot: RefCell<crate::bft_snapshot::SnapshotState>,
     cert_record: RefCell<Vec<u8>>,
     /// The low watermark whose certificate was last journaled.
     low_journaled: Cell<u64>,
@@ -522,6 +594,9 @@ impl Bft {
     ) -> Result<Self, BftStartError> {
         settings.check()?;
         let main = journal.config();
+        // A batch larger than the largest valid one (what the journal holds) is refused
+        // before it is prepared; every batch committed fits a certificate record.
+        let batch_bytes_max = BATCH_HEADER_BYTES + main.body_bytes_max;
         let certs_config = JournalConfig {
             dir: main
                 .dir
@@ -531,9 +606,11 @@ impl Bft {
             shard: shard as u32,
             cluster_id,
             segment_bytes: main.segment_bytes,
-            body_bytes_max: CERT_RECORD_BYTES_MAX,
+            body_bytes_max: cert_record_bytes_max(batch_bytes_max),
             fsync: main.fsync,
-            write_buffer_bytes: CERT_WRITE_BUFFER_BYTES,
+            write_buffer_bytes: CERT_WRITE_BUFFER_BYTES.max(
+                percore_engine::journal::entry_bytes_padded(cert_record_bytes_max(batch_bytes_max)),
+            ),
         };
         let mut records: Vec<CertRecord> = Vec::new();
         let mut undecodable = false;
@@ -559,6 +636,7 @@ impl Bft {
         )?;
         let mut config = BftConfig::new(shard as u32, settings.replica);
         config.durability_reported = true;
+        config.batch_bytes_max = batch_bytes_max;
         let key = settings.secret_key.clone();
         let guard = guard_read(&guard_path, shard as u32, settings.replica)?;
         let (replica, recovery) = match guard {
@@ -585,7 +663,14 @@ impl Bft {
                     digests: recovery.digests.clone(),
                     guard,
                 };
-                let replica = BftReplica::restore(config, committee, key, now_us, restored)?;
+                let replica = BftReplica::restore_above(
+                    config,
+                    committee,
+                    key,
+                    now_us,
+                    recovery.base,
+                    restored,
+                )?;
                 tracing::info!(
                     shard,
                     replica = settings.replica,
@@ -607,8 +692,9 @@ impl Bft {
             .as_ref()
             .map_or(0, |recovery| recovery.records_kept);
         for (index, record) in records[..records_kept].iter().enumerate() {
-            if record.kind == CERT_KIND_COMMIT
-                && record.op.is_multiple_of(config.checkpoint_interval_ops)
+            let commit = record.kind == CERT_KIND_COMMIT || record.kind == CERT_KIND_COMMIT_BYTES;
+            if (commit && record.op.is_multiple_of(config.checkpoint_interval_ops))
+                || record.kind == CERT_KIND_SNAPSHOT
             {
                 if cert_index.len() == CERT_INDEX_CHECKPOINTS {
                     cert_index.pop_front();
@@ -654,6 +740,8 @@ impl Bft {
                 "TEST ONLY: this replica is Byzantine on purpose (--bft-test-byzantine)"
             );
         }
+        let snapshot =
+            crate::bft_snapshot::SnapshotState::new(replica.commit_op(), replica.commit_chain());
         Ok(Self {
             replica: RefCell::new(replica),
             outboxes,
@@ -663,8 +751,9 @@ impl Bft {
             applying: RefCell::new(Vec::with_capacity(COMMITTED_QUEUE_OPS)),
             encoded: RefCell::new(Vec::with_capacity(BFT_MESSAGE_BYTES_MAX)),
             certs: RefCell::new(Some(certs)),
-            cert_record: RefCell::new(Vec::with_capacity(CERT_RECORD_BYTES_MAX)),
+            cert_record: RefCell::new(Vec::with_capacity(cert_record_bytes_max(batch_bytes_max))),
             low_journaled: Cell::new(low_journaled),
+            snapshot: RefCell::new(snapshot),
             cert_index: RefCell::new(cert_index),
             serve_requests: RefCell::new([None; bft::REPLICA_COUNT_MAX]),
             checkpoint_ops: RefCell::new(checkpoint_ops),
@@ -683,6 +772,11 @@ impl Bft {
     /// Whether this replica leads its group in a normal view with room in its window.
     pub(crate) fn is_ready_leader(&self) -> bool {
         self.replica.borrow().is_ready_leader()
+    }
+
+    /// Whether committed ops wait for the batcher to journal them.
+    pub(crate) fn commits_queued(&self) -> bool {
+        !self.committed.borrow().is_empty()
     }
 
     /// The current view.
@@ -878,6 +972,28 @@ where
             return;
         }
     };
+    let message = match message {
+        // Snapshot file transfer: between drivers, never the core's.
+        Message::SnapshotRequest { journal_op, offset } => {
+            crate::bft_snapshot::request_received(shard, from, journal_op, offset);
+            return;
+        }
+        Message::SnapshotChunk {
+            journal_op,
+            offset,
+            file_bytes,
+            bytes,
+        } => {
+            crate::bft_snapshot::chunk_received(
+                shard,
+                from,
+                (journal_op, offset, file_bytes),
+                &bytes,
+            );
+            return;
+        }
+        message => message,
+    };
     let now_us = shard.now_us();
     let mut actions = bft.actions.borrow_mut();
     actions.clear();
@@ -902,7 +1018,7 @@ where
 
 /// Executes the core's actions: sends (rewritten when Byzantine), queues commits for the
 /// batcher, reports state-transfer requests; then logs new evidence.
-fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
+pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut committed_any = false;
     let mut serve_requested = false;
@@ -964,6 +1080,9 @@ fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
                 bft.serve_requests.borrow_mut()[usize::from(*to)] = Some((*from_op, *to_op));
                 serve_requested = true;
             }
+            Action::FetchSnapshot { from, cert } => {
+                crate::bft_snapshot::start(shard, *from, cert);
+            }
         }
     }
     log_evidence(shard);
@@ -1000,10 +1119,14 @@ fn hex(digest: &Digest) -> String {
 }
 
 /// Encodes `message` (each Byzantine variant once) and queues it for `tos`.
-fn send<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
+pub(crate) fn send<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
     let bft = shard.bft.as_ref().expect("BFT shard");
     match bft.settings.byzantine {
-        None => push(shard, tos, message),
+        // Corrupts only the snapshot chunks it serves (`bft_snapshot::serve`), or proposes
+        // extra batches (`propose`).
+        None | Some(Byzantine::CorruptSnapshot | Byzantine::InvalidBatch) => {
+            push(shard, tos, message)
+        }
         Some(Byzantine::Silent) => {}
         Some(Byzantine::WrongDigest) => {
             let wrong = byzantine_digest(bft);
@@ -1283,6 +1406,11 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
             now.state_requests,
             seen.state_requests,
         ),
+        (
+            &metrics.bft_state_certs_total,
+            now.state_certs,
+            seen.state_certs,
+        ),
     ];
     for (counter, now, seen) in counters {
         ShardMetrics::add(counter, now.saturating_sub(seen));
@@ -1301,8 +1429,12 @@ where
     let mut progressed = propose(shard);
     progressed |= journal_and_apply(shard, journal).await;
     progressed |= serve_state(shard, journal).await;
+    progressed |= crate::bft_snapshot::step(shard, journal).await;
     let retain_from_op = retain_from_op(shard);
-    progressed |= crate::runtime::checkpoint_install(shard, journal, retain_from_op).await;
+    if let Some(meta) = crate::runtime::checkpoint_install(shard, journal, retain_from_op).await {
+        crate::bft_snapshot::snapshot_written(shard, &meta);
+        progressed = true;
+    }
     shard.core.borrow().publish_pool_metrics();
     progressed
 }
@@ -1345,6 +1477,16 @@ fn propose<S: StateMachine>(shard: &Shard<S>) -> bool {
             Ok(op) => {
                 ShardMetrics::add(&shard.metrics.bft_proposals_total, 1);
                 tracing::debug!(shard = shard.index, op, "BFT proposed");
+                if bft.settings.byzantine == Some(Byzantine::InvalidBatch) {
+                    // Test only: bytes that decode as no batch (an unknown operation).
+                    let garbage = (op.to_le_bytes().iter().chain(&[0xEE; 56]))
+                        .copied()
+                        .collect();
+                    let _ = bft
+                        .replica
+                        .borrow_mut()
+                        .propose(now_us, garbage, &mut actions);
+                }
             }
             Err(error) => tracing::warn!(shard = shard.index, %error, "BFT proposal refused"),
         }
@@ -1477,16 +1619,23 @@ async fn stage_committed<S: StateMachine>(
                 None
             }
         };
+        // A committed batch that is not one of this shard's keeps its bytes in its record.
+        let (kind, bytes): (u16, &[u8]) = if journaled.is_none() && !committed.batch.is_empty() {
+            (CERT_KIND_COMMIT_BYTES, &committed.batch)
+        } else {
+            (CERT_KIND_COMMIT, &[])
+        };
         stage_cert(
             shard,
             certs,
-            CERT_KIND_COMMIT,
+            (kind, bytes),
             (committed.op, journaled.unwrap_or(0)),
             (committed.view, committed.digest),
             &committed.cert.commits,
         )
         .await;
         let op = committed.op;
+        crate::bft_snapshot::note_staged(shard, op, &committed.digest, journal_op);
         applying.push((committed, journaled));
         if op.is_multiple_of(bft.replica.borrow().config().checkpoint_interval_ops) {
             let mut ops = bft.checkpoint_ops.borrow_mut();
@@ -1524,6 +1673,19 @@ async fn serve_state<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -
             continue;
         };
         let ops = read_state_ops(shard, journal, &mut certs, from_op, to_op).await;
+        if ops.is_empty()
+            && let Some(cert) = snapshot_offer(shard, journal, from_op)
+        {
+            tracing::debug!(
+                shard = shard.index,
+                peer = to,
+                from_op,
+                snapshot_op = cert.op(),
+                "BFT state transfer: ops gone from the log; snapshot offered"
+            );
+            send(shard, &[to as u8], &Message::StateSnapshot(cert));
+            continue;
+        }
         ShardMetrics::add(&shard.metrics.bft_state_ops_served_total, ops.len() as u64);
         tracing::debug!(
             shard = shard.index,
@@ -1537,6 +1699,40 @@ async fn serve_state<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -
     }
     *bft.certs.borrow_mut() = Some(certs);
     true
+}
+
+/// The state certificate to offer a peer whose transfer needs op `from_op`, which this
+/// replica's log no longer holds: the latest one, if it covers `from_op` and its snapshot
+/// file is still here (the journal's checkpoint or the one before).
+fn snapshot_offer<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &Journal,
+    from_op: u64,
+) -> Option<bft::StateCert> {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let replica = bft.replica.borrow();
+    let cert = replica.state_cert()?;
+    let superblock = journal.superblock();
+    let journal_op = cert.statement.journal_op;
+    let retained =
+        journal_op == superblock.checkpoint.op || journal_op == superblock.checkpoint_previous.op;
+    (cert.op() >= from_op && retained).then(|| cert.clone())
+}
+
+/// This replica's log now starts at BFT op `op` (journal op `journal_op`), an installed
+/// snapshot whose record is certificate-journal op `cert_op`: serving and retention start
+/// there.
+pub(crate) fn note_base(bft: &Bft, op: u64, journal_op: u64, cert_op: u64) {
+    let mut index = bft.cert_index.borrow_mut();
+    if index.len() == CERT_INDEX_CHECKPOINTS {
+        index.pop_front();
+    }
+    index.push_back((op, cert_op));
+    let mut ops = bft.checkpoint_ops.borrow_mut();
+    if ops.len() == ops.capacity() {
+        ops.pop_front();
+    }
+    ops.push_back((op, journal_op));
 }
 
 /// Reads committed ops `from_op..=to_op` with their commit certificates, in op order,
@@ -1575,7 +1771,7 @@ async fn read_state_ops<S: StateMachine>(
     while bft_op < to_op && cert_op < certs.op_durable() {
         cert_op += 1;
         let record = match certs.read_entry(cert_op, &mut entry).await {
-            Ok(()) => percore_engine::journal::decode_entry(&entry, CERT_RECORD_BYTES_MAX)
+            Ok(()) => percore_engine::journal::decode_entry(&entry, certs.config().body_bytes_max)
                 .ok()
                 .and_then(|decoded| CertRecord::decode(decoded.meta.operation, decoded.records())),
             Err(_) => None,
@@ -1588,7 +1784,15 @@ async fn read_state_ops<S: StateMachine>(
             );
             break;
         };
-        if record.kind != CERT_KIND_COMMIT {
+        if record.kind == CERT_KIND_SNAPSHOT {
+            // The log restarts above an installed snapshot: ops at or below it are not here.
+            if record.op >= from_op {
+                break;
+            }
+            bft_op = record.op;
+            continue;
+        }
+        if record.kind != CERT_KIND_COMMIT && record.kind != CERT_KIND_COMMIT_BYTES {
             continue;
         }
         if record.op != bft_op + 1 {
@@ -1604,9 +1808,19 @@ async fn read_state_ops<S: StateMachine>(
         if bft_op < from_op {
             continue;
         }
-        let batch = if record.journal_op == 0 {
+        let batch = if record.kind == CERT_KIND_COMMIT_BYTES {
+            if bft::batch_digest(&record.batch) != record.digest {
+                tracing::warn!(
+                    shard = shard.index,
+                    op = bft_op,
+                    "BFT state transfer: journaled batch does not match its certificate"
+                );
+                break;
+            }
+            record.batch.clone()
+        } else if record.journal_op == 0 {
             if record.digest != null {
-                break; // an invalid batch: its bytes were not journaled
+                break; // journaled by an older version without the bytes
             }
             Vec::new()
         } else {
@@ -1661,11 +1875,12 @@ async fn read_batch(
     Some(batch)
 }
 
-/// Stages a certificate record: kind, BFT op, journal op (0: none), view, digest, votes.
-async fn stage_cert<S: StateMachine>(
+/// Stages a certificate record: kind, BFT op, journal op (0: none), view, digest, votes,
+/// and for [`CERT_KIND_COMMIT_BYTES`] the batch (`length u32 | bytes`).
+pub(crate) async fn stage_cert<S: StateMachine>(
     shard: &Shard<S>,
     certs: &mut Journal,
-    kind: u16,
+    (kind, batch): (u16, &[u8]),
     (op, journal_op): (u64, u64),
     (view, digest): (u64, Digest),
     votes: &[Vote],
@@ -1679,7 +1894,11 @@ async fn stage_cert<S: StateMachine>(
     }
     record.extend_from_slice(&digest);
     codec::encode_votes(votes, &mut record);
-    debug_assert!(record.len() <= CERT_RECORD_BYTES_MAX);
+    if kind == CERT_KIND_COMMIT_BYTES {
+        record.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+        record.extend_from_slice(batch);
+    }
+    debug_assert!(record.len() <= certs.config().body_bytes_max);
     if certs.staged_bytes() + entry_bytes_padded(record.len()) > certs.write_buffer_bytes()
         && let Err(error) = certs.commit().await
     {
@@ -1726,7 +1945,7 @@ async fn stage_checkpoint<S: StateMachine>(shard: &Shard<S>, certs: &mut Journal
     stage_cert(
         shard,
         certs,
-        CERT_KIND_CHECKPOINT,
+        (CERT_KIND_CHECKPOINT, &[]),
         (op, journal_op),
         (0, digest),
         &votes,
@@ -1745,8 +1964,8 @@ fn journal_op_at(bft: &Bft, op: u64) -> Option<u64> {
 }
 
 /// The lowest journal op the journal must keep: what no stable checkpoint certifies yet,
-/// and [`BFT_RETAIN_OPS`] below it for peers that transfer state (subject to the
-/// journal's own snapshots).
+/// and `--bft-retain-ops` ([`BFT_RETAIN_OPS`]) below it for peers that transfer state
+/// (subject to the journal's own snapshots).
 fn retain_from_op<S: StateMachine>(shard: &Shard<S>) -> u64 {
     let bft = shard.bft.as_ref().expect("BFT shard");
     let low = bft.low_journaled.get();
@@ -1754,7 +1973,9 @@ fn retain_from_op<S: StateMachine>(shard: &Shard<S>) -> u64 {
         return 1;
     }
     journal_op_at(bft, low).map_or(1, |journal_op| {
-        (journal_op + 1).saturating_sub(BFT_RETAIN_OPS).max(1)
+        (journal_op + 1)
+            .saturating_sub(bft.settings.retain_ops)
+            .max(1)
     })
 }
 
@@ -1817,6 +2038,30 @@ fn answer<S: StateMachine>(
     slot.bft_waiting = None;
     drop(connections);
     shard.connection_done[index].notify();
+}
+
+/// Answers the connections waiting for a request that is applied here without a commit
+/// of this replica's (an installed snapshot holds it), from the session table: they would
+/// otherwise wait for a commit that never comes here, with work pending.
+pub(crate) fn answer_applied<S: StateMachine>(shard: &Shard<S>) {
+    let waiting: Vec<((u128, u64), u32)> = shard
+        .connections
+        .borrow()
+        .iter()
+        .filter(|slot| slot.active)
+        .filter_map(|slot| slot.bft_waiting.map(|key| (key, slot.remaining)))
+        .collect();
+    for ((client_id, request_number), count) in waiting {
+        let results = shard
+            .core
+            .borrow()
+            .state_machine()
+            .session_reply(client_id, request_number, count)
+            .map(<[S::Result]>::to_vec);
+        if let Some(results) = results {
+            answer(shard, client_id, request_number, &results);
+        }
+    }
 }
 
 /// Serves one client request on a BFT replica: a replayed request is answered from the
@@ -2014,6 +2259,7 @@ mod tests {
             view: 0,
             digest: bft::batch_digest(&op.to_le_bytes()),
             votes: Vec::new(),
+            batch: Vec::new(),
         }
     }
 
@@ -2048,6 +2294,7 @@ mod tests {
             view: 0,
             digest: chain,
             votes: Vec::new(),
+            batch: Vec::new(),
         };
         let mut with_checkpoint = records.clone();
         with_checkpoint.insert(4, checkpoint.clone());
@@ -2062,5 +2309,116 @@ mod tests {
         checkpoint.digest[0] ^= 1;
         with_checkpoint[4] = checkpoint;
         assert!(recover_certs(&with_checkpoint, 4, 4).is_err());
+    }
+
+    #[test]
+    fn records_of_batch_bytes_round_trip_and_recover_as_commits() {
+        let vote = bft::Vote::sign(
+            &SigningKey::from_bytes(&[1; 32]),
+            0,
+            bft::VoteKind::Commit,
+            0,
+            2,
+            3,
+            bft::batch_digest(b"not a batch"),
+        );
+        let mut bytes = Vec::new();
+        for value in [3u64, 0, 2] {
+            bytes.extend_from_slice(&value.to_le_bytes());
+        }
+        bytes.extend_from_slice(&vote.digest);
+        codec::encode_votes(&[vote], &mut bytes);
+        let plain = CertRecord::decode(CERT_KIND_COMMIT, &bytes).expect("a commit record");
+        assert!(plain.batch.is_empty());
+        assert_eq!(CertRecord::decode(CERT_KIND_COMMIT_BYTES, &bytes), None);
+        bytes.extend_from_slice(&11u32.to_le_bytes());
+        bytes.extend_from_slice(b"not a batch");
+        let record = CertRecord::decode(CERT_KIND_COMMIT_BYTES, &bytes).expect("bytes record");
+        assert_eq!(record.batch, b"not a batch");
+        assert_eq!(record.votes, vec![vote]);
+        assert_eq!(
+            CertRecord::decode(CERT_KIND_COMMIT, &bytes),
+            None,
+            "trailing bytes"
+        );
+        assert_eq!(
+            CertRecord::decode(CERT_KIND_COMMIT_BYTES, &bytes[..bytes.len() - 1]),
+            None,
+            "short"
+        );
+        // Recovered like a commit record with journal op 0.
+        let records = vec![commit(1, 1), commit(2, 2), record.clone(), commit(4, 3)];
+        let recovered = recover_certs(&records, 3, 16).unwrap();
+        assert_eq!(recovered.records_kept, 4);
+        assert_eq!(recovered.digests[2], record.digest);
+        let mut wrong = records.clone();
+        wrong[2].journal_op = 3;
+        assert!(recover_certs(&wrong, 3, 16).is_err());
+    }
+
+    #[test]
+    fn certificate_recovery_restarts_the_log_at_an_installed_snapshot() {
+        // Ops 1..=2 (journal ops 1..=2), then a snapshot at op 40 (journal op 30), then
+        // ops 41..=42 (journal ops 31..=32), and a checkpoint at 42.
+        let snapshot = CertRecord {
+            kind: CERT_KIND_SNAPSHOT,
+            op: 40,
+            journal_op: 30,
+            view: 0,
+            digest: [9; 32],
+            votes: Vec::new(),
+            batch: Vec::new(),
+        };
+        let records = vec![
+            commit(1, 1),
+            commit(2, 2),
+            snapshot.clone(),
+            commit(41, 31),
+            commit(42, 32),
+        ];
+        let recovered = recover_certs(&records, 32, 16).unwrap();
+        assert_eq!(recovered.records_kept, 5);
+        assert_eq!(recovered.base, Some((40, [9; 32])));
+        assert_eq!(recovered.digests.len(), 2, "the ops above the snapshot");
+        assert_eq!(recovered.low_cert, None);
+        assert_eq!(recovered.checkpoint_ops, vec![(40, 30)]);
+        // A crash after the record, before the journal switched: the journal is below the
+        // snapshot and the record (and all after it) is cut.
+        let cut = recover_certs(&records, 2, 16).unwrap();
+        assert_eq!(cut.records_kept, 2);
+        assert_eq!(cut.base, None);
+        // A checkpoint at the snapshot's op matches its chain; above it, the ops' chain.
+        let mut at_base = records[..3].to_vec();
+        at_base.push(CertRecord {
+            kind: CERT_KIND_CHECKPOINT,
+            digest: [9; 32],
+            ..snapshot.clone()
+        });
+        let recovered = recover_certs(&at_base, 30, 16).unwrap();
+        assert_eq!(recovered.records_kept, 4);
+        assert_eq!(recovered.base, None, "the checkpoint replaces the base");
+        assert!(recovered.low_cert.is_some());
+        let mut chain = [9; 32];
+        for record in &records[3..] {
+            chain = bft::chain_digest(&chain, record.op, &record.digest);
+        }
+        let mut above = records.clone();
+        above.push(CertRecord {
+            kind: CERT_KIND_CHECKPOINT,
+            op: 42,
+            journal_op: 32,
+            view: 0,
+            digest: chain,
+            votes: Vec::new(),
+            batch: Vec::new(),
+        });
+        let recovered = recover_certs(&above, 32, 16).unwrap();
+        assert_eq!(recovered.base, None);
+        assert!(recovered.digests.is_empty());
+        above.last_mut().unwrap().digest[0] ^= 1;
+        assert!(recover_certs(&above, 32, 16).is_err());
+        // Commit records after the snapshot must continue from it.
+        let gap = vec![snapshot, commit(42, 31)];
+        assert!(recover_certs(&gap, 31, 16).is_err());
     }
 }

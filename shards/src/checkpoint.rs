@@ -557,6 +557,8 @@ struct Shared {
     /// removes them.
     segments_below: AtomicU64,
     snapshot_stale_op: AtomicU64,
+    /// Driven follower: the op to checkpoint next (0: none).
+    requested_op: AtomicU64,
     stop: AtomicBool,
     failure: OnceLock<String>,
 }
@@ -578,6 +580,11 @@ pub struct FollowerConfig {
     pub interval_ops: u64,
     /// The node's snapshot write budget, shared with the other shards' followers.
     pub write_budget: Arc<SnapshotWriteBudget>,
+    /// Checkpoint only at the ops the shard asks for ([`CheckpointFollower::request`]), not
+    /// at the ops [`checkpoint_due`] names: BFT mode, where every replica must snapshot the
+    /// same states (the journal op reached at each snapshot BFT op) for `2f + 1` of them to
+    /// certify one.
+    pub driven: bool,
 }
 
 /// The shard's side: where it publishes what it applied and collects written snapshots.
@@ -640,6 +647,13 @@ impl CheckpointFollower {
             written,
             thread: Some(thread),
         })
+    }
+
+    /// Driven follower ([`FollowerConfig::driven`]): checkpoint at `op`, which the shard has
+    /// staged but not applied yet (so the follower has not passed it). A request not taken
+    /// before the next one replaces it is skipped.
+    pub fn request(&self, op: u64) {
+        self.shared.requested_op.fetch_max(op, Ordering::Release);
     }
 
     /// The shard has applied every op up to `op`.
@@ -737,7 +751,13 @@ impl Follower {
                 continue;
             }
             let installed = self.shared.installed_op.load(Ordering::Acquire);
-            let newest = checkpoint_at_or_below(applied, shard, shard_count, interval);
+            let newest = if self.config.driven {
+                // Loaded after `applied`: a request is stored before its op is applied.
+                let requested = self.shared.requested_op.load(Ordering::Acquire);
+                if requested <= applied { requested } else { 0 }
+            } else {
+                checkpoint_at_or_below(applied, shard, shard_count, interval)
+            };
             let target = if newest > op.max(installed) {
                 newest
             } else {

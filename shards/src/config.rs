@@ -49,6 +49,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "fault_model",
     "bft_keys_dir",
     "bft_test_byzantine",
+    "bft_retain_ops",
 ];
 
 /// Bits of the peers digest exported as a gauge: an f64 holds integers up to 2^53 exactly,
@@ -124,8 +125,11 @@ pub struct NodeFile {
     pub fault_model: Option<crate::bft::FaultModel>,
     /// `--bft-keys-dir`.
     pub bft_keys_dir: Option<PathBuf>,
-    /// `--bft-test-byzantine` (tests only): "equivocate", "silent" or "wrong-digest".
+    /// `--bft-test-byzantine` (tests only): "equivocate", "silent", "wrong-digest",
+    /// "corrupt-snapshot" or "invalid-batch".
     pub bft_test_byzantine: Option<crate::bft::Byzantine>,
+    /// `--bft-retain-ops`.
+    pub bft_retain_ops: Option<u64>,
 }
 
 fn fsync_from_text<'de, D: serde::Deserializer<'de>>(

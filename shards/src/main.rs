@@ -257,9 +257,22 @@ struct BftArgs {
     bft_keys_dir: Option<PathBuf>,
     /// TESTS ONLY: make this replica Byzantine on purpose (equivocate: conflicting signed
     /// proposals and votes; silent: sends nothing; wrong-digest: votes for digests that are
-    /// not the batch's). Such a replica also lies to clients. Never use in production.
+    /// not the batch's; corrupt-snapshot: flips a byte of every snapshot chunk it serves;
+    /// invalid-batch: as leader, follows each proposal with one that is not a batch). Such
+    /// a replica also lies to clients (corrupt-snapshot and invalid-batch answer none).
+    /// Never use in production.
     #[arg(long, value_enum)]
     bft_test_byzantine: Option<Byzantine>,
+    /// BFT: journal ops each replica keeps below its stable checkpoint so that peers behind
+    /// can fetch them by log (a peer further behind fetches the latest certified snapshot
+    /// instead). A knob for tests, which lower it to run out of log quickly; the default
+    /// suits production.
+    #[arg(
+        long,
+        default_value_t = percore_shards::bft::BFT_RETAIN_OPS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    bft_retain_ops: u64,
 }
 
 impl BftArgs {
@@ -314,6 +327,7 @@ impl BftArgs {
             faults_max: cluster.faults_max,
             send_queue_bytes: percore_shards::bft::BFT_SEND_QUEUE_BYTES_DEFAULT,
             byzantine: self.bft_test_byzantine,
+            retain_ops: self.bft_retain_ops,
         };
         settings.check()?;
         Ok(Some(settings))
@@ -564,6 +578,7 @@ fn node_args_with_file(
         fault_model,
         bft_keys_dir,
         bft_test_byzantine,
+        bft_retain_ops,
     } = percore_shards::config::NodeFile::read(&path)?;
     let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
     macro_rules! merge {
@@ -606,6 +621,7 @@ fn node_args_with_file(
         fault_model => args.bft.fault_model,
         bft_keys_dir => args.bft.bft_keys_dir,
         bft_test_byzantine => args.bft.bft_test_byzantine,
+        bft_retain_ops => args.bft.bft_retain_ops,
     }
     say!(
         "config file {} read (flags given on the command line override it)",

@@ -330,6 +330,13 @@ shard_metrics! {
     counter bft_state_ops_applied_total: "BFT mode: ops executed from peers' StateOps (each with a verified commit certificate).",
     counter bft_state_requests_total: "BFT mode: StateRequests sent to peers (first asks and retries to the next peer).",
     counter bft_state_ops_served_total: "BFT mode: committed ops with certificates sent to peers that transfer state.",
+    counter bft_state_certs_total: "BFT mode: state certificates formed (2f+1 StateCheckpoint votes on one snapshot statement: op, chain, journal op, state digest).",
+    counter bft_snapshot_votes_total: "BFT mode: snapshot checkpoint (StateCheckpoint) votes this replica signed, one per snapshot its follower wrote at a snapshot op.",
+    counter bft_snapshot_fetches_total: "BFT mode: certified snapshots this replica fetched from a peer (its transfer was below every peer's log).",
+    counter bft_snapshot_fetches_failed_total: "BFT mode: snapshot fetches that failed (silent peer, or bytes that do not restore to the certified state digest); each costs one retry with the next peer.",
+    counter bft_snapshot_installs_total: "BFT mode: certified snapshots installed (restored state digest equal to the 2f+1-signed one, checked before adopting).",
+    counter bft_snapshot_bytes_total: "BFT mode: snapshot file bytes received from peers.",
+    counter bft_snapshot_bytes_served_total: "BFT mode: snapshot file bytes served to peers.",
     counter bft_core_us_total: "BFT mode: time spent in the BFT core (signing and verifying included), microseconds.",
     counter bft_sign_us_total: "BFT mode: time the leader spent in propose (one signature per batch), microseconds.",
 }

@@ -1383,7 +1383,9 @@ where
     progressed |= crate::sync::step(shard, journal).await;
     progressed |= apply_committed(shard, journal).await;
     let retain_from_op = retain_from_op(replication, journal);
-    progressed |= crate::runtime::checkpoint_install(shard, journal, retain_from_op).await;
+    progressed |= crate::runtime::checkpoint_install(shard, journal, retain_from_op)
+        .await
+        .is_some();
     progressed |= persist_applied(shard, journal).await;
     shard.mesh.borrow_mut().ring_doorbells();
     progressed

@@ -600,16 +600,14 @@ pub(crate) async fn checkpoint_install<S: StateMachine>(
     shard: &Shard<S>,
     journal: &mut Journal,
     retain_from_op: u64,
-) -> bool {
+) -> Option<percore_engine::journal::SnapshotMeta> {
     let written = {
         let mut follower = shard.checkpoints.borrow_mut();
-        let Some(follower) = follower.as_mut() else {
-            return false;
-        };
+        let follower = follower.as_mut()?;
         follower.note_applied(shard.core.borrow().op_last());
         match follower.poll() {
             Ok(Some(written)) => written,
-            Ok(None) => return false,
+            Ok(None) => return None,
             Err(failure) => panic!(
                 "shard {}: checkpoint follower stopped, stopping: {failure}",
                 shard.index
@@ -646,7 +644,7 @@ pub(crate) async fn checkpoint_install<S: StateMachine>(
         op_first = done.op_first,
         "checkpoint"
     );
-    true
+    Some(written.meta)
 }
 
 impl<S: StateMachine> Shard<S> {
@@ -921,6 +919,7 @@ pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
         body_bytes_max: journal.config().body_bytes_max,
         interval_ops: settings.checkpoint_interval_ops,
         write_budget: write_budget.clone(),
+        driven: config.bft.is_some(),
     };
     crate::checkpoint::CheckpointFollower::spawn(
         follower_config,
@@ -1778,7 +1777,7 @@ where
     let mut journal = journal;
     if sealed == 0 {
         if let Some(journal) = journal.as_deref_mut() {
-            progressed |= checkpoint_install(shard, journal, u64::MAX).await;
+            progressed |= checkpoint_install(shard, journal, u64::MAX).await.is_some();
         }
         shard.mesh.borrow_mut().ring_doorbells();
         return progressed;

@@ -409,6 +409,46 @@ where
         fail(shard, "the journal reached the checkpoint meanwhile");
         return;
     }
+    let options = JournalOptions {
+        replay_committed_only: replication.settings.view_change,
+        ..JournalOptions::default()
+    };
+    switch_to_snapshot(shard, journal, &meta, body, options).await;
+    ShardMetrics::add(&shard.metrics.state_syncs_installed_total, 1);
+    tracing::info!(
+        shard = shard.index,
+        peer = progress.from,
+        checkpoint_op = op,
+        snapshot_bytes = meta.snapshot_bytes,
+        "state sync: installed"
+    );
+    let mut actions = Vec::with_capacity(ACTIONS_MAX);
+    replication.replica.borrow_mut().on_state_synced(
+        shard.now_us(),
+        op,
+        meta.checkpoint_checksum,
+        &mut actions,
+    );
+    crate::replication::submit_actions(shard, &actions);
+}
+
+/// Replaces the shard's state machine and journal with a verified snapshot file's `meta`
+/// and `body` (module docs, steps 3 and 4; BFT state transfer uses it too): restore (the
+/// digest must be the file's, else the process stops with the journal untouched), stop the
+/// checkpoint follower, write the checkpoint, reopen the journal with `options` and start
+/// a follower from it. Panics on I/O errors: the journal's state would be unknown.
+pub(crate) async fn switch_to_snapshot<S>(
+    shard: &Shard<S>,
+    journal: &mut Journal,
+    meta: &format::SnapshotMeta,
+    body: &[u8],
+    options: JournalOptions,
+) where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let op = meta.op;
     // Restore first: a snapshot this state machine does not accept, or whose digest
     // differs, stops the process with the journal untouched.
     {
@@ -432,16 +472,12 @@ where
     }
     // Stop the checkpoint follower before its journal changes under it.
     drop(shard.checkpoints.borrow_mut().take());
-    if let Err(error) = journal.install_synced_checkpoint(&meta, body).await {
+    if let Err(error) = journal.install_synced_checkpoint(meta, body).await {
         panic!(
             "shard {}: state sync to op {op}: installing the checkpoint failed, stopping: {error}",
             shard.index
         );
     }
-    let options = JournalOptions {
-        replay_committed_only: replication.settings.view_change,
-        ..JournalOptions::default()
-    };
     let reopened = Journal::open_checkpointed(
         journal.config().clone(),
         options,
@@ -482,22 +518,6 @@ where
             shard.index
         ),
     }
-    ShardMetrics::add(&shard.metrics.state_syncs_installed_total, 1);
-    tracing::info!(
-        shard = shard.index,
-        peer = progress.from,
-        checkpoint_op = op,
-        snapshot_bytes = meta.snapshot_bytes,
-        "state sync: installed"
-    );
-    let mut actions = Vec::with_capacity(ACTIONS_MAX);
-    replication.replica.borrow_mut().on_state_synced(
-        shard.now_us(),
-        op,
-        meta.checkpoint_checksum,
-        &mut actions,
-    );
-    crate::replication::submit_actions(shard, &actions);
 }
 
 /// Checks the fetched file: its header belongs to this cluster, shard and checkpoint, and

@@ -587,6 +587,7 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
             write_budget: Arc::new(SnapshotWriteBudget::new(
                 percore_shards::checkpoint::SNAPSHOT_WRITE_MIB_PER_S_DEFAULT << 20,
             )),
+            driven: false,
         };
         let metrics = Arc::new(ShardMetrics::new(SHARD));
         let mut follower = CheckpointFollower::spawn(
@@ -645,6 +646,70 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
         let (_, recovered, checkpoint_op) = recover(&dir).await.expect("recover");
         assert_eq!(checkpoint_op, OPS);
         assert_eq!(recovered.digest(), live.digest());
+    });
+}
+
+/// A driven follower (BFT mode) checkpoints exactly the ops the shard asks for, whatever
+/// `checkpoint_due` says, each with the live ledger's digest at that op.
+#[test]
+fn a_driven_follower_checkpoints_only_the_ops_asked_for() {
+    let temp = TempDir::new("journal-checkpoint", "driven");
+    let dir = temp.0.clone();
+    run(move || async move {
+        let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
+        let follower_config = FollowerConfig {
+            shard: SHARD as usize,
+            shard_count: 1,
+            dir: dir.clone(),
+            cluster_id: CLUSTER_ID,
+            body_bytes_max: BODY_BYTES_MAX,
+            interval_ops: CHECKPOINT_INTERVAL_OPS_TEST,
+            write_budget: Arc::new(SnapshotWriteBudget::new(
+                percore_shards::checkpoint::SNAPSHOT_WRITE_MIB_PER_S_DEFAULT << 20,
+            )),
+            driven: true,
+        };
+        let metrics = Arc::new(ShardMetrics::new(SHARD));
+        let mut follower =
+            CheckpointFollower::spawn(follower_config, *journal.superblock(), 0, metrics, ledger)
+                .expect("spawn");
+        let asked = [7, 23, 50];
+        let mut live = ledger();
+        let mut installed = Vec::new();
+        for op in 1..=60 {
+            append_and_apply(&mut journal, &mut live, op).await;
+            if asked.contains(&op) {
+                follower.request(op);
+            }
+            let digest = live.digest();
+            follower.note_applied(op);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // Each asked op is written before the shard moves on; no other op ever is.
+            loop {
+                if let Some(written) = follower.poll().expect("follower runs") {
+                    let at = written.meta.op;
+                    assert_eq!(at, op, "only the ops asked for");
+                    assert_eq!(written.meta.digest, digest, "the live ledger's state");
+                    let done = journal
+                        .checkpoint_install(&written.meta, written.position_after, u64::MAX)
+                        .await
+                        .expect("install");
+                    follower.installed(at, done.segments_below, done.snapshot_stale_op);
+                    installed.push(at);
+                }
+                if !asked.contains(&op) || installed.last() == Some(&op) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no checkpoint at op {op}");
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        // Ops 51..=60 were never asked for: nothing more comes.
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        assert!(follower.poll().expect("follower runs").is_none());
+        assert_eq!(installed, asked);
+        drop(follower);
+        journal.close().await.expect("close");
     });
 }
 

@@ -62,6 +62,17 @@ impl Harness {
 
     /// [`Harness::start`] with `shards` shards per node, each its own BFT group.
     fn start_sharded(name: &str, behaviour: Option<&str>, shards: usize) -> Self {
+        Self::start_with(name, behaviour, shards, &[])
+    }
+
+    /// [`Harness::start_sharded`] with `overrides` (flag, value) replacing or adding to
+    /// [`NODE_ARGS`].
+    fn start_with(
+        name: &str,
+        behaviour: Option<&str>,
+        shards: usize,
+        overrides: &[(&str, &str)],
+    ) -> Self {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -71,7 +82,15 @@ impl Harness {
         let keys = root.join("bft-keys");
         keygen(&keys, REPLICAS);
         let port_base = cluster::free_port_base(REPLICAS, shards).expect("free ports");
-        let mut extra: Vec<String> = SMALL_NODE_ARGS.iter().map(ToString::to_string).collect();
+        let mut extra: Vec<String> = Vec::new();
+        for pair in SMALL_NODE_ARGS.chunks(2) {
+            if !overrides.iter().any(|(flag, _)| *flag == pair[0]) {
+                extra.extend(pair.iter().map(ToString::to_string));
+            }
+        }
+        for (flag, value) in overrides {
+            extra.extend([flag.to_string(), value.to_string()]);
+        }
         extra.extend([
             "--fault-model".into(),
             "bft".into(),
@@ -108,6 +127,27 @@ impl Harness {
             .map(|replica| {
                 (0..self.cluster.shards())
                     .map(|shard| self.cluster.client_address(replica, shard))
+                    .collect()
+            })
+            .collect();
+        let mut config = ClientConfig::replicated(replicas, client_id);
+        config.request_timeout = Some(Duration::from_secs(30));
+        BftClient::new(config, FAULTS)
+    }
+
+    /// [`Harness::client`] that never reaches `absent` (its address is a closed port).
+    fn client_without(&self, absent: usize, client_id: u128) -> BftClient {
+        let closed: std::net::SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let replicas = (0..REPLICAS)
+            .map(|replica| {
+                (0..self.cluster.shards())
+                    .map(|shard| {
+                        if replica == absent {
+                            closed
+                        } else {
+                            self.cluster.client_address(replica, shard)
+                        }
+                    })
                     .collect()
             })
             .collect();
@@ -257,20 +297,38 @@ impl Load {
         requests: usize,
     ) -> usize {
         let (rng, next_id) = (&mut self.rng, &mut self.next_id);
-        transfers_commit_with(client, expected, requests, rng, next_id)
+        transfers_commit_with(
+            client,
+            expected,
+            (requests, TRANSFERS_PER_REQUEST),
+            rng,
+            next_id,
+        )
+    }
+
+    /// [`Load::commit`] with `transfers` transfers per request.
+    fn commit_sized(
+        &mut self,
+        client: &mut BftClient,
+        expected: &mut HashMap<u128, i128>,
+        requests: usize,
+        transfers: usize,
+    ) -> usize {
+        let (rng, next_id) = (&mut self.rng, &mut self.next_id);
+        transfers_commit_with(client, expected, (requests, transfers), rng, next_id)
     }
 }
 
 fn transfers_commit_with(
     client: &mut BftClient,
     expected: &mut HashMap<u128, i128>,
-    requests: usize,
+    (requests, transfers_per_request): (usize, usize),
     rng: &mut Rng,
     next_id: &mut u128,
 ) -> usize {
     let mut acknowledged = 0;
     for _ in 0..requests {
-        let transfers: Vec<Transfer> = (0..TRANSFERS_PER_REQUEST)
+        let transfers: Vec<Transfer> = (0..transfers_per_request)
             .map(|_| {
                 let r = rng.next();
                 let debit = 2 + (r % ACCOUNTS as u64) as u128;
@@ -506,6 +564,249 @@ fn bft_follower_behind_several_checkpoints_catches_up_by_state_transfer() {
         "state transfer: victim stopped at bft op {killed_at}, peers' checkpoint {peers_low}, \
          {applied} ops transferred; bft op {bft_op}, journal op {journal_op}, \
          {acknowledged} transfers"
+    );
+}
+
+/// Whether the journal of `data_dir`'s shard 0 no longer holds segment 0 (its first ops).
+fn first_segment_released(data_dir: &Path) -> bool {
+    let dir = data_dir.join("shard-0");
+    std::fs::read_dir(&dir).is_ok()
+        && !dir
+            .join(percore_engine::journal::segment_file_name(0))
+            .exists()
+}
+
+/// State transfer from a certified snapshot (docs/bft.md §5, §12): snapshot checkpoints
+/// every 32 BFT ops, peers keeping only 64 journal ops below their stable checkpoint in
+/// 1 MiB segments. Follower 2 is SIGKILLed after the first ops; the others commit until
+/// every one of them has removed the journal segment holding the ops the victim needs
+/// next, so no peer can serve them by log. It restarts: a peer offers its state
+/// certificate, the victim fetches the snapshot, checks it restores to the state digest
+/// `2f + 1` replicas signed, installs it as its journal's base, then fetches the ops above
+/// by log and follows. All four journals (head op and hash-chain checksum) and replayed
+/// states agree, money conserved. With `corrupt_peer`, that replica serves every snapshot
+/// chunk with a flipped byte, and follower 3 is frozen (SIGSTOP) instead of killed: its
+/// connections stay up, and when it runs again (SIGCONT) its transfer asks replica 0 first
+/// (the next index); that fetch fails, is counted, and the next peer's snapshot is
+/// installed.
+fn snapshot_transfer(name: &str, corrupt_peer: Option<usize>) {
+    // Replica 3 asks replica 0 first (the next index): the corrupting one, when there is.
+    let victim = if corrupt_peer.is_some() { 3 } else { 2 };
+    const TRANSFERS: usize = 200;
+    let overrides = [
+        ("--segment-mib", "1"),
+        ("--checkpoint-interval-ops", "32"),
+        ("--bft-retain-ops", "64"),
+    ];
+    let mut harness = if let Some(peer) = corrupt_peer {
+        assert_eq!(peer, BYZANTINE);
+        let mut harness = Harness::start_with(name, Some("corrupt-snapshot"), 1, &overrides);
+        // It is correct but for the snapshots it serves: convergence includes it.
+        harness.byzantine = None;
+        harness
+    } else {
+        Harness::start_with(name, None, 1, &overrides)
+    };
+    // A frozen replica would find the requests sent to it meanwhile stale when it runs
+    // again (docs/bft.md §13): the client leaves it out then.
+    let mut client = if corrupt_peer.is_some() {
+        harness.client_without(victim, 7)
+    } else {
+        harness.client(7)
+    };
+    let mut expected = create_funded_accounts(&mut client);
+    let mut load = Load::new();
+    let mut acknowledged = load.commit(&mut client, &mut expected, 3);
+    let (killed_at, _) = harness.wait_converged();
+    if corrupt_peer.is_some() {
+        harness.cluster.pause(victim).expect("SIGSTOP");
+    } else {
+        harness.cluster.kill(victim);
+    }
+    let peers: Vec<usize> = (0..REPLICAS).filter(|r| *r != victim).collect();
+    let started = Instant::now();
+    while !peers
+        .iter()
+        .all(|peer| first_segment_released(&harness.cluster.data_dir(*peer)))
+    {
+        assert!(
+            started.elapsed() < CONDITION_TIMEOUT,
+            "the peers never released their first journal segment"
+        );
+        acknowledged += load.commit_sized(&mut client, &mut expected, 4, TRANSFERS);
+    }
+    // Stop half-way between two snapshot ops: the peers' stable checkpoint is then 16 ops
+    // above their latest snapshot, and those ops must come by log after the snapshot.
+    while harness.metric(0, "percore_bft_low_op") % 32 != 16 {
+        assert!(
+            started.elapsed() < CONDITION_TIMEOUT,
+            "no checkpoint between snapshots"
+        );
+        acknowledged += load.commit_sized(&mut client, &mut expected, 1, TRANSFERS);
+    }
+    let certified = harness.metric(0, "percore_bft_state_certs_total");
+    assert!(certified >= 1, "state certificates formed at the peers");
+    if corrupt_peer.is_some() {
+        harness.cluster.resume(victim).expect("SIGCONT");
+    } else {
+        harness
+            .cluster
+            .restart(victim)
+            .expect("the victim restarts");
+    }
+    acknowledged += load.commit(&mut client, &mut expected, 5);
+    let (bft_op, journal_op) = harness.wait_converged();
+    let metric = |name: &str| harness.metric(victim, name);
+    assert!(metric("percore_bft_snapshot_fetches_total") >= 1);
+    assert!(
+        metric("percore_bft_snapshot_installs_total") >= 1,
+        "a certified snapshot was installed"
+    );
+    assert!(metric("percore_bft_state_transfers_completed_total") >= 1);
+    let applied = metric("percore_bft_state_ops_applied_total");
+    assert!(applied >= 1, "the ops above the snapshot came by log");
+    assert!(metric("percore_bft_snapshot_bytes_total") > 0);
+    let served: u64 = peers
+        .iter()
+        .map(|peer| harness.metric(*peer, "percore_bft_snapshot_bytes_served_total"))
+        .sum();
+    assert!(served > 0, "a peer served the snapshot");
+    assert_eq!(metric("percore_bft_status"), 1, "normal");
+    assert_eq!(
+        metric("percore_bft_low_op"),
+        harness.metric(0, "percore_bft_low_op"),
+        "same stable checkpoint"
+    );
+    let failed = metric("percore_bft_snapshot_fetches_failed_total");
+    if corrupt_peer.is_some() {
+        assert!(failed >= 1, "the corrupted snapshot was refused");
+        assert!(
+            harness.metric(BYZANTINE, "percore_bft_snapshot_bytes_served_total") > 0,
+            "the corrupting replica served chunks"
+        );
+        assert_eq!(
+            metric("percore_bft_snapshot_fetches_total"),
+            failed + metric("percore_bft_snapshot_installs_total"),
+            "every fetch either failed or was installed"
+        );
+    } else {
+        assert_eq!(failed, 0, "no peer lies");
+    }
+    let log = std::fs::read_to_string(harness.cluster.log_path(victim)).unwrap_or_default();
+    assert_eq!(
+        log.contains("BFT replica restarts"),
+        corrupt_peer.is_none(),
+        "restored, not fresh (killed), or never restarted (frozen)"
+    );
+    assert!(
+        log.contains("certified snapshot verified and installed"),
+        "{log}"
+    );
+    let (bft_op, journal_op) = if corrupt_peer.is_none() {
+        // Once more: a restart from the installed snapshot (journal based on it, the state
+        // certificate in the certificate journal) restores above it and follows.
+        harness.cluster.kill(victim);
+        acknowledged += load.commit(&mut client, &mut expected, 3);
+        harness
+            .cluster
+            .restart(victim)
+            .expect("the victim restarts again");
+        acknowledged += load.commit(&mut client, &mut expected, 3);
+        let converged = harness.wait_converged();
+        assert!(converged.0 > bft_op);
+        assert_eq!(
+            harness.metric(victim, "percore_bft_status"),
+            1,
+            "normal after the second restart"
+        );
+        converged
+    } else {
+        (bft_op, journal_op)
+    };
+    harness.cluster.stop_all();
+    assert_eq!(compare_journals(&harness, journal_op, &expected), REPLICAS);
+    eprintln!(
+        "snapshot transfer: victim stopped at bft op {killed_at}, {certified} state \
+         certificates at replica 0, {failed} failed fetches, {} ops by log after the \
+         snapshot; bft op {bft_op}, journal op {journal_op}, {acknowledged} transfers, {:?}",
+        applied,
+        started.elapsed()
+    );
+}
+
+#[test]
+fn bft_follower_behind_every_log_catches_up_from_a_certified_snapshot() {
+    snapshot_transfer("snapshot", None);
+}
+
+#[test]
+fn bft_corrupted_snapshot_is_refused_and_fetched_from_another_peer() {
+    snapshot_transfer("snapshot-corrupt", Some(BYZANTINE));
+}
+
+/// Committed batches that are not batches of the shard are served by state transfer
+/// (docs/bft.md §12): replica 0 leads view 0 and follows each proposal with a validly
+/// signed one whose bytes decode as no batch; the group commits both (the second applies
+/// nothing anywhere). No snapshots (`--checkpoint-interval-ops 0`), so follower 2, killed
+/// after the first ops and restarted once its peers' stable checkpoint is far above it,
+/// must fetch every op by log, the invalid ones included (their bytes come from the
+/// certificate journal): it completes the transfer, skips the same batches, and its
+/// journal and state agree with the other correct replicas'.
+#[test]
+fn bft_state_transfer_serves_committed_batches_that_are_not_this_shards() {
+    const VICTIM: usize = 2;
+    let interval = percore_engine::bft::CHECKPOINT_INTERVAL_OPS_DEFAULT;
+    let window = percore_engine::bft::LOG_WINDOW_OPS_DEFAULT;
+    let mut harness = Harness::start_with(
+        "invalid-batch",
+        Some("invalid-batch"),
+        1,
+        &[("--checkpoint-interval-ops", "0")],
+    );
+    let mut client = harness.client(7);
+    let mut expected = create_funded_accounts(&mut client);
+    let mut load = Load::new();
+    let mut acknowledged = load.commit(&mut client, &mut expected, 3);
+    let (killed_at, _) = harness.wait_converged();
+    harness.cluster.kill(VICTIM);
+    let target = killed_at + window + 3 * interval;
+    while harness.metric(1, "percore_bft_commit_op") < target {
+        acknowledged += load.commit(&mut client, &mut expected, 4);
+    }
+    let invalid_at_peer = harness.metric(1, "percore_bft_batches_invalid_total");
+    assert!(
+        invalid_at_peer > 0,
+        "the leader's invalid batches were committed"
+    );
+    harness
+        .cluster
+        .restart(VICTIM)
+        .expect("the victim restarts");
+    acknowledged += load.commit(&mut client, &mut expected, 5);
+    let (bft_op, journal_op) = harness.wait_converged();
+    let metric = |name: &str| harness.metric(VICTIM, name);
+    assert!(metric("percore_bft_state_transfers_completed_total") >= 1);
+    assert_eq!(
+        metric("percore_bft_snapshot_fetches_total"),
+        0,
+        "by log only"
+    );
+    let invalid_at_victim = metric("percore_bft_batches_invalid_total");
+    assert!(
+        invalid_at_victim > 0,
+        "invalid batches transferred and skipped"
+    );
+    assert_eq!(metric("percore_bft_status"), 1, "normal");
+    assert!(bft_op > journal_op, "some ops applied nothing");
+    harness.cluster.stop_all();
+    assert_eq!(
+        compare_journals(&harness, journal_op, &expected),
+        REPLICAS - 1
+    );
+    eprintln!(
+        "invalid batches: victim stopped at bft op {killed_at}, {invalid_at_peer} invalid \
+         batches at a peer, {invalid_at_victim} at the victim; bft op {bft_op}, journal op \
+         {journal_op}, {acknowledged} transfers"
     );
 }
 

@@ -16,13 +16,18 @@
 //! prepared   = vote (PrePrepare) | votes (Prepares)
 //! view change= vote | option<checkpoint> | count u16 (<= LOG_WINDOW_OPS_LIMIT) | (prepared | bytes)*
 //! state ops  = count u16 (<= LOG_WINDOW_OPS_LIMIT) | (votes | bytes)*
+//! statement  = op u64 | chain [32] | journal op u64 | state digest [32]
+//! state vote = vote (StateCheckpoint) | statement
+//! state cert = statement | votes
+//! snapshot request = journal op u64 | offset u64
+//! snapshot chunk   = journal op u64 | offset u64 | file bytes u64 | bytes (<= SNAPSHOT_CHUNK_BYTES_MAX)
 //! ```
 
 use ed25519_dalek::Signature;
 
 use super::message::{
-    CheckpointCert, CommitCert, Message, NewView, PreparedCert, PreparedEntry, ViewChange, Vote,
-    VoteKind,
+    CheckpointCert, CommitCert, Message, NewView, PreparedCert, PreparedEntry, SnapshotStatement,
+    StateCert, ViewChange, Vote, VoteKind,
 };
 use super::{LOG_WINDOW_OPS_LIMIT, REPLICA_COUNT_MAX};
 
@@ -41,6 +46,15 @@ const TAG_COMMIT_PROOF: u8 = 8;
 const TAG_CHECKPOINT_PROOF: u8 = 9;
 const TAG_STATE_REQUEST: u8 = 10;
 const TAG_STATE_OPS: u8 = 11;
+const TAG_STATE_CHECKPOINT: u8 = 12;
+const TAG_STATE_SNAPSHOT: u8 = 13;
+const TAG_SNAPSHOT_REQUEST: u8 = 14;
+const TAG_SNAPSHOT_CHUNK: u8 = 15;
+
+/// Bytes of one encoded [`SnapshotStatement`].
+pub const STATEMENT_BYTES: usize = 8 + 32 + 8 + 32;
+/// Largest snapshot chunk a `SnapshotChunk` may carry (bytes).
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1 << 20;
 
 const _: () = assert!(REPLICA_COUNT_MAX <= u8::MAX as usize);
 const _: () = assert!(LOG_WINDOW_OPS_LIMIT <= u16::MAX as u64);
@@ -141,6 +155,34 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) {
                 put_bytes(out, batch);
             }
         }
+        Message::StateCheckpoint { vote, statement } => {
+            out.push(TAG_STATE_CHECKPOINT);
+            put_vote(out, vote);
+            put_statement(out, statement);
+        }
+        Message::StateSnapshot(cert) => {
+            out.push(TAG_STATE_SNAPSHOT);
+            put_statement(out, &cert.statement);
+            put_votes(out, &cert.votes);
+        }
+        Message::SnapshotRequest { journal_op, offset } => {
+            out.push(TAG_SNAPSHOT_REQUEST);
+            out.extend_from_slice(&journal_op.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+        }
+        Message::SnapshotChunk {
+            journal_op,
+            offset,
+            file_bytes,
+            bytes,
+        } => {
+            out.push(TAG_SNAPSHOT_CHUNK);
+            debug_assert!(bytes.len() <= SNAPSHOT_CHUNK_BYTES_MAX);
+            for value in [journal_op, offset, file_bytes] {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+            put_bytes(out, bytes);
+        }
     }
 }
 
@@ -193,6 +235,10 @@ pub fn encoded_bytes(message: &Message) -> usize {
                 .map(|(cert, batch)| 1 + cert.commits.len() * VOTE_BYTES + 4 + batch.len())
                 .sum::<usize>()
         }
+        Message::StateCheckpoint { .. } => VOTE_BYTES + STATEMENT_BYTES,
+        Message::StateSnapshot(cert) => STATEMENT_BYTES + 1 + cert.votes.len() * VOTE_BYTES,
+        Message::SnapshotRequest { .. } => 16,
+        Message::SnapshotChunk { bytes, .. } => 24 + 4 + bytes.len(),
     }
 }
 
@@ -260,6 +306,33 @@ pub fn decode(bytes: &[u8]) -> Result<Message, CodecError> {
             }
             Message::StateOps(ops)
         }
+        TAG_STATE_CHECKPOINT => Message::StateCheckpoint {
+            vote: reader.vote()?,
+            statement: reader.statement()?,
+        },
+        TAG_STATE_SNAPSHOT => Message::StateSnapshot(StateCert {
+            statement: reader.statement()?,
+            votes: reader.votes()?,
+        }),
+        TAG_SNAPSHOT_REQUEST => Message::SnapshotRequest {
+            journal_op: reader.u64()?,
+            offset: reader.u64()?,
+        },
+        TAG_SNAPSHOT_CHUNK => {
+            let journal_op = reader.u64()?;
+            let offset = reader.u64()?;
+            let file_bytes = reader.u64()?;
+            let bytes = reader.bytes()?;
+            if bytes.len() > SNAPSHOT_CHUNK_BYTES_MAX {
+                return Err(CodecError::OutOfRange("snapshot chunk"));
+            }
+            Message::SnapshotChunk {
+                journal_op,
+                offset,
+                file_bytes,
+                bytes,
+            }
+        }
         tag => return Err(CodecError::BadTag(tag)),
     };
     if !reader.bytes.is_empty() {
@@ -297,6 +370,13 @@ fn put_votes(out: &mut Vec<u8>, votes: &[Vote]) {
     for vote in votes {
         put_vote(out, vote);
     }
+}
+
+fn put_statement(out: &mut Vec<u8>, statement: &SnapshotStatement) {
+    out.extend_from_slice(&statement.op.to_le_bytes());
+    out.extend_from_slice(&statement.chain);
+    out.extend_from_slice(&statement.journal_op.to_le_bytes());
+    out.extend_from_slice(&statement.state_digest);
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -376,6 +456,7 @@ impl<'a> Reader<'a> {
             3 => VoteKind::Commit,
             4 => VoteKind::Checkpoint,
             5 => VoteKind::ViewChange,
+            6 => VoteKind::StateCheckpoint,
             other => return Err(CodecError::BadKind(other)),
         };
         Ok(Vote {
@@ -385,6 +466,15 @@ impl<'a> Reader<'a> {
             op: self.u64()?,
             digest: self.array()?,
             signature: Signature::from_bytes(&self.array()?),
+        })
+    }
+
+    fn statement(&mut self) -> Result<SnapshotStatement, CodecError> {
+        Ok(SnapshotStatement {
+            op: self.u64()?,
+            chain: self.array()?,
+            journal_op: self.u64()?,
+            state_digest: self.array()?,
         })
     }
 
@@ -514,7 +604,36 @@ mod tests {
                 ),
             ]),
             Message::StateOps(Vec::new()),
+            Message::StateCheckpoint {
+                vote: vote(VoteKind::StateCheckpoint, 1, 32),
+                statement: statement(),
+            },
+            Message::StateSnapshot(StateCert {
+                statement: statement(),
+                votes: (0..3)
+                    .map(|r| vote(VoteKind::StateCheckpoint, r, 32))
+                    .collect(),
+            }),
+            Message::SnapshotRequest {
+                journal_op: 30,
+                offset: 65_536,
+            },
+            Message::SnapshotChunk {
+                journal_op: 30,
+                offset: 65_536,
+                file_bytes: 200_000,
+                bytes: vec![5; 300],
+            },
         ]
+    }
+
+    fn statement() -> SnapshotStatement {
+        SnapshotStatement {
+            op: 32,
+            chain: [1; 32],
+            journal_op: 30,
+            state_digest: [2; 32],
+        }
     }
 
     #[test]
@@ -540,7 +659,7 @@ mod tests {
     #[test]
     fn unknown_tags_kinds_and_counts_are_refused() {
         assert_eq!(decode(&[0]), Err(CodecError::BadTag(0)));
-        assert_eq!(decode(&[12]), Err(CodecError::BadTag(12)));
+        assert_eq!(decode(&[16]), Err(CodecError::BadTag(16)));
         let mut bytes = Vec::new();
         encode(&Message::Commit(vote(VoteKind::Commit, 1, 1)), &mut bytes);
         bytes[1] = 9;

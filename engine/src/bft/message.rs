@@ -38,6 +38,41 @@ pub fn chain_digest(previous: &Digest, op: u64, batch: &Digest) -> Digest {
     *hasher.finalize().as_bytes()
 }
 
+/// Domain of [`SnapshotStatement::digest`].
+pub const SNAPSHOT_STATEMENT_DOMAIN: &[u8; 24] = b"percore-bft-snapshot-v1\0";
+
+/// What a snapshot checkpoint certifies: after executing the committed log through BFT op
+/// `op` (chain digest `chain`), a replica's journal holds `journal_op` applied batches and
+/// its state machine has digest `state_digest` (`StateMachine::digest`, the session table
+/// included). Signed as a [`VoteKind::StateCheckpoint`] vote on [`Self::digest`]; a
+/// snapshot file fetched from any peer is believed only if its restored state has
+/// `state_digest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotStatement {
+    /// The BFT op.
+    pub op: u64,
+    /// `chain(op)`.
+    pub chain: Digest,
+    /// The journal op (applied batches) at `op`: where the snapshot's journal starts.
+    pub journal_op: u64,
+    /// The state machine's digest at `op`.
+    pub state_digest: Digest,
+}
+
+impl SnapshotStatement {
+    /// The digest a `StateCheckpoint` vote signs: `blake3(domain, op, chain, journal_op,
+    /// state_digest)`.
+    pub fn digest(&self) -> Digest {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(SNAPSHOT_STATEMENT_DOMAIN);
+        hasher.update(&self.op.to_le_bytes());
+        hasher.update(&self.chain);
+        hasher.update(&self.journal_op.to_le_bytes());
+        hasher.update(&self.state_digest);
+        *hasher.finalize().as_bytes()
+    }
+}
+
 /// What a signed statement says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
@@ -53,6 +88,11 @@ pub enum VoteKind {
     /// The signer moves to `view`; `op` is its stable checkpoint, `digest` the digest of
     /// its view-change contents ([`ViewChange::content_digest`]).
     ViewChange = 5,
+    /// The signer's state after executing its committed log through `op`: `digest` is
+    /// [`SnapshotStatement::digest`] (chain digest, journal op and state machine digest
+    /// there; view 0). A kind of its own: a vote that commits to a state digest is never
+    /// read as a `Checkpoint` vote, whose digest is the chain alone.
+    StateCheckpoint = 6,
 }
 
 /// One signed statement.
@@ -277,6 +317,25 @@ impl Committee {
         Ok(())
     }
 
+    /// Checks a state certificate: `quorum` `StateCheckpoint` votes from distinct replicas
+    /// for one `(op, digest)`, where `op` is the statement's and `digest` its
+    /// [`SnapshotStatement::digest`] (so the statement carried in clear is what was signed).
+    pub fn verify_state(&self, cert: &StateCert) -> Result<(), BftError> {
+        let Some(first) = cert.votes.first() else {
+            return Err(BftError::InvalidCertificate("empty certificate"));
+        };
+        if first.kind != VoteKind::StateCheckpoint
+            || first.view != 0
+            || first.op != cert.statement.op
+            || first.digest != cert.statement.digest()
+        {
+            return Err(BftError::InvalidCertificate(
+                "state: votes do not sign the statement",
+            ));
+        }
+        self.verify_same_votes(&cert.votes, VoteKind::StateCheckpoint, self.quorum())
+    }
+
     /// Checks a view change: its signature over its contents, its checkpoint certificate,
     /// and each prepared certificate (distinct ops above the checkpoint and within
     /// `log_window_ops` of it, views below the view change's).
@@ -380,6 +439,23 @@ impl CheckpointCert {
     /// The certified chain digest.
     pub fn digest(&self) -> Digest {
         self.votes.first().map_or(CHAIN_GENESIS, |vote| vote.digest)
+    }
+}
+
+/// Proof that `quorum` replicas hold the state [`SnapshotStatement`] describes: a snapshot
+/// of it from any peer can be checked against `statement.state_digest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateCert {
+    /// What the votes sign (their digest is `statement.digest()`).
+    pub statement: SnapshotStatement,
+    /// Matching `StateCheckpoint` votes from distinct replicas.
+    pub votes: Vec<Vote>,
+}
+
+impl StateCert {
+    /// The certified BFT op.
+    pub fn op(&self) -> u64 {
+        self.statement.op
     }
 }
 
@@ -533,6 +609,38 @@ pub enum Message {
     /// its batch (empty for a null op). Believed op by op: the certificate must hold
     /// `quorum` Commits for the batch's digest.
     StateOps(Vec<(CommitCert, Vec<u8>)>),
+    /// A replica's snapshot checkpoint vote and the statement it signs (in clear: the
+    /// certificate carries it).
+    StateCheckpoint {
+        /// Kind `StateCheckpoint`, digest `statement.digest()`.
+        vote: Vote,
+        /// What it certifies.
+        statement: SnapshotStatement,
+    },
+    /// State transfer: answer to a `StateRequest` for ops the peer no longer holds in its
+    /// log: its latest state certificate, whose snapshot it serves
+    /// (`SnapshotRequest`/`SnapshotChunk`).
+    StateSnapshot(StateCert),
+    /// Snapshot transfer (driver to driver, unsigned): the bytes at `offset` of the
+    /// snapshot file at journal op `journal_op`.
+    SnapshotRequest {
+        /// The snapshot's journal op.
+        journal_op: u64,
+        /// Byte offset in the file.
+        offset: u64,
+    },
+    /// Snapshot transfer: one chunk of a snapshot file (empty: the file is not here).
+    /// Believed only once the whole file restores to the certified state digest.
+    SnapshotChunk {
+        /// The snapshot's journal op.
+        journal_op: u64,
+        /// Byte offset of `bytes` in the file.
+        offset: u64,
+        /// The whole file's size.
+        file_bytes: u64,
+        /// The chunk.
+        bytes: Vec<u8>,
+    },
 }
 
 impl Message {
@@ -550,6 +658,10 @@ impl Message {
             Message::CheckpointProof(_) => "checkpoint_proof",
             Message::StateRequest { .. } => "state_request",
             Message::StateOps(_) => "state_ops",
+            Message::StateCheckpoint { .. } => "state_checkpoint",
+            Message::StateSnapshot(_) => "state_snapshot",
+            Message::SnapshotRequest { .. } => "snapshot_request",
+            Message::SnapshotChunk { .. } => "snapshot_chunk",
         }
     }
 }

@@ -31,7 +31,8 @@ pub mod xshard;
 pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 pub use message::{
     CheckpointCert, CommitCert, Committee, Digest, Evidence, Message, NewView, PreparedCert,
-    PreparedEntry, ViewChange, Vote, VoteKind, batch_digest, chain_digest,
+    PreparedEntry, SnapshotStatement, StateCert, ViewChange, Vote, VoteKind, batch_digest,
+    chain_digest,
 };
 pub use replica::{BftReplica, NewViewPlan, Restored, Status, VoteGuard, new_view_plan};
 
@@ -72,6 +73,9 @@ pub const VIEW_AHEAD_MAX: u64 = 64;
 pub const EVIDENCE_KEPT_MAX: usize = 16;
 /// Checkpoint votes kept per replica (its latest ones above the low watermark).
 pub const CHECKPOINT_VOTES_KEPT_PER_REPLICA: usize = 4;
+/// Snapshot checkpoint (`StateCheckpoint`) votes kept per replica (its latest ones above
+/// the state certificate held).
+pub const STATE_VOTES_KEPT_PER_REPLICA: usize = 2;
 
 const _: () = assert!(REPLICA_COUNT_MAX <= 8);
 const _: () = assert!(LOG_WINDOW_OPS_DEFAULT.is_multiple_of(CHECKPOINT_INTERVAL_OPS_DEFAULT));
@@ -362,6 +366,18 @@ pub enum Action {
         /// Last op to send.
         to_op: u64,
     },
+    /// A state transfer skips the ops no peer holds in its log any more: fetch the
+    /// snapshot `cert` certifies (at journal op `cert.statement.journal_op`) from peer
+    /// `from`, check that it restores to `cert.statement.state_digest` before adopting
+    /// anything, install it, and call [`BftReplica::on_snapshot_installed`] (or
+    /// [`BftReplica::on_snapshot_failed`]: the core asks the next peer). The core sends no
+    /// `StateRequest` meanwhile; after the install it fetches the ops above by log.
+    FetchSnapshot {
+        /// The peer that offered it.
+        from: u8,
+        /// `quorum` signed votes for the snapshot's statement (verified).
+        cert: StateCert,
+    },
 }
 
 /// Counters of one replica, for metrics.
@@ -401,6 +417,15 @@ pub struct BftMetrics {
     pub state_ops_applied: u64,
     /// `StateRequest`s sent (the first and every retry).
     pub state_requests: u64,
+    /// State certificates formed here (`quorum` matching `StateCheckpoint` votes).
+    pub state_certs: u64,
+    /// Snapshot fetches asked of the driver ([`Action::FetchSnapshot`]).
+    pub snapshot_fetches: u64,
+    /// Snapshots installed (their restored state had the certified digest).
+    pub snapshot_installs: u64,
+    /// Snapshot fetches that failed (a silent peer, or bytes that do not restore to the
+    /// certified state: each costs one retry with the next peer).
+    pub snapshot_fetches_failed: u64,
     /// Progress timeouts that did not suspect the leader: this replica had not heard from
     /// `f + 1` peers since it started, or was catching up.
     pub suspicions_deferred: u64,

@@ -7,11 +7,12 @@ use ed25519_dalek::SigningKey;
 
 use super::message::{
     CHAIN_GENESIS, CheckpointCert, CommitCert, Committee, Digest, Evidence, Message, NewView,
-    PreparedCert, PreparedEntry, ViewChange, Vote, VoteKind, batch_digest, chain_digest,
+    PreparedCert, PreparedEntry, SnapshotStatement, StateCert, ViewChange, Vote, VoteKind,
+    batch_digest, chain_digest,
 };
 use super::{
     Action, BftConfig, BftError, BftMetrics, CHECKPOINT_VOTES_KEPT_PER_REPLICA, EVIDENCE_KEPT_MAX,
-    InjectedBug, REPLICA_COUNT_MAX, VIEW_AHEAD_MAX,
+    InjectedBug, REPLICA_COUNT_MAX, STATE_VOTES_KEPT_PER_REPLICA, VIEW_AHEAD_MAX,
 };
 
 /// Where a replica stands in its view.
@@ -222,6 +223,13 @@ pub struct BftReplica {
     /// Each peer's latest reported `commit_op` (its `Status`).
     peer_commit_op: Vec<u64>,
     state_transfer: Option<CheckpointCert>,
+    /// Snapshot checkpoint votes kept per replica (the highest ops above `state_cert`).
+    state_votes: Vec<[Option<(Vote, SnapshotStatement)>; STATE_VOTES_KEPT_PER_REPLICA]>,
+    /// The highest state certificate formed or received (what this replica offers).
+    state_cert: Option<StateCert>,
+    /// The op of the snapshot the driver is fetching ([`Action::FetchSnapshot`]): no
+    /// `StateRequest` and no `StateOps` meanwhile.
+    snapshot_fetch: Option<u64>,
     /// State transfer: the peer asked for the next ops (rotates on each retry, so a silent
     /// or lying peer costs one retry interval), and when to ask again.
     transfer_peer: u8,
@@ -281,6 +289,9 @@ impl BftReplica {
             resend_at_us: now_us + config.resend_interval_us,
             status_at_us: now_us + config.status_interval_us,
             state_transfer: None,
+            state_votes: vec![[None; STATE_VOTES_KEPT_PER_REPLICA]; replica_count],
+            state_cert: None,
+            snapshot_fetch: None,
             transfer_peer: (config.replica + 1) % replica_count as u8,
             transfer_retry_at_us: None,
             evidence: Vec::new(),
@@ -307,19 +318,40 @@ impl BftReplica {
         now_us: u64,
         restored: Restored,
     ) -> Result<Self, BftError> {
+        Self::restore_above(config, committee, key, now_us, None, restored)
+    }
+
+    /// [`Self::restore`] of a replica that installed a snapshot ([`Action::FetchSnapshot`])
+    /// since its last stable checkpoint: `restored.digests` are the ops after the snapshot's
+    /// op `base.0`, whose chain digest is `base.1` (its own journal's record of the state
+    /// certificate it verified). Its low watermark stays at `restored.low_cert`, below, so
+    /// it catches up by state transfer like any replica behind its peers' checkpoint.
+    pub fn restore_above(
+        config: BftConfig,
+        committee: Committee,
+        key: SigningKey,
+        now_us: u64,
+        base: Option<(u64, Digest)>,
+        restored: Restored,
+    ) -> Result<Self, BftError> {
         let mut replica = Self::new(config, committee, key, now_us)?;
-        let (low, mut chain) = match &restored.low_cert {
+        let (low, low_chain) = match &restored.low_cert {
             Some(cert) => {
                 replica.committee.verify_checkpoint(cert)?;
                 (cert.op(), cert.digest())
             }
             None => (0, CHAIN_GENESIS),
         };
-        let commit_op = low + restored.digests.len() as u64;
+        let (base_op, mut chain) = match base {
+            Some((op, chain)) if op >= low => (op, chain),
+            Some(_) => return Err(BftError::Limit("restore: snapshot below the checkpoint")),
+            None => (low, low_chain),
+        };
+        let commit_op = base_op + restored.digests.len() as u64;
         // The last `log_window_ops` executed ops keep their chain digest (a peer's stable
         // checkpoint among them moves the low watermark) and digest.
         for (index, digest) in restored.digests.iter().enumerate() {
-            let op = low + 1 + index as u64;
+            let op = base_op + 1 + index as u64;
             chain = chain_digest(&chain, op, digest);
             if op + config.log_window_ops > commit_op {
                 let slot_index = replica.slot_index(op);
@@ -428,6 +460,56 @@ impl BftReplica {
         });
         // Our own vote is always fresh and consistent: it cannot fail.
         let _ = self.record_checkpoint_vote(now_us, vote, actions);
+    }
+
+    /// The highest state certificate this replica holds (it offers its snapshot to peers
+    /// behind every log).
+    pub fn state_cert(&self) -> Option<&StateCert> {
+        self.state_cert.as_ref()
+    }
+
+    /// The driver wrote a snapshot of the state after executing op `statement.op` (durable:
+    /// the file is synced): sign `StateCheckpoint(statement)` and broadcast it. The driver
+    /// computed `statement.chain` from the ops this core handed it; a statement for an op
+    /// not executed here, or below the state certificate held, is not signed.
+    pub fn sign_snapshot(
+        &mut self,
+        now_us: u64,
+        statement: SnapshotStatement,
+        actions: &mut Vec<Action>,
+    ) {
+        if statement.op == 0
+            || statement.op > self.commit_op
+            || self.state_cert_op() >= statement.op
+        {
+            return;
+        }
+        if let Some(chain) = self.chain_at(statement.op) {
+            assert_eq!(chain, statement.chain, "the driver's chain is the core's");
+        }
+        let vote = self.sign(
+            VoteKind::StateCheckpoint,
+            0,
+            statement.op,
+            statement.digest(),
+        );
+        actions.push(Action::Broadcast {
+            message: Message::StateCheckpoint { vote, statement },
+        });
+        // Our own vote is fresh and consistent: it cannot fail.
+        let _ = self.record_state_vote(now_us, vote, statement, actions);
+    }
+
+    fn state_cert_op(&self) -> u64 {
+        self.state_cert.as_ref().map_or(0, StateCert::op)
+    }
+
+    /// This replica's chain digest at `op`, if it still knows it.
+    fn chain_at(&self, op: u64) -> Option<Digest> {
+        if op == self.commit_op {
+            return Some(self.commit_chain);
+        }
+        self.slot(op).and_then(|slot| slot.chain)
     }
 
     /// The current view.
@@ -680,6 +762,14 @@ impl BftReplica {
                 self.on_state_request(from, (from_op, to_op), actions)
             }
             Message::StateOps(ops) => self.on_state_ops(now_us, ops, actions),
+            Message::StateCheckpoint { vote, statement } => {
+                self.on_state_checkpoint(now_us, vote, statement, actions)
+            }
+            Message::StateSnapshot(cert) => self.on_state_snapshot(from, cert, actions),
+            // File transfer between drivers: never handed to the core.
+            Message::SnapshotRequest { .. } | Message::SnapshotChunk { .. } => Err(
+                BftError::WrongSender("a driver's snapshot transfer message"),
+            ),
         };
         let heard = !matches!(
             result,
@@ -1235,7 +1325,7 @@ impl BftReplica {
     /// The retry timer of a state transfer fired: ask the next peer (once the ops already
     /// received are durable here, when durability is reported).
     fn state_transfer_retry(&mut self, now_us: u64, actions: &mut Vec<Action>) {
-        if self.state_transfer.is_none() {
+        if self.state_transfer.is_none() || self.snapshot_fetch.is_some() {
             self.transfer_retry_at_us = None;
             return;
         }
@@ -1295,6 +1385,9 @@ impl BftReplica {
         let Some(target) = self.state_transfer.as_ref().map(CheckpointCert::op) else {
             return Err(BftError::Stale);
         };
+        if self.snapshot_fetch.is_some() {
+            return Err(BftError::Stale);
+        }
         let commit_op_before = self.commit_op;
         let mut result = Ok(());
         for (cert, batch) in ops {
@@ -1448,6 +1541,149 @@ impl BftReplica {
     pub fn on_state_transfer_failed(&mut self) {
         self.state_transfer = None;
         self.transfer_retry_at_us = None;
+        self.snapshot_fetch = None;
+    }
+
+    fn on_state_checkpoint(
+        &mut self,
+        now_us: u64,
+        vote: Vote,
+        statement: SnapshotStatement,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        if vote.kind != VoteKind::StateCheckpoint
+            || vote.view != 0
+            || vote.op != statement.op
+            || vote.digest != statement.digest()
+        {
+            return Err(BftError::WrongSender("not a state checkpoint"));
+        }
+        if vote.op <= self.state_cert_op() {
+            return Err(BftError::Stale);
+        }
+        self.committee.verify_vote(&vote)?;
+        self.record_state_vote(now_us, vote, statement, actions)
+    }
+
+    /// Keeps a verified state vote (the highest few per replica) and checks whether its
+    /// statement is certified. Two different statements signed by one replica for one op
+    /// are evidence.
+    fn record_state_vote(
+        &mut self,
+        now_us: u64,
+        vote: Vote,
+        statement: SnapshotStatement,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        debug_assert_eq!(vote.digest, statement.digest());
+        let kept = &mut self.state_votes[usize::from(vote.replica)];
+        if let Some((held, _)) = kept.iter().flatten().find(|(held, _)| held.op == vote.op) {
+            let held = *held;
+            if held.digest == vote.digest {
+                return Err(BftError::Stale);
+            }
+            self.record_evidence(now_us, held, vote, actions);
+            return Err(BftError::Equivocation(vote.replica));
+        }
+        let entry = kept
+            .iter_mut()
+            .min_by_key(|held| held.map_or(0, |(held, _)| held.op))
+            .expect("at least one entry");
+        if entry.is_some_and(|(held, _)| held.op >= vote.op) {
+            return Err(BftError::Stale);
+        }
+        *entry = Some((vote, statement));
+        let votes: Vec<Vote> = self
+            .state_votes
+            .iter()
+            .flat_map(|kept| kept.iter().flatten())
+            .filter(|(held, _)| held.op == vote.op && held.digest == vote.digest)
+            .map(|(held, _)| *held)
+            .collect();
+        if votes.len() >= self.committee.quorum() {
+            self.metrics.state_certs += 1;
+            self.state_cert = Some(StateCert { statement, votes });
+            for kept in &mut self.state_votes {
+                for entry in kept.iter_mut() {
+                    if entry.is_some_and(|(held, _)| held.op <= vote.op) {
+                        *entry = None;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A peer answered a `StateRequest` with a state certificate instead of ops: it no
+    /// longer holds them in its log. If the certificate is valid and skips ops this
+    /// transfer needs, the driver fetches and verifies the snapshot.
+    fn on_state_snapshot(
+        &mut self,
+        from: u8,
+        cert: StateCert,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let Some(target) = self.state_transfer.as_ref().map(CheckpointCert::op) else {
+            return Err(BftError::Stale);
+        };
+        if self.snapshot_fetch.is_some() || cert.op() <= self.commit_op || cert.op() > target {
+            return Err(BftError::Stale);
+        }
+        if from == self.config.replica || from >= self.committee.replica_count() {
+            return Err(BftError::UnknownSigner(from));
+        }
+        self.committee.verify_state(&cert)?;
+        if cert.op() > self.state_cert_op() {
+            self.state_cert = Some(cert.clone());
+        }
+        self.metrics.snapshot_fetches += 1;
+        self.snapshot_fetch = Some(cert.op());
+        // The driver reports the outcome; it has its own timeouts.
+        self.transfer_retry_at_us = None;
+        actions.push(Action::FetchSnapshot { from, cert });
+        Ok(())
+    }
+
+    /// The driver installed the snapshot of [`Action::FetchSnapshot`]: its restored state
+    /// had the certified digest and is durable. The log continues from the snapshot's op
+    /// (its certified chain digest); the rest of the transfer goes by log.
+    pub fn on_snapshot_installed(
+        &mut self,
+        now_us: u64,
+        statement: &SnapshotStatement,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        if self.snapshot_fetch != Some(statement.op) || self.state_transfer.is_none() {
+            return Err(BftError::Stale);
+        }
+        debug_assert!(statement.op > self.commit_op);
+        self.snapshot_fetch = None;
+        self.metrics.snapshot_installs += 1;
+        self.commit_op = statement.op;
+        self.commit_chain = statement.chain;
+        self.durable_op = statement.op;
+        self.next_op = self.next_op.max(statement.op + 1);
+        self.op_accepted_max = self.op_accepted_max.max(statement.op);
+        if self
+            .state_transfer
+            .as_ref()
+            .is_some_and(|target| target.op() == self.commit_op)
+        {
+            self.finish_state_transfer(now_us, actions);
+        } else {
+            self.request_state_ops(now_us, actions);
+        }
+        Ok(())
+    }
+
+    /// The driver could not fetch or verify the snapshot (a silent peer, or one serving
+    /// bytes that are not the certified state): ask the next peer.
+    pub fn on_snapshot_failed(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        if self.snapshot_fetch.take().is_none() {
+            return;
+        }
+        self.metrics.snapshot_fetches_failed += 1;
+        self.state_transfer_retry(now_us, actions);
     }
 
     fn on_status(
@@ -1960,6 +2196,20 @@ impl BftReplica {
         if let Some(vote) = latest {
             actions.push(Action::Broadcast {
                 message: Message::Checkpoint(*vote),
+            });
+        }
+        let state_cert_op = self.state_cert_op();
+        let latest = self.state_votes[replica]
+            .iter()
+            .flatten()
+            .filter(|(vote, _)| vote.op > state_cert_op)
+            .max_by_key(|(vote, _)| vote.op);
+        if let Some((vote, statement)) = latest {
+            actions.push(Action::Broadcast {
+                message: Message::StateCheckpoint {
+                    vote: *vote,
+                    statement: *statement,
+                },
             });
         }
     }

@@ -41,6 +41,11 @@ struct Group {
     transfers_allowed: bool,
     /// A replica whose `StateOps` answers are forged: one Commit short of a quorum.
     lying_server: Option<u8>,
+    /// Per replica: ops at or below this are gone from its driver's log; a request for
+    /// them is answered with its state certificate (`StateSnapshot`), if it holds one.
+    log_floor: Vec<u64>,
+    /// `(replica, peer, cert)` of every `FetchSnapshot` asked for, in order.
+    fetches: Vec<(u8, u8, StateCert)>,
 }
 
 impl Group {
@@ -71,6 +76,8 @@ impl Group {
             store: vec![BTreeMap::new(); usize::from(count)],
             transfers_allowed: false,
             lying_server: None,
+            log_floor: vec![0; usize::from(count)],
+            fetches: Vec::new(),
         }
     }
 
@@ -83,6 +90,7 @@ impl Group {
             | Message::Commit(vote)
             | Message::Checkpoint(vote) => *vote,
             Message::ViewChange(view_change) => view_change.vote,
+            Message::StateCheckpoint { vote, .. } => *vote,
             _ => return,
         };
         if vote.replica != from {
@@ -106,7 +114,7 @@ impl Group {
                 self.votes_sent[index].push(vote);
             }
             VoteKind::ViewChange => assert!(guard.view_change_view >= vote.view),
-            VoteKind::Checkpoint => {}
+            VoteKind::Checkpoint | VoteKind::StateCheckpoint => {}
         }
     }
 
@@ -167,6 +175,18 @@ impl Group {
                 }
                 Action::StateTransfer { .. } => {
                     assert!(self.transfers_allowed, "no state transfer expected here");
+                }
+                Action::ServeState { to, from_op, .. }
+                    if from_op <= self.log_floor[usize::from(from)] =>
+                {
+                    let message = match self.replicas[usize::from(from)].state_cert() {
+                        Some(cert) if cert.op() >= from_op => Message::StateSnapshot(cert.clone()),
+                        _ => Message::StateOps(Vec::new()),
+                    };
+                    self.queue.push_back((from, to, message));
+                }
+                Action::FetchSnapshot { from: peer, cert } => {
+                    self.fetches.push((from, peer, cert));
                 }
                 Action::ServeState { to, from_op, to_op } => {
                     let mut ops: Vec<(CommitCert, Vec<u8>)> = self.store[usize::from(from)]
@@ -1041,4 +1061,401 @@ fn bft_state_transfer_waits_for_durability_between_requests() {
     assert_eq!(replica.commit_op(), target);
     assert_eq!(replica.low(), target, "the checkpoint is adopted");
     assert!(replica.state_transfer().is_none());
+}
+
+/// The chain digest of `committed` through `op`.
+fn chain_through(committed: &[(u64, Digest)], op: u64) -> Digest {
+    committed
+        .iter()
+        .take_while(|(at, _)| *at <= op)
+        .fold(message::CHAIN_GENESIS, |chain, (at, digest)| {
+            chain_digest(&chain, *at, digest)
+        })
+}
+
+fn statement_at(group: &Group, replica: u8, op: u64) -> SnapshotStatement {
+    SnapshotStatement {
+        op,
+        chain: chain_through(&group.committed[usize::from(replica)], op),
+        journal_op: op - 2,
+        state_digest: [7; 32],
+    }
+}
+
+fn state_votes(statement: &SnapshotStatement, signers: &[u8]) -> Vec<Vote> {
+    let keys = keys(4);
+    signers
+        .iter()
+        .map(|replica| {
+            Vote::sign(
+                &keys[usize::from(*replica)],
+                GROUP,
+                VoteKind::StateCheckpoint,
+                *replica,
+                0,
+                statement.op,
+                statement.digest(),
+            )
+        })
+        .collect()
+}
+
+/// A state certificate holds `quorum` `StateCheckpoint` votes on the digest of the
+/// statement it carries: a different state digest, votes for another statement mixed in,
+/// too few votes, and votes of another kind on the same bytes are all refused.
+#[test]
+fn bft_state_certificates_verify_the_statement_and_its_kind() {
+    let committee = committee(4, 1);
+    let statement = SnapshotStatement {
+        op: 64,
+        chain: [3; 32],
+        journal_op: 60,
+        state_digest: [9; 32],
+    };
+    let cert = StateCert {
+        statement,
+        votes: state_votes(&statement, &[0, 1, 2]),
+    };
+    assert_eq!(committee.verify_state(&cert), Ok(()));
+    // Another state digest (or chain, or journal op) than the one signed.
+    for other in [
+        SnapshotStatement {
+            state_digest: [8; 32],
+            ..statement
+        },
+        SnapshotStatement {
+            chain: [4; 32],
+            ..statement
+        },
+        SnapshotStatement {
+            journal_op: 61,
+            ..statement
+        },
+    ] {
+        let forged = StateCert {
+            statement: other,
+            votes: cert.votes.clone(),
+        };
+        assert_eq!(
+            committee.verify_state(&forged),
+            Err(BftError::InvalidCertificate(
+                "state: votes do not sign the statement"
+            ))
+        );
+    }
+    // Two votes for the statement, one for another state digest.
+    let other = SnapshotStatement {
+        state_digest: [8; 32],
+        ..statement
+    };
+    let mut mixed = cert.clone();
+    mixed.votes[2] = state_votes(&other, &[2])[0];
+    assert_eq!(
+        committee.verify_state(&mixed),
+        Err(BftError::InvalidCertificate("votes do not match"))
+    );
+    let mut short = cert.clone();
+    short.votes.pop();
+    assert_eq!(
+        committee.verify_state(&short),
+        Err(BftError::InvalidCertificate("wrong number of votes"))
+    );
+    let mut twice = cert.clone();
+    twice.votes[2] = twice.votes[1];
+    assert_eq!(
+        committee.verify_state(&twice),
+        Err(BftError::InvalidCertificate("a replica signed twice"))
+    );
+    // Domain separation: Checkpoint votes on the same (op, digest) are not state votes,
+    // and a state vote relabelled as a Checkpoint (or back) fails its signature.
+    let keys = keys(4);
+    let checkpoint_votes: Vec<Vote> = (0..3u8)
+        .map(|replica| {
+            Vote::sign(
+                &keys[usize::from(replica)],
+                GROUP,
+                VoteKind::Checkpoint,
+                replica,
+                0,
+                64,
+                statement.digest(),
+            )
+        })
+        .collect();
+    let as_state = StateCert {
+        statement,
+        votes: checkpoint_votes.clone(),
+    };
+    assert!(committee.verify_state(&as_state).is_err());
+    let mut relabelled = cert.votes[0];
+    relabelled.kind = VoteKind::Checkpoint;
+    assert_eq!(
+        committee.verify_vote(&relabelled),
+        Err(BftError::BadSignature {
+            replica: 0,
+            kind: VoteKind::Checkpoint
+        })
+    );
+    let mut relabelled = checkpoint_votes[0];
+    relabelled.kind = VoteKind::StateCheckpoint;
+    assert!(committee.verify_vote(&relabelled).is_err());
+    assert!(
+        committee
+            .verify_checkpoint(&CheckpointCert {
+                votes: cert.votes.clone()
+            })
+            .is_err(),
+        "state votes do not make a checkpoint certificate"
+    );
+    assert_ne!(
+        Vote::signing_bytes(GROUP, VoteKind::Checkpoint, 0, 0, 64, &statement.digest()),
+        Vote::signing_bytes(
+            GROUP,
+            VoteKind::StateCheckpoint,
+            0,
+            0,
+            64,
+            &statement.digest()
+        )
+    );
+}
+
+/// Replicas sign snapshot statements; `quorum` matching ones make a state certificate, a
+/// replica signing two statements for one op is caught.
+#[test]
+fn bft_state_votes_make_a_certificate_and_conflicting_ones_are_evidence() {
+    let mut group = Group::new(4, 1);
+    for round in 0..CHECKPOINT_INTERVAL_OPS_DEFAULT {
+        group.propose(0, &round.to_le_bytes());
+    }
+    let statement = statement_at(&group, 0, 16);
+    for replica in 0..2u8 {
+        let mut actions = Vec::new();
+        group.replicas[usize::from(replica)].sign_snapshot(group.now_us, statement, &mut actions);
+        group.absorb(replica, actions);
+        group.deliver_all();
+    }
+    assert!(
+        group
+            .replicas
+            .iter()
+            .all(|replica| replica.state_cert().is_none()),
+        "two votes are not a quorum"
+    );
+    // Replica 3 signs another state digest for op 16 to replica 0 only: evidence there.
+    let lie = SnapshotStatement {
+        state_digest: [6; 32],
+        ..statement
+    };
+    let vote = state_votes(&lie, &[3])[0];
+    let mut actions = Vec::new();
+    group.replicas[0]
+        .on_message(
+            group.now_us,
+            3,
+            Message::StateCheckpoint {
+                vote,
+                statement: lie,
+            },
+            &mut actions,
+        )
+        .expect("a first vote from replica 3");
+    group.absorb(0, actions);
+    let mut actions = Vec::new();
+    group.replicas[2].sign_snapshot(group.now_us, statement, &mut actions);
+    group.absorb(2, actions);
+    group.deliver_all();
+    for replica in 0..3 {
+        let cert = group.replicas[replica].state_cert().expect("certified");
+        assert_eq!(cert.statement, statement);
+        assert_eq!(cert.votes.len(), 3);
+        assert_eq!(committee(4, 1).verify_state(cert), Ok(()));
+    }
+    // The honest vote of replica 3 for op 16 now conflicts with its lie at replica 0 —
+    // but replica 0 already holds a certificate for op 16, so it is stale there. A lie for
+    // a later op is caught once the honest vote arrives.
+    let later = SnapshotStatement {
+        op: 17,
+        ..statement
+    };
+    let honest = state_votes(&later, &[3])[0];
+    let forged = state_votes(
+        &SnapshotStatement {
+            state_digest: [5; 32],
+            ..later
+        },
+        &[3],
+    )[0];
+    let mut actions = Vec::new();
+    let replica = &mut group.replicas[1];
+    replica
+        .on_message(
+            0,
+            3,
+            Message::StateCheckpoint {
+                vote: honest,
+                statement: later,
+            },
+            &mut actions,
+        )
+        .expect("first");
+    assert_eq!(
+        replica.on_message(
+            0,
+            3,
+            Message::StateCheckpoint {
+                vote: forged,
+                statement: SnapshotStatement {
+                    state_digest: [5; 32],
+                    ..later
+                },
+            },
+            &mut actions,
+        ),
+        Err(BftError::Equivocation(3))
+    );
+    assert_eq!(replica.evidence().len(), 1);
+    assert_eq!(replica.evidence()[0].first.kind, VoteKind::StateCheckpoint);
+    // A vote whose statement is not what it signs is refused.
+    assert_eq!(
+        replica.on_message(
+            0,
+            3,
+            Message::StateCheckpoint {
+                vote: honest,
+                statement: SnapshotStatement { op: 18, ..later },
+            },
+            &mut actions,
+        ),
+        Err(BftError::WrongSender("not a state checkpoint"))
+    );
+}
+
+/// Replica 3 is down while the others commit `3K + 5` ops and forget the first 32 from
+/// their logs. Its transfer is answered with the state certificate at op 32; the first
+/// fetch fails (a lying or silent peer, as the driver reports) and costs one retry with
+/// the next peer; the second is installed, and the ops above come by log.
+#[test]
+fn bft_replica_behind_every_log_catches_up_from_a_certified_snapshot() {
+    let mut group = Group::new(4, 1);
+    group.transfers_allowed = true;
+    group.silent.push(3);
+    let interval = CHECKPOINT_INTERVAL_OPS_DEFAULT;
+    let ops = 3 * interval + 5;
+    for round in 0..ops {
+        group.propose(0, &round.to_le_bytes());
+    }
+    let statement = statement_at(&group, 0, 2 * interval);
+    for replica in 0..3u8 {
+        let mut actions = Vec::new();
+        group.replicas[usize::from(replica)].sign_snapshot(group.now_us, statement, &mut actions);
+        group.absorb(replica, actions);
+        group.deliver_all();
+        group.log_floor[usize::from(replica)] = 2 * interval;
+    }
+    group.silent.clear();
+    group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    assert_eq!(group.fetches.len(), 1, "one snapshot fetch at a time");
+    let (replica, first_peer, cert) = group.fetches[0].clone();
+    assert_eq!(replica, 3);
+    assert_eq!(cert.statement, statement);
+    assert_eq!(group.replicas[3].commit_op(), 0);
+    // Nothing is asked while the driver fetches, however long it takes.
+    let requests = group.replicas[3].metrics().state_requests;
+    group.tick_all(10 * STATE_TRANSFER_RETRY_US_DEFAULT);
+    assert_eq!(group.replicas[3].metrics().state_requests, requests);
+    // The first peer's bytes did not restore to the certified digest: the next peer.
+    let mut actions = Vec::new();
+    group.replicas[3].on_snapshot_failed(group.now_us, &mut actions);
+    assert!(actions.iter().any(|action| matches!(
+        action,
+        Action::Send { to, message: Message::StateRequest { from_op: 1, .. } } if *to != first_peer
+    )));
+    group.absorb(3, actions);
+    group.deliver_all();
+    assert_eq!(group.fetches.len(), 2);
+    assert_ne!(group.fetches[1].1, first_peer);
+    let mut actions = Vec::new();
+    assert_eq!(
+        group.replicas[3].on_snapshot_installed(
+            group.now_us,
+            &SnapshotStatement {
+                op: 31,
+                ..statement
+            },
+            &mut actions
+        ),
+        Err(BftError::Stale),
+        "only the snapshot asked for"
+    );
+    group.replicas[3]
+        .on_snapshot_installed(group.now_us, &statement, &mut actions)
+        .expect("installed");
+    group.absorb(3, actions);
+    group.deliver_all();
+    for _ in 0..4 {
+        group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    }
+    let caught_up = &group.replicas[3];
+    assert_eq!(caught_up.commit_op(), ops);
+    assert_eq!(caught_up.commit_chain(), group.replicas[0].commit_chain());
+    assert_eq!(caught_up.low(), 3 * interval);
+    assert!(caught_up.state_transfer().is_none());
+    let metrics = *caught_up.metrics();
+    assert_eq!(metrics.snapshot_fetches, 2);
+    assert_eq!(metrics.snapshot_fetches_failed, 1);
+    assert_eq!(metrics.snapshot_installs, 1);
+    assert_eq!(metrics.state_transfers_completed, 1);
+    assert_eq!(metrics.state_ops_applied, interval, "ops 33..=48 by log");
+    assert_eq!(
+        group.committed[3],
+        group.committed[0][2 * interval as usize..],
+        "every op above the snapshot once, in order"
+    );
+    // It votes again: with replica 2 silent, the group commits only with it.
+    group.silent.push(2);
+    let op = group.propose(0, b"needs replica 3");
+    assert_eq!(group.replicas[3].commit_op(), op);
+}
+
+/// A restarted replica whose journal starts at an installed snapshot restores above it.
+#[test]
+fn bft_replica_restores_above_an_installed_snapshot() {
+    let mut group = Group::new(4, 1);
+    for round in 0..20u64 {
+        group.propose(0, &round.to_le_bytes());
+    }
+    let base = (10, chain_through(&group.committed[0], 10));
+    let digests: Vec<Digest> = group.committed[0][10..].iter().map(|(_, d)| *d).collect();
+    let restored = Restored {
+        low_cert: None,
+        digests,
+        guard: VoteGuard::default(),
+    };
+    let replica = BftReplica::restore_above(
+        BftConfig::new(GROUP, 3),
+        committee(4, 1),
+        keys(4)[3].clone(),
+        0,
+        Some(base),
+        restored.clone(),
+    )
+    .expect("restore");
+    assert_eq!(replica.commit_op(), 20);
+    assert_eq!(replica.commit_chain(), group.replicas[0].commit_chain());
+    assert_eq!(replica.low(), 0);
+    let low_cert = group.replicas[0].low_cert().cloned();
+    assert_eq!(low_cert.as_ref().map(CheckpointCert::op), Some(16));
+    let below = BftReplica::restore_above(
+        BftConfig::new(GROUP, 3),
+        committee(4, 1),
+        keys(4)[3].clone(),
+        0,
+        Some(base),
+        Restored {
+            low_cert,
+            ..restored
+        },
+    );
+    assert!(below.is_err(), "a snapshot below the checkpoint is refused");
 }

@@ -465,6 +465,9 @@ impl World {
                 }
                 // The simulator restarts no replica: nothing to persist.
                 Action::PersistGuard { .. } => {}
+                // Only a driver that lost ops from its log offers a snapshot
+                // (`Message::StateSnapshot`); the simulator's drivers serve every op.
+                Action::FetchSnapshot { .. } => {}
             }
         }
         if self.is_correct(replica)

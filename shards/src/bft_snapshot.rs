@@ -1,0 +1,569 @@
+//! BFT state transfer from a certified snapshot (`docs/bft.md` §5 and §12): the driver's
+//! part of `Action::FetchSnapshot`, and the snapshot checkpoints that certify state.
+//!
+//! **Snapshot checkpoints.** In BFT mode the checkpoint follower is driven
+//! ([`crate::checkpoint::FollowerConfig::driven`]): at every BFT op that
+//! [`checkpoint_due`] names for `--checkpoint-interval-ops` (counted in BFT ops, so every
+//! replica picks the same ones), the driver asks it for a snapshot at the journal op that BFT
+//! op ends at. Once the file is written and installed as the journal's checkpoint, the core
+//! signs `StateCheckpoint(op, chain, journal op, state digest)`; `2f + 1` matching votes
+//! make a state certificate.
+//!
+//! **Fetch.** A peer asked for ops its log no longer holds offers its latest state
+//! certificate (`StateSnapshot`). The core verifies it and asks for the snapshot; this
+//! module fetches the file one [`SNAPSHOT_CHUNK_BYTES`] chunk at a time (at most
+//! [`SNAPSHOT_CHUNKS_INFLIGHT_MAX`] asked ahead) into a buffer sized by the first chunk and
+//! bounded by the state machine's largest snapshot.
+//!
+//! **Verify before adopting.** The file's header (cluster, shard, journal op), its
+//! checksum, its recorded digest, and then the state itself: the body is restored into a
+//! scratch state machine and its `digest()` must equal the certified `state_digest`.
+//! Nothing of this replica changed up to here; a peer serving other bytes costs one retry
+//! with the next peer (`percore_bft_snapshot_fetches_failed_total`).
+//!
+//! **Install.** The state certificate is journaled in the certificate journal (made
+//! durable first: a restart finds the base of the ops above it), then the snapshot becomes
+//! the journal's base as in crash-mode state sync ([`crate::sync::switch_to_snapshot`]),
+//! and the core continues by log from the snapshot's op. The buffer is allocated per fetch:
+//! a rare path.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use glommio::io::DmaFile;
+use percore_engine::bft::{self, Digest, Message, SnapshotStatement, StateCert};
+use percore_engine::journal::{self as format, JournalChecksum, SNAPSHOT_HEADER_BYTES};
+use percore_engine::state_machine::StateMachine;
+
+use crate::bft::{CERT_KIND_SNAPSHOT, run_actions, send, stage_cert};
+use crate::checkpoint::checkpoint_due;
+use crate::journal::{Journal, JournalOptions};
+use crate::metrics::ShardMetrics;
+use crate::runtime::Shard;
+use crate::sync::{
+    SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNKS_INFLIGHT_MAX, SNAPSHOT_REQUESTS_QUEUED_MAX,
+    SYNC_CHUNK_TIMEOUT_US,
+};
+
+/// Snapshot ops asked of the follower and not yet written, remembered with their BFT op and
+/// chain digest (a follower that falls this far behind skips some; each skip only means
+/// one certificate fewer).
+pub const SNAPSHOT_POINTS_TRACKED: usize = 8;
+
+/// The driver's snapshot state, in [`crate::bft::Bft`].
+#[derive(Debug)]
+pub(crate) struct SnapshotState {
+    /// The fetch in progress.
+    fetch: Option<Fetch>,
+    /// Chunk requests to serve: `(peer, journal op, offset)`.
+    requests: VecDeque<(u8, u64, u64)>,
+    /// The snapshot file being served, open: journal op, file, size.
+    serving: Option<(u64, Rc<DmaFile>, u64)>,
+    /// `(journal op, BFT op, chain)` of snapshots asked of the follower.
+    points: VecDeque<(u64, u64, Digest)>,
+    /// The chain digest of the last committed op staged, and that op.
+    chain: Digest,
+    chain_op: u64,
+}
+
+#[derive(Debug)]
+struct Fetch {
+    from: u8,
+    cert: StateCert,
+    /// The file's bytes received so far.
+    file: Vec<u8>,
+    /// The whole file's size (0 before the first chunk).
+    file_bytes: u64,
+    /// Offset up to which chunks were asked for.
+    requested_to: u64,
+    heard_us: u64,
+}
+
+impl SnapshotState {
+    /// The state of a driver whose core executed up to `op`, with chain digest `chain`.
+    pub(crate) fn new(op: u64, chain: Digest) -> Self {
+        Self {
+            fetch: None,
+            requests: VecDeque::with_capacity(SNAPSHOT_REQUESTS_QUEUED_MAX),
+            serving: None,
+            points: VecDeque::with_capacity(SNAPSHOT_POINTS_TRACKED),
+            chain,
+            chain_op: op,
+        }
+    }
+}
+
+/// A committed op was staged (`journal_op`: the journal's op after it). Keeps the chain
+/// digest and, at a snapshot op, asks the follower for a snapshot at `journal_op`.
+pub(crate) fn note_staged<S: StateMachine>(
+    shard: &Shard<S>,
+    op: u64,
+    digest: &Digest,
+    journal_op: u64,
+) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut state = bft.snapshot.borrow_mut();
+    debug_assert_eq!(op, state.chain_op + 1, "commits are staged in order");
+    state.chain = bft::chain_digest(&state.chain, op, digest);
+    state.chain_op = op;
+    let interval = shard
+        .config
+        .journal
+        .as_ref()
+        .map_or(0, |journal| journal.checkpoint_interval_ops);
+    if interval == 0 || journal_op == 0 {
+        return;
+    }
+    if !checkpoint_due(op, shard.index, shard.config.cores.len(), interval) {
+        return;
+    }
+    if state
+        .points
+        .back()
+        .is_some_and(|(asked, _, _)| *asked >= journal_op)
+    {
+        return; // only null ops since the last one: the same state
+    }
+    let asked = shard
+        .checkpoints
+        .borrow()
+        .as_ref()
+        .map(|follower| follower.request(journal_op))
+        .is_some();
+    if !asked {
+        return;
+    }
+    if state.points.len() == SNAPSHOT_POINTS_TRACKED {
+        state.points.pop_front();
+    }
+    let chain = state.chain;
+    state.points.push_back((journal_op, op, chain));
+}
+
+/// The follower's snapshot at `meta.op` became the journal's checkpoint: if it was asked for
+/// at a snapshot op, the core signs its statement.
+pub(crate) fn snapshot_written<S: StateMachine>(shard: &Shard<S>, meta: &format::SnapshotMeta) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let point = {
+        let mut state = bft.snapshot.borrow_mut();
+        let point = state
+            .points
+            .iter()
+            .find(|(journal_op, _, _)| *journal_op == meta.op)
+            .copied();
+        state
+            .points
+            .retain(|(journal_op, _, _)| *journal_op > meta.op);
+        point
+    };
+    let Some((journal_op, op, chain)) = point else {
+        return;
+    };
+    let statement = SnapshotStatement {
+        op,
+        chain,
+        journal_op,
+        state_digest: meta.digest,
+    };
+    let mut actions = Vec::new();
+    bft.replica
+        .borrow_mut()
+        .sign_snapshot(shard.now_us(), statement, &mut actions);
+    if !actions.is_empty() {
+        ShardMetrics::add(&shard.metrics.bft_snapshot_votes_total, 1);
+        tracing::debug!(
+            shard = shard.index,
+            op,
+            journal_op,
+            "BFT snapshot checkpoint signed"
+        );
+    }
+    run_actions(shard, &actions);
+}
+
+/// Starts the fetch the core asked for ([`Action::FetchSnapshot`]).
+pub(crate) fn start<S: StateMachine>(shard: &Shard<S>, from: u8, cert: &StateCert) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    ShardMetrics::add(&shard.metrics.bft_snapshot_fetches_total, 1);
+    tracing::info!(
+        shard = shard.index,
+        peer = from,
+        op = cert.op(),
+        journal_op = cert.statement.journal_op,
+        "BFT state transfer: the ops are gone from the peers' logs; fetching the snapshot \
+         2f+1 replicas certified"
+    );
+    let journal_op = cert.statement.journal_op;
+    bft.snapshot.borrow_mut().fetch = Some(Fetch {
+        from,
+        cert: cert.clone(),
+        file: Vec::new(),
+        file_bytes: 0,
+        requested_to: SNAPSHOT_CHUNK_BYTES as u64,
+        heard_us: shard.now_us(),
+    });
+    // The first chunk alone: it tells the file's size.
+    send(
+        shard,
+        &[from],
+        &Message::SnapshotRequest {
+            journal_op,
+            offset: 0,
+        },
+    );
+}
+
+/// A peer's `SnapshotRequest`: queued for the batcher, which reads the file.
+pub(crate) fn request_received<S: StateMachine>(
+    shard: &Shard<S>,
+    from: u8,
+    journal_op: u64,
+    offset: u64,
+) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut state = bft.snapshot.borrow_mut();
+    if state.requests.len() < SNAPSHOT_REQUESTS_QUEUED_MAX {
+        state.requests.push_back((from, journal_op, offset));
+    }
+    shard.batcher.notify();
+}
+
+/// A `SnapshotChunk` from `from`: appended if it is the next one of the fetch in progress;
+/// then more are asked for, or the batcher verifies and installs the file.
+pub(crate) fn chunk_received<S: StateMachine>(
+    shard: &Shard<S>,
+    from: u8,
+    (journal_op, offset, file_bytes): (u64, u64, u64),
+    body: &[u8],
+) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let bytes_max = shard
+        .core
+        .borrow()
+        .state_machine()
+        .snapshot_bytes_max()
+        .map_or(u64::MAX, |max| {
+            (SNAPSHOT_HEADER_BYTES + max.next_multiple_of(format::SECTOR_BYTES)) as u64
+        });
+    let outcome = {
+        let mut state = bft.snapshot.borrow_mut();
+        let Some(fetch) = state.fetch.as_mut() else {
+            return;
+        };
+        if fetch.from != from
+            || fetch.cert.statement.journal_op != journal_op
+            || fetch.file.len() as u64 != offset
+        {
+            return;
+        }
+        if fetch.file_bytes == 0 {
+            if file_bytes <= SNAPSHOT_HEADER_BYTES as u64 || file_bytes > bytes_max {
+                Err("the snapshot's size is out of bounds")
+            } else {
+                fetch.file_bytes = file_bytes;
+                fetch.file = Vec::with_capacity(file_bytes as usize);
+                Ok(())
+            }
+        } else {
+            Ok(())
+        }
+        .and_then(|()| {
+            if file_bytes != fetch.file_bytes
+                || body.is_empty()
+                || offset + body.len() as u64 > file_bytes
+            {
+                return Err("a chunk does not fit the snapshot (or the peer has no file)");
+            }
+            fetch.file.extend_from_slice(body);
+            fetch.heard_us = shard.now_us();
+            let received = fetch.file.len() as u64;
+            let window_end = (received
+                + SNAPSHOT_CHUNKS_INFLIGHT_MAX * SNAPSHOT_CHUNK_BYTES as u64)
+                .min(file_bytes);
+            let from_offset = fetch.requested_to.max(received);
+            fetch.requested_to = fetch.requested_to.max(window_end);
+            Ok((from_offset..window_end, received == file_bytes))
+        })
+    };
+    ShardMetrics::add(&shard.metrics.bft_snapshot_bytes_total, body.len() as u64);
+    let (requests, done) = match outcome {
+        Ok(next) => next,
+        Err(why) => return fail(shard, why),
+    };
+    let mut offset = requests.start;
+    // Bounded by the window: at most SNAPSHOT_CHUNKS_INFLIGHT_MAX requests.
+    while offset < requests.end {
+        send(
+            shard,
+            &[from],
+            &Message::SnapshotRequest { journal_op, offset },
+        );
+        offset += SNAPSHOT_CHUNK_BYTES as u64;
+    }
+    if done {
+        shard.batcher.notify();
+    }
+}
+
+/// Ends the fetch in progress without changing anything; the core asks the next peer.
+fn fail<S: StateMachine>(shard: &Shard<S>, why: &str) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let Some(fetch) = bft.snapshot.borrow_mut().fetch.take() else {
+        return;
+    };
+    tracing::warn!(
+        shard = shard.index,
+        peer = fetch.from,
+        op = fetch.cert.op(),
+        why,
+        "BFT snapshot fetch failed; asking the next peer"
+    );
+    ShardMetrics::add(&shard.metrics.bft_snapshot_fetches_failed_total, 1);
+    let mut actions = Vec::new();
+    bft.replica
+        .borrow_mut()
+        .on_snapshot_failed(shard.now_us(), &mut actions);
+    run_actions(shard, &actions);
+}
+
+/// The batcher's part, once per turn: serves queued chunk requests, fails a fetch whose
+/// peer went quiet, installs a complete one. Returns whether it did anything.
+pub(crate) async fn step<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut progressed = serve(shard, journal).await;
+    let (complete, quiet) = match bft.snapshot.borrow().fetch.as_ref() {
+        None => return progressed,
+        Some(fetch) => (
+            fetch.file_bytes > 0 && fetch.file.len() as u64 == fetch.file_bytes,
+            shard.now_us().saturating_sub(fetch.heard_us) > SYNC_CHUNK_TIMEOUT_US,
+        ),
+    };
+    if complete {
+        progressed |= install(shard, journal).await;
+    } else if quiet {
+        fail(shard, "the peer stopped answering");
+        progressed = true;
+    }
+    progressed
+}
+
+/// Serves the queued chunk requests from the journal's retained snapshot files (the
+/// checkpoint and the one before). A file that is not here is answered with an empty
+/// chunk: the fetch fails at once and the requester asks the next peer.
+async fn serve<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut served = false;
+    loop {
+        let Some((to, journal_op, offset)) = bft.snapshot.borrow_mut().requests.pop_front() else {
+            return served;
+        };
+        served = true;
+        let (file, size) = match open(shard, journal, journal_op).await {
+            Some(open) => open,
+            None => {
+                let empty = Message::SnapshotChunk {
+                    journal_op,
+                    offset,
+                    file_bytes: 0,
+                    bytes: Vec::new(),
+                };
+                send(shard, &[to], &empty);
+                continue;
+            }
+        };
+        if offset >= size {
+            continue;
+        }
+        let length = (size - offset).min(SNAPSHOT_CHUNK_BYTES as u64) as usize;
+        let Ok(chunk) = file.read_at(offset, length).await else {
+            continue;
+        };
+        if chunk.len() != length {
+            continue;
+        }
+        let mut bytes = chunk.to_vec();
+        if bft.settings.byzantine == Some(crate::bft::Byzantine::CorruptSnapshot)
+            && let Some(byte) = bytes.last_mut()
+        {
+            // Test only: a lie the requester must catch (checksum or state digest).
+            *byte ^= 0x5A;
+        }
+        send(
+            shard,
+            &[to],
+            &Message::SnapshotChunk {
+                journal_op,
+                offset,
+                file_bytes: size,
+                bytes,
+            },
+        );
+        ShardMetrics::add(
+            &shard.metrics.bft_snapshot_bytes_served_total,
+            length as u64,
+        );
+    }
+}
+
+/// The snapshot file at `journal_op`, open (cached while it is served), if the journal
+/// still retains it.
+async fn open<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &Journal,
+    journal_op: u64,
+) -> Option<(Rc<DmaFile>, u64)> {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    if let Some((op, file, size)) = bft.snapshot.borrow().serving.as_ref()
+        && *op == journal_op
+    {
+        return Some((file.clone(), *size));
+    }
+    let superblock = *journal.superblock();
+    if journal_op == 0
+        || (journal_op != superblock.checkpoint.op
+            && journal_op != superblock.checkpoint_previous.op)
+    {
+        return None;
+    }
+    let path = journal
+        .config()
+        .dir
+        .join(format::snapshot_file_name(journal_op));
+    let file = DmaFile::open(&path).await.ok()?;
+    let size = file.file_size().await.ok()?;
+    let file = Rc::new(file);
+    let old = bft
+        .snapshot
+        .borrow_mut()
+        .serving
+        .replace((journal_op, file.clone(), size));
+    if let Some((_, old, _)) = old
+        && let Ok(old) = Rc::try_unwrap(old)
+    {
+        let _ = old.close().await;
+    }
+    Some((file, size))
+}
+
+/// Verifies the fetched file against the state certificate and, if it holds, makes it
+/// this replica's state and journal base. Returns whether it did anything.
+async fn install<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
+where
+    S: StateMachine + 'static,
+    S::Record: Send,
+    S::Result: Send,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    if journal.op_staged() != journal.op_durable() || bft.commits_queued() {
+        return false; // commits still being journaled: next turn
+    }
+    let Some(mut certs) = bft.certs.borrow_mut().take() else {
+        return false;
+    };
+    let fetch = bft.snapshot.borrow_mut().fetch.take().expect("a fetch");
+    let verified = verify(shard, journal, &fetch);
+    let meta = match verified {
+        Ok(meta) => meta,
+        Err(why) => {
+            *bft.certs.borrow_mut() = Some(certs);
+            bft.snapshot.borrow_mut().fetch = Some(fetch);
+            fail(shard, why);
+            return true;
+        }
+    };
+    let statement = fetch.cert.statement;
+    let body = &fetch.file[SNAPSHOT_HEADER_BYTES..][..meta.snapshot_bytes as usize];
+    // The base of the ops above, durable before the journal changes: a restart between
+    // the two finds a record above its journal and cuts it.
+    stage_cert(
+        shard,
+        &mut certs,
+        (CERT_KIND_SNAPSHOT, &[]),
+        (statement.op, statement.journal_op),
+        (0, statement.chain),
+        &fetch.cert.votes,
+    )
+    .await;
+    if let Err(error) = certs.commit().await {
+        panic!(
+            "shard {}: BFT certificate journal write failed, stopping: {error}",
+            shard.index
+        );
+    }
+    let cert_op = certs.op_durable();
+    *bft.certs.borrow_mut() = Some(certs);
+    crate::sync::switch_to_snapshot(shard, journal, &meta, body, JournalOptions::default()).await;
+    {
+        let mut state = bft.snapshot.borrow_mut();
+        state.chain = statement.chain;
+        state.chain_op = statement.op;
+        state.points.clear();
+    }
+    crate::bft::note_base(bft, statement.op, statement.journal_op, cert_op);
+    crate::bft::answer_applied(shard);
+    ShardMetrics::add(&shard.metrics.bft_snapshot_installs_total, 1);
+    tracing::info!(
+        shard = shard.index,
+        peer = fetch.from,
+        op = statement.op,
+        journal_op = statement.journal_op,
+        snapshot_bytes = meta.snapshot_bytes,
+        "BFT state transfer: certified snapshot verified and installed; the ops above \
+         follow by log"
+    );
+    let mut actions = Vec::new();
+    let installed =
+        bft.replica
+            .borrow_mut()
+            .on_snapshot_installed(shard.now_us(), &statement, &mut actions);
+    debug_assert!(installed.is_ok(), "{installed:?}");
+    run_actions(shard, &actions);
+    true
+}
+
+/// Checks the fetched file against the certificate: header (cluster, shard, journal op,
+/// recorded digest), checksum, and the digest of the state it restores to, computed on a
+/// scratch state machine so that nothing here changes before it matches.
+fn verify<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &Journal,
+    fetch: &Fetch,
+) -> Result<format::SnapshotMeta, &'static str> {
+    let statement = &fetch.cert.statement;
+    let meta =
+        format::decode_snapshot_header(&fetch.file).map_err(|_| "the header does not decode")?;
+    if meta.op != statement.journal_op
+        || meta.shard as usize != shard.index
+        || meta.cluster_id != journal.config().cluster_id
+    {
+        return Err("the snapshot is not the certified one");
+    }
+    if meta.digest != statement.state_digest {
+        return Err("the snapshot records another state digest than the certified one");
+    }
+    if meta.op <= journal.op_durable() {
+        return Err("the journal is at or past the snapshot");
+    }
+    let end = (SNAPSHOT_HEADER_BYTES as u64).saturating_add(meta.snapshot_bytes);
+    let body = usize::try_from(end)
+        .ok()
+        .and_then(|end| fetch.file.get(SNAPSHOT_HEADER_BYTES..end))
+        .ok_or("the snapshot is shorter than its header says")?;
+    let checksum: JournalChecksum = format::journal_checksum(body);
+    if checksum != meta.snapshot_checksum {
+        return Err("the snapshot's checksum does not match");
+    }
+    let mut scratch = (shard.make_follower)();
+    scratch
+        .restore(body)
+        .map_err(|_| "the snapshot does not restore")?;
+    if scratch.digest() != statement.state_digest {
+        return Err("the restored state's digest is not the certified one");
+    }
+    Ok(meta)
+}
