@@ -66,7 +66,7 @@ impl Harness {
     }
 
     /// [`Harness::start_sharded`] with `overrides` (flag, value) replacing or adding to
-    /// [`NODE_ARGS`].
+    /// [`SMALL_NODE_ARGS`].
     fn start_with(
         name: &str,
         behaviour: Option<&str>,
