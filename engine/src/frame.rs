@@ -24,6 +24,10 @@
 //! | 52 | `checksum_header: u32` | CRC-32C of the header with this field zero |
 //! | 56 | `reserved: [u8; 8]` | zero |
 //!
+//! A `SignedRequest` (BFT mode, `docs/bft.md` §12) is a request whose body ends with a
+//! [`SIGNATURE_TRAILER_BYTES`]-byte ed25519 signature after the records: `body_bytes =
+//! record_count * record size + 64`, the body checksum covering both.
+//!
 //! A server that cannot decode a header cannot trust its `client_id` either: it closes the
 //! connection. Errors found after the header is valid (body checksum, semantics) are answered
 //! with an `ErrorReply` echoing the request's envelope.
@@ -49,6 +53,8 @@ pub const FRAME_BODY_BYTES_MAX_DEFAULT: usize = 1 << 20;
 pub const FRAME_BYTES_MAX_DEFAULT: usize = FRAME_HEADER_BYTES + FRAME_BODY_BYTES_MAX_DEFAULT;
 /// Size of an id in a lookup request (bytes).
 pub const LOOKUP_ID_BYTES: usize = size_of::<u128>();
+/// Bytes after the records of a `SignedRequest`: the client's ed25519 signature.
+pub const SIGNATURE_TRAILER_BYTES: usize = 64;
 
 const _: () = assert!(size_of::<FrameHeader>() == FRAME_HEADER_BYTES);
 const _: () = assert!(FRAME_BODY_BYTES_MAX_DEFAULT.is_multiple_of(RECORD_BYTES));
@@ -98,6 +104,9 @@ wire_enum! {
         Reply = 2,
         /// Shard to client: the request was refused as a whole; see `error_code`.
         ErrorReply = 3,
+        /// Client to shard, BFT mode: a request whose body ends with the client's
+        /// signature ([`SIGNATURE_TRAILER_BYTES`]) after the records.
+        SignedRequest = 4,
     }
 }
 
@@ -173,7 +182,7 @@ impl FrameSchema for ReplySchema {
     fn record_bytes(&self, kind: Kind, _operation: u16) -> Option<usize> {
         match kind {
             Kind::Reply => Some(self.reply_record_bytes),
-            Kind::Request | Kind::ErrorReply => None,
+            Kind::Request | Kind::SignedRequest | Kind::ErrorReply => None,
         }
     }
 }
@@ -181,7 +190,7 @@ impl FrameSchema for ReplySchema {
 /// Size of one record of a frame of `kind` and `operation` (bytes).
 pub const fn record_bytes(kind: Kind, operation: Operation) -> usize {
     match kind {
-        Kind::Request => operation.request_record_bytes(),
+        Kind::Request | Kind::SignedRequest => operation.request_record_bytes(),
         Kind::Reply => operation.reply_record_bytes(),
         Kind::ErrorReply => 0,
     }
@@ -352,6 +361,20 @@ impl DecodedHeader {
     pub fn frame_bytes(&self) -> usize {
         FRAME_HEADER_BYTES + self.body_bytes as usize
     }
+
+    /// Bytes of records at the start of the body (all of it but a signature trailer).
+    pub fn records_bytes(&self) -> usize {
+        self.body_bytes as usize - self.trailer_bytes()
+    }
+
+    /// Bytes after the records: [`SIGNATURE_TRAILER_BYTES`] in a `SignedRequest`.
+    pub fn trailer_bytes(&self) -> usize {
+        if self.kind == Kind::SignedRequest {
+            SIGNATURE_TRAILER_BYTES
+        } else {
+            0
+        }
+    }
 }
 
 /// The checksum of `header` with its `checksum_header` field taken as zero.
@@ -404,7 +427,10 @@ pub fn decode_header(
     // An error reply carries no records, whatever operation it echoes.
     let record_bytes = match kind {
         Kind::ErrorReply => 0,
-        Kind::Request | Kind::Reply => schema
+        Kind::Request | Kind::SignedRequest => schema
+            .record_bytes(Kind::Request, operation)
+            .ok_or(FrameError::UnknownOperation { operation })?,
+        Kind::Reply => schema
             .record_bytes(kind, operation)
             .ok_or(FrameError::UnknownOperation { operation })?,
     };
@@ -421,7 +447,12 @@ pub fn decode_header(
             max: frame_bytes_max,
         });
     }
-    check_record_count(&header, record_bytes)?;
+    let trailer_bytes = if kind == Kind::SignedRequest {
+        SIGNATURE_TRAILER_BYTES
+    } else {
+        0
+    };
+    check_record_count(&header, record_bytes, trailer_bytes)?;
     Ok(DecodedHeader {
         kind,
         record_bytes,
@@ -438,8 +469,17 @@ pub fn decode_header(
     })
 }
 
-fn check_record_count(header: &FrameHeader, record_bytes: usize) -> Result<(), FrameError> {
-    let body_bytes = header.body_bytes as usize;
+fn check_record_count(
+    header: &FrameHeader,
+    record_bytes: usize,
+    trailer_bytes: usize,
+) -> Result<(), FrameError> {
+    let Some(body_bytes) = (header.body_bytes as usize).checked_sub(trailer_bytes) else {
+        return Err(FrameError::BodyNotMultipleOfRecord {
+            body_bytes: header.body_bytes,
+            record_bytes: record_bytes as u32,
+        });
+    };
     let expected = if record_bytes == 0 {
         if body_bytes != 0 {
             return Err(FrameError::BodyNotMultipleOfRecord {
@@ -518,6 +558,33 @@ pub fn encode_request<R: Pod>(buf: &mut [u8], envelope: &Envelope, records: &[R]
     encode(buf, Kind::Request, envelope, records, 0)
 }
 
+/// Writes a `SignedRequest` frame: `records`, then `signature` (the client's signature of
+/// the request, BFT mode); returns the frame's size.
+///
+/// # Panics
+/// As [`encode_request`].
+pub fn encode_signed_request<R: Pod>(
+    buf: &mut [u8],
+    envelope: &Envelope,
+    records: &[R],
+    signature: &[u8; SIGNATURE_TRAILER_BYTES],
+) -> usize {
+    let records_bytes = size_of_val(records);
+    let frame_bytes = FRAME_HEADER_BYTES + records_bytes + SIGNATURE_TRAILER_BYTES;
+    assert!(buf.len() >= frame_bytes, "buffer too short for the frame");
+    let at = FRAME_HEADER_BYTES + records_bytes;
+    buf[at..frame_bytes].copy_from_slice(signature);
+    let written = encode(buf, Kind::SignedRequest, envelope, records, 0);
+    debug_assert_eq!(written, at);
+    // The body is the records and the trailer: extend the header's size and checksum.
+    let mut header: FrameHeader = bytemuck::pod_read_unaligned(&buf[..FRAME_HEADER_BYTES]);
+    header.body_bytes += SIGNATURE_TRAILER_BYTES as u32;
+    header.checksum_body = frame_checksum(&buf[FRAME_HEADER_BYTES..frame_bytes]);
+    header.checksum_header = header_checksum(&header);
+    buf[..FRAME_HEADER_BYTES].copy_from_slice(bytemuck::bytes_of(&header));
+    frame_bytes
+}
+
 /// Writes a reply frame with `records` (results, or looked-up records) into `buf`; returns
 /// the frame's size.
 ///
@@ -574,6 +641,38 @@ fn encode<R: Pod>(
 mod tests {
     use super::*;
     use core::mem::offset_of;
+
+    #[test]
+    fn signed_requests_carry_their_signature_after_the_records() {
+        let envelope = Envelope {
+            client_id: 3,
+            request_number: 9,
+            operation: Operation::CreateTransfers.into(),
+            shard: 1,
+        };
+        let records = [[7u8; RECORD_BYTES]; 2];
+        let mut buf = vec![0u8; 1024];
+        let bytes = encode_signed_request(&mut buf, &envelope, &records, &[5; 64]);
+        assert_eq!(bytes, FRAME_HEADER_BYTES + 2 * RECORD_BYTES + 64);
+        let (header, body) = decode_frame(&buf[..bytes], 1024, &LedgerSchema).expect("decodes");
+        assert_eq!(header.kind, Kind::SignedRequest);
+        assert_eq!(
+            (header.record_count, header.records_bytes()),
+            (2, 2 * RECORD_BYTES)
+        );
+        assert_eq!(&body[header.records_bytes()..], &[5u8; 64][..]);
+        assert_eq!(header.envelope, envelope);
+        // A signed request without room for its signature is refused.
+        let short = encode_request(&mut buf, &envelope, &records[..1]);
+        let mut unsigned: FrameHeader = bytemuck::pod_read_unaligned(&buf[..FRAME_HEADER_BYTES]);
+        unsigned.kind = Kind::SignedRequest.into();
+        unsigned.checksum_header = header_checksum(&unsigned);
+        buf[..FRAME_HEADER_BYTES].copy_from_slice(bytemuck::bytes_of(&unsigned));
+        assert!(matches!(
+            decode_frame(&buf[..short], 1024, &LedgerSchema),
+            Err(FrameError::BodyNotMultipleOfRecord { .. } | FrameError::RecordCountMismatch { .. })
+        ));
+    }
 
     #[test]
     fn header_layout_is_the_documented_wire_layout() {

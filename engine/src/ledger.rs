@@ -1813,6 +1813,23 @@ impl StateMachine for Ledger {
         }
     }
 
+    /// Resets the timestamp `prepare` assigns (clients send 0).
+    fn unprepare(operation: LedgerOperation, record: &mut RecordSlot) {
+        match operation {
+            LedgerOperation::CreateAccounts => {
+                let mut account = *record.as_account();
+                account.timestamp = 0;
+                *record = RecordSlot::from_account(&account);
+            }
+            LedgerOperation::CreateTransfers => {
+                let mut transfer = *record.as_transfer();
+                transfer.timestamp = 0;
+                *record = RecordSlot::from_transfer(&transfer);
+            }
+            LedgerOperation::ApplyCreditLegs | LedgerOperation::AckCreditLegs => {}
+        }
+    }
+
     /// Assigns strictly increasing timestamps: the first record gets
     /// `max(now_ns, last timestamp + 1)`, each next one its predecessor's plus one.
     /// Acknowledgements carry no timestamp of their own.

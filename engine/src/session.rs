@@ -483,6 +483,10 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         S::crosses_shards(operation, record, shard_count)
     }
 
+    fn unprepare(operation: Self::Operation, record: &mut Self::Record) {
+        S::unprepare(operation, record);
+    }
+
     fn prepare(&mut self, operation: Self::Operation, now_ns: u64, records: &mut [Self::Record]) {
         self.inner.prepare(operation, now_ns, records);
     }

@@ -114,6 +114,15 @@ pub trait StateMachine {
         false
     }
 
+    /// BFT mode: resets in `record` the fields [`StateMachine::prepare`] assigns to what a
+    /// client sends (the ledger: `timestamp`, 0). A client signs its records as it sends
+    /// them; a replica checks that signature against records the leader prepared, so it
+    /// hashes them with these fields reset (`docs/bft.md` §2). A pure function. The default,
+    /// for a machine whose `prepare` rewrites nothing, leaves the record as it is.
+    fn unprepare(operation: Self::Operation, record: &mut Self::Record) {
+        let _ = (operation, record);
+    }
+
     /// Called once by the batch leader before the batch is replicated. May rewrite records
     /// (e.g. assign timestamps); deterministic in `(self, operation, now_ns, records)`.
     fn prepare(&mut self, operation: Self::Operation, now_ns: u64, records: &mut [Self::Record]);

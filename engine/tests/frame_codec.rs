@@ -283,7 +283,7 @@ fn each_invalid_field_is_refused_with_its_error() {
     let reserved = resealed(&frame, |header| header.reserved[7] = 1);
     assert_eq!(decode(&reserved), Err(FrameError::ReservedNotZero));
 
-    for kind in [0, 4, u16::MAX] {
+    for kind in [0, 5, u16::MAX] {
         let bad = resealed(&frame, |header| header.kind = kind);
         assert_eq!(decode(&bad), Err(FrameError::UnknownKind { kind }));
     }

@@ -30,6 +30,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
+use percore_engine::bft::{RequestStatement, SigningKey};
 use percore_engine::frame::{
     self, DecodedHeader, Envelope, FRAME_HEADER_BYTES, FrameError, Kind, ReplySchema,
 };
@@ -64,6 +65,12 @@ pub const ERROR_WRONG_SHARD: u32 = 1012;
 /// accounts of two shards), which BFT groups refuse (`percore_shards::bft::
 /// ERROR_BFT_CROSS_SHARD`, docs/bft.md §12). Never retried.
 pub const ERROR_BFT_CROSS_SHARD: u32 = 1014;
+/// BFT mode: the client id has no public key in the cluster file
+/// (`percore_shards::bft::ERROR_BFT_UNKNOWN_CLIENT`). Never retried.
+pub const ERROR_BFT_UNKNOWN_CLIENT: u32 = 1015;
+/// BFT mode: the request's signature is missing or does not verify with the client's key
+/// (`percore_shards::bft::ERROR_BFT_BAD_SIGNATURE`). Never retried.
+pub const ERROR_BFT_BAD_SIGNATURE: u32 = 1016;
 
 const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT > 0);
 const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT <= CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT);
@@ -115,6 +122,25 @@ pub enum ClientError {
     /// shards ([`ERROR_BFT_CROSS_SHARD`]); nothing of it was applied.
     #[error("shard {shard}: request {request_number} refused: a record would cross shards")]
     CrossShardRefused {
+        /// Shard index.
+        shard: usize,
+        /// The request.
+        request_number: u64,
+    },
+    /// `f + 1` replicas of a BFT group do not know this client id
+    /// ([`ERROR_BFT_UNKNOWN_CLIENT`]): it is not listed in the cluster file.
+    #[error("shard {shard}: request {request_number} refused: unknown client id")]
+    UnknownClient {
+        /// Shard index.
+        shard: usize,
+        /// The request.
+        request_number: u64,
+    },
+    /// `f + 1` replicas of a BFT group refused the request's signature
+    /// ([`ERROR_BFT_BAD_SIGNATURE`]): the key is not the one the cluster file lists for
+    /// this client id.
+    #[error("shard {shard}: request {request_number} refused: bad client signature")]
+    SignatureRefused {
         /// Shard index.
         shard: usize,
         /// The request.
@@ -185,6 +211,22 @@ impl ClientError {
                 request_number,
                 code: ERROR_BFT_CROSS_SHARD,
             } => ClientError::CrossShardRefused {
+                shard,
+                request_number,
+            },
+            ClientError::Refused {
+                shard,
+                request_number,
+                code: ERROR_BFT_UNKNOWN_CLIENT,
+            } => ClientError::UnknownClient {
+                shard,
+                request_number,
+            },
+            ClientError::Refused {
+                shard,
+                request_number,
+                code: ERROR_BFT_BAD_SIGNATURE,
+            } => ClientError::SignatureRefused {
                 shard,
                 request_number,
             },
@@ -657,14 +699,37 @@ fn write_request<R: Pod>(
     envelope: &Envelope,
     records: &[R],
 ) -> Result<(), ClientError> {
-    let max = (write_buffer.len() - FRAME_HEADER_BYTES) / size_of::<R>().max(1);
+    write_frame(
+        stream,
+        write_buffer,
+        (shard, address),
+        envelope,
+        records,
+        None,
+    )
+}
+
+/// Writes a request, signed (a `SignedRequest` frame) when `signature` is given.
+fn write_frame<R: Pod>(
+    stream: &mut TcpStream,
+    write_buffer: &mut [u8],
+    (shard, address): (usize, SocketAddr),
+    envelope: &Envelope,
+    records: &[R],
+    signature: Option<&[u8; frame::SIGNATURE_TRAILER_BYTES]>,
+) -> Result<(), ClientError> {
+    let trailer = signature.map_or(0, |_| frame::SIGNATURE_TRAILER_BYTES);
+    let max = (write_buffer.len() - FRAME_HEADER_BYTES - trailer) / size_of::<R>().max(1);
     if records.len() > max {
         return Err(ClientError::TooManyRecords {
             records: records.len(),
             max,
         });
     }
-    let bytes = frame::encode_request(write_buffer, envelope, records);
+    let bytes = match signature {
+        Some(signature) => frame::encode_signed_request(write_buffer, envelope, records, signature),
+        None => frame::encode_request(write_buffer, envelope, records),
+    };
     stream
         .write_all(&write_buffer[..bytes])
         .map_err(|source| ClientError::Io {
@@ -1075,8 +1140,9 @@ enum ReplicaAnswer {
     /// Replied with these result bytes.
     Replied(Vec<u8>),
     /// Refused with a code every correct replica gives for this request
-    /// ([`ERROR_WRONG_SHARD`], [`ERROR_BFT_CROSS_SHARD`]): not asked again; `f + 1` of them
-    /// end the request with that refusal.
+    /// ([`ERROR_WRONG_SHARD`], [`ERROR_BFT_CROSS_SHARD`], [`ERROR_BFT_UNKNOWN_CLIENT`],
+    /// [`ERROR_BFT_BAD_SIGNATURE`]): not asked again; `f + 1` of them end the request with
+    /// that refusal.
     Refused(u32),
     /// Refused, or its connection failed: sent again next round.
     Failed,
@@ -1090,13 +1156,17 @@ enum ReplicaAnswer {
 /// the same request number; one that says nothing is asked again after
 /// [`BFT_ROUND_TIMEOUT_US_DEFAULT`]. The request fails at `request_timeout`.
 ///
+/// Every request is signed once per shard it goes to, with the client's key (the cluster
+/// file lists it as client `config.client_id`), over the group, client id, request number,
+/// operation and a digest of the records ([`RequestStatement`]); replicas verify it before
+/// anything of it can be proposed, voted for or applied (`docs/bft.md` §2).
 /// Replies are read from non-blocking sockets, polled in turn: a silent replica never
-/// holds up the others. Requests are not signed: replicas match them by `(client_id,
-/// request_number)` and a Byzantine leader could still propose a request no client sent.
-#[derive(Debug)]
+/// holds up the others.
 pub struct BftClient {
     config: ClientConfig,
     faults_max: usize,
+    /// The client's ed25519 key.
+    key: SigningKey,
     /// `connections[replica][shard]`, opened on use.
     connections: Vec<Vec<Option<QuorumConnection>>>,
     request_number: u64,
@@ -1106,14 +1176,25 @@ pub struct BftClient {
     round_timeout: Duration,
 }
 
+impl std::fmt::Debug for BftClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BftClient")
+            .field("client_id", &self.config.client_id)
+            .field("faults_max", &self.faults_max)
+            .field("request_number", &self.request_number)
+            .finish_non_exhaustive()
+    }
+}
+
 impl BftClient {
     /// A client of `config.replicas` (every replica of every group) tolerating
-    /// `faults_max` Byzantine replicas.
+    /// `faults_max` Byzantine replicas, signing with `key`: the key the cluster file lists
+    /// for client `config.client_id` (`percore keygen --clients`).
     ///
     /// # Panics
     /// If the replicas cannot tolerate `faults_max` (`n < 3f + 1`), list different shards,
     /// or no request timeout is set.
-    pub fn new(config: ClientConfig, faults_max: usize) -> Self {
+    pub fn new(config: ClientConfig, faults_max: usize, key: SigningKey) -> Self {
         let replicas = config.replicas.len();
         assert!(replicas > 3 * faults_max, "n >= 3f + 1 replicas");
         let shards = config.replicas[0].len();
@@ -1132,6 +1213,7 @@ impl BftClient {
             mismatched_replies: 0,
             round_timeout: Duration::from_micros(BFT_ROUND_TIMEOUT_US_DEFAULT),
             faults_max,
+            key,
             config,
         }
     }
@@ -1201,6 +1283,15 @@ impl BftClient {
             operation,
             shard: shard as u16,
         };
+        // One signature per request (and shard), whatever it holds.
+        let signature = RequestStatement::new(
+            shard as u32,
+            envelope.client_id,
+            envelope.request_number,
+            operation,
+            bytemuck::cast_slice(records),
+        )
+        .sign(&self.key);
         let mut answers = vec![ReplicaAnswer::Failed; replicas];
         let mut sent_at = vec![Instant::now(); replicas];
         let mut last_error = None;
@@ -1220,8 +1311,8 @@ impl BftClient {
                 }
                 resent = true;
                 sent_at[replica] = Instant::now();
-                answers[replica] = match self.send_to(replica, shard, &envelope, records, deadline)
-                {
+                let request = (&envelope, records, &signature);
+                answers[replica] = match self.send_to(replica, shard, request, deadline) {
                     Ok(()) => ReplicaAnswer::Waiting,
                     Err(error) => {
                         last_error = Some(error);
@@ -1312,8 +1403,7 @@ impl BftClient {
         &mut self,
         replica: usize,
         shard: usize,
-        envelope: &Envelope,
-        records: &[R],
+        (envelope, records, signature): (&Envelope, &[R], &[u8; frame::SIGNATURE_TRAILER_BYTES]),
         deadline: Instant,
     ) -> Result<(), ClientError> {
         let address = self.config.replicas[replica][shard];
@@ -1336,12 +1426,13 @@ impl BftClient {
             .as_mut()
             .expect("connected above");
         connection.stream.set_nonblocking(false).map_err(io)?;
-        let written = write_request(
+        let written = write_frame(
             &mut connection.stream,
             &mut self.write_buffer,
             (shard, address),
             envelope,
             records,
+            Some(signature),
         );
         let nonblocking = connection.stream.set_nonblocking(true).map_err(io);
         if let Err(error) = written.and(nonblocking) {
@@ -1447,7 +1538,10 @@ fn take_reply(
         }
         if header.kind == Kind::ErrorReply {
             return Ok(Some(match header.error_code {
-                code @ (ERROR_WRONG_SHARD | ERROR_BFT_CROSS_SHARD) => ReplicaAnswer::Refused(code),
+                code @ (ERROR_WRONG_SHARD
+                | ERROR_BFT_CROSS_SHARD
+                | ERROR_BFT_UNKNOWN_CLIENT
+                | ERROR_BFT_BAD_SIGNATURE) => ReplicaAnswer::Refused(code),
                 _ => ReplicaAnswer::Failed,
             }));
         }

@@ -49,6 +49,14 @@
 //! (`StateSnapshot`): the requester fetches, verifies and installs that snapshot
 //! ([`crate::bft_snapshot`]) and continues by log.
 //!
+//! **Client authentication**: every request arrives signed by its client (a
+//! `SignedRequest` frame; the client's key is listed in the cluster file) and is verified
+//! at admission (`serve_request`, typed refusals 1015/1016); the leader proposes each
+//! request with its signature ([`batch_encode`]); backups verify every signature before
+//! they vote (the core's [`ProposalCheck`], a [`RequestVerifier`] shared with this
+//! driver); and a committed batch is applied only if every request in it is signed
+//! (checked here, once per replica: what was verified before is remembered).
+//!
 //! Not here yet: transfers between shards (each shard is its own group; a record that
 //! would cross shards is refused, see [`ERROR_BFT_CROSS_SHARD`]).
 
@@ -60,14 +68,18 @@ use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt as _;
 use glommio::net::{TcpListener, TcpStream};
+pub use percore_engine::bft::request::{BATCH_HEADER_BYTES, batch_decode, batch_encode};
+use percore_engine::bft::request::{REQUEST_SIGNATURE_BYTES, RequestAuthError};
 use percore_engine::bft::{
-    self, Action, BftConfig, BftError, BftMetrics, BftReplica, CheckpointCert, CommitCert,
-    Committee, Digest, Message, Restored, SigningKey, VerifyingKey, Vote, VoteGuard, codec,
+    self, Action, BftConfig, BftError, BftMetrics, BftReplica, CheckpointCert, ClientKeys,
+    CommitCert, Committee, Digest, Message, ProposalCheck, RequestVerifier, Restored, SigningKey,
+    VerifyingKey, Vote, VoteGuard, codec,
 };
 use percore_engine::frame;
 use percore_engine::journal::{EntryMeta, entry_bytes_padded};
+use percore_engine::limits::BATCH_ENTRIES_MAX_LIMIT;
 use percore_engine::message::{ClusterKey, Command, PeerHeader, body_checksum};
-use percore_engine::session::REQUEST_DESCRIPTOR_BYTES;
+use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
 
@@ -85,15 +97,19 @@ pub const BFT_SEND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
 /// How long a replica holds a client request waiting for its commit before answering
 /// busy (ms); the client asks every replica and retries.
 pub const BFT_REQUEST_WAIT_MS: u64 = 10_000;
-/// Bytes of the header [`batch_encode`] puts before the records: operation u16, reserved
-/// u16, record bytes u32.
-pub const BATCH_HEADER_BYTES: usize = 8;
-/// Largest certificate record journaled (bytes): op, journal op, view, digest, the votes.
-pub const CERT_RECORD_BYTES_MAX: usize =
-    1 + 3 * 8 + 32 + 1 + bft::REPLICA_COUNT_MAX * codec::VOTE_BYTES;
+/// Largest certificate record journaled for a commit or checkpoint (bytes): op, journal
+/// op, view, digest, the votes, and the batch's client signatures (one per request, a
+/// request holding at least one record). A [`CERT_KIND_COMMIT_BYTES`] record holds the
+/// batch instead ([`cert_record_bytes_max`]).
+pub const CERT_RECORD_BYTES_MAX: usize = 1
+    + 3 * 8
+    + 32
+    + 1
+    + bft::REPLICA_COUNT_MAX * codec::VOTE_BYTES
+    + BATCH_ENTRIES_MAX_LIMIT * REQUEST_SIGNATURE_BYTES;
 /// Staging buffer of the certificate journal (bytes), at least: it grows to hold one
 /// [`CERT_KIND_COMMIT_BYTES`] record with the largest batch.
-pub const CERT_WRITE_BUFFER_BYTES: usize = 256 * 1024;
+pub const CERT_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 /// Commits queued for the batcher before it must have drained some (ops): the window
 /// bounds how far the core runs ahead of a stable checkpoint.
 pub const COMMITTED_QUEUE_OPS: usize = 4 * bft::LOG_WINDOW_OPS_DEFAULT as usize;
@@ -138,6 +154,13 @@ pub const ERROR_BFT_NEEDS_CLIENT_ID: u32 = 1013;
 /// refuses it, and a committed batch holding one is skipped
 /// ([`crate::core::BatchInvalid::CrossShard`]).
 pub const ERROR_BFT_CROSS_SHARD: u32 = 1014;
+/// Error code: the request's client id has no public key in the cluster file (`client <id>
+/// <key>` lines, `percore keygen --clients`). Deterministic: every correct replica refuses.
+pub const ERROR_BFT_UNKNOWN_CLIENT: u32 = 1015;
+/// Error code: the request is not a `SignedRequest`, or its signature does not verify
+/// with its client's key over this group, client id, request number, operation and
+/// records ([`bft::RequestStatement`]). Deterministic: every correct replica refuses.
+pub const ERROR_BFT_BAD_SIGNATURE: u32 = 1016;
 
 const _: () = assert!(BFT_MESSAGE_BYTES_MAX < BFT_SEND_QUEUE_BYTES_DEFAULT);
 const _: () = assert!(CERT_RECORD_BYTES_MAX <= CERT_WRITE_BUFFER_BYTES);
@@ -169,12 +192,18 @@ pub enum Byzantine {
     /// Correct, except that every snapshot chunk it serves to a peer fetching a certified
     /// snapshot has a flipped byte.
     CorruptSnapshot,
-    /// As leader, follows each proposal with a validly signed one whose bytes are not a
-    /// batch of the shard (committed, applied by no correct replica).
+    /// Admits client requests that correct replicas refuse (records that cross shards) and,
+    /// as leader, proposes them: signed by their client, they are voted for and committed,
+    /// and applied by no correct replica. Answers no client.
     InvalidBatch,
     /// Validly signed proposals and votes for digests that are not the batch's. Answers
     /// clients at once with made-up results.
     WrongDigest,
+    /// As leader, adds to each proposal a request no client signed: the first request's
+    /// first record with its id changed, under that client's id and a new request number,
+    /// with the original signature (so a change after signing). Otherwise correct, and
+    /// answers clients honestly.
+    ForgeRequest,
 }
 
 impl Byzantine {
@@ -183,6 +212,11 @@ impl Byzantine {
             self,
             Byzantine::Silent | Byzantine::CorruptSnapshot | Byzantine::InvalidBatch
         )
+    }
+
+    /// Whether the client path is the correct one (only proposals are rewritten).
+    fn serves_clients_correctly(self) -> bool {
+        matches!(self, Byzantine::ForgeRequest)
     }
 }
 
@@ -201,6 +235,8 @@ pub struct BftSettings {
     pub public_keys: Vec<VerifyingKey>,
     /// Byzantine replicas tolerated (`f`).
     pub faults_max: u8,
+    /// The clients allowed to submit requests (client id `c` has the `c`-th key).
+    pub clients: ClientKeys,
     /// Bytes queued per peer.
     pub send_queue_bytes: usize,
     /// Test only: misbehave.
@@ -216,6 +252,7 @@ impl std::fmt::Debug for BftSettings {
             .field("replica", &self.replica)
             .field("peers", &self.peers)
             .field("faults_max", &self.faults_max)
+            .field("clients", &self.clients.len())
             .field("byzantine", &self.byzantine)
             .finish_non_exhaustive()
     }
@@ -235,8 +272,11 @@ impl BftSettings {
     }
 
     /// Checks the settings against each other: `n >= 3f + 1`, one public key per peer,
-    /// the secret key is this replica's.
+    /// the secret key is this replica's, at least one client.
     pub fn check(&self) -> Result<(), BftStartError> {
+        if self.clients.is_empty() {
+            return Err(BftStartError::NoClients);
+        }
         if self.public_keys.len() != self.peers.len() {
             return Err(BftStartError::KeyCount {
                 keys: self.public_keys.len(),
@@ -258,6 +298,12 @@ pub enum BftStartError {
     /// The fault model or keys are refused by the core.
     #[error(transparent)]
     Core(#[from] BftError),
+    /// The cluster file lists no client key: every request would be refused.
+    #[error(
+        "the cluster key file lists no clients (`client <id> <public key>` lines): no \
+         request could be accepted; write keys with `percore keygen --clients N`"
+    )]
+    NoClients,
     /// The cluster file lists another number of replicas than `--peers`.
     #[error("the cluster key file lists {keys} replicas and --peers {peers}")]
     KeyCount {
@@ -322,6 +368,11 @@ pub struct CertRecord {
     pub votes: Vec<Vote>,
     /// The batch bytes ([`CERT_KIND_COMMIT_BYTES`] only; empty otherwise).
     pub batch: Vec<u8>,
+    /// A commit of a signed batch ([`CERT_KIND_COMMIT`]): its client signatures, as the
+    /// batch carried them (the shard journal keeps records and descriptors only; these
+    /// make the batch whole again to serve it). Empty for checkpoints and in records
+    /// written before client authentication.
+    pub signatures: Vec<u8>,
 }
 
 impl CertRecord {
@@ -331,11 +382,14 @@ impl CertRecord {
         let digest: Digest = bytes.get(24..56)?.try_into().ok()?;
         let (votes, used) = codec::decode_votes(bytes.get(56..)?).ok()?;
         let rest = bytes.get(56 + used..)?;
-        let batch = if kind == CERT_KIND_COMMIT_BYTES {
+        let (batch, signatures) = if kind == CERT_KIND_COMMIT_BYTES {
             let length = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-            (rest.len() == 4 + length).then(|| rest[4..].to_vec())?
-        } else if rest.is_empty() {
-            Vec::new()
+            (
+                (rest.len() == 4 + length).then(|| rest[4..].to_vec())?,
+                Vec::new(),
+            )
+        } else if rest.len().is_multiple_of(REQUEST_SIGNATURE_BYTES) {
+            (Vec::new(), rest.to_vec())
         } else {
             return None;
         };
@@ -347,6 +401,7 @@ impl CertRecord {
             digest,
             votes,
             batch,
+            signatures,
         })
     }
 }
@@ -579,24 +634,66 @@ pub(crate) struct Bft {
     /// The vote guard file and how to write it.
     guard_path: std::path::PathBuf,
     fsync: FsyncPolicy,
+    /// Client request signatures, verified and remembered; the core checks proposals
+    /// with the same verifier ([`SharedVerifier`]).
+    verifier: Rc<RefCell<RequestVerifier>>,
+    /// `verifier.verifies()` last exported.
+    verifies_seen: Cell<u64>,
+    /// The signature of the request each connection slot submitted: `(client id, request
+    /// number)` and the signature (the leader proposes each request with it).
+    signatures: RefCell<Box<[Option<SubmittedSignature>]>>,
+    /// Leader: scratch for a proposal (the sealed batch's parts, record origins, and the
+    /// signed batch's parts).
+    proposal: RefCell<ProposalScratch>,
+}
+
+/// A verified request's identity and signature, kept for the leader's proposal.
+type SubmittedSignature = ((u128, u64), [u8; REQUEST_SIGNATURE_BYTES]);
+
+/// Buffers the leader builds a signed proposal in, allocated at start.
+struct ProposalScratch {
+    records: Vec<u8>,
+    requests: Vec<u8>,
+    origins: Vec<crate::core::Origin>,
+    signed_records: Vec<u8>,
+    signed_requests: Vec<u8>,
+    signatures: Vec<u8>,
+}
+
+/// The verifier as the core's proposal check: the driver and the core share one, so what
+/// either verified is not verified again.
+struct SharedVerifier(Rc<RefCell<RequestVerifier>>);
+
+impl ProposalCheck for SharedVerifier {
+    fn check_proposal(&mut self, batch: &[u8], digest: &Digest) -> Result<(), RequestAuthError> {
+        self.0.borrow_mut().check_batch(batch, digest)
+    }
 }
 
 impl Bft {
     /// Opens the certificate journal and builds the core of `shard`'s group: fresh on an
     /// empty data directory, else restored from the certificate journal (cut to what the
     /// replayed journal holds) and the vote guard file.
+    ///
+    /// The shard has `connections_max` client connection slots and records of
+    /// `record_bytes`, whose leader-assigned fields `normalize` resets
+    /// (`StateMachine::unprepare`) before client signatures are checked.
     pub(crate) async fn start(
         settings: BftSettings,
         shard: usize,
         journal: &Journal,
-        cluster_id: u128,
+        (cluster_id, (connections_max, record_bytes)): (u128, (usize, usize)),
+        normalize: bft::request::RecordNormalizer,
         now_us: u64,
     ) -> Result<Self, BftStartError> {
         settings.check()?;
         let main = journal.config();
-        // A batch larger than the largest valid one (what the journal holds) is refused
-        // before it is prepared; every batch committed fits a certificate record.
-        let batch_bytes_max = BATCH_HEADER_BYTES + main.body_bytes_max;
+        // A batch larger than the largest valid one (what the journal holds, and a client
+        // signature per request, each request at least one record and its descriptor) is
+        // refused before it is prepared; every batch committed fits a certificate record.
+        let requests_max = main.body_bytes_max / (record_bytes + REQUEST_DESCRIPTOR_BYTES);
+        let batch_bytes_max =
+            BATCH_HEADER_BYTES + main.body_bytes_max + requests_max * REQUEST_SIGNATURE_BYTES;
         let certs_config = JournalConfig {
             dir: main
                 .dir
@@ -639,7 +736,7 @@ impl Bft {
         config.batch_bytes_max = batch_bytes_max;
         let key = settings.secret_key.clone();
         let guard = guard_read(&guard_path, shard as u32, settings.replica)?;
-        let (replica, recovery) = match guard {
+        let (mut replica, recovery) = match guard {
             None if journal.op_durable() == 0 && records.is_empty() => {
                 (BftReplica::new(config, committee, key, now_us)?, None)
             }
@@ -684,6 +781,22 @@ impl Bft {
                 );
                 (replica, Some(recovery))
             }
+        };
+        let verifier = Rc::new(RefCell::new(RequestVerifier::new(
+            shard as u32,
+            settings.clients.clone(),
+            record_bytes,
+            Some(normalize),
+        )));
+        replica.set_proposal_check(Box::new(SharedVerifier(verifier.clone())));
+        let records_max = BATCH_ENTRIES_MAX_LIMIT;
+        let proposal = ProposalScratch {
+            records: Vec::with_capacity(records_max * record_bytes),
+            requests: Vec::with_capacity(records_max * REQUEST_DESCRIPTOR_BYTES),
+            origins: Vec::with_capacity(records_max),
+            signed_records: Vec::with_capacity((records_max + 1) * record_bytes),
+            signed_requests: Vec::with_capacity((records_max + 1) * REQUEST_DESCRIPTOR_BYTES),
+            signatures: Vec::with_capacity((records_max + 1) * REQUEST_SIGNATURE_BYTES),
         };
         let low_journaled = replica.low();
         let mut cert_index = VecDeque::with_capacity(CERT_INDEX_CHECKPOINTS);
@@ -765,6 +878,10 @@ impl Bft {
             byzantine_counter: Cell::new(0),
             guard_path,
             fsync: main.fsync,
+            verifier,
+            verifies_seen: Cell::new(0),
+            signatures: RefCell::new(vec![None; connections_max].into_boxed_slice()),
+            proposal: RefCell::new(proposal),
             settings,
         })
     }
@@ -808,38 +925,6 @@ fn guard_read(
 pub(crate) fn bind(settings: &BftSettings, shard: usize) -> std::io::Result<TcpListener> {
     let address = settings.peer_address(settings.replica, shard);
     TcpListener::bind(address).map_err(std::io::Error::from)
-}
-
-/// Encodes a sealed batch as the bytes a leader proposes: operation, record bytes, the
-/// records, then the request descriptors.
-pub fn batch_encode(operation: u16, records: &[u8], requests: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    out.extend_from_slice(&operation.to_le_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
-    out.extend_from_slice(records);
-    out.extend_from_slice(requests);
-}
-
-/// The inverse of [`batch_encode`] on untrusted bytes: `(operation, records, requests)`,
-/// or `None` when they are not shaped so (too short, reserved bytes set, records longer
-/// than what follows, descriptors not whole).
-pub fn batch_decode(batch: &[u8]) -> Option<(u16, &[u8], &[u8])> {
-    let header = batch.get(..BATCH_HEADER_BYTES)?;
-    let operation = u16::from_le_bytes([header[0], header[1]]);
-    if header[2..4] != [0, 0] {
-        return None;
-    }
-    let records_bytes = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
-    let body = &batch[BATCH_HEADER_BYTES..];
-    if records_bytes > body.len() {
-        return None;
-    }
-    let (records, requests) = body.split_at(records_bytes);
-    requests
-        .len()
-        .is_multiple_of(REQUEST_DESCRIPTOR_BYTES)
-        .then_some((operation, records, requests))
 }
 
 /// Spawns the peer listener, one sender per peer and the timer task; they end once the
@@ -1008,6 +1093,17 @@ where
     );
     match outcome {
         Ok(()) | Err(BftError::Stale) => {}
+        Err(error @ BftError::ProposalRefused { .. }) => {
+            ShardMetrics::add(&shard.metrics.bft_messages_refused_total, 1);
+            tracing::warn!(
+                shard = shard.index,
+                peer = from,
+                view = bft.view(),
+                %error,
+                "BFT leader proposed a request no client signed: no vote; the leader is \
+                 suspected if the op does not commit"
+            );
+        }
         Err(error) => {
             ShardMetrics::add(&shard.metrics.bft_messages_refused_total, 1);
             tracing::debug!(shard = shard.index, peer = from, %error, "BFT message refused");
@@ -1123,8 +1219,9 @@ pub(crate) fn send<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Mess
     let bft = shard.bft.as_ref().expect("BFT shard");
     match bft.settings.byzantine {
         // Corrupts only the snapshot chunks it serves (`bft_snapshot::serve`), or proposes
-        // extra batches (`propose`).
-        None | Some(Byzantine::CorruptSnapshot | Byzantine::InvalidBatch) => {
+        // requests correct replicas refuse (`serve_request`) or forged ones (`propose`).
+        None
+        | Some(Byzantine::CorruptSnapshot | Byzantine::InvalidBatch | Byzantine::ForgeRequest) => {
             push(shard, tos, message)
         }
         Some(Byzantine::Silent) => {}
@@ -1231,8 +1328,7 @@ fn resigned(bft: &Bft, message: &Message, digest: impl Fn(&Vote) -> Digest) -> M
 /// proposals (remembered per `(view, op)`), and votes for that digest.
 fn equivocation(bft: &Bft, message: &Message) -> Message {
     if let Message::PrePrepare { vote, batch } = message {
-        let mut batch = batch.clone();
-        batch.extend_from_slice(b"equivocation");
+        let batch = alternate_batch(batch);
         let digest = bft::batch_digest(&batch);
         let mut alternates = bft.alternates.borrow_mut();
         if alternates.len() == alternates.capacity() {
@@ -1258,6 +1354,41 @@ fn equivocation(bft: &Bft, message: &Message) -> Message {
             .find(|(slot, _)| *slot == (vote.view, vote.op))
             .map_or_else(|| bft::batch_digest(&vote.digest), |(_, digest)| *digest)
     })
+}
+
+/// Another batch every client signed (test only, [`Byzantine::Equivocate`]): `batch` with
+/// its first request once more at the end (a retry inside the batch, which the session
+/// table answers without applying it twice), so correct backups vote for either version.
+fn alternate_batch(batch: &[u8]) -> Vec<u8> {
+    let Some(parts) = batch_decode(batch).filter(|parts| !parts.signatures.is_empty()) else {
+        return [batch, b"equivocation"].concat();
+    };
+    let descriptor = |bytes: &[u8]| bytemuck::pod_read_unaligned::<RequestDescriptor>(bytes);
+    let descriptors = parts.requests.chunks_exact(REQUEST_DESCRIPTOR_BYTES);
+    let record_count: usize = descriptors
+        .map(|bytes| descriptor(bytes).record_count as usize)
+        .sum();
+    let record_bytes = parts.records.len() / record_count.max(1);
+    let mut first = descriptor(&parts.requests[..REQUEST_DESCRIPTOR_BYTES]);
+    let start = first.record_start as usize * record_bytes;
+    let end = start + first.record_count as usize * record_bytes;
+    let records = [parts.records, &parts.records[start..end]].concat();
+    first.record_start = record_count as u32;
+    let requests = [parts.requests, bytemuck::bytes_of(&first)].concat();
+    let signatures = [
+        parts.signatures,
+        &parts.signatures[..REQUEST_SIGNATURE_BYTES],
+    ]
+    .concat();
+    let mut alternate = Vec::new();
+    batch_encode(
+        parts.operation,
+        &records,
+        &requests,
+        &signatures,
+        &mut alternate,
+    );
+    alternate
 }
 
 /// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
@@ -1411,10 +1542,21 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
             now.state_certs,
             seen.state_certs,
         ),
+        (
+            &metrics.bft_proposals_refused_total,
+            now.proposals_refused,
+            seen.proposals_refused,
+        ),
     ];
     for (counter, now, seen) in counters {
         ShardMetrics::add(counter, now.saturating_sub(seen));
     }
+    let verifies = bft.verifier.borrow().verifies();
+    let verifies_seen = bft.verifies_seen.replace(verifies);
+    ShardMetrics::add(
+        &metrics.bft_client_signatures_verified_total,
+        verifies - verifies_seen,
+    );
 }
 
 /// One batcher turn of a BFT shard: propose (leader), then journal and apply what
@@ -1439,29 +1581,43 @@ where
     progressed
 }
 
-/// Leader: seals what clients submitted and proposes each batch; the core keeps nothing
-/// of it (it applies once committed, like every replica).
+/// Leader: seals what clients submitted and proposes each batch, every request with its
+/// client's signature; the core keeps nothing of it (it applies once committed, like every
+/// replica).
 fn propose<S: StateMachine>(shard: &Shard<S>) -> bool {
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut proposed = 0;
     let mut batch = Vec::new();
     while proposed < PROPOSALS_PER_TURN_MAX && bft.is_ready_leader() {
         let now_us = shard.now_us();
-        {
+        let operation = {
             let mut core = shard.core.borrow_mut();
             core.observe_depth();
             if core.poll_seal(now_us).is_none() {
                 break;
             }
+            let mut scratch = bft.proposal.borrow_mut();
+            let scratch = &mut *scratch;
             let sealed = core.sealed_batch(0).expect("just sealed");
-            batch_encode(
-                sealed.operation,
-                sealed.records,
-                sealed.requests,
-                &mut batch,
-            );
+            let operation = sealed.operation;
+            scratch.records.clear();
+            scratch.records.extend_from_slice(sealed.records);
+            scratch.requests.clear();
+            scratch.requests.extend_from_slice(sealed.requests);
+            scratch.origins.clear();
             let op_last = core.op_last();
-            core.truncate_queued(op_last, |_| {});
+            core.truncate_queued(op_last, |origin| scratch.origins.push(origin));
+            operation
+        };
+        let forged = signed_proposal::<S>(bft, operation, &mut batch);
+        if batch.is_empty() {
+            continue;
+        }
+        if !forged {
+            // Built from requests verified at admission: nothing to verify at execution.
+            bft.verifier
+                .borrow_mut()
+                .note_checked(bft::batch_digest(&batch));
         }
         let mut actions = bft.actions.borrow_mut();
         actions.clear();
@@ -1477,16 +1633,6 @@ fn propose<S: StateMachine>(shard: &Shard<S>) -> bool {
             Ok(op) => {
                 ShardMetrics::add(&shard.metrics.bft_proposals_total, 1);
                 tracing::debug!(shard = shard.index, op, "BFT proposed");
-                if bft.settings.byzantine == Some(Byzantine::InvalidBatch) {
-                    // Test only: bytes that decode as no batch (an unknown operation).
-                    let garbage = (op.to_le_bytes().iter().chain(&[0xEE; 56]))
-                        .copied()
-                        .collect();
-                    let _ = bft
-                        .replica
-                        .borrow_mut()
-                        .propose(now_us, garbage, &mut actions);
-                }
             }
             Err(error) => tracing::warn!(shard = shard.index, %error, "BFT proposal refused"),
         }
@@ -1495,6 +1641,85 @@ fn propose<S: StateMachine>(shard: &Shard<S>) -> bool {
         proposed += 1;
     }
     proposed > 0
+}
+
+/// Builds the proposal of the sealed batch in `bft.proposal` into `batch`: each request
+/// with the signature its connection submitted it with. A request whose signature is gone
+/// (its connection moved on to another request) is left out; the client sends it again.
+/// Empty if none is left. Returns whether a forged request was added (test only,
+/// [`Byzantine::ForgeRequest`]).
+fn signed_proposal<S: StateMachine>(bft: &Bft, operation: u16, batch: &mut Vec<u8>) -> bool {
+    let record_bytes = size_of::<S::Record>();
+    let signatures = bft.signatures.borrow();
+    let mut scratch = bft.proposal.borrow_mut();
+    let scratch = &mut *scratch;
+    scratch.signed_records.clear();
+    scratch.signed_requests.clear();
+    scratch.signatures.clear();
+    batch.clear();
+    for descriptor in scratch.requests.chunks_exact(REQUEST_DESCRIPTOR_BYTES) {
+        let mut descriptor: RequestDescriptor = bytemuck::pod_read_unaligned(descriptor);
+        let key = (descriptor.client_id, descriptor.request_number);
+        let submitted = match scratch.origins.get(descriptor.record_start as usize) {
+            Some(crate::core::Origin::Local { connection, .. }) => {
+                signatures.get(usize::from(*connection)).copied().flatten()
+            }
+            _ => None,
+        };
+        let Some((_, signature)) = submitted.filter(|(submitted, _)| *submitted == key) else {
+            continue;
+        };
+        let start = descriptor.record_start as usize * record_bytes;
+        let end = start + descriptor.record_count as usize * record_bytes;
+        descriptor.record_start = (scratch.signed_records.len() / record_bytes) as u32;
+        scratch
+            .signed_records
+            .extend_from_slice(&scratch.records[start..end]);
+        scratch
+            .signed_requests
+            .extend_from_slice(bytemuck::bytes_of(&descriptor));
+        scratch.signatures.extend_from_slice(&signature);
+    }
+    if scratch.signed_requests.is_empty() {
+        return false;
+    }
+    let forged = bft.settings.byzantine == Some(Byzantine::ForgeRequest);
+    if forged {
+        forge_request(scratch, record_bytes);
+    }
+    batch_encode(
+        operation,
+        &scratch.signed_records,
+        &scratch.signed_requests,
+        &scratch.signatures,
+        batch,
+    );
+    forged
+}
+
+/// Test only ([`Byzantine::ForgeRequest`]): appends a request no client signed, the first
+/// request's first record with its first 16 bytes (the ledger's transfer id) changed,
+/// under the first request's client id and a request number it never used, carrying that
+/// request's signature.
+fn forge_request(scratch: &mut ProposalScratch, record_bytes: usize) {
+    let first: RequestDescriptor =
+        bytemuck::pod_read_unaligned(&scratch.signed_requests[..REQUEST_DESCRIPTOR_BYTES]);
+    let mut record = scratch.signed_records[..record_bytes].to_vec();
+    record[15.min(record_bytes - 1)] ^= 0x40;
+    let forged = RequestDescriptor {
+        client_id: first.client_id,
+        request_number: first.request_number + (1 << 40),
+        record_start: (scratch.signed_records.len() / record_bytes) as u32,
+        record_count: 1,
+    };
+    scratch.signed_records.extend_from_slice(&record);
+    scratch
+        .signed_requests
+        .extend_from_slice(bytemuck::bytes_of(&forged));
+    let signature: [u8; REQUEST_SIGNATURE_BYTES] = scratch.signatures[..REQUEST_SIGNATURE_BYTES]
+        .try_into()
+        .expect("one signature per request");
+    scratch.signatures.extend_from_slice(&signature);
 }
 
 /// Stages every committed batch that is a batch of this shard in the journal and every
@@ -1562,21 +1787,35 @@ async fn stage_committed<S: StateMachine>(
         // The queue's borrow ends here: receivers push to it while this awaits.
         let next = bft.committed.borrow_mut().pop_front();
         let Some(committed) = next else { break };
-        let checked = batch_decode(&committed.batch).and_then(|(operation, records, requests)| {
-            let check = shard
-                .core
+        let checked = batch_decode(&committed.batch).and_then(|parts| {
+            // Every request a client signed, or nothing of the batch applies (a committed
+            // batch checked here before, when voting or proposing, is not checked again).
+            let authenticated = bft
+                .verifier
                 .borrow_mut()
-                .check_committed(operation, records, requests);
+                .check_batch(&committed.batch, &committed.digest);
+            if let Err(error) = authenticated {
+                tracing::warn!(shard = shard.index, op = committed.op, %error, "BFT committed batch skipped: not signed by its clients");
+                return None;
+            }
+            let check = shard.core.borrow_mut().check_committed(
+                parts.operation,
+                parts.records,
+                parts.requests,
+            );
             match check {
-                Ok(entries) => Some((operation, records, requests, entries)),
+                Ok(entries) => Some((parts, entries)),
                 Err(error) => {
                     tracing::warn!(shard = shard.index, op = committed.op, %error, "BFT committed batch skipped");
                     None
                 }
             }
         });
+        let signatures = checked.map_or(&[][..], |(parts, _)| parts.signatures);
         let journaled = match checked {
-            Some((operation, records, requests, entries)) => {
+            Some((parts, entries)) => {
+                let (operation, records, requests) =
+                    (parts.operation, parts.records, parts.requests);
                 if journal.staged_bytes() + entry_bytes_padded(records.len() + requests.len())
                     > journal.write_buffer_bytes()
                 {
@@ -1631,7 +1870,7 @@ async fn stage_committed<S: StateMachine>(
             (kind, bytes),
             (committed.op, journaled.unwrap_or(0)),
             (committed.view, committed.digest),
-            &committed.cert.commits,
+            (&committed.cert.commits, signatures),
         )
         .await;
         let op = committed.op;
@@ -1824,7 +2063,13 @@ async fn read_state_ops<S: StateMachine>(
             }
             Vec::new()
         } else {
-            let Some(batch) = read_batch(journal, record.journal_op, &mut batch_entry).await else {
+            let read = read_batch(
+                journal,
+                record.journal_op,
+                &record.signatures,
+                &mut batch_entry,
+            );
+            let Some(batch) = read.await else {
                 break;
             };
             if bft::batch_digest(&batch) != record.digest {
@@ -1853,10 +2098,12 @@ async fn read_state_ops<S: StateMachine>(
 }
 
 /// The batch bytes a journal entry was staged from ([`batch_encode`] of its operation,
-/// records and request descriptors), if the journal still holds it.
+/// records and request descriptors, with the client `signatures` its certificate record
+/// kept), if the journal still holds it.
 async fn read_batch(
     journal: &mut Journal,
     journal_op: u64,
+    signatures: &[u8],
     entry: &mut Vec<u8>,
 ) -> Option<Vec<u8>> {
     if journal_op < journal.op_first() || journal_op > journal.op_durable() {
@@ -1866,24 +2113,31 @@ async fn read_batch(
     let decoded =
         percore_engine::journal::decode_entry(entry, journal.config().body_bytes_max).ok()?;
     let mut batch = Vec::new();
+    if signatures.len() / REQUEST_SIGNATURE_BYTES != decoded.meta.request_count as usize
+        && !signatures.is_empty()
+    {
+        return None;
+    }
     batch_encode(
         decoded.meta.operation,
         decoded.records(),
         decoded.requests(),
+        signatures,
         &mut batch,
     );
     Some(batch)
 }
 
 /// Stages a certificate record: kind, BFT op, journal op (0: none), view, digest, votes,
-/// and for [`CERT_KIND_COMMIT_BYTES`] the batch (`length u32 | bytes`).
+/// and then for [`CERT_KIND_COMMIT_BYTES`] the batch (`length u32 | bytes`), otherwise the
+/// batch's client signatures (a journaled signed batch only).
 pub(crate) async fn stage_cert<S: StateMachine>(
     shard: &Shard<S>,
     certs: &mut Journal,
     (kind, batch): (u16, &[u8]),
     (op, journal_op): (u64, u64),
     (view, digest): (u64, Digest),
-    votes: &[Vote],
+    (votes, signatures): (&[Vote], &[u8]),
 ) {
     let bft = shard.bft.as_ref().expect("BFT shard");
     // Taken out while this awaits; put back before returning.
@@ -1897,6 +2151,8 @@ pub(crate) async fn stage_cert<S: StateMachine>(
     if kind == CERT_KIND_COMMIT_BYTES {
         record.extend_from_slice(&(batch.len() as u32).to_le_bytes());
         record.extend_from_slice(batch);
+    } else {
+        record.extend_from_slice(signatures);
     }
     debug_assert!(record.len() <= certs.config().body_bytes_max);
     if certs.staged_bytes() + entry_bytes_padded(record.len()) > certs.write_buffer_bytes()
@@ -1948,7 +2204,7 @@ async fn stage_checkpoint<S: StateMachine>(shard: &Shard<S>, certs: &mut Journal
         (CERT_KIND_CHECKPOINT, &[]),
         (op, journal_op),
         (0, digest),
-        &votes,
+        (&votes, &[]),
     )
     .await;
     true
@@ -1992,14 +2248,13 @@ where
         let Some(journal_op) = journal_op else {
             continue;
         };
-        let (operation, records, requests) =
-            batch_decode(&committed.batch).expect("checked before journaling");
+        let parts = batch_decode(&committed.batch).expect("checked before journaling");
         let mut core = shard.core.borrow_mut();
         let applied = core.apply_committed(
             journal_op,
-            operation,
-            records,
-            requests,
+            parts.operation,
+            parts.records,
+            parts.requests,
             |request, results| {
                 answer(shard, request.client_id, request.request_number, results);
             },
@@ -2013,6 +2268,15 @@ where
     }
     shard.commit_gap_advanced();
 }
+
+/// A client request as the runtime read it: envelope, operation, records, and the
+/// client's signature (a `SignedRequest` frame's trailer).
+pub(crate) type ClientRequest<'a, S> = (
+    &'a frame::Envelope,
+    <S as StateMachine>::Operation,
+    &'a [<S as StateMachine>::Record],
+    Option<&'a [u8; REQUEST_SIGNATURE_BYTES]>,
+);
 
 /// Hands `results` to the connection on this replica waiting for `(client_id,
 /// request_number)`, if any.
@@ -2072,7 +2336,7 @@ pub(crate) async fn serve_request<S>(
     shard: &Rc<Shard<S>>,
     slot: usize,
     stream: &mut TcpStream,
-    request: (&frame::Envelope, S::Operation, &[S::Record]),
+    request: ClientRequest<'_, S>,
     reply: &mut [u8],
 ) -> std::io::Result<()>
 where
@@ -2081,9 +2345,14 @@ where
     S::Result: Send,
 {
     let bft = shard.bft.as_ref().expect("BFT shard");
-    let (envelope, operation, records) = request;
+    let (envelope, operation, records, signature) = request;
     let count = records.len();
-    if let Some(behaviour) = bft.settings.byzantine {
+    let key = (envelope.client_id, envelope.request_number);
+    if let Some(behaviour) = bft
+        .settings
+        .byzantine
+        .filter(|behaviour| !behaviour.serves_clients_correctly())
+    {
         // Test only: a made-up answer at once (or none), then the request takes its normal
         // course here (proposed if this replica leads) without a real answer.
         if behaviour.lies_to_clients() {
@@ -2096,7 +2365,9 @@ where
             && count > 0
             && count <= shard.core.borrow().request_records_max()
         {
-            let key = (envelope.client_id, envelope.request_number);
+            if let Some(signature) = signature {
+                bft.signatures.borrow_mut()[slot] = Some((key, *signature));
+            }
             wait_for_commit(shard, slot, key, operation, records).await;
         }
         return Ok(());
@@ -2117,13 +2388,14 @@ where
         ShardMetrics::add(&shard.metrics.bft_cross_shard_refused_total, 1);
         Some(ERROR_BFT_CROSS_SHARD)
     } else {
-        None
+        authenticate(shard, envelope, records, signature)
     };
     if let Some(code) = refusal {
         let bytes = frame::encode_error_reply(reply, envelope, code);
         return stream.write_all(&reply[..bytes]).await;
     }
-    let key = (envelope.client_id, envelope.request_number);
+    let signature = signature.expect("authenticated");
+    bft.signatures.borrow_mut()[slot] = Some((key, *signature));
     let replayed = {
         let core = shard.core.borrow();
         core.state_machine()
@@ -2141,6 +2413,71 @@ where
         frame::encode_error_reply(reply, envelope, crate::runtime::ERROR_SERVER_BUSY)
     };
     stream.write_all(&reply[..bytes]).await
+}
+
+/// Admission: the request's signature by its client, or the refusal code (1015: the client
+/// id has no key; 1016: unsigned, or the signature does not verify).
+fn authenticate<S: StateMachine>(
+    shard: &Shard<S>,
+    envelope: &frame::Envelope,
+    records: &[S::Record],
+    signature: Option<&[u8; REQUEST_SIGNATURE_BYTES]>,
+) -> Option<u32> {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut verifier = bft.verifier.borrow_mut();
+    let statement = verifier.statement(
+        envelope.client_id,
+        envelope.request_number,
+        envelope.operation,
+        bytemuck::cast_slice(records),
+    );
+    let outcome = match signature {
+        Some(signature) => verifier.verify_request(&statement, signature),
+        None if verifier.clients().key(envelope.client_id).is_none() => {
+            Err(RequestAuthError::UnknownClient {
+                client_id: envelope.client_id,
+            })
+        }
+        None => Err(RequestAuthError::BadSignature {
+            client_id: envelope.client_id,
+            request_number: envelope.request_number,
+        }),
+    };
+    let code = match outcome {
+        Ok(()) => return None,
+        Err(RequestAuthError::UnknownClient { .. }) => ERROR_BFT_UNKNOWN_CLIENT,
+        Err(_) => ERROR_BFT_BAD_SIGNATURE,
+    };
+    ShardMetrics::add(&shard.metrics.bft_client_requests_refused_total, 1);
+    tracing::debug!(
+        shard = shard.index,
+        client_id = envelope.client_id,
+        request_number = envelope.request_number,
+        code,
+        "BFT client request refused: not authenticated"
+    );
+    Some(code)
+}
+
+/// `StateMachine::unprepare` on every record of `records` (a
+/// [`bft::request::RecordNormalizer`]): in place when they are aligned for `S::Record`,
+/// else one copy at a time.
+pub(crate) fn unprepare<S: StateMachine>(operation: u16, records: &mut [u8]) {
+    let Some(operation) = S::client_operation(operation) else {
+        return;
+    };
+    match bytemuck::try_cast_slice_mut::<u8, S::Record>(records) {
+        Ok(typed) => typed
+            .iter_mut()
+            .for_each(|record| S::unprepare(operation, record)),
+        Err(_) => {
+            for record in records.chunks_exact_mut(size_of::<S::Record>()) {
+                let mut typed: S::Record = bytemuck::pod_read_unaligned(record);
+                S::unprepare(operation, &mut typed);
+                record.copy_from_slice(bytemuck::bytes_of(&typed));
+            }
+        }
+    }
 }
 
 /// Waits until the request `key` commits here (true) or the wait times out or the node
@@ -2212,17 +2549,56 @@ mod tests {
     #[test]
     fn batches_round_trip_and_malformed_ones_are_refused() {
         let mut batch = Vec::new();
-        batch_encode(7, &[1; 256], &[2; 64], &mut batch);
+        batch_encode(7, &[1; 256], &[2; 64], &[3; 128], &mut batch);
+        let parts = batch_decode(&batch).expect("decodes");
         assert_eq!(
-            batch_decode(&batch),
-            Some((7, &[1u8; 256][..], &[2u8; 64][..]))
+            (
+                parts.operation,
+                parts.records,
+                parts.requests,
+                parts.signatures
+            ),
+            (7, &[1u8; 256][..], &[2u8; 64][..], &[3u8; 128][..])
         );
         assert_eq!(batch_decode(&batch[..7]), None, "short header");
         assert_eq!(batch_decode(&batch[..100]), None, "records cut");
         assert_eq!(batch_decode(&batch[..BATCH_HEADER_BYTES + 256 + 10]), None);
-        batch[2] = 1;
-        assert_eq!(batch_decode(&batch), None, "reserved bytes");
+        batch[2] = 7;
+        assert_eq!(batch_decode(&batch), None, "unknown format");
         assert_eq!(batch_decode(&[]), None, "the null op is no batch");
+    }
+
+    #[test]
+    fn certificate_records_keep_client_signatures_and_read_older_records() {
+        let votes = vec![Vote::sign(
+            &SigningKey::from_bytes(&[1; 32]),
+            0,
+            bft::VoteKind::Commit,
+            0,
+            2,
+            9,
+            [4; 32],
+        )];
+        let mut bytes = Vec::new();
+        for value in [9u64, 5, 2] {
+            bytes.extend_from_slice(&value.to_le_bytes());
+        }
+        bytes.extend_from_slice(&[4; 32]);
+        codec::encode_votes(&votes, &mut bytes);
+        // Written before client authentication: no signatures.
+        let older = CertRecord::decode(CERT_KIND_COMMIT, &bytes).expect("older record");
+        assert_eq!((older.op, older.journal_op, older.view), (9, 5, 2));
+        assert!(older.signatures.is_empty());
+        bytes.extend_from_slice(&[6; 2 * REQUEST_SIGNATURE_BYTES]);
+        let signed = CertRecord::decode(CERT_KIND_COMMIT, &bytes).expect("signed record");
+        assert_eq!(signed.votes, votes);
+        assert_eq!(signed.signatures, vec![6; 2 * REQUEST_SIGNATURE_BYTES]);
+        bytes.push(0);
+        assert_eq!(
+            CertRecord::decode(CERT_KIND_COMMIT, &bytes),
+            None,
+            "partial signature"
+        );
     }
 
     #[test]
@@ -2260,6 +2636,7 @@ mod tests {
             digest: bft::batch_digest(&op.to_le_bytes()),
             votes: Vec::new(),
             batch: Vec::new(),
+            signatures: Vec::new(),
         }
     }
 
@@ -2295,6 +2672,7 @@ mod tests {
             digest: chain,
             votes: Vec::new(),
             batch: Vec::new(),
+            signatures: Vec::new(),
         };
         let mut with_checkpoint = records.clone();
         with_checkpoint.insert(4, checkpoint.clone());
@@ -2368,6 +2746,7 @@ mod tests {
             digest: [9; 32],
             votes: Vec::new(),
             batch: Vec::new(),
+            signatures: Vec::new(),
         };
         let records = vec![
             commit(1, 1),
@@ -2411,6 +2790,7 @@ mod tests {
             digest: chain,
             votes: Vec::new(),
             batch: Vec::new(),
+            signatures: Vec::new(),
         });
         let recovered = recover_certs(&above, 32, 16).unwrap();
         assert_eq!(recovered.base, None);

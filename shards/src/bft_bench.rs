@@ -6,7 +6,9 @@
 //! transfers at a time (window 1: the BFT client waits for `f + 1` matching replies, the
 //! crash-fault client for its group leader's), between accounts created first. Committed
 //! tx/s counts acknowledged transfers over the measured window; latency is per request.
-//! This module drives clusters someone else started; it owns no processes.
+//! BFT clients sign every request (one signature per request) with the client keys
+//! `percore keygen --clients` wrote: client 1 creates the accounts, thread `t` is client
+//! `t + 2`. This module drives clusters someone else started; it owns no processes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +81,10 @@ pub struct SignatureCost {
     /// `signs · sign_us + verifies · verify_us` (µs per batch per replica, whatever the
     /// batch holds).
     pub per_batch_us: f64,
+    /// Client signatures a replica checks per client request (`verify_strict`, once per
+    /// request per replica: a request verified at admission is not verified again when
+    /// proposed, voted for or executed), on top of the per-batch cost.
+    pub verifies_per_request: u32,
 }
 
 /// Times ed25519 signing and strict verification of the BFT statement in this process.
@@ -115,23 +121,33 @@ pub fn signature_cost() -> SignatureCost {
         verifies_per_batch,
         per_batch_us: f64::from(signs_per_batch) * sign_us
             + f64::from(verifies_per_batch) * verify_us,
+        verifies_per_request: 1,
     }
 }
 
 /// A client of either mode.
 enum AnyClient {
     Crash(Client),
-    Bft(BftClient),
+    Bft(Box<BftClient>),
 }
 
 impl AnyClient {
-    fn new(mode: Mode, replicas: &[SocketAddr], client_id: u128) -> Self {
+    /// Client `client_id`; in BFT mode it signs with `client_keys[client_id - 1]`.
+    fn new(
+        mode: Mode,
+        replicas: &[SocketAddr],
+        client_id: u128,
+        client_keys: &[SigningKey],
+    ) -> Self {
         let addresses = replicas.iter().map(|address| vec![*address]).collect();
         let mut config = ClientConfig::replicated(addresses, client_id);
         config.request_timeout = Some(Duration::from_secs(30));
         match mode {
             Mode::Crash => AnyClient::Crash(Client::new(config)),
-            Mode::Bft { faults_max } => AnyClient::Bft(BftClient::new(config, faults_max)),
+            Mode::Bft { faults_max } => {
+                let key = client_keys[client_id as usize - 1].clone();
+                AnyClient::Bft(Box::new(BftClient::new(config, faults_max, key)))
+            }
         }
     }
 
@@ -148,8 +164,12 @@ impl AnyClient {
 }
 
 /// Creates the mint (1) and accounts 2..=BENCH_ACCOUNTS+1, funded.
-fn setup(mode: Mode, replicas: &[SocketAddr]) -> Result<(), ClientError> {
-    let mut client = AnyClient::new(mode, replicas, 1);
+fn setup(
+    mode: Mode,
+    replicas: &[SocketAddr],
+    client_keys: &[SigningKey],
+) -> Result<(), ClientError> {
+    let mut client = AnyClient::new(mode, replicas, 1, client_keys);
     let accounts: Vec<Account> = (1..=BENCH_ACCOUNTS + 1)
         .map(|id| {
             account(
@@ -171,24 +191,28 @@ fn setup(mode: Mode, replicas: &[SocketAddr]) -> Result<(), ClientError> {
 }
 
 /// Runs `threads` closed-loop clients against a one-shard group at `replicas` (client
-/// addresses in replica order) for `warmup + duration`; reports the measured window.
+/// addresses in replica order) for `warmup + duration`; reports the measured window. BFT
+/// clients sign with `client_keys` (client `c` with `client_keys[c - 1]`; at least
+/// `threads + 1` of them).
 pub fn closed_loop(
     mode: Mode,
-    replicas: &[SocketAddr],
+    (replicas, client_keys): (&[SocketAddr], &[SigningKey]),
     threads: usize,
     records_per_request: usize,
     warmup: Duration,
     duration: Duration,
 ) -> Result<ModeReport, ClientError> {
-    setup(mode, replicas)?;
+    setup(mode, replicas, client_keys)?;
     let stop = Arc::new(AtomicBool::new(false));
     let measure_from = Instant::now() + warmup;
     let measure_end = measure_from + duration;
     let handles: Vec<_> = (0..threads)
         .map(|thread| {
             let (stop, replicas) = (stop.clone(), replicas.to_vec());
+            let client_keys = client_keys.to_vec();
             std::thread::spawn(move || {
-                let mut client = AnyClient::new(mode, &replicas, 100 + thread as u128);
+                let client_id = 2 + thread as u128;
+                let mut client = AnyClient::new(mode, &replicas, client_id, &client_keys);
                 let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ thread as u64;
                 let mut next_id = (thread as u128 + 1) << 80;
                 let (mut latencies, mut transfers, mut failed) = (Vec::new(), 0u64, 0u64);

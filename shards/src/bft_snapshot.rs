@@ -486,7 +486,7 @@ where
         (CERT_KIND_SNAPSHOT, &[]),
         (statement.op, statement.journal_op),
         (0, statement.chain),
-        &fetch.cert.votes,
+        (&fetch.cert.votes, &[]),
     )
     .await;
     if let Err(error) = certs.commit().await {

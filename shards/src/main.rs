@@ -206,8 +206,10 @@ impl ShardArgs {
         NodeConfig {
             cores,
             batch,
+            // A full batch of records, and a BFT client's signature after them.
             frame_bytes_max: percore_engine::frame::FRAME_HEADER_BYTES
-                + self.batch_entries_max * 128,
+                + self.batch_entries_max * 128
+                + percore_engine::frame::SIGNATURE_TRAILER_BYTES,
             transactions: self.transactions,
             batches: self.batches,
             connections_max: self.connections_max,
@@ -258,9 +260,11 @@ struct BftArgs {
     /// TESTS ONLY: make this replica Byzantine on purpose (equivocate: conflicting signed
     /// proposals and votes; silent: sends nothing; wrong-digest: votes for digests that are
     /// not the batch's; corrupt-snapshot: flips a byte of every snapshot chunk it serves;
-    /// invalid-batch: as leader, follows each proposal with one that is not a batch). Such
-    /// a replica also lies to clients (corrupt-snapshot and invalid-batch answer none).
-    /// Never use in production.
+    /// invalid-batch: admits requests correct replicas refuse, such as transfers between
+    /// shards, and proposes them as leader;
+    /// forge-request: as leader, adds a request no client signed to each proposal). All
+    /// but forge-request also lie to clients (corrupt-snapshot and invalid-batch answer
+    /// none). Never use in production.
     #[arg(long, value_enum)]
     bft_test_byzantine: Option<Byzantine>,
     /// BFT: journal ops each replica keeps below its stable checkpoint so that peers behind
@@ -325,6 +329,7 @@ impl BftArgs {
             secret_key: secret.key,
             public_keys: cluster.keys,
             faults_max: cluster.faults_max,
+            clients: percore_engine::bft::ClientKeys::new(cluster.clients),
             send_queue_bytes: percore_shards::bft::BFT_SEND_QUEUE_BYTES_DEFAULT,
             byzantine: self.bft_test_byzantine,
             retain_ops: self.bft_retain_ops,
@@ -395,6 +400,11 @@ struct KeygenArgs {
     /// Byzantine replicas to tolerate (f); n must be at least 3f + 1. Default: (n - 1) / 3.
     #[arg(long)]
     faults: Option<u8>,
+    /// Client keys to write (client-1.key .. client-N.key, listed in cluster.keys): only
+    /// these clients can submit requests, each under its own id (1..=N) and signing each
+    /// request with its key.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
     /// Directory to create (it must not exist, or be empty).
     #[arg(long)]
     out: PathBuf,
@@ -858,13 +868,19 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     std::fs::create_dir_all(&data_root)?;
     let keys = data_root.join("bft-keys");
+    // Client 1 sets up the accounts, one more per load thread.
+    let clients = args.connections_per_shard + 1;
     if !keys.join("cluster.keys").exists() {
         run_keygen(KeygenArgs {
             replicas: 4,
             faults: Some(1),
+            clients,
             out: keys.clone(),
         })?;
     }
+    let client_keys = (1..=clients)
+        .map(|client| read_client_key(&keys, client as u128))
+        .collect::<Result<Vec<_>, _>>()?;
     let signatures = bft_bench::signature_cost();
     let (shard, ledger, journal) = (&args.shards, &args.shards.ledger, &args.journal);
     let sizes: Vec<String> = [
@@ -917,7 +933,7 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         let report = bft_bench::closed_loop(
             mode,
-            &addresses,
+            (&addresses, &client_keys),
             args.connections_per_shard,
             args.records_per_request,
             Duration::from_secs(args.warmup_s),
@@ -975,13 +991,14 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     println!(
         "ed25519 (this process): sign {:.1} us, verify_strict {:.1} us; per batch per replica \
-         {} signs + {} verifies = {:.1} us, whatever the batch holds; BFT leader core time \
-         {:.1} us per op",
+         {} signs + {} verifies = {:.1} us, whatever the batch holds, plus {} verify per \
+         client request (its signature); BFT leader core time {:.1} us per op",
         signatures.sign_us,
         signatures.verify_us,
         signatures.signs_per_batch,
         signatures.verifies_per_batch,
         signatures.per_batch_us,
+        signatures.verifies_per_request,
         core_us_per_op
     );
     Ok(())
@@ -1194,8 +1211,25 @@ fn run_inspect(args: InspectArgs) -> Result<bool, Box<dyn std::error::Error>> {
     Ok(problem)
 }
 
-/// `percore keygen`: seeds from the OS CSPRNG (getrandom), one 0600 file per secret key,
-/// then the cluster file. Nothing is written if the fault model is refused.
+/// Reads `client-<client>.key` from a `percore keygen` directory and checks it is that
+/// client's.
+fn read_client_key(
+    dir: &std::path::Path,
+    client: u128,
+) -> Result<percore_engine::bft::SigningKey, Box<dyn std::error::Error>> {
+    let path = dir.join(format!("client-{client}.key"));
+    let text = std::fs::read_to_string(&path)
+        .map_err(|error| format!("{}: {error} (percore keygen --clients)", path.display()))?;
+    let file = percore_engine::bft::keys::parse_client_key(&text)?;
+    if file.client != client {
+        return Err(format!("{} holds the key of client {}", path.display(), file.client).into());
+    }
+    Ok(file.key)
+}
+
+/// `percore keygen`: seeds from the OS CSPRNG (getrandom), one 0600 file per secret key
+/// (replicas, then clients), then the cluster file. Nothing is written if the fault model
+/// or the client count is refused.
 fn run_keygen(args: KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
     use percore_engine::bft::{SigningKey, keys};
     use std::io::Write as _;
@@ -1204,6 +1238,10 @@ fn run_keygen(args: KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
         .faults
         .unwrap_or(u8::try_from(args.replicas.saturating_sub(1) / 3).unwrap_or(u8::MAX));
     percore_engine::bft::check_fault_model(args.replicas, faults_max)?;
+    let clients_max = percore_engine::bft::request::CLIENTS_MAX;
+    if args.clients > clients_max {
+        return Err(format!("--clients {}: at most {clients_max}", args.clients).into());
+    }
     std::fs::create_dir_all(&args.out)?;
     if std::fs::read_dir(&args.out)?.next().is_some() {
         return Err(format!(
@@ -1212,25 +1250,43 @@ fn run_keygen(args: KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let mut public = Vec::with_capacity(args.replicas);
-    for replica in 0..args.replicas {
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|error| format!("OS random source: {error}"))?;
-        let key = SigningKey::from_bytes(&seed);
-        seed.fill(0);
-        public.push(key.verifying_key());
-        let path = args.out.join(format!("replica-{replica}.key"));
+    let write_secret = |name: String, text: String| -> Result<(), Box<dyn std::error::Error>> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)?;
-        file.write_all(keys::format_secret_key(replica as u8, &key).as_bytes())?;
+            .open(args.out.join(name))?;
+        file.write_all(text.as_bytes())?;
         file.sync_all()?;
+        Ok(())
+    };
+    let fresh_key = || -> Result<SigningKey, Box<dyn std::error::Error>> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|error| format!("OS random source: {error}"))?;
+        let key = SigningKey::from_bytes(&seed);
+        seed.fill(0);
+        Ok(key)
+    };
+    let mut public = Vec::with_capacity(args.replicas);
+    for replica in 0..args.replicas {
+        let key = fresh_key()?;
+        public.push(key.verifying_key());
+        let text = keys::format_secret_key(replica as u8, &key);
+        write_secret(format!("replica-{replica}.key"), text)?;
+    }
+    let mut clients = Vec::with_capacity(args.clients);
+    for client in 1..=args.clients as u128 {
+        let key = fresh_key()?;
+        clients.push(key.verifying_key());
+        write_secret(
+            format!("client-{client}.key"),
+            keys::format_client_key(client, &key),
+        )?;
     }
     let cluster = keys::ClusterKeys {
         faults_max,
         keys: public,
+        clients,
     };
     let path = args.out.join("cluster.keys");
     let mut file = std::fs::OpenOptions::new()
@@ -1241,10 +1297,13 @@ fn run_keygen(args: KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
     file.write_all(keys::format_cluster(&cluster).as_bytes())?;
     file.sync_all()?;
     say!(
-        "wrote replica-0.key .. replica-{}.key (mode 0600) and {} (n = {}, f = {faults_max})",
+        "wrote replica-0.key .. replica-{}.key, client-1.key .. client-{}.key (mode 0600) and \
+         {} (n = {}, f = {faults_max}, {} clients)",
         args.replicas - 1,
+        args.clients,
         path.display(),
-        args.replicas
+        args.replicas,
+        args.clients
     );
     Ok(())
 }
@@ -1296,6 +1355,7 @@ mod tests {
         let refused = run_keygen(KeygenArgs {
             replicas: 3,
             faults: Some(1),
+            clients: 1,
             out: out.clone(),
         });
         assert!(refused.unwrap_err().to_string().contains("3f + 1"));
@@ -1303,6 +1363,7 @@ mod tests {
         run_keygen(KeygenArgs {
             replicas: 4,
             faults: None,
+            clients: 3,
             out: out.clone(),
         })
         .expect("keygen");
@@ -1310,6 +1371,14 @@ mod tests {
             keys::parse_cluster(&std::fs::read_to_string(out.join("cluster.keys")).unwrap())
                 .expect("cluster file");
         assert_eq!((cluster.keys.len(), cluster.faults_max), (4, 1));
+        assert_eq!(cluster.clients.len(), 3);
+        for client in 1..=3u128 {
+            let key = read_client_key(&out, client).expect("client key");
+            assert_eq!(key.verifying_key(), cluster.clients[client as usize - 1]);
+            let path = out.join(format!("client-{client}.key"));
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
         for replica in 0..4u8 {
             let path = out.join(format!("replica-{replica}.key"));
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -1325,6 +1394,7 @@ mod tests {
             run_keygen(KeygenArgs {
                 replicas: 4,
                 faults: None,
+                clients: 1,
                 out: out.clone()
             })
             .is_err()

@@ -127,7 +127,9 @@ impl Default for NodeConfig {
             listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
             client_port_base: CLIENT_PORT_BASE_DEFAULT,
             connections_max: CONNECTIONS_MAX_DEFAULT,
-            frame_bytes_max: FRAME_HEADER_BYTES + BatchLimits::default().entries_max * 128,
+            frame_bytes_max: FRAME_HEADER_BYTES
+                + BatchLimits::default().entries_max * 128
+                + frame::SIGNATURE_TRAILER_BYTES,
             transactions: POOL_TRANSACTIONS_DEFAULT,
             batches: POOL_BATCHES_DEFAULT,
             tx_ring_capacity: TX_RING_CAPACITY_DEFAULT,
@@ -248,7 +250,7 @@ impl<S: StateMachine> frame::FrameSchema for MachineSchema<S> {
         }
         S::client_operation(operation)?;
         match kind {
-            Kind::Request => Some(size_of::<S::Record>()),
+            Kind::Request | Kind::SignedRequest => Some(size_of::<S::Record>()),
             Kind::Reply => Some(size_of::<S::Result>()),
             Kind::ErrorReply => Some(0),
         }
@@ -874,14 +876,23 @@ async fn start_bft(
     shard: usize,
     config: &NodeConfig,
     journal: Option<&Journal>,
+    (record_bytes, normalize): (usize, percore_engine::bft::request::RecordNormalizer),
 ) -> Result<(Option<crate::bft::Bft>, Option<TcpListener>), NodeError> {
     let (Some(settings), Some(journal)) = (&config.bft, journal) else {
         return Ok((None, None));
     };
     let cluster_id = config.journal.as_ref().map_or(0, |j| j.cluster_id);
-    let bft = crate::bft::Bft::start(settings.clone(), shard, journal, cluster_id, 0)
-        .await
-        .map_err(|source| NodeError::Bft { shard, source })?;
+    let sizes = (config.connections_max, record_bytes);
+    let bft = crate::bft::Bft::start(
+        settings.clone(),
+        shard,
+        journal,
+        (cluster_id, sizes),
+        normalize,
+        0,
+    )
+    .await
+    .map_err(|source| NodeError::Bft { shard, source })?;
     let listener = crate::bft::bind(settings, shard).map_err(|error| NodeError::Listen {
         shard,
         address: settings.peer_address(settings.replica, shard),
@@ -1002,7 +1013,8 @@ where
             Ok(started) => started,
             Err(error) => return start_failed(&ready, shard, error),
         };
-    let (bft, bft_listener) = match start_bft(shard, &config, journal.as_ref()).await {
+    let records = (size_of::<S::Record>(), crate::bft::unprepare::<S> as _);
+    let (bft, bft_listener) = match start_bft(shard, &config, journal.as_ref(), records).await {
         Ok(started) => started,
         Err(error) => return start_failed(&ready, shard, error),
     };
@@ -1294,7 +1306,10 @@ where
     // The body is read straight into an aligned array of records (no copy before submit);
     // the reply is encoded into its own buffer.
     let mut header_bytes = [0u8; FRAME_HEADER_BYTES];
-    let mut records: Vec<S::Record> = vec![bytemuck::Zeroable::zeroed(); records_max];
+    // Room for a BFT client's signature after the records, too.
+    let trailer_records = frame::SIGNATURE_TRAILER_BYTES.div_ceil(record_bytes);
+    let mut records: Vec<S::Record> =
+        vec![bytemuck::Zeroable::zeroed(); records_max + trailer_records];
     let reply_bytes_max = FRAME_HEADER_BYTES + records_max * size_of::<S::Result>();
     let mut reply = vec![0u8; reply_bytes_max];
     loop {
@@ -1312,7 +1327,10 @@ where
         };
         let envelope = header.envelope;
         let body_bytes = header.body_bytes as usize;
-        if header.kind != Kind::Request {
+        // Signed requests are BFT mode's (docs/bft.md §12); a BFT replica refuses unsigned
+        // ones later with a typed code.
+        let signed_allowed = header.kind == Kind::SignedRequest && shard.bft.is_some();
+        if header.kind != Kind::Request && !signed_allowed {
             let code = frame::ErrorCode::UnknownKind as u32;
             return reject(
                 shard,
@@ -1323,7 +1341,7 @@ where
             )
             .await;
         }
-        if body_bytes > records_max * record_bytes {
+        if header.records_bytes() > records_max * record_bytes {
             // Only reachable when frame_bytes_max admits more than one batch of records.
             return reject(
                 shard,
@@ -1361,10 +1379,17 @@ where
             let end = ConnectionEnd::Refused(code);
             return reject(shard, &mut stream, Some(&envelope), code, end).await;
         };
-        // The schema checked that the body is a whole number of `S::Record`s.
-        let count = body_bytes / record_bytes;
+        // The schema checked that the records are a whole number of `S::Record`s.
+        let count = header.records_bytes() / record_bytes;
         if shard.bft.is_some() {
-            let request = (&envelope, operation, &records[..count]);
+            let body: &[u8] = bytemuck::cast_slice(&records[..]);
+            let signature: Option<[u8; frame::SIGNATURE_TRAILER_BYTES]> =
+                (header.kind == Kind::SignedRequest).then(|| {
+                    body[header.records_bytes()..body_bytes]
+                        .try_into()
+                        .expect("the trailer's size")
+                });
+            let request = (&envelope, operation, &records[..count], signature.as_ref());
             crate::bft::serve_request(shard, slot, &mut stream, request, &mut reply).await?;
             ShardMetrics::add(&shard.metrics.requests_total, 1);
             continue;

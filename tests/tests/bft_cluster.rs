@@ -13,7 +13,10 @@
 //!   whose balances are exactly the acknowledged transfers', money conserved;
 //! - **evidence and certificates**: what each behaviour must leave in the metrics
 //!   (equivocations detected, refused messages, the Byzantine replica's made-up client
-//!   replies ignored), and a commit certificate journaled per op.
+//!   replies ignored, proposals with forged client requests refused), and a commit
+//!   certificate journaled per op.
+//!
+//! Clients sign every request with the key `percore keygen --clients` wrote for their id.
 //!
 //! Conditions are waited on with deadlines, never sleeps. One test at a time; every process
 //! is killed when its test ends, and a failing test prints the nodes' log tails.
@@ -35,6 +38,10 @@ use percore_shards::loadgen::{account, transfer};
 const PERCORE: &str = env!("CARGO_BIN_EXE_percore-node");
 const REPLICAS: usize = 4;
 const FAULTS: usize = 1;
+/// Client keys written: client ids 1..=CLIENTS may submit.
+const CLIENTS: usize = 8;
+/// Records of the largest request: one batch (the node's default `--batch-entries-max`).
+const FULL_BATCH_TRANSFERS: usize = 1_000;
 const BYZANTINE: usize = 0;
 const ACCOUNTS: usize = 8;
 const FUNDING: u128 = 1 << 40;
@@ -122,27 +129,39 @@ impl Harness {
         }
     }
 
+    /// Client `client_id`, signing with its own key.
     fn client(&self, client_id: u128) -> BftClient {
-        let replicas = (0..REPLICAS)
-            .map(|replica| {
-                (0..self.cluster.shards())
-                    .map(|shard| self.cluster.client_address(replica, shard))
-                    .collect()
-            })
-            .collect();
-        let mut config = ClientConfig::replicated(replicas, client_id);
-        config.request_timeout = Some(Duration::from_secs(30));
-        BftClient::new(config, FAULTS)
+        self.client_signing_as(client_id, client_id)
+    }
+
+    /// Client `client_id` signing with client `key_of`'s key (a different one: an
+    /// impersonation, refused).
+    fn client_signing_as(&self, client_id: u128, key_of: u128) -> BftClient {
+        self.client_reaching(client_id, key_of, None)
     }
 
     /// [`Harness::client`] that never reaches `absent` (its address is a closed port).
     fn client_without(&self, absent: usize, client_id: u128) -> BftClient {
+        self.client_reaching(client_id, client_id, Some(absent))
+    }
+
+    /// Client `client_id` with client `key_of`'s key, reaching every replica but
+    /// `absent`.
+    fn client_reaching(&self, client_id: u128, key_of: u128, absent: Option<usize>) -> BftClient {
+        let path = self
+            .root
+            .join("bft-keys")
+            .join(format!("client-{key_of}.key"));
+        let text = std::fs::read_to_string(&path).expect("client key file");
+        let key = percore_engine::bft::keys::parse_client_key(&text)
+            .expect("client key")
+            .key;
         let closed: std::net::SocketAddr = "127.0.0.1:1".parse().expect("address");
         let replicas = (0..REPLICAS)
             .map(|replica| {
                 (0..self.cluster.shards())
                     .map(|shard| {
-                        if replica == absent {
+                        if Some(replica) == absent {
                             closed
                         } else {
                             self.cluster.client_address(replica, shard)
@@ -153,7 +172,7 @@ impl Harness {
             .collect();
         let mut config = ClientConfig::replicated(replicas, client_id);
         config.request_timeout = Some(Duration::from_secs(30));
-        BftClient::new(config, FAULTS)
+        BftClient::new(config, FAULTS, key)
     }
 
     fn metric(&self, replica: usize, name: &str) -> u64 {
@@ -219,7 +238,8 @@ impl Drop for Harness {
 
 fn keygen(out: &Path, replicas: usize) {
     let output = Command::new(PERCORE)
-        .args(["keygen", "--replicas", &replicas.to_string(), "--out"])
+        .args(["keygen", "--replicas", &replicas.to_string()])
+        .args(["--clients", &CLIENTS.to_string(), "--out"])
         .arg(out)
         .output()
         .expect("percore keygen runs");
@@ -382,6 +402,8 @@ fn run(name: &str, behaviour: &str, during: impl FnOnce(&Harness, &BftClient)) {
         );
     }
     during(&harness, &client);
+    // `during` may commit more (balance-neutral) requests.
+    let (_, journal_op) = harness.wait_converged();
     harness.cluster.stop_all();
     let replicas_checked = compare_journals(&harness, journal_op, &expected);
     assert_eq!(replicas_checked, REPLICAS - 1);
@@ -744,46 +766,147 @@ fn bft_corrupted_snapshot_is_refused_and_fetched_from_another_peer() {
     snapshot_transfer("snapshot-corrupt", Some(BYZANTINE));
 }
 
+/// Accounts for a cluster of `shards` shards (each its own group): per shard a mint that may
+/// go negative and `per_shard` accounts funded from it with [`FUNDING`], all on that shard.
+/// Returns the accounts of each shard (mints left out) and the expected balances.
+fn sharded_accounts(
+    client: &mut BftClient,
+    shards: u32,
+    per_shard: usize,
+) -> (Vec<Vec<u128>>, HashMap<u128, i128>) {
+    let shard_of = |id: u128| shard_of(id, shards) as usize;
+    let mut mints = vec![0u128; shards as usize];
+    let mut members: Vec<Vec<u128>> = vec![Vec::new(); shards as usize];
+    for id in 1u128.. {
+        let shard = shard_of(id);
+        if mints[shard] == 0 {
+            mints[shard] = id;
+        } else if members[shard].len() < per_shard {
+            members[shard].push(id);
+        }
+        if members.iter().all(|m| m.len() == per_shard) {
+            break;
+        }
+    }
+    let accounts: Vec<Account> = mints
+        .iter()
+        .map(|id| account(*id, percore_engine::record::account_flags::ALLOW_NEGATIVE))
+        .chain(members.iter().flatten().map(|id| account(*id, 0)))
+        .collect();
+    let results: Vec<RecordResult> = client
+        .submit(
+            Operation::CreateAccounts.into(),
+            &accounts,
+            |a: &Account| shard_of(a.id),
+        )
+        .expect("accounts created on every group");
+    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    let mut expected: HashMap<u128, i128> = accounts.iter().map(|a| (a.id, 0)).collect();
+    let funding: Vec<Transfer> = (0..shards as usize)
+        .flat_map(|shard| members[shard].iter().map(move |id| (shard, *id)))
+        .map(|(shard, id)| transfer(1000 + id, mints[shard], id, FUNDING))
+        .collect();
+    let results: Vec<RecordResult> = client
+        .submit(
+            Operation::CreateTransfers.into(),
+            &funding,
+            |t: &Transfer| shard_of(t.debit_account_id),
+        )
+        .expect("accounts funded on every group");
+    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    for t in &funding {
+        *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+        *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+    }
+    (members, expected)
+}
+
 /// Committed batches that are not batches of the shard are served by state transfer
-/// (docs/bft.md §12): replica 0 leads view 0 and follows each proposal with a validly
-/// signed one whose bytes decode as no batch; the group commits both (the second applies
-/// nothing anywhere). No snapshots (`--checkpoint-interval-ops 0`), so follower 2, killed
-/// after the first ops and restarted once its peers' stable checkpoint is far above it,
-/// must fetch every op by log, the invalid ones included (their bytes come from the
-/// certificate journal): it completes the transfer, skips the same batches, and its
-/// journal and state agree with the other correct replicas'.
+/// (docs/bft.md §12). Two shards (two groups); replica 0 runs `invalid-batch`: it admits
+/// client requests that correct replicas refuse, and leads view 0 of group 0. Each round
+/// the client sends a validly signed transfer from shard 0 to shard 1: the correct
+/// replicas refuse it (1014), but replica 0 proposes it, the backups vote for it (its
+/// signature is the client's) and group 0 commits it, and every correct replica applies
+/// nothing of it (`BatchInvalid::CrossShard`). No snapshots (`--checkpoint-interval-ops
+/// 0`), so follower 2, killed after the first ops and restarted once its peers' stable
+/// checkpoint is far above it, must fetch every op by log, the invalid ones included
+/// (their bytes come from the certificate journal): it completes the transfer, skips the
+/// same batches, and its journals and state agree with the other correct replicas'.
 #[test]
 fn bft_state_transfer_serves_committed_batches_that_are_not_this_shards() {
     const VICTIM: usize = 2;
+    const SHARDS: u32 = 2;
+    const PER_SHARD: usize = 4;
     let interval = percore_engine::bft::CHECKPOINT_INTERVAL_OPS_DEFAULT;
     let window = percore_engine::bft::LOG_WINDOW_OPS_DEFAULT;
     let mut harness = Harness::start_with(
         "invalid-batch",
         Some("invalid-batch"),
-        1,
+        SHARDS as usize,
         &[("--checkpoint-interval-ops", "0")],
     );
     let mut client = harness.client(7);
-    let mut expected = create_funded_accounts(&mut client);
-    let mut load = Load::new();
-    let mut acknowledged = load.commit(&mut client, &mut expected, 3);
+    let (members, mut expected) = sharded_accounts(&mut client, SHARDS, PER_SHARD);
+    let by_debit = |t: &Transfer| shard_of(t.debit_account_id, SHARDS) as usize;
+    let mut next_id = 1u128 << 100;
+    let mut acknowledged = 0;
+    let mut refused = 0;
+    // One round: a request of transfers within shard 0 (committed `Ok`), then a transfer
+    // from shard 0 to shard 1 (refused by the correct replicas, proposed by replica 0).
+    let mut round = |client: &mut BftClient, expected: &mut HashMap<u128, i128>| {
+        let within: Vec<Transfer> = (0..TRANSFERS_PER_REQUEST)
+            .map(|k| {
+                next_id += 1;
+                let debit = members[0][k % PER_SHARD];
+                let credit = members[0][(k + 1) % PER_SHARD];
+                transfer(next_id, debit, credit, 1 + (k as u128 % 3))
+            })
+            .collect();
+        let results: Vec<RecordResult> = client
+            .submit(Operation::CreateTransfers.into(), &within, by_debit)
+            .expect("f + 1 replicas answer");
+        for (t, r) in within.iter().zip(&results) {
+            assert_eq!(r.code, CreateTransferResult::Ok as u32, "transfer {t:?}");
+            *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+            *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+        }
+        acknowledged += within.len();
+        next_id += 1;
+        let across = [transfer(next_id, members[0][0], members[1][0], 5)];
+        let answer = client.submit::<Transfer, RecordResult>(
+            Operation::CreateTransfers.into(),
+            &across,
+            by_debit,
+        );
+        assert!(
+            matches!(answer, Err(ClientError::CrossShardRefused { shard: 0, .. })),
+            "{answer:?}"
+        );
+        refused += 1;
+    };
+    for _ in 0..3 {
+        round(&mut client, &mut expected);
+    }
     let (killed_at, _) = harness.wait_converged();
     harness.cluster.kill(VICTIM);
     let target = killed_at + window + 3 * interval;
     while harness.metric(1, "percore_bft_commit_op") < target {
-        acknowledged += load.commit(&mut client, &mut expected, 4);
+        round(&mut client, &mut expected);
     }
     let invalid_at_peer = harness.metric(1, "percore_bft_batches_invalid_total");
     assert!(
         invalid_at_peer > 0,
-        "the leader's invalid batches were committed"
+        "the leader's cross-shard batches were committed"
     );
     harness
         .cluster
         .restart(VICTIM)
         .expect("the victim restarts");
-    acknowledged += load.commit(&mut client, &mut expected, 5);
+    for _ in 0..5 {
+        round(&mut client, &mut expected);
+    }
     let (bft_op, journal_op) = harness.wait_converged();
+    harness.wait_shard_converged(1);
     let metric = |name: &str| harness.metric(VICTIM, name);
     assert!(metric("percore_bft_state_transfers_completed_total") >= 1);
     assert_eq!(
@@ -806,7 +929,7 @@ fn bft_state_transfer_serves_committed_batches_that_are_not_this_shards() {
     eprintln!(
         "invalid batches: victim stopped at bft op {killed_at}, {invalid_at_peer} invalid \
          batches at a peer, {invalid_at_victim} at the victim; bft op {bft_op}, journal op \
-         {journal_op}, {acknowledged} transfers"
+         {journal_op}, {acknowledged} transfers, {refused} refused"
     );
 }
 
@@ -863,6 +986,92 @@ fn bft_wrong_digest_leader_is_refused_and_replaced() {
     });
 }
 
+/// Client authentication (docs/bft.md §2, §12): replica 0 leads view 0 and adds to each of
+/// its proposals a transfer no client signed (a client's signed transfer with its id
+/// changed, under a new request number). The correct backups refuse to vote for those
+/// proposals (counted, logged), the group changes view, every honest request still commits
+/// `Ok`, and no correct replica ever applies the forged transfer: the replayed balances
+/// are exactly the acknowledged transfers' and no committed batch was skipped. Requests
+/// under an unknown client id, or signed with another client's key, are refused with the
+/// typed errors.
+#[test]
+fn bft_forged_client_request_never_commits_and_the_leader_is_replaced() {
+    run("forge-request", "forge-request", |harness, client| {
+        for replica in harness.correct() {
+            assert!(
+                harness.metric(replica, "percore_bft_proposals_refused_total") > 0,
+                "replica {replica} refused to vote for a forged request"
+            );
+            assert_eq!(
+                harness.metric(replica, "percore_bft_batches_invalid_total"),
+                0,
+                "replica {replica}: nothing forged was ever committed"
+            );
+            assert!(harness.metric(replica, "percore_bft_client_signatures_verified_total") > 0);
+        }
+        let logged = harness.correct().any(|r| {
+            std::fs::read_to_string(harness.cluster.log_path(r))
+                .is_ok_and(|log| log.contains("BFT leader proposed a request no client signed"))
+        });
+        assert!(logged, "the refusal is logged");
+        assert_eq!(client.mismatched_replies(), 0, "no replica lies to clients");
+        let one = [transfer(1 << 90, 2, 3, 1)];
+        let unknown = CLIENTS as u128 + 1;
+        let outcome = harness
+            .client_signing_as(unknown, 1)
+            .submit::<_, RecordResult>(Operation::CreateTransfers.into(), &one, |_| 0);
+        assert!(
+            matches!(outcome, Err(ClientError::UnknownClient { .. })),
+            "{outcome:?}"
+        );
+        let outcome = harness.client_signing_as(2, 3).submit::<_, RecordResult>(
+            Operation::CreateTransfers.into(),
+            &one,
+            |_| 0,
+        );
+        assert!(
+            matches!(outcome, Err(ClientError::SignatureRefused { .. })),
+            "{outcome:?}"
+        );
+        let refused: u64 = harness
+            .correct()
+            .map(|r| harness.metric(r, "percore_bft_client_requests_refused_total"))
+            .sum();
+        assert!(refused >= 2, "refusals counted");
+        // A signed request as large as a batch (its signature after a full frame of
+        // records) commits; it moves money back and forth, so the balances stay.
+        let full: Vec<Transfer> = (0..FULL_BATCH_TRANSFERS as u128)
+            .map(|i| {
+                let (debit, credit) = if i % 2 == 0 { (2, 3) } else { (3, 2) };
+                transfer((1 << 91) + i, debit, credit, 1)
+            })
+            .collect();
+        let results: Vec<RecordResult> = harness
+            .client(1)
+            .submit(Operation::CreateTransfers.into(), &full, |_| 0)
+            .expect("a full-batch signed request commits");
+        assert!(
+            results
+                .iter()
+                .all(|r| r.code == CreateTransferResult::Ok as u32)
+        );
+        // One verify per request per replica: at admission; the vote and the execution
+        // find it verified. Each refused proposal costs one more (its forged request).
+        let requests = (REQUESTS + 6) as u64;
+        for replica in harness.correct() {
+            let verified = harness.metric(replica, "percore_bft_client_signatures_verified_total");
+            let refused = harness.metric(replica, "percore_bft_proposals_refused_total");
+            eprintln!(
+                "replica {replica}: {verified} signatures verified, {refused} proposals refused"
+            );
+            assert!(
+                verified <= requests + refused,
+                "replica {replica}: {verified} verifies for about {requests} requests"
+            );
+        }
+    });
+}
+
 /// Several shards per BFT node (docs/bft.md §12): 4 nodes × 2 shards, each shard its own
 /// group, replica 0 equivocating (it leads view 0 of group 0; group 1's view-0 leader is
 /// replica 1). Transfers within each shard commit on both groups; a transfer between the
@@ -876,35 +1085,8 @@ fn bft_two_shards_per_node_commit_within_each_and_refuse_cross_shard_transfers()
     const PER_SHARD: usize = 4;
     let mut harness = Harness::start_sharded("shards", Some("equivocate"), SHARDS as usize);
     let mut client = harness.client(7);
+    let (members, mut expected) = sharded_accounts(&mut client, SHARDS, PER_SHARD);
     let shard_of = |id: u128| shard_of(id, SHARDS) as usize;
-    // Per shard: a mint (may go negative) and `PER_SHARD` accounts, all on that shard.
-    let mut mints = vec![0u128; SHARDS as usize];
-    let mut members: Vec<Vec<u128>> = vec![Vec::new(); SHARDS as usize];
-    for id in 1u128.. {
-        let shard = shard_of(id);
-        if mints[shard] == 0 {
-            mints[shard] = id;
-        } else if members[shard].len() < PER_SHARD {
-            members[shard].push(id);
-        }
-        if members.iter().all(|m| m.len() == PER_SHARD) {
-            break;
-        }
-    }
-    let accounts: Vec<Account> = mints
-        .iter()
-        .map(|id| account(*id, percore_engine::record::account_flags::ALLOW_NEGATIVE))
-        .chain(members.iter().flatten().map(|id| account(*id, 0)))
-        .collect();
-    let results: Vec<RecordResult> = client
-        .submit(
-            Operation::CreateAccounts.into(),
-            &accounts,
-            |a: &Account| shard_of(a.id),
-        )
-        .expect("accounts created on both groups");
-    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
-    let mut expected: HashMap<u128, i128> = accounts.iter().map(|a| (a.id, 0)).collect();
     let by_debit = |t: &Transfer| shard_of(t.debit_account_id);
     let mut next_id = 1u128 << 100;
     let apply = |transfers: &[Transfer], expected: &mut HashMap<u128, i128>| {
@@ -913,15 +1095,6 @@ fn bft_two_shards_per_node_commit_within_each_and_refuse_cross_shard_transfers()
             *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
         }
     };
-    let funding: Vec<Transfer> = (0..SHARDS as usize)
-        .flat_map(|shard| members[shard].iter().map(move |id| (shard, *id)))
-        .map(|(shard, id)| transfer(1000 + id, mints[shard], id, FUNDING))
-        .collect();
-    let results: Vec<RecordResult> = client
-        .submit(Operation::CreateTransfers.into(), &funding, by_debit)
-        .expect("accounts funded on both groups");
-    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
-    apply(&funding, &mut expected);
     // Requests mixing transfers within shard 0 and within shard 1: each part goes to its
     // group, and both commit.
     let mut rng = Rng(0x05EE_DBF7);
@@ -1066,8 +1239,13 @@ fn bft_node_refuses_configurations_that_cannot_tolerate_f() {
     let error = node(&peers(3), &["--cores", "0"]);
     assert!(error.contains("3f + 1"), "{error}");
     // Four keys, three peers.
-    std::fs::write(keys.join("cluster.keys"), text).unwrap();
+    std::fs::write(keys.join("cluster.keys"), &text).unwrap();
     let error = node(&peers(3), &["--cores", "0"]);
     assert!(error.contains("lists 4 replicas"), "{error}");
+    // No client keys (a file written before client authentication): nothing could submit.
+    let no_clients: Vec<&str> = text.lines().filter(|l| !l.starts_with("client ")).collect();
+    std::fs::write(keys.join("cluster.keys"), no_clients.join("\n") + "\n").unwrap();
+    let error = node(&peers(4), &["--cores", "0"]);
+    assert!(error.contains("lists no clients"), "{error}");
     std::fs::remove_dir_all(&root).unwrap();
 }

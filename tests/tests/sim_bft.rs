@@ -50,6 +50,12 @@ fn sim_bft_every_behaviour() {
         if behaviour == Behaviour::Forge {
             assert!(total.bad_signatures > 0, "forged signatures were refused");
         }
+        if behaviour == Behaviour::ForgeRequest {
+            assert!(
+                total.proposals_refused > 0,
+                "proposals with requests no client signed were refused"
+            );
+        }
     }
 }
 
@@ -79,9 +85,14 @@ fn sim_bft_a_seed_replays_exactly() {
 
 /// Scans seeds until the checker reports the injected bug as a safety violation.
 fn bug_is_caught(options: Options, seeds: std::ops::Range<u64>) -> u64 {
+    bug_is_caught_by(options, seeds, "safety")
+}
+
+/// Scans seeds until `checker` reports the injected bug.
+fn bug_is_caught_by(options: Options, seeds: std::ops::Range<u64>, checker: &str) -> u64 {
     for seed in seeds.clone() {
         if let Err(failure) = bft_sim::run(seed, &options) {
-            assert_eq!(failure.checker, "safety", "{failure}");
+            assert_eq!(failure.checker, checker, "{failure}");
             return seed;
         }
     }
@@ -106,4 +117,14 @@ fn sim_bft_catches_a_new_view_that_drops_prepared_batches() {
         ..Options::default()
     };
     bug_is_caught(options, 0..200);
+}
+
+#[test]
+fn sim_bft_catches_votes_for_requests_no_client_signed() {
+    let options = Options {
+        behaviour: Some(Behaviour::ForgeRequest),
+        bug: Some(InjectedBug::VotesWithoutProposalCheck),
+        ..Options::default()
+    };
+    bug_is_caught_by(options, 0..40, "auth");
 }

@@ -26,6 +26,7 @@ pub mod codec;
 pub mod keys;
 pub mod message;
 mod replica;
+pub mod request;
 pub mod xshard;
 
 pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
@@ -35,6 +36,7 @@ pub use message::{
     chain_digest,
 };
 pub use replica::{BftReplica, NewViewPlan, Restored, Status, VoteGuard, new_view_plan};
+pub use request::{ClientKeys, ProposalCheck, RequestAuthError, RequestStatement, RequestVerifier};
 
 /// Most replicas a BFT group may have (`f = 2` at `n = 7`; replica sets fit a `u8`).
 pub const REPLICA_COUNT_MAX: usize = 7;
@@ -176,6 +178,16 @@ pub enum BftError {
     /// Propose: an empty batch (the empty batch is the null op).
     #[error("empty batch")]
     EmptyBatch,
+    /// A proposal the leader validly signed whose batch fails the driver's
+    /// [`ProposalCheck`] (a request without a valid client signature): the leader's
+    /// misbehaviour; no Prepare is signed for it.
+    #[error("proposal for op {op} refused: {error}")]
+    ProposalRefused {
+        /// The op.
+        op: u64,
+        /// What is wrong with the batch.
+        error: RequestAuthError,
+    },
 }
 
 /// Checks `n >= 3f + 1` and `n <= REPLICA_COUNT_MAX`.
@@ -202,6 +214,9 @@ pub enum InjectedBug {
     /// The new leader's plan ignores prepared certificates: every op above the checkpoint
     /// becomes a null op, so a batch committed in the old view can be replaced.
     NewViewIgnoresPrepared,
+    /// Backups vote for proposals without running the [`ProposalCheck`]: a request no
+    /// client signed can commit.
+    VotesWithoutProposalCheck,
 }
 
 /// Identity and limits of one replica of one BFT group.
@@ -429,6 +444,9 @@ pub struct BftMetrics {
     /// Progress timeouts that did not suspect the leader: this replica had not heard from
     /// `f + 1` peers since it started, or was catching up.
     pub suspicions_deferred: u64,
+    /// Proposals validly signed by their leader and refused by the [`ProposalCheck`]
+    /// (requests without a valid client signature): no Prepare was signed for them.
+    pub proposals_refused: u64,
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::message::{
     PreparedCert, PreparedEntry, SnapshotStatement, StateCert, ViewChange, Vote, VoteKind,
     batch_digest, chain_digest,
 };
+use super::request::ProposalCheck;
 use super::{
     Action, BftConfig, BftError, BftMetrics, CHECKPOINT_VOTES_KEPT_PER_REPLICA, EVIDENCE_KEPT_MAX,
     InjectedBug, REPLICA_COUNT_MAX, STATE_VOTES_KEPT_PER_REPLICA, VIEW_AHEAD_MAX,
@@ -93,6 +94,9 @@ struct Slot {
     /// The digest this replica executed at this op (also known after a restart, when the
     /// commit certificate is not held): a conflicting proposal is refused.
     executed: Option<Digest>,
+    /// The last proposal for this op the [`ProposalCheck`] refused: its resends are
+    /// dropped without checking the batch again.
+    refused: Option<Vote>,
 }
 
 impl Slot {
@@ -108,6 +112,7 @@ impl Slot {
             committed: None,
             chain: None,
             executed: None,
+            refused: None,
         }
     }
 
@@ -246,6 +251,24 @@ pub struct BftReplica {
     /// Highest executed op the driver reported durable (see
     /// [`BftConfig::durability_reported`]).
     durable_op: u64,
+    /// What a backup checks in a batch before it votes for it (none: every batch).
+    proposal_check: ProposalCheckSlot,
+    /// Highest op of this view whose proposal the check refused: work the leader owes, so
+    /// the progress timer runs until it is committed (by someone) or the view changes.
+    refused_op_max: u64,
+}
+
+/// The driver's [`ProposalCheck`], if any (a newtype for `Debug`).
+struct ProposalCheckSlot(Option<Box<dyn ProposalCheck>>);
+
+impl std::fmt::Debug for ProposalCheckSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ProposalCheck"
+        } else {
+            "None"
+        })
+    }
 }
 
 impl BftReplica {
@@ -300,6 +323,33 @@ impl BftReplica {
             guard_restored: VoteGuard::default(),
             awaiting_new_view: false,
             durable_op: 0,
+            proposal_check: ProposalCheckSlot(None),
+            refused_op_max: 0,
+        })
+    }
+
+    /// Installs the check a backup runs on every batch before it signs a Prepare for it
+    /// (BFT mode: every client request's signature, [`super::request`]). A batch it refuses
+    /// is the leader's misbehaviour: no vote, counted in
+    /// [`BftMetrics::proposals_refused`], and the progress timer runs until the op is
+    /// committed or the view changes. The leader's own proposals are not checked (its
+    /// driver proposes only what it admitted).
+    pub fn set_proposal_check(&mut self, check: Box<dyn ProposalCheck>) {
+        self.proposal_check = ProposalCheckSlot(Some(check));
+    }
+
+    /// Runs the proposal check on `batch` (digest `digest`), proposed for `op`.
+    fn check_proposal(&mut self, op: u64, batch: &[u8], digest: &Digest) -> Result<(), BftError> {
+        let Some(check) = self.proposal_check.0.as_mut() else {
+            return Ok(());
+        };
+        if self.config.bug == Some(InjectedBug::VotesWithoutProposalCheck) {
+            return Ok(());
+        }
+        check.check_proposal(batch, digest).map_err(|error| {
+            self.metrics.proposals_refused += 1;
+            self.refused_op_max = self.refused_op_max.max(op);
+            BftError::ProposalRefused { op, error }
         })
     }
 
@@ -669,7 +719,9 @@ impl BftReplica {
     }
 
     fn has_work(&self) -> bool {
-        self.pending || self.op_accepted_max > self.commit_op
+        self.pending
+            || self.op_accepted_max > self.commit_op
+            || self.refused_op_max > self.commit_op
     }
 
     fn arm_progress_timer(&mut self, now_us: u64) {
@@ -842,6 +894,14 @@ impl BftReplica {
             return Err(BftError::Stale);
         }
         let slot = self.slot_mut(vote.op);
+        if let Some(refused) = slot.refused.filter(|refused| refused.view == vote.view) {
+            if refused.digest == vote.digest {
+                return Err(BftError::Stale);
+            }
+            // Two validly signed proposals for one op, whatever their batches hold.
+            self.record_evidence(now_us, refused, vote, actions);
+            return Err(BftError::Equivocation(vote.replica));
+        }
         if let Some(held) = slot.pre_prepare.filter(|held| held.view == vote.view) {
             if held.digest == vote.digest {
                 return Err(BftError::Stale);
@@ -858,6 +918,12 @@ impl BftReplica {
             return Err(BftError::InvalidCertificate(
                 "proposal conflicts with a committed op",
             ));
+        }
+        // A backup votes only for batches whose every request a client signed.
+        if let Err(error) = self.check_proposal(vote.op, &batch, &vote.digest) {
+            self.slot_mut(vote.op).refused = Some(vote);
+            self.arm_progress_timer(now_us);
+            return Err(error);
         }
         self.accept_pre_prepare(now_us, vote, batch, actions);
         Ok(())
@@ -951,7 +1017,13 @@ impl BftReplica {
         if header.kind != VoteKind::PrePrepare || self.check_window(header.op).is_err() {
             return;
         }
-        let Some(held) = self.slot(header.op).and_then(|slot| slot.pre_prepare) else {
+        // A proposal this replica refused to vote for is still the leader's signed word.
+        let Some(held) = self.slot(header.op).and_then(|slot| {
+            [slot.pre_prepare, slot.refused]
+                .into_iter()
+                .flatten()
+                .find(|held| held.same_slot(&header))
+        }) else {
             return;
         };
         if held.same_slot(&header)
@@ -2041,6 +2113,8 @@ impl BftReplica {
         }
         let op_max = plan.entries.last().map_or(0, |(op, _, _)| *op);
         self.op_accepted_max = self.commit_op;
+        self.refused_op_max = 0;
+        let is_leader = self.leader() == self.config.replica;
         for (vote, batch) in &new_view.pre_prepares {
             if self.check_window(vote.op).is_err() {
                 continue;
@@ -2053,6 +2127,14 @@ impl BftReplica {
             {
                 // Only possible past f faults (or with an injected bug): keep ours.
                 self.metrics.invalid += 1;
+                continue;
+            }
+            // A re-proposed batch was prepared by at least one correct backup, which
+            // checked it; a backup still checks what it votes for (null ops aside).
+            if !is_leader
+                && !batch.is_empty()
+                && self.check_proposal(vote.op, batch, &vote.digest).is_err()
+            {
                 continue;
             }
             self.accept_pre_prepare(now_us, *vote, batch.clone(), actions);

@@ -1459,3 +1459,122 @@ fn bft_replica_restores_above_an_installed_snapshot() {
     );
     assert!(below.is_err(), "a snapshot below the checkpoint is refused");
 }
+
+/// Batches as a leader proposes them, with records of `AUTH_RECORD_BYTES`.
+const AUTH_RECORD_BYTES: usize = 16;
+
+fn client_secrets() -> Vec<SigningKey> {
+    (0..3u8)
+        .map(|client| SigningKey::from_bytes(&[100 + client; 32]))
+        .collect()
+}
+
+/// A group whose every replica checks client signatures before it votes.
+fn authenticating_group() -> Group {
+    let mut group = Group::new(4, 1);
+    let clients = ClientKeys::new(
+        client_secrets()
+            .iter()
+            .map(SigningKey::verifying_key)
+            .collect(),
+    );
+    for replica in &mut group.replicas {
+        replica.set_proposal_check(Box::new(RequestVerifier::new(
+            GROUP,
+            clients.clone(),
+            AUTH_RECORD_BYTES,
+            None,
+        )));
+    }
+    group
+}
+
+#[test]
+fn bft_backups_refuse_proposals_with_forged_client_requests_and_the_view_changes() {
+    let mut group = authenticating_group();
+    let secrets = client_secrets();
+    let honest = request::tests::signed_batch(GROUP, &secrets, &[(1, 1, 2), (2, 5, 1)]);
+    let parts = request::batch_decode(&honest).expect("signed batch");
+    let requests_at = request::BATCH_HEADER_BYTES + parts.records.len();
+    let mut unsigned = Vec::new();
+    request::batch_encode(3, parts.records, parts.requests, &[], &mut unsigned);
+    let mut tampered = honest.clone();
+    tampered[request::BATCH_HEADER_BYTES + 1] ^= 0x80; // a record changed after signing
+    let mut renumbered = honest.clone();
+    renumbered[requests_at + 16] += 1; // client 1's request number
+    let mut impersonated = honest.clone();
+    impersonated[requests_at] = 3; // client 1's request under client 3's id
+    let forged = [&unsigned, &tampered, &renumbered, &impersonated];
+    // Leader 0 is Byzantine: its core signs whatever its driver hands it.
+    for batch in forged {
+        group.propose(0, batch);
+    }
+    let refused: Vec<(u64, RequestAuthError)> = group
+        .errors
+        .iter()
+        .filter_map(|error| match error {
+            BftError::ProposalRefused { op, error } => Some((*op, *error)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 3 * forged.len(), "{:?}", group.errors);
+    for backup in 1..4 {
+        let replica = &group.replicas[backup];
+        assert_eq!(replica.metrics().proposals_refused, forged.len() as u64);
+        assert_eq!(replica.commit_op(), 0, "nothing forged commits");
+    }
+    assert!(refused.contains(&(1, RequestAuthError::Unsigned)));
+    assert!(refused.contains(&(
+        2,
+        RequestAuthError::BadSignature {
+            client_id: 1,
+            request_number: 1
+        }
+    )));
+    assert!(refused.contains(&(
+        3,
+        RequestAuthError::BadSignature {
+            client_id: 1,
+            request_number: 2
+        }
+    )));
+    assert!(refused.contains(&(
+        4,
+        RequestAuthError::BadSignature {
+            client_id: 3,
+            request_number: 1
+        }
+    )));
+    // No backup signed a Prepare for any of them.
+    for backup in 1..4 {
+        assert!(
+            group.votes_sent[backup]
+                .iter()
+                .all(|vote| vote.kind != VoteKind::Prepare),
+            "backup {backup} voted"
+        );
+    }
+    // The leader owes those ops: with no client work pending, the progress timer still
+    // runs out and the group moves to a correct leader, where an honest batch commits.
+    for _ in 0..20 {
+        group.tick_all(50_000);
+    }
+    let leader = group.replicas[1].leader();
+    assert_ne!(leader, 0, "the forging leader was replaced");
+    for backup in 1..4 {
+        assert_eq!(group.replicas[backup].status(), Status::Normal);
+        // Resends of the refused proposals were dropped, not checked again.
+        assert_eq!(
+            group.replicas[backup].metrics().proposals_refused,
+            forged.len() as u64
+        );
+    }
+    group.propose(leader, &honest);
+    for replica in 1..4 {
+        assert_eq!(
+            group.committed[replica],
+            vec![(1, batch_digest(&honest))],
+            "replica {replica}"
+        );
+    }
+}

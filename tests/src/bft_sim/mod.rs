@@ -29,16 +29,20 @@ pub enum Behaviour {
     Replay,
     /// Behaves, and also sends votes in other replicas' names and garbage signatures.
     Forge,
+    /// As leader, adds to each proposal a request no client signed (a client's request
+    /// with a record changed and a new request number, carrying the original signature).
+    ForgeRequest,
 }
 
 /// Every behaviour, in the order the seed picks from.
-pub const BEHAVIOURS: [Behaviour; 6] = [
+pub const BEHAVIOURS: [Behaviour; 7] = [
     Behaviour::Silent,
     Behaviour::Equivocate,
     Behaviour::WrongDigest,
     Behaviour::Withhold,
     Behaviour::Replay,
     Behaviour::Forge,
+    Behaviour::ForgeRequest,
 ];
 
 impl Behaviour {
@@ -51,6 +55,7 @@ impl Behaviour {
             Behaviour::Withhold => "withhold",
             Behaviour::Replay => "replay",
             Behaviour::Forge => "forge",
+            Behaviour::ForgeRequest => "forge-request",
         }
     }
 
@@ -96,7 +101,8 @@ impl Default for Options {
 }
 
 /// Default events of the faulty phase, and a checker's failure: as the crash-fault
-/// simulator's (`checker` is `safety`, `liveness`, `evidence`, `client` or `driver` here).
+/// simulator's (`checker` is `safety`, `auth`, `liveness`, `evidence`, `client` or
+/// `driver` here).
 pub use crate::sim::{Failure, STEPS_DEFAULT};
 
 /// What a passing run did.
@@ -126,6 +132,9 @@ pub struct Summary {
     pub messages_refused: u64,
     /// Of which bad signatures.
     pub bad_signatures: u64,
+    /// Proposals correct replicas refused to vote for: a request without a valid client
+    /// signature.
+    pub proposals_refused: u64,
     /// Messages dropped by the network.
     pub messages_dropped: u64,
     /// Whether a Byzantine replica led view 0.
@@ -146,6 +155,7 @@ impl Summary {
         self.equivocations_accepted += other.equivocations_accepted;
         self.messages_refused += other.messages_refused;
         self.bad_signatures += other.bad_signatures;
+        self.proposals_refused += other.proposals_refused;
         self.messages_dropped += other.messages_dropped;
     }
 }
@@ -210,6 +220,7 @@ fn parse_bug(name: &str) -> Result<InjectedBug, String> {
     match name {
         "quorum-minus-one" => Ok(InjectedBug::QuorumMinusOne),
         "new-view-ignores-prepared" => Ok(InjectedBug::NewViewIgnoresPrepared),
+        "votes-without-proposal-check" => Ok(InjectedBug::VotesWithoutProposalCheck),
         _ => Err(format!("unknown bug {name:?}")),
     }
 }
@@ -218,6 +229,7 @@ fn bug_name(bug: InjectedBug) -> &'static str {
     match bug {
         InjectedBug::QuorumMinusOne => "quorum-minus-one",
         InjectedBug::NewViewIgnoresPrepared => "new-view-ignores-prepared",
+        InjectedBug::VotesWithoutProposalCheck => "votes-without-proposal-check",
     }
 }
 

@@ -5,14 +5,22 @@
 //! deduplicated by id) and answers the request's client with the op that executed it; a
 //! Byzantine replica runs the same core but its outgoing messages go through
 //! [`World::byzantine_outgoing`], and it answers clients with made-up results.
+//!
+//! Clients sign their requests (ed25519 keys derived from the seed, client `c` has id
+//! `c + 1`) and batches are the engine's signed batch format (`bft::request`, records of
+//! [`RECORD_BYTES`]); every replica checks proposals with a [`RequestVerifier`] before it
+//! votes, and the `auth` checker fails a run in which a correct replica executes a batch
+//! holding a request no client signed.
 
 use crate::sched::Scheduled;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
+use percore_engine::bft::request::{REQUEST_SIGNATURE_BYTES, batch_decode, batch_encode};
 use percore_engine::bft::{
-    Action, BftConfig, BftReplica, CommitCert, Committee, Digest, Message, Signature, SigningKey,
-    Vote, batch_digest, chain_digest,
+    Action, BftConfig, BftReplica, ClientKeys, CommitCert, Committee, Digest, Message,
+    RequestStatement, RequestVerifier, Signature, SigningKey, Vote, batch_digest, chain_digest,
 };
+use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 
 use super::{BEHAVIOURS, Behaviour, Failure, Options, Summary};
 use crate::sim::rng::{SimRng, splitmix64};
@@ -39,12 +47,21 @@ const PENDING_MAX: usize = 64;
 const TRACE_KEPT: usize = 80;
 /// Messages a replaying replica remembers.
 const REPLAY_KEPT: usize = 64;
+/// Bytes of one record of a request (a request holds 1 to 3).
+pub const RECORD_BYTES: usize = 16;
+/// The operation code of every request.
+const OPERATION: u16 = 1;
+/// Set in the request number of a request a Byzantine leader made up.
+const FORGED_REQUEST_BIT: u64 = 1 << 31;
 
+/// A client request: id `(client + 1) << 32 | request number`.
 #[derive(Debug, Clone)]
 struct Request {
     id: u64,
     client: usize,
     payload: Vec<u8>,
+    /// The client's signature of the request ([`RequestStatement`]).
+    signature: [u8; REQUEST_SIGNATURE_BYTES],
 }
 
 #[derive(Debug)]
@@ -136,6 +153,10 @@ pub struct World {
     accepted_proposals: BTreeMap<(u64, u64), BTreeSet<Digest>>,
     trace: VecDeque<String>,
     messages_dropped: u64,
+    /// Each client's signing key (client `c` has id `c + 1`).
+    client_keys: Vec<SigningKey>,
+    /// The `auth` checker's own verifier (a cache hit is a request verified before).
+    auth: RequestVerifier,
 }
 
 type Outcome<T> = Result<T, Box<Failure>>;
@@ -147,15 +168,17 @@ impl World {
         let replica_count = options.replicas;
         let faults_max = (replica_count - 1) / 3;
         let mut key_seed = seed ^ 0x6b65_7973;
-        let keys: Vec<SigningKey> = (0..replica_count)
-            .map(|_| {
-                let mut bytes = [0u8; 32];
-                for chunk in bytes.chunks_exact_mut(8) {
-                    chunk.copy_from_slice(&splitmix64(&mut key_seed).to_le_bytes());
-                }
-                SigningKey::from_bytes(&bytes)
-            })
-            .collect();
+        let mut derive_key = || {
+            let mut bytes = [0u8; 32];
+            for chunk in bytes.chunks_exact_mut(8) {
+                chunk.copy_from_slice(&splitmix64(&mut key_seed).to_le_bytes());
+            }
+            SigningKey::from_bytes(&bytes)
+        };
+        let keys: Vec<SigningKey> = (0..replica_count).map(|_| derive_key()).collect();
+        let client_keys: Vec<SigningKey> = (0..CLIENTS).map(|_| derive_key()).collect();
+        let clients = ClientKeys::new(client_keys.iter().map(SigningKey::verifying_key).collect());
+        let verifier = || RequestVerifier::new(0, clients.clone(), RECORD_BYTES, None);
         let committee = Committee::new(
             0,
             faults_max,
@@ -180,8 +203,9 @@ impl World {
                 config.checkpoint_interval_ops = checkpoint_interval_ops;
                 config.log_window_ops = 2 * checkpoint_interval_ops;
                 config.bug = options.bug;
-                let core = BftReplica::new(config, committee.clone(), key.clone(), 0)
+                let mut core = BftReplica::new(config, committee.clone(), key.clone(), 0)
                     .expect("valid configuration");
+                core.set_proposal_check(Box::new(verifier()));
                 let behaviour = byzantine.contains(&replica).then(|| {
                     options
                         .behaviour
@@ -251,6 +275,8 @@ impl World {
             accepted_proposals: BTreeMap::new(),
             trace: VecDeque::new(),
             messages_dropped: 0,
+            auth: verifier(),
+            client_keys,
         }
     }
 
@@ -510,6 +536,19 @@ impl World {
         }
         node.chain = chain_digest(&node.chain, op, &digest);
         node.log.push((digest, batch.clone(), cert));
+        // Every request a correct replica executes was signed by its client (a null op
+        // holds none).
+        if self.keeps_honest_log(replica)
+            && !batch.is_empty()
+            && let Err(error) = self.auth.check_batch(&batch, &digest)
+        {
+            return Err(self.fail(
+                "auth",
+                format!(
+                    "replica {replica} executed op {op}, a batch its clients did not sign: {error}"
+                ),
+            ));
+        }
         if self.keeps_honest_log(replica)
             && self
                 .certified
@@ -607,10 +646,14 @@ impl World {
             for request in &chosen {
                 node.proposed.insert(request.id, view);
             }
+            let mut batch = encode_batch(&chosen);
+            if node.behaviour == Some(Behaviour::ForgeRequest) {
+                batch = forged_batch(&batch);
+            }
             let mut actions = Vec::new();
             let op = node
                 .core
-                .propose(self.time_us, encode_batch(&chosen), &mut actions)
+                .propose(self.time_us, batch, &mut actions)
                 .map_err(|error| self.fail("driver", format!("propose refused: {error}")))?;
             self.note(format!(
                 "replica {replica} proposes op {op} in view {view} ({} requests)",
@@ -677,7 +720,8 @@ impl World {
             Behaviour::Silent if self.time_us >= self.nodes[usize::from(from)].silent_from_us => {
                 Vec::new()
             }
-            Behaviour::Silent => same(&tos, &message),
+            // A forging leader's batches are rewritten where it proposes (`propose`).
+            Behaviour::Silent | Behaviour::ForgeRequest => same(&tos, &message),
             Behaviour::Withhold => match message {
                 Message::Prepare { .. } | Message::Commit(_) | Message::Checkpoint(_) => Vec::new(),
                 other => same(&tos, &other),
@@ -736,8 +780,7 @@ impl World {
     ) -> Vec<(u8, Message)> {
         let alternate = match &message {
             Message::PrePrepare { vote, batch } => {
-                let mut batch = batch.clone();
-                batch.extend_from_slice(b"equivocation");
+                let batch = alternate_batch(batch);
                 let digest = batch_digest(&batch);
                 self.nodes[usize::from(from)]
                     .alternates
@@ -864,12 +907,16 @@ impl World {
         }
         state.issued += 1;
         state.sequence += 1;
-        let id = ((client as u64 + 1) << 32) | state.sequence;
-        let length = self.rng.range(8, 32) as usize;
-        let payload = (0..length).map(|_| self.rng.next_u64() as u8).collect();
+        let request_number = state.sequence;
+        let id = ((client as u64 + 1) << 32) | request_number;
+        let length = self.rng.range(1, 3) as usize * RECORD_BYTES;
+        let payload: Vec<u8> = (0..length).map(|_| self.rng.next_u64() as u8).collect();
+        let statement =
+            RequestStatement::new(0, client as u128 + 1, request_number, OPERATION, &payload);
         let request = Request {
             id,
             client,
+            signature: statement.sign(&self.client_keys[client]),
             payload,
         };
         self.clients[client].outstanding = Some((request.clone(), BTreeMap::new()));
@@ -1113,6 +1160,7 @@ impl World {
             summary.state_transfers += metrics.state_transfers;
             summary.equivocations_detected += metrics.equivocations;
             summary.bad_signatures += metrics.bad_signatures;
+            summary.proposals_refused += metrics.proposals_refused;
             summary.messages_refused += metrics.bad_signatures
                 + metrics.unknown_signers
                 + metrics.wrong_view
@@ -1128,32 +1176,80 @@ fn resign(key: &SigningKey, vote: Vote, digest: Digest) -> Vote {
     Vote::sign(key, 0, vote.kind, vote.replica, vote.view, vote.op, digest)
 }
 
-/// Requests back to back: id (u64), client (u8), payload length (u8), payload.
+/// The engine's signed batch of `requests` (each with its client's signature).
 fn encode_batch(requests: &[Request]) -> Vec<u8> {
-    let mut batch = Vec::new();
+    let (mut records, mut descriptors, mut signatures) = (Vec::new(), Vec::new(), Vec::new());
     for request in requests {
-        batch.extend_from_slice(&request.id.to_le_bytes());
-        batch.push(request.client as u8);
-        batch.push(request.payload.len() as u8);
-        batch.extend_from_slice(&request.payload);
+        let descriptor = RequestDescriptor {
+            client_id: request.client as u128 + 1,
+            request_number: request.id & 0xffff_ffff,
+            record_start: (records.len() / RECORD_BYTES) as u32,
+            record_count: (request.payload.len() / RECORD_BYTES) as u32,
+        };
+        records.extend_from_slice(&request.payload);
+        descriptors.extend_from_slice(bytemuck::bytes_of(&descriptor));
+        signatures.extend_from_slice(&request.signature);
     }
+    let mut batch = Vec::new();
+    batch_encode(OPERATION, &records, &descriptors, &signatures, &mut batch);
     batch
 }
 
-/// The `(id, client)` pairs of a batch; stops at the first malformed byte (a Byzantine
-/// leader's batch may be anything; every correct replica stops at the same place).
+/// The `(id, client)` pairs of a batch (none if it is not a batch: a Byzantine leader's
+/// may be anything; every correct replica decides the same).
 fn decode_batch(batch: &[u8]) -> Vec<(u64, usize)> {
-    let mut requests = Vec::new();
-    let mut rest = batch;
-    while rest.len() >= 10 {
-        let id = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-        let client = usize::from(rest[8]);
-        let length = usize::from(rest[9]);
-        if rest.len() < 10 + length {
-            break;
-        }
-        requests.push((id, client));
-        rest = &rest[10 + length..];
-    }
-    requests
+    let Some(parts) = batch_decode(batch) else {
+        return Vec::new();
+    };
+    parts
+        .requests
+        .chunks_exact(REQUEST_DESCRIPTOR_BYTES)
+        .map(|bytes| {
+            let descriptor: RequestDescriptor = bytemuck::pod_read_unaligned(bytes);
+            let client = descriptor.client_id as u64;
+            let id = (client << 32) | (descriptor.request_number & 0xffff_ffff);
+            (id, (client as usize).wrapping_sub(1))
+        })
+        .collect()
+}
+
+/// `batch` with a copy of its first request appended (its records and signature), which
+/// `change` may alter; `batch` itself if it is not a signed batch.
+fn append_first(batch: &[u8], change: impl Fn(&mut RequestDescriptor, &mut [u8])) -> Vec<u8> {
+    let Some(parts) = batch_decode(batch).filter(|parts| !parts.signatures.is_empty()) else {
+        return batch.to_vec();
+    };
+    let first: RequestDescriptor =
+        bytemuck::pod_read_unaligned(&parts.requests[..REQUEST_DESCRIPTOR_BYTES]);
+    let start = first.record_start as usize * RECORD_BYTES;
+    let end = start + first.record_count as usize * RECORD_BYTES;
+    let mut copied = parts.records[start..end].to_vec();
+    let mut descriptor = first;
+    descriptor.record_start = (parts.records.len() / RECORD_BYTES) as u32;
+    change(&mut descriptor, &mut copied);
+    let records = [parts.records, &copied].concat();
+    let requests = [parts.requests, bytemuck::bytes_of(&descriptor)].concat();
+    let signatures = [
+        parts.signatures,
+        &parts.signatures[..REQUEST_SIGNATURE_BYTES],
+    ]
+    .concat();
+    let mut out = Vec::new();
+    batch_encode(parts.operation, &records, &requests, &signatures, &mut out);
+    out
+}
+
+/// An equivocating leader's second batch: its first request once more at the end (a valid
+/// batch, executed as a duplicate), so correct replicas accept either version.
+fn alternate_batch(batch: &[u8]) -> Vec<u8> {
+    append_first(batch, |_, _| {})
+}
+
+/// A forging leader's batch: a request no client signed appended (the first request with
+/// a record changed and a new request number, carrying the first request's signature).
+fn forged_batch(batch: &[u8]) -> Vec<u8> {
+    append_first(batch, |descriptor, records| {
+        descriptor.request_number |= FORGED_REQUEST_BIT;
+        records[0] ^= 1;
+    })
 }

@@ -62,7 +62,7 @@ fn main() -> ExitCode {
             "passing runs: {} with a Byzantine first leader; ops committed {}, requests accepted {}, \
              view changes {} (highest view {}), stable checkpoints {}, state transfers {}, \
              equivocations accepted by correct replicas {}, detected {}, messages refused {} \
-             (bad signatures {}), dropped {}",
+             (bad signatures {}), proposals refused for unsigned requests {}, dropped {}",
             byzantine_first_leader,
             total.ops_committed,
             total.requests_accepted,
@@ -74,6 +74,7 @@ fn main() -> ExitCode {
             total.equivocations_detected,
             total.messages_refused,
             total.bad_signatures,
+            total.proposals_refused,
             total.messages_dropped,
         );
         for (seed, checker) in &failures {
