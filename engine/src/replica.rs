@@ -560,8 +560,9 @@ pub struct Replica {
     /// Highest view seen in any message.
     view_seen_max: u64,
     pre_vote: Option<PreVoteState>,
-    /// A restarted leader never resumes its view: it pre-votes at its first tick.
-    pre_vote_at_start: bool,
+    /// A restarted leader never leads the view it crashed in again (it may have sent
+    /// Prepares it never made durable, section 8): that view, left at the first tick.
+    view_abdicated: Option<u64>,
     view_change_deadline_us: u64,
     view_change_resend_us: u64,
     /// StartViewChange for `view` received from these replicas (bit set).
@@ -629,8 +630,11 @@ struct Install {
 }
 
 impl Replica {
-    /// A replica whose journal recovered up to `op_recovered` (durable, chain head
-    /// `checksum_recovered`), all of it already applied by replay, in `config.view`.
+    /// A replica that never ran before (it never sent anything), whose log is `op_recovered`
+    /// ops (durable, chain head `checksum_recovered`), all applied, in `config.view`. Unlike
+    /// [`Replica::restart`], a leader leads its view at once. A driver that cannot tell a
+    /// first start from a restart (an empty journal may be one that lost what it sent)
+    /// must call `restart`.
     pub fn new(
         config: ReplicaConfig,
         op_recovered: u64,
@@ -641,7 +645,7 @@ impl Replica {
             view: config.view,
             log_view: config.view,
         };
-        Self::restart(
+        let mut replica = Self::restart(
             config,
             persisted,
             op_recovered,
@@ -649,7 +653,12 @@ impl Replica {
             op_recovered,
             &[],
             now_us,
-        )
+        )?;
+        if replica.view_abdicated.take().is_some() {
+            replica.status = Status::Normal;
+            replica.ready = true;
+        }
+        Ok(replica)
     }
 
     /// A replica restarting from its journal (head `op_recovered`, `checksum_recovered`),
@@ -721,7 +730,7 @@ impl Replica {
             leader_heard_us: now_us,
             view_seen_max: persisted.view,
             pre_vote: None,
-            pre_vote_at_start: false,
+            view_abdicated: None,
             view_change_deadline_us: 0,
             view_change_resend_us: 0,
             svc_from: 0,
@@ -754,12 +763,20 @@ impl Replica {
                 + LEADER_TIMEOUT_STARTUP_FACTOR * config.leader_timeout_us_max
                 + replica.leader_timeout_us();
             if persisted.log_view < persisted.view {
-                // It stopped in a view change: rejoin through pre-vote.
+                // It stopped in a view change: rejoin through pre-vote. Even as this view's
+                // leader it never sealed in it: a leader seals only once `log_view = view`
+                // is durable (the drivers run every `Persist` before sealing).
                 replica.status = Status::ViewChange;
                 replica.view_change_deadline_us = now_us;
             } else if replica.is_leader() {
-                // It may have sent Prepares it no longer has: never resume the view.
-                replica.pre_vote_at_start = true;
+                // It may have led this view and sent Prepares before its own write was
+                // durable (6.1), so followers may hold ops it lost: preparing in this view
+                // again could give one op two entries (P4). It stops leading now and leaves
+                // the view at its first tick. (A replica known never to have run, with a
+                // journal created by this start, is built with `Replica::new` instead.)
+                replica.status = Status::ViewChange;
+                replica.ready = false;
+                replica.view_abdicated = Some(persisted.view);
             }
         }
         Ok(replica)
@@ -824,6 +841,18 @@ impl Replica {
         });
         self.op_known_max = self.op_known_max.max(op_promised);
         self.ready = false;
+    }
+
+    /// Breaks the restart rule on purpose (simulator builds only): a restarted leader
+    /// resumes its view at once instead of leaving it. The simulator's `leader-resumes-view`
+    /// bug shows that its checkers catch what the rule prevents. Call right after
+    /// [`Replica::restart`].
+    #[cfg(feature = "bug-injection")]
+    pub fn bug_resume_view(&mut self) {
+        if self.view_abdicated.take().is_some() {
+            self.status = Status::Normal;
+            self.ready = self.commit_min == self.op_head && self.recovering.is_none();
+        }
     }
 
     /// Leaves recovering once the journal holds the promise again, or (fixed view, leader)
@@ -926,6 +955,17 @@ impl Replica {
         (0..self.config.replica_count).filter(move |peer| *peer != me)
     }
 
+    /// Leader: whether the driver sends each Prepare as soon as the entry is staged, before
+    /// its own write of it is durable (`docs/protocol.md` 6.1: the leader's and the
+    /// followers' writes overlap), rather than holding the Prepares until its group commit
+    /// is durable. Only with view change: a restarted leader then never leads its old view
+    /// again (section 8), so an op it sent and lost is never given a second entry. A
+    /// fixed-view leader resumes its view after a restart and must never have sent an op it
+    /// could lose (section 0, "Durable before send").
+    pub fn sends_prepares_before_durable(&self) -> bool {
+        self.config.view_change
+    }
+
     /// Leader: whether one more op may be sealed (the pipeline has room).
     pub fn can_seal(&self) -> bool {
         let committed = self.commit_max.max(self.commit_min).min(self.op_head);
@@ -1019,7 +1059,9 @@ impl Replica {
     }
 
     /// Leader: `from` acknowledged everything up to `op` in `view`. Returns the ack
-    /// latency sample taken (µs from the op's durability here to this ack), if any.
+    /// latency sample taken (µs from the op's staging here, when its Prepare left, to this
+    /// ack), if any. With view change the ack may come before this replica's own write of
+    /// `op` is durable; it counts, and `commit_advance` waits for the leader's own copy.
     pub fn on_prepare_ok(
         &mut self,
         now_us: u64,
@@ -1041,7 +1083,7 @@ impl Replica {
         let known = if op == 0 {
             checksum == crate::journal::JOURNAL_CHAIN_ROOT
         } else {
-            op <= self.op_durable && slot.op == op && slot.checksum == checksum
+            op <= self.op_head && slot.op == op && slot.checksum == checksum
         };
         let peer = &mut self.peers[usize::from(from)];
         peer.commit_min = peer.commit_min.max(commit_min);
@@ -1055,8 +1097,14 @@ impl Replica {
             return None;
         }
         let mut sample = None;
-        if op > peer.ack_op && slot.durable_us > 0 {
-            let latency_us = now_us.saturating_sub(slot.durable_us);
+        let sent_us = if self.config.view_change {
+            slot.staged_us
+        } else {
+            slot.durable_us
+        };
+        let peer = &mut self.peers[usize::from(from)];
+        if op > peer.ack_op && sent_us > 0 {
+            let latency_us = now_us.saturating_sub(sent_us);
             peer.latency.sample(latency_us);
             sample = Some(latency_us);
         }
@@ -1496,7 +1544,7 @@ impl Replica {
             next = next.min(repair.deadline_us);
         }
         if self.config.view_change {
-            if self.pre_vote_at_start {
+            if self.view_abdicated == Some(self.view) {
                 next = next.min(self.now_us);
             }
             if let Some(pre_vote) = self.pre_vote {
@@ -1702,9 +1750,10 @@ impl Replica {
 
     fn view_change_tick(&mut self, now_us: u64, actions: &mut Vec<Action>) {
         let target = (self.view + 1).max(self.view_seen_max);
-        if self.pre_vote_at_start {
-            self.pre_vote_at_start = false;
-            self.pre_vote_start(now_us, target, actions);
+        if self.view_abdicated == Some(self.view) {
+            // No pre-vote: whatever the others answer, this replica must not lead its old
+            // view again. Joining the next view is safe; its leader is another replica.
+            self.view_change_enter(now_us, target, actions);
             return;
         }
         if let Some(pre_vote) = self.pre_vote
@@ -1836,6 +1885,11 @@ impl Replica {
     /// Leaves the current view for `view` (7.2 step 1): persist, then StartViewChange.
     fn view_change_enter(&mut self, now_us: u64, view: u64, actions: &mut Vec<Action>) {
         assert!(view >= self.view);
+        assert_ne!(
+            Some(view),
+            self.view_abdicated,
+            "a restarted leader leaves its view"
+        );
         self.view = view;
         self.view_seen_max = self.view_seen_max.max(view);
         self.status = Status::ViewChange;
@@ -1898,9 +1952,13 @@ impl Replica {
             let stranded = self.is_leader()
                 && self.status == Status::Normal
                 && now_us.saturating_sub(self.svc_future_since_us) >= STRANDED_VIEW_JOIN_US;
+            // The leader of this replica's view left it (it restarted, section 8): nothing
+            // can commit in the view any more, so waiting for a leader timeout gains nothing.
+            let leader_left = from == self.leader();
             if self.pre_vote_grantable(now_us, view)
                 || self.svc_future.1.count_ones() as usize > f
                 || stranded
+                || leader_left
             {
                 let joined = self.svc_future.1;
                 self.view_change_enter(now_us, view, actions);
@@ -1919,6 +1977,7 @@ impl Replica {
         if self.status != Status::ViewChange
             || self.dvc_sent
             || self.recovering.is_some()
+            || self.view_abdicated == Some(self.view)
             || (self.svc_from.count_ones() as usize) + 1 < self.config.quorum()
         {
             return;
@@ -2367,15 +2426,14 @@ mod tests {
             0,
             "op 1 is not durable on the leader yet"
         );
+        // It counts once the leader's own copy is durable (with view change the Prepare
+        // leaves before the leader's write, so a follower may well be faster).
         leader.on_durable(30, 2, &mut out);
-        assert_eq!(
-            leader.commit_max(),
-            0,
-            "acks above the durable op are not counted"
-        );
+        assert_eq!(leader.commit_max(), 1, "op 1: the follower and the leader");
         leader.on_prepare_ok(40, 1, 0, 2, 222, 0);
         assert_eq!(leader.commit_max(), 2);
         assert_eq!(leader.apply_limit(), 2);
+        // Fixed view: a Prepare leaves once durable here, so the sample starts there.
         assert_eq!(leader.peer(1).latency.samples, 1);
         assert_eq!(leader.peer(1).latency.srtt_us, 10);
     }
@@ -3670,6 +3728,61 @@ mod restart_tests {
             "{actions:?}"
         );
         assert_eq!(replica.op_head(), 60);
+    }
+
+    /// With view change a restarted leader never leads its old view again (section 8): it
+    /// may have sent Prepares that its crash lost. StartViewChange for the old view cannot
+    /// bring it back; its first tick persists the next view and announces it, and a
+    /// follower of the old view joins at once (its leader has left).
+    #[test]
+    fn a_restarted_leader_leaves_its_view_for_good() {
+        let mut config = ReplicaConfig::new(0, 0, 3, 5).unwrap();
+        config.view_change = true;
+        let persisted = Persisted {
+            view: 3,
+            log_view: 3,
+        };
+        let mut leader =
+            Replica::restart(config, persisted, 10, 0x10, 10, &[(10, 0x10)], 0).unwrap();
+        assert_eq!(leader.leader(), 0, "it led view 3");
+        assert!(!leader.is_ready_leader());
+        assert_eq!(leader.status(), Status::ViewChange);
+        let mut actions = Vec::with_capacity(ACTIONS_MAX);
+        leader.on_start_view_change(1, 1, 3, &mut actions);
+        leader.on_start_view_change(1, 2, 3, &mut actions);
+        assert!(actions.is_empty(), "{actions:?}");
+        assert_eq!((leader.view(), leader.status()), (3, Status::ViewChange));
+        assert!(leader.poll_timeout() <= 1, "it leaves at its next tick");
+        leader.tick(2, &mut actions);
+        let persist = Action::Persist {
+            view: 4,
+            log_view: 3,
+            commit_max: 10,
+        };
+        let persisted_at = actions.iter().position(|a| *a == persist).expect("persist");
+        for to in [1, 2] {
+            let svc = Action::StartViewChange { to, view: 4 };
+            let at = actions.iter().position(|a| *a == svc).expect("announced");
+            assert!(
+                persisted_at < at,
+                "the view is durable before it is announced"
+            );
+        }
+        assert_eq!(leader.view(), 4);
+        assert_ne!(leader.leader(), 0);
+
+        let mut config = ReplicaConfig::new(0, 1, 3, 6).unwrap();
+        config.view_change = true;
+        config.view = 3;
+        let mut follower = Replica::new(config, 10, 0x10, 0).unwrap();
+        follower.on_commit(5, 0, 3, 10, 10, &mut Vec::new());
+        actions.clear();
+        follower.on_start_view_change(6, 0, 4, &mut actions);
+        assert_eq!(
+            (follower.view(), follower.status()),
+            (4, Status::ViewChange),
+            "it heard its leader 1 µs ago, but that leader left the view"
+        );
     }
 
     /// A leader answers `RequestStartView` with its durable log only: an op it has staged

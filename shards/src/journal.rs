@@ -679,6 +679,9 @@ pub struct Journal {
     /// Recovering: every superblock written records at least this `op_durable` (the
     /// promise), until the journal reaches it or [`Journal::promise_release`]; 0: none.
     op_promised: u64,
+    /// This open created the journal (no superblock existed): no earlier process wrote or
+    /// sent anything from it.
+    created: bool,
 }
 
 /// What [`Journal::checkpoint`] did.
@@ -900,7 +903,7 @@ impl Journal {
             .map_err(|error| io_error(&dir, error))?;
         let segments = segments_list(&dir)?;
         let segment_oldest = segments.first().copied().unwrap_or(0);
-        let (superblock_file, superblock) =
+        let (superblock_file, superblock, created) =
             superblock_open(&config, &directory, !segments.is_empty()).await?;
         if superblock.segment_bytes != config.segment_bytes {
             return Err(JournalError::Config {
@@ -976,6 +979,7 @@ impl Journal {
             checkpoint_entry: Vec::with_capacity(entry_bytes_max),
             op_replayed,
             op_promised: recovered.recovering.unwrap_or(0),
+            created,
         };
         Ok((journal, recovered))
     }
@@ -1406,6 +1410,13 @@ impl Journal {
     /// open; ops above it are the caller's to apply once known committed.
     pub fn op_replayed(&self) -> u64 {
         self.op_replayed
+    }
+
+    /// Whether this open created the journal (there was no superblock): no earlier process
+    /// ran from it, so none can have sent entries it lost. A replicated leader uses it to
+    /// tell a first start from a restart (`percore_engine::replica::Replica::new`).
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// Writes `superblock` with the next sequence, `op_durable` and the durable view into
@@ -2334,7 +2345,7 @@ async fn superblock_open(
     config: &JournalConfig,
     directory: &Directory,
     segments_exist: bool,
-) -> Result<(DmaFile, Superblock), JournalError> {
+) -> Result<(DmaFile, Superblock, bool), JournalError> {
     let dir = &config.dir;
     let path = dir.join(SUPERBLOCK_FILE_NAME);
     let copies_bytes = SUPERBLOCK_BYTES * SUPERBLOCK_COPIES as usize;
@@ -2365,7 +2376,7 @@ async fn superblock_open(
             sequence: SUPERBLOCK_COPIES - 1,
             ..superblock
         };
-        return Ok((file, superblock));
+        return Ok((file, superblock, true));
     }
 
     let file = open_read_write(&path, false).await?;
@@ -2389,7 +2400,7 @@ async fn superblock_open(
             shard_found: superblock.shard,
         });
     }
-    Ok((file, superblock))
+    Ok((file, superblock, false))
 }
 
 /// Writes a new superblock pair under a temporary name and renames it into place, so a

@@ -492,6 +492,10 @@ struct BenchArgs {
     /// Keep the benchmark's data directory (default: removed afterwards).
     #[arg(long)]
     keep_data: bool,
+    /// Local cluster only: start the nodes with `--view-change` (leader failover; the
+    /// leader's journal write then overlaps the followers', docs/protocol.md 6.1).
+    #[arg(long)]
+    view_change: bool,
     /// Load a cluster that is already running instead of starting one: the client address
     /// of each group's leader, one per shard in shard order (e.g.
     /// 10.0.0.1:7000,10.0.0.2:7001,10.0.0.3:7002). Node flags (--cores, --replicas, sizes,
@@ -1039,7 +1043,7 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
     };
     // Every size and limit the operator gave `bench` applies to each node.
     let (shard, ledger, journal) = (&args.shards, &args.shards.ledger, &args.journal);
-    let extra_args: Vec<String> = [
+    let mut extra_args: Vec<String> = [
         ("--batch-entries-max", shard.batch_entries_max.to_string()),
         ("--batch-bytes-max", shard.batch_bytes_max.to_string()),
         ("--linger-us", shard.linger_us.to_string()),
@@ -1068,6 +1072,10 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_string(), value])
     .collect();
+    if args.view_change {
+        extra_args.push("--view-change".into());
+        say!("view change on (leader failover; Prepares leave before the leader's fsync)");
+    }
     say!(
         "starting {replicas} replicas x {} shard(s) on cores {cores:?}{} (ports from {port_base}, data in {})",
         cores.len(),

@@ -10,12 +10,14 @@
 //!
 //! The batcher drives the log (`replicated_turn`):
 //! - **Leader**: seals while the pipeline has room, stages each batch in the journal and
-//!   copies the encoded entry into every connected follower's outbox *held* (not yet
-//!   sendable); one group commit makes them durable, then the held Prepares are released
-//!   and the sender tasks write them, to all followers at once. Durable-before-send keeps
-//!   every follower's log a prefix of the leader's across a leader restart (see
-//!   `percore_engine::replica`). Ops apply and clients get replies once a majority, the
-//!   leader included, has them durable.
+//!   copies the encoded entry into every connected follower's outbox. With view change the
+//!   sender tasks write them at once, while this replica's group commit runs, so the
+//!   followers' writes overlap the leader's (a restarted leader never leads its old view
+//!   again, `percore_engine::replica`). Fixed view holds them (not yet sendable) until the
+//!   group commit is durable, then releases them to all followers at once: durable-before-
+//!   send keeps every follower's log a prefix of the leader's across a leader restart, since
+//!   a fixed-view leader resumes its view. Ops apply and clients get replies once a
+//!   majority, the leader included, has them durable.
 //! - **Follower**: stages received entries (the journal checks checksums and the hash
 //!   chain), group-commits them, acknowledges cumulatively, applies up to the leader's
 //!   commit number; gaps are repaired from the fastest peer (`Replica` routing).
@@ -245,6 +247,8 @@ pub(crate) struct RecoveredLog<'a> {
     /// The journal lost entries up to this op that the replica may have acknowledged: it
     /// starts recovering (`docs/protocol.md` 8); 0 when none.
     pub(crate) op_promised: u64,
+    /// The journal was created by this start: the replica never ran before.
+    pub(crate) created: bool,
 }
 
 impl Replication {
@@ -264,6 +268,7 @@ impl Replication {
             views,
             op_replayed,
             op_promised,
+            created,
         } = log;
         let mut config = percore_engine::replica::ReplicaConfig::new(
             shard as u32,
@@ -286,7 +291,14 @@ impl Replication {
             recent_last = recent.last().map(|r| r.0),
             "replica restarts"
         );
-        let mut replica = Replica::restart(config, views, op, checksum, op_replayed, recent, 0)?;
+        // A replica that ran before may have led and sent entries it lost: as a leader it
+        // leaves its view (`Replica::restart`). A new journal has no such past.
+        let mut replica = if created {
+            assert_eq!(op, 0, "a new journal is empty");
+            Replica::new(config, op, checksum, 0)?
+        } else {
+            Replica::restart(config, views, op, checksum, op_replayed, recent, 0)?
+        };
         if op_promised > op {
             tracing::warn!(
                 shard,
@@ -1458,7 +1470,9 @@ fn retain_from_op(replication: &Replication, journal: &Journal) -> u64 {
 /// Largest number of batches sealed and journaled together in one turn.
 const GROUP_COMMIT_BATCHES_MAX: usize = 64;
 
-/// Leader: seal, stage, hold the Prepares, commit, release them.
+/// Leader: seal, stage, send the Prepares, commit. With view change the Prepares go out
+/// before the group commit starts, so the followers' writes overlap the leader's
+/// (`Replica::sends_prepares_before_durable`); fixed view holds them until it is durable.
 async fn leader_prepare<S>(shard: &Shard<S>, journal: &mut Journal) -> bool
 where
     S: StateMachine,
@@ -1466,12 +1480,18 @@ where
     S::Result: Send,
 {
     let replication = shard.replication.as_ref().expect("replicated shard");
+    if !replication.deferred.borrow().is_empty() {
+        // A new leader's `Persist` (its `log_view`) is durable before it seals: a restart
+        // relies on it to tell whether this replica may have sealed in its view.
+        return false;
+    }
     let record_bytes = size_of::<S::Record>();
     let entry_padded_max = entry_bytes_padded(shard.body_bytes_max());
     let now_us = shard.now_us();
     shard.core.borrow_mut().observe_depth();
+    let hold = !replication.replica.borrow().sends_prepares_before_durable();
     for outbox in replication.outboxes.iter() {
-        outbox.holding.set(true);
+        outbox.holding.set(hold);
     }
     let mut sealed = 0;
     while sealed < GROUP_COMMIT_BATCHES_MAX
@@ -1503,6 +1523,9 @@ where
             header.set_field_u64(field::PREPARE_COMMIT, commit);
             header.checksum_body = checksum;
             if replication.outboxes[usize::from(peer)].push(header, entry) {
+                if !hold {
+                    replica.note_sent(peer, now_us);
+                }
                 ShardMetrics::add(&shard.metrics.replication_prepares_sent_total, 1);
             } else {
                 ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
@@ -1514,6 +1537,15 @@ where
             outbox.release();
         }
         return false;
+    }
+    if !hold {
+        // Wake the sender tasks now: they write while this task waits for the journal,
+        // so the followers' writes overlap this replica's.
+        for outbox in replication.outboxes.iter() {
+            if !outbox.bytes.borrow().is_empty() {
+                outbox.doorbell.notify();
+            }
+        }
     }
     shard.commit_gap_work_waiting(now_us);
     journal_commit(shard, journal).await;

@@ -836,6 +836,7 @@ fn start_replication(
             },
             op_replayed: journal.op_replayed(),
             op_promised: journal.op_promised(),
+            created: journal.created(),
         },
         config.seed ^ shard as u64,
         entry_bytes_max,

@@ -5,7 +5,7 @@
 //! cargo run -p percore-tests --bin sim -- --seed 42 [--replicas 3|5] [--groups 1|2]
 //!     [--steps N] [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal]
 //!     [--view-change [--no-workarounds]]
-//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions]
+//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view]
 //!     [-v]
 //! cargo run -p percore-tests --bin sim -- --seeds 0..10000
 //! ```
@@ -23,7 +23,7 @@ fn main() -> ExitCode {
                 "usage: sim (--seed S | --seeds A..B) [--replicas 3|5] [--groups 1|2] [--steps N] \\
                  [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal] \\
                  [--view-change [--no-workarounds]] \\
-                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions] [-v]"
+                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view] [-v]"
             );
             return ExitCode::from(2);
         }
@@ -50,6 +50,8 @@ fn main() -> ExitCode {
                 total.views_led += summary.views_led;
                 total.truncations += summary.truncations;
                 total.leader_resumed_view += summary.leader_resumed_view;
+                total.leader_sent_crashes += summary.leader_sent_crashes;
+                total.leader_sent_ops_lost += summary.leader_sent_ops_lost;
                 total.durable_above_truncation += summary.durable_above_truncation;
                 total.append_past_install += summary.append_past_install;
                 total.superblock_commit_kept += summary.superblock_commit_kept;
@@ -96,12 +98,15 @@ fn main() -> ExitCode {
 fn print_failovers(total: &sim::Summary) {
     println!(
         "periods without a ready leader: {} (longest {} ms); views led {}, truncations {}, \
-         leaders that resumed their view after a restart {}; workarounds: on_durable above a \
-         truncation {}, appends past an install {}, superblock commit numbers kept {}",
+         leader crashes that lost sent entries {} ({} entries), leaders that resumed their \
+         view after a restart {}; workarounds: on_durable above a truncation {}, appends past \
+         an install {}, superblock commit numbers kept {}",
         total.failovers,
         total.failover_us_max / 1_000,
         total.views_led,
         total.truncations,
+        total.leader_sent_crashes,
+        total.leader_sent_ops_lost,
         total.leader_resumed_view,
         total.durable_above_truncation,
         total.append_past_install,

@@ -172,10 +172,23 @@ impl CheckState {
         self.committed[group as usize].get(index).copied()
     }
 
-    /// A replica is about to cut its journal above `op`: no committed entry may go.
-    pub fn truncation_observed(&mut self, replica: u8, group: u32, op: u64, disk: &Disk) {
+    /// A replica is about to cut its journal above `op`: no committed entry that it
+    /// acknowledged or voted for (`acked_op`, its highest) may go.
+    pub fn truncation_observed(
+        &mut self,
+        replica: u8,
+        group: u32,
+        op: u64,
+        disk: &Disk,
+        acked_op: u64,
+    ) {
         let next = op + 1;
-        if next > disk.op_head() {
+        // Only an entry this replica acknowledged or voted for counts: one it never did was
+        // not part of any quorum, and a crash may drop it just the same (it fetches it
+        // again). A replica that leads a view change with its own log cuts its staged tail
+        // this way, even when a later view it has not heard of has committed those entries
+        // (seed 3097 with --view-change).
+        if next > disk.op_head().min(acked_op) {
             return;
         }
         if let Some(committed) = self.committed_checksum(group, next)
@@ -471,10 +484,10 @@ impl World {
                         ));
                     }
                     Some((_, epoch)) if *epoch != node.epoch => {
-                        // A restarted leader led its old view again (before its first tick
-                        // made it pre-vote). Counted; safe while Prepares leave only once
-                        // durable (see docs/simulator.md).
-                        self.summary.leader_resumed_view += 1;
+                        // A restarted replica is a ready leader of a view it led before: it
+                        // may not have sent anything in it then (a new leader becomes ready
+                        // before its view is recorded, and seals only after). Sealing again
+                        // in a view is what breaks P4; `World::sealed_in_view` checks that.
                         self.view_leaders
                             .insert((node.group, view), (node.replica, node.epoch));
                     }

@@ -24,9 +24,10 @@ use std::fmt;
 /// A bug the simulator can inject on purpose, to show that the checkers catch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bug {
-    /// The leader sends each Prepare when it stages the entry, before its own write is
-    /// durable (the rule of `docs/protocol.md` section 0 broken): a leader crash then loses
-    /// an op its followers hold, and the op number is reassigned.
+    /// Fixed view: the leader sends each Prepare when it stages the entry, before its own
+    /// write is durable (the rule of `docs/protocol.md` section 0 broken): a leader crash
+    /// then loses an op its followers hold, and the restarted leader, which resumes its
+    /// view, reassigns the op number. (With view change that order is the design.)
     SendBeforeDurable,
     /// A follower acknowledges an entry as soon as it is staged, before its fsync: the leader
     /// may commit an op that only it holds durably.
@@ -47,6 +48,10 @@ pub enum Bug {
     /// recovery) restarts as if nothing was lost: it is not put in recovering status, so it
     /// acknowledges and votes with the shorter log.
     ForgetRecovering,
+    /// View change: a restarted leader resumes the view it led before the crash instead of
+    /// leaving it (`Replica::bug_resume_view`). It may have lost entries it had sent, so
+    /// it prepares a different entry under an op number its followers hold.
+    LeaderResumesView,
     /// The leader journals client requests without their session descriptors: a retry
     /// that reaches a new leader is applied again, and the ledger answers it `Exists`
     /// instead of the original reply.
@@ -64,6 +69,7 @@ impl Bug {
             "keep-origins-on-truncate" => Some(Bug::KeepOriginsOnTruncate),
             "forget-recovering" => Some(Bug::ForgetRecovering),
             "no-sessions" => Some(Bug::NoSessions),
+            "leader-resumes-view" => Some(Bug::LeaderResumesView),
             _ => None,
         }
     }
@@ -78,6 +84,7 @@ impl Bug {
             Bug::KeepOriginsOnTruncate => "keep-origins-on-truncate",
             Bug::ForgetRecovering => "forget-recovering",
             Bug::NoSessions => "no-sessions",
+            Bug::LeaderResumesView => "leader-resumes-view",
         }
     }
 }
@@ -240,9 +247,14 @@ pub struct Summary {
     /// Periods without a ready leader, by length: bucket `i` counts those up to
     /// [`FAILOVER_BUCKETS_US`]`[i]`, the last those longer.
     pub failover_buckets: [u64; FAILOVER_BUCKETS_US.len() + 1],
-    /// A restarted leader was a ready leader of the view it led before the crash, before its
-    /// first tick made it pre-vote (see `docs/simulator.md`).
+    /// A restarted leader sealed ops in the view it had sealed in before the crash (counted
+    /// only under the `leader-resumes-view` bug; otherwise a `one-leader-per-view` failure).
     pub leader_resumed_view: u64,
+    /// View change: crashes of a leader that lost entries it had already sent to its
+    /// followers (staged, Prepares out, its own write not yet durable).
+    pub leader_sent_crashes: u64,
+    /// The entries those crashes lost.
+    pub leader_sent_ops_lost: u64,
     /// Group commits that completed above the core's head because it truncated meanwhile
     /// (known issue 4; the driver reported the core's head to `on_durable`).
     pub durable_above_truncation: u64,

@@ -402,6 +402,9 @@ pub struct World {
     leaderless_since: Vec<Option<u64>>,
     /// Per `(group, view)`: the replica and incarnation that became its ready leader.
     pub(super) view_leaders: BTreeMap<(u32, u64), (u8, u64)>,
+    /// Per `(group, view)`: the incarnation of the leader that sealed ops in it (P4: only
+    /// one ever does, so each op of a view has one entry).
+    view_sealers: BTreeMap<(u32, u64), u64>,
     pub(super) accounts: Vec<Vec<u128>>,
     pub(super) history: Vec<Request>,
     clients_started: bool,
@@ -478,6 +481,7 @@ impl World {
                 .collect(),
             leaderless_since: vec![None; groups],
             view_leaders: BTreeMap::new(),
+            view_sealers: BTreeMap::new(),
             accounts,
             history: Vec::new(),
             clients_started: false,
@@ -752,17 +756,28 @@ impl World {
                 log_view: config.view,
             }
         };
-        let replica = Replica::restart(
-            config,
-            persisted,
-            recovered.op_last,
-            recovered.checksum_last,
-            replayed_op,
-            &recent,
-            self.now_us,
-        )
+        // As the runtime: a journal created by this start belongs to a replica that never
+        // ran; any other start is a restart, and a leader then leaves its view.
+        let first_start = self.nodes[index].epoch == 0;
+        let replica = if first_start {
+            assert_eq!(recovered.op_last, 0, "a new journal is empty");
+            Replica::new(config, 0, recovered.checksum_last, self.now_us)
+        } else {
+            Replica::restart(
+                config,
+                persisted,
+                recovered.op_last,
+                recovered.checksum_last,
+                replayed_op,
+                &recent,
+                self.now_us,
+            )
+        }
         .expect("valid replica config");
         let mut replica = replica;
+        if self.options.bug == Some(Bug::LeaderResumesView) {
+            replica.bug_resume_view();
+        }
         let forget = self.options.bug == Some(Bug::ForgetRecovering);
         if let Some(op_promised) = recovered.recovering.filter(|_| !forget) {
             // As the runtime: the journal lost entries it may have acknowledged.
@@ -825,10 +840,21 @@ impl World {
             let faults = self.options.faults;
             let node = &mut self.nodes[index];
             let unsynced = node.disk.op_head() - node.disk.op_durable();
+            // A leader that sends before its write is durable loses, here, entries its
+            // followers may already hold (every staged entry was sent to each connected
+            // follower when it was staged).
+            let sent_early = node.live.as_ref().is_some_and(|live| {
+                live.replica.is_leader() && live.replica.sends_prepares_before_durable()
+            });
+            let head_before = node.disk.op_head();
             node.live = None;
             node.epoch += 1;
             let tail = node.disk.crash(&mut self.rng, faults);
             let head = node.disk.op_head();
+            if sent_early && head < head_before {
+                self.summary.leader_sent_crashes += 1;
+                self.summary.leader_sent_ops_lost += head_before - head;
+            }
             self.trace_line(format!(
                 "node r{replica}g{group} CRASH: {unsynced} unsynced ops, {tail:?}, head now {head}"
             ));
@@ -1238,8 +1264,9 @@ impl World {
     fn truncate(&mut self, node: NodeIndex, op: u64) {
         let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
         let head = self.nodes[node].disk.op_head();
+        let acked_op = self.nodes[node].acked.1;
         self.check
-            .truncation_observed(replica, group, op, &self.nodes[node].disk);
+            .truncation_observed(replica, group, op, &self.nodes[node].disk, acked_op);
         let checksum = self.nodes[node].disk.truncate(op);
         self.nodes[node].acked = (0, 0);
         self.summary.truncations += 1;
@@ -1636,7 +1663,15 @@ impl World {
         if sealed == 0 {
             return false;
         }
-        if bug == Some(Bug::SendBeforeDurable) {
+        self.sealed_in_view(node);
+        // With view change the Prepares leave as soon as the entries are staged (the
+        // runtime's order; a crash may then lose entries the followers hold). Fixed view
+        // holds them until the group commit is durable; the injected bug does not.
+        let send_now = self.nodes[node]
+            .live
+            .as_ref()
+            .is_some_and(|live| live.replica.sends_prepares_before_durable());
+        if send_now || bug == Some(Bug::SendBeforeDurable) {
             for message in prepares {
                 self.send(message);
             }
@@ -1646,6 +1681,37 @@ impl World {
         }
         self.fsync_start(node);
         true
+    }
+
+    /// Checker `one-leader-per-view`: one incarnation of one replica seals ops in a view. A
+    /// restarted leader that sealed in its old view again may have lost entries it had
+    /// sent, and now gives their op numbers other entries. Under the injected bug that
+    /// does this, it is only counted, so that the sweep shows what the other checkers
+    /// catch.
+    fn sealed_in_view(&mut self, node: NodeIndex) {
+        let n = &self.nodes[node];
+        let Some(live) = n.live.as_ref() else {
+            return;
+        };
+        if !self.options.view_change {
+            return;
+        }
+        let (replica, group, view, epoch) = (n.replica, n.group, live.replica.view(), n.epoch);
+        match self.view_sealers.insert((group, view), epoch) {
+            Some(earlier) if earlier != epoch => {
+                if self.options.bug == Some(Bug::LeaderResumesView) {
+                    self.summary.leader_resumed_view += 1;
+                } else {
+                    self.check.problem_set(
+                        "one-leader-per-view",
+                        format!(
+                            "r{replica}g{group}: restarted, it sealed ops in view {view} again"
+                        ),
+                    );
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Starts the group commit of everything staged; it completes after a simulated
