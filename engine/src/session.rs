@@ -611,6 +611,16 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         }
     }
 
+    fn session_stale(&self, client_id: u128, request_number: u64, record_count: u32) -> bool {
+        client_id != 0
+            && self.sessions.classify(&RequestDescriptor {
+                client_id,
+                request_number,
+                record_start: 0,
+                record_count,
+            }) == Disposition::Fallback
+    }
+
     fn session_reply(
         &self,
         client_id: u128,
@@ -831,6 +841,26 @@ mod tests {
         assert_eq!(machine.sessions().stats().replayed, 1);
         // The next request of client 7 applies.
         assert_eq!(apply(&mut machine, 3, &[5], &[request(7, 2, 0, 1)]), [18]);
+    }
+
+    #[test]
+    fn a_request_behind_its_session_with_no_reply_kept_is_stale() {
+        let mut machine = Sessioned::new(Sum::default(), 4, 16);
+        assert!(!machine.session_stale(7, 1, 1), "no session yet");
+        for number in 1..=(SESSION_REPLIES_PER_CLIENT as u64 + 2) {
+            apply(&mut machine, number, &[1], &[request(7, number, 0, 1)]);
+        }
+        let max = SESSION_REPLIES_PER_CLIENT as u64 + 2;
+        assert!(
+            machine.session_stale(7, 1, 1),
+            "older than the reply window"
+        );
+        assert!(machine.session_stale(7, 2, 1));
+        assert!(!machine.session_stale(7, max, 1), "its reply is kept");
+        assert!(machine.session_stale(7, max, 2), "another record count");
+        assert!(!machine.session_stale(7, max + 1, 1), "the next request");
+        assert!(!machine.session_stale(8, 1, 1), "another client");
+        assert!(!machine.session_stale(0, 1, 1), "no client id");
     }
 
     #[test]

@@ -169,6 +169,17 @@ pub trait StateMachine {
         None
     }
 
+    /// Whether request `request_number` of `client_id` (of `record_count` records) is
+    /// behind this machine's session for the client: at or below the highest number it
+    /// applied for the client, with no reply kept for it (older than the reply window, or
+    /// another record count). Such a request was applied before, or is a stale duplicate;
+    /// BFT mode answers it at once instead of waiting for a commit that no correct leader
+    /// will propose again. The default keeps no sessions: never.
+    fn session_stale(&self, client_id: u128, request_number: u64, record_count: u32) -> bool {
+        let _ = (client_id, request_number, record_count);
+        false
+    }
+
     /// The next message for another shard produced by `apply`, oldest first.
     fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>>;
 

@@ -71,6 +71,10 @@ pub const ERROR_BFT_UNKNOWN_CLIENT: u32 = 1015;
 /// BFT mode: the request's signature is missing or does not verify with the client's key
 /// (`percore_shards::bft::ERROR_BFT_BAD_SIGNATURE`). Never retried.
 pub const ERROR_BFT_BAD_SIGNATURE: u32 = 1016;
+/// BFT mode: the request's number is behind the replica's session for this client, with no
+/// reply kept (`percore_shards::bft::ERROR_BFT_STALE_REQUEST`): it was applied before or is
+/// a stale duplicate. Never retried.
+pub const ERROR_BFT_STALE_REQUEST: u32 = 1017;
 
 const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT > 0);
 const _: () = assert!(CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT <= CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT);

@@ -161,6 +161,12 @@ pub const ERROR_BFT_UNKNOWN_CLIENT: u32 = 1015;
 /// with its client's key over this group, client id, request number, operation and
 /// records ([`bft::RequestStatement`]). Deterministic: every correct replica refuses.
 pub const ERROR_BFT_BAD_SIGNATURE: u32 = 1016;
+/// Error code: the request's number is behind this replica's session for its client (at or
+/// below the highest number applied for the client, no reply kept: older than the reply
+/// window). It was applied before, or is a stale duplicate (typically one that waited in
+/// the socket of a replica that was paused while the client moved on); no correct leader
+/// proposes it again, so it is answered at once rather than waited for.
+pub const ERROR_BFT_STALE_REQUEST: u32 = 1017;
 
 const _: () = assert!(BFT_MESSAGE_BYTES_MAX < BFT_SEND_QUEUE_BYTES_DEFAULT);
 const _: () = assert!(CERT_RECORD_BYTES_MAX <= CERT_WRITE_BUFFER_BYTES);
@@ -2405,14 +2411,28 @@ where
     if let Some(bytes) = replayed {
         return stream.write_all(&reply[..bytes]).await;
     }
-    let answered = wait_for_commit(shard, slot, key, operation, records).await;
+    let answered =
+        !is_stale(shard, key, count) && wait_for_commit(shard, slot, key, operation, records).await;
     let bytes = if answered {
         let connections = shard.connections.borrow();
         frame::encode_reply(reply, envelope, &connections[slot].results[..count])
+    } else if is_stale(shard, key, count) {
+        ShardMetrics::add(&shard.metrics.bft_stale_requests_total, 1);
+        frame::encode_error_reply(reply, envelope, ERROR_BFT_STALE_REQUEST)
     } else {
         frame::encode_error_reply(reply, envelope, crate::runtime::ERROR_SERVER_BUSY)
     };
     stream.write_all(&reply[..bytes]).await
+}
+
+/// Whether request `key` of `count` records is behind this replica's session for its
+/// client ([`StateMachine::session_stale`], [`ERROR_BFT_STALE_REQUEST`]).
+fn is_stale<S: StateMachine>(shard: &Shard<S>, key: (u128, u64), count: usize) -> bool {
+    shard
+        .core
+        .borrow()
+        .state_machine()
+        .session_stale(key.0, key.1, count as u32)
 }
 
 /// Admission: the request's signature by its client, or the refusal code (1015: the client
@@ -2513,7 +2533,10 @@ where
         if shard.connections.borrow()[slot].remaining == 0 {
             return true;
         }
-        if Instant::now() >= deadline || shard.finished.get() {
+        // Stale: the client's session here moved past it while this replica caught up
+        // (it will not be proposed again); the caller answers it.
+        if Instant::now() >= deadline || shard.finished.get() || is_stale(shard, key, records.len())
+        {
             let mut connections = shard.connections.borrow_mut();
             connections[slot].bft_waiting = None;
             connections[slot].remaining = 0;

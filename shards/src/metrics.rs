@@ -321,6 +321,7 @@ shard_metrics! {
     counter bft_commit_proofs_applied_total: "BFT mode: ops committed from a peer's commit certificate (catch-up).",
     counter bft_null_ops_total: "BFT mode: null ops executed (gaps a new view filled; nothing journaled but the certificate).",
     counter bft_batches_invalid_total: "BFT mode: committed batches skipped because their bytes are not a batch of this shard.",
+    counter bft_stale_requests_total: "BFT mode: client requests answered at once as stale (error 1017): their number is behind the client's session here, with no reply kept.",
     counter bft_cross_shard_refused_total: "BFT mode: client requests refused because a record would cross shards (error 1014).",
     counter bft_proposals_refused_total: "BFT mode: proposals validly signed by the leader refused before voting because a request lacks a valid client signature.",
     counter bft_client_requests_refused_total: "BFT mode: client requests refused at admission: unknown client id (error 1015) or bad or missing signature (error 1016).",
