@@ -448,6 +448,16 @@ fn bft_follower_restarts_after_sigkill_and_catches_up() {
     let mut expected = create_funded_accounts(&mut client);
     let mut load = Load::new();
     let mut acknowledged = load.commit(&mut client, &mut expected, 3);
+    // Votes are guarded on disk before they are sent. A slow victim can execute the first
+    // ops from its peers' CommitProofs without voting for them, so keep committing until it
+    // has voted (and guarded) once.
+    wait_until("the victim guards a vote", || {
+        if harness.metric(VICTIM, "percore_bft_guard_writes_total") > 0 {
+            return Some(());
+        }
+        acknowledged += load.commit(&mut client, &mut expected, 1);
+        None
+    });
     // Stop where the peers' next checkpoint is at least 8 ops away: they must still hold
     // the ops the victim misses in their window (beyond it, state transfer would be needed).
     let interval = percore_engine::bft::CHECKPOINT_INTERVAL_OPS_DEFAULT;
@@ -459,10 +469,6 @@ fn bft_follower_restarts_after_sigkill_and_catches_up() {
         acknowledged += load.commit(&mut client, &mut expected, 1);
         None
     });
-    assert!(
-        harness.metric(VICTIM, "percore_bft_guard_writes_total") > 0,
-        "votes are guarded on disk before they are sent"
-    );
     harness.cluster.kill(VICTIM);
     acknowledged += load.commit(&mut client, &mut expected, REQUESTS_WHILE_DOWN);
     let peers_op = wait_until("the others kept committing", || {
