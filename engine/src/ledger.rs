@@ -1859,6 +1859,29 @@ impl StateMachine for Ledger {
         debug_assert_eq!(timestamp - timestamp_first, records.len() as u64);
     }
 
+    /// Stamps certified credit legs from `now_ns` and the last committed timestamp only:
+    /// the first gets `max(now_ns, last committed timestamp + 1)`, each next one its
+    /// predecessor's plus one. That is what `prepare` assigns on a leader whose prepared
+    /// timestamps are all committed, and what a correct leader reserved (its `prepare` on a
+    /// copy, the first timestamp proposed as `now_ns`): the committed timestamps before the
+    /// batch are at most its prepared ones, so the stamp is `now_ns` itself. A `now_ns`
+    /// from a Byzantine leader cannot make timestamps decrease or overflow (the first is
+    /// capped so that the last fits). Acknowledgements carry no timestamp; client
+    /// operations are never internal records and are left as they are.
+    fn stamp_internal(&self, operation: LedgerOperation, now_ns: u64, records: &mut [RecordSlot]) {
+        if operation != LedgerOperation::ApplyCreditLegs || records.is_empty() {
+            return;
+        }
+        let room = u64::MAX - records.len() as u64;
+        let first = now_ns
+            .max(self.commit_timestamp_last.saturating_add(1))
+            .min(room);
+        // The records first: `zip` then never advances the range past the last record.
+        for (transfer, timestamp) in slots_as_transfers_mut(records).iter_mut().zip(first..) {
+            transfer.timestamp = timestamp;
+        }
+    }
+
     fn apply(
         &mut self,
         op: u64,
@@ -1898,6 +1921,22 @@ impl StateMachine for Ledger {
                     self.ack_credit_leg(ack).into()
                 });
             }
+        }
+    }
+
+    /// Credit legs are settled once every one is acknowledged (none is in flight any
+    /// more); acknowledgements need no confirmation of their own (a lost one is repaired
+    /// by the leg's resend, which the credit shard acknowledges again).
+    fn outputs_settled(&self, operation: LedgerOperation, records: &[RecordSlot]) -> bool {
+        match operation {
+            LedgerOperation::ApplyCreditLegs => records.iter().all(|record| {
+                self.legs_in_flight
+                    .get(credit_leg_sequence(record.as_transfer()))
+                    .is_none()
+            }),
+            LedgerOperation::AckCreditLegs
+            | LedgerOperation::CreateAccounts
+            | LedgerOperation::CreateTransfers => true,
         }
     }
 
@@ -2533,6 +2572,73 @@ mod tests {
                 sent += 1;
             }
             assert_eq!(sent, legs, "{results:?}");
+        }
+    }
+
+    #[test]
+    fn internal_records_are_stamped_from_the_batch_and_replicated_state_alike() {
+        let shard_count = 2;
+        let legs_of = |count: u128| -> Vec<RecordSlot> {
+            (0..count)
+                .map(|id| RecordSlot::from_transfer(&transfer(100 + id, 1)))
+                .collect()
+        };
+        let stamps = |records: &[RecordSlot]| -> Vec<u64> {
+            records
+                .iter()
+                .map(|record| record.as_transfer().timestamp)
+                .collect()
+        };
+        let (mut leader, mut backup) = (
+            Ledger::new(LedgerConfig::new(0, shard_count)),
+            Ledger::new(LedgerConfig::new(0, shard_count)),
+        );
+        let mut accounts = [RecordSlot::from_account(&account(1))];
+        leader.prepare(LedgerOperation::CreateAccounts, 10, &mut accounts);
+        for ledger in [&mut leader, &mut backup] {
+            let mut results = [RecordResult::zeroed()];
+            ledger.apply(1, LedgerOperation::CreateAccounts, &accounts, &mut results);
+        }
+        // The leader prepared a client batch that has not committed yet, then proposes
+        // three certified legs: it reserves their timestamps on a copy (its clock is
+        // behind), and proposes the first as the batch's `now_ns`.
+        let mut pending = [RecordSlot::from_transfer(&transfer(50, 1))];
+        leader.prepare(LedgerOperation::CreateTransfers, 40, &mut pending);
+        let mut reserved = legs_of(3);
+        leader.prepare(LedgerOperation::ApplyCreditLegs, 15, &mut reserved);
+        let now_ns = reserved[0].as_transfer().timestamp;
+        assert_eq!(now_ns, pending[0].as_transfer().timestamp + 1);
+        // Every replica stamps alike from `now_ns` and replicated state, the leader too;
+        // `Sessioned` forwards.
+        for ledger in [&leader, &backup] {
+            let mut legs = legs_of(3);
+            ledger.stamp_internal(LedgerOperation::ApplyCreditLegs, now_ns, &mut legs);
+            assert_eq!(stamps(&legs), stamps(&reserved));
+        }
+        let mut legs = legs_of(3);
+        let sessioned =
+            crate::session::Sessioned::new(Ledger::new(LedgerConfig::new(0, shard_count)), 4, 64);
+        sessioned.stamp_internal(LedgerOperation::ApplyCreditLegs, now_ns, &mut legs);
+        assert_eq!(stamps(&legs), stamps(&reserved));
+        // The leader's next batch is ordered after the reserved legs.
+        let mut next = [RecordSlot::from_transfer(&transfer(51, 1))];
+        leader.prepare(LedgerOperation::CreateTransfers, 15, &mut next);
+        assert!(next[0].as_transfer().timestamp > *stamps(&reserved).last().unwrap());
+        // A `now_ns` below the committed timestamps (a Byzantine or lagging leader) cannot
+        // make them decrease, and one near the end of time cannot overflow.
+        let mut legs = legs_of(2);
+        backup.stamp_internal(LedgerOperation::ApplyCreditLegs, 0, &mut legs);
+        assert_eq!(stamps(&legs), [11, 12]);
+        backup.stamp_internal(LedgerOperation::ApplyCreditLegs, u64::MAX, &mut legs);
+        assert_eq!(stamps(&legs), [u64::MAX - 2, u64::MAX - 1]);
+        // Acknowledgements and client records are not internal records to stamp.
+        for operation in [
+            LedgerOperation::AckCreditLegs,
+            LedgerOperation::CreateTransfers,
+        ] {
+            let mut records = legs_of(2);
+            backup.stamp_internal(operation, 99, &mut records);
+            assert_eq!(stamps(&records), [0, 0]);
         }
     }
 

@@ -491,6 +491,19 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         self.inner.prepare(operation, now_ns, records);
     }
 
+    fn stamp_internal(
+        &self,
+        operation: Self::Operation,
+        now_ns: u64,
+        records: &mut [Self::Record],
+    ) {
+        self.inner.stamp_internal(operation, now_ns, records);
+    }
+
+    fn outputs_settled(&self, operation: Self::Operation, records: &[Self::Record]) -> bool {
+        self.inner.outputs_settled(operation, records)
+    }
+
     fn apply(
         &mut self,
         op: u64,

@@ -127,6 +127,24 @@ pub trait StateMachine {
     /// (e.g. assign timestamps); deterministic in `(self, operation, now_ns, records)`.
     fn prepare(&mut self, operation: Self::Operation, now_ns: u64, records: &mut [Self::Record]);
 
+    /// BFT mode: assigns, at execution, the fields [`StateMachine::prepare`] would assign to
+    /// internal records another group certified (`docs/bft.md` §14), from `now_ns` (the
+    /// proposing leader's clock, carried in the committed batch) and replicated state only,
+    /// so every replica stamps them alike; [`StateMachine::prepare`] reads leader-local
+    /// state. Called by every replica right before [`StateMachine::apply`] of the same
+    /// records. A correct leader reserves the values when it proposes (it runs `prepare`
+    /// on a copy and proposes the first value as `now_ns`), so the stamp equals what it
+    /// reserved and its later batches stay ordered after it. The default, for a machine
+    /// whose `prepare` rewrites nothing, leaves the records as they are.
+    fn stamp_internal(
+        &self,
+        operation: Self::Operation,
+        now_ns: u64,
+        records: &mut [Self::Record],
+    ) {
+        let _ = (operation, now_ns, records);
+    }
+
     /// Applies the committed batch `op` in record order, writing `results[i]` for
     /// `records[i]`. `results.len() == records.len()`; `op` increases from batch to batch.
     /// Must not allocate. Pushes at most one `Outbound` per record; the runtime drains them
@@ -182,6 +200,16 @@ pub trait StateMachine {
 
     /// The next message for another shard produced by `apply`, oldest first.
     fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>>;
+
+    /// BFT mode: whether outputs this machine emitted (`records` of `operation`, as
+    /// [`StateMachine::poll_outbound`] gave them) need no further delivery, so the runtime
+    /// may stop certifying and resending them (`docs/bft.md` §14). Must answer from
+    /// replicated state only. The default, for a machine whose messages need no
+    /// confirmation: settled.
+    fn outputs_settled(&self, operation: Self::Operation, records: &[Self::Record]) -> bool {
+        let _ = (operation, records);
+        true
+    }
 
     /// Every message already produced whose delivery is not yet confirmed, exactly as first
     /// sent, oldest first. The runtime resends them after recovery (messages drained from

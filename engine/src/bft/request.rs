@@ -46,6 +46,11 @@ pub const BATCH_HEADER_BYTES: usize = 8;
 pub const BATCH_FORMAT_UNSIGNED: u16 = 0;
 /// Batch format: records, request descriptors, then one signature per descriptor.
 pub const BATCH_FORMAT_SIGNED: u16 = 1;
+/// Batch format of a proven batch: another group's certified outputs
+/// ([`super::xshard::encode_batch`]), which no client signed. [`batch_decode`] refuses it
+/// (a client batch never carries internal records); the value is reserved here so that the
+/// formats of one batch header never collide.
+pub const BATCH_FORMAT_PROVEN: u16 = 2;
 /// Requests remembered as verified (a direct-mapped cache of digests, 32 bytes each).
 pub const VERIFIED_REQUESTS_CACHED: usize = 4_096;
 /// Batches remembered as checked whole (a ring of digests): a commit trails the vote by
@@ -85,6 +90,12 @@ pub enum RequestAuthError {
     /// every record exactly once in order, or not one signature per descriptor.
     #[error("batch is not a signed batch: {0}")]
     Malformed(&'static str),
+    /// A proven batch (another group's certified outputs) that
+    /// [`super::xshard::Groups::verify_batch_bytes`] refuses: a leader's made-up or altered
+    /// internal records. The rule it broke ([`super::xshard::XShardError::rule`]; the
+    /// error itself cannot nest here, it holds a [`super::BftError`]).
+    #[error("proven batch refused: {0}")]
+    Proven(&'static str),
 }
 
 /// Resets, in every record of `records` (whole records, 16-byte aligned), the fields the

@@ -1578,3 +1578,112 @@ fn bft_backups_refuse_proposals_with_forged_client_requests_and_the_view_changes
         );
     }
 }
+
+/// Group 0 takes outputs of group 1 (same replicas and keys): every replica's check passes
+/// client-signed batches and proven batches ([`xshard::SignedOrProven`]).
+#[test]
+fn bft_backups_vote_for_proven_batches_and_refuse_a_leaders_made_up_leg() {
+    use xshard::{
+        Groups, OutputsCert, OutputsStatement, OutputsVote, ProvenBatch, ProvenOutputs,
+        SignedOrProven, encode_batch, outputs_digest,
+    };
+    const RECORD_BYTES: usize = 128;
+    let mut group = Group::new(4, 1);
+    let secrets = keys(4);
+    let public: Vec<VerifyingKey> = secrets.iter().map(SigningKey::verifying_key).collect();
+    let groups = Groups::new(2, 1, &public).expect("groups");
+    let clients = ClientKeys::new(
+        client_secrets()
+            .iter()
+            .map(SigningKey::verifying_key)
+            .collect(),
+    );
+    for replica in &mut group.replicas {
+        let client = RequestVerifier::new(GROUP, clients.clone(), AUTH_RECORD_BYTES, None);
+        let check = SignedOrProven::new(client, groups.clone(), GROUP, RECORD_BYTES, 64);
+        replica.set_proposal_check(Box::new(check.expect("check")));
+    }
+    let operation = 256; // the ledger's ApplyCreditLegs
+    let proven = |signers: &[(u8, u8)], records: Vec<u8>| {
+        let statement = OutputsStatement {
+            origin: 1,
+            destination: GROUP,
+            op: 7,
+            digest: outputs_digest(1, GROUP, 7, operation, &records),
+        };
+        let signatures = signers
+            .iter()
+            .map(|&(key, claimed)| {
+                let vote = OutputsVote::sign(&secrets[usize::from(key)], claimed, statement);
+                (claimed, vote.signature)
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        encode_batch(
+            &ProvenBatch {
+                operation,
+                now_ns: 1_000,
+                proofs: vec![ProvenOutputs {
+                    cert: OutputsCert {
+                        statement,
+                        signatures,
+                    },
+                    operation,
+                    records,
+                }],
+            },
+            &mut bytes,
+        );
+        bytes
+    };
+    // Leader 0 is Byzantine: a made-up leg under its own key alone, and under its key
+    // claimed for its peers.
+    let made_up = [
+        proven(&[(0, 0)], vec![7; RECORD_BYTES]),
+        proven(&[(0, 0), (0, 1), (0, 2)], vec![7; RECORD_BYTES]),
+    ];
+    for batch in &made_up {
+        group.propose(0, batch);
+    }
+    let refused: Vec<(u64, RequestAuthError)> = group
+        .errors
+        .iter()
+        .filter_map(|error| match error {
+            BftError::ProposalRefused { op, error } => Some((*op, *error)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 3 * made_up.len(), "{:?}", group.errors);
+    assert!(refused.contains(&(1, RequestAuthError::Proven("signer count"))));
+    assert!(refused.contains(&(2, RequestAuthError::Proven("bad outputs signature"))));
+    for backup in 1..4 {
+        assert_eq!(
+            group.replicas[backup].commit_op(),
+            0,
+            "nothing made up commits"
+        );
+        assert_eq!(
+            group.replicas[backup].metrics().proposals_refused,
+            made_up.len() as u64
+        );
+    }
+    // The group replaces the leader; a genuine proof of group 1 (three of its replicas
+    // signed it) and a client-signed batch then commit, no client signature needed for
+    // the first.
+    for _ in 0..20 {
+        group.tick_all(50_000);
+    }
+    let leader = group.replicas[1].leader();
+    assert_ne!(leader, 0, "the leader that made up a leg was replaced");
+    let genuine = proven(&[(1, 1), (2, 2), (3, 3)], vec![7; RECORD_BYTES]);
+    let honest = request::tests::signed_batch(GROUP, &client_secrets(), &[(1, 1, 2)]);
+    group.propose(leader, &genuine);
+    group.propose(leader, &honest);
+    for replica in 1..4 {
+        assert_eq!(
+            group.committed[replica],
+            vec![(1, batch_digest(&genuine)), (2, batch_digest(&honest))],
+            "replica {replica}"
+        );
+    }
+}

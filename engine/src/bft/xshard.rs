@@ -34,7 +34,12 @@ use std::collections::{BTreeMap, VecDeque};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 
 use super::message::{Committee, Digest};
+use super::request::{
+    BATCH_FORMAT_PROVEN, BATCH_FORMAT_SIGNED, BATCH_FORMAT_UNSIGNED, ProposalCheck,
+    RequestAuthError,
+};
 use super::{BftError, REPLICA_COUNT_MAX};
+use crate::state_machine::Outbound;
 
 /// Domain separation of the outputs statement (never a prefix of [`super::message::SIGNING_DOMAIN`]
 /// statements: it differs in its first bytes and in its length).
@@ -48,12 +53,17 @@ pub const GROUPS_MAX: usize = 256;
 pub const OUTPUT_RECORDS_BYTES_MAX: usize = 1 << 20;
 /// Most proofs one proven batch may carry.
 pub const PROVEN_BATCH_PROOFS_MAX: usize = 256;
-/// The second `u16` of a proven batch (a client batch has 0 there).
-pub const PROVEN_BATCH_MARK: u16 = 1;
+/// The second `u16` of a proven batch, where a client batch has its format
+/// ([`BATCH_FORMAT_UNSIGNED`] or [`BATCH_FORMAT_SIGNED`]).
+pub const PROVEN_BATCH_MARK: u16 = BATCH_FORMAT_PROVEN;
 /// Bytes of one encoded [`OutputsVote`].
 pub const OUTPUTS_VOTE_BYTES: usize = 4 + 4 + 8 + 32 + 1 + 64;
 
 const _: () = assert!(REPLICA_COUNT_MAX <= 8, "signer sets fit a u8");
+const _: () = assert!(
+    PROVEN_BATCH_MARK != BATCH_FORMAT_UNSIGNED && PROVEN_BATCH_MARK != BATCH_FORMAT_SIGNED,
+    "a proven batch is never taken for a client batch"
+);
 const _: () = assert!(PROVEN_BATCH_PROOFS_MAX <= u16::MAX as usize);
 const _: () = assert!(OUTPUT_RECORDS_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(GROUPS_MAX <= u32::MAX as usize);
@@ -489,10 +499,146 @@ fn verify_signature(
         .map_err(|_| XShardError::BadSignature(replica))
 }
 
-/// Whether batch bytes are a proven batch (a client batch has 0 where this has
-/// [`PROVEN_BATCH_MARK`]).
+/// Whether batch bytes are a proven batch (a client batch has its format, 0 or 1, where
+/// this has [`PROVEN_BATCH_MARK`]).
 pub fn is_proven_batch(bytes: &[u8]) -> bool {
     bytes.len() >= 4 && u16::from_le_bytes([bytes[2], bytes[3]]) == PROVEN_BATCH_MARK
+}
+
+impl XShardError {
+    /// The rule broken, without the values: what a refused proposal reports
+    /// ([`RequestAuthError::Proven`]).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            XShardError::UnknownGroup(_) => "unknown group",
+            XShardError::SameGroup(_) => "origin is the destination",
+            XShardError::WrongDestination { .. } => "addressed to another group",
+            XShardError::WrongOrigin { .. } => "about another group's outputs",
+            XShardError::UnknownSigner(_) => "unknown signer",
+            XShardError::BadSignature(_) => "bad outputs signature",
+            XShardError::DuplicateSigner(_) => "signer twice in a certificate",
+            XShardError::SignerCount { .. } => "signer count",
+            XShardError::DigestMismatch { .. } => "records do not match the certified digest",
+            XShardError::RecordBytes(_) => "records not whole",
+            XShardError::OperationMismatch { .. } => "proof of another operation",
+            XShardError::DuplicateProof { .. } => "proof twice in a batch",
+            XShardError::OutOfRange(what) | XShardError::Malformed(what) => what,
+            XShardError::NotProduced { .. } => "outputs not produced here",
+            XShardError::Diverged { .. } => "outputs diverged",
+            XShardError::Full(what) => what,
+            XShardError::Stale => "stale",
+            XShardError::Committee(_) => "committee",
+        }
+    }
+}
+
+/// One op's outputs to one destination group: what [`OutputsCollector::on_produced`]
+/// takes for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducedOutputs {
+    /// The destination group.
+    pub destination: u32,
+    /// The operation of the batch the records join there.
+    pub operation: u16,
+    /// The records, in the order the op emitted them.
+    pub records: Vec<u8>,
+}
+
+/// Groups what applying one op emitted (the state machine's `poll_outbound`, drained in
+/// order) by destination, into `out` (cleared first) in ascending destination order, each
+/// destination's records in emission order: a deterministic function of the op's outputs,
+/// so every correct replica signs the same statements. Refuses a destination that would
+/// get records of two operations in one op (one statement certifies one operation) and
+/// outputs over [`OUTPUT_RECORDS_BYTES_MAX`] for one destination; `out` is then
+/// unspecified.
+pub fn outputs_by_destination<O: Into<u16>, R: bytemuck::Pod>(
+    outbound: impl IntoIterator<Item = Outbound<O, R>>,
+    out: &mut Vec<ProducedOutputs>,
+) -> Result<(), XShardError> {
+    out.clear();
+    for each in outbound {
+        let operation: u16 = each.operation.into();
+        let at = match out.binary_search_by_key(&each.shard, |produced| produced.destination) {
+            Ok(at) => at,
+            Err(at) => {
+                out.insert(
+                    at,
+                    ProducedOutputs {
+                        destination: each.shard,
+                        operation,
+                        records: Vec::new(),
+                    },
+                );
+                at
+            }
+        };
+        let produced = &mut out[at];
+        if produced.operation != operation {
+            return Err(XShardError::OperationMismatch {
+                proof: operation,
+                batch: produced.operation,
+            });
+        }
+        let record = bytemuck::bytes_of(&each.record);
+        if produced.records.len() + record.len() > OUTPUT_RECORDS_BYTES_MAX {
+            return Err(XShardError::RecordBytes(
+                produced.records.len() + record.len(),
+            ));
+        }
+        produced.records.extend_from_slice(record);
+    }
+    Ok(())
+}
+
+/// The proposal check of a replica of group `receiver` once it takes other groups'
+/// outputs: a proven batch ([`is_proven_batch`]) carries no client signature and must pass
+/// [`Groups::verify_batch_bytes`] for this group; every other batch goes to `client` (the
+/// client-signature check, [`super::RequestVerifier`]). A pure function of the bytes and
+/// the public keys, so every correct replica decides alike; a refusal is
+/// [`RequestAuthError::Proven`].
+#[derive(Debug)]
+pub struct SignedOrProven<C> {
+    client: C,
+    groups: Groups,
+    receiver: u32,
+    record_bytes: usize,
+    records_max: usize,
+}
+
+impl<C: ProposalCheck> SignedOrProven<C> {
+    /// The check of group `receiver`, whose batches hold at most `records_max` records of
+    /// `record_bytes` bytes.
+    pub fn new(
+        client: C,
+        groups: Groups,
+        receiver: u32,
+        record_bytes: usize,
+        records_max: usize,
+    ) -> Result<SignedOrProven<C>, XShardError> {
+        groups.committee(receiver)?;
+        if record_bytes == 0 || records_max == 0 {
+            return Err(XShardError::OutOfRange("batch limits"));
+        }
+        Ok(SignedOrProven {
+            client,
+            groups,
+            receiver,
+            record_bytes,
+            records_max,
+        })
+    }
+}
+
+impl<C: ProposalCheck> ProposalCheck for SignedOrProven<C> {
+    fn check_proposal(&mut self, batch: &[u8], digest: &Digest) -> Result<(), RequestAuthError> {
+        if !is_proven_batch(batch) {
+            return self.client.check_proposal(batch, digest);
+        }
+        self.groups
+            .verify_batch_bytes(batch, self.receiver, self.record_bytes, self.records_max)
+            .map(|_| ())
+            .map_err(|error| RequestAuthError::Proven(error.rule()))
+    }
 }
 
 /// A replica's message about cross-group outputs.

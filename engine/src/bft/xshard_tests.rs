@@ -772,9 +772,7 @@ impl Shard {
         }
     }
 
-    /// Prepares (stamps) and applies one op. One ledger stands for every replica, so its
-    /// `prepare` has nothing pending and stamps from replicated state only, as every replica
-    /// must for a proven batch.
+    /// Prepares (stamps) and applies one client op. One ledger stands for every replica.
     fn apply(
         &mut self,
         operation: LedgerOperation,
@@ -791,13 +789,18 @@ impl Shard {
     /// What the last op sent the other group, certified by the group's replicas (every
     /// replica applies the same op; one ledger stands for all of them).
     fn certify_outputs(&mut self) -> Option<ProvenOutputs> {
-        let mut by_operation: Option<(u16, u32, Vec<u8>)> = None;
-        while let Some(outbound) = self.ledger.poll_outbound() {
-            let (_, _, bytes) =
-                by_operation.get_or_insert((outbound.operation.into(), outbound.shard, Vec::new()));
-            bytes.extend_from_slice(bytemuck::bytes_of(&outbound.record));
-        }
-        let (operation, destination, bytes) = by_operation?;
+        let mut produced = Vec::new();
+        outputs_by_destination(
+            std::iter::from_fn(|| self.ledger.poll_outbound()),
+            &mut produced,
+        )
+        .unwrap();
+        assert!(produced.len() <= 1, "two groups: one destination");
+        let ProducedOutputs {
+            destination,
+            operation,
+            records: bytes,
+        } = produced.pop()?;
         let mut outbox = Vec::new();
         for (replica, collector) in self.group.iter_mut().enumerate() {
             let mut actions = Vec::new();
@@ -836,8 +839,16 @@ impl Shard {
             .flat_map(|proof| proof.records.chunks_exact(RECORD_BYTES))
             .map(bytemuck::pod_read_unaligned)
             .collect();
+        // Every replica stamps the certified records alike (the batch's `now_ns` and
+        // replicated state), then applies them.
         let operation = LedgerOperation::try_from(decoded.operation).unwrap();
-        self.apply(operation, decoded.now_ns, &mut records)
+        self.ledger
+            .stamp_internal(operation, decoded.now_ns, &mut records);
+        self.op += 1;
+        let mut results = vec![RecordResult::zeroed(); records.len()];
+        self.ledger
+            .apply(self.op, operation, &records, &mut results);
+        results.iter().map(|result| result.code).collect()
     }
 }
 
@@ -883,6 +894,14 @@ fn a_leg_and_its_acknowledgement_travel_by_certificate_and_apply_exactly_once() 
     // Group 0 certifies the leg; a correct replica delivers it to group 1.
     let leg = shards[0].certify_outputs().unwrap();
     assert_eq!(leg.cert.statement.destination, 1);
+    let leg_records: Vec<RecordSlot> = leg
+        .records
+        .chunks_exact(RECORD_BYTES)
+        .map(bytemuck::pod_read_unaligned)
+        .collect();
+    let legs = LedgerOperation::ApplyCreditLegs;
+    let leg_op = leg.cert.statement.op;
+    assert!(!shards[0].ledger.outputs_settled(legs, &leg_records));
     // A Byzantine deliverer's made-up leg (twice the amount) never enters the queue.
     let mut inflated = leg.clone();
     let mut forged: Transfer = bytemuck::pod_read_unaligned(&inflated.records);
@@ -930,6 +949,19 @@ fn a_leg_and_its_acknowledgement_travel_by_certificate_and_apply_exactly_once() 
     );
     assert_eq!(shards[0].ledger.in_flight(), 0);
     assert_eq!(shards[0].ledger.credit_legs_unacked_count(), 0);
+    // Now the leg's outputs are settled, and group 0's replicas release them; the
+    // acknowledgements never needed confirmation.
+    assert!(shards[0].ledger.outputs_settled(legs, &leg_records));
+    assert!(
+        shards[1]
+            .ledger
+            .outputs_settled(LedgerOperation::AckCreditLegs, &leg_records)
+    );
+    for collector in &mut shards[0].group {
+        assert_eq!(collector.kept(), 1);
+        assert!(collector.release(1, leg_op));
+        assert_eq!(collector.kept(), 0);
+    }
     let conservation: i128 = shards
         .iter()
         .map(|shard| shard.ledger.conservation_sum())
@@ -937,4 +969,204 @@ fn a_leg_and_its_acknowledgement_travel_by_certificate_and_apply_exactly_once() 
     assert_eq!(conservation, 0, "balances + suspense + in flight");
     // Applying an acknowledgement emits nothing more.
     assert!(shards[0].certify_outputs().is_none());
+}
+
+/// A batch of one request of `client_id` (its key `secret`) to `group`, as a leader proposes
+/// it: signed, or with the signature left out.
+fn client_batch(group: u32, secret: &SigningKey, client_id: u128, signed: bool) -> Vec<u8> {
+    use super::super::request::{RequestStatement, batch_encode};
+    let operation = LedgerOperation::CreateTransfers as u16;
+    let records = records(2, 9);
+    let descriptor = crate::session::RequestDescriptor {
+        client_id,
+        request_number: 1,
+        record_start: 0,
+        record_count: 2,
+    };
+    let signature = RequestStatement::new(group, client_id, 1, operation, &records).sign(secret);
+    let mut batch = Vec::new();
+    batch_encode(
+        operation,
+        &records,
+        bytemuck::bytes_of(&descriptor),
+        if signed { &signature[..] } else { &[] },
+        &mut batch,
+    );
+    batch
+}
+
+#[test]
+fn a_proposal_is_either_a_client_signed_batch_or_a_proven_batch() {
+    use super::super::request::{ClientKeys, RequestVerifier, batch_decode};
+    use super::super::{ProposalCheck as _, batch_digest};
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let client = SigningKey::from_bytes(&[77; 32]);
+    let verifier = || {
+        RequestVerifier::new(
+            1,
+            ClientKeys::new(vec![client.verifying_key()]),
+            RECORD_BYTES,
+            None,
+        )
+    };
+    assert_eq!(
+        SignedOrProven::new(verifier(), groups.clone(), GROUP_COUNT, RECORD_BYTES, 64).err(),
+        Some(XShardError::UnknownGroup(GROUP_COUNT))
+    );
+    let mut check = SignedOrProven::new(verifier(), groups.clone(), 1, RECORD_BYTES, 64).unwrap();
+    let mut checked = |bytes: &[u8]| check.check_proposal(bytes, &batch_digest(bytes));
+
+    // A client-signed batch is never taken for a proven one (their formats differ in the
+    // same header field), and goes to the client-signature check.
+    let signed = client_batch(1, &client, 1, true);
+    assert!(!is_proven_batch(&signed));
+    assert!(decode_batch(&signed).is_err());
+    assert_eq!(checked(&signed), Ok(()));
+    assert_eq!(
+        checked(&client_batch(1, &client, 1, false)),
+        Err(RequestAuthError::Unsigned)
+    );
+    assert_eq!(
+        checked(&client_batch(0, &client, 1, true)),
+        Err(RequestAuthError::BadSignature {
+            client_id: 1,
+            request_number: 1
+        })
+    );
+
+    // A genuine proven batch passes without any client signature; the client batch
+    // decoder and the client check refuse it.
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    let genuine = prove(&keys, &[0, 2, 3], (0, 1, 2), records(1, 1));
+    let mut proven = Vec::new();
+    encode_batch(
+        &ProvenBatch {
+            operation,
+            now_ns: 5,
+            proofs: vec![genuine.clone()],
+        },
+        &mut proven,
+    );
+    assert_eq!(checked(&proven), Ok(()));
+    assert!(batch_decode(&proven).is_none());
+    assert!(matches!(
+        verifier().check_batch(&proven, &batch_digest(&proven)),
+        Err(RequestAuthError::Malformed(_))
+    ));
+
+    // A Byzantine credit-group leader's made-up leg (its own signature three times) is
+    // refused, as is a genuine proof for group 1 checked by group 0's replicas and a
+    // genuine batch truncated.
+    let made_up = records(1, 42);
+    let statement = OutputsStatement {
+        origin: 0,
+        destination: 1,
+        op: 3,
+        digest: outputs_digest(0, 1, 3, operation, &made_up),
+    };
+    let own = OutputsVote::sign(&keys[1], 1, statement).signature;
+    let mut forged = Vec::new();
+    encode_batch(
+        &ProvenBatch {
+            operation,
+            now_ns: 5,
+            proofs: vec![ProvenOutputs {
+                cert: OutputsCert {
+                    statement,
+                    signatures: vec![(1, own), (1, own), (1, own)],
+                },
+                operation,
+                records: made_up,
+            }],
+        },
+        &mut forged,
+    );
+    assert_eq!(
+        checked(&forged),
+        Err(RequestAuthError::Proven(
+            XShardError::DuplicateSigner(1).rule()
+        ))
+    );
+    assert!(matches!(
+        checked(&proven[..proven.len() - 1]),
+        Err(RequestAuthError::Proven(_))
+    ));
+    let mut at_origin = SignedOrProven::new(verifier(), groups, 0, RECORD_BYTES, 64).unwrap();
+    assert_eq!(
+        at_origin.check_proposal(&proven, &batch_digest(&proven)),
+        Err(RequestAuthError::Proven(
+            XShardError::WrongDestination {
+                destination: 1,
+                receiver: 0
+            }
+            .rule()
+        ))
+    );
+}
+
+#[test]
+fn one_ops_outputs_are_grouped_by_destination_deterministically() {
+    use crate::state_machine::Outbound;
+    let slot = |salt: u8| {
+        RecordSlot::from_transfer(&Transfer {
+            id: u128::from(salt),
+            ..Transfer::zeroed()
+        })
+    };
+    let legs = LedgerOperation::ApplyCreditLegs;
+    let emitted = [(3, 1), (1, 2), (3, 3), (0, 4), (1, 5)].map(|(shard, salt)| Outbound {
+        shard,
+        operation: legs,
+        record: slot(salt),
+    });
+    let mut out = vec![ProducedOutputs {
+        destination: 9,
+        operation: 0,
+        records: vec![1],
+    }];
+    outputs_by_destination(emitted, &mut out).unwrap();
+    let expected = [(0, vec![4]), (1, vec![2, 5]), (3, vec![1, 3])].map(|(destination, salts)| {
+        ProducedOutputs {
+            destination,
+            operation: legs as u16,
+            records: salts
+                .iter()
+                .flat_map(|&salt| bytemuck::bytes_of(&slot(salt)).to_vec())
+                .collect(),
+        }
+    });
+    assert_eq!(out, expected);
+    // Nothing emitted: nothing to certify.
+    outputs_by_destination(
+        Vec::<Outbound<LedgerOperation, RecordSlot>>::new(),
+        &mut out,
+    )
+    .unwrap();
+    assert!(out.is_empty());
+    // One statement certifies one operation per destination.
+    let mixed = [legs, LedgerOperation::AckCreditLegs].map(|operation| Outbound {
+        shard: 1,
+        operation,
+        record: slot(1),
+    });
+    assert_eq!(
+        outputs_by_destination(mixed, &mut out),
+        Err(XShardError::OperationMismatch {
+            proof: LedgerOperation::AckCreditLegs as u16,
+            batch: legs as u16,
+        })
+    );
+    // At most OUTPUT_RECORDS_BYTES_MAX bytes to one destination.
+    let too_many = (0..=OUTPUT_RECORDS_BYTES_MAX / RECORD_BYTES).map(|_| Outbound {
+        shard: 1,
+        operation: legs,
+        record: slot(1),
+    });
+    assert_eq!(
+        outputs_by_destination(too_many, &mut out),
+        Err(XShardError::RecordBytes(
+            OUTPUT_RECORDS_BYTES_MAX + RECORD_BYTES
+        ))
+    );
 }
