@@ -34,7 +34,9 @@
 //! and the last stable checkpoint certificate restore the core, and the vote guard file
 //! (`<data-dir>/bft-guard-<k>`, [`VoteGuard`]) tells it what it must never sign again. The
 //! core asks for a higher guard before it sends a vote the guard does not cover
-//! (`Action::PersistGuard`); it is written here, synchronously, before any later action.
+//! (`Action::PersistGuard`); `guard_loop` writes it asynchronously (in place, into the
+//! copy of the file that does not hold the latest guard, then `fdatasync`) while every send
+//! the core makes after asking waits in a bounded queue until the write is durable.
 //!
 //! **State transfer** (a replica behind its peers' stable checkpoint): the core asks one
 //! peer at a time for the missing committed ops (`StateRequest`); a peer's core accepts
@@ -67,6 +69,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt as _;
+use glommio::io::{DmaFile, OpenOptions};
 use glommio::net::{TcpListener, TcpStream};
 pub use percore_engine::bft::request::{BATCH_HEADER_BYTES, batch_decode, batch_encode};
 use percore_engine::bft::request::{REQUEST_SIGNATURE_BYTES, RequestAuthError};
@@ -76,7 +79,7 @@ use percore_engine::bft::{
     VerifyingKey, Vote, VoteGuard, codec,
 };
 use percore_engine::frame;
-use percore_engine::journal::{EntryMeta, entry_bytes_padded};
+use percore_engine::journal::{EntryMeta, SECTOR_BYTES, entry_bytes_padded};
 use percore_engine::limits::BATCH_ENTRIES_MAX_LIMIT;
 use percore_engine::message::{ClusterKey, Command, PeerHeader, body_checksum};
 use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
@@ -86,7 +89,7 @@ use percore_net::peer::{self, PeerIdentity};
 use crate::journal::{FsyncPolicy, Journal, JournalConfig};
 use crate::metrics::ShardMetrics;
 use crate::replication::{HANDSHAKE_TIMEOUT_US, Outbox, PeerDial, until_finished, write_outbox};
-use crate::runtime::{STOP_POLL_MS, Shard};
+use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
 
 /// Largest encoded BFT message sent or accepted (bytes). A NewView carries up to `q` view
 /// changes with their prepared batches: with the default window (32 ops) and batches of
@@ -140,10 +143,29 @@ pub const CERT_KIND_SNAPSHOT: u16 = 3;
 /// batch of this shard (applied nothing, journal op 0), followed by the batch's bytes
 /// (`length u32 | bytes`), so that peers can serve it by state transfer.
 pub const CERT_KIND_COMMIT_BYTES: u16 = 4;
-/// Bytes of the vote guard file: magic, group, replica, three views/ops, blake3 checksum.
-pub const GUARD_FILE_BYTES: usize = 8 + 4 + 4 + 3 * 8 + 32;
-/// First bytes of the vote guard file (format version 1).
-pub const GUARD_FILE_MAGIC: [u8; 8] = *b"PCBFTGD1";
+/// Bytes of one copy of the vote guard (one sector: a single O_DIRECT write in place).
+pub const GUARD_SLOT_BYTES: usize = SECTOR_BYTES;
+/// Copies of the guard in its file. Writes alternate between them, so a torn write leaves
+/// the previous guard intact in the other copy.
+pub const GUARD_SLOTS: u64 = 2;
+/// Bytes of the vote guard file.
+pub const GUARD_FILE_BYTES: usize = GUARD_SLOT_BYTES * GUARD_SLOTS as usize;
+/// Bytes of a guard record at the start of its slot: magic, group, replica, sequence, the
+/// three views/ops, blake3 checksum (zeros after it).
+pub const GUARD_RECORD_BYTES: usize = 8 + 4 + 4 + 8 + 3 * 8 + 32;
+/// First bytes of a guard record (format version 2).
+pub const GUARD_FILE_MAGIC: [u8; 8] = *b"PCBFTGD2";
+/// Bytes of a version-1 guard file (one copy, replaced by rename): read at start, then
+/// rewritten in version 2.
+pub const GUARD_FILE_V1_BYTES: usize = 8 + 4 + 4 + 3 * 8 + 32;
+/// First bytes of a version-1 guard file.
+pub const GUARD_FILE_V1_MAGIC: [u8; 8] = *b"PCBFTGD1";
+/// Sends held back while a guard write is in flight (messages, and their encoded bytes):
+/// past either bound a send is dropped and counted like one a full outbox refuses (the
+/// core resends votes until they are committed), so a slow disk cannot grow memory.
+pub const GUARD_HELD_SENDS_MAX: usize = 1_024;
+/// See [`GUARD_HELD_SENDS_MAX`].
+pub const GUARD_HELD_BYTES_MAX: usize = BFT_SEND_QUEUE_BYTES_DEFAULT;
 /// Error code: a BFT replica needs a client id (requests are matched across replicas by
 /// `(client_id, request_number)`).
 pub const ERROR_BFT_NEEDS_CLIENT_ID: u32 = 1013;
@@ -170,6 +192,10 @@ pub const ERROR_BFT_STALE_REQUEST: u32 = 1017;
 
 const _: () = assert!(BFT_MESSAGE_BYTES_MAX < BFT_SEND_QUEUE_BYTES_DEFAULT);
 const _: () = assert!(CERT_RECORD_BYTES_MAX <= CERT_WRITE_BUFFER_BYTES);
+const _: () = assert!(GUARD_RECORD_BYTES <= GUARD_SLOT_BYTES);
+const _: () = assert!(BFT_MESSAGE_BYTES_MAX <= GUARD_HELD_BYTES_MAX);
+// A held send names its peers in one byte.
+const _: () = assert!(bft::REPLICA_COUNT_MAX <= 8);
 const _: () = assert!(COMMITTED_QUEUE_OPS >= bft::LOG_WINDOW_OPS_DEFAULT as usize);
 
 /// Which faults a replication group tolerates (`--fault-model`).
@@ -538,29 +564,96 @@ pub fn recover_certs(
     })
 }
 
-/// Encodes a vote guard file for `group`'s `replica`.
-pub fn guard_encode(group: u32, replica: u8, guard: &VoteGuard) -> [u8; GUARD_FILE_BYTES] {
-    let mut bytes = [0u8; GUARD_FILE_BYTES];
-    bytes[..8].copy_from_slice(&GUARD_FILE_MAGIC);
-    bytes[8..12].copy_from_slice(&group.to_le_bytes());
-    bytes[12] = replica;
-    for (index, value) in [guard.vote_view, guard.vote_op_max, guard.view_change_view]
-        .into_iter()
-        .enumerate()
+/// Encodes guard record `sequence` of `group`'s `replica` into `slot` (one
+/// [`GUARD_SLOT_BYTES`] copy; zeros after the record).
+pub fn guard_slot_encode(
+    group: u32,
+    replica: u8,
+    sequence: u64,
+    guard: &VoteGuard,
+    slot: &mut [u8],
+) {
+    assert_eq!(slot.len(), GUARD_SLOT_BYTES);
+    slot.fill(0);
+    slot[..8].copy_from_slice(&GUARD_FILE_MAGIC);
+    slot[8..12].copy_from_slice(&group.to_le_bytes());
+    slot[12] = replica;
+    for (index, value) in [
+        sequence,
+        guard.vote_view,
+        guard.vote_op_max,
+        guard.view_change_view,
+    ]
+    .into_iter()
+    .enumerate()
     {
-        bytes[16 + 8 * index..24 + 8 * index].copy_from_slice(&value.to_le_bytes());
+        slot[16 + 8 * index..24 + 8 * index].copy_from_slice(&value.to_le_bytes());
     }
-    let checksum = bft::batch_digest(&bytes[..GUARD_FILE_BYTES - 32]);
-    bytes[GUARD_FILE_BYTES - 32..].copy_from_slice(&checksum);
-    bytes
+    let checksum = bft::batch_digest(&slot[..GUARD_RECORD_BYTES - 32]);
+    slot[GUARD_RECORD_BYTES - 32..GUARD_RECORD_BYTES].copy_from_slice(&checksum);
 }
 
-/// Decodes a vote guard file, checking its magic, checksum, group and replica.
-pub fn guard_decode(bytes: &[u8], group: u32, replica: u8) -> Result<VoteGuard, &'static str> {
-    if bytes.len() != GUARD_FILE_BYTES || bytes[..8] != GUARD_FILE_MAGIC {
-        return Err("not a vote guard file (version 1)");
+/// Decodes one copy: `Ok(None)` when it holds no intact record (never written, or torn by
+/// a crash mid-write), an error when an intact record names another group or replica.
+pub fn guard_slot_decode(
+    slot: &[u8],
+    group: u32,
+    replica: u8,
+) -> Result<Option<(u64, VoteGuard)>, &'static str> {
+    if slot.len() < GUARD_RECORD_BYTES
+        || slot[..8] != GUARD_FILE_MAGIC
+        || bft::batch_digest(&slot[..GUARD_RECORD_BYTES - 32])[..]
+            != slot[GUARD_RECORD_BYTES - 32..GUARD_RECORD_BYTES]
+    {
+        return Ok(None);
     }
-    if bft::batch_digest(&bytes[..GUARD_FILE_BYTES - 32])[..] != bytes[GUARD_FILE_BYTES - 32..] {
+    if slot[8..12] != group.to_le_bytes() || slot[12] != replica || slot[13..16] != [0; 3] {
+        return Err("written for another group or replica");
+    }
+    let number = |index: usize| {
+        u64::from_le_bytes(
+            slot[16 + 8 * index..24 + 8 * index]
+                .try_into()
+                .expect("8 bytes"),
+        )
+    };
+    let guard = VoteGuard {
+        vote_view: number(1),
+        vote_op_max: number(2),
+        view_change_view: number(3),
+    };
+    Ok(Some((number(0), guard)))
+}
+
+/// Decodes a vote guard file: the intact copy with the highest sequence, or a version-1
+/// file. A file with no intact copy is refused (what this replica signed is unknown).
+pub fn guard_decode(bytes: &[u8], group: u32, replica: u8) -> Result<VoteGuard, &'static str> {
+    if bytes.len() == GUARD_FILE_V1_BYTES && bytes[..8] == GUARD_FILE_V1_MAGIC {
+        return guard_decode_v1(bytes, group, replica);
+    }
+    if bytes.len() != GUARD_FILE_BYTES {
+        return Err("not a vote guard file (wrong size)");
+    }
+    let mut latest: Option<(u64, VoteGuard)> = None;
+    for slot in bytes.chunks_exact(GUARD_SLOT_BYTES) {
+        if let Some((sequence, guard)) = guard_slot_decode(slot, group, replica)?
+            && latest.is_none_or(|(newest, _)| sequence > newest)
+        {
+            latest = Some((sequence, guard));
+        }
+    }
+    latest
+        .map(|(_, guard)| guard)
+        .ok_or("neither copy of the vote guard is intact")
+}
+
+/// Decodes a version-1 vote guard file (one copy: magic, group, replica, the three
+/// views/ops, blake3 checksum).
+fn guard_decode_v1(bytes: &[u8], group: u32, replica: u8) -> Result<VoteGuard, &'static str> {
+    debug_assert!(bytes.len() == GUARD_FILE_V1_BYTES && bytes[..8] == GUARD_FILE_V1_MAGIC);
+    if bft::batch_digest(&bytes[..GUARD_FILE_V1_BYTES - 32])[..]
+        != bytes[GUARD_FILE_V1_BYTES - 32..]
+    {
         return Err("checksum mismatch");
     }
     if bytes[8..12] != group.to_le_bytes() || bytes[12] != replica || bytes[13..16] != [0; 3] {
@@ -580,18 +673,25 @@ pub fn guard_decode(bytes: &[u8], group: u32, replica: u8) -> Result<VoteGuard, 
     })
 }
 
-/// Writes the vote guard atomically: a temporary file, `fsync`, rename over the old one,
-/// `fsync` of the directory (no `fsync`s under `--fsync never`). Blocking: called rarely
-/// (see [`Action::PersistGuard`]) and it must finish before the votes it covers are sent.
-pub fn guard_write(
+/// Creates the vote guard file with `guard` in both copies (sequences 0 and 1): a
+/// temporary file, `fsync`, rename over any older file, `fsync` of the directory (no
+/// `fsync`s under `--fsync never`). Plain `std::fs`, once at start before the shard serves
+/// anything; later writes go in place ([`GuardFile::write`]).
+pub fn guard_create(
     path: &std::path::Path,
-    bytes: &[u8],
+    group: u32,
+    replica: u8,
+    guard: &VoteGuard,
     fsync: FsyncPolicy,
 ) -> std::io::Result<()> {
     use std::io::Write as _;
+    let mut bytes = vec![0u8; GUARD_FILE_BYTES];
+    for (sequence, slot) in bytes.chunks_exact_mut(GUARD_SLOT_BYTES).enumerate() {
+        guard_slot_encode(group, replica, sequence as u64, guard, slot);
+    }
     let temporary = path.with_extension("tmp");
     let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(bytes)?;
+    file.write_all(&bytes)?;
     if fsync == FsyncPolicy::Always {
         file.sync_all()?;
     }
@@ -603,6 +703,101 @@ pub fn guard_write(
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// The open vote guard file of one shard. Each write puts the next sequence into the copy
+/// that does not hold the latest guard, in place: one O_DIRECT sector write and one
+/// `fdatasync`, no rename and no directory `fsync`. A crash mid-write can tear only that
+/// copy; the other still holds the previous guard, which covers every vote sent so far,
+/// because sends made after the core asked for the new guard wait for this write
+/// (`guard_loop`).
+pub struct GuardFile {
+    file: DmaFile,
+    group: u32,
+    replica: u8,
+    /// The sequence of the latest guard written.
+    sequence: u64,
+    fsync: FsyncPolicy,
+}
+
+impl std::fmt::Debug for GuardFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardFile")
+            .field("group", &self.group)
+            .field("replica", &self.replica)
+            .field("sequence", &self.sequence)
+            .field("fsync", &self.fsync)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuardFile {
+    /// Creates the file holding `guard` ([`guard_create`]) and opens it for writes in
+    /// place.
+    pub async fn create(
+        path: &std::path::Path,
+        group: u32,
+        replica: u8,
+        guard: &VoteGuard,
+        fsync: FsyncPolicy,
+    ) -> std::io::Result<GuardFile> {
+        guard_create(path, group, replica, guard, fsync)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(path)
+            .await
+            .map_err(std::io::Error::from)?;
+        Ok(GuardFile {
+            file,
+            group,
+            replica,
+            sequence: GUARD_SLOTS - 1,
+            fsync,
+        })
+    }
+
+    /// Makes `guard` durable (the file then reads back as `guard`).
+    pub async fn write(&mut self, guard: &VoteGuard) -> std::io::Result<()> {
+        let sequence = self.sequence + 1;
+        // Rare (about once per window of ops and once per view change): a fresh DMA buffer
+        // each time rather than one kept for the shard's lifetime.
+        let mut buffer = self.file.alloc_dma_buffer(GUARD_SLOT_BYTES);
+        guard_slot_encode(
+            self.group,
+            self.replica,
+            sequence,
+            guard,
+            buffer.as_bytes_mut(),
+        );
+        let offset = (sequence % GUARD_SLOTS) * GUARD_SLOT_BYTES as u64;
+        let written = self
+            .file
+            .write_at(buffer, offset)
+            .await
+            .map_err(std::io::Error::from)?;
+        if written != GUARD_SLOT_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short vote guard write: {written} of {GUARD_SLOT_BYTES} bytes"),
+            ));
+        }
+        if self.fsync == FsyncPolicy::Always {
+            self.file.fdatasync().await.map_err(std::io::Error::from)?;
+        }
+        self.sequence = sequence;
+        Ok(())
+    }
+}
+
+/// A send held until the guard request it waits for is durable.
+struct HeldSend {
+    /// Bit `i`: peer `i`.
+    peers: u8,
+    message: Message,
+    /// The guard request (`Bft::guard_requested`) current when it was made.
+    sequence: u64,
+    bytes: usize,
 }
 
 /// BFT state of one shard, shared by its tasks (borrows never cross an await).
@@ -637,9 +832,6 @@ pub(crate) struct Bft {
     /// Test only: alternate digests of the equivocating leader's proposals.
     alternates: RefCell<VecDeque<((u64, u64), Digest)>>,
     byzantine_counter: Cell<u64>,
-    /// The vote guard file and how to write it.
-    guard_path: std::path::PathBuf,
-    fsync: FsyncPolicy,
     /// Client request signatures, verified and remembered; the core checks proposals
     /// with the same verifier ([`SharedVerifier`]).
     verifier: Rc<RefCell<RequestVerifier>>,
@@ -651,6 +843,17 @@ pub(crate) struct Bft {
     /// Leader: scratch for a proposal (the sealed batch's parts, record origins, and the
     /// signed batch's parts).
     proposal: RefCell<ProposalScratch>,
+    /// The vote guard file; `guard_loop` takes it.
+    guard_file: RefCell<Option<GuardFile>>,
+    /// The latest guard the core asked for (`Action::PersistGuard`) and the number of that
+    /// request; the number of the last request durable; `guard_loop`'s wake-up.
+    guard_requested: Cell<(VoteGuard, u64)>,
+    guard_durable: Cell<u64>,
+    guard_wanted: LocalNotify,
+    /// Sends made while a guard request was not durable, oldest first, and their encoded
+    /// bytes.
+    held: RefCell<VecDeque<HeldSend>>,
+    held_bytes: Cell<usize>,
 }
 
 /// A verified request's identity and signature, kept for the leader's proposal.
@@ -804,7 +1007,22 @@ impl Bft {
             signed_requests: Vec::with_capacity((records_max + 1) * REQUEST_DESCRIPTOR_BYTES),
             signatures: Vec::with_capacity((records_max + 1) * REQUEST_SIGNATURE_BYTES),
         };
+        // Rewritten at every start (both copies intact, version 2): from here on the
+        // guard is written in place.
+        let guard_file = GuardFile::create(
+            &guard_path,
+            shard as u32,
+            settings.replica,
+            &replica.guard(),
+            main.fsync,
+        )
+        .await
+        .map_err(|error| BftStartError::Guard {
+            path: guard_path.clone(),
+            reason: error.to_string(),
+        })?;
         let low_journaled = replica.low();
+        let replica_guard = replica.guard();
         let mut cert_index = VecDeque::with_capacity(CERT_INDEX_CHECKPOINTS);
         cert_index.push_back((0, 0));
         let records_kept = recovery
@@ -882,12 +1100,16 @@ impl Bft {
                 bft::LOG_WINDOW_OPS_DEFAULT as usize,
             )),
             byzantine_counter: Cell::new(0),
-            guard_path,
-            fsync: main.fsync,
             verifier,
             verifies_seen: Cell::new(0),
             signatures: RefCell::new(vec![None; connections_max].into_boxed_slice()),
             proposal: RefCell::new(proposal),
+            guard_requested: Cell::new((replica_guard, 0)),
+            guard_file: RefCell::new(Some(guard_file)),
+            guard_durable: Cell::new(0),
+            guard_wanted: LocalNotify::default(),
+            held: RefCell::new(VecDeque::with_capacity(GUARD_HELD_SENDS_MAX)),
+            held_bytes: Cell::new(0),
             settings,
         })
     }
@@ -949,6 +1171,7 @@ where
         }
     }
     tasks.push(glommio::spawn_local(timer_loop(shard.clone())));
+    tasks.push(glommio::spawn_local(guard_loop(shard.clone())));
     tasks
 }
 
@@ -1115,24 +1338,28 @@ where
             tracing::debug!(shard = shard.index, peer = from, %error, "BFT message refused");
         }
     }
-    run_actions(shard, &actions);
+    run_actions(shard, &mut actions);
 }
 
-/// Executes the core's actions: sends (rewritten when Byzantine), queues commits for the
-/// batcher, reports state-transfer requests; then logs new evidence.
-pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action]) {
+/// Executes (and drains) the core's actions: sends (rewritten when Byzantine), queues
+/// commits for the batcher (their batches and certificates move, uncopied), reports
+/// state-transfer requests, starts snapshot fetches; then logs new evidence.
+pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &mut Vec<Action>) {
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut committed_any = false;
     let mut serve_requested = false;
-    for action in actions {
+    for action in actions.drain(..) {
         match action {
-            Action::Send { to, message } => send(shard, &[*to], message),
+            Action::Send { to, message } => send(shard, &[to], &message),
             Action::Broadcast { message } => {
                 let me = bft.settings.replica;
-                let others: Vec<u8> = (0..bft.settings.replica_count())
-                    .filter(|peer| *peer != me)
-                    .collect();
-                send(shard, &others, message);
+                let mut others = [0u8; bft::REPLICA_COUNT_MAX];
+                let mut count = 0;
+                for peer in (0..bft.settings.replica_count()).filter(|peer| *peer != me) {
+                    others[count] = peer;
+                    count += 1;
+                }
+                send(shard, &others[..count], &message);
             }
             Action::Commit {
                 op,
@@ -1147,26 +1374,19 @@ pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action])
                     "the window bounds commits between batcher turns"
                 );
                 committed.push_back(Committed {
-                    op: *op,
-                    view: *view,
-                    digest: *digest,
-                    batch: batch.clone(),
-                    cert: cert.clone(),
+                    op,
+                    view,
+                    digest,
+                    batch,
+                    cert,
                 });
                 committed_any = true;
             }
             Action::PersistGuard { guard } => {
-                let bytes = guard_encode(shard.index as u32, bft.settings.replica, guard);
-                if let Err(error) = guard_write(&bft.guard_path, &bytes, bft.fsync) {
-                    // Sending votes the guard does not cover could make this replica
-                    // contradict itself after a restart.
-                    panic!(
-                        "shard {}: BFT vote guard write failed, stopping: {error}",
-                        shard.index
-                    );
-                }
-                ShardMetrics::add(&shard.metrics.bft_guard_writes_total, 1);
-                tracing::debug!(shard = shard.index, ?guard, "BFT vote guard persisted");
+                // `guard_loop` writes it; every send from here on waits for it (`send`).
+                let (_, sequence) = bft.guard_requested.get();
+                bft.guard_requested.set((guard, sequence + 1));
+                bft.guard_wanted.notify();
             }
             Action::StateTransfer { cert } => {
                 ShardMetrics::add(&shard.metrics.bft_state_transfers_total, 1);
@@ -1179,11 +1399,11 @@ pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Action])
                 );
             }
             Action::ServeState { to, from_op, to_op } => {
-                bft.serve_requests.borrow_mut()[usize::from(*to)] = Some((*from_op, *to_op));
+                bft.serve_requests.borrow_mut()[usize::from(to)] = Some((from_op, to_op));
                 serve_requested = true;
             }
             Action::FetchSnapshot { from, cert } => {
-                crate::bft_snapshot::start(shard, *from, cert);
+                crate::bft_snapshot::start(shard, from, &cert);
             }
         }
     }
@@ -1220,8 +1440,105 @@ fn hex(digest: &Digest) -> String {
         .collect()
 }
 
-/// Encodes `message` (each Byzantine variant once) and queues it for `tos`.
+/// Sends `message` to `tos`, or holds it back while a vote guard the core asked for is not
+/// durable yet: whatever the core signed before this send is then covered on disk before
+/// it leaves (a vote never reaches a peer before the guard that covers it). The driver's
+/// own snapshot transfer messages ([`waits_for_guard`]) leave at once.
 pub(crate) fn send<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let (_, requested) = bft.guard_requested.get();
+    if bft.guard_durable.get() >= requested || !waits_for_guard(message) {
+        send_now(shard, tos, message);
+        return;
+    }
+    let bytes = codec::encoded_bytes(message);
+    let mut held = bft.held.borrow_mut();
+    if held.len() == GUARD_HELD_SENDS_MAX || bft.held_bytes.get() + bytes > GUARD_HELD_BYTES_MAX {
+        ShardMetrics::add(
+            &shard.metrics.replication_messages_dropped_total,
+            tos.len() as u64,
+        );
+        return;
+    }
+    bft.held_bytes.set(bft.held_bytes.get() + bytes);
+    held.push_back(HeldSend {
+        peers: tos.iter().fold(0, |peers, to| peers | 1 << to),
+        message: message.clone(),
+        sequence: requested,
+        bytes,
+    });
+}
+
+/// Makes the vote guards the core asks for durable, one write at a time, and then lets
+/// out the sends held for each (`send`). The executor never blocks on the disk.
+async fn guard_loop<S>(shard: Rc<Shard<S>>)
+where
+    S: StateMachine + 'static,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut file = bft
+        .guard_file
+        .borrow_mut()
+        .take()
+        .expect("one guard task per shard");
+    while !shard.finished.get() {
+        let (guard, sequence) = bft.guard_requested.get();
+        if sequence == bft.guard_durable.get() {
+            futures_lite::future::or(
+                bft.guard_wanted.wait(),
+                glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
+            )
+            .await;
+            continue;
+        }
+        if let Err(error) = file.write(&guard).await {
+            // Sending votes the guard does not cover could make this replica contradict
+            // itself after a restart.
+            panic!(
+                "shard {}: BFT vote guard write failed, stopping: {error}",
+                shard.index
+            );
+        }
+        debug_assert!(sequence > bft.guard_durable.get());
+        bft.guard_durable.set(sequence);
+        ShardMetrics::add(&shard.metrics.bft_guard_writes_total, 1);
+        tracing::debug!(shard = shard.index, ?guard, "BFT vote guard persisted");
+        loop {
+            let next = {
+                let mut held = bft.held.borrow_mut();
+                match held.front() {
+                    Some(front) if front.sequence <= sequence => held.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some(send) = next else { break };
+            bft.held_bytes.set(bft.held_bytes.get() - send.bytes);
+            let mut tos = [0u8; bft::REPLICA_COUNT_MAX];
+            let mut count = 0;
+            for peer in 0..bft::REPLICA_COUNT_MAX as u8 {
+                if send.peers & (1 << peer) != 0 {
+                    tos[count] = peer;
+                    count += 1;
+                }
+            }
+            send_now(&shard, &tos[..count], &send.message);
+        }
+    }
+}
+
+/// Whether a send waits for the vote guard the core asked for before it: every message
+/// the core produces does (the contract of `Action::PersistGuard`), even one that signs
+/// nothing itself, so that sends to one peer keep their order. The snapshot transfer's
+/// requests and chunks are the driver's own, unsigned, and carry no vote.
+fn waits_for_guard(message: &Message) -> bool {
+    !matches!(
+        message,
+        Message::SnapshotRequest { .. } | Message::SnapshotChunk { .. }
+    )
+}
+
+/// Encodes `message` (each Byzantine variant once) and queues it for `tos`.
+fn send_now<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
     let bft = shard.bft.as_ref().expect("BFT shard");
     match bft.settings.byzantine {
         // Corrupts only the snapshot chunks it serves (`bft_snapshot::serve`), or proposes
@@ -1455,7 +1772,7 @@ where
                 &shard.metrics.bft_core_us_total,
                 started.elapsed().as_micros() as u64,
             );
-            run_actions(&shard, &actions);
+            run_actions(&shard, &mut actions);
         }
         publish(&shard);
         // A replica that no longer leads drops what clients submitted while it did: they
@@ -1643,7 +1960,7 @@ fn propose<S: StateMachine>(shard: &Shard<S>) -> bool {
             Err(error) => tracing::warn!(shard = shard.index, %error, "BFT proposal refused"),
         }
         shard.commit_gap_work_waiting(now_us);
-        run_actions(shard, &actions);
+        run_actions(shard, &mut actions);
         proposed += 1;
     }
     proposed > 0
@@ -1772,7 +2089,7 @@ where
         bft.replica
             .borrow_mut()
             .on_durable(shard.now_us(), durable_op, &mut actions);
-        run_actions(shard, &actions);
+        run_actions(shard, &mut actions);
     }
     staged || low_staged
 }
@@ -2591,6 +2908,16 @@ mod tests {
         assert_eq!(batch_decode(&[]), None, "the null op is no batch");
     }
 
+    /// A guard file image holding `first` (sequence 6, slot 0) and `second` (sequence 7,
+    /// slot 1).
+    fn guard_file_image(first: &VoteGuard, second: &VoteGuard) -> Vec<u8> {
+        let mut bytes = vec![0u8; GUARD_FILE_BYTES];
+        let (slot0, slot1) = bytes.split_at_mut(GUARD_SLOT_BYTES);
+        guard_slot_encode(0, 2, 6, first, slot0);
+        guard_slot_encode(0, 2, 7, second, slot1);
+        bytes
+    }
+
     #[test]
     fn certificate_records_keep_client_signatures_and_read_older_records() {
         let votes = vec![Vote::sign(
@@ -2625,27 +2952,111 @@ mod tests {
     }
 
     #[test]
-    fn vote_guard_files_round_trip_and_damaged_ones_are_refused() {
-        let guard = VoteGuard {
+    fn vote_guard_files_round_trip_and_torn_or_damaged_copies_are_handled() {
+        let older = VoteGuard {
             vote_view: 3,
             vote_op_max: 96,
-            view_change_view: 4,
+            view_change_view: 3,
         };
-        let bytes = guard_encode(0, 2, &guard);
-        assert_eq!(guard_decode(&bytes, 0, 2), Ok(guard));
+        let newer = VoteGuard {
+            view_change_view: 4,
+            ..older
+        };
+        let bytes = guard_file_image(&older, &newer);
+        assert_eq!(
+            guard_decode(&bytes, 0, 2),
+            Ok(newer),
+            "the higher sequence wins"
+        );
+        let mut swapped = bytes.clone();
+        let (slot0, slot1) = swapped.split_at_mut(GUARD_SLOT_BYTES);
+        guard_slot_encode(0, 2, 9, &newer, slot0);
+        guard_slot_encode(0, 2, 8, &older, slot1);
+        assert_eq!(
+            guard_decode(&swapped, 0, 2),
+            Ok(newer),
+            "whichever slot holds it"
+        );
         assert!(guard_decode(&bytes, 0, 1).is_err(), "another replica's");
         assert!(guard_decode(&bytes, 1, 2).is_err(), "another group's");
         assert!(guard_decode(&bytes[1..], 0, 2).is_err(), "short");
-        for index in [0, 13, 20, GUARD_FILE_BYTES - 1] {
-            let mut damaged = bytes;
-            damaged[index] ^= 1;
-            assert!(guard_decode(&damaged, 0, 2).is_err(), "byte {index}");
+        // A write torn anywhere in the record of the newest copy: the older one is read.
+        for index in [0, 12, 13, 20, 40, GUARD_RECORD_BYTES - 1] {
+            let mut torn = bytes.clone();
+            torn[GUARD_SLOT_BYTES + index] ^= 1;
+            assert_eq!(guard_decode(&torn, 0, 2), Ok(older), "byte {index}");
         }
+        let mut unwritten = bytes.clone();
+        unwritten[GUARD_SLOT_BYTES..].fill(0);
+        assert_eq!(
+            guard_decode(&unwritten, 0, 2),
+            Ok(older),
+            "a copy never written"
+        );
+        let mut both = bytes.clone();
+        both[20] ^= 1;
+        both[GUARD_SLOT_BYTES + 20] ^= 1;
+        assert!(guard_decode(&both, 0, 2).is_err(), "no intact copy");
+        // Version 1 (one copy) is still read at start.
+        let mut v1 = [0u8; GUARD_FILE_V1_BYTES];
+        v1[..8].copy_from_slice(&GUARD_FILE_V1_MAGIC);
+        v1[12] = 2;
+        for (index, value) in [3u64, 96, 4].into_iter().enumerate() {
+            v1[16 + 8 * index..24 + 8 * index].copy_from_slice(&value.to_le_bytes());
+        }
+        let checksum = bft::batch_digest(&v1[..GUARD_FILE_V1_BYTES - 32]);
+        v1[GUARD_FILE_V1_BYTES - 32..].copy_from_slice(&checksum);
+        assert_eq!(guard_decode(&v1, 0, 2), Ok(newer));
+        v1[30] ^= 1;
+        assert!(guard_decode(&v1, 0, 2).is_err(), "damaged version 1");
+    }
+
+    #[test]
+    fn vote_guard_file_is_written_in_place_and_a_torn_write_leaves_the_previous_guard() {
         let dir = std::env::temp_dir().join(format!("percore-guard-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("bft-guard-0");
-        guard_write(&path, &bytes, FsyncPolicy::Always).unwrap();
+        let inner = path.clone();
+        glommio::LocalExecutorBuilder::default()
+            .io_memory(1 << 20)
+            .spawn(move || async move {
+                let path = inner;
+                let first = VoteGuard {
+                    vote_view: 1,
+                    vote_op_max: 64,
+                    view_change_view: 1,
+                };
+                let mut file = GuardFile::create(&path, 0, 2, &first, FsyncPolicy::Always)
+                    .await
+                    .unwrap();
+                assert_eq!(guard_read(&path, 0, 2).unwrap(), Some(first));
+                let mut guard = first;
+                for round in 0..5 {
+                    let previous = guard;
+                    guard.vote_op_max += 32;
+                    guard.view_change_view += round % 2;
+                    file.write(&guard).await.unwrap();
+                    assert_eq!(guard_read(&path, 0, 2).unwrap(), Some(guard));
+                    assert_eq!(
+                        std::fs::metadata(&path).unwrap().len(),
+                        GUARD_FILE_BYTES as u64
+                    );
+                    // Tear the copy just written: the previous guard is read back.
+                    let mut bytes = std::fs::read(&path).unwrap();
+                    let slot = (file.sequence % GUARD_SLOTS) as usize * GUARD_SLOT_BYTES;
+                    bytes[slot + 30] ^= 0xff;
+                    assert_eq!(guard_decode(&bytes, 0, 2), Ok(previous), "round {round}");
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        // A restart rewrites both copies (renamed into place) with the guard read.
+        let guard = guard_read(&path, 0, 2).unwrap().unwrap();
+        guard_create(&path, 0, 2, &guard, FsyncPolicy::Always).unwrap();
         assert_eq!(guard_read(&path, 0, 2).unwrap(), Some(guard));
+        assert!(guard_read(&path, 0, 1).is_err(), "another replica's");
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(guard_read(&path, 0, 2).unwrap(), None);
     }

@@ -178,7 +178,7 @@ pub(crate) fn snapshot_written<S: StateMachine>(shard: &Shard<S>, meta: &format:
             "BFT snapshot checkpoint signed"
         );
     }
-    run_actions(shard, &actions);
+    run_actions(shard, &mut actions);
 }
 
 /// Starts the fetch the core asked for ([`Action::FetchSnapshot`]).
@@ -323,7 +323,7 @@ fn fail<S: StateMachine>(shard: &Shard<S>, why: &str) {
     bft.replica
         .borrow_mut()
         .on_snapshot_failed(shard.now_us(), &mut actions);
-    run_actions(shard, &actions);
+    run_actions(shard, &mut actions);
 }
 
 /// The batcher's part, once per turn: serves queued chunk requests, fails a fetch whose
@@ -522,7 +522,7 @@ where
             .borrow_mut()
             .on_snapshot_installed(shard.now_us(), &statement, &mut actions);
     debug_assert!(installed.is_ok(), "{installed:?}");
-    run_actions(shard, &actions);
+    run_actions(shard, &mut actions);
     true
 }
 

@@ -1,5 +1,6 @@
 //! What the multi-process test files share: polling for a condition with a deadline, and a
-//! deterministic random stream.
+//! deterministic random stream; and the simulators' seed files (`tests/seeds.txt`,
+//! `tests/seeds_bft.txt`).
 
 use std::time::{Duration, Instant};
 
@@ -32,4 +33,36 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
+}
+
+/// One line of a seeds file: `<sim arguments> expect=<checker|pass>  # why`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedCase {
+    /// Line number (from 1).
+    pub line: usize,
+    /// The simulator's arguments.
+    pub arguments: String,
+    /// `pass`, or the checker expected to fail.
+    pub expect: String,
+}
+
+/// The cases of a seeds file's `text` (comments and blank lines skipped); panics naming
+/// `file` on a line without `expect=`.
+pub fn seed_cases(text: &str, file: &str) -> Vec<SeedCase> {
+    let mut cases = Vec::new();
+    for (index, raw) in text.lines().enumerate() {
+        let content = raw.split('#').next().unwrap_or("").trim();
+        if content.is_empty() {
+            continue;
+        }
+        let (arguments, expect) = content
+            .rsplit_once("expect=")
+            .unwrap_or_else(|| panic!("{file} line {}: no expect=", index + 1));
+        cases.push(SeedCase {
+            line: index + 1,
+            arguments: arguments.trim().to_string(),
+            expect: expect.trim().to_string(),
+        });
+    }
+    cases
 }

@@ -495,6 +495,15 @@ fn bft_follower_restarts_after_sigkill_and_catches_up() {
     assert!(log.contains("BFT replica restarts"), "restored, not fresh");
     harness.cluster.stop_all();
     assert_eq!(compare_journals(&harness, journal_op, &expected), REPLICAS);
+    // Every guard file is the two-copy format, written in place, and reads back.
+    for replica in 0..REPLICAS {
+        let path = harness.cluster.data_dir(replica).join("bft-guard-0");
+        let bytes = std::fs::read(&path).expect("guard file");
+        assert_eq!(bytes.len(), percore_shards::bft::GUARD_FILE_BYTES);
+        let guard = percore_shards::bft::guard_decode(&bytes, 0, replica as u8)
+            .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        assert!(guard.vote_op_max > 0, "replica {replica} voted: {guard:?}");
+    }
     eprintln!("restart: bft op {bft_op}, journal op {journal_op}, {acknowledged} transfers");
 }
 

@@ -12,6 +12,7 @@
 use std::ops::Range;
 
 use percore_tests::sim::{self, Bug, Failure, Options};
+use percore_tests::support::SeedCase;
 
 /// Runs `seeds` with `options`; returns the failures.
 fn run_batch(seeds: Range<u64>, options: &Options) -> Vec<Failure> {
@@ -311,31 +312,8 @@ fn linearizability_checks_every_reply() {
     }
 }
 
-/// One line of `tests/seeds.txt`: `<sim arguments> expect=<checker|pass>  # why`.
-struct SeedCase {
-    line: usize,
-    arguments: String,
-    expect: String,
-}
-
 fn seed_cases() -> Vec<SeedCase> {
-    let text = include_str!("../seeds.txt");
-    let mut cases = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        let content = raw.split('#').next().unwrap_or("").trim();
-        if content.is_empty() {
-            continue;
-        }
-        let (arguments, expect) = content
-            .rsplit_once("expect=")
-            .unwrap_or_else(|| panic!("seeds.txt line {}: no expect=", index + 1));
-        cases.push(SeedCase {
-            line: index + 1,
-            arguments: arguments.trim().to_string(),
-            expect: expect.trim().to_string(),
-        });
-    }
-    cases
+    percore_tests::support::seed_cases(include_str!("../seeds.txt"), "seeds.txt")
 }
 
 #[test]

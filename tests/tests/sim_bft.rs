@@ -1,9 +1,11 @@
 //! The BFT simulator in CI: fixed batches of seeds (4 and 7 replicas, every Byzantine
-//! behaviour, with and without network faults), exact replay, and injected protocol bugs
-//! that the checkers must catch.
+//! behaviour, with and without network faults, correct replicas that crash and restart),
+//! exact replay, injected protocol bugs that the checkers must catch, and every seed in
+//! `tests/seeds_bft.txt` giving the outcome recorded there.
 
 use percore_engine::bft::InjectedBug;
 use percore_tests::bft_sim::{self, BEHAVIOURS, Behaviour, Options};
+use percore_tests::support;
 
 fn run_batch(options: Options, seeds: std::ops::Range<u64>) -> bft_sim::Summary {
     let mut total = bft_sim::Summary::default();
@@ -127,4 +129,96 @@ fn sim_bft_catches_votes_for_requests_no_client_signed() {
         ..Options::default()
     };
     bug_is_caught_by(options, 0..40, "auth");
+}
+
+#[test]
+fn sim_bft_correct_replicas_crash_and_restart() {
+    // f = 1: the crashing replica takes the fault budget (docs/bft.md section 10).
+    let options = Options {
+        byzantine: 0,
+        crashes: 1,
+        ..Options::default()
+    };
+    let total = run_batch(options, 0..40);
+    assert!(total.restarts > 0 && total.guard_writes > 0, "{total:?}");
+    assert!(
+        total.sends_held > 0,
+        "sends waited for guard writes: {total:?}"
+    );
+}
+
+#[test]
+fn sim_bft_seven_replicas_one_byzantine_one_crashing() {
+    let options = Options {
+        replicas: 7,
+        byzantine: 1,
+        crashes: 1,
+        ..Options::default()
+    };
+    let total = run_batch(options, 0..15);
+    assert!(total.restarts > 0, "{total:?}");
+}
+
+#[test]
+fn sim_bft_restarted_replicas_still_refuse_requests_no_client_signed() {
+    // A forging leader beside a crashing replica (n = 7: one of each within f = 2): the
+    // restored cores get their proposal check again, as the runtime's do.
+    let options = Options {
+        replicas: 7,
+        byzantine: 1,
+        crashes: 1,
+        behaviour: Some(Behaviour::ForgeRequest),
+        ..Options::default()
+    };
+    let total = run_batch(options, 0..15);
+    assert!(total.restarts > 0, "{total:?}");
+    assert!(
+        total.proposals_refused_restarted > 0,
+        "restarted replicas refused forged proposals: {total:?}"
+    );
+}
+
+#[test]
+fn sim_bft_catches_a_restore_that_ignores_the_guard() {
+    // A restarted replica that forgets what it signed puts a second, different statement
+    // on the wire (or one its durable guard does not cover, which the driver would have
+    // had to write below the guard on disk).
+    let options = Options {
+        byzantine: 0,
+        crashes: 1,
+        bug: Some(InjectedBug::RestoreIgnoresGuard),
+        ..Options::default()
+    };
+    for seed in 0..200 {
+        match bft_sim::run(seed, &options) {
+            Ok(_) => {}
+            Err(failure) if failure.checker == "conflicting-votes" => return,
+            Err(failure) => assert_eq!(failure.checker, "guard", "{failure}"),
+        }
+    }
+    panic!("no conflicting votes in seeds 0..200");
+}
+
+/// `tests/seeds_bft.txt`: every recorded seed gives its recorded outcome.
+#[test]
+fn sim_bft_seeds_file_replays() {
+    let cases = support::seed_cases(include_str!("../seeds_bft.txt"), "seeds_bft.txt");
+    assert!(!cases.is_empty(), "tests/seeds_bft.txt lists seeds");
+    for case in cases {
+        let arguments = case.arguments.split_whitespace().map(str::to_string);
+        let (options, seeds) = bft_sim::parse_args(arguments)
+            .unwrap_or_else(|error| panic!("seeds_bft.txt line {}: {error}", case.line));
+        for seed in seeds {
+            let outcome = match bft_sim::run(seed, &options) {
+                Ok(_) => "pass".to_string(),
+                Err(failure) => failure.checker.to_string(),
+            };
+            assert_eq!(
+                outcome, case.expect,
+                "seeds_bft.txt line {} (seed {seed}, {}): outcome changed; if a fix made it \
+                 pass, update the line to expect=pass",
+                case.line, case.arguments
+            );
+        }
+    }
 }

@@ -217,6 +217,9 @@ pub enum InjectedBug {
     /// Backups vote for proposals without running the [`ProposalCheck`]: a request no
     /// client signed can commit.
     VotesWithoutProposalCheck,
+    /// [`BftReplica::restore`] ignores the vote guard it is given: a restarted replica
+    /// starts in view 0 and may sign again what it signed before its crash.
+    RestoreIgnoresGuard,
 }
 
 /// Identity and limits of one replica of one BFT group.
@@ -250,8 +253,8 @@ pub struct BftConfig {
     pub state_transfer_retry_us: u64,
     /// The driver reports which executed ops are durable ([`BftReplica::on_durable`]), and
     /// checkpoint votes are signed only for durable ops (a stable checkpoint then means
-    /// `quorum` replicas hold that state on disk). Off (the simulator): an op counts as
-    /// durable once executed.
+    /// `quorum` replicas hold that state on disk). Off: an op counts as durable once
+    /// executed (the runtime's driver and the simulator both turn it on).
     pub durability_reported: bool,
     /// Test only: a protocol bug to inject.
     pub bug: Option<InjectedBug>,
@@ -348,10 +351,11 @@ pub enum Action {
         /// the batch.
         cert: CommitCert,
     },
-    /// Make `guard` durable (fsync) before executing any action that follows it: it records
-    /// what this replica may have signed, and a restarted replica must never sign a
-    /// conflicting statement ([`BftReplica::restore`]). Emitted rarely: a guard reserves
-    /// votes for two windows of ops ahead, and once per view change.
+    /// Make `guard` durable (fsync) before sending anything that follows it, in this list
+    /// or a later one (the sends wait; other actions need not): it records what this
+    /// replica may have signed, and a restarted replica must never sign a conflicting
+    /// statement ([`BftReplica::restore`]). Emitted rarely: a guard reserves votes for two
+    /// windows of ops ahead, and once per view change.
     PersistGuard {
         /// The new guard (never lower than an earlier one in any field).
         guard: VoteGuard,

@@ -419,9 +419,13 @@ impl BftReplica {
         replica.next_op = commit_op + 1;
         replica.op_accepted_max = commit_op;
         replica.durable_op = commit_op;
-        replica.guard = restored.guard;
-        replica.guard_restored = restored.guard;
-        replica.view = restored.guard.view();
+        let guard = match config.bug {
+            Some(InjectedBug::RestoreIgnoresGuard) => VoteGuard::default(),
+            _ => restored.guard,
+        };
+        replica.guard = guard;
+        replica.guard_restored = guard;
+        replica.view = guard.view();
         if replica.view > 0 {
             replica.status = Status::ViewChange;
             replica.awaiting_new_view = true;
@@ -594,6 +598,15 @@ impl BftReplica {
             && self.state_transfer.is_none()
             && self.next_op <= self.low + self.config.log_window_ops
             && self.vote_allowed(self.view, self.next_op)
+            && !self.op_committed(self.next_op)
+    }
+
+    /// Whether `op` holds a committed batch (a later view's `CommitProof` can arrive, ahead
+    /// of the ops below it, while this replica still leads an older view): proposing there
+    /// would replace the certified batch in the slot.
+    fn op_committed(&self, op: u64) -> bool {
+        self.slot(op)
+            .is_some_and(|slot| slot.committed.is_some() || slot.executed.is_some())
     }
 
     /// Highest op executed.
@@ -761,6 +774,9 @@ impl BftReplica {
         }
         if batch.len() > self.config.batch_bytes_max {
             return Err(BftError::BatchTooLarge { bytes: batch.len() });
+        }
+        if self.op_committed(self.next_op) {
+            return Err(BftError::NotLeader);
         }
         if !self.is_ready_leader() {
             return Err(BftError::WindowFull);

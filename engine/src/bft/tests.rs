@@ -627,6 +627,65 @@ fn bft_new_view_plan_fills_gaps_with_null_ops() {
     );
 }
 
+/// A leader cut off in view 0 gets a view-1 `CommitProof` for op 2 before the one for op
+/// 1 (found by the simulator): it must not propose at op 2, which would replace the
+/// certified batch in the slot and execute a batch that is not the committed one.
+#[test]
+fn bft_stale_leader_does_not_propose_over_an_op_a_later_view_committed() {
+    let mut group = Group::new(4, 1);
+    let keys = keys(4);
+    let proof = |op: u64, batch: &[u8]| {
+        let digest = batch_digest(batch);
+        let pre_prepare = Vote::sign(&keys[1], GROUP, VoteKind::PrePrepare, 1, 1, op, digest);
+        let commits = (1..4u8)
+            .map(|replica| {
+                let key = &keys[usize::from(replica)];
+                Vote::sign(key, GROUP, VoteKind::Commit, replica, 1, op, digest)
+            })
+            .collect();
+        Message::CommitProof {
+            pre_prepare,
+            cert: CommitCert { commits },
+            batch: batch.to_vec(),
+        }
+    };
+    let leader = &mut group.replicas[0];
+    let mut actions = Vec::new();
+    leader
+        .on_message(0, 1, proof(2, b"two"), &mut actions)
+        .expect("kept until op 1 is executed");
+    assert_eq!(leader.commit_op(), 0);
+    assert_eq!(
+        leader.propose(0, b"one, view 0".to_vec(), &mut actions),
+        Ok(1)
+    );
+    assert!(!leader.is_ready_leader(), "op 2 is committed (view 1)");
+    assert_eq!(
+        leader.propose(0, b"mine".to_vec(), &mut actions),
+        Err(BftError::NotLeader)
+    );
+    actions.clear();
+    leader
+        .on_message(0, 1, proof(1, b"one"), &mut actions)
+        .expect("proof of op 1");
+    let executed: Vec<(u64, Digest, Vec<u8>)> = actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Commit {
+                op, digest, batch, ..
+            } => Some((*op, *digest, batch.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        executed,
+        vec![
+            (1, batch_digest(b"one"), b"one".to_vec()),
+            (2, batch_digest(b"two"), b"two".to_vec()),
+        ]
+    );
+}
+
 #[test]
 fn bft_restarted_replica_never_signs_a_conflicting_vote() {
     let mut group = Group::new(4, 1);

@@ -1,8 +1,10 @@
 //! A deterministic simulator of one BFT replication group: `n` (4 or 7) real
 //! [`percore_engine::bft::BftReplica`]s, up to `f` of them Byzantine, a simulated network
 //! (drops, duplicates, delays and reordering, partitions), clients that accept a result
-//! after `f + 1` matching replies, and checkers (safety, liveness, evidence, client
-//! results), all from one `u64` seed. See `docs/bft.md`, section "Simulator".
+//! after `f + 1` matching replies, correct replicas that crash and restart from what they
+//! made durable (`--crashes`), and checkers (safety, liveness, evidence, client results,
+//! and across restarts: no vote on the wire beyond the durable guard, no conflicting
+//! votes), all from one `u64` seed. See `docs/bft.md`, section "Simulator".
 //!
 //! Like [`crate::sim`], this module never reads a clock, uses a thread RNG or lets hash-map
 //! order decide anything: the only randomness is [`crate::sim::rng::SimRng`].
@@ -74,6 +76,11 @@ pub struct Options {
     pub replicas: u8,
     /// Byzantine replicas (at most `f`).
     pub byzantine: u8,
+    /// Correct replicas that crash and restart (`byzantine + crashes <= f`: a restarted
+    /// replica lost the prepared certificates it held, see `docs/bft.md` §10).
+    pub crashes: u8,
+    /// Allow `byzantine + crashes > f` (experiments: the protocol promises nothing then).
+    pub beyond_budget: bool,
     /// Force one behaviour for every Byzantine replica (else drawn per replica).
     pub behaviour: Option<Behaviour>,
     /// Events of the faulty phase; then the network heals and the run must converge.
@@ -91,6 +98,8 @@ impl Default for Options {
         Options {
             replicas: 4,
             byzantine: 1,
+            crashes: 0,
+            beyond_budget: false,
             behaviour: None,
             steps: STEPS_DEFAULT,
             faults: true,
@@ -101,8 +110,8 @@ impl Default for Options {
 }
 
 /// Default events of the faulty phase, and a checker's failure: as the crash-fault
-/// simulator's (`checker` is `safety`, `auth`, `liveness`, `evidence`, `client` or
-/// `driver` here).
+/// simulator's (`checker` is `safety`, `auth`, `liveness`, `evidence`, `client`, `guard`,
+/// `conflicting-votes` or `driver` here).
 pub use crate::sim::{Failure, STEPS_DEFAULT};
 
 /// What a passing run did.
@@ -135,8 +144,17 @@ pub struct Summary {
     /// Proposals correct replicas refused to vote for: a request without a valid client
     /// signature.
     pub proposals_refused: u64,
+    /// Of which by replicas since their last restart (a restored core's counters start at
+    /// zero): their proposal check was installed again.
+    pub proposals_refused_restarted: u64,
     /// Messages dropped by the network.
     pub messages_dropped: u64,
+    /// Restarts of crashed replicas.
+    pub restarts: u64,
+    /// Vote guard writes started.
+    pub guard_writes: u64,
+    /// Sends held back until a guard write was durable (or lost in a crash).
+    pub sends_held: u64,
     /// Whether a Byzantine replica led view 0.
     pub byzantine_first_leader: bool,
 }
@@ -156,7 +174,11 @@ impl Summary {
         self.messages_refused += other.messages_refused;
         self.bad_signatures += other.bad_signatures;
         self.proposals_refused += other.proposals_refused;
+        self.proposals_refused_restarted += other.proposals_refused_restarted;
         self.messages_dropped += other.messages_dropped;
+        self.restarts += other.restarts;
+        self.guard_writes += other.guard_writes;
+        self.sends_held += other.sends_held;
     }
 }
 
@@ -166,11 +188,16 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
 ) -> Result<(Options, std::ops::Range<u64>), String> {
     let mut options = Options::default();
     let mut byzantine = None;
+    let mut crashes = 0;
     let mut seeds = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "-v" || arg == "--verbose" {
             options.verbose = true;
+            continue;
+        }
+        if arg == "--beyond-budget" {
+            options.beyond_budget = true;
             continue;
         }
         let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
@@ -192,6 +219,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 _ => return Err("--replicas is 4 or 7".to_string()),
             },
             "--byzantine" => byzantine = Some(number()?),
+            "--crashes" => crashes = number()?,
             "--behaviour" => {
                 options.behaviour =
                     Some(Behaviour::parse(&value).ok_or(format!("unknown behaviour {value:?}"))?);
@@ -207,10 +235,24 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
         }
     }
     let faults_max = u64::from((options.replicas - 1) / 3);
+    // Byzantine and crashing replicas share the fault budget.
+    let budget = if options.beyond_budget {
+        u64::from(options.replicas) - 1
+    } else {
+        faults_max
+    };
+    if crashes > budget {
+        return Err(format!("--crashes is at most f = {faults_max}"));
+    }
+    options.crashes = crashes as u8;
     options.byzantine = match byzantine {
-        None => faults_max as u8,
-        Some(count) if count <= faults_max => count as u8,
-        Some(_) => return Err(format!("--byzantine is at most f = {faults_max}")),
+        None => faults_max.saturating_sub(crashes) as u8,
+        Some(count) if count + crashes <= budget => count as u8,
+        Some(_) => {
+            return Err(format!(
+                "--byzantine plus --crashes is at most f = {faults_max} (or use --beyond-budget)"
+            ));
+        }
     };
     let seeds = seeds.ok_or("--seed S or --seeds A..B is required")?;
     Ok((options, seeds))
@@ -221,6 +263,7 @@ fn parse_bug(name: &str) -> Result<InjectedBug, String> {
         "quorum-minus-one" => Ok(InjectedBug::QuorumMinusOne),
         "new-view-ignores-prepared" => Ok(InjectedBug::NewViewIgnoresPrepared),
         "votes-without-proposal-check" => Ok(InjectedBug::VotesWithoutProposalCheck),
+        "restore-ignores-guard" => Ok(InjectedBug::RestoreIgnoresGuard),
         _ => Err(format!("unknown bug {name:?}")),
     }
 }
@@ -230,6 +273,7 @@ fn bug_name(bug: InjectedBug) -> &'static str {
         InjectedBug::QuorumMinusOne => "quorum-minus-one",
         InjectedBug::NewViewIgnoresPrepared => "new-view-ignores-prepared",
         InjectedBug::VotesWithoutProposalCheck => "votes-without-proposal-check",
+        InjectedBug::RestoreIgnoresGuard => "restore-ignores-guard",
     }
 }
 
@@ -240,6 +284,8 @@ pub fn options_args(options: &Options) -> Vec<String> {
         options.replicas.to_string(),
         "--byzantine".to_string(),
         options.byzantine.to_string(),
+        "--crashes".to_string(),
+        options.crashes.to_string(),
         "--steps".to_string(),
         options.steps.to_string(),
         "--faults".to_string(),
@@ -252,6 +298,9 @@ pub fn options_args(options: &Options) -> Vec<String> {
     if let Some(bug) = options.bug {
         args.push("--bug".to_string());
         args.push(bug_name(bug).to_string());
+    }
+    if options.beyond_budget {
+        args.push("--beyond-budget".to_string());
     }
     if options.verbose {
         args.push("-v".to_string());

@@ -9,16 +9,25 @@
 //! Clients sign their requests (ed25519 keys derived from the seed, client `c` has id
 //! `c + 1`) and batches are the engine's signed batch format (`bft::request`, records of
 //! [`RECORD_BYTES`]); every replica checks proposals with a [`RequestVerifier`] before it
-//! votes, and the `auth` checker fails a run in which a correct replica executes a batch
-//! holding a request no client signed.
+//! votes (a restarted replica too), and the `auth` checker fails a run in which a correct
+//! replica executes a batch holding a request no client signed.
+//!
+//! Durability follows the runtime driver (`shards/src/bft.rs`): committed ops and stable
+//! checkpoint certificates reach the disk in group commits that take simulated time (and
+//! are reported to the core with `on_durable`), and a vote guard asked for by
+//! `Action::PersistGuard` is written asynchronously while every later send waits for it.
+//! A replica that crashes loses everything else (the core, requests, sends held back);
+//! a write in flight at the crash either landed or is lost. It restarts with
+//! `BftReplica::restore` from what is durable, and gets its proposal check again.
 
 use crate::sched::Scheduled;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use percore_engine::bft::request::{REQUEST_SIGNATURE_BYTES, batch_decode, batch_encode};
 use percore_engine::bft::{
-    Action, BftConfig, BftReplica, ClientKeys, CommitCert, Committee, Digest, Message,
-    RequestStatement, RequestVerifier, Signature, SigningKey, Vote, batch_digest, chain_digest,
+    Action, BftConfig, BftReplica, CheckpointCert, ClientKeys, CommitCert, Committee, Digest,
+    Message, RequestStatement, RequestVerifier, Restored, Signature, SigningKey, Vote, VoteGuard,
+    VoteKind, batch_digest, chain_digest,
 };
 use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 
@@ -53,6 +62,18 @@ pub const RECORD_BYTES: usize = 16;
 const OPERATION: u16 = 1;
 /// Set in the request number of a request a Byzantine leader made up.
 const FORGED_REQUEST_BIT: u64 = 1 << 31;
+/// A journal group commit or a vote guard write takes this long (µs).
+const DISK_WRITE_US_MIN: u64 = 50;
+const DISK_WRITE_US_MAX: u64 = 3_000;
+/// A crashed replica stays down this long (µs).
+const DOWN_US_MIN: u64 = 1_000;
+const DOWN_US_MAX: u64 = 800_000;
+/// Between two crashes of the run's crashing replicas (µs).
+const CRASH_INTERVAL_US_MIN: u64 = 100_000;
+const CRASH_INTERVAL_US_MAX: u64 = 1_500_000;
+/// A guard write of a crashing replica is also hit by a crash with this chance (per
+/// million): the crash falls inside the write, which then lands or is lost.
+const CRASH_DURING_GUARD_WRITE_PER_MILLION: u64 = 200_000;
 
 /// A client request: id `(client + 1) << 32 | request number`.
 #[derive(Debug, Clone)]
@@ -73,6 +94,26 @@ enum Event {
     },
     Tick {
         replica: u8,
+        incarnation: u64,
+    },
+    /// The journal group commit in flight at `replica` is durable.
+    JournalDurable {
+        replica: u8,
+        incarnation: u64,
+    },
+    /// The vote guard write in flight at `replica` is durable.
+    GuardDurable {
+        replica: u8,
+        incarnation: u64,
+    },
+    /// `replica` crashes (if up); `next`: schedule the next crash of the run's chain.
+    Crash {
+        replica: u8,
+        next: bool,
+    },
+    Restart {
+        replica: u8,
+        incarnation: u64,
     },
     Request {
         to: u8,
@@ -91,9 +132,49 @@ enum Event {
     NetworkFault,
 }
 
+/// What a replica made durable, and its writes in flight: survives a crash (a write in
+/// flight then lands or is lost).
+#[derive(Debug, Default)]
+struct Disk {
+    /// Committed ops durable in the journal: a prefix of [`Node::log`].
+    log_durable: u64,
+    /// The last stable checkpoint certificate journaled (its op is at most `log_durable`).
+    low_cert: Option<CheckpointCert>,
+    /// A group commit in flight: the ops through this op and the checkpoint certificate
+    /// staged with them.
+    journal_writing: Option<(u64, Option<CheckpointCert>)>,
+    /// The durable vote guard, and the number of the guard request it answers.
+    guard: VoteGuard,
+    guard_sequence: u64,
+    /// A guard write in flight, with its request number.
+    guard_writing: Option<(VoteGuard, u64)>,
+}
+
+/// A send held back until the guard request `sequence` is durable.
+#[derive(Debug)]
+struct Held {
+    tos: Vec<u8>,
+    message: Message,
+    sequence: u64,
+}
+
 #[derive(Debug)]
 struct Node {
     core: BftReplica,
+    /// The core's configuration (a restart rebuilds the core with it).
+    config: BftConfig,
+    /// May crash and restart (a correct replica, counted in the fault budget).
+    crashes: bool,
+    /// Down after a crash until its restart.
+    up: bool,
+    /// Incremented by each crash: events of an earlier life are ignored.
+    incarnation: u64,
+    disk: Disk,
+    /// The latest guard the core asked for, and the number of that request.
+    guard_requested: VoteGuard,
+    guard_requested_sequence: u64,
+    /// Sends that wait for a guard write (lost in a crash).
+    held: Vec<Held>,
     key: SigningKey,
     behaviour: Option<Behaviour>,
     /// Committed batches, op `i + 1` at index `i`, with their commit certificates (what
@@ -112,6 +193,10 @@ struct Node {
     /// Silent: behaves until this time, then sends nothing (a crash mid-run).
     silent_from_us: u64,
 }
+
+/// A statement one replica signed, as kept by the vote checker: `(replica, kind, view, op)`
+/// (op 0 for view changes: one per view) → `(op, digest)`.
+type SignedKey = (u8, u8, u64, u64);
 
 #[derive(Debug)]
 struct Client {
@@ -151,12 +236,19 @@ pub struct World {
     certified: BTreeMap<u64, Digest>,
     /// (view, op) → digests of proposals correct replicas accepted.
     accepted_proposals: BTreeMap<(u64, u64), BTreeSet<Digest>>,
+    /// Every statement a correct replica put on the wire, across its restarts.
+    signed: BTreeMap<SignedKey, (u64, Digest)>,
     trace: VecDeque<String>,
     messages_dropped: u64,
     /// Each client's signing key (client `c` has id `c + 1`).
     client_keys: Vec<SigningKey>,
+    /// The clients' public keys (a restarted replica's proposal check is built from them).
+    client_verifying_keys: ClientKeys,
     /// The `auth` checker's own verifier (a cache hit is a request verified before).
     auth: RequestVerifier,
+    restarts: u64,
+    guard_writes: u64,
+    sends_held: u64,
 }
 
 type Outcome<T> = Result<T, Box<Failure>>;
@@ -194,6 +286,17 @@ impl World {
         while byzantine.len() < usize::from(options.byzantine) {
             byzantine.insert(rng.below(u64::from(replica_count)) as u8);
         }
+        // Correct replicas that crash and restart: with the first leader in half the runs.
+        let mut crashing = BTreeSet::new();
+        if options.crashes > 0 && !byzantine.contains(&0) && rng.chance(500_000) {
+            crashing.insert(0u8);
+        }
+        while crashing.len() < usize::from(options.crashes) {
+            let replica = rng.below(u64::from(replica_count)) as u8;
+            if !byzantine.contains(&replica) {
+                crashing.insert(replica);
+            }
+        }
         let nodes = keys
             .into_iter()
             .enumerate()
@@ -203,6 +306,8 @@ impl World {
                 config.checkpoint_interval_ops = checkpoint_interval_ops;
                 config.log_window_ops = 2 * checkpoint_interval_ops;
                 config.bug = options.bug;
+                // As the runtime's driver: checkpoint votes and state served wait for disk.
+                config.durability_reported = true;
                 let mut core = BftReplica::new(config, committee.clone(), key.clone(), 0)
                     .expect("valid configuration");
                 core.set_proposal_check(Box::new(verifier()));
@@ -213,6 +318,14 @@ impl World {
                 });
                 Node {
                     core,
+                    config,
+                    crashes: crashing.contains(&replica),
+                    up: true,
+                    incarnation: 0,
+                    disk: Disk::default(),
+                    guard_requested: VoteGuard::default(),
+                    guard_requested_sequence: 0,
+                    held: Vec::new(),
                     key,
                     behaviour,
                     log: Vec::new(),
@@ -273,10 +386,15 @@ impl World {
             committed: BTreeMap::new(),
             certified: BTreeMap::new(),
             accepted_proposals: BTreeMap::new(),
+            signed: BTreeMap::new(),
             trace: VecDeque::new(),
             messages_dropped: 0,
             auth: verifier(),
             client_keys,
+            client_verifying_keys: clients,
+            restarts: 0,
+            guard_writes: 0,
+            sends_held: 0,
         }
     }
 
@@ -331,10 +449,15 @@ impl World {
                     .map(|behaviour| format!("{replica}:{}", behaviour.name()))
             })
             .collect();
+        let crashing: Vec<String> = (0..self.options.replicas)
+            .filter(|replica| self.nodes[usize::from(*replica)].crashes)
+            .map(|replica| replica.to_string())
+            .collect();
         self.note(format!(
-            "start: n = {}, byzantine [{}], drop {} dup {} slow {} per million, checkpoint every {} ops",
+            "start: n = {}, byzantine [{}], crashing [{}], drop {} dup {} slow {} per million, checkpoint every {} ops",
             self.options.replicas,
             byzantine.join(" "),
+            crashing.join(" "),
             self.drop_per_million,
             self.duplicate_per_million,
             self.slow_per_million,
@@ -342,7 +465,24 @@ impl World {
         ));
         for replica in 0..self.options.replicas {
             let offset = self.rng.range(1, TICK_INTERVAL_US);
-            self.schedule(offset, Event::Tick { replica });
+            self.schedule(
+                offset,
+                Event::Tick {
+                    replica,
+                    incarnation: 0,
+                },
+            );
+        }
+        if self.options.crashes > 0 {
+            let delay = self.rng.range(CRASH_INTERVAL_US_MIN, CRASH_INTERVAL_US_MAX);
+            let replica = self.crash_victim();
+            self.schedule(
+                delay,
+                Event::Crash {
+                    replica,
+                    next: true,
+                },
+            );
         }
         for client in 0..CLIENTS {
             self.issue(client);
@@ -380,16 +520,45 @@ impl World {
     fn handle(&mut self, event: Event) -> Outcome<()> {
         match event {
             Event::Deliver { from, to, message } => self.deliver(from, to, *message),
-            Event::Tick { replica } => {
+            Event::Tick {
+                replica,
+                incarnation,
+            } => {
+                let node = &self.nodes[usize::from(replica)];
+                if !node.up || node.incarnation != incarnation {
+                    return Ok(());
+                }
                 let mut actions = Vec::new();
                 self.nodes[usize::from(replica)]
                     .core
                     .on_tick(self.time_us, &mut actions);
                 self.execute(replica, actions)?;
                 self.propose(replica)?;
-                self.schedule(TICK_INTERVAL_US, Event::Tick { replica });
+                self.schedule(
+                    TICK_INTERVAL_US,
+                    Event::Tick {
+                        replica,
+                        incarnation,
+                    },
+                );
                 Ok(())
             }
+            Event::JournalDurable {
+                replica,
+                incarnation,
+            } => self.journal_durable(replica, incarnation),
+            Event::GuardDurable {
+                replica,
+                incarnation,
+            } => self.guard_durable(replica, incarnation),
+            Event::Crash { replica, next } => {
+                self.crash(replica, next);
+                Ok(())
+            }
+            Event::Restart {
+                replica,
+                incarnation,
+            } => self.restart(replica, incarnation),
             Event::Request { to, request } => self.on_request(to, request),
             Event::Reply {
                 client,
@@ -415,6 +584,10 @@ impl World {
     }
 
     fn deliver(&mut self, from: u8, to: u8, message: Message) -> Outcome<()> {
+        if !self.nodes[usize::from(to)].up {
+            self.messages_dropped += 1;
+            return Ok(());
+        }
         let node = &mut self.nodes[usize::from(to)];
         if node.behaviour == Some(Behaviour::Replay) {
             if node.seen.len() < REPLAY_KEPT {
@@ -444,7 +617,7 @@ impl World {
     fn execute(&mut self, replica: u8, actions: Vec<Action>) -> Outcome<()> {
         for action in actions {
             match action {
-                Action::Send { to, message } => self.transmit(replica, vec![to], message),
+                Action::Send { to, message } => self.send(replica, vec![to], message)?,
                 Action::Broadcast { message } => {
                     if self.is_correct(replica)
                         && let Message::Prepare { pre_prepare, .. } = &message
@@ -457,7 +630,7 @@ impl World {
                     let others = (0..self.options.replicas)
                         .filter(|to| *to != replica)
                         .collect();
-                    self.transmit(replica, others, message);
+                    self.send(replica, others, message)?;
                 }
                 Action::Commit {
                     op,
@@ -487,15 +660,21 @@ impl World {
                         .iter()
                         .map(|(_, batch, cert)| (cert.clone(), batch.clone()))
                         .collect();
-                    self.transmit(replica, vec![to], Message::StateOps(ops));
+                    self.send(replica, vec![to], Message::StateOps(ops))?;
                 }
-                // The simulator restarts no replica: nothing to persist.
-                Action::PersistGuard { .. } => {}
+                Action::PersistGuard { guard } => {
+                    let node = &mut self.nodes[usize::from(replica)];
+                    node.guard_requested = guard;
+                    node.guard_requested_sequence += 1;
+                    self.guard_write(replica);
+                }
                 // Only a driver that lost ops from its log offers a snapshot
-                // (`Message::StateSnapshot`); the simulator's drivers serve every op.
+                // (`Message::StateSnapshot`); the simulator's drivers serve every op (a
+                // restarted one keeps its durable log from op 1).
                 Action::FetchSnapshot { .. } => {}
             }
         }
+        self.journal_write(replica);
         if self.is_correct(replica)
             && self.nodes[usize::from(replica)]
                 .core
@@ -671,9 +850,27 @@ impl World {
         }
     }
 
+    /// Sends a core's message, or holds it back while a guard write asked for before it is
+    /// not durable (the driver's contract: no vote leaves before the guard covering it).
+    fn send(&mut self, from: u8, tos: Vec<u8>, message: Message) -> Outcome<()> {
+        let node = &mut self.nodes[usize::from(from)];
+        if node.disk.guard_sequence < node.guard_requested_sequence {
+            let sequence = node.guard_requested_sequence;
+            node.held.push(Held {
+                tos,
+                message,
+                sequence,
+            });
+            self.sends_held += 1;
+            return Ok(());
+        }
+        self.transmit(from, tos, message)
+    }
+
     /// Puts `message` from `from` on the wire to each of `tos`.
-    fn transmit(&mut self, from: u8, tos: Vec<u8>, message: Message) {
+    fn transmit(&mut self, from: u8, tos: Vec<u8>, message: Message) -> Outcome<()> {
         let sends = if self.is_correct(from) {
+            self.check_signed(from, &message)?;
             tos.into_iter().map(|to| (to, message.clone())).collect()
         } else {
             self.byzantine_outgoing(from, tos, message)
@@ -700,6 +897,7 @@ impl World {
             let message = Box::new(message);
             self.schedule(delay, Event::Deliver { from, to, message });
         }
+        Ok(())
     }
 
     /// What a Byzantine replica sends instead of `message`.
@@ -885,8 +1083,316 @@ impl World {
         self.schedule(delay, Event::NetworkFault);
     }
 
+    /// Starts a journal group commit of what `replica` executed (and the stable checkpoint
+    /// certificate) since the last one, unless one is in flight.
+    fn journal_write(&mut self, replica: u8) {
+        let node = &mut self.nodes[usize::from(replica)];
+        let low_durable = node.disk.low_cert.as_ref().map_or(0, CheckpointCert::op);
+        if !node.up
+            || node.disk.journal_writing.is_some()
+            || (node.log.len() as u64 == node.disk.log_durable && node.core.low() <= low_durable)
+        {
+            return;
+        }
+        debug_assert!(node.core.low() <= node.log.len() as u64);
+        node.disk.journal_writing = Some((node.log.len() as u64, node.core.low_cert().cloned()));
+        let incarnation = node.incarnation;
+        let delay = self.rng.range(DISK_WRITE_US_MIN, DISK_WRITE_US_MAX);
+        self.schedule(
+            delay,
+            Event::JournalDurable {
+                replica,
+                incarnation,
+            },
+        );
+    }
+
+    /// The group commit in flight is durable: tell the core (checkpoint votes, state
+    /// transfer), then start the next one.
+    fn journal_durable(&mut self, replica: u8, incarnation: u64) -> Outcome<()> {
+        let node = &mut self.nodes[usize::from(replica)];
+        if node.incarnation != incarnation {
+            return Ok(());
+        }
+        let Some((op, low_cert)) = node.disk.journal_writing.take() else {
+            return Ok(());
+        };
+        node.disk.land_journal(op, low_cert);
+        let mut actions = Vec::new();
+        node.core.on_durable(self.time_us, op, &mut actions);
+        self.execute(replica, actions)?;
+        self.propose(replica)
+    }
+
+    /// Starts writing the latest guard asked for, unless a write is in flight.
+    fn guard_write(&mut self, replica: u8) {
+        let node = &mut self.nodes[usize::from(replica)];
+        if node.disk.guard_writing.is_some()
+            || node.disk.guard_sequence == node.guard_requested_sequence
+        {
+            return;
+        }
+        node.disk.guard_writing = Some((node.guard_requested, node.guard_requested_sequence));
+        let (incarnation, crashes) = (node.incarnation, node.crashes);
+        let delay = self.rng.range(DISK_WRITE_US_MIN, DISK_WRITE_US_MAX);
+        self.guard_writes += 1;
+        self.schedule(
+            delay,
+            Event::GuardDurable {
+                replica,
+                incarnation,
+            },
+        );
+        // Crashes inside guard writes: the write lands or not, the held sends are lost.
+        if crashes
+            && self.healed_at_us.is_none()
+            && self.rng.chance(CRASH_DURING_GUARD_WRITE_PER_MILLION)
+        {
+            let at = self.rng.range(0, delay);
+            self.schedule(
+                at,
+                Event::Crash {
+                    replica,
+                    next: false,
+                },
+            );
+        }
+    }
+
+    /// The guard write in flight is durable: the sends it covers leave, in order.
+    fn guard_durable(&mut self, replica: u8, incarnation: u64) -> Outcome<()> {
+        let node = &mut self.nodes[usize::from(replica)];
+        if node.incarnation != incarnation {
+            return Ok(());
+        }
+        let Some((guard, sequence)) = node.disk.guard_writing.take() else {
+            return Ok(());
+        };
+        node.disk.guard = guard;
+        node.disk.guard_sequence = sequence;
+        let covered = node
+            .held
+            .iter()
+            .take_while(|held| held.sequence <= sequence)
+            .count();
+        let released: Vec<Held> = node.held.drain(..covered).collect();
+        self.guard_write(replica);
+        for held in released {
+            self.transmit(replica, held.tos, held.message)?;
+        }
+        Ok(())
+    }
+
+    /// A crashing replica, often the leader of the latest view.
+    fn crash_victim(&mut self) -> u8 {
+        let crashing: Vec<u8> = (0..self.options.replicas)
+            .filter(|replica| self.nodes[usize::from(*replica)].crashes)
+            .collect();
+        let view = self
+            .nodes
+            .iter()
+            .filter(|node| node.behaviour.is_none() && node.up)
+            .map(|node| node.core.view())
+            .max()
+            .unwrap_or(0);
+        let leader = self.committee.leader_of(view);
+        if crashing.contains(&leader) && self.rng.chance(500_000) {
+            return leader;
+        }
+        crashing[self.rng.below(crashing.len() as u64) as usize]
+    }
+
+    /// `replica` loses everything not durable; writes in flight land or are lost.
+    fn crash(&mut self, replica: u8, next: bool) {
+        if self.healed_at_us.is_some() {
+            return;
+        }
+        if next {
+            let delay = self.rng.range(CRASH_INTERVAL_US_MIN, CRASH_INTERVAL_US_MAX);
+            let victim = self.crash_victim();
+            self.schedule(
+                delay,
+                Event::Crash {
+                    replica: victim,
+                    next: true,
+                },
+            );
+        }
+        if !self.nodes[usize::from(replica)].up {
+            return;
+        }
+        let journal_lands = self.rng.chance(500_000);
+        let guard_lands = self.rng.chance(500_000);
+        let down_us = self.rng.range(DOWN_US_MIN, DOWN_US_MAX);
+        let node = &mut self.nodes[usize::from(replica)];
+        node.up = false;
+        node.incarnation += 1;
+        if let Some((op, low_cert)) = node.disk.journal_writing.take()
+            && journal_lands
+        {
+            node.disk.land_journal(op, low_cert);
+        }
+        if let Some((guard, sequence)) = node.disk.guard_writing.take()
+            && guard_lands
+        {
+            node.disk.guard = guard;
+            node.disk.guard_sequence = sequence;
+        }
+        let held = node.held.len();
+        node.held.clear();
+        node.pending.clear();
+        node.proposed.clear();
+        node.log.truncate(node.disk.log_durable as usize);
+        let incarnation = node.incarnation;
+        let line = format!(
+            "replica {replica} crashes: {held} sends held lost, durable op {}, guard {:?}",
+            node.disk.log_durable, node.disk.guard
+        );
+        self.note(line);
+        self.schedule(
+            down_us,
+            Event::Restart {
+                replica,
+                incarnation,
+            },
+        );
+    }
+
+    /// `replica` comes back from its disk as the driver does: the journal's committed ops
+    /// above its last journaled stable checkpoint and its guard, through
+    /// `BftReplica::restore`.
+    fn restart(&mut self, replica: u8, incarnation: u64) -> Outcome<()> {
+        let committee = self.committee.clone();
+        let node = &mut self.nodes[usize::from(replica)];
+        if node.up || node.incarnation != incarnation {
+            return Ok(());
+        }
+        let low = node.disk.low_cert.as_ref().map_or(0, CheckpointCert::op);
+        let restored = Restored {
+            low_cert: node.disk.low_cert.clone(),
+            digests: node.log[low as usize..]
+                .iter()
+                .map(|(digest, _, _)| *digest)
+                .collect(),
+            guard: node.disk.guard,
+        };
+        let core = BftReplica::restore(
+            node.config,
+            committee,
+            node.key.clone(),
+            self.time_us,
+            restored,
+        );
+        node.core = match core {
+            Ok(core) => core,
+            Err(error) => {
+                return Err(self.fail("driver", format!("replica {replica}: restore: {error}")));
+            }
+        };
+        // As the runtime: a restarted replica checks client signatures before it votes.
+        let check = RequestVerifier::new(0, self.client_verifying_keys.clone(), RECORD_BYTES, None);
+        let node = &mut self.nodes[usize::from(replica)];
+        node.core.set_proposal_check(Box::new(check));
+        node.chain = [0; 32];
+        node.executed.clear();
+        for (index, (digest, batch, _)) in node.log.iter().enumerate() {
+            let op = index as u64 + 1;
+            node.chain = chain_digest(&node.chain, op, digest);
+            for (id, _) in decode_batch(batch) {
+                node.executed.entry(id).or_insert(op);
+            }
+        }
+        node.guard_requested = node.disk.guard;
+        node.guard_requested_sequence = node.disk.guard_sequence;
+        node.up = true;
+        self.restarts += 1;
+        let line = format!(
+            "replica {replica} restarts at op {} (low {low}) in view {}",
+            node.core.commit_op(),
+            node.core.view()
+        );
+        self.note(line);
+        let offset = self.rng.range(1, TICK_INTERVAL_US);
+        self.schedule(
+            offset,
+            Event::Tick {
+                replica,
+                incarnation,
+            },
+        );
+        Ok(())
+    }
+
+    /// The vote checker, for a correct replica's message going on the wire: each statement
+    /// it signed there is covered by its durable guard (Checkpoint and StateCheckpoint votes
+    /// need none: their digest is a function of the committed log and state), and it never put on the wire a different
+    /// statement for the same `(kind, view, op)` (one ViewChange per view), in this life or
+    /// an earlier one.
+    fn check_signed(&mut self, from: u8, message: &Message) -> Outcome<()> {
+        let mut votes = Vec::new();
+        own_votes(from, message, &mut votes);
+        let guard = self.nodes[usize::from(from)].disk.guard;
+        for vote in votes {
+            let op_key = if vote.kind == VoteKind::ViewChange {
+                0
+            } else {
+                vote.op
+            };
+            let key = (from, vote.kind as u8, vote.view, op_key);
+            let statement = (vote.op, vote.digest);
+            match self.signed.get(&key) {
+                None => {
+                    self.signed.insert(key, statement);
+                }
+                Some(earlier) if *earlier != statement => {
+                    return Err(self.fail(
+                        "conflicting-votes",
+                        format!(
+                            "replica {from} signed {:?} view {} op {} digest {:02x?}, and earlier op {} digest {:02x?}",
+                            vote.kind,
+                            vote.view,
+                            vote.op,
+                            &vote.digest[..4],
+                            earlier.0,
+                            &earlier.1[..4]
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+            let covered = match vote.kind {
+                VoteKind::Checkpoint | VoteKind::StateCheckpoint => true,
+                VoteKind::ViewChange => vote.view <= guard.view_change_view,
+                _ => guard.covers_vote(vote.view, vote.op),
+            };
+            if !covered {
+                return Err(self.fail(
+                    "guard",
+                    format!(
+                        "replica {from} sends {:?} view {} op {} not covered by its durable guard {guard:?}",
+                        vote.kind, vote.view, vote.op
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn heal(&mut self) {
         self.healed_at_us = Some(self.time_us);
+        for replica in 0..self.options.replicas {
+            let node = &self.nodes[usize::from(replica)];
+            if !node.up {
+                let incarnation = node.incarnation;
+                self.schedule(
+                    0,
+                    Event::Restart {
+                        replica,
+                        incarnation,
+                    },
+                );
+            }
+        }
         self.isolated.clear();
         self.drop_per_million = 0;
         self.duplicate_per_million = 0;
@@ -948,6 +1454,9 @@ impl World {
 
     fn on_request(&mut self, replica: u8, request: Request) -> Outcome<()> {
         let node = &mut self.nodes[usize::from(replica)];
+        if !node.up {
+            return Ok(());
+        }
         if let Some(behaviour) = node.behaviour {
             // A Byzantine replica answers at once with a made-up result.
             if behaviour != Behaviour::Silent || self.time_us < node.silent_from_us {
@@ -1149,6 +1658,9 @@ impl World {
                 .filter(|digests| digests.len() > 1)
                 .count() as u64,
             messages_dropped: self.messages_dropped,
+            restarts: self.restarts,
+            guard_writes: self.guard_writes,
+            sends_held: self.sends_held,
             byzantine_first_leader: self.nodes[0].behaviour.is_some(),
             ..Summary::default()
         };
@@ -1161,6 +1673,9 @@ impl World {
             summary.equivocations_detected += metrics.equivocations;
             summary.bad_signatures += metrics.bad_signatures;
             summary.proposals_refused += metrics.proposals_refused;
+            if node.incarnation > 0 {
+                summary.proposals_refused_restarted += metrics.proposals_refused;
+            }
             summary.messages_refused += metrics.bad_signatures
                 + metrics.unknown_signers
                 + metrics.wrong_view
@@ -1168,6 +1683,74 @@ impl World {
                 + metrics.invalid;
         }
         summary
+    }
+}
+
+impl Disk {
+    /// A group commit through `op` reached the disk (with the checkpoint certificate staged
+    /// with it, if any: the low watermark only rises).
+    fn land_journal(&mut self, op: u64, low_cert: Option<CheckpointCert>) {
+        self.log_durable = op;
+        if let Some(cert) = low_cert {
+            debug_assert!(cert.op() <= op);
+            self.low_cert = Some(cert);
+        }
+    }
+}
+
+/// The statements `from` signed that `message` carries (its own votes, and its votes inside
+/// the certificates and view changes it relays).
+fn own_votes(from: u8, message: &Message, votes: &mut Vec<Vote>) {
+    let mut keep = |vote: &Vote| {
+        if vote.replica == from {
+            votes.push(*vote);
+        }
+    };
+    match message {
+        Message::PrePrepare { vote, .. } | Message::Commit(vote) | Message::Checkpoint(vote) => {
+            keep(vote)
+        }
+        Message::Prepare { vote, pre_prepare } => {
+            keep(vote);
+            keep(pre_prepare);
+        }
+        Message::ViewChange(view_change) => view_change_votes(view_change, &mut keep),
+        Message::NewView(new_view) => {
+            for view_change in &new_view.view_changes {
+                view_change_votes(view_change, &mut keep);
+            }
+            new_view
+                .pre_prepares
+                .iter()
+                .for_each(|(vote, _)| keep(vote));
+        }
+        Message::CommitProof {
+            pre_prepare, cert, ..
+        } => {
+            keep(pre_prepare);
+            cert.commits.iter().for_each(keep);
+        }
+        Message::StateCheckpoint { vote, .. } => keep(vote),
+        Message::CheckpointProof(cert) => cert.votes.iter().for_each(keep),
+        Message::StateSnapshot(cert) => cert.votes.iter().for_each(keep),
+        Message::StateOps(ops) => ops
+            .iter()
+            .for_each(|(cert, _)| cert.commits.iter().for_each(&mut keep)),
+        Message::Status { .. }
+        | Message::StateRequest { .. }
+        | Message::SnapshotRequest { .. }
+        | Message::SnapshotChunk { .. } => {}
+    }
+}
+
+fn view_change_votes(view_change: &percore_engine::bft::ViewChange, keep: &mut impl FnMut(&Vote)) {
+    keep(&view_change.vote);
+    if let Some(cert) = &view_change.checkpoint {
+        cert.votes.iter().for_each(&mut *keep);
+    }
+    for entry in &view_change.prepared {
+        keep(&entry.cert.pre_prepare);
+        entry.cert.prepares.iter().for_each(&mut *keep);
     }
 }
 

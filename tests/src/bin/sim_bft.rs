@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! cargo run -p percore-tests --bin sim_bft -- --seed 42 [--replicas 4|7] [--byzantine N]
+//!     [--crashes N [--beyond-budget]]
 //!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge] [--steps N]
-//!     [--faults on|off] [--bug quorum-minus-one|new-view-ignores-prepared] [-v]
+//!     [--faults on|off]
+//!     [--bug quorum-minus-one|new-view-ignores-prepared|restore-ignores-guard] [-v]
 //! cargo run -p percore-tests --release --bin sim_bft -- --seeds 0..10000
 //! ```
 
@@ -18,8 +20,11 @@ fn main() -> ExitCode {
             eprintln!("sim_bft: {error}");
             eprintln!(
                 "usage: sim_bft (--seed S | --seeds A..B) [--replicas 4|7] [--byzantine N] \\
-                 [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge] [--steps N] \\
-                 [--faults on|off] [--bug quorum-minus-one|new-view-ignores-prepared] [-v]"
+                 [--crashes N [--beyond-budget]] \\
+                 [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request] \\
+                 [--steps N] [--faults on|off] \\
+                 [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|\\
+                 restore-ignores-guard] [-v]"
             );
             return ExitCode::from(2);
         }
@@ -62,7 +67,9 @@ fn main() -> ExitCode {
             "passing runs: {} with a Byzantine first leader; ops committed {}, requests accepted {}, \
              view changes {} (highest view {}), stable checkpoints {}, state transfers {}, \
              equivocations accepted by correct replicas {}, detected {}, messages refused {} \
-             (bad signatures {}), proposals refused for unsigned requests {}, dropped {}",
+             (bad signatures {}), proposals refused for unsigned requests {} ({} after a \
+             restart), dropped {}; \
+             restarts {}, guard writes {}, sends held for a guard {}",
             byzantine_first_leader,
             total.ops_committed,
             total.requests_accepted,
@@ -75,7 +82,11 @@ fn main() -> ExitCode {
             total.messages_refused,
             total.bad_signatures,
             total.proposals_refused,
+            total.proposals_refused_restarted,
             total.messages_dropped,
+            total.restarts,
+            total.guard_writes,
+            total.sends_held,
         );
         for (seed, checker) in &failures {
             println!("  seed {seed}: {checker}");
