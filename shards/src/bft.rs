@@ -36,7 +36,11 @@
 //! core asks for a higher guard before it sends a vote the guard does not cover
 //! (`Action::PersistGuard`); `guard_loop` writes it asynchronously (in place, into the
 //! copy of the file that does not hold the latest guard, then `fdatasync`) while every send
-//! the core makes after asking waits in a bounded queue until the write is durable.
+//! the core makes after asking waits in a bounded queue until the write is durable. Each
+//! prepared certificate the core is about to send a Commit for
+//! (`Action::PersistPrepared`) waits the same way: `guard_loop` appends every one asked for
+//! so far to the prepared certificate log ([`crate::bft_prepared`]) in one write, and a
+//! restart hands them back to the core, whose ViewChanges then report them.
 //!
 //! **State transfer** (a replica behind its peers' stable checkpoint): the core asks one
 //! peer at a time for the missing committed ops (`StateRequest`); a peer's core accepts
@@ -86,6 +90,7 @@ use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
 
+use crate::bft_prepared::PreparedLog;
 use crate::journal::{FsyncPolicy, Journal, JournalConfig};
 use crate::metrics::ShardMetrics;
 use crate::replication::{HANDSHAKE_TIMEOUT_US, Outbox, PeerDial, until_finished, write_outbox};
@@ -365,6 +370,9 @@ pub enum BftStartError {
         /// What is wrong.
         reason: String,
     },
+    /// The prepared certificate log cannot be read or fails its checks.
+    #[error("prepared certificate log: {0}")]
+    Prepared(#[from] crate::bft_prepared::PreparedLogError),
     /// The certificate journal and the journal do not fit together.
     #[error("certificate journal: {0}")]
     Recovery(&'static str),
@@ -843,8 +851,14 @@ pub(crate) struct Bft {
     /// Leader: scratch for a proposal (the sealed batch's parts, record origins, and the
     /// signed batch's parts).
     proposal: RefCell<ProposalScratch>,
-    /// The vote guard file; `guard_loop` takes it.
-    guard_file: RefCell<Option<GuardFile>>,
+    /// The vote guard file and the prepared certificate log; `guard_loop` takes them.
+    guard_file: RefCell<Option<(GuardFile, PreparedLog)>>,
+    /// Prepared certificates the core asked to persist (`Action::PersistPrepared`), not
+    /// yet in a write: at most one per op of the window and view, so bounded by the core.
+    prepared_wanted: RefCell<Vec<bft::PreparedEntry>>,
+    /// The stable checkpoint whose certificate is durable in the certificate journal:
+    /// prepared certificates at or below it may go.
+    low_durable: Cell<u64>,
     /// The latest guard the core asked for (`Action::PersistGuard`) and the number of that
     /// request; the number of the last request durable; `guard_loop`'s wake-up.
     guard_requested: Cell<(VoteGuard, u64)>,
@@ -945,6 +959,13 @@ impl Bft {
         config.batch_bytes_max = batch_bytes_max;
         let key = settings.secret_key.clone();
         let guard = guard_read(&guard_path, shard as u32, settings.replica)?;
+        let (prepared_log, prepared) = PreparedLog::open(
+            &crate::bft_prepared::prepared_dir(&main.dir, shard),
+            shard as u32,
+            settings.replica,
+            main.fsync,
+        )
+        .await?;
         let (mut replica, recovery) = match guard {
             None if journal.op_durable() == 0 && records.is_empty() => {
                 (BftReplica::new(config, committee, key, now_us)?, None)
@@ -964,10 +985,12 @@ impl Bft {
                 if recovery.records_kept < records.len() {
                     certs.truncate_after(recovery.records_kept as u64).await?;
                 }
+                let prepared_count = prepared.len();
                 let restored = Restored {
                     low_cert: recovery.low_cert.clone(),
                     digests: recovery.digests.clone(),
                     guard,
+                    prepared,
                 };
                 let replica = BftReplica::restore_above(
                     config,
@@ -985,6 +1008,7 @@ impl Bft {
                     view = replica.view(),
                     journal_op = journal.op_durable(),
                     records_cut = records.len() - recovery.records_kept,
+                    prepared = prepared_count,
                     ?guard,
                     "BFT replica restarts: it signs nothing its vote guard covers"
                 );
@@ -1105,7 +1129,9 @@ impl Bft {
             signatures: RefCell::new(vec![None; connections_max].into_boxed_slice()),
             proposal: RefCell::new(proposal),
             guard_requested: Cell::new((replica_guard, 0)),
-            guard_file: RefCell::new(Some(guard_file)),
+            guard_file: RefCell::new(Some((guard_file, prepared_log))),
+            prepared_wanted: RefCell::new(Vec::with_capacity(bft::LOG_WINDOW_OPS_DEFAULT as usize)),
+            low_durable: Cell::new(low_journaled),
             guard_durable: Cell::new(0),
             guard_wanted: LocalNotify::default(),
             held: RefCell::new(VecDeque::with_capacity(GUARD_HELD_SENDS_MAX)),
@@ -1388,6 +1414,14 @@ pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &mut Vec<A
                 bft.guard_requested.set((guard, sequence + 1));
                 bft.guard_wanted.notify();
             }
+            Action::PersistPrepared { entry } => {
+                // Written by `guard_loop` with every other one asked for before its next
+                // write; the sends from here on (this op's Commit first) wait for it.
+                bft.prepared_wanted.borrow_mut().push(entry);
+                let (guard, sequence) = bft.guard_requested.get();
+                bft.guard_requested.set((guard, sequence + 1));
+                bft.guard_wanted.notify();
+            }
             Action::StateTransfer { cert } => {
                 ShardMetrics::add(&shard.metrics.bft_state_transfers_total, 1);
                 tracing::info!(
@@ -1469,18 +1503,21 @@ pub(crate) fn send<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Mess
     });
 }
 
-/// Makes the vote guards the core asks for durable, one write at a time, and then lets
-/// out the sends held for each (`send`). The executor never blocks on the disk.
+/// Makes the vote guards and prepared certificates the core asks for durable, one write of
+/// each at a time (a write covers everything asked for before it), and then lets out the
+/// sends held for them (`send`). The executor never blocks on the disk.
 async fn guard_loop<S>(shard: Rc<Shard<S>>)
 where
     S: StateMachine + 'static,
 {
     let bft = shard.bft.as_ref().expect("BFT shard");
-    let mut file = bft
+    let (mut file, mut prepared_log) = bft
         .guard_file
         .borrow_mut()
         .take()
         .expect("one guard task per shard");
+    let mut guard_written = bft.guard_requested.get().0;
+    let mut prepared = Vec::with_capacity(bft::LOG_WINDOW_OPS_DEFAULT as usize);
     while !shard.finished.get() {
         let (guard, sequence) = bft.guard_requested.get();
         if sequence == bft.guard_durable.get() {
@@ -1491,18 +1528,39 @@ where
             .await;
             continue;
         }
-        if let Err(error) = file.write(&guard).await {
-            // Sending votes the guard does not cover could make this replica contradict
-            // itself after a restart.
-            panic!(
-                "shard {}: BFT vote guard write failed, stopping: {error}",
-                shard.index
+        // Everything asked for up to `sequence` (the borrow ends before the awaits).
+        std::mem::swap(&mut prepared, &mut *bft.prepared_wanted.borrow_mut());
+        if !prepared.is_empty() {
+            let low = bft.low_durable.get();
+            if let Err(error) = prepared_log.append(&prepared, low).await {
+                // A Commit whose prepared certificate is not durable could leave a
+                // committed op unreported by this replica after a restart.
+                panic!(
+                    "shard {}: BFT prepared certificate write failed, stopping: {error}",
+                    shard.index
+                );
+            }
+            ShardMetrics::add(
+                &shard.metrics.bft_prepared_persisted_total,
+                prepared.len() as u64,
             );
+            prepared.clear();
+        }
+        if guard != guard_written {
+            if let Err(error) = file.write(&guard).await {
+                // Sending votes the guard does not cover could make this replica
+                // contradict itself after a restart.
+                panic!(
+                    "shard {}: BFT vote guard write failed, stopping: {error}",
+                    shard.index
+                );
+            }
+            guard_written = guard;
+            ShardMetrics::add(&shard.metrics.bft_guard_writes_total, 1);
+            tracing::debug!(shard = shard.index, ?guard, "BFT vote guard persisted");
         }
         debug_assert!(sequence > bft.guard_durable.get());
         bft.guard_durable.set(sequence);
-        ShardMetrics::add(&shard.metrics.bft_guard_writes_total, 1);
-        tracing::debug!(shard = shard.index, ?guard, "BFT vote guard persisted");
         loop {
             let next = {
                 let mut held = bft.held.borrow_mut();
@@ -2076,6 +2134,9 @@ where
         ShardMetrics::add(&shard.metrics.journal_commits_total, 1);
     }
     *bft.certs.borrow_mut() = Some(certs);
+    if low_staged {
+        bft.low_durable.set(bft.low_journaled.get());
+    }
     if staged {
         let durable_op = bft
             .applying

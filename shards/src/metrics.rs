@@ -329,6 +329,7 @@ shard_metrics! {
     counter bft_certs_journaled_total: "BFT mode: commit and checkpoint certificates written to the certificate journal.",
     counter bft_proposals_total: "BFT mode: batches this replica proposed as leader.",
     counter bft_guard_writes_total: "BFT mode: vote guard records written (fsynced) before the votes they cover were sent.",
+    counter bft_prepared_persisted_total: "BFT mode: prepared certificates made durable (in group writes) before this replica's Commits for them were sent.",
     counter bft_state_transfers_total: "BFT mode: state transfers the core asked for (this replica was behind its peers' stable checkpoint; a raised target counts again).",
     counter bft_state_transfers_completed_total: "BFT mode: state transfers that reached their checkpoint (chain digest matched the 2f+1-signed checkpoint certificate).",
     counter bft_state_ops_applied_total: "BFT mode: ops executed from peers' StateOps (each with a verified commit certificate).",

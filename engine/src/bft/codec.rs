@@ -355,6 +355,22 @@ pub fn decode_votes(bytes: &[u8]) -> Result<(Vec<Vote>, usize), CodecError> {
     Ok((votes, bytes.len() - reader.bytes.len()))
 }
 
+/// Appends one prepared certificate and its batch as a ViewChange carries it: what the
+/// runtime makes durable before its Commit leaves ([`crate::bft::Action::PersistPrepared`]).
+pub fn encode_prepared(entry: &PreparedEntry, out: &mut Vec<u8>) {
+    put_vote(out, &entry.cert.pre_prepare);
+    put_votes(out, &entry.cert.prepares);
+    put_bytes(out, &entry.batch);
+}
+
+/// Decodes what [`encode_prepared`] wrote at the start of `bytes`; returns the entry and
+/// the bytes read. The certificate is not verified here.
+pub fn decode_prepared(bytes: &[u8]) -> Result<(PreparedEntry, usize), CodecError> {
+    let mut reader = Reader { bytes };
+    let entry = reader.prepared()?;
+    Ok((entry, bytes.len() - reader.bytes.len()))
+}
+
 fn put_vote(out: &mut Vec<u8>, vote: &Vote) {
     out.push(vote.kind as u8);
     out.push(vote.replica);
@@ -396,9 +412,7 @@ fn put_view_change(out: &mut Vec<u8>, view_change: &ViewChange) {
     debug_assert!(view_change.prepared.len() as u64 <= LOG_WINDOW_OPS_LIMIT);
     out.extend_from_slice(&(view_change.prepared.len() as u16).to_le_bytes());
     for entry in &view_change.prepared {
-        put_vote(out, &entry.cert.pre_prepare);
-        put_votes(out, &entry.cert.prepares);
-        put_bytes(out, &entry.batch);
+        encode_prepared(entry, out);
     }
 }
 
@@ -492,6 +506,18 @@ impl<'a> Reader<'a> {
         Ok(self.take(length)?.to_vec())
     }
 
+    fn prepared(&mut self) -> Result<PreparedEntry, CodecError> {
+        let pre_prepare = self.vote()?;
+        let prepares = self.votes()?;
+        Ok(PreparedEntry {
+            cert: PreparedCert {
+                pre_prepare,
+                prepares,
+            },
+            batch: self.bytes()?,
+        })
+    }
+
     fn view_change(&mut self) -> Result<ViewChange, CodecError> {
         let vote = self.vote()?;
         let checkpoint = match self.u8()? {
@@ -504,15 +530,7 @@ impl<'a> Reader<'a> {
         let count = self.count_u16("view change: prepared")?;
         let mut prepared = Vec::with_capacity(count.min(self.left() / VOTE_BYTES));
         for _ in 0..count {
-            let pre_prepare = self.vote()?;
-            let prepares = self.votes()?;
-            prepared.push(PreparedEntry {
-                cert: PreparedCert {
-                    pre_prepare,
-                    prepares,
-                },
-                batch: self.bytes()?,
-            });
+            prepared.push(self.prepared()?);
         }
         Ok(ViewChange {
             vote,

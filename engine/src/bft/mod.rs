@@ -220,6 +220,9 @@ pub enum InjectedBug {
     /// [`BftReplica::restore`] ignores the vote guard it is given: a restarted replica
     /// starts in view 0 and may sign again what it signed before its crash.
     RestoreIgnoresGuard,
+    /// [`BftReplica::restore`] drops the prepared certificates it is given: a restarted
+    /// replica's ViewChanges omit what it prepared before its crash.
+    RestoreDropsPrepared,
 }
 
 /// Identity and limits of one replica of one BFT group.
@@ -359,6 +362,15 @@ pub enum Action {
     PersistGuard {
         /// The new guard (never lower than an earlier one in any field).
         guard: VoteGuard,
+    },
+    /// Make this prepared certificate durable before sending anything that follows it (the
+    /// same contract as [`Action::PersistGuard`], whose sends it shares: one write may
+    /// cover many): it comes right before this replica's Commit for the op, and a restarted
+    /// replica gets it back through [`Restored::prepared`], so its ViewChanges report it
+    /// like a replica that never crashed. Keep those above the stable checkpoint only.
+    PersistPrepared {
+        /// The certificate and its batch.
+        entry: PreparedEntry,
     },
     /// The group's stable checkpoint `cert` is above this replica's executed log and the
     /// ops below it are gone from its peers' windows. The core fetches the missing ops

@@ -63,6 +63,10 @@ pub struct Restored {
     pub digests: Vec<Digest>,
     /// The last guard persisted.
     pub guard: VoteGuard,
+    /// The prepared certificates made durable ([`Action::PersistPrepared`]), in any order;
+    /// those at or below the checkpoint, or outside the log window above it, are ignored,
+    /// and of two for one op the higher view is kept.
+    pub prepared: Vec<PreparedEntry>,
 }
 
 /// A committed op's proof, kept to help replicas that are behind.
@@ -354,13 +358,14 @@ impl BftReplica {
     }
 
     /// A replica restarted from what its driver persisted: the committed log's digests
-    /// above the last stable checkpoint (the chain digest is recomputed from them) and the
-    /// last [`VoteGuard`]. It starts in the guard's view and never signs what the guard
-    /// covers: in view 0 it follows at once (committing from its peers' votes and
-    /// `CommitProof`s, voting again above the guard's ops); in a later view it waits for
-    /// that view's NewView (or joins a later view change) as a replica changing views does.
-    /// The checkpoint certificate is verified; the digests are trusted (this replica's own
-    /// checksummed journal).
+    /// above the last stable checkpoint (the chain digest is recomputed from them), the
+    /// last [`VoteGuard`] and its durable prepared certificates (reported in its
+    /// ViewChanges as before the crash). It starts in the guard's view and never signs
+    /// what the guard covers: in view 0 it follows at once (committing from its peers'
+    /// votes and `CommitProof`s, voting again above the guard's ops); in a later view it
+    /// waits for that view's NewView (or joins a later view change) as a replica changing
+    /// views does. The checkpoint and prepared certificates are verified; the digests are
+    /// trusted (this replica's own checksummed journal).
     pub fn restore(
         config: BftConfig,
         committee: Committee,
@@ -425,6 +430,9 @@ impl BftReplica {
         };
         replica.guard = guard;
         replica.guard_restored = guard;
+        if config.bug != Some(InjectedBug::RestoreDropsPrepared) {
+            replica.restore_prepared(restored.prepared)?;
+        }
         replica.view = guard.view();
         if replica.view > 0 {
             replica.status = Status::ViewChange;
@@ -442,6 +450,39 @@ impl BftReplica {
         }
         debug_assert!(replica.commit_op >= replica.low);
         Ok(replica)
+    }
+
+    /// Puts the durable prepared certificates back into their slots, so that this
+    /// replica's ViewChanges report them as if it had never crashed (section 7's argument
+    /// needs `f + 1` correct replicas of a commit quorum to report a committed op). Each
+    /// certificate and batch is checked: a damaged journal is refused, not trusted. An
+    /// older view's certificate for an op that later committed another batch is kept, as
+    /// the replica held it before its crash (the committed batch's certificate has a higher
+    /// view, and the new leader takes the highest).
+    fn restore_prepared(&mut self, prepared: Vec<PreparedEntry>) -> Result<(), BftError> {
+        let prepares_needed = self.prepares_needed();
+        for entry in prepared {
+            let head = entry.cert.pre_prepare;
+            if self.check_window(head.op).is_err() {
+                continue;
+            }
+            self.committee
+                .verify_prepared(&entry.cert, prepares_needed)?;
+            if batch_digest(&entry.batch) != head.digest {
+                return Err(BftError::InvalidCertificate(
+                    "restore: prepared batch digest",
+                ));
+            }
+            let slot = self.slot_mut(head.op);
+            let newer = slot
+                .prepared
+                .as_ref()
+                .is_none_or(|held| held.cert.pre_prepare.view < head.view);
+            if newer {
+                slot.prepared = Some(entry);
+            }
+        }
+        Ok(())
     }
 
     /// What this replica has asked its driver to persist (it covers every statement
@@ -1109,14 +1150,18 @@ impl BftReplica {
         }
         let replica = usize::from(self.config.replica);
         let slot = self.slot_mut(op);
-        slot.prepared = Some(PreparedEntry {
+        let entry = PreparedEntry {
             cert: PreparedCert {
                 pre_prepare: head,
                 prepares,
             },
             batch: slot.batch.clone(),
-        });
+        };
+        slot.prepared = Some(entry.clone());
         if let Some(commit) = commit {
+            // Durable before the Commit leaves (the sends wait as for a guard).
+            actions.push(Action::PersistPrepared { entry });
+            let slot = self.slot_mut(op);
             slot.commits[replica] = Some(commit);
             actions.push(Action::Broadcast {
                 message: Message::Commit(commit),
@@ -2226,12 +2271,19 @@ impl BftReplica {
     /// cut off from the group must not run ahead through views the others never reach (a
     /// view change it signed cannot be taken back), it rejoins when they time out too.
     fn view_change_timeout(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        // A replica restarted between views left its view before its crash but holds no
+        // ViewChange of its own (it cannot sign that one again): it counts itself, or
+        // with every correct replica needed (`f` Byzantine ones silent) the correct ones
+        // could wait in different views for each other forever.
+        let restarted =
+            self.awaiting_new_view && self.view_changes[usize::from(self.config.replica)].is_none();
         let changing = self
             .view_changes
             .iter()
             .flatten()
             .filter(|held| held.vote.view >= self.view)
-            .count();
+            .count()
+            + usize::from(restarted);
         if changing >= self.committee.weak_quorum() {
             self.start_view_change(now_us, self.view + 1, actions);
         } else {

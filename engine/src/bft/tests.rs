@@ -37,6 +37,8 @@ struct Group {
     /// Each replica's committed ops with certificate and batch: what its driver serves
     /// state transfers from.
     store: Vec<BTreeMap<u64, (CommitCert, Vec<u8>)>>,
+    /// Per replica: the prepared certificates its driver made durable, by op.
+    prepared: Vec<BTreeMap<u64, PreparedEntry>>,
     /// State transfers are expected (otherwise one fails the test).
     transfers_allowed: bool,
     /// A replica whose `StateOps` answers are forged: one Commit short of a quorum.
@@ -74,6 +76,7 @@ impl Group {
             silent: Vec::new(),
             now_us: 0,
             store: vec![BTreeMap::new(); usize::from(count)],
+            prepared: vec![BTreeMap::new(); usize::from(count)],
             transfers_allowed: false,
             lying_server: None,
             log_floor: vec![0; usize::from(count)],
@@ -121,6 +124,11 @@ impl Group {
     /// Restarts `replica` from what its driver persisted: its guard and the digests of the
     /// ops it executed up to `durable_op` (the rest of its log was lost).
     fn restart(&mut self, replica: u8, durable_op: u64) {
+        self.restart_with(replica, durable_op, None);
+    }
+
+    /// [`Group::restart`] with a bug injected into the restarted core.
+    fn restart_with(&mut self, replica: u8, durable_op: u64, bug: Option<InjectedBug>) {
         let index = usize::from(replica);
         let low_cert = self.replicas[index].low_cert().cloned();
         let low = low_cert.as_ref().map_or(0, CheckpointCert::op);
@@ -131,13 +139,18 @@ impl Group {
             .filter(|(op, _)| *op > low)
             .map(|(_, digest)| *digest)
             .collect();
+        self.prepared[index].retain(|op, _| *op > low);
         let restored = Restored {
             low_cert,
             digests,
             guard: self.guards[index],
+            prepared: self.prepared[index].values().cloned().collect(),
         };
         self.replicas[index] = BftReplica::restore(
-            BftConfig::new(GROUP, replica),
+            BftConfig {
+                bug,
+                ..BftConfig::new(GROUP, replica)
+            },
             committee(self.replicas.len() as u8, 1),
             keys(self.replicas.len() as u8)[index].clone(),
             self.now_us,
@@ -208,6 +221,10 @@ impl Group {
                         "a guard never goes back"
                     );
                     *persisted = guard;
+                }
+                Action::PersistPrepared { entry } => {
+                    let op = entry.cert.pre_prepare.op;
+                    self.prepared[usize::from(from)].insert(op, entry);
                 }
             }
         }
@@ -525,6 +542,86 @@ fn bft_view_change_keeps_a_prepared_batch() {
         assert_eq!(committed.len(), 2, "replica {replica}: {committed:?}");
         assert_eq!(committed[1], (2, batch_digest(b"prepared")));
         assert!(group.replicas[replica].view() >= 1);
+    }
+}
+
+/// Section 10's counter-example with two crashes and no Byzantine replica: replicas 1, 2
+/// and 3 prepare op 2 and send their Commits, only replica 2 commits it (the leader sees
+/// no Prepare), replicas 1 and 3 crash before op 2 is in their journals and replica 2 is
+/// cut off. The view change of 0, 1 and 3 keeps op 2's batch only because 1 and 3 restore
+/// their durable prepared certificates; restored without them, the new view fills op 2 with
+/// a null op, and replica 2 executed "prepared" there.
+fn restarts_after_commits_before_journal(bug: Option<InjectedBug>) -> Group {
+    let mut group = Group::new(4, 1);
+    group.propose(0, b"committed");
+    let mut actions = Vec::new();
+    group.replicas[0]
+        .propose(0, b"prepared".to_vec(), &mut actions)
+        .expect("propose");
+    group.absorb(0, actions);
+    while let Some((from, to, message)) = group.queue.pop_front() {
+        let lost = match &message {
+            Message::Prepare { .. } => to == 0,
+            Message::Commit(_) => to != 2,
+            _ => false,
+        };
+        if lost {
+            continue;
+        }
+        let mut actions = Vec::new();
+        let _ = group.replicas[usize::from(to)].on_message(0, from, message, &mut actions);
+        group.absorb(to, actions);
+    }
+    assert_eq!(group.replicas[2].commit_op(), 2);
+    for replica in [0, 1, 3] {
+        assert_eq!(group.replicas[replica].commit_op(), 1);
+    }
+    assert!(group.prepared[1].contains_key(&2) && group.prepared[3].contains_key(&2));
+    group.restart_with(1, 1, bug);
+    group.restart_with(3, 1, bug);
+    group.silent.push(2);
+    for replica in [0, 1, 3] {
+        group.replicas[replica].set_pending(group.now_us, true);
+    }
+    let settled = |group: &Group| {
+        let view = group.replicas[1].view();
+        view >= 1
+            && [0, 1, 3].iter().all(|replica| {
+                let core = &group.replicas[*replica];
+                core.view() == view && core.status() == Status::Normal
+            })
+    };
+    for _ in 0..200 {
+        if settled(&group) {
+            break;
+        }
+        group.tick_all(50_000);
+    }
+    assert!(settled(&group), "replicas 0, 1 and 3 agree on a new view");
+    // The new leader proposes the next batch: above op 2 if the view kept it, at op 2
+    // otherwise.
+    let leader = group.replicas[1].leader();
+    group.propose(leader, b"next");
+    group
+}
+
+#[test]
+fn bft_restarted_replicas_report_their_durable_prepared_certificates() {
+    let group = restarts_after_commits_before_journal(None);
+    for replica in [0, 1, 3] {
+        let committed = &group.committed[replica];
+        assert_eq!(committed.get(1), Some(&(2, batch_digest(b"prepared"))));
+        assert_eq!(committed.get(2), Some(&(3, batch_digest(b"next"))));
+    }
+}
+
+#[test]
+fn bft_restore_without_prepared_certificates_loses_a_committed_batch() {
+    let group = restarts_after_commits_before_journal(Some(InjectedBug::RestoreDropsPrepared));
+    for replica in [0, 1, 3] {
+        // Replica 2 executed "prepared" at op 2.
+        let committed = &group.committed[replica];
+        assert_eq!(committed.get(1), Some(&(2, batch_digest(b"next"))));
     }
 }
 
@@ -1490,6 +1587,7 @@ fn bft_replica_restores_above_an_installed_snapshot() {
         low_cert: None,
         digests,
         guard: VoteGuard::default(),
+        prepared: Vec::new(),
     };
     let replica = BftReplica::restore_above(
         BftConfig::new(GROUP, 3),

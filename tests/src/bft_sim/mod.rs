@@ -76,10 +76,12 @@ pub struct Options {
     pub replicas: u8,
     /// Byzantine replicas (at most `f`).
     pub byzantine: u8,
-    /// Correct replicas that crash and restart (`byzantine + crashes <= f`: a restarted
-    /// replica lost the prepared certificates it held, see `docs/bft.md` §10).
+    /// Correct replicas that crash and restart, any number of the correct ones: a restarted
+    /// replica keeps its guard and its prepared certificates, so it is not a fault
+    /// (`docs/bft.md` §10).
     pub crashes: u8,
-    /// Allow `byzantine + crashes > f` (experiments: the protocol promises nothing then).
+    /// Allow more than `f` Byzantine replicas (experiments: the protocol promises nothing
+    /// then).
     pub beyond_budget: bool,
     /// Force one behaviour for every Byzantine replica (else drawn per replica).
     pub behaviour: Option<Behaviour>,
@@ -111,7 +113,7 @@ impl Default for Options {
 
 /// Default events of the faulty phase, and a checker's failure: as the crash-fault
 /// simulator's (`checker` is `safety`, `auth`, `liveness`, `evidence`, `client`, `guard`,
-/// `conflicting-votes` or `driver` here).
+/// `conflicting-votes`, `prepared-report` or `driver` here).
 pub use crate::sim::{Failure, STEPS_DEFAULT};
 
 /// What a passing run did.
@@ -155,6 +157,10 @@ pub struct Summary {
     pub guard_writes: u64,
     /// Sends held back until a guard write was durable (or lost in a crash).
     pub sends_held: u64,
+    /// Prepared certificates written with guard writes.
+    pub prepared_persisted: u64,
+    /// Prepared certificates handed to `BftReplica::restore`.
+    pub prepared_restored: u64,
     /// Whether a Byzantine replica led view 0.
     pub byzantine_first_leader: bool,
 }
@@ -179,6 +185,8 @@ impl Summary {
         self.restarts += other.restarts;
         self.guard_writes += other.guard_writes;
         self.sends_held += other.sends_held;
+        self.prepared_persisted += other.prepared_persisted;
+        self.prepared_restored += other.prepared_restored;
     }
 }
 
@@ -234,26 +242,25 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
-    let faults_max = u64::from((options.replicas - 1) / 3);
-    // Byzantine and crashing replicas share the fault budget.
-    let budget = if options.beyond_budget {
-        u64::from(options.replicas) - 1
-    } else {
-        faults_max
-    };
-    if crashes > budget {
-        return Err(format!("--crashes is at most f = {faults_max}"));
+    let replicas = u64::from(options.replicas);
+    let faults_max = (replicas - 1) / 3;
+    // Only Byzantine replicas count against f: a crashing replica is a correct one that
+    // restarts from its guard and its prepared certificates. Without `--byzantine`, f
+    // less the crashing replicas are Byzantine (as before crashes stopped counting).
+    let byzantine = byzantine.unwrap_or(faults_max.saturating_sub(crashes));
+    if byzantine > faults_max && !options.beyond_budget {
+        return Err(format!(
+            "--byzantine is at most f = {faults_max} (or use --beyond-budget)"
+        ));
+    }
+    if byzantine >= replicas || crashes > replicas - byzantine {
+        return Err(format!(
+            "--crashes is at most the {} correct replicas",
+            replicas.saturating_sub(byzantine)
+        ));
     }
     options.crashes = crashes as u8;
-    options.byzantine = match byzantine {
-        None => faults_max.saturating_sub(crashes) as u8,
-        Some(count) if count + crashes <= budget => count as u8,
-        Some(_) => {
-            return Err(format!(
-                "--byzantine plus --crashes is at most f = {faults_max} (or use --beyond-budget)"
-            ));
-        }
-    };
+    options.byzantine = byzantine as u8;
     let seeds = seeds.ok_or("--seed S or --seeds A..B is required")?;
     Ok((options, seeds))
 }
@@ -264,6 +271,7 @@ fn parse_bug(name: &str) -> Result<InjectedBug, String> {
         "new-view-ignores-prepared" => Ok(InjectedBug::NewViewIgnoresPrepared),
         "votes-without-proposal-check" => Ok(InjectedBug::VotesWithoutProposalCheck),
         "restore-ignores-guard" => Ok(InjectedBug::RestoreIgnoresGuard),
+        "restore-drops-prepared" => Ok(InjectedBug::RestoreDropsPrepared),
         _ => Err(format!("unknown bug {name:?}")),
     }
 }
@@ -274,6 +282,7 @@ fn bug_name(bug: InjectedBug) -> &'static str {
         InjectedBug::NewViewIgnoresPrepared => "new-view-ignores-prepared",
         InjectedBug::VotesWithoutProposalCheck => "votes-without-proposal-check",
         InjectedBug::RestoreIgnoresGuard => "restore-ignores-guard",
+        InjectedBug::RestoreDropsPrepared => "restore-drops-prepared",
     }
 }
 

@@ -15,7 +15,8 @@
 //! Durability follows the runtime driver (`shards/src/bft.rs`): committed ops and stable
 //! checkpoint certificates reach the disk in group commits that take simulated time (and
 //! are reported to the core with `on_durable`), and a vote guard asked for by
-//! `Action::PersistGuard` is written asynchronously while every later send waits for it.
+//! `Action::PersistGuard` is written asynchronously while every later send waits for it;
+//! the prepared certificates of `Action::PersistPrepared` go to disk in the same writes.
 //! A replica that crashes loses everything else (the core, requests, sends held back);
 //! a write in flight at the crash either landed or is lost. It restarts with
 //! `BftReplica::restore` from what is durable, and gets its proposal check again.
@@ -26,8 +27,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use percore_engine::bft::request::{REQUEST_SIGNATURE_BYTES, batch_decode, batch_encode};
 use percore_engine::bft::{
     Action, BftConfig, BftReplica, CheckpointCert, ClientKeys, CommitCert, Committee, Digest,
-    Message, RequestStatement, RequestVerifier, Restored, Signature, SigningKey, Vote, VoteGuard,
-    VoteKind, batch_digest, chain_digest,
+    Message, PreparedEntry, RequestStatement, RequestVerifier, Restored, Signature, SigningKey,
+    Vote, VoteGuard, VoteKind, batch_digest, chain_digest,
 };
 use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 
@@ -146,8 +147,11 @@ struct Disk {
     /// The durable vote guard, and the number of the guard request it answers.
     guard: VoteGuard,
     guard_sequence: u64,
-    /// A guard write in flight, with its request number.
-    guard_writing: Option<(VoteGuard, u64)>,
+    /// The durable prepared certificates above `low_cert`, by op (the highest view's).
+    prepared: BTreeMap<u64, PreparedEntry>,
+    /// A guard write in flight: the guard, the prepared certificates it also makes durable
+    /// and its request number.
+    guard_writing: Option<(VoteGuard, Vec<PreparedEntry>, u64)>,
 }
 
 /// A send held back until the guard request `sequence` is durable.
@@ -173,8 +177,14 @@ struct Node {
     /// The latest guard the core asked for, and the number of that request.
     guard_requested: VoteGuard,
     guard_requested_sequence: u64,
+    /// Prepared certificates the core asked to persist, not yet in a write (lost in a
+    /// crash).
+    prepared_requested: Vec<PreparedEntry>,
     /// Sends that wait for a guard write (lost in a crash).
     held: Vec<Held>,
+    /// Op → the highest view of a Commit this replica put on the wire (whatever crashes
+    /// since): its ViewChanges must report a prepared certificate at least that high.
+    commits_sent: BTreeMap<u64, u64>,
     key: SigningKey,
     behaviour: Option<Behaviour>,
     /// Committed batches, op `i + 1` at index `i`, with their commit certificates (what
@@ -249,6 +259,8 @@ pub struct World {
     restarts: u64,
     guard_writes: u64,
     sends_held: u64,
+    prepared_persisted: u64,
+    prepared_restored: u64,
 }
 
 type Outcome<T> = Result<T, Box<Failure>>;
@@ -325,7 +337,9 @@ impl World {
                     disk: Disk::default(),
                     guard_requested: VoteGuard::default(),
                     guard_requested_sequence: 0,
+                    prepared_requested: Vec::new(),
                     held: Vec::new(),
+                    commits_sent: BTreeMap::new(),
                     key,
                     behaviour,
                     log: Vec::new(),
@@ -395,6 +409,8 @@ impl World {
             restarts: 0,
             guard_writes: 0,
             sends_held: 0,
+            prepared_persisted: 0,
+            prepared_restored: 0,
         }
     }
 
@@ -668,6 +684,14 @@ impl World {
                     node.guard_requested_sequence += 1;
                     self.guard_write(replica);
                 }
+                // Written with the next guard write (one write covers all those asked for
+                // meanwhile); the sends after it wait for that write.
+                Action::PersistPrepared { entry } => {
+                    let node = &mut self.nodes[usize::from(replica)];
+                    node.prepared_requested.push(entry);
+                    node.guard_requested_sequence += 1;
+                    self.guard_write(replica);
+                }
                 // Only a driver that lost ops from its log offers a snapshot
                 // (`Message::StateSnapshot`); the simulator's drivers serve every op (a
                 // restarted one keeps its durable log from op 1).
@@ -871,6 +895,7 @@ impl World {
     fn transmit(&mut self, from: u8, tos: Vec<u8>, message: Message) -> Outcome<()> {
         let sends = if self.is_correct(from) {
             self.check_signed(from, &message)?;
+            self.check_prepared_reported(from, &message)?;
             tos.into_iter().map(|to| (to, message.clone())).collect()
         } else {
             self.byzantine_outgoing(from, tos, message)
@@ -1132,7 +1157,13 @@ impl World {
         {
             return;
         }
-        node.disk.guard_writing = Some((node.guard_requested, node.guard_requested_sequence));
+        let prepared = std::mem::take(&mut node.prepared_requested);
+        self.prepared_persisted += prepared.len() as u64;
+        node.disk.guard_writing = Some((
+            node.guard_requested,
+            prepared,
+            node.guard_requested_sequence,
+        ));
         let (incarnation, crashes) = (node.incarnation, node.crashes);
         let delay = self.rng.range(DISK_WRITE_US_MIN, DISK_WRITE_US_MAX);
         self.guard_writes += 1;
@@ -1159,17 +1190,59 @@ impl World {
         }
     }
 
+    /// Checker `prepared-report`: a correct replica's ViewChange for view `v` reports, for
+    /// every op in its window where it sent a Commit in a view below `v`, a prepared
+    /// certificate of that view or a later one, whatever crashes it went through (section
+    /// 7's argument counts on it). Records the Commits it sends.
+    fn check_prepared_reported(&mut self, from: u8, message: &Message) -> Outcome<()> {
+        let node = &mut self.nodes[usize::from(from)];
+        match message {
+            Message::Commit(vote) if vote.replica == from => {
+                let view = node.commits_sent.entry(vote.op).or_insert(vote.view);
+                *view = (*view).max(vote.view);
+                Ok(())
+            }
+            Message::ViewChange(view_change) if view_change.vote.replica == from => {
+                let low = view_change.checkpoint_op();
+                let high = low + node.config.log_window_ops;
+                let missing = node
+                    .commits_sent
+                    .range(low + 1..=high)
+                    .filter(|(_, view)| **view < view_change.vote.view)
+                    .find(|(op, view)| {
+                        !view_change.prepared.iter().any(|entry| {
+                            entry.cert.pre_prepare.op == **op
+                                && entry.cert.pre_prepare.view >= **view
+                        })
+                    })
+                    .map(|(op, view)| (*op, *view));
+                match missing {
+                    None => Ok(()),
+                    Some((op, view)) => Err(self.fail(
+                        "prepared-report",
+                        format!(
+                            "replica {from} sent a Commit for op {op} in view {view} and its \
+                             ViewChange for view {} (checkpoint {low}) reports no prepared \
+                             certificate for it",
+                            view_change.vote.view
+                        ),
+                    )),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The guard write in flight is durable: the sends it covers leave, in order.
     fn guard_durable(&mut self, replica: u8, incarnation: u64) -> Outcome<()> {
         let node = &mut self.nodes[usize::from(replica)];
         if node.incarnation != incarnation {
             return Ok(());
         }
-        let Some((guard, sequence)) = node.disk.guard_writing.take() else {
+        let Some((guard, prepared, sequence)) = node.disk.guard_writing.take() else {
             return Ok(());
         };
-        node.disk.guard = guard;
-        node.disk.guard_sequence = sequence;
+        node.disk.land_guard(guard, prepared, sequence);
         let covered = node
             .held
             .iter()
@@ -1232,14 +1305,14 @@ impl World {
         {
             node.disk.land_journal(op, low_cert);
         }
-        if let Some((guard, sequence)) = node.disk.guard_writing.take()
+        if let Some((guard, prepared, sequence)) = node.disk.guard_writing.take()
             && guard_lands
         {
-            node.disk.guard = guard;
-            node.disk.guard_sequence = sequence;
+            node.disk.land_guard(guard, prepared, sequence);
         }
         let held = node.held.len();
         node.held.clear();
+        node.prepared_requested.clear();
         node.pending.clear();
         node.proposed.clear();
         node.log.truncate(node.disk.log_durable as usize);
@@ -1275,7 +1348,9 @@ impl World {
                 .map(|(digest, _, _)| *digest)
                 .collect(),
             guard: node.disk.guard,
+            prepared: node.disk.prepared.values().cloned().collect(),
         };
+        self.prepared_restored += restored.prepared.len() as u64;
         let core = BftReplica::restore(
             node.config,
             committee,
@@ -1661,6 +1736,8 @@ impl World {
             restarts: self.restarts,
             guard_writes: self.guard_writes,
             sends_held: self.sends_held,
+            prepared_persisted: self.prepared_persisted,
+            prepared_restored: self.prepared_restored,
             byzantine_first_leader: self.nodes[0].behaviour.is_some(),
             ..Summary::default()
         };
@@ -1693,7 +1770,27 @@ impl Disk {
         self.log_durable = op;
         if let Some(cert) = low_cert {
             debug_assert!(cert.op() <= op);
+            // Prepared certificates at or below the stable checkpoint are dropped (the
+            // disk holds at most one log window of them).
+            self.prepared = self.prepared.split_off(&(cert.op() + 1));
             self.low_cert = Some(cert);
+        }
+    }
+
+    /// A guard write lands: the guard and the prepared certificates it carried.
+    fn land_guard(&mut self, guard: VoteGuard, prepared: Vec<PreparedEntry>, sequence: u64) {
+        self.guard = guard;
+        self.guard_sequence = sequence;
+        let low = self.low_cert.as_ref().map_or(0, CheckpointCert::op);
+        for entry in prepared {
+            let (view, op) = (entry.cert.pre_prepare.view, entry.cert.pre_prepare.op);
+            let newer = self
+                .prepared
+                .get(&op)
+                .is_none_or(|held| held.cert.pre_prepare.view < view);
+            if op > low && newer {
+                self.prepared.insert(op, entry);
+            }
         }
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! cargo run -p percore-tests --bin sim_bft -- --seed 42 [--replicas 4|7] [--byzantine N]
-//!     [--crashes N [--beyond-budget]]
-//!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge] [--steps N]
-//!     [--faults on|off]
-//!     [--bug quorum-minus-one|new-view-ignores-prepared|restore-ignores-guard] [-v]
+//!     [--crashes N] [--beyond-budget]
+//!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request]
+//!     [--steps N] [--faults on|off]
+//!     [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|
+//!            restore-ignores-guard|restore-drops-prepared] [-v]
 //! cargo run -p percore-tests --release --bin sim_bft -- --seeds 0..10000
 //! ```
 
@@ -20,11 +21,11 @@ fn main() -> ExitCode {
             eprintln!("sim_bft: {error}");
             eprintln!(
                 "usage: sim_bft (--seed S | --seeds A..B) [--replicas 4|7] [--byzantine N] \\
-                 [--crashes N [--beyond-budget]] \\
+                 [--crashes N] [--beyond-budget] \\
                  [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request] \\
                  [--steps N] [--faults on|off] \\
                  [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|\\
-                 restore-ignores-guard] [-v]"
+                 restore-ignores-guard|restore-drops-prepared] [-v]"
             );
             return ExitCode::from(2);
         }
@@ -69,7 +70,8 @@ fn main() -> ExitCode {
              equivocations accepted by correct replicas {}, detected {}, messages refused {} \
              (bad signatures {}), proposals refused for unsigned requests {} ({} after a \
              restart), dropped {}; \
-             restarts {}, guard writes {}, sends held for a guard {}",
+             restarts {}, guard writes {}, sends held for a guard {}, prepared \
+             certificates persisted {} and restored {}",
             byzantine_first_leader,
             total.ops_committed,
             total.requests_accepted,
@@ -87,6 +89,8 @@ fn main() -> ExitCode {
             total.restarts,
             total.guard_writes,
             total.sends_held,
+            total.prepared_persisted,
+            total.prepared_restored,
         );
         for (seed, checker) in &failures {
             println!("  seed {seed}: {checker}");
