@@ -12,7 +12,7 @@
 //! **Fetch.** A peer asked for ops its log no longer holds offers its latest state
 //! certificate (`StateSnapshot`). The core verifies it and asks for the snapshot; this
 //! module fetches the file one [`SNAPSHOT_CHUNK_BYTES`] chunk at a time (at most
-//! [`SNAPSHOT_CHUNKS_INFLIGHT_MAX`] asked ahead) into a buffer sized by the first chunk and
+//! [`SNAPSHOT_CHUNKS_INFLIGHT_MAX`](crate::sync::SNAPSHOT_CHUNKS_INFLIGHT_MAX) asked ahead) into a buffer sized by the first chunk and
 //! bounded by the state machine's largest snapshot.
 //!
 //! **Verify before adopting.** The file's header (cluster, shard, journal op), its
@@ -40,10 +40,7 @@ use crate::checkpoint::checkpoint_due;
 use crate::journal::{Journal, JournalOptions};
 use crate::metrics::ShardMetrics;
 use crate::runtime::Shard;
-use crate::sync::{
-    SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNKS_INFLIGHT_MAX, SNAPSHOT_REQUESTS_QUEUED_MAX,
-    SYNC_CHUNK_TIMEOUT_US,
-};
+use crate::sync::{SNAPSHOT_CHUNK_BYTES, SNAPSHOT_REQUESTS_QUEUED_MAX, SYNC_CHUNK_TIMEOUT_US};
 
 /// Snapshot ops asked of the follower and not yet written, remembered with their BFT op and
 /// chain digest (a follower that falls this far behind skips some; each skip only means
@@ -237,14 +234,7 @@ pub(crate) fn chunk_received<S: StateMachine>(
     body: &[u8],
 ) {
     let bft = shard.bft.as_ref().expect("BFT shard");
-    let bytes_max = shard
-        .core
-        .borrow()
-        .state_machine()
-        .snapshot_bytes_max()
-        .map_or(u64::MAX, |max| {
-            (SNAPSHOT_HEADER_BYTES + max.next_multiple_of(format::SECTOR_BYTES)) as u64
-        });
+    let bytes_max = crate::sync::snapshot_file_bytes_max(shard);
     let outcome = {
         let mut state = bft.snapshot.borrow_mut();
         let Some(fetch) = state.fetch.as_mut() else {
@@ -256,34 +246,19 @@ pub(crate) fn chunk_received<S: StateMachine>(
         {
             return;
         }
-        if fetch.file_bytes == 0 {
-            if file_bytes <= SNAPSHOT_HEADER_BYTES as u64 || file_bytes > bytes_max {
-                Err("the snapshot's size is out of bounds")
-            } else {
-                fetch.file_bytes = file_bytes;
-                fetch.file = Vec::with_capacity(file_bytes as usize);
-                Ok(())
-            }
-        } else {
-            Ok(())
-        }
-        .and_then(|()| {
-            if file_bytes != fetch.file_bytes
-                || body.is_empty()
-                || offset + body.len() as u64 > file_bytes
-            {
-                return Err("a chunk does not fit the snapshot (or the peer has no file)");
-            }
-            fetch.file.extend_from_slice(body);
+        let accepted = crate::sync::accept_chunk(
+            (
+                &mut fetch.file,
+                &mut fetch.file_bytes,
+                &mut fetch.requested_to,
+            ),
+            (offset, file_bytes, body),
+            bytes_max,
+        );
+        if accepted.is_ok() {
             fetch.heard_us = shard.now_us();
-            let received = fetch.file.len() as u64;
-            let window_end = (received
-                + SNAPSHOT_CHUNKS_INFLIGHT_MAX * SNAPSHOT_CHUNK_BYTES as u64)
-                .min(file_bytes);
-            let from_offset = fetch.requested_to.max(received);
-            fetch.requested_to = fetch.requested_to.max(window_end);
-            Ok((from_offset..window_end, received == file_bytes))
-        })
+        }
+        accepted
     };
     ShardMetrics::add(&shard.metrics.bft_snapshot_bytes_total, body.len() as u64);
     let (requests, done) = match outcome {

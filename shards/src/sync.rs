@@ -164,14 +164,7 @@ pub(crate) fn chunk_received<S: StateMachine>(
     let checkpoint_op = header.field_u64(field::SNAPSHOT_CHECKPOINT_OP);
     let offset = header.field_u64(field::SNAPSHOT_OFFSET);
     let file_bytes = header.field_u64(field::SNAPSHOT_CHUNK_SNAPSHOT_BYTES);
-    let bytes_max = shard
-        .core
-        .borrow()
-        .state_machine()
-        .snapshot_bytes_max()
-        .map_or(u64::MAX, |max| {
-            (SNAPSHOT_HEADER_BYTES + max.next_multiple_of(format::SECTOR_BYTES)) as u64
-        });
+    let bytes_max = snapshot_file_bytes_max(shard);
     let (requests, done) = {
         let mut sync = replication.sync.borrow_mut();
         let Some(progress) = sync.progress.as_mut() else {
@@ -183,33 +176,27 @@ pub(crate) fn chunk_received<S: StateMachine>(
         {
             return;
         }
-        if progress.file_bytes == 0 {
-            if file_bytes <= SNAPSHOT_HEADER_BYTES as u64 || file_bytes > bytes_max {
+        let accepted = accept_chunk(
+            (
+                &mut progress.file,
+                &mut progress.file_bytes,
+                &mut progress.requested_to,
+            ),
+            (offset, file_bytes, body),
+            bytes_max,
+        );
+        match accepted {
+            Ok(next) => {
+                progress.heard_us = shard.now_us();
+                ShardMetrics::add(&shard.metrics.state_sync_bytes_total, body.len() as u64);
+                next
+            }
+            Err(why) => {
                 drop(sync);
-                fail(shard, "the snapshot's size is out of bounds");
+                fail(shard, why);
                 return;
             }
-            progress.file_bytes = file_bytes;
-            progress.file = Vec::with_capacity(file_bytes as usize);
         }
-        if file_bytes != progress.file_bytes
-            || body.is_empty()
-            || offset + body.len() as u64 > file_bytes
-        {
-            drop(sync);
-            fail(shard, "a chunk does not fit the snapshot");
-            return;
-        }
-        progress.file.extend_from_slice(body);
-        progress.heard_us = shard.now_us();
-        ShardMetrics::add(&shard.metrics.state_sync_bytes_total, body.len() as u64);
-        // Keep up to SNAPSHOT_CHUNKS_INFLIGHT_MAX chunks asked for beyond what arrived.
-        let received = progress.file.len() as u64;
-        let window_end =
-            (received + SNAPSHOT_CHUNKS_INFLIGHT_MAX * SNAPSHOT_CHUNK_BYTES as u64).min(file_bytes);
-        let from_offset = progress.requested_to.max(received);
-        progress.requested_to = progress.requested_to.max(window_end);
-        (from_offset..window_end, received == file_bytes)
     };
     let mut offset = requests.start;
     // Bounded by the window: at most SNAPSHOT_CHUNKS_INFLIGHT_MAX requests.
@@ -220,6 +207,51 @@ pub(crate) fn chunk_received<S: StateMachine>(
     if done {
         shard.batcher.notify();
     }
+}
+
+/// Largest snapshot file this shard's state machine can have (header and sector-padded
+/// body): a peer announcing a larger one is refused before anything is allocated.
+pub(crate) fn snapshot_file_bytes_max<S: StateMachine>(shard: &Shard<S>) -> u64 {
+    shard
+        .core
+        .borrow()
+        .state_machine()
+        .snapshot_bytes_max()
+        .map_or(u64::MAX, |max| {
+            (SNAPSHOT_HEADER_BYTES + max.next_multiple_of(format::SECTOR_BYTES)) as u64
+        })
+}
+
+/// Appends a snapshot chunk (`body` at `offset` of a file of `file_bytes`, at most
+/// `bytes_max`) to a download: `file` (allocated at the first chunk, whose size then holds
+/// for the rest), `expected` (the file's size, 0 before the first chunk) and
+/// `requested_to` (offset up to which chunks were asked for). The caller has checked that
+/// `offset` is where `file` ends. Returns the offsets to ask for next, keeping
+/// [`SNAPSHOT_CHUNKS_INFLIGHT_MAX`] chunks asked for beyond what arrived, and whether the
+/// file is complete.
+pub(crate) fn accept_chunk(
+    (file, expected, requested_to): (&mut Vec<u8>, &mut u64, &mut u64),
+    (offset, file_bytes, body): (u64, u64, &[u8]),
+    bytes_max: u64,
+) -> Result<(std::ops::Range<u64>, bool), &'static str> {
+    debug_assert_eq!(file.len() as u64, offset);
+    if *expected == 0 {
+        if file_bytes <= SNAPSHOT_HEADER_BYTES as u64 || file_bytes > bytes_max {
+            return Err("the snapshot's size is out of bounds");
+        }
+        *expected = file_bytes;
+        *file = Vec::with_capacity(file_bytes as usize);
+    }
+    if file_bytes != *expected || body.is_empty() || offset + body.len() as u64 > file_bytes {
+        return Err("a chunk does not fit the snapshot (or the peer has no file)");
+    }
+    file.extend_from_slice(body);
+    let received = file.len() as u64;
+    let window_end =
+        (received + SNAPSHOT_CHUNKS_INFLIGHT_MAX * SNAPSHOT_CHUNK_BYTES as u64).min(file_bytes);
+    let from_offset = (*requested_to).max(received);
+    *requested_to = (*requested_to).max(window_end);
+    Ok((from_offset..window_end, received == file_bytes))
 }
 
 /// Ends the sync in progress without installing anything; the core may start another.
