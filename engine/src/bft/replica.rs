@@ -1320,28 +1320,16 @@ impl BftReplica {
         vote: Vote,
         actions: &mut Vec<Action>,
     ) -> Result<(), BftError> {
-        let kept = &mut self.checkpoint_votes[usize::from(vote.replica)];
-        if let Some(held) = kept
-            .iter()
-            .flatten()
-            .find(|held| held.op == vote.op)
-            .copied()
-        {
-            if held.digest == vote.digest {
-                return Err(BftError::Stale);
+        let kept = &self.checkpoint_votes[usize::from(vote.replica)];
+        let index = match keep_vote(kept, &vote, |held| held) {
+            Keep::Slot(index) => index,
+            Keep::Stale => return Err(BftError::Stale),
+            Keep::Conflict(held) => {
+                self.record_evidence(now_us, held, vote, actions);
+                return Err(BftError::Equivocation(vote.replica));
             }
-            self.record_evidence(now_us, held, vote, actions);
-            return Err(BftError::Equivocation(vote.replica));
-        }
-        // A free entry, or the lowest op's if this one is higher.
-        let entry = kept
-            .iter_mut()
-            .min_by_key(|held| held.map_or(0, |held| held.op))
-            .expect("at least one entry");
-        if entry.is_some_and(|held| held.op >= vote.op) {
-            return Err(BftError::Stale);
-        }
-        *entry = Some(vote);
+        };
+        self.checkpoint_votes[usize::from(vote.replica)][index] = Some(vote);
         let votes: Vec<Vote> = self
             .checkpoint_votes
             .iter()
@@ -1709,23 +1697,16 @@ impl BftReplica {
         actions: &mut Vec<Action>,
     ) -> Result<(), BftError> {
         debug_assert_eq!(vote.digest, statement.digest());
-        let kept = &mut self.state_votes[usize::from(vote.replica)];
-        if let Some((held, _)) = kept.iter().flatten().find(|(held, _)| held.op == vote.op) {
-            let held = *held;
-            if held.digest == vote.digest {
-                return Err(BftError::Stale);
+        let kept = &self.state_votes[usize::from(vote.replica)];
+        let index = match keep_vote(kept, &vote, |(held, _)| held) {
+            Keep::Slot(index) => index,
+            Keep::Stale => return Err(BftError::Stale),
+            Keep::Conflict(held) => {
+                self.record_evidence(now_us, held, vote, actions);
+                return Err(BftError::Equivocation(vote.replica));
             }
-            self.record_evidence(now_us, held, vote, actions);
-            return Err(BftError::Equivocation(vote.replica));
-        }
-        let entry = kept
-            .iter_mut()
-            .min_by_key(|held| held.map_or(0, |(held, _)| held.op))
-            .expect("at least one entry");
-        if entry.is_some_and(|(held, _)| held.op >= vote.op) {
-            return Err(BftError::Stale);
-        }
-        *entry = Some((vote, statement));
+        };
+        self.state_votes[usize::from(vote.replica)][index] = Some((vote, statement));
         let votes: Vec<Vote> = self
             .state_votes
             .iter()
@@ -2362,5 +2343,44 @@ impl BftReplica {
                 },
             });
         }
+    }
+}
+
+/// Where a verified vote goes among one replica's kept votes (the highest few ops).
+enum Keep {
+    /// Into this entry: a free one, or the lowest op's (this vote's op is higher).
+    Slot(usize),
+    /// A repeat of a kept vote, or an op below every kept one.
+    Stale,
+    /// The replica's kept vote for the same op, with another digest: evidence.
+    Conflict(Vote),
+}
+
+/// Decides where `vote` goes among `kept` (entries holding a vote, read by `vote_of`).
+fn keep_vote<T>(kept: &[Option<T>], vote: &Vote, vote_of: impl Fn(&T) -> &Vote) -> Keep {
+    if let Some(held) = kept
+        .iter()
+        .flatten()
+        .map(&vote_of)
+        .find(|held| held.op == vote.op)
+    {
+        return if held.digest == vote.digest {
+            Keep::Stale
+        } else {
+            Keep::Conflict(*held)
+        };
+    }
+    let (index, lowest) = kept
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, held)| held.as_ref().map_or(0, |held| vote_of(held).op))
+        .expect("at least one entry");
+    if lowest
+        .as_ref()
+        .is_some_and(|held| vote_of(held).op >= vote.op)
+    {
+        Keep::Stale
+    } else {
+        Keep::Slot(index)
     }
 }
