@@ -119,6 +119,16 @@ pub enum ClusterError {
         /// Cause.
         source: std::io::Error,
     },
+    /// `percore format` refused a replica's data directory.
+    #[error("replica {replica}: percore format failed ({status}): {stderr}")]
+    Format {
+        /// Replica index.
+        replica: usize,
+        /// How it ended.
+        status: ExitStatus,
+        /// What it printed.
+        stderr: String,
+    },
     /// A replica exited while it was expected to run.
     #[error("replica {replica} exited with {status}; its log ends:\n{log_tail}")]
     Exited {
@@ -315,6 +325,7 @@ impl LocalCluster {
             replica_args,
         };
         for replica in 0..replicas {
+            cluster.format(replica)?;
             cluster.spawn(replica)?;
         }
         let all: Vec<usize> = (0..replicas).collect();
@@ -427,6 +438,37 @@ impl LocalCluster {
             args.extend(more.iter().cloned());
         }
         args
+    }
+
+    /// Formats `replica`'s data directory (`percore format` with its node arguments) unless
+    /// an earlier start of this data root did.
+    fn format(&self, replica: usize) -> Result<(), ClusterError> {
+        if self
+            .data_dir(replica)
+            .join(crate::format::FORMAT_FILE_NAME)
+            .exists()
+        {
+            return Ok(());
+        }
+        let mut args = self.node_args(replica);
+        args[0] = "format".into();
+        let output = Command::new(&self.config.binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| ClusterError::Spawn {
+                replica,
+                binary: self.config.binary.clone(),
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(ClusterError::Format {
+                replica,
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn spawn(&mut self, replica: usize) -> Result<(), ClusterError> {

@@ -162,6 +162,10 @@ pub struct JournalOptions {
     /// [`Recovered::recovering`] then names the op promised (`docs/protocol.md` 8). Off
     /// (a journal with no peers): both are [`JournalError::Corrupt`] and nothing is cut.
     pub repair_from_peers: bool,
+    /// A directory without a journal gets a new, empty one. Off (a replica's restart,
+    /// `crate::format`): it is [`JournalError::Missing`] instead, since an empty journal
+    /// would forget what this replica acknowledged.
+    pub create: bool,
 }
 
 impl Default for JournalOptions {
@@ -170,6 +174,7 @@ impl Default for JournalOptions {
             position_index_entries_max: POSITION_INDEX_ENTRIES_MAX,
             replay_committed_only: false,
             repair_from_peers: false,
+            create: true,
         }
     }
 }
@@ -352,6 +357,17 @@ pub enum JournalError {
         /// What decoding found.
         #[source]
         error: SuperblockError,
+    },
+    /// No journal (no superblock, no segment) where one must exist: a replica that ran
+    /// before lost it. Never replaced by an empty one (`crate::format`).
+    #[error(
+        "journal {path} is missing: this replica ran before (its data directory records a \
+         first start), so an empty journal would forget the ops it acknowledged; see \
+         docs/operations.md, \"A replica lost its disk\""
+    )]
+    Missing {
+        /// The journal directory.
+        path: PathBuf,
     },
     /// Segments exist but the superblock does not: refuse to guess.
     #[error("journal {path} has segments but no superblock")]
@@ -889,6 +905,13 @@ impl Journal {
             });
         }
         let dir = config.dir.clone();
+        let superblock_absent = !dir.join(SUPERBLOCK_FILE_NAME).exists();
+        if !options.create
+            && superblock_absent
+            && (!dir.exists() || segments_list(&dir)?.is_empty())
+        {
+            return Err(JournalError::Missing { path: dir });
+        }
         if !dir.exists() {
             std::fs::create_dir_all(&dir).map_err(|error| io_error(&dir, error))?;
             // Make the new directory's own entry durable.

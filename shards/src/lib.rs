@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod core;
+pub mod format;
 pub mod ingest;
 pub mod inspect;
 pub mod journal;

@@ -38,6 +38,11 @@ struct Cli {
 enum Command {
     /// Run a node: one pinned shard per core, serving clients until SIGINT/SIGTERM.
     Node(NodeArgs),
+    /// Create a replica's data directory, once, before its first start: takes the arguments
+    /// of `node`. A replica (--peers, or --fault-model bft) refuses to start on a directory
+    /// that was not formatted, and after its first start never creates a missing journal:
+    /// an empty one would forget what it acknowledged.
+    Format(NodeArgs),
     /// Start a node on this machine, drive transfers at it over loopback, and print
     /// per-core committed TPS and latency percentiles.
     Bench(BenchArgs),
@@ -679,14 +684,53 @@ fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Erro
     ))
 }
 
-fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let node_text = node_start_checks(&args)?;
+/// The node configuration `node` and `format` derive from the same arguments.
+fn node_config(args: &NodeArgs) -> Result<NodeConfig, Box<dyn std::error::Error>> {
     let mut config = args.shards.node_config();
     config.listen = args.listen;
     config.client_port_base = args.client_port_base;
-    let shards = config.cores.len();
     if let Some(data_dir) = &args.journal.data_dir {
         config.journal = Some(args.journal.settings(data_dir.clone()));
+    }
+    config.bft = args.bft.settings(&args.replication)?;
+    if config.bft.is_none() {
+        config.replication = args.replication.settings()?;
+    }
+    Ok(config)
+}
+
+/// `percore format`: creates a replica's data directory, once (`percore_shards::format`).
+fn run_format(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = node_config(&args)?;
+    let Some(journal) = &config.journal else {
+        return Err("format needs --data-dir".into());
+    };
+    let Some(identity) = config.format_identity() else {
+        return Err(
+            "format is for replicas (--peers, or --fault-model bft): a node without peers \
+             creates its journals at start"
+                .into(),
+        );
+    };
+    percore_shards::format::format(&journal.data_dir, identity)?;
+    say!(
+        "formatted {} for replica {} of {} ({:?} faults, {} shard(s), cluster {:x}): start it \
+         with `percore node` and the same arguments",
+        journal.data_dir.display(),
+        identity.replica,
+        identity.replica_count,
+        identity.fault_model,
+        identity.shard_count,
+        identity.cluster_id
+    );
+    Ok(())
+}
+
+fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let node_text = node_start_checks(&args)?;
+    let mut config = node_config(&args)?;
+    let shards = config.cores.len();
+    if config.journal.is_some() {
         if args.journal.fsync == FsyncPolicy::Never {
             say!(
                 "WARNING: --fsync never: acknowledged transactions do not survive a power loss (benchmarks only)"
@@ -696,10 +740,6 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
         say!("WARNING: no --data-dir: nothing is journaled, a restart loses everything");
     }
     let ledger = args.shards.ledger.config(shards, config.batch.entries_max);
-    config.bft = args.bft.settings(&args.replication)?;
-    if config.bft.is_none() {
-        config.replication = args.replication.settings()?;
-    }
     config.seed = runtime::random_seed();
     // Replicas must build identical ledgers, so the table hash seed comes from the cluster
     // key (secret, so clients still cannot predict it); a single node draws its own.
@@ -1324,6 +1364,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Node(args) => {
             node_args_with_file(args, matches.subcommand_matches("node")).and_then(run_node)
+        }
+        Command::Format(args) => {
+            node_args_with_file(args, matches.subcommand_matches("format")).and_then(run_format)
         }
         Command::Status(args) => match run_status(args) {
             Ok(true) => Ok(()),

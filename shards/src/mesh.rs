@@ -323,9 +323,23 @@ where
         receivers.push(task);
     }
     let mut outgoing = std::mem::take(&mut shard.mesh.borrow_mut().outgoing);
+    let poll = Duration::from_millis(crate::runtime::STOP_POLL_MS);
     for out in outgoing.iter_mut().flatten() {
         if let Some(sender) = out.doorbell.take() {
-            out.connected = Some(sender.connect().await);
+            // A connection completes once the other shard's receiver connects: never, if
+            // that shard failed to start, so the node's stop ends the wait.
+            let connected =
+                futures_lite::future::or(async { Some(sender.connect().await) }, async {
+                    while !shard.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        glommio::timer::sleep(poll).await;
+                    }
+                    None
+                })
+                .await;
+            match connected {
+                Some(connected) => out.connected = Some(connected),
+                None => break,
+            }
         }
     }
     shard.mesh.borrow_mut().outgoing = outgoing;
@@ -342,8 +356,18 @@ async fn receive_loop<S>(
     S::Record: Send,
     S::Result: Send,
 {
-    let doorbell: ConnectedReceiver<()> = doorbell.connect().await;
     let poll = Duration::from_millis(crate::runtime::STOP_POLL_MS);
+    // As in `spawn_receivers`: a shard that failed to start never connects.
+    let doorbell = futures_lite::future::or(async { Some(doorbell.connect().await) }, async {
+        while !shard.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            glommio::timer::sleep(poll).await;
+        }
+        None
+    })
+    .await;
+    let Some(doorbell): Option<ConnectedReceiver<()>> = doorbell else {
+        return;
+    };
     while !shard.finished.get() {
         let rung = futures_lite::future::or(async { doorbell.recv().await.is_some() }, async {
             glommio::timer::sleep(poll).await;

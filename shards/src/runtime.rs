@@ -33,6 +33,7 @@ use percore_engine::state_machine::{RestoreError, StateMachine};
 use tracing::Instrument as _;
 
 use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
+use crate::format::JournalCreate;
 use crate::journal::{Journal, JournalConfig, JournalError, JournalOptions};
 use crate::mesh::{Mesh, MeshEndpoint, MeshLinks, MeshMessage};
 use crate::metrics::{CommitGapClock, ShardMetrics};
@@ -180,6 +181,9 @@ pub enum NodeError {
         /// The repeated core.
         core: usize,
     },
+    /// The data directory was not formatted for this replica (`crate::format`).
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
     /// Locked memory for io_uring is not available.
     #[error(transparent)]
     Memlock(#[from] crate::memlock::MemlockError),
@@ -378,6 +382,13 @@ where
         let snapshot_write_budget = Arc::new(crate::checkpoint::SnapshotWriteBudget::new(
             snapshot_write_bytes_per_s,
         ));
+        // A replica's data directory is formatted once; its journals are created at its
+        // first start only (`crate::format`).
+        let format_identity = format_identity(&config);
+        let journal_create = match (&config.journal, format_identity) {
+            (Some(journal), Some(identity)) => crate::format::check(&journal.data_dir, identity)?,
+            _ => JournalCreate::FirstStart,
+        };
         let budget = crate::memlock::ensure(shards, config.io_memory_bytes)?;
         tracing::info!(?budget, shards, "memlock budget");
         let stop = Arc::new(AtomicBool::new(false));
@@ -392,6 +403,7 @@ where
         let mut endpoints = Mesh::<S>::build(shards, config.mesh_ring_capacity).into_endpoints();
         let make_state_machine = Arc::new(make_state_machine);
         let quiet: Arc<[AtomicBool]> = (0..shards).map(|_| AtomicBool::new(false)).collect();
+        let start_aborted = Arc::new(AtomicBool::new(false));
         let all_metrics: Arc<[Arc<ShardMetrics>]> = metrics.iter().cloned().collect();
         let (ready_tx, ready_rx) =
             std::sync::mpsc::channel::<(usize, Result<SocketAddr, NodeError>)>();
@@ -405,9 +417,11 @@ where
                 metrics: metrics[shard].clone(),
                 stop: stop.clone(),
                 quiet: quiet.clone(),
+                start_aborted: start_aborted.clone(),
                 all_metrics: all_metrics.clone(),
                 ingest: ingest.clone(),
                 snapshot_write_budget: snapshot_write_budget.clone(),
+                journal_create,
             };
             let make = make_state_machine.clone();
             let ready = ready_tx.clone();
@@ -437,12 +451,28 @@ where
             match address {
                 Ok(address) => client_addresses[shard] = address,
                 Err(err) => {
+                    tracing::error!(shard, error = %err, "shard failed to start; stopping the others");
+                    // The others must not wait for this shard to drain: it never will.
+                    start_aborted.store(true, Ordering::Release);
                     stop.store(true, Ordering::Relaxed);
                     for handle in handles {
                         let _ = handle.join();
                     }
                     return Err(err);
                 }
+            }
+        }
+        if let (Some(journal), Some(identity), JournalCreate::FirstStart) =
+            (&config.journal, format_identity, journal_create)
+        {
+            // Every shard opened (and so created) its journal: from now on a missing one
+            // is refused.
+            if let Err(error) = crate::format::mark_started(&journal.data_dir, identity) {
+                stop.store(true, Ordering::Relaxed);
+                for handle in handles {
+                    let _ = handle.join();
+                }
+                return Err(error.into());
             }
         }
         Ok(Self {
@@ -504,9 +534,12 @@ struct ShardContext<S: StateMachine> {
     metrics: Arc<ShardMetrics>,
     stop: Arc<AtomicBool>,
     quiet: Arc<[AtomicBool]>,
+    start_aborted: Arc<AtomicBool>,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     ingest: Arc<crate::ingest::Ingress<S>>,
     snapshot_write_budget: Arc<crate::checkpoint::SnapshotWriteBudget>,
+    /// Whether a missing journal may be created (`crate::format`).
+    journal_create: JournalCreate,
 }
 
 /// A single-threaded notification: `notify` wakes the one waiter, or the next `wait`
@@ -574,6 +607,8 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) commit_gap: Cell<CommitGapClock>,
     /// Per shard: nothing to do and nothing queued (read by all shards at shutdown only).
     pub(crate) quiet: Arc<[AtomicBool]>,
+    /// Another shard failed to start: stop without waiting for the node to drain.
+    pub(crate) start_aborted: Arc<AtomicBool>,
     /// Every shard's metrics, for the shutdown quiescence check.
     pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
     /// Set once the node is quiescent: mesh receivers end.
@@ -700,6 +735,7 @@ impl<S: StateMachine> Shard<S> {
 async fn open_journal<S: StateMachine>(
     shard: usize,
     config: &NodeConfig,
+    create: JournalCreate,
     core: &mut ShardCore<S>,
     recent: &mut VecDeque<(u64, u128)>,
 ) -> Result<Option<Journal>, JournalError> {
@@ -734,6 +770,7 @@ async fn open_journal<S: StateMachine>(
             // Peers hold what a replicated journal lost: repair it from them
             // (docs/protocol.md 8). A journal with no peers refuses to open instead.
             repair_from_peers: config.replication.is_some(),
+            create: create == JournalCreate::FirstStart,
             ..JournalOptions::default()
         },
         |meta, bytes| {
@@ -855,6 +892,35 @@ fn start_replication(
 /// too, or settings the core refuses (`n < 3f + 1`, keys). Several shards are fine: each is
 /// its own group, and records that would cross shards are refused
 /// (`bft::ERROR_BFT_CROSS_SHARD`), so no group ever sends to another.
+impl NodeConfig {
+    /// What a replicated node's data directory must have been formatted for
+    /// (`percore format`, [`crate::format`]); `None` for a node without peers or journal (it
+    /// creates its journals on demand).
+    pub fn format_identity(&self) -> Option<crate::format::Identity> {
+        format_identity(self)
+    }
+}
+
+fn format_identity(config: &NodeConfig) -> Option<crate::format::Identity> {
+    let journal = config.journal.as_ref()?;
+    let (fault_model, replica, replica_count) = match (&config.replication, &config.bft) {
+        (Some(replication), _) => (
+            crate::bft::FaultModel::Crash,
+            replication.replica,
+            replication.peers.len(),
+        ),
+        (None, Some(bft)) => (crate::bft::FaultModel::Bft, bft.replica, bft.peers.len()),
+        (None, None) => return None,
+    };
+    Some(crate::format::Identity {
+        cluster_id: journal.cluster_id,
+        fault_model,
+        replica,
+        replica_count: u8::try_from(replica_count).unwrap_or(u8::MAX),
+        shard_count: config.cores.len() as u32,
+    })
+}
+
 fn check_bft(config: &NodeConfig, bft: &crate::bft::BftSettings) -> Result<(), NodeError> {
     let refuse = |message: &str| Err(NodeError::Replication(message.into()));
     if config.journal.is_none() {
@@ -966,9 +1032,11 @@ where
         metrics,
         stop,
         quiet,
+        start_aborted,
         all_metrics,
         ingest,
         snapshot_write_budget,
+        journal_create,
     } = context;
     let core_config = CoreConfig {
         shard: shard as u32,
@@ -983,13 +1051,14 @@ where
         Err(source) => return start_failed(&ready, shard, NodeError::Core { shard, source }),
     };
     let mut recent = VecDeque::with_capacity(RECENT_CHECKSUMS);
-    let mut journal = match open_journal(shard, &config, &mut core, &mut recent).await {
-        Ok(journal) => journal,
-        Err(error) => {
-            let message = error.to_string();
-            return start_failed(&ready, shard, NodeError::Journal { shard, message });
-        }
-    };
+    let mut journal =
+        match open_journal(shard, &config, journal_create, &mut core, &mut recent).await {
+            Ok(journal) => journal,
+            Err(error) => {
+                let message = error.to_string();
+                return start_failed(&ready, shard, NodeError::Journal { shard, message });
+            }
+        };
     if let Some(journal) = journal.as_mut()
         && let Err(error) = recent_unreplayed(journal, &mut recent).await
     {
@@ -1083,6 +1152,7 @@ where
         epoch: Instant::now(),
         commit_gap: Cell::new(CommitGapClock::default()),
         quiet,
+        start_aborted,
         all_metrics,
         finished: Cell::new(false),
         replication,
@@ -1739,6 +1809,9 @@ where
 /// Whether every shard is drained and no mesh message is in flight: all quiet flags set and
 /// the node-wide sent and received counts equal, twice in a row with the same values.
 fn node_quiescent<S: StateMachine>(shard: &Shard<S>) -> bool {
+    if shard.start_aborted.load(Ordering::Acquire) {
+        return true;
+    }
     let count = || {
         let quiet = shard.quiet.iter().all(|q| q.load(Ordering::Acquire));
         let received: u64 = shard

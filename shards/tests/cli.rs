@@ -115,3 +115,138 @@ fn bench_load_flags_are_checked_by_the_parser() {
     // The peak run's length means nothing without --load.
     refused(&["--peak-s", "3"], "--load");
 }
+
+/// Starts `percore node args`, waits until it serves clients or exits: `Ok(())` once it
+/// served and stopped cleanly on SIGTERM, `Err(stderr)` if it exited by itself.
+fn node_serves(args: &[String]) -> Result<(), String> {
+    let mut child = Command::new(PERCORE)
+        .arg("node")
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("percore starts");
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        if seen.iter().any(|l| l.contains("serving clients at")) {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            // The reader ends at the pipe's end: every line is in.
+            seen.extend(lines_rx.iter());
+            assert!(!status.success(), "exited {status} before serving");
+            return Err(seen.join("\n"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node neither served nor exited: {seen:#?}"
+        );
+        if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(50)) {
+            seen.push(line);
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit {exit:?}: {seen:#?}");
+    Ok(())
+}
+
+#[test]
+fn a_replica_starts_only_on_its_formatted_directory_and_never_recreates_a_lost_journal() {
+    let root = std::env::temp_dir().join(format!("percore-cli-format-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let key = root.join("cluster.key");
+    percore_shards::replication::cluster_key_write(&key).unwrap();
+    let data = root.join("data");
+    let base = percore_shards::cluster::free_port_base(3, 2).expect("free ports");
+    let peers: Vec<String> = (0..3)
+        .map(|r| format!("127.0.0.1:{}", base + 100 * r))
+        .collect();
+    let args = |replica: &str| -> Vec<String> {
+        [
+            "--cores",
+            &first_core_list(),
+            "--allow-shared-cores",
+            "--client-port-base",
+            "0",
+            "--accounts-max",
+            "1024",
+            "--transfers-max",
+            "4096",
+            "--credit-legs-max",
+            "1024",
+            "--segment-mib",
+            "1",
+            "--replica",
+            replica,
+            "--peers",
+            &peers.join(","),
+            "--cluster-key-file",
+            key.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let format = |args: &[String]| {
+        let output = Command::new(PERCORE)
+            .arg("format")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+
+    // Never formatted: refused, and nothing is created.
+    let error = node_serves(&args("0")).unwrap_err();
+    assert!(error.contains("percore format"), "{error}");
+    assert!(!data.join("shard-0").exists());
+
+    let (formatted, stderr) = format(&args("0"));
+    assert!(formatted, "{stderr}");
+    // Formatted once only.
+    let (again, stderr) = format(&args("0"));
+    assert!(!again && stderr.contains("formatted once"), "{stderr}");
+    // Another replica's arguments on this directory: refused, naming the field.
+    let error = node_serves(&args("1")).unwrap_err();
+    assert!(error.contains("formatted with replica 0"), "{error}");
+
+    // The first start creates the journals; a restart opens them.
+    node_serves(&args("0")).expect("first start");
+    for shard in 0..first_core_list().split(',').count() {
+        let superblock = data
+            .join(format!("shard-{shard}"))
+            .join(percore_shards::journal::SUPERBLOCK_FILE_NAME);
+        assert!(superblock.exists(), "{}", superblock.display());
+    }
+    node_serves(&args("0")).expect("restart");
+
+    // A journal lost after the first start is never replaced by an empty one.
+    std::fs::remove_dir_all(data.join("shard-0")).unwrap();
+    let error = node_serves(&args("0")).unwrap_err();
+    assert!(error.contains("is missing"), "{error}");
+    assert!(!data.join("shard-0").exists(), "nothing recreated");
+
+    // A wiped data directory is not formatted any more.
+    std::fs::remove_dir_all(&data).unwrap();
+    let error = node_serves(&args("0")).unwrap_err();
+    assert!(error.contains("percore format"), "{error}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

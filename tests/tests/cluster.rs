@@ -652,16 +652,32 @@ fn start_impostor(harness: &Harness) -> Impostor {
     );
     let cores: Vec<String> = cores().iter().map(ToString::to_string).collect();
     let log = std::fs::File::create(harness.root.join("impostor.log")).expect("log file");
-    let child = Command::new(PERCORE)
-        .args(["node", "--cores", &cores.join(","), "--allow-shared-cores"])
-        .arg("--data-dir")
-        .arg(harness.root.join("impostor"))
-        .args(["--client-port-base", &client_base.to_string()])
-        .args(["--replica", "2", "--peers", &peers])
-        .arg("--cluster-key-file")
-        .arg(&key_file)
-        .args(SMALL_NODE_ARGS)
-        .stdin(Stdio::null())
+    let command = |subcommand: &str| {
+        let mut command = Command::new(PERCORE);
+        command
+            .args([
+                subcommand,
+                "--cores",
+                &cores.join(","),
+                "--allow-shared-cores",
+            ])
+            .arg("--data-dir")
+            .arg(harness.root.join("impostor"))
+            .args(["--client-port-base", &client_base.to_string()])
+            .args(["--replica", "2", "--peers", &peers])
+            .arg("--cluster-key-file")
+            .arg(&key_file)
+            .args(SMALL_NODE_ARGS)
+            .stdin(Stdio::null());
+        command
+    };
+    let formatted = command("format").output().expect("percore format runs");
+    assert!(
+        formatted.status.success(),
+        "impostor formatted: {}",
+        String::from_utf8_lossy(&formatted.stderr)
+    );
+    let child = command("node")
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()

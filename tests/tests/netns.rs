@@ -303,26 +303,39 @@ impl Nodes {
         for replica in 0..REPLICAS {
             let address = network.node_address(replica);
             let log = File::create(nodes.log_path(replica)).expect("log file");
-            let child = Command::new("ip")
-                .args(["netns", "exec", &network.node_namespace(replica), PERCORE])
-                .args(["node", "--listen", &address.to_string()])
-                .args(["--client-port-base", &CLIENT_PORT_BASE.to_string()])
-                .args([
-                    "--replica",
-                    &replica.to_string(),
-                    "--peers",
-                    &peers.join(","),
-                ])
-                .arg("--cluster-key-file")
-                .arg(&key_file)
-                .arg("--data-dir")
-                .arg(nodes.data_dir(replica))
-                .args(["--cores", &cores.join(","), "--allow-shared-cores"])
-                .args(["--metrics", &format!("{address}:{METRICS_PORT}")])
-                .args(SMALL_NODE_ARGS)
-                .args(["--fsync", "always"])
-                .args(extra)
-                .stdin(Stdio::null())
+            // Formatted outside the namespace (format binds nothing), then started in it.
+            let mut format = Command::new(PERCORE);
+            format.args(["format", "--listen", &address.to_string()]);
+            let mut node = Command::new("ip");
+            node.args(["netns", "exec", &network.node_namespace(replica), PERCORE])
+                .args(["node", "--listen", &address.to_string()]);
+            for command in [&mut format, &mut node] {
+                command
+                    .args(["--client-port-base", &CLIENT_PORT_BASE.to_string()])
+                    .args([
+                        "--replica",
+                        &replica.to_string(),
+                        "--peers",
+                        &peers.join(","),
+                    ])
+                    .arg("--cluster-key-file")
+                    .arg(&key_file)
+                    .arg("--data-dir")
+                    .arg(nodes.data_dir(replica))
+                    .args(["--cores", &cores.join(","), "--allow-shared-cores"])
+                    .args(["--metrics", &format!("{address}:{METRICS_PORT}")])
+                    .args(SMALL_NODE_ARGS)
+                    .args(["--fsync", "always"])
+                    .args(extra)
+                    .stdin(Stdio::null());
+            }
+            let formatted = format.output().expect("percore format runs");
+            assert!(
+                formatted.status.success(),
+                "replica {replica} formatted: {}",
+                String::from_utf8_lossy(&formatted.stderr)
+            );
+            let child = node
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
                 .spawn()

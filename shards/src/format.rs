@@ -1,0 +1,510 @@
+//! `percore format`: a replica's data directory is created once, on purpose, and never again
+//! by accident (`docs/protocol.md` 2 and 8).
+//!
+//! A replica that acknowledged ops and then lost its disk must not come back as a new, empty
+//! replica: its acknowledgements counted towards quorums, so an empty log voting in a view
+//! change (crash mode) could drop a committed op, and an empty vote guard (BFT mode) could
+//! sign a second statement for a slot it already voted on. An empty directory and a wiped
+//! one look the same, so the first start is made explicit: `percore format` writes the
+//! format file `percore.format` at the top of the data directory, naming the cluster, the
+//! fault model, the replica, the replica count and the shard count. A replicated node
+//! (crash or BFT) starts only on a formatted directory of its own identity, creates its
+//! shards' journals only at its first start, and from then on refuses a shard whose journal
+//! is missing instead of creating an empty one. A node without peers keeps creating its
+//! journals on demand (it has no quorum to mislead).
+//!
+//! The file is text, ends with a checksum line, and is replaced atomically (temporary file,
+//! `fsync`, `rename`, directory `fsync`).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::bft::FaultModel;
+
+/// The format file's name, directly under the data directory.
+pub const FORMAT_FILE_NAME: &str = "percore.format";
+/// The temporary name it is written under before the rename.
+const FORMAT_FILE_TEMPORARY_NAME: &str = "percore.format.tmp";
+/// The first line: what the file is and its version.
+const FORMAT_HEADER: &str = "percore data directory format 1";
+/// Largest format file read (bytes); a real one is about 200.
+const FORMAT_FILE_BYTES_MAX: u64 = 4096;
+
+/// What a data directory was formatted for; a node of another identity refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The cluster (`--cluster-id`).
+    pub cluster_id: u128,
+    /// Crash or Byzantine faults.
+    pub fault_model: FaultModel,
+    /// This replica's index in the peer list.
+    pub replica: u8,
+    /// Replicas per group.
+    pub replica_count: u8,
+    /// Shards (replication groups) of the node.
+    pub shard_count: u32,
+}
+
+/// Whether this start may create the shards' journals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalCreate {
+    /// The first start after `percore format`: missing journals are created.
+    FirstStart,
+    /// A restart: a missing journal is an error, never an empty one.
+    Never,
+}
+
+/// Why a data directory cannot be formatted or started.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// Reading or writing failed.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        error: std::io::Error,
+    },
+    /// `percore format` on a directory that already holds a format file or journals.
+    #[error(
+        "{path} is not empty ({entry}): a replica is formatted once; to start it again, run \
+         `percore node` with the same arguments"
+    )]
+    NotEmpty {
+        /// The data directory.
+        path: PathBuf,
+        /// The first entry found.
+        entry: String,
+    },
+    /// A replicated node on a directory without a format file.
+    #[error(
+        "{path} has no {FORMAT_FILE_NAME}: a replica's data directory is created once with \
+         `percore format` (the same arguments as `percore node`). If this replica ran before \
+         and lost its disk, do not format it as new: its acknowledgements counted towards \
+         quorums (docs/operations.md, \"A replica lost its disk\")"
+    )]
+    NotFormatted {
+        /// The data directory.
+        path: PathBuf,
+    },
+    /// The format file does not parse or its checksum does not match.
+    #[error("{path}: not a valid format file: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The node's arguments name another identity than the one formatted.
+    #[error(
+        "{path} was formatted with {field} {formatted}, this node has {given}: wrong \
+         --data-dir, or wrong arguments for this replica"
+    )]
+    Mismatch {
+        /// The format file.
+        path: PathBuf,
+        /// Which field differs.
+        field: &'static str,
+        /// The formatted value.
+        formatted: String,
+        /// This node's value.
+        given: String,
+    },
+}
+
+/// The format file's contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FormatFile {
+    identity: Identity,
+    /// Set once the first start created the journals.
+    started: bool,
+}
+
+/// Formats `data_dir` for `identity`: creates the directory if absent, refuses one that
+/// holds anything, and writes the format file durably.
+pub fn format(data_dir: &Path, identity: Identity) -> Result<(), FormatError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error| FormatError::Io { path, error }
+    };
+    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    let mut entries = std::fs::read_dir(data_dir).map_err(io(data_dir))?;
+    if let Some(entry) = entries.next() {
+        let entry = entry.map_err(io(data_dir))?;
+        return Err(FormatError::NotEmpty {
+            path: data_dir.to_path_buf(),
+            entry: entry.file_name().to_string_lossy().into_owned(),
+        });
+    }
+    if let Some(parent) = data_dir
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        sync_directory(parent)?;
+    }
+    write(
+        data_dir,
+        FormatFile {
+            identity,
+            started: false,
+        },
+    )
+}
+
+/// Checks, at a replicated node's start, that `data_dir` was formatted for `identity`, and
+/// says whether this start may create journals. The first start is recorded before the
+/// node serves anyone ([`mark_started`]).
+pub fn check(data_dir: &Path, identity: Identity) -> Result<JournalCreate, FormatError> {
+    let path = data_dir.join(FORMAT_FILE_NAME);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(FormatError::NotFormatted {
+                path: data_dir.to_path_buf(),
+            });
+        }
+        Err(error) => return Err(FormatError::Io { path, error }),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, FORMAT_FILE_BYTES_MAX + 1),
+        &mut text,
+    )
+    .map_err(|error| FormatError::Io {
+        path: path.clone(),
+        error,
+    })?;
+    let formatted = decode(&text).map_err(|reason| FormatError::Corrupt {
+        path: path.clone(),
+        reason,
+    })?;
+    let mismatch = |field, formatted: String, given: String| FormatError::Mismatch {
+        path: path.clone(),
+        field,
+        formatted,
+        given,
+    };
+    let (was, is) = (formatted.identity, identity);
+    if was.cluster_id != is.cluster_id {
+        return Err(mismatch(
+            "cluster id",
+            format!("{:x}", was.cluster_id),
+            format!("{:x}", is.cluster_id),
+        ));
+    }
+    if was.fault_model != is.fault_model {
+        return Err(mismatch(
+            "fault model",
+            fault_model_name(was.fault_model).into(),
+            fault_model_name(is.fault_model).into(),
+        ));
+    }
+    if was.replica != is.replica {
+        return Err(mismatch(
+            "replica",
+            was.replica.to_string(),
+            is.replica.to_string(),
+        ));
+    }
+    if was.replica_count != is.replica_count {
+        return Err(mismatch(
+            "replica count",
+            was.replica_count.to_string(),
+            is.replica_count.to_string(),
+        ));
+    }
+    if was.shard_count != is.shard_count {
+        return Err(mismatch(
+            "shard count",
+            was.shard_count.to_string(),
+            is.shard_count.to_string(),
+        ));
+    }
+    Ok(if formatted.started {
+        JournalCreate::Never
+    } else {
+        JournalCreate::FirstStart
+    })
+}
+
+/// Records that the first start created every shard's journal: from now on a missing
+/// journal is refused.
+pub fn mark_started(data_dir: &Path, identity: Identity) -> Result<(), FormatError> {
+    write(
+        data_dir,
+        FormatFile {
+            identity,
+            started: true,
+        },
+    )
+}
+
+fn write(data_dir: &Path, contents: FormatFile) -> Result<(), FormatError> {
+    let temporary = data_dir.join(FORMAT_FILE_TEMPORARY_NAME);
+    let path = data_dir.join(FORMAT_FILE_NAME);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error| FormatError::Io { path, error }
+    };
+    let mut file = std::fs::File::create(&temporary).map_err(io(&temporary))?;
+    file.write_all(encode(contents).as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io(&temporary))?;
+    drop(file);
+    std::fs::rename(&temporary, &path).map_err(io(&path))?;
+    sync_directory(data_dir)
+}
+
+fn sync_directory(dir: &Path) -> Result<(), FormatError> {
+    std::fs::File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|error| FormatError::Io {
+            path: dir.to_path_buf(),
+            error,
+        })
+}
+
+fn fault_model_name(model: FaultModel) -> &'static str {
+    match model {
+        FaultModel::Crash => "crash",
+        FaultModel::Bft => "bft",
+    }
+}
+
+fn body(contents: FormatFile) -> String {
+    let identity = contents.identity;
+    format!(
+        "{FORMAT_HEADER}\ncluster_id {:x}\nfault_model {}\nreplica {}\nreplica_count {}\n\
+         shard_count {}\nstarted {}\n",
+        identity.cluster_id,
+        fault_model_name(identity.fault_model),
+        identity.replica,
+        identity.replica_count,
+        identity.shard_count,
+        contents.started,
+    )
+}
+
+fn checksum_hex(body: &str) -> String {
+    percore_engine::checksum::digest256(body.as_bytes())[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+fn encode(contents: FormatFile) -> String {
+    let body = body(contents);
+    let checksum = checksum_hex(&body);
+    format!("{body}checksum {checksum}\n")
+}
+
+fn decode(text: &str) -> Result<FormatFile, String> {
+    if text.len() as u64 > FORMAT_FILE_BYTES_MAX {
+        return Err(format!("longer than {FORMAT_FILE_BYTES_MAX} bytes"));
+    }
+    let (body, checksum_line) = text
+        .trim_end_matches('\n')
+        .rsplit_once('\n')
+        .ok_or("no checksum line")?;
+    let body = format!("{body}\n");
+    let checksum = checksum_line
+        .strip_prefix("checksum ")
+        .ok_or("the last line is not `checksum <hex>`")?;
+    if checksum != checksum_hex(&body) {
+        return Err("checksum mismatch (the file was changed or torn)".into());
+    }
+    let mut lines = body.lines();
+    if lines.next() != Some(FORMAT_HEADER) {
+        return Err(format!("the first line is not `{FORMAT_HEADER}`"));
+    }
+    let mut field = |name: &str| -> Result<&str, String> {
+        lines
+            .next()
+            .and_then(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.strip_prefix(' '))
+            .ok_or_else(|| format!("expected the line `{name} <value>`"))
+    };
+    let bad = |name: &str, value: &str| format!("{name}: `{value}` is not valid");
+    let cluster_id = field("cluster_id")?;
+    let cluster_id =
+        u128::from_str_radix(cluster_id, 16).map_err(|_| bad("cluster_id", cluster_id))?;
+    let fault_model = match field("fault_model")? {
+        "crash" => FaultModel::Crash,
+        "bft" => FaultModel::Bft,
+        other => return Err(bad("fault_model", other)),
+    };
+    let replica = field("replica")?;
+    let replica = replica.parse().map_err(|_| bad("replica", replica))?;
+    let replica_count = field("replica_count")?;
+    let replica_count = replica_count
+        .parse()
+        .map_err(|_| bad("replica_count", replica_count))?;
+    let shard_count = field("shard_count")?;
+    let shard_count = shard_count
+        .parse()
+        .map_err(|_| bad("shard_count", shard_count))?;
+    let started = field("started")?;
+    let started = started.parse().map_err(|_| bad("started", started))?;
+    if lines.next().is_some() {
+        return Err("unexpected lines after `started`".into());
+    }
+    Ok(FormatFile {
+        identity: Identity {
+            cluster_id,
+            fault_model,
+            replica,
+            replica_count,
+            shard_count,
+        },
+        started,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDENTITY: Identity = Identity {
+        cluster_id: 0xC0FFEE,
+        fault_model: FaultModel::Crash,
+        replica: 1,
+        replica_count: 3,
+        shard_count: 2,
+    };
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let path =
+                std::env::temp_dir().join(format!("percore-format-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn format_then_first_start_then_restarts_never_create() {
+        let dir = TempDir::new("cycle");
+        assert!(matches!(
+            check(&dir.0, IDENTITY),
+            Err(FormatError::NotFormatted { .. })
+        ));
+        format(&dir.0, IDENTITY).unwrap();
+        assert_eq!(check(&dir.0, IDENTITY).unwrap(), JournalCreate::FirstStart);
+        // Not started yet: a crash before the shards were ready creates again.
+        assert_eq!(check(&dir.0, IDENTITY).unwrap(), JournalCreate::FirstStart);
+        mark_started(&dir.0, IDENTITY).unwrap();
+        assert_eq!(check(&dir.0, IDENTITY).unwrap(), JournalCreate::Never);
+        assert!(!dir.0.join(FORMAT_FILE_TEMPORARY_NAME).exists());
+        // A formatted directory is never formatted again.
+        assert!(matches!(
+            format(&dir.0, IDENTITY),
+            Err(FormatError::NotEmpty { .. })
+        ));
+    }
+
+    #[test]
+    fn a_directory_holding_anything_is_not_formatted() {
+        let dir = TempDir::new("nonempty");
+        std::fs::create_dir_all(dir.0.join("shard-0")).unwrap();
+        let error = format(&dir.0, IDENTITY).unwrap_err();
+        assert!(error.to_string().contains("shard-0"), "{error}");
+        assert!(!dir.0.join(FORMAT_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn every_identity_field_is_checked() {
+        let dir = TempDir::new("identity");
+        format(&dir.0, IDENTITY).unwrap();
+        let others = [
+            (
+                "cluster id",
+                Identity {
+                    cluster_id: 1,
+                    ..IDENTITY
+                },
+            ),
+            (
+                "fault model",
+                Identity {
+                    fault_model: FaultModel::Bft,
+                    ..IDENTITY
+                },
+            ),
+            (
+                "replica",
+                Identity {
+                    replica: 2,
+                    ..IDENTITY
+                },
+            ),
+            (
+                "replica count",
+                Identity {
+                    replica_count: 5,
+                    ..IDENTITY
+                },
+            ),
+            (
+                "shard count",
+                Identity {
+                    shard_count: 4,
+                    ..IDENTITY
+                },
+            ),
+        ];
+        for (name, other) in others {
+            match check(&dir.0, other) {
+                Err(FormatError::Mismatch { field, .. }) => assert_eq!(field, name),
+                outcome => panic!("{name}: {outcome:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_changed_or_torn_file_is_refused() {
+        let dir = TempDir::new("corrupt");
+        format(&dir.0, IDENTITY).unwrap();
+        let path = dir.0.join(FORMAT_FILE_NAME);
+        let text = std::fs::read_to_string(&path).unwrap();
+        for bad in [
+            text.replace("replica 1", "replica 2"),
+            text.replace("started false", "started true"),
+            text[..text.len() / 2].to_string(),
+            String::new(),
+            "x".repeat(FORMAT_FILE_BYTES_MAX as usize + 10),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            assert!(
+                matches!(check(&dir.0, IDENTITY), Err(FormatError::Corrupt { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_identity_round_trips() {
+        for fault_model in [FaultModel::Crash, FaultModel::Bft] {
+            for started in [false, true] {
+                let contents = FormatFile {
+                    identity: Identity {
+                        cluster_id: u128::MAX,
+                        fault_model,
+                        replica: 6,
+                        replica_count: 7,
+                        shard_count: u32::MAX,
+                    },
+                    started,
+                };
+                assert_eq!(decode(&encode(contents)).unwrap(), contents);
+            }
+        }
+    }
+}
