@@ -27,7 +27,7 @@
 //! `--bft-test-byzantine` makes this replica misbehave on purpose (tests only): its core
 //! stays correct, and what it sends is rewritten here ([`Byzantine`]).
 //!
-//! **Restart** ([`Bft::start`] on a non-empty data directory): the shard's journal has been
+//! **Restart** (`Bft::start` on a non-empty data directory): the shard's journal has been
 //! replayed into the state machine by the runtime as in every mode; the certificate journal
 //! is read back and cut to the prefix whose batches the journal holds (certificates are
 //! made durable before their batches, so it is never behind), the committed ops' digests

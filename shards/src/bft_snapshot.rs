@@ -23,7 +23,7 @@
 //!
 //! **Install.** The state certificate is journaled in the certificate journal (made
 //! durable first: a restart finds the base of the ops above it), then the snapshot becomes
-//! the journal's base as in crash-mode state sync ([`crate::sync::switch_to_snapshot`]),
+//! the journal's base as in crash-mode state sync (`sync::switch_to_snapshot`),
 //! and the core continues by log from the snapshot's op. The buffer is allocated per fetch:
 //! a rare path.
 

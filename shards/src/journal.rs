@@ -193,7 +193,7 @@ pub struct PositionIndexUsage {
 }
 
 /// What recovery found. The chain head after recovery (the checksum of entry `op_last`,
-/// [`JOURNAL_CHAIN_ROOT`] when empty) is [`Journal::checksum_staged`].
+/// [`percore_engine::journal::JOURNAL_CHAIN_ROOT`] when empty) is [`Journal::checksum_staged`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Recovered {
     /// Highest op in the journal (0 when empty).
@@ -1205,7 +1205,7 @@ impl Journal {
     }
 
     /// The chain head: checksum of the last staged entry; after open, of the last recovered
-    /// entry ([`JOURNAL_CHAIN_ROOT`] when the journal is empty). The next entry, staged or
+    /// entry ([`percore_engine::journal::JOURNAL_CHAIN_ROOT`] when the journal is empty). The next entry, staged or
     /// encoded elsewhere, must chain to it.
     pub fn checksum_staged(&self) -> JournalChecksum {
         self.checksum_staged
@@ -1712,7 +1712,7 @@ impl Journal {
 
     /// Removes every entry after `op` (a divergent suffix, `docs/protocol.md` 7.4) so that
     /// none can come back at recovery, and returns the checksum of entry `op` (the chain value
-    /// the next entry, `op + 1`, must continue; [`JOURNAL_CHAIN_ROOT`] for op 0). Nothing
+    /// the next entry, `op + 1`, must continue; [`percore_engine::journal::JOURNAL_CHAIN_ROOT`] for op 0). Nothing
     /// may be staged: commit first. `op` equal to [`Journal::op_durable`] removes nothing.
     ///
     /// In order, so that a crash at any point leaves a journal that recovers to either a

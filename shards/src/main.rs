@@ -130,7 +130,7 @@ impl LedgerArgs {
 /// Where and how shards journal their batches.
 #[derive(Debug, Args, Clone)]
 struct JournalArgs {
-    /// Data directory: shard i journals under DATA_DIR/shard-<i>/.
+    /// Data directory: shard i journals under DATA_DIR/shard-`i`/.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// When a batch counts as durable: `always` fdatasyncs every group commit; `never` is for
@@ -258,7 +258,7 @@ struct BftArgs {
     /// shard its own group, transfers between shards refused; needs --bft-keys-dir).
     #[arg(long, value_enum, default_value_t = FaultModel::Crash)]
     fault_model: FaultModel,
-    /// BFT: the directory `percore keygen` wrote: this node reads replica-<replica>.key and
+    /// BFT: the directory `percore keygen` wrote: this node reads replica-`replica`.key and
     /// cluster.keys from it.
     #[arg(long)]
     bft_keys_dir: Option<PathBuf>,

@@ -152,7 +152,7 @@ pub struct MeshEndpoint<S: StateMachine> {
 }
 
 impl<S: StateMachine> MeshEndpoint<S> {
-    /// Takes over a shard's links (doorbells are connected later, by [`spawn_receivers`]).
+    /// Takes over a shard's links (doorbells are connected later, by `spawn_receivers`).
     pub fn from_links(
         links: MeshLinks<S>,
         queued_capacity: usize,

@@ -4,7 +4,7 @@
 //! time. A correct replica executes committed batches in op order (requests are
 //! deduplicated by id) and answers the request's client with the op that executed it; a
 //! Byzantine replica runs the same core but its outgoing messages go through
-//! [`World::byzantine_outgoing`], and it answers clients with made-up results.
+//! `World::byzantine_outgoing`, and it answers clients with made-up results.
 //!
 //! Clients sign their requests (ed25519 keys derived from the seed, client `c` has id
 //! `c + 1`) and batches are the engine's signed batch format (`bft::request`, records of

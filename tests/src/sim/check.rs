@@ -1,5 +1,5 @@
-//! The checkers: run after every event ([`World::check_step`]) and once everything has
-//! converged ([`World::check_end`]). Each returns the checker's name and what is wrong.
+//! The checkers: run after every event (`World::check_step`) and once everything has
+//! converged (`World::check_end`). Each returns the checker's name and what is wrong.
 //!
 //! The checkers read the simulated disks (what survives a crash), the live cores, and a
 //! reference ledger per group that applies the group's committed log in op order (the
