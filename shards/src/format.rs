@@ -156,24 +156,15 @@ pub fn format(data_dir: &Path, identity: Identity) -> Result<(), FormatError> {
 /// node serves anyone ([`mark_started`]).
 pub fn check(data_dir: &Path, identity: Identity) -> Result<JournalCreate, FormatError> {
     let path = data_dir.join(FORMAT_FILE_NAME);
-    let file = match std::fs::File::open(&path) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+    let text = match read(&path) {
+        Ok(text) => text,
+        Err(FormatError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
             return Err(FormatError::NotFormatted {
                 path: data_dir.to_path_buf(),
             });
         }
-        Err(error) => return Err(FormatError::Io { path, error }),
+        Err(error) => return Err(error),
     };
-    let mut text = String::new();
-    std::io::Read::read_to_string(
-        &mut std::io::Read::take(file, FORMAT_FILE_BYTES_MAX + 1),
-        &mut text,
-    )
-    .map_err(|error| FormatError::Io {
-        path: path.clone(),
-        error,
-    })?;
     let formatted = decode(&text).map_err(|reason| FormatError::Corrupt {
         path: path.clone(),
         reason,
@@ -225,6 +216,50 @@ pub fn check(data_dir: &Path, identity: Identity) -> Result<JournalCreate, Forma
     } else {
         JournalCreate::FirstStart
     })
+}
+
+/// What `data_dir`'s format file says, in one line (`percore inspect`); `None` if it has
+/// none (a node without peers, or a replica's directory that was never formatted).
+pub fn describe(data_dir: &Path) -> Result<Option<String>, FormatError> {
+    let path = data_dir.join(FORMAT_FILE_NAME);
+    let text = match read(&path) {
+        Ok(text) => text,
+        Err(FormatError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(error) => return Err(error),
+    };
+    let file = decode(&text).map_err(|reason| FormatError::Corrupt { path, reason })?;
+    let identity = file.identity;
+    Ok(Some(format!(
+        "cluster {:x}, {} faults, replica {} of {}, {} shard(s), {}",
+        identity.cluster_id,
+        fault_model_name(identity.fault_model),
+        identity.replica,
+        identity.replica_count,
+        identity.shard_count,
+        if file.started {
+            "started (a missing journal is refused)"
+        } else {
+            "not started yet"
+        }
+    )))
+}
+
+/// Reads a format file, at most `FORMAT_FILE_BYTES_MAX + 1` bytes of it.
+fn read(path: &Path) -> Result<String, FormatError> {
+    let io = |error| FormatError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, FORMAT_FILE_BYTES_MAX + 1),
+        &mut text,
+    )
+    .map_err(io)?;
+    Ok(text)
 }
 
 /// Records that the first start created every shard's journal: from now on a missing
@@ -408,6 +443,28 @@ mod tests {
             format(&dir.0, IDENTITY),
             Err(FormatError::NotEmpty { .. })
         ));
+    }
+
+    #[test]
+    fn describe_names_the_identity_and_the_first_start() {
+        let dir = TempDir::new("describe");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        assert_eq!(describe(&dir.0).unwrap(), None);
+        format(&dir.0, IDENTITY).unwrap();
+        let text = describe(&dir.0).unwrap().unwrap();
+        assert!(
+            text.contains("replica 1 of 3") && text.contains("not started"),
+            "{text}"
+        );
+        mark_started(&dir.0, IDENTITY).unwrap();
+        assert!(
+            describe(&dir.0)
+                .unwrap()
+                .unwrap()
+                .contains("started (a missing")
+        );
+        std::fs::write(dir.0.join(FORMAT_FILE_NAME), "garbage").unwrap();
+        assert!(matches!(describe(&dir.0), Err(FormatError::Corrupt { .. })));
     }
 
     #[test]

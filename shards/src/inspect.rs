@@ -201,6 +201,21 @@ fn scan_start(superblock: &Superblock, segments: &[(u64, PathBuf)]) -> Checkpoin
 pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
     let mut out = String::new();
     let mut problem = false;
+    match crate::format::describe(&config.data_dir) {
+        Ok(Some(format)) => {
+            let _ = writeln!(out, "format: {format}");
+        }
+        Ok(None) => {
+            let _ = writeln!(
+                out,
+                "format: none (a node without peers; a replica refuses to start without one)"
+            );
+        }
+        Err(error) => {
+            let _ = writeln!(out, "format: PROBLEM: {error}");
+            problem = true;
+        }
+    }
     let shards = shard_dirs(&config.data_dir)?;
     let shard_count = shards.len() as u32;
     let mut conservation = 0i128;

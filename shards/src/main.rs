@@ -713,15 +713,10 @@ fn run_format(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
     };
     percore_shards::format::format(&journal.data_dir, identity)?;
+    let described = percore_shards::format::describe(&journal.data_dir)?.unwrap_or_default();
     say!(
-        "formatted {} for replica {} of {} ({:?} faults, {} shard(s), cluster {:x}): start it \
-         with `percore node` and the same arguments",
-        journal.data_dir.display(),
-        identity.replica,
-        identity.replica_count,
-        identity.fault_model,
-        identity.shard_count,
-        identity.cluster_id
+        "formatted {} ({described}): start it with `percore node` and the same arguments",
+        journal.data_dir.display()
     );
     Ok(())
 }
