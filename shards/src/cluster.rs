@@ -846,29 +846,55 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_replica_that_exits_at_start_is_a_typed_error() {
-        let data_root =
-            std::env::temp_dir().join(format!("percore-cluster-unit-{}", std::process::id()));
-        let config = LocalClusterConfig {
-            // A "binary" that fails at once, whatever its arguments.
-            binary: PathBuf::from("false"),
+    fn failing_cluster_config(binary: PathBuf, data_root: PathBuf) -> LocalClusterConfig {
+        LocalClusterConfig {
+            binary,
             replicas: 3,
             cores: vec![0, 0],
             replica_core_stride: 0,
-            data_root: data_root.clone(),
+            data_root,
             port_base: free_port_base(3, 2).expect("free ports"),
             fsync: "never",
             extra_args: Vec::new(),
             metrics: false,
-        };
-        let outcome = LocalCluster::start(config);
+        }
+    }
+
+    #[test]
+    fn a_replica_that_exits_at_start_is_a_typed_error() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let data_root =
+            std::env::temp_dir().join(format!("percore-cluster-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&data_root).unwrap();
+        // A "binary" whose `format` succeeds and whose `node` fails at once.
+        let binary = data_root.join("fails-at-start.sh");
+        std::fs::write(&binary, "#!/bin/sh\n[ \"$1\" = format ]\n").unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let outcome = LocalCluster::start(failing_cluster_config(binary, data_root.clone()));
         let _ = std::fs::remove_dir_all(&data_root);
         match outcome {
             Err(ClusterError::Exited {
                 replica: 0, status, ..
             }) => assert!(!status.success()),
             other => panic!("expected replica 0 to have exited, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_replica_whose_format_fails_is_a_typed_error() {
+        let data_root = std::env::temp_dir().join(format!(
+            "percore-cluster-unit-format-{}",
+            std::process::id()
+        ));
+        // A "binary" that fails at once, whatever its arguments.
+        let config = failing_cluster_config(PathBuf::from("false"), data_root.clone());
+        let outcome = LocalCluster::start(config);
+        let _ = std::fs::remove_dir_all(&data_root);
+        match outcome {
+            Err(ClusterError::Format {
+                replica: 0, status, ..
+            }) => assert!(!status.success()),
+            other => panic!("expected replica 0's format to fail, got {other:?}"),
         }
     }
 
