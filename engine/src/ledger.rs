@@ -1882,6 +1882,22 @@ impl StateMachine for Ledger {
         }
     }
 
+    /// Runs `prepare` on the copy (so this leader's later batches are ordered after the
+    /// legs) and proposes the first leg's timestamp: `stamp_internal` at execution then
+    /// gives every replica the timestamps reserved here. Acknowledgements carry none.
+    fn reserve_internal(
+        &mut self,
+        operation: LedgerOperation,
+        now_ns: u64,
+        records: &mut [RecordSlot],
+    ) -> u64 {
+        if operation != LedgerOperation::ApplyCreditLegs || records.is_empty() {
+            return now_ns;
+        }
+        self.prepare(operation, now_ns, records);
+        records[0].as_transfer().timestamp
+    }
+
     fn apply(
         &mut self,
         op: u64,

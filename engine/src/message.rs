@@ -227,11 +227,16 @@ pub enum Command {
     /// (`bft::codec`), whose statements carry their own ed25519 signatures; the frame MAC
     /// still authenticates the connection. Never sent in crash-fault mode.
     Bft = 20,
+    /// BFT mode, between the replicas of one group: the body is one encoded
+    /// `bft::xshard::XShardMessage::Vote` (an outputs statement with its own ed25519
+    /// signature, `docs/bft.md` §14). Kept apart from [`Command::Bft`] because the core
+    /// never sees it: the driver's outputs collector does.
+    BftOutputs = 21,
 }
 
 impl Command {
     /// Every command, in wire order.
-    pub const ALL: [Command; 20] = [
+    pub const ALL: [Command; 21] = [
         Command::Prepare,
         Command::PrepareOk,
         Command::Commit,
@@ -252,6 +257,7 @@ impl Command {
         Command::SnapshotChunk,
         Command::Forward,
         Command::Bft,
+        Command::BftOutputs,
     ];
 
     /// Whether the body is one journal entry (header + body, unpadded), whose own header
@@ -266,7 +272,7 @@ impl TryFrom<u16> for Command {
 
     fn try_from(value: u16) -> Result<Command, MessageError> {
         match value {
-            1..=20 => Ok(Command::ALL[usize::from(value) - 1]),
+            1..=21 => Ok(Command::ALL[usize::from(value) - 1]),
             _ => Err(MessageError::UnknownCommand(value)),
         }
     }
@@ -1053,8 +1059,9 @@ mod tests {
         }
         assert_eq!(Command::Forward as u16, 19);
         assert_eq!(Command::Bft as u16, 20);
+        assert_eq!(Command::BftOutputs as u16, 21);
         assert_eq!(Command::try_from(0), Err(MessageError::UnknownCommand(0)));
-        assert_eq!(Command::try_from(21), Err(MessageError::UnknownCommand(21)));
+        assert_eq!(Command::try_from(22), Err(MessageError::UnknownCommand(22)));
     }
 
     #[test]

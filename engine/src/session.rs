@@ -504,6 +504,15 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         self.inner.outputs_settled(operation, records)
     }
 
+    fn reserve_internal(
+        &mut self,
+        operation: Self::Operation,
+        now_ns: u64,
+        records: &mut [Self::Record],
+    ) -> u64 {
+        self.inner.reserve_internal(operation, now_ns, records)
+    }
+
     fn apply(
         &mut self,
         op: u64,

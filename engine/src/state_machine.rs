@@ -105,10 +105,11 @@ pub trait StateMachine {
 
     /// Whether applying `record` of `operation` on its shard (`route`) would send a message
     /// to another shard among `shard_count` (for the ledger: a transfer whose credit account
-    /// lives on another shard than its debit account). BFT mode refuses such records: a
-    /// message between groups carries no certificate of the group that sent it
-    /// (docs/bft.md section 12). A pure function of its arguments, like `route`. The
-    /// default: a machine that never sends to other shards.
+    /// lives on another shard than its debit account). A pure function of its arguments,
+    /// like `route`, for callers that must tell such records apart without applying them
+    /// (BFT mode once refused them; it now certifies what one group sends another,
+    /// `docs/bft.md` §12 and §14, and no longer asks). The default: a machine that never
+    /// sends to other shards.
     fn crosses_shards(operation: Self::Operation, record: &Self::Record, shard_count: u32) -> bool {
         let _ = (operation, record, shard_count);
         false
@@ -143,6 +144,23 @@ pub trait StateMachine {
         records: &mut [Self::Record],
     ) {
         let _ = (operation, now_ns, records);
+    }
+
+    /// BFT mode, the leader of a group that proposes internal records another group
+    /// certified: reserves for them the fields [`StateMachine::prepare`] assigns (on
+    /// `records`, a copy the leader does not propose) and returns the `now_ns` to propose
+    /// with them, so that [`StateMachine::stamp_internal`] at execution gives every replica
+    /// exactly the reserved values and the leader's later batches stay ordered after them
+    /// (`docs/bft.md` §14). Leader-local like `prepare`. The default, for a machine whose
+    /// `prepare` rewrites nothing: `now_ns`.
+    fn reserve_internal(
+        &mut self,
+        operation: Self::Operation,
+        now_ns: u64,
+        records: &mut [Self::Record],
+    ) -> u64 {
+        let _ = (operation, records);
+        now_ns
     }
 
     /// Applies the committed batch `op` in record order, writing `results[i]` for

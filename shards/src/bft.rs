@@ -63,8 +63,11 @@
 //! driver); and a committed batch is applied only if every request in it is signed
 //! (checked here, once per replica: what was verified before is remembered).
 //!
-//! Not here yet: transfers between shards (each shard is its own group; a record that
-//! would cross shards is refused, see [`ERROR_BFT_CROSS_SHARD`]).
+//! **Transfers between shards** ([`crate::bft_xshard`]): each shard is its own group; the
+//! records one group's op sends another (credit legs, acknowledgements) are signed by every
+//! replica of the sending group after it applies the op, certified by `q` of them, handed
+//! to this node's replica of the receiving group, proposed there as a proven batch, checked
+//! by its backups before they vote and by every replica before it applies them.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -77,6 +80,7 @@ use glommio::io::{DmaFile, OpenOptions};
 use glommio::net::{TcpListener, TcpStream};
 pub use percore_engine::bft::request::{BATCH_HEADER_BYTES, batch_decode, batch_encode};
 use percore_engine::bft::request::{REQUEST_SIGNATURE_BYTES, RequestAuthError};
+use percore_engine::bft::xshard::{ProvenBatch, SignedOrProven};
 use percore_engine::bft::{
     self, Action, BftConfig, BftError, BftMetrics, BftReplica, CheckpointCert, ClientKeys,
     CommitCert, Committee, Digest, Message, ProposalCheck, RequestVerifier, Restored, SigningKey,
@@ -148,6 +152,11 @@ pub const CERT_KIND_SNAPSHOT: u16 = 3;
 /// batch of this shard (applied nothing, journal op 0), followed by the batch's bytes
 /// (`length u32 | bytes`), so that peers can serve it by state transfer.
 pub const CERT_KIND_COMMIT_BYTES: u16 = 4;
+/// Certificate record kind: the commit of a proven batch (other groups' certified outputs,
+/// `docs/bft.md` §14), journaled as its stamped records, with the batch's bytes (a commit
+/// record, then `length u32 | bytes`, like [`CERT_KIND_COMMIT_BYTES`]) so that state
+/// transfer serves the committed bytes, certificates included.
+pub const CERT_KIND_PROVEN: u16 = 5;
 /// Bytes of one copy of the vote guard (one sector: a single O_DIRECT write in place).
 pub const GUARD_SLOT_BYTES: usize = SECTOR_BYTES;
 /// Copies of the guard in its file. Writes alternate between them, so a torn write leaves
@@ -174,12 +183,10 @@ pub const GUARD_HELD_BYTES_MAX: usize = BFT_SEND_QUEUE_BYTES_DEFAULT;
 /// Error code: a BFT replica needs a client id (requests are matched across replicas by
 /// `(client_id, request_number)`).
 pub const ERROR_BFT_NEEDS_CLIENT_ID: u32 = 1013;
-/// Error code: a BFT replica refuses a request holding a record that would cross shards
-/// ([`StateMachine::crosses_shards`], e.g. a transfer between accounts of two shards): each
-/// shard is its own BFT group and a message between groups carries no certificate of the
-/// group that sent it (docs/bft.md section 12). Deterministic: every correct replica
-/// refuses it, and a committed batch holding one is skipped
-/// ([`crate::core::BatchInvalid::CrossShard`]).
+/// Error code, no longer sent: versions before transfers between shards were certified
+/// (`docs/bft.md` §14) refused a request holding a record that would cross shards with it.
+/// The number stays reserved, and clients still map it
+/// (`percore_net::client::ClientError::CrossShardRefused`).
 pub const ERROR_BFT_CROSS_SHARD: u32 = 1014;
 /// Error code: the request's client id has no public key in the cluster file (`client <id>
 /// <key>` lines, `percore keygen --clients`). Deterministic: every correct replica refuses.
@@ -229,7 +236,7 @@ pub enum Byzantine {
     /// Correct, except that every snapshot chunk it serves to a peer fetching a certified
     /// snapshot has a flipped byte.
     CorruptSnapshot,
-    /// Admits client requests that correct replicas refuse (records that cross shards) and,
+    /// Admits client requests that correct replicas refuse (records of another shard) and,
     /// as leader, proposes them: signed by their client, they are voted for and committed,
     /// and applied by no correct replica. Answers no client.
     InvalidBatch,
@@ -241,6 +248,12 @@ pub enum Byzantine {
     /// with the original signature (so a change after signing). Otherwise correct, and
     /// answers clients honestly.
     ForgeRequest,
+    /// As leader, replaces each proven batch it proposes by one whose first leg is made
+    /// up: the certified records altered, re-certified with its own key alone under `q`
+    /// replica indices; holding no proof, it makes one up from nothing once per view (a
+    /// zeroed leg claimed from the next group, certified the same way). Otherwise correct,
+    /// and answers clients honestly.
+    ForgeLeg,
 }
 
 impl Byzantine {
@@ -253,7 +266,7 @@ impl Byzantine {
 
     /// Whether the client path is the correct one (only proposals are rewritten).
     fn serves_clients_correctly(self) -> bool {
-        matches!(self, Byzantine::ForgeRequest)
+        matches!(self, Byzantine::ForgeRequest | Byzantine::ForgeLeg)
     }
 }
 
@@ -281,6 +294,11 @@ pub struct BftSettings {
     /// Journal ops kept below the stable checkpoint for peers that transfer state by log
     /// ([`BFT_RETAIN_OPS`] by default; tests lower it to make peers' logs run out).
     pub retain_ops: u64,
+    /// Ops whose outputs to other groups can be unsettled at once: the state machine's
+    /// bound on messages in flight (the ledger's `credit_legs_in_flight_max`, each op with
+    /// an unacknowledged leg holding at least one). Sizes the outputs collector
+    /// (`bft_xshard`).
+    pub outputs_legs_max: usize,
 }
 
 impl std::fmt::Debug for BftSettings {
@@ -379,6 +397,9 @@ pub enum BftStartError {
     /// The certificate journal could not be opened.
     #[error("certificate journal: {0}")]
     CertJournal(#[from] crate::journal::JournalError),
+    /// The cross-shard committees or queues could not be built.
+    #[error("transfers between shards: {0}")]
+    XShard(#[from] bft::xshard::XShardError),
 }
 
 /// A committed op waiting for the batcher to journal and apply it.
@@ -388,6 +409,8 @@ struct Committed {
     digest: Digest,
     batch: Vec<u8>,
     cert: CommitCert,
+    /// A proven batch that passed its check when staged (applied as internal records).
+    proven: Option<ProvenBatch>,
 }
 
 /// One record of the certificate journal, as read back at start.
@@ -406,7 +429,8 @@ pub struct CertRecord {
     pub digest: Digest,
     /// The certificate's votes.
     pub votes: Vec<Vote>,
-    /// The batch bytes ([`CERT_KIND_COMMIT_BYTES`] only; empty otherwise).
+    /// The batch bytes ([`CERT_KIND_COMMIT_BYTES`] and [`CERT_KIND_PROVEN`]; empty
+    /// otherwise).
     pub batch: Vec<u8>,
     /// A commit of a signed batch ([`CERT_KIND_COMMIT`]): its client signatures, as the
     /// batch carried them (the shard journal keeps records and descriptors only; these
@@ -422,7 +446,7 @@ impl CertRecord {
         let digest: Digest = bytes.get(24..56)?.try_into().ok()?;
         let (votes, used) = codec::decode_votes(bytes.get(56..)?).ok()?;
         let rest = bytes.get(56 + used..)?;
-        let (batch, signatures) = if kind == CERT_KIND_COMMIT_BYTES {
+        let (batch, signatures) = if kind == CERT_KIND_COMMIT_BYTES || kind == CERT_KIND_PROVEN {
             let length = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
             (
                 (rest.len() == 4 + length).then(|| rest[4..].to_vec())?,
@@ -495,6 +519,11 @@ pub fn recover_certs(
                     "a record of batch bytes names a journal op",
                 ));
             }
+            CERT_KIND_PROVEN if record.journal_op == 0 => {
+                return Err(BftStartError::Recovery(
+                    "a record of a proven batch names no journal op",
+                ));
+            }
             CERT_KIND_SNAPSHOT => {
                 // Made durable before the journal switched to the snapshot: a journal
                 // that did not switch yet is below it, and the record is cut.
@@ -508,7 +537,7 @@ pub fn recover_certs(
                 base = Some((record.op, record.digest));
                 checkpoint_ops.push((record.op, record.journal_op));
             }
-            CERT_KIND_COMMIT | CERT_KIND_COMMIT_BYTES => {
+            CERT_KIND_COMMIT | CERT_KIND_COMMIT_BYTES | CERT_KIND_PROVEN => {
                 if record.op != op_last + 1 {
                     return Err(BftStartError::Recovery(
                         "commit records are not consecutive",
@@ -812,9 +841,9 @@ struct HeldSend {
 pub(crate) struct Bft {
     pub(crate) settings: BftSettings,
     pub(crate) replica: RefCell<BftReplica>,
-    outboxes: Box<[Outbox]>,
+    pub(crate) outboxes: Box<[Outbox]>,
     identity: PeerIdentity,
-    actions: RefCell<Vec<Action>>,
+    pub(crate) actions: RefCell<Vec<Action>>,
     committed: RefCell<VecDeque<Committed>>,
     /// The batcher's turn: commits taken from `committed`, staged and then applied.
     applying: RefCell<Vec<(Committed, Option<u64>)>>,
@@ -868,6 +897,8 @@ pub(crate) struct Bft {
     /// bytes.
     held: RefCell<VecDeque<HeldSend>>,
     held_bytes: Cell<usize>,
+    /// Transfers between shards: outputs this replica signs, and proofs for its group.
+    pub(crate) xshard: crate::bft_xshard::XShard,
 }
 
 /// A verified request's identity and signature, kept for the leader's proposal.
@@ -906,6 +937,7 @@ impl Bft {
         shard: usize,
         journal: &Journal,
         (cluster_id, (connections_max, record_bytes)): (u128, (usize, usize)),
+        (shards, records_max): (usize, usize),
         normalize: bft::request::RecordNormalizer,
         now_us: u64,
     ) -> Result<Self, BftStartError> {
@@ -1021,7 +1053,29 @@ impl Bft {
             record_bytes,
             Some(normalize),
         )));
-        replica.set_proposal_check(Box::new(SharedVerifier(verifier.clone())));
+        let xshard = crate::bft_xshard::XShard::new(
+            &settings,
+            (shard as u32, shards as u32),
+            (record_bytes, records_max),
+        )?;
+        // Every proven batch the leader can build fits the core's largest batch (and so a
+        // certificate record).
+        if xshard.proven_batch_bytes_max(settings.peers.len()) > batch_bytes_max {
+            return Err(bft::xshard::XShardError::OutOfRange(
+                "largest proven batch above the largest batch",
+            )
+            .into());
+        }
+        // A proposal is a client-signed batch or a batch of other groups' certified outputs
+        // for this group (`docs/bft.md` §14); backups vote for nothing else.
+        let check = SignedOrProven::new(
+            SharedVerifier(verifier.clone()),
+            xshard.groups().clone(),
+            shard as u32,
+            record_bytes,
+            xshard.records_max(),
+        )?;
+        replica.set_proposal_check(Box::new(check));
         let records_max = BATCH_ENTRIES_MAX_LIMIT;
         let proposal = ProposalScratch {
             records: Vec::with_capacity(records_max * record_bytes),
@@ -1053,7 +1107,10 @@ impl Bft {
             .as_ref()
             .map_or(0, |recovery| recovery.records_kept);
         for (index, record) in records[..records_kept].iter().enumerate() {
-            let commit = record.kind == CERT_KIND_COMMIT || record.kind == CERT_KIND_COMMIT_BYTES;
+            let commit = matches!(
+                record.kind,
+                CERT_KIND_COMMIT | CERT_KIND_COMMIT_BYTES | CERT_KIND_PROVEN
+            );
             if (commit && record.op.is_multiple_of(config.checkpoint_interval_ops))
                 || record.kind == CERT_KIND_SNAPSHOT
             {
@@ -1136,6 +1193,7 @@ impl Bft {
             guard_wanted: LocalNotify::default(),
             held: RefCell::new(VecDeque::with_capacity(GUARD_HELD_SENDS_MAX)),
             held_bytes: Cell::new(0),
+            xshard,
             settings,
         })
     }
@@ -1279,11 +1337,13 @@ where
         .await;
         match received {
             None => return,
-            Some(Ok((header, body))) => {
-                if header.command() == Ok(Command::Bft) {
-                    message_received(shard, from, body);
+            Some(Ok((header, body))) => match header.command() {
+                Ok(Command::Bft) => message_received(shard, from, body),
+                Ok(Command::BftOutputs) => {
+                    crate::bft_xshard::frame_received(shard, from, body);
                 }
-            }
+                _ => {}
+            },
             Some(Err(error)) => {
                 if !matches!(error, peer::PeerError::Closed) {
                     ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
@@ -1348,6 +1408,22 @@ where
     );
     match outcome {
         Ok(()) | Err(BftError::Stale) => {}
+        Err(
+            error @ BftError::ProposalRefused {
+                error: RequestAuthError::Proven(_),
+                ..
+            },
+        ) => {
+            ShardMetrics::add(&shard.metrics.bft_messages_refused_total, 1);
+            tracing::warn!(
+                shard = shard.index,
+                peer = from,
+                view = bft.view(),
+                %error,
+                "BFT leader proposed outputs of another group that no quorum of it \
+                 certified: no vote; the leader is suspected if the op does not commit"
+            );
+        }
         Err(error @ BftError::ProposalRefused { .. }) => {
             ShardMetrics::add(&shard.metrics.bft_messages_refused_total, 1);
             tracing::warn!(
@@ -1405,6 +1481,7 @@ pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &mut Vec<A
                     digest,
                     batch,
                     cert,
+                    proven: None,
                 });
                 committed_any = true;
             }
@@ -1602,9 +1679,12 @@ fn send_now<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
         // Corrupts only the snapshot chunks it serves (`bft_snapshot::serve`), or proposes
         // requests correct replicas refuse (`serve_request`) or forged ones (`propose`).
         None
-        | Some(Byzantine::CorruptSnapshot | Byzantine::InvalidBatch | Byzantine::ForgeRequest) => {
-            push(shard, tos, message)
-        }
+        | Some(
+            Byzantine::CorruptSnapshot
+            | Byzantine::InvalidBatch
+            | Byzantine::ForgeRequest
+            | Byzantine::ForgeLeg,
+        ) => push(shard, tos, message),
         Some(Byzantine::Silent) => {}
         Some(Byzantine::WrongDigest) => {
             let wrong = byzantine_digest(bft);
@@ -1812,11 +1892,13 @@ where
     let bft = shard.bft.as_ref().expect("BFT shard");
     while !shard.finished.get() {
         let now_us = shard.now_us();
+        // Client requests and other groups' proofs waiting here are work the leader owes.
         let waiting = shard
             .connections
             .borrow()
             .iter()
-            .any(|slot| slot.active && slot.bft_waiting.is_some());
+            .any(|slot| slot.active && slot.bft_waiting.is_some())
+            || bft.xshard.pending();
         {
             let mut actions = bft.actions.borrow_mut();
             actions.clear();
@@ -1832,6 +1914,7 @@ where
             );
             run_actions(&shard, &mut actions);
         }
+        crate::bft_xshard::tick(&shard);
         publish(&shard);
         // A replica that no longer leads drops what clients submitted while it did: they
         // wait for the commit from the new leader (which holds the request too).
@@ -1839,7 +1922,11 @@ where
             shard.core.borrow_mut().abort_unsealed(|_| {});
         }
         shard.batcher.notify();
-        let deadline = bft.replica.borrow().poll_timeout();
+        let deadline = bft
+            .replica
+            .borrow()
+            .poll_timeout()
+            .min(bft.xshard.poll_timeout().unwrap_or(u64::MAX));
         let wait_us = deadline
             .saturating_sub(shard.now_us())
             .clamp(1_000, STOP_POLL_MS * 1_000);
@@ -1938,6 +2025,8 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
         &metrics.bft_client_signatures_verified_total,
         verifies - verifies_seen,
     );
+    drop(replica);
+    crate::bft_xshard::publish(shard);
 }
 
 /// One batcher turn of a BFT shard: propose (leader), then journal and apply what
@@ -1965,9 +2054,18 @@ where
 /// Leader: seals what clients submitted and proposes each batch, every request with its
 /// client's signature; the core keeps nothing of it (it applies once committed, like every
 /// replica).
-fn propose<S: StateMachine>(shard: &Shard<S>) -> bool {
+fn propose<S>(shard: &Shard<S>) -> bool
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut proposed = 0;
+    // Other groups' certified outputs first: their origins wait for the acknowledgements.
+    while proposed < PROPOSALS_PER_TURN_MAX && crate::bft_xshard::propose_proven(shard) {
+        proposed += 1;
+    }
     let mut batch = Vec::new();
     while proposed < PROPOSALS_PER_TURN_MAX && bft.is_ready_leader() {
         let now_us = shard.now_us();
@@ -2162,7 +2260,6 @@ async fn stage_committed<S: StateMachine>(
     certs: &mut Journal,
 ) -> bool {
     let bft = shard.bft.as_ref().expect("BFT shard");
-    let record_bytes = size_of::<S::Record>();
     // Taken out while this awaits; put back before returning.
     let mut applying = std::mem::take(&mut *bft.applying.borrow_mut());
     debug_assert!(applying.is_empty());
@@ -2170,81 +2267,44 @@ async fn stage_committed<S: StateMachine>(
     loop {
         // The queue's borrow ends here: receivers push to it while this awaits.
         let next = bft.committed.borrow_mut().pop_front();
-        let Some(committed) = next else { break };
-        let checked = batch_decode(&committed.batch).and_then(|parts| {
-            // Every request a client signed, or nothing of the batch applies (a committed
-            // batch checked here before, when voting or proposing, is not checked again).
-            let authenticated = bft
-                .verifier
-                .borrow_mut()
-                .check_batch(&committed.batch, &committed.digest);
-            if let Err(error) = authenticated {
-                tracing::warn!(shard = shard.index, op = committed.op, %error, "BFT committed batch skipped: not signed by its clients");
-                return None;
-            }
-            let check = shard.core.borrow_mut().check_committed(
-                parts.operation,
-                parts.records,
-                parts.requests,
-            );
-            match check {
-                Ok(entries) => Some((parts, entries)),
-                Err(error) => {
-                    tracing::warn!(shard = shard.index, op = committed.op, %error, "BFT committed batch skipped");
-                    None
+        let Some(mut committed) = next else { break };
+        let proven = crate::bft_xshard::is_proven(&committed.batch);
+        if proven && !applying.is_empty() {
+            // Its records are stamped from the state every earlier op leaves: it is staged
+            // first in the next turn, once the ops staged here are applied.
+            bft.committed.borrow_mut().push_front(committed);
+            break;
+        }
+        let mut signatures: &[u8] = &[];
+        let journaled = if proven {
+            stage_proven_batch(shard, journal, certs, &mut committed, &mut journal_op).await
+        } else {
+            let checked = check_client_batch(shard, &committed);
+            signatures = checked.map_or(&[][..], |(parts, _)| parts.signatures);
+            match checked {
+                Some((parts, entries)) => {
+                    let meta = (parts.operation, entries);
+                    let staged = (parts.records, parts.requests);
+                    stage_entry(shard, journal, certs, meta, staged, &mut journal_op).await;
+                    Some(journal_op)
                 }
-            }
-        });
-        let signatures = checked.map_or(&[][..], |(parts, _)| parts.signatures);
-        let journaled = match checked {
-            Some((parts, entries)) => {
-                let (operation, records, requests) =
-                    (parts.operation, parts.records, parts.requests);
-                if journal.staged_bytes() + entry_bytes_padded(records.len() + requests.len())
-                    > journal.write_buffer_bytes()
-                {
-                    // Certificates first, as in `journal_and_apply`.
-                    for journal in [&mut *certs, &mut *journal] {
-                        if let Err(error) = journal.commit().await {
-                            panic!(
-                                "shard {}: journal write failed, stopping: {error}",
-                                shard.index
-                            );
-                        }
-                    }
-                }
-                journal_op += 1;
-                // View 0: the view whose certificate commits a batch may differ between
-                // replicas (committed in view v at some, by the re-proposal of a later
-                // view at others), and the journals must be identical. The certificate
-                // journal keeps each replica's view.
-                let meta = EntryMeta {
-                    shard: shard.index as u32,
-                    view: 0,
-                    op: journal_op,
-                    operation,
-                    entry_count: entries as u32,
-                    record_bytes: record_bytes as u32,
-                    request_count: (requests.len() / REQUEST_DESCRIPTOR_BYTES) as u32,
-                };
-                if let Err(error) = journal.stage_parts(meta, records, requests) {
-                    panic!("shard {}: journal refused a batch: {error}", shard.index);
-                }
-                Some(journal_op)
-            }
-            None => {
-                let counter = if committed.batch.is_empty() {
-                    &shard.metrics.bft_null_ops_total
-                } else {
-                    &shard.metrics.bft_batches_invalid_total
-                };
-                ShardMetrics::add(counter, 1);
-                None
+                None => None,
             }
         };
-        // A committed batch that is not one of this shard's keeps its bytes in its record.
+        if journaled.is_none() {
+            let counter = if committed.batch.is_empty() {
+                &shard.metrics.bft_null_ops_total
+            } else {
+                &shard.metrics.bft_batches_invalid_total
+            };
+            ShardMetrics::add(counter, 1);
+        }
+        // A committed batch that is not one of this shard's keeps its bytes in its record;
+        // so does a proven batch (its journal entry holds the stamped records only).
         let (kind, bytes): (u16, &[u8]) = if journaled.is_none() && !committed.batch.is_empty() {
             (CERT_KIND_COMMIT_BYTES, &committed.batch)
+        } else if journaled.is_some() && proven {
+            (CERT_KIND_PROVEN, &committed.batch)
         } else {
             (CERT_KIND_COMMIT, &[])
         };
@@ -2276,6 +2336,105 @@ async fn stage_committed<S: StateMachine>(
     let taken = !applying.is_empty();
     *bft.applying.borrow_mut() = applying;
     taken
+}
+
+/// The checks of a committed client batch: every request signed by its client, and a
+/// batch of this shard ([`crate::core::ShardCore::check_committed`]). `None` (logged) if
+/// it fails; the records and descriptors are then left in the core's scratch.
+fn check_client_batch<'a, S: StateMachine>(
+    shard: &Shard<S>,
+    committed: &'a Committed,
+) -> Option<(bft::request::BatchParts<'a>, usize)> {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let parts = batch_decode(&committed.batch)?;
+    // Every request a client signed, or nothing of the batch applies (a committed batch
+    // checked here before, when voting or proposing, is not checked again).
+    let authenticated = bft
+        .verifier
+        .borrow_mut()
+        .check_batch(&committed.batch, &committed.digest);
+    if let Err(error) = authenticated {
+        tracing::warn!(shard = shard.index, op = committed.op, %error, "BFT committed batch skipped: not signed by its clients");
+        return None;
+    }
+    let check =
+        shard
+            .core
+            .borrow_mut()
+            .check_committed(parts.operation, parts.records, parts.requests);
+    match check {
+        Ok(entries) => Some((parts, entries)),
+        Err(error) => {
+            tracing::warn!(shard = shard.index, op = committed.op, %error, "BFT committed batch skipped");
+            None
+        }
+    }
+}
+
+/// A committed proven batch: checked ([`crate::bft_xshard::stage_proven`]: certificates,
+/// records of this shard, stamped) and staged as the next journal op with its stamped
+/// records, or `None` (logged) if it fails. Keeps the decoded batch in `committed` for
+/// the apply.
+async fn stage_proven_batch<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &mut Journal,
+    certs: &mut Journal,
+    committed: &mut Committed,
+    journal_op: &mut u64,
+) -> Option<u64> {
+    let (batch, entries) = match crate::bft_xshard::stage_proven(shard, &committed.batch) {
+        Ok(checked) => checked,
+        Err(error) => {
+            tracing::warn!(shard = shard.index, op = committed.op, %error, "BFT committed proven batch skipped");
+            return None;
+        }
+    };
+    // The stamped records are copied out of the core's scratch: staging may await.
+    let records = shard.core.borrow().checked_records(entries).to_vec();
+    let meta = (batch.operation, entries);
+    stage_entry(shard, journal, certs, meta, (&records, &[]), journal_op).await;
+    committed.proven = Some(batch);
+    Some(*journal_op)
+}
+
+/// Stages one batch of `entries` records of `operation` as the next journal op (view 0:
+/// the view whose certificate commits a batch may differ between replicas, committed in
+/// view v at some and by the re-proposal of a later view at others, and the journals must
+/// be identical; the certificate journal keeps each replica's view).
+async fn stage_entry<S: StateMachine>(
+    shard: &Shard<S>,
+    journal: &mut Journal,
+    certs: &mut Journal,
+    (operation, entries): (u16, usize),
+    (records, requests): (&[u8], &[u8]),
+    journal_op: &mut u64,
+) {
+    if journal.staged_bytes() + entry_bytes_padded(records.len() + requests.len())
+        > journal.write_buffer_bytes()
+    {
+        // Certificates first, as in `journal_and_apply`.
+        for journal in [&mut *certs, &mut *journal] {
+            if let Err(error) = journal.commit().await {
+                panic!(
+                    "shard {}: journal write failed, stopping: {error}",
+                    shard.index
+                );
+            }
+        }
+    }
+    *journal_op += 1;
+    let meta = EntryMeta {
+        shard: shard.index as u32,
+        view: 0,
+        op: *journal_op,
+        operation,
+        entry_count: entries as u32,
+        record_bytes: size_of::<S::Record>() as u32,
+        request_count: (requests.len() / REQUEST_DESCRIPTOR_BYTES) as u32,
+    };
+    if let Err(error) = journal.stage_parts(meta, records, requests) {
+        panic!("shard {}: journal refused a batch: {error}", shard.index);
+    }
 }
 
 /// Answers the state transfer requests the core accepted ([`Action::ServeState`]): each
@@ -2415,7 +2574,10 @@ async fn read_state_ops<S: StateMachine>(
             bft_op = record.op;
             continue;
         }
-        if record.kind != CERT_KIND_COMMIT && record.kind != CERT_KIND_COMMIT_BYTES {
+        if !matches!(
+            record.kind,
+            CERT_KIND_COMMIT | CERT_KIND_COMMIT_BYTES | CERT_KIND_PROVEN
+        ) {
             continue;
         }
         if record.op != bft_op + 1 {
@@ -2431,7 +2593,7 @@ async fn read_state_ops<S: StateMachine>(
         if bft_op < from_op {
             continue;
         }
-        let batch = if record.kind == CERT_KIND_COMMIT_BYTES {
+        let batch = if record.kind == CERT_KIND_COMMIT_BYTES || record.kind == CERT_KIND_PROVEN {
             if bft::batch_digest(&record.batch) != record.digest {
                 tracing::warn!(
                     shard = shard.index,
@@ -2513,7 +2675,8 @@ async fn read_batch(
 }
 
 /// Stages a certificate record: kind, BFT op, journal op (0: none), view, digest, votes,
-/// and then for [`CERT_KIND_COMMIT_BYTES`] the batch (`length u32 | bytes`), otherwise the
+/// and then for [`CERT_KIND_COMMIT_BYTES`] and [`CERT_KIND_PROVEN`] the batch (`length u32 |
+/// bytes`), otherwise the
 /// batch's client signatures (a journaled signed batch only).
 pub(crate) async fn stage_cert<S: StateMachine>(
     shard: &Shard<S>,
@@ -2532,7 +2695,7 @@ pub(crate) async fn stage_cert<S: StateMachine>(
     }
     record.extend_from_slice(&digest);
     codec::encode_votes(votes, &mut record);
-    if kind == CERT_KIND_COMMIT_BYTES {
+    if kind == CERT_KIND_COMMIT_BYTES || kind == CERT_KIND_PROVEN {
         record.extend_from_slice(&(batch.len() as u32).to_le_bytes());
         record.extend_from_slice(batch);
     } else {
@@ -2576,6 +2739,17 @@ async fn stage_checkpoint<S: StateMachine>(shard: &Shard<S>, certs: &mut Journal
             return false;
         };
         if cert.op() <= bft.low_journaled.get() {
+            return false;
+        }
+        // Never ahead of the commit records: a checkpoint at or above a commit still queued
+        // (a proven batch waits for the next turn, `stage_committed`) waits too, or recovery
+        // would stop at it and find the journal ahead of its certificates.
+        if bft
+            .committed
+            .borrow()
+            .front()
+            .is_some_and(|queued| queued.op <= cert.op())
+        {
             return false;
         }
         (cert.op(), cert.digest(), cert.votes.clone())
@@ -2632,6 +2806,10 @@ where
         let Some(journal_op) = journal_op else {
             continue;
         };
+        if let Some(batch) = &committed.proven {
+            crate::bft_xshard::apply_proven(shard, journal_op, batch);
+            continue;
+        }
         let parts = batch_decode(&committed.batch).expect("checked before journaling");
         let mut core = shard.core.borrow_mut();
         let applied = core.apply_committed(
@@ -2644,11 +2822,8 @@ where
             },
         );
         applied.expect("checked before journaling");
-        // Nothing goes to other shards: a record that would cross shards is refused before
-        // it is proposed and a committed batch holding one is skipped (`check_committed`).
-        let outbound = core.poll_outbound();
-        debug_assert!(outbound.is_none(), "a BFT shard sent to another shard");
-        while core.poll_outbound().is_some() {}
+        // Credit legs for other shards: signed here, certified by the group, delivered.
+        crate::bft_xshard::produce(shard, &mut core, journal_op);
     }
     shard.commit_gap_advanced();
 }
@@ -2765,12 +2940,6 @@ where
         .any(|record| S::route(operation, record, shard.shards as u32) as usize != shard.index)
     {
         Some(crate::runtime::ERROR_WRONG_SHARD)
-    } else if records
-        .iter()
-        .any(|record| S::crosses_shards(operation, record, shard.shards as u32))
-    {
-        ShardMetrics::add(&shard.metrics.bft_cross_shard_refused_total, 1);
-        Some(ERROR_BFT_CROSS_SHARD)
     } else {
         authenticate(shard, envelope, records, signature)
     };

@@ -119,12 +119,15 @@ pub enum BatchInvalid {
     /// A record belongs to another shard.
     #[error("record {0} belongs to another shard")]
     ForeignRecord(usize),
-    /// A record would send a message to another shard
-    /// ([`StateMachine::crosses_shards`], e.g. a transfer whose credit account lives on
-    /// another shard): refused in BFT mode, where such a message would carry no certificate
-    /// of this group.
-    #[error("record {0} would cross shards")]
-    CrossShard(usize),
+    /// An internal operation (one clients may not submit, e.g. the ledger's credit legs)
+    /// outside a proven batch: only another group's certificate may carry internal records
+    /// into a BFT group (`docs/bft.md` §14), so a client batch holding them is refused.
+    #[error("operation {0} is internal: only a proven batch may carry it")]
+    InternalUnproven(u16),
+    /// A proven batch whose operation is not an internal one: certified outputs of
+    /// another group are never client requests.
+    #[error("operation {0} of a proven batch is not an internal operation")]
+    NotInternal(u16),
 }
 
 /// Configuration errors of a shard core.
@@ -653,6 +656,21 @@ impl<S: StateMachine> ShardCore<S> {
         while self.state_machine.poll_outbound().is_some() {}
     }
 
+    /// [`ShardCore::replay`] for BFT mode: what the batch emits for other shards goes to
+    /// `outbound` (in order) instead of being dropped, so the driver can sign the replayed
+    /// op's outputs again (`docs/bft.md` §12, restart).
+    pub fn replay_keeping_outbound(
+        &mut self,
+        op: u64,
+        (operation, records, requests): (u16, &[u8], &[u8]),
+        outbound: &mut Vec<Outbound<S::Operation, S::Record>>,
+    ) {
+        assert!(self.is_idle(), "replay happens before any client traffic");
+        assert_eq!(op, self.op_last + 1, "journal ops are consecutive");
+        self.apply_bytes(op, operation, records, requests);
+        outbound.extend(std::iter::from_fn(|| self.state_machine.poll_outbound()));
+    }
+
     /// Restores a checkpoint found by journal recovery: the state machine's snapshot after
     /// applying `op`, which becomes the last op. Only before any replay or traffic. On an
     /// error the state machine is left empty (the shard must not start).
@@ -816,14 +834,12 @@ impl<S: StateMachine> ShardCore<S> {
         requests: &[u8],
     ) -> Result<usize, BatchInvalid> {
         let Some(operation_typed) = S::client_operation(operation) else {
+            if S::Operation::try_from(operation).is_ok() {
+                return Err(BatchInvalid::InternalUnproven(operation));
+            }
             return Err(BatchInvalid::Operation(operation));
         };
-        let record_bytes = size_of::<S::Record>();
-        let entries = body.len() / record_bytes;
-        if !body.len().is_multiple_of(record_bytes) || entries == 0 || entries > self.results.len()
-        {
-            return Err(BatchInvalid::RecordBytes(body.len()));
-        }
+        let entries = self.whole_records(body)?;
         let request_count = request_descriptors(requests, &mut self.journal_requests)
             .ok_or(BatchInvalid::Descriptors)?;
         if !descriptors_valid(&self.journal_requests[..request_count], entries) {
@@ -839,13 +855,118 @@ impl<S: StateMachine> ShardCore<S> {
         {
             return Err(BatchInvalid::ForeignRecord(foreign));
         }
-        if let Some(crossing) = records
-            .iter()
-            .position(|record| S::crosses_shards(operation_typed, record, shard_count))
+        Ok(entries)
+    }
+
+    /// `1..=cap` whole records in `body`, or `RecordBytes`.
+    fn whole_records(&self, body: &[u8]) -> Result<usize, BatchInvalid> {
+        let record_bytes = size_of::<S::Record>();
+        let entries = body.len() / record_bytes;
+        if !body.len().is_multiple_of(record_bytes) || entries == 0 || entries > self.results.len()
         {
-            return Err(BatchInvalid::CrossShard(crossing));
+            return Err(BatchInvalid::RecordBytes(body.len()));
         }
         Ok(entries)
+    }
+
+    /// BFT mode: the check of the records of a proven batch (their certificates were
+    /// verified by the caller, `Groups::verify_batch_bytes`): an internal operation of this
+    /// state machine, `1..=cap` whole records, every one owned by this shard. Leaves the
+    /// records in the core's scratch buffer stamped from `now_ns` and replicated state
+    /// ([`StateMachine::stamp_internal`]), where [`ShardCore::checked_records`] reads them
+    /// (for the journal). Returns the record count. No allocation.
+    ///
+    /// The stamp reads the state as it is now, so every replica must call this with every
+    /// earlier op applied: the driver stages a proven batch only first in its turn.
+    pub fn check_internal(
+        &mut self,
+        operation: u16,
+        now_ns: u64,
+        body: &[u8],
+    ) -> Result<usize, BatchInvalid> {
+        let Ok(operation_typed) = S::Operation::try_from(operation) else {
+            return Err(BatchInvalid::Operation(operation));
+        };
+        if S::client_operation(operation).is_some() {
+            return Err(BatchInvalid::NotInternal(operation));
+        }
+        let entries = self.whole_records(body)?;
+        bytemuck::cast_slice_mut::<TxSlot, u8>(&mut self.journal_records[..entries])
+            .copy_from_slice(body);
+        let records: &mut [S::Record] =
+            bytemuck::cast_slice_mut(&mut self.journal_records[..entries]);
+        let (shard, shard_count) = (self.config.shard, self.config.shard_count);
+        if let Some(foreign) = records
+            .iter()
+            .position(|record| S::route(operation_typed, record, shard_count) != shard)
+        {
+            return Err(BatchInvalid::ForeignRecord(foreign));
+        }
+        self.state_machine
+            .stamp_internal(operation_typed, now_ns, records);
+        Ok(entries)
+    }
+
+    /// The `entries` records [`ShardCore::check_internal`] left (stamped), as bytes.
+    pub fn checked_records(&self, entries: usize) -> &[u8] {
+        bytemuck::cast_slice(&self.journal_records[..entries])
+    }
+
+    /// BFT mode: checks ([`ShardCore::check_internal`]) and applies the records of a
+    /// committed proven batch as op `op` (the next one). Nothing to answer: no client sent
+    /// them. What the state machine emits is left for `poll_outbound`. No allocation.
+    ///
+    /// # Panics
+    /// If `op` is not the next op, or a batch is queued.
+    pub fn apply_internal(
+        &mut self,
+        op: u64,
+        operation: u16,
+        now_ns: u64,
+        body: &[u8],
+    ) -> Result<usize, BatchInvalid> {
+        assert_eq!(op, self.op_last + 1, "ops apply in order");
+        assert!(self.sealed.is_empty(), "nothing is queued in BFT mode");
+        let entries = self.check_internal(operation, now_ns, body)?;
+        let operation_typed = S::Operation::try_from(operation).ok().expect("checked");
+        let records: &[S::Record] = bytemuck::cast_slice(&self.journal_records[..entries]);
+        self.state_machine.apply_requests(
+            op,
+            operation_typed,
+            records,
+            &[],
+            &mut self.results[..entries],
+        );
+        self.op_last = op;
+        self.op_sealed = self.op_sealed.max(op);
+        ShardMetrics::set(&self.metrics.commit_op, op);
+        ShardMetrics::add(&self.metrics.internal_applied_total, entries as u64);
+        Ok(entries)
+    }
+
+    /// BFT leader: reserves the fields `prepare` would assign to internal records it is
+    /// about to propose (`body`, whole records, copied; [`StateMachine::reserve_internal`])
+    /// and returns the `now_ns` to propose them with. Leader-local, like `prepare`.
+    ///
+    /// # Panics
+    /// If `body` is not `1..=cap` whole records of an operation of this state machine (the
+    /// caller took them from verified proofs).
+    pub fn reserve_internal(&mut self, operation: u16, now_ns: u64, body: &[u8]) -> u64 {
+        let operation = S::Operation::try_from(operation)
+            .ok()
+            .expect("an operation of this state machine");
+        let entries = self.whole_records(body).expect("whole records");
+        bytemuck::cast_slice_mut::<TxSlot, u8>(&mut self.journal_records[..entries])
+            .copy_from_slice(body);
+        let records: &mut [S::Record] =
+            bytemuck::cast_slice_mut(&mut self.journal_records[..entries]);
+        self.state_machine
+            .reserve_internal(operation, now_ns, records)
+    }
+
+    /// Records one batch may hold (the batch cap).
+    pub fn batch_records_max(&self) -> usize {
+        self.results.len()
     }
 
     /// Applies journal bytes as op `op` (the next one): copies them into the aligned

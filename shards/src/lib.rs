@@ -11,6 +11,7 @@ pub mod bft;
 pub mod bft_bench;
 pub mod bft_prepared;
 pub mod bft_snapshot;
+pub mod bft_xshard;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;

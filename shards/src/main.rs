@@ -265,11 +265,12 @@ struct BftArgs {
     /// TESTS ONLY: make this replica Byzantine on purpose (equivocate: conflicting signed
     /// proposals and votes; silent: sends nothing; wrong-digest: votes for digests that are
     /// not the batch's; corrupt-snapshot: flips a byte of every snapshot chunk it serves;
-    /// invalid-batch: admits requests correct replicas refuse, such as transfers between
-    /// shards, and proposes them as leader;
-    /// forge-request: as leader, adds a request no client signed to each proposal). All
-    /// but forge-request also lie to clients (corrupt-snapshot and invalid-batch answer
-    /// none). Never use in production.
+    /// invalid-batch: admits requests correct replicas refuse, such as records of another
+    /// shard, and proposes them as leader;
+    /// forge-request: as leader, adds a request no client signed to each proposal;
+    /// forge-leg: as leader, proposes other groups' outputs with a made-up leg). All but
+    /// forge-request and forge-leg also lie to clients (corrupt-snapshot and invalid-batch
+    /// answer none). Never use in production.
     #[arg(long, value_enum)]
     bft_test_byzantine: Option<Byzantine>,
     /// BFT: journal ops each replica keeps below its stable checkpoint so that peers behind
@@ -286,10 +287,12 @@ struct BftArgs {
 
 impl BftArgs {
     /// The BFT settings of `--fault-model bft`: keys loaded and checked against the peers
-    /// (`n >= 3f + 1`, the secret key is this replica's).
+    /// (`n >= 3f + 1`, the secret key is this replica's); `outputs_legs_max` is the ledger's
+    /// `credit_legs_in_flight_max` (it sizes the outputs collector).
     fn settings(
         &self,
         replication: &ReplicationArgs,
+        outputs_legs_max: usize,
     ) -> Result<Option<BftSettings>, Box<dyn std::error::Error>> {
         use percore_engine::bft::keys;
         if self.fault_model == FaultModel::Crash {
@@ -338,6 +341,7 @@ impl BftArgs {
             send_queue_bytes: percore_shards::bft::BFT_SEND_QUEUE_BYTES_DEFAULT,
             byzantine: self.bft_test_byzantine,
             retain_ops: self.bft_retain_ops,
+            outputs_legs_max,
         };
         settings.check()?;
         Ok(Some(settings))
@@ -692,7 +696,13 @@ fn node_config(args: &NodeArgs) -> Result<NodeConfig, Box<dyn std::error::Error>
     if let Some(data_dir) = &args.journal.data_dir {
         config.journal = Some(args.journal.settings(data_dir.clone()));
     }
-    config.bft = args.bft.settings(&args.replication)?;
+    let ledger = args
+        .shards
+        .ledger
+        .config(config.cores.len(), config.batch.entries_max);
+    config.bft = args
+        .bft
+        .settings(&args.replication, ledger.credit_legs_in_flight_max)?;
     if config.bft.is_none() {
         config.replication = args.replication.settings()?;
     }

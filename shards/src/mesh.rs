@@ -24,6 +24,7 @@ use glommio::channels::shared_channel::{
     self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
 };
 use glommio::task::JoinHandle;
+use percore_engine::bft::xshard::ProvenOutputs;
 use percore_engine::ring::spsc;
 use percore_engine::state_machine::StateMachine;
 
@@ -61,6 +62,12 @@ pub enum MeshMessage<S: StateMachine> {
         /// The record.
         record: S::Record,
     },
+    /// BFT mode: outputs of the sending shard's group certified by `q` of its replicas,
+    /// for this node's replica of the receiving shard's group (`docs/bft.md` §14). Boxed:
+    /// a proof holds a certificate and up to a batch of records, and the ring's slots stay
+    /// the size of the other messages. Sent with [`MeshEndpoint::send`] only, never queued:
+    /// a full ring drops it, and the sender delivers it again on its next resend.
+    Proven(Box<ProvenOutputs>),
 }
 
 impl<S: StateMachine> MeshMessage<S> {
@@ -92,6 +99,11 @@ impl<S: StateMachine> fmt::Debug for MeshMessage<S> {
             MeshMessage::Outbound { operation, .. } => f
                 .debug_struct("Outbound")
                 .field("operation", operation)
+                .finish(),
+            MeshMessage::Proven(proof) => f
+                .debug_struct("Proven")
+                .field("origin", &proof.cert.statement.origin)
+                .field("op", &proof.cert.statement.op)
                 .finish(),
         }
     }
@@ -396,6 +408,7 @@ where
     let mut forwarded_in = 0;
     let mut legs_in = 0;
     let mut results_in = 0;
+    let mut proofs_in = 0;
     let mut finished = true;
     loop {
         let Some(message) = pop_if(ring, |message| accept_possible(shard, message)) else {
@@ -458,10 +471,14 @@ where
                 debug_assert!(submitted.is_ok(), "accept_possible checked room");
                 legs_in += 1;
             }
+            MeshMessage::Proven(proof) => {
+                crate::bft_xshard::proven_received(shard, *proof);
+                proofs_in += 1;
+            }
         }
     }
     crate::replication::forward_flush(shard);
-    let received = forwarded_in + legs_in + results_in;
+    let received = forwarded_in + legs_in + results_in + proofs_in;
     if received > 0 {
         shard.quiet[shard.index].store(false, std::sync::atomic::Ordering::Release);
     }
@@ -474,7 +491,8 @@ where
 /// Whether the core can take this message now (results always can).
 fn accept_possible<S: StateMachine>(shard: &Shard<S>, message: &MeshMessage<S>) -> bool {
     match message {
-        MeshMessage::Result { .. } => true,
+        // Proofs go to the BFT driver's bounded inbound queue, never to the core.
+        MeshMessage::Result { .. } | MeshMessage::Proven(_) => true,
         MeshMessage::Forward { .. } | MeshMessage::Outbound { .. } => {
             let room = shard.core.borrow_mut().has_room();
             if !room {

@@ -738,6 +738,7 @@ async fn open_journal<S: StateMachine>(
     create: JournalCreate,
     core: &mut ShardCore<S>,
     recent: &mut VecDeque<(u64, u128)>,
+    replayed: &mut Option<crate::bft_xshard::ReplayedOutputs>,
 ) -> Result<Option<Journal>, JournalError> {
     let Some(settings) = &config.journal else {
         return Ok(None);
@@ -757,6 +758,12 @@ async fn open_journal<S: StateMachine>(
     };
     let started = Instant::now();
     let core = RefCell::new(core);
+    // BFT mode keeps the replayed ops' outputs to sign them again (`bft_xshard`).
+    *replayed = config
+        .bft
+        .as_ref()
+        .map(|settings| crate::bft_xshard::ReplayedOutputs::new(settings.outputs_legs_max));
+    let mut outbound = Vec::new();
     let (journal, recovered) = Journal::open_checkpointed(
         journal_config,
         JournalOptions {
@@ -782,12 +789,20 @@ async fn open_journal<S: StateMachine>(
             Ok(())
         },
         |entry| {
-            core.borrow_mut().replay(
-                entry.meta.op,
-                entry.meta.operation,
-                entry.records(),
-                entry.requests(),
-            );
+            let mut core = core.borrow_mut();
+            match replayed.as_mut() {
+                Some(replayed) => {
+                    let batch = (entry.meta.operation, entry.records(), entry.requests());
+                    core.replay_keeping_outbound(entry.meta.op, batch, &mut outbound);
+                    replayed.push(core.state_machine(), entry.meta.op, &mut outbound);
+                }
+                None => core.replay(
+                    entry.meta.op,
+                    entry.meta.operation,
+                    entry.records(),
+                    entry.requests(),
+                ),
+            }
             // The replica core compares its last ops' checksums with its peers'.
             if recent.len() == recent.capacity() {
                 recent.pop_front();
@@ -888,10 +903,6 @@ fn start_replication(
     Ok((Some(replication), Some(listener)))
 }
 
-/// Refuses a BFT configuration the runtime cannot run: no journal, crash-fault replication
-/// too, or settings the core refuses (`n < 3f + 1`, keys). Several shards are fine: each is
-/// its own group, and records that would cross shards are refused
-/// (`bft::ERROR_BFT_CROSS_SHARD`), so no group ever sends to another.
 impl NodeConfig {
     /// What a replicated node's data directory must have been formatted for
     /// (`percore format`, [`crate::format`]); `None` for a node without peers or journal (it
@@ -921,6 +932,9 @@ fn format_identity(config: &NodeConfig) -> Option<crate::format::Identity> {
     })
 }
 
+/// Refuses a BFT configuration the runtime cannot run: no journal, crash-fault replication
+/// too, or settings the core refuses (`n < 3f + 1`, keys). Several shards are fine: each is
+/// its own group, and what one group sends another travels certified (`bft_xshard`).
 fn check_bft(config: &NodeConfig, bft: &crate::bft::BftSettings) -> Result<(), NodeError> {
     let refuse = |message: &str| Err(NodeError::Replication(message.into()));
     if config.journal.is_none() {
@@ -944,6 +958,7 @@ async fn start_bft(
     config: &NodeConfig,
     journal: Option<&Journal>,
     (record_bytes, normalize): (usize, percore_engine::bft::request::RecordNormalizer),
+    groups: (usize, usize),
 ) -> Result<(Option<crate::bft::Bft>, Option<TcpListener>), NodeError> {
     let (Some(settings), Some(journal)) = (&config.bft, journal) else {
         return Ok((None, None));
@@ -955,6 +970,7 @@ async fn start_bft(
         shard,
         journal,
         (cluster_id, sizes),
+        groups,
         normalize,
         0,
     )
@@ -1051,14 +1067,23 @@ where
         Err(source) => return start_failed(&ready, shard, NodeError::Core { shard, source }),
     };
     let mut recent = VecDeque::with_capacity(RECENT_CHECKSUMS);
-    let mut journal =
-        match open_journal(shard, &config, journal_create, &mut core, &mut recent).await {
-            Ok(journal) => journal,
-            Err(error) => {
-                let message = error.to_string();
-                return start_failed(&ready, shard, NodeError::Journal { shard, message });
-            }
-        };
+    let mut replayed = None;
+    let opened = open_journal(
+        shard,
+        &config,
+        journal_create,
+        &mut core,
+        &mut recent,
+        &mut replayed,
+    )
+    .await;
+    let mut journal = match opened {
+        Ok(journal) => journal,
+        Err(error) => {
+            let message = error.to_string();
+            return start_failed(&ready, shard, NodeError::Journal { shard, message });
+        }
+    };
     if let Some(journal) = journal.as_mut()
         && let Err(error) = recent_unreplayed(journal, &mut recent).await
     {
@@ -1084,16 +1109,21 @@ where
             Err(error) => return start_failed(&ready, shard, error),
         };
     let records = (size_of::<S::Record>(), crate::bft::unprepare::<S> as _);
-    let (bft, bft_listener) = match start_bft(shard, &config, journal.as_ref(), records).await {
-        Ok(started) => started,
-        Err(error) => return start_failed(&ready, shard, error),
-    };
+    let groups = (shards, core.batch_records_max());
+    let (bft, bft_listener) =
+        match start_bft(shard, &config, journal.as_ref(), records, groups).await {
+            Ok(started) => started,
+            Err(error) => return start_failed(&ready, shard, error),
+        };
     // Messages to other shards that were produced before a restart but never confirmed are
     // sent again (receivers deduplicate); they wait in the mesh queue until the doorbells
-    // are connected.
+    // are connected. Not in BFT mode: there a message between groups travels only with a
+    // certificate, and the replayed ops' outputs are signed again (`bft_xshard`).
     let mut unconfirmed = Vec::new();
-    core.state_machine()
-        .unconfirmed_outbound(&mut |outbound| unconfirmed.push(outbound));
+    if bft.is_none() {
+        core.state_machine()
+            .unconfirmed_outbound(&mut |outbound| unconfirmed.push(outbound));
+    }
     let port = if config.client_port_base == 0 {
         0
     } else {
@@ -1172,6 +1202,11 @@ where
     for outbound in unconfirmed {
         let (to, message) = MeshMessage::outbound(outbound);
         shard_state.mesh.borrow_mut().send_or_queue(to, message);
+    }
+    if let Some(replayed) = replayed
+        && shard_state.bft.is_some()
+    {
+        crate::bft_xshard::reproduce(&shard_state, replayed);
     }
     tracing::info!(shard, %local, "shard listening");
     let _ = ready.send((shard, Ok(local)));

@@ -217,65 +217,149 @@ fn requests_stay_whole_retries_answer_the_original_and_nothing_allocates() {
     assert_eq!((stats.applied, stats.replayed), (3 + 64, 1 + 64));
 }
 
-/// BFT mode's check of committed bytes (`ShardCore::check_committed`) on shard 0 of 2:
-/// a transfer within the shard passes, one whose credit account lives on shard 1 is
-/// refused as `CrossShard` (so a Byzantine leader cannot get a credit leg produced), and
-/// applying the refused bytes changes nothing.
+/// BFT mode's checks of committed bytes on shard 0 of 2. A client batch
+/// (`ShardCore::check_committed`): a transfer within the shard and one whose credit account
+/// lives on shard 1 both pass, and applying the crossing one emits its credit leg for
+/// shard 1; a client batch holding an internal operation (credit legs) is refused as
+/// `InternalUnproven` and changes nothing. A proven batch's records
+/// (`ShardCore::check_internal`, `apply_internal`, for shard 1): a client operation is
+/// `NotInternal`, a leg for another shard `ForeignRecord`, and a leg for this shard is
+/// stamped from the batch's clock and applied (credited once).
 #[test]
-fn check_committed_refuses_a_batch_that_would_cross_shards() {
+fn committed_batches_carry_internal_records_only_when_proven() {
     use percore_shards::core::BatchInvalid;
-    let ledger = Ledger::new(LedgerConfig {
-        shard_index: 0,
-        shard_count: 2,
-        accounts_max: 64,
-        transfers_max: 4_096,
-        credit_legs_in_flight_max: 64,
-        batch_entries_max: ENTRIES_MAX,
-    });
-    let config = CoreConfig {
-        shard: 0,
-        shard_count: 2,
-        transactions: 256,
-        batches: 16,
-        tx_ring_capacity: 256,
-        batch: BatchLimits {
-            entries_max: ENTRIES_MAX,
-            entries_min: 1,
-            linger_us_max: 0,
-            ..BatchLimits::default()
-        },
+    let core_of = |shard: u32| {
+        let ledger = Ledger::new(LedgerConfig {
+            shard_index: shard,
+            shard_count: 2,
+            accounts_max: 64,
+            transfers_max: 4_096,
+            credit_legs_in_flight_max: 64,
+            batch_entries_max: ENTRIES_MAX,
+        });
+        let config = CoreConfig {
+            shard,
+            shard_count: 2,
+            transactions: 256,
+            batches: 16,
+            tx_ring_capacity: 256,
+            batch: BatchLimits {
+                entries_max: ENTRIES_MAX,
+                entries_min: 1,
+                linger_us_max: 0,
+                ..BatchLimits::default()
+            },
+        };
+        let machine = Sessioned::new(ledger, 8, ENTRIES_MAX);
+        ShardCore::new(config, machine, Arc::new(ShardMetrics::new(shard))).expect("valid config")
     };
-    let machine = Sessioned::new(ledger, 8, ENTRIES_MAX);
-    let mut core =
-        ShardCore::new(config, machine, Arc::new(ShardMetrics::new(0))).expect("valid config");
+    let mut core = core_of(0);
+    let mut away_core = core_of(1);
     let home = accounts_of_shard(0, 2, 2);
     let away = accounts_of_shard(1, 2, 1)[0];
-    let operation: u16 = LedgerOperation::CreateTransfers.into();
+    let transfers: u16 = LedgerOperation::CreateTransfers.into();
+    let legs: u16 = LedgerOperation::ApplyCreditLegs.into();
     let bytes = |records: &[RecordSlot]| bytemuck::cast_slice::<RecordSlot, u8>(records).to_vec();
-    let descriptor = |count: u32| {
+    let descriptor = |request_number: u64, count: u32| {
         bytemuck::bytes_of(&RequestDescriptor {
             client_id: CLIENT,
-            request_number: 1,
+            request_number,
             record_start: 0,
             record_count: count,
         })
         .to_vec()
     };
-    let within = RecordSlot::from_transfer(&transfer(1, home[0], home[1], 5));
-    let across = RecordSlot::from_transfer(&transfer(2, home[0], away, 5));
-    assert_eq!(
-        core.check_committed(operation, &bytes(&[within]), &descriptor(1)),
-        Ok(1)
+    // Committed records carry the timestamps their leader's `prepare` assigned.
+    let stamped_account = |id: u128, flags: u16, timestamp: u64| {
+        let mut account = account(id, flags);
+        account.timestamp = timestamp;
+        RecordSlot::from_account(&account)
+    };
+    let stamped_transfer = |id: u128, debit: u128, credit: u128, timestamp: u64| {
+        let mut transfer = transfer(id, debit, credit, 5);
+        transfer.timestamp = timestamp;
+        RecordSlot::from_transfer(&transfer)
+    };
+    // The debit account may go negative: nothing funds it.
+    let accounts: Vec<RecordSlot> = home
+        .iter()
+        .zip(1..)
+        .map(|(id, timestamp)| stamped_account(*id, account_flags::ALLOW_NEGATIVE, timestamp))
+        .collect();
+    let created = core.apply_committed(
+        1,
+        LedgerOperation::CreateAccounts.into(),
+        &bytes(&accounts),
+        &descriptor(1, 2),
+        |_, _| {},
     );
+    assert_eq!(created, Ok(2));
+    let within = stamped_transfer(1, home[0], home[1], 3);
+    let across = stamped_transfer(2, home[0], away, 4);
     assert_eq!(
-        core.check_committed(operation, &bytes(&[within, across]), &descriptor(2)),
-        Err(BatchInvalid::CrossShard(1))
+        core.check_committed(transfers, &bytes(&[within, across]), &descriptor(2, 2)),
+        Ok(2)
     );
     let digest = core.state_machine().digest();
-    let applied = core.apply_committed(1, operation, &bytes(&[across]), &descriptor(1), |_, _| {
+    let refused = core.apply_committed(2, legs, &bytes(&[across]), &descriptor(2, 1), |_, _| {
         panic!("nothing is answered")
     });
-    assert_eq!(applied, Err(BatchInvalid::CrossShard(0)));
-    assert!(core.poll_outbound().is_none(), "no credit leg");
+    assert_eq!(refused, Err(BatchInvalid::InternalUnproven(legs)));
     assert_eq!(core.state_machine().digest(), digest, "nothing applied");
+    let applied = core.apply_committed(
+        2,
+        transfers,
+        &bytes(&[across]),
+        &descriptor(2, 1),
+        |_, r| {
+            assert_eq!(r[0].code, CreateTransferResult::Ok as u32);
+        },
+    );
+    assert_eq!(applied, Ok(1));
+    let leg = core.poll_outbound().expect("the credit leg");
+    assert_eq!(
+        (leg.shard, leg.operation),
+        (1, LedgerOperation::ApplyCreditLegs)
+    );
+    assert!(core.poll_outbound().is_none(), "one leg");
+    // Shard 1 takes the leg only as internal records of a proven batch.
+    let credit = stamped_account(away, 0, 1);
+    let created = away_core.apply_committed(
+        1,
+        LedgerOperation::CreateAccounts.into(),
+        &bytes(&[credit]),
+        &descriptor(1, 1),
+        |_, _| {},
+    );
+    assert_eq!(created, Ok(1));
+    assert_eq!(
+        away_core.check_internal(transfers, 7, &bytes(&[across])),
+        Err(BatchInvalid::NotInternal(transfers))
+    );
+    assert_eq!(
+        core.check_internal(legs, 7, &bytes(&[leg.record])),
+        Err(BatchInvalid::ForeignRecord(0))
+    );
+    let now_ns = 1 << 50;
+    assert_eq!(
+        away_core.check_internal(legs, now_ns, &bytes(&[leg.record])),
+        Ok(1)
+    );
+    let stamped: RecordSlot = bytemuck::pod_read_unaligned(away_core.checked_records(1));
+    assert_eq!(
+        stamped.as_transfer().timestamp,
+        now_ns,
+        "stamped from the batch"
+    );
+    assert_eq!(
+        away_core.apply_internal(2, legs, now_ns, &bytes(&[leg.record])),
+        Ok(1)
+    );
+    let ack = away_core.poll_outbound().expect("the acknowledgement");
+    assert_eq!(
+        (ack.shard, ack.operation),
+        (0, LedgerOperation::AckCreditLegs)
+    );
+    let credited = away_core.state_machine().inner().lookup_account(away);
+    assert_eq!(credited.map(|a| a.credits_posted), Some(5), "credited once");
 }

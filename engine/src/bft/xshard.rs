@@ -900,6 +900,7 @@ struct Outputs {
     signers: u8,
     certified: bool,
     resend_at_us: u64,
+    produced_at_us: u64,
 }
 
 /// The sending side: signs this replica's outputs statement for each op's outputs to each
@@ -999,6 +1000,7 @@ impl OutputsCollector {
             signers: 1 << self.config.replica,
             certified: false,
             resend_at_us: now_us + self.config.resend_interval_us,
+            produced_at_us: now_us,
         };
         self.kept.insert((destination, op), outputs);
         actions.push(XShardAction::Broadcast(own));
@@ -1119,6 +1121,31 @@ impl OutputsCollector {
         self.kept.remove(&(destination, op)).is_some()
     }
 
+    /// Releases every output produced at least `min_age_us` before `now_us` (0: any age)
+    /// for which `settled(operation, records)` holds, certified here or not, and returns
+    /// how many went. The driver asks the state machine (`StateMachine::outputs_settled`,
+    /// from replicated state): a leg is settled once its acknowledgement is applied, so
+    /// every correct replica releases it, including one that executed the op after its
+    /// peers released it and so never collects a certificate (peers drop votes for outputs
+    /// they no longer hold). Outputs that are settled when produced (acknowledgements)
+    /// stay `min_age_us`, delivered again each `resend_interval_us` meanwhile, then go
+    /// whether certified or not: a lost one is repaired by the leg's resend, which its
+    /// destination acknowledges again at a new op. So the collector never fills with
+    /// outputs nobody will answer.
+    pub fn release_settled(
+        &mut self,
+        now_us: u64,
+        min_age_us: u64,
+        mut settled: impl FnMut(u16, &[u8]) -> bool,
+    ) -> usize {
+        let before = self.kept.len();
+        self.kept.retain(|_, held| {
+            now_us < held.produced_at_us.saturating_add(min_age_us)
+                || !settled(held.operation, &held.records)
+        });
+        before - self.kept.len()
+    }
+
     /// Whether the outputs of `op` for `destination` are certified here.
     pub fn is_certified(&self, destination: u32, op: u64) -> bool {
         self.kept
@@ -1167,6 +1194,8 @@ struct Inbound {
     proof: ProvenOutputs,
     /// The view in which this replica, as leader, last proposed it (not again in that view).
     proposed_in_view: Option<u64>,
+    /// When [`InboundProofs::forward_due`] hands it out next (0: not seen by it yet).
+    forward_at_us: u64,
 }
 
 /// The receiving side, one per replica of the destination group: verified proofs waiting
@@ -1245,6 +1274,7 @@ impl InboundProofs {
         self.queue.push_back(Inbound {
             proof,
             proposed_in_view: None,
+            forward_at_us: 0,
         });
         Ok(())
     }
@@ -1285,6 +1315,27 @@ impl InboundProofs {
             now_ns,
             proofs,
         })
+    }
+
+    /// Copies into `out` the proofs that stayed queued at least `after_us` (since the first
+    /// call that saw them, or since they were last handed out), for the driver to send to
+    /// the group's other replicas. Every correct replica of the origin group delivers to its
+    /// own node, so the replicas of a group normally hold the same proofs; one that reached
+    /// a replica after its batch committed (a late delivery), or that only some nodes
+    /// certified, would otherwise stay queued there: pending work that no leader proposes
+    /// and too few replicas report to change views. A replica queues a forwarded copy like
+    /// a delivered one (verified, or `Stale` if it holds it); the leader proposes it, and
+    /// committed again it is a duplicate the state machine acknowledges again and changes
+    /// nothing else. Each proof is handed out at most once per `after_us`.
+    pub fn forward_due(&mut self, now_us: u64, after_us: u64, out: &mut Vec<ProvenOutputs>) {
+        for queued in self.queue.iter_mut() {
+            if queued.forward_at_us == 0 {
+                queued.forward_at_us = now_us.saturating_add(after_us).max(1);
+            } else if now_us >= queued.forward_at_us {
+                queued.forward_at_us = now_us.saturating_add(after_us);
+                out.push(queued.proof.clone());
+            }
+        }
     }
 
     /// A proven batch committed in this group (verified): its proofs leave the queue.

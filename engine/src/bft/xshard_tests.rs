@@ -710,6 +710,76 @@ fn a_full_collector_refuses_and_changes_nothing() {
 }
 
 #[test]
+fn settled_outputs_are_released_by_age_whether_certified_or_not() {
+    let keys = keys(1);
+    let mut group = collectors(&keys, 0);
+    let legs = LedgerOperation::ApplyCreditLegs as u16;
+    let acks = LedgerOperation::AckCreditLegs as u16;
+    let mut actions = Vec::new();
+    // Ops 1 and 2 are legs produced at 0 and 100 µs, op 3 an acknowledgement at 200 µs;
+    // replica 0 alone produced them, so none is certified.
+    group[0]
+        .on_produced(0, 1, 1, legs, records(1, 1), &mut actions)
+        .unwrap();
+    group[0]
+        .on_produced(100, 2, 1, legs, records(1, 2), &mut actions)
+        .unwrap();
+    group[0]
+        .on_produced(200, 3, 1, acks, records(1, 3), &mut actions)
+        .unwrap();
+    assert!(!group[0].is_certified(1, 1));
+    // Op 1's leg is acknowledged (settled), op 2's is not; acknowledgements always are.
+    let settled = |operation: u16, bytes: &[u8]| operation == acks || bytes == records(1, 1);
+    // Younger than the minimum age: nothing goes.
+    assert_eq!(group[0].release_settled(50, 100, settled), 0);
+    assert_eq!(group[0].kept(), 3);
+    // Op 1 is old enough and settled; op 2 is unsettled; op 3 is too young.
+    assert_eq!(group[0].release_settled(150, 100, settled), 1);
+    assert_eq!(group[0].kept(), 2);
+    assert!(!group[0].release(1, 1), "op 1 is gone");
+    // Op 3's acknowledgement goes once old enough, certified or not; op 2 stays.
+    assert_eq!(group[0].release_settled(300, 100, settled), 1);
+    assert_eq!(group[0].kept(), 1);
+    // Any age (a full collector's sweep): op 2 stays while its leg is in flight...
+    assert_eq!(group[0].release_settled(300, 0, settled), 0);
+    // ...and goes once acknowledged.
+    assert_eq!(group[0].release_settled(300, 0, |_, _| true), 1);
+    assert_eq!(group[0].kept(), 0);
+    assert_eq!(group[0].poll_timeout(), None);
+}
+
+#[test]
+fn proofs_left_queued_are_handed_out_to_forward_once_per_interval() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let mut inbound = InboundProofs::new(1, RECORD_BYTES, groups, 4).unwrap();
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    let first = prove(&keys, &[0, 1, 2], (0, 1, 7), records(1, 7));
+    inbound.on_proven(first.clone()).unwrap();
+    let mut out = Vec::new();
+    // First seen at 1,000 µs: due at 1,100 µs, not before.
+    inbound.forward_due(1_000, 100, &mut out);
+    inbound.forward_due(1_099, 100, &mut out);
+    assert!(out.is_empty());
+    inbound.forward_due(1_100, 100, &mut out);
+    assert_eq!(out, vec![first.clone()]);
+    // Once per interval.
+    inbound.forward_due(1_150, 100, &mut out);
+    assert_eq!(out.len(), 1);
+    inbound.forward_due(1_200, 100, &mut out);
+    assert_eq!(out.len(), 2);
+    // Committed: gone, never handed out again.
+    let batch = ProvenBatch {
+        operation,
+        now_ns: 1,
+        proofs: vec![first],
+    };
+    assert_eq!(inbound.on_committed(&batch), 1);
+    inbound.forward_due(10_000, 100, &mut out);
+    assert_eq!(out.len(), 2);
+}
+
+#[test]
 fn inbound_proofs_are_checked_once_deduplicated_bounded_and_proposed_once_per_view() {
     let keys = keys(1);
     let mut inbound = InboundProofs::new(1, RECORD_BYTES, groups_of(&keys), 3).unwrap();
