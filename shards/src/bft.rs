@@ -37,10 +37,11 @@
 //! (`Action::PersistGuard`); `guard_loop` writes it asynchronously (in place, into the
 //! copy of the file that does not hold the latest guard, then `fdatasync`) while every send
 //! the core makes after asking waits in a bounded queue until the write is durable. Each
-//! prepared certificate the core is about to send a Commit for
-//! (`Action::PersistPrepared`) waits the same way: `guard_loop` appends every one asked for
-//! so far to the prepared certificate log ([`crate::bft_prepared`]) in one write, and a
-//! restart hands them back to the core, whose ViewChanges then report them.
+//! prepared certificate the core is about to send a Commit for (`Action::PersistPrepared`)
+//! is appended by `prepared_loop`, every one asked for so far in one write, to the prepared
+//! certificate log ([`crate::bft_prepared`]); only the sends that carry the Commit vote
+//! wait for it, in a queue of their own ([`crate::bft_held`]), and a restart hands the
+//! certificates back to the core, whose ViewChanges then report them.
 //!
 //! **State transfer** (a replica behind its peers' stable checkpoint): the core asks one
 //! peer at a time for the missing committed ops (`StateRequest`); a peer's core accepts
@@ -94,6 +95,7 @@ use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
 
+use crate::bft_held::{HeldSends, Offered};
 use crate::bft_prepared::PreparedLog;
 use crate::journal::{FsyncPolicy, Journal, JournalConfig};
 use crate::metrics::ShardMetrics;
@@ -174,12 +176,6 @@ pub const GUARD_FILE_MAGIC: [u8; 8] = *b"PCBFTGD2";
 pub const GUARD_FILE_V1_BYTES: usize = 8 + 4 + 4 + 3 * 8 + 32;
 /// First bytes of a version-1 guard file.
 pub const GUARD_FILE_V1_MAGIC: [u8; 8] = *b"PCBFTGD1";
-/// Sends held back while a guard write is in flight (messages, and their encoded bytes):
-/// past either bound a send is dropped and counted like one a full outbox refuses (the
-/// core resends votes until they are committed), so a slow disk cannot grow memory.
-pub const GUARD_HELD_SENDS_MAX: usize = 1_024;
-/// See [`GUARD_HELD_SENDS_MAX`].
-pub const GUARD_HELD_BYTES_MAX: usize = BFT_SEND_QUEUE_BYTES_DEFAULT;
 /// Error code: a BFT replica needs a client id (requests are matched across replicas by
 /// `(client_id, request_number)`).
 pub const ERROR_BFT_NEEDS_CLIENT_ID: u32 = 1013;
@@ -205,9 +201,6 @@ pub const ERROR_BFT_STALE_REQUEST: u32 = 1017;
 const _: () = assert!(BFT_MESSAGE_BYTES_MAX < BFT_SEND_QUEUE_BYTES_DEFAULT);
 const _: () = assert!(CERT_RECORD_BYTES_MAX <= CERT_WRITE_BUFFER_BYTES);
 const _: () = assert!(GUARD_RECORD_BYTES <= GUARD_SLOT_BYTES);
-const _: () = assert!(BFT_MESSAGE_BYTES_MAX <= GUARD_HELD_BYTES_MAX);
-// A held send names its peers in one byte.
-const _: () = assert!(bft::REPLICA_COUNT_MAX <= 8);
 const _: () = assert!(COMMITTED_QUEUE_OPS >= bft::LOG_WINDOW_OPS_DEFAULT as usize);
 
 /// Which faults a replication group tolerates (`--fault-model`).
@@ -411,6 +404,9 @@ struct Committed {
     cert: CommitCert,
     /// A proven batch that passed its check when staged (applied as internal records).
     proven: Option<ProvenBatch>,
+    /// The prepared request of this op (`HeldSends::prepared_for_commit`): its journal
+    /// write waits for it (`commit_journals`).
+    prepared: u64,
 }
 
 /// One record of the certificate journal, as read back at start.
@@ -827,16 +823,6 @@ impl GuardFile {
     }
 }
 
-/// A send held until the guard request it waits for is durable.
-struct HeldSend {
-    /// Bit `i`: peer `i`.
-    peers: u8,
-    message: Message,
-    /// The guard request (`Bft::guard_requested`) current when it was made.
-    sequence: u64,
-    bytes: usize,
-}
-
 /// BFT state of one shard, shared by its tasks (borrows never cross an await).
 pub(crate) struct Bft {
     pub(crate) settings: BftSettings,
@@ -880,23 +866,27 @@ pub(crate) struct Bft {
     /// Leader: scratch for a proposal (the sealed batch's parts, record origins, and the
     /// signed batch's parts).
     proposal: RefCell<ProposalScratch>,
-    /// The vote guard file and the prepared certificate log; `guard_loop` takes them.
-    guard_file: RefCell<Option<(GuardFile, PreparedLog)>>,
+    /// The vote guard file (`guard_loop` takes it) and the prepared certificate log
+    /// (`prepared_loop` takes it).
+    guard_file: RefCell<Option<GuardFile>>,
+    prepared_log: RefCell<Option<PreparedLog>>,
     /// Prepared certificates the core asked to persist (`Action::PersistPrepared`), not
     /// yet in a write: at most one per op of the window and view, so bounded by the core.
     prepared_wanted: RefCell<Vec<bft::PreparedEntry>>,
     /// The stable checkpoint whose certificate is durable in the certificate journal:
     /// prepared certificates at or below it may go.
     low_durable: Cell<u64>,
-    /// The latest guard the core asked for (`Action::PersistGuard`) and the number of that
-    /// request; the number of the last request durable; `guard_loop`'s wake-up.
-    guard_requested: Cell<(VoteGuard, u64)>,
-    guard_durable: Cell<u64>,
+    /// The latest guard the core asked for (`Action::PersistGuard`); `guard_loop`'s
+    /// wake-up.
+    guard_requested: Cell<VoteGuard>,
     guard_wanted: LocalNotify,
-    /// Sends made while a guard request was not durable, oldest first, and their encoded
-    /// bytes.
-    held: RefCell<VecDeque<HeldSend>>,
-    held_bytes: Cell<usize>,
+    /// `prepared_loop`'s wake-up: a prepared request, or a guard write landed.
+    prepared_wake: LocalNotify,
+    /// The batcher's wake-up while its journal write waits for a prepared write.
+    prepared_landed: LocalNotify,
+    /// The numbers of the guard and prepared requests (asked for, durable) and the sends
+    /// that wait for them.
+    held: RefCell<HeldSends>,
     /// Transfers between shards: outputs this replica signs, and proofs for its group.
     pub(crate) xshard: crate::bft_xshard::XShard,
 }
@@ -1185,14 +1175,15 @@ impl Bft {
             verifies_seen: Cell::new(0),
             signatures: RefCell::new(vec![None; connections_max].into_boxed_slice()),
             proposal: RefCell::new(proposal),
-            guard_requested: Cell::new((replica_guard, 0)),
-            guard_file: RefCell::new(Some((guard_file, prepared_log))),
+            guard_requested: Cell::new(replica_guard),
+            guard_file: RefCell::new(Some(guard_file)),
+            prepared_log: RefCell::new(Some(prepared_log)),
             prepared_wanted: RefCell::new(Vec::with_capacity(bft::LOG_WINDOW_OPS_DEFAULT as usize)),
             low_durable: Cell::new(low_journaled),
-            guard_durable: Cell::new(0),
             guard_wanted: LocalNotify::default(),
-            held: RefCell::new(VecDeque::with_capacity(GUARD_HELD_SENDS_MAX)),
-            held_bytes: Cell::new(0),
+            prepared_wake: LocalNotify::default(),
+            prepared_landed: LocalNotify::default(),
+            held: RefCell::new(HeldSends::new()),
             xshard,
             settings,
         })
@@ -1256,6 +1247,7 @@ where
     }
     tasks.push(glommio::spawn_local(timer_loop(shard.clone())));
     tasks.push(glommio::spawn_local(guard_loop(shard.clone())));
+    tasks.push(glommio::spawn_local(prepared_loop(shard.clone())));
     tasks
 }
 
@@ -1475,6 +1467,9 @@ pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &mut Vec<A
                     committed.len() < COMMITTED_QUEUE_OPS,
                     "the window bounds commits between batcher turns"
                 );
+                // This op's prepared certificate, if this replica voted, was asked for
+                // before (`PersistPrepared` comes ahead of the Commit).
+                let prepared = bft.held.borrow_mut().prepared_for_commit(op);
                 committed.push_back(Committed {
                     op,
                     view,
@@ -1482,22 +1477,23 @@ pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &mut Vec<A
                     batch,
                     cert,
                     proven: None,
+                    prepared,
                 });
                 committed_any = true;
             }
             Action::PersistGuard { guard } => {
                 // `guard_loop` writes it; every send from here on waits for it (`send`).
-                let (_, sequence) = bft.guard_requested.get();
-                bft.guard_requested.set((guard, sequence + 1));
+                bft.guard_requested.set(guard);
+                bft.held.borrow_mut().request_guard();
                 bft.guard_wanted.notify();
             }
             Action::PersistPrepared { entry } => {
-                // Written by `guard_loop` with every other one asked for before its next
-                // write; the sends from here on (this op's Commit first) wait for it.
+                // Written by `prepared_loop` with every other one asked for before its next
+                // write; the Commits from here on (this op's first) wait for it (`send`).
+                let op = entry.cert.pre_prepare.op;
                 bft.prepared_wanted.borrow_mut().push(entry);
-                let (guard, sequence) = bft.guard_requested.get();
-                bft.guard_requested.set((guard, sequence + 1));
-                bft.guard_wanted.notify();
+                bft.held.borrow_mut().request_prepared(op);
+                bft.prepared_wake.notify();
             }
             Action::StateTransfer { cert } => {
                 ShardMetrics::add(&shard.metrics.bft_state_transfers_total, 1);
@@ -1551,77 +1547,63 @@ fn hex(digest: &Digest) -> String {
         .collect()
 }
 
-/// Sends `message` to `tos`, or holds it back while a vote guard the core asked for is not
-/// durable yet: whatever the core signed before this send is then covered on disk before
-/// it leaves (a vote never reaches a peer before the guard that covers it). The driver's
-/// own snapshot transfer messages ([`waits_for_guard`]) leave at once.
+/// Sends `message` to `tos`, or holds it back while a write it depends on is not durable
+/// ([`HeldSends`]): every message the core makes waits for the vote guard it asked for
+/// before it (a vote never reaches a peer before the guard that covers it), and one that
+/// carries this replica's Commit vote also waits for the prepared certificates asked for
+/// before it. The driver's own snapshot transfer messages leave at once.
 pub(crate) fn send<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
     let bft = shard.bft.as_ref().expect("BFT shard");
-    let (_, requested) = bft.guard_requested.get();
-    if bft.guard_durable.get() >= requested || !waits_for_guard(message) {
-        send_now(shard, tos, message);
-        return;
-    }
-    let bytes = codec::encoded_bytes(message);
-    let mut held = bft.held.borrow_mut();
-    if held.len() == GUARD_HELD_SENDS_MAX || bft.held_bytes.get() + bytes > GUARD_HELD_BYTES_MAX {
-        ShardMetrics::add(
+    let peers = tos.iter().fold(0, |peers, to| peers | 1 << to);
+    let offered = bft.held.borrow_mut().offer(peers, message);
+    match offered {
+        Offered::SendNow => send_now(shard, tos, message),
+        Offered::Held => {}
+        Offered::Dropped => ShardMetrics::add(
             &shard.metrics.replication_messages_dropped_total,
             tos.len() as u64,
-        );
-        return;
+        ),
     }
-    bft.held_bytes.set(bft.held_bytes.get() + bytes);
-    held.push_back(HeldSend {
-        peers: tos.iter().fold(0, |peers, to| peers | 1 << to),
-        message: message.clone(),
-        sequence: requested,
-        bytes,
-    });
 }
 
-/// Makes the vote guards and prepared certificates the core asks for durable, one write of
-/// each at a time (a write covers everything asked for before it), and then lets out the
-/// sends held for them (`send`). The executor never blocks on the disk.
+/// Sends every held send whose writes are durable, oldest first.
+fn release_held<S: StateMachine>(shard: &Shard<S>) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    loop {
+        // The borrow ends before the send (a Byzantine rewrite reads the core, not this).
+        let next = bft.held.borrow_mut().pop_ready();
+        let Some(send) = next else { break };
+        let (tos, count) = send.tos();
+        send_now(shard, &tos[..count], &send.message);
+    }
+}
+
+/// Makes the vote guards the core asks for durable, one write at a time (a write covers
+/// every request before it), and then lets out the sends held for them. Its own task,
+/// beside `prepared_loop`, so that a guard write (which every vote may wait for) is never
+/// queued behind a prepared certificate append (which only Commits wait for). The executor
+/// never blocks on the disk.
 async fn guard_loop<S>(shard: Rc<Shard<S>>)
 where
     S: StateMachine + 'static,
 {
     let bft = shard.bft.as_ref().expect("BFT shard");
-    let (mut file, mut prepared_log) = bft
+    let mut file = bft
         .guard_file
         .borrow_mut()
         .take()
         .expect("one guard task per shard");
-    let mut guard_written = bft.guard_requested.get().0;
-    let mut prepared = Vec::with_capacity(bft::LOG_WINDOW_OPS_DEFAULT as usize);
+    let mut guard_written = bft.guard_requested.get();
     while !shard.finished.get() {
-        let (guard, sequence) = bft.guard_requested.get();
-        if sequence == bft.guard_durable.get() {
+        let guard = bft.guard_requested.get();
+        let (sequence, durable) = bft.held.borrow().guard();
+        if sequence == durable {
             futures_lite::future::or(
                 bft.guard_wanted.wait(),
                 glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
             )
             .await;
             continue;
-        }
-        // Everything asked for up to `sequence` (the borrow ends before the awaits).
-        std::mem::swap(&mut prepared, &mut *bft.prepared_wanted.borrow_mut());
-        if !prepared.is_empty() {
-            let low = bft.low_durable.get();
-            if let Err(error) = prepared_log.append(&prepared, low).await {
-                // A Commit whose prepared certificate is not durable could leave a
-                // committed op unreported by this replica after a restart.
-                panic!(
-                    "shard {}: BFT prepared certificate write failed, stopping: {error}",
-                    shard.index
-                );
-            }
-            ShardMetrics::add(
-                &shard.metrics.bft_prepared_persisted_total,
-                prepared.len() as u64,
-            );
-            prepared.clear();
         }
         if guard != guard_written {
             if let Err(error) = file.write(&guard).await {
@@ -1636,40 +1618,62 @@ where
             ShardMetrics::add(&shard.metrics.bft_guard_writes_total, 1);
             tracing::debug!(shard = shard.index, ?guard, "BFT vote guard persisted");
         }
-        debug_assert!(sequence > bft.guard_durable.get());
-        bft.guard_durable.set(sequence);
-        loop {
-            let next = {
-                let mut held = bft.held.borrow_mut();
-                match held.front() {
-                    Some(front) if front.sequence <= sequence => held.pop_front(),
-                    _ => None,
-                }
-            };
-            let Some(send) = next else { break };
-            bft.held_bytes.set(bft.held_bytes.get() - send.bytes);
-            let mut tos = [0u8; bft::REPLICA_COUNT_MAX];
-            let mut count = 0;
-            for peer in 0..bft::REPLICA_COUNT_MAX as u8 {
-                if send.peers & (1 << peer) != 0 {
-                    tos[count] = peer;
-                    count += 1;
-                }
-            }
-            send_now(&shard, &tos[..count], &send.message);
-        }
+        bft.held.borrow_mut().guard_landed(sequence);
+        // A prepared append may have waited for this guard.
+        bft.prepared_wake.notify();
+        release_held(&shard);
     }
 }
 
-/// Whether a send waits for the vote guard the core asked for before it: every message
-/// the core produces does (the contract of `Action::PersistGuard`), even one that signs
-/// nothing itself, so that sends to one peer keep their order. The snapshot transfer's
-/// requests and chunks are the driver's own, unsigned, and carry no vote.
-fn waits_for_guard(message: &Message) -> bool {
-    !matches!(
-        message,
-        Message::SnapshotRequest { .. } | Message::SnapshotChunk { .. }
-    )
+/// Appends the prepared certificates the core asks for to the prepared certificate log,
+/// every one asked for so far in one write (one `fdatasync` covers many Commits), once the
+/// guard covering the votes they hold is durable ([`HeldSends::prepared_may_write`]), and
+/// then lets out the Commits held for them.
+async fn prepared_loop<S>(shard: Rc<Shard<S>>)
+where
+    S: StateMachine + 'static,
+{
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut prepared_log = bft
+        .prepared_log
+        .borrow_mut()
+        .take()
+        .expect("one prepared certificate task per shard");
+    let mut prepared = Vec::with_capacity(bft::LOG_WINDOW_OPS_DEFAULT as usize);
+    while !shard.finished.get() {
+        let ((sequence, durable), may_write) = {
+            let held = bft.held.borrow();
+            (held.prepared(), held.prepared_may_write())
+        };
+        if sequence == durable || !may_write {
+            futures_lite::future::or(
+                bft.prepared_wake.wait(),
+                glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
+            )
+            .await;
+            continue;
+        }
+        // Everything asked for up to `sequence` (the borrow ends before the await).
+        std::mem::swap(&mut prepared, &mut *bft.prepared_wanted.borrow_mut());
+        debug_assert!(!prepared.is_empty(), "one certificate per prepared request");
+        let low = bft.low_durable.get();
+        if let Err(error) = prepared_log.append(&prepared, low).await {
+            // A Commit whose prepared certificate is not durable could leave a committed
+            // op unreported by this replica after a restart.
+            panic!(
+                "shard {}: BFT prepared certificate write failed, stopping: {error}",
+                shard.index
+            );
+        }
+        ShardMetrics::add(
+            &shard.metrics.bft_prepared_persisted_total,
+            prepared.len() as u64,
+        );
+        prepared.clear();
+        bft.held.borrow_mut().prepared_landed(sequence);
+        bft.prepared_landed.notify();
+        release_held(&shard);
+    }
 }
 
 /// Encodes `message` (each Byzantine variant once) and queues it for `tos`.
@@ -2216,19 +2220,8 @@ where
     let staged = stage_committed(shard, journal, &mut certs).await;
     let low_staged = stage_checkpoint(shard, &mut certs).await;
     if staged || low_staged {
-        // Certificates first: after a crash the certificate journal is never behind the
-        // journal (recovery cuts certificates whose batch was lost, `recover_certs`).
-        for (name, journal) in [
-            ("certificate journal", &mut certs),
-            ("journal", &mut *journal),
-        ] {
-            if let Err(error) = journal.commit().await {
-                panic!(
-                    "shard {}: BFT {name} write failed, stopping: {error}",
-                    shard.index
-                );
-            }
-        }
+        let prepared = prepared_max(&bft.applying.borrow());
+        commit_journals(shard, &mut certs, journal, prepared).await;
         ShardMetrics::add(&shard.metrics.journal_commits_total, 1);
     }
     *bft.certs.borrow_mut() = Some(certs);
@@ -2254,6 +2247,44 @@ where
 }
 
 /// Stages the queued commits; returns whether any was taken.
+/// Makes what is staged in the certificate journal and the journal durable, certificates
+/// first: after a crash the certificate journal is never behind the journal (recovery
+/// cuts certificates whose batch was lost, `recover_certs`). The journal write waits for
+/// the prepared certificates asked for up to request `prepared`: a committed op durable in
+/// the journal is executed after a restart, and if its commit certificate holds this
+/// replica's own Commit, that vote made the op committed here (and answered its clients),
+/// so the replica's later ViewChanges must report the op's prepared certificate as if the
+/// Commit had been sent (section 7 of `docs/bft.md` counts it among the `f + 1`).
+async fn commit_journals<S: StateMachine>(
+    shard: &Shard<S>,
+    certs: &mut Journal,
+    journal: &mut Journal,
+    prepared: u64,
+) {
+    if let Err(error) = certs.commit().await {
+        panic!(
+            "shard {}: BFT certificate journal write failed, stopping: {error}",
+            shard.index
+        );
+    }
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    // `prepared_loop` runs until the batcher has stopped (`finished` is set after it), and
+    // the guard write it may wait for likewise: this ends.
+    while bft.held.borrow().prepared().1 < prepared {
+        futures_lite::future::or(
+            bft.prepared_landed.wait(),
+            glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
+        )
+        .await;
+    }
+    if let Err(error) = journal.commit().await {
+        panic!(
+            "shard {}: BFT journal write failed, stopping: {error}",
+            shard.index
+        );
+    }
+}
+
 async fn stage_committed<S: StateMachine>(
     shard: &Shard<S>,
     journal: &mut Journal,
@@ -2277,7 +2308,8 @@ async fn stage_committed<S: StateMachine>(
         }
         let mut signatures: &[u8] = &[];
         let journaled = if proven {
-            stage_proven_batch(shard, journal, certs, &mut committed, &mut journal_op).await
+            let ops = (&mut journal_op, prepared_max(&applying));
+            stage_proven_batch(shard, journal, certs, &mut committed, ops).await
         } else {
             let checked = check_client_batch(shard, &committed);
             signatures = checked.map_or(&[][..], |(parts, _)| parts.signatures);
@@ -2285,7 +2317,9 @@ async fn stage_committed<S: StateMachine>(
                 Some((parts, entries)) => {
                     let meta = (parts.operation, entries);
                     let staged = (parts.records, parts.requests);
-                    stage_entry(shard, journal, certs, meta, staged, &mut journal_op).await;
+                    let prepared = prepared_max(&applying);
+                    let ops = (&mut journal_op, prepared);
+                    stage_entry(shard, journal, certs, meta, staged, ops).await;
                     Some(journal_op)
                 }
                 None => None,
@@ -2338,6 +2372,16 @@ async fn stage_committed<S: StateMachine>(
     taken
 }
 
+/// The highest prepared request of the ops staged so far (`Committed::prepared`): a
+/// journal write of them waits for it (`commit_journals`).
+fn prepared_max(applying: &[(Committed, Option<u64>)]) -> u64 {
+    applying
+        .iter()
+        .map(|(committed, _)| committed.prepared)
+        .max()
+        .unwrap_or(0)
+}
+
 /// The checks of a committed client batch: every request signed by its client, and a
 /// batch of this shard ([`crate::core::ShardCore::check_committed`]). `None` (logged) if
 /// it fails; the records and descriptors are then left in the core's scratch.
@@ -2380,7 +2424,7 @@ async fn stage_proven_batch<S: StateMachine>(
     journal: &mut Journal,
     certs: &mut Journal,
     committed: &mut Committed,
-    journal_op: &mut u64,
+    (journal_op, prepared): (&mut u64, u64),
 ) -> Option<u64> {
     let (batch, entries) = match crate::bft_xshard::stage_proven(shard, &committed.batch) {
         Ok(checked) => checked,
@@ -2392,7 +2436,8 @@ async fn stage_proven_batch<S: StateMachine>(
     // The stamped records are copied out of the core's scratch: staging may await.
     let records = shard.core.borrow().checked_records(entries).to_vec();
     let meta = (batch.operation, entries);
-    stage_entry(shard, journal, certs, meta, (&records, &[]), journal_op).await;
+    let ops = (&mut *journal_op, prepared);
+    stage_entry(shard, journal, certs, meta, (&records, &[]), ops).await;
     committed.proven = Some(batch);
     Some(*journal_op)
 }
@@ -2407,20 +2452,14 @@ async fn stage_entry<S: StateMachine>(
     certs: &mut Journal,
     (operation, entries): (u16, usize),
     (records, requests): (&[u8], &[u8]),
-    journal_op: &mut u64,
+    (journal_op, prepared): (&mut u64, u64),
 ) {
     if journal.staged_bytes() + entry_bytes_padded(records.len() + requests.len())
         > journal.write_buffer_bytes()
     {
-        // Certificates first, as in `journal_and_apply`.
-        for journal in [&mut *certs, &mut *journal] {
-            if let Err(error) = journal.commit().await {
-                panic!(
-                    "shard {}: journal write failed, stopping: {error}",
-                    shard.index
-                );
-            }
-        }
+        // As in `journal_and_apply`: certificates first, and the journal write waits for
+        // the prepared requests of the ops staged so far (`prepared`, their highest).
+        commit_journals(shard, certs, journal, prepared).await;
     }
     *journal_op += 1;
     let meta = EntryMeta {

@@ -7,10 +7,10 @@
 //! ViewChanges report them as if it had never crashed and a crash of a correct replica does
 //! not count against `f` (`docs/bft.md` §7, §12).
 //!
-//! The log is a sequence of segment files `<sequence>.prepared` (20 digits). The guard task
-//! (`bft::guard_loop`) appends one frame per write, holding every certificate the core asked
-//! for since the previous write, with one O_DIRECT write and one `fdatasync`: one write
-//! covers many Commits. A frame is
+//! The log is a sequence of segment files `<sequence>.prepared` (20 digits). Its task
+//! (`bft::prepared_loop`) appends one frame per write, holding every certificate the core
+//! asked for since the previous write, with one O_DIRECT write and one `fdatasync`: one
+//! write covers many Commits. A frame is
 //!
 //! ```text
 //! magic "PCBFTPR1" | group u32 | replica u8 | 0 u8 * 3 | body_bytes u32 | count u32

@@ -9,6 +9,7 @@
 
 pub mod bft;
 pub mod bft_bench;
+pub mod bft_held;
 pub mod bft_prepared;
 pub mod bft_snapshot;
 pub mod bft_xshard;

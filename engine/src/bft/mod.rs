@@ -363,11 +363,15 @@ pub enum Action {
         /// The new guard (never lower than an earlier one in any field).
         guard: VoteGuard,
     },
-    /// Make this prepared certificate durable before sending anything that follows it (the
-    /// same contract as [`Action::PersistGuard`], whose sends it shares: one write may
-    /// cover many): it comes right before this replica's Commit for the op, and a restarted
-    /// replica gets it back through [`Restored::prepared`], so its ViewChanges report it
-    /// like a replica that never crashed. Keep those above the stable checkpoint only.
+    /// Make this prepared certificate durable before sending this replica's Commit vote
+    /// for the op, which follows it (in that Commit, or in a commit certificate sent
+    /// later), and before the op, once committed, is durable in the driver's journal (its
+    /// certificate may hold that vote, and a restarted replica that executed it must report
+    /// it); other sends need not wait for it, and one write may cover many. It holds
+    /// this replica's own PrePrepare or Prepare, so write it only once the guards asked for
+    /// before it are durable. A restarted replica gets it back through
+    /// [`Restored::prepared`], so its ViewChanges report it like a replica that never
+    /// crashed. Keep those above the stable checkpoint only.
     PersistPrepared {
         /// The certificate and its batch.
         entry: PreparedEntry,

@@ -1159,7 +1159,7 @@ impl BftReplica {
         };
         slot.prepared = Some(entry.clone());
         if let Some(commit) = commit {
-            // Durable before the Commit leaves (the sends wait as for a guard).
+            // Durable before the Commit leaves (the driver holds it until then).
             actions.push(Action::PersistPrepared { entry });
             let slot = self.slot_mut(op);
             slot.commits[replica] = Some(commit);

@@ -91,6 +91,14 @@ pub struct Options {
     pub faults: bool,
     /// A protocol bug injected into every replica.
     pub bug: Option<InjectedBug>,
+    /// A driver bug: journal writes do not wait for the prepared certificates of the ops
+    /// they make durable (so a restarted replica can hold an op it committed with its own,
+    /// never sent, Commit and no prepared certificate for it).
+    pub journal_before_prepared: bool,
+    /// A driver bug: prepared certificate writes do not wait for the guard asked for before
+    /// them (so a crash can keep a certificate holding a vote its durable guard does not
+    /// cover).
+    pub prepared_before_guard: bool,
     /// Keep and print the whole trace.
     pub verbose: bool,
 }
@@ -102,6 +110,8 @@ impl Default for Options {
             byzantine: 1,
             crashes: 0,
             beyond_budget: false,
+            journal_before_prepared: false,
+            prepared_before_guard: false,
             behaviour: None,
             steps: STEPS_DEFAULT,
             faults: true,
@@ -155,9 +165,13 @@ pub struct Summary {
     pub restarts: u64,
     /// Vote guard writes started.
     pub guard_writes: u64,
-    /// Sends held back until a guard write was durable (or lost in a crash).
+    /// Sends held back until a guard or prepared certificate write was durable (or lost in
+    /// a crash).
     pub sends_held: u64,
-    /// Prepared certificates written with guard writes.
+    /// Sends of the core that left at once while a Commit of the same replica was held for
+    /// its prepared certificate (only Commits wait for that write).
+    pub sends_past_held_commits: u64,
+    /// Prepared certificates written (in group writes of their own).
     pub prepared_persisted: u64,
     /// Prepared certificates handed to `BftReplica::restore`.
     pub prepared_restored: u64,
@@ -185,6 +199,7 @@ impl Summary {
         self.restarts += other.restarts;
         self.guard_writes += other.guard_writes;
         self.sends_held += other.sends_held;
+        self.sends_past_held_commits += other.sends_past_held_commits;
         self.prepared_persisted += other.prepared_persisted;
         self.prepared_restored += other.prepared_restored;
     }
@@ -206,6 +221,14 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
         }
         if arg == "--beyond-budget" {
             options.beyond_budget = true;
+            continue;
+        }
+        if arg == "--journal-before-prepared" {
+            options.journal_before_prepared = true;
+            continue;
+        }
+        if arg == "--prepared-before-guard" {
+            options.prepared_before_guard = true;
             continue;
         }
         let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
@@ -310,6 +333,12 @@ pub fn options_args(options: &Options) -> Vec<String> {
     }
     if options.beyond_budget {
         args.push("--beyond-budget".to_string());
+    }
+    if options.journal_before_prepared {
+        args.push("--journal-before-prepared".to_string());
+    }
+    if options.prepared_before_guard {
+        args.push("--prepared-before-guard".to_string());
     }
     if options.verbose {
         args.push("-v".to_string());

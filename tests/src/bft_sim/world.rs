@@ -14,11 +14,13 @@
 //!
 //! Durability follows the runtime driver (`shards/src/bft.rs`): committed ops and stable
 //! checkpoint certificates reach the disk in group commits that take simulated time (and
-//! are reported to the core with `on_durable`), and a vote guard asked for by
-//! `Action::PersistGuard` is written asynchronously while every later send waits for it;
-//! the prepared certificates of `Action::PersistPrepared` go to disk in the same writes.
-//! A replica that crashes loses everything else (the core, requests, sends held back);
-//! a write in flight at the crash either landed or is lost. It restarts with
+//! are reported to the core with `on_durable`), a vote guard asked for by
+//! `Action::PersistGuard` is written asynchronously while every later send waits for it,
+//! and the prepared certificates of `Action::PersistPrepared` are appended by writes of
+//! their own, which only the later sends that carry the replica's Commit vote wait for (the
+//! driver's queues, [`HeldSends`], are the ones used here). A replica that crashes loses
+//! everything else (the core, requests, sends held back); a write in flight at the crash
+//! either landed or is lost. It restarts with
 //! `BftReplica::restore` from what is durable, and gets its proposal check again.
 
 use crate::sched::Scheduled;
@@ -31,6 +33,7 @@ use percore_engine::bft::{
     Vote, VoteGuard, VoteKind, batch_digest, chain_digest,
 };
 use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
+use percore_shards::bft_held::{HeldSends, Offered};
 
 use super::{BEHAVIOURS, Behaviour, Failure, Options, Summary};
 use crate::sim::rng::{SimRng, splitmix64};
@@ -72,9 +75,9 @@ const DOWN_US_MAX: u64 = 800_000;
 /// Between two crashes of the run's crashing replicas (µs).
 const CRASH_INTERVAL_US_MIN: u64 = 100_000;
 const CRASH_INTERVAL_US_MAX: u64 = 1_500_000;
-/// A guard write of a crashing replica is also hit by a crash with this chance (per
-/// million): the crash falls inside the write, which then lands or is lost.
-const CRASH_DURING_GUARD_WRITE_PER_MILLION: u64 = 200_000;
+/// A guard or prepared certificate write of a crashing replica is also hit by a crash with
+/// this chance (per million): the crash falls inside the write, which then lands or is lost.
+const CRASH_DURING_DISK_WRITE_PER_MILLION: u64 = 200_000;
 
 /// A client request: id `(client + 1) << 32 | request number`.
 #[derive(Debug, Clone)]
@@ -104,6 +107,11 @@ enum Event {
     },
     /// The vote guard write in flight at `replica` is durable.
     GuardDurable {
+        replica: u8,
+        incarnation: u64,
+    },
+    /// The prepared certificate write in flight at `replica` is durable.
+    PreparedDurable {
         replica: u8,
         incarnation: u64,
     },
@@ -144,22 +152,15 @@ struct Disk {
     /// A group commit in flight: the ops through this op and the checkpoint certificate
     /// staged with them.
     journal_writing: Option<(u64, Option<CheckpointCert>)>,
-    /// The durable vote guard, and the number of the guard request it answers.
+    /// The durable vote guard.
     guard: VoteGuard,
-    guard_sequence: u64,
     /// The durable prepared certificates above `low_cert`, by op (the highest view's).
     prepared: BTreeMap<u64, PreparedEntry>,
-    /// A guard write in flight: the guard, the prepared certificates it also makes durable
-    /// and its request number.
-    guard_writing: Option<(VoteGuard, Vec<PreparedEntry>, u64)>,
-}
-
-/// A send held back until the guard request `sequence` is durable.
-#[derive(Debug)]
-struct Held {
-    tos: Vec<u8>,
-    message: Message,
-    sequence: u64,
+    /// A guard write in flight: the guard and its request number.
+    guard_writing: Option<(VoteGuard, u64)>,
+    /// A prepared certificate write in flight: the certificates and the number of the last
+    /// request it covers.
+    prepared_writing: Option<(Vec<PreparedEntry>, u64)>,
 }
 
 #[derive(Debug)]
@@ -174,14 +175,18 @@ struct Node {
     /// Incremented by each crash: events of an earlier life are ignored.
     incarnation: u64,
     disk: Disk,
-    /// The latest guard the core asked for, and the number of that request.
+    /// The latest guard the core asked for.
     guard_requested: VoteGuard,
-    guard_requested_sequence: u64,
     /// Prepared certificates the core asked to persist, not yet in a write (lost in a
     /// crash).
     prepared_requested: Vec<PreparedEntry>,
-    /// Sends that wait for a guard write (lost in a crash).
-    held: Vec<Held>,
+    /// The guard and prepared request numbers and the sends that wait for them (lost in a
+    /// crash).
+    held: HeldSends,
+    /// The highest prepared request of the ops committed so far
+    /// (`HeldSends::prepared_for_commit`): the next journal write starts once it is
+    /// durable, as the driver's (`commit_journals`).
+    commit_prepared: u64,
     /// Op → the highest view of a Commit this replica put on the wire (whatever crashes
     /// since): its ViewChanges must report a prepared certificate at least that high.
     commits_sent: BTreeMap<u64, u64>,
@@ -259,6 +264,7 @@ pub struct World {
     restarts: u64,
     guard_writes: u64,
     sends_held: u64,
+    sends_past_held_commits: u64,
     prepared_persisted: u64,
     prepared_restored: u64,
 }
@@ -336,9 +342,9 @@ impl World {
                     incarnation: 0,
                     disk: Disk::default(),
                     guard_requested: VoteGuard::default(),
-                    guard_requested_sequence: 0,
                     prepared_requested: Vec::new(),
-                    held: Vec::new(),
+                    held: HeldSends::new(),
+                    commit_prepared: 0,
                     commits_sent: BTreeMap::new(),
                     key,
                     behaviour,
@@ -409,6 +415,7 @@ impl World {
             restarts: 0,
             guard_writes: 0,
             sends_held: 0,
+            sends_past_held_commits: 0,
             prepared_persisted: 0,
             prepared_restored: 0,
         }
@@ -567,6 +574,10 @@ impl World {
                 replica,
                 incarnation,
             } => self.guard_durable(replica, incarnation),
+            Event::PreparedDurable {
+                replica,
+                incarnation,
+            } => self.prepared_durable(replica, incarnation),
             Event::Crash { replica, next } => {
                 self.crash(replica, next);
                 Ok(())
@@ -656,6 +667,9 @@ impl World {
                     cert,
                 } => {
                     self.note(format!("replica {replica} commits op {op} (view {view})"));
+                    let node = &mut self.nodes[usize::from(replica)];
+                    let prepared = node.held.prepared_for_commit(op);
+                    node.commit_prepared = node.commit_prepared.max(prepared);
                     self.apply(replica, op, digest, batch, cert)?;
                 }
                 // The core fetches the ops itself (StateRequest / StateOps). Checker: every
@@ -681,16 +695,17 @@ impl World {
                 Action::PersistGuard { guard } => {
                     let node = &mut self.nodes[usize::from(replica)];
                     node.guard_requested = guard;
-                    node.guard_requested_sequence += 1;
+                    node.held.request_guard();
                     self.guard_write(replica);
                 }
-                // Written with the next guard write (one write covers all those asked for
-                // meanwhile); the sends after it wait for that write.
+                // Written with the next prepared write (one write covers all those asked for
+                // meanwhile); the Commits after it wait for that write.
                 Action::PersistPrepared { entry } => {
                     let node = &mut self.nodes[usize::from(replica)];
+                    let op = entry.cert.pre_prepare.op;
                     node.prepared_requested.push(entry);
-                    node.guard_requested_sequence += 1;
-                    self.guard_write(replica);
+                    node.held.request_prepared(op);
+                    self.prepared_write(replica);
                 }
                 // Only a driver that lost ops from its log offers a snapshot
                 // (`Message::StateSnapshot`); the simulator's drivers serve every op (a
@@ -874,21 +889,29 @@ impl World {
         }
     }
 
-    /// Sends a core's message, or holds it back while a guard write asked for before it is
-    /// not durable (the driver's contract: no vote leaves before the guard covering it).
+    /// Sends a core's message, or holds it back as the driver does ([`HeldSends`]): no vote
+    /// leaves before the guard covering it is durable, and no Commit vote before its
+    /// prepared certificate is.
     fn send(&mut self, from: u8, tos: Vec<u8>, message: Message) -> Outcome<()> {
         let node = &mut self.nodes[usize::from(from)];
-        if node.disk.guard_sequence < node.guard_requested_sequence {
-            let sequence = node.guard_requested_sequence;
-            node.held.push(Held {
-                tos,
-                message,
-                sequence,
-            });
-            self.sends_held += 1;
-            return Ok(());
+        let peers = tos.iter().fold(0, |peers, to| peers | 1 << to);
+        let commits_held = node.held.held().1;
+        match node.held.offer(peers, &message) {
+            Offered::SendNow => {
+                if commits_held > 0 {
+                    self.sends_past_held_commits += 1;
+                }
+                self.transmit(from, tos, message)
+            }
+            Offered::Held => {
+                self.sends_held += 1;
+                Ok(())
+            }
+            Offered::Dropped => {
+                self.messages_dropped += tos.len() as u64;
+                Ok(())
+            }
         }
-        self.transmit(from, tos, message)
     }
 
     /// Puts `message` from `from` on the wire to each of `tos`.
@@ -1116,6 +1139,8 @@ impl World {
         if !node.up
             || node.disk.journal_writing.is_some()
             || (node.log.len() as u64 == node.disk.log_durable && node.core.low() <= low_durable)
+            || (node.held.prepared().1 < node.commit_prepared
+                && !self.options.journal_before_prepared)
         {
             return;
         }
@@ -1142,7 +1167,7 @@ impl World {
         let Some((op, low_cert)) = node.disk.journal_writing.take() else {
             return Ok(());
         };
-        node.disk.land_journal(op, low_cert);
+        Self::land_journal(node, replica, op, low_cert);
         let mut actions = Vec::new();
         node.core.on_durable(self.time_us, op, &mut actions);
         self.execute(replica, actions)?;
@@ -1152,32 +1177,53 @@ impl World {
     /// Starts writing the latest guard asked for, unless a write is in flight.
     fn guard_write(&mut self, replica: u8) {
         let node = &mut self.nodes[usize::from(replica)];
-        if node.disk.guard_writing.is_some()
-            || node.disk.guard_sequence == node.guard_requested_sequence
+        let (requested, durable) = node.held.guard();
+        if node.disk.guard_writing.is_some() || requested == durable {
+            return;
+        }
+        node.disk.guard_writing = Some((node.guard_requested, requested));
+        self.guard_writes += 1;
+        self.disk_write_scheduled(replica, true);
+    }
+
+    /// Starts appending the prepared certificates asked for, unless a write is in flight or
+    /// the guard covering their votes is not durable yet.
+    fn prepared_write(&mut self, replica: u8) {
+        let node = &mut self.nodes[usize::from(replica)];
+        let (requested, durable) = node.held.prepared();
+        if node.disk.prepared_writing.is_some()
+            || requested == durable
+            || (!node.held.prepared_may_write() && !self.options.prepared_before_guard)
         {
             return;
         }
         let prepared = std::mem::take(&mut node.prepared_requested);
         self.prepared_persisted += prepared.len() as u64;
-        node.disk.guard_writing = Some((
-            node.guard_requested,
-            prepared,
-            node.guard_requested_sequence,
-        ));
+        node.disk.prepared_writing = Some((prepared, requested));
+        self.disk_write_scheduled(replica, false);
+    }
+
+    /// Schedules the end of the guard (or prepared) write just started, and perhaps a crash
+    /// inside it: the write lands or not, the held sends are lost.
+    fn disk_write_scheduled(&mut self, replica: u8, guard: bool) {
+        let node = &self.nodes[usize::from(replica)];
         let (incarnation, crashes) = (node.incarnation, node.crashes);
         let delay = self.rng.range(DISK_WRITE_US_MIN, DISK_WRITE_US_MAX);
-        self.guard_writes += 1;
-        self.schedule(
-            delay,
+        let event = if guard {
             Event::GuardDurable {
                 replica,
                 incarnation,
-            },
-        );
-        // Crashes inside guard writes: the write lands or not, the held sends are lost.
+            }
+        } else {
+            Event::PreparedDurable {
+                replica,
+                incarnation,
+            }
+        };
+        self.schedule(delay, event);
         if crashes
             && self.healed_at_us.is_none()
-            && self.rng.chance(CRASH_DURING_GUARD_WRITE_PER_MILLION)
+            && self.rng.chance(CRASH_DURING_DISK_WRITE_PER_MILLION)
         {
             let at = self.rng.range(0, delay);
             self.schedule(
@@ -1193,13 +1239,25 @@ impl World {
     /// Checker `prepared-report`: a correct replica's ViewChange for view `v` reports, for
     /// every op in its window where it sent a Commit in a view below `v`, a prepared
     /// certificate of that view or a later one, whatever crashes it went through (section
-    /// 7's argument counts on it). Records the Commits it sends.
+    /// 7's argument counts on it). Records the Commits it sends, and its Commit votes inside
+    /// the commit certificates it relays (`CommitProof`, `StateOps`) or journals
+    /// ([`World::land_journal`]).
     fn check_prepared_reported(&mut self, from: u8, message: &Message) -> Outcome<()> {
         let node = &mut self.nodes[usize::from(from)];
         match message {
             Message::Commit(vote) if vote.replica == from => {
                 let view = node.commits_sent.entry(vote.op).or_insert(vote.view);
                 *view = (*view).max(vote.view);
+                Ok(())
+            }
+            // Its Commit vote inside a commit certificate it relays reveals the vote too.
+            Message::CommitProof { cert, .. } => {
+                Self::note_commits_sent(node, from, std::slice::from_ref(cert));
+                Ok(())
+            }
+            Message::StateOps(ops) => {
+                let certs: Vec<CommitCert> = ops.iter().map(|(cert, _)| cert.clone()).collect();
+                Self::note_commits_sent(node, from, &certs);
                 Ok(())
             }
             Message::ViewChange(view_change) if view_change.vote.replica == from => {
@@ -1233,25 +1291,75 @@ impl World {
         }
     }
 
-    /// The guard write in flight is durable: the sends it covers leave, in order.
+    /// A group commit lands: committed ops through `op` are durable. Those whose commit
+    /// certificate holds `replica`'s own Commit count for `prepared-report` as if the
+    /// Commit had been sent: they are executed after a restart, committed here with that
+    /// vote, so its ViewChanges must report them.
+    fn land_journal(node: &mut Node, replica: u8, op: u64, low_cert: Option<CheckpointCert>) {
+        let from = usize::try_from(node.disk.log_durable).unwrap_or(usize::MAX);
+        let to = usize::try_from(op)
+            .unwrap_or(usize::MAX)
+            .min(node.log.len());
+        let certs: Vec<CommitCert> = node.log[from.min(to)..to]
+            .iter()
+            .map(|(_, _, cert)| cert.clone())
+            .collect();
+        Self::note_commits_sent(node, replica, &certs);
+        node.disk.land_journal(op, low_cert);
+    }
+
+    /// `from`'s own Commit votes inside `certs`, as if it had sent them.
+    fn note_commits_sent(node: &mut Node, from: u8, certs: &[CommitCert]) {
+        for vote in certs.iter().flat_map(|cert| &cert.commits) {
+            if vote.replica == from && vote.kind == VoteKind::Commit {
+                let view = node.commits_sent.entry(vote.op).or_insert(vote.view);
+                *view = (*view).max(vote.view);
+            }
+        }
+    }
+
+    /// The guard write in flight is durable: the sends it was the last wait of leave.
     fn guard_durable(&mut self, replica: u8, incarnation: u64) -> Outcome<()> {
         let node = &mut self.nodes[usize::from(replica)];
         if node.incarnation != incarnation {
             return Ok(());
         }
-        let Some((guard, prepared, sequence)) = node.disk.guard_writing.take() else {
+        let Some((guard, sequence)) = node.disk.guard_writing.take() else {
             return Ok(());
         };
-        node.disk.land_guard(guard, prepared, sequence);
-        let covered = node
-            .held
-            .iter()
-            .take_while(|held| held.sequence <= sequence)
-            .count();
-        let released: Vec<Held> = node.held.drain(..covered).collect();
+        node.disk.guard = guard;
+        node.held.guard_landed(sequence);
         self.guard_write(replica);
-        for held in released {
-            self.transmit(replica, held.tos, held.message)?;
+        // A prepared write may have waited for this guard (it holds votes the guard covers).
+        self.prepared_write(replica);
+        self.release_held(replica)
+    }
+
+    /// The prepared certificate write in flight is durable: the Commits it was the last
+    /// wait of leave.
+    fn prepared_durable(&mut self, replica: u8, incarnation: u64) -> Outcome<()> {
+        let node = &mut self.nodes[usize::from(replica)];
+        if node.incarnation != incarnation {
+            return Ok(());
+        }
+        let Some((prepared, sequence)) = node.disk.prepared_writing.take() else {
+            return Ok(());
+        };
+        node.disk.land_prepared(prepared);
+        node.held.prepared_landed(sequence);
+        self.prepared_write(replica);
+        // A journal write may have waited for it.
+        self.journal_write(replica);
+        self.release_held(replica)
+    }
+
+    /// Puts every held send whose writes are durable on the wire, oldest first.
+    fn release_held(&mut self, replica: u8) -> Outcome<()> {
+        let node = &mut self.nodes[usize::from(replica)];
+        let released: Vec<_> = std::iter::from_fn(|| node.held.pop_ready()).collect();
+        for send in released {
+            let (tos, count) = send.tos();
+            self.transmit(replica, tos[..count].to_vec(), send.message)?;
         }
         Ok(())
     }
@@ -1296,6 +1404,7 @@ impl World {
         }
         let journal_lands = self.rng.chance(500_000);
         let guard_lands = self.rng.chance(500_000);
+        let prepared_lands = self.rng.chance(500_000);
         let down_us = self.rng.range(DOWN_US_MIN, DOWN_US_MAX);
         let node = &mut self.nodes[usize::from(replica)];
         node.up = false;
@@ -1303,15 +1412,22 @@ impl World {
         if let Some((op, low_cert)) = node.disk.journal_writing.take()
             && journal_lands
         {
-            node.disk.land_journal(op, low_cert);
+            Self::land_journal(node, replica, op, low_cert);
         }
-        if let Some((guard, prepared, sequence)) = node.disk.guard_writing.take()
+        if let Some((guard, _)) = node.disk.guard_writing.take()
             && guard_lands
         {
-            node.disk.land_guard(guard, prepared, sequence);
+            node.disk.guard = guard;
         }
-        let held = node.held.len();
-        node.held.clear();
+        if let Some((prepared, _)) = node.disk.prepared_writing.take()
+            && prepared_lands
+        {
+            node.disk.land_prepared(prepared);
+        }
+        let (held_guard, held_commit) = node.held.held();
+        let held = held_guard + held_commit;
+        node.held = HeldSends::new();
+        node.commit_prepared = 0;
         node.prepared_requested.clear();
         node.pending.clear();
         node.proposed.clear();
@@ -1378,7 +1494,6 @@ impl World {
             }
         }
         node.guard_requested = node.disk.guard;
-        node.guard_requested_sequence = node.disk.guard_sequence;
         node.up = true;
         self.restarts += 1;
         let line = format!(
@@ -1736,6 +1851,7 @@ impl World {
             restarts: self.restarts,
             guard_writes: self.guard_writes,
             sends_held: self.sends_held,
+            sends_past_held_commits: self.sends_past_held_commits,
             prepared_persisted: self.prepared_persisted,
             prepared_restored: self.prepared_restored,
             byzantine_first_leader: self.nodes[0].behaviour.is_some(),
@@ -1777,10 +1893,8 @@ impl Disk {
         }
     }
 
-    /// A guard write lands: the guard and the prepared certificates it carried.
-    fn land_guard(&mut self, guard: VoteGuard, prepared: Vec<PreparedEntry>, sequence: u64) {
-        self.guard = guard;
-        self.guard_sequence = sequence;
+    /// A prepared certificate write lands.
+    fn land_prepared(&mut self, prepared: Vec<PreparedEntry>) {
         let low = self.low_cert.as_ref().map_or(0, CheckpointCert::op);
         for entry in prepared {
             let (view, op) = (entry.cert.pre_prepare.view, entry.cert.pre_prepare.op);

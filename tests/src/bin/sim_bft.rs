@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run -p percore-tests --bin sim_bft -- --seed 42 [--replicas 4|7] [--byzantine N]
-//!     [--crashes N] [--beyond-budget]
+//!     [--crashes N] [--beyond-budget] [--journal-before-prepared] [--prepared-before-guard]
 //!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request]
 //!     [--steps N] [--faults on|off]
 //!     [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|
@@ -21,7 +21,8 @@ fn main() -> ExitCode {
             eprintln!("sim_bft: {error}");
             eprintln!(
                 "usage: sim_bft (--seed S | --seeds A..B) [--replicas 4|7] [--byzantine N] \\
-                 [--crashes N] [--beyond-budget] \\
+                 [--crashes N] [--beyond-budget] [--journal-before-prepared] \\
+                 [--prepared-before-guard] \\
                  [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request] \\
                  [--steps N] [--faults on|off] \\
                  [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|\\
@@ -70,7 +71,8 @@ fn main() -> ExitCode {
              equivocations accepted by correct replicas {}, detected {}, messages refused {} \
              (bad signatures {}), proposals refused for unsigned requests {} ({} after a \
              restart), dropped {}; \
-             restarts {}, guard writes {}, sends held for a guard {}, prepared \
+             restarts {}, guard writes {}, sends held for a guard or prepared write {} \
+             ({} others left past a held Commit), prepared \
              certificates persisted {} and restored {}",
             byzantine_first_leader,
             total.ops_committed,
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
             total.restarts,
             total.guard_writes,
             total.sends_held,
+            total.sends_past_held_commits,
             total.prepared_persisted,
             total.prepared_restored,
         );
