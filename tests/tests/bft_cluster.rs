@@ -1421,12 +1421,16 @@ fn bft_made_up_leg_never_commits_and_the_credit_group_replaces_its_leader() {
         *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
     }
     let groups = harness.wait_transfers_settled(SHARDS as usize);
+    // A forged proposal is refused by every correct replica it reaches; one may miss it (a
+    // proposal made once per view, before every connection is up, or after that replica
+    // changed views), so the count is over the group.
+    let refused: u64 = harness
+        .correct()
+        .map(|replica| harness.shard_metric(replica, "percore_bft_proposals_refused_total", 0))
+        .sum();
+    assert!(refused > 0, "the made-up leg got no vote");
     for replica in harness.correct() {
         let metric = |name: &str| harness.shard_metric(replica, name, 0);
-        assert!(
-            metric("percore_bft_proposals_refused_total") > 0,
-            "replica {replica}: the made-up leg got no vote"
-        );
         assert!(
             metric("percore_bft_view") >= 1,
             "replica {replica}: group 0 replaced its leader"
