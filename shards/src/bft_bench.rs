@@ -2,13 +2,17 @@
 //! cluster (3 replicas, VSR) and on a BFT cluster (4 replicas, f = 1), one after the other
 //! in one run, plus the cost of the signatures a BFT replica makes and checks per batch.
 //!
-//! The load: `threads` client threads, each sending one request of `records_per_request`
-//! transfers at a time (window 1: the BFT client waits for `f + 1` matching replies, the
-//! crash-fault client for its group leader's), between accounts created first. Committed
-//! tx/s counts acknowledged transfers over the measured window; latency is per request.
-//! BFT clients sign every request (one signature per request) with the client keys
-//! `percore keygen --clients` wrote: client 1 creates the accounts, thread `t` is client
-//! `t + 2`. This module drives clusters someone else started; it owns no processes.
+//! The load: `threads` client threads per shard, each sending one request of
+//! `records_per_request` transfers at a time (window 1: the BFT client waits for `f + 1`
+//! matching replies, the crash-fault client for its group leader's), between accounts
+//! created first. A thread's transfers are debited on its own shard; `cross_shard_percent`
+//! of them are credited on another shard (with several shards), so their credit legs travel
+//! between groups (certified in BFT mode, `docs/bft.md` §14). Committed tx/s counts
+//! acknowledged transfers over the measured window (a crossing transfer counts when its
+//! debit group acknowledges it; its leg settles after); latency is per request. BFT
+//! clients sign every request (one signature per request) with the client keys `percore
+//! keygen --clients` wrote: client 1 creates the accounts, load thread `t` is client `t +
+//! 2`. This module drives clusters someone else started; it owns no processes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,10 +25,24 @@ use percore_engine::record::{Account, RecordResult, Transfer, account_flags};
 use percore_net::client::{BftClient, Client, ClientConfig, ClientError};
 use serde::Serialize;
 
-use crate::loadgen::{account, transfer};
+use crate::loadgen::{account, accounts_of_shard, route_transfer, transfer};
 
-/// Accounts the load moves money between (besides the mint, account 1).
-pub const BENCH_ACCOUNTS: u128 = 64;
+/// The load's shape: shards, client threads per shard, transfers per request and the
+/// share of them credited on another shard.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadShape {
+    /// Shards (groups) of the cluster.
+    pub shards: usize,
+    /// Client threads per shard.
+    pub threads_per_shard: usize,
+    /// Transfers per request.
+    pub records_per_request: usize,
+    /// Percentage of transfers credited on another shard (0 with one shard).
+    pub cross_shard_percent: u32,
+}
+
+/// Accounts per shard the load moves money between (besides each shard's mint).
+pub const BENCH_ACCOUNTS: usize = 64;
 /// Funding of each account.
 pub const BENCH_FUNDING: u128 = 1 << 50;
 /// Signatures timed (each of sign and verify) by [`signature_cost`].
@@ -47,8 +65,12 @@ pub enum Mode {
 pub struct ModeReport {
     /// `crash` or `bft`.
     pub mode: &'static str,
-    /// Replicas in the group.
+    /// Replicas in each group.
     pub replicas: usize,
+    /// Shards (groups).
+    pub shards: usize,
+    /// Percentage of transfers credited on another shard.
+    pub cross_shard_percent: u32,
     /// Transfers acknowledged in the measured window.
     pub transfers: u64,
     /// Requests acknowledged in the measured window.
@@ -135,12 +157,11 @@ impl AnyClient {
     /// Client `client_id`; in BFT mode it signs with `client_keys[client_id - 1]`.
     fn new(
         mode: Mode,
-        replicas: &[SocketAddr],
+        replicas: &[Vec<SocketAddr>],
         client_id: u128,
         client_keys: &[SigningKey],
     ) -> Self {
-        let addresses = replicas.iter().map(|address| vec![*address]).collect();
-        let mut config = ClientConfig::replicated(addresses, client_id);
+        let mut config = ClientConfig::replicated(replicas.to_vec(), client_id);
         config.request_timeout = Some(Duration::from_secs(30));
         match mode {
             Mode::Crash => AnyClient::Crash(Client::new(config)),
@@ -151,85 +172,127 @@ impl AnyClient {
         }
     }
 
+    /// Submits `records`, each to shard `route(record)`.
     fn submit<R: bytemuck::Pod>(
         &mut self,
         operation: Operation,
         records: &[R],
+        route: impl Fn(&R) -> usize,
     ) -> Result<Vec<RecordResult>, ClientError> {
         match self {
-            AnyClient::Crash(client) => client.submit(operation.into(), records, |_| 0),
-            AnyClient::Bft(client) => client.submit(operation.into(), records, |_| 0),
+            AnyClient::Crash(client) => client.submit(operation.into(), records, route),
+            AnyClient::Bft(client) => client.submit(operation.into(), records, route),
         }
     }
 }
 
-/// Creates the mint (1) and accounts 2..=BENCH_ACCOUNTS+1, funded.
+/// Shard `k`'s accounts: its mint first, then the `BENCH_ACCOUNTS` the load uses.
+fn shard_accounts(shard: usize, shards: usize) -> Vec<u128> {
+    accounts_of_shard(shard, shards, BENCH_ACCOUNTS + 1)
+}
+
+/// Creates every shard's mint and accounts, each account funded by its own shard's mint
+/// (so setup crosses no shard).
 fn setup(
     mode: Mode,
-    replicas: &[SocketAddr],
+    replicas: &[Vec<SocketAddr>],
     client_keys: &[SigningKey],
+    shards: usize,
 ) -> Result<(), ClientError> {
     let mut client = AnyClient::new(mode, replicas, 1, client_keys);
-    let accounts: Vec<Account> = (1..=BENCH_ACCOUNTS + 1)
-        .map(|id| {
-            account(
-                id,
-                if id == 1 {
+    let by_shard: Vec<Vec<u128>> = (0..shards).map(|k| shard_accounts(k, shards)).collect();
+    let accounts: Vec<Account> = by_shard
+        .iter()
+        .flat_map(|ids| {
+            ids.iter().enumerate().map(|(index, &id)| {
+                let flags = if index == 0 {
                     account_flags::ALLOW_NEGATIVE
                 } else {
                     0
-                },
-            )
+                };
+                account(id, flags)
+            })
         })
         .collect();
-    client.submit(Operation::CreateAccounts, &accounts)?;
-    let funding: Vec<Transfer> = (2..=BENCH_ACCOUNTS + 1)
-        .map(|id| transfer(1 << 120 | id, 1, id, BENCH_FUNDING))
+    let shard_of = |id: u128| percore_engine::record::shard_of(id, shards as u32) as usize;
+    client.submit(Operation::CreateAccounts, &accounts, |a: &Account| {
+        shard_of(a.id)
+    })?;
+    let funding: Vec<Transfer> = by_shard
+        .iter()
+        .flat_map(|ids| {
+            let mint = ids[0];
+            ids[1..]
+                .iter()
+                .map(move |&id| transfer(1 << 120 | id, mint, id, BENCH_FUNDING))
+        })
         .collect();
-    client.submit(Operation::CreateTransfers, &funding)?;
+    client.submit(Operation::CreateTransfers, &funding, |t: &Transfer| {
+        route_transfer(t, shards)
+    })?;
     Ok(())
 }
 
-/// Runs `threads` closed-loop clients against a one-shard group at `replicas` (client
-/// addresses in replica order) for `warmup + duration`; reports the measured window. BFT
-/// clients sign with `client_keys` (client `c` with `client_keys[c - 1]`; at least
-/// `threads + 1` of them).
+/// Runs `shape.threads_per_shard` closed-loop clients per shard against the groups at
+/// `replicas` (`replicas[r][k]`: replica `r`'s client address of shard `k`) for `warmup +
+/// duration`; reports the measured window. BFT clients sign with `client_keys` (client `c`
+/// with `client_keys[c - 1]`; at least `threads + 1` of them).
 pub fn closed_loop(
     mode: Mode,
-    (replicas, client_keys): (&[SocketAddr], &[SigningKey]),
-    threads: usize,
-    records_per_request: usize,
+    (replicas, client_keys): (&[Vec<SocketAddr>], &[SigningKey]),
+    shape: LoadShape,
     warmup: Duration,
     duration: Duration,
 ) -> Result<ModeReport, ClientError> {
-    setup(mode, replicas, client_keys)?;
+    let shards = shape.shards;
+    setup(mode, replicas, client_keys, shards)?;
     let stop = Arc::new(AtomicBool::new(false));
     let measure_from = Instant::now() + warmup;
     let measure_end = measure_from + duration;
-    let handles: Vec<_> = (0..threads)
+    let accounts: Arc<Vec<Vec<u128>>> = Arc::new(
+        (0..shards)
+            .map(|k| shard_accounts(k, shards)[1..].to_vec())
+            .collect(),
+    );
+    let handles: Vec<_> = (0..shards * shape.threads_per_shard)
         .map(|thread| {
             let (stop, replicas) = (stop.clone(), replicas.to_vec());
-            let client_keys = client_keys.to_vec();
+            let (client_keys, accounts) = (client_keys.to_vec(), accounts.clone());
             std::thread::spawn(move || {
                 let client_id = 2 + thread as u128;
+                let home = thread % shards;
                 let mut client = AnyClient::new(mode, &replicas, client_id, &client_keys);
                 let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ thread as u64;
                 let mut next_id = (thread as u128 + 1) << 80;
                 let (mut latencies, mut transfers, mut failed) = (Vec::new(), 0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
-                    let batch: Vec<Transfer> = (0..records_per_request)
+                    let batch: Vec<Transfer> = (0..shape.records_per_request)
                         .map(|_| {
                             rng ^= rng << 13;
                             rng ^= rng >> 7;
                             rng ^= rng << 17;
-                            let debit = 2 + u128::from(rng % BENCH_ACCOUNTS as u64);
-                            let credit = 2 + (debit - 1) % BENCH_ACCOUNTS;
+                            let debit_index = (rng % BENCH_ACCOUNTS as u64) as usize;
+                            let cross = shards > 1
+                                && ((rng >> 32) % 100) < u64::from(shape.cross_shard_percent);
+                            let credit_shard = if cross {
+                                (home + 1 + (rng >> 40) as usize % (shards - 1)) % shards
+                            } else {
+                                home
+                            };
+                            let credit_index = (debit_index + 1) % BENCH_ACCOUNTS;
                             next_id += 1;
-                            transfer(next_id, debit, credit, 1)
+                            transfer(
+                                next_id,
+                                accounts[home][debit_index],
+                                accounts[credit_shard][credit_index],
+                                1,
+                            )
                         })
                         .collect();
                     let started = Instant::now();
-                    let outcome = client.submit(Operation::CreateTransfers, &batch);
+                    let outcome = client.submit(Operation::CreateTransfers, &batch, |t| {
+                        route_transfer(t, shards)
+                    });
                     if started < measure_from || Instant::now() > measure_end {
                         continue;
                     }
@@ -269,6 +332,12 @@ pub fn closed_loop(
             Mode::Bft { .. } => "bft",
         },
         replicas: replicas.len(),
+        shards,
+        cross_shard_percent: if shards > 1 {
+            shape.cross_shard_percent
+        } else {
+            0
+        },
         transfers,
         requests: latencies.len() as u64,
         seconds,

@@ -904,13 +904,8 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
 fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     use percore_shards::bft_bench::{self, Mode};
     use percore_shards::cluster::{LocalCluster, LocalClusterConfig, free_port_base};
-    let core = args
-        .shards
-        .node_config()
-        .cores
-        .first()
-        .copied()
-        .unwrap_or(0);
+    let cores = args.shards.node_config().cores;
+    let shards = cores.len();
     let data_root = match &args.journal.data_dir {
         Some(dir) => dir.clone(),
         None => std::env::temp_dir().join(format!("percore-bench-bft-{}", std::process::id())),
@@ -918,7 +913,7 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&data_root)?;
     let keys = data_root.join("bft-keys");
     // Client 1 sets up the accounts, one more per load thread.
-    let clients = args.connections_per_shard + 1;
+    let clients = args.connections_per_shard * shards + 1;
     if !keys.join("cluster.keys").exists() {
         run_keygen(KeygenArgs {
             replicas: 4,
@@ -965,26 +960,39 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             extra_args.push(keys.display().to_string());
         }
         let name = if bft { "bft" } else { "crash" };
-        say!("starting {replicas} {name} replicas on core {core} (fsync {fsync})");
+        say!(
+            "starting {replicas} {name} replicas of {shards} shard(s) on cores {cores:?} \
+             (fsync {fsync}, {}% of transfers cross shards)",
+            if shards > 1 {
+                args.cross_shard_percent
+            } else {
+                0
+            }
+        );
         let mut cluster = LocalCluster::start(LocalClusterConfig {
             binary: std::env::current_exe()?,
             replicas,
-            cores: vec![core],
+            cores: cores.clone(),
             replica_core_stride: 0,
             data_root: data_root.join(name),
-            port_base: free_port_base(replicas, 1)?,
+            port_base: free_port_base(replicas, shards)?,
             fsync,
             extra_args,
             metrics: true,
         })?;
-        let addresses: Vec<SocketAddr> = (0..replicas)
-            .map(|r| cluster.client_address(r, 0))
+        let addresses: Vec<Vec<SocketAddr>> = (0..replicas)
+            .map(|r| (0..shards).map(|k| cluster.client_address(r, k)).collect())
             .collect();
+        let shape = bft_bench::LoadShape {
+            shards,
+            threads_per_shard: args.connections_per_shard,
+            records_per_request: args.records_per_request,
+            cross_shard_percent: args.cross_shard_percent,
+        };
         let report = bft_bench::closed_loop(
             mode,
             (&addresses, &client_keys),
-            args.connections_per_shard,
-            args.records_per_request,
+            shape,
             Duration::from_secs(args.warmup_s),
             Duration::from_secs(args.duration_s),
         );
@@ -1018,12 +1026,14 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
         return Ok(());
     }
-    println!("mode   replicas  committed tx/s  requests  p50 us  p99 us  failed");
+    println!("mode   replicas  shards  cross %  committed tx/s  requests  p50 us  p99 us  failed");
     for report in &reports {
         println!(
-            "{:<6} {:>8}  {:>14.0}  {:>8}  {:>6}  {:>6}  {:>6}",
+            "{:<6} {:>8}  {:>6}  {:>7}  {:>14.0}  {:>8}  {:>6}  {:>6}  {:>6}",
             report.mode,
             report.replicas,
+            report.shards,
+            report.cross_shard_percent,
             report.tps,
             report.requests,
             report.latency_p50_us,
