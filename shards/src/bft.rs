@@ -2842,29 +2842,59 @@ where
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut applying = bft.applying.borrow_mut();
     for (committed, journal_op) in applying.drain(..) {
-        let Some(journal_op) = journal_op else {
-            continue;
-        };
-        if let Some(batch) = &committed.proven {
-            crate::bft_xshard::apply_proven(shard, journal_op, batch);
-            continue;
+        if let Some(journal_op) = journal_op {
+            apply_one(shard, &committed, journal_op);
         }
-        let parts = batch_decode(&committed.batch).expect("checked before journaling");
-        let mut core = shard.core.borrow_mut();
-        let applied = core.apply_committed(
-            journal_op,
-            parts.operation,
-            parts.records,
-            parts.requests,
-            |request, results| {
-                answer(shard, request.client_id, request.request_number, results);
-            },
-        );
-        applied.expect("checked before journaling");
-        // Credit legs for other shards: signed here, certified by the group, delivered.
-        crate::bft_xshard::produce(shard, &mut core, journal_op);
+        // At a snapshot op, the legs in flight now (right after it: a null op or a skipped
+        // batch changes nothing) are signed from state.
+        if snapshot_due(shard, committed.op) {
+            let core = shard.core.borrow();
+            let journal_op = core.op_last();
+            if journal_op > 0 {
+                crate::bft_xshard::produce_in_flight(shard, &core, journal_op);
+            }
+        }
     }
     shard.commit_gap_advanced();
+}
+
+/// Whether BFT op `op` is a snapshot op of this shard (`bft_snapshot::note_staged` asks
+/// the checkpoint follower for a snapshot there): every replica picks the same ones.
+fn snapshot_due<S: StateMachine>(shard: &Shard<S>, op: u64) -> bool {
+    let interval = shard
+        .config
+        .journal
+        .as_ref()
+        .map_or(0, |journal| journal.checkpoint_interval_ops);
+    interval > 0
+        && crate::checkpoint::checkpoint_due(op, shard.index, shard.config.cores.len(), interval)
+}
+
+/// Applies one journaled committed op and answers its clients.
+fn apply_one<S>(shard: &Shard<S>, committed: &Committed, journal_op: u64)
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    if let Some(batch) = &committed.proven {
+        crate::bft_xshard::apply_proven(shard, journal_op, batch);
+        return;
+    }
+    let parts = batch_decode(&committed.batch).expect("checked before journaling");
+    let mut core = shard.core.borrow_mut();
+    let applied = core.apply_committed(
+        journal_op,
+        parts.operation,
+        parts.records,
+        parts.requests,
+        |request, results| {
+            answer(shard, request.client_id, request.request_number, results);
+        },
+    );
+    applied.expect("checked before journaling");
+    // Credit legs for other shards: signed here, certified by the group, delivered.
+    crate::bft_xshard::produce(shard, &mut core, journal_op);
 }
 
 /// A client request as the runtime read it: envelope, operation, records, and the

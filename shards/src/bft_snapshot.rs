@@ -480,6 +480,9 @@ where
         state.points.clear();
     }
     crate::bft::note_base(bft, statement.op, statement.journal_op, cert_op);
+    // The ops below the snapshot are not here: the legs they emitted that are still in
+    // flight are certified again from the state, like the peers did at this op.
+    crate::bft_xshard::produce_in_flight(shard, &shard.core.borrow(), statement.journal_op);
     crate::bft::answer_applied(shard);
     ShardMetrics::add(&shard.metrics.bft_snapshot_installs_total, 1);
     tracing::info!(

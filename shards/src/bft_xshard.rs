@@ -27,15 +27,21 @@
 //!   check, `SignedOrProven`); every replica checks it again before it journals and applies
 //!   it (`stage_proven`, `apply_proven`), and a committed batch leaves the queue.
 //!
+//! - **Legs below a snapshot**: at every snapshot op, and once at start from a restored
+//!   snapshot (or after installing one by state transfer), the legs in flight are signed
+//!   from state as in-flight statements (`produce_in_flight`); certified chunks still
+//!   unsettled after [`XSHARD_IN_FLIGHT_DELIVER_AFTER_US`] are delivered like outputs.
+//!
 //! Nothing here applies a record that `q` replicas of its origin group did not sign.
 
 use std::cell::{Cell, RefCell};
 
 use percore_engine::bft;
 use percore_engine::bft::xshard::{
-    CollectorConfig, CollectorMetrics, Groups, InboundMetrics, InboundProofs, OutputsCert,
-    OutputsCollector, OutputsStatement, OutputsVote, PROVEN_BATCH_PROOFS_MAX, ProducedOutputs,
-    ProvenBatch, XShardAction, XShardError, XShardMessage, decode_message, encode_message,
+    CollectorConfig, CollectorMetrics, Groups, InFlightChunk, InboundMetrics, InboundProofs,
+    OutputsCert, OutputsCollector, OutputsKind, OutputsStatement, OutputsVote,
+    PROVEN_BATCH_PROOFS_MAX, ProducedOutputs, ProvenBatch, ProvenKey, XShardAction, XShardError,
+    XShardMessage, decode_message, encode_message, in_flight_chunks, in_flight_chunks_max,
     is_proven_batch, outputs_by_destination, outputs_digest,
 };
 use percore_engine::message::{Command, PeerHeader, body_checksum};
@@ -74,11 +80,18 @@ pub const XSHARD_RECENTLY_APPLIED_US: u64 = 10 * XSHARD_RESEND_INTERVAL_US;
 /// Proof keys remembered as recently applied at most (older ones are forgotten first).
 pub const XSHARD_RECENTLY_APPLIED_MAX: usize = 65_536;
 
+/// How long after a snapshot op its certified in-flight chunks are first delivered, if any
+/// of their legs is still unacknowledged by then (µs). Normally the legs' own outputs
+/// settle them within a few resend intervals and the chunks are released undelivered; a
+/// chunk delivered anyway costs the destination a batch of duplicates.
+pub const XSHARD_IN_FLIGHT_DELIVER_AFTER_US: u64 = 30 * XSHARD_RESEND_INTERVAL_US;
+
 /// Shortest time between two timer turns of the cross-shard state (µs): each walks every
 /// kept output and queued proof, and the BFT timer can turn every millisecond under load.
 pub const XSHARD_TICK_INTERVAL_US: u64 = 10_000;
 
 const _: () = assert!(XSHARD_SETTLED_KEEP_US >= 2 * XSHARD_RESEND_INTERVAL_US);
+const _: () = assert!(XSHARD_IN_FLIGHT_DELIVER_AFTER_US > XSHARD_SETTLED_KEEP_US);
 const _: () = assert!(XSHARD_TICK_INTERVAL_US <= XSHARD_RESEND_INTERVAL_US / 4);
 
 /// The cross-shard state of one shard's BFT replica.
@@ -111,16 +124,16 @@ pub(crate) struct XShard {
     forged_view: Cell<Option<u64>>,
 }
 
-/// The `(origin, op)` keys of proofs applied recently, with when; bounded, oldest forgotten
+/// The `(origin, op, kind)` keys of proofs applied recently, with when; bounded, oldest forgotten
 /// first.
 #[derive(Debug, Default)]
 struct RecentlyApplied {
-    order: std::collections::VecDeque<((u32, u64), u64)>,
-    applied_at_us: std::collections::HashMap<(u32, u64), u64>,
+    order: std::collections::VecDeque<(ProvenKey, u64)>,
+    applied_at_us: std::collections::HashMap<ProvenKey, u64>,
 }
 
 impl RecentlyApplied {
-    fn note(&mut self, key: (u32, u64), now_us: u64) {
+    fn note(&mut self, key: ProvenKey, now_us: u64) {
         if self.order.len() == XSHARD_RECENTLY_APPLIED_MAX {
             self.pop_oldest();
         }
@@ -130,7 +143,7 @@ impl RecentlyApplied {
 
     /// Whether `key` was applied within [`XSHARD_RECENTLY_APPLIED_US`] of `now_us`;
     /// forgets what is older.
-    fn contains(&mut self, key: (u32, u64), now_us: u64) -> bool {
+    fn contains(&mut self, key: ProvenKey, now_us: u64) -> bool {
         while self
             .order
             .front()
@@ -164,7 +177,13 @@ impl XShard {
             group,
             replica: settings.replica,
             outputs_kept_max,
+            in_flight_chunks_max: in_flight_chunks_max(
+                settings.outputs_legs_max.max(1),
+                record_bytes,
+                (shards as usize).saturating_sub(1).max(1),
+            ),
             resend_interval_us: XSHARD_RESEND_INTERVAL_US,
+            in_flight_deliver_after_us: XSHARD_IN_FLIGHT_DELIVER_AFTER_US,
         };
         let collector = OutputsCollector::new(config, groups.clone(), settings.secret_key.clone())?;
         let inbound = InboundProofs::new(
@@ -209,7 +228,8 @@ impl XShard {
     /// `replicas`: [`PROVEN_BATCH_PROOFS_MAX`] proofs, each with a statement, a certificate
     /// of at most `replicas` signatures and its length fields, and `records_max` records.
     pub(crate) fn proven_batch_bytes_max(&self, replicas: usize) -> usize {
-        let proof_overhead = 4 + 4 + 8 + 32 + 1 + replicas * (1 + 64) + 2 + 4;
+        // statement (kind and chunk included), signatures, operation, length
+        let proof_overhead = 4 + 4 + 8 + 1 + 4 + 32 + 1 + replicas * (1 + 64) + 2 + 4;
         2 + 2
             + 2
             + 8
@@ -307,7 +327,7 @@ where
             operation,
             records,
         } = outputs;
-        if xshard.collector.borrow().kept() >= xshard.outputs_kept_max {
+        if xshard.collector.borrow().outputs_kept() >= xshard.outputs_kept_max {
             // Every settled output goes, whatever its age: what stays are ops with legs in
             // flight, which the ledger's window bounds below the collector's size.
             release_settled(shard, core, 0);
@@ -537,11 +557,11 @@ where
     }
     let xshard = &bft.xshard;
     let now_us = shard.now_us();
-    let taken = xshard.inbound.borrow_mut().take_batch(
-        bft.view(),
-        now_us.saturating_mul(1_000),
-        xshard.records_max,
-    );
+    let now_ns = shard.core.borrow().timestamp_ns(now_us);
+    let taken = xshard
+        .inbound
+        .borrow_mut()
+        .take_batch(bft.view(), now_ns, xshard.records_max);
     let forging = bft.settings.byzantine == Some(Byzantine::ForgeLeg);
     let Some(mut batch) = taken.or_else(|| {
         forging
@@ -608,6 +628,7 @@ fn made_up_batch<S: StateMachine>(
         origin: (group + 1) % groups,
         destination: group,
         op: u64::MAX - bft.xshard.forged.get(),
+        kind: OutputsKind::Op,
         digest: [0; 32],
     };
     let quorum = bft.replica.borrow().committee().quorum();
@@ -643,6 +664,7 @@ fn forge_leg(bft: &crate::bft::Bft, group: u32, batch: &mut ProvenBatch) {
             proof.operation,
             &proof.records,
         ),
+        kind: OutputsKind::Op,
         ..proof.cert.statement
     };
     let key = &bft.settings.secret_key;
@@ -726,9 +748,17 @@ pub(crate) fn is_proven(bytes: &[u8]) -> bool {
 /// outputs to one destination are kept whole or not at all (a statement covers all of
 /// them). Settled ones are pruned as the replay goes, so at most about twice the ops that
 /// can hold legs in flight are kept.
+///
+/// A journal that opens from a snapshot has no ops below it to replay; what those ops
+/// emitted and is still in flight is in the restored state, so the in-flight chunks of the
+/// snapshot's op are taken right after the restore, before the replay changes the state
+/// ([`ReplayedOutputs::restored`]): the same chunks the group's replicas signed when they
+/// applied that op.
 #[derive(Debug, Default)]
 pub(crate) struct ReplayedOutputs {
     outputs: std::collections::VecDeque<(u64, ProducedOutputs)>,
+    /// The restored snapshot's journal op and the legs in flight there, cut into chunks.
+    in_flight: Option<(u64, Vec<InFlightChunk>)>,
     /// Prune when this many are kept (twice the ops with legs in flight; at least one).
     prune_at: usize,
     /// Replayed ops whose outputs could not be grouped (logged).
@@ -740,8 +770,23 @@ impl ReplayedOutputs {
     pub(crate) fn new(outputs_legs_max: usize) -> Self {
         Self {
             outputs: std::collections::VecDeque::new(),
+            in_flight: None,
             prune_at: 2 * outputs_legs_max.max(1),
             ungrouped: 0,
+        }
+    }
+
+    /// The journal restored `machine` from the snapshot of journal op `op`: keeps the
+    /// in-flight chunks of that op, replacing those of a snapshot restored before (the
+    /// journal falls back to its previous checkpoint if the newest does not restore).
+    pub(crate) fn restored<S: StateMachine>(&mut self, machine: &S, op: u64) {
+        let mut chunks = Vec::new();
+        match in_flight_chunks(legs_in_flight(machine), &mut chunks) {
+            Ok(()) => self.in_flight = Some((op, chunks)),
+            Err(_) => {
+                self.in_flight = None;
+                self.ungrouped += 1;
+            }
         }
     }
 
@@ -799,6 +844,17 @@ where
             "replayed ops whose outputs could not be grouped: not signed again"
         );
     }
+    if let Some((checkpoint_op, chunks)) = replayed.in_flight.take()
+        && !chunks.is_empty()
+    {
+        tracing::info!(
+            shard = shard.index,
+            checkpoint_op,
+            chunks = chunks.len(),
+            "BFT restart: signing the legs in flight at the restored snapshot"
+        );
+        sign_in_flight(shard, checkpoint_op, chunks, "restored snapshot");
+    }
     if replayed.len() == 0 {
         return;
     }
@@ -831,12 +887,94 @@ where
 
 /// Publishes the collector's and the inbound queue's counters (deltas since the last turn)
 /// and their sizes.
+/// Every leg `machine` has in flight, as its `unconfirmed_outbound` lists them (oldest
+/// first): the replicated in-flight set an in-flight statement covers.
+fn legs_in_flight<S: StateMachine>(
+    machine: &S,
+) -> Vec<percore_engine::state_machine::Outbound<S::Operation, S::Record>> {
+    let mut legs = Vec::new();
+    machine.unconfirmed_outbound(&mut |leg| legs.push(leg));
+    legs
+}
+
+/// This replica's state is the state right after snapshot op `checkpoint_op` (it just
+/// applied that op, or installed a snapshot taken there): signs the in-flight statements of
+/// the legs in flight now (`docs/bft.md` §12, step 10). Every correct replica of the group
+/// signs the same ones at that op, so legs that ops below a snapshot emitted can be
+/// certified again by replicas that no longer have those ops.
+pub(crate) fn produce_in_flight<S: StateMachine>(
+    shard: &Shard<S>,
+    core: &ShardCore<S>,
+    checkpoint_op: u64,
+) where
+    S::Record: Send,
+    S::Result: Send,
+{
+    let mut chunks = Vec::new();
+    if let Err(error) = in_flight_chunks(legs_in_flight(core.state_machine()), &mut chunks) {
+        tracing::error!(shard = shard.index, checkpoint_op, %error, "BFT in-flight legs not signed");
+        return;
+    }
+    sign_in_flight(shard, checkpoint_op, chunks, "snapshot op");
+}
+
+fn sign_in_flight<S: StateMachine>(
+    shard: &Shard<S>,
+    checkpoint_op: u64,
+    chunks: Vec<InFlightChunk>,
+    at: &'static str,
+) where
+    S::Record: Send,
+    S::Result: Send,
+{
+    if chunks.is_empty() {
+        return;
+    }
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let mut actions = bft.xshard.actions.borrow_mut();
+    actions.clear();
+    let count = chunks.len();
+    let outcome = bft.xshard.collector.borrow_mut().on_in_flight(
+        shard.now_us(),
+        checkpoint_op,
+        chunks,
+        &mut actions,
+    );
+    match outcome {
+        Ok(signed) => tracing::debug!(
+            shard = shard.index,
+            checkpoint_op,
+            chunks = count,
+            signed,
+            at,
+            "BFT in-flight legs signed"
+        ),
+        Err(XShardError::Stale) => {}
+        Err(error) => tracing::warn!(
+            shard = shard.index,
+            checkpoint_op,
+            chunks = count,
+            at,
+            %error,
+            "BFT in-flight legs not signed"
+        ),
+    }
+    run(shard, &mut actions);
+}
+
 pub(crate) fn publish<S: StateMachine>(shard: &Shard<S>) {
     let xshard = &shard.bft.as_ref().expect("BFT shard").xshard;
     let metrics = &shard.metrics;
     let collector = xshard.collector.borrow();
     let inbound = xshard.inbound.borrow();
-    ShardMetrics::set(&metrics.bft_xshard_outputs_kept, collector.kept() as u64);
+    ShardMetrics::set(
+        &metrics.bft_xshard_outputs_kept,
+        collector.outputs_kept() as u64,
+    );
+    ShardMetrics::set(
+        &metrics.bft_xshard_in_flight_kept,
+        collector.in_flight_kept() as u64,
+    );
     ShardMetrics::set(&metrics.bft_xshard_inbound_queued, inbound.len() as u64);
     let (now, seen) = (
         collector.metrics(),
@@ -906,6 +1044,21 @@ pub(crate) fn publish<S: StateMachine>(shard: &Shard<S>) {
             &metrics.bft_xshard_proofs_committed_total,
             inbound_now.committed,
             inbound_seen.committed,
+        ),
+        (
+            &metrics.bft_xshard_in_flight_signed_total,
+            now.in_flight_signed,
+            seen.in_flight_signed,
+        ),
+        (
+            &metrics.bft_xshard_in_flight_certified_total,
+            now.in_flight_certified,
+            seen.in_flight_certified,
+        ),
+        (
+            &metrics.bft_xshard_in_flight_deliveries_total,
+            now.in_flight_deliveries,
+            seen.in_flight_deliveries,
         ),
     ];
     for (counter, now, seen) in counters {

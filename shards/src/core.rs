@@ -248,6 +248,9 @@ pub struct ShardCore<S: StateMachine> {
     op_last: u64,
     /// Transaction slots kept for mesh traffic (see `submit`).
     mesh_reserve: usize,
+    /// Added to `now_us × 1,000` for the `now_ns` that `prepare` stamps records from
+    /// ([`ShardCore::timestamp_ns`]); 0 unless the runtime sets it.
+    clock_offset_ns: u64,
     metrics: Arc<ShardMetrics>,
 }
 
@@ -311,6 +314,7 @@ impl<S: StateMachine> ShardCore<S> {
             op_sealed: 0,
             op_last: 0,
             mesh_reserve: config.transactions / 4,
+            clock_offset_ns: 0,
             metrics,
         })
     }
@@ -587,8 +591,10 @@ impl<S: StateMachine> ShardCore<S> {
             .ok()
             .expect("operations enter as S::Operation");
         let records: &mut [S::Record] = bytemuck::cast_slice_mut(&mut buffer.records[..entries]);
-        self.state_machine
-            .prepare(operation, now_us.saturating_mul(1_000), records);
+        let now_ns = self
+            .clock_offset_ns
+            .saturating_add(now_us.saturating_mul(1_000));
+        self.state_machine.prepare(operation, now_ns, records);
         self.controller.on_sealed(entries, reason);
         self.sealed.push_back(batch);
         let state = self.controller.state();
@@ -962,6 +968,22 @@ impl<S: StateMachine> ShardCore<S> {
             bytemuck::cast_slice_mut(&mut self.journal_records[..entries]);
         self.state_machine
             .reserve_internal(operation, now_ns, records)
+    }
+
+    /// The `now_ns` records prepared at `now_us` (the shard's clock) are stamped from:
+    /// `clock_offset_ns + now_us × 1,000`.
+    pub fn timestamp_ns(&self, now_us: u64) -> u64 {
+        self.clock_offset_ns
+            .saturating_add(now_us.saturating_mul(1_000))
+    }
+
+    /// Sets the offset [`ShardCore::timestamp_ns`] adds to the shard's clock. BFT mode sets
+    /// the wall-clock time at which the shard's clock started, so that a restarted leader,
+    /// whose shard clock starts again from 0, still stamps its batches after the ones it
+    /// prepared before the restart (ops prepared then may commit after its first new
+    /// batches, and committed timestamps must increase).
+    pub fn set_clock_offset_ns(&mut self, offset_ns: u64) {
+        self.clock_offset_ns = offset_ns;
     }
 
     /// Records one batch may hold (the batch cap).

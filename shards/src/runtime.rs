@@ -758,11 +758,14 @@ async fn open_journal<S: StateMachine>(
     };
     let started = Instant::now();
     let core = RefCell::new(core);
-    // BFT mode keeps the replayed ops' outputs to sign them again (`bft_xshard`).
-    *replayed = config
-        .bft
-        .as_ref()
-        .map(|settings| crate::bft_xshard::ReplayedOutputs::new(settings.outputs_legs_max));
+    // BFT mode keeps the replayed ops' outputs, and the legs in flight at a restored
+    // snapshot, to sign them again (`bft_xshard`).
+    let replaying = RefCell::new(
+        config
+            .bft
+            .as_ref()
+            .map(|settings| crate::bft_xshard::ReplayedOutputs::new(settings.outputs_legs_max)),
+    );
     let mut outbound = Vec::new();
     let (journal, recovered) = Journal::open_checkpointed(
         journal_config,
@@ -786,11 +789,14 @@ async fn open_journal<S: StateMachine>(
             if core.state_machine().digest() != meta.digest {
                 return Err(RestoreError::DigestMismatch);
             }
+            if let Some(replaying) = replaying.borrow_mut().as_mut() {
+                replaying.restored(core.state_machine(), meta.op);
+            }
             Ok(())
         },
         |entry| {
             let mut core = core.borrow_mut();
-            match replayed.as_mut() {
+            match replaying.borrow_mut().as_mut() {
                 Some(replayed) => {
                     let batch = (entry.meta.operation, entry.records(), entry.requests());
                     core.replay_keeping_outbound(entry.meta.op, batch, &mut outbound);
@@ -811,6 +817,7 @@ async fn open_journal<S: StateMachine>(
         },
     )
     .await?;
+    *replayed = replaying.into_inner();
     tracing::info!(
         shard,
         op_last = recovered.op_last,
@@ -1164,6 +1171,17 @@ where
         .map(|_| LocalNotify::default())
         .collect();
     let config_transactions = config.transactions;
+    let epoch = Instant::now();
+    if bft.is_some() {
+        // Committed timestamps must increase across a restart of the leader (its shard
+        // clock starts again from 0): stamp from the wall clock.
+        let unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+            });
+        core.set_clock_offset_ns(unix_ns);
+    }
     let shard_state = Rc::new(Shard {
         index: shard,
         shards,
@@ -1179,7 +1197,7 @@ where
         batcher: LocalNotify::default(),
         metrics,
         stop,
-        epoch: Instant::now(),
+        epoch,
         commit_gap: Cell::new(CommitGapClock::default()),
         quiet,
         start_aborted,

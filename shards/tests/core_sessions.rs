@@ -363,3 +363,36 @@ fn committed_batches_carry_internal_records_only_when_proven() {
     let credited = away_core.state_machine().inner().lookup_account(away);
     assert_eq!(credited.map(|a| a.credits_posted), Some(5), "credited once");
 }
+
+/// A core whose clock offset is set (BFT mode: the wall-clock time its shard clock started)
+/// stamps batches from offset + shard clock, so a core restarted with a later offset and its
+/// clock back at 0 stamps above everything it stamped before.
+#[test]
+fn a_clock_offset_stamps_batches_after_those_of_a_previous_run() {
+    const OFFSET_NS: u64 = 1_000_000_000_000;
+    let record_timestamp = |core: &Core| {
+        let batch = core.sealed_batch(0).expect("sealed");
+        let record: RecordSlot = bytemuck::pod_read_unaligned(&batch.records[..128]);
+        record.as_transfer().timestamp
+    };
+    let mut core = core();
+    let ids = accounts_of_shard(0, 1, 2);
+    let records = transfers(100..101, ids[0], ids[1]);
+    // A first run: shard clock at 5 s, no offset.
+    core.submit(LedgerOperation::CreateTransfers, &records[0], origin(0))
+        .expect("room");
+    core.observe_depth();
+    assert!(core.poll_seal(5_000_000).is_some());
+    assert_eq!(record_timestamp(&core), 5_000_000_000);
+    // A restarted one: its clock starts at 0 again, the offset is the wall clock at start.
+    let mut restarted = self::core();
+    restarted.set_clock_offset_ns(OFFSET_NS);
+    assert_eq!(restarted.timestamp_ns(7), OFFSET_NS + 7_000);
+    restarted
+        .submit(LedgerOperation::CreateTransfers, &records[0], origin(0))
+        .expect("room");
+    restarted.observe_depth();
+    assert!(restarted.poll_seal(10).is_some());
+    assert_eq!(record_timestamp(&restarted), OFFSET_NS + 10_000);
+    assert!(record_timestamp(&restarted) > 5_000_000_000);
+}

@@ -1766,6 +1766,7 @@ fn bft_backups_vote_for_proven_batches_and_refuse_a_leaders_made_up_leg() {
             origin: 1,
             destination: GROUP,
             op: 7,
+            kind: xshard::OutputsKind::Op,
             digest: outputs_digest(1, GROUP, 7, operation, &records),
         };
         let signatures = signers

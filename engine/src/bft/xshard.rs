@@ -24,6 +24,14 @@
 //! window (it is acknowledged again and changes nothing), which is exactly how a lost
 //! acknowledgement is repaired.
 //!
+//! A replica restored from a snapshot cannot sign the outputs of the ops below it. So at each
+//! snapshot op `c` every replica also signs *in-flight statements* ([`OutputsKind::InFlight`],
+//! their own domain [`IN_FLIGHT_SIGNING_DOMAIN`] and digest [`in_flight_digest`]) over the
+//! legs its state has in flight right after `c`, cut into chunks by [`in_flight_chunks`]:
+//! replicated state, so every correct replica signs the same chunks, and a replica restored
+//! from the snapshot of `c` signs them from the restored state. They are certified, proven
+//! and applied like outputs; legs applied already are duplicates at the destination.
+//!
 //! Nothing here performs I/O, reads a clock or draws randomness; every limit is a named
 //! constant or a configuration field, and a full queue is a typed error, never growth.
 
@@ -46,6 +54,19 @@ use crate::state_machine::Outbound;
 pub const OUTPUTS_SIGNING_DOMAIN: &[u8; 23] = b"percore-bft-outputs-v1\0";
 /// Bytes of one signed outputs statement.
 pub const OUTPUTS_SIGNING_BYTES: usize = OUTPUTS_SIGNING_DOMAIN.len() + 4 + 4 + 1 + 8 + 32;
+/// Domain separation of the in-flight statement ([`OutputsKind::InFlight`]): other first
+/// bytes and another length than both [`OUTPUTS_SIGNING_DOMAIN`] and
+/// [`super::message::SIGNING_DOMAIN`], so no in-flight signature is ever an outputs vote or
+/// a protocol vote, or the other way round.
+pub const IN_FLIGHT_SIGNING_DOMAIN: &[u8; 25] = b"percore-bft-in-flight-v1\0";
+/// Bytes of one signed in-flight statement (the outputs statement's fields and the chunk).
+pub const IN_FLIGHT_SIGNING_BYTES: usize = IN_FLIGHT_SIGNING_DOMAIN.len() + 4 + 4 + 1 + 8 + 4 + 32;
+/// Largest signed statement of either kind.
+pub const STATEMENT_SIGNING_BYTES_MAX: usize = IN_FLIGHT_SIGNING_BYTES;
+/// Checkpoints whose in-flight statements an [`OutputsCollector`] keeps at once: the
+/// newest two, so that a replica restored from its previous snapshot still finds peers
+/// holding the statements of that snapshot.
+pub const IN_FLIGHT_CHECKPOINTS_KEPT: usize = 2;
 /// Most groups (shards) one cluster may have: bounds the committees built at start-up.
 pub const GROUPS_MAX: usize = 256;
 /// Largest record bytes of one op's outputs to one destination (a batch's worth of 128-byte
@@ -56,8 +77,9 @@ pub const PROVEN_BATCH_PROOFS_MAX: usize = 256;
 /// The second `u16` of a proven batch, where a client batch has its format
 /// ([`BATCH_FORMAT_UNSIGNED`] or [`BATCH_FORMAT_SIGNED`]).
 pub const PROVEN_BATCH_MARK: u16 = BATCH_FORMAT_PROVEN;
-/// Bytes of one encoded [`OutputsVote`].
-pub const OUTPUTS_VOTE_BYTES: usize = 4 + 4 + 8 + 32 + 1 + 64;
+/// Bytes of one encoded [`OutputsVote`] at most (an in-flight vote's statement carries its
+/// chunk too).
+pub const OUTPUTS_VOTE_BYTES: usize = 4 + 4 + 8 + 1 + 4 + 32 + 1 + 64;
 
 const _: () = assert!(REPLICA_COUNT_MAX <= 8, "signer sets fit a u8");
 const _: () = assert!(
@@ -67,6 +89,9 @@ const _: () = assert!(
 const _: () = assert!(PROVEN_BATCH_PROOFS_MAX <= u16::MAX as usize);
 const _: () = assert!(OUTPUT_RECORDS_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(GROUPS_MAX <= u32::MAX as usize);
+const _: () = assert!(IN_FLIGHT_SIGNING_BYTES != OUTPUTS_SIGNING_BYTES);
+const _: () = assert!(IN_FLIGHT_SIGNING_BYTES != super::message::SIGNING_BYTES);
+const _: () = assert!(IN_FLIGHT_SIGNING_BYTES >= OUTPUTS_SIGNING_BYTES);
 
 /// Why an outputs vote, certificate, proof or proven batch is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -131,7 +156,7 @@ pub enum XShardError {
         /// The proof's.
         proof: u16,
     },
-    /// A proven batch that carries one `(origin, op)` twice.
+    /// A proven batch that carries one `(origin, op, kind)` twice.
     #[error("group {origin} op {op} appears twice in one batch")]
     DuplicateProof {
         /// The origin group.
@@ -194,37 +219,136 @@ pub fn outputs_digest(
     *hasher.finalize().as_bytes()
 }
 
+/// The digest an in-flight statement signs: chunk `chunk` of the legs `origin` had in flight
+/// to `destination` right after applying journal op `checkpoint_op` (a snapshot op), in leg
+/// order, bound to all of those and the operation. Its own prefix, so it never equals an
+/// [`outputs_digest`].
+pub fn in_flight_digest(
+    origin: u32,
+    destination: u32,
+    checkpoint_op: u64,
+    chunk: u32,
+    operation: u16,
+    records: &[u8],
+) -> Digest {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"percore-bft-in-flight-digest-v1");
+    hasher.update(&origin.to_le_bytes());
+    hasher.update(&destination.to_le_bytes());
+    hasher.update(&checkpoint_op.to_le_bytes());
+    hasher.update(&chunk.to_le_bytes());
+    hasher.update(&operation.to_le_bytes());
+    hasher.update(&(records.len() as u64).to_le_bytes());
+    hasher.update(records);
+    *hasher.finalize().as_bytes()
+}
+
+/// What a statement certifies about its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OutputsKind {
+    /// What applying op `op` emitted for the destination ([`outputs_digest`]).
+    Op,
+    /// Chunk `chunk` of the legs in flight to the destination right after applying op `op`,
+    /// a snapshot op ([`in_flight_digest`], [`in_flight_chunks`]): what lets a replica
+    /// restored from a snapshot, which no longer has the ops below it, certify again the
+    /// legs those ops emitted.
+    InFlight {
+        /// The chunk's index, from 0 per destination.
+        chunk: u32,
+    },
+}
+
+/// What identifies certified records at their destination: `(origin, op, kind)`.
+pub type ProvenKey = (u32, u64, OutputsKind);
+
 /// What a replica of `origin` says after executing op `op`: it sent `destination` the
-/// records whose [`outputs_digest`] is `digest`.
+/// records whose digest is `digest` ([`outputs_digest`]), or (an in-flight statement) it
+/// had those legs in flight to `destination` right after op `op` ([`in_flight_digest`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OutputsStatement {
     /// The group that executed the op (signed by its replicas).
     pub origin: u32,
     /// The group the records are for.
     pub destination: u32,
-    /// The origin group's BFT op.
+    /// The origin group's journal op.
     pub op: u64,
-    /// [`outputs_digest`] of the records.
+    /// Outputs of the op, or legs in flight after it.
+    pub kind: OutputsKind,
+    /// The records' digest for `kind`.
     pub digest: Digest,
 }
 
+/// The bytes one replica signs for one statement (their length depends on the kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatementBytes {
+    bytes: [u8; STATEMENT_SIGNING_BYTES_MAX],
+    len: usize,
+}
+
+impl StatementBytes {
+    /// The signed bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl std::ops::Deref for StatementBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 impl OutputsStatement {
-    /// The exact bytes `replica` signs.
-    pub fn signing_bytes(&self, replica: u8) -> [u8; OUTPUTS_SIGNING_BYTES] {
-        let mut bytes = [0u8; OUTPUTS_SIGNING_BYTES];
+    /// The exact bytes `replica` signs: [`OUTPUTS_SIGNING_DOMAIN`] `| origin | destination |
+    /// replica | op | digest` for outputs, [`IN_FLIGHT_SIGNING_DOMAIN`] `| origin |
+    /// destination | replica | op | chunk u32 | digest` for legs in flight.
+    pub fn signing_bytes(&self, replica: u8) -> StatementBytes {
+        let mut bytes = [0u8; STATEMENT_SIGNING_BYTES_MAX];
         let mut at = 0;
         let mut put = |part: &[u8]| {
             bytes[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         };
-        put(OUTPUTS_SIGNING_DOMAIN);
+        match self.kind {
+            OutputsKind::Op => put(OUTPUTS_SIGNING_DOMAIN),
+            OutputsKind::InFlight { .. } => put(IN_FLIGHT_SIGNING_DOMAIN),
+        }
         put(&self.origin.to_le_bytes());
         put(&self.destination.to_le_bytes());
         put(&[replica]);
         put(&self.op.to_le_bytes());
+        if let OutputsKind::InFlight { chunk } = self.kind {
+            put(&chunk.to_le_bytes());
+        }
         put(&self.digest);
-        debug_assert_eq!(at, OUTPUTS_SIGNING_BYTES);
-        bytes
+        debug_assert_eq!(
+            at,
+            match self.kind {
+                OutputsKind::Op => OUTPUTS_SIGNING_BYTES,
+                OutputsKind::InFlight { .. } => IN_FLIGHT_SIGNING_BYTES,
+            }
+        );
+        StatementBytes { bytes, len: at }
+    }
+
+    /// The digest of `records` of `operation` under this statement's origin, destination,
+    /// op and kind: what [`OutputsStatement::digest`] must be for them.
+    pub fn digest_of(&self, operation: u16, records: &[u8]) -> Digest {
+        match self.kind {
+            OutputsKind::Op => {
+                outputs_digest(self.origin, self.destination, self.op, operation, records)
+            }
+            OutputsKind::InFlight { chunk } => in_flight_digest(
+                self.origin,
+                self.destination,
+                self.op,
+                chunk,
+                operation,
+                records,
+            ),
+        }
     }
 }
 
@@ -245,7 +369,7 @@ impl OutputsVote {
         OutputsVote {
             statement,
             replica,
-            signature: key.sign(&statement.signing_bytes(replica)),
+            signature: key.sign(statement.signing_bytes(replica).as_slice()),
         }
     }
 }
@@ -272,9 +396,10 @@ pub struct ProvenOutputs {
 }
 
 impl ProvenOutputs {
-    /// `(origin, op)`: what identifies these outputs at their destination.
-    pub fn key(&self) -> (u32, u64) {
-        (self.cert.statement.origin, self.cert.statement.op)
+    /// `(origin, op, kind)`: what identifies these outputs at their destination.
+    pub fn key(&self) -> ProvenKey {
+        let statement = &self.cert.statement;
+        (statement.origin, statement.op, statement.kind)
     }
 }
 
@@ -293,7 +418,7 @@ pub struct ProvenBatch {
     pub operation: u16,
     /// The proposing leader's clock (ns).
     pub now_ns: u64,
-    /// The proofs, distinct `(origin, op)`.
+    /// The proofs, distinct `(origin, op, kind)`.
     pub proofs: Vec<ProvenOutputs>,
 }
 
@@ -409,14 +534,7 @@ impl Groups {
         if bytes == 0 || !bytes.is_multiple_of(record_bytes) || bytes > OUTPUT_RECORDS_BYTES_MAX {
             return Err(XShardError::RecordBytes(bytes));
         }
-        let digest = outputs_digest(
-            statement.origin,
-            statement.destination,
-            statement.op,
-            proof.operation,
-            &proof.records,
-        );
-        if digest != statement.digest {
+        if statement.digest_of(proof.operation, &proof.records) != statement.digest {
             return Err(XShardError::DigestMismatch {
                 origin: statement.origin,
                 op: statement.op,
@@ -495,7 +613,7 @@ fn verify_signature(
     let key = committee
         .key(replica)
         .ok_or(XShardError::UnknownSigner(replica))?;
-    key.verify_strict(&statement.signing_bytes(replica), signature)
+    key.verify_strict(statement.signing_bytes(replica).as_slice(), signature)
         .map_err(|_| XShardError::BadSignature(replica))
 }
 
@@ -590,6 +708,94 @@ pub fn outputs_by_destination<O: Into<u16>, R: bytemuck::Pod>(
     Ok(())
 }
 
+/// Chunk `chunk` of the legs in flight from this group to `destination` at one snapshot op:
+/// what [`OutputsCollector::on_in_flight`] takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlightChunk {
+    /// The destination group.
+    pub destination: u32,
+    /// The chunk's index, from 0 per destination.
+    pub chunk: u32,
+    /// The operation of the batch the legs join there.
+    pub operation: u16,
+    /// The legs, whole records, in the order given.
+    pub records: Vec<u8>,
+}
+
+/// Cuts the legs a state machine has in flight (its `unconfirmed_outbound`, oldest leg
+/// first) into the chunks of in-flight statements, into `out` (cleared first): ascending
+/// destination; per destination the legs in the order given, cut into chunks `0, 1, ...` of
+/// at most [`OUTPUT_RECORDS_BYTES_MAX`] bytes, each full but the last. A deterministic
+/// function of the in-flight set (replicated state), so every correct replica that holds the
+/// same state signs the same statements. A destination that would get legs of two
+/// operations is refused (one statement certifies one operation); `out` is then unspecified.
+pub fn in_flight_chunks<O: Into<u16>, R: bytemuck::Pod>(
+    in_flight: impl IntoIterator<Item = Outbound<O, R>>,
+    out: &mut Vec<InFlightChunk>,
+) -> Result<(), XShardError> {
+    out.clear();
+    let record_bytes = size_of::<R>();
+    assert!(record_bytes > 0 && record_bytes <= OUTPUT_RECORDS_BYTES_MAX);
+    // Whole records per chunk: a chunk never splits a record.
+    let chunk_bytes_max = OUTPUT_RECORDS_BYTES_MAX / record_bytes * record_bytes;
+    for each in in_flight {
+        let operation: u16 = each.operation.into();
+        let record = bytemuck::bytes_of(&each.record);
+        // The last chunk of this destination (chunks of one destination are adjacent).
+        let end = out.partition_point(|chunk| chunk.destination <= each.shard);
+        let last = end
+            .checked_sub(1)
+            .filter(|at| out[*at].destination == each.shard);
+        let at = match last {
+            Some(at) if out[at].records.len() + record.len() <= chunk_bytes_max => at,
+            Some(at) => {
+                let chunk = out[at].chunk + 1;
+                out.insert(
+                    at + 1,
+                    InFlightChunk {
+                        destination: each.shard,
+                        chunk,
+                        operation: out[at].operation,
+                        records: Vec::new(),
+                    },
+                );
+                at + 1
+            }
+            None => {
+                out.insert(
+                    end,
+                    InFlightChunk {
+                        destination: each.shard,
+                        chunk: 0,
+                        operation,
+                        records: Vec::new(),
+                    },
+                );
+                end
+            }
+        };
+        let chunk = &mut out[at];
+        if chunk.operation != operation {
+            return Err(XShardError::OperationMismatch {
+                proof: operation,
+                batch: chunk.operation,
+            });
+        }
+        chunk.records.extend_from_slice(record);
+        debug_assert!(chunk.records.len() <= OUTPUT_RECORDS_BYTES_MAX);
+    }
+    Ok(())
+}
+
+/// Most chunks [`in_flight_chunks`] cuts from at most `legs_max` legs of `record_bytes`
+/// bytes for `destinations` groups: one partial chunk per destination at most, plus the full
+/// ones. What a collector's in-flight room per checkpoint must hold.
+pub fn in_flight_chunks_max(legs_max: usize, record_bytes: usize, destinations: usize) -> usize {
+    assert!(record_bytes > 0 && record_bytes <= OUTPUT_RECORDS_BYTES_MAX);
+    let per_chunk = OUTPUT_RECORDS_BYTES_MAX / record_bytes;
+    legs_max / per_chunk + destinations.min(legs_max)
+}
+
 /// The proposal check of a replica of group `receiver` once it takes other groups'
 /// outputs: a proven batch ([`is_proven_batch`]) carries no client signature and must pass
 /// [`Groups::verify_batch_bytes`] for this group; every other batch goes to `client` (the
@@ -655,7 +861,8 @@ const TAG_PROVEN: u8 = 2;
 
 /// Appends the encoding of `message` to `out`:
 /// `tag u8 | vote` or `tag u8 | proven`, with
-/// `statement = origin u32 | destination u32 | op u64 | digest [32]`,
+/// `statement = origin u32 | destination u32 | op u64 | kind u8 | [chunk u32, in-flight
+/// kind only] | digest [32]`,
 /// `vote = statement | replica u8 | signature [64]`,
 /// `cert = statement | count u8 | (replica u8 | signature [64])*`,
 /// `proven = cert | operation u16 | length u32 | records`, all little-endian.
@@ -733,10 +940,20 @@ pub fn decode_batch(bytes: &[u8]) -> Result<ProvenBatch, XShardError> {
     })
 }
 
+const KIND_OP: u8 = 0;
+const KIND_IN_FLIGHT: u8 = 1;
+
 fn put_statement(out: &mut Vec<u8>, statement: &OutputsStatement) {
     out.extend_from_slice(&statement.origin.to_le_bytes());
     out.extend_from_slice(&statement.destination.to_le_bytes());
     out.extend_from_slice(&statement.op.to_le_bytes());
+    match statement.kind {
+        OutputsKind::Op => out.push(KIND_OP),
+        OutputsKind::InFlight { chunk } => {
+            out.push(KIND_IN_FLIGHT);
+            out.extend_from_slice(&chunk.to_le_bytes());
+        }
+    }
     out.extend_from_slice(&statement.digest);
 }
 
@@ -792,10 +1009,17 @@ impl<'a> Reader<'a> {
     }
 
     fn statement(&mut self) -> Result<OutputsStatement, XShardError> {
+        let (origin, destination, op) = (self.u32()?, self.u32()?, self.u64()?);
+        let kind = match self.u8()? {
+            KIND_OP => OutputsKind::Op,
+            KIND_IN_FLIGHT => OutputsKind::InFlight { chunk: self.u32()? },
+            _ => return Err(XShardError::Malformed("unknown statement kind")),
+        };
         Ok(OutputsStatement {
-            origin: self.u32()?,
-            destination: self.u32()?,
-            op: self.u64()?,
+            origin,
+            destination,
+            op,
+            kind,
             digest: self.array()?,
         })
     }
@@ -862,13 +1086,21 @@ pub struct CollectorConfig {
     pub group: u32,
     /// The collecting replica.
     pub replica: u8,
-    /// Outputs kept at once, collecting or certified and not yet released. Must be at
-    /// least the number of ops that can have unacknowledged legs (the ledger's
+    /// Outputs of ops kept at once, collecting or certified and not yet released. Must be
+    /// at least the number of ops that can have unacknowledged legs (the ledger's
     /// `credit_legs_in_flight_max` bounds it), or a full collector stalls legs.
     pub outputs_kept_max: usize,
+    /// In-flight chunks one snapshot op may produce ([`in_flight_chunks_max`] of the
+    /// ledger's in-flight window); the collector keeps those of
+    /// [`IN_FLIGHT_CHECKPOINTS_KEPT`] snapshot ops.
+    pub in_flight_chunks_max: usize,
     /// Interval at which an uncertified vote is broadcast again and certified outputs are
     /// delivered again until released (µs).
     pub resend_interval_us: u64,
+    /// How long after it was produced a certified in-flight chunk is first delivered (µs).
+    /// Its legs were normally certified and delivered by their ops' outputs already, which
+    /// settle it long before; only a chunk still unsettled this late travels.
+    pub in_flight_deliver_after_us: u64,
 }
 
 /// Counters of an [`OutputsCollector`].
@@ -888,6 +1120,12 @@ pub struct CollectorMetrics {
     pub deliveries: u64,
     /// Outputs produced while the collector was full (refused; the caller counts them).
     pub full: u64,
+    /// In-flight statements this replica signed (also counted in `votes_signed`).
+    pub in_flight_signed: u64,
+    /// In-flight chunks certified here (also counted in `certified`).
+    pub in_flight_certified: u64,
+    /// Deliveries of certified in-flight chunks (also counted in `deliveries`).
+    pub in_flight_deliveries: u64,
 }
 
 #[derive(Debug)]
@@ -901,19 +1139,31 @@ struct Outputs {
     certified: bool,
     resend_at_us: u64,
     produced_at_us: u64,
+    /// Not delivered before this (µs): when produced for outputs of an op, later for an
+    /// in-flight chunk.
+    deliver_at_us: u64,
 }
 
+/// `(destination, op, kind)`: how a collector files what it signed.
+type CollectorKey = (u32, u64, OutputsKind);
+
 /// The sending side: signs this replica's outputs statement for each op's outputs to each
-/// destination, collects its group's matching votes into a certificate, and delivers the
-/// certified outputs until the driver releases them (legs: once their acknowledgement is
-/// applied; acknowledgements: once delivered). Sans-IO; at most `outputs_kept_max`
-/// outputs, a vote per replica each.
+/// destination, and its in-flight statements at each snapshot op, collects its group's
+/// matching votes into a certificate, and delivers the certified records until the driver
+/// releases them (legs: once their acknowledgement is applied; acknowledgements: once
+/// delivered). Sans-IO; at most `outputs_kept_max` outputs of ops and
+/// [`IN_FLIGHT_CHECKPOINTS_KEPT`] `× in_flight_chunks_max` in-flight chunks, a vote per
+/// replica each.
 #[derive(Debug)]
 pub struct OutputsCollector {
     config: CollectorConfig,
     groups: Groups,
     key: SigningKey,
-    kept: BTreeMap<(u32, u64), Outputs>,
+    kept: BTreeMap<CollectorKey, Outputs>,
+    /// In-flight chunks among `kept`.
+    in_flight_kept: usize,
+    /// The snapshot ops whose in-flight chunks are kept, ascending.
+    in_flight_checkpoints: VecDeque<u64>,
     metrics: CollectorMetrics,
 }
 
@@ -931,11 +1181,16 @@ impl OutputsCollector {
                 config.replica,
             )));
         }
-        if config.outputs_kept_max == 0 || config.resend_interval_us == 0 {
+        if config.outputs_kept_max == 0
+            || config.in_flight_chunks_max == 0
+            || config.resend_interval_us == 0
+        {
             return Err(XShardError::OutOfRange("collector limits"));
         }
         Ok(OutputsCollector {
             kept: BTreeMap::new(),
+            in_flight_kept: 0,
+            in_flight_checkpoints: VecDeque::with_capacity(IN_FLIGHT_CHECKPOINTS_KEPT + 1),
             config,
             groups,
             key,
@@ -948,9 +1203,19 @@ impl OutputsCollector {
         self.metrics
     }
 
-    /// Outputs kept (collecting or certified, not released).
+    /// Outputs and in-flight chunks kept (collecting or certified, not released).
     pub fn kept(&self) -> usize {
         self.kept.len()
+    }
+
+    /// Outputs of ops kept (what `outputs_kept_max` bounds).
+    pub fn outputs_kept(&self) -> usize {
+        self.kept.len() - self.in_flight_kept
+    }
+
+    /// In-flight chunks kept.
+    pub fn in_flight_kept(&self) -> usize {
+        self.in_flight_kept
     }
 
     /// Op `op` of this group, executed here, produced `records` (whole records, in order)
@@ -966,29 +1231,123 @@ impl OutputsCollector {
         records: Vec<u8>,
         actions: &mut Vec<XShardAction>,
     ) -> Result<(), XShardError> {
+        let produced = ProducedOutputs {
+            destination,
+            operation,
+            records,
+        };
+        self.sign(now_us, op, OutputsKind::Op, produced, actions)
+    }
+
+    /// This replica applied snapshot op `checkpoint_op` (or restored the snapshot taken
+    /// there) and had `chunks` in flight then ([`in_flight_chunks`] of its state right after
+    /// that op): sign and broadcast an in-flight statement per chunk. Certified chunks are
+    /// delivered only from `in_flight_deliver_after_us` on, and only while unsettled. The
+    /// chunks of the newest [`IN_FLIGHT_CHECKPOINTS_KEPT`] snapshot ops are kept: older
+    /// ones go (every leg still in flight then is in the newer chunks too). Returns how
+    /// many chunks were signed; the chunks of a snapshot op older than every kept one, or
+    /// more than `in_flight_chunks_max` of them, are refused (`Stale`, `Full`), and a chunk
+    /// signed already is skipped.
+    pub fn on_in_flight(
+        &mut self,
+        now_us: u64,
+        checkpoint_op: u64,
+        chunks: Vec<InFlightChunk>,
+        actions: &mut Vec<XShardAction>,
+    ) -> Result<usize, XShardError> {
+        if chunks.len() > self.config.in_flight_chunks_max {
+            self.metrics.full += 1;
+            return Err(XShardError::Full("in-flight chunks"));
+        }
+        if !self.in_flight_checkpoints.contains(&checkpoint_op) {
+            if self.in_flight_checkpoints.len() == IN_FLIGHT_CHECKPOINTS_KEPT
+                && self.in_flight_checkpoints.front() > Some(&checkpoint_op)
+            {
+                return Err(XShardError::Stale);
+            }
+            let at = self
+                .in_flight_checkpoints
+                .partition_point(|op| *op < checkpoint_op);
+            self.in_flight_checkpoints.insert(at, checkpoint_op);
+            while self.in_flight_checkpoints.len() > IN_FLIGHT_CHECKPOINTS_KEPT {
+                let oldest = self.in_flight_checkpoints.pop_front().expect("not empty");
+                self.forget_in_flight(oldest);
+            }
+        }
+        let mut signed = 0;
+        for chunk in chunks {
+            let kind = OutputsKind::InFlight { chunk: chunk.chunk };
+            let produced = ProducedOutputs {
+                destination: chunk.destination,
+                operation: chunk.operation,
+                records: chunk.records,
+            };
+            match self.sign(now_us, checkpoint_op, kind, produced, actions) {
+                Ok(()) => signed += 1,
+                Err(XShardError::Stale) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        debug_assert!(
+            self.in_flight_kept <= IN_FLIGHT_CHECKPOINTS_KEPT * self.config.in_flight_chunks_max
+        );
+        Ok(signed)
+    }
+
+    fn forget_in_flight(&mut self, checkpoint_op: u64) {
+        let before = self.kept.len();
+        self.kept
+            .retain(|(_, op, kind), _| *op != checkpoint_op || matches!(kind, OutputsKind::Op));
+        self.in_flight_kept -= before - self.kept.len();
+    }
+
+    fn sign(
+        &mut self,
+        now_us: u64,
+        op: u64,
+        kind: OutputsKind,
+        produced: ProducedOutputs,
+        actions: &mut Vec<XShardAction>,
+    ) -> Result<(), XShardError> {
+        let ProducedOutputs {
+            destination,
+            operation,
+            records,
+        } = produced;
         let origin = self.config.group;
-        let statement = OutputsStatement {
+        let mut statement = OutputsStatement {
             origin,
             destination,
             op,
-            digest: outputs_digest(origin, destination, op, operation, &records),
+            kind,
+            digest: [0; 32],
         };
+        statement.digest = statement.digest_of(operation, &records);
         self.groups.check_route(&statement)?;
         if records.is_empty() || records.len() > OUTPUT_RECORDS_BYTES_MAX {
             return Err(XShardError::RecordBytes(records.len()));
         }
-        if let Some(held) = self.kept.get(&(destination, op)) {
+        let key = (destination, op, kind);
+        if let Some(held) = self.kept.get(&key) {
             if held.statement == statement {
                 return Err(XShardError::Stale);
             }
             return Err(XShardError::Diverged { destination, op });
         }
-        if self.kept.len() >= self.config.outputs_kept_max {
+        if kind == OutputsKind::Op && self.outputs_kept() >= self.config.outputs_kept_max {
             self.metrics.full += 1;
             return Err(XShardError::Full("outputs collector"));
         }
         let own = OutputsVote::sign(&self.key, self.config.replica, statement);
         self.metrics.votes_signed += 1;
+        let deliver_at_us = match kind {
+            OutputsKind::Op => now_us,
+            OutputsKind::InFlight { .. } => {
+                self.metrics.in_flight_signed += 1;
+                self.in_flight_kept += 1;
+                now_us.saturating_add(self.config.in_flight_deliver_after_us)
+            }
+        };
         let mut signatures = [None; REPLICA_COUNT_MAX];
         signatures[usize::from(self.config.replica)] = Some(own.signature);
         let outputs = Outputs {
@@ -1001,10 +1360,11 @@ impl OutputsCollector {
             certified: false,
             resend_at_us: now_us + self.config.resend_interval_us,
             produced_at_us: now_us,
+            deliver_at_us,
         };
-        self.kept.insert((destination, op), outputs);
+        self.kept.insert(key, outputs);
         actions.push(XShardAction::Broadcast(own));
-        self.try_certify(destination, op, actions);
+        self.try_certify(key, actions);
         Ok(())
     }
 
@@ -1037,7 +1397,7 @@ impl OutputsCollector {
                 collector: self.config.group,
             });
         }
-        let key = (statement.destination, statement.op);
+        let key = (statement.destination, statement.op, statement.kind);
         let Some(held) = self.kept.get(&key) else {
             return Err(XShardError::NotProduced {
                 destination: statement.destination,
@@ -1052,8 +1412,8 @@ impl OutputsCollector {
         }
         self.groups.verify_vote(&vote)?;
         if held.statement != statement {
-            // Validly signed for other outputs of a committed op: only a Byzantine replica
-            // (or more than f faults) can do that.
+            // Validly signed for other records of a committed op (or another in-flight set
+            // at a snapshot op): only a Byzantine replica (or more than f faults) can do that.
             return Err(XShardError::DigestMismatch {
                 origin: statement.origin,
                 op: statement.op,
@@ -1066,29 +1426,36 @@ impl OutputsCollector {
             to: vote.replica,
             vote: held.own,
         });
-        self.try_certify(statement.destination, statement.op, actions);
+        self.try_certify(key, actions);
         Ok(())
     }
 
-    fn try_certify(&mut self, destination: u32, op: u64, actions: &mut Vec<XShardAction>) {
+    fn try_certify(&mut self, key: CollectorKey, actions: &mut Vec<XShardAction>) {
         let quorum = self
             .groups
             .committee(self.config.group)
             .expect("checked at construction")
             .quorum();
-        let held = self.kept.get_mut(&(destination, op)).expect("kept");
+        let held = self.kept.get_mut(&key).expect("kept");
         if held.certified || (held.signers.count_ones() as usize) < quorum {
             return;
         }
         held.certified = true;
         self.metrics.certified += 1;
+        if let OutputsKind::InFlight { .. } = key.2 {
+            // Delivered by `on_tick` once due, if the driver has not released it by then.
+            self.metrics.in_flight_certified += 1;
+            held.resend_at_us = held.resend_at_us.max(held.deliver_at_us);
+            return;
+        }
         self.metrics.deliveries += 1;
         actions.push(XShardAction::Deliver(proven(held, quorum)));
     }
 
     /// Resends what is due: an uncertified vote is broadcast again, certified outputs are
     /// delivered again (their destination may have lost them, or committed them under a
-    /// leader that later withheld the acknowledgement).
+    /// leader that later withheld the acknowledgement), certified in-flight chunks from
+    /// their delivery time on.
     pub fn on_tick(&mut self, now_us: u64, actions: &mut Vec<XShardAction>) {
         let quorum = self
             .groups
@@ -1100,11 +1467,16 @@ impl OutputsCollector {
                 continue;
             }
             held.resend_at_us = now_us + self.config.resend_interval_us;
-            if held.certified {
+            if !held.certified {
+                actions.push(XShardAction::Broadcast(held.own));
+            } else if held.deliver_at_us <= now_us {
                 self.metrics.deliveries += 1;
+                if let OutputsKind::InFlight { .. } = held.statement.kind {
+                    self.metrics.in_flight_deliveries += 1;
+                }
                 actions.push(XShardAction::Deliver(proven(held, quorum)));
             } else {
-                actions.push(XShardAction::Broadcast(held.own));
+                held.resend_at_us = held.deliver_at_us;
             }
         }
     }
@@ -1118,20 +1490,23 @@ impl OutputsCollector {
     /// acknowledged, or the acknowledgements were handed over). Returns whether they were
     /// kept.
     pub fn release(&mut self, destination: u32, op: u64) -> bool {
-        self.kept.remove(&(destination, op)).is_some()
+        self.kept
+            .remove(&(destination, op, OutputsKind::Op))
+            .is_some()
     }
 
-    /// Releases every output produced at least `min_age_us` before `now_us` (0: any age)
-    /// for which `settled(operation, records)` holds, certified here or not, and returns
-    /// how many went. The driver asks the state machine (`StateMachine::outputs_settled`,
-    /// from replicated state): a leg is settled once its acknowledgement is applied, so
-    /// every correct replica releases it, including one that executed the op after its
-    /// peers released it and so never collects a certificate (peers drop votes for outputs
-    /// they no longer hold). Outputs that are settled when produced (acknowledgements)
-    /// stay `min_age_us`, delivered again each `resend_interval_us` meanwhile, then go
-    /// whether certified or not: a lost one is repaired by the leg's resend, which its
-    /// destination acknowledges again at a new op. So the collector never fills with
-    /// outputs nobody will answer.
+    /// Releases every output and in-flight chunk produced at least `min_age_us` before
+    /// `now_us` (0: any age) for which `settled(operation, records)` holds, certified here
+    /// or not, and returns how many went. The driver asks the state machine
+    /// (`StateMachine::outputs_settled`, from replicated state): a leg is settled once its
+    /// acknowledgement is applied, so every correct replica releases it, including one that
+    /// executed the op after its peers released it and so never collects a certificate
+    /// (peers drop votes for outputs they no longer hold). Outputs that are settled when
+    /// produced (acknowledgements) stay `min_age_us`, delivered again each
+    /// `resend_interval_us` meanwhile, then go whether certified or not: a lost one is
+    /// repaired by the leg's resend, which its destination acknowledges again at a new op.
+    /// So the collector never fills with outputs nobody will answer. An in-flight chunk
+    /// goes once every leg in it is acknowledged, like the outputs of an op.
     pub fn release_settled(
         &mut self,
         now_us: u64,
@@ -1139,17 +1514,28 @@ impl OutputsCollector {
         mut settled: impl FnMut(u16, &[u8]) -> bool,
     ) -> usize {
         let before = self.kept.len();
-        self.kept.retain(|_, held| {
-            now_us < held.produced_at_us.saturating_add(min_age_us)
-                || !settled(held.operation, &held.records)
+        let mut in_flight_released = 0;
+        self.kept.retain(|(_, _, kind), held| {
+            let keep = now_us < held.produced_at_us.saturating_add(min_age_us)
+                || !settled(held.operation, &held.records);
+            if !keep && matches!(kind, OutputsKind::InFlight { .. }) {
+                in_flight_released += 1;
+            }
+            keep
         });
+        self.in_flight_kept -= in_flight_released;
         before - self.kept.len()
     }
 
     /// Whether the outputs of `op` for `destination` are certified here.
     pub fn is_certified(&self, destination: u32, op: u64) -> bool {
+        self.is_certified_kind(destination, op, OutputsKind::Op)
+    }
+
+    /// Whether the records of `(destination, op, kind)` are certified here.
+    pub fn is_certified_kind(&self, destination: u32, op: u64, kind: OutputsKind) -> bool {
         self.kept
-            .get(&(destination, op))
+            .get(&(destination, op, kind))
             .is_some_and(|held| held.certified)
     }
 }

@@ -15,6 +15,8 @@ use crate::state_machine::StateMachine as _;
 
 const REPLICAS: u8 = 4;
 const GROUP_COUNT: u32 = 2;
+/// The collectors' in-flight delivery delay in these tests (µs).
+const IN_FLIGHT_DELIVER_AFTER_US: u64 = 50_000;
 
 fn keys(seed: u8) -> Vec<SigningKey> {
     (0..REPLICAS)
@@ -46,6 +48,7 @@ fn prove(
         origin,
         destination,
         op,
+        kind: OutputsKind::Op,
         digest: outputs_digest(origin, destination, op, operation, &records),
     };
     let signatures = signers
@@ -71,6 +74,7 @@ fn outputs_statements_are_domain_separated_from_votes() {
         origin: 0,
         destination: 1,
         op: 7,
+        kind: OutputsKind::Op,
         digest: [9; 32],
     };
     let bytes = statement.signing_bytes(2);
@@ -359,6 +363,7 @@ fn a_byzantine_credit_group_leader_cannot_get_a_made_up_leg_accepted() {
         origin: 0,
         destination: 1,
         op: 3,
+        kind: OutputsKind::Op,
         digest: outputs_digest(0, 1, 3, operation, &made_up),
     };
     // Replica 1 leads group 1 and is Byzantine: it signs the made-up leg's statement with
@@ -454,7 +459,8 @@ fn messages_round_trip_and_refuse_malformed_bytes() {
         let mut bytes = Vec::new();
         encode_message(&message, &mut bytes);
         if let XShardMessage::Vote(_) = message {
-            assert_eq!(bytes.len(), 1 + OUTPUTS_VOTE_BYTES);
+            // An outputs vote has no chunk; an in-flight vote fills the largest size.
+            assert_eq!(bytes.len(), 1 + OUTPUTS_VOTE_BYTES - 4);
         }
         assert_eq!(decode_message(&bytes).unwrap(), message);
         for length in 0..bytes.len() {
@@ -469,7 +475,7 @@ fn messages_round_trip_and_refuse_malformed_bytes() {
     );
     // A certificate claiming more signatures than a group can have.
     let mut bytes = vec![TAG_PROVEN];
-    bytes.extend_from_slice(&[0; 48]);
+    bytes.extend_from_slice(&[0; 49]);
     bytes.push(REPLICA_COUNT_MAX as u8 + 1);
     assert_eq!(
         decode_message(&bytes),
@@ -507,7 +513,9 @@ fn collectors(keys: &[SigningKey], group: u32) -> Vec<OutputsCollector> {
                 group,
                 replica,
                 outputs_kept_max: 8,
+                in_flight_chunks_max: 4,
                 resend_interval_us: 1_000,
+                in_flight_deliver_after_us: IN_FLIGHT_DELIVER_AFTER_US,
             };
             OutputsCollector::new(config, groups_of(keys), keys[usize::from(replica)].clone())
                 .unwrap()
@@ -633,6 +641,7 @@ fn a_byzantine_replica_cannot_get_other_outputs_certified() {
         origin: 0,
         destination: 1,
         op: 9,
+        kind: OutputsKind::Op,
         digest: outputs_digest(0, 1, 9, operation, &made_up),
     };
     let lie = OutputsVote::sign(&keys[0], 0, statement);
@@ -809,7 +818,7 @@ fn inbound_proofs_are_checked_once_deduplicated_bounded_and_proposed_once_per_vi
     let batch = inbound.take_batch(0, 0, 5).unwrap();
     assert_eq!(batch.proofs.len(), 2);
     let last = inbound.take_batch(0, 0, 5).unwrap();
-    assert_eq!(last.proofs[0].key(), (0, 3));
+    assert_eq!(last.proofs[0].key(), (0, 3, OutputsKind::Op));
     assert_eq!(inbound.take_batch(0, 0, 5), None);
     // A new view: still queued (not committed), proposed again.
     assert_eq!(inbound.take_batch(1, 0, 100).unwrap().proofs.len(), 3);
@@ -1133,6 +1142,7 @@ fn a_proposal_is_either_a_client_signed_batch_or_a_proven_batch() {
         origin: 0,
         destination: 1,
         op: 3,
+        kind: OutputsKind::Op,
         digest: outputs_digest(0, 1, 3, operation, &made_up),
     };
     let own = OutputsVote::sign(&keys[1], 1, statement).signature;
@@ -1239,4 +1249,489 @@ fn one_ops_outputs_are_grouped_by_destination_deterministically() {
             OUTPUT_RECORDS_BYTES_MAX + RECORD_BYTES
         ))
     );
+}
+
+// ---- In-flight statements: legs in flight at a snapshot op, certified from state ----
+
+/// Signs `chunks` of snapshot op `checkpoint_op` at every replica of `group` and exchanges
+/// the votes; returns the actions left (deliveries).
+fn certify_in_flight(
+    group: &mut [OutputsCollector],
+    now_us: u64,
+    checkpoint_op: u64,
+    chunks: &[InFlightChunk],
+) -> Vec<Vec<ProvenOutputs>> {
+    let mut outbox = Vec::new();
+    for (replica, collector) in group.iter_mut().enumerate() {
+        let mut actions = Vec::new();
+        collector
+            .on_in_flight(now_us, checkpoint_op, chunks.to_vec(), &mut actions)
+            .unwrap();
+        outbox.push((replica as u8, actions));
+    }
+    exchange(group, &[0, 1, 2, 3], outbox)
+}
+
+/// The chunks of the legs `ledger` has in flight right now.
+fn ledger_in_flight(ledger: &Ledger) -> Vec<InFlightChunk> {
+    let mut legs = Vec::new();
+    ledger.unconfirmed_outbound(&mut |leg| legs.push(leg));
+    let mut chunks = Vec::new();
+    in_flight_chunks(legs, &mut chunks).unwrap();
+    chunks
+}
+
+#[test]
+fn in_flight_statements_are_domain_separated_from_outputs_statements() {
+    let outputs = OutputsStatement {
+        origin: 0,
+        destination: 1,
+        op: 7,
+        kind: OutputsKind::Op,
+        digest: [9; 32],
+    };
+    let in_flight = OutputsStatement {
+        kind: OutputsKind::InFlight { chunk: 0 },
+        ..outputs
+    };
+    let bytes = in_flight.signing_bytes(2);
+    assert_eq!(bytes.len(), IN_FLIGHT_SIGNING_BYTES);
+    assert!(bytes.starts_with(IN_FLIGHT_SIGNING_DOMAIN));
+    assert!(!bytes.starts_with(OUTPUTS_SIGNING_DOMAIN));
+    assert!(!bytes.starts_with(super::super::message::SIGNING_DOMAIN));
+    assert_ne!(bytes, outputs.signing_bytes(2));
+    // The chunk is bound.
+    let next = OutputsStatement {
+        kind: OutputsKind::InFlight { chunk: 1 },
+        ..outputs
+    };
+    assert_ne!(next.signing_bytes(2), bytes);
+    // A signature over an in-flight statement is no outputs vote, and the other way round.
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let vote = OutputsVote::sign(&keys[2], 2, in_flight);
+    groups.verify_vote(&vote).unwrap();
+    let relabelled = OutputsVote {
+        statement: outputs,
+        ..vote
+    };
+    assert_eq!(
+        groups.verify_vote(&relabelled),
+        Err(XShardError::BadSignature(2))
+    );
+    let vote = OutputsVote::sign(&keys[2], 2, outputs);
+    let relabelled = OutputsVote {
+        statement: in_flight,
+        ..vote
+    };
+    assert_eq!(
+        groups.verify_vote(&relabelled),
+        Err(XShardError::BadSignature(2))
+    );
+    // The digests differ for the same records, and bind the chunk and the snapshot op.
+    let legs = records(2, 0);
+    let digest = in_flight_digest(0, 1, 7, 0, 256, &legs);
+    assert_ne!(digest, outputs_digest(0, 1, 7, 256, &legs));
+    assert_ne!(digest, in_flight_digest(0, 1, 7, 1, 256, &legs));
+    assert_ne!(digest, in_flight_digest(0, 1, 8, 0, 256, &legs));
+    assert_ne!(digest, in_flight_digest(1, 0, 7, 0, 256, &legs));
+}
+
+#[test]
+fn in_flight_chunks_are_deterministic_ordered_and_bounded() {
+    type Leg = Outbound<u16, [u8; RECORD_BYTES]>;
+    let per_chunk = OUTPUT_RECORDS_BYTES_MAX / RECORD_BYTES;
+    // Legs numbered 0.. in ring order, to destinations 2, 1, 2, 1, ... (two destinations,
+    // more than a chunk's worth for destination 1).
+    let count = 2 * per_chunk + 200;
+    let legs: Vec<Leg> = (0..count)
+        .map(|sequence| {
+            let mut record = [0u8; RECORD_BYTES];
+            record[..8].copy_from_slice(&(sequence as u64).to_le_bytes());
+            Leg {
+                shard: if sequence % 3 == 0 { 2 } else { 1 },
+                operation: 256,
+                record,
+            }
+        })
+        .collect();
+    let mut chunks = Vec::new();
+    in_flight_chunks(legs.clone(), &mut chunks).unwrap();
+    let shape: Vec<(u32, u32, usize)> = chunks
+        .iter()
+        .map(|chunk| {
+            (
+                chunk.destination,
+                chunk.chunk,
+                chunk.records.len() / RECORD_BYTES,
+            )
+        })
+        .collect();
+    let to_one = legs.iter().filter(|leg| leg.shard == 1).count();
+    let to_two = count - to_one;
+    assert_eq!(
+        shape,
+        vec![
+            (1, 0, per_chunk),
+            (1, 1, to_one - per_chunk),
+            (2, 0, to_two)
+        ]
+    );
+    assert!(chunks.len() <= in_flight_chunks_max(count, RECORD_BYTES, 2));
+    assert_eq!(in_flight_chunks_max(count, RECORD_BYTES, 2), 2 + 2);
+    // Every leg once, in ring order within its destination.
+    for chunk in &chunks {
+        let numbers: Vec<u64> = chunk
+            .records
+            .chunks_exact(RECORD_BYTES)
+            .map(|record| u64::from_le_bytes(record[..8].try_into().unwrap()))
+            .collect();
+        assert!(numbers.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(chunk.records.len() <= OUTPUT_RECORDS_BYTES_MAX);
+    }
+    // The same set gives the same chunks (what every correct replica signs).
+    let mut again = Vec::new();
+    in_flight_chunks(legs.clone(), &mut again).unwrap();
+    assert_eq!(again, chunks);
+    // No legs, no chunks; two operations for one destination are refused.
+    in_flight_chunks(Vec::<Leg>::new(), &mut again).unwrap();
+    assert!(again.is_empty());
+    let mut mixed = legs[..4].to_vec();
+    mixed[3].operation = 257;
+    mixed[3].shard = 1;
+    assert!(matches!(
+        in_flight_chunks(mixed, &mut again),
+        Err(XShardError::OperationMismatch { .. })
+    ));
+}
+
+#[test]
+fn a_quorum_certifies_in_flight_legs_delivered_only_late_and_released_when_settled() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let mut group = collectors(&keys, 0);
+    let chunks = vec![InFlightChunk {
+        destination: 1,
+        chunk: 0,
+        operation: LedgerOperation::ApplyCreditLegs as u16,
+        records: records(3, 5),
+    }];
+    let delivered = certify_in_flight(&mut group, 0, 40, &chunks);
+    // Certified at once, but not delivered: the legs' own outputs normally settle them.
+    assert!(delivered.iter().all(Vec::is_empty));
+    let kind = OutputsKind::InFlight { chunk: 0 };
+    for collector in &group {
+        assert!(collector.is_certified_kind(1, 40, kind));
+        assert!(
+            !collector.is_certified(1, 40),
+            "another kind than the op's outputs"
+        );
+        assert_eq!(collector.in_flight_kept(), 1);
+        assert_eq!(collector.outputs_kept(), 0);
+        assert_eq!(collector.metrics().in_flight_certified, 1);
+    }
+    let mut actions = Vec::new();
+    group[0].on_tick(IN_FLIGHT_DELIVER_AFTER_US - 1, &mut actions);
+    assert!(actions.is_empty(), "{actions:?}");
+    assert_eq!(group[0].poll_timeout(), Some(IN_FLIGHT_DELIVER_AFTER_US));
+    // Still unsettled once due: delivered, and again every resend interval.
+    group[0].on_tick(IN_FLIGHT_DELIVER_AFTER_US, &mut actions);
+    let [XShardAction::Deliver(proof)] = actions.as_slice() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(proof.key(), (0, 40, kind));
+    groups.verify_proven(proof, 1, RECORD_BYTES).unwrap();
+    assert_eq!(group[0].metrics().in_flight_deliveries, 1);
+    // A settled chunk goes (and is never delivered again).
+    let released = group[1].release_settled(IN_FLIGHT_DELIVER_AFTER_US - 1, 0, |_, _| true);
+    assert_eq!(released, 1);
+    assert_eq!(group[1].in_flight_kept(), 0);
+    let mut actions = Vec::new();
+    group[1].on_tick(10 * IN_FLIGHT_DELIVER_AFTER_US, &mut actions);
+    assert!(actions.is_empty());
+}
+
+#[test]
+fn in_flight_legs_altered_added_or_left_out_are_refused() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let mut group = collectors(&keys, 0);
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    let chunk = InFlightChunk {
+        destination: 1,
+        chunk: 0,
+        operation,
+        records: records(3, 5),
+    };
+    // Replica 3 holds another in-flight set (a leg fewer): its vote matches no one's.
+    let mut outbox = Vec::new();
+    for (replica, collector) in group.iter_mut().enumerate() {
+        let mut mine = chunk.clone();
+        if replica == 3 {
+            mine.records.truncate(2 * RECORD_BYTES);
+        }
+        let mut actions = Vec::new();
+        collector
+            .on_in_flight(0, 40, vec![mine], &mut actions)
+            .unwrap();
+        outbox.push((replica as u8, actions));
+    }
+    exchange(&mut group, &[0, 1, 2, 3], outbox);
+    assert!(group[0].metrics().votes_refused >= 1);
+    assert!(!group[3].is_certified_kind(1, 40, OutputsKind::InFlight { chunk: 0 }));
+    let mut actions = Vec::new();
+    group[0].on_tick(IN_FLIGHT_DELIVER_AFTER_US, &mut actions);
+    let Some(XShardAction::Deliver(honest)) = actions.pop() else {
+        panic!("certified by 0, 1 and 2")
+    };
+    groups.verify_proven(&honest, 1, RECORD_BYTES).unwrap();
+    let mut altered = honest.clone();
+    altered.records[130] ^= 1;
+    let mut added = honest.clone();
+    added.records.extend_from_slice(&records(1, 9));
+    let mut left_out = honest.clone();
+    left_out.records.truncate(2 * RECORD_BYTES);
+    for forged in [altered, added, left_out] {
+        assert_eq!(
+            groups.verify_proven(&forged, 1, RECORD_BYTES),
+            Err(XShardError::DigestMismatch { origin: 0, op: 40 })
+        );
+    }
+    // The certificate presented as the outputs of op 40, or as another chunk: refused.
+    for kind in [OutputsKind::Op, OutputsKind::InFlight { chunk: 1 }] {
+        let mut relabelled = honest.clone();
+        relabelled.cert.statement.kind = kind;
+        assert!(groups.verify_proven(&relabelled, 1, RECORD_BYTES).is_err());
+    }
+    // Proven batches keep `(origin, op, kind)` distinct: the op's outputs and its in-flight
+    // chunk may travel together, a chunk twice may not.
+    let outputs = prove(&keys, &[0, 1, 2], (0, 1, 40), records(1, 1));
+    let mut batch = ProvenBatch {
+        operation,
+        now_ns: 1,
+        proofs: vec![outputs, honest.clone()],
+    };
+    groups.verify_batch(&batch, 1, RECORD_BYTES, 64).unwrap();
+    let mut bytes = Vec::new();
+    encode_batch(&batch, &mut bytes);
+    assert_eq!(
+        groups
+            .verify_batch_bytes(&bytes, 1, RECORD_BYTES, 64)
+            .unwrap(),
+        batch
+    );
+    batch.proofs.push(honest);
+    assert_eq!(
+        groups.verify_batch(&batch, 1, RECORD_BYTES, 64),
+        Err(XShardError::DuplicateProof { origin: 0, op: 40 })
+    );
+}
+
+#[test]
+fn collectors_keep_the_in_flight_chunks_of_the_last_two_snapshot_ops_only() {
+    let keys = keys(1);
+    let mut group = collectors(&keys, 0);
+    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    let chunk = |salt: u8| InFlightChunk {
+        destination: 1,
+        chunk: 0,
+        operation,
+        records: records(1, salt),
+    };
+    let collector = &mut group[0];
+    let mut actions = Vec::new();
+    for (op, salt) in [(10, 1), (20, 2)] {
+        assert_eq!(
+            collector.on_in_flight(0, op, vec![chunk(salt)], &mut actions),
+            Ok(1)
+        );
+    }
+    // The same snapshot op again (two BFT ops that end at one journal op): nothing new.
+    assert_eq!(
+        collector.on_in_flight(0, 20, vec![chunk(2)], &mut actions),
+        Ok(0)
+    );
+    assert_eq!(collector.in_flight_kept(), 2);
+    // A third snapshot op pushes out the oldest one's chunks.
+    assert_eq!(
+        collector.on_in_flight(0, 30, vec![chunk(3)], &mut actions),
+        Ok(1)
+    );
+    assert_eq!(collector.in_flight_kept(), 2);
+    let kind = OutputsKind::InFlight { chunk: 0 };
+    let mut answer = Vec::new();
+    let old = OutputsStatement {
+        origin: 0,
+        destination: 1,
+        op: 10,
+        kind,
+        digest: in_flight_digest(0, 1, 10, 0, operation, &records(1, 1)),
+    };
+    assert_eq!(
+        group[0].on_vote(OutputsVote::sign(&keys[1], 1, old), &mut answer),
+        Err(XShardError::NotProduced {
+            destination: 1,
+            op: 10
+        })
+    );
+    // Below every kept one: refused. More chunks than one snapshot op can have: refused.
+    assert_eq!(
+        group[0].on_in_flight(0, 15, vec![chunk(4)], &mut actions),
+        Err(XShardError::Stale)
+    );
+    let too_many: Vec<InFlightChunk> = (0..5)
+        .map(|index| InFlightChunk {
+            chunk: index,
+            ..chunk(5)
+        })
+        .collect();
+    assert_eq!(
+        group[0].on_in_flight(0, 40, too_many, &mut actions),
+        Err(XShardError::Full("in-flight chunks"))
+    );
+    assert_eq!(group[0].in_flight_kept(), 2);
+    // In-flight chunks do not take the room of op outputs.
+    for op in 1..=8 {
+        group[0]
+            .on_produced(0, op, 1, operation, records(1, op as u8), &mut actions)
+            .unwrap();
+    }
+    assert_eq!(group[0].outputs_kept(), 8);
+    assert_eq!(group[0].kept(), 10);
+}
+
+#[test]
+fn a_leg_certified_again_from_state_is_applied_once_and_settles() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let mut shards = [Shard::new(0, &keys), Shard::new(1, &keys)];
+    let id_on = |shard: u32, skip: usize| {
+        (1u128..)
+            .filter(|&id| shard_of(id, GROUP_COUNT) == shard)
+            .nth(skip)
+            .unwrap()
+    };
+    let (payer, payee) = (id_on(0, 0), id_on(1, 0));
+    for (shard, id, flags) in [(0, payer, account_flags::ALLOW_NEGATIVE), (1, payee, 0)] {
+        let mut account = [RecordSlot::from_account(&Account {
+            id,
+            ledger: 1,
+            code: 1,
+            flags,
+            ..Account::zeroed()
+        })];
+        assert_eq!(
+            shards[shard].apply(LedgerOperation::CreateAccounts, 10, &mut account),
+            vec![0]
+        );
+    }
+    let transfer = |id: u128, amount: u128| {
+        RecordSlot::from_transfer(&Transfer {
+            id,
+            debit_account_id: payer,
+            credit_account_id: payee,
+            amount,
+            ledger: 1,
+            code: 1,
+            ..Transfer::zeroed()
+        })
+    };
+    // Two transfers, two legs: the first one's outputs are certified and applied at group
+    // 1 (its acknowledgement is then lost); the second one's outputs never arrive.
+    let mut first = [transfer(77, 500)];
+    assert_eq!(
+        shards[0].apply(LedgerOperation::CreateTransfers, 20, &mut first),
+        vec![0]
+    );
+    let leg = shards[0].certify_outputs().unwrap();
+    let mut second = [transfer(78, 30)];
+    assert_eq!(
+        shards[0].apply(LedgerOperation::CreateTransfers, 30, &mut second),
+        vec![0]
+    );
+    let lost = shards[0].certify_outputs().unwrap();
+    drop(lost);
+    shards[1].inbound.on_proven(leg).unwrap();
+    assert_eq!(
+        shards[1].commit_inbound(&groups),
+        vec![CreditLegResult::Ok as u32]
+    );
+    let lost_ack = shards[1].certify_outputs().unwrap();
+    drop(lost_ack);
+    assert_eq!(shards[0].ledger.in_flight(), 530);
+    // Snapshot op: group 0 certifies its in-flight set from state (both legs, one chunk),
+    // and, still unsettled when due, delivers it.
+    let checkpoint_op = shards[0].op;
+    let chunks = ledger_in_flight(&shards[0].ledger);
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].records.len(), 2 * RECORD_BYTES);
+    certify_in_flight(&mut shards[0].group, 0, checkpoint_op, &chunks);
+    let mut actions = Vec::new();
+    shards[0].group[2].on_tick(IN_FLIGHT_DELIVER_AFTER_US, &mut actions);
+    let Some(XShardAction::Deliver(resent)) = actions.pop() else {
+        panic!("due and unsettled")
+    };
+    // Group 1 applies it: the first leg is a duplicate (acknowledged again, nothing
+    // credited), the second is new.
+    shards[1].inbound.on_proven(resent.clone()).unwrap();
+    assert_eq!(
+        shards[1].commit_inbound(&groups),
+        vec![
+            CreditLegResult::Duplicate as u32,
+            CreditLegResult::Ok as u32
+        ]
+    );
+    let credited = shards[1]
+        .ledger
+        .lookup_account(payee)
+        .unwrap()
+        .credits_posted;
+    assert_eq!(credited, 530, "each leg credited once");
+    // Both acknowledgements go back; the legs settle, and so does the chunk.
+    let acks = shards[1].certify_outputs().unwrap();
+    assert_eq!(acks.records.len(), 2 * RECORD_BYTES);
+    shards[0].inbound.on_proven(acks).unwrap();
+    assert_eq!(
+        shards[0].commit_inbound(&groups),
+        vec![CreditAckResult::Ok as u32, CreditAckResult::Ok as u32]
+    );
+    assert_eq!(shards[0].ledger.in_flight(), 0);
+    let ledger = &shards[0].ledger;
+    for collector in &mut shards[0].group {
+        let released = collector.release_settled(IN_FLIGHT_DELIVER_AFTER_US, 0, |op, bytes| {
+            let typed: Vec<RecordSlot> = bytes
+                .chunks_exact(RECORD_BYTES)
+                .map(bytemuck::pod_read_unaligned)
+                .collect();
+            ledger.outputs_settled(LedgerOperation::try_from(op).unwrap(), &typed)
+        });
+        assert_eq!(released, 3, "both legs' outputs and the chunk");
+        assert_eq!(collector.kept(), 0);
+    }
+    assert!(ledger_in_flight(&shards[0].ledger).is_empty());
+    // Delivered again later (say, by a replica that had not released it yet): duplicates
+    // only, acknowledged again, nothing credited, nothing put back in flight.
+    shards[1].inbound.on_proven(resent).unwrap();
+    assert_eq!(
+        shards[1].commit_inbound(&groups),
+        vec![CreditLegResult::Duplicate as u32; 2]
+    );
+    let again = shards[1].certify_outputs().unwrap();
+    shards[0].inbound.on_proven(again).unwrap();
+    assert_eq!(
+        shards[0].commit_inbound(&groups),
+        vec![CreditAckResult::Duplicate as u32; 2]
+    );
+    let credited = shards[1]
+        .ledger
+        .lookup_account(payee)
+        .unwrap()
+        .credits_posted;
+    assert_eq!(credited, 530);
+    assert_eq!(shards[0].ledger.in_flight(), 0);
+    let conservation: i128 = shards
+        .iter()
+        .map(|shard| shard.ledger.conservation_sum())
+        .sum();
+    assert_eq!(conservation, 0, "balances + suspense + in flight");
 }
