@@ -833,6 +833,8 @@ pub(crate) struct Bft {
     committed: RefCell<VecDeque<Committed>>,
     /// The batcher's turn: commits taken from `committed`, staged and then applied.
     applying: RefCell<Vec<(Committed, Option<u64>)>>,
+    /// The highest BFT op applied to the state machine (the core commits ahead of it).
+    applied_op: Cell<u64>,
     encoded: RefCell<Vec<u8>>,
     /// The certificate journal; the batcher takes it out while it awaits.
     pub(crate) certs: RefCell<Option<Journal>>,
@@ -1150,6 +1152,7 @@ impl Bft {
         }
         let snapshot =
             crate::bft_snapshot::SnapshotState::new(replica.commit_op(), replica.commit_chain());
+        let replica_commit_op = replica.commit_op();
         Ok(Self {
             replica: RefCell::new(replica),
             outboxes,
@@ -1157,6 +1160,7 @@ impl Bft {
             actions: RefCell::new(Vec::with_capacity(4 * bft::LOG_WINDOW_OPS_DEFAULT as usize)),
             committed: RefCell::new(VecDeque::with_capacity(COMMITTED_QUEUE_OPS)),
             applying: RefCell::new(Vec::with_capacity(COMMITTED_QUEUE_OPS)),
+            applied_op: Cell::new(replica_commit_op),
             encoded: RefCell::new(Vec::with_capacity(BFT_MESSAGE_BYTES_MAX)),
             certs: RefCell::new(Some(certs)),
             cert_record: RefCell::new(Vec::with_capacity(cert_record_bytes_max(batch_bytes_max))),
@@ -1189,9 +1193,25 @@ impl Bft {
         })
     }
 
-    /// Whether this replica leads its group in a normal view with room in its window.
+    /// Whether this replica leads its group in a normal view with room in its window, and
+    /// its state machine applied the ops of the view's NewView plan: a batch is stamped
+    /// from the applied state plus this leader's own proposals, and the plan's ops are not
+    /// its own (stamped before them, its timestamps could fall below theirs; every replica
+    /// would then refuse the committed batch). With nothing left to apply, the state is
+    /// current whatever `applied_op` says (a snapshot installed moves it without an apply).
+    /// A queue borrowed elsewhere is being worked on: not empty.
     pub(crate) fn is_ready_leader(&self) -> bool {
-        self.replica.borrow().is_ready_leader()
+        let replica = self.replica.borrow();
+        let drained = self
+            .committed
+            .try_borrow()
+            .is_ok_and(|committed| committed.is_empty())
+            && self
+                .applying
+                .try_borrow()
+                .is_ok_and(|applying| applying.is_empty());
+        let applied = self.applied_op.get() >= replica.plan_op_max() || drained;
+        replica.is_ready_leader() && applied
     }
 
     /// Whether committed ops wait for the batcher to journal them.
@@ -1998,6 +2018,16 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
             &metrics.bft_state_ops_applied_total,
             now.state_ops_applied,
             seen.state_ops_applied,
+        ),
+        (
+            &metrics.bft_catchup_ops_applied_total,
+            now.catchup_ops_applied,
+            seen.catchup_ops_applied,
+        ),
+        (
+            &metrics.bft_catchup_serves_total,
+            now.catchup_serves,
+            seen.catchup_serves,
         ),
         (
             &metrics.bft_state_transfers_completed_total,
@@ -2842,6 +2872,7 @@ where
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut applying = bft.applying.borrow_mut();
     for (committed, journal_op) in applying.drain(..) {
+        bft.applied_op.set(bft.applied_op.get().max(committed.op));
         if let Some(journal_op) = journal_op {
             apply_one(shard, &committed, journal_op);
         }

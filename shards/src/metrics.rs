@@ -357,6 +357,8 @@ shard_metrics! {
     counter bft_state_transfers_total: "BFT mode: state transfers the core asked for (this replica was behind its peers' stable checkpoint; a raised target counts again).",
     counter bft_state_transfers_completed_total: "BFT mode: state transfers that reached their checkpoint (chain digest matched the 2f+1-signed checkpoint certificate).",
     counter bft_state_ops_applied_total: "BFT mode: ops executed from peers' StateOps (each with a verified commit certificate).",
+    counter bft_catchup_ops_applied_total: "BFT mode: of those, ops a peer served outside a state transfer (ops it restored from its journal after a restart, so it held no CommitProof for them).",
+    counter bft_catchup_serves_total: "BFT mode: ranges of ops restored from the journal that this replica served a peer behind it, in answer to its Status.",
     counter bft_state_requests_total: "BFT mode: StateRequests sent to peers (first asks and retries to the next peer).",
     counter bft_state_ops_served_total: "BFT mode: committed ops with certificates sent to peers that transfer state.",
     counter bft_state_certs_total: "BFT mode: state certificates formed (2f+1 StateCheckpoint votes on one snapshot statement: op, chain, journal op, state digest).",

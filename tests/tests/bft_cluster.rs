@@ -211,6 +211,21 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Waits until killed `replica` no longer accepts clients: its io_uring sockets close a
+    /// moment after the process exits, and a restart before that finds its ports taken.
+    fn wait_client_ports_closed(&self, replica: usize) {
+        for shard in 0..self.cluster.shards() {
+            let address = self.cluster.client_address(replica, shard);
+            wait_until("the killed node's client port is closed", || {
+                std::net::TcpStream::connect_timeout(&address, Duration::from_millis(100))
+                    .is_err()
+                    .then_some(())
+            });
+        }
+    }
+}
+
 impl Drop for Harness {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -484,6 +499,7 @@ fn bft_follower_restarts_after_sigkill_and_catches_up() {
         let op = harness.metric(0, "percore_bft_commit_op");
         (op > bft_op).then_some(op)
     });
+    harness.wait_client_ports_closed(VICTIM);
     harness
         .cluster
         .restart(VICTIM)
@@ -546,6 +562,7 @@ fn bft_follower_behind_several_checkpoints_catches_up_by_state_transfer() {
         peers_low > killed_at + window,
         "peers' low {peers_low}, victim stopped at {killed_at}"
     );
+    harness.wait_client_ports_closed(VICTIM);
     harness
         .cluster
         .restart(VICTIM)
@@ -674,6 +691,7 @@ fn snapshot_transfer(name: &str, corrupt_peer: Option<usize>) {
     if corrupt_peer.is_some() {
         harness.cluster.resume(victim).expect("SIGCONT");
     } else {
+        harness.wait_client_ports_closed(victim);
         harness
             .cluster
             .restart(victim)
@@ -740,6 +758,7 @@ fn snapshot_transfer(name: &str, corrupt_peer: Option<usize>) {
         // certificate in the certificate journal) restores above it and follows.
         harness.cluster.kill(victim);
         acknowledged += load.commit(&mut client, &mut expected, 3);
+        harness.wait_client_ports_closed(victim);
         harness
             .cluster
             .restart(victim)
@@ -914,6 +933,7 @@ fn bft_state_transfer_serves_committed_batches_that_are_not_this_shards() {
     // backups' timers under load) can end that before the kill, and then the victim has
     // none to fetch.
     let invalid_while_down = invalid_at_peer - invalid_before_kill;
+    harness.wait_client_ports_closed(VICTIM);
     harness
         .cluster
         .restart(VICTIM)
@@ -1112,7 +1132,7 @@ fn mixed_transfers(
                 Some((from, _)) => (from, from),
                 None => {
                     let from = (r % shards) as usize;
-                    let to = if (r >> 4).is_multiple_of(2) {
+                    let to = if shards == 1 || (r >> 4).is_multiple_of(2) {
                         from
                     } else {
                         (from + 1 + ((r >> 5) % (shards - 1)) as usize) % shards as usize
@@ -1315,17 +1335,15 @@ fn bft_transfers_between_shards_travel_certified_and_settle() {
 /// Legs in flight survive a restart (docs/bft.md §12, step 9): four correct nodes × 2
 /// shards, no snapshots (`--checkpoint-interval-ops 0`: a replica restored from a snapshot
 /// cannot sign the outputs of ops below it, §13 (a)). Three clients send requests with
-/// transfers crossing shards; the moment the last is accepted, nodes 1, 2 and 3 are
+/// transfers crossing shards; the moment the last is accepted, all four nodes are
 /// SIGKILLed, so legs whose acknowledgement had not committed yet are in flight in their
 /// journals (`percore inspect --replay` of node 1 shows `in_flight` above 0, or the check
-/// below is vacuous and says so). Node 0 alone keeps its outputs; a certificate needs
-/// three signatures, so those legs can only be certified again if the restarted replicas
-/// sign the unsettled legs of their replayed ops again. They do, the legs are certified,
-/// delivered, applied and acknowledged; 30 more requests follow. Once settled, all four
-/// replicas replay to the same state with every transfer applied once, no leg in flight
-/// and money conserved. (Killing all four nodes works too, most of the time: a full-cluster
-/// restart can leave the replicas furthest behind deferring suspicion of a leader no one
-/// can catch them up past, §13, which is not this test's subject.)
+/// below is vacuous and says so). No replica keeps its outputs in memory; a certificate
+/// needs three signatures, so those legs can only be certified again if the restarted
+/// replicas sign the unsettled legs of their replayed ops again. They do, the legs are
+/// certified, delivered, applied and acknowledged; 30 more requests follow. Once settled,
+/// all four replicas replay to the same state with every transfer applied once, no leg in
+/// flight and money conserved.
 #[test]
 fn bft_legs_in_flight_are_certified_again_after_a_restart() {
     const SHARDS: u32 = 2;
@@ -1356,7 +1374,7 @@ fn bft_legs_in_flight_are_certified_again_after_a_restart() {
             .flat_map(|writer| writer.join().expect("writer"))
             .collect()
     });
-    const RESTARTED: [usize; 3] = [1, 2, 3];
+    const RESTARTED: [usize; 4] = [0, 1, 2, 3];
     for replica in RESTARTED {
         harness.cluster.kill(replica);
     }
@@ -1364,13 +1382,16 @@ fn bft_legs_in_flight_are_certified_again_after_a_restart() {
         *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
         *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
     }
-    let before = inspect(&harness.cluster.data_dir(RESTARTED[0]));
+    let before = inspect(&harness.cluster.data_dir(1));
     let in_flight_before = before
         .state
         .iter()
         .find_map(|line| line.strip_prefix("in_flight "))
         .map(|value| value.parse::<u128>().expect("in_flight"))
         .expect("an in_flight line");
+    for replica in RESTARTED {
+        harness.wait_client_ports_closed(replica);
+    }
     for replica in RESTARTED {
         harness
             .cluster
@@ -1423,12 +1444,10 @@ fn bft_legs_in_flight_are_certified_again_after_a_restart() {
 /// 10; design point (a) of §13): four correct nodes × 2 shards with snapshots every 4 BFT
 /// ops (`--checkpoint-interval-ops 4`, `--bft-retain-ops 8`), so every restart opens from a
 /// snapshot and replays only the ops after it. Three clients load the cluster with
-/// transfers crossing shards in both directions; mid-load three of the four nodes are
-/// SIGKILLed at once and restart, so a leg that an op below their snapshots emitted has one
-/// replica left that can sign it as that op's outputs, fewer than `q = 3` (all four at once:
-/// docs/bft.md §13, restart limits). Such a leg, still unacknowledged at the kill, can no
-/// longer be signed as that op's outputs by a restarted replica (the op is not replayed);
-/// only the in-flight statements over the legs in flight at the snapshot op
+/// transfers crossing shards in both directions; mid-load every node is SIGKILLed at once
+/// and all four restart. A leg that an op below a replica's snapshot emitted, still
+/// unacknowledged at the kill, can no longer be signed as that op's outputs (the op is not
+/// replayed); only the in-flight statements over the legs in flight at the snapshot op
 /// (signed from the restored state, and at every snapshot op the groups pass after the
 /// restart, 10 more requests) certify it again. Once nothing is kept or queued, every
 /// replica replays to the same state with no leg in flight and money conserved. (Requests
@@ -1440,7 +1459,7 @@ fn bft_legs_in_flight_below_a_snapshot_are_certified_again_from_state() {
     const PER_SHARD: usize = 4;
     const WRITERS: u64 = 3;
     const KILL_AFTER_REQUESTS: usize = 24;
-    const KILLED: [usize; 3] = [1, 2, 3];
+    const KILLED: [usize; REPLICAS] = [0, 1, 2, 3];
     let mut harness = Harness::start_with(
         "xshard-snapshot",
         None,
@@ -1729,4 +1748,166 @@ fn bft_bench_load_across_shards_commits_and_settles() {
         "bench load: {} transfers in {} requests, p50 {} us, groups {groups:?}",
         report.transfers, report.requests, report.latency_p50_us
     );
+}
+
+/// Every replica of every group SIGKILLed under load and restarted (docs/bft.md §12,
+/// **Restart**, *a whole group restarted*): three writers keep sending mixed transfers
+/// (within and, with two shards, across shards); once some have committed, all four nodes
+/// are killed at once and restarted, each from its own disk at its own commit point. Every
+/// request, the ones in flight across the kill included, must then be accepted within the
+/// client's bound (`Ok`, or `Exists` for a retry of one that committed before the kill),
+/// and so must a batch of requests sent after the restart; once settled, every replica's
+/// journals replay to the same state, balances exactly the transfers', no leg in flight,
+/// money conserved. Before the fix, a group restarted between views waited for a NewView
+/// none held, and replicas behind waited for proofs of ops their peers had restored and
+/// held no certificate for.
+fn every_replica_restarts_under_load(name: &str, shards: u32, behaviour: Option<&str>) {
+    const PER_SHARD: usize = 4;
+    const WRITERS: u64 = 3;
+    const REQUESTS_PER_WRITER: usize = 12;
+    const REQUESTS_AFTER: usize = 10;
+    /// Requests accepted before the kill (so the group is under load when it comes).
+    const ACCEPTED_BEFORE_KILL: usize = 6;
+    // Without snapshots for two shards: a replica restored from a snapshot cannot sign its
+    // legs in flight again (docs/bft.md §13, design point (a)).
+    let overrides: &[(&str, &str)] = if shards > 1 {
+        &[("--checkpoint-interval-ops", "0")]
+    } else {
+        &[]
+    };
+    let mut harness = Harness::start_with(name, behaviour, shards as usize, overrides);
+    let mut client = harness.client(7);
+    let (members, mut expected) = sharded_accounts(&mut client, shards, PER_SHARD);
+    let accepted = std::sync::atomic::AtomicUsize::new(0);
+    let restarted_at: Mutex<Option<Instant>> = Mutex::new(None);
+    let by_debit = |t: &Transfer| shard_of(t.debit_account_id, shards) as usize;
+    let (transfers, first_after_restart) = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let mut client = harness.client(1 + u128::from(writer));
+                let (members, accepted, restarted_at) = (&members, &accepted, &restarted_at);
+                scope.spawn(move || {
+                    let mut rng = Rng(0x5EED_0A11 + writer);
+                    let mut next_id = (u128::from(writer) + 1) << 100;
+                    let mut committed = Vec::new();
+                    let mut first_after_restart: Option<Duration> = None;
+                    for _ in 0..REQUESTS_PER_WRITER {
+                        let batch = mixed_transfers(
+                            &mut rng,
+                            members,
+                            &mut next_id,
+                            TRANSFERS_PER_REQUEST,
+                            None,
+                        );
+                        let results: Vec<RecordResult> = client
+                            .submit(Operation::CreateTransfers.into(), &batch, by_debit)
+                            .expect("the restarted group accepts every request in time");
+                        for (t, r) in batch.iter().zip(&results) {
+                            let ok = r.code == CreateTransferResult::Ok as u32
+                                || r.code == CreateTransferResult::Exists as u32;
+                            assert!(ok, "transfer {t:?}: {r:?}");
+                        }
+                        committed.extend(batch);
+                        accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(at) = *restarted_at.lock().unwrap() {
+                            first_after_restart.get_or_insert(at.elapsed());
+                        }
+                    }
+                    (committed, first_after_restart)
+                })
+            })
+            .collect();
+        wait_until("requests commit before the kill", || {
+            (accepted.load(std::sync::atomic::Ordering::Relaxed) >= ACCEPTED_BEFORE_KILL)
+                .then_some(())
+        });
+        for replica in 0..REPLICAS {
+            harness.cluster.kill(replica);
+        }
+        for replica in 0..REPLICAS {
+            harness.wait_client_ports_closed(replica);
+        }
+        for replica in 0..REPLICAS {
+            harness
+                .cluster
+                .restart(replica)
+                .expect("the replica restarts");
+        }
+        *restarted_at.lock().unwrap() = Some(Instant::now());
+        let mut transfers = Vec::new();
+        let mut first = None;
+        for writer in writers {
+            let (committed, first_after) = writer.join().expect("writer");
+            transfers.extend(committed);
+            first = match (first, first_after) {
+                (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+                (a, b) => a.or(b),
+            };
+        }
+        (transfers, first)
+    });
+    let after_started = Instant::now();
+    let after = commit_mixed(
+        &mut client,
+        (&members, shards),
+        (0x0AF7_E125, 7 << 100),
+        REQUESTS_AFTER,
+        None,
+    );
+    let after_took = after_started.elapsed();
+    for t in transfers.iter().chain(&after) {
+        *expected.get_mut(&t.debit_account_id).unwrap() -= t.amount as i128;
+        *expected.get_mut(&t.credit_account_id).unwrap() += t.amount as i128;
+    }
+    let groups = harness.wait_transfers_settled(shards as usize);
+    for replica in 0..REPLICAS {
+        let log = std::fs::read_to_string(harness.cluster.log_path(replica)).unwrap_or_default();
+        assert!(
+            log.contains("BFT replica restarts"),
+            "replica {replica} was restored"
+        );
+    }
+    let metric_sum = |name: &str| -> u64 {
+        harness
+            .correct()
+            .flat_map(|replica| {
+                let harness = &harness;
+                (0..shards as usize).map(move |shard| harness.shard_metric(replica, name, shard))
+            })
+            .sum()
+    };
+    let catchup_applied = metric_sum("percore_bft_catchup_ops_applied_total");
+    let view_changes = metric_sum("percore_bft_view_changes_total");
+    harness.stop_and_check_settled(&groups, &expected);
+    eprintln!(
+        "whole group restarted under load ({shards} shard(s)): first request accepted \
+         {first_after_restart:?} after the restarts, {REQUESTS_AFTER} more took {after_took:?}; \
+         {} transfers; groups {groups:?}; catch-up ops applied {catchup_applied}, view \
+         changes {view_changes}",
+        transfers.len() + after.len()
+    );
+}
+
+#[test]
+fn bft_every_replica_killed_under_load_restarts_and_commits() {
+    every_replica_restarts_under_load("restart-all", 1, None);
+}
+
+/// Replica 0, the leader of view 0, is silent: the group is in a later view when every
+/// node is killed, so the three correct replicas restart between views (each awaiting a
+/// NewView none holds) with no fourth replica to help. Every correct replica is needed.
+#[test]
+fn bft_every_replica_killed_between_views_restarts_and_commits() {
+    every_replica_restarts_under_load("restart-all-silent", 1, Some("silent"));
+}
+
+/// Two groups. Passes almost always since a new leader proposes only once it applied its
+/// NewView's plan (before, 1 of 6 runs ended in every replica's ledger refusing a batch
+/// stamped below the plan's ops); still open (docs/bft.md §13, *Restart limits*): 1 of
+/// 36 runs never settled its legs, and view changes after the restart vary widely (7 to
+/// 442 over both groups). Run with `--ignored`.
+#[test]
+#[ignore = "open: 1 of 36 runs never settled after the restart (docs/bft.md §13)"]
+fn bft_every_replica_of_two_groups_killed_under_load_restarts_and_settles() {
+    every_replica_restarts_under_load("restart-all-xshard", 2, None);
 }

@@ -154,6 +154,25 @@ fn sim_bft_correct_replicas_crash_and_restart() {
 }
 
 #[test]
+fn sim_bft_every_replica_crashes_at_once_and_the_group_recovers() {
+    // Power loss of the whole group, again and again: every replica restarts from its own
+    // disk at its own commit point, often between views (docs/bft.md §12, *a whole group
+    // restarted*). Before the fix 227 of seeds 0..300 never converged.
+    let options = Options {
+        byzantine: 0,
+        crashes: 4,
+        crash_all: true,
+        ..Options::default()
+    };
+    let total = run_batch(options, 0..30);
+    assert!(
+        total.restarts >= 4 * 30,
+        "every replica restarted: {total:?}"
+    );
+    assert!(total.view_changes > 0, "{total:?}");
+}
+
+#[test]
 fn sim_bft_seven_replicas_one_byzantine_one_crashing() {
     let options = Options {
         replicas: 7,
@@ -252,19 +271,29 @@ fn sim_bft_catches_a_restore_that_drops_prepared_certificates() {
 fn sim_bft_catches_a_journal_that_outruns_prepared_certificates() {
     // A replica commits an op with its own Commit (held for the prepared certificate) and
     // journals it; it crashes with the journal durable and the certificate lost, and after
-    // its restart it reports nothing for an op it executed (the driver now waits).
+    // its restart it reports nothing for an op it executed (the driver now waits). Or,
+    // since a restarted replica serves the ops it restored from its journal to peers
+    // behind it, it relays the journaled certificate holding that Commit, which its
+    // durable guard may not cover (`guard`; seed 6).
     let options = Options {
         byzantine: 0,
         crashes: 2,
         journal_before_prepared: true,
         ..Options::default()
     };
+    let mut prepared_report = false;
     for seed in 0..300 {
         match bft_sim::run(seed, &options) {
             Ok(_) => {}
             Err(failure) => {
-                assert_eq!(failure.checker, "prepared-report", "{failure}");
-                return;
+                assert!(
+                    ["prepared-report", "guard"].contains(&failure.checker),
+                    "{failure}"
+                );
+                prepared_report |= failure.checker == "prepared-report";
+                if prepared_report {
+                    return;
+                }
             }
         }
     }

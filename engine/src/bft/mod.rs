@@ -448,8 +448,14 @@ pub struct BftMetrics {
     /// chain digest: only possible past `f` faults (the simulator's safety checker fails
     /// on it).
     pub state_transfers_mismatched: u64,
-    /// Ops executed from peers' `StateOps` (state transfer).
+    /// Ops executed from peers' `StateOps` (state transfer, and catch-up below).
     pub state_ops_applied: u64,
+    /// Of those, ops a peer served outside a state transfer: ops it restored from its
+    /// journal, so it held no `CommitProof` for them.
+    pub catchup_ops_applied: u64,
+    /// Ranges of restored ops this replica served a peer behind it from its journal
+    /// ([`Action::ServeState`] in answer to a `Status`).
+    pub catchup_serves: u64,
     /// `StateRequest`s sent (the first and every retry).
     pub state_requests: u64,
     /// State certificates formed here (`quorum` matching `StateCheckpoint` votes).

@@ -211,6 +211,11 @@ pub struct BftReplica {
     next_op: u64,
     /// Highest op with an accepted proposal in this view.
     op_accepted_max: u64,
+    /// The last op of the NewView plan installed (0 in view 0): leading, this replica
+    /// proposes only once it executed every op through it, because the driver stamps a
+    /// batch (client timestamps) from the state executed so far plus its own proposals,
+    /// and the plan's ops are neither.
+    plan_op_max: u64,
     slots: Vec<Slot>,
     checkpoint_votes: Vec<[Option<Vote>; CHECKPOINT_VOTES_KEPT_PER_REPLICA]>,
     /// A stable checkpoint above `commit_op`, adopted once execution reaches it.
@@ -231,6 +236,9 @@ pub struct BftReplica {
     peers_heard: Vec<bool>,
     /// Each peer's latest reported `commit_op` (its `Status`).
     peer_commit_op: Vec<u64>,
+    /// Each peer's latest reported view (its `Status`; `None` before the first since this
+    /// replica started). A replica awaiting a NewView reports the view before its own.
+    peer_view: Vec<Option<u64>>,
     state_transfer: Option<CheckpointCert>,
     /// Snapshot checkpoint votes kept per replica (the highest ops above `state_cert`).
     state_votes: Vec<[Option<(Vote, SnapshotStatement)>; STATE_VOTES_KEPT_PER_REPLICA]>,
@@ -296,6 +304,7 @@ impl BftReplica {
             status_answered_us: vec![0; replica_count],
             peers_heard: vec![false; replica_count],
             peer_commit_op: vec![0; replica_count],
+            peer_view: vec![None; replica_count],
             config,
             committee,
             key,
@@ -307,6 +316,7 @@ impl BftReplica {
             commit_chain: CHAIN_GENESIS,
             next_op: 1,
             op_accepted_max: 0,
+            plan_op_max: 0,
             stable_ahead: None,
             new_view: None,
             view_change_attempts: 0,
@@ -632,11 +642,19 @@ impl BftReplica {
         self.committee.leader_of(self.view)
     }
 
+    /// The last op of the NewView plan installed (0 in view 0 and after a restart): a
+    /// driver that applies committed ops after the core commits them proposes only once it
+    /// applied through it ([`Self::is_ready_leader`] waits for the core to execute it).
+    pub fn plan_op_max(&self) -> u64 {
+        self.plan_op_max
+    }
+
     /// Whether `propose` would be accepted now (window permitting).
     pub fn is_ready_leader(&self) -> bool {
         self.status == Status::Normal
             && self.leader() == self.config.replica
             && self.state_transfer.is_none()
+            && self.commit_op >= self.plan_op_max
             && self.next_op <= self.low + self.config.log_window_ops
             && self.vote_allowed(self.view, self.next_op)
             && !self.op_committed(self.next_op)
@@ -1504,7 +1522,7 @@ impl BftReplica {
         actions: &mut Vec<Action>,
     ) -> Result<(), BftError> {
         let Some(target) = self.state_transfer.as_ref().map(CheckpointCert::op) else {
-            return Err(BftError::Stale);
+            return self.on_catchup_ops(now_us, ops, actions);
         };
         if self.snapshot_fetch.is_some() {
             return Err(BftError::Stale);
@@ -1542,6 +1560,61 @@ impl BftReplica {
         } else if result.is_ok() {
             result = Err(BftError::Stale);
         }
+        result
+    }
+
+    /// `StateOps` outside a state transfer: a peer served ops it restored from its journal
+    /// in answer to this replica's `Status` ([`Self::serve_catchup`]). Believed as a
+    /// `CommitProof` is, op by op: the next op (`commit_op + 1`), inside the window, whose
+    /// batch hashes to the digest of a commit certificate holding `q` valid Commits — the
+    /// committed predicate, whoever relays it. Ops past the window come by state transfer
+    /// once a stable checkpoint covers them.
+    fn on_catchup_ops(
+        &mut self,
+        now_us: u64,
+        ops: Vec<(CommitCert, Vec<u8>)>,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        let commit_op_before = self.commit_op;
+        let mut result = Ok(());
+        for (cert, batch) in ops {
+            let Some((view, op, digest)) = cert.statement() else {
+                result = Err(BftError::InvalidCertificate("empty commit certificate"));
+                break;
+            };
+            if op <= self.commit_op {
+                continue;
+            }
+            if op != self.commit_op + 1 {
+                result = Err(BftError::InvalidCertificate("catch-up ops out of order"));
+                break;
+            }
+            if let Err(error) = self.check_window(op) {
+                result = Err(error);
+                break;
+            }
+            if batch_digest(&batch) != digest {
+                result = Err(BftError::BatchDigestMismatch { op });
+                break;
+            }
+            if let Err(error) = self.committee.verify_commit(&cert, self.commits_needed()) {
+                result = Err(error);
+                break;
+            }
+            self.execute_transferred(now_us, (op, view, digest), batch, cert, actions);
+            self.metrics.catchup_ops_applied += 1;
+        }
+        if self.commit_op == commit_op_before {
+            return result.and(Err(BftError::Stale));
+        }
+        self.next_op = self.next_op.max(self.commit_op + 1);
+        self.op_accepted_max = self.op_accepted_max.max(self.commit_op);
+        self.progress_deadline_us = None;
+        if self.has_work() {
+            self.arm_progress_timer(now_us);
+        }
+        // Ops above, committed here from their votes or proofs, execute now.
+        self.execute(now_us, actions);
         result
     }
 
@@ -1812,6 +1885,7 @@ impl BftReplica {
             return Err(BftError::UnknownSigner(from));
         }
         self.peer_commit_op[from_index] = commit_op;
+        self.peer_view[from_index] = Some(view);
         if now_us < self.status_answered_us[from_index] + self.config.status_interval_us / 2 {
             return Err(BftError::Stale);
         }
@@ -1839,9 +1913,15 @@ impl BftReplica {
             return Ok(());
         }
         let op_last = self.commit_op.min(commit_op + self.config.catchup_ops_max);
+        // Ops executed here whose commit certificate is not in memory (restored from the
+        // journal after a restart): the driver serves them from its certificate journal.
+        let mut journal_ops: Option<(u64, u64)> = None;
         for op in commit_op + 1..=op_last {
-            let Some(slot) = self.slot(op) else { continue };
-            let Some(record) = &slot.committed else {
+            let held = self
+                .slot(op)
+                .and_then(|slot| Some((slot, slot.committed.as_ref()?)));
+            let Some((slot, record)) = held else {
+                journal_ops = Some(journal_ops.map_or((op, op), |(first, _)| (first, op)));
                 continue;
             };
             actions.push(Action::Send {
@@ -1853,7 +1933,31 @@ impl BftReplica {
                 },
             });
         }
+        if let Some((from_op, to_op)) = journal_ops {
+            self.serve_catchup(from, from_op, to_op, actions);
+        }
         Ok(())
+    }
+
+    /// A peer behind this replica needs ops `from_op..=to_op` that this replica executed
+    /// but holds no commit certificate for in memory (it restored them from its journal):
+    /// its driver sends them from the certificate journal as `StateOps`, each with its
+    /// commit certificate, which the peer believes op by op ([`Self::on_state_ops`]).
+    /// Without it, after every replica of a group restarted at different commit points,
+    /// the ones behind wait for proofs no peer can send. Only ops durable here are served.
+    fn serve_catchup(&mut self, to: u8, from_op: u64, to_op: u64, actions: &mut Vec<Action>) {
+        debug_assert!(from_op <= to_op && to_op <= self.commit_op);
+        let held = if self.config.durability_reported {
+            self.durable_op
+        } else {
+            self.commit_op
+        };
+        let to_op = to_op.min(held);
+        if from_op > to_op {
+            return;
+        }
+        self.metrics.catchup_serves += 1;
+        actions.push(Action::ServeState { to, from_op, to_op });
     }
 
     fn on_commit_proof(
@@ -2154,6 +2258,7 @@ impl BftReplica {
             }
         }
         let op_max = plan.entries.last().map_or(0, |(op, _, _)| *op);
+        self.plan_op_max = op_max;
         self.op_accepted_max = self.commit_op;
         self.refused_op_max = 0;
         let is_leader = self.leader() == self.config.replica;
@@ -2256,15 +2361,20 @@ impl BftReplica {
         // ViewChange of its own (it cannot sign that one again): it counts itself, or
         // with every correct replica needed (`f` Byzantine ones silent) the correct ones
         // could wait in different views for each other forever.
-        let restarted =
-            self.awaiting_new_view && self.view_changes[usize::from(self.config.replica)].is_none();
+        let replica = usize::from(self.config.replica);
+        let restarted = self.awaiting_new_view && self.view_changes[replica].is_none();
+        let restarted_changing = if restarted {
+            1 + self.peers_without_new_view()
+        } else {
+            0
+        };
         let changing = self
             .view_changes
             .iter()
             .flatten()
             .filter(|held| held.vote.view >= self.view)
             .count()
-            + usize::from(restarted);
+            + restarted_changing;
         if changing >= self.committee.weak_quorum() {
             self.start_view_change(now_us, self.view + 1, actions);
         } else {
@@ -2275,6 +2385,28 @@ impl BftReplica {
                 .min(self.config.view_change_timeout_us_max);
             self.view_change_deadline_us = Some(now_us + timeout);
         }
+    }
+
+    /// Peers that hold no NewView of this replica's view and send no ViewChange for it or
+    /// a later one: their latest `Status` reports an older view (a replica awaiting a
+    /// NewView after its restart reports the view before its own). After every replica
+    /// of a group restarted between views, none holds a NewView and none may sign its
+    /// ViewChange again, so each waits for the others: counted with the restarted replica
+    /// itself, `f + 1` of them move it to the next view, where it signs a ViewChange the
+    /// others join. Counted only while this replica awaits the NewView of the view it
+    /// restarted in: `Status` is not signed, so `f` lying peers can move it one view past
+    /// its guard's, once; from there only `f + 1` ViewChanges move it, as before.
+    fn peers_without_new_view(&self) -> usize {
+        let replica = usize::from(self.config.replica);
+        (0..self.peer_view.len())
+            .filter(|peer| *peer != replica)
+            .filter(|peer| {
+                let changing = self.view_changes[*peer]
+                    .as_ref()
+                    .is_some_and(|held| held.vote.view >= self.view);
+                !changing && self.peer_view[*peer].is_some_and(|view| view < self.view)
+            })
+            .count()
     }
 
     /// Sends again what peers may have lost: this view's proposals and votes of ops not

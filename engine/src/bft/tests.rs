@@ -48,6 +48,9 @@ struct Group {
     log_floor: Vec<u64>,
     /// `(replica, peer, cert)` of every `FetchSnapshot` asked for, in order.
     fetches: Vec<(u8, u8, StateCert)>,
+    /// A replica that gets no Prepare, Commit or proof of an op (it still gets proposals,
+    /// view changes and the rest).
+    votes_withheld_from: Option<u8>,
 }
 
 impl Group {
@@ -81,6 +84,7 @@ impl Group {
             lying_server: None,
             log_floor: vec![0; usize::from(count)],
             fetches: Vec::new(),
+            votes_withheld_from: None,
         }
     }
 
@@ -233,6 +237,16 @@ impl Group {
     fn deliver_all(&mut self) {
         while let Some((from, to, message)) = self.queue.pop_front() {
             if self.silent.contains(&from) || self.silent.contains(&to) {
+                continue;
+            }
+            let vote_or_proof = matches!(
+                message,
+                Message::Prepare { .. }
+                    | Message::Commit(_)
+                    | Message::CommitProof { .. }
+                    | Message::StateOps(_)
+            );
+            if vote_or_proof && self.votes_withheld_from == Some(to) {
                 continue;
             }
             let mut actions = Vec::new();
@@ -932,6 +946,160 @@ fn bft_restarted_replica_suspects_no_leader_before_it_hears_its_peers() {
     assert!(signed_view_change(&group));
     assert!(group.replicas[2].view() >= 1);
     assert_eq!(group.guards[2].view_change_view, group.replicas[2].view());
+}
+
+/// Every replica restarts at once, two of them behind the other two, in view 0. The two
+/// ahead restored ops 3..=5 from their journals, so they hold digests, not commit
+/// certificates, for them: they serve them from the journal (`StateOps` in answer to a
+/// `Status`), and the replicas behind believe each op by its commit certificate. Before,
+/// the ones behind waited for `CommitProof`s no peer could send.
+#[test]
+fn bft_whole_group_restart_serves_restored_ops_to_the_replicas_behind() {
+    let mut group = Group::new(4, 1);
+    for round in 0..5u8 {
+        group.propose(0, &[round; 10]);
+    }
+    for replica in 0..4 {
+        assert_eq!(group.replicas[replica].commit_op(), 5);
+    }
+    let commit_chain = group.replicas[1].commit_chain();
+    for (replica, durable_op) in [(0u8, 2u64), (1, 5), (2, 5), (3, 2)] {
+        group.restart(replica, durable_op);
+    }
+    assert_eq!(group.replicas[3].commit_op(), 2);
+    for _ in 0..3 {
+        group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    }
+    for replica in 0..4 {
+        let core = &group.replicas[replica];
+        assert_eq!(core.commit_op(), 5, "replica {replica}");
+        assert_eq!(core.commit_chain(), commit_chain, "replica {replica}");
+    }
+    for replica in [0, 3] {
+        let metrics = group.replicas[replica].metrics();
+        assert_eq!(
+            metrics.catchup_ops_applied, 3,
+            "replica {replica}: ops 3..=5"
+        );
+        assert_eq!(metrics.commit_proofs_applied, 0, "no peer held a proof");
+    }
+    let served: u64 = [1, 2]
+        .iter()
+        .map(|replica| group.replicas[*replica].metrics().catchup_serves)
+        .sum();
+    assert!(served > 0);
+    // A forged catch-up op (one Commit short of a quorum) is refused.
+    group.restart(3, 2);
+    group.lying_server = Some(1);
+    group.silent = vec![0, 2];
+    group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    assert_eq!(
+        group.replicas[3].commit_op(),
+        2,
+        "a lying server moves nothing"
+    );
+}
+
+/// Every replica restarts between views (each in the view its guard names, awaiting a
+/// NewView none of them holds, and none may sign its lost ViewChange again). Each counts
+/// the peers whose `Status` reports an older view as changing too, so they move on to the
+/// next view together and commit again. Before, each waited for the others forever.
+#[test]
+fn bft_group_restarted_between_views_moves_to_the_next_view() {
+    let mut group = Group::new(4, 1);
+    group.propose(0, b"view 0");
+    group.silent.push(0);
+    for replica in 1..4 {
+        group.replicas[replica].set_pending(group.now_us, true);
+    }
+    for _ in 0..20 {
+        group.tick_all(50_000);
+    }
+    let view = group.replicas[1].view();
+    assert!(view >= 1);
+    let leader = group.replicas[1].leader();
+    group.propose(leader, b"in the new view");
+    group.silent.clear();
+    for replica in 0..4u8 {
+        let durable_op = group.replicas[usize::from(replica)].commit_op();
+        group.restart(replica, durable_op);
+    }
+    for replica in 1..4 {
+        assert_eq!(group.replicas[replica].status(), Status::ViewChange);
+        assert_eq!(group.replicas[replica].view(), view);
+    }
+    for _ in 0..20 {
+        group.tick_all(STATUS_INTERVAL_US_DEFAULT);
+    }
+    let moved_on = group.replicas[1].view();
+    assert!(moved_on > view, "the group left view {view}");
+    for replica in 0..4 {
+        assert_eq!(
+            group.replicas[replica].status(),
+            Status::Normal,
+            "{replica}"
+        );
+        assert_eq!(group.replicas[replica].view(), moved_on, "{replica}");
+    }
+    let leader = group.replicas[1].leader();
+    let op = group.propose(leader, b"after the restart");
+    for replica in 0..4 {
+        assert_eq!(group.replicas[replica].commit_op(), op, "replica {replica}");
+    }
+}
+
+/// A new leader that has not executed the ops of its NewView's plan proposes nothing: its
+/// driver stamps client batches from the state executed so far (plus its own proposals),
+/// and the plan's ops are neither, so a batch proposed then could carry timestamps below
+/// theirs (found by the whole-cluster restart test, where timestamps after a restart come
+/// from the ledger's last one, not the clock).
+#[test]
+fn bft_new_leader_proposes_only_once_it_executed_the_plan() {
+    let mut group = Group::new(4, 1);
+    // Replica 1, the next leader, misses ops 1..=3.
+    group.silent = vec![1];
+    for round in 0..3u8 {
+        group.propose(0, &[round; 10]);
+    }
+    assert_eq!(group.replicas[1].commit_op(), 0);
+    // The leader goes silent; replica 1 hears the view change but no vote or proof.
+    group.silent = vec![0];
+    group.votes_withheld_from = Some(1);
+    for replica in 1..4 {
+        group.replicas[replica].set_pending(group.now_us, true);
+    }
+    for _ in 0..20 {
+        group.tick_all(50_000);
+        if group.replicas[1].view() == 1 && group.replicas[1].status() == Status::Normal {
+            break;
+        }
+    }
+    let leader = &mut group.replicas[1];
+    assert_eq!((leader.view(), leader.status()), (1, Status::Normal));
+    assert_eq!(leader.leader(), 1);
+    assert_eq!(
+        leader.commit_op(),
+        0,
+        "the plan's ops 1..=3 are not executed here"
+    );
+    assert!(!leader.is_ready_leader());
+    let mut actions = Vec::new();
+    assert_eq!(
+        leader.propose(group.now_us, b"too early".to_vec(), &mut actions),
+        Err(BftError::WindowFull)
+    );
+    // The votes arrive: the plan's ops execute, then it proposes.
+    group.votes_withheld_from = None;
+    for _ in 0..3 {
+        group.tick_all(RESEND_INTERVAL_US_DEFAULT);
+    }
+    assert_eq!(group.replicas[1].commit_op(), 3);
+    assert!(group.replicas[1].is_ready_leader());
+    let op = group.propose(1, b"after the plan");
+    assert_eq!(op, 4);
+    for replica in 1..4 {
+        assert_eq!(group.replicas[replica].commit_op(), 4, "replica {replica}");
+    }
 }
 
 #[test]

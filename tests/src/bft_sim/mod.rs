@@ -80,6 +80,10 @@ pub struct Options {
     /// replica keeps its guard and its prepared certificates, so it is not a fault
     /// (`docs/bft.md` §10).
     pub crashes: u8,
+    /// Every crash takes down all the crashing replicas together (within
+    /// `CRASH_ALL_SPREAD_US` of each other), as a power loss of the whole group: each
+    /// restarts from its own disk at its own commit point (`--crash-all`).
+    pub crash_all: bool,
     /// Allow more than `f` Byzantine replicas (experiments: the protocol promises nothing
     /// then).
     pub beyond_budget: bool,
@@ -109,6 +113,7 @@ impl Default for Options {
             replicas: 4,
             byzantine: 1,
             crashes: 0,
+            crash_all: false,
             beyond_budget: false,
             journal_before_prepared: false,
             prepared_before_guard: false,
@@ -223,6 +228,10 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
             options.beyond_budget = true;
             continue;
         }
+        if arg == "--crash-all" {
+            options.crash_all = true;
+            continue;
+        }
         if arg == "--journal-before-prepared" {
             options.journal_before_prepared = true;
             continue;
@@ -282,6 +291,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
             replicas.saturating_sub(byzantine)
         ));
     }
+    if options.crash_all && crashes < 2 {
+        return Err("--crash-all needs --crashes 2 or more".to_string());
+    }
     options.crashes = crashes as u8;
     options.byzantine = byzantine as u8;
     let seeds = seeds.ok_or("--seed S or --seeds A..B is required")?;
@@ -330,6 +342,9 @@ pub fn options_args(options: &Options) -> Vec<String> {
     if let Some(bug) = options.bug {
         args.push("--bug".to_string());
         args.push(bug_name(bug).to_string());
+    }
+    if options.crash_all {
+        args.push("--crash-all".to_string());
     }
     if options.beyond_budget {
         args.push("--beyond-budget".to_string());

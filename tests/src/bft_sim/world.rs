@@ -75,6 +75,13 @@ const DOWN_US_MAX: u64 = 800_000;
 /// Between two crashes of the run's crashing replicas (µs).
 const CRASH_INTERVAL_US_MIN: u64 = 100_000;
 const CRASH_INTERVAL_US_MAX: u64 = 1_500_000;
+/// With `--crash-all`, between two crashes of the whole group (µs): long enough for the
+/// group to commit again between them.
+const CRASH_ALL_INTERVAL_US_MIN: u64 = 1_000_000;
+const CRASH_ALL_INTERVAL_US_MAX: u64 = 4_000_000;
+/// With `--crash-all`, the other crashing replicas go down this long after the first at
+/// most (µs); in half the crashes all at the same instant.
+const CRASH_ALL_SPREAD_US: u64 = 20_000;
 /// A guard or prepared certificate write of a crashing replica is also hit by a crash with
 /// this chance (per million): the crash falls inside the write, which then lands or is lost.
 const CRASH_DURING_DISK_WRITE_PER_MILLION: u64 = 200_000;
@@ -497,7 +504,7 @@ impl World {
             );
         }
         if self.options.crashes > 0 {
-            let delay = self.rng.range(CRASH_INTERVAL_US_MIN, CRASH_INTERVAL_US_MAX);
+            let delay = self.crash_interval_us();
             let replica = self.crash_victim();
             self.schedule(
                 delay,
@@ -1383,13 +1390,47 @@ impl World {
         crashing[self.rng.below(crashing.len() as u64) as usize]
     }
 
+    /// The time to the next crash of the run's chain.
+    fn crash_interval_us(&mut self) -> u64 {
+        if self.options.crash_all {
+            self.rng
+                .range(CRASH_ALL_INTERVAL_US_MIN, CRASH_ALL_INTERVAL_US_MAX)
+        } else {
+            self.rng.range(CRASH_INTERVAL_US_MIN, CRASH_INTERVAL_US_MAX)
+        }
+    }
+
+    /// `--crash-all`: every other crashing replica crashes too, at once or within
+    /// `CRASH_ALL_SPREAD_US`, so that all of them restart from their own disks at
+    /// different commit points (a power loss of the whole group).
+    fn crash_the_others(&mut self, first: u8) {
+        let at_once = self.rng.chance(500_000);
+        for replica in 0..self.options.replicas {
+            if replica == first || !self.nodes[usize::from(replica)].crashes {
+                continue;
+            }
+            let delay = if at_once {
+                0
+            } else {
+                self.rng.range(0, CRASH_ALL_SPREAD_US)
+            };
+            self.schedule(
+                delay,
+                Event::Crash {
+                    replica,
+                    next: false,
+                },
+            );
+        }
+    }
+
     /// `replica` loses everything not durable; writes in flight land or are lost.
     fn crash(&mut self, replica: u8, next: bool) {
         if self.healed_at_us.is_some() {
             return;
         }
         if next {
-            let delay = self.rng.range(CRASH_INTERVAL_US_MIN, CRASH_INTERVAL_US_MAX);
+            let delay = self.crash_interval_us();
             let victim = self.crash_victim();
             self.schedule(
                 delay,
@@ -1398,6 +1439,9 @@ impl World {
                     next: true,
                 },
             );
+            if self.options.crash_all {
+                self.crash_the_others(replica);
+            }
         }
         if !self.nodes[usize::from(replica)].up {
             return;
