@@ -123,10 +123,6 @@ struct FormatFile {
 /// Formats `data_dir` for `identity`: creates the directory if absent, refuses one that
 /// holds anything, and writes the format file durably.
 pub fn format(data_dir: &Path, identity: Identity) -> Result<(), FormatError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |error| FormatError::Io { path, error }
-    };
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let mut entries = std::fs::read_dir(data_dir).map_err(io(data_dir))?;
     if let Some(entry) = entries.next() {
@@ -277,10 +273,6 @@ pub fn mark_started(data_dir: &Path, identity: Identity) -> Result<(), FormatErr
 fn write(data_dir: &Path, contents: FormatFile) -> Result<(), FormatError> {
     let temporary = data_dir.join(FORMAT_FILE_TEMPORARY_NAME);
     let path = data_dir.join(FORMAT_FILE_NAME);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |error| FormatError::Io { path, error }
-    };
     let mut file = std::fs::File::create(&temporary).map_err(io(&temporary))?;
     file.write_all(encode(contents).as_bytes())
         .and_then(|()| file.sync_all())
@@ -288,6 +280,12 @@ fn write(data_dir: &Path, contents: FormatFile) -> Result<(), FormatError> {
     drop(file);
     std::fs::rename(&temporary, &path).map_err(io(&path))?;
     sync_directory(data_dir)
+}
+
+/// Maps an I/O error on `path` to [`FormatError::Io`].
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FormatError {
+    let path = path.to_path_buf();
+    move |error| FormatError::Io { path, error }
 }
 
 fn sync_directory(dir: &Path) -> Result<(), FormatError> {

@@ -335,20 +335,11 @@ where
         receivers.push(task);
     }
     let mut outgoing = std::mem::take(&mut shard.mesh.borrow_mut().outgoing);
-    let poll = Duration::from_millis(crate::runtime::STOP_POLL_MS);
     for out in outgoing.iter_mut().flatten() {
         if let Some(sender) = out.doorbell.take() {
             // A connection completes once the other shard's receiver connects: never, if
             // that shard failed to start, so the node's stop ends the wait.
-            let connected =
-                futures_lite::future::or(async { Some(sender.connect().await) }, async {
-                    while !shard.stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        glommio::timer::sleep(poll).await;
-                    }
-                    None
-                })
-                .await;
-            match connected {
+            match until_stopped(&shard, sender.connect()).await {
                 Some(connected) => out.connected = Some(connected),
                 None => break,
             }
@@ -356,6 +347,21 @@ where
     }
     shard.mesh.borrow_mut().outgoing = outgoing;
     receivers
+}
+
+/// `work`'s output, or `None` once the node stops first (polled every `STOP_POLL_MS`).
+async fn until_stopped<S: StateMachine, T>(
+    shard: &Shard<S>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let poll = Duration::from_millis(crate::runtime::STOP_POLL_MS);
+    futures_lite::future::or(async { Some(work.await) }, async {
+        while !shard.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            glommio::timer::sleep(poll).await;
+        }
+        None
+    })
+    .await
 }
 
 async fn receive_loop<S>(
@@ -370,14 +376,9 @@ async fn receive_loop<S>(
 {
     let poll = Duration::from_millis(crate::runtime::STOP_POLL_MS);
     // As in `spawn_receivers`: a shard that failed to start never connects.
-    let doorbell = futures_lite::future::or(async { Some(doorbell.connect().await) }, async {
-        while !shard.stop.load(std::sync::atomic::Ordering::Relaxed) {
-            glommio::timer::sleep(poll).await;
-        }
-        None
-    })
-    .await;
-    let Some(doorbell): Option<ConnectedReceiver<()>> = doorbell else {
+    let Some(doorbell): Option<ConnectedReceiver<()>> =
+        until_stopped(&shard, doorbell.connect()).await
+    else {
         return;
     };
     while !shard.finished.get() {
