@@ -285,6 +285,9 @@ pub mod field {
     pub const PREPARE_OP: usize = 72;
     /// `Prepare`, `PrepareRepair`: the leader's `commit_max`.
     pub const PREPARE_COMMIT: usize = 80;
+    /// `Prepare`, `PrepareRepair`: the view of the log the entry was read from (the
+    /// sender's `log_view` when it read it; a leader's Prepare: its view).
+    pub const PREPARE_LOG_VIEW: usize = 88;
 
     /// `PrepareOk`: the sender's `op_durable` (cumulative).
     pub const PREPARE_OK_OP: usize = 72;

@@ -55,6 +55,17 @@ pub const STRANDED_VIEW_JOIN_US: u64 = 1_000_000;
 /// A starting replica waits this many maximal leader timeouts (plus one) before suspecting
 /// a leader it has not heard from yet: peers start and connect at different moments.
 pub const LEADER_TIMEOUT_STARTUP_FACTOR: u64 = 4;
+/// A follower that finds it did not run for a while (its tick came more than half a
+/// minimal leader timeout after the deadline it asked for: a descheduled process, a long
+/// turn of its own executor) could not read its leader's messages meanwhile, which may be
+/// waiting in its socket behind the timer that just fired. It then starts no pre-vote for
+/// this many heartbeat intervals, time for those messages to be read: on an overloaded
+/// host two followers that were both descheduled would otherwise elect a new leader
+/// although the leader was heartbeating all along.
+pub const STALL_GRACE_HEARTBEATS: u64 = 3;
+/// See [`STALL_GRACE_HEARTBEATS`]: not once the leader has been silent this long (µs), so
+/// that a replica that stalls again and again still fails over a dead leader.
+pub const STALL_DEFER_US_MAX: u64 = 2_000_000;
 /// Default interval at which view-change messages are sent again (µs).
 pub const VIEW_CHANGE_RESEND_INTERVAL_US_DEFAULT: u64 = 30_000;
 
@@ -516,6 +527,9 @@ pub struct ReplicaCounters {
     pub state_syncs: u64,
     /// State syncs installed.
     pub state_syncs_installed: u64,
+    /// Ticks that came more than half a leader timeout after the deadline the previous
+    /// tick asked for: this replica itself did not run (a stalled process or executor).
+    pub stalls: u64,
 }
 
 /// The replication state of one group on one replica. See the module docs.
@@ -557,6 +571,8 @@ pub struct Replica {
     leader_deadline_us: u64,
     /// Last time the leader of the current view was heard (µs).
     leader_heard_us: u64,
+    /// The latest time the previous tick asked to be woken by (`poll_timeout`).
+    tick_due_us: u64,
     /// Highest view seen in any message.
     view_seen_max: u64,
     pre_vote: Option<PreVoteState>,
@@ -728,6 +744,7 @@ impl Replica {
             ready: commit_min == op_recovered,
             leader_deadline_us: 0,
             leader_heard_us: now_us,
+            tick_due_us: u64::MAX,
             view_seen_max: persisted.view,
             pre_vote: None,
             view_abdicated: None,
@@ -1135,7 +1152,9 @@ impl Replica {
     }
 
     /// Follower: a `Prepare` (or `PrepareRepair`) of `op` from `from` in `view`, carrying
-    /// the leader's `commit`. The runtime has verified the entry's checksums.
+    /// the leader's `commit`. The runtime has verified the entry's checksums. A repair
+    /// carries `log_view`, the view of the log the sender read the entry from (its
+    /// `log_view` then); a leader's Prepare is of its view's log (`log_view == view`).
     #[allow(clippy::too_many_arguments)]
     pub fn on_prepare(
         &mut self,
@@ -1145,6 +1164,7 @@ impl Replica {
         op: u64,
         commit: u64,
         repair: bool,
+        log_view: u64,
         actions: &mut Vec<Action>,
     ) -> PrepareDisposition {
         self.now_us = now_us;
@@ -1165,8 +1185,11 @@ impl Replica {
             peer.log_view = view;
         }
         // Only the leader, or a peer holding the log being followed, may extend this log:
-        // an entry of an abandoned view can chain to the same head and still differ.
-        if peer.log_view != repair_log_view {
+        // an entry of an abandoned view can chain to the same head and still differ. A
+        // repair says which log it was read from: what its sender's Pings said since may
+        // describe a log it installed after it sent this (simulator seed 394).
+        let source_log_view = if repair { log_view } else { peer.log_view };
+        if source_log_view != repair_log_view {
             return PrepareDisposition::Ignore;
         }
         peer.op_durable = peer.op_durable.max(op);
@@ -1475,6 +1498,7 @@ impl Replica {
     /// [`Replica::poll_timeout`] is due (calling early is harmless).
     pub fn tick(&mut self, now_us: u64, actions: &mut Vec<Action>) {
         self.now_us = now_us;
+        self.stall_check(now_us);
         // A recovering leader with view change sends no heartbeats: it cannot lead until it
         // has repaired, and its followers' timeouts move the group to a leader that can.
         let heartbeats = self.recovering.is_none() || !self.config.view_change;
@@ -1531,6 +1555,23 @@ impl Replica {
         }
         if self.config.view_change {
             self.view_change_tick(now_us, actions);
+        }
+        self.tick_due_us = self.poll_timeout();
+    }
+
+    /// Whether this replica did not run for a while before this tick; if so, a follower
+    /// gives the leader's messages that waited meanwhile time to be read before it
+    /// suspects the leader ([`STALL_GRACE_HEARTBEATS`]).
+    fn stall_check(&mut self, now_us: u64) {
+        let late_us = now_us.saturating_sub(self.tick_due_us);
+        if late_us <= self.config.leader_timeout_us_min / 2 {
+            return;
+        }
+        self.counters.stalls += 1;
+        let silent_us = now_us.saturating_sub(self.leader_heard_us);
+        if self.status == Status::Normal && !self.is_leader() && silent_us < STALL_DEFER_US_MAX {
+            let grace_us = STALL_GRACE_HEARTBEATS * self.config.heartbeat_interval_us;
+            self.leader_deadline_us = self.leader_deadline_us.max(now_us + grace_us);
         }
     }
 
@@ -2390,6 +2431,130 @@ mod tests {
         Vec::with_capacity(ACTIONS_MAX)
     }
 
+    /// Replica 1 of 3 with view change, past its start-up grace, having just heard its
+    /// leader (replica 0) at the returned time.
+    fn follower_hearing_its_leader() -> (Replica, u64) {
+        let mut config = ReplicaConfig::new(0, 1, 3, 7).unwrap();
+        config.view_change = true;
+        let mut follower = Replica::new(config, 0, 0, 0).unwrap();
+        let mut now_us = 0;
+        let mut out = actions();
+        // Regular ticks with the leader's heartbeats, as a driver runs them.
+        while now_us < 3_000_000 {
+            now_us += 20_000;
+            follower.on_commit(now_us, 0, 0, 0, 0, &mut out);
+            follower.tick(now_us, &mut out);
+            out.clear();
+        }
+        assert_eq!(follower.counters().stalls, 0);
+        (follower, now_us)
+    }
+
+    /// Ticks `follower` every `step_us` from `now_us` until `until_us`, hearing nothing;
+    /// returns when it first sent a pre-vote, if it did.
+    fn first_pre_vote(
+        follower: &mut Replica,
+        now_us: u64,
+        step_us: u64,
+        until_us: u64,
+    ) -> Option<u64> {
+        let mut out = actions();
+        let mut now_us = now_us;
+        while now_us < until_us {
+            now_us += step_us;
+            follower.tick(now_us, &mut out);
+            if out
+                .iter()
+                .any(|action| matches!(action, Action::PreVote { .. }))
+            {
+                return Some(now_us);
+            }
+            out.clear();
+        }
+        None
+    }
+
+    #[test]
+    fn a_follower_that_hears_nothing_while_running_suspects_its_leader_in_a_timeout() {
+        let (mut follower, heard_us) = follower_hearing_its_leader();
+        let config = *follower.config();
+        let at = first_pre_vote(&mut follower, heard_us, 10_000, heard_us + 1_000_000)
+            .expect("a silent leader is suspected");
+        let silence_us = at - heard_us;
+        assert!(
+            silence_us >= config.leader_timeout_us_min
+                && silence_us <= config.leader_timeout_us_max + 10_000,
+            "{silence_us}"
+        );
+        assert_eq!(follower.counters().stalls, 0);
+    }
+
+    #[test]
+    fn a_follower_that_did_not_run_reads_what_waited_before_it_suspects_its_leader() {
+        let (mut stalled, heard_us) = follower_hearing_its_leader();
+        let (mut silent, _) = follower_hearing_its_leader();
+        // Descheduled for a second: its next tick comes far past the deadline it asked for,
+        // before the leader's messages that waited in its socket are read.
+        let resumed_us = heard_us + 1_000_000;
+        let mut out = actions();
+        stalled.tick(resumed_us, &mut out);
+        assert_eq!(stalled.counters().stalls, 1);
+        assert!(
+            !out.iter()
+                .any(|action| matches!(action, Action::PreVote { .. })),
+            "suspected its leader on silence it could not have heard: {out:?}"
+        );
+        // The waiting messages are read: nothing more happens while the leader sends.
+        out.clear();
+        stalled.on_commit(resumed_us + 1_000, 0, 0, 0, 0, &mut out);
+        let mut now_us = resumed_us + 1_000;
+        while now_us < resumed_us + 200_000 {
+            now_us += 20_000;
+            stalled.tick(now_us, &mut out);
+            stalled.on_commit(now_us, 0, 0, 0, 0, &mut out);
+        }
+        assert!(
+            !out.iter()
+                .any(|action| matches!(action, Action::PreVote { .. }))
+        );
+        assert_eq!(stalled.counters().stalls, 1);
+        // If nothing waited (the leader is gone), it suspects the leader right after the
+        // grace, not a whole leader timeout later.
+        out.clear();
+        silent.tick(resumed_us, &mut out);
+        assert!(
+            !out.iter()
+                .any(|action| matches!(action, Action::PreVote { .. }))
+        );
+        let grace_us = STALL_GRACE_HEARTBEATS * silent.config().heartbeat_interval_us;
+        let at = first_pre_vote(&mut silent, resumed_us, 5_000, resumed_us + 1_000_000)
+            .expect("a silent leader is suspected after the grace");
+        assert!(
+            at - resumed_us >= grace_us && at - resumed_us <= grace_us + 5_000,
+            "{}",
+            at - resumed_us
+        );
+    }
+
+    #[test]
+    fn a_follower_that_keeps_stalling_still_suspects_a_dead_leader() {
+        let (mut follower, heard_us) = follower_hearing_its_leader();
+        // Every tick half a second late: each is a stall, and the leader is never heard.
+        let at = first_pre_vote(
+            &mut follower,
+            heard_us,
+            500_000,
+            heard_us + 2 * STALL_DEFER_US_MAX,
+        )
+        .expect("a dead leader is suspected despite the stalls");
+        assert!(follower.counters().stalls >= 2);
+        assert!(
+            at - heard_us <= STALL_DEFER_US_MAX + 500_000,
+            "suspected only after {} µs",
+            at - heard_us
+        );
+    }
+
     #[test]
     fn config_is_validated() {
         assert_eq!(
@@ -2492,7 +2657,7 @@ mod tests {
         let mut follower = replica(0, 1, 3);
         let mut out = actions();
         assert_eq!(
-            follower.on_prepare(0, 0, 0, 1, 0, false, &mut out),
+            follower.on_prepare(0, 0, 0, 1, 0, false, 0, &mut out),
             PrepareDisposition::Append
         );
         follower.on_staged(0, 1, 11);
@@ -2519,15 +2684,39 @@ mod tests {
         let mut follower = replica(0, 1, 3);
         let mut out = actions();
         assert_eq!(
-            follower.on_prepare(0, 0, 1, 1, 0, false, &mut out),
+            follower.on_prepare(0, 0, 1, 1, 0, false, 1, &mut out),
             PrepareDisposition::Ignore
         );
         assert_eq!(
-            follower.on_prepare(0, 2, 0, 1, 0, false, &mut out),
+            follower.on_prepare(0, 2, 0, 1, 0, false, 0, &mut out),
             PrepareDisposition::Ignore
         );
         follower.on_commit(0, 2, 0, 5, 5, &mut out);
         assert_eq!(follower.commit_max(), 0);
+    }
+
+    /// A repair is judged by the log it says it was read from, not by what its sender's
+    /// latest Ping said: a Ping sent after an old repair can overtake it in the driver.
+    #[test]
+    fn a_repair_from_another_log_is_refused_whatever_its_senders_pings_said() {
+        let mut config = ReplicaConfig::new(0, 2, 3, 7).unwrap();
+        config.view_change = true;
+        config.view = 1;
+        // Replica 2 in view 1 (led by replica 1), its log that view's.
+        let mut follower = Replica::new(config, 0, 0, 0).unwrap();
+        let mut out = actions();
+        // Replica 0 reports it holds view 1's log.
+        follower.on_ping(0, 10, 0, 0, 1, &mut out);
+        out.clear();
+        assert_eq!(
+            follower.on_prepare(20, 0, 1, 1, 0, true, 0, &mut out),
+            PrepareDisposition::Ignore,
+            "read from view 0's log"
+        );
+        assert_eq!(
+            follower.on_prepare(20, 0, 1, 1, 0, true, 1, &mut out),
+            PrepareDisposition::Append
+        );
     }
 
     #[test]
@@ -2549,7 +2738,7 @@ mod tests {
         let now = now + 1;
         // A second gap while one is outstanding asks nothing more.
         assert_eq!(
-            follower.on_prepare(now, 0, 0, 41, 30, false, &mut out),
+            follower.on_prepare(now, 0, 0, 41, 30, false, 0, &mut out),
             PrepareDisposition::Gap
         );
         assert!(out.is_empty());
@@ -2594,7 +2783,7 @@ mod tests {
         out.clear();
         for op in 5..=9 {
             assert_eq!(
-                follower.on_prepare(2_000, 0, 0, op, 4, true, &mut out),
+                follower.on_prepare(2_000, 0, 0, op, 4, true, 0, &mut out),
                 PrepareDisposition::Append
             );
             follower.on_staged(2_000, op, u128::from(op));
@@ -2602,7 +2791,7 @@ mod tests {
         follower.on_durable(2_000, 9, &mut out);
         assert!(!out.iter().any(|a| matches!(a, Action::PrepareOk { .. })));
         assert_eq!(follower.recovering(), Some(10));
-        follower.on_prepare(3_000, 0, 0, 10, 4, true, &mut out);
+        follower.on_prepare(3_000, 0, 0, 10, 4, true, 0, &mut out);
         follower.on_staged(3_000, 10, 10);
         follower.on_durable(3_000, 10, &mut out);
         assert_eq!(follower.recovering(), None);
@@ -2632,7 +2821,7 @@ mod tests {
         assert_eq!((to, op_min, op_max), (1, 4, 6));
         for op in 4..=6 {
             assert_eq!(
-                leader.on_prepare(2_000, 1, 0, op, 0, true, &mut out),
+                leader.on_prepare(2_000, 1, 0, op, 0, true, 0, &mut out),
                 PrepareDisposition::Append
             );
             leader.on_staged(2_000, op, u128::from(op));
@@ -2703,7 +2892,7 @@ mod tests {
         assert_eq!((to, op_min, op_max), (0, 1, 3));
         for op in 1..=3 {
             assert_eq!(
-                follower.on_prepare(10, 0, 0, op, 3, true, &mut out),
+                follower.on_prepare(10, 0, 0, op, 3, true, 0, &mut out),
                 PrepareDisposition::Append
             );
             follower.on_staged(10, op, u128::from(op));
@@ -2766,7 +2955,7 @@ mod tests {
         assert_eq!(repair, Some(257), "repair resumes after the checkpoint");
         // The next entry must chain to the checkpoint's checksum.
         assert_eq!(
-            follower.on_prepare(10_000_002, 0, 0, 257, 500, true, &mut out),
+            follower.on_prepare(10_000_002, 0, 0, 257, 500, true, 0, &mut out),
             PrepareDisposition::Append
         );
     }
@@ -2869,6 +3058,7 @@ mod cluster_tests {
             checksum: u128,
             previous: u128,
             repair: bool,
+            log_view: u64,
         },
         PrepareOk {
             view: u64,
@@ -3059,6 +3249,7 @@ mod cluster_tests {
                     ),
                     Action::ServeRepair { to, op_min, op_max } => {
                         let view = self.nodes[n].replica.view();
+                        let log_view = self.nodes[n].replica.log_view();
                         let commit = self.nodes[n].replica.commit_max();
                         for op in op_min..=op_max.min(self.nodes[n].log.len() as u64) {
                             let (checksum, previous) = self.nodes[n].log[op as usize - 1];
@@ -3071,6 +3262,7 @@ mod cluster_tests {
                                     checksum,
                                     previous,
                                     repair: true,
+                                    log_view,
                                 },
                                 &mut self.network,
                             );
@@ -3217,6 +3409,7 @@ mod cluster_tests {
                         checksum,
                         previous,
                         repair: false,
+                        log_view: view,
                     },
                 ));
             }
@@ -3238,8 +3431,9 @@ mod cluster_tests {
                     checksum,
                     previous,
                     repair,
+                    log_view,
                 } => {
-                    if r.on_prepare(now, from, view, op, commit, repair, &mut actions)
+                    if r.on_prepare(now, from, view, op, commit, repair, log_view, &mut actions)
                         == PrepareDisposition::Append
                     {
                         let head = node.log.last().map_or(0, |e| e.0);

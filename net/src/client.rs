@@ -583,18 +583,15 @@ impl Pipeline {
         reply
     }
 
-    /// Splits an idle pipeline into a sending and a receiving half on two handles of its
+    /// Splits the pipeline into a sending and a receiving half on two handles of its
     /// socket, so that one thread can send on a schedule while another waits for replies
     /// (an open-loop load generator). Replies still answer requests in order; the receiver
-    /// is told which request number it expects next.
+    /// is told which request number it expects next, so the caller keeps the numbers of
+    /// requests already in flight (the pipeline's own list is dropped).
     ///
     /// # Errors
     /// `Io` if the socket cannot be duplicated.
-    ///
-    /// # Panics
-    /// If requests are in flight (their numbers would be lost).
     pub fn split(self) -> Result<(PipelineSender, PipelineReceiver), ClientError> {
-        assert!(self.in_flight.is_empty(), "split an idle pipeline");
         let read_stream = self.stream.try_clone().map_err(|source| ClientError::Io {
             shard: self.shard,
             address: self.address,
@@ -645,6 +642,14 @@ impl PipelineSender {
             request_number,
             records,
         )
+    }
+
+    /// Shuts the connection down in both directions, so that the receiving half's next read
+    /// fails at once instead of waiting for a reply that will not come (a load generator
+    /// whose send failed, moving to another replica).
+    pub fn shutdown(&self) {
+        // Already closed or reset is fine: the point is that nothing more is read.
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
 

@@ -387,7 +387,9 @@ impl LocalCluster {
         SocketAddr::from((Ipv4Addr::LOCALHOST, port))
     }
 
-    /// The replica leading `shard`'s group (fixed: `shard mod replicas`, no failover yet).
+    /// The replica that leads `shard`'s group first (view 0: `shard mod replicas`), and
+    /// for good with `--fixed-view`. With view change (the nodes' default) another replica
+    /// leads after a failover: read `percore_replica_is_leader` to know who leads now.
     pub fn leader_of(&self, shard: usize) -> usize {
         shard % self.config.replicas
     }

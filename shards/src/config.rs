@@ -117,7 +117,7 @@ pub struct NodeFile {
     pub peers: Option<Vec<SocketAddr>>,
     /// `--cluster-key-file`.
     pub cluster_key_file: Option<PathBuf>,
-    /// `--view-change`.
+    /// Leader failover (default true); `false` is `--fixed-view`.
     pub view_change: Option<bool>,
     /// `--retain-ops`.
     pub retain_ops: Option<u64>,

@@ -2,7 +2,8 @@
 //!
 //! With one replica it starts a node in-process (one pinned executor per core, real io_uring
 //! sockets on loopback). With more it starts a [`LocalCluster`] of `percore node` child
-//! processes and sends every shard's records to that shard's group leader. Either way it
+//! processes and sends every shard's records to that shard's group leader, following the
+//! group to its new leader after a view change ([`LoadTarget`]). Either way it
 //! creates accounts on every shard through the client protocol, funds them, then drives
 //! transfers from client threads that each keep a window of requests in flight on their own
 //! connection to one shard: as many as they can (closed loop, the default) or, with a rate
@@ -27,7 +28,7 @@ use percore_engine::record::{
     shard_of,
 };
 use percore_net::client::{
-    Client, ClientConfig, ClientError, Pipeline, PipelineReceiver, PipelineSender,
+    Client, ClientConfig, ClientError, LeaderProbe, Pipeline, PipelineReceiver, PipelineSender,
 };
 use serde::Serialize;
 
@@ -233,6 +234,10 @@ pub struct BenchReport {
     pub acknowledged: u64,
     /// Acknowledged transfers whose result was not `Ok`.
     pub failed: u64,
+    /// Times a client connection found its group led by another replica (a view change)
+    /// and moved there, sending its unanswered requests again (the whole load, warm-up
+    /// included). Their latency counts from when they were first due.
+    pub leader_follows: u64,
     /// Client-observed request latency percentiles (µs): p50, p99, p999, max.
     pub request_latency_us: LatencyRow,
     /// Leader commit latency (stage to quorum commit) over the window, all groups, at the
@@ -309,6 +314,32 @@ pub enum BenchError {
     /// Setup went wrong (accounts not created...).
     #[error("setup: {0}")]
     Setup(String),
+    /// A connection's replica stopped leading its group during the run (a view change: the
+    /// nodes' default is leader failover) and the load knows no other replica of the group
+    /// to follow it to (`--addresses` names each group's leader only).
+    #[error(
+        "the load's leader stopped leading during the run (a view change) and no other \
+         replica of its group is known: {source}; rerun, or start the nodes with \
+         --fixed-view to keep every group's first leader"
+    )]
+    LeaderChanged {
+        /// The refusal or lost connection the load thread saw.
+        source: ClientError,
+    },
+}
+
+impl BenchError {
+    /// A load thread's error: a refusal saying the replica no longer leads becomes
+    /// [`BenchError::LeaderChanged`].
+    fn from_load(error: ClientError) -> Self {
+        match error {
+            ClientError::Refused {
+                code: percore_net::client::ERROR_NOT_LEADER,
+                ..
+            } => BenchError::LeaderChanged { source: error },
+            error => BenchError::Client(error),
+        }
+    }
 }
 
 /// Ledger sizes for every shard of a node of `shard_count` shards (`shard_index` 0; the
@@ -445,10 +476,10 @@ pub fn create_funded_accounts(
 }
 
 fn setup_accounts(
-    addresses: &[SocketAddr],
+    client_config: ClientConfig,
     per_shard: usize,
 ) -> Result<Vec<Vec<u128>>, BenchError> {
-    let mut client = Client::new(ClientConfig::new(addresses.to_vec(), 1));
+    let mut client = Client::new(client_config);
     client.ping_all(Instant::now() + Duration::from_secs(10))?;
     let owned = create_funded_accounts(&mut client, per_shard, 1 << 40)?;
     Ok(owned.into_iter().map(|ids| ids[1..].to_vec()).collect())
@@ -568,48 +599,232 @@ impl ReplyTally {
     }
 }
 
-/// One client thread: a pipelined connection to one shard, `window` requests in flight;
-/// closed loop, or open loop on `schedule`.
+/// Longest a load connection looks for its group's new leader after its replica stopped
+/// leading (or its connection broke) before the run fails.
+pub const LEADER_FOLLOW_TIMEOUT_MS: u64 = 10_000;
+
+/// Socket timeout of a load connection: a reply or a write slower than this fails it.
+const LOAD_IO_TIMEOUT_S: u64 = 30;
+
+/// Where one shard's load goes: the client address of each replica of its group, and the
+/// one that leads it now.
+#[derive(Clone, Debug)]
+pub struct LoadTarget {
+    replicas: Arc<[SocketAddr]>,
+    leader: usize,
+}
+
+impl LoadTarget {
+    /// A group whose leader is `replicas[leader]`; the load follows it to another replica.
+    pub fn group(replicas: Vec<SocketAddr>, leader: usize) -> Self {
+        assert!(leader < replicas.len(), "the leader is one of the replicas");
+        Self {
+            replicas: replicas.into(),
+            leader,
+        }
+    }
+
+    /// One address and nothing to follow (one node, or a remote cluster's known leader).
+    pub fn single(address: SocketAddr) -> Self {
+        Self::group(vec![address], 0)
+    }
+
+    /// The address of the replica that led the group when the load started.
+    pub fn leader_address(&self) -> SocketAddr {
+        self.replicas[self.leader]
+    }
+}
+
+/// Copies of the requests one connection has sent and not had answered (at most `window`:
+/// request `n` is in slot `n % window`), to send again to a new leader.
+struct Unanswered {
+    slots: Vec<Vec<Transfer>>,
+}
+
+impl Unanswered {
+    fn new(window: usize, records_per_request: usize) -> Self {
+        let slot = vec![<Transfer as bytemuck::Zeroable>::zeroed(); records_per_request];
+        Self {
+            slots: vec![slot; window],
+        }
+    }
+
+    /// Keeps request `number`'s records (the window bounds what is unanswered, so the slot's
+    /// previous request was answered).
+    fn keep(&mut self, number: u64, records: &[Transfer]) -> &[Transfer] {
+        let index = (number % self.slots.len() as u64) as usize;
+        let slot = &mut self.slots[index];
+        slot.clear();
+        slot.extend_from_slice(records);
+        slot
+    }
+
+    fn get(&self, number: u64) -> &[Transfer] {
+        &self.slots[(number % self.slots.len() as u64) as usize]
+    }
+}
+
+/// One connection's way to its group's leader: whom to try, and how often it moved.
+struct LeaderLink {
+    shard: usize,
+    client_id: u128,
+    target: LoadTarget,
+    /// Index in `target.replicas` of the replica connected to now.
+    current: usize,
+    /// Times this connection moved to another leader (shared by the load's threads).
+    follows: Arc<AtomicU64>,
+}
+
+impl LeaderLink {
+    fn new(shard: usize, client_id: u128, target: LoadTarget, follows: Arc<AtomicU64>) -> Self {
+        let current = target.leader;
+        Self {
+            shard,
+            client_id,
+            target,
+            current,
+            follows,
+        }
+    }
+
+    /// The first connection, to the replica the target names.
+    fn connect(&self) -> Result<Pipeline, ClientError> {
+        Pipeline::connect(
+            self.shard,
+            self.target.replicas[self.current],
+            self.client_id,
+            frame::FRAME_BYTES_MAX_DEFAULT,
+            Duration::from_secs(LOAD_IO_TIMEOUT_S),
+        )
+    }
+
+    /// After `error` on the connection: whether to look for another leader. Only a group
+    /// with other replicas, and only for what a leader change looks like (a refusal as not
+    /// the leader or busy in a view change, a connection that broke).
+    fn should_follow(&self, error: &ClientError) -> bool {
+        self.target.replicas.len() > 1 && error.is_redirect()
+    }
+
+    /// Connects to the group's leader now (the replicas in turn from the one after the
+    /// current) and sends the unanswered requests `pending` again, in order, under their
+    /// own numbers: the client session answers one that committed with its original reply.
+    /// Gives up after [`LEADER_FOLLOW_TIMEOUT_MS`].
+    fn follow(
+        &mut self,
+        pending: std::ops::RangeInclusive<u64>,
+        unanswered: &Unanswered,
+    ) -> Result<Pipeline, ClientError> {
+        self.follows.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_millis(LEADER_FOLLOW_TIMEOUT_MS);
+        // Bounded by the deadline: `connect_leader` returns by then, and a resend that fails
+        // again comes back here.
+        loop {
+            let (mut pipeline, leader) = Pipeline::connect_leader(
+                self.shard,
+                &self.target.replicas,
+                self.current + 1,
+                self.client_id,
+                frame::FRAME_BYTES_MAX_DEFAULT,
+                Duration::from_secs(LOAD_IO_TIMEOUT_S),
+                LeaderProbe {
+                    operation: frame::Operation::CreateTransfers.into(),
+                    deadline,
+                },
+            )?;
+            self.current = leader;
+            let resent = pending.clone().try_for_each(|number| {
+                pipeline.send(
+                    frame::Operation::CreateTransfers.into(),
+                    number,
+                    unanswered.get(number),
+                )
+            });
+            match resent {
+                Ok(()) => return Ok(pipeline),
+                Err(error) if self.should_follow(&error) && Instant::now() < deadline => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+/// One client thread: a pipelined connection to one shard's group leader, `window` requests
+/// in flight; closed loop, or open loop on `schedule`. When the leader changes (a view
+/// change) it follows the group to its new leader and sends what was unanswered again.
+#[allow(clippy::too_many_arguments)]
 fn load_thread(
     thread: usize,
-    address: SocketAddr,
+    target: LoadTarget,
+    follows: Arc<AtomicU64>,
     window: usize,
     schedule: Option<PaceSchedule>,
     stop: Arc<AtomicBool>,
     mut maker: RequestMaker,
     mut tally: ReplyTally,
 ) -> Result<LoadThreadReport, ClientError> {
-    let mut pipeline = Pipeline::connect(
-        maker.shard,
-        address,
-        1_000 + thread as u128,
-        frame::FRAME_BYTES_MAX_DEFAULT,
-        Duration::from_secs(30),
-    )?;
+    let mut link = LeaderLink::new(maker.shard, 1_000 + thread as u128, target, follows);
+    let pipeline = link.connect()?;
+    let mut unanswered = Unanswered::new(window, maker.records.len());
     if let Some(schedule) = schedule {
-        paced(pipeline, &schedule, window, &stop, &mut maker, &mut tally)?;
+        let paced_load = PacedLoad {
+            schedule: &schedule,
+            window,
+            stop: &stop,
+        };
+        paced(
+            paced_load,
+            link,
+            pipeline,
+            &mut maker,
+            &mut unanswered,
+            &mut tally,
+        )?;
         return Ok(tally.into_report());
     }
+    let mut pipeline = pipeline;
     let mut sent_at = std::collections::VecDeque::with_capacity(window);
-    let mut request_number = 0u64;
+    let (mut sent, mut answered) = (0u64, 0u64);
+    // Bounded by `stop`: once set, no request is sent and each loop answers one.
     loop {
-        while pipeline.in_flight() < window && !stop.load(Ordering::Relaxed) {
-            request_number += 1;
-            pipeline.send(
-                frame::Operation::CreateTransfers.into(),
-                request_number,
-                maker.next_request(),
-            )?;
+        while sent - answered < window as u64 && !stop.load(Ordering::Relaxed) {
+            sent += 1;
+            let records = unanswered.keep(sent, maker.next_request());
             sent_at.push_back(Instant::now());
+            let Err(error) = pipeline.send(frame::Operation::CreateTransfers.into(), sent, records)
+            else {
+                continue;
+            };
+            if !link.should_follow(&error) {
+                return Err(error);
+            }
+            pipeline = link.follow(answered + 1..=sent, &unanswered)?;
         }
-        if pipeline.in_flight() == 0 {
+        if sent == answered {
             break;
         }
-        let reply = pipeline.receive(size_of::<RecordResult>())?;
-        let started = sent_at.pop_front().expect("one per request");
-        tally.record(reply.body, started);
+        let error = match pipeline.receive(size_of::<RecordResult>()) {
+            Ok(reply) => {
+                answered += 1;
+                let started = sent_at.pop_front().expect("one per request");
+                tally.record(reply.body, started);
+                continue;
+            }
+            Err(error) => error,
+        };
+        if !link.should_follow(&error) {
+            return Err(error);
+        }
+        pipeline = link.follow(answered + 1..=sent, &unanswered)?;
     }
     Ok(tally.into_report())
+}
+
+/// What an open-loop connection sends on: its schedule, window and stop flag.
+#[derive(Clone, Copy)]
+struct PacedLoad<'a> {
+    schedule: &'a PaceSchedule,
+    window: usize,
+    stop: &'a AtomicBool,
 }
 
 /// Counts shared by a paced connection's sender and receiver.
@@ -622,6 +837,13 @@ struct PacedCounts {
     sender_done: AtomicBool,
     /// The receiver failed: the sender stops.
     receiver_failed: AtomicBool,
+    /// The receiver's read failed as a leader change does: it waits for `handover`, and
+    /// `received` is final until then.
+    broken: AtomicBool,
+    /// The receiving half of the connection to the new leader, from the sender.
+    handover: Mutex<Option<PipelineReceiver>>,
+    /// The group has other replicas to follow its leader to ([`LeaderLink::should_follow`]).
+    can_follow: bool,
 }
 
 /// Open loop on one connection: a scoped sender thread sends request `k` at
@@ -629,12 +851,17 @@ struct PacedCounts {
 /// receives and counts each reply's latency from its request's due time. Replies come in
 /// request order, so the due time of the `k`-th reply is known without a queue. Ends when
 /// `stop` is set and every request sent is answered.
+///
+/// A leader change: the receiver's read fails, it marks the connection `broken` and waits;
+/// the sender (which also shuts the connection down when its own write fails, so that the
+/// receiver's read fails too) connects to the new leader, sends the unanswered requests
+/// again and hands the receiving half over. Their latency still counts from their due times.
 fn paced(
+    load: PacedLoad<'_>,
+    mut link: LeaderLink,
     pipeline: Pipeline,
-    schedule: &PaceSchedule,
-    window: usize,
-    stop: &AtomicBool,
     maker: &mut RequestMaker,
+    unanswered: &mut Unanswered,
     tally: &mut ReplyTally,
 ) -> Result<(), ClientError> {
     let (mut sender, mut receiver) = pipeline.split()?;
@@ -643,16 +870,19 @@ fn paced(
         received: AtomicU64::new(0),
         sender_done: AtomicBool::new(false),
         receiver_failed: AtomicBool::new(false),
+        broken: AtomicBool::new(false),
+        handover: Mutex::new(None),
+        can_follow: link.target.replicas.len() > 1,
     };
     let receiving = std::thread::current();
     std::thread::scope(|scope| {
         let sending = scope.spawn(|| {
             let sent = paced_send(
+                load,
+                &mut link,
                 &mut sender,
-                schedule,
-                window,
-                stop,
                 maker,
+                unanswered,
                 &counts,
                 &receiving,
             );
@@ -661,7 +891,13 @@ fn paced(
             receiving.unpark();
             sent
         });
-        let received = paced_receive(&mut receiver, schedule, tally, &counts, sending.thread());
+        let received = paced_receive(
+            &mut receiver,
+            load.schedule,
+            tally,
+            &counts,
+            sending.thread(),
+        );
         if received.is_err() {
             counts.receiver_failed.store(true, Ordering::Relaxed);
             sending.thread().unpark();
@@ -671,19 +907,27 @@ fn paced(
     })
 }
 
-/// The sending half of [`paced`].
+/// The sending half of [`paced`]; it also moves the connection to a new leader.
 fn paced_send(
+    load: PacedLoad<'_>,
+    link: &mut LeaderLink,
     sender: &mut PipelineSender,
-    schedule: &PaceSchedule,
-    window: usize,
-    stop: &AtomicBool,
     maker: &mut RequestMaker,
+    unanswered: &mut Unanswered,
     counts: &PacedCounts,
     receiving: &std::thread::Thread,
 ) -> Result<(), ClientError> {
+    let PacedLoad {
+        schedule,
+        window,
+        stop,
+    } = load;
     let spin = schedule.spins();
     let mut sent = 0u64;
     loop {
+        if counts.broken.load(Ordering::Acquire) {
+            *sender = paced_follow(link, unanswered, counts, sent, receiving)?;
+        }
         if !pacing::sleep_until(schedule.due(sent), spin, stop) {
             return Ok(());
         }
@@ -693,21 +937,58 @@ fn paced_send(
             if stop.load(Ordering::Relaxed) || counts.receiver_failed.load(Ordering::Relaxed) {
                 return Ok(());
             }
+            if counts.broken.load(Ordering::Acquire) {
+                *sender = paced_follow(link, unanswered, counts, sent, receiving)?;
+                continue;
+            }
             std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
         }
         if counts.receiver_failed.load(Ordering::Relaxed) {
             return Ok(());
         }
-        sender.send(
-            frame::Operation::CreateTransfers.into(),
-            sent + 1,
-            maker.next_request(),
-        )?;
+        let records = unanswered.keep(sent + 1, maker.next_request());
+        // Counted before it is written: if the write fails, a reply is owed, so the receiver
+        // is reading and its read fails once the connection is shut down.
         sent += 1;
         // Release, paired with the receiver's Acquire: it reads only replies owed.
         counts.sent.store(sent, Ordering::Release);
         receiving.unpark();
+        if let Err(error) = sender.send(frame::Operation::CreateTransfers.into(), sent, records) {
+            if !link.should_follow(&error) {
+                return Err(error);
+            }
+            sender.shutdown();
+            // Bounded: the receiver owes request `sent`'s reply, so it reads, and its read
+            // fails on the shut connection (or it fails for good and stops us).
+            while !counts.broken.load(Ordering::Acquire) {
+                if counts.receiver_failed.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
+            }
+        }
     }
+}
+
+/// The sender's side of a leader change: the receiver has stopped on a broken connection
+/// with `received` final; connects to the new leader, sends requests `received + 1..=sent`
+/// again and hands the receiving half over. Returns the new sending half.
+fn paced_follow(
+    link: &mut LeaderLink,
+    unanswered: &Unanswered,
+    counts: &PacedCounts,
+    sent: u64,
+    receiving: &std::thread::Thread,
+) -> Result<PipelineSender, ClientError> {
+    // Acquire (with the `broken` load before this call): the receiver's last store.
+    let received = counts.received.load(Ordering::Acquire);
+    let pipeline = link.follow(received + 1..=sent, unanswered)?;
+    let (sender, receiver) = pipeline.split()?;
+    *counts.handover.lock().expect("no panics under this lock") = Some(receiver);
+    // Release: the receiver that sees `broken` cleared finds the new half.
+    counts.broken.store(false, Ordering::Release);
+    receiving.unpark();
+    Ok(sender)
 }
 
 /// The receiving half of [`paced`]: reads a reply only when one is owed, so it never blocks
@@ -730,17 +1011,44 @@ fn paced_receive(
             std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
             continue;
         }
-        let reply = receiver.receive(size_of::<RecordResult>(), received + 1)?;
-        tally.record(reply.body, schedule.due(received));
-        received += 1;
-        counts.received.store(received, Ordering::Release);
-        sending.unpark();
+        match receiver.receive(size_of::<RecordResult>(), received + 1) {
+            Ok(reply) => {
+                tally.record(reply.body, schedule.due(received));
+                received += 1;
+                counts.received.store(received, Ordering::Release);
+                sending.unpark();
+            }
+            Err(error) if counts.can_follow && error.is_redirect() && !sender_done => {
+                // Release: the sender that sees `broken` sees the final `received`.
+                counts.broken.store(true, Ordering::Release);
+                sending.unpark();
+                // Bounded by the sender: it hands a new half over, or stops (its error is
+                // the run's).
+                loop {
+                    if let Some(next) = counts
+                        .handover
+                        .lock()
+                        .expect("no panics under this lock")
+                        .take()
+                    {
+                        *receiver = next;
+                        break;
+                    }
+                    if counts.sender_done.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
+                }
+            }
+            Err(error) => return Err(error),
+        }
     }
 }
 
-/// The client threads of one run and the flags they watch.
 struct Load {
     threads: Vec<JoinHandle<Result<LoadThreadReport, ClientError>>>,
+    /// Times a connection moved to its group's new leader.
+    follows: Arc<AtomicU64>,
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     acknowledged_live: Arc<AtomicU64>,
@@ -751,6 +1059,8 @@ struct Load {
 
 /// What every client thread saw during the window, merged.
 struct LoadTotals {
+    /// Times a connection moved to its group's new leader (during the whole load).
+    follows: u64,
     acknowledged: u64,
     acknowledged_per_shard: Vec<u64>,
     failed: u64,
@@ -759,18 +1069,20 @@ struct LoadTotals {
 
 impl Load {
     /// Starts `connections_per_shard` client threads per shard, shard `k`'s to
-    /// `addresses[k]`: closed loop, or, with `rate_tx_per_s`, open loop at that rate in all.
+    /// `targets[k]`'s leader (followed when it changes): closed loop, or, with
+    /// `rate_tx_per_s`, open loop at that rate in all.
     /// `transfer_id_base` (bits 64..96) is OR-ed into every transfer id, so that runs
     /// against a ledger that keeps earlier transfers do not repeat ids.
     fn start(
-        addresses: &[SocketAddr],
+        targets: &[LoadTarget],
         accounts: Vec<Vec<u128>>,
         config: LoadConfig,
         transfer_id_base: u128,
         rate_tx_per_s: Option<f64>,
     ) -> Self {
         debug_assert_eq!(transfer_id_base & !(u128::from(u32::MAX) << 64), 0);
-        let threads_total = addresses.len() * config.connections_per_shard;
+        let threads_total = targets.len() * config.connections_per_shard;
+        let follows = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
         let accounts = Arc::new(accounts);
         let measuring = Arc::new(AtomicBool::new(false));
@@ -778,7 +1090,7 @@ impl Load {
         let acknowledged_live = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         let mut interval_latency = Vec::new();
-        for (shard, &address) in addresses.iter().enumerate() {
+        for (shard, target) in targets.iter().enumerate() {
             for k in 0..config.connections_per_shard {
                 let thread = shard * config.connections_per_shard + k;
                 let (accounts, measuring, stop, live) = (
@@ -809,18 +1121,22 @@ impl Load {
                     )
                 });
                 let window = config.window;
+                let (target, follows) = (target.clone(), follows.clone());
                 threads.push(std::thread::spawn(move || {
-                    load_thread(thread, address, window, schedule, stop, maker, tally)
+                    load_thread(
+                        thread, target, follows, window, schedule, stop, maker, tally,
+                    )
                 }));
             }
         }
         Self {
             threads,
+            follows,
             measuring,
             stop,
             acknowledged_live,
             interval_latency,
-            shards: addresses.len(),
+            shards: targets.len(),
         }
     }
 
@@ -874,7 +1190,7 @@ impl Load {
                     latency.add(&report.latency).expect("same bounds");
                 }
                 Ok(Err(error)) => {
-                    first_error.get_or_insert(BenchError::Client(error));
+                    first_error.get_or_insert(BenchError::from_load(error));
                 }
                 Err(_) => {
                     first_error.get_or_insert(BenchError::Setup("load thread panicked".into()));
@@ -884,6 +1200,7 @@ impl Load {
         match first_error {
             Some(error) => Err(error),
             None => Ok(LoadTotals {
+                follows: self.follows.load(Ordering::Relaxed),
                 acknowledged,
                 acknowledged_per_shard,
                 failed,
@@ -910,8 +1227,11 @@ fn machine_description() -> String {
     format!("{model}, {cores} cores")
 }
 
-/// Counters of every shard at one moment (in a cluster: of each group's leader, except
-/// `bytes_replicated`, which sums every replica).
+/// Counters of every shard at one moment. In a cluster, what only a group's leader counts
+/// (client records applied from its own batches, batches sealed, their sizes, commit
+/// latency) is summed over the replicas, so that a leader change between two snapshots
+/// loses nothing; `internal` is the current leader's, and `bytes_replicated` sums every
+/// replica.
 struct Snapshot {
     applied: Vec<u64>,
     internal: Vec<u64>,
@@ -919,6 +1239,8 @@ struct Snapshot {
     batch_sizes: Vec<[u64; BUCKETS]>,
     commit_latency: Vec<[u64; BUCKETS]>,
     bytes_replicated: u64,
+    /// From metrics texts: per shard, the index of the text whose node leads the group.
+    leaders: Option<Vec<usize>>,
 }
 
 fn snapshot(metrics: &[Arc<ShardMetrics>]) -> Snapshot {
@@ -941,6 +1263,7 @@ fn snapshot(metrics: &[Arc<ShardMetrics>]) -> Snapshot {
             .iter()
             .map(|m| ShardMetrics::get(&m.replication_bytes_sent_total))
             .sum(),
+        leaders: None,
     }
 }
 
@@ -952,7 +1275,7 @@ fn per_bucket(cumulative: &[u64]) -> [u64; BUCKETS] {
     })
 }
 
-/// Scrapes every replica and keeps each shard's counters from its group leader.
+/// Scrapes every replica ([`Snapshot`] says which counters come from where).
 fn scrape_snapshot(cluster: &LocalCluster) -> Result<Snapshot, BenchError> {
     let texts = (0..cluster.replicas())
         .map(|replica| cluster.scrape(replica))
@@ -962,33 +1285,63 @@ fn scrape_snapshot(cluster: &LocalCluster) -> Result<Snapshot, BenchError> {
     }))
 }
 
-/// Each shard's counters from `texts[leader_of(shard)]`; `bytes_replicated` sums all texts.
+/// Each shard's counters from the nodes' metrics `texts` ([`Snapshot`]); the current leader
+/// is the node reporting `percore_replica_is_leader`, else `leader_of(shard)`.
 fn snapshot_from_texts(
     texts: &[String],
     shards: usize,
     leader_of: impl Fn(usize) -> usize,
 ) -> Snapshot {
-    let leader_text = |shard: usize| texts[leader_of(shard)].as_str();
-    let counter = |name: &str| -> Vec<u64> {
+    let leaders: Vec<usize> = (0..shards)
+        .map(|shard| {
+            texts
+                .iter()
+                .position(|text| {
+                    cluster::shard_metric(text, "percore_replica_is_leader", shard) == 1
+                })
+                .unwrap_or_else(|| leader_of(shard))
+        })
+        .collect();
+    let leader_text = |shard: usize| texts[leaders[shard]].as_str();
+    let summed = |name: &str| -> Vec<u64> {
         (0..shards)
-            .map(|shard| cluster::shard_metric(leader_text(shard), name, shard))
+            .map(|shard| {
+                texts
+                    .iter()
+                    .map(|text| cluster::shard_metric(text, name, shard))
+                    .sum()
+            })
             .collect()
     };
     let histogram = |name: &str| -> Vec<[u64; BUCKETS]> {
         (0..shards)
-            .map(|shard| per_bucket(&cluster::histogram_buckets(leader_text(shard), name, shard)))
+            .map(|shard| {
+                let mut sum = [0; BUCKETS];
+                for text in texts {
+                    let buckets = per_bucket(&cluster::histogram_buckets(text, name, shard));
+                    for (total, count) in sum.iter_mut().zip(buckets) {
+                        *total += count;
+                    }
+                }
+                sum
+            })
             .collect()
     };
     Snapshot {
-        applied: counter("percore_tx_applied_total"),
-        internal: counter("percore_internal_applied_total"),
-        batches: counter("percore_batches_sealed_total"),
+        applied: summed("percore_tx_applied_total"),
+        internal: (0..shards)
+            .map(|shard| {
+                cluster::shard_metric(leader_text(shard), "percore_internal_applied_total", shard)
+            })
+            .collect(),
+        batches: summed("percore_batches_sealed_total"),
         batch_sizes: histogram("percore_batch_entries"),
         commit_latency: histogram("percore_commit_seconds"),
         bytes_replicated: texts
             .iter()
             .map(|text| cluster::metric_sum(text, "percore_replication_bytes_sent_total", shards))
             .sum(),
+        leaders: Some(leaders),
     }
 }
 
@@ -1063,7 +1416,7 @@ fn next_id_base(base: u128) -> u128 {
 /// ([`measure_peak`]), then starts the open loop with the next transfer id base.
 /// `committed(load)` reads the transfers committed so far, all shards.
 fn start_load(
-    addresses: &[SocketAddr],
+    targets: &[LoadTarget],
     accounts: Vec<Vec<u128>>,
     config: &LoadConfig,
     transfer_id_base: u128,
@@ -1080,7 +1433,7 @@ fn start_load(
             peak_duration,
         } => {
             let base = transfer_id_base;
-            let peak = measure_peak(addresses, &accounts, config, base, peak_duration, committed)?;
+            let peak = measure_peak(targets, &accounts, config, base, peak_duration, committed)?;
             let rate = fraction * peak;
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(BenchError::Setup(format!(
@@ -1105,7 +1458,7 @@ fn start_load(
     } else {
         transfer_id_base
     };
-    let load = Load::start(addresses, accounts, *config, base, offered.tx_per_s);
+    let load = Load::start(targets, accounts, *config, base, offered.tx_per_s);
     std::thread::sleep(config.warmup);
     Ok((load, offered))
 }
@@ -1113,7 +1466,7 @@ fn start_load(
 /// The peak committed rate (tx/s): a closed loop through the warm-up, then measured over
 /// `peak_duration`; the load is stopped (its windows drained) before this returns.
 fn measure_peak(
-    addresses: &[SocketAddr],
+    targets: &[LoadTarget],
     accounts: &[Vec<u128>],
     config: &LoadConfig,
     transfer_id_base: u128,
@@ -1127,13 +1480,7 @@ fn measure_peak(
             config.warmup.as_secs_f64()
         );
     }
-    let probe = Load::start(
-        addresses,
-        accounts.to_vec(),
-        *config,
-        transfer_id_base,
-        None,
-    );
+    let probe = Load::start(targets, accounts.to_vec(), *config, transfer_id_base, None);
     std::thread::sleep(config.warmup);
     let measured = (|| {
         let before = committed(&probe)?;
@@ -1183,7 +1530,10 @@ fn report(measured: Measured<'_>) -> BenchReport {
             ShardRow {
                 shard,
                 core: Some(cores[shard]),
-                leader_replica: shard % replicas,
+                leader_replica: after
+                    .leaders
+                    .as_ref()
+                    .map_or(shard % replicas, |leaders| leaders[shard]),
                 committed_tx_per_s: applied as f64 / elapsed_s,
                 acknowledged_tx_per_s: totals.acknowledged_per_shard[shard] as f64 / elapsed_s,
                 batches,
@@ -1222,6 +1572,7 @@ fn report(measured: Measured<'_>) -> BenchReport {
         per_shard,
         acknowledged: totals.acknowledged,
         failed: totals.failed,
+        leader_follows: totals.follows,
         request_latency_us: LatencyRow {
             p50: latency.value_at_quantile(0.50),
             p99: latency.value_at_quantile(0.99),
@@ -1272,9 +1623,13 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
         )
     })?;
     let addresses = node.client_addresses().to_vec();
-    let accounts = setup_accounts(&addresses, load_config.accounts_per_shard)?;
+    let accounts = setup_accounts(
+        ClientConfig::new(addresses.clone(), 1),
+        load_config.accounts_per_shard,
+    )?;
+    let targets: Vec<LoadTarget> = addresses.into_iter().map(LoadTarget::single).collect();
     let committed = |_: &Load| Ok(snapshot(node.metrics()).applied.iter().sum());
-    let (load, offered) = start_load(&addresses, accounts, &load_config, 0, committed)?;
+    let (load, offered) = start_load(&targets, accounts, &load_config, 0, committed)?;
     let before = snapshot(node.metrics());
     let started = load.measure(&load_config);
     let after = snapshot(node.metrics());
@@ -1303,10 +1658,25 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
     );
     let load_config = config.load;
     let mut cluster = LocalCluster::start(config.cluster.clone())?;
-    let leaders = cluster.leader_addresses();
-    let accounts = setup_accounts(&leaders, load_config.accounts_per_shard)?;
+    let replicas: Vec<Vec<SocketAddr>> = (0..cluster.replicas())
+        .map(|replica| {
+            (0..cluster.shards())
+                .map(|shard| cluster.client_address(replica, shard))
+                .collect()
+        })
+        .collect();
+    let targets: Vec<LoadTarget> = (0..cluster.shards())
+        .map(|shard| {
+            let of_group = replicas.iter().map(|replica| replica[shard]).collect();
+            LoadTarget::group(of_group, cluster.leader_of(shard))
+        })
+        .collect();
+    let accounts = setup_accounts(
+        ClientConfig::replicated(replicas, 1),
+        load_config.accounts_per_shard,
+    )?;
     let committed = |_: &Load| Ok(scrape_snapshot(&cluster)?.applied.iter().sum());
-    let (load, offered) = start_load(&leaders, accounts, &load_config, 0, committed)?;
+    let (load, offered) = start_load(&targets, accounts, &load_config, 0, committed)?;
     let measured = scrape_snapshot(&cluster).and_then(|before| {
         let (started, soak) = if config.series {
             load.measuring.store(true, Ordering::Relaxed);
@@ -1432,7 +1802,10 @@ pub fn run_remote(config: RemoteBenchConfig) -> Result<BenchReport, BenchError> 
     } else {
         Some(remote_layout(&scrape_remote(&config.metrics)?, shards)?)
     };
-    let accounts = setup_accounts(&config.leaders, load_config.accounts_per_shard)?;
+    let accounts = setup_accounts(
+        ClientConfig::new(config.leaders.clone(), 1),
+        load_config.accounts_per_shard,
+    )?;
     let transfer_id_base = u128::from(crate::runtime::random_seed() as u32) << 64;
     let take = |layout: &RemoteLayout| -> Result<Snapshot, BenchError> {
         let texts = scrape_remote(&config.metrics)?;
@@ -1444,8 +1817,14 @@ pub fn run_remote(config: RemoteBenchConfig) -> Result<BenchReport, BenchError> 
         Some(layout) => Ok(take(layout)?.applied.iter().sum()),
         None => Ok(load.acknowledged_live.load(Ordering::Relaxed)),
     };
+    let targets: Vec<LoadTarget> = config
+        .leaders
+        .iter()
+        .copied()
+        .map(LoadTarget::single)
+        .collect();
     let (load, offered) = start_load(
-        &config.leaders,
+        &targets,
         accounts,
         &load_config,
         transfer_id_base,
@@ -1601,6 +1980,13 @@ pub fn print_text(report: &BenchReport) {
         "acknowledged {} transfers, {} with a non-Ok result",
         report.acknowledged, report.failed
     );
+    if report.leader_follows > 0 {
+        println!(
+            "leader changes: client connections moved to a new group leader {} time(s) and \
+             sent their unanswered requests again (a view change; see the nodes' logs)",
+            report.leader_follows
+        );
+    }
 }
 
 #[cfg(test)]

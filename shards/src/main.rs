@@ -306,8 +306,8 @@ impl BftArgs {
         let Some(replica) = replication.replica else {
             return Err("--fault-model bft needs --replica and --peers".into());
         };
-        if replication.view_change {
-            return Err("--view-change is crash-fault mode's; BFT always changes views".into());
+        if !replication.view_change {
+            return Err("--fixed-view is crash-fault mode's; BFT always changes views".into());
         }
         let dir = self
             .bft_keys_dir
@@ -362,10 +362,12 @@ struct ReplicationArgs {
     /// default: the PERCORE_CLUSTER_KEY environment variable.
     #[arg(long)]
     cluster_key_file: Option<PathBuf>,
-    /// Leader failover: when a group's leader is silent, the others change views and the
-    /// next replica leads (docs/protocol.md section 7). Off, every group keeps its first
-    /// leader.
-    #[arg(long)]
+    /// No leader failover: every group keeps its first leader (replica `k mod N`), and a
+    /// group whose leader is down stops committing until it returns; the leader then also
+    /// makes each group commit durable before it sends it (docs/protocol.md section 0).
+    /// By default a silent leader is replaced by a view change (section 7). The same on
+    /// every node (config key `view_change = false`).
+    #[arg(long = "fixed-view", action = clap::ArgAction::SetFalse)]
     view_change: bool,
     /// Ops below the previous checkpoint kept for a lagging peer (ops). A peer further
     /// behind no longer holds back segment removal: it catches up by state sync (a
@@ -501,10 +503,11 @@ struct BenchArgs {
     /// Keep the benchmark's data directory (default: removed afterwards).
     #[arg(long)]
     keep_data: bool,
-    /// Local cluster only: start the nodes with `--view-change` (leader failover; the
-    /// leader's journal write then overlaps the followers', docs/protocol.md 6.1).
+    /// Local cluster only: start the nodes with `--fixed-view` (no leader failover; the
+    /// leader's journal write then precedes its Prepares instead of overlapping the
+    /// followers', docs/protocol.md 6.1).
     #[arg(long)]
-    view_change: bool,
+    fixed_view: bool,
     /// Load a cluster that is already running instead of starting one: the client address
     /// of each group's leader, one per shard in shard order (e.g.
     /// 10.0.0.1:7000,10.0.0.2:7001,10.0.0.3:7002). Node flags (--cores, --replicas, sizes,
@@ -1127,9 +1130,9 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_string(), value])
     .collect();
-    if args.view_change {
-        extra_args.push("--view-change".into());
-        say!("view change on (leader failover; Prepares leave before the leader's fsync)");
+    if args.fixed_view {
+        extra_args.push("--fixed-view".into());
+        say!("fixed view (no leader failover; the leader sends after its own fsync)");
     }
     say!(
         "starting {replicas} replicas x {} shard(s) on cores {cores:?}{} (ports from {port_base}, data in {})",

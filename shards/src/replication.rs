@@ -1352,6 +1352,7 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
         &metrics.replication_repairs_timed_out_total,
         counters.repairs_timed_out,
     );
+    ShardMetrics::set(&metrics.replication_stalls_total, counters.stalls);
     for peer in replica.others() {
         let state = replica.peer(peer);
         let gauges = &metrics.peers[usize::from(peer)];
@@ -1521,6 +1522,7 @@ where
             let mut header = peer_header(&replica, Command::Prepare);
             header.set_field_u64(field::PREPARE_OP, op);
             header.set_field_u64(field::PREPARE_COMMIT, commit);
+            header.set_field_u64(field::PREPARE_LOG_VIEW, view);
             header.checksum_body = checksum;
             if replication.outboxes[usize::from(peer)].push(header, entry) {
                 if !hold {
@@ -1617,6 +1619,7 @@ where
             header.field_u64(field::PREPARE_OP),
             header.field_u64(field::PREPARE_COMMIT),
             repair,
+            header.field_u64(field::PREPARE_LOG_VIEW),
             &mut actions,
         );
         // Each message's actions go out before the next message: a burst of duplicates (a
@@ -1726,10 +1729,27 @@ where
             continue;
         }
         ShardMetrics::add(&shard.metrics.replication_repairs_served_total, 1);
-        for op in op_min..=op_max.min(journal.op_durable()) {
+        // The core's log, not only the journal's: a truncation the core made (installing a
+        // view) may not have run on the journal yet, and the ops above it are not in the
+        // log being served (simulator seed 394: an old leader served its abandoned op as
+        // part of the new view's log).
+        let op_max = op_max
+            .min(journal.op_durable())
+            .min(replication.replica.borrow().op_durable());
+        for op in op_min..=op_max {
+            // The log the entry is read from: if it changes during the read (a view change
+            // installed another log or cut this one), the entry may not belong to the log
+            // it would be labelled with; the requester asks again.
+            let log_view = replication.replica.borrow().log_view();
             if let Err(error) = journal.read_entry(op, &mut entry).await {
                 tracing::warn!(shard = shard.index, op, %error, "cannot serve repair");
                 break;
+            }
+            {
+                let replica = replication.replica.borrow();
+                if replica.log_view() != log_view || op > replica.op_durable() {
+                    break;
+                }
             }
             let entry_header: EntryHeader =
                 bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
@@ -1739,6 +1759,7 @@ where
                 field::PREPARE_COMMIT,
                 replication.replica.borrow().commit_max(),
             );
+            header.set_field_u64(field::PREPARE_LOG_VIEW, log_view);
             header.checksum_body = entry_header.checksum_header;
             let dropped = &shard.metrics.replication_messages_dropped_total;
             if !replication.outboxes[usize::from(to)].send(header, &entry, dropped) {

@@ -285,16 +285,18 @@ pub fn rss_growth_percent(series: &[SeriesPoint]) -> Vec<f64> {
         .collect()
 }
 
-/// Leader commit ops and applied counters, per shard, plus each replica's pool high-water
-/// marks, from one scrape of every replica.
+/// Commit ops (the furthest replica's) and client records applied (summed over replicas:
+/// only a leader counts its own), per shard, plus each replica's pool high-water marks,
+/// from one scrape of every replica.
 struct Scrape {
     commit_op: Vec<u64>,
     applied: Vec<u64>,
     pool_transactions_high_water: Vec<u64>,
     pool_batches_high_water: Vec<u64>,
-    /// Per shard, its leader's cumulative `percore_commit_gap_us` buckets.
+    /// Per shard, the cumulative `percore_commit_gap_us` buckets summed over the replicas
+    /// (only a leader records gaps, so a leader change loses none).
     commit_gap_buckets: Vec<Vec<u64>>,
-    /// Per shard, its leader's `percore_commit_gap_max_us`.
+    /// Per shard, the longest `percore_commit_gap_max_us` of any replica.
     commit_gap_max_us: Vec<u64>,
 }
 
@@ -303,11 +305,19 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
         .map(|replica| cluster.scrape(replica))
         .collect::<Result<Vec<String>, ClusterError>>()?;
     let shards = cluster.shards();
-    let leader = |name: &str| -> Vec<u64> {
+    // Whoever leads a group now: what only leaders count is summed over the replicas
+    // (a leader change between two samples loses nothing), and positions take the maximum.
+    let over_replicas = |name: &str, fold: fn(u64, u64) -> u64| -> Vec<u64> {
         (0..shards)
-            .map(|shard| cluster::shard_metric(&texts[cluster.leader_of(shard)], name, shard))
+            .map(|shard| {
+                texts
+                    .iter()
+                    .map(|text| cluster::shard_metric(text, name, shard))
+                    .fold(0, fold)
+            })
             .collect()
     };
+    let sum = |a: u64, b: u64| a + b;
     let per_replica_max = |name: &str| -> Vec<u64> {
         texts
             .iter()
@@ -321,15 +331,26 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
     };
     let commit_gap_buckets = (0..shards)
         .map(|shard| {
-            let text = &texts[cluster.leader_of(shard)];
-            cluster::histogram_buckets_sized(text, "percore_commit_gap_us", shard, GAP_BUCKETS)
+            let mut buckets = vec![0; GAP_BUCKETS];
+            for text in &texts {
+                let replica = cluster::histogram_buckets_sized(
+                    text,
+                    "percore_commit_gap_us",
+                    shard,
+                    GAP_BUCKETS,
+                );
+                for (total, count) in buckets.iter_mut().zip(replica) {
+                    *total += count;
+                }
+            }
+            buckets
         })
         .collect();
     Ok(Scrape {
-        commit_op: leader("percore_commit_op"),
-        applied: leader("percore_tx_applied_total"),
+        commit_op: over_replicas("percore_commit_op", u64::max),
+        applied: over_replicas("percore_tx_applied_total", sum),
         commit_gap_buckets,
-        commit_gap_max_us: leader("percore_commit_gap_max_us"),
+        commit_gap_max_us: over_replicas("percore_commit_gap_max_us", u64::max),
         pool_transactions_high_water: per_replica_max("percore_pool_transactions_high_water"),
         pool_batches_high_water: per_replica_max("percore_pool_batches_high_water"),
     })

@@ -316,7 +316,7 @@ pub fn render_text(status: &ClusterStatus) -> String {
                 or_dash(shard.core),
                 or_dash(shard.numa_node),
                 shard.role,
-                format!("{} (fixed)", shard.view),
+                shard.view,
                 shard.commit_op,
                 shard.op_durable,
                 shard.tx_per_s,

@@ -186,7 +186,8 @@ fn a_config_file_starts_a_node_flags_override_it_and_status_reads_it() {
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("up, single node, 1 shard(s)"), "{output}");
     assert!(output.contains("single"), "{output}");
-    assert!(output.contains("0 (fixed)"), "{output}");
+    // Role "single" (padded to 8), then view 0.
+    assert!(output.contains("single   0 "), "{output}");
     assert!(output.contains("peers digests: agree"), "{output}");
     node.stop();
 

@@ -2,7 +2,8 @@
 //! [`DURATION_S`] seconds, checked for the shape of a healthy long run (one series point per
 //! second, no RSS growth after warm-up, no long commit gaps, the in-node commit-gap
 //! histogram read every second), not for throughput goals; and a short `--rate` run,
-//! checked for keeping to the offered rate (not for speed).
+//! checked for keeping to the offered rate (not for speed); and runs whose group leader is
+//! paused, checked for the load following the group to its new leader.
 
 use std::process::Command;
 use std::sync::Mutex;
@@ -27,7 +28,12 @@ const PACED_RATE_SHARE_MIN: f64 = 0.5;
 static CLUSTER: Mutex<()> = Mutex::new(());
 /// Node and load sizes small enough for three debug nodes on a CI box (as in
 /// tests/tests/cluster.rs).
-const BENCH_ARGS: [&str; 32] = [
+const BENCH_ARGS: [&str; 33] = [
+    // Fixed view: three debug-build replicas share one core here, where a leader's long
+    // batcher turn can outlast the followers' leader timeout and start a view change, whose
+    // pause the commit-gap bounds below would count; the shape tests are about the series,
+    // and the tests that pause a leader (below) drop this flag.
+    "--fixed-view",
     "--segment-mib",
     "4",
     "--accounts-max",
@@ -181,4 +187,127 @@ fn a_paced_run_keeps_to_its_offered_rate() {
     let series = report["soak"]["series"].as_array().expect("a series");
     assert_eq!(series.len() as u64, PACED_DURATION_S, "{stderr}");
     assert!(report["request_latency_us"]["p50"].as_u64() > Some(0));
+}
+
+/// Seconds measured by the runs whose leader is paused.
+const FOLLOW_DURATION_S: u64 = 8;
+/// How long group 0's leader is stopped: past the followers' leader timeout (150-300 ms)
+/// with room for their view change on a loaded debug box.
+const LEADER_PAUSE_MS: u64 = 1_500;
+
+/// The process whose command line names `data_dir` (a node's `--data-dir`).
+fn node_pid(data_dir: &std::path::Path) -> Option<i32> {
+    let wanted = data_dir.to_str().expect("a UTF-8 path");
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let entry = entry.ok()?;
+        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|byte| *byte == 0).collect();
+        let is_node = args.contains(&b"node".as_slice());
+        let names_dir = args.contains(&wanted.as_bytes());
+        (is_node && names_dir).then_some(pid)
+    })
+}
+
+/// Sends `signal` ("STOP", "CONT") to `pid` with kill(1).
+fn signal(pid: i32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+/// Runs `percore bench` with leader failover (the nodes' default) and `extra`; once the
+/// load runs, stops group 0's first leader (replica 0) for [`LEADER_PAUSE_MS`] with
+/// SIGSTOP, so that its followers elect another, then lets it go on. Returns the JSON
+/// report and stderr.
+fn bench_with_paused_leader(name: &str, extra: &[&str]) -> (serde_json::Value, String) {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+    let _one_cluster = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let root = std::env::temp_dir().join(format!("percore-soak-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    // BENCH_ARGS without its leading `--fixed-view`.
+    assert_eq!(BENCH_ARGS[0], "--fixed-view");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_percore"))
+        .arg("bench")
+        .args(&BENCH_ARGS[1..])
+        .args(["--duration-s", &FOLLOW_DURATION_S.to_string()])
+        .arg("--data-dir")
+        .arg(&root)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("percore bench starts");
+    let stderr_pipe = child.stderr.take().expect("stderr piped");
+    let (running_tx, running_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            // The first per-second point: the load runs.
+            if line.contains("tx/s") && line.contains("p50") {
+                let _ = running_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let running = running_rx.recv_timeout(std::time::Duration::from_secs(120));
+    let paused = running.ok().and_then(|()| {
+        let pid = node_pid(&root.join("replica-0"))?;
+        signal(pid, "STOP");
+        std::thread::sleep(std::time::Duration::from_millis(LEADER_PAUSE_MS));
+        signal(pid, "CONT");
+        Some(pid)
+    });
+    let output = child.wait_with_output().expect("percore bench ends");
+    let stderr = reader.join().expect("stderr reader");
+    assert!(
+        paused.is_some(),
+        "the load never ran, or no node of replica 0: {stderr}"
+    );
+    assert!(output.status.success(), "bench failed: {stderr}");
+    let report = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    let _ = std::fs::remove_dir_all(&root);
+    (report, stderr)
+}
+
+/// Checks what a run whose leader was paused must show: the load moved to the new leader,
+/// every request was answered Ok (those sent again too), and the series went on.
+fn assert_followed(report: &serde_json::Value, stderr: &str) {
+    assert!(
+        report["leader_follows"].as_u64() >= Some(1),
+        "no connection moved to a new leader: {stderr}"
+    );
+    assert_eq!(report["failed"].as_u64(), Some(0), "{stderr}");
+    assert!(report["acknowledged"].as_u64() > Some(0), "{stderr}");
+    let series = report["soak"]["series"].as_array().expect("a series");
+    assert_eq!(series.len() as u64, FOLLOW_DURATION_S, "{stderr}");
+    assert!(
+        series
+            .last()
+            .is_some_and(|point| point["committed_tx_per_s"].as_f64() > Some(0.0)),
+        "nothing committed after the leader change: {stderr}"
+    );
+}
+
+#[test]
+fn a_closed_loop_load_follows_its_group_to_a_new_leader() {
+    let (report, stderr) = bench_with_paused_leader("follow-closed", &[]);
+    assert_followed(&report, &stderr);
+}
+
+#[test]
+fn a_paced_load_follows_its_group_to_a_new_leader() {
+    let (report, stderr) = bench_with_paused_leader(
+        "follow-paced",
+        &["--rate", &PACED_RATE_TX_PER_S.to_string()],
+    );
+    assert_followed(&report, &stderr);
 }

@@ -569,9 +569,11 @@ fn follower_with_a_corrupt_entry_repairs_it_from_peers() {
     corrupt_follower_entry_is_repaired("corrupt-repair", &[]);
 }
 
+/// The same with `--fixed-view`, whose leader also leaves recovering on its followers'
+/// reported heads (docs/protocol.md section 0, exit (c)).
 #[test]
-fn follower_with_a_corrupt_entry_repairs_it_from_peers_with_view_change() {
-    corrupt_follower_entry_is_repaired("corrupt-repair-vc", &["--view-change"]);
+fn follower_with_a_corrupt_entry_repairs_it_from_peers_in_fixed_view() {
+    corrupt_follower_entry_is_repaired("corrupt-repair-fixed", &["--fixed-view"]);
 }
 
 /// A follower that was down while its peers checkpointed and removed the segments it
@@ -764,7 +766,7 @@ fn wrong_key_peer_is_rejected() {
 /// Every acknowledged transfer is applied once, journals agree, money is conserved.
 #[test]
 fn leader_killed_fails_over() {
-    let mut harness = Harness::start_with("failover", REPLICAS, &["--view-change"]);
+    let mut harness = Harness::start_with("failover", REPLICAS, &[]);
     let mut setup = harness.replicated_client(1);
     let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
         .expect("accounts created and funded");
@@ -990,7 +992,7 @@ fn assert_failover_outcome(
 /// disturbing it).
 #[test]
 fn leader_paused_fails_over_and_rejoins() {
-    let mut harness = Harness::start_with("pause", REPLICAS, &["--view-change"]);
+    let mut harness = Harness::start_with("pause", REPLICAS, &[]);
     let mut setup = harness.replicated_client(1);
     let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
         .expect("accounts created and funded");
@@ -1092,7 +1094,7 @@ fn wait_groups_led_by(
 /// once, journals agree, money is conserved.
 #[test]
 fn leader_killed_twice() {
-    let mut harness = Harness::start_with("killed-twice", REPLICAS, &["--view-change"]);
+    let mut harness = Harness::start_with("killed-twice", REPLICAS, &[]);
     let mut setup = harness.replicated_client(1);
     let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
         .expect("accounts created and funded");

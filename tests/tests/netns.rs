@@ -938,7 +938,7 @@ fn run_leader_partition(network: &Network) {
     let mut nodes = Nodes::start(
         network,
         std::env::temp_dir().join(format!("percore-netns-failover-{}", std::process::id())),
-        &["--view-change"],
+        &[],
     );
     let view = View::new(network);
     wait_until("every node serves metrics", || {

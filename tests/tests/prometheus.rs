@@ -252,7 +252,12 @@ fn prometheus_scrapes_every_replica() {
         data_root: dir.0.join("cluster"),
         port_base: cluster::free_port_base(REPLICAS, SHARDS).expect("free ports"),
         fsync: "never",
-        extra_args: SMALL_NODE_ARGS.iter().map(ToString::to_string).collect(),
+        // Fixed view: the test checks each group's leader where it starts.
+        extra_args: SMALL_NODE_ARGS
+            .iter()
+            .chain(&["--fixed-view"])
+            .map(ToString::to_string)
+            .collect(),
         metrics: true,
     })
     .expect("cluster starts");

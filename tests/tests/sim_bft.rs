@@ -173,6 +173,33 @@ fn sim_bft_every_replica_crashes_at_once_and_the_group_recovers() {
 }
 
 #[test]
+fn sim_bft_slow_links_still_commit_after_view_changes() {
+    // Every message takes 100 to 150 ms, so a new view's first commit always comes after
+    // the first progress timeout (200 ms): each view change must double the timeouts until
+    // one is long enough, and a NewView must not reset them. Before, every seed of 0..20
+    // of each set changed views without end (`liveness`).
+    for options in [
+        Options {
+            slow_links: true,
+            ..Options::default()
+        },
+        Options {
+            byzantine: 0,
+            crashes: 4,
+            crash_all: true,
+            slow_links: true,
+            ..Options::default()
+        },
+    ] {
+        let total = run_batch(options, 0..20);
+        assert!(
+            total.requests_accepted > 0 && total.view_changes > 0,
+            "{total:?}"
+        );
+    }
+}
+
+#[test]
 fn sim_bft_seven_replicas_one_byzantine_one_crashing() {
     let options = Options {
         replicas: 7,

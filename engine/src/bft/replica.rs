@@ -224,7 +224,12 @@ pub struct BftReplica {
     view_changes: Vec<Option<ViewChange>>,
     /// The NewView of the current view, once installed (answers laggards).
     new_view: Option<NewView>,
+    /// Both timeouts double with each view change (PBFT's liveness rule: a group whose
+    /// messages take longer than the first timeouts still gets a view to commit in), and
+    /// halve again with each `checkpoint_interval_ops` ops executed in a normal view.
     view_change_attempts: u32,
+    /// Ops executed in a normal view since the last view change or halving.
+    ops_since_backoff_step: u64,
     pending: bool,
     progress_deadline_us: Option<u64>,
     view_change_deadline_us: Option<u64>,
@@ -320,6 +325,7 @@ impl BftReplica {
             stable_ahead: None,
             new_view: None,
             view_change_attempts: 0,
+            ops_since_backoff_step: 0,
             pending: false,
             progress_deadline_us: None,
             view_change_deadline_us: None,
@@ -803,8 +809,59 @@ impl BftReplica {
             && self.state_transfer.is_none()
             && self.progress_deadline_us.is_none()
         {
-            self.progress_deadline_us = Some(now_us + self.config.progress_timeout_us);
+            self.progress_deadline_us = Some(now_us + self.progress_timeout_us());
         }
+    }
+
+    /// The progress timeout, doubled per view change and halved per `checkpoint_interval_ops`
+    /// ops executed in a normal view since (capped like the view-change timeout). A NewView
+    /// does not reset it: a view whose first commit takes longer than the timeout (its
+    /// plan's Prepares and Commits, the leader's applying them and its first proposal) would
+    /// otherwise be left at the same timeout, and the next one too, without end. Nor does
+    /// one op: where commits come further apart than the first timeout (a loaded host, a
+    /// slow disk), every view would be left after its first commits.
+    fn progress_timeout_us(&self) -> u64 {
+        Self::backed_off_us(
+            self.config.progress_timeout_us,
+            self.view_change_attempts,
+            self.progress_timeout_us_max(),
+        )
+    }
+
+    fn progress_timeout_us_max(&self) -> u64 {
+        self.config
+            .view_change_timeout_us_max
+            .max(self.config.progress_timeout_us)
+    }
+
+    /// `executed` ops were just executed: in a normal view (the view works; not ops caught
+    /// up from peers' proofs while changing views), every `checkpoint_interval_ops` of them
+    /// since the last view change halve the timeouts again, down to the first ones.
+    fn backoff_step_down(&mut self, executed: u64) {
+        if self.status != Status::Normal || self.view_change_attempts == 0 {
+            self.ops_since_backoff_step = 0;
+            return;
+        }
+        self.ops_since_backoff_step += executed;
+        let step_ops = self.config.checkpoint_interval_ops;
+        while self.ops_since_backoff_step >= step_ops && self.view_change_attempts > 0 {
+            self.ops_since_backoff_step -= step_ops;
+            self.view_change_attempts -= 1;
+        }
+    }
+
+    /// The view-change timeout of the current attempt.
+    fn view_change_timeout_us(&self) -> u64 {
+        Self::backed_off_us(
+            self.config.view_change_timeout_us,
+            self.view_change_attempts,
+            self.config.view_change_timeout_us_max,
+        )
+    }
+
+    /// `base_us` doubled `attempts` times, at most `max_us`.
+    fn backed_off_us(base_us: u64, attempts: u32, max_us: u64) -> u64 {
+        base_us.saturating_mul(1 << attempts.min(16)).min(max_us)
     }
 
     /// The driver has (`true`) or no longer has client work waiting to commit: with work
@@ -1258,6 +1315,7 @@ impl BftReplica {
     /// checkpoint at every `checkpoint_interval_ops`.
     fn execute(&mut self, now_us: u64, actions: &mut Vec<Action>) {
         let mut progressed = false;
+        let mut executed = 0;
         while self.state_transfer.is_none() {
             let op = self.commit_op + 1;
             if self.check_window(op).is_err() {
@@ -1280,6 +1338,7 @@ impl BftReplica {
             self.commit_chain = chain;
             self.metrics.ops_committed += 1;
             progressed = true;
+            executed += 1;
             actions.push(Action::Commit {
                 op,
                 view,
@@ -1297,6 +1356,7 @@ impl BftReplica {
         }
         self.next_op = self.next_op.max(self.commit_op + 1);
         if progressed {
+            self.backoff_step_down(executed);
             self.progress_deadline_us = None;
             if self.has_work() {
                 self.arm_progress_timer(now_us);
@@ -2013,12 +2073,14 @@ impl BftReplica {
         self.awaiting_new_view = false;
         self.progress_deadline_us = None;
         self.metrics.view_changes += 1;
-        let timeout = self
-            .config
-            .view_change_timeout_us
-            .saturating_mul(1 << self.view_change_attempts.min(16))
-            .min(self.config.view_change_timeout_us_max);
-        self.view_change_attempts += 1;
+        let timeout = self.view_change_timeout_us();
+        // Past both caps, a further attempt would only make the way back down longer.
+        if timeout < self.config.view_change_timeout_us_max
+            || self.progress_timeout_us() < self.progress_timeout_us_max()
+        {
+            self.view_change_attempts += 1;
+        }
+        self.ops_since_backoff_step = 0;
         self.view_change_deadline_us = Some(now_us + timeout);
         let view_change = self.build_view_change();
         self.view_changes[usize::from(self.config.replica)] = Some(view_change.clone());
@@ -2238,7 +2300,7 @@ impl BftReplica {
         self.view = new_view.view;
         self.status = Status::Normal;
         self.awaiting_new_view = false;
-        self.view_change_attempts = 0;
+        // `view_change_attempts` stays: only ops executed in this view bring it down.
         self.view_change_deadline_us = None;
         self.progress_deadline_us = None;
         self.metrics.new_views += 1;
@@ -2310,7 +2372,7 @@ impl BftReplica {
                     } else {
                         // Not yet: looks again one timeout later.
                         self.metrics.suspicions_deferred += 1;
-                        self.progress_deadline_us = Some(now_us + self.config.progress_timeout_us);
+                        self.progress_deadline_us = Some(now_us + self.progress_timeout_us());
                     }
                 }
             }
@@ -2378,12 +2440,7 @@ impl BftReplica {
         if changing >= self.committee.weak_quorum() {
             self.start_view_change(now_us, self.view + 1, actions);
         } else {
-            let timeout = self
-                .config
-                .view_change_timeout_us
-                .saturating_mul(1 << self.view_change_attempts.min(16))
-                .min(self.config.view_change_timeout_us_max);
-            self.view_change_deadline_us = Some(now_us + timeout);
+            self.view_change_deadline_us = Some(now_us + self.view_change_timeout_us());
         }
     }
 

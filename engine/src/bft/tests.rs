@@ -882,7 +882,7 @@ fn bft_restarted_replica_never_signs_a_conflicting_vote() {
 fn bft_restarted_replica_rejoins_a_later_view_without_signing_a_second_view_change() {
     let mut group = Group::new(4, 1);
     group.propose(0, b"view 0");
-    // Leader 0 goes silent; the others change to view 1.
+    // Leader 0 goes silent; the others change to a later view.
     group.silent.push(0);
     for replica in 1..4 {
         group.replicas[replica].set_pending(group.now_us, true);
@@ -890,29 +890,154 @@ fn bft_restarted_replica_rejoins_a_later_view_without_signing_a_second_view_chan
     for _ in 0..20 {
         group.tick_all(50_000);
     }
-    assert!(group.replicas[2].view() >= 1);
-    let view = group.replicas[2].view();
-    assert_eq!(group.guards[2].view_change_view, view);
+    let view = group.replicas[1].view();
+    assert!(view >= 1);
+    // A backup of that view restarts (its leader could not propose again in a view its
+    // guard covers).
+    let restarted = (1..4u8)
+        .find(|replica| group.replicas[1].committee().leader_of(view) != *replica)
+        .expect("two backups besides replica 0");
+    let index = usize::from(restarted);
+    assert_eq!(group.replicas[index].view(), view);
+    assert_eq!(group.guards[index].view_change_view, view);
     group.silent.retain(|replica| *replica != 0);
-    // Replica 2 restarts: it must neither sign a ViewChange for its view again nor wait for
-    // another view change; it asks its peers for their NewView.
-    group.restart(2, group.replicas[2].commit_op());
-    assert_eq!(group.replicas[2].view(), view);
-    assert_eq!(group.replicas[2].status(), Status::ViewChange);
+    // It must neither sign a ViewChange for its view again nor wait for another view
+    // change; it asks its peers for their NewView.
+    group.restart(restarted, group.replicas[index].commit_op());
+    assert_eq!(group.replicas[index].view(), view);
+    assert_eq!(group.replicas[index].status(), Status::ViewChange);
     for _ in 0..3 {
         group.tick_all(STATUS_INTERVAL_US_DEFAULT);
     }
-    assert_eq!(group.replicas[2].status(), Status::Normal);
-    assert_eq!(group.replicas[2].view(), view);
+    assert_eq!(group.replicas[index].status(), Status::Normal);
+    assert_eq!(group.replicas[index].view(), view);
     let leader = group.replicas[1].leader();
-    let op = group.propose(leader, b"view 1");
+    let op = group.propose(leader, b"a later view");
     for replica in 1..4 {
         assert_eq!(group.replicas[replica].commit_op(), op, "{replica}");
     }
     // It prepared the NewView's re-proposal of op 1 in this view before the crash, so its
     // guard reserves this view's ops up to two windows: it commits from its peers' votes.
-    assert_eq!(group.guards[2].vote_view, view);
-    assert!(group.votes_sent[2].is_empty(), "{:?}", group.votes_sent[2]);
+    assert_eq!(group.guards[index].vote_view, view);
+    assert!(
+        group.votes_sent[index].is_empty(),
+        "{:?}",
+        group.votes_sent[index]
+    );
+}
+
+/// Ticks `group` in steps of `step_us` until `done` holds (at most `limit_us`); returns
+/// the time it took.
+fn ticks_until(
+    group: &mut Group,
+    step_us: u64,
+    limit_us: u64,
+    done: impl Fn(&Group) -> bool,
+) -> u64 {
+    let started_us = group.now_us;
+    while !done(group) {
+        assert!(
+            group.now_us - started_us < limit_us,
+            "not within {limit_us} us"
+        );
+        group.tick_all(step_us);
+    }
+    group.now_us - started_us
+}
+
+/// PBFT's liveness rule: each view change doubles the next timeouts, and a NewView does
+/// not reset them; only ops executed in a view bring them down again, one halving per
+/// checkpoint interval of ops. Reset at each NewView (or after one op), a group whose new
+/// views take longer than the progress timeout to commit (slow links, a loaded host or a
+/// slow disk after a whole group restarted) changes views without end: every backup
+/// suspects each new leader while its NewView's ops are still being prepared or applied.
+#[test]
+fn bft_progress_timeout_doubles_per_view_change_until_the_view_executes_ops() {
+    const STEP_US: u64 = 10_000;
+    let in_view_one = |group: &Group| {
+        (1..4).all(|replica| {
+            group.replicas[replica].view() == 1
+                && group.replicas[replica].status() == Status::Normal
+        })
+    };
+    let left_view_one = |group: &Group| (2..4).all(|replica| group.replicas[replica].view() > 1);
+    for (ops_in_view_one, expected_us) in [
+        (0, 2 * PROGRESS_TIMEOUT_US_DEFAULT),
+        (1, 2 * PROGRESS_TIMEOUT_US_DEFAULT),
+        (CHECKPOINT_INTERVAL_OPS_DEFAULT, PROGRESS_TIMEOUT_US_DEFAULT),
+    ] {
+        let mut group = Group::new(4, 1);
+        group.propose(0, b"view 0");
+        // Leader 0 goes silent with work waiting: the others move to view 1 (led by 1).
+        group.silent.push(0);
+        for replica in 1..4 {
+            group.replicas[replica].set_pending(group.now_us, true);
+        }
+        ticks_until(&mut group, STEP_US, 2_000_000, in_view_one);
+        for round in 0..ops_in_view_one {
+            let op = group.propose(1, &round.to_le_bytes());
+            assert!((1..4).all(|replica| group.replicas[replica].commit_op() == op));
+        }
+        // Leader 1 goes silent too, work still waiting.
+        group.silent.push(1);
+        let suspected_after_us = ticks_until(&mut group, STEP_US, 2_000_000, left_view_one);
+        assert!(
+            suspected_after_us >= expected_us && suspected_after_us <= expected_us + STEP_US,
+            "{ops_in_view_one} ops executed in view 1: suspected after {suspected_after_us} us"
+        );
+    }
+}
+
+/// After a long outage (two replicas silent: the other two change views again and again,
+/// never with a quorum) the timeouts are at their caps, and the attempts stop counting
+/// there: once the group works again, four checkpoint intervals of ops (200 ms doubled
+/// four times is the 3.2 s cap) bring the progress timeout back to its first value.
+#[test]
+fn bft_timeouts_come_back_down_after_a_long_outage() {
+    const STEP_US: u64 = 10_000;
+    let mut group = Group::new(4, 1);
+    group.propose(0, b"view 0");
+    group.silent.extend([0, 1]);
+    for replica in 0..4 {
+        group.replicas[replica].set_pending(group.now_us, true);
+    }
+    for _ in 0..3_000 {
+        group.tick_all(STEP_US);
+    }
+    assert!(group.replicas[2].view() > 8, "{}", group.replicas[2].view());
+    group.silent.clear();
+    let normal_together = |group: &Group| {
+        let view = group.replicas[0].view();
+        (0..4).all(|replica| {
+            group.replicas[replica].view() == view
+                && group.replicas[replica].status() == Status::Normal
+        })
+    };
+    ticks_until(&mut group, STEP_US, 30_000_000, normal_together);
+    let leader = group.replicas[0].leader();
+    let backups: Vec<usize> = (0..4)
+        .filter(|replica| *replica != usize::from(leader))
+        .collect();
+    for round in 0..4 * CHECKPOINT_INTERVAL_OPS_DEFAULT {
+        let op = group.propose(leader, &round.to_le_bytes());
+        assert!(
+            backups
+                .iter()
+                .all(|replica| group.replicas[*replica].commit_op() == op)
+        );
+    }
+    group.silent.push(leader);
+    let view = group.replicas[0].view();
+    let suspected_after_us = ticks_until(&mut group, STEP_US, 10_000_000, |group| {
+        backups
+            .iter()
+            .all(|replica| group.replicas[*replica].view() > view)
+    });
+    assert!(
+        (PROGRESS_TIMEOUT_US_DEFAULT..=PROGRESS_TIMEOUT_US_DEFAULT + STEP_US)
+            .contains(&suspected_after_us),
+        "suspected after {suspected_after_us} us"
+    );
 }
 
 #[test]

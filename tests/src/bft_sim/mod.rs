@@ -84,6 +84,12 @@ pub struct Options {
     /// `CRASH_ALL_SPREAD_US` of each other), as a power loss of the whole group: each
     /// restarts from its own disk at its own commit point (`--crash-all`).
     pub crash_all: bool,
+    /// Every link is slow for the whole run, the heal included: each message takes
+    /// [`world::SLOW_LINK_US_MIN`] to [`world::SLOW_LINK_US_MAX`], so two hops take longer
+    /// than the progress timeout and a new view's first commit (its plan's Prepares and
+    /// Commits) always comes after it (`--slow-links`): a synchronous network whose delay
+    /// bound the timeouts do not know, where PBFT's doubling timeouts must still commit.
+    pub slow_links: bool,
     /// Allow more than `f` Byzantine replicas (experiments: the protocol promises nothing
     /// then).
     pub beyond_budget: bool,
@@ -114,6 +120,7 @@ impl Default for Options {
             byzantine: 1,
             crashes: 0,
             crash_all: false,
+            slow_links: false,
             beyond_budget: false,
             journal_before_prepared: false,
             prepared_before_guard: false,
@@ -232,6 +239,10 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
             options.crash_all = true;
             continue;
         }
+        if arg == "--slow-links" {
+            options.slow_links = true;
+            continue;
+        }
         if arg == "--journal-before-prepared" {
             options.journal_before_prepared = true;
             continue;
@@ -345,6 +356,9 @@ pub fn options_args(options: &Options) -> Vec<String> {
     }
     if options.crash_all {
         args.push("--crash-all".to_string());
+    }
+    if options.slow_links {
+        args.push("--slow-links".to_string());
     }
     if options.beyond_budget {
         args.push("--beyond-budget".to_string());

@@ -69,6 +69,11 @@ const FORGED_REQUEST_BIT: u64 = 1 << 31;
 /// A journal group commit or a vote guard write takes this long (µs).
 const DISK_WRITE_US_MIN: u64 = 50;
 const DISK_WRITE_US_MAX: u64 = 3_000;
+/// With `--slow-links`, every message takes this long (µs): two hops at least the core's
+/// default progress timeout.
+pub const SLOW_LINK_US_MIN: u64 = 100_000;
+pub const SLOW_LINK_US_MAX: u64 = 150_000;
+const _: () = assert!(2 * SLOW_LINK_US_MIN >= percore_engine::bft::PROGRESS_TIMEOUT_US_DEFAULT);
 /// A crashed replica stays down this long (µs).
 const DOWN_US_MIN: u64 = 1_000;
 const DOWN_US_MAX: u64 = 800_000;
@@ -889,7 +894,9 @@ impl World {
     }
 
     fn link_delay(&mut self) -> u64 {
-        if self.rng.chance(self.slow_per_million) {
+        if self.options.slow_links {
+            self.rng.range(SLOW_LINK_US_MIN, SLOW_LINK_US_MAX)
+        } else if self.rng.chance(self.slow_per_million) {
             self.rng.range(5_000, 50_000)
         } else {
             self.rng.range(100, 2_000)

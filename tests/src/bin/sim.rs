@@ -5,7 +5,7 @@
 //! cargo run -p percore-tests --bin sim -- --seed 42 [--replicas 3|5] [--groups 1|2]
 //!     [--steps N] [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal]
 //!     [--view-change [--no-workarounds]]
-//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view]
+//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk]
 //!     [-v]
 //! cargo run -p percore-tests --bin sim -- --seeds 0..10000
 //! ```
@@ -23,7 +23,7 @@ fn main() -> ExitCode {
                 "usage: sim (--seed S | --seeds A..B) [--replicas 3|5] [--groups 1|2] [--steps N] \\
                  [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal] \\
                  [--view-change [--no-workarounds]] \\
-                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view] [-v]"
+                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk] [-v]"
             );
             return ExitCode::from(2);
         }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run -p percore-tests --bin sim_bft -- --seed 42 [--replicas 4|7] [--byzantine N]
-//!     [--crashes N] [--crash-all] [--beyond-budget] [--journal-before-prepared] [--prepared-before-guard]
+//!     [--crashes N] [--crash-all] [--slow-links] [--beyond-budget] [--journal-before-prepared] [--prepared-before-guard]
 //!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request]
 //!     [--steps N] [--faults on|off]
 //!     [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|
@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             eprintln!("sim_bft: {error}");
             eprintln!(
                 "usage: sim_bft (--seed S | --seeds A..B) [--replicas 4|7] [--byzantine N] \\
-                 [--crashes N] [--crash-all] [--beyond-budget] [--journal-before-prepared] \\
+                 [--crashes N] [--crash-all] [--slow-links] [--beyond-budget] [--journal-before-prepared] \\
                  [--prepared-before-guard] \\
                  [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request] \\
                  [--steps N] [--faults on|off] \\

@@ -56,6 +56,10 @@ pub enum Bug {
     /// that reaches a new leader is applied again, and the ledger answers it `Exists`
     /// instead of the original reply.
     NoSessions,
+    /// View change: a repair is served up to the journal's durable head instead of the
+    /// core's: after the core truncated (installing a new view) and before the journal did,
+    /// ops of the abandoned suffix go out labelled as the new view's log (seed 394).
+    ServeFromDisk,
 }
 
 impl Bug {
@@ -70,6 +74,7 @@ impl Bug {
             "forget-recovering" => Some(Bug::ForgetRecovering),
             "no-sessions" => Some(Bug::NoSessions),
             "leader-resumes-view" => Some(Bug::LeaderResumesView),
+            "serve-from-disk" => Some(Bug::ServeFromDisk),
             _ => None,
         }
     }
@@ -85,6 +90,7 @@ impl Bug {
             Bug::ForgetRecovering => "forget-recovering",
             Bug::NoSessions => "no-sessions",
             Bug::LeaderResumesView => "leader-resumes-view",
+            Bug::ServeFromDisk => "serve-from-disk",
         }
     }
 }

@@ -116,6 +116,8 @@ pub enum Body {
         entry: Rc<[u8]>,
         /// A repair answer rather than a leader's Prepare.
         repair: bool,
+        /// The view of the log the entry was read from (`field::PREPARE_LOG_VIEW`).
+        log_view: u64,
     },
     /// `PrepareOk`.
     PrepareOk {
@@ -1655,6 +1657,7 @@ impl World {
                         commit,
                         entry: entry.clone(),
                         repair: false,
+                        log_view: view,
                     },
                 });
             }
@@ -1839,6 +1842,7 @@ impl World {
                 commit,
                 entry,
                 repair,
+                log_view,
             } = message.body
             else {
                 continue;
@@ -1850,6 +1854,7 @@ impl World {
                 op,
                 commit,
                 repair,
+                log_view,
                 &mut actions,
             );
             if self.options.view_change {
@@ -1942,7 +1947,19 @@ impl World {
             };
             let commit = live.replica.commit_max();
             let view = live.replica.view();
-            let op_max = op_max.min(self.nodes[node].disk.op_durable());
+            let log_view = live.replica.log_view();
+            let core_durable = live.replica.op_durable();
+            // The core's log, not the disk's: a truncation the core made may not have run
+            // on the journal yet, and the ops above it are not in the log the core serves
+            // from (simulator seed 394: an old leader served its abandoned op 30 as part
+            // of the new view's log).
+            let op_max = if self.options.bug == Some(Bug::ServeFromDisk) {
+                op_max.min(self.nodes[node].disk.op_durable())
+            } else {
+                op_max
+                    .min(self.nodes[node].disk.op_durable())
+                    .min(core_durable)
+            };
             for op in op_min..=op_max {
                 let entry: Rc<[u8]> =
                     Rc::from(self.nodes[node].disk.entry(op).expect("durable entry"));
@@ -1956,6 +1973,7 @@ impl World {
                         commit,
                         entry,
                         repair: true,
+                        log_view,
                     },
                 };
                 if !self.send(message) {
