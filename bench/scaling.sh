@@ -15,6 +15,7 @@
 #   shared   --replicas 3 on cores 0..n-1 (three replicas share the n cores: 3n shards)
 #   spread   --replicas 3 --replica-core-stride n: each replica on n cores of its own (3n cores)
 #   threads  percore-bench threads (1 to 1,024 producers into one consumer)
+#   rings    percore-bench rings --filter mpmc (incl. two pinned producers, push only)
 #   soak     3 replicas x 4 shards on 12 cores (4 left to the checkpoint followers and the
 #            client), --load 0.5 for SOAK_S seconds with the per-second series and plot
 set -uo pipefail
@@ -76,6 +77,9 @@ done
 echo "== threads" >&2
 "$bin/percore-bench" threads >"$out/threads.txt" 2>&1
 tail -4 "$out/threads.txt" >&2
+echo "== rings --filter mpmc (two producers on two cores, the claim back-off)" >&2
+"$bin/percore-bench" rings --filter mpmc >"$out/rings-mpmc.txt" 2>&1
+grep -E "push_only|2P/2C" "$out/rings-mpmc.txt" >&2
 
 if [ "$soak_s" -gt 0 ] && [ "$online" -ge 16 ]; then
     echo "== soak: 3 x 4 shards on 12 cores, --load 0.5, ${soak_s}s" >&2

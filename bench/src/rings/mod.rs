@@ -149,6 +149,16 @@ fn rows_for<const N: usize>(items: u64) -> Vec<Bench> {
     }
 
     rows.push(Bench {
+        name: "mpmc_push_only",
+        peer: "crossbeam::ArrayQueue",
+        item_bytes: N,
+        threads: "2P/0C",
+        metric: Metric::Throughput,
+        ops: crowded,
+        ours: Box::new(|ops, pins| mpmc::ours_push_only::<N>(ops, pins, 2)),
+        peer_kernel: Box::new(|ops, pins| mpmc::crossbeam_array_push_only::<N>(ops, pins, 2)),
+    });
+    rows.push(Bench {
         name: "pingpong_one_way",
         peer: "rtrb",
         item_bytes: N,

@@ -5,7 +5,9 @@
 //! reaches `ops`; each consumer adds to that counter in chunks of `CONSUMED_FLUSH_ITEMS`
 //! (and whenever the queue looks empty), so the counter is not a second contended queue.
 
+use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 use percore_engine::ring::mpmc::Mpmc;
@@ -13,7 +15,7 @@ use percore_engine::ring::mpmc::Mpmc;
 use super::{BATCH_ITEMS, RING_CAPACITY};
 use crate::harness::{Backoff, Sample, run_group};
 use crate::item::{Item, key_sum};
-use crate::machine::Pins;
+use crate::machine::{Pins, Role};
 
 /// A consumer publishes its count to the shared counter at least this often.
 const CONSUMED_FLUSH_ITEMS: u64 = 1_024;
@@ -160,4 +162,77 @@ pub fn heapless_mpmc<const N: usize>(ops: u64, pins: &Pins, pairs: usize) -> Sam
         |item| queue.enqueue(item),
         |sum| add_key(sum, queue.dequeue()),
     )
+}
+
+/// Pushes only: `producers` pinned threads each push their share of `0..ops` (as in
+/// [`shared`]) into a queue with room for all of them, and nobody pops, so the claim
+/// counter is all they share: this measures what contention on it costs. A full queue is a
+/// bug here. Returns the time from the first producer's start to the last one's end.
+fn push_only<const N: usize, Push>(ops: u64, pins: &Pins, producers: usize, push: Push) -> Duration
+where
+    Push: Fn(Item<N>) -> Result<(), Item<N>> + Sync,
+{
+    assert!(producers > 0, "at least one producer");
+    let barrier = Barrier::new(producers);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..producers)
+            .map(|index| {
+                let (barrier, push) = (&barrier, &push);
+                scope.spawn(move || {
+                    pins.pin_current(Role::Producer, index);
+                    barrier.wait();
+                    let start = Instant::now();
+                    for key in (index as u64..ops).step_by(producers) {
+                        assert!(push(Item::new(key)).is_ok(), "sized for every item");
+                    }
+                    (start, Instant::now())
+                })
+            })
+            .collect();
+        let spans: Vec<(Instant, Instant)> = threads
+            .into_iter()
+            .map(|thread| thread.join().expect("producer thread panicked"))
+            .collect();
+        let start = spans.iter().map(|span| span.0).min().expect("a producer");
+        let end = spans.iter().map(|span| span.1).max().expect("a producer");
+        end - start
+    })
+}
+
+/// Ours: [`push_only`] into an `Mpmc` with room for `ops` items.
+pub fn ours_push_only<const N: usize>(ops: u64, pins: &Pins, producers: usize) -> Sample {
+    let queue = Mpmc::<Item<N>>::new((ops as usize).next_power_of_two().max(2));
+    let elapsed = push_only(ops, pins, producers, |item| {
+        queue.push(item).map_err(|full| full.0)
+    });
+    let mut checksum = 0u64;
+    while let Some(item) = queue.pop() {
+        checksum = checksum.wrapping_add(item.key());
+    }
+    Sample {
+        items: ops,
+        elapsed,
+        checksum,
+        expected: key_sum(ops),
+    }
+}
+
+/// Peer: [`push_only`] into a `crossbeam_queue::ArrayQueue` with room for `ops` items.
+pub fn crossbeam_array_push_only<const N: usize>(
+    ops: u64,
+    pins: &Pins,
+    producers: usize,
+) -> Sample {
+    let queue = ArrayQueue::<Item<N>>::new((ops as usize).max(1));
+    let elapsed = push_only(ops, pins, producers, |item| queue.push(item));
+    let mut checksum = 0u64;
+    while let Some(item) = queue.pop() {
+        checksum = checksum.wrapping_add(item.key());
+    }
+    Sample {
+        items: ops,
+        elapsed,
+        checksum,
+        expected: key_sum(ops),
+    }
 }
