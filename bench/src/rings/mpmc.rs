@@ -199,7 +199,7 @@ where
     })
 }
 
-/// Ours: [`push_only`] into an `Mpmc` with room for `ops` items.
+/// Ours: `push_only` into an `Mpmc` with room for `ops` items.
 pub fn ours_push_only<const N: usize>(ops: u64, pins: &Pins, producers: usize) -> Sample {
     let queue = Mpmc::<Item<N>>::new((ops as usize).next_power_of_two().max(2));
     let elapsed = push_only(ops, pins, producers, |item| {
@@ -217,7 +217,7 @@ pub fn ours_push_only<const N: usize>(ops: u64, pins: &Pins, producers: usize) -
     }
 }
 
-/// Peer: [`push_only`] into a `crossbeam_queue::ArrayQueue` with room for `ops` items.
+/// Peer: `push_only` into a `crossbeam_queue::ArrayQueue` with room for `ops` items.
 pub fn crossbeam_array_push_only<const N: usize>(
     ops: u64,
     pins: &Pins,
