@@ -9,8 +9,8 @@
 //! the three data directories must show the same hash chain head and state per shard, money
 //! conserved, and every acknowledged transfer in the balances.
 //!
-//! With `--view-change`, the leader of group 0 (replica 0) is cut off instead: replicas 1
-//! and 2 elect replica 1 (view 1) and go on committing, the client follows it, the old
+//! The second test cuts off the leader of group 0 (replica 0) instead: replicas 1 and 2
+//! elect replica 1 (view 1) and go on committing, the client follows it, the old
 //! leader commits nothing alone, and once its link is back it learns view 1, follows and
 //! catches up; the same offline checks follow.
 //!
@@ -933,7 +933,7 @@ fn partition_leader(
 }
 
 /// The client side of the failover test, run inside the client's namespace: start with
-/// `--view-change`, load, cut off group 0's leader, heal, converge, stop, inspect.
+/// View change (the default), load, cut off group 0's leader, heal, converge, stop, inspect.
 fn run_leader_partition(network: &Network) {
     let mut nodes = Nodes::start(
         network,
