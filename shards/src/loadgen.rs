@@ -53,8 +53,8 @@ const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
 /// How the committed TPS is measured, as the report states it.
 const COMMITTED_SOURCE_NODE: &str = "shard percore_tx_applied_total delta over the window";
 /// See [`COMMITTED_SOURCE_NODE`].
-const COMMITTED_SOURCE_CLUSTER: &str =
-    "group leader percore_tx_applied_total delta over the window (scraped metrics)";
+const COMMITTED_SOURCE_CLUSTER: &str = "percore_tx_applied_total delta over the window, summed over \
+     each group's replicas (only the leader that sealed a batch counts it; scraped metrics)";
 /// See [`COMMITTED_SOURCE_NODE`].
 const COMMITTED_SOURCE_ACKNOWLEDGED: &str =
     "client acknowledgements per shard over the window (no --metrics-addresses)";
