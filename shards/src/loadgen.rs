@@ -499,7 +499,7 @@ struct RequestMaker {
     cross_shard_percent: u32,
     rng: u64,
     transfer_id: u128,
-    records: Vec<Transfer>,
+    records_per_request: usize,
 }
 
 impl RequestMaker {
@@ -516,7 +516,7 @@ impl RequestMaker {
             cross_shard_percent: config.cross_shard_percent,
             rng: (thread as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             transfer_id: transfer_id_base | ((thread as u128 + 1) << 96) | (1 << 127),
-            records: vec![<Transfer as bytemuck::Zeroable>::zeroed(); config.records_per_request],
+            records_per_request: config.records_per_request,
         }
     }
 
@@ -528,11 +528,11 @@ impl RequestMaker {
         self.rng
     }
 
-    /// The next request's transfers (fresh ids).
-    fn next_request(&mut self) -> &[Transfer] {
+    /// Fills `records` with the next request's transfers (fresh ids).
+    fn next_request(&mut self, records: &mut [Transfer]) {
         let shards = self.accounts.len();
         let shard = self.shard;
-        for index in 0..self.records.len() {
+        for record in records.iter_mut() {
             let r = self.next_random();
             let local = &self.accounts[shard];
             let debit = local[(r as usize) % local.len()];
@@ -548,9 +548,8 @@ impl RequestMaker {
                 credit = pool[(((r >> 20) as usize) + 1) % pool.len()];
             }
             self.transfer_id += 1;
-            self.records[index] = transfer(self.transfer_id, debit, credit, 1);
+            *record = transfer(self.transfer_id, debit, credit, 1);
         }
-        &self.records
     }
 }
 
@@ -635,8 +634,8 @@ impl LoadTarget {
     }
 }
 
-/// Copies of the requests one connection has sent and not had answered (at most `window`:
-/// request `n` is in slot `n % window`), to send again to a new leader.
+/// The requests one connection has sent and not had answered (at most `window`: request `n`
+/// is built in slot `n % window`), kept to send again to a new leader.
 struct Unanswered {
     slots: Vec<Vec<Transfer>>,
 }
@@ -649,14 +648,12 @@ impl Unanswered {
         }
     }
 
-    /// Keeps request `number`'s records (the window bounds what is unanswered, so the slot's
-    /// previous request was answered).
-    fn keep(&mut self, number: u64, records: &[Transfer]) -> &[Transfer] {
+    /// Builds request `number` with `maker` in its slot (the window bounds what is
+    /// unanswered, so the slot's previous request was answered) and returns it.
+    fn build(&mut self, number: u64, maker: &mut RequestMaker) -> &[Transfer] {
         let index = (number % self.slots.len() as u64) as usize;
-        let slot = &mut self.slots[index];
-        slot.clear();
-        slot.extend_from_slice(records);
-        slot
+        maker.next_request(&mut self.slots[index]);
+        &self.slots[index]
     }
 
     fn get(&self, number: u64) -> &[Transfer] {
@@ -764,7 +761,7 @@ fn load_thread(
 ) -> Result<LoadThreadReport, ClientError> {
     let mut link = LeaderLink::new(maker.shard, 1_000 + thread as u128, target, follows);
     let pipeline = link.connect()?;
-    let mut unanswered = Unanswered::new(window, maker.records.len());
+    let mut unanswered = Unanswered::new(window, maker.records_per_request);
     if let Some(schedule) = schedule {
         let paced_load = PacedLoad {
             schedule: &schedule,
@@ -788,7 +785,7 @@ fn load_thread(
     loop {
         while sent - answered < window as u64 && !stop.load(Ordering::Relaxed) {
             sent += 1;
-            let records = unanswered.keep(sent, maker.next_request());
+            let records = unanswered.build(sent, &mut maker);
             sent_at.push_back(Instant::now());
             let Err(error) = pipeline.send(frame::Operation::CreateTransfers.into(), sent, records)
             else {
@@ -946,7 +943,7 @@ fn paced_send(
         if counts.receiver_failed.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let records = unanswered.keep(sent + 1, maker.next_request());
+        let records = unanswered.build(sent + 1, maker);
         // Counted before it is written: if the write fails, a reply is owed, so the receiver
         // is reading and its read fails once the connection is shut down.
         sent += 1;

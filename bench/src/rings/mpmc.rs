@@ -7,7 +7,7 @@
 
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 use percore_engine::ring::mpmc::Mpmc;
@@ -167,14 +167,22 @@ pub fn heapless_mpmc<const N: usize>(ops: u64, pins: &Pins, pairs: usize) -> Sam
 /// Pushes only: `producers` pinned threads each push their share of `0..ops` (as in
 /// [`shared`]) into a queue with room for all of them, and nobody pops, so the claim
 /// counter is all they share: this measures what contention on it costs. A full queue is a
-/// bug here. Returns the time from the first producer's start to the last one's end.
-fn push_only<const N: usize, Push>(ops: u64, pins: &Pins, producers: usize, push: Push) -> Duration
+/// bug here. Timed from the first producer's start to the last one's end; `pop` drains the
+/// queue afterwards, untimed, for the checksum.
+fn push_only<const N: usize, Push, Pop>(
+    ops: u64,
+    pins: &Pins,
+    producers: usize,
+    push: Push,
+    pop: Pop,
+) -> Sample
 where
     Push: Fn(Item<N>) -> Result<(), Item<N>> + Sync,
+    Pop: Fn() -> Option<Item<N>>,
 {
     assert!(producers > 0, "at least one producer");
     let barrier = Barrier::new(producers);
-    std::thread::scope(|scope| {
+    let elapsed = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..producers)
             .map(|index| {
                 let (barrier, push) = (&barrier, &push);
@@ -196,25 +204,27 @@ where
         let start = spans.iter().map(|span| span.0).min().expect("a producer");
         let end = spans.iter().map(|span| span.1).max().expect("a producer");
         end - start
-    })
-}
-
-/// Ours: `push_only` into an `Mpmc` with room for `ops` items.
-pub fn ours_push_only<const N: usize>(ops: u64, pins: &Pins, producers: usize) -> Sample {
-    let queue = Mpmc::<Item<N>>::new((ops as usize).next_power_of_two().max(2));
-    let elapsed = push_only(ops, pins, producers, |item| {
-        queue.push(item).map_err(|full| full.0)
     });
     let mut checksum = 0u64;
-    while let Some(item) = queue.pop() {
-        checksum = checksum.wrapping_add(item.key());
-    }
+    while add_key(&mut checksum, pop()) > 0 {}
     Sample {
         items: ops,
         elapsed,
         checksum,
         expected: key_sum(ops),
     }
+}
+
+/// Ours: `push_only` into an `Mpmc` with room for `ops` items.
+pub fn ours_push_only<const N: usize>(ops: u64, pins: &Pins, producers: usize) -> Sample {
+    let queue = Mpmc::<Item<N>>::new((ops as usize).next_power_of_two().max(2));
+    push_only(
+        ops,
+        pins,
+        producers,
+        |item| queue.push(item).map_err(|full| full.0),
+        || queue.pop(),
+    )
 }
 
 /// Peer: `push_only` into a `crossbeam_queue::ArrayQueue` with room for `ops` items.
@@ -224,15 +234,11 @@ pub fn crossbeam_array_push_only<const N: usize>(
     producers: usize,
 ) -> Sample {
     let queue = ArrayQueue::<Item<N>>::new((ops as usize).max(1));
-    let elapsed = push_only(ops, pins, producers, |item| queue.push(item));
-    let mut checksum = 0u64;
-    while let Some(item) = queue.pop() {
-        checksum = checksum.wrapping_add(item.key());
-    }
-    Sample {
-        items: ops,
-        elapsed,
-        checksum,
-        expected: key_sum(ops),
-    }
+    push_only(
+        ops,
+        pins,
+        producers,
+        |item| queue.push(item),
+        || queue.pop(),
+    )
 }

@@ -1601,11 +1601,7 @@ impl BftReplica {
                 result = Err(BftError::InvalidCertificate("state ops out of order"));
                 break;
             }
-            if batch_digest(&batch) != digest {
-                result = Err(BftError::BatchDigestMismatch { op });
-                break;
-            }
-            if let Err(error) = self.committee.verify_commit(&cert, self.commits_needed()) {
+            if let Err(error) = self.check_relayed_op(op, &batch, digest, &cert) {
                 result = Err(error);
                 break;
             }
@@ -1621,6 +1617,21 @@ impl BftReplica {
             result = Err(BftError::Stale);
         }
         result
+    }
+
+    /// A committed op relayed by a peer (state transfer or catch-up): its batch hashes to
+    /// the certificate's digest, and the certificate holds `q` valid Commits.
+    fn check_relayed_op(
+        &self,
+        op: u64,
+        batch: &[u8],
+        digest: Digest,
+        cert: &CommitCert,
+    ) -> Result<(), BftError> {
+        if batch_digest(batch) != digest {
+            return Err(BftError::BatchDigestMismatch { op });
+        }
+        self.committee.verify_commit(cert, self.commits_needed())
     }
 
     /// `StateOps` outside a state transfer: a peer served ops it restored from its journal
@@ -1653,11 +1664,7 @@ impl BftReplica {
                 result = Err(error);
                 break;
             }
-            if batch_digest(&batch) != digest {
-                result = Err(BftError::BatchDigestMismatch { op });
-                break;
-            }
-            if let Err(error) = self.committee.verify_commit(&cert, self.commits_needed()) {
+            if let Err(error) = self.check_relayed_op(op, &batch, digest, &cert) {
                 result = Err(error);
                 break;
             }
