@@ -16,6 +16,8 @@
 #   spread   --replicas 3 --replica-core-stride n: each replica on n cores of its own (3n cores)
 #   threads  percore-bench threads (1 to 1,024 producers into one consumer)
 #   rings    percore-bench rings --filter mpmc (incl. two pinned producers, push only)
+#   spare    spread n=4 with 64 MiB segments, without and with --segment-spare, twice
+#            interleaved (10 s each): does zero-filling the next segment ahead pay here?
 #   soak     3 replicas x 4 shards on 12 cores (4 left to the checkpoint followers and the
 #            client), --load 0.5 for SOAK_S seconds with the per-second series and plot
 set -uo pipefail
@@ -73,6 +75,17 @@ for n in $shards; do
     [ $((3 * n)) -le "$online" ] || continue
     row spread "$n" --replicas 3 --cores "$(cores_list "$n")" --replica-core-stride "$n"
 done
+
+if [ "$online" -ge 12 ]; then
+    for round in 1 2; do
+        for spare in off on; do
+            flag=()
+            [ "$spare" = on ] && flag=(--segment-spare)
+            duration=10 row "spare-$spare-$round" 4 --replicas 3 --cores 0,1,2,3 \
+                --replica-core-stride 4 --segment-mib 64 "${flag[@]}"
+        done
+    done
+fi
 
 echo "== threads" >&2
 "$bin/percore-bench" threads >"$out/threads.txt" 2>&1

@@ -40,6 +40,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "segment_mib",
     "checkpoint_interval_ops",
     "snapshot_write_mib_per_s",
+    "segment_spare",
     "cluster_id",
     "replica",
     "peers",
@@ -108,6 +109,8 @@ pub struct NodeFile {
     pub checkpoint_interval_ops: Option<u64>,
     /// `--snapshot-write-mib-per-s`.
     pub snapshot_write_mib_per_s: Option<u64>,
+    /// `--segment-spare`.
+    pub segment_spare: Option<bool>,
     /// `--cluster-id`: hex digits in a string, as on the command line ("1", "0x2a").
     #[serde(default, deserialize_with = "cluster_id_from_text")]
     pub cluster_id: Option<u128>,

@@ -56,7 +56,7 @@
 //! [`JournalOptions::replay_committed_only`], recovery replays only up to the superblock's
 //! `min(commit_max, op_durable)` while still verifying and indexing the whole journal.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -101,6 +101,33 @@ pub const SNAPSHOT_WRITE_BUFFER_BYTES: usize = 1 << 20;
 pub const SNAPSHOT_WRITE_BEHIND: usize = 4;
 /// Suffix of a snapshot file while it is written (renamed away once durable).
 pub const SNAPSHOT_TEMPORARY_SUFFIX: &str = ".tmp";
+
+/// Name of the spare segment file in a shard's journal directory: zero-filled ahead of use
+/// by [`SegmentSpare::run`], renamed to the next segment's name at a roll-over. Not a segment
+/// name ([`format::parse_segment_name`] refuses it); open removes a leftover one.
+pub const SEGMENT_SPARE_FILE_NAME: &str = "spare.segment";
+/// Bytes of zeros the spare preparer writes at once (one write in flight): small, because a
+/// journal write that queues behind one waits for it (1 MiB raised the commit p99).
+pub const SPARE_WRITE_BYTES: usize = 128 << 10;
+/// Most the spare preparer writes, per shard (MiB/s): one [`SPARE_WRITE_BYTES`] write per
+/// `SPARE_WRITE_BYTES / rate` at most, so that zeros never crowd out the journal's writes.
+pub const SPARE_ZERO_MIB_PER_S_MAX: u64 = 256;
+/// Least it writes while the journal is idle (MiB/s), so that an idle shard's spare is ready
+/// when load comes.
+pub const SPARE_ZERO_MIB_PER_S_MIN: u64 = 8;
+/// The spare's zeroed length is kept `segment_bytes / SPARE_LEAD_DIVISOR` ahead of the bytes
+/// written into the current segment: it is whole before the current segment is full, and the
+/// zeros written track the journal's own write rate.
+pub const SPARE_LEAD_DIVISOR: u64 = 4;
+/// How often the preparer looks again when it is ahead, or its spare waits (ms).
+pub const SPARE_POLL_MS: u64 = 5;
+/// Pause after a failed preparation (a full disk) before it tries again (ms).
+pub const SPARE_RETRY_MS: u64 = 1_000;
+
+const _: () = assert!(SPARE_WRITE_BYTES.is_multiple_of(SECTOR_BYTES));
+const _: () =
+    assert!(SPARE_ZERO_MIB_PER_S_MIN > 0 && SPARE_ZERO_MIB_PER_S_MIN <= SPARE_ZERO_MIB_PER_S_MAX);
+const _: () = assert!(SPARE_LEAD_DIVISOR > 0);
 
 const _: () = assert!(
     CHECKPOINTS_RETAINED == 2,
@@ -645,6 +672,248 @@ struct SegmentReader {
     file: DmaFile,
 }
 
+/// What the spare segment preparer has done ([`SegmentSpare::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpareStats {
+    /// Spares zero-filled whole and made durable.
+    pub prepared: u64,
+    /// Segment roll-overs that renamed a ready spare into place.
+    pub switches_prepared: u64,
+    /// Segment roll-overs that found none ready and created the segment by `fallocate`
+    /// alone (its appends then convert unwritten extents: each `fdatasync` commits the file
+    /// system's journal too).
+    pub switches_unprepared: u64,
+    /// Preparations that failed (the file was removed; tried again later).
+    pub failures: u64,
+}
+
+/// The next segment, written ahead of use.
+///
+/// A segment created by `fallocate` alone is made of *unwritten* extents: every append into
+/// it converts the blocks it covers to written, a metadata change, so its `fdatasync` must
+/// also commit the file system's journal (ext4's jbd2, one per file system, shared by every
+/// shard's journal and the snapshots on that disk). On the reference VM that made a 16 KiB
+/// append + `fdatasync` cost 170-210 µs alone and 400-440 µs (p99 1.1-3.4 ms) with six
+/// journals syncing at once, against 105 µs and 130-230 µs (p99 0.45-1.6 ms) into blocks
+/// already written (docs/benchmarks.md, "Journal segments written ahead").
+///
+/// [`SegmentSpare::run`], a task on the shard's executor, therefore writes the next segment
+/// ahead: it creates [`SEGMENT_SPARE_FILE_NAME`], pre-allocates it, overwrites it with zeros
+/// ([`SPARE_WRITE_BYTES`] at a time, one write in flight) and `fdatasync`s it, then offers it
+/// to the journal, which renames it to the next segment's name at its roll-over (and syncs
+/// the directory, as for a created segment). What the spare holds is exactly what a created
+/// segment reads as (zeros), so recovery is unchanged; a spare is never part of the journal
+/// until renamed, so its writes can never meet an entry. A spare left by a crash is removed
+/// at open.
+///
+/// Pacing: the zeroed length is kept `segment_bytes / SPARE_LEAD_DIVISOR` ahead of what the
+/// journal has written into its current segment (so the zeros follow the journal's own write
+/// rate), at least [`SPARE_ZERO_MIB_PER_S_MIN`] and at most [`SPARE_ZERO_MIB_PER_S_MAX`].
+/// A roll-over that finds no spare ready creates the segment as before.
+///
+/// Costs: every journal byte is written twice (once as zeros, ahead of time and off the
+/// commit path), and one more segment's worth of disk per shard is taken early. The first
+/// segment of a new journal is never a spare. The runtime runs the preparer only with
+/// `--segment-spare` (off by default): on the 2-vCPU reference VM the background writes
+/// (whose own extent conversions go through the same jbd2, and whose CPU the shards share)
+/// cost about as much latency as the prepared segments saved.
+#[derive(Debug)]
+pub struct SegmentSpare {
+    path: PathBuf,
+    segment_bytes: u64,
+    /// Bytes the journal has made durable in its current segment (a pacing hint).
+    used_bytes: Cell<u64>,
+    /// A spare written whole and durable, waiting for the next roll-over.
+    ready: RefCell<Option<DmaFile>>,
+    /// The journal took the spare and is renaming it: the path is not the preparer's until
+    /// the rename is done (a new spare created there first would be renamed instead).
+    renaming: Cell<bool>,
+    /// Wakes the preparer: a spare was taken, or its rename finished.
+    wake: crate::runtime::LocalNotify,
+    stopping: Cell<bool>,
+    prepared: Cell<u64>,
+    switches_prepared: Cell<u64>,
+    switches_unprepared: Cell<u64>,
+    failures: Cell<u64>,
+}
+
+impl SegmentSpare {
+    fn new(dir: &Path, segment_bytes: u64) -> SegmentSpare {
+        SegmentSpare {
+            path: dir.join(SEGMENT_SPARE_FILE_NAME),
+            segment_bytes,
+            used_bytes: Cell::new(0),
+            ready: RefCell::new(None),
+            renaming: Cell::new(false),
+            wake: crate::runtime::LocalNotify::default(),
+            stopping: Cell::new(false),
+            prepared: Cell::new(0),
+            switches_prepared: Cell::new(0),
+            switches_unprepared: Cell::new(0),
+            failures: Cell::new(0),
+        }
+    }
+
+    fn count(&self, counter: &Cell<u64>) {
+        counter.set(counter.get() + 1);
+    }
+
+    /// What the preparer and the roll-overs have done so far.
+    pub fn stats(&self) -> SpareStats {
+        SpareStats {
+            prepared: self.prepared.get(),
+            switches_prepared: self.switches_prepared.get(),
+            switches_unprepared: self.switches_unprepared.get(),
+            failures: self.failures.get(),
+        }
+    }
+
+    /// Whether a spare is ready for the next roll-over.
+    pub fn is_ready(&self) -> bool {
+        self.ready.borrow().is_some()
+    }
+
+    /// Makes [`SegmentSpare::run`] return within [`SPARE_POLL_MS`] (or one write), leaving a
+    /// partly written spare on disk for the next open to remove.
+    pub fn stop(&self) {
+        self.stopping.set(true);
+        self.wake.notify();
+    }
+
+    /// The journal's roll-over: takes the ready spare, if any, and keeps the preparer off
+    /// its path until [`SegmentSpare::renamed`].
+    fn take(&self) -> Option<DmaFile> {
+        let file = self.ready.borrow_mut().take()?;
+        self.renaming.set(true);
+        self.wake.notify();
+        Some(file)
+    }
+
+    /// The spare [`SegmentSpare::take`] returned is renamed (or the rename failed and the
+    /// journal is unusable): the preparer may start the next one.
+    fn renamed(&self) {
+        self.renaming.set(false);
+        self.wake.notify();
+    }
+
+    /// Prepares spares until [`SegmentSpare::stop`]: one at a time, the next once the
+    /// journal has taken the last. `published` is called with the stats whenever they
+    /// change. A failed preparation (a full disk) is logged, its file removed, and tried
+    /// again after [`SPARE_RETRY_MS`]; the journal meanwhile creates segments as before.
+    pub async fn run(&self, mut published: impl FnMut(SpareStats)) {
+        let mut zeros: Option<(Rc<DmaBuffer>, Option<Rc<DmaBuffer>>)> = None;
+        let mut last = self.stats();
+        published(last);
+        while !self.stopping.get() {
+            if !self.is_ready() && !self.renaming.get() {
+                match self.prepare(&mut zeros).await {
+                    Ok(Some(file)) => {
+                        *self.ready.borrow_mut() = Some(file);
+                        self.count(&self.prepared);
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        self.count(&self.failures);
+                        tracing::warn!(path = %self.path.display(), %error, "spare segment not prepared");
+                        let _ = std::fs::remove_file(&self.path);
+                        sleep_ms(SPARE_RETRY_MS).await;
+                    }
+                }
+            }
+            let stats = self.stats();
+            if stats != last {
+                last = stats;
+                published(stats);
+            }
+            futures_lite::future::or(self.wake.wait(), sleep_ms(SPARE_POLL_MS)).await;
+        }
+    }
+
+    /// Writes one spare whole. `None` if stopped first.
+    async fn prepare(
+        &self,
+        zeros: &mut Option<(Rc<DmaBuffer>, Option<Rc<DmaBuffer>>)>,
+    ) -> Result<Option<DmaFile>, JournalError> {
+        let path = &self.path;
+        // Nothing else is at the path: the last spare was renamed away, and a failed one
+        // removed (or removed at open).
+        debug_assert!(!self.renaming.get());
+        let file = open_read_write(path, true).await?;
+        file.pre_allocate(self.segment_bytes, false)
+            .await
+            .map_err(|error| io_error(path, error))?;
+        // Two buffers for the whole life of the task: a full write, and the segment's
+        // remainder when it is not a multiple of one.
+        let chunk_bytes =
+            SPARE_WRITE_BYTES.min(usize::try_from(self.segment_bytes).unwrap_or(usize::MAX));
+        let (full, tail) = &*zeros.get_or_insert_with(|| {
+            let zeroed = |bytes: usize| {
+                let mut buffer = file.alloc_dma_buffer(bytes);
+                buffer.as_bytes_mut().fill(0);
+                Rc::new(buffer)
+            };
+            let tail_bytes = (self.segment_bytes % chunk_bytes as u64) as usize;
+            (
+                zeroed(chunk_bytes),
+                (tail_bytes > 0).then(|| zeroed(tail_bytes)),
+            )
+        });
+        let lead_bytes = self.segment_bytes / SPARE_LEAD_DIVISOR;
+        let write_us_min = SPARE_WRITE_BYTES as u64 * 1_000_000 / (SPARE_ZERO_MIB_PER_S_MAX << 20);
+        let started = std::time::Instant::now();
+        let mut zeroed = 0u64;
+        while zeroed < self.segment_bytes {
+            if self.stopping.get() {
+                return Ok(None);
+            }
+            let elapsed_us = started.elapsed().as_micros() as u64;
+            let idle_allowance =
+                elapsed_us.saturating_mul(SPARE_ZERO_MIB_PER_S_MIN << 20) / 1_000_000;
+            let allowed = (self.used_bytes.get() + lead_bytes).max(idle_allowance);
+            if zeroed >= allowed {
+                sleep_ms(SPARE_POLL_MS).await;
+                continue;
+            }
+            let buffer = if self.segment_bytes - zeroed >= full.len() as u64 {
+                full
+            } else {
+                tail.as_ref().expect("a remainder has its buffer")
+            };
+            let write_started = std::time::Instant::now();
+            let written = file
+                .write_rc_at(buffer.clone(), zeroed)
+                .await
+                .map_err(|error| io_error(path, error))?;
+            if written != buffer.len() {
+                return Err(io_error(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        format!(
+                            "short write: {written} of {} bytes at offset {zeroed}",
+                            buffer.len()
+                        ),
+                    ),
+                ));
+            }
+            zeroed += written as u64;
+            let spent_us = write_started.elapsed().as_micros() as u64;
+            if spent_us < write_us_min {
+                glommio::timer::sleep(std::time::Duration::from_micros(write_us_min - spent_us))
+                    .await;
+            }
+        }
+        file.fdatasync()
+            .await
+            .map_err(|error| io_error(path, error))?;
+        Ok(Some(file))
+    }
+}
+
+async fn sleep_ms(ms: u64) {
+    glommio::timer::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
 /// One shard's journal: lives on that shard's executor (not `Send`).
 pub struct Journal {
     config: JournalConfig,
@@ -698,6 +967,8 @@ pub struct Journal {
     /// This open created the journal (no superblock existed): no earlier process wrote or
     /// sent anything from it.
     created: bool,
+    /// The next segment, zero-filled ahead by [`SegmentSpare::run`] when the runtime runs it.
+    spare: Rc<SegmentSpare>,
 }
 
 /// What [`Journal::checkpoint`] did.
@@ -934,6 +1205,8 @@ impl Journal {
             });
         }
         let snapshots_removed = snapshots_stale_remove(&dir, &superblock)?;
+        // A spare left by an earlier process may be partly written or not durable.
+        spare_stale_remove(&dir)?;
         if superblock.checkpoint.op > 0 {
             let (path, meta, file) = snapshot_read(&config, &superblock).await?;
             let bytes = &file[SNAPSHOT_HEADER_BYTES..][..meta.snapshot_bytes as usize];
@@ -973,6 +1246,7 @@ impl Journal {
         );
         assert!(recovered.op_last >= superblock.checkpoint.op);
         let entry_bytes_max = ENTRY_HEADER_BYTES + config.body_bytes_max;
+        let spare = Rc::new(SegmentSpare::new(&dir, config.segment_bytes));
         let journal = Journal {
             segment_path: segment_path(&dir, end.position.segment),
             superblock_path: dir.join(SUPERBLOCK_FILE_NAME),
@@ -1003,7 +1277,12 @@ impl Journal {
             op_replayed,
             op_promised: recovered.recovering.unwrap_or(0),
             created,
+            spare,
         };
+        journal
+            .spare
+            .used_bytes
+            .set(journal.position_durable.offset);
         Ok((journal, recovered))
     }
 
@@ -1276,11 +1555,19 @@ impl Journal {
         self.staged_entries.clear();
         self.op_durable = self.op_staged;
         self.view_durable = self.view_staged;
+        self.spare.used_bytes.set(self.position_durable.offset);
         if self.op_durable >= self.op_promised {
             // The promise holds again: the superblock's op_durable is at or below the head.
             self.op_promised = 0;
         }
         Ok(self.op_durable)
+    }
+
+    /// The next segment's spare, for the runtime to run its preparer
+    /// ([`SegmentSpare::run`]) beside the shard; without it every segment is created at its
+    /// roll-over.
+    pub fn segment_spare(&self) -> Rc<SegmentSpare> {
+        self.spare.clone()
     }
 
     /// The `op_durable` every superblock written keeps while the replica recovers lost
@@ -1354,9 +1641,25 @@ impl Journal {
             // recovery never sees a later segment past a torn one.
             fdatasync(&self.segment_file, &segment_path(&dir, current)).await?;
         }
-        let file = segment_create(&dir, segment, self.config.segment_bytes).await?;
+        let path = segment_path(&dir, segment);
+        let spare = self.spare.take();
+        let file = match spare {
+            // Every byte of it is written (zeros) and durable: appends overwrite allocated,
+            // initialized blocks, so their fdatasync has no extent metadata to commit.
+            Some(file) => {
+                let renamed = file.rename(&path).await;
+                self.spare.renamed();
+                renamed.map_err(|error| io_error(&path, error))?;
+                self.spare.count(&self.spare.switches_prepared);
+                file
+            }
+            None => {
+                self.spare.count(&self.spare.switches_unprepared);
+                segment_create(&dir, segment, self.config.segment_bytes).await?
+            }
+        };
+        self.spare.used_bytes.set(0);
         if self.config.fsync == FsyncPolicy::Always {
-            let path = segment_path(&dir, segment);
             fdatasync(&file, &path).await?;
             self.directory
                 .sync()
@@ -2227,6 +2530,19 @@ async fn file_remove(path: &Path) -> Result<bool, JournalError> {
                 Err(io_error(path, error))
             }
         }
+    }
+}
+
+/// Removes, at open, a spare segment file an earlier process left (open-time, `std::fs`).
+fn spare_stale_remove(dir: &Path) -> Result<(), JournalError> {
+    let path = dir.join(SEGMENT_SPARE_FILE_NAME);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "removed a leftover spare segment file");
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(io_error(&path, error)),
     }
 }
 

@@ -159,6 +159,14 @@ struct JournalArgs {
     /// directory is refused.
     #[arg(long, default_value = "1", value_parser = parse_cluster_id)]
     cluster_id: u128,
+    /// Zero-fill the next journal segment in the background, ahead of its use, so that
+    /// appends overwrite written blocks and their `fdatasync` commits no file system
+    /// metadata. Costs every journal byte written twice and one more segment of disk per
+    /// shard; on the 2-vCPU reference VM it did not pay (docs/benchmarks.md, "Journal
+    /// segments written ahead"). Default: each segment is created by `fallocate` at its
+    /// roll-over (config key `segment_spare = true`).
+    #[arg(long)]
+    segment_spare: bool,
 }
 
 fn parse_cluster_id(text: &str) -> Result<u128, String> {
@@ -175,6 +183,7 @@ impl JournalArgs {
             cluster_id: self.cluster_id,
             checkpoint_interval_ops: self.checkpoint_interval_ops,
             snapshot_write_bytes_per_s: self.snapshot_write_mib_per_s << 20,
+            segment_spare: self.segment_spare,
         }
     }
 }
@@ -595,6 +604,7 @@ fn node_args_with_file(
         segment_mib,
         checkpoint_interval_ops,
         snapshot_write_mib_per_s,
+        segment_spare,
         cluster_id,
         replica,
         peers,
@@ -638,6 +648,7 @@ fn node_args_with_file(
         segment_mib => args.journal.segment_mib,
         checkpoint_interval_ops => args.journal.checkpoint_interval_ops,
         snapshot_write_mib_per_s => args.journal.snapshot_write_mib_per_s,
+        segment_spare => args.journal.segment_spare,
         cluster_id => args.journal.cluster_id,
         replica => args.replication.replica,
         peers => args.replication.peers,
@@ -1130,6 +1141,10 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_string(), value])
     .collect();
+    if journal.segment_spare {
+        extra_args.push("--segment-spare".into());
+        say!("spare segments: each shard zero-fills its next journal segment ahead of use");
+    }
     if args.fixed_view {
         extra_args.push("--fixed-view".into());
         say!("fixed view (no leader failover; the leader sends after its own fsync)");

@@ -119,6 +119,10 @@ pub struct JournalSettings {
     /// Snapshot file writes of all the node's checkpoint followers together (bytes/s,
     /// nonzero): one budget for the node, not one per shard.
     pub snapshot_write_bytes_per_s: u64,
+    /// Zero-fill the next segment ahead of use ([`crate::journal::SegmentSpare`]), so that
+    /// appends overwrite written blocks and their `fdatasync` commits no file system
+    /// metadata. Off (the default): each segment is created by `fallocate` at its roll-over.
+    pub segment_spare: bool,
 }
 
 impl Default for NodeConfig {
@@ -1061,6 +1065,10 @@ where
         snapshot_write_budget,
         journal_create,
     } = context;
+    let segment_spare = config
+        .journal
+        .as_ref()
+        .is_some_and(|settings| settings.segment_spare);
     let core_config = CoreConfig {
         shard: shard as u32,
         shard_count: shards as u32,
@@ -1237,6 +1245,28 @@ where
     if let Some(listener) = bft_listener {
         peer_tasks.extend(crate::bft::spawn_tasks(&shard_state, listener));
     }
+    let spare = journal.as_ref().filter(|_| segment_spare).map(|journal| {
+        let spare = journal.segment_spare();
+        let (task_spare, task_shard) = (spare.clone(), shard_state.clone());
+        let task = glommio::spawn_local(async move {
+            task_spare
+                .run(|stats| {
+                    let metrics = &task_shard.metrics;
+                    ShardMetrics::set(&metrics.journal_spares_prepared_total, stats.prepared);
+                    ShardMetrics::set(
+                        &metrics.journal_segment_switches_prepared_total,
+                        stats.switches_prepared,
+                    );
+                    ShardMetrics::set(
+                        &metrics.journal_segment_switches_unprepared_total,
+                        stats.switches_unprepared,
+                    );
+                    ShardMetrics::set(&metrics.journal_spare_failures_total, stats.failures);
+                })
+                .await;
+        });
+        (spare, task)
+    });
     let batcher = glommio::spawn_local(batcher_loop(shard_state.clone(), journal));
     let ingest_task = glommio::spawn_local(crate::ingest::drain_loop(shard_state.clone()));
     accept_loop(shard_state.clone(), listener).await;
@@ -1244,6 +1274,10 @@ where
     // The follower stops first (it finishes a snapshot file it is writing); a file it
     // wrote that was not installed is removed (open would remove it too).
     let journal = batcher.await;
+    if let Some((spare, task)) = spare {
+        spare.stop();
+        task.await;
+    }
     drop(shard_state.checkpoints.borrow_mut().take());
     if let Some(mut journal) = journal {
         if let Err(err) = journal.remove_stale_snapshots() {
