@@ -816,7 +816,7 @@ impl SegmentSpare {
                         self.count(&self.failures);
                         tracing::warn!(path = %self.path.display(), %error, "spare segment not prepared");
                         let _ = std::fs::remove_file(&self.path);
-                        sleep_ms(SPARE_RETRY_MS).await;
+                        futures_lite::future::or(self.wake.wait(), sleep_ms(SPARE_RETRY_MS)).await;
                     }
                 }
             }

@@ -482,12 +482,16 @@ fn bft_follower_restarts_after_sigkill_and_catches_up() {
         acknowledged += load.commit(&mut client, &mut expected, 1);
         None
     });
-    // Stop where the peers' next checkpoint is at least 8 ops away: they must still hold
+    // Stop where the peers' next checkpoint is at least 12 ops away: they must still hold
     // the ops the victim misses in their window (beyond it, state transfer would be needed).
+    // The peers commit 2 x REQUESTS_WHILE_DOWN requests (an op or more each) before the
+    // victim has surely caught up; with 8 ops of room a slow restart (CI, every test of this
+    // file on two cores) let them stabilize the next checkpoint first, once in a run.
     let interval = percore_engine::bft::CHECKPOINT_INTERVAL_OPS_DEFAULT;
+    const _: () = assert!(2 * REQUESTS_WHILE_DOWN < 12);
     let (bft_op, _) = wait_until("an op early in a checkpoint interval", || {
         let (bft_op, journal_op) = harness.wait_converged();
-        if (1..=8).contains(&(bft_op % interval)) {
+        if (1..=4).contains(&(bft_op % interval)) {
             return Some((bft_op, journal_op));
         }
         acknowledged += load.commit(&mut client, &mut expected, 1);
