@@ -1225,14 +1225,15 @@ fn machine_description() -> String {
 }
 
 /// Counters of every shard at one moment. In a cluster, what only a group's leader counts
-/// (client records applied from its own batches, batches sealed, their sizes, commit
-/// latency) is summed over the replicas, so that a leader change between two snapshots
-/// loses nothing; `internal` is the current leader's, and `bytes_replicated` sums every
-/// replica.
+/// (client records applied from its own batches, batches sealed, the entries in them, their
+/// sizes, commit latency) is summed over the replicas, so that a leader change between two
+/// snapshots loses nothing (only the replica that seals a batch counts these), and
+/// `bytes_replicated` sums every replica.
 struct Snapshot {
     applied: Vec<u64>,
-    internal: Vec<u64>,
     batches: Vec<u64>,
+    /// Entries in the batches sealed (client records and credit legs).
+    batch_entries: Vec<u64>,
     batch_sizes: Vec<[u64; BUCKETS]>,
     commit_latency: Vec<[u64; BUCKETS]>,
     bytes_replicated: u64,
@@ -1246,14 +1247,11 @@ fn snapshot(metrics: &[Arc<ShardMetrics>]) -> Snapshot {
             .iter()
             .map(|m| ShardMetrics::get(&m.tx_applied_total))
             .collect(),
-        internal: metrics
-            .iter()
-            .map(|m| ShardMetrics::get(&m.internal_applied_total))
-            .collect(),
         batches: metrics
             .iter()
             .map(|m| ShardMetrics::get(&m.batches_sealed_total))
             .collect(),
+        batch_entries: metrics.iter().map(|m| m.batch_size.sum()).collect(),
         batch_sizes: metrics.iter().map(|m| m.batch_size.buckets()).collect(),
         commit_latency: metrics.iter().map(|m| m.commit_latency.buckets()).collect(),
         bytes_replicated: metrics
@@ -1299,7 +1297,6 @@ fn snapshot_from_texts(
                 .unwrap_or_else(|| leader_of(shard))
         })
         .collect();
-    let leader_text = |shard: usize| texts[leaders[shard]].as_str();
     let summed = |name: &str| -> Vec<u64> {
         (0..shards)
             .map(|shard| {
@@ -1326,12 +1323,18 @@ fn snapshot_from_texts(
     };
     Snapshot {
         applied: summed("percore_tx_applied_total"),
-        internal: (0..shards)
+        batches: summed("percore_batches_sealed_total"),
+        // Exposed like a latency in seconds (the sum of µs / 1e6): entries / 1e6.
+        batch_entries: (0..shards)
             .map(|shard| {
-                cluster::shard_metric(leader_text(shard), "percore_internal_applied_total", shard)
+                let label = format!("shard=\"{shard}\"");
+                texts
+                    .iter()
+                    .filter_map(|text| cluster::metric(text, "percore_batch_entries_sum", &label))
+                    .map(|sum| (sum * 1e6).round() as u64)
+                    .sum()
             })
             .collect(),
-        batches: summed("percore_batches_sealed_total"),
         batch_sizes: histogram("percore_batch_entries"),
         commit_latency: histogram("percore_commit_seconds"),
         bytes_replicated: texts
@@ -1522,8 +1525,8 @@ fn report(measured: Measured<'_>) -> BenchReport {
     let per_shard: Vec<ShardRow> = (0..shards)
         .map(|shard| {
             let applied = after.applied[shard] - before.applied[shard];
-            let internal = after.internal[shard] - before.internal[shard];
             let batches = after.batches[shard] - before.batches[shard];
+            let entries = after.batch_entries[shard] - before.batch_entries[shard];
             ShardRow {
                 shard,
                 core: Some(cores[shard]),
@@ -1537,7 +1540,7 @@ fn report(measured: Measured<'_>) -> BenchReport {
                 mean_batch_entries: if batches == 0 {
                     0.0
                 } else {
-                    (applied + internal) as f64 / batches as f64
+                    entries as f64 / batches as f64
                 },
             }
         })

@@ -63,6 +63,11 @@ impl LatencyHistogram {
         std::array::from_fn(|index| self.buckets[index].load(Ordering::Relaxed))
     }
 
+    /// Sum of the values recorded (for [`ShardMetrics::batch_size`], entries sealed).
+    pub fn sum(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+
     /// Observations recorded so far.
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)

@@ -295,6 +295,21 @@ fn assert_followed(report: &serde_json::Value, stderr: &str) {
             .is_some_and(|point| point["committed_tx_per_s"].as_f64() > Some(0.0)),
         "nothing committed after the leader change: {stderr}"
     );
+    // The batch figures survive the leader change too: the entries sealed in the window
+    // (mean batch x batches, counted by whichever replica sealed) are the transfers
+    // committed in it, give or take the requests in flight at its two ends. (They were once
+    // read from the leader of the moment, so a change mixed two replicas' counters.)
+    let duration_s = report["duration_s"].as_f64().expect("duration");
+    for row in report["per_shard"].as_array().expect("per-shard rows") {
+        let sealed = row["mean_batch_entries"].as_f64().expect("mean batch")
+            * row["batches"].as_f64().expect("batches");
+        let committed = row["committed_tx_per_s"].as_f64().expect("committed") * duration_s;
+        assert!(
+            (sealed - committed).abs() <= 0.1 * committed + 2_000.0,
+            "shard {}: {sealed} entries sealed, {committed} committed: {stderr}",
+            row["shard"]
+        );
+    }
 }
 
 #[test]
