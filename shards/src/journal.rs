@@ -738,11 +738,11 @@ pub struct SegmentSpare {
 }
 
 impl SegmentSpare {
-    fn new(dir: &Path, segment_bytes: u64) -> SegmentSpare {
+    fn new(dir: &Path, segment_bytes: u64, used_bytes: u64) -> SegmentSpare {
         SegmentSpare {
             path: dir.join(SEGMENT_SPARE_FILE_NAME),
             segment_bytes,
-            used_bytes: Cell::new(0),
+            used_bytes: Cell::new(used_bytes),
             ready: RefCell::new(None),
             renaming: Cell::new(false),
             wake: crate::runtime::LocalNotify::default(),
@@ -815,7 +815,7 @@ impl SegmentSpare {
                     Err(error) => {
                         self.count(&self.failures);
                         tracing::warn!(path = %self.path.display(), %error, "spare segment not prepared");
-                        let _ = std::fs::remove_file(&self.path);
+                        let _ = file_remove(&self.path).await;
                         futures_lite::future::or(self.wake.wait(), sleep_ms(SPARE_RETRY_MS)).await;
                     }
                 }
@@ -859,7 +859,6 @@ impl SegmentSpare {
             )
         });
         let lead_bytes = self.segment_bytes / SPARE_LEAD_DIVISOR;
-        let write_us_min = SPARE_WRITE_BYTES as u64 * 1_000_000 / (SPARE_ZERO_MIB_PER_S_MAX << 20);
         let started = std::time::Instant::now();
         let mut zeroed = 0u64;
         while zeroed < self.segment_bytes {
@@ -884,19 +883,10 @@ impl SegmentSpare {
                 .write_rc_at(buffer.clone(), zeroed)
                 .await
                 .map_err(|error| io_error(path, error))?;
-            if written != buffer.len() {
-                return Err(io_error(
-                    path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::WriteZero,
-                        format!(
-                            "short write: {written} of {} bytes at offset {zeroed}",
-                            buffer.len()
-                        ),
-                    ),
-                ));
-            }
+            check_written(path, written, buffer.len(), zeroed)?;
             zeroed += written as u64;
+            // At most SPARE_ZERO_MIB_PER_S_MAX: this write's share of a second at that rate.
+            let write_us_min = written as u64 * 1_000_000 / (SPARE_ZERO_MIB_PER_S_MAX << 20);
             let spent_us = write_started.elapsed().as_micros() as u64;
             if spent_us < write_us_min {
                 glommio::timer::sleep(std::time::Duration::from_micros(write_us_min - spent_us))
@@ -1043,6 +1033,16 @@ async fn write_all(
         .write_at(buffer, offset)
         .await
         .map_err(|error| io_error(path, error))?;
+    check_written(path, written, length, offset)
+}
+
+/// A write of `length` bytes at `offset` that wrote `written` is whole, or an error.
+fn check_written(
+    path: &Path,
+    written: usize,
+    length: usize,
+    offset: u64,
+) -> Result<(), JournalError> {
     if written != length {
         return Err(io_error(
             path,
@@ -1206,7 +1206,10 @@ impl Journal {
         }
         let snapshots_removed = snapshots_stale_remove(&dir, &superblock)?;
         // A spare left by an earlier process may be partly written or not durable.
-        spare_stale_remove(&dir)?;
+        let spare_path = dir.join(SEGMENT_SPARE_FILE_NAME);
+        if file_remove(&spare_path).await? {
+            tracing::info!(path = %spare_path.display(), "removed a leftover spare segment file");
+        }
         if superblock.checkpoint.op > 0 {
             let (path, meta, file) = snapshot_read(&config, &superblock).await?;
             let bytes = &file[SNAPSHOT_HEADER_BYTES..][..meta.snapshot_bytes as usize];
@@ -1246,7 +1249,11 @@ impl Journal {
         );
         assert!(recovered.op_last >= superblock.checkpoint.op);
         let entry_bytes_max = ENTRY_HEADER_BYTES + config.body_bytes_max;
-        let spare = Rc::new(SegmentSpare::new(&dir, config.segment_bytes));
+        let spare = Rc::new(SegmentSpare::new(
+            &dir,
+            config.segment_bytes,
+            end.position.offset,
+        ));
         let journal = Journal {
             segment_path: segment_path(&dir, end.position.segment),
             superblock_path: dir.join(SUPERBLOCK_FILE_NAME),
@@ -1279,10 +1286,6 @@ impl Journal {
             created,
             spare,
         };
-        journal
-            .spare
-            .used_bytes
-            .set(journal.position_durable.offset);
         Ok((journal, recovered))
     }
 
@@ -2530,19 +2533,6 @@ async fn file_remove(path: &Path) -> Result<bool, JournalError> {
                 Err(io_error(path, error))
             }
         }
-    }
-}
-
-/// Removes, at open, a spare segment file an earlier process left (open-time, `std::fs`).
-fn spare_stale_remove(dir: &Path) -> Result<(), JournalError> {
-    let path = dir.join(SEGMENT_SPARE_FILE_NAME);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {
-            tracing::info!(path = %path.display(), "removed a leftover spare segment file");
-            Ok(())
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(io_error(&path, error)),
     }
 }
 

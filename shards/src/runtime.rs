@@ -1247,11 +1247,10 @@ where
     }
     let spare = journal.as_ref().filter(|_| segment_spare).map(|journal| {
         let spare = journal.segment_spare();
-        let (task_spare, task_shard) = (spare.clone(), shard_state.clone());
+        let (task_spare, metrics) = (spare.clone(), shard_state.metrics.clone());
         let task = glommio::spawn_local(async move {
             task_spare
                 .run(|stats| {
-                    let metrics = &task_shard.metrics;
                     ShardMetrics::set(&metrics.journal_spares_prepared_total, stats.prepared);
                     ShardMetrics::set(
                         &metrics.journal_segment_switches_prepared_total,

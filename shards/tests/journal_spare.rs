@@ -65,17 +65,46 @@ async fn append(journal: &mut Journal, ops: std::ops::RangeInclusive<u64>) {
     }
 }
 
-/// Waits (on the executor's timer) until the spare is ready.
-async fn until_ready(spare: &SegmentSpare) {
+/// Waits (on the executor's timer, up to 20 s) until `done`.
+async fn until(what: &str, spare: &SegmentSpare, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
-    while !spare.is_ready() {
+    while !done() {
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "spare not ready in 20 s: {:?}",
+            "{what}: not within 20 s: {:?}",
             spare.stats()
         );
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Waits until the spare is ready.
+async fn until_ready(spare: &SegmentSpare) {
+    until("spare ready", spare, || spare.is_ready()).await;
+}
+
+/// Runs the spare's preparer beside the journal, publishing its stats to `published`.
+fn spawn_preparer(
+    spare: &Rc<SegmentSpare>,
+    published: impl FnMut(SpareStats) + 'static,
+) -> glommio::Task<()> {
+    let spare = spare.clone();
+    glommio::spawn_local(async move { spare.run(published).await })
+}
+
+/// Reopens the journal and checks that it replays exactly ops `1..=op_last`, cleanly.
+async fn reopen_replays_exactly(config: JournalConfig, op_last: u64) -> Journal {
+    let mut replayed = Vec::new();
+    let (journal, recovered) = Journal::open(config, |entry| {
+        replayed.push((entry.meta, entry.body.to_vec()));
+    })
+    .await
+    .expect("reopen");
+    assert_eq!(recovered.op_last, op_last);
+    assert_eq!(recovered.tail, Tail::Clean);
+    let expected: Vec<_> = (1..=op_last).map(entry).collect();
+    assert_eq!(replayed, expected);
+    journal
 }
 
 /// Extents of `path` that the file system marks unwritten (allocated, never written), from
@@ -113,8 +142,8 @@ fn a_roll_over_takes_the_ready_spare_whose_blocks_are_all_written() {
         let spare = journal.segment_spare();
         let published = Rc::new(std::cell::Cell::new(SpareStats::default()));
         let task = {
-            let (spare, published) = (spare.clone(), published.clone());
-            glommio::spawn_local(async move { spare.run(|stats| published.set(stats)).await })
+            let published = published.clone();
+            spawn_preparer(&spare, move |stats| published.set(stats))
         };
         until_ready(&spare).await;
         assert!(dir.join(SEGMENT_SPARE_FILE_NAME).exists());
@@ -139,8 +168,10 @@ fn a_roll_over_takes_the_ready_spare_whose_blocks_are_all_written() {
 
         // The preparer goes on with the next spare, and publishes what happened.
         until_ready(&spare).await;
-        glommio::timer::sleep(Duration::from_millis(50)).await;
-        assert_eq!(published.get(), spare.stats());
+        until("stats published", &spare, || {
+            published.get() == spare.stats()
+        })
+        .await;
         assert_eq!(published.get().prepared, 2);
         append(&mut journal, 41..=70).await;
         assert_eq!(spare.stats().switches_prepared, 2);
@@ -149,16 +180,7 @@ fn a_roll_over_takes_the_ready_spare_whose_blocks_are_all_written() {
         journal.close().await.expect("close");
 
         // Everything replays across the two roll-overs; the spare left behind is removed.
-        let mut replayed = Vec::new();
-        let (_journal, recovered) = Journal::open(config(&dir), |entry| {
-            replayed.push((entry.meta, entry.body.to_vec()));
-        })
-        .await
-        .expect("reopen");
-        assert_eq!(recovered.op_last, 70);
-        assert_eq!(recovered.tail, Tail::Clean);
-        let expected: Vec<_> = (1..=70).map(entry).collect();
-        assert_eq!(replayed, expected);
+        let _journal = reopen_replays_exactly(config(&dir), 70).await;
         assert!(!dir.join(SEGMENT_SPARE_FILE_NAME).exists());
     });
 }
@@ -185,17 +207,14 @@ fn a_leftover_spare_is_removed_at_open_and_a_stopped_preparer_returns() {
         let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
         append(&mut journal, 1..=3).await;
         let spare = journal.segment_spare();
-        // Stopped mid-way: the journal is idle, so the spare is written at the idle rate
-        // and is still partial after a few writes.
-        let task = {
-            let spare = spare.clone();
-            glommio::spawn_local(async move { spare.run(|_| {}).await })
-        };
-        glommio::timer::sleep(Duration::from_millis(20)).await;
+        // Stopped as soon as its file exists: the journal is idle, so the spare is written
+        // at the idle rate and is still partial.
+        let task = spawn_preparer(&spare, |_| {});
+        let leftover = dir.join(SEGMENT_SPARE_FILE_NAME);
+        until("the spare file is created", &spare, || leftover.exists()).await;
         spare.stop();
         task.await;
         journal.close().await.expect("close");
-        let leftover = dir.join(SEGMENT_SPARE_FILE_NAME);
         assert!(
             leftover.exists(),
             "a partial spare stays until the next open"
@@ -221,10 +240,7 @@ fn many_roll_overs_onto_spares_keep_every_entry() {
         };
         let (mut journal, _) = Journal::open(config.clone(), |_| {}).await.expect("create");
         let spare = journal.segment_spare();
-        let task = {
-            let spare = spare.clone();
-            glommio::spawn_local(async move { spare.run(|_| {}).await })
-        };
+        let task = spawn_preparer(&spare, |_| {});
         let rolls = 20;
         for segment in 0..rolls {
             until_ready(&spare).await;
@@ -244,15 +260,6 @@ fn many_roll_overs_onto_spares_keep_every_entry() {
             let bytes = std::fs::metadata(&path).expect("segment").len();
             assert_eq!(bytes, 256 << 10, "segment {segment} is whole");
         }
-        let mut replayed = Vec::new();
-        let (_journal, recovered) = Journal::open(config, |entry| {
-            replayed.push((entry.meta, entry.body.to_vec()));
-        })
-        .await
-        .expect("reopen");
-        assert_eq!(recovered.op_last, rolls * 4 + 1);
-        assert_eq!(recovered.tail, Tail::Clean);
-        let expected: Vec<_> = (1..=rolls * 4 + 1).map(entry).collect();
-        assert_eq!(replayed, expected);
+        reopen_replays_exactly(config, rolls * 4 + 1).await;
     });
 }
