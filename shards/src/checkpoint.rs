@@ -93,6 +93,17 @@ pub const SNAPSHOT_WRITE_MIB_PER_S_DEFAULT: u64 = 128;
 pub const READ_ATTEMPTS_MAX: u32 = 100;
 /// Pause between those reads (µs).
 pub const READ_RETRY_US: u64 = 10_000;
+/// Bytes a released segment or snapshot file shrinks by per step before it is unlinked
+/// ([`file_release`]). The file system frees a file's blocks in the journal commit of the
+/// call that drops them (and, mounted with `-o discard`, discards them there too); every
+/// journal's `fdatasync` on that file system waits for that commit. Unlinking a 256 MiB
+/// segment at once held those commits for about 40 ms, three nodes releasing a checkpoint's
+/// segments together for over 120 ms (docs/benchmarks.md, "Releasing checkpointed
+/// segments"); in 4 MiB steps each wait is one step's.
+pub const RELEASE_STEP_BYTES: u64 = 4 << 20;
+/// Pause after each step (µs), so that the commits of the shards' `fdatasync`s come between
+/// the steps': about 1.7 GiB/s of released files per follower.
+pub const RELEASE_STEP_PAUSE_US: u64 = 2_000;
 
 const _: () = assert!(WRITE_BUFFER_BYTES.is_multiple_of(SECTOR_BYTES));
 
@@ -585,6 +596,9 @@ pub struct FollowerConfig {
     /// same states (the journal op reached at each snapshot BFT op) for `2f + 1` of them to
     /// certify one.
     pub driven: bool,
+    /// Cores the follower thread runs on ([`crate::affinity::helper_cores`]): spawned by
+    /// the shard, it would otherwise inherit the shard's own core. Empty: left as inherited.
+    pub cores: Vec<usize>,
 }
 
 /// The shard's side: where it publishes what it applied and collects written snapshots.
@@ -631,6 +645,9 @@ impl CheckpointFollower {
             .name(format!("checkpoint-{}", config.shard))
             .spawn(move || {
                 let shard = config.shard;
+                if let Err(error) = crate::affinity::confine_current(&config.cores) {
+                    tracing::warn!(shard, cores = ?config.cores, %error, "checkpoint follower: affinity not set");
+                }
                 let mut follower = Follower {
                     config,
                     shared: thread_shared.clone(),
@@ -788,18 +805,33 @@ impl Follower {
         Ok(())
     }
 
-    /// Removes the files the shard's journal released with its last checkpoint: segments
-    /// from `segment_next` up to the released bound, and the stale snapshot. Returns the
-    /// next segment to remove.
+    /// Removes the files the shard's journal released with its last checkpoint, each in
+    /// steps ([`file_release`]): segments from `segment_next` up to the released bound, and
+    /// the stale snapshot. Returns the next segment to remove. Told to stop, it returns at
+    /// once: what is left (a file, maybe shrunk) is below the checkpoint, which recovery
+    /// never reads, and is removed at the next checkpoint (from the lowest segment on disk)
+    /// or, for a snapshot, at the next open.
     fn remove_released(&self, segment_next: u64) -> Result<u64, FollowerError> {
+        let started = Instant::now();
         let below = self.shared.segments_below.load(Ordering::Relaxed);
+        let stopping = || self.stopping();
         for segment in segment_next..below {
-            file_remove(&self.config.dir.join(format::segment_file_name(segment)))?;
+            let path = self.config.dir.join(format::segment_file_name(segment));
+            if !file_release(&path, stopping)? {
+                return Ok(segment);
+            }
         }
         let stale = self.shared.snapshot_stale_op.load(Ordering::Relaxed);
         if stale > 0 {
-            file_remove(&self.config.dir.join(format::snapshot_file_name(stale)))?;
+            file_release(
+                &self.config.dir.join(format::snapshot_file_name(stale)),
+                stopping,
+            )?;
         }
+        ShardMetrics::set(
+            &self.metrics.checkpoint_release_us,
+            started.elapsed().as_micros() as u64,
+        );
         Ok(segment_next.max(below))
     }
 
@@ -864,6 +896,30 @@ fn set_priority(shard: usize, nice: i32) {
     if let Err(error) = rustix::process::setpriority_process(Some(tid), nice) {
         tracing::warn!(shard, nice, %error, "checkpoint follower: priority not changed");
     }
+}
+
+/// Removes a released file: shrinks it by [`RELEASE_STEP_BYTES`] at a time, pausing
+/// [`RELEASE_STEP_PAUSE_US`] after each step, then unlinks it. A file already gone is fine.
+/// Returns `false`, leaving the file, as soon as `stopping()` says so before a step.
+pub fn file_release(path: &Path, stopping: impl Fn() -> bool) -> Result<bool, FollowerError> {
+    let file = match OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(error) => return Err(io_error(path)(error)),
+    };
+    let mut bytes = file.metadata().map_err(io_error(path))?.len();
+    // Bounded: every turn shrinks the file by a step.
+    while bytes > 0 {
+        if stopping() {
+            return Ok(false);
+        }
+        bytes = bytes.saturating_sub(RELEASE_STEP_BYTES);
+        file.set_len(bytes).map_err(io_error(path))?;
+        std::thread::sleep(Duration::from_micros(RELEASE_STEP_PAUSE_US));
+    }
+    drop(file);
+    file_remove(path)?;
+    Ok(true)
 }
 
 /// Removes `path`; one already gone is fine.
@@ -1083,5 +1139,37 @@ mod tests {
             together.as_secs_f64() < seconds(2 * CHUNKS) + 1.0,
             "two writers {together:?}: the budget is not used up"
         );
+    }
+
+    #[test]
+    fn a_released_file_shrinks_in_steps_and_is_unlinked() {
+        let dir = std::env::temp_dir().join(format!("percore-release-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("segment-released");
+        let bytes = 3 * RELEASE_STEP_BYTES + 100;
+        File::create(&path)
+            .and_then(|file| file.set_len(bytes))
+            .expect("file");
+        // Told to stop before the third step: two steps taken, the file left.
+        let asked = std::cell::Cell::new(0);
+        let stop_at_third = || {
+            asked.set(asked.get() + 1);
+            asked.get() == 3
+        };
+        assert!(!file_release(&path, stop_at_third).expect("release"));
+        let left = std::fs::metadata(&path).expect("file left").len();
+        assert_eq!(left, bytes - 2 * RELEASE_STEP_BYTES);
+        // Released to the end: every step taken, then unlinked.
+        asked.set(0);
+        let count = || {
+            asked.set(asked.get() + 1);
+            false
+        };
+        assert!(file_release(&path, count).expect("release"));
+        assert_eq!(asked.get(), 2, "two steps were left: 4 MiB + 100 bytes");
+        assert!(!path.exists());
+        // Gone already (a crash after the unlink): nothing to do.
+        assert!(file_release(&path, || false).expect("release of a missing file"));
+        std::fs::remove_dir_all(&dir).expect("temp dir removed");
     }
 }

@@ -204,6 +204,10 @@ pub struct LocalCluster {
     children: Vec<Option<Child>>,
     /// More arguments of single replicas (after `extra_args`), by replica.
     replica_args: Vec<Vec<String>>,
+    /// The cores each replica's process may run on, by replica ([`LocalCluster::start`]).
+    affinities: Vec<Option<Vec<usize>>>,
+    /// The cores no replica's shards use, where replicas have cores of their own.
+    spare_cores: Vec<usize>,
 }
 
 /// Client port base of `replica` in the layout from `port_base`.
@@ -282,6 +286,38 @@ fn send_signal(pid: u32, signal: &str) -> std::io::Result<()> {
     }
 }
 
+/// With a core stride each replica has cores of its own: its process may run on them and
+/// on the cores no replica's shards use (of `allowed`), where its checkpoint followers go
+/// (`crate::affinity`), never on another replica's shard cores. Returns each replica's
+/// cores (`None`: no stride, the replicas share cores and run as this process) and the
+/// spare ones.
+fn replica_affinities(
+    config: &LocalClusterConfig,
+    allowed: &[usize],
+) -> (Vec<Option<Vec<usize>>>, Vec<usize>) {
+    let stride = config.replica_core_stride;
+    if stride == 0 {
+        return (vec![None; config.replicas], Vec::new());
+    }
+    let replica_cores = |replica: usize| -> Vec<usize> {
+        config
+            .cores
+            .iter()
+            .map(|core| core + replica * stride)
+            .collect()
+    };
+    let used: Vec<usize> = (0..config.replicas).flat_map(replica_cores).collect();
+    let spare = crate::affinity::spare(allowed, &used);
+    let affinities = (0..config.replicas)
+        .map(|replica| {
+            let mut cores = replica_cores(replica);
+            cores.extend(&spare);
+            Some(cores)
+        })
+        .collect();
+    (affinities, spare)
+}
+
 impl LocalCluster {
     /// Writes the key (kept if `data_root` already has one), starts every replica and waits
     /// until all their client ports answer pings. On failure every child is killed.
@@ -318,11 +354,18 @@ impl LocalCluster {
         if !key_file.exists() {
             crate::replication::cluster_key_write(&key_file)?;
         }
+        // With a core stride each replica has cores of its own: its process may run on
+        // them and on the cores no replica's shards use, where its checkpoint followers go
+        // (`crate::affinity`), never on another replica's shard cores. Read once, now: the
+        // caller may confine itself later (the benchmark's client keeps to the spare cores).
+        let (affinities, spare_cores) = replica_affinities(&config, &crate::affinity::allowed());
         let mut cluster = Self {
             children: (0..replicas).map(|_| None).collect(),
             config,
             key_file,
             replica_args,
+            affinities,
+            spare_cores,
         };
         for replica in 0..replicas {
             cluster.format(replica)?;
@@ -483,19 +526,43 @@ impl LocalCluster {
                 path: log_path.clone(),
                 source,
             })?;
+        // The child inherits the affinity of the thread that starts it.
+        let restore = match &self.affinities[replica] {
+            Some(cores) => {
+                let previous = crate::affinity::current();
+                match crate::affinity::confine_current(cores) {
+                    Ok(()) => previous.ok(),
+                    Err(error) => {
+                        tracing::warn!(replica, ?cores, %error, "replica started without its core set");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let child = Command::new(&self.config.binary)
             .args(self.node_args(replica))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|source| ClusterError::Spawn {
-                replica,
-                binary: self.config.binary.clone(),
-                source,
-            })?;
+            .spawn();
+        if let Some(previous) = restore {
+            let _ = crate::affinity::confine_current(&previous);
+        }
+        let child = child.map_err(|source| ClusterError::Spawn {
+            replica,
+            binary: self.config.binary.clone(),
+            source,
+        })?;
         self.children[replica] = Some(child);
         Ok(())
+    }
+
+    /// The cores no replica's shards use, where each replica has cores of its own
+    /// (`replica_core_stride`); empty where the replicas share cores or none are left. The
+    /// benchmark's client threads keep to them.
+    pub fn spare_cores(&self) -> &[usize] {
+        &self.spare_cores
     }
 
     /// Whether `replica`'s process runs (reaps it if it exited).
@@ -846,6 +913,34 @@ mod tests {
                 base + 150
             );
         }
+    }
+
+    #[test]
+    fn replicas_with_cores_of_their_own_share_only_the_spare_cores() {
+        let mut config = failing_cluster_config(PathBuf::from("false"), PathBuf::from("/none"));
+        config.cores = vec![0, 1];
+        config.replica_core_stride = 2;
+        let allowed: Vec<usize> = (0..8).collect();
+        let (affinities, spare) = replica_affinities(&config, &allowed);
+        assert_eq!(spare, vec![6, 7]);
+        assert_eq!(
+            affinities,
+            vec![
+                Some(vec![0, 1, 6, 7]),
+                Some(vec![2, 3, 6, 7]),
+                Some(vec![4, 5, 6, 7])
+            ]
+        );
+        // Every core taken by a shard: each replica keeps to its own.
+        let (affinities, spare) = replica_affinities(&config, &allowed[..6]);
+        assert!(spare.is_empty());
+        assert_eq!(affinities[1], Some(vec![2, 3]));
+        // Shared cores: the replicas run as this process does.
+        config.replica_core_stride = 0;
+        assert_eq!(
+            replica_affinities(&config, &allowed),
+            (vec![None; 3], Vec::new())
+        );
     }
 
     fn failing_cluster_config(binary: PathBuf, data_root: PathBuf) -> LocalClusterConfig {

@@ -659,7 +659,7 @@ pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
 }
 
 /// The CPUs this process may run on, from /proc/self/status (`None` if unknown).
-fn cpus_allowed() -> Option<(String, Vec<usize>)> {
+pub(crate) fn cpus_allowed() -> Option<(String, Vec<usize>)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let list = status
         .lines()

@@ -7,6 +7,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod affinity;
 pub mod bft;
 pub mod bft_bench;
 pub mod bft_held;

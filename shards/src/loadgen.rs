@@ -1658,6 +1658,11 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
     );
     let load_config = config.load;
     let mut cluster = LocalCluster::start(config.cluster.clone())?;
+    // The client's threads (started from this one, so they inherit it) stay off the
+    // replicas' shard cores where the layout leaves cores spare.
+    if let Err(error) = crate::affinity::confine_current(cluster.spare_cores()) {
+        tracing::warn!(cores = ?cluster.spare_cores(), %error, "client threads not confined to the spare cores");
+    }
     let replicas: Vec<Vec<SocketAddr>> = (0..cluster.replicas())
         .map(|replica| {
             (0..cluster.shards())

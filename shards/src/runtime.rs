@@ -383,9 +383,16 @@ where
             }
             _ => 1,
         };
-        let snapshot_write_budget = Arc::new(crate::checkpoint::SnapshotWriteBudget::new(
-            snapshot_write_bytes_per_s,
-        ));
+        let followers = FollowerShared {
+            write_budget: Arc::new(crate::checkpoint::SnapshotWriteBudget::new(
+                snapshot_write_bytes_per_s,
+            )),
+            // Read here, on the thread that starts the node, before any shard pins itself.
+            cores: crate::affinity::helper_cores(&config.cores).into(),
+        };
+        if config.journal.is_some() {
+            tracing::info!(cores = ?followers.cores, "checkpoint followers run on these cores");
+        }
         // A replica's data directory is formatted once; its journals are created at its
         // first start only (`crate::format`).
         let format_identity = format_identity(&config);
@@ -424,7 +431,7 @@ where
                 start_aborted: start_aborted.clone(),
                 all_metrics: all_metrics.clone(),
                 ingest: ingest.clone(),
-                snapshot_write_budget: snapshot_write_budget.clone(),
+                followers: followers.clone(),
                 journal_create,
             };
             let make = make_state_machine.clone();
@@ -541,7 +548,7 @@ struct ShardContext<S: StateMachine> {
     start_aborted: Arc<AtomicBool>,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     ingest: Arc<crate::ingest::Ingress<S>>,
-    snapshot_write_budget: Arc<crate::checkpoint::SnapshotWriteBudget>,
+    followers: FollowerShared,
     /// Whether a missing journal may be created (`crate::format`).
     journal_create: JournalCreate,
 }
@@ -625,8 +632,9 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) checkpoints: RefCell<Option<crate::checkpoint::CheckpointFollower>>,
     /// Builds the state machine of a (re)started checkpoint follower.
     pub(crate) make_follower: MakeFollower<S>,
-    /// The node's snapshot write budget, for a (re)started checkpoint follower.
-    pub(crate) snapshot_write_budget: Arc<crate::checkpoint::SnapshotWriteBudget>,
+    /// The node's snapshot write budget and follower cores, for a (re)started checkpoint
+    /// follower.
+    pub(crate) followers: FollowerShared,
     /// Application-thread ingest shared by the node (this shard drains its own ring).
     pub(crate) ingest: Arc<crate::ingest::Ingress<S>>,
 }
@@ -999,8 +1007,16 @@ async fn start_bft(
 /// state sync restarts the follower).
 pub(crate) type MakeFollower<S> = Arc<dyn Fn() -> S + Send + Sync>;
 
+/// What a node's checkpoint followers share: one snapshot write budget, and the cores they
+/// run on ([`crate::affinity::helper_cores`]).
+#[derive(Debug, Clone)]
+pub(crate) struct FollowerShared {
+    pub(crate) write_budget: Arc<crate::checkpoint::SnapshotWriteBudget>,
+    pub(crate) cores: Arc<[usize]>,
+}
+
 /// Starts the shard's checkpoint follower if it journals with checkpoints; it writes
-/// snapshots within the node's `write_budget`.
+/// snapshots within the node's write budget, on the node's follower cores.
 pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
     shard: usize,
     config: &NodeConfig,
@@ -1008,7 +1024,7 @@ pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
     applied_op: u64,
     metrics: &Arc<ShardMetrics>,
     make: MakeFollower<S>,
-    write_budget: &Arc<crate::checkpoint::SnapshotWriteBudget>,
+    followers: &FollowerShared,
 ) -> Result<Option<crate::checkpoint::CheckpointFollower>, NodeError> {
     let (Some(journal), Some(settings)) = (journal, config.journal.as_ref()) else {
         return Ok(None);
@@ -1023,8 +1039,9 @@ pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
         cluster_id: settings.cluster_id,
         body_bytes_max: journal.config().body_bytes_max,
         interval_ops: settings.checkpoint_interval_ops,
-        write_budget: write_budget.clone(),
+        write_budget: followers.write_budget.clone(),
         driven: config.bft.is_some(),
+        cores: followers.cores.to_vec(),
     };
     crate::checkpoint::CheckpointFollower::spawn(
         follower_config,
@@ -1062,7 +1079,7 @@ where
         start_aborted,
         all_metrics,
         ingest,
-        snapshot_write_budget,
+        followers,
         journal_create,
     } = context;
     let segment_spare = config
@@ -1112,7 +1129,7 @@ where
         core.op_last(),
         &metrics,
         make_follower.clone(),
-        &snapshot_write_budget,
+        &followers,
     ) {
         Ok(checkpoints) => checkpoints,
         Err(error) => return start_failed(&ready, shard, error),
@@ -1215,7 +1232,7 @@ where
         bft,
         checkpoints: RefCell::new(checkpoints),
         make_follower,
-        snapshot_write_budget,
+        followers,
         ingest,
     });
     if !unconfirmed.is_empty() {

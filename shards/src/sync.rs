@@ -542,7 +542,7 @@ pub(crate) async fn switch_to_snapshot<S>(
         op,
         &shard.metrics,
         shard.make_follower.clone(),
-        &shard.snapshot_write_budget,
+        &shard.followers,
     ) {
         Ok(follower) => *shard.checkpoints.borrow_mut() = follower,
         Err(error) => panic!(
