@@ -107,6 +107,16 @@
 //!   `op_durable` (and the protocol's commit number) and repair from peers if it is below.
 //! * Scan whole segments. A region that ends inside an entry ends Torn there (the entry is not
 //!   all there), which is right for a file but not for an arbitrary prefix of one.
+//!
+//! # Segment boundaries
+//! A journal is a sequence of segment files; an entry never spans two, and the writer syncs
+//! a segment before it writes the next one. A segment *reused* after a checkpoint released
+//! it still holds its old entries (all with ops below the checkpoint), so the part after
+//! the new entries is stale bytes, not zeros: [`scan`] ends such a segment Torn. The writer
+//! reads that end as the segment's boundary, not a torn write, exactly when the next
+//! segment starts with the entry that continues the journal ([`entry_continues`]: op
+//! `op_expected`, chained to the last entry). Had an entry been lost at the end, the next
+//! segment's first entry would chain to the lost one, not to the last one scanned.
 //! * The look-ahead decodes at every later sector: a scan costs O(region) even when it stops
 //!   early, which is bounded by the segment size.
 //!
@@ -693,6 +703,19 @@ pub fn scan(
         checksum_last,
         tail,
     }
+}
+
+/// Whether the entry at the start of `bytes` is valid, wholly present, and continues the
+/// journal at `op_expected` after `checksum_previous`: what the writer (`shards`) checks at
+/// the start of the next segment when one ends before its last byte (module docs, "Segment
+/// boundaries").
+pub fn entry_continues(
+    bytes: &[u8],
+    op_expected: u64,
+    checksum_previous: JournalChecksum,
+    body_bytes_max: usize,
+) -> bool {
+    entry_continuing(bytes, op_expected, checksum_previous, body_bytes_max).is_ok()
 }
 
 /// The entry at the start of `bytes` if it is valid, wholly present (padding included), and

@@ -570,6 +570,8 @@ struct Shared {
     snapshot_stale_op: AtomicU64,
     /// Driven follower: the op to checkpoint next (0: none).
     requested_op: AtomicU64,
+    /// Offered segments the journal has taken ([`CheckpointFollower::recycled_taken`]).
+    recycled_taken: AtomicU64,
     stop: AtomicBool,
     failure: OnceLock<String>,
 }
@@ -599,6 +601,12 @@ pub struct FollowerConfig {
     /// Cores the follower thread runs on ([`crate::affinity::helper_cores`]): spawned by
     /// the shard, it would otherwise inherit the shard's own core. Empty: left as inherited.
     pub cores: Vec<usize>,
+    /// Offer released segments for reuse ([`CheckpointFollower::recycled_pop`], for
+    /// [`crate::journal::Journal::recycled_add`]) instead of removing them: at most this many
+    /// offered and not yet taken by a roll-over ([`CheckpointFollower::recycled_taken`]) at
+    /// a time (at most [`crate::journal::SEGMENTS_RECYCLED_MAX`]); the rest are removed.
+    /// 0: remove them all.
+    pub recycle_max: usize,
 }
 
 /// The shard's side: where it publishes what it applied and collects written snapshots.
@@ -606,6 +614,8 @@ pub struct FollowerConfig {
 pub struct CheckpointFollower {
     shared: Arc<Shared>,
     written: spsc::Consumer<Written>,
+    /// Released segments offered for reuse, oldest first.
+    recycled: spsc::Consumer<u64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -640,6 +650,7 @@ impl CheckpointFollower {
             .installed_op
             .store(superblock.checkpoint.op, Ordering::Release);
         let (producer, written) = spsc::channel(1);
+        let (recycled_producer, recycled) = spsc::channel(crate::journal::SEGMENTS_RECYCLED_MAX);
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("checkpoint-{}", config.shard))
@@ -653,6 +664,8 @@ impl CheckpointFollower {
                     shared: thread_shared.clone(),
                     metrics,
                     written: producer,
+                    recycled: recycled_producer,
+                    recycled_offered: 0,
                 };
                 if let Err(error) = follower.run(make(), &superblock) {
                     tracing::error!(shard, %error, "checkpoint follower stopped");
@@ -662,6 +675,7 @@ impl CheckpointFollower {
         Ok(CheckpointFollower {
             shared,
             written,
+            recycled,
             thread: Some(thread),
         })
     }
@@ -676,6 +690,20 @@ impl CheckpointFollower {
     /// The shard has applied every op up to `op`.
     pub fn note_applied(&self, op: u64) {
         self.shared.applied_op.fetch_max(op, Ordering::Release);
+    }
+
+    /// How many offered segments the journal has taken for roll-overs
+    /// ([`crate::journal::Journal::recycled_taken`]): the follower offers more only while
+    /// fewer than [`FollowerConfig::recycle_max`] wait.
+    pub fn recycled_taken(&self, taken: u64) {
+        self.shared.recycled_taken.store(taken, Ordering::Release);
+    }
+
+    /// The oldest released segment the follower offers for reuse, if any: its file keeps
+    /// its name until the journal renames it at a roll-over, and the follower no longer
+    /// touches it.
+    pub fn recycled_pop(&mut self) -> Option<u64> {
+        self.recycled.pop()
     }
 
     /// A written snapshot file waiting to be installed, or why the follower stopped.
@@ -718,6 +746,9 @@ struct Follower {
     shared: Arc<Shared>,
     metrics: Arc<ShardMetrics>,
     written: spsc::Producer<Written>,
+    recycled: spsc::Producer<u64>,
+    /// Segments offered through `recycled` since spawn.
+    recycled_offered: u64,
 }
 
 impl Follower {
@@ -805,22 +836,30 @@ impl Follower {
         Ok(())
     }
 
-    /// Removes the files the shard's journal released with its last checkpoint, each in
-    /// steps ([`file_release`]): segments from `segment_next` up to the released bound, and
-    /// the stale snapshot. Returns the next segment to remove. Told to stop, it returns at
-    /// once: what is left (a file, maybe shrunk) is below the checkpoint, which recovery
-    /// never reads, and is removed at the next checkpoint (from the lowest segment on disk)
-    /// or, for a snapshot, at the next open.
-    fn remove_released(&self, segment_next: u64) -> Result<u64, FollowerError> {
+    /// Disposes of the files the shard's journal released with its last checkpoint:
+    /// segments from `segment_next` up to the released bound are offered for reuse
+    /// (up to [`FollowerConfig::recycle_max`] waiting) or removed in steps
+    /// ([`file_release`]), and the stale snapshot is removed. Returns the next segment to
+    /// dispose of. Told to stop, it returns at once: what is left (a file, maybe shrunk) is
+    /// below the checkpoint, which recovery never reads, and is disposed of at the next
+    /// checkpoint (from the lowest segment on disk) or, for a snapshot, at the next open.
+    fn remove_released(&mut self, segment_next: u64) -> Result<u64, FollowerError> {
         let started = Instant::now();
         let below = self.shared.segments_below.load(Ordering::Relaxed);
-        let stopping = || self.stopping();
         for segment in segment_next..below {
+            let taken = self.shared.recycled_taken.load(Ordering::Acquire);
+            let waiting = self.recycled_offered.saturating_sub(taken);
+            if waiting < self.config.recycle_max as u64 && self.recycled.push(segment).is_ok() {
+                self.recycled_offered += 1;
+                ShardMetrics::add(&self.metrics.checkpoint_segments_recycled_total, 1);
+                continue;
+            }
             let path = self.config.dir.join(format::segment_file_name(segment));
-            if !file_release(&path, stopping)? {
+            if !file_release(&path, || self.stopping())? {
                 return Ok(segment);
             }
         }
+        let stopping = || self.stopping();
         let stale = self.shared.snapshot_stale_op.load(Ordering::Relaxed);
         if stale > 0 {
             file_release(

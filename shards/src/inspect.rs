@@ -276,6 +276,7 @@ fn segments_inspect(
     let (mut op_next, mut checksum_previous): (u64, JournalChecksum) =
         (start.op + 1, start.checksum);
     let mut checkpoint_seen = checkpoint_op == start.op;
+    let last = segments.last().map(|(segment, _)| *segment);
     for (segment, path) in segments {
         if segment < start.segment {
             let _ = writeln!(
@@ -330,6 +331,14 @@ fn segments_inspect(
         }
         match outcome.tail {
             Tail::Clean => {}
+            // Before the last segment: a reused segment's older entries after its new ones
+            // (recovery reads the end as the boundary when the next segment carries on).
+            Tail::Torn { offset } if Some(segment) != last => {
+                let _ = writeln!(
+                    out,
+                    "  segment {segment}: ends at offset {offset} before older bytes (a reused segment)"
+                );
+            }
             Tail::Torn { offset } => {
                 let _ = writeln!(
                     out,

@@ -57,6 +57,7 @@
 //! `min(commit_max, op_durable)` while still verifying and indexing the whole journal.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -101,6 +102,21 @@ pub const SNAPSHOT_WRITE_BUFFER_BYTES: usize = 1 << 20;
 pub const SNAPSHOT_WRITE_BEHIND: usize = 4;
 /// Suffix of a snapshot file while it is written (renamed away once durable).
 pub const SNAPSHOT_TEMPORARY_SUFFIX: &str = ".tmp";
+
+/// Most released segments a journal keeps for reuse ([`Journal::recycled_add`]); see also
+/// [`SEGMENTS_RECYCLED_BYTES_MAX`].
+pub const SEGMENTS_RECYCLED_MAX: usize = 16;
+/// Most bytes of released segments a journal keeps for reuse: what a checkpoint releases
+/// beyond it is removed, so that a shard's disk use stays within about one checkpoint
+/// interval of segments above what it retains.
+pub const SEGMENTS_RECYCLED_BYTES_MAX: u64 = 4 << 30;
+
+/// How many released segments of `segment_bytes` a journal keeps for reuse (at least one).
+pub fn segments_recycled_max(segment_bytes: u64) -> usize {
+    let by_bytes =
+        usize::try_from(SEGMENTS_RECYCLED_BYTES_MAX / segment_bytes.max(1)).unwrap_or(usize::MAX);
+    by_bytes.clamp(1, SEGMENTS_RECYCLED_MAX)
+}
 
 /// Name of the spare segment file in a shard's journal directory: zero-filled ahead of use
 /// by [`SegmentSpare::run`], renamed to the next segment's name at a roll-over. Not a segment
@@ -959,6 +975,14 @@ pub struct Journal {
     created: bool,
     /// The next segment, zero-filled ahead by [`SegmentSpare::run`] when the runtime runs it.
     spare: Rc<SegmentSpare>,
+    /// Released segments (by index, still under their old names) handed back by the
+    /// checkpoint follower for reuse ([`Journal::recycled_add`]), oldest first; capacity
+    /// [`SEGMENTS_RECYCLED_MAX`], fixed at open.
+    recycled: VecDeque<u64>,
+    /// Roll-overs onto a recycled segment.
+    switches_recycled: u64,
+    /// Recycled segments taken out of `recycled` (used, or failed and left for removal).
+    recycled_taken: u64,
 }
 
 /// What [`Journal::checkpoint`] did.
@@ -1128,6 +1152,65 @@ async fn segment_create(
 }
 
 impl Journal {
+    /// Renames released segment `old` to `path` (the next segment) and opens it at its full
+    /// size. `None` if a step fails (logged): the roll-over then creates the segment. A
+    /// released segment is below the checkpoint, so whatever a failure leaves of it is never
+    /// read, and the next release removes it.
+    async fn segment_recycle(&self, old: u64, path: &Path) -> Option<DmaFile> {
+        let old_path = segment_path(&self.config.dir, old);
+        let recycled = async {
+            glommio::io::rename(&old_path, path)
+                .await
+                .map_err(|error| io_error(&old_path, std::io::Error::from(error)))?;
+            let file = open_read_write(path, false).await?;
+            // Idempotent: a released segment has its full size already.
+            file.pre_allocate(self.config.segment_bytes, false)
+                .await
+                .map_err(|error| io_error(path, error))?;
+            Ok::<DmaFile, JournalError>(file)
+        }
+        .await;
+        match recycled {
+            Ok(file) => Some(file),
+            Err(error) => {
+                tracing::warn!(shard = self.config.shard, old, %error, "released segment not reused");
+                None
+            }
+        }
+    }
+
+    /// Takes released segment `segment` (below the checkpoint, no longer part of the journal)
+    /// for reuse at a later roll-over, if fewer than [`segments_recycled_max`] wait;
+    /// returns whether it did. The caller (the checkpoint follower, through the shard) then
+    /// leaves the file alone.
+    pub fn recycled_add(&mut self, segment: u64) -> bool {
+        let room = self.recycled.len() < segments_recycled_max(self.config.segment_bytes);
+        if room {
+            debug_assert!(
+                segment < self.segment_oldest,
+                "segment {segment} is not released"
+            );
+            self.recycled.push_back(segment);
+        }
+        room
+    }
+
+    /// Whether [`Journal::recycled_add`] would take a segment now.
+    pub fn recycled_room(&self) -> bool {
+        self.recycled.len() < segments_recycled_max(self.config.segment_bytes)
+    }
+
+    /// Roll-overs onto a recycled segment since open.
+    pub fn switches_recycled(&self) -> u64 {
+        self.switches_recycled
+    }
+
+    /// Recycled segments taken for roll-overs since open (used, or not usable and left for
+    /// the next release to remove): with those offered, how many still wait.
+    pub fn recycled_taken(&self) -> u64 {
+        self.recycled_taken
+    }
+
     /// Opens the journal (creating the directory, the superblock pair and segment 0 if
     /// absent) and recovers it: scans the segments in order from the checkpoint, verifying
     /// every entry and the chain, calls `replay` for each valid entry in op order, truncates
@@ -1285,6 +1368,9 @@ impl Journal {
             op_promised: recovered.recovering.unwrap_or(0),
             created,
             spare,
+            recycled: VecDeque::with_capacity(SEGMENTS_RECYCLED_MAX),
+            switches_recycled: 0,
+            recycled_taken: 0,
         };
         Ok((journal, recovered))
     }
@@ -1645,18 +1731,36 @@ impl Journal {
             fdatasync(&self.segment_file, &segment_path(&dir, current)).await?;
         }
         let path = segment_path(&dir, segment);
-        let spare = self.spare.take();
-        let file = match spare {
+        let recycled = match self.recycled.pop_front() {
+            Some(old) => {
+                self.recycled_taken += 1;
+                self.segment_recycle(old, &path).await
+            }
+            None => None,
+        };
+        let spare = if recycled.is_some() {
+            None
+        } else {
+            self.spare.take()
+        };
+        let file = match (recycled, spare) {
+            // Written blocks (a released segment's entries): appends overwrite them and their
+            // fdatasync has no extent metadata to commit. The bytes after the new entries are
+            // older entries, which recovery reads as the segment's end (module docs).
+            (Some(file), _) => {
+                self.switches_recycled += 1;
+                file
+            }
             // Every byte of it is written (zeros) and durable: appends overwrite allocated,
             // initialized blocks, so their fdatasync has no extent metadata to commit.
-            Some(file) => {
+            (None, Some(file)) => {
                 let renamed = file.rename(&path).await;
                 self.spare.renamed();
                 renamed.map_err(|error| io_error(&path, error))?;
                 self.spare.count(&self.spare.switches_prepared);
                 file
             }
-            None => {
+            (None, None) => {
                 self.spare.count(&self.spare.switches_unprepared);
                 segment_create(&dir, segment, self.config.segment_bytes).await?
             }
@@ -2949,6 +3053,14 @@ impl<'a> Recovery<'a> {
                     file.close().await.map_err(|error| io_error(&path, error))?;
                     segment += 1;
                 }
+                // A reused segment ends before its stale bytes: the boundary, if the next
+                // segment carries on (engine journal docs, "Segment boundaries").
+                SegmentEnd::Torn { .. }
+                    if segment != last && self.segment_continues(segment + 1).await? =>
+                {
+                    file.close().await.map_err(|error| io_error(&path, error))?;
+                    segment += 1;
+                }
                 SegmentEnd::Torn { offset } => {
                     self.check_durable_floor(segment, offset)?;
                     match self.segments_after_torn_remove(segment, offset, last).await {
@@ -3003,6 +3115,39 @@ impl<'a> Recovery<'a> {
             return Err(self.corrupt(segment, offset, error));
         }
         Ok(())
+    }
+
+    /// Opens `segment` and reads its first chunk (`None`: the file is empty).
+    async fn segment_head(
+        &self,
+        segment: u64,
+    ) -> Result<(DmaFile, Option<ReadResult>), JournalError> {
+        let path = segment_path(&self.config.dir, segment);
+        let file = open_read_write(&path, false).await?;
+        let file_bytes = file
+            .file_size()
+            .await
+            .map_err(|error| io_error(&path, error))?;
+        let head = if file_bytes == 0 {
+            None
+        } else {
+            Some(self.chunk_read(&file, &path, 0, file_bytes).await?)
+        };
+        Ok((file, head))
+    }
+
+    /// Whether `segment` starts with the entry that continues what recovery has scanned.
+    async fn segment_continues(&self, segment: u64) -> Result<bool, JournalError> {
+        let (file, head) = self.segment_head(segment).await?;
+        let _ = file.close().await;
+        Ok(head.is_some_and(|head| {
+            format::entry_continues(
+                &head,
+                self.op_next,
+                self.checksum_previous,
+                self.config.body_bytes_max,
+            )
+        }))
     }
 
     /// Reads up to `read_bytes` at `offset` (sector aligned), never past `file_bytes`.
@@ -3201,7 +3346,10 @@ impl<'a> Recovery<'a> {
     }
 
     /// A torn segment must be the last one with entries: later segments may only be
-    /// empty leftovers of a roll-over (possible under `Never`); they are removed.
+    /// leftovers of a roll-over with no entry of this journal's later history at their
+    /// start (empty, possible under `Never`; or a reused segment holding only its older
+    /// entries, if the process stopped between the roll-over and the first write); they
+    /// are removed.
     async fn segments_after_torn_remove(
         &self,
         segment: u64,
@@ -3210,10 +3358,17 @@ impl<'a> Recovery<'a> {
     ) -> Result<(), JournalError> {
         for later in segment + 1..=last {
             let path = segment_path(&self.config.dir, later);
-            let file = open_read_write(&path, false).await?;
-            let head = read_aligned(&file, &path, 0, SECTOR_BYTES, &self.reads_buffered).await?;
-            if head.iter().any(|&byte| byte != 0) {
-                let error = format!("torn entry followed by segment {later} that holds data");
+            let (file, head) = self.segment_head(later).await?;
+            let later_history = head.as_ref().and_then(|head| {
+                format::op_max_after(
+                    head,
+                    self.config.shard,
+                    self.op_next,
+                    self.config.body_bytes_max,
+                )
+            });
+            if let Some(op) = later_history {
+                let error = format!("torn entry followed by segment {later} that holds op {op}");
                 return Err(self.corrupt(segment, offset, error));
             }
             file.remove()

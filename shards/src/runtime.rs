@@ -653,6 +653,20 @@ pub(crate) async fn checkpoint_install<S: StateMachine>(
     let written = {
         let mut follower = shard.checkpoints.borrow_mut();
         let follower = follower.as_mut()?;
+        // Released segments the follower offers go to the journal while it has room; the
+        // rest wait in the follower's ring (full, it removes what it releases).
+        while journal.recycled_room() {
+            let Some(segment) = follower.recycled_pop() else {
+                break;
+            };
+            let taken = journal.recycled_add(segment);
+            debug_assert!(taken);
+        }
+        follower.recycled_taken(journal.recycled_taken());
+        ShardMetrics::set(
+            &shard.metrics.journal_segment_switches_recycled_total,
+            journal.switches_recycled(),
+        );
         follower.note_applied(shard.core.borrow().op_last());
         match follower.poll() {
             Ok(Some(written)) => written,
@@ -690,6 +704,7 @@ pub(crate) async fn checkpoint_install<S: StateMachine>(
         write_us = written.write_us,
         install_us,
         segments_released = done.segments_released,
+        segment_switches_recycled = journal.switches_recycled(),
         op_first = done.op_first,
         "checkpoint"
     );
@@ -1042,6 +1057,7 @@ pub(crate) fn start_checkpoints<S: StateMachine + 'static>(
         write_budget: followers.write_budget.clone(),
         driven: config.bft.is_some(),
         cores: followers.cores.to_vec(),
+        recycle_max: crate::journal::segments_recycled_max(journal.config().segment_bytes),
     };
     crate::checkpoint::CheckpointFollower::spawn(
         follower_config,

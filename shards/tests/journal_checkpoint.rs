@@ -27,16 +27,21 @@ use percore_shards::checkpoint::{
 };
 use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, SUPERBLOCK_FILE_NAME,
+    segments_recycled_max,
 };
 use percore_shards::metrics::ShardMetrics;
 
-use support::{TempDir, run};
+use support::{TempDir, run, unwritten_blocks};
 
 const SHARD: u32 = 0;
 const CLUSTER_ID: u128 = 0xC4EC_0000_0000_0000_0000_0000_0000_0001;
+/// Transfers per batch; every third batch has [`RECORDS_PER_BATCH_MAX`], so that entries
+/// differ in size and a reused segment's new entries do not line up with its old ones.
 const RECORDS_PER_BATCH: usize = 24;
-const BODY_BYTES_MAX: usize = RECORDS_PER_BATCH * 128;
-/// Small segments: a batch is one 4 KiB sector (+ header: two), so a segment holds 8.
+const RECORDS_PER_BATCH_MAX: usize = 100;
+const BODY_BYTES_MAX: usize = RECORDS_PER_BATCH_MAX * 128;
+/// Small segments: a batch is two 4 KiB sectors with its header (three for the larger
+/// ones), so a segment holds about 7.
 const SEGMENT_BYTES_TEST: u64 = 64 << 10;
 const CHECKPOINT_INTERVAL_OPS_TEST: u64 = 8;
 const ACCOUNTS: u128 = 16;
@@ -62,7 +67,7 @@ fn ledger() -> Ledger {
         // Small window: it wraps during the test, so snapshots hold a wrapped ring.
         transfers_max: 1_000,
         credit_legs_in_flight_max: 64,
-        batch_entries_max: RECORDS_PER_BATCH,
+        batch_entries_max: RECORDS_PER_BATCH_MAX,
     })
 }
 
@@ -87,7 +92,12 @@ fn batch(op: u64) -> (LedgerOperation, Vec<RecordSlot>) {
             .collect();
         return (LedgerOperation::CreateAccounts, accounts);
     }
-    let transfers = (0..RECORDS_PER_BATCH as u64)
+    let records = if op.is_multiple_of(3) {
+        RECORDS_PER_BATCH_MAX
+    } else {
+        RECORDS_PER_BATCH
+    };
+    let transfers = (0..records as u64)
         .map(|index| {
             let n = op * 1000 + index;
             let debit = 1 + u128::from(n.is_multiple_of(7)) * (u128::from(n) % ACCOUNTS);
@@ -575,6 +585,7 @@ fn follower_spawn(
     journal: &Journal,
     metrics: &Arc<ShardMetrics>,
     driven: bool,
+    recycle_max: usize,
 ) -> CheckpointFollower {
     let follower_config = FollowerConfig {
         shard: SHARD as usize,
@@ -588,6 +599,7 @@ fn follower_spawn(
         )),
         driven,
         cores: Vec::new(),
+        recycle_max,
     };
     CheckpointFollower::spawn(
         follower_config,
@@ -611,7 +623,7 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
     run(move || async move {
         let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
         let metrics = Arc::new(ShardMetrics::new(SHARD));
-        let mut follower = follower_spawn(&dir, &journal, &metrics, false);
+        let mut follower = follower_spawn(&dir, &journal, &metrics, false, 0);
         let mut live = ledger();
         let mut digests = BTreeMap::new();
         let mut installed = Vec::new();
@@ -664,7 +676,7 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
         assert_eq!(checkpoint_op, OPS);
         assert_eq!(live.digest(), *digests.get(&OPS).expect("digest"));
         // The next checkpoint's release removes it with the segments it released.
-        let mut follower = follower_spawn(&dir, &journal, &metrics, false);
+        let mut follower = follower_spawn(&dir, &journal, &metrics, false, 0);
         let mut installed = Vec::new();
         let op_last = OPS + 2 * CHECKPOINT_INTERVAL_OPS_TEST;
         for op in OPS + 1..=op_last {
@@ -694,6 +706,186 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
     });
 }
 
+/// Appends `op` to a recovered journal, closes it, and checks that recovery replays it.
+async fn append_and_recover(dir: &Path, mut journal: Journal, mut ledger: Ledger, op: u64) {
+    append_and_apply(&mut journal, &mut ledger, op).await;
+    journal.close().await.expect("close");
+    let (_, recovered, _) = recover(dir).await.expect("recover");
+    assert_eq!(recovered.digest(), ledger.digest());
+}
+
+/// Hands the segments the follower offers for reuse to the journal while it has room, as
+/// the shard does on each turn.
+fn recycled_hand_over(follower: &mut CheckpointFollower, journal: &mut Journal) {
+    while journal.recycled_room() {
+        let Some(segment) = follower.recycled_pop() else {
+            break;
+        };
+        assert!(journal.recycled_add(segment));
+    }
+    follower.recycled_taken(journal.recycled_taken());
+}
+
+/// Released segments are reused instead of removed: roll-overs rename them into place,
+/// appends overwrite their written blocks (no unwritten extent left for an `fdatasync` to
+/// convert), and the bytes after the new entries, the segment's older entries, read as
+/// the segment's end at recovery, which replays every op exactly, after a clean close and
+/// with the newest segment reused but not yet written (a stop right after a roll-over).
+#[test]
+fn released_segments_are_reused_and_recovery_reads_their_stale_ends() {
+    let temp = TempDir::new("journal-checkpoint", "recycle");
+    let dir = temp.0.clone();
+    run(move || async move {
+        let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
+        let metrics = Arc::new(ShardMetrics::new(SHARD));
+        let mut follower = follower_spawn(
+            &dir,
+            &journal,
+            &metrics,
+            false,
+            segments_recycled_max(SEGMENT_BYTES_TEST),
+        );
+        let mut live = ledger();
+        let mut digests = BTreeMap::new();
+        let mut installed = Vec::new();
+        let (mut newest, mut checked) = (0, [0, 0]);
+        for op in 1..=OPS {
+            let recycled_before = journal.switches_recycled();
+            append_and_apply(&mut journal, &mut live, op).await;
+            // Just after a roll-over the new segment holds one entry (at most 4 of its 16
+            // blocks). A created one is unwritten after it (the control); a reused one was
+            // written in its first life, all but the room its last entry did not fill then
+            // (under 4 blocks).
+            let segment = *files(&dir).0.last().expect("a segment");
+            if segment != newest {
+                newest = segment;
+                let reused = journal.switches_recycled() > recycled_before;
+                let unwritten = unwritten_blocks(&dir.join(segment_file_name(segment)));
+                let expected = if reused { 0..4 } else { 12..16 };
+                assert!(
+                    expected.contains(&unwritten),
+                    "segment {segment} (reused: {reused}): {unwritten} unwritten blocks"
+                );
+                checked[usize::from(reused)] += 1;
+            }
+            if op.is_multiple_of(CHECKPOINT_INTERVAL_OPS_TEST) {
+                digests.insert(op, live.digest());
+            }
+            follower.note_applied(op);
+            // The shard waits for each checkpoint, so that releases keep pace with use.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                recycled_hand_over(&mut follower, &mut journal);
+                if let Some(written) = follower.poll().expect("follower runs") {
+                    install_checked(&mut journal, &follower, written, &digests, &mut installed)
+                        .await;
+                }
+                if !op.is_multiple_of(CHECKPOINT_INTERVAL_OPS_TEST) || installed.last() == Some(&op)
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no checkpoint at op {op}");
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let recycled = journal.switches_recycled();
+        assert!(
+            recycled >= 10,
+            "roll-overs onto released segments: {recycled}"
+        );
+        assert_eq!(checked[1], recycled);
+        assert!(checked[0] > 0, "no created segment to compare with");
+        // Offered and not yet taken: never more than the bound.
+        let offered = metrics
+            .checkpoint_segments_recycled_total
+            .load(Ordering::Relaxed);
+        assert!(offered >= recycled);
+        let waiting = offered - journal.recycled_taken();
+        assert!(waiting <= segments_recycled_max(SEGMENT_BYTES_TEST) as u64);
+        drop(follower);
+        journal.write_superblock().await.expect("superblock");
+        journal.close().await.expect("close");
+        let (journal, recovered, _) = recover(&dir).await.expect("recover");
+        assert_eq!(recovered.digest(), live.digest());
+        // A reused segment renamed into place with nothing written to it yet: the end of
+        // the journal is the segment before; recovery removes it, or (where the segment
+        // before ended cleanly) cuts it to nothing.
+        let (segments, _) = files(&dir);
+        let oldest = segments[0];
+        let next = segments.last().expect("a segment") + 1;
+        std::fs::rename(
+            dir.join(segment_file_name(oldest)),
+            dir.join(segment_file_name(next)),
+        )
+        .expect("rename");
+        journal.close().await.expect("close");
+        let (journal, again, _) = recover(&dir).await.expect("recover");
+        assert_eq!(again.digest(), live.digest());
+        if let Ok(bytes) = std::fs::read(dir.join(segment_file_name(next))) {
+            assert!(
+                bytes.iter().all(|&byte| byte == 0),
+                "segment {next} keeps no entry"
+            );
+        }
+        // The journal goes on from there.
+        append_and_recover(&dir, journal, recovered, OPS + 1).await;
+    });
+}
+
+/// Recovery reads a segment's end before stale bytes (an older entry, as a reused segment
+/// holds after its new entries) as the boundary when the next segment carries on, and
+/// replays every op; a stale entry that is not followed by the continuation is still the
+/// end of the journal.
+#[test]
+fn an_older_entry_after_a_segments_end_is_its_boundary() {
+    const WRITTEN_OPS: u64 = 40;
+    let temp = TempDir::new("journal-checkpoint", "stale-end");
+    let dir = temp.0.clone();
+    run(move || async move {
+        let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
+        let mut live = ledger();
+        for op in 1..=WRITTEN_OPS {
+            append_and_apply(&mut journal, &mut live, op).await;
+        }
+        journal.close().await.expect("close");
+        // Op 1's entry, one sector: what a reused segment would still hold.
+        let first = std::fs::read(dir.join(segment_file_name(0))).expect("segment 0");
+        let stale = &first[..4096];
+        assert_eq!(
+            percore_engine::journal::decode_entry(stale, BODY_BYTES_MAX)
+                .expect("op 1")
+                .padded_bytes,
+            4096
+        );
+        // Paste it after the entries of every segment, the last one too (whose end is the
+        // journal's: a torn tail there, cut at open).
+        let (segments, _) = files(&dir);
+        let mut pasted = 0;
+        for &segment in &segments {
+            let path = dir.join(segment_file_name(segment));
+            let mut bytes = std::fs::read(&path).expect("segment");
+            let mut end = 0;
+            while let Ok(entry) =
+                percore_engine::journal::decode_entry(&bytes[end..], BODY_BYTES_MAX)
+            {
+                end += entry.padded_bytes;
+            }
+            if end < bytes.len() {
+                bytes[end..end + 4096].copy_from_slice(stale);
+                std::fs::write(&path, &bytes).expect("paste");
+                pasted += 1;
+            }
+        }
+        assert!(
+            pasted >= 2,
+            "segments with room at the end: {pasted} of {segments:?}"
+        );
+        let (journal, recovered, _) = recover(&dir).await.expect("recover");
+        assert_eq!(recovered.digest(), live.digest());
+        append_and_recover(&dir, journal, recovered, WRITTEN_OPS + 1).await;
+    });
+}
+
 /// A driven follower (BFT mode) checkpoints exactly the ops the shard asks for, whatever
 /// `checkpoint_due` says, each with the live ledger's digest at that op.
 #[test]
@@ -703,7 +895,7 @@ fn a_driven_follower_checkpoints_only_the_ops_asked_for() {
     run(move || async move {
         let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
         let metrics = Arc::new(ShardMetrics::new(SHARD));
-        let mut follower = follower_spawn(&dir, &journal, &metrics, true);
+        let mut follower = follower_spawn(&dir, &journal, &metrics, true, 0);
         let asked = [7, 23, 50];
         let mut live = ledger();
         let mut installed = Vec::new();

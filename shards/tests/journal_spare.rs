@@ -10,7 +10,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, SEGMENT_SPARE_FILE_NAME, SegmentSpare, SpareStats,
 };
 
-use support::{TempDir, run};
+use support::{TempDir, run, unwritten_extents};
 
 const SHARD: u32 = 1;
 const RECORD_BYTES: u32 = 128;
@@ -105,32 +104,6 @@ async fn reopen_replays_exactly(config: JournalConfig, op_last: u64) -> Journal 
     let expected: Vec<_> = (1..=op_last).map(entry).collect();
     assert_eq!(replayed, expected);
     journal
-}
-
-/// Extents of `path` that the file system marks unwritten (allocated, never written), from
-/// `filefrag -v`'s extent table.
-fn unwritten_extents(path: &Path) -> usize {
-    let output = Command::new("filefrag")
-        .arg("-v")
-        .arg(path)
-        .output()
-        .expect("filefrag (e2fsprogs) runs; .ci/run installs it");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && text.contains("ext:"),
-        "filefrag could not map {}: {text} {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    text.lines()
-        .filter(|line| {
-            line.trim_start()
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_digit())
-        })
-        .filter(|line| line.contains("unwritten"))
-        .count()
 }
 
 #[test]

@@ -5,7 +5,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// Registered io memory of [`run_small`] executors (bytes): well under the 8 MiB memlock
 /// limit, even with several tests running at once.
@@ -65,4 +66,53 @@ where
         .expect("executor starts")
         .join()
         .expect("executor finishes");
+}
+
+/// The extent lines of `filefrag -v path` (the file system's own extent map): one per
+/// extent, `index: logical_start.. logical_end: physical.. : length: [expected] flags`.
+fn extent_lines(path: &Path) -> Vec<String> {
+    let output = Command::new("filefrag")
+        .arg("-v")
+        .arg(path)
+        .output()
+        .expect("filefrag (e2fsprogs) runs; .ci/run installs it");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.contains("ext:"),
+        "filefrag could not map {}: {text} {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text.lines()
+        .filter(|line| {
+            line.trim_start()
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Extents of `path` that the file system marks unwritten (allocated, never written).
+pub fn unwritten_extents(path: &Path) -> usize {
+    extent_lines(path)
+        .iter()
+        .filter(|line| line.contains("unwritten"))
+        .count()
+}
+
+/// File system blocks of `path` in unwritten extents.
+pub fn unwritten_blocks(path: &Path) -> u64 {
+    extent_lines(path)
+        .iter()
+        .filter(|line| line.contains("unwritten"))
+        .map(|line| {
+            // The fourth colon-separated field is the length.
+            let length = line.split(':').nth(3).unwrap_or("").trim();
+            length
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("no extent length in {line:?}"))
+        })
+        .sum()
 }
