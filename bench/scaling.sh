@@ -19,7 +19,10 @@
 #   spare    spread n=4 with 64 MiB segments, without and with --segment-spare, twice
 #            interleaved (10 s each): does zero-filling the next segment ahead pay here?
 #   soak     3 replicas x 4 shards on 12 cores (4 left to the checkpoint followers and the
-#            client), --load 0.5 for SOAK_S seconds with the per-second series and plot
+#            client: each replica runs on its shard cores plus those 4), --load 0.5 for SOAK_S
+#            seconds with the per-second series (JSON) and plot. A 10-minute soak
+#            (SOAK_S=600) runs past a 10-minute command limit with the peak and warm-up:
+#            start it detached (setsid) and collect soak.json when it ends.
 set -uo pipefail
 
 bin=${1:-target/release}
@@ -97,8 +100,9 @@ grep -E "push_only|2P/2C" "$out/rings-mpmc.txt" >&2
 if [ "$soak_s" -gt 0 ] && [ "$online" -ge 16 ]; then
     echo "== soak: 3 x 4 shards on 12 cores, --load 0.5, ${soak_s}s" >&2
     "$bin/percore" bench --replicas 3 --cores 0,1,2,3 --replica-core-stride 4 \
-        --load 0.5 --peak-s 5 --warmup-s 5 --duration-s "$soak_s" --series \
-        --plot "$out/soak.svg" --data-dir "$data/soak" >"$out/soak.txt" 2>"$out/soak.log"
+        --load 0.5 --peak-s 5 --warmup-s 5 --duration-s "$soak_s" --series --json \
+        --segment-mib 256 --plot "$out/soak.svg" --data-dir "$data/soak" \
+        >"$out/soak.json" 2>"$out/soak.log"
     echo "   rc=$?" >&2
     grep -E 'RSS|gap|p999|p99|committed' "$out/soak.log" | tail -12 >&2
     rm -rf "${data:?}/soak"

@@ -281,7 +281,7 @@ fn segments_inspect(
         if segment < start.segment {
             let _ = writeln!(
                 out,
-                "  segment {segment}: before the previous checkpoint (kept for a lagging peer; not scanned)"
+                "  segment {segment}: before the previous checkpoint (kept for a lagging peer or for reuse; not scanned)"
             );
             continue;
         }
