@@ -22,7 +22,7 @@
 #            client: each replica runs on its shard cores plus those 4), --load 0.5 for SOAK_S
 #            seconds with the per-second series (JSON) and plot. A 10-minute soak
 #            (SOAK_S=600) runs past a 10-minute command limit with the peak and warm-up:
-#            start it detached (setsid) and collect soak.json when it ends.
+#            bench/lease.sh starts it detached and collects it in a second command.
 set -uo pipefail
 
 bin=${1:-target/release}

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The issue-11 measurements on a borrowed many-core machine whose commands are limited to
+# 10 minutes: thread scaling, a 90 % run, then a 10-minute 50 % soak that outlives the
+# command, started detached and collected by a second command.
+#
+#   bench/lease.sh start    [BIN_DIR]   # machine, threads, 90 % run; starts the soak
+#   bench/lease.sh collect              # waits for the soak (at most WAIT_S), copies it
+#
+# BIN_DIR holds release builds of `percore` and `percore-bench` (default target/release).
+# Results go to OUT (default target/lease); the soak writes to RESULTS (default
+# /tmp/percore-lease) until collected. Environment: CORES=0,1,2,3 STRIDE=4 (3 replicas x 4
+# shards on cores 0-11, the rest for followers and the client), D90=30 D50=600 (seconds),
+# T_ITEMS=262144 T_ROUNDS=3 (threads), DATA (data directory, not tmpfs), WAIT_S=588.
+# This is how the second 16-core lease (docs/benchmarks.md) was measured: `start` took
+# 119 s, `collect` 573 s.
+set -u
+mode=${1:-}
+bin=${2:-target/release}
+out=${OUT:-target/lease}
+results=${RESULTS:-/tmp/percore-lease}
+data=${DATA:-$PWD/target/lease-data}
+mkdir -p "$out" "$results" "$data"
+
+case "$mode" in
+start)
+    cores=${CORES:-0,1,2,3}
+    stride=${STRIDE:-4}
+    t0=$(date +%s)
+    {
+        echo "date: $(date -u +%FT%TZ)"
+        echo "nproc: $(nproc)"
+        lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Socket|NUMA node\(s\)|L3'
+        echo "memlock: $(ulimit -l)"
+        free -g | head -2
+        df -hT "$data"
+        grep " $(df --output=target "$data" | tail -1) " /proc/mounts
+        uname -r
+    } >"$out/machine.txt" 2>&1
+    cat "$out/machine.txt"
+    # A soak's journals at 50 % reach tens of GB: halve the checkpoint interval on a
+    # small disk.
+    avail_g=$(df -BG --output=avail "$data" | tail -1 | tr -dc 0-9)
+    checkpoint=16384
+    [ "$avail_g" -lt 45 ] && checkpoint=8192
+    echo "== threads ($(($(date +%s) - t0)) s)"
+    timeout 150 "$bin/percore-bench" threads --rounds "${T_ROUNDS:-3}" \
+        --items "${T_ITEMS:-262144}" >"$out/threads.txt" 2>&1
+    cat "$out/threads.txt"
+    common=(--replicas 3 --cores "$cores" --replica-core-stride "$stride" --peak-s 5
+        --warmup-s 5 --segment-mib 256 --checkpoint-interval-ops "$checkpoint" --series --json)
+    echo "== 90 % for ${D90:-30} s ($(($(date +%s) - t0)) s)"
+    timeout 150 "$bin/percore" bench "${common[@]}" --load 0.9 --duration-s "${D90:-30}" \
+        --plot "$out/soak90.svg" --data-dir "$data/s90" >"$out/soak90.json" 2>"$out/soak90.log"
+    tail -8 "$out/soak90.log"
+    rm -rf "${data:?}/s90"
+    echo "== 50 % for ${D50:-600} s, detached ($(($(date +%s) - t0)) s)"
+    setsid nohup "$bin/percore" bench "${common[@]}" --load 0.5 --duration-s "${D50:-600}" \
+        --plot "$results/soak50.svg" --data-dir "$data/s50" \
+        >"$results/soak50.json" 2>"$results/soak50.log" </dev/null &
+    echo $! >"$results/pid"
+    sleep 40
+    tail -3 "$results/soak50.log"
+    ;;
+collect)
+    t0=$(date +%s)
+    pid=$(cat "$results/pid")
+    while kill -0 "$pid" 2>/dev/null && [ $(($(date +%s) - t0)) -lt "${WAIT_S:-588}" ]; do
+        sleep 2
+    done
+    kill -0 "$pid" 2>/dev/null && echo "the soak still runs after $(($(date +%s) - t0)) s"
+    cp "$results"/soak50.* "$out"/
+    rm -rf "${data:?}/s50"
+    tail -12 "$results/soak50.log"
+    ;;
+*)
+    echo "usage: bench/lease.sh start [BIN_DIR] | bench/lease.sh collect" >&2
+    exit 2
+    ;;
+esac
