@@ -859,13 +859,10 @@ impl Follower {
                 return Ok(segment);
             }
         }
-        let stopping = || self.stopping();
         let stale = self.shared.snapshot_stale_op.load(Ordering::Relaxed);
         if stale > 0 {
-            file_release(
-                &self.config.dir.join(format::snapshot_file_name(stale)),
-                stopping,
-            )?;
+            let path = self.config.dir.join(format::snapshot_file_name(stale));
+            file_release(&path, || self.stopping())?;
         }
         ShardMetrics::set(
             &self.metrics.checkpoint_release_us,

@@ -354,10 +354,8 @@ impl LocalCluster {
         if !key_file.exists() {
             crate::replication::cluster_key_write(&key_file)?;
         }
-        // With a core stride each replica has cores of its own: its process may run on
-        // them and on the cores no replica's shards use, where its checkpoint followers go
-        // (`crate::affinity`), never on another replica's shard cores. Read once, now: the
-        // caller may confine itself later (the benchmark's client keeps to the spare cores).
+        // Read once, now: the caller may confine itself later (the benchmark's client keeps
+        // to the spare cores).
         let (affinities, spare_cores) = replica_affinities(&config, &crate::affinity::allowed());
         let mut cluster = Self {
             children: (0..replicas).map(|_| None).collect(),

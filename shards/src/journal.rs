@@ -1184,7 +1184,7 @@ impl Journal {
     /// returns whether it did. The caller (the checkpoint follower, through the shard) then
     /// leaves the file alone.
     pub fn recycled_add(&mut self, segment: u64) -> bool {
-        let room = self.recycled.len() < segments_recycled_max(self.config.segment_bytes);
+        let room = self.recycled_room();
         if room {
             debug_assert!(
                 segment < self.segment_oldest,
@@ -1738,32 +1738,23 @@ impl Journal {
             }
             None => None,
         };
-        let spare = if recycled.is_some() {
-            None
-        } else {
-            self.spare.take()
-        };
-        let file = match (recycled, spare) {
+        let file = if let Some(file) = recycled {
             // Written blocks (a released segment's entries): appends overwrite them and their
             // fdatasync has no extent metadata to commit. The bytes after the new entries are
             // older entries, which recovery reads as the segment's end (module docs).
-            (Some(file), _) => {
-                self.switches_recycled += 1;
-                file
-            }
+            self.switches_recycled += 1;
+            file
+        } else if let Some(file) = self.spare.take() {
             // Every byte of it is written (zeros) and durable: appends overwrite allocated,
             // initialized blocks, so their fdatasync has no extent metadata to commit.
-            (None, Some(file)) => {
-                let renamed = file.rename(&path).await;
-                self.spare.renamed();
-                renamed.map_err(|error| io_error(&path, error))?;
-                self.spare.count(&self.spare.switches_prepared);
-                file
-            }
-            (None, None) => {
-                self.spare.count(&self.spare.switches_unprepared);
-                segment_create(&dir, segment, self.config.segment_bytes).await?
-            }
+            let renamed = file.rename(&path).await;
+            self.spare.renamed();
+            renamed.map_err(|error| io_error(&path, error))?;
+            self.spare.count(&self.spare.switches_prepared);
+            file
+        } else {
+            self.spare.count(&self.spare.switches_unprepared);
+            segment_create(&dir, segment, self.config.segment_bytes).await?
         };
         self.spare.used_bytes.set(0);
         if self.config.fsync == FsyncPolicy::Always {
