@@ -55,6 +55,17 @@ struct ThreadsOptions {
     /// Largest producer count (counts double from 1 up to it).
     #[arg(long, default_value_t = threads::THREADS_MAX_DEFAULT)]
     max_threads: usize,
+    /// Pin the consumer to the last allowed core and keep the producers on the others (as
+    /// an application keeps its threads off a node's shard cores); default: all float.
+    #[arg(long)]
+    consumer_core: bool,
+    /// Most sleeping producers one notification wakes (ours and crossbeam).
+    #[arg(long, default_value_t = percore_shards::ingest::WAKE_PER_NOTIFY_MAX)]
+    wake_max: usize,
+    /// Only these producer counts (comma-separated), instead of 1, 2, 4, ... up to
+    /// `--max-threads`.
+    #[arg(long, value_delimiter = ',')]
+    producers: Vec<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -191,15 +202,44 @@ fn run_threads(options: &ThreadsOptions, machine: &Machine) {
             threads::ITEMS_DEFAULT
         })
         .max(1);
+    let mut layout = if options.consumer_core {
+        let allowed = percore_shards::affinity::allowed();
+        let Some(layout) = threads::Layout::reserved_consumer_core(&allowed) else {
+            eprintln!(
+                "percore-bench threads: --consumer-core needs at least two allowed cores \
+                 (allowed: {allowed:?})"
+            );
+            std::process::exit(2);
+        };
+        // The consumer is this thread; producers confine themselves when spawned.
+        if let Some(core) = layout.consumer_core
+            && let Err(error) = percore_shards::affinity::confine_current(&[core])
+        {
+            eprintln!("percore-bench threads: pin the consumer to core {core}: {error}");
+            std::process::exit(1);
+        }
+        layout
+    } else {
+        threads::Layout::shared()
+    };
+    layout.wake_max = options.wake_max.max(1);
+    let layout_text = match layout.consumer_core {
+        Some(core) => format!(
+            "consumer pinned to core {core}, producers unpinned on cores {:?}",
+            layout.producer_cores
+        ),
+        None => "consumer and producers unpinned on every core".to_owned(),
+    };
     let mut stdout = std::io::stdout().lock();
     if !options.json {
         let _ = writeln!(
             stdout,
-            "percore-bench threads: {} ({} cores); producers unpinned, one consumer; \
+            "percore-bench threads: {} ({} cores); {layout_text}; wake up to {} per notify; \
              queue capacity {}; rounds: {rounds} per side, interleaved ours/crossbeam/std; \
              median reported; enqueue p50/p99 over every {}th enqueue",
             machine.cpu,
             machine.cores,
+            layout.wake_max,
             threads::QUEUE_CAPACITY,
             threads::LATENCY_SAMPLE_EVERY
         );
@@ -208,8 +248,17 @@ fn run_threads(options: &ThreadsOptions, machine: &Machine) {
     harness::spin_warmup();
     let started = Instant::now();
     let mut rows = Vec::new();
-    for producers in threads::producer_counts(options.max_threads) {
-        let row = threads::run_row(producers, items, rounds, machine);
+    let counts = if options.producers.is_empty() {
+        threads::producer_counts(options.max_threads)
+    } else {
+        options
+            .producers
+            .iter()
+            .map(|&count| count.max(1))
+            .collect()
+    };
+    for producers in counts {
+        let row = threads::run_row(producers, items, rounds, &layout, machine);
         let line = if options.json {
             serde_json::to_string(&row).expect("a row always serialises")
         } else {

@@ -6,10 +6,18 @@
 //! interleaved (ours, crossbeam, std, ours, ...), medians reported:
 //!
 //! * **ours**: the engine's [`Mpmc`] ring; a full ring is retried with the ingest back-off
-//!   ([`Waiters::retry`]: spin, then yield, then park on a condvar that the consumer
+//!   ([`Waiters::retry`]: spin, then yield, then sleep on a futex word that the consumer
 //!   notifies after each batch it pops, lock-free when nobody is parked);
 //! * **crossbeam**: `crossbeam_queue::ArrayQueue` with the *same* back-off and notification;
 //! * **std**: `std::sync::mpsc::sync_channel` (its own blocking `send`).
+//!
+//! Two layouts (`--consumer-core`), the same for every side:
+//!
+//! * **shared** (default): the consumer and the producers float over every core, so with as
+//!   many producers as cores the consumer competes with them for CPU;
+//! * **reserved consumer core**: the consumer is pinned to the last allowed core and the
+//!   producers float over the others, as on a node whose shard cores the application keeps
+//!   its own threads off (operations, "Cores").
 //!
 //! Every side reports throughput (items/s from release to the consumer's last item) and the
 //! latency of one enqueue (p50/p99 over every `LATENCY_SAMPLE_EVERY`-th enqueue, all rounds
@@ -23,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use percore_engine::ring::mpmc::Mpmc;
+use percore_shards::affinity;
 use percore_shards::ingest::{
-    INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, Waiters, until,
+    INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, WAKE_PER_NOTIFY_MAX, Waiters, until,
 };
 use serde::Serialize;
 
@@ -66,6 +75,39 @@ impl Side {
     pub const ALL: [Side; 3] = [Side::Ours, Side::Crossbeam, Side::Std];
 }
 
+/// Where the consumer and the producers run (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    /// The core the consumer is pinned to, if it has one of its own.
+    pub consumer_core: Option<usize>,
+    /// The cores the producers float over; empty: wherever they were started.
+    pub producer_cores: Vec<usize>,
+    /// Most sleeping producers one notification wakes (ours and crossbeam).
+    pub wake_max: usize,
+}
+
+impl Layout {
+    /// Everything floats over every allowed core.
+    pub fn shared() -> Self {
+        Self {
+            consumer_core: None,
+            producer_cores: Vec::new(),
+            wake_max: WAKE_PER_NOTIFY_MAX,
+        }
+    }
+
+    /// The last of `allowed` for the consumer, the rest for the producers; `None` with
+    /// fewer than two cores.
+    pub fn reserved_consumer_core(allowed: &[usize]) -> Option<Self> {
+        let (&consumer, producers) = allowed.split_last()?;
+        (!producers.is_empty()).then(|| Self {
+            consumer_core: Some(consumer),
+            producer_cores: producers.to_vec(),
+            ..Self::shared()
+        })
+    }
+}
+
 /// One round of one side.
 #[derive(Clone, Debug)]
 pub struct Round {
@@ -101,6 +143,8 @@ pub struct ThreadsRow {
     pub items_per_round: u64,
     /// Timed rounds per side.
     pub rounds: usize,
+    /// Where the consumer and the producers ran.
+    pub layout: Layout,
     /// Ours, crossbeam, std.
     pub sides: Vec<SideResult>,
     /// Ours / crossbeam median throughput (>1: ours faster).
@@ -144,11 +188,12 @@ enum Queue {
 }
 
 impl Queue {
-    fn new(side: Side) -> (Self, Option<Receiver<u64>>) {
+    fn new(side: Side, wake_max: usize) -> (Self, Option<Receiver<u64>>) {
+        let waiters = Waiters::with_wake_max(wake_max);
         match side {
-            Side::Ours => (Queue::Ours(Mpmc::new(QUEUE_CAPACITY), Waiters::new()), None),
+            Side::Ours => (Queue::Ours(Mpmc::new(QUEUE_CAPACITY), waiters), None),
             Side::Crossbeam => (
-                Queue::Crossbeam(ArrayQueue::new(QUEUE_CAPACITY), Waiters::new()),
+                Queue::Crossbeam(ArrayQueue::new(QUEUE_CAPACITY), waiters),
                 None,
             ),
             Side::Std => {
@@ -212,10 +257,12 @@ impl Queue {
     }
 }
 
-/// Runs one round: `producers` threads enqueue `per_producer` items each into a fresh queue
-/// of `side`; one consumer drains them all.
-pub fn run_round(side: Side, producers: usize, per_producer: u64) -> Round {
-    let (queue, receiver) = Queue::new(side);
+/// Runs one round: `producers` threads (confined to the layout's producer cores, if any)
+/// enqueue `per_producer` items each into a fresh queue of `side`; one consumer, the calling
+/// thread, drains them all.
+pub fn run_round(side: Side, producers: usize, per_producer: u64, layout: &Layout) -> Round {
+    let producer_cores = &layout.producer_cores[..];
+    let (queue, receiver) = Queue::new(side, layout.wake_max);
     let total = producers as u64 * per_producer;
     let barrier = Barrier::new(producers + 1);
     let deadline = Instant::now() + Duration::from_secs(ENQUEUE_DEADLINE_S);
@@ -226,6 +273,8 @@ pub fn run_round(side: Side, producers: usize, per_producer: u64) -> Round {
                 thread::Builder::new()
                     .stack_size(PRODUCER_STACK_BYTES)
                     .spawn_scoped(scope, move || {
+                        affinity::confine_current(producer_cores)
+                            .expect("confine a producer to the layout's cores");
                         let mut samples =
                             Vec::with_capacity((per_producer / LATENCY_SAMPLE_EVERY + 1) as usize);
                         barrier.wait();
@@ -291,16 +340,23 @@ fn percentile(sorted: &[u64], percentile: f64) -> u64 {
 
 /// Measures every side at `producers` producers: one warm-up round each, then `rounds`
 /// interleaved timed rounds.
-pub fn run_row(producers: usize, items: u64, rounds: usize, machine: &Machine) -> ThreadsRow {
+/// The caller has already put itself (the consumer) where `layout` says.
+pub fn run_row(
+    producers: usize,
+    items: u64,
+    rounds: usize,
+    layout: &Layout,
+    machine: &Machine,
+) -> ThreadsRow {
     assert!(producers >= 1 && rounds >= 1);
     let per_producer = (items / producers as u64).max(LATENCY_SAMPLE_EVERY);
     for side in Side::ALL {
-        run_round(side, producers, (per_producer / 8).max(1));
+        run_round(side, producers, (per_producer / 8).max(1), layout);
     }
     let mut measured: Vec<Vec<Round>> = Side::ALL.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         for (index, side) in Side::ALL.into_iter().enumerate() {
-            measured[index].push(run_round(side, producers, per_producer));
+            measured[index].push(run_round(side, producers, per_producer, layout));
         }
     }
     let sides: Vec<SideResult> = Side::ALL
@@ -328,6 +384,7 @@ pub fn run_row(producers: usize, items: u64, rounds: usize, machine: &Machine) -
         producers,
         items_per_round: per_producer * producers as u64,
         rounds,
+        layout: layout.clone(),
         ratio_vs_crossbeam: ours / sides[1].items_per_s,
         ratio_vs_std: ours / sides[2].items_per_s,
         sides,
@@ -428,9 +485,34 @@ mod tests {
     }
 
     #[test]
+    fn a_reserved_consumer_core_is_the_last_allowed_one() {
+        let layout = Layout::reserved_consumer_core(&[0, 1, 2, 3]).unwrap();
+        assert_eq!(layout.consumer_core, Some(3));
+        assert_eq!(layout.producer_cores, vec![0, 1, 2]);
+        assert_eq!(Layout::reserved_consumer_core(&[5]), None);
+        assert_eq!(Layout::reserved_consumer_core(&[]), None);
+    }
+
+    /// Producers confined to one core still move every item (the layout is applied).
+    #[test]
+    fn confined_producers_move_every_item() {
+        let core = *affinity::current().unwrap().first().unwrap();
+        let layout = Layout {
+            producer_cores: vec![core],
+            wake_max: 1,
+            ..Layout::shared()
+        };
+        let round = run_round(Side::Ours, 3, 1_000, &layout);
+        assert_eq!(
+            round.enqueue_ns.len(),
+            3 * 1_000 / LATENCY_SAMPLE_EVERY as usize
+        );
+    }
+
+    #[test]
     fn every_side_moves_every_item() {
         for side in Side::ALL {
-            let round = run_round(side, 4, 2_000);
+            let round = run_round(side, 4, 2_000, &Layout::shared());
             assert!(round.items_per_s > 0.0);
             assert_eq!(
                 round.enqueue_ns.len(),
