@@ -10,7 +10,9 @@
 # Results go to OUT (default target/lease); the soak writes to RESULTS (default
 # /tmp/percore-lease) until collected. Environment: CORES=0,1,2,3 STRIDE=4 (3 replicas x 4
 # shards on cores 0-11, the rest for followers and the client), D90=30 D50=600 (seconds),
-# T_ITEMS=262144 T_ROUNDS=3 (threads), DATA (data directory, not tmpfs), WAIT_S=588.
+# T_ITEMS=262144 T_ROUNDS=3 (threads), T_VARIANTS (extra `percore-bench threads` arguments,
+# one set per run, separated by `;`, e.g. "--wake-max 1;--consumer-core"; default one run
+# with none), DATA (data directory, not tmpfs), WAIT_S=588.
 # This is how the second 16-core lease (docs/benchmarks.md) was measured: `start` took
 # 119 s, `collect` 573 s.
 set -u
@@ -42,10 +44,17 @@ start)
     avail_g=$(df -BG --output=avail "$data" | tail -1 | tr -dc 0-9)
     checkpoint=16384
     [ "$avail_g" -lt 45 ] && checkpoint=8192
-    echo "== threads ($(($(date +%s) - t0)) s)"
-    timeout 150 "$bin/percore-bench" threads --rounds "${T_ROUNDS:-3}" \
-        --items "${T_ITEMS:-262144}" >"$out/threads.txt" 2>&1
-    cat "$out/threads.txt"
+    IFS=';' read -r -a variants <<<"${T_VARIANTS:-}"
+    [ "${#variants[@]}" -eq 0 ] && variants=("")
+    for index in "${!variants[@]}"; do
+        name=threads
+        [ "$index" -gt 0 ] && name=threads-$index
+        echo "== threads ${variants[$index]} ($(($(date +%s) - t0)) s)"
+        # shellcheck disable=SC2086 # one variant's arguments, split on purpose
+        timeout 150 "$bin/percore-bench" threads --rounds "${T_ROUNDS:-3}" \
+            --items "${T_ITEMS:-262144}" ${variants[$index]} >"$out/$name.txt" 2>&1
+        cat "$out/$name.txt"
+    done
     common=(--replicas 3 --cores "$cores" --replica-core-stride "$stride" --peak-s 5
         --warmup-s 5 --segment-mib 256 --checkpoint-interval-ops "$checkpoint" --series --json)
     echo "== 90 % for ${D90:-30} s ($(($(date +%s) - t0)) s)"
