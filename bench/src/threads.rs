@@ -6,7 +6,7 @@
 //! interleaved (ours, crossbeam, std, ours, ...), medians reported:
 //!
 //! * **ours**: the engine's [`Mpmc`] ring; a full ring is retried with the ingest back-off
-//!   ([`Waiters::retry`]: spin, then yield, then sleep on a futex word that the consumer
+//!   ([`Waiters::retry`]: spin, then yield, then park on a condvar that the consumer
 //!   notifies after each batch it pops, lock-free when nobody is parked);
 //! * **crossbeam**: `crossbeam_queue::ArrayQueue` with the *same* back-off and notification;
 //! * **std**: `std::sync::mpsc::sync_channel` (its own blocking `send`).

@@ -288,8 +288,8 @@ fn mpmc_concurrent_push_pop_drops_leftovers() {
     });
 }
 
-/// Time left for a waiter in a model: always some (the models never time out; the loom
-/// model of the futex never does either, so a lost wake-up is a deadlock loom reports).
+/// Time left for a waiter in a model: always some (the models never time out; loom's
+/// `Condvar::wait_timeout` does not either, so a lost wake-up is a deadlock loom reports).
 fn forever() -> Option<core::time::Duration> {
     Some(core::time::Duration::from_secs(3_600))
 }

@@ -19,10 +19,10 @@
 //!
 //! **Back-pressure.** [`Submitter::submit`] never waits: no free slot or a full ring is
 //! [`SubmitError::Full`] with the record handed back. [`Submitter::submit_wait`] waits until a
-//! deadline with a bounded back-off — spin a little, then `yield_now`, then sleep on a
-//! futex word ([`Waiters`]) — and returns [`SubmitError::Timeout`] if the deadline passes. The
+//! deadline with a bounded back-off — spin a little, then `yield_now`, then park on a
+//! `Condvar` ([`Waiters`]) — and returns [`SubmitError::Timeout`] if the deadline passes. The
 //! shard (ring room) and ticket holders (slots) wake parked producers; on their fast path
-//! that costs one RMW on the waiter count, never a lock.
+//! that costs one fence and one load of the waiter count, never a lock.
 //!
 //! **Waking a parked shard.** A shard with nothing to do parks in io_uring. Its drain task
 //! announces that it is going idle (a per-shard `idle` flag, after registering its waker);

@@ -1,60 +1,51 @@
-//! Waiting for room in a full ring: back off, then sleep, with a lock-free fast path for
+//! Waiting for room in a full ring: back off, then park, with a lock-free fast path for
 //! whoever makes room.
 //!
 //! The rings never block: a full ring hands the item back. Many application threads
 //! submitting into one shard (far more threads than cores) must then wait somewhere, and
 //! spinning livelocks a small machine: the waiters take the CPU the consumer needs to make
 //! room. [`Waiters`] is that somewhere. A waiter spins a little ([`Backoff`]), yields a
-//! few times, then sleeps on a futex word; whoever makes room calls [`Waiters::notify`],
-//! which costs one read-modify-write when nobody sleeps (never a lock, never a system call)
-//! and otherwise one `futex` wake for up to `wake_max` sleepers ([`WAKE_PER_NOTIFY_MAX`] by
-//! default).
-//!
-//! Why a bare futex and not a `Mutex` and `Condvar`: the notifier is the consumer (a
-//! shard), and every microsecond it spends waking producers is a microsecond it does not
-//! drain. A condition variable wakes one thread per system call, under its mutex, and each
-//! woken thread then wants that mutex back while the notifier still holds it: eight
-//! wake-ups cost the consumer eight system calls and a handful of lock hand-offs. One
-//! `FUTEX_WAKE` for `n` threads is one system call, and the woken threads take no lock.
+//! few times, then parks on a `Condvar`; whoever makes room calls [`Waiters::notify`],
+//! which costs one fence and one load when nobody is parked (never a lock, never a
+//! syscall) and wakes a bounded number of parked threads otherwise.
 //!
 //! # Protocol (no lost wake-ups)
-//! A waiter registers by incrementing `count`, reads `epoch` (the futex word), tries once
-//! more, and only then sleeps, if `epoch` still holds what it read: the kernel checks that
-//! atomically with going to sleep. A notifier that made room reads `count` with an RMW
-//! (`fetch_add(0)`, AcqRel), and if anyone waits bumps `epoch` and wakes. Both sides are
-//! RMWs on `count`, so one comes first in its modification order: if the waiter's does,
-//! the notifier reads it and wakes; if the notifier's does, the waiter's RMW reads from it
-//! (acquire after release), so its last try sees the room the notifier made before. The
-//! epoch the waiter sleeps on is read (Acquire) before that last try, and the notifier bumps
-//! it (Release) after making room: a waiter that reads the bumped epoch also sees the room,
-//! so it never sleeps on an epoch whose wake-up it missed (loom found that lost wake-up
-//! when both were Relaxed). A waiter that read the old epoch is either asleep when the
-//! wake comes (the futex contract) or finds the word changed and does not sleep. (A fence
-//! and a plain load on each side, Dekker style, is correct under the C++ model's SeqCst
-//! fences too, but loom models SeqCst as AcqRel and reports that version as a lost
-//! wake-up; the RMW costs the notifier about what the fence did, on a line only sleeping
-//! threads write.) `tests/ring_loom.rs` checks this under loom against a model of the
-//! futex whose waits never time out: a lost wake-up is a deadlock there. Sleeps are also
-//! bounded by a slice as a safety net in production; wake-ups do not depend on it.
+//! A waiter registers by incrementing `count`, reads `epoch`, tries once more, and only
+//! then locks and sleeps, if `epoch` has not moved. A notifier that made room reads `count`
+//! with an RMW (`fetch_add(0)`, AcqRel), and if anyone waits bumps `epoch` and notifies
+//! under the lock. Both sides are RMWs on `count`, so one comes first in its modification
+//! order: if the waiter's does, the notifier reads it and notifies; if the notifier's does,
+//! the waiter's RMW reads from it (acquire after release), so its last try sees the room
+//! the notifier made before. The epoch the waiter compares against is read (Acquire) before
+//! that last try, and the notifier bumps it (Release) after making room: a waiter that reads
+//! the bumped epoch also sees the room, so it never sleeps on an epoch whose notification it
+//! missed (loom found that lost wake-up when both were Relaxed). (A fence and a plain load on each side, Dekker style, is
+//! correct under the C++ model's SeqCst fences too, but loom models SeqCst as AcqRel and
+//! reports that version as a lost wake-up; the RMW costs the notifier about what the fence
+//! did, on a line only parking threads write.) The notifier bumps `epoch` before it takes
+//! the lock, so a waiter that locks after the notifier unlocked sees the new epoch and does
+//! not sleep; one that locked before is already waiting when the notification comes. `tests/ring_loom.rs` checks this under
+//! loom, whose `Condvar::wait_timeout` never times out: a lost wake-up is a deadlock there.
+//! Parks are also bounded by a slice as a safety net in production; wake-ups do not depend
+//! on it.
 //!
 //! No clock is read here: [`Waiters::retry`] asks its caller how much time is left.
 
 use core::time::Duration;
+use std::sync::PoisonError;
 
-use crate::sync::{AtomicUsize, FutexWord, Ordering, spin_loop, thread};
+use crate::sync::{AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, spin_loop, thread};
 
 /// Back-off: rounds of exponentially growing `spin_loop` bursts before yielding.
 pub const BACKOFF_SPIN_ROUNDS: u32 = 6;
 /// Back-off: `yield_now` calls after spinning, before parking. Few: with far more threads
 /// than cores, a yielding thread stays runnable and takes CPU from the consumer it waits on.
 pub const BACKOFF_YIELDS_MAX: u32 = 2;
-/// Most sleeping threads one notification wakes, by default ([`Waiters::with_wake_max`]): a
-/// woken producer fills more than one freed place when it has more to send, and waking many
-/// more than there are free places only has them run, find the ring full and sleep again.
-/// Where producers share cores with the consumer, every woken producer may also take the
-/// consumer's core from it.
+/// Most parked threads one notification wakes, by default ([`Waiters::with_wake_max`]):
+/// each wake is a futex syscall on the notifier's (the consumer's) thread, and a woken
+/// producer fills more than one freed place when it has more to send.
 pub const WAKE_PER_NOTIFY_MAX: usize = 8;
-/// A sleeping thread looks again at least this often (µs): a safety net; wake-ups do not
+/// A parked thread looks again at least this often (µs): a safety net; wake-ups do not
 /// depend on it.
 pub const PARK_SLICE_US: u64 = 2_000;
 
@@ -62,7 +53,7 @@ pub const PARK_SLICE_US: u64 = 2_000;
 /// models spin once (the protocol after the back-off is what they check).
 const SPIN_ROUNDS: u32 = if cfg!(loom) { 1 } else { BACKOFF_SPIN_ROUNDS };
 
-/// A cache line of its own, so the waiter count written by sleeping threads does not share
+/// A cache line of its own, so the waiter count written by parking threads does not share
 /// a line with whatever sits next to it.
 #[repr(align(128))]
 #[derive(Debug)]
@@ -72,34 +63,37 @@ struct Padded<T>(T);
 #[derive(Debug)]
 pub struct Waiters {
     count: Padded<AtomicUsize>,
-    /// The futex word: bumped by every notification that finds a waiter.
-    epoch: Padded<FutexWord>,
-    /// Most sleepers one notification wakes.
-    wake_max: u32,
+    epoch: AtomicU64,
+    lock: Mutex<()>,
+    wake: Condvar,
+    /// Most parked threads one notification wakes.
+    wake_max: usize,
 }
 
 impl Waiters {
-    /// An empty registry whose notifications wake up to [`WAKE_PER_NOTIFY_MAX`] sleepers.
+    /// An empty registry whose notifications wake up to [`WAKE_PER_NOTIFY_MAX`] threads.
     pub fn new() -> Self {
         Self::with_wake_max(WAKE_PER_NOTIFY_MAX)
     }
 
-    /// An empty registry whose notifications wake up to `wake_max` sleepers (at least one).
+    /// An empty registry whose notifications wake up to `wake_max` threads (at least one).
     pub fn with_wake_max(wake_max: usize) -> Self {
         Self {
             count: Padded(AtomicUsize::new(0)),
-            epoch: Padded(FutexWord::new(0)),
-            wake_max: u32::try_from(wake_max.max(1)).unwrap_or(u32::MAX),
+            epoch: AtomicU64::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            wake_max: wake_max.max(1),
         }
     }
 
-    /// Threads asleep (or about to sleep) right now. A snapshot.
+    /// Threads parked (or about to park) right now. A snapshot.
     pub fn parked(&self) -> usize {
         self.count.0.load(Ordering::Relaxed)
     }
 
     /// Room for about `freed` items was made: wakes up to that many waiters (at most the
-    /// registry's `wake_max`) with one system call. Without waiters this is one RMW.
+    /// registry's `wake_max`). Without waiters this is a fence and a load.
     #[inline]
     pub fn notify(&self, freed: usize) {
         // An RMW, not a load: see the module documentation.
@@ -108,13 +102,15 @@ impl Waiters {
             return;
         }
         // Release: a waiter that reads the new epoch (Acquire) also sees the room made.
-        self.epoch.0.word().fetch_add(1, Ordering::Release);
-        let woken = freed.min(waiting).min(self.wake_max as usize);
-        self.epoch.0.wake(woken as u32);
+        self.epoch.fetch_add(1, Ordering::Release);
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        for _ in 0..freed.min(waiting).min(self.wake_max) {
+            self.wake.notify_one();
+        }
     }
 
     /// Retries `attempt` until it succeeds or `remaining` says no time is left (`None`),
-    /// backing off: spin a little, then yield, then sleep here (each sleep at most the time
+    /// backing off: spin a little, then yield, then park here (each park at most the time
     /// left and [`PARK_SLICE_US`]). Returns the last error once time is up.
     pub fn retry<T, E>(
         &self,
@@ -136,11 +132,14 @@ impl Waiters {
             }
             // Registered before the last try: see the module documentation.
             self.count.0.fetch_add(1, Ordering::AcqRel);
-            let epoch = self.epoch.0.word().load(Ordering::Acquire);
+            let epoch = self.epoch.load(Ordering::Acquire);
             let retried = attempt();
             if retried.is_err() {
-                let slice = left.min(Duration::from_micros(PARK_SLICE_US));
-                self.epoch.0.wait(epoch, slice);
+                let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+                if self.epoch.load(Ordering::Relaxed) == epoch {
+                    let slice = left.min(Duration::from_micros(PARK_SLICE_US));
+                    let _ = self.wake.wait_timeout(guard, slice);
+                }
             }
             // AcqRel like every RMW on `count`, so that synchronization passes through it.
             self.count.0.fetch_sub(1, Ordering::AcqRel);
@@ -206,10 +205,10 @@ mod tests {
         }
     }
 
-    /// The real futex path: a waiter that went to sleep on a full ring gets the room a
+    /// The real (std) path, outside loom: a waiter that parked on a full ring gets the room a
     /// notifier makes.
     #[test]
-    fn a_sleeping_waiter_gets_the_room_made_for_it() {
+    fn a_parked_waiter_gets_the_room_made_for_it() {
         let waiters = Arc::new(Waiters::new());
         let room = Arc::new(AtomicBool::new(false));
         let waiter = {
