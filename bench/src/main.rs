@@ -62,6 +62,10 @@ struct ThreadsOptions {
     /// Most sleeping producers one notification wakes (ours and crossbeam).
     #[arg(long, default_value_t = percore_shards::ingest::WAKE_PER_NOTIFY_MAX)]
     wake_max: usize,
+    /// Lanes of the lanes side (its capacity is the others', split over them); default:
+    /// one per two cores, at most 8.
+    #[arg(long)]
+    lanes: Option<usize>,
     /// Only these producer counts (comma-separated), instead of 1, 2, 4, ... up to
     /// `--max-threads`.
     #[arg(long, value_delimiter = ',')]
@@ -223,6 +227,10 @@ fn run_threads(options: &ThreadsOptions, machine: &Machine) {
         threads::Layout::shared()
     };
     layout.wake_max = options.wake_max.max(1);
+    layout.lanes = options
+        .lanes
+        .unwrap_or_else(|| percore_engine::ring::lanes::lane_count_for(machine.cores))
+        .clamp(1, percore_engine::ring::lanes::LANES_MAX);
     let layout_text = match layout.consumer_core {
         Some(core) => format!(
             "consumer pinned to core {core}, producers unpinned on cores {:?}",
@@ -234,12 +242,13 @@ fn run_threads(options: &ThreadsOptions, machine: &Machine) {
     if !options.json {
         let _ = writeln!(
             stdout,
-            "percore-bench threads: {} ({} cores); {layout_text}; wake up to {} per notify; \
-             queue capacity {}; rounds: {rounds} per side, interleaved ours/crossbeam/std; \
+            "percore-bench threads: {} ({} cores); {layout_text}; wake up to {} per notify; {} lanes; \
+             queue capacity {}; rounds: {rounds} per side, interleaved ours/lanes/crossbeam/std; \
              median reported; enqueue p50/p99 over every {}th enqueue",
             machine.cpu,
             machine.cores,
             layout.wake_max,
+            layout.lanes,
             threads::QUEUE_CAPACITY,
             threads::LATENCY_SAMPLE_EVERY
         );

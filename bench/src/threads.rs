@@ -8,6 +8,10 @@
 //! * **ours**: the engine's [`Mpmc`] ring; a full ring is retried with the ingest back-off
 //!   ([`Waiters::retry`]: spin, then yield, then park on a condvar that the consumer
 //!   notifies after each batch it pops, lock-free when nobody is parked);
+//! * **lanes**: the engine's [`Lanes`], the same capacity split over `--lanes` MPMC rings
+//!   (by default [`lane_count_for`](percore_engine::ring::lanes::lane_count_for) the cores:
+//!   one per two cores, at most 8), producer `p` pushing into lane `p % lanes` with that
+//!   lane's back-off, the consumer draining the lanes in turn;
 //! * **crossbeam**: `crossbeam_queue::ArrayQueue` with the *same* back-off and notification;
 //! * **std**: `std::sync::mpsc::sync_channel` (its own blocking `send`).
 //!
@@ -30,6 +34,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
+use percore_engine::ring::lanes::Lanes;
 use percore_engine::ring::mpmc::Mpmc;
 use percore_shards::affinity;
 use percore_shards::ingest::{
@@ -64,6 +69,8 @@ const _: () = assert!(CONSUMER_BATCH_MAX <= QUEUE_CAPACITY);
 pub enum Side {
     /// percore `Mpmc` + ingest back-off.
     Ours,
+    /// percore `Lanes`: several `Mpmc`s, each with its own back-off.
+    Lanes,
     /// `crossbeam_queue::ArrayQueue` + the same back-off.
     Crossbeam,
     /// `std::sync::mpsc::sync_channel`.
@@ -72,7 +79,12 @@ pub enum Side {
 
 impl Side {
     /// Every side, in run order.
-    pub const ALL: [Side; 3] = [Side::Ours, Side::Crossbeam, Side::Std];
+    pub const ALL: [Side; 4] = [Side::Ours, Side::Lanes, Side::Crossbeam, Side::Std];
+
+    /// This side's place in [`Side::ALL`] (and in a row's `sides`).
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Where the consumer and the producers run (see the module documentation).
@@ -84,6 +96,8 @@ pub struct Layout {
     pub producer_cores: Vec<usize>,
     /// Most sleeping producers one notification wakes (ours and crossbeam).
     pub wake_max: usize,
+    /// Lanes of the lanes side.
+    pub lanes: usize,
 }
 
 impl Layout {
@@ -93,6 +107,7 @@ impl Layout {
             consumer_core: None,
             producer_cores: Vec::new(),
             wake_max: WAKE_PER_NOTIFY_MAX,
+            lanes: 1,
         }
     }
 
@@ -145,12 +160,16 @@ pub struct ThreadsRow {
     pub rounds: usize,
     /// Where the consumer and the producers ran.
     pub layout: Layout,
-    /// Ours, crossbeam, std.
+    /// Ours, lanes, crossbeam, std ([`Side::ALL`] order).
     pub sides: Vec<SideResult>,
     /// Ours / crossbeam median throughput (>1: ours faster).
     pub ratio_vs_crossbeam: f64,
     /// Ours / std median throughput.
     pub ratio_vs_std: f64,
+    /// Lanes / crossbeam median throughput.
+    pub lanes_vs_crossbeam: f64,
+    /// Lanes / std median throughput.
+    pub lanes_vs_std: f64,
     /// Where it ran.
     pub machine: Machine,
 }
@@ -182,16 +201,21 @@ fn expected_sum(producers: usize, per_producer: u64) -> u64 {
 /// The queue each side uses, built fresh for every round.
 enum Queue {
     Ours(Mpmc<u64>, Waiters),
+    Lanes(Lanes<u64>),
     Crossbeam(ArrayQueue<u64>, Waiters),
     /// The sender; the receiver stays with the consumer (it is not `Sync`).
     Std(SyncSender<u64>),
 }
 
 impl Queue {
-    fn new(side: Side, wake_max: usize) -> (Self, Option<Receiver<u64>>) {
-        let waiters = Waiters::with_wake_max(wake_max);
+    fn new(side: Side, layout: &Layout) -> (Self, Option<Receiver<u64>>) {
+        let waiters = Waiters::with_wake_max(layout.wake_max);
         match side {
             Side::Ours => (Queue::Ours(Mpmc::new(QUEUE_CAPACITY), waiters), None),
+            Side::Lanes => (
+                Queue::Lanes(Lanes::with_total_capacity(layout.lanes, QUEUE_CAPACITY)),
+                None,
+            ),
             Side::Crossbeam => (
                 Queue::Crossbeam(ArrayQueue::new(QUEUE_CAPACITY), waiters),
                 None,
@@ -203,13 +227,14 @@ impl Queue {
         }
     }
 
-    /// Enqueues one item, waiting for room.
+    /// Enqueues one item of `producer`, waiting for room.
     #[inline]
-    fn enqueue(&self, value: u64, deadline: Instant) {
+    fn enqueue(&self, producer: usize, value: u64, deadline: Instant) {
         let sent = match self {
             Queue::Ours(ring, waiters) => {
                 waiters.retry(until(deadline), || ring.push(value)).is_ok()
             }
+            Queue::Lanes(lanes) => lanes.push_wait(producer, value, until(deadline)).is_ok(),
             Queue::Crossbeam(queue, waiters) => {
                 waiters.retry(until(deadline), || queue.push(value)).is_ok()
             }
@@ -229,6 +254,9 @@ impl Queue {
                 waiters.notify(taken);
                 taken
             }
+            Queue::Lanes(lanes) => lanes.pop_batch(CONSUMER_BATCH_MAX, |value| {
+                *sum = sum.wrapping_add(value);
+            }),
             Queue::Crossbeam(queue, waiters) => {
                 let mut taken = 0;
                 while taken < CONSUMER_BATCH_MAX {
@@ -262,7 +290,7 @@ impl Queue {
 /// thread, drains them all.
 pub fn run_round(side: Side, producers: usize, per_producer: u64, layout: &Layout) -> Round {
     let producer_cores = &layout.producer_cores[..];
-    let (queue, receiver) = Queue::new(side, layout.wake_max);
+    let (queue, receiver) = Queue::new(side, layout);
     let total = producers as u64 * per_producer;
     let barrier = Barrier::new(producers + 1);
     let deadline = Instant::now() + Duration::from_secs(ENQUEUE_DEADLINE_S);
@@ -282,10 +310,10 @@ pub fn run_round(side: Side, producers: usize, per_producer: u64, layout: &Layou
                             let value = item(producer, seq);
                             if seq % LATENCY_SAMPLE_EVERY == 0 {
                                 let started = Instant::now();
-                                queue.enqueue(value, deadline);
+                                queue.enqueue(producer, value, deadline);
                                 samples.push(started.elapsed().as_nanos() as u64);
                             } else {
-                                queue.enqueue(value, deadline);
+                                queue.enqueue(producer, value, deadline);
                             }
                         }
                         samples
@@ -378,87 +406,104 @@ pub fn run_row(
             }
         })
         .collect();
-    let ours = sides[0].items_per_s;
+    let rate = |side: Side| sides[side.index()].items_per_s;
+    let (ours, lanes) = (rate(Side::Ours), rate(Side::Lanes));
+    let (crossbeam, std) = (rate(Side::Crossbeam), rate(Side::Std));
     ThreadsRow {
         name: "threads_into_one",
         producers,
         items_per_round: per_producer * producers as u64,
         rounds,
         layout: layout.clone(),
-        ratio_vs_crossbeam: ours / sides[1].items_per_s,
-        ratio_vs_std: ours / sides[2].items_per_s,
+        ratio_vs_crossbeam: ours / crossbeam,
+        ratio_vs_std: ours / std,
+        lanes_vs_crossbeam: lanes / crossbeam,
+        lanes_vs_std: lanes / std,
         sides,
         machine: machine.clone(),
     }
 }
 
 /// Column header of the human-readable table.
-pub const TABLE_HEADER: &str = "producers | ours items/s | crossbeam   | std         | ours p50/p99 ns | crossbeam p50/p99 | std p50/p99      | vs crossbeam | vs std";
+pub const TABLE_HEADER: &str = "producers | ours items/s | lanes       | crossbeam   | std         | ours p50/p99 ns | lanes p50/p99   | crossbeam p50/p99 | std p50/p99      | ours vs crossbeam, std | lanes vs crossbeam, std";
 
 /// One table line.
 pub fn table_line(row: &ThreadsRow) -> String {
-    let side = |index: usize| &row.sides[index];
-    let latency = |index: usize| {
+    let side = |side: Side| &row.sides[side.index()];
+    let rate = |which: Side| human_rate(side(which).items_per_s);
+    let latency = |which: Side| {
         format!(
             "{}/{}",
-            side(index).enqueue_p50_ns,
-            side(index).enqueue_p99_ns
+            side(which).enqueue_p50_ns,
+            side(which).enqueue_p99_ns
         )
     };
     format!(
-        "{:>9} | {:>12} | {:>11} | {:>11} | {:>15} | {:>17} | {:>16} | {:>11.2}x | {:>5.2}x",
+        "{:>9} | {:>12} | {:>11} | {:>11} | {:>11} | {:>15} | {:>15} | {:>17} | {:>16} | {:>10.2}x, {:>9.2}x | {:>10.2}x, {:>10.2}x",
         row.producers,
-        human_rate(side(0).items_per_s),
-        human_rate(side(1).items_per_s),
-        human_rate(side(2).items_per_s),
-        latency(0),
-        latency(1),
-        latency(2),
+        rate(Side::Ours),
+        rate(Side::Lanes),
+        rate(Side::Crossbeam),
+        rate(Side::Std),
+        latency(Side::Ours),
+        latency(Side::Lanes),
+        latency(Side::Crossbeam),
+        latency(Side::Std),
         row.ratio_vs_crossbeam,
         row.ratio_vs_std,
+        row.lanes_vs_crossbeam,
+        row.lanes_vs_std,
     )
 }
 
 /// Whether the goals were met, judged from the rows measured (reported, never
 /// asserted: benchmarks report, they do not judge).
 pub fn goals(rows: &[ThreadsRow]) -> Vec<String> {
-    let ours = |producers: usize| {
-        rows.iter()
-            .find(|row| row.producers == producers)
-            .map(|row| row.sides[0].clone())
-    };
     let mut lines = Vec::new();
-    if let (Some(two), Some(many)) = (ours(2), ours(256)) {
-        let ratio = many.items_per_s / two.items_per_s;
-        lines.push(format!(
-            "256 producers at {:.0}% of the 2-producer rate (goal >= 50%): {}",
-            ratio * 100.0,
-            if ratio >= 0.5 { "met" } else { "NOT met" }
-        ));
-    }
-    let behind: Vec<String> = rows
-        .iter()
-        .filter(|row| row.ratio_vs_crossbeam <= 1.0 || row.ratio_vs_std <= 1.0)
-        .map(|row| row.producers.to_string())
-        .collect();
-    lines.push(if behind.is_empty() {
-        "ahead of both peers at every count: met".to_owned()
-    } else {
-        format!(
-            "ahead of both peers at every count: NOT met (behind at {})",
-            behind.join(", ")
-        )
-    });
-    if let Some(one) = ours(1) {
-        lines.push(format!(
-            "uncontended enqueue p99 {} ns (goal < 500 ns): {}",
-            one.enqueue_p99_ns,
-            if one.enqueue_p99_ns < 500 {
-                "met"
-            } else {
-                "NOT met"
-            }
-        ));
+    for (which, name) in [(Side::Ours, "one ring"), (Side::Lanes, "lanes")] {
+        let at = |producers: usize| {
+            rows.iter()
+                .find(|row| row.producers == producers)
+                .map(|row| row.sides[which.index()].clone())
+        };
+        if let (Some(two), Some(many)) = (at(2), at(256)) {
+            let ratio = many.items_per_s / two.items_per_s;
+            lines.push(format!(
+                "{name}: 256 producers at {:.0}% of the 2-producer rate (goal >= 50%): {}",
+                ratio * 100.0,
+                if ratio >= 0.5 { "met" } else { "NOT met" }
+            ));
+        }
+        let behind: Vec<String> = rows
+            .iter()
+            .filter(|row| {
+                let (crossbeam, std) = match which {
+                    Side::Lanes => (row.lanes_vs_crossbeam, row.lanes_vs_std),
+                    _ => (row.ratio_vs_crossbeam, row.ratio_vs_std),
+                };
+                crossbeam <= 1.0 || std <= 1.0
+            })
+            .map(|row| row.producers.to_string())
+            .collect();
+        lines.push(if behind.is_empty() {
+            format!("{name}: ahead of both peers at every count: met")
+        } else {
+            format!(
+                "{name}: ahead of both peers at every count: NOT met (behind at {})",
+                behind.join(", ")
+            )
+        });
+        if let Some(one) = at(1) {
+            lines.push(format!(
+                "{name}: uncontended enqueue p99 {} ns (goal < 500 ns): {}",
+                one.enqueue_p99_ns,
+                if one.enqueue_p99_ns < 500 {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            ));
+        }
     }
     lines
 }

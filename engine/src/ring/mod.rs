@@ -4,8 +4,10 @@
 //! batcher). `mpmc` serves many application threads submitting into one shard. Both are
 //! allocated once at construction and never allocate again; a full ring hands the item back.
 //! `waiters` is where a thread that found a ring full backs off and parks, and how the
-//! thread that makes room wakes it without a lock on its fast path.
+//! thread that makes room wakes it without a lock on its fast path. `lanes` spreads many
+//! producers over several MPMC rings that one consumer drains in turn.
 
+pub mod lanes;
 pub mod metrics;
 pub mod mpmc;
 pub mod spsc;
