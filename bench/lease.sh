@@ -12,7 +12,9 @@
 # shards on cores 0-11, the rest for followers and the client), D90=30 D50=600 (seconds),
 # T_ITEMS=262144 T_ROUNDS=3 (threads), T_VARIANTS (extra `percore-bench threads` arguments,
 # one set per run, separated by `;`, e.g. "--wake-max 1;--consumer-core"; default one run
-# with none), DATA (data directory, not tmpfs), WAIT_S=588.
+# with none), DISK_S=20 (seconds of `percore-bench disk` with 12 writers, after 10 s with
+# one; 0 skips it), DATA (data directory, not tmpfs), WAIT_S=588. `collect` also keeps the
+# soak's node logs (soak50-logs.tar.gz).
 # This is how the second 16-core lease (docs/benchmarks.md) was measured: `start` took
 # 119 s, `collect` 573 s.
 set -u
@@ -55,6 +57,15 @@ start)
             --items "${T_ITEMS:-262144}" ${variants[$index]} >"$out/$name.txt" 2>&1
         cat "$out/$name.txt"
     done
+    if [ "${DISK_S:-20}" -gt 0 ]; then
+        for writers in 1 12; do
+            echo "== disk, $writers writers ($(($(date +%s) - t0)) s)"
+            seconds=$([ "$writers" -eq 1 ] && echo 10 || echo "${DISK_S:-20}")
+            timeout 120 "$bin/percore-bench" disk --writers "$writers" --duration-s "$seconds" \
+                --dir "$data/disk" >"$out/disk-$writers.txt" 2>&1
+            cat "$out/disk-$writers.txt"
+        done
+    fi
     common=(--replicas 3 --cores "$cores" --replica-core-stride "$stride" --peak-s 5
         --warmup-s 5 --segment-mib 256 --checkpoint-interval-ops "$checkpoint" --series --json)
     echo "== 90 % for ${D90:-30} s ($(($(date +%s) - t0)) s)"
@@ -78,6 +89,8 @@ collect)
     done
     kill -0 "$pid" 2>/dev/null && echo "the soak still runs after $(($(date +%s) - t0)) s"
     cp "$results"/soak50.* "$out"/
+    (cd "$data/s50" && tar czf "$out/soak50-logs.tar.gz" replica-*.log) ||
+        echo "no node logs kept"
     rm -rf "${data:?}/s50"
     tail -12 "$results/soak50.log"
     ;;

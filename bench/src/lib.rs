@@ -7,6 +7,7 @@
 //! checks it: a benchmark that loses or duplicates items fails loudly instead of looking fast.
 //! It must never assert on timings: benchmarks report, they do not judge.
 
+pub mod disk;
 pub mod harness;
 pub mod item;
 pub mod machine;

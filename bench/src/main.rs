@@ -10,7 +10,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use percore_bench::harness::{self, Bench, RowResult};
 use percore_bench::machine::{Machine, Pins, Role};
-use percore_bench::{pools, rings, threads};
+use percore_bench::{disk, pools, rings, threads};
 
 /// `--quick` divides item counts by this.
 const QUICK_ITEMS_DIVISOR: u64 = 8;
@@ -36,6 +36,34 @@ enum Suite {
     /// 1 to 1,024 application threads enqueueing into one consumer: ours beside crossbeam
     /// and std, throughput and enqueue latency.
     Threads(ThreadsOptions),
+    /// Write + fdatasync latency while several writers append and sync at once, as a
+    /// node's journals do (the disk's share of commit latency).
+    Disk(DiskOptions),
+}
+
+#[derive(Debug, Args)]
+struct DiskOptions {
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Concurrent writers, one file each.
+    #[arg(long, default_value_t = 12)]
+    writers: usize,
+    /// KiB per write (a multiple of 4).
+    #[arg(long, default_value_t = 128)]
+    write_kib: usize,
+    /// Writes (each followed by fdatasync) per second per writer; 0: back to back.
+    #[arg(long, default_value_t = 160)]
+    rate_per_writer: u32,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 20)]
+    duration_s: u64,
+    /// Pre-allocate the files (unwritten extents) instead of writing them first.
+    #[arg(long)]
+    unwritten: bool,
+    /// Directory for the files (on the disk to measure; not tmpfs, which has no O_DIRECT).
+    #[arg(long)]
+    dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +155,7 @@ fn run(cli: &Cli) {
     let machine = Machine::detect();
     let (suite_name, options, benches) = match &cli.suite {
         Suite::Threads(options) => return run_threads(options, &machine),
+        Suite::Disk(options) => return run_disk(options, &machine),
         Suite::Rings(options) => (
             "rings",
             options,
@@ -191,6 +220,42 @@ fn print_row(out: &mut impl Write, row: &RowResult, json: bool) {
     // Rows stream as they finish; a closed pipe just ends the output.
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+fn run_disk(options: &DiskOptions, machine: &Machine) {
+    if options.writers == 0 || options.write_kib == 0 || !options.write_kib.is_multiple_of(4) {
+        eprintln!(
+            "percore-bench disk: --writers must be at least 1 and --write-kib a positive multiple of 4"
+        );
+        std::process::exit(2);
+    }
+    let config = disk::DiskConfig {
+        writers: options.writers,
+        write_bytes: options.write_kib * 1024,
+        rate_per_writer: options.rate_per_writer,
+        duration_s: options.duration_s.max(1),
+        unwritten: options.unwritten,
+    };
+    let report = match disk::run(&config, &options.dir, machine) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!(
+                "percore-bench disk: {}: {error} (O_DIRECT needs a real file system, not tmpfs)",
+                options.dir.display()
+            );
+            std::process::exit(1);
+        }
+    };
+    if options.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("a report always serialises")
+        );
+    } else {
+        for line in disk::report_lines(&report) {
+            println!("{line}");
+        }
+    }
 }
 
 fn run_threads(options: &ThreadsOptions, machine: &Machine) {
