@@ -29,13 +29,31 @@ use serde::Serialize;
 
 use crate::cluster::{self, ClusterError, LocalCluster};
 use crate::loadgen::{BenchError, LatencyRow};
-use crate::metrics::COMMIT_GAP_BUCKETS_US;
+use crate::metrics::{COMMIT_GAP_BUCKETS_US, LATENCY_BUCKETS_US};
 
 /// How often the leaders' commit ops are sampled (the sampled commit gap's resolution).
 pub const SAMPLE_INTERVAL_MS: u64 = 100;
 /// In-node commit gaps longer than this (µs) are counted separately: under load a shard
 /// should commit at least this often.
 pub const COMMIT_GAP_GOAL_US: u64 = 1_000;
+/// Journal group commits (write and `fdatasync`) slower than this (µs) are counted
+/// separately: the disk's share of a slow second.
+pub const JOURNAL_COMMIT_SLOW_US: u64 = 5_000;
+const _: () = assert!(is_latency_bound(JOURNAL_COMMIT_SLOW_US));
+/// Buckets of the exported latency histograms (the last is the overflow bucket).
+const LATENCY_BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+
+/// Whether `us` is one of [`LATENCY_BUCKETS_US`].
+const fn is_latency_bound(us: u64) -> bool {
+    let mut index = 0;
+    while index < LATENCY_BUCKETS_US.len() {
+        if LATENCY_BUCKETS_US[index] == us {
+            return true;
+        }
+        index += 1;
+    }
+    false
+}
 /// Buckets of the exported commit-gap histogram (the last is the overflow bucket).
 const GAP_BUCKETS: usize = COMMIT_GAP_BUCKETS_US.len() + 1;
 const _: () = assert!(is_gap_bound(COMMIT_GAP_GOAL_US));
@@ -90,6 +108,8 @@ pub struct SeriesPoint {
     /// The longest of them, at most this many µs ([`CommitGaps::longest_at_most_us`]);
     /// `None` when none was recorded (no work waited to commit).
     pub longest_commit_gap_at_most_us: Option<u64>,
+    /// Journal group commits (write and `fdatasync`) in this second, every replica's.
+    pub journal_commits: JournalCommits,
 }
 
 /// The series and what it says about a long run.
@@ -115,6 +135,8 @@ pub struct SoakReport {
     /// bound at [`SAMPLE_INTERVAL_MS`] resolution (a steady stream reads as one interval).
     /// It catches a leader that stops committing, which the in-node histogram cannot.
     pub longest_commit_gap_sampled_ms: u64,
+    /// Journal group commits over the window, every replica's.
+    pub journal_commits: JournalCommits,
     /// Client request latency p999 over the whole run (µs).
     pub p999_us: u64,
     /// Scrapes that failed and were skipped or retried.
@@ -251,6 +273,65 @@ impl CommitGaps {
     }
 }
 
+/// Journal group commits (write and `fdatasync`, `percore_journal_commit_seconds`) of one or
+/// more journals between two scrapes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct JournalCommits {
+    /// Group commits.
+    pub commits: u64,
+    /// Of those, commits slower than [`JOURNAL_COMMIT_SLOW_US`].
+    pub slow: u64,
+    /// The slowest, at most this many µs (the upper bound of the highest bucket that counted
+    /// one; the overflow bucket reports its lower bound, 2 s); `None` without commits.
+    pub slowest_at_most_us: Option<u64>,
+}
+
+impl JournalCommits {
+    /// The commits of one journal between a scrape whose cumulative buckets were `before`
+    /// and one where they were `after`.
+    pub fn between(before: &[u64], after: &[u64]) -> Self {
+        debug_assert_eq!(before.len(), LATENCY_BUCKETS);
+        debug_assert_eq!(after.len(), LATENCY_BUCKETS);
+        let cumulative = |index: usize| after[index].saturating_sub(before[index]);
+        let in_bucket = |index: usize| {
+            let below = index.checked_sub(1).map_or(0, cumulative);
+            cumulative(index).saturating_sub(below)
+        };
+        let slow_bound = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&bound| bound == JOURNAL_COMMIT_SLOW_US)
+            .expect("the slow bound is a bucket bound");
+        let last = LATENCY_BUCKETS - 1;
+        Self {
+            commits: cumulative(last),
+            slow: cumulative(last).saturating_sub(cumulative(slow_bound)),
+            slowest_at_most_us: (0..LATENCY_BUCKETS)
+                .rev()
+                .find(|&index| in_bucket(index) > 0)
+                .map(|index| LATENCY_BUCKETS_US[index.min(LATENCY_BUCKETS_US.len() - 1)]),
+        }
+    }
+
+    /// Both sets together (several journals).
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            commits: self.commits + other.commits,
+            slow: self.slow + other.slow,
+            slowest_at_most_us: self.slowest_at_most_us.max(other.slowest_at_most_us),
+        }
+    }
+}
+
+/// The journal commits of every journal between two scrapes.
+fn journal_commits(before: &Scrape, after: &Scrape) -> JournalCommits {
+    before
+        .journal_commit_buckets
+        .iter()
+        .zip(&after.journal_commit_buckets)
+        .map(|(before, after)| JournalCommits::between(before, after))
+        .fold(JournalCommits::default(), JournalCommits::merge)
+}
+
 /// The in-node commit gaps of every leader between two scrapes.
 fn commit_gaps(before: &Scrape, after: &Scrape) -> CommitGaps {
     (0..after.commit_gap_buckets.len())
@@ -298,6 +379,9 @@ struct Scrape {
     commit_gap_buckets: Vec<Vec<u64>>,
     /// Per shard, the longest `percore_commit_gap_max_us` of any replica.
     commit_gap_max_us: Vec<u64>,
+    /// Per replica and shard (replica-major), the cumulative `percore_journal_commit_seconds`
+    /// buckets.
+    journal_commit_buckets: Vec<Vec<u64>>,
 }
 
 fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
@@ -346,7 +430,21 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
             buckets
         })
         .collect();
+    let journal_commit_buckets = texts
+        .iter()
+        .flat_map(|text| {
+            (0..shards).map(move |shard| {
+                cluster::histogram_buckets_sized(
+                    text,
+                    "percore_journal_commit_seconds",
+                    shard,
+                    LATENCY_BUCKETS,
+                )
+            })
+        })
+        .collect();
     Ok(Scrape {
+        journal_commit_buckets,
         commit_op: over_replicas("percore_commit_op", u64::max),
         applied: over_replicas("percore_tx_applied_total", sum),
         commit_gap_buckets,
@@ -429,6 +527,7 @@ pub fn sample_window(
             pool_batches_high_water: sample.pool_batches_high_water.clone(),
             commit_gaps: point_gaps.gaps,
             longest_commit_gap_at_most_us: point_gaps.longest_at_most_us,
+            journal_commits: journal_commits(point_scrape.as_ref().unwrap_or(&first), &sample),
         };
         print_progress(&point, gaps.longest());
         series.push(point);
@@ -447,6 +546,7 @@ pub fn sample_window(
             commit_gaps_over_goal: run_gaps.over_goal,
             commit_gap_goal_us: COMMIT_GAP_GOAL_US,
             longest_commit_gap_sampled_ms: gaps.longest().as_millis() as u64,
+            journal_commits: journal_commits(&first, point_scrape.as_ref().unwrap_or(&first)),
             p999_us: 0,
             scrape_failures,
         },
@@ -465,7 +565,7 @@ fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
         .map(|kib| format!("{:.0}", *kib as f64 / 1024.0))
         .collect();
     eprintln!(
-        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)",
+        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)  journal commit {}",
         point.t_s,
         point.committed_tx_per_s,
         point.latency_us.p50,
@@ -476,7 +576,8 @@ fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
         point.pool_transactions_high_water,
         point.pool_batches_high_water,
         gap_text(point.longest_commit_gap_at_most_us),
-        sampled_gap.as_millis()
+        sampled_gap.as_millis(),
+        gap_text(point.journal_commits.slowest_at_most_us),
     );
 }
 
@@ -503,6 +604,13 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
         format!(
             "longest commit gap, sampled (leaders' percore_commit_op every {SAMPLE_INTERVAL_MS} ms, idle time included): {} ms",
             report.longest_commit_gap_sampled_ms
+        ),
+        format!(
+            "journal group commits (write + fdatasync, every replica): {}, {} over {} µs, slowest {}",
+            report.journal_commits.commits,
+            report.journal_commits.slow,
+            JOURNAL_COMMIT_SLOW_US,
+            gap_text(report.journal_commits.slowest_at_most_us)
         ),
         format!("request latency p999 over the run: {} µs", report.p999_us),
         format!(
@@ -657,6 +765,7 @@ mod tests {
             pool_batches_high_water: vec![1],
             commit_gaps: 100,
             longest_commit_gap_at_most_us: Some(500),
+            journal_commits: JournalCommits::default(),
         }
     }
 
@@ -735,6 +844,45 @@ mod tests {
         let both = gaps.merge(CommitGaps::between(&before, &after, 5_000));
         assert_eq!((both.gaps, both.over_goal), (10, 3));
         assert_eq!(both.longest_at_most_us, Some(3_200_000));
+    }
+
+    /// Cumulative latency buckets with `counts[i]` commits in the bucket bounded by `i`'s
+    /// value (µs; `None`: the overflow bucket).
+    fn latency_cumulative(counts: &[(Option<u64>, u64)]) -> Vec<u64> {
+        let mut per_bucket = [0u64; LATENCY_BUCKETS];
+        for &(bound, count) in counts {
+            let index = bound.map_or(LATENCY_BUCKETS - 1, |us| {
+                LATENCY_BUCKETS_US.iter().position(|&b| b == us).unwrap()
+            });
+            per_bucket[index] += count;
+        }
+        per_bucket
+            .iter()
+            .scan(0, |sum, count| {
+                *sum += count;
+                Some(*sum)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn journal_commits_between_two_scrapes_count_the_slow_ones() {
+        let before = latency_cumulative(&[(Some(500), 100), (Some(20_000), 1)]);
+        let after = latency_cumulative(&[(Some(500), 160), (Some(20_000), 1), (Some(7_000), 3)]);
+        let commits = JournalCommits::between(&before, &after);
+        assert_eq!(commits.commits, 63);
+        assert_eq!(commits.slow, 3, "over 5 ms: the three up to 7 ms");
+        assert_eq!(commits.slowest_at_most_us, Some(7_000));
+        assert_eq!(
+            JournalCommits::between(&after, &after),
+            JournalCommits::default()
+        );
+        let stuck = latency_cumulative(&[(None, 1)]);
+        let overflow = JournalCommits::between(&latency_cumulative(&[]), &stuck);
+        assert_eq!(overflow.slowest_at_most_us, Some(2_000_000));
+        let both = overflow.merge(commits);
+        assert_eq!((both.commits, both.slow), (64, 4));
+        assert_eq!(both.slowest_at_most_us, Some(2_000_000));
     }
 
     #[test]
