@@ -668,13 +668,19 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
     let ms = |us: u64| (us.max(1) as f64) / 1_000.0;
     let latency_max = series
         .iter()
-        .flat_map(|p| [Some(p.latency_us.p999), p.longest_commit_gap_at_most_us])
+        .flat_map(|p| {
+            [
+                Some(p.latency_us.p999),
+                p.longest_commit_gap_at_most_us,
+                p.journal_commits.slowest_at_most_us,
+            ]
+        })
         .flatten()
         .map(ms)
         .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&panels[1])
         .caption(
-            "request latency and longest in-node commit gap per second (ms, log)",
+            "request latency, longest in-node commit gap and slowest journal commit per second (ms, log)",
             ("sans-serif", 20),
         )
         .margin(10)
@@ -707,6 +713,16 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         ))?
         .label("commit gap (in-node, at most)")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gap_color));
+    let journal_color = RGBColor(140, 90, 0);
+    chart
+        .draw_series(LineSeries::new(
+            series
+                .iter()
+                .filter_map(|p| Some((p.t_s, ms(p.journal_commits.slowest_at_most_us?)))),
+            &journal_color,
+        ))?
+        .label("journal commit, write + fdatasync (slowest, at most)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], journal_color));
     chart
         .configure_series_labels()
         .background_style(WHITE)
