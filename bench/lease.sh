@@ -15,8 +15,10 @@
 # with none), DISK_S=20 (seconds of `percore-bench disk` with 12 writers, after 10 s with
 # one; 0 skips it), DATA (data directory, not tmpfs), WAIT_S=588. `collect` also keeps the
 # soak's node logs (soak50-logs.tar.gz).
-# This is how the second 16-core lease (docs/benchmarks.md) was measured: `start` took
-# 119 s, `collect` 573 s.
+# This is how the second and third 16-core leases (docs/benchmarks.md) were measured:
+# `start` took 119 s (third: 157 s with four threads runs), `collect` 573 s (596 s); the
+# third held the machine 787 s for both, start included, of a 900 s budget. The disk probe
+# (about 35 s) and the lanes side of the threads run (about a third more) came after it.
 set -u
 mode=${1:-}
 bin=${2:-target/release}
