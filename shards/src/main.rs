@@ -814,6 +814,7 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
                 node.metrics().to_vec(),
                 node_text,
                 stop.clone(),
+                node.helper_cores().to_vec(),
             )?;
             say!("metrics on http://{bound}/metrics");
             Some(handle)

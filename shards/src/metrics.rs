@@ -515,27 +515,34 @@ pub fn render_all(shards: &[Arc<ShardMetrics>]) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `addr` from a plain thread (off the shard cores) until `stop`.
+/// Serves `GET /metrics` on `addr` from a plain thread (not a shard's executor) until
+/// `stop`; the thread runs wherever its spawner may.
 pub fn serve(
     addr: SocketAddr,
     shards: Vec<Arc<ShardMetrics>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
-    serve_with_node_text(addr, shards, String::new(), stop)
+    serve_with_node_text(addr, shards, String::new(), stop, Vec::new())
 }
 
 /// [`serve`], with `node_text` (node-level samples that never change, such as
-/// `crate::config::render_node_gauges`) appended to every scrape.
+/// `crate::config::render_node_gauges`) appended to every scrape, on a thread confined to
+/// `cores` (a node's [`crate::runtime::Node::helper_cores`], so that rendering a scrape
+/// never takes a shard's core; empty: wherever the spawner may run).
 pub fn serve_with_node_text(
     addr: SocketAddr,
     shards: Vec<Arc<ShardMetrics>>,
     node_text: String,
     stop: Arc<AtomicBool>,
+    cores: Vec<usize>,
 ) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     let handle = std::thread::Builder::new().name("percore-metrics".into()).spawn(move || {
+        if let Err(error) = crate::affinity::confine_current(&cores) {
+            tracing::warn!(?cores, %error, "metrics thread: could not confine to the helper cores");
+        }
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((mut stream, _)) => {

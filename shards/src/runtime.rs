@@ -284,6 +284,8 @@ pub struct Node<S: StateMachine + Send + 'static> {
     metrics: Vec<Arc<ShardMetrics>>,
     stop: Arc<AtomicBool>,
     ingest: Arc<crate::ingest::Ingress<S>>,
+    /// [`Node::helper_cores`].
+    helper_cores: Arc<[usize]>,
 }
 
 /// A seed the OS randomised for this process (for table hashes that clients must not be
@@ -393,6 +395,7 @@ where
         if config.journal.is_some() {
             tracing::info!(cores = ?followers.cores, "checkpoint followers run on these cores");
         }
+        let helper_cores = followers.cores.clone();
         // A replica's data directory is formatted once; its journals are created at its
         // first start only (`crate::format`).
         let format_identity = format_identity(&config);
@@ -492,6 +495,7 @@ where
             metrics,
             stop,
             ingest,
+            helper_cores,
         })
     }
 
@@ -509,6 +513,13 @@ where
     /// Each shard's metrics.
     pub fn metrics(&self) -> &[Arc<ShardMetrics>] {
         &self.metrics
+    }
+
+    /// The cores for the node's helper threads (checkpoint followers, the metrics server):
+    /// those allowed that no shard uses, or all allowed ones when the shards use every one
+    /// ([`crate::affinity::helper_cores`], read before any shard pinned itself).
+    pub fn helper_cores(&self) -> &[usize] {
+        &self.helper_cores
     }
 
     /// The flag that stops the node; signal handlers set it.

@@ -1,4 +1,4 @@
-//! A node's checkpoint followers run off its shards' cores.
+//! A node's checkpoint followers and its metrics server run off its shards' cores.
 //!
 //! A follower is spawned by its shard, whose executor is pinned: left alone it would inherit
 //! the shard's core and take its time from the shard. A one-shard node on core 0 of a
@@ -36,7 +36,7 @@ fn threads_cores(prefix: &str) -> Vec<Vec<usize>> {
 }
 
 #[test]
-fn the_checkpoint_follower_runs_on_the_cores_the_shards_leave() {
+fn helper_threads_run_on_the_cores_the_shards_leave() {
     let temp = TempDir::new("affinity", "follower");
     let config = NodeConfig {
         cores: vec![0],
@@ -93,5 +93,33 @@ fn the_checkpoint_follower_runs_on_the_cores_the_shards_leave() {
         shard_threads.iter().all(|cores| *cores == [0]),
         "{shard_threads:?}"
     );
+    // The metrics server, given the node's helper cores, runs there too.
+    assert_eq!(node.helper_cores(), &expected[..]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (_, server) = percore_shards::metrics::serve_with_node_text(
+        "127.0.0.1:0".parse().unwrap(),
+        node.metrics().to_vec(),
+        String::new(),
+        stop.clone(),
+        node.helper_cores().to_vec(),
+    )
+    .expect("metrics server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Set by the thread itself as it starts: wait until it has.
+        if let [cores] = &threads_cores("percore-metrics")[..]
+            && *cores == expected
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics thread: {:?}, expected {expected:?}",
+            threads_cores("percore-metrics")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().expect("metrics thread");
     node.shutdown().expect("shutdown");
 }
