@@ -116,7 +116,29 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
             longest_us <= soak["longest_commit_gap_at_most_us"].as_u64(),
             "a second's longest gap exceeds the run's: {point}"
         );
+        // Every replica's journals commit every second under load, and say how slowly.
+        let journal = &point["journal_commits"];
+        assert!(journal["commits"].as_u64() > Some(0), "{point}");
+        assert!(
+            journal["slow"].as_u64() <= journal["commits"].as_u64(),
+            "{point}"
+        );
+        assert!(
+            journal["slowest_at_most_us"]
+                .as_u64()
+                .is_some_and(|us| us > 0),
+            "{point}"
+        );
     }
+    let journal_commits: u64 = series
+        .iter()
+        .map(|point| point["journal_commits"]["commits"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        soak["journal_commits"]["commits"].as_u64(),
+        Some(journal_commits),
+        "the run's journal commits are the seconds' commits"
+    );
     let gaps = soak["commit_gaps"].as_u64().expect("in-node gaps counted");
     let per_second: u64 = series
         .iter()
