@@ -314,6 +314,13 @@ fn waiters_never_lose_a_wake_up() {
         let tokens = Arc::new(AtomicUsize::new(0));
         let (w, t) = (waiters.clone(), tokens.clone());
         let waiter = thread::spawn(move || w.retry(forever, || take(&t)));
+        // Make the room only once the waiter has registered, so that the models cover its
+        // last try, its park and the notification in every order (loom runs a yielding
+        // thread last: without this wait the waiter would never get as far as parking
+        // before the room is made, and a missing notification would go unseen).
+        while waiters.parked() == 0 {
+            thread::yield_now();
+        }
         tokens.fetch_add(1, Ordering::Release);
         waiters.notify(1);
         assert_eq!(waiter.join().unwrap(), Ok(()));
