@@ -64,6 +64,11 @@ const CONDITION_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout of one connectivity probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a freshly built network may take to pass traffic between every pair of hosts
+/// (links come up asynchronously; on a loaded machine the first probe can fail).
+const NETWORK_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between probes while the network settles.
+const NETWORK_SETTLE_RETRY: Duration = Duration::from_millis(50);
 /// Socket timeout of one try of a client that follows leaders: a leader cut off the network
 /// answers nothing, and the client must give up on it well inside its request deadline.
 const FOLLOWING_TRY_TIMEOUT: Duration = Duration::from_millis(1_000);
@@ -266,6 +271,20 @@ fn reachable(address: Ipv4Addr) -> bool {
     match TcpStream::connect_timeout(&target, PROBE_TIMEOUT) {
         Ok(_) => true,
         Err(error) => error.kind() == std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
+/// Whether `address` becomes [`reachable`] within [`NETWORK_SETTLE_TIMEOUT`].
+fn reachable_once_settled(address: Ipv4Addr) -> bool {
+    let deadline = Instant::now() + NETWORK_SETTLE_TIMEOUT;
+    loop {
+        if reachable(address) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(NETWORK_SETTLE_RETRY);
     }
 }
 
@@ -822,7 +841,7 @@ fn connected_network() -> Option<Network> {
     in_namespace(&client_namespace, || {
         for replica in 0..REPLICAS {
             assert!(
-                reachable(network.node_address(replica)),
+                reachable_once_settled(network.node_address(replica)),
                 "client cannot reach replica {replica} at {}",
                 network.node_address(replica)
             );
@@ -833,7 +852,7 @@ fn connected_network() -> Option<Network> {
         in_namespace(&network.node_namespace(from), || {
             for to in (0..REPLICAS).filter(|&to| to != from) {
                 assert!(
-                    reachable(network.node_address(to)),
+                    reachable_once_settled(network.node_address(to)),
                     "replica {from} cannot reach replica {to}"
                 );
             }
