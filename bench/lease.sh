@@ -15,6 +15,8 @@
 # with none), DISK_S=20 (seconds of `percore-bench disk` with 12 writers, after 10 s with
 # one; 0 skips it), DATA (data directory, not tmpfs), WAIT_S=588. `collect` also keeps the
 # soak's node logs (soak50-logs.tar.gz).
+# PACK=FILE.tar.gz packs OUT into one archive at the end of either mode (a machine that
+# hands back at most 8 files per command: put OUT outside what comes back, PACK inside).
 # This is how the second and third 16-core leases (docs/benchmarks.md) were measured:
 # `start` took 119 s (third: 157 s with four threads runs), `collect` 573 s (596 s); the
 # third held the machine 787 s for both, start included, of a 900 s budget. The disk probe
@@ -101,3 +103,6 @@ collect)
     exit 2
     ;;
 esac
+if [ -n "${PACK:-}" ]; then
+    tar czf "$PACK" -C "$out" . && echo "packed $out into $PACK"
+fi
