@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::harness::percentile;
 use crate::machine::Machine;
 
 /// Bytes of each writer's file; writes wrap around in it.
@@ -69,18 +70,11 @@ pub struct Percentiles {
 impl Percentiles {
     fn of(samples: &mut [u64]) -> Self {
         samples.sort_unstable();
-        let at = |fraction: f64| {
-            if samples.is_empty() {
-                return 0;
-            }
-            let rank = (fraction * (samples.len() - 1) as f64).round() as usize;
-            samples[rank.min(samples.len() - 1)]
-        };
         Self {
             count: samples.len(),
-            p50_us: at(0.50),
-            p99_us: at(0.99),
-            p999_us: at(0.999),
+            p50_us: percentile(samples, 50.0),
+            p99_us: percentile(samples, 99.0),
+            p999_us: percentile(samples, 99.9),
             max_us: samples.last().copied().unwrap_or(0),
         }
     }
@@ -277,12 +271,11 @@ pub fn report_lines(report: &DiskReport) -> Vec<String> {
     };
     let mut lines = vec![
         format!(
-            "percore-bench disk: {} ({} cores); {} writers x {} KiB {}, {} per writer, {} s, files {}",
+            "percore-bench disk: {} ({} cores); {} writers x {} KiB O_DIRECT + fdatasync, {} per writer, {} s, files {}",
             report.machine.cpu,
             report.machine.cores,
             config.writers,
             config.write_bytes / 1024,
-            "O_DIRECT + fdatasync",
             match config.rate_per_writer {
                 0 => "back to back".to_owned(),
                 rate => format!("{rate}/s"),

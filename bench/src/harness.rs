@@ -225,6 +225,15 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The `percentile` (0..=100) of `sorted` samples; 0 for none.
+pub fn percentile(sorted: &[u64], percentile: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((percentile / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
 /// Bounded spin, then yield: fair to every queue alike, and keeps oversubscribed rows
 /// (more threads than cores) from burning whole time slices on a waiting thread.
 #[derive(Debug, Default)]

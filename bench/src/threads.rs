@@ -42,7 +42,7 @@ use percore_shards::ingest::{
 };
 use serde::Serialize;
 
-use crate::harness::{Backoff, median};
+use crate::harness::{Backoff, median, percentile};
 use crate::machine::Machine;
 
 /// Capacity of every side's queue: the ingest ring's default.
@@ -87,7 +87,8 @@ impl Side {
     }
 }
 
-/// Where the consumer and the producers run (see the module documentation).
+/// How a row runs: where the consumer and the producers run (see the module
+/// documentation), and the waking and lane settings of the sides that use them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Layout {
     /// The core the consumer is pinned to, if it has one of its own.
@@ -355,15 +356,6 @@ pub fn run_round(side: Side, producers: usize, per_producer: u64, layout: &Layou
         items_per_s: total as f64 / elapsed.as_secs_f64().max(1e-9),
         enqueue_ns,
     }
-}
-
-/// The `percentile` (0..=100) of `sorted` samples.
-fn percentile(sorted: &[u64], percentile: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((percentile / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 /// Measures every side at `producers` producers: one warm-up round each, then `rounds`

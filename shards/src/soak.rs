@@ -39,36 +39,58 @@ pub const COMMIT_GAP_GOAL_US: u64 = 1_000;
 /// Journal group commits (write and `fdatasync`) slower than this (µs) are counted
 /// separately: the disk's share of a slow second.
 pub const JOURNAL_COMMIT_SLOW_US: u64 = 5_000;
-const _: () = assert!(is_latency_bound(JOURNAL_COMMIT_SLOW_US));
+const _: () = assert!(is_bound(&LATENCY_BUCKETS_US, JOURNAL_COMMIT_SLOW_US));
 /// Buckets of the exported latency histograms (the last is the overflow bucket).
 const LATENCY_BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+/// Buckets of the exported commit-gap histogram (the last is the overflow bucket).
+const GAP_BUCKETS: usize = COMMIT_GAP_BUCKETS_US.len() + 1;
+const _: () = assert!(is_bound(&COMMIT_GAP_BUCKETS_US, COMMIT_GAP_GOAL_US));
 
-/// Whether `us` is one of [`LATENCY_BUCKETS_US`].
-const fn is_latency_bound(us: u64) -> bool {
+/// Whether `us` is one of `bounds` (counts over it are then whole buckets).
+const fn is_bound(bounds: &[u64], us: u64) -> bool {
     let mut index = 0;
-    while index < LATENCY_BUCKETS_US.len() {
-        if LATENCY_BUCKETS_US[index] == us {
+    while index < bounds.len() {
+        if bounds[index] == us {
             return true;
         }
         index += 1;
     }
     false
 }
-/// Buckets of the exported commit-gap histogram (the last is the overflow bucket).
-const GAP_BUCKETS: usize = COMMIT_GAP_BUCKETS_US.len() + 1;
-const _: () = assert!(is_gap_bound(COMMIT_GAP_GOAL_US));
 
-/// Whether `us` is one of [`COMMIT_GAP_BUCKETS_US`] (gaps over the goal are then whole
-/// buckets).
-const fn is_gap_bound(us: u64) -> bool {
-    let mut index = 0;
-    while index < COMMIT_GAP_BUCKETS_US.len() {
-        if COMMIT_GAP_BUCKETS_US[index] == us {
-            return true;
+/// What a histogram with bucket upper bounds `bounds` (plus an overflow bucket) counted
+/// between a scrape whose cumulative buckets were `before` and one where they were
+/// `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BucketDeltas {
+    /// Observations in all.
+    total: u64,
+    /// Of those, observations over `over_us` (a bound of `bounds`).
+    over: u64,
+    /// The highest bucket that counted one; `None` without observations.
+    highest: Option<usize>,
+}
+
+impl BucketDeltas {
+    fn between(bounds: &[u64], before: &[u64], after: &[u64], over_us: u64) -> Self {
+        debug_assert_eq!(before.len(), bounds.len() + 1);
+        debug_assert_eq!(after.len(), bounds.len() + 1);
+        let cumulative = |index: usize| after[index].saturating_sub(before[index]);
+        let in_bucket = |index: usize| {
+            let below = index.checked_sub(1).map_or(0, cumulative);
+            cumulative(index).saturating_sub(below)
+        };
+        let over_index = bounds
+            .iter()
+            .position(|&bound| bound == over_us)
+            .expect("the threshold is a bucket bound");
+        let total = cumulative(bounds.len());
+        Self {
+            total,
+            over: total.saturating_sub(cumulative(over_index)),
+            highest: (0..=bounds.len()).rev().find(|&index| in_bucket(index) > 0),
         }
-        index += 1;
     }
-    false
 }
 /// One series point per this many milliseconds.
 pub const SERIES_INTERVAL_MS: u64 = 1_000;
@@ -232,33 +254,21 @@ impl CommitGaps {
     /// `percore_commit_gap_us` buckets were `before` and one where they were `after` and
     /// its `percore_commit_gap_max_us` was `max_us`.
     pub fn between(before: &[u64], after: &[u64], max_us: u64) -> Self {
-        debug_assert_eq!(before.len(), GAP_BUCKETS);
-        debug_assert_eq!(after.len(), GAP_BUCKETS);
-        let cumulative = |index: usize| after[index].saturating_sub(before[index]);
-        let in_bucket = |index: usize| {
-            let below = index.checked_sub(1).map_or(0, cumulative);
-            cumulative(index).saturating_sub(below)
-        };
-        let goal = COMMIT_GAP_BUCKETS_US
-            .iter()
-            .position(|&bound| bound == COMMIT_GAP_GOAL_US)
-            .expect("the goal is a bucket bound");
-        let longest_at_most_us = (0..GAP_BUCKETS)
-            .rev()
-            .find(|&index| in_bucket(index) > 0)
-            .map(|index| {
-                let lower = index.checked_sub(1).map_or(0, |i| COMMIT_GAP_BUCKETS_US[i]);
-                let upper = COMMIT_GAP_BUCKETS_US.get(index).copied();
-                match upper {
-                    // The maximum bounds every gap counted (metrics.rs orders the writes).
-                    Some(upper) if max_us > lower => upper.min(max_us),
-                    Some(upper) => upper,
-                    None => max_us,
-                }
-            });
+        let deltas =
+            BucketDeltas::between(&COMMIT_GAP_BUCKETS_US, before, after, COMMIT_GAP_GOAL_US);
+        let longest_at_most_us = deltas.highest.map(|index| {
+            let lower = index.checked_sub(1).map_or(0, |i| COMMIT_GAP_BUCKETS_US[i]);
+            let upper = COMMIT_GAP_BUCKETS_US.get(index).copied();
+            match upper {
+                // The maximum bounds every gap counted (metrics.rs orders the writes).
+                Some(upper) if max_us > lower => upper.min(max_us),
+                Some(upper) => upper,
+                None => max_us,
+            }
+        });
         Self {
-            gaps: cumulative(GAP_BUCKETS - 1),
-            over_goal: cumulative(GAP_BUCKETS - 1).saturating_sub(cumulative(goal)),
+            gaps: deltas.total,
+            over_goal: deltas.over,
             longest_at_most_us,
         }
     }
@@ -290,24 +300,13 @@ impl JournalCommits {
     /// The commits of one journal between a scrape whose cumulative buckets were `before`
     /// and one where they were `after`.
     pub fn between(before: &[u64], after: &[u64]) -> Self {
-        debug_assert_eq!(before.len(), LATENCY_BUCKETS);
-        debug_assert_eq!(after.len(), LATENCY_BUCKETS);
-        let cumulative = |index: usize| after[index].saturating_sub(before[index]);
-        let in_bucket = |index: usize| {
-            let below = index.checked_sub(1).map_or(0, cumulative);
-            cumulative(index).saturating_sub(below)
-        };
-        let slow_bound = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&bound| bound == JOURNAL_COMMIT_SLOW_US)
-            .expect("the slow bound is a bucket bound");
-        let last = LATENCY_BUCKETS - 1;
+        let deltas =
+            BucketDeltas::between(&LATENCY_BUCKETS_US, before, after, JOURNAL_COMMIT_SLOW_US);
         Self {
-            commits: cumulative(last),
-            slow: cumulative(last).saturating_sub(cumulative(slow_bound)),
-            slowest_at_most_us: (0..LATENCY_BUCKETS)
-                .rev()
-                .find(|&index| in_bucket(index) > 0)
+            commits: deltas.total,
+            slow: deltas.over,
+            slowest_at_most_us: deltas
+                .highest
                 .map(|index| LATENCY_BUCKETS_US[index.min(LATENCY_BUCKETS_US.len() - 1)]),
         }
     }
@@ -812,9 +811,10 @@ mod tests {
         assert_eq!(gaps.longest(), Duration::from_millis(700));
     }
 
-    /// Cumulative buckets with `counts[i]` gaps in bucket `i` (per bucket).
-    fn cumulative(counts: &[(usize, u64)]) -> Vec<u64> {
-        let mut per_bucket = [0u64; GAP_BUCKETS];
+    /// Cumulative buckets of a histogram with `buckets` buckets, `count` observations in
+    /// bucket `index` for each `(index, count)`.
+    fn cumulative_of(buckets: usize, counts: &[(usize, u64)]) -> Vec<u64> {
+        let mut per_bucket = vec![0u64; buckets];
         for &(index, count) in counts {
             per_bucket[index] += count;
         }
@@ -825,6 +825,11 @@ mod tests {
                 Some(*sum)
             })
             .collect()
+    }
+
+    /// Cumulative commit-gap buckets with `counts[i]` gaps in bucket `i` (per bucket).
+    fn cumulative(counts: &[(usize, u64)]) -> Vec<u64> {
+        cumulative_of(GAP_BUCKETS, counts)
     }
 
     fn bucket_of(us: u64) -> usize {
@@ -865,20 +870,16 @@ mod tests {
     /// Cumulative latency buckets with `counts[i]` commits in the bucket bounded by `i`'s
     /// value (µs; `None`: the overflow bucket).
     fn latency_cumulative(counts: &[(Option<u64>, u64)]) -> Vec<u64> {
-        let mut per_bucket = [0u64; LATENCY_BUCKETS];
-        for &(bound, count) in counts {
-            let index = bound.map_or(LATENCY_BUCKETS - 1, |us| {
-                LATENCY_BUCKETS_US.iter().position(|&b| b == us).unwrap()
-            });
-            per_bucket[index] += count;
-        }
-        per_bucket
+        let indexed: Vec<(usize, u64)> = counts
             .iter()
-            .scan(0, |sum, count| {
-                *sum += count;
-                Some(*sum)
+            .map(|&(bound, count)| {
+                let index = bound.map_or(LATENCY_BUCKETS - 1, |us| {
+                    LATENCY_BUCKETS_US.iter().position(|&b| b == us).unwrap()
+                });
+                (index, count)
             })
-            .collect()
+            .collect();
+        cumulative_of(LATENCY_BUCKETS, &indexed)
     }
 
     #[test]
