@@ -90,7 +90,7 @@ struct ThreadsOptions {
     /// Most sleeping producers one notification wakes (ours and crossbeam).
     #[arg(long, default_value_t = percore_shards::ingest::WAKE_PER_NOTIFY_MAX)]
     wake_max: usize,
-    /// Lanes of the lanes side (its capacity is the others', split over them); default:
+    /// Lanes of the lanes and ingest sides (their capacity is the others', split over them); default:
     /// one per two cores, at most 8.
     #[arg(long)]
     lanes: Option<usize>,

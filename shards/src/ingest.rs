@@ -4,13 +4,23 @@
 //! than cores. [`Submitter`] (from [`crate::runtime::Node::submitter`]) lets any of them hand
 //! one record to the shard that owns it (`S::route`) and wait for its result:
 //!
-//! * every submission takes a **completion slot** from a node-wide pool allocated at start-up
-//!   (its index travels as the record's handle; the free list is the engine's MPMC ring). The
-//!   slot holds the record on the way in and the result on the way out, so nothing is
-//!   allocated per transaction;
+//! * submitting threads are spread over **lanes** ([`IngestConfig::lanes`]; by default
+//!   [`lane_count_for`] the machine's cores: one per two cores, at most 8, so one lane on
+//!   two cores). A thread keeps its lane for life ([`lane_of_current_thread`]). Every
+//!   place a submission writes to is its lane's own: its free list, its ring in each shard
+//!   and its waiters. Threads in different lanes never write the same claim index;
+//!   on 16 cores one shared index capped a ring at about 3M pushes/s from 16 producers up
+//!   (docs/benchmarks.md, "Many threads into one consumer");
+//! * every submission takes a **completion slot** from its lane's share of a node-wide
+//!   pool allocated at start-up (slot `i` belongs to lane `i % lanes`; its index travels
+//!   as the record's handle; each lane's free list is an engine MPMC ring). The slot holds
+//!   the record on the way in and the result on the way out, so nothing is allocated per
+//!   transaction;
 //! * the slot's handle (index and generation, 8 bytes) goes into the owning shard's bounded
-//!   **ingress ring** (an engine [`Mpmc`]); the shard's drain task moves handles in bulk
-//!   (`pop_batch`) into [`ShardCore::submit`](crate::core::ShardCore::submit) with
+//!   **ingress ring** of the thread's lane (an engine [`Mpmc`]); the shard's drain task
+//!   moves handles in bulk (`pop_batch`), taking from its lanes in turn
+//!   ([`pop_in_turn`]: an even share each, the first lane rotating), into
+//!   [`ShardCore::submit`](crate::core::ShardCore::submit) with
 //!   [`Origin::Ingress`](crate::core::Origin::Ingress);
 //! * when the record's batch is applied the shard writes the result into the slot and flips
 //!   its state; a [`Ticket`] holder spinning or yielding sees it at once, a parked one is
@@ -20,9 +30,14 @@
 //! **Back-pressure.** [`Submitter::submit`] never waits: no free slot or a full ring is
 //! [`SubmitError::Full`] with the record handed back. [`Submitter::submit_wait`] waits until a
 //! deadline with a bounded back-off — spin a little, then `yield_now`, then park on a
-//! `Condvar` ([`Waiters`]) — and returns [`SubmitError::Timeout`] if the deadline passes. The
-//! shard (ring room) and ticket holders (slots) wake parked producers; on their fast path
-//! that costs one fence and one load of the waiter count, never a lock.
+//! `Condvar` ([`Waiters`]) — and returns [`SubmitError::Timeout`] if the deadline passes.
+//! It waits in two steps, each lane with a registry for each: for a free slot (ticket
+//! holders returning one to the lane wake these), then, holding its filled slot, for room
+//! in the shard's ring of its lane (the shard's drain wakes these), at most
+//! `WAKE_PER_NOTIFY_MAX / lanes` per notification. A release never wakes a thread that
+//! waits for ring room, nor a drain one that waits for a slot. On the notifiers' fast path
+//! (nobody parked) that costs one RMW of a waiter count, never a lock. `Full` is per lane: a thread whose lane has no free slot is refused even if
+//! another lane has one (taking it would make the slot's way home cross lanes again).
 //!
 //! **Waking a parked shard.** A shard with nothing to do parks in io_uring. Its drain task
 //! announces that it is going idle (a per-shard `idle` flag, after registering its waker);
@@ -31,8 +46,9 @@
 //! path — shard busy — is a fence and a load, no syscall and no lock.
 //!
 //! **Order.** One thread's submissions to one shard are applied in the order it made them:
-//! the ring is FIFO by claimed position, its single consumer drains in order, and the core
-//! seals in ring order. Submissions to different shards have no order between them.
+//! the thread always pushes into the same lane's ring, the ring is FIFO by claimed
+//! position, its single consumer drains each ring in order, and the core seals in drain
+//! order. Submissions to different shards have no order between them.
 //!
 //! **Shutdown.** After the node's stop flag is set, `submit` answers
 //! [`SubmitError::Stopped`]. Each shard drains its ring once more, then retires it; a handle
@@ -46,13 +62,14 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Poll, Waker};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
+use percore_engine::ring::lanes::{LANES_MAX, lane_count_for, lane_of_current_thread, pop_in_turn};
 use percore_engine::ring::mpmc::{self, Mpmc};
 pub use percore_engine::ring::waiters::{
     BACKOFF_SPIN_ROUNDS, BACKOFF_YIELDS_MAX, Backoff, PARK_SLICE_US, WAKE_PER_NOTIFY_MAX, Waiters,
@@ -77,17 +94,25 @@ const _: () = assert!(INGEST_SLOTS_MAX <= u32::MAX as usize);
 /// Sizes of the ingest path, fixed at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IngestConfig {
-    /// Capacity of each shard's ingress ring (power of two, at least 2).
+    /// Handles each shard's ingress rings hold together (power of two, at least 2 per
+    /// lane): each lane's ring in a shard holds `ring_capacity / lanes`, rounded up to a
+    /// power of two.
     pub ring_capacity: usize,
-    /// Completion slots of the node: submissions in flight at once (1..=`INGEST_SLOTS_MAX`).
+    /// Completion slots of the node: submissions in flight at once (1..=`INGEST_SLOTS_MAX`,
+    /// at least one per lane), split evenly over the lanes.
     pub slots: usize,
+    /// Lanes submitting threads are spread over (1..=`LANES_MAX`). The default is
+    /// [`lane_count_for`] the cores this process may run on.
+    pub lanes: usize,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
         Self {
             ring_capacity: INGEST_RING_CAPACITY_DEFAULT,
             slots: INGEST_SLOTS_DEFAULT,
+            lanes: lane_count_for(cores),
         }
     }
 }
@@ -101,6 +126,19 @@ pub enum IngestConfigError {
     /// The slot count is zero or above [`INGEST_SLOTS_MAX`].
     #[error("ingest slots {0} must be between 1 and {INGEST_SLOTS_MAX}")]
     Slots(usize),
+    /// The lane count is zero, above [`LANES_MAX`], or leaves a lane without two ring
+    /// places or one slot.
+    #[error(
+        "ingest lanes {lanes} must be between 1 and {LANES_MAX}, at most slots ({slots}) and ring_capacity / 2 ({ring_capacity} / 2)"
+    )]
+    Lanes {
+        /// The lane count asked for.
+        lanes: usize,
+        /// The configured slots.
+        slots: usize,
+        /// The configured ring capacity.
+        ring_capacity: usize,
+    },
 }
 
 impl IngestConfig {
@@ -115,7 +153,22 @@ impl IngestConfig {
         if self.slots == 0 || self.slots > INGEST_SLOTS_MAX {
             return Err(IngestConfigError::Slots(self.slots));
         }
+        if !(1..=LANES_MAX).contains(&self.lanes)
+            || self.lanes > self.slots
+            || self.lanes > self.ring_capacity / 2
+        {
+            return Err(IngestConfigError::Lanes {
+                lanes: self.lanes,
+                slots: self.slots,
+                ring_capacity: self.ring_capacity,
+            });
+        }
         Ok(())
+    }
+
+    /// Capacity of one lane's ring in one shard.
+    fn lane_ring_capacity(&self) -> usize {
+        mpmc::capacity_for(self.ring_capacity.div_ceil(self.lanes)).max(2)
     }
 }
 
@@ -205,9 +258,13 @@ struct Slot {
 #[derive(Debug, Default)]
 struct Padded<T>(T);
 
-/// One shard's ingress: its ring and its doorbell.
-struct Lane {
-    ring: Mpmc<u64>,
+/// One shard's ingress: a ring per lane and its doorbell.
+struct ShardIngress {
+    /// Lane `l`'s ring: only threads of lane `l` push here.
+    rings: Box<[Padded<Mpmc<u64>>]>,
+    /// The lane the next drain starts at (written by the shard's thread only; a fairness
+    /// hint, any value is safe).
+    drain_start: AtomicUsize,
     /// The drain task announced that it is going idle: the next producer must wake it.
     idle: Padded<AtomicBool>,
     /// The drain task stopped consuming for good: producers clean up after themselves.
@@ -216,7 +273,51 @@ struct Lane {
     waker: Mutex<Option<Waker>>,
 }
 
+/// A lane's free list holds this many times its slots: see [`Lane::free_push`].
+const FREE_LIST_SLACK: usize = 2;
+
+/// What the threads of one lane share: their slots' free list and their waiters.
+struct Lane {
+    /// Free completion slots of this lane (indices `i` with `i % lanes` = this lane).
+    /// Capacity [`FREE_LIST_SLACK`] times the lane's slot count.
+    free: Mpmc<u32>,
+    /// This lane's producers waiting for a free slot (woken by releases).
+    slot_waiters: Waiters,
+    /// This lane's producers holding a filled slot, waiting for room in a shard's ring of
+    /// this lane (woken by drains). Apart from `slot_waiters`: a release must not wake a
+    /// thread that waits for ring room (measured: with one registry, every release of an
+    /// overloaded node woke a producer that found the ring still full and parked again, a
+    /// futex wake per transaction; `percore-bench threads` fell to 0.1M items/s at 256
+    /// producers).
+    ring_waiters: Waiters,
+}
+
 impl Lane {
+    /// Returns `slot` to the free list. The list never holds more than the lane's slots,
+    /// so a push can only be refused for a moment: the ring place it needs was claimed by
+    /// a pop that has not handed it back yet (an MPMC ring's "full"). Then it spins and
+    /// yields until that pop finishes. Twice the slots as capacity puts that place a whole
+    /// lane of slots behind the oldest free one, so it takes a popper stalled while the
+    /// lane's slots went round twice. (One place per slot was not enough: a benchmark with
+    /// one producer keeping the list nearly full hit it in its first second.)
+    #[inline]
+    fn free_push(&self, slot: u32) {
+        // Spins, then yields on every later try (nobody notifies: the pop just finishes).
+        let mut backoff = Backoff::new();
+        let mut slot = slot;
+        while let Err(refused) = self.free.push(slot) {
+            slot = refused.0;
+            backoff.snooze();
+        }
+    }
+}
+
+impl ShardIngress {
+    /// Whether every lane's ring was empty when looked at.
+    fn is_empty(&self) -> bool {
+        self.rings.iter().all(|ring| ring.0.is_empty())
+    }
+
     /// Wakes the drain task if it announced it is going idle. Call after a push.
     #[inline]
     fn ring_doorbell(&self) {
@@ -241,7 +342,8 @@ pub fn until(deadline: Instant) -> impl FnMut() -> Option<Duration> {
 
 /// The node-wide ingest state shared by submitters and shards. See the module docs.
 pub struct Ingress<S: StateMachine> {
-    lanes: Box<[Lane]>,
+    shards: Box<[ShardIngress]>,
+    lanes: Box<[Padded<Lane>]>,
     slots: Box<[Slot]>,
     /// `slots.len() * record_words` words: each slot's record.
     records: Box<[AtomicU64]>,
@@ -249,10 +351,6 @@ pub struct Ingress<S: StateMachine> {
     results: Box<[AtomicU64]>,
     record_words: usize,
     result_words: usize,
-    /// Free completion slots (indices). Capacity >= slot count, so a push never fails.
-    free: Mpmc<u32>,
-    /// Producers waiting for room.
-    space: Waiters,
     stop: Arc<AtomicBool>,
     _machine: PhantomData<fn() -> S>,
 }
@@ -260,9 +358,10 @@ pub struct Ingress<S: StateMachine> {
 impl<S: StateMachine> fmt::Debug for Ingress<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ingress")
-            .field("shards", &self.lanes.len())
+            .field("shards", &self.shards.len())
+            .field("lanes", &self.lanes.len())
             .field("slots", &self.slots.len())
-            .field("slots_free", &self.free.len())
+            .field("slots_free", &self.slots_free())
             .finish_non_exhaustive()
     }
 }
@@ -314,12 +413,27 @@ impl<S: StateMachine> Ingress<S> {
     ) -> Result<Self, IngestConfigError> {
         config.validate()?;
         assert!(shards >= 1, "a node has at least one shard");
-        let lanes = (0..shards)
-            .map(|_| Lane {
-                ring: Mpmc::new(config.ring_capacity),
+        let lane_count = config.lanes;
+        let shards = (0..shards)
+            .map(|_| ShardIngress {
+                rings: (0..lane_count)
+                    .map(|_| Padded(Mpmc::new(config.lane_ring_capacity())))
+                    .collect(),
+                drain_start: AtomicUsize::new(0),
                 idle: Padded(AtomicBool::new(false)),
                 retired: AtomicBool::new(false),
                 waker: Mutex::new(None),
+            })
+            .collect();
+        let lane_slots = config.slots.div_ceil(lane_count);
+        let wake_max = (WAKE_PER_NOTIFY_MAX / lane_count).max(1);
+        let lanes: Box<[Padded<Lane>]> = (0..lane_count)
+            .map(|_| {
+                Padded(Lane {
+                    free: Mpmc::new(mpmc::capacity_for(lane_slots * FREE_LIST_SLACK)),
+                    slot_waiters: Waiters::with_wake_max(wake_max),
+                    ring_waiters: Waiters::with_wake_max(wake_max),
+                })
             })
             .collect();
         let slots: Box<[Slot]> = (0..config.slots)
@@ -330,21 +444,19 @@ impl<S: StateMachine> Ingress<S> {
                 waiter: Mutex::new(None),
             })
             .collect();
-        let free = Mpmc::new(mpmc::capacity_for(config.slots));
         for index in 0..config.slots as u32 {
-            free.push(index).expect("free list holds every slot");
+            lanes[index as usize % lane_count].0.free_push(index);
         }
         let (record_words, result_words) = (words_of::<S::Record>(), words_of::<S::Result>());
         let words = |per_slot: usize| (0..config.slots * per_slot).map(|_| AtomicU64::new(0));
         Ok(Self {
+            shards,
             lanes,
             slots,
             records: words(record_words).collect(),
             results: words(result_words).collect(),
             record_words,
             result_words,
-            free,
-            space: Waiters::new(),
             stop,
             _machine: PhantomData,
         })
@@ -352,17 +464,30 @@ impl<S: StateMachine> Ingress<S> {
 
     /// Shards fed by this ingress.
     pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Lanes submitting threads are spread over.
+    pub fn lanes(&self) -> usize {
         self.lanes.len()
     }
 
-    /// Completion slots free now (a snapshot).
+    /// Completion slots free now, all lanes together (a snapshot).
     pub fn slots_free(&self) -> usize {
-        self.free.len()
+        self.lanes.iter().map(|lane| lane.0.free.len()).sum()
     }
 
-    /// Producers parked waiting for room now (a snapshot).
+    /// Producers parked waiting for room now, all lanes together (a snapshot).
     pub fn producers_parked(&self) -> usize {
-        self.space.parked()
+        self.lanes
+            .iter()
+            .map(|lane| lane.0.slot_waiters.parked() + lane.0.ring_waiters.parked())
+            .sum()
+    }
+
+    /// The calling thread's lane.
+    fn lane_of_current_thread(&self) -> usize {
+        lane_of_current_thread(self.lanes.len())
     }
 
     fn record_words(&self, slot: u32) -> &[AtomicU64] {
@@ -375,81 +500,197 @@ impl<S: StateMachine> Ingress<S> {
         &self.results[start..start + self.result_words]
     }
 
-    /// Returns a slot to the free list and wakes one producer waiting for room.
+    /// Returns a slot to its lane's free list and wakes one of that lane's producers
+    /// waiting for room.
     fn release(&self, slot: u32) {
         let control = &self.slots[slot as usize];
         control.generation.fetch_add(1, Ordering::Relaxed);
         control.state.store(FREE, Ordering::Relaxed);
+        let lane = &self.lanes[slot as usize % self.lanes.len()].0;
         // The free list's Release push orders our stores before the next owner's pop.
-        let pushed = self.free.push(slot);
-        assert!(pushed.is_ok(), "the free list holds every slot");
-        self.space.notify(1);
+        lane.free_push(slot);
+        lane.slot_waiters.notify(1);
     }
 
-    /// Non-blocking submit; see [`Submitter::submit`].
-    fn try_submit(
-        &self,
-        operation: S::Operation,
-        record: S::Record,
-    ) -> Result<(u32, u32), SubmitError<S::Record>> {
-        if self.stop.load(Ordering::Relaxed) {
-            return Err(SubmitError::Stopped(record));
-        }
-        let shard = S::route(operation, &record, self.lanes.len() as u32) as usize;
-        let lane = &self.lanes[shard];
-        let Some(slot) = self.free.pop() else {
-            return Err(SubmitError::Full(record));
-        };
+    /// A free slot of lane `lane`, if it has one.
+    #[inline]
+    fn take_slot(&self, lane: usize) -> Option<u32> {
+        let slot = self.lanes[lane].0.free.pop()?;
+        debug_assert_eq!(
+            self.slots[slot as usize].state.load(Ordering::Relaxed),
+            FREE
+        );
+        Some(slot)
+    }
+
+    /// Hands back a slot taken by [`Ingress::take_slot`] and never published (its
+    /// generation unchanged: no handle of it exists).
+    fn untake_slot(&self, lane: usize, slot: u32) {
+        self.slots[slot as usize]
+            .state
+            .store(FREE, Ordering::Relaxed);
+        self.lanes[lane].0.free_push(slot);
+    }
+
+    /// Writes `record` into the taken `slot`; returns the slot's generation.
+    #[inline]
+    fn fill_slot(&self, slot: u32, operation: S::Operation, record: &S::Record) -> u32 {
         let control = &self.slots[slot as usize];
-        debug_assert_eq!(control.state.load(Ordering::Relaxed), FREE);
         let generation = control.generation.load(Ordering::Relaxed);
         control
             .operation
             .store(u32::from(operation.into()), Ordering::Relaxed);
-        store_pod(self.record_words(slot), &record);
+        store_pod(self.record_words(slot), record);
         control.state.store(PENDING, Ordering::Relaxed);
-        // The ring's Release publication of the handle orders the stores above before the
-        // shard's Acquire pop.
-        if lane.ring.push(pack(slot, generation)).is_err() {
-            control.state.store(FREE, Ordering::Relaxed);
-            let pushed = self.free.push(slot);
-            assert!(pushed.is_ok(), "the free list holds every slot");
-            return Err(SubmitError::Full(record));
+        generation
+    }
+
+    /// Publishes the filled slot's handle in shard `shard`'s ring of lane `lane`, and
+    /// rings the shard's doorbell. `false` if that ring is full.
+    #[inline]
+    fn push_handle(&self, lane: usize, shard: usize, slot: u32, generation: u32) -> bool {
+        let target = &self.shards[shard];
+        // The ring's Release publication of the handle orders the slot's stores before
+        // the shard's Acquire pop.
+        if target.rings[lane].0.push(pack(slot, generation)).is_err() {
+            return false;
         }
-        lane.ring_doorbell();
-        if lane.retired.load(Ordering::Relaxed) {
+        target.ring_doorbell();
+        if target.retired.load(Ordering::Relaxed) {
             // The shard stopped consuming (after the fence in `ring_doorbell`, so either it
             // saw our handle or we see this flag): abort what is left, ours included.
             self.sweep(shard);
         }
+        true
+    }
+
+    /// The shard that owns `record`.
+    fn shard_of(&self, operation: S::Operation, record: &S::Record) -> usize {
+        S::route(operation, record, self.shards.len() as u32) as usize
+    }
+
+    /// Whether the node is stopping.
+    fn is_stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Non-blocking submit from a thread of lane `lane`; see [`Submitter::submit`].
+    fn try_submit(
+        &self,
+        lane: usize,
+        operation: S::Operation,
+        record: S::Record,
+    ) -> Result<(u32, u32), SubmitError<S::Record>> {
+        if self.is_stopping() {
+            return Err(SubmitError::Stopped(record));
+        }
+        let shard = self.shard_of(operation, &record);
+        let Some(slot) = self.take_slot(lane) else {
+            return Err(SubmitError::Full(record));
+        };
+        let generation = self.fill_slot(slot, operation, &record);
+        if !self.push_handle(lane, shard, slot, generation) {
+            self.untake_slot(lane, slot);
+            return Err(SubmitError::Full(record));
+        }
         Ok((slot, generation))
     }
 
-    /// Called by the shard: moves up to `max` handles from its ring into `submit`, in
-    /// order. `submit` must accept each (the caller checked room). Returns the count.
-    pub(crate) fn drain(
+    /// Submit from a thread of lane `lane`, waiting until `deadline`: first for a free
+    /// slot, then, holding it filled, for room in the shard's ring; see
+    /// [`Submitter::submit_wait`].
+    fn submit_wait(
+        &self,
+        lane: usize,
+        operation: S::Operation,
+        record: S::Record,
+        deadline: Instant,
+    ) -> Result<(u32, u32), SubmitError<S::Record>> {
+        // Set by an attempt that found the node stopping: no more waiting then.
+        let stopped = std::cell::Cell::new(false);
+        let mut left = until(deadline);
+        let mut remaining = || if stopped.get() { None } else { left() };
+        let stopping = || {
+            let stopping = self.is_stopping();
+            stopped.set(stopping);
+            stopping
+        };
+        let refused = |record| {
+            if stopped.get() {
+                SubmitError::Stopped(record)
+            } else {
+                SubmitError::Timeout(record)
+            }
+        };
+        if stopping() {
+            return Err(SubmitError::Stopped(record));
+        }
+        let shard = self.shard_of(operation, &record);
+        let waiters = &self.lanes[lane].0;
+        let Ok(slot) = waiters.slot_waiters.retry(&mut remaining, || {
+            if stopping() {
+                return Err(());
+            }
+            self.take_slot(lane).ok_or(())
+        }) else {
+            return Err(refused(record));
+        };
+        let generation = self.fill_slot(slot, operation, &record);
+        let pushed = waiters.ring_waiters.retry(&mut remaining, || {
+            if stopping() {
+                return Err(());
+            }
+            if self.push_handle(lane, shard, slot, generation) {
+                Ok(())
+            } else {
+                Err(())
+            }
+        });
+        if pushed.is_err() {
+            self.untake_slot(lane, slot);
+            return Err(refused(record));
+        }
+        Ok((slot, generation))
+    }
+
+    /// Called by the shard: moves up to `max` handles from its rings into `submit`, lanes
+    /// in turn, each lane's in order, and wakes each lane's producers for the room it made
+    /// there. `submit` must accept each (the caller checked room). Returns the count.
+    ///
+    /// Public for a program that consumes an [`Ingress`] without a node (the `threads`
+    /// benchmark's ingest side stands in for a shard this way); it must then answer every
+    /// handle with [`Ingress::complete`] or [`Ingress::abort`], or its slot never returns.
+    pub fn drain(
         &self,
         shard: usize,
         max: usize,
         mut submit: impl FnMut(S::Operation, &S::Record, u32, u32),
     ) -> usize {
-        let taken = self.lanes[shard].ring.pop_batch(max, |handle| {
-            let (slot, generation) = unpack(handle);
-            let control = &self.slots[slot as usize];
-            debug_assert_eq!(control.generation.load(Ordering::Relaxed), generation);
-            let code = control.operation.load(Ordering::Relaxed) as u16;
-            let operation = S::Operation::try_from(code)
-                .ok()
-                .expect("a submitter stored a valid operation");
-            let record: S::Record = load_pod(self.record_words(slot));
-            submit(operation, &record, slot, generation);
-        });
-        self.space.notify(taken);
-        taken
+        let target = &self.shards[shard];
+        let lanes = self.lanes.len();
+        let start = target.drain_start.load(Ordering::Relaxed);
+        target
+            .drain_start
+            .store((start + 1) % lanes, Ordering::Relaxed);
+        pop_in_turn(lanes, start, max, |lane, share| {
+            let taken = target.rings[lane].0.pop_batch(share, |handle| {
+                let (slot, generation) = unpack(handle);
+                let control = &self.slots[slot as usize];
+                debug_assert_eq!(control.generation.load(Ordering::Relaxed), generation);
+                let code = control.operation.load(Ordering::Relaxed) as u16;
+                let operation = S::Operation::try_from(code)
+                    .ok()
+                    .expect("a submitter stored a valid operation");
+                let record: S::Record = load_pod(self.record_words(slot));
+                submit(operation, &record, slot, generation);
+            });
+            self.lanes[lane].0.ring_waiters.notify(taken);
+            taken
+        })
     }
 
     /// Called by the shard: delivers a result to the slot's ticket.
-    pub(crate) fn complete(&self, slot: u32, generation: u32, result: &S::Result) {
+    pub fn complete(&self, slot: u32, generation: u32, result: &S::Result) {
         let control = &self.slots[slot as usize];
         if control.generation.load(Ordering::Relaxed) != generation {
             debug_assert!(false, "a completion slot was freed before its result");
@@ -462,7 +703,7 @@ impl<S: StateMachine> Ingress<S> {
     }
 
     /// Called by the shard: the record will never have a result here.
-    pub(crate) fn abort(&self, slot: u32, generation: u32) {
+    pub fn abort(&self, slot: u32, generation: u32) {
         if self.slots[slot as usize].generation.load(Ordering::Relaxed) == generation {
             self.finish(slot, ABORTED);
         }
@@ -487,45 +728,47 @@ impl<S: StateMachine> Ingress<S> {
         }
     }
 
-    /// Aborts every handle left in shard `shard`'s ring (after it retired).
+    /// Aborts every handle left in shard `shard`'s rings (after it retired).
     fn sweep(&self, shard: usize) {
-        while let Some(handle) = self.lanes[shard].ring.pop() {
-            let (slot, generation) = unpack(handle);
-            self.abort(slot, generation);
+        for ring in &self.shards[shard].rings {
+            while let Some(handle) = ring.0.pop() {
+                let (slot, generation) = unpack(handle);
+                self.abort(slot, generation);
+            }
         }
     }
 
     /// Called by the shard when it stops for good: no handle is taken after this; those
     /// left (and any pushed later) are aborted.
     pub(crate) fn retire(&self, shard: usize) {
-        let lane = &self.lanes[shard];
-        lane.retired.store(true, Ordering::SeqCst);
+        let target = &self.shards[shard];
+        target.retired.store(true, Ordering::SeqCst);
         // SeqCst fence: pairs with the producer's fence after its push (see `try_submit`).
         fence(Ordering::SeqCst);
-        lane.idle.0.store(false, Ordering::Relaxed);
+        target.idle.0.store(false, Ordering::Relaxed);
         // Drop our waker here, on our own thread: glommio wakers must not outlive the task
         // in another thread's hands.
-        *lane.waker.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *target.waker.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.sweep(shard);
     }
 
     /// Whether shard `shard` retired its ring.
     pub(crate) fn is_retired(&self, shard: usize) -> bool {
-        self.lanes[shard].retired.load(Ordering::Relaxed)
+        self.shards[shard].retired.load(Ordering::Relaxed)
     }
 
     /// Called by the shard's drain task when its ring is empty: registers the waker and
     /// announces idleness, then resolves when a producer rings (or at once if one pushed in
     /// the meantime). Race it against a timer to look at the stop flag.
     pub(crate) async fn idle(&self, shard: usize) {
-        let lane = &self.lanes[shard];
+        let target = &self.shards[shard];
         let mut announced = false;
         std::future::poll_fn(|cx| {
-            if announced && !lane.idle.0.load(Ordering::Acquire) {
+            if announced && !target.idle.0.load(Ordering::Acquire) {
                 return Poll::Ready(());
             }
             {
-                let mut waker = lane.waker.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut waker = target.waker.lock().unwrap_or_else(PoisonError::into_inner);
                 match waker.as_ref() {
                     Some(stored) if stored.will_wake(cx.waker()) => {}
                     _ => *waker = Some(cx.waker().clone()),
@@ -533,27 +776,31 @@ impl<S: StateMachine> Ingress<S> {
             }
             if !announced {
                 announced = true;
-                lane.idle.0.store(true, Ordering::SeqCst);
+                target.idle.0.store(true, Ordering::SeqCst);
                 // SeqCst fence: pairs with the producer's fence in `ring_doorbell`.
                 fence(Ordering::SeqCst);
-                if !lane.ring.is_empty() {
-                    lane.idle.0.store(false, Ordering::Relaxed);
+                if !target.is_empty() {
+                    target.idle.0.store(false, Ordering::Relaxed);
                     return Poll::Ready(());
                 }
             }
-            if lane.idle.0.load(Ordering::Acquire) {
+            if target.idle.0.load(Ordering::Acquire) {
                 Poll::Pending
             } else {
                 Poll::Ready(())
             }
         })
         .await;
-        lane.idle.0.store(false, Ordering::Relaxed);
+        target.idle.0.store(false, Ordering::Relaxed);
     }
 
-    /// Handles waiting in shard `shard`'s ring (a snapshot).
+    /// Handles waiting in shard `shard`'s rings (a snapshot).
     pub(crate) fn pending(&self, shard: usize) -> usize {
-        self.lanes[shard].ring.len()
+        self.shards[shard]
+            .rings
+            .iter()
+            .map(|ring| ring.0.len())
+            .sum()
     }
 }
 
@@ -581,7 +828,9 @@ impl<S: StateMachine> fmt::Debug for Submitter<S> {
 }
 
 impl<S: StateMachine> Submitter<S> {
-    pub(crate) fn new(ingress: Arc<Ingress<S>>) -> Self {
+    /// Submits into `ingress`: a node's ([`crate::runtime::Node::submitter`] is the usual
+    /// way), or one that a program drains itself ([`Ingress::drain`]).
+    pub fn new(ingress: Arc<Ingress<S>>) -> Self {
         Self { ingress }
     }
 
@@ -599,7 +848,8 @@ impl<S: StateMachine> Submitter<S> {
         operation: S::Operation,
         record: S::Record,
     ) -> Result<Ticket<'_, S>, SubmitError<S::Record>> {
-        let (slot, generation) = self.ingress.try_submit(operation, record)?;
+        let lane = self.ingress.lane_of_current_thread();
+        let (slot, generation) = self.ingress.try_submit(lane, operation, record)?;
         Ok(self.ticket(slot, generation))
     }
 
@@ -613,32 +863,11 @@ impl<S: StateMachine> Submitter<S> {
         record: S::Record,
         deadline: Instant,
     ) -> Result<Ticket<'_, S>, SubmitError<S::Record>> {
-        let mut record = Some(record);
-        let submitted = self.ingress.space.retry(until(deadline), || {
-            let taken = record.take().expect("a record per attempt");
-            match self.ingress.try_submit(operation, taken) {
-                Ok(handle) => Ok(handle),
-                Err(SubmitError::Full(back)) => {
-                    record = Some(back);
-                    Err(false)
-                }
-                Err(other) => {
-                    record = Some(other.into_record());
-                    Err(true)
-                }
-            }
-        });
-        match submitted {
-            Ok((slot, generation)) => Ok(self.ticket(slot, generation)),
-            Err(stopped) => {
-                let record = record.expect("handed back");
-                Err(if stopped {
-                    SubmitError::Stopped(record)
-                } else {
-                    SubmitError::Timeout(record)
-                })
-            }
-        }
+        let lane = self.ingress.lane_of_current_thread();
+        let (slot, generation) = self
+            .ingress
+            .submit_wait(lane, operation, record, deadline)?;
+        Ok(self.ticket(slot, generation))
     }
 
     fn ticket(&self, slot: u32, generation: u32) -> Ticket<'_, S> {
@@ -832,6 +1061,9 @@ where
 
 #[cfg(test)]
 mod tests {
+    use percore_engine::ledger::{Ledger, LedgerOperation};
+    use percore_engine::record::RecordSlot;
+
     use super::*;
 
     #[test]
@@ -859,6 +1091,153 @@ mod tests {
         assert_eq!(ring.validate(), Err(IngestConfigError::RingCapacity(100)));
         let slots = IngestConfig { slots: 0, ..ok };
         assert_eq!(slots.validate(), Err(IngestConfigError::Slots(0)));
+        for (lanes, slots, ring_capacity) in [
+            (0, 64, 64),
+            (LANES_MAX + 1, 4_096, 4_096),
+            (5, 4, 64),
+            (3, 64, 4),
+        ] {
+            let config = IngestConfig {
+                ring_capacity,
+                slots,
+                lanes,
+            };
+            assert_eq!(
+                config.validate(),
+                Err(IngestConfigError::Lanes {
+                    lanes,
+                    slots,
+                    ring_capacity
+                })
+            );
+        }
+        let odd = IngestConfig {
+            ring_capacity: 64,
+            slots: 10,
+            lanes: 3,
+        };
+        assert_eq!(odd.validate(), Ok(()));
+        assert_eq!(odd.lane_ring_capacity(), 32);
+    }
+
+    fn ingress(ring_capacity: usize, slots: usize, lanes: usize) -> Ingress<Ledger> {
+        let config = IngestConfig {
+            ring_capacity,
+            slots,
+            lanes,
+        };
+        Ingress::new(config, 1, Arc::new(AtomicBool::new(false))).expect("valid config")
+    }
+
+    fn submit(ingress: &Ingress<Ledger>, lane: usize, id: u128) -> Result<(u32, u32), ()> {
+        let record = RecordSlot::from_transfer(&crate::loadgen::transfer(id, 1, 2, 1));
+        ingress
+            .try_submit(lane, LedgerOperation::CreateTransfers, record)
+            .map_err(|_| ())
+    }
+
+    /// Lane `l` owns slots `i % lanes == l`: a lane out of slots is `Full` while the
+    /// other still submits, and a released slot goes back to its own lane.
+    #[test]
+    fn each_lane_has_its_own_slots() {
+        let ingress = ingress(64, 4, 2);
+        let first = submit(&ingress, 0, 1).expect("lane 0 has slot 0");
+        let second = submit(&ingress, 0, 2).expect("lane 0 has slot 2");
+        assert_eq!((first.0, second.0), (0, 2));
+        assert_eq!(submit(&ingress, 0, 3), Err(()), "lane 0 is out of slots");
+        assert_eq!(submit(&ingress, 1, 4).map(|(slot, _)| slot), Ok(1));
+        assert_eq!(ingress.slots_free(), 1);
+        let mut drained = Vec::new();
+        assert_eq!(
+            ingress.drain(0, 16, |_, record, slot, _| drained
+                .push((slot, record.as_transfer().id))),
+            3
+        );
+        // Each lane's handles in the order its thread pushed them.
+        let lane0: Vec<_> = drained.iter().filter(|(slot, _)| slot % 2 == 0).collect();
+        assert_eq!(lane0, [&(0, 1), &(2, 2)]);
+        ingress.release(2);
+        assert_eq!(ingress.lanes[0].0.free.len(), 1);
+        assert_eq!(ingress.lanes[1].0.free.len(), 1);
+        let again = submit(&ingress, 0, 5).expect("slot 2 is lane 0's again");
+        assert_eq!(again, (2, 1), "a new generation of slot 2");
+    }
+
+    /// Producers that submit and drop their tickets while a drain aborts them: slots cycle
+    /// through the free lists as fast as they can, each list's pops racing its pushes.
+    /// Every slot comes back and no release is refused. A pop preempted between claiming
+    /// its place and handing it back leaves that place "full" to a push a lap later; with
+    /// one place per slot and no retry, a release then panicked (this test, and the
+    /// threads benchmark within seconds).
+    #[test]
+    fn slots_come_back_while_pops_race_releases() {
+        const PRODUCERS: usize = 8;
+        const SUBMISSIONS: usize = if cfg!(debug_assertions) {
+            20_000
+        } else {
+            200_000
+        };
+        for lanes in [1, 2] {
+            // Two slots per lane: a lap of a free list is a couple of pushes.
+            let ingress = Arc::new(ingress(64, 2 * lanes, lanes));
+            let producers: Vec<_> = (0..PRODUCERS)
+                .map(|_| {
+                    let ingress = ingress.clone();
+                    thread::spawn(move || {
+                        let submitter = Submitter::new(ingress);
+                        let transfer = crate::loadgen::transfer(1, 1, 2, 1);
+                        let record = RecordSlot::from_transfer(&transfer);
+                        let deadline = Instant::now() + Duration::from_secs(60);
+                        for _ in 0..SUBMISSIONS {
+                            let ticket = submitter
+                                .submit_wait(LedgerOperation::CreateTransfers, record, deadline)
+                                .expect("room before the deadline");
+                            drop(ticket);
+                        }
+                    })
+                })
+                .collect();
+            let mut drained = 0;
+            while drained < PRODUCERS * SUBMISSIONS {
+                drained += ingress.drain(0, 8, |_, _, slot, generation| {
+                    ingress.abort(slot, generation);
+                });
+            }
+            for producer in producers {
+                producer.join().expect("a producer finished");
+            }
+            assert_eq!(
+                ingress.slots_free(),
+                2 * lanes,
+                "every slot back, {lanes} lane(s)"
+            );
+        }
+    }
+
+    /// Each lane has its own ring in a shard: one lane's full ring refuses only that lane.
+    /// The drain takes the lanes in turn, starting at the next lane each call.
+    #[test]
+    fn each_lane_has_its_own_ring_and_the_drain_takes_turns() {
+        let ingress = ingress(4, 16, 2);
+        for id in 0..2 {
+            submit(&ingress, 0, id).expect("room in lane 0's ring");
+        }
+        assert_eq!(submit(&ingress, 0, 9), Err(()), "lane 0's ring holds two");
+        assert_eq!(ingress.slots_free(), 14, "the refused slot went back");
+        submit(&ingress, 1, 100).expect("lane 1's ring is empty");
+        submit(&ingress, 1, 101).expect("lane 1's ring has room");
+        assert_eq!(ingress.pending(0), 4);
+        let mut ids = Vec::new();
+        let mut take =
+            |max| ingress.drain(0, max, |_, record, _, _| ids.push(record.as_transfer().id));
+        assert_eq!(take(2), 2);
+        assert_eq!(take(2), 2);
+        assert_eq!(
+            ids,
+            [0, 100, 101, 1],
+            "one from each lane, then from lane 1 first"
+        );
+        assert_eq!(ingress.pending(0), 0);
     }
 
     #[test]

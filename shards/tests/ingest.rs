@@ -1,6 +1,8 @@
 //! Many application threads submitting into a real node through `Node::submitter`.
 //!
-//! A two-shard in-memory ledger node; accounts created through the submitter; then 256
+//! A two-shard in-memory ledger node, run twice: with one lane (the default on two cores)
+//! and with four (each thread in its lane's ring and slot share, the shards draining the
+//! lanes in turn). Accounts created through the submitter; then 256
 //! producer threads that submit and wait one transfer at a time, and 1,024 that keep several
 //! transfers in flight each. Every transfer has a unique id and must be applied exactly once
 //! (`Ok`, never `Exists`), each producer's transfers to one shard must be applied in the
@@ -39,7 +41,7 @@ const ALLOCATION_TRANSFERS: usize = 2_000;
 const WAIT_S: u64 = 30;
 const PRODUCER_STACK_BYTES: usize = 256 << 10;
 
-fn start_node() -> Node<Ledger> {
+fn start_node(lanes: usize) -> Node<Ledger> {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let config = NodeConfig {
         cores: (0..SHARDS).map(|shard| shard % online).collect(),
@@ -50,6 +52,7 @@ fn start_node() -> Node<Ledger> {
         ingest: IngestConfig {
             ring_capacity: INGEST_RING_CAPACITY,
             slots: INGEST_SLOTS,
+            lanes,
         },
         ..NodeConfig::default()
     };
@@ -207,9 +210,16 @@ fn check_order(
 
 #[test]
 fn many_threads_submit_exactly_once_in_order() {
+    for lanes in [1, 4] {
+        exactly_once_in_order(lanes);
+    }
+}
+
+fn exactly_once_in_order(lanes: usize) {
     let started = Instant::now();
-    let node = start_node();
+    let node = start_node(lanes);
     let submitter = node.submitter();
+    assert_eq!(submitter.ingress().lanes(), lanes);
     let accounts = create_accounts(&submitter);
 
     // Phase 1: 256 threads, one transfer at a time (submit, wait, next).
@@ -265,8 +275,19 @@ fn many_threads_submit_exactly_once_in_order() {
         submitter.submit(LedgerOperation::CreateTransfers, record),
         Err(SubmitError::Stopped(_))
     ));
+    // Waiting does not wait for the deadline: stopping is an answer at once.
+    let record = producer_transfer(5, 0, 1, &accounts);
+    let asked = Instant::now();
+    assert!(matches!(
+        submitter.submit_wait(LedgerOperation::CreateTransfers, record, deadline()),
+        Err(SubmitError::Stopped(_))
+    ));
+    assert!(
+        asked.elapsed() < Duration::from_secs(WAIT_S / 2),
+        "refused at once"
+    );
     eprintln!(
-        "ingest test: {transfers} transfers, {per_transfer:.4} allocations per transfer, {:.1} s",
+        "ingest test, {lanes} lane(s): {transfers} transfers, {per_transfer:.4} allocations per transfer, {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }

@@ -10,7 +10,7 @@
 //! `k` lanes divide the producers contending for one line by `k`.
 //!
 //! **Order.** A producer that always pushes into the same lane (the lane is the caller's
-//! choice: [`Lanes::lane_of_current_thread`] gives each thread a fixed one) has its items
+//! choice: [`lane_of_current_thread`] gives each thread a fixed one) has its items
 //! drained in the order it pushed them, as each lane is FIFO. Items of producers in
 //! different lanes have no order between them.
 //!
@@ -74,13 +74,48 @@ pub struct Lanes<T> {
     start: CachePadded<AtomicUsize>,
 }
 
-/// The lane-assignment counter behind [`Lanes::lane_of_current_thread`].
+/// The lane-assignment counter behind [`lane_of_current_thread`].
 static THREAD_ORDINAL_NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 std::thread_local! {
     /// This thread's ordinal, taken from [`THREAD_ORDINAL_NEXT`] on first use.
     static THREAD_ORDINAL: usize =
         THREAD_ORDINAL_NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The calling thread's lane among `lane_count` (at least one): the same one for the
+/// thread's whole life, threads spread round-robin in the order they first ask (whatever
+/// structure they ask for).
+pub fn lane_of_current_thread(lane_count: usize) -> usize {
+    THREAD_ORDINAL.with(|ordinal| *ordinal) % lane_count.max(1)
+}
+
+/// One drain over `lane_count` lanes: asks `pop(lane, share)` to take at most `share` items
+/// from `lane`, lanes in turn from `start`, at most an even share of `max` each on the first
+/// pass and what is left of `max` on a second pass (skipped when the first took nothing).
+/// `pop` returns how many it took. Returns the total, at most `max`.
+pub fn pop_in_turn(
+    lane_count: usize,
+    start: usize,
+    max: usize,
+    mut pop: impl FnMut(usize, usize) -> usize,
+) -> usize {
+    let count = lane_count.max(1);
+    let share = max.div_ceil(count).max(1);
+    let mut taken = 0;
+    for pass_share in [share, max] {
+        for step in 0..count {
+            if taken >= max {
+                return taken;
+            }
+            taken += pop((start + step) % count, pass_share.min(max - taken));
+        }
+        if taken == 0 {
+            // Every lane was empty on the first pass: no second look.
+            break;
+        }
+    }
+    taken
 }
 
 impl<T> Lanes<T> {
@@ -133,10 +168,9 @@ impl<T> Lanes<T> {
         self.lanes.iter().all(|lane| lane.ring.is_empty())
     }
 
-    /// The calling thread's lane: the same one for the thread's whole life, threads spread
-    /// round-robin in the order they first ask.
+    /// The calling thread's lane ([`lane_of_current_thread`]).
     pub fn lane_of_current_thread(&self) -> usize {
-        THREAD_ORDINAL.with(|ordinal| *ordinal) % self.lanes.len()
+        lane_of_current_thread(self.lanes.len())
     }
 
     /// Pushes into lane `lane` (taken modulo the lane count); a full lane hands the item
@@ -172,24 +206,12 @@ impl<T> Lanes<T> {
     pub fn pop_batch(&self, max: usize, mut f: impl FnMut(T)) -> usize {
         let count = self.lanes.len();
         let start = self.start.fetch_add(1, Ordering::Relaxed) % count;
-        let share = max.div_ceil(count).max(1);
-        let mut taken = 0;
-        for pass_share in [share, max] {
-            for step in 0..count {
-                if taken >= max {
-                    return taken;
-                }
-                let lane = &self.lanes[(start + step) % count];
-                let popped = lane.ring.pop_batch(pass_share.min(max - taken), &mut f);
-                lane.waiters.notify(popped);
-                taken += popped;
-            }
-            if taken == 0 {
-                // Every lane was empty on the first pass: no second look.
-                break;
-            }
-        }
-        taken
+        pop_in_turn(count, start, max, |lane, share| {
+            let lane = &self.lanes[lane];
+            let popped = lane.ring.pop_batch(share, &mut f);
+            lane.waiters.notify(popped);
+            popped
+        })
     }
 }
 
