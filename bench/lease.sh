@@ -11,8 +11,9 @@
 # /tmp/percore-lease) until collected. Environment: CORES=0,1,2,3 STRIDE=4 (3 replicas x 4
 # shards on cores 0-11, the rest for followers and the client), D90=30 D50=600 (seconds),
 # T_ITEMS=262144 T_ROUNDS=3 (threads), T_VARIANTS (extra `percore-bench threads` arguments,
-# one set per run, separated by `;`, e.g. "--wake-max 1;--consumer-core"; default one run
-# with none), DISK_S=20 (seconds of `percore-bench disk` with 12 writers, after 10 s with
+# one set per run, separated by `;`, e.g. "--wake-max 1;--consumer-core"; default a full
+# run with none, then one with `--lanes 1` at 2, 16 and 256 producers: the lanes and ingest
+# sides with one lane, against the first run's default lanes), DISK_S=20 (seconds of `percore-bench disk` with 12 writers, after 10 s with
 # one; 0 skips it), DATA (data directory, not tmpfs), WAIT_S=588. `collect` also keeps the
 # soak's node logs (soak50-logs.tar.gz).
 # PACK=FILE.tar.gz packs OUT into one archive at the end of either mode (a machine that
@@ -20,7 +21,8 @@
 # This is how the second and third 16-core leases (docs/benchmarks.md) were measured:
 # `start` took 119 s (third: 157 s with four threads runs), `collect` 573 s (596 s); the
 # third held the machine 787 s for both, start included, of a 900 s budget. The disk probe
-# (about 35 s) and the lanes side of the threads run (about a third more) came after it.
+# (about 35 s), the lanes and ingest sides of the threads run (about two thirds more) and
+# the `--lanes 1` threads run came after it.
 set -u
 mode=${1:-}
 bin=${2:-target/release}
@@ -50,7 +52,7 @@ start)
     avail_g=$(df -BG --output=avail "$data" | tail -1 | tr -dc 0-9)
     checkpoint=16384
     [ "$avail_g" -lt 45 ] && checkpoint=8192
-    IFS=';' read -r -a variants <<<"${T_VARIANTS:-}"
+    IFS=';' read -r -a variants <<<"${T_VARIANTS-;--lanes 1 --producers 2,16,256}"
     [ "${#variants[@]}" -eq 0 ] && variants=("")
     for index in "${!variants[@]}"; do
         name=threads

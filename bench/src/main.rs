@@ -308,7 +308,7 @@ fn run_threads(options: &ThreadsOptions, machine: &Machine) {
         let _ = writeln!(
             stdout,
             "percore-bench threads: {} ({} cores); {layout_text}; wake up to {} per notify; {} lanes; \
-             queue capacity {}; rounds: {rounds} per side, interleaved ours/lanes/crossbeam/std; \
+             queue capacity {}; rounds: {rounds} per side, interleaved ours/lanes/ingest/crossbeam/std; \
              median reported; enqueue p50/p99 over every {}th enqueue",
             machine.cpu,
             machine.cores,
