@@ -524,12 +524,15 @@ impl<S: StateMachine> Ingress<S> {
     }
 
     /// Hands back a slot taken by [`Ingress::take_slot`] and never published (its
-    /// generation unchanged: no handle of it exists).
+    /// generation unchanged: no handle of it exists), waking a thread of the lane that
+    /// waits for one (it may have parked while this slot was out).
     fn untake_slot(&self, lane: usize, slot: u32) {
         self.slots[slot as usize]
             .state
             .store(FREE, Ordering::Relaxed);
-        self.lanes[lane].0.free_push(slot);
+        let lane = &self.lanes[lane].0;
+        lane.free_push(slot);
+        lane.slot_waiters.notify(1);
     }
 
     /// Writes `record` into the taken `slot`; returns the slot's generation.
