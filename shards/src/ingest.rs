@@ -36,8 +36,9 @@
 //! in the shard's ring of its lane (the shard's drain wakes these), at most
 //! `WAKE_PER_NOTIFY_MAX / lanes` per notification. A release never wakes a thread that
 //! waits for ring room, nor a drain one that waits for a slot. On the notifiers' fast path
-//! (nobody parked) that costs one RMW of a waiter count, never a lock. `Full` is per lane: a thread whose lane has no free slot is refused even if
-//! another lane has one (taking it would make the slot's way home cross lanes again).
+//! (nobody parked) that costs one RMW of a waiter count, never a lock. `Full` is per lane:
+//! a thread whose lane has no free slot is refused even if another lane has one (taking it
+//! would make the slot's way home cross lanes again).
 //!
 //! **Waking a parked shard.** A shard with nothing to do parks in io_uring. Its drain task
 //! announces that it is going idle (a per-shard `idle` flag, after registering its waker);
@@ -51,13 +52,15 @@
 //! order. Submissions to different shards have no order between them.
 //!
 //! **Shutdown.** After the node's stop flag is set, `submit` answers
-//! [`SubmitError::Stopped`]. Each shard drains its ring once more, then retires it; a handle
-//! found in a retired ring (pushed while the node stopped) is completed as aborted, so no
-//! [`Ticket`] waits for a result that cannot come.
+//! [`SubmitError::Stopped`]. Each shard drains its rings once more, then retires them; a
+//! handle found in a retired ring (pushed while the node stopped) is completed as aborted,
+//! so no [`Ticket`] waits for a result that cannot come.
 //!
 //! This module never allocates after [`Ingress::new`] on the submit, drain and completion
-//! paths, never blocks a shard (the shard only pops, stores and unparks), and holds no lock
-//! that a shard takes except on the slow paths named above. It contains no `unsafe`: records
+//! paths, never blocks a shard (the shard only pops, stores, pushes freed slots and
+//! unparks; the one wait is a push that meets a pop still handing its place back, which
+//! spins and yields until that pop finishes: `Lane::free_push`), and holds no lock that a
+//! shard takes except on the slow paths named above. It contains no `unsafe`: records
 //! and results are `Pod` and cross threads as words of `AtomicU64`.
 
 use std::fmt;
@@ -296,10 +299,10 @@ impl Lane {
     /// Returns `slot` to the free list. The list never holds more than the lane's slots,
     /// so a push can only be refused for a moment: the ring place it needs was claimed by
     /// a pop that has not handed it back yet (an MPMC ring's "full"). Then it spins and
-    /// yields until that pop finishes. Twice the slots as capacity puts that place a whole
-    /// lane of slots behind the oldest free one, so it takes a popper stalled while the
-    /// lane's slots went round twice. (One place per slot was not enough: a benchmark with
-    /// one producer keeping the list nearly full hit it in its first second.)
+    /// yields until that pop finishes. With twice the lane's slots as places, that takes a
+    /// pop stalled (preempted) between its claim and its hand-back while twice the lane's
+    /// slots are pushed after it. (With one place per slot, the threads benchmark's ingest
+    /// side with two producers on 2 vCPUs hit it within seconds, and the release panicked.)
     #[inline]
     fn free_push(&self, slot: u32) {
         // Spins, then yields on every later try (nobody notifies: the pop just finishes).
