@@ -35,8 +35,9 @@
 //! pooled), including any back-off it had to do. The consumer checks the sum of the items;
 //! a side that loses or duplicates an item panics instead of reporting a number.
 
-use std::sync::Barrier;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -51,8 +52,6 @@ use percore_shards::ingest::{
     Ingress, Submitter, WAKE_PER_NOTIFY_MAX, Waiters, until,
 };
 use serde::Serialize;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use crate::harness::{Backoff, median, percentile};
 use crate::machine::Machine;

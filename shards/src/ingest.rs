@@ -503,12 +503,23 @@ impl<S: StateMachine> Ingress<S> {
         &self.results[start..start + self.result_words]
     }
 
-    /// Returns a slot to its lane's free list and wakes one of that lane's producers
-    /// waiting for room.
+    /// Frees a slot whose handle was published: a new generation, so no handle of the
+    /// old one matches it again, then [`Ingress::return_slot`].
     fn release(&self, slot: u32) {
-        let control = &self.slots[slot as usize];
-        control.generation.fetch_add(1, Ordering::Relaxed);
-        control.state.store(FREE, Ordering::Relaxed);
+        self.slots[slot as usize]
+            .generation
+            .fetch_add(1, Ordering::Relaxed);
+        self.return_slot(slot);
+    }
+
+    /// Puts `slot` back on its lane's free list (slot `i` belongs to lane `i % lanes`) and
+    /// wakes one of that lane's threads waiting for a slot. Also for a slot taken and
+    /// never published ([`Ingress::take_slot`] then a full ring or a timeout): its
+    /// generation stays, as no handle of it exists.
+    fn return_slot(&self, slot: u32) {
+        self.slots[slot as usize]
+            .state
+            .store(FREE, Ordering::Relaxed);
         let lane = &self.lanes[slot as usize % self.lanes.len()].0;
         // The free list's Release push orders our stores before the next owner's pop.
         lane.free_push(slot);
@@ -524,18 +535,6 @@ impl<S: StateMachine> Ingress<S> {
             FREE
         );
         Some(slot)
-    }
-
-    /// Hands back a slot taken by [`Ingress::take_slot`] and never published (its
-    /// generation unchanged: no handle of it exists), waking a thread of the lane that
-    /// waits for one (it may have parked while this slot was out).
-    fn untake_slot(&self, lane: usize, slot: u32) {
-        self.slots[slot as usize]
-            .state
-            .store(FREE, Ordering::Relaxed);
-        let lane = &self.lanes[lane].0;
-        lane.free_push(slot);
-        lane.slot_waiters.notify(1);
     }
 
     /// Writes `record` into the taken `slot`; returns the slot's generation.
@@ -596,7 +595,7 @@ impl<S: StateMachine> Ingress<S> {
         };
         let generation = self.fill_slot(slot, operation, &record);
         if !self.push_handle(lane, shard, slot, generation) {
-            self.untake_slot(lane, slot);
+            self.return_slot(slot);
             return Err(SubmitError::Full(record));
         }
         Ok((slot, generation))
@@ -646,14 +645,12 @@ impl<S: StateMachine> Ingress<S> {
             if stopping() {
                 return Err(());
             }
-            if self.push_handle(lane, shard, slot, generation) {
-                Ok(())
-            } else {
-                Err(())
-            }
+            self.push_handle(lane, shard, slot, generation)
+                .then_some(())
+                .ok_or(())
         });
         if pushed.is_err() {
-            self.untake_slot(lane, slot);
+            self.return_slot(slot);
             return Err(refused(record));
         }
         Ok((slot, generation))
@@ -749,7 +746,7 @@ impl<S: StateMachine> Ingress<S> {
     pub(crate) fn retire(&self, shard: usize) {
         let target = &self.shards[shard];
         target.retired.store(true, Ordering::SeqCst);
-        // SeqCst fence: pairs with the producer's fence after its push (see `try_submit`).
+        // SeqCst fence: pairs with the producer's fence after its push (`push_handle`).
         fence(Ordering::SeqCst);
         target.idle.0.store(false, Ordering::Relaxed);
         // Drop our waker here, on our own thread: glommio wakers must not outlive the task
