@@ -79,8 +79,11 @@ use percore_engine::state_machine::StateMachine;
 use crate::journal::SNAPSHOT_TEMPORARY_SUFFIX;
 use crate::metrics::ShardMetrics;
 
-/// How long the follower sleeps when it has caught up with the shard (µs).
-pub const FOLLOW_POLL_US: u64 = 1_000;
+/// How long the follower sleeps when it has caught up with the shard (µs). It need only
+/// keep up, not follow closely: at 1 ms the six followers of a local 3-replica cluster woke
+/// 6,000 times a second between them, and a near-idle cluster on 2 vCPUs was busy 14-15 %
+/// of the time instead of 11-12 %.
+pub const FOLLOW_POLL_US: u64 = 10_000;
 /// Bytes of the staging buffer the snapshot file is written through (`O_DIRECT`).
 pub const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Default of the node's snapshot write budget, `--snapshot-write-mib-per-s` (MiB/s), shared

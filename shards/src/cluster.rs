@@ -61,7 +61,8 @@ pub struct LocalClusterConfig {
     /// Replicas (processes); each runs every shard.
     pub replicas: usize,
     /// Cores of replica 0's shards; replica `r` runs shard `k` on
-    /// `cores[k] + r * replica_core_stride`.
+    /// `cores[k] + r * replica_core_stride`, or, with no stride, on `cores[(k + r) % n]`
+    /// ([`LocalClusterConfig::replica_cores`]).
     pub cores: Vec<usize>,
     /// Offset between the cores of consecutive replicas: 0 shares `cores` between every
     /// replica (`--allow-shared-cores`); `cores.len()` gives each replica cores of its own.
@@ -82,6 +83,21 @@ impl LocalClusterConfig {
     /// Shards per replica.
     pub fn shards(&self) -> usize {
         self.cores.len()
+    }
+
+    /// The core of each of `replica`'s shards. With a stride, its own cores. Without one
+    /// the replicas share `cores`, rotated by one per replica, so that the replicas of one
+    /// shard group sit on different cores where there are enough: on a shared box a group's
+    /// followers then take its Prepares beside its leader instead of after it on the same
+    /// core (docs/benchmarks.md, "Shared cores, rotated").
+    pub fn replica_cores(&self, replica: usize) -> Vec<usize> {
+        let count = self.cores.len();
+        (0..count)
+            .map(|shard| match self.replica_core_stride {
+                0 => self.cores[(shard + replica) % count],
+                stride => self.cores[shard] + replica * stride,
+            })
+            .collect()
     }
 }
 
@@ -299,13 +315,7 @@ fn replica_affinities(
     if stride == 0 {
         return (vec![None; config.replicas], Vec::new());
     }
-    let replica_cores = |replica: usize| -> Vec<usize> {
-        config
-            .cores
-            .iter()
-            .map(|core| core + replica * stride)
-            .collect()
-    };
+    let replica_cores = |replica: usize| config.replica_cores(replica);
     let used: Vec<usize> = (0..config.replicas).flat_map(replica_cores).collect();
     let spare = crate::affinity::spare(allowed, &used);
     let affinities = (0..config.replicas)
@@ -447,9 +457,9 @@ impl LocalCluster {
     pub fn node_args(&self, replica: usize) -> Vec<String> {
         let config = &self.config;
         let cores: Vec<String> = config
-            .cores
+            .replica_cores(replica)
             .iter()
-            .map(|core| (core + replica * config.replica_core_stride).to_string())
+            .map(usize::to_string)
             .collect();
         let peers: Vec<String> = (0..config.replicas)
             .map(|r| self.peer_address(r, 0).to_string())
@@ -911,6 +921,20 @@ mod tests {
                 base + 150
             );
         }
+    }
+
+    #[test]
+    fn replicas_sharing_cores_rotate_them_so_a_group_spreads() {
+        let mut config = failing_cluster_config(PathBuf::from("false"), PathBuf::from("/none"));
+        config.cores = vec![0, 1];
+        config.replica_core_stride = 0;
+        let cores: Vec<Vec<usize>> = (0..3).map(|r| config.replica_cores(r)).collect();
+        assert_eq!(cores, vec![vec![0, 1], vec![1, 0], vec![0, 1]]);
+        config.cores = vec![4];
+        assert_eq!(config.replica_cores(3), vec![4]);
+        config.cores = vec![0, 1];
+        config.replica_core_stride = 2;
+        assert_eq!(config.replica_cores(2), vec![4, 5]);
     }
 
     #[test]

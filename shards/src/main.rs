@@ -506,7 +506,9 @@ struct BenchArgs {
     port_base: Option<u16>,
     /// Local cluster only: give replica r the cores `--cores` + r x STRIDE (e.g. `--cores
     /// 0,1,2,3 --replica-core-stride 4` puts three replicas on cores 0-11, one shard per
-    /// core). Default 0: every replica runs on `--cores` and the replicas share them.
+    /// core). Default 0: the replicas share `--cores`, each rotated by one more (replica r
+    /// runs shard k on the ((k + r) mod n)-th of them), so a group's replicas spread over
+    /// the cores.
     #[arg(long, default_value_t = 0)]
     replica_core_stride: usize,
     /// Keep the benchmark's data directory (default: removed afterwards).

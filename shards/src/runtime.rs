@@ -1514,8 +1514,9 @@ where
     let reply_bytes_max = FRAME_HEADER_BYTES + records_max * size_of::<S::Result>();
     let mut reply = vec![0u8; reply_bytes_max];
     loop {
-        let started = Instant::now();
         read_full(shard, &mut stream, &mut header_bytes, true).await?;
+        // The request arrived with its header: the wait for it is the client's idle time.
+        let started = Instant::now();
         let header = match frame::decode_header(
             &header_bytes,
             shard.config.frame_bytes_max,

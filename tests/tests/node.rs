@@ -164,6 +164,57 @@ fn a_retried_transfer_is_not_applied_twice() {
     assert_conserved(&reports);
 }
 
+/// `percore_request_latency_seconds` is request arrival to reply: a connection's idle time
+/// before a request (here 1.5 s) is not part of it.
+#[test]
+fn request_latency_excludes_the_wait_for_the_next_request() {
+    const IDLE_MS: u64 = 1_500;
+    const BOUND_US: u64 = 1_000_000;
+    let node = start_node();
+    let mut client = client(&node, 3);
+    let accounts = setup(&mut client, 2, 100);
+    let (a, b) = (accounts[0][1], accounts[0][2]);
+    let route = |t: &Transfer| route_transfer(t, SHARDS);
+    let shard = route(&transfer(1, a, b, 1));
+    let before = node.metrics()[shard].request_latency.count();
+    for id in 1..=2u128 {
+        std::thread::sleep(Duration::from_millis(IDLE_MS));
+        let results: Vec<RecordResult> = client
+            .submit(
+                Operation::CreateTransfers.into(),
+                &[transfer((7 << 64) + id, a, b, 1)],
+                route,
+            )
+            .unwrap();
+        assert_eq!(results[0].code, CreateTransferResult::Ok as u32);
+    }
+    let histogram = &node.metrics()[shard].request_latency;
+    // Recorded once the reply is written, which may be just after the client read it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while histogram.count() - before < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(histogram.count() - before, 2, "both requests recorded");
+    let over: u64 = histogram
+        .buckets()
+        .iter()
+        .zip(
+            percore_shards::metrics::LATENCY_BUCKETS_US
+                .iter()
+                .map(Some)
+                .chain([None]),
+        )
+        .filter(|(_, bound)| bound.is_none_or(|&us| us > BOUND_US))
+        .map(|(count, _)| count)
+        .sum();
+    assert_eq!(
+        over, 0,
+        "no request took over {BOUND_US} µs from arrival to reply"
+    );
+    let reports = node.shutdown().unwrap();
+    assert_conserved(&reports);
+}
+
 fn client_with_fresh_connections(node: &Node<Ledger>, client_id: u128) -> Client {
     client(node, client_id)
 }
