@@ -227,6 +227,9 @@ macro_rules! shard_metrics {
             pub journal_commit_latency: LatencyHistogram,
             /// Leader: time from staging an op to its quorum commit (µs).
             pub commit_latency: LatencyHistogram,
+            /// Time to apply one committed batch and hand its results to their requests
+            /// (µs), on every replica.
+            pub apply_latency: LatencyHistogram,
             /// Leader (or unreplicated shard): time between advances of the commit point
             /// while work waited to commit (µs).
             pub commit_gap: CommitGapHistogram,
@@ -446,6 +449,8 @@ impl ShardMetrics {
             .render(out, "percore_journal_commit_seconds", self.shard);
         self.commit_latency
             .render(out, "percore_commit_seconds", self.shard);
+        self.apply_latency
+            .render(out, "percore_apply_seconds", self.shard);
         self.commit_gap.render(out, self.shard);
         self.render_peers(out);
     }

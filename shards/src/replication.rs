@@ -1804,8 +1804,15 @@ where
         let op = if core.op_last() == next {
             next
         } else {
-            core.apply_next(|origin, result| crate::runtime::complete(shard, origin, result))
-                .expect("the next op is queued")
+            let started = Instant::now();
+            let op = core
+                .apply_next(|origin, result| crate::runtime::complete(shard, origin, result))
+                .expect("the next op is queued");
+            shard
+                .metrics
+                .apply_latency
+                .record(started.elapsed().as_micros() as u64, 1);
+            op
         };
         let mut replica = replication.replica.borrow_mut();
         replica.on_applied(op);

@@ -2043,8 +2043,13 @@ where
 {
     let _apply = tracing::debug_span!("apply", shard = shard.index).entered();
     let mut core = shard.core.borrow_mut();
+    let started = Instant::now();
     core.apply_next(|origin, result| complete(shard, origin, result))
         .expect("a sealed batch is waiting");
+    shard
+        .metrics
+        .apply_latency
+        .record(started.elapsed().as_micros() as u64, 1);
     while let Some(outbound) = core.poll_outbound() {
         send_outbound(shard, outbound);
     }
