@@ -14,7 +14,8 @@
 # one set per run, separated by `;`, e.g. "--wake-max 1;--consumer-core"; default a full
 # run with none, then one with `--lanes 1` at 2, 16 and 256 producers: the lanes and ingest
 # sides with one lane, against the first run's default lanes), DISK_S=10 (seconds of
-# `percore-bench disk` with 12 writers, after 10 s with one; 0 skips it), SHM_S=20
+# `percore-bench disk` with 12 writers, after 10 s with one, and again with O_DSYNC; 0
+# skips it), SHM_S=20
 # (seconds of a 50 % run with the journals on /dev/shm and no fdatasync, after the 90 %
 # run: the engine's tail without the disk; 0 skips it), DATA (data directory, not tmpfs),
 # WAIT_S=588. `collect` also keeps the soak's node logs (soak50-logs.tar.gz).
@@ -23,7 +24,7 @@
 # This is how the second and third 16-core leases (docs/benchmarks.md) were measured:
 # `start` took 119 s (third: 157 s with four threads runs), `collect` 573 s (596 s); the
 # third held the machine 787 s for both, start included, of a 900 s budget. The disk probe
-# (now about 25 s), the lanes and ingest sides of the threads run (about two thirds more),
+# (now about 40 s), the lanes and ingest sides of the threads run (about two thirds more),
 # the `--lanes 1` threads run and the tmpfs run (about 35 s) came after it; with two
 # threads runs instead of that lease's four, `start` should again take about 160 s.
 set -u
@@ -67,12 +68,17 @@ start)
         cat "$out/$name.txt"
     done
     if [ "${DISK_S:-10}" -gt 0 ]; then
-        for writers in 1 12; do
-            echo "== disk, $writers writers ($(($(date +%s) - t0)) s)"
+        # The last: the same 12 writers with O_DSYNC writes instead of write + fdatasync
+        # (the same on the 2-vCPU VM's virtio disk; a disk with FUA may differ).
+        for probe in 1 12 12-dsync; do
+            writers=${probe%-dsync}
+            sync=()
+            [ "$probe" != "$writers" ] && sync=(--dsync)
+            echo "== disk, $probe writers ($(($(date +%s) - t0)) s)"
             seconds=$([ "$writers" -eq 1 ] && echo 10 || echo "${DISK_S:-10}")
             timeout 120 "$bin/percore-bench" disk --writers "$writers" --duration-s "$seconds" \
-                --dir "$data/disk" >"$out/disk-$writers.txt" 2>&1
-            cat "$out/disk-$writers.txt"
+                "${sync[@]}" --dir "$data/disk" >"$out/disk-$probe.txt" 2>&1
+            cat "$out/disk-$probe.txt"
         done
     fi
     common=(--replicas 3 --cores "$cores" --replica-core-stride "$stride" --peak-s 5

@@ -50,6 +50,9 @@ pub struct DiskConfig {
     pub duration_s: u64,
     /// Pre-allocate the files instead of writing them first.
     pub unwritten: bool,
+    /// Open the files `O_DSYNC` and make each write durable by itself instead of calling
+    /// `fdatasync` after it.
+    pub dsync: bool,
 }
 
 /// Latency percentiles in microseconds.
@@ -114,7 +117,7 @@ pub fn run(config: &DiskConfig, dir: &Path, machine: &Machine) -> io::Result<Dis
         .collect();
     let files = paths
         .iter()
-        .map(|path| prepare(path, config.unwritten))
+        .map(|path| prepare(path, config.unwritten, config.dsync))
         .collect::<io::Result<Vec<File>>>();
     let outcome = files.and_then(|files| measure(config, files));
     for path in &paths {
@@ -153,8 +156,8 @@ pub fn run(config: &DiskConfig, dir: &Path, machine: &Machine) -> io::Result<Dis
 }
 
 /// Creates `path` for `O_DIRECT` writes, [`FILE_BYTES`] long: written through, or only
-/// allocated with `unwritten`.
-fn prepare(path: &Path, unwritten: bool) -> io::Result<File> {
+/// allocated with `unwritten`. With `dsync` the file is then reopened `O_DSYNC` as well.
+fn prepare(path: &Path, unwritten: bool, dsync: bool) -> io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -174,7 +177,14 @@ fn prepare(path: &Path, unwritten: bool) -> io::Result<File> {
         }
     }
     file.sync_all()?;
-    Ok(file)
+    if !dsync {
+        return Ok(file);
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+        .open(path)
 }
 
 /// Runs every writer for the configured time; returns their samples and the elapsed time.
@@ -211,7 +221,9 @@ fn measure(config: &DiskConfig, files: Vec<File>) -> io::Result<(Vec<Samples>, D
                         }
                         let began = Instant::now();
                         file.write_all_at(buffer.bytes(), offset)?;
-                        file.sync_data()?;
+                        if !config.dsync {
+                            file.sync_data()?;
+                        }
                         let us = began.elapsed().as_micros() as u64;
                         samples.push((began.duration_since(start).as_secs() as u32, us));
                         offset += config.write_bytes as u64;
@@ -263,19 +275,29 @@ impl AlignedBuffer {
 /// One human-readable report line set.
 pub fn report_lines(report: &DiskReport) -> Vec<String> {
     let config = &report.config;
+    let sync = if config.dsync {
+        "O_DSYNC write"
+    } else {
+        "write+fdatasync"
+    };
     let line = |name: &str, p: &Percentiles| {
         format!(
-            "{name}: {} ops, write+fdatasync p50 {} µs, p99 {} µs, p999 {} µs, max {} µs",
+            "{name}: {} ops, {sync} p50 {} µs, p99 {} µs, p999 {} µs, max {} µs",
             p.count, p.p50_us, p.p99_us, p.p999_us, p.max_us
         )
     };
     let mut lines = vec![
         format!(
-            "percore-bench disk: {} ({} cores); {} writers x {} KiB O_DIRECT + fdatasync, {} per writer, {} s, files {}",
+            "percore-bench disk: {} ({} cores); {} writers x {} KiB O_DIRECT {}, {} per writer, {} s, files {}",
             report.machine.cpu,
             report.machine.cores,
             config.writers,
             config.write_bytes / 1024,
+            if config.dsync {
+                "| O_DSYNC"
+            } else {
+                "+ fdatasync"
+            },
             match config.rate_per_writer {
                 0 => "back to back".to_owned(),
                 rate => format!("{rate}/s"),

@@ -61,6 +61,10 @@ struct DiskOptions {
     /// Pre-allocate the files (unwritten extents) instead of writing them first.
     #[arg(long)]
     unwritten: bool,
+    /// Open the files O_DSYNC: each write is durable when it completes, with no fdatasync
+    /// after it.
+    #[arg(long)]
+    dsync: bool,
     /// Directory for the files (on the disk to measure; not tmpfs, which has no O_DIRECT).
     #[arg(long)]
     dir: std::path::PathBuf,
@@ -235,6 +239,7 @@ fn run_disk(options: &DiskOptions, machine: &Machine) {
         rate_per_writer: options.rate_per_writer,
         duration_s: options.duration_s.max(1),
         unwritten: options.unwritten,
+        dsync: options.dsync,
     };
     let report = match disk::run(&config, &options.dir, machine) {
         Ok(report) => report,

@@ -4,18 +4,20 @@ use percore_bench::disk::{self, DiskConfig};
 use percore_bench::machine::Machine;
 
 /// Two writers for a second (`O_DIRECT` needs a real file system: the target directory,
-/// not a tmpfs `/tmp`): every operation is counted, and the files are removed.
+/// not a tmpfs `/tmp`), with `fdatasync` and with `O_DSYNC`: every operation is counted,
+/// and the files are removed.
 #[test]
 fn a_short_run_measures_and_cleans_up() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("disk-probe");
     let _ = std::fs::remove_dir_all(&dir);
-    for unwritten in [true, false] {
+    for (unwritten, dsync) in [(true, false), (false, false), (false, true)] {
         let config = DiskConfig {
             writers: 2,
             write_bytes: 4096,
             rate_per_writer: 50,
             duration_s: 1,
             unwritten,
+            dsync,
         };
         let report = disk::run(&config, &dir, &Machine::detect()).expect("the probe runs");
         assert!(
