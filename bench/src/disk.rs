@@ -275,10 +275,11 @@ impl AlignedBuffer {
 /// One human-readable report line set.
 pub fn report_lines(report: &DiskReport) -> Vec<String> {
     let config = &report.config;
-    let sync = if config.dsync {
-        "O_DSYNC write"
+    // (how the files are opened, what one timed operation is)
+    let (open, sync) = if config.dsync {
+        ("O_DIRECT | O_DSYNC", "O_DSYNC write")
     } else {
-        "write+fdatasync"
+        ("O_DIRECT + fdatasync", "write+fdatasync")
     };
     let line = |name: &str, p: &Percentiles| {
         format!(
@@ -288,16 +289,11 @@ pub fn report_lines(report: &DiskReport) -> Vec<String> {
     };
     let mut lines = vec![
         format!(
-            "percore-bench disk: {} ({} cores); {} writers x {} KiB O_DIRECT {}, {} per writer, {} s, files {}",
+            "percore-bench disk: {} ({} cores); {} writers x {} KiB {open}, {} per writer, {} s, files {}",
             report.machine.cpu,
             report.machine.cores,
             config.writers,
             config.write_bytes / 1024,
-            if config.dsync {
-                "| O_DSYNC"
-            } else {
-                "+ fdatasync"
-            },
             match config.rate_per_writer {
                 0 => "back to back".to_owned(),
                 rate => format!("{rate}/s"),

@@ -311,16 +311,16 @@ fn replica_affinities(
     config: &LocalClusterConfig,
     allowed: &[usize],
 ) -> (Vec<Option<Vec<usize>>>, Vec<usize>) {
-    let stride = config.replica_core_stride;
-    if stride == 0 {
+    if config.replica_core_stride == 0 {
         return (vec![None; config.replicas], Vec::new());
     }
-    let replica_cores = |replica: usize| config.replica_cores(replica);
-    let used: Vec<usize> = (0..config.replicas).flat_map(replica_cores).collect();
+    let used: Vec<usize> = (0..config.replicas)
+        .flat_map(|replica| config.replica_cores(replica))
+        .collect();
     let spare = crate::affinity::spare(allowed, &used);
     let affinities = (0..config.replicas)
         .map(|replica| {
-            let mut cores = replica_cores(replica);
+            let mut cores = config.replica_cores(replica);
             cores.extend(&spare);
             Some(cores)
         })

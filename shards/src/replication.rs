@@ -1804,15 +1804,7 @@ where
         let op = if core.op_last() == next {
             next
         } else {
-            let started = Instant::now();
-            let op = core
-                .apply_next(|origin, result| crate::runtime::complete(shard, origin, result))
-                .expect("the next op is queued");
-            shard
-                .metrics
-                .apply_latency
-                .record(started.elapsed().as_micros() as u64, 1);
-            op
+            crate::runtime::apply_next_timed(shard, &mut core).expect("the next op is queued")
         };
         let mut replica = replication.replica.borrow_mut();
         replica.on_applied(op);

@@ -2043,16 +2043,27 @@ where
 {
     let _apply = tracing::debug_span!("apply", shard = shard.index).entered();
     let mut core = shard.core.borrow_mut();
+    apply_next_timed(shard, &mut core).expect("a sealed batch is waiting");
+    while let Some(outbound) = core.poll_outbound() {
+        send_outbound(shard, outbound);
+    }
+}
+
+/// [`ShardCore::apply_next`], answering each record's origin, timed into
+/// `percore_apply_seconds`. Returns the op applied, if a batch was waiting.
+pub(crate) fn apply_next_timed<S>(shard: &Shard<S>, core: &mut ShardCore<S>) -> Option<u64>
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
     let started = Instant::now();
-    core.apply_next(|origin, result| complete(shard, origin, result))
-        .expect("a sealed batch is waiting");
+    let op = core.apply_next(|origin, result| complete(shard, origin, result))?;
     shard
         .metrics
         .apply_latency
         .record(started.elapsed().as_micros() as u64, 1);
-    while let Some(outbound) = core.poll_outbound() {
-        send_outbound(shard, outbound);
-    }
+    Some(op)
 }
 
 /// Sends a message the state machine produced to its shard over the ring mesh (queued
