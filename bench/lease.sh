@@ -88,7 +88,8 @@ start)
     common=("${base[@]}" --segment-mib 256)
     echo "== 90 % for ${D90:-30} s ($(($(date +%s) - t0)) s)"
     timeout 150 "$bin/percore" bench "${common[@]}" --load 0.9 --duration-s "${D90:-30}" \
-        --plot "$out/soak90.svg" --data-dir "$data/s90" >"$out/soak90.json" 2>"$out/soak90.log"
+        --plot "$out/soak90.svg" --series-out "$out/soak90-series.jsonl" --data-dir "$data/s90" \
+        >"$out/soak90.json" 2>"$out/soak90.log"
     tail -8 "$out/soak90.log"
     rm -rf "${data:?}/s90"
     if [ "${SHM_S:-20}" -gt 0 ] && [ -d /dev/shm ]; then
@@ -103,13 +104,15 @@ start)
         echo "== 50 %, journals on tmpfs (${shm_mib} MiB segments), for ${SHM_S:-20} s ($(($(date +%s) - t0)) s)"
         timeout 120 "$bin/percore" bench "${base[@]}" --segment-mib "$shm_mib" --load 0.5 \
             --duration-s "${SHM_S:-20}" --fsync never --data-dir /dev/shm/percore-lease-shm \
-            --plot "$out/soak50-shm.svg" >"$out/soak50-shm.json" 2>"$out/soak50-shm.log"
+            --plot "$out/soak50-shm.svg" --series-out "$out/soak50-shm-series.jsonl" \
+            >"$out/soak50-shm.json" 2>"$out/soak50-shm.log"
         tail -8 "$out/soak50-shm.log"
         rm -rf /dev/shm/percore-lease-shm
     fi
     echo "== 50 % for ${D50:-600} s, detached ($(($(date +%s) - t0)) s)"
     setsid nohup "$bin/percore" bench "${common[@]}" --load 0.5 --duration-s "${D50:-600}" \
-        --plot "$results/soak50.svg" --data-dir "$data/s50" \
+        --plot "$results/soak50.svg" --series-out "$results/soak50-series.jsonl" \
+        --data-dir "$data/s50" \
         >"$results/soak50.json" 2>"$results/soak50.log" </dev/null &
     echo $! >"$results/pid"
     # The soak takes about D50 + 25 s (peak, warm-ups, summary, plot): waiting here leaves
@@ -124,14 +127,15 @@ collect)
         sleep 2
     done
     if kill -0 "$pid" 2>/dev/null; then
-        # Its JSON and plot are written at the end: copy the progress log, and leave the
-        # data alone (removing a running cluster's journals stalls it, as the fourth
-        # lease's last seconds showed).
-        echo "the soak still runs after $(($(date +%s) - t0)) s: its log only, data kept"
-        cp "$results/soak50.log" "$out"/
+        # Its JSON report comes at the end; the series so far (one JSON line a second) and
+        # the plot (redrawn every 30 s) are there already. Leave the data alone: removing a
+        # running cluster's journals stalls it, as the fourth lease's last seconds showed.
+        echo "the soak still runs after $(($(date +%s) - t0)) s: its series so far, data kept"
+        cp "$results/soak50.log" "$results/soak50-series.jsonl" "$out"/
+        [ -f "$results/soak50.svg" ] && cp "$results/soak50.svg" "$out"/
     else
         echo "the soak ended $(($(date +%s) - t0)) s into collect"
-        cp "$results"/soak50.* "$out"/
+        cp "$results"/soak50* "$out"/
         (cd "$data/s50" && tar czf "$out/soak50-logs.tar.gz" replica-*.log) ||
             echo "no node logs kept"
         rm -rf "${data:?}/s50"

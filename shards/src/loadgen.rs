@@ -1650,8 +1650,12 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
 
 /// Runs the benchmark end to end on a local cluster of child processes: starts it, loads
 /// every group through its leader, measures, stops every replica with SIGTERM. The caller
-/// owns (and removes) the data directories.
-pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError> {
+/// owns (and removes) the data directories. With `config.series`, `sink` gets the series
+/// as it grows ([`soak::SeriesSink`]; `SeriesSink::default()` keeps nothing).
+pub fn run_cluster(
+    config: ClusterBenchConfig,
+    sink: &mut soak::SeriesSink,
+) -> Result<BenchReport, BenchError> {
     assert!(
         config.cluster.metrics,
         "the cluster report is read from metrics"
@@ -1686,7 +1690,7 @@ pub fn run_cluster(config: ClusterBenchConfig) -> Result<BenchReport, BenchError
         let (started, soak) = if config.series {
             load.measuring.store(true, Ordering::Relaxed);
             let (started, soak) =
-                soak::sample_window(&cluster, load_config.duration, || load.take_latency())?;
+                soak::sample_window(&cluster, load_config.duration, || load.take_latency(), sink)?;
             (started, Some(soak))
         } else {
             (load.measure(&load_config), None)

@@ -488,9 +488,15 @@ struct BenchArgs {
     #[arg(long)]
     series: bool,
     /// Local cluster only: draw the series (TPS, latency with the longest commit gap of
-    /// each second, RSS per node) into this SVG (implies --series).
+    /// each second, RSS per node) into this SVG (implies --series); drawn every 30 s while
+    /// the run goes on, and once more at its end.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Local cluster only: append each second's point of the series to this file as it is
+    /// measured, one JSON object per line (implies --series), so that a run cut short
+    /// keeps what it measured (--json writes the whole report only at the end).
+    #[arg(long)]
+    series_out: Option<PathBuf>,
     /// Run without a journal (measures the in-memory pipeline only; --replicas 1 only:
     /// replication needs a journal, use --fsync never to leave durability out instead).
     #[arg(long, conflicts_with = "data_dir")]
@@ -848,16 +854,20 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         return run_bench_bft(args);
     }
     if !args.addresses.is_empty() {
-        if args.series || args.plot.is_some() {
-            return Err("--series and --plot need a local cluster, not --addresses".into());
+        if args.series || args.plot.is_some() || args.series_out.is_some() {
+            return Err(
+                "--series, --series-out and --plot need a local cluster, not --addresses".into(),
+            );
         }
         return run_bench_remote(args);
     }
     if args.replicas > 1 {
         return run_bench_cluster(args);
     }
-    if args.series || args.plot.is_some() {
-        return Err("--series and --plot need a local cluster (--replicas 2 or more)".into());
+    if args.series || args.plot.is_some() || args.series_out.is_some() {
+        return Err(
+            "--series, --series-out and --plot need a local cluster (--replicas 2 or more)".into(),
+        );
     }
     let mut node = args.shards.node_config();
     node.client_port_base = 0;
@@ -1089,6 +1099,16 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
                 .into(),
         );
     }
+    // Before anything starts: a series file that cannot be written is refused now.
+    let mut sink =
+        percore_shards::soak::SeriesSink::create(args.plot.as_deref(), args.series_out.as_deref())
+            .map_err(|error| {
+                let path = args
+                    .series_out
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new("-"));
+                format!("--series-out {}: {error}", path.display())
+            })?;
     let replicas = usize::from(args.replicas);
     let cores = args.shards.node_config().cores;
     let (fsync_arg, fsync) = match args.journal.fsync {
@@ -1185,9 +1205,9 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
             progress: !args.json,
             fsync,
         },
-        series: args.series || args.json || args.plot.is_some(),
+        series: args.series || args.json || args.plot.is_some() || args.series_out.is_some(),
     };
-    let report = loadgen::run_cluster(config);
+    let report = loadgen::run_cluster(config, &mut sink);
     if args.keep_data || args.journal.data_dir.is_some() {
         say!("data and node logs kept in {}", data_root.display());
     } else {

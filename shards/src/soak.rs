@@ -4,7 +4,9 @@
 //! [`SERIES_INTERVAL_MS`] it records one [`SeriesPoint`] (committed tx/s from the leaders'
 //! `percore_tx_applied_total`, the client latency of that second, each node's RSS from
 //! `/proc/<pid>/status`, pool high-water marks, and the commit gaps the leaders measured
-//! themselves) and prints a progress line on stderr. It also draws the series as an SVG. It
+//! themselves) and prints a progress line on stderr. It also draws the series as an SVG,
+//! and hands each point to a [`SeriesSink`] as it is taken (`--series-out`, and the plot
+//! redrawn while the run goes on), so that a run cut short keeps what it measured. It
 //! never drives load and never touches the children beyond reading their metrics and
 //! `/proc`.
 //!
@@ -20,7 +22,9 @@
 //!   at [`SAMPLE_INTERVAL_MS`] resolution. It cannot tell waiting work from idleness, so under
 //!   a light `--rate` it also counts stretches with nothing to commit.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -33,6 +37,9 @@ use crate::metrics::{COMMIT_GAP_BUCKETS_US, LATENCY_BUCKETS_US};
 
 /// How often the leaders' commit ops are sampled (the sampled commit gap's resolution).
 pub const SAMPLE_INTERVAL_MS: u64 = 100;
+/// Series points between two drawings of a run's plot while the run goes on
+/// ([`SeriesSink`]): a 600-point plot takes milliseconds to draw.
+pub const PLOT_REDRAW_POINTS: usize = 30;
 /// In-node commit gaps longer than this (µs) are counted separately: under load a shard
 /// should commit at least this often.
 pub const COMMIT_GAP_GOAL_US: u64 = 1_000;
@@ -470,12 +477,14 @@ fn scrape_retrying(cluster: &LocalCluster, failures: &mut u64) -> Result<Scrape,
 }
 
 /// Samples `cluster` for `duration` while load runs. `take_latency` hands over (and
-/// resets) the client latency recorded since its last call. Returns when the window
-/// started and what was seen; the caller adds [`SoakReport::p999_us`].
+/// resets) the client latency recorded since its last call; `sink` gets the series after
+/// each new point. Returns when the window started and what was seen; the caller adds
+/// [`SoakReport::p999_us`].
 pub fn sample_window(
     cluster: &LocalCluster,
     duration: Duration,
     mut take_latency: impl FnMut() -> Histogram<u64>,
+    sink: &mut SeriesSink,
 ) -> Result<(Instant, SoakReport), BenchError> {
     let first = scrape(cluster)?;
     take_latency();
@@ -530,6 +539,7 @@ pub fn sample_window(
         };
         print_progress(&point, gaps.longest());
         series.push(point);
+        sink.point(&series);
         applied_before = applied;
         point_started = now;
         point_scrape = Some(sample);
@@ -630,13 +640,76 @@ pub struct PlotError {
 }
 
 /// Draws TPS, latency percentiles with the longest in-node commit gap of each second (ms,
-/// log scale) and RSS per replica (MiB) over time into an SVG at `path`.
+/// log scale) and RSS per replica (MiB) over time into an SVG at `path`: drawn into
+/// `path` + `.tmp` and renamed over `path`, so a reader never sees half a plot.
 pub fn plot_svg(path: &Path, series: &[SeriesPoint]) -> Result<(), PlotError> {
     let error = |message: String| PlotError {
         path: path.display().to_string(),
         message,
     };
-    draw(path, series).map_err(|e| error(e.to_string()))
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    draw(&temporary, series).map_err(|e| error(e.to_string()))?;
+    std::fs::rename(&temporary, path).map_err(|e| error(e.to_string()))
+}
+
+/// Where a run's series goes while the run goes on, so that a run cut short (killed, or
+/// outliving the machine it runs on) keeps what it measured: each point appended to a
+/// JSON-lines file as it is taken (`percore bench --series-out`), and the plot (`--plot`)
+/// drawn every [`PLOT_REDRAW_POINTS`] points. The report and the final plot do not depend
+/// on it: a failure to write is reported once on stderr and the run goes on.
+#[derive(Debug, Default)]
+pub struct SeriesSink {
+    plot: Option<PathBuf>,
+    lines: Option<(PathBuf, File)>,
+    /// A write failed and was reported; later failures are not.
+    failed: bool,
+}
+
+impl SeriesSink {
+    /// A sink drawing `plot` and appending to `lines`, created (or truncated) now: a path
+    /// that cannot be written fails here, before the run starts.
+    pub fn create(plot: Option<&Path>, lines: Option<&Path>) -> std::io::Result<Self> {
+        let lines = lines
+            .map(|path| File::create(path).map(|file| (path.to_path_buf(), file)))
+            .transpose()?;
+        Ok(Self {
+            plot: plot.map(Path::to_path_buf),
+            lines,
+            failed: false,
+        })
+    }
+
+    /// Takes the series so far, its last point new: appends that point as one line (one
+    /// `write`, so a reader sees whole lines) and draws the plot every
+    /// [`PLOT_REDRAW_POINTS`] points.
+    pub fn point(&mut self, series: &[SeriesPoint]) {
+        let Some(last) = series.last() else { return };
+        if let Some((path, file)) = &mut self.lines {
+            let written = serde_json::to_string(last)
+                .map_err(std::io::Error::from)
+                .and_then(|mut line| {
+                    line.push('\n');
+                    file.write_all(line.as_bytes())
+                });
+            if let Err(error) = written {
+                Self::report(&mut self.failed, &path.display(), &error);
+            }
+        }
+        if series.len().is_multiple_of(PLOT_REDRAW_POINTS)
+            && let Some(path) = &self.plot
+            && let Err(error) = plot_svg(path, series)
+        {
+            Self::report(&mut self.failed, &path.display(), &error);
+        }
+    }
+
+    fn report(failed: &mut bool, path: &impl std::fmt::Display, error: &dyn std::fmt::Display) {
+        if !std::mem::replace(failed, true) {
+            eprintln!("WARNING: the series so far could not be written to {path}: {error}");
+        }
+    }
 }
 
 /// Reads one percentile out of a [`LatencyRow`].
@@ -905,6 +978,47 @@ mod tests {
     #[test]
     fn own_rss_is_read() {
         assert!(rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+    }
+
+    #[test]
+    fn the_sink_appends_each_point_and_redraws_the_plot_while_the_run_goes_on() {
+        let dir = std::env::temp_dir().join(format!("percore-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let (plot, lines) = (dir.join("run.svg"), dir.join("run.jsonl"));
+        let mut sink = SeriesSink::create(Some(&plot), Some(&lines)).expect("sink created");
+        let mut series = Vec::new();
+        for t in 1..=PLOT_REDRAW_POINTS + 1 {
+            series.push(point(t as f64, vec![1_000, 2_000, 3_000]));
+            sink.point(&series);
+            assert_eq!(
+                plot.exists(),
+                t >= PLOT_REDRAW_POINTS,
+                "the plot is first drawn at point {PLOT_REDRAW_POINTS}, not {t}"
+            );
+        }
+        let written = std::fs::read_to_string(&lines).expect("lines written");
+        let times: Vec<f64> = written
+            .lines()
+            .map(|line| {
+                let point: serde_json::Value = serde_json::from_str(line).expect("one JSON point");
+                point["t_s"].as_f64().expect("t_s")
+            })
+            .collect();
+        let expected: Vec<f64> = (1..=PLOT_REDRAW_POINTS + 1).map(|t| t as f64).collect();
+        assert_eq!(times, expected);
+        assert!(
+            !dir.join("run.svg.tmp").exists(),
+            "drawn aside, then renamed"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_sink_that_cannot_write_fails_before_the_run() {
+        let missing = std::env::temp_dir()
+            .join("percore-no-such-dir")
+            .join("run.jsonl");
+        assert!(SeriesSink::create(None, Some(&missing)).is_err());
     }
 
     #[test]

@@ -81,6 +81,30 @@ fn bench_load_flags_are_checked_by_the_parser() {
     refused(&["--peak-s", "3"], "--load");
 }
 
+#[test]
+fn a_series_file_that_cannot_be_written_is_refused_before_the_cluster_starts() {
+    let output = Command::new(PERCORE)
+        .args(["bench", "--replicas", "3", "--cores", "0", "--series-out"])
+        .arg("/percore-no-such-dir/series.jsonl")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--series-out /percore-no-such-dir/series.jsonl"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("starting 3 replicas"), "{stderr}");
+    // A single node has no series to write.
+    let output = Command::new(PERCORE)
+        .args(["bench", "--replicas", "1", "--series-out", "series.jsonl"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("need a local cluster"), "{stderr}");
+}
+
 /// Starts `percore node args`, waits until it serves clients or exits: `Ok(stderr lines)`
 /// once it served and then stopped cleanly on SIGTERM (delivered as an operator or systemd
 /// would), `Err(stderr)` if it exited by itself.

@@ -88,7 +88,14 @@ fn bench(extra: &[&str]) -> (serde_json::Value, String) {
 
 #[test]
 fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
-    let (report, stderr) = bench(&["--duration-s", &DURATION_S.to_string()]);
+    let lines_path =
+        std::env::temp_dir().join(format!("percore-soak-series-{}.jsonl", std::process::id()));
+    let (report, stderr) = bench(&[
+        "--duration-s",
+        &DURATION_S.to_string(),
+        "--series-out",
+        lines_path.to_str().expect("a UTF-8 temporary path"),
+    ]);
     assert!(
         report["offered_tx_per_s"].is_null(),
         "closed loop by default"
@@ -96,6 +103,14 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
     let soak = &report["soak"];
     let series = soak["series"].as_array().expect("a series");
     assert_eq!(series.len() as u64, DURATION_S, "{stderr}");
+    // --series-out: the same points, one JSON object per line, written as they were taken.
+    let lines = std::fs::read_to_string(&lines_path).expect("the series file written");
+    let _ = std::fs::remove_file(&lines_path);
+    let streamed: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON point per line"))
+        .collect();
+    assert_eq!(&streamed, series, "--series-out holds the report's series");
     for point in series {
         assert_eq!(point["rss_kib"].as_array().expect("rss").len(), 3);
         assert!(
