@@ -21,7 +21,10 @@
 # WAIT_S=588 (most `collect` waits for the soak; it copies the soak's files and removes its
 # data only once the soak has ended), START_WAIT_S=60 (what `start` waits after launching
 # the soak: the soak takes about D50 + 25 s, which `start` and `collect` must cover between
-# them). `collect` also keeps the soak's node logs (soak50-logs.tar.gz).
+# them), FSYNC_AB_S=0 (seconds of each of four 50 % runs, `--fsync always` and `dsync`
+# interleaved, after the tmpfs run; 0 skips them; 40 adds about 260 s to `start`, so give
+# the soak less: D50=300), SOAK_FSYNC=always (the soak's `--fsync`). `collect` also keeps
+# the soak's node logs (soak50-logs.tar.gz).
 # PACK=FILE.tar.gz packs OUT into one archive at the end of either mode (a machine that
 # hands back at most 8 files per command: put OUT outside what comes back, PACK inside).
 # The second to fourth 16-core leases (docs/benchmarks.md) were measured with it. The
@@ -109,8 +112,25 @@ start)
         tail -8 "$out/soak50-shm.log"
         rm -rf /dev/shm/percore-lease-shm
     fi
+    if [ "${FSYNC_AB_S:-0}" -gt 0 ]; then
+        # `--fsync always` against `--fsync dsync` (O_DSYNC segment writes, no fdatasync),
+        # interleaved, twice each, at 50 % of each run's own peak: whether the tighter
+        # O_DSYNC tail of `percore-bench disk` on this machine's disk reaches the soak.
+        for round in 1 2; do
+            for mode in always dsync; do
+                name=ab-$mode-$round
+                echo "== 50 %, --fsync $mode, round $round, for $FSYNC_AB_S s ($(($(date +%s) - t0)) s)"
+                timeout 150 "$bin/percore" bench "${common[@]}" --fsync "$mode" --load 0.5 \
+                    --duration-s "$FSYNC_AB_S" --series-out "$out/$name-series.jsonl" \
+                    --data-dir "$data/ab" >"$out/$name.json" 2>"$out/$name.log"
+                tail -7 "$out/$name.log"
+                rm -rf "${data:?}/ab"
+            done
+        done
+    fi
     echo "== 50 % for ${D50:-600} s, detached ($(($(date +%s) - t0)) s)"
-    setsid nohup "$bin/percore" bench "${common[@]}" --load 0.5 --duration-s "${D50:-600}" \
+    setsid nohup "$bin/percore" bench "${common[@]}" --fsync "${SOAK_FSYNC:-always}" \
+        --load 0.5 --duration-s "${D50:-600}" \
         --plot "$results/soak50.svg" --series-out "$results/soak50-series.jsonl" \
         --data-dir "$data/s50" \
         >"$results/soak50.json" 2>"$results/soak50.log" </dev/null &

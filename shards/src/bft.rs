@@ -725,12 +725,12 @@ pub fn guard_create(
     let temporary = path.with_extension("tmp");
     let mut file = std::fs::File::create(&temporary)?;
     file.write_all(&bytes)?;
-    if fsync == FsyncPolicy::Always {
+    if fsync.is_durable() {
         file.sync_all()?;
     }
     drop(file);
     std::fs::rename(&temporary, path)?;
-    if fsync == FsyncPolicy::Always
+    if fsync.is_durable()
         && let Some(dir) = path.parent()
     {
         std::fs::File::open(dir)?.sync_all()?;
@@ -815,7 +815,7 @@ impl GuardFile {
                 format!("short vote guard write: {written} of {GUARD_SLOT_BYTES} bytes"),
             ));
         }
-        if self.fsync == FsyncPolicy::Always {
+        if self.fsync.is_durable() {
             self.file.fdatasync().await.map_err(std::io::Error::from)?;
         }
         self.sequence = sequence;

@@ -280,7 +280,7 @@ impl PreparedLog {
                 ),
             ));
         }
-        if self.fsync == FsyncPolicy::Always {
+        if self.fsync.is_durable() {
             file.fdatasync()
                 .await
                 .map_err(|error| io_error(&path, error))?;
@@ -303,7 +303,7 @@ impl PreparedLog {
             .dma_open(&path)
             .await
             .map_err(|error| io_error(&path, error))?;
-        if self.fsync == FsyncPolicy::Always {
+        if self.fsync.is_durable() {
             let directory = Directory::open(&self.dir)
                 .await
                 .map_err(|error| io_error(&self.dir, error))?;

@@ -71,7 +71,7 @@ pub struct LocalClusterConfig {
     pub data_root: PathBuf,
     /// First port of the layout (see the module docs); [`free_port_base`] picks one.
     pub port_base: u16,
-    /// `--fsync` of every node: "always" or "never".
+    /// `--fsync` of every node: "always", "dsync" or "never".
     pub fsync: &'static str,
     /// More `percore node` arguments (sizes, limits...), passed to every replica.
     pub extra_args: Vec<String>,

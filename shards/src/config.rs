@@ -100,7 +100,7 @@ pub struct NodeFile {
     pub metrics: Option<SocketAddr>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
-    /// `--fsync`: "always" or "never".
+    /// `--fsync`: "always", "dsync" or "never".
     #[serde(default, deserialize_with = "fsync_from_text")]
     pub fsync: Option<FsyncPolicy>,
     /// `--segment-mib`.
@@ -143,7 +143,7 @@ fn fsync_from_text<'de, D: serde::Deserializer<'de>>(
         .map(Some)
         .map_err(|_| {
             serde::de::Error::custom(format!(
-                "fsync = \"{text}\": expected \"always\" or \"never\""
+                "fsync = \"{text}\": expected \"always\", \"dsync\" or \"never\""
             ))
         })
 }
@@ -919,6 +919,9 @@ mod tests {
     fn values_of_the_wrong_kind_name_the_key() {
         let message = NodeFile::parse("fsync = \"sometimes\"").unwrap_err();
         assert!(message.contains("fsync = \"sometimes\""), "{message}");
+        assert!(message.contains("\"dsync\""), "{message}");
+        let file = NodeFile::parse("fsync = \"dsync\"").unwrap();
+        assert_eq!(file.fsync, Some(FsyncPolicy::Dsync));
         let message = NodeFile::parse("cluster_id = \"xyz\"").unwrap_err();
         assert!(message.contains("cluster_id"), "{message}");
         let message = NodeFile::parse("client_port_base = 70000").unwrap_err();

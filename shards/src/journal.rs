@@ -12,7 +12,8 @@
 //! Write path: [`Journal::stage`] encodes a batch into the staging `DmaBuffer` (no I/O, no
 //! allocation); [`Journal::commit`] writes everything staged in one O_DIRECT write per
 //! segment touched (one, unless it rolls over) and issues one `fdatasync` per segment
-//! written under [`FsyncPolicy::Always`].
+//! written under [`FsyncPolicy::Always`]; under [`FsyncPolicy::Dsync`] the segments are
+//! opened `O_DSYNC` and the write itself is durable when it completes.
 //!
 //! Buffer ownership (glommio 0.9): `DmaFile::write_at` takes the `DmaBuffer` by value and the
 //! write length is the buffer's length, which can only shrink (`trim_to_size`). A buffer can
@@ -156,13 +157,33 @@ const _: () = assert!(POSITION_INDEX_ENTRIES_MAX >= POSITION_INDEX_ENTRIES_MIN);
 const _: () = assert!(RECOVERY_READ_BYTES.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(SUPERBLOCK_BYTES.is_multiple_of(SECTOR_BYTES));
 
-/// When `commit` calls `fdatasync`.
+/// How a group commit is made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FsyncPolicy {
     /// One `fdatasync` per group commit (per segment written): a committed op survives power loss.
     Always,
+    /// Segments opened `O_DIRECT | O_DSYNC`: a group commit's write is durable when it
+    /// completes, with no `fdatasync` after it (and, on a disk that honours FUA writes, no
+    /// separate cache flush). A committed op survives power loss, as with `Always`; a
+    /// roll-over, the superblock and snapshots are synced as under `Always`.
+    Dsync,
     /// No `fdatasync`: a committed op survives a process crash, not power loss. Benchmarks only.
     Never,
+}
+
+impl FsyncPolicy {
+    /// Whether a committed op survives power loss (`Always`, `Dsync`).
+    pub fn is_durable(self) -> bool {
+        matches!(self, FsyncPolicy::Always | FsyncPolicy::Dsync)
+    }
+
+    /// Flags a segment file is opened with beside `O_DIRECT`.
+    fn segment_open_flags(self) -> i32 {
+        match self {
+            FsyncPolicy::Dsync => libc::O_DSYNC,
+            FsyncPolicy::Always | FsyncPolicy::Never => 0,
+        }
+    }
 }
 
 /// Everything one shard's journal needs; every limit is fixed here.
@@ -737,6 +758,8 @@ pub struct SpareStats {
 pub struct SegmentSpare {
     path: PathBuf,
     segment_bytes: u64,
+    /// The journal's policy: a spare becomes a segment, opened as one.
+    fsync: FsyncPolicy,
     /// Bytes the journal has made durable in its current segment (a pacing hint).
     used_bytes: Cell<u64>,
     /// A spare written whole and durable, waiting for the next roll-over.
@@ -754,10 +777,11 @@ pub struct SegmentSpare {
 }
 
 impl SegmentSpare {
-    fn new(dir: &Path, segment_bytes: u64, used_bytes: u64) -> SegmentSpare {
+    fn new(dir: &Path, segment_bytes: u64, fsync: FsyncPolicy, used_bytes: u64) -> SegmentSpare {
         SegmentSpare {
             path: dir.join(SEGMENT_SPARE_FILE_NAME),
             segment_bytes,
+            fsync,
             used_bytes: Cell::new(used_bytes),
             ready: RefCell::new(None),
             renaming: Cell::new(false),
@@ -854,7 +878,7 @@ impl SegmentSpare {
         // Nothing else is at the path: the last spare was renamed away, and a failed one
         // removed (or removed at open).
         debug_assert!(!self.renaming.get());
-        let file = open_read_write(path, true).await?;
+        let file = segment_open(path, true, self.fsync).await?;
         file.pre_allocate(self.segment_bytes, false)
             .await
             .map_err(|error| io_error(path, error))?;
@@ -1034,10 +1058,29 @@ fn segment_path(dir: &Path, segment: u64) -> PathBuf {
 }
 
 async fn open_read_write(path: &Path, create: bool) -> Result<DmaFile, JournalError> {
+    open_read_write_with(path, create, 0).await
+}
+
+/// Opens a segment file for reading and appending, `O_DSYNC` under [`FsyncPolicy::Dsync`]
+/// (the flag cannot be set on an open file): every segment open goes through here.
+async fn segment_open(
+    path: &Path,
+    create: bool,
+    fsync: FsyncPolicy,
+) -> Result<DmaFile, JournalError> {
+    open_read_write_with(path, create, fsync.segment_open_flags()).await
+}
+
+async fn open_read_write_with(
+    path: &Path,
+    create: bool,
+    flags: i32,
+) -> Result<DmaFile, JournalError> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(create)
+        .custom_flags(flags)
         .dma_open(path)
         .await
         .map_err(|error| io_error(path, error))
@@ -1142,9 +1185,10 @@ async fn segment_create(
     dir: &Path,
     segment: u64,
     segment_bytes: u64,
+    fsync: FsyncPolicy,
 ) -> Result<DmaFile, JournalError> {
     let path = segment_path(dir, segment);
-    let file = open_read_write(&path, true).await?;
+    let file = segment_open(&path, true, fsync).await?;
     file.pre_allocate(segment_bytes, false)
         .await
         .map_err(|error| io_error(&path, error))?;
@@ -1162,7 +1206,7 @@ impl Journal {
             glommio::io::rename(&old_path, path)
                 .await
                 .map_err(|error| io_error(&old_path, std::io::Error::from(error)))?;
-            let file = open_read_write(path, false).await?;
+            let file = segment_open(path, false, self.config.fsync).await?;
             // Idempotent: a released segment has its full size already.
             file.pre_allocate(self.config.segment_bytes, false)
                 .await
@@ -1335,6 +1379,7 @@ impl Journal {
         let spare = Rc::new(SegmentSpare::new(
             &dir,
             config.segment_bytes,
+            config.fsync,
             end.position.offset,
         ));
         let journal = Journal {
@@ -1612,14 +1657,16 @@ impl Journal {
         &self.config
     }
 
-    /// Highest op written (and synced under [`FsyncPolicy::Always`]).
+    /// Highest op written (and durable under [`FsyncPolicy::Always`] and
+    /// [`FsyncPolicy::Dsync`]).
     pub fn op_durable(&self) -> u64 {
         self.op_durable
     }
 
     /// Group commit: writes everything staged, one O_DIRECT write per segment touched (one,
     /// unless an entry rolls over to a new segment), then one `fdatasync` per segment
-    /// written under [`FsyncPolicy::Always`]. Returns the highest op now durable. After an
+    /// written under [`FsyncPolicy::Always`] (none under [`FsyncPolicy::Dsync`]: the
+    /// writes were durable when they completed). Returns the highest op now durable. After an
     /// error, or if this future is dropped before it finishes, the journal refuses further
     /// use ([`JournalError::Failed`]): what reached the disk is unknown until recovery.
     pub async fn commit(&mut self) -> Result<u64, JournalError> {
@@ -1633,6 +1680,7 @@ impl Journal {
         } else {
             self.commit_runs().await?;
         }
+        // Under Dsync the segment is O_DSYNC: each write above was durable on completion.
         if self.config.fsync == FsyncPolicy::Always {
             fdatasync(&self.segment_file, &self.segment_path).await?;
         }
@@ -1725,7 +1773,7 @@ impl Journal {
         }
         assert_eq!(segment, current + 1, "segments are written in order");
         let dir = self.config.dir.clone();
-        if self.config.fsync == FsyncPolicy::Always {
+        if self.config.fsync.is_durable() {
             // Entries in the old segment must be durable before any in the new one, so that
             // recovery never sees a later segment past a torn one.
             fdatasync(&self.segment_file, &segment_path(&dir, current)).await?;
@@ -1754,10 +1802,10 @@ impl Journal {
             file
         } else {
             self.spare.count(&self.spare.switches_unprepared);
-            segment_create(&dir, segment, self.config.segment_bytes).await?
+            segment_create(&dir, segment, self.config.segment_bytes, self.config.fsync).await?
         };
         self.spare.used_bytes.set(0);
-        if self.config.fsync == FsyncPolicy::Always {
+        if self.config.fsync.is_durable() {
             fdatasync(&file, &path).await?;
             self.directory
                 .sync()
@@ -1934,7 +1982,13 @@ impl Journal {
         }
         self.snapshot_write(meta, snapshot).await?;
         let segment = self.position_durable.segment + 1;
-        let file = segment_create(&self.config.dir, segment, self.config.segment_bytes).await?;
+        let file = segment_create(
+            &self.config.dir,
+            segment,
+            self.config.segment_bytes,
+            self.config.fsync,
+        )
+        .await?;
         fdatasync(&file, &segment_path(&self.config.dir, segment)).await?;
         let _ = file.close().await;
         self.directory
@@ -2212,7 +2266,7 @@ impl Journal {
         assert!(segment > self.segment_oldest);
         let dir = self.config.dir.clone();
         let previous_path = segment_path(&dir, segment - 1);
-        let previous = open_read_write(&previous_path, false).await?;
+        let previous = segment_open(&previous_path, false, self.config.fsync).await?;
         let last = std::mem::replace(&mut self.segment_file, previous);
         let last_path = std::mem::replace(&mut self.segment_path, previous_path);
         last.close()
@@ -2935,7 +2989,7 @@ impl<'a> Recovery<'a> {
         // A chunk must hold one largest entry, or a straddling entry could never be read whole.
         let read_bytes = RECOVERY_READ_BYTES.max(2 * entry_bytes_max);
         let op_durable_floor = match config.fsync {
-            FsyncPolicy::Always => superblock.op_durable,
+            FsyncPolicy::Always | FsyncPolicy::Dsync => superblock.op_durable,
             // Without fdatasync a power loss may lose ops the superblock already counts.
             FsyncPolicy::Never => 0,
         };
@@ -2994,7 +3048,7 @@ impl<'a> Recovery<'a> {
             .collect();
         if segments.is_empty() {
             self.check_durable_floor(first, self.checkpoint_offset)?;
-            let file = segment_create(&dir, first, segment_bytes).await?;
+            let file = segment_create(&dir, first, segment_bytes, self.config.fsync).await?;
             fdatasync(&file, &segment_path(&dir, first)).await?;
             let end = RecoveryEnd {
                 position: Position {
@@ -3016,7 +3070,7 @@ impl<'a> Recovery<'a> {
         let mut segment = first;
         loop {
             let path = segment_path(&dir, segment);
-            let file = open_read_write(&path, false).await?;
+            let file = segment_open(&path, false, self.config.fsync).await?;
             let offset_start = if segment == first {
                 self.checkpoint_offset
             } else {
@@ -3114,7 +3168,7 @@ impl<'a> Recovery<'a> {
         segment: u64,
     ) -> Result<(DmaFile, Option<ReadResult>), JournalError> {
         let path = segment_path(&self.config.dir, segment);
-        let file = open_read_write(&path, false).await?;
+        let file = segment_open(&path, false, self.config.fsync).await?;
         let file_bytes = file
             .file_size()
             .await
@@ -3448,7 +3502,7 @@ impl<'a> Recovery<'a> {
         let mut found = None;
         for index in segment..=last {
             let path = segment_path(&self.config.dir, index);
-            let file = open_read_write(&path, false).await?;
+            let file = segment_open(&path, false, self.config.fsync).await?;
             let file_bytes = file
                 .file_size()
                 .await

@@ -133,8 +133,10 @@ struct JournalArgs {
     /// Data directory: shard i journals under DATA_DIR/shard-`i`/.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// When a batch counts as durable: `always` fdatasyncs every group commit; `never` is for
-    /// benchmarks only (a power loss loses acknowledged transactions).
+    /// When a batch counts as durable: `always` fdatasyncs every group commit; `dsync` opens
+    /// the segments O_DSYNC, so each commit's write is durable by itself (no fdatasync; a
+    /// disk with FUA writes may finish it sooner); `never` is for benchmarks only (a power
+    /// loss loses acknowledged transactions).
     #[arg(long, value_enum, default_value_t = FsyncPolicy::Always)]
     fsync: FsyncPolicy,
     /// Size of one journal segment file (MiB).
@@ -884,6 +886,7 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let fsync = match (&node.journal, args.journal.fsync) {
         (None, _) => "none: in memory, no journal",
         (Some(_), FsyncPolicy::Always) => "always (fdatasync per group commit)",
+        (Some(_), FsyncPolicy::Dsync) => "dsync (O_DSYNC segment writes, no fdatasync)",
         (Some(_), FsyncPolicy::Never) => {
             "never (journal written, not fdatasynced: benchmarks only)"
         }
@@ -971,6 +974,7 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     .collect();
     let fsync = match journal.fsync {
         FsyncPolicy::Always => "always",
+        FsyncPolicy::Dsync => "dsync",
         FsyncPolicy::Never => "never",
     };
     let mut reports = Vec::new();
@@ -1115,6 +1119,10 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
         FsyncPolicy::Always => (
             "always",
             "always (fdatasync per group commit, every replica)",
+        ),
+        FsyncPolicy::Dsync => (
+            "dsync",
+            "dsync (O_DSYNC segment writes, no fdatasync, every replica)",
         ),
         FsyncPolicy::Never => (
             "never",

@@ -321,12 +321,27 @@ const SPARE_ARGS: &[&str] = &["--segment-mib", "1", "--segment-spare"];
 
 #[test]
 fn acknowledged_transfers_survive_sigkill_with_spare_segments() {
-    let data_dir = crash_run("spare", SPARE_ARGS);
     // A spare is never a segment: whatever a kill left was removed at the next open, and
     // the last run's spare (if any) is the only one.
+    crash_run_rolling_over("spare", SPARE_ARGS);
+}
+
+/// Node arguments of the `O_DSYNC` mode (no `fdatasync` after a group commit: the segments
+/// are opened `O_DSYNC`), with 1 MiB spare-prepared segments so that kills also land on
+/// roll-overs and on spares written through `O_DSYNC` descriptors.
+const DSYNC_ARGS: &[&str] = &["--fsync", "dsync", "--segment-mib", "1", "--segment-spare"];
+
+#[test]
+fn acknowledged_transfers_survive_sigkill_with_dsync_segments() {
+    crash_run_rolling_over("dsync", DSYNC_ARGS);
+}
+
+/// [`crash_run`] with small segments: every shard must have rolled over.
+fn crash_run_rolling_over(mode: &str, extra: &[&str]) {
+    let data_dir = crash_run(mode, extra);
     for shard in 0..SHARDS {
         let (segments, _) = journal_files(&data_dir, shard);
-        assert!(segments.len() > 1, "shard {shard}: {segments:?}");
+        assert!(segments.len() > 1, "{mode}: shard {shard}: {segments:?}");
     }
     let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -24,7 +24,7 @@ const COMMIT_ALLOCATIONS_MAX: u64 = 16;
 
 #[test]
 fn stage_allocates_nothing_and_commit_allocates_a_bounded_few() {
-    for fsync in [FsyncPolicy::Always, FsyncPolicy::Never] {
+    for fsync in [FsyncPolicy::Always, FsyncPolicy::Dsync, FsyncPolicy::Never] {
         measure(fsync);
     }
 }

@@ -1,5 +1,5 @@
 //! The shard journal against real files: append and replay, segment roll-over, torn tails,
-//! corruption before the tail, superblock copies, both fsync policies, and (ignored) a
+//! corruption before the tail, superblock copies, every fsync policy, and (ignored) a
 //! commit throughput measurement against the raw disk.
 //!
 //! Every test runs inside a glommio `LocalExecutor` on a fresh directory under the system
@@ -147,7 +147,7 @@ fn flip_bit(path: &Path, offset: u64) {
 
 #[test]
 fn append_commit_reopen_replays_exactly_in_order() {
-    for fsync in [FsyncPolicy::Always, FsyncPolicy::Never] {
+    for fsync in [FsyncPolicy::Always, FsyncPolicy::Dsync, FsyncPolicy::Never] {
         let temp = TempDir::new("journal-io", &format!("append-{fsync:?}"));
         let dir = temp.shard_dir(SHARD);
         run(move || async move {
@@ -190,6 +190,74 @@ fn append_commit_reopen_replays_exactly_in_order() {
             assert_eq!(recovered.op_last, 45);
             assert_eq!(replayed[..40], written[..]);
             assert_eq!(replayed[40..], more[..]);
+        });
+    }
+}
+
+/// `open(2)` flags of this process's open descriptors of segment files in `dir`, read
+/// from `/proc/self/fdinfo`.
+fn segment_descriptor_flags(dir: &Path) -> Vec<(PathBuf, i32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
+        let Ok(entry) = entry else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let is_segment = target.parent() == Some(dir)
+            && target
+                .extension()
+                .is_some_and(|extension| extension == "journal");
+        if !is_segment {
+            continue;
+        }
+        let info = std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(entry.file_name()))
+            .expect("fdinfo of an open descriptor");
+        let flags = info
+            .lines()
+            .find_map(|line| line.strip_prefix("flags:"))
+            .map(|octal| i32::from_str_radix(octal.trim(), 8).expect("octal flags"))
+            .expect("a flags line");
+        found.push((target, flags));
+    }
+    found
+}
+
+/// `FsyncPolicy::Dsync` skips the `fdatasync` after a group commit, so every segment a
+/// commit writes into must be open `O_DSYNC`: the first, each one a roll-over creates, and
+/// the one recovery reopens. `Always` opens them without it. Both replay what they committed.
+#[test]
+fn dsync_opens_every_segment_o_dsync() {
+    for fsync in [FsyncPolicy::Always, FsyncPolicy::Dsync] {
+        let temp = TempDir::new("journal-io", &format!("dsync-{fsync:?}"));
+        let dir = temp.shard_dir(SHARD);
+        run(move || async move {
+            let config = config(&dir, 1 << 20, fsync);
+            let (mut journal, _, _) = open(config.clone()).await.expect("create");
+            let dir = dir.canonicalize().expect("the journal directory exists");
+            let expect_dsync = |when: &str| {
+                let segments = segment_descriptor_flags(&dir);
+                assert!(!segments.is_empty(), "{fsync:?} {when}: no segment open");
+                for (path, flags) in segments {
+                    assert_eq!(
+                        flags & libc::O_DSYNC == libc::O_DSYNC,
+                        fsync == FsyncPolicy::Dsync,
+                        "{fsync:?} {when}: {} open with flags {flags:o}",
+                        path.display()
+                    );
+                }
+            };
+            expect_dsync("after create");
+            // About 15 KB a batch: 1 MiB segments roll over several times.
+            let written = batches(1..=240, 0);
+            append(&mut journal, &written, 4).await;
+            assert!(segment_path(&dir, 2).exists(), "the journal rolled over");
+            expect_dsync("after roll-overs");
+            journal.close().await.expect("close");
+            let (journal, recovered, replayed) = open(config).await.expect("reopen");
+            assert_eq!(recovered.op_last, 240);
+            assert_eq!(replayed, written);
+            expect_dsync("after recovery");
+            journal.close().await.expect("close");
         });
     }
 }
