@@ -932,6 +932,14 @@ mod tests {
     }
 
     #[test]
+    fn fsync_policies_are_named_as_the_flag_spells_them() {
+        for policy in [FsyncPolicy::Always, FsyncPolicy::Dsync, FsyncPolicy::Never] {
+            let parsed = <FsyncPolicy as clap::ValueEnum>::from_str(policy.arg_name(), false);
+            assert_eq!(parsed, Ok(policy));
+        }
+    }
+
+    #[test]
     fn cpu_lists_parse() {
         assert_eq!(
             parse_cpu_list("0-3,8,10-11\n"),

@@ -172,6 +172,15 @@ pub enum FsyncPolicy {
 }
 
 impl FsyncPolicy {
+    /// The policy as `--fsync` and the config file spell it (`always`, `dsync`, `never`).
+    pub fn arg_name(self) -> &'static str {
+        match self {
+            FsyncPolicy::Always => "always",
+            FsyncPolicy::Dsync => "dsync",
+            FsyncPolicy::Never => "never",
+        }
+    }
+
     /// Whether a committed op survives power loss (`Always`, `Dsync`).
     pub fn is_durable(self) -> bool {
         matches!(self, FsyncPolicy::Always | FsyncPolicy::Dsync)

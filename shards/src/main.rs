@@ -560,6 +560,11 @@ fn parse_fraction(text: &str) -> Result<f64, String> {
 }
 
 impl BenchArgs {
+    /// Whether a flag asks for the per-second series of a local cluster.
+    fn wants_series(&self) -> bool {
+        self.series || self.plot.is_some() || self.series_out.is_some()
+    }
+
     /// The load `--rate` or `--load` asks for (a closed loop without either).
     fn offered(&self) -> loadgen::Offered {
         match (self.rate, self.load) {
@@ -856,7 +861,7 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         return run_bench_bft(args);
     }
     if !args.addresses.is_empty() {
-        if args.series || args.plot.is_some() || args.series_out.is_some() {
+        if args.wants_series() {
             return Err(
                 "--series, --series-out and --plot need a local cluster, not --addresses".into(),
             );
@@ -866,7 +871,7 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.replicas > 1 {
         return run_bench_cluster(args);
     }
-    if args.series || args.plot.is_some() || args.series_out.is_some() {
+    if args.wants_series() {
         return Err(
             "--series, --series-out and --plot need a local cluster (--replicas 2 or more)".into(),
         );
@@ -972,11 +977,7 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_string(), value])
     .collect();
-    let fsync = match journal.fsync {
-        FsyncPolicy::Always => "always",
-        FsyncPolicy::Dsync => "dsync",
-        FsyncPolicy::Never => "never",
-    };
+    let fsync = journal.fsync.arg_name();
     let mut reports = Vec::new();
     let mut core_us_per_op = 0.0;
     for (mode, replicas) in [(Mode::Crash, 3), (Mode::Bft { faults_max: 1 }, 4)] {
@@ -1106,28 +1107,14 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
     // Before anything starts: a series file that cannot be written is refused now.
     let mut sink =
         percore_shards::soak::SeriesSink::create(args.plot.as_deref(), args.series_out.as_deref())
-            .map_err(|error| {
-                let path = args
-                    .series_out
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new("-"));
-                format!("--series-out {}: {error}", path.display())
-            })?;
+            .map_err(|error| format!("--series-out {error}"))?;
     let replicas = usize::from(args.replicas);
     let cores = args.shards.node_config().cores;
-    let (fsync_arg, fsync) = match args.journal.fsync {
-        FsyncPolicy::Always => (
-            "always",
-            "always (fdatasync per group commit, every replica)",
-        ),
-        FsyncPolicy::Dsync => (
-            "dsync",
-            "dsync (O_DSYNC segment writes, no fdatasync, every replica)",
-        ),
-        FsyncPolicy::Never => (
-            "never",
-            "never (journals written, not fdatasynced: benchmarks only)",
-        ),
+    let fsync_arg = args.journal.fsync.arg_name();
+    let fsync = match args.journal.fsync {
+        FsyncPolicy::Always => "always (fdatasync per group commit, every replica)",
+        FsyncPolicy::Dsync => "dsync (O_DSYNC segment writes, no fdatasync, every replica)",
+        FsyncPolicy::Never => "never (journals written, not fdatasynced: benchmarks only)",
     };
     say!("fsync policy: {fsync}");
     if args.journal.fsync == FsyncPolicy::Never {
@@ -1213,7 +1200,7 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
             progress: !args.json,
             fsync,
         },
-        series: args.series || args.json || args.plot.is_some() || args.series_out.is_some(),
+        series: args.wants_series() || args.json,
     };
     let report = loadgen::run_cluster(config, &mut sink);
     if args.keep_data || args.journal.data_dir.is_some() {

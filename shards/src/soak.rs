@@ -669,10 +669,16 @@ pub struct SeriesSink {
 
 impl SeriesSink {
     /// A sink drawing `plot` and appending to `lines`, created (or truncated) now: a path
-    /// that cannot be written fails here, before the run starts.
+    /// that cannot be written fails here, before the run starts, with an error naming it.
     pub fn create(plot: Option<&Path>, lines: Option<&Path>) -> std::io::Result<Self> {
         let lines = lines
-            .map(|path| File::create(path).map(|file| (path.to_path_buf(), file)))
+            .map(|path| match File::create(path) {
+                Ok(file) => Ok((path.to_path_buf(), file)),
+                Err(error) => Err(std::io::Error::new(
+                    error.kind(),
+                    format!("{}: {error}", path.display()),
+                )),
+            })
             .transpose()?;
         Ok(Self {
             plot: plot.map(Path::to_path_buf),
