@@ -297,6 +297,7 @@ shard_metrics! {
     counter replication_stalls_total: "Replication ticks that came more than half a leader timeout late: this shard did not run meanwhile (a descheduled process, a long executor turn); a follower then counts its leader's silence only from then on.",
     counter replication_repairs_served_total: "Repair requests served from this journal.",
     counter replication_retransmits_total: "Entries sent again as PrepareRepair.",
+    counter replication_applied_during_write_total: "Leader: committed ops applied while its next group commit was in flight, instead of after it (requests queued).",
     counter replication_applied_from_journal_total: "Committed ops applied by reading them back from the journal (not queued in memory).",
     counter replication_prepares_dropped_total: "Prepares dropped (gap, full queue, disconnected peer).",
     counter replication_messages_dropped_total: "Peer messages not sent: queue full or peer disconnected.",

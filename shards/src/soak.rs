@@ -166,6 +166,9 @@ pub struct SoakReport {
     pub longest_commit_gap_sampled_ms: u64,
     /// Journal group commits over the window, every replica's.
     pub journal_commits: JournalCommits,
+    /// Committed ops applied over the window, every replica's, and how many of them a
+    /// leader applied while its next group commit was in flight.
+    pub applies: Applies,
     /// Client request latency p999 over the whole run (µs).
     pub p999_us: u64,
     /// Scrapes that failed and were skipped or retried.
@@ -328,6 +331,30 @@ impl JournalCommits {
     }
 }
 
+/// Committed ops applied (`percore_apply_seconds_count`) between two scrapes, every replica's,
+/// and of those the ones a leader applied while its next group commit was in flight
+/// (`percore_replication_applied_during_write_total`): applies taken out of the leader's
+/// write cycle while requests queued.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Applies {
+    /// Ops applied.
+    pub ops: u64,
+    /// Of those, applied by a leader during its next write.
+    pub during_write: u64,
+}
+
+impl Applies {
+    fn between(before: &Scrape, after: &Scrape) -> Self {
+        Self {
+            ops: after.applies.ops.saturating_sub(before.applies.ops),
+            during_write: after
+                .applies
+                .during_write
+                .saturating_sub(before.applies.during_write),
+        }
+    }
+}
+
 /// The journal commits of every journal between two scrapes.
 fn journal_commits(before: &Scrape, after: &Scrape) -> JournalCommits {
     before
@@ -388,6 +415,8 @@ struct Scrape {
     /// Per replica and shard (replica-major), the cumulative `percore_journal_commit_seconds`
     /// buckets.
     journal_commit_buckets: Vec<Vec<u64>>,
+    /// Cumulative applies, every replica and shard.
+    applies: Applies,
 }
 
 fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
@@ -449,8 +478,18 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
             })
         })
         .collect();
+    let over_all = |name: &str| -> u64 {
+        texts
+            .iter()
+            .map(|text| cluster::metric_sum(text, name, shards))
+            .sum()
+    };
     Ok(Scrape {
         journal_commit_buckets,
+        applies: Applies {
+            ops: over_all("percore_apply_seconds_count"),
+            during_write: over_all("percore_replication_applied_during_write_total"),
+        },
         commit_op: over_replicas("percore_commit_op", u64::max),
         applied: over_replicas("percore_tx_applied_total", sum),
         commit_gap_buckets,
@@ -556,6 +595,7 @@ pub fn sample_window(
             commit_gap_goal_us: COMMIT_GAP_GOAL_US,
             longest_commit_gap_sampled_ms: gaps.longest().as_millis() as u64,
             journal_commits: journal_commits(&first, point_scrape.as_ref().unwrap_or(&first)),
+            applies: Applies::between(&first, point_scrape.as_ref().unwrap_or(&first)),
             p999_us: 0,
             scrape_failures,
         },
@@ -620,6 +660,10 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
             report.journal_commits.slow,
             JOURNAL_COMMIT_SLOW_US,
             gap_text(report.journal_commits.slowest_at_most_us)
+        ),
+        format!(
+            "committed ops applied (every replica): {}, {} of them by a leader while its next journal write was in flight",
+            report.applies.ops, report.applies.during_write
         ),
         format!("request latency p999 over the run: {} µs", report.p999_us),
         format!(
