@@ -266,8 +266,10 @@ struct ShardIngress {
     /// Lane `l`'s ring: only threads of lane `l` push here.
     rings: Box<[Padded<Mpmc<u64>>]>,
     /// The lane the next drain starts at (written by the shard's thread only; a fairness
-    /// hint, any value is safe).
-    drain_start: AtomicUsize,
+    /// hint, any value is safe). A line of its own: it is stored at every drain, and
+    /// producers read `rings` and `retired` at every push (sharing a line with them cost a
+    /// miss per push: `percore-bench threads`, docs/benchmarks.md).
+    drain_start: Padded<AtomicUsize>,
     /// The drain task announced that it is going idle: the next producer must wake it.
     idle: Padded<AtomicBool>,
     /// The drain task stopped consuming for good: producers clean up after themselves.
@@ -422,7 +424,7 @@ impl<S: StateMachine> Ingress<S> {
                 rings: (0..lane_count)
                     .map(|_| Padded(Mpmc::new(config.lane_ring_capacity())))
                     .collect(),
-                drain_start: AtomicUsize::new(0),
+                drain_start: Padded(AtomicUsize::new(0)),
                 idle: Padded(AtomicBool::new(false)),
                 retired: AtomicBool::new(false),
                 waker: Mutex::new(None),
@@ -671,10 +673,13 @@ impl<S: StateMachine> Ingress<S> {
     ) -> usize {
         let target = &self.shards[shard];
         let lanes = self.lanes.len();
-        let start = target.drain_start.load(Ordering::Relaxed);
-        target
-            .drain_start
-            .store((start + 1) % lanes, Ordering::Relaxed);
+        let start = target.drain_start.0.load(Ordering::Relaxed);
+        if lanes > 1 {
+            target
+                .drain_start
+                .0
+                .store((start + 1) % lanes, Ordering::Relaxed);
+        }
         pop_in_turn(lanes, start, max, |lane, share| {
             let taken = target.rings[lane].0.pop_batch(share, |handle| {
                 let (slot, generation) = unpack(handle);
