@@ -109,6 +109,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::checksum::{Digest256, Digest256Hasher, digest256};
 use crate::frame::Operation as ClientOperation;
 use crate::limits::{BATCH_ENTRIES_MAX_DEFAULT, BATCH_ENTRIES_MAX_LIMIT};
+use crate::pool::table::zeroed_table;
 use crate::record::{
     Account, CreateAccountResult, CreateTransferResult, CreditAckResult, CreditLegResult,
     RECORD_BYTES, RecordResult, RecordSlot, Transfer, account_flags, hash_id, shard_of,
@@ -353,15 +354,6 @@ fn table_capacity(len_max: usize) -> usize {
     capacity
 }
 
-/// `len` zeroed records, written one by one into uninitialised memory (never the allocator's
-/// lazily mapped zero pages): the memory is committed at start-up, so an out-of-memory
-/// surfaces here, not under load, and the hot path takes no page faults.
-fn zeroed_committed<T: Pod>(len: usize) -> Box<[T]> {
-    let mut records = Vec::with_capacity(len);
-    records.resize(len, T::zeroed());
-    records.into_boxed_slice()
-}
-
 enum SlotProbe {
     Found(usize),
     Vacant(usize),
@@ -381,7 +373,7 @@ impl<T: Keyed> SlotTable<T> {
     fn new(len_max: usize, seed: u64) -> SlotTable<T> {
         let capacity = table_capacity(len_max);
         SlotTable {
-            slots: zeroed_committed(capacity),
+            slots: zeroed_table(capacity),
             mask: capacity - 1,
             len: 0,
             len_max,
@@ -502,10 +494,10 @@ impl<T: Keyed> IndexedWindow<T> {
         let capacity = table_capacity(len_max + 1).max(INDEX_BUCKET_ENTRIES);
         debug_assert!(capacity <= 1 << 32);
         IndexedWindow {
-            records: zeroed_committed(len_max),
+            records: zeroed_table(len_max),
             head: 0,
             len: 0,
-            index: zeroed_committed(capacity / INDEX_BUCKET_ENTRIES),
+            index: zeroed_table(capacity / INDEX_BUCKET_ENTRIES),
             mask: capacity - 1,
             seed,
         }
@@ -719,7 +711,7 @@ impl LegsInFlight {
     fn new(width: usize) -> LegsInFlight {
         assert!(width > 0);
         LegsInFlight {
-            slots: zeroed_committed(width),
+            slots: zeroed_table(width),
             sequence_next: 1,
             sequence_oldest: 1,
             count: 0,
@@ -872,8 +864,8 @@ impl LegReplayWindows {
             .expect("replay windows overflow usize");
         LegReplayWindows {
             width: width as u64,
-            sequence_max: zeroed_committed(shard_count as usize),
-            fingerprints: zeroed_committed(slots),
+            sequence_max: zeroed_table(shard_count as usize),
+            fingerprints: zeroed_table(slots),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod format;
+pub mod hugepages;
 pub mod ingest;
 pub mod inspect;
 pub mod journal;

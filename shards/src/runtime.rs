@@ -489,6 +489,8 @@ where
                 return Err(error.into());
             }
         }
+        // Every shard has built its state machine (and so advised its tables).
+        crate::hugepages::log_state();
         Ok(Self {
             handles,
             client_addresses,

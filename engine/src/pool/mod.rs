@@ -8,11 +8,14 @@
 //! another core come home through an SPSC ring ([`ReturnPath`], [`Pool::reclaim_from`]),
 //! never through a lock. A pool must never allocate after [`Pool::new`]: an empty pool is a
 //! typed [`PoolError::Exhausted`], and a stale or foreign handle given to
-//! [`Pool::release`] is a typed error that leaves the free list untouched. The module has no
-//! `unsafe`. [`ShardPools`] bundles the three typed pools one shard needs.
+//! [`Pool::release`] is a typed error that leaves the free list untouched. The pools have no
+//! `unsafe`. [`ShardPools`] bundles the three typed pools one shard needs; [`table`]
+//! allocates the state machine's large tables (committed, advised for huge pages: its one
+//! `unsafe` block is that system call).
 
 mod return_path;
 mod shard;
+pub mod table;
 
 #[cfg(test)]
 mod tests;
