@@ -54,6 +54,8 @@ start)
         df -hT "$data"
         grep " $(df --output=target "$data" | tail -1) " /proc/mounts
         uname -r
+        # The ledger's tables get 2 MiB pages only in `madvise` or `always` mode.
+        echo "transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>&1)"
     } >"$out/machine.txt" 2>&1
     cat "$out/machine.txt"
     # A soak's journals at 50 % reach tens of GB: halve the checkpoint interval on a

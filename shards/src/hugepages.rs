@@ -77,6 +77,11 @@ pub fn anon_huge_bytes() -> Option<u64> {
     anon_huge_bytes_in(&std::fs::read_to_string(Path::new("/proc/self/smaps_rollup")).ok()?)
 }
 
+/// Bytes of process `pid` backed by anonymous huge pages now (the benchmark's replicas).
+pub fn anon_huge_bytes_of(pid: u32) -> Option<u64> {
+    anon_huge_bytes_in(&std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
+}
+
 /// Logs the kernel's mode, the bytes advised so far and the bytes backed by huge pages.
 /// Call once the shards have built their state machines.
 pub fn log_state() {

@@ -169,6 +169,10 @@ pub struct SoakReport {
     /// Committed ops applied over the window, every replica's, and how many of them a
     /// leader applied while its next group commit was in flight.
     pub applies: Applies,
+    /// Per replica, bytes backed by transparent huge pages at the end (`AnonHugePages`:
+    /// the state machine tables where the kernel honoured the advice, `crate::hugepages`;
+    /// 0 if it could not be read).
+    pub huge_pages_bytes: Vec<u64>,
     /// Client request latency p999 over the whole run (µs).
     pub p999_us: u64,
     /// Scrapes that failed and were skipped or retried.
@@ -596,6 +600,14 @@ pub fn sample_window(
             longest_commit_gap_sampled_ms: gaps.longest().as_millis() as u64,
             journal_commits: journal_commits(&first, point_scrape.as_ref().unwrap_or(&first)),
             applies: Applies::between(&first, point_scrape.as_ref().unwrap_or(&first)),
+            huge_pages_bytes: (0..cluster.replicas())
+                .map(|replica| {
+                    cluster
+                        .pid(replica)
+                        .and_then(crate::hugepages::anon_huge_bytes_of)
+                        .unwrap_or(0)
+                })
+                .collect(),
             p999_us: 0,
             scrape_failures,
         },
@@ -642,6 +654,14 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
         format!(
             "RSS growth after warm-up (first {RSS_WARMUP_PERCENT}% excluded): {}",
             growth.join(", ")
+        ),
+        format!(
+            "on transparent huge pages at the end (AnonHugePages, MiB per replica): {:?}",
+            report
+                .huge_pages_bytes
+                .iter()
+                .map(|bytes| bytes >> 20)
+                .collect::<Vec<_>>()
         ),
         format!(
             "longest commit gap, in-node (leaders' percore_commit_gap_us, while work waited): {}; {} gaps, {} over {} µs",
