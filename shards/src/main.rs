@@ -476,7 +476,10 @@ struct BenchArgs {
     /// it, after a second warm-up, during the measured window.
     #[arg(long, value_parser = parse_fraction)]
     load: Option<f64>,
-    /// With --load: seconds of full load that measure the peak.
+    /// With --load: seconds of full load that measure the peak. Short windows scatter:
+    /// 5-second means of one closed-loop minute ranged over 0.91-1.10 of its mean, so for
+    /// a share near 1 measure 30 s or more (docs/benchmarks.md, "How long to measure the
+    /// peak").
     #[arg(long, default_value_t = 10, requires = "load")]
     peak_s: u64,
     /// Print the report as one JSON object instead of a table (with a local cluster it
