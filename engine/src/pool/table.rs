@@ -96,7 +96,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_tables_are_zeroed_and_not_advised() {
+    fn small_tables_are_zeroed() {
         let table: Box<[u64]> = zeroed_table(1_000);
         assert_eq!(table.len(), 1_000);
         assert!(table.iter().all(|&word| word == 0));
