@@ -58,18 +58,21 @@ pub fn thp_mode() -> Option<ThpMode> {
     ThpMode::parse(&std::fs::read_to_string(THP_ENABLED_PATH).ok()?)
 }
 
-/// Parses a `smaps`-style `AnonHugePages:   2048 kB` field out of `text` (bytes; the sum
-/// when there are several).
+/// The value of a `/proc` field line such as `VmRSS:  1024 kB` or `AnonHugePages:  2048 kB`
+/// (`field` with its colon), in KiB: the first such line of `text`.
+pub fn kib_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The `AnonHugePages` of a `smaps` or `smaps_rollup` text (one mapping, or the rollup), in
+/// bytes.
 pub fn anon_huge_bytes_in(text: &str) -> Option<u64> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("AnonHugePages:") else {
-            continue;
-        };
-        let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-        *found.get_or_insert(0) += kib * 1024;
-    }
-    found
+    kib_field(text, "AnonHugePages:").map(|kib| kib * 1024)
 }
 
 /// Bytes of this process backed by anonymous huge pages now.

@@ -182,13 +182,7 @@ pub struct SoakReport {
 /// `VmRSS` of process `pid` in KiB, `None` if it cannot be read.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    crate::hugepages::kib_field(&status, "VmRSS:")
 }
 
 /// Percentiles of `histogram` (zeros when empty).
