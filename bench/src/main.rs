@@ -102,6 +102,34 @@ struct ThreadsOptions {
     /// `--max-threads`.
     #[arg(long, value_delimiter = ',')]
     producers: Vec<usize>,
+    /// After a take that emptied the queue, the consumer pauses this long (ns) before it
+    /// looks again, as a shard does other work between drains; every side alike. 0: it
+    /// looks again at once and chases the producers.
+    #[arg(long, default_value_t = 0)]
+    drain_pause_ns: u64,
+    /// Records per `submit_batch` call of the ingest side's producers; 1: one `submit_wait`
+    /// per record, as the other sides enqueue one item at a time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    ingest_batch: u64,
+}
+
+/// The `threads` header's note of the non-default consumer and ingest modes.
+fn modes_text(layout: &threads::Layout) -> String {
+    let mut text = String::new();
+    if layout.drain_pause_ns > 0 {
+        text += &format!(
+            "; the consumer pauses {} ns after a take that emptied the queue",
+            layout.drain_pause_ns
+        );
+    }
+    if layout.ingest_batch > 1 {
+        text += &format!(
+            "; ingest producers submit batches of {} (`submit_batch`; its p50/p99 are per \
+             record: each call's time over its records)",
+            layout.ingest_batch
+        );
+    }
+    text
 }
 
 #[derive(Debug, Args)]
@@ -297,6 +325,8 @@ fn run_threads(options: &ThreadsOptions, machine: &Machine) {
         threads::Layout::shared()
     };
     layout.wake_max = options.wake_max.max(1);
+    layout.drain_pause_ns = options.drain_pause_ns;
+    layout.ingest_batch = options.ingest_batch as usize;
     layout.lanes = options
         .lanes
         .unwrap_or_else(|| percore_engine::ring::lanes::lane_count_for(machine.cores))
@@ -314,13 +344,14 @@ fn run_threads(options: &ThreadsOptions, machine: &Machine) {
             stdout,
             "percore-bench threads: {} ({} cores); {layout_text}; wake up to {} per notify; {} lanes; \
              queue capacity {}; rounds: {rounds} per side, interleaved ours/lanes/ingest/crossbeam/std; \
-             median reported; enqueue p50/p99 over every {}th enqueue",
+             median reported; enqueue p50/p99 over every {}th enqueue{}",
             machine.cpu,
             machine.cores,
             layout.wake_max,
             layout.lanes,
             threads::QUEUE_CAPACITY,
-            threads::LATENCY_SAMPLE_EVERY
+            threads::LATENCY_SAMPLE_EVERY,
+            modes_text(&layout)
         );
         let _ = writeln!(stdout, "{}", threads::TABLE_HEADER);
     }

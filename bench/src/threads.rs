@@ -30,6 +30,12 @@
 //!   producers float over the others, as on a node whose shard cores the application keeps
 //!   its own threads off (operations, "Cores").
 //!
+//! Two more knobs, off by default: `--drain-pause-ns` makes the consumer pause after a take
+//! that emptied the queue, as a shard goes off to seal and replicate between drains (every
+//! side alike: an eager consumer right behind one producer fights it for the same lines);
+//! `--ingest-batch N` has the ingest side's producers submit `N` records per
+//! [`Submitter::submit_batch`] call, its latency then per record.
+//!
 //! Every side reports throughput (items/s from release to the consumer's last item) and the
 //! latency of one enqueue (p50/p99 over every `LATENCY_SAMPLE_EVERY`-th enqueue, all rounds
 //! pooled), including any back-off it had to do. The consumer checks the sum of the items;
@@ -48,8 +54,8 @@ use percore_engine::ring::mpmc::Mpmc;
 use percore_engine::state_machine::{Outbound, RestoreError, StateMachine};
 use percore_shards::affinity;
 use percore_shards::ingest::{
-    INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, INGEST_SLOTS_DEFAULT, IngestConfig,
-    Ingress, Submitter, WAKE_PER_NOTIFY_MAX, Waiters, until,
+    BatchSubmitError, INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, INGEST_SLOTS_DEFAULT,
+    IngestConfig, Ingress, Submitter, WAKE_PER_NOTIFY_MAX, Waiters, until,
 };
 use serde::Serialize;
 
@@ -118,6 +124,14 @@ pub struct Layout {
     pub wake_max: usize,
     /// Lanes of the lanes and ingest sides.
     pub lanes: usize,
+    /// After a take that emptied the queue (fewer than [`CONSUMER_BATCH_MAX`] items), the
+    /// consumer waits this long before it looks again (ns; 0: at once), as a shard goes
+    /// off to seal, replicate and apply between two drains. The same for every side.
+    pub drain_pause_ns: u64,
+    /// Records per `Submitter::submit_batch` call of the ingest side's producers (1:
+    /// `submit_wait` per record, as the other sides enqueue). Its enqueue latency is then
+    /// each call's time divided by its records.
+    pub ingest_batch: usize,
 }
 
 impl Layout {
@@ -128,6 +142,8 @@ impl Layout {
             producer_cores: Vec::new(),
             wake_max: WAKE_PER_NOTIFY_MAX,
             lanes: 1,
+            drain_pause_ns: 0,
+            ingest_batch: 1,
         }
     }
 
@@ -324,6 +340,29 @@ impl Queue {
         assert!(sent, "an enqueue waited past its deadline");
     }
 
+    /// Enqueues `values` of the ingest side with `submit_batch`, a refused record with
+    /// `submit_wait` (then the batch goes on from the next), dropping every ticket.
+    fn enqueue_batch(&self, values: &[u64], deadline: Instant) {
+        let Queue::Ingest(submitter) = self else {
+            unreachable!("only the ingest side submits batches");
+        };
+        let mut rest = values;
+        while !rest.is_empty() {
+            match submitter.submit_batch(ITEMS_OPERATION, rest, drop) {
+                Ok(()) => return,
+                Err(BatchSubmitError::Full { accepted }) => {
+                    rest = &rest[accepted..];
+                    let sent = submitter
+                        .submit_wait(ITEMS_OPERATION, rest[0], deadline)
+                        .is_ok();
+                    assert!(sent, "an enqueue waited past its deadline");
+                    rest = &rest[1..];
+                }
+                Err(error) => panic!("the ingest side refused a batch: {error}"),
+            }
+        }
+    }
+
     /// Takes up to `CONSUMER_BATCH_MAX` items into `sum`; returns the count.
     #[inline]
     fn dequeue_batch(&self, receiver: Option<&Receiver<u64>>, sum: &mut u64) -> usize {
@@ -373,6 +412,15 @@ impl Queue {
     }
 }
 
+/// Spins for `ns` nanoseconds (the consumer's pause between drains: no sleep, whose
+/// wake-up takes tens of microseconds).
+fn pause(ns: u64) {
+    let until = Instant::now() + Duration::from_nanos(ns);
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
 /// Runs one round: `producers` threads (confined to the layout's producer cores, if any)
 /// enqueue `per_producer` items each into a fresh queue of `side`; one consumer, the calling
 /// thread, drains them all.
@@ -393,6 +441,23 @@ pub fn run_round(side: Side, producers: usize, per_producer: u64, layout: &Layou
                             .expect("confine a producer to the layout's cores");
                         let mut samples =
                             Vec::with_capacity((per_producer / LATENCY_SAMPLE_EVERY + 1) as usize);
+                        let batch = layout.ingest_batch.max(1);
+                        if side == Side::Ingest && batch > 1 {
+                            let mut values = Vec::with_capacity(batch);
+                            barrier.wait();
+                            let mut seq = 0;
+                            while seq < per_producer {
+                                let end = (seq + batch as u64).min(per_producer);
+                                values.clear();
+                                values.extend((seq..end).map(|seq| item(producer, seq)));
+                                let started = Instant::now();
+                                queue.enqueue_batch(&values, deadline);
+                                let ns = started.elapsed().as_nanos() as u64;
+                                samples.push(ns / values.len() as u64);
+                                seq = end;
+                            }
+                            return samples;
+                        }
                         barrier.wait();
                         for seq in 0..per_producer {
                             let value = item(producer, seq);
@@ -425,6 +490,9 @@ pub fn run_round(side: Side, producers: usize, per_producer: u64, layout: &Layou
             } else {
                 backoff = Backoff::new();
                 received += taken as u64;
+                if taken < CONSUMER_BATCH_MAX && layout.drain_pause_ns > 0 {
+                    pause(layout.drain_pause_ns);
+                }
             }
         }
         let elapsed = started.elapsed();
@@ -545,10 +613,17 @@ pub fn table_line(row: &ThreadsRow) -> String {
 /// asserted: benchmarks report, they do not judge).
 pub fn goals(rows: &[ThreadsRow]) -> Vec<String> {
     let mut lines = Vec::new();
+    let ingest_batch = rows.first().map_or(1, |row| row.layout.ingest_batch);
+    // Batches are not what the goals compare (one enqueue against one push): say so.
+    let ingest_name = if ingest_batch > 1 {
+        format!("ingest (batches of {ingest_batch}, per record)")
+    } else {
+        "ingest".to_owned()
+    };
     for (which, name) in [
         (Side::Ours, "one ring"),
         (Side::Lanes, "lanes"),
-        (Side::Ingest, "ingest"),
+        (Side::Ingest, ingest_name.as_str()),
     ] {
         let at = |producers: usize| {
             rows.iter()
@@ -663,6 +738,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The ingest side in batches (the last one short), with the consumer pausing: every
+    /// item arrives once (`run_round` checks the sum), one latency sample per call.
+    #[test]
+    fn the_ingest_side_moves_every_item_in_batches() {
+        let layout = Layout {
+            ingest_batch: 64,
+            drain_pause_ns: 1_000,
+            ..Layout::shared()
+        };
+        let round = run_round(Side::Ingest, 3, 1_000, &layout);
+        assert!(round.items_per_s > 0.0);
+        assert_eq!(round.enqueue_ns.len(), 3 * 1_000usize.div_ceil(64));
     }
 
     #[test]

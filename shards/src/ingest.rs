@@ -40,6 +40,11 @@
 //! a thread whose lane has no free slot is refused even if another lane has one (taking it
 //! would make the slot's way home cross lanes again).
 //!
+//! **Batches.** [`Submitter::submit_batch`] submits many records of one operation without
+//! waiting, in steps of [`SUBMIT_BATCH_STEP_MAX`]: one pop of the step's slots, one claim
+//! and one doorbell per run of consecutive records for one shard. It takes a prefix of the
+//! batch and says how long ([`BatchSubmitError`]), so order is kept as with single submits.
+//!
 //! **Waking a parked shard.** A shard with nothing to do parks in io_uring. Its drain task
 //! announces that it is going idle (a per-shard `idle` flag, after registering its waker);
 //! a producer that pushed a handle reads the flag and only when it is set swaps it off and
@@ -89,6 +94,11 @@ pub const INGEST_SLOTS_MAX: usize = 1 << 24;
 pub const INGEST_DRAIN_BATCH_MAX: usize = 256;
 /// How long a shard whose core has no room waits before draining again (µs).
 pub const DRAIN_BACKPRESSURE_RETRY_US: u64 = 20;
+/// Records [`Submitter::submit_batch`] takes per step: one pop of that many slots from the
+/// lane's free list, one claim in a shard's ring per run of records for that shard, one
+/// doorbell per run. A batch of any length goes through in steps of this size (the step's
+/// slots, handles and tickets live on the caller's stack).
+pub const SUBMIT_BATCH_STEP_MAX: usize = 64;
 
 const _: () = assert!(INGEST_DRAIN_BATCH_MAX <= INGEST_RING_CAPACITY_DEFAULT);
 const _: () = assert!(INGEST_SLOTS_DEFAULT <= INGEST_SLOTS_MAX);
@@ -207,6 +217,35 @@ impl<R> fmt::Debug for SubmitError<R> {
             SubmitError::Timeout(_) => "Timeout(..)",
             SubmitError::Stopped(_) => "Stopped(..)",
         })
+    }
+}
+
+/// Why [`Submitter::submit_batch`] took only the first `accepted` records of a batch. The
+/// rest were not submitted (the caller still has them: submit them again, or wait first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BatchSubmitError {
+    /// No completion slot was free, or a shard's ring was full, at record `accepted`.
+    #[error("ingest full after {accepted} records of the batch")]
+    Full {
+        /// Records submitted (the batch's prefix `..accepted`); each got its ticket.
+        accepted: usize,
+    },
+    /// The node is stopping; nothing from record `accepted` on was accepted.
+    #[error("the node is stopping ({accepted} records of the batch were submitted before)")]
+    Stopped {
+        /// Records submitted before the node stopped accepting.
+        accepted: usize,
+    },
+}
+
+impl BatchSubmitError {
+    /// Records submitted: the batch's prefix `..accepted`.
+    pub fn accepted(self) -> usize {
+        match self {
+            BatchSubmitError::Full { accepted } | BatchSubmitError::Stopped { accepted } => {
+                accepted
+            }
+        }
     }
 }
 
@@ -528,6 +567,26 @@ impl<S: StateMachine> Ingress<S> {
         lane.slot_waiters.notify(1);
     }
 
+    /// Puts `slots`, all of lane `lane`, back on its free list as [`Ingress::return_slot`]
+    /// does, with one claim where the list takes them at once, and one notification.
+    fn return_slots(&self, lane: usize, slots: &[u32]) {
+        if slots.is_empty() {
+            return;
+        }
+        for &slot in slots {
+            debug_assert_eq!(slot as usize % self.lanes.len(), lane);
+            self.slots[slot as usize]
+                .state
+                .store(FREE, Ordering::Relaxed);
+        }
+        let lane = &self.lanes[lane].0;
+        let pushed = lane.free.push_slice(slots);
+        for &slot in &slots[pushed..] {
+            lane.free_push(slot);
+        }
+        lane.slot_waiters.notify(slots.len());
+    }
+
     /// A free slot of lane `lane`, if it has one.
     #[inline]
     fn take_slot(&self, lane: usize) -> Option<u32> {
@@ -562,13 +621,34 @@ impl<S: StateMachine> Ingress<S> {
         if target.rings[lane].0.push(pack(slot, generation)).is_err() {
             return false;
         }
+        self.pushed(shard);
+        true
+    }
+
+    /// Publishes the filled slots' `handles` in shard `shard`'s ring of lane `lane` with one
+    /// claim (the longest prefix there is room for), and rings the shard's doorbell once.
+    /// Returns how many it published.
+    #[inline]
+    fn push_handles(&self, lane: usize, shard: usize, handles: &[u64]) -> usize {
+        // As in `push_handle`: the ring's Release publication orders the slots' stores.
+        let pushed = self.shards[shard].rings[lane].0.push_slice(handles);
+        if pushed > 0 {
+            self.pushed(shard);
+        }
+        pushed
+    }
+
+    /// After a push into shard `shard`'s ring: rings its doorbell, and cleans up if the
+    /// shard has retired.
+    #[inline]
+    fn pushed(&self, shard: usize) {
+        let target = &self.shards[shard];
         target.ring_doorbell();
         if target.retired.load(Ordering::Relaxed) {
             // The shard stopped consuming (after the fence in `ring_doorbell`, so either it
-            // saw our handle or we see this flag): abort what is left, ours included.
+            // saw our handles or we see this flag): abort what is left, ours included.
             self.sweep(shard);
         }
-        true
     }
 
     /// The shard that owns `record`.
@@ -601,6 +681,60 @@ impl<S: StateMachine> Ingress<S> {
             return Err(SubmitError::Full(record));
         }
         Ok((slot, generation))
+    }
+
+    /// Non-blocking submit of one step of a batch (at most [`SUBMIT_BATCH_STEP_MAX`]
+    /// records) from a thread of lane `lane`, in runs of consecutive records for one shard:
+    /// per run, as many slots as that shard's ring of the lane looks to have room for, in
+    /// one pop from the lane's free list, then the records filled in and published with one
+    /// claim and one doorbell. Stops at the first record without a slot or ring room; slots
+    /// taken and not published go back. Each published record's `(slot, generation)` goes
+    /// to `published`, in order. Returns how many were published: the step's prefix.
+    ///
+    /// Sizing each pop by the ring's room (a snapshot) keeps a producer that meets a full
+    /// ring from taking, filling and handing back a step's worth of slots each time: with
+    /// 16 producers on 2 vCPUs, one pop per step made that most of their work.
+    fn try_submit_step(
+        &self,
+        lane: usize,
+        operation: S::Operation,
+        records: &[S::Record],
+        mut published: impl FnMut(u32, u32),
+    ) -> usize {
+        debug_assert!(records.len() <= SUBMIT_BATCH_STEP_MAX);
+        let mut slots = [0u32; SUBMIT_BATCH_STEP_MAX];
+        let mut handles = [0u64; SUBMIT_BATCH_STEP_MAX];
+        let mut done = 0;
+        while done < records.len() {
+            let shard = self.shard_of(operation, &records[done]);
+            let run = records[done..]
+                .iter()
+                .position(|record| self.shard_of(operation, record) != shard)
+                .unwrap_or(records.len() - done);
+            let ring = &self.shards[shard].rings[lane].0;
+            let room = ring.capacity() - ring.len();
+            let want = run.min(room);
+            if want == 0 {
+                break;
+            }
+            let taken = self.lanes[lane].0.free.pop_slice(&mut slots[..want]);
+            for (index, &slot) in slots[..taken].iter().enumerate() {
+                let generation = self.fill_slot(slot, operation, &records[done + index]);
+                handles[index] = pack(slot, generation);
+            }
+            let pushed = self.push_handles(lane, shard, &handles[..taken]);
+            for &handle in &handles[..pushed] {
+                let (slot, generation) = unpack(handle);
+                published(slot, generation);
+            }
+            // Filled, never published: no handle of them exists.
+            self.return_slots(lane, &slots[pushed..taken]);
+            done += pushed;
+            if pushed < run {
+                break;
+            }
+        }
+        done
     }
 
     /// Submit from a thread of lane `lane`, waiting until `deadline`: first for a free
@@ -859,6 +993,53 @@ impl<S: StateMachine> Submitter<S> {
         let lane = self.ingress.lane_of_current_thread();
         let (slot, generation) = self.ingress.try_submit(lane, operation, record)?;
         Ok(self.ticket(slot, generation))
+    }
+
+    /// Submits a batch of records of one operation without waiting, and hands each one's
+    /// ticket to `ticket`, in order. `Ok` when every record was submitted; otherwise the
+    /// error says how many were (always a prefix of `records`: the first record refused
+    /// stops the batch, so a thread's records to one shard keep their order) and why
+    /// ([`BatchSubmitError::Full`], [`BatchSubmitError::Stopped`]). Allocates nothing.
+    ///
+    /// Cheaper per record than [`Submitter::submit`]: records go through in steps of
+    /// [`SUBMIT_BATCH_STEP_MAX`], each taking its slots with one pop from the lane's free
+    /// list and publishing each run of consecutive records for one shard with one claim
+    /// in that shard's ring and one doorbell. To wait for room, submit the first refused
+    /// record with [`Submitter::submit_wait`] and go on with the rest.
+    ///
+    /// If `ticket` panics, the tickets it has not received yet are dropped (their records
+    /// stay submitted, their slots come back when the results arrive).
+    pub fn submit_batch<'s>(
+        &'s self,
+        operation: S::Operation,
+        records: &[S::Record],
+        mut ticket: impl FnMut(Ticket<'s, S>),
+    ) -> Result<(), BatchSubmitError> {
+        let ingress = &*self.ingress;
+        let lane = ingress.lane_of_current_thread();
+        let mut accepted = 0;
+        for step in records.chunks(SUBMIT_BATCH_STEP_MAX) {
+            if ingress.is_stopping() {
+                return Err(BatchSubmitError::Stopped { accepted });
+            }
+            // The step's tickets exist (and would be dropped, abandoning their slots)
+            // before any reaches `ticket`, so a panic there leaks no slot.
+            let mut tickets: [Option<Ticket<'s, S>>; SUBMIT_BATCH_STEP_MAX] =
+                std::array::from_fn(|_| None);
+            let mut next = 0;
+            let published = ingress.try_submit_step(lane, operation, step, |slot, generation| {
+                tickets[next] = Some(self.ticket(slot, generation));
+                next += 1;
+            });
+            for taken in tickets.iter_mut().take(published) {
+                ticket(taken.take().expect("a ticket per published record"));
+            }
+            accepted += published;
+            if published < step.len() {
+                return Err(BatchSubmitError::Full { accepted });
+            }
+        }
+        Ok(())
     }
 
     /// Submits `record`, waiting for room until `deadline`: spins a little, then yields,
@@ -1135,6 +1316,237 @@ mod tests {
             lanes,
         };
         Ingress::new(config, 1, Arc::new(AtomicBool::new(false))).expect("valid config")
+    }
+
+    fn ingress_of_shards(
+        shards: usize,
+        ring_capacity: usize,
+        slots: usize,
+    ) -> Arc<Ingress<Ledger>> {
+        let config = IngestConfig {
+            ring_capacity,
+            slots,
+            lanes: 1,
+        };
+        Arc::new(Ingress::new(config, shards, Arc::new(AtomicBool::new(false))).expect("valid"))
+    }
+
+    /// A transfer whose debit account (so its shard, of `shards`) is `debit`.
+    fn transfer_record(id: u128, debit: u128) -> RecordSlot {
+        RecordSlot::from_transfer(&crate::loadgen::transfer(id, debit, debit + 1, 1))
+    }
+
+    /// Transfer ids drained from shard `shard`, in drain order; each handle aborted.
+    fn drain_ids(ingress: &Ingress<Ledger>, shard: usize) -> Vec<u128> {
+        let mut ids = Vec::new();
+        while ingress.drain(shard, 16, |_, record, slot, generation| {
+            ids.push(record.as_transfer().id);
+            ingress.abort(slot, generation);
+        }) > 0
+        {}
+        ids
+    }
+
+    /// A batch longer than a step goes through whole and in order, every record with its
+    /// ticket; a batch that meets a full ring is taken as a prefix, the slots of the rest
+    /// back at once.
+    #[test]
+    fn a_batch_is_taken_whole_or_as_a_prefix_in_order() {
+        let ingress = ingress_of_shards(1, 256, 256);
+        let submitter = Submitter::new(ingress.clone());
+        let records: Vec<RecordSlot> = (0..150).map(|id| transfer_record(id, 1)).collect();
+        let mut tickets = Vec::new();
+        submitter
+            .submit_batch(LedgerOperation::CreateTransfers, &records, |ticket| {
+                tickets.push(ticket);
+            })
+            .expect("room for the whole batch");
+        assert_eq!(tickets.len(), 150);
+        assert_eq!(drain_ids(&ingress, 0), (0..150).collect::<Vec<_>>());
+        for ticket in tickets.drain(..) {
+            assert!(matches!(
+                ticket.wait(Instant::now()),
+                Err(TicketError::Aborted)
+            ));
+        }
+        assert_eq!(ingress.slots_free(), 256);
+
+        let small = ingress_of_shards(1, 8, 64);
+        let submitter = Submitter::new(small.clone());
+        let mut tickets = Vec::new();
+        let refused =
+            submitter.submit_batch(LedgerOperation::CreateTransfers, &records[..20], |ticket| {
+                tickets.push(ticket)
+            });
+        assert_eq!(refused, Err(BatchSubmitError::Full { accepted: 8 }));
+        assert_eq!(refused.unwrap_err().accepted(), 8);
+        assert_eq!(tickets.len(), 8, "a ticket per record taken, no more");
+        assert_eq!(
+            small.slots_free(),
+            56,
+            "the refused records' slots are back"
+        );
+        assert_eq!(drain_ids(&small, 0), (0..8).collect::<Vec<_>>());
+        tickets.clear();
+        assert_eq!(small.slots_free(), 64);
+    }
+
+    /// Records for different shards go to their own rings, each shard's in batch order; a
+    /// full ring stops the batch at that record even where later records would fit.
+    #[test]
+    fn a_batch_over_shards_stops_at_the_first_refused_record() {
+        let ingress = ingress_of_shards(2, 4, 64);
+        let submitter = Submitter::new(ingress.clone());
+        let debit_of = |shard: u32| {
+            (1u128..)
+                .find(|&debit| percore_engine::record::shard_of(debit, 2) == shard)
+                .expect("an account of each shard")
+        };
+        let (debit0, debit1) = (debit_of(0), debit_of(1));
+        // Shard 0, 0, 1, 1, 1, 1, 1 (ring of four: refused), 0.
+        let shards = [0, 0, 1, 1, 1, 1, 1, 0];
+        let records: Vec<RecordSlot> = shards
+            .iter()
+            .enumerate()
+            .map(|(id, &shard)| transfer_record(id as u128, [debit0, debit1][shard]))
+            .collect();
+        let mut count = 0;
+        let refused =
+            submitter.submit_batch(LedgerOperation::CreateTransfers, &records, |_| count += 1);
+        assert_eq!(refused, Err(BatchSubmitError::Full { accepted: 6 }));
+        assert_eq!(count, 6);
+        assert_eq!(drain_ids(&ingress, 0), [0, 1], "record 7 was not submitted");
+        assert_eq!(drain_ids(&ingress, 1), [2, 3, 4, 5]);
+        assert_eq!(ingress.slots_free(), 64, "dropped tickets, aborted handles");
+    }
+
+    /// No free slot is `Full` at record 0; a stopping node is `Stopped`; a panicking
+    /// ticket callback loses no slot.
+    #[test]
+    fn a_batch_is_refused_cleanly() {
+        let ingress = ingress_of_shards(1, 64, 2);
+        let submitter = Submitter::new(ingress.clone());
+        let records: Vec<RecordSlot> = (0..4).map(|id| transfer_record(id, 1)).collect();
+        let mut held = Vec::new();
+        assert_eq!(
+            submitter.submit_batch(LedgerOperation::CreateTransfers, &records, |ticket| {
+                held.push(ticket);
+            }),
+            Err(BatchSubmitError::Full { accepted: 2 }),
+            "two slots"
+        );
+        assert_eq!(
+            submitter.submit_batch(LedgerOperation::CreateTransfers, &records, |_| {}),
+            Err(BatchSubmitError::Full { accepted: 0 })
+        );
+        drain_ids(&ingress, 0);
+        held.clear();
+        assert_eq!(ingress.slots_free(), 2);
+
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            submitter.submit_batch(LedgerOperation::CreateTransfers, &records[..2], |_| {
+                panic!("the caller's callback fails")
+            })
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(drain_ids(&ingress, 0), [0, 1], "both stayed submitted");
+        assert_eq!(
+            ingress.slots_free(),
+            2,
+            "both slots back with their results"
+        );
+
+        ingress.stop.store(true, Ordering::Relaxed);
+        assert_eq!(
+            submitter.submit_batch(LedgerOperation::CreateTransfers, &records, |_| {}),
+            Err(BatchSubmitError::Stopped { accepted: 0 })
+        );
+    }
+
+    /// Slots a batch took and could not publish (a ring's room was less than it looked)
+    /// go back to their lane in one push, as they were: no new generation.
+    #[test]
+    fn unpublished_slots_go_back_to_their_lane() {
+        let ingress = ingress(64, 8, 2);
+        let taken: Vec<u32> = (0..3).map(|_| ingress.take_slot(1).unwrap()).collect();
+        assert_eq!(taken, [1, 3, 5]);
+        let record = transfer_record(1, 1);
+        let generations: Vec<u32> = taken
+            .iter()
+            .map(|&slot| ingress.fill_slot(slot, LedgerOperation::CreateTransfers, &record))
+            .collect();
+        assert_eq!(ingress.lanes[1].0.free.len(), 1);
+        ingress.return_slots(1, &taken);
+        assert_eq!(ingress.lanes[1].0.free.len(), 4);
+        assert_eq!(ingress.lanes[0].0.free.len(), 4, "lane 0 untouched");
+        for (&slot, &generation) in taken.iter().zip(&generations) {
+            let control = &ingress.slots[slot as usize];
+            assert_eq!(control.state.load(Ordering::Relaxed), FREE);
+            assert_eq!(control.generation.load(Ordering::Relaxed), generation);
+        }
+    }
+
+    /// Producers submitting batches of varied lengths into a small ring while a drain
+    /// takes them: they race for the ring's room (a producer's snapshot of it is often
+    /// stale, so pushes fall short and slots go back), wait for a refused record, and go
+    /// on. Every record arrives once, each producer's in order, and every slot comes back.
+    #[test]
+    fn batches_race_for_a_small_ring_and_every_slot_comes_back() {
+        const PRODUCERS: u128 = 4;
+        const RECORDS: u128 = if cfg!(debug_assertions) {
+            3_000
+        } else {
+            30_000
+        };
+        let ingress = ingress_of_shards(1, 16, 64);
+        let producers: Vec<_> = (0..PRODUCERS)
+            .map(|producer| {
+                let ingress = ingress.clone();
+                thread::spawn(move || {
+                    let submitter = Submitter::new(ingress);
+                    let records: Vec<RecordSlot> = (0..RECORDS)
+                        .map(|seq| transfer_record((producer << 64) | seq, 1))
+                        .collect();
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let operation = LedgerOperation::CreateTransfers;
+                    let mut rest = &records[..];
+                    let mut length = 1;
+                    while !rest.is_empty() {
+                        length = length % 97 + 3;
+                        let batch = &rest[..length.min(rest.len())];
+                        match submitter.submit_batch(operation, batch, drop) {
+                            Ok(()) => rest = &rest[batch.len()..],
+                            Err(BatchSubmitError::Full { accepted }) => {
+                                rest = &rest[accepted..];
+                                drop(submitter.submit_wait(operation, rest[0], deadline).unwrap());
+                                rest = &rest[1..];
+                            }
+                            Err(error) => panic!("{error}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0u128; PRODUCERS as usize];
+        let mut received = 0;
+        while received < PRODUCERS * RECORDS {
+            received += ingress.drain(0, 8, |_, record, slot, generation| {
+                let id = record.as_transfer().id;
+                let (producer, seq) = ((id >> 64) as usize, id & u128::from(u64::MAX));
+                assert_eq!(
+                    seq, next[producer],
+                    "producer {producer} in order, once each"
+                );
+                next[producer] += 1;
+                ingress.abort(slot, generation);
+            }) as u128;
+        }
+        for producer in producers {
+            producer.join().expect("a producer finished");
+        }
+        assert!(next.iter().all(|&count| count == RECORDS));
+        assert_eq!(ingress.slots_free(), 64, "every slot back");
+        assert_eq!(ingress.pending(0), 0);
     }
 
     fn submit(ingress: &Ingress<Ledger>, lane: usize, id: u128) -> Result<(u32, u32), ()> {

@@ -3,8 +3,9 @@
 //! A two-shard in-memory ledger node, run twice: with one lane (the default on two cores)
 //! and with four (each thread in its lane's ring and slot share, the shards draining the
 //! lanes in turn). Accounts created through the submitter; then 256
-//! producer threads that submit and wait one transfer at a time, and 1,024 that keep several
-//! transfers in flight each. Every transfer has a unique id and must be applied exactly once
+//! producer threads that submit and wait one transfer at a time, 1,024 that keep several
+//! transfers in flight each, and 256 that submit all theirs as one batch
+//! (`Submitter::submit_batch`). Every transfer has a unique id and must be applied exactly once
 //! (`Ok`, never `Exists`), each producer's transfers to one shard must be applied in the
 //! order it submitted them (their ledger timestamps increase), and the ledger must balance.
 //! A last phase counts a producer thread's allocations per transaction.
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation};
 use percore_engine::record::{RecordResult, RecordSlot, account_flags, shard_of};
-use percore_shards::ingest::{IngestConfig, SubmitError, Submitter, TicketError};
+use percore_shards::ingest::{BatchSubmitError, IngestConfig, SubmitError, Submitter, TicketError};
 use percore_shards::loadgen::{account, accounts_of_shard, transfer};
 use percore_shards::runtime::{Node, NodeConfig, ShardReport};
 
@@ -122,14 +123,23 @@ fn producer_transfer(
     RecordSlot::from_transfer(&transfer(id, debit, credit, 1))
 }
 
-/// Runs `producers` threads, each submitting its transfers with at most `depth` in flight,
-/// and checks every result is `Ok`.
+/// How a producer submits its transfers.
+#[derive(Clone, Copy)]
+enum Submits {
+    /// One at a time, at most this many in flight.
+    Pipelined(usize),
+    /// All of them in one `submit_batch`, waiting only for a refused record.
+    Batch,
+}
+
+/// Runs `producers` threads, each submitting its transfers as `submits` says, and checks
+/// every result is `Ok`.
 fn run_producers(
     submitter: &Submitter<Ledger>,
     accounts: &[Vec<u128>],
     phase: u128,
     producers: usize,
-    depth: usize,
+    submits: Submits,
 ) {
     std::thread::scope(|scope| {
         let threads: Vec<_> = (0..producers)
@@ -137,8 +147,11 @@ fn run_producers(
                 let submitter = submitter.clone();
                 std::thread::Builder::new()
                     .stack_size(PRODUCER_STACK_BYTES)
-                    .spawn_scoped(scope, move || {
-                        produce(&submitter, accounts, phase, producer, depth);
+                    .spawn_scoped(scope, move || match submits {
+                        Submits::Pipelined(depth) => {
+                            produce(&submitter, accounts, phase, producer, depth);
+                        }
+                        Submits::Batch => produce_batch(&submitter, accounts, phase, producer),
                     })
                     .expect("spawn a producer")
             })
@@ -178,6 +191,49 @@ fn produce(
     }
     while let Some(ticket) = in_flight.pop_front() {
         check(ticket.wait(deadline()));
+    }
+}
+
+/// Submits all of a producer's transfers with `submit_batch`; a refused record (the
+/// batch's prefix before it was taken) is submitted with `submit_wait`, then the batch goes
+/// on from the next. Then waits for every result.
+fn produce_batch(
+    submitter: &Submitter<Ledger>,
+    accounts: &[Vec<u128>],
+    phase: u128,
+    producer: usize,
+) {
+    let records: Vec<RecordSlot> = (0..TRANSFERS_PER_PRODUCER)
+        .map(|seq| producer_transfer(phase, producer, seq, accounts))
+        .collect();
+    let mut tickets = Vec::with_capacity(records.len());
+    let mut rest = &records[..];
+    while !rest.is_empty() {
+        let taken = submitter.submit_batch(LedgerOperation::CreateTransfers, rest, |ticket| {
+            tickets.push(ticket);
+        });
+        match taken {
+            Ok(()) => break,
+            Err(BatchSubmitError::Full { accepted }) => {
+                rest = &rest[accepted..];
+                let ticket = submitter
+                    .submit_wait(LedgerOperation::CreateTransfers, rest[0], deadline())
+                    .unwrap_or_else(|error| panic!("producer {producer}: submit refused: {error}"));
+                tickets.push(ticket);
+                rest = &rest[1..];
+            }
+            Err(error) => panic!("producer {producer}: batch refused: {error}"),
+        }
+    }
+    assert_eq!(tickets.len(), TRANSFERS_PER_PRODUCER);
+    for ticket in tickets {
+        let result = ticket
+            .wait(deadline())
+            .unwrap_or_else(|error| panic!("producer {producer}: {error}"));
+        assert_eq!(
+            result.code, 0,
+            "producer {producer}: transfer applied once, Ok"
+        );
     }
 }
 
@@ -223,9 +279,18 @@ fn exactly_once_in_order(lanes: usize) {
     let accounts = create_accounts(&submitter);
 
     // Phase 1: 256 threads, one transfer at a time (submit, wait, next).
-    run_producers(&submitter, &accounts, 1, 256, 1);
+    run_producers(&submitter, &accounts, 1, 256, Submits::Pipelined(1));
     // Phase 2: 1,024 threads, each with several transfers in flight.
-    run_producers(&submitter, &accounts, 2, 1_024, PIPELINE_DEPTH);
+    run_producers(
+        &submitter,
+        &accounts,
+        2,
+        1_024,
+        Submits::Pipelined(PIPELINE_DEPTH),
+    );
+    // Phase 6 (5 is refused after the stop): 256 threads, each submitting all its
+    // transfers as one batch.
+    run_producers(&submitter, &accounts, 6, 256, Submits::Batch);
 
     // Phase 3: one thread's allocations per transaction, after a warm-up.
     let allocation_transfers = |phase: u128| {
@@ -257,10 +322,11 @@ fn exactly_once_in_order(lanes: usize) {
         .iter()
         .map(|r| r.state_machine.transfers_count())
         .sum();
-    let expected = (256 + 1_024) * TRANSFERS_PER_PRODUCER + 2 * ALLOCATION_TRANSFERS;
+    let expected = (256 + 1_024 + 256) * TRANSFERS_PER_PRODUCER + 2 * ALLOCATION_TRANSFERS;
     assert_eq!(transfers, expected, "every transfer stored exactly once");
     check_order(&reports, &accounts, 1, 256);
     check_order(&reports, &accounts, 2, 1_024);
+    check_order(&reports, &accounts, 6, 256);
     let conservation: i128 = reports
         .iter()
         .map(|r| r.state_machine.conservation_sum())

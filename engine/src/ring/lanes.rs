@@ -87,7 +87,11 @@ std::thread_local! {
 /// thread's whole life, threads spread round-robin in the order they first ask (whatever
 /// structure they ask for).
 pub fn lane_of_current_thread(lane_count: usize) -> usize {
-    THREAD_ORDINAL.with(|ordinal| *ordinal) % lane_count.max(1)
+    if lane_count <= 1 {
+        // One lane (the default on two cores): no thread-local lookup, no division.
+        return 0;
+    }
+    THREAD_ORDINAL.with(|ordinal| *ordinal) % lane_count
 }
 
 /// One drain over `lane_count` lanes: asks `pop(lane, share)` to take at most `share` items
