@@ -5,7 +5,9 @@
 //! (a second vote is refused with `ALREADY_VOTED`). Everything percore provides — pinned
 //! per-core executors, io_uring sockets, pooled ingest, adaptive batching, per-shard
 //! metrics — comes from `percore_shards::runtime::Node`; the validator writes only the
-//! `StateMachine` below.
+//! `StateMachine` below. Votes arrive two ways: over the network from a `Client` (a batch
+//! split by shard), and in process from the validator's own threads through
+//! `Node::submitter` (`submit_batch_wait`, a ticket per vote).
 //!
 //! Run: `cargo run --release -p percore-shards --example validator`
 
@@ -223,6 +225,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     assert_eq!(refused, 1);
 
+    // In-process: the validator's own RPC workers (plain threads, not pinned) submit
+    // without a socket, each a batch of votes on proposal 44 that its shard tallies.
+    let submitter = node.submitter();
+    let workers = 4u128;
+    let votes_per_worker = 250u128;
+    let in_process_refused: usize = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..workers)
+            .map(|worker| {
+                let submitter = submitter.clone();
+                scope.spawn(move || {
+                    let votes: Vec<Vote> = (0..votes_per_worker)
+                        .map(|seq| Vote {
+                            proposal: 44,
+                            voter: 1_000 + worker * votes_per_worker + seq,
+                            stake: 1,
+                            reserved: [0; 88],
+                        })
+                        .collect();
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let mut tickets = Vec::with_capacity(votes.len());
+                    submitter
+                        .submit_batch_wait(CastVotes, &votes, deadline, |ticket| {
+                            tickets.push(ticket);
+                        })
+                        .expect("room for the votes before the deadline");
+                    tickets
+                        .into_iter()
+                        .map(|ticket| ticket.wait(deadline).expect("a result"))
+                        .filter(|result| result.code != OK)
+                        .count()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|thread| thread.join().expect("a worker finished"))
+            .sum()
+    });
+    println!(
+        "{} votes submitted in process by {workers} threads, {in_process_refused} refused",
+        workers * votes_per_worker
+    );
+    assert_eq!(in_process_refused, 0);
+
     let reports = node.shutdown()?;
     for proposal in proposals {
         let shard = shard_of(proposal, shards) as usize;
@@ -233,5 +279,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("proposal {proposal}: stake {total} (shard {shard})");
         assert_eq!(total, expected);
     }
+    let shard = shard_of(44, shards) as usize;
+    let total = reports[shard].state_machine.total(44);
+    println!("proposal 44: stake {total} (shard {shard}, in process)");
+    assert_eq!(u128::from(total), workers * votes_per_worker);
     Ok(())
 }

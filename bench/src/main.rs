@@ -107,7 +107,7 @@ struct ThreadsOptions {
     /// looks again at once and chases the producers.
     #[arg(long, default_value_t = 0)]
     drain_pause_ns: u64,
-    /// Records per `submit_batch` call of the ingest side's producers; 1: one `submit_wait`
+    /// Records per `submit_batch_wait` call of the ingest side's producers; 1: one `submit_wait`
     /// per record, as the other sides enqueue one item at a time.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     ingest_batch: u64,
@@ -124,7 +124,7 @@ fn modes_text(layout: &threads::Layout) -> String {
     }
     if layout.ingest_batch > 1 {
         text += &format!(
-            "; ingest producers submit batches of {} (`submit_batch`; its p50/p99 are per \
+            "; ingest producers submit batches of {} (`submit_batch_wait`; its p50/p99 are per \
              record: each call's time over its records)",
             layout.ingest_batch
         );

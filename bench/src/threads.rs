@@ -34,7 +34,7 @@
 //! that emptied the queue, as a shard goes off to seal and replicate between drains (every
 //! side alike: an eager consumer right behind one producer fights it for the same lines);
 //! `--ingest-batch N` has the ingest side's producers submit `N` records per
-//! [`Submitter::submit_batch`] call, its latency then per record.
+//! [`Submitter::submit_batch_wait`] call, its latency then per record.
 //!
 //! Every side reports throughput (items/s from release to the consumer's last item) and the
 //! latency of one enqueue (p50/p99 over every `LATENCY_SAMPLE_EVERY`-th enqueue, all rounds
@@ -54,8 +54,8 @@ use percore_engine::ring::mpmc::Mpmc;
 use percore_engine::state_machine::{Outbound, RestoreError, StateMachine};
 use percore_shards::affinity;
 use percore_shards::ingest::{
-    BatchSubmitError, INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, INGEST_SLOTS_DEFAULT,
-    IngestConfig, Ingress, Submitter, WAKE_PER_NOTIFY_MAX, Waiters, until,
+    INGEST_DRAIN_BATCH_MAX, INGEST_RING_CAPACITY_DEFAULT, INGEST_SLOTS_DEFAULT, IngestConfig,
+    Ingress, Submitter, WAKE_PER_NOTIFY_MAX, Waiters, until,
 };
 use serde::Serialize;
 
@@ -128,7 +128,7 @@ pub struct Layout {
     /// consumer waits this long before it looks again (ns; 0: at once), as a shard goes
     /// off to seal, replicate and apply between two drains. The same for every side.
     pub drain_pause_ns: u64,
-    /// Records per `Submitter::submit_batch` call of the ingest side's producers (1:
+    /// Records per `Submitter::submit_batch_wait` call of the ingest side's producers (1:
     /// `submit_wait` per record, as the other sides enqueue). Its enqueue latency is then
     /// each call's time divided by its records.
     pub ingest_batch: usize,
@@ -340,26 +340,14 @@ impl Queue {
         assert!(sent, "an enqueue waited past its deadline");
     }
 
-    /// Enqueues `values` of the ingest side with `submit_batch`, a refused record with
-    /// `submit_wait` (then the batch goes on from the next), dropping every ticket.
+    /// Enqueues `values` of the ingest side with `submit_batch_wait` (a refused record
+    /// waits for room, then the batch goes on), dropping every ticket.
     fn enqueue_batch(&self, values: &[u64], deadline: Instant) {
         let Queue::Ingest(submitter) = self else {
             unreachable!("only the ingest side submits batches");
         };
-        let mut rest = values;
-        while !rest.is_empty() {
-            match submitter.submit_batch(ITEMS_OPERATION, rest, drop) {
-                Ok(()) => return,
-                Err(BatchSubmitError::Full { accepted }) => {
-                    rest = &rest[accepted..];
-                    let sent = submitter
-                        .submit_wait(ITEMS_OPERATION, rest[0], deadline)
-                        .is_ok();
-                    assert!(sent, "an enqueue waited past its deadline");
-                    rest = &rest[1..];
-                }
-                Err(error) => panic!("the ingest side refused a batch: {error}"),
-            }
+        if let Err(error) = submitter.submit_batch_wait(ITEMS_OPERATION, values, deadline, drop) {
+            panic!("the ingest side refused a batch: {error}");
         }
     }
 

@@ -43,7 +43,8 @@
 //! **Batches.** [`Submitter::submit_batch`] submits many records of one operation without
 //! waiting, in steps of [`SUBMIT_BATCH_STEP_MAX`]: one pop of the step's slots, one claim
 //! and one doorbell per run of consecutive records for one shard. It takes a prefix of the
-//! batch and says how long ([`BatchSubmitError`]), so order is kept as with single submits.
+//! batch and says how long ([`BatchSubmitError`]), so order is kept as with single submits;
+//! [`Submitter::submit_batch_wait`] waits for room for a refused record and goes on.
 //!
 //! **Waking a parked shard.** A shard with nothing to do parks in io_uring. Its drain task
 //! announces that it is going idle (a per-shard `idle` flag, after registering its waker);
@@ -230,6 +231,13 @@ pub enum BatchSubmitError {
         /// Records submitted (the batch's prefix `..accepted`); each got its ticket.
         accepted: usize,
     },
+    /// [`Submitter::submit_batch_wait`]: record `accepted` still had no room at the
+    /// deadline.
+    #[error("ingest still full at the deadline after {accepted} records of the batch")]
+    Timeout {
+        /// Records submitted before the deadline.
+        accepted: usize,
+    },
     /// The node is stopping; nothing from record `accepted` on was accepted.
     #[error("the node is stopping ({accepted} records of the batch were submitted before)")]
     Stopped {
@@ -242,9 +250,9 @@ impl BatchSubmitError {
     /// Records submitted: the batch's prefix `..accepted`.
     pub fn accepted(self) -> usize {
         match self {
-            BatchSubmitError::Full { accepted } | BatchSubmitError::Stopped { accepted } => {
-                accepted
-            }
+            BatchSubmitError::Full { accepted }
+            | BatchSubmitError::Timeout { accepted }
+            | BatchSubmitError::Stopped { accepted } => accepted,
         }
     }
 }
@@ -1042,6 +1050,49 @@ impl<S: StateMachine> Submitter<S> {
         Ok(())
     }
 
+    /// [`Submitter::submit_batch`], waiting for room until `deadline`: a record refused for
+    /// want of room goes through [`Submitter::submit_wait`] (spin, yield, park), then the
+    /// batch goes on from the next. `Ok` when every record was submitted, each ticket handed
+    /// to `ticket` in order; otherwise how many were (a prefix) and why:
+    /// [`BatchSubmitError::Timeout`] at the deadline, [`BatchSubmitError::Stopped`] once the
+    /// node is stopping (at once, not at the deadline).
+    pub fn submit_batch_wait<'s>(
+        &'s self,
+        operation: S::Operation,
+        records: &[S::Record],
+        deadline: Instant,
+        mut ticket: impl FnMut(Ticket<'s, S>),
+    ) -> Result<(), BatchSubmitError> {
+        let mut accepted = 0;
+        let mut rest = records;
+        loop {
+            let taken = match self.submit_batch(operation, rest, &mut ticket) {
+                Ok(()) => return Ok(()),
+                Err(BatchSubmitError::Full { accepted: taken }) => taken,
+                Err(BatchSubmitError::Stopped { accepted: taken }) => {
+                    return Err(BatchSubmitError::Stopped {
+                        accepted: accepted + taken,
+                    });
+                }
+                Err(BatchSubmitError::Timeout { .. }) => unreachable!("submit_batch never waits"),
+            };
+            accepted += taken;
+            rest = &rest[taken..];
+            match self.submit_wait(operation, rest[0], deadline) {
+                Ok(waited) => ticket(waited),
+                Err(SubmitError::Stopped(_)) => return Err(BatchSubmitError::Stopped { accepted }),
+                Err(SubmitError::Timeout(_) | SubmitError::Full(_)) => {
+                    return Err(BatchSubmitError::Timeout { accepted });
+                }
+            }
+            accepted += 1;
+            rest = &rest[1..];
+            if rest.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
     /// Submits `record`, waiting for room until `deadline`: spins a little, then yields,
     /// then parks until a shard or ticket holder makes room (each park is at most
     /// [`PARK_SLICE_US`]). `Timeout` (record handed back) if there is still no room at the
@@ -1463,6 +1514,77 @@ mod tests {
         );
     }
 
+    /// Waiting for room: the records the ring has room for go in, the next waits until the
+    /// deadline (`Timeout`, how many went in); a stopping node answers at once.
+    #[test]
+    fn a_waiting_batch_times_out_or_stops_with_its_count() {
+        let ingress = ingress_of_shards(1, 4, 64);
+        let submitter = Submitter::new(ingress.clone());
+        let records: Vec<RecordSlot> = (0..6).map(|id| transfer_record(id, 1)).collect();
+        let mut tickets = Vec::new();
+        let asked = Instant::now();
+        let deadline = asked + Duration::from_millis(30);
+        assert_eq!(
+            submitter.submit_batch_wait(
+                LedgerOperation::CreateTransfers,
+                &records,
+                deadline,
+                |ticket| tickets.push(ticket)
+            ),
+            Err(BatchSubmitError::Timeout { accepted: 4 })
+        );
+        assert!(
+            asked.elapsed() >= Duration::from_millis(30),
+            "waited for room"
+        );
+        assert_eq!(tickets.len(), 4);
+        assert_eq!(
+            ingress.slots_free(),
+            60,
+            "the waiting record's slot went back"
+        );
+        // A drain makes room: the rest goes in, in order.
+        let drainer = {
+            let ingress = ingress.clone();
+            thread::spawn(move || {
+                let mut ids = Vec::new();
+                while ids.len() < 6 {
+                    ingress.drain(0, 2, |_, record, slot, generation| {
+                        ids.push(record.as_transfer().id);
+                        ingress.abort(slot, generation);
+                    });
+                    thread::yield_now();
+                }
+                ids
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        submitter
+            .submit_batch_wait(
+                LedgerOperation::CreateTransfers,
+                &records[4..],
+                deadline,
+                |ticket| tickets.push(ticket),
+            )
+            .expect("room made by the drain");
+        assert_eq!(drainer.join().unwrap(), [0, 1, 2, 3, 4, 5]);
+        tickets.clear();
+        assert_eq!(ingress.slots_free(), 64);
+
+        ingress.stop.store(true, Ordering::Relaxed);
+        let asked = Instant::now();
+        assert_eq!(
+            submitter.submit_batch_wait(
+                LedgerOperation::CreateTransfers,
+                &records,
+                asked + Duration::from_secs(30),
+                |_| {}
+            ),
+            Err(BatchSubmitError::Stopped { accepted: 0 })
+        );
+        assert!(asked.elapsed() < Duration::from_secs(15), "refused at once");
+    }
+
     /// Slots a batch took and could not publish (a ring's room was less than it looked)
     /// go back to their lane in one push, as they were: no new generation.
     #[test]
@@ -1514,15 +1636,10 @@ mod tests {
                     while !rest.is_empty() {
                         length = length % 97 + 3;
                         let batch = &rest[..length.min(rest.len())];
-                        match submitter.submit_batch(operation, batch, drop) {
-                            Ok(()) => rest = &rest[batch.len()..],
-                            Err(BatchSubmitError::Full { accepted }) => {
-                                rest = &rest[accepted..];
-                                drop(submitter.submit_wait(operation, rest[0], deadline).unwrap());
-                                rest = &rest[1..];
-                            }
-                            Err(error) => panic!("{error}"),
-                        }
+                        submitter
+                            .submit_batch_wait(operation, batch, deadline, drop)
+                            .expect("room before the deadline");
+                        rest = &rest[batch.len()..];
                     }
                 })
             })

@@ -8,14 +8,15 @@
 //! (`Submitter::submit_batch`). Every transfer has a unique id and must be applied exactly once
 //! (`Ok`, never `Exists`), each producer's transfers to one shard must be applied in the
 //! order it submitted them (their ledger timestamps increase), and the ledger must balance.
-//! A last phase counts a producer thread's allocations per transaction.
+//! Two last phases count a producer thread's allocations per transaction, one record per
+//! call and 64 per `submit_batch_wait`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation};
 use percore_engine::record::{RecordResult, RecordSlot, account_flags, shard_of};
-use percore_shards::ingest::{BatchSubmitError, IngestConfig, SubmitError, Submitter, TicketError};
+use percore_shards::ingest::{IngestConfig, SubmitError, Submitter, TicketError};
 use percore_shards::loadgen::{account, accounts_of_shard, transfer};
 use percore_shards::runtime::{Node, NodeConfig, ShardReport};
 
@@ -36,6 +37,8 @@ const PIPELINE_DEPTH: usize = 4;
 /// Completion slots: enough for every pipelined producer's window and then some.
 const INGEST_SLOTS: usize = 2_048;
 const INGEST_RING_CAPACITY: usize = 512;
+/// Records per `submit_batch_wait` call of the batched allocation-counting phase.
+const BATCH_RECORDS: usize = 64;
 /// Transfers of the allocation-counting phase (after a warm-up of the same size).
 const ALLOCATION_TRANSFERS: usize = 2_000;
 /// No single wait may take this long: a lost wake-up fails the test instead of hanging it.
@@ -128,7 +131,7 @@ fn producer_transfer(
 enum Submits {
     /// One at a time, at most this many in flight.
     Pipelined(usize),
-    /// All of them in one `submit_batch`, waiting only for a refused record.
+    /// All of them in one `submit_batch_wait`.
     Batch,
 }
 
@@ -194,9 +197,8 @@ fn produce(
     }
 }
 
-/// Submits all of a producer's transfers with `submit_batch`; a refused record (the
-/// batch's prefix before it was taken) is submitted with `submit_wait`, then the batch goes
-/// on from the next. Then waits for every result.
+/// Submits all of a producer's transfers with `submit_batch_wait` (a record refused for
+/// want of room waits, then the batch goes on), then waits for every result.
 fn produce_batch(
     submitter: &Submitter<Ledger>,
     accounts: &[Vec<u128>],
@@ -207,24 +209,14 @@ fn produce_batch(
         .map(|seq| producer_transfer(phase, producer, seq, accounts))
         .collect();
     let mut tickets = Vec::with_capacity(records.len());
-    let mut rest = &records[..];
-    while !rest.is_empty() {
-        let taken = submitter.submit_batch(LedgerOperation::CreateTransfers, rest, |ticket| {
-            tickets.push(ticket);
-        });
-        match taken {
-            Ok(()) => break,
-            Err(BatchSubmitError::Full { accepted }) => {
-                rest = &rest[accepted..];
-                let ticket = submitter
-                    .submit_wait(LedgerOperation::CreateTransfers, rest[0], deadline())
-                    .unwrap_or_else(|error| panic!("producer {producer}: submit refused: {error}"));
-                tickets.push(ticket);
-                rest = &rest[1..];
-            }
-            Err(error) => panic!("producer {producer}: batch refused: {error}"),
-        }
-    }
+    submitter
+        .submit_batch_wait(
+            LedgerOperation::CreateTransfers,
+            &records,
+            deadline(),
+            |ticket| tickets.push(ticket),
+        )
+        .unwrap_or_else(|error| panic!("producer {producer}: batch refused: {error}"));
     assert_eq!(tickets.len(), TRANSFERS_PER_PRODUCER);
     for ticket in tickets {
         let result = ticket
@@ -311,6 +303,33 @@ fn exactly_once_in_order(lanes: usize) {
         per_transfer <= 1.0 / 16.0,
         "{per_transfer} allocations per transfer on the producer thread"
     );
+    // Phases 7 and 8: the same through `submit_batch_wait`, 64 records a call, the records
+    // and the tickets' vector made before counting.
+    let batch_transfers = |phase: u128| {
+        let records: Vec<RecordSlot> = (0..ALLOCATION_TRANSFERS)
+            .map(|seq| producer_transfer(phase, 0, seq, &accounts))
+            .collect();
+        let mut tickets = Vec::with_capacity(BATCH_RECORDS);
+        let before = allocations();
+        for batch in records.chunks(BATCH_RECORDS) {
+            submitter
+                .submit_batch_wait(LedgerOperation::CreateTransfers, batch, deadline(), |t| {
+                    tickets.push(t);
+                })
+                .unwrap_or_else(|error| panic!("batch refused: {error}"));
+            for ticket in tickets.drain(..) {
+                let result = ticket.wait(deadline()).expect("a result");
+                assert_eq!(result.code, 0);
+            }
+        }
+        (allocations() - before) as f64 / ALLOCATION_TRANSFERS as f64
+    };
+    batch_transfers(7);
+    let per_batched_transfer = batch_transfers(8);
+    assert!(
+        per_batched_transfer <= 1.0 / 16.0,
+        "{per_batched_transfer} allocations per batched transfer on the producer thread"
+    );
 
     assert_eq!(
         submitter.ingress().slots_free(),
@@ -322,7 +341,7 @@ fn exactly_once_in_order(lanes: usize) {
         .iter()
         .map(|r| r.state_machine.transfers_count())
         .sum();
-    let expected = (256 + 1_024 + 256) * TRANSFERS_PER_PRODUCER + 2 * ALLOCATION_TRANSFERS;
+    let expected = (256 + 1_024 + 256) * TRANSFERS_PER_PRODUCER + 4 * ALLOCATION_TRANSFERS;
     assert_eq!(transfers, expected, "every transfer stored exactly once");
     check_order(&reports, &accounts, 1, 256);
     check_order(&reports, &accounts, 2, 1_024);
@@ -353,7 +372,7 @@ fn exactly_once_in_order(lanes: usize) {
         "refused at once"
     );
     eprintln!(
-        "ingest test, {lanes} lane(s): {transfers} transfers, {per_transfer:.4} allocations per transfer, {:.1} s",
+        "ingest test, {lanes} lane(s): {transfers} transfers, {per_transfer:.4} allocations per transfer ({per_batched_transfer:.4} batched), {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }
