@@ -566,17 +566,12 @@ impl<S: StateMachine> Ingress<S> {
     /// never published ([`Ingress::take_slot`] then a full ring or a timeout): its
     /// generation stays, as no handle of it exists.
     fn return_slot(&self, slot: u32) {
-        self.slots[slot as usize]
-            .state
-            .store(FREE, Ordering::Relaxed);
-        let lane = &self.lanes[slot as usize % self.lanes.len()].0;
-        // The free list's Release push orders our stores before the next owner's pop.
-        lane.free_push(slot);
-        lane.slot_waiters.notify(1);
+        self.return_slots(slot as usize % self.lanes.len(), &[slot]);
     }
 
-    /// Puts `slots`, all of lane `lane`, back on its free list as [`Ingress::return_slot`]
-    /// does, with one claim where the list takes them at once, and one notification.
+    /// Puts `slots`, all of lane `lane`, back on its free list, as [`Ingress::return_slot`]
+    /// says, with one claim where the list takes them at once (see [`Lane::free_push`] for
+    /// why it may not), and wakes as many of the lane's threads waiting for a slot.
     fn return_slots(&self, lane: usize, slots: &[u32]) {
         if slots.is_empty() {
             return;
@@ -588,6 +583,7 @@ impl<S: StateMachine> Ingress<S> {
                 .store(FREE, Ordering::Relaxed);
         }
         let lane = &self.lanes[lane].0;
+        // The free list's Release push orders our stores before the next owner's pop.
         let pushed = lane.free.push_slice(slots);
         for &slot in &slots[pushed..] {
             lane.free_push(slot);
@@ -1012,8 +1008,8 @@ impl<S: StateMachine> Submitter<S> {
     /// Cheaper per record than [`Submitter::submit`]: records go through in steps of
     /// [`SUBMIT_BATCH_STEP_MAX`], each taking its slots with one pop from the lane's free
     /// list and publishing each run of consecutive records for one shard with one claim
-    /// in that shard's ring and one doorbell. To wait for room, submit the first refused
-    /// record with [`Submitter::submit_wait`] and go on with the rest.
+    /// in that shard's ring and one doorbell. To wait for room, use
+    /// [`Submitter::submit_batch_wait`].
     ///
     /// If `ticket` panics, the tickets it has not received yet are dropped (their records
     /// stay submitted, their slots come back when the results arrive).
@@ -1399,8 +1395,8 @@ mod tests {
     }
 
     /// A batch longer than a step goes through whole and in order, every record with its
-    /// ticket; a batch that meets a full ring is taken as a prefix, the slots of the rest
-    /// back at once.
+    /// ticket; a batch that meets a full ring is taken as a prefix, no slot held for the
+    /// rest.
     #[test]
     fn a_batch_is_taken_whole_or_as_a_prefix_in_order() {
         let ingress = ingress_of_shards(1, 256, 256);
@@ -1435,7 +1431,7 @@ mod tests {
         assert_eq!(
             small.slots_free(),
             56,
-            "the refused records' slots are back"
+            "no slot held for the refused records"
         );
         assert_eq!(drain_ids(&small, 0), (0..8).collect::<Vec<_>>());
         tickets.clear();

@@ -5,7 +5,7 @@
 //! lanes in turn). Accounts created through the submitter; then 256
 //! producer threads that submit and wait one transfer at a time, 1,024 that keep several
 //! transfers in flight each, and 256 that submit all theirs as one batch
-//! (`Submitter::submit_batch`). Every transfer has a unique id and must be applied exactly once
+//! (`Submitter::submit_batch_wait`). Every transfer has a unique id and must be applied exactly once
 //! (`Ok`, never `Exists`), each producer's transfers to one shard must be applied in the
 //! order it submitted them (their ledger timestamps increase), and the ledger must balance.
 //! Two last phases count a producer thread's allocations per transaction, one record per
