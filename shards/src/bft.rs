@@ -93,13 +93,13 @@ use percore_engine::limits::BATCH_ENTRIES_MAX_LIMIT;
 use percore_engine::message::{ClusterKey, Command, PeerHeader, body_checksum};
 use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 use percore_engine::state_machine::StateMachine;
-use percore_net::peer::{self, PeerIdentity};
+use percore_net::peer::PeerIdentity;
 
 use crate::bft_held::{HeldSends, Offered};
 use crate::bft_prepared::PreparedLog;
 use crate::journal::{FsyncPolicy, Journal, JournalConfig};
 use crate::metrics::ShardMetrics;
-use crate::replication::{HANDSHAKE_TIMEOUT_US, Outbox, PeerDial, until_finished, write_outbox};
+use crate::peer_link::{self, Outbox, PeerProtocol};
 use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
 
 /// Largest encoded BFT message sent or accepted (bytes). A NewView carries up to `q` view
@@ -1118,16 +1118,11 @@ impl Bft {
                 .iter()
                 .flat_map(|recovery| &recovery.checkpoint_ops),
         );
-        let outboxes = (0..settings.replica_count())
-            .map(|peer| {
-                let capacity = if peer == settings.replica {
-                    0
-                } else {
-                    settings.send_queue_bytes
-                };
-                Outbox::new(capacity)
-            })
-            .collect();
+        let outboxes = Outbox::for_peers(
+            settings.replica_count(),
+            settings.replica,
+            settings.send_queue_bytes,
+        );
         let identity = PeerIdentity {
             cluster_id,
             group: shard as u32,
@@ -1259,10 +1254,16 @@ where
     S::Result: Send,
 {
     let bft = shard.bft.as_ref().expect("BFT shard");
-    let mut tasks = vec![glommio::spawn_local(accept_loop(shard.clone(), listener))];
+    let mut tasks = vec![glommio::spawn_local(peer_link::accept_loop::<S, Peers>(
+        shard.clone(),
+        listener,
+    ))];
     for peer in 0..bft.settings.replica_count() {
         if peer != bft.settings.replica {
-            tasks.push(glommio::spawn_local(sender_loop(shard.clone(), peer)));
+            tasks.push(glommio::spawn_local(peer_link::sender_loop::<S, Peers>(
+                shard.clone(),
+                peer,
+            )));
         }
     }
     tasks.push(glommio::spawn_local(timer_loop(shard.clone())));
@@ -1271,100 +1272,52 @@ where
     tasks
 }
 
-async fn accept_loop<S>(shard: Rc<Shard<S>>, listener: TcpListener)
+/// The BFT protocol on the shared peer transport.
+struct Peers;
+
+impl<S> PeerProtocol<S> for Peers
 where
-    S: StateMachine + 'static,
+    S: StateMachine,
     S::Record: Send,
     S::Result: Send,
 {
-    let receivers = Rc::new(Cell::new(0usize));
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            until_finished(&shard).await;
-            None
-        })
-        .await;
-        let Some(accepted) = accepted else { break };
-        let Ok(stream) = accepted else { continue };
-        let (shard, receivers) = (shard.clone(), receivers.clone());
-        receivers.set(receivers.get() + 1);
-        glommio::spawn_local(async move {
-            receive_loop(&shard, stream).await;
-            receivers.set(receivers.get() - 1);
-        })
-        .detach();
+    const NAME: &'static str = "BFT peer";
+
+    fn identity(shard: &Shard<S>) -> &PeerIdentity {
+        &bft_of(shard).identity
     }
-    while receivers.get() > 0 {
-        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+
+    fn cluster_key(shard: &Shard<S>) -> &ClusterKey {
+        &bft_of(shard).settings.cluster_key
+    }
+
+    fn outbox(shard: &Shard<S>, peer: u8) -> &Outbox {
+        &bft_of(shard).outboxes[usize::from(peer)]
+    }
+
+    fn peer_address(shard: &Shard<S>, peer: u8) -> SocketAddr {
+        bft_of(shard).settings.peer_address(peer, shard.index)
+    }
+
+    fn send_queue_bytes(shard: &Shard<S>) -> usize {
+        bft_of(shard).settings.send_queue_bytes
+    }
+
+    fn frame_bytes_max(_shard: &Shard<S>) -> usize {
+        BFT_MESSAGE_BYTES_MAX
+    }
+
+    fn received(shard: &Shard<S>, from: u8, header: &PeerHeader, body: &[u8]) {
+        match header.command() {
+            Ok(Command::Bft) => message_received(shard, from, body),
+            Ok(Command::BftOutputs) => crate::bft_xshard::frame_received(shard, from, body),
+            _ => {}
+        }
     }
 }
 
-async fn receive_loop<S>(shard: &Rc<Shard<S>>, stream: TcpStream)
-where
-    S: StateMachine + 'static,
-    S::Record: Send,
-    S::Result: Send,
-{
-    let bft = shard.bft.as_ref().expect("BFT shard");
-    let Ok(nonce) = peer::os_nonce() else {
-        tracing::error!(
-            shard = shard.index,
-            "cannot read /dev/urandom: peer refused"
-        );
-        return;
-    };
-    let handshake = peer::accept_handshake(
-        stream,
-        &bft.identity,
-        &bft.settings.cluster_key,
-        nonce,
-        Duration::from_micros(HANDSHAKE_TIMEOUT_US),
-        BFT_MESSAGE_BYTES_MAX,
-    );
-    let handshake = futures_lite::future::or(async { Some(handshake.await) }, async {
-        until_finished(shard).await;
-        None
-    })
-    .await;
-    let mut receiver = match handshake {
-        None => return,
-        Some(Ok(receiver)) => receiver,
-        Some(Err(error)) => {
-            ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
-            tracing::warn!(shard = shard.index, %error, "BFT peer refused");
-            return;
-        }
-    };
-    let from = receiver.from();
-    tracing::info!(
-        shard = shard.index,
-        peer = from,
-        "BFT peer connected (inbound)"
-    );
-    loop {
-        let received = futures_lite::future::or(async { Some(receiver.recv().await) }, async {
-            until_finished(shard).await;
-            None
-        })
-        .await;
-        match received {
-            None => return,
-            Some(Ok((header, body))) => match header.command() {
-                Ok(Command::Bft) => message_received(shard, from, body),
-                Ok(Command::BftOutputs) => {
-                    crate::bft_xshard::frame_received(shard, from, body);
-                }
-                _ => {}
-            },
-            Some(Err(error)) => {
-                if !matches!(error, peer::PeerError::Closed) {
-                    ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
-                }
-                tracing::info!(shard = shard.index, peer = from, %error, "BFT peer connection ended");
-                return;
-            }
-        }
-    }
+fn bft_of<S: StateMachine>(shard: &Shard<S>) -> &Bft {
+    shard.bft.as_ref().expect("BFT shard")
 }
 
 /// One authenticated BFT frame from `from`: decode, hand to the core, run its actions.
@@ -1874,36 +1827,6 @@ fn alternate_batch(batch: &[u8]) -> Vec<u8> {
         &mut alternate,
     );
     alternate
-}
-
-/// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
-async fn sender_loop<S>(shard: Rc<Shard<S>>, peer: u8)
-where
-    S: StateMachine + 'static,
-{
-    let bft = shard.bft.as_ref().expect("BFT shard");
-    let address = bft.settings.peer_address(peer, shard.index);
-    let outbox = &bft.outboxes[usize::from(peer)];
-    let mut spare: Vec<u8> = Vec::with_capacity(bft.settings.send_queue_bytes);
-    let dial = PeerDial {
-        address,
-        identity: &bft.identity,
-        peer,
-        key: &bft.settings.cluster_key,
-        send_queue_bytes: bft.settings.send_queue_bytes,
-    };
-    while let Some(mut sender) = dial.until_connected(&shard).await {
-        tracing::info!(shard = shard.index, peer, %address, "BFT peer connected (outbound)");
-        outbox.connected.set(true);
-        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 1);
-        let ended = write_outbox(&shard, outbox, &mut sender, &mut spare).await;
-        outbox.connected.set(false);
-        outbox.clear();
-        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 0);
-        if let Err(error) = ended {
-            tracing::info!(shard = shard.index, peer, %error, "BFT peer connection lost");
-        }
-    }
 }
 
 /// The core's timers: resends, status reports, leader suspicion, view-change timeouts.

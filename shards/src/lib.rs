@@ -28,6 +28,7 @@ pub mod memlock;
 pub mod mesh;
 pub mod metrics;
 pub mod pacing;
+pub mod peer_link;
 pub mod replication;
 pub mod runtime;
 pub mod soak;

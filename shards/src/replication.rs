@@ -47,7 +47,8 @@ use percore_net::peer::{self, PeerIdentity};
 use crate::journal::Journal;
 use crate::mesh::MeshMessage;
 use crate::metrics::ShardMetrics;
-use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
+use crate::peer_link::{self, Outbox, PeerProtocol};
+use crate::runtime::{STOP_POLL_MS, Shard};
 
 /// Default bytes queued per peer before messages to it are dropped (it repairs itself).
 pub const PEER_SEND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
@@ -58,12 +59,6 @@ pub const RETAIN_OPS_DEFAULT: u64 = 4 * crate::runtime::CHECKPOINT_INTERVAL_OPS_
 pub const INBOUND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
 /// Repair requests waiting to be served before more are dropped (requesters retry).
 pub const REPAIRS_QUEUED_MAX: usize = 16;
-/// Authentication handshake deadline (µs).
-pub const HANDSHAKE_TIMEOUT_US: u64 = 1_000_000;
-/// Reconnect back-off bounds (µs).
-pub const RECONNECT_BACKOFF_US_MIN: u64 = 1_000;
-/// See [`RECONNECT_BACKOFF_US_MIN`].
-pub const RECONNECT_BACKOFF_US_MAX: u64 = 1_000_000;
 /// Leader: unacknowledged credit legs are sent again when the oldest did not change for
 /// this long (µs).
 pub const CREDIT_LEG_RESEND_INTERVAL_US: u64 = 200_000;
@@ -81,8 +76,6 @@ pub const FORWARD_BYTES_MAX: usize = 64 * 1024;
 const STATUS_NORMAL: u8 = 1;
 /// Status byte of a replica changing views.
 const STATUS_VIEW_CHANGE: u8 = 2;
-
-const _: () = assert!(RECONNECT_BACKOFF_US_MIN < RECONNECT_BACKOFF_US_MAX);
 
 /// How a node replicates: its index and every replica's peer address.
 #[derive(Clone)]
@@ -124,77 +117,6 @@ impl ReplicationSettings {
     /// Replicas in each group.
     pub fn replica_count(&self) -> u8 {
         self.peers.len() as u8
-    }
-}
-
-/// Encoded messages to one peer, written by its sender task.
-pub(crate) struct Outbox {
-    bytes: RefCell<Vec<u8>>,
-    /// Bytes before this may be sent; the rest are Prepares held until durable.
-    released: Cell<usize>,
-    holding: Cell<bool>,
-    pub(crate) connected: Cell<bool>,
-    doorbell: LocalNotify,
-}
-
-impl Outbox {
-    pub(crate) fn new(capacity: usize) -> Self {
-        Self {
-            bytes: RefCell::new(Vec::with_capacity(capacity)),
-            released: Cell::new(0),
-            holding: Cell::new(false),
-            connected: Cell::new(false),
-            doorbell: LocalNotify::default(),
-        }
-    }
-
-    /// Appends one message; `false` (nothing appended) when the peer is disconnected or the
-    /// queue is full. Releases it at once unless Prepares are being held.
-    fn push(&self, mut header: PeerHeader, body: &[u8]) -> bool {
-        if !self.connected.get() {
-            return false;
-        }
-        let mut bytes = self.bytes.borrow_mut();
-        if bytes.len() + PEER_HEADER_BYTES + body.len() > bytes.capacity() {
-            return false;
-        }
-        header.body_bytes = body.len() as u32;
-        bytes.extend_from_slice(bytemuck::bytes_of(&header));
-        bytes.extend_from_slice(body);
-        if !self.holding.get() {
-            self.released.set(bytes.len());
-        }
-        true
-    }
-
-    /// Pushes one message and wakes the sender task; counts it in `dropped` if it could
-    /// not be queued (the peer repairs or the sender retries).
-    pub(crate) fn send(
-        &self,
-        header: PeerHeader,
-        body: &[u8],
-        dropped: &std::sync::atomic::AtomicU64,
-    ) -> bool {
-        let queued = self.push(header, body);
-        if queued {
-            self.doorbell.notify();
-        } else {
-            ShardMetrics::add(dropped, 1);
-        }
-        queued
-    }
-
-    fn release(&self) {
-        self.holding.set(false);
-        let length = self.bytes.borrow().len();
-        if self.released.replace(length) != length {
-            self.doorbell.notify();
-        }
-    }
-
-    pub(crate) fn clear(&self) {
-        self.bytes.borrow_mut().clear();
-        self.released.set(0);
     }
 }
 
@@ -309,16 +231,11 @@ impl Replication {
             );
             replica.recovering_start(op_promised);
         }
-        let outboxes = (0..settings.replica_count())
-            .map(|peer| {
-                let capacity = if peer == settings.replica {
-                    0
-                } else {
-                    settings.send_queue_bytes
-                };
-                Outbox::new(capacity)
-            })
-            .collect();
+        let outboxes = Outbox::for_peers(
+            settings.replica_count(),
+            settings.replica,
+            settings.send_queue_bytes,
+        );
         let identity = PeerIdentity {
             cluster_id,
             group: shard as u32,
@@ -460,116 +377,74 @@ where
     S::Result: Send,
 {
     let replication = shard.replication.as_ref().expect("replicated shard");
-    let mut tasks = vec![glommio::spawn_local(accept_loop(shard.clone(), listener))];
+    let mut tasks = vec![glommio::spawn_local(peer_link::accept_loop::<S, Peers>(
+        shard.clone(),
+        listener,
+    ))];
     let me = replication.settings.replica;
     for peer in 0..replication.settings.replica_count() {
         if peer != me {
-            tasks.push(glommio::spawn_local(sender_loop(shard.clone(), peer)));
+            tasks.push(glommio::spawn_local(peer_link::sender_loop::<S, Peers>(
+                shard.clone(),
+                peer,
+            )));
         }
     }
     tasks.push(glommio::spawn_local(timer_loop(shard.clone())));
     tasks
 }
 
-pub(crate) async fn until_finished<S: StateMachine>(shard: &Shard<S>) {
-    while !shard.finished.get() {
-        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
-    }
-}
+/// The crash-fault protocol on the shared peer transport.
+struct Peers;
 
-/// Accepts peer connections; each gets its own receiver task.
-async fn accept_loop<S>(shard: Rc<Shard<S>>, listener: TcpListener)
+impl<S> PeerProtocol<S> for Peers
 where
-    S: StateMachine + 'static,
+    S: StateMachine,
     S::Record: Send,
     S::Result: Send,
 {
-    let receivers = Rc::new(Cell::new(0usize));
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            until_finished(&shard).await;
-            None
-        })
-        .await;
-        let Some(accepted) = accepted else {
-            break;
-        };
-        let Ok(stream) = accepted else {
-            continue;
-        };
-        let shard = shard.clone();
-        let receivers = receivers.clone();
-        receivers.set(receivers.get() + 1);
-        glommio::spawn_local(async move {
-            receive_loop(&shard, stream).await;
-            receivers.set(receivers.get() - 1);
-        })
-        .detach();
+    const NAME: &'static str = "peer";
+
+    fn identity(shard: &Shard<S>) -> &PeerIdentity {
+        &replication_of(shard).identity
     }
-    // Receivers end within a poll interval of `finished`; they hold the shard.
-    while receivers.get() > 0 {
-        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+
+    fn cluster_key(shard: &Shard<S>) -> &ClusterKey {
+        &replication_of(shard).settings.cluster_key
+    }
+
+    fn outbox(shard: &Shard<S>, peer: u8) -> &Outbox {
+        &replication_of(shard).outboxes[usize::from(peer)]
+    }
+
+    fn peer_address(shard: &Shard<S>, peer: u8) -> SocketAddr {
+        replication_of(shard)
+            .settings
+            .peer_address(peer, shard.index)
+    }
+
+    fn send_queue_bytes(shard: &Shard<S>) -> usize {
+        replication_of(shard).settings.send_queue_bytes
+    }
+
+    fn frame_bytes_max(shard: &Shard<S>) -> usize {
+        ENTRY_HEADER_BYTES + shard.body_bytes_max()
+    }
+
+    fn received(shard: &Shard<S>, from: u8, header: &PeerHeader, body: &[u8]) {
+        dispatch(shard, from, header, body);
+    }
+
+    fn connection_changed(shard: &Shard<S>, peer: u8, connected: bool) {
+        replication_of(shard)
+            .replica
+            .borrow_mut()
+            .on_connection(peer, connected);
     }
 }
 
-async fn receive_loop<S>(shard: &Rc<Shard<S>>, stream: glommio::net::TcpStream)
-where
-    S: StateMachine + 'static,
-    S::Record: Send,
-    S::Result: Send,
-{
-    let replication = shard.replication.as_ref().expect("replicated shard");
-    let body_bytes_max = ENTRY_HEADER_BYTES + shard.body_bytes_max();
-    let timeout = Duration::from_micros(HANDSHAKE_TIMEOUT_US);
-    let Ok(nonce) = peer::os_nonce() else {
-        tracing::error!(
-            shard = shard.index,
-            "cannot read /dev/urandom: peer refused"
-        );
-        return;
-    };
-    let handshake = peer::accept_handshake(
-        stream,
-        &replication.identity,
-        &replication.settings.cluster_key,
-        nonce,
-        timeout,
-        body_bytes_max,
-    );
-    let handshake = futures_lite::future::or(async { Some(handshake.await) }, async {
-        until_finished(shard).await;
-        None
-    })
-    .await;
-    let mut receiver = match handshake {
-        None => return,
-        Some(Ok(receiver)) => receiver,
-        Some(Err(error)) => {
-            ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
-            tracing::warn!(shard = shard.index, %error, "peer refused");
-            return;
-        }
-    };
-    let from = receiver.from();
-    tracing::info!(shard = shard.index, peer = from, "peer connected (inbound)");
-    loop {
-        let received = futures_lite::future::or(async { Some(receiver.recv().await) }, async {
-            until_finished(shard).await;
-            None
-        })
-        .await;
-        match received {
-            None => return,
-            Some(Ok((header, body))) => dispatch(shard, from, &header, body),
-            Some(Err(error)) => {
-                if !matches!(error, peer::PeerError::Closed) {
-                    ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
-                }
-                tracing::info!(shard = shard.index, peer = from, %error, "peer connection ended");
-                return;
-            }
-        }
-    }
+fn replication_of<S: StateMachine>(shard: &Shard<S>) -> &Replication {
+    shard.replication.as_ref().expect("replicated shard")
 }
 
 /// Handles one authenticated message from `from`. Never awaits.
@@ -1106,147 +981,6 @@ fn send_with_checksums<S: StateMachine>(
     replication.outboxes[usize::from(to)].send(header, body, dropped);
 }
 
-/// What a sender task needs to dial one peer (replication and BFT share it).
-pub(crate) struct PeerDial<'a> {
-    /// The peer's address for this shard's group.
-    pub(crate) address: std::net::SocketAddr,
-    /// Who this replica is.
-    pub(crate) identity: &'a PeerIdentity,
-    /// The peer's replica index.
-    pub(crate) peer: u8,
-    /// The cluster key both sides authenticate with.
-    pub(crate) key: &'a ClusterKey,
-    /// The connection's send buffer (bytes).
-    pub(crate) send_queue_bytes: usize,
-}
-
-impl PeerDial<'_> {
-    /// Dials until the peer answers the handshake, backing off exponentially from
-    /// [`RECONNECT_BACKOFF_US_MIN`] to [`RECONNECT_BACKOFF_US_MAX`] with jitter; counts the
-    /// connection. `None` once the shard finishes.
-    pub(crate) async fn until_connected<S: StateMachine>(
-        &self,
-        shard: &Shard<S>,
-    ) -> Option<peer::PeerSender> {
-        let mut backoff_us = RECONNECT_BACKOFF_US_MIN;
-        // Bounded by the shard's end: every failed try sleeps.
-        while !shard.finished.get() {
-            let dialed = match peer::os_nonce() {
-                Ok(nonce) => {
-                    peer::dial(
-                        self.address,
-                        self.identity,
-                        self.peer,
-                        self.key,
-                        nonce,
-                        Duration::from_micros(HANDSHAKE_TIMEOUT_US),
-                        self.send_queue_bytes,
-                    )
-                    .await
-                }
-                Err(error) => Err(error),
-            };
-            match dialed {
-                Ok(sender) => {
-                    ShardMetrics::add(&shard.metrics.peer_connections_total, 1);
-                    return Some(sender);
-                }
-                Err(error) => {
-                    tracing::debug!(shard = shard.index, peer = self.peer, %error, "dial failed");
-                    // Jitter from the clock's low bits: spreads reconnects of many shards.
-                    let jitter = shard.now_us() % (backoff_us / 2 + 1);
-                    glommio::timer::sleep(Duration::from_micros(backoff_us / 2 + jitter)).await;
-                    backoff_us = (backoff_us * 2).min(RECONNECT_BACKOFF_US_MAX);
-                }
-            }
-        }
-        None
-    }
-}
-
-/// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
-async fn sender_loop<S>(shard: Rc<Shard<S>>, peer: u8)
-where
-    S: StateMachine + 'static,
-{
-    let replication = shard.replication.as_ref().expect("replicated shard");
-    let address = replication.settings.peer_address(peer, shard.index);
-    let outbox = &replication.outboxes[usize::from(peer)];
-    let mut spare: Vec<u8> = Vec::with_capacity(replication.settings.send_queue_bytes);
-    let dial = PeerDial {
-        address,
-        identity: &replication.identity,
-        peer,
-        key: &replication.settings.cluster_key,
-        send_queue_bytes: replication.settings.send_queue_bytes,
-    };
-    while let Some(mut sender) = dial.until_connected(&shard).await {
-        tracing::info!(shard = shard.index, peer, %address, "peer connected (outbound)");
-        outbox.connected.set(true);
-        replication.replica.borrow_mut().on_connection(peer, true);
-        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 1);
-        let ended = write_outbox(&shard, outbox, &mut sender, &mut spare).await;
-        outbox.connected.set(false);
-        outbox.clear();
-        replication.replica.borrow_mut().on_connection(peer, false);
-        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 0);
-        if let Err(error) = ended {
-            tracing::info!(shard = shard.index, peer, %error, "peer connection lost");
-        }
-    }
-}
-
-/// Moves released messages from the outbox into the connection and writes them.
-pub(crate) async fn write_outbox<S: StateMachine>(
-    shard: &Shard<S>,
-    outbox: &Outbox,
-    sender: &mut peer::PeerSender,
-    spare: &mut Vec<u8>,
-) -> Result<(), peer::PeerError> {
-    loop {
-        if shard.finished.get() {
-            return Ok(());
-        }
-        {
-            let mut bytes = outbox.bytes.borrow_mut();
-            let released = outbox.released.get();
-            spare.clear();
-            spare.extend_from_slice(&bytes[..released]);
-            bytes.drain(..released);
-            outbox
-                .released
-                .set(if outbox.holding.get() { 0 } else { bytes.len() });
-        }
-        let mut offset = 0;
-        while offset < spare.len() {
-            let header: PeerHeader =
-                bytemuck::pod_read_unaligned(&spare[offset..offset + PEER_HEADER_BYTES]);
-            let body_end = offset + PEER_HEADER_BYTES + header.body_bytes as usize;
-            let body = &spare[offset + PEER_HEADER_BYTES..body_end];
-            if sender.push(header, &[body]).is_err() {
-                sender.flush().await?;
-                sender
-                    .push(header, &[body])
-                    .expect("an empty send buffer holds one message");
-            }
-            ShardMetrics::add(
-                &shard.metrics.replication_bytes_sent_total,
-                (body_end - offset) as u64,
-            );
-            offset = body_end;
-        }
-        if !spare.is_empty() {
-            sender.flush().await?;
-            continue;
-        }
-        futures_lite::future::or(
-            outbox.doorbell.wait(),
-            glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
-        )
-        .await;
-    }
-}
-
 /// Heartbeats, pings, repair timeouts and credit-leg resends, on the core's deadlines.
 async fn timer_loop<S>(shard: Rc<Shard<S>>)
 where
@@ -1500,7 +1234,7 @@ where
     shard.core.borrow_mut().observe_depth();
     let hold = !replication.replica.borrow().sends_prepares_before_durable();
     for outbox in replication.outboxes.iter() {
-        outbox.holding.set(hold);
+        outbox.hold(hold);
     }
     let mut sealed = 0;
     while sealed < GROUP_COMMIT_BATCHES_MAX
@@ -1552,9 +1286,7 @@ where
         // Wake the sender tasks now: they write while this task waits for the journal,
         // so the followers' writes overlap this replica's.
         for outbox in replication.outboxes.iter() {
-            if !outbox.bytes.borrow().is_empty() {
-                outbox.doorbell.notify();
-            }
+            outbox.wake_if_queued();
         }
     }
     shard.commit_gap_work_waiting(now_us);
@@ -1568,7 +1300,7 @@ where
     let mut replica = replication.replica.borrow_mut();
     for peer in replica.others() {
         let outbox = &replication.outboxes[usize::from(peer)];
-        if outbox.holding.get() && outbox.bytes.borrow().len() > outbox.released.get() {
+        if outbox.holds_unreleased() {
             replica.note_sent(peer, now_us);
         }
     }

@@ -1,0 +1,511 @@
+//! The peer transport both replication protocols share: one bounded outbox and one sender
+//! task per peer, one listener and a receiver task per accepted connection.
+//!
+//! A connection carries one direction: the dialer sends, the listener receives, both ends
+//! authenticated with the cluster key (`percore_net::peer`). What differs between the
+//! crash-fault driver (`crate::replication`) and the BFT one (`crate::bft`) is behind
+//! [`PeerProtocol`]: where a shard keeps its identity, key and outboxes, how large a frame
+//! may be, what a received frame does, and what a connection coming up or going down tells
+//! the protocol core. Nothing here allocates per message: each outbox and each sender's
+//! spare buffer is sized at start-up.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use glommio::net::{TcpListener, TcpStream};
+use percore_engine::message::{ClusterKey, PEER_HEADER_BYTES, PeerHeader};
+use percore_engine::state_machine::StateMachine;
+use percore_net::peer::{self, PeerIdentity};
+
+use crate::metrics::ShardMetrics;
+use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
+
+/// Authentication handshake deadline (µs).
+pub const HANDSHAKE_TIMEOUT_US: u64 = 1_000_000;
+/// Reconnect back-off bounds (µs).
+pub const RECONNECT_BACKOFF_US_MIN: u64 = 1_000;
+/// See [`RECONNECT_BACKOFF_US_MIN`].
+pub const RECONNECT_BACKOFF_US_MAX: u64 = 1_000_000;
+
+const _: () = assert!(RECONNECT_BACKOFF_US_MIN < RECONNECT_BACKOFF_US_MAX);
+
+/// What a protocol driver tells the shared transport about itself.
+pub(crate) trait PeerProtocol<S: StateMachine>: 'static {
+    /// How log lines name this kind of peer ("peer", "BFT peer").
+    const NAME: &'static str;
+
+    /// This replica's identity in the handshake.
+    fn identity(shard: &Shard<S>) -> &PeerIdentity;
+    /// The key both ends authenticate with.
+    fn cluster_key(shard: &Shard<S>) -> &ClusterKey;
+    /// The outbox of messages to `peer`.
+    fn outbox(shard: &Shard<S>, peer: u8) -> &Outbox;
+    /// Where shard `shard.index` of replica `peer` listens.
+    fn peer_address(shard: &Shard<S>, peer: u8) -> SocketAddr;
+    /// A connection's send buffer (bytes).
+    fn send_queue_bytes(shard: &Shard<S>) -> usize;
+    /// Largest frame body accepted from a peer (bytes).
+    fn frame_bytes_max(shard: &Shard<S>) -> usize;
+    /// One authenticated frame from `from`. Never awaits.
+    fn received(shard: &Shard<S>, from: u8, header: &PeerHeader, body: &[u8]);
+    /// The outbound connection to `peer` came up or went down (the outbox is already open
+    /// or cleared).
+    fn connection_changed(_shard: &Shard<S>, _peer: u8, _connected: bool) {}
+}
+
+/// Encoded messages to one peer, written by its sender task.
+pub(crate) struct Outbox {
+    bytes: RefCell<Vec<u8>>,
+    /// Bytes before this may be sent; the rest are Prepares held until durable.
+    released: Cell<usize>,
+    holding: Cell<bool>,
+    connected: Cell<bool>,
+    doorbell: LocalNotify,
+}
+
+impl Outbox {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            bytes: RefCell::new(Vec::with_capacity(capacity)),
+            released: Cell::new(0),
+            holding: Cell::new(false),
+            connected: Cell::new(false),
+            doorbell: LocalNotify::default(),
+        }
+    }
+
+    /// One outbox per replica of `replica_count`, `capacity` bytes each; `me`'s own is
+    /// empty and never used.
+    pub(crate) fn for_peers(replica_count: u8, me: u8, capacity: usize) -> Box<[Outbox]> {
+        (0..replica_count)
+            .map(|peer| Outbox::new(if peer == me { 0 } else { capacity }))
+            .collect()
+    }
+
+    /// Appends one message; `false` (nothing appended) when the peer is disconnected or the
+    /// queue is full. Releases it at once unless Prepares are being held.
+    pub(crate) fn push(&self, mut header: PeerHeader, body: &[u8]) -> bool {
+        if !self.connected.get() {
+            return false;
+        }
+        let mut bytes = self.bytes.borrow_mut();
+        if bytes.len() + PEER_HEADER_BYTES + body.len() > bytes.capacity() {
+            return false;
+        }
+        header.body_bytes = body.len() as u32;
+        bytes.extend_from_slice(bytemuck::bytes_of(&header));
+        bytes.extend_from_slice(body);
+        if !self.holding.get() {
+            self.released.set(bytes.len());
+        }
+        true
+    }
+
+    /// Pushes one message and wakes the sender task; counts it in `dropped` if it could
+    /// not be queued (the peer repairs or the sender retries).
+    pub(crate) fn send(
+        &self,
+        header: PeerHeader,
+        body: &[u8],
+        dropped: &std::sync::atomic::AtomicU64,
+    ) -> bool {
+        let queued = self.push(header, body);
+        if queued {
+            self.doorbell.notify();
+        } else {
+            ShardMetrics::add(dropped, 1);
+        }
+        queued
+    }
+
+    /// From now on, messages pushed wait for [`Outbox::release`] (`true`) or may be sent at
+    /// once (`false`).
+    pub(crate) fn hold(&self, holding: bool) {
+        self.holding.set(holding);
+    }
+
+    /// Whether messages are held and some wait for [`Outbox::release`].
+    pub(crate) fn holds_unreleased(&self) -> bool {
+        self.holding.get() && self.bytes.borrow().len() > self.released.get()
+    }
+
+    /// Wakes the sender task if anything is queued (messages pushed without
+    /// [`Outbox::send`]).
+    pub(crate) fn wake_if_queued(&self) {
+        if !self.bytes.borrow().is_empty() {
+            self.doorbell.notify();
+        }
+    }
+
+    /// Stops holding and lets everything queued be sent.
+    pub(crate) fn release(&self) {
+        self.holding.set(false);
+        let length = self.bytes.borrow().len();
+        if self.released.replace(length) != length {
+            self.doorbell.notify();
+        }
+    }
+
+    fn clear(&self) {
+        self.bytes.borrow_mut().clear();
+        self.released.set(0);
+    }
+
+    /// Moves the released messages into `spare` (emptied first).
+    fn take_released(&self, spare: &mut Vec<u8>) {
+        let mut bytes = self.bytes.borrow_mut();
+        let released = self.released.get();
+        spare.clear();
+        if released == bytes.len() {
+            // Everything goes: trade buffers (both were sized at start-up) instead of
+            // copying up to a whole queue of Prepares.
+            std::mem::swap(&mut *bytes, spare);
+        } else {
+            spare.extend_from_slice(&bytes[..released]);
+            bytes.drain(..released);
+        }
+        self.released
+            .set(if self.holding.get() { 0 } else { bytes.len() });
+    }
+}
+
+/// Returns once the shard is `finished` (polled every [`STOP_POLL_MS`]).
+pub(crate) async fn until_finished<S: StateMachine>(shard: &Shard<S>) {
+    while !shard.finished.get() {
+        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+    }
+}
+
+/// Accepts peer connections; each gets its own receiver task. Returns once the shard is
+/// finished and every receiver has ended.
+pub(crate) async fn accept_loop<S, P>(shard: Rc<Shard<S>>, listener: TcpListener)
+where
+    S: StateMachine + 'static,
+    P: PeerProtocol<S>,
+{
+    let receivers = Rc::new(Cell::new(0usize));
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            until_finished(&shard).await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { break };
+        let Ok(stream) = accepted else { continue };
+        let (shard, receivers) = (shard.clone(), receivers.clone());
+        receivers.set(receivers.get() + 1);
+        glommio::spawn_local(async move {
+            receive_loop::<S, P>(&shard, stream).await;
+            receivers.set(receivers.get() - 1);
+        })
+        .detach();
+    }
+    // Receivers end within a poll interval of `finished`; they hold the shard.
+    while receivers.get() > 0 {
+        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+    }
+}
+
+/// Authenticates one inbound connection, then hands each frame to the protocol until the
+/// connection ends or the shard finishes. A failed handshake or a frame that fails its
+/// checks counts in `percore_peer_auth_failures_total` and ends the connection.
+async fn receive_loop<S, P>(shard: &Rc<Shard<S>>, stream: TcpStream)
+where
+    S: StateMachine + 'static,
+    P: PeerProtocol<S>,
+{
+    let Ok(nonce) = peer::os_nonce() else {
+        tracing::error!(
+            shard = shard.index,
+            "cannot read /dev/urandom: {} refused",
+            P::NAME
+        );
+        return;
+    };
+    let handshake = peer::accept_handshake(
+        stream,
+        P::identity(shard),
+        P::cluster_key(shard),
+        nonce,
+        Duration::from_micros(HANDSHAKE_TIMEOUT_US),
+        P::frame_bytes_max(shard),
+    );
+    let handshake = futures_lite::future::or(async { Some(handshake.await) }, async {
+        until_finished(shard).await;
+        None
+    })
+    .await;
+    let mut receiver = match handshake {
+        None => return,
+        Some(Ok(receiver)) => receiver,
+        Some(Err(error)) => {
+            ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
+            tracing::warn!(shard = shard.index, %error, "{} refused", P::NAME);
+            return;
+        }
+    };
+    let from = receiver.from();
+    tracing::info!(
+        shard = shard.index,
+        peer = from,
+        "{} connected (inbound)",
+        P::NAME
+    );
+    loop {
+        let received = futures_lite::future::or(async { Some(receiver.recv().await) }, async {
+            until_finished(shard).await;
+            None
+        })
+        .await;
+        match received {
+            None => return,
+            Some(Ok((header, body))) => P::received(shard, from, &header, body),
+            Some(Err(error)) => {
+                if !matches!(error, peer::PeerError::Closed) {
+                    ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
+                }
+                tracing::info!(
+                    shard = shard.index,
+                    peer = from,
+                    %error,
+                    "{} connection ended",
+                    P::NAME
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
+pub(crate) async fn sender_loop<S, P>(shard: Rc<Shard<S>>, peer: u8)
+where
+    S: StateMachine + 'static,
+    P: PeerProtocol<S>,
+{
+    let address = P::peer_address(&shard, peer);
+    let outbox = P::outbox(&shard, peer);
+    let mut spare: Vec<u8> = Vec::with_capacity(P::send_queue_bytes(&shard));
+    let dial = PeerDial {
+        address,
+        identity: P::identity(&shard),
+        peer,
+        key: P::cluster_key(&shard),
+        send_queue_bytes: P::send_queue_bytes(&shard),
+    };
+    while let Some(mut sender) = dial.until_connected(&shard).await {
+        tracing::info!(
+            shard = shard.index,
+            peer,
+            %address,
+            "{} connected (outbound)",
+            P::NAME
+        );
+        outbox.connected.set(true);
+        P::connection_changed(&shard, peer, true);
+        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 1);
+        let ended = write_outbox(&shard, outbox, &mut sender, &mut spare).await;
+        outbox.connected.set(false);
+        outbox.clear();
+        P::connection_changed(&shard, peer, false);
+        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 0);
+        if let Err(error) = ended {
+            tracing::info!(
+                shard = shard.index,
+                peer,
+                %error,
+                "{} connection lost",
+                P::NAME
+            );
+        }
+    }
+}
+
+/// What a sender task needs to dial one peer .
+struct PeerDial<'a> {
+    /// The peer's address for this shard's group.
+    address: SocketAddr,
+    /// Who this replica is.
+    identity: &'a PeerIdentity,
+    /// The peer's replica index.
+    peer: u8,
+    /// The cluster key both sides authenticate with.
+    key: &'a ClusterKey,
+    /// The connection's send buffer (bytes).
+    send_queue_bytes: usize,
+}
+
+impl PeerDial<'_> {
+    /// Dials until the peer answers the handshake, backing off exponentially from
+    /// [`RECONNECT_BACKOFF_US_MIN`] to [`RECONNECT_BACKOFF_US_MAX`] with jitter; counts the
+    /// connection. `None` once the shard finishes.
+    async fn until_connected<S: StateMachine>(&self, shard: &Shard<S>) -> Option<peer::PeerSender> {
+        let mut backoff_us = RECONNECT_BACKOFF_US_MIN;
+        // Bounded by the shard's end: every failed try sleeps.
+        while !shard.finished.get() {
+            let dialed = match peer::os_nonce() {
+                Ok(nonce) => {
+                    peer::dial(
+                        self.address,
+                        self.identity,
+                        self.peer,
+                        self.key,
+                        nonce,
+                        Duration::from_micros(HANDSHAKE_TIMEOUT_US),
+                        self.send_queue_bytes,
+                    )
+                    .await
+                }
+                Err(error) => Err(error),
+            };
+            match dialed {
+                Ok(sender) => {
+                    ShardMetrics::add(&shard.metrics.peer_connections_total, 1);
+                    return Some(sender);
+                }
+                Err(error) => {
+                    tracing::debug!(shard = shard.index, peer = self.peer, %error, "dial failed");
+                    // Jitter from the clock's low bits: spreads reconnects of many shards.
+                    let jitter = shard.now_us() % (backoff_us / 2 + 1);
+                    glommio::timer::sleep(Duration::from_micros(backoff_us / 2 + jitter)).await;
+                    backoff_us = (backoff_us * 2).min(RECONNECT_BACKOFF_US_MAX);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Moves released messages from the outbox into the connection and writes them.
+async fn write_outbox<S: StateMachine>(
+    shard: &Shard<S>,
+    outbox: &Outbox,
+    sender: &mut peer::PeerSender,
+    spare: &mut Vec<u8>,
+) -> Result<(), peer::PeerError> {
+    loop {
+        if shard.finished.get() {
+            return Ok(());
+        }
+        outbox.take_released(spare);
+        let mut offset = 0;
+        while offset < spare.len() {
+            let header: PeerHeader =
+                bytemuck::pod_read_unaligned(&spare[offset..offset + PEER_HEADER_BYTES]);
+            let body_end = offset + PEER_HEADER_BYTES + header.body_bytes as usize;
+            let body = &spare[offset + PEER_HEADER_BYTES..body_end];
+            if sender.push(header, &[body]).is_err() {
+                sender.flush().await?;
+                sender
+                    .push(header, &[body])
+                    .expect("an empty send buffer holds one message");
+            }
+            ShardMetrics::add(
+                &shard.metrics.replication_bytes_sent_total,
+                (body_end - offset) as u64,
+            );
+            offset = body_end;
+        }
+        if !spare.is_empty() {
+            sender.flush().await?;
+            continue;
+        }
+        futures_lite::future::or(
+            outbox.doorbell.wait(),
+            glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use percore_engine::message::Command;
+
+    fn header(op: u64) -> PeerHeader {
+        let mut header = PeerHeader::new(Command::Prepare, 0, 1, 0, 1);
+        header.view = op;
+        header
+    }
+
+    /// The frames in `bytes`: (header view, standing in for a message id; body).
+    fn frames(bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let header: PeerHeader =
+                bytemuck::pod_read_unaligned(&bytes[offset..offset + PEER_HEADER_BYTES]);
+            let end = offset + PEER_HEADER_BYTES + header.body_bytes as usize;
+            out.push((header.view, bytes[offset + PEER_HEADER_BYTES..end].to_vec()));
+            offset = end;
+        }
+        out
+    }
+
+    #[test]
+    fn a_disconnected_or_full_outbox_refuses_and_keeps_what_it_has() {
+        let outbox = Outbox::new(2 * PEER_HEADER_BYTES + 8);
+        assert!(!outbox.push(header(1), b"abcd"), "no connection: refused");
+        outbox.connected.set(true);
+        assert!(outbox.push(header(1), b"abcd"));
+        assert!(
+            !outbox.push(header(2), &[0; 9]),
+            "one byte over the capacity"
+        );
+        assert!(outbox.push(header(2), b"efgh"));
+        let mut spare = Vec::with_capacity(outbox.bytes.borrow().capacity());
+        outbox.take_released(&mut spare);
+        assert_eq!(
+            frames(&spare),
+            [(1, b"abcd".to_vec()), (2, b"efgh".to_vec())]
+        );
+    }
+
+    #[test]
+    fn held_messages_wait_for_release_and_buffers_keep_their_size() {
+        let capacity = 4 * (PEER_HEADER_BYTES + 16);
+        let outbox = Outbox::new(capacity);
+        let mut spare = Vec::with_capacity(capacity);
+        outbox.connected.set(true);
+        assert!(outbox.push(header(1), b"released"));
+        outbox.hold(true);
+        assert!(outbox.push(header(2), b"held"));
+        assert!(outbox.holds_unreleased());
+        // Part released: the released frame is copied out, the held one stays.
+        outbox.take_released(&mut spare);
+        assert_eq!(frames(&spare), [(1, b"released".to_vec())]);
+        assert!(outbox.holds_unreleased());
+        outbox.take_released(&mut spare);
+        assert!(spare.is_empty(), "nothing released since");
+        outbox.release();
+        assert!(!outbox.holds_unreleased());
+        assert!(outbox.push(header(3), b"after"));
+        // All released: the buffers trade places.
+        outbox.take_released(&mut spare);
+        assert_eq!(
+            frames(&spare),
+            [(2, b"held".to_vec()), (3, b"after".to_vec())]
+        );
+        assert!(outbox.bytes.borrow().is_empty());
+        assert_eq!(outbox.bytes.borrow().capacity(), capacity);
+        assert_eq!(spare.capacity(), capacity);
+        // The outbox still takes a full queue after the trade.
+        for op in 0..4 {
+            assert!(outbox.push(header(op), &[7; 16]));
+        }
+        assert!(!outbox.push(header(4), &[]));
+    }
+
+    #[test]
+    fn for_peers_gives_this_replica_no_room() {
+        let outboxes = Outbox::for_peers(3, 1, 1 << 10);
+        let capacities: Vec<usize> = outboxes
+            .iter()
+            .map(|o| o.bytes.borrow().capacity())
+            .collect();
+        assert_eq!(capacities, [1 << 10, 0, 1 << 10]);
+    }
+}
