@@ -99,7 +99,7 @@ use crate::bft_held::{HeldSends, Offered};
 use crate::bft_prepared::PreparedLog;
 use crate::journal::{FsyncPolicy, Journal, JournalConfig};
 use crate::metrics::ShardMetrics;
-use crate::peer_link::{self, Outbox, PeerProtocol};
+use crate::peer_link::{self, Outbox, PeerLink, PeerProtocol};
 use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
 
 /// Largest encoded BFT message sent or accepted (bytes). A NewView carries up to `q` view
@@ -309,9 +309,7 @@ impl std::fmt::Debug for BftSettings {
 impl BftSettings {
     /// The address shard `shard` of `replica` listens on for peers.
     pub fn peer_address(&self, replica: u8, shard: usize) -> SocketAddr {
-        let mut address = self.peers[usize::from(replica)];
-        address.set_port(address.port() + shard as u16);
-        address
+        peer_link::peer_address(&self.peers, replica, shard)
     }
 
     /// Replicas in each group (`n`).
@@ -1283,28 +1281,16 @@ where
 {
     const NAME: &'static str = "BFT peer";
 
-    fn identity(shard: &Shard<S>) -> &PeerIdentity {
-        &bft_of(shard).identity
-    }
-
-    fn cluster_key(shard: &Shard<S>) -> &ClusterKey {
-        &bft_of(shard).settings.cluster_key
-    }
-
-    fn outbox(shard: &Shard<S>, peer: u8) -> &Outbox {
-        &bft_of(shard).outboxes[usize::from(peer)]
-    }
-
-    fn peer_address(shard: &Shard<S>, peer: u8) -> SocketAddr {
-        bft_of(shard).settings.peer_address(peer, shard.index)
-    }
-
-    fn send_queue_bytes(shard: &Shard<S>) -> usize {
-        bft_of(shard).settings.send_queue_bytes
-    }
-
-    fn frame_bytes_max(_shard: &Shard<S>) -> usize {
-        BFT_MESSAGE_BYTES_MAX
+    fn link(shard: &Shard<S>) -> PeerLink<'_> {
+        let state = bft_of(shard);
+        PeerLink {
+            identity: &state.identity,
+            key: &state.settings.cluster_key,
+            peers: &state.settings.peers,
+            outboxes: &state.outboxes,
+            send_queue_bytes: state.settings.send_queue_bytes,
+            frame_bytes_max: BFT_MESSAGE_BYTES_MAX,
+        }
     }
 
     fn received(shard: &Shard<S>, from: u8, header: &PeerHeader, body: &[u8]) {

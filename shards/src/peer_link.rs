@@ -31,28 +31,42 @@ pub const RECONNECT_BACKOFF_US_MAX: u64 = 1_000_000;
 
 const _: () = assert!(RECONNECT_BACKOFF_US_MIN < RECONNECT_BACKOFF_US_MAX);
 
+/// What the transport needs of a shard's protocol state.
+pub(crate) struct PeerLink<'a> {
+    /// This replica's identity in the handshake.
+    pub(crate) identity: &'a PeerIdentity,
+    /// The key both ends authenticate with.
+    pub(crate) key: &'a ClusterKey,
+    /// Every replica's peer address (shard `k` listens on the port plus `k`).
+    pub(crate) peers: &'a [SocketAddr],
+    /// One outbox per replica ([`Outbox::for_peers`]).
+    pub(crate) outboxes: &'a [Outbox],
+    /// A connection's send buffer (bytes).
+    pub(crate) send_queue_bytes: usize,
+    /// Largest frame body accepted from a peer (bytes).
+    pub(crate) frame_bytes_max: usize,
+}
+
 /// What a protocol driver tells the shared transport about itself.
 pub(crate) trait PeerProtocol<S: StateMachine>: 'static {
     /// How log lines name this kind of peer ("peer", "BFT peer").
     const NAME: &'static str;
 
-    /// This replica's identity in the handshake.
-    fn identity(shard: &Shard<S>) -> &PeerIdentity;
-    /// The key both ends authenticate with.
-    fn cluster_key(shard: &Shard<S>) -> &ClusterKey;
-    /// The outbox of messages to `peer`.
-    fn outbox(shard: &Shard<S>, peer: u8) -> &Outbox;
-    /// Where shard `shard.index` of replica `peer` listens.
-    fn peer_address(shard: &Shard<S>, peer: u8) -> SocketAddr;
-    /// A connection's send buffer (bytes).
-    fn send_queue_bytes(shard: &Shard<S>) -> usize;
-    /// Largest frame body accepted from a peer (bytes).
-    fn frame_bytes_max(shard: &Shard<S>) -> usize;
+    /// The shard's side of the transport.
+    fn link(shard: &Shard<S>) -> PeerLink<'_>;
     /// One authenticated frame from `from`. Never awaits.
     fn received(shard: &Shard<S>, from: u8, header: &PeerHeader, body: &[u8]);
     /// The outbound connection to `peer` came up or went down (the outbox is already open
     /// or cleared).
     fn connection_changed(_shard: &Shard<S>, _peer: u8, _connected: bool) {}
+}
+
+/// The address shard `shard` of `replica` listens on for peers: `peers[replica]` with the
+/// port plus `shard`.
+pub fn peer_address(peers: &[SocketAddr], replica: u8, shard: usize) -> SocketAddr {
+    let mut address = peers[usize::from(replica)];
+    address.set_port(address.port() + shard as u16);
+    address
 }
 
 /// Encoded messages to one peer, written by its sender task.
@@ -224,13 +238,14 @@ where
         );
         return;
     };
+    let link = P::link(shard);
     let handshake = peer::accept_handshake(
         stream,
-        P::identity(shard),
-        P::cluster_key(shard),
+        link.identity,
+        link.key,
         nonce,
         Duration::from_micros(HANDSHAKE_TIMEOUT_US),
-        P::frame_bytes_max(shard),
+        link.frame_bytes_max,
     );
     let handshake = futures_lite::future::or(async { Some(handshake.await) }, async {
         until_finished(shard).await;
@@ -285,15 +300,16 @@ where
     S: StateMachine + 'static,
     P: PeerProtocol<S>,
 {
-    let address = P::peer_address(&shard, peer);
-    let outbox = P::outbox(&shard, peer);
-    let mut spare: Vec<u8> = Vec::with_capacity(P::send_queue_bytes(&shard));
+    let link = P::link(&shard);
+    let address = peer_address(link.peers, peer, shard.index);
+    let outbox = &link.outboxes[usize::from(peer)];
+    let mut spare: Vec<u8> = Vec::with_capacity(link.send_queue_bytes);
     let dial = PeerDial {
         address,
-        identity: P::identity(&shard),
+        identity: link.identity,
         peer,
-        key: P::cluster_key(&shard),
-        send_queue_bytes: P::send_queue_bytes(&shard),
+        key: link.key,
+        send_queue_bytes: link.send_queue_bytes,
     };
     while let Some(mut sender) = dial.until_connected(&shard).await {
         tracing::info!(

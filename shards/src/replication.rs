@@ -47,7 +47,7 @@ use percore_net::peer::{self, PeerIdentity};
 use crate::journal::Journal;
 use crate::mesh::MeshMessage;
 use crate::metrics::ShardMetrics;
-use crate::peer_link::{self, Outbox, PeerProtocol};
+use crate::peer_link::{self, Outbox, PeerLink, PeerProtocol};
 use crate::runtime::{STOP_POLL_MS, Shard};
 
 /// Default bytes queued per peer before messages to it are dropped (it repairs itself).
@@ -109,9 +109,7 @@ impl std::fmt::Debug for ReplicationSettings {
 impl ReplicationSettings {
     /// The address shard `shard` of `replica` listens on for peers.
     pub fn peer_address(&self, replica: u8, shard: usize) -> SocketAddr {
-        let mut address = self.peers[usize::from(replica)];
-        address.set_port(address.port() + shard as u16);
-        address
+        peer_link::peer_address(&self.peers, replica, shard)
     }
 
     /// Replicas in each group.
@@ -405,30 +403,16 @@ where
 {
     const NAME: &'static str = "peer";
 
-    fn identity(shard: &Shard<S>) -> &PeerIdentity {
-        &replication_of(shard).identity
-    }
-
-    fn cluster_key(shard: &Shard<S>) -> &ClusterKey {
-        &replication_of(shard).settings.cluster_key
-    }
-
-    fn outbox(shard: &Shard<S>, peer: u8) -> &Outbox {
-        &replication_of(shard).outboxes[usize::from(peer)]
-    }
-
-    fn peer_address(shard: &Shard<S>, peer: u8) -> SocketAddr {
-        replication_of(shard)
-            .settings
-            .peer_address(peer, shard.index)
-    }
-
-    fn send_queue_bytes(shard: &Shard<S>) -> usize {
-        replication_of(shard).settings.send_queue_bytes
-    }
-
-    fn frame_bytes_max(shard: &Shard<S>) -> usize {
-        ENTRY_HEADER_BYTES + shard.body_bytes_max()
+    fn link(shard: &Shard<S>) -> PeerLink<'_> {
+        let state = replication_of(shard);
+        PeerLink {
+            identity: &state.identity,
+            key: &state.settings.cluster_key,
+            peers: &state.settings.peers,
+            outboxes: &state.outboxes,
+            send_queue_bytes: state.settings.send_queue_bytes,
+            frame_bytes_max: ENTRY_HEADER_BYTES + shard.body_bytes_max(),
+        }
     }
 
     fn received(shard: &Shard<S>, from: u8, header: &PeerHeader, body: &[u8]) {
