@@ -1236,6 +1236,21 @@ where
             });
         core.set_clock_offset_ns(unix_ns);
     }
+    // The follower takes its memory on its own thread, meanwhile the shard got this far;
+    // the shard is not ready before the follower has, so no load meets its page faults.
+    if let Some(follower) = checkpoints.as_ref() {
+        // Bounded by the follower's start-up: it sets `started` or fails, or its thread ends.
+        loop {
+            match follower.started() {
+                Ok(true) => break,
+                Ok(false) => glommio::timer::sleep(Duration::from_millis(1)).await,
+                Err(message) => {
+                    let message = format!("checkpoint follower: {message}");
+                    return start_failed(&ready, shard, NodeError::Journal { shard, message });
+                }
+            }
+        }
+    }
     let shard_state = Rc::new(Shard {
         index: shard,
         shards,

@@ -587,6 +587,18 @@ fn follower_spawn(
     driven: bool,
     recycle_max: usize,
 ) -> CheckpointFollower {
+    follower_spawn_with(dir, journal, metrics, driven, recycle_max, ledger)
+}
+
+/// [`follower_spawn`] with the follower's state machine built by `make`.
+fn follower_spawn_with(
+    dir: &Path,
+    journal: &Journal,
+    metrics: &Arc<ShardMetrics>,
+    driven: bool,
+    recycle_max: usize,
+    make: impl FnOnce() -> Ledger + Send + 'static,
+) -> CheckpointFollower {
     let follower_config = FollowerConfig {
         shard: SHARD as usize,
         shard_count: 1,
@@ -606,9 +618,50 @@ fn follower_spawn(
         *journal.superblock(),
         0,
         metrics.clone(),
-        ledger,
+        make,
     )
     .expect("spawn")
+}
+
+/// `started` (what a shard waits for before it reports ready) turns true only once the
+/// follower has built its state machine, and says why when the follower never gets there.
+#[test]
+fn a_follower_has_started_once_its_state_machine_is_built() {
+    let temp = TempDir::new("journal-checkpoint", "started");
+    let dir = temp.0.clone();
+    run(move || async move {
+        let (journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
+        let metrics = Arc::new(ShardMetrics::new(SHARD));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let follower = follower_spawn_with(&dir, &journal, &metrics, false, 0, move || {
+            released.recv().expect("released");
+            ledger()
+        });
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        assert_eq!(follower.started(), Ok(false), "still building its ledger");
+        release.send(()).expect("follower waits");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while follower.started() != Ok(true) {
+            assert!(Instant::now() < deadline, "{:?}", follower.started());
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        drop(follower);
+        // A factory that panics ends the thread: `started` says so instead of waiting.
+        let follower = follower_spawn_with(&dir, &journal, &metrics, false, 0, || {
+            panic!("no ledger (this panic is the test's)")
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let error = loop {
+            match follower.started() {
+                Err(error) => break error,
+                Ok(started) => assert!(!started, "started without a ledger"),
+            }
+            assert!(Instant::now() < deadline, "never said it stopped");
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        };
+        assert!(error.contains("ended before it started"), "{error}");
+        journal.close().await.expect("close");
+    });
 }
 
 /// The checkpoint follower (a second ledger on its own thread, following the journal on
