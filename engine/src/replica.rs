@@ -519,6 +519,9 @@ pub struct ReplicaCounters {
     pub repairs_served: u64,
     /// Prepares dropped behind a gap.
     pub prepares_gap: u64,
+    /// Entries of an installed log that did not chain onto this replica's head, each
+    /// cutting one kept entry ([`Replica::on_chain_mismatch`]).
+    pub chain_mismatches: u64,
     /// Duplicate prepares.
     pub prepares_duplicate: u64,
     /// Acknowledgements ignored (another view, unknown checksum).
@@ -1194,7 +1197,7 @@ impl Replica {
         }
         peer.op_durable = peer.op_durable.max(op);
         if from == leader {
-            self.commit_max = self.commit_max.max(commit);
+            self.commit_learned(commit);
             if !repair {
                 self.leader_heard(now_us);
             }
@@ -1237,7 +1240,7 @@ impl Replica {
             return;
         }
         self.leader_heard(now_us);
-        self.commit_max = self.commit_max.max(commit);
+        self.commit_learned(commit);
         let peer = &mut self.peers[usize::from(from)];
         peer.log_view = view;
         peer.op_durable = peer.op_durable.max(op_head);
@@ -2201,37 +2204,90 @@ impl Replica {
             source_log_view,
         });
         let match_op = self.match_point(op_head);
-        assert!(
-            match_op >= self.commit_min,
-            "applied ops are committed and never truncated"
-        );
-        if match_op < self.op_head {
-            push(actions, Action::Truncate { op: match_op });
-            self.checksum_head = self.checksum_at(match_op).unwrap_or(0);
-            self.op_head = match_op;
-            if self.op_durable > match_op {
-                self.op_durable = match_op;
-                self.checksum_durable = self.checksum_head;
-            }
-        }
+        self.truncate_above(match_op, actions);
         self.op_known_max = op_head;
         self.repair = None;
         self.install_progress(now_us, actions);
     }
 
-    /// The highest op at which this replica's log agrees with the log being installed
-    /// (equal checksums at `m` mean equal logs up to `m`, through the hash chain); at least
-    /// `commit_min`, whose ops are committed and so in every later log.
+    /// Where this replica's log is cut when it installs a log ending at `op_head`: the
+    /// highest op at which the two agree (equal checksums at `m` mean equal logs up to `m`,
+    /// through the hash chain), at least `commit_min`, whose ops are committed and so in
+    /// every later log.
+    ///
+    /// The new log's checksums cover only its last ops (`expected`, at most
+    /// `view_change_headers_max`). Below them this replica's entries are kept for now, not
+    /// cut: they may be committed entries it acknowledged (a replica that learned of fewer
+    /// commits than were made, or is still applying a long repair), and cutting those
+    /// would leave a committed op on fewer replicas than the quorum that committed it. They
+    /// are checked as the install goes on: every entry it stages above them must chain
+    /// onto them, up to the first expected checksum; an entry that does not chain is
+    /// reported ([`Replica::on_chain_mismatch`]) and the head is cut one op at a time.
+    /// With no checksums at all there is nothing to check against, and the log is cut to
+    /// `commit_min`.
     fn match_point(&self, op_head: u64) -> u64 {
+        let Some(install) = self
+            .install
+            .filter(|install| install.expected_op_min <= op_head)
+        else {
+            return self.commit_min;
+        };
         let mut op = self.op_head.min(op_head);
         while op > self.commit_min {
+            if op < install.expected_op_min {
+                return op;
+            }
             match (self.checksum_at(op), self.expected_checksum(op)) {
                 (Some(mine), Some(theirs)) if mine == theirs => return op,
-                (_, None) => break,
                 _ => op -= 1,
             }
         }
         self.commit_min
+    }
+
+    /// The leader of this view says ops up to `commit` are committed. While a log is being
+    /// installed the news waits in the install and takes effect when it is done: until then
+    /// this replica's journal may hold entries kept below the new log's checksums and not
+    /// yet checked ([`Replica::match_point`]), and a commit number persisted meanwhile
+    /// would let a restart replay them as committed.
+    fn commit_learned(&mut self, commit: u64) {
+        match self.install.as_mut() {
+            Some(install) => install.commit_max = install.commit_max.max(commit),
+            None => self.commit_max = self.commit_max.max(commit),
+        }
+    }
+
+    /// Cuts the log above `op` (never below `commit_min`: applied ops are committed).
+    fn truncate_above(&mut self, op: u64, actions: &mut Vec<Action>) {
+        assert!(
+            op >= self.commit_min,
+            "applied ops are committed and never truncated"
+        );
+        if op < self.op_head {
+            push(actions, Action::Truncate { op });
+            self.checksum_head = self.checksum_at(op).unwrap_or(0);
+            self.op_head = op;
+            if self.op_durable > op {
+                self.op_durable = op;
+                self.checksum_durable = self.checksum_head;
+            }
+        }
+    }
+
+    /// While a log is installed: the journal refused `op`, the entry after this replica's
+    /// head, because it does not chain onto the head. The entry comes from the log being
+    /// installed (only its holders' entries get this far, and those in its checksum range
+    /// matched it), so the head is not that log's: it is an entry kept below the new log's
+    /// checksums ([`Replica::match_point`]) that turned out to belong to an abandoned view,
+    /// and never committed. It is cut, and the op before it checked the same way.
+    pub fn on_chain_mismatch(&mut self, now_us: u64, op: u64, actions: &mut Vec<Action>) {
+        self.now_us = now_us;
+        if self.install.is_none() || op != self.op_head + 1 || self.op_head <= self.commit_min {
+            return;
+        }
+        self.counters.chain_mismatches += 1;
+        self.truncate_above(self.op_head - 1, actions);
+        self.repair_schedule(now_us, actions);
     }
 
     /// Install: once the log is durable up to its head, persist `log_view = view` (D3);
@@ -2330,7 +2386,7 @@ impl Replica {
             && (self.log_view == view || self.install.is_some());
         self.leader_heard(now_us);
         if installed {
-            self.commit_max = self.commit_max.max(commit_max);
+            self.commit_learned(commit_max);
             return;
         }
         self.view = view;
@@ -3922,6 +3978,77 @@ mod restart_tests {
             "{actions:?}"
         );
         assert_eq!(replica.op_head(), 60);
+    }
+
+    /// Entries below the checksums a StartView carries are kept, not cut: they may be
+    /// committed entries this replica acknowledged. What it stages above them must chain
+    /// onto them; an entry that does not (`on_chain_mismatch`) cuts the head one op at a
+    /// time, never below `commit_min`. Commit numbers heard meanwhile wait for the install.
+    #[test]
+    fn entries_below_the_start_views_checksums_are_kept_until_the_chain_says_otherwise() {
+        let mut config = ReplicaConfig::new(0, 0, 3, 5).unwrap();
+        config.view_change = true;
+        config.pipeline_prepares_max = 4;
+        let checksum =
+            |op: u64, fork: u64| u128::from(op) * 1_000 + u128::from(fork * u64::from(op > 60));
+        let recent: Vec<(u64, u128)> = (56..=63).map(|op| (op, checksum(op, 1))).collect();
+        let mut replica = Replica::restart(
+            config,
+            Persisted::default(),
+            63,
+            checksum(63, 1),
+            58,
+            &recent,
+            0,
+        )
+        .unwrap();
+        let commit_before = replica.commit_max();
+        let mut actions = Vec::with_capacity(ACTIONS_MAX);
+        // The new log's last five checksums: ops 86..=90, all above this replica's head.
+        let headers: Vec<u128> = (86..=90).map(|op| checksum(op, 2)).collect();
+        replica.on_start_view(1_000, 1, 1, 90, 80, 86, &headers, &mut actions);
+        assert!(
+            !actions
+                .iter()
+                .any(|action| matches!(action, Action::Truncate { .. })),
+            "{actions:?}"
+        );
+        assert_eq!(replica.op_head(), 63);
+        // The leader's commit number waits until the log is installed.
+        actions.clear();
+        replica.on_commit(2_000, 1, 1, 85, 90, &mut actions);
+        assert_eq!(replica.commit_max(), commit_before);
+        // The new log's op 64 does not chain onto this replica's 63, nor its 62 onto 62...
+        for head in (60..=63).rev() {
+            actions.clear();
+            replica.on_chain_mismatch(3_000, head + 1, &mut actions);
+            assert!(
+                actions.contains(&Action::Truncate { op: head - 1 }),
+                "{actions:?}"
+            );
+            assert_eq!(replica.op_head(), head - 1);
+            replica.on_truncated(head - 1, checksum(head - 1, 1));
+        }
+        // ...a report about any other op changes nothing...
+        actions.clear();
+        replica.on_chain_mismatch(3_000, 70, &mut actions);
+        assert!(actions.is_empty(), "{actions:?}");
+        // ...and applied ops are never cut.
+        assert_eq!(replica.op_head(), 59);
+        replica.on_chain_mismatch(3_000, 60, &mut actions);
+        replica.on_truncated(58, checksum(58, 1));
+        actions.clear();
+        replica.on_chain_mismatch(3_000, 59, &mut actions);
+        assert!(actions.is_empty(), "{actions:?}");
+        assert_eq!(replica.op_head(), 58);
+        // The new log, staged and durable: installed, and the commit number heard arrives.
+        for op in 59..=90 {
+            replica.on_staged(4_000, op, checksum(op, 2));
+        }
+        actions.clear();
+        replica.on_durable(5_000, 90, &mut actions);
+        assert_eq!(replica.log_view(), 1);
+        assert_eq!(replica.commit_max(), 85);
     }
 
     /// With view change a restarted leader never leads its old view again (section 8): it

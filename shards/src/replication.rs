@@ -44,7 +44,7 @@ use percore_engine::replica::{ACTIONS_MAX, Action, PrepareDisposition, Replica, 
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
 
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalError};
 use crate::mesh::MeshMessage;
 use crate::metrics::ShardMetrics;
 use crate::peer_link::{self, Outbox, PeerLink, PeerProtocol};
@@ -1071,6 +1071,10 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
         counters.repairs_timed_out,
     );
     ShardMetrics::set(&metrics.replication_stalls_total, counters.stalls);
+    ShardMetrics::set(
+        &metrics.replication_chain_mismatches_total,
+        counters.chain_mismatches,
+    );
     for peer in replica.others() {
         let state = replica.peer(peer);
         let gauges = &metrics.peers[usize::from(peer)];
@@ -1404,6 +1408,14 @@ where
             }
             Err(error) => {
                 ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
+                if matches!(error, JournalError::ChainMismatch { .. }) {
+                    // While a log is installed: the head is an entry of an abandoned view.
+                    replication.replica.borrow_mut().on_chain_mismatch(
+                        now_us,
+                        entry_header.op,
+                        &mut actions,
+                    );
+                }
                 tracing::warn!(shard = shard.index, %error, "prepare refused by the journal");
             }
         }

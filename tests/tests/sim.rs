@@ -87,6 +87,19 @@ fn view_change_one_group() {
     assert_batch_passes(2_100..2_140, options);
 }
 
+/// Pipelines far below the ops a run produces: a StartView's checksums then cover only the
+/// last few ops, and lagging replicas keep entries below them (`docs/simulator.md`, issue 8).
+#[test]
+fn view_change_small_pipelines() {
+    for (pipeline, seeds) in [(1, 4_000..4_040), (2, 4_100..4_140), (4, 4_200..4_240)] {
+        let options = Options {
+            pipeline_prepares_max: pipeline,
+            ..Options::view_change()
+        };
+        assert_batch_passes(seeds, options);
+    }
+}
+
 #[test]
 fn view_change_no_faults_converges() {
     let options = Options {

@@ -49,6 +49,7 @@ fn main() -> ExitCode {
                 }
                 total.views_led += summary.views_led;
                 total.truncations += summary.truncations;
+                total.chain_mismatches += summary.chain_mismatches;
                 total.leader_resumed_view += summary.leader_resumed_view;
                 total.leader_sent_crashes += summary.leader_sent_crashes;
                 total.leader_sent_ops_lost += summary.leader_sent_ops_lost;
@@ -97,14 +98,15 @@ fn main() -> ExitCode {
 /// The failover-time distribution over the passing seeds (simulated time).
 fn print_failovers(total: &sim::Summary) {
     println!(
-        "periods without a ready leader: {} (longest {} ms); views led {}, truncations {}, \
-         leader crashes that lost sent entries {} ({} entries), leaders that resumed their \
+        "periods without a ready leader: {} (longest {} ms); views led {}, truncations {} \
+         ({} after an entry did not chain), leader crashes that lost sent entries {} ({} entries), leaders that resumed their \
          view after a restart {}; workarounds: on_durable above a truncation {}, appends past \
          an install {}, superblock commit numbers kept {}",
         total.failovers,
         total.failover_us_max / 1_000,
         total.views_led,
         total.truncations,
+        total.chain_mismatches,
         total.leader_sent_crashes,
         total.leader_sent_ops_lost,
         total.leader_resumed_view,

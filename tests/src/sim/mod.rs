@@ -242,6 +242,9 @@ pub struct Summary {
     pub views_led: u64,
     /// Journal truncations executed (divergent suffixes of abandoned views).
     pub truncations: u64,
+    /// Entries of an installed log that did not chain onto a replica's head, so that the
+    /// head (an entry kept below the new log's checksums) was cut.
+    pub chain_mismatches: u64,
     /// Superblock writes (`Persist` and the periodic commit record).
     pub superblock_writes: u64,
     /// Client requests refused by a replica that is not the ready leader.

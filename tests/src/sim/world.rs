@@ -1901,6 +1901,7 @@ impl World {
                 continue;
             }
             let padded = journal::entry_bytes_padded(entry.len() - ENTRY_HEADER_BYTES);
+            let chains = decoded.checksum_previous == self.nodes[node].disk.checksum_head();
             let checksum = match self.nodes[node].disk.stage(&entry, padded) {
                 Ok(checksum) => checksum,
                 Err(error) => {
@@ -1909,6 +1910,22 @@ impl World {
                         "node r{}g{group} refused op {op}: {error}",
                         self.nodes[node].replica
                     ));
+                    // As the runtime: an installed log's entry that does not chain onto
+                    // the head tells the core its head belongs to an abandoned view.
+                    let next = op == self.nodes[node].disk.op_head() + 1;
+                    if next
+                        && !chains
+                        && let Some(live) = self.nodes[node].live.as_mut()
+                    {
+                        let before = live.replica.counters().chain_mismatches;
+                        live.replica.on_chain_mismatch(now_us, op, &mut actions);
+                        self.summary.chain_mismatches +=
+                            live.replica.counters().chain_mismatches - before;
+                        if self.options.view_change {
+                            self.submit_actions(node, &actions);
+                            actions.clear();
+                        }
+                    }
                     continue;
                 }
             };
