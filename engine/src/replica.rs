@@ -2278,7 +2278,7 @@ impl Replica {
     /// head, because it does not chain onto the head. The entry comes from the log being
     /// installed (only its holders' entries get this far, and those in its checksum range
     /// matched it), so the head is not that log's: it is an entry kept below the new log's
-    /// checksums ([`Replica::match_point`]) that turned out to belong to an abandoned view,
+    /// checksums (when the install began) that turned out to belong to an abandoned view,
     /// and never committed. It is cut, and the op before it checked the same way.
     pub fn on_chain_mismatch(&mut self, now_us: u64, op: u64, actions: &mut Vec<Action>) {
         self.now_us = now_us;

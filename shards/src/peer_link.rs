@@ -4,7 +4,7 @@
 //! A connection carries one direction: the dialer sends, the listener receives, both ends
 //! authenticated with the cluster key (`percore_net::peer`). What differs between the
 //! crash-fault driver (`crate::replication`) and the BFT one (`crate::bft`) is behind
-//! [`PeerProtocol`]: where a shard keeps its identity, key and outboxes, how large a frame
+//! `PeerProtocol`: where a shard keeps its identity, key and outboxes, how large a frame
 //! may be, what a received frame does, and what a connection coming up or going down tells
 //! the protocol core. Nothing here allocates per message: each outbox and each sender's
 //! spare buffer is sized at start-up.
