@@ -1588,25 +1588,13 @@ impl BftReplica {
             return Err(BftError::Stale);
         }
         let commit_op_before = self.commit_op;
-        let mut result = Ok(());
-        for (cert, batch) in ops {
-            let Some((view, op, digest)) = cert.statement() else {
-                result = Err(BftError::InvalidCertificate("empty commit certificate"));
-                break;
-            };
-            if op <= self.commit_op {
-                continue;
+        let next = |replica: &Self, op: u64| {
+            if op != replica.commit_op + 1 || op > target {
+                return Err(BftError::InvalidCertificate("state ops out of order"));
             }
-            if op != self.commit_op + 1 || op > target {
-                result = Err(BftError::InvalidCertificate("state ops out of order"));
-                break;
-            }
-            if let Err(error) = self.check_relayed_op(op, &batch, digest, &cert) {
-                result = Err(error);
-                break;
-            }
-            self.execute_transferred(now_us, (op, view, digest), batch, cert, actions);
-        }
+            Ok(())
+        };
+        let mut result = self.execute_relayed(now_us, ops, next, actions);
         if self.commit_op == target {
             self.finish_state_transfer(now_us, actions);
         } else if self.commit_op > commit_op_before {
@@ -1617,6 +1605,30 @@ impl BftReplica {
             result = Err(BftError::Stale);
         }
         result
+    }
+
+    /// Executes relayed committed ops (state transfer or catch-up) in order, skipping those
+    /// already executed; stops at the first that `next` refuses (it must be `commit_op + 1`,
+    /// and whatever else the caller requires) or whose certificate or batch does not check.
+    fn execute_relayed(
+        &mut self,
+        now_us: u64,
+        ops: Vec<(CommitCert, Vec<u8>)>,
+        next: impl Fn(&Self, u64) -> Result<(), BftError>,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), BftError> {
+        for (cert, batch) in ops {
+            let Some((view, op, digest)) = cert.statement() else {
+                return Err(BftError::InvalidCertificate("empty commit certificate"));
+            };
+            if op <= self.commit_op {
+                continue;
+            }
+            next(self, op)?;
+            self.check_relayed_op(op, &batch, digest, &cert)?;
+            self.execute_transferred(now_us, (op, view, digest), batch, cert, actions);
+        }
+        Ok(())
     }
 
     /// A committed op relayed by a peer (state transfer or catch-up): its batch hashes to
@@ -1647,30 +1659,14 @@ impl BftReplica {
         actions: &mut Vec<Action>,
     ) -> Result<(), BftError> {
         let commit_op_before = self.commit_op;
-        let mut result = Ok(());
-        for (cert, batch) in ops {
-            let Some((view, op, digest)) = cert.statement() else {
-                result = Err(BftError::InvalidCertificate("empty commit certificate"));
-                break;
-            };
-            if op <= self.commit_op {
-                continue;
+        let next = |replica: &Self, op: u64| {
+            if op != replica.commit_op + 1 {
+                return Err(BftError::InvalidCertificate("catch-up ops out of order"));
             }
-            if op != self.commit_op + 1 {
-                result = Err(BftError::InvalidCertificate("catch-up ops out of order"));
-                break;
-            }
-            if let Err(error) = self.check_window(op) {
-                result = Err(error);
-                break;
-            }
-            if let Err(error) = self.check_relayed_op(op, &batch, digest, &cert) {
-                result = Err(error);
-                break;
-            }
-            self.execute_transferred(now_us, (op, view, digest), batch, cert, actions);
-            self.metrics.catchup_ops_applied += 1;
-        }
+            replica.check_window(op)
+        };
+        let result = self.execute_relayed(now_us, ops, next, actions);
+        self.metrics.catchup_ops_applied += self.commit_op - commit_op_before;
         if self.commit_op == commit_op_before {
             return result.and(Err(BftError::Stale));
         }
