@@ -121,12 +121,36 @@ impl Harness {
         }
         let cluster =
             LocalCluster::start_with_replica_args(config, replica_args).expect("cluster starts");
-        Self {
+        let harness = Self {
             cluster,
             root,
             byzantine: behaviour.map(|_| BYZANTINE),
             _serial: serial,
-        }
+        };
+        harness.wait_mesh_connected(shards);
+        harness
+    }
+
+    /// Waits until every shard of every replica has its connection to each peer up. A
+    /// node serves clients as soon as it is ready, and a leader's messages to a peer it has
+    /// not reached yet are dropped: a Byzantine leader's one proposal of a view could then
+    /// reach no one, and a test of its refusal would see nothing to refuse.
+    fn wait_mesh_connected(&self, shards: usize) {
+        wait_until("every replica connected to every peer", || {
+            (0..REPLICAS)
+                .all(|replica| {
+                    let Ok(text) = self.cluster.scrape(replica) else {
+                        return false;
+                    };
+                    (0..shards).all(|shard| {
+                        (0..REPLICAS).filter(|peer| *peer != replica).all(|peer| {
+                            let labels = format!("shard=\"{shard}\",peer=\"{peer}\"");
+                            cluster::metric(&text, "percore_peer_connected", &labels) == Some(1.0)
+                        })
+                    })
+                })
+                .then_some(())
+        });
     }
 
     /// Client `client_id`, signing with its own key.
