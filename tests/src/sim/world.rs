@@ -1901,7 +1901,6 @@ impl World {
                 continue;
             }
             let padded = journal::entry_bytes_padded(entry.len() - ENTRY_HEADER_BYTES);
-            let chains = decoded.checksum_previous == self.nodes[node].disk.checksum_head();
             let checksum = match self.nodes[node].disk.stage(&entry, padded) {
                 Ok(checksum) => checksum,
                 Err(error) => {
@@ -1912,7 +1911,10 @@ impl World {
                     ));
                     // As the runtime: an installed log's entry that does not chain onto
                     // the head tells the core its head belongs to an abandoned view.
-                    let next = op == self.nodes[node].disk.op_head() + 1;
+                    // A refused entry leaves the disk as it was.
+                    let disk = &self.nodes[node].disk;
+                    let next = op == disk.op_head() + 1;
+                    let chains = decoded.checksum_previous == disk.checksum_head();
                     if next
                         && !chains
                         && let Some(live) = self.nodes[node].live.as_mut()
