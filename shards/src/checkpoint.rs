@@ -721,19 +721,15 @@ impl CheckpointFollower {
         if self.shared.started.load(Ordering::Acquire) {
             return Ok(true);
         }
-        if let Some(failure) = self.shared.failure.get() {
-            return Err(failure.clone());
-        }
+        // A follower that fails sets `failure` and then ends its thread.
         if self
             .thread
             .as_ref()
             .is_none_or(|thread| thread.is_finished())
         {
-            // Loaded again: it may have set `failure` between the two loads above.
-            return match self.shared.failure.get() {
-                Some(failure) => Err(failure.clone()),
-                None => Err("the checkpoint follower thread ended before it started".into()),
-            };
+            return Err(self.shared.failure.get().cloned().unwrap_or_else(|| {
+                "the checkpoint follower thread ended before it started".into()
+            }));
         }
         Ok(false)
     }
