@@ -16,6 +16,7 @@ pub mod journal;
 pub mod ledger;
 pub mod limits;
 pub mod message;
+pub mod placement;
 pub mod pool;
 pub mod record;
 pub mod replica;

@@ -235,9 +235,9 @@ impl ReplicaConfig {
         usize::from(self.replica_count) / 2 + 1
     }
 
-    /// The leader of `view`: `(group + view) mod N`.
+    /// The leader of `view` ([`crate::placement::leader_of`]).
     pub fn leader_of(&self, view: u64) -> u8 {
-        ((u64::from(self.group) + view) % u64::from(self.replica_count)) as u8
+        crate::placement::leader_of(self.group, view, self.replica_count)
     }
 }
 

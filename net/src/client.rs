@@ -9,7 +9,9 @@
 //! Group `k` is served by shard `k` of every replica; a single node is a group of one. The
 //! client keeps, per shard, a leader hint: a replica index, first the view-0 leader `k mod N`.
 //! An error reply `NotLeader` or `Busy`, a failed connection or a timeout moves the hint to
-//! the next replica and resends at once with the **same client id and request number**, so
+//! the replica that leads the group's next view after the hinted one
+//! ([`percore_engine::placement::leader_next`]: after a failover that is the new leader) and
+//! resends at once with the **same client id and request number**, so
 //! the server (and the ledger's transfer-id idempotency: a transfer applied by an earlier
 //! try answers `Exists`) can recognise the retry. After each full round of the N replicas
 //! without an answer the client pauses, from `client_retry_backoff_us_min` doubling up to
@@ -34,6 +36,7 @@ use percore_engine::bft::{RequestStatement, SigningKey};
 use percore_engine::frame::{
     self, DecodedHeader, Envelope, FRAME_HEADER_BYTES, FrameError, Kind, ReplySchema,
 };
+use percore_engine::placement;
 
 /// Default rounds for one request, the first included (a round asks each replica once).
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 5;
@@ -57,7 +60,7 @@ pub const PROBE_REQUEST_NUMBER: u64 = 0;
 /// `percore_shards::runtime::ERROR_*` (this crate cannot depend on `shards`, which depends
 /// on it): busy, e.g. a view change in progress or no free connection slot. Retried.
 pub const ERROR_SERVER_BUSY: u32 = 1000;
-/// This replica does not lead the shard's group. Retried at the next replica.
+/// This replica does not lead the shard's group. Retried at the next view's leader.
 pub const ERROR_NOT_LEADER: u32 = 1010;
 /// The request holds records of another shard: the caller's routing bug. Never retried.
 pub const ERROR_WRONG_SHARD: u32 = 1012;
@@ -453,8 +456,11 @@ impl Pipeline {
         timeout: Duration,
         probe: LeaderProbe,
     ) -> Result<(Self, usize), ClientError> {
-        assert!(!replicas_of_shard.is_empty(), "a group has a replica");
         let replicas = replicas_of_shard.len();
+        assert!(
+            (1..=usize::from(u8::MAX)).contains(&replicas),
+            "a group has 1 to 255 replicas"
+        );
         let budget = probe.deadline.saturating_duration_since(Instant::now());
         let mut hint = start_hint % replicas;
         let mut jitter = Jitter::new(client_id);
@@ -491,7 +497,11 @@ impl Pipeline {
                     last: Box::new(error),
                 });
             }
-            hint = (hint + 1) % replicas;
+            hint = usize::from(placement::leader_next(
+                shard as u32,
+                hint as u8,
+                replicas as u8,
+            ));
             failures += 1;
             if failures.is_multiple_of(replicas) {
                 backoff.pause(&mut jitter, Some(probe.deadline));
@@ -827,7 +837,10 @@ impl Client {
     /// different shards, no attempt allowed, unbounded retries, or bad backoff bounds.
     pub fn new(config: ClientConfig) -> Self {
         let replicas = config.replicas.len();
-        assert!(replicas > 0, "a client needs at least one replica");
+        assert!(
+            (1..=usize::from(u8::MAX)).contains(&replicas),
+            "a client needs 1 to 255 replicas"
+        );
         let shards = config.replicas[0].len();
         assert!(shards > 0, "a client needs at least one shard");
         assert!(
@@ -906,12 +919,17 @@ impl Client {
         Ok(connection)
     }
 
-    /// Moves `shard` on to the next replica; with one replica there is nowhere else to go.
+    /// Moves `shard` on to the replica that leads the view after the hinted one's
+    /// ([`placement::leader_next`]); with one replica there is nowhere else to go.
     fn redirect(&mut self, shard: usize) {
         self.connections[shard] = None;
         let replicas = self.replica_count();
         if replicas > 1 {
-            self.leader_hints[shard] = (self.leader_hints[shard] + 1) % replicas;
+            self.leader_hints[shard] = usize::from(placement::leader_next(
+                shard as u32,
+                self.leader_hints[shard] as u8,
+                replicas as u8,
+            ));
             self.redirects += 1;
         }
     }
@@ -928,7 +946,7 @@ impl Client {
     /// Submits `records` of `operation`, each to shard `route(record)`, and returns one
     /// result per record in the given order. Shards are asked in parallel, each at its
     /// hinted leader; a shard whose replica refuses as a follower or busy, or cannot be
-    /// reached, is asked again at the next replica with the same request number (see the
+    /// reached, is asked again at the next view's leader with the same request number (see the
     /// module docs for pauses and bounds). A record applied by an earlier try answers as the
     /// state machine answers a duplicate (the ledger: `Exists`).
     pub fn submit<R: Pod, Res: Pod>(
@@ -1054,7 +1072,7 @@ impl Client {
         Ok(())
     }
 
-    /// Moves each failed shard on to its next replica; pauses when one of them has been
+    /// Moves each failed shard on to its next view's leader; pauses when one of them has been
     /// refused by a whole round. Returns the shards to send again, or the error that ends
     /// the request: the last failure once a shard has used `attempts_max` rounds, or
     /// [`ClientError::Timeout`] at the deadline.

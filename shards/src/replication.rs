@@ -90,7 +90,7 @@ pub struct ReplicationSettings {
     /// Bytes queued per peer.
     pub send_queue_bytes: usize,
     /// Leader failover: view changes when a leader is silent (pre-vote, then a new view
-    /// led by the next replica). Off, every group keeps its first leader.
+    /// led by the view's leader, `percore_engine::placement`). Off, every group keeps its first leader.
     pub view_change: bool,
     /// Ops below the previous checkpoint kept for a lagging peer (`--retain-ops`); a peer
     /// further behind catches up by state sync instead.

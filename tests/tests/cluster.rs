@@ -8,6 +8,7 @@
 //! time (nine node processes on a small CI box are plenty); every process is killed when its
 //! test ends, pass or fail, and a failing test prints the nodes' log tails.
 
+use percore_engine::placement;
 use percore_tests::node::{self, Inspected, SMALL_NODE_ARGS, random_transfers};
 use percore_tests::support::{self, Rng};
 use std::collections::HashMap;
@@ -984,8 +985,9 @@ fn assert_failover_outcome(
 }
 
 /// Freezes the leader of group 1 (replica 1) with SIGSTOP under load: its connections stay
-/// open but it answers nothing. Replicas 0 and 2 change group 1's view and replica 2 leads
-/// view 1; group 0 (led by replica 0) goes on. After SIGCONT replica 1 still believes it
+/// open but it answers nothing. Replicas 0 and 2 change group 1's view and replica 0 leads
+/// view 1 (group 1's stride is 2, `percore_engine::placement`), so it then leads both
+/// groups; group 0 (led by replica 0) goes on. After SIGCONT replica 1 still believes it
 /// leads view 0: it must learn view 1, stop leading, drop whatever it prepared alone and
 /// catch up. Every acknowledged transfer is applied once, journals agree, money is
 /// conserved, and group 0 never changed views (pre-vote kept the thawed replica from
@@ -1013,14 +1015,18 @@ fn leader_paused_fails_over_and_rejoins() {
         (harness.commit_seen(leader, 1) > at_pause).then_some(leader)
     });
     let failover = paused.elapsed();
-    assert_eq!(new_leader, 2, "view 1 of group 1 is led by replica 2");
-    let view = harness.metric(2, "percore_replication_view", 1);
+    assert_eq!(
+        new_leader,
+        usize::from(placement::leader_of(1, 1, REPLICAS as u8)),
+        "view 1 of group 1 is led by replica 0"
+    );
+    let view = harness.metric(new_leader, "percore_replication_view", 1);
     assert_eq!(view, 1, "group 1 failed over in one view change");
-    let at_failover = harness.commit_seen(2, 1);
+    let at_failover = harness.commit_seen(new_leader, 1);
     wait_until("both groups commit while replica 1 is paused", || {
         load.assert_running();
         (paused.elapsed() >= LEADER_PAUSE
-            && harness.commit_seen(2, 1) >= at_failover + COMMITS_AFTER_FAILOVER
+            && harness.commit_seen(new_leader, 1) >= at_failover + COMMITS_AFTER_FAILOVER
             && harness.commit_seen(0, 0) >= group0_at_pause + COMMITS_AFTER_FAILOVER)
             .then_some(())
     });
@@ -1028,15 +1034,18 @@ fn leader_paused_fails_over_and_rejoins() {
     harness.cluster.resume(1).expect("replica 1 resumed");
     let paused_for = paused.elapsed();
     let resumed = Instant::now();
-    let at_resume = [harness.commit_seen(0, 0), harness.commit_seen(2, 1)];
+    let at_resume = [
+        harness.commit_seen(0, 0),
+        harness.commit_seen(new_leader, 1),
+    ];
     wait_until("replica 1 learns view 1, follows and catches up", || {
         harness.rejoined(1, &[0, view], &at_resume)?.then_some(())
     });
     let rejoin = resumed.elapsed();
-    let at_rejoin = harness.commit_seen(2, 1);
+    let at_rejoin = harness.commit_seen(new_leader, 1);
     wait_until("group 1 commits with replica 1 back", || {
         load.assert_running();
-        (harness.commit_seen(2, 1) >= at_rejoin + COMMITS_AFTER_FAILOVER).then_some(())
+        (harness.commit_seen(new_leader, 1) >= at_rejoin + COMMITS_AFTER_FAILOVER).then_some(())
     });
     let outcome = load.finish();
     assert!(outcome.redirects > 0, "the client followed the leader");
@@ -1064,12 +1073,12 @@ fn leader_paused_fails_over_and_rejoins() {
     );
 }
 
-/// Waits until every group's leader among `up` is `leader` and has committed past
+/// Waits until each group `k`'s leader among `up` is `leaders[k]` and has committed past
 /// `from[k]`; returns, per group, the time from `since` when that was first seen.
 fn wait_groups_led_by(
     harness: &Harness,
     up: &[usize],
-    leader: usize,
+    leaders: &[usize],
     from: &[u64],
     since: Instant,
 ) -> Vec<Duration> {
@@ -1077,8 +1086,8 @@ fn wait_groups_led_by(
     wait_until("every group's new leader commits", || {
         for shard in 0..SHARDS {
             if seen[shard].is_none()
-                && harness.current_leader(shard, up) == Some(leader)
-                && harness.commit_seen(leader, shard) > from[shard]
+                && harness.current_leader(shard, up) == Some(leaders[shard])
+                && harness.commit_seen(leaders[shard], shard) > from[shard]
             {
                 seen[shard] = Some(since.elapsed());
             }
@@ -1089,8 +1098,10 @@ fn wait_groups_led_by(
 
 /// Two failovers in a row under load: the leader of group 0 (replica 0) is killed and
 /// replica 1 leads view 1; replica 0 restarts and rejoins as a follower; then replica 1,
-/// leading both groups, is killed: group 0 moves to view 2 and group 1 to view 1, both led
-/// by replica 2; replica 1 restarts and rejoins. Every acknowledged transfer is applied
+/// leading both groups, is killed: group 0 moves to view 2, led by replica 2, and group 1
+/// to view 1, led by replica 0 (the groups' strides differ, `percore_engine::placement`, so
+/// the two groups of the failed node go to different survivors); replica 1 restarts and
+/// rejoins. Every acknowledged transfer is applied
 /// once, journals agree, money is conserved.
 #[test]
 fn leader_killed_twice() {
@@ -1111,7 +1122,7 @@ fn leader_killed_twice() {
         harness.commit_seen(1, 1),
     ];
     harness.cluster.kill(0);
-    let first = wait_groups_led_by(&harness, &[1, 2], 1, &at_kill, Instant::now())[0];
+    let first = wait_groups_led_by(&harness, &[1, 2], &[1, 1], &at_kill, Instant::now())[0];
     assert_eq!(
         harness.views(1),
         [1, 0],
@@ -1128,32 +1139,37 @@ fn leader_killed_twice() {
         harness.rejoined(0, &[1, 0], &at_restart)?.then_some(())
     });
 
-    // Second failover: replica 1 leads both groups; both move to replica 2.
+    // Second failover: replica 1 leads both groups; group 0 moves to replica 2 (view 2),
+    // group 1 to replica 0 (view 1).
     assert_eq!(harness.current_leader(0, &[0, 1, 2]), Some(1));
     assert_eq!(harness.current_leader(1, &[0, 1, 2]), Some(1));
+    let successors = [(0, 2), (1, 1)]
+        .map(|(group, view)| usize::from(placement::leader_of(group, view, REPLICAS as u8)));
+    assert_eq!(successors, [2, 0], "the placement this test is written for");
     let at_kill = [0, 1].map(|shard| {
         harness
             .commit_seen(0, shard)
             .max(harness.commit_seen(2, shard))
     });
     harness.cluster.kill(1);
-    let second = wait_groups_led_by(&harness, &[0, 2], 2, &at_kill, Instant::now());
+    let second = wait_groups_led_by(&harness, &[0, 2], &successors, &at_kill, Instant::now());
     assert_eq!(
         harness.views(2),
         [2, 1],
         "replica 2: views after the second kill"
     );
-    let at_failover = [harness.commit_seen(2, 0), harness.commit_seen(2, 1)];
+    let at_failover = [0, 1].map(|shard| harness.commit_seen(successors[shard], shard));
     wait_until("both groups commit without replica 1", || {
         load.assert_running();
         (0..SHARDS)
             .all(|shard| {
-                harness.commit_seen(2, shard) >= at_failover[shard] + COMMITS_AFTER_FAILOVER
+                harness.commit_seen(successors[shard], shard)
+                    >= at_failover[shard] + COMMITS_AFTER_FAILOVER
             })
             .then_some(())
     });
     harness.cluster.restart(1).expect("replica 1 restarts");
-    let at_restart = [harness.commit_seen(2, 0), harness.commit_seen(2, 1)];
+    let at_restart = [0, 1].map(|shard| harness.commit_seen(successors[shard], shard));
     wait_until("replica 1 rejoins views 2 and 1 and catches up", || {
         harness.rejoined(1, &[2, 1], &at_restart)?.then_some(())
     });
@@ -1171,7 +1187,8 @@ fn leader_killed_twice() {
     let committed = assert_failover_outcome(&mut harness, expected, &outcome.applied);
     eprintln!(
         "failover of group 0 to replica 1 (view 1) in {first:?}; after replica 1 was killed, \
-         groups 0 and 1 to replica 2 (views 2 and 1) in {:?} and {:?}; committed \
+         group 0 to replica 2 (view 2) in {:?}, group 1 to replica 0 (view 1) in {:?}; \
+         committed \
          {committed:?}; {} transfers acknowledged, {} client redirects",
         second[0],
         second[1],

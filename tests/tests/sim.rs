@@ -270,12 +270,12 @@ fn forget_recovering_is_caught() {
             bug: Some(Bug::ForgetRecovering),
             ..options
         };
-        let failures = run_batch(0..40, &options);
+        let failures = run_batch(0..60, &options);
         assert!(
             failures
                 .iter()
                 .any(|failure| failure.checker == "recovering"),
-            "no recovering violation in 40 seeds ({options:?}): {:?}",
+            "no recovering violation in 60 seeds ({options:?}): {:?}",
             failures
                 .iter()
                 .map(|failure| (failure.seed, failure.checker))

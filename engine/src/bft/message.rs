@@ -210,9 +210,9 @@ impl Committee {
         usize::from(self.faults_max) + 1
     }
 
-    /// The leader of `view`: `(group + view) mod n`.
+    /// The leader of `view` ([`crate::placement::leader_of`]).
     pub fn leader_of(&self, view: u64) -> u8 {
-        ((u64::from(self.group) + view) % self.keys.len() as u64) as u8
+        crate::placement::leader_of(self.group, view, self.replica_count())
     }
 
     /// The public key of `replica`.

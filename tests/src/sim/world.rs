@@ -2329,14 +2329,16 @@ impl World {
         );
     }
 
-    /// No answer in time (or refused): send again, with view change to the next replica.
+    /// No answer in time (or refused): send again, with view change to the next view's leader.
     fn client_timeout(&mut self, request: usize, attempt: u32) {
         let replicas = self.options.replicas;
         let view_change = self.options.view_change;
         let state = &mut self.history[request];
         if state.ack_us.is_none() && state.attempts == attempt {
             if view_change {
-                state.target = (state.target + 1) % replicas;
+                // As the real client: the leader of the view after the one the target leads.
+                state.target =
+                    percore_engine::placement::leader_next(state.group, state.target, replicas);
             }
             self.client_send(request);
         }
