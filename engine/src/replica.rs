@@ -68,6 +68,10 @@ pub const STALL_GRACE_HEARTBEATS: u64 = 3;
 pub const STALL_DEFER_US_MAX: u64 = 2_000_000;
 /// Default interval at which view-change messages are sent again (µs).
 pub const VIEW_CHANGE_RESEND_INTERVAL_US_DEFAULT: u64 = 30_000;
+/// Default time a group's preferred leader (its view-0 leader) must have been connected and
+/// acknowledging before the leader of another view hands the group back to it (µs); see
+/// [`ReplicaConfig::leader_rebalance_us`].
+pub const LEADER_REBALANCE_US_DEFAULT: u64 = 30_000_000;
 
 const _: () = assert!(REPLICA_COUNT_MAX <= 8, "ack sets fit a u8");
 const _: () = assert!(REPAIR_TIMEOUT_US_MIN_DEFAULT < REPAIR_TIMEOUT_US_MAX_DEFAULT);
@@ -117,6 +121,13 @@ pub struct ReplicaConfig {
     pub routing_explore_one_in: u32,
     /// Seed of the routing RNG (injected, so one seed replays one run).
     pub seed: u64,
+    /// Leader rebalancing (view change only): a leader that is not the group's preferred
+    /// leader (its view-0 leader, `group mod N`) hands the group back to it once that
+    /// replica has been connected, in this view and acknowledging to within a pipeline of
+    /// the commit point for this long (µs): it starts a view change to the next view the
+    /// preferred replica leads. So the groups a node led come back to it after it failed
+    /// and returned, and the leaders stay spread over the nodes. 0: never.
+    pub leader_rebalance_us: u64,
 }
 
 /// A configuration that cannot work.
@@ -165,6 +176,7 @@ impl ReplicaConfig {
             repair_timeout_us_max: REPAIR_TIMEOUT_US_MAX_DEFAULT,
             routing_explore_one_in: ROUTING_EXPLORE_ONE_IN_DEFAULT,
             seed,
+            leader_rebalance_us: LEADER_REBALANCE_US_DEFAULT,
         };
         config.validate()?;
         Ok(config)
@@ -210,6 +222,11 @@ impl ReplicaConfig {
             || self.view_change_resend_interval_us == 0
         {
             return Err(ReplicaConfigError::Limit("view_change_timeout_us"));
+        }
+        if self.leader_rebalance_us != 0 && self.leader_rebalance_us < self.leader_timeout_us_max {
+            // Shorter than a failover: a replica that just came back would take its groups
+            // back before anyone could tell it is healthy.
+            return Err(ReplicaConfigError::Limit("leader_rebalance_us"));
         }
         Ok(())
     }
@@ -522,6 +539,9 @@ pub struct ReplicaCounters {
     /// Entries of an installed log that did not chain onto this replica's head, each
     /// cutting one kept entry ([`Replica::on_chain_mismatch`]).
     pub chain_mismatches: u64,
+    /// Views this replica left as leader to hand its group back to the preferred leader
+    /// ([`ReplicaConfig::leader_rebalance_us`]).
+    pub leader_handoffs: u64,
     /// Duplicate prepares.
     pub prepares_duplicate: u64,
     /// Acknowledgements ignored (another view, unknown checksum).
@@ -601,6 +621,9 @@ pub struct Replica {
     svc_future: (u64, u8),
     /// When StartViewChange for `svc_future`'s view was first heard (µs).
     svc_future_since_us: u64,
+    /// Leader rebalancing: since when the preferred leader has looked ready to take the
+    /// group back (µs); 0 while it does not.
+    rebalance_since_us: u64,
     /// Recovering (`docs/protocol.md` 8): the journal lost entries this replica may have
     /// acknowledged; the op it promised (it must hold everything up to it again, or install
     /// a newer view's log, before it acknowledges or votes).
@@ -762,6 +785,7 @@ impl Replica {
             request_start_view_us: 0,
             svc_future: (0, 0),
             svc_future_since_us: 0,
+            rebalance_since_us: 0,
             recovering: None,
         };
         for &(op, checksum) in recent {
@@ -1557,9 +1581,52 @@ impl Replica {
             self.repair_schedule(now_us, actions);
         }
         if self.config.view_change {
+            self.rebalance_tick(now_us, actions);
             self.view_change_tick(now_us, actions);
         }
         self.tick_due_us = self.poll_timeout();
+    }
+
+    /// Leader rebalancing ([`ReplicaConfig::leader_rebalance_us`]): a ready leader that is
+    /// not its group's preferred leader hands the group over once the preferred replica has
+    /// looked ready for the configured time. The handoff is an ordinary view change, to the
+    /// next view the preferred replica leads; this leader starts it, and a follower that
+    /// hears StartViewChange from the leader of its own view joins at once (the view can
+    /// commit nothing more), so it costs one view change, with no leader timeout.
+    fn rebalance_tick(&mut self, now_us: u64, actions: &mut Vec<Action>) {
+        let preferred = self.config.leader_of(0);
+        if self.config.leader_rebalance_us == 0
+            || preferred == self.config.replica
+            || !self.is_ready_leader()
+        {
+            self.rebalance_since_us = 0;
+            return;
+        }
+        let peer = &self.peers[usize::from(preferred)];
+        // Connected, in this view's log, and acknowledging close behind the commit point:
+        // its view change vote will carry a current log, and it repairs little before it
+        // leads.
+        let ready = peer.connected
+            && peer.log_view == self.view
+            && peer.ack_op + self.config.pipeline_prepares_max >= self.commit_max;
+        if !ready {
+            self.rebalance_since_us = 0;
+            return;
+        }
+        if self.rebalance_since_us == 0 {
+            self.rebalance_since_us = now_us.max(1);
+            return;
+        }
+        if now_us.saturating_sub(self.rebalance_since_us) < self.config.leader_rebalance_us {
+            return;
+        }
+        self.rebalance_since_us = 0;
+        let mut view = self.view + 1;
+        while self.config.leader_of(view) != preferred {
+            view += 1;
+        }
+        self.counters.leader_handoffs += 1;
+        self.view_change_enter(now_us, view, actions);
     }
 
     /// Whether this replica did not run for a while before this tick; if so, a follower
@@ -3769,6 +3836,74 @@ mod cluster_tests {
             cluster.nodes[0].replica.view(),
             cluster.nodes[usize::from(leader)].replica.view()
         );
+    }
+
+    /// Leader rebalancing: the group's view-0 leader crashes, replica 1 leads view 1, and once
+    /// replica 0 is back, connected and caught up for `leader_rebalance_us`, replica 1 hands
+    /// the group back through a view change to view 3, the next view replica 0 leads.
+    #[test]
+    fn a_returned_preferred_leader_gets_its_group_back() {
+        const REBALANCE_US: u64 = 500_000;
+        let mut cluster = Cluster::new(3);
+        let connect = |cluster: &mut Cluster, node: u8| {
+            for peer in 0..3 {
+                if peer != node {
+                    cluster.nodes[usize::from(node)]
+                        .replica
+                        .on_connection(peer, true);
+                }
+            }
+        };
+        for node in 0..3 {
+            cluster.nodes[usize::from(node)]
+                .replica
+                .config
+                .leader_rebalance_us = REBALANCE_US;
+            connect(&mut cluster, node);
+        }
+        cluster.run(10_000, 1_000);
+        for payload in 0..10 {
+            assert!(cluster.seal(0, payload));
+            cluster.run(2_000, 1_000);
+        }
+        cluster.nodes[0].up = false;
+        cluster.run(2_000_000, 5_000);
+        assert_eq!(
+            cluster.leader(),
+            Some(1),
+            "view 1 of group 0 is led by replica 1"
+        );
+        for payload in 10..15 {
+            assert!(cluster.seal(1, payload));
+            cluster.run(2_000, 1_000);
+        }
+        cluster.restart(0);
+        connect(&mut cluster, 0);
+        // Rejoining and catching up take a few hundred ms; the handoff waits the rebalance
+        // time after that, so the group is still led by replica 1 well before it.
+        cluster.run(300_000, 5_000);
+        assert_eq!(cluster.leader(), Some(1), "no handoff before the hold time");
+        cluster.run(2_000_000, 5_000);
+        assert_eq!(
+            cluster.leader(),
+            Some(0),
+            "the group is back with replica 0"
+        );
+        assert_eq!(cluster.nodes[0].replica.view(), 3);
+        assert_eq!(cluster.nodes[1].replica.counters().leader_handoffs, 1);
+        for payload in 15..20 {
+            assert!(cluster.seal(0, payload));
+            cluster.run(2_000, 1_000);
+        }
+        cluster.run(100_000, 5_000);
+        cluster.check();
+        for node in &cluster.nodes {
+            assert_eq!(node.replica.commit_max(), 20);
+        }
+        // The preferred leader does not hand its group to anyone.
+        cluster.run(2_000_000, 5_000);
+        assert_eq!(cluster.leader(), Some(0));
+        assert_eq!(cluster.nodes[0].replica.view(), 3);
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "cluster_key_file",
     "view_change",
     "retain_ops",
+    "leader_rebalance_ms",
     "fault_model",
     "bft_keys_dir",
     "bft_test_byzantine",
@@ -124,6 +125,8 @@ pub struct NodeFile {
     pub view_change: Option<bool>,
     /// `--retain-ops`.
     pub retain_ops: Option<u64>,
+    /// `--leader-rebalance-ms`.
+    pub leader_rebalance_ms: Option<u64>,
     /// `--fault-model`: "crash" or "bft".
     pub fault_model: Option<crate::bft::FaultModel>,
     /// `--bft-keys-dir`.

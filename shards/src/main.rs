@@ -385,6 +385,12 @@ struct ReplicationArgs {
     /// checkpoint's snapshot, then the journal after it).
     #[arg(long, default_value_t = replication::RETAIN_OPS_DEFAULT)]
     retain_ops: u64,
+    /// Leader rebalancing: a group whose leader is not its preferred one (replica `k mod
+    /// N`, view 0's) is handed back to it by a view change once that replica has been
+    /// connected and caught up this long (ms), so a node that failed and returned leads
+    /// its share again. 0: never. At least the leader timeout (300 ms).
+    #[arg(long, default_value_t = replication::LEADER_REBALANCE_MS_DEFAULT)]
+    leader_rebalance_ms: u64,
 }
 
 impl ReplicationArgs {
@@ -392,6 +398,15 @@ impl ReplicationArgs {
         let Some(replica) = self.replica else {
             return Ok(None);
         };
+        let leader_timeout_ms = percore_engine::replica::LEADER_TIMEOUT_US_MAX_DEFAULT / 1_000;
+        if self.leader_rebalance_ms != 0 && self.leader_rebalance_ms < leader_timeout_ms {
+            return Err(format!(
+                "--leader-rebalance-ms {}: 0 (never) or at least the leader timeout, \
+                 {leader_timeout_ms} ms",
+                self.leader_rebalance_ms
+            )
+            .into());
+        }
         let cluster_key = match &self.cluster_key_file {
             Some(path) => replication::cluster_key_from_file(path)?,
             None => replication::cluster_key_from_env()?,
@@ -403,6 +418,7 @@ impl ReplicationArgs {
             send_queue_bytes: replication::PEER_SEND_QUEUE_BYTES_DEFAULT,
             view_change: self.view_change,
             retain_ops: self.retain_ops,
+            leader_rebalance_ms: self.leader_rebalance_ms,
         }))
     }
 }
@@ -629,6 +645,7 @@ fn node_args_with_file(
         cluster_key_file,
         view_change,
         retain_ops,
+        leader_rebalance_ms,
         fault_model,
         bft_keys_dir,
         bft_test_byzantine,
@@ -673,6 +690,7 @@ fn node_args_with_file(
         cluster_key_file => args.replication.cluster_key_file,
         view_change => args.replication.view_change,
         retain_ops => args.replication.retain_ops,
+        leader_rebalance_ms => args.replication.leader_rebalance_ms,
         fault_model => args.bft.fault_model,
         bft_keys_dir => args.bft.bft_keys_dir,
         bft_test_byzantine => args.bft.bft_test_byzantine,

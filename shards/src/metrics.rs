@@ -294,6 +294,7 @@ shard_metrics! {
     counter replication_acks_received_total: "PrepareOk messages received.",
     counter replication_repairs_requested_total: "Repair requests sent (gap or lagging).",
     counter replication_repairs_timed_out_total: "Repair requests that timed out and were re-routed.",
+    counter replication_leader_handoffs_total: "Views this replica left as leader to hand its group back to the group's preferred leader (`--leader-rebalance-ms`).",
     counter replication_chain_mismatches_total: "Entries of a log being installed (view change) that did not chain onto this replica's head: each cut one entry kept below the new log's checksums, which belonged to an abandoned view.",
     counter replication_stalls_total: "Replication ticks that came more than half a leader timeout late: this shard did not run meanwhile (a descheduled process, a long executor turn); a follower then counts its leader's silence only from then on.",
     counter replication_repairs_served_total: "Repair requests served from this journal.",

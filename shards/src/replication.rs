@@ -55,6 +55,11 @@ pub const PEER_SEND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
 /// Default `--retain-ops`: ops below the previous checkpoint kept for a lagging peer (four
 /// default checkpoint intervals); a peer further behind catches up by state sync.
 pub const RETAIN_OPS_DEFAULT: u64 = 4 * crate::runtime::CHECKPOINT_INTERVAL_OPS_DEFAULT;
+/// Default `--leader-rebalance-ms`: how long a group's preferred leader (its view-0 leader)
+/// must have been connected and caught up before the group is handed back to it
+/// ([`percore_engine::replica::ReplicaConfig::leader_rebalance_us`]).
+pub const LEADER_REBALANCE_MS_DEFAULT: u64 =
+    percore_engine::replica::LEADER_REBALANCE_US_DEFAULT / 1_000;
 /// Bytes of received Prepares waiting for the batcher before more are dropped.
 pub const INBOUND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
 /// Repair requests waiting to be served before more are dropped (requesters retry).
@@ -95,6 +100,10 @@ pub struct ReplicationSettings {
     /// Ops below the previous checkpoint kept for a lagging peer (`--retain-ops`); a peer
     /// further behind catches up by state sync instead.
     pub retain_ops: u64,
+    /// Leader rebalancing (`--leader-rebalance-ms`, view change only): a group led by
+    /// another replica goes back to its preferred leader once that replica has been
+    /// connected and caught up this long (ms); 0: never.
+    pub leader_rebalance_ms: u64,
 }
 
 impl std::fmt::Debug for ReplicationSettings {
@@ -197,6 +206,8 @@ impl Replication {
             seed,
         )?;
         config.view_change = settings.view_change;
+        config.leader_rebalance_us = settings.leader_rebalance_ms.saturating_mul(1_000);
+        config.validate()?;
         let config_headers_max = config.view_change_headers_max();
         // The recent checksums let acknowledgements of the recovered tail count (it commits
         // without waiting for a new op) and let a view change compare logs.
@@ -1074,6 +1085,10 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
     ShardMetrics::set(
         &metrics.replication_chain_mismatches_total,
         counters.chain_mismatches,
+    );
+    ShardMetrics::set(
+        &metrics.replication_leader_handoffs_total,
+        counters.leader_handoffs,
     );
     for peer in replica.others() {
         let state = replica.peer(peer);

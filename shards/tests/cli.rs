@@ -60,6 +60,31 @@ fn bad_arguments_are_refused_by_the_parser() {
 }
 
 #[test]
+fn a_leader_rebalance_time_below_the_leader_timeout_is_refused() {
+    let output = Command::new(PERCORE)
+        .args([
+            "node",
+            "--cores",
+            "0",
+            "--replica",
+            "0",
+            "--peers",
+            "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
+            "--leader-rebalance-ms",
+            "100",
+        ])
+        .env("PERCORE_CLUSTER_KEY", "00".repeat(32))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--leader-rebalance-ms 100: 0 (never) or at least the leader timeout"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bench_load_flags_are_checked_by_the_parser() {
     let refused = |args: &[&str], expected: &str| {
         let output = Command::new(PERCORE)

@@ -763,11 +763,20 @@ fn wrong_key_peer_is_rejected() {
 }
 
 /// Kills the leader of group 0 under load: the other two replicas change views and the next
-/// replica leads; the client follows it; the old leader restarts and rejoins as a follower.
-/// Every acknowledged transfer is applied once, journals agree, money is conserved.
+/// replica leads; the client follows it; the old leader restarts and rejoins as a follower,
+/// and once it has been caught up for `REBALANCE_MS`, the group is handed back to it (leader
+/// rebalancing: a view change to view 3, the next one replica 0 leads) and the client
+/// follows again. Every acknowledged transfer is applied once, journals agree, money is
+/// conserved.
 #[test]
 fn leader_killed_fails_over() {
-    let mut harness = Harness::start_with("failover", REPLICAS, &[]);
+    const REBALANCE_MS: u64 = 1_000;
+    let rebalance = REBALANCE_MS.to_string();
+    let mut harness = Harness::start_with(
+        "failover",
+        REPLICAS,
+        &["--leader-rebalance-ms", rebalance.as_str()],
+    );
     let mut setup = harness.replicated_client(1);
     let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
         .expect("accounts created and funded");
@@ -799,6 +808,7 @@ fn leader_killed_fails_over() {
     wait_until("group 0 keeps committing without replica 0", || {
         (commit_of(&harness, new_leader, 0) >= at_failover + 20).then_some(())
     });
+    let restarted = Instant::now();
     harness.cluster.restart(0).expect("replica 0 restarts");
     wait_until("replica 0 rejoins the new view and catches up", || {
         let caught_up = harness.try_metric(0, "percore_replication_view", 0)? >= view
@@ -807,14 +817,42 @@ fn leader_killed_fails_over() {
         caught_up.then_some(())
     });
     load.assert_running();
+    // Rebalancing: replica 1 hands group 0 back to its preferred leader, replica 0.
+    let at_rejoin = commit_of(&harness, new_leader, 0);
+    let handed_back = wait_until("replica 0 leads group 0 again", || {
+        (harness.current_leader(0, &[0, 1, 2]) == Some(0) && commit_of(&harness, 0, 0) > at_rejoin)
+            .then(|| restarted.elapsed())
+    });
+    assert!(
+        handed_back >= Duration::from_millis(REBALANCE_MS),
+        "handed back {handed_back:?} after the restart, before the rebalance time"
+    );
+    assert_eq!(
+        harness.metric(1, "percore_replication_leader_handoffs_total", 0),
+        1
+    );
+    assert_eq!(
+        harness.metric(0, "percore_replication_view", 0),
+        3,
+        "view 3 is the next one replica 0 leads"
+    );
+    let at_handback = commit_of(&harness, 0, 0);
+    wait_until("group 0 commits under its preferred leader", || {
+        load.assert_running();
+        (commit_of(&harness, 0, 0) >= at_handback + 20).then_some(())
+    });
     let outcome = load.finish();
     assert!(outcome.redirects > 0, "the client followed the leader");
-    assert_eq!(outcome.hints[0], 1, "the client found group 0's new leader");
+    assert_eq!(
+        outcome.hints[0], 0,
+        "the client found group 0's leader again"
+    );
     let committed =
         assert_failover_outcome(&mut harness, funded_balances(&accounts), &outcome.applied);
     eprintln!(
-        "failover of group 0 to replica {new_leader} (view {view}) in {failover:?}; \
-         committed {committed:?}; {} transfers acknowledged, {} client redirects",
+        "failover of group 0 to replica {new_leader} (view {view}) in {failover:?}; handed \
+         back to replica 0 (view 3) {handed_back:?} after its restart; committed \
+         {committed:?}; {} transfers acknowledged, {} client redirects",
         outcome.applied.len(),
         outcome.redirects
     );

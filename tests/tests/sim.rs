@@ -16,9 +16,20 @@ use percore_tests::support::SeedCase;
 
 /// Runs `seeds` with `options`; returns the failures.
 fn run_batch(seeds: Range<u64>, options: &Options) -> Vec<Failure> {
-    seeds
-        .filter_map(|seed| sim::run(seed, options).err().map(|failure| *failure))
-        .collect()
+    run_batch_summaries(seeds, options).0
+}
+
+/// Runs `seeds` with `options`; returns the failures and the passing runs' summaries.
+fn run_batch_summaries(seeds: Range<u64>, options: &Options) -> (Vec<Failure>, Vec<sim::Summary>) {
+    let mut failures = Vec::new();
+    let mut summaries = Vec::new();
+    for seed in seeds {
+        match sim::run(seed, options) {
+            Ok(summary) => summaries.push(summary),
+            Err(failure) => failures.push(*failure),
+        }
+    }
+    (failures, summaries)
 }
 
 /// Seeds `tests/seeds.txt` records as failing with exactly `options` (known issues, replayed
@@ -36,9 +47,12 @@ fn known_failures(options: &Options) -> Vec<u64> {
         .collect()
 }
 
-fn assert_batch_passes(seeds: Range<u64>, options: Options) {
+/// Fails unless every seed passes (but those `tests/seeds.txt` records as failing); returns
+/// the passing runs' summaries.
+fn assert_batch_passes(seeds: Range<u64>, options: Options) -> Vec<sim::Summary> {
     let known = known_failures(&options);
-    let failures: Vec<Failure> = run_batch(seeds.clone(), &options)
+    let (failures, summaries) = run_batch_summaries(seeds.clone(), &options);
+    let failures: Vec<Failure> = failures
         .into_iter()
         .filter(|failure| !known.contains(&failure.seed))
         .collect();
@@ -53,6 +67,7 @@ fn assert_batch_passes(seeds: Range<u64>, options: Options) {
             list.join(", ")
         );
     }
+    summaries
 }
 
 // With leader failover (view change), the shape CI runs most: crashes and pauses aimed at
@@ -97,6 +112,26 @@ fn view_change_small_pipelines() {
             ..Options::view_change()
         };
         assert_batch_passes(seeds, options);
+    }
+}
+
+/// Leader rebalancing (`ReplicaConfig::leader_rebalance_us`): after a failover, a group goes
+/// back to its view-0 leader once that replica has been connected and caught up for a few
+/// hundred ms, by a view change its current leader starts. Every checker runs across those
+/// handoffs, and the summary must show some.
+#[test]
+fn view_change_leader_rebalance() {
+    for (replicas, rebalance_ms, seeds) in [(3, 400, 5_000..5_060), (5, 300, 5_100..5_130)] {
+        let options = Options {
+            replicas,
+            rebalance_ms,
+            ..Options::view_change()
+        };
+        let handoffs: u64 = assert_batch_passes(seeds, options)
+            .iter()
+            .map(|summary| summary.leader_handoffs)
+            .sum();
+        assert!(handoffs > 0, "no handoff in {replicas} replicas' runs");
     }
 }
 

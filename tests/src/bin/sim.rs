@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run -p percore-tests --bin sim -- --seed 42 [--replicas 3|5] [--groups 1|2]
 //!     [--steps N] [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal]
-//!     [--view-change [--no-workarounds]]
+//!     [--view-change [--no-workarounds] [--rebalance-ms MS]]
 //!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk]
 //!     [-v]
 //! cargo run -p percore-tests --bin sim -- --seeds 0..10000
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: sim (--seed S | --seeds A..B) [--replicas 3|5] [--groups 1|2] [--steps N] \\
                  [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal] \\
-                 [--view-change [--no-workarounds]] \\
+                 [--view-change [--no-workarounds] [--rebalance-ms MS]] \\
                  [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk] [-v]"
             );
             return ExitCode::from(2);
@@ -50,6 +50,10 @@ fn main() -> ExitCode {
                 total.views_led += summary.views_led;
                 total.truncations += summary.truncations;
                 total.chain_mismatches += summary.chain_mismatches;
+                total.leader_handoffs += summary.leader_handoffs;
+                total.handoff_periods += summary.handoff_periods;
+                total.handoff_us_sum += summary.handoff_us_sum;
+                total.handoff_us_max = total.handoff_us_max.max(summary.handoff_us_max);
                 total.leader_resumed_view += summary.leader_resumed_view;
                 total.leader_sent_crashes += summary.leader_sent_crashes;
                 total.leader_sent_ops_lost += summary.leader_sent_ops_lost;
@@ -98,13 +102,14 @@ fn main() -> ExitCode {
 /// The failover-time distribution over the passing seeds (simulated time).
 fn print_failovers(total: &sim::Summary) {
     println!(
-        "periods without a ready leader: {} (longest {} ms); views led {}, truncations {} \
-         ({} after an entry did not chain), leader crashes that lost sent entries {} ({} entries), leaders that resumed their \
+        "periods without a ready leader: {} (longest {} ms); views led {} ({} handed back to \
+         the preferred leader), truncations {} ({} after an entry did not chain), leader crashes that lost sent entries {} ({} entries), leaders that resumed their \
          view after a restart {}; workarounds: on_durable above a truncation {}, appends past \
          an install {}, superblock commit numbers kept {}",
         total.failovers,
         total.failover_us_max / 1_000,
         total.views_led,
+        total.leader_handoffs,
         total.truncations,
         total.chain_mismatches,
         total.leader_sent_crashes,
@@ -114,6 +119,15 @@ fn print_failovers(total: &sim::Summary) {
         total.append_past_install,
         total.superblock_commit_kept,
     );
+    if total.handoff_periods > 0 {
+        println!(
+            "handoffs (leader rebalancing): {} periods without a ready leader, mean {} ms, \
+             longest {} ms (included above)",
+            total.handoff_periods,
+            total.handoff_us_sum / total.handoff_periods / 1_000,
+            total.handoff_us_max / 1_000,
+        );
+    }
     let mut lower_ms = 0;
     for (index, count) in total.failover_buckets.iter().enumerate() {
         let label = match sim::FAILOVER_BUCKETS_US.get(index) {

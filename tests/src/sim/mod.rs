@@ -136,6 +136,10 @@ pub struct Options {
     /// replica restarted by a fault first has a durable journal entry damaged, and must
     /// recover it from peers (`--corrupt off` replays a run as it was before this fault).
     pub corrupt: bool,
+    /// View change: leader rebalancing (`ReplicaConfig::leader_rebalance_us`), in
+    /// simulated ms; 0 (the simulator's default, so that the recorded runs stay as they
+    /// were) turns it off. A few hundred ms hands groups back within a run.
+    pub rebalance_ms: u64,
 }
 
 impl Default for Options {
@@ -153,6 +157,7 @@ impl Default for Options {
             view_change: false,
             no_workarounds: false,
             corrupt: true,
+            rebalance_ms: 0,
         }
     }
 }
@@ -245,6 +250,15 @@ pub struct Summary {
     /// Entries of an installed log that did not chain onto a replica's head, so that the
     /// head (an entry kept below the new log's checksums) was cut.
     pub chain_mismatches: u64,
+    /// Views a leader left to hand its group back to the preferred leader (`--rebalance-ms`).
+    pub leader_handoffs: u64,
+    /// Periods without a ready leader that began with a handoff (one of the `failovers`),
+    /// and their summed and longest lengths (simulated µs).
+    pub handoff_periods: u64,
+    /// See `handoff_periods`.
+    pub handoff_us_sum: u64,
+    /// See `handoff_periods`.
+    pub handoff_us_max: u64,
     /// Superblock writes (`Persist` and the periodic commit record).
     pub superblock_writes: u64,
     /// Client requests refused by a replica that is not the ready leader.
@@ -341,6 +355,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 _ => return Err("--groups is 1 or 2".to_string()),
             },
             "--steps" => options.steps = number()?,
+            "--rebalance-ms" => options.rebalance_ms = number()?,
             "--pipeline" => options.pipeline_prepares_max = number()?.max(1),
             "--faults" => match value.as_str() {
                 "on" => options.faults = true,
@@ -395,6 +410,10 @@ pub fn options_args(options: &Options) -> Vec<String> {
     if !options.corrupt {
         args.push("--corrupt".to_string());
         args.push("off".to_string());
+    }
+    if options.rebalance_ms != 0 {
+        args.push("--rebalance-ms".to_string());
+        args.push(options.rebalance_ms.to_string());
     }
     if options.verbose {
         args.push("-v".to_string());

@@ -402,6 +402,8 @@ pub struct World {
     request_numbers: BTreeMap<u128, u64>,
     /// Per group: since when it has had no ready leader (µs), for the failover times.
     leaderless_since: Vec<Option<u64>>,
+    /// Per group: its leader handed it over (leader rebalancing) and no leader is ready yet.
+    handoff_pending: Vec<bool>,
     /// Per `(group, view)`: the replica and incarnation that became its ready leader.
     pub(super) view_leaders: BTreeMap<(u32, u64), (u8, u64)>,
     /// Per `(group, view)`: the incarnation of the leader that sealed ops in it (P4: only
@@ -482,6 +484,7 @@ impl World {
                 .map(|group| (group % u32::from(options.replicas)) as u8)
                 .collect(),
             leaderless_since: vec![None; groups],
+            handoff_pending: vec![false; groups],
             view_leaders: BTreeMap::new(),
             view_sealers: BTreeMap::new(),
             accounts,
@@ -742,6 +745,7 @@ impl World {
         .expect("valid replica config");
         config.pipeline_prepares_max = self.profile.pipeline_prepares_max;
         config.view_change = self.options.view_change;
+        config.leader_rebalance_us = self.options.rebalance_ms * 1_000;
         // As the runtime: the last ops' checksums let acknowledgements of the recovered
         // tail count, so it commits without waiting for a new op.
         let recent = self.nodes[index]
@@ -2154,7 +2158,13 @@ impl World {
         let live = self.nodes[node].live.as_mut().expect("live");
         let mut actions = std::mem::take(&mut live.actions);
         actions.clear();
+        let handoffs = live.replica.counters().leader_handoffs;
         live.replica.tick(now_us, &mut actions);
+        if live.replica.counters().leader_handoffs > handoffs {
+            self.summary.leader_handoffs += 1;
+            let group = self.nodes[node].group;
+            self.handoff_pending[group as usize] = true;
+        }
         self.submit_actions(node, &actions);
         self.resend_credit_legs(node);
         let live = self.nodes[node].live.as_mut().expect("live");
@@ -2736,6 +2746,11 @@ impl World {
                     self.summary.failovers += 1;
                     self.summary.failover_buckets[bucket] += 1;
                     self.summary.failover_us_max = self.summary.failover_us_max.max(took_us);
+                    if std::mem::take(&mut self.handoff_pending[group as usize]) {
+                        self.summary.handoff_periods += 1;
+                        self.summary.handoff_us_sum += took_us;
+                        self.summary.handoff_us_max = self.summary.handoff_us_max.max(took_us);
+                    }
                     self.trace_line(format!(
                         "group {group} has a ready leader again after {took_us} us"
                     ));
