@@ -123,8 +123,8 @@ pub struct ReplicaConfig {
     pub seed: u64,
     /// Leader rebalancing (view change only): a leader that is not the group's preferred
     /// leader (its view-0 leader, `group mod N`) hands the group back to it once that
-    /// replica has been connected, in this view and acknowledging to within a pipeline of
-    /// the commit point for this long (µs): it starts a view change to the next view the
+    /// replica has been connected, in this view, and acknowledging and applying to within a
+    /// pipeline of the commit point for this long (µs): it starts a view change to the next view the
     /// preferred replica leads. So the groups a node led come back to it after it failed
     /// and returned, and the leaders stay spread over the nodes. 0: never.
     pub leader_rebalance_us: u64,
@@ -1603,12 +1603,13 @@ impl Replica {
             return;
         }
         let peer = &self.peers[usize::from(preferred)];
-        // Connected, in this view's log, and acknowledging close behind the commit point:
-        // its view change vote will carry a current log, and it repairs little before it
-        // leads.
+        // Connected, in this view's log, acknowledging and applying close behind the commit
+        // point: its view change vote carries a current log, and as the new leader it has
+        // little to repair or apply before it may seal.
         let ready = peer.connected
             && peer.log_view == self.view
-            && peer.ack_op + self.config.pipeline_prepares_max >= self.commit_max;
+            && peer.ack_op + self.config.pipeline_prepares_max >= self.commit_max
+            && peer.commit_min + self.config.pipeline_prepares_max >= self.commit_max;
         if !ready {
             self.rebalance_since_us = 0;
             return;
