@@ -385,10 +385,11 @@ struct ReplicationArgs {
     /// checkpoint's snapshot, then the journal after it).
     #[arg(long, default_value_t = replication::RETAIN_OPS_DEFAULT)]
     retain_ops: u64,
-    /// Leader rebalancing: a group whose leader is not its preferred one (replica `k mod
-    /// N`, view 0's) is handed back to it by a view change once that replica has been
-    /// connected and caught up this long (ms), so a node that failed and returned leads
-    /// its share again. 0: never. At least the leader timeout (300 ms).
+    /// Leader rebalancing (crash-fault mode with view change): a group whose leader is not
+    /// its preferred one (replica `k mod N`, view 0's) is handed back to it by a view
+    /// change once that replica has been connected and caught up this long (ms), so a node
+    /// that failed and returned leads its share again. 0: never. At least the leader
+    /// timeout (300 ms). BFT mode does not rebalance.
     #[arg(long, default_value_t = replication::LEADER_REBALANCE_MS_DEFAULT)]
     leader_rebalance_ms: u64,
 }
