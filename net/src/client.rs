@@ -438,7 +438,8 @@ impl Pipeline {
     }
 
     /// Connects to the replica that leads shard `shard`'s group, asking the replicas of
-    /// `replicas_of_shard` in turn from `start_hint` on, and returns the pipeline with the
+    /// `replicas_of_shard` in the group's view order ([`placement::leader_next`]) from
+    /// `start_hint` on, and returns the pipeline with the
     /// index of that replica (the next hint). Each is sent a request of `probe.operation`
     /// with no records under [`PROBE_REQUEST_NUMBER`]: a follower answers `NotLeader`, a
     /// replica in a view change `Busy`, the leader an empty reply at once (its leader check
@@ -447,6 +448,9 @@ impl Pipeline {
     ///
     /// This relies on today's server answering an empty request without ordering it; a
     /// server with client sessions may have to offer an explicit leader query instead.
+    ///
+    /// # Panics
+    /// If `replicas_of_shard` is empty or lists more than 255 replicas.
     pub fn connect_leader(
         shard: usize,
         replicas_of_shard: &[SocketAddr],
@@ -833,8 +837,9 @@ impl Client {
     /// A client for `config.replicas`; connections open on first use.
     ///
     /// # Panics
-    /// On a configuration that cannot work: no replica or no shard, replicas listing
-    /// different shards, no attempt allowed, unbounded retries, or bad backoff bounds.
+    /// On a configuration that cannot work: no replica (or more than 255) or no shard,
+    /// replicas listing different shards, no attempt allowed, unbounded retries, or bad
+    /// backoff bounds.
     pub fn new(config: ClientConfig) -> Self {
         let replicas = config.replicas.len();
         assert!(
