@@ -19,37 +19,13 @@
 //! Every replica and client computes the same function of `(group, view, N)`: nothing is
 //! configured or exchanged, and it must never change under a running cluster.
 
-/// Group sizes whose strides are computed at compile time; larger ones (only a client
-/// could name one) are computed on each call.
-const STRIDE_TABLE_REPLICAS_MAX: usize = 16;
-
-/// `STRIDE_TABLE[n]`: the strides coprime to `n`, ascending, and how many there are.
-const STRIDE_TABLE: [([u8; STRIDE_TABLE_REPLICAS_MAX], u8); STRIDE_TABLE_REPLICAS_MAX + 1] = {
-    let mut table = [([0; STRIDE_TABLE_REPLICAS_MAX], 0); STRIDE_TABLE_REPLICAS_MAX + 1];
-    let mut n = 1;
-    while n <= STRIDE_TABLE_REPLICAS_MAX {
-        // One replica: stride 1 (any stride is the same replica).
-        let modulus = if n < 2 { 2 } else { n };
-        let mut stride = 1;
-        while stride < modulus {
-            if gcd(stride as u8, modulus as u8) == 1 {
-                table[n].0[table[n].1 as usize] = stride as u8;
-                table[n].1 += 1;
-            }
-            stride += 1;
-        }
-        n += 1;
-    }
-    table
-};
-
 /// The strides coprime to `replica_count`, ascending (`1` alone for one or two replicas).
 fn strides(replica_count: u8) -> impl Iterator<Item = u8> + Clone {
     let n = replica_count.max(2);
     (1..n).filter(move |&stride| gcd(stride, n) == 1)
 }
 
-const fn gcd(mut a: u8, mut b: u8) -> u8 {
+fn gcd(mut a: u8, mut b: u8) -> u8 {
     while b != 0 {
         (a, b) = (b, a % b);
     }
@@ -67,13 +43,11 @@ const fn gcd(mut a: u8, mut b: u8) -> u8 {
 pub fn leader_stride(group: u32, replica_count: u8) -> u8 {
     assert!(replica_count > 0, "a group has a replica");
     let n = u32::from(replica_count);
-    let index = |count: u32| ((group / n + group % n) % count) as usize;
-    if let Some((list, count)) = STRIDE_TABLE.get(usize::from(replica_count)) {
-        return list[index(u32::from(*count))];
-    }
+    // A group has at most `REPLICA_COUNT_MAX` (7) replicas: a handful of gcds per call.
     let count = strides(replica_count).count() as u32;
+    let index = (group / n + group % n) % count;
     strides(replica_count)
-        .nth(index(count))
+        .nth(index as usize)
         .expect("index below the count")
 }
 
@@ -103,11 +77,8 @@ mod tests {
     }
 
     #[test]
-    fn the_table_is_the_computed_strides() {
+    fn every_group_size_has_a_coprime_stride_for_every_group() {
         for n in 1..=u8::MAX {
-            if let Some((list, count)) = STRIDE_TABLE.get(usize::from(n)) {
-                assert_eq!(list[..usize::from(*count)], stride_list(n)[..]);
-            }
             for group in 0..64 {
                 let stride = leader_stride(group, n);
                 assert!(stride_list(n).contains(&stride));

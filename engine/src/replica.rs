@@ -622,8 +622,8 @@ pub struct Replica {
     /// When StartViewChange for `svc_future`'s view was first heard (µs).
     svc_future_since_us: u64,
     /// Leader rebalancing: since when the preferred leader has looked ready to take the
-    /// group back (µs); 0 while it does not.
-    rebalance_since_us: u64,
+    /// group back (µs); `None` while it does not.
+    rebalance_since_us: Option<u64>,
     /// Recovering (`docs/protocol.md` 8): the journal lost entries this replica may have
     /// acknowledged; the op it promised (it must hold everything up to it again, or install
     /// a newer view's log, before it acknowledges or votes).
@@ -785,7 +785,7 @@ impl Replica {
             request_start_view_us: 0,
             svc_future: (0, 0),
             svc_future_since_us: 0,
-            rebalance_since_us: 0,
+            rebalance_since_us: None,
             recovering: None,
         };
         for &(op, checksum) in recent {
@@ -1599,7 +1599,7 @@ impl Replica {
             || preferred == self.config.replica
             || !self.is_ready_leader()
         {
-            self.rebalance_since_us = 0;
+            self.rebalance_since_us = None;
             return;
         }
         let peer = &self.peers[usize::from(preferred)];
@@ -1611,17 +1611,14 @@ impl Replica {
             && peer.ack_op + self.config.pipeline_prepares_max >= self.commit_max
             && peer.commit_min + self.config.pipeline_prepares_max >= self.commit_max;
         if !ready {
-            self.rebalance_since_us = 0;
+            self.rebalance_since_us = None;
             return;
         }
-        if self.rebalance_since_us == 0 {
-            self.rebalance_since_us = now_us.max(1);
+        let since_us = *self.rebalance_since_us.get_or_insert(now_us);
+        if now_us.saturating_sub(since_us) < self.config.leader_rebalance_us {
             return;
         }
-        if now_us.saturating_sub(self.rebalance_since_us) < self.config.leader_rebalance_us {
-            return;
-        }
-        self.rebalance_since_us = 0;
+        self.rebalance_since_us = None;
         let mut view = self.view + 1;
         while self.config.leader_of(view) != preferred {
             view += 1;

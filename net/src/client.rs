@@ -501,11 +501,7 @@ impl Pipeline {
                     last: Box::new(error),
                 });
             }
-            hint = usize::from(placement::leader_next(
-                shard as u32,
-                hint as u8,
-                replicas as u8,
-            ));
+            hint = next_hint(shard, hint, replicas);
             failures += 1;
             if failures.is_multiple_of(replicas) {
                 backoff.pause(&mut jitter, Some(probe.deadline));
@@ -833,6 +829,17 @@ pub struct Client {
     jitter: Jitter,
 }
 
+/// The replica to try after `hint` for `shard`'s group: the leader of the view after the one
+/// `hint` leads ([`placement::leader_next`]). `replicas` is at most 255 (checked where a
+/// client or pipeline is built).
+fn next_hint(shard: usize, hint: usize, replicas: usize) -> usize {
+    usize::from(placement::leader_next(
+        shard as u32,
+        hint as u8,
+        replicas as u8,
+    ))
+}
+
 impl Client {
     /// A client for `config.replicas`; connections open on first use.
     ///
@@ -930,11 +937,7 @@ impl Client {
         self.connections[shard] = None;
         let replicas = self.replica_count();
         if replicas > 1 {
-            self.leader_hints[shard] = usize::from(placement::leader_next(
-                shard as u32,
-                self.leader_hints[shard] as u8,
-                replicas as u8,
-            ));
+            self.leader_hints[shard] = next_hint(shard, self.leader_hints[shard], replicas);
             self.redirects += 1;
         }
     }

@@ -37,32 +37,34 @@ fn node_drains_and_exits_cleanly_on_sigterm() {
     );
 }
 
-#[test]
-fn a_core_that_does_not_exist_is_refused_with_a_clear_error() {
+/// Runs `percore args` (with `env` set), which must fail; returns its stderr.
+fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
     let output = Command::new(PERCORE)
-        .args(["node", "--cores", "4095"])
+        .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_core_that_does_not_exist_is_refused_with_a_clear_error() {
+    let stderr = refused(&["node", "--cores", "4095"], &[]);
     assert!(stderr.contains("core 4095 does not exist"), "{stderr}");
 }
 
 #[test]
 fn bad_arguments_are_refused_by_the_parser() {
-    let output = Command::new(PERCORE)
-        .args(["bench", "--cross-shard-percent", "101"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(&["bench", "--cross-shard-percent", "101"], &[]);
     assert!(stderr.contains("--cross-shard-percent"), "{stderr}");
 }
 
 #[test]
 fn a_leader_rebalance_time_below_the_leader_timeout_is_refused() {
-    let output = Command::new(PERCORE)
-        .args([
+    let key = "00".repeat(32);
+    let stderr = refused(
+        &[
             "node",
             "--cores",
             "0",
@@ -72,12 +74,9 @@ fn a_leader_rebalance_time_below_the_leader_timeout_is_refused() {
             "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
             "--leader-rebalance-ms",
             "100",
-        ])
-        .env("PERCORE_CLUSTER_KEY", "00".repeat(32))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+        ],
+        &[("PERCORE_CLUSTER_KEY", key.as_str())],
+    );
     assert!(
         stderr.contains("--leader-rebalance-ms 100: 0 (never) or at least the leader timeout"),
         "{stderr}"
@@ -86,47 +85,47 @@ fn a_leader_rebalance_time_below_the_leader_timeout_is_refused() {
 
 #[test]
 fn bench_load_flags_are_checked_by_the_parser() {
-    let refused = |args: &[&str], expected: &str| {
-        let output = Command::new(PERCORE)
-            .arg("bench")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{args:?} was accepted");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+    let refused_bench = |args: &[&str], expected: &str| {
+        let args: Vec<&str> = std::iter::once("bench")
+            .chain(args.iter().copied())
+            .collect();
+        let stderr = refused(&args, &[]);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     };
     // A rate and a share of the peak say two different things.
-    refused(&["--rate", "1000", "--load", "0.5"], "cannot be used with");
-    refused(&["--load", "1.5"], "0 < FRACTION <= 1");
-    refused(&["--load", "0"], "0 < FRACTION <= 1");
-    refused(&["--rate", "0"], "positive number of transfers per second");
-    refused(&["--rate", "fast"], "not a rate");
+    refused_bench(&["--rate", "1000", "--load", "0.5"], "cannot be used with");
+    refused_bench(&["--load", "1.5"], "0 < FRACTION <= 1");
+    refused_bench(&["--load", "0"], "0 < FRACTION <= 1");
+    refused_bench(&["--rate", "0"], "positive number of transfers per second");
+    refused_bench(&["--rate", "fast"], "not a rate");
     // The peak run's length means nothing without --load.
-    refused(&["--peak-s", "3"], "--load");
+    refused_bench(&["--peak-s", "3"], "--load");
 }
 
 #[test]
 fn a_series_file_that_cannot_be_written_is_refused_before_the_cluster_starts() {
-    let output = Command::new(PERCORE)
-        .args(["bench", "--replicas", "3", "--cores", "0", "--series-out"])
-        .arg("/percore-no-such-dir/series.jsonl")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(
+        &[
+            "bench",
+            "--replicas",
+            "3",
+            "--cores",
+            "0",
+            "--series-out",
+            "/percore-no-such-dir/series.jsonl",
+        ],
+        &[],
+    );
     assert!(
         stderr.contains("--series-out /percore-no-such-dir/series.jsonl"),
         "{stderr}"
     );
     assert!(!stderr.contains("starting 3 replicas"), "{stderr}");
     // A single node has no series to write.
-    let output = Command::new(PERCORE)
-        .args(["bench", "--replicas", "1", "--series-out", "series.jsonl"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(
+        &["bench", "--replicas", "1", "--series-out", "series.jsonl"],
+        &[],
+    );
     assert!(stderr.contains("need a local cluster"), "{stderr}");
 }
 
