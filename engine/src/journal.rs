@@ -125,7 +125,8 @@
 //! |---|---|---|
 //! | 0 | `magic: u64` | [`SUPERBLOCK_MAGIC`] (`b"PCSUPERB"`) |
 //! | 8 | `version: u16` | [`SUPERBLOCK_VERSION`] |
-//! | 10 | `reserved_a: [u8; 2]` | zero |
+//! | 10 | `flags: u8` | bit 0: [`Superblock::replacing`]; other bits zero |
+//! | 11 | `reserved_a: u8` | zero |
 //! | 12 | `shard: u32` | |
 //! | 16 | `sequence: u64` | +1 per write; copy slot = `sequence % 2` |
 //! | 24 | `view: u64` | |
@@ -833,7 +834,16 @@ pub struct Superblock {
     pub checkpoint_previous: Checkpoint,
     /// Size of every segment file (bytes).
     pub segment_bytes: u64,
+    /// The replica lost its disk and was formatted again to take its own place
+    /// (`percore format --replace`): it may have acknowledged ops and voted in views it no
+    /// longer knows of, and must rebuild from its peers before it votes
+    /// (`docs/protocol.md` 8). Cleared once it has. A binary from before this flag refuses
+    /// the superblock (`reserved` bits not zero) instead of ignoring it.
+    pub replacing: bool,
 }
+
+/// [`Superblock::replacing`] in the superblock's `flags` byte.
+const SUPERBLOCK_FLAG_REPLACING: u8 = 1;
 
 /// A point in the journal: op `op` is the last op before it, and entry `op + 1` goes at
 /// (`segment`, `offset`) or, if it did not fit there, at the start of the next segment.
@@ -869,7 +879,8 @@ impl Checkpoint {
 struct SuperblockHeader {
     magic: u64,
     version: u16,
-    reserved_a: [u8; 2],
+    flags: u8,
+    reserved_a: u8,
     shard: u32,
     sequence: u64,
     view: u64,
@@ -1068,7 +1079,12 @@ pub fn encode_superblock(superblock: &Superblock, buf: &mut [u8; SUPERBLOCK_BYTE
     let header = SuperblockHeader {
         magic: SUPERBLOCK_MAGIC,
         version: SUPERBLOCK_VERSION,
-        reserved_a: [0; 2],
+        flags: if superblock.replacing {
+            SUPERBLOCK_FLAG_REPLACING
+        } else {
+            0
+        },
+        reserved_a: 0,
         shard: superblock.shard,
         sequence: superblock.sequence,
         view: superblock.view,
@@ -1115,7 +1131,10 @@ pub fn decode_superblock(buf: &[u8]) -> Result<Superblock, SuperblockError> {
     if journal_checksum(&unsealed) != header.checksum {
         return Err(SuperblockError::Checksum);
     }
-    if header.reserved_a != [0; 2] || !bytes_all_zero(&copy[SUPERBLOCK_HEADER_BYTES..]) {
+    if header.reserved_a != 0
+        || header.flags & !SUPERBLOCK_FLAG_REPLACING != 0
+        || !bytes_all_zero(&copy[SUPERBLOCK_HEADER_BYTES..])
+    {
         return Err(SuperblockError::ReservedNotZero);
     }
     for checkpoint_offset in [header.checkpoint_offset, header.checkpoint_previous_offset] {
@@ -1148,6 +1167,7 @@ pub fn decode_superblock(buf: &[u8]) -> Result<Superblock, SuperblockError> {
             checksum: header.checkpoint_previous_checksum,
         },
         segment_bytes: header.segment_bytes,
+        replacing: header.flags & SUPERBLOCK_FLAG_REPLACING != 0,
     };
     if !superblock_checkpoints_valid(&superblock) {
         return Err(SuperblockError::CheckpointInvalid {
@@ -1613,10 +1633,19 @@ mod tests {
                 checksum: 5,
             },
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            replacing: true,
         };
         let mut buf = [0u8; SUPERBLOCK_BYTES];
         encode_superblock(&superblock, &mut buf);
         assert_eq!(decode_superblock(&buf), Ok(superblock));
+        let cleared = Superblock {
+            replacing: false,
+            ..superblock
+        };
+        let mut cleared_buf = [0u8; SUPERBLOCK_BYTES];
+        encode_superblock(&cleared, &mut cleared_buf);
+        assert_eq!(decode_superblock(&cleared_buf), Ok(cleared));
+        assert_eq!(cleared_buf[10] | 1, buf[10], "the flag is bit 0 of byte 10");
         assert_eq!(superblock_latest(&[0; 4096], &buf), Ok(superblock));
         assert!(
             matches!(
@@ -1680,6 +1709,7 @@ mod tests {
             snapshot_checksum: meta.snapshot_checksum,
             checkpoint_previous: Checkpoint::ROOT,
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            replacing: false,
         };
         let (decoded, bytes) = verify_snapshot(&file, &superblock).unwrap();
         assert_eq!(decoded, meta);

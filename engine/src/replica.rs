@@ -147,6 +147,10 @@ pub enum ReplicaConfigError {
     /// A limit is zero or the timeout bounds are reversed.
     #[error("limit {0} is out of range")]
     Limit(&'static str),
+    /// A replaced replica ([`Replica::replacing_start`]) without view change: it could
+    /// never install its group's log.
+    #[error("a replica formatted with --replace needs view change to rebuild")]
+    ReplacingWithoutViewChange,
 }
 
 impl ReplicaConfig {
@@ -633,12 +637,27 @@ pub struct Replica {
 /// What a recovering replica waits for.
 #[derive(Debug, Clone, Copy)]
 struct Recovering {
-    /// The promise: ops up to here may have been acknowledged.
+    /// The promise: ops up to here may have been acknowledged (`u64::MAX` for a replaced
+    /// replica, which does not know what it promised).
     op_promised: u64,
     /// Fixed view, leader: peers that reported their durable head (Ping or Pong) since.
     heard: u8,
     /// The highest durable head those peers reported.
     heard_op_max: u64,
+    /// The replica lost its disk and was formatted again to replace itself
+    /// ([`Replica::replacing_start`]).
+    replaced: Option<Replaced>,
+}
+
+/// A replaced replica learning the views it may have taken part in before it lost its disk.
+#[derive(Debug, Clone, Copy)]
+struct Replaced {
+    /// When it started: only Pongs answering Pings sent since count.
+    started_us: u64,
+    /// Peers whose view it heard in such a Pong (bit set).
+    heard: u8,
+    /// The highest view they reported.
+    view_floor: u64,
 }
 
 /// A pre-vote in progress.
@@ -882,9 +901,59 @@ impl Replica {
             op_promised,
             heard: 0,
             heard_op_max: 0,
+            replaced: None,
         });
         self.op_known_max = self.op_known_max.max(op_promised);
         self.ready = false;
+    }
+
+    /// This replica lost its disk and was formatted again to take its own place
+    /// (`percore format --replace`, `docs/protocol.md` 8): it may have acknowledged any op
+    /// and taken part in any view before, and remembers none of it. It neither acknowledges
+    /// nor votes nor leads until it has (1) heard, in Pongs answering its own Pings, the
+    /// view of `f + 1` other replicas (the view floor: every view change that counted its
+    /// lost vote had a quorum, and `f + 1` of the others include one of that quorum's other
+    /// members), and then (2) installed whole the log of a view at or above that floor from
+    /// its leader's StartView. That log holds every op committed before its view, and the
+    /// leader's own ops of it. Call right after [`Replica::restart`]; only with view change.
+    /// A crash before it is done starts it over (the driver keeps the mark durable until
+    /// [`Replica::recovering`] is `None`).
+    pub fn replacing_start(&mut self, now_us: u64) {
+        assert!(
+            self.config.view_change,
+            "a replaced replica needs view change to install a log"
+        );
+        self.recovering = Some(Recovering {
+            op_promised: u64::MAX,
+            heard: 0,
+            heard_op_max: 0,
+            replaced: Some(Replaced {
+                started_us: now_us,
+                heard: 0,
+                view_floor: 0,
+            }),
+        });
+        self.ready = false;
+        if self.status == Status::Normal {
+            // Like a replica that stopped in a view change: it holds no log of its view,
+            // so its view's leader's messages ask it for the view's StartView.
+            self.status = Status::ViewChange;
+            self.view_change_deadline_us = now_us;
+        }
+    }
+
+    /// A replaced replica ([`Replica::replacing_start`]): the view floor once `f + 1` other
+    /// replicas reported their view, `None` before (or when not replaced).
+    pub fn replacing_view_floor(&self) -> Option<u64> {
+        let replaced = self.recovering?.replaced?;
+        let f = usize::from(self.config.replica_count) - self.config.quorum();
+        (replaced.heard.count_ones() as usize > f).then_some(replaced.view_floor)
+    }
+
+    /// Whether this replica was replaced and still rebuilds ([`Replica::replacing_start`]).
+    pub fn replacing(&self) -> bool {
+        self.recovering
+            .is_some_and(|recovering| recovering.replaced.is_some())
     }
 
     /// Breaks the restart rule on purpose (simulator builds only): a restarted leader
@@ -896,6 +965,22 @@ impl Replica {
         if self.view_abdicated.take().is_some() {
             self.status = Status::Normal;
             self.ready = self.commit_min == self.op_head && self.recovering.is_none();
+        }
+    }
+
+    /// Breaks the replacement rule on purpose (simulator builds only): a replaced replica
+    /// takes its view floor as known at once, so it installs the first StartView it gets,
+    /// whatever views its lost incarnation voted in. The simulator's `replace-skip-floor`
+    /// bug runs it. Call right after [`Replica::replacing_start`].
+    #[cfg(feature = "bug-injection")]
+    pub fn bug_skip_view_floor(&mut self) {
+        let others = self.others().fold(0u8, |mask, peer| mask | (1 << peer));
+        if let Some(replaced) = self
+            .recovering
+            .as_mut()
+            .and_then(|recovering| recovering.replaced.as_mut())
+        {
+            replaced.heard = others;
         }
     }
 
@@ -1303,12 +1388,13 @@ impl Replica {
         );
     }
 
-    /// A `Pong` answering our ping sent at `time_us`.
+    /// A `Pong` from `from` (in `view`) answering our ping sent at `time_us`.
     #[allow(clippy::too_many_arguments)]
     pub fn on_pong(
         &mut self,
         now_us: u64,
         from: u8,
+        view: u64,
         time_us: u64,
         op_durable: u64,
         commit_min: u64,
@@ -1319,6 +1405,20 @@ impl Replica {
             self.peers[usize::from(from)]
                 .latency
                 .sample(now_us - time_us);
+        }
+        if let Some(replaced) = self
+            .recovering
+            .as_mut()
+            .and_then(|recovering| recovering.replaced.as_mut())
+            && time_us >= replaced.started_us
+            && from != self.config.replica
+            && from < self.config.replica_count
+        {
+            // It answers a Ping of this start, sent over a connection that replaced any
+            // of the lost incarnation's: whatever that incarnation's votes did, the
+            // sender had seen by then.
+            replaced.heard |= 1 << from;
+            replaced.view_floor = replaced.view_floor.max(view);
         }
         self.peer_progress(from, op_durable, commit_min, log_view);
         if !self.is_leader() || self.recovering.is_some() {
@@ -1407,9 +1507,15 @@ impl Replica {
             self.repair = None;
         }
         let next = self.op_head + 1;
+        // While a log is installed, only a checkpoint within its known committed prefix:
+        // committed ops are the same in every log, so the checkpoint is a prefix of the
+        // log being installed (a replaced replica rebuilds this way, docs/protocol.md 8).
+        let install_allows = self
+            .install
+            .is_none_or(|install| op_checkpoint <= install.commit_max);
         if self.sync.is_some()
             || self.is_leader()
-            || self.install.is_some()
+            || !install_allows
             || op_min != next
             || op_retained_min <= next
             || op_checkpoint <= self.op_head
@@ -1464,6 +1570,10 @@ impl Replica {
             staged_us: now_us,
             durable_us: now_us,
         };
+        if self.install.is_some() {
+            self.install_progress(now_us, actions);
+            return;
+        }
         self.acknowledge(actions);
         self.repair_schedule(now_us, actions);
     }
@@ -2446,6 +2556,16 @@ impl Replica {
             return;
         }
         self.view_seen_max = self.view_seen_max.max(view);
+        if self.replacing()
+            && self
+                .replacing_view_floor()
+                .is_none_or(|view_floor| view < view_floor)
+        {
+            // A replaced replica installs only a view at or above every view its lost
+            // incarnation may have voted in (`replacing_start`); its view's leader is asked
+            // again once the floor is known (`view_current`).
+            return;
+        }
         let installed = view == self.view
             && self.status == Status::Normal
             && (self.log_view == view || self.install.is_some());
@@ -2847,11 +2967,11 @@ mod tests {
         follower.on_connection(0, true);
         follower.on_connection(2, true);
         // Peer 2 answers pings fast, the leader slowly.
-        follower.on_pong(1_000, 0, 0, 0, 0, 0, &mut out);
+        follower.on_pong(1_000, 0, 0, 0, 0, 0, 0, &mut out);
         assert!(out.is_empty(), "nothing known to be missing yet");
         // Peer 2 answers pings fast and reports op 50 durable (a prefix of the leader's log).
         let now = 2_000;
-        follower.on_pong(now, 2, now - 100, 50, 0, 0, &mut out);
+        follower.on_pong(now, 2, 0, now - 100, 50, 0, 0, &mut out);
         let Some(Action::RequestPrepare { to, op_min, op_max }) = out.pop() else {
             panic!("expected a repair request, got {out:?}");
         };
@@ -2935,7 +3055,7 @@ mod tests {
         let mut out = actions();
         leader.on_connection(1, true);
         leader.on_connection(2, true);
-        leader.on_pong(1_000, 1, 900, 6, 3, 0, &mut out);
+        leader.on_pong(1_000, 1, 0, 900, 6, 3, 0, &mut out);
         let Some(Action::RequestPrepare { to, op_min, op_max }) = out.pop() else {
             panic!("expected a repair request, got {out:?}");
         };
@@ -2953,7 +3073,7 @@ mod tests {
             Some(8),
             "replica 2 has not reported yet"
         );
-        leader.on_pong(3_000, 2, 2_900, 5, 3, 0, &mut out);
+        leader.on_pong(3_000, 2, 0, 2_900, 5, 3, 0, &mut out);
         assert_eq!(leader.recovering(), None);
         assert!(
             !leader.is_ready_leader(),
@@ -2966,6 +3086,46 @@ mod tests {
         assert!(leader.is_ready_leader());
     }
 
+    /// Replica 1 of 3 with view change, formatted with `--replace` (an empty journal) and
+    /// started at `now_us`, and its configuration.
+    fn replaced_follower(now_us: u64) -> (Replica, ReplicaConfig) {
+        let mut config = ReplicaConfig::new(0, 1, 3, 7).unwrap();
+        config.view_change = true;
+        let mut replica =
+            Replica::restart(config, Persisted::default(), 0, 0, 0, &[], now_us).unwrap();
+        replica.replacing_start(now_us);
+        (replica, config)
+    }
+
+    /// The floor is the highest view `f + 1` others reported in Pongs to this start's Pings;
+    /// a StartView below it is not installed, one at or above it is.
+    #[test]
+    fn a_replaced_replica_installs_no_view_below_its_floor() {
+        let (mut replica, config) = replaced_follower(1_000);
+        let mut out = actions();
+        assert!(replica.replacing());
+        assert_eq!(replica.status(), Status::ViewChange);
+        // A Pong answering a Ping of an earlier start does not count.
+        replica.on_pong(2_000, 0, 9, 500, 0, 0, 0, &mut out);
+        replica.on_pong(2_000, 2, 4, 1_500, 0, 0, 0, &mut out);
+        assert_eq!(replica.replacing_view_floor(), None);
+        replica.on_pong(2_100, 0, 5, 1_600, 0, 0, 0, &mut out);
+        assert_eq!(replica.replacing_view_floor(), Some(5));
+        // A view below 5 is too old a source: the lost incarnation may have voted in 5.
+        let old = (1..5)
+            .rev()
+            .find(|view| config.leader_of(*view) != 1)
+            .unwrap();
+        replica.on_start_view(3_000, config.leader_of(old), old, 0, 0, 1, &[], &mut out);
+        assert!(replica.replacing());
+        assert_eq!(replica.view(), 0);
+        let view = (5..).find(|view| config.leader_of(*view) != 1).unwrap();
+        replica.on_start_view(3_000, config.leader_of(view), view, 0, 0, 1, &[], &mut out);
+        assert!(!replica.replacing());
+        assert_eq!((replica.view(), replica.log_view()), (view, view));
+        assert_eq!(replica.status(), Status::Normal);
+    }
+
     #[test]
     fn routing_prefers_the_lowest_score() {
         let mut follower = replica(0, 1, 5);
@@ -2975,6 +3135,7 @@ mod tests {
             follower.on_pong(
                 10_000,
                 peer,
+                0,
                 10_000 - 100 * u64::from(peer + 1),
                 100,
                 0,
@@ -3079,6 +3240,63 @@ mod tests {
             follower.on_prepare(10_000_002, 0, 0, 257, 500, true, 0, &mut out),
             PrepareDisposition::Append
         );
+    }
+
+    /// A replaced replica installing a log whose early ops its peers no longer retain syncs
+    /// to a checkpoint within the log's known committed prefix (never above it), repairs
+    /// the rest, and leaves replacing when the install completes.
+    #[test]
+    fn a_replaced_replica_syncs_to_a_checkpoint_while_it_installs() {
+        let (mut replica, config) = replaced_follower(0);
+        let mut out = actions();
+        let view = (2..).find(|view| config.leader_of(*view) != 1).unwrap();
+        let leader = config.leader_of(view);
+        for peer in [0, 2] {
+            replica.on_connection(peer, true);
+            replica.on_pong(1_000, peer, view, 500, 300, 290, view, &mut out);
+        }
+        assert_eq!(replica.replacing_view_floor(), Some(view));
+        out.clear();
+        replica.on_start_view(2_000, leader, view, 300, 290, 300, &[0xABC], &mut out);
+        let Some(Action::RequestPrepare { to, op_min: 1, .. }) = out.pop() else {
+            panic!("repair from op 1 expected: {out:?}");
+        };
+        assert_eq!(to, leader);
+        // A checkpoint above what the log being installed is known to have committed may
+        // not be a prefix of it.
+        replica.on_not_retained(leader, 1, 296, 295, &mut out);
+        assert_eq!(replica.state_sync(), None);
+        replica.on_not_retained(leader, 1, 257, 256, &mut out);
+        assert_eq!(replica.state_sync(), Some(256));
+        out.clear();
+        replica.on_state_synced(3_000, 256, 0xC0FFEE, &mut out);
+        assert!(replica.replacing(), "the install goes on");
+        let repair = out.iter().find_map(|a| match a {
+            Action::RequestPrepare { op_min, .. } => Some(*op_min),
+            _ => None,
+        });
+        assert_eq!(repair, Some(257), "repair resumes after the checkpoint");
+        for op in 257..=300 {
+            assert_eq!(
+                replica.on_prepare(4_000, leader, view, op, 290, true, view, &mut out),
+                PrepareDisposition::Append
+            );
+            let checksum = if op == 300 { 0xABC } else { u128::from(op) };
+            replica.on_staged(4_000, op, checksum);
+        }
+        out.clear();
+        replica.on_durable(4_000, 300, &mut out);
+        assert!(!replica.replacing());
+        assert_eq!(
+            (replica.log_view(), replica.status()),
+            (view, Status::Normal)
+        );
+        assert!(out.contains(&Action::PrepareOk {
+            to: leader,
+            op: 300,
+            checksum: 0xABC,
+            commit_min: 256
+        }));
     }
 
     #[test]
@@ -3199,6 +3417,7 @@ mod cluster_tests {
             log_view: u64,
         },
         Pong {
+            view: u64,
             time_us: u64,
             op_durable: u64,
             commit_min: u64,
@@ -3293,6 +3512,7 @@ mod cluster_tests {
         fn execute(&mut self, node: u8, actions: Vec<Action>) {
             for action in actions {
                 let n = usize::from(node);
+                let sender_view = self.nodes[n].replica.view();
                 let send = |to: u8, message: Message, network: &mut VecDeque<(u8, u8, Message)>| {
                     network.push_back((node, to, message));
                 };
@@ -3356,6 +3576,7 @@ mod cluster_tests {
                     } => send(
                         to,
                         Message::Pong {
+                            view: sender_view,
                             time_us,
                             op_durable,
                             commit_min,
@@ -3598,6 +3819,7 @@ mod cluster_tests {
                     &mut actions,
                 ),
                 Message::Pong {
+                    view,
                     time_us,
                     op_durable,
                     commit_min,
@@ -3605,6 +3827,7 @@ mod cluster_tests {
                 } => r.on_pong(
                     now,
                     from,
+                    view,
                     time_us,
                     op_durable,
                     commit_min,
@@ -3754,6 +3977,18 @@ mod cluster_tests {
             self.nodes[n].up = true;
         }
 
+        /// `node` lost its disk and is formatted again to replace itself: it starts from
+        /// nothing, replacing (`percore format --replace`).
+        fn replace(&mut self, node: u8) {
+            let n = usize::from(node);
+            self.nodes[n].log.clear();
+            self.nodes[n].applied.clear();
+            self.nodes[n].persisted = Persisted::default();
+            self.restart(node);
+            let now = self.now_us;
+            self.nodes[n].replica.replacing_start(now);
+        }
+
         fn dump(&self) {
             for (index, node) in self.nodes.iter().enumerate() {
                 let r = &node.replica;
@@ -3834,6 +4069,55 @@ mod cluster_tests {
             cluster.nodes[0].replica.view(),
             cluster.nodes[usize::from(leader)].replica.view()
         );
+    }
+
+    /// A replica that lost its disk rebuilds only after it heard the view of `f + 1` others:
+    /// with one of them down it acknowledges nothing (so the group cannot commit with it),
+    /// and once both answer it installs the current log whole and acknowledges again.
+    #[test]
+    fn a_replaced_replica_waits_for_f_plus_one_views_then_rebuilds_from_the_leader() {
+        let mut cluster = Cluster::new(3);
+        cluster.run(10_000, 1_000);
+        for payload in 0..10 {
+            assert!(cluster.seal(0, payload));
+            cluster.run(2_000, 1_000);
+        }
+        assert_eq!(cluster.nodes[0].replica.commit_max(), 10);
+        cluster.nodes[1].up = false;
+        cluster.nodes[2].up = false;
+        cluster.replace(1);
+        cluster.run(1_000_000, 5_000);
+        let replaced = &cluster.nodes[1].replica;
+        assert!(replaced.replacing());
+        assert_eq!(replaced.replacing_view_floor(), None, "replica 2 is down");
+        assert!(cluster.nodes[1].log.is_empty(), "nothing installed");
+        assert!(cluster.seal(0, 10), "replica 0 still leads view 0");
+        cluster.run(200_000, 5_000);
+        assert_eq!(
+            cluster.nodes[0].replica.commit_max(),
+            10,
+            "the replaced replica acknowledges nothing yet"
+        );
+        cluster.restart(2);
+        cluster.run(3_000_000, 5_000);
+        let leader = cluster.leader().expect("a leader");
+        for payload in 20..25 {
+            assert!(cluster.seal(leader, payload));
+            cluster.run(2_000, 1_000);
+        }
+        cluster.run(200_000, 5_000);
+        cluster.check();
+        let head = cluster.nodes[usize::from(leader)].replica.op_head();
+        assert_eq!(
+            cluster.nodes[usize::from(leader)].replica.commit_max(),
+            head
+        );
+        let replaced = &cluster.nodes[1].replica;
+        assert!(!replaced.replacing());
+        assert_eq!(replaced.recovering(), None);
+        assert_eq!(cluster.nodes[1].log, cluster.nodes[usize::from(leader)].log);
+        assert_eq!(cluster.nodes[1].applied.len() as u64, head);
+        assert_eq!(replaced.log_view(), replaced.view());
     }
 
     /// Leader rebalancing: the group's view-0 leader crashes, replica 1 leads view 1, and once

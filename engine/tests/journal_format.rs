@@ -275,6 +275,7 @@ fn superblock(sequence: u64) -> Superblock {
             checksum: u128::from(sequence) << 48 | 0x77,
         },
         segment_bytes: SEGMENT_BYTES_DEFAULT,
+        replacing: sequence % 2 == 1,
     }
 }
 

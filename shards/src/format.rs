@@ -13,6 +13,11 @@
 //! is missing instead of creating an empty one. A node without peers keeps creating its
 //! journals on demand (it has no quorum to mislead).
 //!
+//! A replica that did lose its disk comes back through `percore format --replace`
+//! (crash-fault mode): its first start creates every journal marked replacing
+//! (`Superblock::replacing`), and each shard rebuilds from its peers before it acknowledges
+//! or votes (`docs/protocol.md` 8).
+//!
 //! The file is text, ends with a checksum line, and is replaced atomically (temporary file,
 //! `fsync`, `rename`, directory `fsync`).
 
@@ -50,6 +55,9 @@ pub struct Identity {
 pub enum JournalCreate {
     /// The first start after `percore format`: missing journals are created.
     FirstStart,
+    /// The first start after `percore format --replace`: missing journals are created
+    /// marked replacing, and every shard rebuilds from its peers (`docs/protocol.md` 8).
+    FirstStartReplacing,
     /// A restart: a missing journal is an error, never an empty one.
     Never,
 }
@@ -87,6 +95,16 @@ pub enum FormatError {
         /// The data directory.
         path: PathBuf,
     },
+    /// `--replace` in BFT mode: a replica that lost its vote guard may already have signed
+    /// statements it no longer knows of, and nothing it could learn from peers tells them.
+    #[error(
+        "{path}: --replace is for crash-fault mode; a BFT replica that lost its disk cannot \
+         be rebuilt (docs/operations.md, \"A replica lost its disk\")"
+    )]
+    ReplaceBft {
+        /// The data directory.
+        path: PathBuf,
+    },
     /// The format file does not parse or its checksum does not match.
     #[error("{path}: not a valid format file: {reason}")]
     Corrupt {
@@ -116,13 +134,50 @@ pub enum FormatError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FormatFile {
     identity: Identity,
-    /// Set once the first start created the journals.
-    started: bool,
+    /// Whether the first start created the journals, and how.
+    started: Started,
+}
+
+/// The format file's `started` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Started {
+    /// `false`: formatted as a new replica, not started yet.
+    No,
+    /// `replace`: formatted to replace a replica that lost its disk, not started yet.
+    /// (A binary from before `--replace` refuses this value instead of starting as new.)
+    Replacing,
+    /// `true`: the first start created the journals.
+    Yes,
+}
+
+impl Started {
+    fn name(self) -> &'static str {
+        match self {
+            Started::No => "false",
+            Started::Replacing => "replace",
+            Started::Yes => "true",
+        }
+    }
+}
+
+/// How `percore format` prepares a data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatKind {
+    /// A replica that never ran.
+    New,
+    /// A replica that ran and lost its disk (`--replace`): it rebuilds from its peers and
+    /// votes only once it holds a log at least as new as any it may have voted on.
+    Replace,
 }
 
 /// Formats `data_dir` for `identity`: creates the directory if absent, refuses one that
 /// holds anything, and writes the format file durably.
-pub fn format(data_dir: &Path, identity: Identity) -> Result<(), FormatError> {
+pub fn format(data_dir: &Path, identity: Identity, kind: FormatKind) -> Result<(), FormatError> {
+    if kind == FormatKind::Replace && identity.fault_model == FaultModel::Bft {
+        return Err(FormatError::ReplaceBft {
+            path: data_dir.to_path_buf(),
+        });
+    }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let mut entries = std::fs::read_dir(data_dir).map_err(io(data_dir))?;
     if let Some(entry) = entries.next() {
@@ -142,7 +197,10 @@ pub fn format(data_dir: &Path, identity: Identity) -> Result<(), FormatError> {
         data_dir,
         FormatFile {
             identity,
-            started: false,
+            started: match kind {
+                FormatKind::New => Started::No,
+                FormatKind::Replace => Started::Replacing,
+            },
         },
     )
 }
@@ -207,10 +265,15 @@ pub fn check(data_dir: &Path, identity: Identity) -> Result<JournalCreate, Forma
             is.shard_count.to_string(),
         ));
     }
-    Ok(if formatted.started {
-        JournalCreate::Never
-    } else {
-        JournalCreate::FirstStart
+    if formatted.started == Started::Replacing && is.fault_model == FaultModel::Bft {
+        return Err(FormatError::ReplaceBft {
+            path: data_dir.to_path_buf(),
+        });
+    }
+    Ok(match formatted.started {
+        Started::No => JournalCreate::FirstStart,
+        Started::Replacing => JournalCreate::FirstStartReplacing,
+        Started::Yes => JournalCreate::Never,
     })
 }
 
@@ -234,10 +297,11 @@ pub fn describe(data_dir: &Path) -> Result<Option<String>, FormatError> {
         identity.replica,
         identity.replica_count,
         identity.shard_count,
-        if file.started {
-            "started (a missing journal is refused)"
-        } else {
-            "not started yet"
+        match file.started {
+            Started::Yes => "started (a missing journal is refused)",
+            Started::No => "not started yet",
+            Started::Replacing =>
+                "formatted to replace a replica that lost its disk, not started yet",
         }
     )))
 }
@@ -265,7 +329,7 @@ pub fn mark_started(data_dir: &Path, identity: Identity) -> Result<(), FormatErr
         data_dir,
         FormatFile {
             identity,
-            started: true,
+            started: Started::Yes,
         },
     )
 }
@@ -314,7 +378,7 @@ fn body(contents: FormatFile) -> String {
         identity.replica,
         identity.replica_count,
         identity.shard_count,
-        contents.started,
+        contents.started.name(),
     )
 }
 
@@ -376,8 +440,12 @@ fn decode(text: &str) -> Result<FormatFile, String> {
     let shard_count = shard_count
         .parse()
         .map_err(|_| bad("shard_count", shard_count))?;
-    let started = field("started")?;
-    let started = started.parse().map_err(|_| bad("started", started))?;
+    let started = match field("started")? {
+        "false" => Started::No,
+        "replace" => Started::Replacing,
+        "true" => Started::Yes,
+        other => return Err(bad("started", other)),
+    };
     if lines.next().is_some() {
         return Err("unexpected lines after `started`".into());
     }
@@ -429,7 +497,7 @@ mod tests {
             check(&dir.0, IDENTITY),
             Err(FormatError::NotFormatted { .. })
         ));
-        format(&dir.0, IDENTITY).unwrap();
+        format(&dir.0, IDENTITY, FormatKind::New).unwrap();
         assert_eq!(check(&dir.0, IDENTITY).unwrap(), JournalCreate::FirstStart);
         // Not started yet: a crash before the shards were ready creates again.
         assert_eq!(check(&dir.0, IDENTITY).unwrap(), JournalCreate::FirstStart);
@@ -438,8 +506,36 @@ mod tests {
         assert!(!dir.0.join(FORMAT_FILE_TEMPORARY_NAME).exists());
         // A formatted directory is never formatted again.
         assert!(matches!(
-            format(&dir.0, IDENTITY),
+            format(&dir.0, IDENTITY, FormatKind::New),
             Err(FormatError::NotEmpty { .. })
+        ));
+    }
+
+    #[test]
+    fn a_replacement_creates_its_journals_replacing_once() {
+        let dir = TempDir::new("replace");
+        format(&dir.0, IDENTITY, FormatKind::Replace).unwrap();
+        assert_eq!(
+            check(&dir.0, IDENTITY).unwrap(),
+            JournalCreate::FirstStartReplacing
+        );
+        let text = std::fs::read_to_string(dir.0.join(FORMAT_FILE_NAME)).unwrap();
+        assert!(text.contains("\nstarted replace\n"), "{text}");
+        assert!(describe(&dir.0).unwrap().unwrap().contains("to replace"));
+        mark_started(&dir.0, IDENTITY).unwrap();
+        assert_eq!(check(&dir.0, IDENTITY).unwrap(), JournalCreate::Never);
+        assert!(matches!(
+            format(&dir.0, IDENTITY, FormatKind::Replace),
+            Err(FormatError::NotEmpty { .. })
+        ));
+        let bft = Identity {
+            fault_model: FaultModel::Bft,
+            ..IDENTITY
+        };
+        let other = TempDir::new("replace-bft");
+        assert!(matches!(
+            format(&other.0, bft, FormatKind::Replace),
+            Err(FormatError::ReplaceBft { .. })
         ));
     }
 
@@ -448,7 +544,7 @@ mod tests {
         let dir = TempDir::new("describe");
         std::fs::create_dir_all(&dir.0).unwrap();
         assert_eq!(describe(&dir.0).unwrap(), None);
-        format(&dir.0, IDENTITY).unwrap();
+        format(&dir.0, IDENTITY, FormatKind::New).unwrap();
         let text = describe(&dir.0).unwrap().unwrap();
         assert!(
             text.contains("replica 1 of 3") && text.contains("not started"),
@@ -469,7 +565,7 @@ mod tests {
     fn a_directory_holding_anything_is_not_formatted() {
         let dir = TempDir::new("nonempty");
         std::fs::create_dir_all(dir.0.join("shard-0")).unwrap();
-        let error = format(&dir.0, IDENTITY).unwrap_err();
+        let error = format(&dir.0, IDENTITY, FormatKind::New).unwrap_err();
         assert!(error.to_string().contains("shard-0"), "{error}");
         assert!(!dir.0.join(FORMAT_FILE_NAME).exists());
     }
@@ -477,7 +573,7 @@ mod tests {
     #[test]
     fn every_identity_field_is_checked() {
         let dir = TempDir::new("identity");
-        format(&dir.0, IDENTITY).unwrap();
+        format(&dir.0, IDENTITY, FormatKind::New).unwrap();
         let others = [
             (
                 "cluster id",
@@ -526,7 +622,7 @@ mod tests {
     #[test]
     fn a_changed_or_torn_file_is_refused() {
         let dir = TempDir::new("corrupt");
-        format(&dir.0, IDENTITY).unwrap();
+        format(&dir.0, IDENTITY, FormatKind::New).unwrap();
         let path = dir.0.join(FORMAT_FILE_NAME);
         let text = std::fs::read_to_string(&path).unwrap();
         for bad in [
@@ -547,7 +643,7 @@ mod tests {
     #[test]
     fn every_identity_round_trips() {
         for fault_model in [FaultModel::Crash, FaultModel::Bft] {
-            for started in [false, true] {
+            for started in [Started::No, Started::Replacing, Started::Yes] {
                 let contents = FormatFile {
                     identity: Identity {
                         cluster_id: u128::MAX,

@@ -100,13 +100,18 @@ fn superblock_read(dir: &Path, out: &mut String) -> Result<Option<Superblock>, I
             let _ = writeln!(
                 out,
                 "  superblock: sequence {}, view {}, log_view {}, commit_max {}, op_durable {}, \
-                 segment_bytes {}",
+                 segment_bytes {}{}",
                 superblock.sequence,
                 superblock.view,
                 superblock.log_view,
                 superblock.commit_max,
                 superblock.op_durable,
-                superblock.segment_bytes
+                superblock.segment_bytes,
+                if superblock.replacing {
+                    ", replacing (format --replace: rebuilding from peers, votes in nothing yet)"
+                } else {
+                    ""
+                }
             );
             Ok(Some(superblock))
         }

@@ -239,6 +239,10 @@ pub struct JournalOptions {
     /// `crate::format`): it is [`JournalError::Missing`] instead, since an empty journal
     /// would forget what this replica acknowledged.
     pub create: bool,
+    /// A journal created by this open is marked [`Superblock::replacing`] from its first
+    /// superblock (`percore format --replace`): the replica lost its disk and rebuilds from
+    /// its peers ([`Recovered::replacing`]). An existing journal keeps its mark.
+    pub replacing: bool,
 }
 
 impl Default for JournalOptions {
@@ -248,6 +252,7 @@ impl Default for JournalOptions {
             replay_committed_only: false,
             repair_from_peers: false,
             create: true,
+            replacing: false,
         }
     }
 }
@@ -284,6 +289,10 @@ pub struct Recovered {
     /// from peers before it acknowledges or votes; the superblock keeps the promise until
     /// then ([`Journal::op_promised`]). `None` otherwise.
     pub recovering: Option<u64>,
+    /// The superblock is marked [`Superblock::replacing`]: the replica lost its disk and
+    /// must rebuild from its peers before it acknowledges or votes (`docs/protocol.md` 8).
+    /// The mark stays until [`Journal::promise_release`].
+    pub replacing: bool,
 }
 
 /// Everything that can go wrong with a shard's journal.
@@ -1334,7 +1343,7 @@ impl Journal {
         let segments = segments_list(&dir)?;
         let segment_oldest = segments.first().copied().unwrap_or(0);
         let (superblock_file, superblock, created) =
-            superblock_open(&config, &directory, !segments.is_empty()).await?;
+            superblock_open(&config, &directory, !segments.is_empty(), options.replacing).await?;
         if superblock.segment_bytes != config.segment_bytes {
             return Err(JournalError::Config {
                 reason: "segment_bytes differs from the one this journal was created with",
@@ -1370,6 +1379,7 @@ impl Journal {
             entries: recovery.entries_replayed,
             tail: end.tail,
             recovering: (recovery.op_promised >= recovery.op_next).then_some(recovery.op_promised),
+            replacing: superblock.replacing,
         };
         // Recovery raised the superblock's promise before it cut a corrupt entry.
         let superblock = recovery.superblock;
@@ -1724,14 +1734,23 @@ impl Journal {
 
     /// The replica left recovering without the journal reaching the promise (it installed
     /// a newer view's log whole, or no peer held the rest: `docs/protocol.md` 8): writes a
-    /// superblock whose `op_durable` is the journal's head. Nothing when there is no promise.
+    /// superblock whose `op_durable` is the journal's head, and clears the
+    /// [`Superblock::replacing`] mark of a replaced replica that rebuilt. Nothing when there
+    /// is neither.
     pub async fn promise_release(&mut self) -> Result<(), JournalError> {
         self.check_usable()?;
-        if self.op_promised == 0 {
+        if self.op_promised == 0 && !self.superblock.replacing {
             return Ok(());
         }
         self.op_promised = 0;
+        self.superblock.replacing = false;
         self.superblock_store(self.superblock).await
+    }
+
+    /// The superblock is marked [`Superblock::replacing`]: the replica has not finished
+    /// rebuilding after it lost its disk.
+    pub fn replacing(&self) -> bool {
+        self.superblock.replacing
     }
 
     /// The common case: one contiguous write straight from the staging buffer (no copy);
@@ -1919,6 +1938,8 @@ impl Journal {
             // A recovering replica keeps its promise across restarts (protocol.md 8).
             op_durable: op_durable.max(self.op_promised),
             view: self.view_durable.max(superblock.view),
+            // Only `promise_release` clears the mark, and nothing sets it again.
+            replacing: self.superblock.replacing,
             ..superblock
         };
         assert!(superblock.checkpoint.op >= self.superblock.checkpoint.op);
@@ -2832,6 +2853,7 @@ async fn superblock_open(
     config: &JournalConfig,
     directory: &Directory,
     segments_exist: bool,
+    replacing: bool,
 ) -> Result<(DmaFile, Superblock, bool), JournalError> {
     let dir = &config.dir;
     let path = dir.join(SUPERBLOCK_FILE_NAME);
@@ -2852,6 +2874,7 @@ async fn superblock_open(
             snapshot_checksum: 0,
             checkpoint_previous: Checkpoint::ROOT,
             segment_bytes: config.segment_bytes,
+            replacing,
         };
         superblock_create(dir, &superblock)?;
         directory

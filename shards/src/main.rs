@@ -41,8 +41,9 @@ enum Command {
     /// Create a replica's data directory, once, before its first start: takes the arguments
     /// of `node`. A replica (--peers, or --fault-model bft) refuses to start on a directory
     /// that was not formatted, and after its first start never creates a missing journal:
-    /// an empty one would forget what it acknowledged.
-    Format(NodeArgs),
+    /// an empty one would forget what it acknowledged. `--replace` formats a replica that
+    /// ran and lost its disk: it rebuilds from its peers before it votes.
+    Format(FormatArgs),
     /// Start a node on this machine, drive transfers at it over loopback, and print
     /// per-core committed TPS and latency percentiles.
     Bench(BenchArgs),
@@ -234,6 +235,20 @@ impl ShardArgs {
             ..NodeConfig::default()
         }
     }
+}
+
+#[derive(Debug, Args)]
+struct FormatArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// This replica ran before and lost its disk (crash-fault mode): format it to take its
+    /// own place. At its first start every shard neither acknowledges nor votes until it
+    /// has heard the view of a majority of the other replicas and installed a log at least
+    /// that new from its group's leader (docs/protocol.md 8; docs/operations.md, "A
+    /// replica lost its disk"). Needs every group's leader and at least f + 1 other
+    /// replicas up (with 3 replicas: both others).
+    #[arg(long)]
+    replace: bool,
 }
 
 #[derive(Debug, Args)]
@@ -761,7 +776,7 @@ fn node_config(args: &NodeArgs) -> Result<NodeConfig, Box<dyn std::error::Error>
 }
 
 /// `percore format`: creates a replica's data directory, once (`percore_shards::format`).
-fn run_format(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
+fn run_format(args: NodeArgs, replace: bool) -> Result<(), Box<dyn std::error::Error>> {
     let config = node_config(&args)?;
     let Some(journal) = &config.journal else {
         return Err("format needs --data-dir".into());
@@ -773,7 +788,24 @@ fn run_format(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .into(),
         );
     };
-    percore_shards::format::format(&journal.data_dir, identity)?;
+    let kind = if replace {
+        if config.bft.is_none()
+            && !config
+                .replication
+                .as_ref()
+                .is_some_and(|replication| replication.view_change)
+        {
+            return Err(
+                "format --replace needs view change (a replaced replica installs its group's \
+                 current log from the leader); do not set view_change = false"
+                    .into(),
+            );
+        }
+        percore_shards::format::FormatKind::Replace
+    } else {
+        percore_shards::format::FormatKind::New
+    };
+    percore_shards::format::format(&journal.data_dir, identity, kind)?;
     let described = percore_shards::format::describe(&journal.data_dir)?.unwrap_or_default();
     say!(
         "formatted {} ({described}): start it with `percore node` and the same arguments",
@@ -1438,8 +1470,9 @@ fn main() -> ExitCode {
         Command::Node(args) => {
             node_args_with_file(args, matches.subcommand_matches("node")).and_then(run_node)
         }
-        Command::Format(args) => {
-            node_args_with_file(args, matches.subcommand_matches("format")).and_then(run_format)
+        Command::Format(FormatArgs { node, replace }) => {
+            node_args_with_file(node, matches.subcommand_matches("format"))
+                .and_then(|node| run_format(node, replace))
         }
         Command::Status(args) => match run_status(args) {
             Ok(true) => Ok(()),

@@ -284,7 +284,7 @@ shard_metrics! {
     gauge connections: "Open client connections.",
     gauge replica_is_leader: "1 if this replica leads the shard's replication group.",
     gauge replication_view: "The view this replica is in (its group's leader is (shard + view) mod replicas).",
-    gauge replication_status: "1 normal, 2 changing views, 3 recovering lost journal entries.",
+    gauge replication_status: "1 normal, 2 changing views, 3 recovering lost journal entries (or rebuilding after format --replace).",
     gauge replication_op_head: "Highest op staged in this replica's journal.",
     gauge replication_op_durable: "Highest op durable in this replica's journal.",
     gauge replication_commit_max: "Highest op this replica knows is committed.",

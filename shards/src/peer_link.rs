@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use glommio::net::{TcpListener, TcpStream};
 use percore_engine::message::{ClusterKey, PEER_HEADER_BYTES, PeerHeader};
+use percore_engine::replica::REPLICA_COUNT_MAX;
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
 
@@ -200,6 +201,9 @@ where
     P: PeerProtocol<S>,
 {
     let receivers = Rc::new(Cell::new(0usize));
+    // Per peer: how many of its connections authenticated so far. A receiver serves only
+    // while its connection is the peer's newest (see `receive_loop`).
+    let generations: Rc<[Cell<u64>]> = (0..REPLICA_COUNT_MAX).map(|_| Cell::new(0)).collect();
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             until_finished(&shard).await;
@@ -209,9 +213,10 @@ where
         let Some(accepted) = accepted else { break };
         let Ok(stream) = accepted else { continue };
         let (shard, receivers) = (shard.clone(), receivers.clone());
+        let generations = generations.clone();
         receivers.set(receivers.get() + 1);
         glommio::spawn_local(async move {
-            receive_loop::<S, P>(&shard, stream).await;
+            receive_loop::<S, P>(&shard, stream, &generations).await;
             receivers.set(receivers.get() - 1);
         })
         .detach();
@@ -225,7 +230,14 @@ where
 /// Authenticates one inbound connection, then hands each frame to the protocol until the
 /// connection ends or the shard finishes. A failed handshake or a frame that fails its
 /// checks counts in `percore_peer_auth_failures_total` and ends the connection.
-async fn receive_loop<S, P>(shard: &Rc<Shard<S>>, stream: TcpStream)
+///
+/// A newly authenticated connection from a peer replaces the older ones (the peer
+/// reconnected, or restarted): a frame still arriving on an older one is dropped and that
+/// connection closed, never handed to the protocol. So once this replica has handled a
+/// message of a peer's new connection, nothing its earlier process sent counts any more: a
+/// replica formatted with `--replace` relies on it (`docs/protocol.md` 8). Dropping is safe:
+/// the peer already treated what it had queued on the old connection as lost.
+async fn receive_loop<S, P>(shard: &Rc<Shard<S>>, stream: TcpStream, generations: &[Cell<u64>])
 where
     S: StateMachine + 'static,
     P: PeerProtocol<S>,
@@ -262,6 +274,11 @@ where
         }
     };
     let from = receiver.from();
+    let Some(generation) = generations.get(usize::from(from)) else {
+        return;
+    };
+    let mine = generation.get() + 1;
+    generation.set(mine);
     tracing::info!(
         shard = shard.index,
         peer = from,
@@ -274,6 +291,15 @@ where
             None
         })
         .await;
+        if generation.get() != mine {
+            tracing::info!(
+                shard = shard.index,
+                peer = from,
+                "{} connection replaced by a newer one from the same peer",
+                P::NAME
+            );
+            return;
+        }
         match received {
             None => return,
             Some(Ok((header, body))) => P::received(shard, from, &header, body),

@@ -178,6 +178,9 @@ pub(crate) struct RecoveredLog<'a> {
     pub(crate) op_promised: u64,
     /// The journal was created by this start: the replica never ran before.
     pub(crate) created: bool,
+    /// The journal is marked replacing (`percore format --replace`): the replica lost its
+    /// disk and rebuilds from its peers before it votes (`Replica::replacing_start`).
+    pub(crate) replacing: bool,
 }
 
 impl Replication {
@@ -198,6 +201,7 @@ impl Replication {
             op_replayed,
             op_promised,
             created,
+            replacing,
         } = log;
         let mut config = percore_engine::replica::ReplicaConfig::new(
             shard as u32,
@@ -224,7 +228,11 @@ impl Replication {
         );
         // A replica that ran before may have led and sent entries it lost: as a leader it
         // leaves its view (`Replica::restart`). A new journal has no such past.
-        let mut replica = if created {
+        if replacing && !settings.view_change {
+            return Err(percore_engine::replica::ReplicaConfigError::ReplacingWithoutViewChange);
+        }
+        // A replacement's new journal is not a replica that never ran: it restarts.
+        let mut replica = if created && !replacing {
             assert_eq!(op, 0, "a new journal is empty");
             Replica::new(config, op, checksum, 0)?
         } else {
@@ -239,6 +247,17 @@ impl Replication {
                  it repairs them from its peers and neither acknowledges nor votes until then"
             );
             replica.recovering_start(op_promised);
+        }
+        if replacing {
+            tracing::warn!(
+                shard,
+                op,
+                view = views.view,
+                "replica was formatted to replace one that lost its disk: it rebuilds from \
+                 its peers, and neither acknowledges nor votes until it has heard the view of \
+                 a majority of the others and installed a log at least that new"
+            );
+            replica.replacing_start(0);
         }
         let outboxes = Outbox::for_peers(
             settings.replica_count(),
@@ -506,6 +525,7 @@ where
         Command::Pong => replication.replica.borrow_mut().on_pong(
             now_us,
             from,
+            header.view,
             header.field_u64(field::PING_TIME_US),
             header.field_u64(field::PING_OP_DURABLE),
             header.field_u64(field::PING_COMMIT_MIN),
@@ -1150,12 +1170,16 @@ where
 }
 
 /// The replica left recovering without its journal reaching the promise (it installed a
-/// newer view's log, or, fixed view, no peer held the rest): the superblock stops keeping it.
+/// newer view's log, or, fixed view, no peer held the rest), or rebuilt after `format
+/// --replace`: the superblock stops keeping the promise, or the replacing mark.
 async fn promise_release<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool {
     let replication = shard.replication.as_ref().expect("replicated shard");
-    if journal.op_promised() == 0
+    // After the deferred `Persist` of the installed log's view: a replaced replica's mark
+    // goes only once its superblock records that log (a crash in between rebuilds again).
+    if (journal.op_promised() == 0 && !journal.replacing())
         || replication.replica.borrow().recovering().is_some()
         || journal.staged_bytes() > 0
+        || !replication.deferred.borrow().is_empty()
     {
         return false;
     }

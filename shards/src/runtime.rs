@@ -476,8 +476,11 @@ where
                 }
             }
         }
-        if let (Some(journal), Some(identity), JournalCreate::FirstStart) =
-            (&config.journal, format_identity, journal_create)
+        if let (
+            Some(journal),
+            Some(identity),
+            JournalCreate::FirstStart | JournalCreate::FirstStartReplacing,
+        ) = (&config.journal, format_identity, journal_create)
         {
             // Every shard opened (and so created) its journal: from now on a missing one
             // is refused.
@@ -820,7 +823,11 @@ async fn open_journal<S: StateMachine>(
             // Peers hold what a replicated journal lost: repair it from them
             // (docs/protocol.md 8). A journal with no peers refuses to open instead.
             repair_from_peers: config.replication.is_some(),
-            create: create == JournalCreate::FirstStart,
+            create: matches!(
+                create,
+                JournalCreate::FirstStart | JournalCreate::FirstStartReplacing
+            ),
+            replacing: create == JournalCreate::FirstStartReplacing,
             ..JournalOptions::default()
         },
         |meta, bytes| {
@@ -936,6 +943,7 @@ fn start_replication(
             op_replayed: journal.op_replayed(),
             op_promised: journal.op_promised(),
             created: journal.created(),
+            replacing: journal.replacing(),
         },
         config.seed ^ shard as u64,
         entry_bytes_max,

@@ -264,5 +264,35 @@ fn a_replica_starts_only_on_its_formatted_directory_and_never_recreates_a_lost_j
     std::fs::remove_dir_all(&data).unwrap();
     let error = node_serves(&args("0")).unwrap_err();
     assert!(error.contains("percore format"), "{error}");
+
+    // `format --replace`: the replica rebuilds from its peers. Its first start creates
+    // every journal marked replacing, and the mark stays until it has rebuilt (no peer
+    // runs here, so it stays).
+    let mut replace = args("0");
+    replace.push("--replace".into());
+    let (formatted, stderr) = format(&replace);
+    assert!(
+        formatted && stderr.contains("to replace a replica"),
+        "{stderr}"
+    );
+    let (again, stderr) = format(&replace);
+    assert!(!again && stderr.contains("formatted once"), "{stderr}");
+    let lines = node_serves(&args("0")).expect("the replacement starts");
+    let replacing = lines
+        .iter()
+        .filter(|line| line.contains("formatted to replace one that lost its disk"))
+        .count();
+    assert_eq!(
+        replacing,
+        first_core_list().split(',').count(),
+        "{lines:#?}"
+    );
+    let inspected = Command::new(PERCORE)
+        .args(["inspect", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspected.stdout);
+    assert!(text.contains(", replacing (format --replace"), "{text}");
+    node_serves(&args("0")).expect("a restart while replacing");
     std::fs::remove_dir_all(&root).unwrap();
 }

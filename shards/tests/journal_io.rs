@@ -160,7 +160,8 @@ fn append_commit_reopen_replays_exactly_in_order() {
                     checkpoint_op: 0,
                     entries: 0,
                     tail: Tail::Clean,
-                    recovering: None
+                    recovering: None,
+                    replacing: false,
                 }
             );
             assert!(replayed.is_empty());
@@ -374,7 +375,8 @@ fn torn_tail_is_truncated_and_the_next_append_is_clean() {
                     checkpoint_op: 0,
                     entries: op_last,
                     tail: Tail::Torn { offset: torn_at },
-                    recovering: None
+                    recovering: None,
+                    replacing: false,
                 }
             );
             assert_eq!(replayed[..], written[..op_last as usize]);
@@ -1102,4 +1104,42 @@ fn raw_dd(root: &Path) {
         Err(error) => println!("dd unavailable: {error}"),
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// `percore format --replace`: a journal created replacing carries the mark in its first
+/// superblock, keeps it through appends, superblock writes and restarts, and loses it only
+/// when the replica says it rebuilt (`promise_release`).
+#[test]
+fn a_replacing_journal_keeps_its_mark_until_released() {
+    let temp = TempDir::new("journal-io", "replacing");
+    let dir = temp.shard_dir(SHARD);
+    run(move || async move {
+        let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always);
+        let options = JournalOptions {
+            repair_from_peers: true,
+            replacing: true,
+            ..JournalOptions::default()
+        };
+        let (mut journal, recovered) = Journal::open_with_options(config.clone(), options, |_| {})
+            .await
+            .expect("create");
+        assert!(recovered.replacing && journal.replacing() && journal.created());
+        let written = batches(1..=6, 3);
+        append(&mut journal, &written, 2).await;
+        journal.write_superblock().await.expect("superblock");
+        journal.close().await.expect("close");
+
+        // A restart, even one that would not create a replacing journal, keeps the mark.
+        let (mut journal, recovered, replayed) =
+            open_repairing(config.clone()).await.expect("reopen");
+        assert!(recovered.replacing && journal.replacing() && !journal.created());
+        assert_eq!(replayed, written);
+        journal.promise_release().await.expect("release");
+        assert!(!journal.replacing());
+        journal.close().await.expect("close");
+
+        let (_, recovered, replayed) = open(config).await.expect("rebuilt");
+        assert!(!recovered.replacing);
+        assert_eq!((recovered.op_last, replayed), (6, written));
+    });
 }

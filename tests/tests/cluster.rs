@@ -1234,3 +1234,129 @@ fn leader_killed_twice() {
         outcome.redirects
     );
 }
+
+/// A replica loses its disk (replica 2, a follower of both groups: its data directory is
+/// deleted while it is down) and comes back through `percore format --replace`
+/// (`docs/protocol.md` 8). The leaders have meanwhile checkpointed and removed the segments
+/// it would need, so each group's rebuild installs the current view's log through a state
+/// sync while it installs. Once rebuilt it votes again: with group 0's leader killed, group
+/// 0 changes views with replicas 1 and 2 alone. Every acknowledged transfer is applied once,
+/// the journals agree, money is conserved.
+#[test]
+fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
+    let mut harness = Harness::start_with(
+        "replace",
+        REPLICAS,
+        &["--checkpoint-interval-ops", "32", "--retain-ops", "0"],
+    );
+    let mut setup = harness.replicated_client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let load = FollowingLoad::start(harness.following_client(2), &accounts, 0xD15C, 3 << 100);
+    let commits = |harness: &Harness| -> Vec<u64> {
+        (0..SHARDS)
+            .map(|shard| harness.commit_seen(harness.cluster.leader_of(shard), shard))
+            .collect()
+    };
+    wait_until("both groups commit under load", || {
+        commits(&harness).iter().all(|c| *c >= 10).then_some(())
+    });
+    assert_eq!(harness.metric_sum(2, "percore_replica_is_leader"), 0);
+    harness.cluster.kill(2);
+    let data_dir = harness.cluster.data_dir(2);
+    std::fs::remove_dir_all(&data_dir).expect("replica 2's disk is lost");
+    // A lost disk is refused, never started as new.
+    let refused = Command::new(PERCORE)
+        .args(harness.cluster.node_args(2))
+        .stdin(Stdio::null())
+        .output()
+        .expect("percore node runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("percore.format"),
+        "{stderr}"
+    );
+    // Enough ops for the leaders to checkpoint past several 4 MiB segments and remove them.
+    let at_kill = commits(&harness);
+    wait_until("the leaders commit past several segments", || {
+        load.assert_running();
+        commits(&harness)
+            .iter()
+            .zip(&at_kill)
+            .all(|(now, then)| *now >= then + 1_500)
+            .then_some(())
+    });
+
+    let mut format = harness.cluster.node_args(2);
+    format[0] = "format".into();
+    format.push("--replace".into());
+    let formatted = Command::new(PERCORE)
+        .args(&format)
+        .stdin(Stdio::null())
+        .output()
+        .expect("percore format runs");
+    let said = String::from_utf8_lossy(&formatted.stderr);
+    assert!(
+        formatted.status.success() && said.contains("to replace a replica"),
+        "{said}"
+    );
+    let at_restart = commits(&harness);
+    let views: Vec<u64> = (0..SHARDS)
+        .map(|shard| {
+            harness.metric(
+                harness.cluster.leader_of(shard),
+                "percore_replication_view",
+                shard,
+            )
+        })
+        .collect();
+    let restarted = Instant::now();
+    harness
+        .cluster
+        .restart(2)
+        .expect("replica 2 restarts replacing");
+    let rebuilt = wait_until("replica 2 rebuilt every group", || {
+        load.assert_running();
+        harness
+            .rejoined(2, &views, &at_restart)
+            .unwrap_or(false)
+            .then(|| restarted.elapsed())
+    });
+    for shard in 0..SHARDS {
+        assert!(
+            harness.metric(2, "percore_state_syncs_installed_total", shard) >= 1,
+            "group {shard} rebuilt through a state sync (its peers no longer hold op 1)"
+        );
+    }
+    let log = std::fs::read_to_string(harness.cluster.log_path(2)).expect("replica 2's log");
+    assert_eq!(
+        log.matches("formatted to replace one that lost its disk")
+            .count(),
+        SHARDS,
+        "each shard started replacing"
+    );
+    assert_eq!(
+        log.matches("replica recovered").count(),
+        SHARDS,
+        "each shard left replacing"
+    );
+
+    // Replica 2 votes again: without replica 0, group 0 needs it for a view change.
+    let before_failover = harness.commit_seen(1, 0).max(harness.commit_seen(2, 0));
+    harness.cluster.kill(0);
+    let new_leader = wait_until("a new leader of group 0 commits with replica 2", || {
+        load.assert_running();
+        let leader = harness.current_leader(0, &[1, 2])?;
+        (harness.commit_seen(leader, 0) > before_failover + 20).then_some(leader)
+    });
+    harness.cluster.restart(0).expect("replica 0 restarts");
+    let outcome = load.finish();
+    let committed =
+        assert_failover_outcome(&mut harness, funded_balances(&accounts), &outcome.applied);
+    eprintln!(
+        "replica 2 replaced at commits {at_restart:?} (killed at {at_kill:?}), rebuilt in \
+         {rebuilt:?}; group 0 then failed over to replica {new_leader}; committed \
+         {committed:?}; {} transfers acknowledged",
+        outcome.applied.len()
+    );
+}

@@ -135,6 +135,30 @@ fn view_change_leader_rebalance() {
     }
 }
 
+/// Disk loss (`percore format --replace`): in some runs a replica restarted by a fault first
+/// loses its disk and comes back on a blank one marked replacing; it must rebuild (hear the
+/// views of `f + 1` others, install a log at least that new) before it acknowledges or votes.
+/// Every checker runs across those rebuilds, and the summaries must show replacements, each
+/// rebuilt by the end of its run.
+#[test]
+fn view_change_replaced_disks() {
+    for (replicas, seeds) in [(3, 6_000..6_060), (5, 6_100..6_130)] {
+        let options = Options {
+            replicas,
+            replace: true,
+            ..Options::view_change()
+        };
+        let summaries = assert_batch_passes(seeds, options);
+        let replaced: u64 = summaries.iter().map(|summary| summary.replacements).sum();
+        let rebuilt: u64 = summaries
+            .iter()
+            .map(|summary| summary.replacements_rebuilt)
+            .sum();
+        assert!(replaced > 0, "no disk lost in {replicas} replicas' runs");
+        assert_eq!(rebuilt, replaced, "every replaced replica rebuilds");
+    }
+}
+
 #[test]
 fn view_change_no_faults_converges() {
     let options = Options {
@@ -262,6 +286,34 @@ fn leader_resumes_view_is_caught() {
             "agreement" | "state-agreement" | "truncate-committed"
         )),
         "no safety violation in 100 seeds: {:?}",
+        failures
+            .iter()
+            .map(|failure| (failure.seed, failure.checker))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A replica that lost its disk and restarts on the blank one as if nothing was lost
+/// (`--bug replace-as-new`: no `replacing_start`) acknowledges and votes with an empty log.
+/// The checkers still count what it lost as held, so what they catch is the consequence: a
+/// view change that drops a committed op (agreement, state-agreement, truncate-committed,
+/// or the engine's own assertion that the selected log holds every committed op). The
+/// floor rule (`--bug replace-skip-floor`) is caught more rarely; `tests/seeds.txt` replays
+/// the seeds that catch it.
+#[test]
+fn replace_as_new_is_caught() {
+    let options = Options {
+        bug: Some(Bug::ReplaceAsNew),
+        replace: true,
+        ..Options::view_change()
+    };
+    let failures = run_batch(0..60, &options);
+    assert!(
+        failures.iter().any(|failure| matches!(
+            failure.checker,
+            "agreement" | "state-agreement" | "truncate-committed" | "durability" | "panic"
+        )),
+        "no safety violation in 60 seeds: {:?}",
         failures
             .iter()
             .map(|failure| (failure.seed, failure.checker))

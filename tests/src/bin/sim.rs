@@ -4,8 +4,8 @@
 //! ```text
 //! cargo run -p percore-tests --bin sim -- --seed 42 [--replicas 3|5] [--groups 1|2]
 //!     [--steps N] [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal]
-//!     [--view-change [--no-workarounds] [--rebalance-ms MS]]
-//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk]
+//!     [--view-change [--no-workarounds] [--rebalance-ms MS] [--replace on|off]]
+//!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk|replace-as-new|replace-skip-floor]
 //!     [-v]
 //! cargo run -p percore-tests --bin sim -- --seeds 0..10000
 //! ```
@@ -22,8 +22,8 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: sim (--seed S | --seeds A..B) [--replicas 3|5] [--groups 1|2] [--steps N] \\
                  [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal] \\
-                 [--view-change [--no-workarounds] [--rebalance-ms MS]] \\
-                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk] [-v]"
+                 [--view-change [--no-workarounds] [--rebalance-ms MS] [--replace on|off]] \\
+                 [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk|replace-as-new|replace-skip-floor] [-v]"
             );
             return ExitCode::from(2);
         }
@@ -62,6 +62,8 @@ fn main() -> ExitCode {
                 total.superblock_commit_kept += summary.superblock_commit_kept;
                 total.corruptions += summary.corruptions;
                 total.recoveries += summary.recoveries;
+                total.replacements += summary.replacements;
+                total.replacements_rebuilt += summary.replacements_rebuilt;
             }
             Err(failure) => {
                 print!("{failure}");
@@ -88,6 +90,12 @@ fn main() -> ExitCode {
             "passing seeds: {} durable entries damaged, {} replicas started recovering",
             total.corruptions, total.recoveries
         );
+        if options.replace {
+            println!(
+                "replaced disks (--replace): {} replica-groups, {} rebuilt before the run ended",
+                total.replacements, total.replacements_rebuilt
+            );
+        }
         if options.view_change {
             print_failovers(&total);
         }

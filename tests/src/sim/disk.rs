@@ -58,9 +58,12 @@ pub struct Disk {
     /// The shard (group) every entry belongs to.
     shard: u32,
     /// Recovering: ops up to here may have been acknowledged, and some are missing (the
-    /// runtime's superblock `op_durable`, kept while recovering); 0 when none. Survives
-    /// crashes.
+    /// runtime's superblock `op_durable`, kept while recovering); 0 when none, `u64::MAX`
+    /// while replaced. Survives crashes.
     promised: u64,
+    /// The disk was lost and a blank one formatted with `--replace` took its place (the
+    /// runtime's `Superblock::replacing`); cleared with the promise.
+    replaced: bool,
     /// Checkers: the checksums of the durable ops before the damage, so that an op a
     /// recovering replica promised still counts as held by it (it may not vote without it).
     shadow: Vec<JournalChecksum>,
@@ -79,8 +82,28 @@ impl Disk {
             fsync_target: None,
             shard,
             promised: 0,
+            replaced: false,
             shadow: Vec::new(),
         }
+    }
+
+    /// Fault, while the replica is down: the disk is lost, and a blank one formatted with
+    /// `--replace` takes its place. Nothing survives but the mark. For the checkers the
+    /// replica still holds what it had durably (the shadow, as after [`Disk::corrupt`]):
+    /// it may not vote until it has installed a log that holds it again.
+    pub fn replace(&mut self) {
+        assert!(self.fsync_target.is_none(), "the replica is down");
+        assert_eq!(self.promised, 0, "only an undamaged disk is replaced");
+        let shadow = self.checksums[..self.op_durable as usize].to_vec();
+        *self = Disk::new(self.body_bytes_max, self.shard);
+        self.shadow = shadow;
+        self.promised = u64::MAX;
+        self.replaced = true;
+    }
+
+    /// Whether the disk is a replacement whose replica has not rebuilt yet.
+    pub fn replaced(&self) -> bool {
+        self.replaced
     }
 
     /// The promise a recovering replica keeps (0: none).
@@ -92,6 +115,7 @@ impl Disk {
     /// promise is dropped (the runtime's `Journal::promise_release`).
     pub fn promise_release(&mut self) {
         self.promised = 0;
+        self.replaced = false;
         self.shadow.clear();
     }
 
@@ -306,8 +330,9 @@ impl Disk {
         self.bytes.truncate(outcome.end_offset as usize);
         self.op_durable = outcome.op_last;
         self.fsync_target = None;
-        let recovering = (self.promised > outcome.op_last).then_some(self.promised);
-        if recovering.is_none() {
+        let recovering =
+            (self.promised > outcome.op_last && !self.replaced).then_some(self.promised);
+        if recovering.is_none() && !self.replaced {
             self.promise_release();
         }
         Recovered {

@@ -60,6 +60,13 @@ pub enum Bug {
     /// core's: after the core truncated (installing a new view) and before the journal did,
     /// ops of the abandoned suffix go out labelled as the new view's log (seed 394).
     ServeFromDisk,
+    /// `--replace`: a replica that lost its disk restarts on the blank one as if nothing
+    /// was lost (no `replacing_start`): it acknowledges and votes with an empty log. The
+    /// checkers still count what it lost as held, so only the consequences show.
+    ReplaceAsNew,
+    /// `--replace`: a replaced replica does not wait for the views of `f + 1` others
+    /// (`Replica::bug_skip_view_floor`) and installs the first StartView it gets.
+    ReplaceSkipFloor,
 }
 
 impl Bug {
@@ -75,6 +82,8 @@ impl Bug {
             "no-sessions" => Some(Bug::NoSessions),
             "leader-resumes-view" => Some(Bug::LeaderResumesView),
             "serve-from-disk" => Some(Bug::ServeFromDisk),
+            "replace-as-new" => Some(Bug::ReplaceAsNew),
+            "replace-skip-floor" => Some(Bug::ReplaceSkipFloor),
             _ => None,
         }
     }
@@ -91,6 +100,8 @@ impl Bug {
             Bug::NoSessions => "no-sessions",
             Bug::LeaderResumesView => "leader-resumes-view",
             Bug::ServeFromDisk => "serve-from-disk",
+            Bug::ReplaceAsNew => "replace-as-new",
+            Bug::ReplaceSkipFloor => "replace-skip-floor",
         }
     }
 }
@@ -140,6 +151,11 @@ pub struct Options {
     /// simulated ms; 0 (the simulator's default, so that the recorded runs stay as they
     /// were) turns it off. A few hundred ms hands groups back within a run.
     pub rebalance_ms: u64,
+    /// View change, with `faults`: in some runs (drawn per seed, from a random stream of
+    /// its own), a replica restarted by a fault first loses its disk and comes back
+    /// formatted with `--replace` (`Replica::replacing_start`). Off by default, so that the
+    /// recorded runs stay as they were.
+    pub replace: bool,
 }
 
 impl Default for Options {
@@ -158,6 +174,7 @@ impl Default for Options {
             no_workarounds: false,
             corrupt: true,
             rebalance_ms: 0,
+            replace: false,
         }
     }
 }
@@ -236,6 +253,10 @@ pub struct Summary {
     /// Replicas that started recovering (their journal lost entries they may have
     /// acknowledged).
     pub recoveries: u64,
+    /// Replicas whose disk was lost and replaced (`--replace`), one per replica and event.
+    pub replacements: u64,
+    /// Replaced replica-groups that rebuilt (left replacing) before the run ended.
+    pub replacements_rebuilt: u64,
     /// View-change actions the fixed-view driver dropped (none expected: without
     /// `view_change` the core produces none).
     pub view_change_actions_dropped: u64,
@@ -362,6 +383,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 "off" => options.faults = false,
                 _ => return Err("--faults is on or off".to_string()),
             },
+            "--replace" => match value.as_str() {
+                "on" => options.replace = true,
+                "off" => options.replace = false,
+                _ => return Err("--replace is on or off".to_string()),
+            },
             "--corrupt" => match value.as_str() {
                 "on" => options.corrupt = true,
                 "off" => options.corrupt = false,
@@ -410,6 +436,10 @@ pub fn options_args(options: &Options) -> Vec<String> {
     if !options.corrupt {
         args.push("--corrupt".to_string());
         args.push("off".to_string());
+    }
+    if options.replace {
+        args.push("--replace".to_string());
+        args.push("on".to_string());
     }
     if options.rebalance_ms != 0 {
         args.push("--rebalance-ms".to_string());

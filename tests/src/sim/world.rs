@@ -91,6 +91,10 @@ pub const LEADER_BOUND_US: u64 = 5_000_000;
 pub const CORRUPT_RUNS_PER_MILLION: u64 = 400_000;
 /// Mixed into the seed for the disk-corruption fault's own random stream.
 const CORRUPT_SEED_MIX: u64 = 0xC0DE_DA3A_6E00_0001;
+/// Share of `--replace` runs in which replicas lose their disks at all.
+pub const REPLACE_RUNS_PER_MILLION: u64 = 500_000;
+/// Mixed into the seed for the disk-loss fault's own random stream.
+const REPLACE_SEED_MIX: u64 = 0x0D15_C105_7000_0002;
 
 const _: () = assert!(TRANSFERS_PER_REQUEST_MAX as usize <= BATCH_RECORDS_MAX);
 const _: () = assert!(ACCOUNTS_PER_GROUP <= BATCH_RECORDS_MAX);
@@ -374,6 +378,9 @@ struct Profile {
     /// Chance that a replica restarted by a fault first has one durable entry of each of
     /// its journals damaged (0 in most runs).
     corrupt_per_million: u64,
+    /// Chance that a replica restarted by a fault first loses its disk and comes back
+    /// formatted with `--replace` (0 unless `Options::replace`).
+    replace_per_million: u64,
 }
 
 /// The whole simulated cluster and its checkers.
@@ -385,6 +392,8 @@ pub struct World {
     /// Draws of the disk-corruption fault: a stream of its own, so that runs without it
     /// replay as they did before it existed.
     corrupt_rng: SimRng,
+    /// Draws of the disk-loss fault: a stream of its own, like `corrupt_rng`.
+    replace_rng: SimRng,
     profile: Profile,
     pub(super) now_us: u64,
     pub(super) step: u64,
@@ -446,6 +455,7 @@ impl World {
             pipeline_prepares_max: options.pipeline_prepares_max,
             commit_persist_interval_ops: 0,
             corrupt_per_million: 0,
+            replace_per_million: 0,
         };
         // Drawn last, and only with view change, so fixed-view runs replay as before.
         let mut profile = profile;
@@ -459,6 +469,14 @@ impl World {
         if faults && options.corrupt && corrupt_rng.chance(CORRUPT_RUNS_PER_MILLION) {
             profile.corrupt_per_million = corrupt_rng.range(200_000, 700_000);
         }
+        let mut replace_rng = SimRng::new(seed ^ REPLACE_SEED_MIX);
+        if faults
+            && options.view_change
+            && options.replace
+            && replace_rng.chance(REPLACE_RUNS_PER_MILLION)
+        {
+            profile.replace_per_million = replace_rng.range(150_000, 500_000);
+        }
         let body_bytes_max = journal::entry_body_bytes_max(BATCH_RECORDS_MAX, RECORD_BYTES);
         let groups = options.groups as usize;
         let replicas = usize::from(options.replicas);
@@ -470,6 +488,7 @@ impl World {
             options,
             rng,
             corrupt_rng,
+            replace_rng,
             profile,
             now_us: 0,
             step: 0,
@@ -765,6 +784,7 @@ impl World {
         // As the runtime: a journal created by this start belongs to a replica that never
         // ran; any other start is a restart, and a leader then leaves its view.
         let first_start = self.nodes[index].epoch == 0;
+        let replaced = self.nodes[index].disk.replaced();
         let replica = if first_start {
             assert_eq!(recovered.op_last, 0, "a new journal is empty");
             Replica::new(config, 0, recovered.checksum_last, self.now_us)
@@ -789,6 +809,13 @@ impl World {
             // As the runtime: the journal lost entries it may have acknowledged.
             replica.recovering_start(op_promised);
             self.summary.recoveries += 1;
+        }
+        if replaced && self.options.bug != Some(Bug::ReplaceAsNew) {
+            // As the runtime: the superblock is marked replacing (`format --replace`).
+            replica.replacing_start(self.now_us);
+            if self.options.bug == Some(Bug::ReplaceSkipFloor) {
+                replica.bug_skip_view_floor();
+            }
         }
         let mut unconfirmed = Vec::new();
         ledger.unconfirmed_outbound(&mut |outbound| unconfirmed.push(outbound));
@@ -889,11 +916,47 @@ impl World {
                 continue;
             }
             let index = self.node_index(replica, group);
+            if self.nodes[index].disk.replaced() {
+                continue;
+            }
             if let Some(op) = self.nodes[index].disk.corrupt(&mut self.corrupt_rng) {
                 self.summary.corruptions += 1;
                 self.trace_line(format!("node r{replica}g{group} CORRUPT durable op {op}"));
             }
         }
+    }
+
+    /// Fault, while `replica` is down (`--replace`): maybe its disk is lost and a blank one
+    /// formatted with `--replace` takes its place, for every group. Returns whether it was.
+    fn replace_maybe(&mut self, replica: u8) -> bool {
+        if self.profile.replace_per_million == 0 {
+            return false;
+        }
+        // At most f replicas of a group may lack what they acknowledged at once (damaged,
+        // or replaced and not rebuilt): one more could lose a committed op everywhere.
+        let f = usize::from(self.options.replicas - 1) / 2;
+        let allowed = (0..self.options.groups).all(|group| {
+            let damaged = (0..self.options.replicas)
+                .filter(|r| self.nodes[self.node_index(*r, group)].disk.promised() > 0)
+                .count();
+            let mine = self.nodes[self.node_index(replica, group)].disk.promised() > 0;
+            damaged < f && !mine
+        });
+        if !allowed || !self.replace_rng.chance(self.profile.replace_per_million) {
+            return false;
+        }
+        for group in 0..self.options.groups {
+            let index = self.node_index(replica, group);
+            let node = &mut self.nodes[index];
+            node.disk.replace();
+            node.superblock = Superblock::default();
+            node.acked = (0, 0);
+            self.summary.replacements += 1;
+        }
+        self.trace_line(format!(
+            "replica {replica} DISK LOST: formatted again with --replace"
+        ));
+        true
     }
 
     fn restart(&mut self, replica: u8) {
@@ -1061,6 +1124,7 @@ impl World {
             } => live.replica.on_pong(
                 now_us,
                 from,
+                message.view,
                 time_us,
                 op_durable,
                 commit_min,
@@ -1526,7 +1590,21 @@ impl World {
             if self.io_busy(node) {
                 return;
             }
-            if live.replica.recovering().is_none() && self.nodes[node].disk.promised() > 0 {
+            let replaced_voting =
+                self.nodes[node].disk.replaced() && self.options.bug == Some(Bug::ReplaceAsNew);
+            if live.replica.recovering().is_none()
+                && self.nodes[node].disk.promised() > 0
+                && !replaced_voting
+            {
+                if self.nodes[node].disk.replaced() {
+                    let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
+                    self.summary.replacements_rebuilt += 1;
+                    self.trace_line(format!(
+                        "r{replica}g{group} rebuilt after --replace: view {}, op {}",
+                        live.replica.view(),
+                        live.replica.op_durable()
+                    ));
+                }
                 // As the runtime: the replica left recovering without reaching the promise
                 // (it installed a newer view's log, or no peer held the rest): drop it.
                 let op_durable = self.nodes[node].disk.op_durable();
@@ -2566,7 +2644,9 @@ impl World {
             if !down.is_empty() {
                 let replica = down[self.rng.below(down.len() as u64) as usize];
                 self.trace_line(format!("replica {replica} RESTART"));
-                self.corrupt_maybe(replica);
+                if !self.replace_maybe(replica) {
+                    self.corrupt_maybe(replica);
+                }
                 self.restart(replica);
             }
         } else if draw < 60 {
