@@ -1084,6 +1084,7 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
     ShardMetrics::set(
         &metrics.replication_status,
         match (replica.status(), replica.recovering()) {
+            (_, Some(_)) if replica.replacing() => 4,
             (_, Some(_)) => 3,
             (Status::Normal, None) => 1,
             (Status::ViewChange, None) => 2,

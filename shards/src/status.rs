@@ -15,9 +15,6 @@ use serde::Serialize;
 use crate::cluster::{metric, scrape_metrics, shard_metric};
 use crate::config::PeersDigest;
 
-/// View every group is in until failover lands (there is no view metric yet).
-pub const VIEW_FIXED: u64 = 0;
-
 /// What to ask.
 #[derive(Debug, Clone)]
 pub struct StatusConfig {
@@ -68,9 +65,12 @@ pub struct ShardStatus {
     pub core: Option<u64>,
     /// NUMA node of that core.
     pub numa_node: Option<u64>,
-    /// "leader", "follower" or "single" (an unreplicated node).
+    /// "single" (an unreplicated node), "leader", "follower", or, for a replica that
+    /// cannot lead or acknowledge yet: "view-change", "recovering" (lost journal entries),
+    /// "rebuilding" (formatted with `--replace`), "state-transfer" (BFT mode).
     pub role: &'static str,
-    /// View of the group: always [`VIEW_FIXED`] until failover lands.
+    /// The group's view as this replica sees it (`percore_replication_view`, BFT mode
+    /// `percore_bft_view`; 0 for an unreplicated node).
     pub view: u64,
     /// Highest op known committed (`percore_replication_commit_max`; a single node's
     /// `percore_commit_op`).
@@ -241,10 +241,16 @@ fn shard_status(
         })
         .collect::<Vec<_>>();
     let replicated = replicas.map_or(!peers.is_empty(), |count| count > 1);
-    let role = match (replicated, value("percore_replica_is_leader")) {
-        (false, _) => "single",
-        (true, Some(1)) => "leader",
-        (true, _) => "follower",
+    let bft = value("percore_bft_status").is_some();
+    let status = value("percore_replication_status").or(value("percore_bft_status"));
+    let role = match (replicated, value("percore_replica_is_leader"), status) {
+        (false, _, _) => "single",
+        (true, Some(1), _) => "leader",
+        (true, _, Some(2)) => "view-change",
+        (true, _, Some(3)) if bft => "state-transfer",
+        (true, _, Some(3)) => "recovering",
+        (true, _, Some(4)) => "rebuilding",
+        (true, _, _) => "follower",
     };
     let commit_op = if replicated {
         value("percore_replication_commit_max")
@@ -258,7 +264,9 @@ fn shard_status(
         core: value("percore_config_shard_core"),
         numa_node: value("percore_config_shard_numa_node"),
         role,
-        view: VIEW_FIXED,
+        view: value("percore_replication_view")
+            .or(value("percore_bft_view"))
+            .unwrap_or(0),
         commit_op: commit_op.unwrap_or(0),
         op_durable: value("percore_replication_op_durable").unwrap_or(0),
         tx_per_s: if seconds > 0.0 {
@@ -297,7 +305,7 @@ pub fn render_text(status: &ClusterStatus) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:>5} {:>4} {:>4} {:<8} {:<9} {:>10} {:>10} {:>10}  peers",
+            "  {:>5} {:>4} {:>4} {:<14} {:<9} {:>10} {:>10} {:>10}  peers",
             "shard", "core", "numa", "role", "view", "commit_op", "op_durable", "tx/s"
         );
         for shard in &node.shards {
@@ -311,7 +319,7 @@ pub fn render_text(status: &ClusterStatus) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "  {:>5} {:>4} {:>4} {:<8} {:<9} {:>10} {:>10} {:>10.0}  {}",
+                "  {:>5} {:>4} {:>4} {:<14} {:<9} {:>10} {:>10} {:>10.0}  {}",
                 shard.shard,
                 or_dash(shard.core),
                 or_dash(shard.numa_node),
@@ -383,6 +391,37 @@ mod tests {
             healthy: true,
         });
         assert!(text.contains("r2 DOWN lag -"), "{text}");
+    }
+
+    #[test]
+    fn a_replica_that_cannot_lead_or_acknowledge_says_why() {
+        let now = Instant::now();
+        let before = (String::new(), now);
+        let follower = LEADER.replace(
+            "percore_replica_is_leader{shard=\"0\"} 1",
+            "percore_replica_is_leader{shard=\"0\"} 0",
+        );
+        for (status, role) in [
+            ("1", "follower"),
+            ("2", "view-change"),
+            ("3", "recovering"),
+            ("4", "rebuilding"),
+        ] {
+            let text = format!(
+                "{follower}percore_replication_status{{shard=\"0\"}} {status}\n\
+                 percore_replication_view{{shard=\"0\"}} 7\n"
+            );
+            let node = node_status("n0", &before, &(text, now));
+            assert_eq!((node.shards[0].role, node.shards[0].view), (role, 7));
+        }
+        let bft = format!(
+            "{follower}percore_bft_status{{shard=\"0\"}} 3\npercore_bft_view{{shard=\"0\"}} 4\n"
+        );
+        let node = node_status("n0", &before, &(bft, now));
+        assert_eq!(
+            (node.shards[0].role, node.shards[0].view),
+            ("state-transfer", 4)
+        );
     }
 
     #[test]

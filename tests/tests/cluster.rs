@@ -1349,6 +1349,23 @@ fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
         let leader = harness.current_leader(0, &[1, 2])?;
         (harness.commit_seen(leader, 0) > before_failover + 20).then_some(leader)
     });
+    // `percore status` reads each group's view and role from the metrics.
+    let status = percore_shards::status::run(&percore_shards::status::StatusConfig {
+        addresses: [1, 2]
+            .map(|replica| harness.cluster.metrics_address(replica).to_string())
+            .to_vec(),
+        interval: Duration::from_millis(100),
+    });
+    let group_0: Vec<(&str, u64)> = status
+        .nodes
+        .iter()
+        .map(|node| (node.shards[0].role, node.shards[0].view))
+        .collect();
+    let view = harness.metric(new_leader, "percore_replication_view", 0);
+    assert!(view >= 1, "group 0 changed views");
+    let leader_row = usize::from(new_leader == 2);
+    assert_eq!(group_0[leader_row], ("leader", view), "{group_0:?}");
+    assert_eq!(group_0[1 - leader_row].1, view, "{group_0:?}");
     harness.cluster.restart(0).expect("replica 0 restarts");
     let outcome = load.finish();
     let committed =
