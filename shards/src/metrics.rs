@@ -308,6 +308,7 @@ shard_metrics! {
     counter replication_legs_resent_total: "Unacknowledged credit legs sent again.",
     counter peer_connections_total: "Authenticated peer connections established.",
     counter peer_auth_failures_total: "Peer connections refused (bad key, unknown peer, bad frame).",
+    counter peer_connections_replaced_total: "Inbound peer connections closed because the same peer authenticated a newer one (a frame that arrived on the older one was dropped).",
     counter client_not_leader_total: "Client requests refused because this replica does not lead.",
     counter checkpoints_total: "Checkpoints recorded in the superblock.",
     gauge checkpoint_op: "Op of the latest checkpoint recorded in the superblock.",

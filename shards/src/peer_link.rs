@@ -292,6 +292,7 @@ where
         })
         .await;
         if generation.get() != mine {
+            ShardMetrics::add(&shard.metrics.peer_connections_replaced_total, 1);
             tracing::info!(
                 shard = shard.index,
                 peer = from,

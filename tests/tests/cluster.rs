@@ -762,6 +762,98 @@ fn wrong_key_peer_is_rejected() {
     assert_replicas_agree(&harness, &committed);
 }
 
+/// A newer authenticated connection from a peer replaces the older ones
+/// (`docs/protocol.md` section 3): a test peer holding the cluster key dials replica 0's
+/// group 0 twice as replica 1, then sends on the first connection; replica 0 drops that
+/// frame and closes it (`percore_peer_connections_replaced_total`). The real replica 1,
+/// whose connection the test's displaced too, dials again and the group goes on: transfers
+/// commit, and every replica ends with the same journal.
+#[test]
+fn a_newer_connection_from_a_peer_replaces_the_older_one() {
+    use percore_engine::message::{Command as PeerCommand, PeerHeader, field};
+    use percore_net::peer::{self, PeerIdentity};
+
+    let mut harness = Harness::start("replaced-connection", REPLICAS);
+    let mut client = harness.client(1);
+    let accounts = create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let (mut rng, mut next_id) = (Rng(0xC0DE), 1u128 << 111);
+    let replaced =
+        |harness: &Harness| harness.metric(0, "percore_peer_connections_replaced_total", 0);
+    let baseline = replaced(&harness);
+    let key = percore_shards::replication::cluster_key_from_file(harness.cluster.key_file())
+        .expect("the cluster key");
+    let peers: Vec<std::net::SocketAddr> = (0..REPLICAS)
+        .map(|replica| harness.cluster.peer_address(replica, 0))
+        .collect();
+    let identity = PeerIdentity {
+        cluster_id: 1,
+        group: 0,
+        replica: 1,
+        replica_count: REPLICAS as u8,
+        peers_digest: percore_shards::config::PeersDigest::of(&peers).0,
+    };
+    let address = harness.cluster.peer_address(0, 0);
+    let closed_after = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(256 * 1024)
+        .spawn(move || async move {
+            let dial = || async {
+                let nonce = peer::os_nonce().expect("a nonce");
+                peer::dial(
+                    address,
+                    &identity,
+                    0,
+                    &key,
+                    nonce,
+                    Duration::from_secs(5),
+                    64 * 1024,
+                )
+                .await
+                .expect("replica 0 accepts a peer with the cluster key")
+            };
+            let mut older = dial().await;
+            let _newer = dial().await;
+            let ping = || {
+                let mut header = PeerHeader::new(PeerCommand::Ping, 0, 0, 1, 1);
+                header.set_field_u64(field::PING_TIME_US, 1);
+                header
+            };
+            // Replica 0 drops what arrives on the older connection and closes it: a write
+            // soon fails (the closed socket answers with a reset).
+            let started = Instant::now();
+            for sent in 1.. {
+                older.push(ping(), &[]).expect("room for a ping");
+                if older.flush().await.is_err() {
+                    return (sent, started.elapsed());
+                }
+                assert!(
+                    started.elapsed() < CONDITION_TIMEOUT,
+                    "the older connection stays open"
+                );
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            unreachable!()
+        })
+        .expect("executor starts")
+        .join()
+        .expect("test peer");
+    assert!(
+        replaced(&harness) > baseline,
+        "replica 0 counts the replaced connection"
+    );
+    transfers_still_commit(&harness, &mut client, &mut rng, &mut next_id, &accounts);
+    let committed = harness.wait_converged();
+    eprintln!(
+        "older connection closed after {} pings ({:?}); replaced connections on replica 0: \
+         {baseline} before, {} after",
+        closed_after.0,
+        closed_after.1,
+        replaced(&harness)
+    );
+    harness.stop_all();
+    assert_replicas_agree(&harness, &committed);
+}
+
 /// Kills the leader of group 0 under load: the other two replicas change views and the next
 /// replica leads; the client follows it; the old leader restarts and rejoins as a follower,
 /// and once it has been caught up for `REBALANCE_MS`, the group is handed back to it (leader
