@@ -186,8 +186,17 @@ fn a_config_file_starts_a_node_flags_override_it_and_status_reads_it() {
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("up, single node, 1 shard(s)"), "{output}");
     assert!(output.contains("single"), "{output}");
-    // Role "single" (padded to 8), then view 0.
-    assert!(output.contains("single   0 "), "{output}");
+    // Shard 0's row: core, NUMA node, role "single", then view 0.
+    let row: Vec<&str> = output
+        .lines()
+        .find(|line| line.starts_with("  ") && line.split_whitespace().nth(3) == Some("single"))
+        .map(|line| line.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        row.get(..5),
+        Some(&["0", "0", "0", "single", "0"][..]),
+        "{output}"
+    );
     assert!(output.contains("peers digests: agree"), "{output}");
     node.stop();
 
