@@ -343,6 +343,24 @@ fn wait_commits_past(harness: &Harness, load: &Background, from: &[u64], more: u
     });
 }
 
+/// `line` without its terminal colour sequences (`ESC [ ... m`), as the node's log has them.
+fn strip_ansi(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
 /// `percore inspect --replay` of one replica's data directory.
 fn inspect(data_dir: &Path) -> Inspected {
     let inspected = node::inspect_replay(PERCORE, data_dir);
@@ -1427,11 +1445,33 @@ fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
         SHARDS,
         "each shard started replacing"
     );
+    // Each shard left replacing only once it held a log reaching past what its group had
+    // committed when it restarted: a replica that voted at once would leave it at op 0.
+    let recovered: Vec<(usize, u64)> = log
+        .lines()
+        .map(strip_ansi)
+        .filter(|line| line.contains("replica recovered"))
+        .map(|line| {
+            let field = |name: &str| -> u64 {
+                let (_, rest) = line.split_once(name).expect("the field is logged");
+                rest.split(' ').next().unwrap().parse().expect("a number")
+            };
+            (field(" shard=") as usize, field(" op_durable="))
+        })
+        .collect();
     assert_eq!(
-        log.matches("replica recovered").count(),
+        recovered.len(),
         SHARDS,
-        "each shard left replacing"
+        "each shard left replacing once: {recovered:?}"
     );
+    for (shard, op_durable) in recovered {
+        assert!(
+            op_durable >= at_restart[shard],
+            "shard {shard} left replacing at op {op_durable}, below the group's commit \
+             {} at its restart",
+            at_restart[shard]
+        );
+    }
 
     // Replica 2 votes again: without replica 0, group 0 needs it for a view change.
     let before_failover = harness.commit_seen(1, 0).max(harness.commit_seen(2, 0));
