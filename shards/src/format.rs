@@ -265,11 +265,7 @@ pub fn check(data_dir: &Path, identity: Identity) -> Result<JournalCreate, Forma
             is.shard_count.to_string(),
         ));
     }
-    if formatted.started == Started::Replacing && is.fault_model == FaultModel::Bft {
-        return Err(FormatError::ReplaceBft {
-            path: data_dir.to_path_buf(),
-        });
-    }
+    // `format` never writes `replace` for BFT, and the fault model matched above.
     Ok(match formatted.started {
         Started::No => JournalCreate::FirstStart,
         Started::Replacing => JournalCreate::FirstStartReplacing,

@@ -316,10 +316,6 @@ impl Background {
         Self { stop, thread }
     }
 
-    fn is_running(&self) -> bool {
-        !self.thread.is_finished()
-    }
-
     fn finish(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
@@ -329,9 +325,21 @@ impl Background {
     }
 }
 
+/// A client load running in its own thread beside a test.
+trait ClientLoad {
+    /// Whether it still runs (it stops early only by failing).
+    fn is_running(&self) -> bool;
+}
+
+impl ClientLoad for Background {
+    fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+}
+
 /// Waits until every group's leader committed at least `more` ops past `from`, while the
 /// load keeps running.
-fn wait_commits_past(harness: &Harness, load: &Background, from: &[u64], more: u64) {
+fn wait_commits_past(harness: &Harness, load: &impl ClientLoad, from: &[u64], more: u64) {
     wait_until("the leaders commit more ops", || {
         assert!(load.is_running(), "the client load stopped early");
         let commits = harness.leader_commits();
@@ -968,6 +976,12 @@ fn leader_killed_fails_over() {
     );
 }
 
+impl ClientLoad for FollowingLoad {
+    fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+}
+
 /// Socket timeout of one try of a client that follows leaders: a paused or cut-off leader
 /// keeps its connections open and answers nothing, so the client must give up on it well
 /// inside its request deadline to try the next replica.
@@ -1094,7 +1108,7 @@ impl FollowingLoad {
     }
 
     fn assert_running(&self) {
-        assert!(!self.thread.is_finished(), "the client load stopped early");
+        assert!(self.is_running(), "the client load stopped early");
     }
 
     fn finish(self) -> LoadOutcome {
@@ -1363,14 +1377,7 @@ fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
     let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
         .expect("accounts created and funded");
     let load = FollowingLoad::start(harness.following_client(2), &accounts, 0xD15C, 3 << 100);
-    let commits = |harness: &Harness| -> Vec<u64> {
-        (0..SHARDS)
-            .map(|shard| harness.commit_seen(harness.cluster.leader_of(shard), shard))
-            .collect()
-    };
-    wait_until("both groups commit under load", || {
-        commits(&harness).iter().all(|c| *c >= 10).then_some(())
-    });
+    wait_commits_past(&harness, &load, &[0; SHARDS], 10);
     assert_eq!(harness.metric_sum(2, "percore_replica_is_leader"), 0);
     harness.cluster.kill(2);
     let data_dir = harness.cluster.data_dir(2);
@@ -1387,15 +1394,8 @@ fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
         "{stderr}"
     );
     // Enough ops for the leaders to checkpoint past several 4 MiB segments and remove them.
-    let at_kill = commits(&harness);
-    wait_until("the leaders commit past several segments", || {
-        load.assert_running();
-        commits(&harness)
-            .iter()
-            .zip(&at_kill)
-            .all(|(now, then)| *now >= then + 1_500)
-            .then_some(())
-    });
+    let at_kill = harness.leader_commits();
+    wait_commits_past(&harness, &load, &at_kill, 1_500);
 
     let mut format = harness.cluster.node_args(2);
     format[0] = "format".into();
@@ -1410,7 +1410,7 @@ fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
         formatted.status.success() && said.contains("to replace a replica"),
         "{said}"
     );
-    let at_restart = commits(&harness);
+    let at_restart = harness.leader_commits();
     let views: Vec<u64> = (0..SHARDS)
         .map(|shard| {
             harness.metric(

@@ -15,6 +15,10 @@ use percore_engine::journal::{self, JournalChecksum, SECTOR_BYTES, Tail};
 
 use super::rng::SimRng;
 
+/// `Disk::promised` of a blank disk formatted with `--replace`: its replica may have
+/// acknowledged any op.
+const PROMISED_REPLACED: u64 = u64::MAX;
+
 /// What a crash did to the unsynced tail (for the trace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashTail {
@@ -58,12 +62,9 @@ pub struct Disk {
     /// The shard (group) every entry belongs to.
     shard: u32,
     /// Recovering: ops up to here may have been acknowledged, and some are missing (the
-    /// runtime's superblock `op_durable`, kept while recovering); 0 when none, `u64::MAX`
-    /// while replaced. Survives crashes.
+    /// runtime's superblock `op_durable`, kept while recovering); 0 when none,
+    /// [`PROMISED_REPLACED`] while replaced. Survives crashes.
     promised: u64,
-    /// The disk was lost and a blank one formatted with `--replace` took its place (the
-    /// runtime's `Superblock::replacing`); cleared with the promise.
-    replaced: bool,
     /// Checkers: the checksums of the durable ops before the damage, so that an op a
     /// recovering replica promised still counts as held by it (it may not vote without it).
     shadow: Vec<JournalChecksum>,
@@ -82,7 +83,6 @@ impl Disk {
             fsync_target: None,
             shard,
             promised: 0,
-            replaced: false,
             shadow: Vec::new(),
         }
     }
@@ -97,13 +97,13 @@ impl Disk {
         let shadow = self.checksums[..self.op_durable as usize].to_vec();
         *self = Disk::new(self.body_bytes_max, self.shard);
         self.shadow = shadow;
-        self.promised = u64::MAX;
-        self.replaced = true;
+        self.promised = PROMISED_REPLACED;
     }
 
-    /// Whether the disk is a replacement whose replica has not rebuilt yet.
+    /// Whether the disk is a replacement whose replica has not rebuilt yet (the runtime's
+    /// `Superblock::replacing`).
     pub fn replaced(&self) -> bool {
-        self.replaced
+        self.promised == PROMISED_REPLACED
     }
 
     /// The promise a recovering replica keeps (0: none).
@@ -115,7 +115,6 @@ impl Disk {
     /// promise is dropped (the runtime's `Journal::promise_release`).
     pub fn promise_release(&mut self) {
         self.promised = 0;
-        self.replaced = false;
         self.shadow.clear();
     }
 
@@ -330,9 +329,9 @@ impl Disk {
         self.bytes.truncate(outcome.end_offset as usize);
         self.op_durable = outcome.op_last;
         self.fsync_target = None;
-        let recovering =
-            (self.promised > outcome.op_last && !self.replaced).then_some(self.promised);
-        if recovering.is_none() && !self.replaced {
+        let replaced = self.replaced();
+        let recovering = (self.promised > outcome.op_last && !replaced).then_some(self.promised);
+        if recovering.is_none() && !replaced {
             self.promise_release();
         }
         Recovered {
