@@ -807,7 +807,14 @@ impl Replica {
             rebalance_since_us: None,
             recovering: None,
         };
-        for &(op, checksum) in recent {
+        // The head is always known, even when `recent` lacks it: a journal that a state
+        // sync started at a checkpoint holds no entry for it. Without it, once the next op
+        // is staged, the replica could not name its durable head in a StartView or
+        // DoViewChange (simulator `--sync on`, seed 92 with 5 replicas: a leader restarted
+        // at its checkpoint sent a StartView with no checksums, and a follower cut its log
+        // to its commit number, below committed entries it had acknowledged).
+        let recovered = (op_recovered > 0).then_some((op_recovered, checksum_recovered));
+        for &(op, checksum) in recent.iter().chain(recovered.iter()) {
             let index = replica.slot_index(op);
             replica.pipeline[index] = Slot {
                 op,
@@ -1018,6 +1025,12 @@ impl Replica {
         }
         if op > self.op_head {
             return None;
+        }
+        if op == self.op_durable {
+            // Known even when the pipeline ring no longer holds it: a small pipeline
+            // whose staged ops overwrote its slot (simulator seed 4019 with
+            // `--pipeline 1`), so that a DoViewChange or StartView can always name it.
+            return Some(self.checksum_durable);
         }
         let slot = &self.pipeline[self.slot_index(op)];
         (slot.op == op).then_some(slot.checksum)
@@ -1510,11 +1523,14 @@ impl Replica {
         // While a log is installed, only a checkpoint within its known committed prefix:
         // committed ops are the same in every log, so the checkpoint is a prefix of the
         // log being installed (a replaced replica rebuilds this way, docs/protocol.md 8).
-        let install_allows = self
-            .install
-            .is_none_or(|install| op_checkpoint <= install.commit_max);
+        // That holds for the new leader too: the log its DoViewChange quorum selected
+        // may need ops its holders no longer keep. A leader with no install holds its
+        // view's whole log and repairs nothing.
+        let install_allows = match self.install {
+            Some(install) => op_checkpoint <= install.commit_max,
+            None => !self.is_leader(),
+        };
         if self.sync.is_some()
-            || self.is_leader()
             || !install_allows
             || op_min != next
             || op_retained_min <= next
@@ -2247,6 +2263,14 @@ impl Replica {
         {
             op_min -= 1;
         }
+        // A log described by no checksum at all cannot be compared: its receivers would
+        // cut theirs to their commit number (`match_point`).
+        debug_assert!(
+            op_last == 0 || op_min <= op_last,
+            "replica {} does not know the checksum of op {op_last} (head {})",
+            self.config.replica,
+            self.op_head
+        );
         op_min
     }
 
@@ -4369,6 +4393,112 @@ mod cluster_tests {
 #[cfg(test)]
 mod restart_tests {
     use super::*;
+
+    /// A journal that a state sync started at a checkpoint holds no entry for it: the
+    /// runtime's recent checksums lack the head. The core still knows it after staging the
+    /// next op, so its StartView and DoViewChange can name it (simulator `--sync on`, seed
+    /// 92 with 5 replicas).
+    #[test]
+    fn a_replica_restarted_at_a_checkpoint_keeps_the_checkpoints_checksum() {
+        let mut config = ReplicaConfig::new(0, 1, 3, 5).unwrap();
+        config.view_change = true;
+        let mut replica =
+            Replica::restart(config, Persisted::default(), 64, 0xAB, 64, &[], 0).unwrap();
+        replica.on_staged(0, 65, 0xCD);
+        assert_eq!(replica.checksum_at(64), Some(0xAB));
+        assert_eq!(replica.checksum_at(65), Some(0xCD));
+    }
+
+    /// With a pipeline of 1 the ring holds two slots: ops staged past the durable head
+    /// overwrite its slot. The durable head is still known (simulator seed 4019 with
+    /// `--pipeline 1`: a DoViewChange went out with no checksum at all).
+    #[test]
+    fn the_durable_head_is_known_after_a_small_pipeline_overwrote_its_slot() {
+        let mut config = ReplicaConfig::new(0, 2, 3, 5).unwrap();
+        config.view_change = true;
+        config.pipeline_prepares_max = 1;
+        let recent: Vec<(u64, u128)> = (39..=40u64).map(|op| (op, u128::from(op))).collect();
+        let mut replica =
+            Replica::restart(config, Persisted::default(), 40, 40, 40, &recent, 0).unwrap();
+        for op in 41..=43u64 {
+            replica.on_staged(0, op, u128::from(op));
+        }
+        assert_eq!(replica.op_durable(), 40);
+        assert_eq!(replica.checksum_at(40), Some(40));
+        assert_eq!(replica.checksum_at(41), None, "overwritten by op 43");
+    }
+
+    /// The log a new leader's DoViewChange quorum selected runs far past its own, and the
+    /// peer holding it no longer keeps the ops in between: the leader syncs to the peer's
+    /// checkpoint (only one within the selected log's known committed prefix), repairs the
+    /// rest and starts its view. Once normal it syncs no more.
+    #[test]
+    fn a_new_leader_behind_what_its_peers_retain_syncs_while_it_installs() {
+        let mut config = ReplicaConfig::new(0, 1, 3, 5).unwrap();
+        config.view_change = true;
+        let recent: Vec<(u64, u128)> = (1..=20u64).map(|op| (op, u128::from(op))).collect();
+        let mut leader =
+            Replica::restart(config, Persisted::default(), 20, 20, 20, &recent, 0).unwrap();
+        let view = (1..).find(|view| config.leader_of(*view) == 1).unwrap();
+        let mut out = Vec::with_capacity(ACTIONS_MAX);
+        let now_us = 10 * config.leader_timeout_us_max;
+        for peer in [0, 2] {
+            leader.on_connection(peer, true);
+            leader.on_start_view_change(now_us, peer, view, &mut out);
+        }
+        assert_eq!(leader.status(), Status::ViewChange);
+        // Replica 0 holds a log of view `view - 1` up to op 300, committed to 290.
+        let headers: Vec<u128> = (297..=300u64).map(u128::from).collect();
+        out.clear();
+        leader.on_do_view_change(now_us, 0, view, view - 1, 300, 290, 297, &headers, &mut out);
+        let repair = out.iter().find_map(|action| match action {
+            Action::RequestPrepare { to, op_min, .. } => Some((*to, *op_min)),
+            _ => None,
+        });
+        assert_eq!(repair, Some((0, 21)), "{out:?}");
+        // A checkpoint past the selected log's known commit number may not be its prefix.
+        leader.on_not_retained(0, 21, 296, 295, &mut out);
+        assert_eq!(leader.state_sync(), None);
+        out.clear();
+        leader.on_not_retained(0, 21, 257, 256, &mut out);
+        assert_eq!(leader.state_sync(), Some(256));
+        assert!(out.contains(&Action::StateSync {
+            from: 0,
+            checkpoint_op: 256
+        }));
+        out.clear();
+        leader.on_state_synced(now_us + 1_000, 256, 256, &mut out);
+        let repair = out.iter().find_map(|action| match action {
+            Action::RequestPrepare { op_min, .. } => Some(*op_min),
+            _ => None,
+        });
+        assert_eq!(repair, Some(257), "repair resumes after the checkpoint");
+        assert_eq!(leader.status(), Status::ViewChange);
+        for op in 257..=300 {
+            assert_eq!(
+                leader.on_prepare(now_us + 2_000, 0, view, op, 290, true, view - 1, &mut out),
+                PrepareDisposition::Append
+            );
+            leader.on_staged(now_us + 2_000, op, u128::from(op));
+        }
+        out.clear();
+        leader.on_durable(now_us + 3_000, 300, &mut out);
+        assert_eq!(
+            (leader.status(), leader.log_view(), leader.commit_min()),
+            (Status::Normal, view, 256)
+        );
+        for peer in [0, 2] {
+            assert!(
+                out.iter()
+                    .any(|action| matches!(action, Action::StartView { to, .. } if *to == peer)),
+                "{out:?}"
+            );
+        }
+        // A normal leader holds its view's whole log: nothing to sync.
+        out.clear();
+        leader.on_not_retained(0, 301, 400, 399, &mut out);
+        assert_eq!(leader.state_sync(), None);
+    }
 
     #[test]
     fn a_restarted_leader_installs_the_new_view_keeping_the_common_prefix() {

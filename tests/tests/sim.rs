@@ -159,6 +159,47 @@ fn view_change_replaced_disks() {
     }
 }
 
+/// Checkpoints, journal retention and state sync (`--sync on`): replicas checkpoint every
+/// few ops and stop serving ops below their previous checkpoint that no peer within
+/// `retain_ops` needs; a replica asking for a removed op is answered `NotRetained` and
+/// syncs to a peer's checkpoint. That includes the new leader of a view whose selected log
+/// its peers no longer hold whole, and a replica rebuilding after `--replace`. Every
+/// checker runs across the syncs; the installed checkpoint's state must be the committed
+/// state at its op.
+#[test]
+fn view_change_checkpoints_and_state_sync() {
+    let mut installed = 0;
+    let mut by_leader = 0;
+    let mut by_replacing = 0;
+    for (replicas, groups, replace, seeds) in [
+        (3, 2, false, 7_000..7_060),
+        (5, 2, false, 7_100..7_130),
+        (3, 1, true, 7_200..7_230),
+    ] {
+        let options = Options {
+            replicas,
+            groups,
+            replace,
+            sync: true,
+            ..Options::view_change()
+        };
+        let summaries = assert_batch_passes(seeds, options);
+        let sum = |count: fn(&sim::Summary) -> u64| summaries.iter().map(count).sum::<u64>();
+        installed += sum(|summary| summary.state_syncs_installed);
+        by_leader += sum(|summary| summary.state_syncs_leader);
+        by_replacing += sum(|summary| summary.state_syncs_replacing);
+    }
+    assert!(installed > 0, "no state sync was installed");
+    assert!(
+        by_leader > 0,
+        "no new leader synced while installing its view"
+    );
+    assert!(
+        by_replacing > 0,
+        "no replaced replica rebuilt through a sync"
+    );
+}
+
 #[test]
 fn view_change_no_faults_converges() {
     let options = Options {
@@ -204,6 +245,14 @@ fn a_seed_replays_exactly() {
         (7, Options::default()),
         (8, Options::default()),
         (7, Options::view_change()),
+        (
+            7,
+            Options {
+                sync: true,
+                replace: true,
+                ..Options::view_change()
+            },
+        ),
     ] {
         let first = sim::run(seed, &options);
         let second = sim::run(seed, &options);
@@ -449,4 +498,10 @@ fn long_mode() {
     };
     assert_batch_passes(10_000..12_000, options);
     assert_batch_passes(20_000..22_000, Options::default());
+    let options = Options {
+        sync: true,
+        replace: true,
+        ..Options::view_change()
+    };
+    assert_batch_passes(30_000..32_000, options);
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run -p percore-tests --bin sim -- --seed 42 [--replicas 3|5] [--groups 1|2]
 //!     [--steps N] [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal]
-//!     [--view-change [--no-workarounds] [--rebalance-ms MS] [--replace on|off]]
+//!     [--view-change [--no-workarounds] [--rebalance-ms MS] [--replace on|off] [--sync on|off]]
 //!     [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk|replace-as-new|replace-skip-floor]
 //!     [-v]
 //! cargo run -p percore-tests --bin sim -- --seeds 0..10000
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: sim (--seed S | --seeds A..B) [--replicas 3|5] [--groups 1|2] [--steps N] \\
                  [--faults on|off] [--corrupt on|off] [--pipeline N] [--strict-legs] [--quiet-heal] \\
-                 [--view-change [--no-workarounds] [--rebalance-ms MS] [--replace on|off]] \\
+                 [--view-change [--no-workarounds] [--rebalance-ms MS] [--replace on|off] [--sync on|off]] \\
                  [--bug send-before-durable|ack-before-durable|skip-expected-checksum|persist-after-send|keep-origins-on-truncate|forget-recovering|no-sessions|leader-resumes-view|serve-from-disk|replace-as-new|replace-skip-floor] [-v]"
             );
             return ExitCode::from(2);
@@ -64,6 +64,14 @@ fn main() -> ExitCode {
                 total.recoveries += summary.recoveries;
                 total.replacements += summary.replacements;
                 total.replacements_rebuilt += summary.replacements_rebuilt;
+                total.checkpoints += summary.checkpoints;
+                total.not_retained += summary.not_retained;
+                total.not_retained_new_leader += summary.not_retained_new_leader;
+                total.state_syncs += summary.state_syncs;
+                total.state_syncs_leader += summary.state_syncs_leader;
+                total.state_syncs_replacing += summary.state_syncs_replacing;
+                total.state_syncs_installed += summary.state_syncs_installed;
+                total.state_syncs_failed += summary.state_syncs_failed;
             }
             Err(failure) => {
                 print!("{failure}");
@@ -94,6 +102,19 @@ fn main() -> ExitCode {
             println!(
                 "replaced disks (--replace): {} replica-groups, {} rebuilt before the run ended",
                 total.replacements, total.replacements_rebuilt
+            );
+        }
+        if options.sync {
+            println!(
+                "state sync (--sync): {} checkpoints, {} repairs not retained ({} to a new leader installing its view), {} syncs started ({} by a new leader installing its view, {} by a replica rebuilding after --replace), {} installed, {} failed",
+                total.checkpoints,
+                total.not_retained,
+                total.not_retained_new_leader,
+                total.state_syncs,
+                total.state_syncs_leader,
+                total.state_syncs_replacing,
+                total.state_syncs_installed,
+                total.state_syncs_failed
             );
         }
         if options.view_change {

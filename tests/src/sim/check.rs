@@ -695,7 +695,7 @@ impl World {
             }
             for replica in 0..self.options.replicas {
                 let disk = &self.nodes[self.node_index(replica, group)].disk;
-                if disk.op_durable() < op || disk.checksum(op) != Some(checksum) {
+                if !disk.holds_durably(op, checksum) {
                     return Err((
                         "durability",
                         format!(

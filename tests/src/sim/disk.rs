@@ -10,7 +10,19 @@
 //! while the replica is down): recovery then finds `Tail::Corrupt`, cuts the journal at the
 //! hole, records the promise (`promised`, the runtime's superblock `op_durable`) and the
 //! replica starts recovering (`docs/protocol.md` 8).
+//!
+//! With `--sync on` the disk also keeps the checkpoints its replica took (the state
+//! machine's snapshot after a committed op, durable at once) and a retention watermark
+//! (`retained_min`): repairs below it are answered `NotRetained`, as the runtime's journal
+//! answers once it has removed the segments. The bytes below the watermark stay, so that
+//! recovery may replay from op 1 (the same state as restoring the checkpoint and replaying
+//! after it) and the checkers may read them. A replica that installs a peer's checkpoint
+//! by state sync gets a journal that starts there (`base`): nothing below it is on the disk,
+//! and recovery restores the checkpoint and replays what follows.
 
+use std::rc::Rc;
+
+use percore_engine::checksum::Digest256;
 use percore_engine::journal::{self, JournalChecksum, SECTOR_BYTES, Tail};
 
 use super::rng::SimRng;
@@ -18,6 +30,20 @@ use super::rng::SimRng;
 /// `Disk::promised` of a blank disk formatted with `--replace`: its replica may have
 /// acknowledged any op.
 const PROMISED_REPLACED: u64 = u64::MAX;
+
+/// A checkpoint: the state machine's snapshot once op `op` (whose entry has `checksum`) is
+/// applied, and the snapshot's digest (`StateMachine::snapshot_and_digest`).
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The last op applied.
+    pub op: u64,
+    /// Its entry's checksum (the chain value the journal continues from).
+    pub checksum: JournalChecksum,
+    /// `StateMachine::snapshot` bytes.
+    pub snapshot: Rc<[u8]>,
+    /// The state machine's digest at `op`.
+    pub digest: Digest256,
+}
 
 /// What a crash did to the unsynced tail (for the trace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,10 +74,19 @@ pub struct Recovered {
     pub recovering: Option<u64>,
 }
 
-/// One journal. Entry `op` is at `offsets[op - 1]`.
+/// One journal. Entry `op` is at `offsets[op - base - 1]`.
 #[derive(Debug)]
 pub struct Disk {
     body_bytes_max: usize,
+    /// The op the journal starts after: 0, or the checkpoint a state sync installed
+    /// (`base_checkpoint`); nothing at or below it is in `bytes`.
+    base: u64,
+    /// The checkpoint at `base` (`None` while `base` is 0).
+    base_checkpoint: Option<Checkpoint>,
+    /// The latest two checkpoints taken or installed, latest first (`--sync on`).
+    checkpoints: [Option<Checkpoint>; 2],
+    /// The first op repairs are served from (`--sync on`): what lies below was removed.
+    retained_min: u64,
     bytes: Vec<u8>,
     offsets: Vec<usize>,
     lengths: Vec<usize>,
@@ -65,9 +100,13 @@ pub struct Disk {
     /// runtime's superblock `op_durable`, kept while recovering); 0 when none,
     /// [`PROMISED_REPLACED`] while replaced. Survives crashes.
     promised: u64,
-    /// Checkers: the checksums of the durable ops before the damage, so that an op a
-    /// recovering replica promised still counts as held by it (it may not vote without it).
+    /// Checkers: the checksums of the durable ops after `shadow_base` before the damage,
+    /// so that an op a recovering replica promised still counts as held by it (it may not
+    /// vote without it).
     shadow: Vec<JournalChecksum>,
+    /// The journal's `base` when the shadow was taken: ops at or below it were in a
+    /// checkpoint then.
+    shadow_base: u64,
 }
 
 impl Disk {
@@ -75,6 +114,10 @@ impl Disk {
     pub fn new(body_bytes_max: usize, shard: u32) -> Disk {
         Disk {
             body_bytes_max,
+            base: 0,
+            base_checkpoint: None,
+            checkpoints: [None, None],
+            retained_min: 1,
             bytes: Vec::new(),
             offsets: Vec::new(),
             lengths: Vec::new(),
@@ -84,6 +127,7 @@ impl Disk {
             shard,
             promised: 0,
             shadow: Vec::new(),
+            shadow_base: 0,
         }
     }
 
@@ -94,9 +138,11 @@ impl Disk {
     pub fn replace(&mut self) {
         assert!(self.fsync_target.is_none(), "the replica is down");
         assert_eq!(self.promised, 0, "only an undamaged disk is replaced");
-        let shadow = self.checksums[..self.op_durable as usize].to_vec();
+        let shadow = self.checksums[..self.index_end(self.op_durable)].to_vec();
+        let shadow_base = self.base;
         *self = Disk::new(self.body_bytes_max, self.shard);
         self.shadow = shadow;
+        self.shadow_base = shadow_base;
         self.promised = PROMISED_REPLACED;
     }
 
@@ -120,35 +166,51 @@ impl Disk {
 
     /// Whether the disk holds `op` with `checksum` durably, or held it before damage that
     /// its replica has not repaired yet (checkers: such a replica may not vote).
+    /// An op below the journal's base is held in the checkpoint it starts from (committed
+    /// state, whose digest was checked when it was installed).
     pub fn holds(&self, op: u64, checksum: JournalChecksum) -> bool {
-        (self.op_durable >= op && self.checksum(op) == Some(checksum))
+        self.holds_durably(op, checksum)
             || (self.promised >= op
                 && op >= 1
-                && self.shadow.get(op as usize - 1) == Some(&checksum))
+                && (op <= self.shadow_base
+                    || self.shadow.get((op - self.shadow_base - 1) as usize) == Some(&checksum)))
+    }
+
+    /// Whether the disk holds `op` with `checksum` durably now, in its journal or in the
+    /// checkpoint the journal starts from (ops below the base: committed state, whose
+    /// digest was checked when it was installed).
+    pub fn holds_durably(&self, op: u64, checksum: JournalChecksum) -> bool {
+        (self.op_durable >= op && self.checksum(op) == Some(checksum)) || op < self.base
     }
 
     /// Fault, while the replica is down: flips bytes inside one durable entry that has a
     /// durable entry after it (damage to the last one reads as a torn write, which only the
     /// superblock watermark of every group commit could tell apart; not modelled). Returns
     /// the damaged op, or `None` if there is no such entry.
+    ///
+    /// Only an entry above the latest checkpoint is damaged: recovery restores that
+    /// checkpoint and reads only what follows it (what lies below is kept for peers, and
+    /// read back, checked, only to serve them).
     pub fn corrupt(&mut self, rng: &mut SimRng) -> Option<u64> {
         assert!(self.fsync_target.is_none(), "the replica is down");
-        if self.op_durable < 2 {
+        let low = self.base.max(self.checkpoint_op()) + 1;
+        if self.op_durable < low + 1 {
             return None;
         }
-        let op = 1 + rng.below(self.op_durable - 1);
-        let index = op as usize - 1;
+        let op = low + rng.below(self.op_durable - low);
+        let index = self.index(op);
         let byte = self.offsets[index] + rng.below(self.lengths[index] as u64) as usize;
         self.bytes[byte] ^= 1 + rng.below(255) as u8;
-        if self.shadow.len() < self.op_durable as usize {
-            self.shadow = self.checksums[..self.op_durable as usize].to_vec();
+        if self.shadow_base != self.base || self.shadow.len() < self.index_end(self.op_durable) {
+            self.shadow = self.checksums[..self.index_end(self.op_durable)].to_vec();
+            self.shadow_base = self.base;
         }
         Some(op)
     }
 
     /// Highest op written (staged or durable).
     pub fn op_head(&self) -> u64 {
-        self.checksums.len() as u64
+        self.base + self.checksums.len() as u64
     }
 
     /// Highest op made durable.
@@ -161,7 +223,16 @@ impl Disk {
         if op == 0 {
             return Some(journal::JOURNAL_CHAIN_ROOT);
         }
-        self.checksums.get(op as usize - 1).copied()
+        if op == self.base {
+            return self
+                .base_checkpoint
+                .as_ref()
+                .map(|checkpoint| checkpoint.checksum);
+        }
+        if op < self.base {
+            return None;
+        }
+        self.checksums.get(self.index(op)).copied()
     }
 
     /// The chain head: what the next entry must chain to.
@@ -171,7 +242,10 @@ impl Disk {
 
     /// The entry bytes of `op` (header and body, unpadded).
     pub fn entry(&self, op: u64) -> Option<&[u8]> {
-        let index = usize::try_from(op).ok()?.checked_sub(1)?;
+        if op <= self.base {
+            return None;
+        }
+        let index = self.index(op);
         let offset = *self.offsets.get(index)?;
         Some(&self.bytes[offset..offset + self.lengths[index]])
     }
@@ -266,6 +340,7 @@ impl Disk {
     pub fn truncate(&mut self, op: u64) -> JournalChecksum {
         assert!(self.fsync_target.is_none(), "no group commit in flight");
         assert!(op <= self.op_head(), "truncate below the head");
+        assert!(op >= self.base, "a checkpoint is never truncated");
         let end = self.end_of(op);
         self.bytes.truncate(end);
         self.forget_above(op);
@@ -280,7 +355,7 @@ impl Disk {
         self.checksums[start..]
             .iter()
             .enumerate()
-            .map(|(index, checksum)| ((start + index + 1) as u64, *checksum))
+            .map(|(index, checksum)| (self.base + (start + index + 1) as u64, *checksum))
             .collect()
     }
 
@@ -292,11 +367,12 @@ impl Disk {
         self.lengths.clear();
         self.checksums.clear();
         let mut found: Vec<(usize, usize, JournalChecksum)> = Vec::new();
+        let checksum_base = self.checksum(self.base).expect("the base is known");
         let outcome = journal::scan(
             &self.bytes,
             0,
-            1,
-            journal::JOURNAL_CHAIN_ROOT,
+            self.base + 1,
+            checksum_base,
             self.body_bytes_max,
             |entry, offset| {
                 found.push((
@@ -342,18 +418,108 @@ impl Disk {
         }
     }
 
-    /// Byte offset just past entry `op` (0 for op 0).
+    /// Byte offset just past entry `op` (0 for the base).
     fn end_of(&self, op: u64) -> usize {
-        if op == 0 {
+        if op <= self.base {
             return 0;
         }
-        let next = op as usize;
-        self.offsets.get(next).copied().unwrap_or(self.bytes.len())
+        self.offsets
+            .get(self.index_end(op))
+            .copied()
+            .unwrap_or(self.bytes.len())
     }
 
     fn forget_above(&mut self, op: u64) {
-        self.offsets.truncate(op as usize);
-        self.lengths.truncate(op as usize);
-        self.checksums.truncate(op as usize);
+        let end = self.index_end(op);
+        self.offsets.truncate(end);
+        self.lengths.truncate(end);
+        self.checksums.truncate(end);
+    }
+
+    /// Index of entry `op` (above the base) in `offsets`, `lengths` and `checksums`.
+    fn index(&self, op: u64) -> usize {
+        debug_assert!(op > self.base);
+        (op - self.base - 1) as usize
+    }
+
+    /// Number of indexed entries up to `op` (at or above the base).
+    fn index_end(&self, op: u64) -> usize {
+        (op - self.base) as usize
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Checkpoints, retention and state sync (`--sync on`).
+
+    /// The latest checkpoint's op (0: none).
+    pub fn checkpoint_op(&self) -> u64 {
+        self.checkpoints[0]
+            .as_ref()
+            .map_or(0, |checkpoint| checkpoint.op)
+    }
+
+    /// The checkpoint at `op`, if it is one of the two kept.
+    pub fn checkpoint(&self, op: u64) -> Option<&Checkpoint> {
+        self.checkpoints
+            .iter()
+            .flatten()
+            .find(|checkpoint| checkpoint.op == op)
+    }
+
+    /// The checkpoint the journal starts from, if a state sync installed one.
+    pub fn base_checkpoint(&self) -> Option<&Checkpoint> {
+        self.base_checkpoint.as_ref()
+    }
+
+    /// The first op served to peers.
+    pub fn retained_min(&self) -> u64 {
+        self.retained_min
+    }
+
+    /// A checkpoint was taken (written durably at once: the runtime's checkpoint record
+    /// is a superblock write; a crash before it only leaves an older checkpoint, which
+    /// this model does not draw). Its op is applied, so committed and durable.
+    pub fn checkpoint_take(&mut self, checkpoint: Checkpoint) {
+        assert!(
+            checkpoint.op > self.checkpoint_op(),
+            "checkpoints move forward"
+        );
+        assert!(checkpoint.op <= self.op_durable, "an applied op is durable");
+        assert_eq!(self.checksum(checkpoint.op), Some(checkpoint.checksum));
+        self.checkpoints[1] = self.checkpoints[0].take();
+        self.checkpoints[0] = Some(checkpoint);
+    }
+
+    /// After a checkpoint: what the journal keeps (the runtime's `retain_from_op`). Peers
+    /// still need the ops from `peers_next_min` (the lowest next op a peer lacks, reported
+    /// durable heads), but never more than `retain_ops` below the previous checkpoint; the
+    /// runtime removes the segments holding only ops at or below the previous checkpoint
+    /// and below that.
+    pub fn retain_from(&mut self, peers_next_min: u64, retain_ops: u64) {
+        let previous = self.checkpoints[1]
+            .as_ref()
+            .map_or(0, |checkpoint| checkpoint.op);
+        let floor = (previous + 1).saturating_sub(retain_ops);
+        let retained_min = peers_next_min.max(floor).min(previous + 1);
+        self.retained_min = self.retained_min.max(retained_min);
+    }
+
+    /// State sync: the journal is switched to `checkpoint` (the runtime's
+    /// `install_synced_checkpoint`, one superblock write): nothing before or after it is
+    /// kept, and it is the only checkpoint. The promise of a recovering replica stays.
+    pub fn install_checkpoint(&mut self, checkpoint: Checkpoint) {
+        assert!(self.fsync_target.is_none(), "no group commit in flight");
+        assert!(
+            checkpoint.op > self.op_head(),
+            "a sync only moves the log forward"
+        );
+        self.bytes.clear();
+        self.offsets.clear();
+        self.lengths.clear();
+        self.checksums.clear();
+        self.base = checkpoint.op;
+        self.op_durable = checkpoint.op;
+        self.retained_min = checkpoint.op + 1;
+        self.checkpoints = [Some(checkpoint.clone()), None];
+        self.base_checkpoint = Some(checkpoint);
     }
 }

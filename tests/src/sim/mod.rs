@@ -156,6 +156,13 @@ pub struct Options {
     /// formatted with `--replace` (`Replica::replacing_start`). Off by default, so that the
     /// recorded runs stay as they were.
     pub replace: bool,
+    /// View change: replicas take checkpoints (every few ops, drawn per seed from a random
+    /// stream of its own) and stop serving ops below their previous checkpoint once no
+    /// peer within a drawn `retain_ops` needs them, as the runtime removes segments; a
+    /// replica asking for a removed op is answered `NotRetained` and catches up by state
+    /// sync from a peer's checkpoint. Off by default, so that the recorded runs stay as
+    /// they were (without it no peer ever answers `NotRetained`).
+    pub sync: bool,
 }
 
 impl Default for Options {
@@ -175,6 +182,7 @@ impl Default for Options {
             corrupt: true,
             rebalance_ms: 0,
             replace: false,
+            sync: false,
         }
     }
 }
@@ -257,6 +265,23 @@ pub struct Summary {
     pub replacements: u64,
     /// Replaced replica-groups that rebuilt (left replacing) before the run ended.
     pub replacements_rebuilt: u64,
+    /// Checkpoints taken (`--sync on`).
+    pub checkpoints: u64,
+    /// Repairs answered `NotRetained` (the op asked for was removed).
+    pub not_retained: u64,
+    /// `NotRetained` answers that reached the new leader of a view during its view
+    /// change (while it installs the selected log).
+    pub not_retained_new_leader: u64,
+    /// State syncs started (`Action::StateSync`).
+    pub state_syncs: u64,
+    /// State syncs started by the leader of the view whose log it was installing.
+    pub state_syncs_leader: u64,
+    /// State syncs started by a replica rebuilding after `--replace`.
+    pub state_syncs_replacing: u64,
+    /// State syncs installed (the journal switched to the peer's checkpoint).
+    pub state_syncs_installed: u64,
+    /// State syncs that failed (the peer no longer had the checkpoint, or no answer came).
+    pub state_syncs_failed: u64,
     /// View-change actions the fixed-view driver dropped (none expected: without
     /// `view_change` the core produces none).
     pub view_change_actions_dropped: u64,
@@ -388,6 +413,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 "off" => options.replace = false,
                 _ => return Err("--replace is on or off".to_string()),
             },
+            "--sync" => match value.as_str() {
+                "on" => options.sync = true,
+                "off" => options.sync = false,
+                _ => return Err("--sync is on or off".to_string()),
+            },
             "--corrupt" => match value.as_str() {
                 "on" => options.corrupt = true,
                 "off" => options.corrupt = false,
@@ -439,6 +469,10 @@ pub fn options_args(options: &Options) -> Vec<String> {
     }
     if options.replace {
         args.push("--replace".to_string());
+        args.push("on".to_string());
+    }
+    if options.sync {
+        args.push("--sync".to_string());
         args.push("on".to_string());
     }
     if options.rebalance_ms != 0 {

@@ -21,7 +21,7 @@ use percore_engine::session::{RequestDescriptor, Sessioned};
 use percore_engine::state_machine::StateMachine;
 
 use super::check::CheckState;
-use super::disk::{CrashTail, Disk};
+use super::disk::{Checkpoint, CrashTail, Disk};
 use super::linearizability::Position;
 use super::rng::{SimRng, splitmix64};
 use super::{Bug, FAILOVER_BUCKETS_US, Failure, Options, Summary};
@@ -95,6 +95,15 @@ const CORRUPT_SEED_MIX: u64 = 0xC0DE_DA3A_6E00_0001;
 pub const REPLACE_RUNS_PER_MILLION: u64 = 500_000;
 /// Mixed into the seed for the disk-loss fault's own random stream.
 const REPLACE_SEED_MIX: u64 = 0x0D15_C105_7000_0002;
+/// `--sync on`: checkpoint intervals drawn per run (multiples of the digest sampling, so
+/// that every installed checkpoint's state is compared with the committed log's).
+pub const CHECKPOINT_INTERVALS_OPS: [u64; 4] = [4, 8, 12, 16];
+/// `--sync on`: the largest `retain_ops` drawn (the runtime's `--retain-ops`).
+pub const RETAIN_OPS_MAX: u64 = 24;
+/// A state sync whose peer has not answered for this long fails (the runtime's
+/// `SYNC_CHUNK_TIMEOUT_US`, shortened to the simulator's time scale).
+pub const SYNC_TIMEOUT_US: u64 = 500_000;
+const SYNC_SEED_MIX: u64 = 0x5EC0_C4EC_7000_0003;
 
 const _: () = assert!(TRANSFERS_PER_REQUEST_MAX as usize <= BATCH_RECORDS_MAX);
 const _: () = assert!(ACCOUNTS_PER_GROUP <= BATCH_RECORDS_MAX);
@@ -103,6 +112,13 @@ const _: () = assert!(CLIENT_RETRY_US * 4 < LIVENESS_BOUND_US);
 const _: () = assert!(PAUSE_US_MAX + LEADER_BOUND_US < LIVENESS_BOUND_US);
 const _: () = assert!(COMMIT_PERSIST_INTERVAL_OPS_MIN >= 1);
 const _: () = assert!(COMMIT_PERSIST_INTERVAL_OPS_MIN <= COMMIT_PERSIST_INTERVAL_OPS_MAX);
+const _: () = {
+    let mut index = 0;
+    while index < CHECKPOINT_INTERVALS_OPS.len() {
+        assert!(CHECKPOINT_INTERVALS_OPS[index].is_multiple_of(super::check::DIGEST_EVERY_OPS));
+        index += 1;
+    }
+};
 
 /// Address of a node: `replica * groups + group`.
 pub type NodeIndex = usize;
@@ -192,6 +208,31 @@ pub enum Body {
     },
     /// `RequestStartView` for the header's view.
     RequestStartView,
+    /// `NotRetained`: a repair asked for ops the sender no longer holds (`--sync on`).
+    NotRetained {
+        /// The first op asked for.
+        op_min: u64,
+        /// The sender's first retained op.
+        op_retained_min: u64,
+        /// The sender's latest checkpoint.
+        op_checkpoint: u64,
+    },
+    /// `RequestSnapshot`: the checkpoint at `op` (the runtime fetches it in chunks; one
+    /// message here).
+    RequestSnapshot {
+        /// The checkpoint's op.
+        op: u64,
+    },
+    /// The checkpoint asked for, whole.
+    Snapshot {
+        /// It.
+        checkpoint: Checkpoint,
+    },
+    /// The checkpoint asked for is no longer kept (the runtime answers `NotRetained`).
+    SnapshotRefused {
+        /// Its op.
+        op: u64,
+    },
     /// `Forward`: internal records for the group's leader.
     Forward {
         /// Their operation.
@@ -261,6 +302,9 @@ pub struct Live {
     deferred: VecDeque<Action>,
     /// View change: the superblock write in flight (lost whole if the process dies first).
     superblock_write: Option<Superblock>,
+    /// State sync in progress (`Action::StateSync`): the peer asked, the checkpoint's
+    /// op, and the checkpoint once it arrived (installed when the disk is idle).
+    sync: Option<(u8, u64, Option<Checkpoint>)>,
     /// Checker: ops up to here were compared with the committed log.
     pub agreed_upto: u64,
     /// Last values seen by the monotonicity checker.
@@ -361,6 +405,7 @@ enum Event {
     ClientTimeout(usize, u32),
     ClientRefused(usize, u32),
     ClientNext(u32, usize),
+    SyncTimeout(NodeIndex, u64, u64),
     Fault,
 }
 
@@ -381,6 +426,10 @@ struct Profile {
     /// Chance that a replica restarted by a fault first loses its disk and comes back
     /// formatted with `--replace` (0 unless `Options::replace`).
     replace_per_million: u64,
+    /// `--sync on`: a replica checkpoints after applying each multiple of this op (0: never).
+    checkpoint_interval_ops: u64,
+    /// `--sync on`: ops below the previous checkpoint still kept for a peer behind.
+    retain_ops: u64,
 }
 
 /// The whole simulated cluster and its checkers.
@@ -456,6 +505,8 @@ impl World {
             commit_persist_interval_ops: 0,
             corrupt_per_million: 0,
             replace_per_million: 0,
+            checkpoint_interval_ops: 0,
+            retain_ops: 0,
         };
         // Drawn last, and only with view change, so fixed-view runs replay as before.
         let mut profile = profile;
@@ -476,6 +527,13 @@ impl World {
             && replace_rng.chance(REPLACE_RUNS_PER_MILLION)
         {
             profile.replace_per_million = replace_rng.range(150_000, 500_000);
+        }
+        if options.sync {
+            assert!(options.view_change, "--sync needs --view-change");
+            let mut sync_rng = SimRng::new(seed ^ SYNC_SEED_MIX);
+            let choice = sync_rng.below(CHECKPOINT_INTERVALS_OPS.len() as u64) as usize;
+            profile.checkpoint_interval_ops = CHECKPOINT_INTERVALS_OPS[choice];
+            profile.retain_ops = sync_rng.below(RETAIN_OPS_MAX + 1);
         }
         let body_bytes_max = journal::entry_body_bytes_max(BATCH_RECORDS_MAX, RECORD_BYTES);
         let groups = options.groups as usize;
@@ -701,6 +759,11 @@ impl World {
             Event::ClientRefused(request, attempt) => self.client_refused(request, attempt),
             Event::ClientTimeout(request, attempt) => self.client_timeout(request, attempt),
             Event::ClientNext(group, client) => self.client_next(group, client),
+            Event::SyncTimeout(node, epoch, op) => {
+                if self.nodes[node].epoch == epoch && self.nodes[node].live.is_some() {
+                    self.sync_timeout(node, op);
+                }
+            }
             Event::Fault => self.fault(),
         }
     }
@@ -716,12 +779,28 @@ impl World {
             self.ledger_config(group),
             LEDGER_HASH_SEED,
         ));
+        // A journal a state sync switched to a checkpoint starts there: the state machine
+        // is restored from it, and the entries after it replay onto it.
+        let base = self.nodes[index]
+            .disk
+            .base_checkpoint()
+            .map_or(0, |checkpoint| checkpoint.op);
+        if let Some(checkpoint) = self.nodes[index].disk.base_checkpoint() {
+            ledger
+                .restore(&checkpoint.snapshot)
+                .expect("a checkpoint restores");
+            assert_eq!(ledger.digest(), checkpoint.digest, "checked when installed");
+        }
         let mut replayed: Vec<(u64, percore_engine::checksum::Digest256)> = Vec::new();
         // With view change, replay stops at the recorded commit number: what lies above may
-        // belong to an abandoned view; it is applied from the journal once committed.
+        // belong to an abandoned view; it is applied from the journal once committed. A
+        // checkpoint above it is committed too: the runtime restores the latest checkpoint
+        // and replays after it (replaying up to it here reaches the same state).
         let superblock = self.nodes[index].superblock;
         let replay_to = if self.options.view_change {
-            superblock.commit_max
+            superblock
+                .commit_max
+                .max(self.nodes[index].disk.checkpoint_op())
         } else {
             u64::MAX
         };
@@ -750,7 +829,7 @@ impl World {
         // The recorded commit number may be above the journal's head (a replica learns of
         // commits before it holds them): replay stops at the head then. What it replays is
         // compared with the committed log by the agreement checker.
-        let replayed_op = replay_to.min(recovered.op_last);
+        let replayed_op = replay_to.min(recovered.op_last).max(base);
         for (op, digest) in replayed {
             self.check.digest_observed(group, op, digest, replica_index);
         }
@@ -837,7 +916,8 @@ impl World {
             legs_check_us: self.now_us,
             deferred: VecDeque::new(),
             superblock_write: None,
-            agreed_upto: 0,
+            sync: None,
+            agreed_upto: base,
         });
         let epoch = node.epoch;
         self.trace_line(format!(
@@ -1076,6 +1156,7 @@ impl World {
         let mut actions = std::mem::take(&mut live.actions);
         actions.clear();
         let from = message.from;
+        let mut snapshot_asked = None;
         match message.body {
             Body::Prepare { .. } => {
                 if live.inbound.len() < INBOUND_QUEUED_MAX {
@@ -1187,6 +1268,41 @@ impl World {
                 live.replica
                     .on_request_start_view(now_us, from, message.view, &mut actions);
             }
+            Body::NotRetained {
+                op_min,
+                op_retained_min,
+                op_checkpoint,
+            } => {
+                if live.replica.is_leader() && live.replica.status() == Status::ViewChange {
+                    self.summary.not_retained_new_leader += 1;
+                }
+                live.replica.on_not_retained(
+                    from,
+                    op_min,
+                    op_retained_min,
+                    op_checkpoint,
+                    &mut actions,
+                );
+            }
+            Body::RequestSnapshot { op } => snapshot_asked = Some(op),
+            Body::Snapshot { checkpoint } => {
+                if let Some((peer, op, ready)) = live.sync.as_mut()
+                    && *peer == from
+                    && *op == checkpoint.op
+                    && ready.is_none()
+                {
+                    *ready = Some(checkpoint);
+                }
+            }
+            Body::SnapshotRefused { op } => {
+                if live.sync.as_ref().is_some_and(|(peer, sync_op, ready)| {
+                    *peer == from && *sync_op == op && ready.is_none()
+                }) {
+                    live.sync = None;
+                    self.summary.state_syncs_failed += 1;
+                    live.replica.on_state_sync_failed(now_us, &mut actions);
+                }
+            }
             Body::Forward { operation, records } => {
                 // Accepted only by the group's ready leader; the origin resends otherwise.
                 if live.replica.is_ready_leader() {
@@ -1205,6 +1321,28 @@ impl World {
         self.submit_actions(node, &actions);
         if let Some(live) = self.nodes[node].live.as_mut() {
             live.actions = actions;
+        }
+        if let Some(op) = snapshot_asked {
+            // Served from the checkpoint on disk (the runtime's snapshot file), if this
+            // replica still keeps it.
+            let body = match self.nodes[node].disk.checkpoint(op) {
+                Some(checkpoint) => Body::Snapshot {
+                    checkpoint: checkpoint.clone(),
+                },
+                None => Body::SnapshotRefused { op },
+            };
+            let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
+            let view = self.nodes[node]
+                .live
+                .as_ref()
+                .map_or(0, |live| live.replica.view());
+            self.send(Message {
+                from: replica,
+                to: from,
+                group,
+                view,
+                body,
+            });
         }
         self.batcher_turn(node);
     }
@@ -1418,6 +1556,7 @@ impl World {
         let view = live.replica.view();
         let view_change = self.options.view_change;
         let mut messages = Vec::new();
+        let mut sync_started = None;
         for action in actions {
             let (to, body) = match *action {
                 Action::PrepareOk {
@@ -1479,8 +1618,22 @@ impl World {
                     }
                     continue;
                 }
-                Action::StateSync { .. } => {
-                    unreachable!("simulated journals retain every op: no peer answers NotRetained")
+                Action::StateSync {
+                    from,
+                    checkpoint_op,
+                } => {
+                    assert!(self.options.sync, "only `--sync on` answers NotRetained");
+                    live.sync = Some((from, checkpoint_op, None));
+                    self.summary.state_syncs += 1;
+                    if live.replica.is_leader() {
+                        self.summary.state_syncs_leader += 1;
+                    }
+                    if live.replica.replacing() {
+                        self.summary.state_syncs_replacing += 1;
+                    }
+                    sync_started = Some(checkpoint_op);
+                    messages.push((from, view, Body::RequestSnapshot { op: checkpoint_op }));
+                    continue;
                 }
                 // Without view change the core produces none of these: a truncation in the
                 // fixed view breaks "no replica truncates" and fails the run; the others
@@ -1566,6 +1719,10 @@ impl World {
             };
             messages.push((to, view, body));
         }
+        if let Some(op) = sync_started {
+            let epoch = self.nodes[node].epoch;
+            self.schedule(SYNC_TIMEOUT_US, Event::SyncTimeout(node, epoch, op));
+        }
         for (to, view, body) in messages {
             self.send(Message {
                 from: replica,
@@ -1584,12 +1741,16 @@ impl World {
         // stops.
         loop {
             self.run_deferred(node);
-            let Some(live) = self.nodes[node].live.as_ref() else {
+            if self.nodes[node].live.is_none() || self.io_busy(node) {
                 return;
-            };
+            }
+            self.sync_install_maybe(node);
             if self.io_busy(node) {
                 return;
             }
+            let Some(live) = self.nodes[node].live.as_ref() else {
+                return;
+            };
             let replaced_voting =
                 self.nodes[node].disk.replaced() && self.options.bug == Some(Bug::ReplaceAsNew);
             if live.replica.recovering().is_none()
@@ -2050,6 +2211,24 @@ impl World {
             let view = live.replica.view();
             let log_view = live.replica.log_view();
             let core_durable = live.replica.op_durable();
+            let disk = &self.nodes[node].disk;
+            if op_min < disk.retained_min() {
+                // As the runtime: the segments holding it were removed.
+                let body = Body::NotRetained {
+                    op_min,
+                    op_retained_min: disk.retained_min(),
+                    op_checkpoint: disk.checkpoint_op(),
+                };
+                self.summary.not_retained += 1;
+                self.send(Message {
+                    from: replica,
+                    to,
+                    group,
+                    view,
+                    body,
+                });
+                continue;
+            }
             // The core's log, not the disk's: a truncation the core made may not have run
             // on the journal yet, and the ops above it are not in the log the core serves
             // from (simulator seed 394: an old leader served its abandoned op 30 as part
@@ -2146,7 +2325,134 @@ impl World {
             for message in outbound {
                 self.route_outbound(replica_index, message);
             }
+            self.checkpoint_maybe(node, op);
         }
+    }
+
+    /// `--sync on`: after applying `op`, a checkpoint if `op` is on the interval, then what
+    /// the journal keeps (the runtime's `checkpoint_install` with `retain_from_op`).
+    fn checkpoint_maybe(&mut self, node: NodeIndex, op: u64) {
+        let interval = self.profile.checkpoint_interval_ops;
+        if interval == 0 || !op.is_multiple_of(interval) {
+            return;
+        }
+        let n = &mut self.nodes[node];
+        let Some(live) = n.live.as_ref() else {
+            return;
+        };
+        if op <= n.disk.checkpoint_op() {
+            return;
+        }
+        let mut snapshot = Vec::new();
+        let digest = live.ledger.snapshot_and_digest(&mut snapshot);
+        let checksum = n.disk.checksum(op).expect("an applied op is held");
+        n.disk.checkpoint_take(Checkpoint {
+            op,
+            checksum,
+            snapshot: Rc::from(snapshot),
+            digest,
+        });
+        let replica = &live.replica;
+        let peers_next_min = replica
+            .others()
+            .map(|peer| replica.peer(peer).op_durable.saturating_add(1))
+            .min()
+            .unwrap_or(u64::MAX);
+        n.disk.retain_from(peers_next_min, self.profile.retain_ops);
+        self.summary.checkpoints += 1;
+    }
+
+    /// State sync: the checkpoint arrived and the disk is idle: restore the state machine
+    /// from it (its digest must be the committed state's at that op), switch the journal
+    /// to it, and tell the core (the runtime's `sync::install`).
+    fn sync_install_maybe(&mut self, node: NodeIndex) {
+        let now_us = self.now_us;
+        let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
+        let Some(live) = self.nodes[node].live.as_mut() else {
+            return;
+        };
+        if !matches!(live.sync, Some((_, _, Some(_)))) || self.nodes[node].disk.has_unsynced() {
+            // As the runtime: staged entries are made durable first.
+            return;
+        }
+        let live = self.nodes[node].live.as_mut().expect("live");
+        let Some((_, _, Some(checkpoint))) = live.sync.take() else {
+            unreachable!("matched above");
+        };
+        if live.replica.state_sync() != Some(checkpoint.op) {
+            // The core gave the sync up meanwhile (it timed out).
+            return;
+        }
+        if checkpoint.op <= self.nodes[node].disk.op_head() {
+            // As the runtime: the journal reached the checkpoint meanwhile.
+            self.summary.state_syncs_failed += 1;
+            let live = self.nodes[node].live.as_mut().expect("live");
+            let mut actions = std::mem::take(&mut live.actions);
+            actions.clear();
+            live.replica.on_state_sync_failed(now_us, &mut actions);
+            self.submit_actions(node, &actions);
+            if let Some(live) = self.nodes[node].live.as_mut() {
+                live.actions = actions;
+            }
+            return;
+        }
+        let live = self.nodes[node].live.as_mut().expect("live");
+        let mut ledger = sessioned(Ledger::with_hash_seed(
+            *live.ledger.inner().config(),
+            LEDGER_HASH_SEED,
+        ));
+        ledger
+            .restore(&checkpoint.snapshot)
+            .expect("a checkpoint restores");
+        assert_eq!(
+            ledger.digest(),
+            checkpoint.digest,
+            "the snapshot's recorded digest"
+        );
+        live.ledger = ledger;
+        live.agreed_upto = live.agreed_upto.max(checkpoint.op);
+        // Who waited here for an op the checkpoint holds is not answered by this replica
+        // (its clients retry elsewhere and get the session's reply).
+        live.origins.retain(|op, _| *op > checkpoint.op);
+        let (op, checksum) = (checkpoint.op, checkpoint.checksum);
+        let n = &mut self.nodes[node];
+        n.disk.install_checkpoint(checkpoint.clone());
+        self.summary.state_syncs_installed += 1;
+        if super::check::digest_sampled(op) {
+            self.check
+                .digest_observed(group, op, checkpoint.digest, replica);
+        }
+        self.trace_line(format!(
+            "r{replica}g{group} STATE SYNC installed: checkpoint op {op}"
+        ));
+        let live = self.nodes[node].live.as_mut().expect("live");
+        let mut actions = std::mem::take(&mut live.actions);
+        actions.clear();
+        live.replica
+            .on_state_synced(now_us, op, checksum, &mut actions);
+        self.submit_actions(node, &actions);
+        if let Some(live) = self.nodes[node].live.as_mut() {
+            live.actions = actions;
+        }
+    }
+
+    /// State sync: no checkpoint came from the peer in time; the core may start another.
+    fn sync_timeout(&mut self, node: NodeIndex, op: u64) {
+        let now_us = self.now_us;
+        let live = self.nodes[node].live.as_mut().expect("live");
+        if !matches!(live.sync, Some((_, sync_op, None)) if sync_op == op) {
+            return;
+        }
+        live.sync = None;
+        self.summary.state_syncs_failed += 1;
+        let mut actions = std::mem::take(&mut live.actions);
+        actions.clear();
+        live.replica.on_state_sync_failed(now_us, &mut actions);
+        self.submit_actions(node, &actions);
+        if let Some(live) = self.nodes[node].live.as_mut() {
+            live.actions = actions;
+        }
+        self.batcher_turn(node);
     }
 
     /// A credit leg or acknowledgement leaves `replica`'s shard for group `outbound.shard`:
@@ -2850,6 +3156,7 @@ impl World {
             Event::FsyncDone(node, _)
             | Event::Timer(node, _)
             | Event::Mesh(node, _, _)
+            | Event::SyncTimeout(node, _, _)
             | Event::SuperblockDone(node, _) => Some(self.nodes[*node].replica),
             Event::ConnectionUp(_, from, _) => Some(*from),
             Event::ClientArrive(_, target) => Some(*target),
@@ -2956,6 +3263,11 @@ fn describe(event: &Event, groups: u32) -> String {
                 Body::Forward { operation, records } => {
                     format!("Forward {operation:?} x{}", records.len())
                 }
+                Body::Snapshot { checkpoint } => format!(
+                    "Snapshot op {} ({} bytes)",
+                    checkpoint.op,
+                    checkpoint.snapshot.len()
+                ),
                 other => format!("{other:?}"),
             };
             format!(
@@ -2983,6 +3295,7 @@ fn describe(event: &Event, groups: u32) -> String {
             format!("client request {request} timeout (attempt {attempt})")
         }
         Event::ClientNext(group, client) => format!("client {client} of g{group} next"),
+        Event::SyncTimeout(index, _, op) => format!("state sync timeout {} op {op}", node(index)),
         Event::Fault => "fault".to_string(),
     }
 }
