@@ -2386,14 +2386,9 @@ impl World {
         if checkpoint.op <= self.nodes[node].disk.op_head() {
             // As the runtime: the journal reached the checkpoint meanwhile.
             self.summary.state_syncs_failed += 1;
-            let live = self.nodes[node].live.as_mut().expect("live");
-            let mut actions = std::mem::take(&mut live.actions);
-            actions.clear();
-            live.replica.on_state_sync_failed(now_us, &mut actions);
-            self.submit_actions(node, &actions);
-            if let Some(live) = self.nodes[node].live.as_mut() {
-                live.actions = actions;
-            }
+            self.core_call(node, |replica, actions| {
+                replica.on_state_sync_failed(now_us, actions);
+            });
             return;
         }
         let live = self.nodes[node].live.as_mut().expect("live");
@@ -2425,11 +2420,17 @@ impl World {
         self.trace_line(format!(
             "r{replica}g{group} STATE SYNC installed: checkpoint op {op}"
         ));
+        self.core_call(node, |replica, actions| {
+            replica.on_state_synced(now_us, op, checksum, actions);
+        });
+    }
+
+    /// Calls the core of live `node` with its action buffer, then executes what it asked.
+    fn core_call(&mut self, node: NodeIndex, call: impl FnOnce(&mut Replica, &mut Vec<Action>)) {
         let live = self.nodes[node].live.as_mut().expect("live");
         let mut actions = std::mem::take(&mut live.actions);
         actions.clear();
-        live.replica
-            .on_state_synced(now_us, op, checksum, &mut actions);
+        call(&mut live.replica, &mut actions);
         self.submit_actions(node, &actions);
         if let Some(live) = self.nodes[node].live.as_mut() {
             live.actions = actions;
@@ -2445,13 +2446,9 @@ impl World {
         }
         live.sync = None;
         self.summary.state_syncs_failed += 1;
-        let mut actions = std::mem::take(&mut live.actions);
-        actions.clear();
-        live.replica.on_state_sync_failed(now_us, &mut actions);
-        self.submit_actions(node, &actions);
-        if let Some(live) = self.nodes[node].live.as_mut() {
-            live.actions = actions;
-        }
+        self.core_call(node, |replica, actions| {
+            replica.on_state_sync_failed(now_us, actions);
+        });
         self.batcher_turn(node);
     }
 
