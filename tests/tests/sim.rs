@@ -239,6 +239,23 @@ fn fixed_view_no_faults_converges() {
     assert_batch_passes(3_000..3_020, options);
 }
 
+/// Checkpoints, retention and state sync (`--sync on`) in the fixed view: followers that
+/// fell behind what their peers retain sync to a checkpoint (the leader, whose journal is
+/// the group's log, never needs to).
+#[test]
+fn fixed_view_checkpoints_and_state_sync() {
+    let options = Options {
+        sync: true,
+        ..Options::default()
+    };
+    let summaries = assert_batch_passes(7_300..7_360, options);
+    let installed: u64 = summaries
+        .iter()
+        .map(|summary| summary.state_syncs_installed)
+        .sum();
+    assert!(installed > 0, "no state sync was installed");
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     for (seed, options) in [

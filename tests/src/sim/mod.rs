@@ -156,7 +156,7 @@ pub struct Options {
     /// formatted with `--replace` (`Replica::replacing_start`). Off by default, so that the
     /// recorded runs stay as they were.
     pub replace: bool,
-    /// View change: replicas take checkpoints (every few ops, drawn per seed from a random
+    /// Replicas take checkpoints (every few ops, drawn per seed from a random
     /// stream of its own) and stop serving ops below their previous checkpoint once no
     /// peer within a drawn `retain_ops` needs them, as the runtime removes segments; a
     /// replica asking for a removed op is answered `NotRetained` and catches up by state

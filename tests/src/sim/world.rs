@@ -529,7 +529,6 @@ impl World {
             profile.replace_per_million = replace_rng.range(150_000, 500_000);
         }
         if options.sync {
-            assert!(options.view_change, "--sync needs --view-change");
             let mut sync_rng = SimRng::new(seed ^ SYNC_SEED_MIX);
             let choice = sync_rng.below(CHECKPOINT_INTERVALS_OPS.len() as u64) as usize;
             profile.checkpoint_interval_ops = CHECKPOINT_INTERVALS_OPS[choice];
