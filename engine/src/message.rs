@@ -534,9 +534,40 @@ impl ClusterKey {
     }
 }
 
+impl ClusterKey {
+    /// Whether `other` holds the same bytes (compared in constant time).
+    pub fn same_as(&self, other: &ClusterKey) -> bool {
+        constant_time_eq(&self.0, &other.0)
+    }
+}
+
 impl std::fmt::Debug for ClusterKey {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str("ClusterKey(<redacted>)")
+    }
+}
+
+/// The keys a node authenticates its peer connections with: the cluster key, which it
+/// answers with when a peer dials it and which seeds what must derive from a secret; and,
+/// while the cluster's key is being rotated, one more key it accepts when it dials a peer
+/// that answers with that one (the key before the rotation, or the next one). Two nodes
+/// connect when each one's cluster key is among the other's keys (`docs/operations.md`
+/// section 7 gives the rolling procedure).
+#[derive(Debug, Clone)]
+pub struct PeerKeys {
+    /// The cluster key.
+    pub current: ClusterKey,
+    /// The other key accepted during a rotation.
+    pub accepted: Option<ClusterKey>,
+}
+
+impl PeerKeys {
+    /// Just the cluster key.
+    pub fn new(current: ClusterKey) -> PeerKeys {
+        PeerKeys {
+            current,
+            accepted: None,
+        }
     }
 }
 
@@ -610,7 +641,7 @@ fn truncate_mac(output: &[u8; KEY_BYTES]) -> u128 {
 }
 
 /// A 64-bit value every holder of `key` derives alike and nobody else can predict:
-/// keyed BLAKE3 of `label` (e.g. the ledger's table hash seed, which replicas must share).
+/// keyed BLAKE3 of `label` (e.g. the ledger's table hash seed).
 pub fn derive_seed(key: &ClusterKey, label: &str) -> u64 {
     let hash = blake3::keyed_hash(&key.0, label.as_bytes());
     let mut bytes = [0u8; 8];
@@ -947,6 +978,24 @@ pub fn check_hello_reply(
     Ok(transcript)
 }
 
+/// [`check_hello_reply`] against each of `keys`: the cluster key, then the accepted one.
+/// Returns the transcript and the key the listener answered with (the connection's key
+/// from then on), and whether that was the accepted key.
+pub fn check_hello_reply_keys<'k>(
+    reply: &HandshakeFrame,
+    sent: &Transcript,
+    keys: &'k PeerKeys,
+) -> Result<(Transcript, &'k ClusterKey, bool), MessageError> {
+    match check_hello_reply(reply, sent, &keys.current) {
+        Ok(transcript) => Ok((transcript, &keys.current, false)),
+        Err(MessageError::BadMac) if keys.accepted.is_some() => {
+            let accepted = keys.accepted.as_ref().expect("checked");
+            check_hello_reply(reply, sent, accepted).map(|transcript| (transcript, accepted, true))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// The listener's checks on a HelloConfirm: it echoes `transcript` (the one the listener
 /// replied to), and its MAC is the dialer's.
 pub fn check_hello_confirm(
@@ -1194,6 +1243,55 @@ mod tests {
         );
         assert_ne!(truncate_mac(&session_key(&cluster_key, &t).0), listener);
         assert_ne!(truncate_mac(&session_key(&cluster_key, &t).0), dialer);
+    }
+
+    /// A rolling key rotation: two nodes connect, in either direction, exactly when each
+    /// one's cluster key is among the other's keys; the connection runs under the key the
+    /// listener answered with, which the dialer reports when it is its accepted one.
+    #[test]
+    fn a_dialer_accepts_a_listener_answering_with_its_accepted_key() {
+        let (old, new) = (key(1), key(2));
+        let keys = |current: &ClusterKey, accepted: Option<&ClusterKey>| PeerKeys {
+            current: current.clone(),
+            accepted: accepted.cloned(),
+        };
+        let t = transcript();
+        let sent = Transcript {
+            nonce_listener: [0; NONCE_BYTES],
+            ..t
+        };
+        // (dialer's keys, listener's cluster key, outcome: by the accepted key or refused)
+        let cases = [
+            (keys(&old, None), &old, Some(false)),
+            (keys(&old, Some(&new)), &old, Some(false)),
+            (keys(&old, Some(&new)), &new, Some(true)),
+            (keys(&new, Some(&old)), &old, Some(true)),
+            (keys(&new, None), &old, None),
+            (keys(&new, Some(&key(3))), &old, None),
+        ];
+        for (index, (dialer, listener, outcome)) in cases.into_iter().enumerate() {
+            let reply = HandshakeFrame::new(
+                HandshakeStep::HelloReply,
+                &t,
+                hello_mac_listener(listener, &t),
+            );
+            match (check_hello_reply_keys(&reply, &sent, &dialer), outcome) {
+                (Ok((transcript, used, accepted)), Some(expected)) => {
+                    assert_eq!((transcript, accepted), (t, expected), "case {index}");
+                    assert!(used.same_as(listener), "case {index}");
+                    // The listener checks the confirmation with its own cluster key.
+                    let confirm = HandshakeFrame::new(
+                        HandshakeStep::HelloConfirm,
+                        &t,
+                        hello_mac_dialer(used, &t),
+                    );
+                    assert_eq!(check_hello_confirm(&confirm, &t, listener), Ok(()));
+                }
+                (Err(error), None) => assert_eq!(error, MessageError::BadMac, "case {index}"),
+                (got, expected) => panic!("case {index}: {got:?}, expected {expected:?}"),
+            }
+        }
+        assert!(old.same_as(&key(1)) && !old.same_as(&new));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use percore_engine::message::{
     self, ClusterKey, HANDSHAKE_FRAME_BYTES, HandshakeFrame, HandshakeStep, MessageError,
-    NONCE_BYTES, PEER_HEADER_BYTES, PEER_MAGIC, PeerHeader, SessionKey, Transcript,
+    NONCE_BYTES, PEER_HEADER_BYTES, PEER_MAGIC, PeerHeader, PeerKeys, SessionKey, Transcript,
 };
 
 /// Default deadline of one handshake, connect included (µs).
@@ -120,14 +120,17 @@ async fn write_handshake(stream: &mut TcpStream, frame: &HandshakeFrame) -> Resu
 }
 
 /// Dials replica `to` at `address` and authenticates both ways: Hello, the listener's MAC
-/// checked in constant time, HelloConfirm. The whole of it, connect included, must finish
-/// within `handshake_timeout`. `nonce` must be fresh ([`os_nonce`]; the simulator draws it
-/// from its seed). The sender buffers up to `send_buffer_bytes` between flushes.
+/// checked in constant time against each of `keys` (the cluster key, then the one accepted
+/// during a key rotation), HelloConfirm under the key that matched. The whole of it, connect
+/// included, must finish within `handshake_timeout`. `nonce` must be fresh ([`os_nonce`];
+/// the simulator draws it from its seed). The sender buffers up to `send_buffer_bytes`
+/// between flushes; [`PeerSender::by_accepted_key`] tells whether the peer answered with
+/// the accepted key.
 pub async fn dial(
     address: SocketAddr,
     me: &PeerIdentity,
     to: u8,
-    key: &ClusterKey,
+    keys: &PeerKeys,
     nonce: [u8; NONCE_BYTES],
     handshake_timeout: Duration,
     send_buffer_bytes: usize,
@@ -148,7 +151,7 @@ pub async fn dial(
         nonce_listener: [0; NONCE_BYTES],
         peers_digest: me.peers_digest,
     };
-    let (stream, transcript) = with_deadline(handshake_timeout, async {
+    let (stream, transcript, key, by_accepted_key) = with_deadline(handshake_timeout, async {
         let mut stream = TcpStream::connect(address)
             .await
             .map_err(|err| io_error(err.into()))?;
@@ -161,21 +164,29 @@ pub async fn dial(
         )
         .await?;
         let reply = read_handshake(&mut stream, HandshakeStep::HelloReply).await?;
-        let transcript = message::check_hello_reply(&reply, &sent, key)?;
+        let (transcript, key, by_accepted_key) =
+            message::check_hello_reply_keys(&reply, &sent, keys)?;
         let mac = message::hello_mac_dialer(key, &transcript);
         let confirm = HandshakeFrame::new(HandshakeStep::HelloConfirm, &transcript, mac);
         write_handshake(&mut stream, &confirm).await?;
-        Ok((stream, transcript))
+        Ok((stream, transcript, key, by_accepted_key))
     })
     .await?;
-    tracing::debug!(group = me.group, to, "peer connection dialed");
-    Ok(PeerSender::new(
+    tracing::debug!(
+        group = me.group,
+        to,
+        by_accepted_key,
+        "peer connection dialed"
+    );
+    let mut sender = PeerSender::new(
         stream,
         message::session_key(key, &transcript),
         me,
         to,
         send_buffer_bytes,
-    ))
+    );
+    sender.by_accepted_key = by_accepted_key;
+    Ok(sender)
 }
 
 /// Runs the listener's half of the handshake on an accepted `stream`. Refuses, by closing
@@ -270,9 +281,18 @@ pub struct PeerSender {
     replica: u8,
     to: u8,
     broken: bool,
+    /// The peer answered the handshake with the accepted key, not the cluster key.
+    by_accepted_key: bool,
 }
 
 impl PeerSender {
+    /// Whether the peer answered the handshake with the key accepted during a rotation
+    /// ([`PeerKeys::accepted`]) rather than this node's cluster key: its cluster key is
+    /// still (or already) that one.
+    pub fn by_accepted_key(&self) -> bool {
+        self.by_accepted_key
+    }
+
     fn new(
         stream: TcpStream,
         session_key: SessionKey,
@@ -294,6 +314,7 @@ impl PeerSender {
             replica: me.replica,
             to,
             broken: false,
+            by_accepted_key: false,
         }
     }
 

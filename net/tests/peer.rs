@@ -14,7 +14,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use percore_engine::journal::{EntryMeta, encode_entry, entry_bytes_padded};
 use percore_engine::message::{
     self, ClusterKey, Command, HANDSHAKE_FRAME_BYTES, HandshakeFrame, HandshakeStep, MessageError,
-    NONCE_BYTES, PEER_HEADER_BYTES, PeerHeader, SessionKey, Transcript, field,
+    NONCE_BYTES, PEER_HEADER_BYTES, PeerHeader, PeerKeys, SessionKey, Transcript, field,
 };
 use percore_net::peer::{self, PeerError, PeerIdentity, PeerReceiver};
 
@@ -230,7 +230,7 @@ fn handshake_and_a_thousand_frames_arrive_in_order() {
             address,
             &identity(DIALER),
             LISTENER,
-            &cluster_key(),
+            &PeerKeys::new(cluster_key()),
             nonce(0xAA),
             HANDSHAKE_TIMEOUT,
             SEND_BUFFER_BYTES,
@@ -320,7 +320,7 @@ fn a_wrong_cluster_key_fails_on_both_sides() {
             address,
             &identity(DIALER),
             LISTENER,
-            &cluster_key(),
+            &PeerKeys::new(cluster_key()),
             nonce(0xAA),
             HANDSHAKE_TIMEOUT,
             SEND_BUFFER_BYTES,
@@ -336,6 +336,67 @@ fn a_wrong_cluster_key_fails_on_both_sides() {
     });
 }
 
+/// During a key rotation a dialer whose cluster key is the new one, holding the old one as
+/// accepted, connects to a listener still answering with the old key; the frames flow under
+/// the old key, and the sender says the peer used the accepted key. A dialer that does not
+/// hold the listener's key is refused as before.
+#[test]
+fn a_dialer_connects_with_its_accepted_key_during_a_rotation() {
+    run(|| async {
+        let (old, new) = (cluster_key(), ClusterKey::new([0x5A; 32]));
+        let (listener, address) = bind();
+        let receiving = glommio::spawn_local(async move {
+            let mut receiver = accept_one(listener, cluster_key(), HANDSHAKE_TIMEOUT)
+                .await
+                .expect("listener handshake");
+            let (header, body) = receiver.recv().await.expect("frame");
+            assert_eq!(header.field_u64(field::PING_TIME_US), 7);
+            body.to_vec()
+        });
+        let keys = PeerKeys {
+            current: new.clone(),
+            accepted: Some(old),
+        };
+        let mut sender = peer::dial(
+            address,
+            &identity(DIALER),
+            LISTENER,
+            &keys,
+            nonce(0xAA),
+            HANDSHAKE_TIMEOUT,
+            SEND_BUFFER_BYTES,
+        )
+        .await
+        .expect("dial with the accepted key");
+        assert!(sender.by_accepted_key());
+        let mut header = PeerHeader::new(Command::Ping, GROUP, 1, DIALER, 1);
+        header.set_field_u64(field::PING_TIME_US, 7);
+        header.checksum_body = message::body_checksum(b"rotated");
+        sender.push(header, &[b"rotated"]).expect("fits");
+        sender.flush().await.expect("flush");
+        assert_eq!(receiving.await, b"rotated");
+
+        // Without the listener's key among its keys the dialer is refused.
+        let (listener, address) = bind();
+        let accepting = spawn_acceptor(listener);
+        let dialed = peer::dial(
+            address,
+            &identity(DIALER),
+            LISTENER,
+            &PeerKeys::new(new),
+            nonce(0xAB),
+            HANDSHAKE_TIMEOUT,
+            SEND_BUFFER_BYTES,
+        )
+        .await;
+        assert!(
+            matches!(dialed, Err(PeerError::Message(MessageError::BadMac))),
+            "{dialed:?}"
+        );
+        assert!(matches!(accepting.await, Err(PeerError::Closed)));
+    });
+}
+
 /// Dials the listener as `me` (to [`LISTENER`]) and returns both sides' outcomes.
 async fn dial_refused(me: PeerIdentity, to: u8) -> (PeerError, PeerError) {
     let (listener, address) = bind();
@@ -344,7 +405,7 @@ async fn dial_refused(me: PeerIdentity, to: u8) -> (PeerError, PeerError) {
         address,
         &me,
         to,
-        &cluster_key(),
+        &PeerKeys::new(cluster_key()),
         nonce(0xAA),
         HANDSHAKE_TIMEOUT,
         SEND_BUFFER_BYTES,
@@ -438,7 +499,7 @@ fn unknown_peers_and_wrong_targets_are_refused() {
                 address,
                 &identity(DIALER),
                 to,
-                &cluster_key(),
+                &PeerKeys::new(cluster_key()),
                 nonce(0xAA),
                 HANDSHAKE_TIMEOUT,
                 SEND_BUFFER_BYTES,

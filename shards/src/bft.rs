@@ -90,7 +90,7 @@ use percore_engine::bft::{
 use percore_engine::frame;
 use percore_engine::journal::{EntryMeta, SECTOR_BYTES, entry_bytes_padded};
 use percore_engine::limits::BATCH_ENTRIES_MAX_LIMIT;
-use percore_engine::message::{ClusterKey, Command, PeerHeader, body_checksum};
+use percore_engine::message::{Command, PeerHeader, PeerKeys, body_checksum};
 use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::PeerIdentity;
@@ -270,8 +270,9 @@ pub struct BftSettings {
     pub replica: u8,
     /// Peer address of every replica, in replica order (shard `k` on the port plus `k`).
     pub peers: Vec<SocketAddr>,
-    /// The shared cluster key (authenticates connections; signatures authenticate votes).
-    pub cluster_key: ClusterKey,
+    /// The shared cluster key (authenticates connections; signatures authenticate votes),
+    /// and the key accepted during a key rotation.
+    pub keys: PeerKeys,
     /// This replica's ed25519 secret key.
     pub secret_key: SigningKey,
     /// Every replica's public key, in replica order.
@@ -1285,7 +1286,7 @@ where
         let state = bft_of(shard);
         PeerLink {
             identity: &state.identity,
-            key: &state.settings.cluster_key,
+            keys: &state.settings.keys,
             peers: &state.settings.peers,
             outboxes: &state.outboxes,
             send_queue_bytes: state.settings.send_queue_bytes,

@@ -217,6 +217,9 @@ pub enum ClusterError {
 pub struct LocalCluster {
     config: LocalClusterConfig,
     key_file: PathBuf,
+    /// Per replica, the cluster key file and the accepted key file it starts with next,
+    /// where they differ from `key_file` alone (a key rotation).
+    key_files: Vec<Option<(PathBuf, Option<PathBuf>)>>,
     children: Vec<Option<Child>>,
     /// More arguments of single replicas (after `extra_args`), by replica.
     replica_args: Vec<Vec<String>>,
@@ -369,6 +372,7 @@ impl LocalCluster {
         let (affinities, spare_cores) = replica_affinities(&config, &crate::affinity::allowed());
         let mut cluster = Self {
             children: (0..replicas).map(|_| None).collect(),
+            key_files: (0..replicas).map(|_| None).collect(),
             config,
             key_file,
             replica_args,
@@ -399,9 +403,16 @@ impl LocalCluster {
         self.config.shards()
     }
 
-    /// The key file every replica reads.
+    /// The key file every replica reads (unless [`LocalCluster::set_key_files`] changed
+    /// one's).
     pub fn key_file(&self) -> &Path {
         &self.key_file
+    }
+
+    /// The cluster key file `key` and the accepted key file `accept` (a key rotation,
+    /// `--cluster-key-accept-file`) that `replica` starts with from its next start on.
+    pub fn set_key_files(&mut self, replica: usize, key: PathBuf, accept: Option<PathBuf>) {
+        self.key_files[replica] = Some((key, accept));
     }
 
     /// Data directory of `replica`.
@@ -477,11 +488,24 @@ impl LocalCluster {
             replica.to_string(),
             "--peers".into(),
             peers.join(","),
-            "--cluster-key-file".into(),
-            self.key_file.display().to_string(),
             "--fsync".into(),
             config.fsync.into(),
         ];
+        match &self.key_files[replica] {
+            None => args.extend([
+                "--cluster-key-file".into(),
+                self.key_file.display().to_string(),
+            ]),
+            Some((key, accept)) => {
+                args.extend(["--cluster-key-file".into(), key.display().to_string()]);
+                if let Some(accept) = accept {
+                    args.extend([
+                        "--cluster-key-accept-file".into(),
+                        accept.display().to_string(),
+                    ]);
+                }
+            }
+        }
         if config.metrics {
             args.push("--metrics".into());
             args.push(self.metrics_address(replica).to_string());

@@ -45,6 +45,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "replica",
     "peers",
     "cluster_key_file",
+    "cluster_key_accept_file",
     "view_change",
     "retain_ops",
     "leader_rebalance_ms",
@@ -121,6 +122,8 @@ pub struct NodeFile {
     pub peers: Option<Vec<SocketAddr>>,
     /// `--cluster-key-file`.
     pub cluster_key_file: Option<PathBuf>,
+    /// `--cluster-key-accept-file` (during a key rotation).
+    pub cluster_key_accept_file: Option<PathBuf>,
     /// Leader failover (default true); `false` is `--fixed-view`.
     pub view_change: Option<bool>,
     /// `--retain-ops`.

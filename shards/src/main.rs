@@ -352,14 +352,10 @@ impl BftArgs {
             .into());
         }
         let cluster = keys::parse_cluster(&read("cluster.keys".into())?)?;
-        let cluster_key = match &replication.cluster_key_file {
-            Some(path) => replication::cluster_key_from_file(path)?,
-            None => replication::cluster_key_from_env()?,
-        };
         let settings = BftSettings {
             replica,
             peers: replication.peers.clone(),
-            cluster_key,
+            keys: replication.peer_keys()?,
             secret_key: secret.key,
             public_keys: cluster.keys,
             faults_max: cluster.faults_max,
@@ -388,6 +384,12 @@ struct ReplicationArgs {
     /// default: the PERCORE_CLUSTER_KEY environment variable.
     #[arg(long)]
     cluster_key_file: Option<PathBuf>,
+    /// During a key rotation only: a second key file, whose key this node also accepts
+    /// from a peer it dials (the key before the rotation, or the next one); default: the
+    /// PERCORE_CLUSTER_KEY_ACCEPT environment variable, if set. It answers dials with the
+    /// cluster key alone (docs/operations.md section 7).
+    #[arg(long)]
+    cluster_key_accept_file: Option<PathBuf>,
     /// No leader failover: every group keeps its first leader (replica `k mod N`), and a
     /// group whose leader is down stops committing until it returns; the leader then also
     /// makes each group commit durable before it sends it (docs/protocol.md section 0).
@@ -410,6 +412,14 @@ struct ReplicationArgs {
 }
 
 impl ReplicationArgs {
+    /// The cluster key and the key accepted during a rotation.
+    fn peer_keys(&self) -> Result<percore_engine::message::PeerKeys, replication::ClusterKeyError> {
+        replication::peer_keys(
+            self.cluster_key_file.as_deref(),
+            self.cluster_key_accept_file.as_deref(),
+        )
+    }
+
     fn settings(&self) -> Result<Option<ReplicationSettings>, Box<dyn std::error::Error>> {
         let Some(replica) = self.replica else {
             return Ok(None);
@@ -423,14 +433,10 @@ impl ReplicationArgs {
             )
             .into());
         }
-        let cluster_key = match &self.cluster_key_file {
-            Some(path) => replication::cluster_key_from_file(path)?,
-            None => replication::cluster_key_from_env()?,
-        };
         Ok(Some(ReplicationSettings {
             replica,
             peers: self.peers.clone(),
-            cluster_key,
+            keys: self.peer_keys()?,
             send_queue_bytes: replication::PEER_SEND_QUEUE_BYTES_DEFAULT,
             view_change: self.view_change,
             retain_ops: self.retain_ops,
@@ -659,6 +665,7 @@ fn node_args_with_file(
         replica,
         peers,
         cluster_key_file,
+        cluster_key_accept_file,
         view_change,
         retain_ops,
         leader_rebalance_ms,
@@ -704,6 +711,7 @@ fn node_args_with_file(
         replica => args.replication.replica,
         peers => args.replication.peers,
         cluster_key_file => args.replication.cluster_key_file,
+        cluster_key_accept_file => args.replication.cluster_key_accept_file,
         view_change => args.replication.view_change,
         retain_ops => args.replication.retain_ops,
         leader_rebalance_ms => args.replication.leader_rebalance_ms,
@@ -832,8 +840,8 @@ fn run_node(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Replicas must build identical ledgers, so the table hash seed comes from the cluster
     // key (secret, so clients still cannot predict it); a single node draws its own.
     let seed = match (&config.replication, &config.bft) {
-        (Some(settings), _) => replication::ledger_hash_seed(&settings.cluster_key),
-        (None, Some(settings)) => replication::ledger_hash_seed(&settings.cluster_key),
+        (Some(settings), _) => replication::ledger_hash_seed(&settings.keys.current),
+        (None, Some(settings)) => replication::ledger_hash_seed(&settings.keys.current),
         (None, None) => runtime::random_seed(),
     };
     if let Some(settings) = &config.bft {

@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use glommio::net::{TcpListener, TcpStream};
-use percore_engine::message::{ClusterKey, PEER_HEADER_BYTES, PeerHeader};
+use percore_engine::message::{PEER_HEADER_BYTES, PeerHeader, PeerKeys};
 use percore_engine::replica::REPLICA_COUNT_MAX;
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
@@ -36,8 +36,9 @@ const _: () = assert!(RECONNECT_BACKOFF_US_MIN < RECONNECT_BACKOFF_US_MAX);
 pub(crate) struct PeerLink<'a> {
     /// This replica's identity in the handshake.
     pub(crate) identity: &'a PeerIdentity,
-    /// The key both ends authenticate with.
-    pub(crate) key: &'a ClusterKey,
+    /// The keys the ends authenticate with: a node answers with its cluster key, and
+    /// accepts a peer answering with either.
+    pub(crate) keys: &'a PeerKeys,
     /// Every replica's peer address (shard `k` listens on the port plus `k`).
     pub(crate) peers: &'a [SocketAddr],
     /// One outbox per replica ([`Outbox::for_peers`]).
@@ -254,7 +255,7 @@ where
     let handshake = peer::accept_handshake(
         stream,
         link.identity,
-        link.key,
+        &link.keys.current,
         nonce,
         Duration::from_micros(HANDSHAKE_TIMEOUT_US),
         link.frame_bytes_max,
@@ -335,7 +336,7 @@ where
         address,
         identity: link.identity,
         peer,
-        key: link.key,
+        keys: link.keys,
         send_queue_bytes: link.send_queue_bytes,
     };
     while let Some(mut sender) = dial.until_connected(&shard).await {
@@ -374,8 +375,8 @@ struct PeerDial<'a> {
     identity: &'a PeerIdentity,
     /// The peer's replica index.
     peer: u8,
-    /// The cluster key both sides authenticate with.
-    key: &'a ClusterKey,
+    /// The keys this node authenticates with.
+    keys: &'a PeerKeys,
     /// The connection's send buffer (bytes).
     send_queue_bytes: usize,
 }
@@ -394,7 +395,7 @@ impl PeerDial<'_> {
                         self.address,
                         self.identity,
                         self.peer,
-                        self.key,
+                        self.keys,
                         nonce,
                         Duration::from_micros(HANDSHAKE_TIMEOUT_US),
                         self.send_queue_bytes,
@@ -406,6 +407,16 @@ impl PeerDial<'_> {
             match dialed {
                 Ok(sender) => {
                     ShardMetrics::add(&shard.metrics.peer_connections_total, 1);
+                    if sender.by_accepted_key() {
+                        // A key rotation is under way: that peer's cluster key is this
+                        // node's accepted one (`docs/operations.md` section 7).
+                        ShardMetrics::add(&shard.metrics.peer_connections_accepted_key_total, 1);
+                        tracing::info!(
+                            shard = shard.index,
+                            peer = self.peer,
+                            "peer answered with the accepted key, not the cluster key"
+                        );
+                    }
                     return Some(sender);
                 }
                 Err(error) => {

@@ -39,7 +39,9 @@ use percore_engine::journal::{ENTRY_HEADER_BYTES, EntryHeader, EntryMeta, entry_
 use percore_engine::session::REQUEST_DESCRIPTOR_BYTES;
 
 use crate::core::SealedBatch;
-use percore_engine::message::{ClusterKey, Command, PEER_HEADER_BYTES, PeerHeader, field};
+use percore_engine::message::{
+    ClusterKey, Command, PEER_HEADER_BYTES, PeerHeader, PeerKeys, field,
+};
 use percore_engine::replica::{ACTIONS_MAX, Action, PrepareDisposition, Replica, Status};
 use percore_engine::state_machine::StateMachine;
 use percore_net::peer::{self, PeerIdentity};
@@ -90,8 +92,9 @@ pub struct ReplicationSettings {
     /// Peer address of every replica, in replica order; shard `k` of replica `r` listens on
     /// `peers[r]` with the port plus `k`.
     pub peers: Vec<SocketAddr>,
-    /// The shared cluster key (authenticates peers).
-    pub cluster_key: ClusterKey,
+    /// The shared cluster key (authenticates peers), and the key accepted during a key
+    /// rotation (`--cluster-key-accept-file`).
+    pub keys: PeerKeys,
     /// Bytes queued per peer.
     pub send_queue_bytes: usize,
     /// Leader failover: view changes when a leader is silent (pre-vote, then a new view
@@ -324,6 +327,12 @@ pub enum ClusterKeyError {
     /// No file given and no environment variable set.
     #[error("no cluster key: pass --cluster-key-file or set PERCORE_CLUSTER_KEY")]
     Missing,
+    /// The key accepted during a rotation is the cluster key itself.
+    #[error(
+        "the accepted key (--cluster-key-accept-file or PERCORE_CLUSTER_KEY_ACCEPT) is the \
+         cluster key itself: give the key before the rotation, or the next one"
+    )]
+    AcceptedIsCurrent,
 }
 
 fn cluster_key_parse(text: &str, origin: &str) -> Result<ClusterKey, ClusterKeyError> {
@@ -362,6 +371,33 @@ pub fn cluster_key_from_env() -> Result<ClusterKey, ClusterKeyError> {
     cluster_key_parse(&text, "PERCORE_CLUSTER_KEY")
 }
 
+/// A node's peer keys: the cluster key from `key_file`, else `PERCORE_CLUSTER_KEY`; and,
+/// during a key rotation, the accepted key from `accept_file`, else
+/// `PERCORE_CLUSTER_KEY_ACCEPT` if set (`docs/operations.md` section 7).
+pub fn peer_keys(
+    key_file: Option<&std::path::Path>,
+    accept_file: Option<&std::path::Path>,
+) -> Result<PeerKeys, ClusterKeyError> {
+    let current = match key_file {
+        Some(path) => cluster_key_from_file(path)?,
+        None => cluster_key_from_env()?,
+    };
+    let accepted = match accept_file {
+        Some(path) => Some(cluster_key_from_file(path)?),
+        None => match std::env::var("PERCORE_CLUSTER_KEY_ACCEPT") {
+            Ok(text) => Some(cluster_key_parse(&text, "PERCORE_CLUSTER_KEY_ACCEPT")?),
+            Err(_) => None,
+        },
+    };
+    if accepted
+        .as_ref()
+        .is_some_and(|accepted| accepted.same_as(&current))
+    {
+        return Err(ClusterKeyError::AcceptedIsCurrent);
+    }
+    Ok(PeerKeys { current, accepted })
+}
+
 /// Writes a fresh random key (from the OS) to `path`, mode 0600; refuses to overwrite.
 pub fn cluster_key_write(path: &std::path::Path) -> Result<(), ClusterKeyError> {
     use std::io::Write as _;
@@ -384,8 +420,10 @@ pub fn cluster_key_write(path: &std::path::Path) -> Result<(), ClusterKeyError> 
     file.sync_all().map_err(io)
 }
 
-/// The ledger's table hash seed for a replicated cluster: every replica must build the
-/// same tables, and clients must not predict them, so it derives from the secret key.
+/// The ledger's table hash seed for a replicated cluster: clients must not predict it, so
+/// it derives from the secret cluster key. Replicas need not share it: results, digests and
+/// snapshots do not depend on the tables' layout, so during a key rotation a node on the
+/// new key builds other tables than one on the old.
 pub fn ledger_hash_seed(key: &ClusterKey) -> u64 {
     percore_engine::message::derive_seed(key, "percore ledger hash seed v1")
 }
@@ -437,7 +475,7 @@ where
         let state = replication_of(shard);
         PeerLink {
             identity: &state.identity,
-            key: &state.settings.cluster_key,
+            keys: &state.settings.keys,
             peers: &state.settings.peers,
             outboxes: &state.outboxes,
             send_queue_bytes: state.settings.send_queue_bytes,

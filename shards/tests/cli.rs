@@ -230,6 +230,15 @@ fn a_replica_starts_only_on_its_formatted_directory_and_never_recreates_a_lost_j
         )
     };
 
+    // A rotation's accepted key that is the cluster key itself: refused, saying so.
+    let mut same = args("0");
+    same.extend([
+        "--cluster-key-accept-file".into(),
+        key.display().to_string(),
+    ]);
+    let error = node_serves(&same).unwrap_err();
+    assert!(error.contains("cluster key itself"), "{error}");
+
     // Never formatted: refused, and nothing is created.
     let error = node_serves(&args("0")).unwrap_err();
     assert!(error.contains("percore format"), "{error}");

@@ -809,6 +809,7 @@ fn a_newer_connection_from_a_peer_replaces_the_older_one() {
     let baseline = replaced(&harness);
     let key = percore_shards::replication::cluster_key_from_file(harness.cluster.key_file())
         .expect("the cluster key");
+    let keys = percore_engine::message::PeerKeys::new(key);
     let peers: Vec<std::net::SocketAddr> = (0..REPLICAS)
         .map(|replica| harness.cluster.peer_address(replica, 0))
         .collect();
@@ -829,7 +830,7 @@ fn a_newer_connection_from_a_peer_replaces_the_older_one() {
                     address,
                     &identity,
                     0,
-                    &key,
+                    &keys,
                     nonce,
                     Duration::from_secs(5),
                     64 * 1024,
@@ -1507,5 +1508,112 @@ fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
          {rebuilt:?}; group 0 then failed over to replica {new_leader}; committed \
          {committed:?}; {} transfers acknowledged",
         outcome.applied.len()
+    );
+}
+
+/// A rolling cluster key rotation under load (`docs/operations.md` section 7): every
+/// replica is restarted three times, in turn, with (1) the old key and the new one
+/// accepted, (2) the new key and the old one accepted, (3) the new key alone. Between
+/// steps 2 and 3 a replica already on the new key dials one still on the old key and
+/// reports that the peer answered with its accepted key. The client never stops; every
+/// acknowledged transfer is applied once, the journals agree and money is conserved. At the
+/// end no replica accepts the old key, so none connects by it.
+#[test]
+fn cluster_key_rotation_rolls_through_a_running_cluster() {
+    let mut harness = Harness::start_with("key-rotation", REPLICAS, &[]);
+    let mut setup = harness.replicated_client(1);
+    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    let load = FollowingLoad::start(harness.following_client(2), &accounts, 0x0C1E, 5 << 100);
+    wait_commits_past(&harness, &load, &[0; SHARDS], 10);
+    let old = harness.cluster.key_file().to_path_buf();
+    let new = harness.root.join("cluster-next.key");
+    percore_shards::replication::cluster_key_write(&new).expect("new key written");
+
+    let restart_with = |harness: &mut Harness,
+                        replica: usize,
+                        key: &Path,
+                        accept: Option<&Path>| {
+        let others: Vec<usize> = (0..REPLICAS).filter(|r| *r != replica).collect();
+        harness.cluster.stop(replica).expect("stops");
+        harness
+            .cluster
+            .set_key_files(replica, key.to_path_buf(), accept.map(Path::to_path_buf));
+        let at: Vec<u64> = (0..SHARDS)
+            .map(|shard| {
+                others
+                    .iter()
+                    .map(|other| harness.commit_seen(*other, shard))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        harness.cluster.restart(replica).expect("restarts");
+        wait_until("the restarted replica catches up", || {
+            load.assert_running();
+            (0..SHARDS)
+                .all(|shard| {
+                    harness.try_metric(replica, "percore_replication_op_durable", shard)
+                        >= Some(at[shard])
+                        && harness.try_metric(replica, "percore_replication_status", shard)
+                            == Some(STATUS_NORMAL)
+                })
+                .then_some(())
+        });
+    };
+    for replica in 0..REPLICAS {
+        restart_with(&mut harness, replica, &old, Some(&new));
+    }
+    for replica in 0..REPLICAS {
+        restart_with(&mut harness, replica, &new, Some(&old));
+        if replica + 1 < REPLICAS {
+            // Replicas 0..=replica answer with the new key, the next ones with the old:
+            // this one dials those and is answered with its accepted key.
+            wait_until(
+                "a replica on the new key connects to one on the old",
+                || {
+                    let by_accepted = harness.try_metric(
+                        replica,
+                        "percore_peer_connections_accepted_key_total",
+                        0,
+                    )?;
+                    (by_accepted > 0).then_some(())
+                },
+            );
+        }
+    }
+    for replica in 0..REPLICAS {
+        restart_with(&mut harness, replica, &new, None);
+    }
+    let commit_seen = |harness: &Harness, shard: usize| {
+        (0..REPLICAS)
+            .map(|replica| harness.commit_seen(replica, shard))
+            .max()
+            .unwrap_or(0)
+    };
+    let after: Vec<u64> = (0..SHARDS)
+        .map(|shard| commit_seen(&harness, shard))
+        .collect();
+    wait_until("the cluster commits on the new key alone", || {
+        load.assert_running();
+        (0..SHARDS)
+            .all(|shard| commit_seen(&harness, shard) > after[shard] + 10)
+            .then_some(())
+    });
+    for replica in 0..REPLICAS {
+        assert_eq!(
+            harness.metric_sum(replica, "percore_peer_connections_accepted_key_total"),
+            0,
+            "replica {replica} accepts only the new key"
+        );
+    }
+    let outcome = load.finish();
+    let committed =
+        assert_failover_outcome(&mut harness, funded_balances(&accounts), &outcome.applied);
+    eprintln!(
+        "key rotated through 9 restarts under load; committed {committed:?}; {} transfers \
+         acknowledged, {} client redirects",
+        outcome.applied.len(),
+        outcome.redirects
     );
 }
