@@ -1940,3 +1940,48 @@ fn bft_every_replica_killed_between_views_restarts_and_commits() {
 fn bft_every_replica_of_two_groups_killed_under_load_restarts_and_settles() {
     every_replica_restarts_under_load("restart-all-xshard", 2, None);
 }
+
+/// A cluster key rotation (`docs/operations.md` section 7) on a BFT group: every replica is
+/// restarted in turn, three rounds (the old key with the new one accepted, the new key with
+/// the old one accepted, the new key alone). After each restart every replica's connection
+/// to every peer must come up again (each pair holds each other's key at every step) and
+/// the group commits; at the end the journals agree and money is conserved.
+#[test]
+fn bft_cluster_key_rotates_by_rolling_restarts() {
+    let mut harness = Harness::start("key-rotation", None);
+    let mut client = harness.client(7);
+    let mut expected = create_funded_accounts(&mut client);
+    let mut load = Load::new();
+    let mut acknowledged = load.commit(&mut client, &mut expected, 2);
+    let old = harness.cluster.key_file().to_path_buf();
+    let new = harness.root.join("cluster-next.key");
+    percore_shards::replication::cluster_key_write(&new).expect("new key written");
+    let rounds = [(&old, Some(&new)), (&new, Some(&old)), (&new, None)];
+    for (round, (key, accept)) in rounds.into_iter().enumerate() {
+        for replica in 0..REPLICAS {
+            harness.cluster.kill(replica);
+            harness.wait_client_ports_closed(replica);
+            harness
+                .cluster
+                .set_key_files(replica, key.clone(), accept.cloned());
+            harness
+                .cluster
+                .restart(replica)
+                .unwrap_or_else(|error| panic!("round {round}: replica {replica}: {error}"));
+            harness.wait_mesh_connected(1);
+            acknowledged += load.commit(&mut client, &mut expected, 1);
+        }
+    }
+    let by_accepted: u64 = (0..REPLICAS)
+        .map(|replica| harness.metric(replica, "percore_peer_connections_accepted_key_total"))
+        .sum();
+    assert_eq!(by_accepted, 0, "no replica accepts the old key any more");
+    let (bft_op, journal_op) = harness.wait_converged();
+    harness.cluster.stop_all();
+    assert_eq!(compare_journals(&harness, journal_op, &expected), REPLICAS);
+    eprintln!(
+        "key rotated through {} restarts: bft op {bft_op}, journal op {journal_op}, \
+         {acknowledged} transfers",
+        3 * REPLICAS
+    );
+}
