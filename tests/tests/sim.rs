@@ -171,15 +171,17 @@ fn view_change_checkpoints_and_state_sync() {
     let mut installed = 0;
     let mut by_leader = 0;
     let mut by_replacing = 0;
-    for (replicas, groups, replace, seeds) in [
-        (3, 2, false, 7_000..7_060),
-        (5, 2, false, 7_100..7_130),
-        (3, 1, true, 7_200..7_230),
+    for (replicas, groups, replace, rebalance_ms, seeds) in [
+        (3, 2, false, 0, 7_000..7_060),
+        (5, 2, false, 0, 7_100..7_130),
+        (3, 1, true, 0, 7_200..7_230),
+        (5, 2, true, 400, 7_400..7_420),
     ] {
         let options = Options {
             replicas,
             groups,
             replace,
+            rebalance_ms,
             sync: true,
             ..Options::view_change()
         };

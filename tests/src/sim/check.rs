@@ -555,7 +555,12 @@ impl World {
                 (0..self.options.replicas)
                     .map(|replica| self.node_index(replica, group))
                     .find(|index| {
-                        committed.is_some() && self.nodes[*index].disk.checksum(op) == committed
+                        // A journal that a state sync started at `op` knows its checksum but
+                        // holds no entry for it.
+                        let disk = &self.nodes[*index].disk;
+                        committed.is_some()
+                            && disk.checksum(op) == committed
+                            && disk.entry(op).is_some()
                     })
             };
             let entry = source
