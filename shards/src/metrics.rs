@@ -404,6 +404,9 @@ pub const PEERS_MAX: usize = percore_engine::replica::REPLICA_COUNT_MAX;
 pub struct PeerMetrics {
     /// 1 while an authenticated connection to the peer is up.
     pub connected: AtomicU64,
+    /// 1 while that connection runs under the key accepted during a key rotation (the peer
+    /// answered with it, not with this node's cluster key).
+    pub accepted_key: AtomicU64,
     /// Highest op the peer acknowledged (leader) or reported durable.
     pub op_durable: AtomicU64,
     /// Ops behind this replica's durable head.
@@ -461,11 +464,16 @@ impl ShardMetrics {
     }
 
     fn render_peers(&self, out: &mut String) {
-        let gauges: [PeerGauge; 5] = [
+        let gauges: [PeerGauge; 6] = [
             (
                 "percore_peer_connected",
                 "1 while a connection to the peer is up.",
                 |p| &p.connected,
+            ),
+            (
+                "percore_peer_accepted_key",
+                "1 while the connection to the peer runs under the key accepted during a key rotation, not this node's cluster key.",
+                |p| &p.accepted_key,
             ),
             (
                 "percore_peer_op_durable",

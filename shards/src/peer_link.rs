@@ -349,12 +349,15 @@ where
         );
         outbox.connected.set(true);
         P::connection_changed(&shard, peer, true);
-        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 1);
+        let gauges = &shard.metrics.peers[usize::from(peer)];
+        ShardMetrics::set(&gauges.connected, 1);
+        ShardMetrics::set(&gauges.accepted_key, u64::from(sender.by_accepted_key()));
         let ended = write_outbox(&shard, outbox, &mut sender, &mut spare).await;
         outbox.connected.set(false);
         outbox.clear();
         P::connection_changed(&shard, peer, false);
-        ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].connected, 0);
+        ShardMetrics::set(&gauges.connected, 0);
+        ShardMetrics::set(&gauges.accepted_key, 0);
         if let Err(error) = ended {
             tracing::info!(
                 shard = shard.index,

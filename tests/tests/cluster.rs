@@ -1564,6 +1564,17 @@ fn cluster_key_rotation_rolls_through_a_running_cluster() {
     for replica in 0..REPLICAS {
         restart_with(&mut harness, replica, &old, Some(&new));
     }
+    // Connections of `replica` running under its accepted key now (the gauge
+    // `percore_peer_accepted_key`, one per shard and peer).
+    let by_accepted_key = |harness: &Harness, replica: usize| -> Option<u64> {
+        let text = harness.cluster.scrape(replica).ok()?;
+        Some(
+            text.lines()
+                .filter(|line| line.starts_with("percore_peer_accepted_key{"))
+                .filter(|line| line.ends_with(" 1"))
+                .count() as u64,
+        )
+    };
     for replica in 0..REPLICAS {
         restart_with(&mut harness, replica, &new, Some(&old));
         if replica + 1 < REPLICAS {
@@ -1577,11 +1588,18 @@ fn cluster_key_rotation_rolls_through_a_running_cluster() {
                         "percore_peer_connections_accepted_key_total",
                         0,
                     )?;
-                    (by_accepted > 0).then_some(())
+                    (by_accepted > 0 && by_accepted_key(&harness, replica)? > 0).then_some(())
                 },
             );
         }
     }
+    // The check before the last round: no connection runs under the old key any more.
+    wait_until("every connection runs under the new key", || {
+        (0..REPLICAS)
+            .map(|replica| by_accepted_key(&harness, replica))
+            .sum::<Option<u64>>()
+            .filter(|count| *count == 0)
+    });
     for replica in 0..REPLICAS {
         restart_with(&mut harness, replica, &new, None);
     }
