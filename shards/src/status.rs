@@ -90,6 +90,9 @@ pub struct PeerStatus {
     pub replica: usize,
     /// An authenticated connection is up (`percore_peer_connected`).
     pub connected: bool,
+    /// It runs under the key accepted during a cluster key rotation, not this node's
+    /// cluster key (`percore_peer_accepted_key`): the peer still, or already, uses that key.
+    pub accepted_key: bool,
     /// Ops behind this replica's durable head (`percore_peer_lag_ops`); `None` when the
     /// peer was never connected.
     pub lag_ops: Option<u64>,
@@ -236,6 +239,7 @@ fn shard_status(
             PeerStatus {
                 replica: peer,
                 connected: metric(text, "percore_peer_connected", &peer_labels) == Some(1.0),
+                accepted_key: metric(text, "percore_peer_accepted_key", &peer_labels) == Some(1.0),
                 lag_ops: lag.map(|lag| lag as u64),
             }
         })
@@ -313,7 +317,11 @@ pub fn render_text(status: &ClusterStatus) -> String {
                 .peers
                 .iter()
                 .map(|peer| {
-                    let state = if peer.connected { "up" } else { "DOWN" };
+                    let state = match (peer.connected, peer.accepted_key) {
+                        (false, _) => "DOWN",
+                        (true, false) => "up",
+                        (true, true) => "up (accepted key)",
+                    };
                     format!("r{} {state} lag {}", peer.replica, or_dash(peer.lag_ops))
                 })
                 .collect();
@@ -336,6 +344,20 @@ pub fn render_text(status: &ClusterStatus) -> String {
             );
         }
     }
+    let by_accepted_key = status
+        .nodes
+        .iter()
+        .flat_map(|node| &node.shards)
+        .flat_map(|shard| &shard.peers)
+        .filter(|peer| peer.connected && peer.accepted_key)
+        .count();
+    if by_accepted_key > 0 {
+        let _ = writeln!(
+            out,
+            "key rotation: {by_accepted_key} connection(s) run under an accepted key, not the \
+             cluster key (docs/operations.md section 7: wait for 0 before the last round)"
+        );
+    }
     if status.peers_digests_agree {
         let _ = writeln!(out, "peers digests: agree");
     } else {
@@ -357,6 +379,7 @@ mod tests {
         percore_replication_commit_max{shard=\"0\"} 8\n\
         percore_replication_op_durable{shard=\"0\"} 9\n\
         percore_peer_connected{shard=\"0\",peer=\"1\"} 1\n\
+        percore_peer_accepted_key{shard=\"0\",peer=\"1\"} 0\n\
         percore_peer_lag_ops{shard=\"0\",peer=\"1\"} 2\n\
         percore_config_peers_digest 4096\n\
         percore_config_replica_count 3\n\
@@ -391,6 +414,22 @@ mod tests {
             healthy: true,
         });
         assert!(text.contains("r2 DOWN lag -"), "{text}");
+        assert!(!text.contains("key rotation"), "{text}");
+        // During a key rotation the peer answered with the accepted key.
+        let rotating = LEADER.replace(
+            "percore_peer_accepted_key{shard=\"0\",peer=\"1\"} 0",
+            "percore_peer_accepted_key{shard=\"0\",peer=\"1\"} 1",
+        );
+        let node = node_status("n0", &(String::new(), now), &(rotating, now));
+        assert!(node.shards[0].peers[0].accepted_key);
+        let text = render_text(&ClusterStatus {
+            interval_s: 2.0,
+            nodes: vec![node],
+            peers_digests_agree: true,
+            healthy: true,
+        });
+        assert!(text.contains("r1 up (accepted key) lag 2"), "{text}");
+        assert!(text.contains("key rotation: 1 connection(s)"), "{text}");
     }
 
     #[test]

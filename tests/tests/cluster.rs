@@ -1591,6 +1591,18 @@ fn cluster_key_rotation_rolls_through_a_running_cluster() {
                     (by_accepted > 0 && by_accepted_key(&harness, replica)? > 0).then_some(())
                 },
             );
+            // `percore status` shows it too.
+            let status = percore_shards::status::run(&percore_shards::status::StatusConfig {
+                addresses: (0..REPLICAS)
+                    .map(|replica| harness.cluster.metrics_address(replica).to_string())
+                    .collect(),
+                interval: Duration::from_millis(100),
+            });
+            let text = percore_shards::status::render_text(&status);
+            assert!(
+                text.contains("up (accepted key)") && text.contains("key rotation: "),
+                "{text}"
+            );
         }
     }
     // The check before the last round: no connection runs under the old key any more.
