@@ -302,15 +302,32 @@ pub struct Live {
     deferred: VecDeque<Action>,
     /// View change: the superblock write in flight (lost whole if the process dies first).
     superblock_write: Option<Superblock>,
-    /// State sync in progress (`Action::StateSync`): the peer asked, the checkpoint's
-    /// op, and the checkpoint once it arrived (installed when the disk is idle).
-    sync: Option<(u8, u64, Option<Checkpoint>)>,
+    /// State sync in progress (`Action::StateSync`).
+    sync: Option<SyncWait>,
     /// Checker: ops up to here were compared with the committed log.
     pub agreed_upto: u64,
     /// Last values seen by the monotonicity checker.
     pub seen_commit_max: u64,
     /// See `seen_commit_max`.
     pub seen_commit_min: u64,
+}
+
+/// A state sync a node's core asked for.
+#[derive(Debug)]
+struct SyncWait {
+    /// The peer asked for the checkpoint.
+    peer: u8,
+    /// The checkpoint's op.
+    op: u64,
+    /// The checkpoint, once it arrived: installed when the disk is idle.
+    arrived: Option<Checkpoint>,
+}
+
+impl SyncWait {
+    /// Whether `peer`'s answer about checkpoint `op` is the one this sync still waits for.
+    fn waits_for(&self, peer: u8, op: u64) -> bool {
+        self.peer == peer && self.op == op && self.arrived.is_none()
+    }
 }
 
 /// One replica of one group.
@@ -1285,18 +1302,18 @@ impl World {
             }
             Body::RequestSnapshot { op } => snapshot_asked = Some(op),
             Body::Snapshot { checkpoint } => {
-                if let Some((peer, op, ready)) = live.sync.as_mut()
-                    && *peer == from
-                    && *op == checkpoint.op
-                    && ready.is_none()
+                if let Some(sync) = live.sync.as_mut()
+                    && sync.waits_for(from, checkpoint.op)
                 {
-                    *ready = Some(checkpoint);
+                    sync.arrived = Some(checkpoint);
                 }
             }
             Body::SnapshotRefused { op } => {
-                if live.sync.as_ref().is_some_and(|(peer, sync_op, ready)| {
-                    *peer == from && *sync_op == op && ready.is_none()
-                }) {
+                if live
+                    .sync
+                    .as_ref()
+                    .is_some_and(|sync| sync.waits_for(from, op))
+                {
                     live.sync = None;
                     self.summary.state_syncs_failed += 1;
                     live.replica.on_state_sync_failed(now_us, &mut actions);
@@ -1622,7 +1639,11 @@ impl World {
                     checkpoint_op,
                 } => {
                     assert!(self.options.sync, "only `--sync on` answers NotRetained");
-                    live.sync = Some((from, checkpoint_op, None));
+                    live.sync = Some(SyncWait {
+                        peer: from,
+                        op: checkpoint_op,
+                        arrived: None,
+                    });
                     self.summary.state_syncs += 1;
                     if live.replica.is_leader() {
                         self.summary.state_syncs_leader += 1;
@@ -2370,14 +2391,20 @@ impl World {
         let Some(live) = self.nodes[node].live.as_mut() else {
             return;
         };
-        if !matches!(live.sync, Some((_, _, Some(_)))) || self.nodes[node].disk.has_unsynced() {
+        let arrived = live
+            .sync
+            .as_ref()
+            .is_some_and(|sync| sync.arrived.is_some());
+        if !arrived || self.nodes[node].disk.has_unsynced() {
             // As the runtime: staged entries are made durable first.
             return;
         }
         let live = self.nodes[node].live.as_mut().expect("live");
-        let Some((_, _, Some(checkpoint))) = live.sync.take() else {
-            unreachable!("matched above");
-        };
+        let checkpoint = live
+            .sync
+            .take()
+            .and_then(|sync| sync.arrived)
+            .expect("arrived");
         if live.replica.state_sync() != Some(checkpoint.op) {
             // The core gave the sync up meanwhile (it timed out).
             return;
@@ -2440,7 +2467,11 @@ impl World {
     fn sync_timeout(&mut self, node: NodeIndex, op: u64) {
         let now_us = self.now_us;
         let live = self.nodes[node].live.as_mut().expect("live");
-        if !matches!(live.sync, Some((_, sync_op, None)) if sync_op == op) {
+        if !live
+            .sync
+            .as_ref()
+            .is_some_and(|sync| sync.op == op && sync.arrived.is_none())
+        {
             return;
         }
         live.sync = None;
