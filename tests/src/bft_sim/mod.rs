@@ -263,7 +263,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 seeds = Some(seed..seed + 1);
             }
             "--seeds" => {
-                seeds = Some(crate::sim::seed_range(&value).ok_or("--seeds needs A..B")?);
+                seeds = Some(crate::sim::seed_range(&value).ok_or("--seeds needs A..B, A < B")?);
             }
             "--replicas" => match number()? {
                 replicas @ (4 | 7) => options.replicas = replicas as u8,

@@ -390,7 +390,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                 seeds = Some(seed..seed + 1);
             }
             "--seeds" => {
-                seeds = Some(crate::sim::seed_range(&value).ok_or("--seeds needs A..B")?);
+                seeds = Some(crate::sim::seed_range(&value).ok_or("--seeds needs A..B, A < B")?);
             }
             "--replicas" => match number()? {
                 replicas @ (3 | 5) => options.replicas = replicas as u8,
@@ -490,8 +490,28 @@ pub fn run(seed: u64, options: &Options) -> Result<Summary, Box<Failure>> {
     world::World::new(seed, *options).run()
 }
 
-/// `A..B` as a range of seeds (both simulators' `--seeds`).
+/// `A..B` as a range of seeds (both simulators' `--seeds`); `None` unless `A < B` (an
+/// empty range would run nothing and report it as a pass).
 pub fn seed_range(text: &str) -> Option<std::ops::Range<u64>> {
     let (low, high) = text.split_once("..")?;
-    Some(low.parse().ok()?..high.parse().ok()?)
+    let seeds = low.parse().ok()?..high.parse().ok()?;
+    (seeds.start < seeds.end).then_some(seeds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_must_be_a_non_empty_range() {
+        let parse = |seeds: &str| parse_args(["--seeds".to_string(), seeds.to_string()]);
+        assert_eq!(parse("5..9").map(|(_, seeds)| seeds), Ok(5..9));
+        for bad in ["9..5", "7..7", "5-9", "x..9"] {
+            assert_eq!(
+                parse(bad).map(|(_, seeds)| seeds),
+                Err("--seeds needs A..B, A < B".to_string()),
+                "{bad}"
+            );
+        }
+    }
 }
