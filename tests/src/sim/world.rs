@@ -225,7 +225,7 @@ pub enum Body {
     },
     /// The checkpoint asked for, whole.
     Snapshot {
-        /// It.
+        /// The checkpoint: its op, checksum, snapshot and digest.
         checkpoint: Checkpoint,
     },
     /// The checkpoint asked for is no longer kept (the runtime answers `NotRetained`).
