@@ -986,13 +986,15 @@ pub fn check_hello_reply_keys<'k>(
     sent: &Transcript,
     keys: &'k PeerKeys,
 ) -> Result<(Transcript, &'k ClusterKey, bool), MessageError> {
-    match check_hello_reply(reply, sent, &keys.current) {
-        Ok(transcript) => Ok((transcript, &keys.current, false)),
-        Err(MessageError::BadMac) if keys.accepted.is_some() => {
-            let accepted = keys.accepted.as_ref().expect("checked");
+    match (
+        check_hello_reply(reply, sent, &keys.current),
+        &keys.accepted,
+    ) {
+        (Ok(transcript), _) => Ok((transcript, &keys.current, false)),
+        (Err(MessageError::BadMac), Some(accepted)) => {
             check_hello_reply(reply, sent, accepted).map(|transcript| (transcript, accepted, true))
         }
-        Err(error) => Err(error),
+        (Err(error), _) => Err(error),
     }
 }
 

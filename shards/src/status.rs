@@ -386,6 +386,16 @@ mod tests {
         percore_config_replica_index 0\n\
         percore_config_shard_core{shard=\"0\"} 4\n";
 
+    /// The report of a healthy cluster of this one node.
+    fn render_one(node: NodeStatus) -> String {
+        render_text(&ClusterStatus {
+            interval_s: 2.0,
+            nodes: vec![node],
+            peers_digests_agree: true,
+            healthy: true,
+        })
+    }
+
     #[test]
     fn a_leader_shard_is_read_from_its_metrics() {
         let before = "percore_tx_applied_total{shard=\"0\"} 1000\n".to_string();
@@ -407,12 +417,7 @@ mod tests {
         assert_eq!(shard.peers.len(), 2, "{:?}", shard.peers);
         assert!(shard.peers[0].connected && shard.peers[0].lag_ops == Some(2));
         assert!(!shard.peers[1].connected && shard.peers[1].lag_ops.is_none());
-        let text = render_text(&ClusterStatus {
-            interval_s: 2.0,
-            nodes: vec![node],
-            peers_digests_agree: true,
-            healthy: true,
-        });
+        let text = render_one(node);
         assert!(text.contains("r2 DOWN lag -"), "{text}");
         assert!(!text.contains("key rotation"), "{text}");
         // During a key rotation the peer answered with the accepted key.
@@ -422,12 +427,7 @@ mod tests {
         );
         let node = node_status("n0", &(String::new(), now), &(rotating, now));
         assert!(node.shards[0].peers[0].accepted_key);
-        let text = render_text(&ClusterStatus {
-            interval_s: 2.0,
-            nodes: vec![node],
-            peers_digests_agree: true,
-            healthy: true,
-        });
+        let text = render_one(node);
         assert!(text.contains("r1 up (accepted key) lag 2"), "{text}");
         assert!(text.contains("key rotation: 1 connection(s)"), "{text}");
     }

@@ -1972,10 +1972,6 @@ fn bft_cluster_key_rotates_by_rolling_restarts() {
             acknowledged += load.commit(&mut client, &mut expected, 1);
         }
     }
-    let by_accepted: u64 = (0..REPLICAS)
-        .map(|replica| harness.metric(replica, "percore_peer_connections_accepted_key_total"))
-        .sum();
-    assert_eq!(by_accepted, 0, "no replica accepts the old key any more");
     let (bft_op, journal_op) = harness.wait_converged();
     harness.cluster.stop_all();
     assert_eq!(compare_journals(&harness, journal_op, &expected), REPLICAS);

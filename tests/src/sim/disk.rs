@@ -78,10 +78,8 @@ pub struct Recovered {
 #[derive(Debug)]
 pub struct Disk {
     body_bytes_max: usize,
-    /// The op the journal starts after: 0, or the checkpoint a state sync installed
-    /// (`base_checkpoint`); nothing at or below it is in `bytes`.
-    base: u64,
-    /// The checkpoint at `base` (`None` while `base` is 0).
+    /// The checkpoint a state sync installed, which the journal starts after
+    /// ([`Disk::base`]): nothing at or below its op is in `bytes`.
     base_checkpoint: Option<Checkpoint>,
     /// The latest two checkpoints taken or installed, latest first (`--sync on`).
     checkpoints: [Option<Checkpoint>; 2],
@@ -114,7 +112,6 @@ impl Disk {
     pub fn new(body_bytes_max: usize, shard: u32) -> Disk {
         Disk {
             body_bytes_max,
-            base: 0,
             base_checkpoint: None,
             checkpoints: [None, None],
             retained_min: 1,
@@ -139,7 +136,7 @@ impl Disk {
         assert!(self.fsync_target.is_none(), "the replica is down");
         assert_eq!(self.promised, 0, "only an undamaged disk is replaced");
         let shadow = self.checksums[..self.index_end(self.op_durable)].to_vec();
-        let shadow_base = self.base;
+        let shadow_base = self.base();
         *self = Disk::new(self.body_bytes_max, self.shard);
         self.shadow = shadow;
         self.shadow_base = shadow_base;
@@ -180,7 +177,7 @@ impl Disk {
     /// checkpoint the journal starts from (ops below the base: committed state, whose
     /// digest was checked when it was installed).
     pub fn holds_durably(&self, op: u64, checksum: JournalChecksum) -> bool {
-        (self.op_durable >= op && self.checksum(op) == Some(checksum)) || op < self.base
+        (self.op_durable >= op && self.checksum(op) == Some(checksum)) || op < self.base()
     }
 
     /// Fault, while the replica is down: flips bytes inside one durable entry that has a
@@ -193,7 +190,7 @@ impl Disk {
     /// read back, checked, only to serve them).
     pub fn corrupt(&mut self, rng: &mut SimRng) -> Option<u64> {
         assert!(self.fsync_target.is_none(), "the replica is down");
-        let low = self.base.max(self.checkpoint_op()) + 1;
+        let low = self.base().max(self.checkpoint_op()) + 1;
         if self.op_durable < low + 1 {
             return None;
         }
@@ -201,16 +198,16 @@ impl Disk {
         let index = self.index(op);
         let byte = self.offsets[index] + rng.below(self.lengths[index] as u64) as usize;
         self.bytes[byte] ^= 1 + rng.below(255) as u8;
-        if self.shadow_base != self.base || self.shadow.len() < self.index_end(self.op_durable) {
+        if self.shadow_base != self.base() || self.shadow.len() < self.index_end(self.op_durable) {
             self.shadow = self.checksums[..self.index_end(self.op_durable)].to_vec();
-            self.shadow_base = self.base;
+            self.shadow_base = self.base();
         }
         Some(op)
     }
 
     /// Highest op written (staged or durable).
     pub fn op_head(&self) -> u64 {
-        self.base + self.checksums.len() as u64
+        self.base() + self.checksums.len() as u64
     }
 
     /// Highest op made durable.
@@ -223,13 +220,13 @@ impl Disk {
         if op == 0 {
             return Some(journal::JOURNAL_CHAIN_ROOT);
         }
-        if op == self.base {
+        if op == self.base() {
             return self
                 .base_checkpoint
                 .as_ref()
                 .map(|checkpoint| checkpoint.checksum);
         }
-        if op < self.base {
+        if op < self.base() {
             return None;
         }
         self.checksums.get(self.index(op)).copied()
@@ -242,7 +239,7 @@ impl Disk {
 
     /// The entry bytes of `op` (header and body, unpadded).
     pub fn entry(&self, op: u64) -> Option<&[u8]> {
-        if op <= self.base {
+        if op <= self.base() {
             return None;
         }
         let index = self.index(op);
@@ -340,7 +337,7 @@ impl Disk {
     pub fn truncate(&mut self, op: u64) -> JournalChecksum {
         assert!(self.fsync_target.is_none(), "no group commit in flight");
         assert!(op <= self.op_head(), "truncate below the head");
-        assert!(op >= self.base, "a checkpoint is never truncated");
+        assert!(op >= self.base(), "a checkpoint is never truncated");
         let end = self.end_of(op);
         self.bytes.truncate(end);
         self.forget_above(op);
@@ -355,7 +352,7 @@ impl Disk {
         self.checksums[start..]
             .iter()
             .enumerate()
-            .map(|(index, checksum)| (self.base + (start + index + 1) as u64, *checksum))
+            .map(|(index, checksum)| (self.base() + (start + index + 1) as u64, *checksum))
             .collect()
     }
 
@@ -367,11 +364,11 @@ impl Disk {
         self.lengths.clear();
         self.checksums.clear();
         let mut found: Vec<(usize, usize, JournalChecksum)> = Vec::new();
-        let checksum_base = self.checksum(self.base).expect("the base is known");
+        let checksum_base = self.checksum(self.base()).expect("the base is known");
         let outcome = journal::scan(
             &self.bytes,
             0,
-            self.base + 1,
+            self.base() + 1,
             checksum_base,
             self.body_bytes_max,
             |entry, offset| {
@@ -420,7 +417,7 @@ impl Disk {
 
     /// Byte offset just past entry `op` (0 for the base).
     fn end_of(&self, op: u64) -> usize {
-        if op <= self.base {
+        if op <= self.base() {
             return 0;
         }
         self.offsets
@@ -438,13 +435,13 @@ impl Disk {
 
     /// Index of entry `op` (above the base) in `offsets`, `lengths` and `checksums`.
     fn index(&self, op: u64) -> usize {
-        debug_assert!(op > self.base);
-        (op - self.base - 1) as usize
+        debug_assert!(op > self.base());
+        (op - self.base() - 1) as usize
     }
 
     /// Number of indexed entries up to `op` (at or above the base).
     fn index_end(&self, op: u64) -> usize {
-        (op - self.base) as usize
+        (op - self.base()) as usize
     }
 
     // ---------------------------------------------------------------------------------
@@ -463,6 +460,14 @@ impl Disk {
             .iter()
             .flatten()
             .find(|checkpoint| checkpoint.op == op)
+    }
+
+    /// The op the journal starts after: 0, or the op of the checkpoint a state sync
+    /// installed.
+    pub fn base(&self) -> u64 {
+        self.base_checkpoint
+            .as_ref()
+            .map_or(0, |checkpoint| checkpoint.op)
     }
 
     /// The checkpoint the journal starts from, if a state sync installed one.
@@ -516,7 +521,6 @@ impl Disk {
         self.offsets.clear();
         self.lengths.clear();
         self.checksums.clear();
-        self.base = checkpoint.op;
         self.op_durable = checkpoint.op;
         self.retained_min = checkpoint.op + 1;
         self.checkpoints = [Some(checkpoint.clone()), None];

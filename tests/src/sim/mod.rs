@@ -379,6 +379,13 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
             _ => {}
         }
         let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
+        let on_off = || -> Result<bool, String> {
+            match value.as_str() {
+                "on" => Ok(true),
+                "off" => Ok(false),
+                _ => Err(format!("{arg} is on or off")),
+            }
+        };
         let number = || -> Result<u64, String> {
             value
                 .parse()
@@ -403,26 +410,10 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
             "--steps" => options.steps = number()?,
             "--rebalance-ms" => options.rebalance_ms = number()?,
             "--pipeline" => options.pipeline_prepares_max = number()?.max(1),
-            "--faults" => match value.as_str() {
-                "on" => options.faults = true,
-                "off" => options.faults = false,
-                _ => return Err("--faults is on or off".to_string()),
-            },
-            "--replace" => match value.as_str() {
-                "on" => options.replace = true,
-                "off" => options.replace = false,
-                _ => return Err("--replace is on or off".to_string()),
-            },
-            "--sync" => match value.as_str() {
-                "on" => options.sync = true,
-                "off" => options.sync = false,
-                _ => return Err("--sync is on or off".to_string()),
-            },
-            "--corrupt" => match value.as_str() {
-                "on" => options.corrupt = true,
-                "off" => options.corrupt = false,
-                _ => return Err("--corrupt is on or off".to_string()),
-            },
+            "--faults" => options.faults = on_off()?,
+            "--replace" => options.replace = on_off()?,
+            "--sync" => options.sync = on_off()?,
+            "--corrupt" => options.corrupt = on_off()?,
             "--bug" => {
                 options.bug = Some(Bug::parse(&value).ok_or(format!("unknown bug {value:?}"))?);
             }

@@ -791,22 +791,14 @@ impl World {
     /// everything into a fresh ledger, `Replica::new` at the head, resend unconfirmed legs.
     fn node_start(&mut self, index: NodeIndex) {
         let (replica_index, group) = (self.nodes[index].replica, self.nodes[index].group);
-        let mut ledger = sessioned(Ledger::with_hash_seed(
-            self.ledger_config(group),
-            LEDGER_HASH_SEED,
-        ));
         // A journal a state sync switched to a checkpoint starts there: the state machine
         // is restored from it, and the entries after it replay onto it.
-        let base = self.nodes[index]
-            .disk
-            .base_checkpoint()
-            .map_or(0, |checkpoint| checkpoint.op);
-        if let Some(checkpoint) = self.nodes[index].disk.base_checkpoint() {
-            ledger
-                .restore(&checkpoint.snapshot)
-                .expect("a checkpoint restores");
-            assert_eq!(ledger.digest(), checkpoint.digest, "checked when installed");
-        }
+        let config = self.ledger_config(group);
+        let base = self.nodes[index].disk.base();
+        let mut ledger = match self.nodes[index].disk.base_checkpoint() {
+            Some(checkpoint) => restored(config, checkpoint),
+            None => sessioned(Ledger::with_hash_seed(config, LEDGER_HASH_SEED)),
+        };
         let mut replayed: Vec<(u64, percore_engine::checksum::Digest256)> = Vec::new();
         // With view change, replay stops at the recorded commit number: what lies above may
         // belong to an abandoned view; it is applied from the journal once committed. A
@@ -1122,6 +1114,18 @@ impl World {
 
     /// Puts a message on its connection: `false` (dropped) if the connection is down, as
     /// the runtime's outbox refuses. Faults: delay, loss, duplication (so also reordering).
+    /// [`World::send`] of `body` from `node` (its replica, on its group's connection).
+    fn send_from(&mut self, node: NodeIndex, to: u8, view: u64, body: Body) -> bool {
+        let (from, group) = (self.nodes[node].replica, self.nodes[node].group);
+        self.send(Message {
+            from,
+            to,
+            group,
+            view,
+            body,
+        })
+    }
+
     fn send(&mut self, message: Message) -> bool {
         let index = self.connection_index(message.group, message.from, message.to);
         let connection = self.connections[index];
@@ -1347,18 +1351,11 @@ impl World {
                 },
                 None => Body::SnapshotRefused { op },
             };
-            let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
             let view = self.nodes[node]
                 .live
                 .as_ref()
                 .map_or(0, |live| live.replica.view());
-            self.send(Message {
-                from: replica,
-                to: from,
-                group,
-                view,
-                body,
-            });
+            self.send_from(node, from, view, body);
         }
         self.batcher_turn(node);
     }
@@ -1744,13 +1741,7 @@ impl World {
             self.schedule(SYNC_TIMEOUT_US, Event::SyncTimeout(node, epoch, op));
         }
         for (to, view, body) in messages {
-            self.send(Message {
-                from: replica,
-                to,
-                group,
-                view,
-                body,
-            });
+            self.send_from(node, to, view, body);
         }
     }
 
@@ -2240,13 +2231,7 @@ impl World {
                     op_checkpoint: disk.checkpoint_op(),
                 };
                 self.summary.not_retained += 1;
-                self.send(Message {
-                    from: replica,
-                    to,
-                    group,
-                    view,
-                    body,
-                });
+                self.send_from(node, to, view, body);
                 continue;
             }
             // The core's log, not the disk's: a truncation the core made may not have run
@@ -2388,28 +2373,27 @@ impl World {
     fn sync_install_maybe(&mut self, node: NodeIndex) {
         let now_us = self.now_us;
         let (replica, group) = (self.nodes[node].replica, self.nodes[node].group);
-        let Some(live) = self.nodes[node].live.as_mut() else {
-            return;
-        };
-        let arrived = live
-            .sync
-            .as_ref()
-            .is_some_and(|sync| sync.arrived.is_some());
-        if !arrived || self.nodes[node].disk.has_unsynced() {
+        let disk = &self.nodes[node].disk;
+        if disk.has_unsynced() {
             // As the runtime: staged entries are made durable first.
             return;
         }
-        let live = self.nodes[node].live.as_mut().expect("live");
-        let checkpoint = live
+        let op_head = disk.op_head();
+        let Some(live) = self.nodes[node].live.as_mut() else {
+            return;
+        };
+        let Some(checkpoint) = live
             .sync
-            .take()
+            .take_if(|sync| sync.arrived.is_some())
             .and_then(|sync| sync.arrived)
-            .expect("arrived");
+        else {
+            return;
+        };
         if live.replica.state_sync() != Some(checkpoint.op) {
             // The core gave the sync up meanwhile (it timed out).
             return;
         }
-        if checkpoint.op <= self.nodes[node].disk.op_head() {
+        if checkpoint.op <= op_head {
             // As the runtime: the journal reached the checkpoint meanwhile.
             self.summary.state_syncs_failed += 1;
             self.core_call(node, |replica, actions| {
@@ -2417,31 +2401,16 @@ impl World {
             });
             return;
         }
-        let live = self.nodes[node].live.as_mut().expect("live");
-        let mut ledger = sessioned(Ledger::with_hash_seed(
-            *live.ledger.inner().config(),
-            LEDGER_HASH_SEED,
-        ));
-        ledger
-            .restore(&checkpoint.snapshot)
-            .expect("a checkpoint restores");
-        assert_eq!(
-            ledger.digest(),
-            checkpoint.digest,
-            "the snapshot's recorded digest"
-        );
-        live.ledger = ledger;
+        live.ledger = restored(*live.ledger.inner().config(), &checkpoint);
         live.agreed_upto = live.agreed_upto.max(checkpoint.op);
         // Who waited here for an op the checkpoint holds is not answered by this replica
         // (its clients retry elsewhere and get the session's reply).
         live.origins.retain(|op, _| *op > checkpoint.op);
-        let (op, checksum) = (checkpoint.op, checkpoint.checksum);
-        let n = &mut self.nodes[node];
-        n.disk.install_checkpoint(checkpoint.clone());
+        let (op, checksum, digest) = (checkpoint.op, checkpoint.checksum, checkpoint.digest);
+        self.nodes[node].disk.install_checkpoint(checkpoint);
         self.summary.state_syncs_installed += 1;
         if super::check::digest_sampled(op) {
-            self.check
-                .digest_observed(group, op, checkpoint.digest, replica);
+            self.check.digest_observed(group, op, digest, replica);
         }
         self.trace_line(format!(
             "r{replica}g{group} STATE SYNC installed: checkpoint op {op}"
@@ -3336,6 +3305,20 @@ const _: () = assert!(CLIENTS_PER_GROUP < SESSION_CLIENTS_MAX);
 /// The state machine a simulated node runs: `ledger` with its client sessions.
 pub fn sessioned(ledger: Ledger) -> Sessioned<Ledger> {
     Sessioned::new(ledger, SESSION_CLIENTS_MAX, BATCH_RECORDS_MAX)
+}
+
+/// A node's state machine restored from `checkpoint`, whose recorded digest it must have.
+fn restored(config: LedgerConfig, checkpoint: &Checkpoint) -> Sessioned<Ledger> {
+    let mut ledger = sessioned(Ledger::with_hash_seed(config, LEDGER_HASH_SEED));
+    ledger
+        .restore(&checkpoint.snapshot)
+        .expect("a checkpoint restores");
+    assert_eq!(
+        ledger.digest(),
+        checkpoint.digest,
+        "the snapshot's recorded digest"
+    );
+    ledger
 }
 
 /// The request descriptors in an entry's bytes.
