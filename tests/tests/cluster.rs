@@ -797,7 +797,6 @@ fn wrong_key_peer_is_rejected() {
 #[test]
 fn a_newer_connection_from_a_peer_replaces_the_older_one() {
     use percore_engine::message::{Command as PeerCommand, PeerHeader, field};
-    use percore_net::peer;
 
     let mut harness = Harness::start("replaced-connection", REPLICAS);
     let mut client = harness.client(1);
@@ -816,18 +815,9 @@ fn a_newer_connection_from_a_peer_replaces_the_older_one() {
         .io_memory(256 * 1024)
         .spawn(move || async move {
             let dial = || async {
-                let nonce = peer::os_nonce().expect("a nonce");
-                peer::dial(
-                    address,
-                    &identity,
-                    0,
-                    &keys,
-                    nonce,
-                    Duration::from_secs(5),
-                    64 * 1024,
-                )
-                .await
-                .expect("replica 0 accepts a peer with the cluster key")
+                dial_as_replica_1(address, &identity, &keys)
+                    .await
+                    .expect("replica 0 accepts a peer with the cluster key")
             };
             let mut older = dial().await;
             let _newer = dial().await;
@@ -887,6 +877,26 @@ fn replica_1_identity(harness: &Harness) -> percore_net::peer::PeerIdentity {
     }
 }
 
+/// Dials replica 0's peer `address` as replica 1 (`identity`) holding `keys`; on a glommio
+/// executor.
+async fn dial_as_replica_1(
+    address: std::net::SocketAddr,
+    identity: &percore_net::peer::PeerIdentity,
+    keys: &percore_engine::message::PeerKeys,
+) -> Result<percore_net::peer::PeerSender, percore_net::peer::PeerError> {
+    let nonce = percore_net::peer::os_nonce().expect("a nonce");
+    percore_net::peer::dial(
+        address,
+        identity,
+        0,
+        keys,
+        nonce,
+        Duration::from_secs(5),
+        64 * 1024,
+    )
+    .await
+}
+
 /// Dials replica 0's peer port of group 0 as replica 1 holding `keys`, on an executor of its
 /// own: `Ok` if the handshake completes, else the error.
 fn dial_replica_0(
@@ -898,19 +908,10 @@ fn dial_replica_0(
     glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .io_memory(256 * 1024)
         .spawn(move || async move {
-            let nonce = percore_net::peer::os_nonce().expect("a nonce");
-            percore_net::peer::dial(
-                address,
-                &identity,
-                0,
-                &keys,
-                nonce,
-                Duration::from_secs(5),
-                64 * 1024,
-            )
-            .await
-            .map(drop)
-            .map_err(|error| error.to_string())
+            dial_as_replica_1(address, &identity, &keys)
+                .await
+                .map(drop)
+                .map_err(|error| error.to_string())
         })
         .expect("executor starts")
         .join()
