@@ -695,12 +695,40 @@ impl LocalCluster {
         self.children[replica].as_ref().map(Child::id)
     }
 
-    /// SIGKILLs `replica` and reaps it (nothing if it is not running).
+    /// SIGKILLs `replica`, reaps it and waits (at most [`STOP_TIMEOUT_MS`]) until its ports
+    /// no longer accept (nothing if it is not running).
     pub fn kill(&mut self, replica: usize) {
         if let Some(mut child) = self.children[replica].take() {
             let _ = child.kill();
             let _ = child.wait();
+            self.wait_ports_released(replica);
         }
+    }
+
+    /// Waits (at most [`STOP_TIMEOUT_MS`]) until no port of `replica`'s layout accepts a
+    /// connection. A node's listening sockets outlive its reaped process for a few
+    /// milliseconds, until the kernel has torn its io_uring instances down: a test that
+    /// restarts or probes the replica right after must not meet them.
+    fn wait_ports_released(&self, replica: usize) {
+        let deadline = Instant::now() + Duration::from_millis(STOP_TIMEOUT_MS);
+        let timeout = Duration::from_millis(PROBE_INTERVAL_MS);
+        let mut addresses = (0..self.shards())
+            .flat_map(|shard| {
+                [
+                    self.client_address(replica, shard),
+                    self.peer_address(replica, shard),
+                ]
+            })
+            .chain([self.metrics_address(replica)]);
+        let _ = addresses.try_for_each(|address| {
+            while TcpStream::connect_timeout(&address, timeout).is_ok() {
+                if Instant::now() >= deadline {
+                    return Err(());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        });
     }
 
     fn kill_all(&mut self) {
@@ -791,6 +819,7 @@ impl LocalCluster {
             match child.try_wait() {
                 Ok(Some(status)) => {
                     self.children[replica] = None;
+                    self.wait_ports_released(replica);
                     return Ok(status);
                 }
                 Ok(None) if Instant::now() >= deadline => {

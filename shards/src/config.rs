@@ -468,7 +468,10 @@ impl StartCheck {
         self.check_replication()?;
         let listeners = self.listeners()?;
         check_overlaps(&listeners)?;
-        check_bindable(&listeners)?;
+        check_bindable(
+            &listeners,
+            std::time::Duration::from_millis(PORT_RELEASE_WAIT_MS),
+        )?;
         if let Some(data_dir) = &self.data_dir {
             check_data_dir(data_dir, self.cores.len(), self.cluster_id)?;
         }
@@ -572,12 +575,27 @@ fn check_overlaps(listeners: &[(PortRole, SocketAddr)]) -> Result<(), ConfigErro
 /// How long a probe connection to one of this host's own ports may take (ms).
 pub const PORT_PROBE_TIMEOUT_MS: u64 = 200;
 
+/// How long a port that accepts connections is watched before the start is refused (ms).
+/// A node killed a moment ago still accepts for a while after its process was reaped: its
+/// io_uring instances are torn down by the kernel in the background, and a listening socket
+/// with an accept in flight lives until then (5-18 ms after `SIGKILL` and `wait` on the
+/// idle 2-vCPU VM, longer under load). A restart in that window would share the port with
+/// the dying socket (`SO_REUSEPORT`) and lose the connections queued on it.
+pub const PORT_RELEASE_WAIT_MS: u64 = 2_000;
+
+/// How often a port that accepted the probe is probed again while it may be released (ms).
+const PORT_RELEASE_POLL_MS: u64 = 20;
+
 /// Checks each listener before the shards bind it: its address must belong to this host, and
 /// no process may already accept connections on it (the test is a connection, not a bind:
 /// glommio binds with `SO_REUSEPORT`, so a plain bind would refuse a port that only has
 /// connections in TIME_WAIT, which the node itself binds fine, and would not notice a second
-/// node started by the same user, which the kernel would let share the port).
-fn check_bindable(listeners: &[(PortRole, SocketAddr)]) -> Result<(), ConfigError> {
+/// node started by the same user, which the kernel would let share the port). A port that
+/// accepts is probed again for up to `release_wait`: a process that is exiting releases it.
+fn check_bindable(
+    listeners: &[(PortRole, SocketAddr)],
+    release_wait: std::time::Duration,
+) -> Result<(), ConfigError> {
     let timeout = std::time::Duration::from_millis(PORT_PROBE_TIMEOUT_MS);
     for &(role, address) in listeners {
         if !address.ip().is_unspecified()
@@ -607,12 +625,19 @@ fn check_bindable(listeners: &[(PortRole, SocketAddr)]) -> Result<(), ConfigErro
                 SocketAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
             });
         }
-        if std::net::TcpStream::connect_timeout(&probe, timeout).is_ok() {
+        let accepts = || std::net::TcpStream::connect_timeout(&probe, timeout).is_ok();
+        let watched = std::time::Instant::now();
+        let mut accepting = accepts();
+        while accepting && watched.elapsed() < release_wait {
+            std::thread::sleep(std::time::Duration::from_millis(PORT_RELEASE_POLL_MS));
+            accepting = accepts();
+        }
+        if accepting {
             return Err(ConfigError::PortUnavailable {
                 role,
                 address,
                 source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
-                hint: " (a process accepts connections there: another percore node, or a leftover one)",
+                hint: " (a process kept accepting connections there: another percore node, or a leftover one)",
             });
         }
     }
@@ -1018,6 +1043,24 @@ mod tests {
         ));
         assert!(message.contains("client_port_base"), "{message}");
         assert!(message.contains(&port.to_string()), "{message}");
+    }
+
+    #[test]
+    fn a_port_released_while_watched_is_taken() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let role = PortRole::Client { shard: 0 };
+        let wait = std::time::Duration::from_millis(100);
+        let held = check_bindable(&[(role, address)], wait).unwrap_err();
+        assert!(held.to_string().contains("kept accepting"), "{held}");
+        // As a node's dying listener: it accepts for a while, then goes.
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            drop(listener);
+        });
+        let released = check_bindable(&[(role, address)], std::time::Duration::from_secs(10));
+        closer.join().unwrap();
+        assert!(released.is_ok(), "{released:?}");
     }
 
     #[test]
