@@ -34,6 +34,8 @@
 # start-up included. Its `collect` waited 560 s (WAIT_S) after a 40 s wait in `start`,
 # short of the soak's end: it copied no JSON or plot, and removed the data under the
 # running cluster, which stalled its last 11 s. Hence START_WAIT_S and `collect`'s check.
+# The fifth: T_VARIANTS= DISK_S=0 SHM_S=0 FSYNC_AB_S=30 D50=300 SOAK_FSYNC=dsync; `start`
+# took 344 s, `collect` 264 s, the machine was held 647 s, start-up included.
 set -u
 mode=${1:-}
 bin=${2:-target/release}
