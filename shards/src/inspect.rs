@@ -368,6 +368,13 @@ fn segments_inspect(
             checksum_previous = outcome.checksum_last;
         }
     }
+    // The hash chain's head: the last entry's, or, in a journal that holds no entry after
+    // where its scan starts (one a state sync started at a checkpoint), that checkpoint's.
+    let _ = writeln!(
+        out,
+        "  head: op {}, checksum {checksum_previous:032x}",
+        op_next - 1
+    );
     if !checkpoint_seen {
         let _ = writeln!(
             out,

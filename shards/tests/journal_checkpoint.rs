@@ -1050,3 +1050,91 @@ fn the_journal_reader_crosses_segments_and_stops_at_a_damaged_entry() {
         other => panic!("expected EntryMissing at op {op_damaged}, got {other:?}"),
     }
 }
+
+/// A journal that a state sync started at a peer's checkpoint: `install_synced_checkpoint`
+/// switches a journal that is behind to the checkpoint, which it then holds no entry after.
+/// Recovery restores the checkpoint's state and stands at its op; `percore inspect` names
+/// that op and the checkpoint's checksum as the head of the hash chain (a journal with no
+/// entry after its start has no segment line to read a head from); the next entry chains
+/// on, and the head moves to it.
+#[test]
+fn a_journal_started_at_a_synced_checkpoint_recovers_and_inspects_to_its_head() {
+    const SYNCED_OP: u64 = 16;
+    let temp = TempDir::new("journal-checkpoint", "synced");
+    let peer_dir = temp.0.join("peer");
+    let data_dir = temp.0.join("node");
+    let dir = data_dir.join("shard-0");
+    std::fs::create_dir_all(&dir).expect("shard dir");
+    run(move || async move {
+        // The peer's journal and checkpoint at SYNCED_OP.
+        let (mut peer, _) = Journal::open(config(&peer_dir), |_| {})
+            .await
+            .expect("create");
+        let mut live = ledger();
+        for op in 1..=SYNCED_OP {
+            append_and_apply(&mut peer, &mut live, op).await;
+        }
+        let mut snapshot = Vec::new();
+        live.snapshot(&mut snapshot);
+        let done = peer
+            .checkpoint(SYNCED_OP, &snapshot, live.digest(), u64::MAX)
+            .await
+            .expect("checkpoint");
+        peer.close().await.expect("close");
+        let meta = percore_engine::journal::SnapshotMeta {
+            cluster_id: CLUSTER_ID,
+            shard: SHARD,
+            op: SYNCED_OP,
+            snapshot_bytes: snapshot.len() as u64,
+            checkpoint_checksum: done.checkpoint.checksum,
+            snapshot_checksum: percore_engine::journal::journal_checksum(&snapshot),
+            digest: live.digest(),
+        };
+        // This replica holds ops 1..=4 and installs the peer's checkpoint.
+        let (mut journal, _) = Journal::open(config(&dir), |_| {}).await.expect("create");
+        let mut behind = ledger();
+        for op in 1..=4 {
+            append_and_apply(&mut journal, &mut behind, op).await;
+        }
+        journal
+            .install_synced_checkpoint(&meta, &snapshot)
+            .await
+            .expect("sync installed");
+        let (journal, recovered, checkpoint_op) = recover(&dir).await.expect("recovers");
+        assert_eq!(checkpoint_op, SYNCED_OP);
+        assert_eq!(recovered.digest(), live.digest());
+        assert_eq!(journal.op_durable(), SYNCED_OP);
+        journal.close().await.expect("close");
+        let inspect = percore_shards::inspect::InspectConfig {
+            data_dir: data_dir.clone(),
+            body_bytes_max: BODY_BYTES_MAX,
+            replay: None,
+            session_clients_max: 0,
+        };
+        let head = |text: &str| {
+            text.lines()
+                .find_map(|line| line.trim_start().strip_prefix("head: op "))
+                .map(str::to_string)
+        };
+        let (text, problem) = percore_shards::inspect::run(&inspect).expect("inspect");
+        assert!(!problem, "{text}");
+        assert_eq!(
+            head(&text),
+            Some(format!(
+                "{SYNCED_OP}, checksum {:032x}",
+                done.checkpoint.checksum
+            )),
+            "{text}"
+        );
+        // The next op chains on the checkpoint and becomes the head.
+        let (mut journal, mut ledger, _) = recover(&dir).await.expect("recovers");
+        append_and_apply(&mut journal, &mut ledger, SYNCED_OP + 1).await;
+        journal.close().await.expect("close");
+        let (text, problem) = percore_shards::inspect::run(&inspect).expect("inspect");
+        assert!(!problem, "{text}");
+        assert!(
+            head(&text).is_some_and(|head| head.starts_with(&format!("{}, ", SYNCED_OP + 1))),
+            "{text}"
+        );
+    });
+}

@@ -77,18 +77,12 @@ pub fn parse_inspect(text: &str) -> Inspected {
     for line in text.lines() {
         if line.starts_with("shard ") {
             inspected.heads.push((0, String::new()));
-        } else if let Some(segment) = line.trim_start().strip_prefix("segment ")
-            && segment.contains(" entries, ")
-        {
-            // "segment 0: 12 entries, ops 1..=12, 4096 bytes used, last checksum 0123..."
-            let entries: u64 = field_after(segment, ": ").parse().expect("entries");
-            if entries > 0 {
-                let ops = field_after(segment, "ops ");
-                let op_last = ops.rsplit("..=").next().unwrap().trim_end_matches(',');
-                let checksum = segment.rsplit(' ').next().unwrap().to_string();
-                *inspected.heads.last_mut().expect("a shard line first") =
-                    (op_last.parse().expect("op"), checksum);
-            }
+        } else if let Some(head) = line.trim_start().strip_prefix("head: op ") {
+            // "head: op 12, checksum 0123...": the last entry's, or the checkpoint's of a
+            // journal that a state sync started there and that holds no entry after it.
+            let (op, checksum) = head.split_once(", checksum ").expect("op and checksum");
+            *inspected.heads.last_mut().expect("a shard line first") =
+                (op.parse().expect("op"), checksum.to_string());
         } else if let Some(balance) = line.strip_prefix("balance ") {
             let (id, value) = balance.split_once(' ').expect("id and balance");
             let id = u128::from_str_radix(id.trim_start_matches("0x"), 16).expect("hex id");
@@ -101,12 +95,6 @@ pub fn parse_inspect(text: &str) -> Inspected {
         }
     }
     inspected
-}
-
-/// The word after `marker` in `text`.
-fn field_after<'a>(text: &'a str, marker: &str) -> &'a str {
-    let (_, rest) = text.split_once(marker).expect("marker present");
-    rest.split(' ').next().unwrap()
 }
 
 /// Every replica's journal ends, per shard, on the same op and checksum (the hash-chain
@@ -202,13 +190,17 @@ mod tests {
 
     #[test]
     fn inspect_output_parses_into_heads_and_state() {
+        // Shard 1's journal was started at checkpoint 40 by a state sync and holds no
+        // entry after it: its head is the checkpoint's.
         let text = "shard 0\n  segment 0: 3 entries, ops 1..=3, 4096 bytes used, last checksum ab12\n\
-                    shard 1\n  segment 0: 0 entries, ops 1..=0, 0 bytes used, last checksum 00\n\
+                    \x20 head: op 3, checksum ab12\n\
+                    shard 1\n  segment 2: 0 entries, ops 41..=0, 0 bytes used, last checksum 00\n\
+                    \x20 head: op 40, checksum cd34\n\
                     balance 0x10 -5\nbalance 0x11 5\nin_flight 0\nconservation 0\n";
         let inspected = parse_inspect(text);
         assert_eq!(
             inspected.heads,
-            vec![(3, "ab12".to_string()), (0, String::new())]
+            vec![(3, "ab12".to_string()), (40, "cd34".to_string())]
         );
         assert_eq!(inspected.balances[&0x10], -5);
         assert_eq!(inspected.balances[&0x11], 5);
