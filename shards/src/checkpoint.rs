@@ -112,6 +112,31 @@ pub const RELEASE_STEP_BYTES: u64 = 4 << 20;
 /// the steps': about 1.7 GiB/s of released files per follower.
 pub const RELEASE_STEP_PAUSE_US: u64 = 2_000;
 
+/// Adds the wall time of a long follower activity (a snapshot file write, a file release)
+/// to a counter as it goes, a step at a time, so that a scrape in the middle of it already
+/// counts what has passed: the soak's per-second series can then say which second a write
+/// or a release took place in, not only the second it ended in.
+struct TimeSpent<'a> {
+    counter: &'a AtomicU64,
+    mark: Instant,
+}
+
+impl<'a> TimeSpent<'a> {
+    fn start(counter: &'a AtomicU64) -> Self {
+        Self {
+            counter,
+            mark: Instant::now(),
+        }
+    }
+
+    /// Adds the time since the last step (µs).
+    fn step(&mut self) {
+        let now = Instant::now();
+        ShardMetrics::add(self.counter, (now - self.mark).as_micros() as u64);
+        self.mark = now;
+    }
+}
+
 const _: () = assert!(WRITE_BUFFER_BYTES.is_multiple_of(SECTOR_BYTES));
 
 /// One sector, aligned for `O_DIRECT` transfers: buffers are slices of these.
@@ -497,7 +522,9 @@ fn snapshot_file_write(
     snapshot: &[u8],
     staging: &mut [Sector],
     budget: &SnapshotWriteBudget,
+    spent: &AtomicU64,
 ) -> Result<(), FollowerError> {
+    let mut spent = TimeSpent::start(spent);
     let name = format::snapshot_file_name(meta.op);
     let path = dir.join(&name);
     let path_temporary = dir.join(format!("{name}{SNAPSHOT_TEMPORARY_SUFFIX}"));
@@ -513,7 +540,7 @@ fn snapshot_file_write(
     let staging: &mut [u8] = bytemuck::cast_slice_mut(staging);
     let mut file_offset = 0u64;
     let mut staged = 0;
-    let flush = |staging: &mut [u8], staged: usize, file_offset: &mut u64| {
+    let mut flush = |staging: &mut [u8], staged: usize, file_offset: &mut u64| {
         // The last chunk is padded with zeros to a sector.
         let padded = staged.next_multiple_of(SECTOR_BYTES);
         staging[staged..padded].fill(0);
@@ -523,6 +550,7 @@ fn snapshot_file_write(
         file.write_all_at(&staging[..padded], *file_offset)
             .map_err(io_error(&path_temporary))?;
         *file_offset += padded as u64;
+        spent.step();
         Ok::<(), FollowerError>(())
     };
     for part in [&header[..], snapshot] {
@@ -544,11 +572,14 @@ fn snapshot_file_write(
     }
     debug_assert_eq!(file_offset, meta.file_bytes());
     file.sync_data().map_err(io_error(&path_temporary))?;
+    spent.step();
     drop(file);
     std::fs::rename(&path_temporary, &path).map_err(io_error(&path))?;
-    File::open(dir)
+    let synced = File::open(dir)
         .and_then(|directory| directory.sync_all())
-        .map_err(io_error(dir))
+        .map_err(io_error(dir));
+    spent.step();
+    synced
 }
 
 /// A snapshot file the follower wrote, for the shard to install.
@@ -884,14 +915,22 @@ impl Follower {
                 continue;
             }
             let path = self.config.dir.join(format::segment_file_name(segment));
-            if !file_release(&path, || self.stopping())? {
+            if !file_release(
+                &path,
+                || self.stopping(),
+                &self.metrics.checkpoint_release_us_total,
+            )? {
                 return Ok(segment);
             }
         }
         let stale = self.shared.snapshot_stale_op.load(Ordering::Relaxed);
         if stale > 0 {
             let path = self.config.dir.join(format::snapshot_file_name(stale));
-            file_release(&path, || self.stopping())?;
+            file_release(
+                &path,
+                || self.stopping(),
+                &self.metrics.checkpoint_release_us_total,
+            )?;
         }
         ShardMetrics::set(
             &self.metrics.checkpoint_release_us,
@@ -930,6 +969,7 @@ impl Follower {
             snapshot,
             staging,
             &self.config.write_budget,
+            &self.metrics.checkpoint_write_us_total,
         )?;
         let written = Written {
             meta,
@@ -965,8 +1005,14 @@ fn set_priority(shard: usize, nice: i32) {
 
 /// Removes a released file: shrinks it by [`RELEASE_STEP_BYTES`] at a time, pausing
 /// [`RELEASE_STEP_PAUSE_US`] after each step, then unlinks it. A file already gone is fine.
-/// Returns `false`, leaving the file, as soon as `stopping()` says so before a step.
-pub fn file_release(path: &Path, stopping: impl Fn() -> bool) -> Result<bool, FollowerError> {
+/// Returns `false`, leaving the file, as soon as `stopping()` says so before a step. The
+/// time it takes is added to `spent` (µs) step by step.
+pub fn file_release(
+    path: &Path,
+    stopping: impl Fn() -> bool,
+    spent: &AtomicU64,
+) -> Result<bool, FollowerError> {
+    let mut spent = TimeSpent::start(spent);
     let file = match OpenOptions::new().write(true).open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(true),
@@ -981,10 +1027,12 @@ pub fn file_release(path: &Path, stopping: impl Fn() -> bool) -> Result<bool, Fo
         bytes = bytes.saturating_sub(RELEASE_STEP_BYTES);
         file.set_len(bytes).map_err(io_error(path))?;
         std::thread::sleep(Duration::from_micros(RELEASE_STEP_PAUSE_US));
+        spent.step();
     }
     drop(file);
-    file_remove(path)?;
-    Ok(true)
+    let removed = file_remove(path);
+    spent.step();
+    removed.map(|()| true)
 }
 
 /// Removes `path`; one already gone is fine.
@@ -1221,7 +1269,13 @@ mod tests {
             asked.set(asked.get() + 1);
             asked.get() == 3
         };
-        assert!(!file_release(&path, stop_at_third).expect("release"));
+        let spent = AtomicU64::new(0);
+        assert!(!file_release(&path, stop_at_third, &spent).expect("release"));
+        let two_steps = spent.load(Ordering::Relaxed);
+        assert!(
+            two_steps >= 2 * RELEASE_STEP_PAUSE_US,
+            "two steps with their pauses counted: {two_steps} µs"
+        );
         let left = std::fs::metadata(&path).expect("file left").len();
         assert_eq!(left, bytes - 2 * RELEASE_STEP_BYTES);
         // Released to the end: every step taken, then unlinked.
@@ -1230,11 +1284,12 @@ mod tests {
             asked.set(asked.get() + 1);
             false
         };
-        assert!(file_release(&path, count).expect("release"));
+        assert!(file_release(&path, count, &spent).expect("release"));
+        assert!(spent.load(Ordering::Relaxed) >= 4 * RELEASE_STEP_PAUSE_US);
         assert_eq!(asked.get(), 2, "two steps were left: 4 MiB + 100 bytes");
         assert!(!path.exists());
         // Gone already (a crash after the unlink): nothing to do.
-        assert!(file_release(&path, || false).expect("release of a missing file"));
+        assert!(file_release(&path, || false, &spent).expect("release of a missing file"));
         std::fs::remove_dir_all(&dir).expect("temp dir removed");
     }
 }

@@ -317,6 +317,8 @@ shard_metrics! {
     gauge checkpoint_capture_us: "Last checkpoint: snapshot and digest on the follower thread (µs).",
     gauge checkpoint_write_us: "Last checkpoint: snapshot file checksum, write and sync on the follower thread (µs).",
     gauge checkpoint_release_us: "Last checkpoint: removal of the files it released, in steps, on the follower thread (µs).",
+    counter checkpoint_write_us_total: "Time the checkpoint follower spent writing snapshot files (paced writes, sync, rename), microseconds, counted as the write goes.",
+    counter checkpoint_release_us_total: "Time the checkpoint follower spent removing released files (shrink steps, their pauses, unlinks), microseconds, counted as the removal goes.",
     counter checkpoint_segments_recycled_total: "Released journal segments the checkpoint follower offered for reuse instead of removing them.",
     counter journal_segment_switches_recycled_total: "Journal segment roll-overs onto a released segment (written blocks: appends commit no extent metadata).",
     gauge checkpoint_install_us: "Last checkpoint: superblock write and removals on the shard (µs).",

@@ -139,6 +139,56 @@ pub struct SeriesPoint {
     pub longest_commit_gap_at_most_us: Option<u64>,
     /// Journal group commits (write and `fdatasync`) in this second, every replica's.
     pub journal_commits: JournalCommits,
+    /// What the checkpoints did in this second, every replica's: which seconds a snapshot
+    /// write or a release of old files overlapped, to tell a slow second's cause.
+    pub checkpointing: Checkpointing,
+}
+
+/// Checkpoint work between two scrapes, summed over every replica and shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Checkpointing {
+    /// Checkpoints recorded in a superblock (`percore_checkpoints_total`).
+    pub installed: u64,
+    /// Time followers spent writing snapshot files (`percore_checkpoint_write_us_total`,
+    /// ms; several followers writing at once add up, so it can exceed the interval).
+    pub snapshot_write_ms: u64,
+    /// Time followers spent removing released segments and stale snapshots
+    /// (`percore_checkpoint_release_us_total`, ms, likewise).
+    pub release_ms: u64,
+    /// Journal roll-overs onto a reused (released) segment
+    /// (`percore_journal_segment_switches_recycled_total`).
+    pub segment_switches_reused: u64,
+}
+
+/// The cumulative counters behind [`Checkpointing`], as one scrape read them.
+#[derive(Debug, Clone, Copy, Default)]
+struct CheckpointCounters {
+    installed: u64,
+    snapshot_write_us: u64,
+    release_us: u64,
+    segment_switches_reused: u64,
+}
+
+impl Checkpointing {
+    fn between(before: &Scrape, after: &Scrape) -> Self {
+        let (before, after) = (&before.checkpointing, &after.checkpointing);
+        Self {
+            installed: after.installed.saturating_sub(before.installed),
+            snapshot_write_ms: after
+                .snapshot_write_us
+                .saturating_sub(before.snapshot_write_us)
+                / 1_000,
+            release_ms: after.release_us.saturating_sub(before.release_us) / 1_000,
+            segment_switches_reused: after
+                .segment_switches_reused
+                .saturating_sub(before.segment_switches_reused),
+        }
+    }
+
+    /// Whether anything happened.
+    fn any(&self) -> bool {
+        *self != Self::default()
+    }
 }
 
 /// The series and what it says about a long run.
@@ -166,6 +216,8 @@ pub struct SoakReport {
     pub longest_commit_gap_sampled_ms: u64,
     /// Journal group commits over the window, every replica's.
     pub journal_commits: JournalCommits,
+    /// Checkpoint work over the window, every replica's.
+    pub checkpointing: Checkpointing,
     /// Committed ops applied over the window, every replica's, and how many of them a
     /// leader applied while its next group commit was in flight.
     pub applies: Applies,
@@ -415,6 +467,8 @@ struct Scrape {
     journal_commit_buckets: Vec<Vec<u64>>,
     /// Cumulative applies, every replica and shard.
     applies: Applies,
+    /// Cumulative checkpoint counters, every replica and shard.
+    checkpointing: CheckpointCounters,
 }
 
 fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
@@ -487,6 +541,12 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
         applies: Applies {
             ops: over_all("percore_apply_seconds_count"),
             during_write: over_all("percore_replication_applied_during_write_total"),
+        },
+        checkpointing: CheckpointCounters {
+            installed: over_all("percore_checkpoints_total"),
+            snapshot_write_us: over_all("percore_checkpoint_write_us_total"),
+            release_us: over_all("percore_checkpoint_release_us_total"),
+            segment_switches_reused: over_all("percore_journal_segment_switches_recycled_total"),
         },
         commit_op: over_replicas("percore_commit_op", u64::max),
         applied: over_replicas("percore_tx_applied_total", sum),
@@ -573,6 +633,7 @@ pub fn sample_window(
             commit_gaps: point_gaps.gaps,
             longest_commit_gap_at_most_us: point_gaps.longest_at_most_us,
             journal_commits: journal_commits(point_scrape.as_ref().unwrap_or(&first), &sample),
+            checkpointing: Checkpointing::between(point_scrape.as_ref().unwrap_or(&first), &sample),
         };
         print_progress(&point, gaps.longest());
         series.push(point);
@@ -594,6 +655,7 @@ pub fn sample_window(
             longest_commit_gap_sampled_ms: gaps.longest().as_millis() as u64,
             journal_commits: journal_commits(&first, point_scrape.as_ref().unwrap_or(&first)),
             applies: Applies::between(&first, point_scrape.as_ref().unwrap_or(&first)),
+            checkpointing: Checkpointing::between(&first, point_scrape.as_ref().unwrap_or(&first)),
             huge_pages_bytes: (0..cluster.replicas())
                 .map(|replica| {
                     cluster
@@ -619,8 +681,17 @@ fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
         .iter()
         .map(|kib| format!("{:.0}", *kib as f64 / 1024.0))
         .collect();
+    let checkpointing = if point.checkpointing.any() {
+        let c = &point.checkpointing;
+        format!(
+            "  checkpoints +{} (snapshot write {} ms, release {} ms, reused segments +{})",
+            c.installed, c.snapshot_write_ms, c.release_ms, c.segment_switches_reused
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)  journal commit {}",
+        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)  journal commit {}{checkpointing}",
         point.t_s,
         point.committed_tx_per_s,
         point.latency_us.p50,
@@ -674,6 +745,13 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
             report.journal_commits.slow,
             JOURNAL_COMMIT_SLOW_US,
             gap_text(report.journal_commits.slowest_at_most_us)
+        ),
+        format!(
+            "checkpoints (every replica): {} recorded; followers writing snapshots {:.1} s, removing released files {:.1} s; roll-overs onto reused segments {}",
+            report.checkpointing.installed,
+            report.checkpointing.snapshot_write_ms as f64 / 1_000.0,
+            report.checkpointing.release_ms as f64 / 1_000.0,
+            report.checkpointing.segment_switches_reused
         ),
         format!(
             "committed ops applied (every replica): {}, {} of them by a leader while its next journal write was in flight",
@@ -918,6 +996,7 @@ mod tests {
             commit_gaps: 100,
             longest_commit_gap_at_most_us: Some(500),
             journal_commits: JournalCommits::default(),
+            checkpointing: Checkpointing::default(),
         }
     }
 

@@ -14,6 +14,8 @@ const DURATION_S: u64 = 20;
 const RSS_GROWTH_PERCENT_MAX: f64 = 10.0;
 /// Longest stretch (ms) a leader's commit op may stand still while load is offered.
 const COMMIT_GAP_MS_MAX: u64 = 2_000;
+/// Ops between checkpoints in the long run: several checkpoints per group in it.
+const CHECKPOINT_INTERVAL_OPS: u64 = 1_024;
 /// Seconds measured by the paced run.
 const PACED_DURATION_S: u64 = 5;
 /// Transfers per second the paced run offers: a small share of what even a debug cluster
@@ -112,6 +114,9 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
         &DURATION_S.to_string(),
         "--series-out",
         lines_path.to_str().expect("a UTF-8 temporary path"),
+        // Checkpoints inside the run, for the series' checkpoint columns.
+        "--checkpoint-interval-ops",
+        &CHECKPOINT_INTERVAL_OPS.to_string(),
     ]);
     assert!(
         report["offered_tx_per_s"].is_null(),
@@ -170,6 +175,32 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
         soak["journal_commits"]["commits"].as_u64(),
         Some(journal_commits),
         "the run's journal commits are the seconds' commits"
+    );
+    // Checkpoints happened, and the run's checkpoint work is the seconds' work (the times
+    // are whole ms per second, so the seconds' sum may fall short of the run's).
+    let checkpointing = &soak["checkpointing"];
+    let per_second = |field: &str| -> u64 {
+        series
+            .iter()
+            .map(|point| point["checkpointing"][field].as_u64().expect(field))
+            .sum()
+    };
+    let installed = checkpointing["installed"].as_u64().expect("installed");
+    assert!(installed > 0, "no checkpoint in the run: {stderr}");
+    assert_eq!(per_second("installed"), installed);
+    assert_eq!(
+        per_second("segment_switches_reused"),
+        checkpointing["segment_switches_reused"].as_u64().unwrap()
+    );
+    for field in ["snapshot_write_ms", "release_ms"] {
+        assert!(
+            per_second(field) <= checkpointing[field].as_u64().unwrap(),
+            "{field}: {checkpointing}"
+        );
+    }
+    assert!(
+        checkpointing["snapshot_write_ms"].as_u64() > Some(0),
+        "{installed} snapshot files written in no time: {checkpointing}"
     );
     // Applies are counted; those a leader did during its next write are some of them
     // (none here: what is in flight fits one group commit; see the next test).
