@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use plotters::coord::ranged1d::Ranged;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -776,7 +778,8 @@ pub struct PlotError {
 }
 
 /// Draws TPS, latency percentiles with the longest in-node commit gap of each second (ms,
-/// log scale) and RSS per replica (MiB) over time into an SVG at `path`: drawn into
+/// log scale) and RSS per replica (MiB) over time, the seconds with checkpoint work shaded
+/// behind the first two, into an SVG at `path`: drawn into
 /// `path` + `.tmp` and renamed over `path`, so a reader never sees half a plot.
 pub fn plot_svg(path: &Path, series: &[SeriesPoint]) -> Result<(), PlotError> {
     let error = |message: String| PlotError {
@@ -874,10 +877,21 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..t_max, 0.0..tps_max * 1.1)?;
     chart.configure_mesh().x_desc("s").draw()?;
-    chart.draw_series(LineSeries::new(
-        series.iter().map(|p| (p.t_s, p.committed_tx_per_s)),
-        &BLUE,
-    ))?;
+    let shaded = shade_checkpoint_work(&mut chart, series, (0.0, tps_max * 1.1))?;
+    chart
+        .draw_series(LineSeries::new(
+            series.iter().map(|p| (p.t_s, p.committed_tx_per_s)),
+            &BLUE,
+        ))?
+        .label("committed tx/s")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    if shaded {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()?;
+    }
 
     let ms = |us: u64| (us.max(1) as f64) / 1_000.0;
     let latency_max = series
@@ -902,6 +916,7 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..t_max, (0.001..latency_max * 2.0).log_scale())?;
     chart.configure_mesh().x_desc("s").draw()?;
+    shade_checkpoint_work(&mut chart, series, (0.001, latency_max * 2.0))?;
     let percentiles: [(&str, PickPercentile, RGBColor); 3] = [
         ("p50", |l| l.p50, GREEN),
         ("p99", |l| l.p99, BLUE),
@@ -973,6 +988,59 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Shades, behind a panel's lines and from `y.0` to `y.1`, the seconds in which checkpoint
+/// followers wrote snapshot files (orange) or removed released files (purple), both where
+/// both; labels them for the legend. Returns whether any second was shaded.
+fn shade_checkpoint_work<Y>(
+    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, Y>>,
+    series: &[SeriesPoint],
+    y: (f64, f64),
+) -> Result<bool, Box<dyn std::error::Error>>
+where
+    Y: Ranged<ValueType = f64>,
+{
+    type Busy = fn(&Checkpointing) -> bool;
+    let kinds: [(&str, Busy, RGBAColor); 2] = [
+        (
+            "checkpoint: snapshot write",
+            |c| c.snapshot_write_ms > 0,
+            RGBColor(255, 150, 0).mix(0.18),
+        ),
+        (
+            "checkpoint: releasing files",
+            |c| c.release_ms > 0,
+            RGBColor(130, 0, 200).mix(0.14),
+        ),
+    ];
+    let mut shaded = false;
+    for (name, busy, color) in kinds {
+        let seconds: Vec<(f64, f64)> = series
+            .iter()
+            .enumerate()
+            .filter(|(_, point)| busy(&point.checkpointing))
+            .map(|(index, point)| {
+                let start = index
+                    .checked_sub(1)
+                    .map_or(0.0, |before| series[before].t_s);
+                (start, point.t_s)
+            })
+            .collect();
+        if seconds.is_empty() {
+            continue;
+        }
+        shaded = true;
+        chart
+            .draw_series(
+                seconds
+                    .into_iter()
+                    .map(|(start, end)| Rectangle::new([(start, y.0), (end, y.1)], color.filled())),
+            )?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], color.filled()));
+    }
+    Ok(shaded)
 }
 
 #[cfg(test)]
