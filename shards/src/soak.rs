@@ -886,12 +886,7 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         .label("committed tx/s")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     if shaded {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE)
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
     }
 
     let ms = |us: u64| (us.max(1) as f64) / 1_000.0;
@@ -953,12 +948,7 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         ))?
         .label("journal commit, write + fdatasync (slowest, at most)")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], journal_color));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart)?;
 
     let mib = |kib: u64| kib as f64 / 1024.0;
     let rss_max = series
@@ -983,12 +973,25 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
             .label(format!("replica {replica}"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
+    legend(&mut chart)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Draws a panel's legend in its lower right corner (the lines run above it: throughput
+/// and RSS near the top, latencies above a millisecond on a log scale from a microsecond).
+fn legend<'a, 'b: 'a, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, Y>>,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    Y: Ranged<ValueType = f64>,
+{
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE)
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 
@@ -1242,10 +1245,33 @@ mod tests {
             .collect();
         plot_svg(&path, &series).expect("plot");
         let svg = std::fs::read_to_string(&path).expect("svg written");
-        let _ = std::fs::remove_file(&path);
         assert!(
             svg.starts_with("<svg") && svg.contains("polyline"),
             "{svg:.200}"
         );
+        assert!(
+            !svg.contains("checkpoint:"),
+            "nothing to shade, no legend entry"
+        );
+        // A snapshot write in seconds 2 and 3, a release in second 3: shaded and labelled.
+        let mut series = series;
+        series[1].checkpointing.snapshot_write_ms = 700;
+        series[2].checkpointing.snapshot_write_ms = 300;
+        series[2].checkpointing.release_ms = 200;
+        plot_svg(&path, &series).expect("plot");
+        let shaded = std::fs::read_to_string(&path).expect("svg written");
+        let _ = std::fs::remove_file(&path);
+        for label in ["checkpoint: snapshot write", "checkpoint: releasing files"] {
+            // In the legends of the throughput and the latency panels.
+            assert_eq!(shaded.matches(label).count(), 2, "{label}");
+        }
+        // Per panel (two), one rectangle per busy second and one legend swatch per kind.
+        let filled = |color: &str| shaded.matches(&format!("fill=\"{color}\"")).count();
+        assert_eq!(
+            filled("#FF9600"),
+            2 * (2 + 1),
+            "snapshot writes: {shaded:.400}"
+        );
+        assert_eq!(filled("#8200C8"), 2 * (1 + 1), "releases");
     }
 }
