@@ -20,6 +20,13 @@
 //!
 //! The file is text, ends with a checksum line, and is replaced atomically (temporary file,
 //! `fsync`, `rename`, directory `fsync`).
+//!
+//! One process per data directory: a node (any node with a journal, replica or not) and
+//! `percore format` hold an exclusive lock on `percore.lock` at its top ([`lock`]) for as
+//! long as they run. Two nodes on one directory would append to the same journals and
+//! corrupt them; the second is refused before it reads anything there. The lock is
+//! `flock`'s, so the kernel drops it when the holder exits, however it exits: a crash
+//! leaves nothing to clean up.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -62,6 +69,66 @@ pub enum JournalCreate {
     Never,
 }
 
+/// The file [`lock`] holds locked at the top of a data directory; it holds the holder's
+/// process id, for the message of the process it refuses.
+pub const LOCK_FILE_NAME: &str = "percore.lock";
+
+/// A data directory this process holds ([`lock`]); dropping it lets another one take it.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// Takes `data_dir` for this process (creating the directory if it is absent): an exclusive
+/// `flock` on [`LOCK_FILE_NAME`], held until the returned value is dropped or the process
+/// exits. A directory another process holds is refused with [`FormatError::InUse`].
+pub fn lock(data_dir: &Path) -> Result<DataDirLock, FormatError> {
+    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    let path = data_dir.join(LOCK_FILE_NAME);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(FormatError::InUse {
+                path: data_dir.to_path_buf(),
+                holder: holder_of(&path),
+            });
+        }
+        Err(std::fs::TryLockError::Error(error)) => return Err(io(&path)(error)),
+    }
+    // Ours now: say who holds it.
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("pid {}\n", std::process::id()).as_bytes()))
+        .map_err(io(&path))?;
+    Ok(DataDirLock { _file: file })
+}
+
+/// Which process holds `data_dir` ([`lock`]), if one does; `None` also when no lock file
+/// exists (a directory no node ran on, or a copy of one). Creates and changes nothing.
+pub fn in_use_by(data_dir: &Path) -> Option<String> {
+    let path = data_dir.join(LOCK_FILE_NAME);
+    let file = std::fs::File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Err(std::fs::TryLockError::WouldBlock) => Some(holder_of(&path)),
+        _ => None,
+    }
+}
+
+/// What the lock file at `path` says of its holder.
+fn holder_of(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|text| text.trim().to_string())
+        .filter(|text| !text.is_empty())
+        .unwrap_or_else(|| "a process that has not said which".to_string())
+}
+
 /// Why a data directory cannot be formatted or started.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -72,6 +139,17 @@ pub enum FormatError {
         path: PathBuf,
         /// The cause.
         error: std::io::Error,
+    },
+    /// Another process holds the directory ([`lock`]).
+    #[error(
+        "{path} is in use by another percore process ({holder}): one node per data directory \
+         (two would write the same journals)"
+    )]
+    InUse {
+        /// The data directory.
+        path: PathBuf,
+        /// What the lock file says of its holder (`pid N`).
+        holder: String,
     },
     /// `percore format` on a directory that already holds a format file or journals.
     #[error(
@@ -178,14 +256,15 @@ pub fn format(data_dir: &Path, identity: Identity, kind: FormatKind) -> Result<(
             path: data_dir.to_path_buf(),
         });
     }
-    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
-    let mut entries = std::fs::read_dir(data_dir).map_err(io(data_dir))?;
-    if let Some(entry) = entries.next() {
-        let entry = entry.map_err(io(data_dir))?;
-        return Err(FormatError::NotEmpty {
-            path: data_dir.to_path_buf(),
-            entry: entry.file_name().to_string_lossy().into_owned(),
-        });
+    let _lock = lock(data_dir)?;
+    for entry in std::fs::read_dir(data_dir).map_err(io(data_dir))? {
+        let name = entry.map_err(io(data_dir))?.file_name();
+        if name != LOCK_FILE_NAME {
+            return Err(FormatError::NotEmpty {
+                path: data_dir.to_path_buf(),
+                entry: name.to_string_lossy().into_owned(),
+            });
+        }
     }
     if let Some(parent) = data_dir
         .parent()
@@ -505,6 +584,32 @@ mod tests {
             format(&dir.0, IDENTITY, FormatKind::New),
             Err(FormatError::NotEmpty { .. })
         ));
+    }
+
+    #[test]
+    fn one_holder_per_data_directory() {
+        let dir = TempDir::new("lock");
+        assert_eq!(in_use_by(&dir.0), None, "no lock file: nobody");
+        let held = lock(&dir.0).expect("a free directory is taken (and created)");
+        let holder = format!("pid {}", std::process::id());
+        assert_eq!(in_use_by(&dir.0).as_deref(), Some(holder.as_str()));
+        // A second holder (another open of the file: flock locks conflict across open file
+        // descriptions, in one process too) is refused, named.
+        match lock(&dir.0) {
+            Err(error @ FormatError::InUse { .. }) => {
+                assert!(error.to_string().contains(&holder), "{error}");
+            }
+            other => panic!("taken twice: {other:?}"),
+        }
+        // So is `percore format`; the lock file alone does not make a directory non-empty.
+        assert!(matches!(
+            format(&dir.0, IDENTITY, FormatKind::New),
+            Err(FormatError::InUse { .. })
+        ));
+        drop(held);
+        assert_eq!(in_use_by(&dir.0), None, "released");
+        format(&dir.0, IDENTITY, FormatKind::New).expect("only the lock file in it");
+        let _held = lock(&dir.0).expect("taken again");
     }
 
     #[test]

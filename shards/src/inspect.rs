@@ -221,6 +221,13 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
             problem = true;
         }
     }
+    if let Some(holder) = crate::format::in_use_by(&config.data_dir) {
+        let _ = writeln!(
+            out,
+            "note: a running node holds this directory ({holder}): its journals may change \
+             while they are read, so what follows may not be one consistent state"
+        );
+    }
     let shards = shard_dirs(&config.data_dir)?;
     let shard_count = shards.len() as u32;
     let mut conservation = 0i128;

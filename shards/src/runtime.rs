@@ -286,6 +286,8 @@ pub struct Node<S: StateMachine + Send + 'static> {
     ingest: Arc<crate::ingest::Ingress<S>>,
     /// [`Node::helper_cores`].
     helper_cores: Arc<[usize]>,
+    /// The data directory, held until the node is gone ([`crate::format::lock`]).
+    _data_dir_lock: Option<crate::format::DataDirLock>,
 }
 
 /// A seed the OS randomised for this process (for table hashes that clients must not be
@@ -396,6 +398,12 @@ where
             tracing::info!(cores = ?followers.cores, "checkpoint followers run on these cores");
         }
         let helper_cores = followers.cores.clone();
+        // One process per data directory, taken before anything in it is read.
+        let data_dir_lock = config
+            .journal
+            .as_ref()
+            .map(|journal| crate::format::lock(&journal.data_dir))
+            .transpose()?;
         // A replica's data directory is formatted once; its journals are created at its
         // first start only (`crate::format`).
         let format_identity = format_identity(&config);
@@ -501,6 +509,7 @@ where
             stop,
             ingest,
             helper_cores,
+            _data_dir_lock: data_dir_lock,
         })
     }
 

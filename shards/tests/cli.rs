@@ -133,6 +133,11 @@ fn a_series_file_that_cannot_be_written_is_refused_before_the_cluster_starts() {
 /// once it served and then stopped cleanly on SIGTERM (delivered as an operator or systemd
 /// would), `Err(stderr)` if it exited by itself.
 fn node_serves(args: &[String]) -> Result<Vec<String>, String> {
+    node_serves_while(args, |_| {})
+}
+
+/// [`node_serves`], calling `serving` with the node's process id while it serves.
+fn node_serves_while(args: &[String], serving: impl FnOnce(u32)) -> Result<Vec<String>, String> {
     let mut child = Command::new(PERCORE)
         .arg("node")
         .args(args)
@@ -168,6 +173,7 @@ fn node_serves(args: &[String]) -> Result<Vec<String>, String> {
             seen.push(line);
         }
     }
+    serving(child.id());
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -177,6 +183,58 @@ fn node_serves(args: &[String]) -> Result<Vec<String>, String> {
     seen.extend(lines_rx.iter());
     assert!(exit.success(), "exit {exit:?}: {seen:#?}");
     Ok(seen)
+}
+
+#[test]
+fn a_second_node_on_a_data_directory_in_use_is_refused() {
+    let root = std::env::temp_dir().join(format!("percore-cli-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    // Ports from the kernel: the two nodes differ in nothing else a port check would see.
+    let args = [
+        "--cores",
+        &first_core_list(),
+        "--allow-shared-cores",
+        "--client-port-base",
+        "0",
+        "--accounts-max",
+        "1024",
+        "--transfers-max",
+        "4096",
+        "--segment-mib",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]
+    .map(String::from);
+    node_serves_while(&args, |pid| {
+        let second = Command::new(PERCORE)
+            .arg("node")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(!second.status.success(), "a second node ran: {stderr}");
+        assert!(
+            stderr.contains("in use by another percore process")
+                && stderr.contains(&format!("pid {pid}")),
+            "{stderr}"
+        );
+        // Inspection reads it, saying it may be changing.
+        let inspected = Command::new(PERCORE)
+            .args(["inspect", "--data-dir", data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&inspected.stdout);
+        assert!(
+            stdout.contains(&format!("a running node holds this directory (pid {pid})")),
+            "{stdout}"
+        );
+    })
+    .expect("the first node serves and stops");
+    // Released with the first node: the directory starts again.
+    node_serves(&args).expect("the node starts again once the first is gone");
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]
