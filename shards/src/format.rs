@@ -73,6 +73,11 @@ pub enum JournalCreate {
 /// process id, for the message of the process it refuses.
 pub const LOCK_FILE_NAME: &str = "percore.lock";
 
+/// How long [`lock`] tries a held lock before it refuses (ms).
+const LOCK_WAIT_MS: u64 = 200;
+/// Between those tries (ms).
+const LOCK_RETRY_MS: u64 = 10;
+
 /// A data directory this process holds ([`lock`]); dropping it lets another one take it.
 #[derive(Debug)]
 pub struct DataDirLock {
@@ -92,15 +97,23 @@ pub fn lock(data_dir: &Path) -> Result<DataDirLock, FormatError> {
         .truncate(false)
         .open(&path)
         .map_err(io(&path))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(FormatError::InUse {
-                path: data_dir.to_path_buf(),
-                holder: holder_of(&path),
-            });
+    // A moment's wait: `percore inspect` takes the lock shared for an instant to see
+    // whether a node holds it ([`in_use_by`]); a holder is one that keeps it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(LOCK_WAIT_MS);
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(LOCK_RETRY_MS));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(FormatError::InUse {
+                    path: data_dir.to_path_buf(),
+                    holder: holder_of(&path),
+                });
+            }
+            Err(std::fs::TryLockError::Error(error)) => return Err(io(&path)(error)),
         }
-        Err(std::fs::TryLockError::Error(error)) => return Err(io(&path)(error)),
     }
     // Ours now: say who holds it.
     file.set_len(0)
