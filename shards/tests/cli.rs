@@ -185,13 +185,18 @@ fn node_serves_while(args: &[String], serving: impl FnOnce(u32)) -> Result<Vec<S
     Ok(seen)
 }
 
-#[test]
-fn a_second_node_on_a_data_directory_in_use_is_refused() {
-    let root = std::env::temp_dir().join(format!("percore-cli-lock-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let data = root.join("data");
-    // Ports from the kernel: the two nodes differ in nothing else a port check would see.
-    let args = [
+/// `percore inspect --data-dir data`'s report.
+fn inspect(data: &std::path::Path) -> String {
+    let output = Command::new(PERCORE)
+        .args(["inspect", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A small node on the first cores, client ports from the kernel, journaling in `data`.
+fn small_node_args(data: &std::path::Path) -> Vec<String> {
+    [
         "--cores",
         &first_core_list(),
         "--allow-shared-cores",
@@ -206,7 +211,17 @@ fn a_second_node_on_a_data_directory_in_use_is_refused() {
         "--data-dir",
         data.to_str().unwrap(),
     ]
-    .map(String::from);
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn a_second_node_on_a_data_directory_in_use_is_refused() {
+    let root = std::env::temp_dir().join(format!("percore-cli-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    // Ports from the kernel: the two nodes differ in nothing else a port check would see.
+    let args = small_node_args(&data);
     node_serves_while(&args, |pid| {
         let second = Command::new(PERCORE)
             .arg("node")
@@ -221,11 +236,7 @@ fn a_second_node_on_a_data_directory_in_use_is_refused() {
             "{stderr}"
         );
         // Inspection reads it, saying it may be changing.
-        let inspected = Command::new(PERCORE)
-            .args(["inspect", "--data-dir", data.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&inspected.stdout);
+        let stdout = inspect(&data);
         assert!(
             stdout.contains(&format!("a running node holds this directory (pid {pid})")),
             "{stdout}"
@@ -250,31 +261,21 @@ fn a_replica_starts_only_on_its_formatted_directory_and_never_recreates_a_lost_j
         .map(|r| format!("127.0.0.1:{}", base + 100 * r))
         .collect();
     let args = |replica: &str| -> Vec<String> {
-        [
-            "--cores",
-            &first_core_list(),
-            "--allow-shared-cores",
-            "--client-port-base",
-            "0",
-            "--accounts-max",
-            "1024",
-            "--transfers-max",
-            "4096",
-            "--credit-legs-max",
-            "1024",
-            "--segment-mib",
-            "1",
-            "--replica",
-            replica,
-            "--peers",
-            &peers.join(","),
-            "--cluster-key-file",
-            key.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec()
+        let mut args = small_node_args(&data);
+        args.extend(
+            [
+                "--credit-legs-max",
+                "1024",
+                "--replica",
+                replica,
+                "--peers",
+                &peers.join(","),
+                "--cluster-key-file",
+                key.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        args
     };
     let format = |args: &[String]| {
         let output = Command::new(PERCORE)
@@ -354,11 +355,7 @@ fn a_replica_starts_only_on_its_formatted_directory_and_never_recreates_a_lost_j
         first_core_list().split(',').count(),
         "{lines:#?}"
     );
-    let inspected = Command::new(PERCORE)
-        .args(["inspect", "--data-dir", data.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&inspected.stdout);
+    let text = inspect(&data);
     assert!(text.contains(", replacing (format --replace"), "{text}");
     node_serves(&args("0")).expect("a restart while replacing");
     std::fs::remove_dir_all(&root).unwrap();
