@@ -15,7 +15,10 @@
 # one set per run, separated by `;`, e.g. "--wake-max 1;--consumer-core"; default a full
 # run with none, then one with `--lanes 1` at 2, 16 and 256 producers: the lanes and ingest
 # sides with one lane, against the first run's default lanes; then one with
-# `--ingest-batch 64` at 1, 2, 16 and 256: the ingest side through `submit_batch_wait`), DISK_S=10 (seconds of
+# `--ingest-batch 64` at 1, 2, 16 and 256: the ingest side through `submit_batch_wait`;
+# then one with `--consumer-core` at 1 and 2: the consumer pinned, the producers off its
+# core, so that the uncontended enqueue p99 does not depend on where the scheduler put two
+# floating threads, which halved the fifth lease's one-producer row), DISK_S=10 (seconds of
 # `percore-bench disk` with 12 writers, after 10 s with one, and again with O_DSYNC; 0
 # skips it), SHM_S=20
 # (seconds of a 50 % run with the journals on /dev/shm and no fdatasync, after the 90 %
@@ -67,7 +70,7 @@ start)
     avail_g=$(df -BG --output=avail "$data" | tail -1 | tr -dc 0-9)
     checkpoint=16384
     [ "$avail_g" -lt 45 ] && checkpoint=8192
-    IFS=';' read -r -a variants <<<"${T_VARIANTS-;--lanes 1 --producers 2,16,256;--ingest-batch 64 --producers 1,2,16,256}"
+    IFS=';' read -r -a variants <<<"${T_VARIANTS-;--lanes 1 --producers 2,16,256;--ingest-batch 64 --producers 1,2,16,256;--consumer-core --producers 1,2}"
     [ "${#variants[@]}" -eq 0 ] && variants=("")
     for index in "${!variants[@]}"; do
         name=threads
