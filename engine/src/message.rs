@@ -532,9 +532,7 @@ impl ClusterKey {
     pub const fn new(bytes: [u8; KEY_BYTES]) -> ClusterKey {
         ClusterKey(bytes)
     }
-}
 
-impl ClusterKey {
     /// Whether `other` holds the same bytes (compared in constant time).
     pub fn same_as(&self, other: &ClusterKey) -> bool {
         constant_time_eq(&self.0, &other.0)

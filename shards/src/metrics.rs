@@ -307,7 +307,7 @@ shard_metrics! {
     counter replication_forwards_received_total: "Credit legs received from other replicas.",
     counter replication_legs_resent_total: "Unacknowledged credit legs sent again.",
     counter peer_connections_total: "Authenticated peer connections established.",
-    counter peer_connections_accepted_key_total: "Peer connections dialed whose peer answered with the key accepted during a key rotation, not this node's cluster key (0 on every node: no node still uses that key).",
+    counter peer_connections_accepted_key_total: "Peer connections dialed whose peer answered with the key accepted during a key rotation, not this node's cluster key (it stops rising once every node runs on one key).",
     counter peer_auth_failures_total: "Peer connections refused (bad key, unknown peer, bad frame).",
     counter peer_connections_replaced_total: "Inbound peer connections closed because the same peer authenticated a newer one (a frame that arrived on the older one was dropped).",
     counter client_not_leader_total: "Client requests refused because this replica does not lead.",

@@ -235,21 +235,6 @@ impl Harness {
     }
 }
 
-impl Harness {
-    /// Waits until killed `replica` no longer accepts clients: its io_uring sockets close a
-    /// moment after the process exits, and a restart before that finds its ports taken.
-    fn wait_client_ports_closed(&self, replica: usize) {
-        for shard in 0..self.cluster.shards() {
-            let address = self.cluster.client_address(replica, shard);
-            wait_until("the killed node's client port is closed", || {
-                std::net::TcpStream::connect_timeout(&address, Duration::from_millis(100))
-                    .is_err()
-                    .then_some(())
-            });
-        }
-    }
-}
-
 impl Drop for Harness {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -527,7 +512,6 @@ fn bft_follower_restarts_after_sigkill_and_catches_up() {
         let op = harness.metric(0, "percore_bft_commit_op");
         (op > bft_op).then_some(op)
     });
-    harness.wait_client_ports_closed(VICTIM);
     harness
         .cluster
         .restart(VICTIM)
@@ -590,7 +574,6 @@ fn bft_follower_behind_several_checkpoints_catches_up_by_state_transfer() {
         peers_low > killed_at + window,
         "peers' low {peers_low}, victim stopped at {killed_at}"
     );
-    harness.wait_client_ports_closed(VICTIM);
     harness
         .cluster
         .restart(VICTIM)
@@ -719,7 +702,6 @@ fn snapshot_transfer(name: &str, corrupt_peer: Option<usize>) {
     if corrupt_peer.is_some() {
         harness.cluster.resume(victim).expect("SIGCONT");
     } else {
-        harness.wait_client_ports_closed(victim);
         harness
             .cluster
             .restart(victim)
@@ -786,7 +768,6 @@ fn snapshot_transfer(name: &str, corrupt_peer: Option<usize>) {
         // certificate in the certificate journal) restores above it and follows.
         harness.cluster.kill(victim);
         acknowledged += load.commit(&mut client, &mut expected, 3);
-        harness.wait_client_ports_closed(victim);
         harness
             .cluster
             .restart(victim)
@@ -961,7 +942,6 @@ fn bft_state_transfer_serves_committed_batches_that_are_not_this_shards() {
     // backups' timers under load) can end that before the kill, and then the victim has
     // none to fetch.
     let invalid_while_down = invalid_at_peer - invalid_before_kill;
-    harness.wait_client_ports_closed(VICTIM);
     harness
         .cluster
         .restart(VICTIM)
@@ -1418,9 +1398,6 @@ fn bft_legs_in_flight_are_certified_again_after_a_restart() {
         .map(|value| value.parse::<u128>().expect("in_flight"))
         .expect("an in_flight line");
     for replica in RESTARTED {
-        harness.wait_client_ports_closed(replica);
-    }
-    for replica in RESTARTED {
         harness
             .cluster
             .restart(replica)
@@ -1853,9 +1830,6 @@ fn every_replica_restarts_under_load(name: &str, shards: u32, behaviour: Option<
             harness.cluster.kill(replica);
         }
         for replica in 0..REPLICAS {
-            harness.wait_client_ports_closed(replica);
-        }
-        for replica in 0..REPLICAS {
             harness
                 .cluster
                 .restart(replica)
@@ -1960,7 +1934,6 @@ fn bft_cluster_key_rotates_by_rolling_restarts() {
     for (round, (key, accept)) in rounds.into_iter().enumerate() {
         for replica in 0..REPLICAS {
             harness.cluster.kill(replica);
-            harness.wait_client_ports_closed(replica);
             harness
                 .cluster
                 .set_key_files(replica, key.clone(), accept.cloned());

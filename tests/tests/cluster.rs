@@ -120,6 +120,13 @@ impl Harness {
         Client::new(ClientConfig::replicated(replicas, client_id))
     }
 
+    /// [`ACCOUNTS_PER_SHARD`] accounts per shard, funded with [`FUNDING`] each, created
+    /// through a client that follows each group's leader.
+    fn funded_accounts(&self) -> Vec<Vec<u128>> {
+        create_funded_accounts(&mut self.replicated_client(1), ACCOUNTS_PER_SHARD, FUNDING)
+            .expect("accounts created and funded")
+    }
+
     /// A per-shard metric of `replica`, or `None` if it cannot be scraped (it is down).
     fn try_metric(&self, replica: usize, name: &str, shard: usize) -> Option<u64> {
         let text = self.cluster.scrape(replica).ok()?;
@@ -933,9 +940,7 @@ fn leader_killed_fails_over() {
         REPLICAS,
         &["--leader-rebalance-ms", rebalance.as_str()],
     );
-    let mut setup = harness.replicated_client(1);
-    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
-        .expect("accounts created and funded");
+    let accounts = harness.funded_accounts();
     // Load through the crash: a retry of a request that committed before it must get its
     // original reply (sessions), which the load checks.
     let load = FollowingLoad::start(harness.replicated_client(2), &accounts, 0xFA11, 2 << 100);
@@ -1195,9 +1200,7 @@ fn assert_failover_outcome(
 #[test]
 fn leader_paused_fails_over_and_rejoins() {
     let mut harness = Harness::start_with("pause", REPLICAS, &[]);
-    let mut setup = harness.replicated_client(1);
-    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
-        .expect("accounts created and funded");
+    let accounts = harness.funded_accounts();
     let expected = funded_balances(&accounts);
     let load = FollowingLoad::start(harness.following_client(2), &accounts, 0x9A05E, 3 << 100);
     wait_until("group 1 commits under load", || {
@@ -1306,9 +1309,7 @@ fn wait_groups_led_by(
 #[test]
 fn leader_killed_twice() {
     let mut harness = Harness::start_with("killed-twice", REPLICAS, &[]);
-    let mut setup = harness.replicated_client(1);
-    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
-        .expect("accounts created and funded");
+    let accounts = harness.funded_accounts();
     let expected = funded_balances(&accounts);
     let load = FollowingLoad::start(harness.following_client(2), &accounts, 0x7A1CE, 4 << 100);
     wait_until("group 0 commits under load", || {
@@ -1411,9 +1412,7 @@ fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
         REPLICAS,
         &["--checkpoint-interval-ops", "32", "--retain-ops", "0"],
     );
-    let mut setup = harness.replicated_client(1);
-    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
-        .expect("accounts created and funded");
+    let accounts = harness.funded_accounts();
     let load = FollowingLoad::start(harness.following_client(2), &accounts, 0xD15C, 3 << 100);
     wait_commits_past(&harness, &load, &[0; SHARDS], 10);
     assert_eq!(harness.metric_sum(2, "percore_replica_is_leader"), 0);
@@ -1558,9 +1557,7 @@ fn replica_that_lost_its_disk_rebuilds_with_format_replace() {
 #[test]
 fn cluster_key_rotation_rolls_through_a_running_cluster() {
     let mut harness = Harness::start_with("key-rotation", REPLICAS, &[]);
-    let mut setup = harness.replicated_client(1);
-    let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
-        .expect("accounts created and funded");
+    let accounts = harness.funded_accounts();
     let load = FollowingLoad::start(harness.following_client(2), &accounts, 0x0C1E, 5 << 100);
     wait_commits_past(&harness, &load, &[0; SHARDS], 10);
     let old = harness.cluster.key_file().to_path_buf();

@@ -324,9 +324,14 @@ struct SyncWait {
 }
 
 impl SyncWait {
+    /// Whether this sync still waits for checkpoint `op`.
+    fn waits(&self, op: u64) -> bool {
+        self.op == op && self.arrived.is_none()
+    }
+
     /// Whether `peer`'s answer about checkpoint `op` is the one this sync still waits for.
     fn waits_for(&self, peer: u8, op: u64) -> bool {
-        self.peer == peer && self.op == op && self.arrived.is_none()
+        self.peer == peer && self.waits(op)
     }
 }
 
@@ -1112,8 +1117,6 @@ impl World {
         self.connections[self.connection_index(group, from, to)].up
     }
 
-    /// Puts a message on its connection: `false` (dropped) if the connection is down, as
-    /// the runtime's outbox refuses. Faults: delay, loss, duplication (so also reordering).
     /// [`World::send`] of `body` from `node` (its replica, on its group's connection).
     fn send_from(&mut self, node: NodeIndex, to: u8, view: u64, body: Body) -> bool {
         let (from, group) = (self.nodes[node].replica, self.nodes[node].group);
@@ -1126,6 +1129,8 @@ impl World {
         })
     }
 
+    /// Puts a message on its connection: `false` (dropped) if the connection is down, as
+    /// the runtime's outbox refuses. Faults: delay, loss, duplication (so also reordering).
     fn send(&mut self, message: Message) -> bool {
         let index = self.connection_index(message.group, message.from, message.to);
         let connection = self.connections[index];
@@ -2436,11 +2441,7 @@ impl World {
     fn sync_timeout(&mut self, node: NodeIndex, op: u64) {
         let now_us = self.now_us;
         let live = self.nodes[node].live.as_mut().expect("live");
-        if !live
-            .sync
-            .as_ref()
-            .is_some_and(|sync| sync.op == op && sync.arrived.is_none())
-        {
+        if !live.sync.as_ref().is_some_and(|sync| sync.waits(op)) {
             return;
         }
         live.sync = None;
