@@ -18,6 +18,10 @@ use percore_net::client::{
     LeaderProbe, Pipeline,
 };
 
+#[path = "../../tests/support/refusing_port.rs"]
+mod refusing_port;
+use refusing_port::RefusingPort;
+
 /// The operation the fakes serve (any code but ping).
 const OPERATION: u16 = 3;
 const FRAME_BYTES_MAX: usize = 1 << 16;
@@ -194,6 +198,8 @@ struct Fleet {
     addresses: Vec<Vec<SocketAddr>>,
     log: Arc<Mutex<Vec<Seen>>>,
     _servers: Vec<FakeServer>,
+    /// The `down` replicas' ports: held, refusing, so no other test's fake takes one.
+    _down: Vec<RefusingPort>,
 }
 
 impl Fleet {
@@ -206,15 +212,17 @@ impl Fleet {
         let decide: Arc<Decide> = Arc::new(decide);
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut addresses = vec![Vec::new(); replicas];
-        let mut servers = Vec::new();
+        let (mut servers, mut refusing) = (Vec::new(), Vec::new());
         for (replica, row) in addresses.iter_mut().enumerate() {
             for shard in 0..shards {
-                let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-                row.push(listener.local_addr().expect("address"));
                 if down.contains(&replica) {
                     // Closed: connecting is refused.
-                    drop(listener);
+                    let port = RefusingPort::bind().expect("bind");
+                    row.push(port.address());
+                    refusing.push(port);
                 } else {
+                    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+                    row.push(listener.local_addr().expect("address"));
                     servers.push(spawn_server(
                         listener,
                         (replica, shard),
@@ -228,6 +236,7 @@ impl Fleet {
             addresses,
             log,
             _servers: servers,
+            _down: refusing,
         }
     }
 
@@ -323,6 +332,19 @@ fn every_group_finds_its_own_leader() {
     for seen in fleet.requests() {
         assert_eq!(seen.records, 10, "each shard gets its own records only");
     }
+}
+
+#[test]
+fn a_down_replicas_port_refuses_and_stays_taken() {
+    let port = RefusingPort::bind().unwrap();
+    let refused = TcpStream::connect(port.address()).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // No other socket can bind it while it is held, a listener with SO_REUSEADDR included.
+    let taken = TcpListener::bind(port.address()).unwrap_err();
+    assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+    let address = port.address();
+    drop(port);
+    drop(TcpListener::bind(address).expect("free once dropped"));
 }
 
 #[test]

@@ -15,6 +15,10 @@ use serde::Serialize;
 use crate::cluster::{metric, scrape_metrics, shard_metric};
 use crate::config::PeersDigest;
 
+#[cfg(test)]
+#[path = "../../tests/support/refusing_port.rs"]
+mod refusing_port;
+
 /// What to ask.
 #[derive(Debug, Clone)]
 pub struct StatusConfig {
@@ -371,6 +375,7 @@ pub fn render_text(status: &ClusterStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::refusing_port::RefusingPort;
     use super::*;
 
     const LEADER: &str = "percore_commit_op{shard=\"0\"} 9\n\
@@ -465,9 +470,9 @@ mod tests {
 
     #[test]
     fn a_dead_address_is_down() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        drop(listener);
+        // Held and refusing, so a listener of a test beside this one cannot take it.
+        let dead = RefusingPort::bind().unwrap();
+        let address = dead.address().to_string();
         let status = run(&StatusConfig {
             addresses: vec![address],
             interval: Duration::from_millis(1),
