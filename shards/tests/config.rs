@@ -2,11 +2,16 @@
 //! real files and ports, exit codes and the messages that name the bad key.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use percore_shards::cluster;
+
+#[path = "../../tests/support/refusing_port.rs"]
+mod refusing_port;
+use refusing_port::RefusingPort;
 
 const PERCORE: &str = env!("CARGO_BIN_EXE_percore");
 /// Longest a node may take to come up or to stop.
@@ -39,13 +44,16 @@ impl Drop for Scratch {
     }
 }
 
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Three ports free a moment ago, below the ephemeral range so that no connection of a test
+/// running beside this one takes one before the node binds it (one cluster layout's client,
+/// peer and metrics ports, [`cluster::free_port_base`]).
+fn free_ports() -> (u16, u16, u16) {
+    let base = cluster::free_port_base(1, 1).expect("free ports");
+    (
+        base,
+        base + cluster::PEER_PORT_OFFSET,
+        base + cluster::METRICS_PORT_OFFSET,
+    )
 }
 
 /// A running `percore node`, its stderr lines, and SIGKILL on drop.
@@ -143,7 +151,7 @@ fn status(addresses: &str) -> (Option<i32>, String) {
 #[test]
 fn a_config_file_starts_a_node_flags_override_it_and_status_reads_it() {
     let scratch = Scratch::new("valid");
-    let (file_port, flag_port, metrics_port) = (free_port(), free_port(), free_port());
+    let (file_port, flag_port, metrics_port) = free_ports();
     let config = scratch.file(
         "node.toml",
         &format!(
@@ -210,7 +218,9 @@ fn a_config_file_starts_a_node_flags_override_it_and_status_reads_it() {
 
 #[test]
 fn status_reports_a_dead_node_as_down() {
-    let (code, output) = status(&format!("127.0.0.1:{}", free_port()));
+    // Held and refusing, so that no listener of a test beside this one answers there.
+    let dead = RefusingPort::bind().unwrap();
+    let (code, output) = status(&dead.address().to_string());
     assert_eq!(code, Some(1), "{output}");
     assert!(output.contains("DOWN"), "{output}");
 }
@@ -258,7 +268,7 @@ fn duplicate_peers_are_named() {
 #[test]
 fn a_port_in_use_is_named() {
     let scratch = Scratch::new("port");
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let config = scratch.file(
         "node.toml",

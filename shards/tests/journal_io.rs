@@ -20,7 +20,7 @@ use percore_shards::journal::{
     SUPERBLOCK_FILE_NAME,
 };
 
-use support::{TempDir, run};
+use support::{IO_MEMORY_BYTES_TEST, TempDir, join_within, run};
 
 const SHARD: u32 = 3;
 const CLUSTER_ID: u128 = 0x5eed_0000_0000_0000_0000_0000_0000_0042;
@@ -1142,4 +1142,37 @@ fn a_replacing_journal_keeps_its_mark_until_released() {
         assert!(!recovered.replacing);
         assert_eq!((recovered.op_last, replayed), (6, written));
     });
+}
+
+#[test]
+fn a_hung_test_body_fails_with_the_io_state() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A body that does not finish while the watchdog waits, holding an io_uring like every
+    // journal test: the watchdog of `run` reports it (here with a short limit) instead of
+    // waiting for ever. Released afterwards, so its executor does not outlive the test.
+    let released = Arc::new(AtomicBool::new(false));
+    let watched = released.clone();
+    let executor = glommio::LocalExecutorBuilder::default()
+        .io_memory(IO_MEMORY_BYTES_TEST)
+        .spawn(move || async move {
+            while !watched.load(Ordering::Acquire) {
+                glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .expect("executor starts");
+    let report = join_within(executor, std::time::Duration::from_millis(300)).unwrap_err();
+    released.store(true, Ordering::Release);
+    assert!(report.contains("io_uring fd"), "{report}");
+    assert!(report.contains("SqHead"), "{report}");
+    assert!(report.contains("waiting in"), "{report}");
+    // A body that finishes is joined as before.
+    let executor = glommio::LocalExecutorBuilder::default()
+        .io_memory(IO_MEMORY_BYTES_TEST)
+        .spawn(|| async {})
+        .expect("executor starts");
+    assert_eq!(
+        join_within(executor, std::time::Duration::from_secs(60)),
+        Ok(())
+    );
 }

@@ -12,7 +12,7 @@
 use percore_tests::node::SMALL_NODE_ARGS;
 use percore_tests::support;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,10 +52,10 @@ fn find_prometheus() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// A port free on 127.0.0.1 when asked (the kernel's pick; not reserved).
+/// A port free on 127.0.0.1 when asked (not reserved), below the ephemeral range so that
+/// no connection of a test running beside this one takes it before Prometheus binds it.
 fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    cluster::free_port_base(1, 1).expect("free ports")
 }
 
 /// A running Prometheus server; dropping it kills it, and after a failure prints its log.

@@ -7,6 +7,8 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// Registered io memory of [`run_small`] executors (bytes): well under the 8 MiB memlock
 /// limit, even with several tests running at once.
@@ -41,17 +43,20 @@ impl Drop for TempDir {
     }
 }
 
+/// Longest a test body may run on its executor before the test fails as hung (s). The
+/// slowest body takes seconds in a debug build on 2 vCPUs; only a hang comes near this.
+pub const TEST_BODY_S_MAX: u64 = 300;
+
 /// Runs `make()` to completion on a fresh glommio executor.
 pub fn run<F, Fut>(make: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + 'static,
 {
-    glommio::LocalExecutorBuilder::default()
+    let executor = glommio::LocalExecutorBuilder::default()
         .spawn(make)
-        .expect("executor starts")
-        .join()
-        .expect("executor finishes");
+        .expect("executor starts");
+    join_watched(executor);
 }
 
 /// [`run`] with [`IO_MEMORY_BYTES_TEST`] of registered io memory.
@@ -60,12 +65,85 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + 'static,
 {
-    glommio::LocalExecutorBuilder::default()
+    let executor = glommio::LocalExecutorBuilder::default()
         .io_memory(IO_MEMORY_BYTES_TEST)
         .spawn(make)
-        .expect("executor starts")
+        .expect("executor starts");
+    join_watched(executor);
+}
+
+/// Joins the executor, or fails the test once it has run [`TEST_BODY_S_MAX`]: a hang (an
+/// I/O whose completion never comes, say) then fails the test that hung, with the state of
+/// this process's io_uring instances and threads, instead of stalling the whole run.
+fn join_watched(executor: glommio::ExecutorJoinHandle<()>) {
+    if let Err(report) = join_within(executor, Duration::from_secs(TEST_BODY_S_MAX)) {
+        panic!("the test body ran over {TEST_BODY_S_MAX} s: hung\n{report}");
+    }
+}
+
+/// Joins the executor if it finishes within `limit`; otherwise returns the hang report
+/// ([`io_state`]). The hung executor thread is left behind; the test binary ends it when
+/// it exits.
+pub fn join_within(
+    executor: glommio::ExecutorJoinHandle<()>,
+    limit: Duration,
+) -> Result<(), String> {
+    let (finished, done) = mpsc::channel();
+    let joiner = std::thread::spawn(move || {
+        let result = executor.join();
+        let _ = finished.send(());
+        result
+    });
+    if done.recv_timeout(limit).is_err() {
+        return Err(io_state());
+    }
+    joiner
         .join()
+        .expect("joiner thread")
         .expect("executor finishes");
+    Ok(())
+}
+
+/// For a hang report: each io_uring instance's `fdinfo` (submission and completion queue
+/// heads and tails, the entries still pending) and each thread's state and wait channel.
+fn io_state() -> String {
+    let mut report = String::new();
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten();
+    for fd in fds {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if !target.to_string_lossy().contains("io_uring") {
+            continue;
+        }
+        let name = fd.file_name();
+        let info =
+            std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(&name)).unwrap_or_default();
+        report.push_str(&format!("io_uring fd {}:\n", name.to_string_lossy()));
+        for line in info.lines().take(60) {
+            report.push_str(&format!("  {line}\n"));
+        }
+    }
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten();
+    for task in tasks {
+        let read = |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|line| line.starts_with("State:"))
+            .unwrap_or("State: ?")
+            .to_string();
+        report.push_str(&format!(
+            "thread {} {}: {state}, waiting in {}\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+        ));
+    }
+    report
 }
 
 /// The extent lines of `filefrag -v path` (the file system's own extent map): one per
