@@ -780,6 +780,8 @@ impl GuardFile {
             .dma_open(path)
             .await
             .map_err(std::io::Error::from)?;
+        // Written through io_uring: a later process waits out what is in flight at a crash.
+        crate::io_fence::hold(&file)?;
         Ok(GuardFile {
             file,
             group,

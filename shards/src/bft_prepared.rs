@@ -303,6 +303,8 @@ impl PreparedLog {
             .dma_open(&path)
             .await
             .map_err(|error| io_error(&path, error))?;
+        // Written through io_uring: a later process waits out what is in flight at a crash.
+        crate::io_fence::hold(&file).map_err(|error| io_error(&path, error))?;
         if self.fsync.is_durable() {
             let directory = Directory::open(&self.dir)
                 .await

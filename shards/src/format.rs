@@ -87,7 +87,22 @@ pub struct DataDirLock {
 /// Takes `data_dir` for this process (creating the directory if it is absent): an exclusive
 /// `flock` on [`LOCK_FILE_NAME`], held until the returned value is dropped or the process
 /// exits. A directory another process holds is refused with [`FormatError::InUse`].
+///
+/// Then waits until the writes an earlier holder left in flight have landed
+/// ([`crate::io_fence::settle`], up to [`crate::io_fence::SETTLE_WAIT_MS`]): the lock is free
+/// the moment a killed process's descriptors close, its io_uring writes are not.
 pub fn lock(data_dir: &Path) -> Result<DataDirLock, FormatError> {
+    lock_within(
+        data_dir,
+        std::time::Duration::from_millis(crate::io_fence::SETTLE_WAIT_MS),
+    )
+}
+
+/// [`lock`], waiting at most `settle_wait` for in-flight writes.
+pub fn lock_within(
+    data_dir: &Path,
+    settle_wait: std::time::Duration,
+) -> Result<DataDirLock, FormatError> {
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let path = data_dir.join(LOCK_FILE_NAME);
     let mut file = std::fs::OpenOptions::new()
@@ -115,7 +130,18 @@ pub fn lock(data_dir: &Path) -> Result<DataDirLock, FormatError> {
             Err(std::fs::TryLockError::Error(error)) => return Err(io(&path)(error)),
         }
     }
-    // Ours now: say who holds it.
+    // Ours now. Before anything is written here (on ext4 even the lock file's truncation
+    // can wait for a journal commit behind them), the earlier holder's writes land.
+    let settled = crate::io_fence::settle(data_dir, &path, settle_wait)?;
+    if settled.files_waited > 0 {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            files = settled.files_waited,
+            waited_ms = settled.waited.as_millis() as u64,
+            "waited for writes an earlier process left in flight to land"
+        );
+    }
+    // Say who holds it.
     file.set_len(0)
         .and_then(|()| file.write_all(format!("pid {}\n", std::process::id()).as_bytes()))
         .map_err(io(&path))?;
@@ -164,6 +190,9 @@ pub enum FormatError {
         /// What the lock file says of its holder (`pid N`).
         holder: String,
     },
+    /// Writes of an earlier holder still in flight ([`lock`]).
+    #[error(transparent)]
+    Fence(#[from] crate::io_fence::FenceError),
     /// `percore format` on a directory that already holds a format file or journals.
     #[error(
         "{path} is not empty ({entry}): a replica is formatted once; to start it again, run \
@@ -623,6 +652,32 @@ mod tests {
         assert_eq!(in_use_by(&dir.0), None, "released");
         format(&dir.0, IDENTITY, FormatKind::New).expect("only the lock file in it");
         let _held = lock(&dir.0).expect("taken again");
+    }
+
+    #[test]
+    fn a_file_still_written_by_an_earlier_description_holds_the_lock_back() {
+        let dir = TempDir::new("fence");
+        let segment = dir.0.join("shard-0").join("segment");
+        std::fs::create_dir_all(segment.parent().unwrap()).unwrap();
+        std::fs::write(&segment, b"x").unwrap();
+        // As a killed node's io_uring write in flight holds its description.
+        let in_flight = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        crate::io_fence::hold(&in_flight).unwrap();
+        match lock_within(&dir.0, std::time::Duration::from_millis(30)) {
+            Err(FormatError::Fence(crate::io_fence::FenceError::InFlight { path, .. })) => {
+                assert_eq!(path, segment);
+            }
+            other => panic!("taken with a write in flight: {other:?}"),
+        }
+        // The refused start neither holds the directory nor wrote its pid.
+        assert_eq!(in_use_by(&dir.0), None);
+        drop(in_flight);
+        let _held = lock_within(&dir.0, std::time::Duration::ZERO).expect("landed");
+        let holder = format!("pid {}", std::process::id());
+        assert_eq!(in_use_by(&dir.0).as_deref(), Some(holder.as_str()));
     }
 
     #[test]

@@ -75,6 +75,8 @@ use percore_engine::journal::{
 };
 use percore_engine::state_machine::RestoreError;
 
+use crate::io_fence;
+
 /// Name of the superblock file in a shard's journal directory (two copies, one per sector).
 pub const SUPERBLOCK_FILE_NAME: &str = "superblock";
 /// Name the superblock file is written under before it is renamed into place at creation.
@@ -1094,14 +1096,17 @@ async fn open_read_write_with(
     create: bool,
     flags: i32,
 ) -> Result<DmaFile, JournalError> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(create)
         .custom_flags(flags)
         .dma_open(path)
         .await
-        .map_err(|error| io_error(path, error))
+        .map_err(|error| io_error(path, error))?;
+    // Written through io_uring: a later process waits out what is in flight at a crash.
+    io_fence::hold(&file).map_err(|error| io_error(path, error))?;
+    Ok(file)
 }
 
 /// Writes all of `buffer` at `offset`: a short write is an error (the disk is full).
@@ -2380,6 +2385,7 @@ impl Journal {
             .dma_open(&path_temporary)
             .await
             .map_err(|error| io_error(&path_temporary, error))?;
+        io_fence::hold(&file).map_err(|error| io_error(&path_temporary, error))?;
         let mut writer = DmaStreamWriterBuilder::new(file)
             .with_buffer_size(SNAPSHOT_WRITE_BUFFER_BYTES)
             .with_write_behind(SNAPSHOT_WRITE_BEHIND)

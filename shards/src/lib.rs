@@ -22,6 +22,7 @@ pub mod format;
 pub mod hugepages;
 pub mod ingest;
 pub mod inspect;
+pub mod io_fence;
 pub mod journal;
 pub mod loadgen;
 pub mod memlock;

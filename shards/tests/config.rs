@@ -1,13 +1,14 @@
 //! `percore node --config` and `percore status` as an operator runs them: the real binary,
 //! real files and ports, exit codes and the messages that name the bad key.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use percore_shards::cluster;
+
+mod process;
+use process::Node;
 
 #[path = "../../tests/support/refusing_port.rs"]
 mod refusing_port;
@@ -56,73 +57,11 @@ fn free_ports() -> (u16, u16, u16) {
     )
 }
 
-/// A running `percore node`, its stderr lines, and SIGKILL on drop.
-struct Node {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Node {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(PERCORE)
-            .arg("node")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("percore starts");
-        let stderr = child.stderr.take().unwrap();
-        let (lines_tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = lines_tx.send(line);
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a stderr line containing `text`.
-    fn wait_for(&mut self, text: &str) {
-        let deadline = Instant::now() + NODE_TIMEOUT;
-        while !self.seen.iter().any(|line| line.contains(text)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => panic!("no line with {text:?}: {:#?}", self.seen),
-            }
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + NODE_TIMEOUT;
-        let exit = loop {
-            if let Some(exit) = self.child.try_wait().unwrap() {
-                break exit;
-            }
-            assert!(Instant::now() < deadline, "node ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        self.seen.extend(self.lines.try_iter());
-        assert!(exit.success(), "exit {exit:?}: {:#?}", self.seen);
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `percore node args` ([`Node::spawn`]).
+fn start(args: &[&str]) -> Node {
+    let mut command = Command::new(PERCORE);
+    command.arg("node").args(args);
+    Node::spawn(command, NODE_TIMEOUT)
 }
 
 /// `percore node --config FILE ARGS...` that must fail: its stderr.
@@ -161,7 +100,7 @@ fn a_config_file_starts_a_node_flags_override_it_and_status_reads_it() {
         ),
     );
     let config = config.to_str().unwrap();
-    let mut node = Node::start(&[
+    let mut node = start(&[
         "--config",
         config,
         "--client-port-base",

@@ -15,6 +15,7 @@ use std::time::Instant;
 use percore_engine::journal::{
     EntryMeta, SEGMENT_BYTES_DEFAULT, SUPERBLOCK_BYTES, Tail, entry_bytes_padded, segment_file_name,
 };
+use percore_shards::io_fence;
 use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, Recovered,
     SUPERBLOCK_FILE_NAME,
@@ -226,6 +227,36 @@ fn segment_descriptor_flags(dir: &Path) -> Vec<(PathBuf, i32)> {
 /// `FsyncPolicy::Dsync` skips the `fdatasync` after a group commit, so every segment a
 /// commit writes into must be open `O_DSYNC`: the first, each one a roll-over creates, and
 /// the one recovery reopens. `Always` opens them without it. Both replay what they committed.
+#[test]
+fn an_open_journal_holds_its_files_until_closed() {
+    // Every file the journal writes through io_uring holds a lock on its description, so a
+    // process taking the data directory waits for it (`io_fence::settle`), as it waits for a
+    // killed process's writes still in flight; closed, the journal holds nothing.
+    let temp = TempDir::new("journal-io", "fence");
+    let root = temp.0.clone();
+    let dir = temp.shard_dir(SHARD);
+    let skip = root.join("percore.lock");
+    run(move || async move {
+        let (mut journal, _, _) = open(config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always))
+            .await
+            .expect("create");
+        append(&mut journal, &batches(1..=30, 0), 5).await;
+        let held = io_fence::settle(&root, &skip, std::time::Duration::from_millis(20));
+        match held {
+            Err(io_fence::FenceError::InFlight { files, .. }) => {
+                // The superblock and the segment written to, at least.
+                assert!(files >= 2, "{files} file(s) held");
+            }
+            other => panic!("{other:?}"),
+        }
+        journal.close().await.expect("close");
+        let settled =
+            io_fence::settle(&root, &skip, std::time::Duration::ZERO).expect("nothing held");
+        assert_eq!(settled.files_waited, 0);
+        assert!(settled.files >= 2, "{settled:?}");
+    });
+}
+
 #[test]
 fn dsync_opens_every_segment_o_dsync() {
     for fsync in [FsyncPolicy::Always, FsyncPolicy::Dsync] {
