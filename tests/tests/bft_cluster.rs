@@ -1203,6 +1203,11 @@ impl Harness {
     /// journal op)`.
     fn wait_transfers_settled(&self, shards: usize) -> Vec<(u64, u64)> {
         let mut last = String::new();
+        // Just before the wait gives up, what each replica's cross-shard side did, to tell
+        // a proof nobody forwards from one nobody proposes or one every replica drops.
+        let report_at = Instant::now() + CONDITION_TIMEOUT
+            - Duration::from_millis(4 * support::POLL_INTERVAL_MS);
+        let mut reported = false;
         wait_until("every leg is acknowledged and released", || {
             let mut busy = false;
             let mut seen = String::new();
@@ -1224,11 +1229,53 @@ impl Harness {
                 );
                 last = seen;
             }
+            if busy && !reported && Instant::now() >= report_at {
+                reported = true;
+                eprintln!("{}", self.xshard_report(shards));
+            }
             (!busy).then_some(())
         });
         (0..shards)
             .map(|shard| self.wait_shard_converged(shard))
             .collect()
+    }
+
+    /// Per correct replica and shard: BFT status (1 normal, 2 view change, 3 state
+    /// transfer), view, commit op, leading or not, and the cross-shard proof counters.
+    fn xshard_report(&self, shards: usize) -> String {
+        const COLUMNS: [(&str, &str); 11] = [
+            ("status", "percore_bft_status"),
+            ("view", "percore_bft_view"),
+            ("commit", "percore_bft_commit_op"),
+            ("leads", "percore_bft_is_leader"),
+            ("queued", "percore_bft_xshard_inbound_queued"),
+            ("accepted", "percore_bft_xshard_proofs_accepted_total"),
+            ("committed", "percore_bft_xshard_proofs_committed_total"),
+            ("forwarded", "percore_bft_xshard_proofs_forwarded_total"),
+            (
+                "forwarded_in",
+                "percore_bft_xshard_proofs_forwarded_in_total",
+            ),
+            (
+                "recently_applied",
+                "percore_bft_xshard_proofs_recently_applied_total",
+            ),
+            ("proposed", "percore_bft_xshard_batches_proposed_total"),
+        ];
+        let mut report = String::from("cross-shard state before the timeout:");
+        for replica in self.correct() {
+            let Ok(text) = self.cluster.scrape(replica) else {
+                report += &format!("\n  r{replica}: no scrape");
+                continue;
+            };
+            for shard in 0..shards {
+                report += &format!("\n  r{replica}s{shard}:");
+                for (label, name) in COLUMNS {
+                    report += &format!(" {label}={}", cluster::shard_metric(&text, name, shard));
+                }
+            }
+        }
+        report
     }
 
     /// Stops every node, then checks the correct replicas: journals end on `groups`' journal
