@@ -1241,9 +1241,10 @@ impl Harness {
     }
 
     /// Per correct replica and shard: BFT status (1 normal, 2 view change, 3 state
-    /// transfer), view, commit op, leading or not, and the cross-shard proof counters.
+    /// transfer), view, commit op, leading or not, the cross-shard proof counters, and the
+    /// peer messages its outboxes dropped (a forwarded proof among them).
     fn xshard_report(&self, shards: usize) -> String {
-        const COLUMNS: [(&str, &str); 11] = [
+        const COLUMNS: [(&str, &str); 12] = [
             ("status", "percore_bft_status"),
             ("view", "percore_bft_view"),
             ("commit", "percore_bft_commit_op"),
@@ -1261,6 +1262,7 @@ impl Harness {
                 "percore_bft_xshard_proofs_recently_applied_total",
             ),
             ("proposed", "percore_bft_xshard_batches_proposed_total"),
+            ("peer_drops", "percore_replication_messages_dropped_total"),
         ];
         let mut report = String::from("cross-shard state before the timeout:");
         for replica in self.correct() {
