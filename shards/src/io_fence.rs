@@ -66,9 +66,9 @@ pub struct Settled {
 }
 
 /// Waits, up to `wait`, until no other open file description holds a lock on any file
-/// under `dir` (recursively; symbolic links are not followed and `skip` is left out), so
-/// that every write a gone process left in flight has landed. Call it holding the
-/// directory's own lock, before reading anything in it.
+/// under `dir` (recursively; symbolic links are not followed; `skip`, and what this process
+/// may not read, are left out), so that every write a gone process left in flight has
+/// landed. Call it holding the directory's own lock, before reading anything in it.
 pub fn settle(dir: &Path, skip: &Path, wait: Duration) -> Result<Settled, FenceError> {
     let started = Instant::now();
     let mut all = Vec::new();
@@ -107,11 +107,12 @@ pub fn settle(dir: &Path, skip: &Path, wait: Duration) -> Result<Settled, FenceE
 }
 
 /// Whether an exclusive lock on `path` is free (taken and let go at once). A file removed
-/// meanwhile is: nothing reads it any more.
+/// meanwhile is: nothing reads it any more; so is one this process may not open: percore
+/// only writes files it created, so that one is not a node's.
 fn lockable(path: &Path) -> Result<bool, FenceError> {
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(error) if not_ours(&error) => return Ok(true),
         Err(error) => return Err(io(path, error)),
     };
     match file.try_lock() {
@@ -125,7 +126,8 @@ fn lockable(path: &Path) -> Result<bool, FenceError> {
 fn files_under(dir: &Path, skip: &Path, out: &mut Vec<PathBuf>) -> Result<(), FenceError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        // Gone, or not this process's to read (`lost+found` at the top of a data disk).
+        Err(error) if not_ours(&error) => return Ok(()),
         Err(error) => return Err(io(dir, error)),
     };
     for entry in entries {
@@ -139,6 +141,15 @@ fn files_under(dir: &Path, skip: &Path, out: &mut Vec<PathBuf>) -> Result<(), Fe
         }
     }
     Ok(())
+}
+
+/// A file or directory that is gone or that this process may not open: none a node of
+/// this user wrote.
+fn not_ours(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+    )
 }
 
 fn io(path: &Path, error: std::io::Error) -> FenceError {
