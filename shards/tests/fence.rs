@@ -34,6 +34,8 @@ const PERCORE: &str = env!("CARGO_BIN_EXE_percore");
 const WRITE_BPS_THROTTLED: u64 = 128 << 10;
 /// Transfers per request: one request, one group commit of about 130 KB.
 const TRANSFERS_PER_REQUEST: usize = 1_000;
+/// A request's time at least, when the throttle holds each group commit for about a second.
+const THROTTLED_REQUEST_TIME_MIN: Duration = Duration::from_millis(400);
 /// Longest a node may take to serve (the throttled one writes its superblock slowly).
 const NODE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -222,13 +224,28 @@ fn a_node_restarted_after_a_kill_waits_for_the_writes_still_in_flight() {
     // Two acknowledged, then the next request's write is a second in flight (the second
     // node takes about 0.3 s to start here).
     let deadline = Instant::now() + NODE_TIMEOUT;
+    let mut first_acknowledged = None;
     while acknowledged.load(Ordering::Relaxed) < 2 {
         assert!(Instant::now() < deadline, "no request acknowledged");
+        if first_acknowledged.is_none() && acknowledged.load(Ordering::Relaxed) == 1 {
+            first_acknowledged = Some(Instant::now());
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Zero: both acknowledged within one look.
+    let request_time = first_acknowledged.map_or(Duration::ZERO, |at| at.elapsed());
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Relaxed);
     drop(first); // SIGKILL, then reaped
+    // A cgroup that does not slow this disk's writes (a device the throttle does not
+    // apply to) leaves nothing in flight to wait for: that says nothing of the fence.
+    if request_time < THROTTLED_REQUEST_TIME_MIN {
+        eprintln!("skipped: a request took {request_time:?}, the write throttle does not apply");
+        load.join().expect("the load thread ends with the node");
+        drop(throttle);
+        let _ = std::fs::remove_dir_all(&root);
+        return;
+    }
     let killed = Instant::now();
     let acknowledged = acknowledged.load(Ordering::Relaxed);
     load.join().expect("the load thread ends with the node");
