@@ -10,8 +10,9 @@
 //! every acknowledged request.
 //!
 //! Needs root and the cgroup v1 `blkio` controller (or cgroup v2 with `io` enabled at the
-//! root) and a temporary directory on a block device: without them the test says why and
-//! passes as skipped. The cgroup is removed when the test ends.
+//! root) and a temporary directory on a block device whose writes the cgroup does slow:
+//! without them the test says why and passes as skipped. The cgroup is removed when the
+//! test ends.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
