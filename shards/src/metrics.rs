@@ -26,6 +26,11 @@ pub const COMMIT_GAP_BUCKETS_US: [u64; 15] = [
     1_000_000,
 ];
 const _: () = assert!(bounds_ascend(&COMMIT_GAP_BUCKETS_US));
+
+/// How often each shard's executor runs its lag probe (µs): a timer that records how late
+/// it fired ([`ShardMetrics::executor_lag`]). A stall of the executor (a long task turn, a
+/// blocking call, the thread descheduled) longer than this shows as lag.
+pub const EXECUTOR_PROBE_INTERVAL_US: u64 = 1_000;
 const _: () = assert!(bounds_ascend(&LATENCY_BUCKETS_US));
 
 /// Whether `bounds` strictly ascend (bucket lookup by binary search needs it).
@@ -141,16 +146,46 @@ impl CommitGapClock {
     }
 }
 
-/// Commit gaps of one shard ([`CommitGapClock`]) in fixed buckets ([`COMMIT_GAP_BUCKETS_US`])
-/// and the longest one since start. The shard writes, the scraper reads.
+/// Names and help texts of a [`GapHistogram`]'s two exported series.
+#[derive(Debug, Clone, Copy)]
+pub struct GapNames {
+    /// The histogram (bounds in µs).
+    pub name: &'static str,
+    /// Its help text.
+    pub help: &'static str,
+    /// The gauge of the longest gap since start.
+    pub max_name: &'static str,
+    /// Its help text.
+    pub max_help: &'static str,
+}
+
+/// [`ShardMetrics::commit_gap`]'s names.
+pub const COMMIT_GAP_NAMES: GapNames = GapNames {
+    name: "percore_commit_gap_us",
+    help: "Time between successive advances of the commit point while work waited to commit (microseconds).",
+    max_name: "percore_commit_gap_max_us",
+    max_help: "Longest time between advances of the commit point while work waited, since start (microseconds).",
+};
+
+/// [`ShardMetrics::executor_lag`]'s names.
+pub const EXECUTOR_LAG_NAMES: GapNames = GapNames {
+    name: "percore_executor_lag_us",
+    help: "How late the shard's executor ran a timer due every millisecond: time it spent on other work (or descheduled) past the deadline (microseconds).",
+    max_name: "percore_executor_lag_max_us",
+    max_help: "Longest executor lag since start (microseconds).",
+};
+
+/// Gaps of one shard (commit gaps, [`CommitGapClock`]; executor lag) in fixed buckets
+/// ([`COMMIT_GAP_BUCKETS_US`]) and the longest one since start. The shard writes, the
+/// scraper reads.
 #[derive(Debug, Default)]
-pub struct CommitGapHistogram {
+pub struct GapHistogram {
     buckets: [AtomicU64; COMMIT_GAP_BUCKETS_US.len() + 1],
     sum_us: AtomicU64,
     max_us: AtomicU64,
 }
 
-impl CommitGapHistogram {
+impl GapHistogram {
     /// Records one gap of `gap_us`.
     #[inline]
     pub fn record(&self, gap_us: u64) {
@@ -176,14 +211,11 @@ impl CommitGapHistogram {
         self.max_us.load(Ordering::Relaxed)
     }
 
-    /// Appends `percore_commit_gap_us` (a histogram, bounds in µs) and
-    /// `percore_commit_gap_max_us` (a gauge) in Prometheus text format.
-    fn render(&self, out: &mut String, shard: u32) {
-        let name = "percore_commit_gap_us";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time between successive advances of the commit point while work waited to commit (microseconds)."
-        );
+    /// Appends the histogram (bounds in µs) and the gauge of its maximum in Prometheus text
+    /// format, under `names`.
+    fn render(&self, out: &mut String, shard: u32, names: &GapNames) {
+        let name = names.name;
+        let _ = writeln!(out, "# HELP {name} {}", names.help);
         let _ = writeln!(out, "# TYPE {name} histogram");
         let mut cumulative = 0;
         for (index, count) in self.buckets().iter().enumerate() {
@@ -200,11 +232,8 @@ impl CommitGapHistogram {
         let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum_us}");
         // The count is the +Inf bucket, as Prometheus requires.
         let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {cumulative}");
-        let name = "percore_commit_gap_max_us";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Longest time between advances of the commit point while work waited, since start (microseconds)."
-        );
+        let name = names.max_name;
+        let _ = writeln!(out, "# HELP {name} {}", names.max_help);
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", self.max_us());
     }
@@ -232,7 +261,11 @@ macro_rules! shard_metrics {
             pub apply_latency: LatencyHistogram,
             /// Leader (or unreplicated shard): time between advances of the commit point
             /// while work waited to commit (µs).
-            pub commit_gap: CommitGapHistogram,
+            pub commit_gap: GapHistogram,
+            /// How late the shard's executor ran its lag probe, a timer due every
+            /// [`EXECUTOR_PROBE_INTERVAL_US`] (µs): time the executor spent on other
+            /// tasks, or descheduled, past the deadline.
+            pub executor_lag: GapHistogram,
             /// Per peer replica: what this replica knows of it.
             pub peers: [PeerMetrics; PEERS_MAX],
         }
@@ -461,7 +494,9 @@ impl ShardMetrics {
             .render(out, "percore_commit_seconds", self.shard);
         self.apply_latency
             .render(out, "percore_apply_seconds", self.shard);
-        self.commit_gap.render(out, self.shard);
+        self.commit_gap.render(out, self.shard, &COMMIT_GAP_NAMES);
+        self.executor_lag
+            .render(out, self.shard, &EXECUTOR_LAG_NAMES);
         self.render_peers(out);
     }
 
@@ -665,6 +700,26 @@ mod tests {
             "percore_commit_gap_us_bucket{shard=\"2\",le=\"+Inf\"} 4",
             "percore_commit_gap_us_count{shard=\"2\"} 4",
             "percore_commit_gap_max_us{shard=\"2\"} 3000000",
+        ] {
+            assert!(out.contains(line), "{line} missing from:\n{out}");
+        }
+    }
+
+    #[test]
+    fn executor_lag_exports_under_its_own_names() {
+        let metrics = ShardMetrics::new(1);
+        metrics.executor_lag.record(40);
+        metrics.executor_lag.record(1_500);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        for line in [
+            "# TYPE percore_executor_lag_us histogram",
+            "percore_executor_lag_us_bucket{shard=\"1\",le=\"50\"} 1",
+            "percore_executor_lag_us_bucket{shard=\"1\",le=\"2000\"} 2",
+            "percore_executor_lag_us_count{shard=\"1\"} 2",
+            "percore_executor_lag_max_us{shard=\"1\"} 1500",
+            // The commit gaps are not touched.
+            "percore_commit_gap_us_count{shard=\"1\"} 0",
         ] {
             assert!(out.contains(line), "{line} missing from:\n{out}");
         }

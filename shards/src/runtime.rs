@@ -36,7 +36,7 @@ use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
 use crate::format::JournalCreate;
 use crate::journal::{Journal, JournalConfig, JournalError, JournalOptions};
 use crate::mesh::{Mesh, MeshEndpoint, MeshLinks, MeshMessage};
-use crate::metrics::{CommitGapClock, ShardMetrics};
+use crate::metrics::{CommitGapClock, EXECUTOR_PROBE_INTERVAL_US, GapHistogram, ShardMetrics};
 use percore_engine::journal::entry_bytes_padded;
 
 /// Default first client port; shard `i` listens on `client_port_base + i`.
@@ -1344,6 +1344,12 @@ where
         });
         (spare, task)
     });
+    let lag_probe = {
+        let shard = shard_state.clone();
+        glommio::spawn_local(async move {
+            executor_lag_probe(&shard.metrics.executor_lag, || shard.finished.get()).await;
+        })
+    };
     let batcher = glommio::spawn_local(batcher_loop(shard_state.clone(), journal));
     let ingest_task = glommio::spawn_local(crate::ingest::drain_loop(shard_state.clone()));
     accept_loop(shard_state.clone(), listener).await;
@@ -1365,6 +1371,7 @@ where
         }
     }
     shard_state.finished.set(true);
+    lag_probe.await;
     for task in mesh_tasks {
         task.await;
     }
@@ -1381,6 +1388,21 @@ where
         op_last,
         state_machine: core.into_state_machine(),
     })
+}
+
+/// Until `finished()`, sleeps [`EXECUTOR_PROBE_INTERVAL_US`] at a time and records in
+/// `lag` how late each wake-up came: the executor's stalls (a task turn that did not
+/// yield, a blocking call, the thread descheduled), measured on the executor itself, as
+/// Seastar's stall detector and Node's event-loop lag do. An idle executor shows its
+/// wake-up latency (tens of µs).
+pub async fn executor_lag_probe(lag: &GapHistogram, finished: impl Fn() -> bool) {
+    let interval = Duration::from_micros(EXECUTOR_PROBE_INTERVAL_US);
+    while !finished() {
+        let due = Instant::now() + interval;
+        glommio::timer::sleep(interval).await;
+        let late = Instant::now().saturating_duration_since(due);
+        lag.record(late.as_micros() as u64);
+    }
 }
 
 /// Accepts client connections until the stop flag is set, then waits for them to finish.

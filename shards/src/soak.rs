@@ -144,6 +144,35 @@ pub struct SeriesPoint {
     /// What the checkpoints did in this second, every replica's: which seconds a snapshot
     /// write or a release of old files overlapped, to tell a slow second's cause.
     pub checkpointing: Checkpointing,
+    /// Executor lag in this second, every replica's shards (`percore_executor_lag_us`):
+    /// probe wake-ups ([`crate::metrics::EXECUTOR_PROBE_INTERVAL_US`] apart) and how late
+    /// the latest came; a stall of a shard's executor shows here, the disk's does not.
+    pub executor_lag: ExecutorLag,
+}
+
+/// Wake-ups of the shards' executor lag probes between two scrapes
+/// (`percore_executor_lag_us`), every replica's shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ExecutorLag {
+    /// Probe wake-ups recorded (about one per shard per
+    /// [`crate::metrics::EXECUTOR_PROBE_INTERVAL_US`]).
+    pub wakeups: u64,
+    /// Of those, wake-ups more than [`COMMIT_GAP_GOAL_US`] late: the executor stalled
+    /// that long.
+    pub late_over_goal: u64,
+    /// The latest, at most this many µs (bucket resolution, as
+    /// [`CommitGaps::longest_at_most_us`]); `None` when none was recorded.
+    pub longest_at_most_us: Option<u64>,
+}
+
+impl From<CommitGaps> for ExecutorLag {
+    fn from(gaps: CommitGaps) -> Self {
+        Self {
+            wakeups: gaps.gaps,
+            late_over_goal: gaps.over_goal,
+            longest_at_most_us: gaps.longest_at_most_us,
+        }
+    }
 }
 
 /// Checkpoint work between two scrapes, summed over every replica and shard.
@@ -220,6 +249,9 @@ pub struct SoakReport {
     pub journal_commits: JournalCommits,
     /// Checkpoint work over the window, every replica's.
     pub checkpointing: Checkpointing,
+    /// Executor lag over the window, every replica's shards: wake-ups of the lag probe,
+    /// how many came more than [`COMMIT_GAP_GOAL_US`] late, and the latest at most.
+    pub executor_lag: ExecutorLag,
     /// Committed ops applied over the window, every replica's, and how many of them a
     /// leader applied while its next group commit was in flight.
     pub applies: Applies,
@@ -430,6 +462,17 @@ fn commit_gaps(before: &Scrape, after: &Scrape) -> CommitGaps {
         .fold(CommitGaps::default(), CommitGaps::merge)
 }
 
+/// The executor lag of every replica's shards between two scrapes.
+fn executor_lag(before: &Scrape, after: &Scrape) -> ExecutorLag {
+    before
+        .executor_lag
+        .iter()
+        .zip(&after.executor_lag)
+        .map(|((before, _), (after, max_us))| CommitGaps::between(before, after, *max_us))
+        .fold(CommitGaps::default(), CommitGaps::merge)
+        .into()
+}
+
 /// RSS growth (percent) per replica from the first point after the warm-up share to the
 /// last point; empty if there are no points.
 pub fn rss_growth_percent(series: &[SeriesPoint]) -> Vec<f64> {
@@ -464,6 +507,9 @@ struct Scrape {
     commit_gap_buckets: Vec<Vec<u64>>,
     /// Per shard, the longest `percore_commit_gap_max_us` of any replica.
     commit_gap_max_us: Vec<u64>,
+    /// Per replica and shard (replica-major), the cumulative `percore_executor_lag_us`
+    /// buckets and `percore_executor_lag_max_us`.
+    executor_lag: Vec<(Vec<u64>, u64)>,
     /// Per replica and shard (replica-major), the cumulative `percore_journal_commit_seconds`
     /// buckets.
     journal_commit_buckets: Vec<Vec<u64>>,
@@ -532,6 +578,22 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
             })
         })
         .collect();
+    let executor_lag = texts
+        .iter()
+        .flat_map(|text| {
+            (0..shards).map(move |shard| {
+                (
+                    cluster::histogram_buckets_sized(
+                        text,
+                        "percore_executor_lag_us",
+                        shard,
+                        GAP_BUCKETS,
+                    ),
+                    cluster::shard_metric(text, "percore_executor_lag_max_us", shard),
+                )
+            })
+        })
+        .collect();
     let over_all = |name: &str| -> u64 {
         texts
             .iter()
@@ -540,6 +602,7 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
     };
     Ok(Scrape {
         journal_commit_buckets,
+        executor_lag,
         applies: Applies {
             ops: over_all("percore_apply_seconds_count"),
             during_write: over_all("percore_replication_applied_during_write_total"),
@@ -636,6 +699,7 @@ pub fn sample_window(
             longest_commit_gap_at_most_us: point_gaps.longest_at_most_us,
             journal_commits: journal_commits(point_scrape.as_ref().unwrap_or(&first), &sample),
             checkpointing: Checkpointing::between(point_scrape.as_ref().unwrap_or(&first), &sample),
+            executor_lag: executor_lag(point_scrape.as_ref().unwrap_or(&first), &sample),
         };
         print_progress(&point, gaps.longest());
         series.push(point);
@@ -658,6 +722,7 @@ pub fn sample_window(
             journal_commits: journal_commits(&first, point_scrape.as_ref().unwrap_or(&first)),
             applies: Applies::between(&first, point_scrape.as_ref().unwrap_or(&first)),
             checkpointing: Checkpointing::between(&first, point_scrape.as_ref().unwrap_or(&first)),
+            executor_lag: executor_lag(&first, point_scrape.as_ref().unwrap_or(&first)),
             huge_pages_bytes: (0..cluster.replicas())
                 .map(|replica| {
                     cluster
@@ -693,7 +758,7 @@ fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
         String::new()
     };
     eprintln!(
-        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)  journal commit {}{checkpointing}",
+        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)  journal commit {}  executor lag {}{checkpointing}",
         point.t_s,
         point.committed_tx_per_s,
         point.latency_us.p50,
@@ -706,6 +771,7 @@ fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
         gap_text(point.longest_commit_gap_at_most_us),
         sampled_gap.as_millis(),
         gap_text(point.journal_commits.slowest_at_most_us),
+        gap_text(point.executor_lag.longest_at_most_us),
     );
 }
 
@@ -754,6 +820,14 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
             report.checkpointing.snapshot_write_ms as f64 / 1_000.0,
             report.checkpointing.release_ms as f64 / 1_000.0,
             report.checkpointing.segment_switches_reused
+        ),
+        format!(
+            "executor lag (every replica's shards, a probe due every {} µs): longest {}; {} of {} wake-ups over {} µs late",
+            crate::metrics::EXECUTOR_PROBE_INTERVAL_US,
+            gap_text(report.executor_lag.longest_at_most_us),
+            report.executor_lag.late_over_goal,
+            report.executor_lag.wakeups,
+            COMMIT_GAP_GOAL_US
         ),
         format!(
             "committed ops applied (every replica): {}, {} of them by a leader while its next journal write was in flight",
@@ -897,6 +971,7 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
                 Some(p.latency_us.p999),
                 p.longest_commit_gap_at_most_us,
                 p.journal_commits.slowest_at_most_us,
+                p.executor_lag.longest_at_most_us,
             ]
         })
         .flatten()
@@ -904,7 +979,7 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&panels[1])
         .caption(
-            "request latency, longest in-node commit gap and slowest journal commit per second (ms, log)",
+            "request latency, longest in-node commit gap, slowest journal commit and executor lag per second (ms, log)",
             ("sans-serif", 20),
         )
         .margin(10)
@@ -948,6 +1023,16 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         ))?
         .label("journal commit, write + fdatasync (slowest, at most)")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], journal_color));
+    let lag_color = RGBColor(0, 150, 150);
+    chart
+        .draw_series(LineSeries::new(
+            series
+                .iter()
+                .filter_map(|p| Some((p.t_s, ms(p.executor_lag.longest_at_most_us?)))),
+            &lag_color,
+        ))?
+        .label("executor lag, shards' own stalls (latest wake-up, at most)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], lag_color));
     legend(&mut chart)?;
 
     let mib = |kib: u64| kib as f64 / 1024.0;
@@ -1070,6 +1155,11 @@ mod tests {
             longest_commit_gap_at_most_us: Some(500),
             journal_commits: JournalCommits::default(),
             checkpointing: Checkpointing::default(),
+            executor_lag: ExecutorLag {
+                wakeups: 1_000,
+                late_over_goal: 2,
+                longest_at_most_us: Some(2_000),
+            },
         }
     }
 
@@ -1253,6 +1343,9 @@ mod tests {
             !svg.contains("checkpoint:"),
             "nothing to shade, no legend entry"
         );
+        // The executor lag line: in the legend, drawn in its colour (#009696).
+        assert!(svg.contains("executor lag"), "{svg:.400}");
+        assert!(svg.contains("stroke=\"#009696\""), "{svg:.400}");
         // A snapshot write in seconds 2 and 3, a release in second 3: shaded and labelled.
         let mut series = series;
         series[1].checkpointing.snapshot_write_ms = 700;

@@ -214,6 +214,22 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
         during_write <= applied_ops,
         "{during_write} of {applied_ops}"
     );
+    // Every shard of the three replicas (one each) probes its executor's lag about every
+    // millisecond: each second holds wake-ups of all three (fewer than a thousand each when
+    // the three debug replicas share one core), and the run's are the seconds'.
+    let shards_total = 3;
+    let lag_wakeups: u64 = series
+        .iter()
+        .map(|point| {
+            let lag = &point["executor_lag"];
+            let wakeups = lag["wakeups"].as_u64().expect("executor lag wake-ups");
+            assert!(wakeups >= 10 * shards_total, "{point}");
+            assert!(lag["late_over_goal"].as_u64() <= Some(wakeups), "{point}");
+            assert!(lag["longest_at_most_us"].as_u64().is_some(), "{point}");
+            wakeups
+        })
+        .sum();
+    assert_eq!(soak["executor_lag"]["wakeups"].as_u64(), Some(lag_wakeups));
     let gaps = soak["commit_gaps"].as_u64().expect("in-node gaps counted");
     let per_second: u64 = series
         .iter()
