@@ -95,8 +95,11 @@ start)
             cat "$out/disk-$probe.txt"
         done
     fi
+    # The executor lag probe every 1 ms (EXECUTOR_PROBE_US): every shard stall over 1 ms
+    # shows in the series (`executor_lag`), apart from the disk's.
     base=(--replicas 3 --cores "$cores" --replica-core-stride "$stride"
-        --warmup-s 5 --checkpoint-interval-ops "$checkpoint" --series --json)
+        --warmup-s 5 --checkpoint-interval-ops "$checkpoint" --series --json
+        --executor-probe-us "${EXECUTOR_PROBE_US:-1000}")
     common=("${base[@]}" --segment-mib 256)
     # The peak, once, over PEAK_S seconds of closed loop (checkpoints included), and every
     # run below offers a share of it (--rate). Each run used to measure its own peak over

@@ -28,6 +28,7 @@ pub const NODE_FILE_KEYS: &[&str] = &[
     "connections_max",
     "io_memory_kib",
     "allow_shared_cores",
+    "executor_probe_us",
     "accounts_max",
     "transfers_max",
     "credit_legs_max",
@@ -86,6 +87,8 @@ pub struct NodeFile {
     pub io_memory_kib: Option<usize>,
     /// `--allow-shared-cores`.
     pub allow_shared_cores: Option<bool>,
+    /// `--executor-probe-us`.
+    pub executor_probe_us: Option<u64>,
     /// `--accounts-max`.
     pub accounts_max: Option<usize>,
     /// `--transfers-max`.

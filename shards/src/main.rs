@@ -91,6 +91,11 @@ struct ShardArgs {
     /// Run two or more shards on one core (the local benchmark on a small machine).
     #[arg(long)]
     allow_shared_cores: bool,
+    /// Interval of each shard's executor lag probe, a timer that measures how late the
+    /// executor gets to it (`percore_executor_lag_us`; microseconds, 0: off). 1000 sees
+    /// every stall over 1 ms, at a cost (docs/operations.md).
+    #[arg(long, default_value_t = percore_shards::metrics::EXECUTOR_PROBE_INTERVAL_US_DEFAULT)]
+    executor_probe_us: u64,
     #[command(flatten)]
     ledger: LedgerArgs,
 }
@@ -232,6 +237,7 @@ impl ShardArgs {
             connections_max: self.connections_max,
             io_memory_bytes: self.io_memory_kib * 1024,
             allow_shared_cores: self.allow_shared_cores,
+            executor_probe_interval_us: self.executor_probe_us,
             ..NodeConfig::default()
         }
     }
@@ -648,6 +654,7 @@ fn node_args_with_file(
         connections_max,
         io_memory_kib,
         allow_shared_cores,
+        executor_probe_us,
         accounts_max,
         transfers_max,
         credit_legs_max,
@@ -694,6 +701,7 @@ fn node_args_with_file(
         connections_max => args.shards.connections_max,
         io_memory_kib => args.shards.io_memory_kib,
         allow_shared_cores => args.shards.allow_shared_cores,
+        executor_probe_us => args.shards.executor_probe_us,
         accounts_max => args.shards.ledger.accounts_max,
         transfers_max => args.shards.ledger.transfers_max,
         credit_legs_max => args.shards.ledger.credit_legs_max,
@@ -1200,6 +1208,7 @@ fn run_bench_cluster(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> 
         ("--batches", shard.batches.to_string()),
         ("--connections-max", shard.connections_max.to_string()),
         ("--io-memory-kib", shard.io_memory_kib.to_string()),
+        ("--executor-probe-us", shard.executor_probe_us.to_string()),
         ("--accounts-max", ledger.accounts_max.to_string()),
         ("--transfers-max", ledger.transfers_max.to_string()),
         ("--credit-legs-max", ledger.credit_legs_max.to_string()),

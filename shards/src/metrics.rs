@@ -27,10 +27,15 @@ pub const COMMIT_GAP_BUCKETS_US: [u64; 15] = [
 ];
 const _: () = assert!(bounds_ascend(&COMMIT_GAP_BUCKETS_US));
 
-/// How often each shard's executor runs its lag probe (µs): a timer that records how late
-/// it fired ([`ShardMetrics::executor_lag`]). A stall of the executor (a long task turn, a
-/// blocking call, the thread descheduled) longer than this shows as lag.
-pub const EXECUTOR_PROBE_INTERVAL_US: u64 = 1_000;
+/// How often each shard's executor runs its lag probe by default (µs, `--executor-probe-us`;
+/// 0 turns it off): a timer that records how late it fired ([`ShardMetrics::executor_lag`]).
+/// A stall of the executor (a long task turn, a blocking call, the thread descheduled)
+/// shows as lag when a wake-up falls due during it: every stall longer than the interval,
+/// a shorter one in proportion to its length. Each wake-up costs the shard a timer and a
+/// task switch, below the 2-vCPU VM's run-to-run noise even at 1 ms (docs/benchmarks.md,
+/// "Executor lag"); 10 ms by default, 1 ms for a soak that looks for every stall over
+/// 1 ms.
+pub const EXECUTOR_PROBE_INTERVAL_US_DEFAULT: u64 = 10_000;
 const _: () = assert!(bounds_ascend(&LATENCY_BUCKETS_US));
 
 /// Whether `bounds` strictly ascend (bucket lookup by binary search needs it).
@@ -263,8 +268,8 @@ macro_rules! shard_metrics {
             /// while work waited to commit (µs).
             pub commit_gap: GapHistogram,
             /// How late the shard's executor ran its lag probe, a timer due every
-            /// [`EXECUTOR_PROBE_INTERVAL_US`] (µs): time the executor spent on other
-            /// tasks, or descheduled, past the deadline.
+            /// [`EXECUTOR_PROBE_INTERVAL_US_DEFAULT`] unless configured otherwise (µs): time
+            /// the executor spent on other tasks, or descheduled, past the deadline.
             pub executor_lag: GapHistogram,
             /// Per peer replica: what this replica knows of it.
             pub peers: [PeerMetrics; PEERS_MAX],

@@ -36,7 +36,9 @@ use crate::core::{Backpressure, CoreConfig, Origin, ShardCore};
 use crate::format::JournalCreate;
 use crate::journal::{Journal, JournalConfig, JournalError, JournalOptions};
 use crate::mesh::{Mesh, MeshEndpoint, MeshLinks, MeshMessage};
-use crate::metrics::{CommitGapClock, EXECUTOR_PROBE_INTERVAL_US, GapHistogram, ShardMetrics};
+use crate::metrics::{
+    CommitGapClock, EXECUTOR_PROBE_INTERVAL_US_DEFAULT, GapHistogram, ShardMetrics,
+};
 use percore_engine::journal::entry_bytes_padded;
 
 /// Default first client port; shard `i` listens on `client_port_base + i`.
@@ -88,6 +90,9 @@ pub struct NodeConfig {
     /// Allow two shards on one core (the local benchmark on a small box); off, a repeated
     /// core is refused.
     pub allow_shared_cores: bool,
+    /// Interval of each shard's executor lag probe (µs; 0: no probe), see
+    /// [`EXECUTOR_PROBE_INTERVAL_US_DEFAULT`].
+    pub executor_probe_interval_us: u64,
     /// The journal; `None` runs without durability (tests and in-memory benchmarks).
     pub journal: Option<JournalSettings>,
     /// Log replication to peer nodes; `None` runs a single node. Needs a journal.
@@ -142,6 +147,7 @@ impl Default for NodeConfig {
             batch: BatchLimits::default(),
             io_memory_bytes: IO_MEMORY_BYTES_DEFAULT,
             allow_shared_cores: false,
+            executor_probe_interval_us: EXECUTOR_PROBE_INTERVAL_US_DEFAULT,
             journal: None,
             replication: None,
             bft: None,
@@ -1132,6 +1138,7 @@ where
         .journal
         .as_ref()
         .is_some_and(|settings| settings.segment_spare);
+    let executor_probe_interval_us = config.executor_probe_interval_us;
     let core_config = CoreConfig {
         shard: shard as u32,
         shard_count: shards as u32,
@@ -1344,12 +1351,16 @@ where
         });
         (spare, task)
     });
-    let lag_probe = {
+    let lag_probe = (executor_probe_interval_us > 0).then(|| {
         let shard = shard_state.clone();
+        let interval = Duration::from_micros(executor_probe_interval_us);
         glommio::spawn_local(async move {
-            executor_lag_probe(&shard.metrics.executor_lag, || shard.finished.get()).await;
+            executor_lag_probe(&shard.metrics.executor_lag, interval, || {
+                shard.finished.get()
+            })
+            .await;
         })
-    };
+    });
     let batcher = glommio::spawn_local(batcher_loop(shard_state.clone(), journal));
     let ingest_task = glommio::spawn_local(crate::ingest::drain_loop(shard_state.clone()));
     accept_loop(shard_state.clone(), listener).await;
@@ -1371,7 +1382,9 @@ where
         }
     }
     shard_state.finished.set(true);
-    lag_probe.await;
+    if let Some(probe) = lag_probe {
+        probe.await;
+    }
     for task in mesh_tasks {
         task.await;
     }
@@ -1390,13 +1403,16 @@ where
     })
 }
 
-/// Until `finished()`, sleeps [`EXECUTOR_PROBE_INTERVAL_US`] at a time and records in
-/// `lag` how late each wake-up came: the executor's stalls (a task turn that did not
+/// Until `finished()`, sleeps `interval` at a time and records in `lag` how late each
+/// wake-up came: the executor's stalls (a task turn that did not
 /// yield, a blocking call, the thread descheduled), measured on the executor itself, as
 /// Seastar's stall detector and Node's event-loop lag do. An idle executor shows its
 /// wake-up latency (tens of µs).
-pub async fn executor_lag_probe(lag: &GapHistogram, finished: impl Fn() -> bool) {
-    let interval = Duration::from_micros(EXECUTOR_PROBE_INTERVAL_US);
+pub async fn executor_lag_probe(
+    lag: &GapHistogram,
+    interval: Duration,
+    finished: impl Fn() -> bool,
+) {
     while !finished() {
         let due = Instant::now() + interval;
         glommio::timer::sleep(interval).await;

@@ -145,8 +145,8 @@ pub struct SeriesPoint {
     /// write or a release of old files overlapped, to tell a slow second's cause.
     pub checkpointing: Checkpointing,
     /// Executor lag in this second, every replica's shards (`percore_executor_lag_us`):
-    /// probe wake-ups ([`crate::metrics::EXECUTOR_PROBE_INTERVAL_US`] apart) and how late
-    /// the latest came; a stall of a shard's executor shows here, the disk's does not.
+    /// probe wake-ups (`--executor-probe-us` apart) and how late the latest came; a stall
+    /// of a shard's executor shows here, the disk's does not.
     pub executor_lag: ExecutorLag,
 }
 
@@ -154,8 +154,7 @@ pub struct SeriesPoint {
 /// (`percore_executor_lag_us`), every replica's shards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ExecutorLag {
-    /// Probe wake-ups recorded (about one per shard per
-    /// [`crate::metrics::EXECUTOR_PROBE_INTERVAL_US`]).
+    /// Probe wake-ups recorded (about one per shard per `--executor-probe-us`).
     pub wakeups: u64,
     /// Of those, wake-ups more than [`COMMIT_GAP_GOAL_US`] late: the executor stalled
     /// that long.
@@ -822,8 +821,7 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
             report.checkpointing.segment_switches_reused
         ),
         format!(
-            "executor lag (every replica's shards, a probe due every {} µs): longest {}; {} of {} wake-ups over {} µs late",
-            crate::metrics::EXECUTOR_PROBE_INTERVAL_US,
+            "executor lag (every replica's shards' lag probes): longest {}; {} of {} wake-ups over {} µs late",
             gap_text(report.executor_lag.longest_at_most_us),
             report.executor_lag.late_over_goal,
             report.executor_lag.wakeups,

@@ -23,7 +23,7 @@ fn a_task_that_does_not_yield_shows_as_executor_lag() {
             let probe = {
                 let (done, recorded) = (done.clone(), recorded.clone());
                 glommio::spawn_local(async move {
-                    executor_lag_probe(&recorded, || done.get()).await;
+                    executor_lag_probe(&recorded, Duration::from_millis(1), || done.get()).await;
                 })
             };
             glommio::timer::sleep(Duration::from_millis(50)).await;
