@@ -931,6 +931,8 @@ impl SeriesSink {
 
 /// Reads one percentile out of a [`LatencyRow`].
 type PickPercentile = fn(&LatencyRow) -> u64;
+/// Picks a per-second "at most" value of a point (`None`: nothing that second).
+type PickAtMost = fn(&SeriesPoint) -> Option<u64>;
 
 fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (PLOT_WIDTH_PX, PLOT_HEIGHT_PX)).into_drawing_area();
@@ -1000,37 +1002,34 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    // Seconds without a gap (nothing waited) have no point; the line joins the others.
-    let gap_color = MAGENTA;
-    chart
-        .draw_series(LineSeries::new(
-            series
-                .iter()
-                .filter_map(|p| Some((p.t_s, ms(p.longest_commit_gap_at_most_us?)))),
-            &gap_color,
-        ))?
-        .label("commit gap (in-node, at most)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gap_color));
-    let journal_color = RGBColor(140, 90, 0);
-    chart
-        .draw_series(LineSeries::new(
-            series
-                .iter()
-                .filter_map(|p| Some((p.t_s, ms(p.journal_commits.slowest_at_most_us?)))),
-            &journal_color,
-        ))?
-        .label("journal commit, write + fdatasync (slowest, at most)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], journal_color));
-    let lag_color = RGBColor(0, 150, 150);
-    chart
-        .draw_series(LineSeries::new(
-            series
-                .iter()
-                .filter_map(|p| Some((p.t_s, ms(p.executor_lag.longest_at_most_us?)))),
-            &lag_color,
-        ))?
-        .label("executor lag, shards' own stalls (latest wake-up, at most)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], lag_color));
+    // Seconds without a value (no gap: nothing waited) have no point; the line joins the
+    // others.
+    let lines: [(&str, PickAtMost, RGBColor); 3] = [
+        (
+            "commit gap (in-node, at most)",
+            |p| p.longest_commit_gap_at_most_us,
+            MAGENTA,
+        ),
+        (
+            "journal commit, write + fdatasync (slowest, at most)",
+            |p| p.journal_commits.slowest_at_most_us,
+            RGBColor(140, 90, 0),
+        ),
+        (
+            "executor lag, shards' own stalls (latest wake-up, at most)",
+            |p| p.executor_lag.longest_at_most_us,
+            RGBColor(0, 150, 150),
+        ),
+    ];
+    for (name, pick, color) in lines {
+        chart
+            .draw_series(LineSeries::new(
+                series.iter().filter_map(|p| Some((p.t_s, ms(pick(p)?)))),
+                &color,
+            ))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
     legend(&mut chart)?;
 
     let mib = |kib: u64| kib as f64 / 1024.0;
