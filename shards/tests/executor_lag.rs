@@ -49,7 +49,10 @@ fn a_task_that_does_not_yield_shows_as_executor_lag() {
         lag.max_us()
     );
     eprintln!("idle: longest lag {idle_max_us} µs; {samples} samples");
-    // Counted once, in the bucket above 20 ms.
+    // Counted above 20 ms (once, unless the host also descheduled the thread that long).
     let over_20_ms = COMMIT_GAP_BUCKETS_US.partition_point(|&bound| bound < 20_001);
-    assert_eq!(buckets[over_20_ms..].iter().sum::<u64>(), 1, "{buckets:?}");
+    assert!(
+        buckets[over_20_ms..].iter().sum::<u64>() >= 1,
+        "{buckets:?}"
+    );
 }
