@@ -26,7 +26,8 @@
 //! long as they run. Two nodes on one directory would append to the same journals and
 //! corrupt them; the second is refused before it reads anything there. The lock is
 //! `flock`'s, so the kernel drops it when the holder exits, however it exits: a crash
-//! leaves nothing to clean up.
+//! leaves nothing to clean up. Writes a killed holder left in flight outlive its lock; the
+//! next holder waits them out before it reads anything ([`crate::io_fence`]).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -99,7 +100,7 @@ pub fn lock(data_dir: &Path) -> Result<DataDirLock, FormatError> {
 }
 
 /// [`lock`], waiting at most `settle_wait` for in-flight writes.
-pub fn lock_within(
+fn lock_within(
     data_dir: &Path,
     settle_wait: std::time::Duration,
 ) -> Result<DataDirLock, FormatError> {

@@ -518,6 +518,19 @@ struct Scrape {
     checkpointing: CheckpointCounters,
 }
 
+/// `read(text, shard)` for every shard of every replica's scrape, replica-major.
+fn per_replica_and_shard<T>(
+    texts: &[String],
+    shards: usize,
+    read: impl Fn(&str, usize) -> T,
+) -> Vec<T> {
+    let read = &read;
+    texts
+        .iter()
+        .flat_map(|text| (0..shards).map(move |shard| read(text, shard)))
+        .collect()
+}
+
 fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
     let texts = (0..cluster.replicas())
         .map(|replica| cluster.scrape(replica))
@@ -564,35 +577,20 @@ fn scrape(cluster: &LocalCluster) -> Result<Scrape, BenchError> {
             buckets
         })
         .collect();
-    let journal_commit_buckets = texts
-        .iter()
-        .flat_map(|text| {
-            (0..shards).map(move |shard| {
-                cluster::histogram_buckets_sized(
-                    text,
-                    "percore_journal_commit_seconds",
-                    shard,
-                    LATENCY_BUCKETS,
-                )
-            })
-        })
-        .collect();
-    let executor_lag = texts
-        .iter()
-        .flat_map(|text| {
-            (0..shards).map(move |shard| {
-                (
-                    cluster::histogram_buckets_sized(
-                        text,
-                        "percore_executor_lag_us",
-                        shard,
-                        GAP_BUCKETS,
-                    ),
-                    cluster::shard_metric(text, "percore_executor_lag_max_us", shard),
-                )
-            })
-        })
-        .collect();
+    let journal_commit_buckets = per_replica_and_shard(&texts, shards, |text, shard| {
+        cluster::histogram_buckets_sized(
+            text,
+            "percore_journal_commit_seconds",
+            shard,
+            LATENCY_BUCKETS,
+        )
+    });
+    let executor_lag = per_replica_and_shard(&texts, shards, |text, shard| {
+        (
+            cluster::histogram_buckets_sized(text, "percore_executor_lag_us", shard, GAP_BUCKETS),
+            cluster::shard_metric(text, "percore_executor_lag_max_us", shard),
+        )
+    });
     let over_all = |name: &str| -> u64 {
         texts
             .iter()

@@ -16,9 +16,9 @@ fn first_core_list() -> String {
     }
 }
 
-#[test]
-fn node_drains_and_exits_cleanly_on_sigterm() {
-    let args = [
+/// A small node on the first cores, client ports from the kernel, no journal.
+fn small_node_args_in_memory() -> Vec<String> {
+    [
         "--cores",
         &first_core_list(),
         "--client-port-base",
@@ -28,8 +28,13 @@ fn node_drains_and_exits_cleanly_on_sigterm() {
         "--transfers-max",
         "4096",
     ]
-    .map(String::from);
-    let seen = node_serves(&args).expect("node serves");
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn node_drains_and_exits_cleanly_on_sigterm() {
+    let seen = node_serves(&small_node_args_in_memory()).expect("node serves");
     assert!(seen.iter().any(|l| l.contains("draining")), "{seen:#?}");
     assert!(
         seen.iter().any(|l| l.contains("stopped at op")),
@@ -194,25 +199,20 @@ fn inspect(data: &std::path::Path) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// A small node on the first cores, client ports from the kernel, journaling in `data`.
+/// [`small_node_args_in_memory`], journaling in `data`.
 fn small_node_args(data: &std::path::Path) -> Vec<String> {
-    [
-        "--cores",
-        &first_core_list(),
-        "--allow-shared-cores",
-        "--client-port-base",
-        "0",
-        "--accounts-max",
-        "1024",
-        "--transfers-max",
-        "4096",
-        "--segment-mib",
-        "1",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec()
+    let mut args = small_node_args_in_memory();
+    args.extend(
+        [
+            "--allow-shared-cores",
+            "--segment-mib",
+            "1",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    args
 }
 
 #[test]

@@ -54,36 +54,34 @@ impl Throttle {
             return Err("not root".into());
         }
         let device = disk_of(path)?;
-        let name = format!("percore-fence-{}", std::process::id());
+        // The hierarchy, its throttle file and the limit in that file's syntax.
         let v1 = Path::new("/sys/fs/cgroup/blkio");
-        if v1.join("blkio.throttle.write_bps_device").exists() {
-            let dir = v1.join(name);
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let throttle = Self { dir };
-            throttle.write(
+        let (root, file, limit) = if v1.join("blkio.throttle.write_bps_device").exists() {
+            (
+                v1,
                 "blkio.throttle.write_bps_device",
-                &format!("{device} {bytes_per_s}"),
-            )?;
-            return Ok(throttle);
-        }
-        for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-            let root = Path::new(root);
-            let enabled =
-                std::fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
-            if enabled.split_whitespace().any(|c| c == "io") {
-                let dir = root.join(&name);
-                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                let throttle = Self { dir };
-                throttle.write("io.max", &format!("{device} wbps={bytes_per_s}"))?;
-                return Ok(throttle);
-            }
-        }
-        Err("no cgroup v1 blkio controller and no cgroup v2 io controller enabled".into())
-    }
-
-    fn write(&self, file: &str, value: &str) -> Result<(), String> {
-        let path = self.dir.join(file);
-        std::fs::write(&path, value).map_err(|e| format!("{} <- {value}: {e}", path.display()))
+                format!("{device} {bytes_per_s}"),
+            )
+        } else {
+            let v2 = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+                .map(Path::new)
+                .into_iter()
+                .find(|root| {
+                    std::fs::read_to_string(root.join("cgroup.subtree_control"))
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .any(|controller| controller == "io")
+                })
+                .ok_or("no cgroup v1 blkio controller and no cgroup v2 io controller enabled")?;
+            (v2, "io.max", format!("{device} wbps={bytes_per_s}"))
+        };
+        let dir = root.join(format!("percore-fence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // From here the cgroup is removed on drop, whatever fails next.
+        let throttle = Self { dir };
+        let path = throttle.dir.join(file);
+        std::fs::write(&path, &limit).map_err(|e| format!("{} <- {limit}: {e}", path.display()))?;
+        Ok(throttle)
     }
 
     /// The file a process writes its pid to, to join.
