@@ -160,13 +160,27 @@ pub fn in_use_by(data_dir: &Path) -> Option<String> {
     }
 }
 
-/// What the lock file at `path` says of its holder.
+/// What the lock file at `path` says of its holder. The pid is written once the holder has
+/// settled ([`lock_within`]), so while a new holder waits for its predecessor's writes the
+/// file still names the predecessor: a pid that is gone is said to be gone.
 fn holder_of(path: &Path) -> String {
-    std::fs::read_to_string(path)
+    let Some(text) = std::fs::read_to_string(path)
         .ok()
         .map(|text| text.trim().to_string())
         .filter(|text| !text.is_empty())
-        .unwrap_or_else(|| "a process that has not said which".to_string())
+    else {
+        return "a process that has not said which".to_string();
+    };
+    match text
+        .strip_prefix("pid ")
+        .and_then(|pid| pid.parse::<u32>().ok())
+    {
+        Some(pid) if !Path::new(&format!("/proc/{pid}")).exists() => format!(
+            "pid {pid} has exited; the process that holds it now is waiting for the writes \
+             pid {pid} left in flight to land, and names itself when they have"
+        ),
+        _ => text,
+    }
 }
 
 /// Why a data directory cannot be formatted or started.
@@ -679,6 +693,31 @@ mod tests {
         let _held = lock_within(&dir.0, std::time::Duration::ZERO).expect("landed");
         let holder = format!("pid {}", std::process::id());
         assert_eq!(in_use_by(&dir.0).as_deref(), Some(holder.as_str()));
+    }
+
+    #[test]
+    fn a_holder_that_has_not_named_itself_yet_is_not_the_exited_one() {
+        let dir = TempDir::new("stale");
+        let _held = lock(&dir.0).unwrap();
+        // As while `lock_within` settles: the file still names the earlier, exited holder.
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        let pid = exited.id();
+        exited.wait().unwrap();
+        std::fs::write(dir.0.join(LOCK_FILE_NAME), format!("pid {pid}\n")).unwrap();
+        let holder = in_use_by(&dir.0).expect("held");
+        assert!(
+            holder.starts_with(&format!("pid {pid} has exited")),
+            "{holder}"
+        );
+        match lock(&dir.0) {
+            Err(error @ FormatError::InUse { .. }) => {
+                assert!(
+                    error.to_string().contains("waiting for the writes"),
+                    "{error}"
+                );
+            }
+            other => panic!("taken twice: {other:?}"),
+        }
     }
 
     #[test]
