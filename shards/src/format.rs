@@ -160,6 +160,34 @@ pub fn in_use_by(data_dir: &Path) -> Option<String> {
     }
 }
 
+/// Whether writes a process left in flight when it was killed are still landing in
+/// `data_dir` ([`crate::io_fence`]), with no node holding it: `Some((a file, how many))`.
+/// `None` also when a node holds the directory (its own writes are in flight by design;
+/// [`in_use_by`] says who) or no node ever ran on it (no lock file). For `percore inspect`,
+/// which reads files such writes still change.
+///
+/// Probes each file's lock exclusively, as a starting node's settle does, while holding the
+/// directory's lock, so that a node starting meanwhile waits for the probe (its
+/// [`lock`] gives a holder a moment) instead of meeting it at its own files.
+pub fn writes_landing(data_dir: &Path) -> Result<Option<(PathBuf, usize)>, FormatError> {
+    let path = data_dir.join(LOCK_FILE_NAME);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(io(&path)(error)),
+    };
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+        Err(std::fs::TryLockError::Error(error)) => return Err(io(&path)(error)),
+    }
+    match crate::io_fence::settle(data_dir, &path, std::time::Duration::ZERO) {
+        Ok(_) => Ok(None),
+        Err(crate::io_fence::FenceError::InFlight { path, files, .. }) => Ok(Some((path, files))),
+        Err(error) => Err(FormatError::Fence(error)),
+    }
+}
+
 /// What the lock file at `path` says of its holder. The pid is written once the holder has
 /// settled ([`lock_within`]), so while a new holder waits for its predecessor's writes the
 /// file still names the predecessor: a pid that is gone is said to be gone.
@@ -693,6 +721,38 @@ mod tests {
         let _held = lock_within(&dir.0, std::time::Duration::ZERO).expect("landed");
         let holder = format!("pid {}", std::process::id());
         assert_eq!(in_use_by(&dir.0).as_deref(), Some(holder.as_str()));
+    }
+
+    #[test]
+    fn writes_still_landing_are_seen_only_while_nobody_holds_the_directory() {
+        let dir = TempDir::new("landing");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let segment = dir.0.join("shard-0").join("segment");
+        std::fs::create_dir_all(segment.parent().unwrap()).unwrap();
+        std::fs::write(&segment, b"x").unwrap();
+        let in_flight = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        crate::io_fence::hold(&in_flight).unwrap();
+        // No node ever ran here: nothing to say.
+        assert_eq!(writes_landing(&dir.0).unwrap(), None);
+        std::fs::write(dir.0.join(LOCK_FILE_NAME), b"pid 1\n").unwrap();
+        // A node ran and is gone; its write (the held description) is still in flight.
+        assert_eq!(writes_landing(&dir.0).unwrap(), Some((segment.clone(), 1)));
+        // The probe left the directory and the file as they were.
+        assert_eq!(in_use_by(&dir.0), None);
+        assert_eq!(writes_landing(&dir.0).unwrap(), Some((segment.clone(), 1)));
+        drop(in_flight);
+        assert_eq!(writes_landing(&dir.0).unwrap(), None, "landed");
+        // A running node's own writes are not an earlier process's.
+        let _held = lock(&dir.0).unwrap();
+        let own = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        crate::io_fence::hold(&own).unwrap();
+        assert_eq!(writes_landing(&dir.0).unwrap(), None);
     }
 
     #[test]

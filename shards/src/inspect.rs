@@ -227,6 +227,25 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
             "note: a running node holds this directory ({holder}): its journals may change \
              while they are read, so what follows may not be one consistent state"
         );
+    } else {
+        match crate::format::writes_landing(&config.data_dir) {
+            Ok(None) => {}
+            Ok(Some((path, files))) => {
+                let _ = writeln!(
+                    out,
+                    "note: writes a killed node left in flight are still landing in {files} \
+                     file(s) ({} among them): what follows may change under them; a node \
+                     started now waits for them before it reads anything",
+                    path.display()
+                );
+            }
+            Err(error) => {
+                let _ = writeln!(
+                    out,
+                    "note: could not tell whether writes are landing: {error}"
+                );
+            }
+        }
     }
     let shards = shard_dirs(&config.data_dir)?;
     let shard_count = shards.len() as u32;

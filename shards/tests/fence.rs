@@ -249,6 +249,17 @@ fn a_node_restarted_after_a_kill_waits_for_the_writes_still_in_flight() {
     let acknowledged = acknowledged.load(Ordering::Relaxed);
     load.join().expect("the load thread ends with the node");
 
+    // `percore inspect` in the meantime says the writes are still landing.
+    let output = Command::new(PERCORE)
+        .args(["inspect", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        report.contains("writes a killed node left in flight are still landing"),
+        "{report}"
+    );
+
     let second = start(&args, None);
     let waited = second
         .seen
