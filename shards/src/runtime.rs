@@ -51,6 +51,12 @@ pub const IO_MEMORY_BYTES_DEFAULT: usize = 1 << 20;
 pub const MESH_RING_CAPACITY_DEFAULT: usize = 16_384;
 /// How often idle tasks look at the stop flag.
 pub(crate) const STOP_POLL_MS: u64 = 50;
+/// Longest a client frame may take to arrive once its first bytes have (ms): a client that
+/// stalls mid-frame loses its connection (an idle one between frames keeps it).
+pub const CLIENT_FRAME_READ_TIMEOUT_MS: u64 = 10_000;
+/// Longest a reply may wait for a client to read (ms): a client that stops reading loses
+/// its connection.
+pub const CLIENT_WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Default checkpoint interval: a checkpoint after every op that is a multiple of this (ops).
 pub const CHECKPOINT_INTERVAL_OPS_DEFAULT: u64 = 16_384;
 /// Runtime error codes sent in error replies (frame codes are below 1000).
@@ -1517,6 +1523,8 @@ enum ConnectionEnd {
     Closed,
     #[error("stopping")]
     Stopping,
+    #[error("a frame begun did not arrive whole within {CLIENT_FRAME_READ_TIMEOUT_MS} ms")]
+    Stalled,
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("bad frame: {0}")]
@@ -1525,29 +1533,43 @@ enum ConnectionEnd {
     Refused(u32),
 }
 
-/// Reads into `buffer[..len]` completely. Returns `Stopping` only between frames
-/// (`at_boundary`), never after part of a frame was read.
+/// Reads into `buffer` completely, as part of a client frame begun at `frame_started`
+/// (`None`: nothing of the frame read yet; set when its first bytes arrive).
+///
+/// Ends the connection with `Stopping` once the shard stops, wherever in a frame it is: a
+/// request not yet read whole was never admitted, so dropping it loses nothing (its client
+/// resends it, under the same request number). Ends it with `Stalled` if a frame begun
+/// takes over [`CLIENT_FRAME_READ_TIMEOUT_MS`] to arrive: a client that sends part of a
+/// frame and no more would otherwise hold its connection slot, and the shard's shutdown,
+/// for ever.
 async fn read_full<S: StateMachine>(
     shard: &Shard<S>,
     stream: &mut TcpStream,
     buffer: &mut [u8],
-    at_boundary: bool,
+    frame_started: &mut Option<Instant>,
 ) -> Result<(), ConnectionEnd> {
-    if at_boundary && shard.stopping() {
-        // Stop accepting: requests not yet read are not taken.
+    if shard.stopping() {
         return Err(ConnectionEnd::Stopping);
     }
     let mut filled = 0;
     while filled < buffer.len() {
         match stream.read(&mut buffer[filled..]).await {
             Ok(0) => return Err(ConnectionEnd::Closed),
-            Ok(read) => filled += read,
+            Ok(read) => {
+                filled += read;
+                frame_started.get_or_insert_with(Instant::now);
+            }
             Err(err)
                 if err.kind() == std::io::ErrorKind::TimedOut
                     || err.kind() == std::io::ErrorKind::WouldBlock =>
             {
-                if at_boundary && filled == 0 && shard.stopping() {
+                if shard.stopping() {
                     return Err(ConnectionEnd::Stopping);
+                }
+                if frame_started.is_some_and(|started| {
+                    started.elapsed() > Duration::from_millis(CLIENT_FRAME_READ_TIMEOUT_MS)
+                }) {
+                    return Err(ConnectionEnd::Stalled);
                 }
             }
             Err(err) => return Err(err.into()),
@@ -1570,6 +1592,9 @@ where
     stream
         .set_read_timeout(Some(Duration::from_millis(STOP_POLL_MS)))
         .map_err(std::io::Error::from)?;
+    stream
+        .set_write_timeout(Some(Duration::from_millis(CLIENT_WRITE_TIMEOUT_MS)))
+        .map_err(std::io::Error::from)?;
     let record_bytes = size_of::<S::Record>();
     let records_max = shard
         .config
@@ -1586,7 +1611,8 @@ where
     let reply_bytes_max = FRAME_HEADER_BYTES + records_max * size_of::<S::Result>();
     let mut reply = vec![0u8; reply_bytes_max];
     loop {
-        read_full(shard, &mut stream, &mut header_bytes, true).await?;
+        let mut frame_started = None;
+        read_full(shard, &mut stream, &mut header_bytes, &mut frame_started).await?;
         // The request arrived with its header: the wait for it is the client's idle time.
         let started = Instant::now();
         let header = match frame::decode_header(
@@ -1627,7 +1653,13 @@ where
             .await;
         }
         let body_buffer: &mut [u8] = bytemuck::cast_slice_mut(&mut records[..]);
-        read_full(shard, &mut stream, &mut body_buffer[..body_bytes], false).await?;
+        read_full(
+            shard,
+            &mut stream,
+            &mut body_buffer[..body_bytes],
+            &mut frame_started,
+        )
+        .await?;
         match frame::verify_body(&header, &body_buffer[..body_bytes]) {
             Ok(_) => {}
             Err(err) => {

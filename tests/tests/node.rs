@@ -416,3 +416,44 @@ fn a_port_in_use_is_refused_with_a_typed_error() {
         Ok(_) => panic!("a second listener on a taken port must be refused"),
     }
 }
+
+#[test]
+fn a_client_stalled_mid_frame_loses_its_connection_and_holds_no_shutdown() {
+    let node = start_node();
+    let address = node.client_addresses()[0];
+    let partial = |bytes: usize| {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.write_all(&vec![0u8; bytes]).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        stream
+    };
+    // Part of a header, then nothing: the node closes the connection once the frame has
+    // been arriving for longer than the timeout.
+    let mut stalled = partial(10);
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = stalled.read(&mut byte);
+    let waited = started.elapsed();
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "the connection stays open: {read:?}"
+    );
+    let timeout = Duration::from_millis(percore_shards::runtime::CLIENT_FRAME_READ_TIMEOUT_MS);
+    assert!(
+        waited >= timeout - Duration::from_millis(100) && waited < timeout * 3,
+        "closed after {waited:?}"
+    );
+    // Another stalls mid-header; shutdown does not wait for it to finish the frame.
+    let _held = partial(10);
+    std::thread::sleep(Duration::from_millis(100));
+    let stopping = Instant::now();
+    let reports = node.shutdown().unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+    assert_conserved(&reports);
+}
