@@ -298,8 +298,12 @@ struct Slot {
     /// Bumped each time the slot is freed: a handle from an earlier use never matches.
     generation: AtomicU32,
     operation: AtomicU32,
-    /// The ticket holder's thread while it is parked (`PARKED` only; slow path).
-    waiter: Mutex<Option<Thread>>,
+    /// The ticket holder's thread while it is parked (`PARKED` only; slow path), with the
+    /// generation it waits on: a shard that swapped a ticket's state and was preempted
+    /// before it took the thread must not, once the slot has passed to another ticket,
+    /// take and wake that ticket's thread instead (which would then sleep out a park
+    /// slice at its own completion, its handle gone).
+    waiter: Mutex<Option<(u32, Thread)>>,
 }
 
 /// A cache line of its own, so a flag written by producers does not share a line with
@@ -312,6 +316,16 @@ struct Padded<T>(T);
 struct ShardIngress {
     /// Lane `l`'s ring: only threads of lane `l` push here.
     rings: Box<[Padded<Mpmc<u64>>]>,
+    /// Lane `l`'s producers holding a filled slot, waiting for room in this shard's ring of
+    /// lane `l` (woken by this shard's drains). One registry per ring: a drain's wake-ups
+    /// go to threads that wait for the room it made, never to a thread waiting for another
+    /// shard (with one registry per lane, a drain of shard A woke the oldest sleepers,
+    /// threads waiting for a full shard B, while A's waited out their park slice). Apart
+    /// from the lane's `slot_waiters`: a release must not wake a thread that waits for ring
+    /// room (measured: with one registry, every release of an overloaded node woke a
+    /// producer that found the ring still full and parked again, a futex wake per
+    /// transaction; `percore-bench threads` fell to 0.1M items/s at 256 producers).
+    ring_waiters: Box<[Padded<Waiters>]>,
     /// The lane the next drain starts at (written by the shard's thread only; a fairness
     /// hint, any value is safe). A line of its own: it is stored at every drain, and
     /// producers read `rings` and `retired` at every push (sharing a line with them cost a
@@ -328,20 +342,14 @@ struct ShardIngress {
 /// A lane's free list holds this many times its slots: see [`Lane::free_push`].
 const FREE_LIST_SLACK: usize = 2;
 
-/// What the threads of one lane share: their slots' free list and their waiters.
+/// What the threads of one lane share: their slots' free list and their slot waiters
+/// (those waiting for ring room wait per shard: [`ShardIngress::ring_waiters`]).
 struct Lane {
     /// Free completion slots of this lane (indices `i` with `i % lanes` = this lane).
     /// Capacity [`FREE_LIST_SLACK`] times the lane's slot count.
     free: Mpmc<u32>,
     /// This lane's producers waiting for a free slot (woken by releases).
     slot_waiters: Waiters,
-    /// This lane's producers holding a filled slot, waiting for room in a shard's ring of
-    /// this lane (woken by drains). Apart from `slot_waiters`: a release must not wake a
-    /// thread that waits for ring room (measured: with one registry, every release of an
-    /// overloaded node woke a producer that found the ring still full and parked again, a
-    /// futex wake per transaction; `percore-bench threads` fell to 0.1M items/s at 256
-    /// producers).
-    ring_waiters: Waiters,
 }
 
 impl Lane {
@@ -466,10 +474,14 @@ impl<S: StateMachine> Ingress<S> {
         config.validate()?;
         assert!(shards >= 1, "a node has at least one shard");
         let lane_count = config.lanes;
+        let wake_max = (WAKE_PER_NOTIFY_MAX / lane_count).max(1);
         let shards = (0..shards)
             .map(|_| ShardIngress {
                 rings: (0..lane_count)
                     .map(|_| Padded(Mpmc::new(config.lane_ring_capacity())))
+                    .collect(),
+                ring_waiters: (0..lane_count)
+                    .map(|_| Padded(Waiters::with_wake_max(wake_max)))
                     .collect(),
                 drain_start: Padded(AtomicUsize::new(0)),
                 idle: Padded(AtomicBool::new(false)),
@@ -478,13 +490,11 @@ impl<S: StateMachine> Ingress<S> {
             })
             .collect();
         let lane_slots = config.slots.div_ceil(lane_count);
-        let wake_max = (WAKE_PER_NOTIFY_MAX / lane_count).max(1);
         let lanes: Box<[Padded<Lane>]> = (0..lane_count)
             .map(|_| {
                 Padded(Lane {
                     free: Mpmc::new(mpmc::capacity_for(lane_slots * FREE_LIST_SLACK)),
                     slot_waiters: Waiters::with_wake_max(wake_max),
-                    ring_waiters: Waiters::with_wake_max(wake_max),
                 })
             })
             .collect();
@@ -531,10 +541,18 @@ impl<S: StateMachine> Ingress<S> {
 
     /// Producers parked waiting for room now, all lanes together (a snapshot).
     pub fn producers_parked(&self) -> usize {
-        self.lanes
+        let slots: usize = self
+            .lanes
             .iter()
-            .map(|lane| lane.0.slot_waiters.parked() + lane.0.ring_waiters.parked())
-            .sum()
+            .map(|lane| lane.0.slot_waiters.parked())
+            .sum();
+        let rings: usize = self
+            .shards
+            .iter()
+            .flat_map(|shard| shard.ring_waiters.iter())
+            .map(|waiters| waiters.0.parked())
+            .sum();
+        slots + rings
     }
 
     /// The calling thread's lane.
@@ -771,8 +789,7 @@ impl<S: StateMachine> Ingress<S> {
             return Err(SubmitError::Stopped(record));
         }
         let shard = self.shard_of(operation, &record);
-        let waiters = &self.lanes[lane].0;
-        let Ok(slot) = waiters.slot_waiters.retry(&mut remaining, || {
+        let Ok(slot) = self.lanes[lane].0.slot_waiters.retry(&mut remaining, || {
             if stopping() {
                 return Err(());
             }
@@ -781,7 +798,8 @@ impl<S: StateMachine> Ingress<S> {
             return Err(refused(record));
         };
         let generation = self.fill_slot(slot, operation, &record);
-        let pushed = waiters.ring_waiters.retry(&mut remaining, || {
+        let ring_waiters = &self.shards[shard].ring_waiters[lane].0;
+        let pushed = ring_waiters.retry(&mut remaining, || {
             if stopping() {
                 return Err(());
             }
@@ -830,7 +848,7 @@ impl<S: StateMachine> Ingress<S> {
                 let record: S::Record = load_pod(self.record_words(slot));
                 submit(operation, &record, slot, generation);
             });
-            self.lanes[lane].0.ring_waiters.notify(taken);
+            target.ring_waiters[lane].0.notify(taken);
             taken
         })
     }
@@ -845,27 +863,33 @@ impl<S: StateMachine> Ingress<S> {
         store_pod(self.result_words(slot), result);
         // AcqRel: Release publishes the result words to the ticket's Acquire load; Acquire
         // pairs with the ticket's Release of PARKED (its thread is in `waiter`).
-        self.finish(slot, DONE);
+        self.finish(slot, generation, DONE);
     }
 
     /// Called by the shard: the record will never have a result here.
     pub fn abort(&self, slot: u32, generation: u32) {
         if self.slots[slot as usize].generation.load(Ordering::Relaxed) == generation {
-            self.finish(slot, ABORTED);
+            self.finish(slot, generation, ABORTED);
         }
     }
 
-    fn finish(&self, slot: u32, state: u32) {
+    fn finish(&self, slot: u32, generation: u32, state: u32) {
         let control = &self.slots[slot as usize];
         match control.state.swap(state, Ordering::AcqRel) {
             PENDING => {}
             PARKED => {
-                let waiter = control
-                    .waiter
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take();
-                if let Some(thread) = waiter {
+                let waiter = {
+                    let mut waiter = control
+                        .waiter
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    match *waiter {
+                        Some((parked, _)) if parked == generation => waiter.take(),
+                        // The ticket woke by itself and the slot went on to another.
+                        _ => None,
+                    }
+                };
+                if let Some((_, thread)) = waiter {
                     thread.unpark();
                 }
             }
@@ -1175,7 +1199,8 @@ impl<'s, S: StateMachine> Ticket<'s, S> {
             *control
                 .waiter
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(thread::current());
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some((self.generation, thread::current()));
             // Release: our thread handle is in `waiter` before the shard can see PARKED.
             if control
                 .state
@@ -1771,6 +1796,89 @@ mod tests {
             "one from each lane, then from lane 1 first"
         );
         assert_eq!(ingress.pending(0), 0);
+    }
+
+    /// A drain of shard A wakes the producer waiting for room in A's ring, not the older
+    /// sleeper waiting for B's (still full): A's producer returns right away, not after its
+    /// park slice. The median of many rounds, so that one slow wake-up on a busy host
+    /// does not decide it; with the sleepers of both rings in one registry the median is
+    /// about half a slice.
+    #[test]
+    fn a_drain_wakes_a_producer_waiting_for_that_shard() {
+        const ROUNDS: usize = 21;
+        let debit_of = |shard: u32| {
+            (1u128..)
+                .find(|&debit| percore_engine::record::shard_of(debit, 2) == shard)
+                .expect("an account of each shard")
+        };
+        let (debit_a, debit_b) = (debit_of(0), debit_of(1));
+        let mut woken_us = Vec::new();
+        for round in 0..ROUNDS as u128 {
+            // Both shards' rings filled.
+            let ingress = ingress_of_shards(2, 2, 16);
+            let submitter = Submitter::new(ingress.clone());
+            let id = |k: u128| round * 16 + k;
+            let mut kept = Vec::new();
+            let mut full = [Vec::new(), Vec::new()];
+            for (shard, debit) in [debit_a, debit_b].into_iter().enumerate() {
+                for k in 0.. {
+                    let record_id = id(8 * shard as u128 + k);
+                    match submitter.submit(
+                        LedgerOperation::CreateTransfers,
+                        transfer_record(record_id, debit),
+                    ) {
+                        Ok(ticket) => {
+                            kept.push(ticket);
+                            full[shard].push(record_id);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let waiting = |id: u128, debit: u128, parked_before: usize| {
+                let shared = ingress.clone();
+                let handle = thread::spawn(move || {
+                    let submitter = Submitter::new(shared);
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let ticket = submitter.submit_wait(
+                        LedgerOperation::CreateTransfers,
+                        transfer_record(id, debit),
+                        deadline,
+                    );
+                    let returned = Instant::now();
+                    drop(ticket);
+                    returned
+                });
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while ingress.producers_parked() <= parked_before {
+                    assert!(Instant::now() < deadline, "the producer never parked");
+                    thread::yield_now();
+                }
+                handle
+            };
+            // B's producer sleeps first (the oldest sleeper), then A's.
+            let for_b = waiting(id(15), debit_b, 0);
+            let for_a = waiting(id(7), debit_a, 1);
+            let drained = Instant::now();
+            // One place made: one wake-up.
+            let taken = ingress.drain(0, 1, |_, record, slot, generation| {
+                assert_eq!(record.as_transfer().id, full[0][0]);
+                ingress.abort(slot, generation);
+            });
+            assert_eq!(taken, 1);
+            let returned = for_a.join().unwrap();
+            assert!(drain_ids(&ingress, 0).starts_with(&full[0][1..]));
+            woken_us.push(returned.saturating_duration_since(drained).as_micros() as u64);
+            assert!(drain_ids(&ingress, 1).starts_with(&full[1]));
+            for_b.join().unwrap();
+            drop(kept);
+        }
+        woken_us.sort_unstable();
+        let median_us = woken_us[ROUNDS / 2];
+        assert!(
+            median_us < PARK_SLICE_US / 4,
+            "A's producer returned {median_us} µs after the drain at the median: {woken_us:?}"
+        );
     }
 
     #[test]

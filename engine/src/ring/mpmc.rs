@@ -341,17 +341,22 @@ impl<T, M: RingMetrics> Mpmc<T, M> {
         } else {
             self.claim(&self.tail, 0, limit)
         };
-        let count = claimed.map_or(0, |(_, count)| count);
-        if count < items.len() {
-            self.metrics.on_full();
-        }
         let Some((pos, count)) = claimed else {
+            if !items.is_empty() {
+                self.metrics.on_full();
+            }
             return 0;
         };
         for (i, &item) in items[..count].iter().enumerate() {
             // SAFETY: `claim` won positions `pos..pos + count` by one CAS on `tail` after
             // seeing each slot free; each is filled once.
             unsafe { self.fill(pos.wrapping_add(i), item) };
+        }
+        // The metrics (caller's code, which may panic) only once every claimed slot is
+        // filled: a panic between the claim and the fills would leave those positions
+        // claimed and never published, and the consumers stuck at the first of them.
+        if count < items.len() {
+            self.metrics.on_full();
         }
         self.metrics.on_push(count);
         count
@@ -459,6 +464,34 @@ mod tests {
         assert_eq!(ring.pop(), Some(1));
         assert_eq!(ring.pop(), Some(2));
         assert_eq!(ring.pop(), None);
+    }
+
+    /// Metrics whose full event panics (caller code may).
+    #[derive(Default)]
+    struct PanicOnFull;
+
+    impl RingMetrics for PanicOnFull {
+        fn on_push(&self, _count: usize) {}
+        fn on_pop(&self, _count: usize) {}
+        fn on_full(&self) {
+            panic!("full");
+        }
+        fn stats(&self) -> crate::ring::RingStats {
+            crate::ring::RingStats::default()
+        }
+    }
+
+    #[test]
+    fn a_panicking_full_event_leaves_the_claimed_slots_published() {
+        let ring = Mpmc::<u32, PanicOnFull>::new(2);
+        let pushed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ring.push_slice(&[1, 2, 3])));
+        assert!(pushed.is_err(), "the full event ran");
+        assert_eq!(ring.pop(), Some(1));
+        assert_eq!(ring.pop(), Some(2));
+        assert_eq!(ring.pop(), None);
+        assert_eq!(ring.push_slice(&[4]), 1);
+        assert_eq!(ring.pop(), Some(4));
     }
 
     #[test]

@@ -727,8 +727,9 @@ impl<T, M: RingMetrics> ReadChunk<'_, T, M> {
         let base = consumer.buffer.as_ptr();
         let (start, first, second) = split(head, count, consumer.mask);
         consumer.track(head, count, true);
-        // Releases all `count` slots even if an item's `Drop` panics (the items after it in
-        // that run are then leaked, never dropped twice).
+        // Releases all `count` slots even if an item's `Drop` panics: the slice drop still
+        // drops the rest of the run it was in, and a second run (past the buffer's wrap) is
+        // then leaked; nothing is dropped twice.
         let _release = ReleaseOnDrop {
             consumer,
             taken: count,

@@ -6,8 +6,10 @@
 //! spinning livelocks a small machine: the waiters take the CPU the consumer needs to make
 //! room. [`Waiters`] is that somewhere. A waiter spins a little ([`Backoff`]), yields a
 //! few times, then parks on a `Condvar`; whoever makes room calls [`Waiters::notify`],
-//! which costs one fence and one load when nobody is parked (never a lock, never a
-//! syscall) and wakes a bounded number of parked threads otherwise.
+//! which costs one locked read-modify-write of the waiter count when nobody is parked
+//! (never a lock, never a syscall) and wakes a bounded number of parked threads otherwise.
+//! Every waiter of one registry must wait for the same room (one registry per ring): a
+//! notification wakes the oldest sleepers, whatever they wait for.
 //!
 //! # Protocol (no lost wake-ups)
 //! A waiter registers by incrementing `count`, reads `epoch`, tries once more, and only
@@ -22,7 +24,8 @@
 //! missed (loom found that lost wake-up when both were Relaxed). (A fence and a plain load on each side, Dekker style, is
 //! correct under the C++ model's SeqCst fences too, but loom models SeqCst as AcqRel and
 //! reports that version as a lost wake-up; the RMW costs the notifier about what the fence
-//! did, on a line only parking threads write.) The notifier bumps `epoch` before it takes
+//! did, though it takes the count's line exclusively, so notifiers of a busy registry
+//! contend for it.) The notifier bumps `epoch` before it takes
 //! the lock, so a waiter that locks after the notifier unlocked sees the new epoch and does
 //! not sleep; one that locked before is already waiting when the notification comes. `tests/ring_loom.rs` checks this under
 //! loom, whose `Condvar::wait_timeout` never times out: a lost wake-up is a deadlock there.
@@ -93,7 +96,7 @@ impl Waiters {
     }
 
     /// Room for about `freed` items was made: wakes up to that many waiters (at most the
-    /// registry's `wake_max`). Without waiters this is a fence and a load.
+    /// registry's `wake_max`). Without waiters this is one locked read-modify-write.
     #[inline]
     pub fn notify(&self, freed: usize) {
         // An RMW, not a load: see the module documentation.
