@@ -535,10 +535,16 @@ pub fn decode_entry_header(bytes: &[u8], body_bytes_max: usize) -> Result<EntryH
     if header.op == 0 {
         return Err(EntryError::OpZero);
     }
-    if u64::from(header.entry_count) * u64::from(header.record_bytes)
-        + u64::from(header.request_count) * REQUEST_DESCRIPTOR_BYTES as u64
-        != u64::from(header.body_bytes)
-    {
+    // Checked: the fields are any u32s a writer (or a peer) sealed; a product that
+    // overflows is as invalid as one that does not add up.
+    let body_bytes_implied = u64::from(header.entry_count)
+        .checked_mul(u64::from(header.record_bytes))
+        .and_then(|records| {
+            u64::from(header.request_count)
+                .checked_mul(REQUEST_DESCRIPTOR_BYTES as u64)
+                .and_then(|requests| records.checked_add(requests))
+        });
+    if body_bytes_implied != Some(u64::from(header.body_bytes)) {
         return Err(EntryError::SizeInvalid {
             entry_count: header.entry_count,
             record_bytes: header.record_bytes,
@@ -767,9 +773,12 @@ fn tail_classify(
     if bytes_all_zero(rest) {
         return Tail::Clean;
     }
-    // Bounded by the region: one decode attempt per sector.
+    // Bounded by the region: one decode attempt per sector. Any entry the format admits
+    // counts as history, even one over this reader's limit: entries written under larger
+    // batch limits are history, not garbage to cut (the runtime refuses them by name).
+    let history_bytes_max = body_bytes_max.max(ENTRY_BODY_BYTES_MAX_LIMIT);
     let later_history = rest.chunks(SECTOR_BYTES).enumerate().any(|(sector, _)| {
-        entry_whole(&rest[sector * SECTOR_BYTES..], body_bytes_max)
+        entry_whole(&rest[sector * SECTOR_BYTES..], history_bytes_max)
             .is_ok_and(|entry| entry.meta.op >= op_expected)
     });
     let offset = base_offset + offset as u64;
@@ -1517,6 +1526,30 @@ mod tests {
             std::mem::offset_of!(SuperblockHeader, checksum),
             SUPERBLOCK_CHECKSUM_OFFSET
         );
+    }
+
+    /// Sizes whose implied body overflows 64 bits, under a valid header checksum (what a
+    /// buggy or hostile writer could seal), are invalid, not a panic or a wrap.
+    #[test]
+    fn sizes_that_overflow_are_invalid() {
+        let body = body(1, 1);
+        let mut buf = vec![0; SECTOR_BYTES];
+        encode_entry(&mut buf, &meta(5, 1), &body, 99);
+        let mut header: EntryHeader = bytemuck::pod_read_unaligned(&buf[..ENTRY_HEADER_BYTES]);
+        header.entry_count = u32::MAX;
+        header.record_bytes = u32::MAX;
+        header.request_count = 1 << 28;
+        header.body_bytes = 1;
+        header.checksum_header = entry_header_checksum(&header);
+        buf[..ENTRY_HEADER_BYTES].copy_from_slice(bytemuck::bytes_of(&header));
+        assert!(matches!(
+            decode_entry_header(&buf, usize::MAX),
+            Err(EntryError::SizeInvalid { .. })
+        ));
+        assert!(matches!(
+            decode_entry(&buf, usize::MAX),
+            Err(EntryError::SizeInvalid { .. })
+        ));
     }
 
     #[test]

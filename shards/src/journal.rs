@@ -309,6 +309,31 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+    /// An authentic entry (its header verifies) of this journal's history has a body
+    /// larger than this node's `body_bytes_max`: it was written under larger batch limits.
+    /// Read as the end of the journal it would be cut as a torn write, with every
+    /// acknowledged entry after it.
+    #[error(
+        "shard {shard} journal entry at op {op} (segment {segment}, offset {offset}) has a \
+         {body_bytes}-byte body, over this node's limit of {max} bytes: it was written under \
+         larger batch limits (--batch-entries-max, --batch-bytes-max). Start with limits \
+         that admit it (the ones it ran with) until a checkpoint has passed it; lowering them \
+         now would cut acknowledged entries"
+    )]
+    OverLimit {
+        /// The shard.
+        shard: u32,
+        /// The entry's op.
+        op: u64,
+        /// Segment index.
+        segment: u64,
+        /// Byte offset within the segment.
+        offset: u64,
+        /// The entry's body size.
+        body_bytes: u32,
+        /// This node's limit.
+        max: usize,
+    },
     /// An entry before the tail fails verification; it must be repaired from a peer.
     #[error(
         "shard {shard} journal corrupt at op {op} (segment {segment}, offset {offset}): {error}"
@@ -2248,6 +2273,18 @@ impl Journal {
         } else {
             self.checkpoint_locate(op).await?
         };
+        // An entry that fills its segment ends at `segment_bytes` (a follower's reader
+        // gives the checkpoint position so): op + 1 starts the next segment, which exists,
+        // as ops after `op` are durable.
+        let end = if end.offset == self.config.segment_bytes {
+            Checkpoint {
+                segment: end.segment + 1,
+                offset: 0,
+                ..end
+            }
+        } else {
+            end
+        };
         assert!(end.segment <= self.position_durable.segment);
         assert!(end.segment >= self.segment_oldest && end.offset < self.config.segment_bytes);
 
@@ -3223,6 +3260,9 @@ impl<'a> Recovery<'a> {
     async fn segment_continues(&self, segment: u64) -> Result<bool, JournalError> {
         let (file, head) = self.segment_head(segment).await?;
         let _ = file.close().await;
+        if let Some(head) = &head {
+            self.over_limit_refuse(segment, 0, head)?;
+        }
         Ok(head.is_some_and(|head| {
             format::entry_continues(
                 &head,
@@ -3244,6 +3284,32 @@ impl<'a> Recovery<'a> {
         let want = (file_bytes - offset).min(self.read_bytes as u64) as usize;
         let length = want.next_multiple_of(SECTOR_BYTES);
         read_aligned(file, path, offset, length, &self.reads_buffered).await
+    }
+
+    /// Refuses a journal whose scan stopped at `at` (segment `segment`; `bytes` from there)
+    /// on an authentic entry of this history, the next op or later, that is only too large
+    /// for this node's limit ([`JournalError::OverLimit`]). The look-ahead that tells a torn
+    /// write from history judges entries by the same limit, so without this a node
+    /// restarted with smaller batch limits read every later entry as garbage and cut them.
+    fn over_limit_refuse(&self, segment: u64, at: u64, bytes: &[u8]) -> Result<(), JournalError> {
+        let Ok(header) = format::decode_entry_header(bytes, format::ENTRY_BODY_BYTES_MAX_LIMIT)
+        else {
+            return Ok(());
+        };
+        if header.shard == self.config.shard
+            && header.op >= self.op_next
+            && header.body_bytes as usize > self.config.body_bytes_max
+        {
+            return Err(JournalError::OverLimit {
+                shard: self.config.shard,
+                op: header.op,
+                segment,
+                offset: at,
+                body_bytes: header.body_bytes,
+                max: self.config.body_bytes_max,
+            });
+        }
+        Ok(())
     }
 
     /// Scans one segment in chunks from `offset`, replaying valid entries, and finds where
@@ -3322,6 +3388,9 @@ impl<'a> Recovery<'a> {
             if outcome.entries > 0 {
                 self.op_next = outcome.op_last + 1;
                 self.checksum_previous = outcome.checksum_last;
+            }
+            if let Tail::Torn { offset: at } | Tail::Corrupt { offset: at, .. } = outcome.tail {
+                self.over_limit_refuse(segment, at, &chunk[(at - offset) as usize..])?;
             }
             let (stop, torn) = match outcome.tail {
                 Tail::Clean => (outcome.end_offset, false),
@@ -3442,6 +3511,9 @@ impl<'a> Recovery<'a> {
         for later in segment + 1..=last {
             let path = segment_path(&self.config.dir, later);
             let (file, head) = self.segment_head(later).await?;
+            if let Some(head) = &head {
+                self.over_limit_refuse(later, 0, head)?;
+            }
             let later_history = head.as_ref().and_then(|head| {
                 format::op_max_after(
                     head,

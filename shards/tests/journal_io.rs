@@ -1207,3 +1207,41 @@ fn a_hung_test_body_fails_with_the_io_state() {
         Ok(())
     );
 }
+
+/// A node restarted with smaller batch limits than its journal was written under is
+/// refused by name, and its entries stay: read under the smaller limit, every entry after
+/// the first large one looked like garbage, and recovery cut them all as a torn write.
+#[test]
+fn entries_over_a_lowered_limit_are_refused_not_cut() {
+    let temp = TempDir::new("journal-io", "over-limit");
+    let dir = temp.shard_dir(SHARD);
+    run(move || async move {
+        let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always);
+        let (mut journal, _, _) = open(config.clone()).await.expect("create");
+        // Small entries, then ones of 32 KiB bodies (256 records).
+        let mut written = batches(1..=4, 5);
+        written.extend((5..=24).map(|op| batch(op, 256, 5)));
+        append(&mut journal, &written, 3).await;
+        // No superblock since the start: as after a crash.
+        drop(journal);
+        let lowered = JournalConfig {
+            body_bytes_max: 16 * 1024,
+            ..config.clone()
+        };
+        match open(lowered).await {
+            Err(JournalError::OverLimit {
+                op,
+                segment,
+                body_bytes,
+                max,
+                ..
+            }) => {
+                assert_eq!((op, segment, body_bytes, max), (5, 0, 32 * 1024, 16 * 1024));
+            }
+            other => panic!("opened under a lowered limit: {:?}", other.map(|r| r.1)),
+        }
+        let (_journal, recovered, replayed) = open(config).await.expect("reopen as written");
+        assert_eq!(recovered.op_last, 24);
+        assert_eq!(replayed, written);
+    });
+}

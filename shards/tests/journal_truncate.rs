@@ -15,8 +15,9 @@ use std::path::Path;
 
 use futures_lite::FutureExt as _;
 use percore_engine::journal::{
-    ENTRY_HEADER_BYTES, EntryMeta, JOURNAL_CHAIN_ROOT, JournalChecksum, Tail, decode_entry,
-    encode_entry, entry_bytes_padded, parse_segment_name,
+    ENTRY_HEADER_BYTES, EntryMeta, JOURNAL_CHAIN_ROOT, JournalChecksum, SNAPSHOT_HEADER_BYTES,
+    SnapshotMeta, Tail, decode_entry, encode_entry, encode_snapshot_header, entry_bytes_padded,
+    journal_checksum, parse_segment_name, snapshot_file_name,
 };
 use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, Recovered,
@@ -632,5 +633,70 @@ fn replay_committed_only_never_goes_below_the_checkpoint() {
         assert_eq!(journal.op_durable(), 16);
         read_all(&mut journal, &old).await;
         journal.close().await.expect("close");
+    });
+}
+
+/// A checkpoint installed by the follower at the end of an entry that fills its segment
+/// exactly (the follower's reader gives the position `(segment, segment_bytes)`, not the
+/// next segment's start): truncating at that checkpoint cuts at the next segment's start,
+/// where it asserted, and recovery afterwards finds the checkpoint and the new ops.
+#[test]
+fn truncation_at_a_checkpoint_that_ends_its_segment() {
+    let temp = TempDir::new("journal-truncate", "checkpoint-at-segment-end");
+    let dir = temp.case_shard_dir("checkpoint-at-segment-end", SHARD);
+    run(move || async move {
+        // One-sector entries: sixteen fill a segment exactly.
+        let per_segment = SEGMENT_BYTES_TEST / 4096;
+        let one_sector = |ops: std::ops::RangeInclusive<u64>, salt: u8, mut previous| {
+            ops.map(|op| {
+                let (mut meta, _) = batch(op, salt);
+                meta.entry_count = 1;
+                let body = vec![salt; RECORD_BYTES as usize];
+                let bytes = encoded_with(meta, &body, previous);
+                previous = checksum_of(&bytes);
+                bytes
+            })
+            .collect::<Vec<Vec<u8>>>()
+        };
+        let checkpoint_op = per_segment;
+        let old = one_sector(1..=checkpoint_op + 5, SALT_OLD, JOURNAL_CHAIN_ROOT);
+        let (mut journal, _, _) = open(&dir, JournalOptions::default()).await.expect("open");
+        append(&mut journal, &old, 4).await;
+        let meta = SnapshotMeta {
+            cluster_id: CLUSTER_ID,
+            shard: SHARD,
+            op: checkpoint_op,
+            snapshot_bytes: 0,
+            checkpoint_checksum: checksum_of(&old[checkpoint_op as usize - 1]),
+            snapshot_checksum: journal_checksum(&[]),
+            digest: [0; 32],
+        };
+        // The follower's file (an empty state), as it writes one before the install.
+        let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+        encode_snapshot_header(&meta, &mut header);
+        std::fs::write(dir.join(snapshot_file_name(checkpoint_op)), header).expect("snapshot");
+        journal
+            .checkpoint_install(&meta, (0, SEGMENT_BYTES_TEST), u64::MAX)
+            .await
+            .expect("install at the segment's end");
+        let checksum = journal
+            .truncate_after(checkpoint_op)
+            .await
+            .expect("truncate at the checkpoint");
+        assert_eq!(checksum, meta.checkpoint_checksum);
+        assert_not_readable(&mut journal, checkpoint_op + 1).await;
+        let new = one_sector(checkpoint_op + 1..=checkpoint_op + 3, SALT_NEW, checksum);
+        append(&mut journal, &new, 1).await;
+        drop(journal); // Crash.
+        let (_journal, recovered, replayed) =
+            open(&dir, JournalOptions::default()).await.expect("reopen");
+        assert_eq!(recovered.checkpoint_op, checkpoint_op);
+        assert_eq!(recovered.op_last, checkpoint_op + 3);
+        let ops: Vec<u64> = replayed.iter().map(|(op, _)| *op).collect();
+        assert_eq!(
+            ops,
+            (checkpoint_op + 1..=checkpoint_op + 3).collect::<Vec<_>>()
+        );
+        assert_eq!(replayed[0].1, new[0]);
     });
 }
