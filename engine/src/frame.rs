@@ -386,6 +386,49 @@ pub fn header_checksum(header: &FrameHeader) -> u32 {
     frame_checksum(bytemuck::bytes_of(&unsealed))
 }
 
+/// The envelope and whole length (header included) of the frame whose header starts
+/// `bytes`, after only the checks that make them trustworthy: magic, version, the header
+/// checksum and the size limit. Nothing about its kind or records is judged: for a reader
+/// that skips frames it is not waiting for (a late reply to an earlier request, whose
+/// records another schema describes) before [`decode_header`] judges the one it is. Never
+/// panics.
+pub fn peek_header(bytes: &[u8], frame_bytes_max: usize) -> Result<(Envelope, usize), FrameError> {
+    let Some(header_bytes) = bytes.get(..FRAME_HEADER_BYTES) else {
+        return Err(FrameError::Truncated {
+            bytes: bytes.len(),
+            needed: FRAME_HEADER_BYTES,
+        });
+    };
+    let header: FrameHeader = bytemuck::pod_read_unaligned(header_bytes);
+    if header.magic != FRAME_MAGIC {
+        return Err(FrameError::BadMagic {
+            magic: header.magic,
+        });
+    }
+    if header.version != FRAME_VERSION {
+        return Err(FrameError::UnsupportedVersion {
+            version: header.version,
+        });
+    }
+    if header.checksum_header != header_checksum(&header) {
+        return Err(FrameError::HeaderChecksum);
+    }
+    let frame_bytes = FRAME_HEADER_BYTES.saturating_add(header.body_bytes as usize);
+    if frame_bytes > frame_bytes_max {
+        return Err(FrameError::TooLarge {
+            bytes: frame_bytes,
+            max: frame_bytes_max,
+        });
+    }
+    let envelope = Envelope {
+        client_id: header.client_id,
+        request_number: header.request_number,
+        operation: header.operation,
+        shard: header.shard,
+    };
+    Ok((envelope, frame_bytes))
+}
+
 /// Decodes and validates the header at the start of `bytes` (which may hold more: the body,
 /// further frames). Rejects frames larger than `frame_bytes_max` (header included).
 ///

@@ -71,6 +71,12 @@ const LABEL_HELLO_LISTENER: &[u8] = b"percore hello listener v1";
 const LABEL_HELLO_DIALER: &[u8] = b"percore hello dialer v1";
 /// Label of the key of the one direction a connection carries (dialer to listener).
 const LABEL_SESSION_DIALER_TO_LISTENER: &[u8] = b"percore session dialer->listener v1";
+/// Domain of a dialer's handshake signature in BFT mode ([`handshake_sign`]): unlike every
+/// vote (`"percore-bft-v1\0"`) and request statement, so no signature is valid as both.
+const HANDSHAKE_SIGNATURE_DOMAIN: &[u8; 24] = b"percore-bft-peer-dial-v1";
+/// Size of a dialer's handshake signature (ed25519), sent after its HelloConfirm in BFT
+/// mode.
+pub const HANDSHAKE_SIGNATURE_BYTES: usize = 64;
 
 const _: () = assert!(size_of::<PeerHeader>() == PEER_HEADER_BYTES);
 const _: () = assert!(align_of::<PeerHeader>() == 16);
@@ -179,6 +185,13 @@ pub enum MessageError {
     /// A handshake answer that does not echo the dialer's identity and nonce.
     #[error("handshake transcript mismatch")]
     TranscriptMismatch,
+    /// BFT mode: the dialer's handshake signature is not replica `from`'s (every replica
+    /// holds the cluster key; only `from` holds its signing key).
+    #[error("handshake signature is not replica {from}'s")]
+    BadSignature {
+        /// Replica the dialer claims to be.
+        from: u8,
+    },
 }
 
 /// What a message asks or tells (docs/protocol.md section 4).
@@ -662,6 +675,41 @@ pub fn session_key(key: &ClusterKey, transcript: &Transcript) -> SessionKey {
     SessionKey(derive(key, LABEL_SESSION_DIALER_TO_LISTENER, transcript))
 }
 
+/// What a dialer signs in BFT mode: [`HANDSHAKE_SIGNATURE_DOMAIN`] ‖ the completed
+/// transcript (both nonces, so a signature is good for one connection only).
+fn handshake_statement(transcript: &Transcript) -> [u8; 24 + TRANSCRIPT_BYTES] {
+    let mut bytes = [0u8; 24 + TRANSCRIPT_BYTES];
+    bytes[..24].copy_from_slice(HANDSHAKE_SIGNATURE_DOMAIN);
+    bytes[24..].copy_from_slice(&transcript.encode());
+    bytes
+}
+
+/// BFT mode: the dialer's proof that it is replica `transcript.from`, its ed25519
+/// signature over `"percore-bft-peer-dial-v1" ‖ transcript`, sent after its HelloConfirm.
+pub fn handshake_sign(
+    key: &ed25519_dalek::SigningKey,
+    transcript: &Transcript,
+) -> [u8; HANDSHAKE_SIGNATURE_BYTES] {
+    use ed25519_dalek::Signer as _;
+    key.sign(&handshake_statement(transcript)).to_bytes()
+}
+
+/// BFT mode, the listener: whether `signature` is [`handshake_sign`]'s of `transcript` by
+/// replica `transcript.from`, whose public key is `replicas[from]` (`verify_strict`, as
+/// for votes).
+pub fn handshake_verify(
+    replicas: &[ed25519_dalek::VerifyingKey],
+    transcript: &Transcript,
+    signature: &[u8; HANDSHAKE_SIGNATURE_BYTES],
+) -> Result<(), MessageError> {
+    let from = transcript.from;
+    let refused = MessageError::BadSignature { from };
+    let key = replicas.get(usize::from(from)).ok_or(refused)?;
+    let signature = ed25519_dalek::Signature::from_bytes(signature);
+    key.verify_strict(&handshake_statement(transcript), &signature)
+        .map_err(|_| refused)
+}
+
 /// The frame MAC of `header`: keyed BLAKE3 of header bytes 16..128 under `session_key`,
 /// truncated to 128 bits. `header.mac` itself is not covered.
 pub fn frame_mac(session_key: &SessionKey, header: &PeerHeader) -> u128 {
@@ -816,7 +864,8 @@ pub enum HandshakeStep {
 /// | 32 | `nonce_dialer: [u8; 32]` |
 /// | 64 | `nonce_listener: [u8; 32]` |
 /// | 96 | `mac: u128` |
-/// | 112 | zero |
+/// | 112 | `peers_digest: u64` |
+/// | 120 | zero |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 #[repr(C)]
 pub struct HandshakeFrame {
@@ -1044,6 +1093,40 @@ mod tests {
         header.set_field_u64(field::PING_LOG_VIEW, 8);
         seal(&mut header, session, sequence);
         header
+    }
+
+    /// A dialer's handshake signature verifies only as its own replica's, for this
+    /// connection's transcript: every replica holds the cluster key, so this is what
+    /// stops one from connecting in another's name.
+    #[test]
+    fn a_handshake_signature_is_the_dialers_for_this_transcript_only() {
+        let keys: Vec<ed25519_dalek::SigningKey> = (0..4u8)
+            .map(|replica| ed25519_dalek::SigningKey::from_bytes(&[replica + 1; 32]))
+            .collect();
+        let public: Vec<_> = keys.iter().map(|key| key.verifying_key()).collect();
+        let sent = transcript();
+        let signature = handshake_sign(&keys[usize::from(SENDER)], &sent);
+        assert_eq!(handshake_verify(&public, &sent, &signature), Ok(()));
+        // Replica 3 claiming to be the sender: signed with its own key.
+        let forged = handshake_sign(&keys[3], &sent);
+        assert_eq!(
+            handshake_verify(&public, &sent, &forged),
+            Err(MessageError::BadSignature { from: SENDER })
+        );
+        // A signature replayed on another connection (other nonces) or another claim.
+        let other_nonce = Transcript {
+            nonce_listener: [0x11; NONCE_BYTES],
+            ..sent
+        };
+        assert!(handshake_verify(&public, &other_nonce, &signature).is_err());
+        let other_claim = Transcript { from: 0, ..sent };
+        assert!(handshake_verify(&public, &other_claim, &signature).is_err());
+        // A replica index without a key.
+        let outside = Transcript { from: 9, ..sent };
+        assert_eq!(
+            handshake_verify(&public, &outside, &signature),
+            Err(MessageError::BadSignature { from: 9 })
+        );
     }
 
     #[test]

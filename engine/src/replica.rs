@@ -598,6 +598,9 @@ pub struct Replica {
     leader_deadline_us: u64,
     /// Last time the leader of the current view was heard (µs).
     leader_heard_us: u64,
+    /// The tick that ended this replica's last stall, when the stall grace applied
+    /// ([`Replica::stall_check`]): for granting pre-votes, the leader counts as heard then.
+    stall_heard_us: u64,
     /// The latest time the previous tick asked to be woken by (`poll_timeout`).
     tick_due_us: u64,
     /// Highest view seen in any message.
@@ -789,6 +792,7 @@ impl Replica {
             ready: commit_min == op_recovered,
             leader_deadline_us: 0,
             leader_heard_us: now_us,
+            stall_heard_us: 0,
             tick_due_us: u64::MAX,
             view_seen_max: persisted.view,
             pre_vote: None,
@@ -1766,6 +1770,8 @@ impl Replica {
         if self.status == Status::Normal && !self.is_leader() && silent_us < STALL_DEFER_US_MAX {
             let grace_us = STALL_GRACE_HEARTBEATS * self.config.heartbeat_interval_us;
             self.leader_deadline_us = self.leader_deadline_us.max(now_us + grace_us);
+            // Nor does it grant another's pre-vote on that silence.
+            self.stall_heard_us = now_us;
         }
     }
 
@@ -2064,7 +2070,10 @@ impl Replica {
                 // A recovering leader cannot lead: it lets the group move on.
                 return self.recovering.is_some() && view_target > self.view;
             }
-            if now_us.saturating_sub(self.leader_heard_us) < self.config.leader_timeout_us_min {
+            // A stall's end counts as hearing the leader: this replica could not read what
+            // its leader sent while it did not run (`stall_check`).
+            let heard_us = self.leader_heard_us.max(self.stall_heard_us);
+            if now_us.saturating_sub(heard_us) < self.config.leader_timeout_us_min {
                 return false;
             }
         }
@@ -2799,6 +2808,27 @@ mod tests {
             "{}",
             at - resumed_us
         );
+    }
+
+    #[test]
+    fn a_follower_that_did_not_run_grants_no_pre_vote_on_that_silence() {
+        let (mut stalled, heard_us) = follower_hearing_its_leader();
+        let resumed_us = heard_us + 1_000_000;
+        let mut out = actions();
+        stalled.tick(resumed_us, &mut out);
+        assert_eq!(stalled.counters().stalls, 1);
+        let granted = |replica: &mut Replica, now_us: u64| {
+            let mut out = actions();
+            replica.on_pre_vote(now_us, 2, 1, &mut out);
+            out.iter()
+                .any(|action| matches!(action, Action::PreVoteReply { granted: true, .. }))
+        };
+        // A peer cut off from the leader asks right after the stall: refused, as the
+        // leader's messages may be waiting unread.
+        assert!(!granted(&mut stalled, resumed_us + 1_000));
+        // Silent for a whole leader timeout after the stall: granted.
+        let timeout_us = stalled.config().leader_timeout_us_min;
+        assert!(granted(&mut stalled, resumed_us + timeout_us));
     }
 
     #[test]

@@ -242,6 +242,26 @@ impl ClientError {
     }
 }
 
+/// Where a client instance starts numbering its requests: the wall clock in microseconds
+/// since the Unix epoch.
+///
+/// The server keeps, per client id, the highest request number it applied and the replies
+/// of the last few (`docs/protocol.md` 10): a request whose number it holds a reply for is a
+/// retry and gets that reply, its records not applied. So a client id must never send a
+/// number again with other records, also not from a later process: one that restarted and
+/// counted from 1 again would have its first requests answered with the earlier process's
+/// replies, and its records dropped. Counting from the clock, a later instance starts above
+/// every number an earlier one used, as long as that one sent fewer requests than the
+/// microseconds it ran (a request takes at least a round trip) and the clock did not step
+/// back between them. [`Client`] and [`BftClient`] count from here; a [`Pipeline`]'s
+/// caller numbers its requests itself and should do the same.
+pub fn request_number_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |since| since.as_micros() as u64)
+        .max(1)
+}
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -875,7 +895,7 @@ impl Client {
             connections: (0..shards).map(|_| None).collect(),
             leader_hints: (0..shards).map(|shard| shard % replicas).collect(),
             redirects: 0,
-            request_number: 0,
+            request_number: request_number_base(),
             routed: vec![Vec::new(); shards],
         }
     }
@@ -1156,6 +1176,9 @@ impl Client {
 /// Default time a [`BftClient`] waits for a replica that neither answered nor failed before
 /// it sends the request to it again (µs).
 pub const BFT_ROUND_TIMEOUT_US_DEFAULT: u64 = 2_000_000;
+/// BFT client: longest one request's write to one replica may block (µs). A replica whose
+/// socket takes nothing for this long is not reading; it is dropped for the round.
+pub const BFT_SEND_TIMEOUT_US: u64 = 100_000;
 /// Pause of a [`BftClient`] when no socket had bytes (µs): it polls non-blocking sockets.
 pub const BFT_POLL_PAUSE_US: u64 = 50;
 
@@ -1242,7 +1265,7 @@ impl BftClient {
             connections: (0..replicas)
                 .map(|_| (0..shards).map(|_| None).collect())
                 .collect(),
-            request_number: 0,
+            request_number: request_number_base(),
             write_buffer: vec![0; config.frame_bytes_max],
             routed: vec![Vec::new(); shards],
             mismatched_replies: 0,
@@ -1460,6 +1483,18 @@ impl BftClient {
         let connection = self.connections[replica][shard]
             .as_mut()
             .expect("connected above");
+        // Each write is bounded on its own, not by what was left when the connection
+        // opened: a replica that stopped reading (frozen, or Byzantine) fills its socket's
+        // buffers, and the write then waits while no other replica is written to or read.
+        // Past the bound the connection is dropped and the request goes on with the others.
+        let write_timeout = attempt_timeout(
+            Duration::from_micros(BFT_SEND_TIMEOUT_US).min(self.config.timeout),
+            Some(deadline),
+        );
+        connection
+            .stream
+            .set_write_timeout(Some(write_timeout))
+            .map_err(io)?;
         connection.stream.set_nonblocking(false).map_err(io)?;
         let written = write_frame(
             &mut connection.stream,
@@ -1557,6 +1592,18 @@ fn take_reply(
     };
     // Bounded: each pass removes one whole frame.
     while received.len() >= FRAME_HEADER_BYTES {
+        // A late reply to an earlier request is skipped on its authentic envelope alone:
+        // judged by this request's schema, a reply of another operation (other result
+        // records) would read as a bad frame and cost the connection.
+        let (envelope, frame_bytes) = frame::peek_header(received, frame_bytes_max)
+            .map_err(|source| ClientError::Frame { shard, source })?;
+        if envelope.request_number != request_number {
+            if received.len() < frame_bytes {
+                return Ok(None);
+            }
+            received.drain(..frame_bytes);
+            continue;
+        }
         let header =
             frame::decode_header(&received[..FRAME_HEADER_BYTES], frame_bytes_max, &schema)
                 .map_err(|source| ClientError::Frame { shard, source })?;
@@ -1568,15 +1615,13 @@ fn take_reply(
             .map_err(|source| ClientError::Frame { shard, source })?
             .to_vec();
         received.drain(..frame_bytes);
-        if header.envelope.request_number != request_number {
-            continue;
-        }
         if header.kind == Kind::ErrorReply {
             return Ok(Some(match header.error_code {
                 code @ (ERROR_WRONG_SHARD
                 | ERROR_BFT_CROSS_SHARD
                 | ERROR_BFT_UNKNOWN_CLIENT
-                | ERROR_BFT_BAD_SIGNATURE) => ReplicaAnswer::Refused(code),
+                | ERROR_BFT_BAD_SIGNATURE
+                | ERROR_BFT_STALE_REQUEST) => ReplicaAnswer::Refused(code),
                 _ => ReplicaAnswer::Failed,
             }));
         }

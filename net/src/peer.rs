@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use percore_engine::bft::{SigningKey, VerifyingKey};
 use percore_engine::message::{
-    self, ClusterKey, HANDSHAKE_FRAME_BYTES, HandshakeFrame, HandshakeStep, MessageError,
-    NONCE_BYTES, PEER_HEADER_BYTES, PEER_MAGIC, PeerHeader, PeerKeys, SessionKey, Transcript,
+    self, ClusterKey, HANDSHAKE_FRAME_BYTES, HANDSHAKE_SIGNATURE_BYTES, HandshakeFrame,
+    HandshakeStep, MessageError, NONCE_BYTES, PEER_HEADER_BYTES, PEER_MAGIC, PeerHeader, PeerKeys,
+    SessionKey, Transcript,
 };
 
 /// Default deadline of one handshake, connect included (µs).
@@ -85,6 +87,19 @@ pub struct PeerIdentity {
     pub peers_digest: u64,
 }
 
+/// BFT mode: replicas prove their index at the handshake with their ed25519 keys. Every
+/// replica holds the cluster key, so the MACs alone prove only membership: without this a
+/// Byzantine replica could connect in another's name (its messages' sender is the
+/// connection's). The dialer signs the completed transcript after its HelloConfirm
+/// ([`message::handshake_sign`]); the listener checks it against the claimed replica's key.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicaSigning<'a> {
+    /// This replica's signing key (used when dialing).
+    pub key: &'a SigningKey,
+    /// Every replica's public key, in replica order (checked when accepting).
+    pub replicas: &'a [VerifyingKey],
+}
+
 /// A fresh handshake nonce from the OS CSPRNG (`/dev/urandom`).
 pub fn os_nonce() -> Result<[u8; NONCE_BYTES], PeerError> {
     let mut nonce = [0u8; NONCE_BYTES];
@@ -125,7 +140,9 @@ async fn write_handshake(stream: &mut TcpStream, frame: &HandshakeFrame) -> Resu
 /// included, must finish within `handshake_timeout`. `nonce` must be fresh ([`os_nonce`];
 /// the simulator draws it from its seed). The sender buffers up to `send_buffer_bytes`
 /// between flushes; [`PeerSender::by_accepted_key`] tells whether the peer answered with
-/// the accepted key.
+/// the accepted key. With `signing` (BFT mode) the dialer then sends its signature of the
+/// transcript ([`ReplicaSigning`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn dial(
     address: SocketAddr,
     me: &PeerIdentity,
@@ -134,6 +151,7 @@ pub async fn dial(
     nonce: [u8; NONCE_BYTES],
     handshake_timeout: Duration,
     send_buffer_bytes: usize,
+    signing: Option<ReplicaSigning<'_>>,
 ) -> Result<PeerSender, PeerError> {
     assert!(
         me.replica < me.replica_count,
@@ -169,6 +187,10 @@ pub async fn dial(
         let mac = message::hello_mac_dialer(key, &transcript);
         let confirm = HandshakeFrame::new(HandshakeStep::HelloConfirm, &transcript, mac);
         write_handshake(&mut stream, &confirm).await?;
+        if let Some(signing) = signing {
+            let signature = message::handshake_sign(signing.key, &transcript);
+            stream.write_all(&signature).await.map_err(io_error)?;
+        }
         Ok((stream, transcript, key, by_accepted_key))
     })
     .await?;
@@ -192,16 +214,19 @@ pub async fn dial(
 /// Runs the listener's half of the handshake on an accepted `stream`. Refuses, by closing
 /// without an answer, a Hello from a foreign cluster or group, from a replica outside
 /// `0..replica_count` or from ourselves, or addressed to another replica; refuses a
-/// HelloConfirm whose MAC is not the dialer's. Everything must arrive within
-/// `handshake_timeout`. The receiver accepts bodies up to `body_bytes_max`.
+/// HelloConfirm whose MAC is not the dialer's and, with `signing` (BFT mode), a dialer
+/// whose signature is not the claimed replica's. Everything must arrive within
+/// `handshake_timeout`. The connection then becomes a [`PeerReceiver`] with
+/// [`Accepted::receiver`], given its body buffer: the caller knows by then which peer it
+/// is, and so which buffer.
 pub async fn accept_handshake(
     mut stream: TcpStream,
     me: &PeerIdentity,
     key: &ClusterKey,
     nonce: [u8; NONCE_BYTES],
     handshake_timeout: Duration,
-    body_bytes_max: usize,
-) -> Result<PeerReceiver, PeerError> {
+    signing: Option<ReplicaSigning<'_>>,
+) -> Result<Accepted, PeerError> {
     assert!(
         me.replica < me.replica_count,
         "identity outside its cluster"
@@ -229,6 +254,12 @@ pub async fn accept_handshake(
         write_handshake(&mut stream, &reply).await?;
         let confirm = read_handshake(&mut stream, HandshakeStep::HelloConfirm).await?;
         message::check_hello_confirm(&confirm, &transcript, key)?;
+        if let Some(signing) = signing {
+            let mut signature = [0u8; HANDSHAKE_SIGNATURE_BYTES];
+            stream.read_exact(&mut signature).await.map_err(io_error)?;
+            message::handshake_verify(signing.replicas, &transcript, &signature)
+                .map_err(|reason| PeerError::Refused { reason })?;
+        }
         Ok(transcript)
     })
     .await;
@@ -245,13 +276,44 @@ pub async fn accept_handshake(
         from = transcript.from,
         "peer connection accepted"
     );
-    Ok(PeerReceiver::new(
+    Ok(Accepted {
         stream,
-        message::session_key(key, &transcript),
-        me.group,
-        transcript.from,
-        body_bytes_max,
-    ))
+        session_key: message::session_key(key, &transcript),
+        group: me.group,
+        from: transcript.from,
+    })
+}
+
+/// An authenticated inbound connection that has not been given its body buffer yet
+/// ([`accept_handshake`]).
+#[derive(Debug)]
+pub struct Accepted {
+    stream: TcpStream,
+    session_key: SessionKey,
+    group: u32,
+    from: u8,
+}
+
+impl Accepted {
+    /// The authenticated peer that sends on this connection.
+    pub fn from(&self) -> u8 {
+        self.from
+    }
+
+    /// The connection's reading end, reading bodies of up to `body.len()` bytes into
+    /// `body` (allocated by the caller once, and handed back by
+    /// [`PeerReceiver::into_body`]).
+    pub fn receiver(self, body: Vec<u8>) -> PeerReceiver {
+        PeerReceiver {
+            stream: self.stream,
+            session_key: self.session_key,
+            body,
+            sequence_last: 0,
+            group: self.group,
+            from: self.from,
+            broken: false,
+        }
+    }
 }
 
 /// A frame does not fit the send buffer now; nothing was written and no sequence used.
@@ -386,7 +448,7 @@ impl PeerSender {
 pub struct PeerReceiver {
     stream: TcpStream,
     session_key: SessionKey,
-    /// Holds one body; allocated once at `body_bytes_max`.
+    /// Holds one body; its length is the largest body accepted.
     body: Vec<u8>,
     /// Sequence of the last accepted frame (0 before the first).
     sequence_last: u64,
@@ -396,22 +458,9 @@ pub struct PeerReceiver {
 }
 
 impl PeerReceiver {
-    fn new(
-        stream: TcpStream,
-        session_key: SessionKey,
-        group: u32,
-        from: u8,
-        body_bytes_max: usize,
-    ) -> PeerReceiver {
-        PeerReceiver {
-            stream,
-            session_key,
-            body: vec![0; body_bytes_max],
-            sequence_last: 0,
-            group,
-            from,
-            broken: false,
-        }
+    /// Closes the connection and hands back the body buffer it was given.
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
     }
 
     /// The authenticated peer that sends on this connection.

@@ -127,9 +127,10 @@ async fn accept_one(
         &key,
         nonce(0xBB),
         timeout,
-        BODY_BYTES_MAX,
+        None,
     )
     .await
+    .map(|accepted| accepted.receiver(vec![0; BODY_BYTES_MAX]))
 }
 
 /// Spawns [`accept_one`] with the cluster key and the usual timeout.
@@ -234,6 +235,7 @@ fn handshake_and_a_thousand_frames_arrive_in_order() {
             nonce(0xAA),
             HANDSHAKE_TIMEOUT,
             SEND_BUFFER_BYTES,
+            None,
         )
         .await
         .expect("dial");
@@ -324,6 +326,7 @@ fn a_wrong_cluster_key_fails_on_both_sides() {
             nonce(0xAA),
             HANDSHAKE_TIMEOUT,
             SEND_BUFFER_BYTES,
+            None,
         )
         .await;
         assert!(
@@ -365,6 +368,7 @@ fn a_dialer_connects_with_its_accepted_key_during_a_rotation() {
             nonce(0xAA),
             HANDSHAKE_TIMEOUT,
             SEND_BUFFER_BYTES,
+            None,
         )
         .await
         .expect("dial with the accepted key");
@@ -390,6 +394,7 @@ async fn dial_refused(me: PeerIdentity, to: u8) -> (PeerError, PeerError) {
         nonce(0xAA),
         HANDSHAKE_TIMEOUT,
         SEND_BUFFER_BYTES,
+        None,
     )
     .await;
     let accepted = accepting.await;
@@ -484,6 +489,7 @@ fn unknown_peers_and_wrong_targets_are_refused() {
                 nonce(0xAA),
                 HANDSHAKE_TIMEOUT,
                 SEND_BUFFER_BYTES,
+                None,
             )
             .await;
             assert!(matches!(dialed, Err(PeerError::InvalidTarget { .. })));
@@ -681,4 +687,65 @@ fn os_nonces_are_fresh() {
     let second = peer::os_nonce().expect("nonce");
     assert_ne!(first, second);
     assert_ne!(first, [0; NONCE_BYTES]);
+}
+
+/// BFT mode: the listener takes a dialer as replica `from` only with `from`'s signature of
+/// the handshake; the cluster key, which every replica holds, is not enough.
+#[test]
+fn with_replica_signing_a_dialer_must_sign_as_the_replica_it_claims() {
+    use percore_engine::bft::SigningKey;
+    let secret: Vec<SigningKey> = (0..REPLICA_COUNT)
+        .map(|replica| SigningKey::from_bytes(&[replica + 7; 32]))
+        .collect();
+    let public: Vec<_> = secret.iter().map(SigningKey::verifying_key).collect();
+    for (signer, accepted) in [(DIALER, true), (2, false)] {
+        let (secret, public) = (secret.clone(), public.clone());
+        run(move || async move {
+            let (listener, address) = bind();
+            let acceptor = {
+                let public = public.clone();
+                glommio::spawn_local(async move {
+                    let stream = listener.accept().await.expect("accept");
+                    let signing = peer::ReplicaSigning {
+                        key: &secret[usize::from(LISTENER)],
+                        replicas: &public,
+                    };
+                    peer::accept_handshake(
+                        stream,
+                        &identity(LISTENER),
+                        &cluster_key(),
+                        nonce(0xBB),
+                        HANDSHAKE_TIMEOUT,
+                        Some(signing),
+                    )
+                    .await
+                    .map(|accepted| accepted.from())
+                })
+            };
+            let dialer_key = SigningKey::from_bytes(&[signer + 7; 32]);
+            let signing = peer::ReplicaSigning {
+                key: &dialer_key,
+                replicas: &public,
+            };
+            let _sender = peer::dial(
+                address,
+                &identity(DIALER),
+                LISTENER,
+                &PeerKeys::new(cluster_key()),
+                nonce(0xAA),
+                HANDSHAKE_TIMEOUT,
+                SEND_BUFFER_BYTES,
+                Some(signing),
+            )
+            .await
+            .expect("the MACs check out either way");
+            match acceptor.await {
+                Ok(from) => assert!(accepted && from == DIALER, "accepted from {from}"),
+                Err(PeerError::Refused {
+                    reason: MessageError::BadSignature { from },
+                }) => assert!(!accepted && from == DIALER, "refused {from}"),
+                Err(other) => panic!("{other}"),
+            }
+        });
+    }
 }

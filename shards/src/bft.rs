@@ -1293,6 +1293,10 @@ where
             outboxes: &state.outboxes,
             send_queue_bytes: state.settings.send_queue_bytes,
             frame_bytes_max: BFT_MESSAGE_BYTES_MAX,
+            signing: Some(percore_net::peer::ReplicaSigning {
+                key: &state.settings.secret_key,
+                replicas: &state.settings.public_keys,
+            }),
         }
     }
 
@@ -1516,6 +1520,16 @@ fn hex(digest: &Digest) -> String {
 /// before it. The driver's own snapshot transfer messages leave at once.
 pub(crate) fn send<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
     let bft = shard.bft.as_ref().expect("BFT shard");
+    // The core addresses replicas of the group only; one outside it (a core bug) is
+    // dropped and counted, never used as an index.
+    if tos.iter().any(|&to| to >= bft.settings.replica_count()) {
+        debug_assert!(false, "a send to a replica outside the group: {tos:?}");
+        ShardMetrics::add(
+            &shard.metrics.replication_messages_dropped_total,
+            tos.len() as u64,
+        );
+        return;
+    }
     let peers = tos.iter().fold(0, |peers, to| peers | 1 << to);
     let offered = bft.held.borrow_mut().offer(peers, message);
     match offered {

@@ -665,6 +665,11 @@ impl Unanswered {
 struct LeaderLink {
     shard: usize,
     client_id: u128,
+    /// Request `k` of this connection goes out as number `number_base + k`
+    /// ([`percore_net::client::request_number_base`]): client ids are reused from run to
+    /// run, and a run against a cluster that served an earlier one must not send numbers
+    /// the sessions there hold replies for.
+    number_base: u64,
     target: LoadTarget,
     /// Index in `target.replicas` of the replica connected to now.
     current: usize,
@@ -678,6 +683,7 @@ impl LeaderLink {
         Self {
             shard,
             client_id,
+            number_base: percore_net::client::request_number_base(),
             target,
             current,
             follows,
@@ -732,7 +738,7 @@ impl LeaderLink {
             let resent = pending.clone().try_for_each(|number| {
                 pipeline.send(
                     frame::Operation::CreateTransfers.into(),
-                    number,
+                    self.number_base + number,
                     unanswered.get(number),
                 )
             });
@@ -787,8 +793,11 @@ fn load_thread(
             sent += 1;
             let records = unanswered.build(sent, &mut maker);
             sent_at.push_back(Instant::now());
-            let Err(error) = pipeline.send(frame::Operation::CreateTransfers.into(), sent, records)
-            else {
+            let Err(error) = pipeline.send(
+                frame::Operation::CreateTransfers.into(),
+                link.number_base + sent,
+                records,
+            ) else {
                 continue;
             };
             if !link.should_follow(&error) {
@@ -841,6 +850,8 @@ struct PacedCounts {
     handover: Mutex<Option<PipelineReceiver>>,
     /// The group has other replicas to follow its leader to ([`LeaderLink::should_follow`]).
     can_follow: bool,
+    /// The connection's [`LeaderLink::number_base`].
+    number_base: u64,
 }
 
 /// Open loop on one connection: a scoped sender thread sends request `k` at
@@ -870,6 +881,7 @@ fn paced(
         broken: AtomicBool::new(false),
         handover: Mutex::new(None),
         can_follow: link.target.replicas.len() > 1,
+        number_base: link.number_base,
     };
     let receiving = std::thread::current();
     std::thread::scope(|scope| {
@@ -950,7 +962,11 @@ fn paced_send(
         // Release, paired with the receiver's Acquire: it reads only replies owed.
         counts.sent.store(sent, Ordering::Release);
         receiving.unpark();
-        if let Err(error) = sender.send(frame::Operation::CreateTransfers.into(), sent, records) {
+        if let Err(error) = sender.send(
+            frame::Operation::CreateTransfers.into(),
+            link.number_base + sent,
+            records,
+        ) {
             if !link.should_follow(&error) {
                 return Err(error);
             }
@@ -1008,7 +1024,7 @@ fn paced_receive(
             std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
             continue;
         }
-        match receiver.receive(size_of::<RecordResult>(), received + 1) {
+        match receiver.receive(size_of::<RecordResult>(), counts.number_base + received + 1) {
             Ok(reply) => {
                 tally.record(reply.body, schedule.due(received));
                 received += 1;

@@ -348,6 +348,7 @@ shard_metrics! {
     counter peer_connections_accepted_key_total: "Peer connections dialed whose peer answered with the key accepted during a key rotation, not this node's cluster key (it stops rising once every node runs on one key).",
     counter peer_auth_failures_total: "Peer connections refused (bad key, unknown peer, bad frame).",
     counter peer_connections_replaced_total: "Inbound peer connections closed because the same peer authenticated a newer one (a frame that arrived on the older one was dropped).",
+    counter peer_handshakes_refused_total: "Inbound peer connections closed unheard because the shard already ran its most handshakes at once (HANDSHAKES_PENDING_MAX).",
     counter client_not_leader_total: "Client requests refused because this replica does not lead.",
     counter checkpoints_total: "Checkpoints recorded in the superblock.",
     gauge checkpoint_op: "Op of the latest checkpoint recorded in the superblock.",

@@ -16,9 +16,8 @@ use std::time::Duration;
 
 use glommio::net::{TcpListener, TcpStream};
 use percore_engine::message::{PEER_HEADER_BYTES, PeerHeader, PeerKeys};
-use percore_engine::replica::REPLICA_COUNT_MAX;
 use percore_engine::state_machine::StateMachine;
-use percore_net::peer::{self, PeerIdentity};
+use percore_net::peer::{self, PeerIdentity, ReplicaSigning};
 
 use crate::metrics::ShardMetrics;
 use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
@@ -31,6 +30,20 @@ pub const RECONNECT_BACKOFF_US_MIN: u64 = 1_000;
 pub const RECONNECT_BACKOFF_US_MAX: u64 = 1_000_000;
 
 const _: () = assert!(RECONNECT_BACKOFF_US_MIN < RECONNECT_BACKOFF_US_MAX);
+
+/// Unauthenticated handshakes a shard runs at once (`docs/protocol.md` 3): a connection
+/// accepted while this many are under way is closed unheard (counted in
+/// `percore_peer_handshakes_refused_total`). Each holds a socket for up to
+/// [`HANDSHAKE_TIMEOUT_US`]; without a bound, anyone who can reach the peer port could
+/// take every descriptor of the process.
+pub const HANDSHAKES_PENDING_MAX: usize = 8;
+/// A newly authenticated connection waits for its peer's body buffer, which the connection
+/// it replaces hands back when it sees it was replaced, looking again this often (µs) as
+/// well as when woken.
+const BODY_WAIT_POLL_US: u64 = 1_000;
+/// Refused handshakes are logged at most once per this interval per shard (ms); the rest
+/// are counted, and the next line says how many were not logged.
+const REFUSAL_LOG_INTERVAL_MS: u64 = 1_000;
 
 /// What the transport needs of a shard's protocol state.
 pub(crate) struct PeerLink<'a> {
@@ -47,6 +60,8 @@ pub(crate) struct PeerLink<'a> {
     pub(crate) send_queue_bytes: usize,
     /// Largest frame body accepted from a peer (bytes).
     pub(crate) frame_bytes_max: usize,
+    /// BFT mode: replicas prove their index with their signing keys at the handshake.
+    pub(crate) signing: Option<ReplicaSigning<'a>>,
 }
 
 /// What a protocol driver tells the shared transport about itself.
@@ -194,7 +209,47 @@ pub(crate) async fn until_finished<S: StateMachine>(shard: &Shard<S>) {
     }
 }
 
-/// Accepts peer connections; each gets its own receiver task. Returns once the shard is
+/// One peer's inbound side on this shard: which of its connections is the newest, and the
+/// one body buffer its receivers take in turn (allocated when the shard starts), so that
+/// however often a peer reconnects, this shard holds one frame's buffer for it.
+struct Inbound {
+    /// How many of the peer's connections authenticated so far. A receiver serves only
+    /// while its connection is the newest (see [`receive_loop`]).
+    generation: Cell<u64>,
+    /// The buffer, while no receiver holds it.
+    body: Cell<Option<Vec<u8>>>,
+    /// Rung when a newer connection authenticates: wakes the receiver holding the buffer.
+    superseded: LocalNotify,
+    /// Rung when the holder hands the buffer back.
+    returned: LocalNotify,
+}
+
+/// Handshake refusals logged and not logged since the last line ([`REFUSAL_LOG_INTERVAL_MS`]).
+#[derive(Default)]
+struct RefusalLog {
+    logged_at: Cell<Option<std::time::Instant>>,
+    unlogged: Cell<u64>,
+}
+
+impl RefusalLog {
+    /// Whether to log a refusal now, and how many went unlogged before it.
+    fn due(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let quiet = self.logged_at.get().is_none_or(|at| {
+            now.duration_since(at) >= Duration::from_millis(REFUSAL_LOG_INTERVAL_MS)
+        });
+        if quiet {
+            self.logged_at.set(Some(now));
+            Some(self.unlogged.replace(0))
+        } else {
+            self.unlogged.set(self.unlogged.get() + 1);
+            None
+        }
+    }
+}
+
+/// Accepts peer connections; each gets its own receiver task, at most
+/// [`HANDSHAKES_PENDING_MAX`] of them unauthenticated at once. Returns once the shard is
 /// finished and every receiver has ended.
 pub(crate) async fn accept_loop<S, P>(shard: Rc<Shard<S>>, listener: TcpListener)
 where
@@ -202,9 +257,21 @@ where
     P: PeerProtocol<S>,
 {
     let receivers = Rc::new(Cell::new(0usize));
-    // Per peer: how many of its connections authenticated so far. A receiver serves only
-    // while its connection is the peer's newest (see `receive_loop`).
-    let generations: Rc<[Cell<u64>]> = (0..REPLICA_COUNT_MAX).map(|_| Cell::new(0)).collect();
+    let pending = Rc::new(Cell::new(0usize));
+    let refusals = Rc::new(RefusalLog::default());
+    let inbound: Rc<[Inbound]> = {
+        let link = P::link(&shard);
+        (0..link.identity.replica_count)
+            .map(|peer| Inbound {
+                generation: Cell::new(0),
+                body: Cell::new(
+                    (peer != link.identity.replica).then(|| vec![0; link.frame_bytes_max]),
+                ),
+                superseded: LocalNotify::default(),
+                returned: LocalNotify::default(),
+            })
+            .collect()
+    };
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             until_finished(&shard).await;
@@ -212,12 +279,28 @@ where
         })
         .await;
         let Some(accepted) = accepted else { break };
-        let Ok(stream) = accepted else { continue };
-        let (shard, receivers) = (shard.clone(), receivers.clone());
-        let generations = generations.clone();
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(error) => {
+                // Out of descriptors, say: retrying at once would spin.
+                if let Some(unlogged) = refusals.due() {
+                    tracing::warn!(shard = shard.index, %error, unlogged, "{} accept failed", P::NAME);
+                }
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+        };
+        if pending.get() >= HANDSHAKES_PENDING_MAX {
+            ShardMetrics::add(&shard.metrics.peer_handshakes_refused_total, 1);
+            drop(stream);
+            continue;
+        }
+        pending.set(pending.get() + 1);
         receivers.set(receivers.get() + 1);
+        let (shard, receivers) = (shard.clone(), receivers.clone());
+        let (pending, refusals, inbound) = (pending.clone(), refusals.clone(), inbound.clone());
         glommio::spawn_local(async move {
-            receive_loop::<S, P>(&shard, stream, &generations).await;
+            receive_loop::<S, P>(&shard, stream, &inbound, &pending, &refusals).await;
             receivers.set(receivers.get() - 1);
         })
         .detach();
@@ -228,58 +311,93 @@ where
     }
 }
 
+/// Returns once the shard is finished or a newer connection of the peer authenticated.
+async fn until_superseded<S: StateMachine>(shard: &Shard<S>, peer: &Inbound, mine: u64) {
+    while !shard.finished.get() && peer.generation.get() == mine {
+        futures_lite::future::or(
+            peer.superseded.wait(),
+            glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
+        )
+        .await;
+    }
+}
+
 /// Authenticates one inbound connection, then hands each frame to the protocol until the
 /// connection ends or the shard finishes. A failed handshake or a frame that fails its
 /// checks counts in `percore_peer_auth_failures_total` and ends the connection.
 ///
 /// A newly authenticated connection from a peer replaces the older ones (the peer
-/// reconnected, or restarted): a frame still arriving on an older one is dropped and that
-/// connection closed, never handed to the protocol. So once this replica has handled a
-/// message of a peer's new connection, nothing its earlier process sent counts any more: a
-/// replica formatted with `--replace` relies on it (`docs/protocol.md` 8). Dropping is safe:
-/// the peer already treated what it had queued on the old connection as lost.
-async fn receive_loop<S, P>(shard: &Rc<Shard<S>>, stream: TcpStream, generations: &[Cell<u64>])
-where
+/// reconnected, or restarted): the older one's receiver is woken, closes its connection
+/// and hands the peer's body buffer to the new one; a frame still arriving on an older one
+/// is dropped, never handed to the protocol. So once this replica has handled a message of
+/// a peer's new connection, nothing its earlier process sent counts any more: a replica
+/// formatted with `--replace` relies on it (`docs/protocol.md` 8). Dropping is safe: the
+/// peer already treated what it had queued on the old connection as lost. An older
+/// connection that went silent (its peer's host died) ends when the peer connects again.
+async fn receive_loop<S, P>(
+    shard: &Rc<Shard<S>>,
+    stream: TcpStream,
+    inbound: &[Inbound],
+    pending: &Cell<usize>,
+    refusals: &RefusalLog,
+) where
     S: StateMachine + 'static,
     P: PeerProtocol<S>,
 {
-    let Ok(nonce) = peer::os_nonce() else {
-        tracing::error!(
-            shard = shard.index,
-            "cannot read /dev/urandom: {} refused",
-            P::NAME
-        );
-        return;
+    let handshake = async {
+        let nonce = peer::os_nonce()?;
+        let link = P::link(shard);
+        peer::accept_handshake(
+            stream,
+            link.identity,
+            &link.keys.current,
+            nonce,
+            Duration::from_micros(HANDSHAKE_TIMEOUT_US),
+            link.signing,
+        )
+        .await
     };
-    let link = P::link(shard);
-    let handshake = peer::accept_handshake(
-        stream,
-        link.identity,
-        &link.keys.current,
-        nonce,
-        Duration::from_micros(HANDSHAKE_TIMEOUT_US),
-        link.frame_bytes_max,
-    );
     let handshake = futures_lite::future::or(async { Some(handshake.await) }, async {
         until_finished(shard).await;
         None
     })
     .await;
-    let mut receiver = match handshake {
+    pending.set(pending.get() - 1);
+    let accepted = match handshake {
         None => return,
-        Some(Ok(receiver)) => receiver,
+        Some(Ok(accepted)) => accepted,
         Some(Err(error)) => {
             ShardMetrics::add(&shard.metrics.peer_auth_failures_total, 1);
-            tracing::warn!(shard = shard.index, %error, "{} refused", P::NAME);
+            if let Some(unlogged) = refusals.due() {
+                tracing::warn!(shard = shard.index, %error, unlogged, "{} refused", P::NAME);
+            }
             return;
         }
     };
-    let from = receiver.from();
-    let Some(generation) = generations.get(usize::from(from)) else {
+    let from = accepted.from();
+    let Some(peer) = inbound.get(usize::from(from)) else {
         return;
     };
-    let mine = generation.get() + 1;
-    generation.set(mine);
+    let mine = peer.generation.get() + 1;
+    peer.generation.set(mine);
+    peer.superseded.notify();
+    // Bounded: the holder hands the buffer back once it sees this connection (or the
+    // shard's end); a newer connection ends this wait instead.
+    let body = loop {
+        if shard.finished.get() || peer.generation.get() != mine {
+            ShardMetrics::add(&shard.metrics.peer_connections_replaced_total, 1);
+            return;
+        }
+        if let Some(body) = peer.body.take() {
+            break body;
+        }
+        futures_lite::future::or(
+            peer.returned.wait(),
+            glommio::timer::sleep(Duration::from_micros(BODY_WAIT_POLL_US)),
+        )
+        .await;
+    };
+    let mut receiver = accepted.receiver(body);
     tracing::info!(
         shard = shard.index,
         peer = from,
@@ -288,11 +406,11 @@ where
     );
     loop {
         let received = futures_lite::future::or(async { Some(receiver.recv().await) }, async {
-            until_finished(shard).await;
+            until_superseded(shard, peer, mine).await;
             None
         })
         .await;
-        if generation.get() != mine {
+        if peer.generation.get() != mine {
             ShardMetrics::add(&shard.metrics.peer_connections_replaced_total, 1);
             tracing::info!(
                 shard = shard.index,
@@ -300,10 +418,10 @@ where
                 "{} connection replaced by a newer one from the same peer",
                 P::NAME
             );
-            return;
+            break;
         }
         match received {
-            None => return,
+            None => break,
             Some(Ok((header, body))) => P::received(shard, from, &header, body),
             Some(Err(error)) => {
                 if !matches!(error, peer::PeerError::Closed) {
@@ -316,10 +434,12 @@ where
                     "{} connection ended",
                     P::NAME
                 );
-                return;
+                break;
             }
         }
     }
+    peer.body.set(Some(receiver.into_body()));
+    peer.returned.notify();
 }
 
 /// Dials `peer` (with back-off) and writes its outbox until the shard finishes.
@@ -338,6 +458,7 @@ where
         peer,
         keys: link.keys,
         send_queue_bytes: link.send_queue_bytes,
+        signing: link.signing,
     };
     while let Some(mut sender) = dial.until_connected(&shard).await {
         tracing::info!(
@@ -382,6 +503,8 @@ struct PeerDial<'a> {
     keys: &'a PeerKeys,
     /// The connection's send buffer (bytes).
     send_queue_bytes: usize,
+    /// BFT mode: the signing key this replica proves its index with.
+    signing: Option<ReplicaSigning<'a>>,
 }
 
 impl PeerDial<'_> {
@@ -402,6 +525,7 @@ impl PeerDial<'_> {
                         nonce,
                         Duration::from_micros(HANDSHAKE_TIMEOUT_US),
                         self.send_queue_bytes,
+                        self.signing,
                     )
                     .await
                 }

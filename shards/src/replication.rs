@@ -480,6 +480,7 @@ where
             outboxes: &state.outboxes,
             send_queue_bytes: state.settings.send_queue_bytes,
             frame_bytes_max: ENTRY_HEADER_BYTES + shard.body_bytes_max(),
+            signing: None,
         }
     }
 
@@ -1441,8 +1442,27 @@ where
         if journal.staged_bytes() + entry_bytes_padded(entry.len() - ENTRY_HEADER_BYTES)
             > journal.write_buffer_bytes()
         {
+            // The core accepted the message in its view and log; while this write is in
+            // flight the receive tasks run, and a StartView (or the end of an install) can
+            // move both. Then the message belongs to a log this replica no longer votes
+            // for: an entry of the old view staged at the new log's next op would be
+            // acknowledged in the new view and applied where the group committed another
+            // (the checks below see only op numbers and an install's checksums). Dropped;
+            // the leader of the current view repairs it.
+            let accepted_in = {
+                let replica = replication.replica.borrow();
+                (replica.view(), replica.log_view())
+            };
             journal_commit(shard, journal).await;
             report_durable(shard, journal, &mut actions);
+            let now_in = {
+                let replica = replication.replica.borrow();
+                (replica.view(), replica.log_view())
+            };
+            if now_in != accepted_in {
+                ShardMetrics::add(&shard.metrics.replication_prepares_dropped_total, 1);
+                continue;
+            }
         }
         let entry_header: EntryHeader = bytemuck::pod_read_unaligned(&entry[..ENTRY_HEADER_BYTES]);
         let body = &entry[ENTRY_HEADER_BYTES..];

@@ -2003,3 +2003,103 @@ fn bft_cluster_key_rotates_by_rolling_restarts() {
         3 * REPLICAS
     );
 }
+
+/// Every replica holds the cluster key, so the handshake's MACs prove membership, not
+/// which replica dials: a Byzantine replica (here: the test, holding replica 3's signing
+/// key) connecting to replica 0 in replica 1's name is refused, as its signature of the
+/// handshake is not replica 1's (`docs/bft.md` 1, `protocol.md` 3); connecting in its own
+/// name it is accepted (and replaces replica 3's own connection, which redials).
+#[test]
+fn bft_a_replica_cannot_connect_in_anothers_name() {
+    let mut harness = Harness::start("impersonation", None);
+    let keys_dir = harness.root.join("bft-keys");
+    let read = |name: &str| std::fs::read_to_string(keys_dir.join(name)).expect(name);
+    let own = percore_engine::bft::keys::parse_secret_key(&read("replica-3.key"))
+        .expect("replica 3's key");
+    let public = percore_engine::bft::keys::parse_cluster(&read("cluster.keys"))
+        .expect("cluster file")
+        .keys;
+    let cluster_key =
+        percore_shards::replication::cluster_key_from_file(harness.cluster.key_file())
+            .expect("the cluster key");
+    let peers: Vec<std::net::SocketAddr> = (0..REPLICAS)
+        .map(|replica| harness.cluster.peer_address(replica, 0))
+        .collect();
+    let digest = percore_shards::config::PeersDigest::of(&peers).0
+        ^ percore_shards::bft::BFT_PEERS_DIGEST_SALT;
+    let refused = |harness: &Harness| harness.metric(0, "percore_peer_auth_failures_total");
+    let replaced = |harness: &Harness| harness.metric(0, "percore_peer_connections_replaced_total");
+    let dial_as = |claimed: u8| {
+        let (key, public) = (own.key.clone(), public.clone());
+        let log_0 = harness.cluster.log_path(0);
+        let keys = percore_engine::message::PeerKeys::new(cluster_key.clone());
+        let address = peers[0];
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(256 * 1024)
+            .spawn(move || async move {
+                let identity = percore_net::peer::PeerIdentity {
+                    cluster_id: 1,
+                    group: 0,
+                    replica: claimed,
+                    replica_count: REPLICAS as u8,
+                    peers_digest: digest,
+                };
+                let signing = percore_net::peer::ReplicaSigning {
+                    key: &key,
+                    replicas: &public,
+                };
+                let sender = percore_net::peer::dial(
+                    address,
+                    &identity,
+                    0,
+                    &keys,
+                    percore_net::peer::os_nonce().expect("a nonce"),
+                    Duration::from_secs(5),
+                    64 * 1024,
+                    Some(signing),
+                )
+                .await
+                .unwrap_or_else(|error| {
+                    let log = std::fs::read_to_string(log_0).unwrap_or_default();
+                    let refusals: Vec<&str> = log
+                        .lines()
+                        .filter(|line| line.contains("refused"))
+                        .collect();
+                    panic!("the MAC handshake did not complete: {error}: {refusals:#?}")
+                });
+                // Held open a moment: the listener checks the signature after the MACs.
+                glommio::timer::sleep(Duration::from_millis(300)).await;
+                drop(sender);
+            })
+            .expect("executor starts")
+            .join()
+            .expect("test dialer");
+    };
+    let (before, replaced_first) = (refused(&harness), replaced(&harness));
+    dial_as(1);
+    wait_until(
+        "replica 0 refuses a dialer signing in another's name",
+        || (refused(&harness) > before).then_some(()),
+    );
+    assert_eq!(
+        replaced(&harness),
+        replaced_first,
+        "replica 1's own connection was not displaced"
+    );
+    let replaced_before = replaced(&harness);
+    let refused_before = refused(&harness);
+    dial_as(3);
+    wait_until("replica 0 accepts replica 3's key as replica 3", || {
+        (replaced(&harness) > replaced_before).then_some(())
+    });
+    assert_eq!(
+        refused(&harness),
+        refused_before,
+        "the truthful dialer is accepted"
+    );
+    // The group goes on: replica 3 redials, requests commit.
+    let mut client = harness.client(7);
+    let mut expected = create_funded_accounts(&mut client);
+    transfers_commit(&mut client, &mut expected);
+    harness.cluster.stop_all();
+}

@@ -869,6 +869,61 @@ fn a_newer_connection_from_a_peer_replaces_the_older_one() {
     assert_replicas_agree(&harness, &committed);
 }
 
+/// Unauthenticated handshakes are bounded (`HANDSHAKES_PENDING_MAX`, `docs/protocol.md`
+/// 3): connections that say nothing hold a handshake for its deadline, and those accepted
+/// beyond the bound are closed at once, unheard, instead of each holding a descriptor for a
+/// second. The group goes on meanwhile.
+#[test]
+fn peer_handshakes_beyond_the_bound_are_closed_unheard() {
+    use percore_shards::peer_link::{HANDSHAKE_TIMEOUT_US, HANDSHAKES_PENDING_MAX};
+    const SILENT: usize = HANDSHAKES_PENDING_MAX + 6;
+    let harness = Harness::start("handshakes-pending", REPLICAS);
+    let refused = |harness: &Harness| harness.metric(0, "percore_peer_handshakes_refused_total", 0);
+    let before = refused(&harness);
+    let address = harness.cluster.peer_address(0, 0);
+    let opened = Instant::now();
+    let silent: Vec<TcpStream> = (0..SILENT)
+        .map(|_| TcpStream::connect(address).expect("peer port"))
+        .collect();
+    // Each connection's end: how long after the opening the node closed it.
+    let closed_after: Vec<Duration> = std::thread::scope(|scope| {
+        let waits: Vec<_> = silent
+            .iter()
+            .map(|stream| {
+                scope.spawn(move || {
+                    let mut stream = stream;
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .unwrap();
+                    let mut byte = [0u8; 1];
+                    let read = stream.read(&mut byte);
+                    assert!(!matches!(read, Ok(1)), "the node answered a silent dialer");
+                    opened.elapsed()
+                })
+            })
+            .collect();
+        waits.into_iter().map(|wait| wait.join().unwrap()).collect()
+    });
+    let timeout = Duration::from_micros(HANDSHAKE_TIMEOUT_US);
+    let at_once = closed_after
+        .iter()
+        .filter(|&&after| after < timeout / 2)
+        .count();
+    eprintln!("silent connections closed after {closed_after:?}");
+    assert!(
+        at_once >= SILENT - HANDSHAKES_PENDING_MAX,
+        "{at_once} of {SILENT} closed before half the handshake deadline"
+    );
+    assert!(
+        closed_after.iter().all(|&after| after < timeout * 5),
+        "every silent connection ends by the handshake deadline"
+    );
+    assert!(refused(&harness) >= before + (SILENT - HANDSHAKES_PENDING_MAX) as u64);
+    let mut client = harness.client(1);
+    create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("the group commits after the flood");
+}
+
 /// How replica 1 presents itself to replica 0 on group 0's connection: for a test that dials
 /// a replica's peer port itself.
 fn replica_1_identity(harness: &Harness) -> percore_net::peer::PeerIdentity {
@@ -900,6 +955,7 @@ async fn dial_as_replica_1(
         nonce,
         Duration::from_secs(5),
         64 * 1024,
+        None,
     )
     .await
 }
@@ -1677,4 +1733,52 @@ fn cluster_key_rotation_rolls_through_a_running_cluster() {
         outcome.applied.len(),
         outcome.redirects
     );
+}
+
+/// A client id reused by a later client instance (a restarted process) is not answered
+/// with the earlier instance's replies: each instance numbers its requests from the clock
+/// (`client::request_number_base`), so the later one's requests are new to the replicated
+/// session, not retries of the earlier one's with the same numbers. Counting from 1
+/// again, the second instance's account was answered `Ok` from the first one's kept reply
+/// and never created, and a transfer from it failed.
+#[test]
+fn a_client_id_reused_by_a_new_client_is_not_answered_with_old_replies() {
+    use percore_engine::record::{Account, shard_of};
+    let mut harness = Harness::start("client-id-reused", REPLICAS);
+    let shards = SHARDS as u32;
+    let first = 1u128 << 100;
+    let second = (first + 1..)
+        .find(|&id| shard_of(id, shards) == shard_of(first, shards))
+        .unwrap();
+    // Two instances of client 9, each creating one account on the same shard: requests of
+    // the same shape, only the records differ.
+    for id in [first, second] {
+        let mut client = harness.client(9);
+        let results: Vec<RecordResult> = client
+            .submit(
+                Operation::CreateAccounts.into(),
+                // May go negative: the transfer below checks only that it exists.
+                &[percore_shards::loadgen::account(
+                    id,
+                    percore_engine::record::account_flags::ALLOW_NEGATIVE,
+                )],
+                |a: &Account| shard_of(a.id, shards) as usize,
+            )
+            .expect("create");
+        assert_eq!(results[0].code, 0, "account {id} created");
+    }
+    let mut client = harness.client(10);
+    let moved: Vec<RecordResult> = client
+        .submit(
+            Operation::CreateTransfers.into(),
+            &[percore_shards::loadgen::transfer(1 << 90, second, first, 1)],
+            |t: &Transfer| route_transfer(t, SHARDS),
+        )
+        .expect("transfer");
+    assert_eq!(
+        moved[0].code,
+        CreateTransferResult::Ok as u32,
+        "the second instance's account exists"
+    );
+    harness.stop_all();
 }

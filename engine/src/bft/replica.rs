@@ -929,7 +929,9 @@ impl BftReplica {
             }
             Message::Commit(vote) => self.on_commit(now_us, vote, actions),
             Message::Checkpoint(vote) => self.on_checkpoint(now_us, vote, actions),
-            Message::ViewChange(view_change) => self.on_view_change(now_us, *view_change, actions),
+            Message::ViewChange(view_change) => {
+                self.on_view_change(now_us, from, *view_change, actions)
+            }
             Message::NewView(new_view) => self.on_new_view(now_us, *new_view, actions),
             Message::Status {
                 view,
@@ -2111,6 +2113,7 @@ impl BftReplica {
     fn on_view_change(
         &mut self,
         now_us: u64,
+        from: u8,
         view_change: ViewChange,
         actions: &mut Vec<Action>,
     ) -> Result<(), BftError> {
@@ -2120,10 +2123,23 @@ impl BftReplica {
             return Err(BftError::Stale);
         }
         if view == self.view && self.status == Status::Normal {
-            // A replica still changing into the view this one already runs: help it.
+            // A replica still changing into the view this one already runs: help it. Nothing
+            // of the message is verified yet, so the answer goes to the connection's
+            // authenticated sender, never to the signer index the message names (a forged
+            // index would address a replica that does not exist, or make this one send its
+            // NewView, up to a whole message's size, to a replica that did not ask), and at
+            // most once per half status interval per peer, as Status answers are.
+            let from_index = usize::from(from);
+            if sender != from
+                || from_index >= self.status_answered_us.len()
+                || now_us < self.status_answered_us[from_index] + self.config.status_interval_us / 2
+            {
+                return Err(BftError::Stale);
+            }
             if let Some(new_view) = &self.new_view {
+                self.status_answered_us[from_index] = now_us;
                 actions.push(Action::Send {
-                    to: sender,
+                    to: from,
                     message: Message::NewView(Box::new(new_view.clone())),
                 });
             }

@@ -2138,3 +2138,73 @@ fn bft_backups_vote_for_proven_batches_and_refuse_a_leaders_made_up_leg() {
         );
     }
 }
+
+/// A ViewChange for the view a replica already runs gets its NewView in answer (a replica
+/// still changing views is helped), but nothing in it is verified before that answer, so
+/// the answer goes to the connection's authenticated sender only, never to the signer index
+/// the message names, and at most once per half status interval: a forged index once made
+/// the runtime index past its outboxes (a crash of every correct node), or made a replica
+/// send its whole NewView to a peer that never asked, as often as a liar liked.
+#[test]
+fn bft_an_unverified_view_change_is_answered_only_to_its_sender_and_rarely() {
+    let mut group = Group::new(4, 1);
+    group.propose(0, b"one");
+    group.silent.push(0);
+    for replica in 1..4 {
+        group.replicas[replica].set_pending(group.now_us, true);
+    }
+    for _ in 0..20 {
+        group.tick_all(50_000);
+    }
+    let view = group.replicas[1].view();
+    assert!(view >= 1 && group.replicas[1].status() == Status::Normal);
+    let forged = |claimed: u8| {
+        let mut vote = Vote::sign(
+            &keys(4)[3],
+            GROUP,
+            VoteKind::ViewChange,
+            claimed.min(3),
+            view,
+            0,
+            [0; 32],
+        );
+        vote.replica = claimed;
+        vote.signature = Signature::from_bytes(&[0x5a; 64]);
+        Message::ViewChange(Box::new(ViewChange {
+            vote,
+            checkpoint: None,
+            prepared: vec![],
+        }))
+    };
+    // From replica 3's connection, naming replicas that do not exist or another one.
+    for claimed in [4u8, 200, 2] {
+        let mut actions = Vec::new();
+        let _ = group.replicas[1].on_message(group.now_us, 3, forged(claimed), &mut actions);
+        assert!(actions.is_empty(), "claimed {claimed}: {actions:?}");
+    }
+    // Naming itself: answered, to it, once per half status interval (Status answers to
+    // it during the ticks above count too: later than those).
+    group.now_us += 1_000_000;
+    let sends_to_3 = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|action| {
+                matches!(
+                    action,
+                    Action::Send {
+                        to: 3,
+                        message: Message::NewView(_)
+                    }
+                )
+            })
+            .count()
+    };
+    let mut actions = Vec::new();
+    let _ = group.replicas[1].on_message(group.now_us, 3, forged(3), &mut actions);
+    assert_eq!((actions.len(), sends_to_3(&actions)), (1, 1), "{actions:?}");
+    for _ in 0..10 {
+        let mut again = Vec::new();
+        let _ = group.replicas[1].on_message(group.now_us, 3, forged(3), &mut again);
+        assert!(again.is_empty(), "answered again at once: {again:?}");
+    }
+}
