@@ -1372,10 +1372,12 @@ impl Ledger {
                 R::Ok
             }
             Err(parked) => {
-                let Some(suspense) = self.suspense.checked_add(leg.amount) else {
-                    return R::SuspenseOverflow;
-                };
-                self.suspense = suspense;
+                // Wrapping (mod 2^128), as the conservation sum is: refusing at the top
+                // protected nothing, and a client could park `u128::MAX` once (from an
+                // account that may go negative) and from then on have every leg that parks
+                // here refused and never acknowledged, until the in-flight bound of every
+                // shard sending to this one refused all their transfers between shards.
+                self.suspense = self.suspense.wrapping_add(leg.amount);
                 stored.flags |= transfer_flags::CREDIT_PARKED;
                 parked
             }

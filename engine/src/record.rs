@@ -307,8 +307,8 @@ wire_enum! {
 wire_enum! {
     /// Result of applying one incoming credit leg on the credit shard (internal operation).
     ///
-    /// Every result except `LegInvalid`, `LegConflict` and `SuspenseOverflow` is acknowledged
-    /// to the debit shard. Unacknowledged legs stay counted as in flight there and are resent.
+    /// Every result except `LegInvalid` and `LegConflict` is acknowledged to the debit
+    /// shard. Unacknowledged legs stay counted as in flight there and are resent.
     pub enum CreditLegResult: u32 {
         /// Posted to the credit account.
         Ok = 0,
@@ -328,9 +328,8 @@ wire_enum! {
         /// A different leg with this sequence number from the same debit shard was applied.
         LegConflict = 7,
         // 8 was `LegsTableFull`: retired when received legs became replay windows, which
-        // never fill. Never reuse it.
-        /// Suspense would overflow: not applied, not acknowledged.
-        SuspenseOverflow = 9,
+        // never fill. 9 was `SuspenseOverflow`: retired when suspense began to wrap (mod
+        // 2^128, as the conservation sum). Never reuse them.
     }
 }
 

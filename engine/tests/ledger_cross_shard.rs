@@ -268,6 +268,45 @@ fn legs_that_cannot_be_credited_are_parked_in_suspense_and_acknowledged() {
     assert_eq!(pair.shards[0].ledger.in_flight(), 0);
 }
 
+/// Suspense wraps, as the conservation sum does: a client that parks `u128::MAX` (from an
+/// account that may go negative, to an account that does not exist) does not make every
+/// later parked leg unacknowledgeable. They were refused (`SuspenseOverflow`), never
+/// acknowledged and resent for ever, until the sender's in-flight bound refused every
+/// transfer between shards.
+#[test]
+fn suspense_wraps_and_every_parked_leg_is_acknowledged() {
+    let mut pair = pair();
+    let mint = ids_on_shard(0, 2, 1_000, 1)[0];
+    pair.shards[0].create_accounts(&[account(mint, 1, account_flags::ALLOW_NEGATIVE)]);
+    let also_missing = ids_on_shard(1, 2, 1, 4)[3];
+    let huge = transfer(100, mint, pair.missing_remote, u128::MAX);
+    let small = transfer(101, pair.payer, also_missing, 1);
+    let records = [huge, small].map(|t| RecordSlot::from_transfer(&t));
+    let (codes, outbound) = pair.shards[0].execute(LedgerOperation::CreateTransfers, &records);
+    assert_eq!(codes, [0, 0]);
+    let legs = legs_of(&outbound, LedgerOperation::ApplyCreditLegs);
+    let (codes, acks) = pair.shards[1].execute(LedgerOperation::ApplyCreditLegs, &legs);
+    assert_eq!(
+        codes,
+        [u32::from(CreditLegResult::ParkedCreditAccountNotFound); 2]
+    );
+    assert_eq!(
+        pair.shards[1].ledger.suspense(),
+        0,
+        "u128::MAX + 1, wrapped"
+    );
+    let acks = legs_of(&acks, LedgerOperation::AckCreditLegs);
+    assert_eq!(acks.len(), 2, "both parked legs acknowledged");
+    let (codes, _) = pair.shards[0].execute(LedgerOperation::AckCreditLegs, &acks);
+    assert_eq!(codes, [0, 0]);
+    assert_eq!(pair.shards[0].ledger.credit_legs_unacked_count(), 0);
+    let conserved = pair.shards[0]
+        .ledger
+        .conservation_sum()
+        .wrapping_add(pair.shards[1].ledger.conservation_sum());
+    assert_eq!(conserved, 0);
+}
+
 #[test]
 fn redelivered_legs_and_acks_change_nothing_but_are_acknowledged_again() {
     let mut pair = pair();

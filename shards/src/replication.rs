@@ -1063,6 +1063,14 @@ where
 
 /// Leader: sends unacknowledged credit legs again when the oldest one did not change over
 /// a whole interval (lost in a full queue, a dropped connection or a restart).
+///
+/// Any ready leader resends, also with ops in its pipeline: under steady load there always
+/// are, and a check for "applied its whole log" (once here) left a lost leg or ack unsent
+/// for as long as the load lasted, until the sender's in-flight bound refused every
+/// transfer to another group. A leg whose ack is in the pipeline is sent once more, which
+/// the receiver's replay window answers as a duplicate. Nothing is resent while messages
+/// wait for room in the node's mesh rings: a receiver that does not drain would otherwise
+/// collect a resent copy of every leg each interval.
 fn resend_credit_legs<S>(shard: &Shard<S>, now_us: u64)
 where
     S: StateMachine,
@@ -1074,10 +1082,7 @@ where
         return;
     }
     replication.legs_check_us.set(now_us);
-    let ready = {
-        let replica = replication.replica.borrow();
-        replica.is_ready_leader() && replica.commit_min() >= replica.op_head()
-    };
+    let ready = replication.replica.borrow().is_ready_leader();
     if !ready {
         replication.legs_oldest.set(None);
         return;
@@ -1097,6 +1102,9 @@ where
         return;
     }
     let mut mesh = shard.mesh.borrow_mut();
+    if mesh.queued() > 0 {
+        return;
+    }
     let mut resent = 0;
     core.state_machine().unconfirmed_outbound(&mut |outbound| {
         if resent < CREDIT_LEGS_RESEND_MAX {

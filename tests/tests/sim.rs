@@ -142,7 +142,7 @@ fn view_change_leader_rebalance() {
 /// rebuilt by the end of its run.
 #[test]
 fn view_change_replaced_disks() {
-    for (replicas, seeds) in [(3, 6_000..6_060), (5, 6_100..6_130)] {
+    for (replicas, seeds) in [(3, 6_000..6_060), (5, 6_130..6_160)] {
         let options = Options {
             replicas,
             replace: true,
@@ -375,13 +375,13 @@ fn replace_as_new_is_caught() {
         replace: true,
         ..Options::view_change()
     };
-    let failures = run_batch(0..60, &options);
+    let failures = run_batch(60..180, &options);
     assert!(
         failures.iter().any(|failure| matches!(
             failure.checker,
             "agreement" | "state-agreement" | "truncate-committed" | "durability" | "panic"
         )),
-        "no safety violation in 60 seeds: {:?}",
+        "no safety violation in 120 seeds: {:?}",
         failures
             .iter()
             .map(|failure| (failure.seed, failure.checker))
