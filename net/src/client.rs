@@ -283,6 +283,11 @@ pub struct ClientConfig {
     pub request_timeout: Option<Duration>,
     /// First pause after a full round without an answer (µs); doubles after each.
     pub client_retry_backoff_us_min: u64,
+    /// The number before this client's first request: its requests are numbered from
+    /// here + 1. Default: [`request_number_base`], the clock, so that a later instance
+    /// under the same `client_id` numbers above every earlier one. A client that persists
+    /// its own counter sets it from that.
+    pub request_number_base: u64,
     /// Longest pause between rounds (µs). Each pause is drawn from `[b / 2, b]`.
     pub client_retry_backoff_us_max: u64,
 }
@@ -301,6 +306,7 @@ impl ClientConfig {
             request_timeout: None,
             client_retry_backoff_us_min: SINGLE_NODE_RETRY_BACKOFF_US,
             client_retry_backoff_us_max: SINGLE_NODE_RETRY_BACKOFF_US,
+            request_number_base: request_number_base(),
         }
     }
 
@@ -327,6 +333,7 @@ impl ClientConfig {
             request_timeout: Some(Duration::from_millis(REQUEST_TIMEOUT_MS_DEFAULT)),
             client_retry_backoff_us_min: CLIENT_RETRY_BACKOFF_US_MIN_DEFAULT,
             client_retry_backoff_us_max: CLIENT_RETRY_BACKOFF_US_MAX_DEFAULT,
+            request_number_base: request_number_base(),
         }
     }
 }
@@ -889,13 +896,14 @@ impl Client {
             config.client_retry_backoff_us_min,
             config.client_retry_backoff_us_max,
         );
+        let request_number = config.request_number_base;
         Self {
             jitter: Jitter::new(config.client_id),
             config,
             connections: (0..shards).map(|_| None).collect(),
             leader_hints: (0..shards).map(|shard| shard % replicas).collect(),
             redirects: 0,
-            request_number: request_number_base(),
+            request_number,
             routed: vec![Vec::new(); shards],
         }
     }
@@ -1265,7 +1273,7 @@ impl BftClient {
             connections: (0..replicas)
                 .map(|_| (0..shards).map(|_| None).collect())
                 .collect(),
-            request_number: request_number_base(),
+            request_number: config.request_number_base,
             write_buffer: vec![0; config.frame_bytes_max],
             routed: vec![Vec::new(); shards],
             mismatched_replies: 0,

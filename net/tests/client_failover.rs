@@ -268,6 +268,8 @@ fn replicated(fleet: &Fleet, client_id: u128, request_timeout: Duration) -> Clie
     config.frame_bytes_max = FRAME_BYTES_MAX;
     config.timeout = Duration::from_secs(10);
     config.request_timeout = Some(request_timeout);
+    // Requests numbered from 1, as the assertions expect.
+    config.request_number_base = 0;
     config
 }
 
@@ -476,6 +478,7 @@ fn single_node_client_works_as_before() {
     let fleet = Fleet::start(1, 2, &[], |_| Answer::Reply);
     let mut config = ClientConfig::new(fleet.addresses[0].clone(), 48);
     config.frame_bytes_max = FRAME_BYTES_MAX;
+    config.request_number_base = 0;
     assert_eq!(config.request_timeout, None);
     let mut client = Client::new(config);
     assert_eq!((client.shards(), client.replica_count()), (2, 1));
@@ -510,6 +513,7 @@ fn single_node_retries_the_same_replica_then_returns_the_io_error() {
     });
     let mut config = ClientConfig::new(fleet.addresses[0].clone(), 49);
     config.frame_bytes_max = FRAME_BYTES_MAX;
+    config.request_number_base = 0;
     let mut client = Client::new(config);
     assert_eq!(submit(&mut client, &[4]).unwrap(), vec![5]);
     assert_eq!(fleet.requests().len(), 3);

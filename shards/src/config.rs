@@ -467,8 +467,7 @@ pub struct StartCheck {
 impl StartCheck {
     /// Runs every check; the first failure names its key and value.
     pub fn run(&self) -> Result<(), ConfigError> {
-        check_cores(&self.cores, self.allow_shared_cores)?;
-        self.check_replication()?;
+        self.check_layout()?;
         let listeners = self.listeners()?;
         check_overlaps(&listeners)?;
         check_bindable(
@@ -479,6 +478,13 @@ impl StartCheck {
             check_data_dir(data_dir, self.cores.len(), self.cluster_id)?;
         }
         Ok(())
+    }
+
+    /// The checks that need no socket or directory: cores, replica index, peers (what
+    /// `percore format` checks before it writes the replica's identity).
+    pub fn check_layout(&self) -> Result<(), ConfigError> {
+        check_cores(&self.cores, self.allow_shared_cores)?;
+        self.check_replication()
     }
 
     fn check_replication(&self) -> Result<(), ConfigError> {
@@ -497,6 +503,17 @@ impl StartCheck {
             return Err(ConfigError::TooManyReplicas { count, max });
         }
         let shards = self.cores.len();
+        // Every replica's shards listen on its port plus the shard index: one whose range
+        // ran past 65535 was dialed at a wrapped port for ever.
+        for peer in &self.peers {
+            if usize::from(peer.port()) + shards - 1 > usize::from(u16::MAX) {
+                return Err(ConfigError::PortRange {
+                    key: Key("peers"),
+                    port: peer.port(),
+                    shards,
+                });
+            }
+        }
         for (second, b) in self.peers.iter().enumerate() {
             for (first, a) in self.peers[..second].iter().enumerate() {
                 if a == b {
@@ -693,7 +710,7 @@ pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
 }
 
 /// The CPUs this process may run on, from /proc/self/status (`None` if unknown).
-pub(crate) fn cpus_allowed() -> Option<(String, Vec<usize>)> {
+pub fn cpus_allowed() -> Option<(String, Vec<usize>)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let list = status
         .lines()

@@ -64,7 +64,8 @@ enum Command {
 /// Shard layout, limits and sizes shared by `node` and `bench`.
 #[derive(Debug, Args, Clone)]
 struct ShardArgs {
-    /// CPU cores to run shards on, one shard per core (e.g. 0,1). Default: every online core.
+    /// CPU cores to run shards on, one shard per core (e.g. 0,1). Default: every core this
+    /// process may run on (its CPU affinity).
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
     /// Largest number of transfers in one batch (entries).
@@ -121,7 +122,57 @@ struct LedgerArgs {
     session_clients_max: usize,
 }
 
+/// `value` must lie in `min..=max`; the error names the flag and the config key.
+fn in_range(flag: &str, value: u64, min: u64, max: u64) -> Result<(), String> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    let key = flag.trim_start_matches("--").replace('-', "_");
+    Err(format!(
+        "{flag} (config key {key}) = {value}: must be between {min} and {max}"
+    ))
+}
+
 impl LedgerArgs {
+    /// The ranges the ledger and the session table need, refused by name before a shard
+    /// allocates (they asserted on the shard's thread, which aborts a release build).
+    fn check(&self, batch_entries_max: usize) -> Result<(), String> {
+        use percore_engine::ledger::{
+            ACCOUNTS_MAX_LIMIT, CREDIT_LEGS_IN_FLIGHT_MAX_LIMIT, TRANSFERS_MAX_LIMIT,
+        };
+        let limit = |value: usize| value as u64;
+        in_range(
+            "--accounts-max",
+            limit(self.accounts_max),
+            1,
+            limit(ACCOUNTS_MAX_LIMIT),
+        )?;
+        in_range(
+            "--transfers-max",
+            limit(self.transfers_max),
+            1,
+            limit(TRANSFERS_MAX_LIMIT),
+        )?;
+        in_range(
+            "--credit-legs-max",
+            limit(self.credit_legs_max),
+            1,
+            limit(CREDIT_LEGS_IN_FLIGHT_MAX_LIMIT),
+        )?;
+        in_range(
+            "--session-clients-max",
+            limit(self.session_clients_max),
+            1,
+            u64::from(u32::MAX),
+        )?;
+        in_range(
+            "--batch-entries-max",
+            limit(batch_entries_max),
+            1,
+            limit(percore_engine::limits::BATCH_ENTRIES_MAX_LIMIT),
+        )
+    }
+
     fn config(&self, shard_count: usize, batch_entries_max: usize) -> LedgerConfig {
         loadgen::ledger_config(
             shard_count,
@@ -213,9 +264,35 @@ struct InspectArgs {
 }
 
 impl ShardArgs {
+    /// Values a flag's parser cannot judge alone (or that a config file gave, which no
+    /// parser saw): refused by name before anything starts.
+    fn check(&self) -> Result<(), String> {
+        self.ledger.check(self.batch_entries_max)?;
+        in_range(
+            "--batch-bytes-max",
+            self.batch_bytes_max as u64,
+            percore_engine::record::RECORD_BYTES as u64,
+            u64::MAX,
+        )?;
+        in_range("--transactions", self.transactions as u64, 1, u64::MAX)?;
+        in_range("--batches", self.batches as u64, 1, u64::MAX)?;
+        in_range(
+            "--connections-max",
+            self.connections_max as u64,
+            1,
+            u64::MAX,
+        )?;
+        Ok(())
+    }
+
     fn node_config(&self) -> NodeConfig {
+        // Default: every core this process may run on (its affinity mask: a unit's
+        // CPUAffinity, a cpuset), not every online one.
         let cores = if self.cores.is_empty() {
-            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+            percore_shards::config::cpus_allowed().map_or_else(
+                || (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect(),
+                |(_, allowed)| allowed,
+            )
         } else {
             self.cores.clone()
         };
@@ -223,7 +300,11 @@ impl ShardArgs {
             entries_max: self.batch_entries_max,
             bytes_max: self.batch_bytes_max,
             linger_us_max: self.linger_us,
-            ..BatchLimits::default()
+            // The default floor of the adaptive batch size, never above the ceiling (a
+            // `--batch-entries-max` below 16 was refused naming this hidden value).
+            entries_min: BatchLimits::default()
+                .entries_min
+                .min(self.batch_entries_max),
         };
         NodeConfig {
             cores,
@@ -469,7 +550,7 @@ struct KeygenArgs {
     /// Client keys to write (client-1.key .. client-N.key, listed in cluster.keys): only
     /// these clients can submit requests, each under its own id (1..=N) and signing each
     /// request with its key.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=u64::from(u32::MAX)))]
     clients: usize,
     /// Directory to create (it must not exist, or be empty).
     #[arg(long)]
@@ -481,7 +562,7 @@ struct BenchArgs {
     #[command(flatten)]
     shards: ShardArgs,
     /// `bft`: run the load on a crash-fault cluster (3 replicas) and then on a BFT cluster
-    /// (4 replicas, f = 1, one shard on the first of --cores) in this one run, and report
+    /// (4 replicas, f = 1, a shard on each of --cores) in this one run, and report
     /// both with the signature cost per batch (docs/bft.md). Uses --duration-s,
     /// --warmup-s, --records-per-request, --connections-per-shard (client threads, one
     /// request in flight each), the node sizes and --fsync.
@@ -496,14 +577,15 @@ struct BenchArgs {
     /// Transfers per request frame.
     #[arg(long, default_value_t = 1_000)]
     records_per_request: usize,
-    /// Requests in flight per client connection.
-    #[arg(long, default_value_t = 4)]
+    /// Requests in flight per client connection: at most the replies a client session
+    /// keeps (4), so that a request resent after a leader change finds its reply.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=percore_engine::session::SESSION_REPLIES_PER_CLIENT as u64))]
     window: usize,
     /// Client connections (one thread each) per shard.
     #[arg(long, default_value_t = 1)]
     connections_per_shard: usize,
     /// Accounts created per shard.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     accounts_per_shard: usize,
     /// Percentage of transfers whose credit account lives on another shard (0-100).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
@@ -681,6 +763,14 @@ fn node_args_with_file(
         bft_test_byzantine,
         bft_retain_ops,
     } = percore_shards::config::NodeFile::read(&path)?;
+    if cores.as_ref().is_some_and(Vec::is_empty) {
+        return Err(format!(
+            "{}: cores = []: list at least one core, or leave the key out for every core \
+             this process may run on",
+            path.display()
+        )
+        .into());
+    }
     let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
     macro_rules! merge {
         ($($key:ident => $target:expr),* $(,)?) => {$(
@@ -740,6 +830,7 @@ fn node_args_with_file(
 /// printed. Returns the node-level metric samples.
 fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Error>> {
     use percore_shards::config::{self as node_file, PeersDigest, StartCheck};
+    node_values_check(args)?;
     let cores = args.shards.node_config().cores;
     StartCheck {
         cores: cores.clone(),
@@ -770,6 +861,21 @@ fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Erro
     ))
 }
 
+/// Every value `node` and `format` take that no flag parser judged: a config file's values
+/// skip the parsers, and some limits depend on others. An error names the flag and key.
+fn node_values_check(args: &NodeArgs) -> Result<(), String> {
+    args.shards.check()?;
+    in_range("--segment-mib", args.journal.segment_mib, 1, 1 << 20)?;
+    in_range(
+        "--snapshot-write-mib-per-s",
+        args.journal.snapshot_write_mib_per_s,
+        1,
+        1 << 20,
+    )?;
+    in_range("--bft-retain-ops", args.bft.bft_retain_ops, 1, u64::MAX)?;
+    Ok(())
+}
+
 /// The node configuration `node` and `format` derive from the same arguments.
 fn node_config(args: &NodeArgs) -> Result<NodeConfig, Box<dyn std::error::Error>> {
     let mut config = args.shards.node_config();
@@ -793,6 +899,22 @@ fn node_config(args: &NodeArgs) -> Result<NodeConfig, Box<dyn std::error::Error>
 
 /// `percore format`: creates a replica's data directory, once (`percore_shards::format`).
 fn run_format(args: NodeArgs, replace: bool) -> Result<(), Box<dyn std::error::Error>> {
+    // What `node` would refuse, refused before the directory is written (a format with a
+    // bad replica index or peers list left a directory `node` refused and `format` would
+    // not write again).
+    node_values_check(&args)?;
+    percore_shards::config::StartCheck {
+        cores: args.shards.node_config().cores,
+        allow_shared_cores: args.shards.allow_shared_cores,
+        listen: args.listen,
+        client_port_base: args.client_port_base,
+        metrics: args.metrics,
+        data_dir: args.journal.data_dir.clone(),
+        cluster_id: args.journal.cluster_id,
+        replica: args.replication.replica,
+        peers: args.replication.peers.clone(),
+    }
+    .check_layout()?;
     let config = node_config(&args)?;
     let Some(journal) = &config.journal else {
         return Err("format needs --data-dir".into());
@@ -1009,6 +1131,25 @@ fn run_bench(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
 fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     use percore_shards::bft_bench::{self, Mode};
     use percore_shards::cluster::{LocalCluster, LocalClusterConfig, free_port_base};
+    // What this comparison does not do, refused rather than ignored.
+    let ignored = [
+        ("--addresses", !args.addresses.is_empty()),
+        ("--metrics-addresses", !args.metrics_addresses.is_empty()),
+        ("--replicas (it runs 3, then 4)", args.replicas != 3),
+        ("--rate", args.rate.is_some()),
+        ("--load", args.load.is_some()),
+        ("--series, --series-out and --plot", args.wants_series()),
+        ("--port-base", args.port_base.is_some()),
+        ("--in-memory", args.in_memory),
+        ("--fixed-view", args.fixed_view),
+        (
+            "--window (one request in flight per client)",
+            args.window != 4,
+        ),
+    ];
+    if let Some((flag, _)) = ignored.iter().find(|(_, given)| *given) {
+        return Err(format!("bench --fault-model bft: {flag} is not supported").into());
+    }
     let cores = args.shards.node_config().cores;
     let shards = cores.len();
     let data_root = match &args.journal.data_dir {

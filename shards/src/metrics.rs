@@ -175,7 +175,7 @@ pub const COMMIT_GAP_NAMES: GapNames = GapNames {
 /// [`ShardMetrics::executor_lag`]'s names.
 pub const EXECUTOR_LAG_NAMES: GapNames = GapNames {
     name: "percore_executor_lag_us",
-    help: "How late the shard's executor ran a timer due every millisecond: time it spent on other work (or descheduled) past the deadline (microseconds).",
+    help: "How late the shard's executor ran its probe timer (due every --executor-probe-us, 10 ms by default): time it spent on other work (or descheduled) past the deadline (microseconds).",
     max_name: "percore_executor_lag_max_us",
     max_help: "Longest executor lag since start (microseconds).",
 };

@@ -360,3 +360,47 @@ fn a_replica_starts_only_on_its_formatted_directory_and_never_recreates_a_lost_j
     node_serves(&args("0")).expect("a restart while replacing");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A batch ceiling below the adaptive batcher's default floor (16) is a smaller floor,
+/// not a refusal naming a setting no flag sets; `format` refuses what `node` would, before
+/// it writes the directory; bench flags that cannot work are refused by the parser.
+#[test]
+fn small_batches_are_taken_and_bad_layouts_and_loads_are_refused_up_front() {
+    let mut args = small_node_args_in_memory();
+    args.extend(["--batch-entries-max".into(), "8".into()]);
+    node_serves(&args).expect("a node with batches of at most 8 entries serves");
+
+    let root = std::env::temp_dir().join(format!("percore-cli-layout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    let stderr = refused(
+        &[
+            "format",
+            "--cores",
+            "0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--replica",
+            "3",
+            "--peers",
+            "127.0.0.1:17100,127.0.0.1:17200,127.0.0.1:17300",
+        ],
+        &[],
+    );
+    assert!(stderr.contains("replica"), "{stderr}");
+    assert!(!data.exists(), "nothing written for a refused layout");
+    let _ = std::fs::remove_dir_all(&root);
+
+    for (flag, value) in [
+        ("--window", "0"),
+        ("--window", "5"),
+        ("--accounts-per-shard", "0"),
+    ] {
+        let stderr = refused(&["bench", flag, value], &[]);
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+    let stderr = refused(&["keygen", "--clients", "0", "--out", "/nonexistent"], &[]);
+    assert!(stderr.contains("--clients"), "{stderr}");
+    let stderr = refused(&["bench", "--fault-model", "bft", "--rate", "1000"], &[]);
+    assert!(stderr.contains("--rate is not supported"), "{stderr}");
+}

@@ -221,3 +221,60 @@ fn a_port_in_use_is_named() {
     assert!(stderr.contains("`client_port_base`"), "{stderr}");
     drop(taken);
 }
+
+/// Sizes a file gives skip the flags' parsers; they are checked as the flags' would be,
+/// named, before any shard allocates (a zero-sized ledger asserted on the shard's thread,
+/// which aborts a release build), and an empty core list is refused, not read as "all".
+#[test]
+fn sizes_and_an_empty_core_list_from_a_file_are_named() {
+    let scratch = Scratch::new("sizes");
+    for (line, named) in [
+        (
+            "accounts_max = 0",
+            "--accounts-max (config key accounts_max) = 0",
+        ),
+        (
+            "transfers_max = 2000000000",
+            "--transfers-max (config key transfers_max)",
+        ),
+        ("session_clients_max = 0", "--session-clients-max"),
+        ("connections_max = 0", "--connections-max"),
+        ("segment_mib = 0", "--segment-mib"),
+        (
+            "snapshot_write_mib_per_s = 17592186044416",
+            "--snapshot-write-mib-per-s",
+        ),
+    ] {
+        // The line replaces SMALL's value of its key, if it has one.
+        let key = line.split(' ').next().unwrap();
+        let small: String = SMALL
+            .lines()
+            .filter(|small| !small.starts_with(key))
+            .map(|small| format!("{small}\n"))
+            .collect();
+        let config = scratch.file("node.toml", &format!("cores = [0]\n{small}{line}\n"));
+        let stderr = refused(&config, &[]);
+        assert!(stderr.contains(named), "{line}: {stderr}");
+    }
+    let config = scratch.file("node.toml", &format!("cores = []\n{SMALL}"));
+    let stderr = refused(&config, &[]);
+    assert!(stderr.contains("cores = []"), "{stderr}");
+}
+
+/// Every replica's shards listen on its port plus the shard index: a peer whose range
+/// runs past 65535 is refused, not dialed at a wrapped port.
+#[test]
+fn a_peer_port_range_past_65535_is_named() {
+    let scratch = Scratch::new("peer-ports");
+    let config = scratch.file(
+        "node.toml",
+        &format!(
+            "cores = [0, 0]\nallow_shared_cores = true\nreplica = 0\npeers = [\"127.0.0.1:17100\", \
+             \"127.0.0.1:65535\", \"127.0.0.1:17300\"]\ndata_dir = \"{}\"\n{SMALL}",
+            scratch.0.join("data").display()
+        ),
+    );
+    let stderr = refused(&config, &[]);
+    assert!(stderr.contains("65535"), "{stderr}");
+    assert!(stderr.contains("peers"), "{stderr}");
+}
