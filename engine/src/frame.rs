@@ -393,33 +393,8 @@ pub fn header_checksum(header: &FrameHeader) -> u32 {
 /// records another schema describes) before [`decode_header`] judges the one it is. Never
 /// panics.
 pub fn peek_header(bytes: &[u8], frame_bytes_max: usize) -> Result<(Envelope, usize), FrameError> {
-    let Some(header_bytes) = bytes.get(..FRAME_HEADER_BYTES) else {
-        return Err(FrameError::Truncated {
-            bytes: bytes.len(),
-            needed: FRAME_HEADER_BYTES,
-        });
-    };
-    let header: FrameHeader = bytemuck::pod_read_unaligned(header_bytes);
-    if header.magic != FRAME_MAGIC {
-        return Err(FrameError::BadMagic {
-            magic: header.magic,
-        });
-    }
-    if header.version != FRAME_VERSION {
-        return Err(FrameError::UnsupportedVersion {
-            version: header.version,
-        });
-    }
-    if header.checksum_header != header_checksum(&header) {
-        return Err(FrameError::HeaderChecksum);
-    }
-    let frame_bytes = FRAME_HEADER_BYTES.saturating_add(header.body_bytes as usize);
-    if frame_bytes > frame_bytes_max {
-        return Err(FrameError::TooLarge {
-            bytes: frame_bytes,
-            max: frame_bytes_max,
-        });
-    }
+    let header = header_authentic(bytes)?;
+    let frame_bytes = frame_bytes_within(&header, frame_bytes_max)?;
     let envelope = Envelope {
         client_id: header.client_id,
         request_number: header.request_number,
@@ -429,17 +404,9 @@ pub fn peek_header(bytes: &[u8], frame_bytes_max: usize) -> Result<(Envelope, us
     Ok((envelope, frame_bytes))
 }
 
-/// Decodes and validates the header at the start of `bytes` (which may hold more: the body,
-/// further frames). Rejects frames larger than `frame_bytes_max` (header included).
-///
-/// # Panics
-/// If `frame_bytes_max < FRAME_HEADER_BYTES` (a configuration bug, not bad input).
-pub fn decode_header(
-    bytes: &[u8],
-    frame_bytes_max: usize,
-    schema: &impl FrameSchema,
-) -> Result<DecodedHeader, FrameError> {
-    assert!(frame_bytes_max >= FRAME_HEADER_BYTES);
+/// The header at the start of `bytes` once magic, version and its checksum hold: nothing
+/// in it may be trusted before.
+fn header_authentic(bytes: &[u8]) -> Result<FrameHeader, FrameError> {
     let Some(header_bytes) = bytes.get(..FRAME_HEADER_BYTES) else {
         return Err(FrameError::Truncated {
             bytes: bytes.len(),
@@ -458,10 +425,37 @@ pub fn decode_header(
             version: header.version,
         });
     }
-    // Nothing below may be trusted before this check.
     if header.checksum_header != header_checksum(&header) {
         return Err(FrameError::HeaderChecksum);
     }
+    Ok(header)
+}
+
+/// The whole frame's length, if within `frame_bytes_max`.
+fn frame_bytes_within(header: &FrameHeader, frame_bytes_max: usize) -> Result<usize, FrameError> {
+    // Saturating: on a 32-bit target a hostile `body_bytes` must not wrap around the limit.
+    let frame_bytes = FRAME_HEADER_BYTES.saturating_add(header.body_bytes as usize);
+    if frame_bytes > frame_bytes_max {
+        return Err(FrameError::TooLarge {
+            bytes: frame_bytes,
+            max: frame_bytes_max,
+        });
+    }
+    Ok(frame_bytes)
+}
+
+/// Decodes and validates the header at the start of `bytes` (which may hold more: the body,
+/// further frames). Rejects frames larger than `frame_bytes_max` (header included).
+///
+/// # Panics
+/// If `frame_bytes_max < FRAME_HEADER_BYTES` (a configuration bug, not bad input).
+pub fn decode_header(
+    bytes: &[u8],
+    frame_bytes_max: usize,
+    schema: &impl FrameSchema,
+) -> Result<DecodedHeader, FrameError> {
+    assert!(frame_bytes_max >= FRAME_HEADER_BYTES);
+    let header = header_authentic(bytes)?;
     if header.reserved != [0; 8] {
         return Err(FrameError::ReservedNotZero);
     }
@@ -482,14 +476,7 @@ pub fn decode_header(
             error_code: header.error_code,
         });
     }
-    // Saturating: on a 32-bit target a hostile `body_bytes` must not wrap around the limit.
-    let frame_bytes = FRAME_HEADER_BYTES.saturating_add(header.body_bytes as usize);
-    if frame_bytes > frame_bytes_max {
-        return Err(FrameError::TooLarge {
-            bytes: frame_bytes,
-            max: frame_bytes_max,
-        });
-    }
+    frame_bytes_within(&header, frame_bytes_max)?;
     let trailer_bytes = if kind == Kind::SignedRequest {
         SIGNATURE_TRAILER_BYTES
     } else {

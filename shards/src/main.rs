@@ -829,21 +829,10 @@ fn node_args_with_file(
 /// (an error names the key), each shard's core and NUMA node printed, the peers digest
 /// printed. Returns the node-level metric samples.
 fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Error>> {
-    use percore_shards::config::{self as node_file, PeersDigest, StartCheck};
+    use percore_shards::config::{self as node_file, PeersDigest};
     node_values_check(args)?;
     let cores = args.shards.node_config().cores;
-    StartCheck {
-        cores: cores.clone(),
-        allow_shared_cores: args.shards.allow_shared_cores,
-        listen: args.listen,
-        client_port_base: args.client_port_base,
-        metrics: args.metrics,
-        data_dir: args.journal.data_dir.clone(),
-        cluster_id: args.journal.cluster_id,
-        replica: args.replication.replica,
-        peers: args.replication.peers.clone(),
-    }
-    .run()?;
+    start_check(args).run()?;
     let placements = node_file::placement(&cores);
     for line in node_file::placement_report(&placements) {
         say!("{line}");
@@ -859,6 +848,21 @@ fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Erro
         replicas,
         &placements,
     ))
+}
+
+/// The whole-configuration checks of `node` and `format`, for these arguments.
+fn start_check(args: &NodeArgs) -> percore_shards::config::StartCheck {
+    percore_shards::config::StartCheck {
+        cores: args.shards.node_config().cores,
+        allow_shared_cores: args.shards.allow_shared_cores,
+        listen: args.listen,
+        client_port_base: args.client_port_base,
+        metrics: args.metrics,
+        data_dir: args.journal.data_dir.clone(),
+        cluster_id: args.journal.cluster_id,
+        replica: args.replication.replica,
+        peers: args.replication.peers.clone(),
+    }
 }
 
 /// Every value `node` and `format` take that no flag parser judged: a config file's values
@@ -903,18 +907,7 @@ fn run_format(args: NodeArgs, replace: bool) -> Result<(), Box<dyn std::error::E
     // bad replica index or peers list left a directory `node` refused and `format` would
     // not write again).
     node_values_check(&args)?;
-    percore_shards::config::StartCheck {
-        cores: args.shards.node_config().cores,
-        allow_shared_cores: args.shards.allow_shared_cores,
-        listen: args.listen,
-        client_port_base: args.client_port_base,
-        metrics: args.metrics,
-        data_dir: args.journal.data_dir.clone(),
-        cluster_id: args.journal.cluster_id,
-        replica: args.replication.replica,
-        peers: args.replication.peers.clone(),
-    }
-    .check_layout()?;
+    start_check(&args).check_layout()?;
     let config = node_config(&args)?;
     let Some(journal) = &config.journal else {
         return Err("format needs --data-dir".into());
