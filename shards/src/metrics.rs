@@ -443,6 +443,10 @@ pub const PEERS_MAX: usize = percore_engine::replica::REPLICA_COUNT_MAX;
 /// What one replica knows of one peer of its group.
 #[derive(Debug, Default)]
 pub struct PeerMetrics {
+    /// 1 for a replica of this shard's group other than this one (set when its sender
+    /// starts): its gauges are exported from then on, so a peer never reached shows as
+    /// `percore_peer_connected 0` rather than not at all.
+    pub expected: AtomicU64,
     /// 1 while an authenticated connection to the peer is up.
     pub connected: AtomicU64,
     /// 1 while that connection runs under the key accepted during a key rotation (the peer
@@ -543,9 +547,13 @@ impl ShardMetrics {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");
             for (peer, metrics) in self.peers.iter().enumerate() {
-                if metrics.connected.load(Ordering::Relaxed) == 0
-                    && metrics.srtt_us.load(Ordering::Relaxed) == 0
-                {
+                let heard = metrics.connected.load(Ordering::Relaxed) != 0
+                    || metrics.srtt_us.load(Ordering::Relaxed) != 0;
+                // A peer never heard of says only that it is not connected: its lag and
+                // round trip are unknown, not 0.
+                let expected = metrics.expected.load(Ordering::Relaxed) != 0
+                    && name == "percore_peer_connected";
+                if !heard && !expected {
                     continue;
                 }
                 let value = get(metrics).load(Ordering::Relaxed);
@@ -637,6 +645,29 @@ pub fn serve_with_node_text(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer of the group is exported from its sender's start, connected or not: an alert
+    /// on `percore_peer_connected == 0` sees one that was never reached. Slots that are not
+    /// peers (this replica, indices past the group) stay out.
+    #[test]
+    fn an_expected_peer_is_exported_before_it_ever_connects() {
+        let metrics = ShardMetrics::new(2);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        assert!(!out.contains("percore_peer_connected{"), "{out}");
+        ShardMetrics::set(&metrics.peers[1].expected, 1);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        assert!(
+            out.contains("percore_peer_connected{shard=\"2\",peer=\"1\"} 0"),
+            "{out}"
+        );
+        assert!(!out.contains("peer=\"0\""), "{out}");
+        assert!(
+            !out.contains("percore_peer_lag_ops{"),
+            "unknown, not 0: {out}"
+        );
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

@@ -451,6 +451,9 @@ where
     let link = P::link(&shard);
     let address = peer_address(link.peers, peer, shard.index);
     let outbox = &link.outboxes[usize::from(peer)];
+    // Exported from now on, connected or not (`percore_peer_connected 0` for a peer never
+    // reached, which an alert on `== 0` sees).
+    ShardMetrics::set(&shard.metrics.peers[usize::from(peer)].expected, 1);
     let mut spare: Vec<u8> = Vec::with_capacity(link.send_queue_bytes);
     let dial = PeerDial {
         address,
