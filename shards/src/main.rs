@@ -280,7 +280,7 @@ impl ShardArgs {
             "--connections-max",
             self.connections_max as u64,
             1,
-            u64::MAX,
+            runtime::CONNECTIONS_MAX_LIMIT as u64,
         )?;
         Ok(())
     }

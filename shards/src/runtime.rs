@@ -49,6 +49,10 @@ pub const CONNECTIONS_MAX_DEFAULT: usize = 64;
 pub const IO_MEMORY_BYTES_DEFAULT: usize = 1 << 20;
 /// Default capacity of each inter-shard mesh ring (messages).
 pub const MESH_RING_CAPACITY_DEFAULT: usize = 16_384;
+/// How long a connection refused as busy is read from before it is closed (ms).
+const BUSY_DRAIN_MS: u64 = 10;
+/// Most client connections per shard: a record's origin names its connection in 16 bits.
+pub const CONNECTIONS_MAX_LIMIT: usize = 1 << 16;
 /// How often idle tasks look at the stop flag.
 pub(crate) const STOP_POLL_MS: u64 = 50;
 /// Longest a client frame may take to arrive once its first bytes have (ms): a client that
@@ -234,6 +238,9 @@ pub enum NodeError {
     /// A mesh ring capacity is unusable.
     #[error("mesh_ring_capacity {0} must be a power of two >= 2")]
     MeshCapacity(usize),
+    /// Client connections per shard outside `1..=CONNECTIONS_MAX_LIMIT`.
+    #[error("connections_max {0} must be between 1 and {CONNECTIONS_MAX_LIMIT}")]
+    ConnectionsMax(usize),
     /// A BFT shard could not start.
     #[error("shard {shard}: BFT: {source}")]
     Bft {
@@ -388,6 +395,11 @@ where
         }
         if !config.mesh_ring_capacity.is_power_of_two() || config.mesh_ring_capacity < 2 {
             return Err(NodeError::MeshCapacity(config.mesh_ring_capacity));
+        }
+        // A record's origin names its connection in 16 bits: slot 65,536 would be slot 0,
+        // and its results another client's.
+        if !(1..=CONNECTIONS_MAX_LIMIT).contains(&config.connections_max) {
+            return Err(NodeError::ConnectionsMax(config.connections_max));
         }
         // One budget for every follower of this node (an unused one without checkpoints).
         let snapshot_write_bytes_per_s = match &config.journal {
@@ -1454,7 +1466,8 @@ where
             }
         };
         let Some(slot) = claim_connection(&shard) else {
-            refuse_busy(stream, &shard).await;
+            // In a task of its own: the refusal waits a moment for what the client sent.
+            glommio::spawn_local(refuse_busy(stream, shard.clone())).detach();
             continue;
         };
         open.set(open.get() + 1);
@@ -1503,7 +1516,7 @@ fn claim_connection<S: StateMachine>(shard: &Shard<S>) -> Option<usize> {
     Some(slot)
 }
 
-async fn refuse_busy<S: StateMachine>(mut stream: TcpStream, shard: &Shard<S>) {
+async fn refuse_busy<S: StateMachine>(mut stream: TcpStream, shard: Rc<Shard<S>>) {
     let envelope = frame::Envelope {
         client_id: 0,
         request_number: 0,
@@ -1514,6 +1527,19 @@ async fn refuse_busy<S: StateMachine>(mut stream: TcpStream, shard: &Shard<S>) {
     let bytes = frame::encode_error_reply(&mut buffer, &envelope, ERROR_SERVER_BUSY);
     let _ = stream.write_all(&buffer[..bytes]).await;
     ShardMetrics::add(&shard.metrics.frames_rejected_total, 1);
+    // As `reject`: what the client already sent is read and dropped before the close, so
+    // the close is a FIN, not an RST that can destroy the refusal in flight. Bounded by a
+    // frame and by a short read timeout (a client that sends its request at once has
+    // sent it by then).
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(BUSY_DRAIN_MS)));
+    let mut discarded = 0;
+    let mut sink = [0u8; 4096];
+    while discarded < shard.config.frame_bytes_max {
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => discarded += read,
+        }
+    }
 }
 
 /// Why a connection ended.
@@ -1721,9 +1747,23 @@ where
             session,
         )
         .await;
-        // Wait for every record's result, then answer.
+        // Wait for every record's result, then answer. A stopping replicated shard waits
+        // for its group to commit the request only until the drain deadline: with its
+        // followers gone the op never commits, and the connection (and so the shutdown)
+        // waited for ever. The request is then answered as not committed here; it may
+        // still commit in the group, and its retry finds its reply in the session.
         while shard.connections.borrow()[slot].remaining > 0 {
-            shard.connection_done[slot].wait().await;
+            futures_lite::future::or(
+                shard.connection_done[slot].wait(),
+                glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
+            )
+            .await;
+            if shard.stopping()
+                && shard.replication.is_some()
+                && crate::replication::drain_expired(shard)
+            {
+                abort_waiting(shard, slot);
+            }
         }
         if std::mem::take(&mut shard.connections.borrow_mut()[slot].aborted) {
             let mut buffer = [0u8; FRAME_HEADER_BYTES];
@@ -1939,6 +1979,19 @@ where
 
 /// Ends a local connection's request without results: its records were dropped here (this
 /// replica stopped leading, or their op was truncated). The client is told `NOT_LEADER`.
+/// Ends connection `slot`'s wait for its request's results: answered as aborted (not
+/// committed here), and results that arrive later dropped (the slot's generation moves on).
+fn abort_waiting<S: StateMachine>(shard: &Shard<S>, slot: usize) {
+    let mut connections = shard.connections.borrow_mut();
+    let connection = &mut connections[slot];
+    if connection.remaining == 0 {
+        return;
+    }
+    connection.aborted = true;
+    connection.remaining = 0;
+    connection.generation = connection.generation.wrapping_add(1);
+}
+
 pub(crate) fn abort_local<S: StateMachine>(shard: &Shard<S>, origin: Origin) {
     if let Origin::Ingress { slot, generation } = origin {
         shard.ingest.abort(slot, generation);
@@ -1953,17 +2006,16 @@ pub(crate) fn abort_local<S: StateMachine>(shard: &Shard<S>, origin: Origin) {
         return;
     };
     let connection = connection as usize;
-    let mut connections = shard.connections.borrow_mut();
-    let slot = &mut connections[connection];
-    if !slot.active || slot.generation != generation || slot.remaining == 0 {
-        return;
+    {
+        let connections = shard.connections.borrow();
+        let slot = &connections[connection];
+        if !slot.active || slot.generation != generation || slot.remaining == 0 {
+            return;
+        }
     }
-    slot.aborted = true;
-    slot.remaining = 0;
     // Results of this request's other records that commit later must not land in the
-    // connection's next request.
-    slot.generation = slot.generation.wrapping_add(1);
-    drop(connections);
+    // connection's next request (the generation moves on).
+    abort_waiting(shard, connection);
     shard.connection_done[connection].notify();
 }
 

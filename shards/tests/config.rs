@@ -239,6 +239,7 @@ fn sizes_and_an_empty_core_list_from_a_file_are_named() {
         ),
         ("session_clients_max = 0", "--session-clients-max"),
         ("connections_max = 0", "--connections-max"),
+        ("connections_max = 65537", "--connections-max"),
         ("segment_mib = 0", "--segment-mib"),
         (
             "snapshot_write_mib_per_s = 17592186044416",

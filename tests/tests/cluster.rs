@@ -1782,3 +1782,43 @@ fn a_client_id_reused_by_a_new_client_is_not_answered_with_old_replies() {
     );
     harness.stop_all();
 }
+
+/// A leader whose followers are gone cannot commit the request it holds; asked to stop, it
+/// waits for that commit only until the drain deadline, answers the request as not
+/// committed here, and exits. Its connection waited for the results for ever, and with it
+/// the shutdown: SIGTERM was ignored until SIGKILL.
+#[test]
+fn a_leader_without_followers_still_stops_on_sigterm() {
+    let mut harness = Harness::start("stop-without-followers", REPLICAS);
+    let mut client = harness.client(1);
+    let accounts = create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    assert_eq!(harness.current_leader(0, &[0]), Some(0));
+    harness.cluster.kill(1);
+    harness.cluster.kill(2);
+    let (debit, credit) = (accounts[0][1], accounts[0][2]);
+    // Straight to the leader of group 0, with one attempt: no ping of the dead leaders.
+    let mut config = ClientConfig::new(harness.cluster.leader_addresses(), 2);
+    config.attempts_max = 1;
+    config.timeout = Duration::from_secs(30);
+    let mut stuck = Client::new(config);
+    let pending = std::thread::spawn(move || {
+        stuck.submit::<Transfer, RecordResult>(
+            Operation::CreateTransfers.into(),
+            &[percore_shards::loadgen::transfer(1 << 95, debit, credit, 1)],
+            |t: &Transfer| route_transfer(t, SHARDS),
+        )
+    });
+    // The request reaches the leader and is sealed; it cannot commit.
+    std::thread::sleep(Duration::from_millis(500));
+    let stopping = Instant::now();
+    let stopped = harness.cluster.stop(0);
+    assert!(
+        stopped.is_ok(),
+        "the leader ignored SIGTERM: {stopped:?} after {:?}",
+        stopping.elapsed()
+    );
+    eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
+    let answered = pending.join().expect("the client thread");
+    assert!(answered.is_err(), "not committed: {answered:?}");
+}
