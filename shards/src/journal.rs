@@ -2186,7 +2186,15 @@ impl Journal {
         retain_from_op: u64,
         remove_files: bool,
     ) -> Result<CheckpointDone, JournalError> {
-        let snapshot_stale_op = self.superblock.checkpoint_previous.op;
+        // The snapshot no checkpoint names once this one is recorded: the previous one's,
+        // unless it is the latest's too (a journal that a state sync started at a peer's
+        // checkpoint holds it as both), which becomes the new previous one.
+        let snapshot_stale_op =
+            if self.superblock.checkpoint_previous.op == self.superblock.checkpoint.op {
+                0
+            } else {
+                self.superblock.checkpoint_previous.op
+            };
         let superblock = Superblock {
             checkpoint_previous: self.superblock.checkpoint,
             checkpoint,

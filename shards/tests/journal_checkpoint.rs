@@ -1136,5 +1136,26 @@ fn a_journal_started_at_a_synced_checkpoint_recovers_and_inspects_to_its_head() 
             head(&text).is_some_and(|head| head.starts_with(&format!("{}, ", SYNCED_OP + 1))),
             "{text}"
         );
+        // The first checkpoint after the sync keeps the synced one's snapshot: the
+        // superblock names it as the previous checkpoint (it was removed as stale, and an
+        // older superblock copy, or a peer asking for it, then found no file).
+        let (mut journal, mut ledger, _) = recover(&dir).await.expect("recovers");
+        for op in SYNCED_OP + 2..=SYNCED_OP + 4 {
+            append_and_apply(&mut journal, &mut ledger, op).await;
+        }
+        let mut next = Vec::new();
+        ledger.snapshot(&mut next);
+        let done = journal
+            .checkpoint(SYNCED_OP + 4, &next, ledger.digest(), u64::MAX)
+            .await
+            .expect("checkpoint after the sync");
+        assert_eq!(
+            done.snapshots_removed, 0,
+            "the synced snapshot is still named"
+        );
+        assert_eq!(journal.superblock().checkpoint_previous.op, SYNCED_OP);
+        let synced_file = dir.join(percore_engine::journal::snapshot_file_name(SYNCED_OP));
+        assert!(synced_file.exists(), "{} removed", synced_file.display());
+        journal.close().await.expect("close");
     });
 }
