@@ -926,7 +926,7 @@ impl Follower {
         let stale = self.shared.snapshot_stale_op.load(Ordering::Relaxed);
         if stale > 0 {
             let path = self.config.dir.join(format::snapshot_file_name(stale));
-            file_release(
+            snapshot_release(
                 &path,
                 || self.stopping(),
                 &self.metrics.checkpoint_release_us_total,
@@ -1033,6 +1033,28 @@ pub fn file_release(
     let removed = file_remove(path);
     spent.step();
     removed.map(|()| true)
+}
+
+/// [`file_release`] of a stale snapshot file, unless a state sync is serving it: the
+/// server holds a shared `flock` on its open file (`sync::serve`), and shrinking the file
+/// would shrink what that open file reads too (the transfer then failed as `NotRetained`,
+/// and one slower than two checkpoints never finished). A served file is only unlinked:
+/// its blocks are freed when the server closes it.
+pub fn snapshot_release(
+    path: &Path,
+    stopping: impl Fn() -> bool,
+    spent: &AtomicU64,
+) -> Result<bool, FollowerError> {
+    let served = match std::fs::File::open(path) {
+        Ok(file) => matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(error) => return Err(io_error(path)(error)),
+    };
+    if served {
+        file_remove(path)?;
+        return Ok(true);
+    }
+    file_release(path, stopping, spent)
 }
 
 /// Removes `path`; one already gone is fine.
@@ -1291,5 +1313,36 @@ mod tests {
         // Gone already (a crash after the unlink): nothing to do.
         assert!(file_release(&path, || false, &spent).expect("release of a missing file"));
         std::fs::remove_dir_all(&dir).expect("temp dir removed");
+    }
+
+    #[test]
+    fn a_served_snapshot_is_unlinked_but_not_shrunk_under_its_reader() {
+        let dir = std::env::temp_dir().join(format!("percore-served-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("snapshot");
+        let bytes = vec![0x5au8; 3 * RELEASE_STEP_BYTES as usize];
+        std::fs::write(&path, &bytes).unwrap();
+        let spent = AtomicU64::new(0);
+        // As a state sync serving it: open, held shared.
+        let served = std::fs::File::open(&path).unwrap();
+        crate::io_fence::hold(&served).unwrap();
+        assert!(snapshot_release(&path, || false, &spent).expect("release"));
+        assert!(!path.exists(), "unlinked");
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut &served, &mut read).unwrap();
+        assert_eq!(read.len(), bytes.len(), "the served file kept its bytes");
+        drop(served);
+        // Not served: shrunk in steps, then removed, as segments are.
+        std::fs::write(&path, &bytes).unwrap();
+        let reader = std::fs::File::open(&path).unwrap();
+        assert!(snapshot_release(&path, || false, &spent).expect("release"));
+        assert!(!path.exists());
+        assert_eq!(
+            reader.metadata().unwrap().len(),
+            0,
+            "shrunk before the unlink"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

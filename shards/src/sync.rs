@@ -320,7 +320,8 @@ async fn serve<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool
         let superblock = *journal.superblock();
         let dropped = &shard.metrics.replication_messages_dropped_total;
         // A file being served stays readable after a newer checkpoint removes it (it is
-        // open); otherwise only the retained checkpoints' files are served.
+        // open, and held shared so that the follower unlinks it without shrinking it);
+        // otherwise only the retained checkpoints' files are served.
         let cached = replication
             .sync
             .borrow()
@@ -339,10 +340,13 @@ async fn serve<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool
                 .config()
                 .dir
                 .join(format::snapshot_file_name(checkpoint_op));
+            // Held shared while it is served: a follower that releases it as stale then
+            // unlinks it without shrinking it under this open file
+            // (`checkpoint::snapshot_release`).
             let opened = match DmaFile::open(&path).await {
                 Ok(file) => match file.file_size().await {
-                    Ok(size) => Some((file, size)),
-                    Err(_) => None,
+                    Ok(size) if crate::io_fence::hold(&file).is_ok() => Some((file, size)),
+                    _ => None,
                 },
                 Err(_) => None,
             };
