@@ -924,6 +924,14 @@ impl Follower {
         let started = Instant::now();
         let below = self.shared.segments_below.load(Ordering::Relaxed);
         for segment in segment_next..below {
+            let path = self.config.dir.join(format::segment_file_name(segment));
+            // After a restart the walk starts again at the lowest file left, and indices
+            // above it may be gone already (removed, or reused by the journal under a new
+            // name): offering one made the roll-over fall back to creating a segment, and
+            // counted a reuse that never happened.
+            if !path.exists() {
+                continue;
+            }
             let taken = self.shared.recycled_taken.load(Ordering::Acquire);
             let waiting = self.recycled_offered.saturating_sub(taken);
             if waiting < self.config.recycle_max as u64 && self.recycled.push(segment).is_ok() {
@@ -931,7 +939,6 @@ impl Follower {
                 ShardMetrics::add(&self.metrics.checkpoint_segments_recycled_total, 1);
                 continue;
             }
-            let path = self.config.dir.join(format::segment_file_name(segment));
             if !file_release(
                 &path,
                 || self.stopping(),
