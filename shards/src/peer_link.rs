@@ -384,8 +384,11 @@ async fn receive_loop<S, P>(
     // Bounded: the holder hands the buffer back once it sees this connection (or the
     // shard's end); a newer connection ends this wait instead.
     let body = loop {
-        if shard.finished.get() || peer.generation.get() != mine {
+        if peer.generation.get() != mine {
             ShardMetrics::add(&shard.metrics.peer_connections_replaced_total, 1);
+            return;
+        }
+        if shard.finished.get() {
             return;
         }
         if let Some(body) = peer.body.take() {
