@@ -8,17 +8,21 @@
 //! record plus one), after a delay, or never. A "sink" replica accepts connections and never
 //! reads. Every fake stops when dropped.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use percore_engine::bft::SigningKey;
 use percore_engine::frame::{self, FRAME_HEADER_BYTES, FrameSchema, Kind};
 use percore_net::client::{BftClient, ClientConfig};
+
+mod support {
+    pub mod fake_io;
+}
+use support::fake_io::{FakeServer, read_full};
 
 /// Requests whose results are `u64`s.
 const OPERATION_SMALL: u16 = 3;
@@ -48,40 +52,6 @@ enum Answer {
 }
 
 type Decide = dyn Fn(usize, u64, u16) -> Answer + Send + Sync;
-
-struct Fake {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("fake thread");
-        }
-    }
-}
-
-fn read_full(stream: &mut TcpStream, buffer: &mut [u8], stop: &AtomicBool) -> bool {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        match stream.read(&mut buffer[filled..]) {
-            Ok(0) => return false,
-            Ok(read) => filled += read,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return false,
-        }
-    }
-    true
-}
 
 fn serve(mut stream: TcpStream, replica: usize, decide: &Decide, stop: &AtomicBool) {
     stream
@@ -131,7 +101,7 @@ fn serve(mut stream: TcpStream, replica: usize, decide: &Decide, stop: &AtomicBo
 
 /// A fake replica; with `sink`, one whose connections are accepted and never read, with a
 /// small receive buffer so that they fill soon.
-fn spawn(replica: usize, sink: bool, decide: Arc<Decide>) -> (SocketAddr, Fake) {
+fn spawn(replica: usize, sink: bool, decide: Arc<Decide>) -> (SocketAddr, FakeServer) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     if sink {
@@ -180,7 +150,7 @@ fn spawn(replica: usize, sink: bool, decide: Arc<Decide>) -> (SocketAddr, Fake) 
     });
     (
         address,
-        Fake {
+        FakeServer {
             stop,
             thread: Some(thread),
         },
@@ -192,9 +162,9 @@ fn cluster(
     sink: bool,
     decide: impl Fn(usize, u64, u16) -> Answer + Send + Sync + 'static,
     request_timeout: Duration,
-) -> (BftClient, Vec<Fake>) {
+) -> (BftClient, Vec<FakeServer>) {
     let decide: Arc<Decide> = Arc::new(decide);
-    let (addresses, fakes): (Vec<Vec<SocketAddr>>, Vec<Fake>) = (0..REPLICAS)
+    let (addresses, fakes): (Vec<Vec<SocketAddr>>, Vec<FakeServer>) = (0..REPLICAS)
         .map(|replica| {
             let (address, fake) = spawn(replica, sink && replica == 0, decide.clone());
             (vec![address], fake)

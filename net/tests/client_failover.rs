@@ -9,7 +9,6 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use percore_engine::frame::{self, FRAME_HEADER_BYTES, FrameSchema, Kind, OPERATION_PING};
@@ -21,6 +20,10 @@ use percore_net::client::{
 #[path = "../../tests/support/refusing_port.rs"]
 mod refusing_port;
 use refusing_port::RefusingPort;
+mod support {
+    pub mod fake_io;
+}
+use support::fake_io::{FakeServer, read_full};
 
 /// The operation the fakes serve (any code but ping).
 const OPERATION: u16 = 3;
@@ -60,43 +63,6 @@ enum Answer {
 }
 
 type Decide = dyn Fn(&Seen) -> Answer + Send + Sync;
-
-/// One fake listener: replica `replica`'s shard `shard`.
-struct FakeServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for FakeServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("fake server thread");
-        }
-    }
-}
-
-/// Reads exactly `buffer.len()` bytes; `false` at end of stream, on error or when stopped.
-fn read_full(stream: &mut TcpStream, buffer: &mut [u8], stop: &AtomicBool) -> bool {
-    use std::io::Read;
-    let mut filled = 0;
-    while filled < buffer.len() {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        match stream.read(&mut buffer[filled..]) {
-            Ok(0) => return false,
-            Ok(read) => filled += read,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return false,
-        }
-    }
-    true
-}
 
 fn serve_connection(
     mut stream: TcpStream,

@@ -1367,21 +1367,24 @@ mod tests {
         let mut staging = vec![Sector([0; SECTOR_BYTES]); 4];
         let budget = SnapshotWriteBudget::new(1 << 20);
         let spent = AtomicU64::new(0);
+        let mut write = |stopping: &dyn Fn() -> bool| {
+            snapshot_file_write(
+                &dir,
+                &meta,
+                &snapshot,
+                &mut staging,
+                &budget,
+                &spent,
+                stopping,
+            )
+            .expect("write")
+        };
         let chunks = std::cell::Cell::new(0);
         let started = Instant::now();
-        let finished = snapshot_file_write(
-            &dir,
-            &meta,
-            &snapshot,
-            &mut staging,
-            &budget,
-            &spent,
-            || {
-                chunks.set(chunks.get() + 1);
-                chunks.get() > 2
-            },
-        )
-        .expect("write");
+        let finished = write(&|| {
+            chunks.set(chunks.get() + 1);
+            chunks.get() > 2
+        });
         assert!(!finished, "abandoned");
         assert!(
             started.elapsed() < Duration::from_millis(150),
@@ -1391,17 +1394,7 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert!(left.is_empty(), "no file left: {left:?}");
         // Not told to stop: written whole, under its final name.
-        let finished = snapshot_file_write(
-            &dir,
-            &meta,
-            &snapshot,
-            &mut staging,
-            &budget,
-            &spent,
-            || false,
-        )
-        .expect("write");
-        assert!(finished);
+        assert!(write(&|| false));
         let path = dir.join(format::snapshot_file_name(9));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), meta.file_bytes());
         let _ = std::fs::remove_dir_all(&dir);

@@ -697,18 +697,24 @@ mod tests {
         let _held = lock(&dir.0).expect("taken again");
     }
 
-    #[test]
-    fn a_file_still_written_by_an_earlier_description_holds_the_lock_back() {
-        let dir = TempDir::new("fence");
-        let segment = dir.0.join("shard-0").join("segment");
+    /// A segment file in `dir`, and a description of it held as a killed node's io_uring
+    /// write in flight holds its own.
+    fn segment_in_flight(dir: &Path) -> (PathBuf, std::fs::File) {
+        let segment = dir.join("shard-0").join("segment");
         std::fs::create_dir_all(segment.parent().unwrap()).unwrap();
         std::fs::write(&segment, b"x").unwrap();
-        // As a killed node's io_uring write in flight holds its description.
         let in_flight = std::fs::OpenOptions::new()
             .write(true)
             .open(&segment)
             .unwrap();
         crate::io_fence::hold(&in_flight).unwrap();
+        (segment, in_flight)
+    }
+
+    #[test]
+    fn a_file_still_written_by_an_earlier_description_holds_the_lock_back() {
+        let dir = TempDir::new("fence");
+        let (segment, in_flight) = segment_in_flight(&dir.0);
         match lock_within(&dir.0, std::time::Duration::from_millis(30)) {
             Err(FormatError::Fence(crate::io_fence::FenceError::InFlight { path, .. })) => {
                 assert_eq!(path, segment);
@@ -726,15 +732,7 @@ mod tests {
     #[test]
     fn writes_still_landing_are_seen_only_while_nobody_holds_the_directory() {
         let dir = TempDir::new("landing");
-        std::fs::create_dir_all(&dir.0).unwrap();
-        let segment = dir.0.join("shard-0").join("segment");
-        std::fs::create_dir_all(segment.parent().unwrap()).unwrap();
-        std::fs::write(&segment, b"x").unwrap();
-        let in_flight = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&segment)
-            .unwrap();
-        crate::io_fence::hold(&in_flight).unwrap();
+        let (segment, in_flight) = segment_in_flight(&dir.0);
         // No node ever ran here: nothing to say.
         assert_eq!(writes_landing(&dir.0).unwrap(), None);
         std::fs::write(dir.0.join(LOCK_FILE_NAME), b"pid 1\n").unwrap();

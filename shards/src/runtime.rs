@@ -1517,21 +1517,32 @@ fn claim_connection<S: StateMachine>(shard: &Shard<S>) -> Option<usize> {
 }
 
 async fn refuse_busy<S: StateMachine>(mut stream: TcpStream, shard: Rc<Shard<S>>) {
-    let envelope = frame::Envelope {
+    // A short read timeout for the drain: a client that sends its request at once has
+    // sent it by then.
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(BUSY_DRAIN_MS)));
+    error_reply_drained(&shard, &mut stream, None, ERROR_SERVER_BUSY).await;
+    ShardMetrics::add(&shard.metrics.frames_rejected_total, 1);
+}
+
+/// Writes an error reply (to `envelope`'s request, or to none), then reads and drops what
+/// the client already sent (at most a frame, each read bounded by the stream's read
+/// timeout), so that closing sends FIN, not an RST that could destroy the error reply in
+/// flight.
+async fn error_reply_drained<S: StateMachine>(
+    shard: &Shard<S>,
+    stream: &mut TcpStream,
+    envelope: Option<&frame::Envelope>,
+    code: u32,
+) {
+    let none = frame::Envelope {
         client_id: 0,
         request_number: 0,
         operation: frame::OPERATION_PING,
         shard: shard.index as u16,
     };
     let mut buffer = [0u8; FRAME_HEADER_BYTES];
-    let bytes = frame::encode_error_reply(&mut buffer, &envelope, ERROR_SERVER_BUSY);
+    let bytes = frame::encode_error_reply(&mut buffer, envelope.unwrap_or(&none), code);
     let _ = stream.write_all(&buffer[..bytes]).await;
-    ShardMetrics::add(&shard.metrics.frames_rejected_total, 1);
-    // As `reject`: what the client already sent is read and dropped before the close, so
-    // the close is a FIN, not an RST that can destroy the refusal in flight. Bounded by a
-    // frame and by a short read timeout (a client that sends its request at once has
-    // sent it by then).
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(BUSY_DRAIN_MS)));
     let mut discarded = 0;
     let mut sink = [0u8; 4096];
     while discarded < shard.config.frame_bytes_max {
@@ -1747,23 +1758,10 @@ where
             session,
         )
         .await;
-        // Wait for every record's result, then answer. A stopping replicated shard waits
-        // for its group to commit the request only until the drain deadline: with its
-        // followers gone the op never commits, and the connection (and so the shutdown)
-        // waited for ever. The request is then answered as not committed here; it may
-        // still commit in the group, and its retry finds its reply in the session.
+        // Wait for every record's result, then answer (or for the batcher to give up on
+        // them at a stopping leader's drain deadline: `abort_all_waiting`).
         while shard.connections.borrow()[slot].remaining > 0 {
-            futures_lite::future::or(
-                shard.connection_done[slot].wait(),
-                glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)),
-            )
-            .await;
-            if shard.stopping()
-                && shard.replication.is_some()
-                && crate::replication::drain_expired(shard)
-            {
-                abort_waiting(shard, slot);
-            }
+            shard.connection_done[slot].wait().await;
         }
         if std::mem::take(&mut shard.connections.borrow_mut()[slot].aborted) {
             let mut buffer = [0u8; FRAME_HEADER_BYTES];
@@ -1813,25 +1811,7 @@ async fn reject<S: StateMachine>(
     code: u32,
     end: ConnectionEnd,
 ) -> Result<(), ConnectionEnd> {
-    let fallback = frame::Envelope {
-        client_id: 0,
-        request_number: 0,
-        operation: frame::OPERATION_PING,
-        shard: shard.index as u16,
-    };
-    let mut buffer = [0u8; FRAME_HEADER_BYTES];
-    let bytes = frame::encode_error_reply(&mut buffer, envelope.unwrap_or(&fallback), code);
-    let _ = stream.write_all(&buffer[..bytes]).await;
-    // Read and drop what the client already sent (bounded), so closing sends FIN, not an
-    // RST that could destroy the error reply in flight.
-    let mut discarded = 0;
-    let mut sink = [0u8; 4096];
-    while discarded < shard.config.frame_bytes_max {
-        match stream.read(&mut sink).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => discarded += read,
-        }
-    }
+    error_reply_drained(shard, stream, envelope, code).await;
     let _ = stream.close().await;
     ShardMetrics::add(&shard.metrics.frames_rejected_total, 1);
     tracing::debug!(shard = shard.index, code, "frame rejected");
@@ -1979,17 +1959,28 @@ where
 
 /// Ends a local connection's request without results: its records were dropped here (this
 /// replica stopped leading, or their op was truncated). The client is told `NOT_LEADER`.
-/// Ends connection `slot`'s wait for its request's results: answered as aborted (not
-/// committed here), and results that arrive later dropped (the slot's generation moves on).
+/// Ends connection `slot`'s wait for its request's results and wakes it: answered as
+/// aborted (not committed here), and results that arrive later dropped (the slot's
+/// generation moves on).
 fn abort_waiting<S: StateMachine>(shard: &Shard<S>, slot: usize) {
-    let mut connections = shard.connections.borrow_mut();
-    let connection = &mut connections[slot];
-    if connection.remaining == 0 {
-        return;
+    {
+        let mut connections = shard.connections.borrow_mut();
+        let connection = &mut connections[slot];
+        if connection.remaining == 0 {
+            return;
+        }
+        connection.aborted = true;
+        connection.remaining = 0;
+        connection.generation = connection.generation.wrapping_add(1);
     }
-    connection.aborted = true;
-    connection.remaining = 0;
-    connection.generation = connection.generation.wrapping_add(1);
+    shard.connection_done[slot].notify();
+}
+
+/// [`abort_waiting`] for every connection waiting for results.
+fn abort_all_waiting<S: StateMachine>(shard: &Shard<S>) {
+    for slot in 0..shard.connection_done.len() {
+        abort_waiting(shard, slot);
+    }
 }
 
 pub(crate) fn abort_local<S: StateMachine>(shard: &Shard<S>, origin: Origin) {
@@ -2016,7 +2007,6 @@ pub(crate) fn abort_local<S: StateMachine>(shard: &Shard<S>, origin: Origin) {
     // Results of this request's other records that commit later must not land in the
     // connection's next request (the generation moves on).
     abort_waiting(shard, connection);
-    shard.connection_done[connection].notify();
 }
 
 /// Writes a result into a local connection's reply and wakes it when the request is done.
@@ -2066,9 +2056,15 @@ where
             // followers may be gone. Uncommitted ops stay in its journal.
             // A BFT replica owes nothing at shutdown: what it has not committed, the other
             // replicas answer (clients ask every replica).
-            let idle = idle
-                || shard.bft.is_some()
-                || (shard.replication.is_some() && crate::replication::drain_expired(&shard));
+            let expired = shard.replication.is_some() && crate::replication::drain_expired(&shard);
+            if expired {
+                // With its followers gone nothing commits: the requests still waiting are
+                // answered as not committed here (they may yet commit in the group, and a
+                // retry finds its reply in the session). Their connections, and so the
+                // shutdown, waited for ever.
+                abort_all_waiting(&shard);
+            }
+            let idle = idle || shard.bft.is_some() || expired;
             let drained = idle
                 && shard.ingest.is_retired(shard.index)
                 && shard.connections.borrow().iter().all(|c| !c.active);

@@ -1802,6 +1802,8 @@ fn a_leader_without_followers_still_stops_on_sigterm() {
     config.attempts_max = 1;
     config.timeout = Duration::from_secs(30);
     let mut stuck = Client::new(config);
+    let staged = |harness: &Harness| harness.metric(0, "percore_replication_op_head", 0);
+    let before = staged(&harness);
     let pending = std::thread::spawn(move || {
         stuck.submit::<Transfer, RecordResult>(
             Operation::CreateTransfers.into(),
@@ -1810,7 +1812,9 @@ fn a_leader_without_followers_still_stops_on_sigterm() {
         )
     });
     // The request reaches the leader and is sealed; it cannot commit.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until("the leader stages the request", || {
+        (staged(&harness) > before).then_some(())
+    });
     let stopping = Instant::now();
     let stopped = harness.cluster.stop(0);
     assert!(
