@@ -160,10 +160,11 @@ pub const CREDIT_LEGS_IN_FLIGHT_MAX_LIMIT: usize = 1 << 24;
 
 /// Sizes and identity of one ledger shard. Every bound is fixed here; nothing grows later.
 ///
-/// `transfers_max` and `credit_legs_in_flight_max` decide results (which ids are still
-/// duplicates, when back-pressure starts), so they are part of the replicated state: every
-/// replica of a shard must use the same values (the digest covers them, and a snapshot
-/// restores only into a ledger with the same values). `accounts_max` may differ.
+/// `accounts_max`, `transfers_max` and `credit_legs_in_flight_max` decide results (when
+/// `AccountsTableFull` is answered, which ids are still duplicates, when back-pressure
+/// starts): every replica of a shard must use the same values. The peer handshake enforces
+/// it ([`StateMachine::settings_digest`]); the state digest covers the last two, and a
+/// snapshot restores only into a ledger with the same values of those.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LedgerConfig {
     /// This shard's index, `< shard_count`.
@@ -222,6 +223,21 @@ impl LedgerConfig {
             credit_legs_in_flight_max: CREDIT_LEGS_IN_FLIGHT_MAX_DEFAULT,
             batch_entries_max: BATCH_ENTRIES_MAX_DEFAULT,
         }
+    }
+
+    /// [`StateMachine::settings_digest`] of a ledger of this configuration: the shard count,
+    /// `accounts_max` (a full table answers `AccountsTableFull`), `transfers_max` and
+    /// `credit_legs_in_flight_max`. Not `shard_index` (a group's replicas share it) nor
+    /// `batch_entries_max` (it bounds, it does not decide).
+    pub fn settings_digest(&self) -> u64 {
+        let mut hasher = Digest256Hasher::new();
+        hasher
+            .update(b"percore.ledger.settings.v1")
+            .update(&self.shard_count.to_le_bytes())
+            .update(&(self.accounts_max as u64).to_le_bytes())
+            .update(&(self.transfers_max as u64).to_le_bytes())
+            .update(&(self.credit_legs_in_flight_max as u64).to_le_bytes());
+        u64::from_le_bytes(hasher.finalize()[..8].try_into().expect("8 bytes"))
     }
 
     /// Checks every bound. The replay windows need no relation checked here: a credit shard
@@ -1998,6 +2014,11 @@ impl StateMachine for Ledger {
     /// Covers the configuration that decides results, the counters, the accounts (as a
     /// set), the transfer window in order (it decides future evictions), the legs in flight
     /// and the replay windows. Never the table layout.
+    /// [`LedgerConfig::settings_digest`].
+    fn settings_digest(&self) -> u64 {
+        self.config.settings_digest()
+    }
+
     fn digest(&self) -> Digest256 {
         let mut hasher = Digest256Hasher::new();
         hasher

@@ -54,7 +54,7 @@ pub const PEER_VERSION: u16 = 1;
 /// `magic` of every handshake frame: `b"PCHS"`.
 pub const HANDSHAKE_MAGIC: u32 = u32::from_le_bytes(*b"PCHS");
 /// Handshake format version this code speaks.
-pub const HANDSHAKE_VERSION: u16 = 1;
+pub const HANDSHAKE_VERSION: u16 = 2;
 /// Largest message body any configuration needs (bytes): one entry of the largest batch,
 /// header included (`message_body_bytes_max` in docs/protocol.md section 13).
 pub const MESSAGE_BODY_BYTES_MAX_LIMIT: usize = ENTRY_HEADER_BYTES + ENTRY_BODY_BYTES_MAX_LIMIT;
@@ -63,7 +63,7 @@ pub const KEY_BYTES: usize = 32;
 /// Size of a handshake nonce (bytes).
 pub const NONCE_BYTES: usize = 32;
 /// Size of the [`Transcript`] encoding the handshake MACs and session key cover (bytes).
-pub const TRANSCRIPT_BYTES: usize = 16 + 4 + 1 + 1 + NONCE_BYTES + NONCE_BYTES + 8;
+pub const TRANSCRIPT_BYTES: usize = 16 + 4 + 1 + 1 + NONCE_BYTES + NONCE_BYTES + 8 + 8;
 
 /// Label of the listener's handshake MAC (HelloReply).
 const LABEL_HELLO_LISTENER: &[u8] = b"percore hello listener v1";
@@ -82,7 +82,7 @@ const _: () = assert!(size_of::<PeerHeader>() == PEER_HEADER_BYTES);
 const _: () = assert!(align_of::<PeerHeader>() == 16);
 const _: () = assert!(size_of::<HandshakeFrame>() == HANDSHAKE_FRAME_BYTES);
 const _: () = assert!(FIELDS_OFFSET + 56 == PEER_HEADER_BYTES);
-const _: () = assert!(TRANSCRIPT_BYTES == 94);
+const _: () = assert!(TRANSCRIPT_BYTES == 102);
 // `body_bytes` is a u32 on the wire.
 const _: () = assert!(MESSAGE_BODY_BYTES_MAX_LIMIT <= u32::MAX as usize);
 // Distinct label lengths keep `label ‖ transcript` injective across derivations.
@@ -159,6 +159,19 @@ pub enum MessageError {
     /// The peer was configured with another peers list (order included).
     #[error("peers list differs: ours has digest {expected:#x}, the peer's {got:#x}")]
     PeersMismatch {
+        /// Our digest.
+        expected: u64,
+        /// The peer's.
+        got: u64,
+    },
+    /// The peer was configured with other settings that decide results
+    /// ([`Transcript::settings_digest`]).
+    #[error(
+        "settings that decide results differ (shard count, or the state machine's: for the \
+         ledger transfers_max, credit_legs_max, session_clients_max): ours have digest \
+         {expected:#x}, the peer's {got:#x}"
+    )]
+    SettingsMismatch {
         /// Our digest.
         expected: u64,
         /// The peer's.
@@ -618,11 +631,15 @@ pub struct Transcript {
     /// Digest of the cluster's peers list (addresses in replica order): two nodes
     /// configured with different lists refuse each other at the handshake.
     pub peers_digest: u64,
+    /// Digest of the settings that decide results, which every replica of a group must
+    /// share (shard count, and the state machine's own: for the ledger `transfers_max`,
+    /// `credit_legs_max`, `session_clients_max`): replicas that differ refuse each other.
+    pub settings_digest: u64,
 }
 
 impl Transcript {
     /// The fixed-length encoding: `cluster_id ‖ group ‖ from ‖ to ‖ nonce_dialer ‖
-    /// nonce_listener ‖ peers_digest`, integers little-endian.
+    /// nonce_listener ‖ peers_digest ‖ settings_digest`, integers little-endian.
     pub fn encode(&self) -> [u8; TRANSCRIPT_BYTES] {
         let mut bytes = [0u8; TRANSCRIPT_BYTES];
         bytes[0..16].copy_from_slice(&self.cluster_id.to_le_bytes());
@@ -632,6 +649,7 @@ impl Transcript {
         bytes[22..54].copy_from_slice(&self.nonce_dialer);
         bytes[54..86].copy_from_slice(&self.nonce_listener);
         bytes[86..94].copy_from_slice(&self.peers_digest.to_le_bytes());
+        bytes[94..102].copy_from_slice(&self.settings_digest.to_le_bytes());
         bytes
     }
 }
@@ -865,7 +883,7 @@ pub enum HandshakeStep {
 /// | 64 | `nonce_listener: [u8; 32]` |
 /// | 96 | `mac: u128` |
 /// | 112 | `peers_digest: u64` |
-/// | 120 | zero |
+/// | 120 | `settings_digest: u64` |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 #[repr(C)]
 pub struct HandshakeFrame {
@@ -895,8 +913,8 @@ pub struct HandshakeFrame {
     pub mac: u128,
     /// The sender's peers-list digest ([`Transcript::peers_digest`]).
     pub peers_digest: u64,
-    /// Must be zero.
-    pub padding: [u8; 8],
+    /// The sender's settings digest ([`Transcript::settings_digest`]).
+    pub settings_digest: u64,
 }
 
 impl HandshakeFrame {
@@ -914,6 +932,7 @@ impl HandshakeFrame {
             nonce_listener: transcript.nonce_listener,
             mac,
             peers_digest: transcript.peers_digest,
+            settings_digest: transcript.settings_digest,
             ..HandshakeFrame::zeroed()
         }
     }
@@ -928,6 +947,7 @@ impl HandshakeFrame {
             nonce_dialer: self.nonce_dialer,
             nonce_listener: self.nonce_listener,
             peers_digest: self.peers_digest,
+            settings_digest: self.settings_digest,
         }
     }
 
@@ -957,15 +977,16 @@ impl HandshakeFrame {
                 got: frame.step,
             });
         }
-        if frame.reserved_a != 0 || frame.reserved_b != [0; 2] || frame.padding != [0; 8] {
+        if frame.reserved_a != 0 || frame.reserved_b != [0; 2] {
             return Err(MessageError::ReservedNotZero);
         }
         Ok(frame)
     }
 }
 
-/// The listener's identity checks on a Hello: our cluster and group, a dialer in
-/// `0..replica_count` other than us, addressed to us, no listener nonce or MAC yet.
+/// The listener's identity checks on a Hello: our cluster, peers list, settings and group,
+/// a dialer in `0..replica_count` other than us, addressed to us, no listener nonce or MAC
+/// yet.
 pub fn check_hello(
     hello: &HandshakeFrame,
     cluster_id: u128,
@@ -973,6 +994,7 @@ pub fn check_hello(
     replica: u8,
     replica_count: u8,
     peers_digest: u64,
+    settings_digest: u64,
 ) -> Result<(), MessageError> {
     debug_assert!(replica < replica_count);
     if hello.cluster_id != cluster_id {
@@ -984,6 +1006,12 @@ pub fn check_hello(
         return Err(MessageError::PeersMismatch {
             expected: peers_digest,
             got: hello.peers_digest,
+        });
+    }
+    if hello.settings_digest != settings_digest {
+        return Err(MessageError::SettingsMismatch {
+            expected: settings_digest,
+            got: hello.settings_digest,
         });
     }
     if hello.group != group {
@@ -1084,6 +1112,7 @@ mod tests {
             nonce_dialer: [0xA5; NONCE_BYTES],
             nonce_listener: [0x5A; NONCE_BYTES],
             peers_digest: 0xD16E57,
+            settings_digest: 0x5E77,
         }
     }
 
@@ -1389,36 +1418,100 @@ mod tests {
         let decoded = HandshakeFrame::decode(&hello.encode(), HandshakeStep::Hello).unwrap();
         assert_eq!(decoded, hello);
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 2, 3, t.peers_digest),
+            check_hello(
+                &decoded,
+                t.cluster_id,
+                GROUP,
+                2,
+                3,
+                t.peers_digest,
+                t.settings_digest
+            ),
             Ok(())
         );
         assert_eq!(
-            check_hello(&decoded, t.cluster_id ^ 1, GROUP, 2, 3, t.peers_digest),
+            check_hello(
+                &decoded,
+                t.cluster_id ^ 1,
+                GROUP,
+                2,
+                3,
+                t.peers_digest,
+                t.settings_digest
+            ),
             Err(MessageError::ForeignCluster { got: t.cluster_id })
         );
         assert!(matches!(
-            check_hello(&decoded, t.cluster_id, GROUP + 1, 2, 3, t.peers_digest),
+            check_hello(
+                &decoded,
+                t.cluster_id,
+                GROUP + 1,
+                2,
+                3,
+                t.peers_digest,
+                t.settings_digest
+            ),
             Err(MessageError::WrongGroup { .. })
         ));
         // A node configured with another peers list.
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 2, 3, t.peers_digest ^ 1),
+            check_hello(
+                &decoded,
+                t.cluster_id,
+                GROUP,
+                2,
+                3,
+                t.peers_digest ^ 1,
+                t.settings_digest
+            ),
             Err(MessageError::PeersMismatch {
                 expected: t.peers_digest ^ 1,
                 got: t.peers_digest
             })
         );
+        // A node configured with other settings that decide results.
+        assert_eq!(
+            check_hello(&decoded, t.cluster_id, GROUP, 2, 3, t.peers_digest, 1),
+            Err(MessageError::SettingsMismatch {
+                expected: 1,
+                got: t.settings_digest
+            })
+        );
         // The dialer claims to be us, or a replica outside the cluster.
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 1, 3, t.peers_digest),
+            check_hello(
+                &decoded,
+                t.cluster_id,
+                GROUP,
+                1,
+                3,
+                t.peers_digest,
+                t.settings_digest
+            ),
             Err(MessageError::UnknownPeer { from: 1 })
         );
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 0, 1, t.peers_digest),
+            check_hello(
+                &decoded,
+                t.cluster_id,
+                GROUP,
+                0,
+                1,
+                t.peers_digest,
+                t.settings_digest
+            ),
             Err(MessageError::UnknownPeer { from: 1 })
         );
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 0, 3, t.peers_digest),
+            check_hello(
+                &decoded,
+                t.cluster_id,
+                GROUP,
+                0,
+                3,
+                t.peers_digest,
+                t.settings_digest
+            ),
             Err(MessageError::WrongTarget { to: 2 })
         );
         assert_eq!(
@@ -1429,7 +1522,7 @@ mod tests {
             })
         );
         let mut padded = hello.encode();
-        padded[127] = 1;
+        padded[15] = 1;
         assert_eq!(
             HandshakeFrame::decode(&padded, HandshakeStep::Hello),
             Err(MessageError::ReservedNotZero)

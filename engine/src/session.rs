@@ -414,6 +414,18 @@ pub fn descriptors_valid(descriptors: &[RequestDescriptor], records: usize) -> b
     })
 }
 
+/// [`StateMachine::settings_digest`] of a [`Sessioned`] machine of `clients_max` sessions
+/// whose inner machine's digest is `inner`: the width decides which client's session a new
+/// one evicts, so which retries are still answered.
+pub fn settings_digest(clients_max: usize, inner: u64) -> u64 {
+    let mut hasher = crate::checksum::Digest256Hasher::new();
+    hasher
+        .update(b"percore.sessions.settings.v1")
+        .update(&(clients_max as u64).to_le_bytes())
+        .update(&inner.to_le_bytes());
+    u64::from_le_bytes(hasher.finalize()[..8].try_into().expect("8 bytes"))
+}
+
 /// A state machine with a client session table: see the module docs. Everything but
 /// [`StateMachine::apply_requests`], the snapshot and the digest is the inner machine's.
 pub struct Sessioned<S: StateMachine> {
@@ -720,6 +732,11 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
 
     fn digest(&self) -> Digest256 {
         self.digest_with(self.inner.digest())
+    }
+
+    /// [`settings_digest`] of the table's width and the inner machine's digest.
+    fn settings_digest(&self) -> u64 {
+        settings_digest(self.sessions.clients_max(), self.inner.settings_digest())
     }
 }
 

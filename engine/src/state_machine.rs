@@ -261,4 +261,14 @@ pub trait StateMachine {
     /// Digest of the canonical replicated state (independent of memory layout), for
     /// comparing replicas.
     fn digest(&self) -> Digest256;
+
+    /// Digest of the settings that decide results (a bound whose value changes what a batch
+    /// returns, such as the width of a duplicate-detection window or of a session table).
+    /// Every replica of a shard must use the same: the runtime puts this digest in the peer
+    /// handshake, and replicas whose digests differ refuse each other, instead of
+    /// diverging at the first batch the settings decide. Machines whose results depend on
+    /// no setting keep the default.
+    fn settings_digest(&self) -> u64 {
+        0
+    }
 }

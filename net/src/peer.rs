@@ -85,6 +85,9 @@ pub struct PeerIdentity {
     /// Digest of the cluster's peers list (addresses in replica order): nodes configured
     /// with different lists refuse each other at the handshake.
     pub peers_digest: u64,
+    /// Digest of the settings that decide results (`Transcript::settings_digest`): replicas
+    /// configured differently refuse each other at the handshake.
+    pub settings_digest: u64,
 }
 
 /// BFT mode: replicas prove their index at the handshake with their ed25519 keys. Every
@@ -168,6 +171,7 @@ pub async fn dial(
         nonce_dialer: nonce,
         nonce_listener: [0; NONCE_BYTES],
         peers_digest: me.peers_digest,
+        settings_digest: me.settings_digest,
     };
     let (stream, transcript, key, by_accepted_key) = with_deadline(handshake_timeout, async {
         let mut stream = TcpStream::connect(address)
@@ -212,7 +216,8 @@ pub async fn dial(
 }
 
 /// Runs the listener's half of the handshake on an accepted `stream`. Refuses, by closing
-/// without an answer, a Hello from a foreign cluster or group, from a replica outside
+/// without an answer, a Hello from a foreign cluster or group, from a node configured with
+/// another peers list or other settings that decide results, from a replica outside
 /// `0..replica_count` or from ourselves, or addressed to another replica; refuses a
 /// HelloConfirm whose MAC is not the dialer's and, with `signing` (BFT mode), a dialer
 /// whose signature is not the claimed replica's. Everything must arrive within
@@ -243,6 +248,7 @@ pub async fn accept_handshake(
             me.replica,
             me.replica_count,
             me.peers_digest,
+            me.settings_digest,
         )
         .map_err(|reason| PeerError::Refused { reason })?;
         let transcript = Transcript {

@@ -72,6 +72,8 @@ fn cluster_key() -> ClusterKey {
 
 /// Digest of the (imaginary) peers list every test node shares.
 const PEERS_DIGEST: u64 = 0xD16E57;
+/// Digest of the (imaginary) settings every test node shares.
+const SETTINGS_DIGEST: u64 = 0x5E77;
 
 fn identity(replica: u8) -> PeerIdentity {
     PeerIdentity {
@@ -80,6 +82,7 @@ fn identity(replica: u8) -> PeerIdentity {
         replica,
         replica_count: REPLICA_COUNT,
         peers_digest: PEERS_DIGEST,
+        settings_digest: SETTINGS_DIGEST,
     }
 }
 
@@ -155,6 +158,7 @@ impl RogueDialer {
             nonce_dialer: nonce(0xAA),
             nonce_listener: [0; NONCE_BYTES],
             peers_digest: PEERS_DIGEST,
+            settings_digest: SETTINGS_DIGEST,
         };
         let hello = HandshakeFrame::new(HandshakeStep::Hello, &sent, 0);
         stream.write_all(&hello.encode()).await.expect("hello");
@@ -446,6 +450,32 @@ fn a_different_peers_list_is_refused_without_an_answer() {
     });
 }
 
+/// A replica whose settings that decide results differ (e.g. another `transfers_max`)
+/// would answer some batches differently from its group: it is refused at the handshake.
+#[test]
+fn different_settings_are_refused_without_an_answer() {
+    run(|| async {
+        let misconfigured = PeerIdentity {
+            settings_digest: SETTINGS_DIGEST ^ 1,
+            ..identity(DIALER)
+        };
+        let (dialer, listener) = dial_refused(misconfigured, LISTENER).await;
+        assert!(matches!(dialer, PeerError::Closed), "{dialer:?}");
+        assert!(
+            matches!(
+                listener,
+                PeerError::Refused {
+                    reason: MessageError::SettingsMismatch {
+                        expected: SETTINGS_DIGEST,
+                        got,
+                    }
+                } if got == SETTINGS_DIGEST ^ 1
+            ),
+            "{listener:?}"
+        );
+    });
+}
+
 #[test]
 fn unknown_peers_and_wrong_targets_are_refused() {
     run(|| async {
@@ -511,6 +541,7 @@ fn a_hello_claiming_to_be_the_listener_is_refused() {
             nonce_dialer: nonce(0xAA),
             nonce_listener: [0; NONCE_BYTES],
             peers_digest: PEERS_DIGEST,
+            settings_digest: SETTINGS_DIGEST,
         };
         let hello = HandshakeFrame::new(HandshakeStep::Hello, &impostor, 0);
         stream.write_all(&hello.encode()).await.expect("hello");

@@ -929,7 +929,10 @@ impl Bft {
         settings: BftSettings,
         shard: usize,
         journal: &Journal,
-        (cluster_id, (connections_max, record_bytes)): (u128, (usize, usize)),
+        ((cluster_id, settings_digest), (connections_max, record_bytes)): (
+            (u128, u64),
+            (usize, usize),
+        ),
         (shards, records_max): (usize, usize),
         normalize: bft::request::RecordNormalizer,
         now_us: u64,
@@ -1130,6 +1133,7 @@ impl Bft {
             replica: settings.replica,
             replica_count: settings.replica_count(),
             peers_digest: crate::config::PeersDigest::of(&settings.peers).0 ^ BFT_PEERS_DIGEST_SALT,
+            settings_digest,
         };
         tracing::info!(
             shard,

@@ -908,6 +908,14 @@ pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     })
 }
 
+/// An unlabelled sample (`name value`), if present.
+pub fn plain_metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse::<f64>().ok().map(|value| value as u64)
+    })
+}
+
 /// A per-shard counter or gauge (`name{shard="k"}`), 0 when absent.
 pub fn shard_metric(text: &str, name: &str, shard: usize) -> u64 {
     metric(text, name, &format!("shard=\"{shard}\"")).map_or(0, |value| value as u64)

@@ -788,6 +788,58 @@ impl PeersDigest {
     }
 }
 
+/// Digest of the settings that decide results, which every replica of a group must share:
+/// the shard count and the state machine's own ([`StateMachine::settings_digest`]; for the
+/// ledger `accounts_max`, `transfers_max`, `credit_legs_max` and `session_clients_max`).
+/// Replicas whose digests differ refuse each other at the peer handshake. 52 bits, like
+/// [`PeersDigest`], so that a metric sample holds it exactly.
+///
+/// [`StateMachine::settings_digest`]: percore_engine::state_machine::StateMachine::settings_digest
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingsDigest(pub u64);
+
+impl SettingsDigest {
+    /// The digest of a node of `shard_count` shards whose state machine reports
+    /// `machine_digest`.
+    pub fn of(shard_count: usize, machine_digest: u64) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"percore settings digest v1\0");
+        hasher.update(&(shard_count as u64).to_le_bytes());
+        hasher.update(&machine_digest.to_le_bytes());
+        let hash = hasher.finalize();
+        let low = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        Self(low & ((1 << PEERS_DIGEST_BITS) - 1))
+    }
+
+    /// The digest of shard `machine`'s node of `shard_count` shards (what the runtime puts
+    /// in its handshakes).
+    pub fn of_machine<S: percore_engine::state_machine::StateMachine>(
+        shard_count: usize,
+        machine: &S,
+    ) -> Self {
+        Self::of(shard_count, machine.settings_digest())
+    }
+
+    /// The digest of a `percore node` (the ledger in a session table of
+    /// `session_clients_max`), without building the ledger: what its metrics report and
+    /// its start prints.
+    pub fn of_ledger(
+        shard_count: usize,
+        ledger: &percore_engine::ledger::LedgerConfig,
+        session_clients_max: usize,
+    ) -> Self {
+        let machine =
+            percore_engine::session::settings_digest(session_clients_max, ledger.settings_digest());
+        Self::of(shard_count, machine)
+    }
+}
+
+impl fmt::Display for SettingsDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:013x}", self.0)
+    }
+}
+
 impl fmt::Display for PeersDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // 52 bits are 13 hex digits.
@@ -872,10 +924,10 @@ pub fn placement_report(placements: &[CorePlacement]) -> Vec<String> {
     lines
 }
 
-/// Node-level gauges appended to every metrics scrape: the peers digest, the replica
-/// count and index, and each shard's core and NUMA node. Rendered once at start.
+/// Node-level gauges appended to every metrics scrape: the peers and settings digests, the
+/// replica count and index, and each shard's core and NUMA node. Rendered once at start.
 pub fn render_node_gauges(
-    digest: PeersDigest,
+    (digest, settings): (PeersDigest, SettingsDigest),
     replica: Option<u8>,
     replicas: usize,
     placements: &[CorePlacement],
@@ -893,6 +945,11 @@ pub fn render_node_gauges(
         "percore_config_peers_digest",
         "Low 52 bits of BLAKE3 over the replica count and the peers list in replica order; equal on every node of one cluster.",
         &[(String::new(), digest.0)],
+    );
+    gauge(
+        "percore_config_settings_digest",
+        "Low 52 bits of BLAKE3 over the settings that decide results (shard count, accounts_max, transfers_max, credit_legs_max, session_clients_max); equal on every node of one cluster, or replicas refuse each other.",
+        &[(String::new(), settings.0)],
     );
     gauge(
         "percore_config_replica_count",
@@ -1108,6 +1165,63 @@ mod tests {
         assert_eq!(digest.to_string().len(), 13);
     }
 
+    /// What a node prints and exports is what its shards put in their handshakes, and
+    /// every setting that decides results changes it.
+    #[test]
+    fn the_settings_digest_covers_what_decides_results() {
+        use percore_engine::ledger::{Ledger, LedgerConfig};
+        use percore_engine::session::Sessioned;
+        let config = LedgerConfig {
+            accounts_max: 64,
+            transfers_max: 128,
+            credit_legs_in_flight_max: 32,
+            batch_entries_max: 16,
+            ..LedgerConfig::new(1, 2)
+        };
+        let digest = SettingsDigest::of_ledger(2, &config, 8);
+        let machine = Sessioned::new(Ledger::new(config), 8, 16);
+        assert_eq!(digest, SettingsDigest::of_machine(2, &machine));
+        assert!(digest.0 < 1 << PEERS_DIGEST_BITS);
+        // The shard index and batch cap do not decide results; each of the others does.
+        let same = LedgerConfig {
+            shard_index: 0,
+            batch_entries_max: 1000,
+            ..config
+        };
+        assert_eq!(digest, SettingsDigest::of_ledger(2, &same, 8));
+        let differing = [
+            SettingsDigest::of_ledger(3, &config, 8),
+            SettingsDigest::of_ledger(2, &config, 9),
+            SettingsDigest::of_ledger(
+                2,
+                &LedgerConfig {
+                    accounts_max: 65,
+                    ..config
+                },
+                8,
+            ),
+            SettingsDigest::of_ledger(
+                2,
+                &LedgerConfig {
+                    transfers_max: 129,
+                    ..config
+                },
+                8,
+            ),
+            SettingsDigest::of_ledger(
+                2,
+                &LedgerConfig {
+                    credit_legs_in_flight_max: 33,
+                    ..config
+                },
+                8,
+            ),
+        ];
+        for other in differing {
+            assert_ne!(digest, other);
+        }
+    }
+
     #[test]
     fn node_gauges_render() {
         let placements = [CorePlacement {
@@ -1116,8 +1230,17 @@ mod tests {
             numa_node: Some(1),
             smt_siblings: None,
         }];
-        let text = render_node_gauges(PeersDigest(42), Some(2), 3, &placements);
+        let text = render_node_gauges(
+            (PeersDigest(42), SettingsDigest(7)),
+            Some(2),
+            3,
+            &placements,
+        );
         assert!(text.contains("percore_config_peers_digest 42\n"), "{text}");
+        assert!(
+            text.contains("percore_config_settings_digest 7\n"),
+            "{text}"
+        );
         assert!(text.contains("percore_config_replica_index 2\n"), "{text}");
         assert!(
             text.contains("percore_config_shard_core{shard=\"0\"} 3\n"),

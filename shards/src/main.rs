@@ -826,12 +826,13 @@ fn node_args_with_file(
 }
 
 /// The start-up checks and reports that need the whole configuration: every value checked
-/// (an error names the key), each shard's core and NUMA node printed, the peers digest
-/// printed. Returns the node-level metric samples.
+/// (an error names the key), each shard's core and NUMA node printed, the peers and
+/// settings digests printed. Returns the node-level metric samples.
 fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Error>> {
-    use percore_shards::config::{self as node_file, PeersDigest};
+    use percore_shards::config::{self as node_file, PeersDigest, SettingsDigest};
     node_values_check(args)?;
-    let cores = args.shards.node_config().cores;
+    let node_config = args.shards.node_config();
+    let cores = node_config.cores;
     start_check(args).run()?;
     let placements = node_file::placement(&cores);
     for line in node_file::placement_report(&placements) {
@@ -842,8 +843,20 @@ fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Erro
     say!(
         "peers digest {digest} ({replicas} replica(s)): every node of the cluster must print the same"
     );
+    let ledger = args
+        .shards
+        .ledger
+        .config(cores.len(), node_config.batch.entries_max);
+    let settings =
+        SettingsDigest::of_ledger(cores.len(), &ledger, args.shards.ledger.session_clients_max);
+    if replicas > 1 {
+        say!(
+            "settings digest {settings} (shards, accounts_max, transfers_max, credit_legs_max, \
+             session_clients_max): every node of the cluster must print the same"
+        );
+    }
     Ok(node_file::render_node_gauges(
-        digest,
+        (digest, settings),
         args.replication.replica,
         replicas,
         &placements,

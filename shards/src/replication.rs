@@ -191,7 +191,7 @@ impl Replication {
     pub(crate) fn new(
         settings: ReplicationSettings,
         shard: usize,
-        cluster_id: u128,
+        (cluster_id, settings_digest): (u128, u64),
         log: RecoveredLog<'_>,
         seed: u64,
         entry_bytes_max: usize,
@@ -273,6 +273,7 @@ impl Replication {
             replica: settings.replica,
             replica_count: settings.replica_count(),
             peers_digest: crate::config::PeersDigest::of(&settings.peers).0,
+            settings_digest,
         };
         Ok(Self {
             replica: RefCell::new(replica),

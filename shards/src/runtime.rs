@@ -954,6 +954,7 @@ fn start_replication(
     config: &NodeConfig,
     journal: Option<&Journal>,
     recent: &[(u64, u128)],
+    settings_digest: u64,
 ) -> Result<(Option<crate::replication::Replication>, Option<TcpListener>), NodeError> {
     let (Some(settings), Some(journal)) = (&config.replication, journal) else {
         return Ok((None, None));
@@ -964,7 +965,7 @@ fn start_replication(
     let replication = crate::replication::Replication::new(
         settings.clone(),
         shard,
-        cluster_id,
+        (cluster_id, settings_digest),
         crate::replication::RecoveredLog {
             op: journal.op_durable(),
             checksum: journal.checksum_staged(),
@@ -1047,6 +1048,7 @@ async fn start_bft(
     journal: Option<&Journal>,
     (record_bytes, normalize): (usize, percore_engine::bft::request::RecordNormalizer),
     groups: (usize, usize),
+    settings_digest: u64,
 ) -> Result<(Option<crate::bft::Bft>, Option<TcpListener>), NodeError> {
     let (Some(settings), Some(journal)) = (&config.bft, journal) else {
         return Ok((None, None));
@@ -1057,7 +1059,7 @@ async fn start_bft(
         settings.clone(),
         shard,
         journal,
-        (cluster_id, sizes),
+        ((cluster_id, settings_digest), sizes),
         groups,
         normalize,
         0,
@@ -1206,18 +1208,28 @@ where
         Err(error) => return start_failed(&ready, shard, error),
     };
     let recent: Vec<(u64, u128)> = recent.into_iter().collect();
+    // Replicas whose settings that decide results differ refuse each other at the handshake.
+    let settings_digest = crate::config::SettingsDigest::of_machine(shards, core.state_machine()).0;
     let (replication, peer_listener) =
-        match start_replication(shard, &config, journal.as_ref(), &recent) {
+        match start_replication(shard, &config, journal.as_ref(), &recent, settings_digest) {
             Ok(started) => started,
             Err(error) => return start_failed(&ready, shard, error),
         };
     let records = (size_of::<S::Record>(), crate::bft::unprepare::<S> as _);
     let groups = (shards, core.batch_records_max());
-    let (bft, bft_listener) =
-        match start_bft(shard, &config, journal.as_ref(), records, groups).await {
-            Ok(started) => started,
-            Err(error) => return start_failed(&ready, shard, error),
-        };
+    let (bft, bft_listener) = match start_bft(
+        shard,
+        &config,
+        journal.as_ref(),
+        records,
+        groups,
+        settings_digest,
+    )
+    .await
+    {
+        Ok(started) => started,
+        Err(error) => return start_failed(&ready, shard, error),
+    };
     // Messages to other shards that were produced before a restart but never confirmed are
     // sent again (receivers deduplicate); they wait in the mesh queue until the doorbells
     // are connected. Not in BFT mode: there a message between groups travels only with a

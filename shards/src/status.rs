@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::cluster::{metric, scrape_metrics, shard_metric};
-use crate::config::PeersDigest;
+use crate::config::{PeersDigest, SettingsDigest};
 
 #[cfg(test)]
 #[path = "../../tests/support/refusing_port.rs"]
@@ -37,6 +37,9 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     /// Whether every replicated node that answered reports the same peers digest.
     pub peers_digests_agree: bool,
+    /// Whether every replicated node that answered reports the same settings digest
+    /// (replicas that differ refuse each other's connections).
+    pub settings_digests_agree: bool,
     /// Every node up and the digests agree (the exit status is 0 only then).
     pub healthy: bool,
 }
@@ -56,6 +59,8 @@ pub struct NodeStatus {
     pub replicas: Option<u64>,
     /// `percore_config_peers_digest`, 13 hex digits.
     pub peers_digest: Option<String>,
+    /// `percore_config_settings_digest`, 13 hex digits (absent on nodes that predate it).
+    pub settings_digest: Option<String>,
     /// One entry per shard.
     pub shards: Vec<ShardStatus>,
 }
@@ -151,34 +156,40 @@ pub fn run(config: &StatusConfig) -> ClusterStatus {
                 replica: None,
                 replicas: None,
                 peers_digest: None,
+                settings_digest: None,
                 shards: Vec::new(),
             },
         })
         .collect();
-    let mut digests: Vec<&str> = nodes
-        .iter()
-        .filter(|node| node.replicas.is_some_and(|count| count > 1))
-        .filter_map(|node| node.peers_digest.as_deref())
-        .collect();
-    digests.sort_unstable();
-    digests.dedup();
-    let peers_digests_agree = digests.len() <= 1;
-    let healthy = peers_digests_agree && nodes.iter().all(|node| node.up);
+    summarize(nodes, config.interval)
+}
+
+/// The cluster's status from its nodes': whether their digests agree, and whether it is
+/// healthy.
+fn summarize(nodes: Vec<NodeStatus>, interval: Duration) -> ClusterStatus {
+    let agree = |digest: fn(&NodeStatus) -> Option<&str>| {
+        let mut digests: Vec<&str> = nodes
+            .iter()
+            .filter(|node| node.replicas.is_some_and(|count| count > 1))
+            .filter_map(digest)
+            .collect();
+        digests.sort_unstable();
+        digests.dedup();
+        digests.len() <= 1
+    };
+    let peers_digests_agree = agree(|node| node.peers_digest.as_deref());
+    let settings_digests_agree = agree(|node| node.settings_digest.as_deref());
+    let healthy = peers_digests_agree && settings_digests_agree && nodes.iter().all(|node| node.up);
     ClusterStatus {
-        interval_s: config.interval.as_secs_f64(),
+        interval_s: interval.as_secs_f64(),
         nodes,
         peers_digests_agree,
+        settings_digests_agree,
         healthy,
     }
 }
 
-/// An unlabelled sample (`name value`).
-fn plain_metric(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
-        value.trim().parse::<f64>().ok().map(|value| value as u64)
-    })
-}
+use crate::cluster::plain_metric;
 
 /// The distinct values of label `label` over the samples of `prefix` (`name{...`).
 fn label_values(text: &str, prefix: &str, label: &str) -> Vec<usize> {
@@ -213,6 +224,8 @@ fn node_status(address: &str, before: &(String, Instant), after: &(String, Insta
         replicas,
         peers_digest: plain_metric(text, "percore_config_peers_digest")
             .map(|digest| PeersDigest(digest).to_string()),
+        settings_digest: plain_metric(text, "percore_config_settings_digest")
+            .map(|digest| SettingsDigest(digest).to_string()),
         shards,
     }
 }
@@ -370,6 +383,14 @@ pub fn render_text(status: &ClusterStatus) -> String {
             "peers digests: DIFFER: the nodes were started with different peers lists"
         );
     }
+    if !status.settings_digests_agree {
+        let _ = writeln!(
+            out,
+            "settings digests: DIFFER: the nodes were started with different shard counts or \
+             accounts_max, transfers_max, credit_legs_max, session_clients_max; replicas that \
+             differ refuse each other"
+        );
+    }
     out
 }
 
@@ -397,6 +418,7 @@ mod tests {
             interval_s: 2.0,
             nodes: vec![node],
             peers_digests_agree: true,
+            settings_digests_agree: true,
             healthy: true,
         })
     }
@@ -465,6 +487,35 @@ mod tests {
         assert_eq!(
             (node.shards[0].role, node.shards[0].view),
             ("state-transfer", 4)
+        );
+    }
+
+    /// Two replicas started with different settings that decide results refuse each other;
+    /// the report says so and the cluster is not healthy.
+    #[test]
+    fn differing_settings_digests_are_reported() {
+        let now = Instant::now();
+        let before = (String::new(), now);
+        let text = format!("{LEADER}percore_config_settings_digest 7\n");
+        let other = format!("{LEADER}percore_config_settings_digest 8\n");
+        let a = node_status("n0", &before, &(text.clone(), now));
+        assert_eq!(a.settings_digest.as_deref(), Some("0000000000007"));
+        let same = summarize(
+            vec![a.clone(), node_status("n1", &before, &(text, now))],
+            Duration::from_secs(1),
+        );
+        assert!(same.settings_digests_agree && same.healthy);
+        assert!(!render_text(&same).contains("settings digests"));
+        let differ = summarize(
+            vec![a, node_status("n1", &before, &(other, now))],
+            Duration::from_secs(1),
+        );
+        assert!(differ.peers_digests_agree);
+        assert!(!differ.settings_digests_agree && !differ.healthy);
+        assert!(
+            render_text(&differ).contains("settings digests: DIFFER"),
+            "{}",
+            render_text(&differ)
         );
     }
 

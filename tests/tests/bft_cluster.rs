@@ -2027,6 +2027,11 @@ fn bft_a_replica_cannot_connect_in_anothers_name() {
         .collect();
     let digest = percore_shards::config::PeersDigest::of(&peers).0
         ^ percore_shards::bft::BFT_PEERS_DIGEST_SALT;
+    let settings_digest = cluster::plain_metric(
+        &harness.cluster.scrape(0).expect("metrics scrape"),
+        "percore_config_settings_digest",
+    )
+    .expect("a settings digest");
     let refused = |harness: &Harness| harness.metric(0, "percore_peer_auth_failures_total");
     let replaced = |harness: &Harness| harness.metric(0, "percore_peer_connections_replaced_total");
     let dial_as = |claimed: u8| {
@@ -2043,6 +2048,7 @@ fn bft_a_replica_cannot_connect_in_anothers_name() {
                     replica: claimed,
                     replica_count: REPLICAS as u8,
                     peers_digest: digest,
+                    settings_digest,
                 };
                 let signing = percore_net::peer::ReplicaSigning {
                     key: &key,

@@ -797,7 +797,8 @@ fn wrong_key_peer_is_rejected() {
 
 /// A newer authenticated connection from a peer replaces the older ones
 /// (`docs/protocol.md` section 3): a test peer holding the cluster key dials replica 0's
-/// group 0 twice as replica 1, then sends on the first connection; replica 0 drops that
+/// group 0 twice as replica 1 (after a dial with another settings digest, which it
+/// refuses), then sends on the first connection; replica 0 drops that
 /// frame and closes it (`percore_peer_connections_replaced_total`). The real replica 1,
 /// whose connection the test's displaced too, dials again and the group goes on: transfers
 /// commit, and every replica ends with the same journal.
@@ -826,6 +827,17 @@ fn a_newer_connection_from_a_peer_replaces_the_older_one() {
                     .await
                     .expect("replica 0 accepts a peer with the cluster key")
             };
+            // A replica configured with other settings that decide results (another
+            // transfers_max, say) is refused, and displaces nothing.
+            let misconfigured = percore_net::peer::PeerIdentity {
+                settings_digest: identity.settings_digest ^ 1,
+                ..identity
+            };
+            let refused = dial_as_replica_1(address, &misconfigured, &keys).await;
+            assert!(
+                matches!(refused, Err(percore_net::peer::PeerError::Closed)),
+                "other settings are refused: {refused:?}"
+            );
             let mut older = dial().await;
             let _newer = dial().await;
             let ping = || {
@@ -924,6 +936,12 @@ fn peer_handshakes_beyond_the_bound_are_closed_unheard() {
         .expect("the group commits after the flood");
 }
 
+/// `percore_config_settings_digest` of `replica`.
+fn settings_digest(harness: &Harness, replica: usize) -> u64 {
+    let text = harness.cluster.scrape(replica).expect("metrics scrape");
+    cluster::plain_metric(&text, "percore_config_settings_digest").expect("a settings digest")
+}
+
 /// How replica 1 presents itself to replica 0 on group 0's connection: for a test that dials
 /// a replica's peer port itself.
 fn replica_1_identity(harness: &Harness) -> percore_net::peer::PeerIdentity {
@@ -936,6 +954,7 @@ fn replica_1_identity(harness: &Harness) -> percore_net::peer::PeerIdentity {
         replica: 1,
         replica_count: REPLICAS as u8,
         peers_digest: percore_shards::config::PeersDigest::of(&peers).0,
+        settings_digest: settings_digest(harness, 0),
     }
 }
 
