@@ -472,7 +472,11 @@ where
     }
     let cert_op = certs.op_durable();
     *bft.certs.borrow_mut() = Some(certs);
-    crate::sync::switch_to_snapshot(shard, journal, &meta, body, JournalOptions::default()).await;
+    let options = JournalOptions {
+        records_max: shard.core.borrow().batch_records_max(),
+        ..JournalOptions::default()
+    };
+    crate::sync::switch_to_snapshot(shard, journal, &meta, body, options).await;
     {
         let mut state = bft.snapshot.borrow_mut();
         state.chain = statement.chain;

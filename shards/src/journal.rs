@@ -245,6 +245,13 @@ pub struct JournalOptions {
     /// superblock (`percore format --replace`): the replica lost its disk and rebuilds from
     /// its peers ([`Recovered::replacing`]). An existing journal keeps its mark.
     pub replacing: bool,
+    /// Most records one entry may carry: the batch cap of the state machine that applies
+    /// them. `body_bytes_max` alone admits more (a body without request descriptors holds
+    /// a quarter more records of 128 bytes), and an entry the state machine cannot apply
+    /// must be refused here, by name, rather than reach it: staged
+    /// ([`Journal::stage_encoded`], a leader with larger batch limits) or recovered above
+    /// the checkpoint (written under larger limits), it is [`JournalError::RecordsOverLimit`].
+    pub records_max: usize,
 }
 
 impl Default for JournalOptions {
@@ -255,6 +262,7 @@ impl Default for JournalOptions {
             repair_from_peers: false,
             create: true,
             replacing: false,
+            records_max: usize::MAX,
         }
     }
 }
@@ -308,6 +316,26 @@ pub enum JournalError {
         /// What the OS said.
         #[source]
         source: std::io::Error,
+    },
+    /// An authentic entry holds more records than this node's batch cap
+    /// ([`JournalOptions::records_max`]): it was written, or sealed by a leader, under
+    /// larger batch limits. This node's state machine cannot apply it.
+    #[error(
+        "shard {shard} journal entry at op {op} holds {records} records, over this node's \
+         batch cap of {max}: it was written, or sent by a leader, under larger batch limits \
+         (--batch-entries-max, --batch-bytes-max). Run every replica with limits that admit \
+         it (raise them everywhere before any replica leads with them; lower them only once \
+         a checkpoint has passed such entries)"
+    )]
+    RecordsOverLimit {
+        /// The shard.
+        shard: u32,
+        /// The entry's op.
+        op: u64,
+        /// Records it holds.
+        records: u32,
+        /// This node's cap.
+        max: usize,
     },
     /// An authentic entry (its header verifies) of this journal's history has a body
     /// larger than this node's `body_bytes_max`: it was written under larger batch limits.
@@ -1029,6 +1057,8 @@ pub struct Journal {
     checksum_staged: JournalChecksum,
     /// Set while a write is in flight and left set if it fails.
     failed: bool,
+    /// [`JournalOptions::records_max`].
+    records_max: usize,
     /// Lowest segment index that may still exist on disk (removal goes up from here).
     segment_oldest: u64,
     /// Entry `op` of a checkpoint is read back into this (capacity `entry_bytes_max`,
@@ -1456,6 +1486,7 @@ impl Journal {
             superblock,
             config,
             failed: false,
+            records_max: options.records_max,
             segment_oldest,
             checkpoint_entry: Vec::with_capacity(entry_bytes_max),
             op_replayed,
@@ -1543,6 +1574,14 @@ impl Journal {
             });
         }
         let meta = decoded.meta;
+        if meta.entry_count as usize > self.records_max {
+            return Err(JournalError::RecordsOverLimit {
+                shard: self.config.shard,
+                op: meta.op,
+                records: meta.entry_count,
+                max: self.records_max,
+            });
+        }
         if meta.op != op_expected || meta.shard != self.config.shard {
             return Err(JournalError::NotNext {
                 op: meta.op,
@@ -3028,6 +3067,11 @@ struct Recovery<'a> {
     checkpoint: Checkpoint,
     /// Set when the entry at the checkpoint op does not have the checkpoint's checksum.
     checkpoint_mismatch: Option<(u64, JournalChecksum)>,
+    /// [`JournalOptions::records_max`].
+    records_max: usize,
+    /// The first entry above the checkpoint holding more than `records_max` records:
+    /// `(op, records)`. Recovery refuses the journal ([`JournalError::RecordsOverLimit`]).
+    records_over: Option<(u64, u32)>,
     /// Ops above this one are verified and indexed, not replayed
     /// ([`JournalOptions::replay_committed_only`]).
     replay_op_max: u64,
@@ -3092,6 +3136,8 @@ impl<'a> Recovery<'a> {
             view_last: 0,
             checkpoint: superblock.checkpoint,
             checkpoint_mismatch: None,
+            records_max: options.records_max,
+            records_over: None,
             replay_op_max,
             entries_replayed: 0,
             read_bytes,
@@ -3352,6 +3398,7 @@ impl<'a> Recovery<'a> {
             let position_index = &mut self.position_index;
             let checkpoint = self.checkpoint;
             let checkpoint_mismatch = &mut self.checkpoint_mismatch;
+            let (records_max, records_over) = (self.records_max, &mut self.records_over);
             let entries_replayed = &mut self.entries_replayed;
             let replay_op_max = self.replay_op_max;
             let outcome: ScanOutcome = format::scan(
@@ -3370,16 +3417,32 @@ impl<'a> Recovery<'a> {
                     if entry.meta.op == checkpoint.op && entry.checksum != checkpoint.checksum {
                         checkpoint_mismatch.get_or_insert((entry_offset, entry.checksum));
                     }
+                    // Ops above the checkpoint are applied, now or once committed: an entry
+                    // the state machine cannot apply stops replay, and recovery refuses it.
+                    if entry.meta.op > checkpoint.op
+                        && entry.meta.entry_count as usize > records_max
+                    {
+                        records_over.get_or_insert((entry.meta.op, entry.meta.entry_count));
+                    }
                     // Ops up to the checkpoint are in its snapshot; a mismatch stops replay.
                     if entry.meta.op > checkpoint.op
                         && entry.meta.op <= replay_op_max
                         && checkpoint_mismatch.is_none()
+                        && records_over.is_none()
                     {
                         *entries_replayed += 1;
                         replay(entry);
                     }
                 },
             );
+            if let Some((op, records)) = self.records_over {
+                return Err(JournalError::RecordsOverLimit {
+                    shard: self.config.shard,
+                    op,
+                    records,
+                    max: self.records_max,
+                });
+            }
             if let Some((entry_offset, found)) = self.checkpoint_mismatch {
                 let error = format!(
                     "entry of checkpoint op {} has checksum {found:#x}, the superblock records {:#x}",

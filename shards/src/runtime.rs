@@ -861,6 +861,9 @@ async fn open_journal<S: StateMachine>(
                 JournalCreate::FirstStart | JournalCreate::FirstStartReplacing
             ),
             replacing: create == JournalCreate::FirstStartReplacing,
+            // What the state machine can apply; entries written or sent under larger batch
+            // limits are refused by name.
+            records_max: config.batch.entries_cap(record_bytes),
             ..JournalOptions::default()
         },
         |meta, bytes| {

@@ -447,6 +447,7 @@ where
     }
     let options = JournalOptions {
         replay_committed_only: replication.settings.view_change,
+        records_max: shard.core.borrow().batch_records_max(),
         ..JournalOptions::default()
     };
     switch_to_snapshot(shard, journal, &meta, body, options).await;

@@ -1245,3 +1245,64 @@ fn entries_over_a_lowered_limit_are_refused_not_cut() {
         assert_eq!(replayed, written);
     });
 }
+
+/// `body_bytes_max` admits a quarter more records than the batch cap (a body without
+/// request descriptors): an entry holding more records than the state machine can apply
+/// is refused by name, at staging (a leader with larger batch limits) and at recovery
+/// above the checkpoint (written under larger limits), instead of reaching the state
+/// machine, whose buffers hold the cap.
+#[test]
+fn entries_over_the_record_cap_are_refused_at_staging_and_recovery() {
+    let temp = TempDir::new("journal-io", "records-over");
+    let dir = temp.shard_dir(SHARD);
+    run(move || async move {
+        let config = config(&dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always);
+        let capped = |records_max| JournalOptions {
+            records_max,
+            ..JournalOptions::default()
+        };
+        let (mut journal, _) = Journal::open_with_options(config.clone(), capped(256), |_| {})
+            .await
+            .expect("create");
+        let mut written = batches(1..=4, 9);
+        written.extend((5..=8).map(|op| batch(op, 256, 9)));
+        append(&mut journal, &written, 2).await;
+        // Staged as a follower stages a leader's bytes: 257 records fit the body limit.
+        let over = batch(9, 257, 9);
+        assert!(over.body.len() <= BODY_BYTES_MAX);
+        let mut encoded = vec![0u8; entry_bytes_padded(over.body.len())];
+        percore_engine::journal::encode_entry(
+            &mut encoded,
+            &over.meta,
+            &over.body,
+            journal.checksum_staged(),
+        );
+        let bytes = percore_engine::journal::ENTRY_HEADER_BYTES + over.body.len();
+        match journal.stage_encoded(&encoded[..bytes]) {
+            Err(JournalError::RecordsOverLimit {
+                op, records, max, ..
+            }) => assert_eq!((op, records, max), (9, 257, 256)),
+            other => panic!("staged past the record cap: {other:?}"),
+        }
+        assert_eq!(journal.op_staged(), 8, "nothing staged");
+        drop(journal);
+        // Reopened with a lower cap, as after lowering --batch-entries-max.
+        match Journal::open_with_options(config.clone(), capped(255), |_| {}).await {
+            Err(JournalError::RecordsOverLimit {
+                op, records, max, ..
+            }) => assert_eq!((op, records, max), (5, 256, 255)),
+            other => panic!("opened under a lowered cap: {:?}", other.map(|r| r.1)),
+        }
+        let mut replayed = Vec::new();
+        let (_journal, recovered) = Journal::open_with_options(config, capped(256), |entry| {
+            replayed.push(Batch {
+                meta: entry.meta,
+                body: entry.body.to_vec(),
+            });
+        })
+        .await
+        .expect("reopen as written");
+        assert_eq!(recovered.op_last, 8);
+        assert_eq!(replayed, written);
+    });
+}
