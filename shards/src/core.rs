@@ -1069,6 +1069,25 @@ impl<S: StateMachine> ShardCore<S> {
         self.op_sealed = self.op_sealed.min(op).max(self.op_last);
     }
 
+    /// A stopping leader whose group no longer commits: hands the origin of every record
+    /// of this node's clients (`Local`, `Ingress`) in the sealed batches not yet applied to
+    /// `abort`, and forgets it (the batches stay: they are in the journal, and should the
+    /// group commit them after all, they apply and answer no one). Forwarded records keep
+    /// their origin: their shard answers its own client. Returns the origins handed over.
+    pub fn abort_sealed_origins(&mut self, mut abort: impl FnMut(Origin)) -> usize {
+        let mut aborted = 0;
+        for &batch in &self.sealed {
+            let buffer = self.batches.get_mut(batch);
+            for origin in &mut buffer.origins[..buffer.len] {
+                if matches!(origin, Origin::Local { .. } | Origin::Ingress { .. }) {
+                    abort(std::mem::replace(origin, Origin::Internal));
+                    aborted += 1;
+                }
+            }
+        }
+        aborted
+    }
+
     /// Highest op sealed (leader) or queued (follower).
     pub fn op_sealed(&self) -> u64 {
         self.op_sealed

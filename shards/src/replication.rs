@@ -161,6 +161,8 @@ pub(crate) struct Replication {
     legs_oldest: Cell<Option<u128>>,
     legs_check_us: Cell<u64>,
     pub(crate) identity: PeerIdentity,
+    /// Lets [`journal_commit_applying`] poll its journal write only when the write woke it.
+    write_gate: std::sync::Arc<PollGate>,
 }
 
 /// What a shard's journal recovered, as the replica core needs it.
@@ -292,6 +294,7 @@ impl Replication {
             checksums: RefCell::new(Vec::with_capacity(config_headers_max as usize)),
             legs_oldest: Cell::new(None),
             legs_check_us: Cell::new(0),
+            write_gate: std::sync::Arc::new(PollGate::default()),
             identity,
             settings,
         })
@@ -1805,14 +1808,29 @@ where
     S::Record: Send,
     S::Result: Send,
 {
+    let replication = shard.replication.as_ref().expect("replicated shard");
+    let gate = &replication.write_gate;
+    gate.fired.store(true, std::sync::atomic::Ordering::Relaxed);
+    // One reference-count increment, no allocation.
+    let write_waker = std::task::Waker::from(gate.clone());
     let mut write = std::pin::pin!(journal_commit(shard, journal));
     let mut submitted = std::pin::pin!(glommio::timer::Timer::new(Duration::from_micros(
         WRITE_SUBMITTED_WAIT_US
     )));
     let mut is_submitted = false;
     std::future::poll_fn(|cx| {
+        gate.register(cx.waker());
         loop {
-            if write.as_mut().poll(cx).is_ready() {
+            // Polled only when its own waker fired: a pending glommio disk I/O keeps a
+            // clone of the waker of every poll (the task's reference count is 16 bits),
+            // and this task is woken for every acknowledgement and submission. A flood of
+            // notifications during one slow write aborted the executor.
+            if gate.fired.swap(false, std::sync::atomic::Ordering::Relaxed)
+                && write
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(&write_waker))
+                    .is_ready()
+            {
                 return std::task::Poll::Ready(());
             }
             if !is_submitted {
@@ -1834,8 +1852,59 @@ where
         }
     })
     .await;
+    // The task's waker is not kept past the wait (nor past the executor, at shutdown).
+    gate.clear();
     if apply_queued(shard) > 0 {
         applied_publish(shard);
+    }
+}
+
+/// A waker for one future polled inside a task woken by many others: it records that the
+/// future's own waker fired and wakes the task. One per shard, allocated at start.
+#[derive(Default)]
+struct PollGate {
+    /// The future's waker fired since it was last polled.
+    fired: std::sync::atomic::AtomicBool,
+    /// The task polling it.
+    task: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl PollGate {
+    /// Records the polling task's waker (cloned only when it changed).
+    fn register(&self, waker: &std::task::Waker) {
+        let mut task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match task.as_ref() {
+            Some(stored) if stored.will_wake(waker) => {}
+            _ => *task = Some(waker.clone()),
+        }
+    }
+
+    /// Forgets the polling task's waker.
+    fn clear(&self) {
+        *self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}
+
+impl std::task::Wake for PollGate {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.fired.store(true, std::sync::atomic::Ordering::Relaxed);
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
     }
 }
 

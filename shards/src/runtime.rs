@@ -1863,6 +1863,9 @@ async fn submit_all<S>(
         && records
             .iter()
             .all(|record| S::route(operation, record, shard.shards as u32) as usize == shard.index);
+    // A stopping leader whose group no longer commits aborts the waiting requests
+    // (`abort_all_waiting`): a request still being submitted then stops.
+    let aborted = || shard.connections.borrow()[slot].generation != generation;
     if whole {
         loop {
             let submitted = shard.core.borrow_mut().submit_request(
@@ -1876,6 +1879,9 @@ async fn submit_all<S>(
                 Ok(()) => break,
                 Err(_) => {
                     ShardMetrics::add(&shard.metrics.pool_exhausted_total, 1);
+                    if aborted() {
+                        return;
+                    }
                     shard.batcher.notify();
                     shard.mesh.borrow_mut().ring_doorbells();
                     futures_lite::future::yield_now().await;
@@ -1921,6 +1927,10 @@ async fn submit_all<S>(
             };
             if accepted {
                 break;
+            }
+            if aborted() {
+                ShardMetrics::add(&shard.metrics.tx_forwarded_out_total, forwarded);
+                return;
             }
             // Full: let the batcher and the other shards make room, then retry this record.
             shard.batcher.notify();
@@ -2076,8 +2086,13 @@ where
                 // With its followers gone nothing commits: the requests still waiting are
                 // answered as not committed here (they may yet commit in the group, and a
                 // retry finds its reply in the session). Their connections, and so the
-                // shutdown, waited for ever.
+                // shutdown, waited for ever; so did embedders' tickets. Records not sealed
+                // are dropped (freeing their pool slots for a connection still submitting,
+                // which then sees its request aborted); sealed ones stay in the journal.
                 abort_all_waiting(&shard);
+                let mut core = shard.core.borrow_mut();
+                core.abort_unsealed(|origin| abort_local(&shard, origin));
+                core.abort_sealed_origins(|origin| abort_local(&shard, origin));
             }
             let idle = idle || shard.bft.is_some() || expired;
             let drained = idle

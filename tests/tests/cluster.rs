@@ -65,7 +65,8 @@ impl Harness {
         Self::start_with(name, port_slots, &[])
     }
 
-    /// As [`Harness::start`], with more node flags.
+    /// As [`Harness::start`], with more node flags (a flag of [`SMALL_NODE_ARGS`] given
+    /// here replaces its value there).
     fn start_with(name: &str, port_slots: usize, extra: &[&str]) -> Self {
         let serial = SERIAL
             .lock()
@@ -82,8 +83,11 @@ impl Harness {
             data_root: root.clone(),
             port_base,
             fsync: "always",
+            // `extra` overrides the small defaults (flags given twice are refused).
             extra_args: SMALL_NODE_ARGS
-                .iter()
+                .chunks(2)
+                .filter(|pair| !extra.contains(&pair[0]))
+                .flatten()
                 .chain(extra)
                 .map(ToString::to_string)
                 .collect(),
@@ -1844,4 +1848,86 @@ fn a_leader_without_followers_still_stops_on_sigterm() {
     eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
     let answered = pending.join().expect("the client thread");
     assert!(answered.is_err(), "not committed: {answered:?}");
+}
+
+/// As [`a_leader_without_followers_still_stops_on_sigterm`], with the leader's pools full:
+/// its pipeline cannot commit, so records it cannot seal fill its transaction pool, and
+/// the next request's connection retries its submission while it waits for room. At the
+/// drain deadline the leader drops what it has not sealed, answers every waiting request
+/// as not committed here, and that connection stops retrying: the leader exits. Before,
+/// the connection retried for ever and the shutdown with it.
+#[test]
+fn a_leader_without_followers_and_with_full_pools_still_stops_on_sigterm() {
+    const CONNECTIONS: usize = 8;
+    const RECORDS: u64 = 16;
+    let mut harness = Harness::start_with(
+        "stop-full-pools",
+        REPLICAS,
+        // Fixed view: the leader never steps down, which would drop what it holds.
+        &["--transactions", "64", "--batches", "2", "--fixed-view"],
+    );
+    let mut client = harness.client(1);
+    let accounts = create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    assert_eq!(harness.current_leader(0, &[0]), Some(0));
+    harness.cluster.kill(1);
+    harness.cluster.kill(2);
+    let exhausted = |harness: &Harness| harness.metric(0, "percore_pool_exhausted_total", 0);
+    let before = exhausted(&harness);
+    let (debit, credit) = (accounts[0][1], accounts[0][2]);
+    let pending: Vec<_> = (0..CONNECTIONS as u64)
+        .map(|connection| {
+            let mut config = ClientConfig::new(
+                harness.cluster.leader_addresses(),
+                100 + u128::from(connection),
+            );
+            config.attempts_max = 1;
+            config.timeout = Duration::from_secs(30);
+            let mut stuck = Client::new(config);
+            std::thread::spawn(move || {
+                let transfers: Vec<Transfer> = (0..RECORDS)
+                    .map(|index| {
+                        let id = (1u128 << 96) | u128::from(connection * RECORDS + index);
+                        percore_shards::loadgen::transfer(id, debit, credit, 1)
+                    })
+                    .collect();
+                stuck.submit::<Transfer, RecordResult>(
+                    Operation::CreateTransfers.into(),
+                    &transfers,
+                    |t: &Transfer| route_transfer(t, SHARDS),
+                )
+            })
+        })
+        .collect();
+    // 8 requests of 16 records: more than two batch buffers and the pool's client share
+    // (48) hold, so a connection retries its submission.
+    wait_until("a request waits for room in the leader's pools", || {
+        (exhausted(&harness) > before).then_some(())
+    });
+    let stopping = Instant::now();
+    let stopped = harness.cluster.stop(0);
+    assert!(
+        stopped.is_ok(),
+        "the leader ignored SIGTERM: {stopped:?} after {:?}",
+        stopping.elapsed()
+    );
+    eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
+    // Nothing commits. The requests the leader took are told "not committed here" (one
+    // sent as the stop began may find its connection closed unread); the process ended
+    // cleanly, not by a crash, which also closes every connection.
+    let mut refused = 0;
+    for pending in pending {
+        let answered = pending.join().expect("a client thread");
+        assert!(answered.is_err(), "not committed: {answered:?}");
+        refused += usize::from(matches!(
+            answered,
+            Err(ClientError::Refused {
+                code: percore_net::client::ERROR_NOT_LEADER,
+                ..
+            })
+        ));
+    }
+    assert!(refused > 0, "no request was answered as not committed");
+    let log = std::fs::read_to_string(harness.cluster.log_path(0)).expect("the leader's log");
+    assert!(!log.contains("panicked"), "the leader panicked:\n{log}");
 }
