@@ -179,7 +179,7 @@ impl XShard {
             outputs_kept_max,
             in_flight_chunks_max: in_flight_chunks_max(
                 settings.outputs_legs_max.max(1),
-                record_bytes,
+                (record_bytes, records_max),
                 (shards as usize).saturating_sub(1).max(1),
             ),
             resend_interval_us: XSHARD_RESEND_INTERVAL_US,
@@ -188,7 +188,7 @@ impl XShard {
         let collector = OutputsCollector::new(config, groups.clone(), settings.secret_key.clone())?;
         let inbound = InboundProofs::new(
             group,
-            record_bytes,
+            (record_bytes, records_max),
             groups.clone(),
             XSHARD_INBOUND_PROOFS_MAX,
         )?;
@@ -754,11 +754,13 @@ pub(crate) fn is_proven(bytes: &[u8]) -> bool {
 /// snapshot's op are taken right after the restore, before the replay changes the state
 /// ([`ReplayedOutputs::restored`]): the same chunks the group's replicas signed when they
 /// applied that op.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ReplayedOutputs {
     outputs: std::collections::VecDeque<(u64, ProducedOutputs)>,
     /// The restored snapshot's journal op and the legs in flight there, cut into chunks.
     in_flight: Option<(u64, Vec<InFlightChunk>)>,
+    /// The batch cap: in-flight chunks hold at most this many records ([`in_flight_chunks`]).
+    records_max: usize,
     /// Prune when this many are kept (twice the ops with legs in flight; at least one).
     prune_at: usize,
     /// Replayed ops whose outputs could not be grouped (logged).
@@ -766,11 +768,14 @@ pub(crate) struct ReplayedOutputs {
 }
 
 impl ReplayedOutputs {
-    /// For a state machine with at most `outputs_legs_max` ops holding unsettled outputs.
-    pub(crate) fn new(outputs_legs_max: usize) -> Self {
+    /// For a state machine with at most `outputs_legs_max` ops holding unsettled outputs,
+    /// in batches of at most `records_max` records (the batch cap).
+    pub(crate) fn new(outputs_legs_max: usize, records_max: usize) -> Self {
+        assert!(records_max > 0);
         Self {
             outputs: std::collections::VecDeque::new(),
             in_flight: None,
+            records_max,
             prune_at: 2 * outputs_legs_max.max(1),
             ungrouped: 0,
         }
@@ -781,7 +786,7 @@ impl ReplayedOutputs {
     /// journal falls back to its previous checkpoint if the newest does not restore).
     pub(crate) fn restored<S: StateMachine>(&mut self, machine: &S, op: u64) {
         let mut chunks = Vec::new();
-        match in_flight_chunks(legs_in_flight(machine), &mut chunks) {
+        match in_flight_chunks(legs_in_flight(machine), self.records_max, &mut chunks) {
             Ok(()) => self.in_flight = Some((op, chunks)),
             Err(_) => {
                 self.in_flight = None;
@@ -911,7 +916,12 @@ pub(crate) fn produce_in_flight<S: StateMachine>(
     S::Result: Send,
 {
     let mut chunks = Vec::new();
-    if let Err(error) = in_flight_chunks(legs_in_flight(core.state_machine()), &mut chunks) {
+    let records_max = shard.bft.as_ref().expect("BFT shard").xshard.records_max;
+    if let Err(error) = in_flight_chunks(
+        legs_in_flight(core.state_machine()),
+        records_max,
+        &mut chunks,
+    ) {
         tracing::error!(shard = shard.index, checkpoint_op, %error, "BFT in-flight legs not signed");
         return;
     }
@@ -1122,7 +1132,7 @@ mod tests {
             LedgerOperation::CreateTransfers,
             &[RecordSlot::from_transfer(&across)],
         );
-        let mut replayed = ReplayedOutputs::new(16);
+        let mut replayed = ReplayedOutputs::new(16, 64);
         let mut outbound: Vec<_> = std::iter::from_fn(|| origin.poll_outbound()).collect();
         assert_eq!(outbound.len(), 1, "one credit leg");
         let leg = outbound[0].record;
@@ -1149,7 +1159,7 @@ mod tests {
         apply(&mut credit, 2, LedgerOperation::ApplyCreditLegs, &[stamped]);
         let mut acks: Vec<_> = std::iter::from_fn(|| credit.poll_outbound()).collect();
         let ack = acks[0].record;
-        let mut credit_replayed = ReplayedOutputs::new(16);
+        let mut credit_replayed = ReplayedOutputs::new(16, 64);
         credit_replayed.push(&credit, 2, &mut acks);
         credit_replayed.prune(&credit);
         assert_eq!(credit_replayed.len(), 0, "acknowledgements are settled");

@@ -833,15 +833,13 @@ async fn open_journal<S: StateMachine>(
         write_buffer_bytes: JOURNAL_WRITE_BUFFER_BYTES,
     };
     let started = Instant::now();
+    let records_max = core.batch_records_max();
     let core = RefCell::new(core);
     // BFT mode keeps the replayed ops' outputs, and the legs in flight at a restored
     // snapshot, to sign them again (`bft_xshard`).
-    let replaying = RefCell::new(
-        config
-            .bft
-            .as_ref()
-            .map(|settings| crate::bft_xshard::ReplayedOutputs::new(settings.outputs_legs_max)),
-    );
+    let replaying = RefCell::new(config.bft.as_ref().map(|settings| {
+        crate::bft_xshard::ReplayedOutputs::new(settings.outputs_legs_max, records_max)
+    }));
     let mut outbound = Vec::new();
     let (journal, recovered) = Journal::open_checkpointed(
         journal_config,

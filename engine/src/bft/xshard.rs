@@ -148,6 +148,15 @@ pub enum XShardError {
     /// Record bytes that are empty, not whole records, or above the limit.
     #[error("{0} record bytes are not 1..=max whole records")]
     RecordBytes(usize),
+    /// A proof with more records than one batch of the receiving group may hold: no leader
+    /// could ever propose it, so queued it would wait forever.
+    #[error("a proof of {records} records; a batch holds at most {records_max}")]
+    ProofRecords {
+        /// Records the proof carries.
+        records: usize,
+        /// The receiving group's batch cap.
+        records_max: usize,
+    },
     /// A proven batch whose proofs carry different operations than the batch.
     #[error("proof operation {proof} in a batch of operation {batch}")]
     OperationMismatch {
@@ -513,14 +522,16 @@ impl Groups {
     }
 
     /// The acceptance rule of one proof at group `receiver`: addressed to it, whole records
-    /// (`record_bytes` each) within the limit that hash to the certified digest, and a valid
-    /// certificate of the origin group. Digest first: forged records cost a hash, not
-    /// `quorum` signature checks.
+    /// (`record_bytes` each) within the limit and at most `records_max` of them (the
+    /// receiver's batch cap: a bigger proof fits no batch), that hash to the certified
+    /// digest, and a valid certificate of the origin group. Digest first: forged records
+    /// cost a hash, not `quorum` signature checks.
     pub fn verify_proven(
         &self,
         proof: &ProvenOutputs,
         receiver: u32,
         record_bytes: usize,
+        records_max: usize,
     ) -> Result<(), XShardError> {
         assert!(record_bytes > 0);
         let statement = &proof.cert.statement;
@@ -533,6 +544,13 @@ impl Groups {
         let bytes = proof.records.len();
         if bytes == 0 || !bytes.is_multiple_of(record_bytes) || bytes > OUTPUT_RECORDS_BYTES_MAX {
             return Err(XShardError::RecordBytes(bytes));
+        }
+        let records = bytes / record_bytes;
+        if records > records_max {
+            return Err(XShardError::ProofRecords {
+                records,
+                records_max,
+            });
         }
         if statement.digest_of(proof.operation, &proof.records) != statement.digest {
             return Err(XShardError::DigestMismatch {
@@ -577,7 +595,7 @@ impl Groups {
             if records > records_max {
                 return Err(XShardError::OutOfRange("records per batch"));
             }
-            self.verify_proven(proof, receiver, record_bytes)?;
+            self.verify_proven(proof, receiver, record_bytes, records_max)?;
         }
         Ok(())
     }
@@ -638,6 +656,7 @@ impl XShardError {
             XShardError::SignerCount { .. } => "signer count",
             XShardError::DigestMismatch { .. } => "records do not match the certified digest",
             XShardError::RecordBytes(_) => "records not whole",
+            XShardError::ProofRecords { .. } => "more records than a batch holds",
             XShardError::OperationMismatch { .. } => "proof of another operation",
             XShardError::DuplicateProof { .. } => "proof twice in a batch",
             XShardError::OutOfRange(what) | XShardError::Malformed(what) => what,
@@ -722,22 +741,35 @@ pub struct InFlightChunk {
     pub records: Vec<u8>,
 }
 
+/// Records of one in-flight chunk at most: whole records of `record_bytes` bytes within
+/// [`OUTPUT_RECORDS_BYTES_MAX`], and at most `records_max`, the batch cap, so that the
+/// destination can propose any chunk in one proven batch ([`Groups::verify_proven`] refuses
+/// a bigger proof). The batch cap must be the same at every replica of the cluster (the
+/// acceptance rule of proven batches assumes it too), or replicas cut different chunks and
+/// none is certified.
+pub fn in_flight_chunk_records_max(record_bytes: usize, records_max: usize) -> usize {
+    assert!(record_bytes > 0 && record_bytes <= OUTPUT_RECORDS_BYTES_MAX);
+    assert!(records_max > 0);
+    (OUTPUT_RECORDS_BYTES_MAX / record_bytes).min(records_max)
+}
+
 /// Cuts the legs a state machine has in flight (its `unconfirmed_outbound`, oldest leg
 /// first) into the chunks of in-flight statements, into `out` (cleared first): ascending
 /// destination; per destination the legs in the order given, cut into chunks `0, 1, ...` of
-/// at most [`OUTPUT_RECORDS_BYTES_MAX`] bytes, each full but the last. A deterministic
-/// function of the in-flight set (replicated state), so every correct replica that holds the
-/// same state signs the same statements. A destination that would get legs of two
-/// operations is refused (one statement certifies one operation); `out` is then unspecified.
+/// at most [`in_flight_chunk_records_max`] records (`records_max` is the batch cap), each
+/// full but the last. A deterministic function of the in-flight set (replicated state) and
+/// the batch cap, so every correct replica that holds the same state signs the same
+/// statements. A destination that would get legs of two operations is refused (one
+/// statement certifies one operation); `out` is then unspecified.
 pub fn in_flight_chunks<O: Into<u16>, R: bytemuck::Pod>(
     in_flight: impl IntoIterator<Item = Outbound<O, R>>,
+    records_max: usize,
     out: &mut Vec<InFlightChunk>,
 ) -> Result<(), XShardError> {
     out.clear();
     let record_bytes = size_of::<R>();
-    assert!(record_bytes > 0 && record_bytes <= OUTPUT_RECORDS_BYTES_MAX);
     // Whole records per chunk: a chunk never splits a record.
-    let chunk_bytes_max = OUTPUT_RECORDS_BYTES_MAX / record_bytes * record_bytes;
+    let chunk_bytes_max = in_flight_chunk_records_max(record_bytes, records_max) * record_bytes;
     for each in in_flight {
         let operation: u16 = each.operation.into();
         let record = bytemuck::bytes_of(&each.record);
@@ -782,17 +814,21 @@ pub fn in_flight_chunks<O: Into<u16>, R: bytemuck::Pod>(
             });
         }
         chunk.records.extend_from_slice(record);
-        debug_assert!(chunk.records.len() <= OUTPUT_RECORDS_BYTES_MAX);
+        debug_assert!(chunk.records.len() <= chunk_bytes_max);
     }
     Ok(())
 }
 
 /// Most chunks [`in_flight_chunks`] cuts from at most `legs_max` legs of `record_bytes`
-/// bytes for `destinations` groups: one partial chunk per destination at most, plus the full
-/// ones. What a collector's in-flight room per checkpoint must hold.
-pub fn in_flight_chunks_max(legs_max: usize, record_bytes: usize, destinations: usize) -> usize {
-    assert!(record_bytes > 0 && record_bytes <= OUTPUT_RECORDS_BYTES_MAX);
-    let per_chunk = OUTPUT_RECORDS_BYTES_MAX / record_bytes;
+/// bytes, at a batch cap of `records_max` records, for `destinations` groups: one partial
+/// chunk per destination at most, plus the full ones. What a collector's in-flight room per
+/// checkpoint must hold.
+pub fn in_flight_chunks_max(
+    legs_max: usize,
+    (record_bytes, records_max): (usize, usize),
+    destinations: usize,
+) -> usize {
+    let per_chunk = in_flight_chunk_records_max(record_bytes, records_max);
     legs_max / per_chunk + destinations.min(legs_max)
 }
 
@@ -1588,11 +1624,13 @@ struct Inbound {
 /// to be committed by the group. The leader takes them into proven batches; every replica
 /// reports them as pending work (so a leader that withholds them is suspected, as one that
 /// withholds client requests); a committed batch removes the proofs it holds. At most
-/// `capacity` proofs, each checked once on arrival.
+/// `capacity` proofs, each checked once on arrival and at most `records_max` records (the
+/// group's batch cap), so every queued proof fits a batch.
 #[derive(Debug)]
 pub struct InboundProofs {
     receiver: u32,
     record_bytes: usize,
+    records_max: usize,
     groups: Groups,
     queue: VecDeque<Inbound>,
     capacity: usize,
@@ -1600,21 +1638,22 @@ pub struct InboundProofs {
 }
 
 impl InboundProofs {
-    /// The queue of group `receiver` for records of `record_bytes` bytes, holding at most
-    /// `capacity` proofs.
+    /// The queue of group `receiver` for records of `record_bytes` bytes in batches of at
+    /// most `records_max` records, holding at most `capacity` proofs.
     pub fn new(
         receiver: u32,
-        record_bytes: usize,
+        (record_bytes, records_max): (usize, usize),
         groups: Groups,
         capacity: usize,
     ) -> Result<InboundProofs, XShardError> {
         groups.committee(receiver)?;
-        if record_bytes == 0 || capacity == 0 {
+        if record_bytes == 0 || records_max == 0 || capacity == 0 {
             return Err(XShardError::OutOfRange("inbound limits"));
         }
         Ok(InboundProofs {
             receiver,
             record_bytes,
+            records_max,
             groups,
             queue: VecDeque::with_capacity(capacity),
             capacity,
@@ -1637,8 +1676,10 @@ impl InboundProofs {
         self.queue.is_empty()
     }
 
-    /// A proof delivered to this replica: verified ([`Groups::verify_proven`]) and queued,
-    /// unless the same `(origin, op)` is queued already (`Stale`) or the queue is full.
+    /// A proof delivered to this replica: verified ([`Groups::verify_proven`], which also
+    /// refuses more than `records_max` records: such a proof fits no batch, so queued it
+    /// would never leave) and queued, unless the same `(origin, op)` is queued already
+    /// (`Stale`) or the queue is full.
     pub fn on_proven(&mut self, proof: ProvenOutputs) -> Result<(), XShardError> {
         let key = proof.key();
         if self.queue.iter().any(|queued| queued.proof.key() == key) {
@@ -1649,9 +1690,9 @@ impl InboundProofs {
             self.metrics.full += 1;
             return Err(XShardError::Full("inbound proofs"));
         }
-        if let Err(error) = self
-            .groups
-            .verify_proven(&proof, self.receiver, self.record_bytes)
+        if let Err(error) =
+            self.groups
+                .verify_proven(&proof, self.receiver, self.record_bytes, self.records_max)
         {
             self.metrics.refused += 1;
             return Err(error);
@@ -1665,12 +1706,15 @@ impl InboundProofs {
         Ok(())
     }
 
-    /// Leader of `view`: the oldest queued proofs not yet proposed in this view, all of the
-    /// oldest one's operation, at most `records_max` records and
+    /// Leader of `view`: the oldest queued proofs not yet proposed in this view that fit,
+    /// all of the operation of the oldest one taken, at most `records_max` records and
     /// [`PROVEN_BATCH_PROOFS_MAX`] proofs, as a batch to propose at `now_ns`. They stay
-    /// queued until committed (a view change may lose the proposal). `records_max` must be
-    /// at least the origin groups' batch cap (one op's outputs to one group are at most one
-    /// record per record of the op), or a proof could never be proposed.
+    /// queued until committed (a view change may lose the proposal). A proof skipped because
+    /// it does not fit never decides the operation, so it cannot hold back the proofs of
+    /// another operation behind it. `records_max` is normally the queue's own batch cap
+    /// (every queued proof fits it, [`InboundProofs::on_proven`]); one op's outputs to one
+    /// group are at most one record per record of the op, and in-flight chunks are cut at the
+    /// batch cap ([`in_flight_chunks`]).
     pub fn take_batch(
         &mut self,
         view: u64,
@@ -1681,22 +1725,27 @@ impl InboundProofs {
         let mut operation = None;
         let (mut records, mut proofs) = (0usize, Vec::new());
         for queued in self.queue.iter_mut() {
+            if proofs.len() == PROVEN_BATCH_PROOFS_MAX {
+                break;
+            }
             if queued.proposed_in_view == Some(view) {
                 continue;
             }
             let proof_records = queued.proof.records.len() / record_bytes;
-            if *operation.get_or_insert(queued.proof.operation) != queued.proof.operation
+            if operation.is_some_and(|operation| operation != queued.proof.operation)
                 || records + proof_records > records_max
-                || proofs.len() == PROVEN_BATCH_PROOFS_MAX
             {
                 continue;
             }
+            operation = Some(queued.proof.operation);
             queued.proposed_in_view = Some(view);
             records += proof_records;
             proofs.push(queued.proof.clone());
         }
+        // The operation is set exactly when a proof was taken.
         let operation = operation?;
-        (!proofs.is_empty()).then_some(ProvenBatch {
+        debug_assert!(!proofs.is_empty() && records <= records_max);
+        Some(ProvenBatch {
             operation,
             now_ns,
             proofs,

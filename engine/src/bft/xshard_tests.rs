@@ -17,6 +17,8 @@ const REPLICAS: u8 = 4;
 const GROUP_COUNT: u32 = 2;
 /// The collectors' in-flight delivery delay in these tests (µs).
 const IN_FLIGHT_DELIVER_AFTER_US: u64 = 50_000;
+/// The groups' batch cap in these tests (records).
+const BATCH_RECORDS_MAX: usize = 64;
 
 fn keys(seed: u8) -> Vec<SigningKey> {
     (0..REPLICAS)
@@ -36,14 +38,33 @@ fn records(count: usize, salt: u8) -> Vec<u8> {
         .collect()
 }
 
-/// A proof of `records` from `origin` op `op` to `destination`, signed by `signers`.
+/// A proof of credit legs `records` from `origin` op `op` to `destination`, signed by
+/// `signers`.
 fn prove(
     keys: &[SigningKey],
     signers: &[u8],
-    (origin, destination, op): (u32, u32, u64),
+    route: (u32, u32, u64),
     records: Vec<u8>,
 ) -> ProvenOutputs {
-    let operation = LedgerOperation::ApplyCreditLegs as u16;
+    prove_as(
+        keys,
+        signers,
+        route,
+        LedgerOperation::ApplyCreditLegs,
+        records,
+    )
+}
+
+/// A proof of `records` of `operation` from `origin` op `op` to `destination`, signed by
+/// `signers`.
+fn prove_as(
+    keys: &[SigningKey],
+    signers: &[u8],
+    (origin, destination, op): (u32, u32, u64),
+    operation: LedgerOperation,
+    records: Vec<u8>,
+) -> ProvenOutputs {
+    let operation = operation as u16;
     let statement = OutputsStatement {
         origin,
         destination,
@@ -114,10 +135,14 @@ fn a_quorum_certificate_of_the_origin_group_is_accepted() {
     let keys = keys(1);
     let groups = groups_of(&keys);
     let proof = prove(&keys, &[0, 2, 3], (0, 1, 5), records(3, 1));
-    groups.verify_proven(&proof, 1, RECORD_BYTES).unwrap();
+    groups
+        .verify_proven(&proof, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
+        .unwrap();
     // All four signatures are fine too; the order of signers does not matter.
     let proof = prove(&keys, &[3, 1, 0, 2], (0, 1, 5), records(3, 1));
-    groups.verify_proven(&proof, 1, RECORD_BYTES).unwrap();
+    groups
+        .verify_proven(&proof, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
+        .unwrap();
 }
 
 #[test]
@@ -129,14 +154,14 @@ fn a_forged_or_altered_leg_is_refused() {
     let mut altered = honest.clone();
     altered.records[100] ^= 1;
     assert_eq!(
-        groups.verify_proven(&altered, 1, RECORD_BYTES),
+        groups.verify_proven(&altered, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::DigestMismatch { origin: 0, op: 5 })
     );
     // A leg added to a certified output.
     let mut padded = honest.clone();
     padded.records.extend_from_slice(&records(1, 7));
     assert!(matches!(
-        groups.verify_proven(&padded, 1, RECORD_BYTES),
+        groups.verify_proven(&padded, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::DigestMismatch { .. })
     ));
     // A made-up leg with a made-up digest: the signatures are over another statement.
@@ -144,21 +169,21 @@ fn a_forged_or_altered_leg_is_refused() {
     made_up.records = records(2, 99);
     made_up.cert.statement.digest = outputs_digest(0, 1, 5, made_up.operation, &made_up.records);
     assert_eq!(
-        groups.verify_proven(&made_up, 1, RECORD_BYTES),
+        groups.verify_proven(&made_up, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::BadSignature(0))
     );
     // The same records presented as another op's outputs.
     let mut moved = honest.clone();
     moved.cert.statement.op = 6;
     assert!(matches!(
-        groups.verify_proven(&moved, 1, RECORD_BYTES),
+        groups.verify_proven(&moved, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::DigestMismatch { .. })
     ));
     // Another operation (an acknowledgement passed off as a leg).
     let mut relabelled = honest;
     relabelled.operation = LedgerOperation::AckCreditLegs as u16;
     assert!(matches!(
-        groups.verify_proven(&relabelled, 1, RECORD_BYTES),
+        groups.verify_proven(&relabelled, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::DigestMismatch { .. })
     ));
 }
@@ -170,14 +195,14 @@ fn a_certificate_signed_with_other_keys_or_for_another_group_is_refused() {
     // Signed by the replicas of another cluster.
     let stranger = prove(&self::keys(50), &[0, 1, 2], (0, 1, 5), records(1, 1));
     assert_eq!(
-        groups.verify_proven(&stranger, 1, RECORD_BYTES),
+        groups.verify_proven(&stranger, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::BadSignature(0))
     );
     // One key of the three is a stranger's.
     let mut mixed = prove(&keys, &[0, 1, 2], (0, 1, 5), records(1, 1));
     mixed.cert.signatures[2].1 = stranger.cert.signatures[2].1;
     assert_eq!(
-        groups.verify_proven(&mixed, 1, RECORD_BYTES),
+        groups.verify_proven(&mixed, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::BadSignature(2))
     );
     // Signed by the same replicas as group 1 about group 1's outputs to group 0, then
@@ -188,18 +213,18 @@ fn a_certificate_signed_with_other_keys_or_for_another_group_is_refused() {
     swapped.cert.statement.destination = 1;
     swapped.cert.statement.digest = outputs_digest(0, 1, 5, swapped.operation, &swapped.records);
     assert_eq!(
-        groups.verify_proven(&swapped, 1, RECORD_BYTES),
+        groups.verify_proven(&swapped, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::BadSignature(0))
     );
     // A group that does not exist, or a group messaging itself.
     let unknown = prove(&keys, &[0, 1, 2], (7, 1, 5), records(1, 1));
     assert_eq!(
-        groups.verify_proven(&unknown, 1, RECORD_BYTES),
+        groups.verify_proven(&unknown, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::UnknownGroup(7))
     );
     let itself = prove(&keys, &[0, 1, 2], (1, 1, 5), records(1, 1));
     assert_eq!(
-        groups.verify_proven(&itself, 1, RECORD_BYTES),
+        groups.verify_proven(&itself, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::SameGroup(1))
     );
 }
@@ -210,7 +235,7 @@ fn too_few_repeated_or_unknown_signers_are_refused() {
     let groups = groups_of(&keys);
     let short = prove(&keys, &[0, 1], (0, 1, 5), records(1, 1));
     assert_eq!(
-        groups.verify_proven(&short, 1, RECORD_BYTES),
+        groups.verify_proven(&short, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::SignerCount {
             signers: 2,
             quorum: 3,
@@ -219,19 +244,19 @@ fn too_few_repeated_or_unknown_signers_are_refused() {
     );
     let repeated = prove(&keys, &[0, 1, 1], (0, 1, 5), records(1, 1));
     assert_eq!(
-        groups.verify_proven(&repeated, 1, RECORD_BYTES),
+        groups.verify_proven(&repeated, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::DuplicateSigner(1))
     );
     let mut unknown = prove(&keys, &[0, 1, 2], (0, 1, 5), records(1, 1));
     unknown.cert.signatures[2].0 = 5;
     assert_eq!(
-        groups.verify_proven(&unknown, 1, RECORD_BYTES),
+        groups.verify_proven(&unknown, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::UnknownSigner(5))
     );
     let mut too_many = prove(&keys, &[0, 1, 2, 3], (0, 1, 5), records(1, 1));
     too_many.cert.signatures.push(too_many.cert.signatures[0]);
     assert!(matches!(
-        groups.verify_proven(&too_many, 1, RECORD_BYTES),
+        groups.verify_proven(&too_many, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::SignerCount { signers: 5, .. })
     ));
 }
@@ -249,9 +274,11 @@ fn a_leg_for_another_group_is_refused() {
     )
     .unwrap();
     let for_two = prove(&keys, &[0, 1, 2], (0, 2, 5), records(1, 1));
-    groups.verify_proven(&for_two, 2, RECORD_BYTES).unwrap();
+    groups
+        .verify_proven(&for_two, 2, RECORD_BYTES, BATCH_RECORDS_MAX)
+        .unwrap();
     assert_eq!(
-        groups.verify_proven(&for_two, 1, RECORD_BYTES),
+        groups.verify_proven(&for_two, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::WrongDestination {
             destination: 2,
             receiver: 1
@@ -261,13 +288,13 @@ fn a_leg_for_another_group_is_refused() {
     let mut readdressed = for_two.clone();
     readdressed.cert.statement.destination = 1;
     assert!(matches!(
-        groups.verify_proven(&readdressed, 1, RECORD_BYTES),
+        groups.verify_proven(&readdressed, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::DigestMismatch { .. })
     ));
     readdressed.cert.statement.digest =
         outputs_digest(0, 1, 5, readdressed.operation, &readdressed.records);
     assert_eq!(
-        groups.verify_proven(&readdressed, 1, RECORD_BYTES),
+        groups.verify_proven(&readdressed, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::BadSignature(0))
     );
 }
@@ -279,7 +306,7 @@ fn records_must_be_whole_and_present() {
     for bytes in [0, RECORD_BYTES - 1, RECORD_BYTES + 1] {
         let proof = prove(&keys, &[0, 1, 2], (0, 1, 5), vec![1; bytes]);
         assert_eq!(
-            groups.verify_proven(&proof, 1, RECORD_BYTES),
+            groups.verify_proven(&proof, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
             Err(XShardError::RecordBytes(bytes))
         );
     }
@@ -401,7 +428,7 @@ fn a_byzantine_credit_group_leader_cannot_get_a_made_up_leg_accepted() {
         // Every correct backup refuses to vote for it, and no replica would apply it.
         for _backup in [0u8, 2, 3] {
             assert_eq!(
-                groups.verify_batch_bytes(&bytes, 1, RECORD_BYTES, 64),
+                groups.verify_batch_bytes(&bytes, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
                 Err(expected)
             );
         }
@@ -427,12 +454,17 @@ fn a_byzantine_credit_group_leader_cannot_get_a_made_up_leg_accepted() {
     encode_batch(&batch, &mut bytes);
     assert!(
         groups
-            .verify_batch_bytes(&bytes, 1, RECORD_BYTES, 64)
+            .verify_batch_bytes(&bytes, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
             .is_err()
     );
     // A client batch is not a proven batch.
     assert_eq!(
-        groups.verify_batch_bytes(&[3, 0, 0, 0, 128, 0, 0, 0], 1, RECORD_BYTES, 64),
+        groups.verify_batch_bytes(
+            &[3, 0, 0, 0, 128, 0, 0, 0],
+            1,
+            RECORD_BYTES,
+            BATCH_RECORDS_MAX
+        ),
         Err(XShardError::Malformed("not a proven batch"))
     );
     // The genuine proof alone is accepted.
@@ -446,7 +478,7 @@ fn a_byzantine_credit_group_leader_cannot_get_a_made_up_leg_accepted() {
         &mut bytes,
     );
     groups
-        .verify_batch_bytes(&bytes, 1, RECORD_BYTES, 64)
+        .verify_batch_bytes(&bytes, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
         .unwrap();
 }
 
@@ -500,7 +532,7 @@ proptest! {
         let at = at % bytes.len();
         bytes[at] ^= 1 << bit;
         if let Ok(XShardMessage::Proven(mutated)) = decode_message(&bytes) {
-            prop_assert!(groups.verify_proven(&mutated, 1, RECORD_BYTES).is_err());
+            prop_assert!(groups.verify_proven(&mutated, 1, RECORD_BYTES, BATCH_RECORDS_MAX).is_err());
         }
     }
 }
@@ -573,7 +605,7 @@ fn collectors_certify_once_a_quorum_produced_the_same_outputs() {
     for replica in 0..3 {
         assert_eq!(delivered[replica].len(), 1, "replica {replica} certified");
         groups
-            .verify_proven(&delivered[replica][0], 1, RECORD_BYTES)
+            .verify_proven(&delivered[replica][0], 1, RECORD_BYTES, BATCH_RECORDS_MAX)
             .unwrap();
         assert!(group[replica].is_certified(1, 9));
     }
@@ -592,7 +624,7 @@ fn collectors_certify_once_a_quorum_produced_the_same_outputs() {
     let delivered = exchange(&mut group, &[0, 1, 2, 3], vec![(3, actions)]);
     assert_eq!(delivered[3].len(), 1);
     groups
-        .verify_proven(&delivered[3][0], 1, RECORD_BYTES)
+        .verify_proven(&delivered[3][0], 1, RECORD_BYTES, BATCH_RECORDS_MAX)
         .unwrap();
     // Producing the same outputs again (a replay after restart) is stale; other records
     // for the same op are a bug.
@@ -761,7 +793,7 @@ fn settled_outputs_are_released_by_age_whether_certified_or_not() {
 fn proofs_left_queued_are_handed_out_to_forward_once_per_interval() {
     let keys = keys(1);
     let groups = groups_of(&keys);
-    let mut inbound = InboundProofs::new(1, RECORD_BYTES, groups, 4).unwrap();
+    let mut inbound = InboundProofs::new(1, (RECORD_BYTES, BATCH_RECORDS_MAX), groups, 4).unwrap();
     let operation = LedgerOperation::ApplyCreditLegs as u16;
     let first = prove(&keys, &[0, 1, 2], (0, 1, 7), records(1, 7));
     inbound.on_proven(first.clone()).unwrap();
@@ -791,7 +823,8 @@ fn proofs_left_queued_are_handed_out_to_forward_once_per_interval() {
 #[test]
 fn inbound_proofs_are_checked_once_deduplicated_bounded_and_proposed_once_per_view() {
     let keys = keys(1);
-    let mut inbound = InboundProofs::new(1, RECORD_BYTES, groups_of(&keys), 3).unwrap();
+    let mut inbound =
+        InboundProofs::new(1, (RECORD_BYTES, BATCH_RECORDS_MAX), groups_of(&keys), 3).unwrap();
     let proof = |op: u64, signers: &[u8]| prove(&keys, signers, (0, 1, op), records(2, op as u8));
     assert_eq!(
         inbound.on_proven(proof(1, &[0, 1])),
@@ -833,6 +866,80 @@ fn inbound_proofs_are_checked_once_deduplicated_bounded_and_proposed_once_per_vi
     assert_eq!(inbound.metrics().full, 1);
 }
 
+#[test]
+fn an_oversized_proof_never_blocks_the_inbound_queue() {
+    let keys = keys(1);
+    let groups = groups_of(&keys);
+    let limits = (RECORD_BYTES, BATCH_RECORDS_MAX);
+    let mut inbound = InboundProofs::new(1, limits, groups.clone(), 4).unwrap();
+    // Validly certified legs, one more than a batch holds (an in-flight chunk cut by bytes
+    // only, or a Byzantine replica forwarding one): no batch could ever carry it.
+    let oversized = prove(
+        &keys,
+        &[0, 1, 2],
+        (0, 1, 5),
+        records(BATCH_RECORDS_MAX + 1, 1),
+    );
+    let refusal = XShardError::ProofRecords {
+        records: BATCH_RECORDS_MAX + 1,
+        records_max: BATCH_RECORDS_MAX,
+    };
+    assert_eq!(
+        groups.verify_proven(&oversized, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
+        Err(refusal)
+    );
+    assert_eq!(inbound.on_proven(oversized), Err(refusal));
+    assert_eq!(inbound.metrics().refused, 1);
+    assert!(inbound.is_empty());
+    // An acknowledgement behind it (the other operation) is proposed.
+    let ack = prove_as(
+        &keys,
+        &[0, 1, 2],
+        (0, 1, 6),
+        LedgerOperation::AckCreditLegs,
+        records(1, 2),
+    );
+    inbound.on_proven(ack.clone()).unwrap();
+    let batch = inbound.take_batch(0, 0, BATCH_RECORDS_MAX).unwrap();
+    assert_eq!(batch.operation, LedgerOperation::AckCreditLegs as u16);
+    assert_eq!(batch.proofs, vec![ack]);
+    // Exactly a batch's worth is accepted, and proposed alone.
+    let full = prove(&keys, &[0, 1, 2], (0, 1, 7), records(BATCH_RECORDS_MAX, 3));
+    inbound.on_proven(full.clone()).unwrap();
+    let batch = inbound.take_batch(0, 0, BATCH_RECORDS_MAX).unwrap();
+    assert_eq!(batch.proofs, vec![full]);
+    groups
+        .verify_batch(&batch, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
+        .unwrap();
+}
+
+#[test]
+fn a_proof_that_does_not_fit_never_decides_the_batch_operation() {
+    let keys = keys(1);
+    let limits = (RECORD_BYTES, BATCH_RECORDS_MAX);
+    let mut inbound = InboundProofs::new(1, limits, groups_of(&keys), 4).unwrap();
+    let legs = prove(&keys, &[0, 1, 2], (0, 1, 5), records(3, 1));
+    let ack = prove_as(
+        &keys,
+        &[0, 1, 2],
+        (0, 1, 6),
+        LedgerOperation::AckCreditLegs,
+        records(1, 2),
+    );
+    inbound.on_proven(legs.clone()).unwrap();
+    inbound.on_proven(ack.clone()).unwrap();
+    // Room for 2 records: the 3 legs are skipped, and do not hold back the
+    // acknowledgement of the other operation behind them.
+    let batch = inbound.take_batch(0, 0, 2).unwrap();
+    assert_eq!(batch.operation, LedgerOperation::AckCreditLegs as u16);
+    assert_eq!(batch.proofs, vec![ack]);
+    assert_eq!(inbound.take_batch(0, 0, 2), None);
+    // Room for them (a new view): the oldest proof taken decides the operation.
+    let batch = inbound.take_batch(1, 0, 4).unwrap();
+    assert_eq!(batch.operation, LedgerOperation::ApplyCreditLegs as u16);
+    assert_eq!(batch.proofs, vec![legs]);
+}
+
 /// One shard of two (`ledger`) and the collectors of its group.
 struct Shard {
     ledger: Ledger,
@@ -846,7 +953,13 @@ impl Shard {
         Shard {
             ledger: Ledger::new(LedgerConfig::new(index, GROUP_COUNT)),
             group: collectors(keys, index),
-            inbound: InboundProofs::new(index, RECORD_BYTES, groups_of(keys), 16).unwrap(),
+            inbound: InboundProofs::new(
+                index,
+                (RECORD_BYTES, BATCH_RECORDS_MAX),
+                groups_of(keys),
+                16,
+            )
+            .unwrap(),
             op: 0,
         }
     }
@@ -904,12 +1017,15 @@ impl Shard {
     /// acceptance rule and applies the records. Returns the result codes.
     fn commit_inbound(&mut self, groups: &Groups) -> Vec<u32> {
         let now_ns = 100 * self.op;
-        let batch = self.inbound.take_batch(self.op, now_ns, 64).unwrap();
+        let batch = self
+            .inbound
+            .take_batch(self.op, now_ns, BATCH_RECORDS_MAX)
+            .unwrap();
         let mut bytes = Vec::new();
         encode_batch(&batch, &mut bytes);
         let receiver = self.ledger.config().shard_index;
         let decoded = groups
-            .verify_batch_bytes(&bytes, receiver, RECORD_BYTES, 64)
+            .verify_batch_bytes(&bytes, receiver, RECORD_BYTES, BATCH_RECORDS_MAX)
             .unwrap();
         self.inbound.on_committed(&decoded);
         let mut records: Vec<RecordSlot> = decoded
@@ -1090,10 +1206,24 @@ fn a_proposal_is_either_a_client_signed_batch_or_a_proven_batch() {
         )
     };
     assert_eq!(
-        SignedOrProven::new(verifier(), groups.clone(), GROUP_COUNT, RECORD_BYTES, 64).err(),
+        SignedOrProven::new(
+            verifier(),
+            groups.clone(),
+            GROUP_COUNT,
+            RECORD_BYTES,
+            BATCH_RECORDS_MAX
+        )
+        .err(),
         Some(XShardError::UnknownGroup(GROUP_COUNT))
     );
-    let mut check = SignedOrProven::new(verifier(), groups.clone(), 1, RECORD_BYTES, 64).unwrap();
+    let mut check = SignedOrProven::new(
+        verifier(),
+        groups.clone(),
+        1,
+        RECORD_BYTES,
+        BATCH_RECORDS_MAX,
+    )
+    .unwrap();
     let mut checked = |bytes: &[u8]| check.check_proposal(bytes, &batch_digest(bytes));
 
     // A client-signed batch is never taken for a proven one (their formats differ in the
@@ -1172,7 +1302,8 @@ fn a_proposal_is_either_a_client_signed_batch_or_a_proven_batch() {
         checked(&proven[..proven.len() - 1]),
         Err(RequestAuthError::Proven(_))
     ));
-    let mut at_origin = SignedOrProven::new(verifier(), groups, 0, RECORD_BYTES, 64).unwrap();
+    let mut at_origin =
+        SignedOrProven::new(verifier(), groups, 0, RECORD_BYTES, BATCH_RECORDS_MAX).unwrap();
     assert_eq!(
         at_origin.check_proposal(&proven, &batch_digest(&proven)),
         Err(RequestAuthError::Proven(
@@ -1277,7 +1408,7 @@ fn ledger_in_flight(ledger: &Ledger) -> Vec<InFlightChunk> {
     let mut legs = Vec::new();
     ledger.unconfirmed_outbound(&mut |leg| legs.push(leg));
     let mut chunks = Vec::new();
-    in_flight_chunks(legs, &mut chunks).unwrap();
+    in_flight_chunks(legs, BATCH_RECORDS_MAX, &mut chunks).unwrap();
     chunks
 }
 
@@ -1340,7 +1471,13 @@ fn in_flight_statements_are_domain_separated_from_outputs_statements() {
 #[test]
 fn in_flight_chunks_are_deterministic_ordered_and_bounded() {
     type Leg = Outbound<u16, [u8; RECORD_BYTES]>;
+    // The largest batch cap: the byte limit binds before it.
+    let records_max = crate::limits::BATCH_ENTRIES_MAX_LIMIT;
     let per_chunk = OUTPUT_RECORDS_BYTES_MAX / RECORD_BYTES;
+    assert_eq!(
+        in_flight_chunk_records_max(RECORD_BYTES, records_max),
+        per_chunk
+    );
     // Legs numbered 0.. in ring order, to destinations 2, 1, 2, 1, ... (two destinations,
     // more than a chunk's worth for destination 1).
     let count = 2 * per_chunk + 200;
@@ -1356,7 +1493,7 @@ fn in_flight_chunks_are_deterministic_ordered_and_bounded() {
         })
         .collect();
     let mut chunks = Vec::new();
-    in_flight_chunks(legs.clone(), &mut chunks).unwrap();
+    in_flight_chunks(legs.clone(), records_max, &mut chunks).unwrap();
     let shape: Vec<(u32, u32, usize)> = chunks
         .iter()
         .map(|chunk| {
@@ -1377,8 +1514,9 @@ fn in_flight_chunks_are_deterministic_ordered_and_bounded() {
             (2, 0, to_two)
         ]
     );
-    assert!(chunks.len() <= in_flight_chunks_max(count, RECORD_BYTES, 2));
-    assert_eq!(in_flight_chunks_max(count, RECORD_BYTES, 2), 2 + 2);
+    let limits = (RECORD_BYTES, records_max);
+    assert!(chunks.len() <= in_flight_chunks_max(count, limits, 2));
+    assert_eq!(in_flight_chunks_max(count, limits, 2), 2 + 2);
     // Every leg once, in ring order within its destination.
     for chunk in &chunks {
         let numbers: Vec<u64> = chunk
@@ -1391,18 +1529,95 @@ fn in_flight_chunks_are_deterministic_ordered_and_bounded() {
     }
     // The same set gives the same chunks (what every correct replica signs).
     let mut again = Vec::new();
-    in_flight_chunks(legs.clone(), &mut again).unwrap();
+    in_flight_chunks(legs.clone(), records_max, &mut again).unwrap();
     assert_eq!(again, chunks);
     // No legs, no chunks; two operations for one destination are refused.
-    in_flight_chunks(Vec::<Leg>::new(), &mut again).unwrap();
+    in_flight_chunks(Vec::<Leg>::new(), records_max, &mut again).unwrap();
     assert!(again.is_empty());
     let mut mixed = legs[..4].to_vec();
     mixed[3].operation = 257;
     mixed[3].shard = 1;
     assert!(matches!(
-        in_flight_chunks(mixed, &mut again),
+        in_flight_chunks(mixed, records_max, &mut again),
         Err(XShardError::OperationMismatch { .. })
     ));
+}
+
+#[test]
+fn in_flight_chunks_are_cut_at_the_batch_cap_so_each_fits_a_batch() {
+    type Leg = Outbound<u16, [u8; RECORD_BYTES]>;
+    // More legs in flight to group 1 than two batches hold, far below the byte limit.
+    let count = 2 * BATCH_RECORDS_MAX + 3;
+    assert!(count * RECORD_BYTES < OUTPUT_RECORDS_BYTES_MAX);
+    assert_eq!(
+        in_flight_chunk_records_max(RECORD_BYTES, BATCH_RECORDS_MAX),
+        BATCH_RECORDS_MAX
+    );
+    let legs: Vec<Leg> = (0..count)
+        .map(|sequence| {
+            let mut record = [0u8; RECORD_BYTES];
+            record[..8].copy_from_slice(&(sequence as u64).to_le_bytes());
+            Leg {
+                shard: 1,
+                operation: LedgerOperation::ApplyCreditLegs as u16,
+                record,
+            }
+        })
+        .collect();
+    let mut chunks = Vec::new();
+    in_flight_chunks(legs.clone(), BATCH_RECORDS_MAX, &mut chunks).unwrap();
+    let shape: Vec<(u32, u32, usize)> = chunks
+        .iter()
+        .map(|chunk| {
+            (
+                chunk.destination,
+                chunk.chunk,
+                chunk.records.len() / RECORD_BYTES,
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (1, 0, BATCH_RECORDS_MAX),
+            (1, 1, BATCH_RECORDS_MAX),
+            (1, 2, 3)
+        ]
+    );
+    let limits = (RECORD_BYTES, BATCH_RECORDS_MAX);
+    assert_eq!(in_flight_chunks_max(count, limits, 1), chunks.len());
+    // Every leg once, in ring order.
+    let cut: Vec<u8> = chunks
+        .iter()
+        .flat_map(|chunk| chunk.records.clone())
+        .collect();
+    let whole: Vec<u8> = legs.iter().flat_map(|leg| leg.record).collect();
+    assert_eq!(cut, whole);
+    // Certified and delivered, every chunk is queued at the destination and proposed, each
+    // in a batch of its own.
+    let keys = keys(1);
+    let mut group = collectors(&keys, 0);
+    assert!(
+        certify_in_flight(&mut group, 0, 40, &chunks)
+            .iter()
+            .all(Vec::is_empty)
+    );
+    let mut actions = Vec::new();
+    group[0].on_tick(IN_FLIGHT_DELIVER_AFTER_US, &mut actions);
+    assert_eq!(actions.len(), chunks.len());
+    let mut inbound = InboundProofs::new(1, limits, groups_of(&keys), 4).unwrap();
+    for action in actions {
+        let XShardAction::Deliver(proof) = action else {
+            panic!("{action:?}")
+        };
+        inbound.on_proven(proof).unwrap();
+    }
+    for chunk in &chunks {
+        let batch = inbound.take_batch(0, 0, BATCH_RECORDS_MAX).unwrap();
+        assert_eq!(batch.proofs.len(), 1);
+        assert_eq!(batch.proofs[0].records, chunk.records);
+    }
+    assert_eq!(inbound.take_batch(0, 0, BATCH_RECORDS_MAX), None);
 }
 
 #[test]
@@ -1440,7 +1655,9 @@ fn a_quorum_certifies_in_flight_legs_delivered_only_late_and_released_when_settl
         panic!("{actions:?}")
     };
     assert_eq!(proof.key(), (0, 40, kind));
-    groups.verify_proven(proof, 1, RECORD_BYTES).unwrap();
+    groups
+        .verify_proven(proof, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
+        .unwrap();
     assert_eq!(group[0].metrics().in_flight_deliveries, 1);
     // A settled chunk goes (and is never delivered again).
     let released = group[1].release_settled(IN_FLIGHT_DELIVER_AFTER_US - 1, 0, |_, _| true);
@@ -1484,7 +1701,9 @@ fn in_flight_legs_altered_added_or_left_out_are_refused() {
     let Some(XShardAction::Deliver(honest)) = actions.pop() else {
         panic!("certified by 0, 1 and 2")
     };
-    groups.verify_proven(&honest, 1, RECORD_BYTES).unwrap();
+    groups
+        .verify_proven(&honest, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
+        .unwrap();
     let mut altered = honest.clone();
     altered.records[130] ^= 1;
     let mut added = honest.clone();
@@ -1493,7 +1712,7 @@ fn in_flight_legs_altered_added_or_left_out_are_refused() {
     left_out.records.truncate(2 * RECORD_BYTES);
     for forged in [altered, added, left_out] {
         assert_eq!(
-            groups.verify_proven(&forged, 1, RECORD_BYTES),
+            groups.verify_proven(&forged, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
             Err(XShardError::DigestMismatch { origin: 0, op: 40 })
         );
     }
@@ -1501,7 +1720,11 @@ fn in_flight_legs_altered_added_or_left_out_are_refused() {
     for kind in [OutputsKind::Op, OutputsKind::InFlight { chunk: 1 }] {
         let mut relabelled = honest.clone();
         relabelled.cert.statement.kind = kind;
-        assert!(groups.verify_proven(&relabelled, 1, RECORD_BYTES).is_err());
+        assert!(
+            groups
+                .verify_proven(&relabelled, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
+                .is_err()
+        );
     }
     // Proven batches keep `(origin, op, kind)` distinct: the op's outputs and its in-flight
     // chunk may travel together, a chunk twice may not.
@@ -1511,18 +1734,20 @@ fn in_flight_legs_altered_added_or_left_out_are_refused() {
         now_ns: 1,
         proofs: vec![outputs, honest.clone()],
     };
-    groups.verify_batch(&batch, 1, RECORD_BYTES, 64).unwrap();
+    groups
+        .verify_batch(&batch, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
+        .unwrap();
     let mut bytes = Vec::new();
     encode_batch(&batch, &mut bytes);
     assert_eq!(
         groups
-            .verify_batch_bytes(&bytes, 1, RECORD_BYTES, 64)
+            .verify_batch_bytes(&bytes, 1, RECORD_BYTES, BATCH_RECORDS_MAX)
             .unwrap(),
         batch
     );
     batch.proofs.push(honest);
     assert_eq!(
-        groups.verify_batch(&batch, 1, RECORD_BYTES, 64),
+        groups.verify_batch(&batch, 1, RECORD_BYTES, BATCH_RECORDS_MAX),
         Err(XShardError::DuplicateProof { origin: 0, op: 40 })
     );
 }
