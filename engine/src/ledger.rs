@@ -86,6 +86,16 @@
 //! Clients must draw ids from a space they own (e.g. time-ordered random 128-bit ids), as
 //! with TigerBeetle.
 //!
+//! # Timestamps
+//! The leader's `prepare` stamps each account, transfer and credit leg with its clock's
+//! `now_ns`, kept strictly increasing (at least the last timestamp plus one). `apply` does
+//! not trust them: it records each record's timestamp as `max(carried, last committed + 1)`
+//! (the carried one capped at [`TIMESTAMP_MAX`]), stores and sends the record with it, and
+//! so keeps the committed timestamps, the transfer window's order and every snapshot valid
+//! on every replica alike, whatever a batch carries. A correctly prepared batch keeps its
+//! own timestamps; a Byzantine leader in BFT mode (backups cannot check what `prepare`
+//! assigned) chooses their values, not their order.
+//!
 //! # Memory
 //! Allocated and touched in [`Ledger::new`] ([`LedgerConfig::memory_bytes`] adds it up):
 //! - accounts: 128 B per slot of a power-of-two table of 1.5x to 3x `accounts_max` slots;
@@ -284,6 +294,36 @@ impl LedgerConfig {
             + size_of::<u32>() * self.credit_legs_in_flight_max * self.shard_count as usize
             + size_of::<u64>() * self.shard_count as usize
     }
+}
+
+/// Latest timestamp a batch's stamp may take from a clock (ns since the Unix epoch:
+/// 2262-04-11, the last instant an `i64` of nanoseconds holds). A larger `now_ns` or carried
+/// timestamp counts as this one, so no clock, however wrong or Byzantine, brings timestamps
+/// near `u64::MAX`: past this ceiling each record takes the last timestamp plus one, and the
+/// `2^63` values above it outlast any shard (58,000 years at 5M records/s). A refusal at a
+/// ceiling would not do: one batch stamped there by a Byzantine leader would have every
+/// later record refused.
+pub const TIMESTAMP_MAX: u64 = i64::MAX as u64;
+
+/// Timestamps left above [`TIMESTAMP_MAX`]: records one shard can be stamped past it.
+const TIMESTAMPS_PAST_MAX: u64 = u64::MAX - TIMESTAMP_MAX;
+const _: () = assert!(TIMESTAMPS_PAST_MAX >= 1 << 62);
+
+/// The timestamp of the record after one stamped `last`, proposed as `proposed` (a clock's
+/// `now_ns` or a committed record's timestamp): `max(min(proposed, TIMESTAMP_MAX), last +
+/// 1)`. The one rule of `prepare`, `stamp_internal` and `apply`: a correct leader's stamps
+/// are what every replica records, and whatever a batch carries the recorded timestamps
+/// strictly increase.
+///
+/// # Panics
+/// If `last` is `u64::MAX`, reached only after [`TIMESTAMPS_PAST_MAX`] records stamped past
+/// [`TIMESTAMP_MAX`] (see there).
+#[inline]
+fn timestamp_after(last: u64, proposed: u64) -> u64 {
+    let next = last
+        .checked_add(1)
+        .expect("2^63 records stamped past TIMESTAMP_MAX");
+    proposed.min(TIMESTAMP_MAX).max(next)
 }
 
 /// Table hash seed of [`Ledger::new`]. Public knowledge: a runtime that serves untrusted
@@ -1206,12 +1246,15 @@ impl Ledger {
         self.outbox.push_back(outbound);
     }
 
-    fn observe_timestamp(&mut self, timestamp: u64) {
-        debug_assert!(
-            timestamp > self.commit_timestamp_last,
-            "records must be prepared: timestamps increase"
-        );
+    /// Records the next record's timestamp from the one its batch carries, and returns it:
+    /// [`timestamp_after`] the last committed one. A correctly prepared record keeps its
+    /// own; any other (a Byzantine leader's, in BFT mode, which backups cannot check) gets
+    /// the same timestamp on every replica, above the last, so the transfer window stays
+    /// in time order and its snapshots restore.
+    fn observe_timestamp(&mut self, carried: u64) -> u64 {
+        let timestamp = timestamp_after(self.commit_timestamp_last, carried);
         self.commit_timestamp_last = timestamp;
+        timestamp
     }
 
     /// Loads the table slots `create_transfer` will probe first, for a group of transfers.
@@ -1250,7 +1293,10 @@ impl Ledger {
 
     fn create_account(&mut self, account: &Account) -> CreateAccountResult {
         use CreateAccountResult as R;
-        self.observe_timestamp(account.timestamp);
+        let account = &Account {
+            timestamp: self.observe_timestamp(account.timestamp),
+            ..*account
+        };
         if let Err(result) = validate_account(account) {
             return result;
         }
@@ -1275,7 +1321,11 @@ impl Ledger {
 
     fn create_transfer(&mut self, transfer: &Transfer) -> CreateTransferResult {
         use CreateTransferResult as R;
-        self.observe_timestamp(transfer.timestamp);
+        // Stored, and sent with its leg, with the timestamp recorded.
+        let transfer = &Transfer {
+            timestamp: self.observe_timestamp(transfer.timestamp),
+            ..*transfer
+        };
         if let Err(result) = validate_transfer(transfer) {
             return result;
         }
@@ -1354,7 +1404,11 @@ impl Ledger {
 
     fn apply_credit_leg(&mut self, leg: &Transfer) -> CreditLegResult {
         use CreditLegResult as R;
-        self.observe_timestamp(leg.timestamp);
+        // Acknowledged with the timestamp recorded.
+        let leg = &Transfer {
+            timestamp: self.observe_timestamp(leg.timestamp),
+            ..*leg
+        };
         let sequence = credit_leg_sequence(leg);
         if leg.flags != transfer_flags::CROSS_SHARD_CREDIT
             || leg.id == 0
@@ -1841,53 +1895,51 @@ impl StateMachine for Ledger {
     }
 
     /// Assigns strictly increasing timestamps: the first record gets
-    /// `max(now_ns, last timestamp + 1)`, each next one its predecessor's plus one.
-    /// Acknowledgements carry no timestamp of their own.
+    /// `max(min(now_ns, TIMESTAMP_MAX), last timestamp + 1)` (see [`TIMESTAMP_MAX`]), each
+    /// next one its predecessor's plus one. Acknowledgements carry no timestamp of their
+    /// own.
     fn prepare(&mut self, operation: LedgerOperation, now_ns: u64, records: &mut [RecordSlot]) {
         if records.is_empty() || operation == LedgerOperation::AckCreditLegs {
             return;
         }
         let timestamp_last = self.prepare_timestamp_last.max(self.commit_timestamp_last);
-        let timestamp_first = now_ns.max(timestamp_last + 1);
-        let mut timestamp = timestamp_first;
+        let mut timestamp = timestamp_last;
         match operation {
             LedgerOperation::CreateAccounts => {
                 for account in slots_as_accounts_mut(records) {
+                    timestamp = timestamp_after(timestamp, now_ns);
                     account.timestamp = timestamp;
-                    timestamp += 1;
                 }
             }
             LedgerOperation::CreateTransfers | LedgerOperation::ApplyCreditLegs => {
                 for transfer in slots_as_transfers_mut(records) {
+                    timestamp = timestamp_after(timestamp, now_ns);
                     transfer.timestamp = timestamp;
-                    timestamp += 1;
                 }
             }
             LedgerOperation::AckCreditLegs => unreachable!(),
         }
-        self.prepare_timestamp_last = timestamp - 1;
-        debug_assert_eq!(timestamp - timestamp_first, records.len() as u64);
+        debug_assert!(timestamp - timestamp_last >= records.len() as u64);
+        self.prepare_timestamp_last = timestamp;
     }
 
     /// Stamps certified credit legs from `now_ns` and the last committed timestamp only:
-    /// the first gets `max(now_ns, last committed timestamp + 1)`, each next one its
-    /// predecessor's plus one. That is what `prepare` assigns on a leader whose prepared
-    /// timestamps are all committed, and what a correct leader reserved (its `prepare` on a
-    /// copy, the first timestamp proposed as `now_ns`): the committed timestamps before the
-    /// batch are at most its prepared ones, so the stamp is `now_ns` itself. A `now_ns`
-    /// from a Byzantine leader cannot make timestamps decrease or overflow (the first is
-    /// capped so that the last fits). Acknowledgements carry no timestamp; client
-    /// operations are never internal records and are left as they are.
+    /// the first gets `max(min(now_ns, TIMESTAMP_MAX), last committed timestamp + 1)`, each
+    /// next one its predecessor's plus one. That is what `prepare` assigns on a leader whose
+    /// prepared timestamps are all committed, and what a correct leader reserved (its
+    /// `prepare` on a copy, the first timestamp proposed as `now_ns`): the committed
+    /// timestamps before the batch are at most its prepared ones, so the stamp is `now_ns`
+    /// itself (below [`TIMESTAMP_MAX`]; past it, the last committed one plus one, never
+    /// above what it reserved). A `now_ns` from a Byzantine leader cannot make timestamps
+    /// decrease or overflow. Acknowledgements carry no timestamp; client operations are
+    /// never internal records and are left as they are.
     fn stamp_internal(&self, operation: LedgerOperation, now_ns: u64, records: &mut [RecordSlot]) {
         if operation != LedgerOperation::ApplyCreditLegs || records.is_empty() {
             return;
         }
-        let room = u64::MAX - records.len() as u64;
-        let first = now_ns
-            .max(self.commit_timestamp_last.saturating_add(1))
-            .min(room);
-        // The records first: `zip` then never advances the range past the last record.
-        for (transfer, timestamp) in slots_as_transfers_mut(records).iter_mut().zip(first..) {
+        let mut timestamp = self.commit_timestamp_last;
+        for transfer in slots_as_transfers_mut(records) {
+            timestamp = timestamp_after(timestamp, now_ns);
             transfer.timestamp = timestamp;
         }
     }
@@ -2720,12 +2772,12 @@ mod tests {
         leader.prepare(LedgerOperation::CreateTransfers, 15, &mut next);
         assert!(next[0].as_transfer().timestamp > *stamps(&reserved).last().unwrap());
         // A `now_ns` below the committed timestamps (a Byzantine or lagging leader) cannot
-        // make them decrease, and one near the end of time cannot overflow.
+        // make them decrease, and one at the end of time counts as `TIMESTAMP_MAX`.
         let mut legs = legs_of(2);
         backup.stamp_internal(LedgerOperation::ApplyCreditLegs, 0, &mut legs);
         assert_eq!(stamps(&legs), [11, 12]);
         backup.stamp_internal(LedgerOperation::ApplyCreditLegs, u64::MAX, &mut legs);
-        assert_eq!(stamps(&legs), [u64::MAX - 2, u64::MAX - 1]);
+        assert_eq!(stamps(&legs), [TIMESTAMP_MAX, TIMESTAMP_MAX + 1]);
         // Acknowledgements and client records are not internal records to stamp.
         for operation in [
             LedgerOperation::AckCreditLegs,

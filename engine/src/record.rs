@@ -101,7 +101,9 @@ pub struct Account {
     pub debits_posted: u128,
     /// Sum of all amounts credited to this account. Must be 0 when created.
     pub credits_posted: u128,
-    /// Creation time (ns), assigned by the leader in `prepare`; clients send 0.
+    /// Creation time (ns), assigned by the leader in `prepare`; clients send 0. Stored as
+    /// the ledger recorded it, strictly after the shard's previous record (see
+    /// `ledger::TIMESTAMP_MAX`).
     pub timestamp: u64,
     /// The ledger (currency/asset) this account belongs to; never 0.
     pub ledger: u32,
@@ -129,7 +131,9 @@ pub struct Transfer {
     pub amount: u128,
     /// Opaque client data.
     pub user_data: u128,
-    /// Commit time (ns), assigned by the leader in `prepare`; clients send 0.
+    /// Commit time (ns), assigned by the leader in `prepare`; clients send 0. Stored as
+    /// the ledger recorded it, strictly after the shard's previous record (see
+    /// `ledger::TIMESTAMP_MAX`).
     pub timestamp: u64,
     /// Ledger of both accounts; never 0.
     pub ledger: u32,

@@ -4,9 +4,11 @@
 //! same results.
 
 use bytemuck::Zeroable;
-use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation, LedgerOutbound};
+use percore_engine::ledger::{
+    Ledger, LedgerConfig, LedgerOperation, LedgerOutbound, TIMESTAMP_MAX,
+};
 use percore_engine::record::{
-    Account, RecordResult, RecordSlot, Transfer, account_flags, shard_of,
+    Account, RecordResult, RecordSlot, Transfer, account_flags, shard_of, transfer_flags,
 };
 use percore_engine::state_machine::{RestoreError, StateMachine};
 
@@ -527,4 +529,210 @@ fn a_wrapped_window_restores_in_order_and_the_future_stays_identical() {
             .collect();
         step(ledgers, LedgerOperation::AckCreditLegs, &acks);
     }
+}
+
+/// Applies `records` as they are (no `prepare`: the timestamps a Byzantine leader proposed)
+/// to every ledger as `op`, and checks they agree on results, messages and digest.
+fn apply_unprepared(
+    ledgers: &mut [&mut Ledger],
+    op: u64,
+    operation: LedgerOperation,
+    records: &[RecordSlot],
+) -> (Vec<u32>, Vec<LedgerOutbound>) {
+    let mut first: Option<(Vec<RecordResult>, Vec<LedgerOutbound>)> = None;
+    for ledger in ledgers.iter_mut() {
+        let results = apply(ledger, op, operation, records);
+        let outbound: Vec<LedgerOutbound> = std::iter::from_fn(|| ledger.poll_outbound()).collect();
+        match &first {
+            None => first = Some((results, outbound)),
+            Some(expected) => {
+                assert_eq!((&results, &outbound), (&expected.0, &expected.1), "op {op}")
+            }
+        }
+    }
+    let digest = ledgers[0].digest();
+    assert!(
+        ledgers.iter().all(|ledger| ledger.digest() == digest),
+        "op {op}"
+    );
+    let (results, outbound) = first.unwrap();
+    (results.iter().map(|result| result.code).collect(), outbound)
+}
+
+fn with_timestamp(record: RecordSlot, timestamp: u64) -> RecordSlot {
+    let mut transfer = *record.as_transfer();
+    transfer.timestamp = timestamp;
+    RecordSlot::from_transfer(&transfer)
+}
+
+fn account_with_timestamp(record: RecordSlot, timestamp: u64) -> RecordSlot {
+    let mut account = *record.as_account();
+    account.timestamp = timestamp;
+    RecordSlot::from_account(&account)
+}
+
+/// A Byzantine leader (BFT mode: backups cannot check the timestamps it assigns) proposes a
+/// batch whose timestamps are equal to, below, or far below the last committed one. Every
+/// replica records `max(carried, last + 1)` alike, so the window's timestamps still
+/// increase and every checkpoint's snapshot restores.
+#[test]
+fn timestamps_a_leader_sets_out_of_order_are_recorded_in_order_and_snapshots_restore() {
+    let mut ledger = Ledger::new(config(0));
+    let mut replica = Ledger::with_hash_seed(config_roomy(0), 0xdead_beef);
+    let local: Vec<u128> = (1..)
+        .filter(|&id| shard_of(id, SHARDS) == 0)
+        .take(2)
+        .collect();
+    let remote = (1..).find(|&id| shard_of(id, SHARDS) == 1).unwrap();
+    let (mint, payee) = (local[0], local[1]);
+    let accounts = [
+        account_with_timestamp(account(mint, account_flags::ALLOW_NEGATIVE), 100),
+        account_with_timestamp(account(payee, 0), 101),
+    ];
+    let (codes, _) = apply_unprepared(
+        &mut [&mut ledger, &mut replica],
+        1,
+        LedgerOperation::CreateAccounts,
+        &accounts,
+    );
+    assert_eq!(codes, [0, 0]);
+    // Equal to the last committed, below it, zero, zero again, ahead, equal within the
+    // batch; the cross-shard one sends its leg with the recorded timestamp.
+    let carried = [101, 50, 0, 0, 200, 200];
+    let batch: Vec<RecordSlot> = carried
+        .iter()
+        .zip(1_u128..)
+        .map(|(&timestamp, id)| {
+            let credit = if id == 3 { remote } else { payee };
+            with_timestamp(transfer(id, mint, credit, 1), timestamp)
+        })
+        .collect();
+    let (codes, outbound) = apply_unprepared(
+        &mut [&mut ledger, &mut replica],
+        2,
+        LedgerOperation::CreateTransfers,
+        &batch,
+    );
+    assert_eq!(codes, [0; 6]);
+    let recorded: Vec<u64> = (1..=6)
+        .map(|id| ledger.lookup_transfer(id).unwrap().timestamp)
+        .collect();
+    assert_eq!(recorded, [102, 103, 104, 105, 200, 201]);
+    assert_eq!(outbound.len(), 1);
+    assert_eq!(outbound[0].record.as_transfer().timestamp, 104, "the leg's");
+    // A correctly prepared batch after it is recorded as stamped.
+    let mut next = vec![transfer(7, mint, payee, 1)];
+    ledger.prepare(LedgerOperation::CreateTransfers, 150, &mut next);
+    assert_eq!(next[0].as_transfer().timestamp, 202);
+    apply_unprepared(
+        &mut [&mut ledger, &mut replica],
+        3,
+        LedgerOperation::CreateTransfers,
+        &next,
+    );
+    assert_eq!(ledger.lookup_transfer(7).unwrap().timestamp, 202);
+
+    for source in [&ledger, &replica] {
+        let mut snapshot = Vec::new();
+        source.snapshot(&mut snapshot);
+        let mut restored = Ledger::with_hash_seed(config(0), 0x1234_5678);
+        assert_eq!(restored.restore(&snapshot), Ok(()));
+        assert_eq!(restored.digest(), source.digest());
+    }
+}
+
+/// A leader's clock (or a Byzantine leader) at `u64::MAX`: client batches, raw batches and
+/// certified legs stamped from it neither overflow nor go back, and the next ones still
+/// increase.
+#[test]
+fn a_clock_at_the_end_of_time_neither_overflows_nor_goes_back() {
+    let mut ledger = Ledger::new(config(0));
+    let mut replica = Ledger::with_hash_seed(config_roomy(0), 0xdead_beef);
+    let local: Vec<u128> = (1..)
+        .filter(|&id| shard_of(id, SHARDS) == 0)
+        .take(2)
+        .collect();
+    let (mint, payee) = (local[0], local[1]);
+    let mut accounts = vec![
+        account(mint, account_flags::ALLOW_NEGATIVE),
+        account(payee, 0),
+    ];
+    ledger.prepare(LedgerOperation::CreateAccounts, u64::MAX, &mut accounts);
+    let stamped = |records: &[RecordSlot]| -> Vec<u64> {
+        records
+            .iter()
+            .map(|record| record.as_transfer().timestamp)
+            .collect()
+    };
+    let account_stamps: Vec<u64> = accounts
+        .iter()
+        .map(|record| record.as_account().timestamp)
+        .collect();
+    assert_eq!(account_stamps, [TIMESTAMP_MAX, TIMESTAMP_MAX + 1]);
+    apply_unprepared(
+        &mut [&mut ledger, &mut replica],
+        1,
+        LedgerOperation::CreateAccounts,
+        &accounts,
+    );
+    // A raw batch at the end of time, then a prepared one from a clock still there.
+    let raw = [
+        with_timestamp(transfer(1, mint, payee, 1), u64::MAX),
+        with_timestamp(transfer(2, mint, payee, 1), u64::MAX),
+    ];
+    apply_unprepared(
+        &mut [&mut ledger, &mut replica],
+        2,
+        LedgerOperation::CreateTransfers,
+        &raw,
+    );
+    let mut prepared = vec![transfer(3, mint, payee, 1), transfer(4, mint, payee, 1)];
+    ledger.prepare(LedgerOperation::CreateTransfers, u64::MAX, &mut prepared);
+    assert_eq!(stamped(&prepared), [TIMESTAMP_MAX + 4, TIMESTAMP_MAX + 5]);
+    apply_unprepared(
+        &mut [&mut ledger, &mut replica],
+        3,
+        LedgerOperation::CreateTransfers,
+        &prepared,
+    );
+    let recorded: Vec<u64> = (1..=4)
+        .map(|id| ledger.lookup_transfer(id).unwrap().timestamp)
+        .collect();
+    assert_eq!(
+        recorded,
+        [2, 3, 4, 5].map(|after| TIMESTAMP_MAX + after),
+        "consecutive past the ceiling"
+    );
+
+    // Certified legs on the credit shard, stamped at execution from the batch's `now_ns`.
+    let origin = (1..).find(|&id| shard_of(id, SHARDS) == 1).unwrap();
+    let mut credit_shard = Ledger::new(config(0));
+    let mut credit_replica = Ledger::with_hash_seed(config_roomy(0), 0xdead_beef);
+    let leg = |sequence: u64| {
+        let mut leg = *transfer(100 + u128::from(sequence), origin, payee, 1).as_transfer();
+        leg.flags = transfer_flags::CROSS_SHARD_CREDIT;
+        leg.reserved[..8].copy_from_slice(&sequence.to_le_bytes());
+        RecordSlot::from_transfer(&leg)
+    };
+    let mut last = 0;
+    for (op, sequence) in (1..).zip([1, 2]) {
+        let mut legs = [leg(sequence)];
+        credit_shard.stamp_internal(LedgerOperation::ApplyCreditLegs, u64::MAX, &mut legs);
+        let (codes, acks) = apply_unprepared(
+            &mut [&mut credit_shard, &mut credit_replica],
+            op,
+            LedgerOperation::ApplyCreditLegs,
+            &legs,
+        );
+        assert_eq!(codes, [2], "parked: the account is not there");
+        let recorded = acks[0].record.as_transfer().timestamp;
+        assert_eq!(recorded, legs[0].as_transfer().timestamp);
+        assert!(recorded > last, "{recorded} after {last}");
+        last = recorded;
+    }
+    assert_eq!(last, TIMESTAMP_MAX + 1);
+
+    let mut snapshot = Vec::new();
+    ledger.snapshot(&mut snapshot);
+    assert_eq!(Ledger::new(config(0)).restore(&snapshot), Ok(()));
 }

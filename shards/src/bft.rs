@@ -1196,8 +1196,9 @@ impl Bft {
     /// Whether this replica leads its group in a normal view with room in its window, and
     /// its state machine applied the ops of the view's NewView plan: a batch is stamped
     /// from the applied state plus this leader's own proposals, and the plan's ops are not
-    /// its own (stamped before them, its timestamps could fall below theirs; every replica
-    /// would then refuse the committed batch). With nothing left to apply, the state is
+    /// its own (stamped before them, its timestamps could fall below theirs; every replica's
+    /// ledger would then record them as the last committed timestamp plus one, not as
+    /// stamped). With nothing left to apply, the state is
     /// current whatever `applied_op` says (a snapshot installed moves it without an apply).
     /// A queue borrowed elsewhere is being worked on: not empty.
     pub(crate) fn is_ready_leader(&self) -> bool {

@@ -418,9 +418,10 @@ impl ProvenOutputs {
 /// Timestamps are not certified: the receiving group orders its own records in time. Every
 /// replica stamps the certified records alike before applying them, from `now_ns` and its
 /// replicated state only (as the ledger's `prepare` would with nothing pending:
-/// `max(now_ns, last committed timestamp + 1)`, then one apart), which is why a leg's
-/// fingerprint and its acknowledgement's match leave the timestamp out. A Byzantine leader
-/// chooses `now_ns` as it chooses a client batch's timestamps, and nothing more.
+/// `max(min(now_ns, TIMESTAMP_MAX), last committed timestamp + 1)`, then one apart), which
+/// is why a leg's fingerprint and its acknowledgement's match leave the timestamp out. A
+/// Byzantine leader chooses `now_ns` as it chooses a client batch's timestamps, and nothing
+/// more.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProvenBatch {
     /// The internal operation (every proof's).
