@@ -48,6 +48,11 @@ const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"PCSS");
 const SNAPSHOT_VERSION: u32 = 1;
 /// Trailer of a [`Sessioned`] snapshot: the inner snapshot's length and the table's.
 const SNAPSHOT_TRAILER_BYTES: usize = 16;
+/// Header of a [`SessionTable`] snapshot: magic, version, sessions, `records_max` (`u32`
+/// each).
+const TABLE_SNAPSHOT_HEADER_BYTES: usize = 4 * size_of::<u32>();
+/// Each session's slot index in a [`SessionTable`] snapshot (`u32`).
+const TABLE_SNAPSHOT_INDEX_BYTES: usize = size_of::<u32>();
 
 /// One client request inside a journal entry: records `record_start ..
 /// record_start + record_count` of the entry are request `request_number` of `client_id`.
@@ -279,17 +284,21 @@ impl<R: Pod> SessionTable<R> {
         self.stats = SessionStats::default();
     }
 
-    /// Bytes [`SessionTable::snapshot`] appends at most.
+    /// Bytes [`SessionTable::snapshot`] appends at most (every session live, every reply
+    /// of `records_max` results).
     pub fn snapshot_bytes_max(&self) -> usize {
-        16 + self.sessions.len()
-            * (size_of::<Session>()
-                + SESSION_REPLIES_PER_CLIENT * self.records_max * size_of::<R>())
+        TABLE_SNAPSHOT_HEADER_BYTES
+            + self.sessions.len()
+                * (TABLE_SNAPSHOT_INDEX_BYTES
+                    + size_of::<Session>()
+                    + SESSION_REPLIES_PER_CLIENT * self.records_max * size_of::<R>())
     }
 
     /// Appends the live sessions, in slot order, with their kept replies: header (magic,
     /// version, sessions, records_max), then per session its fixed part and each kept
     /// reply's results.
     pub fn snapshot(&self, out: &mut Vec<u8>) {
+        let start = out.len();
         out.extend_from_slice(&SNAPSHOT_MAGIC.to_le_bytes());
         out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
         out.extend_from_slice(&(self.len() as u32).to_le_bytes());
@@ -303,10 +312,11 @@ impl<R: Pod> SessionTable<R> {
             for reply in 0..SESSION_REPLIES_PER_CLIENT {
                 let slot = index * SESSION_REPLIES_PER_CLIENT + reply;
                 let count = session.reply_counts[reply] as usize;
-                let start = slot * self.records_max;
-                out.extend_from_slice(bytemuck::cast_slice(&self.replies[start..start + count]));
+                let first = slot * self.records_max;
+                out.extend_from_slice(bytemuck::cast_slice(&self.replies[first..first + count]));
             }
         }
+        debug_assert!(out.len() - start <= self.snapshot_bytes_max());
     }
 
     /// Replaces the table with a snapshot from [`SessionTable::snapshot`]; the counters
@@ -1043,6 +1053,34 @@ mod tests {
         assert_eq!(
             too_small.restore(&snapshot),
             Err(RestoreError::CapacityExceeded)
+        );
+    }
+
+    #[test]
+    fn a_full_table_snapshot_fits_snapshot_bytes_max() {
+        let (clients_max, records_max) = (3, 5);
+        let mut table = SessionTable::<u64>::new(clients_max, records_max);
+        let results: Vec<u64> = (1..=records_max as u64).collect();
+        let mut op = 0;
+        for client_id in 1..=clients_max as u128 {
+            for request_number in 1..=SESSION_REPLIES_PER_CLIENT as u64 {
+                op += 1;
+                let descriptor = request(client_id, request_number, 0, records_max as u32);
+                table.commit(op, &descriptor, Disposition::Apply, &results);
+            }
+        }
+        let mut snapshot = Vec::new();
+        table.snapshot(&mut snapshot);
+        assert!(
+            snapshot.len() <= table.snapshot_bytes_max(),
+            "{} > {}",
+            snapshot.len(),
+            table.snapshot_bytes_max()
+        );
+        assert_eq!(
+            snapshot.len(),
+            table.snapshot_bytes_max(),
+            "the bound is tight"
         );
     }
 

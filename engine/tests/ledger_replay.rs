@@ -289,6 +289,54 @@ fn snapshot_restore_round_trips_and_replay_continues_identically() {
     }
 }
 
+/// With every table full (accounts, transfer window, legs in flight), the snapshot is
+/// exactly the bound a checkpoint or state sync sizes its buffer by.
+#[test]
+fn a_full_ledgers_snapshot_is_exactly_snapshot_bytes_max() {
+    let config = config(0);
+    let mut ledger = Ledger::new(config);
+    let local: Vec<u128> = (1..)
+        .filter(|&id| shard_of(id, SHARDS) == 0)
+        .take(config.accounts_max)
+        .collect();
+    let remote = (1..).find(|&id| shard_of(id, SHARDS) == 1).unwrap();
+    let mut op = 0;
+    let mut execute = |ledger: &mut Ledger, operation, mut batch: Vec<RecordSlot>| {
+        op += 1;
+        ledger.prepare(operation, op, &mut batch);
+        let results = apply(ledger, op, operation, &batch);
+        while ledger.poll_outbound().is_some() {}
+        assert!(results.iter().all(|result| result.code == 0), "{results:?}");
+    };
+    let accounts: Vec<RecordSlot> = local
+        .iter()
+        .map(|&id| account(id, account_flags::ALLOW_NEGATIVE))
+        .collect();
+    for batch in accounts.chunks(config.batch_entries_max) {
+        execute(&mut ledger, LedgerOperation::CreateAccounts, batch.to_vec());
+    }
+    // Cross-shard transfers never acknowledged: each fills a window slot and a leg slot.
+    let transfers: Vec<RecordSlot> = (1..=config.credit_legs_in_flight_max as u128)
+        .map(|id| transfer(id, local[0], remote, 1))
+        .collect();
+    for batch in transfers.chunks(config.batch_entries_max) {
+        execute(
+            &mut ledger,
+            LedgerOperation::CreateTransfers,
+            batch.to_vec(),
+        );
+    }
+    assert_eq!(ledger.accounts_count(), config.accounts_max);
+    assert_eq!(ledger.transfers_count(), config.transfers_max);
+    assert_eq!(
+        ledger.credit_legs_unacked_count(),
+        config.credit_legs_in_flight_max as u64
+    );
+    let mut snapshot = Vec::new();
+    ledger.snapshot(&mut snapshot);
+    assert_eq!(Some(snapshot.len()), ledger.snapshot_bytes_max());
+}
+
 #[test]
 fn restore_replaces_existing_state_and_snapshots_of_empty_ledgers_round_trip() {
     let groups = workload();
