@@ -3112,8 +3112,13 @@ where
             return true;
         }
         // Stale: the client's session here moved past it while this replica caught up
-        // (it will not be proposed again); the caller answers it.
-        if Instant::now() >= deadline || shard.finished.get() || is_stale(shard, key, records.len())
+        // (it will not be proposed again); the caller answers it. A stopping replica owes
+        // nothing: the client asks every replica (`finished` alone came only after every
+        // connection had ended, so a stop waited out the whole deadline).
+        if Instant::now() >= deadline
+            || shard.stopping()
+            || shard.finished.get()
+            || is_stale(shard, key, records.len())
         {
             let mut connections = shard.connections.borrow_mut();
             connections[slot].bft_waiting = None;

@@ -83,25 +83,47 @@ impl LatencyHistogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    fn render(&self, out: &mut String, name: &str, shard: u32) {
-        self.render_labelled(out, name, &format!("shard=\"{shard}\""));
+    /// Appends the histogram under `name` with its HELP and TYPE lines.
+    fn render(&self, out: &mut String, name: &str, help: &str, shard: u32, unit: Unit) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        self.render_labelled(out, name, &format!("shard=\"{shard}\""), unit);
     }
 
-    fn render_labelled(&self, out: &mut String, name: &str, labels: &str) {
+    /// Appends the histogram's samples under `name` with `labels` (no HELP or TYPE line).
+    fn render_labelled(&self, out: &mut String, name: &str, labels: &str, unit: Unit) {
         let mut cumulative = 0;
         for (index, bucket) in self.buckets.iter().enumerate() {
             cumulative += bucket.load(Ordering::Relaxed);
-            let bound = LATENCY_BUCKETS_US
-                .get(index)
-                .map(|us| (*us as f64 / 1e6).to_string());
+            let bound = LATENCY_BUCKETS_US.get(index).map(|&bound| match unit {
+                Unit::Seconds => (bound as f64 / 1e6).to_string(),
+                Unit::Count => bound.to_string(),
+            });
             let le = bound.as_deref().unwrap_or("+Inf");
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
         }
-        let sum_s = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum_s}");
+        let sum = self.sum_us.load(Ordering::Relaxed);
+        match unit {
+            Unit::Seconds => {
+                let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum as f64 / 1e6);
+            }
+            Unit::Count => {
+                let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+            }
+        }
         let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
     }
 }
+
+/// What a [`LatencyHistogram`] holds: microseconds, exported in seconds, or a count
+/// (records per batch), exported as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Seconds,
+    Count,
+}
+
+impl LatencyHistogram {}
 
 /// Gap accounting of one shard's commit point, sans-IO (the caller passes the time, µs on
 /// the shard's clock). A gap opens when the commit point advances while work is still
@@ -494,16 +516,41 @@ impl ShardMetrics {
     /// Appends this shard's metrics in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         self.render_fields(out);
-        self.request_latency
-            .render(out, "percore_request_latency_seconds", self.shard);
-        self.batch_size
-            .render(out, "percore_batch_entries", self.shard);
-        self.journal_commit_latency
-            .render(out, "percore_journal_commit_seconds", self.shard);
-        self.commit_latency
-            .render(out, "percore_commit_seconds", self.shard);
-        self.apply_latency
-            .render(out, "percore_apply_seconds", self.shard);
+        let histograms = [
+            (
+                &self.request_latency,
+                "percore_request_latency_seconds",
+                "Time from a client request's arrival to its reply being ready.",
+                Unit::Seconds,
+            ),
+            (
+                &self.batch_size,
+                "percore_batch_entries",
+                "Records per sealed batch.",
+                Unit::Count,
+            ),
+            (
+                &self.journal_commit_latency,
+                "percore_journal_commit_seconds",
+                "Time to stage, write and (per the fsync policy) fdatasync one group of batches.",
+                Unit::Seconds,
+            ),
+            (
+                &self.commit_latency,
+                "percore_commit_seconds",
+                "Leader: time from staging an op to its quorum commit.",
+                Unit::Seconds,
+            ),
+            (
+                &self.apply_latency,
+                "percore_apply_seconds",
+                "Time to apply one committed batch and hand its results to their requests.",
+                Unit::Seconds,
+            ),
+        ];
+        for (histogram, name, help, unit) in histograms {
+            histogram.render(out, name, help, self.shard, unit);
+        }
         self.commit_gap.render(out, self.shard, &COMMIT_GAP_NAMES);
         self.executor_lag
             .render(out, self.shard, &EXECUTOR_LAG_NAMES);
@@ -564,22 +611,81 @@ impl ShardMetrics {
                 );
             }
         }
+        let name = "percore_peer_ack_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from sending an op to the peer to its acknowledgement."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
         for (peer, metrics) in self.peers.iter().enumerate() {
             if metrics.ack_latency.count() > 0 {
                 let labels = format!("shard=\"{}\",peer=\"{peer}\"", self.shard);
                 metrics
                     .ack_latency
-                    .render_labelled(out, "percore_peer_ack_seconds", &labels);
+                    .render_labelled(out, name, &labels, Unit::Seconds);
             }
         }
     }
 }
 
-/// Renders every shard's metrics as one Prometheus text exposition.
+/// Renders every shard's metrics as one Prometheus text exposition: each family's HELP and
+/// TYPE lines once, then its samples from every shard, in shard order (the text format
+/// wants a family's samples together; a second TYPE line for one family is an error to
+/// strict parsers such as `promtool`). Runs on the scrape thread, never on a shard's.
 pub fn render_all(shards: &[Arc<ShardMetrics>]) -> String {
-    let mut out = String::with_capacity(16 * 1024);
-    for metrics in shards {
-        metrics.render(&mut out);
+    let texts: Vec<String> = shards
+        .iter()
+        .map(|metrics| {
+            let mut text = String::with_capacity(16 * 1024);
+            metrics.render(&mut text);
+            text
+        })
+        .collect();
+    merge_families(&texts)
+}
+
+/// Merges expositions that each hold every family once (a HELP line opens a family, its
+/// TYPE line and samples follow) into one exposition holding each family once, in the order
+/// families first appear.
+fn merge_families(texts: &[String]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut families: std::collections::HashMap<&str, (Vec<&str>, Vec<&str>)> =
+        std::collections::HashMap::new();
+    for text in texts {
+        let mut current: Option<&str> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap_or(rest);
+                current = Some(name);
+                let family = families.entry(name).or_insert_with(|| {
+                    order.push(name);
+                    (Vec::new(), Vec::new())
+                });
+                if family.0.is_empty() {
+                    family.0.push(line);
+                }
+                continue;
+            }
+            let Some(name) = current else {
+                continue;
+            };
+            let family = families.get_mut(name).expect("opened by its HELP line");
+            if line.starts_with("# TYPE ") {
+                if family.0.len() < 2 {
+                    family.0.push(line);
+                }
+            } else {
+                family.1.push(line);
+            }
+        }
+    }
+    let mut out = String::with_capacity(texts.iter().map(String::len).sum());
+    for name in order {
+        let (header, samples) = &families[name];
+        for line in header.iter().chain(samples) {
+            out.push_str(line);
+            out.push('\n');
+        }
     }
     out
 }
@@ -676,7 +782,11 @@ mod tests {
         histogram.record(150, 2);
         histogram.record(5_000_000, 1);
         let mut out = String::new();
-        histogram.render(&mut out, "x", 3);
+        histogram.render(&mut out, "x", "help", 3, Unit::Seconds);
+        assert!(
+            out.starts_with("# HELP x help\n# TYPE x histogram\n"),
+            "{out}"
+        );
         assert!(
             out.contains("x_bucket{shard=\"3\",le=\"0.00001\"} 1"),
             "{out}"
@@ -687,6 +797,63 @@ mod tests {
         );
         assert!(out.contains("x_bucket{shard=\"3\",le=\"+Inf\"} 4"), "{out}");
         assert!(out.contains("x_count{shard=\"3\"} 4"), "{out}");
+    }
+
+    /// One exposition of several shards is valid text format: each family's HELP and TYPE
+    /// once, its samples together; histograms typed; batch sizes in records, not scaled as
+    /// seconds.
+    #[test]
+    fn shards_render_as_one_exposition_with_each_family_once() {
+        let shards: Vec<Arc<ShardMetrics>> = (0..3)
+            .map(|shard| {
+                let metrics = ShardMetrics::new(shard);
+                ShardMetrics::add(&metrics.tx_applied_total, u64::from(shard) + 10);
+                metrics.batch_size.record(200, 1);
+                Arc::new(metrics)
+            })
+            .collect();
+        let text = render_all(&shards);
+        for family in [
+            "percore_tx_applied_total counter",
+            "percore_batch_entries histogram",
+            "percore_commit_seconds histogram",
+            "percore_peer_ack_seconds histogram",
+            "percore_commit_gap_us histogram",
+        ] {
+            let type_line = format!("# TYPE {family}\n");
+            assert_eq!(text.matches(&type_line).count(), 1, "{family}:\n{text}");
+        }
+        assert_eq!(text.matches("# HELP percore_tx_applied_total ").count(), 1);
+        // The family's samples follow its TYPE line, every shard's, in order.
+        let at = text
+            .find("# TYPE percore_tx_applied_total counter\n")
+            .unwrap();
+        let block: Vec<&str> = text[at..].lines().skip(1).take(3).collect();
+        assert_eq!(
+            block,
+            [
+                "percore_tx_applied_total{shard=\"0\"} 10",
+                "percore_tx_applied_total{shard=\"1\"} 11",
+                "percore_tx_applied_total{shard=\"2\"} 12",
+            ]
+        );
+        // Every sample line belongs to the family whose TYPE line came last before it.
+        let mut family = "";
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap();
+            } else if !line.starts_with('#') {
+                assert!(line.starts_with(family), "{line} under {family}");
+            }
+        }
+        assert!(
+            text.contains("percore_batch_entries_bucket{shard=\"1\",le=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("percore_batch_entries_sum{shard=\"1\"} 200\n"),
+            "{text}"
+        );
     }
 
     #[test]

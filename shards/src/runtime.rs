@@ -774,7 +774,8 @@ impl<S: StateMachine> Shard<S> {
         )
     }
 
-    fn stopping(&self) -> bool {
+    /// The node was asked to stop.
+    pub(crate) fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 

@@ -262,8 +262,17 @@ fn shard_status(
         })
         .collect::<Vec<_>>();
     let replicated = replicas.map_or(!peers.is_empty(), |count| count > 1);
-    let bft = value("percore_bft_status").is_some();
-    let status = value("percore_replication_status").or(value("percore_bft_status"));
+    // Every shard exports both families (the other mode's at 0): a BFT replica is one whose
+    // BFT status is set (1 or more from its start).
+    let bft = value("percore_bft_status").is_some_and(|status| status > 0);
+    let (status, view) = if bft {
+        (value("percore_bft_status"), value("percore_bft_view"))
+    } else {
+        (
+            value("percore_replication_status"),
+            value("percore_replication_view"),
+        )
+    };
     let role = match (replicated, value("percore_replica_is_leader"), status) {
         (false, _, _) => "single",
         (true, Some(1), _) => "leader",
@@ -285,9 +294,7 @@ fn shard_status(
         core: value("percore_config_shard_core"),
         numa_node: value("percore_config_shard_numa_node"),
         role,
-        view: value("percore_replication_view")
-            .or(value("percore_bft_view"))
-            .unwrap_or(0),
+        view: view.unwrap_or(0),
         commit_op: commit_op.unwrap_or(0),
         op_durable: value("percore_replication_op_durable").unwrap_or(0),
         tx_per_s: if seconds > 0.0 {
@@ -517,6 +524,40 @@ mod tests {
             "{}",
             render_text(&differ)
         );
+    }
+
+    /// From what a node really exports: every shard renders both modes' families, the other
+    /// mode's at 0.
+    #[test]
+    fn roles_and_views_are_read_from_real_metrics_of_either_mode() {
+        use crate::metrics::ShardMetrics;
+        let now = Instant::now();
+        let before = (String::new(), now);
+        let scrape = |set: &dyn Fn(&ShardMetrics)| {
+            let metrics = ShardMetrics::default();
+            set(&metrics);
+            let mut text = crate::metrics::render_all(&[std::sync::Arc::new(metrics)]);
+            text.push_str("percore_config_replica_count 3\npercore_config_replica_index 1\n");
+            let node = node_status("n0", &before, &(text, now));
+            (node.shards[0].role, node.shards[0].view)
+        };
+        // Crash-fault mode: a replica recovering entries it lost, in view 7.
+        let recovering = scrape(&|m| {
+            ShardMetrics::set(&m.replication_status, 3);
+            ShardMetrics::set(&m.replication_view, 7);
+        });
+        assert_eq!(recovering, ("recovering", 7));
+        // BFT mode: a replica changing views, to view 5.
+        let changing = scrape(&|m| {
+            ShardMetrics::set(&m.bft_status, 2);
+            ShardMetrics::set(&m.bft_view, 5);
+        });
+        assert_eq!(changing, ("view-change", 5));
+        let transferring = scrape(&|m| {
+            ShardMetrics::set(&m.bft_status, 3);
+            ShardMetrics::set(&m.bft_view, 4);
+        });
+        assert_eq!(transferring, ("state-transfer", 4));
     }
 
     #[test]

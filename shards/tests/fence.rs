@@ -11,7 +11,8 @@
 //!
 //! Needs root and the cgroup v1 `blkio` controller (or cgroup v2 with `io` enabled at the
 //! root) and a temporary directory on a block device whose writes the cgroup does slow:
-//! without them the test says why and passes as skipped. The cgroup is removed when the
+//! without them the test says why and passes as skipped (fails under
+//! `PERCORE_REQUIRE_PRIVILEGED_TESTS=1`, as `.ci/run` sets). The cgroup is removed when the
 //! test ends.
 
 use std::os::unix::fs::MetadataExt as _;
@@ -103,6 +104,19 @@ impl Drop for Throttle {
     }
 }
 
+/// Set to 1 by `.ci/run`: a test that cannot set up what it needs (root, namespaces, a
+/// cgroup write throttle) fails instead of passing as skipped, so CI cannot lose it unseen.
+const REQUIRE_VARIABLE: &str = "PERCORE_REQUIRE_PRIVILEGED_TESTS";
+
+/// Says why the test cannot run: a pass as skipped, or a failure under [`REQUIRE_VARIABLE`].
+fn skip(why: &str) {
+    assert!(
+        std::env::var(REQUIRE_VARIABLE).as_deref() != Ok("1"),
+        "{REQUIRE_VARIABLE}=1 and this test cannot run: {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
 /// `major:minor` of the whole disk holding `path` (a partition's disk), or why not.
 fn disk_of(path: &Path) -> Result<String, String> {
     let dev = std::fs::metadata(path)
@@ -155,8 +169,8 @@ fn a_node_restarted_after_a_kill_waits_for_the_writes_still_in_flight() {
     let throttle = match Throttle::new(&root, WRITE_BPS_THROTTLED) {
         Ok(throttle) => throttle,
         Err(why) => {
-            eprintln!("skipped: {why}");
             let _ = std::fs::remove_dir_all(&root);
+            skip(&why);
             return;
         }
     };
@@ -239,10 +253,12 @@ fn a_node_restarted_after_a_kill_waits_for_the_writes_still_in_flight() {
     // A cgroup that does not slow this disk's writes (a device the throttle does not
     // apply to) leaves nothing in flight to wait for: that says nothing of the fence.
     if request_time < THROTTLED_REQUEST_TIME_MIN {
-        eprintln!("skipped: a request took {request_time:?}, the write throttle does not apply");
         load.join().expect("the load thread ends with the node");
         drop(throttle);
         let _ = std::fs::remove_dir_all(&root);
+        skip(&format!(
+            "a request took {request_time:?}, the write throttle does not apply"
+        ));
         return;
     }
     let killed = Instant::now();

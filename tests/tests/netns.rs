@@ -14,7 +14,8 @@
 //! leader commits nothing alone, and once its link is back it learns view 1, follows and
 //! catches up; the same offline checks follow.
 //!
-//! Needs root and `ip` (iproute2): without them the test says why and passes as skipped.
+//! Needs root and `ip` (iproute2): without them the test says why and passes as skipped
+//! (fails under `PERCORE_REQUIRE_PRIVILEGED_TESTS=1`, as `.ci/run` sets).
 //! Namespaces, links and processes are removed when the test ends, pass or fail; namespaces
 //! left by a killed run (`percore-<pid>-*` of a dead pid) are removed, with the nodes still
 //! running in them, by the next run.
@@ -824,15 +825,28 @@ fn run_cluster(network: &Network) {
 /// One namespace test at a time: both use the namespace names `percore-<pid>-*`.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Set to 1 by `.ci/run`: a test that cannot set up what it needs (root, namespaces, a
+/// cgroup write throttle) fails instead of passing as skipped, so CI cannot lose it unseen.
+const REQUIRE_VARIABLE: &str = "PERCORE_REQUIRE_PRIVILEGED_TESTS";
+
+/// Says why the test cannot run: a pass as skipped, or a failure under [`REQUIRE_VARIABLE`].
+fn skip(why: &str) {
+    assert!(
+        std::env::var(REQUIRE_VARIABLE).as_deref() != Ok("1"),
+        "{REQUIRE_VARIABLE}=1 and this test cannot run: {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
 /// The bridge, the nodes' and the client's namespaces, every host reaching every other;
 /// `None` (the test is skipped, and says why) where namespaces cannot be created.
 fn connected_network() -> Option<Network> {
     let mut network = match Network::create() {
         Ok(network) => network,
         Err(reason) => {
-            eprintln!(
-                "skipped: cannot create network namespaces (needs root and iproute2): {reason}"
-            );
+            skip(&format!(
+                "cannot create network namespaces (needs root and iproute2): {reason}"
+            ));
             return None;
         }
     };
