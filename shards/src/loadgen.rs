@@ -1242,7 +1242,17 @@ fn machine_description() -> String {
         .and_then(|line| line.split(':').nth(1))
         .map_or("unknown CPU", str::trim)
         .to_string();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The machine's, not this thread's: the cluster bench confines its client threads to
+    // the spare cores before it reports.
+    let processors = cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("processor"))
+        .count();
+    let cores = if processors > 0 {
+        processors
+    } else {
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    };
     format!("{model}, {cores} cores")
 }
 

@@ -566,9 +566,10 @@ where
     }
 
     /// Waits until the stop flag is set (by a signal or another thread), then drains.
-    pub fn wait(self) -> Result<Vec<ShardReport<S>>, NodeError> {
-        let mut reports = Vec::with_capacity(self.handles.len());
-        for (shard, handle) in self.handles.into_iter().enumerate() {
+    pub fn wait(mut self) -> Result<Vec<ShardReport<S>>, NodeError> {
+        let handles = std::mem::take(&mut self.handles);
+        let mut reports = Vec::with_capacity(handles.len());
+        for (shard, handle) in handles.into_iter().enumerate() {
             let report = handle.join().map_err(|err| NodeError::Executor {
                 shard,
                 core: usize::MAX,
@@ -583,6 +584,22 @@ where
     pub fn shutdown(self) -> Result<Vec<ShardReport<S>>, NodeError> {
         self.stop.store(true, Ordering::Relaxed);
         self.wait()
+    }
+}
+
+/// Dropping a node that was not shut down or waited for (an early return in the embedder)
+/// stops it as [`Node::shutdown`] does and waits for its shards, dropping their reports:
+/// its shards would otherwise go on serving and journaling, detached, while the data
+/// directory's lock (released with the node) told others it was free.
+impl<S: StateMachine + Send + 'static> Drop for Node<S> {
+    fn drop(&mut self) {
+        if self.handles.is_empty() {
+            return;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -1461,6 +1478,8 @@ where
     S::Result: Send,
 {
     let open = Rc::new(Cell::new(0usize));
+    // Connections refused as busy, still draining what their client sent.
+    let refusing = Rc::new(Cell::new(0usize));
     let closed = Rc::new(LocalNotify::default());
     // An accept is never raced against a timer: dropping an io_uring accept that has
     // completed would lose the connection. A watcher connects to the listener to wake it.
@@ -1481,7 +1500,16 @@ where
         };
         let Some(slot) = claim_connection(&shard) else {
             // In a task of its own: the refusal waits a moment for what the client sent.
-            glommio::spawn_local(refuse_busy(stream, shard.clone())).detach();
+            // Counted, so that the shard ends only once it has (it holds the shard).
+            refusing.set(refusing.get() + 1);
+            let (shard_task, refusing_task, closed_task) =
+                (shard.clone(), refusing.clone(), closed.clone());
+            glommio::spawn_local(async move {
+                refuse_busy(stream, shard_task).await;
+                refusing_task.set(refusing_task.get() - 1);
+                closed_task.notify();
+            })
+            .detach();
             continue;
         };
         open.set(open.get() + 1);
@@ -1499,7 +1527,7 @@ where
         .detach();
     }
     watcher.await;
-    while open.get() > 0 {
+    while open.get() > 0 || refusing.get() > 0 {
         closed.wait().await;
     }
     // Everything accepted is in the core now: let the batcher drain it.
@@ -1538,10 +1566,13 @@ async fn refuse_busy<S: StateMachine>(mut stream: TcpStream, shard: Rc<Shard<S>>
     ShardMetrics::add(&shard.metrics.frames_rejected_total, 1);
 }
 
+/// Longest [`error_reply_drained`] reads what a client sent after its error reply (ms).
+const ERROR_DRAIN_MS_MAX: u64 = 100;
+
 /// Writes an error reply (to `envelope`'s request, or to none), then reads and drops what
 /// the client already sent (at most a frame, each read bounded by the stream's read
-/// timeout), so that closing sends FIN, not an RST that could destroy the error reply in
-/// flight.
+/// timeout, all of them by [`ERROR_DRAIN_MS_MAX`] and the stop), so that closing sends FIN,
+/// not an RST that could destroy the error reply in flight.
 async fn error_reply_drained<S: StateMachine>(
     shard: &Shard<S>,
     stream: &mut TcpStream,
@@ -1559,7 +1590,10 @@ async fn error_reply_drained<S: StateMachine>(
     let _ = stream.write_all(&buffer[..bytes]).await;
     let mut discarded = 0;
     let mut sink = [0u8; 4096];
-    while discarded < shard.config.frame_bytes_max {
+    // A client trickling bytes must not hold the connection (nor the shutdown) for long.
+    let deadline = Instant::now() + Duration::from_millis(ERROR_DRAIN_MS_MAX);
+    while discarded < shard.config.frame_bytes_max && Instant::now() < deadline && !shard.stopping()
+    {
         match stream.read(&mut sink).await {
             Ok(0) | Err(_) => break,
             Ok(read) => discarded += read,

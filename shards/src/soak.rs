@@ -991,10 +991,14 @@ fn draw(path: &Path, series: &[SeriesPoint]) -> Result<(), Box<dyn std::error::E
         ("p99", |l| l.p99, BLUE),
         ("p999", |l| l.p999, RED),
     ];
+    // A second without a reply has no latency (not 1 µs): no point, as for the gaps below.
     for (name, pick, color) in percentiles {
         chart
             .draw_series(LineSeries::new(
-                series.iter().map(|p| (p.t_s, ms(pick(&p.latency_us)))),
+                series
+                    .iter()
+                    .filter(|p| p.latency_us.max > 0)
+                    .map(|p| (p.t_s, ms(pick(&p.latency_us)))),
                 &color,
             ))?
             .label(name)

@@ -216,12 +216,19 @@ fn load(
         let Ok(reply) = pipeline.receive(size_of::<RecordResult>()) else {
             return;
         };
-        let (_, indexes) = in_flight.pop_front().unwrap();
+        let (request, indexes) = in_flight.pop_front().unwrap();
+        assert_eq!(
+            reply.header.envelope.request_number, request,
+            "a reply answers the oldest request in flight"
+        );
         let codes: Vec<u32> = reply
             .body
             .chunks_exact(8)
             .map(|chunk| bytemuck::pod_read_unaligned::<RecordResult>(chunk).code)
             .collect();
+        // Each transfer is marked acknowledged by its own result: a short reply would
+        // leave some unchecked by the resubmission below.
+        assert_eq!(codes.len(), indexes.len(), "one result per transfer");
         let mut history = history.lock().unwrap();
         for (index, code) in indexes.iter().zip(codes) {
             assert_eq!(

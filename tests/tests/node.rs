@@ -2,6 +2,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use percore_engine::frame::{self, Envelope, FRAME_HEADER_BYTES, Kind, Operation};
@@ -456,4 +458,67 @@ fn a_client_stalled_mid_frame_loses_its_connection_and_holds_no_shutdown() {
         stopping.elapsed()
     );
     assert_conserved(&reports);
+}
+
+/// After an error reply the node reads what the client sent for a moment (so that closing
+/// sends FIN, not an RST that could destroy the reply), but not for as long as a client
+/// keeps trickling bytes: the connection, and with it the shutdown, was held one byte at a
+/// time for up to a frame's worth (about an hour at a byte every 20 ms).
+#[test]
+fn a_client_trickling_after_an_error_reply_holds_no_shutdown() {
+    let node = start_node();
+    let address = node.client_addresses()[0];
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(&[0xAB; FRAME_HEADER_BYTES]).unwrap();
+    let mut reply = [0u8; FRAME_HEADER_BYTES];
+    stream.read_exact(&mut reply).expect("an error reply");
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = {
+        let (mut stream, stop) = (stream.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) && stream.write_all(&[0]).is_ok() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // The node closes the connection within its drain bound, trickle or not.
+    let started = Instant::now();
+    let mut rest = [0u8; 1];
+    let read = stream.read(&mut rest);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "the connection stays open: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    let stopping = Instant::now();
+    let reports = node.shutdown().unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+    assert_conserved(&reports);
+}
+
+/// Dropping a node stops it and waits for its shards: they went on serving (and
+/// journaling), detached, and a node with a data directory released its lock meanwhile.
+#[test]
+fn a_dropped_node_stops_its_shards() {
+    let node = start_node();
+    let address = node.client_addresses()[0];
+    drop(TcpStream::connect(address).expect("the node accepts"));
+    drop(node);
+    assert!(
+        TcpStream::connect(address).is_err(),
+        "a shard still accepts connections after its node was dropped"
+    );
 }

@@ -69,8 +69,10 @@ pub const STATEMENT_SIGNING_BYTES_MAX: usize = IN_FLIGHT_SIGNING_BYTES;
 pub const IN_FLIGHT_CHECKPOINTS_KEPT: usize = 2;
 /// Most groups (shards) one cluster may have: bounds the committees built at start-up.
 pub const GROUPS_MAX: usize = 256;
-/// Largest record bytes of one op's outputs to one destination (a batch's worth of 128-byte
-/// records at the largest batch the runtime allows).
+/// Largest record bytes of one op's outputs to one destination: 8,192 records of 128 bytes.
+/// One op's outputs to one group are at most its batch's records, and a runtime batch is at
+/// most one journal entry, which the journal's 512 KiB write buffer bounds (a node with
+/// larger batch limits is refused at start): every batch's outputs fit.
 pub const OUTPUT_RECORDS_BYTES_MAX: usize = 1 << 20;
 /// Most proofs one proven batch may carry.
 pub const PROVEN_BATCH_PROOFS_MAX: usize = 256;

@@ -59,7 +59,7 @@ pub struct CheckState {
     applied_ok: BTreeMap<u128, u32>,
     /// First digest seen for `(group, op)`, and who reported it.
     digests: BTreeMap<(u32, u64), (Digest256, u8)>,
-    problem: Option<(&'static str, String)>,
+    pub(super) problem: Option<(&'static str, String)>,
     /// Entries a follower's journal refused (bad chain or bytes).
     pub refused: u64,
     /// Crashes that lost or tore unsynced bytes, per group.

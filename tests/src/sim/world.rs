@@ -1658,14 +1658,21 @@ impl World {
                     continue;
                 }
                 // Without view change the core produces none of these: a truncation in the
-                // fixed view breaks "no replica truncates" and fails the run; the others
-                // are counted.
+                // fixed view breaks "no replica truncates" and fails the run; any other
+                // (a pre-vote, a view change, a superblock write) fails it too, since the
+                // driver would drop it unseen.
                 Action::Truncate { op } if !view_change => {
                     self.check.truncated = Some((replica, group, op));
                     continue;
                 }
                 _ if !view_change => {
                     self.check.view_change_actions += 1;
+                    self.check.problem.get_or_insert((
+                        "agreement",
+                        format!(
+                            "replica {replica} group {group} asked for {action:?} in the fixed view"
+                        ),
+                    ));
                     continue;
                 }
                 Action::Persist { .. } | Action::Truncate { .. } => {
