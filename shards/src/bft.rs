@@ -102,11 +102,19 @@ use crate::metrics::ShardMetrics;
 use crate::peer_link::{self, Outbox, PeerLink, PeerProtocol};
 use crate::runtime::{LocalNotify, STOP_POLL_MS, Shard};
 
-/// Largest encoded BFT message sent or accepted (bytes). A NewView carries up to `q` view
-/// changes with their prepared batches: with the default window (32 ops) and batches of
-/// ~150 KiB that can approach this; a larger one is not sent (counted as dropped).
-pub const BFT_MESSAGE_BYTES_MAX: usize = 16 << 20;
-/// Default bytes queued per peer (must hold the largest message).
+/// Floor of a shard's BFT frame limit ([`BftMessageLimits::message_bytes_max`], bytes): the
+/// fixed limit of earlier versions. It holds every message but the ViewChange and the
+/// NewView, whose size grows with the group, the window and the batch
+/// ([`codec::view_change_bytes_max`]): a PrePrepare or CommitProof carries one batch, a
+/// snapshot chunk 64 KiB, and a `StateOps` is cut to fit when served.
+pub const BFT_MESSAGE_BYTES_MIN: usize = 16 << 20;
+/// Ceiling of a shard's BFT frame limit (bytes): a configuration whose largest ViewChange or
+/// NewView is larger is refused at start ([`BftStartError::MessageTooLarge`]). With the
+/// default window that is batches above 2,338 records of 128 bytes at `n = 4`, `f = 1`, and
+/// above 1,557 at `n = 7`, `f = 2`.
+pub const BFT_MESSAGE_BYTES_LIMIT: usize = 64 << 20;
+/// Default bytes queued per peer; raised to hold two largest messages
+/// ([`BftMessageLimits::send_queue_bytes`]).
 pub const BFT_SEND_QUEUE_BYTES_DEFAULT: usize = 32 << 20;
 /// How long a replica holds a client request waiting for its commit before answering
 /// busy (ms); the client asks every replica and retries.
@@ -198,7 +206,13 @@ pub const ERROR_BFT_BAD_SIGNATURE: u32 = 1016;
 /// proposes it again, so it is answered at once rather than waited for.
 pub const ERROR_BFT_STALE_REQUEST: u32 = 1017;
 
-const _: () = assert!(BFT_MESSAGE_BYTES_MAX < BFT_SEND_QUEUE_BYTES_DEFAULT);
+const _: () = assert!(BFT_MESSAGE_BYTES_MIN < BFT_SEND_QUEUE_BYTES_DEFAULT);
+const _: () = assert!(BFT_MESSAGE_BYTES_MIN <= BFT_MESSAGE_BYTES_LIMIT);
+const _: () = assert!(codec::SNAPSHOT_CHUNK_BYTES_MAX < BFT_MESSAGE_BYTES_MIN);
+// A peer connection's send buffer is at most `u32::MAX` bytes (`percore_net::peer`).
+const _: () = assert!(
+    2 * (percore_engine::message::PEER_HEADER_BYTES + BFT_MESSAGE_BYTES_LIMIT) <= u32::MAX as usize
+);
 const _: () = assert!(CERT_RECORD_BYTES_MAX <= CERT_WRITE_BUFFER_BYTES);
 const _: () = assert!(GUARD_RECORD_BYTES <= GUARD_SLOT_BYTES);
 const _: () = assert!(COMMITTED_QUEUE_OPS >= bft::LOG_WINDOW_OPS_DEFAULT as usize);
@@ -281,7 +295,8 @@ pub struct BftSettings {
     pub faults_max: u8,
     /// The clients allowed to submit requests (client id `c` has the `c`-th key).
     pub clients: ClientKeys,
-    /// Bytes queued per peer.
+    /// Bytes queued per peer, at least (raised to hold two largest messages:
+    /// [`BftMessageLimits::send_queue_bytes`]).
     pub send_queue_bytes: usize,
     /// Test only: misbehave.
     pub byzantine: Option<Byzantine>,
@@ -392,6 +407,116 @@ pub enum BftStartError {
     /// The cross-shard committees or queues could not be built.
     #[error("transfers between shards: {0}")]
     XShard(#[from] bft::xshard::XShardError),
+    /// The largest ViewChange or NewView of this group and batch size is above
+    /// [`BFT_MESSAGE_BYTES_LIMIT`]: it could not be sent, and a view change under full load
+    /// could never complete.
+    #[error(
+        "in a BFT group of {replica_count} replicas with batches of up to {batch_records} \
+         records, a NewView can take {bytes} bytes, above the {limit}-byte frame limit, and a \
+         view change could not complete: set --batch-entries-max to at most \
+         {records_fitting} (or --batch-bytes-max to at most {batch_bytes_fitting})"
+    )]
+    MessageTooLarge {
+        /// Replicas in the group (`n`).
+        replica_count: usize,
+        /// Records of the largest batch (the journal's batch cap).
+        batch_records: usize,
+        /// The largest ViewChange or NewView (bytes).
+        bytes: usize,
+        /// [`BFT_MESSAGE_BYTES_LIMIT`] (bytes).
+        limit: usize,
+        /// The largest `--batch-entries-max` that fits (records).
+        records_fitting: usize,
+        /// The largest `--batch-bytes-max` that fits (bytes of records).
+        batch_bytes_fitting: usize,
+    },
+}
+
+/// Largest batch a BFT core of a shard accepts (bytes), whose journal entries carry at most
+/// `body_bytes_max` bytes of records of `record_bytes` and their request descriptors: the
+/// batch header, the body, and a client signature per request (each request at least one
+/// record and its descriptor).
+pub fn batch_bytes_max_of(body_bytes_max: usize, record_bytes: usize) -> usize {
+    let requests_max = body_bytes_max / (record_bytes + REQUEST_DESCRIPTOR_BYTES);
+    BATCH_HEADER_BYTES + body_bytes_max + requests_max * REQUEST_SIGNATURE_BYTES
+}
+
+/// The sizes of one shard's BFT messages and peer queues, fixed at start from its group,
+/// window and largest batch ([`BftMessageLimits::new`]).
+///
+/// Memory at the defaults (`n = 4`, `f = 1`, `L` = 32, batches of 1,000 records of 128
+/// bytes: 224,008 bytes): `message_bytes_max` is the largest NewView, 28,722,790 bytes
+/// (27.4 MiB; the fixed 16 MiB before could not carry it). Per shard that is one receive
+/// buffer per peer (`vec![0; message_bytes_max]`: zeroed by the allocator, its pages
+/// touched only as large messages arrive), 82 MiB of address space for 3 peers (48 MiB
+/// before); and per peer an outbox, a spare buffer and a connection send buffer of
+/// `send_queue_bytes` each (54.8 MiB; 32 MiB before), reserved at start and at connect and
+/// touched as they fill. At `n = 7`, `f = 2` the largest NewView is 43,146,384 bytes
+/// (41.1 MiB): 6 receive buffers, 247 MiB of address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BftMessageLimits {
+    /// Largest encoded BFT message sent or accepted (bytes): the largest ViewChange or
+    /// NewView ([`codec::view_change_bytes_max`]), at least [`BFT_MESSAGE_BYTES_MIN`]. A
+    /// larger one is not sent (counted as dropped) and not received.
+    pub message_bytes_max: usize,
+    /// Bytes queued per peer: the configured size, raised to two largest frames (a
+    /// ViewChange and the NewView after it).
+    pub send_queue_bytes: usize,
+    /// Encoded bytes of every held send together ([`HeldSends`]): at least
+    /// [`crate::bft_held::HELD_BYTES_MAX`] and two largest messages (a leader's ViewChange
+    /// and NewView both wait for the guard asked for with them).
+    pub held_bytes_max: usize,
+}
+
+impl BftMessageLimits {
+    /// The limits of a group of `replica_count` replicas tolerating `faults_max`, with a
+    /// window of `log_window_ops` and batches of at most `batch_bytes_max` bytes holding at
+    /// most `batch_records` records of `record_bytes`, queuing at least
+    /// `send_queue_bytes` per peer. Refused when the largest ViewChange or NewView is above
+    /// [`BFT_MESSAGE_BYTES_LIMIT`], naming the largest batch that fits.
+    pub fn new(
+        (replica_count, faults_max, log_window_ops): (usize, u8, u64),
+        (batch_bytes_max, batch_records, record_bytes): (usize, usize, usize),
+        send_queue_bytes: usize,
+    ) -> Result<Self, BftStartError> {
+        let bound = |batch_bytes_max| {
+            codec::view_change_bytes_max(replica_count, faults_max, log_window_ops, batch_bytes_max)
+                .largest()
+        };
+        let bytes = bound(batch_bytes_max);
+        if bytes > BFT_MESSAGE_BYTES_LIMIT {
+            // The bound grows with the batch: the largest batch that fits, by bisection
+            // (at most 64 steps).
+            let (mut fits, mut above) = (0, batch_bytes_max);
+            while above - fits > 1 {
+                let middle = fits + (above - fits) / 2;
+                if bound(middle) <= BFT_MESSAGE_BYTES_LIMIT {
+                    fits = middle;
+                } else {
+                    above = middle;
+                }
+            }
+            let records_fitting = fits.saturating_sub(BATCH_HEADER_BYTES)
+                / (record_bytes + REQUEST_DESCRIPTOR_BYTES + REQUEST_SIGNATURE_BYTES);
+            return Err(BftStartError::MessageTooLarge {
+                replica_count,
+                batch_records,
+                bytes,
+                limit: BFT_MESSAGE_BYTES_LIMIT,
+                records_fitting,
+                batch_bytes_fitting: records_fitting * record_bytes,
+            });
+        }
+        let message_bytes_max = bytes.max(BFT_MESSAGE_BYTES_MIN);
+        let limits = Self {
+            message_bytes_max,
+            send_queue_bytes: send_queue_bytes
+                .max(2 * (percore_engine::message::PEER_HEADER_BYTES + message_bytes_max)),
+            held_bytes_max: crate::bft_held::HELD_BYTES_MAX.max(2 * message_bytes_max),
+        };
+        debug_assert!(limits.message_bytes_max <= BFT_MESSAGE_BYTES_LIMIT);
+        Ok(limits)
+    }
 }
 
 /// A committed op waiting for the batcher to journal and apply it.
@@ -892,6 +1017,8 @@ pub(crate) struct Bft {
     held: RefCell<HeldSends>,
     /// Transfers between shards: outputs this replica signs, and proofs for its group.
     pub(crate) xshard: crate::bft_xshard::XShard,
+    /// The largest message and the queue sizes, fixed at start.
+    limits: BftMessageLimits,
 }
 
 /// A verified request's identity and signature, kept for the leader's proposal.
@@ -942,9 +1069,25 @@ impl Bft {
         // A batch larger than the largest valid one (what the journal holds, and a client
         // signature per request, each request at least one record and its descriptor) is
         // refused before it is prepared; every batch committed fits a certificate record.
-        let requests_max = main.body_bytes_max / (record_bytes + REQUEST_DESCRIPTOR_BYTES);
-        let batch_bytes_max =
-            BATCH_HEADER_BYTES + main.body_bytes_max + requests_max * REQUEST_SIGNATURE_BYTES;
+        let batch_bytes_max = batch_bytes_max_of(main.body_bytes_max, record_bytes);
+        let mut config = BftConfig::new(shard as u32, settings.replica);
+        config.durability_reported = true;
+        config.batch_bytes_max = batch_bytes_max;
+        // Frames and queues hold the largest ViewChange and NewView of this group (or it
+        // is refused here, before the certificate journal is opened).
+        let limits = BftMessageLimits::new(
+            (
+                settings.peers.len(),
+                settings.faults_max,
+                config.log_window_ops,
+            ),
+            (
+                batch_bytes_max,
+                main.body_bytes_max / (record_bytes + REQUEST_DESCRIPTOR_BYTES),
+                record_bytes,
+            ),
+            settings.send_queue_bytes,
+        )?;
         let certs_config = JournalConfig {
             dir: main
                 .dir
@@ -982,9 +1125,6 @@ impl Bft {
             settings.faults_max,
             settings.public_keys.clone(),
         )?;
-        let mut config = BftConfig::new(shard as u32, settings.replica);
-        config.durability_reported = true;
-        config.batch_bytes_max = batch_bytes_max;
         let key = settings.secret_key.clone();
         let guard = guard_read(&guard_path, shard as u32, settings.replica)?;
         let (prepared_log, prepared) = PreparedLog::open(
@@ -1125,7 +1265,7 @@ impl Bft {
         let outboxes = Outbox::for_peers(
             settings.replica_count(),
             settings.replica,
-            settings.send_queue_bytes,
+            limits.send_queue_bytes,
         );
         let identity = PeerIdentity {
             cluster_id,
@@ -1141,6 +1281,7 @@ impl Bft {
             n = settings.replica_count(),
             f = settings.faults_max,
             byzantine = ?settings.byzantine,
+            message_bytes_max = limits.message_bytes_max,
             "BFT replica starts"
         );
         if let Some(behaviour) = settings.byzantine {
@@ -1161,7 +1302,7 @@ impl Bft {
             committed: RefCell::new(VecDeque::with_capacity(COMMITTED_QUEUE_OPS)),
             applying: RefCell::new(Vec::with_capacity(COMMITTED_QUEUE_OPS)),
             applied_op: Cell::new(replica_commit_op),
-            encoded: RefCell::new(Vec::with_capacity(BFT_MESSAGE_BYTES_MAX)),
+            encoded: RefCell::new(Vec::with_capacity(limits.message_bytes_max)),
             certs: RefCell::new(Some(certs)),
             cert_record: RefCell::new(Vec::with_capacity(cert_record_bytes_max(batch_bytes_max))),
             low_journaled: Cell::new(low_journaled),
@@ -1187,9 +1328,10 @@ impl Bft {
             guard_wanted: LocalNotify::default(),
             prepared_wake: LocalNotify::default(),
             prepared_landed: LocalNotify::default(),
-            held: RefCell::new(HeldSends::new()),
+            held: RefCell::new(HeldSends::with_bytes_max(limits.held_bytes_max)),
             xshard,
             settings,
+            limits,
         })
     }
 
@@ -1296,8 +1438,8 @@ where
             keys: &state.settings.keys,
             peers: &state.settings.peers,
             outboxes: &state.outboxes,
-            send_queue_bytes: state.settings.send_queue_bytes,
-            frame_bytes_max: BFT_MESSAGE_BYTES_MAX,
+            send_queue_bytes: state.limits.send_queue_bytes,
+            frame_bytes_max: state.limits.message_bytes_max,
             signing: Some(percore_net::peer::ReplicaSigning {
                 key: &state.settings.secret_key,
                 replicas: &state.settings.public_keys,
@@ -1694,7 +1836,7 @@ fn push<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut encoded = bft.encoded.borrow_mut();
     encoded.clear();
-    if codec::encoded_bytes(message) > BFT_MESSAGE_BYTES_MAX {
+    if codec::encoded_bytes(message) > bft.limits.message_bytes_max {
         ShardMetrics::add(
             &shard.metrics.replication_messages_dropped_total,
             tos.len() as u64,
@@ -2629,7 +2771,7 @@ async fn read_state_ops<S: StateMachine>(
             batch
         };
         let op_bytes = 1 + record.votes.len() * codec::VOTE_BYTES + 4 + batch.len();
-        if bytes + op_bytes > BFT_MESSAGE_BYTES_MAX {
+        if bytes + op_bytes > bft.limits.message_bytes_max {
             break;
         }
         bytes += op_bytes;
@@ -3500,5 +3642,143 @@ mod tests {
         // Commit records after the snapshot must continue from it.
         let gap = vec![snapshot, commit(42, 31)];
         assert!(recover_certs(&gap, 31, 16).is_err());
+    }
+
+    /// The largest batch of a shard with the default batch cap and `record_bytes` records
+    /// (bytes), and its records.
+    fn default_batch(record_bytes: usize) -> (usize, usize) {
+        let records = percore_engine::batch::BatchLimits::default().entries_cap(record_bytes);
+        let body_bytes_max = percore_engine::journal::entry_body_bytes_max(records, record_bytes);
+        (batch_bytes_max_of(body_bytes_max, record_bytes), records)
+    }
+
+    /// The largest ViewChange and NewView of a group of `n` replicas tolerating `f`, with the
+    /// default window and batches of `batch_bytes`: every count at its most (the engine's
+    /// codec tests build the same messages with real, verified signatures).
+    fn largest_view_change_messages(n: u8, f: u8, batch_bytes: usize) -> (Message, Message) {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let vote = |kind, replica, op| Vote::sign(&key, 0, kind, replica, 0, op, [op as u8; 32]);
+        let window = bft::LOG_WINDOW_OPS_DEFAULT;
+        let prepared: Vec<bft::PreparedEntry> = (1..=window)
+            .map(|op| bft::PreparedEntry {
+                cert: bft::PreparedCert {
+                    pre_prepare: vote(bft::VoteKind::PrePrepare, 0, op),
+                    prepares: (1..n)
+                        .map(|r| vote(bft::VoteKind::Prepare, r, op))
+                        .collect(),
+                },
+                batch: vec![op as u8; batch_bytes],
+            })
+            .collect();
+        let view_change = bft::ViewChange {
+            vote: vote(bft::VoteKind::ViewChange, 0, 0),
+            checkpoint: Some(CheckpointCert {
+                votes: (0..n)
+                    .map(|r| vote(bft::VoteKind::Checkpoint, r, 0))
+                    .collect(),
+            }),
+            prepared,
+        };
+        let new_view = bft::NewView {
+            view: 1,
+            view_changes: vec![view_change.clone(); bft::quorum_of(usize::from(n), f)],
+            pre_prepares: (1..=window)
+                .map(|op| {
+                    (
+                        vote(bft::VoteKind::PrePrepare, 1, op),
+                        vec![op as u8; batch_bytes],
+                    )
+                })
+                .collect(),
+        };
+        (
+            Message::ViewChange(Box::new(view_change)),
+            Message::NewView(Box::new(new_view)),
+        )
+    }
+
+    #[test]
+    fn default_group_frames_and_queues_hold_its_largest_view_change_and_new_view() {
+        let (batch_bytes, records) = default_batch(128);
+        assert_eq!((batch_bytes, records), (224_008, 1_000));
+        let cases = [(4, 1, 7_183_583, 28_722_790), (7, 2, 7_194_869, 43_146_384)];
+        for (n, f, view_change_bytes, new_view_bytes) in cases {
+            let limits = BftMessageLimits::new(
+                (usize::from(n), f, bft::LOG_WINDOW_OPS_DEFAULT),
+                (batch_bytes, records, 128),
+                BFT_SEND_QUEUE_BYTES_DEFAULT,
+            )
+            .expect("the default configuration starts");
+            let (view_change, new_view) = largest_view_change_messages(n, f, batch_bytes);
+            assert_eq!(codec::encoded_bytes(&view_change), view_change_bytes);
+            assert_eq!(codec::encoded_bytes(&new_view), new_view_bytes);
+            // The fixed limit of 16 MiB could not carry it: no view change could complete.
+            assert!(new_view_bytes > BFT_MESSAGE_BYTES_MIN);
+            // Sent (`push`) and received (a peer's body buffer) ...
+            assert_eq!(limits.message_bytes_max, new_view_bytes);
+            // ... queued for a peer with the ViewChange before it (`Outbox::push`) ...
+            let frame_bytes = |bytes| percore_engine::message::PEER_HEADER_BYTES + bytes;
+            assert!(
+                frame_bytes(view_change_bytes) + frame_bytes(new_view_bytes)
+                    <= limits.send_queue_bytes
+            );
+            // ... and held together until the guard asked for with them is durable.
+            let mut held = HeldSends::with_bytes_max(limits.held_bytes_max);
+            let guard = held.request_guard();
+            assert_eq!(held.offer(0b1110, &view_change), Offered::Held);
+            assert_eq!(held.offer(0b1110, &new_view), Offered::Held);
+            held.guard_landed(guard);
+            assert!(held.pop_ready().is_some() && held.pop_ready().is_some());
+        }
+    }
+
+    #[test]
+    fn a_group_whose_largest_new_view_is_above_the_ceiling_is_refused_by_name() {
+        let records = BATCH_ENTRIES_MAX_LIMIT;
+        let body_bytes_max = percore_engine::journal::entry_body_bytes_max(records, 128);
+        let limits = |n: usize, f, records| {
+            let body_bytes_max = percore_engine::journal::entry_body_bytes_max(records, 128);
+            BftMessageLimits::new(
+                (n, f, bft::LOG_WINDOW_OPS_DEFAULT),
+                (batch_bytes_max_of(body_bytes_max, 128), records, 128),
+                BFT_SEND_QUEUE_BYTES_DEFAULT,
+            )
+        };
+        for (n, f) in [(4, 1), (7, 2)] {
+            let Err(error) = limits(n, f, records) else {
+                panic!("{records} records at n = {n}: refused");
+            };
+            let message = error.to_string();
+            let BftStartError::MessageTooLarge {
+                bytes,
+                limit,
+                records_fitting,
+                batch_bytes_fitting,
+                ..
+            } = error
+            else {
+                panic!("{error}");
+            };
+            assert_eq!(limit, BFT_MESSAGE_BYTES_LIMIT);
+            let bound = codec::view_change_bytes_max(
+                n,
+                f,
+                bft::LOG_WINDOW_OPS_DEFAULT,
+                batch_bytes_max_of(body_bytes_max, 128),
+            );
+            assert_eq!(bytes, bound.largest());
+            assert!(bytes > BFT_MESSAGE_BYTES_LIMIT);
+            for named in [
+                format!("--batch-entries-max to at most {records_fitting}"),
+                format!("--batch-bytes-max to at most {batch_bytes_fitting}"),
+            ] {
+                assert!(message.contains(&named), "{message}");
+            }
+            assert_eq!(batch_bytes_fitting, records_fitting * 128);
+            // The named value is the largest that starts.
+            let fitting = limits(n, f, records_fitting).expect("the named value fits");
+            assert!(fitting.message_bytes_max <= BFT_MESSAGE_BYTES_LIMIT);
+            assert!(limits(n, f, records_fitting + 1).is_err());
+        }
     }
 }

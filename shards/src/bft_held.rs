@@ -26,21 +26,23 @@ use std::collections::VecDeque;
 
 use percore_engine::bft::{self, Message, codec};
 
-use crate::bft::{BFT_MESSAGE_BYTES_MAX, BFT_SEND_QUEUE_BYTES_DEFAULT};
+use crate::bft::{BFT_MESSAGE_BYTES_MIN, BFT_SEND_QUEUE_BYTES_DEFAULT};
 
 /// Sends held for the vote guard only, at most (messages).
 pub const HELD_GUARD_SENDS_MAX: usize = 1_024;
 /// Sends held for a prepared certificate (and the guard), at most (messages): about one
 /// Commit per op of the window, plus the rare commit proofs and state transfer answers.
 pub const HELD_COMMIT_SENDS_MAX: usize = 1_024;
-/// Encoded bytes of every held send together, at most.
+/// Encoded bytes of every held send together, at most, by default ([`HeldSends::new`]); a
+/// shard whose largest message needs more holds more
+/// ([`crate::bft::BftMessageLimits::held_bytes_max`]).
 pub const HELD_BYTES_MAX: usize = BFT_SEND_QUEUE_BYTES_DEFAULT;
 /// Prepared requests remembered by op until the op commits ([`HeldSends::prepared_for_commit`]):
 /// one per op of the window and view; past this, the oldest is forgotten and its request
 /// number waited for by every later commit (safe, only slower).
 pub const PREPARED_OPS_TRACKED: usize = 4 * bft::LOG_WINDOW_OPS_DEFAULT as usize;
 
-const _: () = assert!(BFT_MESSAGE_BYTES_MAX <= HELD_BYTES_MAX);
+const _: () = assert!(BFT_MESSAGE_BYTES_MIN <= HELD_BYTES_MAX);
 const _: () = assert!(HELD_COMMIT_SENDS_MAX >= bft::LOG_WINDOW_OPS_DEFAULT as usize);
 // A held send names its peers in one byte.
 const _: () = assert!(bft::REPLICA_COUNT_MAX <= 8);
@@ -157,6 +159,8 @@ pub struct HeldSends {
     /// Sends that wait for a prepared certificate and the guard, oldest first.
     commit_queue: VecDeque<HeldSend>,
     bytes: usize,
+    /// Most encoded bytes held together.
+    bytes_max: usize,
     orders: u64,
 }
 
@@ -167,8 +171,17 @@ impl Default for HeldSends {
 }
 
 impl HeldSends {
-    /// Nothing requested, nothing held; the queues allocated.
+    /// Nothing requested, nothing held; the queues allocated; at most [`HELD_BYTES_MAX`]
+    /// encoded bytes held.
     pub fn new() -> Self {
+        Self::with_bytes_max(HELD_BYTES_MAX)
+    }
+
+    /// As [`Self::new`], holding at most `bytes_max` encoded bytes together (at least two
+    /// of the shard's largest messages: a ViewChange and the NewView after it wait for one
+    /// guard).
+    pub fn with_bytes_max(bytes_max: usize) -> Self {
+        assert!(bytes_max > 0);
         Self {
             guard_requested: 0,
             guard_durable: 0,
@@ -180,6 +193,7 @@ impl HeldSends {
             guard_queue: VecDeque::with_capacity(HELD_GUARD_SENDS_MAX),
             commit_queue: VecDeque::with_capacity(HELD_COMMIT_SENDS_MAX),
             bytes: 0,
+            bytes_max,
             orders: 0,
         }
     }
@@ -268,7 +282,7 @@ impl HeldSends {
             _ => (&mut self.guard_queue, HELD_GUARD_SENDS_MAX),
         };
         let bytes = codec::encoded_bytes(message);
-        if queue.len() == sends_max || self.bytes + bytes > HELD_BYTES_MAX {
+        if queue.len() == sends_max || self.bytes + bytes > self.bytes_max {
             return Offered::Dropped;
         }
         self.bytes += bytes;

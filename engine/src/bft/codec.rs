@@ -22,17 +22,32 @@
 //! snapshot request = journal op u64 | offset u64
 //! snapshot chunk   = journal op u64 | offset u64 | file bytes u64 | bytes (<= SNAPSHOT_CHUNK_BYTES_MAX)
 //! ```
+//!
+//! [`view_change_bytes_max`] bounds the two messages whose size grows with the log window
+//! (ViewChange and NewView), so that a driver can size its frames to carry them.
 
 use ed25519_dalek::Signature;
 
 use super::message::{
     CheckpointCert, CommitCert, Message, NewView, PreparedCert, PreparedEntry, SnapshotStatement,
-    StateCert, ViewChange, Vote, VoteKind,
+    StateCert, ViewChange, Vote, VoteKind, quorum_of,
 };
 use super::{LOG_WINDOW_OPS_LIMIT, REPLICA_COUNT_MAX};
 
 /// Bytes of one encoded [`Vote`].
 pub const VOTE_BYTES: usize = 1 + 1 + 8 + 8 + 32 + 64;
+/// Bytes of a message's tag.
+const TAG_BYTES: usize = 1;
+/// Bytes of a count bounded by [`REPLICA_COUNT_MAX`] (votes, view changes).
+const COUNT_U8_BYTES: usize = 1;
+/// Bytes of a count bounded by [`LOG_WINDOW_OPS_LIMIT`] (prepared entries, proposals).
+const COUNT_U16_BYTES: usize = 2;
+/// Bytes of an option flag.
+const FLAG_BYTES: usize = 1;
+/// Bytes of the length before a `bytes` field.
+const LENGTH_BYTES: usize = 4;
+/// Bytes of a view, op or offset.
+const U64_BYTES: usize = 8;
 
 /// Message tags, in wire order.
 const TAG_PRE_PREPARE: u8 = 1;
@@ -189,57 +204,150 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) {
 /// Bytes [`encode`] appends for `message` (sizes outboxes and refuses what cannot be sent).
 pub fn encoded_bytes(message: &Message) -> usize {
     let view_change_bytes = |view_change: &ViewChange| {
-        VOTE_BYTES
-            + 1
-            + view_change
-                .checkpoint
-                .as_ref()
-                .map_or(0, |cert| 1 + cert.votes.len() * VOTE_BYTES)
-            + 2
-            + view_change
+        view_change_bytes(
+            view_change.checkpoint.as_ref().map(|cert| cert.votes.len()),
+            view_change
                 .prepared
                 .iter()
-                .map(|entry| {
-                    VOTE_BYTES + 1 + entry.cert.prepares.len() * VOTE_BYTES + 4 + entry.batch.len()
-                })
-                .sum::<usize>()
+                .map(|entry| prepared_bytes(entry.cert.prepares.len(), entry.batch.len()))
+                .sum::<usize>(),
+        )
     };
-    1 + match message {
-        Message::PrePrepare { batch, .. } => VOTE_BYTES + 4 + batch.len(),
-        Message::Prepare { .. } => 2 * VOTE_BYTES,
-        Message::Commit(_) | Message::Checkpoint(_) => VOTE_BYTES,
-        Message::ViewChange(view_change) => view_change_bytes(view_change),
-        Message::NewView(new_view) => {
-            8 + 1
-                + new_view
+    TAG_BYTES
+        + match message {
+            Message::PrePrepare { batch, .. } => proposal_bytes(batch.len()),
+            Message::Prepare { .. } => 2 * VOTE_BYTES,
+            Message::Commit(_) | Message::Checkpoint(_) => VOTE_BYTES,
+            Message::ViewChange(view_change) => view_change_bytes(view_change),
+            Message::NewView(new_view) => new_view_bytes(
+                new_view
                     .view_changes
                     .iter()
                     .map(view_change_bytes)
-                    .sum::<usize>()
-                + 2
-                + new_view
+                    .sum::<usize>(),
+                new_view
                     .pre_prepares
                     .iter()
-                    .map(|(_, batch)| VOTE_BYTES + 4 + batch.len())
+                    .map(|(_, batch)| proposal_bytes(batch.len()))
+                    .sum::<usize>(),
+            ),
+            Message::Status { .. } => 24,
+            Message::CommitProof { cert, batch, .. } => {
+                VOTE_BYTES + 1 + cert.commits.len() * VOTE_BYTES + 4 + batch.len()
+            }
+            Message::CheckpointProof(cert) => 1 + cert.votes.len() * VOTE_BYTES,
+            Message::StateRequest { .. } => 16,
+            Message::StateOps(ops) => {
+                2 + ops
+                    .iter()
+                    .map(|(cert, batch)| 1 + cert.commits.len() * VOTE_BYTES + 4 + batch.len())
                     .sum::<usize>()
+            }
+            Message::StateCheckpoint { .. } => VOTE_BYTES + STATEMENT_BYTES,
+            Message::StateSnapshot(cert) => STATEMENT_BYTES + 1 + cert.votes.len() * VOTE_BYTES,
+            Message::SnapshotRequest { .. } => 16,
+            Message::SnapshotChunk { bytes, .. } => 24 + 4 + bytes.len(),
         }
-        Message::Status { .. } => 24,
-        Message::CommitProof { cert, batch, .. } => {
-            VOTE_BYTES + 1 + cert.commits.len() * VOTE_BYTES + 4 + batch.len()
-        }
-        Message::CheckpointProof(cert) => 1 + cert.votes.len() * VOTE_BYTES,
-        Message::StateRequest { .. } => 16,
-        Message::StateOps(ops) => {
-            2 + ops
-                .iter()
-                .map(|(cert, batch)| 1 + cert.commits.len() * VOTE_BYTES + 4 + batch.len())
-                .sum::<usize>()
-        }
-        Message::StateCheckpoint { .. } => VOTE_BYTES + STATEMENT_BYTES,
-        Message::StateSnapshot(cert) => STATEMENT_BYTES + 1 + cert.votes.len() * VOTE_BYTES,
-        Message::SnapshotRequest { .. } => 16,
-        Message::SnapshotChunk { bytes, .. } => 24 + 4 + bytes.len(),
+}
+
+/// Upper bounds on the encoded size of the view-change messages of one group (bytes, the
+/// tag included): [`view_change_bytes_max`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewChangeBytesMax {
+    /// The largest `ViewChange` (bytes).
+    pub view_change: usize,
+    /// The largest `NewView` a correct leader sends (bytes).
+    pub new_view: usize,
+}
+
+impl ViewChangeBytesMax {
+    /// The larger of the two (bytes).
+    pub fn largest(&self) -> usize {
+        self.view_change.max(self.new_view)
     }
+}
+
+/// The largest ViewChange and NewView of a group of `replica_count` replicas tolerating
+/// `faults_max` Byzantine ones, with a log window of `log_window_ops` and batches of at most
+/// `batch_bytes_max` bytes. Saturates rather than overflows.
+///
+/// Computed from the layout [`encode`] writes (the same per-field sizes as
+/// [`encoded_bytes`]), with every count at the most the core accepts:
+/// - a ViewChange carries a checkpoint certificate of at most `n` votes
+///   (`Committee::verify_checkpoint`) and at most `L` prepared entries
+///   (`Committee::verify_view_change`), each with at most `n − 1` Prepares (distinct
+///   replicas other than the leader) and a batch of at most `batch_bytes_max`: with at most
+///   `f` faults a prepared batch holds a correct replica's Prepare, and a correct replica
+///   prepares no larger batch;
+/// - a NewView from a correct leader carries the `q` ([`quorum_of`]) view changes it chose
+///   and one proposal per op of the plan: at most `L` ops, from the highest checkpoint among
+///   them to the highest prepared op, which lies within `L` of its own view change's
+///   checkpoint, each with a batch of at most `batch_bytes_max`. A faulty leader's NewView
+///   with more view changes may be larger; refusing it costs the view its silence would.
+///
+/// # Panics
+///
+/// If `replica_count` is 0 or above [`REPLICA_COUNT_MAX`] (a configuration bug: the fault
+/// model is checked before this).
+pub fn view_change_bytes_max(
+    replica_count: usize,
+    faults_max: u8,
+    log_window_ops: u64,
+    batch_bytes_max: usize,
+) -> ViewChangeBytesMax {
+    assert!((1..=REPLICA_COUNT_MAX).contains(&replica_count));
+    let quorum = quorum_of(replica_count, faults_max).min(replica_count);
+    let window = usize::try_from(log_window_ops).unwrap_or(usize::MAX);
+    let prepared = prepared_bytes(replica_count - 1, batch_bytes_max).saturating_mul(window);
+    let view_change = view_change_bytes(Some(replica_count), prepared);
+    let new_view = new_view_bytes(
+        view_change.saturating_mul(quorum),
+        proposal_bytes(batch_bytes_max).saturating_mul(window),
+    );
+    let bytes_max = ViewChangeBytesMax {
+        view_change: view_change.saturating_add(TAG_BYTES),
+        new_view: new_view.saturating_add(TAG_BYTES),
+    };
+    debug_assert!(bytes_max.new_view >= bytes_max.view_change);
+    bytes_max
+}
+
+/// Bytes of a certificate of `votes` votes (`votes` in the layout).
+const fn votes_bytes(votes: usize) -> usize {
+    COUNT_U8_BYTES.saturating_add(votes.saturating_mul(VOTE_BYTES))
+}
+
+/// Bytes of one prepared entry with `prepares` Prepares and a batch of `batch_bytes`.
+const fn prepared_bytes(prepares: usize, batch_bytes: usize) -> usize {
+    (VOTE_BYTES + LENGTH_BYTES)
+        .saturating_add(votes_bytes(prepares))
+        .saturating_add(batch_bytes)
+}
+
+/// Bytes of one proposal (a PrePrepare's vote and batch) of `batch_bytes`.
+const fn proposal_bytes(batch_bytes: usize) -> usize {
+    (VOTE_BYTES + LENGTH_BYTES).saturating_add(batch_bytes)
+}
+
+/// Bytes of a view change (without a tag) whose checkpoint certificate holds
+/// `checkpoint_votes` votes (`None`: no certificate) and whose prepared entries take
+/// `prepared_bytes` together.
+const fn view_change_bytes(checkpoint_votes: Option<usize>, prepared_bytes: usize) -> usize {
+    let checkpoint = match checkpoint_votes {
+        None => 0,
+        Some(votes) => votes_bytes(votes),
+    };
+    (VOTE_BYTES + FLAG_BYTES + COUNT_U16_BYTES)
+        .saturating_add(checkpoint)
+        .saturating_add(prepared_bytes)
+}
+
+/// Bytes of a NewView (without a tag) whose view changes take `view_changes_bytes` and
+/// whose proposals take `proposals_bytes` together.
+const fn new_view_bytes(view_changes_bytes: usize, proposals_bytes: usize) -> usize {
+    (U64_BYTES + COUNT_U8_BYTES + COUNT_U16_BYTES)
+        .saturating_add(view_changes_bytes)
+        .saturating_add(proposals_bytes)
 }
 
 /// Decodes one message that fills `bytes` exactly. Never panics; allocates at most what
@@ -688,6 +796,136 @@ mod tests {
         let mut ops = vec![TAG_STATE_OPS];
         ops.extend_from_slice(&(LOG_WINDOW_OPS_LIMIT as u16 + 1).to_le_bytes());
         assert_eq!(decode(&ops), Err(CodecError::OutOfRange("state ops")));
+    }
+
+    /// The largest NewView a correct leader of view 1 sends, in a group of `n` replicas
+    /// tolerating `f`, with a window of `window` ops and batches of `batch_bytes`: `q` view
+    /// changes, each on a checkpoint certified by all `n` replicas and reporting the whole
+    /// window prepared, every certificate holding `n − 1` Prepares and a full batch; and
+    /// the leader's proposal, with its batch, for every op of the plan. Every signature is
+    /// real and every view change verifies against the returned committee.
+    fn largest_new_view(n: u8, f: u8, window: u64, batch_bytes: usize) -> NewView {
+        let keys: Vec<SigningKey> = (0..n)
+            .map(|r| SigningKey::from_bytes(&[r + 1; 32]))
+            .collect();
+        let committee =
+            crate::bft::Committee::new(3, f, keys.iter().map(SigningKey::verifying_key).collect())
+                .expect("committee");
+        let sign = |replica: u8, kind, view, op, digest| {
+            Vote::sign(
+                &keys[usize::from(replica)],
+                3,
+                kind,
+                replica,
+                view,
+                op,
+                digest,
+            )
+        };
+        let checkpoint_op = 16;
+        let checkpoint = CheckpointCert {
+            votes: (0..n)
+                .map(|r| sign(r, VoteKind::Checkpoint, 0, checkpoint_op, [7; 32]))
+                .collect(),
+        };
+        let leader = committee.leader_of(0);
+        let prepared: Vec<PreparedEntry> = (checkpoint_op + 1..=checkpoint_op + window)
+            .map(|op| {
+                let mut batch = vec![0x5A; batch_bytes];
+                batch[..8].copy_from_slice(&op.to_le_bytes());
+                let digest = crate::bft::batch_digest(&batch);
+                PreparedEntry {
+                    cert: PreparedCert {
+                        pre_prepare: sign(leader, VoteKind::PrePrepare, 0, op, digest),
+                        prepares: (0..n)
+                            .filter(|r| *r != leader)
+                            .map(|r| sign(r, VoteKind::Prepare, 0, op, digest))
+                            .collect(),
+                    },
+                    batch,
+                }
+            })
+            .collect();
+        let view_changes: Vec<ViewChange> = (0..committee.quorum() as u8)
+            .map(|r| {
+                let mut view_change = ViewChange {
+                    vote: sign(r, VoteKind::ViewChange, 1, checkpoint_op, [0; 32]),
+                    checkpoint: Some(checkpoint.clone()),
+                    prepared: prepared.clone(),
+                };
+                let digest = view_change.content_digest();
+                view_change.vote = sign(r, VoteKind::ViewChange, 1, checkpoint_op, digest);
+                committee
+                    .verify_view_change(&view_change, committee.quorum() - 1, window)
+                    .expect("a view change the core accepts");
+                view_change
+            })
+            .collect();
+        let plan = crate::bft::new_view_plan(&view_changes, None);
+        assert_eq!(plan.entries.len() as u64, window);
+        let new_leader = committee.leader_of(1);
+        NewView {
+            view: 1,
+            pre_prepares: plan
+                .entries
+                .into_iter()
+                .map(|(op, digest, batch)| {
+                    (sign(new_leader, VoteKind::PrePrepare, 1, op, digest), batch)
+                })
+                .collect(),
+            view_changes,
+        }
+    }
+
+    #[test]
+    fn view_change_bytes_max_is_the_size_of_the_largest_messages() {
+        use crate::bft::LOG_WINDOW_OPS_DEFAULT;
+        // The runtime's largest batch at the default batch cap: 1,000 records of 128 bytes,
+        // each with its request descriptor (32) and client signature (64), and the header.
+        const BATCH_BYTES_DEFAULT: usize = 8 + 1_000 * (128 + 32 + 64);
+        let cases = [
+            (4, 1, LOG_WINDOW_OPS_DEFAULT, BATCH_BYTES_DEFAULT),
+            (7, 2, LOG_WINDOW_OPS_DEFAULT, BATCH_BYTES_DEFAULT),
+            (5, 1, 64, 4_096),
+            (1, 0, 32, 100),
+        ];
+        for (n, f, window, batch_bytes) in cases {
+            let new_view = largest_new_view(n, f, window, batch_bytes);
+            let bound = view_change_bytes_max(usize::from(n), f, window, batch_bytes);
+            let view_change = Message::ViewChange(Box::new(new_view.view_changes[0].clone()));
+            let new_view = Message::NewView(Box::new(new_view));
+            for (message, bytes_max) in
+                [(view_change, bound.view_change), (new_view, bound.new_view)]
+            {
+                let mut bytes = Vec::with_capacity(bytes_max);
+                encode(&message, &mut bytes);
+                assert_eq!(bytes.len(), encoded_bytes(&message));
+                // Reached exactly: an upper bound, and no larger than it needs to be.
+                assert_eq!(
+                    bytes.len(),
+                    bytes_max,
+                    "{} at n = {n}, f = {f}, L = {window}, batches of {batch_bytes} bytes",
+                    message.name()
+                );
+            }
+            assert_eq!(bound.largest(), bound.new_view);
+        }
+    }
+
+    #[test]
+    fn view_change_bytes_max_grows_with_every_input_and_saturates() {
+        let base = view_change_bytes_max(4, 1, 32, 1_000);
+        for larger in [
+            view_change_bytes_max(5, 1, 32, 1_000),
+            view_change_bytes_max(7, 2, 32, 1_000),
+            view_change_bytes_max(4, 1, 64, 1_000),
+            view_change_bytes_max(4, 1, 32, 1_001),
+        ] {
+            assert!(larger.view_change >= base.view_change);
+            assert!(larger.new_view > base.new_view);
+        }
+        let huge = view_change_bytes_max(7, 2, LOG_WINDOW_OPS_LIMIT, usize::MAX / 2);
+        assert_eq!(huge.new_view, usize::MAX);
     }
 
     proptest! {

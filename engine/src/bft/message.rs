@@ -169,6 +169,12 @@ impl Vote {
     }
 }
 
+/// Signatures a certificate needs in a group of `replica_count` replicas tolerating
+/// `faults_max` Byzantine ones: `⌈(n + f + 1) / 2⌉` ([`Committee::quorum`]).
+pub const fn quorum_of(replica_count: usize, faults_max: u8) -> usize {
+    (replica_count + faults_max as usize + 2) / 2
+}
+
 /// The group's public keys and quorum sizes: what every signature and certificate is
 /// checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,7 +208,7 @@ impl Committee {
     /// Signatures a certificate needs: `⌈(n + f + 1) / 2⌉`, which is `2f + 1` when
     /// `n = 3f + 1`. Two quorums share at least `f + 1` replicas, so at least one correct.
     pub fn quorum(&self) -> usize {
-        (self.keys.len() + usize::from(self.faults_max) + 2) / 2
+        quorum_of(self.keys.len(), self.faults_max)
     }
 
     /// Replies or reports that include at least one correct replica: `f + 1`.

@@ -33,7 +33,7 @@ pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 pub use message::{
     CheckpointCert, CommitCert, Committee, Digest, Evidence, Message, NewView, PreparedCert,
     PreparedEntry, SnapshotStatement, StateCert, ViewChange, Vote, VoteKind, batch_digest,
-    chain_digest,
+    chain_digest, quorum_of,
 };
 pub use replica::{BftReplica, NewViewPlan, Restored, Status, VoteGuard, new_view_plan};
 pub use request::{ClientKeys, ProposalCheck, RequestAuthError, RequestStatement, RequestVerifier};
