@@ -2675,7 +2675,14 @@ impl Replica {
     }
 
     /// The driver executed a `Truncate`; `checksum` is the journal's new chain head.
+    ///
+    /// A truncation above the head is one the core has since cut below (a second StartView
+    /// while the first truncation waited behind a superblock write): the journal runs the
+    /// later, lower one next, and this one changes nothing here.
     pub fn on_truncated(&mut self, op: u64, checksum: JournalChecksum) {
+        if op > self.op_head {
+            return;
+        }
         assert_eq!(op, self.op_head, "truncated where the core said");
         self.checksum_head = checksum;
         if self.op_durable == op {
@@ -2699,6 +2706,24 @@ mod tests {
     fn replica(group: u32, replica: u8, count: u8) -> Replica {
         let config = ReplicaConfig::new(group, replica, count, 7).unwrap();
         Replica::new(config, 0, 0, 0).unwrap()
+    }
+
+    /// Two truncations queued behind a superblock write, the second lower (two StartViews
+    /// in a row): when the first runs, the core's head is already the second's, and the
+    /// first changes nothing (it asserted, and stopped the shard).
+    #[test]
+    fn a_truncation_the_core_has_since_cut_below_changes_nothing() {
+        let mut config = ReplicaConfig::new(0, 1, 3, 7).unwrap();
+        config.view_change = true;
+        let views = Persisted {
+            view: 2,
+            log_view: 2,
+        };
+        let mut replica = Replica::restart(config, views, 5, 0x55, 0, &[(5, 0x55)], 0).unwrap();
+        replica.on_truncated(8, 0x88);
+        assert_eq!((replica.op_head(), replica.checksum_head()), (5, 0x55));
+        replica.on_truncated(5, 0x56);
+        assert_eq!(replica.checksum_head(), 0x56);
     }
 
     fn actions() -> Vec<Action> {

@@ -362,6 +362,7 @@ shard_metrics! {
     counter replication_applied_during_write_total: "Leader: committed ops applied while its next group commit was in flight, instead of after it (requests queued).",
     counter replication_applied_from_journal_total: "Committed ops applied by reading them back from the journal (not queued in memory).",
     counter replication_prepares_dropped_total: "Prepares dropped (gap, full queue, disconnected peer).",
+    counter replication_deferred_dropped_total: "Messages to peers dropped because the queue of actions waiting behind a superblock write or truncation was full (as if the network lost them).",
     counter replication_messages_dropped_total: "Peer messages not sent: queue full or peer disconnected.",
     counter replication_forwards_sent_total: "Credit legs forwarded to another replica's group leader.",
     counter replication_forwards_received_total: "Credit legs received from other replicas.",

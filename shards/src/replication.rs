@@ -700,13 +700,43 @@ pub(crate) fn submit_actions<S: StateMachine>(shard: &Shard<S>, actions: &[Actio
         execute(shard, actions);
         return;
     }
-    assert!(
-        deferred.len() + actions.len() <= deferred.capacity(),
-        "deferred actions sized at start-up"
-    );
-    deferred.extend(actions.iter().copied());
+    let dropped = defer(&mut deferred, actions);
+    ShardMetrics::add(&shard.metrics.replication_deferred_dropped_total, dropped);
     drop(deferred);
     shard.batcher.notify();
+}
+
+/// Queues `actions` behind those already in `deferred`. When they do not all fit (a
+/// superblock write or truncation that stalls for long, seconds of a slow disk, holds
+/// everything behind it while heartbeats, pings and resends keep coming), the messages to
+/// peers among them are dropped, which the protocol survives as it survives a lossy
+/// network; the journal's own actions are kept. Returns the messages dropped.
+fn defer(deferred: &mut VecDeque<Action>, actions: &[Action]) -> u64 {
+    if deferred.len() + actions.len() <= deferred.capacity() {
+        deferred.extend(actions.iter().copied());
+        return 0;
+    }
+    let mut dropped = 0;
+    for action in actions {
+        if is_message(action) {
+            dropped += 1;
+            continue;
+        }
+        assert!(
+            deferred.len() < deferred.capacity(),
+            "deferred journal actions sized at start-up"
+        );
+        deferred.push_back(*action);
+    }
+    dropped
+}
+
+/// Whether `action` only sends a message to a peer (dropping it is a lost message).
+fn is_message(action: &Action) -> bool {
+    !matches!(
+        action,
+        Action::Persist { .. } | Action::Truncate { .. } | Action::StateSync { .. }
+    )
 }
 
 /// Batcher: carries out deferred actions in order, awaiting the journal for `Persist` and
@@ -1938,5 +1968,43 @@ pub(crate) fn entry_meta(
         entry_count: (batch.records.len() / record_bytes) as u32,
         record_bytes: record_bytes as u32,
         request_count: (batch.requests.len() / REQUEST_DESCRIPTOR_BYTES) as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeat(commit: u64) -> Action {
+        Action::Commit {
+            to: 1,
+            commit,
+            op_head: commit,
+        }
+    }
+
+    /// Behind a superblock write that does not land, heartbeats keep coming: once the
+    /// queue is full they are dropped (a lost message), and a truncation still queues
+    /// behind what waits. The queue asserted instead, stopping the shard.
+    #[test]
+    fn a_full_deferred_queue_drops_messages_and_keeps_journal_actions() {
+        let mut deferred = VecDeque::with_capacity(8);
+        let capacity = deferred.capacity();
+        deferred.push_back(Action::Persist {
+            view: 2,
+            log_view: 2,
+            commit_max: 0,
+        });
+        let mut dropped = 0;
+        for commit in 0..(2 * capacity as u64) {
+            dropped += defer(&mut deferred, &[heartbeat(commit)]);
+        }
+        assert_eq!(deferred.len(), capacity);
+        assert_eq!(dropped, capacity as u64 + 1);
+        deferred.pop_back();
+        let dropped = defer(&mut deferred, &[heartbeat(99), Action::Truncate { op: 4 }]);
+        assert_eq!(dropped, 1);
+        assert!(matches!(deferred.back(), Some(Action::Truncate { op: 4 })));
+        assert!(matches!(deferred.front(), Some(Action::Persist { .. })));
     }
 }
