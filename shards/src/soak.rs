@@ -385,8 +385,12 @@ pub struct JournalCommits {
     /// Of those, commits slower than [`JOURNAL_COMMIT_SLOW_US`].
     pub slow: u64,
     /// The slowest, at most this many µs (the upper bound of the highest bucket that counted
-    /// one; the overflow bucket reports its lower bound, 2 s); `None` without commits.
+    /// one; the overflow bucket reports its lower bound, 2 s: see `slowest_over_bounds`);
+    /// `None` without commits.
     pub slowest_at_most_us: Option<u64>,
+    /// The slowest was slower than the last bucket's bound (2 s): `slowest_at_most_us` is
+    /// then a lower bound.
+    pub slowest_over_bounds: bool,
 }
 
 impl JournalCommits {
@@ -401,6 +405,17 @@ impl JournalCommits {
             slowest_at_most_us: deltas
                 .highest
                 .map(|index| LATENCY_BUCKETS_US[index.min(LATENCY_BUCKETS_US.len() - 1)]),
+            slowest_over_bounds: deltas
+                .highest
+                .is_some_and(|index| index >= LATENCY_BUCKETS_US.len()),
+        }
+    }
+
+    /// The slowest commit as text: `<=N µs`, `>N µs` past the last bound, `-` without any.
+    pub fn slowest_text(&self) -> String {
+        match (self.slowest_at_most_us, self.slowest_over_bounds) {
+            (Some(us), true) => format!(">{us} µs"),
+            (at_most, _) => gap_text(at_most),
         }
     }
 
@@ -410,6 +425,7 @@ impl JournalCommits {
             commits: self.commits + other.commits,
             slow: self.slow + other.slow,
             slowest_at_most_us: self.slowest_at_most_us.max(other.slowest_at_most_us),
+            slowest_over_bounds: self.slowest_over_bounds || other.slowest_over_bounds,
         }
     }
 }
@@ -767,7 +783,7 @@ fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
         point.pool_batches_high_water,
         gap_text(point.longest_commit_gap_at_most_us),
         sampled_gap.as_millis(),
-        gap_text(point.journal_commits.slowest_at_most_us),
+        point.journal_commits.slowest_text(),
         gap_text(point.executor_lag.longest_at_most_us),
     );
 }
@@ -809,7 +825,7 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
             report.journal_commits.commits,
             report.journal_commits.slow,
             JOURNAL_COMMIT_SLOW_US,
-            gap_text(report.journal_commits.slowest_at_most_us)
+            report.journal_commits.slowest_text()
         ),
         format!(
             "checkpoints (every replica): {} recorded; followers writing snapshots {:.1} s, removing released files {:.1} s; roll-overs onto reused segments {}",
@@ -1275,9 +1291,14 @@ mod tests {
         let stuck = latency_cumulative(&[(None, 1)]);
         let overflow = JournalCommits::between(&latency_cumulative(&[]), &stuck);
         assert_eq!(overflow.slowest_at_most_us, Some(2_000_000));
+        // Slower than every bound: reported as over the last, not at most it.
+        assert!(overflow.slowest_over_bounds);
+        assert_eq!(overflow.slowest_text(), ">2000000 µs");
+        assert_eq!(commits.slowest_text(), "<=7000 µs");
         let both = overflow.merge(commits);
         assert_eq!((both.commits, both.slow), (64, 4));
         assert_eq!(both.slowest_at_most_us, Some(2_000_000));
+        assert!(both.slowest_over_bounds);
     }
 
     #[test]
