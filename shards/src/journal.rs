@@ -1322,9 +1322,17 @@ impl Journal {
         self.recycled.len() < segments_recycled_max(self.config.segment_bytes)
     }
 
-    /// Roll-overs onto a recycled segment since open.
+    /// Roll-overs onto a recycled segment since open (or since the open of the journal
+    /// this one replaced, [`Journal::count_from`]).
     pub fn switches_recycled(&self) -> u64 {
         self.switches_recycled
+    }
+
+    /// Carries `old`'s cumulative counts over to this journal, which replaces it (a state
+    /// sync reopens the journal at the synced checkpoint): what the metrics export from
+    /// them never goes backwards.
+    pub fn count_from(&mut self, old: &Journal) {
+        self.switches_recycled += old.switches_recycled;
     }
 
     /// Recycled segments taken for roll-overs since open (used, or not usable and left for

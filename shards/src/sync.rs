@@ -538,6 +538,8 @@ pub(crate) async fn switch_to_snapshot<S>(
         recovered.op_last, op,
         "the synced journal ends at its checkpoint"
     );
+    let mut reopened = reopened;
+    reopened.count_from(journal);
     let old = std::mem::replace(journal, reopened);
     let _ = old.close().await;
     match crate::runtime::start_checkpoints(
