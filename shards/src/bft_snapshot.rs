@@ -310,6 +310,7 @@ where
     S::Result: Send,
 {
     let bft = shard.bft.as_ref().expect("BFT shard");
+    release_stale(shard, journal).await;
     let mut progressed = serve(shard, journal).await;
     let (complete, quiet) = match bft.snapshot.borrow().fetch.as_ref() {
         None => return progressed,
@@ -382,6 +383,31 @@ async fn serve<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool
             &shard.metrics.bft_snapshot_bytes_served_total,
             length as u64,
         );
+    }
+}
+
+/// Closes the snapshot file kept open for serving once the journal no longer retains it
+/// (neither its checkpoint nor the one before): the journal removed the file, and an open
+/// descriptor held its space, possibly gigabytes, until the next serve or a restart.
+async fn release_stale<S: StateMachine>(shard: &Shard<S>, journal: &Journal) {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let superblock = *journal.superblock();
+    let stale = bft
+        .snapshot
+        .borrow()
+        .serving
+        .as_ref()
+        .is_some_and(|(op, _, _)| {
+            *op != superblock.checkpoint.op && *op != superblock.checkpoint_previous.op
+        });
+    if !stale {
+        return;
+    }
+    let released = bft.snapshot.borrow_mut().serving.take();
+    if let Some((_, file, _)) = released
+        && let Ok(file) = Rc::try_unwrap(file)
+    {
+        let _ = file.close().await;
     }
 }
 
