@@ -820,6 +820,20 @@ impl SettingsDigest {
         Self::of(shard_count, machine.settings_digest())
     }
 
+    /// BFT mode: the batch cap decides results too (replicas cut the certified chunks of
+    /// legs in flight at the cap, and size the view-change messages from it), so the
+    /// digest covers it. Crash-fault replicas may run different batch limits for a while
+    /// (a rolling raise).
+    pub fn with_bft_batch(self, records_max: usize) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"percore settings digest bft v1\0");
+        hasher.update(&self.0.to_le_bytes());
+        hasher.update(&(records_max as u64).to_le_bytes());
+        let hash = hasher.finalize();
+        let low = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        Self(low & ((1 << PEERS_DIGEST_BITS) - 1))
+    }
+
     /// The digest of a `percore node` (the ledger in a session table of
     /// `session_clients_max`), without building the ledger: what its metrics report and
     /// its start prints.
@@ -1220,6 +1234,10 @@ mod tests {
         for other in differing {
             assert_ne!(digest, other);
         }
+        // BFT mode covers the batch cap as well.
+        assert_ne!(digest.with_bft_batch(1000), digest);
+        assert_ne!(digest.with_bft_batch(1000), digest.with_bft_batch(999));
+        assert!(digest.with_bft_batch(1000).0 < 1 << PEERS_DIGEST_BITS);
     }
 
     #[test]

@@ -847,12 +847,20 @@ fn node_start_checks(args: &NodeArgs) -> Result<String, Box<dyn std::error::Erro
         .shards
         .ledger
         .config(cores.len(), node_config.batch.entries_max);
-    let settings =
+    let mut settings =
         SettingsDigest::of_ledger(cores.len(), &ledger, args.shards.ledger.session_clients_max);
+    if args.bft.fault_model == FaultModel::Bft {
+        settings = settings.with_bft_batch(
+            node_config
+                .batch
+                .entries_cap(percore_engine::record::RECORD_BYTES),
+        );
+    }
     if replicas > 1 {
         say!(
             "settings digest {settings} (shards, accounts_max, transfers_max, credit_legs_max, \
-             session_clients_max): every node of the cluster must print the same"
+             session_clients_max; in BFT mode the batch cap): every node of the cluster must \
+             print the same"
         );
     }
     Ok(node_file::render_node_gauges(

@@ -1228,7 +1228,12 @@ where
     };
     let recent: Vec<(u64, u128)> = recent.into_iter().collect();
     // Replicas whose settings that decide results differ refuse each other at the handshake.
-    let settings_digest = crate::config::SettingsDigest::of_machine(shards, core.state_machine()).0;
+    let mut settings_digest =
+        crate::config::SettingsDigest::of_machine(shards, core.state_machine());
+    if config.bft.is_some() {
+        settings_digest = settings_digest.with_bft_batch(core.batch_records_max());
+    }
+    let settings_digest = settings_digest.0;
     let (replication, peer_listener) =
         match start_replication(shard, &config, journal.as_ref(), &recent, settings_digest) {
             Ok(started) => started,
