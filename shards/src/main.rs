@@ -898,7 +898,35 @@ fn node_values_check(args: &NodeArgs) -> Result<(), String> {
         1 << 20,
     )?;
     in_range("--bft-retain-ops", args.bft.bft_retain_ops, 1, u64::MAX)?;
+    if args.journal.data_dir.is_some() {
+        journal_entry_check(&args.shards.node_config().batch)?;
+    }
     Ok(())
+}
+
+/// With a journal, one batch is one entry, which must fit the journal's write buffer: the
+/// batch limits are refused by name here rather than by the journal at the shards' start.
+fn journal_entry_check(batch: &percore_engine::batch::BatchLimits) -> Result<(), String> {
+    use percore_engine::journal::{entry_body_bytes_max, entry_bytes_padded};
+    use percore_engine::record::RECORD_BYTES;
+    let entry_bytes = |records| entry_bytes_padded(entry_body_bytes_max(records, RECORD_BYTES));
+    let records = batch.entries_cap(RECORD_BYTES);
+    let buffer = percore_shards::runtime::JOURNAL_WRITE_BUFFER_BYTES;
+    if entry_bytes(records) <= buffer {
+        return Ok(());
+    }
+    let fitting = (1..records)
+        .rev()
+        .find(|&records| entry_bytes(records) <= buffer)
+        .unwrap_or(1);
+    Err(format!(
+        "--batch-entries-max {} (with --batch-bytes-max {}) makes batches of up to {records} \
+         records, whose journal entry of {} bytes does not fit the journal's {buffer}-byte \
+         write buffer: with --data-dir, batches hold at most {fitting} records",
+        batch.entries_max,
+        batch.bytes_max,
+        entry_bytes(records)
+    ))
 }
 
 /// The node configuration `node` and `format` derive from the same arguments.

@@ -2185,8 +2185,9 @@ fn node_quiescent<S: StateMachine>(shard: &Shard<S>) -> bool {
 /// Checksums of the last ops recovered that the replica core keeps (twice its pipeline).
 const RECENT_CHECKSUMS: usize = 2 * percore_engine::replica::PIPELINE_PREPARES_MAX_DEFAULT as usize;
 
-/// Staging buffer of each shard's journal: one group commit writes at most this much at once.
-const JOURNAL_WRITE_BUFFER_BYTES: usize = 512 * 1024;
+/// Staging buffer of each shard's journal: one group commit writes at most this much at once,
+/// so one entry (one batch) must fit.
+pub const JOURNAL_WRITE_BUFFER_BYTES: usize = 512 * 1024;
 
 /// Largest number of batches sealed, journaled together and applied in one turn.
 const GROUP_COMMIT_BATCHES_MAX: usize = 64;

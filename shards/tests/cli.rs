@@ -73,6 +73,10 @@ fn a_leader_rebalance_time_below_the_leader_timeout_is_refused() {
             "node",
             "--cores",
             "0",
+            // Not the default port: a node of another test may hold it, and the port
+            // check comes first.
+            "--client-port-base",
+            "0",
             "--replica",
             "0",
             "--peers",
@@ -389,6 +393,38 @@ fn small_batches_are_taken_and_bad_layouts_and_loads_are_refused_up_front() {
     );
     assert!(stderr.contains("replica"), "{stderr}");
     assert!(!data.exists(), "nothing written for a refused layout");
+    // With a journal a batch is one entry, which must fit the journal's write buffer: the
+    // batch limits are refused by name before anything starts.
+    let stderr = refused(
+        &[
+            "node",
+            "--cores",
+            "0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--batch-entries-max",
+            "5000",
+            "--batch-bytes-max",
+            "2000000",
+            "--client-port-base",
+            "0",
+        ],
+        &[],
+    );
+    let fits = |records: usize| {
+        percore_engine::journal::entry_bytes_padded(percore_engine::journal::entry_body_bytes_max(
+            records,
+            percore_engine::record::RECORD_BYTES,
+        )) <= percore_shards::runtime::JOURNAL_WRITE_BUFFER_BYTES
+    };
+    let fitting = (1..5000).rev().find(|&records| fits(records)).unwrap();
+    assert!(fitting > 1000, "the default cap fits: {fitting}");
+    assert!(
+        stderr.contains("--batch-entries-max 5000")
+            && stderr.contains(&format!("at most {fitting} records")),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "nothing written for refused batch limits");
     let _ = std::fs::remove_dir_all(&root);
 
     for (flag, value) in [
