@@ -463,24 +463,7 @@ fn apply_in_lockstep(
 ) -> (Vec<u32>, Vec<LedgerOutbound>) {
     let mut batch = records.to_vec();
     ledgers[0].prepare(operation, op * 1_000, &mut batch);
-    let mut first: Option<(Vec<RecordResult>, Vec<LedgerOutbound>)> = None;
-    for ledger in ledgers.iter_mut() {
-        let results = apply(ledger, op, operation, &batch);
-        let outbound: Vec<LedgerOutbound> = std::iter::from_fn(|| ledger.poll_outbound()).collect();
-        match &first {
-            None => first = Some((results, outbound)),
-            Some(expected) => {
-                assert_eq!((&results, &outbound), (&expected.0, &expected.1), "op {op}")
-            }
-        }
-    }
-    let digest = ledgers[0].digest();
-    assert!(
-        ledgers.iter().all(|ledger| ledger.digest() == digest),
-        "op {op}"
-    );
-    let (results, outbound) = first.unwrap();
-    (results.iter().map(|result| result.code).collect(), outbound)
+    apply_unprepared(ledgers, op, operation, &batch)
 }
 
 #[test]

@@ -1481,29 +1481,8 @@ fn in_flight_chunks_are_deterministic_ordered_and_bounded() {
     // Legs numbered 0.. in ring order, to destinations 2, 1, 2, 1, ... (two destinations,
     // more than a chunk's worth for destination 1).
     let count = 2 * per_chunk + 200;
-    let legs: Vec<Leg> = (0..count)
-        .map(|sequence| {
-            let mut record = [0u8; RECORD_BYTES];
-            record[..8].copy_from_slice(&(sequence as u64).to_le_bytes());
-            Leg {
-                shard: if sequence % 3 == 0 { 2 } else { 1 },
-                operation: 256,
-                record,
-            }
-        })
-        .collect();
-    let mut chunks = Vec::new();
-    in_flight_chunks(legs.clone(), records_max, &mut chunks).unwrap();
-    let shape: Vec<(u32, u32, usize)> = chunks
-        .iter()
-        .map(|chunk| {
-            (
-                chunk.destination,
-                chunk.chunk,
-                chunk.records.len() / RECORD_BYTES,
-            )
-        })
-        .collect();
+    let legs = numbered_legs(count, |sequence| if sequence % 3 == 0 { 2 } else { 1 }, 256);
+    let (chunks, shape) = chunk_shape(&legs, records_max);
     let to_one = legs.iter().filter(|leg| leg.shard == 1).count();
     let to_two = count - to_one;
     assert_eq!(
@@ -1545,7 +1524,6 @@ fn in_flight_chunks_are_deterministic_ordered_and_bounded() {
 
 #[test]
 fn in_flight_chunks_are_cut_at_the_batch_cap_so_each_fits_a_batch() {
-    type Leg = Outbound<u16, [u8; RECORD_BYTES]>;
     // More legs in flight to group 1 than two batches hold, far below the byte limit.
     let count = 2 * BATCH_RECORDS_MAX + 3;
     assert!(count * RECORD_BYTES < OUTPUT_RECORDS_BYTES_MAX);
@@ -1553,29 +1531,8 @@ fn in_flight_chunks_are_cut_at_the_batch_cap_so_each_fits_a_batch() {
         in_flight_chunk_records_max(RECORD_BYTES, BATCH_RECORDS_MAX),
         BATCH_RECORDS_MAX
     );
-    let legs: Vec<Leg> = (0..count)
-        .map(|sequence| {
-            let mut record = [0u8; RECORD_BYTES];
-            record[..8].copy_from_slice(&(sequence as u64).to_le_bytes());
-            Leg {
-                shard: 1,
-                operation: LedgerOperation::ApplyCreditLegs as u16,
-                record,
-            }
-        })
-        .collect();
-    let mut chunks = Vec::new();
-    in_flight_chunks(legs.clone(), BATCH_RECORDS_MAX, &mut chunks).unwrap();
-    let shape: Vec<(u32, u32, usize)> = chunks
-        .iter()
-        .map(|chunk| {
-            (
-                chunk.destination,
-                chunk.chunk,
-                chunk.records.len() / RECORD_BYTES,
-            )
-        })
-        .collect();
+    let legs = numbered_legs(count, |_| 1, LedgerOperation::ApplyCreditLegs as u16);
+    let (chunks, shape) = chunk_shape(&legs, BATCH_RECORDS_MAX);
     assert_eq!(
         shape,
         vec![
@@ -1959,4 +1916,45 @@ fn a_leg_certified_again_from_state_is_applied_once_and_settles() {
         .map(|shard| shard.ledger.conservation_sum())
         .sum();
     assert_eq!(conservation, 0, "balances + suspense + in flight");
+}
+
+/// `count` legs numbered 0.. in ring order (the number in a record's first 8 bytes), leg
+/// `i` to group `destination(i)`.
+fn numbered_legs(
+    count: usize,
+    destination: impl Fn(usize) -> u32,
+    operation: u16,
+) -> Vec<Outbound<u16, [u8; RECORD_BYTES]>> {
+    (0..count)
+        .map(|sequence| {
+            let mut record = [0u8; RECORD_BYTES];
+            record[..8].copy_from_slice(&(sequence as u64).to_le_bytes());
+            Outbound {
+                shard: destination(sequence),
+                operation,
+                record,
+            }
+        })
+        .collect()
+}
+
+/// The in-flight chunks of `legs` cut for batches of `records_max`, and their shape:
+/// `(destination, chunk, records)` each.
+fn chunk_shape(
+    legs: &[Outbound<u16, [u8; RECORD_BYTES]>],
+    records_max: usize,
+) -> (Vec<InFlightChunk>, Vec<(u32, u32, usize)>) {
+    let mut chunks = Vec::new();
+    in_flight_chunks(legs.to_vec(), records_max, &mut chunks).unwrap();
+    let shape = chunks
+        .iter()
+        .map(|chunk| {
+            (
+                chunk.destination,
+                chunk.chunk,
+                chunk.records.len() / RECORD_BYTES,
+            )
+        })
+        .collect();
+    (chunks, shape)
 }
