@@ -304,6 +304,12 @@ fn prometheus_scrapes_every_replica() {
         p99_s.is_finite() && p99_s > 0.0,
         "p99 request latency {p99_s} s"
     );
+    // A strict parser (client_golang's, as `promtool`, the Pushgateway and Telegraf use)
+    // accepts a whole node's exposition: each family once, its samples together. It
+    // refused the per-shard repetition of HELP and TYPE lines ("second TYPE line").
+    let promtool = binary.with_file_name("promtool");
+    let text = cluster.scrape(0).expect("metrics scrape");
+    assert_strict_exposition(&promtool, &text);
     eprintln!(
         "prometheus: {applied} records applied by the leaders ({acknowledged} acknowledged), \
          p99 request latency {:.3} ms; took {:?}",
@@ -312,4 +318,34 @@ fn prometheus_scrapes_every_replica() {
     );
     drop(prometheus);
     drop(cluster);
+}
+
+/// `promtool check metrics` parses `text` without an error. Its exit status is 3 for lint
+/// remarks alone (such as the house style's unit suffixes, `_us`), which are not errors.
+fn assert_strict_exposition(promtool: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("{}: {error}", promtool.display()));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("exposition written");
+    let output = child.wait_with_output().expect("promtool ends");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        matches!(output.status.code(), Some(0 | 3)) && !said.contains("error"),
+        "promtool refused the exposition ({:?}): {said}",
+        output.status
+    );
 }
