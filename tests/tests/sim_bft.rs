@@ -294,6 +294,26 @@ fn sim_bft_catches_a_restore_that_drops_prepared_certificates() {
     panic!("no prepared-report failure in seeds 0..100");
 }
 
+/// A client that accepts a result on `f` matching replies takes one Byzantine replica's
+/// made-up answer, in every run: the end-of-run check finds each accepted result no correct
+/// replica executed. The check at acceptance alone sees only the replicas that executed the
+/// request by then, which the lie usually precedes: it caught 16 runs of 200.
+#[test]
+fn sim_bft_catches_a_client_that_accepts_f_replies() {
+    let options = Options {
+        byzantine: 1,
+        behaviour: Some(Behaviour::Equivocate),
+        client_weak_quorum: true,
+        ..Options::default()
+    };
+    for seed in 0..10 {
+        match bft_sim::run(seed, &options) {
+            Err(failure) => assert_eq!(failure.checker, "client", "{failure}"),
+            Ok(_) => panic!("seed {seed}: a client accepted a lie unseen"),
+        }
+    }
+}
+
 #[test]
 fn sim_bft_catches_a_journal_that_outruns_prepared_certificates() {
     // A replica commits an op with its own Commit (held for the prepared certificate) and

@@ -109,6 +109,9 @@ pub struct Options {
     /// them (so a crash can keep a certificate holding a vote its durable guard does not
     /// cover).
     pub prepared_before_guard: bool,
+    /// A client bug: a client accepts a result on `f` matching replies instead of `f + 1`
+    /// (so one Byzantine replica's answer is enough).
+    pub client_weak_quorum: bool,
     /// Keep and print the whole trace.
     pub verbose: bool,
 }
@@ -124,6 +127,7 @@ impl Default for Options {
             beyond_budget: false,
             journal_before_prepared: false,
             prepared_before_guard: false,
+            client_weak_quorum: false,
             behaviour: None,
             steps: STEPS_DEFAULT,
             faults: true,
@@ -247,6 +251,10 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
             options.journal_before_prepared = true;
             continue;
         }
+        if arg == "--client-weak-quorum" {
+            options.client_weak_quorum = true;
+            continue;
+        }
         if arg == "--prepared-before-guard" {
             options.prepared_before_guard = true;
             continue;
@@ -368,6 +376,9 @@ pub fn options_args(options: &Options) -> Vec<String> {
     }
     if options.prepared_before_guard {
         args.push("--prepared-before-guard".to_string());
+    }
+    if options.client_weak_quorum {
+        args.push("--client-weak-quorum".to_string());
     }
     if options.verbose {
         args.push("-v".to_string());

@@ -549,7 +549,36 @@ impl World {
             self.handle(scheduled.event)?;
         }
         self.check_evidence()?;
+        self.check_accepted()?;
         Ok(self.summary())
+    }
+
+    /// At the end, every result a client accepted is the op at which every correct replica
+    /// executed the request. The check at acceptance sees only the replicas that had
+    /// executed it by then, which a quick (Byzantine) answer usually precedes.
+    fn check_accepted(&self) -> Outcome<()> {
+        for (client, state) in self.clients.iter().enumerate() {
+            for &(id, result) in &state.accepted {
+                for (index, node) in self.nodes.iter().enumerate() {
+                    if node.behaviour.is_some() {
+                        continue;
+                    }
+                    match node.executed.get(&id) {
+                        Some(&op) if op == result => {}
+                        executed => {
+                            return Err(self.fail(
+                                "client",
+                                format!(
+                                    "client {client} accepted op {result} for request {id:#x}; \
+                                     replica {index} executed it at {executed:?}"
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn handle(&mut self, event: Event) -> Outcome<()> {
@@ -1739,7 +1768,11 @@ impl World {
     }
 
     fn on_reply(&mut self, client: usize, replica: u8, id: u64, result: u64) -> Outcome<()> {
-        let weak_quorum = usize::from(self.faults_max) + 1;
+        let weak_quorum = if self.options.client_weak_quorum {
+            usize::from(self.faults_max).max(1)
+        } else {
+            usize::from(self.faults_max) + 1
+        };
         let state = &mut self.clients[client];
         let Some((request, replies)) = &mut state.outstanding else {
             return Ok(());
