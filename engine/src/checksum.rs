@@ -54,6 +54,13 @@ impl Digest256Hasher {
     pub fn finalize(&self) -> Digest256 {
         *self.hasher.finalize().as_bytes()
     }
+
+    /// The digest's first 8 bytes as a little-endian `u64` (a short digest to compare, such
+    /// as `StateMachine::settings_digest`).
+    pub fn finalize_u64(&self) -> u64 {
+        let digest = self.finalize();
+        u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+    }
 }
 
 #[cfg(test)]

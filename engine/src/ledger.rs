@@ -247,7 +247,7 @@ impl LedgerConfig {
             .update(&(self.accounts_max as u64).to_le_bytes())
             .update(&(self.transfers_max as u64).to_le_bytes())
             .update(&(self.credit_legs_in_flight_max as u64).to_le_bytes());
-        u64::from_le_bytes(hasher.finalize()[..8].try_into().expect("8 bytes"))
+        hasher.finalize_u64()
     }
 
     /// Checks every bound. The replay windows need no relation checked here: a credit shard

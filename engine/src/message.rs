@@ -984,18 +984,36 @@ impl HandshakeFrame {
     }
 }
 
+/// Who one end of a peer connection is: what a dialer puts in its Hello, and what a
+/// listener checks a Hello against ([`check_hello`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The cluster (public); the cluster key proves membership.
+    pub cluster_id: u128,
+    /// Replication group (shard index) of the connection.
+    pub group: u32,
+    /// This replica.
+    pub replica: u8,
+    /// Replicas in the cluster; peers are `0..replica_count` other than `replica`.
+    pub replica_count: u8,
+    /// Digest of the cluster's peers list ([`Transcript::peers_digest`]).
+    pub peers_digest: u64,
+    /// Digest of the settings that decide results ([`Transcript::settings_digest`]).
+    pub settings_digest: u64,
+}
+
 /// The listener's identity checks on a Hello: our cluster, peers list, settings and group,
 /// a dialer in `0..replica_count` other than us, addressed to us, no listener nonce or MAC
 /// yet.
-pub fn check_hello(
-    hello: &HandshakeFrame,
-    cluster_id: u128,
-    group: u32,
-    replica: u8,
-    replica_count: u8,
-    peers_digest: u64,
-    settings_digest: u64,
-) -> Result<(), MessageError> {
+pub fn check_hello(hello: &HandshakeFrame, me: &PeerIdentity) -> Result<(), MessageError> {
+    let PeerIdentity {
+        cluster_id,
+        group,
+        replica,
+        replica_count,
+        peers_digest,
+        settings_digest,
+    } = *me;
     debug_assert!(replica < replica_count);
     if hello.cluster_id != cluster_id {
         return Err(MessageError::ForeignCluster {
@@ -1417,39 +1435,33 @@ mod tests {
         let hello = HandshakeFrame::new(HandshakeStep::Hello, &sent, 0);
         let decoded = HandshakeFrame::decode(&hello.encode(), HandshakeStep::Hello).unwrap();
         assert_eq!(decoded, hello);
+        // Replica 2 of 3 listens.
+        let me = PeerIdentity {
+            cluster_id: t.cluster_id,
+            group: GROUP,
+            replica: 2,
+            replica_count: 3,
+            peers_digest: t.peers_digest,
+            settings_digest: t.settings_digest,
+        };
+        assert_eq!(check_hello(&decoded, &me), Ok(()));
         assert_eq!(
             check_hello(
                 &decoded,
-                t.cluster_id,
-                GROUP,
-                2,
-                3,
-                t.peers_digest,
-                t.settings_digest
-            ),
-            Ok(())
-        );
-        assert_eq!(
-            check_hello(
-                &decoded,
-                t.cluster_id ^ 1,
-                GROUP,
-                2,
-                3,
-                t.peers_digest,
-                t.settings_digest
+                &PeerIdentity {
+                    cluster_id: t.cluster_id ^ 1,
+                    ..me
+                }
             ),
             Err(MessageError::ForeignCluster { got: t.cluster_id })
         );
         assert!(matches!(
             check_hello(
                 &decoded,
-                t.cluster_id,
-                GROUP + 1,
-                2,
-                3,
-                t.peers_digest,
-                t.settings_digest
+                &PeerIdentity {
+                    group: GROUP + 1,
+                    ..me
+                }
             ),
             Err(MessageError::WrongGroup { .. })
         ));
@@ -1457,12 +1469,10 @@ mod tests {
         assert_eq!(
             check_hello(
                 &decoded,
-                t.cluster_id,
-                GROUP,
-                2,
-                3,
-                t.peers_digest ^ 1,
-                t.settings_digest
+                &PeerIdentity {
+                    peers_digest: t.peers_digest ^ 1,
+                    ..me
+                }
             ),
             Err(MessageError::PeersMismatch {
                 expected: t.peers_digest ^ 1,
@@ -1471,7 +1481,13 @@ mod tests {
         );
         // A node configured with other settings that decide results.
         assert_eq!(
-            check_hello(&decoded, t.cluster_id, GROUP, 2, 3, t.peers_digest, 1),
+            check_hello(
+                &decoded,
+                &PeerIdentity {
+                    settings_digest: 1,
+                    ..me
+                }
+            ),
             Err(MessageError::SettingsMismatch {
                 expected: 1,
                 got: t.settings_digest
@@ -1479,39 +1495,22 @@ mod tests {
         );
         // The dialer claims to be us, or a replica outside the cluster.
         assert_eq!(
-            check_hello(
-                &decoded,
-                t.cluster_id,
-                GROUP,
-                1,
-                3,
-                t.peers_digest,
-                t.settings_digest
-            ),
+            check_hello(&decoded, &PeerIdentity { replica: 1, ..me }),
             Err(MessageError::UnknownPeer { from: 1 })
         );
         assert_eq!(
             check_hello(
                 &decoded,
-                t.cluster_id,
-                GROUP,
-                0,
-                1,
-                t.peers_digest,
-                t.settings_digest
+                &PeerIdentity {
+                    replica: 0,
+                    replica_count: 1,
+                    ..me
+                }
             ),
             Err(MessageError::UnknownPeer { from: 1 })
         );
         assert_eq!(
-            check_hello(
-                &decoded,
-                t.cluster_id,
-                GROUP,
-                0,
-                3,
-                t.peers_digest,
-                t.settings_digest
-            ),
+            check_hello(&decoded, &PeerIdentity { replica: 0, ..me }),
             Err(MessageError::WrongTarget { to: 2 })
         );
         assert_eq!(

@@ -433,7 +433,7 @@ pub fn settings_digest(clients_max: usize, inner: u64) -> u64 {
         .update(b"percore.sessions.settings.v1")
         .update(&(clients_max as u64).to_le_bytes())
         .update(&inner.to_le_bytes());
-    u64::from_le_bytes(hasher.finalize()[..8].try_into().expect("8 bytes"))
+    hasher.finalize_u64()
 }
 
 /// A state machine with a client session table: see the module docs. Everything but

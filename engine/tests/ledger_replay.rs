@@ -26,7 +26,8 @@ fn config(shard_index: u32) -> LedgerConfig {
 }
 
 /// A larger account table: with another hash seed, a different memory layout for the same
-/// state. (The windows decide results, so replicas share their sizes.)
+/// state. (Deployed replicas share every bound that decides results, `accounts_max` too,
+/// as the settings digest enforces; while no table fills, a roomier one decides nothing.)
 fn config_roomy(shard_index: u32) -> LedgerConfig {
     LedgerConfig {
         accounts_max: 1_000,
@@ -295,11 +296,8 @@ fn snapshot_restore_round_trips_and_replay_continues_identically() {
 fn a_full_ledgers_snapshot_is_exactly_snapshot_bytes_max() {
     let config = config(0);
     let mut ledger = Ledger::new(config);
-    let local: Vec<u128> = (1..)
-        .filter(|&id| shard_of(id, SHARDS) == 0)
-        .take(config.accounts_max)
-        .collect();
-    let remote = (1..).find(|&id| shard_of(id, SHARDS) == 1).unwrap();
+    let local = ids_on(0, config.accounts_max);
+    let remote = ids_on(1, 1)[0];
     let mut op = 0;
     let mut execute = |ledger: &mut Ledger, operation, mut batch: Vec<RecordSlot>| {
         op += 1;
@@ -415,7 +413,7 @@ fn damaged_snapshots_are_rejected_and_leave_the_ledger_empty() {
     reordered[two..two + record_bytes].copy_from_slice(&first_transfer);
     cases.push(("window order", reordered, RestoreError::Corrupt));
     let mut foreign = snapshot.clone();
-    let foreign_id = (1_u128..).find(|&id| shard_of(id, SHARDS) == 0).unwrap();
+    let foreign_id = ids_on(0, 1)[0];
     foreign[first..first + 16].copy_from_slice(&foreign_id.to_le_bytes());
     cases.push(("account on another shard", foreign, RestoreError::Corrupt));
 
@@ -476,11 +474,8 @@ fn a_wrapped_window_restores_in_order_and_the_future_stays_identical() {
     };
     let mut source = Ledger::new(small);
     let mut follower = Ledger::with_hash_seed(small, 0x1234_5678);
-    let local: Vec<u128> = (1..)
-        .filter(|&id| shard_of(id, SHARDS) == 0)
-        .take(3)
-        .collect();
-    let remote = (1..).find(|&id| shard_of(id, SHARDS) == 1).unwrap();
+    let local = ids_on(0, 3);
+    let remote = ids_on(1, 1)[0];
     let (mint, payee) = (local[0], local[1]);
     let mut op = 0;
     let mut step = |ledgers: &mut [&mut Ledger], operation, records: &[RecordSlot]| {
@@ -608,13 +603,9 @@ fn account_with_timestamp(record: RecordSlot, timestamp: u64) -> RecordSlot {
 /// increase and every checkpoint's snapshot restores.
 #[test]
 fn timestamps_a_leader_sets_out_of_order_are_recorded_in_order_and_snapshots_restore() {
-    let mut ledger = Ledger::new(config(0));
-    let mut replica = Ledger::with_hash_seed(config_roomy(0), 0xdead_beef);
-    let local: Vec<u128> = (1..)
-        .filter(|&id| shard_of(id, SHARDS) == 0)
-        .take(2)
-        .collect();
-    let remote = (1..).find(|&id| shard_of(id, SHARDS) == 1).unwrap();
+    let (mut ledger, mut replica) = lockstep_pair();
+    let local = ids_on(0, 2);
+    let remote = ids_on(1, 1)[0];
     let (mint, payee) = (local[0], local[1]);
     let accounts = [
         account_with_timestamp(account(mint, account_flags::ALLOW_NEGATIVE), 100),
@@ -677,12 +668,8 @@ fn timestamps_a_leader_sets_out_of_order_are_recorded_in_order_and_snapshots_res
 /// increase.
 #[test]
 fn a_clock_at_the_end_of_time_neither_overflows_nor_goes_back() {
-    let mut ledger = Ledger::new(config(0));
-    let mut replica = Ledger::with_hash_seed(config_roomy(0), 0xdead_beef);
-    let local: Vec<u128> = (1..)
-        .filter(|&id| shard_of(id, SHARDS) == 0)
-        .take(2)
-        .collect();
+    let (mut ledger, mut replica) = lockstep_pair();
+    let local = ids_on(0, 2);
     let (mint, payee) = (local[0], local[1]);
     let mut accounts = vec![
         account(mint, account_flags::ALLOW_NEGATIVE),
@@ -736,9 +723,8 @@ fn a_clock_at_the_end_of_time_neither_overflows_nor_goes_back() {
     );
 
     // Certified legs on the credit shard, stamped at execution from the batch's `now_ns`.
-    let origin = (1..).find(|&id| shard_of(id, SHARDS) == 1).unwrap();
-    let mut credit_shard = Ledger::new(config(0));
-    let mut credit_replica = Ledger::with_hash_seed(config_roomy(0), 0xdead_beef);
+    let origin = ids_on(1, 1)[0];
+    let (mut credit_shard, mut credit_replica) = lockstep_pair();
     let leg = |sequence: u64| {
         let mut leg = *transfer(100 + u128::from(sequence), origin, payee, 1).as_transfer();
         leg.flags = transfer_flags::CROSS_SHARD_CREDIT;
@@ -766,4 +752,21 @@ fn a_clock_at_the_end_of_time_neither_overflows_nor_goes_back() {
     let mut snapshot = Vec::new();
     ledger.snapshot(&mut snapshot);
     assert_eq!(Ledger::new(config(0)).restore(&snapshot), Ok(()));
+}
+
+/// The first `count` account ids that live on `shard` (of [`SHARDS`]).
+fn ids_on(shard: u32, count: usize) -> Vec<u128> {
+    (1..)
+        .filter(|&id| shard_of(id, SHARDS) == shard)
+        .take(count)
+        .collect()
+}
+
+/// Two replicas of shard 0 that must agree although their tables differ in size
+/// ([`config_roomy`]) and hash seed: nothing they report may depend on table layout.
+fn lockstep_pair() -> (Ledger, Ledger) {
+    (
+        Ledger::new(config(0)),
+        Ledger::with_hash_seed(config_roomy(0), 0xdead_beef),
+    )
 }

@@ -71,24 +71,8 @@ fn io_error(err: std::io::Error) -> PeerError {
     }
 }
 
-/// Who this end of a peer connection is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerIdentity {
-    /// The cluster (public); the cluster key proves membership.
-    pub cluster_id: u128,
-    /// Replication group (shard index) of the connection.
-    pub group: u32,
-    /// This replica.
-    pub replica: u8,
-    /// Replicas in the cluster; peers are `0..replica_count` other than `replica`.
-    pub replica_count: u8,
-    /// Digest of the cluster's peers list (addresses in replica order): nodes configured
-    /// with different lists refuse each other at the handshake.
-    pub peers_digest: u64,
-    /// Digest of the settings that decide results (`Transcript::settings_digest`): replicas
-    /// configured differently refuse each other at the handshake.
-    pub settings_digest: u64,
-}
+/// Who this end of a peer connection is (the listener checks a Hello against it).
+pub use percore_engine::message::PeerIdentity;
 
 /// BFT mode: replicas prove their index at the handshake with their ed25519 keys. Every
 /// replica holds the cluster key, so the MACs alone prove only membership: without this a
@@ -241,16 +225,7 @@ pub async fn accept_handshake(
             .set_nodelay(true)
             .map_err(|err| io_error(err.into()))?;
         let hello = read_handshake(&mut stream, HandshakeStep::Hello).await?;
-        message::check_hello(
-            &hello,
-            me.cluster_id,
-            me.group,
-            me.replica,
-            me.replica_count,
-            me.peers_digest,
-            me.settings_digest,
-        )
-        .map_err(|reason| PeerError::Refused { reason })?;
+        message::check_hello(&hello, me).map_err(|reason| PeerError::Refused { reason })?;
         let transcript = Transcript {
             nonce_listener: nonce,
             ..hello.transcript()

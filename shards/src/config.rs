@@ -782,9 +782,7 @@ impl PeersDigest {
             hasher.update(peer.to_string().as_bytes());
             hasher.update(b"\n");
         }
-        let hash = hasher.finalize();
-        let low = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
-        Self(low & ((1 << PEERS_DIGEST_BITS) - 1))
+        Self(low_bits(&hasher))
     }
 }
 
@@ -806,9 +804,7 @@ impl SettingsDigest {
         hasher.update(b"percore settings digest v1\0");
         hasher.update(&(shard_count as u64).to_le_bytes());
         hasher.update(&machine_digest.to_le_bytes());
-        let hash = hasher.finalize();
-        let low = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
-        Self(low & ((1 << PEERS_DIGEST_BITS) - 1))
+        Self(low_bits(&hasher))
     }
 
     /// The digest of shard `machine`'s node of `shard_count` shards (what the runtime puts
@@ -829,9 +825,7 @@ impl SettingsDigest {
         hasher.update(b"percore settings digest bft v1\0");
         hasher.update(&self.0.to_le_bytes());
         hasher.update(&(records_max as u64).to_le_bytes());
-        let hash = hasher.finalize();
-        let low = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
-        Self(low & ((1 << PEERS_DIGEST_BITS) - 1))
+        Self(low_bits(&hasher))
     }
 
     /// The digest of a `percore node` (the ledger in a session table of
@@ -846,6 +840,14 @@ impl SettingsDigest {
             percore_engine::session::settings_digest(session_clients_max, ledger.settings_digest());
         Self::of(shard_count, machine)
     }
+}
+
+/// The low [`PEERS_DIGEST_BITS`] bits of `hasher`'s digest (what a metric sample holds
+/// exactly).
+fn low_bits(hasher: &blake3::Hasher) -> u64 {
+    let hash = hasher.finalize();
+    let low = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+    low & ((1 << PEERS_DIGEST_BITS) - 1)
 }
 
 impl fmt::Display for SettingsDigest {

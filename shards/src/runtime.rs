@@ -879,7 +879,7 @@ async fn open_journal<S: StateMachine>(
             replacing: create == JournalCreate::FirstStartReplacing,
             // What the state machine can apply; entries written or sent under larger batch
             // limits are refused by name.
-            records_max: config.batch.entries_cap(record_bytes),
+            records_max,
             ..JournalOptions::default()
         },
         |meta, bytes| {

@@ -1813,18 +1813,9 @@ fn a_client_id_reused_by_a_new_client_is_not_answered_with_old_replies() {
 #[test]
 fn a_leader_without_followers_still_stops_on_sigterm() {
     let mut harness = Harness::start("stop-without-followers", REPLICAS);
-    let mut client = harness.client(1);
-    let accounts = create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
-        .expect("accounts created and funded");
-    assert_eq!(harness.current_leader(0, &[0]), Some(0));
-    harness.cluster.kill(1);
-    harness.cluster.kill(2);
+    let accounts = leader_left_alone(&mut harness);
     let (debit, credit) = (accounts[0][1], accounts[0][2]);
-    // Straight to the leader of group 0, with one attempt: no ping of the dead leaders.
-    let mut config = ClientConfig::new(harness.cluster.leader_addresses(), 2);
-    config.attempts_max = 1;
-    config.timeout = Duration::from_secs(30);
-    let mut stuck = Client::new(config);
+    let mut stuck = one_attempt_client(&harness, 2);
     let staged = |harness: &Harness| harness.metric(0, "percore_replication_op_head", 0);
     let before = staged(&harness);
     let pending = std::thread::spawn(move || {
@@ -1841,6 +1832,27 @@ fn a_leader_without_followers_still_stops_on_sigterm() {
     stop_leader_in_time(&mut harness);
     let answered = pending.join().expect("the client thread");
     assert!(answered.is_err(), "not committed: {answered:?}");
+}
+
+/// Funds accounts, checks that replica 0 leads group 0, and kills its followers (replicas
+/// 1 and 2): nothing commits in the group from then on. Returns the accounts.
+fn leader_left_alone(harness: &mut Harness) -> Vec<Vec<u128>> {
+    let mut client = harness.client(1);
+    let accounts = create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
+        .expect("accounts created and funded");
+    assert_eq!(harness.current_leader(0, &[0]), Some(0));
+    harness.cluster.kill(1);
+    harness.cluster.kill(2);
+    accounts
+}
+
+/// Client `client_id` straight to the groups' first leaders, with one attempt (no ping of
+/// dead replicas) and a long timeout: it sees the leader's own answer.
+fn one_attempt_client(harness: &Harness, client_id: u128) -> Client {
+    let mut config = ClientConfig::new(harness.cluster.leader_addresses(), client_id);
+    config.attempts_max = 1;
+    config.timeout = Duration::from_secs(30);
+    Client::new(config)
 }
 
 /// Sends SIGTERM to replica 0 and asserts that it exits before the harness's stop timeout.
@@ -1871,24 +1883,13 @@ fn a_leader_without_followers_and_with_full_pools_still_stops_on_sigterm() {
         // Fixed view: the leader never steps down, which would drop what it holds.
         &["--transactions", "64", "--batches", "2", "--fixed-view"],
     );
-    let mut client = harness.client(1);
-    let accounts = create_funded_accounts(&mut client, ACCOUNTS_PER_SHARD, FUNDING)
-        .expect("accounts created and funded");
-    assert_eq!(harness.current_leader(0, &[0]), Some(0));
-    harness.cluster.kill(1);
-    harness.cluster.kill(2);
+    let accounts = leader_left_alone(&mut harness);
     let exhausted = |harness: &Harness| harness.metric(0, "percore_pool_exhausted_total", 0);
     let before = exhausted(&harness);
     let (debit, credit) = (accounts[0][1], accounts[0][2]);
     let pending: Vec<_> = (0..CONNECTIONS as u64)
         .map(|connection| {
-            let mut config = ClientConfig::new(
-                harness.cluster.leader_addresses(),
-                100 + u128::from(connection),
-            );
-            config.attempts_max = 1;
-            config.timeout = Duration::from_secs(30);
-            let mut stuck = Client::new(config);
+            let mut stuck = one_attempt_client(&harness, 100 + u128::from(connection));
             std::thread::spawn(move || {
                 let transfers: Vec<Transfer> = (0..RECORDS)
                     .map(|index| {

@@ -42,6 +42,18 @@ fn start_node() -> Node<Ledger> {
     .expect("node starts")
 }
 
+/// Shuts `node` down and asserts it took less than 5 s (nothing held the shutdown).
+fn shutdown_promptly(node: Node<Ledger>) -> Vec<ShardReport<Ledger>> {
+    let stopping = Instant::now();
+    let reports = node.shutdown().unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+    reports
+}
+
 fn client(node: &Node<Ledger>, client_id: u128) -> Client {
     let mut client = Client::new(ClientConfig::new(
         node.client_addresses().to_vec(),
@@ -454,13 +466,7 @@ fn a_client_stalled_mid_frame_loses_its_connection_and_holds_no_shutdown() {
     // Another stalls mid-header; shutdown does not wait for it to finish the frame.
     let _held = partial(10);
     std::thread::sleep(Duration::from_millis(100));
-    let stopping = Instant::now();
-    let reports = node.shutdown().unwrap();
-    assert!(
-        stopping.elapsed() < Duration::from_secs(5),
-        "shutdown took {:?}",
-        stopping.elapsed()
-    );
+    let reports = shutdown_promptly(node);
     assert_conserved(&reports);
 }
 
@@ -501,13 +507,7 @@ fn a_client_trickling_after_an_error_reply_holds_no_shutdown() {
         "closed after {:?}",
         started.elapsed()
     );
-    let stopping = Instant::now();
-    let reports = node.shutdown().unwrap();
-    assert!(
-        stopping.elapsed() < Duration::from_secs(5),
-        "shutdown took {:?}",
-        stopping.elapsed()
-    );
+    let reports = shutdown_promptly(node);
     stop.store(true, Ordering::Relaxed);
     trickle.join().unwrap();
     assert_conserved(&reports);
