@@ -238,8 +238,20 @@ pub struct BenchReport {
     /// and moved there, sending its unanswered requests again (the whole load, warm-up
     /// included). Their latency counts from when they were first due.
     pub leader_follows: u64,
-    /// Client-observed request latency percentiles (µs): p50, p99, p999, max.
+    /// Client-observed request latency percentiles (µs): p50, p99, p999, max. Closed loop:
+    /// the requests answered during the window, from when each was sent. Open loop: the
+    /// requests due during the window, from when each was due, answered in it or after it
+    /// (the load drains what is in flight), and those never sent
+    /// ([`Self::requests_unsent_at_end`]).
     pub request_latency_us: LatencyRow,
+    /// Requests in [`Self::request_latency_us`].
+    pub requests_measured: u64,
+    /// Open loop: requests due during the window that their connection had not sent when
+    /// the window ended (its window of requests in flight was full: the cluster was behind
+    /// the offered rate). Each counts in [`Self::request_latency_us`] as answered at the
+    /// window's end, a lower bound, so an overloaded run's tail is never shorter than its
+    /// backlog. `None` in a closed loop.
+    pub requests_unsent_at_end: Option<u64>,
     /// Leader commit latency (stage to quorum commit) over the window, all groups, at the
     /// resolution of the exported histogram buckets; `None` on a single node.
     pub commit_latency_us: Option<BucketLatencyRow>,
@@ -490,6 +502,9 @@ struct LoadThreadReport {
     acknowledged: u64,
     failed: u64,
     latency: Histogram<u64>,
+    /// Open loop: requests due in the window and not yet sent when it ended
+    /// ([`censor_unsent`]).
+    unsent_at_end: u64,
 }
 
 /// Builds one client thread's requests: random transfers from its shard's accounts.
@@ -556,12 +571,18 @@ impl RequestMaker {
 /// What one client thread's replies said, counted while the window is measured.
 struct ReplyTally {
     shard: usize,
+    /// Replies count towards throughput while this is set (the window).
     measuring: Arc<AtomicBool>,
+    /// Open loop: a reply's latency counts when its request was due in this window, even if
+    /// it comes after the window ended; closed loop (`None`): when `measuring`.
+    due_window: Option<Arc<MeasuredWindow>>,
     acknowledged_live: Arc<AtomicU64>,
     interval_latency: Arc<Mutex<Histogram<u64>>>,
     latency: Histogram<u64>,
     acknowledged: u64,
     failed: u64,
+    /// Open loop: set once the thread stops ([`censor_unsent`]).
+    unsent_at_end: u64,
 }
 
 impl ReplyTally {
@@ -569,15 +590,22 @@ impl ReplyTally {
     /// `started` (sent then, or in a paced thread, due then).
     fn record(&mut self, results: &[u8], started: Instant) {
         let count = results.len() / size_of::<RecordResult>();
-        if self.measuring.load(Ordering::Relaxed) {
-            let micros = started.elapsed().as_micros() as u64;
-            self.latency.saturating_record(micros.max(1));
+        let measuring = self.measuring.load(Ordering::Relaxed);
+        let micros = (started.elapsed().as_micros() as u64).max(1);
+        let counted = match &self.due_window {
+            Some(window) => window.contains(started),
+            None => measuring,
+        };
+        if counted {
+            self.latency.saturating_record(micros);
+        }
+        if measuring {
             // Once per reply (a whole request), uncontended except when the sampler
-            // drains it once a second.
+            // drains it once a second. The series' seconds are seconds of replies.
             self.interval_latency
                 .lock()
                 .expect("no panics under this lock")
-                .saturating_record(micros.max(1));
+                .saturating_record(micros);
             self.acknowledged += count as u64;
             self.failed += results
                 .chunks_exact(size_of::<RecordResult>())
@@ -594,8 +622,105 @@ impl ReplyTally {
             acknowledged: self.acknowledged,
             failed: self.failed,
             latency: self.latency,
+            unsent_at_end: self.unsent_at_end,
         }
     }
+}
+
+/// The measured window of a load, as seen by its client threads. In an open loop a request
+/// counts in the run's latency when it was due inside the window ([`Self::contains`]),
+/// whether it was answered inside it, after it (while the load drains), or not at all (its
+/// thread stopped before sending it: [`censor_unsent`]). Counting the replies that came
+/// inside the window instead left out the requests a backlog still held at its end, the
+/// slowest ones: under overload the run's tail was optimistic.
+struct MeasuredWindow {
+    base: Instant,
+    /// When the window opened, in ns after `base` (`u64::MAX`: not yet).
+    start_ns: AtomicU64,
+    /// When it closed, in ns after `base` (`u64::MAX`: not yet).
+    end_ns: AtomicU64,
+}
+
+impl MeasuredWindow {
+    /// A window not yet open; every due time the threads ask about is after `base`.
+    fn new(base: Instant) -> Self {
+        Self {
+            base,
+            start_ns: AtomicU64::new(u64::MAX),
+            end_ns: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn since_base(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    fn at(&self, ns: u64) -> Option<Instant> {
+        (ns != u64::MAX).then(|| self.base + Duration::from_nanos(ns))
+    }
+
+    fn open(&self, at: Instant) {
+        self.start_ns.store(self.since_base(at), Ordering::Release);
+    }
+
+    fn close(&self, at: Instant) {
+        self.end_ns.store(self.since_base(at), Ordering::Release);
+    }
+
+    /// When it opened and when it closed, once they are known.
+    fn bounds(&self) -> (Option<Instant>, Option<Instant>) {
+        (
+            self.at(self.start_ns.load(Ordering::Acquire)),
+            self.at(self.end_ns.load(Ordering::Acquire)),
+        )
+    }
+
+    /// Whether a request due at `due` is one the window measures. A reply arrives after its
+    /// request's due time, so while the window is open its end does not matter yet.
+    fn contains(&self, due: Instant) -> bool {
+        match self.bounds() {
+            (Some(start), end) => due >= start && end.is_none_or(|end| due < end),
+            (None, _) => false,
+        }
+    }
+}
+
+/// Most histogram entries [`censor_unsent`] makes: past it, unsent requests are recorded
+/// in this many equal runs, each at the latency of its latest-due request.
+const CENSORED_RUNS_MAX: u64 = 65_536;
+
+/// Records, for one open-loop thread that has stopped after sending `sent` requests, every
+/// request due inside `window` that it never sent (its window of requests in flight was
+/// full when the load stopped): as answered at the window's end, a lower bound of what its
+/// latency would have been. Returns how many there were. Runs of them beyond
+/// [`CENSORED_RUNS_MAX`] share one entry at the run's smallest latency, so that the bound
+/// stays a lower bound and the work stays bounded under any overload.
+fn censor_unsent(
+    schedule: &PaceSchedule,
+    sent: u64,
+    window: &MeasuredWindow,
+    latency: &mut Histogram<u64>,
+) -> u64 {
+    let (Some(start), Some(end)) = window.bounds() else {
+        return 0;
+    };
+    let first = schedule.due_before(start).max(sent);
+    let last = schedule.due_before(end);
+    let Some(unsent) = last.checked_sub(first).filter(|&unsent| unsent > 0) else {
+        return 0;
+    };
+    let runs = unsent.min(CENSORED_RUNS_MAX);
+    for run in 0..runs {
+        let (low, high) = (
+            first + unsent * run / runs,
+            first + unsent * (run + 1) / runs,
+        );
+        let micros = end
+            .saturating_duration_since(schedule.due(high - 1))
+            .as_micros() as u64;
+        latency.saturating_record_n(micros.max(1), high - low);
+    }
+    unsent
 }
 
 /// Longest a load connection looks for its group's new leader after its replica stopped
@@ -774,7 +899,7 @@ fn load_thread(
             window,
             stop: &stop,
         };
-        paced(
+        let sent = paced(
             paced_load,
             link,
             pipeline,
@@ -782,6 +907,10 @@ fn load_thread(
             &mut unanswered,
             &mut tally,
         )?;
+        // Acquire: pairs with `Load::finish`'s Release, so that the window's end is known.
+        if let (true, Some(window)) = (stop.load(Ordering::Acquire), tally.due_window.clone()) {
+            tally.unsent_at_end = censor_unsent(&schedule, sent, &window, &mut tally.latency);
+        }
         return Ok(tally.into_report());
     }
     let mut pipeline = pipeline;
@@ -858,7 +987,7 @@ struct PacedCounts {
 /// `schedule.due(k)` (later only while `window` requests are unanswered), this thread
 /// receives and counts each reply's latency from its request's due time. Replies come in
 /// request order, so the due time of the `k`-th reply is known without a queue. Ends when
-/// `stop` is set and every request sent is answered.
+/// `stop` is set and every request sent is answered; returns how many were sent.
 ///
 /// A leader change: the receiver's read fails, it marks the connection `broken` and waits;
 /// the sender (which also shuts the connection down when its own write fails, so that the
@@ -871,7 +1000,7 @@ fn paced(
     maker: &mut RequestMaker,
     unanswered: &mut Unanswered,
     tally: &mut ReplyTally,
-) -> Result<(), ClientError> {
+) -> Result<u64, ClientError> {
     let (mut sender, mut receiver) = pipeline.split()?;
     let counts = PacedCounts {
         sent: AtomicU64::new(0),
@@ -916,7 +1045,8 @@ fn paced(
     })
 }
 
-/// The sending half of [`paced`]; it also moves the connection to a new leader.
+/// The sending half of [`paced`]; it also moves the connection to a new leader. Returns how
+/// many requests it sent.
 fn paced_send(
     load: PacedLoad<'_>,
     link: &mut LeaderLink,
@@ -925,7 +1055,7 @@ fn paced_send(
     unanswered: &mut Unanswered,
     counts: &PacedCounts,
     receiving: &std::thread::Thread,
-) -> Result<(), ClientError> {
+) -> Result<u64, ClientError> {
     let PacedLoad {
         schedule,
         window,
@@ -938,13 +1068,13 @@ fn paced_send(
             *sender = paced_follow(link, unanswered, counts, sent, receiving)?;
         }
         if !pacing::sleep_until(schedule.due(sent), spin, stop) {
-            return Ok(());
+            return Ok(sent);
         }
         // A full window holds the request back; it is then late, and its latency (counted
         // from the due time) shows it.
         while sent - counts.received.load(Ordering::Acquire) >= window as u64 {
             if stop.load(Ordering::Relaxed) || counts.receiver_failed.load(Ordering::Relaxed) {
-                return Ok(());
+                return Ok(sent);
             }
             if counts.broken.load(Ordering::Acquire) {
                 *sender = paced_follow(link, unanswered, counts, sent, receiving)?;
@@ -953,7 +1083,7 @@ fn paced_send(
             std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
         }
         if counts.receiver_failed.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(sent);
         }
         let records = unanswered.build(sent + 1, maker);
         // Counted before it is written: if the write fails, a reply is owed, so the receiver
@@ -975,7 +1105,7 @@ fn paced_send(
             // fails on the shut connection (or it fails for good and stops us).
             while !counts.broken.load(Ordering::Acquire) {
                 if counts.receiver_failed.load(Ordering::Relaxed) {
-                    return Ok(());
+                    return Ok(sent);
                 }
                 std::thread::park_timeout(Duration::from_millis(pacing::PACE_STOP_POLL_MS));
             }
@@ -1063,6 +1193,8 @@ struct Load {
     /// Times a connection moved to its group's new leader.
     follows: Arc<AtomicU64>,
     measuring: Arc<AtomicBool>,
+    /// The window as the open-loop threads see it ([`MeasuredWindow`]).
+    window: Arc<MeasuredWindow>,
     stop: Arc<AtomicBool>,
     acknowledged_live: Arc<AtomicU64>,
     /// Per thread, the latency since the sampler last drained it ([`Load::take_latency`]).
@@ -1078,6 +1210,8 @@ struct LoadTotals {
     acknowledged_per_shard: Vec<u64>,
     failed: u64,
     latency: Histogram<u64>,
+    /// Open loop: requests due in the window and never sent ([`censor_unsent`]).
+    unsent_at_end: u64,
 }
 
 impl Load {
@@ -1099,6 +1233,7 @@ impl Load {
         let start = Instant::now();
         let accounts = Arc::new(accounts);
         let measuring = Arc::new(AtomicBool::new(false));
+        let window = Arc::new(MeasuredWindow::new(start));
         let stop = Arc::new(AtomicBool::new(false));
         let acknowledged_live = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
@@ -1118,11 +1253,13 @@ impl Load {
                 let tally = ReplyTally {
                     shard,
                     measuring,
+                    due_window: rate_tx_per_s.map(|_| window.clone()),
                     acknowledged_live: live,
                     interval_latency: interval,
                     latency: latency_histogram(),
                     acknowledged: 0,
                     failed: 0,
+                    unsent_at_end: 0,
                 };
                 let schedule = rate_tx_per_s.map(|rate| {
                     PaceSchedule::for_thread(
@@ -1146,6 +1283,7 @@ impl Load {
             threads,
             follows,
             measuring,
+            window,
             stop,
             acknowledged_live,
             interval_latency,
@@ -1167,8 +1305,7 @@ impl Load {
     /// Counts replies from now on, sleeps through the window (printing progress if asked)
     /// and returns when it started. The caller snapshots its counters right after.
     fn measure(&self, config: &LoadConfig) -> Instant {
-        self.measuring.store(true, Ordering::Relaxed);
-        let started = Instant::now();
+        let started = self.open_window();
         let mut last_ack = self.acknowledged_live.load(Ordering::Relaxed);
         while started.elapsed() < config.duration {
             let left = config.duration.saturating_sub(started.elapsed());
@@ -1186,12 +1323,24 @@ impl Load {
         started
     }
 
-    /// Stops the threads (each drains its window) and merges what they measured.
+    /// Opens the measured window: replies count from now on. Returns when.
+    fn open_window(&self) -> Instant {
+        let now = Instant::now();
+        self.window.open(now);
+        self.measuring.store(true, Ordering::Relaxed);
+        now
+    }
+
+    /// Closes the window, stops the threads (each drains its requests in flight) and merges
+    /// what they measured.
     fn finish(self) -> Result<LoadTotals, BenchError> {
         self.measuring.store(false, Ordering::Relaxed);
-        self.stop.store(true, Ordering::Relaxed);
+        self.window.close(Instant::now());
+        // Release: a thread that sees `stop` (and then joins its own helpers, whose loads
+        // may be relaxed) reads the window's end with Acquire after it.
+        self.stop.store(true, Ordering::Release);
         let mut latency = latency_histogram();
-        let (mut acknowledged, mut failed) = (0, 0);
+        let (mut acknowledged, mut failed, mut unsent_at_end) = (0, 0, 0);
         let mut acknowledged_per_shard = vec![0; self.shards];
         let mut first_error = None;
         for thread in self.threads {
@@ -1200,6 +1349,7 @@ impl Load {
                     acknowledged += report.acknowledged;
                     acknowledged_per_shard[report.shard] += report.acknowledged;
                     failed += report.failed;
+                    unsent_at_end += report.unsent_at_end;
                     latency.add(&report.latency).expect("same bounds");
                 }
                 Ok(Err(error)) => {
@@ -1218,6 +1368,7 @@ impl Load {
                 acknowledged_per_shard,
                 failed,
                 latency,
+                unsent_at_end,
             }),
         }
     }
@@ -1610,6 +1761,8 @@ fn report(measured: Measured<'_>) -> BenchReport {
             p999: latency.value_at_quantile(0.999),
             max: latency.max(),
         },
+        requests_measured: latency.len(),
+        requests_unsent_at_end: offered.tx_per_s.map(|_| totals.unsent_at_end),
         commit_latency_us: if replicas == 1 {
             None
         } else {
@@ -1719,7 +1872,7 @@ pub fn run_cluster(
     let (load, offered) = start_load(&targets, accounts, &load_config, 0, committed)?;
     let measured = scrape_snapshot(&cluster).and_then(|before| {
         let (started, soak) = if config.series {
-            load.measuring.store(true, Ordering::Relaxed);
+            load.open_window();
             let (started, soak) =
                 soak::sample_window(&cluster, load_config.duration, || load.take_latency(), sink)?;
             (started, Some(soak))
@@ -1997,9 +2150,16 @@ pub fn print_text(report: &BenchReport) {
     );
     let l = &report.request_latency_us;
     println!(
-        "request latency (client observed, µs): p50 {} p99 {} p999 {} max {}",
-        l.p50, l.p99, l.p999, l.max
+        "request latency (client observed, µs): p50 {} p99 {} p999 {} max {} ({} requests)",
+        l.p50, l.p99, l.p999, l.max, report.requests_measured
     );
+    if let Some(unsent) = report.requests_unsent_at_end.filter(|&unsent| unsent > 0) {
+        println!(
+            "behind the offered rate: {unsent} requests due in the window were not yet sent \
+             when it ended (every connection's window full); they count above as answered \
+             at its end, a lower bound"
+        );
+    }
     if let Some(c) = &report.commit_latency_us {
         println!(
             "commit latency (leader stage to quorum commit, µs, bucket upper bounds): p50 {} p99 {} p999 {} ({} ops)",
@@ -2032,6 +2192,85 @@ pub fn print_text(report: &BenchReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One request of 1,000 transfers a millisecond, from `start`.
+    fn one_request_a_ms(start: Instant) -> PaceSchedule {
+        PaceSchedule::for_thread(1_000_000.0, 1, 0, 1_000, start)
+    }
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn an_open_loop_window_measures_the_requests_due_in_it() {
+        let base = Instant::now();
+        let window = MeasuredWindow::new(base);
+        assert!(!window.contains(base + ms(20)), "not open yet");
+        window.open(base + ms(10));
+        assert!(!window.contains(base + ms(9)), "due before it opened");
+        assert!(window.contains(base + ms(10)));
+        assert!(window.contains(base + ms(500)), "open: any later due time");
+        window.close(base + ms(110));
+        assert!(window.contains(base + ms(109)), "due in it, answered after");
+        assert!(!window.contains(base + ms(110)), "due after it closed");
+    }
+
+    #[test]
+    fn requests_due_in_the_window_and_never_sent_count_from_their_due_time_to_its_end() {
+        let start = Instant::now();
+        let schedule = one_request_a_ms(start);
+        let window = MeasuredWindow::new(start);
+        let mut latency = latency_histogram();
+        assert_eq!(censor_unsent(&schedule, 0, &window, &mut latency), 0);
+        // Open at request 10's due time, closed at request 110's: requests 10..110 due in it.
+        window.open(start + ms(10));
+        window.close(start + ms(110));
+        // Requests 0..50 sent: 50..110 were not, the oldest due 60 ms before the end.
+        assert_eq!(censor_unsent(&schedule, 50, &window, &mut latency), 60);
+        assert_eq!(latency.len(), 60);
+        assert_eq!(
+            latency.value_at_quantile(1.0),
+            latency.highest_equivalent(60_000)
+        );
+        assert_eq!(latency.min(), latency.lowest_equivalent(1_000));
+        // Requests due before the window are not its to count, sent or not.
+        let mut latency = latency_histogram();
+        assert_eq!(censor_unsent(&schedule, 5, &window, &mut latency), 100);
+        assert_eq!(latency.len(), 100);
+        assert_eq!(
+            latency.value_at_quantile(1.0),
+            latency.highest_equivalent(100_000)
+        );
+        // All sent: nothing to add.
+        let mut latency = latency_histogram();
+        assert_eq!(censor_unsent(&schedule, 110, &window, &mut latency), 0);
+        assert_eq!(censor_unsent(&schedule, 200, &window, &mut latency), 0);
+        assert_eq!(latency.len(), 0);
+    }
+
+    #[test]
+    fn a_huge_backlog_is_recorded_in_bounded_work_and_never_above_its_latencies() {
+        let start = Instant::now();
+        // A request every 1 ns: 100 million due in a 100 ms window, none sent.
+        let schedule = PaceSchedule::for_thread(1e9, 1, 0, 1, start);
+        let window = MeasuredWindow::new(start);
+        window.open(start);
+        window.close(start + ms(100));
+        let mut latency = latency_histogram();
+        let unsent = censor_unsent(&schedule, 0, &window, &mut latency);
+        assert_eq!(unsent, 100_000_000);
+        assert_eq!(latency.len(), unsent);
+        // Each run is recorded at its latest-due (shortest) latency: the longest recorded
+        // is below the oldest request's 100 ms, by one run's span (about 1.5 µs).
+        assert!(latency.max() <= latency.highest_equivalent(100_000));
+        assert!(latency.max() >= latency.lowest_equivalent(99_990));
+        assert_eq!(
+            latency.min(),
+            1,
+            "the newest due a nanosecond before the end"
+        );
+    }
 
     /// An overloaded open-loop run's latencies grow with its backlog: minutes are recorded
     /// as measured (the histogram recorded a latency over 67 s as 60 s).

@@ -67,6 +67,25 @@ impl PaceSchedule {
         self.start + Duration::from_nanos((k as f64 * self.interval_ns).round() as u64)
     }
 
+    /// How many requests are due before `at`: the `k` with `due(k) < at`, which are
+    /// `0..count` since due times only grow.
+    pub fn due_before(&self, at: Instant) -> u64 {
+        if at <= self.start {
+            return 0;
+        }
+        let elapsed_ns = (at - self.start).as_nanos() as f64;
+        // The estimate is off by at most one either way (rounding in `due`); each loop
+        // moves it at most a step or two.
+        let mut count = (elapsed_ns / self.interval_ns).ceil().max(0.0) as u64;
+        while count > 0 && self.due(count - 1) >= at {
+            count -= 1;
+        }
+        while self.due(count) < at {
+            count += 1;
+        }
+        count
+    }
+
     /// Time between two of this thread's requests.
     pub fn interval(&self) -> Duration {
         Duration::from_nanos(self.interval_ns.round() as u64)
@@ -140,6 +159,21 @@ mod tests {
         assert!(!schedule.spins(), "a 0.33 µs interval must not spin");
         let slow = PaceSchedule::for_thread(1_000.0, 1, 0, 1, start);
         assert!(slow.spins(), "a 1 ms interval spins");
+    }
+
+    #[test]
+    fn due_before_counts_the_requests_due_before_an_instant() {
+        let start = Instant::now();
+        // 1,000 transfers a request at 3,000 tx/s: one every 333,333.3 ns, so the due times
+        // round both ways.
+        let schedule = PaceSchedule::for_thread(3_000.0, 1, 0, 1_000, start);
+        assert_eq!(schedule.due_before(start), 0);
+        assert_eq!(schedule.due_before(start - Duration::from_secs(1)), 0);
+        for k in 0..10_000u64 {
+            let due = schedule.due(k);
+            assert_eq!(schedule.due_before(due), k, "request {k}");
+            assert_eq!(schedule.due_before(due + Duration::from_nanos(1)), k + 1);
+        }
     }
 
     #[test]

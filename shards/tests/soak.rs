@@ -26,6 +26,8 @@ const PACED_RATE_TX_PER_S: f64 = 2_000.0;
 const PACED_RATE_EXCESS_MAX: f64 = 0.10;
 /// Least share of the offered rate the paced run must commit: a pacer that stalls fails.
 const PACED_RATE_SHARE_MIN: f64 = 0.5;
+/// Transfers per request in every run here (`--records-per-request` in [`BENCH_ARGS`]).
+const PACED_RECORDS_PER_REQUEST: f64 = 100.0;
 /// One cluster at a time: both tests start three nodes on the same core.
 static CLUSTER: Mutex<()> = Mutex::new(());
 /// Node and load sizes small enough for three debug nodes on a CI box (as in
@@ -328,6 +330,17 @@ fn a_paced_run_keeps_to_its_offered_rate() {
     let series = report["soak"]["series"].as_array().expect("a series");
     assert_eq!(series.len() as u64, PACED_DURATION_S, "{stderr}");
     assert!(report["request_latency_us"]["p50"].as_u64() > Some(0));
+    // Every request due in the window counts in the latency, and this load keeps up.
+    let duration_s = report["duration_s"].as_f64().expect("duration");
+    let due = PACED_RATE_TX_PER_S * duration_s / PACED_RECORDS_PER_REQUEST;
+    let measured = report["requests_measured"]
+        .as_f64()
+        .expect("requests measured");
+    assert!(
+        (measured - due).abs() <= 0.1 * due + 2.0,
+        "{measured} requests measured, {due:.0} due in the window: {stderr}"
+    );
+    assert!(report["requests_unsent_at_end"].is_u64(), "{report}");
 }
 
 /// Seconds measured by the runs whose leader is paused.
@@ -451,6 +464,56 @@ fn assert_followed(report: &serde_json::Value, stderr: &str) {
             row["shard"]
         );
     }
+}
+
+/// An open loop far beyond what the cluster commits: the latency must count every request
+/// due in the window, not only those answered in it. (It once counted the replies that
+/// came inside the window, which under overload left out the backlog at its end.)
+#[test]
+fn an_overloaded_paced_run_counts_every_request_due_in_its_window() {
+    const OVERLOAD_TX_PER_S: f64 = 2_000_000.0;
+    const OVERLOAD_DURATION_S: u64 = 3;
+    let (report, stderr) = bench(&[
+        "--duration-s",
+        &OVERLOAD_DURATION_S.to_string(),
+        "--rate",
+        &OVERLOAD_TX_PER_S.to_string(),
+    ]);
+    let duration_s = report["duration_s"].as_f64().expect("duration");
+    let committed = report["total_committed_tx_per_s"].as_f64().expect("rate");
+    assert!(
+        committed < OVERLOAD_TX_PER_S / 4.0,
+        "the cluster kept up with {OVERLOAD_TX_PER_S} tx/s: no overload to measure: {stderr}"
+    );
+    let due = OVERLOAD_TX_PER_S * duration_s / PACED_RECORDS_PER_REQUEST;
+    let measured = report["requests_measured"]
+        .as_f64()
+        .expect("requests measured");
+    assert!(
+        (measured - due).abs() <= 0.1 * due + 2.0,
+        "{measured} requests measured, {due:.0} due in the window: {stderr}"
+    );
+    let unsent = report["requests_unsent_at_end"]
+        .as_f64()
+        .expect("an open loop");
+    let answered =
+        report["acknowledged"].as_f64().expect("acknowledged") / PACED_RECORDS_PER_REQUEST;
+    assert!(
+        unsent > answered,
+        "{unsent} requests never sent, {answered} answered: {stderr}"
+    );
+    // The backlog grows through the window: its median request waited at least a quarter
+    // of it, its oldest nearly all of it.
+    let latency = &report["request_latency_us"];
+    let window_us = duration_s * 1e6;
+    assert!(
+        latency["p50"].as_f64().expect("p50") >= 0.25 * window_us,
+        "{latency} over a {duration_s} s window: {stderr}"
+    );
+    assert!(
+        latency["max"].as_f64().expect("max") >= 0.9 * window_us,
+        "{latency} over a {duration_s} s window: {stderr}"
+    );
 }
 
 #[test]
