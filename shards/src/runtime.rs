@@ -650,6 +650,95 @@ impl LocalNotify {
     }
 }
 
+/// Connection tasks waiting for room in a full shard (its transaction pool or ring): one
+/// waker slot per connection, taken at start, so waiting allocates nothing. A waiter
+/// notes [`RoomNotify::epoch`] before the submission that was refused and then waits for
+/// the epoch to move; the batcher moves it when a turn left room for a client record (it
+/// sealed, freeing the records' pool slots), and so does anything that aborts waiting
+/// requests. Waking every waiter is fine: each retries once, and those that find no room
+/// wait again.
+pub(crate) struct RoomNotify {
+    epoch: Cell<u64>,
+    waiters: RefCell<Box<[Option<Waker>]>>,
+    /// Slots of `waiters` holding a waker.
+    waiting: Cell<usize>,
+}
+
+impl RoomNotify {
+    fn new(connections: usize) -> Self {
+        Self {
+            epoch: Cell::new(0),
+            waiters: RefCell::new((0..connections).map(|_| None).collect()),
+            waiting: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.get()
+    }
+
+    /// Wakes every waiter.
+    pub(crate) fn notify_all(&self) {
+        self.epoch.set(self.epoch.get().wrapping_add(1));
+        if self.waiting.get() == 0 {
+            return;
+        }
+        self.waiting.set(0);
+        for waker in self.waiters.borrow_mut().iter_mut() {
+            if let Some(waker) = waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Ready once the epoch differs from `seen`. One waker per connection `slot`, replaced
+    /// only when it would wake another task: glommio counts a task's wakers in 16 bits.
+    pub(crate) fn wait(&self, slot: usize, seen: u64) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx: &mut Context<'_>| {
+            if self.epoch.get() != seen {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            match &waiters[slot] {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                Some(_) => waiters[slot] = Some(cx.waker().clone()),
+                None => {
+                    waiters[slot] = Some(cx.waker().clone());
+                    self.waiting.set(self.waiting.get() + 1);
+                }
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// Longest a connection whose submission was refused for want of room waits before it
+/// tries again without being told of room (µs): room another core makes (a full mesh ring
+/// drained there) is never notified here, and the retry also bounds what a missed
+/// notification could cost.
+pub const ROOM_RECHECK_US: u64 = 1_000;
+/// The same wait when the record was refused by another shard's full mesh ring (µs): that
+/// room comes from the other core, which drains its ring within a turn or two.
+pub const MESH_ROOM_RECHECK_US: u64 = 50;
+
+/// Waits, after a submission of connection `slot` was refused for want of room, until the
+/// batcher makes room (the epoch moves past `seen`) or `recheck_us` passes. The batcher is
+/// told first: sealing what waits is what frees pool slots.
+async fn wait_for_room<S>(shard: &Shard<S>, slot: usize, seen: u64, recheck_us: u64)
+where
+    S: StateMachine,
+    S::Record: Send,
+    S::Result: Send,
+{
+    shard.batcher.notify();
+    shard.mesh.borrow_mut().ring_doorbells();
+    futures_lite::future::or(
+        shard.room.wait(slot, seen),
+        glommio::timer::sleep(Duration::from_micros(recheck_us)),
+    )
+    .await;
+}
+
 /// One client connection slot: the request being served and its results.
 pub(crate) struct ConnectionSlot<R> {
     pub(crate) generation: u16,
@@ -676,6 +765,8 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) connection_done: Box<[LocalNotify]>,
     pub(crate) mesh: RefCell<MeshEndpoint<S>>,
     pub(crate) batcher: LocalNotify,
+    /// Connections waiting for room to submit ([`RoomNotify`]).
+    pub(crate) room: RoomNotify,
     pub(crate) metrics: Arc<ShardMetrics>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) epoch: Instant,
@@ -1299,7 +1390,8 @@ where
             bft_waiting: None,
         })
         .collect();
-    let connection_done = (0..config.connections_max)
+    let connections_max = config.connections_max;
+    let connection_done = (0..connections_max)
         .map(|_| LocalNotify::default())
         .collect();
     let config_transactions = config.transactions;
@@ -1342,6 +1434,7 @@ where
             metrics.clone(),
         )),
         batcher: LocalNotify::default(),
+        room: RoomNotify::new(connections_max),
         metrics,
         stop,
         epoch,
@@ -1905,7 +1998,9 @@ async fn submit_all<S>(
     // (`abort_all_waiting`): a request still being submitted then stops.
     let aborted = || shard.connections.borrow()[slot].generation != generation;
     if whole {
+        // Bounded by `aborted` or room: every turn waits for one or the other.
         loop {
+            let seen = shard.room.epoch();
             let submitted = shard.core.borrow_mut().submit_request(
                 operation,
                 records,
@@ -1920,9 +2015,7 @@ async fn submit_all<S>(
                     if aborted() {
                         return;
                     }
-                    shard.batcher.notify();
-                    shard.mesh.borrow_mut().ring_doorbells();
-                    futures_lite::future::yield_now().await;
+                    wait_for_room(shard, slot, seen, ROOM_RECHECK_US).await;
                 }
             }
         }
@@ -1939,7 +2032,9 @@ async fn submit_all<S>(
             generation,
             index: index as u32,
         };
+        // Bounded by `aborted` or room: every turn waits for one or the other.
         loop {
+            let seen = shard.room.epoch();
             let accepted = if owner == shard.index {
                 match shard.core.borrow_mut().submit(operation, record, origin) {
                     Ok(()) => true,
@@ -1971,9 +2066,12 @@ async fn submit_all<S>(
                 return;
             }
             // Full: let the batcher and the other shards make room, then retry this record.
-            shard.batcher.notify();
-            shard.mesh.borrow_mut().ring_doorbells();
-            futures_lite::future::yield_now().await;
+            let recheck_us = if owner == shard.index {
+                ROOM_RECHECK_US
+            } else {
+                MESH_ROOM_RECHECK_US
+            };
+            wait_for_room(shard, slot, seen, recheck_us).await;
         }
     }
     ShardMetrics::add(&shard.metrics.tx_forwarded_out_total, forwarded);
@@ -2037,6 +2135,9 @@ fn abort_waiting<S: StateMachine>(shard: &Shard<S>, slot: usize) {
         connection.generation = connection.generation.wrapping_add(1);
     }
     shard.connection_done[slot].notify();
+    // If the connection is still submitting its request, it sees the abort when it looks
+    // again, not only after its next recheck.
+    shard.room.notify_all();
 }
 
 /// [`abort_waiting`] for every connection waiting for results.
@@ -2103,6 +2204,9 @@ where
 {
     loop {
         let progressed = batcher_turn(&shard, journal.as_mut()).await;
+        if shard.room.waiting.get() > 0 && shard.core.borrow_mut().client_room() > 0 {
+            shard.room.notify_all();
+        }
         if progressed {
             glommio::yield_if_needed().await;
             continue;

@@ -1881,7 +1881,15 @@ fn a_leader_without_followers_and_with_full_pools_still_stops_on_sigterm() {
         "stop-full-pools",
         REPLICAS,
         // Fixed view: the leader never steps down, which would drop what it holds.
-        &["--transactions", "64", "--batches", "2", "--fixed-view"],
+        &[
+            "--transactions",
+            "64",
+            "--batches",
+            "2",
+            "--batch-entries-max",
+            "16",
+            "--fixed-view",
+        ],
     );
     let accounts = leader_left_alone(&mut harness);
     let exhausted = |harness: &Harness| harness.metric(0, "percore_pool_exhausted_total", 0);
@@ -1905,11 +1913,27 @@ fn a_leader_without_followers_and_with_full_pools_still_stops_on_sigterm() {
             })
         })
         .collect();
-    // 8 requests of 16 records: more than two batch buffers and the pool's client share
-    // (48) hold, so a connection retries its submission.
+    // 8 requests of 16 records: more than two batch buffers of 16 records and the pool's
+    // client share (48) hold, so three connections wait for room to submit.
     wait_until("a request waits for room in the leader's pools", || {
         (exhausted(&harness) > before).then_some(())
     });
+    // The connections wait for room rather than spin: a refused submission is retried when
+    // the batcher frees slots (never, here) or after `ROOM_RECHECK_US`. Spinning on
+    // `yield_now`, they retried about a million times a second and kept the core busy.
+    let waiting_from = exhausted(&harness);
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let retries = exhausted(&harness) - waiting_from;
+    let per_second_max = 4 * CONNECTIONS as u64 * 1_000_000
+        / percore_shards::runtime::ROOM_RECHECK_US
+        * started.elapsed().as_secs_f64().ceil() as u64;
+    eprintln!("{retries} refused submissions in {:?}", started.elapsed());
+    assert!(
+        retries <= per_second_max,
+        "{retries} refused submissions in {:?}, three of {CONNECTIONS} connections waiting",
+        started.elapsed()
+    );
     stop_leader_in_time(&mut harness);
     // Nothing commits. The requests the leader took are told "not committed here" (one
     // sent as the stop began may find its connection closed unread); the process ended
