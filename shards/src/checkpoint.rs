@@ -111,6 +111,15 @@ pub const RELEASE_STEP_BYTES: u64 = 4 << 20;
 /// Pause after each step (µs), so that the commits of the shards' `fdatasync`s come between
 /// the steps': about 1.7 GiB/s of released files per follower.
 pub const RELEASE_STEP_PAUSE_US: u64 = 2_000;
+/// Name of the spare snapshot file in a shard's journal directory: the snapshot a
+/// checkpoint released, kept for the follower's next snapshot write to overwrite in place
+/// instead of being removed ([`snapshot_keep_as_spare`]). Its blocks are allocated and
+/// written, so the next snapshot neither allocates blocks nor converts extents, and no
+/// release frees (or, mounted with `-o discard`, discards) them: on a 16-core machine the
+/// seconds with a release were the checkpoint seconds that slowed commits
+/// (docs/benchmarks.md, "Sixth lease"). It is never a snapshot any checkpoint names, so
+/// recovery never reads it; at most one is kept, beside the retained snapshots.
+pub const SNAPSHOT_SPARE_FILE_NAME: &str = "snapshot.spare";
 
 /// Adds the wall time of a long follower activity (a snapshot file write, a file release)
 /// to a counter as it goes, a step at a time, so that a scrape in the middle of it already
@@ -529,13 +538,31 @@ fn snapshot_file_write(
     let name = format::snapshot_file_name(meta.op);
     let path = dir.join(&name);
     let path_temporary = dir.join(format!("{name}{SNAPSHOT_TEMPORARY_SUFFIX}"));
+    // A spare (a released snapshot) becomes this write's file, overwritten from the start.
+    let spare = dir.join(SNAPSHOT_SPARE_FILE_NAME);
+    let reused = match std::fs::rename(&spare, &path_temporary) {
+        Ok(()) => true,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+        Err(error) => return Err(io_error(&spare)(error)),
+    };
     let file = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(!reused)
         .custom_flags(libc::O_DIRECT)
         .open(&path_temporary)
         .map_err(io_error(&path_temporary))?;
+    // A write left unfinished: its file goes back to being the spare if it was one, or is
+    // removed (a start removes any temporary file it finds too). "Not written".
+    let abandon = |file: File| {
+        drop(file);
+        if reused {
+            std::fs::rename(&path_temporary, &spare).map_err(io_error(&spare))?;
+        } else {
+            file_remove(&path_temporary)?;
+        }
+        Ok::<bool, FollowerError>(false)
+    };
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
     format::encode_snapshot_header(meta, &mut header);
     let staging: &mut [u8] = bytemuck::cast_slice_mut(staging);
@@ -570,16 +597,22 @@ fn snapshot_file_write(
             rest = &rest[take..];
             if staged == staging.len() {
                 if !flush(staging, staged, &mut file_offset)? {
-                    return abandon(file, &path_temporary);
+                    return abandon(file);
                 }
                 staged = 0;
             }
         }
     }
     if staged > 0 && !flush(staging, staged, &mut file_offset)? {
-        return abandon(file, &path_temporary);
+        return abandon(file);
     }
     debug_assert_eq!(file_offset, meta.file_bytes());
+    // A longer spare's older bytes beyond this snapshot go (a snapshot grows with the state
+    // it holds, so this is rare and small).
+    if reused && file.metadata().map_err(io_error(&path_temporary))?.len() > file_offset {
+        file.set_len(file_offset)
+            .map_err(io_error(&path_temporary))?;
+    }
     file.sync_data().map_err(io_error(&path_temporary))?;
     spent.step();
     drop(file);
@@ -589,14 +622,6 @@ fn snapshot_file_write(
         .map_err(io_error(dir));
     spent.step();
     synced.map(|()| true)
-}
-
-/// A snapshot write left unfinished: its temporary file removed (a start removes any it
-/// finds too). Returns `Ok(false)`, "not written".
-fn abandon(file: File, path_temporary: &Path) -> Result<bool, FollowerError> {
-    drop(file);
-    file_remove(path_temporary)?;
-    Ok(false)
 }
 
 /// A snapshot file the follower wrote, for the shard to install.
@@ -950,11 +975,16 @@ impl Follower {
         let stale = self.shared.snapshot_stale_op.load(Ordering::Relaxed);
         if stale > 0 {
             let path = self.config.dir.join(format::snapshot_file_name(stale));
-            snapshot_release(
-                &path,
-                || self.stopping(),
-                &self.metrics.checkpoint_release_us_total,
-            )?;
+            let spare = self.config.dir.join(SNAPSHOT_SPARE_FILE_NAME);
+            if snapshot_keep_as_spare(&path, &spare)? {
+                ShardMetrics::add(&self.metrics.checkpoint_snapshots_kept_total, 1);
+            } else {
+                snapshot_release(
+                    &path,
+                    || self.stopping(),
+                    &self.metrics.checkpoint_release_us_total,
+                )?;
+            }
         }
         ShardMetrics::set(
             &self.metrics.checkpoint_release_us,
@@ -1084,6 +1114,32 @@ pub fn snapshot_release(
         return Ok(true);
     }
     file_release(path, stopping, spent)
+}
+
+/// Keeps the stale snapshot at `path` as the spare (renames it to `spare`) for the next
+/// snapshot write to overwrite, unless a spare is kept already or a state sync is serving
+/// it (its server reads it through its open file, and the next write would overwrite what
+/// it sends). Returns whether it did; if not, the caller releases the file. The rename is
+/// not made durable: after a crash the file may be back under its snapshot name, which the
+/// journal's open removes as stale.
+pub fn snapshot_keep_as_spare(path: &Path, spare: &Path) -> Result<bool, FollowerError> {
+    if spare.exists() {
+        return Ok(false);
+    }
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(io_error(path)(error)),
+    };
+    // Held exclusively across the rename: a server holds a shared lock on the file it
+    // sends from (`sync::serve`), taken before it reads.
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+        Err(std::fs::TryLockError::Error(error)) => return Err(io_error(path)(error)),
+    }
+    std::fs::rename(path, spare).map_err(io_error(spare))?;
+    Ok(true)
 }
 
 /// Removes `path`; one already gone is fine.
@@ -1397,6 +1453,92 @@ mod tests {
         assert!(write(&|| false));
         let path = dir.join(format::snapshot_file_name(9));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), meta.file_bytes());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A released snapshot kept as the spare is the next write's file: overwritten in
+    /// place (same inode), cut to the new snapshot's length, holding exactly its bytes; a
+    /// write told to stop hands it back as the spare; a served one or a second one is not
+    /// kept.
+    #[test]
+    fn a_kept_snapshot_is_overwritten_by_the_next_write() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = std::env::temp_dir().join(format!("percore-spare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let spare = dir.join(SNAPSHOT_SPARE_FILE_NAME);
+        let mut staging = vec![Sector([0; SECTOR_BYTES]); 4];
+        let budget = SnapshotWriteBudget::new(1 << 30);
+        let spent = AtomicU64::new(0);
+        let meta_of = |op: u64, snapshot: &[u8]| SnapshotMeta {
+            cluster_id: 1,
+            shard: 0,
+            op,
+            snapshot_bytes: snapshot.len() as u64,
+            checkpoint_checksum: u128::from(op),
+            snapshot_checksum: format::journal_checksum(snapshot),
+            digest: [0; 32],
+        };
+        let mut write = |op: u64, snapshot: &[u8], stopping: &dyn Fn() -> bool| {
+            let meta = meta_of(op, snapshot);
+            snapshot_file_write(
+                &dir,
+                &meta,
+                snapshot,
+                &mut staging,
+                &budget,
+                &spent,
+                stopping,
+            )
+            .expect("write")
+        };
+        let large = vec![0x11u8; 40 * SECTOR_BYTES + 100];
+        assert!(write(9, &large, &|| false));
+        let path_9 = dir.join(format::snapshot_file_name(9));
+        let inode = std::fs::metadata(&path_9).unwrap().ino();
+        assert!(snapshot_keep_as_spare(&path_9, &spare).expect("keep"));
+        assert!(!path_9.exists() && spare.exists());
+        // One spare at most: another released snapshot is left to be released.
+        std::fs::write(dir.join("other"), [1u8; 10]).unwrap();
+        assert!(!snapshot_keep_as_spare(&dir.join("other"), &spare).expect("keep"));
+        std::fs::remove_file(dir.join("other")).unwrap();
+        // Told to stop part-way, the write hands the spare back.
+        let chunks = std::cell::Cell::new(0);
+        assert!(!write(13, &large, &|| {
+            chunks.set(chunks.get() + 1);
+            chunks.get() > 2
+        }));
+        assert_eq!(std::fs::metadata(&spare).unwrap().ino(), inode);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from(SNAPSHOT_SPARE_FILE_NAME)]
+        );
+        // A smaller snapshot over it: same file, its exact bytes, nothing of the older.
+        let small = vec![0x22u8; 5 * SECTOR_BYTES + 7];
+        assert!(write(17, &small, &|| false));
+        let path_17 = dir.join(format::snapshot_file_name(17));
+        assert!(!spare.exists());
+        let metadata = std::fs::metadata(&path_17).unwrap();
+        assert_eq!(metadata.ino(), inode, "overwritten in place");
+        let meta = meta_of(17, &small);
+        assert_eq!(metadata.len(), meta.file_bytes());
+        let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+        format::encode_snapshot_header(&meta, &mut header);
+        let mut expected = header.to_vec();
+        expected.extend_from_slice(&small);
+        expected.resize(meta.file_bytes() as usize, 0);
+        assert_eq!(std::fs::read(&path_17).unwrap(), expected);
+        // A snapshot a state sync is serving is not kept.
+        let served = std::fs::File::open(&path_17).unwrap();
+        crate::io_fence::hold(&served).unwrap();
+        assert!(!snapshot_keep_as_spare(&path_17, &spare).expect("keep"));
+        assert!(path_17.exists() && !spare.exists());
+        drop(served);
+        assert!(snapshot_keep_as_spare(&path_17, &spare).expect("keep"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -382,6 +382,7 @@ shard_metrics! {
     counter checkpoint_write_us_total: "Time the checkpoint follower spent writing snapshot files (paced writes, sync, rename), microseconds, counted as the write goes.",
     counter checkpoint_release_us_total: "Time the checkpoint follower spent removing released files (shrink steps, their pauses, unlinks), microseconds, counted as the removal goes.",
     counter checkpoint_segments_recycled_total: "Released journal segments the checkpoint follower offered for reuse instead of removing them.",
+    counter checkpoint_snapshots_kept_total: "Released snapshot files the checkpoint follower kept as the spare for its next snapshot write to overwrite, instead of removing them.",
     counter journal_segment_switches_recycled_total: "Journal segment roll-overs onto a released segment (written blocks: appends commit no extent metadata).",
     gauge checkpoint_install_us: "Last checkpoint: superblock write and removals on the shard (µs).",
     counter state_syncs_total: "State syncs started (a peer no longer retained the ops needed).",

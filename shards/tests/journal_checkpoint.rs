@@ -22,8 +22,8 @@ use percore_engine::ledger::{Ledger, LedgerConfig, LedgerOperation};
 use percore_engine::record::{Account, RecordResult, RecordSlot, Transfer, account_flags};
 use percore_engine::state_machine::{RestoreError, StateMachine};
 use percore_shards::checkpoint::{
-    CheckpointFollower, FollowerConfig, FollowerError, JournalReader, SnapshotWriteBudget, Written,
-    checkpoint_due,
+    CheckpointFollower, FollowerConfig, FollowerError, JournalReader, SNAPSHOT_SPARE_FILE_NAME,
+    SnapshotWriteBudget, Written, checkpoint_due,
 };
 use percore_shards::journal::{
     FsyncPolicy, Journal, JournalConfig, JournalError, JournalOptions, SUPERBLOCK_FILE_NAME,
@@ -719,6 +719,17 @@ fn the_checkpoint_follower_takes_the_live_ledgers_checkpoints() {
         let (segments, snapshots) = files(&dir);
         assert!(segments[0] > 0, "old segments removed: {segments:?}");
         assert_eq!(snapshots, vec![previous, OPS]);
+        // From the third install on, each released snapshot was kept as the spare, and the
+        // next write overwrote it: so every snapshot from the fourth on was written over an
+        // older one's blocks, the last of them the one recovery reads below.
+        let kept = metrics
+            .checkpoint_snapshots_kept_total
+            .load(Ordering::Relaxed);
+        assert_eq!(kept, installed.len() as u64 - 2, "{installed:?}");
+        assert!(
+            dir.join(SNAPSHOT_SPARE_FILE_NAME).exists(),
+            "the last one kept"
+        );
         drop(follower);
         journal.write_superblock().await.expect("superblock");
         journal.close().await.expect("close");
