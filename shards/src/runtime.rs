@@ -17,7 +17,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -449,7 +449,9 @@ where
         let mut endpoints = Mesh::<S>::build(shards, config.mesh_ring_capacity).into_endpoints();
         let make_state_machine = Arc::new(make_state_machine);
         let quiet: Arc<[AtomicBool]> = (0..shards).map(|_| AtomicBool::new(false)).collect();
-        let start_aborted = Arc::new(AtomicBool::new(false));
+        let shard_failed = Arc::new(AtomicBool::new(false));
+        // The index of a shard whose thread died (`usize::MAX`: none), for `start`'s error.
+        let shard_died = Arc::new(AtomicUsize::new(usize::MAX));
         let all_metrics: Arc<[Arc<ShardMetrics>]> = metrics.iter().cloned().collect();
         let (ready_tx, ready_rx) =
             std::sync::mpsc::channel::<(usize, Result<SocketAddr, NodeError>)>();
@@ -463,7 +465,7 @@ where
                 metrics: metrics[shard].clone(),
                 stop: stop.clone(),
                 quiet: quiet.clone(),
-                start_aborted: start_aborted.clone(),
+                shard_failed: shard_failed.clone(),
                 all_metrics: all_metrics.clone(),
                 ingest: ingest.clone(),
                 followers: followers.clone(),
@@ -471,15 +473,26 @@ where
             };
             let make = make_state_machine.clone();
             let ready = ready_tx.clone();
+            let guard = ShardExitGuard {
+                shard,
+                stop: stop.clone(),
+                shard_failed: shard_failed.clone(),
+                shard_died: shard_died.clone(),
+                returned: false,
+            };
             let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
                 .name(&format!("shard-{shard}"))
                 .io_memory(config.io_memory_bytes)
                 .spin_before_park(Duration::from_micros(50))
                 .spawn(move || async move {
+                    ShardExitGuard::arm(guard);
                     let state_machine = make(shard, shards);
                     // The checkpoint follower's copy, built on its own thread.
                     let make_follower: MakeFollower<S> = Arc::new(move || make(shard, shards));
-                    run_shard(context, state_machine, make_follower, endpoint, ready).await
+                    let returned =
+                        run_shard(context, state_machine, make_follower, endpoint, ready).await;
+                    ShardExitGuard::returned();
+                    returned
                 })
                 .map_err(|err| NodeError::Executor {
                     shard,
@@ -490,16 +503,41 @@ where
         }
         drop(ready_tx);
         let mut client_addresses = vec![SocketAddr::from(([0, 0, 0, 0], 0)); shards];
+        let mut reported = vec![false; shards];
         for _ in 0..shards {
-            let Ok((shard, address)) = ready_rx.recv() else {
-                break;
+            let (shard, address) = loop {
+                // A shard whose thread died before it was ready (a state machine constructor
+                // that panicked, in a binary that unwinds) never reports: its exit guard
+                // flags it. The node must not start without it.
+                let missing = || {
+                    let died = shard_died.load(Ordering::Acquire);
+                    let shard = if died < shards {
+                        died
+                    } else {
+                        reported.iter().position(|done| !done).unwrap_or(0)
+                    };
+                    let message = "the shard's thread ended before it was ready (a panic)";
+                    let error = NodeError::Executor {
+                        shard,
+                        core: config.cores[shard],
+                        message: message.into(),
+                    };
+                    (shard, Err(error))
+                };
+                match ready_rx.recv_timeout(Duration::from_millis(START_POLL_MS)) {
+                    Ok(ready) => break ready,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                        if !shard_failed.load(Ordering::Acquire) => {}
+                    Err(_) => break missing(),
+                }
             };
+            reported[shard] = true;
             match address {
                 Ok(address) => client_addresses[shard] = address,
                 Err(err) => {
                     tracing::error!(shard, error = %err, "shard failed to start; stopping the others");
                     // The others must not wait for this shard to drain: it never will.
-                    start_aborted.store(true, Ordering::Release);
+                    shard_failed.store(true, Ordering::Release);
                     stop.store(true, Ordering::Relaxed);
                     for handle in handles {
                         let _ = handle.join();
@@ -603,6 +641,67 @@ impl<S: StateMachine + Send + 'static> Drop for Node<S> {
     }
 }
 
+/// How often `Node::start` looks whether a shard's thread died while it waits for the
+/// shards to be ready (ms).
+const START_POLL_MS: u64 = 50;
+
+/// Stops the node when a shard's thread ends without its shard having returned: a panic.
+/// The workspace's release profile aborts on a panic, but an embedder's binary decides for
+/// itself, and with `panic = "unwind"` the shard's thread used to die alone (glommio closes
+/// a task that panics and lets the panic end the executor's thread): the other shards
+/// waited for it to drain for ever, and so did `Node::wait` and `Node::shutdown`. Now the
+/// others stop waiting ([`Shard::shard_failed`]) and stop, and `wait` returns the dead
+/// shard's [`NodeError::Executor`]. What it held (requests in flight, its pools) is lost
+/// with it; submitters waiting on it reach their deadlines.
+///
+/// Kept in a thread-local, whose destructor runs as the thread ends, however it ends: a
+/// guard held by the shard's future would not do, since glommio drops a dead executor's
+/// tasks without unwinding through them.
+struct ShardExitGuard {
+    shard: usize,
+    stop: Arc<AtomicBool>,
+    shard_failed: Arc<AtomicBool>,
+    /// Where it records its shard's index.
+    shard_died: Arc<AtomicUsize>,
+    /// `run_shard` returned (with its report or its error): nothing to do.
+    returned: bool,
+}
+
+thread_local! {
+    static SHARD_EXIT: RefCell<Option<ShardExitGuard>> = const { RefCell::new(None) };
+}
+
+impl ShardExitGuard {
+    /// Gives this thread its guard.
+    fn arm(guard: ShardExitGuard) {
+        SHARD_EXIT.with(|slot| *slot.borrow_mut() = Some(guard));
+    }
+
+    /// The shard returned: its thread ends as planned.
+    fn returned() {
+        SHARD_EXIT.with(|slot| {
+            if let Some(guard) = slot.borrow_mut().as_mut() {
+                guard.returned = true;
+            }
+        });
+    }
+}
+
+impl Drop for ShardExitGuard {
+    fn drop(&mut self) {
+        if self.returned {
+            return;
+        }
+        tracing::error!(
+            shard = self.shard,
+            "shard thread ended without its shard returning (a panic); stopping the node"
+        );
+        self.shard_died.store(self.shard, Ordering::Release);
+        self.shard_failed.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
 /// What one shard's executor is handed.
 struct ShardContext<S: StateMachine> {
     shard: usize,
@@ -611,7 +710,7 @@ struct ShardContext<S: StateMachine> {
     metrics: Arc<ShardMetrics>,
     stop: Arc<AtomicBool>,
     quiet: Arc<[AtomicBool]>,
-    start_aborted: Arc<AtomicBool>,
+    shard_failed: Arc<AtomicBool>,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     ingest: Arc<crate::ingest::Ingress<S>>,
     followers: FollowerShared,
@@ -775,8 +874,9 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) commit_gap: Cell<CommitGapClock>,
     /// Per shard: nothing to do and nothing queued (read by all shards at shutdown only).
     pub(crate) quiet: Arc<[AtomicBool]>,
-    /// Another shard failed to start: stop without waiting for the node to drain.
-    pub(crate) start_aborted: Arc<AtomicBool>,
+    /// Another shard failed to start, or its thread died of a panic ([`ShardExitGuard`]):
+    /// stop without waiting for the node to drain.
+    pub(crate) shard_failed: Arc<AtomicBool>,
     /// Every shard's metrics, for the shutdown quiescence check.
     pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
     /// Set once the node is quiescent: mesh receivers end.
@@ -1258,7 +1358,7 @@ where
         metrics,
         stop,
         quiet,
-        start_aborted,
+        shard_failed,
         all_metrics,
         ingest,
         followers,
@@ -1440,7 +1540,7 @@ where
         epoch,
         commit_gap: Cell::new(CommitGapClock::default()),
         quiet,
-        start_aborted,
+        shard_failed,
         all_metrics,
         finished: Cell::new(false),
         replication,
@@ -2264,7 +2364,7 @@ where
 /// Whether every shard is drained and no mesh message is in flight: all quiet flags set and
 /// the node-wide sent and received counts equal, twice in a row with the same values.
 fn node_quiescent<S: StateMachine>(shard: &Shard<S>) -> bool {
-    if shard.start_aborted.load(Ordering::Acquire) {
+    if shard.shard_failed.load(Ordering::Acquire) {
         return true;
     }
     let count = || {
