@@ -1333,6 +1333,15 @@ impl Journal {
     /// them never goes backwards.
     pub fn count_from(&mut self, old: &Journal) {
         self.switches_recycled += old.switches_recycled;
+        let (spare, old_spare) = (&self.spare, &old.spare);
+        for (counter, before) in [
+            (&spare.prepared, &old_spare.prepared),
+            (&spare.switches_prepared, &old_spare.switches_prepared),
+            (&spare.switches_unprepared, &old_spare.switches_unprepared),
+            (&spare.failures, &old_spare.failures),
+        ] {
+            counter.set(counter.get() + before.get());
+        }
     }
 
     /// Recycled segments taken for roll-overs since open (used, or not usable and left for

@@ -866,6 +866,10 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) batcher: LocalNotify,
     /// Connections waiting for room to submit ([`RoomNotify`]).
     pub(crate) room: RoomNotify,
+    /// The task preparing the journal's spare segments (`--segment-spare`) and its spare
+    /// ([`spare_preparer_start`]); a state sync replaces both with the new journal's.
+    pub(crate) spare_preparer:
+        RefCell<Option<(Rc<crate::journal::SegmentSpare>, glommio::Task<()>)>>,
     pub(crate) metrics: Arc<ShardMetrics>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) epoch: Instant,
@@ -1535,6 +1539,7 @@ where
         )),
         batcher: LocalNotify::default(),
         room: RoomNotify::new(connections_max),
+        spare_preparer: RefCell::new(None),
         metrics,
         stop,
         epoch,
@@ -1577,27 +1582,9 @@ where
     if let Some(listener) = bft_listener {
         peer_tasks.extend(crate::bft::spawn_tasks(&shard_state, listener));
     }
-    let spare = journal.as_ref().filter(|_| segment_spare).map(|journal| {
-        let spare = journal.segment_spare();
-        let (task_spare, metrics) = (spare.clone(), shard_state.metrics.clone());
-        let task = glommio::spawn_local(async move {
-            task_spare
-                .run(|stats| {
-                    ShardMetrics::set(&metrics.journal_spares_prepared_total, stats.prepared);
-                    ShardMetrics::set(
-                        &metrics.journal_segment_switches_prepared_total,
-                        stats.switches_prepared,
-                    );
-                    ShardMetrics::set(
-                        &metrics.journal_segment_switches_unprepared_total,
-                        stats.switches_unprepared,
-                    );
-                    ShardMetrics::set(&metrics.journal_spare_failures_total, stats.failures);
-                })
-                .await;
-        });
-        (spare, task)
-    });
+    if let Some(journal) = journal.as_ref().filter(|_| segment_spare) {
+        spare_preparer_start(&shard_state, journal);
+    }
     let lag_probe = (executor_probe_interval_us > 0).then(|| {
         let shard = shard_state.clone();
         let interval = Duration::from_micros(executor_probe_interval_us);
@@ -1615,10 +1602,7 @@ where
     // The follower stops first (it finishes a snapshot file it is writing); a file it
     // wrote that was not installed is removed (open would remove it too).
     let journal = batcher.await;
-    if let Some((spare, task)) = spare {
-        spare.stop();
-        task.await;
-    }
+    spare_preparer_stop(&shard_state).await;
     drop(shard_state.checkpoints.borrow_mut().take());
     if let Some(mut journal) = journal {
         if let Err(err) = journal.remove_stale_snapshots() {
@@ -1648,6 +1632,42 @@ where
         op_last,
         state_machine: core.into_state_machine(),
     })
+}
+
+/// Starts the task that prepares `journal`'s spare segments (`--segment-spare`), publishing
+/// its counts in the shard's metrics, and keeps it in the shard.
+pub(crate) fn spare_preparer_start<S: StateMachine>(shard: &Shard<S>, journal: &Journal) {
+    let spare = journal.segment_spare();
+    let (task_spare, metrics) = (spare.clone(), shard.metrics.clone());
+    let task = glommio::spawn_local(async move {
+        task_spare
+            .run(|stats| {
+                ShardMetrics::set(&metrics.journal_spares_prepared_total, stats.prepared);
+                ShardMetrics::set(
+                    &metrics.journal_segment_switches_prepared_total,
+                    stats.switches_prepared,
+                );
+                ShardMetrics::set(
+                    &metrics.journal_segment_switches_unprepared_total,
+                    stats.switches_unprepared,
+                );
+                ShardMetrics::set(&metrics.journal_spare_failures_total, stats.failures);
+            })
+            .await;
+    });
+    let previous = shard.spare_preparer.borrow_mut().replace((spare, task));
+    debug_assert!(previous.is_none(), "one spare preparer per shard");
+}
+
+/// Stops the shard's spare preparer, if it runs, and waits for it to end. Returns whether
+/// one ran.
+pub(crate) async fn spare_preparer_stop<S: StateMachine>(shard: &Shard<S>) -> bool {
+    let Some((spare, task)) = shard.spare_preparer.borrow_mut().take() else {
+        return false;
+    };
+    spare.stop();
+    task.await;
+    true
 }
 
 /// Until `finished()`, sleeps `interval` at a time and records in `lag` how late each

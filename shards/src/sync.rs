@@ -507,8 +507,11 @@ pub(crate) async fn switch_to_snapshot<S>(
             );
         }
     }
-    // Stop the checkpoint follower before its journal changes under it.
+    // Stop the checkpoint follower before its journal changes under it, and the spare
+    // preparer before the reopen removes its file: it prepared the old journal's next
+    // segment, and a new one is started for the reopened journal below.
     drop(shard.checkpoints.borrow_mut().take());
+    let spare_preparer = crate::runtime::spare_preparer_stop(shard).await;
     if let Err(error) = journal.install_synced_checkpoint(meta, body).await {
         panic!(
             "shard {}: state sync to op {op}: installing the checkpoint failed, stopping: {error}",
@@ -542,6 +545,9 @@ pub(crate) async fn switch_to_snapshot<S>(
     reopened.count_from(journal);
     let old = std::mem::replace(journal, reopened);
     let _ = old.close().await;
+    if spare_preparer {
+        crate::runtime::spare_preparer_start(shard, journal);
+    }
     match crate::runtime::start_checkpoints(
         shard.index,
         &shard.config,

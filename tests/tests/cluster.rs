@@ -617,12 +617,19 @@ fn follower_with_a_corrupt_entry_repairs_it_from_peers_in_fixed_view() {
 /// A follower that was down while its peers checkpointed and removed the segments it
 /// needs gets `NotRetained`, fetches a peer's checkpoint (state sync), restarts its journal
 /// there and repairs the rest: afterwards its journal and state agree with the leaders'.
+/// With `--segment-spare`, its reopened journal's roll-overs still find spares prepared.
 #[test]
 fn follower_behind_retention_syncs_from_a_checkpoint() {
     let mut harness = Harness::start_with(
         "state-sync",
         REPLICAS,
-        &["--checkpoint-interval-ops", "32", "--retain-ops", "0"],
+        &[
+            "--checkpoint-interval-ops",
+            "32",
+            "--retain-ops",
+            "0",
+            "--segment-spare",
+        ],
     );
     let mut setup = harness.client(1);
     let accounts = create_funded_accounts(&mut setup, ACCOUNTS_PER_SHARD, FUNDING)
@@ -658,6 +665,20 @@ fn follower_behind_retention_syncs_from_a_checkpoint() {
          {served}, received {received}"
     );
     assert!(received > 0 && served >= received);
+    // The spare preparer follows the journal a sync reopened: it ran for the old one
+    // (prepared switches stopped counting at the sync), and the new one's roll-overs now
+    // rename spares into place again.
+    let prepared =
+        |shard| harness.metric(2, "percore_journal_segment_switches_prepared_total", shard);
+    let synced: Vec<u64> = (0..SHARDS).map(prepared).collect();
+    wait_until(
+        "replica 2's roll-overs after the sync find prepared spares",
+        || {
+            (0..SHARDS)
+                .all(|shard| prepared(shard) > synced[shard])
+                .then_some(())
+        },
+    );
     let acknowledged = load.finish();
     assert!(acknowledged > 0);
     let committed = harness.wait_converged();
