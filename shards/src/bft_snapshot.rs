@@ -437,6 +437,11 @@ async fn open<S: StateMachine>(
         .join(format::snapshot_file_name(journal_op));
     let file = DmaFile::open(&path).await.ok()?;
     let size = file.file_size().await.ok()?;
+    // Held shared while it is served, as in crash mode (`sync::serve`): a follower that
+    // releases it as stale then neither keeps it as the spare snapshot, which its next
+    // write would overwrite under this open file, nor shrinks it
+    // (`checkpoint::snapshot_keep_as_spare`, `checkpoint::snapshot_release`).
+    crate::io_fence::hold(&file).ok()?;
     let file = Rc::new(file);
     let old = bft
         .snapshot
