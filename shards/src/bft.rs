@@ -2113,6 +2113,11 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
             seen.state_requests,
         ),
         (
+            &metrics.bft_state_serves_refused_total,
+            now.state_serves_refused,
+            seen.state_serves_refused,
+        ),
+        (
             &metrics.bft_state_certs_total,
             now.state_certs,
             seen.state_certs,

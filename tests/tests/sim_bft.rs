@@ -61,6 +61,26 @@ fn sim_bft_every_behaviour() {
     }
 }
 
+/// A Byzantine replica floods its peers with `StateRequest`s (not among the drawn
+/// behaviours): every run converges, the `serve-budget` checker holds what each correct
+/// replica serves it to its budget, requests beyond it are refused, and no correct
+/// replica's request is refused. A crashing replica catches up meanwhile.
+#[test]
+fn sim_bft_state_request_floods_are_held_to_the_serve_budget() {
+    let options = Options {
+        behaviour: Some(Behaviour::FloodState),
+        crashes: 1,
+        ..Options::default()
+    };
+    let total = run_batch(options, 0..30);
+    assert!(total.requests_accepted > 0, "{total:?}");
+    assert!(
+        total.state_serves_refused > 0 && total.state_ops_served_to_byzantine > 0,
+        "the flood was served up to its budget, then refused: {total:?}"
+    );
+    assert_eq!(total.state_serves_refused_to_correct, 0, "{total:?}");
+}
+
 #[test]
 fn sim_bft_equivocation_is_detected_on_a_clean_network() {
     // Without network faults the checker requires evidence for every equivocation that

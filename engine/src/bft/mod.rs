@@ -27,6 +27,7 @@ pub mod keys;
 pub mod message;
 mod replica;
 pub mod request;
+mod serve_budget;
 pub mod xshard;
 
 pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
@@ -68,6 +69,28 @@ pub const CATCHUP_OPS_MAX_DEFAULT: u64 = 16;
 /// Default time a state transfer waits for the answer to a `StateRequest` before it asks
 /// the next peer (µs): a silent or lying peer delays a transfer by this much, no more.
 pub const STATE_TRANSFER_RETRY_US_DEFAULT: u64 = 100_000;
+/// Default rate at which a replica's budget for serving one peer's `StateRequest`s refills
+/// (committed ops per second; [`BftConfig::state_serve_ops_per_s`]). Serving costs a
+/// journal read and a `StateOps` of up to `catchup_ops_max` batches, asked for by a message
+/// of a few bytes: without a budget an authenticated Byzantine peer could make a correct
+/// replica read and send its log over and over. An honest requester stays below it: it
+/// asks one peer at a time and sends its next request only after it verified `q ≥ 3`
+/// Commit signatures per op of the previous answer (and each request's client signature),
+/// executed it and, in the runtime, made it durable ([`Action::ServeState`],
+/// `request_state_ops`): at 41 µs a signature (the development VM) that is at most about
+/// 8,000 ops/s, and a core twice as fast still stays near the rate, its early answers
+/// taken from the burst ([`STATE_SERVE_BURST_REQUESTS`]). A group commits far slower:
+/// every replica verifies about six signatures per op (~285 µs there, so ~3,500 ops/s at
+/// most, a few hundred under the benchmarks' load), so a replica behind still catches up
+/// several times faster than the group moves on. A flooding peer gets at most this: what
+/// one honest transfer at full speed costs.
+pub const STATE_SERVE_OPS_PER_S_DEFAULT: u64 = 16_384;
+/// A peer's serve budget holds this many full `StateRequest`s (`catchup_ops_max` ops each)
+/// when unspent, and starts full: an honest requester's answers that come back faster than
+/// the refill (a fast link, a disk that syncs at once) borrow from it, as do the core's
+/// unit tests, whose transfers are delivered at one instant. Four is a few round trips,
+/// not a log: a flood gets this burst once, then the refill rate.
+pub const STATE_SERVE_BURST_REQUESTS: u64 = 4;
 /// A view change for a view further than this above the current one is refused: a
 /// Byzantine replica cannot make others verify an unbounded run of views.
 pub const VIEW_AHEAD_MAX: u64 = 64;
@@ -86,6 +109,13 @@ const _: () = assert!(LOG_WINDOW_OPS_DEFAULT <= LOG_WINDOW_OPS_LIMIT);
 const _: () = assert!(VIEW_CHANGE_TIMEOUT_US_MAX_DEFAULT >= VIEW_CHANGE_TIMEOUT_US_DEFAULT);
 const _: () = assert!(PROGRESS_TIMEOUT_US_DEFAULT >= 4 * RESEND_INTERVAL_US_DEFAULT);
 const _: () = assert!(CATCHUP_OPS_MAX_DEFAULT <= LOG_WINDOW_OPS_LIMIT);
+// A requester refused for want of budget comes back after a retry interval at the
+// earliest: by then the default refill covers a full request many times over.
+const _: () = assert!(
+    CATCHUP_OPS_MAX_DEFAULT * 1_000_000 / STATE_SERVE_OPS_PER_S_DEFAULT
+        < STATE_TRANSFER_RETRY_US_DEFAULT / 16
+);
+const _: () = assert!(STATE_SERVE_BURST_REQUESTS >= 1);
 
 /// Why a BFT configuration, message or proposal is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -178,6 +208,16 @@ pub enum BftError {
     /// Propose: an empty batch (the empty batch is the null op).
     #[error("empty batch")]
     EmptyBatch,
+    /// A peer's `StateRequest` asks for more ops than its serve budget holds now
+    /// ([`BftConfig::state_serve_ops_per_s`]): nothing is served (the requester asks the
+    /// next peer after its retry interval, or this one again once the budget refilled).
+    #[error("replica {peer} asked for {ops} ops to be served; its serve budget holds fewer")]
+    ServeBudgetExhausted {
+        /// The requesting peer.
+        peer: u8,
+        /// Ops the request would have been served.
+        ops: u64,
+    },
     /// A proposal the leader validly signed whose batch fails the driver's
     /// [`ProposalCheck`] (a request without a valid client signature): the leader's
     /// misbehaviour; no Prepare is signed for it.
@@ -254,6 +294,11 @@ pub struct BftConfig {
     /// Time a state transfer waits for a peer's `StateOps` before asking the next peer
     /// (µs).
     pub state_transfer_retry_us: u64,
+    /// Committed ops per second this replica serves one peer's `StateRequest`s, refilling a
+    /// per-peer budget of [`STATE_SERVE_BURST_REQUESTS`] × `catchup_ops_max` ops; a
+    /// request beyond it is refused ([`BftError::ServeBudgetExhausted`],
+    /// [`BftMetrics::state_serves_refused`]). See [`STATE_SERVE_OPS_PER_S_DEFAULT`].
+    pub state_serve_ops_per_s: u64,
     /// The driver reports which executed ops are durable ([`BftReplica::on_durable`]), and
     /// checkpoint votes are signed only for durable ops (a stable checkpoint then means
     /// `quorum` replicas hold that state on disk). Off: an op counts as durable once
@@ -279,9 +324,16 @@ impl BftConfig {
             status_interval_us: STATUS_INTERVAL_US_DEFAULT,
             catchup_ops_max: CATCHUP_OPS_MAX_DEFAULT,
             state_transfer_retry_us: STATE_TRANSFER_RETRY_US_DEFAULT,
+            state_serve_ops_per_s: STATE_SERVE_OPS_PER_S_DEFAULT,
             durability_reported: false,
             bug: None,
         }
+    }
+
+    /// Ops one peer's serve budget holds when full: [`STATE_SERVE_BURST_REQUESTS`] full
+    /// `StateRequest`s.
+    pub fn serve_budget_ops(&self) -> u64 {
+        STATE_SERVE_BURST_REQUESTS.saturating_mul(self.catchup_ops_max)
     }
 
     /// Checks every field against the committee.
@@ -308,6 +360,7 @@ impl BftConfig {
             (self.status_interval_us, "status_interval_us"),
             (self.catchup_ops_max, "catchup_ops_max"),
             (self.state_transfer_retry_us, "state_transfer_retry_us"),
+            (self.state_serve_ops_per_s, "state_serve_ops_per_s"),
         ];
         for (value, name) in nonzero {
             if value == 0 {
@@ -458,6 +511,10 @@ pub struct BftMetrics {
     pub catchup_serves: u64,
     /// `StateRequest`s sent (the first and every retry).
     pub state_requests: u64,
+    /// Peers' `StateRequest`s refused because the peer's serve budget did not hold the ops
+    /// asked for ([`BftError::ServeBudgetExhausted`]): a peer asking faster than
+    /// `state_serve_ops_per_s` (a flood; an honest requester stays far below it).
+    pub state_serves_refused: u64,
     /// State certificates formed here (`quorum` matching `StateCheckpoint` votes).
     pub state_certs: u64,
     /// Snapshot fetches asked of the driver ([`Action::FetchSnapshot`]).

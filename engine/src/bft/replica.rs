@@ -11,6 +11,7 @@ use super::message::{
     batch_digest, chain_digest,
 };
 use super::request::ProposalCheck;
+use super::serve_budget::ServeBudget;
 use super::{
     Action, BftConfig, BftError, BftMetrics, CHECKPOINT_VOTES_KEPT_PER_REPLICA, EVIDENCE_KEPT_MAX,
     InjectedBug, REPLICA_COUNT_MAX, STATE_VOTES_KEPT_PER_REPLICA, VIEW_AHEAD_MAX,
@@ -256,6 +257,9 @@ pub struct BftReplica {
     /// or lying peer costs one retry interval), and when to ask again.
     transfer_peer: u8,
     transfer_retry_at_us: Option<u64>,
+    /// Per replica: the committed ops this replica may still serve its `StateRequest`s
+    /// (`state_serve_ops_per_s`; allocated here, never per message).
+    serve_budgets: Vec<ServeBudget>,
     evidence: Vec<Evidence>,
     metrics: BftMetrics,
     /// What the driver has been asked to persist: covers everything signed.
@@ -337,6 +341,10 @@ impl BftReplica {
             snapshot_fetch: None,
             transfer_peer: (config.replica + 1) % replica_count as u8,
             transfer_retry_at_us: None,
+            serve_budgets: vec![
+                ServeBudget::full(config.serve_budget_ops(), now_us);
+                replica_count
+            ],
             evidence: Vec::new(),
             metrics: BftMetrics::default(),
             guard: VoteGuard::default(),
@@ -945,7 +953,7 @@ impl BftReplica {
             } => self.on_commit_proof(now_us, pre_prepare, cert, batch, actions),
             Message::CheckpointProof(cert) => self.on_checkpoint_proof(now_us, cert, actions),
             Message::StateRequest { from_op, to_op } => {
-                self.on_state_request(from, (from_op, to_op), actions)
+                self.on_state_request(now_us, from, (from_op, to_op), actions)
             }
             Message::StateOps(ops) => self.on_state_ops(now_us, ops, actions),
             Message::StateCheckpoint { vote, statement } => {
@@ -997,6 +1005,7 @@ impl BftReplica {
             BftError::UnknownSigner(_) => metrics.unknown_signers += 1,
             BftError::WrongView { .. } => metrics.wrong_view += 1,
             BftError::OutOfWindow { .. } => metrics.out_of_window += 1,
+            BftError::ServeBudgetExhausted { .. } => metrics.state_serves_refused += 1,
             BftError::Stale | BftError::Equivocation(_) => {}
             _ => metrics.invalid += 1,
         }
@@ -1543,9 +1552,12 @@ impl BftReplica {
     }
 
     /// A peer asks for committed ops: the driver serves those durable here, at most
-    /// `catchup_ops_max` of them, from its journals ([`Action::ServeState`]).
+    /// `catchup_ops_max` of them, from its journals ([`Action::ServeState`]), if the peer's
+    /// serve budget holds them (else nothing is served: an authenticated peer cannot make
+    /// this replica read and send its log faster than `state_serve_ops_per_s`).
     fn on_state_request(
         &mut self,
+        now_us: u64,
         from: u8,
         (from_op, to_op): (u64, u64),
         actions: &mut Vec<Action>,
@@ -1564,6 +1576,14 @@ impl BftReplica {
         let to_op = to_op
             .min(held)
             .min(from_op.saturating_add(self.config.catchup_ops_max - 1));
+        let ops = to_op - from_op + 1;
+        let rate = (
+            self.config.state_serve_ops_per_s,
+            self.config.serve_budget_ops(),
+        );
+        if !self.serve_budgets[usize::from(from)].try_spend(now_us, ops, rate) {
+            return Err(BftError::ServeBudgetExhausted { peer: from, ops });
+        }
         actions.push(Action::ServeState {
             to: from,
             from_op,

@@ -1512,6 +1512,102 @@ fn bft_state_transfer_waits_for_durability_between_requests() {
     assert!(replica.state_transfer().is_none());
 }
 
+/// A peer that floods `StateRequest`s is served at most its budget: at one instant
+/// `STATE_SERVE_BURST_REQUESTS` full requests, every later one refused with a typed error
+/// and counted; after the refill time of one request it is served one more. Another
+/// peer's budget is its own.
+#[test]
+fn bft_state_requests_beyond_a_peers_serve_budget_are_refused() {
+    let mut group = Group::new(4, 1);
+    let ops = 2 * CATCHUP_OPS_MAX_DEFAULT;
+    for round in 0..ops {
+        group.propose(0, &round.to_le_bytes());
+    }
+    let config = *group.replicas[0].config();
+    let catchup = config.catchup_ops_max;
+    assert_eq!(
+        config.serve_budget_ops(),
+        STATE_SERVE_BURST_REQUESTS * catchup
+    );
+    let request = Message::StateRequest {
+        from_op: 1,
+        to_op: u64::MAX,
+    };
+    let served = |replica: &mut BftReplica, now_us: u64, from: u8, tries: u64| {
+        let mut actions = Vec::new();
+        let mut refused = 0;
+        for _ in 0..tries {
+            match replica.on_message(now_us, from, request.clone(), &mut actions) {
+                Ok(()) => {}
+                Err(error) => {
+                    assert_eq!(
+                        error,
+                        BftError::ServeBudgetExhausted {
+                            peer: from,
+                            ops: catchup
+                        }
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        for action in &actions {
+            assert_eq!(
+                *action,
+                Action::ServeState {
+                    to: from,
+                    from_op: 1,
+                    to_op: catchup
+                }
+            );
+        }
+        assert_eq!(actions.len() as u64 + refused, tries);
+        actions.len() as u64
+    };
+    let flood = 100;
+    let start_us = group.now_us;
+    let replica = &mut group.replicas[0];
+    assert_eq!(
+        served(replica, start_us, 3, flood),
+        STATE_SERVE_BURST_REQUESTS
+    );
+    let refused = flood - STATE_SERVE_BURST_REQUESTS;
+    assert_eq!(replica.metrics().state_serves_refused, refused);
+    assert_eq!(
+        replica.metrics().invalid,
+        0,
+        "a refusal is not a bad message"
+    );
+    // Another peer is served from its own budget, at the same instant.
+    assert_eq!(served(replica, start_us, 2, 1), 1);
+    // One request's refill time (rounded up): one more request, no more.
+    let refill_us = (catchup * 1_000_000).div_ceil(config.state_serve_ops_per_s);
+    assert_eq!(served(replica, start_us + refill_us - 1, 3, 1), 0);
+    assert_eq!(served(replica, start_us + refill_us, 3, flood), 1);
+    // Idle long enough to refill it all: a full burst again, never more.
+    let later_us = start_us + 1_000_000;
+    assert_eq!(
+        served(replica, later_us, 3, flood),
+        STATE_SERVE_BURST_REQUESTS
+    );
+    assert_eq!(
+        replica.metrics().state_serves_refused,
+        refused + 1 + (flood - 1) + (flood - STATE_SERVE_BURST_REQUESTS)
+    );
+}
+
+/// A serve budget of zero ops per second would refuse every state transfer: the config
+/// check refuses it.
+#[test]
+fn bft_config_refuses_a_zero_serve_rate() {
+    let mut config = BftConfig::new(GROUP, 0);
+    config.state_serve_ops_per_s = 0;
+    assert_eq!(
+        config.validate(&committee(4, 1)),
+        Err(BftError::Limit("state_serve_ops_per_s"))
+    );
+}
+
 /// The chain digest of `committed` through `op`.
 fn chain_through(committed: &[(u64, Digest)], op: u64) -> Digest {
     committed

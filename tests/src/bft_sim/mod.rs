@@ -34,9 +34,16 @@ pub enum Behaviour {
     /// As leader, adds to each proposal a request no client signed (a client's request
     /// with a record changed and a new request number, carrying the original signature).
     ForgeRequest,
+    /// Behaves, and also floods the replicas it sends to with `StateRequest`s for the
+    /// oldest ops ([`world::FLOOD_STATE_REQUESTS_PER_SEND`] per message it sends to each):
+    /// the `serve-budget` checker bounds what each correct replica serves it. Only by
+    /// `--behaviour flood-state`, never drawn.
+    FloodState,
 }
 
-/// Every behaviour, in the order the seed picks from.
+/// Every behaviour the seed picks from, in order. [`Behaviour::FloodState`] is not among
+/// them: drawing from one more would change every seed's run, those of
+/// `tests/seeds_bft.txt` included.
 pub const BEHAVIOURS: [Behaviour; 7] = [
     Behaviour::Silent,
     Behaviour::Equivocate,
@@ -58,6 +65,7 @@ impl Behaviour {
             Behaviour::Replay => "replay",
             Behaviour::Forge => "forge",
             Behaviour::ForgeRequest => "forge-request",
+            Behaviour::FloodState => "flood-state",
         }
     }
 
@@ -65,6 +73,7 @@ impl Behaviour {
     pub fn parse(name: &str) -> Option<Behaviour> {
         BEHAVIOURS
             .into_iter()
+            .chain([Behaviour::FloodState])
             .find(|behaviour| behaviour.name() == name)
     }
 }
@@ -139,7 +148,7 @@ impl Default for Options {
 
 /// Default events of the faulty phase, and a checker's failure: as the crash-fault
 /// simulator's (`checker` is `safety`, `auth`, `liveness`, `evidence`, `client`, `guard`,
-/// `conflicting-votes`, `prepared-report` or `driver` here).
+/// `conflicting-votes`, `prepared-report`, `serve-budget` or `driver` here).
 pub use crate::sim::{Failure, STEPS_DEFAULT};
 
 /// What a passing run did.
@@ -191,6 +200,13 @@ pub struct Summary {
     pub prepared_persisted: u64,
     /// Prepared certificates handed to `BftReplica::restore`.
     pub prepared_restored: u64,
+    /// Peers' `StateRequest`s correct replicas refused for want of serve budget (across
+    /// restarts).
+    pub state_serves_refused: u64,
+    /// Of which asked by correct replicas (an honest state transfer slowed).
+    pub state_serves_refused_to_correct: u64,
+    /// Ops correct replicas served (`ServeState`) to Byzantine replicas.
+    pub state_ops_served_to_byzantine: u64,
     /// Whether a Byzantine replica led view 0.
     pub byzantine_first_leader: bool,
 }
@@ -218,6 +234,9 @@ impl Summary {
         self.sends_past_held_commits += other.sends_past_held_commits;
         self.prepared_persisted += other.prepared_persisted;
         self.prepared_restored += other.prepared_restored;
+        self.state_serves_refused += other.state_serves_refused;
+        self.state_serves_refused_to_correct += other.state_serves_refused_to_correct;
+        self.state_ops_served_to_byzantine += other.state_ops_served_to_byzantine;
     }
 }
 

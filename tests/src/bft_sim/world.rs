@@ -28,9 +28,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use percore_engine::bft::request::{REQUEST_SIGNATURE_BYTES, batch_decode, batch_encode};
 use percore_engine::bft::{
-    Action, BftConfig, BftReplica, CheckpointCert, ClientKeys, CommitCert, Committee, Digest,
-    Message, PreparedEntry, RequestStatement, RequestVerifier, Restored, Signature, SigningKey,
-    Vote, VoteGuard, VoteKind, batch_digest, chain_digest,
+    Action, BftConfig, BftError, BftReplica, CheckpointCert, ClientKeys, CommitCert, Committee,
+    Digest, Message, PreparedEntry, RequestStatement, RequestVerifier, Restored, Signature,
+    SigningKey, Vote, VoteGuard, VoteKind, batch_digest, chain_digest,
 };
 use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor};
 use percore_shards::bft_held::{HeldSends, Offered};
@@ -74,6 +74,9 @@ const DISK_WRITE_US_MAX: u64 = 3_000;
 pub const SLOW_LINK_US_MIN: u64 = 100_000;
 pub const SLOW_LINK_US_MAX: u64 = 150_000;
 const _: () = assert!(2 * SLOW_LINK_US_MIN >= percore_engine::bft::PROGRESS_TIMEOUT_US_DEFAULT);
+/// A `flood-state` replica sends this many `StateRequest`s to each replica it sends a
+/// message to, with the message.
+pub const FLOOD_STATE_REQUESTS_PER_SEND: usize = 8;
 /// A crashed replica stays down this long (µs).
 const DOWN_US_MIN: u64 = 1_000;
 const DOWN_US_MAX: u64 = 800_000;
@@ -219,6 +222,10 @@ struct Node {
     alternates: BTreeMap<(u64, u64), Digest>,
     /// Silent: behaves until this time, then sends nothing (a crash mid-run).
     silent_from_us: u64,
+    /// Per peer: ops this core served it (`ServeState`) since it was built, at
+    /// `serving_since_us` (the `serve-budget` checker).
+    served_ops: Vec<u64>,
+    serving_since_us: u64,
 }
 
 /// A statement one replica signed, as kept by the vote checker: `(replica, kind, view, op)`
@@ -279,6 +286,9 @@ pub struct World {
     sends_past_held_commits: u64,
     prepared_persisted: u64,
     prepared_restored: u64,
+    state_serves_refused: u64,
+    state_serves_refused_to_correct: u64,
+    state_ops_served_to_byzantine: u64,
 }
 
 type Outcome<T> = Result<T, Box<Failure>>;
@@ -372,6 +382,8 @@ impl World {
                     } else {
                         rng.range(0, 2_000_000)
                     },
+                    served_ops: vec![0; usize::from(replica_count)],
+                    serving_since_us: 0,
                 }
             })
             .collect();
@@ -430,6 +442,9 @@ impl World {
             sends_past_held_commits: 0,
             prepared_persisted: 0,
             prepared_restored: 0,
+            state_serves_refused: 0,
+            state_serves_refused_to_correct: 0,
+            state_ops_served_to_byzantine: 0,
         }
     }
 
@@ -670,6 +685,13 @@ impl World {
         let result = node
             .core
             .on_message(self.time_us, from, message, &mut actions);
+        if matches!(result, Err(BftError::ServeBudgetExhausted { .. })) && node.behaviour.is_none()
+        {
+            self.state_serves_refused += 1;
+            if self.is_correct(from) {
+                self.state_serves_refused_to_correct += 1;
+            }
+        }
         if self.options.verbose || result.is_err() {
             let outcome = match result {
                 Ok(()) => "ok".to_string(),
@@ -724,6 +746,7 @@ impl World {
                     self.check_certified_chain(cert.op(), cert.digest())?;
                 }
                 Action::ServeState { to, from_op, to_op } => {
+                    self.check_serve_budget(replica, to, to_op - from_op + 1)?;
                     let log = &self.nodes[usize::from(replica)].log;
                     let end = usize::try_from(to_op).map_or(log.len(), |end| end.min(log.len()));
                     let start = usize::try_from(from_op - 1).map_or(end, |start| start.min(end));
@@ -991,6 +1014,40 @@ impl World {
         Ok(())
     }
 
+    /// The `serve-budget` checker: a correct core serves each peer at most its full budget
+    /// plus `state_serve_ops_per_s` for the time since it was built, however fast the peer
+    /// asks (`flood-state`).
+    fn check_serve_budget(&mut self, replica: u8, to: u8, ops: u64) -> Outcome<()> {
+        if !self.is_correct(replica) {
+            return Ok(());
+        }
+        let byzantine = !self.is_correct(to);
+        let node = &mut self.nodes[usize::from(replica)];
+        let served = &mut node.served_ops[usize::from(to)];
+        *served += ops;
+        let served = *served;
+        let elapsed_us = self.time_us - node.serving_since_us;
+        let refilled =
+            u128::from(elapsed_us) * u128::from(node.config.state_serve_ops_per_s) / 1_000_000;
+        let allowed = node
+            .config
+            .serve_budget_ops()
+            .saturating_add(u64::try_from(refilled).unwrap_or(u64::MAX));
+        if byzantine {
+            self.state_ops_served_to_byzantine += ops;
+        }
+        if served > allowed {
+            return Err(self.fail(
+                "serve-budget",
+                format!(
+                    "replica {replica} served replica {to} {served} ops in {elapsed_us} µs: \
+                     its budget allows {allowed}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// What a Byzantine replica sends instead of `message`.
     fn byzantine_outgoing(
         &mut self,
@@ -1011,6 +1068,17 @@ impl World {
             }
             // A forging leader's batches are rewritten where it proposes (`propose`).
             Behaviour::Silent | Behaviour::ForgeRequest => same(&tos, &message),
+            Behaviour::FloodState => {
+                let flood = Message::StateRequest {
+                    from_op: 1,
+                    to_op: u64::MAX,
+                };
+                let mut sends = same(&tos, &message);
+                for to in &tos {
+                    sends.extend((0..FLOOD_STATE_REQUESTS_PER_SEND).map(|_| (*to, flood.clone())));
+                }
+                sends
+            }
             Behaviour::Withhold => match message {
                 Message::Prepare { .. } | Message::Commit(_) | Message::Checkpoint(_) => Vec::new(),
                 other => same(&tos, &other),
@@ -1574,6 +1642,8 @@ impl World {
             }
         }
         node.guard_requested = node.disk.guard;
+        node.served_ops.fill(0);
+        node.serving_since_us = self.time_us;
         node.up = true;
         self.restarts += 1;
         let line = format!(
@@ -1938,6 +2008,9 @@ impl World {
             sends_past_held_commits: self.sends_past_held_commits,
             prepared_persisted: self.prepared_persisted,
             prepared_restored: self.prepared_restored,
+            state_serves_refused: self.state_serves_refused,
+            state_serves_refused_to_correct: self.state_serves_refused_to_correct,
+            state_ops_served_to_byzantine: self.state_ops_served_to_byzantine,
             byzantine_first_leader: self.nodes[0].behaviour.is_some(),
             ..Summary::default()
         };

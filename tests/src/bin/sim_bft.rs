@@ -4,7 +4,7 @@
 //! cargo run -p percore-tests --bin sim_bft -- --seed 42 [--replicas 4|7] [--byzantine N]
 //!     [--crashes N] [--crash-all] [--slow-links] [--beyond-budget] [--journal-before-prepared] [--prepared-before-guard]
 //!     [--client-weak-quorum]
-//!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request]
+//!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request|flood-state]
 //!     [--steps N] [--faults on|off]
 //!     [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|
 //!            restore-ignores-guard|restore-drops-prepared] [-v]
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
                 "usage: sim_bft (--seed S | --seeds A..B) [--replicas 4|7] [--byzantine N] \\
                  [--crashes N] [--crash-all] [--slow-links] [--beyond-budget] [--journal-before-prepared] \\
                  [--prepared-before-guard] [--client-weak-quorum] \\
-                 [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request] \\
+                 [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request|flood-state] \\
                  [--steps N] [--faults on|off] \\
                  [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|\\
                  restore-ignores-guard|restore-drops-prepared] [-v]"
@@ -74,7 +74,8 @@ fn main() -> ExitCode {
              restart), dropped {}; \
              restarts {}, guard writes {}, sends held for a guard or prepared write {} \
              ({} others left past a held Commit), prepared \
-             certificates persisted {} and restored {}",
+             certificates persisted {} and restored {}; state requests refused for want of \
+             serve budget {} ({} of correct replicas), ops served to Byzantine replicas {}",
             byzantine_first_leader,
             total.ops_committed,
             total.requests_accepted,
@@ -95,6 +96,9 @@ fn main() -> ExitCode {
             total.sends_past_held_commits,
             total.prepared_persisted,
             total.prepared_restored,
+            total.state_serves_refused,
+            total.state_serves_refused_to_correct,
+            total.state_ops_served_to_byzantine,
         );
         for (seed, checker) in &failures {
             println!("  seed {seed}: {checker}");

@@ -1,0 +1,112 @@
+//! The budget of committed ops a replica serves one peer's `StateRequest`s from: a token
+//! bucket counted in ops, refilled at `state_serve_ops_per_s` from the `now_us` its caller
+//! passes in. It owns two integers and never reads a clock or allocates; the replica keeps
+//! one per peer, allocated when it is built.
+
+/// Millionths of an op per op: refilling `ops_per_s` ops per second adds `ops_per_s` of
+/// these per µs, so the bucket needs no division and loses no fraction of an op.
+const MICRO_OPS_PER_OP: u64 = 1_000_000;
+
+/// One peer's serve budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServeBudget {
+    /// Ops it may still serve, in millionths of an op (at most the capacity).
+    micro_ops: u64,
+    /// When it was last refilled (µs; never moves back).
+    refilled_us: u64,
+}
+
+impl ServeBudget {
+    /// A full budget of `capacity_ops` at `now_us`.
+    pub(crate) fn full(capacity_ops: u64, now_us: u64) -> ServeBudget {
+        ServeBudget {
+            micro_ops: capacity_ops.saturating_mul(MICRO_OPS_PER_OP),
+            refilled_us: now_us,
+        }
+    }
+
+    /// Refills the budget for the time since the last refill (`ops_per_s`, capped at
+    /// `capacity_ops`), then spends `ops` if it holds them. Returns whether it did; a
+    /// refused request spends nothing. A clock that moves back refills nothing.
+    pub(crate) fn try_spend(
+        &mut self,
+        now_us: u64,
+        ops: u64,
+        (ops_per_s, capacity_ops): (u64, u64),
+    ) -> bool {
+        debug_assert!(ops_per_s > 0 && capacity_ops > 0);
+        let capacity = capacity_ops.saturating_mul(MICRO_OPS_PER_OP);
+        let elapsed_us = now_us.saturating_sub(self.refilled_us);
+        self.refilled_us = self.refilled_us.max(now_us);
+        self.micro_ops = self
+            .micro_ops
+            .saturating_add(elapsed_us.saturating_mul(ops_per_s))
+            .min(capacity);
+        let cost = ops.saturating_mul(MICRO_OPS_PER_OP);
+        if cost > self.micro_ops {
+            return false;
+        }
+        self.micro_ops -= cost;
+        debug_assert!(self.micro_ops <= capacity);
+        true
+    }
+
+    /// Whole ops the budget holds (as of its last refill).
+    #[cfg(test)]
+    pub(crate) fn ops(&self) -> u64 {
+        self.micro_ops / MICRO_OPS_PER_OP
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServeBudget;
+
+    const RATE: (u64, u64) = (1_000, 64);
+
+    #[test]
+    fn serve_budget_spends_down_to_empty_then_refills_at_its_rate() {
+        let mut budget = ServeBudget::full(64, 10);
+        for _ in 0..4 {
+            assert!(budget.try_spend(10, 16, RATE));
+        }
+        assert_eq!(budget.ops(), 0);
+        assert!(!budget.try_spend(10, 1, RATE));
+        // 1,000 ops/s: 15.999 ms is not yet 16 ops, 16 ms is.
+        assert!(!budget.try_spend(10 + 15_999, 16, RATE));
+        assert!(budget.try_spend(10 + 16_000, 16, RATE));
+        assert_eq!(budget.ops(), 0);
+    }
+
+    #[test]
+    fn serve_budget_refills_no_further_than_its_capacity() {
+        let mut budget = ServeBudget::full(64, 0);
+        assert!(budget.try_spend(0, 64, RATE));
+        assert!(
+            budget.try_spend(u64::MAX, 64, RATE),
+            "a long idle time refills it"
+        );
+        assert!(
+            !budget.try_spend(u64::MAX, 1, RATE),
+            "but only to its capacity"
+        );
+        assert!(!budget.try_spend(u64::MAX, 65, RATE));
+    }
+
+    #[test]
+    fn serve_budget_refills_nothing_when_the_clock_moves_back() {
+        let mut budget = ServeBudget::full(64, 1_000_000);
+        assert!(budget.try_spend(1_000_000, 64, RATE));
+        assert!(!budget.try_spend(0, 1, RATE));
+        // The refill counts from the latest time seen, not from the earlier one.
+        assert!(!budget.try_spend(1_000_500, 1, RATE));
+        assert!(budget.try_spend(1_001_000, 1, RATE));
+    }
+
+    #[test]
+    fn serve_budget_refuses_a_request_larger_than_it_holds_whole() {
+        let mut budget = ServeBudget::full(64, 0);
+        assert!(!budget.try_spend(0, 65, RATE));
+        assert_eq!(budget.ops(), 64, "a refused request spends nothing");
+    }
+}
