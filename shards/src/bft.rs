@@ -2023,7 +2023,8 @@ where
             .replica
             .borrow()
             .poll_timeout()
-            .min(bft.xshard.poll_timeout().unwrap_or(u64::MAX));
+            .min(bft.xshard.poll_timeout().unwrap_or(u64::MAX))
+            .min(crate::bft_snapshot::serve_retry_at_us(&shard).unwrap_or(u64::MAX));
         let wait_us = deadline
             .saturating_sub(shard.now_us())
             .clamp(1_000, STOP_POLL_MS * 1_000);

@@ -12,8 +12,9 @@
 //! **Fetch.** A peer asked for ops its log no longer holds offers its latest state
 //! certificate (`StateSnapshot`). The core verifies it and asks for the snapshot; this
 //! module fetches the file one [`SNAPSHOT_CHUNK_BYTES`] chunk at a time (at most
-//! [`SNAPSHOT_CHUNKS_INFLIGHT_MAX`](crate::sync::SNAPSHOT_CHUNKS_INFLIGHT_MAX) asked ahead) into a buffer sized by the first chunk and
-//! bounded by the state machine's largest snapshot.
+//! [`SNAPSHOT_CHUNKS_INFLIGHT_MAX`] asked ahead) into a buffer sized by the first chunk and
+//! bounded by the state machine's largest snapshot. Serving, each peer's chunk requests
+//! wait in a queue of their own and spend a budget of [`SNAPSHOT_SERVE_BYTES_PER_S`].
 //!
 //! **Verify before adopting.** The file's header (cluster, shard, journal op), its
 //! checksum, its recorded digest, and then the state itself: the body is restored into a
@@ -40,20 +41,106 @@ use crate::checkpoint::checkpoint_due;
 use crate::journal::{Journal, JournalOptions};
 use crate::metrics::ShardMetrics;
 use crate::runtime::Shard;
-use crate::sync::{SNAPSHOT_CHUNK_BYTES, SNAPSHOT_REQUESTS_QUEUED_MAX, SYNC_CHUNK_TIMEOUT_US};
+use crate::sync::{SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNKS_INFLIGHT_MAX, SYNC_CHUNK_TIMEOUT_US};
+use percore_engine::bft::serve_budget::ServeBudget;
 
 /// Snapshot ops asked of the follower and not yet written, remembered with their BFT op and
 /// chain digest (a follower that falls this far behind skips some; each skip only means
 /// one certificate fewer).
 pub const SNAPSHOT_POINTS_TRACKED: usize = 8;
 
+/// Snapshot bytes one peer's chunk requests may make this replica read and send, per
+/// second. A Byzantine peer can ask for chunks without end; an honest fetch keeps at most
+/// [`SNAPSHOT_CHUNKS_INFLIGHT_MAX`] chunks asked ahead and asks one peer at a time. At this
+/// rate a 130 MB snapshot (the default ledger's) takes about half a second; a chunk refused
+/// for now is served when the peer's budget holds it again (the shard's tick wakes the
+/// batcher then).
+pub const SNAPSHOT_SERVE_BYTES_PER_S: u64 = 256 << 20;
+/// What a full budget holds: one fetch's window of chunks.
+const SNAPSHOT_SERVE_BURST_BYTES: u64 = SNAPSHOT_CHUNKS_INFLIGHT_MAX * SNAPSHOT_CHUNK_BYTES as u64;
+const SNAPSHOT_SERVE_RATE: (u64, u64) = (SNAPSHOT_SERVE_BYTES_PER_S, SNAPSHOT_SERVE_BURST_BYTES);
+
+/// Chunk requests waiting to be served, per peer, and each peer's serve budget
+/// ([`SNAPSHOT_SERVE_BYTES_PER_S`]): a peer keeps at most a fetch's window of requests
+/// waiting (more are dropped), and peers are served in turn, each while its budget holds a
+/// chunk. One queue shared by all peers let a flooding peer keep it full, dropping an
+/// honest fetch's requests, and read the files as fast as the batcher turned. Allocated
+/// whole at start.
+#[derive(Debug)]
+pub(crate) struct ServeQueue {
+    /// Per peer: `(journal op, offset)` requests, oldest first.
+    waiting: Vec<VecDeque<(u64, u64)>>,
+    budgets: Vec<ServeBudget>,
+    /// The peer served first next time (round robin).
+    next: usize,
+}
+
+impl ServeQueue {
+    /// An empty queue for `peers` peers, every budget full.
+    pub(crate) fn new(peers: usize) -> Self {
+        Self {
+            waiting: (0..peers)
+                .map(|_| VecDeque::with_capacity(SNAPSHOT_CHUNKS_INFLIGHT_MAX as usize))
+                .collect(),
+            budgets: vec![ServeBudget::full(SNAPSHOT_SERVE_BURST_BYTES, 0); peers],
+            next: 0,
+        }
+    }
+
+    /// Queues `peer`'s request; `false` (dropped) if that peer already has a fetch's
+    /// window waiting, or is not a peer.
+    pub(crate) fn push(&mut self, peer: u8, journal_op: u64, offset: u64) -> bool {
+        match self.waiting.get_mut(usize::from(peer)) {
+            Some(waiting) if (waiting.len() as u64) < SNAPSHOT_CHUNKS_INFLIGHT_MAX => {
+                waiting.push_back((journal_op, offset));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The next request to serve at `now_us`: the peers in turn, the first with a request
+    /// waiting whose budget holds a chunk (spent here). `None` when none can be served now.
+    pub(crate) fn pop(&mut self, now_us: u64) -> Option<(u8, u64, u64)> {
+        let peers = self.waiting.len();
+        for turn in 0..peers {
+            let peer = (self.next + turn) % peers;
+            if self.waiting[peer].is_empty()
+                || !self.budgets[peer].try_spend(
+                    now_us,
+                    SNAPSHOT_CHUNK_BYTES as u64,
+                    SNAPSHOT_SERVE_RATE,
+                )
+            {
+                continue;
+            }
+            let (journal_op, offset) = self.waiting[peer].pop_front().expect("not empty");
+            self.next = (peer + 1) % peers;
+            return Some((peer as u8, journal_op, offset));
+        }
+        None
+    }
+
+    /// When a request held back by its peer's budget can be served (`None`: none waits).
+    pub(crate) fn retry_at_us(&self) -> Option<u64> {
+        self.waiting
+            .iter()
+            .zip(&self.budgets)
+            .filter(|(waiting, _)| !waiting.is_empty())
+            .map(|(_, budget)| {
+                budget.available_at_us(SNAPSHOT_CHUNK_BYTES as u64, SNAPSHOT_SERVE_RATE)
+            })
+            .min()
+    }
+}
+
 /// The driver's snapshot state, in [`crate::bft::Bft`].
 #[derive(Debug)]
 pub(crate) struct SnapshotState {
     /// The fetch in progress.
     fetch: Option<Fetch>,
-    /// Chunk requests to serve: `(peer, journal op, offset)`.
-    requests: VecDeque<(u8, u64, u64)>,
+    /// Chunk requests to serve, per peer ([`ServeQueue`]).
+    requests: ServeQueue,
     /// The snapshot file being served, open: journal op, file, size.
     serving: Option<(u64, Rc<DmaFile>, u64)>,
     /// `(journal op, BFT op, chain)` of snapshots asked of the follower.
@@ -81,7 +168,7 @@ impl SnapshotState {
     pub(crate) fn new(op: u64, chain: Digest) -> Self {
         Self {
             fetch: None,
-            requests: VecDeque::with_capacity(SNAPSHOT_REQUESTS_QUEUED_MAX),
+            requests: ServeQueue::new(bft::REPLICA_COUNT_MAX),
             serving: None,
             points: VecDeque::with_capacity(SNAPSHOT_POINTS_TRACKED),
             chain,
@@ -210,6 +297,13 @@ pub(crate) fn start<S: StateMachine>(shard: &Shard<S>, from: u8, cert: &StateCer
     );
 }
 
+/// When chunk requests held back by their peers' budgets can be served (`None`: none
+/// waits): the tick wakes the batcher then.
+pub(crate) fn serve_retry_at_us<S: StateMachine>(shard: &Shard<S>) -> Option<u64> {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    bft.snapshot.borrow().requests.retry_at_us()
+}
+
 /// A peer's `SnapshotRequest`: queued for the batcher, which reads the file.
 pub(crate) fn request_received<S: StateMachine>(
     shard: &Shard<S>,
@@ -218,9 +312,13 @@ pub(crate) fn request_received<S: StateMachine>(
     offset: u64,
 ) {
     let bft = shard.bft.as_ref().expect("BFT shard");
-    let mut state = bft.snapshot.borrow_mut();
-    if state.requests.len() < SNAPSHOT_REQUESTS_QUEUED_MAX {
-        state.requests.push_back((from, journal_op, offset));
+    if !bft
+        .snapshot
+        .borrow_mut()
+        .requests
+        .push(from, journal_op, offset)
+    {
+        ShardMetrics::add(&shard.metrics.bft_snapshot_requests_dropped_total, 1);
     }
     shard.batcher.notify();
 }
@@ -335,7 +433,8 @@ async fn serve<S: StateMachine>(shard: &Shard<S>, journal: &mut Journal) -> bool
     let bft = shard.bft.as_ref().expect("BFT shard");
     let mut served = false;
     loop {
-        let Some((to, journal_op, offset)) = bft.snapshot.borrow_mut().requests.pop_front() else {
+        let next = bft.snapshot.borrow_mut().requests.pop(shard.now_us());
+        let Some((to, journal_op, offset)) = next else {
             return served;
         };
         served = true;
@@ -579,4 +678,75 @@ fn verify<S: StateMachine>(
         return Err("the restored state's digest is not the certified one");
     }
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Microseconds for a budget to refill one chunk.
+    fn chunk_refill_us() -> u64 {
+        (SNAPSHOT_CHUNK_BYTES as u64 * 1_000_000).div_ceil(SNAPSHOT_SERVE_BYTES_PER_S)
+    }
+
+    #[test]
+    fn a_flooding_peer_neither_pushes_out_an_honest_fetch_nor_exceeds_its_budget() {
+        let window = SNAPSHOT_CHUNKS_INFLIGHT_MAX;
+        let mut queue = ServeQueue::new(4);
+        // Peer 3 floods; only a fetch's window of its requests waits.
+        let flooded = (0..1_000).filter(|&k| queue.push(3, 7, k * 65_536)).count();
+        assert_eq!(flooded as u64, window);
+        // An honest fetch from peer 1 still finds room, and is served in turn.
+        for k in 0..window {
+            assert!(queue.push(1, 7, k * 65_536));
+        }
+        assert!(!queue.push(1, 7, 0), "beyond its window");
+        assert!(!queue.push(9, 7, 0), "not a peer");
+        let mut served = [0u64; 4];
+        while let Some((peer, _, _)) = queue.pop(0) {
+            served[usize::from(peer)] += 1;
+        }
+        // A full budget is one window each: both windows served, alternating.
+        assert_eq!(served, [0, window, 0, window]);
+        // The flooder refills its window; now its budget is spent: nothing until it
+        // refills, and then one chunk per refill time.
+        for k in 0..window {
+            assert!(queue.push(3, 7, k * 65_536));
+        }
+        assert_eq!(queue.pop(0), None);
+        let at = queue.retry_at_us().expect("requests wait");
+        assert_eq!(at, chunk_refill_us());
+        assert_eq!(queue.pop(at - 1), None);
+        assert_eq!(queue.pop(at), Some((3, 7, 0)));
+        assert_eq!(queue.pop(at), None);
+        // Over a second, at most the budget's rate (plus the burst it started with).
+        let mut bytes = 0u64;
+        let mut now_us = at;
+        while now_us <= at + 1_000_000 {
+            while queue.pop(now_us).is_some() {
+                bytes += SNAPSHOT_CHUNK_BYTES as u64;
+                assert!(queue.push(3, 7, 0));
+            }
+            assert!(queue.push(3, 7, 0) || queue.waiting[3].len() as u64 == window);
+            now_us += 1_000;
+        }
+        assert!(
+            bytes <= SNAPSHOT_SERVE_BYTES_PER_S + SNAPSHOT_SERVE_BURST_BYTES,
+            "{bytes} bytes served in a second"
+        );
+        assert!(
+            bytes >= SNAPSHOT_SERVE_BYTES_PER_S / 2,
+            "{bytes}: far below the rate"
+        );
+    }
+
+    #[test]
+    fn an_empty_queue_has_nothing_to_retry() {
+        let mut queue = ServeQueue::new(4);
+        assert_eq!(queue.retry_at_us(), None);
+        assert!(queue.push(2, 1, 0));
+        assert_eq!(queue.retry_at_us(), Some(0), "a full budget: at once");
+        assert_eq!(queue.pop(5), Some((2, 1, 0)));
+        assert_eq!(queue.retry_at_us(), None);
+    }
 }

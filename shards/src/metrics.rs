@@ -455,6 +455,7 @@ shard_metrics! {
     counter bft_snapshot_installs_total: "BFT mode: certified snapshots installed (restored state digest equal to the 2f+1-signed one, checked before adopting).",
     counter bft_snapshot_bytes_total: "BFT mode: snapshot file bytes received from peers.",
     counter bft_snapshot_bytes_served_total: "BFT mode: snapshot file bytes served to peers.",
+    counter bft_snapshot_requests_dropped_total: "BFT mode: snapshot chunk requests dropped because their peer already had a fetch's window of requests waiting (a peer asking faster than an honest fetch does).",
     counter bft_core_us_total: "BFT mode: time spent in the BFT core (signing and verifying included), microseconds.",
     counter bft_sign_us_total: "BFT mode: time the leader spent in propose (one signature per batch), microseconds.",
 }

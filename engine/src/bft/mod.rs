@@ -27,7 +27,7 @@ pub mod keys;
 pub mod message;
 mod replica;
 pub mod request;
-mod serve_budget;
+pub mod serve_budget;
 pub mod xshard;
 
 pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};

@@ -1,7 +1,7 @@
-//! The budget of committed ops a replica serves one peer's `StateRequest`s from: a token
-//! bucket counted in ops, refilled at `state_serve_ops_per_s` from the `now_us` its caller
-//! passes in. It owns two integers and never reads a clock or allocates; the replica keeps
-//! one per peer, allocated when it is built.
+//! The budget a replica serves one peer from: a token bucket refilled at a rate from the
+//! `now_us` its caller passes in, counted in whatever the caller spends (committed ops for
+//! `StateRequest`s, bytes for the driver's snapshot chunks). It owns two integers and never
+//! reads a clock or allocates; its owner keeps one per peer, allocated when it is built.
 
 /// Millionths of an op per op: refilling `ops_per_s` ops per second adds `ops_per_s` of
 /// these per µs, so the bucket needs no division and loses no fraction of an op.
@@ -9,7 +9,7 @@ const MICRO_OPS_PER_OP: u64 = 1_000_000;
 
 /// One peer's serve budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ServeBudget {
+pub struct ServeBudget {
     /// Ops it may still serve, in millionths of an op (at most the capacity).
     micro_ops: u64,
     /// When it was last refilled (µs; never moves back).
@@ -18,7 +18,7 @@ pub(crate) struct ServeBudget {
 
 impl ServeBudget {
     /// A full budget of `capacity_ops` at `now_us`.
-    pub(crate) fn full(capacity_ops: u64, now_us: u64) -> ServeBudget {
+    pub fn full(capacity_ops: u64, now_us: u64) -> ServeBudget {
         ServeBudget {
             micro_ops: capacity_ops.saturating_mul(MICRO_OPS_PER_OP),
             refilled_us: now_us,
@@ -28,7 +28,7 @@ impl ServeBudget {
     /// Refills the budget for the time since the last refill (`ops_per_s`, capped at
     /// `capacity_ops`), then spends `ops` if it holds them. Returns whether it did; a
     /// refused request spends nothing. A clock that moves back refills nothing.
-    pub(crate) fn try_spend(
+    pub fn try_spend(
         &mut self,
         now_us: u64,
         ops: u64,
@@ -49,6 +49,20 @@ impl ServeBudget {
         self.micro_ops -= cost;
         debug_assert!(self.micro_ops <= capacity);
         true
+    }
+
+    /// When, at the earliest, the budget holds `ops` (refilling at `ops_per_s`; now, or its
+    /// last refill, if it holds them already; `u64::MAX` if it never will, above
+    /// `capacity_ops`): when a request it refused can be served.
+    pub fn available_at_us(&self, ops: u64, (ops_per_s, capacity_ops): (u64, u64)) -> u64 {
+        debug_assert!(ops_per_s > 0);
+        if ops > capacity_ops {
+            return u64::MAX;
+        }
+        let missing = ops
+            .saturating_mul(MICRO_OPS_PER_OP)
+            .saturating_sub(self.micro_ops);
+        self.refilled_us.saturating_add(missing.div_ceil(ops_per_s))
     }
 
     /// Whole ops the budget holds (as of its last refill).
@@ -101,6 +115,23 @@ mod tests {
         // The refill counts from the latest time seen, not from the earlier one.
         assert!(!budget.try_spend(1_000_500, 1, RATE));
         assert!(budget.try_spend(1_001_000, 1, RATE));
+    }
+
+    #[test]
+    fn serve_budget_says_when_it_can_serve_what_it_refused() {
+        let mut budget = ServeBudget::full(64, 10);
+        assert_eq!(budget.available_at_us(64, RATE), 10, "full: at once");
+        assert!(budget.try_spend(10, 64, RATE));
+        // 1,000 ops/s: 16 ops in 16 ms, and not a µs before.
+        let at = budget.available_at_us(16, RATE);
+        assert_eq!(at, 10 + 16_000);
+        assert!(!budget.try_spend(at - 1, 16, RATE));
+        assert!(budget.try_spend(at, 16, RATE));
+        assert_eq!(
+            budget.available_at_us(65, RATE),
+            u64::MAX,
+            "never above capacity"
+        );
     }
 
     #[test]
