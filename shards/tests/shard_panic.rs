@@ -78,6 +78,31 @@ impl StateMachine for Poisoned {
     }
 }
 
+/// Two shards sharing the machine's cores, small pools.
+fn node_config() -> NodeConfig {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    NodeConfig {
+        cores: (0..SHARDS).map(|shard| shard % online).collect(),
+        client_port_base: 0,
+        transactions: 1_024,
+        batches: 16,
+        allow_shared_cores: true,
+        ..NodeConfig::default()
+    }
+}
+
+/// Shard `shard`'s poisoned ledger.
+fn poisoned(shard: usize, batch_entries_max: usize) -> Poisoned {
+    Poisoned(Ledger::new(LedgerConfig {
+        shard_index: shard as u32,
+        shard_count: SHARDS as u32,
+        accounts_max: 64,
+        transfers_max: 1_024,
+        credit_legs_in_flight_max: 64,
+        batch_entries_max,
+    }))
+}
+
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(WAIT_S)
 }
@@ -97,30 +122,10 @@ fn submit_and_wait(
 
 #[test]
 fn a_shard_that_panics_stops_the_node_and_shutdown_reports_it() {
-    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let config = NodeConfig {
-        cores: (0..SHARDS).map(|shard| shard % online).collect(),
-        client_port_base: 0,
-        transactions: 1_024,
-        batches: 16,
-        allow_shared_cores: true,
-        ..NodeConfig::default()
-    };
-    let ledger = LedgerConfig {
-        shard_index: 0,
-        shard_count: SHARDS as u32,
-        accounts_max: 64,
-        transfers_max: 1_024,
-        credit_legs_in_flight_max: 64,
-        batch_entries_max: config.batch.entries_max,
-    };
-    let node = Node::start(config, move |shard, _| {
-        Poisoned(Ledger::new(LedgerConfig {
-            shard_index: shard as u32,
-            ..ledger
-        }))
-    })
-    .expect("node starts");
+    let config = node_config();
+    let batch_entries_max = config.batch.entries_max;
+    let node = Node::start(config, move |shard, _| poisoned(shard, batch_entries_max))
+        .expect("node starts");
     let submitter = node.submitter();
     let accounts = accounts_of_shard(SHARD_POISONED, SHARDS, 2);
     for id in &accounts {
@@ -163,15 +168,8 @@ fn a_shard_that_panics_stops_the_node_and_shutdown_reports_it() {
 /// shards' ready messages ended when every sender was gone.
 #[test]
 fn a_state_machine_constructor_that_panics_fails_the_start() {
-    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let config = NodeConfig {
-        cores: (0..SHARDS).map(|shard| shard % online).collect(),
-        client_port_base: 0,
-        transactions: 1_024,
-        batches: 16,
-        allow_shared_cores: true,
-        ..NodeConfig::default()
-    };
+    let config = node_config();
+    let batch_entries_max = config.batch.entries_max;
     let (sender, receiver) = mpsc::channel();
     std::thread::spawn(move || {
         let started = Node::start(config, move |shard, _| {
@@ -179,14 +177,7 @@ fn a_state_machine_constructor_that_panics_fails_the_start() {
                 shard, SHARD_POISONED,
                 "a state machine that cannot be built"
             );
-            Poisoned(Ledger::new(LedgerConfig {
-                shard_index: shard as u32,
-                shard_count: SHARDS as u32,
-                accounts_max: 64,
-                transfers_max: 1_024,
-                credit_legs_in_flight_max: 64,
-                batch_entries_max: 1_000,
-            }))
+            poisoned(shard, batch_entries_max)
         });
         let _ = sender.send(started.map(|_| ()));
     });
