@@ -132,8 +132,9 @@ pub const CERT_RECORD_BYTES_MAX: usize = 1
 /// Staging buffer of the certificate journal (bytes), at least: it grows to hold one
 /// [`CERT_KIND_COMMIT_BYTES`] record with the largest batch.
 pub const CERT_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
-/// Commits queued for the batcher before it must have drained some (ops): the window
-/// bounds how far the core runs ahead of a stable checkpoint.
+/// Commits queued for the batcher before it must have drained some (ops): the core hands
+/// over at most this many not yet durable (`BftConfig::commits_undurable_ops_max`, set to
+/// it), and a commit leaves the queue before its write is durable.
 pub const COMMITTED_QUEUE_OPS: usize = 4 * bft::LOG_WINDOW_OPS_DEFAULT as usize;
 /// Checkpoint ops remembered with the journal op they end at (for the retain bound).
 pub const CHECKPOINT_OPS_TRACKED: usize = 16;
@@ -1072,6 +1073,8 @@ impl Bft {
         let batch_bytes_max = batch_bytes_max_of(main.body_bytes_max, record_bytes);
         let mut config = BftConfig::new(shard as u32, settings.replica);
         config.durability_reported = true;
+        // The core hands over no more undurable commits than the queue holds.
+        config.commits_undurable_ops_max = COMMITTED_QUEUE_OPS as u64;
         config.batch_bytes_max = batch_bytes_max;
         // Frames and queues hold the largest ViewChange and NewView of this group (or it
         // is refused here, before the certificate journal is opened).
@@ -1578,7 +1581,7 @@ pub(crate) fn run_actions<S: StateMachine>(shard: &Shard<S>, actions: &mut Vec<A
                 let mut committed = bft.committed.borrow_mut();
                 debug_assert!(
                     committed.len() < COMMITTED_QUEUE_OPS,
-                    "the window bounds commits between batcher turns"
+                    "the core hands over at most commits_undurable_ops_max undurable commits"
                 );
                 // This op's prepared certificate, if this replica voted, was asked for
                 // before (`PersistPrepared` comes ahead of the Commit).
@@ -2117,6 +2120,11 @@ fn publish<S: StateMachine>(shard: &Shard<S>) {
             &metrics.bft_state_serves_refused_total,
             now.state_serves_refused,
             seen.state_serves_refused,
+        ),
+        (
+            &metrics.bft_commits_held_for_durability_total,
+            now.commits_held_for_durability,
+            seen.commits_held_for_durability,
         ),
         (
             &metrics.bft_state_certs_total,

@@ -446,6 +446,7 @@ shard_metrics! {
     counter bft_catchup_ops_applied_total: "BFT mode: of those, ops a peer served outside a state transfer (ops it restored from its journal after a restart, so it held no CommitProof for them).",
     counter bft_catchup_serves_total: "BFT mode: ranges of ops restored from the journal that this replica served a peer behind it, in answer to its Status.",
     counter bft_state_requests_total: "BFT mode: StateRequests sent to peers (first asks and retries to the next peer).",
+    counter bft_commits_held_for_durability_total: "BFT mode: times execution waited because commits_undurable_ops_max committed ops handed to the driver were not yet durable (the disk behind the group).",
     counter bft_state_serves_refused_total: "BFT mode: peers' StateRequests refused because the peer's serve budget (state_serve_ops_per_s, per peer) did not hold the ops asked for: a peer asking faster than an honest state transfer does.",
     counter bft_state_ops_served_total: "BFT mode: committed ops with certificates sent to peers that transfer state.",
     counter bft_state_certs_total: "BFT mode: state certificates formed (2f+1 StateCheckpoint votes on one snapshot statement: op, chain, journal op, state digest).",

@@ -81,6 +81,24 @@ fn sim_bft_state_request_floods_are_held_to_the_serve_budget() {
     assert_eq!(total.state_serves_refused_to_correct, 0, "{total:?}");
 }
 
+/// Execution held back behind every journal write (one undurable commit at a time, as a
+/// disk that lags holds it): the group still commits, converges and stays safe, with a
+/// crashing replica and state transfers meanwhile.
+#[test]
+fn sim_bft_execution_held_for_durability_stays_safe_and_live() {
+    let options = Options {
+        commits_undurable_max: Some(1),
+        crashes: 1,
+        ..Options::default()
+    };
+    let total = run_batch(options, 0..30);
+    assert!(total.requests_accepted > 0, "{total:?}");
+    assert!(
+        total.commits_held_for_durability > 0,
+        "execution was held: {total:?}"
+    );
+}
+
 #[test]
 fn sim_bft_equivocation_is_detected_on_a_clean_network() {
     // Without network faults the checker requires evidence for every equivocation that

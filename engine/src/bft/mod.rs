@@ -46,6 +46,10 @@ pub const CHECKPOINT_INTERVAL_OPS_DEFAULT: u64 = 16;
 /// Default log window: ops above the low watermark a replica accepts (`L = 2K`, so the
 /// leader keeps proposing while the next checkpoint becomes stable).
 pub const LOG_WINDOW_OPS_DEFAULT: u64 = 2 * CHECKPOINT_INTERVAL_OPS_DEFAULT;
+/// Default [`BftConfig::commits_undurable_ops_max`]: four log windows, far more than a
+/// disk keeping up leaves undurable (a group commit takes what waits), so it holds
+/// execution back only behind a disk that stalls.
+pub const COMMITS_UNDURABLE_OPS_MAX_DEFAULT: u64 = 4 * LOG_WINDOW_OPS_DEFAULT;
 /// Largest log window a configuration may ask for (slots are allocated at start-up).
 pub const LOG_WINDOW_OPS_LIMIT: u64 = 1_024;
 /// Default largest batch a PrePrepare may carry (bytes).
@@ -304,6 +308,14 @@ pub struct BftConfig {
     /// `quorum` replicas hold that state on disk). Off: an op counts as durable once
     /// executed (the runtime's driver and the simulator both turn it on).
     pub durability_reported: bool,
+    /// With `durability_reported`: most committed ops handed to the driver
+    /// ([`Action::Commit`]) and not yet reported durable. Execution waits above it and
+    /// goes on at [`BftReplica::on_durable`]. The log window alone did not bound them: a
+    /// stable checkpoint `quorum` other replicas certify moves the window while this
+    /// replica's disk lags, and the driver's queue of commits grew without end. A replica
+    /// held here that falls behind the stable checkpoint catches up by state transfer. See
+    /// [`COMMITS_UNDURABLE_OPS_MAX_DEFAULT`].
+    pub commits_undurable_ops_max: u64,
     /// Test only: a protocol bug to inject.
     pub bug: Option<InjectedBug>,
 }
@@ -326,6 +338,7 @@ impl BftConfig {
             state_transfer_retry_us: STATE_TRANSFER_RETRY_US_DEFAULT,
             state_serve_ops_per_s: STATE_SERVE_OPS_PER_S_DEFAULT,
             durability_reported: false,
+            commits_undurable_ops_max: COMMITS_UNDURABLE_OPS_MAX_DEFAULT,
             bug: None,
         }
     }
@@ -361,6 +374,7 @@ impl BftConfig {
             (self.catchup_ops_max, "catchup_ops_max"),
             (self.state_transfer_retry_us, "state_transfer_retry_us"),
             (self.state_serve_ops_per_s, "state_serve_ops_per_s"),
+            (self.commits_undurable_ops_max, "commits_undurable_ops_max"),
         ];
         for (value, name) in nonzero {
             if value == 0 {
@@ -515,6 +529,9 @@ pub struct BftMetrics {
     /// asked for ([`BftError::ServeBudgetExhausted`]): a peer asking faster than
     /// `state_serve_ops_per_s` (a flood; an honest requester stays far below it).
     pub state_serves_refused: u64,
+    /// Times execution stopped at [`BftConfig::commits_undurable_ops_max`] committed ops
+    /// not yet durable (a disk behind the group).
+    pub commits_held_for_durability: u64,
     /// State certificates formed here (`quorum` matching `StateCheckpoint` votes).
     pub state_certs: u64,
     /// Snapshot fetches asked of the driver ([`Action::FetchSnapshot`]).

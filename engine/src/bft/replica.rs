@@ -549,7 +549,8 @@ impl BftReplica {
     }
 
     /// The driver made every executed op up to `op` durable: checkpoint votes held back
-    /// for it are signed and sent (with [`BftConfig::durability_reported`]).
+    /// for it are signed and sent (with [`BftConfig::durability_reported`]), and committed
+    /// ops held back by [`BftConfig::commits_undurable_ops_max`] are handed over.
     pub fn on_durable(&mut self, now_us: u64, op: u64, actions: &mut Vec<Action>) {
         let durable = op.min(self.commit_op);
         if durable <= self.durable_op {
@@ -570,6 +571,8 @@ impl BftReplica {
         if transferring {
             self.request_state_ops(now_us, actions);
         }
+        // Ops committed while execution waited for durability.
+        self.execute(now_us, actions);
     }
 
     fn sign_checkpoint(&mut self, now_us: u64, op: u64, chain: Digest, actions: &mut Vec<Action>) {
@@ -1330,6 +1333,17 @@ impl BftReplica {
         while self.state_transfer.is_none() {
             let op = self.commit_op + 1;
             if self.check_window(op).is_err() {
+                break;
+            }
+            // Behind a disk that lags, hand over no more than the driver may hold
+            // undurable; `on_durable` goes on from here.
+            if self.config.durability_reported
+                && op
+                    > self
+                        .durable_op
+                        .saturating_add(self.config.commits_undurable_ops_max)
+            {
+                self.metrics.commits_held_for_durability += 1;
                 break;
             }
             let Some(slot) = self.slot(op) else { break };

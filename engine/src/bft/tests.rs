@@ -1293,6 +1293,72 @@ fn bft_checkpoint_votes_wait_for_durability_when_it_is_reported() {
     ));
 }
 
+/// A disk that lags: the core hands the driver at most `commits_undurable_ops_max`
+/// committed ops not yet reported durable, and goes on as they become durable. Without the
+/// bound every committed op in the window went out at once, and a window moved by other
+/// replicas' checkpoint certificates kept the driver's queue growing.
+#[test]
+fn bft_execution_waits_for_durability_beyond_the_undurable_bound() {
+    const BOUND: u64 = 4;
+    let mut config = BftConfig::new(GROUP, 1);
+    config.durability_reported = true;
+    config.commits_undurable_ops_max = BOUND;
+    let keys = keys(4);
+    let mut replica = BftReplica::new(config, committee(4, 1), keys[1].clone(), 0).expect("ok");
+    let commits = |actions: &[Action]| -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Commit { op, .. } => Some(*op),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut handed = Vec::new();
+    for op in 1..=10u64 {
+        let batch = [op as u8; 8];
+        let digest = batch_digest(&batch);
+        let pre_prepare = Vote::sign(&keys[0], GROUP, VoteKind::PrePrepare, 0, 0, op, digest);
+        let cert = CommitCert {
+            commits: [0u8, 2, 3]
+                .iter()
+                .map(|signer| {
+                    let key = &keys[usize::from(*signer)];
+                    Vote::sign(key, GROUP, VoteKind::Commit, *signer, 0, op, digest)
+                })
+                .collect(),
+        };
+        let mut actions = Vec::new();
+        let proof = Message::CommitProof {
+            pre_prepare,
+            cert,
+            batch: batch.to_vec(),
+        };
+        replica
+            .on_message(0, 0, proof, &mut actions)
+            .expect("commit proof");
+        handed.extend(commits(&actions));
+    }
+    assert_eq!(
+        handed,
+        (1..=BOUND).collect::<Vec<_>>(),
+        "nothing durable yet"
+    );
+    assert_eq!(replica.commit_op(), BOUND);
+    assert!(replica.metrics().commits_held_for_durability > 0);
+    let mut actions = Vec::new();
+    replica.on_durable(0, 2, &mut actions);
+    assert_eq!(
+        commits(&actions),
+        vec![5, 6],
+        "two durable, two more handed over"
+    );
+    let mut actions = Vec::new();
+    replica.on_durable(0, 6, &mut actions);
+    assert_eq!(commits(&actions), vec![7, 8, 9, 10]);
+    assert_eq!(replica.commit_op(), 10);
+}
+
 /// Replica 3 is down while the others commit past several checkpoints (beyond its window):
 /// its peers answer its Status with their stable checkpoint, it fetches the missing ops
 /// from one peer by `StateRequest`, verifies each commit certificate, reaches the

@@ -121,6 +121,10 @@ pub struct Options {
     /// A client bug: a client accepts a result on `f` matching replies instead of `f + 1`
     /// (so one Byzantine replica's answer is enough).
     pub client_weak_quorum: bool,
+    /// Every core's `BftConfig::commits_undurable_ops_max` (`--commits-undurable-max`):
+    /// a small one holds execution back behind every journal write, as a disk that lags
+    /// does. `None`: the core's default.
+    pub commits_undurable_max: Option<u64>,
     /// Keep and print the whole trace.
     pub verbose: bool,
 }
@@ -137,6 +141,7 @@ impl Default for Options {
             journal_before_prepared: false,
             prepared_before_guard: false,
             client_weak_quorum: false,
+            commits_undurable_max: None,
             behaviour: None,
             steps: STEPS_DEFAULT,
             faults: true,
@@ -170,6 +175,9 @@ pub struct Summary {
     pub checkpoints: u64,
     /// State transfers, summed over correct replicas.
     pub state_transfers: u64,
+    /// Times a correct core held execution back for undurable commits
+    /// (`commits_undurable_ops_max`; current incarnations).
+    pub commits_held_for_durability: u64,
     /// Equivocations detected, summed over correct replicas.
     pub equivocations_detected: u64,
     /// `(view, op)` pairs where correct replicas accepted conflicting proposals.
@@ -221,6 +229,7 @@ impl Summary {
         self.view_max = self.view_max.max(other.view_max);
         self.checkpoints += other.checkpoints;
         self.state_transfers += other.state_transfers;
+        self.commits_held_for_durability += other.commits_held_for_durability;
         self.equivocations_detected += other.equivocations_detected;
         self.equivocations_accepted += other.equivocations_accepted;
         self.messages_refused += other.messages_refused;
@@ -303,6 +312,10 @@ pub fn parse_args<I: IntoIterator<Item = String>>(
                     Some(Behaviour::parse(&value).ok_or(format!("unknown behaviour {value:?}"))?);
             }
             "--steps" => options.steps = number()?,
+            "--commits-undurable-max" => match number()? {
+                0 => return Err("--commits-undurable-max is at least 1".to_string()),
+                max => options.commits_undurable_max = Some(max),
+            },
             "--faults" => match value.as_str() {
                 "on" => options.faults = true,
                 "off" => options.faults = false,
@@ -380,6 +393,10 @@ pub fn options_args(options: &Options) -> Vec<String> {
     if let Some(bug) = options.bug {
         args.push("--bug".to_string());
         args.push(bug_name(bug).to_string());
+    }
+    if let Some(max) = options.commits_undurable_max {
+        args.push("--commits-undurable-max".to_string());
+        args.push(max.to_string());
     }
     if options.crash_all {
         args.push("--crash-all".to_string());

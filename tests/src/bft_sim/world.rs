@@ -348,6 +348,9 @@ impl World {
                 config.bug = options.bug;
                 // As the runtime's driver: checkpoint votes and state served wait for disk.
                 config.durability_reported = true;
+                if let Some(max) = options.commits_undurable_max {
+                    config.commits_undurable_ops_max = max;
+                }
                 let mut core = BftReplica::new(config, committee.clone(), key.clone(), 0)
                     .expect("valid configuration");
                 core.set_proposal_check(Box::new(verifier()));
@@ -2020,6 +2023,7 @@ impl World {
             summary.view_max = summary.view_max.max(node.core.view());
             summary.checkpoints += metrics.checkpoints_stable;
             summary.state_transfers += metrics.state_transfers;
+            summary.commits_held_for_durability += metrics.commits_held_for_durability;
             summary.equivocations_detected += metrics.equivocations;
             summary.bad_signatures += metrics.bad_signatures;
             summary.proposals_refused += metrics.proposals_refused;

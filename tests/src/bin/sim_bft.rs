@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run -p percore-tests --bin sim_bft -- --seed 42 [--replicas 4|7] [--byzantine N]
 //!     [--crashes N] [--crash-all] [--slow-links] [--beyond-budget] [--journal-before-prepared] [--prepared-before-guard]
-//!     [--client-weak-quorum]
+//!     [--client-weak-quorum] [--commits-undurable-max N]
 //!     [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request|flood-state]
 //!     [--steps N] [--faults on|off]
 //!     [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|
@@ -23,7 +23,7 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: sim_bft (--seed S | --seeds A..B) [--replicas 4|7] [--byzantine N] \\
                  [--crashes N] [--crash-all] [--slow-links] [--beyond-budget] [--journal-before-prepared] \\
-                 [--prepared-before-guard] [--client-weak-quorum] \\
+                 [--prepared-before-guard] [--client-weak-quorum] [--commits-undurable-max N] \\
                  [--behaviour silent|equivocate|wrong-digest|withhold|replay|forge|forge-request|flood-state] \\
                  [--steps N] [--faults on|off] \\
                  [--bug quorum-minus-one|new-view-ignores-prepared|votes-without-proposal-check|\\
