@@ -75,7 +75,8 @@ fn main() -> ExitCode {
              restarts {}, guard writes {}, sends held for a guard or prepared write {} \
              ({} others left past a held Commit), prepared \
              certificates persisted {} and restored {}; state requests refused for want of \
-             serve budget {} ({} of correct replicas), ops served to Byzantine replicas {}",
+             serve budget {} ({} of correct replicas), ops served to Byzantine replicas {}; \
+             executions held for undurable commits {}",
             byzantine_first_leader,
             total.ops_committed,
             total.requests_accepted,
@@ -99,6 +100,7 @@ fn main() -> ExitCode {
             total.state_serves_refused,
             total.state_serves_refused_to_correct,
             total.state_ops_served_to_byzantine,
+            total.commits_held_for_durability,
         );
         for (seed, checker) in &failures {
             println!("  seed {seed}: {checker}");
