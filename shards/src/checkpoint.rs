@@ -1104,16 +1104,42 @@ pub fn snapshot_release(
     stopping: impl Fn() -> bool,
     spent: &AtomicU64,
 ) -> Result<bool, FollowerError> {
-    let served = match std::fs::File::open(path) {
-        Ok(file) => matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(true),
-        Err(error) => return Err(io_error(path)(error)),
-    };
-    if served {
-        file_remove(path)?;
-        return Ok(true);
+    match snapshot_lock(path)? {
+        SnapshotLock::Gone => return Ok(true),
+        SnapshotLock::Served => return file_remove(path).map(|()| true),
+        // Not known to be served: released in steps, the lock dropped first.
+        SnapshotLock::Held(_) | SnapshotLock::Failed(_) => {}
     }
     file_release(path, stopping, spent)
+}
+
+/// What [`snapshot_lock`] found.
+enum SnapshotLock {
+    /// No file at the path.
+    Gone,
+    /// A state sync serves it: its server holds a shared `flock` on its open file.
+    Served,
+    /// Locked exclusively (until dropped): no server holds it, and none takes it meanwhile.
+    Held(std::fs::File),
+    /// The lock could not be tried.
+    Failed(std::io::Error),
+}
+
+/// Opens the snapshot file at `path` and locks it exclusively unless a state sync serves
+/// it.
+fn snapshot_lock(path: &Path) -> Result<SnapshotLock, FollowerError> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(SnapshotLock::Gone);
+        }
+        Err(error) => return Err(io_error(path)(error)),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(SnapshotLock::Held(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(SnapshotLock::Served),
+        Err(std::fs::TryLockError::Error(error)) => Ok(SnapshotLock::Failed(error)),
+    }
 }
 
 /// Keeps the stale snapshot at `path` as the spare (renames it to `spare`) for the next
@@ -1126,20 +1152,16 @@ pub fn snapshot_keep_as_spare(path: &Path, spare: &Path) -> Result<bool, Followe
     if spare.exists() {
         return Ok(false);
     }
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(error) => return Err(io_error(path)(error)),
-    };
-    // Held exclusively across the rename: a server holds a shared lock on the file it
-    // sends from (`sync::serve`), taken before it reads.
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
-        Err(std::fs::TryLockError::Error(error)) => return Err(io_error(path)(error)),
+    // Held exclusively across the rename: a server takes its shared lock on the file it
+    // sends from (`sync::serve`) before it reads.
+    match snapshot_lock(path)? {
+        SnapshotLock::Held(_file) => {
+            std::fs::rename(path, spare).map_err(io_error(spare))?;
+            Ok(true)
+        }
+        SnapshotLock::Gone | SnapshotLock::Served => Ok(false),
+        SnapshotLock::Failed(error) => Err(io_error(path)(error)),
     }
-    std::fs::rename(path, spare).map_err(io_error(spare))?;
-    Ok(true)
 }
 
 /// Removes `path`; one already gone is fine.

@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn due_before_counts_the_requests_due_before_an_instant() {
         let start = Instant::now();
-        // 1,000 transfers a request at 3,000 tx/s: one every 333,333.3 ns, so the due times
+        // 1,000 transfers a request at 3,000 tx/s: one every 333,333,333.3 ns, so the due times
         // round both ways.
         let schedule = PaceSchedule::for_thread(3_000.0, 1, 0, 1_000, start);
         assert_eq!(schedule.due_before(start), 0);

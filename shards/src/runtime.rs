@@ -449,9 +449,7 @@ where
         let mut endpoints = Mesh::<S>::build(shards, config.mesh_ring_capacity).into_endpoints();
         let make_state_machine = Arc::new(make_state_machine);
         let quiet: Arc<[AtomicBool]> = (0..shards).map(|_| AtomicBool::new(false)).collect();
-        let shard_failed = Arc::new(AtomicBool::new(false));
-        // The index of a shard whose thread died (`usize::MAX`: none), for `start`'s error.
-        let shard_died = Arc::new(AtomicUsize::new(usize::MAX));
+        let shard_failed = Arc::new(AtomicUsize::new(SHARD_FAILED_NONE));
         let all_metrics: Arc<[Arc<ShardMetrics>]> = metrics.iter().cloned().collect();
         let (ready_tx, ready_rx) =
             std::sync::mpsc::channel::<(usize, Result<SocketAddr, NodeError>)>();
@@ -477,7 +475,6 @@ where
                 shard,
                 stop: stop.clone(),
                 shard_failed: shard_failed.clone(),
-                shard_died: shard_died.clone(),
                 returned: false,
             };
             let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
@@ -510,7 +507,7 @@ where
                 // that panicked, in a binary that unwinds) never reports: its exit guard
                 // flags it. The node must not start without it.
                 let missing = || {
-                    let died = shard_died.load(Ordering::Acquire);
+                    let died = shard_failed.load(Ordering::Acquire);
                     let shard = if died < shards {
                         died
                     } else {
@@ -527,7 +524,7 @@ where
                 match ready_rx.recv_timeout(Duration::from_millis(START_POLL_MS)) {
                     Ok(ready) => break ready,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                        if !shard_failed.load(Ordering::Acquire) => {}
+                        if shard_failed.load(Ordering::Acquire) == SHARD_FAILED_NONE => {}
                     Err(_) => break missing(),
                 }
             };
@@ -537,7 +534,7 @@ where
                 Err(err) => {
                     tracing::error!(shard, error = %err, "shard failed to start; stopping the others");
                     // The others must not wait for this shard to drain: it never will.
-                    shard_failed.store(true, Ordering::Release);
+                    shard_failed.store(shard, Ordering::Release);
                     stop.store(true, Ordering::Relaxed);
                     for handle in handles {
                         let _ = handle.join();
@@ -645,6 +642,9 @@ impl<S: StateMachine + Send + 'static> Drop for Node<S> {
 /// shards to be ready (ms).
 const START_POLL_MS: u64 = 50;
 
+/// [`Shard::shard_failed`] while no shard has failed.
+const SHARD_FAILED_NONE: usize = usize::MAX;
+
 /// Stops the node when a shard's thread ends without its shard having returned: a panic.
 /// The workspace's release profile aborts on a panic, but an embedder's binary decides for
 /// itself, and with `panic = "unwind"` the shard's thread used to die alone (glommio closes
@@ -660,9 +660,7 @@ const START_POLL_MS: u64 = 50;
 struct ShardExitGuard {
     shard: usize,
     stop: Arc<AtomicBool>,
-    shard_failed: Arc<AtomicBool>,
-    /// Where it records its shard's index.
-    shard_died: Arc<AtomicUsize>,
+    shard_failed: Arc<AtomicUsize>,
     /// `run_shard` returned (with its report or its error): nothing to do.
     returned: bool,
 }
@@ -696,8 +694,7 @@ impl Drop for ShardExitGuard {
             shard = self.shard,
             "shard thread ended without its shard returning (a panic); stopping the node"
         );
-        self.shard_died.store(self.shard, Ordering::Release);
-        self.shard_failed.store(true, Ordering::Release);
+        self.shard_failed.store(self.shard, Ordering::Release);
         self.stop.store(true, Ordering::Release);
     }
 }
@@ -710,7 +707,7 @@ struct ShardContext<S: StateMachine> {
     metrics: Arc<ShardMetrics>,
     stop: Arc<AtomicBool>,
     quiet: Arc<[AtomicBool]>,
-    shard_failed: Arc<AtomicBool>,
+    shard_failed: Arc<AtomicUsize>,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     ingest: Arc<crate::ingest::Ingress<S>>,
     followers: FollowerShared,
@@ -878,9 +875,10 @@ pub(crate) struct Shard<S: StateMachine> {
     pub(crate) commit_gap: Cell<CommitGapClock>,
     /// Per shard: nothing to do and nothing queued (read by all shards at shutdown only).
     pub(crate) quiet: Arc<[AtomicBool]>,
-    /// Another shard failed to start, or its thread died of a panic ([`ShardExitGuard`]):
-    /// stop without waiting for the node to drain.
-    pub(crate) shard_failed: Arc<AtomicBool>,
+    /// The index of a shard that failed to start, or whose thread died of a panic
+    /// ([`ShardExitGuard`]; [`SHARD_FAILED_NONE`]: none): stop without waiting for the node
+    /// to drain.
+    pub(crate) shard_failed: Arc<AtomicUsize>,
     /// Every shard's metrics, for the shutdown quiescence check.
     pub(crate) all_metrics: Arc<[Arc<ShardMetrics>]>,
     /// Set once the node is quiescent: mesh receivers end.
@@ -2384,7 +2382,7 @@ where
 /// Whether every shard is drained and no mesh message is in flight: all quiet flags set and
 /// the node-wide sent and received counts equal, twice in a row with the same values.
 fn node_quiescent<S: StateMachine>(shard: &Shard<S>) -> bool {
-    if shard.shard_failed.load(Ordering::Acquire) {
+    if shard.shard_failed.load(Ordering::Acquire) != SHARD_FAILED_NONE {
         return true;
     }
     let count = || {

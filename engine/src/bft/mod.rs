@@ -312,7 +312,7 @@ pub struct BftConfig {
     /// ([`Action::Commit`]) and not yet reported durable. Execution waits above it and
     /// goes on at [`BftReplica::on_durable`]. The log window alone did not bound them: a
     /// stable checkpoint `quorum` other replicas certify moves the window while this
-    /// replica's disk lags, and the driver's queue of commits grew without end. A replica
+    /// replica's disk lags, and nothing else bounded the driver's queue of commits. A replica
     /// held here that falls behind the stable checkpoint catches up by state transfer. See
     /// [`COMMITS_UNDURABLE_OPS_MAX_DEFAULT`].
     pub commits_undurable_ops_max: u64,

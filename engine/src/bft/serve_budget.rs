@@ -3,72 +3,74 @@
 //! `StateRequest`s, bytes for the driver's snapshot chunks). It owns two integers and never
 //! reads a clock or allocates; its owner keeps one per peer, allocated when it is built.
 
-/// Millionths of an op per op: refilling `ops_per_s` ops per second adds `ops_per_s` of
-/// these per µs, so the bucket needs no division and loses no fraction of an op.
-const MICRO_OPS_PER_OP: u64 = 1_000_000;
+/// Millionths of a unit (an op, a byte) per unit: refilling `units_per_s` units per second
+/// adds `units_per_s` of these per µs, so the bucket needs no division and loses no
+/// fraction of a unit.
+const MICRO_UNITS_PER_UNIT: u64 = 1_000_000;
 
 /// One peer's serve budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeBudget {
-    /// Ops it may still serve, in millionths of an op (at most the capacity).
-    micro_ops: u64,
+    /// Units it may still serve, in millionths of a unit (at most the capacity).
+    micro_units: u64,
     /// When it was last refilled (µs; never moves back).
     refilled_us: u64,
 }
 
 impl ServeBudget {
-    /// A full budget of `capacity_ops` at `now_us`.
-    pub fn full(capacity_ops: u64, now_us: u64) -> ServeBudget {
+    /// A full budget of `capacity_units` at `now_us`.
+    pub fn full(capacity_units: u64, now_us: u64) -> ServeBudget {
         ServeBudget {
-            micro_ops: capacity_ops.saturating_mul(MICRO_OPS_PER_OP),
+            micro_units: capacity_units.saturating_mul(MICRO_UNITS_PER_UNIT),
             refilled_us: now_us,
         }
     }
 
-    /// Refills the budget for the time since the last refill (`ops_per_s`, capped at
-    /// `capacity_ops`), then spends `ops` if it holds them. Returns whether it did; a
+    /// Refills the budget for the time since the last refill (`units_per_s`, capped at
+    /// `capacity_units`), then spends `units` if it holds them. Returns whether it did; a
     /// refused request spends nothing. A clock that moves back refills nothing.
     pub fn try_spend(
         &mut self,
         now_us: u64,
-        ops: u64,
-        (ops_per_s, capacity_ops): (u64, u64),
+        units: u64,
+        (units_per_s, capacity_units): (u64, u64),
     ) -> bool {
-        debug_assert!(ops_per_s > 0 && capacity_ops > 0);
-        let capacity = capacity_ops.saturating_mul(MICRO_OPS_PER_OP);
+        debug_assert!(units_per_s > 0 && capacity_units > 0);
+        let capacity = capacity_units.saturating_mul(MICRO_UNITS_PER_UNIT);
         let elapsed_us = now_us.saturating_sub(self.refilled_us);
         self.refilled_us = self.refilled_us.max(now_us);
-        self.micro_ops = self
-            .micro_ops
-            .saturating_add(elapsed_us.saturating_mul(ops_per_s))
+        self.micro_units = self
+            .micro_units
+            .saturating_add(elapsed_us.saturating_mul(units_per_s))
             .min(capacity);
-        let cost = ops.saturating_mul(MICRO_OPS_PER_OP);
-        if cost > self.micro_ops {
+        let cost = units.saturating_mul(MICRO_UNITS_PER_UNIT);
+        if cost > self.micro_units {
             return false;
         }
-        self.micro_ops -= cost;
-        debug_assert!(self.micro_ops <= capacity);
+        self.micro_units -= cost;
+        debug_assert!(self.micro_units <= capacity);
         true
     }
 
-    /// When, at the earliest, the budget holds `ops` (refilling at `ops_per_s`; now, or its
+    /// When, at the earliest, the budget holds `units` (refilling at `units_per_s`; its
     /// last refill, if it holds them already; `u64::MAX` if it never will, above
-    /// `capacity_ops`): when a request it refused can be served.
-    pub fn available_at_us(&self, ops: u64, (ops_per_s, capacity_ops): (u64, u64)) -> u64 {
-        debug_assert!(ops_per_s > 0);
-        if ops > capacity_ops {
+    /// `capacity_units`): when a request it refused can be served.
+    pub fn available_at_us(&self, units: u64, (units_per_s, capacity_units): (u64, u64)) -> u64 {
+        debug_assert!(units_per_s > 0);
+        if units > capacity_units {
             return u64::MAX;
         }
-        let missing = ops
-            .saturating_mul(MICRO_OPS_PER_OP)
-            .saturating_sub(self.micro_ops);
-        self.refilled_us.saturating_add(missing.div_ceil(ops_per_s))
+        let missing = units
+            .saturating_mul(MICRO_UNITS_PER_UNIT)
+            .saturating_sub(self.micro_units);
+        self.refilled_us
+            .saturating_add(missing.div_ceil(units_per_s))
     }
 
-    /// Whole ops the budget holds (as of its last refill).
+    /// Whole units the budget holds (as of its last refill).
     #[cfg(test)]
-    pub(crate) fn ops(&self) -> u64 {
-        self.micro_ops / MICRO_OPS_PER_OP
+    pub(crate) fn units(&self) -> u64 {
+        self.micro_units / MICRO_UNITS_PER_UNIT
     }
 }
 
@@ -84,12 +86,12 @@ mod tests {
         for _ in 0..4 {
             assert!(budget.try_spend(10, 16, RATE));
         }
-        assert_eq!(budget.ops(), 0);
+        assert_eq!(budget.units(), 0);
         assert!(!budget.try_spend(10, 1, RATE));
         // 1,000 ops/s: 15.999 ms is not yet 16 ops, 16 ms is.
         assert!(!budget.try_spend(10 + 15_999, 16, RATE));
         assert!(budget.try_spend(10 + 16_000, 16, RATE));
-        assert_eq!(budget.ops(), 0);
+        assert_eq!(budget.units(), 0);
     }
 
     #[test]
@@ -138,6 +140,6 @@ mod tests {
     fn serve_budget_refuses_a_request_larger_than_it_holds_whole() {
         let mut budget = ServeBudget::full(64, 0);
         assert!(!budget.try_spend(0, 65, RATE));
-        assert_eq!(budget.ops(), 64, "a refused request spends nothing");
+        assert_eq!(budget.units(), 64, "a refused request spends nothing");
     }
 }

@@ -57,22 +57,6 @@ fn prove(
 
 /// A proof of `records` of `operation` from `origin` op `op` to `destination`, signed by
 /// `signers`.
-/// [`prove`] of acknowledgements.
-fn prove_ack(
-    keys: &[SigningKey],
-    signers: &[u8],
-    route: (u32, u32, u64),
-    records: Vec<u8>,
-) -> ProvenOutputs {
-    prove_as(
-        keys,
-        signers,
-        route,
-        LedgerOperation::AckCreditLegs,
-        records,
-    )
-}
-
 fn prove_as(
     keys: &[SigningKey],
     signers: &[u8],
@@ -908,7 +892,13 @@ fn an_oversized_proof_never_blocks_the_inbound_queue() {
     assert_eq!(inbound.metrics().refused, 1);
     assert!(inbound.is_empty());
     // An acknowledgement behind it (the other operation) is proposed.
-    let ack = prove_ack(&keys, &[0, 1, 2], (0, 1, 6), records(1, 2));
+    let ack = prove_as(
+        &keys,
+        &[0, 1, 2],
+        (0, 1, 6),
+        LedgerOperation::AckCreditLegs,
+        records(1, 2),
+    );
     inbound.on_proven(ack.clone()).unwrap();
     let batch = inbound.take_batch(0, 0, BATCH_RECORDS_MAX).unwrap();
     assert_eq!(batch.operation, LedgerOperation::AckCreditLegs as u16);
@@ -929,7 +919,13 @@ fn a_proof_that_does_not_fit_never_decides_the_batch_operation() {
     let limits = (RECORD_BYTES, BATCH_RECORDS_MAX);
     let mut inbound = InboundProofs::new(1, limits, groups_of(&keys), 4).unwrap();
     let legs = prove(&keys, &[0, 1, 2], (0, 1, 5), records(3, 1));
-    let ack = prove_ack(&keys, &[0, 1, 2], (0, 1, 6), records(1, 2));
+    let ack = prove_as(
+        &keys,
+        &[0, 1, 2],
+        (0, 1, 6),
+        LedgerOperation::AckCreditLegs,
+        records(1, 2),
+    );
     inbound.on_proven(legs.clone()).unwrap();
     inbound.on_proven(ack.clone()).unwrap();
     // Room for 2 records: the 3 legs are skipped, and do not hold back the
