@@ -42,7 +42,8 @@
 # The sixth: T_VARIANTS= DISK_S=0 SHM_S=0 FSYNC_AB_S=0 D50=600 START_WAIT_S=60, then
 # WAIT_S=570: `start` took 172 s, `collect` 560 s, the machine was held 769 s. `start` keeps
 # the 90 % run's node logs (soak90-logs.tar.gz) since: that run's executor stalls could not
-# be placed without them.
+# be placed without them. The seventh: the sixth's with T_VARIANTS=';--consumer-core
+# --producers 1,2'; `start` took 177 s, `collect` 564 s, the machine was held 780 s.
 set -u
 mode=${1:-}
 bin=${2:-target/release}

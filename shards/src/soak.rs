@@ -148,6 +148,9 @@ pub struct SeriesPoint {
     /// probe wake-ups (`--executor-probe-us` apart) and how late the latest came; a stall
     /// of a shard's executor shows here, the disk's does not.
     pub executor_lag: ExecutorLag,
+    /// Time this machine's CPUs were held back by the host or waited on I/O in this second
+    /// (`/proc/stat`): tells a stall the host caused from one the node caused.
+    pub cpu: CpuStolen,
 }
 
 /// Wake-ups of the shards' executor lag probes between two scrapes
@@ -171,6 +174,80 @@ impl From<CommitGaps> for ExecutorLag {
             late_over_goal: gaps.over_goal,
             longest_at_most_us: gaps.longest_at_most_us,
         }
+    }
+}
+
+/// What `/proc/stat` says the CPUs lost between two readings, in ms (at the kernel's
+/// clock-tick resolution, 10 ms per CPU on most machines).
+///
+/// *Steal* is time a virtual CPU was runnable but the hypervisor ran something else: a
+/// shard's executor late with steal on its CPU was held back by the host, not by the node.
+/// *I/O wait* is idle time with I/O outstanding (only a hint: the kernel counts it per CPU
+/// loosely).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CpuStolen {
+    /// Steal summed over every CPU.
+    pub steal_ms: u64,
+    /// The most steal on any one CPU.
+    pub steal_ms_cpu_max: u64,
+    /// That CPU (`None` when no CPU had any).
+    pub steal_cpu: Option<u32>,
+    /// I/O wait summed over every CPU.
+    pub iowait_ms: u64,
+}
+
+/// Cumulative per-CPU times from one reading of `/proc/stat`, in clock ticks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// `(cpu, steal ticks, iowait ticks)` per `cpuN` line.
+    cpus: Vec<(u32, u64, u64)>,
+    /// Clock ticks per second the counters are in.
+    ticks_per_s: u64,
+}
+
+impl CpuTimes {
+    /// Reads `/proc/stat`; empty when it cannot be read (the series then shows no loss).
+    pub fn read() -> Self {
+        let ticks_per_s = rustix::param::clock_ticks_per_second();
+        std::fs::read_to_string("/proc/stat")
+            .map(|text| Self::parse(&text, ticks_per_s))
+            .unwrap_or_default()
+    }
+
+    /// Parses the `cpuN user nice system idle iowait irq softirq steal ...` lines (the
+    /// summary `cpu` line and malformed lines are skipped).
+    pub fn parse(text: &str, ticks_per_s: u64) -> Self {
+        let cpus = text
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_ascii_whitespace();
+                let cpu = fields.next()?.strip_prefix("cpu")?.parse::<u32>().ok()?;
+                let times: Vec<u64> = fields.take(8).map_while(|f| f.parse().ok()).collect();
+                (times.len() == 8).then(|| (cpu, times[7], times[4]))
+            })
+            .collect();
+        Self { cpus, ticks_per_s }
+    }
+
+    /// What the CPUs lost from `before` to `self` (CPUs in only one reading are skipped).
+    pub fn since(&self, before: &Self) -> CpuStolen {
+        let ms = |ticks: u64| ticks * 1_000 / self.ticks_per_s.max(1);
+        let mut stolen = CpuStolen::default();
+        for &(cpu, steal, iowait) in &self.cpus {
+            let Some(&(_, steal_before, iowait_before)) =
+                before.cpus.iter().find(|(c, _, _)| *c == cpu)
+            else {
+                continue;
+            };
+            let steal_ms = ms(steal.saturating_sub(steal_before));
+            stolen.steal_ms += steal_ms;
+            stolen.iowait_ms += ms(iowait.saturating_sub(iowait_before));
+            if steal_ms > stolen.steal_ms_cpu_max {
+                stolen.steal_ms_cpu_max = steal_ms;
+                stolen.steal_cpu = Some(cpu);
+            }
+        }
+        stolen
     }
 }
 
@@ -251,6 +328,9 @@ pub struct SoakReport {
     /// Executor lag over the window, every replica's shards: wake-ups of the lag probe,
     /// how many came more than [`COMMIT_GAP_GOAL_US`] late, and the latest at most.
     pub executor_lag: ExecutorLag,
+    /// What the CPUs lost over the window: steal and I/O wait summed over every CPU, and
+    /// the most steal of one CPU in one second ([`SeriesPoint::cpu`]) with that CPU.
+    pub cpu: CpuStolen,
     /// Committed ops applied over the window, every replica's, and how many of them a
     /// leader applied while its next group commit was in flight.
     pub applies: Applies,
@@ -662,6 +742,8 @@ pub fn sample_window(
     sink: &mut SeriesSink,
 ) -> Result<(Instant, SoakReport), BenchError> {
     let first = scrape(cluster)?;
+    let cpu_first = CpuTimes::read();
+    let mut cpu_before = cpu_first.clone();
     take_latency();
     let started = Instant::now();
     let mut gaps = CommitGapTracker::new(first.commit_op.clone(), started);
@@ -697,6 +779,7 @@ pub fn sample_window(
         let applied: u64 = sample.applied.iter().sum();
         let latency = take_latency();
         let point_gaps = commit_gaps(point_scrape.as_ref().unwrap_or(&first), &sample);
+        let cpu_now = CpuTimes::read();
         let point = SeriesPoint {
             t_s: now.duration_since(started).as_secs_f64(),
             committed_tx_per_s: applied.saturating_sub(applied_before) as f64
@@ -713,6 +796,7 @@ pub fn sample_window(
             journal_commits: journal_commits(point_scrape.as_ref().unwrap_or(&first), &sample),
             checkpointing: Checkpointing::between(point_scrape.as_ref().unwrap_or(&first), &sample),
             executor_lag: executor_lag(point_scrape.as_ref().unwrap_or(&first), &sample),
+            cpu: cpu_now.since(&cpu_before),
         };
         print_progress(&point, gaps.longest());
         series.push(point);
@@ -720,6 +804,13 @@ pub fn sample_window(
         applied_before = applied;
         point_started = now;
         point_scrape = Some(sample);
+        cpu_before = cpu_now;
+    }
+    let mut cpu = cpu_before.since(&cpu_first);
+    // The run's worst CPU is the worst one-second reading, not the most over the window.
+    if let Some(worst) = series.iter().max_by_key(|point| point.cpu.steal_ms_cpu_max) {
+        cpu.steal_ms_cpu_max = worst.cpu.steal_ms_cpu_max;
+        cpu.steal_cpu = worst.cpu.steal_cpu;
     }
     let run_gaps = commit_gaps(&first, point_scrape.as_ref().unwrap_or(&first));
     Ok((
@@ -736,6 +827,7 @@ pub fn sample_window(
             applies: Applies::between(&first, point_scrape.as_ref().unwrap_or(&first)),
             checkpointing: Checkpointing::between(&first, point_scrape.as_ref().unwrap_or(&first)),
             executor_lag: executor_lag(&first, point_scrape.as_ref().unwrap_or(&first)),
+            cpu,
             huge_pages_bytes: (0..cluster.replicas())
                 .map(|replica| {
                     cluster
@@ -771,7 +863,7 @@ fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
         String::new()
     };
     eprintln!(
-        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)  journal commit {}  executor lag {}{checkpointing}",
+        "  {:>6.1}s {:>10.0} tx/s  p50 {} p99 {} p999 {} max {} µs  rss MiB [{}]  pool hw tx {:?} batches {:?}  commit gap {} (sampled so far {} ms)  journal commit {}  executor lag {}  steal {} ms{checkpointing}",
         point.t_s,
         point.committed_tx_per_s,
         point.latency_us.p50,
@@ -785,6 +877,7 @@ fn print_progress(point: &SeriesPoint, sampled_gap: Duration) {
         sampled_gap.as_millis(),
         point.journal_commits.slowest_text(),
         gap_text(point.executor_lag.longest_at_most_us),
+        point.cpu.steal_ms,
     );
 }
 
@@ -840,6 +933,16 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
             report.executor_lag.late_over_goal,
             report.executor_lag.wakeups,
             COMMIT_GAP_GOAL_US
+        ),
+        format!(
+            "CPU time the host took (steal, /proc/stat, every CPU): {} ms over the run, at most {} ms of one CPU in one second{}; I/O wait {} ms",
+            report.cpu.steal_ms,
+            report.cpu.steal_ms_cpu_max,
+            report
+                .cpu
+                .steal_cpu
+                .map_or_else(String::new, |cpu| format!(" (CPU {cpu})")),
+            report.cpu.iowait_ms
         ),
         format!(
             "committed ops applied (every replica): {}, {} of them by a leader while its next journal write was in flight",
@@ -1175,7 +1278,41 @@ mod tests {
                 late_over_goal: 2,
                 longest_at_most_us: Some(2_000),
             },
+            cpu: CpuStolen::default(),
         }
+    }
+
+    #[test]
+    fn cpu_steal_is_read_per_cpu_from_proc_stat() {
+        let before = "cpu  10 0 10 100 7 0 0 40 0 0\n\
+                      cpu0 5 0 5 50 3 0 0 10 0 0\n\
+                      cpu1 5 0 5 50 4 0 0 30 0 0\n\
+                      intr 12345\n";
+        let after = "cpu  10 0 10 100 9 0 0 75 0 0\n\
+                     cpu0 5 0 5 50 3 0 0 15 0 0\n\
+                     cpu1 5 0 5 50 6 0 0 60 0 0\n\
+                     cpu2 1 0 1 1 1 0 0 99 0 0\n";
+        let (before, after) = (CpuTimes::parse(before, 100), CpuTimes::parse(after, 100));
+        // cpu2 appeared: not in both readings, skipped. The summary line is not a CPU.
+        assert_eq!(
+            after.since(&before),
+            CpuStolen {
+                steal_ms: 350,
+                steal_ms_cpu_max: 300,
+                steal_cpu: Some(1),
+                iowait_ms: 20,
+            }
+        );
+        assert_eq!(before.since(&before), CpuStolen::default());
+        // Unreadable or truncated lines give nothing, never a panic.
+        let short = CpuTimes::parse("cpu0 1 2 3\ncpuX 1 2 3 4 5 6 7 8\n", 100);
+        assert_eq!(short.since(&short), CpuStolen::default());
+        assert_eq!(CpuTimes::default().since(&before), CpuStolen::default());
+        // This machine's own reading names every CPU this process may run on, at least.
+        let own = CpuTimes::read();
+        assert!(own.ticks_per_s > 0);
+        let usable = std::thread::available_parallelism().map_or(1, usize::from);
+        assert!(own.cpus.len() >= usable, "{} < {usable}", own.cpus.len());
     }
 
     #[test]

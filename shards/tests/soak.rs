@@ -232,6 +232,27 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
         })
         .sum();
     assert_eq!(soak["executor_lag"]["wakeups"].as_u64(), Some(lag_wakeups));
+    // Each second carries the CPUs' steal and I/O wait from `/proc/stat`; the run's are
+    // the seconds' (the readings chain, and a clock tick is a whole number of ms), its
+    // worst CPU-second the seconds' worst.
+    let cpu_sum = |field: &str| -> u64 {
+        series
+            .iter()
+            .map(|point| point["cpu"][field].as_u64().expect("cpu time per second"))
+            .sum()
+    };
+    let cpu = &soak["cpu"];
+    assert_eq!(cpu["steal_ms"].as_u64(), Some(cpu_sum("steal_ms")), "{cpu}");
+    assert_eq!(
+        cpu["iowait_ms"].as_u64(),
+        Some(cpu_sum("iowait_ms")),
+        "{cpu}"
+    );
+    let worst = series
+        .iter()
+        .map(|point| point["cpu"]["steal_ms_cpu_max"].as_u64().unwrap())
+        .max();
+    assert_eq!(cpu["steal_ms_cpu_max"].as_u64(), worst, "{cpu}");
     let gaps = soak["commit_gaps"].as_u64().expect("in-node gaps counted");
     let per_second: u64 = series
         .iter()
