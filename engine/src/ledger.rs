@@ -102,21 +102,23 @@
 //! - transfer window: 128 B per transfer, plus 8 B per index slot, a power of two between
 //!   1.5x and 3x `transfers_max`: 140 to 152 B per transfer (`2^20` transfers: 144 MiB);
 //! - in-flight ring: 128 B per leg, `credit_legs_in_flight_max` of them;
-//! - replay windows: 4 B per leg, `credit_legs_in_flight_max` per shard of the cluster.
+//! - replay windows: 4 B per leg, `credit_legs_in_flight_max` per shard of the cluster;
+//! - the digest's account order: 32 B per account, `accounts_max` of them, and 64 KiB.
 //!
-//! The defaults of [`LedgerConfig::new`] take about 168 MiB per shard. An index of `2^k`
+//! The defaults of [`LedgerConfig::new`] take about 170 MiB per shard (168 MiB of tables). An index of `2^k`
 //! slots serves up to about `2^k * 2/3` transfers (e.g. 1,398,000 transfers use the same
 //! `2^21`-slot index as `2^20`), so such sizes give the most window per byte.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::checksum::{Digest256, Digest256Hasher, digest256};
+use crate::checksum::{Digest256, Digest256Hasher};
 use crate::frame::Operation as ClientOperation;
 use crate::limits::{BATCH_ENTRIES_MAX_DEFAULT, BATCH_ENTRIES_MAX_LIMIT};
 use crate::pool::table::zeroed_table;
@@ -293,6 +295,8 @@ impl LedgerConfig {
             + RECORD_BYTES * self.credit_legs_in_flight_max
             + size_of::<u32>() * self.credit_legs_in_flight_max * self.shard_count as usize
             + size_of::<u64>() * self.shard_count as usize
+            + size_of::<(u128, usize)>() * self.accounts_max
+            + RECORD_BYTES * DIGEST_STAGING_ACCOUNTS
     }
 }
 
@@ -335,9 +339,14 @@ pub const HASH_SEED_DEFAULT: u64 = u64::from_le_bytes(*b"PCTABLE1");
 const LEG_FINGERPRINT_SEED: u64 = u64::from_le_bytes(*b"PCLEGFP1");
 
 /// Snapshot magic (`"PCLS"`, percore ledger snapshot) and format version (2: transfer
-/// window in ring order, in-flight legs, replay windows).
+/// window in ring order, in-flight legs, replay windows; 3: the same bytes, with the digest
+/// hashing the accounts in id order instead of summing their hashes).
 const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"PCLS");
-const SNAPSHOT_VERSION: u32 = 2;
+const SNAPSHOT_VERSION: u32 = 3;
+
+/// Accounts the digest copies into one contiguous run before hashing it (64 KiB: BLAKE3
+/// hashes a long input several 1 KiB chunks at a time).
+const DIGEST_STAGING_ACCOUNTS: usize = 512;
 
 /// Records per group in `apply`: the table slots of a whole group are loaded together
 /// before the group is applied, so their memory misses overlap (see `touch_transfers`).
@@ -974,19 +983,6 @@ impl LegReplayWindows {
     }
 }
 
-/// Order-independent digest of a set of records: the lane-wise wrapping sum of each record's
-/// BLAKE3 digest (an additive multiset hash). Independent of table layout and seed.
-fn multiset_digest<'a, T: Pod>(records: impl Iterator<Item = &'a T>) -> [u64; 4] {
-    let mut lanes = [0_u64; 4];
-    for record in records {
-        let record_lanes: [u64; 4] = bytemuck::cast(digest256(bytemuck::bytes_of(record)));
-        for (lane, record_lane) in lanes.iter_mut().zip(record_lanes) {
-            *lane = lane.wrapping_add(record_lane);
-        }
-    }
-    lanes
-}
-
 /// The on-disk header of a ledger snapshot. After it: the accounts, the transfer window
 /// oldest first and the legs in flight lowest number first (128 bytes each), then the replay
 /// windows: `shard_count` highest sequences (`u64`), then `shard_count *
@@ -1034,6 +1030,17 @@ pub struct Ledger {
     commit_timestamp_last: u64,
     /// Leader-only: the last timestamp handed out by `prepare` (not replicated state).
     prepare_timestamp_last: u64,
+    /// Scratch of [`StateMachine::digest`], sized at construction, refilled by each digest.
+    digest_scratch: RefCell<DigestScratch>,
+}
+
+/// See [`Ledger::digest_scratch`].
+struct DigestScratch {
+    /// `(id, slot)` of every account, sorted by id: the order the digest hashes them in.
+    order: Vec<(u128, usize)>,
+    /// The accounts copied in that order, [`DIGEST_STAGING_ACCOUNTS`] at a time, so that
+    /// BLAKE3 hashes many chunks per call.
+    staging: Vec<Account>,
 }
 
 impl fmt::Debug for Ledger {
@@ -1096,6 +1103,14 @@ impl Ledger {
             commit_op_last: 0,
             commit_timestamp_last: 0,
             prepare_timestamp_last: 0,
+            digest_scratch: RefCell::new({
+                // Touched now, like the tables: the first digest takes no new memory.
+                let mut order = vec![(u128::MAX, usize::MAX); config.accounts_max];
+                order.clear();
+                let mut staging = vec![Account::zeroed(); DIGEST_STAGING_ACCOUNTS];
+                staging.clear();
+                DigestScratch { order, staging }
+            }),
         }
     }
 
@@ -2063,8 +2078,8 @@ impl StateMachine for Ledger {
         restored
     }
 
-    /// Covers the configuration that decides results, the counters, the accounts (as a
-    /// set), the transfer window in order (it decides future evictions), the legs in flight
+    /// Covers the configuration that decides results, the counters, the accounts (in id
+    /// order), the transfer window in order (it decides future evictions), the legs in flight
     /// and the replay windows. Never the table layout.
     /// [`LedgerConfig::settings_digest`].
     fn settings_digest(&self) -> u64 {
@@ -2074,7 +2089,7 @@ impl StateMachine for Ledger {
     fn digest(&self) -> Digest256 {
         let mut hasher = Digest256Hasher::new();
         hasher
-            .update(b"percore.ledger.v2")
+            .update(b"percore.ledger.v3")
             .update(&self.config.shard_index.to_le_bytes())
             .update(&self.config.shard_count.to_le_bytes())
             .update(&(self.config.transfers_max as u64).to_le_bytes())
@@ -2083,11 +2098,29 @@ impl StateMachine for Ledger {
             .update(&self.credit_legs_applied.to_le_bytes())
             .update(&self.commit_op_last.to_le_bytes())
             .update(&self.commit_timestamp_last.to_le_bytes());
-        hasher
-            .update(&(self.accounts.len as u64).to_le_bytes())
-            .update(bytemuck::bytes_of(&multiset_digest(
-                self.accounts.entries(),
-            )));
+        // The accounts in id order: independent of the table's seed and layout, and a
+        // plain hash of one canonical encoding (ids are unique), so two account sets with
+        // one digest are a BLAKE3 collision. (A sum of per-account hashes, as here before,
+        // is a multiset hash that generalized-birthday attacks break at 256 bits.)
+        let mut scratch = self.digest_scratch.borrow_mut();
+        let DigestScratch { order, staging } = &mut *scratch;
+        order.clear();
+        order.extend(
+            self.accounts
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, account)| account.id != 0)
+                .map(|(slot, account)| (account.id, slot)),
+        );
+        debug_assert_eq!(order.len(), self.accounts.len);
+        order.sort_unstable();
+        hasher.update(&(self.accounts.len as u64).to_le_bytes());
+        for run in order.chunks(DIGEST_STAGING_ACCOUNTS) {
+            staging.clear();
+            staging.extend(run.iter().map(|&(_, slot)| self.accounts.slots[slot]));
+            hasher.update(bytemuck::cast_slice(staging));
+        }
         let (older, newer) = self.transfers.as_slices();
         hasher
             .update(&(self.transfers.len as u64).to_le_bytes())
@@ -2487,33 +2520,56 @@ mod tests {
         }
     }
 
+    /// The digest hashes the accounts in id order: the same accounts placed under another
+    /// seed, in another order, give the same digest; another set, one field of one account,
+    /// or two accounts' balances swapped, another.
     #[test]
-    fn seeds_change_layout_but_not_digest() {
-        let mut one: SlotTable<Account> = SlotTable::new(64, 1);
-        let mut other: SlotTable<Account> = SlotTable::new(200, 2);
-        for id in 1..=50 {
-            let SlotProbe::Vacant(slot) = one.probe(id) else {
-                panic!()
-            };
-            one.insert_at(slot, account(id));
-            let SlotProbe::Vacant(slot) = other.probe(51 - id) else {
-                panic!()
-            };
-            other.insert_at(slot, account(51 - id));
-        }
-        let layout = |table: &SlotTable<Account>| -> Vec<u128> {
-            table.entries().map(|entry| entry.id).collect()
+    fn the_digest_covers_the_accounts_in_id_order_whatever_the_layout() {
+        let mut config = LedgerConfig::new(0, 1);
+        config.accounts_max = 64;
+        let build = |seed: u64, accounts: &[Account]| -> Ledger {
+            let mut ledger = Ledger::with_hash_seed(config, seed);
+            for account in accounts {
+                let SlotProbe::Vacant(slot) = ledger.accounts.probe(account.id) else {
+                    panic!("account {} twice", account.id)
+                };
+                ledger.accounts.insert_at(slot, *account);
+            }
+            ledger
+        };
+        let accounts: Vec<Account> = (1..=50)
+            .map(|id| Account {
+                timestamp: id as u64,
+                credits_posted: 1_000 + id,
+                ..account(id)
+            })
+            .collect();
+        let one = build(1, &accounts);
+        let reversed: Vec<Account> = accounts.iter().rev().copied().collect();
+        let other = build(2, &reversed);
+        let layout = |ledger: &Ledger| -> Vec<u128> {
+            ledger.accounts.entries().map(|entry| entry.id).collect()
         };
         assert_ne!(layout(&one), layout(&other));
-        assert_eq!(
-            multiset_digest(one.entries()),
-            multiset_digest(other.entries())
-        );
+        assert_eq!(one.digest(), other.digest());
+        assert_eq!(one.digest(), one.digest(), "the scratch is refilled");
+
         let shifted: Vec<Account> = (2..=51).map(account).collect();
-        assert_ne!(
-            multiset_digest(one.entries()),
-            multiset_digest(shifted.iter())
-        );
+        let mut one_field = accounts.clone();
+        one_field[17].user_data ^= 1;
+        let mut swapped = accounts.clone();
+        let (first, second) = (swapped[3].credits_posted, swapped[40].credits_posted);
+        swapped[3].credits_posted = second;
+        swapped[40].credits_posted = first;
+        let fewer = &accounts[..49];
+        for (name, changed) in [
+            ("another set", build(1, &shifted)),
+            ("one field of one account", build(1, &one_field)),
+            ("two balances swapped", build(1, &swapped)),
+            ("one account fewer", build(1, fewer)),
+        ] {
+            assert_ne!(changed.digest(), one.digest(), "{name}");
+        }
     }
 
     /// Replicas whose hash seeds differ (during a cluster key rotation each node derives
@@ -2606,12 +2662,12 @@ mod tests {
             ..LedgerConfig::new(0, 1)
         };
         assert!(huge_batch.validate().is_err());
-        // The documented default footprint: about 168 MiB per shard, plus 256 KiB per shard
+        // The documented default footprint: about 170 MiB per shard, plus 256 KiB per shard
         // of the cluster.
         let one = LedgerConfig::new(0, 1).memory_bytes();
         let eight = LedgerConfig::new(0, 8).memory_bytes();
         assert_eq!(eight - one, 7 * (256 << 10) + 7 * 8);
-        assert!((165 << 20..170 << 20).contains(&one), "{one}");
+        assert!((168 << 20..172 << 20).contains(&one), "{one}");
     }
 
     #[test]

@@ -229,3 +229,53 @@ fn apply_throughput() {
         remote(Some(1 << 20), true),
     );
 }
+
+/// The state digest's cost with the account table full (the transfer window empty: it is
+/// hashed in order either way), at the default `accounts_max` and 16 times it: median of 5.
+#[test]
+#[ignore = "ad-hoc timing; run in release with --ignored --nocapture"]
+fn digest_time() {
+    for accounts_max in [1 << 16, 1 << 20] {
+        let mut ledger = Ledger::new(LedgerConfig {
+            accounts_max,
+            ..LedgerConfig::new(0, 1)
+        });
+        let mut batch: Vec<RecordSlot> = (1..accounts_max as u128)
+            .map(|id| {
+                RecordSlot::from_account(&Account {
+                    id,
+                    ledger: 1,
+                    code: 1,
+                    ..Account::zeroed()
+                })
+            })
+            .collect();
+        let mut op = 0;
+        for chunk in batch.chunks_mut(BATCH_ENTRIES) {
+            op += 1;
+            ledger.prepare(LedgerOperation::CreateAccounts, op, chunk);
+            let mut results = [RecordResult::zeroed(); BATCH_ENTRIES];
+            ledger.apply(
+                op,
+                LedgerOperation::CreateAccounts,
+                chunk,
+                &mut results[..chunk.len()],
+            );
+        }
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                std::hint::black_box(ledger.digest());
+                started.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        println!(
+            "digest, {} accounts: median {:.2} ms (min {:.2}, max {:.2})",
+            accounts_max - 1,
+            times[2],
+            times[0],
+            times[4]
+        );
+    }
+}
