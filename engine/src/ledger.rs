@@ -2086,6 +2086,14 @@ impl StateMachine for Ledger {
         self.config.settings_digest()
     }
 
+    /// [`crate::record::RESULT_REQUEST_REFUSED`].
+    fn refused_result(index: u32) -> RecordResult {
+        RecordResult {
+            index,
+            code: crate::record::RESULT_REQUEST_REFUSED,
+        }
+    }
+
     fn digest(&self) -> Digest256 {
         let mut hasher = Digest256Hasher::new();
         hasher

@@ -21,6 +21,12 @@ const _: () = assert!(cfg!(target_endian = "little"));
 /// Size of every ledger record on the wire and on disk (bytes).
 pub const RECORD_BYTES: usize = 128;
 
+/// [`RecordResult::code`] of a record whose request was refused unapplied
+/// ([`crate::session::Disposition::Refused`]: in BFT mode, a request that cannot be told
+/// apart from a replay of an old one), whatever the operation: no result enum uses it. The
+/// same number as the error reply a replica gives such a request at its door.
+pub const RESULT_REQUEST_REFUSED: u32 = 1017;
+
 /// Declares a fieldless enum with explicit wire values, plus `From<Enum> for $repr` and
 /// `TryFrom<$repr> for Enum` (the error is the unknown raw value).
 macro_rules! wire_enum {
@@ -393,6 +399,19 @@ pub const fn shard_of(account_id: u128, shards: u32) -> u32 {
 mod tests {
     use super::*;
     use core::mem::offset_of;
+
+    #[test]
+    fn no_result_enum_uses_the_refused_code() {
+        let codes = CreateAccountResult::ALL
+            .iter()
+            .map(|&r| u32::from(r))
+            .chain(CreateTransferResult::ALL.iter().map(|&r| u32::from(r)))
+            .chain(CreditLegResult::ALL.iter().map(|&r| u32::from(r)))
+            .chain(CreditAckResult::ALL.iter().map(|&r| u32::from(r)));
+        for code in codes {
+            assert_ne!(code, RESULT_REQUEST_REFUSED);
+        }
+    }
 
     #[test]
     fn account_layout_is_the_documented_wire_layout() {

@@ -17,6 +17,16 @@
 //!   (counted in [`SessionStats::evicted`]; the request then starts a new session), or
 //!   when the number is older than the kept window ([`SessionStats::fallbacks`]).
 //!
+//! A table that **refuses replays** ([`SessionTable::refuse_replays`], BFT mode, where a
+//! Byzantine leader may propose a client's old signed request again) has no fallback: it
+//! never evicts (a new client in a full table is refused), and a request at or below its
+//! session's highest number is applied only if the table can tell it never was, that is
+//! when it is inside the reply window ([`SESSION_REPLIES_PER_CLIENT`] numbers) and its reply
+//! slot holds an older number. Anything else is [`Disposition::Refused`]: nothing applied,
+//! [`StateMachine::refused_result`] as results, counted in [`SessionStats::refused`]. A
+//! correct client never sends such a request: its unanswered requests are always inside
+//! the window, since it keeps at most that many in flight.
+//!
 //! There is no registration: a client id the table does not know starts a session with
 //! whatever request number it sends (a client numbers its requests across every shard).
 //!
@@ -89,6 +99,9 @@ pub enum Disposition {
     },
     /// No reply kept (evicted session or too old a number): apply again, no reply kept.
     Fallback,
+    /// A table that refuses replays cannot tell that this request never applied, or has
+    /// no room for a new client: apply nothing, answer [`StateMachine::refused_result`].
+    Refused,
 }
 
 /// Counters of a session table (not replicated state: not in the digest).
@@ -102,6 +115,8 @@ pub struct SessionStats {
     pub fallbacks: u64,
     /// Sessions evicted to make room for a new client.
     pub evicted: u64,
+    /// Requests refused unapplied by a table that refuses replays.
+    pub refused: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -126,6 +141,8 @@ pub struct SessionTable<R: Pod> {
     replies: Box<[R]>,
     records_max: usize,
     stats: SessionStats,
+    /// See [`SessionTable::refuse_replays`].
+    refuse_replays: bool,
 }
 
 impl<R: Pod> std::fmt::Debug for SessionTable<R> {
@@ -134,6 +151,7 @@ impl<R: Pod> std::fmt::Debug for SessionTable<R> {
             .field("clients_max", &self.sessions.len())
             .field("records_max", &self.records_max)
             .field("stats", &self.stats)
+            .field("refuse_replays", &self.refuse_replays)
             .finish_non_exhaustive()
     }
 }
@@ -153,7 +171,25 @@ impl<R: Pod> SessionTable<R> {
             ),
             records_max,
             stats: SessionStats::default(),
+            refuse_replays: false,
         }
+    }
+
+    /// From now on: never evict, and refuse what cannot be told apart from a replay (see
+    /// the module docs). Every replica of a group must agree, from the first op: the
+    /// dispositions decide the state.
+    pub fn refuse_replays(&mut self) {
+        self.refuse_replays = true;
+    }
+
+    /// Whether [`SessionTable::refuse_replays`] was called.
+    pub fn refuses_replays(&self) -> bool {
+        self.refuse_replays
+    }
+
+    /// Sessions a new client may still take without an eviction.
+    pub fn free(&self) -> usize {
+        self.sessions.len() - self.len()
     }
 
     /// Sessions the table holds at most.
@@ -192,10 +228,15 @@ impl<R: Pod> SessionTable<R> {
     }
 
     /// What to do with `descriptor` (read-only: call [`SessionTable::commit`] after applying).
+    ///
+    /// A table that refuses replays answers [`Disposition::Apply`] for a client without a
+    /// session even when it is full: the caller refuses it when no session is free for it
+    /// (several new clients in one entry share what [`SessionTable::free`] says).
     pub fn classify(&self, descriptor: &RequestDescriptor) -> Disposition {
         let Some(index) = self.find(descriptor.client_id) else {
             // A new client, or one whose session was evicted: a retry of the latter is
-            // applied again (the documented fallback; evictions are counted).
+            // applied again (the documented fallback; evictions are counted). A table that
+            // refuses replays never evicted it: it never applied a request of this client.
             return Disposition::Apply;
         };
         let session = &self.sessions[index];
@@ -203,14 +244,27 @@ impl<R: Pod> SessionTable<R> {
             return Disposition::Apply;
         }
         let reply = reply_slot(descriptor.request_number);
-        if session.reply_numbers[reply] == descriptor.request_number
+        let kept = session.reply_numbers[reply];
+        if kept == descriptor.request_number
             && session.reply_counts[reply] == descriptor.record_count
         {
-            Disposition::Replay {
+            return Disposition::Replay {
                 slot: index * SESSION_REPLIES_PER_CLIENT + reply,
-            }
+            };
+        }
+        if !self.refuse_replays {
+            return Disposition::Fallback;
+        }
+        // Inside the window, a slot holding an older number proves this one never applied:
+        // had it, the slot would hold it or a number a whole window above it, which would be
+        // above the session's highest.
+        let window = SESSION_REPLIES_PER_CLIENT as u64;
+        if descriptor.request_number + window > session.request_number_max
+            && kept < descriptor.request_number
+        {
+            Disposition::Apply
         } else {
-            Disposition::Fallback
+            Disposition::Refused
         }
     }
 
@@ -240,6 +294,10 @@ impl<R: Pod> SessionTable<R> {
                 self.stats.fallbacks += 1;
                 return;
             }
+            Disposition::Refused => {
+                self.stats.refused += 1;
+                return;
+            }
             Disposition::Apply => self.stats.applied += 1,
         }
         assert!(
@@ -265,6 +323,10 @@ impl<R: Pod> SessionTable<R> {
         let index = match self.sessions.iter().position(|s| s.client_id == 0) {
             Some(free) => free,
             None => {
+                assert!(
+                    !self.refuse_replays,
+                    "a table that refuses replays admitted a client it has no room for"
+                );
                 self.stats.evicted += 1;
                 (0..self.sessions.len())
                     .min_by_key(|&i| (self.sessions[i].op_last, self.sessions[i].client_id))
@@ -563,18 +625,33 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         // Clients seen in this entry so far, as a 64-bit filter: most entries hold each
         // client once, and then no earlier descriptor needs scanning.
         let mut seen = 0u64;
+        // A table that refuses replays: sessions still free for new clients of this entry,
+        // counted when one first needs one.
+        let mut free = None;
         for (index, request) in requests.iter().enumerate() {
             let bit = 1u64 << (request.client_id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 122);
-            let disposition = if seen & bit == 0 {
+            let first = seen & bit == 0;
+            let mut disposition = if first {
                 self.sessions.classify(request)
             } else {
                 self.classify_after_earlier(requests, index)
             };
             seen |= bit;
-            retries |= matches!(
-                disposition,
-                Disposition::Replay { .. } | Disposition::ReplayInEntry { .. }
-            );
+            if disposition == Disposition::Apply
+                && self.sessions.refuses_replays()
+                && self
+                    .sessions
+                    .request_number_max(request.client_id)
+                    .is_none()
+                && (first || !self.applied_earlier(requests, index))
+            {
+                let free = free.get_or_insert_with(|| self.sessions.free());
+                match free.checked_sub(1) {
+                    Some(left) => *free = left,
+                    None => disposition = Disposition::Refused,
+                }
+            }
+            retries |= !matches!(disposition, Disposition::Apply | Disposition::Fallback);
             self.dispositions[index] = disposition;
         }
         if !retries {
@@ -593,9 +670,9 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
                 }
                 let retried = requests.get(next_request).is_some_and(|r| {
                     r.record_start as usize <= index
-                        && matches!(
+                        && !matches!(
                             self.dispositions[next_request],
-                            Disposition::Replay { .. } | Disposition::ReplayInEntry { .. }
+                            Disposition::Apply | Disposition::Fallback
                         )
                 });
                 if !retried {
@@ -638,6 +715,13 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
                         results.copy_within(source..source + count, index);
                         index += count;
                     }
+                    (true, Some(Disposition::Refused)) => {
+                        let count = request.expect("inside").record_count as usize;
+                        for (at, result) in results[index..index + count].iter_mut().enumerate() {
+                            *result = S::refused_result((index + at) as u32);
+                        }
+                        index += count;
+                    }
                     _ => {
                         results[index] = self.scratch_results[taken];
                         taken += 1;
@@ -657,12 +741,25 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
 
     fn session_stale(&self, client_id: u128, request_number: u64, record_count: u32) -> bool {
         client_id != 0
-            && self.sessions.classify(&RequestDescriptor {
-                client_id,
-                request_number,
-                record_start: 0,
-                record_count,
-            }) == Disposition::Fallback
+            && matches!(
+                self.sessions.classify(&RequestDescriptor {
+                    client_id,
+                    request_number,
+                    record_start: 0,
+                    record_count,
+                }),
+                Disposition::Fallback | Disposition::Refused
+            )
+    }
+
+    fn refused_result(index: u32) -> Self::Result {
+        S::refused_result(index)
+    }
+
+    /// Makes the session table refuse replays ([`SessionTable::refuse_replays`]).
+    fn refuse_session_replays(&mut self) -> bool {
+        self.sessions.refuse_replays();
+        true
     }
 
     fn session_reply(
@@ -765,6 +862,8 @@ impl<S: StateMachine> Sessioned<S> {
             if other.request_number == request.request_number {
                 return if other.record_count == request.record_count {
                     Disposition::ReplayInEntry { index: earlier }
+                } else if self.sessions.refuses_replays() {
+                    Disposition::Refused
                 } else {
                     Disposition::Fallback
                 };
@@ -775,6 +874,17 @@ impl<S: StateMachine> Sessioned<S> {
             Some(max) if request.request_number > max => Disposition::Apply,
             _ => self.sessions.classify(request),
         }
+    }
+
+    /// Whether a request of `requests[index]`'s client earlier in the entry was applied.
+    fn applied_earlier(&self, requests: &[RequestDescriptor], index: usize) -> bool {
+        let client_id = requests[index].client_id;
+        requests[..index]
+            .iter()
+            .zip(&self.dispositions[..index])
+            .any(|(other, disposition)| {
+                other.client_id == client_id && *disposition == Disposition::Apply
+            })
     }
 
     fn digest_with(&self, inner: Digest256) -> Digest256 {
@@ -847,7 +957,14 @@ mod tests {
             self.snapshot(&mut bytes);
             crate::checksum::digest256(&bytes)
         }
+
+        fn refused_result(index: u32) -> u64 {
+            REFUSED + u64::from(index)
+        }
     }
+
+    /// [`Sum`]'s refused results, plus the record's index: no sum reaches them.
+    const REFUSED: u64 = 1 << 60;
 
     fn request(client_id: u128, request_number: u64, start: u32, count: u32) -> RequestDescriptor {
         RequestDescriptor {
@@ -988,6 +1105,131 @@ mod tests {
         assert_eq!(a.inner().applied, 5);
         assert_eq!(a.sessions().request_number_max(2), Some(1));
         assert_eq!(a.sessions().stats().evicted, 2);
+    }
+
+    /// A Byzantine leader proposes a client's request again once its reply has left the
+    /// window: a table that refuses replays applies nothing and answers refused, where the
+    /// default table applies it a second time.
+    #[test]
+    fn a_table_refusing_replays_refuses_a_request_behind_its_window() {
+        let run = |refuse: bool| {
+            let mut machine = Sessioned::new(Sum::default(), 4, 4);
+            if refuse {
+                assert!(machine.refuse_session_replays());
+            }
+            for number in 1..=6 {
+                apply(&mut machine, number, &[1], &[request(7, number, 0, 1)]);
+            }
+            // Request 1 again, inside an entry with another client's request.
+            let results = apply(
+                &mut machine,
+                7,
+                &[10, 1],
+                &[request(8, 1, 0, 1), request(7, 1, 1, 1)],
+            );
+            (machine, results)
+        };
+        let (lenient, results) = run(false);
+        assert_eq!(results, [16, 17], "applied again");
+        assert_eq!(lenient.sessions().stats().fallbacks, 1);
+        let (strict, results) = run(true);
+        assert_eq!(results, [16, REFUSED + 1], "refused, nothing applied");
+        assert_eq!(strict.inner().applied, 7);
+        assert_eq!(strict.sessions().stats().refused, 1);
+        assert_eq!(strict.sessions().stats().fallbacks, 0);
+        assert_eq!(
+            strict.last_dispositions(),
+            [Disposition::Apply, Disposition::Refused]
+        );
+        // The door answers it stale too, in both; a request still in the window is not.
+        for machine in [&lenient, &strict] {
+            assert!(machine.session_stale(7, 1, 1));
+            assert!(!machine.session_stale(7, 6, 1));
+        }
+        // Replayed alone, it applies nothing either.
+        let mut strict = strict;
+        assert_eq!(
+            apply(&mut strict, 8, &[1], &[request(7, 2, 0, 1)]),
+            [REFUSED]
+        );
+        assert_eq!(strict.inner().applied, 7);
+    }
+
+    /// Inside the window a slot holding an older number proves the request never applied:
+    /// a client's request committed after a later one of its (a view change reordered them)
+    /// still applies, once; the same number with another record count is refused.
+    #[test]
+    fn a_table_refusing_replays_applies_a_late_request_inside_its_window_once() {
+        let mut machine = Sessioned::new(Sum::default(), 4, 4);
+        machine.refuse_session_replays();
+        apply(&mut machine, 1, &[1], &[request(7, 1, 0, 1)]);
+        apply(&mut machine, 2, &[1], &[request(7, 3, 0, 1)]);
+        apply(&mut machine, 3, &[1], &[request(7, 4, 0, 1)]);
+        // Request 2 comes last: behind the session's highest (4), never applied.
+        assert_eq!(apply(&mut machine, 4, &[5], &[request(7, 2, 0, 1)]), [8]);
+        assert_eq!(machine.last_dispositions(), [Disposition::Apply]);
+        // Its retry is answered from the table; with another record count, refused.
+        assert_eq!(apply(&mut machine, 5, &[5], &[request(7, 2, 0, 1)]), [8]);
+        assert_eq!(
+            apply(&mut machine, 6, &[5, 5], &[request(7, 2, 0, 2)]),
+            [REFUSED, REFUSED + 1]
+        );
+        // In one entry: a request applied, then the same number with another count.
+        assert_eq!(
+            apply(
+                &mut machine,
+                7,
+                &[1, 1, 1],
+                &[request(7, 5, 0, 1), request(7, 5, 1, 2)]
+            ),
+            [9, REFUSED + 1, REFUSED + 2]
+        );
+        assert_eq!(machine.inner().applied, 5);
+        assert_eq!(machine.sessions().stats().refused, 2);
+        assert_eq!(machine.sessions().request_number_max(7), Some(5));
+    }
+
+    /// A table that refuses replays never evicts: a session evicted could not tell its
+    /// client's old requests from new ones. A new client finds no room and is refused,
+    /// in later entries and within one entry, the same way on every replica.
+    #[test]
+    fn a_full_table_refusing_replays_refuses_new_clients_instead_of_evicting() {
+        let run = || {
+            let mut machine = Sessioned::new(Sum::default(), 3, 4);
+            machine.refuse_session_replays();
+            apply(&mut machine, 1, &[1], &[request(1, 1, 0, 1)]);
+            apply(&mut machine, 2, &[1], &[request(2, 1, 0, 1)]);
+            // One session left; clients 3 (two requests) and 4 in one entry: 3 takes it.
+            let results = apply(
+                &mut machine,
+                3,
+                &[1, 1, 1],
+                &[
+                    request(3, 1, 0, 1),
+                    request(4, 1, 1, 1),
+                    request(3, 2, 2, 1),
+                ],
+            );
+            assert_eq!(results, [3, REFUSED + 1, 4]);
+            assert_eq!(
+                machine.last_dispositions(),
+                [Disposition::Apply, Disposition::Refused, Disposition::Apply]
+            );
+            // Full: client 5 is refused; the known clients go on.
+            assert_eq!(
+                apply(&mut machine, 4, &[1], &[request(5, 1, 0, 1)]),
+                [REFUSED]
+            );
+            assert_eq!(apply(&mut machine, 5, &[1], &[request(1, 2, 0, 1)]), [5]);
+            machine
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a.digest(), b.digest());
+        assert_eq!(a.sessions().stats().evicted, 0);
+        assert_eq!(a.sessions().stats().refused, 2);
+        assert_eq!(a.sessions().request_number_max(4), None);
+        assert_eq!(a.sessions().request_number_max(5), None);
+        assert_eq!(a.sessions().free(), 0);
     }
 
     #[test]

@@ -216,6 +216,24 @@ pub trait StateMachine {
         false
     }
 
+    /// The result of the `index`-th record of an entry whose request a session table
+    /// refused without applying it ([`crate::session::Disposition::Refused`]: BFT mode, a
+    /// request that cannot be told apart from a replay of an old one). No correct client
+    /// waits for it; it must not read as success. The default: all zeros.
+    fn refused_result(index: u32) -> Self::Result {
+        let _ = index;
+        <Self::Result as bytemuck::Zeroable>::zeroed()
+    }
+
+    /// Makes this machine's session table, if it keeps one, refuse replays
+    /// ([`crate::session::SessionTable::refuse_replays`]); returns whether it keeps one.
+    /// BFT mode calls it on every copy of the machine before the first op it applies, since
+    /// a Byzantine leader may propose a client's old signed request again. The default keeps
+    /// no sessions: `false` (the machine's own idempotency is then all there is).
+    fn refuse_session_replays(&mut self) -> bool {
+        false
+    }
+
     /// The next message for another shard produced by `apply`, oldest first.
     fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>>;
 

@@ -262,6 +262,24 @@ pub enum Byzantine {
     /// zeroed leg claimed from the next group, certified the same way). Otherwise correct,
     /// and answers clients honestly.
     ForgeLeg,
+    /// As leader, adds to each proposal the first request of the proposal it made
+    /// [`REPLAY_REQUEST_BEHIND`] proposals before, of the same operation: a genuine signed
+    /// request, committed long ago, proposed again (`docs/bft.md` §13). Otherwise correct,
+    /// and answers clients honestly.
+    ReplayRequest,
+}
+
+/// [`Byzantine::ReplayRequest`]: how many proposals back the replayed request was first
+/// proposed (more than the session's reply window, so that a client's requests have
+/// moved past it).
+pub const REPLAY_REQUEST_BEHIND: usize = 8;
+
+/// One signed request kept by [`Byzantine::ReplayRequest`] (test only).
+struct KeptRequest {
+    operation: u16,
+    descriptor: RequestDescriptor,
+    records: Vec<u8>,
+    signature: [u8; REQUEST_SIGNATURE_BYTES],
 }
 
 impl Byzantine {
@@ -274,7 +292,10 @@ impl Byzantine {
 
     /// Whether the client path is the correct one (only proposals are rewritten).
     fn serves_clients_correctly(self) -> bool {
-        matches!(self, Byzantine::ForgeRequest | Byzantine::ForgeLeg)
+        matches!(
+            self,
+            Byzantine::ForgeRequest | Byzantine::ForgeLeg | Byzantine::ReplayRequest
+        )
     }
 }
 
@@ -1033,6 +1054,9 @@ struct ProposalScratch {
     signed_records: Vec<u8>,
     signed_requests: Vec<u8>,
     signatures: Vec<u8>,
+    /// [`Byzantine::ReplayRequest`] only: the first request of each of the last
+    /// [`REPLAY_REQUEST_BEHIND`] proposals, oldest first.
+    replay: VecDeque<KeptRequest>,
 }
 
 /// The verifier as the core's proposal check: the driver and the core share one, so what
@@ -1223,6 +1247,7 @@ impl Bft {
             signed_records: Vec::with_capacity((records_max + 1) * record_bytes),
             signed_requests: Vec::with_capacity((records_max + 1) * REQUEST_DESCRIPTOR_BYTES),
             signatures: Vec::with_capacity((records_max + 1) * REQUEST_SIGNATURE_BYTES),
+            replay: VecDeque::new(),
         };
         // Rewritten at every start (both copies intact, version 2): from here on the
         // guard is written in place.
@@ -1813,7 +1838,8 @@ fn send_now<S: StateMachine>(shard: &Shard<S>, tos: &[u8], message: &Message) {
             Byzantine::CorruptSnapshot
             | Byzantine::InvalidBatch
             | Byzantine::ForgeRequest
-            | Byzantine::ForgeLeg,
+            | Byzantine::ForgeLeg
+            | Byzantine::ReplayRequest,
         ) => push(shard, tos, message),
         Some(Byzantine::Silent) => {}
         Some(Byzantine::WrongDigest) => {
@@ -2287,6 +2313,9 @@ fn signed_proposal<S: StateMachine>(bft: &Bft, operation: u16, batch: &mut Vec<u
     if forged {
         forge_request(scratch, record_bytes);
     }
+    if bft.settings.byzantine == Some(Byzantine::ReplayRequest) {
+        replay_request(scratch, operation, record_bytes);
+    }
     batch_encode(
         operation,
         &scratch.signed_records,
@@ -2320,6 +2349,49 @@ fn forge_request(scratch: &mut ProposalScratch, record_bytes: usize) {
         .try_into()
         .expect("one signature per request");
     scratch.signatures.extend_from_slice(&signature);
+}
+
+/// Test only ([`Byzantine::ReplayRequest`]): keeps this proposal's first request and
+/// appends the one kept [`REPLAY_REQUEST_BEHIND`] proposals ago, if it is of the same
+/// operation and fits the scratch buffers (a proposal it takes over the batch cap is
+/// refused by the backups like any other).
+fn replay_request(scratch: &mut ProposalScratch, operation: u16, record_bytes: usize) {
+    let first: RequestDescriptor =
+        bytemuck::pod_read_unaligned(&scratch.signed_requests[..REQUEST_DESCRIPTOR_BYTES]);
+    let start = first.record_start as usize * record_bytes;
+    let end = start + first.record_count as usize * record_bytes;
+    scratch.replay.push_back(KeptRequest {
+        operation,
+        descriptor: first,
+        records: scratch.signed_records[start..end].to_vec(),
+        signature: scratch.signatures[..REQUEST_SIGNATURE_BYTES]
+            .try_into()
+            .expect("one signature per request"),
+    });
+    if scratch.replay.len() <= REPLAY_REQUEST_BEHIND {
+        return;
+    }
+    let kept = scratch.replay.pop_front().expect("more than kept");
+    let fits = scratch.signed_records.len() + kept.records.len()
+        <= scratch.signed_records.capacity()
+        && scratch.signed_requests.len() < scratch.signed_requests.capacity();
+    if kept.operation != operation || !fits {
+        return;
+    }
+    tracing::info!(
+        client_id = kept.descriptor.client_id,
+        request_number = kept.descriptor.request_number,
+        "TEST ONLY: this leader proposes an old signed request again"
+    );
+    let replayed = RequestDescriptor {
+        record_start: (scratch.signed_records.len() / record_bytes) as u32,
+        ..kept.descriptor
+    };
+    scratch.signed_records.extend_from_slice(&kept.records);
+    scratch
+        .signed_requests
+        .extend_from_slice(bytemuck::bytes_of(&replayed));
+    scratch.signatures.extend_from_slice(&kept.signature);
 }
 
 /// Stages every committed batch that is a batch of this shard in the journal and every

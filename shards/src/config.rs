@@ -138,7 +138,8 @@ pub struct NodeFile {
     /// `--bft-keys-dir`.
     pub bft_keys_dir: Option<PathBuf>,
     /// `--bft-test-byzantine` (tests only): "equivocate", "silent", "wrong-digest",
-    /// "corrupt-snapshot", "invalid-batch", "forge-request" or "forge-leg".
+    /// "corrupt-snapshot", "invalid-batch", "forge-request", "forge-leg" or
+    /// "replay-request".
     pub bft_test_byzantine: Option<crate::bft::Byzantine>,
     /// `--bft-retain-ops`.
     pub bft_retain_ops: Option<u64>,

@@ -253,8 +253,11 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
     let mut in_flight = 0u128;
     for (index, dir) in shards.iter().enumerate() {
         let _ = writeln!(out, "shard {index}: {}", dir.display());
+        // A BFT replica's sessions refused replays as it applied (`docs/bft.md` §13): the
+        // replay must refuse the same requests to reach the same state.
+        let bft = config.data_dir.join(format!("bft-certs-{index}")).is_dir();
         let mut ledger = config.replay.map(|ledger| {
-            Sessioned::new(
+            let mut machine = Sessioned::new(
                 Ledger::new(LedgerConfig {
                     shard_index: index as u32,
                     shard_count,
@@ -262,7 +265,11 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
                 }),
                 config.session_clients_max,
                 ledger.batch_entries_max,
-            )
+            );
+            if bft {
+                machine.refuse_session_replays();
+            }
+            machine
         });
         let Some(superblock) = superblock_read(dir, &mut out)? else {
             problem = true;

@@ -381,9 +381,10 @@ struct BftArgs {
     /// invalid-batch: admits requests correct replicas refuse, such as records of another
     /// shard, and proposes them as leader;
     /// forge-request: as leader, adds a request no client signed to each proposal;
-    /// forge-leg: as leader, proposes other groups' outputs with a made-up leg). All but
-    /// forge-request and forge-leg also lie to clients (corrupt-snapshot and invalid-batch
-    /// answer none). Never use in production.
+    /// forge-leg: as leader, proposes other groups' outputs with a made-up leg;
+    /// replay-request: as leader, proposes an old signed request again in each proposal).
+    /// All but forge-request, forge-leg and replay-request also lie to clients
+    /// (corrupt-snapshot and invalid-batch answer none). Never use in production.
     #[arg(long, value_enum)]
     bft_test_byzantine: Option<Byzantine>,
     /// BFT: journal ops each replica keeps below its stable checkpoint so that peers behind
@@ -944,6 +945,18 @@ fn node_config(args: &NodeArgs) -> Result<NodeConfig, Box<dyn std::error::Error>
     config.bft = args
         .bft
         .settings(&args.replication, ledger.credit_legs_in_flight_max)?;
+    if let Some(bft) = &config.bft {
+        let (sessions, clients) = (args.shards.ledger.session_clients_max, bft.clients.len());
+        if sessions < clients {
+            return Err(format!(
+                "--session-clients-max {sessions} is below the {clients} clients cluster.keys \
+                 authorises: in BFT mode every client needs a session of its own, since one \
+                 evicted could not tell the client's old requests from new ones \
+                 (docs/bft.md section 13)"
+            )
+            .into());
+        }
+    }
     if config.bft.is_none() {
         config.replication = args.replication.settings()?;
     }
@@ -1225,6 +1238,11 @@ fn run_bench_bft(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         ("--accounts-max", ledger.accounts_max.to_string()),
         ("--transfers-max", ledger.transfers_max.to_string()),
         ("--credit-legs-max", ledger.credit_legs_max.to_string()),
+        // A session per client: BFT mode refuses to start with fewer.
+        (
+            "--session-clients-max",
+            ledger.session_clients_max.max(clients).to_string(),
+        ),
         ("--segment-mib", journal.segment_mib.to_string()),
     ]
     .into_iter()

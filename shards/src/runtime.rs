@@ -447,7 +447,23 @@ where
             .map(|i| Arc::new(ShardMetrics::new(i as u32)))
             .collect();
         let mut endpoints = Mesh::<S>::build(shards, config.mesh_ring_capacity).into_endpoints();
-        let make_state_machine = Arc::new(make_state_machine);
+        // BFT mode: a Byzantine leader may propose a client's old signed request again, so
+        // every copy of the machine (the shard's, its checkpoint follower's, a fetched
+        // snapshot's scratch copy) refuses what its sessions cannot tell from such a replay
+        // (`docs/bft.md` §13).
+        let bft = config.bft.is_some();
+        let make_state_machine = Arc::new(move |shard: usize, shards: usize| {
+            let mut machine = make_state_machine(shard, shards);
+            if bft && !machine.refuse_session_replays() {
+                tracing::warn!(
+                    shard,
+                    "BFT mode with a state machine that keeps no client sessions: a \
+                     Byzantine leader may have a client's old request applied again, and \
+                     only the machine's own idempotency stops it"
+                );
+            }
+            machine
+        });
         let quiet: Arc<[AtomicBool]> = (0..shards).map(|_| AtomicBool::new(false)).collect();
         let shard_failed = Arc::new(AtomicUsize::new(SHARD_FAILED_NONE));
         let all_metrics: Arc<[Arc<ShardMetrics>]> = metrics.iter().cloned().collect();

@@ -49,12 +49,28 @@ pub struct Inspected {
 /// Runs `binary inspect --replay` on `data_dir` with [`SMALL_INSPECT_ARGS`] and parses
 /// what it prints. Panics (with its output) if inspect finds a problem.
 pub fn inspect_replay(binary: &str, data_dir: &Path) -> Inspected {
+    inspect_replay_with(binary, data_dir, &[])
+}
+
+/// [`inspect_replay`] with `overrides` (flag, value) replacing [`SMALL_INSPECT_ARGS`]'
+/// values (the node ran with them too).
+pub fn inspect_replay_with(binary: &str, data_dir: &Path, overrides: &[(&str, &str)]) -> Inspected {
+    let args: Vec<&str> = SMALL_INSPECT_ARGS
+        .chunks(2)
+        .flat_map(|pair| {
+            let value = overrides
+                .iter()
+                .find(|(flag, _)| *flag == pair[0])
+                .map_or(pair[1], |(_, value)| *value);
+            [pair[0], value]
+        })
+        .collect();
     let output = Command::new(binary)
         .arg("inspect")
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--replay")
-        .args(SMALL_INSPECT_ARGS)
+        .args(args)
         .output()
         .expect("percore inspect runs");
     let text = String::from_utf8_lossy(&output.stdout).to_string();

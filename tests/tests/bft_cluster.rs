@@ -433,9 +433,25 @@ fn run(name: &str, behaviour: &str, during: impl FnOnce(&Harness, &BftClient)) {
 /// head, replay to the same state, whose balances are `expected` (money conserved), and each
 /// keeps a certificate journal. Returns how many replicas were compared.
 fn compare_journals(harness: &Harness, journal_op: u64, expected: &HashMap<u128, i128>) -> usize {
+    compare_journals_with(harness, journal_op, expected, &[])
+}
+
+/// [`compare_journals`] of replicas that ran with `overrides` of the ledger's sizes.
+fn compare_journals_with(
+    harness: &Harness,
+    journal_op: u64,
+    expected: &HashMap<u128, i128>,
+    overrides: &[(&str, &str)],
+) -> usize {
     let inspected: Vec<(usize, Inspected)> = harness
         .correct()
-        .map(|replica| (replica, inspect(&harness.cluster.data_dir(replica))))
+        .map(|replica| {
+            let data_dir = harness.cluster.data_dir(replica);
+            (
+                replica,
+                node::inspect_replay_with(PERCORE, &data_dir, overrides),
+            )
+        })
         .collect();
     let (first, reference) = &inspected[0];
     assert_eq!(
@@ -1121,6 +1137,39 @@ fn bft_forged_client_request_never_commits_and_the_leader_is_replaced() {
     });
 }
 
+/// Replica 0 leads view 0 and adds to each proposal the first request of the proposal it
+/// made eight before (`--bft-test-byzantine replay-request`): a genuine signed request,
+/// committed long ago, proposed again, which the backups vote for. Its transfers have left
+/// the ledger's duplicate window (`--transfers-max 64`, three requests' worth), so only the
+/// session table keeps them from applying a second time: in BFT mode it refuses them
+/// (`docs/bft.md` §13). Every honest request commits `Ok`, and the correct replicas'
+/// replayed balances are exactly the acknowledged transfers'. A session table that applied
+/// such a request again (the crash-fault fallback) fails the balances.
+#[test]
+fn bft_old_request_proposed_again_never_applies_twice() {
+    let small_window = [("--transfers-max", "64")];
+    let harness = Harness::start_with("replay-request", Some("replay-request"), 1, &small_window);
+    let mut client = harness.client(7);
+    let mut expected = create_funded_accounts(&mut client);
+    let acknowledged = transfers_commit(&mut client, &mut expected);
+    assert_eq!(acknowledged, REQUESTS * TRANSFERS_PER_REQUEST);
+    let (_, journal_op) = harness.wait_converged();
+    let log = std::fs::read_to_string(harness.cluster.log_path(BYZANTINE)).unwrap_or_default();
+    let replayed = log
+        .matches("TEST ONLY: this leader proposes an old signed request again")
+        .count();
+    assert!(
+        replayed >= REQUESTS / 2,
+        "the leader proposed {replayed} old requests again"
+    );
+    assert_eq!(client.mismatched_replies(), 0, "no replica lies to clients");
+    let mut harness = harness;
+    harness.cluster.stop_all();
+    let replicas_checked = compare_journals_with(&harness, journal_op, &expected, &small_window);
+    assert_eq!(replicas_checked, REPLICAS - 1);
+    eprintln!("replay-request: journal op {journal_op}, {replayed} old requests proposed again");
+}
+
 /// Random transfers among `members` (accounts of `shards` groups), `transfers` per
 /// request, each crossing to another shard with probability one half; `cross` picks the
 /// direction of the crossing ones (`None`: any).
@@ -1740,6 +1789,18 @@ fn bft_node_refuses_configurations_that_cannot_tolerate_f() {
     std::fs::write(keys.join("cluster.keys"), no_clients.join("\n") + "\n").unwrap();
     let error = node(&peers(4), &["--cores", "0"]);
     assert!(error.contains("lists no clients"), "{error}");
+    // Fewer sessions than clients: one would be evicted, and its old requests could apply
+    // again (docs/bft.md §13).
+    std::fs::write(keys.join("cluster.keys"), &text).unwrap();
+    let sessions = (CLIENTS - 1).to_string();
+    let error = node(
+        &peers(4),
+        &["--cores", "0", "--session-clients-max", &sessions],
+    );
+    assert!(
+        error.contains(&format!("is below the {CLIENTS} clients")),
+        "{error}"
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }
 
