@@ -2162,6 +2162,35 @@ impl Journal {
         digest: Digest256,
         retain_from_op: u64,
     ) -> Result<CheckpointDone, JournalError> {
+        self.checkpoint_writing(op, snapshot, digest, retain_from_op, true)
+            .await
+    }
+
+    /// [`Journal::checkpoint`], but without removing files: as after
+    /// [`Journal::checkpoint_install`], the journal forgets the segments below
+    /// [`CheckpointDone::segments_below`] and the snapshot of
+    /// [`CheckpointDone::snapshot_stale_op`], and the caller removes the files
+    /// ([`remove_released`]) where the removal holds nothing up (files left behind by a
+    /// crash are removed by a later checkpoint).
+    pub async fn checkpoint_keeping_files(
+        &mut self,
+        op: u64,
+        snapshot: &[u8],
+        digest: Digest256,
+        retain_from_op: u64,
+    ) -> Result<CheckpointDone, JournalError> {
+        self.checkpoint_writing(op, snapshot, digest, retain_from_op, false)
+            .await
+    }
+
+    async fn checkpoint_writing(
+        &mut self,
+        op: u64,
+        snapshot: &[u8],
+        digest: Digest256,
+        retain_from_op: u64,
+        remove_files: bool,
+    ) -> Result<CheckpointDone, JournalError> {
         self.check_usable()?;
         if op <= self.superblock.checkpoint.op || op > self.op_durable {
             return Err(JournalError::CheckpointOp {
@@ -2181,7 +2210,7 @@ impl Journal {
             digest,
         };
         self.snapshot_write(&meta, snapshot).await?;
-        self.checkpoint_record(checkpoint, &meta, retain_from_op, true)
+        self.checkpoint_record(checkpoint, &meta, retain_from_op, remove_files)
             .await
     }
 
@@ -2805,6 +2834,26 @@ impl Journal {
         }
         Ok(())
     }
+}
+
+/// Removes the files of journal directory `dir` that a checkpoint released
+/// ([`Journal::checkpoint_keeping_files`]): the segment files numbered `segments` and the
+/// snapshot of op `snapshot_stale_op` (0: none). Files already gone are skipped. Returns
+/// the files removed.
+pub async fn remove_released(
+    dir: &Path,
+    segments: std::ops::Range<u64>,
+    snapshot_stale_op: u64,
+) -> Result<u64, JournalError> {
+    let mut removed = 0;
+    for segment in segments {
+        removed += u64::from(file_remove(&segment_path(dir, segment)).await?);
+    }
+    if snapshot_stale_op > 0 {
+        let path = dir.join(format::snapshot_file_name(snapshot_stale_op));
+        removed += u64::from(file_remove(&path).await?);
+    }
+    Ok(removed)
 }
 
 /// Removes `path`; returns whether it existed.
