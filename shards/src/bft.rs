@@ -17,6 +17,9 @@
 //!   (`percore_net::client::BftClient`).
 //! - Stable checkpoint certificates are journaled too, and the journal may drop segments
 //!   only below the op a stable checkpoint certifies (`checkpoint_install`'s retain bound).
+//!   The certificate journal is checkpointed at stable checkpoints with the recovery state
+//!   of its records as the snapshot ([`CertScan`], `certs_checkpoint`), and drops segments
+//!   by the same rule; a restart reads that base and the records after it.
 //!
 //! Rules (documented in `docs/bft.md` §12): a null op or a committed batch whose bytes are
 //! not a batch of this shard journals its certificate only (with the batch's bytes, for
@@ -138,6 +141,15 @@ pub const CERT_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 pub const COMMITTED_QUEUE_OPS: usize = 4 * bft::LOG_WINDOW_OPS_DEFAULT as usize;
 /// Checkpoint ops remembered with the journal op they end at (for the retain bound).
 pub const CHECKPOINT_OPS_TRACKED: usize = 16;
+/// Checkpoints of the certificate journal per segment it fills, at most: it is
+/// checkpointed at a stable checkpoint once it holds `segment_bytes /
+/// CERT_CHECKPOINTS_PER_SEGMENT` bytes written since its last one (a checkpoint costs a
+/// snapshot file and a superblock write, each synced; more often would release nothing
+/// more, as segments go whole).
+pub const CERT_CHECKPOINTS_PER_SEGMENT: u64 = 4;
+/// Initial capacity of the encoded certificate journal base (bytes): its votes, the
+/// tracked checkpoint ops and the digests of the ops above the last checkpoint.
+const CERT_BASE_BYTES_INITIAL: usize = 4096;
 /// Largest number of batches proposed in one batcher turn.
 pub const PROPOSALS_PER_TURN_MAX: usize = 64;
 /// Checkpoint ops whose certificate-journal position is remembered (state transfer reads
@@ -423,6 +435,23 @@ pub enum BftStartError {
     /// The certificate journal and the journal do not fit together.
     #[error("certificate journal: {0}")]
     Recovery(&'static str),
+    /// The certificate journal's checkpoint (its base, [`CertScan`]) cannot be decoded, is
+    /// another group's, or does not fit its checkpoint or itself.
+    #[error("certificate journal base: {0}")]
+    CertBase(&'static str),
+    /// The certificate journal's base covers journal ops the journal does not hold: the
+    /// certificate journal is checkpointed only once its batches are durable, so the
+    /// journal lost ops it had made durable (or belongs to another data directory).
+    #[error(
+        "the certificate journal's base ends at journal op {base_journal_op}, above the \
+         journal's durable head {journal_op_durable}: the journal lost durable batches"
+    )]
+    CertBaseAhead {
+        /// The last journal op the base covers.
+        base_journal_op: u64,
+        /// The journal's durable head.
+        journal_op_durable: u64,
+    },
     /// The certificate journal could not be opened.
     #[error("certificate journal: {0}")]
     CertJournal(#[from] crate::journal::JournalError),
@@ -621,9 +650,9 @@ pub fn cert_record_bytes_max(batch_bytes_max: usize) -> usize {
 /// What the certificate journal restores, with the journal's durable head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertRecovery {
-    /// Records that stay (a prefix); those after it certify batches the journal lost and
-    /// are cut.
-    pub records_kept: usize,
+    /// The certificate journal op of the last record that stays; those after it certify
+    /// batches the journal lost and are cut.
+    pub cert_op_kept: u64,
     /// The last stable checkpoint certificate and the digests of the ops after it.
     pub low_cert: Option<CheckpointCert>,
     /// See [`Restored::digests`].
@@ -633,28 +662,103 @@ pub struct CertRecovery {
     /// The installed snapshot the digests follow, `(op, chain digest)`, if one is above
     /// `low_cert` ([`BftReplica::restore_above`]).
     pub base: Option<(u64, Digest)>,
+    /// The records read up to `cert_op_kept`: the running shard goes on from it.
+    pub scan: CertScan,
 }
 
-/// Reads the certificate journal's records against a journal whose durable head is
-/// `journal_op_durable`: ops must be consecutive from 1, journal ops consecutive from 1,
-/// checkpoint certificates must match the chain of the ops before them. Records whose batch
-/// the journal does not hold (certificates are made durable first) and all after them are
-/// left out. A journal holding batches no kept record certifies is refused.
-pub fn recover_certs(
-    records: &[CertRecord],
-    journal_op_durable: u64,
-    checkpoint_interval_ops: u64,
-) -> Result<CertRecovery, BftStartError> {
-    let mut op_last = 0;
-    let mut journal_op_last = 0;
-    // `(op, digest, chain)` of the ops above the last checkpoint.
-    let mut above: Vec<(u64, Digest, Digest)> = Vec::new();
-    let mut chain = bft::message::CHAIN_GENESIS;
-    let mut low_cert = None;
-    let mut checkpoint_ops = Vec::new();
-    let mut records_kept = 0;
-    let mut base = None;
-    for record in records {
+/// The fields of a certificate record that recovery reads ([`CertScan::step`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CertEntry<'a> {
+    /// See [`CertRecord::kind`].
+    pub kind: u16,
+    /// See [`CertRecord::op`].
+    pub op: u64,
+    /// See [`CertRecord::journal_op`].
+    pub journal_op: u64,
+    /// See [`CertRecord::digest`].
+    pub digest: Digest,
+    /// See [`CertRecord::votes`].
+    pub votes: &'a [Vote],
+}
+
+impl CertRecord {
+    /// The fields recovery reads.
+    pub fn entry(&self) -> CertEntry<'_> {
+        CertEntry {
+            kind: self.kind,
+            op: self.op,
+            journal_op: self.journal_op,
+            digest: self.digest,
+            votes: &self.votes,
+        }
+    }
+}
+
+/// Magic of an encoded [`CertScan`] (the certificate journal's checkpoint snapshot).
+pub const CERT_SCAN_MAGIC: u64 = 0x5043_4345_5254_5331; // "PCCERTS1"
+/// Ops of [`CertScan::above`] an encoded scan may hold: the log window bounds them in a
+/// running replica; this bounds what a decoder accepts.
+pub const CERT_SCAN_ABOVE_MAX: usize = 1 << 20;
+
+/// The certificate journal read up to one record: what recovery restores from the records
+/// up to it. The running shard keeps one, fed every record it journals (`stage_cert`), and
+/// checkpoints the certificate journal at its last record with its encoding
+/// ([`CertScan::encode`]) as the snapshot: a restart decodes that base and reads only the
+/// records after it ([`recover_certs_from`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertScan {
+    /// Certificate journal op of the last record read (0: none).
+    pub cert_op: u64,
+    /// The last committed BFT op read.
+    pub op: u64,
+    /// The last journal op read.
+    pub journal_op: u64,
+    /// The chain digest at `op`.
+    pub chain: Digest,
+    /// `(op, chain digest)` of the last checkpoint record (`(0, genesis)`: none).
+    pub low: (u64, Digest),
+    /// The last checkpoint record's certificate.
+    pub low_cert: Option<CheckpointCert>,
+    /// See [`CertRecovery::base`].
+    pub base: Option<(u64, Digest)>,
+    /// `(op, batch digest, chain digest)` of the ops above `base`, or else above `low`.
+    pub above: Vec<(u64, Digest, Digest)>,
+    /// See [`CertRecovery::checkpoint_ops`]: at most [`CHECKPOINT_OPS_TRACKED`].
+    pub checkpoint_ops: VecDeque<(u64, u64)>,
+}
+
+impl Default for CertScan {
+    fn default() -> Self {
+        Self::genesis()
+    }
+}
+
+impl CertScan {
+    /// An empty certificate journal.
+    pub fn genesis() -> Self {
+        CertScan {
+            cert_op: 0,
+            op: 0,
+            journal_op: 0,
+            chain: bft::message::CHAIN_GENESIS,
+            low: (0, bft::message::CHAIN_GENESIS),
+            low_cert: None,
+            base: None,
+            above: Vec::with_capacity(COMMITTED_QUEUE_OPS),
+            checkpoint_ops: VecDeque::with_capacity(CHECKPOINT_OPS_TRACKED),
+        }
+    }
+
+    /// Reads the next record against a journal whose durable head is `journal_op_durable`:
+    /// `Ok(true)` if it stays, `Ok(false)` if it and every record after it are cut (its
+    /// batch is not in the journal; nothing changes), an error if the records do not fit
+    /// together (nothing changes either).
+    pub fn step(
+        &mut self,
+        record: CertEntry<'_>,
+        journal_op_durable: u64,
+        checkpoint_interval_ops: u64,
+    ) -> Result<bool, BftStartError> {
         match record.kind {
             CERT_KIND_COMMIT_BYTES if record.journal_op != 0 => {
                 return Err(BftStartError::Recovery(
@@ -669,47 +773,49 @@ pub fn recover_certs(
             CERT_KIND_SNAPSHOT => {
                 // Made durable before the journal switched to the snapshot: a journal
                 // that did not switch yet is below it, and the record is cut.
-                if record.journal_op > journal_op_durable || record.op <= op_last {
-                    break;
+                if record.journal_op > journal_op_durable || record.op <= self.op {
+                    return Ok(false);
                 }
-                op_last = record.op;
-                journal_op_last = record.journal_op;
-                chain = record.digest;
-                above.clear();
-                base = Some((record.op, record.digest));
-                checkpoint_ops.push((record.op, record.journal_op));
+                self.op = record.op;
+                self.journal_op = record.journal_op;
+                self.chain = record.digest;
+                self.above.clear();
+                self.base = Some((record.op, record.digest));
+                self.checkpoint_op_push(record.op, record.journal_op);
             }
             CERT_KIND_COMMIT | CERT_KIND_COMMIT_BYTES | CERT_KIND_PROVEN => {
-                if record.op != op_last + 1 {
+                if record.op != self.op + 1 {
                     return Err(BftStartError::Recovery(
                         "commit records are not consecutive",
                     ));
                 }
                 if record.journal_op != 0 {
                     if record.journal_op > journal_op_durable {
-                        break;
+                        return Ok(false);
                     }
-                    if record.journal_op != journal_op_last + 1 {
+                    if record.journal_op != self.journal_op + 1 {
                         return Err(BftStartError::Recovery("journal ops are not consecutive"));
                     }
-                    journal_op_last = record.journal_op;
+                    self.journal_op = record.journal_op;
                 }
-                chain = bft::chain_digest(&chain, record.op, &record.digest);
-                op_last = record.op;
-                above.push((record.op, record.digest, chain));
+                self.chain = bft::chain_digest(&self.chain, record.op, &record.digest);
+                self.op = record.op;
+                self.above.push((record.op, record.digest, self.chain));
                 if record.op.is_multiple_of(checkpoint_interval_ops) {
-                    checkpoint_ops.push((record.op, journal_op_last));
+                    self.checkpoint_op_push(record.op, self.journal_op);
                 }
             }
             CERT_KIND_CHECKPOINT => {
-                if record.op > op_last {
-                    break;
+                if record.op > self.op {
+                    return Ok(false);
                 }
-                let chain_at = above
+                let chain_at = self
+                    .above
                     .iter()
                     .find(|(op, _, _)| *op == record.op)
                     .map(|(_, _, chain)| *chain)
-                    .or(base
+                    .or(self
+                        .base
                         .filter(|(op, _)| *op == record.op)
                         .map(|(_, chain)| chain));
                 if chain_at != Some(record.digest) {
@@ -717,29 +823,215 @@ pub fn recover_certs(
                         "a checkpoint certificate does not match the committed ops",
                     ));
                 }
-                above.retain(|(op, _, _)| *op > record.op);
-                base = base.filter(|(op, _)| *op > record.op);
-                low_cert = Some(CheckpointCert {
-                    votes: record.votes.clone(),
+                self.above.retain(|(op, _, _)| *op > record.op);
+                self.base = self.base.filter(|(op, _)| *op > record.op);
+                self.low = (record.op, record.digest);
+                self.low_cert = Some(CheckpointCert {
+                    votes: record.votes.to_vec(),
                 });
             }
             _ => return Err(BftStartError::Recovery("unknown record kind")),
         }
-        records_kept += 1;
+        self.cert_op += 1;
+        Ok(true)
     }
-    if journal_op_last != journal_op_durable {
+
+    fn checkpoint_op_push(&mut self, op: u64, journal_op: u64) {
+        if self.checkpoint_ops.len() == CHECKPOINT_OPS_TRACKED {
+            self.checkpoint_ops.pop_front();
+        }
+        self.checkpoint_ops.push_back((op, journal_op));
+    }
+
+    /// Appends the encoding of this scan for `group` to `out`: magic, group, `cert_op`,
+    /// `op`, `journal_op`, `chain`, `low`, the low certificate's votes (a flag, then
+    /// [`codec::encode_votes`]), `base` (a flag, op, digest), `checkpoint_ops` and `above`
+    /// (each a `u32` count, then the items), integers little-endian.
+    pub fn encode(&self, group: u32, out: &mut Vec<u8>) {
+        out.extend_from_slice(&CERT_SCAN_MAGIC.to_le_bytes());
+        out.extend_from_slice(&group.to_le_bytes());
+        for value in [self.cert_op, self.op, self.journal_op] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.extend_from_slice(&self.chain);
+        out.extend_from_slice(&self.low.0.to_le_bytes());
+        out.extend_from_slice(&self.low.1);
+        out.push(u8::from(self.low_cert.is_some()));
+        if let Some(cert) = &self.low_cert {
+            codec::encode_votes(&cert.votes, out);
+        }
+        let (flag, (base_op, base_chain)) = match self.base {
+            Some(base) => (1, base),
+            None => (0, (0, [0; 32])),
+        };
+        out.push(flag);
+        out.extend_from_slice(&base_op.to_le_bytes());
+        out.extend_from_slice(&base_chain);
+        out.extend_from_slice(&(self.checkpoint_ops.len() as u32).to_le_bytes());
+        for (op, journal_op) in &self.checkpoint_ops {
+            out.extend_from_slice(&op.to_le_bytes());
+            out.extend_from_slice(&journal_op.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.above.len() as u32).to_le_bytes());
+        for (op, digest, _) in &self.above {
+            out.extend_from_slice(&op.to_le_bytes());
+            out.extend_from_slice(digest);
+        }
+    }
+
+    /// Decodes [`CertScan::encode`]'s bytes of `group`, checking that they fit together:
+    /// the ops above consecutive from the base (or the last checkpoint), chained to `chain`
+    /// at `op`. Refuses anything else with [`BftStartError::CertBase`].
+    pub fn decode(bytes: &[u8], group: u32) -> Result<CertScan, BftStartError> {
+        let refused = BftStartError::CertBase;
+        let mut reader = ScanReader { bytes };
+        if reader.u64()? != CERT_SCAN_MAGIC {
+            return Err(refused("not a certificate journal base"));
+        }
+        if reader.take(4)? != group.to_le_bytes() {
+            return Err(refused("the base of another group"));
+        }
+        let mut scan = CertScan {
+            cert_op: reader.u64()?,
+            op: reader.u64()?,
+            journal_op: reader.u64()?,
+            chain: reader.digest()?,
+            low: (reader.u64()?, reader.digest()?),
+            ..CertScan::genesis()
+        };
+        scan.low_cert = match reader.take(1)?[0] {
+            0 => None,
+            1 => {
+                let (votes, used) = codec::decode_votes(reader.bytes)
+                    .map_err(|_| refused("the checkpoint certificate cannot be decoded"))?;
+                reader.take(used)?;
+                Some(CheckpointCert { votes })
+            }
+            _ => return Err(refused("a flag is neither 0 nor 1")),
+        };
+        let flag = reader.take(1)?[0];
+        let base = (reader.u64()?, reader.digest()?);
+        scan.base = match flag {
+            0 => None,
+            1 => Some(base),
+            _ => return Err(refused("a flag is neither 0 nor 1")),
+        };
+        let count = reader.count(CHECKPOINT_OPS_TRACKED)?;
+        for _ in 0..count {
+            let point = (reader.u64()?, reader.u64()?);
+            scan.checkpoint_ops.push_back(point);
+        }
+        let count = reader.count(CERT_SCAN_ABOVE_MAX)?;
+        // The ops above start after the base, or else the last checkpoint.
+        let (mut op, mut chain) = scan.base.unwrap_or(scan.low);
+        for _ in 0..count {
+            let (above_op, digest) = (reader.u64()?, reader.digest()?);
+            if above_op != op + 1 {
+                return Err(refused("the ops above the checkpoint are not consecutive"));
+            }
+            op = above_op;
+            chain = bft::chain_digest(&chain, op, &digest);
+            scan.above.push((op, digest, chain));
+        }
+        if !reader.bytes.is_empty() {
+            return Err(refused("trailing bytes"));
+        }
+        if (op, chain) != (scan.op, scan.chain) || scan.cert_op == 0 {
+            return Err(refused(
+                "the ops above the checkpoint do not chain to its head",
+            ));
+        }
+        Ok(scan)
+    }
+}
+
+/// Reads the fields of an encoded [`CertScan`].
+struct ScanReader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> ScanReader<'a> {
+    fn take(&mut self, length: usize) -> Result<&'a [u8], BftStartError> {
+        if self.bytes.len() < length {
+            return Err(BftStartError::CertBase("short"));
+        }
+        let (taken, rest) = self.bytes.split_at(length);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    fn u64(&mut self) -> Result<u64, BftStartError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn digest(&mut self) -> Result<Digest, BftStartError> {
+        Ok(self.take(32)?.try_into().expect("32 bytes"))
+    }
+
+    fn count(&mut self, max: usize) -> Result<usize, BftStartError> {
+        let count = u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize;
+        if count > max {
+            return Err(BftStartError::CertBase("a count is out of range"));
+        }
+        Ok(count)
+    }
+}
+
+/// Reads the certificate journal's records against a journal whose durable head is
+/// `journal_op_durable`: ops must be consecutive from 1, journal ops consecutive from 1,
+/// checkpoint certificates must match the chain of the ops before them. Records whose batch
+/// the journal does not hold (certificates are made durable first) and all after them are
+/// left out. A journal holding batches no kept record certifies is refused.
+pub fn recover_certs(
+    records: &[CertRecord],
+    journal_op_durable: u64,
+    checkpoint_interval_ops: u64,
+) -> Result<CertRecovery, BftStartError> {
+    recover_certs_from(
+        CertScan::genesis(),
+        records,
+        journal_op_durable,
+        checkpoint_interval_ops,
+    )
+}
+
+/// [`recover_certs`] from a base: `scan` is the certificate journal read up to its
+/// checkpoint, and `records` the records after it. A base above the journal's durable head
+/// is refused ([`BftStartError::CertBaseAhead`]): the certificate journal is checkpointed
+/// only at records whose batches the journal holds, and cannot cut records below its
+/// checkpoint.
+pub fn recover_certs_from(
+    mut scan: CertScan,
+    records: &[CertRecord],
+    journal_op_durable: u64,
+    checkpoint_interval_ops: u64,
+) -> Result<CertRecovery, BftStartError> {
+    if scan.journal_op > journal_op_durable {
+        return Err(BftStartError::CertBaseAhead {
+            base_journal_op: scan.journal_op,
+            journal_op_durable,
+        });
+    }
+    for record in records {
+        if !scan.step(record.entry(), journal_op_durable, checkpoint_interval_ops)? {
+            break;
+        }
+    }
+    if scan.journal_op != journal_op_durable {
         return Err(BftStartError::Recovery(
             "the journal holds batches whose commit certificates are not in the certificate \
              journal (written by a version that journaled batches first?)",
         ));
     }
-    let keep_from = checkpoint_ops.len().saturating_sub(CHECKPOINT_OPS_TRACKED);
     Ok(CertRecovery {
-        records_kept,
-        low_cert,
-        digests: above.iter().map(|(_, digest, _)| *digest).collect(),
-        checkpoint_ops: checkpoint_ops.split_off(keep_from),
-        base,
+        cert_op_kept: scan.cert_op,
+        low_cert: scan.low_cert.clone(),
+        digests: scan.above.iter().map(|(_, digest, _)| *digest).collect(),
+        checkpoint_ops: scan.checkpoint_ops.iter().copied().collect(),
+        base: scan.base,
+        scan,
     })
 }
 
@@ -994,8 +1286,19 @@ pub(crate) struct Bft {
     /// `(bft op, journal op)` at recent checkpoint ops.
     checkpoint_ops: RefCell<VecDeque<(u64, u64)>>,
     /// `(bft op, certificate journal op of its commit record)` at checkpoint ops (and
-    /// `(0, 0)`, the genesis): where serving a state transfer starts reading.
+    /// `(0, 0)`, the genesis, or the certificate journal's base after a restart): where
+    /// serving a state transfer starts reading.
     cert_index: RefCell<VecDeque<(u64, u64)>>,
+    /// The certificate journal read up to its last staged record (`stage_cert` feeds it):
+    /// the base of its next checkpoint. `None` once a record did not fit (the journal is
+    /// then no longer checkpointed, and a restart reads it as before).
+    cert_scan: RefCell<Option<CertScan>>,
+    /// Scratch for the encoded base of a certificate journal checkpoint.
+    cert_base: RefCell<Vec<u8>>,
+    /// Certificate journal bytes written since its last checkpoint (or replayed at start).
+    cert_bytes_unchecked: Cell<u64>,
+    /// The stable checkpoint at the certificate journal's last checkpoint (or at start).
+    cert_checkpoint_low: Cell<u64>,
     /// State transfer requests to serve in the next batcher turn, one per peer (a later
     /// request replaces an earlier one): `(from_op, to_op)`.
     serve_requests: RefCell<[Option<(u64, u64)>; bft::REPLICA_COUNT_MAX]>,
@@ -1130,17 +1433,48 @@ impl Bft {
                 percore_engine::journal::entry_bytes_padded(cert_record_bytes_max(batch_bytes_max)),
             ),
         };
+        // The records after the certificate journal's checkpoint, and its snapshot: the
+        // base they continue ([`CertScan`]).
         let mut records: Vec<CertRecord> = Vec::new();
         let mut undecodable = false;
-        let (mut certs, _) = Journal::open(certs_config, |entry| {
-            match CertRecord::decode(entry.meta.operation, entry.records()) {
-                Some(record) => records.push(record),
-                None => undecodable = true,
-            }
-        })
+        let mut base_read: Option<(u64, Vec<u8>)> = None;
+        let mut cert_bytes_unchecked = 0;
+        let (mut certs, _) = Journal::open_checkpointed(
+            certs_config,
+            crate::journal::JournalOptions::default(),
+            |meta, bytes| {
+                base_read = Some((meta.op, bytes.to_vec()));
+                Ok(())
+            },
+            |entry| {
+                cert_bytes_unchecked += entry_bytes_padded(entry.records().len()) as u64;
+                match CertRecord::decode(entry.meta.operation, entry.records()) {
+                    Some(record) => records.push(record),
+                    None => undecodable = true,
+                }
+            },
+        )
         .await?;
         if undecodable {
             return Err(BftStartError::Recovery("a record cannot be decoded"));
+        }
+        let base_scan = match base_read {
+            None => None,
+            Some((cert_op, bytes)) => {
+                let scan = CertScan::decode(&bytes, shard as u32)?;
+                if scan.cert_op != cert_op {
+                    return Err(BftStartError::CertBase(
+                        "the base does not end at the certificate journal's checkpoint",
+                    ));
+                }
+                Some(scan)
+            }
+        };
+        let base_cert_op = base_scan.as_ref().map_or(0, |scan| scan.cert_op);
+        if certs.op_durable() != base_cert_op + records.len() as u64 {
+            return Err(BftStartError::CertBase(
+                "the records read back do not follow the certificate journal's checkpoint",
+            ));
         }
         let guard_path = main
             .dir
@@ -1162,23 +1496,36 @@ impl Bft {
         )
         .await?;
         let (mut replica, recovery) = match guard {
-            None if journal.op_durable() == 0 && records.is_empty() => {
+            None if journal.op_durable() == 0 && certs.op_durable() == 0 => {
                 (BftReplica::new(config, committee, key, now_us)?, None)
             }
             None => {
                 return Err(BftStartError::GuardMissing {
-                    ops: journal.op_durable().max(records.len() as u64),
+                    ops: journal.op_durable().max(certs.op_durable()),
                     path: guard_path,
                 });
             }
             Some(guard) => {
-                let recovery = recover_certs(
+                if let Some(scan) = &base_scan {
+                    tracing::info!(
+                        shard,
+                        replica = settings.replica,
+                        cert_op = scan.cert_op,
+                        op = scan.op,
+                        journal_op = scan.journal_op,
+                        low = scan.low.0,
+                        records_after = records.len(),
+                        "BFT certificate journal restarts from its base"
+                    );
+                }
+                let recovery = recover_certs_from(
+                    base_scan.clone().unwrap_or_default(),
                     &records,
                     journal.op_durable(),
                     config.checkpoint_interval_ops,
                 )?;
-                if recovery.records_kept < records.len() {
-                    certs.truncate_after(recovery.records_kept as u64).await?;
+                if recovery.cert_op_kept < certs.op_durable() {
+                    certs.truncate_after(recovery.cert_op_kept).await?;
                 }
                 let prepared_count = prepared.len();
                 let restored = Restored {
@@ -1202,7 +1549,7 @@ impl Bft {
                     low = replica.low(),
                     view = replica.view(),
                     journal_op = journal.op_durable(),
-                    records_cut = records.len() - recovery.records_kept,
+                    records_cut = base_cert_op + records.len() as u64 - recovery.cert_op_kept,
                     prepared = prepared_count,
                     ?guard,
                     "BFT replica restarts: it signs nothing its vote guard covers"
@@ -1265,11 +1612,17 @@ impl Bft {
         })?;
         let low_journaled = replica.low();
         let replica_guard = replica.guard();
+        // Serving starts at a checkpoint op's record, or at the base (the records before
+        // it are not read back).
         let mut cert_index = VecDeque::with_capacity(CERT_INDEX_CHECKPOINTS);
-        cert_index.push_back((0, 0));
-        let records_kept = recovery
-            .as_ref()
-            .map_or(0, |recovery| recovery.records_kept);
+        cert_index.push_back(
+            base_scan
+                .as_ref()
+                .map_or((0, 0), |scan| (scan.op, scan.cert_op)),
+        );
+        let records_kept = recovery.as_ref().map_or(0, |recovery| {
+            (recovery.cert_op_kept - base_cert_op) as usize
+        });
         for (index, record) in records[..records_kept].iter().enumerate() {
             let commit = matches!(
                 record.kind,
@@ -1281,7 +1634,7 @@ impl Bft {
                 if cert_index.len() == CERT_INDEX_CHECKPOINTS {
                     cert_index.pop_front();
                 }
-                cert_index.push_back((record.op, index as u64 + 1));
+                cert_index.push_back((record.op, base_cert_op + index as u64 + 1));
             }
         }
         let mut checkpoint_ops = VecDeque::with_capacity(CHECKPOINT_OPS_TRACKED);
@@ -1319,6 +1672,8 @@ impl Bft {
                 "TEST ONLY: this replica is Byzantine on purpose (--bft-test-byzantine)"
             );
         }
+        let cert_scan = recovery.map_or_else(CertScan::genesis, |recovery| recovery.scan);
+        assert_eq!(cert_scan.cert_op, certs.op_durable());
         let snapshot =
             crate::bft_snapshot::SnapshotState::new(replica.commit_op(), replica.commit_chain());
         let replica_commit_op = replica.commit_op();
@@ -1336,6 +1691,10 @@ impl Bft {
             low_journaled: Cell::new(low_journaled),
             snapshot: RefCell::new(snapshot),
             cert_index: RefCell::new(cert_index),
+            cert_scan: RefCell::new(Some(cert_scan)),
+            cert_base: RefCell::new(Vec::with_capacity(CERT_BASE_BYTES_INITIAL)),
+            cert_bytes_unchecked: Cell::new(cert_bytes_unchecked),
+            cert_checkpoint_low: Cell::new(low_journaled),
             serve_requests: RefCell::new([None; bft::REPLICA_COUNT_MAX]),
             checkpoint_ops: RefCell::new(checkpoint_ops),
             evidence_logged: Cell::new(0),
@@ -2194,6 +2553,7 @@ where
         crate::bft_snapshot::snapshot_written(shard, &meta);
         progressed = true;
     }
+    progressed |= certs_checkpoint(shard, journal).await;
     shard.core.borrow().publish_pool_metrics();
     progressed
 }
@@ -2766,7 +3126,11 @@ async fn read_state_ops<S: StateMachine>(
         .rev()
         .find(|(op, _)| *op < from_op)
         .copied();
-    let Some((mut bft_op, mut cert_op)) = start else {
+    // The records after the start must still be in the certificate journal (it releases
+    // what lies `--bft-retain-ops` below the stable checkpoint).
+    let Some((mut bft_op, mut cert_op)) =
+        start.filter(|(_, cert_op)| *cert_op + 1 >= certs.op_first())
+    else {
         tracing::info!(
             shard = shard.index,
             from_op,
@@ -2953,8 +3317,135 @@ pub(crate) async fn stage_cert<S: StateMachine>(
             shard.index
         );
     }
+    bft.cert_bytes_unchecked
+        .set(bft.cert_bytes_unchecked.get() + entry_bytes_padded(record.len()) as u64);
     *bft.cert_record.borrow_mut() = record;
     ShardMetrics::add(&shard.metrics.bft_certs_journaled_total, 1);
+    let interval = bft.replica.borrow().config().checkpoint_interval_ops;
+    let mut scan = bft.cert_scan.borrow_mut();
+    if let Some(live) = scan.as_mut() {
+        let entry = CertEntry {
+            kind,
+            op,
+            journal_op,
+            digest,
+            votes,
+        };
+        // Nothing journaled is cut while running: every batch is staged with its record.
+        match live.step(entry, u64::MAX, interval) {
+            Ok(true) => debug_assert_eq!(live.cert_op, certs.op_staged()),
+            outcome => {
+                tracing::warn!(
+                    shard = shard.index,
+                    op,
+                    kind,
+                    ?outcome,
+                    "certificate record does not continue the ones before it: the \
+                     certificate journal is no longer checkpointed"
+                );
+                *scan = None;
+            }
+        }
+    }
+}
+
+/// Checkpoints the certificate journal at its last record once a stable checkpoint
+/// moved and it holds enough new bytes ([`CERT_CHECKPOINTS_PER_SEGMENT`]): the snapshot
+/// is its base ([`CertScan::encode`]), which a restart reads instead of the records up to
+/// it, and the journal releases its segments below the previous base and below the record
+/// serving a peer `--bft-retain-ops` below the stable checkpoint starts at
+/// (`certs_retain_from_op`), as the journal does with its own. Only records whose
+/// batches the journal holds durably are covered (every staged record and batch is
+/// durable between turns). The released files are removed by a task of their own.
+/// Returns whether it checkpointed.
+async fn certs_checkpoint<S: StateMachine>(shard: &Shard<S>, journal: &Journal) -> bool {
+    let bft = shard.bft.as_ref().expect("BFT shard");
+    let low = bft.low_durable.get();
+    if low <= bft.cert_checkpoint_low.get() {
+        return false;
+    }
+    let Some(mut certs) = bft.certs.borrow_mut().take() else {
+        return false;
+    };
+    let due = bft.cert_bytes_unchecked.get()
+        >= certs.config().segment_bytes / CERT_CHECKPOINTS_PER_SEGMENT
+        && certs.op_staged() == certs.op_durable()
+        && certs.op_durable() > certs.checkpoint_op();
+    let mut base = std::mem::take(&mut *bft.cert_base.borrow_mut());
+    base.clear();
+    let cert_op = match bft.cert_scan.borrow().as_ref() {
+        Some(scan)
+            if due
+                && scan.cert_op == certs.op_durable()
+                && scan.journal_op <= journal.op_durable() =>
+        {
+            scan.encode(shard.index as u32, &mut base);
+            Some(scan.cert_op)
+        }
+        _ => None,
+    };
+    let Some(cert_op) = cert_op else {
+        *bft.cert_base.borrow_mut() = base;
+        *bft.certs.borrow_mut() = Some(certs);
+        return false;
+    };
+    let retain_from_op = certs_retain_from_op(bft, low);
+    let digest = *blake3::hash(&base).as_bytes();
+    let done = certs
+        .checkpoint_keeping_files(cert_op, &base, digest, retain_from_op)
+        .await;
+    let done = done.unwrap_or_else(|error| {
+        panic!(
+            "shard {}: certificate journal checkpoint at {cert_op} failed, stopping: {error}",
+            shard.index
+        )
+    });
+    let dir = certs.config().dir.clone();
+    *bft.certs.borrow_mut() = Some(certs);
+    *bft.cert_base.borrow_mut() = base;
+    bft.cert_checkpoint_low.set(low);
+    bft.cert_bytes_unchecked.set(0);
+    ShardMetrics::add(
+        &shard.metrics.bft_cert_segments_released_total,
+        done.segments_released,
+    );
+    tracing::debug!(
+        shard = shard.index,
+        cert_op,
+        low,
+        retain_from_op,
+        segments_released = done.segments_released,
+        op_first = done.op_first,
+        "certificate journal checkpoint"
+    );
+    if done.segments_released > 0 || done.snapshot_stale_op > 0 {
+        let segments = done.segments_below - done.segments_released..done.segments_below;
+        let index = shard.index;
+        glommio::spawn_local(async move {
+            if let Err(error) =
+                crate::journal::remove_released(&dir, segments, done.snapshot_stale_op).await
+            {
+                // Left for the next checkpoint, which removes from the oldest file on.
+                tracing::warn!(shard = index, %error, "certificate journal files not removed");
+            }
+        })
+        .detach();
+    }
+    true
+}
+
+/// The lowest certificate journal op to keep with the stable checkpoint at `low`: the
+/// first record read when serving a peer `--bft-retain-ops` below it (from the index entry
+/// at or below that op; the oldest one if the full index no longer reaches that far, and
+/// everything while a younger index does not, as after a restart).
+fn certs_retain_from_op(bft: &Bft, low: u64) -> u64 {
+    let target = low.saturating_sub(bft.settings.retain_ops);
+    let index = bft.cert_index.borrow();
+    let oldest = index
+        .front()
+        .filter(|_| index.len() == CERT_INDEX_CHECKPOINTS);
+    let entry = index.iter().rev().find(|(op, _)| *op <= target).or(oldest);
+    entry.map_or(1, |(_, cert_op)| cert_op + 1)
 }
 
 /// Stages the stable checkpoint certificate if the low watermark moved since the last one
@@ -3576,12 +4067,12 @@ mod tests {
             .map(|(op, journal_op)| commit(op, journal_op))
             .collect();
         let all = recover_certs(&records, 4, 16).unwrap();
-        assert_eq!(all.records_kept, 5);
+        assert_eq!(all.cert_op_kept, 5);
         assert_eq!(all.digests.len(), 5);
         assert_eq!(all.low_cert, None);
         // The journal lost its last batch (certificates are written first): cut op 5.
         let cut = recover_certs(&records, 3, 16).unwrap();
-        assert_eq!(cut.records_kept, 4);
+        assert_eq!(cut.cert_op_kept, 4);
         assert_eq!(cut.digests, all.digests[..4]);
         // A journal ahead of its certificates, or a gap, is refused.
         assert!(recover_certs(&records[..3], 3, 16).is_err());
@@ -3605,7 +4096,7 @@ mod tests {
         let mut with_checkpoint = records.clone();
         with_checkpoint.insert(4, checkpoint.clone());
         let recovered = recover_certs(&with_checkpoint, 4, 4).unwrap();
-        assert_eq!(recovered.records_kept, 6);
+        assert_eq!(recovered.cert_op_kept, 6);
         assert_eq!(
             recovered.digests,
             all.digests[4..],
@@ -3655,7 +4146,7 @@ mod tests {
         // Recovered like a commit record with journal op 0.
         let records = vec![commit(1, 1), commit(2, 2), record.clone(), commit(4, 3)];
         let recovered = recover_certs(&records, 3, 16).unwrap();
-        assert_eq!(recovered.records_kept, 4);
+        assert_eq!(recovered.cert_op_kept, 4);
         assert_eq!(recovered.digests[2], record.digest);
         let mut wrong = records.clone();
         wrong[2].journal_op = 3;
@@ -3684,7 +4175,7 @@ mod tests {
             commit(42, 32),
         ];
         let recovered = recover_certs(&records, 32, 16).unwrap();
-        assert_eq!(recovered.records_kept, 5);
+        assert_eq!(recovered.cert_op_kept, 5);
         assert_eq!(recovered.base, Some((40, [9; 32])));
         assert_eq!(recovered.digests.len(), 2, "the ops above the snapshot");
         assert_eq!(recovered.low_cert, None);
@@ -3692,7 +4183,7 @@ mod tests {
         // A crash after the record, before the journal switched: the journal is below the
         // snapshot and the record (and all after it) is cut.
         let cut = recover_certs(&records, 2, 16).unwrap();
-        assert_eq!(cut.records_kept, 2);
+        assert_eq!(cut.cert_op_kept, 2);
         assert_eq!(cut.base, None);
         // A checkpoint at the snapshot's op matches its chain; above it, the ops' chain.
         let mut at_base = records[..3].to_vec();
@@ -3702,7 +4193,7 @@ mod tests {
             ..snapshot.clone()
         });
         let recovered = recover_certs(&at_base, 30, 16).unwrap();
-        assert_eq!(recovered.records_kept, 4);
+        assert_eq!(recovered.cert_op_kept, 4);
         assert_eq!(recovered.base, None, "the checkpoint replaces the base");
         assert!(recovered.low_cert.is_some());
         let mut chain = [9; 32];
@@ -3728,6 +4219,146 @@ mod tests {
         // Commit records after the snapshot must continue from it.
         let gap = vec![snapshot, commit(42, 31)];
         assert!(recover_certs(&gap, 31, 16).is_err());
+    }
+
+    /// Commits of ops 1..=20 (every third a null op, journal op 0) with a checkpoint
+    /// record for every multiple of 4 two ops after it (as a replica journals them), then
+    /// a snapshot installed at op 50 (journal op 40), a checkpoint at it, and ops 51..=57
+    /// (journal ops 41..=47).
+    fn long_certificate_journal() -> Vec<CertRecord> {
+        let vote = bft::Vote::sign(
+            &SigningKey::from_bytes(&[1; 32]),
+            0,
+            bft::VoteKind::Checkpoint,
+            0,
+            4,
+            0,
+            [7; 32],
+        );
+        let checkpoint = |op: u64, chain: Digest| CertRecord {
+            kind: CERT_KIND_CHECKPOINT,
+            digest: chain,
+            votes: vec![vote],
+            ..commit(op, 0)
+        };
+        let mut records = Vec::new();
+        let mut chains = vec![bft::message::CHAIN_GENESIS];
+        let mut journal_op = 0;
+        for op in 1..=20 {
+            let null = op % 3 == 0;
+            journal_op += u64::from(!null);
+            let record = commit(op, if null { 0 } else { journal_op });
+            chains.push(bft::chain_digest(
+                &chains[op as usize - 1],
+                op,
+                &record.digest,
+            ));
+            records.push(record);
+            if op > 2 && (op - 2).is_multiple_of(4) {
+                records.push(checkpoint(op - 2, chains[op as usize - 2]));
+            }
+        }
+        let mut chain = [5; 32];
+        records.push(CertRecord {
+            kind: CERT_KIND_SNAPSHOT,
+            digest: chain,
+            ..commit(50, 40)
+        });
+        records.push(checkpoint(50, chain));
+        for (op, journal_op) in (51..=57).zip(41..) {
+            let record = commit(op, journal_op);
+            chain = bft::chain_digest(&chain, op, &record.digest);
+            records.push(record);
+        }
+        records
+    }
+
+    #[test]
+    fn certificate_recovery_from_a_base_equals_recovery_from_every_record() {
+        let records = long_certificate_journal();
+        let journal_op_durable = 47;
+        let all = recover_certs(&records, journal_op_durable, 4).unwrap();
+        assert_eq!(all.cert_op_kept, records.len() as u64);
+        assert!(all.base.is_none() && all.low_cert.is_some());
+        // A base after every record (as the running shard keeps it): encoded, decoded, and
+        // the records after it read, the recovery is the one from every record.
+        let mut scan = CertScan::genesis();
+        for (index, record) in records.iter().enumerate() {
+            assert!(scan.step(record.entry(), u64::MAX, 4).unwrap());
+            let mut bytes = Vec::new();
+            scan.encode(3, &mut bytes);
+            let decoded = CertScan::decode(&bytes, 3).unwrap();
+            assert_eq!(decoded, scan, "record {index}");
+            let from_base =
+                recover_certs_from(decoded, &records[index + 1..], journal_op_durable, 4).unwrap();
+            assert_eq!(from_base, all, "base after record {index}");
+        }
+        // The journal lost its last batches: the records after the base that certify them
+        // are cut, as from every record.
+        let base_at = records.len() - 4;
+        let cut = recover_certs(&records, journal_op_durable - 2, 4).unwrap();
+        let mut scan = CertScan::genesis();
+        for record in &records[..base_at] {
+            scan.step(record.entry(), u64::MAX, 4).unwrap();
+        }
+        let from_base =
+            recover_certs_from(scan.clone(), &records[base_at..], journal_op_durable - 2, 4);
+        assert_eq!(from_base.unwrap(), cut);
+        assert_eq!(cut.cert_op_kept, records.len() as u64 - 2);
+        // A base above the journal's durable head cannot be cut: refused, by name.
+        let ahead = recover_certs_from(scan.clone(), &records[base_at..], scan.journal_op - 1, 4);
+        assert!(
+            matches!(
+                ahead,
+                Err(BftStartError::CertBaseAhead {
+                    base_journal_op,
+                    journal_op_durable,
+                }) if base_journal_op == scan.journal_op && journal_op_durable + 1 == base_journal_op
+            ),
+            "{ahead:?}"
+        );
+        // Records that do not continue the base are refused.
+        assert!(recover_certs_from(scan.clone(), &records[base_at + 1..], 47, 4).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_certificate_journal_base_is_refused() {
+        let records = long_certificate_journal();
+        let mut scan = CertScan::genesis();
+        for record in &records[..records.len() - 3] {
+            scan.step(record.entry(), u64::MAX, 4).unwrap();
+        }
+        assert!(!scan.above.is_empty() && scan.low_cert.is_some());
+        let mut bytes = Vec::new();
+        scan.encode(0, &mut bytes);
+        assert_eq!(CertScan::decode(&bytes, 0).unwrap(), scan);
+        let refused = |bytes: &[u8], group: u32| {
+            matches!(
+                CertScan::decode(bytes, group),
+                Err(BftStartError::CertBase(_))
+            )
+        };
+        assert!(refused(&bytes, 1), "another group's");
+        assert!(refused(&bytes[..bytes.len() - 1], 0), "short");
+        assert!(refused(&[], 0), "empty");
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(refused(&longer, 0), "trailing bytes");
+        // A flipped byte anywhere never panics: it is refused by name or decodes to some
+        // scan (on disk, the journal's checksum of the snapshot refuses it first).
+        for at in 0..bytes.len() {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x41;
+            if let Err(error) = CertScan::decode(&flipped, 0) {
+                assert!(matches!(error, BftStartError::CertBase(_)), "{error}");
+            }
+        }
+        // A digest of the ops above changed: they no longer chain to the head.
+        let mut wrong = scan.clone();
+        wrong.above[0].1[0] ^= 1;
+        let mut bytes = Vec::new();
+        wrong.encode(0, &mut bytes);
+        assert!(refused(&bytes, 0));
     }
 
     /// The largest batch of a shard with the default batch cap and `record_bytes` records

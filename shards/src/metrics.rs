@@ -437,6 +437,7 @@ shard_metrics! {
     counter bft_client_requests_refused_total: "BFT mode: client requests refused at admission: unknown client id (error 1015) or bad or missing signature (error 1016).",
     counter bft_client_signatures_verified_total: "BFT mode: client request signatures verified with verify_strict (requests already verified here are not verified again).",
     counter bft_certs_journaled_total: "BFT mode: commit and checkpoint certificates written to the certificate journal.",
+    counter bft_cert_segments_released_total: "BFT mode: certificate journal segments released by its checkpoints (below the previous one and below what peers transferring state by log may still need).",
     counter bft_proposals_total: "BFT mode: batches this replica proposed as leader.",
     counter bft_guard_writes_total: "BFT mode: vote guard records written (fsynced) before the votes they cover were sent.",
     counter bft_prepared_persisted_total: "BFT mode: prepared certificates made durable (in group writes) before this replica's Commits for them were sent.",

@@ -811,6 +811,110 @@ fn snapshot_transfer(name: &str, corrupt_peer: Option<usize>) {
     );
 }
 
+/// Whether the certificate journal of `data_dir`'s shard 0 no longer holds segment 0.
+fn first_cert_segment_released(data_dir: &Path) -> bool {
+    let dir = data_dir.join("bft-certs-0");
+    std::fs::read_dir(&dir).is_ok()
+        && !dir
+            .join(percore_engine::journal::segment_file_name(0))
+            .exists()
+}
+
+/// The certificate journal is bounded (docs/bft.md §12, *Checkpoints*): with 1 MiB
+/// segments (256 records of one sector), checkpoints every 32 ops and 64 ops kept for
+/// peers, replica 3 is SIGKILLed after the first ops and the others commit until each has
+/// released the first segment of its certificate journal. Replica 3 restarts, far behind
+/// every peer's logs: it fetches a certified snapshot and the ops above it by log, read
+/// from the peers' truncated certificate journals. Then replica 2 is SIGKILLed and
+/// restarted: it restores from its certificate journal's base (the records before it are
+/// gone) and follows. All four journals and states agree, money conserved.
+#[test]
+fn bft_certificate_journal_is_released_and_a_replica_restarts_from_its_base() {
+    const FAR_BEHIND: usize = 3;
+    const VICTIM: usize = 2;
+    let overrides = [
+        ("--segment-mib", "1"),
+        ("--checkpoint-interval-ops", "32"),
+        ("--bft-retain-ops", "64"),
+    ];
+    let mut harness = Harness::start_with("certs", None, 1, &overrides);
+    let mut client = harness.client(7);
+    let mut expected = create_funded_accounts(&mut client);
+    let mut load = Load::new();
+    let mut acknowledged = load.commit(&mut client, &mut expected, 3);
+    let (killed_at, _) = harness.wait_converged();
+    harness.cluster.kill(FAR_BEHIND);
+    let peers: Vec<usize> = (0..REPLICAS).filter(|r| *r != FAR_BEHIND).collect();
+    let started = Instant::now();
+    while !peers
+        .iter()
+        .all(|peer| first_cert_segment_released(&harness.cluster.data_dir(*peer)))
+    {
+        assert!(
+            started.elapsed() < CONDITION_TIMEOUT,
+            "the peers never released their first certificate journal segment"
+        );
+        acknowledged += load.commit(&mut client, &mut expected, 8);
+    }
+    let released_at = harness.metric(0, "percore_bft_commit_op");
+    for peer in &peers {
+        assert!(
+            harness.metric(*peer, "percore_bft_cert_segments_released_total") >= 1,
+            "replica {peer} counts its released segments"
+        );
+    }
+    harness
+        .cluster
+        .restart(FAR_BEHIND)
+        .expect("the replica far behind restarts");
+    acknowledged += load.commit(&mut client, &mut expected, 3);
+    harness.wait_converged();
+    assert!(
+        harness.metric(FAR_BEHIND, "percore_bft_snapshot_installs_total") >= 1,
+        "the replica far behind installed a certified snapshot"
+    );
+    assert_eq!(
+        harness.metric(FAR_BEHIND, "percore_bft_status"),
+        1,
+        "normal"
+    );
+    harness.cluster.kill(VICTIM);
+    acknowledged += load.commit(&mut client, &mut expected, 3);
+    harness
+        .cluster
+        .restart(VICTIM)
+        .expect("the victim restarts");
+    acknowledged += load.commit(&mut client, &mut expected, 3);
+    let (bft_op, journal_op) = harness.wait_converged();
+    assert_eq!(harness.metric(VICTIM, "percore_bft_status"), 1, "normal");
+    assert_eq!(
+        harness.metric(VICTIM, "percore_bft_low_op"),
+        harness.metric(0, "percore_bft_low_op"),
+        "same stable checkpoint"
+    );
+    let log = std::fs::read_to_string(harness.cluster.log_path(VICTIM)).unwrap_or_default();
+    assert!(log.contains("BFT replica restarts"), "restored, not fresh");
+    assert!(
+        log.contains("BFT certificate journal restarts from its base"),
+        "restored from the truncated certificate journal: {log}"
+    );
+    for replica in 0..REPLICAS {
+        let log = std::fs::read_to_string(harness.cluster.log_path(replica)).unwrap_or_default();
+        assert!(
+            !log.contains("certificate journal is no longer checkpointed"),
+            "replica {replica}: every record continued the ones before it"
+        );
+    }
+    harness.cluster.stop_all();
+    assert_eq!(compare_journals(&harness, journal_op, &expected), REPLICAS);
+    eprintln!(
+        "certificate journal: replica {FAR_BEHIND} stopped at bft op {killed_at}, first \
+         segments released by bft op {released_at}; bft op {bft_op}, journal op {journal_op}, \
+         {acknowledged} transfers, {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn bft_follower_behind_every_log_catches_up_from_a_certified_snapshot() {
     snapshot_transfer("snapshot", None);
