@@ -219,7 +219,8 @@ pub trait StateMachine {
     /// The result of the `index`-th record of an entry whose request a session table
     /// refused without applying it ([`crate::session::Disposition::Refused`]: BFT mode, a
     /// request that cannot be told apart from a replay of an old one). No correct client
-    /// waits for it; it must not read as success. The default: all zeros.
+    /// waits for it, but it should not read as success. The default is all zeros: a
+    /// machine whose zero result means success overrides it, as the ledger does.
     fn refused_result(index: u32) -> Self::Result {
         let _ = index;
         <Self::Result as bytemuck::Zeroable>::zeroed()
