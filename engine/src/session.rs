@@ -872,6 +872,15 @@ impl<S: StateMachine> Sessioned<S> {
         }
         match applied_max {
             Some(max) if request.request_number > max => Disposition::Apply,
+            // The table's highest does not count this entry's: a number a whole window
+            // behind one applied earlier here is refused as in a later entry (applied, it
+            // would take that one's reply slot, and that one would then apply again).
+            Some(max)
+                if self.sessions.refuses_replays()
+                    && request.request_number + SESSION_REPLIES_PER_CLIENT as u64 <= max =>
+            {
+                Disposition::Refused
+            }
             _ => self.sessions.classify(request),
         }
     }
@@ -1187,6 +1196,38 @@ mod tests {
         assert_eq!(machine.inner().applied, 5);
         assert_eq!(machine.sessions().stats().refused, 2);
         assert_eq!(machine.sessions().request_number_max(7), Some(5));
+    }
+
+    /// Within one entry the table does not show the requests applied earlier in it: a
+    /// lower number a whole window behind one applied earlier in the entry (a client's
+    /// request that timed out and was given up, proposed after its later one) must be
+    /// refused as it would be in a later entry. Applied, it would take the later one's
+    /// reply slot, and that request proposed again would then apply a second time.
+    #[test]
+    fn a_table_refusing_replays_refuses_a_number_a_window_behind_one_applied_in_the_entry() {
+        for known in [true, false] {
+            let mut machine = Sessioned::new(Sum::default(), 4, 4);
+            machine.refuse_session_replays();
+            let mut op = 1;
+            if known {
+                apply(&mut machine, op, &[1], &[request(7, 8, 0, 1)]);
+                op += 1;
+            }
+            let applied = machine.inner().applied;
+            // Request 13, then request 9 (same reply slot), in one entry.
+            let results = apply(
+                &mut machine,
+                op,
+                &[1, 1],
+                &[request(7, 13, 0, 1), request(7, 9, 1, 1)],
+            );
+            assert_eq!(results[1], REFUSED + 1, "known session: {known}");
+            assert_eq!(machine.inner().applied, applied + 1);
+            // Request 13 proposed again: answered from the table, not applied again.
+            let replayed = apply(&mut machine, op + 1, &[1], &[request(7, 13, 0, 1)]);
+            assert_eq!(replayed, [results[0]], "known session: {known}");
+            assert_eq!(machine.inner().applied, applied + 1);
+        }
     }
 
     /// A table that refuses replays never evicts: a session evicted could not tell its
