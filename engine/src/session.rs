@@ -259,7 +259,8 @@ impl<R: Pod> SessionTable<R> {
         // had it, the slot would hold it or a number a whole window above it, which would be
         // above the session's highest.
         let window = SESSION_REPLIES_PER_CLIENT as u64;
-        if descriptor.request_number + window > session.request_number_max
+        // (The number is at or below the session's highest here: no overflow.)
+        if session.request_number_max - descriptor.request_number < window
             && kept < descriptor.request_number
         {
             Disposition::Apply
@@ -877,7 +878,7 @@ impl<S: StateMachine> Sessioned<S> {
             // would take that one's reply slot, and that one would then apply again).
             Some(max)
                 if self.sessions.refuses_replays()
-                    && request.request_number + SESSION_REPLIES_PER_CLIENT as u64 <= max =>
+                    && max - request.request_number >= SESSION_REPLIES_PER_CLIENT as u64 =>
             {
                 Disposition::Refused
             }
@@ -1228,6 +1229,39 @@ mod tests {
             assert_eq!(replayed, [results[0]], "known session: {known}");
             assert_eq!(machine.inner().applied, applied + 1);
         }
+    }
+
+    /// A client's request numbers are its own (signed, not checked against anything):
+    /// numbers at the top of the range are refused or applied like any other, never an
+    /// overflow (a panic on every replica in a build that checks).
+    #[test]
+    fn a_table_refusing_replays_takes_request_numbers_at_the_top_of_the_range() {
+        let mut machine = Sessioned::new(Sum::default(), 4, 4);
+        machine.refuse_session_replays();
+        assert_eq!(
+            apply(&mut machine, 1, &[1], &[request(7, u64::MAX, 0, 1)]),
+            [1]
+        );
+        assert!(!machine.session_stale(7, u64::MAX - 1, 1));
+        assert_eq!(
+            apply(&mut machine, 2, &[1], &[request(7, u64::MAX - 1, 0, 1)]),
+            [2],
+            "inside the window, never applied"
+        );
+        assert_eq!(
+            apply(
+                &mut machine,
+                3,
+                &[1, 1],
+                &[request(8, u64::MAX, 0, 1), request(8, u64::MAX - 2, 1, 1)]
+            ),
+            [3, 4]
+        );
+        assert_eq!(
+            apply(&mut machine, 4, &[1], &[request(7, u64::MAX - 1, 0, 1)]),
+            [2],
+            "answered from the table"
+        );
     }
 
     /// A table that refuses replays never evicts: a session evicted could not tell its
