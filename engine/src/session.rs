@@ -757,6 +757,10 @@ impl<S: StateMachine> StateMachine for Sessioned<S> {
         S::refused_result(index)
     }
 
+    fn session_stats(&self) -> Option<SessionStats> {
+        Some(self.sessions.stats())
+    }
+
     /// Makes the session table refuse replays ([`SessionTable::refuse_replays`]).
     fn refuse_session_replays(&mut self) -> bool {
         self.sessions.refuse_replays();

@@ -235,6 +235,12 @@ pub trait StateMachine {
         false
     }
 
+    /// The counters of this machine's session table, if it keeps one (not replicated state:
+    /// they restart at a restore). The runtime exports them. The default keeps none.
+    fn session_stats(&self) -> Option<crate::session::SessionStats> {
+        None
+    }
+
     /// The next message for another shard produced by `apply`, oldest first.
     fn poll_outbound(&mut self) -> Option<Outbound<Self::Operation, Self::Record>>;
 

@@ -25,7 +25,9 @@ use percore_engine::batch::{BatchController, BatchLimits, BatchLimitsError, Seal
 use percore_engine::journal::request_descriptors;
 use percore_engine::pool::{Handle, Pool, PoolError, PoolStats, TX_SLOT_BYTES, TxSlot};
 use percore_engine::ring::spsc;
-use percore_engine::session::{REQUEST_DESCRIPTOR_BYTES, RequestDescriptor, descriptors_valid};
+use percore_engine::session::{
+    REQUEST_DESCRIPTOR_BYTES, RequestDescriptor, SessionStats, descriptors_valid,
+};
 use percore_engine::state_machine::{Outbound, RestoreError, StateMachine};
 
 use crate::metrics::ShardMetrics;
@@ -252,6 +254,8 @@ pub struct ShardCore<S: StateMachine> {
     /// ([`ShardCore::timestamp_ns`]); 0 unless the runtime sets it.
     clock_offset_ns: u64,
     metrics: Arc<ShardMetrics>,
+    /// Session counters already added to the metrics ([`ShardCore::publish_pool_metrics`]).
+    session_seen: std::cell::Cell<SessionStats>,
 }
 
 impl<S: StateMachine> fmt::Debug for ShardCore<S> {
@@ -316,6 +320,7 @@ impl<S: StateMachine> ShardCore<S> {
             mesh_reserve: config.transactions / 4,
             clock_offset_ns: 0,
             metrics,
+            session_seen: std::cell::Cell::new(SessionStats::default()),
         })
     }
 
@@ -1117,7 +1122,8 @@ impl<S: StateMachine> ShardCore<S> {
         self.state_machine.poll_outbound()
     }
 
-    /// Publishes pool gauges (called once per runtime turn, not per record).
+    /// Publishes pool gauges and the session table's counters, if the machine keeps one
+    /// (called once per runtime turn, not per record).
     pub fn publish_pool_metrics(&self) {
         let [transactions, batches] = self.pool_stats();
         ShardMetrics::set(
@@ -1133,5 +1139,24 @@ impl<S: StateMachine> ShardCore<S> {
             &self.metrics.pool_batches_high_water,
             batches.high_water as u64,
         );
+        if let Some(now) = self.state_machine.session_stats() {
+            // The table's counters restart at a restore (state sync): count from there.
+            let seen = self.session_seen.replace(now);
+            let delta = |now: u64, seen: u64| now.checked_sub(seen).unwrap_or(now);
+            let m = &self.metrics;
+            for (counter, now, seen) in [
+                (&m.session_requests_applied_total, now.applied, seen.applied),
+                (
+                    &m.session_requests_replayed_total,
+                    now.replayed,
+                    seen.replayed,
+                ),
+                (&m.session_fallbacks_total, now.fallbacks, seen.fallbacks),
+                (&m.session_evictions_total, now.evicted, seen.evicted),
+                (&m.session_requests_refused_total, now.refused, seen.refused),
+            ] {
+                ShardMetrics::add(counter, delta(now, seen));
+            }
+        }
     }
 }

@@ -1267,11 +1267,31 @@ fn bft_old_request_proposed_again_never_applies_twice() {
         "the leader proposed {replayed} old requests again"
     );
     assert_eq!(client.mismatched_replies(), 0, "no replica lies to clients");
+    // The correct replicas apply the same dispositions: the refusals are counted alike, and
+    // the honest requests (accounts, funding, transfers: one session) were applied.
+    let refused: Vec<u64> = harness
+        .correct()
+        .map(|r| harness.metric(r, "percore_session_requests_refused_total"))
+        .collect();
+    assert!(refused[0] > 0, "old requests refused: {refused:?}");
+    assert!(refused.iter().all(|&n| n == refused[0]), "{refused:?}");
+    for replica in harness.correct() {
+        assert!(
+            harness.metric(replica, "percore_session_requests_applied_total") >= REQUESTS as u64
+        );
+        assert_eq!(
+            harness.metric(replica, "percore_session_fallbacks_total"),
+            0
+        );
+    }
     let mut harness = harness;
     harness.cluster.stop_all();
     let replicas_checked = compare_journals_with(&harness, journal_op, &expected, &small_window);
     assert_eq!(replicas_checked, REPLICAS - 1);
-    eprintln!("replay-request: journal op {journal_op}, {replayed} old requests proposed again");
+    eprintln!(
+        "replay-request: journal op {journal_op}, {replayed} old requests proposed again, \
+         {refused:?} refused"
+    );
 }
 
 /// Random transfers among `members` (accounts of `shards` groups), `transfers` per
