@@ -24,8 +24,12 @@
 //! when it is inside the reply window ([`SESSION_REPLIES_PER_CLIENT`] numbers) and its reply
 //! slot holds an older number. Anything else is [`Disposition::Refused`]: nothing applied,
 //! [`StateMachine::refused_result`] as results, counted in [`SessionStats::refused`]. A
-//! correct client never sends such a request: its unanswered requests are always inside
-//! the window, since it keeps at most that many in flight.
+//! correct client's request in flight is never refused as long as its requests in flight
+//! to one shard stay within a window of that many numbers: it sends number `n + 4` there
+//! only once `n` is answered (the Rust `BftClient` keeps one request in flight). Within
+//! one entry, "highest" counts the requests applied earlier in it too
+//! (`tests/session_replays.rs` checks all of this against a leader that reorders,
+//! duplicates and replays requests at will).
 //!
 //! There is no registration: a client id the table does not know starts a session with
 //! whatever request number it sends (a client numbers its requests across every shard).
@@ -875,14 +879,25 @@ impl<S: StateMachine> Sessioned<S> {
             }
             applied_max = applied_max.max(Some(other.request_number));
         }
+        // Above every number applied, in the table and earlier in this entry: new. (Only
+        // the entry's is not enough: a table that refuses replays applies a number below the
+        // table's highest that never applied, and a copy of the table's highest after it
+        // would then pass for new.)
+        let table_max = self.sessions.request_number_max(request.client_id);
         match applied_max {
-            Some(max) if request.request_number > max => Disposition::Apply,
+            Some(max)
+                if request.request_number > max
+                    && table_max.is_none_or(|table_max| request.request_number > table_max) =>
+            {
+                Disposition::Apply
+            }
             // The table's highest does not count this entry's: a number a whole window
             // behind one applied earlier here is refused as in a later entry (applied, it
             // would take that one's reply slot, and that one would then apply again).
             Some(max)
                 if self.sessions.refuses_replays()
-                    && max - request.request_number >= SESSION_REPLIES_PER_CLIENT as u64 =>
+                    && max.saturating_sub(request.request_number)
+                        >= SESSION_REPLIES_PER_CLIENT as u64 =>
             {
                 Disposition::Refused
             }
@@ -1266,6 +1281,37 @@ mod tests {
             [2],
             "answered from the table"
         );
+    }
+
+    /// Found by `tests/session_replays.rs`: request 4 applied, then an entry holding a copy
+    /// of 4 (answered from the table), request 3 (below the table's highest, never
+    /// applied: applies) and another copy of 4. Above the entry's highest applied (3) but
+    /// not the table's, the last copy must be answered too, not applied again.
+    #[test]
+    fn a_table_refusing_replays_answers_a_copy_above_a_late_request_in_the_entry() {
+        let mut machine = Sessioned::new(Sum::default(), 4, 4);
+        machine.refuse_session_replays();
+        assert_eq!(apply(&mut machine, 1, &[1], &[request(7, 4, 0, 1)]), [1]);
+        let results = apply(
+            &mut machine,
+            2,
+            &[1, 10, 1],
+            &[
+                request(7, 4, 0, 1),
+                request(7, 3, 1, 1),
+                request(7, 4, 2, 1),
+            ],
+        );
+        assert_eq!(results, [1, 11, 1]);
+        assert_eq!(machine.inner().applied, 2);
+        assert!(matches!(
+            machine.last_dispositions(),
+            [
+                Disposition::Replay { .. },
+                Disposition::Apply,
+                Disposition::Replay { .. }
+            ]
+        ));
     }
 
     /// A table that refuses replays never evicts: a session evicted could not tell its
