@@ -7,8 +7,8 @@
 //! window of [`SESSION_REPLIES_PER_CLIENT`] numbers (it sends number `n + 4` only once `n`
 //! is answered). Each entry the leader commits holds some of the requests in flight, in any
 //! order, some of them twice, and old requests committed long before. Checked after every
-//! entry: no record is applied twice; a request in flight is never refused, and is applied
-//! once (later copies are answered with its first results); a committed request leaves
+//! entry: no record is applied twice; a request in flight is never refused (nor called
+//! stale at the door), and is applied once (later copies are answered with its first results); a committed request leaves
 //! the flight at once. At the end every request was applied exactly once.
 //!
 //! `SESSION_SEED=N` runs that one seed; `SESSION_TRACE=1` prints each entry's requests,
@@ -147,6 +147,16 @@ fn run(seed: u64, entries: usize) {
             {
                 client.in_flight.push(client.number_next);
                 client.number_next += 1 + rng.below(client.skip_max);
+            }
+        }
+        // The door agrees: no request in flight is stale.
+        for client in &clients {
+            for &number in &client.in_flight {
+                assert!(
+                    !machine.session_stale(client.id, number, 1),
+                    "seed {seed} op {op}: client {} request {number} in flight called stale",
+                    client.id
+                );
             }
         }
         // The leader's entry: requests in flight in any order, some twice, and old ones.
