@@ -11,6 +11,9 @@
 //! stale at the door), and is applied once (later copies are answered with its first results); a committed request leaves
 //! the flight at once. At the end every request was applied exactly once.
 //!
+//! Now and then the machine is replaced by a new one restored from its snapshot (a replica
+//! restarting from a checkpoint, or a state sync), which must go on the same way.
+//!
 //! `SESSION_SEED=N` runs that one seed; `SESSION_TRACE=1` prints each entry's requests,
 //! dispositions and results.
 
@@ -64,16 +67,33 @@ impl StateMachine for Tally {
         None
     }
 
+    /// `op_last`, then each `(record, count)` in record order.
     fn snapshot(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.op_last.to_le_bytes());
+        let mut applied: Vec<(&u64, &u64)> = self.applied.iter().collect();
+        applied.sort_unstable();
+        for (record, count) in applied {
+            out.extend_from_slice(&record.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+        }
     }
 
-    fn restore(&mut self, _: &[u8]) -> Result<(), RestoreError> {
-        Err(RestoreError::Corrupt)
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        let mut words = bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        self.op_last = words.next().ok_or(RestoreError::Corrupt)?;
+        self.applied.clear();
+        while let (Some(record), Some(count)) = (words.next(), words.next()) {
+            self.applied.insert(record, count);
+        }
+        Ok(())
     }
 
     fn digest(&self) -> Digest256 {
-        digest256(&self.op_last.to_le_bytes())
+        let mut bytes = Vec::new();
+        self.snapshot(&mut bytes);
+        digest256(&bytes)
     }
 
     fn refused_result(_: u32) -> u64 {
@@ -134,9 +154,23 @@ fn run(seed: u64, entries: usize) {
             }
         })
         .collect();
-    let mut machine = Sessioned::new(Tally::default(), clients.len(), 16);
-    assert!(machine.refuse_session_replays());
+    let fresh = || {
+        let mut machine = Sessioned::new(Tally::default(), 4, 16);
+        assert!(machine.refuse_session_replays());
+        machine
+    };
+    let mut machine = fresh();
     for op in 1..=entries as u64 {
+        // Now and then the replica restarts from a snapshot (a checkpoint, a state sync):
+        // a new machine, refusing replays from its first op, restored to the same state.
+        if rng.below(25) == 0 {
+            let mut snapshot = Vec::new();
+            let digest = machine.snapshot_and_digest(&mut snapshot);
+            let mut restored = fresh();
+            restored.restore(&snapshot).expect("restores");
+            assert_eq!(restored.digest(), digest, "seed {seed} op {op}");
+            machine = restored;
+        }
         // Clients fill their flight, within a window of numbers.
         for client in &mut clients {
             while client.in_flight.len() < client.in_flight_max
