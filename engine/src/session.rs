@@ -262,9 +262,7 @@ impl<R: Pod> SessionTable<R> {
         // Inside the window, a slot holding an older number proves this one never applied:
         // had it, the slot would hold it or a number a whole window above it, which would be
         // above the session's highest.
-        let window = SESSION_REPLIES_PER_CLIENT as u64;
-        // (The number is at or below the session's highest here: no overflow.)
-        if session.request_number_max - descriptor.request_number < window
+        if inside_window(session.request_number_max, descriptor.request_number)
             && kept < descriptor.request_number
         {
             Disposition::Apply
@@ -470,6 +468,12 @@ impl<R: Pod> SessionTable<R> {
             }
         }
     }
+}
+
+/// Whether `request_number`, at or below a client's `highest`, is inside the reply window
+/// below it (fewer than [`SESSION_REPLIES_PER_CLIENT`] numbers behind; no overflow).
+fn inside_window(highest: u64, request_number: u64) -> bool {
+    highest.saturating_sub(request_number) < SESSION_REPLIES_PER_CLIENT as u64
 }
 
 fn reply_slot(request_number: u64) -> usize {
@@ -896,8 +900,7 @@ impl<S: StateMachine> Sessioned<S> {
             // would take that one's reply slot, and that one would then apply again).
             Some(max)
                 if self.sessions.refuses_replays()
-                    && max.saturating_sub(request.request_number)
-                        >= SESSION_REPLIES_PER_CLIENT as u64 =>
+                    && !inside_window(max, request.request_number) =>
             {
                 Disposition::Refused
             }

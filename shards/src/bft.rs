@@ -76,6 +76,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -645,6 +646,15 @@ impl CertRecord {
 /// [`CERT_KIND_COMMIT_BYTES`] record holding the largest batch.
 pub fn cert_record_bytes_max(batch_bytes_max: usize) -> usize {
     CERT_RECORD_BYTES_MAX + 4 + batch_bytes_max
+}
+
+/// The certificate journal of `shard` beside its journal `journal_dir`:
+/// `<data-dir>/bft-certs-<shard>/` (a data directory holding one is a BFT replica's).
+pub fn certs_dir(journal_dir: &Path, shard: usize) -> PathBuf {
+    journal_dir
+        .parent()
+        .unwrap_or(journal_dir)
+        .join(format!("bft-certs-{shard}"))
 }
 
 /// What the certificate journal restores, with the journal's durable head.
@@ -1419,11 +1429,7 @@ impl Bft {
             settings.send_queue_bytes,
         )?;
         let certs_config = JournalConfig {
-            dir: main
-                .dir
-                .parent()
-                .unwrap_or(&main.dir)
-                .join(format!("bft-certs-{shard}")),
+            dir: certs_dir(&main.dir, shard),
             shard: shard as u32,
             cluster_id,
             segment_bytes: main.segment_bytes,

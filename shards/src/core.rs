@@ -17,6 +17,7 @@
 //! 3. [`ShardCore::apply_next`] applies the oldest sealed batch and hands each record's
 //!    result to the caller together with the record's origin.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
@@ -255,7 +256,7 @@ pub struct ShardCore<S: StateMachine> {
     clock_offset_ns: u64,
     metrics: Arc<ShardMetrics>,
     /// Session counters already added to the metrics ([`ShardCore::publish_pool_metrics`]).
-    session_seen: std::cell::Cell<SessionStats>,
+    session_seen: Cell<SessionStats>,
 }
 
 impl<S: StateMachine> fmt::Debug for ShardCore<S> {
@@ -320,7 +321,7 @@ impl<S: StateMachine> ShardCore<S> {
             mesh_reserve: config.transactions / 4,
             clock_offset_ns: 0,
             metrics,
-            session_seen: std::cell::Cell::new(SessionStats::default()),
+            session_seen: Cell::new(SessionStats::default()),
         })
     }
 

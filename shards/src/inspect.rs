@@ -255,7 +255,7 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
         let _ = writeln!(out, "shard {index}: {}", dir.display());
         // A BFT replica's sessions refused replays as it applied (`docs/bft.md` §13): the
         // replay must refuse the same requests to reach the same state.
-        let bft = config.data_dir.join(format!("bft-certs-{index}")).is_dir();
+        let bft = crate::bft::certs_dir(dir, index).is_dir();
         let mut ledger = config.replay.map(|ledger| {
             let mut machine = Sessioned::new(
                 Ledger::new(LedgerConfig {

@@ -452,9 +452,14 @@ where
         // snapshot's scratch copy) refuses what its sessions cannot tell from such a replay
         // (`docs/bft.md` §13).
         let bft = config.bft.is_some();
+        let sessionless_warned = AtomicBool::new(false);
         let make_state_machine = Arc::new(move |shard: usize, shards: usize| {
             let mut machine = make_state_machine(shard, shards);
-            if bft && !machine.refuse_session_replays() {
+            // Once per node: followers and scratch copies are built again and again.
+            if bft
+                && !machine.refuse_session_replays()
+                && !sessionless_warned.swap(true, Ordering::Relaxed)
+            {
                 tracing::warn!(
                     shard,
                     "BFT mode with a state machine that keeps no client sessions: a \
