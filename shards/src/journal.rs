@@ -2705,8 +2705,9 @@ impl Journal {
 
     /// Reads `read_bytes` at `location` and checks that op `location.op` of this shard
     /// starts there. If the location may roll and holds zeros (the unwritten rest of a
-    /// segment: the writer rolls over instead of splitting an entry), tries the start of the
-    /// next segment and moves `location` there. Returns the bytes read, header first, and
+    /// segment: the writer rolls over instead of splitting an entry) or anything else (the
+    /// stale rest of a reused segment), tries the start of the next segment and moves
+    /// `location` there. Returns the bytes read, header first, and
     /// the header.
     async fn header_read(
         &mut self,
@@ -2724,6 +2725,20 @@ impl Journal {
                 Ok(header) => return Ok((chunk, header)),
                 Err(_) if location.may_roll && header_unwritten(&chunk) => {
                     *location = location.rolled();
+                }
+                // A reused segment holds stale bytes after its last entry, not zeros (engine
+                // journal docs, "Segment boundaries"): the op may start the next segment.
+                // Only if it is there; else the miss here stands.
+                Err(miss) if location.may_roll => {
+                    let rolled = location.rolled();
+                    if rolled.position.segment <= self.position_durable.segment {
+                        let next = self.segment_read(rolled.position, read_bytes).await?;
+                        if let Ok(header) = self.header_check(&next, &rolled) {
+                            *location = rolled;
+                            return Ok((next, header));
+                        }
+                    }
+                    return Err(self.read_corrupt(*location, miss.to_string()));
                 }
                 Err(miss) => return Err(self.read_corrupt(*location, miss.to_string())),
             }

@@ -869,8 +869,18 @@ fn released_segments_are_reused_and_recovery_reads_their_stale_ends() {
         drop(follower);
         journal.write_superblock().await.expect("superblock");
         journal.close().await.expect("close");
-        let (journal, recovered, _) = recover(&dir).await.expect("recover");
+        let (mut journal, recovered, _) = recover(&dir).await.expect("recover");
         assert_eq!(recovered.digest(), live.digest());
+        // Every op still journaled reads back in order: the walk from one entry to the next
+        // crosses each reused segment's stale end into the next segment (as serving a peer
+        // or resending after a restart does).
+        let mut entry = Vec::new();
+        for op in journal.op_first()..=journal.op_durable() {
+            journal
+                .read_entry(op, &mut entry)
+                .await
+                .unwrap_or_else(|error| panic!("op {op}: {error}"));
+        }
         // A reused segment renamed into place with nothing written to it yet: the end of
         // the journal is the segment before; recovery removes it, or (where the segment
         // before ended cleanly) cuts it to nothing.
