@@ -44,6 +44,7 @@
 # the 90 % run's node logs (soak90-logs.tar.gz) since: that run's executor stalls could not
 # be placed without them. The seventh: the sixth's with T_VARIANTS=';--consumer-core
 # --producers 1,2'; `start` took 177 s, `collect` 564 s, the machine was held 780 s.
+# The eighth: the seventh's; `start` 182 s, `collect` 562 s, held 782 s.
 set -u
 mode=${1:-}
 bin=${2:-target/release}
