@@ -144,14 +144,18 @@
 //! | 144 | `checkpoint_previous_checksum: u128` | chain value at the previous checkpoint |
 //! | 160 | `log_view: u64` | view of the last log installed (`≤ view`; view change) |
 //! | 168 | `commit_max: u64` | highest op known committed when written |
-//! | 176 | `checksum: u128` | [`journal_checksum`] of all 4,096 bytes with this field zero |
-//! | 192 | zero | to 4,096 |
+//! | 176 | `settings_digest: u64` | the settings that decide results, as written under (0: not recorded) |
+//! | 184 | `reserved_b: u64` | zero |
+//! | 192 | `checksum: u128` | [`journal_checksum`] of all 4,096 bytes with this field zero |
+//! | 208 | zero | to 4,096 |
 //!
 //! Copies are written alternately (sequence `s` into slot `s % 2`), so a torn superblock write
 //! destroys at most the newer copy; [`superblock_latest`] falls back to the older one.
 //! Version 2 added the snapshot checksum and the previous checkpoint; version 3 turned the
 //! reserved bytes at 160 into `log_view` and `commit_max` (what a view change and recovery
-//! need: `docs/protocol.md` 6.4, 7.4, 8). Older superblocks are refused
+//! need: `docs/protocol.md` 6.4, 7.4, 8); version 4 added `settings_digest`, so that a node
+//! restarted with other settings that decide results (a replay would then reach another
+//! state than the one acknowledged) is refused by name. Older superblocks are refused
 //! ([`SuperblockError::UnsupportedVersion`]): there is no migration, since no deployment holds
 //! older data that must be kept (a version-2 copy would also decode, its reserved bytes being
 //! zero, but as a claim of `log_view = commit_max = 0` that nobody made).
@@ -207,7 +211,7 @@ pub const JOURNAL_VERSION: u16 = 1;
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PCSUPERB");
 /// Superblock format version this code writes and reads (2: checkpoints with snapshots;
 /// 3: `log_view` and `commit_max`).
-pub const SUPERBLOCK_VERSION: u16 = 3;
+pub const SUPERBLOCK_VERSION: u16 = 4;
 /// First eight bytes of every snapshot file.
 pub const SNAPSHOT_MAGIC: u64 = u64::from_le_bytes(*b"PCSNAPSH");
 /// Snapshot file format version this code writes and reads.
@@ -849,6 +853,12 @@ pub struct Superblock {
     /// (`docs/protocol.md` 8). Cleared once it has. A binary from before this flag refuses
     /// the superblock (`reserved` bits not zero) instead of ignoring it.
     pub replacing: bool,
+    /// Digest of the settings that decide results (the shard count and the state machine's
+    /// own: for a `percore node` the ledger's limits and the session table's width) under
+    /// which this journal was written; the node computes it (`percore_shards::config::
+    /// SettingsDigest`) and refuses to open a journal written under another. 0: not
+    /// recorded (a journal of a program that does not check it).
+    pub settings_digest: u64,
 }
 
 /// [`Superblock::replacing`] in the superblock's `flags` byte.
@@ -907,12 +917,14 @@ struct SuperblockHeader {
     checkpoint_previous_checksum: u128,
     log_view: u64,
     commit_max: u64,
+    settings_digest: u64,
+    reserved_b: u64,
     checksum: u128,
 }
 
 const SUPERBLOCK_HEADER_BYTES: usize = size_of::<SuperblockHeader>();
 const SUPERBLOCK_CHECKSUM_OFFSET: usize = SUPERBLOCK_HEADER_BYTES - size_of::<u128>();
-const _: () = assert!(SUPERBLOCK_HEADER_BYTES == 192);
+const _: () = assert!(SUPERBLOCK_HEADER_BYTES == 208);
 
 /// Why bytes are not a valid superblock copy, or no copy is.
 #[derive(thiserror::Error, Debug, Clone, Copy, PartialEq, Eq)]
@@ -1111,6 +1123,8 @@ pub fn encode_superblock(superblock: &Superblock, buf: &mut [u8; SUPERBLOCK_BYTE
         checkpoint_previous_checksum: superblock.checkpoint_previous.checksum,
         log_view: superblock.log_view,
         commit_max: superblock.commit_max,
+        settings_digest: superblock.settings_digest,
+        reserved_b: 0,
         checksum: 0,
     };
     buf.fill(0);
@@ -1141,6 +1155,7 @@ pub fn decode_superblock(buf: &[u8]) -> Result<Superblock, SuperblockError> {
         return Err(SuperblockError::Checksum);
     }
     if header.reserved_a != 0
+        || header.reserved_b != 0
         || header.flags & !SUPERBLOCK_FLAG_REPLACING != 0
         || !bytes_all_zero(&copy[SUPERBLOCK_HEADER_BYTES..])
     {
@@ -1177,6 +1192,7 @@ pub fn decode_superblock(buf: &[u8]) -> Result<Superblock, SuperblockError> {
         },
         segment_bytes: header.segment_bytes,
         replacing: header.flags & SUPERBLOCK_FLAG_REPLACING != 0,
+        settings_digest: header.settings_digest,
     };
     if !superblock_checkpoints_valid(&superblock) {
         return Err(SuperblockError::CheckpointInvalid {
@@ -1521,6 +1537,8 @@ mod tests {
         );
         assert_eq!(std::mem::offset_of!(SuperblockHeader, log_view), 160);
         assert_eq!(std::mem::offset_of!(SuperblockHeader, commit_max), 168);
+        assert_eq!(std::mem::offset_of!(SuperblockHeader, settings_digest), 176);
+        assert_eq!(std::mem::offset_of!(SuperblockHeader, reserved_b), 184);
         assert_eq!(std::mem::offset_of!(SnapshotFileHeader, digest), 80);
         assert_eq!(
             std::mem::offset_of!(SuperblockHeader, checksum),
@@ -1667,6 +1685,7 @@ mod tests {
             },
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             replacing: true,
+            settings_digest: 0x000f_edcb_a987_6543,
         };
         let mut buf = [0u8; SUPERBLOCK_BYTES];
         encode_superblock(&superblock, &mut buf);
@@ -1743,6 +1762,7 @@ mod tests {
             checkpoint_previous: Checkpoint::ROOT,
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             replacing: false,
+            settings_digest: 0,
         };
         let (decoded, bytes) = verify_snapshot(&file, &superblock).unwrap();
         assert_eq!(decoded, meta);

@@ -276,6 +276,7 @@ fn superblock(sequence: u64) -> Superblock {
         },
         segment_bytes: SEGMENT_BYTES_DEFAULT,
         replacing: sequence % 2 == 1,
+        settings_digest: 0x000a_bcde_f012_3456 ^ sequence,
     }
 }
 
@@ -370,9 +371,7 @@ fn superblock_geometry_is_validated() {
     // Re-seal a copy with a checkpoint offset that is not sector aligned: only a checksum-valid
     // copy reaches the geometry check, so build it by hand from a valid one.
     buf[56..64].copy_from_slice(&4097u64.to_le_bytes());
-    buf[176..192].fill(0);
-    let checksum = journal_checksum(&buf);
-    buf[176..192].copy_from_slice(&checksum.to_le_bytes());
+    superblock_reseal(&mut buf);
     assert_eq!(
         decode_superblock(&buf),
         Err(SuperblockError::GeometryInvalid {
@@ -384,9 +383,9 @@ fn superblock_geometry_is_validated() {
 
 /// Re-seals `buf` (one superblock copy) after a field was edited by hand.
 fn superblock_reseal(buf: &mut [u8; SUPERBLOCK_BYTES]) {
-    buf[176..192].fill(0);
+    buf[192..208].fill(0);
     let checksum = journal_checksum(buf);
-    buf[176..192].copy_from_slice(&checksum.to_le_bytes());
+    buf[192..208].copy_from_slice(&checksum.to_le_bytes());
 }
 
 #[test]
@@ -395,10 +394,19 @@ fn superblock_views_are_at_their_offsets_and_validated() {
     assert!(expected.log_view < expected.view && expected.commit_max > expected.op_durable);
     let mut buf = superblock_encoded(&expected);
     assert_eq!(buf[8..10], SUPERBLOCK_VERSION.to_le_bytes());
-    assert_eq!(SUPERBLOCK_VERSION, 3);
+    assert_eq!(SUPERBLOCK_VERSION, 4);
     assert_eq!(buf[24..32], expected.view.to_le_bytes());
     assert_eq!(buf[160..168], expected.log_view.to_le_bytes());
     assert_eq!(buf[168..176], expected.commit_max.to_le_bytes());
+    assert_eq!(buf[176..184], expected.settings_digest.to_le_bytes());
+    // The reserved word after it must stay zero.
+    let mut reserved = buf;
+    reserved[190] = 1;
+    superblock_reseal(&mut reserved);
+    assert_eq!(
+        decode_superblock(&reserved),
+        Err(SuperblockError::ReservedNotZero)
+    );
     // log_view above view is refused, even with a valid checksum.
     buf[160..168].copy_from_slice(&(expected.view + 1).to_le_bytes());
     superblock_reseal(&mut buf);
@@ -423,7 +431,7 @@ fn superblock_views_are_at_their_offsets_and_validated() {
 
 #[test]
 fn superblocks_of_older_versions_are_refused_even_when_sealed() {
-    for version in [1u16, 2] {
+    for version in [1u16, 2, 3] {
         let mut buf = superblock_encoded(&superblock(3));
         buf[8..10].copy_from_slice(&version.to_le_bytes());
         superblock_reseal(&mut buf);

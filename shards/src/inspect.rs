@@ -100,13 +100,17 @@ fn superblock_read(dir: &Path, out: &mut String) -> Result<Option<Superblock>, I
             let _ = writeln!(
                 out,
                 "  superblock: sequence {}, view {}, log_view {}, commit_max {}, op_durable {}, \
-                 segment_bytes {}{}",
+                 segment_bytes {}, settings digest {}{}",
                 superblock.sequence,
                 superblock.view,
                 superblock.log_view,
                 superblock.commit_max,
                 superblock.op_durable,
                 superblock.segment_bytes,
+                match superblock.settings_digest {
+                    0 => "not recorded".to_string(),
+                    digest => crate::config::SettingsDigest(digest).to_string(),
+                },
                 if superblock.replacing {
                     ", replacing (format --replace: rebuilding from peers, votes in nothing yet)"
                 } else {
@@ -120,6 +124,36 @@ fn superblock_read(dir: &Path, out: &mut String) -> Result<Option<Superblock>, I
             Ok(None)
         }
     }
+}
+
+/// Whether the journal was written under other settings that decide results than the
+/// replay's (the ledger's limits and the session table's width, as `percore node` computes
+/// them): its balances would then not be the node's. Said as a problem. BFT journals are
+/// not compared: their digest also covers the node's batch cap, which inspect is not told.
+fn replay_settings_differ(
+    config: &InspectConfig,
+    ledger: &LedgerConfig,
+    shard_count: u32,
+    superblock: &Superblock,
+    out: &mut String,
+) -> bool {
+    let replay = crate::config::SettingsDigest::of_ledger(
+        shard_count as usize,
+        ledger,
+        config.session_clients_max,
+    );
+    let recorded = superblock.settings_digest;
+    if recorded == 0 || recorded == replay.0 {
+        return false;
+    }
+    let _ = writeln!(
+        out,
+        "  PROBLEM settings: the journal was written under settings digest {}, this replay \
+         runs under {replay}: pass the node's --accounts-max, --transfers-max, \
+         --credit-legs-max and --session-clients-max, or the balances below are not the node's",
+        crate::config::SettingsDigest(recorded)
+    );
+    true
 }
 
 /// Prints the checkpoint and verifies its snapshot file; restores it into `ledger` when
@@ -275,6 +309,9 @@ pub fn run(config: &InspectConfig) -> Result<(String, bool), InspectError> {
             problem = true;
             continue;
         };
+        if let Some(ledger) = config.replay.filter(|_| !bft) {
+            problem |= replay_settings_differ(config, &ledger, shard_count, &superblock, &mut out);
+        }
         if !checkpoint_inspect(dir, &superblock, ledger.as_mut(), &mut out)? {
             problem = true;
             continue;

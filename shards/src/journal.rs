@@ -252,6 +252,13 @@ pub struct JournalOptions {
     /// ([`Journal::stage_encoded`], a leader with larger batch limits) or recovered above
     /// the checkpoint (written under larger limits), it is [`JournalError::RecordsOverLimit`].
     pub records_max: usize,
+    /// The digest of the settings that decide results under which this node runs (a
+    /// `percore node`: [`crate::config::SettingsDigest`]). A new journal records it in its
+    /// superblock; an existing one written under another is refused
+    /// ([`JournalError::SettingsChanged`]): replaying its ops under other limits could
+    /// reach another state than the one acknowledged. A journal that recorded none takes
+    /// this one. `None`: nothing is checked, and a new journal records none (tools, tests).
+    pub settings_digest: Option<u64>,
 }
 
 impl Default for JournalOptions {
@@ -263,6 +270,7 @@ impl Default for JournalOptions {
             create: true,
             replacing: false,
             records_max: usize::MAX,
+            settings_digest: None,
         }
     }
 }
@@ -505,6 +513,24 @@ pub enum JournalError {
     Missing {
         /// The journal directory.
         path: PathBuf,
+    },
+    /// The journal was written under other settings that decide results than this node's
+    /// ([`JournalOptions::settings_digest`]).
+    #[error(
+        "journal {path} was written under settings digest {recorded:013x}, this node's is \
+         {given:013x}: a setting that decides results differs (the shard count, \
+         --accounts-max, --transfers-max, --credit-legs-max, --session-clients-max; in BFT \
+         mode the batch cap), and replaying these ops under it could reach another state \
+         than the one acknowledged. Start the node with the settings the journal was written \
+         under (docs/operations.md, \"Settings digest\")"
+    )]
+    SettingsChanged {
+        /// The journal directory.
+        path: PathBuf,
+        /// The digest in the superblock.
+        recorded: u64,
+        /// This node's.
+        given: u64,
     },
     /// Segments exist but the superblock does not: refuse to guess.
     #[error("journal {path} has segments but no superblock")]
@@ -1419,12 +1445,31 @@ impl Journal {
             .map_err(|error| io_error(&dir, error))?;
         let segments = segments_list(&dir)?;
         let segment_oldest = segments.first().copied().unwrap_or(0);
-        let (superblock_file, superblock, created) =
-            superblock_open(&config, &directory, !segments.is_empty(), options.replacing).await?;
+        let (superblock_file, mut superblock, created) = superblock_open(
+            &config,
+            &directory,
+            !segments.is_empty(),
+            (options.replacing, options.settings_digest),
+        )
+        .await?;
         if superblock.segment_bytes != config.segment_bytes {
             return Err(JournalError::Config {
                 reason: "segment_bytes differs from the one this journal was created with",
             });
+        }
+        if let Some(given) = options.settings_digest {
+            match superblock.settings_digest {
+                // Recorded from the next superblock write on (every write starts from this).
+                0 => superblock.settings_digest = given,
+                recorded if recorded != given => {
+                    return Err(JournalError::SettingsChanged {
+                        path: dir.clone(),
+                        recorded,
+                        given,
+                    });
+                }
+                _ => {}
+            }
         }
         let snapshots_removed = snapshots_stale_remove(&dir, &superblock)?;
         // A spare left by an earlier process may be partly written or not durable.
@@ -3024,7 +3069,7 @@ async fn superblock_open(
     config: &JournalConfig,
     directory: &Directory,
     segments_exist: bool,
-    replacing: bool,
+    (replacing, settings_digest): (bool, Option<u64>),
 ) -> Result<(DmaFile, Superblock, bool), JournalError> {
     let dir = &config.dir;
     let path = dir.join(SUPERBLOCK_FILE_NAME);
@@ -3046,6 +3091,7 @@ async fn superblock_open(
             checkpoint_previous: Checkpoint::ROOT,
             segment_bytes: config.segment_bytes,
             replacing,
+            settings_digest: settings_digest.unwrap_or(0),
         };
         superblock_create(dir, &superblock)?;
         directory

@@ -1039,9 +1039,10 @@ impl<S: StateMachine> Shard<S> {
 
 /// Opens the shard's journal, if the node journals: restores the latest checkpoint's
 /// snapshot into the core (checking the restored state's digest against the one recorded),
-/// then replays every durable batch after it, before the shard serves anyone.
+/// then replays every durable batch after it, before the shard serves anyone. A journal
+/// written under another `settings_digest` is refused ([`JournalOptions::settings_digest`]).
 async fn open_journal<S: StateMachine>(
-    shard: usize,
+    (shard, settings_digest): (usize, u64),
     config: &NodeConfig,
     create: JournalCreate,
     core: &mut ShardCore<S>,
@@ -1094,6 +1095,7 @@ async fn open_journal<S: StateMachine>(
             // What the state machine can apply; entries written or sent under larger batch
             // limits are refused by name.
             records_max,
+            settings_digest: Some(settings_digest),
             ..JournalOptions::default()
         },
         |meta, bytes| {
@@ -1404,10 +1406,18 @@ where
         Ok(core) => core,
         Err(source) => return start_failed(&ready, shard, NodeError::Core { shard, source }),
     };
+    // The settings that decide results: recorded in (and checked against) the journal, and
+    // compared with every peer's at the handshake.
+    let mut settings_digest =
+        crate::config::SettingsDigest::of_machine(shards, core.state_machine());
+    if config.bft.is_some() {
+        settings_digest = settings_digest.with_bft_batch(core.batch_records_max());
+    }
+    let settings_digest = settings_digest.0;
     let mut recent = VecDeque::with_capacity(RECENT_CHECKSUMS);
     let mut replayed = None;
     let opened = open_journal(
-        shard,
+        (shard, settings_digest),
         &config,
         journal_create,
         &mut core,
@@ -1442,12 +1452,6 @@ where
     };
     let recent: Vec<(u64, u128)> = recent.into_iter().collect();
     // Replicas whose settings that decide results differ refuse each other at the handshake.
-    let mut settings_digest =
-        crate::config::SettingsDigest::of_machine(shards, core.state_machine());
-    if config.bft.is_some() {
-        settings_digest = settings_digest.with_bft_batch(core.batch_records_max());
-    }
-    let settings_digest = settings_digest.0;
     let (replication, peer_listener) =
         match start_replication(shard, &config, journal.as_ref(), &recent, settings_digest) {
             Ok(started) => started,

@@ -252,6 +252,71 @@ fn a_second_node_on_a_data_directory_in_use_is_refused() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A node restarted on its data directory with another setting that decides results is
+/// refused by name before it replays anything (the ops would replay to another state than
+/// the one acknowledged), and starts again with its own; `inspect` prints the digest each
+/// journal was written under, and `inspect --replay` under other settings says so.
+#[test]
+fn a_node_restarted_with_other_settings_that_decide_results_is_refused() {
+    let root = std::env::temp_dir().join(format!("percore-cli-settings-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    let args = small_node_args(&data);
+    let started = node_serves(&args).expect("the first start serves");
+    let digest_line = started.iter().find(|line| line.contains("settings digest"));
+    assert!(
+        digest_line.is_none(),
+        "a single node prints no digest: {digest_line:?}"
+    );
+    let report = inspect(&data);
+    let recorded: Vec<&str> = report
+        .lines()
+        .filter_map(|line| line.split("settings digest ").nth(1))
+        .collect();
+    assert!(
+        !recorded.is_empty() && recorded.iter().all(|digest| *digest == recorded[0]),
+        "{report}"
+    );
+    let digest = recorded[0].to_string();
+    assert_eq!(digest.len(), 13, "{report}");
+    for (flag, value) in [("--session-clients-max", "7"), ("--transfers-max", "8192")] {
+        let mut changed = args.clone();
+        match changed.iter().position(|arg| arg == flag) {
+            Some(at) => changed[at + 1] = value.to_string(),
+            None => changed.extend([flag.to_string(), value.to_string()]),
+        }
+        let stderr = node_serves(&changed).expect_err("started under other settings");
+        assert!(
+            stderr.contains(&format!("was written under settings digest {digest}"))
+                && stderr.contains(flag),
+            "{flag}: {stderr}"
+        );
+    }
+    // The replay says when it runs under other settings, and exits non-zero.
+    let replay = |extra: &[&str]| {
+        let output = Command::new(PERCORE)
+            .args(["inspect", "--replay", "--data-dir", data.to_str().unwrap()])
+            .args(["--accounts-max", "1024", "--transfers-max", "4096"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.success(), stdout)
+    };
+    let (clean, report) = replay(&[]);
+    assert!(clean && !report.contains("PROBLEM"), "{report}");
+    let (clean, report) = replay(&["--session-clients-max", "7"]);
+    assert!(
+        !clean
+            && report.contains(&format!(
+                "PROBLEM settings: the journal was written under settings digest {digest}"
+            )),
+        "{report}"
+    );
+    node_serves(&args).expect("the node starts again under its own settings");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[test]
 fn a_replica_starts_only_on_its_formatted_directory_and_never_recreates_a_lost_journal() {
     let root = std::env::temp_dir().join(format!("percore-cli-format-{}", std::process::id()));

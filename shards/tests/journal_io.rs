@@ -1306,3 +1306,94 @@ fn entries_over_the_record_cap_are_refused_at_staging_and_recovery() {
         assert_eq!(replayed, written);
     });
 }
+
+/// A journal records the settings digest it was created under and is refused, by name,
+/// under another (a node restarted with another `--transfers-max`, say, would replay its
+/// ops to another state than the one acknowledged); reopened under its own it replays
+/// everything. A journal that recorded none (created without one) takes the first digest
+/// it is opened under, from its next superblock write on; opening without a digest checks
+/// nothing.
+#[test]
+fn a_journal_is_refused_under_other_settings_that_decide_results() {
+    const WRITTEN: u64 = 0x000a_5e77_1465_0001;
+    const OTHER: u64 = 0x000a_5e77_1465_0002;
+    let temp = TempDir::new("journal-io", "settings");
+    let dir = temp.shard_dir(SHARD);
+    let unrecorded_dir = temp.case_shard_dir("unrecorded", SHARD);
+    run(move || async move {
+        let under = |digest| JournalOptions {
+            settings_digest: digest,
+            ..JournalOptions::default()
+        };
+        let open_under = |config: JournalConfig, digest| async move {
+            let mut replayed = Vec::new();
+            let opened = Journal::open_with_options(config, under(digest), |entry| {
+                replayed.push(Batch {
+                    meta: entry.meta,
+                    body: entry.body.to_vec(),
+                });
+            })
+            .await;
+            opened.map(|(journal, recovered)| (journal, recovered, replayed))
+        };
+        let refused = |opened: Result<(Journal, Recovered, Vec<Batch>), JournalError>,
+                       recorded: u64| match opened {
+            Err(JournalError::SettingsChanged {
+                path,
+                recorded: found,
+                given,
+            }) => {
+                assert_eq!((found, given), (recorded, OTHER));
+                let message = JournalError::SettingsChanged {
+                    path,
+                    recorded: found,
+                    given,
+                }
+                .to_string();
+                assert!(
+                    message.contains(&format!("{recorded:013x}"))
+                        && message.contains(&format!("{OTHER:013x}"))
+                        && message.contains("--session-clients-max"),
+                    "{message}"
+                );
+            }
+            other => panic!("opened under other settings: {:?}", other.map(|o| o.1)),
+        };
+        let config_of = |dir: &Path| config(dir, SEGMENT_BYTES_TEST, FsyncPolicy::Always);
+        let config = config_of(&dir);
+        let (mut journal, _, _) = open_under(config.clone(), Some(WRITTEN))
+            .await
+            .expect("create");
+        assert_eq!(journal.superblock().settings_digest, WRITTEN);
+        let written = batches(1..=12, 4);
+        append(&mut journal, &written, 3).await;
+        // No superblock write since the first: as after a crash.
+        drop(journal);
+        refused(open_under(config.clone(), Some(OTHER)).await, WRITTEN);
+        let (journal, recovered, replayed) = open_under(config.clone(), Some(WRITTEN))
+            .await
+            .expect("reopen under its own settings");
+        assert_eq!((recovered.op_last, replayed), (12, written.clone()));
+        journal.close().await.expect("close");
+        let (journal, _, replayed) = open_under(config, None)
+            .await
+            .expect("no digest checks nothing");
+        assert_eq!(replayed, written);
+        assert_eq!(journal.superblock().settings_digest, WRITTEN);
+        journal.close().await.expect("close");
+
+        // Created without a digest: the first one it is opened under is recorded.
+        let config = config_of(&unrecorded_dir);
+        let (mut journal, _, _) = open_under(config.clone(), None).await.expect("create");
+        assert_eq!(journal.superblock().settings_digest, 0);
+        append(&mut journal, &written, 4).await;
+        journal.close().await.expect("close");
+        let (mut journal, _, replayed) = open_under(config.clone(), Some(WRITTEN))
+            .await
+            .expect("takes the digest");
+        assert_eq!(replayed, written);
+        journal.write_superblock().await.expect("superblock");
+        journal.close().await.expect("close");
+        refused(open_under(config, Some(OTHER)).await, WRITTEN);
+    });
+}
