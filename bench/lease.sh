@@ -5,7 +5,7 @@
 # collected by a second command. Every run offers its share of that one peak (--rate).
 #
 #   bench/lease.sh start    [BIN_DIR]   # machine, threads, 90 % run; starts the soak
-#   bench/lease.sh collect              # waits for the soak (at most WAIT_S), copies it
+#   bench/lease.sh collect  [BIN_DIR]   # waits for the soak (at most WAIT_S), copies it
 #
 # BIN_DIR holds release builds of `percore` and `percore-bench` (default target/release).
 # Results go to OUT (default target/lease); the soak writes to RESULTS (default
@@ -32,6 +32,9 @@
 # the soak's node logs (soak50-logs.tar.gz).
 # PACK=FILE.tar.gz packs OUT into one archive at the end of either mode (a machine that
 # hands back at most 8 files per command: put OUT outside what comes back, PACK inside).
+# After the 90 % run (`start`) and the soak (`collect`), `BIN_DIR/percore series` splits
+# their seconds by steal and checkpoint work (NAME-series.txt): give `collect` the same
+# BIN_DIR as `start`.
 # The second to fourth 16-core leases (docs/benchmarks.md) were measured with it. The
 # fourth: `start` took 204 s, `collect` 584 s, the machine was held 821 s of a 900 s budget,
 # start-up included. Its `collect` waited 560 s (WAIT_S) after a 40 s wait in `start`,
@@ -52,6 +55,14 @@ out=${OUT:-target/lease}
 results=${RESULTS:-/tmp/percore-lease}
 data=${DATA:-$PWD/target/lease-data}
 mkdir -p "$out" "$results" "$data"
+
+# `percore series` on OUT/NAME-series.jsonl: where the run's slow seconds came from, kept as
+# NAME-series.txt and printed.
+series_report() {
+    [ -f "$out/$1-series.jsonl" ] || return 0
+    "$bin/percore" series "$out/$1-series.jsonl" >"$out/$1-series.txt" 2>&1
+    cat "$out/$1-series.txt"
+}
 
 case "$mode" in
 start)
@@ -137,6 +148,7 @@ start)
         --plot "$out/soak90.svg" --series-out "$out/soak90-series.jsonl" --data-dir "$data/s90" \
         >"$out/soak90.json" 2>"$out/soak90.log"
     tail -8 "$out/soak90.log"
+    series_report soak90
     (cd "$data/s90" && tar czf "$out/soak90-logs.tar.gz" replica-*.log) || echo "no node logs kept"
     rm -rf "${data:?}/s90"
     if [ "${SHM_S:-20}" -gt 0 ] && [ -d /dev/shm ]; then
@@ -208,6 +220,7 @@ collect)
         rm -rf "${data:?}/s50"
     fi
     tail -12 "$results/soak50.log"
+    series_report soak50
     ;;
 *)
     echo "usage: bench/lease.sh start [BIN_DIR] | bench/lease.sh collect" >&2

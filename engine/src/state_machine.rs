@@ -291,8 +291,10 @@ pub trait StateMachine {
     /// returns, such as the width of a duplicate-detection window or of a session table).
     /// Every replica of a shard must use the same: the runtime puts this digest in the peer
     /// handshake, and replicas whose digests differ refuse each other, instead of
-    /// diverging at the first batch the settings decide. Machines whose results depend on
-    /// no setting keep the default.
+    /// diverging at the first batch the settings decide; each journal records it too, and a
+    /// node restarted under another digest is refused before it replays (ops replayed under
+    /// other settings could reach another state than the one acknowledged). Machines whose
+    /// results depend on no setting keep the default.
     fn settings_digest(&self) -> u64 {
         0
     }

@@ -32,6 +32,7 @@ pub mod pacing;
 pub mod peer_link;
 pub mod replication;
 pub mod runtime;
+pub mod series_report;
 pub mod soak;
 pub mod status;
 pub mod sync;

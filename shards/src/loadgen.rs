@@ -284,7 +284,7 @@ pub struct BatchSizeBucket {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LatencyRow {
     /// Median.
     pub p50: u64,

@@ -59,6 +59,37 @@ enum Command {
     /// op, durable op, peer lag and connections, TPS and the peers digest (exit status 1 if
     /// a node is down or the peers digests differ).
     Status(StatusArgs),
+    /// Read a `bench --series-out` file and say where its slow seconds came from: the
+    /// per-second latency percentiles, the seconds split by CPU steal and by checkpoint
+    /// work, and each second with a p99 over 10 ms with its slowest journal commit,
+    /// executor lag, steal and checkpoint work.
+    Series(SeriesArgs),
+}
+
+#[derive(Debug, Args)]
+struct SeriesArgs {
+    /// The series file (one JSON object per line, as `bench --series-out` writes it).
+    file: PathBuf,
+    /// Leave out the seconds before this one, in seconds into the measurement window
+    /// (the bench's own warm-up is never in the series).
+    #[arg(long, default_value_t = 0.0)]
+    from_s: f64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `percore series`.
+fn run_series(args: SeriesArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use percore_shards::series_report;
+    let points = series_report::read(&args.file)?;
+    let summary = series_report::summarize(&points, args.from_s);
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{}", series_report::render_text(&summary, args.from_s));
+    }
+    Ok(())
 }
 
 /// Shard layout, limits and sizes shared by `node` and `bench`.
@@ -1702,6 +1733,7 @@ fn main() -> ExitCode {
             .map(|()| say!("cluster key written to {}", args.out.display()))
             .map_err(Into::into),
         Command::Keygen(args) => run_keygen(args),
+        Command::Series(args) => run_series(args),
         Command::Inspect(args) => match run_inspect(args) {
             Ok(false) => Ok(()),
             Ok(true) => return ExitCode::FAILURE,

@@ -31,7 +31,7 @@ use hdrhistogram::Histogram;
 use plotters::coord::ranged1d::Ranged;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cluster::{self, ClusterError, LocalCluster};
 use crate::loadgen::{BenchError, LatencyRow};
@@ -117,8 +117,10 @@ const PLOT_WIDTH_PX: u32 = 1_200;
 /// See [`PLOT_WIDTH_PX`].
 const PLOT_HEIGHT_PX: u32 = 1_200;
 
-/// What one second of the run looked like.
-#[derive(Debug, Clone, Serialize)]
+/// What one second of the run looked like. Read back by `percore series`
+/// ([`crate::series_report`]): fields added after the first series files default when
+/// absent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SeriesPoint {
     /// Seconds since the measurement window started, at the end of this point.
     pub t_s: f64,
@@ -140,22 +142,26 @@ pub struct SeriesPoint {
     /// `None` when none was recorded (no work waited to commit).
     pub longest_commit_gap_at_most_us: Option<u64>,
     /// Journal group commits (write and `fdatasync`) in this second, every replica's.
+    #[serde(default)]
     pub journal_commits: JournalCommits,
     /// What the checkpoints did in this second, every replica's: which seconds a snapshot
     /// write or a release of old files overlapped, to tell a slow second's cause.
+    #[serde(default)]
     pub checkpointing: Checkpointing,
     /// Executor lag in this second, every replica's shards (`percore_executor_lag_us`):
     /// probe wake-ups (`--executor-probe-us` apart) and how late the latest came; a stall
     /// of a shard's executor shows here, the disk's does not.
+    #[serde(default)]
     pub executor_lag: ExecutorLag,
     /// Time this machine's CPUs were held back by the host or waited on I/O in this second
     /// (`/proc/stat`): tells a stall the host caused from one the node caused.
+    #[serde(default)]
     pub cpu: CpuStolen,
 }
 
 /// Wake-ups of the shards' executor lag probes between two scrapes
 /// (`percore_executor_lag_us`), every replica's shards.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecutorLag {
     /// Probe wake-ups recorded (about one per shard per `--executor-probe-us`).
     pub wakeups: u64,
@@ -184,7 +190,7 @@ impl From<CommitGaps> for ExecutorLag {
 /// shard's executor late with steal on its CPU was held back by the host, not by the node.
 /// *I/O wait* is idle time with I/O outstanding (only a hint: the kernel counts it per CPU
 /// loosely).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuStolen {
     /// Steal summed over every CPU.
     pub steal_ms: u64,
@@ -252,7 +258,7 @@ impl CpuTimes {
 }
 
 /// Checkpoint work between two scrapes, summed over every replica and shard.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpointing {
     /// Checkpoints recorded in a superblock (`percore_checkpoints_total`).
     pub installed: u64,
@@ -458,7 +464,7 @@ impl CommitGaps {
 
 /// Journal group commits (write and `fdatasync`, `percore_journal_commit_seconds`) of one or
 /// more journals between two scrapes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalCommits {
     /// Group commits.
     pub commits: u64,

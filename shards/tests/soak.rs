@@ -129,6 +129,30 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
     assert_eq!(series.len() as u64, DURATION_S, "{stderr}");
     // --series-out: the same points, one JSON object per line, written as they were taken.
     let lines = std::fs::read_to_string(&lines_path).expect("the series file written");
+    // `percore series` reads it back: every second, each in one steal band and one kind
+    // of checkpoint work.
+    let output = Command::new(env!("CARGO_BIN_EXE_percore"))
+        .args(["series", "--json", "--from-s", "0"])
+        .arg(&lines_path)
+        .output()
+        .expect("percore series runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    assert_eq!(summary["seconds"].as_u64(), Some(DURATION_S), "{summary}");
+    for split in ["by_steal", "by_checkpoint"] {
+        let seconds: u64 = summary[split]
+            .as_array()
+            .expect("bands")
+            .iter()
+            .map(|band| band["seconds"].as_u64().expect("a count"))
+            .sum();
+        assert_eq!(seconds, DURATION_S, "{split}: {summary}");
+    }
     let _ = std::fs::remove_file(&lines_path);
     let streamed: Vec<serde_json::Value> = lines
         .lines()

@@ -1088,14 +1088,16 @@ fn leader_killed_fails_over() {
         handed_back >= Duration::from_millis(REBALANCE_MS),
         "handed back {handed_back:?} after the restart, before the rebalance time"
     );
-    assert_eq!(
-        harness.metric(1, "percore_replication_leader_handoffs_total", 0),
-        1
-    );
-    assert_eq!(
-        harness.metric(0, "percore_replication_view", 0),
-        3,
-        "view 3 is the next one replica 0 leads"
+    // Normally one handoff, to view 3 (the next one replica 0 leads). On a starved machine
+    // the handoff's view change can outlast a leader timeout (CI run 91: 570 ms, with the
+    // CPUs shared with a build); the group then moves on to view 4, led by replica 1, which
+    // hands back again, to view 6. Either way replica 0 leads a view of its own.
+    let handoffs = harness.metric(1, "percore_replication_leader_handoffs_total", 0);
+    let view_back = harness.metric(0, "percore_replication_view", 0);
+    assert!(handoffs >= 1, "no handoff counted");
+    assert!(
+        view_back >= 3 && view_back.is_multiple_of(REPLICAS as u64),
+        "view {view_back} is not one replica 0 leads"
     );
     let at_handback = commit_of(&harness, 0, 0);
     wait_until("group 0 commits under its preferred leader", || {
@@ -1112,8 +1114,8 @@ fn leader_killed_fails_over() {
         assert_failover_outcome(&mut harness, funded_balances(&accounts), &outcome.applied);
     eprintln!(
         "failover of group 0 to replica {new_leader} (view {view}) in {failover:?}; handed \
-         back to replica 0 (view 3) {handed_back:?} after its restart; committed \
-         {committed:?}; {} transfers acknowledged, {} client redirects",
+         back to replica 0 (view {view_back}, {handoffs} handoff(s)) {handed_back:?} after \
+         its restart; committed {committed:?}; {} transfers acknowledged, {} client redirects",
         outcome.applied.len(),
         outcome.redirects
     );
