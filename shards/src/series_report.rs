@@ -15,8 +15,9 @@
 //! - **By checkpoint work**: a snapshot write, else a release of files, else roll-overs onto
 //!   reused segments only, else none.
 //! - **The slow seconds** (p99 over [`SLOW_SECOND_P99_US`]), each with its slowest journal
-//!   commit, its latest executor wake-up, its steal and its checkpoint work: a slow commit
-//!   with executors on time and no steal is the disk's.
+//!   commit, its latest executor wake-up, its steal and its checkpoint work, and the
+//!   likeliest cause: the host, the disk, the executors or a backlog. A slow commit with
+//!   executors on time and no steal is the disk's.
 //!
 //! Quantiles are nearest-rank: the value at index `⌊q·n⌋` (at most `n − 1`) of the sorted
 //! seconds; the median of an even count is the upper middle.
@@ -182,9 +183,9 @@ pub struct SlowSecond {
 /// What `percore series` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SeriesSummary {
-    /// Seconds read, and of them the seconds reported (from `from_s` on).
+    /// Seconds read from the file.
     pub seconds_read: usize,
-    /// Seconds reported.
+    /// Of them, the seconds reported (from `from_s` on).
     pub seconds: usize,
     /// Per-second request p50 (µs).
     pub p50_us: Spread,
@@ -225,9 +226,11 @@ pub fn checkpoint_kind(point: &SeriesPoint) -> &'static str {
     }
 }
 
-/// The likeliest cause of a slow second: the host when it took heavy steal and executors
-/// were late, the node when executors were late without it, the disk when a journal commit
-/// took longer than the executors' lateness (a commit needs `fdatasync`s in series).
+/// The likeliest cause of a slow second, first match: the host when it took heavy steal and
+/// the executors were late; the disk when a journal commit took longer than both the
+/// latest executor wake-up and [`SLOW_SECOND_P99_US`] (a commit needs `fdatasync`s in
+/// series); the executors when they were late without either; else a backlog (the
+/// second's requests waited behind earlier ones).
 fn cause(point: &SeriesPoint) -> &'static str {
     let late = point.executor_lag.late_over_goal >= LATE_WAKEUPS_MANY;
     let lag = point.executor_lag.longest_at_most_us.unwrap_or(0);
