@@ -82,8 +82,8 @@ struct SeriesArgs {
 /// `percore series`.
 fn run_series(args: SeriesArgs) -> Result<(), Box<dyn std::error::Error>> {
     use percore_shards::series_report;
-    let points = series_report::read(&args.file)?;
-    let summary = series_report::summarize(&points, args.from_s);
+    let series = series_report::read(&args.file)?;
+    let summary = series_report::summarize(&series, args.from_s);
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {

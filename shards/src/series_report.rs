@@ -65,24 +65,56 @@ pub enum SeriesReadError {
     },
 }
 
+/// Which of the fields added to the series over time every point of a file carries: a
+/// split by a field some point lacks would count its seconds as zero, not as unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Recorded {
+    /// `cpu` (steal): the 16-core soaks before the eighth lease had none.
+    pub steal: bool,
+    /// `checkpointing`.
+    pub checkpointing: bool,
+    /// `executor_lag`.
+    pub executor_lag: bool,
+}
+
+/// A series file's points and what they record.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// One point a second, in file order.
+    pub points: Vec<SeriesPoint>,
+    /// The later fields every point carries.
+    pub recorded: Recorded,
+}
+
 /// Reads every point of a series file (blank lines skipped).
-pub fn read(path: &Path) -> Result<Vec<SeriesPoint>, SeriesReadError> {
+pub fn read(path: &Path) -> Result<Series, SeriesReadError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| SeriesReadError::Io {
         path: name.clone(),
         source,
     })?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(index, line)| {
-            serde_json::from_str(line).map_err(|source| SeriesReadError::Parse {
-                path: name.clone(),
-                line: index + 1,
-                source,
-            })
-        })
-        .collect()
+    let mut recorded = Recorded {
+        steal: true,
+        checkpointing: true,
+        executor_lag: true,
+    };
+    let mut points = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parse_error = |source| SeriesReadError::Parse {
+            path: name.clone(),
+            line: index + 1,
+            source,
+        };
+        let value: serde_json::Value = serde_json::from_str(line).map_err(parse_error)?;
+        recorded.steal &= value.get("cpu").is_some();
+        recorded.checkpointing &= value.get("checkpointing").is_some();
+        recorded.executor_lag &= value.get("executor_lag").is_some();
+        points.push(serde_json::from_value(value).map_err(parse_error)?);
+    }
+    Ok(Series { points, recorded })
 }
 
 /// p10, median and p90 of some per-second figure (µs).
@@ -172,8 +204,8 @@ pub struct SlowSecond {
     pub executor_latest_at_most_us: Option<u64>,
     /// Its late executor wake-ups.
     pub late_wakeups: u64,
-    /// Steal summed over every CPU (ms).
-    pub steal_ms: u64,
+    /// Steal summed over every CPU (ms; `None` when the file records none).
+    pub steal_ms: Option<u64>,
     /// Its checkpoint work ([`checkpoint_kind`]).
     pub checkpoint: &'static str,
     /// The likeliest cause, by the rule in the module docs.
@@ -199,11 +231,13 @@ pub struct SeriesSummary {
     pub seconds_p99_over_20ms: usize,
     /// Seconds with a p99 over 100 ms.
     pub seconds_p99_over_100ms: usize,
+    /// Which later fields the file records; a split by one it does not is left empty.
+    pub recorded: Recorded,
     /// Steal over the seconds reported, summed over every CPU (ms).
     pub steal_ms: u64,
-    /// Seconds by steal: none, some, heavy.
+    /// Seconds by steal: none, some, heavy (empty when the file records no steal).
     pub by_steal: Vec<Band>,
-    /// Seconds by checkpoint work.
+    /// Seconds by checkpoint work (empty when the file records none).
     pub by_checkpoint: Vec<Band>,
     /// The slow seconds, in time order (at most [`SLOW_SECONDS_LISTED_MAX`]).
     pub slow: Vec<SlowSecond>,
@@ -246,8 +280,10 @@ fn cause(point: &SeriesPoint) -> &'static str {
     }
 }
 
-/// Summarises `points`, leaving out those before `from_s` (the warm-up).
-pub fn summarize(points: &[SeriesPoint], from_s: f64) -> SeriesSummary {
+/// Summarises `series`, leaving out the points before `from_s` (the warm-up).
+pub fn summarize(series: &Series, from_s: f64) -> SeriesSummary {
+    let points = &series.points;
+    let recorded = series.recorded;
     let kept: Vec<&SeriesPoint> = points.iter().filter(|p| p.t_s >= from_s).collect();
     let spread =
         |field: fn(&SeriesPoint) -> u64| Spread::of(kept.iter().map(|p| field(p)).collect());
@@ -256,14 +292,14 @@ pub fn summarize(points: &[SeriesPoint], from_s: f64) -> SeriesSummary {
         let points: Vec<&SeriesPoint> = kept.iter().copied().filter(|p| keep(p)).collect();
         Band::of(name, &points)
     };
-    let by_steal = vec![
+    let mut by_steal = vec![
         band("no steal", &|p| p.cpu.steal_ms == 0),
         band("some steal", &|p| {
             (1..STEAL_HEAVY_MS).contains(&p.cpu.steal_ms)
         }),
         band("heavy steal", &|p| p.cpu.steal_ms >= STEAL_HEAVY_MS),
     ];
-    let by_checkpoint = [
+    let mut by_checkpoint: Vec<Band> = [
         "none",
         "snapshot write",
         "release of files",
@@ -272,6 +308,12 @@ pub fn summarize(points: &[SeriesPoint], from_s: f64) -> SeriesSummary {
     .into_iter()
     .map(|kind| band(kind, &move |p| checkpoint_kind(p) == kind))
     .collect();
+    if !recorded.steal {
+        by_steal.clear();
+    }
+    if !recorded.checkpointing {
+        by_checkpoint.clear();
+    }
     let slow_all: Vec<SlowSecond> = kept
         .iter()
         .filter(|p| p.latency_us.p99 > SLOW_SECOND_P99_US)
@@ -283,7 +325,7 @@ pub fn summarize(points: &[SeriesPoint], from_s: f64) -> SeriesSummary {
             journal_slow: p.journal_commits.slow,
             executor_latest_at_most_us: p.executor_lag.longest_at_most_us,
             late_wakeups: p.executor_lag.late_over_goal,
-            steal_ms: p.cpu.steal_ms,
+            steal_ms: recorded.steal.then_some(p.cpu.steal_ms),
             checkpoint: checkpoint_kind(p),
             cause: cause(p),
         })
@@ -298,6 +340,7 @@ pub fn summarize(points: &[SeriesPoint], from_s: f64) -> SeriesSummary {
         seconds_p99_under_goal: count(&|p| p.latency_us.p99 < P99_GOAL_US),
         seconds_p99_over_20ms: count(&|p| p.latency_us.p99 > 20_000),
         seconds_p99_over_100ms: count(&|p| p.latency_us.p99 > 100_000),
+        recorded,
         steal_ms: kept.iter().map(|p| p.cpu.steal_ms).sum(),
         by_steal,
         by_checkpoint,
@@ -333,19 +376,31 @@ pub fn render_text(summary: &SeriesSummary, from_s: f64) -> String {
             ms(spread.max)
         );
     }
+    let steal = if s.recorded.steal {
+        format!("{} ms", s.steal_ms)
+    } else {
+        "not recorded".to_string()
+    };
     let _ = writeln!(
         out,
-        "seconds with p99 < {} ms: {}; over 20 ms: {}; over 100 ms: {}; CPU steal in them {} ms",
+        "seconds with p99 < {} ms: {}; over 20 ms: {}; over 100 ms: {}; CPU steal in them {steal}",
         ms(P99_GOAL_US),
         s.seconds_p99_under_goal,
         s.seconds_p99_over_20ms,
         s.seconds_p99_over_100ms,
-        s.steal_ms
     );
-    for (title, bands) in [
-        ("by CPU steal (every CPU)", &s.by_steal),
-        ("by checkpoint work", &s.by_checkpoint),
+    for (title, bands, recorded) in [
+        ("by CPU steal (every CPU)", &s.by_steal, s.recorded.steal),
+        (
+            "by checkpoint work",
+            &s.by_checkpoint,
+            s.recorded.checkpointing,
+        ),
     ] {
+        if !recorded {
+            let _ = writeln!(out, "{title}: not recorded in this file");
+            continue;
+        }
         let _ = writeln!(
             out,
             "{title}: seconds | p99 median / p90 / max ms | over {} ms | late wake-ups a second, median | seconds with >= {LATE_WAKEUPS_MANY} late",
@@ -382,7 +437,9 @@ pub fn render_text(summary: &SeriesSummary, from_s: f64) -> String {
             second.journal_slow,
             at_most(second.executor_latest_at_most_us),
             second.late_wakeups,
-            second.steal_ms,
+            second
+                .steal_ms
+                .map_or_else(|| "-".to_string(), |ms| ms.to_string()),
             second.checkpoint,
             second.cause
         );
@@ -455,7 +512,15 @@ mod tests {
         // t = 10: some steal, reused segments.
         points[9].cpu.steal_ms = 20;
         points[9].checkpointing.segment_switches_reused = 2;
-        let summary = summarize(&points, 2.0);
+        let series = Series {
+            points,
+            recorded: Recorded {
+                steal: true,
+                checkpointing: true,
+                executor_lag: true,
+            },
+        };
+        let summary = summarize(&series, 2.0);
         assert_eq!((summary.seconds_read, summary.seconds), (20, 19));
         assert_eq!(summary.seconds_p99_under_goal, 16);
         assert_eq!(
@@ -521,7 +586,8 @@ mod tests {
         let old = r#"{"t_s":2.0,"committed_tx_per_s":5.0,"latency_us":{"p50":1,"p99":2,"p999":3,"max":4},"requests":1,"rss_kib":[7],"pool_transactions_high_water":[0],"pool_batches_high_water":[0],"commit_gaps":0,"longest_commit_gap_at_most_us":null}"#;
         let text = format!("{}\n\n{old}\n", serde_json::to_string(&written).unwrap());
         std::fs::write(&path, text).unwrap();
-        let points = read(&path).expect("reads");
+        let series = read(&path).expect("reads");
+        let points = &series.points;
         assert_eq!(points.len(), 2);
         assert_eq!(
             serde_json::to_string(&points[0]).unwrap(),
@@ -530,10 +596,29 @@ mod tests {
         assert_eq!(points[1].latency_us.p99, 2);
         assert_eq!(points[1].cpu, CpuStolen::default());
         assert_eq!(points[1].executor_lag, ExecutorLag::default());
+        // Not recorded on every line: no split by them, said so, rather than zeros.
+        assert_eq!(
+            series.recorded,
+            Recorded {
+                steal: false,
+                checkpointing: false,
+                executor_lag: false
+            }
+        );
+        let summary = summarize(&series, 0.0);
+        assert!(summary.by_steal.is_empty() && summary.by_checkpoint.is_empty());
+        let text = render_text(&summary, 0.0);
+        assert!(
+            text.contains("by CPU steal (every CPU): not recorded in this file")
+                && text.contains("CPU steal in them not recorded"),
+            "{text}"
+        );
+        std::fs::write(&path, serde_json::to_string(&written).unwrap()).unwrap();
+        assert!(read(&path).expect("reads").recorded.steal);
         std::fs::write(&path, format!("{old}\n{{\"t_s\": \"soon\"}}\n")).unwrap();
         match read(&path) {
             Err(SeriesReadError::Parse { line, .. }) => assert_eq!(line, 2),
-            other => panic!("read a bad line: {:?}", other.map(|p| p.len())),
+            other => panic!("read a bad line: {:?}", other.map(|s| s.points.len())),
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
