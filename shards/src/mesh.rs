@@ -14,6 +14,10 @@
 //! acknowledgements by legs received, results by records forwarded); a receiver that has no
 //! room takes nothing from its ring, which pushes back on the sender. Mesh traffic has a
 //! reserved quarter of each shard's transaction pool, so it is never starved by clients.
+//! The queue is allocated at start with room for as many messages as the shard's
+//! transaction pool holds; its high water is exported (`percore_mesh_queued_high_water`),
+//! and a queue that grows past that room (an allocation after start-up, which those limits
+//! are meant to rule out in practice) is counted and logged (`percore_mesh_queue_grown_total`).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -32,7 +36,8 @@ use crate::core::Origin;
 use crate::metrics::ShardMetrics;
 use crate::runtime::Shard;
 
-/// Queued messages a shard may hold beyond its rings before it stops sealing.
+/// Queued messages beyond which the shard stops (an assertion): the in-flight limits keep
+/// the queue far below this, so more means back-pressure failed.
 const QUEUED_MESSAGES_MAX: usize = 1 << 20;
 /// How long a receiver that met back-pressure waits before draining again.
 const BACKPRESSURE_RETRY_US: u64 = 20;
@@ -161,6 +166,10 @@ pub struct MeshEndpoint<S: StateMachine> {
     outgoing: Vec<Option<Outgoing<S>>>,
     incoming: Vec<Incoming<S>>,
     queued: VecDeque<(usize, MeshMessage<S>)>,
+    /// What `queued` held room for at start; growing past it allocates.
+    queued_capacity: usize,
+    /// The most `queued` ever held (`percore_mesh_queued_high_water`).
+    queued_high_water: usize,
 }
 
 impl<S: StateMachine> MeshEndpoint<S> {
@@ -182,12 +191,15 @@ impl<S: StateMachine> MeshEndpoint<S> {
                 })
             })
             .collect();
+        let queued = VecDeque::with_capacity(queued_capacity);
         Self {
             shard: links.shard,
             metrics,
             outgoing,
             incoming: links.incoming,
-            queued: VecDeque::with_capacity(queued_capacity),
+            queued_capacity: queued.capacity(),
+            queued,
+            queued_high_water: 0,
         }
     }
 }
@@ -269,10 +281,34 @@ where
         } else {
             self.queued.push_back((to, message));
         }
+        self.queued_noted();
+    }
+
+    /// Records a longer queue than ever (`percore_mesh_queued_high_water`) and a queue
+    /// grown past its start-up capacity (`percore_mesh_queue_grown_total`, logged): the
+    /// in-flight limits that bound it (module docs) are meant to keep it within that.
+    fn queued_noted(&mut self) {
+        let queued = self.queued.len();
         assert!(
-            self.queued.len() <= QUEUED_MESSAGES_MAX,
+            queued <= QUEUED_MESSAGES_MAX,
             "mesh queue unbounded: back-pressure failed"
         );
+        if queued <= self.queued_high_water {
+            return;
+        }
+        self.queued_high_water = queued;
+        ShardMetrics::set(&self.metrics.mesh_queued_high_water, queued as u64);
+        if self.queued.capacity() > self.queued_capacity {
+            tracing::warn!(
+                shard = self.shard,
+                queued,
+                capacity_at_start = self.queued_capacity,
+                capacity = self.queued.capacity(),
+                "the local mesh queue grew past its start-up capacity (an allocation)"
+            );
+            self.queued_capacity = self.queued.capacity();
+            ShardMetrics::add(&self.metrics.mesh_queue_grown_total, 1);
+        }
     }
 
     /// Retries queued messages in order; returns whether any left the queue.
@@ -512,4 +548,47 @@ fn pop_if<T>(ring: &mut spsc::Consumer<T>, accept: impl FnOnce(&T) -> bool) -> O
         first.first().is_some_and(accept)
     };
     if approved { ring.pop() } else { None }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use bytemuck::Zeroable as _;
+    use percore_engine::ledger::Ledger;
+    use percore_engine::record::RecordSlot;
+
+    use super::*;
+
+    /// A message to a full ring waits in the local queue, in order; the queue's high water
+    /// is exported, and only a queue longer than its start-up capacity counts as grown.
+    #[test]
+    fn the_local_queue_counts_its_high_water_and_any_growth_past_its_capacity() {
+        const RING: usize = 4;
+        let mut endpoints = Mesh::<Ledger>::build(2, RING).into_endpoints();
+        let links = endpoints.remove(0);
+        let metrics = Arc::new(ShardMetrics::new(0));
+        let mut mesh = MeshEndpoint::from_links(links, 8, metrics.clone());
+        let capacity = mesh.queued_capacity;
+        assert!(capacity >= 8);
+        let message = || MeshMessage::Outbound {
+            operation: 1,
+            record: RecordSlot::zeroed(),
+        };
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        for _ in 0..RING + capacity {
+            mesh.send_or_queue(1, message());
+        }
+        assert_eq!(mesh.queued(), capacity);
+        assert_eq!(load(&metrics.mesh_messages_sent_total), RING as u64);
+        assert_eq!(load(&metrics.mesh_queued_high_water), capacity as u64);
+        assert_eq!(load(&metrics.mesh_queue_grown_total), 0);
+        assert!(!mesh.flush_queued(), "the ring is still full");
+        mesh.send_or_queue(1, message());
+        assert_eq!(mesh.queued(), capacity + 1);
+        assert_eq!(load(&metrics.mesh_queued_high_water), capacity as u64 + 1);
+        assert_eq!(load(&metrics.mesh_queue_grown_total), 1);
+        drop(endpoints);
+    }
 }

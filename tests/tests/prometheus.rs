@@ -310,6 +310,7 @@ fn prometheus_scrapes_every_replica() {
     let promtool = binary.with_file_name("promtool");
     let text = cluster.scrape(0).expect("metrics scrape");
     assert_strict_exposition(&promtool, &text);
+    assert_alert_rules_name_exported_metrics(&promtool, &text);
     eprintln!(
         "prometheus: {applied} records applied by the leaders ({acknowledged} acknowledged), \
          p99 request latency {:.3} ms; took {:?}",
@@ -318,6 +319,46 @@ fn prometheus_scrapes_every_replica() {
     );
     drop(prometheus);
     drop(cluster);
+}
+
+/// The example alert rules (deploy/percore-alerts.yml) pass `promtool check rules`, and
+/// every `percore_*` metric they name is in a node's exposition `text` (a renamed metric
+/// would leave an alert that never fires).
+fn assert_alert_rules_name_exported_metrics(promtool: &std::path::Path, text: &str) {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/percore-alerts.yml");
+    let output = std::process::Command::new(promtool)
+        .args(["check", "rules", rules])
+        .output()
+        .unwrap_or_else(|error| panic!("{}: {error}", promtool.display()));
+    assert!(
+        output.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let yaml = std::fs::read_to_string(rules).expect("the alert rules");
+    let named: std::collections::BTreeSet<&str> = yaml
+        .match_indices("percore_")
+        .map(|(at, _)| {
+            let rest = &yaml[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    assert!(named.len() >= 8, "{named:?}");
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    for metric in named {
+        assert!(
+            exported.contains(metric),
+            "{metric} is named in {rules} but not exported"
+        );
+    }
 }
 
 /// `promtool check metrics` parses `text` without an error. Its exit status is 3 for lint
