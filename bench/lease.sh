@@ -34,7 +34,7 @@
 # hands back at most 8 files per command: put OUT outside what comes back, PACK inside).
 # After the 90 % run (`start`) and the soak (`collect`), `BIN_DIR/percore series` splits
 # their seconds by steal and checkpoint work (NAME-series.txt): give `collect` the same
-# BIN_DIR as `start`.
+# BIN_DIR as `start` (by default it takes the one `start` recorded).
 # The second to fourth 16-core leases (docs/benchmarks.md) were measured with it. The
 # fourth: `start` took 204 s, `collect` 584 s, the machine was held 821 s of a 900 s budget,
 # start-up included. Its `collect` waited 560 s (WAIT_S) after a 40 s wait in `start`,
@@ -194,6 +194,8 @@ start)
         --data-dir "$data/s50" \
         >"$results/soak50.json" 2>"$results/soak50.log" </dev/null &
     echo $! >"$results/pid"
+    # `collect` runs `percore series` from the same binaries unless given others.
+    realpath "$bin" >"$results/bin"
     # The soak takes about D50 + 15 s (warm-up, summary, plot): waiting here leaves
     # `collect` (at most WAIT_S, inside one 10-minute command) that much less to wait.
     sleep "${START_WAIT_S:-60}"
@@ -202,6 +204,9 @@ start)
 collect)
     t0=$(date +%s)
     pid=$(cat "$results/pid")
+    if [ -z "${2:-}" ] && [ -f "$results/bin" ]; then
+        bin=$(cat "$results/bin")
+    fi
     while kill -0 "$pid" 2>/dev/null && [ $(($(date +%s) - t0)) -lt "${WAIT_S:-588}" ]; do
         sleep 2
     done
