@@ -280,6 +280,29 @@ fn cause(point: &SeriesPoint) -> &'static str {
     }
 }
 
+/// The likeliest causes of a slow second, in the order they are tried: the host when it
+/// took [`STEAL_HEAVY_MS`] of steal or more while the executors were late, the disk when a
+/// journal commit took longer than the latest executor wake-up and [`SLOW_SECOND_P99_US`],
+/// the executors when they were late, else a backlog.
+pub const CAUSES: [&str; 4] = ["host (steal)", "disk", "executors", "backlog"];
+
+/// How many seconds of `points` had a p99 over [`SLOW_SECOND_P99_US`], per cause in
+/// [`CAUSES`] order: what a soak's summary says of its slow seconds.
+pub fn slow_causes(points: &[SeriesPoint]) -> [usize; CAUSES.len()] {
+    let mut counts = [0; CAUSES.len()];
+    for point in points
+        .iter()
+        .filter(|p| p.latency_us.p99 > SLOW_SECOND_P99_US)
+    {
+        let index = CAUSES
+            .iter()
+            .position(|&name| name == cause(point))
+            .expect("cause names one of CAUSES");
+        counts[index] += 1;
+    }
+    counts
+}
+
 /// Summarises `series`, leaving out the points before `from_s` (the warm-up).
 pub fn summarize(series: &Series, from_s: f64) -> SeriesSummary {
     let points = &series.points;
@@ -562,6 +585,11 @@ mod tests {
                 (8, "disk", "snapshot write"),
                 (9, "executors", "none")
             ]
+        );
+        assert_eq!(
+            slow_causes(&series.points),
+            [1, 1, 1, 1],
+            "the warm-up second too"
         );
         assert_eq!(summary.p99_us.median, 3_000);
         assert_eq!(summary.p99_us.max, 150_000);

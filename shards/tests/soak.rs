@@ -311,6 +311,17 @@ fn a_soak_run_has_one_point_per_second_flat_rss_and_no_long_commit_gap() {
         "a leader's commit op stood still for {gap_ms} ms: {stderr}"
     );
     assert!(soak["p999_us"].as_u64() > Some(0));
+    // The summary counts the seconds with a p99 over 10 ms, by cause, as the series has them.
+    let slow = series
+        .iter()
+        .filter(|point| point["latency_us"]["p99"].as_u64() > Some(10_000))
+        .count();
+    let said = stderr
+        .lines()
+        .find_map(|line| line.split("seconds with request p99 over 10 ms: ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|count| count.parse::<usize>().ok());
+    assert_eq!(said, Some(slow), "{stderr}");
     eprintln!("{stderr}");
 }
 
