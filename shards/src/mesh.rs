@@ -298,6 +298,7 @@ where
         }
         self.queued_high_water = queued;
         ShardMetrics::set(&self.metrics.mesh_queued_high_water, queued as u64);
+        // A queue grows only when it is longer than ever before: only here.
         if self.queued.capacity() > self.queued_capacity {
             tracing::warn!(
                 shard = self.shard,

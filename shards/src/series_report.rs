@@ -208,7 +208,7 @@ pub struct SlowSecond {
     pub steal_ms: Option<u64>,
     /// Its checkpoint work ([`checkpoint_kind`]).
     pub checkpoint: &'static str,
-    /// The likeliest cause, by the rule in the module docs.
+    /// The likeliest cause ([`Cause`]).
     pub cause: &'static str,
 }
 
@@ -260,47 +260,78 @@ pub fn checkpoint_kind(point: &SeriesPoint) -> &'static str {
     }
 }
 
-/// The likeliest cause of a slow second, first match: the host when it took heavy steal and
-/// the executors were late; the disk when a journal commit took longer than both the
-/// latest executor wake-up and [`SLOW_SECOND_P99_US`] (a commit needs `fdatasync`s in
-/// series); the executors when they were late without either; else a backlog (the
-/// second's requests waited behind earlier ones).
-fn cause(point: &SeriesPoint) -> &'static str {
-    let late = point.executor_lag.late_over_goal >= LATE_WAKEUPS_MANY;
-    let lag = point.executor_lag.longest_at_most_us.unwrap_or(0);
-    let commit = point.journal_commits.slowest_at_most_us.unwrap_or(0);
-    if late && point.cpu.steal_ms >= STEAL_HEAVY_MS {
-        "host (steal)"
-    } else if commit > lag.max(SLOW_SECOND_P99_US) {
-        "disk"
-    } else if late {
-        "executors"
-    } else {
-        "backlog"
+/// The likeliest cause of a slow second ([`Cause::of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// [`STEAL_HEAVY_MS`] of steal or more while the executors were late.
+    Host,
+    /// A journal commit longer than both the latest executor wake-up and
+    /// [`SLOW_SECOND_P99_US`] (a commit needs `fdatasync`s in series).
+    Disk,
+    /// The executors were late without either.
+    Executors,
+    /// None of these: the second's requests waited behind earlier ones.
+    Backlog,
+}
+
+impl Cause {
+    /// Every cause, in the order [`Cause::of`] tries them.
+    pub const ALL: [Cause; 4] = [Cause::Host, Cause::Disk, Cause::Executors, Cause::Backlog];
+
+    /// The first cause that fits `point`, in [`Cause::ALL`] order.
+    pub fn of(point: &SeriesPoint) -> Cause {
+        let late = point.executor_lag.late_over_goal >= LATE_WAKEUPS_MANY;
+        let lag = point.executor_lag.longest_at_most_us.unwrap_or(0);
+        let commit = point.journal_commits.slowest_at_most_us.unwrap_or(0);
+        if late && point.cpu.steal_ms >= STEAL_HEAVY_MS {
+            Cause::Host
+        } else if commit > lag.max(SLOW_SECOND_P99_US) {
+            Cause::Disk
+        } else if late {
+            Cause::Executors
+        } else {
+            Cause::Backlog
+        }
+    }
+
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::Host => "host (steal)",
+            Cause::Disk => "disk",
+            Cause::Executors => "executors",
+            Cause::Backlog => "backlog",
+        }
     }
 }
 
-/// The likeliest causes of a slow second, in the order they are tried: the host when it
-/// took [`STEAL_HEAVY_MS`] of steal or more while the executors were late, the disk when a
-/// journal commit took longer than the latest executor wake-up and [`SLOW_SECOND_P99_US`],
-/// the executors when they were late, else a backlog.
-pub const CAUSES: [&str; 4] = ["host (steal)", "disk", "executors", "backlog"];
-
 /// How many seconds of `points` had a p99 over [`SLOW_SECOND_P99_US`], per cause in
-/// [`CAUSES`] order: what a soak's summary says of its slow seconds.
-pub fn slow_causes(points: &[SeriesPoint]) -> [usize; CAUSES.len()] {
-    let mut counts = [0; CAUSES.len()];
+/// [`Cause::ALL`] order.
+pub fn slow_causes(points: &[SeriesPoint]) -> [usize; Cause::ALL.len()] {
+    let mut counts = [0; Cause::ALL.len()];
     for point in points
         .iter()
         .filter(|p| p.latency_us.p99 > SLOW_SECOND_P99_US)
     {
-        let index = CAUSES
-            .iter()
-            .position(|&name| name == cause(point))
-            .expect("cause names one of CAUSES");
-        counts[index] += 1;
+        counts[Cause::of(point) as usize] += 1;
     }
     counts
+}
+
+/// What a soak's summary says of its slow seconds: how many, by cause.
+pub fn slow_causes_line(points: &[SeriesPoint]) -> String {
+    let counts = slow_causes(points);
+    let named: Vec<String> = Cause::ALL
+        .iter()
+        .zip(counts)
+        .map(|(cause, seconds)| format!("{} {seconds}", cause.name()))
+        .collect();
+    format!(
+        "seconds with request p99 over {} ms: {} ({}; `percore series` on the series file lists them)",
+        SLOW_SECOND_P99_US / 1_000,
+        counts.iter().sum::<usize>(),
+        named.join(", ")
+    )
 }
 
 /// Summarises `series`, leaving out the points before `from_s` (the warm-up).
@@ -350,7 +381,7 @@ pub fn summarize(series: &Series, from_s: f64) -> SeriesSummary {
             late_wakeups: p.executor_lag.late_over_goal,
             steal_ms: recorded.steal.then_some(p.cpu.steal_ms),
             checkpoint: checkpoint_kind(p),
-            cause: cause(p),
+            cause: Cause::of(p).name(),
         })
         .collect();
     let slow_unlisted = slow_all.len().saturating_sub(SLOW_SECONDS_LISTED_MAX);

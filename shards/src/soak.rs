@@ -955,20 +955,7 @@ pub fn summary_lines(report: &SoakReport) -> Vec<String> {
             report.applies.ops, report.applies.during_write
         ),
         format!("request latency p999 over the run: {} µs", report.p999_us),
-        {
-            let causes = crate::series_report::slow_causes(&report.series);
-            let named: Vec<String> = crate::series_report::CAUSES
-                .iter()
-                .zip(causes)
-                .map(|(name, seconds)| format!("{name} {seconds}"))
-                .collect();
-            format!(
-                "seconds with request p99 over {} ms: {} ({}; `percore series` on the series file lists them)",
-                crate::series_report::SLOW_SECOND_P99_US / 1_000,
-                causes.iter().sum::<usize>(),
-                named.join(", ")
-            )
-        },
+        crate::series_report::slow_causes_line(&report.series),
         format!(
             "metrics scrapes failed (skipped or retried): {}",
             report.scrape_failures

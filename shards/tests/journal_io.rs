@@ -1338,18 +1338,15 @@ fn a_journal_is_refused_under_other_settings_that_decide_results() {
         };
         let refused = |opened: Result<(Journal, Recovered, Vec<Batch>), JournalError>,
                        recorded: u64| match opened {
-            Err(JournalError::SettingsChanged {
-                path,
-                recorded: found,
-                given,
-            }) => {
-                assert_eq!((found, given), (recorded, OTHER));
-                let message = JournalError::SettingsChanged {
-                    path,
+            Err(
+                error @ JournalError::SettingsChanged {
                     recorded: found,
                     given,
-                }
-                .to_string();
+                    ..
+                },
+            ) => {
+                assert_eq!((found, given), (recorded, OTHER));
+                let message = error.to_string();
                 assert!(
                     message.contains(&format!("{recorded:013x}"))
                         && message.contains(&format!("{OTHER:013x}"))
